@@ -1,0 +1,6 @@
+"""Model adapters: role questions answered per architecture (registered by model class)."""
+
+from tadq.adapters.base import LAYER_ROLES, TEMPORAL_ROLES, LayerInfo, LayerRole, ModelAdapter
+from tadq.adapters.unet import UNet2DAdapter
+
+__all__ = ["ModelAdapter", "LayerInfo", "LayerRole", "LAYER_ROLES", "TEMPORAL_ROLES", "UNet2DAdapter"]

@@ -1,0 +1,58 @@
+"""The model adapter: answers "which module plays which role" so methods never guess from names.
+
+Roles (``LayerRole``) of the quantizable layers (every ``nn.Conv2d``/``nn.Linear``):
+``input_conv`` / ``output_conv`` (first and last conv), ``time_embedding`` (the timestep MLP),
+``class_embedding`` (label path), ``time_projection`` (each residual block's projection of the time embedding),
+``block_conv`` (the convolutions inside residual blocks), ``shortcut`` (1x1 skip convs), ``attention_qkv``,
+``attention_out``, ``resample`` (down/upsample convs) and ``other``.
+The temporal path is ``time_embedding`` + ``class_embedding`` + ``time_projection`` (TFMQ-DM's temporal
+information block).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+from torch import Tensor, nn
+
+__all__ = ["ModelAdapter", "LayerRole", "LayerInfo", "TEMPORAL_ROLES", "LAYER_ROLES"]
+
+LayerRole = Literal[
+    "input_conv", "output_conv", "time_embedding", "class_embedding", "time_projection", "block_conv",
+    "shortcut", "attention_qkv", "attention_out", "resample", "other",
+]
+LAYER_ROLES: tuple[str, ...] = LayerRole.__args__  # type: ignore[attr-defined]
+TEMPORAL_ROLES: tuple[str, ...] = ("time_embedding", "class_embedding", "time_projection")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One quantizable layer: its qualified name, role, and the reconstruction unit it belongs to."""
+
+    name: str
+    role: LayerRole
+    block: str
+
+
+@runtime_checkable
+class ModelAdapter(Protocol):
+    """What tadq needs to know about a denoiser architecture."""
+
+    name: str
+
+    def layers(self, model: nn.Module) -> list[LayerInfo]:
+        """Every quantizable layer with its role, in module order."""
+        ...
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """Reconstruction units (qualified module names), in forward order."""
+        ...
+
+    def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
+        """The noise prediction ε(x, t), hiding the model's output container."""
+        ...
+
+    def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of one sample."""
+        ...

@@ -1,0 +1,126 @@
+"""Timestep-aware calibration data (Q-Diffusion, methods.md §1 B2), collected in O(S) and cached on disk.
+
+One FP sampling run with the deployment sampler records (x_t, t, ε_FP) at every step; ``num_steps_kept`` steps
+are chosen uniformly and ``samples_per_step`` inputs are kept at each. The cache file is keyed by everything the
+data depends on (model weights, scheduler config, calibration config); a mismatching cache raises.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from tadq.config import CalibrationConfig, config_to_dict
+from tadq.sampling import make_scheduler, sample
+
+__all__ = ["CalibrationSet", "collect_calibration_set", "calibration_key", "model_fingerprint", "kept_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CalibrationSet:
+    """Denoiser inputs along FP trajectories.
+
+    Args:
+        x: (M, C, H, W) noisy inputs x_t.
+        t: (M,) training timesteps.
+        step_index: (M,) sampler step index (0 = noisiest).
+        eps: (M, C, H, W) the FP model's noise prediction at (x_t, t).
+        key: hash of everything the data depends on.
+    """
+
+    x: Tensor
+    t: Tensor
+    step_index: Tensor
+    eps: Tensor
+    key: str
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tensors = {"x": self.x.contiguous(), "t": self.t, "step_index": self.step_index, "eps": self.eps.contiguous()}
+        save_file(tensors, str(tmp), metadata={"key": self.key})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path, expected_key: str) -> CalibrationSet:
+        """Load a cached set; ``ValueError`` if it was made for another model, scheduler or config."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            key = (handle.metadata() or {}).get("key")
+        if key != expected_key:
+            raise ValueError(
+                f"calibration cache {path} does not match this model/scheduler/config "
+                f"(cache key {key}, expected {expected_key}); delete it or point --cache-dir elsewhere"
+            )
+        tensors = load_file(str(path))
+        return cls(tensors["x"], tensors["t"], tensors["step_index"], tensors["eps"], key)
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over parameter names, shapes and bytes: changes whenever the weights do."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def calibration_key(model: nn.Module, scheduler_config: dict, config: CalibrationConfig) -> str:
+    payload = json.dumps(
+        {"model": model_fingerprint(model), "scheduler": dict(scheduler_config), "config": config_to_dict(config)},
+        sort_keys=True, default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def kept_steps(num_steps: int, num_kept: int) -> list[int]:
+    """``num_kept`` step indices spread uniformly over ``range(num_steps)`` (first and last included)."""
+    if num_kept == 1:
+        return [0]
+    return sorted({round(i * (num_steps - 1) / (num_kept - 1)) for i in range(num_kept)})
+
+
+def collect_calibration_set(
+    model: nn.Module, adapter, scheduler_config: dict, config: CalibrationConfig,
+    cache_dir: str | Path | None = None, progress: bool = True,
+) -> CalibrationSet:
+    """Record the FP trajectory once and subsample it (O(S) model calls per trajectory)."""
+    key = calibration_key(model, scheduler_config, config)
+    path = Path(cache_dir) / f"calibration-{key}.safetensors" if cache_dir is not None else None
+    if path is not None and path.exists():
+        logger.info("using cached calibration data %s", path)
+        return CalibrationSet.load(path, key)
+    scheduler = make_scheduler(scheduler_config, config.sampler)
+    result = sample(
+        lambda x, t: adapter.predict_eps(model, x, t), scheduler, config.sampler,
+        num_samples=config.num_trajectories, seed=config.seed, sample_shape=adapter.sample_shape(model),
+        batch_size=config.batch_size, record_trajectory=True, progress=progress,
+    )
+    trajectory = result.trajectory
+    generator = torch.Generator().manual_seed(config.seed)
+    xs, ts, steps, epss = [], [], [], []
+    for step in kept_steps(config.sampler.num_steps, config.num_steps_kept):
+        chosen = torch.randperm(config.num_trajectories, generator=generator)[: config.samples_per_step]
+        xs.append(trajectory.model_inputs[step][chosen])
+        epss.append(trajectory.eps[step][chosen])
+        ts.append(torch.full((len(chosen),), int(trajectory.timesteps[step]), dtype=torch.long))
+        steps.append(torch.full((len(chosen),), step, dtype=torch.long))
+    calib = CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(steps), torch.cat(epss), key)
+    if path is not None:
+        calib.save(path)
+    return calib

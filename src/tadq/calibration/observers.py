@@ -1,0 +1,93 @@
+"""Activation-range calibration: the explicit ``Calibrate`` phase.
+
+Inside ``with Calibrate(model):`` every enabled, not-yet-calibrated input quantizer passes values through
+unquantized and records them; on a clean exit each one's range is set from what it saw. Nothing else ever
+writes a range, so a plain forward cannot change calibration state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tadq.quant.qscheme import QScheme
+from tadq.quant.quantizer import Quantizer
+from tadq.quant.ranges import estimate_range
+
+__all__ = ["RangeObserver", "Calibrate", "activation_quantizers"]
+
+
+class RangeObserver:
+    """Keeps exact running extremes plus a bounded random subsample (drawn with replacement) (for percentile and MSE ranges).
+
+    Args:
+        scheme: the quantizer's scheme (decides how the range is estimated at the end).
+        values_per_batch: values kept from each observed tensor (uniform random subset).
+        seed: seeds the subsampling, so calibration is reproducible.
+    """
+
+    def __init__(self, scheme: QScheme, values_per_batch: int = 16384, seed: int = 0) -> None:
+        self.scheme = scheme
+        self.values_per_batch = values_per_batch
+        self.generator = torch.Generator().manual_seed(seed)
+        self.low: Tensor | None = None
+        self.high: Tensor | None = None
+        self.samples: list[Tensor] = []
+
+    def observe(self, x: Tensor) -> None:
+        flat = x.detach().float().reshape(-1).cpu()
+        low, high = flat.min(), flat.max()
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+        if self.scheme.range_method != "minmax":
+            if flat.numel() > self.values_per_batch:
+                flat = flat[torch.randint(0, flat.numel(), (self.values_per_batch,), generator=self.generator)]
+            self.samples.append(flat.clone())
+
+    def range(self) -> tuple[Tensor, Tensor]:
+        if self.low is None or self.high is None:
+            raise RuntimeError("observer saw no data: the calibration forward never reached this layer")
+        if self.scheme.range_method == "minmax":
+            return self.low.reshape(1), self.high.reshape(1)
+        values = torch.cat([*self.samples, self.low.reshape(1), self.high.reshape(1)])  # keep the true extremes
+        return estimate_range(values, self.scheme)
+
+
+def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
+    """Every enabled input-activation quantizer, by qualified name."""
+    return {
+        name: module for name, module in model.named_modules()
+        if isinstance(module, Quantizer) and name.endswith("input_quantizer") and module.enabled
+    }
+
+
+class Calibrate:
+    """Context manager: observe activations during the enclosed forwards, then set the ranges.
+
+    Args:
+        model: a model whose layers carry ``Quantizer`` input quantizers.
+        recalibrate: also re-estimate quantizers whose range is already set.
+        seed: seeds the observers' subsampling.
+    """
+
+    def __init__(self, model: nn.Module, recalibrate: bool = False, seed: int = 0) -> None:
+        self.model = model
+        self.recalibrate = recalibrate
+        self.seed = seed
+        self.observers: dict[str, RangeObserver] = {}
+
+    def __enter__(self) -> Calibrate:
+        for index, (name, quantizer) in enumerate(activation_quantizers(self.model).items()):
+            if self.recalibrate or not bool(quantizer.initialized):
+                observer = RangeObserver(quantizer.scheme, seed=self.seed + index)
+                self.observers[name] = observer
+                quantizer.attach_observer(observer)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        quantizers = activation_quantizers(self.model)
+        for name in self.observers:
+            quantizers[name].attach_observer(None)
+        if exc_type is None:
+            for name, observer in self.observers.items():
+                quantizers[name].set_range(*observer.range())

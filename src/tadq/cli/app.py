@@ -1,0 +1,79 @@
+"""The ``tadq`` command line: thin wrappers that parse flags into configs and call the library."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import torch
+import typer
+
+from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.zoo import zoo_app
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="tadq: timestep-aware post-training quantization of diffusion models.")
+app.add_typer(zoo_app, name="zoo")
+
+logger = logging.getLogger("tadq")
+
+
+def _parse_presets(text: str) -> tuple[str, ...]:
+    return tuple(p.strip().upper() for p in text.split(",") if p.strip())
+
+
+@app.command("run")
+def run_command(
+    model: Optional[Path] = typer.Option(None, help="Local diffusers model folder (default: the shipped digits DDPM)."),
+    presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
+    num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000)."),
+    sampler: str = typer.Option("ddim", help="Sampler kind: ddim or ddpm."),
+    steps: int = typer.Option(50, help="Sampler steps."),
+    eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
+    seed: int = typer.Option(1000, help="Evaluation noise seed (shared by FP and every variant)."),
+    calib_seed: int = typer.Option(0, help="Calibration noise seed (must differ from --seed)."),
+    calib_trajectories: int = typer.Option(256, help="FP trajectories recorded for calibration."),
+    batch_size: int = typer.Option(250, help="Sampling batch size."),
+    out: Path = typer.Option(Path("runs/main"), help="Report folder."),
+    cache_dir: Path = typer.Option(Path(".cache/tadq"), help="Calibration-data cache folder."),
+    threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
+    device: str = typer.Option("cpu", help="Device (only cpu is supported in this release)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+) -> None:
+    """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
+    from tadq.config import CalibrationConfig
+    from tadq.report.tables import COLUMNS, format_cell
+    from tadq.run import RunConfig, run_main_job
+    from tadq.sampling import SamplerConfig
+
+    setup(verbose, threads, device)
+    with fail_cleanly():
+        sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
+                                        num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
+                                        seed=calib_seed)
+        config = RunConfig(model=str(model) if model else None, presets=_parse_presets(presets),
+                           num_samples=num_samples, sampler=sampler_config, eval_seed=seed, calibration=calibration,
+                           batch_size=batch_size, out_dir=str(out), cache_dir=str(cache_dir))
+        results = run_main_job(config)
+    from rich.table import Table
+
+    table = Table(title=f"tadq run: {sampler_config.key}, {num_samples} samples, seed {seed}")
+    for _, title in COLUMNS:
+        table.add_column(title, justify="right")
+    for row in results["rows"]:
+        table.add_row(*(format_cell(key, row.get(key)) for key, _ in COLUMNS))
+    console.print(table)
+    console.print(results["notes"]["fd"])
+    console.print(results["notes"]["fake_quant"])
+    console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")
+
+
+def main() -> None:
+    torch.set_grad_enabled(True)
+    app()
+
+
+if __name__ == "__main__":
+    main()

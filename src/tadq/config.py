@@ -1,0 +1,146 @@
+"""Typed configs of a quantization run, and their JSON form (type tag + version) so artefacts carry them."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from tadq.adapters.base import LAYER_ROLES
+from tadq.quant.qscheme import QScheme, preset
+from tadq.sampling import SamplerConfig
+
+__all__ = ["CalibrationConfig", "QuantConfig", "config_to_dict", "config_from_dict", "QuantMethod"]
+
+QuantMethod = Literal["naive"]
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Timestep-aware calibration data (Q-Diffusion, methods.md §1 B2): inputs recorded along FP trajectories.
+
+    Args:
+        sampler: the deployment sampler whose FP trajectories are recorded (same steps and η as at inference).
+        num_trajectories: FP trajectories sampled once (O(S): one run, every step recorded).
+        num_steps_kept: sampler steps kept, chosen uniformly over the S steps (Q-Diffusion: 20 of 100 on CIFAR).
+        samples_per_step: inputs kept at each kept step (Q-Diffusion: 256); ≤ ``num_trajectories``.
+        seed: noise seed of the calibration trajectories; keep it disjoint from evaluation seeds.
+        batch_size: batch of the FP sampling and of calibration forwards.
+    """
+
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
+    num_trajectories: int = 256
+    num_steps_kept: int = 25
+    samples_per_step: int = 64
+    seed: int = 0
+    batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        for name in ("num_trajectories", "num_steps_kept", "samples_per_step", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_step > self.num_trajectories:
+            raise ValueError(
+                f"samples_per_step ({self.samples_per_step}) cannot exceed num_trajectories ({self.num_trajectories})"
+            )
+        if self.num_steps_kept > self.sampler.num_steps:
+            raise ValueError(
+                f"num_steps_kept ({self.num_steps_kept}) cannot exceed the sampler's steps ({self.sampler.num_steps})"
+            )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Args:
+        weights: scheme of every quantized layer's weight.
+        activations: scheme of every quantized layer's input activation.
+        method: ``naive`` = calibrated ranges, no reconstruction, no correction.
+        calibration: calibration data.
+        exclude: fnmatch patterns of layer names kept in floating point (e.g. ``("conv_in", "conv_out")``).
+        keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
+            Q-Diffusion's released code keeps none (methods.md §1 B1.1).
+        preset_name: the preset this config came from, for reports (informational).
+    """
+
+    weights: QScheme = field(default_factory=lambda: preset("W8A8")[0])
+    activations: QScheme = field(default_factory=lambda: preset("W8A8")[1])
+    method: QuantMethod = "naive"
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    exclude: tuple[str, ...] = ()
+    keep_fp_roles: tuple[str, ...] = ()
+    preset_name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("naive",):
+            raise ValueError(f"method must be one of ('naive',), got {self.method!r}")
+        unknown = [r for r in self.keep_fp_roles if r not in LAYER_ROLES]
+        if unknown:
+            raise ValueError(f"unknown roles {unknown}; roles are {list(LAYER_ROLES)}")
+        if self.weights.granularity == "per_channel" and self.activations.granularity == "per_channel":
+            raise ValueError("per-channel activation quantization is not supported; use granularity='per_tensor'")
+        if self.activations.granularity == "per_channel":
+            raise ValueError("activations must be quantized per tensor (granularity='per_tensor')")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> QuantConfig:
+        """``QuantConfig.from_preset("W4A8", calibration=...)``; presets: W8A8, W4A8, W4A4, W4A16, W8A16."""
+        weights, activations = preset(name)
+        return cls(weights=weights, activations=activations, preset_name=name.upper(), **overrides)
+
+    @property
+    def label(self) -> str:
+        """``W4A8``-style label (A16 when activations stay in floating point)."""
+        w = self.weights.bits if self.weights.bits is not None else 16
+        a = self.activations.bits if self.activations.bits is not None else 16
+        return f"W{w}A{a}"
+
+
+_CONFIG_TYPES: dict[str, type] = {
+    "QuantConfig": QuantConfig, "CalibrationConfig": CalibrationConfig, "QScheme": QScheme,
+    "SamplerConfig": SamplerConfig,
+}
+
+
+def _encode(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return config_to_dict(value)
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """``{"type": ..., "version": ..., "data": {...}}``, nested configs included."""
+    name = type(config).__name__
+    if name not in _CONFIG_TYPES:
+        raise TypeError(f"{name} is not a registered tadq config")
+    data = {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return {"type": name, "version": CONFIG_VERSION, "data": data}
+
+
+def _decode(value: Any, annotation_is_tuple: bool) -> Any:
+    if isinstance(value, dict) and "type" in value and "data" in value:
+        return config_from_dict(value)
+    if isinstance(value, list):
+        items = [_decode(v, False) for v in value]
+        return tuple(items) if annotation_is_tuple else items
+    return value
+
+
+def config_from_dict(payload: dict[str, Any]) -> Any:
+    """Inverse of ``config_to_dict``; raises ``ValueError`` on an unknown type or a newer version."""
+    kind, version = payload.get("type"), payload.get("version")
+    if kind not in _CONFIG_TYPES:
+        raise ValueError(f"unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
+    if not isinstance(version, int) or version > CONFIG_VERSION:
+        raise ValueError(f"config version {version!r} is newer than this tadq understands ({CONFIG_VERSION})")
+    klass = _CONFIG_TYPES[kind]
+    fields = {f.name: f for f in dataclasses.fields(klass)}
+    unknown = set(payload["data"]) - set(fields)
+    if unknown:
+        raise ValueError(f"{kind} has no fields {sorted(unknown)}")
+    kwargs = {k: _decode(v, "tuple" in str(fields[k].type)) for k, v in payload["data"].items()}
+    return klass(**kwargs)

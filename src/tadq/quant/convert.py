@@ -1,0 +1,64 @@
+"""Swap a model's layers for fake-quant layers, chosen by adapter roles and name patterns (never positions)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+
+from torch import nn
+
+from tadq.adapters.base import LayerInfo
+from tadq.quant.modules import quantize_module
+from tadq.quant.qscheme import QScheme
+
+__all__ = ["LayerPlan", "plan_layers", "convert_layers"]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The decision for one layer: quantized with these schemes, or kept in floating point (and why)."""
+
+    name: str
+    role: str
+    weights: QScheme
+    activations: QScheme
+    quantized: bool
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {
+            "role": self.role, "quantized": self.quantized, "reason": self.reason,
+            "weights": self.weights.describe() if self.quantized else "fp",
+            "activations": self.activations.describe() if self.quantized else "fp",
+        }
+
+
+def plan_layers(
+    layers: list[LayerInfo], weights: QScheme, activations: QScheme,
+    exclude: tuple[str, ...] = (), keep_fp_roles: tuple[str, ...] = (),
+) -> list[LayerPlan]:
+    """Decide per layer; exclusion by role or fnmatch pattern is recorded in ``reason``."""
+    plans = []
+    for info in layers:
+        reason = ""
+        if info.role in keep_fp_roles:
+            reason = f"role {info.role} kept in FP"
+        elif any(fnmatchcase(info.name, pattern) for pattern in exclude):
+            reason = "excluded by pattern"
+        plans.append(LayerPlan(info.name, info.role, weights, activations, quantized=not reason, reason=reason))
+    return plans
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def convert_layers(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
+    """Replace every planned-quantized layer in place (weights are shared, not copied); returns ``model``."""
+    for plan in plans:
+        if plan.quantized:
+            _set_submodule(model, plan.name, quantize_module(model.get_submodule(plan.name), plan.weights,
+                                                             plan.activations))
+    return model

@@ -1,0 +1,83 @@
+"""``Quantizer``: one tensor's fake-quantizer with explicit phases (observe → set range → quantize).
+
+A plain forward never changes calibration state: ranges are only written by ``set_range`` (called by the
+``Calibrate`` context or by weight initialisation), and observation only happens while an observer is attached.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import Tensor, nn
+
+from tadq.quant.fake_quant import fake_quantize, scale_and_zero_point
+from tadq.quant.qscheme import QScheme
+
+__all__ = ["Quantizer", "Observer"]
+
+
+class Observer(Protocol):
+    """Receives the tensors a quantizer sees while calibrating."""
+
+    def observe(self, x: Tensor) -> None: ...
+
+
+class Quantizer(nn.Module):
+    """Fake-quantizer for one tensor.
+
+    Args:
+        scheme: bit-width, symmetry, granularity and range method.
+        num_channels: number of output channels for per-channel schemes (dim 0 of the tensor); 1 otherwise.
+    """
+
+    def __init__(self, scheme: QScheme, num_channels: int = 1) -> None:
+        super().__init__()
+        self.scheme = scheme
+        channels = num_channels if scheme.granularity == "per_channel" else 1
+        self.register_buffer("scale", torch.ones(channels))
+        self.register_buffer("zero_point", torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+        self._observer: Observer | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.scheme.enabled
+
+    def attach_observer(self, observer: Observer | None) -> None:
+        """Route the next forwards to ``observer`` (values pass through unquantized); ``None`` detaches."""
+        self._observer = observer
+
+    @torch.no_grad()
+    def set_range(self, low: Tensor, high: Tensor) -> None:
+        """Fix Δ and z from a clipping range (shape (C,) per channel or (1,) per tensor)."""
+        if not self.enabled:
+            return
+        scale, zero_point = scale_and_zero_point(low.float(), high.float(), self.scheme.bits, self.scheme.symmetric)
+        if scale.numel() != self.scale.numel():
+            raise ValueError(f"range has {scale.numel()} entries, quantizer expects {self.scale.numel()}")
+        self.scale.copy_(scale.reshape(self.scale.shape))
+        self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+        self.initialized.fill_(True)
+
+    def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
+        if self.scheme.granularity == "per_channel":
+            return t.reshape(-1, *([1] * (x.dim() - 1)))  # (C, 1, ...)
+        return t.reshape(())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled:
+            return x
+        if self._observer is not None:
+            self._observer.observe(x)
+            return x
+        if not bool(self.initialized):
+            raise RuntimeError(
+                "quantizer used before its range was set: calibrate the model first "
+                "(tadq.quantize, or the tadq.calibration.Calibrate context)"
+            )
+        return fake_quantize(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x),
+                             self.scheme.qmin, self.scheme.qmax)
+
+    def extra_repr(self) -> str:
+        return self.scheme.describe()

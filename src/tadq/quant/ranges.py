@@ -1,0 +1,65 @@
+"""Range estimators: choose the clipping range [low, high] of a quantizer from observed values.
+
+Pure functions of a tensor. ``reduce_dims`` selects granularity: ``None`` reduces everything (per tensor),
+otherwise every dimension except 0 is reduced (per output channel).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from tadq.quant.fake_quant import fake_quantize, scale_and_zero_point
+from tadq.quant.qscheme import QScheme
+
+__all__ = ["minmax_range", "percentile_range", "mse_range", "estimate_range"]
+
+
+def _flatten(x: Tensor, per_channel: bool) -> Tensor:
+    return x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)  # (C, n) or (1, n)
+
+
+def minmax_range(x: Tensor, per_channel: bool = False) -> tuple[Tensor, Tensor]:
+    """Observed extremes, shape (C,) per channel or (1,) per tensor."""
+    flat = _flatten(x, per_channel)
+    return flat.min(dim=1).values, flat.max(dim=1).values
+
+
+def percentile_range(x: Tensor, percentile: float, per_channel: bool = False) -> tuple[Tensor, Tensor]:
+    """Clip the (100 − p) % tails on each side."""
+    flat = _flatten(x, per_channel).float()
+    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=flat.dtype)
+    bounds = torch.quantile(flat, q, dim=1)  # (2, C)
+    return bounds[0], bounds[1]
+
+
+def mse_range(x: Tensor, scheme: QScheme, per_channel: bool = False) -> tuple[Tensor, Tensor]:
+    """Shrink [min, max] by 1 − 0.01·i and keep, per channel, the range with the lowest mean |x − Q(x)|^p.
+
+    Q-Diffusion / BRECQ's ``scale_method='mse'`` (methods.md §1 B1.4): p = 2.4, 80 shrink factors.
+    """
+    flat = _flatten(x, per_channel).float()  # (C, n)
+    low0, high0 = flat.min(dim=1).values, flat.max(dim=1).values
+    best_err = torch.full_like(low0, float("inf"))
+    best_low, best_high = low0.clone(), high0.clone()
+    for i in range(scheme.mse_grid):
+        shrink = 1.0 - 0.01 * i
+        low, high = low0 * shrink, high0 * shrink
+        scale, zp = scale_and_zero_point(low, high, scheme.bits, scheme.symmetric)
+        q = fake_quantize(flat, scale[:, None], zp[:, None], scheme.qmin, scheme.qmax)
+        err = (flat - q).abs().pow(scheme.mse_p).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_low = torch.where(better, low, best_low)
+        best_high = torch.where(better, high, best_high)
+    return best_low, best_high
+
+
+def estimate_range(x: Tensor, scheme: QScheme) -> tuple[Tensor, Tensor]:
+    """The range of ``x`` under ``scheme.range_method`` and ``scheme.granularity``."""
+    per_channel = scheme.granularity == "per_channel"
+    if scheme.range_method == "minmax":
+        return minmax_range(x, per_channel)
+    if scheme.range_method == "percentile":
+        return percentile_range(x, scheme.percentile, per_channel)
+    return mse_range(x, scheme, per_channel)

@@ -1,0 +1,61 @@
+"""Figures people would rather look at than read: sample grids and per-step error curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+__all__ = ["image_grid", "save_comparison_grid", "save_error_curves"]
+
+
+def image_grid(images: Tensor, columns: int = 8) -> np.ndarray:
+    """Tile (N, C, H, W) images in [-1, 1] into one (rows·H, columns·W[, C]) array in [0, 1]."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu().numpy()
+    n, c, h, w = x.shape
+    rows = int(np.ceil(n / columns))
+    grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = x[i].transpose(1, 2, 0)
+    return grid[..., 0] if c == 1 else grid
+
+
+def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: int = 8) -> Path:
+    """One PNG with a titled grid per variant side by side (FP first), same noise in the same cell."""
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, images) in zip(axes[0], panels.items(), strict=True):
+        ax.imshow(image_grid(images, columns), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.axis("off")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def save_error_curves(curves: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
+    """Per-step MSE(x_t FP, x_t quantized) for every variant, log scale, step 0 = x_T."""
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, curve in curves.items():
+        values = curve.detach().cpu().numpy()
+        ax.plot(np.arange(len(values)), np.maximum(values, 1e-12), label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("sampler step (0 = initial noise)")
+    ax.set_ylabel("MSE vs FP trajectory")
+    ax.set_title(title or "per-step trajectory error")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,87 @@
+"""Reproducible sampler noise that belongs to a sample, not to a batch.
+
+FP and quantized runs are compared sample by sample (trajectory pairs, methods.md §7), and calibration may run
+sample 17 in a different batch than evaluation does. So every sample's noise is a function of (seed, sample
+index) only: each index gets its own CPU ``torch.Generator`` seeded from a hash of (seed, index, stream), and the
+initial state x_T and the per-step noises z come from two separate streams, so they never overlap and x_T does
+not depend on the number of steps. Noise is drawn on the CPU and moved afterwards, so it is the same on every
+device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["INITIAL_STREAM", "STEP_STREAM", "initial_noise", "sample_generator", "step_noise"]
+
+INITIAL_STREAM = 0  # x_T
+STEP_STREAM = 1  # z_1..z_S of the sampler steps
+
+
+def _check_non_negative(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+
+
+def sample_generator(seed: int, index: int, stream: int = INITIAL_STREAM) -> torch.Generator:
+    """A CPU generator whose state depends only on (seed, index, stream).
+
+    The 63-bit torch seed comes from numpy's ``SeedSequence`` hash of the three integers, so nearby seeds and
+    indices give unrelated streams (unlike ``seed + index``, where seed 0 / index 1 would equal seed 1 / index 0).
+
+    Args:
+        seed: Run seed, >= 0.
+        index: Sample index, >= 0.
+        stream: Which noise of the sample: ``INITIAL_STREAM`` (x_T) or ``STEP_STREAM`` (step noises).
+
+    Returns:
+        A freshly seeded ``torch.Generator`` on the CPU.
+    """
+    for name, value in (("seed", seed), ("index", index), ("stream", stream)):
+        _check_non_negative(name, value)
+    state = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, dtype=np.uint64)
+    generator = torch.Generator(device="cpu")
+    generator.manual_seed(int(state[0]) >> 1)  # 63 bits: a non-negative int64
+    return generator
+
+
+def initial_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> Tensor:
+    """x_T for the given samples, each drawn from its own generator.
+
+    Args:
+        seed: Run seed.
+        indices: Sample indices, length N.
+        shape: Per-sample shape (C, H, W).
+
+    Returns:
+        Standard normal noise, (N, C, H, W), float32 on the CPU.
+    """
+    shape = tuple(shape)
+    draws = [torch.randn(shape, generator=sample_generator(seed, i, INITIAL_STREAM)) for i in indices]
+    return torch.stack(draws) if draws else torch.empty((0, *shape))
+
+
+def step_noise(seed: int, indices: Sequence[int], num_steps: int, shape: Sequence[int]) -> Tensor:
+    """The sampler's z for every step of the given samples.
+
+    Each sample draws all S step noises in one call from its own step stream, so sample i's z_s depends on
+    (seed, i, S) only.
+
+    Args:
+        seed: Run seed.
+        indices: Sample indices, length N.
+        num_steps: Number S of sampler steps.
+        shape: Per-sample shape (C, H, W).
+
+    Returns:
+        Standard normal noise, (S, N, C, H, W), float32 on the CPU; [s] is the z of step index s.
+    """
+    shape = tuple(shape)
+    draws = [torch.randn((num_steps, *shape), generator=sample_generator(seed, i, STEP_STREAM)) for i in indices]
+    if not draws:
+        return torch.empty((num_steps, 0, *shape))
+    return torch.stack(draws, dim=1)  # (S, N, C, H, W)

@@ -1,0 +1,53 @@
+"""Small helpers shared across tadq: atomic writes, versions, seeding."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["atomic_torch_save", "atomic_write_text", "atomic_write_json", "library_versions"]
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` that never leaves a half-written file behind (write to a temp file, then rename)."""
+    _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    """Write text atomically."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> None:
+    """Write JSON atomically, indented for people to read."""
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False), path)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that decide numerics, recorded beside every artefact tadq writes."""
+    import diffusers
+
+    from tadq import __version__
+
+    return {
+        "tadq": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "python": platform.python_version(),
+    }

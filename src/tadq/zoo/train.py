@@ -1,0 +1,127 @@
+"""Train the shipped digits DDPM (the project's embedded default model).
+
+Reproduce the shipped weights with ``tadq zoo train --out src/tadq/zoo/weights/digits-ddpm`` (defaults below);
+the command, seed and wall time are written to ``training_info.json`` beside the weights. Training checkpoints
+every ``checkpoint_every`` steps into the output folder, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import DDPMPipeline
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from tadq.utils import atomic_torch_save, library_versions
+from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.unet import build_digits_unet, build_training_scheduler
+
+__all__ = ["TrainConfig", "train_digits_ddpm"]
+
+logger = logging.getLogger(__name__)
+CHECKPOINT_NAME = "train_checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """DDPM training of the digits UNet.
+
+    Args:
+        steps: optimiser steps.
+        batch_size: images per step.
+        learning_rate: AdamW peak learning rate (after a linear warm-up of ``warmup_steps``).
+        warmup_steps: linear warm-up length.
+        ema_decay: decay of the exponential moving average whose weights are saved (DDPM used 0.9999 for 800k
+            steps; a shorter run needs a shorter memory).
+        seed: seeds initialisation, batch order, timesteps and noise.
+        resolution: image side length (see ``DigitsConfig``).
+        checkpoint_every: steps between resumable checkpoints.
+    """
+
+    steps: int = 6000
+    batch_size: int = 128
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    seed: int = 0
+    resolution: int = 16
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+
+
+def _learning_rate(config: TrainConfig, step: int) -> float:
+    return config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
+def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "") -> Path:
+    """Train, then save a diffusers ``DDPMPipeline`` layout (``unet/``, ``scheduler/``) with EMA weights."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(config.seed)
+    images = load_digits_split(DigitsConfig(resolution=config.resolution)).train_images
+    unet, scheduler = build_digits_unet(config.resolution), build_training_scheduler()
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
+    ema = EMAModel(unet.parameters(), decay=config.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed)
+    start, elapsed = 0, 0.0
+    checkpoint = out_dir / CHECKPOINT_NAME
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["config"] != asdict(config):
+            raise ValueError(f"{checkpoint} was written by a different TrainConfig; delete it or use another --out")
+        unet.load_state_dict(state["unet"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        start, elapsed = state["step"], state["elapsed"]
+        logger.info("resuming from step %d", start)
+    unet.train()
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train digits DDPM")
+    loss_value = float("nan")
+    for step in bar:
+        index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+        x0 = images[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema.step(unet.parameters())
+        loss_value = loss.item()
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            state = {
+                "config": asdict(config), "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
+                "ema": ema.state_dict(), "generator": generator.get_state(), "step": step + 1,
+                "elapsed": time.perf_counter() - t0,
+            }
+            atomic_torch_save(state, checkpoint)
+    wall = time.perf_counter() - t0
+    ema.copy_to(unet.parameters())
+    unet.eval()
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
+    info = {
+        "command": command, "config": asdict(config), "wall_time_s": round(wall, 1),
+        "final_batch_loss": loss_value, "versions": library_versions(),
+        "parameters": sum(p.numel() for p in unet.parameters()),
+    }
+    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+    checkpoint.unlink(missing_ok=True)
+    return out_dir

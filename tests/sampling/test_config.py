@@ -1,0 +1,75 @@
+"""SamplerConfig validation, make_scheduler and StepContext construction."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from diffusers import DDIMScheduler, DDPMScheduler
+
+from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"kind": "euler"},
+        {"kind": "ddim", "num_steps": 0},
+        {"kind": "ddim", "num_steps": 2.5},
+        {"kind": "ddim", "eta": -0.1},
+        {"kind": "ddim", "eta": 1.5},
+        {"kind": "ddim", "eta": float("nan")},
+        {"kind": "ddpm", "eta": 0.5},
+        {"kind": "ddim", "clip_sample": "yes"},
+    ],
+)
+def test_bad_configs_raise(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        SamplerConfig(**kwargs)
+
+
+def test_keys() -> None:
+    assert SamplerConfig("ddim").key == "ddim-50-eta0.0"
+    assert SamplerConfig("ddim", num_steps=20, eta=1).key == "ddim-20-eta1.0"
+    assert SamplerConfig("ddpm", num_steps=1000).key == "ddpm-1000"
+
+
+@pytest.mark.parametrize("clip", [None, True, False])
+def test_make_scheduler_keeps_the_training_schedule(clip: bool | None) -> None:
+    train = DDPMScheduler(beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    sampler = SamplerConfig("ddim", num_steps=20, clip_sample=clip)
+    for source in (train, train.config):
+        scheduler = make_scheduler(source, sampler)
+        assert isinstance(scheduler, DDIMScheduler)
+        assert scheduler.num_inference_steps == 20
+        assert scheduler.config.beta_schedule == "squaredcos_cap_v2"
+        assert scheduler.config.clip_sample == (True if clip is None else clip)
+
+
+def test_step_contexts_describe_the_grid() -> None:
+    sampler = SamplerConfig("ddim", num_steps=10, eta=0.5, clip_sample=False)
+    scheduler = make_scheduler(DDPMScheduler(), sampler)
+    steps = step_contexts(scheduler, sampler)
+    assert [s.t for s in steps] == scheduler.timesteps.tolist()
+    assert [s.index for s in steps] == list(range(10))
+    assert [s.t_prev for s in steps[:-1]] == [s.t for s in steps[1:]] and steps[-1].t_prev == -1
+    assert steps[-1].alpha_prod_t_prev == 1.0 and steps[-1].is_last
+    assert all(s.sampler_key == "ddim-10-eta0.5" and s.clip_sample_range is None for s in steps)
+
+
+def test_step_contexts_reject_a_mismatched_scheduler() -> None:
+    sampler = SamplerConfig("ddim", num_steps=10)
+    with pytest.raises(TypeError, match="make_scheduler"):
+        step_contexts(make_scheduler(DDPMScheduler(), SamplerConfig("ddpm", num_steps=10)), sampler)
+    with pytest.raises(ValueError, match="steps"):
+        step_contexts(make_scheduler(DDPMScheduler(), SamplerConfig("ddim", num_steps=20)), sampler)
+    with pytest.raises(ValueError, match="clip_sample"):
+        step_contexts(make_scheduler(DDPMScheduler(clip_sample=True), sampler), SamplerConfig("ddim", 10, 0, False))
+
+
+def test_linspace_ddim_grid_warns(caplog: pytest.LogCaptureFixture) -> None:
+    """diffusers' DDIM steps t -> t - N//S, which leaves the linspace grid; tadq follows it but says so."""
+    sampler = SamplerConfig("ddim", num_steps=50)
+    with caplog.at_level(logging.WARNING, logger="tadq.sampling.context"):
+        step_contexts(make_scheduler(DDPMScheduler(timestep_spacing="linspace"), sampler), sampler)
+    assert "not the next grid timestep" in caplog.text
