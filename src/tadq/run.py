@@ -154,9 +154,9 @@ def default_variants(model, scheduler, config: RunConfig, calibration) -> list[V
 
 def run_main_job(config: RunConfig) -> dict[str, Any]:
     """Sample, measure and report every variant; returns the results dictionary (also written as JSON)."""
+    model, scheduler = load_pipeline_parts(config.model)  # fails before anything is written
     out = Path(config.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    model, scheduler = load_pipeline_parts(config.model)
     adapter = adapter_for(model)
     fingerprint = model_fingerprint(model)
     logger.info("collecting timestep-aware calibration data (seed %d)", config.calibration.seed)

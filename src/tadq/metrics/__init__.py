@@ -9,6 +9,7 @@ from tadq.metrics.classifier import (
     DigitClassifier,
     default_classifier_path,
     load_digit_classifier,
+    save_digit_classifier,
     train_digit_classifier,
 )
 from tadq.metrics.frechet import (
@@ -42,6 +43,7 @@ __all__ = [
     "per_step_mse",
     "predicted_labels",
     "psnr_per_sample",
+    "save_digit_classifier",
     "ssim_per_sample",
     "train_digit_classifier",
 ]

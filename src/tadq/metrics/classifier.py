@@ -31,6 +31,7 @@ __all__ = [
     "DigitClassifier",
     "default_classifier_path",
     "load_digit_classifier",
+    "save_digit_classifier",
     "train_digit_classifier",
 ]
 
@@ -223,12 +224,7 @@ def train_digit_classifier(
     heldout_accuracy = _accuracy(model, split.heldout_images, split.heldout_labels)
     train_accuracy = _accuracy(model, split.train_images, split.train_labels)
     logger.info("digits classifier: held-out accuracy %.4f, train accuracy %.4f", heldout_accuracy, train_accuracy)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().contiguous() for name, tensor in model.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / WEIGHTS_NAME)  # never leave a half-written weights file behind
-    atomic_write_json(model.architecture(), out_dir / CONFIG_NAME)
+    save_digit_classifier(model, out_dir)
     info = {
         "command": command, "config": asdict(config), "seed": config.seed, "wall_time_s": round(wall, 1),
         "heldout_accuracy": heldout_accuracy, "heldout_size": len(split.heldout_labels),
@@ -237,9 +233,21 @@ def train_digit_classifier(
         "versions": library_versions(),
     }
     atomic_write_json(info, out_dir / INFO_NAME)
-    for name in (WEIGHTS_NAME, CONFIG_NAME, INFO_NAME):
-        (out_dir / name).chmod(0o644)  # temp-file writes leave 0600; shipped package data must be world-readable
+    (out_dir / INFO_NAME).chmod(0o644)  # temp-file writes leave 0600; shipped package data must be world-readable
     return info
+
+
+def save_digit_classifier(model: DigitClassifier, out_dir: str | Path) -> None:
+    """Write ``model.safetensors`` and ``config.json`` (constructor arguments), the layout the loader reads."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, out_dir / WEIGHTS_NAME)  # never leave a half-written weights file behind
+    atomic_write_json(model.architecture(), out_dir / CONFIG_NAME)
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        (out_dir / name).chmod(0o644)  # temp-file writes leave 0600; shipped package data must be world-readable
 
 
 def load_digit_classifier(path: str | Path | None = None) -> DigitClassifier:

@@ -193,7 +193,8 @@ def sample(
     num_batches = -(-len(sample_indices) // batch_size)
     logger.info("Sampling %d samples with %s in %d batches.", len(sample_indices), sampler.key, num_batches)
 
-    images, record = [], _BatchRecord([], [], []) if record_trajectory else None
+    record = _BatchRecord(states=[], model_inputs=[], eps=[]) if record_trajectory else None
+    images = []
     with torch.no_grad(), tqdm(total=num_batches * len(steps), disable=not progress, desc="sampling") as bar:
         for start in range(0, len(sample_indices), batch_size):
             batch = sample_indices[start : start + batch_size]
@@ -203,11 +204,10 @@ def sample(
 
     trajectory = None
     if record is not None:
-        num_batch_steps = len(steps)
         trajectory = Trajectory(
-            states=_stack_batches(record.states, num_batch_steps + 1),
-            model_inputs=_stack_batches(record.model_inputs, num_batch_steps),
-            eps=_stack_batches(record.eps, num_batch_steps),
+            states=_stack_batches(record.states, len(steps) + 1),
+            model_inputs=_stack_batches(record.model_inputs, len(steps)),
+            eps=_stack_batches(record.eps, len(steps)),
             timesteps=torch.tensor([step.t for step in steps], dtype=torch.long),
             steps=tuple(steps),
         )

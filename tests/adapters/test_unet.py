@@ -1,0 +1,43 @@
+import pytest
+from torch import nn
+
+from tadq.adapters import TEMPORAL_ROLES
+from tadq.registry import adapter_for
+
+
+def test_roles_come_from_structure(tiny_unet):
+    adapter = adapter_for(tiny_unet)
+    roles = {info.name: info.role for info in adapter.layers(tiny_unet)}
+    assert roles["conv_in"] == "input_conv" and roles["conv_out"] == "output_conv"
+    assert roles["time_embedding.linear_1"] == "time_embedding"
+    assert roles["down_blocks.0.resnets.0.time_emb_proj"] == "time_projection"
+    assert roles["down_blocks.1.attentions.0.to_q"] == "attention_qkv"
+    assert roles["down_blocks.1.attentions.0.to_out.0"] == "attention_out"
+    assert "shortcut" in roles.values() and "resample" in roles.values()
+    assert "other" not in roles.values()
+    layers = {n for n, m in tiny_unet.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert set(roles) == layers
+
+
+def test_class_embedding_is_part_of_the_temporal_path():
+    from tests.conftest import build_tiny_unet
+
+    model = build_tiny_unet(num_class_embeds=10)
+    adapter = adapter_for(model)
+    temporal = [i for i in adapter.layers(model) if i.role in TEMPORAL_ROLES]
+    # nn.Embedding is not quantizable, so the class path contributes no Linear here; the roles stay distinct
+    assert all(i.role != "other" for i in adapter.layers(model))
+    assert temporal
+
+
+def test_blocks_follow_forward_order(tiny_unet):
+    blocks = adapter_for(tiny_unet).blocks(tiny_unet)
+    assert blocks.index("conv_in") < blocks.index("down_blocks.0.resnets.0")
+    assert blocks.index("down_blocks.1.resnets.0") < blocks.index("down_blocks.1.attentions.0")
+    assert blocks.index("mid_block.resnets.1") < blocks.index("up_blocks.0.resnets.0")
+    assert blocks[-1] == "conv_out"
+
+
+def test_unknown_model_raises_type_error():
+    with pytest.raises(TypeError, match="register_adapter"):
+        adapter_for(nn.Linear(2, 2))

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from tadq.calibration import CalibrationSet, collect_calibration_set, kept_steps
+from tadq.config import CalibrationConfig
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig
+
+
+def _config(**kw) -> CalibrationConfig:
+    base = dict(sampler=SamplerConfig(kind="ddim", num_steps=10), num_trajectories=8, num_steps_kept=5,
+                samples_per_step=4, seed=0, batch_size=8)
+    base.update(kw)
+    return CalibrationConfig(**base)
+
+
+def test_kept_steps_are_uniform_and_cover_both_ends():
+    assert kept_steps(50, 25)[0] == 0 and kept_steps(50, 25)[-1] == 49
+    assert len(kept_steps(50, 25)) == 25
+    gaps = {b - a for a, b in zip(kept_steps(100, 20), kept_steps(100, 20)[1:], strict=False)}
+    assert gaps <= {5, 6}
+
+
+def test_collection_is_one_trajectory_pass(tiny_unet, ddpm_scheduler):
+    calls = []
+    adapter = adapter_for(tiny_unet)
+    handle = tiny_unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    calib = collect_calibration_set(tiny_unet, adapter, ddpm_scheduler.config, _config(), progress=False)
+    handle.remove()
+    assert len(calls) == 10  # S model calls for one batch of 8 trajectories: O(S), not O(S^2)
+    assert len(calib) == 5 * 4
+    assert calib.x.shape == (20, 1, 8, 8) and calib.eps.shape == (20, 1, 8, 8)
+    assert sorted(set(calib.step_index.tolist())) == kept_steps(10, 5)
+    assert len(set(calib.t.tolist())) == 5
+
+
+def test_cache_is_reused_and_mismatch_raises(tmp_path, tiny_unet, ddpm_scheduler):
+    adapter = adapter_for(tiny_unet)
+    first = collect_calibration_set(tiny_unet, adapter, ddpm_scheduler.config, _config(), cache_dir=tmp_path,
+                                    progress=False)
+    files = list(tmp_path.glob("calibration-*.safetensors"))
+    assert len(files) == 1
+    again = collect_calibration_set(tiny_unet, adapter, ddpm_scheduler.config, _config(), cache_dir=tmp_path,
+                                    progress=False)
+    assert torch.equal(first.x, again.x)
+    with pytest.raises(ValueError, match="does not match"):
+        CalibrationSet.load(files[0], expected_key="another-key")
+    other = collect_calibration_set(tiny_unet, adapter, ddpm_scheduler.config, _config(seed=5), cache_dir=tmp_path,
+                                    progress=False)
+    assert not torch.equal(first.x, other.x)
+    assert len(list(tmp_path.glob("calibration-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize("kw", [{"samples_per_step": 9}, {"num_steps_kept": 11}, {"num_trajectories": 0}])
+def test_bad_calibration_config_raises(kw):
+    with pytest.raises(ValueError):
+        _config(**kw)

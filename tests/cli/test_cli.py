@@ -1,0 +1,44 @@
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+
+runner = CliRunner()
+
+
+def test_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "run" in result.output and "zoo" in result.output
+
+
+def test_unknown_preset_is_a_clean_error(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "--presets", "W3A9", "--out", str(out)])
+    assert result.exit_code == 2
+    assert "unknown preset" in result.output
+    assert not out.exists()
+
+
+def test_missing_model_is_a_clean_error(tmp_path):
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["run", "--model", str(tmp_path / "nope"), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "does not exist" in result.output
+    assert not out.exists()
+
+
+def test_not_a_diffusers_folder_is_a_clean_error(tmp_path):
+    (tmp_path / "m").mkdir()
+    result = runner.invoke(app, ["run", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "not a diffusers model folder" in result.output
+
+
+def test_run_on_a_tiny_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "report"
+    result = runner.invoke(app, [
+        "run", "--model", str(tiny_model_dir), "--presets", "W8A8", "--num-samples", "4", "--steps", "4",
+        "--calib-trajectories", "4", "--batch-size", "4", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
+    ])
+    assert result.exit_code == 0, result.output
+    assert "W8A8" in result.output and (out / "results.json").exists()

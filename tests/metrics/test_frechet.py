@@ -1,0 +1,99 @@
+"""FD-digits: zero for identical sets, ordered sensibly, consistent with torchmetrics, finite for tiny sets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+
+from tadq.metrics import (
+    DigitFeatures,
+    digit_features,
+    fd_digits,
+    fd_digits_reference,
+    frechet_distance,
+    load_digit_classifier,
+)
+from tadq.zoo.data import load_digits_split
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_digit_classifier()
+
+
+@pytest.fixture(scope="module")
+def split():
+    return load_digits_split()
+
+
+def test_identical_sets_have_zero_distance(classifier, split) -> None:
+    assert abs(fd_digits(split.heldout_images, split.heldout_images, classifier)) < 1e-6
+
+
+def test_real_digits_are_closer_than_noise(classifier, split) -> None:
+    n = len(split.heldout_images)
+    other_real = split.train_images[:n]
+    noise = torch.rand(other_real.shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    real_vs_real = fd_digits(split.heldout_images, other_real, classifier)
+    real_vs_noise = fd_digits(split.heldout_images, noise, classifier)
+    assert 0 < real_vs_real < real_vs_noise
+
+
+def test_reference_is_finite_positive_and_shrinks_with_more_samples(classifier) -> None:
+    small = fd_digits_reference(50, seed=0, classifier=classifier)
+    large = fd_digits_reference(359, seed=0, classifier=classifier)
+    assert math.isfinite(small) and math.isfinite(large)
+    assert 0 < large < small
+    with pytest.raises(ValueError, match="train split size"):
+        fd_digits_reference(1, seed=0, classifier=classifier)
+
+
+def test_reference_against_train_draws_heldout_images(classifier, split) -> None:
+    value = fd_digits_reference(100, seed=0, classifier=classifier, reference_set="train")
+    assert math.isfinite(value) and value > 0
+    with pytest.raises(ValueError, match="held-out split size"):
+        fd_digits_reference(len(split.heldout_images) + 1, seed=0, classifier=classifier, reference_set="train")
+    with pytest.raises(ValueError, match="heldout"):
+        fd_digits_reference(100, seed=0, classifier=classifier, reference_set="test")
+
+
+def test_matches_torchmetrics_on_full_rank_sets(classifier, split) -> None:
+    real, fake = split.heldout_images, split.train_images[:359]
+    metric = FrechetInceptionDistance(feature=DigitFeatures(classifier))
+    metric.update(real, real=True)
+    metric.update(fake, real=False)
+    ours = fd_digits(real, fake, classifier)
+    assert float(metric.compute()) == pytest.approx(ours, rel=1e-3)
+
+
+def test_digit_features_are_batch_independent(classifier, split) -> None:
+    images = split.heldout_images[:40]
+    whole = digit_features(images, classifier, batch_size=64)
+    pieces = digit_features(images, classifier, batch_size=7)
+    assert whole.dtype == torch.float64 and whole.shape == (40, classifier.num_features)
+    torch.testing.assert_close(whole, pieces, rtol=1e-5, atol=1e-6)
+
+
+def test_frechet_distance_matches_closed_form_for_diagonal_gaussians() -> None:
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=6), rng.normal(size=6)
+    var1, var2 = rng.uniform(0.5, 2.0, size=6), rng.uniform(0.5, 2.0, size=6)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(var1) - np.sqrt(var2)) ** 2)
+    got = frechet_distance(mu1, np.diag(var1), mu2, np.diag(var2), eps=0.0)
+    assert got == pytest.approx(expected, rel=1e-9)
+
+
+def test_fewer_samples_than_features_stay_finite(classifier, split) -> None:
+    value = fd_digits(split.heldout_images[:10], split.train_images[:10], classifier)
+    assert math.isfinite(value) and value > 0
+
+
+def test_rejects_single_images_and_colour(classifier, split) -> None:
+    with pytest.raises(ValueError, match="at least 2"):
+        fd_digits(split.heldout_images[:1], split.train_images[:5], classifier)
+    with pytest.raises(ValueError, match="grey"):
+        fd_digits(torch.zeros(4, 3, 16, 16), split.train_images[:5], classifier)

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from torch import nn
+
+from tadq.quant import QScheme, QuantConv2d, QuantLinear, preset, quantize_module
+
+
+def _calibrated(layer, x):
+    from tadq.calibration import Calibrate
+
+    with Calibrate(layer):
+        layer(x)
+    return layer
+
+
+def test_quant_conv_matches_float_conv_at_8_bits():
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    x = torch.randn(2, 4, 8, 8)
+    layer = _calibrated(QuantConv2d.from_module(conv, *preset("W8A8")), x)
+    ref = conv(x)
+    rel = (layer(x) - ref).norm() / ref.norm()
+    assert rel < 0.02
+    low_bits = _calibrated(QuantConv2d.from_module(conv, *preset("W4A4")), x)
+    assert (low_bits(x) - ref).norm() / ref.norm() > rel
+
+
+def test_weights_are_shared_not_copied():
+    linear = nn.Linear(4, 3)
+    layer = QuantLinear.from_module(linear, *preset("W8A8"))
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+
+
+def test_uncalibrated_activation_quantizer_raises():
+    layer = QuantLinear.from_module(nn.Linear(4, 3), *preset("W8A8"))
+    with pytest.raises(RuntimeError, match="calibrate"):
+        layer(torch.randn(2, 4))
+
+
+def test_weight_only_needs_no_calibration():
+    linear = nn.Linear(4, 3)
+    layer = QuantLinear.from_module(linear, *preset("W4A16"))
+    x = torch.randn(2, 4)
+    assert torch.allclose(layer(x), nn.functional.linear(x, layer.quantized_weight(), linear.bias))
+
+
+def test_plain_forward_does_not_change_state():
+    layer = _calibrated(QuantConv2d.from_module(nn.Conv2d(2, 2, 1), *preset("W4A8")), torch.randn(1, 2, 4, 4))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(torch.randn(3, 2, 4, 4) * 100)
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_unsupported_layer_raises():
+    with pytest.raises(TypeError, match="Conv2d"):
+        quantize_module(nn.Conv1d(2, 2, 1), QScheme(), QScheme())

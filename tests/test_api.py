@@ -1,0 +1,62 @@
+import torch
+
+from tadq import api
+from tadq.calibration import collect_calibration_set
+from tadq.config import CalibrationConfig, QuantConfig
+from tadq.quant import QuantLayer
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig
+
+SAMPLER = SamplerConfig(kind="ddim", num_steps=10)
+CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=16, num_steps_kept=5, samples_per_step=8, batch_size=16)
+
+
+def _calibration(model, scheduler):
+    return collect_calibration_set(model, adapter_for(model), scheduler.config, CALIB, progress=False)
+
+
+def test_quantize_leaves_the_original_untouched(tiny_unet, ddpm_scheduler):
+    before = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W4A8", calibration=CALIB),
+                          progress=False)
+    assert not any(isinstance(m, QuantLayer) for m in tiny_unet.modules())
+    assert all(torch.equal(before[k], v) for k, v in tiny_unet.state_dict().items())
+    assert sum(isinstance(m, QuantLayer) for m in qmodel.modules()) == len(qmodel.plans)
+
+
+def test_error_grows_as_bits_shrink(tiny_unet, ddpm_scheduler):
+    calib = _calibration(tiny_unet, ddpm_scheduler)
+    errors = {}
+    for name in ("W8A8", "W4A8", "W4A4"):
+        qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset(name, calibration=CALIB),
+                              calibration=calib, progress=False)
+        errors[name] = (qmodel(calib.x, calib.t) - calib.eps).pow(2).mean().item()
+    assert errors["W8A8"] < errors["W4A8"] < errors["W4A4"]
+
+
+def test_exclusions_keep_layers_in_fp(tiny_unet, ddpm_scheduler):
+    config = QuantConfig.from_preset("W4A8", calibration=CALIB, exclude=("conv_in",),
+                                     keep_fp_roles=("time_embedding", "output_conv"))
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, calibration=_calibration(tiny_unet, ddpm_scheduler),
+                          progress=False)
+    qmap = qmodel.quantization_map()
+    assert not qmap["conv_in"]["quantized"] and "pattern" in qmap["conv_in"]["reason"]
+    assert not qmap["conv_out"]["quantized"] and not qmap["time_embedding.linear_1"]["quantized"]
+    assert qmap["down_blocks.0.resnets.0.conv1"]["quantized"]
+    assert not isinstance(qmodel.model.conv_in, QuantLayer)
+
+
+def test_same_seed_gives_bit_identical_samples(tiny_unet, ddpm_scheduler):
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W4A8", calibration=CALIB),
+                          progress=False)
+    runs = [api.sample(qmodel, ddpm_scheduler, SAMPLER, num_samples=6, seed=7, progress=False).images
+            for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+    other = api.sample(qmodel, ddpm_scheduler, SAMPLER, num_samples=6, seed=8, progress=False).images
+    assert not torch.equal(runs[0], other)
+
+
+def test_quantization_is_reproducible(tiny_unet, ddpm_scheduler):
+    config = QuantConfig.from_preset("W4A4", calibration=CALIB)
+    states = [api.quantize(tiny_unet, ddpm_scheduler, config, progress=False).state_dict() for _ in range(2)]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])

@@ -1,0 +1,40 @@
+import json
+
+import pytest
+import torch
+
+from tadq.models import load_pipeline_parts, shipped_model_path
+
+
+def test_loads_pipeline_and_bare_model_folders(tmp_path, tiny_model_dir, tiny_unet):
+    model, scheduler = load_pipeline_parts(tiny_model_dir)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 500])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny_unet.state_dict().values(),
+                                                 strict=True))
+    assert not any(p.requires_grad for p in model.parameters())
+    assert scheduler.config.num_train_timesteps == 1000
+    bare, _ = load_pipeline_parts(tiny_model_dir / "unet")
+    with torch.no_grad():
+        assert torch.equal(bare(x, t).sample, model(x, t).sample)
+
+
+def test_missing_folder_raises(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_pipeline_parts(tmp_path / "nope")
+
+
+def test_non_diffusers_folder_raises(tmp_path):
+    (tmp_path / "readme.txt").write_text("hello")
+    with pytest.raises(ValueError, match="not a diffusers model folder"):
+        load_pipeline_parts(tmp_path)
+
+
+def test_unsupported_class_raises(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(ValueError, match="supported"):
+        load_pipeline_parts(tmp_path)
+
+
+def test_shipped_model_is_packaged():
+    assert (shipped_model_path() / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (shipped_model_path() / "scheduler" / "scheduler_config.json").exists()
