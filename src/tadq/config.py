@@ -10,9 +10,9 @@ from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import QScheme, preset
 from tadq.sampling import SamplerConfig
 
-__all__ = ["CalibrationConfig", "QuantConfig", "config_to_dict", "config_from_dict", "QuantMethod"]
+__all__ = ["CalibrationConfig", "ReconstructionConfig", "QuantConfig", "config_to_dict", "config_from_dict", "QuantMethod"]
 
-QuantMethod = Literal["naive"]
+QuantMethod = Literal["naive", "qdiffusion"]
 CONFIG_VERSION = 1
 
 
@@ -51,14 +51,68 @@ class CalibrationConfig:
 
 
 @dataclass(frozen=True)
+class ReconstructionConfig:
+    """Block reconstruction (BRECQ units + AdaRound weights, then learned activation steps), methods.md §1 B3-B4.
+
+    Args:
+        weight_iters: AdaRound iterations per unit (Q-Diffusion: 20 000; CPU default measured on the shipped model).
+        activation_iters: activation-step (LSQ) iterations per unit (Q-Diffusion: 5000).
+        batch_size: reconstruction batch (Q-Diffusion: 32).
+        rounding_weight: λ of the AdaRound regulariser (0.01: AdaRound §4 / Q-Diffusion).
+        beta_start: β at the end of warm-up (20: AdaRound).
+        beta_end: β at the end of training (2: AdaRound).
+        warmup: share of weight iterations without the regulariser, β held at ``beta_start`` (0.2: AdaRound).
+        weight_lr: Adam learning rate of the rounding variables (1e-3: Q-Diffusion, Adam default).
+        activation_lr: Adam learning rate of the activation steps, cosine-decayed to 0 (4e-4: Q-Diffusion).
+        activation_p: exponent of the activation-phase loss |ŷ − y|^p (2.4: Q-Diffusion ``cali_p``).
+        seed: seeds batch sampling.
+    """
+
+    weight_iters: int = 500
+    activation_iters: int = 200
+    batch_size: int = 32
+    rounding_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    weight_lr: float = 1e-3
+    activation_lr: float = 4e-4
+    activation_p: float = 2.4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("weight_iters", "activation_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
+        if self.beta_start < self.beta_end or self.beta_end <= 0:
+            raise ValueError(f"need beta_start >= beta_end > 0, got {self.beta_start}, {self.beta_end}")
+        if self.rounding_weight < 0:
+            raise ValueError(f"rounding_weight must be >= 0, got {self.rounding_weight}")
+        for name in ("weight_lr", "activation_lr", "activation_p"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
 class QuantConfig:
     """What to quantize and how.
 
     Args:
         weights: scheme of every quantized layer's weight.
         activations: scheme of every quantized layer's input activation.
-        method: ``naive`` = calibrated ranges, no reconstruction, no correction.
+        method: ``naive`` = calibrated ranges, no reconstruction, no correction; ``qdiffusion`` = block
+            reconstruction (AdaRound weights, then learned activation steps), methods.md §1.
         calibration: calibration data.
+        reconstruction: reconstruction settings (used by ``qdiffusion``).
+        split_shortcut: give the two halves of a decoder skip conv's ``[deep | skip]`` input their own activation
+            and weight quantizers (Q-Diffusion shortcut splitting, methods.md §1 B1.6).
+        quantize_attention: quantize the attention matmul operands q, k, v and the softmax output P
+            (methods.md §1 B1.3).
+        softmax_bits: bit-width of the softmax output P (unsigned, zero point 0); 8 in Q-Diffusion.
         exclude: fnmatch patterns of layer names kept in floating point (e.g. ``("conv_in", "conv_out")``).
         keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
             Q-Diffusion's released code keeps none (methods.md §1 B1.1).
@@ -69,13 +123,19 @@ class QuantConfig:
     activations: QScheme = field(default_factory=lambda: preset("W8A8")[1])
     method: QuantMethod = "naive"
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    split_shortcut: bool = False
+    quantize_attention: bool = False
+    softmax_bits: int = 8
     exclude: tuple[str, ...] = ()
     keep_fp_roles: tuple[str, ...] = ()
     preset_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.method not in ("naive",):
-            raise ValueError(f"method must be one of ('naive',), got {self.method!r}")
+        if self.method not in ("naive", "qdiffusion"):
+            raise ValueError(f"method must be one of ('naive', 'qdiffusion'), got {self.method!r}")
+        if not 2 <= self.softmax_bits <= 16:
+            raise ValueError(f"softmax_bits must be in 2..16, got {self.softmax_bits}")
         unknown = [r for r in self.keep_fp_roles if r not in LAYER_ROLES]
         if unknown:
             raise ValueError(f"unknown roles {unknown}; roles are {list(LAYER_ROLES)}")
@@ -100,7 +160,7 @@ class QuantConfig:
 
 _CONFIG_TYPES: dict[str, type] = {
     "QuantConfig": QuantConfig, "CalibrationConfig": CalibrationConfig, "QScheme": QScheme,
-    "SamplerConfig": SamplerConfig,
+    "SamplerConfig": SamplerConfig, "ReconstructionConfig": ReconstructionConfig,
 }
 
 

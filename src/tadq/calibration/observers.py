@@ -54,10 +54,10 @@ class RangeObserver:
 
 
 def activation_quantizers(model: nn.Module) -> dict[str, Quantizer]:
-    """Every enabled input-activation quantizer, by qualified name."""
+    """Every enabled activation quantizer (layer inputs, attention operands...), by qualified name."""
     return {
         name: module for name, module in model.named_modules()
-        if isinstance(module, Quantizer) and name.endswith("input_quantizer") and module.enabled
+        if isinstance(module, Quantizer) and module.kind == "activation" and module.enabled
     }
 
 

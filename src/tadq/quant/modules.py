@@ -25,8 +25,8 @@ class QuantLayer:
     input_quantizer: Quantizer
 
     def _init_quantizers(self, weight_scheme: QScheme, activation_scheme: QScheme) -> None:
-        self.weight_quantizer = Quantizer(weight_scheme, num_channels=self.weight.shape[0])
-        self.input_quantizer = Quantizer(activation_scheme)
+        self.weight_quantizer = Quantizer(weight_scheme, num_channels=self.weight.shape[0], kind="weight")
+        self.input_quantizer = Quantizer(activation_scheme, kind="activation")
         self.init_weight_range()
 
     def init_weight_range(self) -> None:

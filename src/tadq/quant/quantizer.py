@@ -6,7 +6,7 @@ A plain forward never changes calibration state: ranges are only written by ``se
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -29,11 +29,17 @@ class Quantizer(nn.Module):
     Args:
         scheme: bit-width, symmetry, granularity and range method.
         num_channels: number of output channels for per-channel schemes (dim 0 of the tensor); 1 otherwise.
+        kind: ``"weight"`` (range set from the weight itself) or ``"activation"`` (range set by calibration
+            data, inside the ``Calibrate`` phase).
     """
 
-    def __init__(self, scheme: QScheme, num_channels: int = 1) -> None:
+    def __init__(self, scheme: QScheme, num_channels: int = 1, kind: Literal["weight", "activation"] = "activation"
+                 ) -> None:
         super().__init__()
+        if kind not in ("weight", "activation"):
+            raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
         self.scheme = scheme
+        self.kind = kind
         channels = num_channels if scheme.granularity == "per_channel" else 1
         self.register_buffer("scale", torch.ones(channels))
         self.register_buffer("zero_point", torch.zeros(channels))
@@ -80,4 +86,4 @@ class Quantizer(nn.Module):
                              self.scheme.qmin, self.scheme.qmax)
 
     def extra_repr(self) -> str:
-        return self.scheme.describe()
+        return f"{self.kind}: {self.scheme.describe()}"
