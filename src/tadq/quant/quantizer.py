@@ -45,6 +45,8 @@ class Quantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
         self._observer: Observer | None = None
+        self.bypass = False  # set only by the ``quantizers_bypassed`` context (reconstruction's weight phase)
+        self.rounding: nn.Module | None = None  # learned rounding (AdaRound) while a weight is being reconstructed
 
     @property
     def enabled(self) -> bool:
@@ -72,7 +74,7 @@ class Quantizer(nn.Module):
         return t.reshape(())
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled:
+        if not self.enabled or self.bypass:
             return x
         if self._observer is not None:
             self._observer.observe(x)
@@ -82,8 +84,10 @@ class Quantizer(nn.Module):
                 "quantizer used before its range was set: calibrate the model first "
                 "(tadq.quantize, or the tadq.calibration.Calibrate context)"
             )
-        return fake_quantize(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x),
-                             self.scheme.qmin, self.scheme.qmax)
+        scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+        if self.rounding is not None:
+            return self.rounding(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
+        return fake_quantize(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
 
     def extra_repr(self) -> str:
         return f"{self.kind}: {self.scheme.describe()}"

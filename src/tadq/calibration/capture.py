@@ -1,0 +1,85 @@
+"""Capture what one module receives and returns over the calibration set, stopping the forward right after it.
+
+Block reconstruction needs, per unit, its inputs (from the partially quantized network) and its FP outputs.
+Stopping the forward at the unit keeps the cost of a capture at "the network up to that unit", and only one
+unit's tensors are held at a time (bounded memory).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["UnitIO", "capture_unit_io"]
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the unit has run."""
+
+
+@dataclass
+class UnitIO:
+    """A unit's positional/keyword inputs and outputs over the calibration set (tensors concatenated on dim 0)."""
+
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    output: Tensor | None = None
+
+    def batch(self, index: Tensor) -> tuple[list[Any], dict[str, Any]]:
+        def pick(value: Any) -> Any:
+            return value[index] if isinstance(value, Tensor) else value
+
+        return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
+
+
+def _first_tensor(output: Any) -> Tensor:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(f"cannot reconstruct a unit whose output is {type(output).__name__}")
+
+
+def _merge(chunks: list[Any]) -> Any:
+    return torch.cat(chunks) if isinstance(chunks[0], Tensor) else chunks[0]
+
+
+@torch.no_grad()
+def capture_unit_io(
+    run_model: Callable[[Tensor, Tensor], Any], module: nn.Module, x: Tensor, t: Tensor, batch_size: int,
+    keep_inputs: bool = True, keep_output: bool = True,
+) -> UnitIO:
+    """Run ``run_model(x, t)`` in batches and record ``module``'s inputs and output (then stop that forward)."""
+    arg_chunks: list[list[Any]] = []
+    kwarg_chunks: list[dict[str, Any]] = []
+    out_chunks: list[Tensor] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if keep_inputs:
+            arg_chunks.append([a.detach() if isinstance(a, Tensor) else a for a in args])
+            kwarg_chunks.append({k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
+        if keep_output:
+            out_chunks.append(_first_tensor(output).detach())
+        raise _StopForward
+
+    handle = module.register_forward_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, len(x), batch_size):
+            try:
+                run_model(x[start: start + batch_size], t[start: start + batch_size])
+            except _StopForward:
+                continue
+            raise RuntimeError("the capture hook never fired: the module is not used in the model's forward")
+    finally:
+        handle.remove()
+    io = UnitIO()
+    if keep_inputs:
+        io.args = [_merge([chunk[i] for chunk in arg_chunks]) for i in range(len(arg_chunks[0]))]
+        io.kwargs = {k: _merge([chunk[k] for chunk in kwarg_chunks]) for k in kwarg_chunks[0]}
+    if keep_output:
+        io.output = torch.cat(out_chunks)
+    return io

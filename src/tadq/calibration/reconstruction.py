@@ -1,0 +1,247 @@
+"""Block reconstruction (Q-Diffusion / BRECQ, methods.md §1 B3-B4), streamed unit by unit and resumable.
+
+Phase 1 (weights, B3): for each unit U in forward order, with activation quantization off, learn AdaRound
+variables so that U_q(X̂) ≈ Y, where X̂ are U's inputs in the network whose earlier units are already
+weight-quantized and Y are the FP network's outputs of U. Loss: ``mean_batch Σ (U_q(X̂) − Y)² + λ·Σ(1 − |2h − 1|^β)``,
+β held at ``beta_start`` with λ off during warm-up, then annealed linearly to ``beta_end``; finally rounding is made
+hard and baked into the weight (an on-grid weight re-quantizes to itself, so the result saves as integers).
+A unit whose learned rounding does worse over the whole calibration set than nearest rounding keeps nearest rounding.
+
+Phase 2 (activations, B4): with activation quantization on, learn each unit's activation steps Δ (zero point
+fixed, straight-through rounding) on FP inputs, loss ``mean_batch Σ |U_q(X) − Y|^p``, Adam with cosine decay.
+The learned steps are kept only if they lower the unit's loss over the whole calibration set (Q-Diffusion issue #2
+reports activation reconstruction ending worse than its initialisation; tadq falls back instead of regressing).
+
+After each unit the model state is checkpointed, so an interrupted run resumes at the next unit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from tadq.calibration.capture import UnitIO, capture_unit_io
+from tadq.calibration.data import CalibrationSet
+from tadq.config import ReconstructionConfig, config_to_dict
+from tadq.quant.adaround import AdaRound
+from tadq.quant.quantizer import Quantizer
+from tadq.utils import atomic_torch_save
+
+__all__ = ["reconstruct", "quantizers_bypassed", "UnitReport", "weight_pairs"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class UnitReport:
+    """Reconstruction loss of one unit before (nearest rounding / initial steps) and after learning."""
+
+    unit: str
+    phase: str
+    loss_before: float
+    loss_after: float
+
+
+@contextlib.contextmanager
+def quantizers_bypassed(model: nn.Module, kind: str) -> Iterator[None]:
+    """Temporarily pass every quantizer of ``kind`` through unquantized (explicit, restored on exit)."""
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and m.kind == kind]
+    previous = [q.bypass for q in quantizers]
+    for q in quantizers:
+        q.bypass = True
+    try:
+        yield
+    finally:
+        for q, state in zip(quantizers, previous, strict=True):
+            q.bypass = state
+
+
+def weight_pairs(module: nn.Module) -> list[tuple[Quantizer, Tensor]]:
+    """(weight quantizer, the weight tensor it quantizes) for every quantized layer inside ``module``."""
+    pairs = []
+    for layer in module.modules():
+        if hasattr(layer, "quantized_weights"):
+            pairs.extend((q, w) for q, w in layer.quantized_weights().values() if q.enabled)
+        elif hasattr(layer, "weight_quantizer") and layer.weight_quantizer.enabled:
+            pairs.append((layer.weight_quantizer, layer.weight))
+    return pairs
+
+
+def _unit_activation_quantizers(module: nn.Module) -> list[Quantizer]:
+    return [m for m in module.modules() if isinstance(m, Quantizer) and m.kind == "activation" and m.enabled
+            and bool(m.initialized)]
+
+
+def _run_unit(module: nn.Module, io: UnitIO, index: Tensor) -> Tensor:
+    args, kwargs = io.batch(index)
+    out = module(*args, **kwargs)
+    return out if isinstance(out, Tensor) else out[0]
+
+
+def _eval_loss(module: nn.Module, io: UnitIO, batch_size: int, p: float) -> float:
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, io.output.shape[0], batch_size):
+            index = torch.arange(start, min(start + batch_size, io.output.shape[0]))
+            diff = _run_unit(module, io, index) - io.output[index]
+            total += diff.abs().pow(p).flatten(1).sum(1).sum().item()
+    return total / io.output.shape[0]
+
+
+def _beta(config: ReconstructionConfig, step: int) -> float | None:
+    """β at ``step``; ``None`` during warm-up (regulariser off)."""
+    warmup = int(config.warmup * config.weight_iters)
+    if step < warmup:
+        return None
+    progress = (step - warmup) / max(1, config.weight_iters - warmup)
+    return config.beta_start + (config.beta_end - config.beta_start) * progress
+
+
+def _reconstruct_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int) -> None:
+    pairs = weight_pairs(module)
+    roundings = []
+    for quantizer, weight in pairs:
+        scale = quantizer._broadcast(quantizer.scale, weight)
+        quantizer.rounding = AdaRound(weight, scale)
+        roundings.append(quantizer.rounding)
+    optimizer = torch.optim.Adam([r.v for r in roundings], lr=config.weight_lr)
+    generator = torch.Generator().manual_seed(seed)
+    n = io.output.shape[0]
+    for step in range(config.weight_iters):
+        index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+        with torch.enable_grad():
+            loss = (_run_unit(module, io, index) - io.output[index]).pow(2).flatten(1).sum(1).mean()
+            beta = _beta(config, step)
+            if beta is not None and config.rounding_weight > 0:
+                loss = loss + config.rounding_weight * sum(r.regularizer(beta) for r in roundings)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        for quantizer, weight in pairs:
+            quantizer.rounding.hard = True
+            weight.copy_(quantizer(weight))  # bake the learned rounding: the weight is now on the grid
+            quantizer.rounding = None
+
+
+def _reconstruct_activations(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int) -> None:
+    quantizers = _unit_activation_quantizers(module)
+    if not quantizers or config.activation_iters == 0:
+        return
+    scales = [q.scale for q in quantizers]
+    for scale in scales:
+        scale.requires_grad_(True)
+    optimizer = torch.optim.Adam(scales, lr=config.activation_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.activation_iters, eta_min=0.0)
+    generator = torch.Generator().manual_seed(seed)
+    n = io.output.shape[0]
+    try:
+        for _ in range(config.activation_iters):
+            index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+            with torch.enable_grad():
+                diff = _run_unit(module, io, index) - io.output[index]
+                loss = diff.abs().pow(config.activation_p).flatten(1).sum(1).mean()
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            optimizer.step()
+            schedule.step()
+            with torch.no_grad():
+                for scale in scales:
+                    scale.clamp_(min=1e-8)
+    finally:
+        for scale in scales:
+            scale.requires_grad_(False)
+            scale.grad = None
+
+
+def _run_key(config: ReconstructionConfig, calib: CalibrationSet, units: list[str]) -> str:
+    payload = json.dumps({"config": config_to_dict(config), "calibration": calib.key, "units": units}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def reconstruct(
+    qmodel: nn.Module, fp_model: nn.Module, adapter, calib: CalibrationSet, config: ReconstructionConfig,
+    checkpoint: str | Path | None = None, progress: bool = True,
+) -> list[UnitReport]:
+    """Reconstruct every unit of ``qmodel`` (a converted copy of ``fp_model``), weights then activations.
+
+    Args:
+        qmodel: the fake-quant diffusers model (weight ranges set; activation ranges calibrated if enabled).
+        fp_model: the FP model (targets).
+        adapter: the model adapter (units and the ε call).
+        calib: timestep-aware calibration data.
+        config: iterations, batch, λ, β schedule, learning rates.
+        checkpoint: file written after each unit; if it exists and matches, finished units are skipped.
+    """
+    units = [u for u in adapter.blocks(qmodel) if weight_pairs(qmodel.get_submodule(u))
+             or _unit_activation_quantizers(qmodel.get_submodule(u))]
+    key = _run_key(config, calib, units)
+    done, reports = 0, []
+    if checkpoint is not None and Path(checkpoint).exists():
+        state = torch.load(checkpoint, weights_only=False)
+        if state["key"] != key:
+            raise ValueError(f"reconstruction checkpoint {checkpoint} belongs to another run; delete it to restart")
+        qmodel.load_state_dict(state["model"])
+        done, reports = state["done"], [UnitReport(**r) for r in state["reports"]]
+        logger.info("resuming reconstruction after %d of %d steps", done, 2 * len(units))
+
+    def fp_call(x: Tensor, t: Tensor) -> Tensor:
+        return adapter.predict_eps(fp_model, x, t)
+
+    def q_call(x: Tensor, t: Tensor) -> Tensor:
+        return adapter.predict_eps(qmodel, x, t)
+
+    has_activations = any(_unit_activation_quantizers(qmodel.get_submodule(u)) for u in units)
+    plan = [("weights", u) for u in units] + ([("activations", u) for u in units] if has_activations else [])
+    bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
+    for position, (phase, unit) in enumerate(plan):
+        if position < done:
+            continue
+        bar.set_postfix_str(f"{phase}: {unit}")
+        module = qmodel.get_submodule(unit)
+        seed = config.seed + position
+        target = capture_unit_io(fp_call, fp_model.get_submodule(unit), calib.x, calib.t, 2 * config.batch_size,
+                                 keep_inputs=phase == "activations")
+        if phase == "weights":
+            with quantizers_bypassed(qmodel, "activation"):
+                io = capture_unit_io(q_call, module, calib.x, calib.t, 2 * config.batch_size, keep_output=False)
+                io.output = target.output
+                before = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+                initial = [weight.detach().clone() for _, weight in weight_pairs(module)]
+                if initial and config.weight_iters > 0:
+                    _reconstruct_weights(module, io, config, seed)
+                after = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+                if after > before:  # too few iterations to beat nearest rounding: keep the initialisation
+                    with torch.no_grad():
+                        for (_, weight), saved in zip(weight_pairs(module), initial, strict=True):
+                            weight.copy_(saved)
+                    after = before
+        else:
+            io = target
+            before = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
+            initial = [q.scale.clone() for q in _unit_activation_quantizers(module)]
+            _reconstruct_activations(module, io, config, seed)
+            after = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
+            if after > before:  # learned steps generalise worse over the whole set: keep the calibrated ones
+                with torch.no_grad():
+                    for quantizer, scale in zip(_unit_activation_quantizers(module), initial, strict=True):
+                        quantizer.scale.copy_(scale)
+                after = before
+        reports.append(UnitReport(unit, phase, before, after))
+        del io, target
+        if checkpoint is not None:
+            atomic_torch_save({"key": key, "done": position + 1, "model": qmodel.state_dict(),
+                               "reports": [r.__dict__ for r in reports]}, checkpoint)
+        bar.update(1)
+    bar.close()
+    return reports
