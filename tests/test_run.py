@@ -12,7 +12,7 @@ SAMPLER = SamplerConfig(kind="ddim", num_steps=6)
 
 
 def _config(model_dir, out, **kw) -> RunConfig:
-    base = dict(model=str(model_dir), presets=("W8A8", "W4A4"), num_samples=8, sampler=SAMPLER, eval_seed=1,
+    base = dict(model=str(model_dir), presets=("W8A8", "W4A4"), methods=("naive",), num_samples=8, sampler=SAMPLER, eval_seed=1,
                 calibration=CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=3,
                                               samples_per_step=8, seed=0, batch_size=8),
                 batch_size=8, out_dir=str(out), cache_dir=str(out / "cache"), grid_samples=8)
@@ -58,11 +58,24 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, m
             assert ref_row[key] == row[key]
 
 
+def test_qdiffusion_rows_run_end_to_end(tmp_path, tiny_model_dir):
+    from tadq.config import ReconstructionConfig
+
+    results = run_main_job(_config(tiny_model_dir, tmp_path / "q", presets=("W4A8",), methods=("naive", "qdiffusion"),
+                                   reconstruction=ReconstructionConfig(weight_iters=40, activation_iters=20,
+                                                                       batch_size=8)))
+    rows = {row["method"]: row for row in results["rows"]}
+    assert set(rows) == {"FP", "naive PTQ", "Q-Diffusion"}
+    assert rows["Q-Diffusion"]["final_mse"] > 0
+
+
 def test_same_seed_same_numbers_and_disjoint_seeds_enforced(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="differ"):
         _config(tiny_model_dir, tmp_path, eval_seed=0)
     with pytest.raises(ValueError, match="preset"):
         _config(tiny_model_dir, tmp_path, presets=("W3A3",))
+    with pytest.raises(ValueError, match="methods"):
+        _config(tiny_model_dir, tmp_path, methods=("magic",))
 
 
 def test_bad_model_path_writes_nothing(tmp_path):

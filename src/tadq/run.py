@@ -22,16 +22,9 @@ from torch import Tensor, nn
 
 from tadq.api import quantize, sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
-from tadq.config import CalibrationConfig, QuantConfig, config_to_dict
-from tadq.metrics import (
-    classifier_agreement,
-    fd_digits,
-    fd_digits_reference,
-    load_digit_classifier,
-    per_step_mse,
-    psnr_per_sample,
-    ssim_per_sample,
-)
+from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig, config_to_dict
+from tadq.evaluation import quality_metrics
+from tadq.metrics import fd_digits_reference, load_digit_classifier, per_step_mse
 from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
@@ -43,6 +36,7 @@ from tadq.zoo.data import DigitsConfig, load_digits_split
 __all__ = ["RunConfig", "run_main_job", "Variant"]
 
 logger = logging.getLogger(__name__)
+METHOD_LABELS = {"naive": "naive PTQ", "qdiffusion": "Q-Diffusion"}
 
 
 @dataclass(frozen=True)
@@ -51,7 +45,10 @@ class RunConfig:
 
     Args:
         model: a local diffusers folder, or ``None`` for the shipped digits DDPM.
-        presets: quantization presets to compare (naive PTQ rows).
+        presets: quantization presets to compare.
+        methods: quantization methods, one row per (method, preset): ``naive`` (calibrated ranges only) and
+            ``qdiffusion`` (block reconstruction + split shortcuts + attention matmul quantization).
+        reconstruction: reconstruction settings of the ``qdiffusion`` rows.
         num_samples: samples per variant (FD needs ≥ 1000 to mean something; PSNR far fewer).
         sampler: the deployment sampler (default DDIM 50, η = 0).
         eval_seed: noise seed of the evaluation samples (FP and every variant share it).
@@ -64,6 +61,8 @@ class RunConfig:
 
     model: str | None = None
     presets: tuple[str, ...] = ("W8A8", "W4A8", "W4A4")
+    methods: tuple[str, ...] = ("naive", "qdiffusion")
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     num_samples: int = 1000
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
     eval_seed: int = 1000
@@ -76,6 +75,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in self.presets:
             preset(name)  # raises ValueError on an unknown preset
+        unknown = [m for m in self.methods if m not in METHOD_LABELS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHOD_LABELS)}")
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
         if self.calibration.seed == self.eval_seed:
@@ -125,30 +127,34 @@ def _run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path,
 
 
 def _metrics(cell: dict, fp: dict, real: Tensor, classifier) -> dict[str, Any]:
-    images, ref = cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1)
-    is_fp = cell is fp
-    psnr = psnr_per_sample(images, ref)
+    quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], real, classifier)
     return {
-        "method": cell["name"], "bits": cell["bits"],
-        "fd_digits": fd_digits(real, images, classifier),
-        "agreement": classifier_agreement(images, ref, classifier),
-        "psnr": None if is_fp else float(psnr.mean()),
-        "ssim": None if is_fp else float(ssim_per_sample(images, ref).mean()),
-        "final_mse": float(per_step_mse(fp["states"], cell["states"])[-1]),
+        "method": cell["name"], "bits": cell["bits"], **quality.to_dict(),
         "wall_s": cell["setup_s"] + cell["sampling_s"], "setup_s": cell["setup_s"], "sampling_s": cell["sampling_s"],
     }
 
 
-def default_variants(model, scheduler, config: RunConfig, calibration) -> list[Variant]:
-    """FP plus naive PTQ at each preset (later methods append their rows here)."""
+def method_config(method: str, preset_name: str, config: RunConfig) -> QuantConfig:
+    """The ``QuantConfig`` of one (method, preset) row."""
+    if method == "naive":
+        return QuantConfig.from_preset(preset_name, calibration=config.calibration)
+    return QuantConfig.from_preset(preset_name, method="qdiffusion", calibration=config.calibration,
+                                   reconstruction=config.reconstruction, split_shortcut=True, quantize_attention=True)
+
+
+def default_variants(model, scheduler, config: RunConfig, calibration, checkpoint_dir: Path) -> list[Variant]:
+    """FP plus one row per (method, preset); later methods append their rows here."""
     variants = [Variant("FP", "W32A32", None, {"method": "fp"})]
-    for name in config.presets:
-        quant_config = QuantConfig.from_preset(name, calibration=config.calibration)
-        variants.append(Variant(
-            "naive PTQ", quant_config.label,
-            lambda qc=quant_config: quantize(model, scheduler, qc, calibration=calibration),
-            {"method": "naive", "quant": config_to_dict(quant_config)},
-        ))
+    for method in config.methods:
+        for name in config.presets:
+            quant_config = method_config(method, name, config)
+            checkpoint = checkpoint_dir / f"recon-{method}-{quant_config.label}.pt"
+            variants.append(Variant(
+                METHOD_LABELS[method], quant_config.label,
+                lambda qc=quant_config, ck=checkpoint: quantize(model, scheduler, qc, calibration=calibration,
+                                                                checkpoint=ck),
+                {"method": method, "quant": config_to_dict(quant_config)},
+            ))
     return variants
 
 
@@ -162,7 +168,7 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
     logger.info("collecting timestep-aware calibration data (seed %d)", config.calibration.seed)
     calibration = collect_calibration_set(model, adapter, scheduler.config, config.calibration,
                                           cache_dir=config.cache_dir)
-    variants = default_variants(model, scheduler, config, calibration)
+    variants = default_variants(model, scheduler, config, calibration, out / "cells")
     cells = []
     for index, variant in enumerate(variants):
         key = _cell_key(fingerprint, config, variant)

@@ -27,6 +27,8 @@ def _parse_presets(text: str) -> tuple[str, ...]:
 def run_command(
     model: Optional[Path] = typer.Option(None, help="Local diffusers model folder (default: the shipped digits DDPM)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
+    methods: str = typer.Option("naive,qdiffusion", help="Comma-separated methods: naive, qdiffusion."),
+    recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000)."),
     sampler: str = typer.Option("ddim", help="Sampler kind: ddim or ddpm."),
     steps: int = typer.Option(50, help="Sampler steps."),
@@ -42,7 +44,7 @@ def run_command(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
-    from tadq.config import CalibrationConfig
+    from tadq.config import CalibrationConfig, ReconstructionConfig
     from tadq.report.tables import COLUMNS, format_cell
     from tadq.run import RunConfig, run_main_job
     from tadq.sampling import SamplerConfig
@@ -53,7 +55,10 @@ def run_command(
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
+        reconstruction = ReconstructionConfig() if recon_iters < 0 else ReconstructionConfig(weight_iters=recon_iters)
         config = RunConfig(model=str(model) if model else None, presets=_parse_presets(presets),
+                           methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
+                           reconstruction=reconstruction,
                            num_samples=num_samples, sampler=sampler_config, eval_seed=seed, calibration=calibration,
                            batch_size=batch_size, out_dir=str(out), cache_dir=str(cache_dir))
         results = run_main_job(config)
