@@ -33,3 +33,10 @@ def test_bad_payload_raises(payload):
 def test_unknown_role_raises():
     with pytest.raises(ValueError, match="roles"):
         QuantConfig(keep_fp_roles=("decoder",))
+
+
+def test_fp_layer_presets():
+    assert QuantConfig.from_preset("W4A8", fp_layers="first_last").keep_fp_roles == ("input_conv", "output_conv")
+    assert QuantConfig.from_preset("W4A8").keep_fp_roles == ()
+    with pytest.raises(ValueError, match="first_last"):
+        QuantConfig.from_preset("W4A8", fp_layers="everything")

@@ -10,9 +10,19 @@ from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import QScheme, preset
 from tadq.sampling import SamplerConfig
 
-__all__ = ["CalibrationConfig", "ReconstructionConfig", "QuantConfig", "config_to_dict", "config_from_dict", "QuantMethod"]
+__all__ = ["CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict", "config_from_dict", "QuantMethod"]
 
 QuantMethod = Literal["naive", "qdiffusion"]
+
+FP_LAYER_PRESETS: dict[str, tuple[str, ...]] = {
+    # Q-Diffusion's released code quantizes every conv/linear at the same bits (methods.md §1 B1.1).
+    "none": (),
+    # The common convention of later papers (PTQD, TFMQ-DM): first and last layers in higher precision.
+    "first_last": ("input_conv", "output_conv"),
+    # ... plus the timestep-embedding MLP (PTQD keeps time_embed.0 at 8 bits; TFMQ keeps it in FP).
+    "first_last_time": ("input_conv", "output_conv", "time_embedding"),
+}
+"""Named sets of adapter roles kept in floating point (``QuantConfig.keep_fp_roles``)."""
 CONFIG_VERSION = 1
 
 
@@ -147,9 +157,18 @@ class QuantConfig:
             raise ValueError("activations must be quantized per tensor (granularity='per_tensor')")
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> QuantConfig:
-        """``QuantConfig.from_preset("W4A8", calibration=...)``; presets: W8A8, W4A8, W4A4, W4A16, W8A16."""
+    def from_preset(cls, name: str, fp_layers: str | None = None, **overrides: Any) -> QuantConfig:
+        """``QuantConfig.from_preset("W4A8", fp_layers="first_last", calibration=...)``.
+
+        Args:
+            name: W8A8, W4A8, W4A4, W4A16 or W8A16.
+            fp_layers: a key of ``FP_LAYER_PRESETS`` (sets ``keep_fp_roles``); ``None`` keeps the default (none).
+        """
         weights, activations = preset(name)
+        if fp_layers is not None:
+            if fp_layers not in FP_LAYER_PRESETS:
+                raise ValueError(f"unknown fp_layers preset {fp_layers!r}; choose one of {sorted(FP_LAYER_PRESETS)}")
+            overrides["keep_fp_roles"] = FP_LAYER_PRESETS[fp_layers]
         return cls(weights=weights, activations=activations, preset_name=name.upper(), **overrides)
 
     @property

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 from torch import Tensor, nn
 
 from tadq.config import QuantConfig
 from tadq.quant.convert import LayerPlan
+
+if TYPE_CHECKING:
+    from tadq.io import ArtefactSize
 
 __all__ = ["QuantizedDenoiser"]
 
@@ -26,6 +32,7 @@ class QuantizedDenoiser(nn.Module):
         self.adapter = adapter
         self.config = config
         self.plans = plans
+        self.reconstruction_report: list = []  # per-unit losses before/after reconstruction (qdiffusion)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.adapter.predict_eps(self.model, x, t)
@@ -37,3 +44,12 @@ class QuantizedDenoiser(nn.Module):
     @property
     def sample_shape(self) -> tuple[int, int, int]:
         return self.adapter.sample_shape(self.model)
+
+    def save_pretrained(self, directory: str | Path, scheduler=None, *, overwrite: bool = False) -> ArtefactSize:
+        """Save as integer codes + diffusers layout (see ``tadq.io``); returns the measured ``ArtefactSize``.
+
+        Pass the model's training scheduler so ``tadq.load`` can return it for sampling.
+        """
+        from tadq.io import save_quantized  # tadq.io imports this module
+
+        return save_quantized(self, directory, scheduler, overwrite=overwrite)

@@ -49,6 +49,17 @@ class ModelAdapter(Protocol):
         """Reconstruction units (qualified module names), in forward order."""
         ...
 
+    def concat_splits(self, model: nn.Module) -> dict[str, int]:
+        """Shortcut convs whose input is ``cat[deep | skip]``, mapped to the deep part's channels C1.
+
+        Used by Q-Diffusion's shortcut splitting (methods.md §1 B1.6); derived from the forward, not from names.
+        """
+        ...
+
+    def attention_modules(self, model: nn.Module) -> list[str]:
+        """Qualified names of the attention modules whose matmul operands are quantized (methods.md §1 B1.3)."""
+        ...
+
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
         """The noise prediction ε(x, t), hiding the model's output container."""
         ...

@@ -10,11 +10,17 @@ import torch
 import typer
 
 from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.evaluate import evaluate_command
+from tadq.cli.quantize import quantize_command
+from tadq.cli.sample import sample_command
 from tadq.cli.zoo import zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tadq: timestep-aware post-training quantization of diffusion models.")
 app.add_typer(zoo_app, name="zoo")
+app.command("quantize")(quantize_command)
+app.command("sample")(sample_command)
+app.command("evaluate")(evaluate_command)
 
 logger = logging.getLogger("tadq")
 

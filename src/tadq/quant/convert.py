@@ -55,10 +55,14 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def convert_layers(model: nn.Module, plans: list[LayerPlan]) -> nn.Module:
-    """Replace every planned-quantized layer in place (weights are shared, not copied); returns ``model``."""
+def convert_layers(model: nn.Module, plans: list[LayerPlan], *, init_weight_range: bool = True) -> nn.Module:
+    """Replace every planned-quantized layer in place (weights are shared, not copied); returns ``model``.
+
+    ``init_weight_range=False`` skips the weight-range search, which loading a saved artefact overwrites anyway.
+    """
     for plan in plans:
         if plan.quantized:
-            _set_submodule(model, plan.name, quantize_module(model.get_submodule(plan.name), plan.weights,
-                                                             plan.activations))
+            layer = quantize_module(model.get_submodule(plan.name), plan.weights, plan.activations,
+                                    init_weight_range=init_weight_range)
+            _set_submodule(model, plan.name, layer)
     return model

@@ -24,10 +24,11 @@ class QuantLayer:
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
 
-    def _init_quantizers(self, weight_scheme: QScheme, activation_scheme: QScheme) -> None:
+    def _init_quantizers(self, weight_scheme: QScheme, activation_scheme: QScheme, init_weight_range: bool) -> None:
         self.weight_quantizer = Quantizer(weight_scheme, num_channels=self.weight.shape[0], kind="weight")
         self.input_quantizer = Quantizer(activation_scheme, kind="activation")
-        self.init_weight_range()
+        if init_weight_range:
+            self.init_weight_range()
 
     def init_weight_range(self) -> None:
         """Set the weight quantizer's range from the current weight (explicit; never done by a forward)."""
@@ -38,19 +39,31 @@ class QuantLayer:
     def quantized_weight(self) -> Tensor:
         return self.weight_quantizer(self.weight)
 
+    def quantized_weights(self) -> dict[str, tuple[Quantizer, Tensor]]:
+        """Every weight tensor this layer fake-quantizes, with its quantizer, keyed by parameter name.
+
+        Saving and reconstruction walk this hook instead of assuming one ``weight``, so a layer with several
+        quantized weights (or several quantizers over views of one weight) declares them here. A tensor may be a
+        view of a parameter; loading writes the dequantized values through it.
+        """
+        return {"weight": (self.weight_quantizer, self.weight)}
+
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight and input."""
 
     @classmethod
-    def from_module(cls, module: nn.Conv2d, weight_scheme: QScheme, activation_scheme: QScheme) -> QuantConv2d:
+    def from_module(
+        cls, module: nn.Conv2d, weight_scheme: QScheme, activation_scheme: QScheme, *, init_weight_range: bool = True,
+    ) -> QuantConv2d:
+        """Wrap ``module`` (weights shared); ``init_weight_range=False`` skips the range search (loading sets it)."""
         layer = cls(
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
             padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
             padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype,
         )
         layer.weight, layer.bias = module.weight, module.bias
-        layer._init_quantizers(weight_scheme, activation_scheme)
+        layer._init_quantizers(weight_scheme, activation_scheme, init_weight_range)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -61,11 +74,14 @@ class QuantLinear(QuantLayer, nn.Linear):
     """``nn.Linear`` with fake-quantized weight and input."""
 
     @classmethod
-    def from_module(cls, module: nn.Linear, weight_scheme: QScheme, activation_scheme: QScheme) -> QuantLinear:
+    def from_module(
+        cls, module: nn.Linear, weight_scheme: QScheme, activation_scheme: QScheme, *, init_weight_range: bool = True,
+    ) -> QuantLinear:
+        """Wrap ``module`` (weights shared); ``init_weight_range=False`` skips the range search (loading sets it)."""
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
                     device=module.weight.device, dtype=module.weight.dtype)
         layer.weight, layer.bias = module.weight, module.bias
-        layer._init_quantizers(weight_scheme, activation_scheme)
+        layer._init_quantizers(weight_scheme, activation_scheme, init_weight_range)
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,10 +91,15 @@ class QuantLinear(QuantLayer, nn.Linear):
 QUANT_LAYER_TYPES: dict[type[nn.Module], type[QuantLayer]] = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
-def quantize_module(module: nn.Module, weight_scheme: QScheme, activation_scheme: QScheme) -> nn.Module:
-    """The fake-quant replacement of a supported layer (exact type match, so subclasses are not guessed at)."""
+def quantize_module(
+    module: nn.Module, weight_scheme: QScheme, activation_scheme: QScheme, *, init_weight_range: bool = True,
+) -> nn.Module:
+    """The fake-quant replacement of a supported layer (exact type match, so subclasses are not guessed at).
+
+    ``init_weight_range=False`` leaves the weight quantizer unset, for callers that load saved ranges next.
+    """
     target = QUANT_LAYER_TYPES.get(type(module))
     if target is None:
         supported = ", ".join(t.__name__ for t in QUANT_LAYER_TYPES)
         raise TypeError(f"cannot quantize {type(module).__name__}; supported layers: {supported}")
-    return target.from_module(module, weight_scheme, activation_scheme)
+    return target.from_module(module, weight_scheme, activation_scheme, init_weight_range=init_weight_range)

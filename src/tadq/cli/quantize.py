@@ -1,0 +1,141 @@
+"""``tadq quantize``: quantize a diffusers model and save the artefact (integer codes + diffusers layout)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.sample import Device, Threads, Verbose
+from tadq.config import QuantConfig, config_from_dict
+from tadq.quant.qscheme import preset
+
+__all__ = ["quantize_command", "QuantFlags", "resolve_config"]
+
+logger = logging.getLogger(__name__)
+DEFAULT_PRESET = "W8A8"
+
+
+@dataclass(frozen=True)
+class QuantFlags:
+    """Command-line values that override a ``QuantConfig``; ``None`` means "not given, keep the config's value".
+
+    Args:
+        preset: weight and activation schemes by preset name (W8A8, W4A8, W4A4, W4A16, W8A16).
+        method: ``naive`` or ``qdiffusion``.
+        sampler: calibration (= deployment) sampler kind.
+        steps: calibration sampler steps (kept steps are capped at this).
+        eta: calibration sampler η.
+        calib_seed: calibration noise seed.
+        calib_trajectories: FP trajectories recorded (samples per step are capped at this).
+        exclude: fnmatch patterns of layers kept in FP.
+        keep_fp_roles: adapter roles kept in FP.
+    """
+
+    preset: str | None = None
+    method: str | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    eta: float | None = None
+    calib_seed: int | None = None
+    calib_trajectories: int | None = None
+    exclude: tuple[str, ...] | None = None
+    keep_fp_roles: tuple[str, ...] | None = None
+
+
+def _given(**values) -> dict:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _read_config(path: Path) -> QuantConfig:
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path} does not exist")
+    config = config_from_dict(json.loads(path.read_text()))
+    if not isinstance(config, QuantConfig):
+        raise ValueError(f"--config {path} holds a {type(config).__name__}; expected a QuantConfig")
+    return config
+
+
+def resolve_config(config_file: Path | None, flags: QuantFlags) -> QuantConfig:
+    """The config file (or the default preset) with every given flag applied; flags map one-to-one to fields.
+
+    Calibration counts that a flag makes impossible (more kept steps than steps, more samples per step than
+    trajectories) are capped rather than rejected, so ``--steps 10`` alone is enough.
+    """
+    if config_file is not None:
+        config = _read_config(config_file)
+    else:
+        config = QuantConfig.from_preset(flags.preset or DEFAULT_PRESET)
+    calibration = config.calibration
+    sampler = dataclasses.replace(calibration.sampler, **_given(kind=flags.sampler, num_steps=flags.steps,
+                                                                  eta=flags.eta))
+    trajectories = calibration.num_trajectories if flags.calib_trajectories is None else flags.calib_trajectories
+    calibration = dataclasses.replace(
+        calibration, sampler=sampler, num_trajectories=trajectories,
+        num_steps_kept=min(calibration.num_steps_kept, sampler.num_steps),
+        samples_per_step=min(calibration.samples_per_step, trajectories), **_given(seed=flags.calib_seed),
+    )
+    overrides = _given(method=flags.method, exclude=flags.exclude, keep_fp_roles=flags.keep_fp_roles)
+    if flags.preset is not None:
+        weights, activations = preset(flags.preset)
+        overrides.update(weights=weights, activations=activations, preset_name=flags.preset.upper())
+    return dataclasses.replace(config, calibration=calibration, **overrides)
+
+
+def _kib(size: int) -> str:
+    return f"{size / 1024:.1f} KiB" if size < 1024**2 else f"{size / 1024**2:.2f} MiB"
+
+
+def quantize_command(
+    out: Annotated[Path, typer.Option(help="Artefact folder to write (written whole, or not at all).")],
+    model_dir: Annotated[Path | None, typer.Argument(help="Diffusers model folder (default: shipped DDPM).")] = None,
+    preset_name: Annotated[str | None, typer.Option(
+        "--preset", help=f"W8A8, W4A8, W4A4, W4A16 or W8A16 (default {DEFAULT_PRESET}).")] = None,
+    method: Annotated[str | None, typer.Option(help="naive or qdiffusion (default naive).")] = None,
+    sampler: Annotated[str | None, typer.Option(help="Deployment sampler calibrated for: ddim or ddpm.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps of the calibration trajectories (50).")] = None,
+    eta: Annotated[float | None, typer.Option(help="DDIM eta of the calibration trajectories (0).")] = None,
+    calib_seed: Annotated[int | None, typer.Option(help="Calibration noise seed (0).")] = None,
+    calib_trajectories: Annotated[int | None, typer.Option(help="FP trajectories recorded (256).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of layers kept in FP (repeat).")] = None,
+    keep_fp_role: Annotated[list[str] | None, typer.Option(help="Adapter role kept in FP (repeat).")] = None,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", help="QuantConfig JSON (config_to_dict format); the flags above override it.")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Reconstruction checkpoint file (qdiffusion): written after every unit, resumed from.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing artefact in --out.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of torch's global generator (calibration uses --calib-seed).")] = 0,
+    threads: Threads = 0,
+    device: Device = "cpu",
+    verbose: Verbose = False,
+) -> None:
+    """Quantize a model (calibrated on its own FP trajectories) and save it; prints artefact vs FP size."""
+    from tadq.api import quantize
+    from tadq.io import save_quantized
+    from tadq.models import load_pipeline_parts
+
+    setup(verbose, threads, device)
+    with fail_cleanly():
+        flags = QuantFlags(preset=preset_name, method=method, sampler=sampler, steps=steps, eta=eta,
+                           calib_seed=calib_seed, calib_trajectories=calib_trajectories,
+                           exclude=tuple(exclude) if exclude else None,
+                           keep_fp_roles=tuple(keep_fp_role) if keep_fp_role else None)
+        config = resolve_config(config_file, flags)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise ValueError(f"--out {out} already exists and is not empty; choose a new folder or pass --overwrite")
+        torch.manual_seed(seed)
+        model, scheduler = load_pipeline_parts(model_dir)
+        qmodel = quantize(model, scheduler, config, cache_dir=cache_dir, checkpoint=checkpoint)
+        size = save_quantized(qmodel, out, scheduler, overwrite=overwrite)
+    quantized = sum(plan.quantized for plan in qmodel.plans)
+    console.print(f"saved {out}: {config.label} {config.method}, {quantized} of {len(qmodel.plans)} layers quantized")
+    console.print(f"artefact {_kib(size.weights_bytes)} (header {_kib(size.header_bytes)}) vs FP "
+                  f"{_kib(size.fp_bytes)}: {size.ratio:.3f}x")

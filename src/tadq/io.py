@@ -1,0 +1,381 @@
+"""Save and load quantized denoisers: integer weight codes in safetensors beside an untouched diffusers layout.
+
+Folder layout (architecture.md §8)::
+
+    model_index.json                 diffusers pipeline index (denoiser + scheduler classes)
+    unet/config.json                 the FP model's config, exactly as diffusers writes it (no quantization key)
+    scheduler/scheduler_config.json  the training scheduler
+    tadq_config.json                 QuantConfig, adapter, model class, format version, library versions, sizes
+    tadq_quant_map.json              layer name → role, schemes, reason a layer stayed in FP
+    tadq_weights.safetensors         integer codes of every quantized weight (two 4-bit codes per byte) and
+                                     every other state tensor (FP layers, norms, biases, quantizer Δ and z)
+
+Loading rebuilds the FP architecture from its config, re-runs the structural step of ``quantize``
+(``build_quantized_structure``) and sets each quantized weight to Δ·(codes − z). An on-grid weight fake-quantizes
+to itself, so the loaded model's outputs are bit-identical to the saved one's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import SchedulerMixin
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from tadq.config import config_from_dict, config_to_dict
+from tadq.denoiser import QuantizedDenoiser
+from tadq.quant.fake_quant import quantize_to_int
+from tadq.quant.quantizer import Quantizer
+from tadq.utils import library_versions
+
+__all__ = ["ArtefactSize", "save_quantized", "load_quantized", "is_quantized_artefact", "FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE = "tadq_config.json", "tadq_quant_map.json", "tadq_weights.safetensors"
+CODES_SUFFIX = ".codes"
+# model class → (diffusers sub-folder, pipeline class written to model_index.json)
+DIFFUSERS_LAYOUT: dict[str, tuple[str, str]] = {"UNet2DModel": ("unet", "DDPMPipeline")}
+
+
+@dataclass(frozen=True)
+class ArtefactSize:
+    """True on-disk size of the weights file beside the FP size, so compression claims are measured, not assumed.
+
+    Args:
+        weights_bytes: bytes of ``tadq_weights.safetensors`` (codes, scales, FP tensors, header).
+        fp_bytes: 4 bytes × the FP model's parameter count (float32 weights).
+        header_bytes: the part of ``weights_bytes`` that is the safetensors header (about 125 bytes per tensor
+            name: negligible for a real model, dominant for a toy one).
+    """
+
+    weights_bytes: int
+    fp_bytes: int
+    header_bytes: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """weights_bytes / fp_bytes (0.25 would be a perfect int8 model, 0.125 a perfect int4 one)."""
+        return self.weights_bytes / self.fp_bytes
+
+    def to_json(self) -> dict[str, float]:
+        return {"weights_bytes": self.weights_bytes, "fp_bytes": self.fp_bytes, "header_bytes": self.header_bytes,
+                "ratio": round(self.ratio, 4)}
+
+
+@dataclass(frozen=True)
+class _WeightEntry:
+    """One quantized weight: the module that declares it, its quantizer, and the tensor (or view) quantized."""
+
+    module: str
+    quantizer: Quantizer
+    tensor: Tensor
+
+
+def pack_codes(codes: Tensor, bits: int, qmin: int) -> Tensor:
+    """Integer codes → compact storage: the codes themselves as int8/uint8, or two 4-bit codes per byte.
+
+    Codes of ≤ 4 bits are stored as ``code − qmin`` (a nibble), low nibble first, padded with 0 to an even count.
+    """
+    if bits > 4:
+        return codes.to(torch.int8 if qmin < 0 else torch.uint8)
+    nibbles = (codes - qmin).to(torch.uint8).flatten()
+    if nibbles.numel() % 2:
+        nibbles = torch.cat([nibbles, nibbles.new_zeros(1)])
+    return nibbles[0::2] | (nibbles[1::2] << 4)
+
+
+def unpack_codes(stored: Tensor, bits: int, qmin: int, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of ``pack_codes``: float32 codes of ``shape``."""
+    if bits > 4:
+        return stored.to(torch.float32).reshape(shape)
+    numel = int(torch.Size(shape).numel())
+    nibbles = torch.stack([stored & 0xF, stored >> 4], dim=1).flatten()[:numel]
+    return (nibbles.to(torch.float32) + qmin).reshape(shape)
+
+
+def _weight_entries(qmodel: nn.Module) -> dict[str, _WeightEntry]:
+    """``"<layer>.<name>"`` → entry for every enabled weight quantizer, via each layer's ``quantized_weights()``."""
+    entries: dict[str, _WeightEntry] = {}
+    claimed: set[int] = set()
+    for name, module in qmodel.named_modules():
+        declared = getattr(module, "quantized_weights", None)
+        if not callable(declared):
+            continue
+        for attribute, (quantizer, tensor) in declared().items():
+            claimed.add(id(quantizer))
+            if quantizer.enabled:
+                entries[f"{name}.{attribute}"] = _WeightEntry(name, quantizer, tensor)
+    orphans = [name for name, m in qmodel.named_modules()
+               if isinstance(m, Quantizer) and m.kind == "weight" and m.enabled and id(m) not in claimed]
+    if orphans:
+        raise ValueError(f"weight quantizers {orphans} belong to no layer declaring them; add a "
+                         "quantized_weights() method to the owning layer class so their integer codes can be saved")
+    return entries
+
+
+def _covered_keys(state: dict[str, Tensor], entries: dict[str, _WeightEntry]) -> set[str]:
+    """State keys whose every element is stored as codes (their storage is fully covered by quantized views).
+
+    Raises ``ValueError`` for a declared tensor that is not a parameter or buffer (or a view of one): loading could
+    not write its values back.
+    """
+    state_pointers = {value.untyped_storage().data_ptr() for value in state.values()}
+    covered_numel: dict[int, int] = {}
+    for key, entry in entries.items():
+        pointer = entry.tensor.untyped_storage().data_ptr()
+        if pointer not in state_pointers:
+            raise ValueError(f"{key!r} from {entry.module}.quantized_weights() is neither a parameter nor a view of "
+                             "one; return the parameter (or a slice of it) so loading can write the weights back")
+        covered_numel[pointer] = covered_numel.get(pointer, 0) + entry.tensor.numel()
+    return {key for key, value in state.items()
+            if covered_numel.get(value.untyped_storage().data_ptr()) == value.numel()}
+
+
+def _fp_parameter_count(module: nn.Module, seen: set[int] | None = None) -> int:
+    """Parameters of the FP architecture: everything except what quantizers add (e.g. learned steps)."""
+    seen = set() if seen is None else seen
+    if isinstance(module, Quantizer):
+        return 0
+    own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+    seen.update(id(p) for p in own)
+    return sum(p.numel() for p in own) + sum(_fp_parameter_count(c, seen) for c in module.children())
+
+
+@torch.no_grad()
+def _encode_weight(key: str, entry: _WeightEntry) -> tuple[Tensor, dict[str, Any]]:
+    """Packed codes of one weight and their description; raises if the quantizer's output is off its grid."""
+    quantizer, scheme = entry.quantizer, entry.quantizer.scheme
+    if not bool(quantizer.initialized):
+        raise ValueError(f"the weight quantizer of {entry.module!r} has no range; quantize or calibrate before saving")
+    quantized = quantizer(entry.tensor)
+    scale = quantizer._broadcast(quantizer.scale, entry.tensor)
+    zero_point = quantizer._broadcast(quantizer.zero_point, entry.tensor)
+    codes = quantize_to_int(quantized, scale, zero_point, scheme.qmin, scheme.qmax)
+    if not torch.equal((codes - zero_point) * scale, quantized):
+        raise ValueError(f"{key!r}: its quantizer returned values off the Δ·(integer − z) grid (a learned rounding "
+                         "still soft, or a bypassed quantizer?); finish reconstruction before saving")
+    info = {"shape": list(entry.tensor.shape), "bits": scheme.bits, "qmin": scheme.qmin}
+    return pack_codes(codes, scheme.bits, scheme.qmin), info
+
+
+def _diffusers_layout(model: nn.Module) -> tuple[str, str]:
+    class_name = type(model).__name__
+    if class_name not in DIFFUSERS_LAYOUT:
+        raise TypeError(f"cannot save a quantized {class_name}: supported model classes are {sorted(DIFFUSERS_LAYOUT)}"
+                        " (add the class to tadq.io.DIFFUSERS_LAYOUT)")
+    return DIFFUSERS_LAYOUT[class_name]
+
+
+def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin | None, folder: Path) -> str:
+    subfolder, pipeline = _diffusers_layout(qmodel.model)
+    qmodel.model.save_config(folder / subfolder)  # the FP config, exactly as the model's save_pretrained writes it
+    index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
+                             subfolder: ["diffusers", type(qmodel.model).__name__]}
+    if scheduler is not None:
+        scheduler.save_pretrained(folder / "scheduler")
+        index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    else:
+        logger.warning("saving without a scheduler: pass the model's training scheduler to sample from the artefact")
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return subfolder
+
+
+def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -> ArtefactSize:
+    entries = _weight_entries(qmodel)
+    state = qmodel.state_dict()
+    covered = _covered_keys(state, entries)
+    tensors = {key: value.detach().contiguous() for key, value in state.items() if key not in covered}
+    codes_info = {}
+    for key, entry in entries.items():
+        tensors[key + CODES_SUFFIX], codes_info[key] = _encode_weight(key, entry)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "tadq_codes": json.dumps(codes_info)})
+    with open(folder / WEIGHTS_FILE, "rb") as handle:
+        header_bytes = 8 + int.from_bytes(handle.read(8), "little")  # safetensors: u64 length, then the JSON header
+    size = ArtefactSize((folder / WEIGHTS_FILE).stat().st_size, 4 * _fp_parameter_count(qmodel.model), header_bytes)
+    (folder / QUANT_MAP_FILE).write_text(json.dumps(qmodel.quantization_map(), indent=2) + "\n")
+    meta = {
+        "format": "tadq-quantized", "format_version": FORMAT_VERSION, "model_class": type(qmodel.model).__name__,
+        "denoiser_folder": subfolder, "adapter": qmodel.adapter.name, "quant_config": config_to_dict(qmodel.config),
+        "versions": library_versions(), "sizes": size.to_json(),
+    }
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return size
+
+
+def _publish(staging: Path, target: Path) -> None:
+    """Move a finished staging folder to ``target``, replacing an existing artefact only once the new one is whole."""
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, retired / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, target)
+
+
+def save_quantized(
+    qmodel: QuantizedDenoiser, directory: str | Path, scheduler: SchedulerMixin | None, *, overwrite: bool = False,
+) -> ArtefactSize:
+    """Write ``qmodel`` (and its training scheduler) to ``directory``; returns the measured artefact size.
+
+    Everything is written to a hidden sibling folder first and renamed into place at the end, so a failure never
+    leaves a half-written artefact.
+
+    Raises:
+        FileExistsError: ``directory`` exists and is not empty, and ``overwrite`` is false.
+        ValueError: a quantized weight is off its grid or has no range.
+    """
+    if not isinstance(qmodel, QuantizedDenoiser):
+        raise TypeError(f"save_quantized takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
+    target = Path(directory)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise FileExistsError(f"{target} already exists and is not empty; choose a new folder or pass overwrite=True")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        subfolder = _write_diffusers_layout(qmodel, scheduler, staging)
+        size = _write_tadq_files(qmodel, staging, subfolder)
+        for item in staging.rglob("*"):  # mkdtemp and safetensors create owner-only files; artefacts are shared
+            item.chmod(0o755 if item.is_dir() else 0o644)
+        staging.chmod(0o755)
+        _publish(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    logger.info("saved %s: weights %.1f KiB vs FP %.1f KiB (%.3f)", target, size.weights_bytes / 1024,
+                size.fp_bytes / 1024, size.ratio)
+    return size
+
+
+def is_quantized_artefact(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tadq artefact (as opposed to a plain diffusers model folder)."""
+    return (Path(directory) / CONFIG_FILE).is_file()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"quantized model folder {path} does not exist")
+    if not is_quantized_artefact(path):
+        raise ValueError(f"{path} is not a tadq artefact ({CONFIG_FILE} is missing): write one with `tadq quantize "
+                         "--out` or QuantizedDenoiser.save_pretrained; load FP folders with tadq.models")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} uses artefact format {version!r}, newer than this tadq reads ({FORMAT_VERSION}); "
+                         "upgrade tadq to load it")
+    if meta.get("versions", {}).get("tadq") != library_versions()["tadq"]:
+        logger.warning("%s was written by tadq %s (this is %s)", path, meta.get("versions", {}).get("tadq"),
+                       library_versions()["tadq"])
+    return meta
+
+
+def _build_fp_model(folder: Path) -> nn.Module:
+    from tadq.models import SUPPORTED_MODEL_CLASSES
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'} is missing: the artefact is incomplete, save it again")
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if class_name not in SUPPORTED_MODEL_CLASSES:
+        raise ValueError(f"{folder} holds a {class_name!r}; supported: {sorted(SUPPORTED_MODEL_CLASSES)}")
+    klass = SUPPORTED_MODEL_CLASSES[class_name]
+    return klass.from_config(klass.load_config(folder)).eval()
+
+
+def _load_scheduler(path: Path) -> SchedulerMixin | None:
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        logger.warning("%s has no scheduler; pass the model's training scheduler to tadq.sample yourself", path)
+        return None
+    config = json.loads(config_file.read_text())
+    klass = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(klass, type) and issubclass(klass, SchedulerMixin)):
+        raise ValueError(f"{config_file} names an unknown scheduler class {config.get('_class_name')!r}")
+    return klass.from_config(config)
+
+
+def _owner(qmodel: nn.Module, key: str, entries: dict[str, _WeightEntry]) -> str:
+    """'<module> (<class>)' that expects a state or codes key, for error messages."""
+    if key.endswith(CODES_SUFFIX):
+        name = entries[key[: -len(CODES_SUFFIX)]].module
+    else:
+        name = key.rpartition(".")[0]
+    return f"{name or '<root>'} ({type(qmodel.get_submodule(name)).__name__})"
+
+
+@torch.no_grad()
+def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
+    """Load FP tensors and quantizer state, then set every quantized weight to Δ·(codes − z)."""
+    entries = _weight_entries(qmodel)
+    state = qmodel.state_dict()
+    float_keys = set(state) - _covered_keys(state, entries)
+    expected = float_keys | {key + CODES_SUFFIX for key in entries}
+    with safe_open(str(file), framework="pt") as handle:
+        stored = set(handle.keys())
+        missing = sorted(expected - stored)
+        if missing:
+            more = f" (and {len(missing) - 1} more keys)" if len(missing) > 1 else ""
+            raise ValueError(f"{file.name} lacks {missing[0]!r}, expected by module "
+                             f"{_owner(qmodel, missing[0], entries)}{more}; the artefact is incomplete or was saved "
+                             "with another structure: save it again")
+        unexpected = sorted(stored - expected)
+        if unexpected:
+            raise ValueError(f"{file.name} has keys this structure does not expect, e.g. {unexpected[:3]}; it was "
+                             "saved by a tadq with another layer structure: save it again with this version")
+        codes_info = json.loads((handle.metadata() or {}).get("tadq_codes", "{}"))
+        try:
+            qmodel.load_state_dict({key: handle.get_tensor(key) for key in float_keys}, strict=False)
+        except RuntimeError as error:
+            raise ValueError(f"{file.name} does not fit the rebuilt model: {error}") from error
+        for key, entry in entries.items():
+            scheme, shape = entry.quantizer.scheme, tuple(entry.tensor.shape)
+            info = codes_info.get(key, {})
+            if (info.get("bits"), info.get("qmin"), tuple(info.get("shape", ()))) != (scheme.bits, scheme.qmin, shape):
+                raise ValueError(f"codes of {key!r} were saved as {info}, but the rebuilt layer expects "
+                                 f"{scheme.bits} bits, qmin {scheme.qmin}, shape {list(shape)}: save it again")
+            codes = unpack_codes(handle.get_tensor(key + CODES_SUFFIX), scheme.bits, scheme.qmin, shape)
+            scale = entry.quantizer._broadcast(entry.quantizer.scale, entry.tensor)
+            zero_point = entry.quantizer._broadcast(entry.quantizer.zero_point, entry.tensor)
+            entry.tensor.copy_((codes - zero_point) * scale)
+
+
+def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerMixin | None]:
+    """(quantized denoiser, training scheduler or ``None``) from a folder written by ``save_quantized``.
+
+    Raises:
+        FileNotFoundError: the folder (or its denoiser config) does not exist.
+        ValueError: not a tadq artefact, a newer format, or keys missing / not matching the rebuilt structure.
+    """
+    from tadq.api import build_quantized_structure
+
+    path = Path(directory)
+    meta = _read_meta(path)
+    config = config_from_dict(meta["quant_config"])
+    model = _build_fp_model(path / meta.get("denoiser_folder", "unet"))
+    qmodel = build_quantized_structure(model, config, init_weight_range=False)
+    for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: the artefact is incomplete, save it again")
+    saved_map = json.loads((path / QUANT_MAP_FILE).read_text())
+    if saved_map != json.loads(json.dumps(qmodel.quantization_map())):
+        differing = sorted(k for k in set(saved_map) | set(qmodel.quantization_map())
+                           if saved_map.get(k) != qmodel.quantization_map().get(k))
+        raise ValueError(f"{QUANT_MAP_FILE} differs from the structure rebuilt from {CONFIG_FILE} at layers "
+                         f"{differing[:5]}; the artefact was saved by a tadq that plans layers differently")
+    if qmodel.adapter.name != meta.get("adapter"):
+        raise ValueError(f"{path} was saved with adapter {meta.get('adapter')!r}, this tadq uses "
+                         f"{qmodel.adapter.name!r} for {type(model).__name__}")
+    _load_tensors(qmodel, path / WEIGHTS_FILE)
+    return qmodel, _load_scheduler(path)

@@ -1,0 +1,111 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+from tadq.cli.quantize import QuantFlags, resolve_config
+from tadq.config import CalibrationConfig, QuantConfig, config_to_dict
+from tadq.sampling import SamplerConfig
+
+runner = CliRunner()
+SMALL_CALIB = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=4), num_trajectories=8,
+                                num_steps_kept=2, samples_per_step=4, batch_size=8)
+
+
+def _write_config(path: Path, **fields) -> Path:
+    config = QuantConfig.from_preset("W8A8", calibration=SMALL_CALIB, **fields)
+    path.write_text(json.dumps(config_to_dict(config)))
+    return path
+
+
+def _quantize(tmp_path: Path, model_dir: Path, *extra: str):
+    out = tmp_path / "q"
+    args = ["quantize", str(model_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *extra]
+    return runner.invoke(app, args), out
+
+
+def test_help_lists_the_new_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert all(name in result.output for name in ("quantize", "sample", "evaluate"))
+
+
+def test_quantize_sample_evaluate_end_to_end(tmp_path, tiny_model_dir):
+    config_file = _write_config(tmp_path / "config.json", exclude=("conv_in",))
+    result, out = _quantize(tmp_path, tiny_model_dir, "--config", str(config_file), "--preset", "W4A8")
+    assert result.exit_code == 0, result.output
+    assert "artefact" in result.output and "vs FP" in result.output
+    saved = json.loads((out / "tadq_config.json").read_text())["quant_config"]["data"]
+    assert saved["weights"]["data"]["bits"] == 4 and saved["exclude"] == ["conv_in"]  # flag over file, file kept
+    assert saved["calibration"]["data"]["num_trajectories"] == 8
+
+    result = runner.invoke(app, ["sample", str(out), "--num-samples", "4", "--steps", "3",
+                                 "--out", str(tmp_path / "s.png"), "--tensor-out", str(tmp_path / "s.pt")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.png").stat().st_size > 0
+    assert torch.load(tmp_path / "s.pt")["images"].shape == (4, 1, 8, 8)
+
+    result = runner.invoke(app, ["sample", str(tiny_model_dir), "--num-samples", "2", "--steps", "3",
+                                 "--out", str(tmp_path / "fp.png")])
+    assert result.exit_code == 0, result.output
+    assert "FP" in result.output
+
+    report = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "8",
+                                 "--steps", "3", "--out", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "W4A8" in result.output and "floor" in result.output
+    rows = json.loads((report / "results.json").read_text())["rows"]
+    assert rows[0]["final_mse"] == 0.0 and rows[1]["final_mse"] > 0.0 and rows[1]["psnr"] is not None
+    assert (report / "samples.png").exists() and (report / "per_step_error.png").exists()
+
+
+def test_flags_override_the_config_file(tmp_path):
+    config_file = _write_config(tmp_path / "c.json", keep_fp_roles=("output_conv",))
+    flags = QuantFlags(preset="w4a4", method="qdiffusion", steps=2, calib_seed=7, calib_trajectories=2)
+    config = resolve_config(config_file, flags)
+    assert (config.label, config.method, config.keep_fp_roles) == ("W4A4", "qdiffusion", ("output_conv",))
+    calib = config.calibration
+    assert (calib.sampler.num_steps, calib.seed, calib.num_trajectories) == (2, 7, 2)
+    assert (calib.num_steps_kept, calib.samples_per_step) == (2, 2)  # capped to what the flags allow
+    assert resolve_config(None, QuantFlags()).label == "W8A8"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--preset", "W3A9"], "unknown preset"),
+    (["--method", "magic"], "method must be"),
+    (["--config", "missing.json"], "does not exist"),
+])
+def test_bad_quantize_input_is_a_clean_error(tmp_path, tiny_model_dir, args, message):
+    result, out = _quantize(tmp_path, tiny_model_dir, *args)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_missing_model_dir_leaves_no_output(tmp_path):
+    result, out = _quantize(tmp_path, tmp_path / "nope")
+    assert result.exit_code == 2 and "does not exist" in result.output
+    assert not out.exists()
+
+
+def test_existing_output_is_not_touched(tmp_path, tiny_model_dir):
+    (tmp_path / "q").mkdir()
+    (tmp_path / "q" / "keep.txt").write_text("mine")
+    result, out = _quantize(tmp_path, tiny_model_dir)
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_sample_and_evaluate_reject_bad_folders(tmp_path, tiny_model_dir):
+    result = runner.invoke(app, ["sample", str(tmp_path / "nope"), "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 2 and not (tmp_path / "s.png").exists()
+    result = runner.invoke(app, ["evaluate", str(tiny_model_dir), "--reference", str(tiny_model_dir),
+                                 "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "not a tadq artefact" in result.output
+    assert not (tmp_path / "r").exists()
+    result = runner.invoke(app, ["sample", str(tiny_model_dir), "--device", "cuda"])
+    assert result.exit_code == 2

@@ -1,0 +1,214 @@
+import json
+import math
+
+import pytest
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import tadq
+from tadq import api
+from tadq.calibration import collect_calibration_set
+from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
+from tadq.io import CONFIG_FILE, WEIGHTS_FILE, ArtefactSize, load_quantized, pack_codes, save_quantized, unpack_codes
+from tadq.quant import QScheme, Quantizer, QuantLayer, quantize_to_int
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig
+
+SAMPLER = SamplerConfig(kind="ddim", num_steps=4)
+CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
+
+
+@pytest.fixture
+def calibration(tiny_unet, ddpm_scheduler):
+    return collect_calibration_set(tiny_unet, adapter_for(tiny_unet), ddpm_scheduler.config, CALIB, progress=False)
+
+
+def _quantize(model, scheduler, calibration, name="W4A8", **overrides):
+    config = QuantConfig.from_preset(name, calibration=CALIB, **overrides)
+    return api.quantize(model, scheduler, config, calibration=calibration, progress=False)
+
+
+def _public(config) -> dict:
+    return {key: value for key, value in dict(config).items() if not key.startswith("_")}
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(4, 1, 8, 8, generator=generator), torch.tensor([0, 10, 500, 999])
+
+
+def _assert_same_model(saved, loaded):
+    x, t = _inputs()
+    assert torch.equal(saved(x, t), loaded(x, t))
+    saved_layers = {n: m for n, m in saved.named_modules() if isinstance(m, QuantLayer)}
+    loaded_layers = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLayer)}
+    assert saved_layers.keys() == loaded_layers.keys() and saved_layers
+    for name, layer in saved_layers.items():
+        assert torch.equal(layer.quantized_weight(), loaded_layers[name].quantized_weight()), name
+
+
+@pytest.mark.parametrize("name", ["W8A8", "W4A8", "W4A4", "W4A16"])
+def test_round_trip_is_bit_identical(tmp_path, tiny_unet, ddpm_scheduler, calibration, name):
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, name)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, scheduler = tadq.load(tmp_path / "q")
+    _assert_same_model(qmodel, loaded)
+    assert loaded.config == qmodel.config and loaded.quantization_map() == qmodel.quantization_map()
+    assert _public(scheduler.config) == _public(ddpm_scheduler.config)
+    runs = [api.sample(m, scheduler, SAMPLER, num_samples=2, seed=5, progress=False).images for m in (qmodel, loaded)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_round_trip_with_exclusions_reconstruction_and_structural_features(
+    tmp_path, tiny_unet, ddpm_scheduler, calibration,
+):
+    reconstruction = ReconstructionConfig(weight_iters=4, activation_iters=4, batch_size=4)
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8", exclude=("conv_in",),
+                       keep_fp_roles=("time_embedding",), split_shortcut=True, quantize_attention=True,
+                       method="qdiffusion", reconstruction=reconstruction)
+    save_quantized(qmodel, tmp_path / "q", ddpm_scheduler)
+    loaded, _ = load_quantized(tmp_path / "q")
+    _assert_same_model(qmodel, loaded)
+    assert not isinstance(loaded.model.conv_in, QuantLayer)
+    stored = load_file(tmp_path / "q" / WEIGHTS_FILE)
+    assert stored["model.conv_in.weight"].dtype == torch.float32  # FP layers keep their float weights
+    assert "model.conv_in.weight.codes" not in stored
+
+
+def test_weights_are_stored_as_integer_codes(tmp_path, tiny_unet, ddpm_scheduler, calibration):
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8")
+    save_quantized(qmodel, tmp_path / "q", ddpm_scheduler)
+    stored = load_file(tmp_path / "q" / WEIGHTS_FILE)
+    layer = qmodel.model.down_blocks[0].resnets[0].conv1
+    quantizer = layer.weight_quantizer
+    packed = stored["model.down_blocks.0.resnets.0.conv1.weight.codes"]
+    assert "model.down_blocks.0.resnets.0.conv1.weight" not in stored
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(layer.weight.numel() / 2)  # two per byte
+    codes = unpack_codes(packed, 4, quantizer.scheme.qmin, tuple(layer.weight.shape))
+    assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 15
+    expected = quantize_to_int(layer.weight, quantizer._broadcast(quantizer.scale, layer.weight),
+                               quantizer._broadcast(quantizer.zero_point, layer.weight), 0, 15)
+    assert torch.equal(codes, expected)
+    assert stored["model.down_blocks.0.resnets.0.conv1.weight_quantizer.scale"].shape == (layer.out_channels,)
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(2, False), (3, True), (4, False), (4, True), (6, True), (8, False),
+                                                 (8, True)])
+def test_packing_round_trips_every_code(bits, symmetric):
+    scheme = QScheme(bits=bits, symmetric=symmetric)
+    codes = torch.randint(scheme.qmin, scheme.qmax + 1, (5, 3, 3)).float()  # odd count: padding is exercised
+    packed = pack_codes(codes, bits, scheme.qmin)
+    assert torch.equal(unpack_codes(packed, bits, scheme.qmin, (5, 3, 3)), codes)
+    if bits <= 4:
+        assert packed.dtype == torch.uint8 and packed.numel() == 23
+    else:
+        assert packed.dtype == (torch.int8 if symmetric else torch.uint8) and packed.numel() == 45
+
+
+def _small_unet() -> UNet2DModel:
+    """Wide enough that tensor payload, not the per-tensor safetensors header, dominates the file."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(32, 64),
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8).eval()
+
+
+def test_artefact_size_is_measured_and_four_bit_is_packed(tmp_path):
+    model = _small_unet()
+    fp_bytes = 4 * sum(p.numel() for p in model.parameters())
+    sizes = {}
+    for name in ("W8A16", "W4A16"):
+        qmodel = api.build_quantized_structure(model, QuantConfig.from_preset(name))
+        sizes[name] = save_quantized(qmodel, tmp_path / name, DDPMScheduler())
+        assert sizes[name].weights_bytes == (tmp_path / name / WEIGHTS_FILE).stat().st_size
+        assert sizes[name].fp_bytes == fp_bytes
+        saved = json.loads((tmp_path / name / CONFIG_FILE).read_text())["sizes"]
+        assert saved["weights_bytes"] == sizes[name].weights_bytes and saved["fp_bytes"] == fp_bytes
+    assert sizes["W4A16"].ratio < 0.35
+    assert sizes["W4A16"].weights_bytes < sizes["W8A16"].weights_bytes < fp_bytes / 3
+
+
+def test_diffusers_layout_is_untouched(tmp_path, tiny_unet, ddpm_scheduler, calibration, tiny_model_dir):
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration)
+    size = qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    assert isinstance(size, ArtefactSize)
+    config = UNet2DModel.load_config(tmp_path / "q" / "unet")
+    assert "quantization_config" not in config
+    fp_config = json.loads((tiny_model_dir / "unet" / "config.json").read_text())
+    assert json.loads((tmp_path / "q" / "unet" / "config.json").read_text()) == fp_config
+    scheduler = DDPMScheduler.from_pretrained(tmp_path / "q" / "scheduler")
+    assert _public(scheduler.config) == _public(ddpm_scheduler.config)
+    index = json.loads((tmp_path / "q" / "model_index.json").read_text())
+    assert index["unet"] == ["diffusers", "UNet2DModel"] and index["scheduler"] == ["diffusers", "DDPMScheduler"]
+    meta = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
+    assert meta["adapter"] == "unet2d" and meta["model_class"] == "UNet2DModel" and "torch" in meta["versions"]
+
+
+def test_not_an_artefact_and_missing_folder_are_clear_errors(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="not a tadq artefact"):
+        load_quantized(tiny_model_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_quantized(tmp_path / "nope")
+
+
+def test_newer_format_is_refused(tmp_path, tiny_unet, ddpm_scheduler, calibration):
+    save_quantized(_quantize(tiny_unet, ddpm_scheduler, calibration), tmp_path / "q", ddpm_scheduler)
+    meta = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
+    meta["format_version"] = 99
+    (tmp_path / "q" / CONFIG_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="newer"):
+        load_quantized(tmp_path / "q")
+
+
+@pytest.mark.parametrize(("key", "owner"), [
+    ("model.conv_in.input_quantizer.scale", "model.conv_in.input_quantizer (Quantizer)"),
+    ("model.conv_in.weight.codes", "model.conv_in (QuantConv2d)"),
+])
+def test_missing_key_names_the_module_that_expected_it(tmp_path, tiny_unet, ddpm_scheduler, calibration, key, owner):
+    save_quantized(_quantize(tiny_unet, ddpm_scheduler, calibration), tmp_path / "q", ddpm_scheduler)
+    path = tmp_path / "q" / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(path)
+    del tensors[key]
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=f"lacks '{key}', expected by module {owner}".replace("(", r"\(").replace(
+            ")", r"\)")):
+        load_quantized(tmp_path / "q")
+
+
+def test_existing_folder_is_kept_unless_overwrite(tmp_path, tiny_unet, ddpm_scheduler, calibration):
+    target = tmp_path / "q"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        save_quantized(qmodel, target, ddpm_scheduler)
+    assert (target / "notes.txt").read_text() == "mine"
+    save_quantized(qmodel, target, ddpm_scheduler, overwrite=True)
+    assert not (target / "notes.txt").exists() and (target / CONFIG_FILE).exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no staging folder left behind
+
+
+class _PassThrough:
+    def observe(self, x):
+        pass
+
+
+def test_off_grid_or_undeclared_weights_refuse_to_save(tmp_path, tiny_unet, ddpm_scheduler, calibration):
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration)
+    qmodel.model.conv_in.weight_quantizer.attach_observer(_PassThrough())  # forward now returns the float weight
+    with pytest.raises(ValueError, match="off the"):
+        save_quantized(qmodel, tmp_path / "a", ddpm_scheduler)
+    qmodel.model.conv_in.weight_quantizer.attach_observer(None)
+    layer = qmodel.model.conv_out
+    layer.quantized_weights = lambda: {"weight": (layer.weight_quantizer, layer.weight * 1)}  # a copy, not a view
+    with pytest.raises(ValueError, match="neither a parameter"):
+        save_quantized(qmodel, tmp_path / "c", ddpm_scheduler)
+    del layer.quantized_weights
+    qmodel.model.conv_norm_out.extra = Quantizer(QScheme(bits=8), kind="weight")
+    with pytest.raises(ValueError, match="quantized_weights"):
+        save_quantized(qmodel, tmp_path / "b", ddpm_scheduler)
+    assert [p.name for p in tmp_path.iterdir()] == []
