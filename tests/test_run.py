@@ -12,7 +12,8 @@ SAMPLER = SamplerConfig(kind="ddim", num_steps=6)
 
 
 def _config(model_dir, out, **kw) -> RunConfig:
-    base = dict(model=str(model_dir), presets=("W8A8", "W4A4"), methods=("naive",), num_samples=8, sampler=SAMPLER, eval_seed=1,
+    base = dict(model=str(model_dir), presets=("W8A8", "W4A4"), methods=("naive",), num_samples=8, sampler=SAMPLER,
+                eval_seed=1,
                 calibration=CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=3,
                                               samples_per_step=8, seed=0, batch_size=8),
                 batch_size=8, out_dir=str(out), cache_dir=str(out / "cache"), grid_samples=8)

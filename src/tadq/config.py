@@ -10,7 +10,10 @@ from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import QScheme, preset
 from tadq.sampling import SamplerConfig
 
-__all__ = ["CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict", "config_from_dict", "QuantMethod"]
+__all__ = [
+    "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict",
+    "config_from_dict", "QuantMethod",
+]
 
 QuantMethod = Literal["naive", "qdiffusion"]
 

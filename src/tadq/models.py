@@ -61,7 +61,7 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
         raise ValueError(f"{model_dir} holds a {class_name!r}; supported: {sorted(SUPPORTED_MODEL_CLASSES)}")
     try:
         model = SUPPORTED_MODEL_CLASSES[class_name].from_pretrained(model_dir)
-    except (OSError, EnvironmentError) as error:
+    except OSError as error:
         raise ValueError(f"could not load weights from {model_dir}: {error}") from error
     model.eval().requires_grad_(False)
     return model, _load_scheduler(path, model_dir)

@@ -81,7 +81,9 @@ class RunConfig:
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
         if self.calibration.seed == self.eval_seed:
-            raise ValueError("calibration.seed must differ from eval_seed: a fit scored on its own noise proves nothing")
+            raise ValueError(
+                "calibration.seed must differ from eval_seed: a fit scored on its own noise proves nothing"
+            )
         if self.calibration.sampler != self.sampler:
             raise ValueError("calibration.sampler must be the deployment sampler (set both to the same SamplerConfig)")
 
@@ -181,17 +183,20 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
     """Metrics table, JSON, grids and the per-step error plot."""
     out = Path(config.out_dir)
     classifier = load_digit_classifier()
-    digits = load_digits_split(DigitsConfig(resolution=sample_shape[-1]))
+    digits_config = DigitsConfig(resolution=sample_shape[-1])
+    digits = load_digits_split(digits_config)
     real = digits.train_images
     fp = cells[0]
     rows = [_metrics(cell, fp, real, classifier) for cell in cells]
     reference = fd_digits_reference(n=len(digits.heldout_images), seed=0, classifier=classifier,
-                                    reference_set="train")
+                                    digits=digits_config, reference_set="train")
     labels = [f"{c['name']} {c['bits']}" for c in cells]
     shown = config.grid_samples
     save_comparison_grid({label: c["images"][:shown] for label, c in zip(labels, cells, strict=True)},
                          out / "samples.png")
-    curves = {label: per_step_mse(fp["states"], c["states"]) for label, c in zip(labels, cells, strict=True) if c is not fp}
+    curves = {
+        label: per_step_mse(fp["states"], c["states"]) for label, c in zip(labels, cells, strict=True) if c is not fp
+    }
     save_error_curves(curves, out / "per_step_error.png", title=f"{config.sampler.key}: MSE(x_t FP, x_t quantized)")
     results = {
         "rows": rows,
@@ -206,7 +211,8 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
                           "simulation cost, not deployment speed.",
         },
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
-                   "num_samples": config.num_samples, "eval_seed": config.eval_seed, "model": config.model or "shipped"},
+                   "num_samples": config.num_samples, "eval_seed": config.eval_seed,
+                   "model": config.model or "shipped"},
         "versions": library_versions(),
     }
     atomic_write_json(results, out / "results.json")

@@ -37,7 +37,8 @@ def test_not_a_diffusers_folder_is_a_clean_error(tmp_path):
 def test_run_on_a_tiny_model(tmp_path, tiny_model_dir):
     out = tmp_path / "report"
     result = runner.invoke(app, [
-        "run", "--model", str(tiny_model_dir), "--presets", "W8A8", "--methods", "naive", "--num-samples", "4", "--steps", "4",
+        "run", "--model", str(tiny_model_dir), "--presets", "W8A8", "--methods", "naive", "--num-samples", "4",
+        "--steps", "4",
         "--calib-trajectories", "4", "--batch-size", "4", "--out", str(out), "--cache-dir", str(tmp_path / "c"),
     ])
     assert result.exit_code == 0, result.output

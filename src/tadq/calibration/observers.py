@@ -18,7 +18,7 @@ __all__ = ["RangeObserver", "Calibrate", "activation_quantizers"]
 
 
 class RangeObserver:
-    """Keeps exact running extremes plus a bounded random subsample (drawn with replacement) (for percentile and MSE ranges).
+    """Keeps exact running extremes plus a bounded random subsample, drawn with replacement (percentile/MSE ranges).
 
     Args:
         scheme: the quantizer's scheme (decides how the range is estimated at the end).

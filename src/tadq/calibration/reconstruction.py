@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
@@ -31,7 +30,7 @@ def _parse_presets(text: str) -> tuple[str, ...]:
 
 @app.command("run")
 def run_command(
-    model: Optional[Path] = typer.Option(None, help="Local diffusers model folder (default: the shipped digits DDPM)."),
+    model: Path | None = typer.Option(None, help="Local diffusers model folder (default: the shipped digits DDPM)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
     methods: str = typer.Option("naive,qdiffusion", help="Comma-separated methods: naive, qdiffusion."),
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
