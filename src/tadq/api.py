@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -56,7 +57,8 @@ def build_quantized_structure(
     plans = plan_layers(adapter.layers(qmodel_inner), config.weights, config.activations,
                         exclude=config.exclude, keep_fp_roles=config.keep_fp_roles)
     convert_layers(qmodel_inner, plans, init_weight_range=init_weight_range)
-    apply_shortcut_split(qmodel_inner, adapter, config, plans, init_weight_range=init_weight_range)
+    splits = apply_shortcut_split(qmodel_inner, adapter, config, plans, init_weight_range=init_weight_range)
+    plans = [dataclasses.replace(plan, split=splits.get(plan.name)) for plan in plans]
     apply_attention_quantization(qmodel_inner, adapter, config)
     return QuantizedDenoiser(qmodel_inner, adapter, config, plans)
 

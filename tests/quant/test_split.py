@@ -177,3 +177,13 @@ def test_quantize_end_to_end_with_split_and_attention(tiny_unet, ddpm_scheduler)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
     with torch.no_grad():
         assert torch.isfinite(qmodel(x, t)).all()
+
+
+def test_quantization_map_shows_split_layers(tiny_unet, ddpm_scheduler):
+    from tadq.api import build_quantized_structure
+    from tadq.config import QuantConfig
+
+    qmodel = build_quantized_structure(tiny_unet, QuantConfig.from_preset("W4A8", split_shortcut=True))
+    qmap = qmodel.quantization_map()
+    split = {name: entry["split_deep_channels"] for name, entry in qmap.items() if "split_deep_channels" in entry}
+    assert split == {name: c for name, c in qmodel.adapter.concat_splits(tiny_unet).items()}

@@ -17,11 +17,9 @@ After each unit the model state is checkpointed, so an interrupted run resumes a
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +31,7 @@ from tadq.calibration.capture import UnitIO, capture_unit_io
 from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
 from tadq.quant.adaround import AdaRound
-from tadq.quant.quantizer import Quantizer
+from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.utils import atomic_torch_save
 
 __all__ = ["reconstruct", "quantizers_bypassed", "UnitReport", "weight_pairs"]
@@ -49,20 +47,6 @@ class UnitReport:
     phase: str
     loss_before: float
     loss_after: float
-
-
-@contextlib.contextmanager
-def quantizers_bypassed(model: nn.Module, kind: str) -> Iterator[None]:
-    """Temporarily pass every quantizer of ``kind`` through unquantized (explicit, restored on exit)."""
-    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and m.kind == kind]
-    previous = [q.bypass for q in quantizers]
-    for q in quantizers:
-        q.bypass = True
-    try:
-        yield
-    finally:
-        for q, state in zip(quantizers, previous, strict=True):
-            q.bypass = state
 
 
 def weight_pairs(module: nn.Module) -> list[tuple[Quantizer, Tensor]]:

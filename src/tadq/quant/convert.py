@@ -24,12 +24,14 @@ class LayerPlan:
     activations: QScheme
     quantized: bool
     reason: str = ""
+    split: int | None = None  # channels of the deep part when the input is split (shortcut splitting)
 
     def to_json(self) -> dict:
         return {
             "role": self.role, "quantized": self.quantized, "reason": self.reason,
             "weights": self.weights.describe() if self.quantized else "fp",
             "activations": self.activations.describe() if self.quantized else "fp",
+            **({"split_deep_channels": self.split} if self.split is not None else {}),
         }
 
 

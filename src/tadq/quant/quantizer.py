@@ -6,6 +6,8 @@ A plain forward never changes calibration state: ranges are only written by ``se
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Literal, Protocol
 
 import torch
@@ -14,7 +16,7 @@ from torch import Tensor, nn
 from tadq.quant.fake_quant import fake_quantize, scale_and_zero_point
 from tadq.quant.qscheme import QScheme
 
-__all__ = ["Quantizer", "Observer"]
+__all__ = ["Quantizer", "Observer", "quantizers_bypassed"]
 
 
 class Observer(Protocol):
@@ -91,3 +93,21 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}: {self.scheme.describe()}"
+
+
+@contextlib.contextmanager
+def quantizers_bypassed(model: nn.Module, kind: Literal["weight", "activation"] | None = None) -> Iterator[None]:
+    """Temporarily pass quantizers of ``kind`` (all if ``None``) through unquantized; restored on exit.
+
+    Used by reconstruction's weight phase (activations off) and by structural traces that run before any range is
+    set. Explicit and scoped: nothing else toggles ``bypass``.
+    """
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and (kind is None or m.kind == kind)]
+    previous = [q.bypass for q in quantizers]
+    for quantizer in quantizers:
+        quantizer.bypass = True
+    try:
+        yield
+    finally:
+        for quantizer, state in zip(quantizers, previous, strict=True):
+            quantizer.bypass = state

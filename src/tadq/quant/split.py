@@ -11,8 +11,6 @@ per-output-channel weight quantizer (methods.md §1 B1.6):
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +18,7 @@ from torch import Tensor, nn
 from tadq.quant.convert import LayerPlan
 from tadq.quant.modules import QuantLayer
 from tadq.quant.qscheme import QScheme
-from tadq.quant.quantizer import Quantizer
+from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.quant.ranges import estimate_range
 
 __all__ = ["SplitQuantConv2d", "apply_shortcut_split"]
@@ -113,27 +111,6 @@ class SplitQuantConv2d(QuantLayer, nn.Conv2d):
         return f"{super().extra_repr()}, split={self.split}"
 
 
-class _PassThrough:
-    """An observer that discards what it sees: quantizers then pass values through unquantized."""
-
-    def observe(self, x: Tensor) -> None:
-        pass
-
-
-@contextmanager
-def _quantizers_pass_through(model: nn.Module) -> Iterator[None]:
-    """Let a structural trace run before ranges exist (activations uncalibrated, weights possibly awaiting a load)."""
-    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
-    previous = [getattr(q, "_observer", None) for q in quantizers]
-    for quantizer in quantizers:
-        quantizer.attach_observer(_PassThrough())
-    try:
-        yield
-    finally:
-        for quantizer, observer in zip(quantizers, previous, strict=True):
-            quantizer.attach_observer(observer)
-
-
 def apply_shortcut_split(
     model: nn.Module, adapter, config, plans: list[LayerPlan], *, init_weight_range: bool = True,
 ) -> dict[str, int]:
@@ -155,7 +132,7 @@ def apply_shortcut_split(
     if not config.split_shortcut:
         return {}
     quantized = {plan.name: plan for plan in plans if plan.quantized}
-    with _quantizers_pass_through(model):
+    with quantizers_bypassed(model):
         splits = adapter.concat_splits(model)
     applied: dict[str, int] = {}
     for name, split in splits.items():
