@@ -38,3 +38,9 @@ def test_unsupported_class_raises(tmp_path):
 def test_shipped_model_is_packaged():
     assert (shipped_model_path() / "unet" / "diffusion_pytorch_model.safetensors").exists()
     assert (shipped_model_path() / "scheduler" / "scheduler_config.json").exists()
+
+
+def test_quantized_artefact_points_to_tadq_load(tmp_path, tiny_model_dir):
+    (tiny_model_dir / "tadq_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="tadq.load"):
+        load_pipeline_parts(tiny_model_dir)
