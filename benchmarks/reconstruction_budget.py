@@ -34,14 +34,20 @@ def main() -> None:
                         help="comma list of weight_iters:activation_iters")
     parser.add_argument("--lrs", default="1e-2", help="comma list of rounding learning rates")
     parser.add_argument("--out", default="runs/bench/reconstruction")
+    parser.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model, scheduler = load_pipeline_parts(None)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, scheduler = load_pipeline_parts(args.model)
     sampler = SamplerConfig(kind="ddim", num_steps=50)
     calibration = CalibrationConfig(sampler=sampler)
-    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, calibration, cache_dir=".cache/tadq")
-    fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True)
+    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, calibration, cache_dir=".cache/tadq",
+                                    progress=False)
+    fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
+                    progress=False)
     rows = []
     for lr in (float(v) for v in args.lrs.split(",")):
         for budget in args.budgets.split(","):
@@ -51,10 +57,10 @@ def main() -> None:
                 args.preset, method=method, calibration=calibration,
                 reconstruction=ReconstructionConfig(weight_iters=w_iters, activation_iters=a_iters, weight_lr=lr))
             t0 = time.perf_counter()
-            qmodel = api.quantize(model, scheduler, config, calibration=calib)
+            qmodel = api.quantize(model, scheduler, config, calibration=calib, progress=False)
             quantize_s = time.perf_counter() - t0
             q = api.sample(qmodel, scheduler, sampler, num_samples=args.samples, seed=args.seed,
-                           record_trajectory=True)
+                           record_trajectory=True, progress=False)
             row = {
                 "preset": args.preset, "weight_iters": w_iters, "activation_iters": a_iters, "weight_lr": lr,
                 "psnr": float(psnr_per_sample(q.images.clamp(-1, 1), fp.images.clamp(-1, 1)).mean()),

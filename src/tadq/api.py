@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from tadq.calibration import Calibrate, CalibrationSet, collect_calibration_set
 from tadq.calibration.reconstruction import reconstruct
 from tadq.config import QuantConfig
+from tadq.corrections.base import HookedDenoiser
 from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.attention import apply_attention_quantization
 from tadq.quant.convert import convert_layers, plan_layers
@@ -100,9 +101,14 @@ def sample(
     denoiser: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
     batch_size: int = 128, hooks: Sequence = (), record_trajectory: bool = False, progress: bool = True,
 ) -> SamplingResult:
-    """Sample with tadq's loop from a FP diffusers model or a ``QuantizedDenoiser``."""
-    if isinstance(denoiser, QuantizedDenoiser):
+    """Sample with tadq's loop from a FP diffusers model or a ``QuantizedDenoiser``.
+
+    A denoiser carrying corrections (``QuantizedDenoiser``, ``MixedPrecisionDenoiser``) applies them first, then
+    ``hooks``.
+    """
+    if isinstance(denoiser, HookedDenoiser):
         call, shape = denoiser, denoiser.sample_shape
+        hooks = (*denoiser.correction_hooks(), *hooks)
     else:
         adapter = adapter_for(denoiser)
         call, shape = (lambda x, t: adapter.predict_eps(denoiser, x, t)), adapter.sample_shape(denoiser)

@@ -12,7 +12,7 @@ from tadq.sampling import SamplerConfig
 
 __all__ = [
     "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict",
-    "config_from_dict", "QuantMethod",
+    "config_from_dict", "QuantMethod", "register_config_type",
 ]
 
 QuantMethod = Literal["naive", "qdiffusion"]
@@ -186,6 +186,25 @@ _CONFIG_TYPES: dict[str, type] = {
     "QuantConfig": QuantConfig, "CalibrationConfig": CalibrationConfig, "QScheme": QScheme,
     "SamplerConfig": SamplerConfig, "ReconstructionConfig": ReconstructionConfig,
 }
+
+
+def register_config_type(cls: type) -> type:
+    """Class decorator: make a frozen config dataclass serialisable by ``config_to_dict``/``config_from_dict``.
+
+    Method folders (e.g. ``tadq.corrections.ptqd``) register their own configs, so this module never imports them.
+
+    Raises:
+        TypeError: ``cls`` is not a dataclass.
+        ValueError: another class is already registered under the same name.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_config_type takes a dataclass type, got {cls!r}")
+    known = _CONFIG_TYPES.get(cls.__name__)
+    if known is not None and known is not cls:
+        raise ValueError(f"a different config class is already registered as {cls.__name__!r} ({known.__module__}); "
+                         "rename one of them")
+    _CONFIG_TYPES[cls.__name__] = cls
+    return cls
 
 
 def _encode(value: Any) -> Any:

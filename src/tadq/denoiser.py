@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from tadq.config import QuantConfig
+from tadq.corrections.stack import CorrectionStack
 from tadq.quant.convert import LayerPlan
 
 if TYPE_CHECKING:
@@ -24,6 +25,10 @@ class QuantizedDenoiser(nn.Module):
         adapter: its ``ModelAdapter``.
         config: the ``QuantConfig`` used.
         plans: per-layer decisions (the quantization map).
+
+    Attributes:
+        corrections: timestep-aware corrections applied by ``tadq.sample`` in order (empty by default; saved in
+            ``corrections.safetensors``).
     """
 
     def __init__(self, model: nn.Module, adapter, config: QuantConfig, plans: list[LayerPlan]) -> None:
@@ -33,9 +38,15 @@ class QuantizedDenoiser(nn.Module):
         self.config = config
         self.plans = plans
         self.reconstruction_report: list = []  # per-unit losses before/after reconstruction (qdiffusion)
+        self.corrections = CorrectionStack()
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.adapter.predict_eps(self.model, x, t)
+
+    def correction_hooks(self) -> tuple:
+        """The corrections as sampling hooks, after checking they were fitted for this model's bit label."""
+        self.corrections.check_model(self.config.label)
+        return tuple(self.corrections)
 
     def quantization_map(self) -> dict[str, dict]:
         """Layer name → role, schemes, and the reason a layer stayed in FP."""

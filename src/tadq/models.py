@@ -60,7 +60,7 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
     if class_name not in SUPPORTED_MODEL_CLASSES:
         raise ValueError(f"{model_dir} holds a {class_name!r}; supported: {sorted(SUPPORTED_MODEL_CLASSES)}")
     if (path / "tadq_config.json").exists():
-        raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load({str(path)!r})")
+        raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load(path)")
     try:
         model = SUPPORTED_MODEL_CLASSES[class_name].from_pretrained(model_dir)
     except OSError as error:

@@ -109,3 +109,28 @@ def test_sample_and_evaluate_reject_bad_folders(tmp_path, tiny_model_dir):
     assert not (tmp_path / "r").exists()
     result = runner.invoke(app, ["sample", str(tiny_model_dir), "--device", "cuda"])
     assert result.exit_code == 2
+
+
+def test_evaluate_reports_inception_fid_from_a_local_file(tmp_path, tiny_model_dir):
+    from torch import nn
+
+    class TinyInception(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Linear(3 * 4 * 4, 8)
+
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            features = self.proj(torch.nn.functional.adaptive_avg_pool2d(x / 255.0, 4).flatten(1))
+            return features if return_features else features.softmax(dim=1)
+
+    weights = tmp_path / "inception.pt"
+    torch.jit.script(TinyInception()).save(str(weights))
+    result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "W8A8")
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "6",
+                                 "--steps", "3", "--inception-weights", str(weights)])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("Inception FID") == 2
+    missing = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "6",
+                                  "--steps", "3", "--inception-weights", str(tmp_path / "nope.pt")])
+    assert missing.exit_code == 2

@@ -52,6 +52,16 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: d
     atomic_write_text(markdown_table(rows) + "\n", out / "results.md")
 
 
+def _inception_fids(evaluation, weights: Path, resolution: int) -> list[float]:
+    """Real Inception FID (a user-supplied TorchScript file) of the FP and the quantized samples vs real digits."""
+    from tadq.metrics import inception_fid
+    from tadq.zoo.data import DigitsConfig, load_digits_split
+
+    real = load_digits_split(DigitsConfig(resolution=resolution)).train_images
+    return [inception_fid(real, evaluation.reference.images.clamp(-1, 1), weights),
+            inception_fid(real, evaluation.candidate.images.clamp(-1, 1), weights)]
+
+
 def evaluate_command(
     model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`).")],
     reference: Annotated[Path | None, typer.Option(
@@ -64,6 +74,9 @@ def evaluate_command(
     batch_size: Annotated[int, typer.Option(help="Samples per denoiser call (speed only).")] = 250,
     out: Annotated[Path | None, typer.Option(help="Report folder (results.json/.md, figures); none: print only.")
                    ] = None,
+    inception_weights: Annotated[Path | None, typer.Option(
+        help="Local TorchScript Inception file (clean-fid / StyleGAN3 inception-2015-12-05.pt): also report real "
+             "Inception FID of FP and quantized samples vs the real digits. Nothing is downloaded.")] = None,
     threads: Threads = 0,
     device: Device = "cpu",
     verbose: Verbose = False,
@@ -82,7 +95,14 @@ def evaluate_command(
         fp_model, fp_scheduler = load_pipeline_parts(reference)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size)
+        inception = None
+        if inception_weights is not None:
+            inception = _inception_fids(evaluation, inception_weights, qmodel.sample_shape[-1])
     rows = _rows(evaluation, qmodel.config)
+    if inception is not None:
+        for row, value in zip(rows, inception, strict=True):
+            row["inception_fid"] = value
+            console.print(f"Inception FID ({row['method']} {row['bits']}) vs real digits: {value:.2f}")
     _print_table(rows, f"tadq evaluate: {sampler_config.key}, {num_samples} samples, seed {seed}")
     console.print(f"FD-digits real-vs-real floor: {evaluation.fd_floor:.2f} (a perfect generator's score)")
     if out is not None:

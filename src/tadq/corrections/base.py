@@ -1,0 +1,253 @@
+"""The one interface every timestep-aware correction implements (architecture.md §5, methods.md §7).
+
+A correction is an ``nn.Module`` with identity-default hooks, so corrections acting at different places stack:
+
+    prepare(model, adapter) -> model     structural change of the network (TFMQ)
+    fit(pair)                            per-step tables from a ``TrajectoryPair``
+    before_model(x, step)                input correction (TAC IBC)
+    after_model(eps, x, step)            noise-estimate correction (PTQD CNC/BC, TAC NER, TCEC)
+    noise_std(std, step)                 sampler variance (PTQD VSC)
+    after_step(x_prev, step)             propagated-error correction
+
+Per-step tables are registered buffers shaped (S, ...) and indexed by ``step.index``, so ``state_dict`` round-trips.
+A table is only valid for what it was fitted on (methods.md §7, "Compatibility notes"): the sampler (kind, S, η),
+the guidance scale and the quantized model's bit-width. That ``TableKey`` travels in the module's extra state, and
+every hook of a fitted correction checks it against the ``StepContext``; using an unfitted correction, or a fitted
+one on another grid, raises ``ValueError`` instead of silently returning zeros (PTQD and TFMQ pitfall, §2(f)).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from tadq.corrections.pair import TRAJECTORY_MODES, TrajectoryMode, TrajectoryPair, collect_trajectory_pair
+from tadq.sampling import IdentityHooks, SamplingHooks, StepContext
+
+__all__ = [
+    "Correction", "CorrectionConfig", "HookedDenoiser", "PairRequest", "TableKey", "TrajectoryPair",
+    "collect_trajectory_pair",
+]
+
+
+@dataclass(frozen=True)
+class TableKey:
+    """What a correction's per-step tables depend on (methods.md §7: key every table by this tuple).
+
+    Args:
+        sampler_key: ``SamplerConfig.key`` (kind, number of steps, η), e.g. ``"ddim-50-eta0.0"``.
+        num_steps: S, the length of every table.
+        guidance_scale: Classifier-free guidance scale w (1.0 for unconditional models).
+        bits: Bit label of the quantized model the tables were fitted with, e.g. ``"W4A8"``.
+    """
+
+    sampler_key: str
+    num_steps: int
+    guidance_scale: float
+    bits: str
+
+    @classmethod
+    def from_pair(cls, pair: TrajectoryPair) -> TableKey:
+        """The key of tables fitted on ``pair``."""
+        return cls(pair.sampler_key, pair.num_steps, float(pair.guidance_scale), pair.bits)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TableKey:
+        return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class PairRequest:
+    """How the trajectory pair a correction fits on is collected (see ``tadq.corrections.pair``)."""
+
+    mode: TrajectoryMode
+    num_samples: int
+    seed: int
+
+
+@dataclass(frozen=True)
+class CorrectionConfig:
+    """Base of every correction config: how its fitting data is collected.
+
+    Subclasses are frozen dataclasses registered with ``tadq.registry.register_correction``; they call
+    ``super().__post_init__()`` from their own.
+
+    Args:
+        trajectory: ``"teacher_forced"`` (FP trajectory, both networks on the same state; PTQD's choice,
+            methods.md §2 B2) or ``"quantized"`` (the deployed quantized trajectory).
+        num_samples: Trajectories in the fitting pair.
+        seed: Noise seed of the fitting pair. It must be a calibration seed, disjoint from evaluation seeds:
+            a correction scored on its own noise proves nothing.
+    """
+
+    trajectory: TrajectoryMode = "teacher_forced"
+    num_samples: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.trajectory not in TRAJECTORY_MODES:
+            raise ValueError(f"trajectory={self.trajectory!r}; accepted values: {TRAJECTORY_MODES}")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative int (a calibration seed), got {self.seed!r}")
+
+
+@runtime_checkable
+class HookedDenoiser(Protocol):
+    """A denoiser that carries its own corrections (``QuantizedDenoiser``, ``MixedPrecisionDenoiser``).
+
+    ``tadq.sample`` calls it directly and puts ``correction_hooks()`` before any extra hooks.
+    """
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]: ...
+
+    def correction_hooks(self) -> tuple[SamplingHooks, ...]: ...
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+
+
+class Correction(nn.Module, IdentityHooks, ABC):
+    """A timestep-aware fix with identity-default hooks (architecture.md §5).
+
+    Subclasses register their tables with ``register_table`` in ``__init__``, implement ``fit_tables`` and
+    override the hooks they use, starting each with ``index = self.table_index(step)``.
+
+    Attributes:
+        config_type: The config class, set by ``@register_correction``.
+        keyed: Whether the correction has per-step tables; a correction without any (structural only) sets this
+            to ``False`` and is usable without ``fit``.
+    """
+
+    config_type: ClassVar[type[CorrectionConfig]]
+    keyed: ClassVar[bool] = True
+
+    def __init__(self, config: CorrectionConfig) -> None:
+        super().__init__()
+        expected = getattr(type(self), "config_type", None)
+        if expected is not None and not isinstance(config, expected):
+            raise TypeError(f"{type(self).__name__} takes a {expected.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.table_key: TableKey | None = None
+        self._table_names: list[str] = []
+
+    # -- tables and their key ---------------------------------------------------------------------------------------
+    def register_table(self, name: str, dtype: torch.dtype = torch.float64) -> None:
+        """Register an empty per-step table buffer; ``fit_tables`` sets it to shape (S, ...)."""
+        self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self._table_names.append(name)
+
+    @property
+    def table_names(self) -> tuple[str, ...]:
+        return tuple(self._table_names)
+
+    @property
+    def fitted(self) -> bool:
+        return self.table_key is not None
+
+    def pair_request(self) -> PairRequest | None:
+        """How to collect the fitting pair (from the config); ``None`` for a correction that fits nothing."""
+        if not self.keyed:
+            return None
+        return PairRequest(self.config.trajectory, self.config.num_samples, self.config.seed)
+
+    def check_step(self, step: StepContext) -> None:
+        """Raise ``ValueError`` unless the tables were fitted for this step's sampler grid."""
+        if not self.keyed:
+            return
+        name = type(self).__name__
+        if self.table_key is None:
+            raise ValueError(f"{name} is not fitted: call fit(pair) (or tadq.corrections.fit_stack) before sampling")
+        key = self.table_key
+        if step.num_steps != key.num_steps:
+            raise ValueError(f"{name} was fitted for {key.num_steps} sampler steps ({key.sampler_key}) but is used "
+                             f"with {step.num_steps} ({step.sampler_key}); refit it for this sampler")
+        if step.sampler_key != key.sampler_key:
+            raise ValueError(f"{name} was fitted for sampler {key.sampler_key!r} but is used with "
+                             f"{step.sampler_key!r}; its tables depend on kind, steps and η: refit it")
+
+    def check_model(self, bits: str, guidance_scale: float = 1.0) -> None:
+        """Raise ``ValueError`` unless the tables were fitted for this bit label and guidance scale."""
+        if not self.keyed or self.table_key is None:
+            return  # an unfitted correction fails at its first hook
+        key, name = self.table_key, type(self).__name__
+        if key.bits != bits:
+            raise ValueError(f"{name} was fitted on a {key.bits} model but is attached to a {bits} one; refit it")
+        if not math.isclose(key.guidance_scale, guidance_scale):
+            raise ValueError(f"{name} was fitted at guidance scale {key.guidance_scale}, used at {guidance_scale}")
+
+    def table_index(self, step: StepContext) -> int:
+        """``step.index`` after ``check_step``: the row of every table that belongs to this step."""
+        self.check_step(step)
+        return step.index
+
+    # -- fitting ----------------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, adapter: Any) -> nn.Module:
+        """Structural change of the network before quantization (identity by default)."""
+        return model
+
+    def fit(self, pair: TrajectoryPair) -> None:
+        """Fit the per-step tables on ``pair`` and key them by its sampler, guidance scale and bit label."""
+        self.table_key = None  # a failed fit leaves the correction unfitted, never half-keyed
+        self.fit_tables(pair)
+        for name in self._table_names:
+            rows = getattr(self, name).shape[0]
+            if rows != pair.num_steps:
+                raise RuntimeError(f"{type(self).__name__}.fit_tables left table {name!r} with {rows} rows, "
+                                   f"expected S={pair.num_steps}")
+        self.table_key = TableKey.from_pair(pair)
+
+    @abstractmethod
+    def fit_tables(self, pair: TrajectoryPair) -> None:
+        """Set every registered table to its fitted (S, ...) value."""
+
+    # -- identity hooks that still refuse a wrong grid --------------------------------------------------------------
+    def before_model(self, x: Tensor, step: StepContext) -> Tensor:
+        self.check_step(step)
+        return x
+
+    def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
+        self.check_step(step)
+        return eps
+
+    def noise_std(self, std: Tensor, step: StepContext) -> Tensor:
+        self.check_step(step)
+        return std
+
+    def after_step(self, x_prev: Tensor, step: StepContext) -> Tensor:
+        self.check_step(step)
+        return x_prev
+
+    # -- serialisation ----------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        """The table key, saved beside the table buffers (a JSON-compatible dict)."""
+        return {"table_key": None if self.table_key is None else self.table_key.to_json()}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        text = state.get("table_key") if isinstance(state, dict) else None
+        self.table_key = None if text is None else TableKey.from_json(text)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        # Tables of a fresh correction are empty placeholders: take the saved (S, ...) shapes before copying.
+        for name in self._table_names:
+            incoming = state_dict.get(prefix + name)
+            if isinstance(incoming, Tensor):
+                current = self._buffers[name]
+                self._buffers[name] = torch.empty(incoming.shape, dtype=current.dtype, device=current.device)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        key = "unfitted" if self.table_key is None else f"{self.table_key.sampler_key}, {self.table_key.bits}"
+        return f"{self.config}, {key}"

@@ -1,0 +1,93 @@
+"""Save and load a ``CorrectionStack`` beside a quantized artefact (architecture.md §8).
+
+``corrections.safetensors`` holds every member's table buffers under ``members.<i>.<name>``; each member's extra
+state (its ``TableKey``) is JSON in the file's metadata. The members' configs, in order, go into
+``tadq_config.json`` (written by ``tadq.io``), so loading rebuilds the same stack through the registries and a
+missing table names the correction that expected it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from tadq.corrections.stack import CorrectionStack
+
+__all__ = ["CORRECTIONS_FILE", "load_corrections", "save_corrections"]
+
+logger = logging.getLogger(__name__)
+
+CORRECTIONS_FILE = "corrections.safetensors"
+_EXTRA_STATE_KEY = "tadq_extra_state"
+
+
+def _owner(stack: CorrectionStack, key: str) -> str:
+    """'correction <i> (<Class>, <Config>)' for a ``members.<i>.…`` key, for error messages."""
+    parts = key.split(".")
+    if len(parts) > 2 and parts[0] == "members" and parts[1].isdigit() and int(parts[1]) < len(stack):
+        member = stack[int(parts[1])]
+        return f"correction {parts[1]} ({type(member).__name__}, {type(member.config).__name__})"
+    return "the correction stack"
+
+
+def save_corrections(stack: CorrectionStack, folder: str | Path) -> list[dict[str, Any]]:
+    """Write the stack's tables to ``folder/corrections.safetensors``; returns the configs for ``tadq_config.json``.
+
+    Nothing is written for an empty stack.
+
+    Raises:
+        ValueError: a member with per-step tables is not fitted.
+    """
+    unfitted = [f"{i} ({type(m).__name__})" for i, m in enumerate(stack) if m.keyed and not m.fitted]
+    if unfitted:
+        raise ValueError(f"corrections {unfitted} are not fitted; fit them (tadq.corrections.fit_stack) before saving")
+    if len(stack) == 0:
+        return []
+    tensors: dict[str, Tensor] = {}
+    extra: dict[str, Any] = {}
+    for key, value in stack.state_dict().items():
+        if isinstance(value, Tensor):
+            tensors[key] = value.detach().contiguous().cpu()
+        else:
+            extra[key] = value
+    save_file(tensors, str(Path(folder) / CORRECTIONS_FILE),
+              metadata={"format": "pt", _EXTRA_STATE_KEY: json.dumps(extra, sort_keys=True)})
+    return stack.configs()
+
+
+def load_corrections(folder: str | Path, configs: list[dict[str, Any]]) -> CorrectionStack:
+    """Rebuild the stack described by ``configs`` and load its tables from ``folder/corrections.safetensors``.
+
+    Raises:
+        FileNotFoundError: configs name corrections but the file is missing.
+        ValueError: a key is missing (the message names the correction that expected it) or unexpected.
+    """
+    stack = CorrectionStack.from_configs(configs)
+    if len(stack) == 0:
+        return stack
+    file = Path(folder) / CORRECTIONS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing but tadq_config.json lists {len(stack)} corrections: the "
+                                "artefact is incomplete, save it again")
+    expected = set(stack.state_dict())
+    with safe_open(str(file), framework="pt") as handle:
+        extra = json.loads((handle.metadata() or {}).get(_EXTRA_STATE_KEY, "{}"))
+        stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    stored.update(extra)
+    missing = sorted(expected - set(stored))
+    if missing:
+        raise ValueError(f"{file.name} lacks {missing[0]!r}, expected by {_owner(stack, missing[0])}; the artefact "
+                         "is incomplete or was saved with other corrections: save it again")
+    unexpected = sorted(set(stored) - expected)
+    if unexpected:
+        raise ValueError(f"{file.name} has keys the configured corrections do not expect, e.g. {unexpected[:3]}; "
+                         "tadq_config.json and the tables disagree: save the artefact again")
+    stack.load_state_dict(stored)
+    logger.info("loaded %d corrections from %s", len(stack), file)
+    return stack

@@ -1,0 +1,216 @@
+"""Trajectory pairs: FP and quantized noise predictions at the same states, the data every correction fits on.
+
+Sampler-level corrections (methods.md §7, "Calibration order", step 3) estimate per-step maps from the quantized
+prediction ε̂ to the FP prediction ε. Both predictions are recorded at every step of one sampling run, in one of
+two modes (``TrajectoryMode``):
+
+    teacher_forced   x_{t-1} = step(x_t, ε(x_t))                    the FP trajectory; the quantized path (with the
+                     ε̂ = after_model(q(x̃_t)), x̃_t = before_model(x_t)   hooks already in the stack) is evaluated on
+                                                                      the same state (PTQD's choice, methods.md §2 B2)
+    quantized        x_{t-1} = after_step(step(x̃_t, ε̂, noise_std(σ_t)))  the deployed quantized trajectory;
+                     ε = fp(x̃_t)                                      FP is evaluated on the quantized input
+
+Noise comes from ``tadq.sampling.initial_noise``/``step_noise``, so a sample's noise depends only on
+(seed, sample index) and a pair is O(S) network calls per sample and network.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from tadq.sampling import (
+    Denoiser,
+    SamplerConfig,
+    SamplingHooks,
+    StepContext,
+    initial_noise,
+    make_scheduler,
+    sampler_step,
+    step_contexts,
+    step_noise,
+)
+from tadq.sampling.hooks import apply_after_model, apply_after_step, apply_before_model, apply_noise_std, check_hooks
+
+__all__ = ["TRAJECTORY_MODES", "TrajectoryMode", "TrajectoryPair", "collect_trajectory_pair"]
+
+logger = logging.getLogger(__name__)
+
+TrajectoryMode = Literal["teacher_forced", "quantized"]
+TRAJECTORY_MODES: tuple[str, ...] = ("teacher_forced", "quantized")
+
+
+@dataclass
+class TrajectoryPair:
+    """Per-step FP and quantized noise predictions along one set of trajectories; all tensors on the CPU.
+
+    Args:
+        eps_fp: FP prediction ε at each step, (S, N, C, H, W).
+        eps_q: Quantized prediction ε̂ after the hooks already active (the earlier corrections), (S, N, C, H, W).
+        model_inputs: What the quantized network saw (x̃_t, after ``before_model``), (S, N, C, H, W).
+        states: x_T, then the state after each step of the trajectory that was followed, (S+1, N, C, H, W).
+        steps: The sampler's ``StepContext`` of each step.
+        mode: Which trajectory was followed (see the module docstring).
+        seed: Noise seed of the run.
+        bits: Bit label of the quantized model, e.g. ``"W4A8"`` (tables are keyed by it).
+        guidance_scale: Classifier-free guidance scale w of both predictions (1.0: unconditional).
+    """
+
+    eps_fp: Tensor
+    eps_q: Tensor
+    model_inputs: Tensor
+    states: Tensor
+    steps: tuple[StepContext, ...]
+    mode: TrajectoryMode
+    seed: int
+    bits: str
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in TRAJECTORY_MODES:
+            raise ValueError(f"TrajectoryPair.mode={self.mode!r}; accepted values: {TRAJECTORY_MODES}")
+        num_steps = len(self.steps)
+        if num_steps == 0:
+            raise ValueError("a TrajectoryPair needs at least one step")
+        shape = tuple(self.eps_fp.shape)
+        if len(shape) < 3 or shape[0] != num_steps:
+            raise ValueError(f"eps_fp must be (S={num_steps}, N, C, ...), got {shape}")
+        for name in ("eps_q", "model_inputs"):
+            if tuple(getattr(self, name).shape) != shape:
+                raise ValueError(f"{name} has shape {tuple(getattr(self, name).shape)}, eps_fp has {shape}")
+        if tuple(self.states.shape) != (num_steps + 1, *shape[1:]):
+            raise ValueError(f"states must be (S+1, N, ...) = {(num_steps + 1, *shape[1:])}, got "
+                             f"{tuple(self.states.shape)}")
+        if len({step.sampler_key for step in self.steps}) != 1:
+            raise ValueError("all steps of a TrajectoryPair must come from one sampler")
+
+    @property
+    def num_steps(self) -> int:
+        """S, the number of sampler steps."""
+        return len(self.steps)
+
+    @property
+    def num_samples(self) -> int:
+        """N, the number of trajectories."""
+        return int(self.eps_fp.shape[1])
+
+    @property
+    def sampler_key(self) -> str:
+        """``SamplerConfig.key`` of the sampler that produced the pair."""
+        return self.steps[0].sampler_key
+
+    def error(self, index: int) -> Tensor:
+        """Δ = ε̂ − ε at step ``index`` in float64, (N, C, H, W) (methods.md §2 B1)."""
+        return self.eps_q[index].double() - self.eps_fp[index].double()
+
+
+def _bits_of(q_denoiser: Denoiser, bits: str | None) -> str:
+    if bits is not None:
+        return bits
+    label = getattr(getattr(q_denoiser, "config", None), "label", None)
+    if not isinstance(label, str):
+        raise ValueError("cannot tell the quantized model's bit label; pass bits='W4A8' (or similar) explicitly")
+    return label
+
+
+def _shape_of(q_denoiser: Denoiser, sample_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+    if sample_shape is not None:
+        return tuple(sample_shape)  # type: ignore[return-value]
+    shape = getattr(q_denoiser, "sample_shape", None)
+    if shape is None:
+        raise ValueError("cannot tell the sample shape; pass sample_shape=(C, H, W) explicitly")
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _predict(denoiser: Denoiser, x: Tensor, step: StepContext) -> Tensor:
+    t = torch.full((x.shape[0],), step.t, dtype=torch.long, device=x.device)  # (B,)
+    return denoiser(x, t)
+
+
+def _run_batch(
+    fp_denoiser: Denoiser, q_denoiser: Denoiser, steps: Sequence[StepContext], hooks: Sequence[SamplingHooks],
+    x: Tensor, noise: Tensor, mode: TrajectoryMode,
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """One batch: x is x_T (B, C, H, W), noise the step noises (S, B, C, H, W); returns per-step CPU lists."""
+    eps_fp, eps_q, inputs, states = [], [], [], [x.cpu()]
+    for step in steps:
+        x_in = apply_before_model(hooks, x, step)  # x̃_t
+        eps_hat = apply_after_model(hooks, _predict(q_denoiser, x_in, step), x_in, step)
+        if mode == "teacher_forced":
+            eps = _predict(fp_denoiser, x, step)
+            x = sampler_step(x, eps, step, noise=noise[step.index])  # FP step, the sampler's own σ_t
+        else:
+            eps = _predict(fp_denoiser, x_in, step)
+            std = apply_noise_std(hooks, torch.tensor(step.std_dev_t, dtype=torch.float32, device=x.device), step)
+            x = apply_after_step(hooks, sampler_step(x_in, eps_hat, step, noise=noise[step.index], std=std), step)
+        eps_fp.append(eps.cpu())
+        eps_q.append(eps_hat.cpu())
+        inputs.append(x_in.cpu())
+        states.append(x.cpu())
+    return eps_fp, eps_q, inputs, states
+
+
+def collect_trajectory_pair(
+    fp_denoiser: Denoiser,
+    q_denoiser: Denoiser,
+    scheduler,
+    sampler: SamplerConfig,
+    *,
+    num_samples: int,
+    seed: int,
+    mode: TrajectoryMode = "teacher_forced",
+    hooks: Sequence[SamplingHooks] = (),
+    batch_size: int = 128,
+    sample_shape: tuple[int, int, int] | None = None,
+    bits: str | None = None,
+    device: str | torch.device = "cpu",
+) -> TrajectoryPair:
+    """Run the sampler once and record ε and ε̂ at every step (methods.md §2 B2, §7 step 3).
+
+    Args:
+        fp_denoiser: ``(x, t) -> ε`` of the full-precision model.
+        q_denoiser: ``(x, t) -> ε̂`` of the quantized network *without* its corrections (pass those as ``hooks``).
+        scheduler: The model's training scheduler (or its config holder); the sampler's scheduler is built from
+            it with ``make_scheduler``, as ``tadq.sample`` does.
+        sampler: The deployment sampler (kind, S, η); the pair and every table fitted on it are keyed by it.
+        num_samples: N trajectories (sample indices 0..N-1).
+        seed: Noise seed; use a calibration seed, never the evaluation seed.
+        mode: ``"teacher_forced"`` or ``"quantized"`` (module docstring).
+        hooks: Corrections already active (fitted earlier in the stack), applied to the quantized path in order.
+        batch_size: Trajectories per network call; does not change the result.
+        sample_shape: (C, H, W); default ``q_denoiser.sample_shape``.
+        bits: Bit label; default ``q_denoiser.config.label``.
+        device: Where the networks and states live.
+
+    Returns:
+        The ``TrajectoryPair``.
+    """
+    if mode not in TRAJECTORY_MODES:
+        raise ValueError(f"mode={mode!r}; accepted values: {TRAJECTORY_MODES}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    hooks = tuple(hooks)
+    check_hooks(hooks)
+    label, shape = _bits_of(q_denoiser, bits), _shape_of(q_denoiser, sample_shape)
+    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
+    logger.info("collecting a %s trajectory pair: %d samples, %s, %s", mode, num_samples, sampler.key, label)
+    per_batch: list[tuple[list[Tensor], ...]] = []
+    with torch.no_grad():
+        for start in range(0, num_samples, batch_size):
+            indices = list(range(start, min(start + batch_size, num_samples)))
+            x = initial_noise(seed, indices, shape).to(device)  # (B, C, H, W)
+            noise = step_noise(seed, indices, len(steps), shape).to(device)  # (S, B, C, H, W)
+            per_batch.append(_run_batch(fp_denoiser, q_denoiser, steps, hooks, x, noise, mode))
+
+    def gather(position: int) -> Tensor:  # per batch a list over steps -> (steps, N, ...)
+        return torch.cat([torch.stack(batch[position]) for batch in per_batch], dim=1)
+
+    return TrajectoryPair(eps_fp=gather(0), eps_q=gather(1), model_inputs=gather(2), states=gather(3),
+                          steps=tuple(steps), mode=mode, seed=seed, bits=label)

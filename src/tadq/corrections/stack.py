@@ -1,0 +1,146 @@
+"""``CorrectionStack``: corrections applied, fitted and saved in one order (methods.md §7, "Calibration order").
+
+Output correctors all estimate "quantized output → FP output" maps, so two of them double-correct unless the later
+one is fitted on the output of the earlier one. ``fit_stack`` therefore fits correction i on a trajectory pair
+collected with corrections 0..i-1 active, the order in which the sampling loop applies them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tadq.config import config_from_dict, config_to_dict
+from tadq.corrections.base import Correction
+from tadq.corrections.pair import collect_trajectory_pair
+from tadq.registry import correction_for
+from tadq.sampling import Denoiser, IdentityHooks, SamplerConfig, StepContext
+
+__all__ = ["CorrectionStack", "fit_stack"]
+
+logger = logging.getLogger(__name__)
+
+
+class CorrectionStack(nn.Module, IdentityHooks):
+    """Corrections in the order they act; itself a ``SamplingHooks`` applying its members in order.
+
+    Args:
+        corrections: The members, first applied first.
+    """
+
+    def __init__(self, corrections: Sequence[Correction] = ()) -> None:
+        super().__init__()
+        for position, correction in enumerate(corrections):
+            if not isinstance(correction, Correction):
+                raise TypeError(f"corrections[{position}] is a {type(correction).__name__}, not a Correction")
+        self.members = nn.ModuleList(corrections)
+
+    def __iter__(self) -> Iterator[Correction]:
+        return iter(self.members)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def __getitem__(self, index: int) -> Correction:
+        return self.members[index]  # type: ignore[return-value]
+
+    def append(self, correction: Correction) -> CorrectionStack:
+        """Add a correction that acts after the current members."""
+        if not isinstance(correction, Correction):
+            raise TypeError(f"can only append a Correction, got {type(correction).__name__}")
+        self.members.append(correction)
+        return self
+
+    # -- (de)serialisation ------------------------------------------------------------------------------------------
+    def configs(self) -> list[dict[str, Any]]:
+        """The members' configs as ``config_to_dict`` payloads, in order (for ``tadq_config.json``)."""
+        return [config_to_dict(member.config) for member in self]
+
+    @classmethod
+    def from_configs(cls, payloads: Sequence[dict[str, Any]]) -> CorrectionStack:
+        """Fresh, unfitted members rebuilt through the registries; load a ``state_dict`` next."""
+        return cls([correction_for(config_from_dict(payload)) for payload in payloads])
+
+    def check_model(self, bits: str, guidance_scale: float = 1.0) -> None:
+        """Raise ``ValueError`` if a member was fitted for another bit label or guidance scale."""
+        for member in self:
+            member.check_model(bits, guidance_scale)
+
+    # -- hooks ------------------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, adapter: Any) -> nn.Module:
+        """Apply every member's structural ``prepare`` in order."""
+        for member in self:
+            model = member.prepare(model, adapter)
+        return model
+
+    def before_model(self, x: Tensor, step: StepContext) -> Tensor:
+        for member in self:
+            x = member.before_model(x, step)
+        return x
+
+    def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
+        for member in self:
+            eps = member.after_model(eps, x, step)
+        return eps
+
+    def noise_std(self, std: Tensor, step: StepContext) -> Tensor:
+        for member in self:
+            std = member.noise_std(std, step)
+        return std
+
+    def after_step(self, x_prev: Tensor, step: StepContext) -> Tensor:
+        for member in self:
+            x_prev = member.after_step(x_prev, step)
+        return x_prev
+
+
+def fit_stack(
+    stack: CorrectionStack,
+    fp_denoiser: Denoiser,
+    q_denoiser: Denoiser,
+    scheduler,
+    sampler: SamplerConfig,
+    *,
+    num_samples: int | None = None,
+    seed: int | None = None,
+    batch_size: int = 128,
+    start: int = 0,
+    **pair_options: Any,
+) -> CorrectionStack:
+    """Fit members ``start..`` in application order, each on a pair collected with the members before it active.
+
+    Args:
+        stack: The stack to fit in place (members before ``start`` must already be fitted).
+        fp_denoiser: ``(x, t) -> ε`` of the FP model.
+        q_denoiser: ``(x, t) -> ε̂`` of the quantized network, without corrections.
+        scheduler: The model's training scheduler.
+        sampler: The deployment sampler.
+        num_samples: Trajectories per pair; ``None`` uses each member's ``config.num_samples``.
+        seed: Noise seed of every pair; ``None`` uses each member's ``config.seed`` (a calibration seed).
+        batch_size: Trajectories per network call.
+        start: First member to fit.
+        **pair_options: ``sample_shape``, ``bits`` or ``device`` for ``collect_trajectory_pair``.
+
+    Returns:
+        ``stack``, fitted.
+    """
+    if not 0 <= start <= len(stack):
+        raise ValueError(f"start={start} must lie in [0, {len(stack)}]")
+    for index in range(start, len(stack)):
+        member = stack[index]
+        request = member.pair_request()
+        if request is None:
+            continue
+        pair = collect_trajectory_pair(
+            fp_denoiser, q_denoiser, scheduler, sampler, mode=request.mode, hooks=tuple(stack)[:index],
+            num_samples=request.num_samples if num_samples is None else num_samples,
+            seed=request.seed if seed is None else seed, batch_size=batch_size, **pair_options,
+        )
+        with torch.no_grad():
+            member.fit(pair)
+        logger.info("fitted %s (%d of %d) on a %s pair", type(member).__name__, index + 1, len(stack), request.mode)
+    return stack
