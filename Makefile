@@ -24,6 +24,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/reconstruction_budget.py
+
 quality: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 

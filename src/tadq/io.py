@@ -9,6 +9,8 @@ Folder layout (architecture.md §8)::
     tadq_quant_map.json              layer name → role, schemes, reason a layer stayed in FP
     tadq_weights.safetensors         integer codes of every quantized weight (two 4-bit codes per byte) and
                                      every other state tensor (FP layers, norms, biases, quantizer Δ and z)
+    corrections.safetensors          per-step tables of the correction stack (only when it is not empty; the
+                                     stack's configs are in tadq_config.json, see tadq.corrections.io)
 
 Loading rebuilds the FP architecture from its config, re-runs the structural step of ``quantize``
 (``build_quantized_structure``) and sets each quantized weight to Δ·(codes − z). An on-grid weight fake-quantizes
@@ -34,6 +36,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from tadq.config import config_from_dict, config_to_dict
+from tadq.corrections.io import load_corrections, save_corrections
 from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
@@ -193,9 +196,14 @@ def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin
     return subfolder
 
 
+def _network_state(qmodel: QuantizedDenoiser) -> dict[str, Tensor]:
+    """The state of everything but the correction stack (which has its own file)."""
+    return {key: value for key, value in qmodel.state_dict().items() if not key.startswith("corrections.")}
+
+
 def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -> ArtefactSize:
     entries = _weight_entries(qmodel)
-    state = qmodel.state_dict()
+    state = _network_state(qmodel)
     covered = _covered_keys(state, entries)
     tensors = {key: value.detach().contiguous() for key, value in state.items() if key not in covered}
     codes_info = {}
@@ -210,6 +218,7 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
         "format": "tadq-quantized", "format_version": FORMAT_VERSION, "model_class": type(qmodel.model).__name__,
         "denoiser_folder": subfolder, "adapter": qmodel.adapter.name, "quant_config": config_to_dict(qmodel.config),
         "versions": library_versions(), "sizes": size.to_json(),
+        "corrections": save_corrections(qmodel.corrections, folder),
     }
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return size
@@ -319,7 +328,7 @@ def _owner(qmodel: nn.Module, key: str, entries: dict[str, _WeightEntry]) -> str
 def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
     """Load FP tensors and quantizer state, then set every quantized weight to Δ·(codes − z)."""
     entries = _weight_entries(qmodel)
-    state = qmodel.state_dict()
+    state = _network_state(qmodel)
     float_keys = set(state) - _covered_keys(state, entries)
     expected = float_keys | {key + CODES_SUFFIX for key in entries}
     with safe_open(str(file), framework="pt") as handle:
@@ -378,4 +387,5 @@ def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerM
         raise ValueError(f"{path} was saved with adapter {meta.get('adapter')!r}, this tadq uses "
                          f"{qmodel.adapter.name!r} for {type(model).__name__}")
     _load_tensors(qmodel, path / WEIGHTS_FILE)
+    qmodel.corrections = load_corrections(path, meta.get("corrections", []))
     return qmodel, _load_scheduler(path)

@@ -1,0 +1,77 @@
+"""``fit_ptqd``: what a ``tadq run`` row calls to put PTQD on top of a quantized model (methods.md §2, §7).
+
+A row reads ``api.sample(fit_ptqd(q, fp, scheduler, sampler, PTQDConfig(seed=calibration_seed)), ...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from torch import nn
+
+from tadq.corrections.ptqd.config import PTQDConfig
+from tadq.corrections.ptqd.correction import PTQDCorrection, vsc_report
+from tadq.corrections.stack import CorrectionStack, fit_stack
+from tadq.denoiser import QuantizedDenoiser
+from tadq.registry import adapter_for
+from tadq.sampling import Denoiser, SamplerConfig
+
+__all__ = ["as_denoiser", "fit_ptqd", "with_corrections"]
+
+logger = logging.getLogger(__name__)
+
+
+def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
+    """``(x, t) -> ε`` of a diffusers model through its adapter; a ``QuantizedDenoiser`` or callable as is."""
+    if isinstance(model, QuantizedDenoiser) or not isinstance(model, nn.Module):
+        return model
+    adapter = adapter_for(model)
+    return lambda x, t: adapter.predict_eps(model, x, t)
+
+
+def with_corrections(qmodel: QuantizedDenoiser, stack: CorrectionStack) -> QuantizedDenoiser:
+    """A new ``QuantizedDenoiser`` sharing ``qmodel``'s network (no weights copied) with ``stack`` as corrections."""
+    view = QuantizedDenoiser(qmodel.model, qmodel.adapter, qmodel.config, qmodel.plans)
+    view.reconstruction_report = qmodel.reconstruction_report
+    view.corrections = stack
+    return view
+
+
+def fit_ptqd(
+    qmodel: QuantizedDenoiser,
+    fp_model: nn.Module | Denoiser,
+    scheduler,
+    sampler: SamplerConfig,
+    config: PTQDConfig,
+    *,
+    batch_size: int = 128,
+) -> QuantizedDenoiser:
+    """PTQD fitted for ``sampler`` on top of ``qmodel`` and its existing corrections (methods.md §2 B2-B4).
+
+    ``qmodel`` is left unchanged: the result is a new ``QuantizedDenoiser`` that shares its quantized network (so
+    the base row and the PTQD row of a table come from the very same weights) and whose stack is ``qmodel``'s
+    corrections followed by the new ``PTQDCorrection``, fitted on a pair collected with the earlier ones active.
+
+    Args:
+        qmodel: The quantized model (e.g. the Q-Diffusion base), possibly with corrections already.
+        fp_model: The FP diffusers model (or an ``(x, t) -> ε`` callable).
+        scheduler: The model's training scheduler.
+        sampler: The deployment sampler; the tables are valid for it only.
+        config: PTQD settings; ``config.seed`` must be a calibration seed, not the evaluation seed.
+        batch_size: Trajectories per network call while collecting the pair.
+
+    Returns:
+        The corrected denoiser, ready for ``tadq.sample`` and ``save_pretrained``.
+    """
+    if not isinstance(qmodel, QuantizedDenoiser):
+        raise TypeError(f"fit_ptqd takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
+    if not isinstance(config, PTQDConfig):
+        raise TypeError(f"fit_ptqd takes a PTQDConfig, got {type(config).__name__}")
+    existing = list(qmodel.corrections)
+    stack = CorrectionStack([*existing, PTQDCorrection(config)])
+    fit_stack(stack, as_denoiser(fp_model), qmodel, scheduler, sampler, batch_size=batch_size, start=len(existing))
+    correction = stack[len(existing)]
+    logger.info("PTQD %s on %s: mean k = %.4f, mean |μ| = %.4g, mean σ_q = %.4g; %s", qmodel.config.label,
+                sampler.key, float(correction.k.mean()), float(correction.mu.abs().mean()),
+                float(correction.sigma_q.mean()), vsc_report(correction))
+    return with_corrections(qmodel, stack)

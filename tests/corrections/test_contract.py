@@ -1,0 +1,144 @@
+"""The contract every registered correction meets (architecture.md §5 and §10), parametrised over the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, InjectedError, analytic_scheduler
+
+from tadq.config import config_from_dict, config_to_dict
+from tadq.corrections import Correction, CorrectionStack, collect_trajectory_pair, fit_stack
+from tadq.corrections.io import load_corrections, save_corrections
+from tadq.registry import correction_for, registered_corrections
+from tadq.sampling import IdentityHooks, SamplerConfig, make_scheduler, sample, step_contexts
+
+CONFIG_TYPES = sorted(registered_corrections(), key=lambda klass: klass.__name__)
+SAMPLER = SamplerConfig(kind="ddim", num_steps=6, eta=1.0)  # stochastic, so variance hooks act too
+BITS = "W4A8"
+
+
+def _config(config_type, **overrides):
+    return dataclasses.replace(config_type(), **{"num_samples": 32, **overrides})
+
+
+def _fit(config, *, error: bool = True, sampler: SamplerConfig = SAMPLER) -> Correction:
+    correction = correction_for(config)
+    request = correction.pair_request()
+    if request is not None:
+        scheduler = analytic_scheduler()
+        fp = AnalyticDenoiser(scheduler)
+        quantized = InjectedError(fp) if error else fp
+        pair = collect_trajectory_pair(fp, quantized, scheduler, sampler, num_samples=request.num_samples,
+                                       seed=request.seed, mode=request.mode, sample_shape=SAMPLE_SHAPE, bits=BITS)
+        correction.fit(pair)
+    return correction
+
+
+def _steps(sampler: SamplerConfig = SAMPLER):
+    return step_contexts(make_scheduler(analytic_scheduler(), sampler), sampler)
+
+
+def _inputs(step):
+    generator = torch.Generator().manual_seed(1000 + step.index)
+    x = torch.randn((3, *SAMPLE_SHAPE), generator=generator)
+    eps = torch.randn((3, *SAMPLE_SHAPE), generator=generator)
+    return x, eps, torch.tensor(step.std_dev_t, dtype=torch.float32)
+
+
+def _outputs(hooks, steps=None) -> list[torch.Tensor]:
+    """Every hook's output at every step, on fixed inputs."""
+    outputs = []
+    for step in steps or _steps():
+        x, eps, std = _inputs(step)
+        outputs += [hooks.before_model(x, step), hooks.after_model(eps, x, step), hooks.noise_std(std, step),
+                    hooks.after_step(x, step)]
+    return outputs
+
+
+def _all_equal(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:
+    return len(first) == len(second) and all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+def test_registry_holds_the_built_in_corrections():
+    assert any(klass.__name__ == "PTQDConfig" for klass in CONFIG_TYPES)
+
+
+@pytest.mark.parametrize("config_type", CONFIG_TYPES, ids=lambda klass: klass.__name__)
+class TestCorrectionContract:
+    def test_zero_error_fit_is_the_identity(self, config_type):
+        correction = _fit(_config(config_type), error=False)
+        for step in _steps():
+            x, eps, std = _inputs(step)
+            assert torch.equal(correction.before_model(x, step), x)
+            assert torch.equal(correction.after_model(eps, x, step), eps)
+            assert torch.equal(correction.noise_std(std, step), std)
+            assert torch.equal(correction.after_step(x, step), x)
+
+    def test_state_dict_round_trips_exactly(self, config_type, tmp_path):
+        config = _config(config_type)
+        fitted = _fit(config)
+        assert not _all_equal(_outputs(fitted), _outputs(IdentityHooks()))  # a real error gives a real correction
+        fresh = correction_for(config)
+        fresh.load_state_dict(fitted.state_dict())
+        assert fresh.table_key == fitted.table_key
+        assert _all_equal(_outputs(fresh), _outputs(fitted))
+        configs = save_corrections(CorrectionStack([fitted]), tmp_path)
+        loaded = load_corrections(tmp_path, json.loads(json.dumps(configs)))
+        assert _all_equal(_outputs(loaded[0]), _outputs(fitted))
+
+    def test_config_survives_json(self, config_type):
+        config = _config(config_type, seed=7)
+        assert config_from_dict(json.loads(json.dumps(config_to_dict(config)))) == config
+
+    def test_same_seed_gives_identical_output(self, config_type):
+        first, second = _fit(_config(config_type, seed=4)), _fit(_config(config_type, seed=4))
+        assert _all_equal(_outputs(first), _outputs(second))
+        other = _fit(_config(config_type, seed=5))
+        if first.table_names:
+            assert not _all_equal(_outputs(first), _outputs(other))
+
+    def test_bad_configs_raise(self, config_type):
+        for bad in ({"num_samples": 0}, {"num_samples": 2.5}, {"seed": -1}, {"trajectory": "fp"}):
+            with pytest.raises(ValueError):
+                _config(config_type, **bad)
+
+    def test_unfitted_or_mismatched_use_raises(self, config_type):
+        config = _config(config_type)
+        if not correction_for(config).keyed:
+            pytest.skip("a correction without per-step tables has no key to mismatch")
+        unfitted = correction_for(config)
+        with pytest.raises(ValueError, match="not fitted"):
+            _outputs(unfitted)
+        fitted = _fit(config)
+        other_eta = SamplerConfig(kind="ddim", num_steps=SAMPLER.num_steps, eta=0.0)
+        other_steps = SamplerConfig(kind="ddim", num_steps=SAMPLER.num_steps + 2, eta=1.0)
+        for sampler in (other_eta, other_steps, SamplerConfig(kind="ddpm", num_steps=SAMPLER.num_steps)):
+            step = _steps(sampler)[0]
+            x, eps, std = _inputs(step)
+            for hook, args in (("before_model", (x,)), ("after_model", (eps, x)), ("noise_std", (std,)),
+                               ("after_step", (x,))):
+                with pytest.raises(ValueError, match="fitted for"):
+                    getattr(fitted, hook)(*args, step)
+        with pytest.raises(ValueError, match="W4A8"):
+            fitted.check_model("W4A4")
+        with pytest.raises(ValueError, match="guidance"):
+            fitted.check_model(BITS, guidance_scale=3.0)
+
+    def test_stacking_order_survives_save_and_load(self, config_type, tmp_path):
+        scheduler = analytic_scheduler()
+        fp = AnalyticDenoiser(scheduler)
+        stack = CorrectionStack([correction_for(_config(config_type, seed=seed)) for seed in (1, 2, 3)])
+        fit_stack(stack, fp, InjectedError(fp), scheduler, SAMPLER, sample_shape=SAMPLE_SHAPE, bits=BITS)
+        configs = save_corrections(stack, tmp_path)
+        loaded = load_corrections(tmp_path, json.loads(json.dumps(configs)))
+        assert [member.config for member in loaded] == [member.config for member in stack]
+        for original, restored in zip(stack, loaded, strict=True):
+            assert restored.table_key == original.table_key
+            assert _all_equal(_outputs(restored), _outputs(original))
+        runs = [sample(InjectedError(fp, seed=9), make_scheduler(scheduler, SAMPLER), SAMPLER, num_samples=4, seed=8,
+                       sample_shape=SAMPLE_SHAPE, hooks=tuple(hooks), progress=False).images
+                for hooks in (stack, loaded)]
+        assert torch.equal(runs[0], runs[1])
