@@ -59,15 +59,19 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, m
             assert ref_row[key] == row[key]
 
 
-def test_qdiffusion_rows_run_end_to_end(tmp_path, tiny_model_dir):
+def test_qdiffusion_and_ptqd_rows_run_end_to_end(tmp_path, tiny_model_dir):
     from tadq.config import ReconstructionConfig
 
-    results = run_main_job(_config(tiny_model_dir, tmp_path / "q", presets=("W4A8",), methods=("naive", "qdiffusion"),
-                                   reconstruction=ReconstructionConfig(weight_iters=40, activation_iters=20,
-                                                                       batch_size=8)))
+    config = _config(tiny_model_dir, tmp_path / "q", presets=("W4A8",), methods=("naive", "qdiffusion", "ptqd"),
+                     reconstruction=ReconstructionConfig(weight_iters=40, activation_iters=20, batch_size=8))
+    results = run_main_job(config)
     rows = {row["method"]: row for row in results["rows"]}
-    assert set(rows) == {"FP", "naive PTQ", "Q-Diffusion"}
+    assert set(rows) == {"FP", "naive PTQ", "Q-Diffusion", "Q-Diffusion + PTQD"}
     assert rows["Q-Diffusion"]["final_mse"] > 0
+    tables = results["extras"]["Q-Diffusion + PTQD W4A8"]["ptqd_tables"]
+    assert len(tables["k"]) == SAMPLER.num_steps
+    assert (tmp_path / "q" / "ptqd_tables.png").exists()
+    assert len(list((tmp_path / "q" / "models").glob("qdiffusion-W4A8-*"))) == 1  # PTQD reused the base row's model
 
 
 def test_same_seed_same_numbers_and_disjoint_seeds_enforced(tmp_path, tiny_model_dir):

@@ -23,7 +23,13 @@ from torch import Tensor, nn
 from tadq.api import quantize, sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig, config_to_dict
+from tadq.corrections.ptqd import PTQDConfig
+from tadq.corrections.ptqd.correction import ptqd_tables, vsc_report
+from tadq.corrections.ptqd.experiment import fit_ptqd
+from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
+from tadq.denoiser import QuantizedDenoiser
 from tadq.evaluation import quality_metrics
+from tadq.io import load_quantized, save_quantized
 from tadq.metrics import fd_digits_reference, load_digit_classifier, per_step_mse
 from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
@@ -36,7 +42,7 @@ from tadq.zoo.data import DigitsConfig, load_digits_split
 __all__ = ["RunConfig", "run_main_job", "Variant"]
 
 logger = logging.getLogger(__name__)
-METHOD_LABELS = {"naive": "naive PTQ", "qdiffusion": "Q-Diffusion"}
+METHOD_LABELS = {"naive": "naive PTQ", "qdiffusion": "Q-Diffusion", "ptqd": "Q-Diffusion + PTQD"}
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,8 @@ class RunConfig:
         model: a local diffusers folder, or ``None`` for the shipped digits DDPM.
         presets: quantization presets to compare.
         methods: quantization methods, one row per (method, preset): ``naive`` (calibrated ranges only) and
-            ``qdiffusion`` (block reconstruction + split shortcuts + attention matmul quantization).
+            ``qdiffusion`` (block reconstruction + split shortcuts + attention matmul quantization) and ``ptqd``
+            (PTQD fitted on the very same Q-Diffusion model, for the deployment sampler).
         reconstruction: reconstruction settings of the ``qdiffusion`` rows.
         num_samples: samples per variant (FD needs ≥ 1000 to mean something; PSNR far fewer).
         sampler: the deployment sampler (default DDIM 50, η = 0).
@@ -61,7 +68,7 @@ class RunConfig:
 
     model: str | None = None
     presets: tuple[str, ...] = ("W8A8", "W4A8", "W4A4")
-    methods: tuple[str, ...] = ("naive", "qdiffusion")
+    methods: tuple[str, ...] = ("naive", "qdiffusion", "ptqd")
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     num_samples: int = 1000
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
@@ -96,6 +103,7 @@ class Variant:
     bits: str
     build: Callable[[], nn.Module] | None
     settings: dict[str, Any]
+    describe: Callable[[nn.Module], dict[str, Any]] | None = None  # extra results kept with the cell
 
 
 def _cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
@@ -123,6 +131,7 @@ def _run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path,
         "key": key, "name": variant.name, "bits": variant.bits, "settings": variant.settings,
         "images": result.images, "states": result.trajectory.states, "setup_s": setup_s,
         "sampling_s": time.perf_counter() - t1,
+        "extras": variant.describe(denoiser) if variant.describe is not None else {},
     }
     atomic_torch_save(cell, path)
     return cell
@@ -137,26 +146,63 @@ def _metrics(cell: dict, fp: dict, real: Tensor, classifier) -> dict[str, Any]:
 
 
 def method_config(method: str, preset_name: str, config: RunConfig) -> QuantConfig:
-    """The ``QuantConfig`` of one (method, preset) row."""
+    """The base ``QuantConfig`` of one (method, preset) row (``ptqd`` rows sit on the Q-Diffusion base)."""
     if method == "naive":
         return QuantConfig.from_preset(preset_name, calibration=config.calibration)
     return QuantConfig.from_preset(preset_name, method="qdiffusion", calibration=config.calibration,
                                    reconstruction=config.reconstruction, split_shortcut=True, quantize_attention=True)
 
 
-def default_variants(model, scheduler, config: RunConfig, calibration, checkpoint_dir: Path) -> list[Variant]:
+class BaseModels:
+    """Quantized base models, built once per config and kept on disk (``out/models``) so that correction rows
+    reuse exactly the base row's weights, also after an interrupted run."""
+
+    def __init__(self, model, scheduler, calibration, fingerprint: str, folder: Path) -> None:
+        self.model, self.scheduler, self.calibration = model, scheduler, calibration
+        self.fingerprint, self.folder = fingerprint, folder
+
+    def get(self, quant_config: QuantConfig) -> QuantizedDenoiser:
+        payload = json.dumps({"model": self.fingerprint, "quant": config_to_dict(quant_config),
+                              "calibration": self.calibration.key}, sort_keys=True)
+        key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        path = self.folder / f"{quant_config.method}-{quant_config.label}-{key}"
+        if (path / "tadq_config.json").exists():
+            return load_quantized(path)[0]
+        qmodel = quantize(self.model, self.scheduler, quant_config, calibration=self.calibration,
+                          checkpoint=self.folder / f"recon-{key}.pt")
+        save_quantized(qmodel, path, self.scheduler, overwrite=True)
+        (self.folder / f"recon-{key}.pt").unlink(missing_ok=True)
+        return qmodel
+
+
+def _ptqd_variant(bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
+    base_config = method_config("qdiffusion", preset_name, config)
+    ptqd_config = PTQDConfig(seed=config.calibration.seed)  # calibration noise, disjoint from the evaluation seed
+
+    def build() -> nn.Module:
+        return fit_ptqd(bases.get(base_config), bases.model, bases.scheduler, config.sampler, ptqd_config)
+
+    def describe(denoiser: nn.Module) -> dict[str, Any]:
+        correction = denoiser.corrections[-1]
+        return {"ptqd_tables": ptqd_tables(correction), "ptqd_vsc": vsc_report(correction)}
+
+    return Variant(METHOD_LABELS["ptqd"], base_config.label, build,
+                   {"method": "ptqd", "quant": config_to_dict(base_config), "ptqd": config_to_dict(ptqd_config)},
+                   describe)
+
+
+def default_variants(config: RunConfig, bases: BaseModels) -> list[Variant]:
     """FP plus one row per (method, preset); later methods append their rows here."""
     variants = [Variant("FP", "W32A32", None, {"method": "fp"})]
     for method in config.methods:
         for name in config.presets:
+            if method == "ptqd":
+                variants.append(_ptqd_variant(bases, config, name))
+                continue
             quant_config = method_config(method, name, config)
-            checkpoint = checkpoint_dir / f"recon-{method}-{quant_config.label}.pt"
-            variants.append(Variant(
-                METHOD_LABELS[method], quant_config.label,
-                lambda qc=quant_config, ck=checkpoint: quantize(model, scheduler, qc, calibration=calibration,
-                                                                checkpoint=ck),
-                {"method": method, "quant": config_to_dict(quant_config)},
-            ))
+            variants.append(Variant(METHOD_LABELS[method], quant_config.label,
+                                    lambda qc=quant_config: bases.get(qc),
+                                    {"method": method, "quant": config_to_dict(quant_config)}))
     return variants
 
 
@@ -170,7 +216,8 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
     logger.info("collecting timestep-aware calibration data (seed %d)", config.calibration.seed)
     calibration = collect_calibration_set(model, adapter, scheduler.config, config.calibration,
                                           cache_dir=config.cache_dir)
-    variants = default_variants(model, scheduler, config, calibration, out / "cells")
+    bases = BaseModels(model, scheduler, calibration, fingerprint, out / "models")
+    variants = default_variants(config, bases)
     cells = []
     for index, variant in enumerate(variants):
         key = _cell_key(fingerprint, config, variant)
@@ -198,9 +245,14 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
         label: per_step_mse(fp["states"], c["states"]) for label, c in zip(labels, cells, strict=True) if c is not fp
     }
     save_error_curves(curves, out / "per_step_error.png", title=f"{config.sampler.key}: MSE(x_t FP, x_t quantized)")
+    ptqd = {label: c["extras"]["ptqd_tables"] for label, c in zip(labels, cells, strict=True)
+            if "ptqd_tables" in c.get("extras", {})}
+    if ptqd:
+        save_ptqd_tables_plot(ptqd, out / "ptqd_tables.png")
     results = {
         "rows": rows,
         "per_step_mse": {label: curve.tolist() for label, curve in curves.items()},
+        "extras": {label: c.get("extras", {}) for label, c in zip(labels, cells, strict=True) if c.get("extras")},
         "fd_digits_real_vs_real": reference,
         "notes": {
             "fd": f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, "
