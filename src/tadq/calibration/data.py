@@ -8,6 +8,7 @@ data depends on (model weights, scheduler config, calibration config); a mismatc
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import logging
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ class CalibrationSet:
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: runs may share a cache folder
         tensors = {"x": self.x.contiguous(), "t": self.t, "step_index": self.step_index, "eps": self.eps.contiguous()}
         save_file(tensors, str(tmp), metadata={"key": self.key})
         tmp.replace(path)
