@@ -8,9 +8,9 @@ data depends on (model weights, scheduler config, calibration config); a mismatc
 from __future__ import annotations
 
 import hashlib
-import os
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
