@@ -134,3 +134,9 @@ def test_evaluate_reports_inception_fid_from_a_local_file(tmp_path, tiny_model_d
     missing = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "6",
                                   "--steps", "3", "--inception-weights", str(tmp_path / "nope.pt")])
     assert missing.exit_code == 2
+
+
+def test_sample_defaults_to_the_shipped_model(tmp_path):
+    result = runner.invoke(app, ["sample", "--num-samples", "4", "--steps", "3", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.png").stat().st_size > 0

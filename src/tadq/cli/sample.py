@@ -21,7 +21,7 @@ Device = Annotated[str, typer.Option(help="Device (only cpu is supported in this
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
 
-def load_denoiser(path: Path) -> tuple[nn.Module, SchedulerMixin, str]:
+def load_denoiser(path: Path | None) -> tuple[nn.Module, SchedulerMixin, str]:
     """(denoiser, training scheduler, label): a tadq artefact when ``path`` has ``tadq_config.json``, else FP.
 
     One loader for both kinds, so every command that samples accepts either folder.
@@ -29,7 +29,7 @@ def load_denoiser(path: Path) -> tuple[nn.Module, SchedulerMixin, str]:
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts
 
-    if is_quantized_artefact(path):
+    if path is not None and is_quantized_artefact(path):
         qmodel, scheduler = load_quantized(path)
         if scheduler is None:
             raise ValueError(f"{path} was saved without a scheduler; save it again with the model's training "
@@ -40,7 +40,8 @@ def load_denoiser(path: Path) -> tuple[nn.Module, SchedulerMixin, str]:
 
 
 def sample_command(
-    model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`) or a diffusers folder.")],
+    model_dir: Annotated[Path | None, typer.Argument(
+        help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
     num_samples: Annotated[int, typer.Option(help="Number of samples.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed (sample i's noise depends only on the seed and i).")] = 1000,
     sampler: SamplerKind = "ddim",
@@ -70,5 +71,6 @@ def sample_command(
     console.print(f"wrote {out} ({num_samples} samples, {label})")
     if tensor_out is not None:
         atomic_torch_save({"images": result.images, "indices": result.indices, "seed": seed,
-                           "sampler": config_to_dict(sampler_config), "model": str(model_dir)}, tensor_out)
+                           "sampler": config_to_dict(sampler_config), "model": str(model_dir or "shipped")},
+                          tensor_out)
         console.print(f"wrote {tensor_out}")
