@@ -54,3 +54,14 @@ def test_outputs_lie_on_the_integer_grid():
     codes = q(torch.randn(1000) * 3) / q.scale + q.zero_point
     assert torch.allclose(codes, codes.round(), atol=1e-4)
     assert codes.min() >= 0 and codes.max() <= 15
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_fused_inference_path_equals_the_composed_ops(granularity, bits):
+    x = torch.randn(16, 3, 5, 5) * 3
+    q = Quantizer(QScheme(bits=bits, granularity=granularity, range_method="minmax"), num_channels=16)
+    q.set_range(*estimate_range(x, q.scheme))
+    fused = q(x)  # no gradient needed: torch's fused kernel
+    composed = q(x.clone().requires_grad_(True)).detach()  # gradient path: the composed straight-through ops
+    assert torch.equal(fused, composed)

@@ -86,10 +86,22 @@ class Quantizer(nn.Module):
                 "quantizer used before its range was set: calibrate the model first "
                 "(tadq.quantize, or the tadq.calibration.Calibrate context)"
             )
+        if self.rounding is None and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
+            return self._fused(x)
         scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
         if self.rounding is not None:
             return self.rounding(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
         return fake_quantize(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
+
+    def _fused(self, x: Tensor) -> Tensor:
+        """torch's fused fake-quant kernels: the same grid and round-half-even, about 2x faster than the composed
+        ops; used whenever no gradient is needed (sampling, calibration forwards)."""
+        zero_point = self.zero_point.to(torch.int32)
+        if self.scheme.granularity == "per_channel":
+            return torch.fake_quantize_per_channel_affine(x, self.scale, zero_point, 0, self.scheme.qmin,
+                                                          self.scheme.qmax)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.reshape(()), zero_point.reshape(()),
+                                                     self.scheme.qmin, self.scheme.qmax)
 
     def extra_repr(self) -> str:
         return f"{self.kind}: {self.scheme.describe()}"
