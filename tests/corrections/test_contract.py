@@ -13,7 +13,7 @@ from tadq.config import config_from_dict, config_to_dict
 from tadq.corrections import Correction, CorrectionStack, collect_trajectory_pair, fit_stack
 from tadq.corrections.io import load_corrections, save_corrections
 from tadq.registry import correction_for, registered_corrections
-from tadq.sampling import IdentityHooks, SamplerConfig, make_scheduler, sample, step_contexts
+from tadq.sampling import IdentityHooks, NoiseStd, SamplerConfig, make_scheduler, sample, step_contexts
 
 CONFIG_TYPES = sorted(registered_corrections(), key=lambda klass: klass.__name__)
 SAMPLER = SamplerConfig(kind="ddim", num_steps=6, eta=1.0)  # stochastic, so variance hooks act too
@@ -53,9 +53,14 @@ def _outputs(hooks, steps=None) -> list[torch.Tensor]:
     outputs = []
     for step in steps or _steps():
         x, eps, std = _inputs(step)
-        outputs += [hooks.before_model(x, step), hooks.after_model(eps, x, step), hooks.noise_std(std, step),
+        outputs += [hooks.before_model(x, step), hooks.after_model(eps, x, step), _std(hooks.noise_std(std, step)),
                     hooks.after_step(x, step)]
     return outputs
+
+
+def _std(value) -> torch.Tensor:
+    """A noise_std result as one tensor (a ``NoiseStd`` stacks its noise- and direction-term stds)."""
+    return torch.stack([value.noise, value.direction]) if isinstance(value, NoiseStd) else value
 
 
 def _all_equal(first: list[torch.Tensor], second: list[torch.Tensor]) -> bool:

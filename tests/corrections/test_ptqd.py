@@ -26,7 +26,7 @@ from tadq.corrections.ptqd import ptqd_tables, vsc_report
 from tadq.corrections.ptqd.experiment import fit_ptqd
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.metrics import per_step_mse
-from tadq.sampling import SamplerConfig, make_scheduler, sample, step_contexts
+from tadq.sampling import NoiseStd, SamplerConfig, make_scheduler, sample, step_contexts
 
 NUM_SAMPLES, FIT_SEED, EVAL_SEED = 256, 1, 77
 SAMPLERS = {
@@ -107,6 +107,9 @@ def test_vsc_lowers_sigma_only_where_there_is_noise():
         for step in pair.steps:
             std = torch.tensor(step.std_dev_t, dtype=torch.float32)
             new = correction.noise_std(std, step)
+            if isinstance(new, NoiseStd):  # the default "noise_only" form keeps σ_t in the DDIM direction term
+                assert torch.equal(new.direction, std)
+                new = new.noise
             if step.std_dev_t > 0:
                 assert correction.vsc_active(step) and float(new) < step.std_dev_t
                 expected = math.sqrt(max(0.0, step.std_dev_t**2 - (step.coef_eps * float(correction.sigma_tilde[
@@ -222,3 +225,21 @@ def test_step_contexts_of_the_fit_are_the_sampler_steps(corrected_unet, ddpm_sch
     _, corrected = corrected_unet
     steps = step_contexts(make_scheduler(ddpm_scheduler, TINY_SAMPLER), TINY_SAMPLER)
     assert corrected.corrections[0].timesteps.tolist() == [step.t for step in steps]
+
+
+def test_ddim_noise_only_vsc_moves_the_variance_back_and_full_code_form_does_not():
+    sampler = SAMPLERS["ddim-eta1"]
+    correction, _ = _fit(sampler, noise_std=0.2)
+    variants = {}
+    for label, config in (("cnc_bc", PTQDConfig(variance=False)), ("full_code", PTQDConfig(vsc_form="full_code")),
+                          ("noise_only", PTQDConfig(vsc_form="noise_only"))):
+        variant = PTQDCorrection(config)
+        variant.load_state_dict(correction.state_dict())
+        variants[label] = variant
+    fp = AnalyticDenoiser(analytic_scheduler())
+    variance = {"fp": float(_trajectory(fp, sampler, ())[-1].double().var())}
+    for label, variant in variants.items():
+        states = _trajectory(InjectedError(fp, noise_std=0.2, seed=9), sampler, [variant])
+        variance[label] = float(states[-1].double().var())
+    gap = {label: abs(variance[label] - variance["fp"]) for label in variants}
+    assert gap["noise_only"] < gap["cnc_bc"] < gap["full_code"], variance

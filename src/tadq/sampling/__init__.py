@@ -2,7 +2,7 @@
 
 from tadq.sampling.config import SAMPLER_KINDS, SamplerConfig, make_scheduler
 from tadq.sampling.context import StepContext, step_contexts
-from tadq.sampling.hooks import IdentityHooks, SamplingHooks
+from tadq.sampling.hooks import IdentityHooks, NoiseStd, SamplingHooks
 from tadq.sampling.loop import Denoiser, SamplingResult, Trajectory, sample
 from tadq.sampling.noise import initial_noise, sample_generator, step_noise
 from tadq.sampling.steps import ddim_step, ddpm_step, predict_x0, sampler_step
@@ -11,6 +11,7 @@ __all__ = [
     "SAMPLER_KINDS",
     "Denoiser",
     "IdentityHooks",
+    "NoiseStd",
     "SamplerConfig",
     "SamplingHooks",
     "SamplingResult",

@@ -13,6 +13,7 @@ touch different places stack, and a list of hooks is applied in list order at ea
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from torch import Tensor
@@ -21,6 +22,7 @@ from tadq.sampling.context import StepContext
 
 __all__ = [
     "HOOK_METHODS",
+    "NoiseStd",
     "IdentityHooks",
     "SamplingHooks",
     "apply_after_model",
@@ -31,6 +33,19 @@ __all__ = [
 ]
 
 HOOK_METHODS: tuple[str, ...] = ("before_model", "after_model", "noise_std", "after_step")
+
+
+@dataclass(frozen=True)
+class NoiseStd:
+    """A ``noise_std`` result that changes only the noise term of a DDIM step.
+
+    A plain tensor σ' replaces σ_t in both the direction term √(1 − ᾱ_prev − σ²)·ε and the noise term σ·z
+    (PTQD's full code); ``NoiseStd(noise=σ', direction=σ_t)`` keeps the direction term at ``direction``
+    (PTQD's "key code" form). DDPM steps have no direction term and use ``noise`` only.
+    """
+
+    noise: Tensor
+    direction: Tensor
 
 
 @runtime_checkable
@@ -91,11 +106,20 @@ def apply_after_model(hooks: Sequence[SamplingHooks], eps: Tensor, x: Tensor, st
     return eps
 
 
-def apply_noise_std(hooks: Sequence[SamplingHooks], std: Tensor, step: StepContext) -> Tensor:
-    """Apply every hook's ``noise_std`` in order."""
+def apply_noise_std(hooks: Sequence[SamplingHooks], std: Tensor, step: StepContext) -> Tensor | NoiseStd:
+    """Apply every hook's ``noise_std`` in order.
+
+    Each hook sees the current noise-term std; a ``NoiseStd`` returned by one hook fixes the direction-term std
+    for the rest of the chain (later hooks may still change the noise term).
+    """
+    direction = None
     for hook in hooks:
-        std = hook.noise_std(std, step)
-    return std
+        result = hook.noise_std(std, step)
+        if isinstance(result, NoiseStd):
+            direction = result.direction if direction is None else direction
+            result = result.noise
+        std = result
+    return std if direction is None else NoiseStd(noise=std, direction=direction)
 
 
 def apply_after_step(hooks: Sequence[SamplingHooks], x_prev: Tensor, step: StepContext) -> Tensor:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from tadq.sampling.config import SamplerConfig
 from tadq.sampling.context import StepContext, step_contexts
 from tadq.sampling.hooks import (
+    NoiseStd,
     SamplingHooks,
     apply_after_model,
     apply_after_step,
@@ -135,7 +136,11 @@ def _sample_batch(
         x = apply_before_model(hooks, x, step)
         eps = apply_after_model(hooks, _denoise(denoiser, x, step), x, step)
         std = apply_noise_std(hooks, torch.tensor(step.std_dev_t, dtype=torch.float32, device=x.device), step)
-        x_prev = apply_after_step(hooks, sampler_step(x, eps, step, noise=noise[step.index], std=std), step)
+        direction = None
+        if isinstance(std, NoiseStd):
+            std, direction = std.noise, std.direction
+        x_prev = sampler_step(x, eps, step, noise=noise[step.index], std=std, direction_std=direction)
+        x_prev = apply_after_step(hooks, x_prev, step)
         if record is not None:
             record.model_inputs.append(x.cpu())
             record.eps.append(eps.cpu())

@@ -85,7 +85,8 @@ def predict_x0(x_t: Tensor, eps: Tensor, step: StepContext) -> Tensor:
 
 
 def ddim_step(
-    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None
+    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None,
+    direction_std: Tensor | float | None = None,
 ) -> Tensor:
     """One DDIM step x_t -> x_prev (Song et al. 2021, eq. 12) with an optional noise-std override.
 
@@ -96,6 +97,7 @@ def ddim_step(
         noise: Standard normal z, (B, C, H, W); may be ``None`` only when the std is zero.
         std: σ' replacing ``step.std_dev_t``: a float or a tensor broadcastable to x_t (0-d, or (B, 1, 1, 1) per
             sample). Used in both the direction and the noise term (PTQD's full code, methods.md §2 B4).
+        direction_std: σ used in the direction term instead of ``std`` (PTQD's "key code" form); ``None``: ``std``.
 
     Returns:
         x_prev, (B, C, H, W).
@@ -103,7 +105,8 @@ def ddim_step(
     sigma = _resolve_std(step, std, x_t)
     alpha_prod_t_prev = _scalar(step.alpha_prod_t_prev, x_t)
     x0 = predict_x0(x_t, eps, step)
-    radicand = 1 - alpha_prod_t_prev - sigma**2  # 1 - ᾱ_prev - σ²
+    sigma_direction = sigma if direction_std is None else _resolve_std(step, direction_std, x_t)
+    radicand = 1 - alpha_prod_t_prev - sigma_direction**2  # 1 - ᾱ_prev - σ²
     if bool((radicand < -_RADICAND_TOLERANCE).any()):
         raise ValueError(
             f"DDIM step {step.index} (t={step.t}): noise std {float(sigma.max()):.4g} exceeds "
@@ -116,7 +119,8 @@ def ddim_step(
 
 
 def ddpm_step(
-    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None
+    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None,
+    direction_std: Tensor | float | None = None,
 ) -> Tensor:
     """One DDPM ancestral step x_t -> x_prev through the posterior mean (Ho et al. 2020, eqs. 6-7).
 
@@ -129,6 +133,7 @@ def ddpm_step(
         step: The step's constants (``step.kind == "ddpm"``).
         noise: Standard normal z, (B, C, H, W); may be ``None`` only when the std is zero.
         std: σ' replacing ``step.std_dev_t`` in the noise term; a float or a tensor broadcastable to x_t.
+        direction_std: ignored (DDPM has no direction term); accepted so both steps share one signature.
 
     Returns:
         x_prev, (B, C, H, W).
@@ -151,7 +156,8 @@ _STEPS: dict[str, Callable[..., Tensor]] = {"ddim": ddim_step, "ddpm": ddpm_step
 
 
 def sampler_step(
-    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None
+    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None,
+    direction_std: Tensor | float | None = None,
 ) -> Tensor:
     """Take the step with the update rule named by ``step.kind`` (see ``ddim_step`` / ``ddpm_step``)."""
-    return _STEPS[step.kind](x_t, eps, step, noise=noise, std=std)
+    return _STEPS[step.kind](x_t, eps, step, noise=noise, std=std, direction_std=direction_std)

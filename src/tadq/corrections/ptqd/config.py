@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from tadq.corrections.base import CorrectionConfig
 
@@ -23,6 +24,10 @@ class PTQDConfig(CorrectionConfig):
             DDPM; at η = 0 it has nothing to absorb).
         trajectory: ``"teacher_forced"`` (the authors' choice, B2: both networks on the FP state, trajectory
             advanced with the FP ε) or ``"quantized"`` (the deployed quantized trajectory).
+        vsc_form: Where DDIM uses the calibrated σ': ``"noise_only"`` (the noise term only, the direction term keeps
+            σ_t; PTQD's "key code") or ``"full_code"`` (both terms, PTQD's full code). methods.md §2(f) trap 2 leaves
+            the choice open; on the analytic model only ``noise_only`` moves the final variance toward FP
+            (README of this folder), so it is the default. DDPM has no direction term: both forms coincide.
         clamp_negative_k: Use k⁺ = max(k, 0) as the authors' code does (B3); ``False`` uses k as fitted and
             requires 1 + k > 0.
         num_samples: Trajectories of the fitting pair (the authors: 1024).
@@ -33,9 +38,12 @@ class PTQDConfig(CorrectionConfig):
     bias: bool = True
     variance: bool = True
     clamp_negative_k: bool = True
+    vsc_form: Literal["noise_only", "full_code"] = "noise_only"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("correlated", "bias", "variance", "clamp_negative_k"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PTQDConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.vsc_form not in ("noise_only", "full_code"):
+            raise ValueError(f"PTQDConfig.vsc_form must be 'noise_only' or 'full_code', got {self.vsc_form!r}")

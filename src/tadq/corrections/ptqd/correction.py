@@ -30,7 +30,7 @@ from tadq.corrections.base import Correction
 from tadq.corrections.pair import TrajectoryPair
 from tadq.corrections.ptqd.config import PTQDConfig
 from tadq.registry import register_correction
-from tadq.sampling import StepContext
+from tadq.sampling import NoiseStd, StepContext
 
 __all__ = ["PTQDCorrection", "ptqd_tables", "vsc_report"]
 
@@ -105,15 +105,21 @@ class PTQDCorrection(Correction):
             eps = eps / (1.0 + float(self.k_applied[index]))
         return eps
 
-    def noise_std(self, std: Tensor, step: StepContext) -> Tensor:
-        """σ' = √max(0, σ² − c_t² σ̃²_q,t): the residual variance absorbed into the sampler noise (VSC)."""
+    def noise_std(self, std: Tensor, step: StepContext) -> Tensor | NoiseStd:
+        """σ' = √max(0, σ² − c_t² σ̃²_q,t): the residual variance absorbed into the sampler noise (VSC).
+
+        With ``vsc_form="noise_only"`` only the noise term gets σ' (a ``NoiseStd``); the DDIM direction term keeps σ.
+        """
         index = self.table_index(step)
         if not self.config.variance:
             return std
         absorbed = (step.coef_eps * float(self.sigma_tilde[index])) ** 2  # c_t² σ̃², with the original σ_t's c_t
         if absorbed == 0.0 or not bool((std > 0).any()):
             return std
-        return torch.sqrt(torch.clamp(std * std - absorbed, min=0.0))
+        calibrated = torch.sqrt(torch.clamp(std * std - absorbed, min=0.0))
+        if self.config.vsc_form == "noise_only":
+            return NoiseStd(noise=calibrated, direction=std)
+        return calibrated
 
     def vsc_active(self, step: StepContext) -> bool:
         """Whether VSC changes σ at this step: it needs VSC on, σ_t > 0 (η > 0 or DDPM) and σ̃_q > 0."""
