@@ -26,14 +26,18 @@ def image_grid(images: Tensor, columns: int = 8) -> np.ndarray:
     return grid[..., 0] if c == 1 else grid
 
 
-def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: int = 8) -> Path:
-    """One PNG with a titled grid per variant side by side (FP first), same noise in the same cell."""
+def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: int = 8, panels_per_row: int = 4
+                         ) -> Path:
+    """One PNG with a titled grid per variant (FP first, ``panels_per_row`` per row), same noise in the same cell."""
     path = Path(path)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.6), squeeze=False)
-    for ax, (title, images) in zip(axes[0], panels.items(), strict=True):
+    per_row = min(panels_per_row, len(panels))
+    rows = -(-len(panels) // per_row)
+    fig, axes = plt.subplots(rows, per_row, figsize=(3.2 * per_row, 3.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (title, images) in zip(axes.flat, panels.items(), strict=False):
         ax.imshow(image_grid(images, columns), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(title, fontsize=10)
-        ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
