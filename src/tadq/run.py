@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -167,9 +168,10 @@ class BaseModels:
         key = hashlib.sha256(payload.encode()).hexdigest()[:16]
         path = self.folder / f"{quant_config.method}-{quant_config.label}-{key}"
         timing = path / "tadq_run_timing.json"
-        if (path / "tadq_config.json").exists() and timing.exists():
+        if (path / "tadq_config.json").exists():
             qmodel = load_quantized(path)[0]
-            qmodel.recorded_quantize_s = json.loads(timing.read_text())["quantize_s"]  # reported, not re-spent
+            # reported, not re-spent (NaN: saved by an older tadq that did not record it)
+            qmodel.recorded_quantize_s = json.loads(timing.read_text())["quantize_s"] if timing.exists() else math.nan
             return qmodel
         t0 = time.perf_counter()
         qmodel = quantize(self.model, self.scheduler, quant_config, calibration=self.calibration,

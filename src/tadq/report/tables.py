@@ -14,7 +14,7 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 
 
 def format_cell(key: str, value: Any) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN: not measured
         return "–"
     if isinstance(value, str):
         return value
