@@ -60,3 +60,12 @@ def test_quantization_is_reproducible(tiny_unet, ddpm_scheduler):
     config = QuantConfig.from_preset("W4A4", calibration=CALIB)
     states = [api.quantize(tiny_unet, ddpm_scheduler, config, progress=False).state_dict() for _ in range(2)]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_unknown_layer_pattern_raises(tiny_unet, ddpm_scheduler):
+    import pytest
+
+    config = QuantConfig.from_preset("W4A8", calibration=CALIB, exclude=("encoder.*",))
+    with pytest.raises(ValueError, match="match no quantizable layer"):
+        api.quantize(tiny_unet, ddpm_scheduler, config, calibration=_calibration(tiny_unet, ddpm_scheduler),
+                     progress=False)

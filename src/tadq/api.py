@@ -83,10 +83,10 @@ def quantize(
         checkpoint: reconstruction checkpoint file (``qdiffusion``): written after every unit, resumed from if present.
     """
     adapter = adapter_for(model)
+    qmodel = build_quantized_structure(model, config)  # first: a bad layer pattern fails before any sampling
     if calibration is None:
         calibration = collect_calibration_set(model, adapter, scheduler.config, config.calibration,
                                               cache_dir=cache_dir, progress=progress)
-    qmodel = build_quantized_structure(model, config)
     if config.activations.enabled:
         calibrate_activations(qmodel, calibration, config.calibration.batch_size, config.calibration.seed, progress)
     if config.method == "qdiffusion":

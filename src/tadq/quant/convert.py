@@ -39,7 +39,15 @@ def plan_layers(
     layers: list[LayerInfo], weights: QScheme, activations: QScheme,
     exclude: tuple[str, ...] = (), keep_fp_roles: tuple[str, ...] = (),
 ) -> list[LayerPlan]:
-    """Decide per layer; exclusion by role or fnmatch pattern is recorded in ``reason``."""
+    """Decide per layer; exclusion by role or fnmatch pattern is recorded in ``reason``.
+
+    Raises:
+        ValueError: an ``exclude`` pattern matches no layer (a typo would otherwise silently quantize everything).
+    """
+    unmatched = [p for p in exclude if not any(fnmatchcase(info.name, p) for info in layers)]
+    if unmatched:
+        examples = ", ".join(info.name for info in layers[:4])
+        raise ValueError(f"exclude patterns {unmatched} match no quantizable layer (names look like: {examples}, ...)")
     plans = []
     for info in layers:
         reason = ""
