@@ -17,19 +17,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+from common import add_common_flags, shipped_setup, write_rows  # noqa: E402
 
 from tadq import api  # noqa: E402
-from tadq.calibration import collect_calibration_set  # noqa: E402
-from tadq.config import CalibrationConfig, QuantConfig  # noqa: E402
+from tadq.config import QuantConfig  # noqa: E402
 from tadq.corrections.ptqd import PTQDConfig  # noqa: E402
 from tadq.corrections.ptqd.experiment import fit_ptqd  # noqa: E402
 from tadq.corrections.ptqd.mixed_precision import MixedPrecisionDenoiser, bit_operations, tradeoff_curve  # noqa: E402
 from tadq.io import load_quantized  # noqa: E402
 from tadq.metrics import fd_digits, load_digit_classifier, psnr_per_sample  # noqa: E402
-from tadq.models import load_pipeline_parts  # noqa: E402
-from tadq.registry import adapter_for  # noqa: E402
-from tadq.sampling import SamplerConfig  # noqa: E402
 from tadq.zoo.data import load_digits_split  # noqa: E402
 
 
@@ -44,21 +40,13 @@ def _base(model, scheduler, calib, calibration, preset: str, models_dir: Path):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=1000)
+    add_common_flags(parser, samples=1000, out="runs/bench/mixed")
     parser.add_argument("--gammas", default="0.99,0.995,0.998,0.999,0.9995,0.9999")
     parser.add_argument("--models-dir", default="runs/main/models")
-    parser.add_argument("--out", default="runs/bench/mixed")
-    parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, scheduler = load_pipeline_parts(None)
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler)
-    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, calibration, cache_dir=".cache/tadq")
+    setup = shipped_setup(args)
+    model, scheduler, sampler, calibration, calib, out = (setup.model, setup.scheduler, setup.sampler,
+                                                          setup.calibration, setup.calib, setup.out)
     low, high = (fit_ptqd(_base(model, scheduler, calib, calibration, p, Path(args.models_dir)), model, scheduler,
                           sampler, PTQDConfig(seed=calibration.seed)) for p in ("W4A4", "W4A8"))
     classifier, real = load_digit_classifier(), load_digits_split().train_images
@@ -88,11 +76,9 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         (out / "results.json").write_text(json.dumps(rows, indent=2))
     _plot(rows, out / "tradeoff.png")
-    lines = ["| schedule | low-bit steps | Gbit-ops / sample | FD-digits | PSNR vs FP (dB) |", "|---|---|---|---|---|"]
-    lines += [f"| {r['label']} | {r['low_bit_steps']} | {r['bit_operations'] / 1e9:.1f} | {r['fd_digits']:.2f} | "
-              f"{r['psnr']:.2f} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_rows(rows, out, "| schedule | low-bit steps | Gbit-ops / sample | FD-digits | PSNR vs FP (dB) |",
+               lambda r: f"| {r['label']} | {r['low_bit_steps']} | {r['bit_operations'] / 1e9:.1f} | "
+                         f"{r['fd_digits']:.2f} | {r['psnr']:.2f} |")
 
 
 def _plot(rows: list[dict], path: Path) -> None:

@@ -13,18 +13,13 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
+from common import add_common_flags, shipped_setup, write_rows
 
 from tadq import api
-from tadq.calibration import collect_calibration_set
-from tadq.config import CalibrationConfig
 from tadq.evaluation import quality_metrics
 from tadq.metrics import load_digit_classifier
-from tadq.models import load_pipeline_parts
-from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig
 from tadq.zoo.data import load_digits_split
 
 
@@ -45,19 +40,10 @@ def quanto_model(model, calib, weights: str, activations: str | None, batch_size
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--out", default="runs/bench/peers")
+    add_common_flags(parser, samples=256, out="runs/bench/peers")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model, scheduler = load_pipeline_parts(None)
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler)
-    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, calibration, cache_dir=".cache/tadq")
+    setup = shipped_setup(args)
+    model, scheduler, sampler, calib = setup.model, setup.scheduler, setup.sampler, setup.calib
     classifier, real = load_digit_classifier(), load_digits_split().train_images
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True)
     rows = []
@@ -73,13 +59,10 @@ def main() -> None:
         row = {"method": label, **metrics.to_dict(), "quantize_s": round(quantize_s, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| peer | PSNR vs FP (dB) | SSIM | class agree | final MSE | FD-digits |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['agreement']:.3f} | {r['final_mse']:.2e} | "
-              f"{r['fd_digits']:.2f} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        (setup.out / "results.json").write_text(json.dumps(rows, indent=2))  # nothing lost if interrupted
+    write_rows(rows, setup.out, "| peer | PSNR vs FP (dB) | SSIM | class agree | final MSE | FD-digits |",
+               lambda r: f"| {r['method']} | {r['psnr']:.2f} | {r['ssim']:.3f} | {r['agreement']:.3f} | "
+                         f"{r['final_mse']:.2e} | {r['fd_digits']:.2f} |")
 
 if __name__ == "__main__":
     main()

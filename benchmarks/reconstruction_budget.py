@@ -12,40 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
+from common import add_common_flags, shipped_setup, write_rows
 
 from tadq import api
-from tadq.calibration import collect_calibration_set
-from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
+from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.metrics import per_step_mse, psnr_per_sample
-from tadq.models import load_pipeline_parts
-from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=256)
+    add_common_flags(parser, samples=256, out="runs/bench/reconstruction")
     parser.add_argument("--preset", default="W4A8")
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--budgets", default="0:0,100:50,250:100,500:200,1000:400",
+    parser.add_argument("--budgets", default="0:0,500:200,1000:400,2000:800",
                         help="comma list of weight_iters:activation_iters")
-    parser.add_argument("--lrs", default="1e-2", help="comma list of rounding learning rates")
-    parser.add_argument("--out", default="runs/bench/reconstruction")
+    parser.add_argument("--lrs", default="3e-2", help="comma list of rounding learning rates")
     parser.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     args = parser.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, scheduler = load_pipeline_parts(args.model)
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler)
-    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, calibration, cache_dir=".cache/tadq",
-                                    progress=False)
+    setup = shipped_setup(args, args.model)
+    model, scheduler, sampler, calibration, calib = (setup.model, setup.scheduler, setup.sampler, setup.calibration,
+                                                     setup.calib)
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
                     progress=False)
     rows = []
@@ -69,14 +56,11 @@ def main() -> None:
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
-            (out / "results.json").write_text(json.dumps(rows, indent=2))
-    lines = ["| weight iters | act iters | rounding lr | PSNR vs FP (dB) | final MSE | quantize (s) |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | {r['psnr']:.2f} | "
-              f"{r['final_mse']:.2e} | {r['quantize_s']:.0f} |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+            (setup.out / "results.json").write_text(json.dumps(rows, indent=2))  # nothing lost if interrupted
+    write_rows(rows, setup.out,
+               "| weight iters | act iters | rounding lr | PSNR vs FP (dB) | final MSE | quantize (s) |",
+               lambda r: f"| {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | {r['psnr']:.2f} | "
+                         f"{r['final_mse']:.2e} | {r['quantize_s']:.0f} |")
 
 if __name__ == "__main__":
     main()

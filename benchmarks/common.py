@@ -1,0 +1,57 @@
+"""What every benchmark script shares: flags, the shipped model at DDIM 50, its cached calibration data, and
+writing results as JSON + a Markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tadq.calibration import CalibrationSet, collect_calibration_set
+from tadq.config import CalibrationConfig
+from tadq.models import load_pipeline_parts
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig
+
+
+def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) -> None:
+    parser.add_argument("--samples", type=int, default=samples, help="samples per point (same noise for all)")
+    parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--out", default=out)
+
+
+@dataclass
+class Setup:
+    model: torch.nn.Module
+    scheduler: object
+    sampler: SamplerConfig
+    calibration: CalibrationConfig
+    calib: CalibrationSet
+    out: Path
+
+
+def shipped_setup(args: argparse.Namespace, model_path: str | None = None) -> Setup:
+    """The model (shipped unless ``model_path``), DDIM 50 η = 0, and its calibration data (cached in .cache/tadq)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, scheduler = load_pipeline_parts(model_path)
+    sampler = SamplerConfig(kind="ddim", num_steps=50)
+    calibration = CalibrationConfig(sampler=sampler)
+    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, calibration, cache_dir=".cache/tadq",
+                                    progress=False)
+    return Setup(model, scheduler, sampler, calibration, calib, out)
+
+
+def write_rows(rows: list[dict], out: Path, header: str, line) -> None:
+    """``results.json`` (all fields) and ``results.md`` (``header`` + ``line(row)`` per row); printed too."""
+    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    columns = header.count("|") - 1
+    lines = [header, "|" + "---|" * columns, *(line(r) for r in rows)]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
