@@ -140,3 +140,16 @@ def test_sample_defaults_to_the_shipped_model(tmp_path):
     result = runner.invoke(app, ["sample", "--num-samples", "4", "--steps", "3", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_qdiffusion_flags_reach_the_config(tmp_path, tiny_model_dir):
+    result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "W4A8", "--method", "qdiffusion",
+                            "--split-shortcut", "--quantize-attention", "--recon-iters", "3",
+                            "--recon-activation-iters", "2")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "tadq_config.json").read_text())["quant_config"]["data"]
+    assert saved["method"] == "qdiffusion" and saved["split_shortcut"] and saved["quantize_attention"]
+    assert saved["reconstruction"]["data"]["weight_iters"] == 3
+    assert saved["reconstruction"]["data"]["activation_iters"] == 2
+    qmap = json.loads((out / "tadq_quant_map.json").read_text())
+    assert any("split_deep_channels" in entry for entry in qmap.values())

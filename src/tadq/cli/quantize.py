@@ -37,6 +37,10 @@ class QuantFlags:
         calib_trajectories: FP trajectories recorded (samples per step are capped at this).
         exclude: fnmatch patterns of layers kept in FP.
         keep_fp_roles: adapter roles kept in FP.
+        split_shortcut: Q-Diffusion shortcut splitting.
+        quantize_attention: quantize the attention matmul operands.
+        recon_iters: AdaRound iterations per unit (qdiffusion).
+        recon_activation_iters: activation-step iterations per unit (qdiffusion).
     """
 
     preset: str | None = None
@@ -48,6 +52,10 @@ class QuantFlags:
     calib_trajectories: int | None = None
     exclude: tuple[str, ...] | None = None
     keep_fp_roles: tuple[str, ...] | None = None
+    split_shortcut: bool | None = None
+    quantize_attention: bool | None = None
+    recon_iters: int | None = None
+    recon_activation_iters: int | None = None
 
 
 def _given(**values) -> dict:
@@ -82,7 +90,11 @@ def resolve_config(config_file: Path | None, flags: QuantFlags) -> QuantConfig:
         num_steps_kept=min(calibration.num_steps_kept, sampler.num_steps),
         samples_per_step=min(calibration.samples_per_step, trajectories), **_given(seed=flags.calib_seed),
     )
-    overrides = _given(method=flags.method, exclude=flags.exclude, keep_fp_roles=flags.keep_fp_roles)
+    overrides = _given(method=flags.method, exclude=flags.exclude, keep_fp_roles=flags.keep_fp_roles,
+                       split_shortcut=flags.split_shortcut, quantize_attention=flags.quantize_attention)
+    recon = _given(weight_iters=flags.recon_iters, activation_iters=flags.recon_activation_iters)
+    if recon:
+        overrides["reconstruction"] = dataclasses.replace(config.reconstruction, **recon)
     if flags.preset is not None:
         weights, activations = preset(flags.preset)
         overrides.update(weights=weights, activations=activations, preset_name=flags.preset.upper())
@@ -106,6 +118,14 @@ def quantize_command(
     calib_trajectories: Annotated[int | None, typer.Option(help="FP trajectories recorded (256).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of layers kept in FP (repeat).")] = None,
     keep_fp_role: Annotated[list[str] | None, typer.Option(help="Adapter role kept in FP (repeat).")] = None,
+    split_shortcut: Annotated[bool | None, typer.Option(
+        "--split-shortcut/--no-split-shortcut", help="Q-Diffusion shortcut splitting (default off).")] = None,
+    quantize_attention: Annotated[bool | None, typer.Option(
+        "--quantize-attention/--no-quantize-attention", help="Quantize attention q, k, v, softmax (default off).")
+    ] = None,
+    recon_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per unit (qdiffusion; 1000).")] = None,
+    recon_activation_iters: Annotated[int | None, typer.Option(
+        help="Activation-step iterations per unit (qdiffusion; 400).")] = None,
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="QuantConfig JSON (config_to_dict format); the flags above override it.")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
@@ -127,7 +147,9 @@ def quantize_command(
         flags = QuantFlags(preset=preset_name, method=method, sampler=sampler, steps=steps, eta=eta,
                            calib_seed=calib_seed, calib_trajectories=calib_trajectories,
                            exclude=tuple(exclude) if exclude else None,
-                           keep_fp_roles=tuple(keep_fp_role) if keep_fp_role else None)
+                           keep_fp_roles=tuple(keep_fp_role) if keep_fp_role else None,
+                           split_shortcut=split_shortcut, quantize_attention=quantize_attention,
+                           recon_iters=recon_iters, recon_activation_iters=recon_activation_iters)
         config = resolve_config(config_file, flags)
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             raise ValueError(f"--out {out} already exists and is not empty; choose a new folder or pass --overwrite")
