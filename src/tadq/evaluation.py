@@ -26,7 +26,10 @@ from tadq.metrics import (
 from tadq.sampling import SamplerConfig, SamplingResult
 from tadq.zoo.data import DigitsConfig, load_digits_split
 
-__all__ = ["QualityMetrics", "quality_metrics", "Evaluation", "evaluate_against_reference", "check_same_architecture"]
+__all__ = [
+    "QualityMetrics", "quality_metrics", "FDReference", "fd_reference", "Evaluation", "evaluate_against_reference",
+    "check_same_architecture",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +54,27 @@ class QualityMetrics:
 
     def to_dict(self) -> dict[str, float | None]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FDReference:
+    """What every FD-digits table is measured against: the classifier, the real training digits, and the
+    real-vs-real floor (all held-out digits vs the same training digits)."""
+
+    classifier: DigitClassifier
+    real: Tensor
+    floor: float
+    heldout_count: int
+
+
+def fd_reference(resolution: int) -> FDReference:
+    """The shipped classifier, the training digits at ``resolution`` and the FD-digits floor."""
+    classifier = load_digit_classifier()
+    digits_config = DigitsConfig(resolution=resolution)
+    digits = load_digits_split(digits_config)
+    floor = fd_digits_reference(n=len(digits.heldout_images), seed=0, classifier=classifier, digits=digits_config,
+                                reference_set="train")
+    return FDReference(classifier, digits.train_images, floor, len(digits.heldout_images))
 
 
 def quality_metrics(
@@ -144,16 +168,14 @@ def evaluate_against_reference(
     if fp.images.shape != quantized.images.shape:
         raise ValueError(f"the reference samples {tuple(fp.images.shape[1:])} but the quantized model "
                          f"{tuple(quantized.images.shape[1:])}: pass the FP model it was quantized from")
-    classifier = load_digit_classifier()
-    digits_config = DigitsConfig(resolution=fp.images.shape[-1])
-    digits = load_digits_split(digits_config)
+    reference = fd_reference(fp.images.shape[-1])
     fp_states, q_states = fp.trajectory.states, quantized.trajectory.states
     return Evaluation(
         reference=fp, candidate=quantized,
-        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, digits.train_images, classifier),
-        candidate_metrics=quality_metrics(quantized.images, q_states, fp.images, fp_states, digits.train_images,
-                                          classifier),
+        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, reference.real,
+                                          reference.classifier),
+        candidate_metrics=quality_metrics(quantized.images, q_states, fp.images, fp_states, reference.real,
+                                          reference.classifier),
         per_step_mse=per_step_mse(fp_states, q_states),
-        fd_floor=fd_digits_reference(n=len(digits.heldout_images), seed=0, classifier=classifier,
-                                     digits=digits_config, reference_set="train"),
+        fd_floor=reference.floor,
     )

@@ -29,16 +29,15 @@ from tadq.corrections.ptqd.correction import ptqd_tables, vsc_report
 from tadq.corrections.ptqd.experiment import fit_ptqd
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.denoiser import QuantizedDenoiser
-from tadq.evaluation import quality_metrics
+from tadq.evaluation import fd_reference, quality_metrics
 from tadq.io import load_quantized, save_quantized
-from tadq.metrics import fd_digits_reference, load_digit_classifier, per_step_mse
+from tadq.metrics import per_step_mse
 from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_torch_save, atomic_write_json, atomic_write_text, library_versions
-from tadq.zoo.data import DigitsConfig, load_digits_split
 
 __all__ = ["RunConfig", "run_main_job", "Variant"]
 
@@ -237,14 +236,10 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
 def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, int, int]) -> dict[str, Any]:
     """Metrics table, JSON, grids and the per-step error plot."""
     out = Path(config.out_dir)
-    classifier = load_digit_classifier()
-    digits_config = DigitsConfig(resolution=sample_shape[-1])
-    digits = load_digits_split(digits_config)
-    real = digits.train_images
+    fd = fd_reference(sample_shape[-1])
+    real, reference = fd.real, fd.floor
     fp = cells[0]
-    rows = [_metrics(cell, fp, real, classifier) for cell in cells]
-    reference = fd_digits_reference(n=len(digits.heldout_images), seed=0, classifier=classifier,
-                                    digits=digits_config, reference_set="train")
+    rows = [_metrics(cell, fp, real, fd.classifier) for cell in cells]
     labels = [f"{c['name']} {c['bits']}" for c in cells]
     shown = config.grid_samples
     save_comparison_grid({label: c["images"][:shown] for label, c in zip(labels, cells, strict=True)},
@@ -265,7 +260,7 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
         "notes": {
             "fd": f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, "
                   f"{config.num_samples} samples vs the {len(real)} real training digits. Real-vs-real floor "
-                  f"(all {len(digits.heldout_images)} held-out digits vs the same {len(real)} training digits): "
+                  f"(all {fd.heldout_count} held-out digits vs the same {len(real)} training digits): "
                   f"{reference:.2f}.",
             "fake_quant": "Quantized variants are fake-quantized (simulated on FP hardware): wall time measures "
                           "simulation cost, not deployment speed.",

@@ -18,7 +18,8 @@ from tadq.config import config_from_dict, config_to_dict
 from tadq.corrections.base import Correction
 from tadq.corrections.pair import collect_trajectory_pair
 from tadq.registry import correction_for
-from tadq.sampling import Denoiser, IdentityHooks, SamplerConfig, StepContext
+from tadq.sampling import Denoiser, IdentityHooks, NoiseStd, SamplerConfig, StepContext
+from tadq.sampling.hooks import apply_after_model, apply_after_step, apply_before_model, apply_noise_std
 
 __all__ = ["CorrectionStack", "fit_stack"]
 
@@ -77,25 +78,19 @@ class CorrectionStack(nn.Module, IdentityHooks):
             model = member.prepare(model, adapter)
         return model
 
+    # The sampling loop's own chaining, so a stack behaves exactly like its members passed as hooks
+    # (including a member's NoiseStd result).
     def before_model(self, x: Tensor, step: StepContext) -> Tensor:
-        for member in self:
-            x = member.before_model(x, step)
-        return x
+        return apply_before_model(list(self), x, step)
 
     def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
-        for member in self:
-            eps = member.after_model(eps, x, step)
-        return eps
+        return apply_after_model(list(self), eps, x, step)
 
-    def noise_std(self, std: Tensor, step: StepContext) -> Tensor:
-        for member in self:
-            std = member.noise_std(std, step)
-        return std
+    def noise_std(self, std: Tensor, step: StepContext) -> Tensor | NoiseStd:
+        return apply_noise_std(list(self), std, step)
 
     def after_step(self, x_prev: Tensor, step: StepContext) -> Tensor:
-        for member in self:
-            x_prev = member.after_step(x_prev, step)
-        return x_prev
+        return apply_after_step(list(self), x_prev, step)
 
 
 def fit_stack(
