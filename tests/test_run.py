@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-import tadq.run as run_module
+import tadq.rows.base as run_module
 from tadq.config import CalibrationConfig
 from tadq.run import RunConfig, run_main_job
 from tadq.sampling import SamplerConfig

@@ -11,38 +11,31 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from tadq.api import quantize, sample
+from tadq.api import sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
-from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig, config_to_dict
-from tadq.corrections.ptqd import PTQDConfig
-from tadq.corrections.ptqd.correction import ptqd_tables, vsc_report
-from tadq.corrections.ptqd.experiment import fit_ptqd
+from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
-from tadq.denoiser import QuantizedDenoiser
 from tadq.evaluation import fd_reference, quality_metrics
-from tadq.io import load_quantized, save_quantized
 from tadq.metrics import per_step_mse
 from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
+from tadq.rows import BaseModels, Variant, method_names, row_for
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_torch_save, atomic_write_json, atomic_write_text, library_versions
 
-__all__ = ["RunConfig", "run_main_job", "Variant"]
+__all__ = ["RunConfig", "run_main_job"]
 
 logger = logging.getLogger(__name__)
-METHOD_LABELS = {"naive": "naive PTQ", "qdiffusion": "Q-Diffusion", "ptqd": "Q-Diffusion + PTQD"}
 
 
 @dataclass(frozen=True)
@@ -82,9 +75,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         for name in self.presets:
             preset(name)  # raises ValueError on an unknown preset
-        unknown = [m for m in self.methods if m not in METHOD_LABELS]
+        unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHOD_LABELS)}")
+            raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
         if self.calibration.seed == self.eval_seed:
@@ -93,17 +86,6 @@ class RunConfig:
             )
         if self.calibration.sampler != self.sampler:
             raise ValueError("calibration.sampler must be the deployment sampler (set both to the same SamplerConfig)")
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One row of the table: a name, bit label and how to build its denoiser (``None`` = the FP model)."""
-
-    name: str
-    bits: str
-    build: Callable[[], nn.Module] | None
-    settings: dict[str, Any]
-    describe: Callable[[nn.Module], dict[str, Any]] | None = None  # extra results kept with the cell
 
 
 def _cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
@@ -145,71 +127,12 @@ def _metrics(cell: dict, fp: dict, real: Tensor, classifier) -> dict[str, Any]:
     }
 
 
-def method_config(method: str, preset_name: str, config: RunConfig) -> QuantConfig:
-    """The base ``QuantConfig`` of one (method, preset) row (``ptqd`` rows sit on the Q-Diffusion base)."""
-    if method == "naive":
-        return QuantConfig.from_preset(preset_name, calibration=config.calibration)
-    return QuantConfig.from_preset(preset_name, method="qdiffusion", calibration=config.calibration,
-                                   reconstruction=config.reconstruction, split_shortcut=True, quantize_attention=True)
-
-
-class BaseModels:
-    """Quantized base models, built once per config and kept on disk (``out/models``) so that correction rows
-    reuse exactly the base row's weights, also after an interrupted run."""
-
-    def __init__(self, model, scheduler, calibration, fingerprint: str, folder: Path) -> None:
-        self.model, self.scheduler, self.calibration = model, scheduler, calibration
-        self.fingerprint, self.folder = fingerprint, folder
-
-    def get(self, quant_config: QuantConfig) -> QuantizedDenoiser:
-        payload = json.dumps({"model": self.fingerprint, "quant": config_to_dict(quant_config),
-                              "calibration": self.calibration.key}, sort_keys=True)
-        key = hashlib.sha256(payload.encode()).hexdigest()[:16]
-        path = self.folder / f"{quant_config.method}-{quant_config.label}-{key}"
-        timing = path / "tadq_run_timing.json"
-        if (path / "tadq_config.json").exists():
-            qmodel = load_quantized(path)[0]
-            # reported, not re-spent (NaN: saved by an older tadq that did not record it)
-            qmodel.recorded_quantize_s = json.loads(timing.read_text())["quantize_s"] if timing.exists() else math.nan
-            return qmodel
-        t0 = time.perf_counter()
-        qmodel = quantize(self.model, self.scheduler, quant_config, calibration=self.calibration,
-                          checkpoint=self.folder / f"recon-{key}.pt")
-        elapsed = time.perf_counter() - t0
-        save_quantized(qmodel, path, self.scheduler, overwrite=True)
-        atomic_write_json({"quantize_s": elapsed}, timing)
-        (self.folder / f"recon-{key}.pt").unlink(missing_ok=True)
-        return qmodel
-
-
-def _ptqd_variant(bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
-    base_config = method_config("qdiffusion", preset_name, config)
-    ptqd_config = PTQDConfig(seed=config.calibration.seed)  # calibration noise, disjoint from the evaluation seed
-
-    def build() -> nn.Module:
-        return fit_ptqd(bases.get(base_config), bases.model, bases.scheduler, config.sampler, ptqd_config)
-
-    def describe(denoiser: nn.Module) -> dict[str, Any]:
-        correction = denoiser.corrections[-1]
-        return {"ptqd_tables": ptqd_tables(correction), "ptqd_vsc": vsc_report(correction)}
-
-    return Variant(METHOD_LABELS["ptqd"], base_config.label, build,
-                   {"method": "ptqd", "quant": config_to_dict(base_config), "ptqd": config_to_dict(ptqd_config)},
-                   describe)
-
-
 def default_variants(config: RunConfig, bases: BaseModels) -> list[Variant]:
-    """FP plus one row per (method, preset); later methods append their rows here."""
+    """FP plus one row per (method, preset), built by the method registry (``tadq.rows``)."""
     variants = [Variant("FP", "W32A32", None, {"method": "fp"})]
     for method in config.methods:
         for name in config.presets:
-            if method == "ptqd":
-                variants.append(_ptqd_variant(bases, config, name))
-                continue
-            quant_config = method_config(method, name, config)
-            variants.append(Variant(METHOD_LABELS[method], quant_config.label,
-                                    lambda qc=quant_config: bases.get(qc),
-                                    {"method": method, "quant": config_to_dict(quant_config)}))
+            variants.append(row_for(method, bases, config, name))
     return variants
 
 

@@ -1,0 +1,8 @@
+"""Rows of ``tadq run``: ``register_method`` plus every built-in method (importing this package registers them)."""
+
+from tadq.rows import builtin  # noqa: F401  (registers naive, qdiffusion, ptqd)
+from tadq.rows.base import BaseModels, MethodBuilder, Variant, method_label, method_names, register_method, row_for
+from tadq.rows.builtin import method_config
+
+__all__ = ["BaseModels", "MethodBuilder", "Variant", "method_config", "method_label", "method_names",
+           "register_method", "row_for"]
