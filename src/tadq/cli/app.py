@@ -33,7 +33,7 @@ def run_command(
     model: Path | None = typer.Option(None, help="Local diffusers model folder (default: the shipped digits DDPM)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
-                                help="Comma-separated methods registered in tadq.rows (naive, qdiffusion, ptqd, ...)."),
+                                help="Comma-separated methods registered in tadq.rows (naive, qdiffusion, ptqd, …)."),
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000)."),
     sampler: str = typer.Option("ddim", help="Sampler kind: ddim or ddpm."),
