@@ -22,6 +22,7 @@ from torch import Tensor
 from tadq.api import sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict
+from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.evaluation import fd_reference, quality_metrics
 from tadq.metrics import per_step_mse
@@ -171,10 +172,20 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
         label: per_step_mse(fp["states"], c["states"]) for label, c in zip(labels, cells, strict=True) if c is not fp
     }
     save_error_curves(curves, out / "per_step_error.png", title=f"{config.sampler.key}: MSE(x_t FP, x_t quantized)")
+    presets = sorted({c["bits"] for c in cells if c is not fp})
+    if len(presets) > 1:  # one readable figure per bit-width as well: how each method bends the curve
+        for bits in presets:
+            subset = {label: curve for label, curve in curves.items() if label.endswith(f" {bits}")}
+            save_error_curves(subset, out / f"per_step_error_{bits}.png",
+                              title=f"{bits}, {config.sampler.key}: MSE(x_t FP, x_t quantized)")
     ptqd = {label: c["extras"]["ptqd_tables"] for label, c in zip(labels, cells, strict=True)
             if "ptqd_tables" in c.get("extras", {})}
     if ptqd:
         save_ptqd_tables_plot(ptqd, out / "ptqd_tables.png")
+    corrections = {label: c["extras"]["correction_tables"] for label, c in zip(labels, cells, strict=True)
+                   if c.get("extras", {}).get("correction_tables")}
+    if corrections:
+        save_correction_tables_plot(corrections, out / "correction_tables.png")
     results = {
         "rows": rows,
         "per_step_mse": {label: curve.tolist() for label, curve in curves.items()},

@@ -14,8 +14,11 @@ from tadq.corrections.base import (
 )
 from tadq.corrections.ptqd import PTQDConfig, PTQDCorrection  # registers PTQD
 from tadq.corrections.stack import CorrectionStack, fit_stack
+from tadq.corrections.tac import TACConfig, TACCorrection  # registers TAC
+from tadq.corrections.tcec import TCECConfig, TCECCorrection  # registers TCEC
 
 __all__ = [
     "Correction", "CorrectionConfig", "CorrectionStack", "HookedDenoiser", "PTQDConfig", "PTQDCorrection",
-    "PairRequest", "TableKey", "TrajectoryPair", "collect_trajectory_pair", "fit_stack",
+    "PairRequest", "TACConfig", "TACCorrection", "TCECConfig", "TCECCorrection", "TableKey", "TrajectoryPair",
+    "collect_trajectory_pair", "fit_stack",
 ]

@@ -8,7 +8,9 @@ two modes (``TrajectoryMode``):
                      ε̂ = after_model(q(x̃_t)), x̃_t = before_model(x_t)   hooks already in the stack) is evaluated on
                                                                       the same state (PTQD's choice, methods.md §2 B2)
     quantized        x_{t-1} = after_step(step(x̃_t, ε̂, noise_std(σ_t)))  the deployed quantized trajectory;
-                     ε = fp(x̃_t)                                      FP is evaluated on the quantized input
+                     ε = fp(x̃_t)                                      FP is evaluated on the quantized input, and
+                                                                      the FP trajectory from the same noise is
+                                                                      recorded beside it (one more FP call a step)
 
 Noise comes from ``tadq.sampling.initial_noise``/``step_noise``, so a sample's noise depends only on
 (seed, sample index) and a pair is O(S) network calls per sample and network.
@@ -29,15 +31,16 @@ from tadq.sampling import (
     SamplerConfig,
     SamplingHooks,
     StepContext,
+    hooked_step,
     initial_noise,
     make_scheduler,
     sampler_step,
     step_contexts,
     step_noise,
 )
-from tadq.sampling.hooks import apply_after_model, apply_after_step, apply_before_model, apply_noise_std, check_hooks
+from tadq.sampling.hooks import apply_after_model, apply_before_model, check_hooks
 
-__all__ = ["TRAJECTORY_MODES", "TrajectoryMode", "TrajectoryPair", "collect_trajectory_pair"]
+__all__ = ["TRAJECTORY_MODES", "TrajectoryMode", "TrajectoryPair", "bits_of", "collect_trajectory_pair", "shape_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +57,11 @@ class TrajectoryPair:
         eps_q: Quantized prediction ε̂ after the hooks already active (the earlier corrections), (S, N, C, H, W).
         model_inputs: What the quantized network saw (x̃_t, after ``before_model``), (S, N, C, H, W).
         states: x_T, then the state after each step of the trajectory that was followed, (S+1, N, C, H, W).
+        fp_states: The FP trajectory from the same noise, (S+1, N, C, H, W); in ``quantized`` mode it is recorded
+            beside the quantized one (input bias correction and error propagation compare the two), in
+            ``teacher_forced`` mode it is ``states``.
+        eps_fp_trajectory: FP prediction on the FP trajectory, ε_θ(x_t), (S, N, C, H, W); equals ``eps_fp`` in
+            ``teacher_forced`` mode.
         steps: The sampler's ``StepContext`` of each step.
         mode: Which trajectory was followed (see the module docstring).
         seed: Noise seed of the run.
@@ -70,6 +78,8 @@ class TrajectoryPair:
     seed: int
     bits: str
     guidance_scale: float = 1.0
+    fp_states: Tensor | None = None
+    eps_fp_trajectory: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in TRAJECTORY_MODES:
@@ -88,6 +98,13 @@ class TrajectoryPair:
                              f"{tuple(self.states.shape)}")
         if len({step.sampler_key for step in self.steps}) != 1:
             raise ValueError("all steps of a TrajectoryPair must come from one sampler")
+        if self.mode == "teacher_forced":
+            self.fp_states = self.states if self.fp_states is None else self.fp_states
+            self.eps_fp_trajectory = self.eps_fp if self.eps_fp_trajectory is None else self.eps_fp_trajectory
+        for name, expected in (("fp_states", self.states.shape), ("eps_fp_trajectory", self.eps_fp.shape)):
+            value = getattr(self, name)
+            if value is not None and value.shape != expected:
+                raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(expected)}")
 
     @property
     def num_steps(self) -> int:
@@ -109,7 +126,7 @@ class TrajectoryPair:
         return self.eps_q[index].double() - self.eps_fp[index].double()
 
 
-def _bits_of(q_denoiser: Denoiser, bits: str | None) -> str:
+def bits_of(q_denoiser: Denoiser, bits: str | None) -> str:
     if bits is not None:
         return bits
     label = getattr(getattr(q_denoiser, "config", None), "label", None)
@@ -118,7 +135,7 @@ def _bits_of(q_denoiser: Denoiser, bits: str | None) -> str:
     return label
 
 
-def _shape_of(q_denoiser: Denoiser, sample_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
+def shape_of(q_denoiser: Denoiser, sample_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
     if sample_shape is not None:
         return tuple(sample_shape)  # type: ignore[return-value]
     shape = getattr(q_denoiser, "sample_shape", None)
@@ -135,9 +152,11 @@ def _predict(denoiser: Denoiser, x: Tensor, step: StepContext) -> Tensor:
 def _run_batch(
     fp_denoiser: Denoiser, q_denoiser: Denoiser, steps: Sequence[StepContext], hooks: Sequence[SamplingHooks],
     x: Tensor, noise: Tensor, mode: TrajectoryMode,
-) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
-    """One batch: x is x_T (B, C, H, W), noise the step noises (S, B, C, H, W); returns per-step CPU lists."""
-    eps_fp, eps_q, inputs, states = [], [], [], [x.cpu()]
+) -> tuple[list[Tensor], ...]:
+    """One batch: x is x_T (B, C, H, W), noise the step noises (S, B, C, H, W); returns per-step CPU lists
+    (ε, ε̂, x̃, states, and in ``quantized`` mode the FP trajectory's states and ε)."""
+    eps_fp, eps_q, inputs, states, fp_states, eps_fp_traj = [], [], [], [x.cpu()], [x.cpu()], []
+    x_fp = x
     for step in steps:
         x_in = apply_before_model(hooks, x, step)  # x̃_t
         eps_hat = apply_after_model(hooks, _predict(q_denoiser, x_in, step), x_in, step)
@@ -146,13 +165,16 @@ def _run_batch(
             x = sampler_step(x, eps, step, noise=noise[step.index])  # FP step, the sampler's own σ_t
         else:
             eps = _predict(fp_denoiser, x_in, step)
-            std = apply_noise_std(hooks, torch.tensor(step.std_dev_t, dtype=torch.float32, device=x.device), step)
-            x = apply_after_step(hooks, sampler_step(x_in, eps_hat, step, noise=noise[step.index], std=std), step)
+            x = hooked_step(hooks, x_in, eps_hat, step, noise[step.index])
+            eps_on_fp = _predict(fp_denoiser, x_fp, step)
+            x_fp = sampler_step(x_fp, eps_on_fp, step, noise=noise[step.index])
+            eps_fp_traj.append(eps_on_fp.cpu())
+            fp_states.append(x_fp.cpu())
         eps_fp.append(eps.cpu())
         eps_q.append(eps_hat.cpu())
         inputs.append(x_in.cpu())
         states.append(x.cpu())
-    return eps_fp, eps_q, inputs, states
+    return eps_fp, eps_q, inputs, states, fp_states, eps_fp_traj
 
 
 def collect_trajectory_pair(
@@ -198,7 +220,7 @@ def collect_trajectory_pair(
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     hooks = tuple(hooks)
     check_hooks(hooks)
-    label, shape = _bits_of(q_denoiser, bits), _shape_of(q_denoiser, sample_shape)
+    label, shape = bits_of(q_denoiser, bits), shape_of(q_denoiser, sample_shape)
     steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
     logger.info("collecting a %s trajectory pair: %d samples, %s, %s", mode, num_samples, sampler.key, label)
     per_batch: list[tuple[list[Tensor], ...]] = []
@@ -212,5 +234,6 @@ def collect_trajectory_pair(
     def gather(position: int) -> Tensor:  # per batch a list over steps -> (steps, N, ...)
         return torch.cat([torch.stack(batch[position]) for batch in per_batch], dim=1)
 
+    extra = {} if mode == "teacher_forced" else {"fp_states": gather(4), "eps_fp_trajectory": gather(5)}
     return TrajectoryPair(eps_fp=gather(0), eps_q=gather(1), model_inputs=gather(2), states=gather(3),
-                          steps=tuple(steps), mode=mode, seed=seed, bits=label)
+                          steps=tuple(steps), mode=mode, seed=seed, bits=label, **extra)

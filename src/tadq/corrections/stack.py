@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 from tadq.config import config_from_dict, config_to_dict
 from tadq.corrections.base import Correction
-from tadq.corrections.pair import collect_trajectory_pair
+from tadq.corrections.pair import bits_of, collect_trajectory_pair, shape_of
+from tadq.corrections.sequential import SequentialCorrection, fit_sequentially
 from tadq.registry import correction_for
 from tadq.sampling import Denoiser, IdentityHooks, NoiseStd, SamplerConfig, StepContext
 from tadq.sampling.hooks import apply_after_model, apply_after_step, apply_before_model, apply_noise_std
@@ -130,6 +131,13 @@ def fit_stack(
         request = member.pair_request()
         if request is None:
             continue
+        if isinstance(member, SequentialCorrection) and member.config.sequential:
+            _fit_member_sequentially(member, tuple(stack)[:index], fp_denoiser, q_denoiser, scheduler, sampler,
+                                     num_samples=request.num_samples if num_samples is None else num_samples,
+                                     seed=request.seed if seed is None else seed, batch_size=batch_size,
+                                     **pair_options)
+            logger.info("fitted %s (%d of %d) sequentially", type(member).__name__, index + 1, len(stack))
+            continue
         pair = collect_trajectory_pair(
             fp_denoiser, q_denoiser, scheduler, sampler, mode=request.mode, hooks=tuple(stack)[:index],
             num_samples=request.num_samples if num_samples is None else num_samples,
@@ -139,3 +147,18 @@ def fit_stack(
             member.fit(pair)
         logger.info("fitted %s (%d of %d) on a %s pair", type(member).__name__, index + 1, len(stack), request.mode)
     return stack
+
+
+def _fit_member_sequentially(member: SequentialCorrection, earlier: tuple[Correction, ...], fp_denoiser: Denoiser,
+                             q_denoiser: Denoiser, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
+                             batch_size: int, sample_shape: tuple[int, int, int] | None = None,
+                             bits: str | None = None, device: str | torch.device = "cpu") -> None:
+    config = member.config
+    selection = getattr(config, "held_out_seed", None)
+    records = fit_sequentially(
+        member, fp_denoiser, q_denoiser, scheduler, sampler, hooks=earlier, num_samples=num_samples, seed=seed,
+        sample_shape=shape_of(q_denoiser, sample_shape), bits=bits_of(q_denoiser, bits),
+        selection_seed=selection, selection_samples=getattr(config, "selection_samples", 64),
+        batch_size=batch_size, device=device,
+    )
+    member.selection_records = records

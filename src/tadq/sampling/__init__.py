@@ -3,7 +3,7 @@
 from tadq.sampling.config import SAMPLER_KINDS, SamplerConfig, make_scheduler
 from tadq.sampling.context import StepContext, step_contexts
 from tadq.sampling.hooks import IdentityHooks, NoiseStd, SamplingHooks
-from tadq.sampling.loop import Denoiser, SamplingResult, Trajectory, sample
+from tadq.sampling.loop import Denoiser, SamplingResult, Trajectory, hooked_step, sample
 from tadq.sampling.noise import initial_noise, sample_generator, step_noise
 from tadq.sampling.steps import ddim_step, ddpm_step, predict_x0, sampler_step
 
@@ -19,6 +19,7 @@ __all__ = [
     "Trajectory",
     "ddim_step",
     "ddpm_step",
+    "hooked_step",
     "initial_noise",
     "make_scheduler",
     "predict_x0",

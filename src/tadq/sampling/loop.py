@@ -35,7 +35,7 @@ from tadq.sampling.hooks import (
 from tadq.sampling.noise import initial_noise, step_noise
 from tadq.sampling.steps import check_supported, sampler_step
 
-__all__ = ["Denoiser", "SamplingResult", "Trajectory", "sample", "step_contexts"]
+__all__ = ["Denoiser", "SamplingResult", "Trajectory", "hooked_step", "sample", "step_contexts"]
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,21 @@ def _denoise(denoiser: Denoiser, x: Tensor, step: StepContext) -> Tensor:
     return eps
 
 
+def hooked_step(hooks: Sequence[SamplingHooks], x: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None
+                ) -> Tensor:
+    """One sampler update with the hooks' ``noise_std`` and ``after_step``: x_prev from x̃_t and the corrected ε.
+
+    Every loop that follows a corrected trajectory (sampling, trajectory pairs, sequential fits) takes its step
+    here, so a ``NoiseStd`` result and the hook order are handled in one place.
+    """
+    std = apply_noise_std(hooks, torch.tensor(step.std_dev_t, dtype=torch.float32, device=x.device), step)
+    direction = None
+    if isinstance(std, NoiseStd):
+        std, direction = std.noise, std.direction
+    x_prev = sampler_step(x, eps, step, noise=noise, std=std, direction_std=direction)
+    return apply_after_step(hooks, x_prev, step)
+
+
 def _sample_batch(
     denoiser: Denoiser,
     steps: Sequence[StepContext],
@@ -135,12 +150,7 @@ def _sample_batch(
     for step in steps:
         x = apply_before_model(hooks, x, step)
         eps = apply_after_model(hooks, _denoise(denoiser, x, step), x, step)
-        std = apply_noise_std(hooks, torch.tensor(step.std_dev_t, dtype=torch.float32, device=x.device), step)
-        direction = None
-        if isinstance(std, NoiseStd):
-            std, direction = std.noise, std.direction
-        x_prev = sampler_step(x, eps, step, noise=noise[step.index], std=std, direction_std=direction)
-        x_prev = apply_after_step(hooks, x_prev, step)
+        x_prev = hooked_step(hooks, x, eps, step, noise[step.index])
         if record is not None:
             record.model_inputs.append(x.cpu())
             record.eps.append(eps.cpu())

@@ -9,32 +9,16 @@ import logging
 
 from torch import nn
 
+from tadq.corrections.attach import as_denoiser, with_corrections
 from tadq.corrections.ptqd.config import PTQDConfig
 from tadq.corrections.ptqd.correction import PTQDCorrection, vsc_report
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
-from tadq.registry import adapter_for
 from tadq.sampling import Denoiser, SamplerConfig
 
 __all__ = ["as_denoiser", "fit_ptqd", "with_corrections"]
 
 logger = logging.getLogger(__name__)
-
-
-def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
-    """``(x, t) -> ε`` of a diffusers model through its adapter; a ``QuantizedDenoiser`` or callable as is."""
-    if isinstance(model, QuantizedDenoiser) or not isinstance(model, nn.Module):
-        return model
-    adapter = adapter_for(model)
-    return lambda x, t: adapter.predict_eps(model, x, t)
-
-
-def with_corrections(qmodel: QuantizedDenoiser, stack: CorrectionStack) -> QuantizedDenoiser:
-    """A new ``QuantizedDenoiser`` sharing ``qmodel``'s network (no weights copied) with ``stack`` as corrections."""
-    view = QuantizedDenoiser(qmodel.model, qmodel.adapter, qmodel.config, qmodel.plans)
-    view.reconstruction_report = qmodel.reconstruction_report
-    view.corrections = stack
-    return view
 
 
 def fit_ptqd(

@@ -1,0 +1,91 @@
+"""Ablation of TAC's and TCEC's reconstructed choices on the shipped model (methods.md §3 B, §4 B6 [RECON]).
+
+Every variant is fitted on calibration noise (seed 0; TCEC scores its (a, κ) candidates on seed 100000) on top of
+the same Q-Diffusion base model and sampled from the evaluation noise (seed 1000) beside FP. The base models are
+the ones ``tadq run`` keeps in ``runs/main/models`` (built there if missing). Run:
+
+    python benchmarks/tac_tcec_ablation.py --threads 1 [--presets W4A4,W4A8] [--samples 256] [--variants ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from common import add_common_flags, write_rows
+
+from tadq.api import sample
+from tadq.calibration import collect_calibration_set, model_fingerprint
+from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
+from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
+from tadq.metrics import per_step_mse, psnr_per_sample
+from tadq.models import load_pipeline_parts
+from tadq.registry import adapter_for, correction_for
+from tadq.rows import BaseModels, method_config
+from tadq.run import RunConfig
+
+VARIANTS = {
+    "base": [],
+    "IBC (trajectory)": [TACConfig(ner=False)],
+    "IBC (input only)": [TACConfig(ner=False, ibc_apply="input")],
+    "IBC (full resolution)": [TACConfig(ner=False, ibc_resolution="full")],
+    "NER fp-traj λ=0.5": [TACConfig(ibc=False)],
+    "NER fp-traj λ=0": [TACConfig(ibc=False, relative_weight=0.0)],
+    "NER same-input λ=0.5": [TACConfig(ibc=False, ner_target="same_input")],
+    "NER same-input λ=0": [TACConfig(ibc=False, ner_target="same_input", relative_weight=0.0)],
+    "NER one-shot (not sequential)": [TACConfig(ibc=False, sequential=False, ner_target="same_input")],
+    "TAC (IBC + NER same-input λ=0.5)": [TACConfig(ner_target="same_input")],
+    "TAC (IBC + NER fp-traj λ=0)": [TACConfig(relative_weight=0.0)],
+    "TCEC (select a, κ)": [TCECConfig()],
+    "TCEC immediate": [TCECConfig(select=False)],
+    "TCEC delayed": [TCECConfig(select=False, mix=0.0)],
+    "TAC + TCEC": [TACConfig(ner_target="same_input"), TCECConfig()],
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser, samples=256, out="runs/bench/tac_tcec")
+    parser.add_argument("--presets", default="W4A4,W4A8")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = RunConfig()
+    model, scheduler = load_pipeline_parts(None)
+    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, config.calibration,
+                                    cache_dir=config.cache_dir, progress=False)
+    bases = BaseModels(model, scheduler, calib, model_fingerprint(model), Path(args.models))
+    fp = sample(model, scheduler, config.sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
+                progress=False)
+    rows = []
+    for preset_name in args.presets.split(","):
+        base = bases.get(method_config("qdiffusion", preset_name, config))
+        for name in args.variants.split(","):
+            stack = CorrectionStack([correction_for(c) for c in VARIANTS[name]])
+            t0 = time.perf_counter()
+            fit_stack(stack, as_denoiser(model), base, scheduler, config.sampler)
+            fit_s = time.perf_counter() - t0
+            denoiser = with_corrections(base, stack)
+            result = sample(denoiser, scheduler, config.sampler, num_samples=args.samples, seed=args.seed,
+                            record_trajectory=True, progress=False)
+            psnr = float(psnr_per_sample(result.images.clamp(-1, 1), fp.images.clamp(-1, 1)).mean())
+            final = float(per_step_mse(fp.trajectory.states, result.trajectory.states)[-1])
+            chosen = [getattr(m, "selection_records", None) for m in stack]
+            row = {"preset": preset_name, "variant": name, "psnr": round(psnr, 2), "final_mse": final,
+                   "fit_s": round(fit_s, 1), "selection": chosen}
+            print(row, flush=True)
+            rows.append(row)
+            write_rows(rows, out, "| preset | variant | PSNR vs FP (dB) | final MSE | fit s |",
+                       lambda r: f"| {r['preset']} | {r['variant']} | {r['psnr']:.2f} | {r['final_mse']:.2e} | "
+                                 f"{r['fit_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

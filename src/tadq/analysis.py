@@ -1,0 +1,165 @@
+"""``tadq analyze``: where a quantized model's error comes from — measured cumulative state error per step next to
+TCEC's closed-form prediction (methods.md §4 B1-B4).
+
+One quantized-mode trajectory pair gives, at every step n, the quantized state x̂_n, the FP state x_n from the same
+noise and the network's own error e_n = ε̂(x̂_n) − ε_θ(x̂_n). The measured δ_n = x̂_n − x_n is compared with
+
+* the J ≈ 0 closed form Σ_s (Π A_r) B_s e_s (``tadq.corrections.tcec.propagation.predict_j0``), and
+* the recursion with a measured Jacobian-vector term J_n δ̂_n, a forward difference of the FP network on the FP
+  trajectory (one more FP call per step and sample),
+
+and the final error is split into each step's share, so users see which steps make it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from tadq.corrections.pair import collect_trajectory_pair  # noqa: E402
+from tadq.corrections.tcec.propagation import final_contributions, predict_j0, predict_recursive  # noqa: E402
+from tadq.sampling import Denoiser, SamplerConfig, StepContext  # noqa: E402
+
+__all__ = ["PropagationReport", "analyze_propagation", "save_propagation_plot"]
+
+JVP_RELATIVE_STEP = 1e-3  # forward-difference step: ‖h δ‖_rms = 1e-3 · ‖x‖_rms (linear regime, far above fp32 noise)
+
+
+@dataclass
+class PropagationReport:
+    """Per-state MSE (index 0 = x_T) of the measured and predicted state error, and each step's share of the end.
+
+    Args:
+        measured: MSE(x̂_n, x_n), (S+1) values.
+        predicted_j0: MSE of the J ≈ 0 closed-form δ_n.
+        predicted_jvp: MSE of the recursion with the measured J δ (``None`` when not measured).
+        step_error: MSE of e_n per step (S values).
+        final_share: ‖(Π A) B_s e_s‖² / numel per step s (S values), the J ≈ 0 terms of the final error.
+        relative_error_j0: ‖δ̂ − δ‖ / ‖δ‖ at the final state, J ≈ 0.
+        relative_error_jvp: The same with the measured J δ term.
+        sampler: ``SamplerConfig.key``.
+        clip_sample: Whether x_0 clipping made the update non-linear (predictions then approximate).
+        num_samples: Trajectories.
+        seed: Noise seed.
+    """
+
+    measured: list[float]
+    predicted_j0: list[float]
+    predicted_jvp: list[float] | None
+    step_error: list[float]
+    final_share: list[float]
+    relative_error_j0: float
+    relative_error_jvp: float | None
+    sampler: str
+    clip_sample: bool
+    num_samples: int
+    seed: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _mse_per_state(delta: Tensor) -> list[float]:
+    return delta.double().square().flatten(1).mean(1).tolist()
+
+
+def _relative(predicted: Tensor, measured: Tensor) -> float:
+    norm = float(measured.double().norm())
+    return float((predicted.double() - measured.double()).norm()) / norm if norm > 0 else float("nan")
+
+
+def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, steps: list[StepContext], batch_size: int):
+    """J_n δ by a forward difference of the FP network at the FP state x_n."""
+
+    def jvp(n: int, delta: Tensor) -> Tensor:
+        x = fp_states[n]
+        scale = float(delta.square().mean().sqrt())
+        if scale == 0.0:
+            return torch.zeros_like(delta)
+        h = JVP_RELATIVE_STEP * float(x.double().square().mean().sqrt()) / scale
+        outputs = []
+        with torch.no_grad():
+            for start in range(0, x.shape[0], batch_size):
+                base = x[start: start + batch_size]
+                shifted = (base.double() + h * delta[start: start + batch_size]).to(base.dtype)
+                t = torch.full((base.shape[0],), steps[n].t, dtype=torch.long)
+                outputs.append((fp_denoiser(shifted, t).double() - fp_denoiser(base, t).double()) / h)
+        return torch.cat(outputs)
+
+    return jvp
+
+
+def analyze_propagation(
+    q_denoiser: Denoiser,
+    fp_denoiser: Denoiser,
+    scheduler,
+    sampler: SamplerConfig,
+    *,
+    num_samples: int = 64,
+    seed: int = 1000,
+    measure_jacobian: bool = True,
+    batch_size: int = 128,
+    sample_shape: tuple[int, int, int] | None = None,
+    bits: str | None = None,
+) -> PropagationReport:
+    """Measured vs predicted cumulative error of ``q_denoiser`` (the network without corrections) along ``sampler``."""
+    pair = collect_trajectory_pair(fp_denoiser, q_denoiser, scheduler, sampler, num_samples=num_samples, seed=seed,
+                                   mode="quantized", batch_size=batch_size, sample_shape=sample_shape, bits=bits)
+    steps = list(pair.steps)
+    errors = pair.eps_q.double() - pair.eps_fp.double()  # e_n at the quantized state, (S, N, C, H, W)
+    measured = pair.states.double() - pair.fp_states.double()  # δ_n, (S+1, N, C, H, W)
+    j0 = predict_j0(errors, steps)
+    jvp = None
+    if measure_jacobian:
+        jvp = predict_recursive(errors, steps, _measured_jvp(fp_denoiser, pair.fp_states, steps, batch_size))
+    return PropagationReport(
+        measured=_mse_per_state(measured), predicted_j0=_mse_per_state(j0),
+        predicted_jvp=None if jvp is None else _mse_per_state(jvp),
+        step_error=errors.square().flatten(1).mean(1).tolist(),
+        final_share=final_contributions(errors, steps).tolist(),
+        relative_error_j0=_relative(j0[-1], measured[-1]),
+        relative_error_jvp=None if jvp is None else _relative(jvp[-1], measured[-1]),
+        sampler=sampler.key, clip_sample=steps[0].clip_sample_range is not None, num_samples=num_samples, seed=seed,
+    )
+
+
+def save_propagation_plot(report: PropagationReport, path: str | Path, title: str = "") -> Path:
+    """Left: measured vs predicted MSE(δ_n) per state; right: each step's share of the final error."""
+    path = Path(path)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    states = np.arange(len(report.measured))
+    left.plot(states, np.maximum(report.measured, 1e-14), "k-", lw=2, label="measured")
+    left.plot(states, np.maximum(report.predicted_j0, 1e-14), "--", label=f"closed form, J≈0 "
+              f"(final rel. err {report.relative_error_j0:.2f})")
+    if report.predicted_jvp is not None:
+        left.plot(states, np.maximum(report.predicted_jvp, 1e-14), ":", lw=2,
+                  label=f"recursion with measured Jδ (final rel. err {report.relative_error_jvp:.2f})")
+    left.set_yscale("log")
+    left.set_xlabel("state (0 = x_T)")
+    left.set_ylabel("MSE(x̂_n − x_n)")
+    left.set_title("cumulative state error" + (" (x_0 clipping: linear form approximate)" if report.clip_sample
+                                                else ""), fontsize=9)
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    steps = np.arange(len(report.final_share))
+    right.bar(steps, np.maximum(report.final_share, 1e-14), color="tab:orange")
+    right.set_yscale("log")
+    right.set_xlabel("step s (0 = noisiest)")
+    right.set_ylabel("‖(Π A) B_s e_s‖² / numel")
+    right.set_title("each step's share of the final error (J≈0)", fontsize=9)
+    right.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title or f"error propagation, {report.sampler}, {report.num_samples} samples")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

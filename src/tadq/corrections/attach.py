@@ -1,0 +1,69 @@
+"""Attach fitted corrections to a quantized model: ``fit_corrections`` is what a row or a user calls to put any
+stack of correction configs on top of a ``QuantizedDenoiser`` for one deployment sampler (methods.md §7).
+
+Imported explicitly (it depends on ``tadq.denoiser``, which imports ``tadq.corrections``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from torch import nn
+
+from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.stack import CorrectionStack, fit_stack
+from tadq.denoiser import QuantizedDenoiser
+from tadq.registry import adapter_for, correction_for
+from tadq.sampling import Denoiser, SamplerConfig
+
+__all__ = ["as_denoiser", "fit_corrections", "with_corrections"]
+
+logger = logging.getLogger(__name__)
+
+
+def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
+    """``(x, t) -> ε`` of a diffusers model through its adapter; a ``QuantizedDenoiser`` or callable as is."""
+    if isinstance(model, QuantizedDenoiser) or not isinstance(model, nn.Module):
+        return model
+    adapter = adapter_for(model)
+    return lambda x, t: adapter.predict_eps(model, x, t)
+
+
+def with_corrections(qmodel: QuantizedDenoiser, stack: CorrectionStack) -> QuantizedDenoiser:
+    """A new ``QuantizedDenoiser`` sharing ``qmodel``'s network (no weights copied) with ``stack`` as corrections."""
+    view = QuantizedDenoiser(qmodel.model, qmodel.adapter, qmodel.config, qmodel.plans)
+    view.reconstruction_report = qmodel.reconstruction_report
+    view.corrections = stack
+    return view
+
+
+def fit_corrections(
+    qmodel: QuantizedDenoiser,
+    fp_model: nn.Module | Denoiser,
+    scheduler,
+    sampler: SamplerConfig,
+    configs: Sequence[CorrectionConfig],
+    *,
+    batch_size: int = 128,
+) -> QuantizedDenoiser:
+    """``qmodel`` with the corrections of ``configs`` appended to its own and fitted in application order.
+
+    Each new correction is fitted on a pair (or a sequential pass) with every earlier one active, so output
+    correctors that estimate the same map (PTQD, TAC NER, TCEC) never correct twice. ``qmodel`` is unchanged: the
+    result shares its network, so a base row and its corrected rows come from the very same weights.
+
+    Args:
+        qmodel: The quantized model, possibly with corrections already.
+        fp_model: The FP diffusers model (or an ``(x, t) -> ε`` callable).
+        scheduler: The model's training scheduler.
+        sampler: The deployment sampler; every table is valid for it only.
+        configs: Correction configs in application order; their seeds must be calibration seeds.
+        batch_size: Samples per network call while fitting.
+    """
+    if not isinstance(qmodel, QuantizedDenoiser):
+        raise TypeError(f"fit_corrections takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
+    existing = list(qmodel.corrections)
+    stack = CorrectionStack([*existing, *(correction_for(config) for config in configs)])
+    fit_stack(stack, as_denoiser(fp_model), qmodel, scheduler, sampler, batch_size=batch_size, start=len(existing))
+    return with_corrections(qmodel, stack)

@@ -1,0 +1,47 @@
+"""The report figure of the sampler-level corrections' fitted tables against the step: TAC's input bias b_t and
+NER scale K_t, TCEC's error scale K_t (channel means; step 0 is the noisiest)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+__all__ = ["save_correction_tables_plot"]
+
+PANELS = (("TAC", "input_bias", "TAC IBC: input bias b_t (channel mean)"),
+          ("TAC", "scale", "TAC NER: scale K_t (channel mean)"),
+          ("TCEC", "k", "TCEC: error scale K_t (channel mean)"))
+
+
+def save_correction_tables_plot(rows: Mapping[str, Mapping[str, Any]], path: str | Path) -> Path:
+    """Three panels, one line per row label; ``rows`` maps a row label to its ``correction_tables`` dict."""
+    path = Path(path)
+    fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
+    for ax, (kind, field, title) in zip(axes, PANELS, strict=True):
+        for label, tables in rows.items():
+            for key, table in tables.items():
+                if key.split(":")[-1] != kind:
+                    continue
+                values = np.asarray(table[field], dtype=float)
+                if kind == "TAC" and ((field == "input_bias" and not table["ibc"]) or
+                                      (field == "scale" and not table["ner"])):
+                    continue
+                ax.plot(np.arange(len(values)), values.reshape(len(values), -1).mean(1), label=label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("sampler step (0 = noisiest)")
+        ax.axhline(1.0 if field == "scale" else 0.0, color="grey", linewidth=0.6)
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.suptitle("fitted sampler-level correction tables", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path

@@ -1,0 +1,234 @@
+"""Sequential fitting: per-step tables fitted from the noisiest step down, each step's statistics gathered with the
+corrections of every earlier step already active (TAC, methods.md §3 B; TCEC, §4 B6).
+
+A ``TrajectoryPair`` is recorded before its correction exists, so it cannot show the states a corrected sampler
+would visit. ``fit_sequentially`` instead walks the FP and the quantized trajectories from the same noise side by
+side, step-major over all N samples at once (network calls batched): at step i it lets the correction fit its
+input row from (x̂_i, x_i), applies it, fits its output row from (ε̂, ε), applies it and takes the step. Every
+state is computed once, so calibration is O(S) network calls per sample — not O(S²) as re-running a trajectory
+per step would be. Processing all samples per step also keeps stateful hooks (TCEC's cached previous output)
+consistent.
+
+Candidates: a correction may offer settings to choose between (``candidates``); each is fitted on the calibration
+seed and scored by the final-state MSE against FP on a held-out selection seed, and the best one is kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from tadq.corrections.base import Correction, TableKey
+from tadq.corrections.pair import TrajectoryPair
+from tadq.sampling import (
+    Denoiser,
+    SamplerConfig,
+    SamplingHooks,
+    StepContext,
+    hooked_step,
+    initial_noise,
+    make_scheduler,
+    sampler_step,
+    step_contexts,
+    step_noise,
+)
+from tadq.sampling.hooks import apply_after_model, apply_before_model, check_hooks
+
+__all__ = ["SequentialCorrection", "StepTargets", "fit_sequentially", "paired_final_error"]
+
+logger = logging.getLogger(__name__)
+
+
+class StepTargets:
+    """The FP predictions a step's output row may be fitted against, both (N, C, H, W); ``same_input`` is computed
+    on first use (one more FP call per sample), so a correction that does not need it does not pay for it.
+
+    Attributes:
+        same_input: ε_θ(x̃_i), FP on the quantized model's own input: isolates the quantization error.
+        fp_trajectory: ε_θ(x_i), FP on the FP trajectory: also absorbs the propagated state error.
+    """
+
+    def __init__(self, same_input: Tensor | Callable[[], Tensor], fp_trajectory: Tensor) -> None:
+        self._same_input = same_input
+        self.fp_trajectory = fp_trajectory
+
+    @property
+    def same_input(self) -> Tensor:
+        if callable(self._same_input):
+            self._same_input = self._same_input()
+        return self._same_input
+
+
+class SequentialCorrection(Correction):
+    """A correction whose rows are fitted step by step with its earlier rows active.
+
+    Subclasses implement ``reset_tables`` (identity rows) and the row fits; the generic ``fit_tables(pair)`` fits
+    every row from a pair recorded without the correction (the one-shot approximation, used when the config
+    says ``sequential=False``).
+    """
+
+    sequential_fit: ClassVar[bool] = True
+
+    def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
+        """Set every table to S identity rows (so a partly fitted correction acts only where fitted)."""
+        raise NotImplementedError
+
+    def fit_input_row(self, index: int, x_in: Tensor, x_fp: Tensor) -> None:
+        """Fit row ``index`` of the input tables from the quantized input x̂_i and the FP state x_i (N, C, H, W)."""
+
+    def fit_output_row(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext) -> None:
+        """Fit row ``index`` of the output tables from ε̂ (after earlier corrections) and the FP targets."""
+
+    def candidates(self) -> list[dict[str, Any]]:
+        """Settings to choose between by held-out final error; one (empty) candidate means nothing to choose."""
+        return [{}]
+
+    def use_candidate(self, settings: dict[str, Any]) -> None:
+        """Switch to one of ``candidates()`` before fitting it."""
+
+    def fit_tables(self, pair: TrajectoryPair) -> None:
+        if pair.fp_states is None or pair.eps_fp_trajectory is None:
+            raise ValueError(f"{type(self).__name__} needs the FP trajectory in the pair (a quantized-mode pair)")
+        self.reset_tables(pair.steps, tuple(pair.eps_fp.shape[2:]))
+        for step in pair.steps:
+            i = step.index
+            self.fit_input_row(i, pair.model_inputs[i], pair.fp_states[i])
+            targets = StepTargets(same_input=pair.eps_fp[i], fp_trajectory=pair.eps_fp_trajectory[i])
+            self.fit_output_row(i, pair.eps_q[i], targets, step)
+
+
+def _predict(denoiser: Denoiser, x: Tensor, step: StepContext, batch_size: int) -> Tensor:
+    outputs = []
+    for start in range(0, x.shape[0], batch_size):
+        chunk = x[start: start + batch_size]
+        outputs.append(denoiser(chunk, torch.full((chunk.shape[0],), step.t, dtype=torch.long, device=x.device)))
+    return torch.cat(outputs)
+
+
+def _walk(
+    fp_denoiser: Denoiser, q_denoiser: Denoiser, steps: Sequence[StepContext], hooks: Sequence[SamplingHooks],
+    fitting: SequentialCorrection | None, x: Tensor, noise: Tensor, batch_size: int,
+) -> tuple[Tensor, Tensor]:
+    """FP and corrected quantized trajectories side by side; ``fitting`` (the last hook) fits its rows on the way.
+
+    Returns the final FP and quantized states.
+    """
+    earlier = tuple(hooks[:-1]) if fitting is not None else tuple(hooks)
+    x_fp, x_hat = x, x
+    for step in steps:
+        x_in = apply_before_model(earlier, x_hat, step)
+        if fitting is not None:
+            fitting.fit_input_row(step.index, x_in, x_fp)
+            x_in = fitting.before_model(x_in, step)
+        eps_hat = apply_after_model(earlier, _predict(q_denoiser, x_in, step, batch_size), x_in, step)
+        eps_fp = _predict(fp_denoiser, x_fp, step, batch_size)
+        if fitting is not None:
+            targets = StepTargets(same_input=lambda x=x_in, s=step: _predict(fp_denoiser, x, s, batch_size),
+                                  fp_trajectory=eps_fp)
+            fitting.fit_output_row(step.index, eps_hat, targets, step)
+            eps_hat = fitting.after_model(eps_hat, x_in, step)
+        x_hat = hooked_step(hooks, x_in, eps_hat, step, noise[step.index])
+        x_fp = sampler_step(x_fp, eps_fp, step, noise=noise[step.index])
+    return x_fp, x_hat
+
+
+def _noise(seed: int, num_samples: int, num_steps: int, shape: tuple[int, int, int], device) -> tuple[Tensor, Tensor]:
+    indices = list(range(num_samples))
+    return (initial_noise(seed, indices, shape).to(device),
+            step_noise(seed, indices, num_steps, shape).to(device))
+
+
+def paired_final_error(
+    fp_denoiser: Denoiser, q_denoiser: Denoiser, scheduler, sampler: SamplerConfig, hooks: Sequence[SamplingHooks],
+    *, num_samples: int, seed: int, sample_shape: tuple[int, int, int], batch_size: int = 128,
+    device: str | torch.device = "cpu",
+) -> float:
+    """MSE between the FP and the corrected quantized final states x_0 from the same noise (the selection score)."""
+    check_hooks(hooks)
+    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
+    x, noise = _noise(seed, num_samples, len(steps), sample_shape, device)
+    with torch.no_grad():
+        x_fp, x_hat = _walk(fp_denoiser, q_denoiser, steps, tuple(hooks), None, x, noise, batch_size)
+    return float((x_hat.double() - x_fp.double()).square().mean())
+
+
+def fit_sequentially(
+    correction: SequentialCorrection,
+    fp_denoiser: Denoiser,
+    q_denoiser: Denoiser,
+    scheduler,
+    sampler: SamplerConfig,
+    *,
+    hooks: Sequence[SamplingHooks] = (),
+    num_samples: int,
+    seed: int,
+    sample_shape: tuple[int, int, int],
+    bits: str,
+    selection_seed: int | None = None,
+    selection_samples: int = 64,
+    batch_size: int = 128,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, Any]]:
+    """Fit ``correction`` step by step behind the already-fitted ``hooks`` (module docstring).
+
+    Args:
+        correction: The correction to fit in place.
+        fp_denoiser, q_denoiser: ``(x, t) -> ε`` of the FP model and of the quantized network (no corrections).
+        scheduler: The model's training scheduler.
+        sampler: The deployment sampler; the tables are keyed by it.
+        hooks: Corrections applied before this one (fitted earlier in a stack).
+        num_samples, seed: Calibration trajectories and their noise seed.
+        sample_shape: (C, H, W).
+        bits: Bit label of the quantized model.
+        selection_seed: Held-out noise seed scoring the candidates (needed when there is more than one).
+        selection_samples: Trajectories of the held-out score.
+        batch_size: Samples per network call (does not change the result).
+        device: Where the states live.
+
+    Returns:
+        One record per candidate: its settings and held-out final MSE (``nan`` when there was nothing to choose).
+    """
+    hooks = tuple(hooks)
+    check_hooks(hooks)
+    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
+    key = TableKey(sampler.key, len(steps), 1.0, bits)
+    x, noise = _noise(seed, num_samples, len(steps), sample_shape, device)
+    candidates = correction.candidates()
+    if len(candidates) > 1 and selection_seed is None:
+        raise ValueError("choosing between candidates needs a held-out selection_seed")
+    if selection_seed is not None and selection_seed == seed:
+        raise ValueError("selection_seed must differ from the fitting seed: a choice scored on its own noise is "
+                         "biased")
+    records: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, Tensor], dict[str, Any]] | None = None
+    for settings in candidates:
+        correction.use_candidate(settings)
+        correction.table_key = None
+        correction.reset_tables(steps, tuple(sample_shape))
+        correction.table_key = key  # provisional: identity rows until fitted, so its hooks already run
+        try:
+            with torch.no_grad():
+                _walk(fp_denoiser, q_denoiser, steps, (*hooks, correction), correction, x, noise, batch_size)
+        except BaseException:
+            correction.table_key = None
+            raise
+        score = math.nan
+        if len(candidates) > 1:
+            score = paired_final_error(fp_denoiser, q_denoiser, scheduler, sampler, (*hooks, correction),
+                                       num_samples=selection_samples, seed=selection_seed, sample_shape=sample_shape,
+                                       batch_size=batch_size, device=device)
+            logger.info("%s candidate %s: held-out final MSE %.4g", type(correction).__name__, settings, score)
+            if best is None or score < best[0]:
+                best = (score, {k: v.clone() for k, v in correction.state_dict().items() if isinstance(v, Tensor)},
+                        settings)
+        records.append({**settings, "final_mse": score})
+    if best is not None:
+        correction.use_candidate(best[2])
+        correction.load_state_dict({**correction.state_dict(), **best[1]})
+        correction.table_key = key
+    return records

@@ -1,0 +1,67 @@
+"""``TACConfig``: which of TAC-Diffusion's two corrections act and the [RECON] choices of each (methods.md §3)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.pair import TrajectoryMode
+
+__all__ = ["TACConfig"]
+
+
+@dataclass(frozen=True)
+class TACConfig(CorrectionConfig):
+    """TAC-Diffusion (Yao et al., ECCV 2024): input bias correction (IBC) and noise estimation reconstruction (NER).
+
+    There is no public code; every formula is a reconstruction (methods.md §3 B) and each choice is a field here.
+    Defaults are the ones the ablation in this folder's README picked on the shipped model.
+
+    Args:
+        ibc: Remove the per-step bias b_i of the quantized state against the FP state from the same noise.
+        ner: Rescale ε̂ per channel with the closed-form K_i of the masked MSE + relative objective.
+        ibc_apply: ``"trajectory"``: the corrected state x̂_i − b_i also enters the sampler update (the bias leaves
+            the trajectory); ``"input"``: only the network sees x̂_i − b_i (the update adds A_i b_i back).
+        ibc_resolution: ``"channel"`` (b_i of shape (C,)) or ``"full"`` ((C, H, W); overfits with few samples).
+        ner_target: ``"fp_trajectory"``: fit K ε̂ onto ε_θ(x_i) on the FP trajectory, so NER also absorbs
+            propagated error; ``"same_input"``: onto ε_θ(x̃_i), the quantization error alone.
+        relative_weight: λ, weight of the masked relative term (0: plain least squares).
+        mask_threshold: τ of the mask 1[|ε| > τ], in units of std(ε) of the step.
+        ridge: ρ, pulls K toward 1 when the data say little.
+        offset: Also fit a per-channel offset d (ε̃ = K ε̂ + d).
+        sequential: Fit from the noisiest step down with the earlier steps' corrections active (TAC's calibration);
+            ``False`` fits every step from one uncorrected pair (cheaper, ignores the corrections' own effect).
+        trajectory: Must be ``"quantized"`` when ``ibc`` is on: on the FP trajectory there is no input bias.
+    """
+
+    trajectory: TrajectoryMode = "quantized"
+    ibc: bool = True
+    ner: bool = True
+    ibc_apply: Literal["trajectory", "input"] = "trajectory"
+    ibc_resolution: Literal["channel", "full"] = "channel"
+    ner_target: Literal["fp_trajectory", "same_input"] = "fp_trajectory"
+    relative_weight: float = 0.5
+    mask_threshold: float = 0.05
+    ridge: float = 0.0
+    offset: bool = False
+    sequential: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("ibc", "ner", "offset", "sequential"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TACConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        choices = {"ibc_apply": ("trajectory", "input"), "ibc_resolution": ("channel", "full"),
+                   "ner_target": ("fp_trajectory", "same_input")}
+        for name, accepted in choices.items():
+            if getattr(self, name) not in accepted:
+                raise ValueError(f"TACConfig.{name}={getattr(self, name)!r}; accepted values: {accepted}")
+        if not self.ibc and not self.ner:
+            raise ValueError("TACConfig with ibc=False and ner=False corrects nothing; turn one of them on")
+        if not 0.0 <= self.relative_weight <= 1.0:
+            raise ValueError(f"TACConfig.relative_weight must lie in [0, 1], got {self.relative_weight}")
+        if self.mask_threshold < 0 or self.ridge < 0:
+            raise ValueError("TACConfig.mask_threshold and ridge must be >= 0")
+        if self.ibc and self.trajectory != "quantized":
+            raise ValueError("IBC measures the quantized trajectory's bias against FP: set trajectory='quantized'")

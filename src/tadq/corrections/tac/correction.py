@@ -1,0 +1,105 @@
+"""TAC-Diffusion's per-step input bias correction (IBC) and noise estimation reconstruction (NER), methods.md §3 B.
+
+Per sampler step i (table row ``step.index``):
+
+    b_i = mean over samples and pixels of (x̂_i − x_i)      per channel (C,) or per element (C, H, W)     (B2)
+    x̃_i = x̂_i − b_i                                        before the network
+    ε̃   = K_i ⊙ ε̂(x̃_i) + d_i                                after the network; K, d closed form (B4,
+                                                             ``tadq.corrections.scaling``)
+
+x̂_i is the quantized state with every earlier step's correction active (the rows are fitted sequentially by
+``tadq.corrections.sequential.fit_sequentially``); x_i is the FP state from the same noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from tadq.corrections.scaling import fit_channel_affine
+from tadq.corrections.sequential import SequentialCorrection, StepTargets
+from tadq.corrections.tac.config import TACConfig
+from tadq.registry import register_correction
+from tadq.sampling import StepContext
+
+__all__ = ["TACCorrection", "tac_tables"]
+
+
+def _channels(values: Tensor, like: Tensor) -> Tensor:
+    """A (C,) or (C, H, W) row shaped to broadcast over a (B, C, H, W) batch."""
+    values = values.to(dtype=like.dtype, device=like.device)
+    return values.view(1, -1, *([1] * (like.ndim - 2))) if values.ndim == 1 else values.unsqueeze(0)
+
+
+@register_correction(TACConfig)
+class TACCorrection(SequentialCorrection):
+    """IBC before the network and NER after it (methods.md §3 B, "Sampling at step i").
+
+    Tables: ``input_bias`` (S, C) or (S, C, H, W), ``scale`` K (S, C), ``offset`` d (S, C).
+    """
+
+    def __init__(self, config: TACConfig) -> None:
+        super().__init__(config)
+        for name in ("input_bias", "scale", "offset"):
+            self.register_table(name)
+
+    def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
+        channels, count = sample_shape[0], len(steps)
+        bias_shape = (count, channels) if self.config.ibc_resolution == "channel" else (count, *sample_shape)
+        self.input_bias = torch.zeros(bias_shape, dtype=torch.float64)
+        self.scale = torch.ones(count, channels, dtype=torch.float64)
+        self.offset = torch.zeros(count, channels, dtype=torch.float64)
+
+    def fit_input_row(self, index: int, x_in: Tensor, x_fp: Tensor) -> None:
+        if not self.config.ibc:
+            return
+        difference = x_in.double() - x_fp.double()  # (N, C, H, W)
+        dims = (0, 2, 3) if self.config.ibc_resolution == "channel" else (0,)
+        self.input_bias[index] = difference.mean(dim=dims)
+
+    def fit_output_row(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext) -> None:
+        if not self.config.ner:
+            return
+        target = targets.fp_trajectory if self.config.ner_target == "fp_trajectory" else targets.same_input
+        fit = fit_channel_affine(eps_hat, target, relative_weight=self.config.relative_weight,
+                                 mask_threshold=self.config.mask_threshold, ridge=self.config.ridge,
+                                 offset=self.config.offset)
+        self.scale[index], self.offset[index] = fit.scale, fit.offset
+
+    def before_model(self, x: Tensor, step: StepContext) -> Tensor:
+        """x̃ = x̂ − b_i."""
+        index = self.table_index(step)
+        if not self.config.ibc:
+            return x
+        return x - _channels(self.input_bias[index], x)
+
+    def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
+        """ε̃ = K_i ε̂ + d_i."""
+        index = self.table_index(step)
+        if not self.config.ner:
+            return eps
+        eps = eps * _channels(self.scale[index], eps)
+        return eps + _channels(self.offset[index], eps) if self.config.offset else eps
+
+    def after_step(self, x_prev: Tensor, step: StepContext) -> Tensor:
+        """With ``ibc_apply="input"`` the update used x̃; adding A_i b_i back keeps the bias in the trajectory
+        (exact for the linear update, approximate where x_0 clipping acts)."""
+        index = self.table_index(step)
+        if not self.config.ibc or self.config.ibc_apply == "trajectory":
+            return x_prev
+        return x_prev + step.coef_x * _channels(self.input_bias[index], x_prev)
+
+
+def tac_tables(correction: TACCorrection) -> dict:
+    """The fitted rows as JSON-ready lists, step 0 (noisiest) first, for reports and plots."""
+    if not correction.fitted:
+        raise ValueError("tac_tables needs a fitted TACCorrection")
+    bias = correction.input_bias
+    return {
+        "sampler": correction.table_key.sampler_key, "bits": correction.table_key.bits,
+        "input_bias": (bias if bias.ndim == 2 else bias.flatten(2).mean(2)).tolist(),
+        "scale": correction.scale.tolist(), "offset": correction.offset.tolist(),
+        "ibc": correction.config.ibc, "ner": correction.config.ner,
+    }

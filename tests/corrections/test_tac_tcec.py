@@ -1,0 +1,150 @@
+"""TAC (IBC, NER) and TCEC on analytic denoisers with injected, known errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, InjectedError, analytic_scheduler
+
+from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
+from tadq.corrections.scaling import fit_channel_affine
+from tadq.corrections.sequential import paired_final_error
+from tadq.registry import correction_for
+from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+
+SAMPLER = SamplerConfig(kind="ddim", num_steps=10, eta=0.0)
+SCALE = torch.tensor([1.25, 0.8])  # injected per-channel scale of ε̂
+SHIFT = torch.tensor([0.1, -0.05])  # injected per-channel output bias
+
+
+class Scaled:
+    """ε̂ = s_c ε_FP."""
+
+    def __init__(self, fp) -> None:
+        self.fp = fp
+
+    def __call__(self, x, t):
+        return self.fp(x, t) * SCALE.view(1, -1, 1, 1)
+
+
+class Shifted:
+    """ε̂ = ε_FP + c_c: a deterministic state bias builds up along the trajectory."""
+
+    def __init__(self, fp) -> None:
+        self.fp = fp
+
+    def __call__(self, x, t):
+        return self.fp(x, t) + SHIFT.view(1, -1, 1, 1)
+
+
+def _fit(configs, quantized_factory, sampler=SAMPLER):
+    scheduler = analytic_scheduler()
+    fp = AnalyticDenoiser(scheduler)
+    stack = CorrectionStack([correction_for(config) for config in configs])
+    fit_stack(stack, fp, quantized_factory(fp), scheduler, sampler, sample_shape=SAMPLE_SHAPE, bits="W4A8")
+    return stack, fp, scheduler
+
+
+def test_closed_form_fit_recovers_a_scale_and_offset_and_is_exact_at_zero_error():
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(64, 2, 4, 4, generator=generator)
+    estimate = (target - SHIFT.view(1, -1, 1, 1)) / SCALE.view(1, -1, 1, 1)
+    for weight in (0.0, 0.5, 1.0):
+        fit = fit_channel_affine(estimate, target, relative_weight=weight, offset=True)
+        assert torch.allclose(fit.scale, SCALE.double(), atol=1e-9)
+        assert torch.allclose(fit.offset, SHIFT.double(), atol=1e-9)
+    identity = fit_channel_affine(target, target, relative_weight=0.5)
+    assert torch.equal(identity.scale, torch.ones(2, dtype=torch.float64))
+    with pytest.raises(ValueError):
+        fit_channel_affine(estimate, target[:, :1])
+
+
+def test_ner_recovers_an_injected_channel_scale():
+    config = TACConfig(ibc=False, ner=True, ner_target="same_input", num_samples=16)
+    stack, _, _ = _fit([config, TCECConfig(select=False, num_samples=16, seed=1)], Scaled)
+    tac, tcec = stack[0], stack[1]
+    assert torch.allclose(tac.scale, (1 / SCALE.double()).expand_as(tac.scale), rtol=1e-5)
+    # TCEC is fitted behind NER, on its output (no double correction): nothing is left for it to find.
+    assert float(tcec.k.abs().max()) < 1e-5
+
+
+def test_tcec_alone_finds_the_error_scale():
+    stack, _, _ = _fit([TCECConfig(select=False, num_samples=16)], Scaled)
+    assert torch.allclose(stack[0].k, (1 - 1 / SCALE.double()).expand_as(stack[0].k), rtol=1e-5, atol=1e-6)
+
+
+def test_ibc_recovers_the_injected_input_bias():
+    stack, _, scheduler = _fit([TACConfig(ibc=True, ner=False, num_samples=16)], Shifted)
+    steps = step_contexts(make_scheduler(scheduler, SAMPLER), SAMPLER)
+    bias = stack[0].input_bias  # (S, C)
+    assert torch.equal(bias[0], torch.zeros(2, dtype=torch.float64))  # same x_T
+    # Step n-1's bias was removed from the trajectory, so x̂_n − x_n is the last step's own B_{n-1} c.
+    expected = torch.stack([steps[n - 1].coef_eps * SHIFT.double() for n in range(1, len(steps))])
+    assert torch.allclose(bias[1:], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("configs", [
+    [TACConfig(ibc=True, ner=False)],
+    [TACConfig(ibc=False, ner=True)],
+    [TACConfig()],
+    [TCECConfig()],
+    [TACConfig(), TCECConfig(seed=1)],
+], ids=["ibc", "ner", "tac", "tcec", "tac+tcec"])
+def test_each_correction_lowers_the_final_error(configs):
+    configs = [type(c)(**{**c.__dict__, "num_samples": 32}) for c in configs]
+    sampler = SamplerConfig(kind="ddim", num_steps=10, eta=1.0)
+    stack, fp, scheduler = _fit(configs, InjectedError, sampler)
+    options = {"num_samples": 32, "seed": 777, "sample_shape": SAMPLE_SHAPE}
+    plain = paired_final_error(fp, InjectedError(fp, seed=5), scheduler, sampler, (), **options)
+    corrected = paired_final_error(fp, InjectedError(fp, seed=5), scheduler, sampler, tuple(stack), **options)
+    assert corrected < 0.9 * plain
+
+
+class TimeOnly:
+    """ε_FP depends on t only (J = 0): the regime where TCEC's compensation is exact."""
+
+    def __init__(self) -> None:
+        self.pattern = torch.randn((1, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(1))
+
+    def __call__(self, x, t):
+        return torch.cos(t.double() / 300).float().view(-1, 1, 1, 1) * self.pattern.expand(x.shape[0], -1, -1, -1)
+
+
+@pytest.mark.parametrize("mix", [1.0, 0.5, 0.0])
+def test_tcec_cancels_the_cumulative_error_when_the_jacobian_is_zero(mix):
+    scheduler = analytic_scheduler()
+    fp = TimeOnly()
+    quantized = Scaled(fp)
+    stack = CorrectionStack([correction_for(TCECConfig(select=False, mix=mix, num_samples=8))])
+    fit_stack(stack, fp, quantized, scheduler, SAMPLER, sample_shape=SAMPLE_SHAPE, bits="W4A8")
+    options = {"num_samples": 4, "seed": 9, "sample_shape": SAMPLE_SHAPE}
+    plain = paired_final_error(fp, quantized, scheduler, SAMPLER, (), **options)
+    corrected = paired_final_error(fp, quantized, scheduler, SAMPLER, tuple(stack), **options)
+    assert plain > 1e-4 and corrected < 1e-9 * plain  # float32 rounding of the states only
+
+
+def test_tcec_selection_keeps_the_best_held_out_candidate():
+    stack, _, _ = _fit([TCECConfig(num_samples=16)], InjectedError)
+    records = stack[0].selection_records
+    assert len(records) == 5 and all(r["final_mse"] == r["final_mse"] for r in records)  # no NaN
+    best = min(records, key=lambda r: r["final_mse"])
+    assert (float(stack[0].mix), float(stack[0].damping)) == (best["mix"], best["damping"])
+
+
+def test_delayed_tcec_refuses_out_of_order_steps():
+    stack, _, scheduler = _fit([TCECConfig(select=False, mix=0.0, num_samples=8)], Scaled)
+    steps = step_contexts(make_scheduler(scheduler, SAMPLER), SAMPLER)
+    x = torch.randn(2, *SAMPLE_SHAPE)
+    with pytest.raises(RuntimeError, match="in order"):
+        stack[0].after_model(x, x, steps[3])
+
+
+def test_bad_configs_raise():
+    with pytest.raises(ValueError, match="quantized"):
+        TACConfig(trajectory="teacher_forced")
+    with pytest.raises(ValueError, match="corrects nothing"):
+        TACConfig(ibc=False, ner=False)
+    with pytest.raises(ValueError):
+        TCECConfig(mix_candidates=(1.5,))
+    with pytest.raises(ValueError):
+        TCECConfig(seed=3, selection_seed=3)
