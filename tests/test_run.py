@@ -97,3 +97,19 @@ def test_cells_are_bit_identical_across_runs(tmp_path, tiny_model_dir):
     for a, b in zip(*cells, strict=True):
         assert torch.equal(torch.load(a)["images"], torch.load(b)["images"])
     assert first["rows"][1]["psnr"] == second["rows"][1]["psnr"]
+
+
+def test_tac_and_tcec_rows_run_end_to_end(tmp_path, tiny_model_dir):
+    from tadq.config import ReconstructionConfig
+
+    methods = ("qdiffusion", "ibc", "ner", "tac", "tcec", "tac+tcec")
+    config = _config(tiny_model_dir, tmp_path / "t", presets=("W4A4",), methods=methods,
+                     reconstruction=ReconstructionConfig(weight_iters=20, activation_iters=10, batch_size=8))
+    results = run_main_job(config)
+    rows = {row["method"]: row for row in results["rows"]}
+    assert {"Q-Diffusion + TAC", "Q-Diffusion + TCEC", "Q-Diffusion + TAC + TCEC"} <= set(rows)
+    assert len({rows[m]["final_mse"] for m in rows if m != "FP"}) == len(methods)  # every row really differs
+    stacked = results["extras"]["Q-Diffusion + TAC + TCEC W4A4"]["correction_tables"]
+    assert set(stacked) == {"0:TAC", "1:TCEC"} and len(stacked["1:TCEC"]["k"]) == SAMPLER.num_steps
+    assert (tmp_path / "t" / "correction_tables.png").exists()
+    assert len(list((tmp_path / "t" / "models").glob("qdiffusion-W4A4-*"))) == 1  # all rows share one base model

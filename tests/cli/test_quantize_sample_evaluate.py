@@ -62,6 +62,17 @@ def test_quantize_sample_evaluate_end_to_end(tmp_path, tiny_model_dir):
     assert rows[0]["final_mse"] == 0.0 and rows[1]["final_mse"] > 0.0 and rows[1]["psnr"] is not None
     assert (report / "samples.png").exists() and (report / "per_step_error.png").exists()
 
+    analysis = tmp_path / "analysis"
+    result = runner.invoke(app, ["analyze", str(out), "--fp-model", str(tiny_model_dir), "--num-samples", "4",
+                                 "--steps", "3", "--out", str(analysis)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((analysis / "analysis.json").read_text())
+    assert len(report["measured"]) == 4 and report["measured"][0] == 0.0 and report["measured"][-1] > 0.0
+    assert len(report["final_share"]) == 3 and report["predicted_jvp"] is not None
+    assert (analysis / "propagation.png").stat().st_size > 0
+    result = runner.invoke(app, ["analyze", str(tiny_model_dir), "--out", str(analysis)])
+    assert result.exit_code == 2 and "not a tadq artefact" in result.output
+
 
 def test_flags_override_the_config_file(tmp_path):
     config_file = _write_config(tmp_path / "c.json", keep_fp_roles=("output_conv",))

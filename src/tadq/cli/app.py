@@ -8,10 +8,12 @@ from pathlib import Path
 import torch
 import typer
 
+from tadq.cli.analyze import analyze_command
 from tadq.cli.common import console, fail_cleanly, setup
 from tadq.cli.evaluate import evaluate_command
 from tadq.cli.quantize import quantize_command
 from tadq.cli.sample import sample_command
+from tadq.cli.sample_sharded import sample_sharded_command
 from tadq.cli.zoo import zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -20,6 +22,8 @@ app.add_typer(zoo_app, name="zoo")
 app.command("quantize")(quantize_command)
 app.command("sample")(sample_command)
 app.command("evaluate")(evaluate_command)
+app.command("analyze")(analyze_command)
+app.command("sample-sharded")(sample_sharded_command)
 
 logger = logging.getLogger("tadq")
 

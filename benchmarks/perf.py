@@ -1,0 +1,127 @@
+"""Performance: sampling-time overhead of each correction as a ratio to the uncorrected quantized sampler, measured
+in one run with interleaved repeats; fake-quant vs FP sampling time; calibration time per method.
+
+Fake quantization is a simulation on FP hardware: the quantized sampler is *slower* than FP here, and the ratio says
+nothing about deployment speed. The correction overhead ratios do carry over: they are element-wise work beside
+the same network calls. Corrections are fitted on few calibration trajectories (timing does not depend on their
+quality). Run:
+
+    python benchmarks/perf.py --threads 1 [--samples 64] [--repeats 5] [--preset W4A8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from common import add_common_flags, write_rows
+
+from tadq.api import sample
+from tadq.calibration import collect_calibration_set, model_fingerprint
+from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
+from tadq.corrections.attach import fit_corrections
+from tadq.models import load_pipeline_parts
+from tadq.registry import adapter_for
+from tadq.rows import BaseModels, method_config
+from tadq.run import RunConfig
+from tadq.sampling import IdentityHooks
+
+STACKS = {
+    "PTQD": [PTQDConfig(num_samples=16)],
+    "TAC (IBC + NER)": [TACConfig(num_samples=16)],
+    "TCEC (delayed, history cached)": [TCECConfig(num_samples=16, select=False, mix=0.0)],
+    "TAC + TCEC": [TACConfig(num_samples=16), TCECConfig(num_samples=16, select=False, mix=0.5)],
+}
+
+
+class TimedHooks(IdentityHooks):
+    """Wraps a correction stack and accumulates the wall time spent inside its hooks: an exact overhead share that
+    does not drown in the shared machine's run-to-run noise."""
+
+    def __init__(self, stack) -> None:
+        self.stack, self.seconds = stack, 0.0
+
+    def _time(self, name: str, *args):
+        t0 = time.perf_counter()
+        result = getattr(self.stack, name)(*args)
+        self.seconds += time.perf_counter() - t0
+        return result
+
+    def before_model(self, x, step):
+        return self._time("before_model", x, step)
+
+    def after_model(self, eps, x, step):
+        return self._time("after_model", eps, x, step)
+
+    def noise_std(self, std, step):
+        return self._time("noise_std", std, step)
+
+    def after_step(self, x_prev, step):
+        return self._time("after_step", x_prev, step)
+
+
+def _timed(denoiser, scheduler, sampler, samples: int, seed: int, hooks=()) -> float:
+    t0 = time.perf_counter()
+    sample(denoiser, scheduler, sampler, num_samples=samples, seed=seed, batch_size=samples, progress=False,
+           hooks=hooks)
+    return time.perf_counter() - t0
+
+
+def _line(row: dict) -> str:
+    share = "—" if row["hook_share"] is None else f"{100 * row['hook_share']:.3f} %"
+    return (f"| {row['variant']} | {row['median_s']:.3f} | {row['vs_uncorrected']:.4f} | {share} | "
+            f"{row['vs_fp']:.3f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_flags(parser, samples=64, out="runs/bench/perf")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preset", default="W4A8")
+    parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = RunConfig()
+    model, scheduler = load_pipeline_parts(None)
+    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, config.calibration,
+                                    cache_dir=config.cache_dir, progress=False)
+    bases = BaseModels(model, scheduler, calib, model_fingerprint(model), Path(args.models))
+    base = bases.get(method_config("qdiffusion", args.preset, config))
+    variants = {"FP": (model, None), f"Q-Diffusion {args.preset} (no correction)": (base, None)}
+    for name, configs in STACKS.items():  # the base network with the stack as timed hooks
+        fitted = fit_corrections(base, model, scheduler, config.sampler, configs)
+        variants[name] = (base, TimedHooks(fitted.corrections))
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    _timed(base, scheduler, config.sampler, args.samples, args.seed)  # warm-up
+    for _ in range(args.repeats):  # interleaved, so load changes on the shared machine hit every variant alike
+        for name, (denoiser, timed) in variants.items():
+            hooks = () if timed is None else (timed,)
+            times[name].append(_timed(denoiser, scheduler, config.sampler, args.samples, args.seed, hooks))
+    reference = statistics.median(times[f"Q-Diffusion {args.preset} (no correction)"])
+    fp_time = statistics.median(times["FP"])
+    rows = []
+    for name, values in times.items():
+        median = statistics.median(values)
+        timed = variants[name][1]
+        share = None if timed is None else timed.seconds / sum(values)  # time inside the hooks / total
+        rows.append({"variant": name, "median_s": round(median, 3), "vs_uncorrected": round(median / reference, 4),
+                     "vs_fp": round(median / fp_time, 3), "hook_share": share, "repeats": values})
+    calibration = {}
+    for timing in sorted(Path(args.models).glob("*/tadq_run_timing.json")):
+        calibration[timing.parent.name] = json.loads(timing.read_text())["quantize_s"]
+    (out / "calibration_times.json").write_text(json.dumps(calibration, indent=2))
+    write_rows(rows, out, "| variant | median s | ratio to uncorrected quantized | time inside the correction | "
+               "ratio to FP |", _line)
+    print(f"{args.samples} samples, DDIM 50, {args.repeats} interleaved repeats; calibration times (s): {calibration}")
+
+
+if __name__ == "__main__":
+    main()

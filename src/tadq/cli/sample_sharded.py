@@ -1,0 +1,91 @@
+"""``tadq sample-sharded``: sample (and measure) N images with one or many ``torchrun`` processes, resumably.
+
+Launch with ``torchrun --standalone --nproc-per-node 2 -m tadq.cli.app sample-sharded MODEL_DIR ...`` (gloo on CPU,
+nccl on GPUs, one GPU per process); run without ``torchrun`` it is a single process. Rerunning the same command
+after a crash or a preemption samples only the chunks that are missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.sample import Eta, SamplerKind, Steps, Threads, Verbose, load_denoiser
+
+__all__ = ["sample_sharded_command"]
+
+METRICS_NAME = "metrics.json"
+
+
+def _print_metrics(metrics, title: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=title)
+    row = metrics.to_dict()
+    shown = [(k, v) for k, v in row.items() if k != "per_step_mse" and v is not None]
+    for name, _ in shown:
+        table.add_column(name, justify="right")
+    table.add_row(*(f"{v:.4g}" if isinstance(v, float) else str(v) for _, v in shown))
+    console.print(table)
+
+
+def sample_sharded_command(
+    model_dir: Annotated[Path | None, typer.Argument(
+        help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
+    num_samples: Annotated[int, typer.Option(help="Number of samples (indices 0..N-1).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Noise seed (sample i's noise depends only on the seed and i).")] = 1000,
+    sampler: SamplerKind = "ddim",
+    steps: Steps = 50,
+    eta: Eta = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Samples per denoiser call inside a chunk.")] = 128,
+    chunk_size: Annotated[int, typer.Option(
+        help="Samples per chunk file, the unit of work and resume (0: the batch size).")] = 0,
+    out_dir: Annotated[Path, typer.Option(help="Run folder shared by all ranks: manifest.json, chunks/, "
+                                               "samples.pt, metrics.json.")] = Path("runs/sharded"),
+    reference_dir: Annotated[Path | None, typer.Option(
+        help="A finished sample-sharded run of the FP model with the same seed and sampler: adds agreement, "
+             "PSNR, SSIM and MSE against it.")] = None,
+    metrics: Annotated[bool, typer.Option("--metrics/--no-metrics",
+                                          help="Compute FD-digits (and paired metrics) after sampling.")] = True,
+    record_trajectory: Annotated[bool, typer.Option(
+        "--record-trajectory/--no-record-trajectory",
+        help="Store every state in the chunks (per-step MSE against a reference that did the same).")] = False,
+    assemble: Annotated[bool, typer.Option("--assemble/--no-assemble",
+                                           help="Write samples.pt with all images (rank 0).")] = True,
+    threads: Threads = 0,
+    device: Annotated[str, typer.Option(help="auto (cuda:LOCAL_RANK when CUDA is available), cpu or cuda.")
+                      ] = "auto",
+    verbose: Verbose = False,
+) -> None:
+    """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics."""
+    from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
+    from tadq.sampling import SamplerConfig
+    from tadq.utils import atomic_write_json
+
+    setup(verbose, threads, "cpu")  # logging and threads; the device is resolved per rank below
+    if not verbose:
+        logging.getLogger("tadq.sampling.loop").setLevel(logging.WARNING)  # one line per chunk would bury the bar
+    with fail_cleanly(), distributed_world(device) as world:
+        if not world.is_main:
+            logging.getLogger("tadq").setLevel(logging.WARNING)
+        sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        reference = ShardedRun.open(reference_dir) if reference_dir is not None else None
+        denoiser, scheduler, label = load_denoiser(model_dir)
+        report = sample_sharded(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
+                                out_dir=out_dir, batch_size=batch_size, chunk_size=chunk_size or batch_size,
+                                record_trajectory=record_trajectory, world=world, label=label, assemble=assemble)
+        if world.is_main:
+            console.print(f"{out_dir}: {num_samples} samples of {label} ({len(report.reused)} chunks reused, "
+                          f"{world.world_size} process{'es' if world.world_size > 1 else ''})")
+        if metrics:
+            result = sharded_metrics(report.run, reference=reference, world=world)
+            if world.is_main:
+                payload = {"metrics": result.to_dict(), "model": label, "sampler_key": sampler_config.key,
+                           "seed": seed, "reference": str(reference_dir) if reference_dir else None}
+                atomic_write_json(payload, out_dir / METRICS_NAME)
+                _print_metrics(result, f"tadq sample-sharded: {label}, {sampler_config.key}, seed {seed}")
+                console.print(f"wrote {out_dir / METRICS_NAME}")

@@ -1,0 +1,222 @@
+"""Metrics of a sharded run, computed by all ranks and identical for any number of them.
+
+Each rank turns its chunks into per-sample quantities (classifier features and labels, PSNR, SSIM, per-step MSE
+against a reference run from the same noise); rank 0 gathers them, puts them back in chunk order and reduces once.
+Floating-point all-reduce sums would add the partial sums in an order that depends on the number of ranks; gathering
+per-sample values instead makes 1 and N workers give bit-identical metrics. The reductions follow
+``tadq.evaluation.quality_metrics`` (images clamped to [-1, 1]; the final MSE on the raw final states).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tadq.distributed.shards import ChunkRange, assign_chunks
+from tadq.distributed.store import ShardedRun
+from tadq.distributed.world import World
+from tadq.metrics import (
+    DigitClassifier,
+    digit_features,
+    frechet_distance,
+    gaussian_statistics,
+    load_digit_classifier,
+    predicted_labels,
+    psnr_per_sample,
+    ssim_per_sample,
+)
+
+__all__ = ["ChunkStatistics", "ShardedMetrics", "check_reference", "chunk_statistics", "sharded_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ChunkStatistics:
+    """Per-sample quantities of one chunk, everything the run-level metrics are reduced from.
+
+    Args:
+        chunk: The sample range.
+        features: Digit-classifier features (n, D), float64.
+        labels: Predicted digits (n,).
+        reference_labels: Predicted digits of the reference samples (n,), or ``None`` without a reference.
+        psnr: PSNR (n,) in dB against the reference sample from the same noise.
+        ssim: SSIM (n,) against the reference sample.
+        step_mse: Per-sample MSE against the reference (n, K), float64: K = S+1 states when both runs recorded
+            their trajectories, else K = 1 (the final state only).
+    """
+
+    chunk: ChunkRange
+    features: Tensor
+    labels: Tensor
+    reference_labels: Tensor | None = None
+    psnr: Tensor | None = None
+    ssim: Tensor | None = None
+    step_mse: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class ShardedMetrics:
+    """One results-table row of a sharded run (paired metrics are ``None`` without a reference run).
+
+    Args:
+        num_samples: Samples measured.
+        fd_digits: Fréchet distance to the real training digits on the digit classifier's features.
+        fd_floor: Real-vs-real FD-digits (what a perfect generator scores), when the shipped classifier is used.
+        agreement: Share of samples whose predicted digit matches the reference sample's.
+        psnr: Mean PSNR (dB) against the reference samples.
+        ssim: Mean SSIM against the reference samples.
+        final_mse: MSE between the final states of the two runs.
+        per_step_mse: MSE at every state x_T .. x_0 (S+1 values) when both runs recorded trajectories.
+    """
+
+    num_samples: int
+    fd_digits: float
+    fd_floor: float | None = None
+    agreement: float | None = None
+    psnr: float | None = None
+    ssim: float | None = None
+    final_mse: float | None = None
+    per_step_mse: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _per_sample_mse(states: Tensor, reference_states: Tensor) -> Tensor:
+    """(K, n, C, H, W) pairs -> per-sample MSE (n, K) in float64."""
+    difference = states.double() - reference_states.double()
+    return difference.square().flatten(start_dim=2).mean(dim=2).T
+
+
+def chunk_statistics(
+    chunk: ChunkRange, images: Tensor, classifier: DigitClassifier, reference_images: Tensor | None = None,
+    states: Tensor | None = None, reference_states: Tensor | None = None,
+) -> ChunkStatistics:
+    """Per-sample quantities of one chunk of images (n, C, H, W), optionally against the reference's.
+
+    ``states`` / ``reference_states`` (S+1, n, C, H, W) give per-step MSE when both are present; otherwise only the
+    final MSE is computed, from the unclamped images.
+    """
+    clamped = images.clamp(-1, 1)
+    features = digit_features(clamped, classifier)
+    labels = predicted_labels(clamped, classifier)
+    if reference_images is None:
+        return ChunkStatistics(chunk, features, labels)
+    reference = reference_images.clamp(-1, 1)
+    if states is not None and reference_states is not None:
+        step_mse = _per_sample_mse(states, reference_states)
+    else:
+        step_mse = _per_sample_mse(images[None], reference_images[None])
+    return ChunkStatistics(chunk, features, labels, reference_labels=predicted_labels(reference, classifier),
+                           psnr=psnr_per_sample(clamped, reference), ssim=ssim_per_sample(clamped, reference),
+                           step_mse=step_mse)
+
+
+def check_reference(run: ShardedRun, reference: ShardedRun) -> None:
+    """Raise unless ``reference`` sampled the same noise (seed, sampler, shape) for at least ``run``'s indices."""
+    for field in ("seed", "sampler", "sample_shape"):
+        if run.key[field] != reference.key[field]:
+            raise ValueError(f"paired metrics compare samples from the same noise, but the reference run "
+                             f"{reference.out_dir} has {field}={reference.key[field]!r} and this run "
+                             f"{run.key[field]!r}; sample the FP model with the same --seed/--sampler/--steps/--eta")
+    if reference.num_samples < run.num_samples:
+        raise ValueError(f"the reference run {reference.out_dir} has {reference.num_samples} samples, this run "
+                         f"{run.num_samples}; sample the reference with at least as many")
+    if run.key["model_fingerprint"] == reference.key["model_fingerprint"]:
+        logger.warning("the reference run %s was sampled from the same model as %s", reference.out_dir, run.out_dir)
+
+
+def _statistics(run: ShardedRun, reference: ShardedRun | None, chunk: ChunkRange,
+                classifier: DigitClassifier) -> ChunkStatistics:
+    payload = run.load_chunk(chunk)
+    if reference is None:
+        return chunk_statistics(chunk, payload["images"], classifier)
+    both_recorded = run.key["record_trajectory"] and reference.key["record_trajectory"]
+    images, states = payload["images"], (payload["states"] if both_recorded else None)
+    reference_states = reference.read(chunk.start, chunk.stop, states=True) if both_recorded else None
+    return chunk_statistics(chunk, images, classifier, reference.read(chunk.start, chunk.stop), states,
+                            reference_states)
+
+
+def _reduce(parts: list[ChunkStatistics], chunks: tuple[ChunkRange, ...], real_statistics: tuple,
+            fd_floor: float | None) -> ShardedMetrics:
+    """Concatenate per-sample values in chunk order and reduce once (rank 0)."""
+    parts = sorted(parts, key=lambda part: part.chunk.start)
+    if tuple(part.chunk for part in parts) != chunks:
+        raise RuntimeError("the gathered chunk statistics do not cover the run exactly once")
+    mu, sigma = gaussian_statistics(torch.cat([part.features for part in parts]))
+    metrics = {"num_samples": chunks[-1].stop, "fd_digits": frechet_distance(*real_statistics, mu, sigma),
+               "fd_floor": fd_floor}
+    if parts[0].reference_labels is not None:
+        labels = torch.cat([part.labels for part in parts])
+        same = labels == torch.cat([part.reference_labels for part in parts])
+        step_mse = torch.cat([part.step_mse for part in parts]).mean(dim=0)  # (K,)
+        metrics.update(agreement=float(same.float().mean()),
+                       psnr=float(torch.cat([part.psnr for part in parts]).mean()),
+                       ssim=float(torch.cat([part.ssim for part in parts]).mean()), final_mse=float(step_mse[-1]),
+                       per_step_mse=step_mse.tolist() if len(step_mse) > 1 else None)
+    return ShardedMetrics(**metrics)
+
+
+@functools.lru_cache(maxsize=4)
+def _shipped_reference(resolution: int) -> tuple[Tensor, float]:
+    """Training digits and FD floor of the shipped classifier, once per process (loading digits costs seconds)."""
+    from tadq.evaluation import fd_reference
+
+    reference = fd_reference(resolution)
+    return reference.real, reference.floor
+
+
+def _real_and_floor(run: ShardedRun, real: Tensor | None, shipped_classifier: bool) -> tuple[Tensor, float | None]:
+    """The real images FD is measured against and, for the shipped classifier and digits, the real-vs-real floor."""
+    from tadq.zoo.data import DigitsConfig, load_digits_split
+
+    resolution = run.key["sample_shape"][-1]
+    if real is None and shipped_classifier:
+        return _shipped_reference(resolution)
+    if real is None:
+        real = load_digits_split(DigitsConfig(resolution=resolution)).train_images
+    return real, None
+
+
+def sharded_metrics(
+    run: ShardedRun, *, reference: ShardedRun | None = None, world: World | None = None,
+    classifier: DigitClassifier | None = None, real: Tensor | None = None,
+) -> ShardedMetrics:
+    """FD-digits of ``run`` (and agreement, PSNR, SSIM, MSE against ``reference``), computed by all ranks.
+
+    Call it on every rank; every rank returns the same ``ShardedMetrics``. The result does not depend on the
+    number of ranks (per-sample values are gathered in chunk order, see the module docstring).
+
+    Args:
+        run: The sampled run (``ShardedSamplingReport.run`` or ``ShardedRun.open(dir)``).
+        reference: The FP run from the same seed and sampler, for the paired metrics.
+        world: This process's ``World`` (default: ``World.current()``).
+        classifier: Feature extractor (default: the shipped digits classifier, which also gives ``fd_floor``).
+        real: Real images (M, 1, H, W) in [-1, 1] for FD (default: the training digits at the run's resolution).
+    """
+    world = world or World.current()
+    if run.key["sample_shape"][0] != 1:
+        raise ValueError(f"FD-digits and agreement read grey (1-channel) digits, but {run.out_dir} holds "
+                         f"{run.key['sample_shape'][0]}-channel samples; sample without metrics (--no-metrics)")
+    if run.num_samples < 2:
+        raise ValueError("FD-digits needs at least 2 samples for a covariance")
+    if reference is not None:
+        check_reference(run, reference)
+    extractor = (classifier or load_digit_classifier()).to(world.device)
+    mine = assign_chunks(run.chunks, world.rank, world.world_size)
+    gathered = world.gather([_statistics(run, reference, chunk, extractor) for chunk in mine])
+
+    def reduce() -> ShardedMetrics:
+        real_images, floor = _real_and_floor(run, real, shipped_classifier=classifier is None)
+        real_statistics = gaussian_statistics(digit_features(real_images, extractor))
+        return _reduce([part for rank_parts in gathered for part in rank_parts], run.chunks, real_statistics, floor)
+
+    return world.on_main(reduce)

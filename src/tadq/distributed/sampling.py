@@ -1,0 +1,192 @@
+"""``sample_sharded``: sample N images with any number of processes, resumably, with bit-identical results.
+
+Each chunk of consecutive indices is sampled with tadq's loop on one rank and saved atomically; because a sample's
+noise depends only on (seed, index) and a chunk is always batched the same way, the files do not depend on which
+rank wrote them or on how many ranks there were. A killed or preempted job is restarted with the same command: rank 0
+checks the chunks on disk (and their run key) and only the missing ones are sampled.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tadq.corrections.base import HookedDenoiser
+from tadq.distributed.key import key_differences, model_fingerprint, run_key, scheduler_fingerprint
+from tadq.distributed.shards import ChunkRange, assign_chunks, chunk_ranges
+from tadq.distributed.store import (
+    CHUNK_DIR,
+    SAMPLES_NAME,
+    ShardedRun,
+    check_manifest,
+    pending_chunks,
+    remove_partial_files,
+    save_chunk,
+    write_manifest,
+)
+from tadq.distributed.world import World
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig, make_scheduler
+from tadq.sampling import sample as sample_loop
+from tadq.utils import atomic_torch_save
+
+__all__ = ["ShardedSamplingReport", "sample_sharded"]
+
+logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class ShardedSamplingReport:
+    """What ``sample_sharded`` did on this rank, and the finished run.
+
+    Args:
+        run: The complete run on disk (read images or states from it by index range).
+        computed: Chunks this rank sampled in this call.
+        reused: Chunks that were already on disk with the right key (the same on every rank).
+    """
+
+    run: ShardedRun
+    computed: tuple[ChunkRange, ...]
+    reused: tuple[ChunkRange, ...]
+
+
+@dataclass(frozen=True)
+class _ChunkJob:
+    """Sample and save one chunk; built identically on every rank, so no chunk depends on who runs it."""
+
+    denoiser: Callable
+    scheduler: Any
+    sampler: SamplerConfig
+    hooks: tuple
+    key: dict[str, Any]
+    out_dir: Path
+    device: torch.device
+
+    def run(self, chunk: ChunkRange) -> None:
+        key = self.key
+        result = sample_loop(self.denoiser, self.scheduler, self.sampler, indices=chunk.indices, seed=key["seed"],
+                             sample_shape=tuple(key["sample_shape"]), batch_size=key["batch_size"], hooks=self.hooks,
+                             record_trajectory=key["record_trajectory"], progress=False, device=self.device)
+        states = result.trajectory.states if result.trajectory is not None else None
+        save_chunk(self.out_dir, chunk, key, result.images, states)
+
+
+def _bind(denoiser: nn.Module) -> tuple[Callable, tuple[int, int, int], tuple]:
+    """(callable, sample shape, hooks) exactly as ``tadq.sample`` resolves them, corrections first."""
+    if isinstance(denoiser, HookedDenoiser):
+        return denoiser, tuple(denoiser.sample_shape), tuple(denoiser.correction_hooks())
+    adapter = adapter_for(denoiser)
+    return (lambda x, t: adapter.predict_eps(denoiser, x, t)), tuple(adapter.sample_shape(denoiser)), ()
+
+
+def _check_arguments(num_samples: int, seed: int, batch_size: int, chunk_size: int) -> None:
+    for name, value, low in (("num_samples", num_samples, 1), ("seed", seed, 0), ("batch_size", batch_size, 1),
+                             ("chunk_size", chunk_size, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _plan(world: World, out_dir: Path, chunks: tuple[ChunkRange, ...], key: dict[str, Any]) -> list[ChunkRange]:
+    keys = world.gather(key)
+
+    def plan() -> list[ChunkRange]:
+        for rank, other in enumerate(keys or []):
+            if differences := key_differences(key, other):
+                raise ValueError(f"rank {rank} loaded another model or scheduler than rank 0 ({differences[0]}); "
+                                 "every node must read the same model files")
+        check_manifest(out_dir, key)
+        remove_partial_files(out_dir)
+        return pending_chunks(out_dir, chunks, key)
+
+    return world.on_main(plan)
+
+
+def _global_done(out_dir: Path, chunks: tuple[ChunkRange, ...]) -> int:
+    names = {path.name for path in (out_dir / CHUNK_DIR).glob("*.pt")}
+    return sum(chunk.filename in names for chunk in chunks)
+
+
+def _finish(world: World, out_dir: Path, key: dict[str, Any], num_samples: int, settings: dict[str, Any],
+            assemble: bool) -> ShardedRun:
+    """After every rank is done: rank 0 marks the manifest complete and (optionally) writes ``samples.pt``."""
+    world.barrier()
+
+    def finish() -> None:
+        run = ShardedRun.open(out_dir)  # raises if a chunk is missing (e.g. out_dir is not shared between nodes)
+        write_manifest(out_dir, key, num_samples, complete=True, settings=settings)
+        if assemble:
+            images = run.read()
+            atomic_torch_save({"images": images, "indices": torch.arange(num_samples), "seed": key["seed"],
+                               "sampler": key["sampler"], "model": settings["model_label"], "key": key},
+                              out_dir / SAMPLES_NAME)
+
+    world.on_main(finish)
+    return ShardedRun.open(out_dir)
+
+
+def sample_sharded(
+    denoiser: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int, out_dir: str | Path,
+    batch_size: int = 128, chunk_size: int | None = None, record_trajectory: bool = False, world: World | None = None,
+    label: str | None = None, assemble: bool = True, progress: bool = True,
+    on_chunk_written: Callable[[ChunkRange], None] | None = None,
+) -> ShardedSamplingReport:
+    """Sample indices 0 .. num_samples - 1 split over the ranks of ``world``, into ``out_dir``; resumable.
+
+    Call it on every rank (under ``torchrun``, inside ``distributed_world()``). Outputs: ``out_dir/manifest.json``
+    (run key and settings), ``out_dir/chunks/{start:07d}-{stop:07d}.pt`` (images (n, C, H, W), states
+    (S+1, n, C, H, W) with ``record_trajectory``), and with ``assemble`` ``out_dir/samples.pt`` (all images, the
+    layout of ``tadq sample --tensor-out``). The model is moved to ``world.device``.
+
+    Args:
+        denoiser: A FP diffusers model or a ``QuantizedDenoiser`` (its corrections are applied, as in ``tadq.sample``).
+        scheduler: Its training scheduler.
+        sampler: The deployment sampler.
+        num_samples: Number N of samples; a rerun with a larger N reuses every chunk that keeps its range.
+        seed: Noise seed (sample i's noise depends only on the seed and i).
+        out_dir: Run folder, shared by all ranks.
+        batch_size: Samples per denoiser call inside a chunk (capped at ``chunk_size``; part of the run key).
+        chunk_size: Samples per chunk file, the unit of work and of resume (default: ``batch_size``).
+        record_trajectory: Also store every state x_T .. x_0 (for per-step MSE against a reference run).
+        world: This process's ``World`` (default: ``World.current()``, a single process outside a group).
+        label: Model name for the manifest and ``samples.pt``.
+        assemble: Rank 0 writes ``samples.pt`` with all images once every chunk exists.
+        progress: tqdm bar of finished chunks (all ranks) on rank 0.
+        on_chunk_written: Called with each chunk this rank has saved (progress reporting, tests of resume).
+    """
+    chunk_size = batch_size if chunk_size is None else chunk_size
+    _check_arguments(num_samples, seed, batch_size, chunk_size)
+    world = world or World.current()
+    out_dir = Path(out_dir)
+    call, shape, hooks = _bind(denoiser)
+    key = run_key(model_fingerprint(denoiser), scheduler_fingerprint(scheduler), sampler, seed=seed,
+                  sample_shape=shape, batch_size=min(batch_size, chunk_size), chunk_size=chunk_size,
+                  record_trajectory=record_trajectory, device_type=world.device.type)
+    chunks = chunk_ranges(num_samples, chunk_size)
+    pending = _plan(world, out_dir, chunks, key)
+    settings = {"model_label": label or type(denoiser).__name__, "sampler_key": sampler.key,
+                "world_size": world.world_size, "device": str(world.device), "threads": torch.get_num_threads()}
+    if world.is_main:
+        write_manifest(out_dir, key, num_samples, complete=False, settings=settings)
+    mine = assign_chunks(pending, world.rank, world.world_size)
+    logger.info("%d of %d chunks to sample (%d on this rank of %d); %d reused from %s", len(pending), len(chunks),
+                len(mine), world.world_size, len(chunks) - len(pending), out_dir)
+    denoiser.to(world.device)
+    job = _ChunkJob(call, make_scheduler(scheduler.config, sampler), sampler, hooks, key, out_dir, world.device)
+    with tqdm(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk",
+              desc=f"sampling ({world.world_size} ranks)", disable=not (progress and world.is_main)) as bar:
+        for chunk in mine:
+            job.run(chunk)
+            if on_chunk_written is not None:
+                on_chunk_written(chunk)
+            if not bar.disable:
+                bar.update(_global_done(out_dir, chunks) - bar.n)
+    run = _finish(world, out_dir, key, num_samples, settings, assemble)
+    still_pending = set(pending)
+    reused = tuple(chunk for chunk in chunks if chunk not in still_pending)
+    return ShardedSamplingReport(run=run, computed=mine, reused=reused)

@@ -1,0 +1,202 @@
+"""The on-disk layout of a sharded run: ``manifest.json``, ``chunks/{start:07d}-{stop:07d}.pt``, ``samples.pt``.
+
+Every chunk is written atomically (temp file, then rename), so a file that exists is complete and a killed run
+resumes from the chunks on disk. Every chunk carries the run key it was made with, and nothing is reused without
+comparing it: chunks of another configuration raise ``StaleRunError`` and are never mixed into the output.
+All ranks must see the same ``out_dir`` (a shared filesystem when the job spans nodes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tadq.distributed.key import key_differences
+from tadq.distributed.shards import ChunkRange, chunk_ranges
+from tadq.utils import atomic_torch_save, atomic_write_json
+
+__all__ = [
+    "CHUNK_DIR", "MANIFEST_FORMAT", "MANIFEST_NAME", "SAMPLES_NAME", "ShardedRun", "StaleRunError", "check_manifest",
+    "chunk_path", "load_chunk", "pending_chunks", "read_manifest", "remove_partial_files", "save_chunk",
+    "write_manifest",
+]
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "tadq-sharded-samples"
+CHUNK_DIR = "chunks"
+SAMPLES_NAME = "samples.pt"
+
+
+class StaleRunError(ValueError):
+    """``out_dir`` holds a manifest or chunks made with another configuration (model, seed, sampler, batching)."""
+
+
+def _stale(where: str, differences: list[str]) -> StaleRunError:
+    listed = "; ".join(differences[:6])
+    return StaleRunError(f"{where} was made with another configuration ({listed}). Use a new --out-dir, or delete "
+                         "that folder to start over; tadq never mixes samples of two configurations.")
+
+
+def chunk_path(out_dir: str | Path, chunk: ChunkRange) -> Path:
+    return Path(out_dir) / CHUNK_DIR / chunk.filename
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+    """The manifest of ``out_dir``, or ``None`` when there is none yet."""
+    path = Path(out_dir) / MANIFEST_NAME
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise StaleRunError(f"{path} is not a tadq sharded-sampling manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def check_manifest(out_dir: str | Path, key: Mapping[str, Any]) -> None:
+    """Raise ``StaleRunError`` when ``out_dir`` already belongs to a run with another key."""
+    manifest = read_manifest(out_dir)
+    if manifest is not None and (differences := key_differences(key, manifest["key"])):
+        raise _stale(f"{Path(out_dir) / MANIFEST_NAME}", differences)
+
+
+def write_manifest(out_dir: str | Path, key: Mapping[str, Any], num_samples: int, complete: bool,
+                   settings: Mapping[str, Any]) -> None:
+    """Record the run's key and settings (rank 0 only); ``complete`` turns true once every chunk exists."""
+    from tadq.utils import library_versions
+
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "key": dict(key), "num_samples": int(num_samples),
+                "complete": bool(complete), "settings": dict(settings), "versions": library_versions()}
+    atomic_write_json(manifest, Path(out_dir) / MANIFEST_NAME)
+
+
+def save_chunk(out_dir: str | Path, chunk: ChunkRange, key: Mapping[str, Any], images: Tensor,
+               states: Tensor | None = None) -> Path:
+    """Write one chunk atomically: images (n, C, H, W), optional states (S+1, n, C, H, W), its key and range."""
+    if images.shape[0] != chunk.size:
+        raise ValueError(f"chunk {chunk.filename} needs {chunk.size} images, got {images.shape[0]}")
+    payload = {"key": dict(key), "start": chunk.start, "stop": chunk.stop, "images": images.detach().cpu()}
+    if states is not None:
+        payload["states"] = states.detach().cpu()
+    path = chunk_path(out_dir, chunk)
+    atomic_torch_save(payload, path)
+    return path
+
+
+def _check_payload(payload: Mapping[str, Any], chunk: ChunkRange, key: Mapping[str, Any], path: Path) -> None:
+    if differences := key_differences(key, payload.get("key", {})):
+        raise _stale(str(path), differences)
+    shape = (chunk.size, *key["sample_shape"])
+    images = payload.get("images")
+    if (payload.get("start"), payload.get("stop")) != (chunk.start, chunk.stop) or not isinstance(images, Tensor) \
+            or tuple(images.shape) != shape:
+        raise StaleRunError(f"{path} does not hold samples {chunk.start}..{chunk.stop - 1} of shape {shape}; "
+                            "delete it and run again")
+    if key["record_trajectory"]:
+        states = payload.get("states")
+        steps = key["sampler"]["num_steps"] + 1
+        if not isinstance(states, Tensor) or tuple(states.shape) != (steps, *shape):
+            raise StaleRunError(f"{path} lacks the recorded trajectory ({steps} states); delete it and run again")
+
+
+def load_chunk(out_dir: str | Path, chunk: ChunkRange, key: Mapping[str, Any]) -> dict[str, Any]:
+    """Read and validate one chunk (key, range, shapes); raises ``StaleRunError`` on any mismatch."""
+    path = chunk_path(out_dir, chunk)
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    _check_payload(payload, chunk, key, path)
+    return payload
+
+
+def remove_partial_files(out_dir: str | Path) -> int:
+    """Delete the temp files a killed writer left in ``chunks/`` (call only while no rank is writing)."""
+    folder = Path(out_dir) / CHUNK_DIR
+    partial = list(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return len(partial)
+
+
+def pending_chunks(out_dir: str | Path, chunks: Iterable[ChunkRange], key: Mapping[str, Any]) -> list[ChunkRange]:
+    """The chunks still to sample, after checking every chunk file already in ``out_dir``.
+
+    A file of this run's layout with the right key is kept; one that cannot be read (it cannot be half-written, but
+    a disk may fail) is redone with a warning; any chunk file with another key raises, whether or not its range
+    belongs to this layout, so a deleted manifest cannot smuggle another run's samples in.
+    """
+    wanted = list(chunks)
+    done: set[ChunkRange] = set()
+    folder = Path(out_dir) / CHUNK_DIR
+    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+        chunk = ChunkRange.from_filename(path.name)
+        if chunk is None:
+            continue
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as error:  # any unreadable file is simply sampled again
+            logger.warning("cannot read %s (%s); it will be sampled again", path, error)
+            continue
+        _check_payload(payload, chunk, key, path)
+        done.add(chunk)
+    return [chunk for chunk in wanted if chunk not in done]
+
+
+@dataclass(frozen=True)
+class ShardedRun:
+    """A finished sharded run on disk: read any index range without loading the whole run.
+
+    Args:
+        out_dir: The run folder.
+        key: Its run key (from the manifest).
+        num_samples: Samples 0 .. num_samples - 1 are present.
+        settings: The manifest's settings (model label, world size, ...).
+    """
+
+    out_dir: Path
+    key: dict[str, Any]
+    num_samples: int
+    settings: dict[str, Any]
+
+    @classmethod
+    def open(cls, out_dir: str | Path) -> ShardedRun:
+        """Open a run folder; raises when it has no manifest or misses chunks (the run is not finished)."""
+        out_dir = Path(out_dir)
+        manifest = read_manifest(out_dir)
+        if manifest is None:
+            raise FileNotFoundError(f"{out_dir} has no {MANIFEST_NAME}; it is not a `tadq sample-sharded` run folder")
+        run = cls(out_dir, manifest["key"], int(manifest["num_samples"]), manifest.get("settings", {}))
+        missing = [c for c in run.chunks if not chunk_path(out_dir, c).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{out_dir} misses {len(missing)} of {len(run.chunks)} chunks (first: "
+                                    f"{missing[0].filename}); rerun its sample-sharded command to finish it")
+        return run
+
+    @property
+    def chunks(self) -> tuple[ChunkRange, ...]:
+        return chunk_ranges(self.num_samples, self.key["chunk_size"])
+
+    def load_chunk(self, chunk: ChunkRange) -> dict[str, Any]:
+        return load_chunk(self.out_dir, chunk, self.key)
+
+    def read(self, start: int = 0, stop: int | None = None, *, states: bool = False) -> Tensor:
+        """Images (stop - start, C, H, W), or with ``states=True`` trajectories (S+1, stop - start, C, H, W)."""
+        stop = self.num_samples if stop is None else stop
+        if not 0 <= start < stop <= self.num_samples:
+            raise ValueError(f"range {start}..{stop} is outside this run's samples 0..{self.num_samples}")
+        if states and not self.key["record_trajectory"]:
+            raise ValueError(f"{self.out_dir} was sampled without --record-trajectory; it has no states")
+        field, axis = ("states", 1) if states else ("images", 0)
+        parts = []
+        for chunk in self.chunks:
+            if chunk.stop <= start or chunk.start >= stop:
+                continue
+            lo, hi = max(start, chunk.start) - chunk.start, min(stop, chunk.stop) - chunk.start
+            parts.append(self.load_chunk(chunk)[field].narrow(axis, lo, hi - lo))
+        return torch.cat(parts, dim=axis)

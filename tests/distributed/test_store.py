@@ -1,0 +1,124 @@
+"""Resume and stale-chunk detection of ``sample_sharded`` in one process: reuse only chunks of the same run key."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from tests.conftest import build_tiny_unet
+
+from tadq.distributed import ChunkRange, ShardedRun, StaleRunError, model_fingerprint, sample_sharded
+from tadq.sampling import SamplerConfig
+
+SAMPLER = SamplerConfig("ddim", num_steps=2)
+
+
+def _scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+
+
+def _sample(out_dir: Path, *, model=None, seed: int = 3, num_samples: int = 6, batch_size: int = 2, **kwargs):
+    model = model if model is not None else build_tiny_unet()
+    return sample_sharded(model, _scheduler(), SAMPLER, num_samples=num_samples, seed=seed, out_dir=out_dir,
+                          batch_size=batch_size, progress=False, **kwargs)
+
+
+def _mtimes(out_dir: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns for path in (out_dir / "chunks").glob("*.pt")}
+
+
+def test_rerun_reuses_every_chunk_without_touching_it(tmp_path: Path) -> None:
+    first = _sample(tmp_path)
+    assert len(first.computed) == 3 and first.reused == ()
+    before = _mtimes(tmp_path)
+    second = _sample(tmp_path)
+    assert second.computed == () and second.reused == first.run.chunks
+    assert _mtimes(tmp_path) == before
+    assert json.loads((tmp_path / "manifest.json").read_text())["complete"]
+    assert torch.equal(torch.load(tmp_path / "samples.pt", weights_only=True)["images"], first.run.read())
+
+
+@pytest.mark.parametrize(("change", "field"), [
+    ({"seed": 4}, "seed"),
+    ({"model": "other"}, "model_fingerprint"),
+    ({"batch_size": 1}, "batch_size"),
+    ({"record_trajectory": True}, "record_trajectory"),
+])
+def test_another_configuration_in_out_dir_raises(tmp_path: Path, change: dict, field: str) -> None:
+    _sample(tmp_path)
+    before = _mtimes(tmp_path)
+    if change.get("model") == "other":
+        change = {"model": build_tiny_unet(seed=1)}
+    with pytest.raises(StaleRunError, match=field):
+        _sample(tmp_path, **change)
+    assert _mtimes(tmp_path) == before
+
+
+def test_foreign_chunk_without_manifest_raises(tmp_path: Path) -> None:
+    _sample(tmp_path / "other", seed=4)
+    _sample(tmp_path / "run", num_samples=2)
+    (tmp_path / "run" / "manifest.json").unlink()
+    foreign = tmp_path / "other" / "chunks" / "0000002-0000004.pt"
+    (tmp_path / "run" / "chunks" / foreign.name).write_bytes(foreign.read_bytes())
+    with pytest.raises(StaleRunError, match="0000002-0000004.pt.*seed"):
+        _sample(tmp_path / "run")
+
+
+def test_more_samples_reuse_the_finished_chunks(tmp_path: Path) -> None:
+    small = _sample(tmp_path, num_samples=4)
+    large = _sample(tmp_path, num_samples=9)
+    assert large.reused == small.run.chunks and ChunkRange(8, 9) in large.computed
+    assert torch.equal(large.run.read(0, 4), small.run.read())
+    assert torch.equal(large.run.read(), _sample(tmp_path / "fresh", num_samples=9).run.read())
+
+
+def test_unreadable_chunk_and_temp_files_are_redone(tmp_path: Path) -> None:
+    first = _sample(tmp_path)
+    (tmp_path / "chunks" / "0000002-0000004.pt").write_bytes(b"not a torch file")
+    (tmp_path / "chunks" / ".0000004-0000006.pt.x1.tmp").write_bytes(b"half written")
+    second = _sample(tmp_path)
+    assert second.computed == (ChunkRange(2, 4),)
+    assert not list((tmp_path / "chunks").glob("*.tmp"))
+    assert torch.equal(second.run.read(), first.run.read())
+
+
+def test_read_crosses_chunk_boundaries(tmp_path: Path) -> None:
+    run = _sample(tmp_path, record_trajectory=True).run
+    images, states = run.read(), run.read(states=True)
+    assert states.shape == (SAMPLER.num_steps + 1, 6, 1, 8, 8) and torch.equal(states[-1], images)
+    assert torch.equal(run.read(1, 5), images[1:5]) and torch.equal(run.read(3, 4, states=True), states[:, 3:4])
+    with pytest.raises(ValueError, match="outside"):
+        run.read(4, 7)
+
+
+def test_open_refuses_unfinished_and_foreign_folders(tmp_path: Path) -> None:
+    _sample(tmp_path)
+    (tmp_path / "chunks" / "0000004-0000006.pt").unlink()
+    with pytest.raises(FileNotFoundError, match="misses 1 of 3 chunks"):
+        ShardedRun.open(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        ShardedRun.open(tmp_path / "chunks")
+
+
+def test_model_fingerprint_follows_weights_and_settings() -> None:
+    model = build_tiny_unet()
+    assert model_fingerprint(model) == model_fingerprint(copy.deepcopy(model))
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed.conv_in.weight[0, 0, 0, 0] += 1e-6
+    assert model_fingerprint(changed) != model_fingerprint(model)
+    assert model_fingerprint(copy.deepcopy(model).train()) != model_fingerprint(model)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_samples": 0}, "num_samples"), ({"seed": -1}, "seed"), ({"batch_size": 0}, "batch_size"),
+    ({"chunk_size": 0}, "chunk_size"),
+])
+def test_bad_arguments_raise_before_writing(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _sample(tmp_path / "run", **kwargs)
+    assert not (tmp_path / "run").exists()
