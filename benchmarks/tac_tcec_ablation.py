@@ -37,6 +37,15 @@ VARIANTS = {
     "NER one-shot (not sequential)": [TACConfig(ibc=False, sequential=False, ner_target="same_input")],
     "TAC (IBC + NER same-input λ=0.5)": [TACConfig(ner_target="same_input")],
     "TAC (IBC + NER fp-traj λ=0)": [TACConfig(relative_weight=0.0)],
+    "NER full same-input λ=0 +offset": [TACConfig(ibc=False, ner_target="same_input", relative_weight=0.0,
+                                                  ner_resolution="full", offset=True)],
+    "NER full fp-traj λ=0 +offset": [TACConfig(ibc=False, relative_weight=0.0, ner_resolution="full", offset=True)],
+    "TAC full (IBC full + NER full fp-traj λ=0 +offset)": [
+        TACConfig(ibc_resolution="full", relative_weight=0.0, ner_resolution="full", offset=True)],
+    "TAC full (IBC full + NER full same-input λ=0 +offset)": [
+        TACConfig(ibc_resolution="full", ner_target="same_input", relative_weight=0.0, ner_resolution="full",
+                  offset=True)],
+    "IBC full + TCEC": [TACConfig(ner=False, ibc_resolution="full"), TCECConfig()],
     "TCEC (select a, κ)": [TCECConfig()],
     "TCEC immediate": [TCECConfig(select=False)],
     "TCEC delayed": [TCECConfig(select=False, mix=0.0)],

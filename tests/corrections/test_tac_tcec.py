@@ -53,6 +53,9 @@ def test_closed_form_fit_recovers_a_scale_and_offset_and_is_exact_at_zero_error(
         fit = fit_channel_affine(estimate, target, relative_weight=weight, offset=True)
         assert torch.allclose(fit.scale, SCALE.double(), atol=1e-9)
         assert torch.allclose(fit.offset, SHIFT.double(), atol=1e-9)
+    pixel_scale = 1.0 + torch.rand(2, 4, 4, generator=generator)
+    per_element = fit_channel_affine(target / pixel_scale, target, relative_weight=0.5, per_element=True)
+    assert per_element.scale.shape == (2, 4, 4) and torch.allclose(per_element.scale, pixel_scale.double(), atol=1e-9)
     identity = fit_channel_affine(target, target, relative_weight=0.5)
     assert torch.equal(identity.scale, torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError):

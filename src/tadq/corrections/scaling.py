@@ -29,8 +29,10 @@ class ChannelFit:
     offset: Tensor
 
 
-def _per_channel(x: Tensor) -> Tensor:
-    """(N, C, ...) -> (C, N·…): one row of values per channel."""
+def _groups(x: Tensor, per_element: bool) -> Tensor:
+    """(N, C, ...) -> (G, M): one row of values per channel (G = C), or per element (G = C·H·W, M = N)."""
+    if per_element:
+        return x.reshape(x.shape[0], -1).transpose(0, 1)
     return x.transpose(0, 1).reshape(x.shape[1], -1)
 
 
@@ -42,6 +44,7 @@ def fit_channel_affine(
     mask_threshold: float = 0.05,
     ridge: float = 0.0,
     offset: bool = False,
+    per_element: bool = False,
 ) -> ChannelFit:
     """The (K, d) per channel that best maps ``estimate`` onto ``target`` under the module's objective.
 
@@ -52,9 +55,10 @@ def fit_channel_affine(
         mask_threshold: τ in units of the target's std over the step.
         ridge: ρ ≥ 0, pulls K toward 1 (and d toward 0) when the data say little.
         offset: Also fit d (a 2×2 solve per channel); otherwise d = 0.
+        per_element: One (K, d) per element (C, H, W) over the samples instead of one per channel.
 
     Returns:
-        The fit; K = 1, d = 0 on a channel whose estimate is identically zero.
+        The fit, shaped (C,) or (C, H, W); K = 1, d = 0 where the estimate is identically zero.
     """
     if estimate.shape != target.shape or estimate.ndim < 2:
         raise ValueError(f"estimate {tuple(estimate.shape)} and target {tuple(target.shape)} must be equal (N, C, …)")
@@ -62,7 +66,7 @@ def fit_channel_affine(
         raise ValueError(f"relative_weight must lie in [0, 1], got {relative_weight}")
     if mask_threshold < 0 or ridge < 0:
         raise ValueError(f"mask_threshold and ridge must be >= 0, got {mask_threshold}, {ridge}")
-    e_hat, e = _per_channel(estimate.double()), _per_channel(target.double())  # (C, M)
+    e_hat, e = _groups(estimate.double(), per_element), _groups(target.double(), per_element)  # (G, M)
     count = e.shape[1]
     weights = torch.full_like(e, (1.0 - relative_weight) / count)  # w_j: the MSE part
     if relative_weight > 0:
@@ -75,7 +79,7 @@ def fit_channel_affine(
     if not offset:
         denominator = s_hh + ridge
         scale = torch.where(denominator > 0, (s_he + ridge) / denominator.clamp(min=1e-300), torch.ones_like(s_hh))
-        return ChannelFit(scale, torch.zeros_like(scale))
+        return _shaped(ChannelFit(scale, torch.zeros_like(scale)), estimate, per_element)
     a11, a12, a22 = s_hh + ridge, s_h1, s_11 + ridge
     b1, b2 = s_he + ridge, s_1e
     determinant = a11 * a22 - a12 * a12
@@ -83,4 +87,11 @@ def fit_channel_affine(
     safe = torch.where(solvable, determinant, torch.ones_like(determinant))
     scale = torch.where(solvable, (b1 * a22 - a12 * b2) / safe, torch.ones_like(determinant))
     shift = torch.where(solvable, (a11 * b2 - a12 * b1) / safe, torch.zeros_like(determinant))
-    return ChannelFit(scale, shift)
+    return _shaped(ChannelFit(scale, shift), estimate, per_element)
+
+
+def _shaped(fit: ChannelFit, like: Tensor, per_element: bool) -> ChannelFit:
+    if not per_element:
+        return fit
+    shape = tuple(like.shape[1:])
+    return ChannelFit(fit.scale.reshape(shape), fit.offset.reshape(shape))

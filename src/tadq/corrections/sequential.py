@@ -91,6 +91,10 @@ class SequentialCorrection(Correction):
     def use_candidate(self, settings: dict[str, Any]) -> None:
         """Switch to one of ``candidates()`` before fitting it."""
 
+    def refit_per_candidate(self) -> bool:
+        """Whether each candidate gets its own sequential fit (exact) or reuses the first one's tables (cheap)."""
+        return True
+
     def fit_tables(self, pair: TrajectoryPair) -> None:
         if pair.fp_states is None or pair.eps_fp_trajectory is None:
             raise ValueError(f"{type(self).__name__} needs the FP trajectory in the pair (a quantized-mode pair)")
@@ -206,17 +210,19 @@ def fit_sequentially(
                          "biased")
     records: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Tensor], dict[str, Any]] | None = None
-    for settings in candidates:
+    refit = correction.refit_per_candidate()
+    for position, settings in enumerate(candidates):
         correction.use_candidate(settings)
-        correction.table_key = None
-        correction.reset_tables(steps, tuple(sample_shape))
-        correction.table_key = key  # provisional: identity rows until fitted, so its hooks already run
-        try:
-            with torch.no_grad():
-                _walk(fp_denoiser, q_denoiser, steps, (*hooks, correction), correction, x, noise, batch_size)
-        except BaseException:
+        if refit or position == 0:  # otherwise the first candidate's tables are kept and only the setting changes
             correction.table_key = None
-            raise
+            correction.reset_tables(steps, tuple(sample_shape))
+            correction.table_key = key  # provisional: identity rows until fitted, so its hooks already run
+            try:
+                with torch.no_grad():
+                    _walk(fp_denoiser, q_denoiser, steps, (*hooks, correction), correction, x, noise, batch_size)
+            except BaseException:
+                correction.table_key = None
+                raise
         score = math.nan
         if len(candidates) > 1:
             score = paired_final_error(fp_denoiser, q_denoiser, scheduler, sampler, (*hooks, correction),

@@ -26,6 +26,8 @@ class TACConfig(CorrectionConfig):
         ibc_resolution: ``"channel"`` (b_i of shape (C,)) or ``"full"`` ((C, H, W); overfits with few samples).
         ner_target: ``"fp_trajectory"``: fit K ε̂ onto ε_θ(x_i) on the FP trajectory, so NER also absorbs
             propagated error; ``"same_input"``: onto ε_θ(x̃_i), the quantization error alone.
+        ner_resolution: ``"channel"`` (K_i of shape (C,), the paper) or ``"full"`` (one K per element (C, H, W):
+            for models with very few channels, e.g. the 1-channel digits model).
         relative_weight: λ, weight of the masked relative term (0: plain least squares).
         mask_threshold: τ of the mask 1[|ε| > τ], in units of std(ε) of the step.
         ridge: ρ, pulls K toward 1 when the data say little.
@@ -41,6 +43,7 @@ class TACConfig(CorrectionConfig):
     ibc_apply: Literal["trajectory", "input"] = "trajectory"
     ibc_resolution: Literal["channel", "full"] = "channel"
     ner_target: Literal["fp_trajectory", "same_input"] = "fp_trajectory"
+    ner_resolution: Literal["channel", "full"] = "channel"
     relative_weight: float = 0.5
     mask_threshold: float = 0.05
     ridge: float = 0.0
@@ -53,7 +56,7 @@ class TACConfig(CorrectionConfig):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TACConfig.{name} must be True or False, got {getattr(self, name)!r}")
         choices = {"ibc_apply": ("trajectory", "input"), "ibc_resolution": ("channel", "full"),
-                   "ner_target": ("fp_trajectory", "same_input")}
+                   "ner_target": ("fp_trajectory", "same_input"), "ner_resolution": ("channel", "full")}
         for name, accepted in choices.items():
             if getattr(self, name) not in accepted:
                 raise ValueError(f"TACConfig.{name}={getattr(self, name)!r}; accepted values: {accepted}")

@@ -37,7 +37,7 @@ def _channels(values: Tensor, like: Tensor) -> Tensor:
 class TACCorrection(SequentialCorrection):
     """IBC before the network and NER after it (methods.md §3 B, "Sampling at step i").
 
-    Tables: ``input_bias`` (S, C) or (S, C, H, W), ``scale`` K (S, C), ``offset`` d (S, C).
+    Tables: ``input_bias``, ``scale`` K and ``offset`` d, each (S, C) or, at full resolution, (S, C, H, W).
     """
 
     def __init__(self, config: TACConfig) -> None:
@@ -49,8 +49,9 @@ class TACCorrection(SequentialCorrection):
         channels, count = sample_shape[0], len(steps)
         bias_shape = (count, channels) if self.config.ibc_resolution == "channel" else (count, *sample_shape)
         self.input_bias = torch.zeros(bias_shape, dtype=torch.float64)
-        self.scale = torch.ones(count, channels, dtype=torch.float64)
-        self.offset = torch.zeros(count, channels, dtype=torch.float64)
+        scale_shape = (count, channels) if self.config.ner_resolution == "channel" else (count, *sample_shape)
+        self.scale = torch.ones(scale_shape, dtype=torch.float64)
+        self.offset = torch.zeros(scale_shape, dtype=torch.float64)
 
     def fit_input_row(self, index: int, x_in: Tensor, x_fp: Tensor) -> None:
         if not self.config.ibc:
@@ -65,7 +66,7 @@ class TACCorrection(SequentialCorrection):
         target = targets.fp_trajectory if self.config.ner_target == "fp_trajectory" else targets.same_input
         fit = fit_channel_affine(eps_hat, target, relative_weight=self.config.relative_weight,
                                  mask_threshold=self.config.mask_threshold, ridge=self.config.ridge,
-                                 offset=self.config.offset)
+                                 offset=self.config.offset, per_element=self.config.ner_resolution == "full")
         self.scale[index], self.offset[index] = fit.scale, fit.offset
 
     def before_model(self, x: Tensor, step: StepContext) -> Tensor:
@@ -92,14 +93,18 @@ class TACCorrection(SequentialCorrection):
         return x_prev + step.coef_x * _channels(self.input_bias[index], x_prev)
 
 
+def _channel_means(table: Tensor) -> Tensor:
+    """(S, C) as is; (S, C, H, W) averaged over pixels, for plots."""
+    return table if table.ndim == 2 else table.flatten(2).mean(2)
+
+
 def tac_tables(correction: TACCorrection) -> dict:
     """The fitted rows as JSON-ready lists, step 0 (noisiest) first, for reports and plots."""
     if not correction.fitted:
         raise ValueError("tac_tables needs a fitted TACCorrection")
-    bias = correction.input_bias
     return {
         "sampler": correction.table_key.sampler_key, "bits": correction.table_key.bits,
-        "input_bias": (bias if bias.ndim == 2 else bias.flatten(2).mean(2)).tolist(),
-        "scale": correction.scale.tolist(), "offset": correction.offset.tolist(),
+        "input_bias": _channel_means(correction.input_bias).tolist(),
+        "scale": _channel_means(correction.scale).tolist(), "offset": _channel_means(correction.offset).tolist(),
         "ibc": correction.config.ibc, "ner": correction.config.ner,
     }

@@ -41,6 +41,9 @@ class TCECConfig(CorrectionConfig):
         selection_seed: Held-out calibration seed of the (a, κ) choice; must differ from ``seed`` and from every
             evaluation seed. ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
         selection_samples: Trajectories of the held-out score.
+        refit_candidates: Refit K_t sequentially for every (a, κ) candidate (exact: K_t then sees the states that
+            candidate produces; one fit per candidate) instead of fitting K_t once with the first candidate
+            (immediate, a = 1) and scoring the others with those tables (one fit in all).
     """
 
     trajectory: TrajectoryMode = "quantized"
@@ -55,12 +58,13 @@ class TCECConfig(CorrectionConfig):
     sequential: bool = True
     selection_seed: int | None = None
     selection_samples: int = 64
+    refit_candidates: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "mix_candidates", tuple(float(v) for v in self.mix_candidates))
         object.__setattr__(self, "damping_candidates", tuple(float(v) for v in self.damping_candidates))
-        for name in ("select", "sequential"):
+        for name in ("select", "sequential", "refit_candidates"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TCECConfig.{name} must be True or False, got {getattr(self, name)!r}")
         _unit_floats("mix_candidates", self.mix_candidates)

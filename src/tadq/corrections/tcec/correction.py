@@ -62,6 +62,9 @@ class TCECCorrection(SequentialCorrection):
                 grid.append({"mix": mix, "damping": damping})
         return grid
 
+    def refit_per_candidate(self) -> bool:
+        return self.config.refit_candidates
+
     def use_candidate(self, settings: dict[str, Any]) -> None:
         self.mix.fill_(float(settings.get("mix", self.config.mix)))
         self.damping.fill_(float(settings.get("damping", self.config.damping)))
