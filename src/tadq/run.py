@@ -153,7 +153,10 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
     for index, variant in enumerate(variants):
         key = _cell_key(fingerprint, config, variant)
         logger.info("[%d/%d] %s %s", index + 1, len(variants), variant.name, variant.bits)
-        cells.append(_run_cell(model, scheduler, config, variant, out / "cells" / f"{index:02d}-{key}.pt", key))
+        # a finished cell is found by its key alone, so reordering or adding methods reuses it
+        done = sorted((out / "cells").glob(f"*-{key}.pt"))
+        path = done[0] if done else out / "cells" / f"{index:02d}-{key}.pt"
+        cells.append(_run_cell(model, scheduler, config, variant, path, key))
     return write_report(config, cells, adapter.sample_shape(model))
 
 

@@ -77,7 +77,7 @@ def test_tcec_alone_finds_the_error_scale():
 
 
 def test_ibc_recovers_the_injected_input_bias():
-    stack, _, scheduler = _fit([TACConfig(ibc=True, ner=False, num_samples=16)], Shifted)
+    stack, _, scheduler = _fit([TACConfig(ibc=True, ner=False, ibc_resolution="channel", num_samples=16)], Shifted)
     steps = step_contexts(make_scheduler(scheduler, SAMPLER), SAMPLER)
     bias = stack[0].input_bias  # (S, C)
     assert torch.equal(bias[0], torch.zeros(2, dtype=torch.float64))  # same x_T

@@ -41,10 +41,10 @@ class TACConfig(CorrectionConfig):
     ibc: bool = True
     ner: bool = True
     ibc_apply: Literal["trajectory", "input"] = "trajectory"
-    ibc_resolution: Literal["channel", "full"] = "channel"
-    ner_target: Literal["fp_trajectory", "same_input"] = "fp_trajectory"
+    ibc_resolution: Literal["channel", "full"] = "full"
+    ner_target: Literal["fp_trajectory", "same_input"] = "same_input"
     ner_resolution: Literal["channel", "full"] = "channel"
-    relative_weight: float = 0.5
+    relative_weight: float = 0.0
     mask_threshold: float = 0.05
     ridge: float = 0.0
     offset: bool = False
