@@ -25,31 +25,28 @@ from tadq.registry import adapter_for, correction_for
 from tadq.rows import BaseModels, method_config
 from tadq.run import RunConfig
 
+# Every field that was ever a default is spelled out, so a name keeps meaning the same configuration.
+CH, FULL = {"ibc_resolution": "channel"}, {"ibc_resolution": "full"}
+NER_CH = {"ner_resolution": "channel", "offset": False}
 VARIANTS = {
     "base": [],
-    "IBC (trajectory)": [TACConfig(ner=False)],
-    "IBC (input only)": [TACConfig(ner=False, ibc_apply="input")],
-    "IBC (full resolution)": [TACConfig(ner=False, ibc_resolution="full")],
-    "NER fp-traj λ=0.5": [TACConfig(ibc=False)],
-    "NER fp-traj λ=0": [TACConfig(ibc=False, relative_weight=0.0)],
-    "NER same-input λ=0.5": [TACConfig(ibc=False, ner_target="same_input")],
-    "NER same-input λ=0": [TACConfig(ibc=False, ner_target="same_input", relative_weight=0.0)],
-    "NER one-shot (not sequential)": [TACConfig(ibc=False, sequential=False, ner_target="same_input")],
-    "TAC (IBC + NER same-input λ=0.5)": [TACConfig(ner_target="same_input")],
-    "TAC (IBC + NER fp-traj λ=0)": [TACConfig(relative_weight=0.0)],
+    "IBC (channel)": [TACConfig(ner=False, **CH)],
+    "IBC (channel, input only)": [TACConfig(ner=False, ibc_apply="input", **CH)],
+    "IBC (full resolution)": [TACConfig(ner=False, **FULL)],
+    "NER fp-traj λ=0.5": [TACConfig(ibc=False, ner_target="fp_trajectory", relative_weight=0.5, **NER_CH)],
+    "NER fp-traj λ=0": [TACConfig(ibc=False, ner_target="fp_trajectory", relative_weight=0.0, **NER_CH)],
+    "NER same-input λ=0.5": [TACConfig(ibc=False, ner_target="same_input", relative_weight=0.5, **NER_CH)],
+    "NER same-input λ=0": [TACConfig(ibc=False, ner_target="same_input", relative_weight=0.0, **NER_CH)],
     "NER full same-input λ=0 +offset": [TACConfig(ibc=False, ner_target="same_input", relative_weight=0.0,
                                                   ner_resolution="full", offset=True)],
-    "NER full fp-traj λ=0 +offset": [TACConfig(ibc=False, relative_weight=0.0, ner_resolution="full", offset=True)],
-    "TAC full (IBC full + NER full fp-traj λ=0 +offset)": [
-        TACConfig(ibc_resolution="full", relative_weight=0.0, ner_resolution="full", offset=True)],
     "TAC full (IBC full + NER full same-input λ=0 +offset)": [
-        TACConfig(ibc_resolution="full", ner_target="same_input", relative_weight=0.0, ner_resolution="full",
-                  offset=True)],
-    "IBC full + TCEC": [TACConfig(ner=False, ibc_resolution="full"), TCECConfig()],
+        TACConfig(ner_target="same_input", relative_weight=0.0, ner_resolution="full", offset=True, **FULL)],
+    "TAC (IBC full + NER same-input λ=0)": [TACConfig(ner_target="same_input", relative_weight=0.0, **NER_CH,
+                                                      **FULL)],
     "TCEC (select a, κ)": [TCECConfig()],
     "TCEC immediate": [TCECConfig(select=False)],
     "TCEC delayed": [TCECConfig(select=False, mix=0.0)],
-    "TAC + TCEC": [TACConfig(ner_target="same_input"), TCECConfig()],
+    "TAC + TCEC": [TACConfig(), TCECConfig()],
 }
 
 

@@ -4,7 +4,8 @@ TCEC's closed-form prediction (methods.md §4 B1-B4).
 One quantized-mode trajectory pair gives, at every step n, the quantized state x̂_n, the FP state x_n from the same
 noise and the network's own error e_n = ε̂(x̂_n) − ε_θ(x̂_n). The measured δ_n = x̂_n − x_n is compared with
 
-* the J ≈ 0 closed form Σ_s (Π A_r) B_s e_s (``tadq.corrections.tcec.propagation.predict_j0``), and
+* the J ≈ 0 closed form Σ_s (Π A_r) B_s e_s (``tadq.corrections.tcec.propagation.predict_j0``; with x_0 clipping
+  the per-element A, B of ``clip_aware_coefficients``), and
 * the recursion with a measured Jacobian-vector term J_n δ̂_n, a forward difference of the FP network on the FP
   trajectory (one more FP call per step and sample),
 
@@ -26,7 +27,12 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from tadq.corrections.pair import collect_trajectory_pair  # noqa: E402
-from tadq.corrections.tcec.propagation import final_contributions, predict_j0, predict_recursive  # noqa: E402
+from tadq.corrections.tcec.propagation import (  # noqa: E402
+    clip_aware_coefficients,
+    final_contributions,
+    predict_j0,
+    predict_recursive,
+)
 from tadq.sampling import Denoiser, SamplerConfig, StepContext  # noqa: E402
 
 __all__ = ["PropagationReport", "analyze_propagation", "save_propagation_plot"]
@@ -117,15 +123,19 @@ def analyze_propagation(
     steps = list(pair.steps)
     errors = pair.eps_q.double() - pair.eps_fp.double()  # e_n at the quantized state, (S, N, C, H, W)
     measured = pair.states.double() - pair.fp_states.double()  # δ_n, (S+1, N, C, H, W)
-    j0 = predict_j0(errors, steps)
+    # linearised where the FP trajectory goes, clipping of x_0 included (scalar A, B when the sampler does not clip)
+    pairs = clip_aware_coefficients(steps, pair.fp_states, pair.eps_fp_trajectory)
+    j0 = predict_j0(errors, steps) if steps[0].clip_sample_range is None else predict_recursive(
+        errors, steps, coefficients=pairs)
     jvp = None
     if measure_jacobian:
-        jvp = predict_recursive(errors, steps, _measured_jvp(fp_denoiser, pair.fp_states, steps, batch_size))
+        jvp = predict_recursive(errors, steps, _measured_jvp(fp_denoiser, pair.fp_states, steps, batch_size),
+                                coefficients=pairs)
     return PropagationReport(
         measured=_mse_per_state(measured), predicted_j0=_mse_per_state(j0),
         predicted_jvp=None if jvp is None else _mse_per_state(jvp),
         step_error=errors.square().flatten(1).mean(1).tolist(),
-        final_share=final_contributions(errors, steps).tolist(),
+        final_share=final_contributions(errors, steps, pairs).tolist(),
         relative_error_j0=_relative(j0[-1], measured[-1]),
         relative_error_jvp=None if jvp is None else _relative(jvp[-1], measured[-1]),
         sampler=sampler.key, clip_sample=steps[0].clip_sample_range is not None, num_samples=num_samples, seed=seed,
@@ -146,7 +156,7 @@ def save_propagation_plot(report: PropagationReport, path: str | Path, title: st
     left.set_yscale("log")
     left.set_xlabel("state (0 = x_T)")
     left.set_ylabel("MSE(x̂_n − x_n)")
-    left.set_title("cumulative state error" + (" (x_0 clipping: linear form approximate)" if report.clip_sample
+    left.set_title("cumulative state error" + (" (A, B linearised with x_0 clipping)" if report.clip_sample
                                                 else ""), fontsize=9)
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)

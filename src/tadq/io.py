@@ -387,5 +387,9 @@ def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerM
         raise ValueError(f"{path} was saved with adapter {meta.get('adapter')!r}, this tadq uses "
                          f"{qmodel.adapter.name!r} for {type(model).__name__}")
     _load_tensors(qmodel, path / WEIGHTS_FILE)
+    import tadq.tfmq  # noqa: F401  (registers TFMQConfig, which lives outside tadq.corrections)
+
     qmodel.corrections = load_corrections(path, meta.get("corrections", []))
+    # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
+    qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
     return qmodel, _load_scheduler(path)

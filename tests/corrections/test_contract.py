@@ -85,7 +85,8 @@ class TestCorrectionContract:
     def test_state_dict_round_trips_exactly(self, config_type, tmp_path):
         config = _config(config_type)
         fitted = _fit(config)
-        assert not _all_equal(_outputs(fitted), _outputs(IdentityHooks()))  # a real error gives a real correction
+        if fitted.keyed:  # a structural correction (TFMQ) is not fitted on the pair and acts inside the network
+            assert not _all_equal(_outputs(fitted), _outputs(IdentityHooks()))  # a real error gives a real correction
         fresh = correction_for(config)
         fresh.load_state_dict(fitted.state_dict())
         assert fresh.table_key == fitted.table_key

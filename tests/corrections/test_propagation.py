@@ -60,3 +60,39 @@ def test_chain_factors_and_final_shares():
     shares = final_contributions(errors, steps)
     last = (steps[-1].coef_eps * errors[-1]).square().mean()
     assert shares.shape == (5,) and float(shares[-1]) == pytest.approx(float(last))
+
+
+class ShrunkNoise:
+    """ε = 0.9 x: not the optimal denoiser, so x̂_0 = x (1 − 0.9√(1−ᾱ))/√ᾱ leaves [-1, 1] at the noisy steps."""
+
+    coefficient = 0.9
+
+    def __call__(self, x, t):
+        return self.coefficient * x
+
+
+def test_clip_aware_coefficients_follow_the_clipped_sampler():
+    from diffusers import DDPMScheduler
+
+    from tadq.corrections.tcec.propagation import clip_aware_coefficients
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+    fp = ShrunkNoise()
+    sampler = SamplerConfig(kind="ddim", num_steps=10, eta=0.0)
+    quantized = InjectedError(fp, noise_std=1e-3, bias=(0.001, -0.001), k_scale=0.0)  # small: linear regime
+    pair = collect_trajectory_pair(fp, quantized, scheduler, sampler, num_samples=16, seed=3, mode="quantized",
+                                   sample_shape=SAMPLE_SHAPE, bits="W4A8")
+    steps = list(pair.steps)
+    errors = pair.eps_q.double() - pair.eps_fp.double()
+    measured = pair.states.double() - pair.fp_states.double()
+
+    def jvp(n, delta):
+        return fp.coefficient * delta
+
+    pairs = clip_aware_coefficients(steps, pair.fp_states, pair.eps_fp_trajectory)
+    assert bool((pairs[0][0] == 0.0).any())  # the first step clips x_0 somewhere: A = 0 there
+    aware = predict_recursive(errors, steps, jvp, coefficients=pairs)
+    plain = predict_recursive(errors, steps, jvp)
+    gap_aware = float((aware[-1] - measured[-1]).norm() / measured[-1].norm())
+    gap_plain = float((plain[-1] - measured[-1]).norm() / measured[-1].norm())
+    assert gap_aware < 0.2 and gap_plain > 1.0  # the rest: pixels crossing the clip boundary (non-linear)

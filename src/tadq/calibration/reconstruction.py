@@ -13,13 +13,19 @@ The learned steps are kept only if they lower the unit's loss over the whole cal
 reports activation reconstruction ending worse than its initialisation; tadq falls back instead of regressing).
 
 After each unit the model state is checkpointed, so an interrupted run resumes at the next unit.
+
+Layers named in ``frozen_layers`` keep their weights and activation steps in both phases (they still run inside their
+unit, so the unit learns around them); TFMQ-DM freezes the temporal layers this way after reconstructing them
+against the temporal features (methods.md §5 B2.5).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +44,8 @@ __all__ = ["reconstruct", "quantizers_bypassed", "UnitReport", "weight_pairs"]
 
 logger = logging.getLogger(__name__)
 
+FROZEN_ATTRIBUTE = "_tadq_reconstruction_frozen"  # set only inside ``reconstruct(..., frozen_layers=...)``
+
 
 @dataclass(frozen=True)
 class UnitReport:
@@ -53,6 +61,8 @@ def weight_pairs(module: nn.Module) -> list[tuple[Quantizer, Tensor]]:
     """(weight quantizer, the weight tensor it quantizes) for every quantized layer inside ``module``."""
     pairs = []
     for layer in module.modules():
+        if getattr(layer, FROZEN_ATTRIBUTE, False):
+            continue
         if hasattr(layer, "quantized_weights"):
             pairs.extend((q, w) for q, w in layer.quantized_weights().values() if q.enabled)
         elif hasattr(layer, "weight_quantizer") and layer.weight_quantizer.enabled:
@@ -61,8 +71,22 @@ def weight_pairs(module: nn.Module) -> list[tuple[Quantizer, Tensor]]:
 
 
 def _unit_activation_quantizers(module: nn.Module) -> list[Quantizer]:
+    frozen = {id(q) for layer in module.modules() if getattr(layer, FROZEN_ATTRIBUTE, False) for q in layer.modules()}
     return [m for m in module.modules() if isinstance(m, Quantizer) and m.kind == "activation" and m.enabled
-            and bool(m.initialized)]
+            and bool(m.initialized) and id(m) not in frozen]
+
+
+@contextlib.contextmanager
+def _frozen(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Mark ``names`` as frozen for the duration of one ``reconstruct`` call (explicit and scoped)."""
+    modules = [model.get_submodule(name) for name in names]  # raises AttributeError on an unknown name
+    for module in modules:
+        setattr(module, FROZEN_ATTRIBUTE, True)
+    try:
+        yield
+    finally:
+        for module in modules:
+            delattr(module, FROZEN_ATTRIBUTE)
 
 
 def _run_unit(module: nn.Module, io: UnitIO, index: Tensor) -> Tensor:
@@ -147,14 +171,17 @@ def _reconstruct_activations(module: nn.Module, io: UnitIO, config: Reconstructi
             scale.grad = None
 
 
-def _run_key(config: ReconstructionConfig, calib: CalibrationSet, units: list[str]) -> str:
-    payload = json.dumps({"config": config_to_dict(config), "calibration": calib.key, "units": units}, sort_keys=True)
+def _run_key(config: ReconstructionConfig, calib: CalibrationSet, units: list[str], frozen: Sequence[str] = ()) -> str:
+    fields = {"config": config_to_dict(config), "calibration": calib.key, "units": units}
+    if frozen:  # only then: keys of runs without frozen layers stay what they were
+        fields["frozen"] = sorted(frozen)
+    payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
 def reconstruct(
     qmodel: nn.Module, fp_model: nn.Module, adapter, calib: CalibrationSet, config: ReconstructionConfig,
-    checkpoint: str | Path | None = None, progress: bool = True,
+    checkpoint: str | Path | None = None, progress: bool = True, frozen_layers: Sequence[str] = (),
 ) -> list[UnitReport]:
     """Reconstruct every unit of ``qmodel`` (a converted copy of ``fp_model``), weights then activations.
 
@@ -165,10 +192,20 @@ def reconstruct(
         calib: timestep-aware calibration data.
         config: iterations, batch, λ, β schedule, learning rates.
         checkpoint: file written after each unit; if it exists and matches, finished units are skipped.
+        frozen_layers: qualified names of layers whose weights and activation steps are not learned (a unit made
+            only of frozen layers is skipped); empty by default, which leaves every result as before.
     """
+    with _frozen(qmodel, frozen_layers):
+        return _reconstruct_units(qmodel, fp_model, adapter, calib, config, checkpoint, progress, tuple(frozen_layers))
+
+
+def _reconstruct_units(
+    qmodel: nn.Module, fp_model: nn.Module, adapter, calib: CalibrationSet, config: ReconstructionConfig,
+    checkpoint: str | Path | None, progress: bool, frozen: tuple[str, ...],
+) -> list[UnitReport]:
     units = [u for u in adapter.blocks(qmodel) if weight_pairs(qmodel.get_submodule(u))
              or _unit_activation_quantizers(qmodel.get_submodule(u))]
-    key = _run_key(config, calib, units)
+    key = _run_key(config, calib, units, frozen)
     done, reports = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
         state = torch.load(checkpoint, weights_only=False)

@@ -1,0 +1,226 @@
+"""``TFMQCorrection``: TFMQ-DM's per-step state as a member of ``QuantizedDenoiser.corrections`` (architecture.md §5).
+
+TFMQ acts inside the network, not on the sampler's tensors, so every hook returns its input unchanged; the
+correction owns the per-step tables (saved in ``corrections.safetensors``), puts them into the network in
+``prepare`` (``StepQuantizer``s for FSC, ``CachedFeature`` hooks for cached temporal features), and tells the
+network the sampler step in ``before_model``. ``after_model`` clears the step again, so a network called outside
+a sampling step raises instead of reusing a stale step.
+
+The tables are keyed to the grid they were built for, (``sampler_key``, S, and the timestep of every step):
+using them with another sampler raises ``ValueError`` (the authors' code silently assumes the calibration S and
+uniform spacing, methods.md §5(f)). They are not fitted on a ``TrajectoryPair`` (``keyed = False``): they come from
+``tadq.tfmq.quantize_tfmq``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from tadq.corrections.base import Correction
+from tadq.corrections.pair import TrajectoryPair
+from tadq.registry import register_correction
+from tadq.sampling import StepContext
+from tadq.tfmq.cache import CachedFeature, LabelCapture, cache_bytes, dequantize_cache, quantize_cache
+from tadq.tfmq.config import TFMQConfig
+from tadq.tfmq.fsc import StepState, install_step_quantizers, remove_step_quantizers
+
+__all__ = ["TFMQCorrection"]
+
+TABLES: dict[str, torch.dtype] = {
+    "grid_timesteps": torch.long,  # (S,) the timestep of every step
+    "fsc_scale": torch.float32,  # (S, Q) Δ per step and FSC quantizer
+    "fsc_zero_point": torch.float32,  # (S, Q)
+    "cache_values": torch.float32,  # (S, [K,] ΣC) exact FP features of the cached blocks, concatenated
+    "cache_codes": torch.uint8,  # (S, [K,] ΣC) the same, quantized per (step, block)
+    "cache_scale": torch.float32,  # (S, B) Δ per step and cached block
+    "cache_zero_point": torch.float32,  # (S, B)
+}
+
+
+@register_correction(TFMQConfig)
+class TFMQCorrection(Correction):
+    """TFMQ-DM's FSC ranges and temporal-feature cache for one quantized network (methods.md §5).
+
+    Attributes:
+        sampler_key: ``SamplerConfig.key`` of the grid the tables belong to (``None`` while empty).
+        fsc_quantizers: qualified names of the per-step activation quantizers, in table-column order.
+        cache_layers: ``(time projection, offset, channels)`` of each cached feature in the cache tables.
+        cache_storage: ``"fp"``, ``"quantized"`` or ``None`` (no cache).
+        num_labels: K for class-conditional tables (0 otherwise).
+        report: JSON-ready results of quantization (TIAR losses, disturbance choices, cache size).
+    """
+
+    keyed: ClassVar[bool] = False
+
+    def __init__(self, config: TFMQConfig) -> None:
+        super().__init__(config)
+        for name, dtype in TABLES.items():
+            self.register_buffer(name, torch.zeros(0, dtype=dtype))
+        self.sampler_key: str | None = None
+        self.fsc_quantizers: list[str] = []
+        self.cache_layers: list[tuple[str, int, int]] = []
+        self.cache_storage: str | None = None
+        self.num_labels = 0
+        self.report: dict[str, Any] = {}
+        self.state: StepState | None = None  # set by ``prepare``
+        self._handles: list = []
+
+    # -- building the tables (tadq.tfmq.pipeline) -----------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return int(self.grid_timesteps.numel())
+
+    @property
+    def active(self) -> bool:
+        """Whether there are per-step tables to put into a network."""
+        return self.sampler_key is not None and bool(self.fsc_quantizers or self.cache_layers)
+
+    def set_grid(self, sampler_key: str, timesteps: Tensor) -> None:
+        self.sampler_key = sampler_key
+        self.grid_timesteps = timesteps.detach().long().clone()
+
+    def set_fsc(self, names: list[str], scales: Tensor, zero_points: Tensor) -> None:
+        """Per-step ranges (S, Q) of the quantizers ``names``."""
+        if scales.shape != (self.num_steps, len(names)) or zero_points.shape != scales.shape:
+            raise ValueError(f"FSC tables must be (S={self.num_steps}, Q={len(names)}), got {tuple(scales.shape)}")
+        self.fsc_quantizers = list(names)
+        self.fsc_scale, self.fsc_zero_point = scales.float().clone(), zero_points.float().clone()
+
+    def set_cache(self, features: dict[str, Tensor], storage: str | None, bits: int, num_labels: int) -> None:
+        """Cache ``features`` (time projection → (S, [K,] C)) as ``storage`` (``"fp"``/``"quantized"``)."""
+        self.cache_layers, offset = [], 0
+        for layer, values in features.items():
+            self.cache_layers.append((layer, offset, int(values.shape[-1])))
+            offset += int(values.shape[-1])
+        self.cache_storage = storage if features else None
+        self.num_labels = num_labels
+        for name in ("cache_values", "cache_codes", "cache_scale", "cache_zero_point"):
+            setattr(self, name, torch.zeros(0, dtype=TABLES[name]))
+        if not features:
+            return
+        if storage == "fp":
+            self.cache_values = torch.cat([v.float() for v in features.values()], dim=-1)
+        elif storage == "quantized":
+            parts = [quantize_cache(values, bits) for values in features.values()]
+            self.cache_codes = torch.cat([codes for codes, _, _ in parts], dim=-1)
+            self.cache_scale = torch.stack([scale for _, scale, _ in parts], dim=1)
+            self.cache_zero_point = torch.stack([zero_point for _, _, zero_point in parts], dim=1)
+        else:
+            raise ValueError(f"cache storage must be 'fp' or 'quantized', got {storage!r}")
+        self.report["cache_bytes"] = self.cache_size_bytes()
+
+    def cached_features(self) -> dict[str, Tensor]:
+        """Time projection → the feature the cache serves, (S, [K,] C) (dequantized for quantized storage)."""
+        served = {}
+        for position, (layer, offset, channels) in enumerate(self.cache_layers):
+            if self.cache_storage == "fp":
+                served[layer] = self.cache_values[..., offset: offset + channels]
+            else:
+                served[layer] = dequantize_cache(self.cache_codes[..., offset: offset + channels],
+                                                 self.cache_scale[:, position], self.cache_zero_point[:, position])
+        return served
+
+    def cache_size_bytes(self) -> int:
+        """Bytes the cache takes at its storage precision (codes packed at ``cache_bits``, plus (Δ, z) pairs)."""
+        if self.cache_storage is None:
+            return 0
+        if self.cache_storage == "fp":
+            return cache_bytes(self.cache_values.numel(), None, 0)
+        return cache_bytes(self.cache_codes.numel(), self.config.cache_bits, self.cache_scale.numel())
+
+    # -- structure ----------------------------------------------------------------------------------------------
+    def prepare(self, model: nn.Module, adapter: Any) -> nn.Module:
+        """Put the tables into ``model``: per-step quantizers and cached features (idempotent; no-op when empty)."""
+        self.release(model)
+        if not self.active:
+            return model
+        state = StepState(self.num_steps)
+        if self.fsc_quantizers:
+            install_step_quantizers(model, self.fsc_quantizers, self.fsc_scale, self.fsc_zero_point, state)
+        for layer, values in self.cached_features().items():
+            self._handles.append(model.get_submodule(layer).register_forward_hook(CachedFeature(values, state)))
+        if self.cache_layers and self.num_labels:
+            self._handles.append(model.register_forward_pre_hook(LabelCapture(state), with_kwargs=True))
+        self.state = state
+        return model
+
+    def release(self, model: nn.Module) -> nn.Module:
+        """Undo ``prepare`` on ``model``: single-range quantizers back, cache hooks removed."""
+        remove_step_quantizers(model)
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.state = [], None
+        return model
+
+    @contextmanager
+    def at_step(self, index: int) -> Iterator[None]:
+        """Call the prepared network directly at sampler step ``index`` (outside ``tadq.sample``)."""
+        if self.state is None:
+            raise RuntimeError("TFMQCorrection is not attached to a network: call prepare(model, adapter) first")
+        with self.state.at(index):
+            yield
+
+    def check_grid(self, step: StepContext) -> None:
+        """Raise ``ValueError`` unless ``step`` lies on the grid the tables were built for."""
+        if step.sampler_key != self.sampler_key or step.num_steps != self.num_steps:
+            raise ValueError(f"TFMQ's per-step tables were calibrated for {self.sampler_key} ({self.num_steps} steps) "
+                             f"but are used with {step.sampler_key} ({step.num_steps} steps); run "
+                             "tadq.tfmq.quantize_tfmq (or with_tfmq) for this sampler")
+        expected = int(self.grid_timesteps[step.index])
+        if step.t != expected:
+            raise ValueError(f"step {step.index} has timestep {step.t}, but TFMQ's tables were built for timestep "
+                             f"{expected} there (another timestep spacing); rebuild them for this scheduler")
+
+    # -- hooks: identity on the sampler's tensors -----------------------------------------------------------------
+    def before_model(self, x: Tensor, step: StepContext) -> Tensor:
+        if self.state is None:
+            if self.active:
+                raise RuntimeError("TFMQCorrection has tables but no network: call prepare(model, adapter) first")
+            return x
+        self.check_grid(step)
+        self.state.index = step.index
+        return x
+
+    def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
+        if self.state is not None:
+            self.state.index = None
+        return eps
+
+    def fit_tables(self, pair: TrajectoryPair) -> None:
+        raise TypeError("TFMQ's tables are not fitted on a trajectory pair: build them with tadq.tfmq.quantize_tfmq")
+
+    # -- serialisation ------------------------------------------------------------------------------------------
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "sampler_key": self.sampler_key, "fsc_quantizers": self.fsc_quantizers,
+                "cache_layers": [list(entry) for entry in self.cache_layers], "cache_storage": self.cache_storage,
+                "num_labels": self.num_labels, "report": self.report}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        super().set_extra_state(state)
+        self.sampler_key = state.get("sampler_key")
+        self.fsc_quantizers = list(state.get("fsc_quantizers", []))
+        entries = state.get("cache_layers", [])
+        self.cache_layers = [(str(name), int(offset), int(size)) for name, offset, size in entries]
+        self.cache_storage = state.get("cache_storage")
+        self.num_labels = int(state.get("num_labels", 0))
+        self.report = dict(state.get("report", {}))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        for name in TABLES:  # empty placeholders take the saved shapes before the copy
+            incoming = state_dict.get(prefix + name)
+            if isinstance(incoming, Tensor):
+                self._buffers[name] = torch.empty(incoming.shape, dtype=TABLES[name])
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def extra_repr(self) -> str:
+        if not self.active:
+            return f"{self.config}, empty"
+        return (f"{self.sampler_key}, FSC on {len(self.fsc_quantizers)} quantizers, {len(self.cache_layers)} cached "
+                f"features ({self.cache_storage})")

@@ -1,0 +1,163 @@
+"""Finite-set calibration (FSC, methods.md §5 B3): one activation range per sampler step, selected by step index.
+
+At step s the quantizer uses ``x̂ = Δ_s·(clamp(round(x/Δ_s) + z_s, qmin, qmax) − z_s)``. The (Δ_s, z_s) live in
+indexed tensors of shape (S,) inside ``StepQuantizer``; the step index comes from a shared ``StepState`` that the
+``TFMQCorrection``'s ``before_model`` hook sets, so nothing is reloaded per step (the authors' code reloads a state
+dict before every UNet call, §5(c)). A network called while no step is set raises instead of guessing step 0.
+
+Ranges are estimated per step from data of that step only: the TIB's inputs (which depend on t alone) for
+TIB-only FSC, or FP-trajectory inputs of every grid step for model-wide FSC (collected in one O(S) sampling run,
+not one fresh trajectory per step as in the authors' O(S²) generator, §5 B4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from tadq.calibration.observers import RangeObserver
+from tadq.quant.fake_quant import scale_and_zero_point
+from tadq.quant.quantizer import Quantizer
+
+__all__ = ["StepState", "StepQuantizer", "calibrate_per_step", "install_step_quantizers", "remove_step_quantizers"]
+
+
+class StepState:
+    """The sampler step the network is evaluated at, shared by every per-step module of one prepared network.
+
+    Args:
+        num_steps: S, the length of every per-step table.
+    """
+
+    def __init__(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+        self.index: int | None = None
+        self.labels: Tensor | None = None  # class labels of the current call (class-conditional caches)
+
+    def require_index(self) -> int:
+        if self.index is None:
+            raise RuntimeError(
+                "TFMQ per-step tables need the sampler step: sample through tadq.sample (the TFMQCorrection's "
+                "before_model hook sets it) or wrap direct calls in `with correction.at_step(index):`"
+            )
+        return self.index
+
+    @contextmanager
+    def at(self, index: int) -> Iterator[None]:
+        """Evaluate at step ``index`` inside the block; the previous step (usually none) is restored after."""
+        if not 0 <= index < self.num_steps:
+            raise IndexError(f"step index {index} outside the table's {self.num_steps} steps")
+        previous, self.index = self.index, index
+        try:
+            yield
+        finally:
+            self.index = previous
+
+
+class StepQuantizer(Quantizer):
+    """An activation quantizer with one (Δ, z) per sampler step (FSC).
+
+    Its persistent state (``scale``, ``zero_point``, ``initialized``) is the single range it replaced, kept so the
+    network's ``state_dict`` keys and values do not change; the per-step ranges are non-persistent buffers
+    (S,), owned and saved by the ``TFMQCorrection`` that installs them.
+
+    Args:
+        base: the quantizer replaced (its scheme and single range are kept).
+        scales: Δ per step, (S,).
+        zero_points: z per step, (S,).
+        state: the shared step index.
+    """
+
+    def __init__(self, base: Quantizer, scales: Tensor, zero_points: Tensor, state: StepState) -> None:
+        super().__init__(base.scheme, kind="activation")
+        self.load_state_dict(base.state_dict())
+        self.register_buffer("step_scale", scales.detach().clone().float(), persistent=False)
+        self.register_buffer("step_zero_point", zero_points.detach().clone().float(), persistent=False)
+        self.state = state
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.enabled or self.bypass:
+            return x
+        if self._observer is not None:
+            self._observer.observe(x)
+            return x
+        index = self.state.require_index()
+        zero_point = self.step_zero_point[index].to(torch.int32)
+        return torch.fake_quantize_per_tensor_affine(x, self.step_scale[index], zero_point, self.scheme.qmin,
+                                                     self.scheme.qmax)
+
+    def plain(self) -> Quantizer:
+        """The single-range quantizer this one replaced (same scheme and persistent state)."""
+        quantizer = Quantizer(self.scheme, kind="activation")
+        quantizer.load_state_dict(self.state_dict())
+        return quantizer
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.step_scale.numel()} steps"
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def install_step_quantizers(model: nn.Module, names: list[str], scales: Tensor, zero_points: Tensor,
+                            state: StepState) -> None:
+    """Replace quantizer ``names[j]`` with a ``StepQuantizer`` reading column j of the (S, Q) tables."""
+    for column, name in enumerate(names):
+        current = model.get_submodule(name)
+        if not isinstance(current, Quantizer) or current.kind != "activation":
+            raise ValueError(f"{name} is a {type(current).__name__}, not an activation Quantizer: the FSC tables "
+                             "belong to another network structure")
+        base = current.plain() if isinstance(current, StepQuantizer) else current
+        _set_submodule(model, name, StepQuantizer(base, scales[:, column], zero_points[:, column], state))
+
+
+def remove_step_quantizers(model: nn.Module) -> None:
+    """Put back the single-range quantizer of every ``StepQuantizer`` in ``model``."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, StepQuantizer):
+            _set_submodule(model, name, module.plain())
+
+
+@torch.no_grad()
+def calibrate_per_step(
+    quantizers: dict[str, Quantizer], num_steps: int, run_step: Callable[[int], None], range_method: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-step (Δ, z) of every quantizer in ``quantizers``: tables (S, Q) in the order of ``quantizers``.
+
+    For each step s, observers are attached (values pass through unquantized, as in ``Calibrate``), ``run_step(s)``
+    runs the network on that step's data, and each range is turned into (Δ, z) exactly as ``Quantizer.set_range``
+    does.
+
+    Args:
+        quantizers: name → activation quantizer, in table-column order.
+        num_steps: S.
+        run_step: runs the forwards that reach the quantizers with step s's inputs.
+        range_method: ``"minmax"`` or ``"scheme"`` (each quantizer's own range estimator).
+    """
+    scales = torch.zeros(num_steps, len(quantizers))
+    zero_points = torch.zeros(num_steps, len(quantizers))
+    for step in range(num_steps):
+        observers = []
+        for column, quantizer in enumerate(quantizers.values()):
+            scheme = quantizer.scheme
+            if range_method == "minmax":
+                scheme = dataclasses.replace(scheme, range_method="minmax")
+            observers.append(RangeObserver(scheme, seed=step * len(quantizers) + column))
+            quantizer.attach_observer(observers[-1])
+        try:
+            run_step(step)
+        finally:
+            for quantizer in quantizers.values():
+                quantizer.attach_observer(None)
+        for column, (quantizer, observer) in enumerate(zip(quantizers.values(), observers, strict=True)):
+            low, high = observer.range()
+            scale, zero_point = scale_and_zero_point(low.float(), high.float(), quantizer.scheme.bits,
+                                                     quantizer.scheme.symmetric)
+            scales[step, column], zero_points[step, column] = scale.reshape(()), zero_point.reshape(())
+    return scales, zero_points

@@ -1,0 +1,204 @@
+"""``quantize_tfmq`` and ``apply_tfmq``: TFMQ-DM end to end on tadq's base quantizer (methods.md §5, §7).
+
+Order (methods.md §7, "Calibration order", step 1):
+
+    1. plan and wrap the layers; calibrate single activation ranges (as ``tadq.quantize``)
+    2. TIAR: AdaRound the TIB against the FP temporal features over the sampler grid (× labels)
+    3. block reconstruction of everything else, the TIB frozen; each block sees the quantized temporal input
+    4. FSC: per-step ranges of the TIB's (or every) activation quantizer          } ``apply_tfmq``: cheap, and
+    5. maintenance: TIB, cache (FP / quantized) or the per-block selection        } re-runnable on saved weights
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tadq.api import build_quantized_structure, calibrate_activations
+from tadq.calibration import activation_quantizers, collect_calibration_set
+from tadq.calibration.data import CalibrationSet
+from tadq.calibration.reconstruction import reconstruct
+from tadq.config import CalibrationConfig, QuantConfig
+from tadq.corrections.stack import CorrectionStack
+from tadq.denoiser import QuantizedDenoiser
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+from tadq.tfmq.cache import dequantize_cache, disturbance, quantize_cache
+from tadq.tfmq.config import TFMQConfig
+from tadq.tfmq.correction import TFMQCorrection
+from tadq.tfmq.fsc import calibrate_per_step
+from tadq.tfmq.tiar import reconstruct_tib
+from tadq.tfmq.tib import TemporalInformationBlock, grid_inputs
+
+__all__ = ["quantize_tfmq", "apply_tfmq", "deployment_grid", "temporal_features_per_step"]
+
+logger = logging.getLogger(__name__)
+
+
+def deployment_grid(scheduler, sampler: SamplerConfig) -> Tensor:
+    """The training timestep of every sampler step, (S,) long (step 0 = noisiest)."""
+    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
+    return torch.tensor([step.t for step in steps], dtype=torch.long)
+
+
+def quantize_tfmq(
+    model: nn.Module, scheduler, quant_config: QuantConfig, tfmq_config: TFMQConfig, sampler: SamplerConfig, *,
+    calibration: CalibrationSet | None = None, cache_dir: str | None = None, checkpoint: str | None = None,
+    progress: bool = True,
+) -> QuantizedDenoiser:
+    """Quantize a copy of ``model`` with TFMQ-DM on top of ``quant_config``'s base quantizer.
+
+    Args:
+        model: a diffusers ``UNet2DModel`` (left unmodified).
+        scheduler: its training scheduler.
+        quant_config: the base quantizer (e.g. the Q-Diffusion row's config); ``method="qdiffusion"`` runs block
+            reconstruction after TIAR, ``"naive"`` none.
+        tfmq_config: TIAR, FSC and maintenance settings.
+        sampler: the deployment sampler: the finite set of timesteps every per-step table is built for.
+        calibration: the base calibration set (collected from ``quant_config.calibration`` when ``None``).
+        cache_dir: where calibration sets are cached between runs.
+        checkpoint: block-reconstruction checkpoint file.
+
+    Returns:
+        A ``QuantizedDenoiser`` whose ``corrections`` hold the ``TFMQCorrection`` (saved and restored by
+        ``save_quantized``/``load_quantized``); ``corrections[0].report`` has the TIAR and disturbance results.
+    """
+    adapter = adapter_for(model)
+    qmodel = build_quantized_structure(model, quant_config)
+    if calibration is None:
+        calibration = collect_calibration_set(model, adapter, scheduler.config, quant_config.calibration,
+                                              cache_dir=cache_dir, progress=progress)
+    if quant_config.activations.enabled:
+        calibrate_activations(qmodel, calibration, quant_config.calibration.batch_size, quant_config.calibration.seed,
+                              progress)
+    fp_tib, q_tib = TemporalInformationBlock(model, adapter), TemporalInformationBlock(qmodel.model, adapter)
+    t, labels, _ = grid_inputs(deployment_grid(scheduler, sampler), fp_tib.num_labels)
+    report: dict[str, Any] = {}
+    if tfmq_config.tiar:
+        report["tiar"] = reconstruct_tib(q_tib, fp_tib, t, labels, quant_config.reconstruction, tfmq_config).to_json()
+    frozen = set(q_tib.layer_names) - set(q_tib.projection_names) if tfmq_config.tiar else set()
+    if tfmq_config.freeze_time_projections:
+        frozen |= set(q_tib.projection_names)
+    if quant_config.method == "qdiffusion":
+        qmodel.reconstruction_report = reconstruct(
+            qmodel.model, model, adapter, calibration, quant_config.reconstruction, checkpoint=checkpoint,
+            progress=progress, frozen_layers=sorted(frozen))
+    return apply_tfmq(qmodel, model, scheduler, tfmq_config, sampler, cache_dir=cache_dir, progress=progress,
+                      report=report)
+
+
+def apply_tfmq(
+    qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, tfmq_config: TFMQConfig, sampler: SamplerConfig, *,
+    cache_dir: str | None = None, progress: bool = True, report: dict[str, Any] | None = None,
+) -> QuantizedDenoiser:
+    """Build FSC and maintenance for ``qmodel``'s current weights (steps 4-5), in place; returns ``qmodel``.
+
+    A ``TFMQCorrection`` already on ``qmodel`` (e.g. a saved TFMQ model) is released first and its TIAR report
+    kept, so FSC and maintenance variants of one reconstruction cost seconds, not a reconstruction.
+
+    Raises:
+        ValueError: ``qmodel`` carries other corrections (fit those after TFMQ), or its TFMQ weights were built
+            with other TIAR/freeze settings than ``tfmq_config``'s.
+    """
+    report = dict(report or {})
+    members = list(qmodel.corrections)
+    if any(not isinstance(m, TFMQCorrection) for m in members):
+        raise ValueError("apply TFMQ before sampler-level corrections: they were fitted on another network")
+    for old in members:
+        if old.config.weight_fields != tfmq_config.weight_fields:
+            raise ValueError(f"this model's weights come from TFMQ settings {old.config.weight_fields}; "
+                             f"{tfmq_config.weight_fields} needs its own quantize_tfmq run")
+        report = {**{k: v for k, v in old.report.items() if k == "tiar"}, **report}
+        old.release(qmodel.model)
+    adapter = qmodel.adapter
+    timesteps = deployment_grid(scheduler, sampler)
+    correction = TFMQCorrection(tfmq_config)
+    correction.set_grid(sampler.key, timesteps)
+    if tfmq_config.fsc != "off":
+        quantizers, run_step = _fsc_inputs(qmodel, fp_model, scheduler, tfmq_config, sampler, timesteps, cache_dir,
+                                           progress)
+        correction.set_fsc(list(quantizers), *calibrate_per_step(quantizers, len(timesteps), run_step,
+                                                                 tfmq_config.fsc_range))
+    correction.prepare(qmodel.model, adapter)
+    fp_features = temporal_features_per_step(TemporalInformationBlock(fp_model, adapter), timesteps)
+    q_features = temporal_features_per_step(TemporalInformationBlock(qmodel.model, adapter), timesteps, correction)
+    choices = _choose(fp_features, q_features, tfmq_config)
+    storage = "fp" if tfmq_config.maintenance == "cache_fp" else "quantized"
+    num_labels = TemporalInformationBlock(fp_model, adapter).num_labels
+    correction.report = {**report, "disturbance": choices["report"]}
+    correction.set_cache({layer: fp_features[layer] for layer in choices["cached"]}, storage, tfmq_config.cache_bits,
+                         num_labels)
+    qmodel.corrections = CorrectionStack([correction])
+    qmodel.model = qmodel.corrections.prepare(qmodel.model, adapter)
+    logger.info("TFMQ: FSC %s on %d quantizers, %d of %d temporal features cached (%d bytes)", tfmq_config.fsc,
+                len(correction.fsc_quantizers), len(choices["cached"]), len(fp_features),
+                correction.cache_size_bytes())
+    return qmodel
+
+
+def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, config: TFMQConfig,
+                sampler: SamplerConfig, timesteps: Tensor, cache_dir: str | None, progress: bool):
+    """The FSC quantizers (name → quantizer) and ``run_step(s)``, which feeds them step s's data."""
+    tib = TemporalInformationBlock(qmodel.model, qmodel.adapter)
+    if config.fsc == "tib":
+        labels = torch.arange(tib.num_labels) if tib.num_labels else None
+
+        def run_tib(step: int) -> None:
+            count = tib.num_labels or 1
+            tib(timesteps[step].repeat(count), labels)
+
+        return tib.activation_quantizers(), run_tib
+    fsc_set = collect_calibration_set(fp_model, qmodel.adapter, scheduler.config, CalibrationConfig(
+        sampler=sampler, num_trajectories=config.num_samples, num_steps_kept=sampler.num_steps,
+        samples_per_step=config.fsc_samples_per_step, seed=config.seed), cache_dir=cache_dir, progress=progress)
+
+    def run_model(step: int) -> None:
+        chosen = fsc_set.step_index == step
+        qmodel(fsc_set.x[chosen], fsc_set.t[chosen])
+
+    return activation_quantizers(qmodel.model), run_model
+
+
+@torch.no_grad()
+def temporal_features_per_step(tib: TemporalInformationBlock, timesteps: Tensor,
+                               correction: TFMQCorrection | None = None) -> dict[str, Tensor]:
+    """Time projection → its feature at every grid step, (S, C) or (S, K, C) for K class labels.
+
+    With a prepared ``correction``, each step is evaluated at its own step index (FSC ranges, cache).
+    """
+    t, labels, steps = grid_inputs(timesteps, tib.num_labels)
+    rows: list[list[Tensor]] = []
+    for step in range(len(timesteps)):
+        chosen = steps == step
+        prepared = correction is not None and correction.state is not None
+        with correction.at_step(step) if prepared else contextlib.nullcontext():
+            rows.append(tib(t[chosen], None if labels is None else labels[chosen]))
+    features = {}
+    for position, feature in enumerate(tib.features):
+        stacked = torch.stack([row[position] for row in rows])  # (S, K or 1, C)
+        features[feature.layer] = stacked if tib.num_labels else stacked[:, 0]
+    return features
+
+
+def _choose(fp_features: dict[str, Tensor], q_features: dict[str, Tensor], config: TFMQConfig) -> dict[str, Any]:
+    """Per feature: disturbance of each strategy against FP and the maintenance choice (methods.md §5 B5.2)."""
+    metric = "cosine_distance" if config.select_metric == "cosine" else "relative_l2"
+    report, cached = {}, []
+    for layer, reference in fp_features.items():
+        channels = reference.shape[-1]
+        flat = reference.reshape(-1, channels)
+        quantized_cache = dequantize_cache(*quantize_cache(reference, config.cache_bits))
+        scores = {"tib": disturbance(q_features[layer].reshape(-1, channels), flat),
+                  "cache_quantized": disturbance(quantized_cache.reshape(-1, channels), flat)}
+        if config.maintenance == "select":
+            choice = "cache" if scores["cache_quantized"][metric] < scores["tib"][metric] else "tib"
+        else:
+            choice = "tib" if config.maintenance == "tib" else "cache"
+        if choice == "cache":
+            cached.append(layer)
+        report[layer] = {**scores, "choice": choice}
+    return {"report": report, "cached": cached}

@@ -1,0 +1,127 @@
+"""The temporal information block (TIB) of TFMQ-DM (methods.md §5 B1), found from adapter roles.
+
+Notation (methods.md §5(a)): the timestep enters a UNet only through the temporal features
+
+    emb_t    = h(t) [+ e(y)]                 h: sinusoidal projection → time-embedding MLP; e: label embedding
+    f_{t,i}  = g_i(emb_t) = W_i·SiLU(emb_t)   ResBlock i's ``time_emb_proj`` (no SiLU when ``skip_time_act``)
+
+They do not depend on x_t, and t comes from the finite sampler grid, so the TIB can be run alone on (t, y). The
+layers come from the adapter's roles ``time_embedding``, ``class_embedding`` and ``time_projection``; the label
+embedding is part of the TIB (the authors' code drops it, §5 B1: a code gap this module does not copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DModel
+from diffusers.models.resnet import ResnetBlock2D
+from torch import Tensor, nn
+
+from tadq.calibration.reconstruction import weight_pairs
+from tadq.quant.quantizer import Quantizer
+
+__all__ = ["TemporalFeature", "TemporalInformationBlock", "grid_inputs"]
+
+TEMPORAL_ROLES = ("time_embedding", "class_embedding", "time_projection")
+
+
+@dataclass(frozen=True)
+class TemporalFeature:
+    """One temporal feature f_i: the residual block that consumes it and its projection layer (qualified names)."""
+
+    block: str
+    layer: str
+
+
+class TemporalInformationBlock:
+    """h (+ e) and every g_i of one diffusers ``UNet2DModel`` (FP or converted), callable on (t, y) alone.
+
+    Args:
+        model: the UNet whose modules are used (not copied: a quantized model gives quantized features).
+        adapter: its ``ModelAdapter``; the TIB's layers are those with temporal roles.
+    """
+
+    def __init__(self, model: nn.Module, adapter) -> None:
+        if not isinstance(model, UNet2DModel):
+            raise TypeError(f"TFMQ's temporal information block is defined for UNet2DModel, got "
+                            f"{type(model).__name__}; add a TIB for this architecture in tadq.tfmq.tib")
+        self.model = model
+        infos = [info for info in adapter.layers(model) if info.role in TEMPORAL_ROLES]
+        self.layer_names: tuple[str, ...] = tuple(info.name for info in infos)
+        self.features: tuple[TemporalFeature, ...] = tuple(
+            TemporalFeature(info.block, info.name) for info in infos if info.role == "time_projection")
+        for feature in self.features:
+            if not isinstance(model.get_submodule(feature.block), ResnetBlock2D):
+                raise TypeError(f"{feature.layer} belongs to a {type(model.get_submodule(feature.block)).__name__}, "
+                                "not a ResnetBlock2D: its temporal feature cannot be computed alone")
+
+    @property
+    def num_labels(self) -> int:
+        """K, the number of class labels of a class-conditional model (0 for an unconditional one)."""
+        embedding = getattr(self.model, "class_embedding", None)
+        if embedding is None:
+            return 0
+        if not isinstance(embedding, nn.Embedding):
+            raise NotImplementedError(f"class_embed_type={self.model.config.class_embed_type!r} takes continuous "
+                                      "labels; TFMQ's finite-set tables need an nn.Embedding label table")
+        return embedding.num_embeddings
+
+    @property
+    def projection_names(self) -> tuple[str, ...]:
+        """The time-projection layers g_i (what the ordinary block reconstruction would otherwise learn)."""
+        return tuple(feature.layer for feature in self.features)
+
+    def modules(self) -> list[nn.Module]:
+        """Every module the TIB runs: time projection (sinusoidal), h, the label embedding, and each g_i."""
+        parts = [self.model.time_proj, self.model.time_embedding, getattr(self.model, "class_embedding", None)]
+        return [m for m in parts if m is not None] + [self.model.get_submodule(f.layer) for f in self.features]
+
+    def embedding(self, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """emb = h(t) [+ e(y)], (B, D), exactly as ``UNet2DModel.forward`` computes it (step 1)."""
+        model = self.model
+        emb = model.time_embedding(model.time_proj(t).to(dtype=model.dtype))
+        if model.class_embedding is not None:
+            if labels is None:
+                raise ValueError("this UNet is class-conditional: pass the class labels with the timesteps")
+            label_input = model.time_proj(labels) if model.config.class_embed_type == "timestep" else labels
+            emb = emb + model.class_embedding(label_input).to(dtype=model.dtype)
+        elif labels is not None:
+            raise ValueError("labels given, but this UNet has no class embedding")
+        return emb
+
+    def __call__(self, t: Tensor, labels: Tensor | None = None) -> list[Tensor]:
+        """The temporal features [f_{t,1}, ..., f_{t,n}], each (B, C_i), in ``self.features`` order."""
+        emb = self.embedding(t, labels)
+        outputs = []
+        for feature in self.features:
+            resnet = self.model.get_submodule(feature.block)
+            activated = emb if resnet.skip_time_act else resnet.nonlinearity(emb)
+            outputs.append(self.model.get_submodule(feature.layer)(activated))
+        return outputs
+
+    def activation_quantizers(self) -> dict[str, Quantizer]:
+        """The TIB's enabled activation quantizers by qualified name (what TIB-only FSC makes per-step)."""
+        found = {}
+        for layer in self.layer_names:
+            for name, module in self.model.get_submodule(layer).named_modules(prefix=layer):
+                if isinstance(module, Quantizer) and module.kind == "activation" and module.enabled:
+                    found[name] = module
+        return found
+
+    def weight_pairs(self) -> list[tuple[Quantizer, Tensor]]:
+        """(weight quantizer, weight) of every quantized TIB layer (what TIAR learns to round)."""
+        return [pair for layer in self.layer_names for pair in weight_pairs(self.model.get_submodule(layer))]
+
+
+def grid_inputs(timesteps: Tensor, num_labels: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Every (t, y) of the finite deployment set: (t (N,), labels (N,) or ``None``, step index (N,)).
+
+    N = S for an unconditional model, S·K (step-major) for a class-conditional one.
+    """
+    steps = torch.arange(len(timesteps))
+    if num_labels == 0:
+        return timesteps.long(), None, steps
+    return (timesteps.long().repeat_interleave(num_labels), torch.arange(num_labels).repeat(len(timesteps)),
+            steps.repeat_interleave(num_labels))

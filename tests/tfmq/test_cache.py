@@ -1,0 +1,68 @@
+"""Cache-based maintenance and the disturbance-aware choice."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import torch
+from tests.conftest import build_tiny_unet
+from tests.tfmq.common import SAMPLER, scheduler, tfmq_config
+
+from tadq.registry import adapter_for
+from tadq.tfmq import TemporalInformationBlock, TFMQCorrection, deployment_grid, temporal_features_per_step
+
+
+def test_the_fp_cache_reproduces_fp_features_exactly_with_and_without_labels():
+    # batches shaped like the cache's own computation (one t; all K labels in order), so float kernels match
+    for labels in (None, torch.arange(3)):
+        model = build_tiny_unet(num_class_embeds=None if labels is None else 3)
+        adapter = adapter_for(model)
+        timesteps = deployment_grid(scheduler(), SAMPLER)
+        features = temporal_features_per_step(TemporalInformationBlock(model, adapter), timesteps)
+        correction = TFMQCorrection(tfmq_config(maintenance="cache_fp"))
+        correction.set_grid(SAMPLER.key, timesteps)
+        correction.set_cache(features, "fp", 8, 0 if labels is None else 3)
+        served = copy.deepcopy(model)
+        correction.prepare(served, adapter)
+        x = torch.randn(1 if labels is None else 3, 1, 8, 8)
+        seen: dict[str, torch.Tensor] = {}
+        for layer, _, _ in correction.cache_layers:  # runs after the cache hook: sees what the block receives
+            served.get_submodule(layer).register_forward_hook(
+                lambda _m, _a, out, layer=layer, seen=seen: seen.update({layer: out}))
+        with torch.no_grad():
+            for step, t in enumerate(timesteps.tolist()):
+                batch_t = torch.full((x.shape[0],), t)
+                with correction.at_step(step):
+                    output = served(x, batch_t, class_labels=labels).sample
+                assert torch.equal(output, model(x, batch_t, class_labels=labels).sample)
+                for layer, values in features.items():
+                    assert torch.equal(seen[layer], values[step].expand_as(seen[layer]))
+        assert correction.cache_size_bytes() == 4 * sum(f.numel() for f in features.values())
+        correction.release(served)
+        assert all(len(served.get_submodule(layer)._forward_hooks) == 1 for layer in features)  # only the test's
+
+
+def test_quantized_cache_is_smaller_and_close(build_tfmq):
+    exact, quantized = build_tfmq(maintenance="cache_fp"), build_tfmq(maintenance="cache_quantized", cache_bits=4)
+    fp_cache, q_cache = exact.corrections[0], quantized.corrections[0]
+    values = sum(int(values.numel()) for values in fp_cache.cached_features().values())
+    assert fp_cache.cache_size_bytes() == 4 * values
+    assert q_cache.cache_size_bytes() == values // 2 + 8 * len(q_cache.cache_layers) * SAMPLER.num_steps
+    for layer, served in q_cache.cached_features().items():
+        reference = fp_cache.cached_features()[layer]
+        step = (reference.amax(dim=1) - reference.amin(dim=1).clamp(max=0)) / 15  # Δ per step at 4 bits
+        assert ((served - reference).abs() <= step[:, None] / 2 + 1e-6).all()
+
+
+def test_selection_reports_both_strategies_and_follows_the_metric(build_tfmq):
+    qmodel = build_tfmq(maintenance="select", cache_bits=2)
+    correction = qmodel.corrections[0]
+    report = correction.report["disturbance"]
+    json.dumps(correction.report)  # JSON-ready
+    features = TemporalInformationBlock(qmodel.model, qmodel.adapter).features
+    assert set(report) == {feature.layer for feature in features}
+    for layer, entry in report.items():
+        better = entry["cache_quantized"]["cosine_distance"] < entry["tib"]["cosine_distance"]
+        assert entry["choice"] == ("cache" if better else "tib")
+        assert (layer in {name for name, _, _ in correction.cache_layers}) == better

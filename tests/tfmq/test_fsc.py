@@ -1,0 +1,88 @@
+"""Finite-set calibration: one range per step, selected by the step index, keyed to the sampler grid."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from tests.tfmq.common import SAMPLER, scheduler
+
+from tadq import api
+from tadq.quant.fake_quant import scale_and_zero_point
+from tadq.quant.quantizer import quantizers_bypassed
+from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+from tadq.tfmq import TemporalInformationBlock, deployment_grid
+from tadq.tfmq.fsc import StepQuantizer
+
+
+@pytest.fixture(scope="module")
+def models(build_tfmq):
+    return {fsc: build_tfmq(fsc=fsc) for fsc in ("tib", "model")}
+
+
+def test_tib_ranges_are_the_exact_range_of_each_step(models):
+    qmodel = models["tib"]
+    correction = qmodel.corrections[0]
+    tib = TemporalInformationBlock(qmodel.model, qmodel.adapter)
+    assert set(correction.fsc_quantizers) == set(tib.activation_quantizers())
+    column = correction.fsc_quantizers.index(f"{tib.features[0].layer}.input_quantizer")
+    timesteps = deployment_grid(scheduler(), SAMPLER)
+    for step in range(SAMPLER.num_steps):  # the projection's input is SiLU(emb) of that step alone, observed with
+        with torch.no_grad(), quantizers_bypassed(qmodel.model, "activation"):  # FP activations as in Calibrate
+            emb = tib.embedding(timesteps[step: step + 1])
+        values = torch.nn.functional.silu(emb)
+        scale, zero_point = scale_and_zero_point(values.min().reshape(1), values.max().reshape(1), 8, False)
+        assert torch.equal(correction.fsc_scale[step, column], scale[0])
+        assert torch.equal(correction.fsc_zero_point[step, column], zero_point[0])
+    assert correction.fsc_scale[:, column].unique().numel() > 1  # the activation's range moves with t
+
+
+def test_model_wide_ranges_move_with_the_noise_level(models):
+    qmodel = models["model"]
+    correction = qmodel.corrections[0]
+    quantizers = {n for n, m in qmodel.model.named_modules() if isinstance(m, StepQuantizer)}
+    assert quantizers == set(correction.fsc_quantizers) and len(quantizers) > 20
+    conv_in = correction.fsc_quantizers.index("conv_in.input_quantizer")
+    scales = correction.fsc_scale[:, conv_in]
+    assert scales.unique().numel() == SAMPLER.num_steps  # x_t's range differs at every noise level
+    assert scales[0] > scales[-1]  # x_T (unit Gaussian) spans more than x_0 in [-1, 1]
+
+
+def test_the_network_refuses_to_run_without_a_step(models):
+    qmodel = models["tib"]
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), 999)
+    with pytest.raises(RuntimeError, match="sampler step"):
+        qmodel(x, t)
+    api.sample(qmodel, scheduler(), SAMPLER, num_samples=2, seed=1, progress=False)
+    with pytest.raises(RuntimeError, match="sampler step"):  # the hook clears the step after every model call
+        qmodel(x, t)
+    with qmodel.corrections[0].at_step(0):
+        assert qmodel(x, t).shape == x.shape
+
+
+def test_steps_select_their_own_ranges(models):
+    qmodel = models["model"]
+    correction = qmodel.corrections[0]
+    x, t = torch.randn(2, 1, 8, 8), torch.full((2,), int(correction.grid_timesteps[3]))
+    with torch.no_grad():
+        outputs = []
+        for step in (3, 4):
+            with correction.at_step(step):
+                outputs.append(qmodel(x, t))
+    assert not torch.equal(*outputs)  # same input, other step: other ranges
+
+
+@pytest.mark.parametrize("sampler", [SamplerConfig(kind="ddim", num_steps=6), SamplerConfig(kind="ddim", num_steps=8,
+                                                                                           eta=1.0)])
+def test_a_mismatched_grid_raises(models, sampler):
+    with pytest.raises(ValueError, match="calibrated for ddim-8-eta0.0"):
+        api.sample(models["tib"], scheduler(), sampler, num_samples=2, seed=1, progress=False)
+
+
+def test_a_mismatched_timestep_raises(models):
+    correction = models["tib"].corrections[0]
+    step = step_contexts(make_scheduler(scheduler().config, SAMPLER), SAMPLER)[2]
+    correction.check_grid(step)
+    with pytest.raises(ValueError, match="timestep"):
+        correction.check_grid(dataclasses.replace(step, t=step.t + 1))
