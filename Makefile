@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tadq-installed
 
-.PHONY: setup run test test-slow quality bench clean
+.PHONY: setup run test test-slow quality bench bench-report bench-perf clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,12 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/reconstruction_budget.py
+
+bench-report: $(STAMP)
+	$(BIN)/tadq bench --quick --threads 1 --out runs/bench --models-dir runs/main/models
+
+bench-perf: $(STAMP)
+	$(BIN)/python benchmarks/perf.py --threads 1
 
 quality: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

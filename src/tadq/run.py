@@ -34,7 +34,7 @@ from tadq.rows import BaseModels, Variant, method_names, row_for
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_torch_save, atomic_write_json, atomic_write_text, library_versions
 
-__all__ = ["RunConfig", "run_main_job"]
+__all__ = ["RunConfig", "cell_key", "default_variants", "run_cell", "run_main_job", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class RunConfig:
             raise ValueError("calibration.sampler must be the deployment sampler (set both to the same SamplerConfig)")
 
 
-def _cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
+def cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
     payload = {
         "model": fingerprint, "variant": variant.settings, "num_samples": config.num_samples,
         "sampler": config_to_dict(config.sampler), "eval_seed": config.eval_seed,
@@ -98,7 +98,7 @@ def _cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def _run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, key: str) -> dict[str, Any]:
+def run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, key: str) -> dict[str, Any]:
     if path.exists():
         cell = torch.load(path, weights_only=False)
         if cell.get("key") == key:
@@ -151,12 +151,12 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
     variants = default_variants(config, bases)
     cells = []
     for index, variant in enumerate(variants):
-        key = _cell_key(fingerprint, config, variant)
+        key = cell_key(fingerprint, config, variant)
         logger.info("[%d/%d] %s %s", index + 1, len(variants), variant.name, variant.bits)
         # a finished cell is found by its key alone, so reordering or adding methods reuses it
         done = sorted((out / "cells").glob(f"*-{key}.pt"))
         path = done[0] if done else out / "cells" / f"{index:02d}-{key}.pt"
-        cells.append(_run_cell(model, scheduler, config, variant, path, key))
+        cells.append(run_cell(model, scheduler, config, variant, path, key))
     return write_report(config, cells, adapter.sample_shape(model))
 
 

@@ -9,6 +9,7 @@ import torch
 import typer
 
 from tadq.cli.analyze import analyze_command
+from tadq.cli.bench import bench_command
 from tadq.cli.common import console, fail_cleanly, setup
 from tadq.cli.evaluate import evaluate_command
 from tadq.cli.quantize import quantize_command
@@ -24,6 +25,7 @@ app.command("sample")(sample_command)
 app.command("evaluate")(evaluate_command)
 app.command("analyze")(analyze_command)
 app.command("sample-sharded")(sample_sharded_command)
+app.command("bench")(bench_command)
 
 logger = logging.getLogger("tadq")
 

@@ -1,0 +1,105 @@
+"""``tadq bench``: the methods × presets × samplers matrix on one model, reported as HTML, Markdown and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.sample import Device, Threads, Verbose
+
+__all__ = ["bench_command"]
+
+
+def _split(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _reconstruction(iters: int | None, activation_iters: int | None, batch_size: int | None):
+    from tadq.config import ReconstructionConfig
+
+    changes = {name: value for name, value in (("weight_iters", iters), ("activation_iters", activation_iters),
+                                               ("batch_size", batch_size)) if value is not None}
+    return ReconstructionConfig(**changes)
+
+
+def bench_command(
+    model: Annotated[Path | None, typer.Option(help="Local diffusers model folder (default: the shipped DDPM).")
+                     ] = None,
+    methods: Annotated[str | None, typer.Option(help="Comma-separated tadq.rows methods (default: the matrix's).")
+                       ] = None,
+    presets: Annotated[str | None, typer.Option(help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16.")] = None,
+    samplers: Annotated[str | None, typer.Option(
+        help="Comma-separated samplers: ddim-eta0, ddim-eta1, ddim-eta<η>, ddpm; @N sets steps (ddim-eta0@20).")
+                        ] = None,
+    steps: Annotated[int, typer.Option(help="Sampler steps (for samplers without @N).")] = 50,
+    num_samples: Annotated[int | None, typer.Option(help="Samples per row (default 1000; --quick 256).")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="The quick matrix: naive, qdiffusion, ptqd, tac, tcec × "
+                                                         "W8A8, W4A8 × ddim-eta0, 256 samples.")] = False,
+    seed: Annotated[int, typer.Option(help="Evaluation noise seed (FP and every row).")] = 1000,
+    calib_seed: Annotated[int, typer.Option(help="Calibration noise seed (must differ from --seed).")] = 0,
+    calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
+    recon_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per unit (default: the config's).")
+                           ] = None,
+    recon_activation_iters: Annotated[int | None, typer.Option(help="Activation-step iterations per unit.")] = None,
+    recon_batch_size: Annotated[int | None, typer.Option(help="Reconstruction batch size.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 250,
+    out: Annotated[Path, typer.Option(help="Bench folder (report.html, report.md, report.json).")
+                   ] = Path("runs/bench"),
+    models_dir: Annotated[Path | None, typer.Option(
+        help="Folder of saved base models to reuse and fill (default <out>/models; runs/main/models reuses tadq "
+             "run's).")] = None,
+    cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
+    threads: Threads = 0,
+    device: Device = "cpu",
+    verbose: Verbose = False,
+) -> None:
+    """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
+    from tadq.bench import BenchConfig, matrix, parse_sampler, run_bench
+    from tadq.config import CalibrationConfig
+
+    setup(verbose, threads, device)
+    with fail_cleanly():
+        fields = matrix("quick" if quick else "default")
+        if samplers is not None:
+            fields["samplers"] = tuple(parse_sampler(name, steps) for name in _split(samplers))
+        else:
+            fields["samplers"] = tuple(dataclasses.replace(s, num_steps=steps) for s in fields["samplers"])
+        if methods is not None:
+            fields["methods"] = tuple(m.lower() for m in _split(methods))
+        if presets is not None:
+            fields["presets"] = tuple(p.upper() for p in _split(presets))
+        if num_samples is not None:
+            fields["num_samples"] = num_samples
+        calibration = CalibrationConfig(num_trajectories=calib_trajectories,
+                                        samples_per_step=min(64, calib_trajectories), seed=calib_seed)
+        config = BenchConfig(model=str(model) if model else None, eval_seed=seed, calibration=calibration,
+                             reconstruction=_reconstruction(recon_iters, recon_activation_iters, recon_batch_size),
+                             batch_size=batch_size, out_dir=str(out),
+                             models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),
+                             threads=threads, **fields)
+        report = run_bench(config)
+    _print(report)
+    console.print(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")
+    console.print(report["command"], markup=False, soft_wrap=True)
+
+
+def _print(report: dict) -> None:
+    from rich.table import Table
+
+    from tadq.bench.rows import HEADLINE_COLUMNS, TERMINAL_KEYS, format_value
+
+    columns = [(key, title) for key, title in HEADLINE_COLUMNS if key in TERMINAL_KEYS]
+    for key, part in report["samplers"].items():
+        table = Table(title=f"tadq bench: {part['title']}, {report['config']['num_samples']} samples")
+        for _, title in columns:
+            table.add_column(title, justify="right")
+        for row in (r for r in report["rows"] if r["sampler"] == key):
+            table.add_row(*(format_value(k, row.get(k)) for k, _ in columns))
+        console.print(table)
+        for verdict in part["peer_verdicts"]:
+            console.print(verdict, markup=False)
+    console.print(f"bench wall time: {report['wall_s']:.0f} s")
