@@ -11,7 +11,7 @@ from tadq.run import RunConfig, run_main_job
 
 def test_tfmq_rows_run_end_to_end_on_one_reconstruction(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(tfmq_rows, "tfmq_config", lambda config: tfmq_config(seed=config.calibration.seed))
-    methods = ("tfmq", "tfmq-model", "tfmq-select", "tfmq+ptqd", "qdiffusion+cache")
+    methods = ("tfmq", "tfmq-model", "tfmq-select", "tfmq+ptqd", "qdiffusion+cache", "tfmq+tac+tcec")
     config = RunConfig(model=str(tiny_model_dir), presets=("W4A8",), methods=methods, num_samples=4, sampler=SAMPLER,
                        eval_seed=1, calibration=CALIB, batch_size=8,
                        reconstruction=ReconstructionConfig(weight_iters=5, activation_iters=5, batch_size=8),
@@ -26,3 +26,5 @@ def test_tfmq_rows_run_end_to_end_on_one_reconstruction(tmp_path, tiny_model_dir
     extras = results["extras"]["TFMQ-DM + selection W4A8"]["tfmq"]
     assert {"tiar", "disturbance", "cache_bytes"} <= set(extras)
     assert "ptqd_tables" in results["extras"]["TFMQ-DM + PTQD W4A8"]
+    stacked = results["extras"]["TFMQ-DM + TAC + TCEC W4A8"]["correction_tables"]
+    assert set(stacked) == {"1:TAC", "2:TCEC"}  # behind the TFMQ member, which stays first

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from tadq.config import config_to_dict
+from tadq.corrections import TACConfig, TCECConfig
 from tadq.corrections.ptqd import PTQDConfig
 from tadq.corrections.ptqd.correction import ptqd_tables
 from tadq.corrections.ptqd.experiment import fit_ptqd
@@ -125,3 +126,19 @@ def tfmq_ptqd_row(bases: BaseModels, config: RunConfig, preset_name: str) -> Var
     return Variant(method_label("tfmq+ptqd"), quant_config.label, build,
                    {"method": "tfmq+ptqd", "quant": config_to_dict(quant_config),
                     "tfmq": config_to_dict(tfmq_config(config)), "ptqd": config_to_dict(ptqd_config)}, _describe)
+
+
+def _stacked_row(name: str, label: str, make) -> None:
+    """TFMQ-DM inside the network, sampler-level corrections on top (methods.md §7: orthogonal, stack freely)."""
+    from tadq.rows.sampler_corrections import stacked_row
+
+    @register_method(name, label)
+    def build_row(bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
+        quant_config = method_config("qdiffusion", preset_name, config)
+        return stacked_row(name, method_label(name), lambda: tfmq_base(bases, config, preset_name),
+                           {"quant": config_to_dict(quant_config), "tfmq": config_to_dict(tfmq_config(config))},
+                           quant_config.label, make(config.calibration.seed), bases, config)
+
+
+_stacked_row("tfmq+tac", "TFMQ-DM + TAC", lambda seed: [TACConfig(seed=seed)])
+_stacked_row("tfmq+tac+tcec", "TFMQ-DM + TAC + TCEC", lambda seed: [TACConfig(seed=seed), TCECConfig(seed=seed)])
