@@ -44,6 +44,7 @@ VARIANTS = {
     "TAC (IBC full + NER same-input λ=0)": [TACConfig(ner_target="same_input", relative_weight=0.0, **NER_CH,
                                                       **FULL)],
     "TCEC (select a, κ)": [TCECConfig()],
+    "TCEC on-target error model (select a, κ)": [TCECConfig(error_model="on_target")],
     "TCEC immediate": [TCECConfig(select=False)],
     "TCEC delayed": [TCECConfig(select=False, mix=0.0)],
     "TAC + TCEC": [TACConfig(), TCECConfig()],

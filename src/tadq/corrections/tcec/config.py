@@ -41,6 +41,9 @@ class TCECConfig(CorrectionConfig):
         selection_seed: Held-out calibration seed of the (a, κ) choice; must differ from ``seed`` and from every
             evaluation seed. ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
         selection_samples: Trajectories of the held-out score.
+        error_model: ``"on_estimate"``: e_t = K_t ε̂_t by least squares of e on ε̂ (methods.md §4 B5); with
+            quantization noise in ε̂ this shrinks K toward 0 (regression dilution). ``"on_target"``: regress ε̂ on
+            the clean ε (ε̂ ≈ a ε, PTQD's direction) and set K = 1 − 1/a, which noise in ε̂ does not bias.
         refit_candidates: Refit K_t sequentially for every (a, κ) candidate (exact: K_t then sees the states that
             candidate produces; one fit per candidate) instead of fitting K_t once with the first candidate
             (immediate, a = 1) and scoring the others with those tables (one fit in all).
@@ -59,6 +62,7 @@ class TCECConfig(CorrectionConfig):
     selection_seed: int | None = None
     selection_samples: int = 64
     refit_candidates: bool = False
+    error_model: Literal["on_estimate", "on_target"] = "on_estimate"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -74,6 +78,8 @@ class TCECConfig(CorrectionConfig):
                 raise ValueError(f"TCECConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
         if self.mask_threshold < 0:
             raise ValueError("TCECConfig.mask_threshold must be >= 0")
+        if self.error_model not in ("on_estimate", "on_target"):
+            raise ValueError(f"TCECConfig.error_model={self.error_model!r}; accepted: ('on_estimate', 'on_target')")
         if self.target not in ("same_input", "fp_trajectory"):
             raise ValueError(f"TCECConfig.target={self.target!r}; accepted: ('same_input', 'fp_trajectory')")
         if self.selection_seed is not None and (self.selection_seed == self.seed or self.selection_seed < 0):

@@ -49,6 +49,12 @@ class TCECCorrection(SequentialCorrection):
 
     def fit_output_row(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext) -> None:
         target = targets.same_input if self.config.target == "same_input" else targets.fp_trajectory
+        if self.config.error_model == "on_target":
+            # ε̂ ≈ a ε regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink a; e ≈ (1 − 1/a) ε̂
+            fit = fit_channel_affine(target, eps_hat, relative_weight=0.0)
+            slope = fit.scale.clamp(min=1e-6)
+            self.k[index] = 1.0 - 1.0 / slope
+            return
         fit = fit_channel_affine(eps_hat, target, relative_weight=self.config.relative_weight,
                                  mask_threshold=self.config.mask_threshold)
         self.k[index] = 1.0 - fit.scale
