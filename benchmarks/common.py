@@ -55,3 +55,22 @@ def write_rows(rows: list[dict], out: Path, header: str, line) -> None:
     lines = [header, "|" + "---|" * columns, *(line(r) for r in rows)]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def main_run_setup(args: argparse.Namespace):
+    """(out, RunConfig(), model, scheduler, BaseModels over ``args.models``): the shipped model with the main job's
+    calibration data and base models, so a benchmark measures exactly the models ``tadq run`` reports."""
+    from tadq.calibration import model_fingerprint
+    from tadq.rows import BaseModels
+    from tadq.run import RunConfig
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = RunConfig()
+    model, scheduler = load_pipeline_parts(None)
+    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, config.calibration,
+                                    cache_dir=config.cache_dir, progress=False)
+    bases = BaseModels(model, scheduler, calib, model_fingerprint(model), Path(args.models))
+    return out, config, model, scheduler, bases

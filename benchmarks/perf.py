@@ -17,17 +17,13 @@ import statistics
 import time
 from pathlib import Path
 
-from common import add_common_flags, write_rows
+from common import add_common_flags, main_run_setup, write_rows
 
 from tadq.api import sample
-from tadq.calibration import collect_calibration_set, model_fingerprint
+from tadq.bench.measure import HookClock, TimedHook
 from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
 from tadq.corrections.attach import fit_corrections
-from tadq.models import load_pipeline_parts
-from tadq.registry import adapter_for
-from tadq.rows import BaseModels, method_config
-from tadq.run import RunConfig
-from tadq.sampling import IdentityHooks
+from tadq.rows import method_config
 
 STACKS = {
     "PTQD": [PTQDConfig(num_samples=16)],
@@ -35,32 +31,6 @@ STACKS = {
     "TCEC (delayed, history cached)": [TCECConfig(num_samples=16, select=False, mix=0.0)],
     "TAC + TCEC": [TACConfig(num_samples=16), TCECConfig(num_samples=16, select=False, mix=0.5)],
 }
-
-
-class TimedHooks(IdentityHooks):
-    """Wraps a correction stack and accumulates the wall time spent inside its hooks: an exact overhead share that
-    does not drown in the shared machine's run-to-run noise."""
-
-    def __init__(self, stack) -> None:
-        self.stack, self.seconds = stack, 0.0
-
-    def _time(self, name: str, *args):
-        t0 = time.perf_counter()
-        result = getattr(self.stack, name)(*args)
-        self.seconds += time.perf_counter() - t0
-        return result
-
-    def before_model(self, x, step):
-        return self._time("before_model", x, step)
-
-    def after_model(self, eps, x, step):
-        return self._time("after_model", eps, x, step)
-
-    def noise_std(self, std, step):
-        return self._time("noise_std", std, step)
-
-    def after_step(self, x_prev, step):
-        return self._time("after_step", x_prev, step)
 
 
 def _timed(denoiser, scheduler, sampler, samples: int, seed: int, hooks=()) -> float:
@@ -83,35 +53,25 @@ def main() -> None:
     parser.add_argument("--preset", default="W4A8")
     parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = RunConfig()
-    model, scheduler = load_pipeline_parts(None)
-    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, config.calibration,
-                                    cache_dir=config.cache_dir, progress=False)
-    bases = BaseModels(model, scheduler, calib, model_fingerprint(model), Path(args.models))
+    out, config, model, scheduler, bases = main_run_setup(args)
     base = bases.get(method_config("qdiffusion", args.preset, config))
-    variants = {"FP": (model, None), f"Q-Diffusion {args.preset} (no correction)": (base, None)}
+    variants = {"FP": (model, None, None), f"Q-Diffusion {args.preset} (no correction)": (base, None, None)}
     for name, configs in STACKS.items():  # the base network with the stack as timed hooks
         fitted = fit_corrections(base, model, scheduler, config.sampler, configs)
-        variants[name] = (base, TimedHooks(fitted.corrections))
+        variants[name] = (base, HookClock(), fitted.corrections)
     times: dict[str, list[float]] = {name: [] for name in variants}
     _timed(base, scheduler, config.sampler, args.samples, args.seed)  # warm-up
     for _ in range(args.repeats):  # interleaved, so load changes on the shared machine hit every variant alike
-        for name, (denoiser, timed) in variants.items():
-            hooks = () if timed is None else (timed,)
+        for name, (denoiser, clock, stack) in variants.items():
+            hooks = () if stack is None else (TimedHook(stack, clock),)
             times[name].append(_timed(denoiser, scheduler, config.sampler, args.samples, args.seed, hooks))
     reference = statistics.median(times[f"Q-Diffusion {args.preset} (no correction)"])
     fp_time = statistics.median(times["FP"])
     rows = []
     for name, values in times.items():
         median = statistics.median(values)
-        timed = variants[name][1]
-        share = None if timed is None else timed.seconds / sum(values)  # time inside the hooks / total
+        clock = variants[name][1]
+        share = None if clock is None else clock.seconds / sum(values)  # time inside the hooks / total
         rows.append({"variant": name, "median_s": round(median, 3), "vs_uncorrected": round(median / reference, 4),
                      "vs_fp": round(median / fp_time, 3), "hook_share": share, "repeats": values})
     calibration = {}

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from common import add_common_flags, write_rows
+from common import add_common_flags, main_run_setup, write_rows
 
 from tadq.api import sample
-from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
 from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
 from tadq.metrics import per_step_mse, psnr_per_sample
-from tadq.models import load_pipeline_parts
-from tadq.registry import adapter_for, correction_for
-from tadq.rows import BaseModels, method_config
-from tadq.run import RunConfig
+from tadq.registry import correction_for
+from tadq.rows import method_config
 
 # Every field that was ever a default is spelled out, so a name keeps meaning the same configuration.
 CH, FULL = {"ibc_resolution": "channel"}, {"ibc_resolution": "full"}
@@ -58,17 +54,7 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
     parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")
     args = parser.parse_args()
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = RunConfig()
-    model, scheduler = load_pipeline_parts(None)
-    calib = collect_calibration_set(model, adapter_for(model), scheduler.config, config.calibration,
-                                    cache_dir=config.cache_dir, progress=False)
-    bases = BaseModels(model, scheduler, calib, model_fingerprint(model), Path(args.models))
+    out, config, model, scheduler, bases = main_run_setup(args)
     fp = sample(model, scheduler, config.sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
                 progress=False)
     rows = []

@@ -20,7 +20,7 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.io import save_quantized
 from tadq.rows import Variant
 
-__all__ = ["cost_measures", "measured"]
+__all__ = ["HookClock", "TimedHook", "cost_measures", "measured"]
 
 logger = logging.getLogger(__name__)
 _EXPECTED = (TypeError, ValueError, RuntimeError, NotImplementedError)  # a measure that does not apply, not a bug
@@ -53,19 +53,19 @@ def cost_measures(denoiser: nn.Module, scheduler, is_fp: bool) -> dict[str, Any]
     return result
 
 
-class _Clock:
+class HookClock:
     """Seconds spent inside the correction hooks of one sampling run."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
 
 
-class _TimedHook:
+class TimedHook:
     """Forwards the four hook points of one correction unchanged (same object, same order, same results) and adds
     the time spent in them to a clock: the overhead of the corrections measured inside the very run that is
     scored, so it does not drown in the shared machine's load changes between cells (as in benchmarks/perf.py)."""
 
-    def __init__(self, hook, clock: _Clock) -> None:
+    def __init__(self, hook, clock: HookClock) -> None:
         self.hook, self.clock = hook, clock
 
     def _call(self, name: str, *args):
@@ -88,13 +88,13 @@ class _TimedHook:
         return self._call("after_step", x_prev, step)
 
 
-def _timing_hooks(denoiser: nn.Module) -> _Clock | None:
+def _timing_hooks(denoiser: nn.Module) -> HookClock | None:
     """Make ``denoiser.correction_hooks()`` return timed wrappers of its hooks; ``None`` when it has no hooks API."""
     hooks = getattr(denoiser, "correction_hooks", None)
     if hooks is None:
         return None
-    clock = _Clock()
-    denoiser.correction_hooks = lambda: tuple(_TimedHook(hook, clock) for hook in hooks())  # instance shadows method
+    clock = HookClock()
+    denoiser.correction_hooks = lambda: tuple(TimedHook(hook, clock) for hook in hooks())  # instance shadows method
     return clock
 
 
@@ -106,7 +106,7 @@ def measured(variant: Variant, scheduler) -> Variant:
     """
     original: Callable[[nn.Module], dict[str, Any]] | None = variant.describe
     build = variant.build
-    clocks: dict[int, _Clock] = {}
+    clocks: dict[int, HookClock] = {}
 
     def timed_build() -> nn.Module:
         denoiser = build()
