@@ -40,7 +40,8 @@ from tadq.quant.adaround import AdaRound
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.utils import atomic_torch_save
 
-__all__ = ["reconstruct", "quantizers_bypassed", "UnitReport", "weight_pairs"]
+__all__ = ["UnitReport", "attach_adaround", "bake_adaround", "quantizers_bypassed", "reconstruct", "weight_pairs",
+           "with_rounding_penalty"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,22 +106,46 @@ def _eval_loss(module: nn.Module, io: UnitIO, batch_size: int, p: float) -> floa
     return total / io.output.shape[0]
 
 
-def _beta(config: ReconstructionConfig, step: int) -> float | None:
-    """β at ``step``; ``None`` during warm-up (regulariser off)."""
-    warmup = int(config.warmup * config.weight_iters)
+def _beta(config: ReconstructionConfig, step: int, iters: int | None = None) -> float | None:
+    """β at ``step`` of ``iters`` (default ``config.weight_iters``); ``None`` during warm-up (regulariser off)."""
+    iters = config.weight_iters if iters is None else iters
+    warmup = int(config.warmup * iters)
     if step < warmup:
         return None
-    progress = (step - warmup) / max(1, config.weight_iters - warmup)
+    progress = (step - warmup) / max(1, iters - warmup)
     return config.beta_start + (config.beta_end - config.beta_start) * progress
+
+
+def attach_adaround(pairs: Sequence[tuple[Quantizer, Tensor]]) -> list[AdaRound]:
+    """Give every weight quantizer a learnable AdaRound initialised at its weight; returns the roundings."""
+    roundings = []
+    for quantizer, weight in pairs:
+        quantizer.rounding = AdaRound(weight, quantizer._broadcast(quantizer.scale, weight))
+        roundings.append(quantizer.rounding)
+    return roundings
+
+
+def with_rounding_penalty(loss: Tensor, roundings: Sequence[AdaRound], config: ReconstructionConfig, step: int,
+                          iters: int | None = None) -> Tensor:
+    """``loss`` plus λ Σ (1 − |2h(V) − 1|^β) once the warm-up is over (AdaRound's regulariser)."""
+    beta = _beta(config, step, iters)
+    if beta is not None and config.rounding_weight > 0:
+        loss = loss + config.rounding_weight * sum(r.regularizer(beta) for r in roundings)
+    return loss
+
+
+@torch.no_grad()
+def bake_adaround(pairs: Sequence[tuple[Quantizer, Tensor]]) -> None:
+    """Hard-round the learned AdaRound into the weights (they end on the grid) and detach it."""
+    for quantizer, weight in pairs:
+        quantizer.rounding.hard = True
+        weight.copy_(quantizer(weight))
+        quantizer.rounding = None
 
 
 def _reconstruct_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int) -> None:
     pairs = weight_pairs(module)
-    roundings = []
-    for quantizer, weight in pairs:
-        scale = quantizer._broadcast(quantizer.scale, weight)
-        quantizer.rounding = AdaRound(weight, scale)
-        roundings.append(quantizer.rounding)
+    roundings = attach_adaround(pairs)
     optimizer = torch.optim.Adam([r.v for r in roundings], lr=config.weight_lr)
     generator = torch.Generator().manual_seed(seed)
     n = io.output.shape[0]
@@ -128,17 +153,11 @@ def _reconstruct_weights(module: nn.Module, io: UnitIO, config: ReconstructionCo
         index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
         with torch.enable_grad():
             loss = (_run_unit(module, io, index) - io.output[index]).pow(2).flatten(1).sum(1).mean()
-            beta = _beta(config, step)
-            if beta is not None and config.rounding_weight > 0:
-                loss = loss + config.rounding_weight * sum(r.regularizer(beta) for r in roundings)
+            loss = with_rounding_penalty(loss, roundings, config, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
-    with torch.no_grad():
-        for quantizer, weight in pairs:
-            quantizer.rounding.hard = True
-            weight.copy_(quantizer(weight))  # bake the learned rounding: the weight is now on the grid
-            quantizer.rounding = None
+    bake_adaround(pairs)
 
 
 def _reconstruct_activations(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int) -> None:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tadq.calibration.reconstruction import attach_adaround, bake_adaround, with_rounding_penalty
 from tadq.config import ReconstructionConfig
-from tadq.quant.adaround import AdaRound
 from tadq.quant.quantizer import quantizers_bypassed
 from tadq.tfmq.cache import disturbance
 from tadq.tfmq.config import TFMQConfig
@@ -47,14 +47,6 @@ class TIARReport:
 
 def _loss(features: list[Tensor], targets: list[Tensor]) -> Tensor:
     return sum((f - y).pow(2).sum(dim=1).mean() for f, y in zip(features, targets, strict=True))
-
-
-def _beta(config: ReconstructionConfig, step: int, iters: int) -> float | None:
-    """β at ``step`` of ``iters``; ``None`` during warm-up (regulariser off), as in block reconstruction."""
-    warmup = int(config.warmup * iters)
-    if step < warmup:
-        return None
-    return config.beta_start + (config.beta_end - config.beta_start) * (step - warmup) / max(1, iters - warmup)
 
 
 @torch.no_grad()
@@ -108,10 +100,7 @@ def reconstruct_tib(
 def _learn_rounding(qtib: TemporalInformationBlock, pairs: list, targets: list[Tensor], t: Tensor,
                     labels: Tensor | None, reconstruction: ReconstructionConfig, config: TFMQConfig) -> None:
     """Adam on the AdaRound variables, then hard rounding baked into the weights (they end on the grid)."""
-    roundings = []
-    for quantizer, weight in pairs:
-        quantizer.rounding = AdaRound(weight, quantizer._broadcast(quantizer.scale, weight))
-        roundings.append(quantizer.rounding)
+    roundings = attach_adaround(pairs)
     optimizer = torch.optim.Adam([r.v for r in roundings], lr=config.tiar_lr)
     generator = torch.Generator().manual_seed(config.seed)
     n = t.shape[0]
@@ -121,16 +110,11 @@ def _learn_rounding(qtib: TemporalInformationBlock, pairs: list, targets: list[T
             with torch.enable_grad():
                 batch_labels = None if labels is None else labels[index]
                 loss = _loss(qtib(t[index], batch_labels), [y[index] for y in targets])
-                beta = _beta(reconstruction, step, config.tiar_iters)
-                if beta is not None and reconstruction.rounding_weight > 0:
-                    loss = loss + reconstruction.rounding_weight * sum(r.regularizer(beta) for r in roundings)
+                loss = with_rounding_penalty(loss, roundings, reconstruction, step, config.tiar_iters)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             optimizer.step()
-        with torch.no_grad():
-            for quantizer, weight in pairs:
-                quantizer.rounding.hard = True
-                weight.copy_(quantizer(weight))  # bake: the weight is now on the grid
-    finally:
+        bake_adaround(pairs)
+    finally:  # an interrupted fit leaves no half-learned rounding attached
         for quantizer, _ in pairs:
             quantizer.rounding = None
