@@ -83,8 +83,10 @@ def _relative(predicted: Tensor, measured: Tensor) -> float:
     return float((predicted.double() - measured.double()).norm()) / norm if norm > 0 else float("nan")
 
 
-def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, steps: list[StepContext], batch_size: int):
-    """J_n δ by a forward difference of the FP network at the FP state x_n."""
+def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, steps: list[StepContext],
+                  batch_size: int):
+    """J_n δ by a forward difference of the FP network at the FP state x_n; ε_θ(x_n) is the pair's recorded
+    ``eps_fp_trajectory``, so each step costs one FP call, not two."""
 
     def jvp(n: int, delta: Tensor) -> Tensor:
         x = fp_states[n]
@@ -98,7 +100,8 @@ def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, steps: list[StepCont
                 base = x[start: start + batch_size]
                 shifted = (base.double() + h * delta[start: start + batch_size]).to(base.dtype)
                 t = torch.full((base.shape[0],), steps[n].t, dtype=torch.long)
-                outputs.append((fp_denoiser(shifted, t).double() - fp_denoiser(base, t).double()) / h)
+                at_x = fp_eps[n][start: start + batch_size].double()
+                outputs.append((fp_denoiser(shifted, t).double() - at_x) / h)
         return torch.cat(outputs)
 
     return jvp
@@ -129,7 +132,8 @@ def analyze_propagation(
         errors, steps, coefficients=pairs)
     jvp = None
     if measure_jacobian:
-        jvp = predict_recursive(errors, steps, _measured_jvp(fp_denoiser, pair.fp_states, steps, batch_size),
+        jvp = predict_recursive(errors, steps, _measured_jvp(fp_denoiser, pair.fp_states, pair.eps_fp_trajectory,
+                                                              steps, batch_size),
                                 coefficients=pairs)
     return PropagationReport(
         measured=_mse_per_state(measured), predicted_j0=_mse_per_state(j0),

@@ -29,10 +29,9 @@ def save_correction_tables_plot(rows: Mapping[str, Mapping[str, Any]], path: str
             for key, table in tables.items():
                 if key.split(":")[-1] != kind:
                     continue
+                if kind == "TAC" and not table["ibc" if field == "input_bias" else "ner"]:
+                    continue  # that part of TAC is switched off in this row
                 values = np.asarray(table[field], dtype=float)
-                if kind == "TAC" and ((field == "input_bias" and not table["ibc"]) or
-                                      (field == "scale" and not table["ner"])):
-                    continue
                 ax.plot(np.arange(len(values)), values.reshape(len(values), -1).mean(1), label=label)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("sampler step (0 = noisiest)")
