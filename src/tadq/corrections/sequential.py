@@ -91,6 +91,10 @@ class SequentialCorrection(Correction):
     def use_candidate(self, settings: dict[str, Any]) -> None:
         """Switch to one of ``candidates()`` before fitting it."""
 
+    def selection_noise(self) -> tuple[int | None, int]:
+        """(held-out seed, trajectories) that score the candidates; no seed when there is nothing to choose."""
+        return None, 64
+
     def refit_per_candidate(self) -> bool:
         """Whether each candidate gets its own sequential fit (exact) or reuses the first one's tables (cheap)."""
         return True

@@ -153,12 +153,10 @@ def _fit_member_sequentially(member: SequentialCorrection, earlier: tuple[Correc
                              q_denoiser: Denoiser, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
                              batch_size: int, sample_shape: tuple[int, int, int] | None = None,
                              bits: str | None = None, device: str | torch.device = "cpu") -> None:
-    config = member.config
-    selection = getattr(config, "held_out_seed", None)
+    selection_seed, selection_samples = member.selection_noise()
     records = fit_sequentially(
         member, fp_denoiser, q_denoiser, scheduler, sampler, hooks=earlier, num_samples=num_samples, seed=seed,
         sample_shape=shape_of(q_denoiser, sample_shape), bits=bits_of(q_denoiser, bits),
-        selection_seed=selection, selection_samples=getattr(config, "selection_samples", 64),
-        batch_size=batch_size, device=device,
+        selection_seed=selection_seed, selection_samples=selection_samples, batch_size=batch_size, device=device,
     )
     member.selection_records = records

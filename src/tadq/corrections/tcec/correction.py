@@ -68,6 +68,9 @@ class TCECCorrection(SequentialCorrection):
                 grid.append({"mix": mix, "damping": damping})
         return grid
 
+    def selection_noise(self) -> tuple[int | None, int]:
+        return self.config.held_out_seed, self.config.selection_samples
+
     def refit_per_candidate(self) -> bool:
         return self.config.refit_candidates
 
