@@ -40,7 +40,8 @@ from tadq.sampling import (
 )
 from tadq.sampling.hooks import apply_after_model, apply_before_model, check_hooks
 
-__all__ = ["TRAJECTORY_MODES", "TrajectoryMode", "TrajectoryPair", "bits_of", "collect_trajectory_pair", "shape_of"]
+__all__ = ["TRAJECTORY_MODES", "TrajectoryMode", "TrajectoryPair", "bits_of", "collect_trajectory_pair",
+           "predict_at_step", "shape_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,8 @@ def shape_of(q_denoiser: Denoiser, sample_shape: tuple[int, int, int] | None) ->
     return tuple(shape)  # type: ignore[return-value]
 
 
-def _predict(denoiser: Denoiser, x: Tensor, step: StepContext) -> Tensor:
+def predict_at_step(denoiser: Denoiser, x: Tensor, step: StepContext) -> Tensor:
+    """ε of ``denoiser`` for the batch x (B, C, H, W) at the step's timestep."""
     t = torch.full((x.shape[0],), step.t, dtype=torch.long, device=x.device)  # (B,)
     return denoiser(x, t)
 
@@ -159,14 +161,14 @@ def _run_batch(
     x_fp = x
     for step in steps:
         x_in = apply_before_model(hooks, x, step)  # x̃_t
-        eps_hat = apply_after_model(hooks, _predict(q_denoiser, x_in, step), x_in, step)
+        eps_hat = apply_after_model(hooks, predict_at_step(q_denoiser, x_in, step), x_in, step)
         if mode == "teacher_forced":
-            eps = _predict(fp_denoiser, x, step)
+            eps = predict_at_step(fp_denoiser, x, step)
             x = sampler_step(x, eps, step, noise=noise[step.index])  # FP step, the sampler's own σ_t
         else:
-            eps = _predict(fp_denoiser, x_in, step)
+            eps = predict_at_step(fp_denoiser, x_in, step)
             x = hooked_step(hooks, x_in, eps_hat, step, noise[step.index])
-            eps_on_fp = _predict(fp_denoiser, x_fp, step)
+            eps_on_fp = predict_at_step(fp_denoiser, x_fp, step)
             x_fp = sampler_step(x_fp, eps_on_fp, step, noise=noise[step.index])
             eps_fp_traj.append(eps_on_fp.cpu())
             fp_states.append(x_fp.cpu())

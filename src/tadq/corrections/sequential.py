@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from tadq.corrections.base import Correction, TableKey
-from tadq.corrections.pair import TrajectoryPair
+from tadq.corrections.pair import TrajectoryPair, predict_at_step
 from tadq.sampling import (
     Denoiser,
     SamplerConfig,
@@ -111,11 +111,9 @@ class SequentialCorrection(Correction):
 
 
 def _predict(denoiser: Denoiser, x: Tensor, step: StepContext, batch_size: int) -> Tensor:
-    outputs = []
-    for start in range(0, x.shape[0], batch_size):
-        chunk = x[start: start + batch_size]
-        outputs.append(denoiser(chunk, torch.full((chunk.shape[0],), step.t, dtype=torch.long, device=x.device)))
-    return torch.cat(outputs)
+    """ε for all N samples, ``batch_size`` per network call."""
+    return torch.cat([predict_at_step(denoiser, x[start: start + batch_size], step)
+                      for start in range(0, x.shape[0], batch_size)])
 
 
 def _walk(
