@@ -129,9 +129,11 @@ def test_tcec_cancels_the_cumulative_error_when_the_jacobian_is_zero(mix):
 def test_tcec_selection_keeps_the_best_held_out_candidate():
     stack, _, _ = _fit([TCECConfig(num_samples=16)], InjectedError)
     records = stack[0].selection_records
-    assert len(records) == 5 and all(r["final_mse"] == r["final_mse"] for r in records)  # no NaN
+    assert len(records) == 6 and all(r["final_mse"] == r["final_mse"] for r in records)  # no NaN
+    assert records[-1]["strength"] == 0.0  # the "no compensation" candidate is scored too
     best = min(records, key=lambda r: r["final_mse"])
-    assert (float(stack[0].mix), float(stack[0].damping)) == (best["mix"], best["damping"])
+    chosen = (float(stack[0].mix), float(stack[0].damping), float(stack[0].strength))
+    assert chosen == (best["mix"], best["damping"], best["strength"])
 
 
 def test_delayed_tcec_refuses_out_of_order_steps():

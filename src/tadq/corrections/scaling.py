@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ChannelFit", "fit_channel_affine"]
+__all__ = ["ChannelFit", "broadcast_row", "fit_channel_affine", "fit_through_coefficient", "pixel_means"]
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,46 @@ def fit_channel_affine(
     return _shaped(ChannelFit(scale, shift), estimate, per_element)
 
 
+def fit_through_coefficient(
+    estimate: Tensor, coefficient: Tensor, residual: Tensor, *, offset: bool = False, per_element: bool = False,
+) -> ChannelFit:
+    """The (K, d) per channel (or element) minimising Σ (B ⊙ (K ε̂ + d) − r)²: the ε change that best removes a
+    state residual r when ε enters the state with the element-wise coefficient B (clipping makes B vary per element).
+
+    Elements where B = 0 carry no weight (ε cannot move them). Returns K = 0, d = 0 where nothing constrains them.
+    """
+    if not estimate.shape == coefficient.shape == residual.shape or estimate.ndim < 2:
+        raise ValueError("estimate, coefficient and residual must share one (N, C, …) shape")
+    u = _groups((coefficient * estimate).double(), per_element)  # B ε̂
+    v = _groups(coefficient.double(), per_element)  # B
+    r = _groups(residual.double(), per_element)
+    s_uu, s_uv, s_vv, s_ur, s_vr = (u * u).sum(1), (u * v).sum(1), (v * v).sum(1), (u * r).sum(1), (v * r).sum(1)
+    if not offset:
+        scale = torch.where(s_uu > 0, s_ur / s_uu.clamp(min=1e-300), torch.zeros_like(s_uu))
+        return _shaped(ChannelFit(scale, torch.zeros_like(scale)), estimate, per_element)
+    determinant = s_uu * s_vv - s_uv * s_uv
+    solvable = determinant.abs() > 1e-12 * (s_uu * s_vv).abs().clamp(min=1e-300)
+    safe = torch.where(solvable, determinant, torch.ones_like(determinant))
+    scale = torch.where(solvable, (s_ur * s_vv - s_uv * s_vr) / safe, torch.zeros_like(determinant))
+    # unsolvable (e.g. one sample per element): the offset alone, d = Σ B r / Σ B²
+    shift_only = torch.where(s_vv > 0, s_vr / s_vv.clamp(min=1e-300), torch.zeros_like(s_vv))
+    shift = torch.where(solvable, (s_uu * s_vr - s_uv * s_ur) / safe, shift_only)
+    return _shaped(ChannelFit(scale, shift), estimate, per_element)
+
+
 def _shaped(fit: ChannelFit, like: Tensor, per_element: bool) -> ChannelFit:
     if not per_element:
         return fit
     shape = tuple(like.shape[1:])
     return ChannelFit(fit.scale.reshape(shape), fit.offset.reshape(shape))
+
+
+def broadcast_row(values: Tensor, like: Tensor) -> Tensor:
+    """A per-step row, (C,) or (C, H, W), shaped to broadcast over a (B, C, H, W) batch like ``like``."""
+    values = values.to(dtype=like.dtype, device=like.device)
+    return values.view(1, -1, *([1] * (like.ndim - 2))) if values.ndim == 1 else values.unsqueeze(0)
+
+
+def pixel_means(table: Tensor) -> Tensor:
+    """A per-step table (S, C) as is, (S, C, H, W) averaged over pixels: what reports and plots show per channel."""
+    return table if table.ndim == 2 else table.flatten(2).mean(2)

@@ -51,11 +51,14 @@ class StepTargets:
     Attributes:
         same_input: ε_θ(x̃_i), FP on the quantized model's own input: isolates the quantization error.
         fp_trajectory: ε_θ(x_i), FP on the FP trajectory: also absorbs the propagated state error.
+        x_in: x̃_i, the quantized model's input (after the earlier corrections); x_fp: x_i, the FP state.
     """
 
-    def __init__(self, same_input: Tensor | Callable[[], Tensor], fp_trajectory: Tensor) -> None:
+    def __init__(self, same_input: Tensor | Callable[[], Tensor], fp_trajectory: Tensor, x_in: Tensor,
+                 x_fp: Tensor) -> None:
         self._same_input = same_input
         self.fp_trajectory = fp_trajectory
+        self.x_in, self.x_fp = x_in, x_fp
 
     @property
     def same_input(self) -> Tensor:
@@ -106,7 +109,8 @@ class SequentialCorrection(Correction):
         for step in pair.steps:
             i = step.index
             self.fit_input_row(i, pair.model_inputs[i], pair.fp_states[i])
-            targets = StepTargets(same_input=pair.eps_fp[i], fp_trajectory=pair.eps_fp_trajectory[i])
+            targets = StepTargets(same_input=pair.eps_fp[i], fp_trajectory=pair.eps_fp_trajectory[i],
+                                  x_in=pair.model_inputs[i], x_fp=pair.fp_states[i])
             self.fit_output_row(i, pair.eps_q[i], targets, step)
 
 
@@ -135,7 +139,7 @@ def _walk(
         eps_fp = _predict(fp_denoiser, x_fp, step, batch_size)
         if fitting is not None:
             targets = StepTargets(same_input=lambda x=x_in, s=step: _predict(fp_denoiser, x, s, batch_size),
-                                  fp_trajectory=eps_fp)
+                                  fp_trajectory=eps_fp, x_in=x_in, x_fp=x_fp)
             fitting.fit_output_row(step.index, eps_hat, targets, step)
             eps_hat = fitting.after_model(eps_hat, x_in, step)
         x_hat = hooked_step(hooks, x_in, eps_hat, step, noise[step.index])

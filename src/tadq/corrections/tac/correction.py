@@ -18,19 +18,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from tadq.corrections.scaling import fit_channel_affine
+from tadq.corrections.scaling import broadcast_row, fit_channel_affine, pixel_means
 from tadq.corrections.sequential import SequentialCorrection, StepTargets
 from tadq.corrections.tac.config import TACConfig
 from tadq.registry import register_correction
 from tadq.sampling import StepContext
 
 __all__ = ["TACCorrection", "tac_tables"]
-
-
-def _channels(values: Tensor, like: Tensor) -> Tensor:
-    """A (C,) or (C, H, W) row shaped to broadcast over a (B, C, H, W) batch."""
-    values = values.to(dtype=like.dtype, device=like.device)
-    return values.view(1, -1, *([1] * (like.ndim - 2))) if values.ndim == 1 else values.unsqueeze(0)
 
 
 @register_correction(TACConfig)
@@ -74,15 +68,15 @@ class TACCorrection(SequentialCorrection):
         index = self.table_index(step)
         if not self.config.ibc:
             return x
-        return x - _channels(self.input_bias[index], x)
+        return x - broadcast_row(self.input_bias[index], x)
 
     def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
         """ε̃ = K_i ε̂ + d_i."""
         index = self.table_index(step)
         if not self.config.ner:
             return eps
-        eps = eps * _channels(self.scale[index], eps)
-        return eps + _channels(self.offset[index], eps) if self.config.offset else eps
+        eps = eps * broadcast_row(self.scale[index], eps)
+        return eps + broadcast_row(self.offset[index], eps) if self.config.offset else eps
 
     def after_step(self, x_prev: Tensor, step: StepContext) -> Tensor:
         """With ``ibc_apply="input"`` the update used x̃; adding A_i b_i back keeps the bias in the trajectory
@@ -90,12 +84,8 @@ class TACCorrection(SequentialCorrection):
         index = self.table_index(step)
         if not self.config.ibc or self.config.ibc_apply == "trajectory":
             return x_prev
-        return x_prev + step.coef_x * _channels(self.input_bias[index], x_prev)
+        return x_prev + step.coef_x * broadcast_row(self.input_bias[index], x_prev)
 
-
-def _channel_means(table: Tensor) -> Tensor:
-    """(S, C) as is; (S, C, H, W) averaged over pixels, for plots."""
-    return table if table.ndim == 2 else table.flatten(2).mean(2)
 
 
 def tac_tables(correction: TACCorrection) -> dict:
@@ -104,7 +94,7 @@ def tac_tables(correction: TACCorrection) -> dict:
         raise ValueError("tac_tables needs a fitted TACCorrection")
     return {
         "sampler": correction.table_key.sampler_key, "bits": correction.table_key.bits,
-        "input_bias": _channel_means(correction.input_bias).tolist(),
-        "scale": _channel_means(correction.scale).tolist(), "offset": _channel_means(correction.offset).tolist(),
+        "input_bias": pixel_means(correction.input_bias).tolist(),
+        "scale": pixel_means(correction.scale).tolist(), "offset": pixel_means(correction.offset).tolist(),
         "ibc": correction.config.ibc, "ner": correction.config.ner,
     }

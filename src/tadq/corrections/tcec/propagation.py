@@ -27,7 +27,7 @@ from torch import Tensor
 from tadq.sampling import StepContext
 
 __all__ = ["Coefficients", "chain_factors", "clip_aware_coefficients", "final_contributions", "predict_j0",
-           "predict_recursive"]
+           "predict_recursive", "step_coefficients"]
 
 Coefficients = Sequence[tuple[Tensor | float, Tensor | float]]  # per step (A_n, B_n), scalars or per element
 
@@ -43,21 +43,22 @@ def clip_aware_coefficients(steps: Sequence[StepContext], states: Tensor, eps: T
     Returns:
         One (A, B) pair of float64 tensors (N, C, H, W) per step.
     """
-    pairs = []
-    for n, step in enumerate(steps):
-        x, e = states[n].double(), eps[n].double()
-        a_t, a_prev = step.alpha_prod_t, step.alpha_prod_t_prev
-        unclipped_a, unclipped_b = torch.full_like(x, step.coef_x), torch.full_like(x, step.coef_eps)
-        if step.clip_sample_range is None:
-            pairs.append((unclipped_a, unclipped_b))
-            continue
-        clipped = ((x - (1 - a_t) ** 0.5 * e) / a_t**0.5).abs() > step.clip_sample_range
-        if step.kind == "ddim":  # clipped: √ᾱ_prev·(±r) + √(1−ᾱ_prev−σ²)·ε
-            clipped_a, clipped_b = 0.0, max(1.0 - a_prev - step.std_dev_t**2, 0.0) ** 0.5
-        else:  # DDPM: c_0·(±r) + c_x·x, with c_x = √α_t (1−ᾱ_prev)/(1−ᾱ_t)
-            clipped_a, clipped_b = (a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t), 0.0
-        pairs.append((torch.where(clipped, clipped_a, unclipped_a), torch.where(clipped, clipped_b, unclipped_b)))
-    return pairs
+    return [step_coefficients(step, states[n], eps[n]) for n, step in enumerate(steps)]
+
+
+def step_coefficients(step: StepContext, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-element (A, B) of one update linearised at (x, ε), x_0 clipping included (float64, shaped like x)."""
+    x, e = x.double(), eps.double()
+    a_t, a_prev = step.alpha_prod_t, step.alpha_prod_t_prev
+    unclipped_a, unclipped_b = torch.full_like(x, step.coef_x), torch.full_like(x, step.coef_eps)
+    if step.clip_sample_range is None:
+        return unclipped_a, unclipped_b
+    clipped = ((x - (1 - a_t) ** 0.5 * e) / a_t**0.5).abs() > step.clip_sample_range
+    if step.kind == "ddim":  # clipped: √ᾱ_prev·(±r) + √(1−ᾱ_prev−σ²)·ε
+        clipped_a, clipped_b = 0.0, max(1.0 - a_prev - step.std_dev_t**2, 0.0) ** 0.5
+    else:  # DDPM: c_0·(±r) + c_x·x, with c_x = √α_t (1−ᾱ_prev)/(1−ᾱ_t)
+        clipped_a, clipped_b = (a_t / a_prev) ** 0.5 * (1 - a_prev) / (1 - a_t), 0.0
+    return torch.where(clipped, clipped_a, unclipped_a), torch.where(clipped, clipped_b, unclipped_b)
 
 
 def _coefficients(steps: Sequence[StepContext]) -> tuple[Tensor, Tensor]:
