@@ -7,7 +7,7 @@ import torch
 from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, InjectedError, analytic_scheduler
 
 from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
-from tadq.corrections.scaling import fit_channel_affine
+from tadq.corrections.scaling import fit_channel_affine, fit_through_coefficient
 from tadq.corrections.sequential import paired_final_error
 from tadq.registry import correction_for
 from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
@@ -71,9 +71,49 @@ def test_ner_recovers_an_injected_channel_scale():
     assert float(tcec.k.abs().max()) < 1e-5
 
 
-def test_tcec_alone_finds_the_error_scale():
-    stack, _, _ = _fit([TCECConfig(select=False, num_samples=16)], Scaled)
-    assert torch.allclose(stack[0].k, (1 - 1 / SCALE.double()).expand_as(stack[0].k), rtol=1e-5, atol=1e-6)
+@pytest.mark.parametrize("resolution", ["channel", "full"])
+@pytest.mark.parametrize("offset", [False, True])
+def test_tcec_alone_finds_the_error_scale(resolution, offset):
+    config = TCECConfig(select=False, num_samples=16, resolution=resolution, offset=offset)
+    stack, _, _ = _fit([config], Scaled)
+    k, b = stack[0].k, stack[0].b
+    expected = (1 - 1 / SCALE.double()).view(1, -1, *([1] * (k.ndim - 2)))
+    assert k.shape[:2] == (10, 2) and k.ndim == (2 if resolution == "channel" else 4)
+    assert torch.allclose(k, expected.expand_as(k), rtol=1e-5, atol=1e-5)
+    assert float(b.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("resolution", ["channel", "full"])
+def test_tcec_offset_recovers_an_injected_output_bias(resolution):
+    stack, _, _ = _fit([TCECConfig(select=False, num_samples=16, resolution=resolution, offset=True)], Shifted)
+    k, b = stack[0].k, stack[0].b
+    expected = SHIFT.double().view(1, -1, *([1] * (b.ndim - 2)))
+    assert torch.allclose(b, expected.expand_as(b), atol=1e-5) and float(k.abs().max()) < 1e-5
+
+
+def test_fit_through_coefficient_recovers_scale_and_offset_and_ignores_unmovable_elements():
+    generator = torch.Generator().manual_seed(3)
+    estimate = torch.randn(64, 2, 4, 4, generator=generator)
+    coefficient = torch.rand(64, 2, 4, 4, generator=generator) + 0.1
+    coefficient[:, :, 0, 0] = 0.0  # clipped elements ε cannot move
+    error = SCALE.view(1, -1, 1, 1) * estimate + SHIFT.view(1, -1, 1, 1)
+    residual = coefficient * error
+    residual[:, :, 0, 0] = 5.0  # whatever sits there must not matter
+    fit = fit_through_coefficient(estimate, coefficient, residual, offset=True)
+    assert torch.allclose(fit.scale, SCALE.double(), atol=1e-6) and torch.allclose(fit.offset, SHIFT.double(), atol=1e-6)
+    per_element = fit_through_coefficient(estimate, coefficient, residual, per_element=True, offset=True)
+    assert torch.equal(per_element.scale[:, 0, 0], torch.zeros(2, dtype=torch.float64))  # unconstrained: no change
+    assert torch.allclose(per_element.scale[:, 1:, 1:], SCALE.double().view(-1, 1, 1).expand(2, 3, 3), atol=1e-6)
+
+
+def test_tcec_window_leaves_the_steps_before_start_alone():
+    stack, _, scheduler = _fit([TCECConfig(select=False, num_samples=16, start=0.5)], Scaled)
+    correction = stack[0]
+    steps = step_contexts(make_scheduler(scheduler, SAMPLER), SAMPLER)
+    assert correction.first_step == 5
+    eps = torch.randn(3, *SAMPLE_SHAPE)
+    assert torch.equal(correction.after_model(eps, eps, steps[4]), eps)
+    assert not torch.allclose(correction.after_model(eps, eps, steps[5]), eps)
 
 
 def test_ibc_recovers_the_injected_input_bias():
@@ -113,12 +153,18 @@ class TimeOnly:
         return torch.cos(t.double() / 300).float().view(-1, 1, 1, 1) * self.pattern.expand(x.shape[0], -1, -1, -1)
 
 
-@pytest.mark.parametrize("mix", [1.0, 0.5, 0.0])
-def test_tcec_cancels_the_cumulative_error_when_the_jacobian_is_zero(mix):
+_FITS = {"default": {}, "paper": {"resolution": "channel", "offset": False}, "state": {"error_space": "state"}}
+
+
+# the next-state target already holds the propagated error, so only its immediate form cancels it
+@pytest.mark.parametrize(("mix", "fit"), [(mix, fit) for mix in (1.0, 0.5, 0.0) for fit in _FITS.values()]
+                         + [(1.0, {"target": "next_state"})],
+                         ids=[f"{name}-{mix}" for mix in (1.0, 0.5, 0.0) for name in _FITS] + ["next_state-1.0"])
+def test_tcec_cancels_the_cumulative_error_when_the_jacobian_is_zero(mix, fit):
     scheduler = analytic_scheduler()
     fp = TimeOnly()
     quantized = Scaled(fp)
-    stack = CorrectionStack([correction_for(TCECConfig(select=False, mix=mix, num_samples=8))])
+    stack = CorrectionStack([correction_for(TCECConfig(select=False, mix=mix, num_samples=8, **fit))])
     fit_stack(stack, fp, quantized, scheduler, SAMPLER, sample_shape=SAMPLE_SHAPE, bits="W4A8")
     options = {"num_samples": 4, "seed": 9, "sample_shape": SAMPLE_SHAPE}
     plain = paired_final_error(fp, quantized, scheduler, SAMPLER, (), **options)
@@ -129,7 +175,7 @@ def test_tcec_cancels_the_cumulative_error_when_the_jacobian_is_zero(mix):
 def test_tcec_selection_keeps_the_best_held_out_candidate():
     stack, _, _ = _fit([TCECConfig(num_samples=16)], InjectedError)
     records = stack[0].selection_records
-    assert len(records) == 6 and all(r["final_mse"] == r["final_mse"] for r in records)  # no NaN
+    assert len(records) == 5 * 4 + 1 and all(r["final_mse"] == r["final_mse"] for r in records)  # no NaN
     assert records[-1]["strength"] == 0.0  # the "no compensation" candidate is scored too
     best = min(records, key=lambda r: r["final_mse"])
     chosen = (float(stack[0].mix), float(stack[0].damping), float(stack[0].strength))

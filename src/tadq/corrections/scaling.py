@@ -86,7 +86,9 @@ def fit_channel_affine(
     solvable = determinant.abs() > 1e-30 * (a11 * a22).abs().clamp(min=1e-300)
     safe = torch.where(solvable, determinant, torch.ones_like(determinant))
     scale = torch.where(solvable, (b1 * a22 - a12 * b2) / safe, torch.ones_like(determinant))
-    shift = torch.where(solvable, (a11 * b2 - a12 * b1) / safe, torch.zeros_like(determinant))
+    # unsolvable (the estimate does not vary, e.g. one sample per element): K = 1 and the offset alone
+    shift_only = torch.where(s_11 > 0, (s_1e - s_h1) / s_11.clamp(min=1e-300), torch.zeros_like(s_11))
+    shift = torch.where(solvable, (a11 * b2 - a12 * b1) / safe, shift_only)
     return _shaped(ChannelFit(scale, shift), estimate, per_element)
 
 
