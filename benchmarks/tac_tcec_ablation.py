@@ -24,6 +24,10 @@ from tadq.rows import method_config
 # Every field that was ever a default is spelled out, so a name keeps meaning the same configuration.
 CH, FULL = {"ibc_resolution": "channel"}, {"ibc_resolution": "full"}
 NER_CH = {"ner_resolution": "channel", "offset": False}
+# TCEC as the paper describes it (channel-wise K, every step, a and κ chosen) and the per-element error model
+PAPER = {"resolution": "channel", "offset": False, "start_candidates": (0.0,), "include_off": False,
+         "error_space": "eps", "target": "same_input"}
+FULL_OFFSET = {"resolution": "full", "offset": True, "error_space": "eps", "target": "same_input"}
 VARIANTS = {
     "base": [],
     "IBC (channel)": [TACConfig(ner=False, **CH)],
@@ -39,11 +43,23 @@ VARIANTS = {
         TACConfig(ner_target="same_input", relative_weight=0.0, ner_resolution="full", offset=True, **FULL)],
     "TAC (IBC full + NER same-input λ=0)": [TACConfig(ner_target="same_input", relative_weight=0.0, **NER_CH,
                                                       **FULL)],
-    "TCEC (select a and κ)": [TCECConfig()],
-    "TCEC on-target error model (select a and κ)": [TCECConfig(error_model="on_target")],
-    "TCEC immediate": [TCECConfig(select=False)],
-    "TCEC delayed": [TCECConfig(select=False, mix=0.0)],
-    "TAC + TCEC": [TACConfig(), TCECConfig()],
+    "TCEC (select a and κ)": [TCECConfig(**PAPER)],
+    "TCEC on-target error model (select a and κ)": [TCECConfig(error_model="on_target", **PAPER)],
+    "TCEC immediate": [TCECConfig(select=False, **PAPER)],
+    "TCEC delayed": [TCECConfig(select=False, mix=0.0, **PAPER)],
+    "TCEC full+offset immediate from 0": [TCECConfig(select=False, start=0.0, **FULL_OFFSET)],
+    "TCEC full+offset immediate from 0.25": [TCECConfig(select=False, start=0.25, **FULL_OFFSET)],
+    "TCEC full+offset immediate from 0.5": [TCECConfig(select=False, start=0.5, **FULL_OFFSET)],
+    "TCEC full+offset immediate from 0.75": [TCECConfig(select=False, start=0.75, **FULL_OFFSET)],
+    "TCEC channel+offset immediate from 0.5": [TCECConfig(select=False, start=0.5, resolution="channel",
+                                                          offset=True, error_space="eps", target="same_input")],
+    "TCEC full+offset state-space immediate from 0": [TCECConfig(select=False, start=0.0,
+                                                                 **{**FULL_OFFSET, "error_space": "state"})],
+    "TCEC full+offset next-state immediate from 0": [TCECConfig(select=False, start=0.0,
+                                                                **{**FULL_OFFSET, "target": "next_state"})],
+    "TCEC (select a, κ, start; full+offset)": [TCECConfig(**FULL_OFFSET, start_candidates=(0.0, 0.25, 0.5, 0.75),
+                                                          include_off=True)],
+    "TAC + TCEC (paper-form TCEC)": [TACConfig(), TCECConfig(**PAPER)],
 }
 
 
