@@ -57,7 +57,7 @@ VARIANTS = {
                                                                  **{**FULL_OFFSET, "error_space": "state"})],
     "TCEC full+offset next-state immediate from 0": [TCECConfig(select=False, start=0.0,
                                                                 **{**FULL_OFFSET, "target": "next_state"})],
-    "TCEC (select a, κ, start; full+offset)": [TCECConfig(**FULL_OFFSET, start_candidates=(0.0, 0.25, 0.5, 0.75),
+    "TCEC default (select a κ start; full+offset)": [TCECConfig(**FULL_OFFSET, start_candidates=(0.0, 0.25, 0.5, 0.75),
                                                           include_off=True)],
     "TAC + TCEC (paper-form TCEC)": [TACConfig(), TCECConfig(**PAPER)],
 }
@@ -67,16 +67,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=256, out="runs/bench/tac_tcec")
     parser.add_argument("--presets", default="W4A4,W4A8")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (names without commas)")
+    parser.add_argument("--variant", action="append", default=[], help="one name of VARIANTS (repeatable; any name)")
     parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")
     args = parser.parse_args()
+    names = [*(args.variants.split(",") if args.variants else []), *args.variant] or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
     out, config, model, scheduler, bases = main_run_setup(args)
     fp = sample(model, scheduler, config.sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
                 progress=False)
     rows = []
     for preset_name in args.presets.split(","):
         base = bases.get(method_config("qdiffusion", preset_name, config))
-        for name in args.variants.split(","):
+        for name in names:
             stack = CorrectionStack([correction_for(c) for c in VARIANTS[name]])
             t0 = time.perf_counter()
             fit_stack(stack, as_denoiser(model), base, scheduler, config.sampler)
