@@ -60,6 +60,12 @@ VARIANTS = {
     "TCEC default (select a κ start; full+offset)": [TCECConfig(**FULL_OFFSET, start_candidates=(0.0, 0.25, 0.5, 0.75),
                                                           include_off=True)],
     "TAC + TCEC (paper-form TCEC)": [TACConfig(), TCECConfig(**PAPER)],
+    "TAC + TCEC default": [TACConfig(), TCECConfig(**FULL_OFFSET, start_candidates=(0.0, 0.25, 0.5, 0.75),
+                                                   include_off=True)],
+    "TAC + TCEC default 128 held-out": [TACConfig(), TCECConfig(**FULL_OFFSET, start_candidates=(0.0, 0.25, 0.5, 0.75),
+                                                                include_off=True, selection_samples=128)],
+    "TCEC default 128 held-out": [TCECConfig(**FULL_OFFSET, start_candidates=(0.0, 0.25, 0.5, 0.75), include_off=True,
+                                             selection_samples=128)],
 }
 
 

@@ -100,7 +100,8 @@ def test_fit_through_coefficient_recovers_scale_and_offset_and_ignores_unmovable
     residual = coefficient * error
     residual[:, :, 0, 0] = 5.0  # whatever sits there must not matter
     fit = fit_through_coefficient(estimate, coefficient, residual, offset=True)
-    assert torch.allclose(fit.scale, SCALE.double(), atol=1e-6) and torch.allclose(fit.offset, SHIFT.double(), atol=1e-6)
+    assert torch.allclose(fit.scale, SCALE.double(), atol=1e-6)
+    assert torch.allclose(fit.offset, SHIFT.double(), atol=1e-6)
     per_element = fit_through_coefficient(estimate, coefficient, residual, per_element=True, offset=True)
     assert torch.equal(per_element.scale[:, 0, 0], torch.zeros(2, dtype=torch.float64))  # unconstrained: no change
     assert torch.allclose(per_element.scale[:, 1:, 1:], SCALE.double().view(-1, 1, 1).expand(2, 3, 3), atol=1e-6)

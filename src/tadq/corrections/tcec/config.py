@@ -37,9 +37,10 @@ class TCECConfig(CorrectionConfig):
         start: Compensate only from this fraction of the step grid on (0: every step), when ``select`` is off.
             Early, noisy steps are where the x_0 clip amplifies an ε change most and where the network damps the
             errors it would remove anyway (``tadq analyze``); compensating them can cost more than it saves.
-        select: Choose (a, κ, start) among ``mix_candidates`` × ``damping_candidates`` × ``start_candidates`` by the held-out final-x_0 error
-            (``selection_seed``, ``selection_samples``). Needs the networks, so it happens in sequential fitting
-            (``fit_stack``); a one-shot ``fit(pair)`` uses ``mix``/``damping``.
+        select: Choose (a, κ, start) among ``mix_candidates`` × ``damping_candidates`` × ``start_candidates`` (and
+            "off" with ``include_off``) by the held-out final-x_0 error (``selection_seed``, ``selection_samples``).
+            Needs the networks, so it happens in sequential fitting (``fit_stack``); a one-shot ``fit(pair)`` uses
+            ``mix``/``damping``/``start``.
         relative_weight: λ₁ of the masked relative term in the K fit (0: the least squares of methods.md §4 B5).
         mask_threshold: τ of the mask, in units of std(ε) of the step.
         target: ``"same_input"``: e_t = ε̂(x̂_t) − ε_θ(x̂_t), the step's own quantization error (the paper's e_t);

@@ -24,8 +24,8 @@ from torch import Tensor
 from tadq.corrections.scaling import broadcast_row, fit_channel_affine, fit_through_coefficient, pixel_means
 from tadq.corrections.sequential import SequentialCorrection, StepTargets
 from tadq.corrections.tcec.config import TCECConfig
-from tadq.registry import register_correction
 from tadq.corrections.tcec.propagation import step_coefficients
+from tadq.registry import register_correction
 from tadq.sampling import StepContext, sampler_step
 
 __all__ = ["TCECCorrection", "tcec_tables"]
@@ -156,7 +156,8 @@ class TCECCorrection(SequentialCorrection):
 
 
 def tcec_tables(correction: TCECCorrection) -> dict:
-    """The fitted K_t, b_t (pixel means at full resolution) and chosen (a, κ, strength), JSON-ready, step 0 (noisiest) first."""
+    """K_t, b_t (pixel means at full resolution) and the chosen (a, κ, strength, start), JSON-ready, step 0
+    (noisiest) first."""
     if not correction.fitted:
         raise ValueError("tcec_tables needs a fitted TCECCorrection")
     return {"sampler": correction.table_key.sampler_key, "bits": correction.table_key.bits,
