@@ -180,7 +180,8 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
         for bits in presets:
             subset = {label: curve for label, curve in curves.items() if label.endswith(f" {bits}")}
             save_error_curves(subset, out / f"per_step_error_{bits}.png",
-                              title=f"{bits}, {config.sampler.key}: MSE(x_t FP, x_t quantized)")
+                              title=f"{bits}, {config.sampler.key}: MSE(x_t FP, x_t quantized)",
+                              reference=f"Q-Diffusion {bits}")
     ptqd = {label: c["extras"]["ptqd_tables"] for label, c in zip(labels, cells, strict=True)
             if "ptqd_tables" in c.get("extras", {})}
     if ptqd:

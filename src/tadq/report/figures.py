@@ -45,19 +45,43 @@ def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: i
     return path
 
 
-def save_error_curves(curves: dict[str, Tensor], path: str | Path, title: str = "") -> Path:
-    """Per-step MSE(x_t FP, x_t quantized) for every variant, log scale, step 0 = x_T."""
+def save_error_curves(
+    curves: dict[str, Tensor], path: str | Path, title: str = "", reference: str | None = None,
+) -> Path:
+    """Per-step MSE(x_t FP, x_t quantized) for every variant, log scale, step 0 = x_T.
+
+    Zero errors (x_T, shared by FP and quantized runs) are left out so the log axis spans the curves. With
+    ``reference`` (a key of ``curves``) a second panel shows each curve divided by it: how each variant bends the
+    reference's error, which the log panel compresses.
+    """
     path = Path(path)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, curve in curves.items():
-        values = curve.detach().cpu().numpy()
-        ax.plot(np.arange(len(values)), np.maximum(values, 1e-12), label=label)
+    ratio = reference is not None and reference in curves
+    fig, axes = plt.subplots(1, 2 if ratio else 1, figsize=(12.4 if ratio else 6.4, 4.2), squeeze=False)
+    colors = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    styles = ("-", "--", "-.", ":")
+    base = curves[reference].detach().cpu().double().numpy() if ratio else None
+    for position, (label, curve) in enumerate(curves.items()):
+        values = curve.detach().cpu().double().numpy()
+        look = {"color": colors(position % colors.N), "linestyle": styles[(position // 10) % len(styles)]}
+        axes[0, 0].plot(np.arange(len(values)), np.where(values > 0, values, np.nan), label=label, **look)
+        if ratio:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                relative = np.where(base > 0, values / base, np.nan)
+            axes[0, 1].plot(np.arange(len(values)), relative, label=label, **look)
+    ax = axes[0, 0]
     ax.set_yscale("log")
     ax.set_xlabel("sampler step (0 = initial noise)")
     ax.set_ylabel("MSE vs FP trajectory")
-    ax.set_title(title or "per-step trajectory error")
+    ax.set_title(title or "per-step trajectory error", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+    if ratio:
+        ax = axes[0, 1]
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xlabel("sampler step (0 = initial noise)")
+        ax.set_ylabel(f"MSE / MSE of {reference}")
+        ax.set_title(f"relative to {reference}", fontsize=10)
+        ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
