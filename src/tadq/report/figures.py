@@ -78,10 +78,11 @@ def save_error_curves(
     if ratio:
         ax = axes[0, 1]
         ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_yscale("log")  # 0.5× and 2× equally far from the reference
         ax.set_xlabel("sampler step (0 = initial noise)")
         ax.set_ylabel(f"MSE / MSE of {reference}")
         ax.set_title(f"relative to {reference}", fontsize=10)
-        ax.grid(True, alpha=0.3)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
