@@ -63,6 +63,7 @@ class TCECConfig(CorrectionConfig):
             the step puts into the state, step(x̃, ε̂) − step(x̃, ε), with the clip-aware element-wise B of
             ``propagation.step_coefficients`` — where x_0 clipping acts an ε error moves the state with the
             direction coefficient (≈ 1 early on), not B, so the ε-space fit weighs the wrong elements.
+            ``error_model``, ``relative_weight`` and ``mask_threshold`` apply to the ε-space fit only.
         include_off: Let the held-out selection also score "no compensation", so a compensation that does not
             pay on held-out noise is switched off instead of kept as the least bad candidate.
         refit_candidates: Refit K_t sequentially for every (a, κ) candidate (exact: K_t then sees the states that

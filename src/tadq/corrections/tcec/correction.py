@@ -35,9 +35,9 @@ __all__ = ["TCECCorrection", "tcec_tables"]
 class TCECCorrection(SequentialCorrection):
     """Immediate, delayed (window 1) or hybrid compensation of ε̂ (module docstring).
 
-    Tables: ``k`` K_t and ``b`` b_t, (S, C) or (S, C, H, W). Buffers ``mix`` (a), ``damping`` (κ) and ``strength``
-    (1, or 0 when the selection switched the compensation off) hold the settings in use, so a saved correction
-    reloads with them.
+    Tables: ``k`` K_t and ``b`` b_t, (S, C) or (S, C, H, W). Buffers ``mix`` (a), ``damping`` (κ), ``start`` (the
+    window's first step as a fraction of the grid) and ``strength`` (1, or 0 when the selection switched the
+    compensation off) hold the settings in use, so a saved correction reloads with them.
     """
 
     def __init__(self, config: TCECConfig) -> None:
@@ -60,15 +60,13 @@ class TCECCorrection(SequentialCorrection):
     def fit_output_row(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext) -> None:
         per_element, offset = self.config.resolution == "full", self.config.offset
         if self.config.target == "next_state":
-            self._fit_next_state(index, eps_hat, targets, step)
+            # the whole cumulative error the step would leave against the FP trajectory's next state
+            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_fp, targets.fp_trajectory, step))
             return
         target = targets.same_input if self.config.target == "same_input" else targets.fp_trajectory
         if self.config.error_space == "state":
-            # the error as it enters the state, clipping included: B ⊙ E_t ≈ step(x̃, ε̂) − step(x̃, ε)
-            residual = sampler_step(targets.x_in, eps_hat, step) - sampler_step(targets.x_in, target, step)
-            _, coefficient = step_coefficients(step, targets.x_in, eps_hat)
-            fit = fit_through_coefficient(eps_hat, coefficient, residual, offset=offset, per_element=per_element)
-            self.k[index], self.b[index] = fit.scale, fit.offset
+            # the step's own error as it enters the state, clipping included
+            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_in, target, step))
             return
         if self.config.error_model == "on_target":
             # ε̂ ≈ s ε + d regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink s;
@@ -82,11 +80,12 @@ class TCECCorrection(SequentialCorrection):
                                  mask_threshold=self.config.mask_threshold, offset=offset, per_element=per_element)
         self.k[index], self.b[index] = 1.0 - fit.scale, -fit.offset
 
-    def _fit_next_state(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext) -> None:
-        """E_t such that ε̂ − E_t lands the quantized state on the FP trajectory's next state (noise shared, so it
-        cancels): r = step(x̃_t, ε̂) − step(x_t, ε_θ(x_t)) is the cumulative error the step would leave, and
-        B ⊙ E_t ≈ r is fitted with the clip-aware per-element B (``propagation.step_coefficients``)."""
-        residual = sampler_step(targets.x_in, eps_hat, step) - sampler_step(targets.x_fp, targets.fp_trajectory, step)
+    def _fit_in_state(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext,
+                      reference_next: Tensor) -> None:
+        """B ⊙ E_t ≈ r with r = step(x̃_t, ε̂) − ``reference_next`` (the state the step should reach; the shared noise
+        cancels) and the clip-aware per-element B of ``propagation.step_coefficients``: removing E_t from ε̂ then
+        removes r from the next state, to first order."""
+        residual = sampler_step(targets.x_in, eps_hat, step) - reference_next
         _, coefficient = step_coefficients(step, targets.x_in, eps_hat)
         fit = fit_through_coefficient(eps_hat, coefficient, residual, offset=self.config.offset,
                                       per_element=self.config.resolution == "full")
