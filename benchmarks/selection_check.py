@@ -3,7 +3,8 @@
 For the Q-Diffusion base and the base + TAC (default config, fitted on calibration seed 0), prints the mean final
 x_0 MSE against FP on the first N trajectories of each seed, computed twice: by the selection's paired walk
 (``tadq.corrections.sequential.paired_final_error``) and by the sampler (``tadq.sample``). The two must agree; the
-seeds show how far a mean over N trajectories moves between noise draws. Run:
+seeds show how far a mean over N trajectories moves between noise draws, with the median per trajectory and the
+share of the mean that the 5 worst trajectories carry. Run:
 
     python benchmarks/selection_check.py --threads 1 [--preset W4A8] [--samples 128] [--seeds 1000,100000]
 """
@@ -46,10 +47,16 @@ def main() -> None:
             result = sample(denoiser, scheduler, config.sampler, num_samples=args.samples, seed=seed,
                             record_trajectory=True, progress=False)
             sampled = float(per_step_mse(reference.trajectory.states, result.trajectory.states)[-1])
-            rows.append({"seed": seed, "row": name, "walk": walk, "sampler": sampled})
+            per_trajectory = (result.trajectory.states[-1].double() - reference.trajectory.states[-1].double())
+            per_trajectory = per_trajectory.square().flatten(1).mean(1).sort(descending=True).values
+            rows.append({"seed": seed, "row": name, "walk": walk, "sampler": sampled,
+                         "median": float(per_trajectory.median()),
+                         "top5_share": float(per_trajectory[:5].sum() / per_trajectory.sum())})
             print(rows[-1], flush=True)
-    write_rows(rows, out, f"| seed | {args.preset} row | final MSE, selection walk | final MSE, sampler |",
-               lambda r: f"| {r['seed']} | {r['row']} | {r['walk']:.5f} | {r['sampler']:.5f} |")
+    write_rows(rows, out, f"| seed | {args.preset} row | final MSE, selection walk | final MSE, sampler | median "
+                          "per trajectory | share of the 5 worst |",
+               lambda r: f"| {r['seed']} | {r['row']} | {r['walk']:.5f} | {r['sampler']:.5f} | {r['median']:.5f} | "
+                         f"{r['top5_share']:.0%} |")
 
 
 if __name__ == "__main__":
