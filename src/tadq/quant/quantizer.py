@@ -81,6 +81,10 @@ class Quantizer(nn.Module):
         if self._observer is not None:
             self._observer.observe(x)
             return x
+        return self._quantize(x)
+
+    def _quantize(self, x: Tensor) -> Tensor:
+        """Fake-quantize ``x`` on this quantizer's grid (``forward`` has handled bypass and observation)."""
         if not bool(self.initialized):
             raise RuntimeError(
                 "quantizer used before its range was set: calibrate the model first "

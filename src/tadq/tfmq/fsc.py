@@ -79,12 +79,8 @@ class StepQuantizer(Quantizer):
         self.register_buffer("step_zero_point", zero_points.detach().clone().float(), persistent=False)
         self.state = state
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.enabled or self.bypass:
-            return x
-        if self._observer is not None:
-            self._observer.observe(x)
-            return x
+    def _quantize(self, x: Tensor) -> Tensor:
+        """On the current step's (Δ, z); bypass and observation are the base ``forward``'s."""
         index = self.state.require_index()
         zero_point = self.step_zero_point[index].to(torch.int32)
         return torch.fake_quantize_per_tensor_affine(x, self.step_scale[index], zero_point, self.scheme.qmin,
