@@ -61,8 +61,8 @@ def main_run_setup(args: argparse.Namespace):
     """(out, RunConfig(), model, scheduler, BaseModels over ``args.models``): the shipped model with the main job's
     calibration data and base models, so a benchmark measures exactly the models ``tadq run`` reports."""
     from tadq.calibration import model_fingerprint
-    from tadq.rows import BaseModels
-    from tadq.run import RunConfig
+    from tadq.experiments.rows import BaseModels
+    from tadq.experiments.run import RunConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,7 +21,7 @@ from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
 from tadq.corrections.sequential import paired_final_error
 from tadq.metrics import per_step_mse
 from tadq.registry import correction_for
-from tadq.rows import method_config
+from tadq.experiments.rows import method_config
 
 
 def main() -> None:

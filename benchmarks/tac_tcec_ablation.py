@@ -19,7 +19,7 @@ from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
 from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
 from tadq.metrics import per_step_mse, psnr_per_sample
 from tadq.registry import correction_for
-from tadq.rows import method_config
+from tadq.experiments.rows import method_config
 
 # Every field that was ever a default is spelled out, so a name keeps meaning the same configuration.
 CH, FULL = {"ibc_resolution": "channel"}, {"ibc_resolution": "full"}

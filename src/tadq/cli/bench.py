@@ -29,7 +29,7 @@ def _reconstruction(iters: int | None, activation_iters: int | None, batch_size:
 def bench_command(
     model: Annotated[Path | None, typer.Option(help="Local diffusers model folder (default: the shipped DDPM).")
                      ] = None,
-    methods: Annotated[str | None, typer.Option(help="Comma-separated tadq.rows methods (default: the matrix's).")
+    methods: Annotated[str | None, typer.Option(help="Comma-separated tadq.experiments.rows methods (default: the matrix's).")
                        ] = None,
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16.")] = None,
     samplers: Annotated[str | None, typer.Option(
@@ -58,7 +58,7 @@ def bench_command(
     verbose: Verbose = False,
 ) -> None:
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
-    from tadq.bench import BenchConfig, matrix, parse_sampler, run_bench
+    from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
     from tadq.config import CalibrationConfig
 
     setup(verbose, threads, device)
@@ -90,7 +90,7 @@ def bench_command(
 def _print(report: dict) -> None:
     from rich.table import Table
 
-    from tadq.bench.rows import HEADLINE_COLUMNS, TERMINAL_KEYS, format_value
+    from tadq.experiments.bench.rows import HEADLINE_COLUMNS, TERMINAL_KEYS, format_value
 
     columns = [(key, title) for key, title in HEADLINE_COLUMNS if key in TERMINAL_KEYS]
     for key, part in report["samplers"].items():

@@ -1,0 +1,185 @@
+"""What ``tadq bench`` measures: a matrix of methods × presets × samplers, as one frozen, validated config.
+
+The bench is the main job (``tadq.experiments.run``) repeated per sampler, so most fields map onto ``RunConfig``; the matrix
+itself (which methods, presets and samplers) is named here, with a full default and a ``quick`` one that finishes
+on a 2-core CPU in well under an hour when the base models are already on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.quant.qscheme import preset
+from tadq.experiments.rows import method_names
+from tadq.experiments.run import RunConfig
+from tadq.sampling import SamplerConfig
+
+__all__ = ["BEST_STACK", "BenchConfig", "default_methods", "matrix", "parse_sampler", "quick_methods",
+           "sampler_name"]
+
+# the strongest tadq stack in this release (TAC + TCEC on Q-Diffusion); a name in the method registry
+BEST_STACK = "tac+tcec"
+_TADQ_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec", BEST_STACK)
+_QUICK_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec")
+_SAMPLER = re.compile(r"^(?P<kind>ddim|ddpm)(?:-eta(?P<eta>[0-9.]+))?(?:@(?P<steps>[0-9]+))?$")
+
+
+def parse_sampler(text: str, steps: int = 50) -> SamplerConfig:
+    """A sampler from its bench name: ``ddim-eta0``, ``ddim-eta1``, ``ddim-eta0.5``, ``ddpm``; ``@N`` sets the
+    step count (``ddim-eta0@20``), otherwise ``steps``."""
+    match = _SAMPLER.match(text.strip().lower())
+    if match is None:
+        raise ValueError(f"unknown sampler {text!r}; use ddim-eta<η> (ddim-eta0, ddim-eta1) or ddpm, "
+                         f"optionally with @<steps> (ddim-eta0@20)")
+    kind, eta = match["kind"], float(match["eta"] or 0.0)
+    if kind == "ddpm" and match["eta"] is not None:
+        raise ValueError(f"sampler {text!r}: ddpm takes no eta (its noise is fixed by the scheduler)")
+    return SamplerConfig(kind=kind, num_steps=int(match["steps"] or steps), eta=eta)
+
+
+def sampler_name(sampler: SamplerConfig, with_steps: bool = False) -> str:
+    """The bench name of ``sampler`` (inverse of ``parse_sampler``)."""
+    name = f"ddim-eta{sampler.eta:g}" if sampler.kind == "ddim" else "ddpm"
+    return f"{name}@{sampler.num_steps}" if with_steps else name
+
+
+def _registered(names: tuple[str, ...]) -> tuple[str, ...]:
+    known = method_names()
+    return tuple(name for name in names if name in known)
+
+
+def default_methods() -> tuple[str, ...]:
+    """The full matrix's methods, read from the registry: tadq's rows and stacks, the first TFMQ row, every peer."""
+    from tadq.experiments.rows.peers import PEERS
+
+    known = method_names()
+    tfmq = tuple(name for name in known if name.startswith("tfmq"))[:1]  # the paper's variant, registered first
+    return _registered(_TADQ_METHODS) + tfmq + _registered(tuple(PEERS))
+
+
+def quick_methods() -> tuple[str, ...]:
+    """The quick matrix's methods: no peers, no TFMQ (each TFMQ preset is a new reconstruction)."""
+    return _registered(_QUICK_METHODS)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """The bench matrix and how each cell is measured.
+
+    Args:
+        model: a local diffusers folder, or ``None`` for the shipped digits DDPM.
+        methods: method names of the ``tadq.experiments.rows`` registry (default: the full matrix, ``default_methods()``).
+        presets: quantization presets (each method gets one row per preset, or a "not supported" row).
+        samplers: deployment samplers; each gets its own calibration data, base models and table.
+        num_samples: samples per row (FD-digits needs about 1000; PSNR/SSIM vs FP far fewer).
+        eval_seed: evaluation noise seed shared by FP and every row.
+        calibration: calibration settings; its ``sampler`` is replaced by each bench sampler, and
+            ``num_steps_kept`` is clipped to that sampler's steps.
+        reconstruction: block-reconstruction settings of the Q-Diffusion-based rows.
+        batch_size: sampling batch.
+        out_dir: bench folder: ``<out>/<sampler key>/`` per sampler, ``report.html|md|json`` at the top.
+        models_dir: where quantized base models are kept and reused (default ``<out>/models``); base keys include
+            the calibration data, so one folder serves every sampler (``runs/main/models`` reuses ``tadq run``'s).
+        cache_dir: calibration-data cache.
+        grid_samples: samples shown per grid panel.
+        threads: torch CPU threads the bench ran with (0 = torch's default); recorded in the regenerating command.
+        quick: whether this is the ``--quick`` matrix (said in the report; the command spells every flag out).
+    """
+
+    model: str | None = None
+    methods: tuple[str, ...] = field(default_factory=default_methods)
+    presets: tuple[str, ...] = ("W8A8", "W4A8", "W4A4", "W4A16")
+    samplers: tuple[SamplerConfig, ...] = (SamplerConfig(kind="ddim", num_steps=50, eta=0.0),
+                                           SamplerConfig(kind="ddim", num_steps=50, eta=1.0))
+    num_samples: int = 1000
+    eval_seed: int = 1000
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    batch_size: int = 250
+    out_dir: str = "runs/bench"
+    models_dir: str | None = None
+    cache_dir: str = ".cache/tadq"
+    grid_samples: int = 64
+    threads: int = 0
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.methods or not self.presets or not self.samplers:
+            raise ValueError("the bench matrix needs at least one method, one preset and one sampler")
+        for name in self.presets:
+            preset(name)  # raises ValueError naming the presets
+        unknown = [m for m in self.methods if m not in method_names()]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
+        keys = [s.key for s in self.samplers]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"samplers repeat: {keys}")
+        if len(set(self.methods)) != len(self.methods) or len(set(self.presets)) != len(self.presets):
+            raise ValueError("methods and presets must not repeat")
+        for sampler in self.samplers:
+            self.run_config(sampler)  # every per-sampler RunConfig must be valid before anything runs
+
+    @property
+    def models_folder(self) -> Path:
+        return Path(self.models_dir) if self.models_dir else Path(self.out_dir) / "models"
+
+    def sampler_dir(self, sampler: SamplerConfig) -> Path:
+        return Path(self.out_dir) / sampler.key
+
+    def run_config(self, sampler: SamplerConfig) -> RunConfig:
+        """The main job's config for one sampler of the matrix (calibrated on that sampler, as run.py requires)."""
+        calibration = dataclasses.replace(self.calibration, sampler=sampler,
+                                          num_steps_kept=min(self.calibration.num_steps_kept, sampler.num_steps))
+        return RunConfig(model=self.model, presets=self.presets, methods=self.methods,
+                         reconstruction=self.reconstruction, num_samples=self.num_samples, sampler=sampler,
+                         eval_seed=self.eval_seed, calibration=calibration, batch_size=self.batch_size,
+                         out_dir=str(self.sampler_dir(sampler)), cache_dir=self.cache_dir,
+                         grid_samples=self.grid_samples)
+
+    def command(self) -> str:
+        """The ``tadq bench`` command line that reproduces this config (and so regenerates its report)."""
+        steps = {s.num_steps for s in self.samplers}
+        same_steps = len(steps) == 1
+        args = ["tadq", "bench"]
+        if self.model:
+            args += ["--model", self.model]
+        args += ["--methods", ",".join(self.methods), "--presets", ",".join(self.presets),
+                 "--samplers", ",".join(sampler_name(s, not same_steps) for s in self.samplers)]
+        if same_steps:
+            args += ["--steps", str(steps.pop())]
+        args += ["--num-samples", str(self.num_samples), "--seed", str(self.eval_seed),
+                 "--calib-seed", str(self.calibration.seed),
+                 "--calib-trajectories", str(self.calibration.num_trajectories)]
+        recon, default = self.reconstruction, ReconstructionConfig()
+        for flag, name in (("--recon-iters", "weight_iters"), ("--recon-activation-iters", "activation_iters"),
+                           ("--recon-batch-size", "batch_size")):
+            if getattr(recon, name) != getattr(default, name):
+                args += [flag, str(getattr(recon, name))]
+        if self.batch_size != 250:
+            args += ["--batch-size", str(self.batch_size)]
+        args += ["--out", self.out_dir]
+        if self.models_dir:
+            args += ["--models-dir", self.models_dir]
+        if self.cache_dir != ".cache/tadq":
+            args += ["--cache-dir", self.cache_dir]
+        if self.threads:
+            args += ["--threads", str(self.threads)]
+        return shlex.join(args)
+
+
+def matrix(name: str) -> dict[str, object]:
+    """The named matrix's ``BenchConfig`` fields: ``default`` (every method, preset, η = 0 and η = 1, 1000
+    samples) or ``quick`` (naive, Q-Diffusion, PTQD, TAC, TCEC × W8A8, W4A8 × DDIM η = 0, 256 samples)."""
+    if name == "default":
+        return {"methods": default_methods(), "presets": ("W8A8", "W4A8", "W4A4", "W4A16"),
+                "samplers": (SamplerConfig(kind="ddim", num_steps=50, eta=0.0),
+                             SamplerConfig(kind="ddim", num_steps=50, eta=1.0)), "num_samples": 1000}
+    if name == "quick":
+        return {"methods": quick_methods(), "presets": ("W8A8", "W4A8"),
+                "samplers": (SamplerConfig(kind="ddim", num_steps=50, eta=0.0),), "num_samples": 256, "quick": True}
+    raise ValueError(f"unknown bench matrix {name!r}; choose 'default' or 'quick'")

@@ -1,0 +1,75 @@
+"""optimum-quanto: ``quantize`` + its ``Calibration`` context on tadq's FP-trajectory inputs, then ``freeze``.
+
+What quanto does here (0.2.7, CPU): every Conv2d and Linear. Weights symmetric per output channel (qint8), or
+qint4 affine in groups of up to 128 inputs where the fan-in divides (else per channel). Activations qint8, one
+static symmetric scale per tensor at each module's input *and* output, from a running average (momentum 0.9) of
+the absolute maximum over the calibration batches. No 4-bit activations, no timestep awareness; it simulates on
+CPU, so no speed-up.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tadq.experiments.peers.base import PeerReport, UnsupportedPreset, attach_report, calibration_batches, layer_counts, require
+from tadq.experiments.peers.base import tool_version as _version
+
+if TYPE_CHECKING:
+    from tadq.calibration import CalibrationSet
+
+__all__ = ["SETTINGS", "quantize_quanto", "quanto_setting"]
+
+DISTRIBUTION = "optimum-quanto"
+# tadq preset -> (weight qtype, activation qtype or None for weight-only); quanto has no 4-bit activations
+SETTINGS: dict[str, tuple[str, str | None]] = {
+    "W8A8": ("qint8", "qint8"), "W4A8": ("qint4", "qint8"), "W8A16": ("qint8", None), "W4A16": ("qint4", None),
+}
+
+
+def quanto_setting(preset: str) -> tuple[str, str | None]:
+    """quanto's (weights, activations) for a tadq preset; ``UnsupportedPreset`` names the ones it has."""
+    key = preset.upper()
+    if key not in SETTINGS:
+        raise UnsupportedPreset(f"optimum-quanto has no setting for {preset!r} (its activations are 8-bit only); "
+                                f"supported presets: {sorted(SETTINGS)}")
+    return SETTINGS[key]
+
+
+def quantize_quanto(model: nn.Module, calibration_set: CalibrationSet | None, preset: str = "W8A8",
+                    batch_size: int = 128, *, momentum: float = 0.9) -> nn.Module:
+    """A quanto-quantized deep copy of ``model`` (the FP model is untouched), activations calibrated with
+    quanto's own ``Calibration`` on ``calibration_set``; ``tadq.experiments.peers.peer_report`` tells what was quantized."""
+    from tadq.registry import adapter_for
+
+    weights, activations = quanto_setting(preset)
+    if activations is not None and calibration_set is None:
+        raise ValueError(f"quanto {preset} calibrates activations: pass a calibration set")
+    quanto = require("optimum.quanto", DISTRIBUTION)
+    adapter = adapter_for(model)
+    qmodel = copy.deepcopy(model).eval().requires_grad_(False)
+    quanto.quantize(qmodel, weights=getattr(quanto, weights),
+                    activations=getattr(quanto, activations) if activations else None)
+    if activations is not None:
+        with torch.no_grad(), quanto.Calibration(momentum=momentum):
+            for x, t in calibration_batches(calibration_set, batch_size):
+                adapter.predict_eps(qmodel, x, t)
+    quanto.freeze(qmodel)
+    return attach_report(qmodel, _report(qmodel, model, quanto, weights, activations))
+
+
+def _report(qmodel: nn.Module, model: nn.Module, quanto, weights: str, activations: str | None) -> PeerReport:
+    layers = [m for m in qmodel.modules()
+              if isinstance(m, quanto.QModuleMixin) and isinstance(m, nn.Conv2d | nn.Linear) and m.weight_qtype]
+    conv_total, linear_total = layer_counts(model)
+    setting = f"weights {weights}, activations {activations or 'FP (weight-only)'}"
+    notes = "static per-tensor activation scales at module inputs and outputs" if activations else ""
+    return PeerReport(
+        tool="optimum-quanto", version=_version(DISTRIBUTION), setting=setting, weights=len(layers),
+        activations=sum(m.activation_qtype is not None for m in layers),
+        convs=sum(isinstance(m, nn.Conv2d) for m in layers), linears=sum(isinstance(m, nn.Linear) for m in layers),
+        conv_total=conv_total, linear_total=linear_total, notes=notes,
+    )

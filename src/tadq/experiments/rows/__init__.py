@@ -1,0 +1,13 @@
+"""Rows of ``tadq run``: ``register_method`` plus every built-in method (importing this package registers them)."""
+
+from tadq.experiments.rows import (
+    builtin,  # noqa: F401  (registers naive, qdiffusion, ptqd)
+    peers,  # noqa: F401  (registers quanto, modelopt-*, torchao-*; the tools are imported lazily)
+    sampler_corrections,  # noqa: F401  (registers ibc, ner, tac, tcec, tac+tcec)
+    tfmq,  # noqa: F401  (registers the TFMQ-DM rows: tfmq, tfmq-cache, tfmq+ptqd, ablations)
+)
+from tadq.experiments.rows.base import BaseModels, MethodBuilder, Variant, method_label, method_names, register_method, row_for
+from tadq.experiments.rows.builtin import method_config
+
+__all__ = ["BaseModels", "MethodBuilder", "Variant", "method_config", "method_label", "method_names",
+    "register_method", "row_for"]

@@ -1,0 +1,114 @@
+"""Rows of the main job's table: a registry of methods, each turning (base models, run config, preset) into a
+``Variant``, so a new method adds its rows without touching ``tadq.experiments.run``.
+
+Correction rows reuse the base row's quantized network through ``BaseModels``, which builds each base config once
+and keeps it on disk (an interrupted run does not redo a reconstruction).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from tadq.api import quantize
+from tadq.config import QuantConfig, config_to_dict
+from tadq.denoiser import QuantizedDenoiser
+from tadq.io import load_quantized, save_quantized
+from tadq.utils import atomic_write_json
+
+if TYPE_CHECKING:
+    from tadq.experiments.run import RunConfig
+
+__all__ = ["BaseModels", "MethodBuilder", "Variant", "method_label", "method_names", "register_method", "row_for"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: a name, bit label and how to build its denoiser (``None`` = the FP model)."""
+
+    name: str
+    bits: str
+    build: Callable[[], nn.Module] | None
+    settings: dict[str, Any]
+    describe: Callable[[nn.Module], dict[str, Any]] | None = None  # extra results kept with the cell
+
+
+class BaseModels:
+    """Quantized base models, built once per config and kept on disk (``out/models``) so that correction rows
+    reuse exactly the base row's weights, also after an interrupted run."""
+
+    def __init__(self, model, scheduler, calibration, fingerprint: str, folder: Path) -> None:
+        self.model, self.scheduler, self.calibration = model, scheduler, calibration
+        self.fingerprint, self.folder = fingerprint, folder
+
+    def get(self, quant_config: QuantConfig,
+            build: Callable[[], QuantizedDenoiser] | None = None, tag: str = "") -> QuantizedDenoiser:
+        """The model of ``quant_config``: loaded from disk, or built (``build``, default ``tadq.quantize``) and saved.
+
+        ``tag`` names a different construction of the same ``QuantConfig`` (e.g. ``"tfmq-…"``); it enters the key.
+        """
+        fields = {"model": self.fingerprint, "quant": config_to_dict(quant_config),
+                  "calibration": self.calibration.key}
+        if tag:
+            fields["tag"] = tag
+        payload = json.dumps(fields, sort_keys=True)
+        key = hashlib.sha256(payload.encode()).hexdigest()[:16]
+        path = self.folder / f"{quant_config.method}-{quant_config.label}-{key}"
+        timing = path / "tadq_run_timing.json"
+        if (path / "tadq_config.json").exists():
+            qmodel = load_quantized(path)[0]
+            # reported, not re-spent (NaN: saved by an older tadq that did not record it)
+            qmodel.recorded_quantize_s = json.loads(timing.read_text())["quantize_s"] if timing.exists() else math.nan
+            return qmodel
+        t0 = time.perf_counter()
+        if build is None:
+            qmodel = quantize(self.model, self.scheduler, quant_config, calibration=self.calibration,
+                              checkpoint=self.folder / f"recon-{key}.pt")
+        else:
+            qmodel = build()
+        elapsed = time.perf_counter() - t0
+        save_quantized(qmodel, path, self.scheduler, overwrite=True)
+        atomic_write_json({"quantize_s": elapsed}, timing)
+        (self.folder / f"recon-{key}.pt").unlink(missing_ok=True)
+        return qmodel
+
+
+MethodBuilder = Callable[[BaseModels, "RunConfig", str], Variant]
+_METHODS: dict[str, tuple[str, MethodBuilder]] = {}
+
+
+def register_method(name: str, label: str) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Register ``builder(bases, run_config, preset) -> Variant`` as method ``name`` (shown as ``label``)."""
+
+    def decorate(builder: MethodBuilder) -> MethodBuilder:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is already registered")
+        _METHODS[name] = (label, builder)
+        return builder
+
+    return decorate
+
+
+def method_names() -> tuple[str, ...]:
+    """Every registered method, in registration order."""
+    return tuple(_METHODS)
+
+
+def method_label(name: str) -> str:
+    """The table label of method ``name``."""
+    return _METHODS[name][0]
+
+
+def row_for(name: str, bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
+    """The ``Variant`` of method ``name`` at ``preset_name``."""
+    if name not in _METHODS:
+        raise ValueError(f"unknown method {name!r}; choose from {sorted(_METHODS)}")
+    return _METHODS[name][1](bases, config, preset_name)

@@ -1,0 +1,120 @@
+"""Measurements behind ``README.md`` that ``tadq run`` does not print: temporal-feature cosines and calibration time.
+
+    python -m tadq.experiments.tfmq_measure cosines MODEL_DIR [MODEL_DIR ...]   mean/min cosine of the temporal features to FP
+    python -m tadq.experiments.tfmq_measure timing                               Q-Diffusion vs TFMQ-DM quantize time, W4A8
+    python -m tadq.experiments.tfmq_measure paired RUN_DIR [REFERENCE_ROW]       per-sample PSNR difference from one row, 95 %
+
+Both use the shipped model, DDIM 50 (η = 0) and the main job's default configs, one thread.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["temporal_cosines", "calibration_times", "paired_psnr"]
+
+
+def temporal_cosines(model_dirs: list[str]) -> dict[str, dict[str, float]]:
+    """Per saved quantized model: mean and min cosine of its 11 temporal features to FP over the grid (weights
+    only: activation quantizers bypassed, so the comparison is about the TIB's rounding)."""
+    from tadq.io import load_quantized
+    from tadq.models import load_pipeline_parts
+    from tadq.quant.quantizer import quantizers_bypassed
+    from tadq.registry import adapter_for
+    from tadq.experiments.run import RunConfig
+    from tadq.tfmq import TemporalInformationBlock, deployment_grid
+    from tadq.tfmq.tiar import feature_disturbance
+
+    model, scheduler = load_pipeline_parts(None)
+    timesteps = deployment_grid(scheduler, RunConfig().sampler)
+    with torch.no_grad():
+        targets = TemporalInformationBlock(model, adapter_for(model))(timesteps)
+    results = {}
+    for folder in model_dirs:
+        qmodel = load_quantized(folder)[0]
+        with quantizers_bypassed(qmodel.model, "activation"):
+            tib = TemporalInformationBlock(qmodel.model, qmodel.adapter)
+            cosines = [1 - score["cosine_distance"] for score in feature_disturbance(tib, targets, timesteps, None)]
+        results[folder] = {"mean": sum(cosines) / len(cosines), "min": min(cosines)}
+    return results
+
+
+def _clock(fn: Callable[[], Any]) -> tuple[Any, float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, round(time.perf_counter() - wall, 1), round(time.process_time() - cpu, 1)
+
+
+def calibration_times(preset: str = "W4A8") -> dict[str, tuple[float, float]]:
+    """(wall s, CPU s) of ``tadq.quantize`` (the Q-Diffusion row) and ``quantize_tfmq`` (the ``tfmq`` row) in one
+    process, plus TIAR and FSC + maintenance alone; calibration data from the cache, as ``tadq run`` has it."""
+    import tadq
+    from tadq.api import build_quantized_structure
+    from tadq.calibration import collect_calibration_set
+    from tadq.models import load_pipeline_parts
+    from tadq.registry import adapter_for
+    from tadq.experiments.rows import method_config
+    from tadq.experiments.rows.tfmq import tfmq_config
+    from tadq.experiments.run import RunConfig
+    from tadq.tfmq import TemporalInformationBlock, apply_tfmq, deployment_grid, grid_inputs, quantize_tfmq
+    from tadq.tfmq.tiar import reconstruct_tib
+
+    config = RunConfig()
+    model, scheduler = load_pipeline_parts(None)
+    adapter = adapter_for(model)
+    calib = collect_calibration_set(model, adapter, scheduler.config, config.calibration, cache_dir=config.cache_dir)
+    quant, settings = method_config("qdiffusion", preset, config), tfmq_config(config)
+    times: dict[str, tuple[float, float]] = {}
+    _, *times["qdiffusion"] = _clock(lambda: tadq.quantize(model, scheduler, quant, calibration=calib,
+                                                           progress=False))
+    tfmq, *times["tfmq"] = _clock(lambda: quantize_tfmq(model, scheduler, quant, settings, config.sampler,
+                                                        calibration=calib, cache_dir=config.cache_dir, progress=False))
+    fresh = build_quantized_structure(model, quant)
+    t, labels, _ = grid_inputs(deployment_grid(scheduler, config.sampler), 0)
+    _, *times["tiar alone"] = _clock(lambda: reconstruct_tib(
+        TemporalInformationBlock(fresh.model, adapter), TemporalInformationBlock(model, adapter), t, labels,
+        quant.reconstruction, settings))
+    _, *times["fsc + maintenance alone"] = _clock(lambda: apply_tfmq(tfmq, model, scheduler, settings,
+                                                                     config.sampler, progress=False))
+    return times
+
+
+def paired_psnr(run_dir: str, reference: str = "Q-Diffusion") -> dict[str, dict[str, float]]:
+    """Per row of a ``tadq run`` folder: mean PSNR vs FP, and its mean per-sample difference from ``reference`` on
+    the same noise with a 95 % interval (1.96 standard errors), from the saved cells."""
+    from pathlib import Path
+
+    from tadq.metrics import psnr_per_sample
+
+    cells = [torch.load(path, weights_only=False) for path in sorted(Path(run_dir, "cells").glob("*.pt"))]
+    fp = next(cell for cell in cells if cell["name"] == "FP")
+    psnr = {cell["name"]: psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1))
+            for cell in cells if cell is not fp and cell["images"].shape == fp["images"].shape}
+    results = {}
+    for name, values in psnr.items():
+        difference = values - psnr[reference]
+        results[name] = {"psnr": float(values.mean()), "difference": float(difference.mean()),
+                         "interval": float(1.96 * difference.std() / len(difference) ** 0.5)}
+    return results
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    if argv[:1] == ["cosines"] and len(argv) > 1:
+        print(json.dumps(temporal_cosines(argv[1:]), indent=1))
+    elif argv[:1] == ["timing"]:
+        print(json.dumps(calibration_times(*argv[1:2]), indent=1))
+    elif argv[:1] == ["paired"] and len(argv) > 1:
+        print(json.dumps(paired_psnr(*argv[1:3]), indent=1))
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

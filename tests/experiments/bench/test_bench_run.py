@@ -1,0 +1,146 @@
+"""``tadq bench`` end to end on a tiny model: complete, self-contained report; one row per (method, preset,
+sampler) with "not supported" rows; finished cells are skipped on a rerun and an interrupted bench resumes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tests.experiments.bench.common import ETA0, ETA1, METHODS, PRESETS, bench_config, register_fakes
+from tests.conftest import build_tiny_unet
+
+import tadq.experiments.rows.base as rows_base
+import tadq.experiments.run as run_module
+from tadq.experiments.bench import run_bench
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from diffusers import DDPMPipeline, DDPMScheduler
+
+    path = tmp_path_factory.mktemp("bench-model") / "tiny-ddpm"
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    DDPMPipeline(unet=build_tiny_unet(), scheduler=scheduler).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_dir, tmp_path_factory):
+    """One bench run shared by the tests that only read its report."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("bench") / "out"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        register_fakes(monkeypatch)
+        config = bench_config(tiny_dir, out)
+        return config, run_bench(config)
+
+
+def _counting(monkeypatch) -> dict[str, int]:
+    """Count quantizations (base-model builds) and sampling calls from here on."""
+    counts = {"quantize": 0, "sample": 0}
+    real_quantize, real_sample = rows_base.quantize, run_module.sample
+
+    def quantize(*args, **kwargs):
+        counts["quantize"] += 1
+        return real_quantize(*args, **kwargs)
+
+    def sample(*args, **kwargs):
+        counts["sample"] += 1
+        return real_sample(*args, **kwargs)
+
+    monkeypatch.setattr(rows_base, "quantize", quantize)
+    monkeypatch.setattr(run_module, "sample", sample)
+    return counts
+
+
+def test_report_files_exist_and_html_is_self_contained(bench):
+    config, _ = bench
+    out = Path(config.out_dir)
+    for name in ("report.html", "report.md", "report.json"):
+        assert (out / name).stat().st_size > 0
+    for sampler in config.samplers:
+        assert (out / sampler.key / "samples.png").is_file() and (out / sampler.key / "results.json").is_file()
+    page = (out / "report.html").read_text()
+    assert 'src="http' not in page and "<script" not in page and "<link" not in page and "url(" not in page
+    images = page.count('src="data:image/png;base64,')
+    assert images >= 2 * len(config.samplers) and images == page.count("<img")  # every image is embedded
+    assert config.command() in page and "simulation" in page and "not supported: " in page
+
+
+def test_json_has_one_row_per_method_preset_sampler(bench):
+    config, report = bench
+    rows = [r for r in report["rows"] if r["method"] != "fp"]
+    cells = {(r["method"], r["preset"], r["sampler"]) for r in rows}
+    assert len(rows) == len(cells) == len(METHODS) * len(PRESETS) * len(config.samplers)
+    assert sum(r["method"] == "fp" for r in report["rows"]) == len(config.samplers)
+    status = {(r["method"], r["preset"], r["sampler"]): r["status"] for r in rows}
+    for sampler in config.samplers:
+        for preset in PRESETS:
+            assert status[("naive", preset, sampler.key)] == "ok"
+            assert "supported presets: ['W4A8']" in status[("modelopt-w4a8-awq", preset, sampler.key)]
+            assert "PeerNotInstalled" in status[("fake-extra", preset, sampler.key)]
+            assert f"no kernel for {preset}" in status[("fake-build", preset, sampler.key)]
+    assert all(s.startswith("not supported: ") for s in status.values() if s != "ok")
+    assert json.loads((Path(config.out_dir) / "report.json").read_text())["rows"] == report["rows"]
+
+
+def test_measured_rows_carry_costs_measured_in_the_same_run(bench):
+    config, report = bench
+    for sampler in config.samplers:
+        naive = {r["preset"]: r for r in report["rows"] if r["sampler"] == sampler.key and r["method"] == "naive"}
+        fp = next(r for r in report["rows"] if r["sampler"] == sampler.key and r["method"] == "fp")
+        assert naive["W8A8"]["final_mse"] < naive["W4A4"]["final_mse"]
+        assert fp["bitops"] > naive["W8A8"]["bitops"] > naive["W4A4"]["bitops"] > 0
+        assert naive["W4A4"]["artefact_bytes"] < naive["W8A8"]["artefact_bytes"]
+        assert naive["W8A8"]["overhead"] == 1.0 and naive["W8A8"]["vs_fp"] > 0  # naive is its own base
+        assert naive["W8A8"]["setup_s"] > 0 and naive["W8A8"]["sampling_s"] > 0
+        assert naive["W8A8"]["hook_share"] == 0.0 and fp["hook_share"] is None  # no corrections / not hooked
+
+
+def test_bench_rows_equal_tadq_run_rows_and_time_the_correction_hooks(tiny_dir, tmp_path):
+    """The bench (timed hooks, own variant list) scores exactly what ``tadq run`` scores for the same config."""
+    from tadq.config import ReconstructionConfig
+
+    config = bench_config(tiny_dir, tmp_path / "bench", methods=("qdiffusion", "ptqd"), presets=("W4A8",),
+                          samplers=(ETA1,), reconstruction=ReconstructionConfig(weight_iters=4, activation_iters=2,
+                                                                                batch_size=8))
+    report = run_bench(config)
+    reference = run_module.run_main_job(dataclasses.replace(config.run_config(ETA1), out_dir=str(tmp_path / "run")))
+    keys = ("fd_digits", "agreement", "psnr", "ssim", "final_mse")
+    assert [[r[k] for k in keys] for r in report["rows"]] == [[r[k] for k in keys] for r in reference["rows"]]
+    ptqd = report["rows"][-1]
+    assert ptqd["method"] == "ptqd" and 0 < ptqd["hook_share"] < 1 and ptqd["overhead"] is not None
+
+
+def test_rerun_skips_every_finished_cell(bench, monkeypatch):
+    config, first = bench
+    register_fakes(monkeypatch)
+    counts = _counting(monkeypatch)
+    again = run_bench(config)
+    assert counts == {"quantize": 0, "sample": 0}
+    keys = ("method", "preset", "sampler", "status", "psnr", "fd_digits", "final_mse", "bitops", "artefact_bytes")
+    assert [{k: r.get(k) for k in keys} for r in again["rows"]] == [{k: r.get(k) for k in keys} for r in first["rows"]]
+
+
+def test_interrupted_bench_resumes_where_it_stopped(tiny_dir, tmp_path, monkeypatch):
+    config = bench_config(tiny_dir, tmp_path / "out", methods=("naive",), samplers=(ETA0,))
+    real_quantize = rows_base.quantize
+
+    def interrupted(model, scheduler, quant_config, **kwargs):
+        if quant_config.label == "W4A4":
+            raise KeyboardInterrupt
+        return real_quantize(model, scheduler, quant_config, **kwargs)
+
+    monkeypatch.setattr(rows_base, "quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(config)
+    assert len(list((tmp_path / "out" / ETA0.key / "cells").glob("*.pt"))) == 2  # FP and naive W8A8 kept
+    assert not (tmp_path / "out" / "report.html").exists()
+    monkeypatch.setattr(rows_base, "quantize", real_quantize)
+    counts = _counting(monkeypatch)
+    report = run_bench(config)
+    assert counts == {"quantize": 1, "sample": 1}  # only the unfinished W4A4 cell
+    assert [r["status"] for r in report["rows"]] == ["ok", "ok", "ok"]

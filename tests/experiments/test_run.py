@@ -1,0 +1,115 @@
+import json
+
+import pytest
+import torch
+
+import tadq.experiments.rows.base as run_module
+from tadq.config import CalibrationConfig
+from tadq.experiments.run import RunConfig, run_main_job
+from tadq.sampling import SamplerConfig
+
+SAMPLER = SamplerConfig(kind="ddim", num_steps=6)
+
+
+def _config(model_dir, out, **kw) -> RunConfig:
+    base = dict(model=str(model_dir), presets=("W8A8", "W4A4"), methods=("naive",), num_samples=8, sampler=SAMPLER,
+                eval_seed=1,
+                calibration=CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=3,
+                                              samples_per_step=8, seed=0, batch_size=8),
+                batch_size=8, out_dir=str(out), cache_dir=str(out / "cache"), grid_samples=8)
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_main_job_writes_a_complete_report(tmp_path, tiny_model_dir):
+    results = run_main_job(_config(tiny_model_dir, tmp_path / "report"))
+    rows = {row["bits"]: row for row in results["rows"]}
+    assert set(rows) == {"W32A32", "W8A8", "W4A4"}
+    assert rows["W32A32"]["final_mse"] == 0.0 and rows["W32A32"]["agreement"] == 1.0
+    assert rows["W8A8"]["final_mse"] < rows["W4A4"]["final_mse"]
+    assert rows["W8A8"]["psnr"] > rows["W4A4"]["psnr"]
+    for name in ("results.json", "results.md", "samples.png", "per_step_error.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    saved = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert len(saved["per_step_mse"]["naive PTQ W4A4"]) == SAMPLER.num_steps + 1
+    assert saved["fd_digits_real_vs_real"] > 0
+
+
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, monkeypatch):
+    reference = run_main_job(_config(tiny_model_dir, tmp_path / "a"))
+    real_quantize = run_module.quantize
+    calls = []
+
+    def interrupted(model, scheduler, config, **kw):
+        calls.append(config.label)
+        if config.label == "W4A4":
+            raise KeyboardInterrupt
+        return real_quantize(model, scheduler, config, **kw)
+
+    monkeypatch.setattr(run_module, "quantize", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_main_job(_config(tiny_model_dir, tmp_path / "b"))
+    assert len(list((tmp_path / "b" / "cells").glob("*.pt"))) == 2  # FP and W8A8 finished and kept
+    counted = []
+    monkeypatch.setattr(run_module, "quantize", lambda *a, **k: counted.append(1) or real_quantize(*a, **k))
+    resumed = run_main_job(_config(tiny_model_dir, tmp_path / "b"))
+    assert len(counted) == 1  # only the unfinished W4A4 cell was computed again
+    for ref_row, row in zip(reference["rows"], resumed["rows"], strict=True):
+        for key in ("fd_digits", "agreement", "psnr", "ssim", "final_mse"):
+            assert ref_row[key] == row[key]
+
+
+def test_qdiffusion_and_ptqd_rows_run_end_to_end(tmp_path, tiny_model_dir):
+    from tadq.config import ReconstructionConfig
+
+    config = _config(tiny_model_dir, tmp_path / "q", presets=("W4A8",), methods=("naive", "qdiffusion", "ptqd"),
+                     reconstruction=ReconstructionConfig(weight_iters=40, activation_iters=20, batch_size=8))
+    results = run_main_job(config)
+    rows = {row["method"]: row for row in results["rows"]}
+    assert set(rows) == {"FP", "naive PTQ", "Q-Diffusion", "Q-Diffusion + PTQD"}
+    assert rows["Q-Diffusion"]["final_mse"] > 0
+    tables = results["extras"]["Q-Diffusion + PTQD W4A8"]["ptqd_tables"]
+    assert len(tables["k"]) == SAMPLER.num_steps
+    assert (tmp_path / "q" / "ptqd_tables.png").exists()
+    assert len(list((tmp_path / "q" / "models").glob("qdiffusion-W4A8-*"))) == 1  # PTQD reused the base row's model
+
+
+def test_same_seed_same_numbers_and_disjoint_seeds_enforced(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="differ"):
+        _config(tiny_model_dir, tmp_path, eval_seed=0)
+    with pytest.raises(ValueError, match="preset"):
+        _config(tiny_model_dir, tmp_path, presets=("W3A3",))
+    with pytest.raises(ValueError, match="methods"):
+        _config(tiny_model_dir, tmp_path, methods=("magic",))
+
+
+def test_bad_model_path_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError):
+        run_main_job(_config(tmp_path / "missing", out))
+    assert not out.exists()
+
+
+def test_cells_are_bit_identical_across_runs(tmp_path, tiny_model_dir):
+    first = run_main_job(_config(tiny_model_dir, tmp_path / "x", presets=("W4A8",)))
+    second = run_main_job(_config(tiny_model_dir, tmp_path / "y", presets=("W4A8",)))
+    cells = [sorted((tmp_path / d / "cells").glob("*.pt")) for d in ("x", "y")]
+    for a, b in zip(*cells, strict=True):
+        assert torch.equal(torch.load(a)["images"], torch.load(b)["images"])
+    assert first["rows"][1]["psnr"] == second["rows"][1]["psnr"]
+
+
+def test_tac_and_tcec_rows_run_end_to_end(tmp_path, tiny_model_dir):
+    from tadq.config import ReconstructionConfig
+
+    methods = ("qdiffusion", "ibc", "ner", "tac", "tcec", "tac+tcec")
+    config = _config(tiny_model_dir, tmp_path / "t", presets=("W4A4",), methods=methods,
+                     reconstruction=ReconstructionConfig(weight_iters=20, activation_iters=10, batch_size=8))
+    results = run_main_job(config)
+    rows = {row["method"]: row for row in results["rows"]}
+    assert {"Q-Diffusion + TAC", "Q-Diffusion + TCEC", "Q-Diffusion + TAC + TCEC"} <= set(rows)
+    assert len({rows[m]["final_mse"] for m in rows if m != "FP"}) == len(methods)  # every row really differs
+    stacked = results["extras"]["Q-Diffusion + TAC + TCEC W4A4"]["correction_tables"]
+    assert set(stacked) == {"0:TAC", "1:TCEC"} and len(stacked["1:TCEC"]["k"]) == SAMPLER.num_steps
+    assert (tmp_path / "t" / "correction_tables.png").exists()
+    assert len(list((tmp_path / "t" / "models").glob("qdiffusion-W4A4-*"))) == 1  # all rows share one base model
