@@ -88,3 +88,28 @@ def test_checkpoint_of_another_run_raises(setup, tmp_path):
 def test_bad_reconstruction_config_raises(kw):
     with pytest.raises(ValueError):
         ReconstructionConfig(**kw)
+
+
+def test_checkpoint_of_other_bits_is_refused_naming_the_field(setup, tmp_path):
+    """A W4A8 checkpoint used to be accepted by a W8A8 run (its key left the bit-widths out)."""
+    model, scheduler, calib = setup
+    config = ReconstructionConfig(weight_iters=2, activation_iters=0, batch_size=16)
+    checkpoint = tmp_path / "recon.safetensors"
+    w4 = _naive(model, scheduler, calib, "W4A8")
+    reconstruct(w4.model, model, w4.adapter, calib, config, checkpoint=checkpoint, progress=False)
+    w8 = _naive(model, scheduler, calib, "W8A8")
+    with pytest.raises(ValueError, match=r"quantizers \(.*bits 4, this run 8"):
+        reconstruct(w8.model, model, w8.adapter, calib, config, checkpoint=checkpoint, progress=False)
+
+
+def test_checkpoint_is_safetensors_not_pickle(setup, tmp_path):
+    model, scheduler, calib = setup
+    checkpoint = tmp_path / "recon.pt"
+    qmodel = _naive(model, scheduler, calib, "W4A8")
+    reconstruct(qmodel.model, model, qmodel.adapter, calib,
+                ReconstructionConfig(weight_iters=2, activation_iters=0, batch_size=16), checkpoint=checkpoint,
+                progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(checkpoint), framework="pt") as handle:  # raises for a pickle
+        assert "tadq" in handle.metadata()

@@ -10,15 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from tadq.config import CalibrationConfig, config_to_dict
+from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import make_scheduler, sample
 
 __all__ = ["CalibrationSet", "collect_calibration_set", "calibration_key", "model_fingerprint", "kept_steps"]
@@ -47,27 +46,34 @@ class CalibrationSet:
     def __len__(self) -> int:
         return self.x.shape[0]
 
-    def save(self, path: str | Path) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique: runs may share a cache folder
-        tensors = {"x": self.x.contiguous(), "t": self.t, "step_index": self.step_index, "eps": self.eps.contiguous()}
-        save_file(tensors, str(tmp), metadata={"key": self.key})
-        tmp.replace(path)
+    def save(self, path: str | Path, fields: dict | None = None) -> None:
+        """Write atomically with a checksum; ``fields`` (what the key hashes) let a mismatch name the field.
+
+        Non-finite data is never cached: a NaN model would otherwise poison every later run with this key.
+        """
+        tensors = {"x": self.x, "t": self.t, "step_index": self.step_index, "eps": self.eps}
+        require_finite(tensors, "calibration data")
+        save_checked(tensors, {"kind": "tadq-calibration-cache", "key": self.key, "fields": fields or {}}, path)
 
     @classmethod
-    def load(cls, path: str | Path, expected_key: str) -> CalibrationSet:
-        """Load a cached set; ``ValueError`` if it was made for another model, scheduler or config."""
-        from safetensors import safe_open
+    def load(cls, path: str | Path, expected_key: str, fields: dict | None = None) -> CalibrationSet:
+        """Load a cached set; ``ValueError`` naming the field if it was made for another model, scheduler or config.
 
-        with safe_open(str(path), framework="pt") as handle:
-            key = (handle.metadata() or {}).get("key")
+        Damaged files (truncated, flipped bytes, an old or foreign format) raise ``DamagedFileError``.
+        """
+        tensors, meta = load_checked(path, "calibration cache")
+        key = meta.get("key") if isinstance(meta, dict) else None
         if key != expected_key:
+            saved = meta.get("fields") if isinstance(meta, dict) and isinstance(meta.get("fields"), dict) else {}
+            expected = json.loads(json.dumps(fields or {}, default=str))
+            differing = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
             raise ValueError(
-                f"calibration cache {path} does not match this model/scheduler/config "
-                f"(cache key {key}, expected {expected_key}); delete it or point --cache-dir elsewhere"
+                f"calibration cache {path} does not match this run (differs in: {', '.join(differing) or 'key'}; "
+                f"cache key {key}, expected {expected_key}); delete it or point --cache-dir elsewhere"
             )
-        tensors = load_file(str(path))
+        if set(tensors) != {"x", "t", "step_index", "eps"}:
+            raise DamagedFileError(f"calibration cache {path} holds tensors {sorted(tensors)}; delete it")
+        require_finite(tensors, f"calibration cache {path}:")
         return cls(tensors["x"], tensors["t"], tensors["step_index"], tensors["eps"], key)
 
 
@@ -81,11 +87,13 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def calibration_fields(model: nn.Module, scheduler_config: dict, config: CalibrationConfig) -> dict:
+    """What the calibration data depends on: model weights, scheduler, and the config (sampler incl. clipping)."""
+    return {"model": model_fingerprint(model), "scheduler": dict(scheduler_config), "config": config_to_dict(config)}
+
+
 def calibration_key(model: nn.Module, scheduler_config: dict, config: CalibrationConfig) -> str:
-    payload = json.dumps(
-        {"model": model_fingerprint(model), "scheduler": dict(scheduler_config), "config": config_to_dict(config)},
-        sort_keys=True, default=str,
-    )
+    payload = json.dumps(calibration_fields(model, scheduler_config, config), sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -105,7 +113,7 @@ def collect_calibration_set(
     path = Path(cache_dir) / f"calibration-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.exists():
         logger.info("using cached calibration data %s", path)
-        return CalibrationSet.load(path, key)
+        return CalibrationSet.load(path, key, calibration_fields(model, scheduler_config, config))
     scheduler = make_scheduler(scheduler_config, config.sampler)
     result = sample(
         lambda x, t: adapter.predict_eps(model, x, t), scheduler, config.sampler,
@@ -122,6 +130,7 @@ def collect_calibration_set(
         ts.append(torch.full((len(chosen),), int(trajectory.timesteps[step]), dtype=torch.long))
         steps.append(torch.full((len(chosen),), step, dtype=torch.long))
     calib = CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(steps), torch.cat(epss), key)
+    require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
     if path is not None:
-        calib.save(path)
+        calib.save(path, json.loads(json.dumps(calibration_fields(model, scheduler_config, config), default=str)))
     return calib

@@ -22,6 +22,7 @@ against the temporal features (methods.md §5 B2.5).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,7 +39,7 @@ from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
 from tadq.quant.adaround import AdaRound
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
-from tadq.utils import atomic_torch_save
+from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 
 __all__ = ["UnitReport", "attach_adaround", "bake_adaround", "quantizers_bypassed", "reconstruct", "weight_pairs",
            "with_rounding_penalty"]
@@ -190,12 +191,64 @@ def _reconstruct_activations(module: nn.Module, io: UnitIO, config: Reconstructi
             scale.grad = None
 
 
-def _run_key(config: ReconstructionConfig, calib: CalibrationSet, units: list[str], frozen: Sequence[str] = ()) -> str:
-    fields = {"config": config_to_dict(config), "calibration": calib.key, "units": units}
-    if frozen:  # only then: keys of runs without frozen layers stay what they were
+def _quantizer_schemes(qmodel: nn.Module) -> dict[str, dict]:
+    """Every enabled quantizer's scheme (bits, granularity, symmetry, range method): what the run quantizes how."""
+    return {name: {"kind": module.kind, **dataclasses.asdict(module.scheme)} for name, module in qmodel.named_modules()
+            if isinstance(module, Quantizer) and module.enabled}
+
+
+def _run_fields(qmodel: nn.Module, fp_model: nn.Module, config: ReconstructionConfig, calib: CalibrationSet,
+                units: list[str], frozen: Sequence[str] = ()) -> dict:
+    """Everything the reconstructed model depends on; a checkpoint is resumed only if all of it matches."""
+    from tadq.calibration.data import model_fingerprint
+
+    fields = {"config": config_to_dict(config), "calibration": calib.key, "units": units,
+              "quantizers": _quantizer_schemes(qmodel), "fp_model": model_fingerprint(fp_model)}
+    if frozen:
         fields["frozen"] = sorted(frozen)
+    return fields
+
+
+def _run_key(fields: dict) -> str:
     payload = json.dumps(fields, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def _first_difference(saved: dict, expected: dict) -> str:
+    """'quantizers (conv1.weight_quantizer: bits 4, this run 8)'-style name of the first field that differs."""
+    for name in sorted(set(saved) | set(expected)):
+        if saved.get(name) == expected.get(name):
+            continue
+        old, new = saved.get(name), expected.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            for inner in sorted(set(old) | set(new)):
+                if old.get(inner) != new.get(inner):
+                    a, b = old.get(inner), new.get(inner)
+                    if isinstance(a, dict) and isinstance(b, dict):
+                        detail = ", ".join(f"{k} {a.get(k)!r}, this run {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                                           if a.get(k) != b.get(k))
+                        return f"{name} ({inner}: {detail})"
+                    return f"{name} ({inner}: {a!r}, this run {b!r})"
+        return f"{name} ({str(old)[:60]!s}, this run {str(new)[:60]!s})"
+    return "unknown field"
+
+
+def _load_checkpoint(checkpoint: Path, fields: dict, plan_length: int) -> tuple[dict[str, Tensor], int, list[UnitReport]]:
+    """(model state, steps done, reports) of a checkpoint written by this run's settings; raises naming the field."""
+    state, meta = load_checked(checkpoint, "reconstruction checkpoint")
+    if not isinstance(meta, dict) or meta.get("kind") != "tadq-reconstruction-checkpoint":
+        raise DamagedFileError(f"reconstruction checkpoint {checkpoint} is another kind of tadq file; delete it")
+    if meta.get("key") != _run_key(fields) or meta.get("fields") != json.loads(json.dumps(fields)):
+        saved = meta.get("fields") if isinstance(meta.get("fields"), dict) else {}
+        raise ValueError(f"reconstruction checkpoint {checkpoint} belongs to another run: "
+                         f"{_first_difference(saved, json.loads(json.dumps(fields)))} differs; delete it to restart "
+                         "or pass another --checkpoint")
+    done, reports = meta.get("done"), meta.get("reports")
+    if not (isinstance(done, int) and 0 <= done <= plan_length and isinstance(reports, list)
+            and len(reports) == done):
+        raise DamagedFileError(f"reconstruction checkpoint {checkpoint} has inconsistent progress fields; delete it")
+    require_finite(state, f"reconstruction checkpoint {checkpoint}:")
+    return state, done, [UnitReport(**r) for r in reports]
 
 
 def reconstruct(
@@ -224,15 +277,19 @@ def _reconstruct_units(
 ) -> list[UnitReport]:
     units = [u for u in adapter.blocks(qmodel) if weight_pairs(qmodel.get_submodule(u))
              or _unit_activation_quantizers(qmodel.get_submodule(u))]
-    key = _run_key(config, calib, units, frozen)
+    fields = _run_fields(qmodel, fp_model, config, calib, units, frozen)
+    key = _run_key(fields)
+    has_activations = any(_unit_activation_quantizers(qmodel.get_submodule(u)) for u in units)
+    plan = [("weights", u) for u in units] + ([("activations", u) for u in units] if has_activations else [])
     done, reports = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["key"] != key:
-            raise ValueError(f"reconstruction checkpoint {checkpoint} belongs to another run; delete it to restart")
-        qmodel.load_state_dict(state["model"])
-        done, reports = state["done"], [UnitReport(**r) for r in state["reports"]]
-        logger.info("resuming reconstruction after %d of %d steps", done, 2 * len(units))
+        state, done, reports = _load_checkpoint(Path(checkpoint), fields, len(plan))
+        try:
+            qmodel.load_state_dict(state)
+        except RuntimeError as error:
+            raise DamagedFileError(f"reconstruction checkpoint {checkpoint} does not fit this model "
+                                   f"({str(error).splitlines()[0][:120]}); delete it") from error
+        logger.info("resuming reconstruction after %d of %d steps", done, len(plan))
 
     def fp_call(x: Tensor, t: Tensor) -> Tensor:
         return adapter.predict_eps(fp_model, x, t)
@@ -240,8 +297,6 @@ def _reconstruct_units(
     def q_call(x: Tensor, t: Tensor) -> Tensor:
         return adapter.predict_eps(qmodel, x, t)
 
-    has_activations = any(_unit_activation_quantizers(qmodel.get_submodule(u)) for u in units)
-    plan = [("weights", u) for u in units] + ([("activations", u) for u in units] if has_activations else [])
     bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
     for position, (phase, unit) in enumerate(plan):
         if position < done:
@@ -279,8 +334,9 @@ def _reconstruct_units(
         reports.append(UnitReport(unit, phase, before, after))
         del io, target
         if checkpoint is not None:
-            atomic_torch_save({"key": key, "done": position + 1, "model": qmodel.state_dict(),
-                               "reports": [r.__dict__ for r in reports]}, checkpoint)
+            save_checked(qmodel.state_dict(), {"kind": "tadq-reconstruction-checkpoint", "key": key, "fields": fields,
+                                               "done": position + 1, "reports": [r.__dict__ for r in reports]},
+                         checkpoint)
         bar.update(1)
     bar.close()
     return reports
