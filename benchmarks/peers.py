@@ -1,6 +1,7 @@
 """Side by side with the maintained tools users would pick: optimum-quanto, NVIDIA ModelOpt, torchao vs tadq.
 
-Every row goes through ``tadq.experiments.run.run_main_job`` (the rows of ``tadq.experiments.rows.peers`` beside tadq's own), so all
+Every row goes through ``tadq.experiments.run.run_main_job`` (the rows of ``tadq.experiments.rows.peers`` beside
+tadq's own), so all
 share the shipped model, the FP-trajectory calibration inputs (seed 0), the evaluation noise (seed 1000), the
 sampler and the metrics. One main job per preset (a tool row exists only at the presets the tool can map onto),
 merged into one table: ``OUT/results.md`` / ``OUT/results.json`` (per-preset reports and grids in ``OUT/<preset>``).
@@ -23,9 +24,9 @@ from typing import Any
 
 from common import add_common_flags
 
-from tadq.report import markdown_table
 from tadq.experiments.rows.peers import PEERS, supported_presets
 from tadq.experiments.run import RunConfig, run_main_job
+from tadq.report import markdown_table
 
 DEFAULT_METHODS = ("qdiffusion", *PEERS, "naive")  # naive PTQ last: the like-for-like of the calibrate-only peers
 

@@ -20,9 +20,9 @@ from pathlib import Path
 from common import add_common_flags, main_run_setup, write_rows
 
 from tadq.api import sample
-from tadq.experiments.bench.measure import HookClock, TimedHook
 from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
 from tadq.corrections.attach import fit_corrections
+from tadq.experiments.bench.measure import HookClock, TimedHook
 from tadq.experiments.rows import method_config
 
 STACKS = {

@@ -19,9 +19,9 @@ from tadq.api import sample
 from tadq.corrections import CorrectionStack, TACConfig, fit_stack
 from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
 from tadq.corrections.sequential import paired_final_error
+from tadq.experiments.rows import method_config
 from tadq.metrics import per_step_mse
 from tadq.registry import correction_for
-from tadq.experiments.rows import method_config
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from common import add_common_flags, main_run_setup, write_rows
 from tadq.api import sample
 from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
 from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
+from tadq.experiments.rows import method_config
 from tadq.metrics import per_step_mse, psnr_per_sample
 from tadq.registry import correction_for
-from tadq.experiments.rows import method_config
 
 # Every field that was ever a default is spelled out, so a name keeps meaning the same configuration.
 CH, FULL = {"ibc_resolution": "channel"}, {"ibc_resolution": "full"}

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from tadq.config import CalibrationConfig
+from tadq.experiments.run import RunConfig, run_main_job
 from tadq.metrics import load_digit_classifier, predicted_labels
 from tadq.models import load_pipeline_parts
-from tadq.experiments.run import RunConfig, run_main_job
 from tadq.sampling import SamplerConfig
 
 

@@ -1,7 +1,10 @@
 """tadq: Timestep-Aware Diffusion Quantization."""
 
-__version__ = "0.1.0"  # before the imports: artefact writers read it through tadq.utils.library_versions
-
+# The built-in adapters, corrections and TFMQ register themselves in tadq.registry (a leaf) when imported.
+import tadq.adapters  # noqa: F401,I001
+import tadq.corrections  # noqa: F401
+import tadq.tfmq  # noqa: F401
+from tadq._version import __version__
 from tadq.api import quantize, sample
 from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
 from tadq.denoiser import QuantizedDenoiser

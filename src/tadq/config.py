@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import QScheme, preset
+from tadq.registry import register_config_type, registered_config_types
 from tadq.sampling import SamplerConfig
 
 __all__ = [
@@ -183,29 +184,9 @@ class QuantConfig:
         return f"W{w}A{a}"
 
 
-_CONFIG_TYPES: dict[str, type] = {
-    "QuantConfig": QuantConfig, "CalibrationConfig": CalibrationConfig, "QScheme": QScheme,
-    "SamplerConfig": SamplerConfig, "ReconstructionConfig": ReconstructionConfig,
-}
-
-
-def register_config_type(cls: type) -> type:
-    """Class decorator: make a frozen config dataclass serialisable by ``config_to_dict``/``config_from_dict``.
-
-    Method folders (e.g. ``tadq.corrections.ptqd``) register their own configs, so this module never imports them.
-
-    Raises:
-        TypeError: ``cls`` is not a dataclass.
-        ValueError: another class is already registered under the same name.
-    """
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        raise TypeError(f"register_config_type takes a dataclass type, got {cls!r}")
-    known = _CONFIG_TYPES.get(cls.__name__)
-    if known is not None and known is not cls:
-        raise ValueError(f"a different config class is already registered as {cls.__name__!r} ({known.__module__}); "
-                         "rename one of them")
-    _CONFIG_TYPES[cls.__name__] = cls
-    return cls
+_CONFIG_TYPES = registered_config_types()
+for _config_type in (QuantConfig, CalibrationConfig, QScheme, SamplerConfig, ReconstructionConfig):
+    register_config_type(_config_type)
 
 
 def _encode(value: Any) -> Any:

@@ -12,7 +12,7 @@ from tadq.corrections.stack import CorrectionStack
 from tadq.quant.convert import LayerPlan
 
 if TYPE_CHECKING:
-    from tadq.io import ArtefactSize
+    from tadq.io.save import ArtefactSize
 
 __all__ = ["QuantizedDenoiser"]
 
@@ -61,6 +61,6 @@ class QuantizedDenoiser(nn.Module):
 
         Pass the model's training scheduler so ``tadq.load`` can return it for sampling.
         """
-        from tadq.io import save_quantized  # tadq.io imports this module
+        from tadq.io.save import save_quantized  # the writer does not import this module (the reader does)
 
         return save_quantized(self, directory, scheduler, overwrite=overwrite)

@@ -1,7 +1,13 @@
-"""Registries: model class → adapter, correction config type → correction class. No if-chains."""
+"""Registries: model class → adapter, correction config type → correction class, config name → config type.
+
+A leaf module: it imports nothing from tadq, so every part of the package can register itself here without an
+import cycle. The built-in adapters, corrections and configs register when ``tadq`` is imported
+(``tadq/__init__.py`` imports them).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -9,12 +15,37 @@ from torch import nn
 
 __all__ = [
     "register_adapter", "adapter_for", "registered_adapters", "register_correction", "correction_for",
-    "registered_corrections",
+    "registered_corrections", "register_config_type", "registered_config_types",
 ]
 
 T = TypeVar("T")
 _ADAPTERS: dict[type[nn.Module], type] = {}
 _CORRECTIONS: dict[type, type] = {}
+_CONFIG_TYPES: dict[str, type] = {}
+
+
+def register_config_type(cls: type) -> type:
+    """Class decorator: make a frozen config dataclass serialisable by ``tadq.config.config_to_dict``/``_from_dict``.
+
+    Method folders (e.g. ``tadq.corrections.ptqd``) register their own configs, so ``tadq.config`` never imports them.
+
+    Raises:
+        TypeError: ``cls`` is not a dataclass.
+        ValueError: another class is already registered under the same name.
+    """
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        raise TypeError(f"register_config_type takes a dataclass type, got {cls!r}")
+    known = _CONFIG_TYPES.get(cls.__name__)
+    if known is not None and known is not cls:
+        raise ValueError(f"a different config class is already registered as {cls.__name__!r} ({known.__module__}); "
+                         "rename one of them")
+    _CONFIG_TYPES[cls.__name__] = cls
+    return cls
+
+
+def registered_config_types() -> dict[str, type]:
+    """Config name → config class, for every registered config (the live table: ``config_from_dict`` reads it)."""
+    return _CONFIG_TYPES
 
 
 def register_adapter(model_class: type[nn.Module]) -> Callable[[type[T]], type[T]]:
@@ -33,8 +64,6 @@ def registered_adapters() -> dict[type[nn.Module], type]:
 
 def adapter_for(model: nn.Module):
     """The adapter instance for ``model``; raises ``TypeError`` listing supported classes otherwise."""
-    import tadq.adapters  # noqa: F401  (registers the built-in adapters)
-
     for klass in type(model).__mro__:
         if klass in _ADAPTERS:
             return _ADAPTERS[klass]()
@@ -48,11 +77,9 @@ def adapter_for(model: nn.Module):
 def register_correction(config_type: type) -> Callable[[type[T]], type[T]]:
     """Class decorator: build the decorated ``Correction`` for configs of ``config_type`` (architecture.md §5).
 
-    The config type is also registered with ``tadq.config.register_config_type`` so stacks save as JSON, and the
+    The config type is also registered with ``register_config_type`` so stacks save as JSON, and the
     correction class gets ``config_type`` as a class attribute.
     """
-    from tadq.config import register_config_type  # tadq.config imports the adapters, which import this module
-
     register_config_type(config_type)
 
     def decorate(correction_class: type[T]) -> type[T]:
@@ -68,8 +95,6 @@ def register_correction(config_type: type) -> Callable[[type[T]], type[T]]:
 
 def registered_corrections() -> dict[type, type]:
     """Config type → correction class for every registered correction (built-in ones included)."""
-    import tadq.corrections  # noqa: F401  (registers the built-in corrections)
-
     return dict(_CORRECTIONS)
 
 

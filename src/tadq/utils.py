@@ -46,7 +46,7 @@ def library_versions() -> dict[str, str]:
     """Versions that decide numerics, recorded beside every artefact tadq writes."""
     import diffusers
 
-    from tadq import __version__
+    from tadq._version import __version__
 
     return {
         "tadq": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,

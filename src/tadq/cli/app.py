@@ -39,7 +39,7 @@ def run_command(
     model: Path | None = typer.Option(None, help="Local diffusers model folder (default: the shipped digits DDPM)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
-                                help="Comma-separated methods registered in tadq.experiments.rows (naive, qdiffusion, ptqd, …)."),
+                                help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …)."),
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000)."),
     sampler: str = typer.Option("ddim", help="Sampler kind: ddim or ddpm."),
@@ -57,8 +57,8 @@ def run_command(
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
     from tadq.config import CalibrationConfig, ReconstructionConfig
-    from tadq.report.tables import COLUMNS, format_cell
     from tadq.experiments.run import RunConfig, run_main_job
+    from tadq.report.tables import COLUMNS, format_cell
     from tadq.sampling import SamplerConfig
 
     setup(verbose, threads, device)

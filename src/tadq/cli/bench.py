@@ -29,7 +29,7 @@ def _reconstruction(iters: int | None, activation_iters: int | None, batch_size:
 def bench_command(
     model: Annotated[Path | None, typer.Option(help="Local diffusers model folder (default: the shipped DDPM).")
                      ] = None,
-    methods: Annotated[str | None, typer.Option(help="Comma-separated tadq.experiments.rows methods (default: the matrix's).")
+    methods: Annotated[str | None, typer.Option(help="Comma-separated rows (default: the matrix's).")
                        ] = None,
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16.")] = None,
     samplers: Annotated[str | None, typer.Option(
@@ -58,8 +58,8 @@ def bench_command(
     verbose: Verbose = False,
 ) -> None:
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
-    from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
     from tadq.config import CalibrationConfig
+    from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
 
     setup(verbose, threads, device)
     with fail_cleanly():

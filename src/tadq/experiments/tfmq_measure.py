@@ -1,8 +1,11 @@
 """Measurements behind ``README.md`` that ``tadq run`` does not print: temporal-feature cosines and calibration time.
 
-    python -m tadq.experiments.tfmq_measure cosines MODEL_DIR [MODEL_DIR ...]   mean/min cosine of the temporal features to FP
-    python -m tadq.experiments.tfmq_measure timing                               Q-Diffusion vs TFMQ-DM quantize time, W4A8
-    python -m tadq.experiments.tfmq_measure paired RUN_DIR [REFERENCE_ROW]       per-sample PSNR difference from one row, 95 %
+    python -m tadq.experiments.tfmq_measure cosines MODEL_DIR [MODEL_DIR ...]
+        mean/min cosine of the temporal features to FP
+    python -m tadq.experiments.tfmq_measure timing
+        Q-Diffusion vs TFMQ-DM quantize time, W4A8
+    python -m tadq.experiments.tfmq_measure paired RUN_DIR [REFERENCE_ROW]
+        per-sample PSNR difference from one row, 95 %
 
 Both use the shipped model, DDIM 50 (η = 0) and the main job's default configs, one thread.
 """
@@ -23,11 +26,11 @@ __all__ = ["temporal_cosines", "calibration_times", "paired_psnr"]
 def temporal_cosines(model_dirs: list[str]) -> dict[str, dict[str, float]]:
     """Per saved quantized model: mean and min cosine of its 11 temporal features to FP over the grid (weights
     only: activation quantizers bypassed, so the comparison is about the TIB's rounding)."""
+    from tadq.experiments.run import RunConfig
     from tadq.io import load_quantized
     from tadq.models import load_pipeline_parts
     from tadq.quant.quantizer import quantizers_bypassed
     from tadq.registry import adapter_for
-    from tadq.experiments.run import RunConfig
     from tadq.tfmq import TemporalInformationBlock, deployment_grid
     from tadq.tfmq.tiar import feature_disturbance
 
@@ -57,11 +60,11 @@ def calibration_times(preset: str = "W4A8") -> dict[str, tuple[float, float]]:
     import tadq
     from tadq.api import build_quantized_structure
     from tadq.calibration import collect_calibration_set
-    from tadq.models import load_pipeline_parts
-    from tadq.registry import adapter_for
     from tadq.experiments.rows import method_config
     from tadq.experiments.rows.tfmq import tfmq_config
     from tadq.experiments.run import RunConfig
+    from tadq.models import load_pipeline_parts
+    from tadq.registry import adapter_for
     from tadq.tfmq import TemporalInformationBlock, apply_tfmq, deployment_grid, grid_inputs, quantize_tfmq
     from tadq.tfmq.tiar import reconstruct_tib
 
@@ -90,9 +93,10 @@ def paired_psnr(run_dir: str, reference: str = "Q-Diffusion") -> dict[str, dict[
     the same noise with a 95 % interval (1.96 standard errors), from the saved cells."""
     from pathlib import Path
 
+    from tadq.experiments.run import CELL_SUFFIX, load_cell
     from tadq.metrics import psnr_per_sample
 
-    cells = [torch.load(path, weights_only=False) for path in sorted(Path(run_dir, "cells").glob("*.pt"))]
+    cells = [load_cell(path) for path in sorted(Path(run_dir, "cells").glob(f"*{CELL_SUFFIX}"))]
     fp = next(cell for cell in cells if cell["name"] == "FP")
     psnr = {cell["name"]: psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1))
             for cell in cells if cell is not fp and cell["images"].shape == fp["images"].shape}

@@ -18,13 +18,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tadq.api import build_quantized_structure, calibrate_activations
 from tadq.calibration import activation_quantizers, collect_calibration_set
 from tadq.calibration.data import CalibrationSet
 from tadq.calibration.reconstruction import reconstruct
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.corrections.stack import CorrectionStack
 from tadq.denoiser import QuantizedDenoiser
+from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
 from tadq.tfmq.cache import dequantize_cache, disturbance, quantize_cache

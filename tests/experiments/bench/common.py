@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 import tadq.experiments.rows.base as rows_base
-from tadq.experiments.bench import BenchConfig
 from tadq.config import CalibrationConfig
+from tadq.experiments.bench import BenchConfig
 from tadq.experiments.peers.base import PeerNotInstalled
 from tadq.experiments.rows import Variant
 from tadq.sampling import SamplerConfig

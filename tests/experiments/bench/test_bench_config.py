@@ -8,9 +8,9 @@ import shlex
 import pytest
 from typer.testing import CliRunner
 
+from tadq.cli.app import app
 from tadq.experiments.bench import BEST_STACK, BenchConfig, default_methods, matrix, parse_sampler, quick_methods
 from tadq.experiments.bench.config import sampler_name
-from tadq.cli.app import app
 from tadq.experiments.rows import method_names
 from tadq.experiments.rows.peers import PEERS
 from tadq.sampling import SamplerConfig

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.experiments.bench.common import ETA0, ETA1, METHODS, PRESETS, bench_config, register_fakes
 from tests.conftest import build_tiny_unet
+from tests.experiments.bench.common import ETA0, ETA1, METHODS, PRESETS, bench_config, register_fakes
 
 import tadq.experiments.rows.base as rows_base
 import tadq.experiments.run as run_module

@@ -38,7 +38,7 @@ print(json.dumps([baseline, peers()]))
 
 
 def test_importing_rows_imports_no_peer_library():
-    # diffusers itself imports torchao when it is installed; tadq.experiments.rows must add nothing to that (one subprocess)
+    # diffusers itself imports torchao when installed; tadq.experiments.rows must add nothing to that (one subprocess)
     done = subprocess.run([sys.executable, "-c", _SCRIPT.format(prefixes=PEER_MODULES)], capture_output=True,
                           text=True, timeout=300, check=True)
     baseline, with_rows = (set(names) for names in json.loads(done.stdout.strip().splitlines()[-1]))

@@ -1,6 +1,7 @@
 """What ``tadq bench`` measures: a matrix of methods × presets × samplers, as one frozen, validated config.
 
-The bench is the main job (``tadq.experiments.run``) repeated per sampler, so most fields map onto ``RunConfig``; the matrix
+The bench is the main job (``tadq.experiments.run``) repeated per sampler, so most fields map onto ``RunConfig``;
+the matrix
 itself (which methods, presets and samplers) is named here, with a full default and a ``quick`` one that finishes
 on a 2-core CPU in well under an hour when the base models are already on disk.
 """
@@ -14,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tadq.config import CalibrationConfig, ReconstructionConfig
-from tadq.quant.qscheme import preset
 from tadq.experiments.rows import method_names
 from tadq.experiments.run import RunConfig
+from tadq.quant.qscheme import preset
 from tadq.sampling import SamplerConfig
 
 __all__ = ["BEST_STACK", "BenchConfig", "default_methods", "matrix", "parse_sampler", "quick_methods",
@@ -73,7 +74,7 @@ class BenchConfig:
 
     Args:
         model: a local diffusers folder, or ``None`` for the shipped digits DDPM.
-        methods: method names of the ``tadq.experiments.rows`` registry (default: the full matrix, ``default_methods()``).
+        methods: row names of ``tadq.experiments.rows`` (default: the full matrix, ``default_methods()``).
         presets: quantization presets (each method gets one row per preset, or a "not supported" row).
         samplers: deployment samplers; each gets its own calibration data, base models and table.
         num_samples: samples per row (FD-digits needs about 1000; PSNR/SSIM vs FP far fewer).

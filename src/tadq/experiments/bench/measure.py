@@ -17,8 +17,8 @@ from torch import nn
 
 from tadq.corrections.ptqd.bitops import FP_BITS, bit_operations
 from tadq.denoiser import QuantizedDenoiser
-from tadq.io import save_quantized
 from tadq.experiments.rows import Variant
+from tadq.io import save_quantized
 
 __all__ = ["HookClock", "TimedHook", "cost_measures", "measured"]
 

@@ -8,10 +8,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tadq.config import config_to_dict
 from tadq.experiments.bench import html
 from tadq.experiments.bench.config import BenchConfig
 from tadq.experiments.bench.rows import HEADLINE_COLUMNS, bench_rows, format_value, peer_verdicts
-from tadq.config import config_to_dict
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 

@@ -16,21 +16,21 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.experiments.bench.config import BenchConfig
 from tadq.experiments.bench.measure import measured
 from tadq.experiments.bench.report import write_bench_report
-from tadq.calibration import collect_calibration_set, model_fingerprint
+from tadq.experiments.rows import BaseModels, Variant, row_for
+from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, run_cell, write_report
 from tadq.models import load_pipeline_parts
 from tadq.registry import adapter_for
-from tadq.experiments.rows import BaseModels, Variant, row_for
-from tadq.experiments.run import RunConfig, cell_key, run_cell, write_report
 from tadq.sampling import SamplerConfig
 
 __all__ = ["Unsupported", "UNSUPPORTED_ERRORS", "run_bench", "run_sampler"]
 
 logger = logging.getLogger(__name__)
 
-# what a method raises for a preset it has no setting for (ValueError, e.g. tadq.experiments.peers.UnsupportedPreset), for an
+# what a method raises for a preset it has no setting for (ValueError, e.g. peers.UnsupportedPreset), for an
 # optional extra that is not installed (ImportError, e.g. PeerNotInstalled), or for a path it does not implement
 UNSUPPORTED_ERRORS = (ValueError, ImportError, NotImplementedError)
 
@@ -92,7 +92,7 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
             continue
         variant = measured(variant, scheduler)
         key = cell_key(fingerprint, config, variant)
-        path = out / "cells" / f"{_slug(method)}-{preset}-{key}.pt"
+        path = out / "cells" / f"{_slug(method)}-{preset}-{key}{CELL_SUFFIX}"
         logger.info("%s [%d/%d] %s %s", sampler.key, number, len(planned), variant.name, variant.bits)
         try:
             cell = run_cell(model, scheduler, config, variant, path, key)

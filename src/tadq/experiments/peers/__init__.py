@@ -6,7 +6,13 @@ preset/config, batch_size) -> nn.Module`` returning a quantized deep copy. The t
 ``peer_report(qmodel)`` tells what a tool actually quantized. Rows of ``tadq run``: ``tadq.experiments.rows.peers``.
 """
 
-from tadq.experiments.peers.base import PeerNotInstalled, PeerReport, UnsupportedPreset, calibration_batches, peer_report
+from tadq.experiments.peers.base import (
+           PeerNotInstalled,
+           PeerReport,
+           UnsupportedPreset,
+           calibration_batches,
+           peer_report,
+)
 from tadq.experiments.peers.modelopt import quantize_modelopt
 from tadq.experiments.peers.quanto import quantize_quanto
 from tadq.experiments.peers.torchao import quantize_torchao

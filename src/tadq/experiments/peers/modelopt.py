@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from tadq.experiments.peers.base import PeerReport, UnsupportedPreset, attach_report, calibration_batches, layer_counts, require
+from tadq.experiments.peers.base import (
+    PeerReport,
+    UnsupportedPreset,
+    attach_report,
+    calibration_batches,
+    layer_counts,
+    require,
+)
 from tadq.experiments.peers.base import tool_version as _version
 
 if TYPE_CHECKING:

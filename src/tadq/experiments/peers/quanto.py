@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tadq.experiments.peers.base import PeerReport, UnsupportedPreset, attach_report, calibration_batches, layer_counts, require
+from tadq.experiments.peers.base import (
+    PeerReport,
+    UnsupportedPreset,
+    attach_report,
+    calibration_batches,
+    layer_counts,
+    require,
+)
 from tadq.experiments.peers.base import tool_version as _version
 
 if TYPE_CHECKING:
@@ -42,7 +49,7 @@ def quanto_setting(preset: str) -> tuple[str, str | None]:
 def quantize_quanto(model: nn.Module, calibration_set: CalibrationSet | None, preset: str = "W8A8",
                     batch_size: int = 128, *, momentum: float = 0.9) -> nn.Module:
     """A quanto-quantized deep copy of ``model`` (the FP model is untouched), activations calibrated with
-    quanto's own ``Calibration`` on ``calibration_set``; ``tadq.experiments.peers.peer_report`` tells what was quantized."""
+    quanto's own ``Calibration`` on ``calibration_set``; ``peers.peer_report`` tells what was quantized."""
     from tadq.registry import adapter_for
 
     weights, activations = quanto_setting(preset)

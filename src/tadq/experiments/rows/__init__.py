@@ -6,7 +6,15 @@ from tadq.experiments.rows import (
     sampler_corrections,  # noqa: F401  (registers ibc, ner, tac, tcec, tac+tcec)
     tfmq,  # noqa: F401  (registers the TFMQ-DM rows: tfmq, tfmq-cache, tfmq+ptqd, ablations)
 )
-from tadq.experiments.rows.base import BaseModels, MethodBuilder, Variant, method_label, method_names, register_method, row_for
+from tadq.experiments.rows.base import (
+    BaseModels,
+    MethodBuilder,
+    Variant,
+    method_label,
+    method_names,
+    register_method,
+    row_for,
+)
 from tadq.experiments.rows.builtin import method_config
 
 __all__ = ["BaseModels", "MethodBuilder", "Variant", "method_config", "method_label", "method_names",

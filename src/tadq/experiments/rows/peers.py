@@ -1,4 +1,4 @@
-"""Rows of the maintained tools users would pick (``tadq.experiments.peers``), measured in the same table as tadq's rows.
+"""Rows of the maintained tools users would pick (``tadq.experiments.peers``), in the same table as tadq's rows.
 
 Each method maps a tadq preset onto the tool's nearest setting and raises ``UnsupportedPreset`` (a ``ValueError``
 naming what the tool supports) when it has none, before anything is sampled. The tools are imported only when a

@@ -1,0 +1,159 @@
+"""Load a quantized denoiser saved by ``tadq.io.save``: rebuild the structure ``quantize`` built, then set each
+quantized weight to Δ·(codes − z) (bit-identical outputs to the saved model)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from diffusers import SchedulerMixin
+from safetensors import safe_open
+from torch import nn
+
+from tadq.config import config_from_dict
+from tadq.corrections.io import load_corrections
+from tadq.denoiser import QuantizedDenoiser
+from tadq.io.save import (
+    CODES_SUFFIX,
+    CONFIG_FILE,
+    FORMAT_VERSION,
+    QUANT_MAP_FILE,
+    WEIGHTS_FILE,
+    _covered_keys,
+    _network_state,
+    _weight_entries,
+    _WeightEntry,
+    unpack_codes,
+)
+from tadq.prepare import build_quantized_structure
+from tadq.utils import library_versions
+
+__all__ = ["load_quantized", "is_quantized_artefact"]
+
+logger = logging.getLogger(__name__)
+
+
+def is_quantized_artefact(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tadq artefact (as opposed to a plain diffusers model folder)."""
+    return (Path(directory) / CONFIG_FILE).is_file()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"quantized model folder {path} does not exist")
+    if not is_quantized_artefact(path):
+        raise ValueError(f"{path} is not a tadq artefact ({CONFIG_FILE} is missing): write one with `tadq quantize "
+                         "--out` or QuantizedDenoiser.save_pretrained; load FP folders with tadq.models")
+    meta = json.loads((path / CONFIG_FILE).read_text())
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ValueError(f"{path} uses artefact format {version!r}, newer than this tadq reads ({FORMAT_VERSION}); "
+                         "upgrade tadq to load it")
+    if meta.get("versions", {}).get("tadq") != library_versions()["tadq"]:
+        logger.warning("%s was written by tadq %s (this is %s)", path, meta.get("versions", {}).get("tadq"),
+                       library_versions()["tadq"])
+    return meta
+
+
+def _build_fp_model(folder: Path) -> nn.Module:
+    from tadq.models import SUPPORTED_MODEL_CLASSES
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder / 'config.json'} is missing: the artefact is incomplete, save it again")
+    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    if class_name not in SUPPORTED_MODEL_CLASSES:
+        raise ValueError(f"{folder} holds a {class_name!r}; supported: {sorted(SUPPORTED_MODEL_CLASSES)}")
+    klass = SUPPORTED_MODEL_CLASSES[class_name]
+    return klass.from_config(klass.load_config(folder)).eval()
+
+
+def _load_scheduler(path: Path) -> SchedulerMixin | None:
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        logger.warning("%s has no scheduler; pass the model's training scheduler to tadq.sample yourself", path)
+        return None
+    config = json.loads(config_file.read_text())
+    klass = getattr(diffusers, str(config.get("_class_name")), None)
+    if not (isinstance(klass, type) and issubclass(klass, SchedulerMixin)):
+        raise ValueError(f"{config_file} names an unknown scheduler class {config.get('_class_name')!r}")
+    return klass.from_config(config)
+
+
+def _owner(qmodel: nn.Module, key: str, entries: dict[str, _WeightEntry]) -> str:
+    """'<module> (<class>)' that expects a state or codes key, for error messages."""
+    if key.endswith(CODES_SUFFIX):
+        name = entries[key[: -len(CODES_SUFFIX)]].module
+    else:
+        name = key.rpartition(".")[0]
+    return f"{name or '<root>'} ({type(qmodel.get_submodule(name)).__name__})"
+
+
+@torch.no_grad()
+def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
+    """Load FP tensors and quantizer state, then set every quantized weight to Δ·(codes − z)."""
+    entries = _weight_entries(qmodel)
+    state = _network_state(qmodel)
+    float_keys = set(state) - _covered_keys(state, entries)
+    expected = float_keys | {key + CODES_SUFFIX for key in entries}
+    with safe_open(str(file), framework="pt") as handle:
+        stored = set(handle.keys())
+        missing = sorted(expected - stored)
+        if missing:
+            more = f" (and {len(missing) - 1} more keys)" if len(missing) > 1 else ""
+            raise ValueError(f"{file.name} lacks {missing[0]!r}, expected by module "
+                             f"{_owner(qmodel, missing[0], entries)}{more}; the artefact is incomplete or was saved "
+                             "with another structure: save it again")
+        unexpected = sorted(stored - expected)
+        if unexpected:
+            raise ValueError(f"{file.name} has keys this structure does not expect, e.g. {unexpected[:3]}; it was "
+                             "saved by a tadq with another layer structure: save it again with this version")
+        codes_info = json.loads((handle.metadata() or {}).get("tadq_codes", "{}"))
+        try:
+            qmodel.load_state_dict({key: handle.get_tensor(key) for key in float_keys}, strict=False)
+        except RuntimeError as error:
+            raise ValueError(f"{file.name} does not fit the rebuilt model: {error}") from error
+        for key, entry in entries.items():
+            scheme, shape = entry.quantizer.scheme, tuple(entry.tensor.shape)
+            info = codes_info.get(key, {})
+            if (info.get("bits"), info.get("qmin"), tuple(info.get("shape", ()))) != (scheme.bits, scheme.qmin, shape):
+                raise ValueError(f"codes of {key!r} were saved as {info}, but the rebuilt layer expects "
+                                 f"{scheme.bits} bits, qmin {scheme.qmin}, shape {list(shape)}: save it again")
+            codes = unpack_codes(handle.get_tensor(key + CODES_SUFFIX), scheme.bits, scheme.qmin, shape)
+            scale = entry.quantizer._broadcast(entry.quantizer.scale, entry.tensor)
+            zero_point = entry.quantizer._broadcast(entry.quantizer.zero_point, entry.tensor)
+            entry.tensor.copy_((codes - zero_point) * scale)
+
+
+def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerMixin | None]:
+    """(quantized denoiser, training scheduler or ``None``) from a folder written by ``save_quantized``.
+
+    Raises:
+        FileNotFoundError: the folder (or its denoiser config) does not exist.
+        ValueError: not a tadq artefact, a newer format, or keys missing / not matching the rebuilt structure.
+    """
+    path = Path(directory)
+    meta = _read_meta(path)
+    config = config_from_dict(meta["quant_config"])
+    model = _build_fp_model(path / meta.get("denoiser_folder", "unet"))
+    qmodel = build_quantized_structure(model, config, init_weight_range=False)
+    for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} is missing: the artefact is incomplete, save it again")
+    saved_map = json.loads((path / QUANT_MAP_FILE).read_text())
+    if saved_map != json.loads(json.dumps(qmodel.quantization_map())):
+        differing = sorted(k for k in set(saved_map) | set(qmodel.quantization_map())
+                           if saved_map.get(k) != qmodel.quantization_map().get(k))
+        raise ValueError(f"{QUANT_MAP_FILE} differs from the structure rebuilt from {CONFIG_FILE} at layers "
+                         f"{differing[:5]}; the artefact was saved by a tadq that plans layers differently")
+    if qmodel.adapter.name != meta.get("adapter"):
+        raise ValueError(f"{path} was saved with adapter {meta.get('adapter')!r}, this tadq uses "
+                         f"{qmodel.adapter.name!r} for {type(model).__name__}")
+    _load_tensors(qmodel, path / WEIGHTS_FILE)
+    qmodel.corrections = load_corrections(path, meta.get("corrections", []))
+    # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
+    qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
+    return qmodel, _load_scheduler(path)

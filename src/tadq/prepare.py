@@ -1,0 +1,56 @@
+"""The structural and calibrate phases of ``quantize``, below ``tadq.api`` so that loading and TFMQ can rebuild
+exactly the structure ``quantize`` built without importing the public verbs (no import cycle)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tadq.calibration import Calibrate, CalibrationSet
+from tadq.config import QuantConfig
+from tadq.denoiser import QuantizedDenoiser
+from tadq.quant.attention import apply_attention_quantization
+from tadq.quant.convert import convert_layers, plan_layers
+from tadq.quant.split import apply_shortcut_split
+from tadq.registry import adapter_for
+
+__all__ = ["build_quantized_structure", "calibrate_activations"]
+
+
+@torch.no_grad()
+def calibrate_activations(
+    qmodel: QuantizedDenoiser, calib: CalibrationSet, batch_size: int = 128, seed: int = 0, progress: bool = True,
+) -> None:
+    """Set every activation range from the calibration inputs (the explicit calibrate phase)."""
+    with Calibrate(qmodel.model, seed=seed):
+        starts = range(0, len(calib), batch_size)
+        for start in tqdm(starts, desc="calibrate activation ranges", disable=not progress, leave=False):
+            qmodel(calib.x[start: start + batch_size], calib.t[start: start + batch_size])
+
+
+def build_quantized_structure(
+    model: nn.Module, config: QuantConfig, *, init_weight_range: bool = True,
+) -> QuantizedDenoiser:
+    """The structural step of ``quantize``: copy ``model``, plan the layers and swap in fake-quant wrappers.
+
+    No calibration happens here. It is one function so that ``tadq.load`` rebuilds exactly the structure
+    ``quantize`` built (every structural feature added here is rebuilt on load without further changes).
+
+    Args:
+        model: a diffusers denoiser supported by a registered adapter (left unmodified).
+        config: what to quantize and how.
+        init_weight_range: set weight ranges from the weights; ``False`` when saved ranges are loaded next.
+    """
+    adapter = adapter_for(model)
+    qmodel_inner = copy.deepcopy(model).eval().requires_grad_(False)
+    plans = plan_layers(adapter.layers(qmodel_inner), config.weights, config.activations,
+                        exclude=config.exclude, keep_fp_roles=config.keep_fp_roles)
+    convert_layers(qmodel_inner, plans, init_weight_range=init_weight_range)
+    splits = apply_shortcut_split(qmodel_inner, adapter, config, plans, init_weight_range=init_weight_range)
+    plans = [dataclasses.replace(plan, split=splits.get(plan.name)) for plan in plans]
+    apply_attention_quantization(qmodel_inner, adapter, config)
+    return QuantizedDenoiser(qmodel_inner, adapter, config, plans)
