@@ -70,12 +70,31 @@ def test_matches_torchmetrics_on_full_rank_sets(classifier, split) -> None:
     assert float(metric.compute()) == pytest.approx(ours, rel=1e-3)
 
 
+def _reassociation_tolerance(model: torch.nn.Module, scale: float) -> float:
+    """Bound on the float32 difference two summation orders may make in the features.
+
+    A batch size changes only the order in which the CPU's kernels (oneDNN, AVX2/AVX512/AMX paths alike) add the
+    K products of each output element; re-associating a K-term float32 sum moves it by about √K · eps32 of its
+    magnitude (random-walk rounding growth), and the layers' errors add along the path. With every layer's
+    output at most ``scale`` (BatchNorm keeps the penultimate features O(1)), the features may differ by
+    Σ_layers √K_l · eps32 · scale.
+    """
+    lengths = [m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    lengths += [m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return sum(math.sqrt(k) for k in lengths) * torch.finfo(torch.float32).eps * scale
+
+
 def test_digit_features_are_batch_independent(classifier, split) -> None:
     images = split.heldout_images[:40]
     whole = digit_features(images, classifier, batch_size=64)
     pieces = digit_features(images, classifier, batch_size=7)
     assert whole.dtype == torch.float64 and whole.shape == (40, classifier.num_features)
-    torch.testing.assert_close(whole, pieces, rtol=1e-5, atol=1e-6)
+    scale = float(whole.abs().max())
+    tolerance = _reassociation_tolerance(classifier, scale)
+    # the bound stays far below what a batch-coupled computation (e.g. BatchNorm in training mode) would change
+    assert tolerance < 1e-3 * scale
+    torch.testing.assert_close(whole, pieces, rtol=0.0, atol=tolerance)
 
 
 def test_frechet_distance_matches_closed_form_for_diagonal_gaussians() -> None:
