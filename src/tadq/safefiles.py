@@ -23,7 +23,7 @@ from torch import Tensor
 from tadq.utils import _atomic
 
 __all__ = ["DamagedFileError", "save_checked", "load_checked", "tensors_digest", "read_json_file",
-           "require_finite"]
+           "require_finite", "split_tensors", "join_tensors"]
 
 META_KEY, DIGEST_KEY = "tadq", "tadq_sha256"
 
@@ -50,7 +50,7 @@ def save_checked(tensors: dict[str, Tensor], meta: dict[str, Any], path: str | P
     plain = {name: value.detach().cpu().contiguous().clone() for name, value in tensors.items()}
     # one metadata key per value and sorted JSON: safetensors stores metadata in a hash map, so several keys would
     # come out in a different order in every process
-    header = json.dumps({"meta": meta, "sha256": tensors_digest(plain)}, sort_keys=True, allow_nan=False)
+    header = json.dumps({"meta": meta, "sha256": tensors_digest(plain)}, sort_keys=True)
     _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata={META_KEY: header}))
 
 
@@ -83,6 +83,45 @@ def load_checked(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[s
     if tensors_digest(tensors) != expected:
         raise DamagedFileError(f"{what} {path} fails its checksum (bytes changed after it was written); delete it")
     return tensors, meta
+
+
+def split_tensors(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
+    """(JSON tree with ``{"__tensor__": name}`` placeholders, tensors by name) of nested dicts/lists/tensors.
+
+    Lets states such as an optimizer's be saved with ``save_checked`` instead of pickled. Dict keys become strings.
+    """
+    tensors: dict[str, Tensor] = {}
+
+    def walk(node: Any, path: str) -> Any:
+        if isinstance(node, Tensor):
+            tensors[path] = node
+            return {"__tensor__": path}
+        if isinstance(node, dict):
+            return {"__dict__": [[key, walk(value, f"{path}.{key}")] for key, value in node.items()]}
+        if isinstance(node, (list, tuple)):
+            return [walk(value, f"{path}.{index}") for index, value in enumerate(node)]
+        if node is None or isinstance(node, (bool, int, float, str)):
+            return node
+        raise TypeError(f"cannot store {type(node).__name__} at {path or '<root>'} without pickle")
+
+    return walk(tree, prefix), tensors
+
+
+def join_tensors(tree: Any, tensors: dict[str, Tensor]) -> Any:
+    """Inverse of ``split_tensors`` (dict keys that were ints come back as ints); ``DamagedFileError`` if a
+    placeholder names a missing tensor."""
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict) and "__tensor__" in node:
+            if node["__tensor__"] not in tensors:
+                raise DamagedFileError(f"tensor {node['__tensor__']!r} is missing")
+            return tensors[node["__tensor__"]]
+        if isinstance(node, dict) and "__dict__" in node:
+            return {key: walk(value) for key, value in node["__dict__"]}
+        if isinstance(node, list):
+            return [walk(value) for value in node]
+        return node
+
+    return walk(tree)
 
 
 def read_json_file(path: str | Path, what: str = "file") -> Any:

@@ -5,7 +5,7 @@ import torch
 
 import tadq.experiments.rows.base as run_module
 from tadq.config import CalibrationConfig
-from tadq.experiments.run import RunConfig, run_main_job
+from tadq.experiments.run import RunConfig, load_cell, run_main_job
 from tadq.sampling import SamplerConfig
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=6)
@@ -49,7 +49,7 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, m
     monkeypatch.setattr(run_module, "quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_main_job(_config(tiny_model_dir, tmp_path / "b"))
-    assert len(list((tmp_path / "b" / "cells").glob("*.pt"))) == 2  # FP and W8A8 finished and kept
+    assert len(list((tmp_path / "b" / "cells").glob("*.safetensors"))) == 2  # FP and W8A8 finished and kept
     counted = []
     monkeypatch.setattr(run_module, "quantize", lambda *a, **k: counted.append(1) or real_quantize(*a, **k))
     resumed = run_main_job(_config(tiny_model_dir, tmp_path / "b"))
@@ -93,9 +93,10 @@ def test_bad_model_path_writes_nothing(tmp_path):
 def test_cells_are_bit_identical_across_runs(tmp_path, tiny_model_dir):
     first = run_main_job(_config(tiny_model_dir, tmp_path / "x", presets=("W4A8",)))
     second = run_main_job(_config(tiny_model_dir, tmp_path / "y", presets=("W4A8",)))
-    cells = [sorted((tmp_path / d / "cells").glob("*.pt")) for d in ("x", "y")]
+    cells = [sorted((tmp_path / d / "cells").glob("*.safetensors")) for d in ("x", "y")]
+    assert cells[0]
     for a, b in zip(*cells, strict=True):
-        assert torch.equal(torch.load(a)["images"], torch.load(b)["images"])
+        assert torch.equal(load_cell(a)["images"], load_cell(b)["images"])
     assert first["rows"][1]["psnr"] == second["rows"][1]["psnr"]
 
 

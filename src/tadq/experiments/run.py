@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from tadq.api import sample
@@ -25,16 +24,18 @@ from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict
 from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.evaluation import fd_reference, quality_metrics
+from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
 from tadq.metrics import per_step_mse
 from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
-from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
+from tadq.safefiles import DamagedFileError, load_checked, save_checked
 from tadq.sampling import SamplerConfig
-from tadq.utils import atomic_torch_save, atomic_write_json, atomic_write_text, library_versions
+from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 
-__all__ = ["RunConfig", "cell_key", "default_variants", "run_cell", "run_main_job", "write_report"]
+__all__ = ["RunConfig", "CELL_SUFFIX", "cell_key", "load_cell", "save_cell", "default_variants", "run_cell",
+           "run_main_job", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +99,32 @@ def cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+CELL_SUFFIX = ".safetensors"
+_CELL_TENSORS = ("images", "states")
+
+
+def save_cell(cell: dict[str, Any], path: Path) -> None:
+    """Images and states as tensors, everything else as JSON metadata: loading executes nothing (no pickle)."""
+    meta = {name: value for name, value in cell.items() if name not in _CELL_TENSORS}
+    save_checked({name: cell[name] for name in _CELL_TENSORS}, {"kind": "tadq-run-cell", **meta}, path)
+
+
+def load_cell(path: Path) -> dict[str, Any]:
+    """A cell written by ``save_cell``; ``DamagedFileError`` naming the file for any damage or foreign file."""
+    tensors, meta = load_checked(path, "run cell")
+    if not isinstance(meta, dict) or meta.get("kind") != "tadq-run-cell" or set(tensors) != set(_CELL_TENSORS):
+        raise DamagedFileError(f"run cell {path} is not a tadq run cell; delete it to recompute the cell")
+    meta = {name: value for name, value in meta.items() if name != "kind"}
+    return {**meta, **tensors}
+
+
 def run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, key: str) -> dict[str, Any]:
     if path.exists():
-        cell = torch.load(path, weights_only=False)
+        cell = load_cell(path)
         if cell.get("key") == key:
             logger.info("reusing finished cell %s", path.name)
             return cell
+        logger.info("cell %s was written for other settings (key %s); recomputing it", path.name, cell.get("key"))
     t0 = time.perf_counter()
     denoiser = variant.build() if variant.build is not None else model
     setup_s = time.perf_counter() - t0 + getattr(denoiser, "recorded_quantize_s", 0.0)
@@ -116,7 +137,7 @@ def run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, 
         "sampling_s": time.perf_counter() - t1,
         "extras": variant.describe(denoiser) if variant.describe is not None else {},
     }
-    atomic_torch_save(cell, path)
+    save_cell(cell, path)
     return cell
 
 
@@ -154,8 +175,8 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
         key = cell_key(fingerprint, config, variant)
         logger.info("[%d/%d] %s %s", index + 1, len(variants), variant.name, variant.bits)
         # a finished cell is found by its key alone, so reordering or adding methods reuses it
-        done = sorted((out / "cells").glob(f"*-{key}.pt"))
-        path = done[0] if done else out / "cells" / f"{index:02d}-{key}.pt"
+        done = sorted((out / "cells").glob(f"*-{key}{CELL_SUFFIX}"))
+        path = done[0] if done else out / "cells" / f"{index:02d}-{key}{CELL_SUFFIX}"
         cells.append(run_cell(model, scheduler, config, variant, path, key))
     return write_report(config, cells, adapter.sample_shape(model))
 

@@ -18,14 +18,15 @@ from diffusers import DDPMPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
-from tadq.utils import atomic_torch_save, library_versions
+from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
+from tadq.utils import library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
 __all__ = ["TrainConfig", "train_digits_ddpm"]
 
 logger = logging.getLogger(__name__)
-CHECKPOINT_NAME = "train_checkpoint.pt"
+CHECKPOINT_NAME = "train_checkpoint.safetensors"
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,9 @@ def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "
     start, elapsed = 0, 0.0
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        if state["config"] != asdict(config):
+        tensors, tree = load_checked(checkpoint, "training checkpoint")
+        state = join_tensors(tree, tensors)
+        if state["config"] != json.loads(json.dumps(asdict(config))):
             raise ValueError(f"{checkpoint} was written by a different TrainConfig; delete it or use another --out")
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
@@ -112,7 +114,8 @@ def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "
                 "ema": ema.state_dict(), "generator": generator.get_state(), "step": step + 1,
                 "elapsed": time.perf_counter() - t0,
             }
-            atomic_torch_save(state, checkpoint)
+            tree, tensors = split_tensors(state)
+            save_checked(tensors, tree, checkpoint)
     wall = time.perf_counter() - t0
     ema.copy_to(unet.parameters())
     unet.eval()

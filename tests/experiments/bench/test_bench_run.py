@@ -137,7 +137,7 @@ def test_interrupted_bench_resumes_where_it_stopped(tiny_dir, tmp_path, monkeypa
     monkeypatch.setattr(rows_base, "quantize", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_bench(config)
-    assert len(list((tmp_path / "out" / ETA0.key / "cells").glob("*.pt"))) == 2  # FP and naive W8A8 kept
+    assert len(list((tmp_path / "out" / ETA0.key / "cells").glob("*.safetensors"))) == 2  # FP and naive W8A8 kept
     assert not (tmp_path / "out" / "report.html").exists()
     monkeypatch.setattr(rows_base, "quantize", real_quantize)
     counts = _counting(monkeypatch)

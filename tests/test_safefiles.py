@@ -1,0 +1,98 @@
+"""The pickle-free file format: round trips, determinism, and every kind of damage as one clear error."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from tadq.safefiles import (
+    DamagedFileError,
+    join_tensors,
+    load_checked,
+    read_json_file,
+    require_finite,
+    save_checked,
+    split_tensors,
+)
+
+
+def test_round_trip_and_identical_bytes(tmp_path):
+    tensors = {"b": torch.arange(6.0).reshape(2, 3), "a": torch.tensor([True, False]), "c": torch.zeros(())}
+    meta = {"z": 1, "a": [1.5, None, "x"], "m": {"q": 2, "b": 3}}
+    save_checked(tensors, meta, tmp_path / "one.safetensors")
+    save_checked(dict(reversed(tensors.items())), dict(reversed(meta.items())), tmp_path / "two.safetensors")
+    assert (tmp_path / "one.safetensors").read_bytes() == (tmp_path / "two.safetensors").read_bytes()
+    loaded, loaded_meta = load_checked(tmp_path / "one.safetensors", "test file")
+    assert loaded_meta == meta and all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    layer = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    layer(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    tree, tensors = split_tensors({"optimizer": optimizer.state_dict(), "rng": torch.Generator().get_state()})
+    save_checked(tensors, tree, tmp_path / "state.safetensors")
+    state = join_tensors(*reversed(load_checked(tmp_path / "state.safetensors", "state")))
+    fresh = torch.optim.AdamW(layer.parameters())
+    fresh.load_state_dict(state["optimizer"])
+    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_unstorable_objects_are_refused():
+    with pytest.raises(TypeError, match="without pickle"):
+        split_tensors({"x": object()})
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path('PWNED').write_text('x')",))
+
+
+def test_a_pickle_is_refused_and_never_executed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(_Exploit()))
+    with pytest.raises(DamagedFileError, match="evil.safetensors"):
+        load_checked(path, "checkpoint")
+    torch.save({"x": _Exploit()}, tmp_path / "evil.pt")  # torch's zip pickle format, as old tadq wrote
+    with pytest.raises(DamagedFileError, match="evil.pt"):
+        load_checked(tmp_path / "evil.pt", "checkpoint")
+    assert not (tmp_path / "PWNED").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_data", "flip_header", "empty", "random"])
+def test_damage_is_one_clear_error_naming_the_file(tmp_path, damage):
+    path = tmp_path / "f.safetensors"
+    save_checked({"w": torch.arange(64.0)}, {"k": 1}, path)
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 10]
+    elif damage == "flip_data":
+        data[-5] ^= 0xFF
+    elif damage == "flip_header":
+        data[12] ^= 0x20
+    elif damage == "empty":
+        data = bytearray()
+    else:
+        data = bytearray(torch.randint(0, 256, (300,), generator=torch.Generator().manual_seed(0)).byte().numpy())
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match="f.safetensors") as error:
+        load_checked(path, "thing")
+    assert "\n" not in str(error.value)
+
+
+def test_broken_json_names_file_and_line(tmp_path):
+    path = tmp_path / "config.json"
+    path.write_text('{"a": 1,\n "b": }')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON \(line 2"):
+        read_json_file(path, "model config")
+
+
+@pytest.mark.parametrize("value, kind", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_require_finite_names_the_tensor(value, kind):
+    with pytest.raises(ValueError, match=f"layer conv.weight holds {kind}"):
+        require_finite({"conv.weight": torch.tensor([1.0, value])}, "layer")
+    require_finite({"ok": torch.ones(3), "ints": torch.arange(3)}, "layer")
