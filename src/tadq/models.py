@@ -6,13 +6,14 @@ import json
 import logging
 from pathlib import Path
 
-from diffusers import DDPMScheduler, SchedulerMixin, UNet2DModel
+from diffusers import DDPMScheduler, SchedulerMixin
 from torch import nn
 
-__all__ = ["load_pipeline_parts", "shipped_model_path", "SUPPORTED_MODEL_CLASSES"]
+from tadq.registry import model_family, registered_families
+
+__all__ = ["load_pipeline_parts", "shipped_model_path"]
 
 logger = logging.getLogger(__name__)
-SUPPORTED_MODEL_CLASSES: dict[str, type[nn.Module]] = {"UNet2DModel": UNet2DModel}
 
 
 def shipped_model_path() -> Path:
@@ -23,10 +24,11 @@ def shipped_model_path() -> Path:
 def _model_dir(path: Path) -> Path:
     if (path / "model_index.json").exists():
         index = json.loads((path / "model_index.json").read_text())
-        for name in ("unet", "transformer"):
+        subfolders = sorted({family.subfolder for family in registered_families().values()})
+        for name in subfolders:
             if name in index and (path / name / "config.json").exists():
                 return path / name
-        raise ValueError(f"{path}/model_index.json names no denoiser folder (looked for 'unet', 'transformer')")
+        raise ValueError(f"{path}/model_index.json names no denoiser folder (looked for {subfolders})")
     if (path / "config.json").exists():
         return path
     raise ValueError(
@@ -57,12 +59,11 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
         raise FileNotFoundError(f"model folder {path} does not exist{hint}")
     model_dir = _model_dir(path)
     class_name = json.loads((model_dir / "config.json").read_text()).get("_class_name")
-    if class_name not in SUPPORTED_MODEL_CLASSES:
-        raise ValueError(f"{model_dir} holds a {class_name!r}; supported: {sorted(SUPPORTED_MODEL_CLASSES)}")
+    family = model_family(str(class_name), where=str(model_dir))
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load(path)")
     try:
-        model = SUPPORTED_MODEL_CLASSES[class_name].from_pretrained(model_dir)
+        model = family.model_class.from_pretrained(model_dir)
     except OSError as error:
         raise ValueError(f"could not load weights from {model_dir}: {error}") from error
     model.eval().requires_grad_(False)

@@ -9,17 +9,41 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from torch import nn
 
 __all__ = [
-    "register_adapter", "adapter_for", "registered_adapters", "register_correction", "correction_for",
-    "registered_corrections", "register_config_type", "registered_config_types",
+    "ModelFamily", "model_family", "registered_families", "register_adapter", "adapter_for", "registered_adapters",
+    "register_correction", "correction_for", "registered_corrections", "register_config_type",
+    "registered_config_types",
 ]
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """One registration per model family: what loaders, artefacts and methods need to know about it.
+
+    Args:
+        model_class: the diffusers denoiser class (its subclasses share the registration).
+        adapter_class: the ``ModelAdapter`` that names every layer's role for this class.
+        subfolder: the denoiser's folder inside a diffusers pipeline (``unet``, ``transformer``).
+        pipeline_class: the diffusers pipeline class an artefact's ``model_index.json`` names.
+    """
+
+    model_class: type[nn.Module]
+    adapter_class: type
+    subfolder: str
+    pipeline_class: str
+
+    @property
+    def name(self) -> str:
+        return self.model_class.__name__
 _ADAPTERS: dict[type[nn.Module], type] = {}
+_FAMILIES: dict[str, ModelFamily] = {}
 _CORRECTIONS: dict[type, type] = {}
 _CONFIG_TYPES: dict[str, type] = {}
 
@@ -48,14 +72,40 @@ def registered_config_types() -> dict[str, type]:
     return _CONFIG_TYPES
 
 
-def register_adapter(model_class: type[nn.Module]) -> Callable[[type[T]], type[T]]:
-    """Class decorator: use the decorated adapter for ``model_class`` (and its subclasses)."""
+def register_adapter(
+    model_class: type[nn.Module], *, subfolder: str, pipeline_class: str,
+) -> Callable[[type[T]], type[T]]:
+    """Class decorator: use the decorated adapter for ``model_class`` (and its subclasses).
+
+    ``subfolder`` and ``pipeline_class`` describe the family's diffusers layout; model loading and artefacts read
+    them from here (``model_family``), so adding a family means writing one adapter.
+    """
 
     def decorate(adapter_class: type[T]) -> type[T]:
         _ADAPTERS[model_class] = adapter_class
+        _FAMILIES[model_class.__name__] = ModelFamily(model_class, adapter_class, subfolder, pipeline_class)
         return adapter_class
 
     return decorate
+
+
+def registered_families() -> dict[str, ModelFamily]:
+    """Model class name → its registration, for every registered family."""
+    return dict(_FAMILIES)
+
+
+def model_family(class_name: str, where: str = "") -> ModelFamily:
+    """The registration of the model class named ``class_name`` (as in a diffusers ``config.json``).
+
+    Raises:
+        ValueError: no family is registered under that name; the message lists the supported ones.
+    """
+    family = _FAMILIES.get(class_name)
+    if family is None:
+        place = f"{where} holds a {class_name!r}" if where else f"{class_name!r} is not supported"
+        raise ValueError(f"{place}; supported model classes: {sorted(_FAMILIES)}. "
+                         "Add one with @tadq.registry.register_adapter(YourModelClass).")
+    return family
 
 
 def registered_adapters() -> dict[type[nn.Module], type]:

@@ -61,7 +61,7 @@ def _named_roles(model: UNet2DModel) -> dict[int, tuple[LayerRole, str]]:
     return roles
 
 
-@register_adapter(UNet2DModel)
+@register_adapter(UNet2DModel, subfolder="unet", pipeline_class="DDPMPipeline")
 class UNet2DAdapter:
     """Roles and calls for ``UNet2DModel``."""
 
@@ -135,6 +135,24 @@ class UNet2DAdapter:
         if getattr(model.config, "num_class_embeds", None):
             raise NotImplementedError("class-conditional UNet2DModel sampling needs labels; not supported yet")
         return model(x, t).sample
+
+    def temporal_embedding(self, model: nn.Module, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """emb = h(t) [+ e(y)], (B, D): the temporal path's input to every residual block, exactly as
+        ``UNet2DModel.forward`` computes it (its step 1). TFMQ-DM's temporal information block starts here."""
+        emb = model.time_embedding(model.time_proj(t).to(dtype=model.dtype))
+        if model.class_embedding is not None:
+            if labels is None:
+                raise ValueError("this UNet is class-conditional: pass the class labels with the timesteps")
+            label_input = model.time_proj(labels) if model.config.class_embed_type == "timestep" else labels
+            emb = emb + model.class_embedding(label_input).to(dtype=model.dtype)
+        elif labels is not None:
+            raise ValueError("labels given, but this UNet has no class embedding")
+        return emb
+
+    def temporal_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules ``temporal_embedding`` runs: sinusoidal projection, the time MLP h, the label table e."""
+        parts = [model.time_proj, model.time_embedding, getattr(model, "class_embedding", None)]
+        return [m for m in parts if m is not None]
 
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
         size = model.config.sample_size

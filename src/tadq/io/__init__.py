@@ -5,7 +5,6 @@
 from tadq.io.load import is_quantized_artefact, load_quantized
 from tadq.io.save import (
     CONFIG_FILE,
-    DIFFUSERS_LAYOUT,
     FORMAT_VERSION,
     QUANT_MAP_FILE,
     WEIGHTS_FILE,
@@ -17,5 +16,5 @@ from tadq.io.save import (
 
 __all__ = [
     "ArtefactSize", "save_quantized", "load_quantized", "is_quantized_artefact", "pack_codes", "unpack_codes",
-    "FORMAT_VERSION", "CONFIG_FILE", "QUANT_MAP_FILE", "WEIGHTS_FILE", "DIFFUSERS_LAYOUT",
+    "FORMAT_VERSION", "CONFIG_FILE", "QUANT_MAP_FILE", "WEIGHTS_FILE",
 ]

@@ -30,6 +30,7 @@ from tadq.io.save import (
     unpack_codes,
 )
 from tadq.prepare import build_quantized_structure
+from tadq.registry import model_family
 from tadq.utils import library_versions
 
 __all__ = ["load_quantized", "is_quantized_artefact"]
@@ -60,14 +61,10 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 
 def _build_fp_model(folder: Path) -> nn.Module:
-    from tadq.models import SUPPORTED_MODEL_CLASSES
-
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'config.json'} is missing: the artefact is incomplete, save it again")
     class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
-    if class_name not in SUPPORTED_MODEL_CLASSES:
-        raise ValueError(f"{folder} holds a {class_name!r}; supported: {sorted(SUPPORTED_MODEL_CLASSES)}")
-    klass = SUPPORTED_MODEL_CLASSES[class_name]
+    klass = model_family(str(class_name), where=str(folder)).model_class
     return klass.from_config(klass.load_config(folder)).eval()
 
 

@@ -38,6 +38,7 @@ from tadq.config import config_to_dict
 from tadq.corrections.io import save_corrections
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
+from tadq.registry import model_family
 from tadq.utils import library_versions
 
 if TYPE_CHECKING:
@@ -45,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ArtefactSize", "save_quantized", "pack_codes", "unpack_codes", "FORMAT_VERSION", "CONFIG_FILE", "QUANT_MAP_FILE",
-    "WEIGHTS_FILE", "DIFFUSERS_LAYOUT",
+    "WEIGHTS_FILE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -53,8 +54,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE = "tadq_config.json", "tadq_quant_map.json", "tadq_weights.safetensors"
 CODES_SUFFIX = ".codes"
-# model class → (diffusers sub-folder, pipeline class written to model_index.json)
-DIFFUSERS_LAYOUT: dict[str, tuple[str, str]] = {"UNet2DModel": ("unet", "DDPMPipeline")}
 
 
 @dataclass(frozen=True)
@@ -179,11 +178,12 @@ def _encode_weight(key: str, entry: _WeightEntry) -> tuple[Tensor, dict[str, Any
 
 
 def _diffusers_layout(model: nn.Module) -> tuple[str, str]:
-    class_name = type(model).__name__
-    if class_name not in DIFFUSERS_LAYOUT:
-        raise TypeError(f"cannot save a quantized {class_name}: supported model classes are {sorted(DIFFUSERS_LAYOUT)}"
-                        " (add the class to tadq.io.DIFFUSERS_LAYOUT)")
-    return DIFFUSERS_LAYOUT[class_name]
+    """(sub-folder, pipeline class) of the model's family, as its adapter registration declares them."""
+    try:
+        family = model_family(type(model).__name__)
+    except ValueError as error:
+        raise TypeError(f"cannot save a quantized {type(model).__name__}: {error}") from error
+    return family.subfolder, family.pipeline_class
 
 
 def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin | None, folder: Path) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet2DModel
 from diffusers.models.resnet import ResnetBlock2D
 from torch import Tensor, nn
 
@@ -36,7 +35,7 @@ class TemporalFeature:
 
 
 class TemporalInformationBlock:
-    """h (+ e) and every g_i of one diffusers ``UNet2DModel`` (FP or converted), callable on (t, y) alone.
+    """h (+ e) and every g_i of one UNet (FP or converted), callable on (t, y) alone.
 
     Args:
         model: the UNet whose modules are used (not copied: a quantized model gives quantized features).
@@ -44,10 +43,10 @@ class TemporalInformationBlock:
     """
 
     def __init__(self, model: nn.Module, adapter) -> None:
-        if not isinstance(model, UNet2DModel):
-            raise TypeError(f"TFMQ's temporal information block is defined for UNet2DModel, got "
-                            f"{type(model).__name__}; add a TIB for this architecture in tadq.tfmq.tib")
-        self.model = model
+        if not callable(getattr(adapter, "temporal_embedding", None)):
+            raise TypeError(f"the {adapter.name!r} adapter ({type(model).__name__}) declares no temporal path "
+                            "(temporal_embedding / temporal_modules): TFMQ-DM cannot isolate its temporal features")
+        self.model, self.adapter = model, adapter
         infos = [info for info in adapter.layers(model) if info.role in TEMPORAL_ROLES]
         self.layer_names: tuple[str, ...] = tuple(info.name for info in infos)
         self.features: tuple[TemporalFeature, ...] = tuple(
@@ -75,21 +74,11 @@ class TemporalInformationBlock:
 
     def modules(self) -> list[nn.Module]:
         """Every module the TIB runs: time projection (sinusoidal), h, the label embedding, and each g_i."""
-        parts = [self.model.time_proj, self.model.time_embedding, getattr(self.model, "class_embedding", None)]
-        return [m for m in parts if m is not None] + [self.model.get_submodule(f.layer) for f in self.features]
+        return self.adapter.temporal_modules(self.model) + [self.model.get_submodule(f.layer) for f in self.features]
 
     def embedding(self, t: Tensor, labels: Tensor | None = None) -> Tensor:
-        """emb = h(t) [+ e(y)], (B, D), exactly as ``UNet2DModel.forward`` computes it (step 1)."""
-        model = self.model
-        emb = model.time_embedding(model.time_proj(t).to(dtype=model.dtype))
-        if model.class_embedding is not None:
-            if labels is None:
-                raise ValueError("this UNet is class-conditional: pass the class labels with the timesteps")
-            label_input = model.time_proj(labels) if model.config.class_embed_type == "timestep" else labels
-            emb = emb + model.class_embedding(label_input).to(dtype=model.dtype)
-        elif labels is not None:
-            raise ValueError("labels given, but this UNet has no class embedding")
-        return emb
+        """emb = h(t) [+ e(y)], (B, D), as the model's forward computes it (the adapter's temporal path)."""
+        return self.adapter.temporal_embedding(self.model, t, labels)
 
     def __call__(self, t: Tensor, labels: Tensor | None = None) -> list[Tensor]:
         """The temporal features [f_{t,1}, ..., f_{t,n}], each (B, C_i), in ``self.features`` order."""
