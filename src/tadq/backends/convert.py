@@ -1,0 +1,53 @@
+"""Swap every fake-quant layer of a model for a backend's integer layer, and record what stays in float."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from tadq.quant.attention import QuantAttnProcessor
+from tadq.quant.modules import QuantLayer
+
+__all__ = ["LayerFactory", "convert_layers"]
+
+LayerFactory = Callable[[nn.Module, str], "nn.Module | None"]
+
+ATTENTION_NOTE = ("attention matmuls q·kᵀ and P·v: fake-quant operands multiplied in float32 (no int8 batched "
+                  "matmul with a float output on this backend; at the shipped model's 16-64 tokens the matmuls are "
+                  "a small share of the time)")
+
+
+def _move_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new`` the hook dicts of ``old``, so hooks (TFMQ feature caches) and their handles keep working."""
+    for attribute in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+        setattr(new, attribute, getattr(old, attribute))
+
+
+def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dict[str, dict[str, str]]:
+    """Replace in place every layer ``factory`` converts; returns {"integer": {name: kind}, "float": {name: why}}.
+
+    Raises:
+        ValueError: a fake-quant layer the backend does not know (it would otherwise stay simulated unnoticed).
+    """
+    integer: dict[str, str] = {}
+    floating: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        if not name:
+            continue
+        replacement = factory(module, name)
+        if replacement is None:
+            if isinstance(module, QuantLayer):
+                raise ValueError(f"{name} is a {type(module).__name__}, which the {backend!r} backend cannot run "
+                                 "in integers; use the 'fake' backend for this model")
+            if isinstance(getattr(module, "processor", None), QuantAttnProcessor):
+                floating[name] = ATTENTION_NOTE
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                floating[name] = "kept in floating point by the quantization plan"
+            continue
+        _move_hooks(module, replacement)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        integer[name] = type(replacement).__name__
+    return {"integer": integer, "float": floating}

@@ -1,0 +1,158 @@
+"""The ``int8`` CPU backend: convolutions and linears as oneDNN u8·s8 → int32 kernels with a float32 output.
+
+Kernel: ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` (the ops PyTorch 2's x86 Inductor
+quantization lowers to) on weights prepacked once by ``qconv_prepack`` / ``qlinear_prepack``. With
+``output_dtype=float32`` the kernel returns ``Δx·Δw_c·Σ a·B + bias`` from an exact int32 accumulation, so no
+output requantization is added to the arithmetic the fake-quant model simulates. oneDNN has no weight zero point
+(a non-zero one is silently ignored, measured), so asymmetric 8-bit weights are corrected with an exact window
+sum of the activation codes (``tadq.backends.weights``). Why these ops and not the alternatives: docs/backends.md.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tadq.backends.activations import activation_codes, check_activation_quantizer
+from tadq.backends.weights import WeightCodes, weight_codes, window_sum
+from tadq.quant.modules import QuantConv2d, QuantLinear
+from tadq.quant.quantizer import Quantizer
+from tadq.quant.split import SplitQuantConv2d
+
+__all__ = ["OneDNNConv2d", "OneDNNLinear", "OneDNNSplitConv2d", "cpu_int8_layer"]
+
+MAX_EXACT_FLOAT = 2**24  # every integer below this is exact in float32
+
+
+def _bias(module: nn.Conv2d | nn.Linear) -> Tensor | None:
+    return None if module.bias is None else module.bias.detach().float().clone()
+
+
+def _check_float_input(x: Tensor, name: str) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name}: integer layers take float32 inputs (the dtype the quantizer was calibrated in), "
+                        f"got {x.dtype}")
+
+
+class _ConvKernel(nn.Module):
+    """One prepacked int8 conv; the input quantizer is passed per call (a split conv has one per half)."""
+
+    def __init__(self, codes: WeightCodes, bias: Tensor | None, conv: nn.Conv2d, name: str) -> None:
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError(f"{name}: the int8 backend supports groups=1 and zero padding, got groups={conv.groups}"
+                             f", padding_mode={conv.padding_mode!r}")
+        if codes.codes.shape[1] * conv.kernel_size[0] * conv.kernel_size[1] * 255 >= MAX_EXACT_FLOAT:
+            raise ValueError(f"{name}: window sums could exceed 2^24 and lose exactness in float32")
+        self.name = name
+        self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
+        self.kernel_size = tuple(conv.kernel_size)
+        self.in_channels = codes.codes.shape[1]
+        stride, padding, dilation = self.geometry
+        # not a buffer: an opaque oneDNN-layout tensor that state_dict/deepcopy must not touch
+        self.packed = torch.ops.onednn.qconv_prepack(codes.codes, codes.scale, 1.0, 0, stride, padding, dilation,
+                                                     1, None)
+        self.register_buffer("w_scale", codes.scale)
+        self.register_buffer("w_zero", torch.zeros(codes.scale.numel(), dtype=torch.int64))
+        self.register_buffer("bias", bias)
+        self.has_offset = codes.has_offset
+        self.register_buffer("neg_offset_scale", (-codes.offset * codes.scale).reshape(1, -1, 1, 1))
+        self.packed_bytes = codes.codes.numel()  # int8: one byte per weight
+
+    def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
+        _check_float_input(x, self.name)
+        codes, grid = activation_codes(x, quantizer)
+        codes = codes.contiguous(memory_format=torch.channels_last)
+        x_scale, x_zero = float(grid.scale), int(grid.zero_point)
+        stride, padding, dilation = self.geometry
+        y = torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zero, self.packed, self.w_scale, self.w_zero,
+                                               self.bias, stride, padding, dilation, 1, 1.0, 0, torch.float32,
+                                               "none", [], "")
+        if self.has_offset:  # − o_c·Δw_c·Δx·Σ_window Σ_c (codes − z): exact integers until the last multiply
+            centred = codes.sum(dim=1, keepdim=True, dtype=torch.int32).float() - self.in_channels * x_zero
+            sums = window_sum(centred, self.kernel_size, stride, padding, dilation)
+            y.addcmul_(sums, self.neg_offset_scale * x_scale)
+        return y
+
+
+class OneDNNConv2d(nn.Module):
+    """Integer replacement of a ``QuantConv2d`` (keeps its ``input_quantizer``, so FSC tables still find it)."""
+
+    def __init__(self, layer: QuantConv2d, name: str) -> None:
+        super().__init__()
+        check_activation_quantizer(layer.input_quantizer, name)
+        self.kernel = _ConvKernel(weight_codes(layer.weight_quantizer, layer.weight, name), _bias(layer), layer,
+                                  name)
+        self.input_quantizer = layer.input_quantizer
+        self.out_channels = layer.out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.kernel(x, self.input_quantizer)
+
+
+class OneDNNSplitConv2d(nn.Module):
+    """Integer shortcut-split conv: two int8 convs over the deep and skip halves (own Δx each), summed in fp32."""
+
+    def __init__(self, layer: SplitQuantConv2d, name: str) -> None:
+        super().__init__()
+        self.split = layer.split
+        for part in ("deep", "skip"):
+            check_activation_quantizer(getattr(layer, f"input_quantizer_{part}"), f"{name} ({part} half)")
+        views = layer.quantized_weights()
+        quantizer_deep, weight_deep = views["weight_deep"]
+        quantizer_skip, weight_skip = views["weight_skip"]
+        self.deep = _ConvKernel(weight_codes(quantizer_deep, weight_deep, f"{name} (deep)"), _bias(layer), layer,
+                                f"{name} (deep)")
+        self.skip = _ConvKernel(weight_codes(quantizer_skip, weight_skip, f"{name} (skip)"), None, layer,
+                                f"{name} (skip)")
+        self.input_quantizer_deep = layer.input_quantizer_deep
+        self.input_quantizer_skip = layer.input_quantizer_skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.deep(x[:, : self.split], self.input_quantizer_deep)
+        return y.add_(self.skip(x[:, self.split:], self.input_quantizer_skip))
+
+
+class OneDNNLinear(nn.Module):
+    """Integer replacement of a ``QuantLinear``: rows of any leading shape through one 2-D int8 GEMM."""
+
+    def __init__(self, layer: QuantLinear, name: str) -> None:
+        super().__init__()
+        check_activation_quantizer(layer.input_quantizer, name)
+        codes = weight_codes(layer.weight_quantizer, layer.weight, name)
+        if layer.in_features * 255 >= MAX_EXACT_FLOAT:
+            raise ValueError(f"{name}: row sums could exceed 2^24 and lose exactness in float32")
+        self.name = name
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self.packed = torch.ops.onednn.qlinear_prepack(codes.codes, None)  # opaque; not a buffer
+        self.register_buffer("w_scale", codes.scale)
+        self.register_buffer("w_zero", torch.zeros(codes.scale.numel(), dtype=torch.int64))
+        self.register_buffer("bias", _bias(layer))
+        self.has_offset = codes.has_offset
+        self.register_buffer("neg_offset_scale", -codes.offset * codes.scale)
+        self.packed_bytes = codes.codes.numel()
+        self.input_quantizer = layer.input_quantizer
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_float_input(x, self.name)
+        codes, grid = activation_codes(x, self.input_quantizer)
+        rows = codes.reshape(-1, self.in_features).contiguous()
+        x_scale, x_zero = float(grid.scale), int(grid.zero_point)
+        y = torch.ops.onednn.qlinear_pointwise(rows, x_scale, x_zero, self.packed, self.w_scale, self.w_zero,
+                                               self.bias, 1.0, 0, torch.float32, "none", [], "")
+        if self.has_offset:
+            centred = rows.sum(dim=1, keepdim=True, dtype=torch.int32).float() - self.in_features * x_zero
+            y.addcmul_(centred, self.neg_offset_scale * x_scale)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def cpu_int8_layer(module: nn.Module, name: str) -> nn.Module | None:
+    """The int8 CPU replacement of a fake-quant layer, or ``None`` for a module this backend leaves alone."""
+    kind = type(module)
+    if kind is QuantConv2d:
+        return OneDNNConv2d(module, name)
+    if kind is SplitQuantConv2d:
+        return OneDNNSplitConv2d(module, name)
+    if kind is QuantLinear:
+        return OneDNNLinear(module, name)
+    return None

@@ -1,0 +1,128 @@
+"""Execution backends and ``to_backend``: the same calibrated model, simulated (``fake``) or run in integers.
+
+A converted model is still a ``QuantizedDenoiser`` (same ``forward(x, t)``, adapter, config, plans and correction
+stack), so ``tadq.sample`` and every sampler-level correction (PTQD, TAC, TCEC, TFMQ's per-step tables) run on it
+unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from tadq.backends.capability import int8_cpu_missing, int8_cuda_missing
+from tadq.backends.convert import LayerFactory, convert_layers
+from tadq.denoiser import QuantizedDenoiser
+
+__all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
+           "held_weight_bytes"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run on this machine (the message says why); nothing is substituted."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named way to execute a quantized model.
+
+    Args:
+        name: what ``to_backend``, ``tadq.load(..., backend=)`` and ``tadq sample --backend`` take.
+        description: one line for help texts.
+        missing: why it cannot run here (``None`` when it can).
+        factory: fake-quant layer → integer layer (``None`` for the ``fake`` backend, which converts nothing).
+    """
+
+    name: str
+    description: str
+    missing: Callable[[], str | None]
+    factory: LayerFactory | None
+
+
+def _cpu_factory() -> LayerFactory:
+    from tadq.backends.cpu_int8 import cpu_int8_layer
+
+    return cpu_int8_layer
+
+
+def _cuda_factory() -> LayerFactory:
+    from tadq.backends.cuda_int8 import int_mm_layer
+
+    return int_mm_layer
+
+
+BACKENDS: dict[str, Backend] = {
+    "fake": Backend("fake", "float simulation of the integer arithmetic (the reference)", lambda: None, None),
+    "int8": Backend("int8", "oneDNN u8·s8 convolutions and linears on x86 CPUs with VNNI/AMX", int8_cpu_missing,
+                    _cpu_factory()),
+    "int8-cuda": Backend("int8-cuda", "torch._int_mm linears and im2col convolutions on CUDA (never run on a GPU "
+                         "yet)", int8_cuda_missing, _cuda_factory()),
+}
+
+
+def check_backend(name: str) -> Backend:
+    """The backend called ``name``; raises ``ValueError`` (unknown) or ``BackendUnavailableError`` (not here)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    backend = BACKENDS[name]
+    reason = backend.missing()
+    if reason is not None:
+        raise BackendUnavailableError(f"backend {name!r} is not available on this machine: {reason}. It is not "
+                                      "replaced by the float simulation; choose backend='fake' explicitly")
+    return backend
+
+
+class IntegerDenoiser(QuantizedDenoiser):
+    """A ``QuantizedDenoiser`` whose quantized layers run integer kernels.
+
+    Attributes:
+        backend: the backend name.
+        layers: {"integer": {layer: kernel class}, "float": {module: why it stays in float}}.
+    """
+
+    def __init__(self, source: QuantizedDenoiser, backend: str, layers: dict[str, dict[str, str]]) -> None:
+        super().__init__(source.model, source.adapter, source.config, source.plans)
+        self.reconstruction_report = source.reconstruction_report
+        self.corrections = source.corrections
+        self.backend = backend
+        self.layers = layers
+
+    def save_pretrained(self, directory: str | Path, scheduler=None, *, overwrite: bool = False):
+        raise TypeError("an integer-backend model holds prepacked kernels, not the artefact's tensors: save the "
+                        "'fake' model (tadq.quantize / tadq.load) and convert after loading")
+
+
+def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -> QuantizedDenoiser:
+    """``qmodel`` executed by backend ``name``: ``fake`` returns it as is; integer backends convert its layers.
+
+    Args:
+        qmodel: a calibrated (or loaded) fake-quant ``QuantizedDenoiser``.
+        name: a key of ``BACKENDS``.
+        inplace: convert ``qmodel`` itself (its fake-quant layers and float weights are dropped, which is what keeps
+            a loaded model small); otherwise a copy is converted and ``qmodel`` stays usable.
+
+    Raises:
+        BackendUnavailableError: the backend cannot run on this machine.
+        ValueError: a layer the backend cannot run in integers (the message names it), or an unknown backend.
+    """
+    backend = check_backend(name)
+    if not isinstance(qmodel, QuantizedDenoiser):
+        raise TypeError(f"to_backend takes a QuantizedDenoiser, got {type(qmodel).__name__}")
+    if isinstance(qmodel, IntegerDenoiser):
+        raise ValueError(f"the model already runs on backend {qmodel.backend!r}; convert its fake-quant original")
+    if backend.factory is None:
+        return qmodel
+    target = qmodel if inplace else copy.deepcopy(qmodel)
+    layers = convert_layers(target.model, backend.factory, name)
+    return IntegerDenoiser(target, name, layers)
+
+
+def held_weight_bytes(module: nn.Module) -> int:
+    """Bytes of every parameter, buffer and prepacked int8 weight a model holds (what it keeps in memory)."""
+    tensors = {id(t): t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())}
+    packed = sum(getattr(m, "packed_bytes", 0) for m in module.modules())
+    return sum(tensors.values()) + packed
