@@ -1,7 +1,7 @@
 """PTQD step-aware mixed precision: bit-operations vs FD-digits / PSNR, beside the single-precision points.
 
 Low bits (W4A4) for the noisy early steps and high bits (W4A8) later, the switch chosen by the SNR rule
-(methods.md §2 B5, [RECON]) for a sweep of γ. Every point is sampled from the same evaluation noise as the FP
+(docs/methods/ptqd.md, [RECON]) for a sweep of γ. Every point is sampled from the same evaluation noise as the FP
 reference. Reuses the Q-Diffusion base models that `tadq run` saved (runs/main/models) when present. Run:
 
     python benchmarks/mixed_precision.py [--samples 1000] [--models-dir runs/main/models] [--out runs/bench/mixed]

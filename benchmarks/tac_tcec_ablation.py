@@ -1,4 +1,4 @@
-"""Ablation of TAC's and TCEC's reconstructed choices on the shipped model (methods.md §3 B, §4 B6 [RECON]).
+"""Ablation of TAC's and TCEC's reconstructed choices on the shipped model (docs/methods/tac.md and tcec.md, [RECON]).
 
 Every variant is fitted on calibration noise (seed 0; TCEC scores its (a, κ) candidates on seed 100000) on top of
 the same Q-Diffusion base model and sampled from the evaluation noise (seed 1000) beside FP. The base models are

@@ -125,7 +125,7 @@ def adapter_for(model: nn.Module):
 
 
 def register_correction(config_type: type) -> Callable[[type[T]], type[T]]:
-    """Class decorator: build the decorated ``Correction`` for configs of ``config_type`` (architecture.md §5).
+    """Class decorator: build the decorated ``Correction`` for configs of ``config_type`` (docs/architecture.md).
 
     The config type is also registered with ``register_config_type`` so stacks save as JSON, and the
     correction class gets ``config_type`` as a class attribute.

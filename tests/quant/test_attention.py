@@ -1,4 +1,4 @@
-"""Quantized attention matmuls (methods.md §1 B1.3): q, k, v and the softmax output P."""
+"""Quantized attention matmuls (docs/methods/qdiffusion.md#attention): q, k, v and the softmax output P."""
 
 import copy
 

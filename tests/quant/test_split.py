@@ -1,4 +1,4 @@
-"""Shortcut splitting (methods.md §1 B1.6): the split conv, and where the adapter says inputs split."""
+"""Shortcut splitting (docs/methods/qdiffusion.md): the split conv, and where the adapter says inputs split."""
 
 import pytest
 import torch

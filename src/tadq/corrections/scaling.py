@@ -1,5 +1,5 @@
-"""Closed-form per-channel affine fits of one noise estimate onto another (TAC NER, TCEC's K_t; methods.md §3 B4,
-§4 B5).
+"""Closed-form per-channel affine fits of one noise estimate onto another (TAC NER, TCEC's K_t; docs/methods/tac.md,
+docs/methods/tcec.md).
 
 For one step and channel c, with ε̂ the estimate to correct and ε the target, K (and optionally an offset d)
 minimise
@@ -8,7 +8,7 @@ minimise
 
 over the samples and pixels of the channel. L is quadratic in (K, d), so the minimiser is one 1×1 (no offset) or
 2×2 (offset) linear solve per channel. The mask keeps the relative term away from targets near zero, where
-(·/ε)² explodes (methods.md §3(f)); τ = ``mask_threshold`` · std(ε) of the step.
+(·/ε)² explodes (docs/methods/tac.md#ner); τ = ``mask_threshold`` · std(ε) of the step.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Who am I in the job: rank discovery, process-group setup and teardown, and the few collectives tadq needs.
 
 Plain ``torch.distributed`` rather than accelerate: under ``torchrun`` on a CPU-only machine accelerate's
-``PartialState()`` silently stays single-process (facts.md, "Scale-out"), while a gloo group splits the work. The
+``PartialState()`` silently stays single-process (docs/architecture.md), while a gloo group splits the work. The
 same code runs with nccl on GPUs; the backend follows the device (gloo for CPU, nccl for CUDA). Outside ``torchrun``
 nothing is initialised and every collective degrades to the single-process answer, so library code never branches
 on "am I distributed".
@@ -89,7 +89,7 @@ class World:
         """Describe the already-initialised default group, or a single process when there is none.
 
         Raises under a multi-process ``torchrun`` job whose group was never joined: every rank would otherwise do the
-        whole job, the silent failure accelerate's ``PartialState()`` has on CPU (facts.md, "Scale-out").
+        whole job, the silent failure accelerate's ``PartialState()`` has on CPU (docs/architecture.md#many-processes).
         """
         if dist.is_available() and dist.is_initialized():
             local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank() % max(torch.cuda.device_count(), 1)))

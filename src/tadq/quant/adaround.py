@@ -1,4 +1,4 @@
-"""AdaRound: learn whether each weight rounds down or up (Nagel et al. 2020; methods.md §1 B3.3-B3.5).
+"""AdaRound: learn whether each weight rounds down or up (Nagel et al. 2020; docs/methods/qdiffusion.md#adaround).
 
 Notation: ``Ŵ = Δ·(clamp(⌊W/Δ⌋ + h(V) + z, qmin, qmax) − z)`` with the rectified sigmoid
 ``h(V) = clip(σ(V)(ζ − γ) + γ, 0, 1)``, ζ = 1.1, γ = −0.1. V starts where h(V) = frac(W/Δ), so the soft

@@ -1,4 +1,4 @@
-"""Quantized attention matmuls: q, k, v and the softmax output P fake-quantized (Q-Diffusion, methods.md §1 B1.3).
+"""Quantized attention matmuls: q, k, v and the softmax output P fake-quantized (docs/methods/qdiffusion.md#attention).
 
 The projections ``to_q``/``to_k``/``to_v``/``to_out`` are ordinary ``QuantLinear`` layers; what they cannot
 cover are the two activation-activation matmuls ``q kᵀ`` and ``P v``. ``QuantAttnProcessor`` replaces diffusers'
@@ -61,7 +61,7 @@ def install_attention_quantizers(attn: Attention, activation_scheme: QScheme, so
 
 
 class QuantAttnProcessor:
-    """diffusers attention processor with fake-quantized matmul operands (methods.md §1 B1.3).
+    """diffusers attention processor with fake-quantized matmul operands (docs/methods/qdiffusion.md#attention).
 
     Reproduces ``AttnProcessor2_0`` step by step (spatial norm, (B, C, H, W) → (B, HW, C), group norm,
     projections, heads, output projection, residual, ``rescale_output_factor``); with the quantizers off its

@@ -1,7 +1,7 @@
 """Fake-quantized drop-in layers: ``QuantConv2d`` and ``QuantLinear``.
 
 Each keeps the original ``weight``/``bias`` parameters and adds a per-output-channel ``weight_quantizer`` and a
-per-tensor ``input_quantizer`` (the layer's input activation, as in Q-Diffusion, methods.md §1 B1.1). The weight
+per-tensor ``input_quantizer`` (the layer's input activation, as in docs/methods/qdiffusion.md). The weight
 range is set at construction, from the weight itself; the input range needs calibration data.
 """
 

@@ -1,6 +1,6 @@
 """Quantization schemes: how one tensor is mapped to integers, and the WxAy presets built from them.
 
-Notation (methods.md §0.1): a b-bit uniform affine fake-quantizer with step Δ and integer zero point z is
+Notation (docs/methods/notation.md): a b-bit uniform affine fake-quantizer with step Δ and integer zero point z is
 ``Q(x) = Δ·(clamp(round(x/Δ) + z, qmin, qmax) − z)``; asymmetric uses [0, 2^b − 1], symmetric z = 0 and
 [−2^{b−1}, 2^{b−1} − 1].
 """
@@ -27,7 +27,7 @@ class QScheme:
         granularity: one (Δ, z) per tensor, or one per output channel (dim 0; weights only).
         range_method: how the clipping range is chosen: ``minmax`` (observed extremes), ``percentile``
             (clip the tails), or ``mse`` (shrink the min/max range to minimise the Lp error; Q-Diffusion's
-            ``scale_method='mse'``, methods.md §1 B1.4).
+            ``scale_method='mse'``, docs/methods/qdiffusion.md#ranges).
         percentile: tail cut for ``percentile`` (99.99: keep all but the most extreme 0.01 %).
         mse_p: exponent of the Lp error for ``mse`` (2.4: Q-Diffusion / BRECQ).
         mse_grid: number of shrink factors tried for ``mse``, 1 − 0.01·i for i < grid (80: Q-Diffusion).

@@ -36,7 +36,7 @@ def percentile_range(x: Tensor, percentile: float, per_channel: bool = False) ->
 def mse_range(x: Tensor, scheme: QScheme, per_channel: bool = False) -> tuple[Tensor, Tensor]:
     """Shrink [min, max] by 1 − 0.01·i and keep, per channel, the range with the lowest mean |x − Q(x)|^p.
 
-    Q-Diffusion / BRECQ's ``scale_method='mse'`` (methods.md §1 B1.4): p = 2.4, 80 shrink factors.
+    Q-Diffusion / BRECQ's ``scale_method='mse'`` (docs/methods/qdiffusion.md#ranges): p = 2.4, 80 shrink factors.
     """
     flat = _flatten(x, per_channel).float()  # (C, n)
     low0, high0 = flat.min(dim=1).values, flat.max(dim=1).values

@@ -3,7 +3,7 @@
 In a decoder ResBlock the shortcut conv reads ``X = cat[h_deep, h_skip]`` (C1 deep channels, then the encoder's
 skip features). The two halves have very different ranges (a bimodal histogram), so one per-tensor quantizer
 wastes most of its grid on one of them. Splitting gives each half its own activation quantizer and its own
-per-output-channel weight quantizer (methods.md §1 B1.6):
+per-output-channel weight quantizer (docs/methods/qdiffusion.md#split-shortcuts):
 
     Y = conv(cat[Q_a1(X[:, :C1]), Q_a2(X[:, C1:])], cat[Q_w1(W[:, :C1]), Q_w2(W[:, C1:])])
 """

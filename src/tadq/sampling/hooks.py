@@ -1,10 +1,10 @@
 """The four places where a correction may act inside tadq's sampling loop.
 
-Every hook defaults to the identity (architecture.md §5, after diffusers' ``ModelHook``), so corrections that
+Every hook defaults to the identity (docs/architecture.md, after diffusers' ``ModelHook``), so corrections that
 touch different places stack, and a list of hooks is applied in list order at each place. Per step the loop runs
 
     x̃_t = before_model(x_t)          input / exposure-bias correction (TAC IBC); x̃_t is also the state the
-                                        sampler update uses (TAC's [RECON] default, methods.md §3(b))
+                                        sampler update uses (TAC's [RECON] default, docs/methods/tac.md#ibc)
     ε   = after_model(denoiser(x̃_t, t), x̃_t)   noise-estimate correction (PTQD CNC/BC, TAC NER, TCEC)
     σ'  = noise_std(σ_t)               sampler variance (PTQD VSC)
     x_prev = after_step(step(x̃_t, ε, σ', z))   propagated-error correction (TCEC)

@@ -1,4 +1,4 @@
-"""Cache-based maintenance and disturbance-aware selection (journal extension, methods.md §5 B5, [RECON]).
+"""Cache-based maintenance and disturbance-aware selection (journal extension, docs/methods/tfmq.md#cache, [RECON]).
 
 The temporal features f_{t,i} depend only on (t, y), and t comes from the finite sampler grid, so each one can be
 precomputed per deployment timestep and served from a table instead of being recomputed through the quantized

@@ -1,6 +1,6 @@
-"""``TFMQConfig``: the switches of TFMQ-DM and its journal extension (methods.md §5).
+"""``TFMQConfig``: the switches of TFMQ-DM and its journal extension (docs/methods/tfmq.md).
 
-Every [RECON] choice of methods.md §5(b) is a field here, so the ablations in ``src/tadq/tfmq/README.md`` are config
+Every [RECON] choice (docs/methods/tfmq.md) is a field here, so the ablations in ``src/tadq/tfmq/README.md`` are config
 changes, not code changes.
 """
 
@@ -23,26 +23,26 @@ MAINTENANCE: tuple[str, ...] = ("tib", "cache_fp", "cache_quantized", "select")
 
 @dataclass(frozen=True)
 class TFMQConfig(CorrectionConfig):
-    """TFMQ-DM (Huang et al., CVPR 2024) and *Temporal Feature Matters* (TPAMI 2025), methods.md §5.
+    """TFMQ-DM (Huang et al., CVPR 2024) and *Temporal Feature Matters* (TPAMI 2025), docs/methods/tfmq.md.
 
     Args:
         tiar: Temporal information aware reconstruction: AdaRound the temporal information block (TIB) against the
-            FP temporal features over the deployment timesteps, before the other blocks (§5 B2).
+            FP temporal features over the deployment timesteps, before the other blocks (docs/methods/tfmq.md#tiar).
         tiar_iters: AdaRound iterations of TIAR (the authors: 20 000 on a GPU; the TIB is a few linears, so a CPU
             budget of 2000 costs seconds).
         tiar_lr: Adam learning rate of TIAR's rounding variables (3e-2: the rate measured best for block
             reconstruction on this CPU budget, ``ReconstructionConfig.weight_lr``).
         tiar_batch_size: timesteps (× labels) per TIAR step (32: the authors' batch).
         freeze_time_projections: keep every block's time projection out of the ordinary block reconstruction
-            (the paper's "Freeze" strategy, §5 B2.6). With ``tiar`` the whole TIB is frozen there.
-        fsc: finite-set calibration of activation ranges, one (Δ, z) per sampler step (§5 B3): ``"tib"`` for the
+            (the paper's "Freeze" strategy, docs/methods/tfmq.md#tiar). With ``tiar`` the whole TIB is frozen there.
+        fsc: finite-set calibration of activation ranges, one (Δ, z) per sampler step (B3): ``"tib"`` for the
             TIB's activation quantizers only (the paper), ``"model"`` for every activation quantizer (the authors'
             code, issue #5), ``"off"`` for none.
         fsc_range: how a step's range is estimated: ``"minmax"`` (the paper's choice) or ``"scheme"`` (the
             activation scheme's own estimator, MSE-Lp2.4 in the presets).
         fsc_samples_per_step: FP-trajectory inputs per step for model-wide FSC (the TIB needs none: its inputs
             depend only on t).
-        maintenance: how temporal features are served at inference (journal, §5 B5, [RECON]): ``"tib"`` (through
+        maintenance: how temporal features are served at inference (journal, B5, [RECON]): ``"tib"`` (through
             the quantized TIB), ``"cache_fp"`` (a table of exact FP features per timestep), ``"cache_quantized"``
             (FP features quantized with one (Δ, z) per step and block, ``cache_bits``), ``"select"`` (per block,
             whichever of the TIB and the quantized cache disturbs the feature less).

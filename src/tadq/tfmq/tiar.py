@@ -1,4 +1,4 @@
-"""Temporal information aware reconstruction (TIAR, methods.md §5 B2).
+"""Temporal information aware reconstruction (TIAR, docs/methods/tfmq.md#tiar).
 
 AdaRound on every quantized layer of the TIB (h's linears, the label path's linears, every g_i), with the loss
 
@@ -6,7 +6,7 @@ AdaRound on every quantized layer of the TIB (h's linears, the label path's line
 
 over the finite deployment set {(t, y)}: the sampler grid's timesteps (× the class labels). x never enters, so the
 temporal features are fitted directly instead of through x_t-driven block targets (which TFMQ-DM shows overfit
-and disturb them). Activation quantizers are off, as in the weight phase of block reconstruction (§1 B3.5); λ and
+and disturb them). Activation quantizers are off, as in the weight phase of block reconstruction; λ and
 the β schedule are the block reconstruction's (``ReconstructionConfig``). If the learned rounding ends worse than
 nearest rounding over the whole set, nearest rounding is kept.
 """

@@ -1,13 +1,13 @@
-"""The temporal information block (TIB) of TFMQ-DM (methods.md §5 B1), found from adapter roles.
+"""The temporal information block (TIB) of TFMQ-DM (docs/methods/tfmq.md#tib), found from adapter roles.
 
-Notation (methods.md §5(a)): the timestep enters a UNet only through the temporal features
+Notation (docs/methods/tfmq.md#tib): the timestep enters a UNet only through the temporal features
 
     emb_t    = h(t) [+ e(y)]                 h: sinusoidal projection → time-embedding MLP; e: label embedding
     f_{t,i}  = g_i(emb_t) = W_i·SiLU(emb_t)   ResBlock i's ``time_emb_proj`` (no SiLU when ``skip_time_act``)
 
 They do not depend on x_t, and t comes from the finite sampler grid, so the TIB can be run alone on (t, y). The
 layers come from the adapter's roles ``time_embedding``, ``class_embedding`` and ``time_projection``; the label
-embedding is part of the TIB (the authors' code drops it, §5 B1: a code gap this module does not copy).
+embedding is part of the TIB (the authors' code drops it: a code gap this module does not copy).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""PTQD (He et al., NeurIPS 2023): correlated-noise, bias and variance-schedule corrections (methods.md §2).
+"""PTQD (He et al., NeurIPS 2023): correlated-noise, bias and variance-schedule corrections (docs/methods/ptqd.md).
 
 ``experiment`` (``fit_ptqd``), ``mixed_precision`` and ``plots`` are imported explicitly: they depend on
 ``tadq.denoiser``, which imports this package.

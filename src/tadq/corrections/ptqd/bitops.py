@@ -1,4 +1,4 @@
-"""Bit-operations of one denoiser forward: the cost measure of PTQD's mixed precision (methods.md §2(e)).
+"""Bit-operations of one denoiser forward: the cost measure of PTQD's mixed precision (docs/methods/ptqd.md).
 
     BOPs = Σ_layers MACs_layer × b_w × b_a
 

@@ -1,6 +1,6 @@
-"""PTQD's per-step correction of the quantized noise prediction and of the sampler variance (methods.md §2).
+"""PTQD's per-step correction of the quantized noise prediction and of the sampler variance (docs/methods/ptqd.md).
 
-Notation (methods.md §0.1 and §2 B1-B4), per sampler step t, stored in table row ``step.index``:
+Notation (docs/methods/notation.md, docs/methods/ptqd.md), per sampler step t, stored in table row ``step.index``:
 
     ε, ε̂     FP and quantized noise predictions (ε̂ after the corrections earlier in the stack), (N, C, H, W)
     Δ        ε̂ − ε, the quantization error; model: Δ = k_t ε + Δ', Δ' ~ N(μ_t, σ²_q,t)          (B1)
@@ -11,7 +11,7 @@ Notation (methods.md §0.1 and §2 B1-B4), per sampler step t, stored in table r
     σ_q,t    per-sample population std of r over (C, H, W), averaged over samples            (B3)
     σ̃_q,t    σ_q,t / (1 + k⁺_t), the residual std left after CNC                            (B4.2)
     c_t      ε coefficient of the sampler update, ``StepContext.coef_eps``, evaluated with the sampler's own σ_t:
-             DDIM √(1−ᾱ_prev−σ_t²) − √(ᾱ_prev(1−ᾱ_t)/ᾱ_t) (B4.3), DDPM B_t = −β_t/(√α_t √(1−ᾱ_t)) (§0.1)
+             DDIM √(1−ᾱ_prev−σ_t²) − √(ᾱ_prev(1−ᾱ_t)/ᾱ_t) (B4.3), DDPM B_t = −β_t/(√α_t √(1−ᾱ_t))
 
     CNC + BC   ε̃ = (ε̂ − μ_t) / (1 + k⁺_t)                                          (B4.1, full-code order)
     VSC        σ'_t = √max(0, σ_t² − c_t² σ̃²_q,t)                                  (B4.3; DDPM in the same form)
@@ -36,7 +36,7 @@ __all__ = ["PTQDCorrection", "ptqd_tables", "vsc_report"]
 
 
 def _fit_step(eps: Tensor, delta: Tensor, config: PTQDConfig) -> tuple[float, Tensor, float]:
-    """(k_t, μ_t (C,), σ_q,t) from one step's ε and Δ, both (N, C, H, W) float64 (methods.md §2 B3)."""
+    """(k_t, μ_t (C,), σ_q,t) from one step's ε and Δ, both (N, C, H, W) float64 (docs/methods/ptqd.md#statistics)."""
     e, d = eps.flatten(), delta.flatten()
     e_centred = e - e.mean()
     variance = float(e_centred.square().sum())
@@ -60,7 +60,7 @@ def _applied_k(k: Tensor, config: PTQDConfig) -> Tensor:
 
 @register_correction(PTQDConfig)
 class PTQDCorrection(Correction):
-    """CNC + BC on ε̂ after the network, VSC on the sampler's σ_t (methods.md §2 B4).
+    """CNC + BC on ε̂ after the network, VSC on the sampler's σ_t (docs/methods/ptqd.md#correction).
 
     Tables (buffers, one row per sampler step): ``k`` (S,) the fitted slope (before clamping), ``mu`` (S, C),
     ``sigma_q`` (S,), and for reports and the mixed-precision rule ``timesteps`` (S,), ``alpha_prod`` ᾱ_t (S,),
@@ -90,7 +90,7 @@ class PTQDCorrection(Correction):
 
     @property
     def sigma_tilde(self) -> Tensor:
-        """σ̃_q,t = σ_q,t / (1 + k⁺_t) (S,), the residual std after CNC (methods.md §2 B4.2)."""
+        """σ̃_q,t = σ_q,t / (1 + k⁺_t) (S,), the residual std after CNC (docs/methods/ptqd.md)."""
         return self.sigma_q / (1.0 + self.k_applied)
 
     def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
@@ -128,7 +128,7 @@ class PTQDCorrection(Correction):
 
 
 def vsc_report(correction: PTQDCorrection) -> str:
-    """One sentence for the report on what VSC did on the fitted sampler (methods.md §2 B4, η = 0 note)."""
+    """One sentence for the report on what VSC did on the fitted sampler (docs/methods/ptqd.md)."""
     if not correction.fitted:
         raise ValueError("vsc_report needs a fitted PTQDCorrection")
     key = correction.table_key

@@ -1,4 +1,4 @@
-"""``TACConfig``: which of TAC-Diffusion's two corrections act and the [RECON] choices of each (methods.md §3)."""
+"""``TACConfig``: which of TAC-Diffusion's two corrections act and the [RECON] choices of each."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ __all__ = ["TACConfig"]
 class TACConfig(CorrectionConfig):
     """TAC-Diffusion (Yao et al., ECCV 2024): input bias correction (IBC) and noise estimation reconstruction (NER).
 
-    There is no public code; every formula is a reconstruction (methods.md §3 B) and each choice is a field here.
+    There is no public code; every formula is a reconstruction (docs/methods/tac.md) and each choice is a field here.
     Defaults are the ones the ablation in this folder's README picked on the shipped model.
 
     Args:

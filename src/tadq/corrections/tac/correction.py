@@ -1,4 +1,4 @@
-"""TAC-Diffusion's per-step input bias correction (IBC) and noise estimation reconstruction (NER), methods.md §3 B.
+"""TAC-Diffusion's per-step input bias correction (IBC) and noise estimation reconstruction (NER), docs/methods/tac.md.
 
 Per sampler step i (table row ``step.index``):
 
@@ -29,7 +29,7 @@ __all__ = ["TACCorrection", "tac_tables"]
 
 @register_correction(TACConfig)
 class TACCorrection(SequentialCorrection):
-    """IBC before the network and NER after it (methods.md §3 B, "Sampling at step i").
+    """IBC before the network and NER after it (docs/methods/tac.md#sampling).
 
     Tables: ``input_bias``, ``scale`` K and ``offset`` d, each (S, C) or, at full resolution, (S, C, H, W).
     """

@@ -1,4 +1,4 @@
-"""``TCECConfig``: timestep-aware cumulative error compensation and its [RECON] choices (methods.md §4)."""
+"""``TCECConfig``: timestep-aware cumulative error compensation and its [RECON] choices (docs/methods/tcec.md)."""
 
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ def _unit_floats(name: str, values: tuple[float, ...]) -> None:
 class TCECConfig(CorrectionConfig):
     """TCEC (Liu et al., arXiv 2508.12094): a per-step error model E_t(ε̂) = K_t ⊙ ε̂ (+ b_t), compensated online.
 
-    The paper's final formula (its Eq. 18) was not retrieved; the compensation is the reconstruction of methods.md
-    §4 B6, with a ∈ [0, 1] mixing the immediate (a = 1) and the delayed window-1 (a = 0) forms:
+    The paper's final formula (its Eq. 18) was not retrieved; the compensation is the reconstruction of
+    docs/methods/tcec.md, with a ∈ [0, 1] mixing the immediate (a = 1) and the delayed window-1 (a = 0) forms:
 
         ε̃_t = ε̂_t − a E_t(ε̂_t) − (1−a) κ (A_t/B_t) B_{t+1} E_{t+1}(ε̂_{t+1})   [− (1−a) E_t(ε̂_t) at the last step]
 
@@ -41,7 +41,7 @@ class TCECConfig(CorrectionConfig):
             "off" with ``include_off``) by the held-out final-x_0 error (``selection_seed``, ``selection_samples``).
             Needs the networks, so it happens in sequential fitting (``fit_stack``); a one-shot ``fit(pair)`` uses
             ``mix``/``damping``/``start``.
-        relative_weight: λ₁ of the masked relative term in the K fit (0: the least squares of methods.md §4 B5).
+        relative_weight: λ₁ of the masked relative term in the K fit (0: the least squares of docs/methods/tcec.md).
         mask_threshold: τ of the mask, in units of std(ε) of the step.
         target: ``"same_input"``: e_t = ε̂(x̂_t) − ε_θ(x̂_t), the step's own quantization error (the paper's e_t);
             ``"fp_trajectory"``: against ε_θ(x_t) on the FP trajectory; ``"next_state"``: against
@@ -51,7 +51,7 @@ class TCECConfig(CorrectionConfig):
         selection_seed: Held-out calibration seed of the (a, κ) choice; must differ from ``seed`` and from every
             evaluation seed. ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
         selection_samples: Trajectories of the held-out score.
-        error_model: ``"on_estimate"``: e_t = K_t ε̂_t by least squares of e on ε̂ (methods.md §4 B5); with
+        error_model: ``"on_estimate"``: e_t = K_t ε̂_t by least squares of e on ε̂ (docs/methods/tcec.md); with
             quantization noise in ε̂ this shrinks K toward 0 (regression dilution). ``"on_target"``: regress ε̂ on
             the clean ε (ε̂ ≈ a ε, PTQD's direction) and set K = 1 − 1/a, which noise in ε̂ does not bias.
         resolution: ``"channel"``: K_t (and b_t) of shape (C,), the paper's channel-wise model; ``"full"``: one per
@@ -59,7 +59,7 @@ class TCECConfig(CorrectionConfig):
             C = 1) the channel-wise K_t is a single number per step and cannot follow spatially structured error.
         offset: Also fit a per-step offset b_t: e_t ≈ K_t ⊙ ε̂_t + b_t (the error's mean, which the scale alone
             cannot express).
-        error_space: ``"eps"``: fit E_t to the error of ε̂ (methods.md §4 B5); ``"state"``: fit B ⊙ E_t to the error
+        error_space: ``"eps"``: fit E_t to the error of ε̂; ``"state"``: fit B ⊙ E_t to the error
             the step puts into the state, step(x̃, ε̂) − step(x̃, ε), with the clip-aware element-wise B of
             ``propagation.step_coefficients`` — where x_0 clipping acts an ε error moves the state with the
             direction coefficient (≈ 1 early on), not B, so the ε-space fit weighs the wrong elements.

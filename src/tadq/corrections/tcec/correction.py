@@ -1,4 +1,4 @@
-"""TCEC's online compensation of the per-step error with the cached previous output (methods.md §4 B5-B6).
+"""TCEC's online compensation of the per-step error with the cached previous output (docs/methods/tcec.md).
 
 Error model: the quantized network's error at step t is e_t ≈ E_t(ε̂_t) = K_t ⊙ ε̂_t (+ b_t with ``offset``), K_t and
 b_t (S, C) or, at full resolution, (S, C, H, W), fitted by the closed form of ``tadq.corrections.scaling``. Under
@@ -75,7 +75,7 @@ class TCECCorrection(SequentialCorrection):
             slope = fit.scale.clamp(min=1e-6)
             self.k[index], self.b[index] = 1.0 - 1.0 / slope, fit.offset / slope
             return
-        # ε ≈ s ε̂ + d by least squares of the target on ε̂ (methods.md §4 B5): e = ε̂ − ε ≈ (1 − s) ε̂ − d
+        # ε ≈ s ε̂ + d by least squares of the target on ε̂ (docs/methods/tcec.md): e = ε̂ − ε ≈ (1 − s) ε̂ − d
         fit = fit_channel_affine(eps_hat, target, relative_weight=self.config.relative_weight,
                                  mask_threshold=self.config.mask_threshold, offset=offset, per_element=per_element)
         self.k[index], self.b[index] = 1.0 - fit.scale, -fit.offset

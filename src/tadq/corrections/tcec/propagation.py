@@ -1,4 +1,4 @@
-"""How per-step noise-estimate error propagates through the sampler, in closed form (TCEC, methods.md §4 B1-B4).
+"""How per-step noise-estimate error propagates through the sampler, in closed form (TCEC, docs/methods/tcec.md).
 
 For the linear update x_prev = A_n x_n + B_n ε + σ_n z shared by the FP and the quantized run (same z), with
 δ_n = x̂_n − x_n the state error and e_n = ε̂(x̂_n) − ε_θ(x̂_n) the network's own error at step n (grid order, n = 0

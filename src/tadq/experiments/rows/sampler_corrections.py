@@ -1,5 +1,5 @@
 """Rows of the sampler-level corrections on the Q-Diffusion base: TAC's IBC and NER alone and together, TCEC, and
-TAC + TCEC (methods.md §3, §4, §7), each fitted with calibration noise for the deployment sampler."""
+TAC + TCEC (docs/methods/composition.md), each fitted with calibration noise for the deployment sampler."""
 
 from __future__ import annotations
 

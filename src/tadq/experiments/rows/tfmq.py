@@ -1,4 +1,4 @@
-"""Rows of ``tadq run`` for TFMQ-DM (methods.md §5), all on the Q-Diffusion row's ``QuantConfig``.
+"""Rows of ``tadq run`` for TFMQ-DM (docs/methods/tfmq.md), all on the Q-Diffusion row's ``QuantConfig``.
 
 One TFMQ reconstruction (TIAR, then block reconstruction with the TIB frozen) is built per preset and kept on disk
 by ``BaseModels`` under the tag of its ``TFMQConfig``; the FSC and maintenance variants are applied to a fresh load
@@ -129,7 +129,7 @@ def tfmq_ptqd_row(bases: BaseModels, config: RunConfig, preset_name: str) -> Var
 
 
 def _stacked_row(name: str, label: str, make) -> None:
-    """TFMQ-DM inside the network, sampler-level corrections on top (methods.md §7: orthogonal, stack freely)."""
+    """TFMQ-DM inside the network, sampler-level corrections on top (docs/methods/composition.md#compatibility)."""
     from tadq.experiments.rows.sampler_corrections import stacked_row
 
     @register_method(name, label)

@@ -1,0 +1,143 @@
+"""Every reference in code and docs resolves inside the repository.
+
+Docstrings, comments and READMEs cite the documentation under ``docs/`` (``docs/methods/ptqd.md#pitfalls``). These
+tests fail when a reference points outside the repository (the old ``methods.md`` / ``facts.md`` /
+``architecture.md`` design notes, ``shared/design``), when a cited ``docs/`` page or ``#anchor`` does not exist,
+or when a relative Markdown link (in ``docs/``, the top-level README or any README under ``src/``) is broken.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCANNED_DIRS = ("src", "tests", "benchmarks", "docs")
+SCANNED_SUFFIXES = {".py", ".md", ".toml", ".txt", ".cfg", ".ini", ".yaml", ".yml"}
+SKIPPED_PARTS = {"__pycache__", ".venv", "runs", ".cache"}
+THIS_FILE = Path(__file__).resolve()
+
+OUTSIDE = re.compile(r"shared/design|\.\./shared\b")
+DESIGN_NOTE = re.compile(r"(?<![\w./-])([\w./-]*\b(?:methods|facts|architecture)\.md)")
+DOCS_REFERENCE = re.compile(r"(?<![\w./-])(docs/[\w./-]+\.md)(?:#([\w-]+))?")
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+FENCE = re.compile(r"^ {0,3}(```|~~~)")
+
+
+def _scanned_files() -> list[Path]:
+    files = [ROOT / "README.md"]
+    for directory in SCANNED_DIRS:
+        for path in sorted((ROOT / directory).rglob("*")):
+            if (path.is_file() and path.suffix in SCANNED_SUFFIXES and path.resolve() != THIS_FILE
+                    and not SKIPPED_PARTS.intersection(path.relative_to(ROOT).parts)
+                    and not any(part.endswith(".egg-info") for part in path.parts)):
+                files.append(path)
+    return files
+
+
+def _markdown_files() -> list[Path]:
+    return [path for path in _scanned_files() if path.suffix == ".md"]
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+
+def _where(path: Path, number: int) -> str:
+    return f"{path.relative_to(ROOT)}:{number}"
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: link text kept, lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading).strip().lower()
+    text = "".join(ch for ch in text if ch.isalnum() or ch in " -_")
+    return text.replace(" ", "-")
+
+
+@cache
+def anchors(path: Path) -> frozenset[str]:
+    """The anchors GitHub generates for ``path``'s headings (duplicates numbered -1, -2, …)."""
+    seen: dict[str, int] = {}
+    found: set[str] = set()
+    in_fence = False
+    for line in _lines(path):
+        if FENCE.match(line):
+            in_fence = not in_fence
+            continue
+        match = None if in_fence else HEADING.match(line)
+        if match:
+            base = slug(match.group(2))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            found.add(base if count == 0 else f"{base}-{count}")
+    return frozenset(found)
+
+
+def test_slug_matches_github():
+    assert slug("Variance schedule calibration") == "variance-schedule-calibration"
+    assert slug("TCEC: closed-form error propagation") == "tcec-closed-form-error-propagation"
+    assert slug("`TFMQConfig` fields") == "tfmqconfig-fields"
+
+
+def test_scanning_finds_the_code_and_the_docs():
+    names = {path.relative_to(ROOT).as_posix() for path in _scanned_files()}
+    assert "README.md" in names and "src/tadq/config.py" in names
+    assert "docs/README.md" in names and "docs/methods/notation.md" in names
+
+
+def test_nothing_points_outside_the_repository():
+    bad = [f"{_where(path, n)}: {line.strip()}" for path in _scanned_files()
+           for n, line in enumerate(_lines(path), 1) if OUTSIDE.search(line)]
+    assert not bad, "references to files outside the repository:\n" + "\n".join(bad)
+
+
+def test_design_note_names_resolve_inside_the_repository():
+    """``methods.md``, ``facts.md`` and ``architecture.md`` may only be named by a path that exists here."""
+    bad = []
+    for path in _scanned_files():
+        for n, line in enumerate(_lines(path), 1):
+            for match in DESIGN_NOTE.finditer(line):
+                target = match.group(1)
+                if target.startswith("/") or not any((base / target).is_file() for base in (ROOT, path.parent)):
+                    bad.append(f"{_where(path, n)}: {target!r} in {line.strip()}")
+    assert not bad, "design-note references that do not resolve in the repository:\n" + "\n".join(bad)
+
+
+def test_docs_references_and_anchors_exist():
+    """``docs/…md`` and ``docs/…md#anchor`` cited anywhere (docstrings, comments, READMEs) exist."""
+    bad = []
+    for path in _scanned_files():
+        for n, line in enumerate(_lines(path), 1):
+            for match in DOCS_REFERENCE.finditer(line):
+                page, anchor = ROOT / match.group(1), match.group(2)
+                if not page.is_file():
+                    bad.append(f"{_where(path, n)}: no page {match.group(1)}")
+                elif anchor and anchor not in anchors(page):
+                    bad.append(f"{_where(path, n)}: no heading #{anchor} in {match.group(1)}")
+    assert not bad, "broken docs references:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("markdown", _markdown_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_markdown_links_resolve(markdown: Path):
+    bad = []
+    in_fence = False
+    for n, line in enumerate(_lines(markdown), 1):
+        if FENCE.match(line):
+            in_fence = not in_fence
+        if in_fence:
+            continue
+        for match in MARKDOWN_LINK.finditer(line):
+            link = match.group(1).strip("<>")
+            if re.match(r"^[a-z][a-z0-9+.-]*:", link):  # http:, https:, mailto:
+                continue
+            target, _, anchor = link.partition("#")
+            page = (markdown.parent / target).resolve() if target else markdown
+            if not page.exists():
+                bad.append(f"{_where(markdown, n)}: {link} (no such file)")
+            elif anchor and page.suffix == ".md" and anchor not in anchors(page):
+                bad.append(f"{_where(markdown, n)}: {link} (no such heading)")
+    assert not bad, "broken links:\n" + "\n".join(bad)
