@@ -11,7 +11,9 @@ import tadq
 from tadq import api
 from tadq.calibration import collect_calibration_set
 from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
+from tadq.fsguard import OutputRefused
 from tadq.io import CONFIG_FILE, WEIGHTS_FILE, ArtefactSize, load_quantized, pack_codes, save_quantized, unpack_codes
+from tadq.io.manifest import write_manifest
 from tadq.quant import QScheme, Quantizer, QuantLayer, quantize_to_int
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
@@ -158,6 +160,7 @@ def test_newer_format_is_refused(tmp_path, tiny_unet, ddpm_scheduler, calibratio
     meta = json.loads((tmp_path / "q" / CONFIG_FILE).read_text())
     meta["format_version"] = 99
     (tmp_path / "q" / CONFIG_FILE).write_text(json.dumps(meta))
+    write_manifest(tmp_path / "q")  # as a newer tadq would have written it (else the checksum fails first)
     with pytest.raises(ValueError, match="newer"):
         load_quantized(tmp_path / "q")
 
@@ -174,6 +177,7 @@ def test_missing_key_names_the_module_that_expected_it(tmp_path, tiny_unet, ddpm
     tensors = load_file(path)
     del tensors[key]
     save_file(tensors, str(path), metadata=metadata)
+    write_manifest(tmp_path / "q")  # a consistent artefact of another structure, not a damaged one
     with pytest.raises(ValueError, match=f"lacks '{key}', expected by module {owner}".replace("(", r"\(").replace(
             ")", r"\)")):
         load_quantized(tmp_path / "q")
@@ -184,11 +188,14 @@ def test_existing_folder_is_kept_unless_overwrite(tmp_path, tiny_unet, ddpm_sche
     target.mkdir()
     (target / "notes.txt").write_text("mine")
     qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration)
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(OutputRefused, match="overwrite"):
         save_quantized(qmodel, target, ddpm_scheduler)
+    with pytest.raises(OutputRefused, match="tadq did not write"):  # a folder tadq did not write is never replaced
+        save_quantized(qmodel, target, ddpm_scheduler, overwrite=True)
     assert (target / "notes.txt").read_text() == "mine"
-    save_quantized(qmodel, target, ddpm_scheduler, overwrite=True)
+    save_quantized(qmodel, target, ddpm_scheduler, overwrite=True, force_foreign=True)  # named explicitly
     assert not (target / "notes.txt").exists() and (target / CONFIG_FILE).exists()
+    save_quantized(qmodel, target, ddpm_scheduler, overwrite=True)  # tadq's own artefact: replaced
     assert [p.name for p in tmp_path.iterdir()] == ["q"]  # no staging folder left behind
 
 

@@ -25,6 +25,7 @@ from tadq.corrections.io import CORRECTIONS_FILE
 from tadq.corrections.ptqd import ptqd_tables, vsc_report
 from tadq.corrections.ptqd.experiment import fit_ptqd
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
+from tadq.io.manifest import write_manifest
 from tadq.metrics import per_step_mse
 from tadq.sampling import NoiseStd, SamplerConfig, make_scheduler, sample, step_contexts
 
@@ -217,6 +218,9 @@ def test_saved_ptqd_model_samples_bit_identically(corrected_unet, ddpm_scheduler
     tables = load_file(tmp_path / "q" / CORRECTIONS_FILE)
     del tables["members.0.sigma_q"]
     save_file(tables, tmp_path / "q" / CORRECTIONS_FILE, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="corrections.safetensors has"):  # the manifest sees the change first
+        tadq.load(tmp_path / "q")
+    write_manifest(tmp_path / "q")  # a consistent artefact whose tables lack one: the message names the owner
     with pytest.raises(ValueError, match="PTQDCorrection"):
         tadq.load(tmp_path / "q")
 
@@ -243,3 +247,17 @@ def test_ddim_noise_only_vsc_moves_the_variance_back_and_full_code_form_does_not
         variance[label] = float(states[-1].double().var())
     gap = {label: abs(variance[label] - variance["fp"]) for label in variants}
     assert gap["noise_only"] < gap["cnc_bc"] < gap["full_code"], variance
+
+
+def test_tables_fitted_with_clipping_refuse_a_sampler_without_it():
+    """The sampler key leaves x̂₀ clipping out (it comes from the scheduler config); the table key records it."""
+    clipped = SamplerConfig(kind="ddim", num_steps=10, eta=0.0, clip_sample=True)
+    correction, _ = _fit(clipped)
+    assert correction.table_key.clip_sample_range == 1.0 and correction.table_key.clip_recorded
+    fp = AnalyticDenoiser(analytic_scheduler())
+    with pytest.raises(ValueError, match=r"fitted with x̂₀ clipped to ±1.0 but is used without x̂₀ clipping"):
+        _trajectory(fp, SamplerConfig(kind="ddim", num_steps=10, eta=0.0), [correction])
+    _trajectory(fp, clipped, [correction])  # the same clipping is accepted
+    unclipped, _ = _fit(SAMPLERS["ddim-eta0"])
+    with pytest.raises(ValueError, match="clip_sample"):
+        _trajectory(fp, clipped, [unclipped])

@@ -233,7 +233,9 @@ def _first_difference(saved: dict, expected: dict) -> str:
     return "unknown field"
 
 
-def _load_checkpoint(checkpoint: Path, fields: dict, plan_length: int) -> tuple[dict[str, Tensor], int, list[UnitReport]]:
+def _load_checkpoint(
+    checkpoint: Path, fields: dict, plan_length: int,
+) -> tuple[dict[str, Tensor], int, list[UnitReport]]:
     """(model state, steps done, reports) of a checkpoint written by this run's settings; raises naming the field."""
     state, meta = load_checked(checkpoint, "reconstruction checkpoint")
     if not isinstance(meta, dict) or meta.get("kind") != "tadq-reconstruction-checkpoint":

@@ -45,24 +45,35 @@ class TableKey:
         num_steps: S, the length of every table.
         guidance_scale: Classifier-free guidance scale w (1.0 for unconditional models).
         bits: Bit label of the quantized model the tables were fitted with, e.g. ``"W4A8"``.
+        clip_sample_range: x̂₀ clipping of the fitting sampler (``None``: off). The sampler key does not hold it (it
+            comes from the scheduler config), yet clipping changes every step after the first clipped one.
+        clip_recorded: Whether ``clip_sample_range`` was recorded; tables saved by an older tadq did not record it
+            and cannot be checked.
     """
 
     sampler_key: str
     num_steps: int
     guidance_scale: float
     bits: str
+    clip_sample_range: float | None = None
+    clip_recorded: bool = False
 
     @classmethod
     def from_pair(cls, pair: TrajectoryPair) -> TableKey:
         """The key of tables fitted on ``pair``."""
-        return cls(pair.sampler_key, pair.num_steps, float(pair.guidance_scale), pair.bits)
+        return cls(pair.sampler_key, pair.num_steps, float(pair.guidance_scale), pair.bits,
+                   pair.steps[0].clip_sample_range, True)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TableKey:
-        return cls(**json.loads(text))
+        fields = json.loads(text)
+        if not isinstance(fields, dict) or set(fields) - set(cls.__dataclass_fields__):
+            raise ValueError(f"correction table key {text[:80]!r} has unknown fields; the tables are damaged or "
+                             "were written by a newer tadq")
+        return cls(**fields)
 
 
 @dataclass(frozen=True)
@@ -175,6 +186,13 @@ class Correction(nn.Module, IdentityHooks, ABC):
         if step.sampler_key != key.sampler_key:
             raise ValueError(f"{name} was fitted for sampler {key.sampler_key!r} but is used with "
                              f"{step.sampler_key!r}; its tables depend on kind, steps and η: refit it")
+        if key.clip_recorded and step.clip_sample_range != key.clip_sample_range:
+            def clipping(value: float | None) -> str:
+                return "without x̂₀ clipping" if value is None else f"with x̂₀ clipped to ±{value}"
+
+            raise ValueError(f"{name} was fitted {clipping(key.clip_sample_range)} but is used "
+                             f"{clipping(step.clip_sample_range)} (clip_sample); sample with the same clipping "
+                             "or refit it")
 
     def check_model(self, bits: str, guidance_scale: float = 1.0) -> None:
         """Raise ``ValueError`` unless the tables were fitted for this bit label and guidance scale."""

@@ -57,7 +57,7 @@ def save_corrections(stack: CorrectionStack, folder: str | Path) -> list[dict[st
         else:
             extra[key] = value
     save_file(tensors, str(Path(folder) / CORRECTIONS_FILE),
-              metadata={"format": "pt", _EXTRA_STATE_KEY: json.dumps(extra, sort_keys=True)})
+              metadata={_EXTRA_STATE_KEY: json.dumps(extra, sort_keys=True)})  # one key: deterministic bytes
     return stack.configs()
 
 

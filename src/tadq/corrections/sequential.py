@@ -206,7 +206,7 @@ def fit_sequentially(
     hooks = tuple(hooks)
     check_hooks(hooks)
     steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
-    key = TableKey(sampler.key, len(steps), 1.0, bits)
+    key = TableKey(sampler.key, len(steps), 1.0, bits, steps[0].clip_sample_range, True)
     x, noise = _noise(seed, num_samples, len(steps), sample_shape, device)
     candidates = correction.candidates()
     if len(candidates) > 1 and selection_seed is None:

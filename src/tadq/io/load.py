@@ -11,12 +11,13 @@ from typing import Any
 import diffusers
 import torch
 from diffusers import SchedulerMixin
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from tadq.config import config_from_dict
 from tadq.corrections.io import load_corrections
 from tadq.denoiser import QuantizedDenoiser
+from tadq.io.manifest import MANIFEST_FILE, verify_manifest
 from tadq.io.save import (
     CODES_SUFFIX,
     CONFIG_FILE,
@@ -31,6 +32,7 @@ from tadq.io.save import (
 )
 from tadq.prepare import build_quantized_structure
 from tadq.registry import model_family
+from tadq.safefiles import DamagedFileError, read_json_file, require_finite
 from tadq.utils import library_versions
 
 __all__ = ["load_quantized", "is_quantized_artefact"]
@@ -49,13 +51,20 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if not is_quantized_artefact(path):
         raise ValueError(f"{path} is not a tadq artefact ({CONFIG_FILE} is missing): write one with `tadq quantize "
                          "--out` or QuantizedDenoiser.save_pretrained; load FP folders with tadq.models")
-    meta = json.loads((path / CONFIG_FILE).read_text())
+    if not verify_manifest(path):
+        logger.warning("%s has no %s (saved by an older tadq): its files cannot be checked for damage", path,
+                       MANIFEST_FILE)
+    meta = read_json_file(path / CONFIG_FILE, "artefact config")
+    if not isinstance(meta, dict) or not isinstance(meta.get("quant_config"), dict):
+        raise ValueError(f"{path / CONFIG_FILE} is not a tadq artefact config (no quant_config object); save the "
+                         "artefact again")
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ValueError(f"{path} uses artefact format {version!r}, newer than this tadq reads ({FORMAT_VERSION}); "
                          "upgrade tadq to load it")
-    if meta.get("versions", {}).get("tadq") != library_versions()["tadq"]:
-        logger.warning("%s was written by tadq %s (this is %s)", path, meta.get("versions", {}).get("tadq"),
+    versions = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
+    if versions.get("tadq") != library_versions()["tadq"]:
+        logger.warning("%s was written by tadq %s (this is %s)", path, versions.get("tadq"),
                        library_versions()["tadq"])
     return meta
 
@@ -63,7 +72,8 @@ def _read_meta(path: Path) -> dict[str, Any]:
 def _build_fp_model(folder: Path) -> nn.Module:
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder / 'config.json'} is missing: the artefact is incomplete, save it again")
-    class_name = json.loads((folder / "config.json").read_text()).get("_class_name")
+    config = read_json_file(folder / "config.json", "model config")
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
     klass = model_family(str(class_name), where=str(folder)).model_class
     return klass.from_config(klass.load_config(folder)).eval()
 
@@ -73,7 +83,9 @@ def _load_scheduler(path: Path) -> SchedulerMixin | None:
     if not config_file.is_file():
         logger.warning("%s has no scheduler; pass the model's training scheduler to tadq.sample yourself", path)
         return None
-    config = json.loads(config_file.read_text())
+    config = read_json_file(config_file, "scheduler config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not an object; save the artefact again")
     klass = getattr(diffusers, str(config.get("_class_name")), None)
     if not (isinstance(klass, type) and issubclass(klass, SchedulerMixin)):
         raise ValueError(f"{config_file} names an unknown scheduler class {config.get('_class_name')!r}")
@@ -132,15 +144,21 @@ def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerM
         FileNotFoundError: the folder (or its denoiser config) does not exist.
         ValueError: not a tadq artefact, a newer format, or keys missing / not matching the rebuilt structure.
     """
+    if not isinstance(directory, (str, Path)):
+        raise TypeError(f"load_quantized takes a folder path (str or Path), got {type(directory).__name__}")
     path = Path(directory)
     meta = _read_meta(path)
-    config = config_from_dict(meta["quant_config"])
+    try:
+        config = config_from_dict(meta["quant_config"])
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path / CONFIG_FILE}: quant_config is malformed ({type(error).__name__}: {error}); save "
+                         "the artefact again") from error
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"))
     qmodel = build_quantized_structure(model, config, init_weight_range=False)
     for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: the artefact is incomplete, save it again")
-    saved_map = json.loads((path / QUANT_MAP_FILE).read_text())
+    saved_map = read_json_file(path / QUANT_MAP_FILE, "quantization map")
     if saved_map != json.loads(json.dumps(qmodel.quantization_map())):
         differing = sorted(k for k in set(saved_map) | set(qmodel.quantization_map())
                            if saved_map.get(k) != qmodel.quantization_map().get(k))
@@ -149,7 +167,13 @@ def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerM
     if qmodel.adapter.name != meta.get("adapter"):
         raise ValueError(f"{path} was saved with adapter {meta.get('adapter')!r}, this tadq uses "
                          f"{qmodel.adapter.name!r} for {type(model).__name__}")
-    _load_tensors(qmodel, path / WEIGHTS_FILE)
+    try:
+        _load_tensors(qmodel, path / WEIGHTS_FILE)
+    except (OSError, RuntimeError, SafetensorError) as error:  # damage the manifest did not cover (older artefact)
+        raise DamagedFileError(f"{path / WEIGHTS_FILE} cannot be read ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:120]}); save the artefact again") from error
+    require_finite(dict(qmodel.model.named_parameters()), f"artefact {path}: parameter")
+    require_finite(dict(qmodel.model.named_buffers()), f"artefact {path}: buffer")
     qmodel.corrections = load_corrections(path, meta.get("corrections", []))
     # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
     qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)

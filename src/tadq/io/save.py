@@ -1,6 +1,6 @@
 """Save and load quantized denoisers: integer weight codes in safetensors beside an untouched diffusers layout.
 
-Folder layout (architecture.md §8)::
+Folder layout (docs/architecture.md#artefact)::
 
     model_index.json                 diffusers pipeline index (denoiser + scheduler classes)
     unet/config.json                 the FP model's config, exactly as diffusers writes it (no quantization key)
@@ -213,7 +213,9 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
     codes_info = {}
     for key, entry in entries.items():
         tensors[key + CODES_SUFFIX], codes_info[key] = _encode_weight(key, entry)
-    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "tadq_codes": json.dumps(codes_info)})
+    # one metadata key with sorted JSON: safetensors keeps metadata in a hash map, so two keys came out in a
+    # different order in every process and identical models had different bytes
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"tadq_codes": json.dumps(codes_info, sort_keys=True)})
     with open(folder / WEIGHTS_FILE, "rb") as handle:
         header_bytes = 8 + int.from_bytes(handle.read(8), "little")  # safetensors: u64 length, then the JSON header
     size = ArtefactSize((folder / WEIGHTS_FILE).stat().st_size, 4 * _fp_parameter_count(qmodel.model), header_bytes)
@@ -241,26 +243,34 @@ def _publish(staging: Path, target: Path) -> None:
 
 def save_quantized(
     qmodel: QuantizedDenoiser, directory: str | Path, scheduler: SchedulerMixin | None, *, overwrite: bool = False,
+    force_foreign: bool = False,
 ) -> ArtefactSize:
     """Write ``qmodel`` (and its training scheduler) to ``directory``; returns the measured artefact size.
 
     Everything is written to a hidden sibling folder first and renamed into place at the end, so a failure never
-    leaves a half-written artefact.
+    leaves a half-written artefact. The folder gets tadq's marker and a manifest of SHA-256 hashes.
 
     Raises:
-        FileExistsError: ``directory`` exists and is not empty, and ``overwrite`` is false.
+        OutputRefused (a ValueError): ``directory`` exists and is not empty and ``overwrite`` is false; or it is a
+            file, or a folder tadq did not write (unless ``force_foreign``), or it cannot be written.
         ValueError: a quantized weight is off its grid or has no range.
     """
+    from tadq.fsguard import check_output_dir, mark_output
+    from tadq.io.manifest import write_manifest
+
     if not (isinstance(qmodel, nn.Module) and callable(getattr(qmodel, "quantization_map", None))):
         raise TypeError(f"save_quantized takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
+    if not isinstance(directory, (str, Path)):
+        raise TypeError(f"save_quantized: directory must be a str or Path, got {type(directory).__name__}")
     target = Path(directory)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise FileExistsError(f"{target} already exists and is not empty; choose a new folder or pass overwrite=True")
+    check_output_dir(target, what="artefact folder", overwrite=overwrite, force_foreign=force_foreign)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
         subfolder = _write_diffusers_layout(qmodel, scheduler, staging)
         size = _write_tadq_files(qmodel, staging, subfolder)
+        mark_output(staging, "artefact")
+        write_manifest(staging)
         for item in staging.rglob("*"):  # mkdtemp and safetensors create owner-only files; artefacts are shared
             item.chmod(0o755 if item.is_dir() else 0o644)
         staging.chmod(0o755)

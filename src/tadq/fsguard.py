@@ -1,0 +1,138 @@
+"""Where tadq may write: output folders carry a marker, and only marked folders are ever replaced or filled.
+
+``--overwrite`` used to delete whatever was at ``--out``: an unrelated folder, a plain file, or the input model's
+own folder. Now every folder tadq creates gets ``tadq_output.json`` (artefacts: also ``tadq_manifest.json``), and
+``check_output_dir`` refuses, before any work starts, to replace or fill a folder without it, a plain file, or a
+folder that is, holds or lies inside an input model, unless the caller passes ``force_foreign`` (the CLI's
+``--force-foreign``). It also checks that the folder can be written, so a read-only target fails first, not after
+an hour of quantization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["MARKER_FILE", "OutputRefused", "check_output_dir", "check_output_file", "check_writable_dir",
+           "is_tadq_output", "mark_output"]
+
+MARKER_FILE = "tadq_output.json"
+_LEGACY_MARKERS = ("tadq_manifest.json", "tadq_config.json")  # artefacts written before the marker existed
+FORCE_HINT = "pass --force-foreign (force_foreign=True) to write there anyway"
+
+
+class OutputRefused(ValueError):
+    """Writing to this path could destroy data tadq did not write; nothing was written or deleted."""
+
+
+def is_tadq_output(folder: str | Path) -> bool:
+    """Whether ``folder`` carries tadq's marker (or is an artefact of an older tadq)."""
+    folder = Path(folder)
+    marker = folder / MARKER_FILE
+    if marker.is_file():
+        try:
+            return json.loads(marker.read_text()).get("format") == "tadq-output"
+        except (ValueError, AttributeError, OSError, UnicodeDecodeError):
+            return False
+    legacy = folder / "tadq_config.json"
+    if legacy.is_file():
+        try:
+            return json.loads(legacy.read_text()).get("format") == "tadq-quantized"
+        except (ValueError, AttributeError, OSError, UnicodeDecodeError):
+            return False
+    return False
+
+
+def mark_output(folder: str | Path, kind: str) -> None:
+    """Write the marker (deterministic bytes: no time, no host) so a later ``--overwrite`` may replace ``folder``."""
+    from tadq.utils import atomic_write_text
+
+    text = json.dumps({"format": "tadq-output", "version": 1, "kind": kind}, indent=2, sort_keys=True) + "\n"
+    path = Path(folder) / MARKER_FILE
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(text, path)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(folder: str | Path, what: str) -> None:
+    """Raise unless ``folder`` (existing, or the nearest existing parent that will hold it) is a writable folder."""
+    folder = Path(folder)
+    existing = _nearest_existing(folder.absolute())
+    if not existing.is_dir():
+        raise OutputRefused(f"{what} {folder}: {existing} is a file, not a folder; choose another path")
+    try:  # a real probe: os.access says yes to root even on a read-only mount
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".tadq-write-probe-")
+    except OSError as error:
+        raise OutputRefused(f"{what} {folder}: {existing} is not writable ({error.strerror}); choose a folder you "
+                            "can write to") from error
+    os.close(fd)
+    os.unlink(probe)
+
+
+def _overlap(out: Path, inputs: Sequence[str | Path]) -> str | None:
+    target = out.resolve()
+    for given in inputs:
+        source = Path(given).resolve()
+        if target == source:
+            return f"is the input {given} itself"
+        if source in target.parents:
+            return f"lies inside the input {given}"
+        if target in source.parents:
+            return f"contains the input {given}"
+    return None
+
+
+def check_output_dir(out: str | Path, *, what: str = "--out", overwrite: bool = False, resume: bool = False,
+                     force_foreign: bool = False, inputs: Sequence[str | Path] = ()) -> None:
+    """Refuse, before any work, an output folder tadq must not write; raises ``OutputRefused`` (a ``ValueError``).
+
+    Args:
+        out: the folder tadq will create (or replace, or fill).
+        what: the flag or argument naming it, for messages.
+        overwrite: the caller will replace an existing folder (artefacts).
+        resume: the caller adds to an existing folder (run folders, reports).
+        force_foreign: the user asked explicitly to write into a folder tadq did not mark (or an input's).
+        inputs: folders the command reads (model folders); ``out`` may not be, hold or lie inside one.
+    """
+    out = Path(out)
+    if not force_foreign and (relation := _overlap(out, inputs)):
+        raise OutputRefused(f"{what} {out} {relation}; writing there could destroy what it reads. Choose another "
+                            f"folder, or {FORCE_HINT}")
+    if out.exists() and not out.is_dir():
+        raise OutputRefused(f"{what} {out} is a file, not a folder; tadq writes a folder there: choose a folder path "
+                            "(the file is left alone)")
+    if out.is_dir() and any(out.iterdir()):
+        if not (overwrite or resume):
+            raise OutputRefused(f"{what} {out} already exists and is not empty; choose a new folder or pass "
+                                "--overwrite")
+        if not force_foreign and not is_tadq_output(out):
+            raise OutputRefused(f"{what} {out} holds files tadq did not write (no {MARKER_FILE}); it is left alone. "
+                                f"Choose another folder, or {FORCE_HINT}")
+    check_writable_dir(out, what)
+    if out.is_dir() and overwrite:
+        check_writable_dir(out.absolute().parent, f"{what} {out}: its parent")  # replacing renames inside it
+
+
+def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = (),
+                      inputs: Sequence[str | Path] = (), force_foreign: bool = False) -> None:
+    """Refuse a file path that names a folder, has the wrong suffix, lies inside an input, or cannot be written."""
+    path = Path(path)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise OutputRefused(f"{what} {path} must end in {' or '.join(suffixes)} (e.g. {path.with_suffix(suffixes[0])}"
+                            f" or {path / ('samples' + suffixes[0])})")
+    if path.is_dir():
+        example = path / ("samples" + (suffixes[0] if suffixes else ""))
+        raise OutputRefused(f"{what} {path} is a folder; name a file, e.g. {example}")
+    if not force_foreign and (relation := _overlap(path, inputs)):
+        raise OutputRefused(f"{what} {path} {relation}; choose another path, or {FORCE_HINT}")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputRefused(f"{what} {path} is not writable; choose another path")
+    check_writable_dir(path.absolute().parent, what)

@@ -1,0 +1,91 @@
+"""``tadq_manifest.json``: the SHA-256 and size of every file of an artefact, written at save, checked at load.
+
+Safetensors checks its header, not its data: bytes flipped inside ``tadq_weights.safetensors`` used to load and
+sample with a 10 dB worse result and exit code 0. The manifest names the file that changed, went missing or was
+added. It holds no time or host, so two saves of the same model give the same bytes (a hash identifies a model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "file_sha256", "write_manifest", "verify_manifest"]
+
+MANIFEST_FILE = "tadq_manifest.json"
+MANIFEST_FORMAT = "tadq-manifest"
+
+
+class ArtefactDamaged(ValueError):
+    """A file of an artefact differs from what its manifest recorded at save time."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+
+
+def write_manifest(folder: str | Path) -> dict[str, Any]:
+    """Hash every file under ``folder`` (the manifest itself excepted) into ``folder/tadq_manifest.json``."""
+    folder = Path(folder)
+    files = {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
+             for name in _files(folder)}
+    manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": files}
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The manifest, ``None`` for an artefact saved before manifests existed; ``ArtefactDamaged`` if unreadable."""
+    path = folder / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        files = manifest["files"]
+        ok = manifest.get("format") == MANIFEST_FORMAT and isinstance(files, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+            for v in files.values())
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise ArtefactDamaged(f"{path} is damaged (not a tadq manifest), so the artefact cannot be checked: save "
+                              "it again")
+    return manifest
+
+
+def verify_manifest(folder: str | Path, *, allow_extra: bool = True) -> bool:
+    """Raise ``ArtefactDamaged`` naming the first file that is missing, resized or changed; ``False`` if there is
+    no manifest (an older artefact), ``True`` if every file matches.
+
+    Files added after the save are ignored unless ``allow_extra`` is false (``tadq verify`` reports them).
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return False
+    for name, entry in sorted(manifest["files"].items()):
+        path = folder / name
+        if not path.is_file():
+            raise ArtefactDamaged(f"{path} is missing (listed in {MANIFEST_FILE}); the artefact is incomplete: "
+                                  "save it again")
+        if path.stat().st_size != entry["bytes"]:
+            raise ArtefactDamaged(f"{path} has {path.stat().st_size} bytes, {entry['bytes']} when saved (truncated "
+                                  "or replaced); save the artefact again")
+        if file_sha256(path) != entry["sha256"]:
+            raise ArtefactDamaged(f"{path} fails its SHA-256 check (bytes changed after saving); save the artefact "
+                                  "again")
+    if not allow_extra:
+        extra = sorted(set(_files(folder)) - set(manifest["files"]))
+        if extra:
+            raise ArtefactDamaged(f"{folder} holds files the manifest does not list: {extra[:3]}")
+    return True
