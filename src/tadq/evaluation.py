@@ -1,7 +1,9 @@
 """Quantized vs FP from the same noise: the metrics of the results table, shared by ``tadq run`` and ``tadq evaluate``.
 
-Both samplers start from the same seed, so the paired metrics (PSNR, SSIM, classifier agreement, trajectory MSE)
-compare the same initial noise; FD-digits scores each set against the real training digits.
+Both samplers start from the same seed, so the paired metrics (PSNR, SSIM, label agreement, trajectory MSE)
+compare the same initial noise; a Fréchet distance scores each set against real images in a feature space the
+caller chooses (``tadq.metrics.features``): FD-digits for the shipped model, the user's own features otherwise, or
+none — never features that do not fit the data.
 """
 
 from __future__ import annotations
@@ -13,18 +15,10 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from tadq.metrics import (
-    DigitClassifier,
-    classifier_agreement,
-    fd_digits,
-    fd_digits_reference,
-    load_digit_classifier,
-    per_step_mse,
-    psnr_per_sample,
-    ssim_per_sample,
-)
-from tadq.sampling import SamplerConfig, SamplingResult
-from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.metrics import per_step_mse, psnr_per_sample, ssim_per_sample
+from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace
+from tadq.registry import adapter_for
+from tadq.sampling import ConditionSource, SamplerConfig, SamplingResult
 
 __all__ = [
     "QualityMetrics", "quality_metrics", "FDReference", "fd_reference", "Evaluation", "evaluate_against_reference",
@@ -39,47 +33,39 @@ class QualityMetrics:
     """One row of the results table (paired metrics are ``None`` for the reference itself).
 
     Args:
-        fd_digits: Fréchet distance to the real training digits on the digit classifier's features (lower is better).
-        agreement: share of samples whose predicted digit matches the reference sample's from the same noise.
+        fd: Fréchet distance to the real images in the chosen feature space (lower is better); ``None`` without one.
+        agreement: share of samples whose predicted label matches the reference sample's from the same noise;
+            ``None`` when the feature space reads no labels.
         psnr: mean PSNR (dB) against the reference sample from the same noise.
         ssim: mean SSIM against the reference sample from the same noise.
         final_mse: MSE between the final states of the two trajectories.
+        fd_key: the name the distance is reported under (``fd_digits`` for the shipped classifier).
     """
 
-    fd_digits: float
-    agreement: float
+    fd: float | None
+    agreement: float | None
     psnr: float | None
     ssim: float | None
     final_mse: float
+    fd_key: str = "fd_digits"
 
     def to_dict(self) -> dict[str, float | None]:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        key, fd = values.pop("fd_key"), values.pop("fd")
+        return {key: fd, **values}
 
 
-@dataclass(frozen=True)
-class FDReference:
-    """What every FD-digits table is measured against: the classifier, the real training digits, and the
-    real-vs-real floor (all held-out digits vs the same training digits)."""
-
-    classifier: DigitClassifier
-    real: Tensor
-    floor: float
-    heldout_count: int
+FDReference = DigitsFeatureSpace  # the shipped default feature space (kept under its old name for the harness)
 
 
-def fd_reference(resolution: int) -> FDReference:
+def fd_reference(resolution: int) -> DigitsFeatureSpace:
     """The shipped classifier, the training digits at ``resolution`` and the FD-digits floor."""
-    classifier = load_digit_classifier()
-    digits_config = DigitsConfig(resolution=resolution)
-    digits = load_digits_split(digits_config)
-    floor = fd_digits_reference(n=len(digits.heldout_images), seed=0, classifier=classifier, digits=digits_config,
-                                reference_set="train")
-    return FDReference(classifier, digits.train_images, floor, len(digits.heldout_images))
+    return DigitsFeatureSpace(resolution)
 
 
 def quality_metrics(
-    images: Tensor, states: Tensor, reference_images: Tensor, reference_states: Tensor, real: Tensor,
-    classifier: DigitClassifier,
+    images: Tensor, states: Tensor, reference_images: Tensor, reference_states: Tensor,
+    features: FeatureSpace | None,
 ) -> QualityMetrics:
     """Metrics of samples against reference samples drawn from the same noise.
 
@@ -88,17 +74,17 @@ def quality_metrics(
         states: their trajectory (S+1, N, C, H, W).
         reference_images: FP samples from the same noise (N, C, H, W); pass ``images`` itself for the FP row.
         reference_states: FP trajectory (S+1, N, C, H, W).
-        real: real images (M, C, H, W) in [-1, 1] for FD-digits.
-        classifier: the digit classifier behind FD-digits and agreement.
+        features: the feature space of the Fréchet distance and agreement; ``None`` skips both.
     """
     is_reference = images is reference_images
     images, reference = images.clamp(-1, 1), reference_images.clamp(-1, 1)
     return QualityMetrics(
-        fd_digits=fd_digits(real, images, classifier),
-        agreement=classifier_agreement(images, reference, classifier),
+        fd=features.fd(images) if features is not None else None,
+        agreement=features.agreement(images, reference) if features is not None else None,
         psnr=None if is_reference else float(psnr_per_sample(images, reference).mean()),
         ssim=None if is_reference else float(ssim_per_sample(images, reference).mean()),
         final_mse=float(per_step_mse(reference_states, states)[-1]),
+        fd_key=features.metric_key if features is not None else "fd",
     )
 
 
@@ -112,7 +98,7 @@ class Evaluation:
         reference_metrics: the FP row (its FD-digits is the generator's own; paired metrics are ``None``).
         candidate_metrics: the quantized row.
         per_step_mse: MSE(x_t FP, x_t quantized) at every step, (S+1,), step 0 = x_T.
-        fd_floor: real-vs-real FD-digits, the score a perfect generator would get.
+        fd_floor: real-vs-real distance in the feature space (a perfect generator's score), when known.
     """
 
     reference: SamplingResult
@@ -120,7 +106,7 @@ class Evaluation:
     reference_metrics: QualityMetrics
     candidate_metrics: QualityMetrics
     per_step_mse: Tensor
-    fd_floor: float
+    fd_floor: float | None
 
 
 def _public_config(model: nn.Module) -> dict | None:
@@ -143,7 +129,8 @@ def check_same_architecture(candidate: nn.Module, reference: nn.Module) -> None:
 
 def evaluate_against_reference(
     candidate: nn.Module, reference: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
-    batch_size: int = 128, progress: bool = True,
+    batch_size: int = 128, features: FeatureSpace | None = None, progress: bool = True,
+    conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
 ) -> Evaluation:
     """Sample ``candidate`` (a ``QuantizedDenoiser``) and its FP ``reference`` from the same noise and compare them.
 
@@ -155,27 +142,33 @@ def evaluate_against_reference(
         num_samples: samples per model (FD-digits needs about 1000 to mean something; PSNR far fewer).
         seed: noise seed shared by both models.
         batch_size: sampling batch.
+        features: the feature space of the Fréchet distance and label agreement (e.g. ``fd_reference(16)`` for the
+            shipped digits model); ``None`` reports PSNR, SSIM and trajectory error only. Checked against the
+            samples' shape before anything is sampled.
+        conditions, guidance_scale: per-sample conditioning and classifier-free guidance of both runs (see
+            ``tadq.api.sample``); a sample gets the same conditions in both.
     """
     from tadq.api import sample
 
     check_same_architecture(candidate, reference)
+    if features is not None:
+        shape = getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate)
+        features.check_fits(tuple(shape), "the model's samples")
     runs = {}
     for name, model in (("FP", reference), ("quantized", candidate)):
         logger.info("sampling the %s model (%d samples, %s, seed %d)", name, num_samples, sampler.key, seed)
         runs[name] = sample(model, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                            record_trajectory=True, progress=progress)
+                            record_trajectory=True, progress=progress, conditions=conditions,
+                            guidance_scale=guidance_scale)
     fp, quantized = runs["FP"], runs["quantized"]
     if fp.images.shape != quantized.images.shape:
         raise ValueError(f"the reference samples {tuple(fp.images.shape[1:])} but the quantized model "
                          f"{tuple(quantized.images.shape[1:])}: pass the FP model it was quantized from")
-    reference = fd_reference(fp.images.shape[-1])
     fp_states, q_states = fp.trajectory.states, quantized.trajectory.states
     return Evaluation(
         reference=fp, candidate=quantized,
-        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, reference.real,
-                                          reference.classifier),
-        candidate_metrics=quality_metrics(quantized.images, q_states, fp.images, fp_states, reference.real,
-                                          reference.classifier),
+        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, features),
+        candidate_metrics=quality_metrics(quantized.images, q_states, fp.images, fp_states, features),
         per_step_mse=per_step_mse(fp_states, q_states),
-        fd_floor=reference.floor,
+        fd_floor=features.floor if features is not None else None,
     )

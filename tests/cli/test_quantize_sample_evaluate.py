@@ -55,11 +55,18 @@ def test_quantize_sample_evaluate_end_to_end(tmp_path, tiny_model_dir):
 
     report = tmp_path / "report"
     result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "8",
-                                 "--steps", "3", "--out", str(report)])
+                                 "--steps", "3", "--out", str(report), "--features", "digits"])
     assert result.exit_code == 0, result.output
     assert "W4A8" in result.output and "floor" in result.output
     rows = json.loads((report / "results.json").read_text())["rows"]
     assert rows[0]["final_mse"] == 0.0 and rows[1]["final_mse"] > 0.0 and rows[1]["psnr"] is not None
+    assert rows[1]["fd_digits"] > 0
+    # a user's model without --features: PSNR/SSIM/trajectory error only, and it says so
+    result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "4",
+                                 "--steps", "3", "--out", str(tmp_path / "plain")])
+    assert result.exit_code == 0 and "not computed" in result.output, result.output
+    rows = json.loads((tmp_path / "plain" / "results.json").read_text())["rows"]
+    assert rows[1]["fd"] is None and rows[1]["agreement"] is None and rows[1]["psnr"] is not None
     assert (report / "samples.png").exists() and (report / "per_step_error.png").exists()
 
     analysis = tmp_path / "analysis"

@@ -8,11 +8,29 @@ from typing import Annotated, Any
 import typer
 
 from tadq.cli.common import console, fail_cleanly, setup
-from tadq.cli.sample import Device, Eta, SamplerKind, Steps, Threads, Verbose
+from tadq.cli.sample import Device, Dtype, Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler
 
 __all__ = ["evaluate_command"]
 
 METRIC_COLUMNS = ("method", "bits", "fd_digits", "agreement", "psnr", "ssim", "final_mse")
+
+
+def _feature_space(features: str, reference: Path | None, reference_images: Path | None, resolution: int):
+    """The feature space the user chose; ``auto`` is FD-digits for the shipped model and none for any other."""
+    from tadq.metrics.features import DigitsFeatureSpace, TorchScriptFeatureSpace
+
+    if features == "auto":
+        features = "digits" if reference is None else "none"
+        if features == "none":
+            console.print("FD and label agreement not computed: the digit classifier reads only the shipped "
+                          "model's digits (pass --features digits, or --features FILE.pt --reference-images FILE)")
+    if features == "none":
+        return None
+    if features == "digits":
+        return DigitsFeatureSpace(resolution)
+    if reference_images is None:
+        raise typer.BadParameter("a feature extractor file needs --reference-images (real images, safetensors)")
+    return TorchScriptFeatureSpace(features, reference_images, name=Path(features).stem.replace("-", "_"))
 
 
 def _rows(evaluation, config) -> list[dict[str, Any]]:
@@ -22,17 +40,18 @@ def _rows(evaluation, config) -> list[dict[str, Any]]:
     ]
 
 
-def _print_table(rows: list[dict[str, Any]], title: str) -> None:
+def _print_table(rows: list[dict[str, Any]], title: str, fd_key: str) -> None:
     from rich.table import Table
 
     from tadq.report.tables import COLUMNS, format_cell
 
-    titles = dict(COLUMNS)
+    titles = {**dict(COLUMNS), fd_key: f"FD-{fd_key.removeprefix('fd_')} ↓" if fd_key != "fd" else "FD ↓"}
+    columns = [fd_key if key == "fd_digits" else key for key in METRIC_COLUMNS]
     table = Table(title=title)
-    for key in METRIC_COLUMNS:
+    for key in columns:
         table.add_column(titles[key], justify="right")
     for row in rows:
-        table.add_row(*(format_cell(key, row.get(key)) for key in METRIC_COLUMNS))
+        table.add_row(*(format_cell(key, row.get(key)) for key in columns))
     console.print(table)
 
 
@@ -47,7 +66,7 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: d
     save_error_curves({labels[1]: evaluation.per_step_mse}, out / "per_step_error.png",
                       title=f"{settings['sampler_key']}: MSE(x_t FP, x_t quantized)")
     results = {"rows": rows, "per_step_mse": evaluation.per_step_mse.tolist(),
-               "fd_digits_real_vs_real": evaluation.fd_floor, "settings": settings, "versions": library_versions()}
+               "fd_real_vs_real": evaluation.fd_floor, "settings": settings, "versions": library_versions()}
     atomic_write_json(results, out / "results.json")
     atomic_write_text(markdown_table(rows) + "\n", out / "results.md")
 
@@ -68,33 +87,48 @@ def evaluate_command(
         help="FP model folder it was quantized from (default: the shipped digits DDPM).")] = None,
     num_samples: Annotated[int, typer.Option(help="Samples per model (FD-digits needs about 1000).")] = 1000,
     seed: Annotated[int, typer.Option(help="Noise seed shared by the FP and quantized samples.")] = 1000,
-    sampler: SamplerKind = "ddim",
-    steps: Steps = 50,
-    eta: Eta = 0.0,
+    sampler: SamplerKind = None,
+    steps: Steps = None,
+    eta: Eta = None,
     batch_size: Annotated[int, typer.Option(help="Samples per denoiser call (speed only).")] = 250,
     out: Annotated[Path | None, typer.Option(help="Report folder (results.json/.md, figures); none: print only.")
                    ] = None,
     inception_weights: Annotated[Path | None, typer.Option(
         help="Local TorchScript Inception file (clean-fid / StyleGAN3 inception-2015-12-05.pt): also report real "
              "Inception FID of FP and quantized samples vs the real digits. Nothing is downloaded.")] = None,
+    features: Annotated[str, typer.Option(
+        help="Feature space of the Fréchet distance: 'digits' (the shipped classifier; 1×16×16 grey only), 'none' "
+             "(PSNR, SSIM, trajectory error), or a TorchScript file (images in [-1, 1] → features) with "
+             "--reference-images. 'auto': digits for the shipped model, none otherwise.")] = "auto",
+    reference_images: Annotated[Path | None, typer.Option(
+        help="Real images for a custom feature space: a safetensors file with one tensor 'images' (M, C, H, W) in "
+             "[-1, 1].")] = None,
     threads: Threads = 0,
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     verbose: Verbose = False,
 ) -> None:
-    """Sample the artefact and its FP reference from the same noise; print FD-digits, agreement, PSNR/SSIM, MSE."""
+    """Sample the artefact (its recipe's sampler and corrections) and its FP reference (in --dtype) from the same
+    noise; print FD, agreement, PSNR/SSIM, MSE."""
     from tadq.config import config_to_dict
     from tadq.evaluation import evaluate_against_reference
     from tadq.io import load_quantized
     from tadq.models import load_pipeline_parts
-    from tadq.sampling import SamplerConfig
+    from tadq.device import place_model
+    from tadq.methods import check_sampler
 
-    setup(verbose, threads, device)
+    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
-        sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         qmodel, scheduler = load_quantized(model_dir)
+        check_sampler(qmodel, sampler_config, str(model_dir))
+        qmodel = place_model(qmodel, torch_device, torch_dtype)  # float32: bit-identical to the saved model
         fp_model, fp_scheduler = load_pipeline_parts(reference)
+        fp_model = place_model(fp_model, torch_device, torch_dtype)
+        space = _feature_space(features, reference, reference_images, qmodel.sample_shape[-1])
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
-                                                num_samples=num_samples, seed=seed, batch_size=batch_size)
+                                                num_samples=num_samples, seed=seed, batch_size=batch_size,
+                                                features=space)
         inception = None
         if inception_weights is not None:
             inception = _inception_fids(evaluation, inception_weights, qmodel.sample_shape[-1])
@@ -103,8 +137,10 @@ def evaluate_command(
         for row, value in zip(rows, inception, strict=True):
             row["inception_fid"] = value
             console.print(f"Inception FID ({row['method']} {row['bits']}) vs real digits: {value:.2f}")
-    _print_table(rows, f"tadq evaluate: {sampler_config.key}, {num_samples} samples, seed {seed}")
-    console.print(f"FD-digits real-vs-real floor: {evaluation.fd_floor:.2f} (a perfect generator's score)")
+    fd_key = space.metric_key if space is not None else "fd"
+    _print_table(rows, f"tadq evaluate: {sampler_config.key}, {num_samples} samples, seed {seed}", fd_key)
+    if evaluation.fd_floor is not None:
+        console.print(f"FD-{space.name} real-vs-real floor: {evaluation.fd_floor:.2f} (a perfect generator's score)")
     if out is not None:
         settings = {"model": str(model_dir), "reference": str(reference) if reference else "shipped",
                     "sampler": config_to_dict(sampler_config), "sampler_key": sampler_config.key,

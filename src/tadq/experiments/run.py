@@ -16,8 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor
-
 from tadq.api import sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict
@@ -26,6 +24,7 @@ from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.evaluation import fd_reference, quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
 from tadq.metrics import per_step_mse
+from tadq.metrics.features import FeatureSpace
 from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
@@ -141,10 +140,12 @@ def run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, 
     return cell
 
 
-def _metrics(cell: dict, fp: dict, real: Tensor, classifier) -> dict[str, Any]:
-    quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], real, classifier)
+def _metrics(cell: dict, fp: dict, features: FeatureSpace | None) -> dict[str, Any]:
+    quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], features)
+    metrics = quality.to_dict()
+    metrics["fd_digits"] = metrics.pop(quality.fd_key)  # the table's column: FD-digits, or "–" when not computed
     return {
-        "method": cell["name"], "bits": cell["bits"], **quality.to_dict(),
+        "method": cell["name"], "bits": cell["bits"], **metrics,
         "wall_s": cell["setup_s"] + cell["sampling_s"], "setup_s": cell["setup_s"], "sampling_s": cell["sampling_s"],
     }
 
@@ -181,13 +182,23 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
     return write_report(config, cells, adapter.sample_shape(model))
 
 
+def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
+    if fd is None:
+        return ("FD-digits and class agreement are not computed: the digit classifier only reads the shipped "
+                "digits model's samples (PSNR, SSIM and trajectory error are).")
+    return (f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, {num_samples} "
+            f"samples vs the {len(fd.real)} real training digits. Real-vs-real floor (all {fd.heldout_count} "
+            f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
+
+
 def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, int, int]) -> dict[str, Any]:
     """Metrics table, JSON, grids and the per-step error plot."""
     out = Path(config.out_dir)
-    fd = fd_reference(sample_shape[-1])
-    real, reference = fd.real, fd.floor
+    # FD-digits and agreement only for the shipped digits model: a user's model gets PSNR/SSIM/trajectory error
+    # (digit features on another model's samples would be a number without a meaning)
+    fd = fd_reference(sample_shape[-1]) if config.model is None else None
     fp = cells[0]
-    rows = [_metrics(cell, fp, real, fd.classifier) for cell in cells]
+    rows = [_metrics(cell, fp, fd) for cell in cells]
     labels = [f"{c['name']} {c['bits']}" for c in cells]
     shown = config.grid_samples
     save_comparison_grid({label: c["images"][:shown] for label, c in zip(labels, cells, strict=True)},
@@ -215,12 +226,9 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
         "rows": rows,
         "per_step_mse": {label: curve.tolist() for label, curve in curves.items()},
         "extras": {label: c.get("extras", {}) for label, c in zip(labels, cells, strict=True) if c.get("extras")},
-        "fd_digits_real_vs_real": reference,
+        "fd_digits_real_vs_real": fd.floor if fd is not None else None,
         "notes": {
-            "fd": f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, "
-                  f"{config.num_samples} samples vs the {len(real)} real training digits. Real-vs-real floor "
-                  f"(all {fd.heldout_count} held-out digits vs the same {len(real)} training digits): "
-                  f"{reference:.2f}.",
+            "fd": _fd_note(fd, config.num_samples),
             "fake_quant": "Quantized variants are fake-quantized (simulated on FP hardware): wall time measures "
                           "simulation cost, not deployment speed.",
         },

@@ -1,0 +1,162 @@
+"""Feature spaces for distribution metrics: a feature extractor, the real images it compares against, and (when it
+can) a label reader for agreement — chosen by the user, and refused when it does not fit the data.
+
+A Fréchet distance is only as meaningful as its features: the shipped digits classifier reads 1×16×16 grey digits
+and nothing else. ``FeatureSpace.check_fits`` raises before any sampling when the model's samples have another
+shape, so an RGB model is never scored with digit features (and a grey model only when the user asks for it).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from tadq.metrics.classifier import DigitClassifier, load_digit_classifier
+from tadq.metrics.frechet import digit_features, fd_digits_reference, frechet_distance, gaussian_statistics
+from tadq.metrics.image import classifier_agreement
+from tadq.zoo.data import DigitsConfig, load_digits_split
+
+__all__ = ["FeatureSpace", "MetricMismatchError", "DigitsFeatureSpace", "TorchScriptFeatureSpace",
+           "load_reference_images"]
+
+
+class MetricMismatchError(ValueError):
+    """A metric was asked for on data it cannot measure (e.g. digit features on RGB images)."""
+
+
+class FeatureSpace(ABC):
+    """What a Fréchet distance is measured in: features of images in [-1, 1] and a set of real images.
+
+    Args (attributes):
+        name: short name; the metric is reported as ``fd_<name>`` ("FD-<name>", never "FID").
+        real: real images (M, C, H, W) in [-1, 1], the reference distribution.
+        input_shape: the (C, H, W) the extractor reads; ``None`` when it takes any shape.
+        floor: real-vs-real distance a perfect generator would score, when known.
+    """
+
+    name: str
+    real: Tensor
+    input_shape: tuple[int, int, int] | None = None
+    floor: float | None = None
+
+    @abstractmethod
+    def features(self, images: Tensor) -> Tensor:
+        """Float64 features (N, D) of images (N, C, H, W) in [-1, 1]."""
+
+    def agreement(self, images: Tensor, reference: Tensor) -> float | None:
+        """Share of samples whose predicted label equals the reference sample's; ``None`` without a label reader."""
+        return None
+
+    @property
+    def metric_key(self) -> str:
+        return f"fd_{self.name}"
+
+    def check_fits(self, sample_shape: tuple[int, ...], what: str = "the samples") -> None:
+        """Raise ``MetricMismatchError`` unless samples of ``sample_shape`` (C, H, W) can be read by the extractor."""
+        if self.input_shape is not None and tuple(sample_shape) != tuple(self.input_shape):
+            raise MetricMismatchError(
+                f"FD-{self.name} reads images of shape {tuple(self.input_shape)} (C, H, W) but {what} are "
+                f"{tuple(sample_shape)}; choose features that fit the data (tadq evaluate --features PATH "
+                "--reference-images PATH) or none (--features none: PSNR, SSIM and trajectory error only)")
+
+    def fd(self, images: Tensor) -> float:
+        """Fréchet distance between the real images and ``images`` in this feature space (float64, ridge 1e-6)."""
+        self.check_fits(tuple(images.shape[1:]))
+        if len(images) < 2:
+            raise MetricMismatchError(f"FD-{self.name} needs at least 2 samples for a covariance, got {len(images)}")
+        mu_r, sigma_r = gaussian_statistics(self.features(self.real))
+        mu_f, sigma_f = gaussian_statistics(self.features(images))
+        return frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
+
+
+class DigitsFeatureSpace(FeatureSpace):
+    """The shipped digits classifier's penultimate features against the real training digits (FD-digits)."""
+
+    name = "digits"
+
+    def __init__(self, resolution: int, classifier: DigitClassifier | None = None) -> None:
+        self.classifier = classifier if classifier is not None else load_digit_classifier()
+        digits_config = DigitsConfig(resolution=resolution)
+        digits = load_digits_split(digits_config)
+        self.real = digits.train_images
+        self.input_shape = (1, resolution, resolution)
+        self.heldout_count = len(digits.heldout_images)
+        self.floor = fd_digits_reference(n=self.heldout_count, seed=0, classifier=self.classifier,
+                                         digits=digits_config, reference_set="train")
+
+    def check_fits(self, sample_shape: tuple[int, ...], what: str = "the samples") -> None:
+        """Grey images of any size fit (the classifier resizes them to its own resolution); colour images do not."""
+        if len(sample_shape) != 3 or sample_shape[0] != 1:
+            raise MetricMismatchError(
+                f"FD-digits reads grey digits (1, H, W) but {what} are {tuple(sample_shape)}; choose features "
+                "that fit the data (tadq evaluate --features FILE.pt --reference-images FILE) or none "
+                "(--features none: PSNR, SSIM and trajectory error only)")
+
+    def features(self, images: Tensor) -> Tensor:
+        return digit_features(images, self.classifier)
+
+    def agreement(self, images: Tensor, reference: Tensor) -> float | None:
+        return classifier_agreement(images, reference, self.classifier)
+
+
+def load_reference_images(path: str | Path) -> Tensor:
+    """Real images (M, C, H, W) in [-1, 1] from a safetensors file holding one tensor named ``images``.
+
+    Safetensors, not pickle: a file handed to tadq is read, never executed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference images {path} do not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as error:  # safetensors raises its own error types for damaged files
+        raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
+    if keys != ["images"]:
+        raise ValueError(f"{path} must hold exactly one tensor named 'images' (M, C, H, W) in [-1, 1]; found {keys}")
+    images = load_file(str(path))["images"].float()
+    if images.ndim != 4 or len(images) < 2:
+        raise ValueError(f"{path}: 'images' must be (M ≥ 2, C, H, W), got {tuple(images.shape)}")
+    if not torch.isfinite(images).all() or images.abs().max() > 1.0 + 1e-6:
+        raise ValueError(f"{path}: 'images' must be finite and in [-1, 1]")
+    return images
+
+
+class TorchScriptFeatureSpace(FeatureSpace):
+    """A user's feature extractor (a TorchScript file: images (B, C, H, W) in [-1, 1] → (B, D)) and real images.
+
+    Args:
+        extractor_path: the TorchScript file (``torch.jit.save``); loaded with ``torch.jit.load``, no pickle.
+        reference_path: a safetensors file with the real images (``load_reference_images``).
+        name: the metric's name (reported as ``fd_<name>``).
+        batch_size: images per extractor call.
+    """
+
+    def __init__(self, extractor_path: str | Path, reference_path: str | Path, name: str = "custom",
+                 batch_size: int = 256) -> None:
+        if not name.isidentifier():
+            raise ValueError(f"feature space name must be an identifier (it becomes fd_<name>), got {name!r}")
+        extractor_path = Path(extractor_path)
+        if not extractor_path.is_file():
+            raise FileNotFoundError(f"feature extractor {extractor_path} does not exist")
+        try:
+            self.extractor = torch.jit.load(str(extractor_path), map_location="cpu").eval()
+        except Exception as error:  # TorchScript raises RuntimeError subclasses for any damaged archive
+            raise ValueError(f"{extractor_path} is not a TorchScript module: {error}") from error
+        self.name, self.batch_size = name, batch_size
+        self.real = load_reference_images(reference_path)
+        self.input_shape = tuple(self.real.shape[1:])
+
+    @torch.no_grad()
+    def features(self, images: Tensor) -> Tensor:
+        chunks = [self.extractor(images[i: i + self.batch_size].float()).double().cpu()
+                  for i in range(0, len(images), self.batch_size)]
+        features = torch.cat(chunks)
+        if features.ndim != 2 or len(features) != len(images):
+            raise ValueError(f"the feature extractor returned shape {tuple(features.shape)}; it must return (N, D)")
+        return features
