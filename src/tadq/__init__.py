@@ -5,14 +5,16 @@ import tadq.adapters  # noqa: F401,I001
 import tadq.corrections  # noqa: F401
 import tadq.tfmq  # noqa: F401
 from tadq._version import __version__
-from tadq.api import quantize, sample
+from tadq.api import load, quantize, sample
 from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
 from tadq.denoiser import QuantizedDenoiser
-from tadq.io import load_quantized as load
 from tadq.quant.qscheme import QScheme
+from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe, load_recipe
 from tadq.sampling import SamplerConfig
+from tadq.tfmq import TFMQMethod
 
 __all__ = [
     "__version__", "quantize", "sample", "load", "QuantConfig", "CalibrationConfig", "ReconstructionConfig",
-    "QScheme", "SamplerConfig", "QuantizedDenoiser",
+    "QScheme", "SamplerConfig", "QuantizedDenoiser", "Recipe", "Deployment", "NaiveMethod", "QDiffusionMethod",
+    "TFMQMethod", "load_recipe",
 ]

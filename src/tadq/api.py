@@ -6,51 +6,84 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from tadq.calibration import CalibrationSet, collect_calibration_set
-from tadq.calibration.reconstruction import reconstruct
+from tadq.calibration import CalibrationSet
 from tadq.config import QuantConfig
+from tadq.corrections.attach import fit_corrections
 from tadq.corrections.base import HookedDenoiser
 from tadq.denoiser import QuantizedDenoiser
+from tadq.device import place_model, resolve_device, resolve_dtype
+from tadq.methods import quantize_base
 from tadq.prepare import build_quantized_structure, calibrate_activations
+from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig, SamplingResult, make_scheduler
 from tadq.sampling import sample as _sample_loop
 
-__all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample"]
+__all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample", "load"]
 
 logger = logging.getLogger(__name__)
 
 
 def quantize(
-    model: nn.Module, scheduler, config: QuantConfig, *, calibration: CalibrationSet | None = None,
+    model: nn.Module, scheduler, recipe: Recipe | QuantConfig, *, calibration: CalibrationSet | None = None,
     cache_dir: str | Path | None = None, checkpoint: str | Path | None = None, progress: bool = True,
+    base: QuantizedDenoiser | None = None, device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None, fit_batch_size: int = 128,
 ) -> QuantizedDenoiser:
-    """Quantize a copy of ``model`` (the original is never modified).
+    """Quantize a copy of ``model`` as ``recipe`` says (the original is never modified); the result carries it
+    (``.recipe``, saved as ``tadq_recipe.json``).
 
-    Phases: resolve the adapter → plan and wrap layers (weight ranges from the weights) → collect timestep-aware
-    calibration data from the FP sampler (or use ``calibration``) → calibrate activation ranges → for
-    ``method="qdiffusion"``, block reconstruction (AdaRound weights, then activation steps).
+    Phases: prepare (plan and wrap layers) → calibrate (timestep-aware data from the FP sampler, activation ranges)
+    → the method's handler (Q-Diffusion reconstruction, TFMQ-DM...) → fit the correction stack in order for the
+    first deployment sampler. A plain ``QuantConfig`` runs the first three phases as before.
 
     Args:
         model: a diffusers denoiser supported by a registered adapter.
         scheduler: its training scheduler (its config builds the calibration sampler).
-        config: what to quantize and how.
+        recipe: a ``tadq.recipe.Recipe`` (or a ``QuantConfig``: no corrections, deployed with its calibration
+            sampler).
         calibration: precomputed calibration data (skips the FP sampling run).
         cache_dir: where calibration data is cached between runs.
-        checkpoint: reconstruction checkpoint file (``qdiffusion``): written after every unit, resumed from if present.
+        checkpoint: reconstruction checkpoint file: written after every unit, resumed from if present.
+        base: a network already built for ``recipe.base()`` (e.g. loaded from disk): the method is not run again,
+            only what the recipe adds to it (the corrections; TFMQ's per-step tables); raises if it does not fit.
+        device: where every phase runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``); ``None``: the model's device.
+        dtype: compute dtype of the FP reference (float32, bfloat16, float16); ``None``: the model's dtype.
+        fit_batch_size: trajectories per network call while fitting corrections.
     """
-    adapter = adapter_for(model)
-    qmodel = build_quantized_structure(model, config)  # first: a bad layer pattern fails before any sampling
-    if calibration is None:
-        calibration = collect_calibration_set(model, adapter, scheduler.config, config.calibration,
-                                              cache_dir=cache_dir, progress=progress)
-    if config.activations.enabled:
-        calibrate_activations(qmodel, calibration, config.calibration.batch_size, config.calibration.seed, progress)
-    if config.method == "qdiffusion":
-        qmodel.reconstruction_report = reconstruct(qmodel.model, model, adapter, calibration, config.reconstruction,
-                                                   checkpoint=checkpoint, progress=progress)
+    if isinstance(recipe, QuantConfig):
+        config, derived = recipe, Recipe.from_quant_config(recipe)
+        recipe = derived if derived.quant_config() == config else None
+    elif isinstance(recipe, Recipe):
+        config = recipe.quant_config()
+    else:
+        raise TypeError(f"quantize takes a Recipe or a QuantConfig, got {type(recipe).__name__}")
+    parameter = next(model.parameters(), None)
+    device = resolve_device(device) if device is not None else (parameter.device if parameter is not None else None)
+    dtype = resolve_dtype(dtype) if dtype is not None else (parameter.dtype if parameter is not None else None)
+    fp = place_model(model, device, dtype) if parameter is not None else model
+    if recipe is not None and any(d.guidance_scale != 1.0 for d in recipe.deployments) and recipe.corrections:
+        raise NotImplementedError("fitting corrections at guidance_scale != 1 needs the conditioning seam in "
+                                  "fit_corrections; this tadq fits them unguided only")
+    handler = method_handler(recipe.method) if recipe is not None else None
+    options = {"cache_dir": cache_dir, "progress": progress}
+    if base is not None:
+        if recipe is None:
+            raise ValueError("base= needs a Recipe whose quant_config() is the base's QuantConfig")
+        qmodel = handler.reuse(base, fp, scheduler, recipe, config, **options)
+    elif handler is not None:
+        qmodel = handler.quantize(fp, fp, scheduler, recipe, config, calibration=calibration, checkpoint=checkpoint,
+                                  **options)
+    else:
+        qmodel = quantize_base(fp, fp, scheduler, None, config, calibration=calibration, checkpoint=checkpoint,
+                               **options)
+    if recipe is not None and recipe.corrections:
+        qmodel = fit_corrections(qmodel, fp, scheduler, recipe.sampler, recipe.corrections,
+                                 batch_size=fit_batch_size)
+    qmodel.recipe = recipe
     plans = qmodel.plans
     logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)
     return qmodel
@@ -76,3 +109,22 @@ def sample(
         sample_shape=shape, batch_size=batch_size, hooks=hooks, record_trajectory=record_trajectory,
         progress=progress,
     )
+
+
+def load(
+    directory: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+) -> tuple[QuantizedDenoiser, object]:
+    """(quantized denoiser with its ``.recipe``, training scheduler) from an artefact, on ``device`` in ``dtype``.
+
+    The device and dtype are checked before the files are read; float32 (the default) samples bit-identically to
+    the saved model, another dtype rounds Δ·(codes − z) to it.
+    """
+    from tadq.io import load_quantized
+
+    target_device, target_dtype = resolve_device(device), resolve_dtype(dtype)
+    qmodel, scheduler = load_quantized(directory)
+    if (target_device, target_dtype) != (torch.device("cpu"), torch.float32):
+        recipe = getattr(qmodel, "recipe", None)
+        qmodel = qmodel.to(device=target_device, dtype=target_dtype)
+        qmodel.recipe = recipe
+    return qmodel, scheduler

@@ -13,13 +13,13 @@ from tadq.sampling import SamplerConfig
 
 __all__ = [
     "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict",
-    "config_from_dict", "QuantMethod", "register_config_type",
+    "config_from_dict", "config_version", "QuantMethod", "register_config_type",
 ]
 
 QuantMethod = Literal["naive", "qdiffusion"]
 
 FP_LAYER_PRESETS: dict[str, tuple[str, ...]] = {
-    # Q-Diffusion's released code quantizes every conv/linear at the same bits (methods.md §1 B1.1).
+    # Q-Diffusion's released code quantizes every conv/linear at the same bits (docs/methods/qdiffusion.md).
     "none": (),
     # The common convention of later papers (PTQD, TFMQ-DM): first and last layers in higher precision.
     "first_last": ("input_conv", "output_conv"),
@@ -32,7 +32,7 @@ CONFIG_VERSION = 1
 
 @dataclass(frozen=True)
 class CalibrationConfig:
-    """Timestep-aware calibration data (Q-Diffusion, methods.md §1 B2): inputs recorded along FP trajectories.
+    """Timestep-aware calibration data (docs/methods/qdiffusion.md): inputs recorded along FP trajectories.
 
     Args:
         sampler: the deployment sampler whose FP trajectories are recorded (same steps and η as at inference).
@@ -66,7 +66,7 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class ReconstructionConfig:
-    """Block reconstruction (BRECQ units + AdaRound weights, then learned activation steps), methods.md §1 B3-B4.
+    """Block reconstruction (BRECQ units + AdaRound weights, then learned activation steps), docs/methods/qdiffusion.md
 
     Args:
         weight_iters: AdaRound iterations per unit (Q-Diffusion: 20 000; the CPU default is the budget measured on
@@ -122,17 +122,17 @@ class QuantConfig:
         weights: scheme of every quantized layer's weight.
         activations: scheme of every quantized layer's input activation.
         method: ``naive`` = calibrated ranges, no reconstruction, no correction; ``qdiffusion`` = block
-            reconstruction (AdaRound weights, then learned activation steps), methods.md §1.
+            reconstruction (AdaRound weights, then learned activation steps), docs/methods/qdiffusion.md.
         calibration: calibration data.
         reconstruction: reconstruction settings (used by ``qdiffusion``).
         split_shortcut: give the two halves of a decoder skip conv's ``[deep | skip]`` input their own activation
-            and weight quantizers (Q-Diffusion shortcut splitting, methods.md §1 B1.6).
+            and weight quantizers (Q-Diffusion shortcut splitting, docs/methods/qdiffusion.md#split-shortcuts).
         quantize_attention: quantize the attention matmul operands q, k, v and the softmax output P
-            (methods.md §1 B1.3).
+            (docs/methods/qdiffusion.md#attention).
         softmax_bits: bit-width of the softmax output P (unsigned, zero point 0); 8 in Q-Diffusion.
         exclude: fnmatch patterns of layer names kept in floating point (e.g. ``("conv_in", "conv_out")``).
         keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
-            Q-Diffusion's released code keeps none (methods.md §1 B1.1).
+            Q-Diffusion's released code keeps none (docs/methods/qdiffusion.md#what-is-quantized).
         preset_name: the preset this config came from, for reports (informational).
     """
 
@@ -203,29 +203,44 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     if name not in _CONFIG_TYPES:
         raise TypeError(f"{name} is not a registered tadq config")
     data = {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)}
-    return {"type": name, "version": CONFIG_VERSION, "data": data}
+    return {"type": name, "version": config_version(type(config)), "data": data}
 
 
-def _decode(value: Any, annotation_is_tuple: bool) -> Any:
+def config_version(klass: type) -> int:
+    """The JSON version of a config class: its ``config_version`` class attribute, else ``CONFIG_VERSION``."""
+    return int(getattr(klass, "config_version", CONFIG_VERSION))
+
+
+def _decode(value: Any, annotation_is_tuple: bool, where: str) -> Any:
     if isinstance(value, dict) and "type" in value and "data" in value:
-        return config_from_dict(value)
+        return config_from_dict(value, where=where)
     if isinstance(value, list):
-        items = [_decode(v, False) for v in value]
+        items = [_decode(v, False, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if annotation_is_tuple else items
     return value
 
 
-def config_from_dict(payload: dict[str, Any]) -> Any:
-    """Inverse of ``config_to_dict``; raises ``ValueError`` on an unknown type or a newer version."""
+def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
+    """Inverse of ``config_to_dict``; ``ValueError`` naming the place (``where``, e.g. ``Recipe.method``) of an
+    unknown type, an unknown field or a version newer than this tadq reads."""
+    at = f"{where}: " if where else ""
+    if not isinstance(payload, dict) or not isinstance(payload.get("data"), dict):
+        raise ValueError(f"{at}expected a config object {{\"type\": ..., \"version\": ..., \"data\": {{...}}}}, "
+                         f"got {str(payload)[:80]!r}")
     kind, version = payload.get("type"), payload.get("version")
     if kind not in _CONFIG_TYPES:
-        raise ValueError(f"unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
-    if not isinstance(version, int) or version > CONFIG_VERSION:
-        raise ValueError(f"config version {version!r} is newer than this tadq understands ({CONFIG_VERSION})")
+        raise ValueError(f"{at}unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
     klass = _CONFIG_TYPES[kind]
+    if not isinstance(version, int) or version > config_version(klass):
+        raise ValueError(f"{at}{kind} version {version!r} is newer than this tadq understands "
+                         f"({config_version(klass)}); upgrade tadq or write version {config_version(klass)}")
     fields = {f.name: f for f in dataclasses.fields(klass)}
     unknown = set(payload["data"]) - set(fields)
     if unknown:
-        raise ValueError(f"{kind} has no fields {sorted(unknown)}")
-    kwargs = {k: _decode(v, "tuple" in str(fields[k].type)) for k, v in payload["data"].items()}
-    return klass(**kwargs)
+        raise ValueError(f"{at}{kind} has no fields {sorted(unknown)}; its fields are {sorted(fields)}")
+    prefix = f"{where}." if where else f"{kind}."
+    kwargs = {k: _decode(v, "tuple" in str(fields[k].type), prefix + k) for k, v in payload["data"].items()}
+    try:
+        return klass(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{at}{error}") from error

@@ -18,7 +18,8 @@ if not console.is_terminal:
     console = Console(width=160)  # logs and CI: keep the results table on one line per row
 
 
-def setup(verbose: bool, threads: int, device: str) -> None:
+def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
+    """Logging and threads; the device and dtype resolved (``BadParameter`` naming one torch does not have)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
@@ -27,8 +28,12 @@ def setup(verbose: bool, threads: int, device: str) -> None:
         raise typer.BadParameter("--threads must be >= 0")
     if threads:
         torch.set_num_threads(threads)
-    if device != "cpu":
-        raise typer.BadParameter(f"--device {device!r}: this release runs on cpu only")
+    from tadq.device import resolve_device, resolve_dtype
+
+    try:
+        return resolve_device(device), resolve_dtype(dtype)
+    except ValueError as error:
+        raise typer.BadParameter(f"--device/--dtype: {error}") from error
 
 
 @contextlib.contextmanager

@@ -7,17 +7,20 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
 
 from tadq.cli.common import console, fail_cleanly, setup
-from tadq.cli.sample import Device, Threads, Verbose
+from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.config import QuantConfig, config_from_dict
 from tadq.quant.qscheme import preset
 
-__all__ = ["quantize_command", "QuantFlags", "resolve_config"]
+if TYPE_CHECKING:
+    from tadq.recipe import Recipe
+
+__all__ = ["quantize_command", "QuantFlags", "resolve_config", "resolve_recipe", "parse_settings"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_PRESET = "W8A8"
@@ -29,7 +32,9 @@ class QuantFlags:
 
     Args:
         preset: weight and activation schemes by preset name (W8A8, W4A8, W4A4, W4A16, W8A16).
-        method: ``naive`` or ``qdiffusion``.
+        method: ``naive``, ``qdiffusion`` or ``tfmq`` (TFMQ-DM on the Q-Diffusion base).
+        correct: correction names in application order (``ptqd``, ``tac``, ``ibc``, ``ner``, ``tcec``); replaces
+            the recipe's stack.
         sampler: calibration (= deployment) sampler kind.
         steps: calibration sampler steps (kept steps are capped at this).
         eta: calibration sampler η.
@@ -56,6 +61,7 @@ class QuantFlags:
     quantize_attention: bool | None = None
     recon_iters: int | None = None
     recon_activation_iters: int | None = None
+    correct: tuple[str, ...] | None = None
 
 
 def _given(**values) -> dict:
@@ -101,6 +107,78 @@ def resolve_config(config_file: Path | None, flags: QuantFlags) -> QuantConfig:
     return dataclasses.replace(config, calibration=calibration, **overrides)
 
 
+METHOD_NAMES = ("naive", "qdiffusion", "tfmq")
+
+
+def _method(current: Any, name: str) -> Any:
+    """The method config named ``name``, keeping the current reconstruction settings where it has them."""
+    from tadq.recipe import NaiveMethod, QDiffusionMethod
+    from tadq.tfmq import TFMQMethod
+
+    if name not in METHOD_NAMES:
+        raise ValueError(f"--method must be one of {list(METHOD_NAMES)}, got {name!r}")
+    kinds = {"naive": NaiveMethod, "qdiffusion": QDiffusionMethod, "tfmq": TFMQMethod}
+    if isinstance(current, kinds[name]):
+        return current
+    return NaiveMethod() if name == "naive" else kinds[name](reconstruction=current.reconstruction)
+
+
+def parse_settings(items: list[str] | None) -> dict[str, Any]:
+    """``--set path=value`` items → {dotted path: JSON value (a bare word stays a string)}."""
+    settings: dict[str, Any] = {}
+    for item in items or ():
+        path, sep, text = item.partition("=")
+        if not sep or not path:
+            raise ValueError(f"--set {item!r}: write FIELD.PATH=VALUE, e.g. method.reconstruction.weight_iters=20")
+        try:
+            settings[path.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[path.strip()] = text
+    return settings
+
+
+def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: QuantFlags,
+                   settings: dict[str, Any] | None = None) -> Recipe:
+    """The recipe file (or a ``--config`` QuantConfig, or the default preset) with every flag, then every
+    ``--set``, applied; the result validates as a whole (a flag that breaks it fails here, before any work)."""
+    from tadq.recipe import Recipe, load_recipe, override_recipe
+    from tadq.recipe_presets import correction_configs
+
+    if recipe_file is not None and config_file is not None:
+        raise ValueError("give --recipe or --config, not both (a recipe holds everything a QuantConfig does)")
+    if recipe_file is not None:
+        recipe = load_recipe(recipe_file)
+    elif config_file is not None:
+        recipe = Recipe.from_quant_config(_read_config(config_file))
+    else:
+        recipe = Recipe.from_preset(flags.preset or DEFAULT_PRESET)
+    calibration = recipe.calibration
+    sampler = dataclasses.replace(recipe.sampler, **_given(kind=flags.sampler, num_steps=flags.steps, eta=flags.eta))
+    trajectories = calibration.num_trajectories if flags.calib_trajectories is None else flags.calib_trajectories
+    calibration = dataclasses.replace(
+        calibration, sampler=sampler, num_trajectories=trajectories,
+        num_steps_kept=min(calibration.num_steps_kept, sampler.num_steps),
+        samples_per_step=min(calibration.samples_per_step, trajectories), **_given(seed=flags.calib_seed),
+    )
+    deployments = (dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:])
+    changes = _given(exclude=flags.exclude, keep_fp_roles=flags.keep_fp_roles, split_shortcut=flags.split_shortcut,
+                     quantize_attention=flags.quantize_attention)
+    method = recipe.method if flags.method is None else _method(recipe.method, flags.method)
+    recon = _given(weight_iters=flags.recon_iters, activation_iters=flags.recon_activation_iters)
+    if recon:
+        if not hasattr(method, "reconstruction") or type(method).__name__ == "NaiveMethod":
+            raise ValueError("--recon-iters/--recon-activation-iters apply to --method qdiffusion or tfmq")
+        method = dataclasses.replace(method, reconstruction=dataclasses.replace(method.reconstruction, **recon))
+    if flags.preset is not None:
+        weights, activations = preset(flags.preset)
+        changes.update(weights=weights, activations=activations, preset_name=flags.preset.upper())
+    if flags.correct is not None:
+        changes["corrections"] = correction_configs(flags.correct, calibration.seed)
+    recipe = dataclasses.replace(recipe, method=method, calibration=calibration, deployments=deployments,
+                                 **changes)
+    return override_recipe(recipe, settings or {})
+
+
 def _kib(size: int) -> str:
     return f"{size / 1024:.1f} KiB" if size < 1024**2 else f"{size / 1024**2:.2f} MiB"
 
@@ -110,7 +188,17 @@ def quantize_command(
     model_dir: Annotated[Path | None, typer.Argument(help="Diffusers model folder (default: shipped DDPM).")] = None,
     preset_name: Annotated[str | None, typer.Option(
         "--preset", help=f"W8A8, W4A8, W4A4, W4A16 or W8A16 (default {DEFAULT_PRESET}).")] = None,
-    method: Annotated[str | None, typer.Option(help="naive or qdiffusion (default naive).")] = None,
+    method: Annotated[str | None, typer.Option(help="naive, qdiffusion or tfmq (default: the recipe's, else naive).")
+                      ] = None,
+    correct: Annotated[str | None, typer.Option(
+        help="Corrections in application order, e.g. tac,tcec (ptqd, tac, ibc, ner, tcec); fitted for the sampler.")
+    ] = None,
+    recipe_file: Annotated[Path | None, typer.Option(
+        "--recipe", help="Recipe JSON (docs/recipes.md; recipes/ has the README's rows); the flags override it.")
+    ] = None,
+    set_fields: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override one recipe field, FIELD.PATH=JSON (e.g. method.reconstruction.weight_iters=20, "
+                      "corrections.0.num_samples=64); repeat. Applied last.")] = None,
     sampler: Annotated[str | None, typer.Option(help="Deployment sampler calibrated for: ddim or ddpm.")] = None,
     steps: Annotated[int | None, typer.Option(help="Sampler steps of the calibration trajectories (50).")] = None,
     eta: Annotated[float | None, typer.Option(help="DDIM eta of the calibration trajectories (0).")] = None,
@@ -127,7 +215,8 @@ def quantize_command(
     recon_activation_iters: Annotated[int | None, typer.Option(
         help="Activation-step iterations per unit (qdiffusion; 400).")] = None,
     config_file: Annotated[Path | None, typer.Option(
-        "--config", help="QuantConfig JSON (config_to_dict format); the flags above override it.")] = None,
+        "--config", help="QuantConfig JSON (config_to_dict format; older form of --recipe); flags override it.")
+    ] = None,
     cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
     checkpoint: Annotated[Path | None, typer.Option(
         help="Reconstruction checkpoint file (qdiffusion): written after every unit, resumed from.")] = None,
@@ -135,29 +224,36 @@ def quantize_command(
     seed: Annotated[int, typer.Option(help="Seed of torch's global generator (calibration uses --calib-seed).")] = 0,
     threads: Threads = 0,
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     verbose: Verbose = False,
 ) -> None:
-    """Quantize a model (calibrated on its own FP trajectories) and save it; prints artefact vs FP size."""
+    """Quantize a model as a recipe says (calibrated on its own FP trajectories, corrections fitted for the
+    deployment sampler) and save the artefact with its recipe; prints artefact vs FP size."""
     from tadq.api import quantize
     from tadq.io import save_quantized
     from tadq.models import load_pipeline_parts
 
-    setup(verbose, threads, device)
+    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         flags = QuantFlags(preset=preset_name, method=method, sampler=sampler, steps=steps, eta=eta,
                            calib_seed=calib_seed, calib_trajectories=calib_trajectories,
                            exclude=tuple(exclude) if exclude else None,
                            keep_fp_roles=tuple(keep_fp_role) if keep_fp_role else None,
                            split_shortcut=split_shortcut, quantize_attention=quantize_attention,
-                           recon_iters=recon_iters, recon_activation_iters=recon_activation_iters)
-        config = resolve_config(config_file, flags)
+                           recon_iters=recon_iters, recon_activation_iters=recon_activation_iters,
+                           correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
+                                                                      if c.strip()))
+        recipe = resolve_recipe(recipe_file, config_file, flags, parse_settings(set_fields))
         if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
             raise ValueError(f"--out {out} already exists and is not empty; choose a new folder or pass --overwrite")
         torch.manual_seed(seed)
         model, scheduler = load_pipeline_parts(model_dir)
-        qmodel = quantize(model, scheduler, config, cache_dir=cache_dir, checkpoint=checkpoint)
-        size = save_quantized(qmodel, out, scheduler, overwrite=overwrite)
+        qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint, device=torch_device,
+                          dtype=torch_dtype)
+        size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite)
     quantized = sum(plan.quantized for plan in qmodel.plans)
-    console.print(f"saved {out}: {config.label} {config.method}, {quantized} of {len(qmodel.plans)} layers quantized")
+    stack = " + ".join(type(c).__name__.removesuffix("Config") for c in recipe.corrections) or "no corrections"
+    console.print(f"saved {out}: {recipe.label} {type(recipe.method).__name__.removesuffix('Method')}, {stack} "
+                  f"({recipe.sampler.key}), {quantized} of {len(qmodel.plans)} layers quantized")
     console.print(f"artefact {_kib(size.weights_bytes)} (header {_kib(size.header_bytes)}) vs FP "
                   f"{_kib(size.fp_bytes)}: {size.ratio:.3f}x")

@@ -11,14 +11,42 @@ from torch import nn
 
 from tadq.cli.common import console, fail_cleanly, setup
 
-__all__ = ["sample_command", "load_denoiser", "SamplerKind", "Steps", "Eta", "Threads", "Device", "Verbose"]
+__all__ = ["sample_command", "load_denoiser", "SamplerKind", "Steps", "Eta", "Threads", "Device", "Dtype", "Verbose",
+           "deployment_sampler"]
 
-SamplerKind = Annotated[str, typer.Option("--sampler", help="Sampler kind: ddim or ddpm.")]
-Steps = Annotated[int, typer.Option(help="Sampler steps.")]
-Eta = Annotated[float, typer.Option(help="DDIM eta (0 = deterministic; must be 0 for ddpm).")]
+SamplerKind = Annotated[str | None, typer.Option(
+    "--sampler", help="Sampler kind: ddim or ddpm (default: the artefact's recipe, else ddim).")]
+Steps = Annotated[int | None, typer.Option(help="Sampler steps (default: the artefact's recipe, else 50).")]
+Eta = Annotated[float | None, typer.Option(
+    help="DDIM eta, 0 = deterministic, 0 for ddpm (default: the artefact's recipe, else 0).")]
 Threads = Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")]
-Device = Annotated[str, typer.Option(help="Device (only cpu is supported in this release).")]
+Device = Annotated[str, typer.Option(help="Device: cpu, cuda, cuda:N or mps (refused when torch lacks it).")]
+Dtype = Annotated[str, typer.Option(help="Compute dtype of the FP model: float32, bfloat16 or float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, eta: float | None):
+    """The sampler to use: the artefact recipe's deployment sampler (ddim, 50, η 0 for an FP folder or an artefact
+    without a recipe) with the given flags applied. Refused before any work when the artefact's fitted tables
+    (corrections, TFMQ) are for another grid."""
+    import dataclasses
+
+    from tadq.io import is_quantized_artefact
+    from tadq.io.load import read_recipe
+    from tadq.sampling import SamplerConfig
+
+    recipe = read_recipe(path) if path is not None and is_quantized_artefact(path) else None
+    base = recipe.sampler if recipe is not None else SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
+    given = {k: v for k, v in (("kind", kind), ("num_steps", steps), ("eta", eta)) if v is not None}
+    if given.get("kind") == "ddpm" and eta is None:
+        given["eta"] = 0.0
+    sampler = dataclasses.replace(base, **given)
+    fitted = recipe is not None and (recipe.corrections or type(recipe.method).__name__ == "TFMQMethod")
+    if fitted and sampler.key != recipe.sampler.key:
+        raise ValueError(f"{path}'s corrections were fitted for {recipe.sampler.key}, not {sampler.key} "
+                         "(--sampler/--steps/--eta); drop those flags to use the recipe's sampler, or quantize again "
+                         "for this one (tadq quantize --recipe ... --steps N --eta E)")
+    return sampler
 
 
 def load_denoiser(path: Path | None) -> tuple[nn.Module, SchedulerMixin, str]:
@@ -34,7 +62,9 @@ def load_denoiser(path: Path | None) -> tuple[nn.Module, SchedulerMixin, str]:
         if scheduler is None:
             raise ValueError(f"{path} was saved without a scheduler; save it again with the model's training "
                              "scheduler (QuantizedDenoiser.save_pretrained(dir, scheduler))")
-        return qmodel, scheduler, f"{qmodel.config.label} {qmodel.config.method}"
+        recipe = getattr(qmodel, "recipe", None)
+        name = recipe.name if recipe is not None and recipe.name else f"{qmodel.config.label} {qmodel.config.method}"
+        return qmodel, scheduler, name
     model, scheduler = load_pipeline_parts(path)
     return model, scheduler, "FP"
 
@@ -44,27 +74,32 @@ def sample_command(
         help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
     num_samples: Annotated[int, typer.Option(help="Number of samples.")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed (sample i's noise depends only on the seed and i).")] = 1000,
-    sampler: SamplerKind = "ddim",
-    steps: Steps = 50,
-    eta: Eta = 0.0,
+    sampler: SamplerKind = None,
+    steps: Steps = None,
+    eta: Eta = None,
     batch_size: Annotated[int, typer.Option(help="Samples per denoiser call (speed only).")] = 128,
     out: Annotated[Path, typer.Option(help="PNG grid of the samples.")] = Path("samples.png"),
     tensor_out: Annotated[Path | None, typer.Option(help="Also save the samples (N, C, H, W) as a .pt file.")] = None,
     threads: Threads = 0,
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     verbose: Verbose = False,
 ) -> None:
-    """Sample a quantized artefact (or an FP model folder) with tadq's loop; writes a PNG grid."""
+    """Sample a quantized artefact with its recipe's sampler and corrections (or an FP model folder) with tadq's
+    loop; writes a PNG grid."""
     from tadq.api import sample
     from tadq.config import config_to_dict
+    from tadq.device import place_model
+    from tadq.methods import check_sampler
     from tadq.report import save_comparison_grid
-    from tadq.sampling import SamplerConfig
     from tadq.utils import atomic_torch_save
 
-    setup(verbose, threads, device)
+    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
-        sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         denoiser, scheduler, label = load_denoiser(model_dir)
+        check_sampler(denoiser, sampler_config, str(model_dir))
+        denoiser = place_model(denoiser, torch_device, torch_dtype)
         result = sample(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
                         batch_size=batch_size)
     save_comparison_grid({f"{label} · {sampler_config.key} · seed {seed}": result.images}, out)

@@ -14,7 +14,7 @@ from diffusers import SchedulerMixin
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from tadq.config import config_from_dict
+from tadq.config import QuantConfig, config_from_dict
 from tadq.corrections.io import load_corrections
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io.manifest import MANIFEST_FILE, verify_manifest
@@ -23,6 +23,7 @@ from tadq.io.save import (
     CONFIG_FILE,
     FORMAT_VERSION,
     QUANT_MAP_FILE,
+    RECIPE_FILE,
     WEIGHTS_FILE,
     _covered_keys,
     _network_state,
@@ -31,11 +32,12 @@ from tadq.io.save import (
     unpack_codes,
 )
 from tadq.prepare import build_quantized_structure
+from tadq.recipe import Recipe, recipe_from_dict
 from tadq.registry import model_family
 from tadq.safefiles import DamagedFileError, read_json_file, require_finite
 from tadq.utils import library_versions
 
-__all__ = ["load_quantized", "is_quantized_artefact"]
+__all__ = ["load_quantized", "is_quantized_artefact", "read_recipe"]
 
 logger = logging.getLogger(__name__)
 
@@ -177,4 +179,20 @@ def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerM
     qmodel.corrections = load_corrections(path, meta.get("corrections", []))
     # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
     qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
+    qmodel.recipe = read_recipe(path, config)
     return qmodel, _load_scheduler(path)
+
+
+def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Recipe | None:
+    """The artefact's ``Recipe`` (``tadq_recipe.json``), ``None`` for an artefact written without one.
+
+    Raises:
+        ValueError: the recipe is malformed, newer than this tadq, or disagrees with ``config`` (the network's).
+    """
+    file = Path(directory) / RECIPE_FILE
+    if not file.is_file():
+        return None
+    recipe = recipe_from_dict(read_json_file(file, "recipe"), str(file))
+    if config is not None and recipe.quant_config() != config:
+        raise ValueError(f"{file} and {CONFIG_FILE} describe different networks; save the artefact again")
+    return recipe

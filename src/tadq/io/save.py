@@ -7,6 +7,8 @@ Folder layout (docs/architecture.md#artefact)::
     scheduler/scheduler_config.json  the training scheduler
     tadq_config.json                 QuantConfig, adapter, model class, format version, library versions, sizes
     tadq_quant_map.json              layer name → role, schemes, reason a layer stayed in FP
+    tadq_recipe.json                 the Recipe that made the model (method, samplers, correction stack), when
+                                     it came from tadq.quantize (docs/recipes.md)
     tadq_weights.safetensors         integer codes of every quantized weight (two 4-bit codes per byte) and
                                      every other state tensor (FP layers, norms, biases, quantizer Δ and z)
     corrections.safetensors          per-step tables of the correction stack (only when it is not empty; the
@@ -53,6 +55,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE = "tadq_config.json", "tadq_quant_map.json", "tadq_weights.safetensors"
+RECIPE_FILE = "tadq_recipe.json"  # the Recipe (tadq.recipe) of a model made by tadq.quantize
 CODES_SUFFIX = ".codes"
 
 
@@ -227,6 +230,11 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
         "corrections": save_corrections(qmodel.corrections, folder),
     }
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    recipe = getattr(qmodel, "recipe", None)  # set by tadq.quantize: everything that made this model
+    if recipe is not None:
+        if recipe.quant_config() != qmodel.config:
+            raise ValueError("the model's recipe does not match its QuantConfig; quantize it with tadq.quantize")
+        (folder / RECIPE_FILE).write_text(json.dumps(config_to_dict(recipe), indent=2) + "\n")
     return size
 
 

@@ -7,10 +7,12 @@ of an already reconstructed TFMQ model). See ``README.md`` in this folder.
 
 from tadq.tfmq.config import TFMQConfig, tfmq_tag
 from tadq.tfmq.correction import TFMQCorrection
+from tadq.tfmq.method import TFMQMethod
 from tadq.tfmq.pipeline import apply_tfmq, deployment_grid, quantize_tfmq, temporal_features_per_step
 from tadq.tfmq.tib import TemporalFeature, TemporalInformationBlock, grid_inputs
 
 __all__ = [
-    "TFMQConfig", "TFMQCorrection", "TemporalFeature", "TemporalInformationBlock", "apply_tfmq", "deployment_grid",
+    "TFMQConfig", "TFMQCorrection", "TFMQMethod", "TemporalFeature", "TemporalInformationBlock", "apply_tfmq",
+    "deployment_grid",
     "grid_inputs", "quantize_tfmq", "temporal_features_per_step", "tfmq_tag",
 ]

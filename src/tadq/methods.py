@@ -1,0 +1,118 @@
+"""The built-in quantization methods' handlers (naive PTQ, Q-Diffusion) for ``Recipe.method``.
+
+Each handler runs prepare → calibrate → method; ``tadq.quantize`` then fits the recipe's corrections. TFMQ-DM's
+handler sits beside it in ``tadq.tfmq.method``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from tadq.calibration import CalibrationSet, collect_calibration_set
+from tadq.calibration.reconstruction import reconstruct
+from tadq.config import QuantConfig
+from tadq.denoiser import QuantizedDenoiser
+from tadq.prepare import build_quantized_structure, calibrate_activations
+from tadq.recipe import NaiveMethod, QDiffusionMethod, register_quant_method
+from tadq.registry import adapter_for
+
+if TYPE_CHECKING:
+    from tadq.recipe import Recipe
+
+__all__ = ["model_device", "calibrated_structure", "quantize_base", "reuse_base", "check_base", "check_sampler",
+           "fitted_sampler_keys"]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s parameters (CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def calibration_on(calibration: CalibrationSet, device: torch.device) -> CalibrationSet:
+    """``calibration`` with its tensors on ``device`` (the same object when they are there already)."""
+    if calibration.x.device == device:
+        return calibration
+    moved = {name: getattr(calibration, name).to(device) for name in ("x", "t", "step_index", "eps")}
+    return dataclasses.replace(calibration, **moved)
+
+
+def calibrated_structure(
+    model: nn.Module, reference: nn.Module, scheduler, config: QuantConfig, *, calibration: CalibrationSet | None,
+    cache_dir: str | Path | None, progress: bool,
+) -> tuple[QuantizedDenoiser, CalibrationSet]:
+    """Plan and wrap the layers of a copy of ``model``, collect calibration data from ``reference`` (unless given),
+    calibrate activation ranges; the calibration set comes back on the model's device."""
+    adapter = adapter_for(model)
+    qmodel = build_quantized_structure(model, config)  # first: a bad layer pattern fails before any sampling
+    if calibration is None:
+        calibration = collect_calibration_set(reference, adapter, scheduler.config, config.calibration,
+                                              cache_dir=cache_dir, progress=progress)
+    calibration = calibration_on(calibration, model_device(model))
+    if config.activations.enabled:
+        calibrate_activations(qmodel, calibration, config.calibration.batch_size, config.calibration.seed, progress)
+    return qmodel, calibration
+
+
+def quantize_base(
+    model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
+    calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
+    checkpoint: str | Path | None = None, progress: bool = True,
+) -> QuantizedDenoiser:
+    """Naive PTQ (ranges only) or Q-Diffusion (block reconstruction after the ranges)."""
+    qmodel, calibration = calibrated_structure(model, reference, scheduler, config, calibration=calibration,
+                                               cache_dir=cache_dir, progress=progress)
+    if config.method == "qdiffusion":
+        qmodel.reconstruction_report = reconstruct(qmodel.model, reference, qmodel.adapter, calibration,
+                                                   config.reconstruction, checkpoint=checkpoint, progress=progress)
+    return qmodel
+
+
+def check_base(base: QuantizedDenoiser, config: QuantConfig) -> None:
+    """Raise ``ValueError`` naming the first differing field unless ``base`` was built with ``config``."""
+    if not isinstance(base, QuantizedDenoiser):
+        raise TypeError(f"base must be a QuantizedDenoiser (tadq.quantize / tadq.load), got {type(base).__name__}")
+    if base.config != config:
+        differing = [f.name for f in dataclasses.fields(config) if getattr(base.config, f.name) != getattr(config,
+                                                                                                          f.name)]
+        raise ValueError(f"the base model was quantized with other settings ({differing}); it cannot carry this "
+                         "recipe: quantize without base=")
+
+
+def reuse_base(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig,
+               **options) -> QuantizedDenoiser:
+    """``base`` itself when it is this method's network with no corrections (they are fitted next)."""
+    check_base(base, config)
+    if len(base.corrections):
+        raise ValueError(f"the base model already carries {len(base.corrections)} corrections; pass the network "
+                         "without them (the recipe's stack is fitted in order on top of it)")
+    return base
+
+
+register_quant_method(NaiveMethod, quantize_base, reuse_base)
+register_quant_method(QDiffusionMethod, quantize_base, reuse_base)
+
+
+def fitted_sampler_keys(qmodel: nn.Module) -> set[str]:
+    """The sampler keys the model's per-step tables (corrections, TFMQ) were built for; empty when it has none."""
+    keys = set()
+    for member in getattr(qmodel, "corrections", ()):
+        table_key = getattr(member, "table_key", None)
+        key = table_key.sampler_key if table_key is not None else getattr(member, "sampler_key", None)
+        if key is not None:
+            keys.add(key)
+    return keys
+
+
+def check_sampler(qmodel: nn.Module, sampler, where: str = "") -> None:
+    """Raise ``ValueError`` when ``qmodel`` carries tables fitted for another sampler grid than ``sampler``'s."""
+    keys = fitted_sampler_keys(qmodel)
+    if keys and keys != {sampler.key}:
+        raise ValueError(f"{where or 'this model'} carries per-step tables fitted for {sorted(keys)}, not for "
+                         f"{sampler.key}; sample with that sampler (the artefact's recipe default) or quantize "
+                         "again with --steps/--eta for this one")

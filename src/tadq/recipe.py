@@ -1,0 +1,299 @@
+"""``Recipe``: everything about a quantized model in one typed, versioned object (docs/recipes.md).
+
+A recipe names the quantization method (a registered method config: ``NaiveMethod``, ``QDiffusionMethod``,
+``tadq.tfmq.TFMQMethod``, or one a user registers with ``register_quant_method``), the weight and activation schemes,
+the layers kept in floating point, the calibration data, the deployment sampler(s) and the correction stack in
+application order. ``tadq.quantize(model, scheduler, recipe)`` runs it, the artefact stores it
+(``tadq_recipe.json``) and ``tadq sample`` / ``tadq evaluate`` apply it.
+
+JSON form: ``config_to_dict`` (``{"type": "Recipe", "version": 1, "data": {...}}``, nested configs the same way);
+omitted fields take their defaults; an unknown field, type or a newer version raises naming where it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+from tadq.config import (
+    CalibrationConfig,
+    QuantConfig,
+    ReconstructionConfig,
+    config_from_dict,
+    config_to_dict,
+    register_config_type,
+)
+from tadq.corrections.base import CorrectionConfig
+from tadq.quant.qscheme import QScheme, preset
+from tadq.registry import registered_corrections
+from tadq.sampling import SamplerConfig
+
+__all__ = [
+    "Recipe", "Deployment", "NaiveMethod", "QDiffusionMethod", "MethodHandler", "register_quant_method",
+    "method_handler", "registered_quant_methods", "load_recipe", "save_recipe", "recipe_from_dict",
+    "override_recipe",
+]
+
+
+@register_config_type
+@dataclass(frozen=True)
+class NaiveMethod:
+    """Naive PTQ: calibrated ranges, no reconstruction (the baseline of every table)."""
+
+    base_method: ClassVar[str] = "naive"
+
+    @property
+    def reconstruction(self) -> ReconstructionConfig:
+        return ReconstructionConfig()  # unused; what QuantConfig records for a naive model
+
+
+@register_config_type
+@dataclass(frozen=True)
+class QDiffusionMethod:
+    """Q-Diffusion: block reconstruction (AdaRound weights, then learned activation steps), docs/methods."""
+
+    base_method: ClassVar[str] = "qdiffusion"
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+
+
+class MethodHandler(NamedTuple):
+    """What runs a method config: ``quantize(model, reference, scheduler, recipe, **options)`` builds the
+    quantized network from scratch; ``reuse(base, reference, scheduler, recipe, **options)`` returns a network for
+    ``recipe`` from an already built ``base`` (e.g. one on disk) or raises ``ValueError`` saying why it cannot."""
+
+    quantize: Callable[..., Any]
+    reuse: Callable[..., Any]
+
+
+_METHODS: dict[type, MethodHandler] = {}
+
+
+def register_quant_method(config_type: type, quantize: Callable[..., Any], reuse: Callable[..., Any]) -> None:
+    """Make ``config_type`` usable as ``Recipe.method`` (a handler table, like torchao's ``quantize_``)."""
+    known = _METHODS.get(config_type)
+    if known is not None and known != (quantize, reuse):
+        raise ValueError(f"{config_type.__name__} already has a quantization handler ({known.quantize.__module__})")
+    register_config_type(config_type)
+    _METHODS[config_type] = MethodHandler(quantize, reuse)
+
+
+def registered_quant_methods() -> dict[type, MethodHandler]:
+    return dict(_METHODS)
+
+
+def method_handler(method: object) -> MethodHandler:
+    """The handler of a method config; ``ValueError`` listing the registered ones otherwise."""
+    handler = _METHODS.get(type(method))
+    if handler is None:
+        raise ValueError(f"Recipe.method: {type(method).__name__} is not a registered quantization method; "
+                         f"registered: {sorted(k.__name__ for k in _METHODS)} (tadq.recipe.register_quant_method)")
+    return handler
+
+
+@register_config_type
+@dataclass(frozen=True)
+class Deployment:
+    """A sampler the model is deployed with: its grid (kind, steps, η) and the classifier-free guidance scale.
+
+    Correction and TFMQ tables are fitted for exactly this (sampler, guidance scale).
+    """
+
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
+    guidance_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.sampler, SamplerConfig):
+            raise ValueError(f"Deployment.sampler must be a SamplerConfig, got {type(self.sampler).__name__}")
+        scale = self.guidance_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+            raise ValueError(f"Deployment.guidance_scale must be a finite float >= 0 (1.0: none), got {scale!r}")
+        object.__setattr__(self, "guidance_scale", float(scale))
+
+
+@register_config_type
+@dataclass(frozen=True)
+class Recipe:
+    """Everything about a quantized model (docs/recipes.md has every field with an example).
+
+    Args:
+        method: the quantization method, a registered method config (``NaiveMethod``, ``QDiffusionMethod``,
+            ``TFMQMethod``...).
+        weights: scheme of every quantized weight (bits, symmetry, per-channel or per-tensor, range estimator).
+        activations: scheme of every quantized input activation; its ``granularity`` must be ``per_tensor``.
+        keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
+        exclude: fnmatch patterns of layer names kept in floating point.
+        split_shortcut: Q-Diffusion shortcut splitting of the decoder's skip convolutions.
+        quantize_attention: quantize the attention matmul operands (q, k, v, softmax output).
+        softmax_bits: bits of the softmax output when ``quantize_attention``.
+        calibration: the FP trajectories calibration data is taken from; its sampler must be the first deployment
+            sampler's.
+        deployments: the sampler(s) the model is deployed with, first = the one corrections are fitted for.
+        corrections: correction configs in application order (``PTQDConfig``, ``TACConfig``, ``TCECConfig``...);
+            their seeds must be calibration seeds.
+        preset_name: the preset the schemes came from (reports only).
+        name: a label for reports (e.g. ``qdiffusion+tac-W4A8``).
+    """
+
+    config_version: ClassVar[int] = 1
+
+    method: Any = field(default_factory=NaiveMethod)
+    weights: QScheme = field(default_factory=lambda: preset("W8A8")[0])
+    activations: QScheme = field(default_factory=lambda: preset("W8A8")[1])
+    keep_fp_roles: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    split_shortcut: bool = False
+    quantize_attention: bool = False
+    softmax_bits: int = 8
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    deployments: tuple[Deployment, ...] = (Deployment(),)
+    corrections: tuple[CorrectionConfig, ...] = ()
+    preset_name: str = ""
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep_fp_roles", tuple(self.keep_fp_roles))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "deployments", tuple(self.deployments))
+        object.__setattr__(self, "corrections", tuple(self.corrections))
+        method_handler(self.method)
+        if not self.deployments:
+            raise ValueError("Recipe.deployments is empty; give at least one Deployment(sampler=SamplerConfig(...))")
+        if any(not isinstance(d, Deployment) for d in self.deployments):
+            raise ValueError("Recipe.deployments must hold Deployment objects (sampler + guidance_scale)")
+        if self.calibration.sampler != self.sampler:
+            raise ValueError(f"Recipe.calibration.sampler ({self.calibration.sampler.key}) must be the first "
+                             f"deployment's sampler ({self.sampler.key}): calibrate on the trajectories you deploy "
+                             "(set both to the same SamplerConfig)")
+        corrections = registered_corrections()
+        for index, config in enumerate(self.corrections):
+            if type(config) not in corrections:
+                raise ValueError(f"Recipe.corrections[{index}]: {type(config).__name__} is not a registered "
+                                 f"correction; registered: {sorted(k.__name__ for k in corrections)}")
+            if type(config).__name__ == "TFMQConfig":
+                raise ValueError(f"Recipe.corrections[{index}]: TFMQ is a quantization method, not a sampler-level "
+                                 "correction; use method=TFMQMethod(tfmq=TFMQConfig(...))")
+        if self.corrections and len(self.deployments) > 1:
+            raise ValueError(f"Recipe has {len(self.deployments)} deployments and a correction stack: correction "
+                             "tables are fitted for one (sampler, guidance scale); write one recipe per deployment")
+        self.quant_config()  # the structural fields validate there (roles, granularity, softmax bits)
+
+    # -- derived views ------------------------------------------------------------------------------------------
+    @property
+    def sampler(self) -> SamplerConfig:
+        """The first deployment's sampler: what calibration and the corrections' tables are built for."""
+        return self.deployments[0].sampler
+
+    @property
+    def guidance_scale(self) -> float:
+        return self.deployments[0].guidance_scale
+
+    @property
+    def label(self) -> str:
+        return self.quant_config().label
+
+    def quant_config(self) -> QuantConfig:
+        """The ``QuantConfig`` of the network (what ``tadq_config.json`` records and loading rebuilds)."""
+        return QuantConfig(
+            weights=self.weights, activations=self.activations, method=self.method.base_method,
+            calibration=self.calibration, reconstruction=self.method.reconstruction,
+            split_shortcut=self.split_shortcut, quantize_attention=self.quantize_attention,
+            softmax_bits=self.softmax_bits, exclude=self.exclude, keep_fp_roles=self.keep_fp_roles,
+            preset_name=self.preset_name,
+        )
+
+    def base(self) -> Recipe:
+        """This recipe without its correction stack: the network the corrections are fitted on."""
+        return dataclasses.replace(self, corrections=(), name="")
+
+    # -- constructors -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_quant_config(cls, config: QuantConfig, *, deployments: tuple[Deployment, ...] | None = None,
+                          corrections: tuple[CorrectionConfig, ...] = (), name: str = "") -> Recipe:
+        """The recipe of a plain ``QuantConfig`` (deployed with its calibration sampler unless told otherwise)."""
+        method = (QDiffusionMethod(reconstruction=config.reconstruction) if config.method == "qdiffusion"
+                  else NaiveMethod())
+        return cls(method=method, weights=config.weights, activations=config.activations,
+                   keep_fp_roles=config.keep_fp_roles, exclude=config.exclude, split_shortcut=config.split_shortcut,
+                   quantize_attention=config.quantize_attention, softmax_bits=config.softmax_bits,
+                   calibration=config.calibration,
+                   deployments=deployments or (Deployment(config.calibration.sampler),),
+                   corrections=corrections, preset_name=config.preset_name, name=name)
+
+    @classmethod
+    def from_preset(cls, name: str, **fields: Any) -> Recipe:
+        """``Recipe.from_preset("W4A8", method=QDiffusionMethod(), corrections=(TACConfig(),))``."""
+        weights, activations = preset(name)
+        return cls(weights=weights, activations=activations, preset_name=name.upper(), **fields)
+
+
+# -- JSON -------------------------------------------------------------------------------------------------------------
+def recipe_from_dict(payload: Mapping[str, Any], where: str = "recipe") -> Recipe:
+    """A ``Recipe`` from its ``config_to_dict`` form; ``ValueError`` naming the field for anything unknown."""
+    if not isinstance(payload, Mapping) or payload.get("type") != "Recipe":
+        kind = payload.get("type") if isinstance(payload, Mapping) else type(payload).__name__
+        raise ValueError(f"{where} holds a {kind!r}, not a Recipe ({{\"type\": \"Recipe\", \"version\": 1, "
+                         "\"data\": {...}}; see docs/recipes.md)")
+    return config_from_dict(dict(payload))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a recipe JSON file (``tadq quantize --recipe``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {path} does not exist")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"recipe {path} is not valid JSON: {error}") from error
+    try:
+        return recipe_from_dict(payload, str(path))
+    except ValueError as error:
+        raise ValueError(f"recipe {path}: {error}") from error
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config_to_dict(recipe), indent=2) + "\n")
+
+
+def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:
+    """``recipe`` with dotted fields replaced, e.g. ``{"method.reconstruction.weight_iters": 2,
+    "corrections.0.num_samples": 8}`` (``tadq quantize --set``); a wrong path raises naming it."""
+    for path, value in changes.items():
+        recipe = _replace_at(recipe, path.split("."), value, path)
+    return recipe
+
+
+def _replace_at(node: Any, parts: list[str], value: Any, path: str) -> Any:
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, tuple):
+        if not head.isdigit() or int(head) >= len(node):
+            raise ValueError(f"--set {path}: {head!r} is not an index of a {len(node)}-item list")
+        items = list(node)
+        items[int(head)] = _replace_at(items[int(head)], rest, value, path) if rest else value
+        return tuple(items)
+    if not dataclasses.is_dataclass(node):
+        raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}")
+    names = [f.name for f in dataclasses.fields(node)]
+    if head not in names:
+        raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}; its fields are {names}")
+    new = _replace_at(getattr(node, head), rest, value, path) if rest else _coerce(getattr(node, head), value)
+    try:
+        return dataclasses.replace(node, **{head: new})
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"--set {path}: {error}") from error
+
+
+def _coerce(old: Any, value: Any) -> Any:
+    """A JSON-decoded value in the shape of the field it replaces (lists → tuples, config dicts → configs)."""
+    if isinstance(value, dict) and "type" in value:
+        return config_from_dict(value)
+    if isinstance(value, list):
+        return tuple(config_from_dict(v) if isinstance(v, dict) else v for v in value)
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -1,0 +1,86 @@
+"""``TFMQMethod``: TFMQ-DM as a ``Recipe.method`` (its handler: ``quantize_tfmq``, or ``apply_tfmq`` on a base).
+
+The per-step tables (FSC ranges, feature cache) are built for the recipe's first deployment sampler.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from torch import nn
+
+from tadq.calibration import CalibrationSet
+from tadq.config import QuantConfig, ReconstructionConfig
+from tadq.denoiser import QuantizedDenoiser
+from tadq.methods import check_base, model_device
+from tadq.recipe import register_quant_method
+from tadq.tfmq.config import TFMQConfig
+from tadq.tfmq.correction import TFMQCorrection
+from tadq.tfmq.pipeline import apply_tfmq, quantize_tfmq
+
+if TYPE_CHECKING:
+    from tadq.recipe import Recipe
+
+__all__ = ["TFMQMethod"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TFMQMethod:
+    """TFMQ-DM on tadq's base quantizer.
+
+    Args:
+        base: the base quantizer after TIAR: ``"qdiffusion"`` (block reconstruction, the paper) or ``"naive"``.
+        reconstruction: block-reconstruction settings (``base="qdiffusion"``; TIAR reads its batch too).
+        tfmq: TIAR, FSC and maintenance settings.
+    """
+
+    base: Literal["naive", "qdiffusion"] = "qdiffusion"
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    tfmq: TFMQConfig = field(default_factory=TFMQConfig)
+
+    def __post_init__(self) -> None:
+        if self.base not in ("naive", "qdiffusion"):
+            raise ValueError(f"TFMQMethod.base must be 'naive' or 'qdiffusion', got {self.base!r}")
+
+    @property
+    def base_method(self) -> str:
+        return self.base
+
+
+def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
+              calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
+              checkpoint: str | Path | None = None, progress: bool = True) -> QuantizedDenoiser:
+    if model is not reference:
+        raise NotImplementedError("TFMQ-DM reconstructs against the FP model itself: run it with the reference in "
+                                  "float32 (dtype=float32)")
+    if calibration is not None and calibration.x.device != model_device(model):
+        raise ValueError(f"the calibration set is on {calibration.x.device}, the model on {model_device(model)}")
+    return quantize_tfmq(model, scheduler, config, recipe.method.tfmq, recipe.sampler, calibration=calibration,
+                         cache_dir=None if cache_dir is None else str(cache_dir),
+                         checkpoint=None if checkpoint is None else str(checkpoint), progress=progress)
+
+
+def _reuse(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
+           cache_dir: str | Path | None = None, progress: bool = True, **_: object) -> QuantizedDenoiser:
+    """A saved TFMQ model (same TIAR settings) or, without TIAR and freezing, the Q-Diffusion network: FSC and
+    maintenance are rebuilt for the recipe (seconds); the weights are the base's."""
+    check_base(base, config)
+    settings: TFMQConfig = recipe.method.tfmq
+    members = list(base.corrections)
+    if any(not isinstance(m, TFMQCorrection) for m in members):
+        raise ValueError("the base model carries sampler-level corrections; pass the network without them")
+    if members and members[0].config == settings and members[0].sampler_key == recipe.sampler.key:
+        return base
+    if not members and (settings.tiar or settings.freeze_time_projections):
+        raise ValueError("a base without TFMQ weights only serves TFMQ settings with tiar=False and "
+                         "freeze_time_projections=False; quantize this recipe without base=")
+    return apply_tfmq(base, reference, scheduler, settings, recipe.sampler,
+                      cache_dir=None if cache_dir is None else str(cache_dir), progress=progress)
+
+
+register_quant_method(TFMQMethod, _quantize, _reuse)
