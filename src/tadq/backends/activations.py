@@ -20,15 +20,22 @@ from torch import Tensor
 from tadq.quant.quantizer import Quantizer
 from tadq.tfmq.fsc import StepQuantizer
 
-__all__ = ["ActivationGrid", "activation_codes", "check_activation_quantizer"]
+__all__ = ["ActivationGrid", "GridCache", "activation_codes", "activation_grid", "check_activation_quantizer", "is_per_step"]
 
 
 @dataclass(frozen=True)
 class ActivationGrid:
-    """The grid an input was quantized on: Δ and the uint8 zero point, both 0-dim float32 tensors (no host sync)."""
+    """The uint8 grid an input is quantized on: Δ, 1/Δ (float32, as fake-quant computes it) and the zero point.
 
-    scale: Tensor
-    zero_point: Tensor
+    Python numbers for a fixed range (kernels take them as constants, which ``torch.compile`` needs), 0-dim tensors
+    for a per-step range (no host sync, the step's values are read on the device).
+    """
+
+    scale: float | Tensor
+    inverse: float | Tensor
+    zero_point: float | Tensor
+    qmin: int
+    qmax: int
 
 
 def check_activation_quantizer(quantizer: Quantizer, name: str) -> None:
@@ -43,25 +50,55 @@ def check_activation_quantizer(quantizer: Quantizer, name: str) -> None:
         raise ValueError(f"{name}: its input quantizer has no range; calibrate the model before converting")
 
 
-def _current(quantizer: Quantizer) -> tuple[Tensor, Tensor]:
-    if isinstance(quantizer, StepQuantizer):
-        index = quantizer.state.require_index()
-        return quantizer.step_scale[index], quantizer.step_zero_point[index]
-    return quantizer.scale.reshape(()), quantizer.zero_point.reshape(())
+def is_per_step(quantizer: Quantizer) -> bool:
+    """Whether the quantizer's range changes with the sampler step (TFMQ finite-set calibration)."""
+    return isinstance(quantizer, StepQuantizer)
 
 
-def activation_codes(x: Tensor, quantizer: Quantizer) -> tuple[Tensor, ActivationGrid]:
-    """(uint8 codes of ``x`` in ``x``'s memory format, the grid used).
-
-    Raises if the quantizer is observing or bypassed: integer layers cannot calibrate; use the fake backend.
-    """
+def activation_grid(quantizer: Quantizer) -> ActivationGrid:
+    """The quantizer's grid now: its fixed range, or, for a ``StepQuantizer``, the current step's range."""
     if quantizer.bypass or quantizer._observer is not None:
         raise RuntimeError("an integer layer's input quantizer is bypassed or observing: calibrate and reconstruct "
                            "on the 'fake' backend, then convert")
-    scale, zero_point = _current(quantizer)
     scheme = quantizer.scheme
     shift = -scheme.qmin if scheme.qmin < 0 else 0  # signed grid → uint8
-    inverse = torch.reciprocal(scale.float())  # float32 1/Δ, as the fused fake-quant kernel computes it
-    z = zero_point.float() + shift
-    codes = torch.mul(x, inverse).round_().add_(z).clamp_(scheme.qmin + shift, scheme.qmax + shift)
-    return codes.to(torch.uint8), ActivationGrid(scale.float(), z)
+    if isinstance(quantizer, StepQuantizer):
+        index = quantizer.state.require_index()
+        scale = quantizer.step_scale[index].float()
+        return ActivationGrid(scale, torch.reciprocal(scale), quantizer.step_zero_point[index].float() + shift,
+                              scheme.qmin + shift, scheme.qmax + shift)
+    scale = quantizer.scale.reshape(()).float()
+    return ActivationGrid(float(scale), float(torch.reciprocal(scale)), float(quantizer.zero_point) + shift,
+                          scheme.qmin + shift, scheme.qmax + shift)
+
+
+def activation_codes(x: Tensor, grid: ActivationGrid) -> Tensor:
+    """Codes of ``x`` on ``grid`` as float32 holding integers, in ``x``'s memory format.
+
+    Float codes, not uint8: kernels convert them to their layout in the same copy, and window sums read them
+    exactly (integers below 2^24).
+    """
+    return torch.mul(x, grid.inverse).round_().add_(grid.zero_point).clamp_(grid.qmin, grid.qmax)
+
+
+class GridCache:
+    """A layer's memo of its input quantizer's fixed grid, so a forward reads no tensor values on the host.
+
+    Taken from the quantizer object the layer is called with; a different object (TFMQ swapping quantizers in or
+    out) is read afresh, and per-step quantizers are always read at the current step. Ranges are meant to be final
+    when a model is converted: a ``set_range`` on the same object afterwards is not seen.
+    """
+
+    def __init__(self) -> None:
+        self.source: Quantizer | None = None
+        self.grid: ActivationGrid | None = None
+
+    def __call__(self, quantizer: Quantizer) -> ActivationGrid:
+        if is_per_step(quantizer):
+            return activation_grid(quantizer)
+        if quantizer.bypass or quantizer._observer is not None:
+            raise RuntimeError("an integer layer's input quantizer is bypassed or observing: calibrate on the "
+                               "'fake' backend, then convert")
+        if self.source is not quantizer or self.grid is None:
+            self.grid, self.source = activation_grid(quantizer), quantizer
+        return self.grid

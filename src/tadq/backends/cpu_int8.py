@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tadq.backends.activations import activation_codes, check_activation_quantizer
+from tadq.backends.activations import ActivationGrid, GridCache, activation_codes, check_activation_quantizer
 from tadq.backends.weights import WeightCodes, weight_codes, window_sum
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
@@ -32,6 +32,11 @@ def _check_float_input(x: Tensor, name: str) -> None:
     if x.dtype != torch.float32:
         raise TypeError(f"{name}: integer layers take float32 inputs (the dtype the quantizer was calibrated in), "
                         f"got {x.dtype}")
+
+
+def _zero(grid: ActivationGrid) -> int | Tensor:
+    """The zero point as the kernel takes it: an int, or an int32 tensor for a per-step grid."""
+    return grid.zero_point.to(torch.int32) if isinstance(grid.zero_point, Tensor) else int(grid.zero_point)
 
 
 class _ConvKernel(nn.Module):
@@ -58,20 +63,22 @@ class _ConvKernel(nn.Module):
         self.has_offset = codes.has_offset
         self.register_buffer("neg_offset_scale", (-codes.offset * codes.scale).reshape(1, -1, 1, 1))
         self.packed_bytes = codes.codes.numel()  # int8: one byte per weight
+        self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
         _check_float_input(x, self.name)
-        codes, grid = activation_codes(x, quantizer)
-        codes = codes.contiguous(memory_format=torch.channels_last)
-        x_scale, x_zero = float(grid.scale), int(grid.zero_point)
+        grid = self.grid(quantizer)
+        values = activation_codes(x, grid)
+        codes = values.to(torch.uint8, memory_format=torch.channels_last)  # the layout oneDNN runs fastest on
         stride, padding, dilation = self.geometry
-        y = torch.ops.onednn.qconv2d_pointwise(codes, x_scale, x_zero, self.packed, self.w_scale, self.w_zero,
-                                               self.bias, stride, padding, dilation, 1, 1.0, 0, torch.float32,
-                                               "none", [], "")
+        op = torch.ops.onednn.qconv2d_pointwise
+        op = op.tensor if isinstance(grid.scale, Tensor) else op.default
+        y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, stride, padding,
+               dilation, 1, 1.0, 0, torch.float32, "none", [], "")
         if self.has_offset:  # − o_c·Δw_c·Δx·Σ_window Σ_c (codes − z): exact integers until the last multiply
-            centred = codes.sum(dim=1, keepdim=True, dtype=torch.int32).float() - self.in_channels * x_zero
+            centred = values.sum(dim=1, keepdim=True) - self.in_channels * grid.zero_point
             sums = window_sum(centred, self.kernel_size, stride, padding, dilation)
-            y.addcmul_(sums, self.neg_offset_scale * x_scale)
+            y.addcmul_(sums, self.neg_offset_scale * grid.scale)
         return y
 
 
@@ -132,17 +139,19 @@ class OneDNNLinear(nn.Module):
         self.register_buffer("neg_offset_scale", -codes.offset * codes.scale)
         self.packed_bytes = codes.codes.numel()
         self.input_quantizer = layer.input_quantizer
+        self.grid = GridCache()
 
     def forward(self, x: Tensor) -> Tensor:
         _check_float_input(x, self.name)
-        codes, grid = activation_codes(x, self.input_quantizer)
-        rows = codes.reshape(-1, self.in_features).contiguous()
-        x_scale, x_zero = float(grid.scale), int(grid.zero_point)
-        y = torch.ops.onednn.qlinear_pointwise(rows, x_scale, x_zero, self.packed, self.w_scale, self.w_zero,
-                                               self.bias, 1.0, 0, torch.float32, "none", [], "")
+        grid = self.grid(self.input_quantizer)
+        rows = activation_codes(x, grid).reshape(-1, self.in_features)
+        op = torch.ops.onednn.qlinear_pointwise
+        op = op.tensor if isinstance(grid.scale, Tensor) else op.default
+        y = op(rows.to(torch.uint8, memory_format=torch.contiguous_format), grid.scale, _zero(grid), self.packed,
+               self.w_scale, self.w_zero, self.bias, 1.0, 0, torch.float32, "none", [], "")
         if self.has_offset:
-            centred = rows.sum(dim=1, keepdim=True, dtype=torch.int32).float() - self.in_features * x_zero
-            y.addcmul_(centred, self.neg_offset_scale * x_scale)
+            centred = rows.sum(dim=1, keepdim=True) - self.in_features * grid.zero_point
+            y.addcmul_(centred, self.neg_offset_scale * grid.scale)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

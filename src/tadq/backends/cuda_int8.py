@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tadq.backends.activations import activation_codes, check_activation_quantizer
+from tadq.backends.activations import activation_codes, activation_grid, check_activation_quantizer
 from tadq.backends.weights import WeightCodes, weight_codes
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
@@ -67,8 +67,10 @@ class IntMMKernel(nn.Module):
 
 def _signed_codes(x: Tensor, quantizer: Quantizer) -> tuple[Tensor, Tensor, Tensor]:
     """int8 activation codes a = q − 128 in float32 holding integers, z − 128, and Δx."""
-    codes, grid = activation_codes(x, quantizer)
-    return codes.float() - 128, grid.zero_point - 128, grid.scale
+    grid = activation_grid(quantizer)
+    scale = torch.as_tensor(grid.scale, dtype=torch.float32, device=x.device)
+    zero_point = torch.as_tensor(grid.zero_point, dtype=torch.float32, device=x.device)
+    return activation_codes(x, grid) - 128, zero_point - 128, scale
 
 
 class IntMMLinear(nn.Module):

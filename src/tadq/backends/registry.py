@@ -77,19 +77,18 @@ def check_backend(name: str) -> Backend:
 
 
 class IntegerDenoiser(QuantizedDenoiser):
-    """A ``QuantizedDenoiser`` whose quantized layers run integer kernels.
+    """A ``QuantizedDenoiser`` whose quantized layers run integer kernels (same call, hooks and corrections).
+
+    Made by ``to_backend`` by re-classing the converted object, so it keeps every attribute and method of the
+    ``QuantizedDenoiser`` it came from.
 
     Attributes:
         backend: the backend name.
         layers: {"integer": {layer: kernel class}, "float": {module: why it stays in float}}.
     """
 
-    def __init__(self, source: QuantizedDenoiser, backend: str, layers: dict[str, dict[str, str]]) -> None:
-        super().__init__(source.model, source.adapter, source.config, source.plans)
-        self.reconstruction_report = source.reconstruction_report
-        self.corrections = source.corrections
-        self.backend = backend
-        self.layers = layers
+    backend: str
+    layers: dict[str, dict[str, str]]
 
     def save_pretrained(self, directory: str | Path, scheduler=None, *, overwrite: bool = False):
         raise TypeError("an integer-backend model holds prepacked kernels, not the artefact's tensors: save the "
@@ -118,7 +117,9 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
         return qmodel
     target = qmodel if inplace else copy.deepcopy(qmodel)
     layers = convert_layers(target.model, backend.factory, name)
-    return IntegerDenoiser(target, name, layers)
+    target.__class__ = IntegerDenoiser
+    target.backend, target.layers = name, layers
+    return target
 
 
 def held_weight_bytes(module: nn.Module) -> int:

@@ -89,5 +89,7 @@ def window_sum(centred_sum: Tensor, kernel_size: tuple[int, int], stride: tuple[
     activation equals its zero point. Every partial sum stays below 2^24 for the layer sizes checked at conversion
     (``C_in·kh·kw·255``), so float32 represents it exactly.
     """
+    if all(d == 1 for d in dilation):  # a sum pool: measured several times faster than a 1-channel conv
+        return F.avg_pool2d(centred_sum, kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
     ones = centred_sum.new_ones(1, 1, *kernel_size)
     return F.conv2d(centred_sum, ones, None, stride, padding, dilation)

@@ -139,8 +139,11 @@ def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
             entry.tensor.copy_((codes - zero_point) * scale)
 
 
-def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerMixin | None]:
+def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[QuantizedDenoiser, SchedulerMixin | None]:
     """(quantized denoiser, training scheduler or ``None``) from a folder written by ``save_quantized``.
+
+    ``backend`` (``tadq.backends``): ``"fake"`` is the float simulation; ``"int8"`` converts the loaded model in
+    place to integer kernels (float weights dropped), refused before loading if unavailable here.
 
     Raises:
         FileNotFoundError: the folder (or its denoiser config) does not exist.
@@ -148,6 +151,9 @@ def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerM
     """
     if not isinstance(directory, (str, Path)):
         raise TypeError(f"load_quantized takes a folder path (str or Path), got {type(directory).__name__}")
+    from tadq.backends import check_backend, to_backend
+
+    check_backend(backend)
     path = Path(directory)
     meta = _read_meta(path)
     try:
@@ -180,6 +186,8 @@ def load_quantized(directory: str | Path) -> tuple[QuantizedDenoiser, SchedulerM
     # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
     qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
     qmodel.recipe = read_recipe(path, config)
+    if backend != "fake":
+        qmodel = to_backend(qmodel, backend, inplace=True)
     return qmodel, _load_scheduler(path)
 
 
