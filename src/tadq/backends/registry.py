@@ -22,8 +22,11 @@ __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", 
            "held_weight_bytes"]
 
 
-class BackendUnavailableError(RuntimeError):
-    """The requested backend cannot run on this machine (the message says why); nothing is substituted."""
+class BackendUnavailableError(RuntimeError, ValueError):
+    """The requested backend cannot run on this machine (the message says why); nothing is substituted.
+
+    Also a ``ValueError``, so the CLI reports it as a one-line input error.
+    """
 
 
 @dataclass(frozen=True)

@@ -49,22 +49,25 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
     return sampler
 
 
-def load_denoiser(path: Path | None) -> tuple[nn.Module, SchedulerMixin, str]:
+def load_denoiser(path: Path | None, backend: str = "fake") -> tuple[nn.Module, SchedulerMixin, str]:
     """(denoiser, training scheduler, label): a tadq artefact when ``path`` has ``tadq_config.json``, else FP.
 
-    One loader for both kinds, so every command that samples accepts either folder.
+    One loader for both kinds, so every command that samples accepts either folder. ``backend`` (artefacts only):
+    ``fake`` simulates the integer arithmetic in float, ``int8`` runs integer kernels (``tadq.backends``).
     """
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts
 
     if path is not None and is_quantized_artefact(path):
-        qmodel, scheduler = load_quantized(path)
+        qmodel, scheduler = load_quantized(path, backend=backend)
         if scheduler is None:
             raise ValueError(f"{path} was saved without a scheduler; save it again with the model's training "
                              "scheduler (QuantizedDenoiser.save_pretrained(dir, scheduler))")
         recipe = getattr(qmodel, "recipe", None)
         name = recipe.name if recipe is not None and recipe.name else f"{qmodel.config.label} {qmodel.config.method}"
         return qmodel, scheduler, name
+    if backend != "fake":
+        raise ValueError(f"--backend {backend} runs a quantized artefact; {path or 'the shipped model'} is an FP model")
     model, scheduler = load_pipeline_parts(path)
     return model, scheduler, "FP"
 
@@ -83,6 +86,9 @@ def sample_command(
     threads: Threads = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    backend: Annotated[str, typer.Option(help="Execution backend of a quantized artefact: fake (float simulation), "
+                                              "int8 (oneDNN integer kernels, x86 CPUs with VNNI/AMX) or int8-cuda."
+                                         )] = "fake",
     verbose: Verbose = False,
 ) -> None:
     """Sample a quantized artefact with its recipe's sampler and corrections (or an FP model folder) with tadq's
@@ -97,7 +103,7 @@ def sample_command(
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
-        denoiser, scheduler, label = load_denoiser(model_dir)
+        denoiser, scheduler, label = load_denoiser(model_dir, backend)
         check_sampler(denoiser, sampler_config, str(model_dir))
         denoiser = place_model(denoiser, torch_device, torch_dtype)
         result = sample(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
