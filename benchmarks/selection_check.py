@@ -17,11 +17,13 @@ from common import add_common_flags, main_run_setup, write_rows
 
 from tadq.api import sample
 from tadq.corrections import CorrectionStack, TACConfig, fit_stack
+from tadq.corrections.context import FitContext
 from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
 from tadq.corrections.sequential import paired_final_error
 from tadq.experiments.rows import method_config
 from tadq.metrics import per_step_mse
 from tadq.registry import correction_for
+from tadq.sampling import SamplingPlan
 
 
 def main() -> None:
@@ -35,15 +37,14 @@ def main() -> None:
     base = bases.get(method_config("qdiffusion", args.preset, config))
     fp = as_denoiser(model)
     tac = CorrectionStack([correction_for(TACConfig())])
-    fit_stack(tac, fp, base, scheduler, config.sampler)
-    shape = (model.config.in_channels, model.config.sample_size, model.config.sample_size)
+    ctx = FitContext.of(fp, base, SamplingPlan.build(scheduler, config.sampler))
+    fit_stack(tac, ctx)
     rows = []
     for seed in (int(s) for s in args.seeds.split(",")):
         reference = sample(model, scheduler, config.sampler, num_samples=args.samples, seed=seed,
                            record_trajectory=True, progress=False)
         for name, hooks, denoiser in (("Q-Diffusion", (), base), ("+ TAC", tuple(tac), with_corrections(base, tac))):
-            walk = paired_final_error(fp, base, scheduler, config.sampler, hooks, sample_shape=shape,
-                                      num_samples=args.samples, seed=seed)
+            walk = paired_final_error(ctx, hooks, num_samples=args.samples, seed=seed)
             result = sample(denoiser, scheduler, config.sampler, num_samples=args.samples, seed=seed,
                             record_trajectory=True, progress=False)
             sampled = float(per_step_mse(reference.trajectory.states, result.trajectory.states)[-1])

@@ -15,11 +15,12 @@ import time
 from common import add_common_flags, main_run_setup, write_rows
 
 from tadq.api import sample
-from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
+from tadq.corrections import CorrectionStack, FitContext, TACConfig, TCECConfig, fit_stack
 from tadq.corrections.ptqd.experiment import as_denoiser, with_corrections
 from tadq.experiments.rows import method_config
 from tadq.metrics import per_step_mse, psnr_per_sample
 from tadq.registry import correction_for
+from tadq.sampling import SamplingPlan
 
 # Every field that was ever a default is spelled out, so a name keeps meaning the same configuration.
 CH, FULL = {"ibc_resolution": "channel"}, {"ibc_resolution": "full"}
@@ -90,7 +91,7 @@ def main() -> None:
         for name in names:
             stack = CorrectionStack([correction_for(c) for c in VARIANTS[name]])
             t0 = time.perf_counter()
-            fit_stack(stack, as_denoiser(model), base, scheduler, config.sampler)
+            fit_stack(stack, FitContext.of(as_denoiser(model), base, SamplingPlan.build(scheduler, config.sampler)))
             fit_s = time.perf_counter() - t0
             denoiser = with_corrections(base, stack)
             result = sample(denoiser, scheduler, config.sampler, num_samples=args.samples, seed=args.seed,

@@ -26,14 +26,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from tadq.corrections.pair import collect_trajectory_pair  # noqa: E402
+from tadq.corrections.pair import FitContext, collect_trajectory_pair  # noqa: E402
 from tadq.corrections.tcec.propagation import (  # noqa: E402
     clip_aware_coefficients,
     final_contributions,
     predict_j0,
     predict_recursive,
 )
-from tadq.sampling import Denoiser, SamplerConfig, StepContext  # noqa: E402
+from tadq.sampling import Denoiser, SamplerConfig, SamplingPlan, StepContext, to_epsilon  # noqa: E402
 
 __all__ = ["PropagationReport", "analyze_propagation", "save_propagation_plot"]
 
@@ -99,9 +99,10 @@ def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, step
             for start in range(0, x.shape[0], batch_size):
                 base = x[start: start + batch_size]
                 shifted = (base.double() + h * delta[start: start + batch_size]).to(base.dtype)
-                t = torch.full((base.shape[0],), steps[n].t, dtype=torch.long)
+                t = torch.full((base.shape[0],), steps[n].t, dtype=torch.long, device=base.device)
                 at_x = fp_eps[n][start: start + batch_size].double()
-                outputs.append((fp_denoiser(shifted, t).double() - at_x) / h)
+                eps = to_epsilon(fp_denoiser(shifted, t, None), shifted, steps[n])
+                outputs.append((eps.double() - at_x) / h)
         return torch.cat(outputs)
 
     return jvp
@@ -121,8 +122,9 @@ def analyze_propagation(
     bits: str | None = None,
 ) -> PropagationReport:
     """Measured vs predicted cumulative error of ``q_denoiser`` (the network without corrections) along ``sampler``."""
-    pair = collect_trajectory_pair(fp_denoiser, q_denoiser, scheduler, sampler, num_samples=num_samples, seed=seed,
-                                   mode="quantized", batch_size=batch_size, sample_shape=sample_shape, bits=bits)
+    ctx = FitContext.of(fp_denoiser, q_denoiser, SamplingPlan.build(scheduler, sampler), sample_shape=sample_shape,
+                        bits=bits, batch_size=batch_size)
+    pair = collect_trajectory_pair(ctx, num_samples=num_samples, seed=seed, mode="quantized")
     steps = list(pair.steps)
     errors = pair.eps_q.double() - pair.eps_fp.double()  # e_n at the quantized state, (S, N, C, H, W)
     measured = pair.states.double() - pair.fp_states.double()  # δ_n, (S+1, N, C, H, W)

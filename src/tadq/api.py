@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tadq.calibration import CalibrationSet
 from tadq.config import QuantConfig
@@ -19,7 +19,7 @@ from tadq.methods import quantize_base
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig, SamplingResult, make_scheduler
+from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult
 from tadq.sampling import sample as _sample_loop
 
 __all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample", "load"]
@@ -92,22 +92,31 @@ def quantize(
 def sample(
     denoiser: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
     batch_size: int = 128, hooks: Sequence = (), record_trajectory: bool = False, progress: bool = True,
+    conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
 ) -> SamplingResult:
     """Sample with tadq's loop from a FP diffusers model or a ``QuantizedDenoiser``.
 
     A denoiser carrying corrections (``QuantizedDenoiser``, ``MixedPrecisionDenoiser``) applies them first, then
-    ``hooks``.
+    ``hooks``. ``conditions`` gives each sample its conditioning (from (seed, index) or an explicit list);
+    ``guidance_scale`` ≠ 1 runs classifier-free guidance and needs their unconditional branch. States follow the
+    model's device and dtype (noise is drawn on the CPU, then moved).
     """
+    plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     if isinstance(denoiser, HookedDenoiser):
         call, shape = denoiser, denoiser.sample_shape
         hooks = (*denoiser.correction_hooks(), *hooks)
     else:
         adapter = adapter_for(denoiser)
-        call, shape = (lambda x, t: adapter.predict_eps(denoiser, x, t)), adapter.sample_shape(denoiser)
+
+        def call(x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+            return adapter.predict_eps(denoiser, x, t, cond)
+
+        shape = adapter.sample_shape(denoiser)
+    parameter = next(denoiser.parameters(), None)
     return _sample_loop(
-        call, make_scheduler(scheduler.config, sampler), sampler, num_samples=num_samples, seed=seed,
-        sample_shape=shape, batch_size=batch_size, hooks=hooks, record_trajectory=record_trajectory,
-        progress=progress,
+        call, plan, num_samples=num_samples, seed=seed, sample_shape=shape, batch_size=batch_size, hooks=hooks,
+        conditions=conditions, record_trajectory=record_trajectory, progress=progress,
+        device="cpu" if parameter is None else parameter.device, dtype=None if parameter is None else parameter.dtype,
     )
 
 

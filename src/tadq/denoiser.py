@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from tadq.config import QuantConfig
 from tadq.corrections.stack import CorrectionStack
 from tadq.quant.convert import LayerPlan
+from tadq.sampling import Conditioning, StepAware, StepContext
 
 if TYPE_CHECKING:
     from tadq.io.save import ArtefactSize
@@ -18,7 +19,8 @@ __all__ = ["QuantizedDenoiser"]
 
 
 class QuantizedDenoiser(nn.Module):
-    """Callable as ``denoiser(x, t) -> ε`` (what ``tadq.sample`` takes).
+    """Callable as ``denoiser(x, t, cond) -> prediction`` (what ``tadq.sample`` takes); step-aware through
+    ``set_step`` when a correction (TFMQ) holds per-step state of the network.
 
     Args:
         model: the converted (fake-quant) diffusers model.
@@ -40,13 +42,22 @@ class QuantizedDenoiser(nn.Module):
         self.reconstruction_report: list = []  # per-unit losses before/after reconstruction (qdiffusion)
         self.corrections = CorrectionStack()
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.adapter.predict_eps(self.model, x, t)
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        return self.adapter.predict_eps(self.model, x, t, cond)
+
+    def set_step(self, step: StepContext | None) -> None:
+        """Tell the step-aware corrections (TFMQ's per-step ranges and cache) which sampler step the next call
+        belongs to; ``None`` clears it. The sampling walker calls this around every denoiser call."""
+        for member in self.corrections:
+            if isinstance(member, StepAware):
+                member.set_step(step)
 
     def correction_hooks(self) -> tuple:
-        """The corrections as sampling hooks, after checking they were fitted for this model's bit label."""
+        """The corrections as sampling hooks, after checking they were fitted for this model's bit label (each
+        hook checks the sampler and guidance scale of its step)."""
         self.corrections.check_model(self.config.label)
         return tuple(self.corrections)
+
 
     def quantization_map(self) -> dict[str, dict]:
         """Layer name → role, schemes, and the reason a layer stayed in FP."""

@@ -6,10 +6,11 @@ import json
 import logging
 from pathlib import Path
 
-from diffusers import DDPMScheduler, SchedulerMixin
+from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
 from torch import nn
 
 from tadq.registry import model_family, registered_families
+from tadq.sampling.config import check_drivable
 
 __all__ = ["load_pipeline_parts", "shipped_model_path"]
 
@@ -37,11 +38,21 @@ def _model_dir(path: Path) -> Path:
     )
 
 
+_SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+
+
 def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
+    """The folder's own scheduler class; one tadq cannot drive (DPM-Solver, Euler, flow matching, score SDE...) is
+    refused by name instead of being read as a DDPM config."""
     for candidate in (path / "scheduler", model_dir / "scheduler", path):
         config_file = candidate / "scheduler_config.json"
         if config_file.exists():
-            return DDPMScheduler.from_config(json.loads(config_file.read_text()))
+            config = json.loads(config_file.read_text())
+            name = config.get("_class_name")
+            check_drivable(name, config)
+            if name is None:
+                raise ValueError(f"{config_file} has no _class_name; tadq will not guess the scheduler class")
+            return _SCHEDULER_CLASSES[name].from_config(config)
     logger.warning("no scheduler_config.json under %s; using DDPM defaults (1000 steps, linear betas)", path)
     return DDPMScheduler()
 

@@ -29,7 +29,8 @@ def calibrate_activations(
     with Calibrate(qmodel.model, seed=seed):
         starts = range(0, len(calib), batch_size)
         for start in tqdm(starts, desc="calibrate activation ranges", disable=not progress, leave=False):
-            qmodel(calib.x[start: start + batch_size], calib.t[start: start + batch_size])
+            rows = slice(start, start + batch_size)
+            qmodel(calib.x[rows], calib.t[rows], None if calib.cond is None else calib.cond.rows(rows))
 
 
 def build_quantized_structure(

@@ -15,6 +15,9 @@ import torch
 from diffusers import DDPMScheduler
 from torch import Tensor
 
+from tadq.corrections.context import FitContext
+from tadq.sampling import SamplerConfig, SamplingPlan
+
 SAMPLE_SHAPE = (2, 8, 8)  # C, H, W: two channels so that μ is tested per channel
 DATA_STD = 0.5
 BIAS = (0.08, -0.04)  # b_c
@@ -39,7 +42,7 @@ class AnalyticDenoiser:
         alpha_prod = scheduler.alphas_cumprod.double()
         self.coefficient = (1 - alpha_prod).sqrt() / (alpha_prod * data_std**2 + 1 - alpha_prod)  # a_t, (N_train,)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         a = self.coefficient[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         return a * x
 
@@ -53,7 +56,13 @@ class InjectedError:
         self.bias = torch.tensor(bias, dtype=torch.float32)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
         k = (self.k_scale * injected_k(t)).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         noise = torch.randn(x.shape, generator=self.generator)
         return (1 + k) * self.fp(x, t) + self.bias.view(1, -1, 1, 1) + self.noise_std * noise
+
+
+def fit_context(fp, quantized, scheduler, sampler: SamplerConfig, *, shape=SAMPLE_SHAPE, bits: str = "W4A8",
+                **options) -> FitContext:
+    """The ``FitContext`` of an analytic pair on ``sampler`` (options: conditions, batch_size, device)."""
+    return FitContext(fp, quantized, SamplingPlan.build(scheduler, sampler), tuple(shape), bits, **options)

@@ -1,4 +1,4 @@
-"""The contract every registered correction meets (architecture.md §5 and §10), parametrised over the registry."""
+"""The contract every registered correction meets (docs/architecture.md), parametrised over the registry."""
 
 from __future__ import annotations
 
@@ -7,13 +7,19 @@ import json
 
 import pytest
 import torch
-from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, InjectedError, analytic_scheduler
+from tests.corrections.analytic import (
+    SAMPLE_SHAPE,
+    AnalyticDenoiser,
+    InjectedError,
+    analytic_scheduler,
+    fit_context,
+)
 
 from tadq.config import config_from_dict, config_to_dict
 from tadq.corrections import Correction, CorrectionStack, collect_trajectory_pair, fit_stack
 from tadq.corrections.io import load_corrections, save_corrections
 from tadq.registry import correction_for, registered_corrections
-from tadq.sampling import IdentityHooks, NoiseStd, SamplerConfig, make_scheduler, sample, step_contexts
+from tadq.sampling import IdentityHooks, NoiseStd, SamplerConfig, SamplingPlan, sample
 
 CONFIG_TYPES = sorted(registered_corrections(), key=lambda klass: klass.__name__)
 SAMPLER = SamplerConfig(kind="ddim", num_steps=6, eta=1.0)  # stochastic, so variance hooks act too
@@ -31,14 +37,14 @@ def _fit(config, *, error: bool = True, sampler: SamplerConfig = SAMPLER) -> Cor
         scheduler = analytic_scheduler()
         fp = AnalyticDenoiser(scheduler)
         quantized = InjectedError(fp) if error else fp
-        pair = collect_trajectory_pair(fp, quantized, scheduler, sampler, num_samples=request.num_samples,
-                                       seed=request.seed, mode=request.mode, sample_shape=SAMPLE_SHAPE, bits=BITS)
+        pair = collect_trajectory_pair(fit_context(fp, quantized, scheduler, sampler, bits=BITS),
+                                       num_samples=request.num_samples, seed=request.seed, mode=request.mode)
         correction.fit(pair)
     return correction
 
 
 def _steps(sampler: SamplerConfig = SAMPLER):
-    return step_contexts(make_scheduler(analytic_scheduler(), sampler), sampler)
+    return list(SamplingPlan.build(analytic_scheduler(), sampler).steps)
 
 
 def _inputs(step):
@@ -137,14 +143,14 @@ class TestCorrectionContract:
         scheduler = analytic_scheduler()
         fp = AnalyticDenoiser(scheduler)
         stack = CorrectionStack([correction_for(_config(config_type, seed=seed)) for seed in (1, 2, 3)])
-        fit_stack(stack, fp, InjectedError(fp), scheduler, SAMPLER, sample_shape=SAMPLE_SHAPE, bits=BITS)
+        fit_stack(stack, fit_context(fp, InjectedError(fp), scheduler, SAMPLER, bits=BITS))
         configs = save_corrections(stack, tmp_path)
         loaded = load_corrections(tmp_path, json.loads(json.dumps(configs)))
         assert [member.config for member in loaded] == [member.config for member in stack]
         for original, restored in zip(stack, loaded, strict=True):
             assert restored.table_key == original.table_key
             assert _all_equal(_outputs(restored), _outputs(original))
-        runs = [sample(InjectedError(fp, seed=9), make_scheduler(scheduler, SAMPLER), SAMPLER, num_samples=4, seed=8,
+        runs = [sample(InjectedError(fp, seed=9), SamplingPlan.build(scheduler, SAMPLER), num_samples=4, seed=8,
                        sample_shape=SAMPLE_SHAPE, hooks=tuple(hooks), progress=False).images
                 for hooks in (stack, loaded)]
         assert torch.equal(runs[0], runs[1])

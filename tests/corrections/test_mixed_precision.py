@@ -22,7 +22,7 @@ from tadq.corrections.ptqd.mixed_precision import (
     switch_index,
     tradeoff_curve,
 )
-from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+from tadq.sampling import SamplerConfig, SamplingPlan
 
 GRID = SamplerConfig(kind="ddim", num_steps=20, eta=0.0)
 
@@ -33,7 +33,7 @@ def _scheduler() -> DDPMScheduler:
 
 def _synthetic_ptqd(sigma_q: torch.Tensor, sampler: SamplerConfig = GRID, bits: str = "W4A4") -> PTQDCorrection:
     """A PTQD correction whose tables are set by hand: k = 0, μ = 0 and the given σ_q profile (S,)."""
-    steps = step_contexts(make_scheduler(_scheduler(), sampler), sampler)
+    steps = list(SamplingPlan.build(_scheduler(), sampler).steps)
     size = len(steps)
     correction = PTQDCorrection(PTQDConfig())
     correction.load_state_dict({

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, InjectedError, analytic_scheduler
+from tests.corrections.analytic import AnalyticDenoiser, InjectedError, analytic_scheduler, fit_context
 
 from tadq.corrections import collect_trajectory_pair
 from tadq.corrections.tcec.propagation import chain_factors, final_contributions, predict_j0, predict_recursive
@@ -16,8 +16,8 @@ FP32_EPS = 2.0**-24
 def _pair(sampler: SamplerConfig):
     scheduler = analytic_scheduler()
     fp = AnalyticDenoiser(scheduler)
-    pair = collect_trajectory_pair(fp, InjectedError(fp), scheduler, sampler, num_samples=16, seed=3,
-                                   mode="quantized", sample_shape=SAMPLE_SHAPE, bits="W4A8")
+    pair = collect_trajectory_pair(fit_context(fp, InjectedError(fp), scheduler, sampler), num_samples=16, seed=3,
+                                   mode="quantized")
     return fp, pair
 
 
@@ -67,7 +67,7 @@ class ShrunkNoise:
 
     coefficient = 0.9
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
         return self.coefficient * x
 
 
@@ -80,8 +80,8 @@ def test_clip_aware_coefficients_follow_the_clipped_sampler():
     fp = ShrunkNoise()
     sampler = SamplerConfig(kind="ddim", num_steps=10, eta=0.0)
     quantized = InjectedError(fp, noise_std=1e-3, bias=(0.001, -0.001), k_scale=0.0)  # small: linear regime
-    pair = collect_trajectory_pair(fp, quantized, scheduler, sampler, num_samples=16, seed=3, mode="quantized",
-                                   sample_shape=SAMPLE_SHAPE, bits="W4A8")
+    pair = collect_trajectory_pair(fit_context(fp, quantized, scheduler, sampler), num_samples=16, seed=3,
+                                   mode="quantized")
     steps = list(pair.steps)
     errors = pair.eps_q.double() - pair.eps_fp.double()
     measured = pair.states.double() - pair.fp_states.double()

@@ -14,6 +14,7 @@ from tests.corrections.analytic import (
     AnalyticDenoiser,
     InjectedError,
     analytic_scheduler,
+    fit_context,
     injected_k,
 )
 
@@ -27,7 +28,7 @@ from tadq.corrections.ptqd.experiment import fit_ptqd
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.io.manifest import write_manifest
 from tadq.metrics import per_step_mse
-from tadq.sampling import NoiseStd, SamplerConfig, make_scheduler, sample, step_contexts
+from tadq.sampling import NoiseStd, SamplerConfig, SamplingPlan, sample
 
 NUM_SAMPLES, FIT_SEED, EVAL_SEED = 256, 1, 77
 SAMPLERS = {
@@ -41,8 +42,8 @@ def _fit(sampler: SamplerConfig, config: PTQDConfig | None = None, **error) -> t
     config = PTQDConfig() if config is None else config
     scheduler = analytic_scheduler()
     fp = AnalyticDenoiser(scheduler)
-    pair = collect_trajectory_pair(fp, InjectedError(fp, **error), scheduler, sampler, num_samples=NUM_SAMPLES,
-                                   seed=FIT_SEED, mode=config.trajectory, sample_shape=SAMPLE_SHAPE, bits="W4A8")
+    pair = collect_trajectory_pair(fit_context(fp, InjectedError(fp, **error), scheduler, sampler),
+                                   num_samples=NUM_SAMPLES, seed=FIT_SEED, mode=config.trajectory)
     correction = PTQDCorrection(config)
     correction.fit(pair)
     return correction, pair
@@ -85,7 +86,7 @@ def test_negative_k_is_clamped_unless_asked():
 
 def _trajectory(denoiser, sampler, hooks=()):
     scheduler = analytic_scheduler()
-    result = sample(denoiser, make_scheduler(scheduler, sampler), sampler, num_samples=128, seed=EVAL_SEED,
+    result = sample(denoiser, SamplingPlan.build(scheduler, sampler), num_samples=128, seed=EVAL_SEED,
                     sample_shape=SAMPLE_SHAPE, hooks=hooks, record_trajectory=True, progress=False)
     return result.trajectory.states
 
@@ -156,8 +157,7 @@ def test_a_later_corrector_is_fitted_on_the_output_of_the_earlier_one():
     scheduler, sampler = analytic_scheduler(), SAMPLERS["ddim-eta0"]
     fp = AnalyticDenoiser(scheduler)
     stack = CorrectionStack([PTQDCorrection(PTQDConfig(seed=FIT_SEED)), PTQDCorrection(PTQDConfig(seed=FIT_SEED))])
-    fit_stack(stack, fp, InjectedError(fp), scheduler, sampler, num_samples=NUM_SAMPLES, sample_shape=SAMPLE_SHAPE,
-              bits="W4A8")
+    fit_stack(stack, fit_context(fp, InjectedError(fp), scheduler, sampler), num_samples=NUM_SAMPLES)
     first, second = stack[0], stack[1]
     assert float(first.k[:-1].min()) > 0.04 and float(first.mu[:, 0].min()) > 0.07
     # The second sees ε̃ ≈ ε + s n / (1 + k): nothing correlated and no bias left to fit.
@@ -227,7 +227,7 @@ def test_saved_ptqd_model_samples_bit_identically(corrected_unet, ddpm_scheduler
 
 def test_step_contexts_of_the_fit_are_the_sampler_steps(corrected_unet, ddpm_scheduler):
     _, corrected = corrected_unet
-    steps = step_contexts(make_scheduler(ddpm_scheduler, TINY_SAMPLER), TINY_SAMPLER)
+    steps = list(SamplingPlan.build(ddpm_scheduler, TINY_SAMPLER).steps)
     assert corrected.corrections[0].timesteps.tolist() == [step.t for step in steps]
 
 

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, InjectedError, analytic_scheduler
+from tests.corrections.analytic import (
+    SAMPLE_SHAPE,
+    AnalyticDenoiser,
+    InjectedError,
+    analytic_scheduler,
+    fit_context,
+)
 
 from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
 from tadq.corrections.scaling import fit_channel_affine, fit_through_coefficient
 from tadq.corrections.sequential import paired_final_error
 from tadq.registry import correction_for
-from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+from tadq.sampling import SamplerConfig, SamplingPlan
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=10, eta=0.0)
 SCALE = torch.tensor([1.25, 0.8])  # injected per-channel scale of ε̂
@@ -23,7 +29,7 @@ class Scaled:
     def __init__(self, fp) -> None:
         self.fp = fp
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
         return self.fp(x, t) * SCALE.view(1, -1, 1, 1)
 
 
@@ -33,7 +39,7 @@ class Shifted:
     def __init__(self, fp) -> None:
         self.fp = fp
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
         return self.fp(x, t) + SHIFT.view(1, -1, 1, 1)
 
 
@@ -41,7 +47,7 @@ def _fit(configs, quantized_factory, sampler=SAMPLER):
     scheduler = analytic_scheduler()
     fp = AnalyticDenoiser(scheduler)
     stack = CorrectionStack([correction_for(config) for config in configs])
-    fit_stack(stack, fp, quantized_factory(fp), scheduler, sampler, sample_shape=SAMPLE_SHAPE, bits="W4A8")
+    fit_stack(stack, fit_context(fp, quantized_factory(fp), scheduler, sampler))
     return stack, fp, scheduler
 
 
@@ -110,7 +116,7 @@ def test_fit_through_coefficient_recovers_scale_and_offset_and_ignores_unmovable
 def test_tcec_window_leaves_the_steps_before_start_alone():
     stack, _, scheduler = _fit([TCECConfig(select=False, num_samples=16, start=0.5)], Scaled)
     correction = stack[0]
-    steps = step_contexts(make_scheduler(scheduler, SAMPLER), SAMPLER)
+    steps = SamplingPlan.build(scheduler, SAMPLER).steps
     assert correction.first_step == 5
     eps = torch.randn(3, *SAMPLE_SHAPE)
     assert torch.equal(correction.after_model(eps, eps, steps[4]), eps)
@@ -119,7 +125,7 @@ def test_tcec_window_leaves_the_steps_before_start_alone():
 
 def test_ibc_recovers_the_injected_input_bias():
     stack, _, scheduler = _fit([TACConfig(ibc=True, ner=False, ibc_resolution="channel", num_samples=16)], Shifted)
-    steps = step_contexts(make_scheduler(scheduler, SAMPLER), SAMPLER)
+    steps = SamplingPlan.build(scheduler, SAMPLER).steps
     bias = stack[0].input_bias  # (S, C)
     assert torch.equal(bias[0], torch.zeros(2, dtype=torch.float64))  # same x_T
     # Step n-1's bias was removed from the trajectory, so x̂_n − x_n is the last step's own B_{n-1} c.
@@ -138,9 +144,10 @@ def test_each_correction_lowers_the_final_error(configs):
     configs = [type(c)(**{**c.__dict__, "num_samples": 32}) for c in configs]
     sampler = SamplerConfig(kind="ddim", num_steps=10, eta=1.0)
     stack, fp, scheduler = _fit(configs, InjectedError, sampler)
-    options = {"num_samples": 32, "seed": 777, "sample_shape": SAMPLE_SHAPE}
-    plain = paired_final_error(fp, InjectedError(fp, seed=5), scheduler, sampler, (), **options)
-    corrected = paired_final_error(fp, InjectedError(fp, seed=5), scheduler, sampler, tuple(stack), **options)
+    options = {"num_samples": 32, "seed": 777}
+    plain = paired_final_error(fit_context(fp, InjectedError(fp, seed=5), scheduler, sampler), (), **options)
+    corrected = paired_final_error(fit_context(fp, InjectedError(fp, seed=5), scheduler, sampler), tuple(stack),
+                                   **options)
     assert corrected < 0.9 * plain
 
 
@@ -150,7 +157,7 @@ class TimeOnly:
     def __init__(self) -> None:
         self.pattern = torch.randn((1, *SAMPLE_SHAPE), generator=torch.Generator().manual_seed(1))
 
-    def __call__(self, x, t):
+    def __call__(self, x, t, cond=None):
         return torch.cos(t.double() / 300).float().view(-1, 1, 1, 1) * self.pattern.expand(x.shape[0], -1, -1, -1)
 
 
@@ -166,10 +173,11 @@ def test_tcec_cancels_the_cumulative_error_when_the_jacobian_is_zero(mix, fit):
     fp = TimeOnly()
     quantized = Scaled(fp)
     stack = CorrectionStack([correction_for(TCECConfig(select=False, mix=mix, num_samples=8, **fit))])
-    fit_stack(stack, fp, quantized, scheduler, SAMPLER, sample_shape=SAMPLE_SHAPE, bits="W4A8")
-    options = {"num_samples": 4, "seed": 9, "sample_shape": SAMPLE_SHAPE}
-    plain = paired_final_error(fp, quantized, scheduler, SAMPLER, (), **options)
-    corrected = paired_final_error(fp, quantized, scheduler, SAMPLER, tuple(stack), **options)
+    ctx = fit_context(fp, quantized, scheduler, SAMPLER)
+    fit_stack(stack, ctx)
+    options = {"num_samples": 4, "seed": 9}
+    plain = paired_final_error(ctx, (), **options)
+    corrected = paired_final_error(ctx, tuple(stack), **options)
     assert plain > 1e-4 and corrected < 1e-9 * plain  # float32 rounding of the states only
 
 
@@ -185,7 +193,7 @@ def test_tcec_selection_keeps_the_best_held_out_candidate():
 
 def test_delayed_tcec_refuses_out_of_order_steps():
     stack, _, scheduler = _fit([TCECConfig(select=False, mix=0.0, num_samples=8)], Scaled)
-    steps = step_contexts(make_scheduler(scheduler, SAMPLER), SAMPLER)
+    steps = SamplingPlan.build(scheduler, SAMPLER).steps
     x = torch.randn(2, *SAMPLE_SHAPE)
     with pytest.raises(RuntimeError, match="in order"):
         stack[0].after_model(x, x, steps[3])

@@ -73,3 +73,43 @@ def test_linspace_ddim_grid_warns(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING, logger="tadq.sampling.context"):
         step_contexts(make_scheduler(DDPMScheduler(timestep_spacing="linspace"), sampler), sampler)
     assert "not the next grid timestep" in caplog.text
+
+
+@pytest.mark.parametrize("scheduler_class", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                                             "FlowMatchEulerDiscreteScheduler", "ScoreSdeVeScheduler",
+                                             "PNDMScheduler"])
+def test_schedulers_tadq_cannot_drive_are_refused_by_name(scheduler_class: str) -> None:
+    import diffusers
+
+    scheduler = getattr(diffusers, scheduler_class)()
+    sampler = SamplerConfig("ddim", num_steps=10)
+    with pytest.raises(NotImplementedError, match=scheduler_class):
+        make_scheduler(scheduler, sampler)
+    with pytest.raises(NotImplementedError, match=scheduler_class):
+        make_scheduler({**scheduler.config, "_class_name": scheduler_class}, sampler)
+
+
+def test_a_bare_config_of_another_scheduler_family_is_refused() -> None:
+    from diffusers import DPMSolverMultistepScheduler
+
+    with pytest.raises(NotImplementedError, match="solver_order"):
+        make_scheduler(dict(DPMSolverMultistepScheduler().config), SamplerConfig("ddim", num_steps=10))
+
+
+def test_ddim_and_ddpm_training_configs_are_driven() -> None:
+    from diffusers import DDIMScheduler
+
+    for source in (DDPMScheduler(prediction_type="v_prediction"), DDIMScheduler(prediction_type="sample")):
+        assert make_scheduler(source, SamplerConfig("ddpm", num_steps=5)).num_inference_steps == 5
+
+
+def test_model_loading_refuses_a_foreign_scheduler(tiny_model_dir) -> None:
+    import json
+
+    from tadq.models import load_pipeline_parts
+
+    config_file = tiny_model_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "_class_name": "EulerDiscreteScheduler"}))
+    with pytest.raises(NotImplementedError, match="EulerDiscreteScheduler"):
+        load_pipeline_parts(tiny_model_dir)

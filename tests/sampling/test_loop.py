@@ -11,6 +11,7 @@ from tadq.sampling import (
     IdentityHooks,
     SamplerConfig,
     SamplingHooks,
+    SamplingPlan,
     initial_noise,
     make_scheduler,
     sample,
@@ -29,17 +30,17 @@ def unet_denoiser():
         norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
     ).eval()
-    return lambda x, t: unet(x, t).sample
+    return lambda x, t, cond=None: unet(x, t).sample
 
 
-def analytic_denoiser(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def analytic_denoiser(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
     return 0.1 * x
 
 
 def _run(denoiser, sampler: SamplerConfig, **kwargs):
-    scheduler = make_scheduler(DDPMScheduler(), sampler)
+    plan = SamplingPlan.build(DDPMScheduler(), sampler)
     kwargs = {"num_samples": 4, "seed": 0, "sample_shape": SHAPE, "progress": False} | kwargs
-    return sample(denoiser, scheduler, sampler, **kwargs)
+    return sample(denoiser, plan, **kwargs)
 
 
 DDIM_STOCHASTIC = SamplerConfig("ddim", num_steps=5, eta=0.5)
@@ -190,4 +191,4 @@ def test_bad_arguments_raise() -> None:
     with pytest.raises(ValueError, match="sample_shape"):
         _run(analytic_denoiser, DDIM_DETERMINISTIC, sample_shape=(8, 8))
     with pytest.raises(ValueError, match="shape"):
-        _run(lambda x, t: torch.cat([x, x], dim=1), DDIM_DETERMINISTIC)
+        _run(lambda x, t, cond: torch.cat([x, x], dim=1), DDIM_DETERMINISTIC)

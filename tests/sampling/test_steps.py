@@ -134,14 +134,6 @@ def test_missing_noise_with_nonzero_std_raises() -> None:
     ddim_step(x, eps, step_contexts(_scheduler(deterministic), deterministic)[0])  # σ = 0: no z needed
 
 
-def test_other_prediction_types_are_not_implemented() -> None:
-    sampler = SamplerConfig("ddim", num_steps=10)
-    step = step_contexts(_scheduler(sampler, prediction_type="v_prediction"), sampler)[0]
-    x, eps, _ = _inputs(0)
-    with pytest.raises(NotImplementedError, match="epsilon"):
-        ddim_step(x, eps, step)
-
-
 def test_unsupported_scheduler_options_raise() -> None:
     ddpm = SamplerConfig("ddpm", num_steps=10)
     with pytest.raises(NotImplementedError, match="variance_type"):

@@ -11,7 +11,7 @@ from tests.tfmq.common import SAMPLER, scheduler
 from tadq import api
 from tadq.quant.fake_quant import scale_and_zero_point
 from tadq.quant.quantizer import quantizers_bypassed
-from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+from tadq.sampling import SamplerConfig, SamplingPlan
 from tadq.tfmq import TemporalInformationBlock, deployment_grid
 from tadq.tfmq.fsc import StepQuantizer
 
@@ -82,7 +82,7 @@ def test_a_mismatched_grid_raises(models, sampler):
 
 def test_a_mismatched_timestep_raises(models):
     correction = models["tib"].corrections[0]
-    step = step_contexts(make_scheduler(scheduler().config, SAMPLER), SAMPLER)[2]
+    step = SamplingPlan.build(scheduler(), SAMPLER).steps[2]
     correction.check_grid(step)
     with pytest.raises(ValueError, match="timestep"):
         correction.check_grid(dataclasses.replace(step, t=step.t + 1))

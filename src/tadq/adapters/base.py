@@ -16,6 +16,8 @@ from typing import Literal, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from tadq.sampling.conditioning import Conditioning
+
 __all__ = ["ModelAdapter", "LayerRole", "LayerInfo", "TEMPORAL_ROLES", "LAYER_ROLES"]
 
 LayerRole = Literal[
@@ -57,11 +59,17 @@ class ModelAdapter(Protocol):
         ...
 
     def attention_modules(self, model: nn.Module) -> list[str]:
-        """Qualified names of the attention modules whose matmul operands are quantized (methods.md §1 B1.3)."""
+        """Qualified names of the attention modules whose matmul operands are quantized (Q-Diffusion)."""
         ...
 
-    def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
-        """The noise prediction ε(x, t), hiding the model's output container."""
+    def conditioning_inputs(self, model: nn.Module) -> tuple[str, ...]:
+        """The ``Conditioning`` fields ``model`` takes (e.g. ``("class_labels",)``); empty when unconditional."""
+        ...
+
+    def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """The model's prediction at (x, t, cond) in its scheduler's ``prediction_type`` (ε, v or x₀; the sampling
+        walker converts it to ε), hiding the model's output container. Raises when ``cond`` does not carry exactly
+        the inputs ``conditioning_inputs`` declares."""
         ...
 
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from tadq.adapters.base import LayerInfo, LayerRole
 from tadq.registry import register_adapter
+from tadq.sampling.conditioning import Conditioning
 
 __all__ = ["UNet2DAdapter"]
 
@@ -117,7 +118,7 @@ class UNet2DAdapter:
         return _splits_from_records(model, records)
 
     def attention_modules(self, model: nn.Module) -> list[str]:
-        """Qualified names of the diffusers ``Attention`` modules (their matmuls are quantized, methods.md §1 B1.3)."""
+        """Qualified names of the diffusers ``Attention`` modules (their matmuls are quantized, Q-Diffusion)."""
         return [name for name, module in model.named_modules() if isinstance(module, Attention)]
 
     def _dummy_forward(self, model: nn.Module) -> None:
@@ -125,16 +126,30 @@ class UNet2DAdapter:
         parameter = next(model.parameters())
         x = torch.zeros(1, *self.sample_shape(model), device=parameter.device, dtype=parameter.dtype)
         t = torch.zeros(1, dtype=torch.long, device=parameter.device)
+        cond = None
+        if self.conditioning_inputs(model):
+            cond = Conditioning(class_labels=torch.zeros(1, dtype=torch.long, device=parameter.device))
         with torch.no_grad():
-            if getattr(model.config, "num_class_embeds", None):
-                model(x, t, class_labels=torch.zeros(1, dtype=torch.long, device=parameter.device))
-            else:
-                self.predict_eps(model, x, t)
+            self.predict_eps(model, x, t, cond)
 
-    def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor) -> Tensor:
-        if getattr(model.config, "num_class_embeds", None):
-            raise NotImplementedError("class-conditional UNet2DModel sampling needs labels; not supported yet")
-        return model(x, t).sample
+    def conditioning_inputs(self, model: nn.Module) -> tuple[str, ...]:
+        """``("class_labels",)`` for a UNet with a class embedding (``num_class_embeds`` / ``class_embed_type``)."""
+        return ("class_labels",) if getattr(model, "class_embedding", None) is not None else ()
+
+    def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        """The UNet's output (in its scheduler's prediction type) at (x, t), with ``cond.class_labels`` if it takes
+        labels; ``cond.unconditional`` is the walker's business, not the model's."""
+        if not self.conditioning_inputs(model):
+            if cond is not None:
+                raise ValueError(f"this UNet2DModel is unconditional but was given conditioning {cond.describe()}")
+            return model(x, t).sample
+        if cond is None or cond.class_labels is None:
+            raise ValueError("this UNet2DModel is class-conditional: pass cond=Conditioning(class_labels=...) (e.g. "
+                             "conditions=RandomClassLabels(num_classes, null_class) when sampling)")
+        extra = sorted(k for k, v in cond.describe().items() if k not in ("class_labels", "unconditional") and v)
+        if extra:
+            raise ValueError(f"this UNet2DModel takes class_labels only, not {extra}")
+        return model(x, t, class_labels=cond.class_labels).sample
 
     def temporal_embedding(self, model: nn.Module, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """emb = h(t) [+ e(y)], (B, D): the temporal path's input to every residual block, exactly as

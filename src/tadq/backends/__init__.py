@@ -7,7 +7,13 @@ docs/backends.md for the kernel choice, what stays in float, and measured speed.
 
 from tadq.backends.capability import cpu_summary, int8_cpu_missing, int8_cuda_missing
 from tadq.backends.registry import (
-    BACKENDS, Backend, BackendUnavailableError, IntegerDenoiser, check_backend, held_weight_bytes, to_backend,
+    BACKENDS,
+    Backend,
+    BackendUnavailableError,
+    IntegerDenoiser,
+    check_backend,
+    held_weight_bytes,
+    to_backend,
 )
 
 __all__ = [

@@ -20,7 +20,8 @@ from torch import Tensor
 from tadq.quant.quantizer import Quantizer
 from tadq.tfmq.fsc import StepQuantizer
 
-__all__ = ["ActivationGrid", "GridCache", "activation_codes", "activation_grid", "check_activation_quantizer", "is_per_step"]
+__all__ = ["ActivationGrid", "GridCache", "activation_codes", "activation_grid", "check_activation_quantizer",
+           "is_per_step"]
 
 
 @dataclass(frozen=True)

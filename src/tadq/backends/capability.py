@@ -32,12 +32,17 @@ def cpu_summary() -> dict[str, object]:
     return {
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "int8_flags": sorted(f for f in flags if f in INT8_CPU_FLAGS or f in ("avx512_bf16", "amx_bf16", "amx_tile")),
-        "quantized_engines": list(torch.backends.quantized.supported_engines),
+        "quantized_engines": quantized_engines(),
         "mkldnn": torch.backends.mkldnn.is_available(),
         "vnni": _torch_cpu_probe("_is_vnni_supported"),
         "amx": _torch_cpu_probe("_is_amx_tile_supported"),
         "threads": torch.get_num_threads(),
     }
+
+
+def quantized_engines() -> list[str]:
+    """torch's quantized CPU engines (x86, onednn, fbgemm, qnnpack) in this build."""
+    return list(torch.backends.quantized.supported_engines)
 
 
 def _torch_cpu_probe(name: str) -> bool | None:
@@ -49,9 +54,8 @@ def int8_cpu_missing() -> str | None:
     """Why the oneDNN int8 CPU backend cannot run here, or ``None`` when it can."""
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
-    if "onednn" not in torch.backends.quantized.supported_engines or not hasattr(torch.ops.onednn, "qconv_prepack"):
-        return (f"this torch build has no oneDNN quantized engine (engines: "
-                f"{torch.backends.quantized.supported_engines})")
+    if "onednn" not in quantized_engines() or not hasattr(torch.ops.onednn, "qconv_prepack"):
+        return f"this torch build has no oneDNN quantized engine (engines: {quantized_engines()})"
     has_vnni = _torch_cpu_probe("_is_vnni_supported") or _torch_cpu_probe("_is_amx_tile_supported") \
         or bool(cpu_flags() & set(INT8_CPU_FLAGS))
     if not has_vnni:

@@ -78,7 +78,8 @@ def weight_codes(quantizer: Quantizer, weight: Tensor, name: str) -> WeightCodes
         if codes.min() - shift.min() < INT8_MIN or codes.max() - shift.max() > INT8_MAX:
             raise ValueError(f"{name}: weight codes in [{int(codes.min())}, {int(codes.max())}] do not fit int8")
     shifted = codes - shift.reshape(-1, *([1] * (weight.dim() - 1)))
-    return WeightCodes(shifted.to(torch.int8).contiguous(), scale_c.contiguous().clone(), (zero_c - shift).contiguous())
+    offset = (zero_c - shift).contiguous()
+    return WeightCodes(shifted.to(torch.int8).contiguous(), scale_c.contiguous().clone(), offset)
 
 
 def window_sum(centred_sum: Tensor, kernel_size: tuple[int, int], stride: tuple[int, ...],

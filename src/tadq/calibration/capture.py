@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tadq.sampling import Conditioning
+
 __all__ = ["UnitIO", "capture_unit_io"]
 
 
@@ -50,10 +52,13 @@ def _merge(chunks: list[Any]) -> Any:
 
 @torch.no_grad()
 def capture_unit_io(
-    run_model: Callable[[Tensor, Tensor], Any], module: nn.Module, x: Tensor, t: Tensor, batch_size: int,
-    keep_inputs: bool = True, keep_output: bool = True,
+    run_model: Callable[[Tensor, Tensor, Conditioning | None], Any], module: nn.Module, x: Tensor, t: Tensor,
+    batch_size: int, keep_inputs: bool = True, keep_output: bool = True, cond: Conditioning | None = None,
 ) -> UnitIO:
-    """Run ``run_model(x, t)`` in batches and record ``module``'s inputs and output (then stop that forward)."""
+    """Run ``run_model(x, t, cond)`` in batches and record ``module``'s inputs and output (then stop that forward).
+
+    ``cond`` has one row per input (the calibration set's conditioning); ``None`` for an unconditional model.
+    """
     arg_chunks: list[list[Any]] = []
     kwarg_chunks: list[dict[str, Any]] = []
     out_chunks: list[Tensor] = []
@@ -70,7 +75,8 @@ def capture_unit_io(
     try:
         for start in range(0, len(x), batch_size):
             try:
-                run_model(x[start: start + batch_size], t[start: start + batch_size])
+                rows = slice(start, start + batch_size)
+                run_model(x[rows], t[rows], None if cond is None else cond.rows(rows))
             except _StopForward:
                 continue
             raise RuntimeError("the capture hook never fired: the module is not used in the model's forward")

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tadq.config import CalibrationConfig, config_to_dict
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
-from tadq.sampling import make_scheduler, sample
+from tadq.sampling import Conditioning, ConditionSource, SamplingPlan, sample
 
 __all__ = ["CalibrationSet", "collect_calibration_set", "calibration_key", "model_fingerprint", "kept_steps"]
 
@@ -33,8 +33,11 @@ class CalibrationSet:
         x: (M, C, H, W) noisy inputs x_t.
         t: (M,) training timesteps.
         step_index: (M,) sampler step index (0 = noisiest).
-        eps: (M, C, H, W) the FP model's noise prediction at (x_t, t).
+        eps: (M, C, H, W) the ε the FP sampler stepped with at (x_t, t) (the guided ε under guidance).
         key: hash of everything the data depends on.
+        cond: (M rows) what the network was told with each input (``None``: unconditional model). Under guidance
+            every kept input appears twice, with the conditional and with the unconditional branch, as the network
+            sees both in deployment.
     """
 
     x: Tensor
@@ -42,6 +45,7 @@ class CalibrationSet:
     step_index: Tensor
     eps: Tensor
     key: str
+    cond: Conditioning | None = None
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -53,6 +57,7 @@ class CalibrationSet:
         """
         tensors = {"x": self.x, "t": self.t, "step_index": self.step_index, "eps": self.eps}
         require_finite(tensors, "calibration data")
+        tensors.update({} if self.cond is None else self.cond.to_tensors())
         save_checked(tensors, {"kind": "tadq-calibration-cache", "key": self.key, "fields": fields or {}}, path)
 
     @classmethod
@@ -71,10 +76,12 @@ class CalibrationSet:
                 f"calibration cache {path} does not match this run (differs in: {', '.join(differing) or 'key'}; "
                 f"cache key {key}, expected {expected_key}); delete it or point --cache-dir elsewhere"
             )
+        cond = Conditioning.from_tensors(tensors)
+        tensors = {name: value for name, value in tensors.items() if not name.startswith("cond.")}
         if set(tensors) != {"x", "t", "step_index", "eps"}:
             raise DamagedFileError(f"calibration cache {path} holds tensors {sorted(tensors)}; delete it")
         require_finite(tensors, f"calibration cache {path}:")
-        return cls(tensors["x"], tensors["t"], tensors["step_index"], tensors["eps"], key)
+        return cls(tensors["x"], tensors["t"], tensors["step_index"], tensors["eps"], key, cond)
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -87,13 +94,21 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def calibration_fields(model: nn.Module, scheduler_config: dict, config: CalibrationConfig) -> dict:
-    """What the calibration data depends on: model weights, scheduler, and the config (sampler incl. clipping)."""
-    return {"model": model_fingerprint(model), "scheduler": dict(scheduler_config), "config": config_to_dict(config)}
+def calibration_fields(model: nn.Module, scheduler_config: dict, config: CalibrationConfig,
+                       conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> dict:
+    """What the calibration data depends on: model weights, scheduler, the config (sampler incl. clipping), and
+    for a conditional model its conditions and guidance scale (absent when unconditional, so old keys hold)."""
+    fields = {"model": model_fingerprint(model), "scheduler": dict(scheduler_config), "config": config_to_dict(config)}
+    if conditions is not None or guidance_scale != 1.0:
+        fields["conditioning"] = {"conditions": None if conditions is None else conditions.key,
+                                  "guidance_scale": float(guidance_scale)}
+    return fields
 
 
-def calibration_key(model: nn.Module, scheduler_config: dict, config: CalibrationConfig) -> str:
-    payload = json.dumps(calibration_fields(model, scheduler_config, config), sort_keys=True, default=str)
+def calibration_key(model: nn.Module, scheduler_config: dict, config: CalibrationConfig,
+                    conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> str:
+    payload = json.dumps(calibration_fields(model, scheduler_config, config, conditions, guidance_scale),
+                         sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -106,31 +121,53 @@ def kept_steps(num_steps: int, num_kept: int) -> list[int]:
 
 def collect_calibration_set(
     model: nn.Module, adapter, scheduler_config: dict, config: CalibrationConfig,
-    cache_dir: str | Path | None = None, progress: bool = True,
+    cache_dir: str | Path | None = None, progress: bool = True, *,
+    conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
 ) -> CalibrationSet:
-    """Record the FP trajectory once and subsample it (O(S) model calls per trajectory)."""
-    key = calibration_key(model, scheduler_config, config)
+    """Record the FP trajectory once and subsample it (O(S) model calls per trajectory).
+
+    ``conditions`` (per-sample, from the calibration seed) and ``guidance_scale`` drive the FP sampler as in
+    deployment; the kept inputs carry their conditioning (module docstring of ``CalibrationSet``).
+    """
+    fields = calibration_fields(model, scheduler_config, config, conditions, guidance_scale)
+    key = calibration_key(model, scheduler_config, config, conditions, guidance_scale)
     path = Path(cache_dir) / f"calibration-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.exists():
         logger.info("using cached calibration data %s", path)
-        return CalibrationSet.load(path, key, calibration_fields(model, scheduler_config, config))
-    scheduler = make_scheduler(scheduler_config, config.sampler)
+        return CalibrationSet.load(path, key, fields)
+    plan = SamplingPlan.build(scheduler_config, config.sampler, guidance_scale)
+    parameter = next(model.parameters())
     result = sample(
-        lambda x, t: adapter.predict_eps(model, x, t), scheduler, config.sampler,
+        lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond), plan,
         num_samples=config.num_trajectories, seed=config.seed, sample_shape=adapter.sample_shape(model),
-        batch_size=config.batch_size, record_trajectory=True, progress=progress,
+        batch_size=config.batch_size, conditions=conditions, record_trajectory=True, progress=progress,
+        device=parameter.device, dtype=parameter.dtype,
     )
-    trajectory = result.trajectory
+    calib = _subsample(result.trajectory, config, key, guided=plan.guided)
+    require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
+    if path is not None:
+        calib.save(path, json.loads(json.dumps(fields, default=str)))
+    return calib
+
+
+def _subsample(trajectory, config: CalibrationConfig, key: str, guided: bool) -> CalibrationSet:
+    """``samples_per_step`` inputs at each kept step (a generator seeded by the calibration seed picks them)."""
     generator = torch.Generator().manual_seed(config.seed)
-    xs, ts, steps, epss = [], [], [], []
+    xs, ts, steps, epss, conds = [], [], [], [], []
     for step in kept_steps(config.sampler.num_steps, config.num_steps_kept):
         chosen = torch.randperm(config.num_trajectories, generator=generator)[: config.samples_per_step]
         xs.append(trajectory.model_inputs[step][chosen])
         epss.append(trajectory.eps[step][chosen])
         ts.append(torch.full((len(chosen),), int(trajectory.timesteps[step]), dtype=torch.long))
         steps.append(torch.full((len(chosen),), step, dtype=torch.long))
-    calib = CalibrationSet(torch.cat(xs), torch.cat(ts), torch.cat(steps), torch.cat(epss), key)
-    require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
-    if path is not None:
-        calib.save(path, json.loads(json.dumps(calibration_fields(model, scheduler_config, config), default=str)))
-    return calib
+        if trajectory.cond is not None:
+            conds.append(trajectory.cond.rows(chosen))
+    x, t, index, eps = torch.cat(xs), torch.cat(ts), torch.cat(steps), torch.cat(epss)
+    if not conds:
+        return CalibrationSet(x, t, index, eps, key)
+    cond = Conditioning.cat(conds)
+    if not guided:
+        return CalibrationSet(x, t, index, eps, key, cond.conditional_only())
+    both = Conditioning.cat([cond.conditional_only(), cond.unconditional])  # type: ignore[list-item]
+    return CalibrationSet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([index, index]), torch.cat([eps, eps]),
+                          key, both)

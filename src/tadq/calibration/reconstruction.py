@@ -40,6 +40,7 @@ from tadq.config import ReconstructionConfig, config_to_dict
 from tadq.quant.adaround import AdaRound
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
+from tadq.sampling import Conditioning
 
 __all__ = ["UnitReport", "attach_adaround", "bake_adaround", "quantizers_bypassed", "reconstruct", "weight_pairs",
            "with_rounding_penalty"]
@@ -293,11 +294,11 @@ def _reconstruct_units(
                                    f"({str(error).splitlines()[0][:120]}); delete it") from error
         logger.info("resuming reconstruction after %d of %d steps", done, len(plan))
 
-    def fp_call(x: Tensor, t: Tensor) -> Tensor:
-        return adapter.predict_eps(fp_model, x, t)
+    def fp_call(x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
+        return adapter.predict_eps(fp_model, x, t, cond)
 
-    def q_call(x: Tensor, t: Tensor) -> Tensor:
-        return adapter.predict_eps(qmodel, x, t)
+    def q_call(x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
+        return adapter.predict_eps(qmodel, x, t, cond)
 
     bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
     for position, (phase, unit) in enumerate(plan):
@@ -307,10 +308,11 @@ def _reconstruct_units(
         module = qmodel.get_submodule(unit)
         seed = config.seed + position
         target = capture_unit_io(fp_call, fp_model.get_submodule(unit), calib.x, calib.t, 2 * config.batch_size,
-                                 keep_inputs=phase == "activations")
+                                 keep_inputs=phase == "activations", cond=calib.cond)
         if phase == "weights":
             with quantizers_bypassed(qmodel, "activation"):
-                io = capture_unit_io(q_call, module, calib.x, calib.t, 2 * config.batch_size, keep_output=False)
+                io = capture_unit_io(q_call, module, calib.x, calib.t, 2 * config.batch_size, keep_output=False,
+                                     cond=calib.cond)
                 io.output = target.output
                 before = _eval_loss(module, io, 2 * config.batch_size, 2.0)
                 initial = [weight.detach().clone() for _, weight in weight_pairs(module)]

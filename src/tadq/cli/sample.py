@@ -67,7 +67,7 @@ def load_denoiser(path: Path | None, backend: str = "fake") -> tuple[nn.Module, 
         name = recipe.name if recipe is not None and recipe.name else f"{qmodel.config.label} {qmodel.config.method}"
         return qmodel, scheduler, name
     if backend != "fake":
-        raise ValueError(f"--backend {backend} runs a quantized artefact; {path or 'the shipped model'} is an FP model")
+        raise ValueError(f"--backend {backend} runs a quantized artefact; {path or 'the shipped model'} is FP")
     model, scheduler = load_pipeline_parts(path)
     return model, scheduler, "FP"
 

@@ -6,6 +6,7 @@ Importing this package registers the built-in corrections (one sub-package per m
 from tadq.corrections.base import (
     Correction,
     CorrectionConfig,
+    FitContext,
     HookedDenoiser,
     PairRequest,
     TableKey,
@@ -18,7 +19,7 @@ from tadq.corrections.tac import TACConfig, TACCorrection  # registers TAC
 from tadq.corrections.tcec import TCECConfig, TCECCorrection  # registers TCEC
 
 __all__ = [
-    "Correction", "CorrectionConfig", "CorrectionStack", "HookedDenoiser", "PTQDConfig", "PTQDCorrection",
-    "PairRequest", "TACConfig", "TACCorrection", "TCECConfig", "TCECCorrection", "TableKey", "TrajectoryPair",
-    "collect_trajectory_pair", "fit_stack",
+    "Correction", "CorrectionConfig", "CorrectionStack", "FitContext", "HookedDenoiser", "PTQDConfig",
+    "PTQDCorrection", "PairRequest", "TACConfig", "TACCorrection", "TCECConfig", "TCECCorrection", "TableKey",
+    "TrajectoryPair", "collect_trajectory_pair", "fit_stack",
 ]

@@ -12,10 +12,11 @@ from collections.abc import Sequence
 from torch import nn
 
 from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.context import FitContext
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
 from tadq.registry import adapter_for, correction_for
-from tadq.sampling import Denoiser, SamplerConfig
+from tadq.sampling import ConditionSource, Denoiser, SamplerConfig, SamplingPlan
 
 __all__ = ["as_denoiser", "fit_corrections", "with_corrections"]
 
@@ -23,11 +24,12 @@ logger = logging.getLogger(__name__)
 
 
 def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
-    """``(x, t) -> ε`` of a diffusers model through its adapter; a ``QuantizedDenoiser`` or callable as is."""
+    """``(x, t, cond) -> prediction`` of a diffusers model through its adapter; a ``QuantizedDenoiser`` or callable
+    as is."""
     if isinstance(model, QuantizedDenoiser) or not isinstance(model, nn.Module):
         return model
     adapter = adapter_for(model)
-    return lambda x, t: adapter.predict_eps(model, x, t)
+    return lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond)
 
 
 def with_corrections(qmodel: QuantizedDenoiser, stack: CorrectionStack) -> QuantizedDenoiser:
@@ -46,6 +48,8 @@ def fit_corrections(
     configs: Sequence[CorrectionConfig],
     *,
     batch_size: int = 128,
+    conditions: ConditionSource | None = None,
+    guidance_scale: float = 1.0,
 ) -> QuantizedDenoiser:
     """``qmodel`` with the corrections of ``configs`` appended to its own and fitted in application order.
 
@@ -60,10 +64,14 @@ def fit_corrections(
         sampler: The deployment sampler; every table is valid for it only.
         configs: Correction configs in application order; their seeds must be calibration seeds.
         batch_size: Samples per network call while fitting.
+        conditions: Per-sample conditions of the fitting runs (``None``: unconditional model).
+        guidance_scale: Classifier-free guidance scale of the deployment; the tables are keyed by it.
     """
     if not isinstance(qmodel, QuantizedDenoiser):
         raise TypeError(f"fit_corrections takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
     existing = list(qmodel.corrections)
     stack = CorrectionStack([*existing, *(correction_for(config) for config in configs)])
-    fit_stack(stack, as_denoiser(fp_model), qmodel, scheduler, sampler, batch_size=batch_size, start=len(existing))
+    plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
+    ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size)
+    fit_stack(stack, ctx, start=len(existing))
     return with_corrections(qmodel, stack)

@@ -13,13 +13,12 @@ Per-step tables are registered buffers shaped (S, ...) and indexed by ``step.ind
 A table is only valid for what it was fitted on (methods.md §7, "Compatibility notes"): the sampler (kind, S, η),
 the guidance scale and the quantized model's bit-width. That ``TableKey`` travels in the module's extra state, and
 every hook of a fitted correction checks it against the ``StepContext``; using an unfitted correction, or a fitted
-one on another grid, raises ``ValueError`` instead of silently returning zeros (PTQD and TFMQ pitfall, §2(f)).
+one on another grid, raises ``ValueError`` instead of silently returning zeros (a PTQD and TFMQ pitfall).
 """
 
 from __future__ import annotations
 
 import json
-import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -27,11 +26,17 @@ from typing import Any, ClassVar, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from tadq.corrections.pair import TRAJECTORY_MODES, TrajectoryMode, TrajectoryPair, collect_trajectory_pair
-from tadq.sampling import IdentityHooks, SamplingHooks, StepContext
+from tadq.corrections.pair import (
+    TRAJECTORY_MODES,
+    FitContext,
+    TrajectoryMode,
+    TrajectoryPair,
+    collect_trajectory_pair,
+)
+from tadq.sampling import Conditioning, IdentityHooks, SamplingHooks, StepContext
 
 __all__ = [
-    "Correction", "CorrectionConfig", "HookedDenoiser", "PairRequest", "TableKey", "TrajectoryPair",
+    "Correction", "CorrectionConfig", "FitContext", "HookedDenoiser", "PairRequest", "TableKey", "TrajectoryPair",
     "collect_trajectory_pair",
 ]
 
@@ -125,11 +130,11 @@ class HookedDenoiser(Protocol):
 
     def correction_hooks(self) -> tuple[SamplingHooks, ...]: ...
 
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor: ...
+    def __call__(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor: ...
 
 
 class Correction(nn.Module, IdentityHooks, ABC):
-    """A timestep-aware fix with identity-default hooks (architecture.md §5).
+    """A timestep-aware fix with identity-default hooks (docs/architecture.md#corrections).
 
     Subclasses register their tables with ``register_table`` in ``__init__``, implement ``fit_tables`` and
     override the hooks they use, starting each with ``index = self.table_index(step)``.
@@ -138,10 +143,13 @@ class Correction(nn.Module, IdentityHooks, ABC):
         config_type: The config class, set by ``@register_correction``.
         keyed: Whether the correction has per-step tables; a correction without any (structural only) sets this
             to ``False`` and is usable without ``fit``.
+        wants_guidance_branches: Set to ``True`` to find both classifier-free guidance branches (as ε) in
+            ``step.branches`` of ``after_model`` when the plan is guided; other hooks see the guided ε only.
     """
 
     config_type: ClassVar[type[CorrectionConfig]]
     keyed: ClassVar[bool] = True
+    wants_guidance_branches: ClassVar[bool] = False
 
     def __init__(self, config: CorrectionConfig) -> None:
         super().__init__()
@@ -173,7 +181,7 @@ class Correction(nn.Module, IdentityHooks, ABC):
         return PairRequest(self.config.trajectory, self.config.num_samples, self.config.seed)
 
     def check_step(self, step: StepContext) -> None:
-        """Raise ``ValueError`` unless the tables were fitted for this step's sampler grid."""
+        """Raise ``ValueError`` unless the tables were fitted for this step's sampler grid and guidance scale."""
         if not self.keyed:
             return
         name = type(self).__name__
@@ -186,6 +194,10 @@ class Correction(nn.Module, IdentityHooks, ABC):
         if step.sampler_key != key.sampler_key:
             raise ValueError(f"{name} was fitted for sampler {key.sampler_key!r} but is used with "
                              f"{step.sampler_key!r}; its tables depend on kind, steps and η: refit it")
+        if step.guidance_scale != key.guidance_scale:
+            raise ValueError(f"{name} was fitted at guidance scale {key.guidance_scale} but is used at "
+                             f"{step.guidance_scale}; guided ε (and its quantization error) changes with the scale: "
+                             "refit it at this scale")
         if key.clip_recorded and step.clip_sample_range != key.clip_sample_range:
             def clipping(value: float | None) -> str:
                 return "without x̂₀ clipping" if value is None else f"with x̂₀ clipped to ±{value}"
@@ -194,14 +206,15 @@ class Correction(nn.Module, IdentityHooks, ABC):
                              f"{clipping(step.clip_sample_range)} (clip_sample); sample with the same clipping "
                              "or refit it")
 
-    def check_model(self, bits: str, guidance_scale: float = 1.0) -> None:
-        """Raise ``ValueError`` unless the tables were fitted for this bit label and guidance scale."""
+    def check_model(self, bits: str, guidance_scale: float | None = None) -> None:
+        """Raise ``ValueError`` unless the tables were fitted for this bit label (and ``guidance_scale`` when given;
+        every hook also checks the scale of its step)."""
         if not self.keyed or self.table_key is None:
             return  # an unfitted correction fails at its first hook
         key, name = self.table_key, type(self).__name__
         if key.bits != bits:
             raise ValueError(f"{name} was fitted on a {key.bits} model but is attached to a {bits} one; refit it")
-        if not math.isclose(key.guidance_scale, guidance_scale):
+        if guidance_scale is not None and key.guidance_scale != guidance_scale:
             raise ValueError(f"{name} was fitted at guidance scale {key.guidance_scale}, used at {guidance_scale}")
 
     def table_index(self, step: StepContext) -> int:

@@ -26,22 +26,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from tadq.sampling import (
-    Denoiser,
-    SamplerConfig,
-    SamplingHooks,
-    StepContext,
-    hooked_step,
-    initial_noise,
-    make_scheduler,
-    sampler_step,
-    step_contexts,
-    step_noise,
-)
-from tadq.sampling.hooks import apply_after_model, apply_before_model, check_hooks
+from tadq.corrections.context import FitContext, bits_of, shape_of
+from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
+from tadq.sampling.hooks import check_hooks
 
-__all__ = ["TRAJECTORY_MODES", "TrajectoryMode", "TrajectoryPair", "bits_of", "collect_trajectory_pair",
-           "predict_at_step", "shape_of"]
+__all__ = ["TRAJECTORY_MODES", "FitContext", "TrajectoryMode", "TrajectoryPair", "bits_of",
+           "collect_trajectory_pair", "shape_of"]
 
 logger = logging.getLogger(__name__)
 
@@ -127,49 +117,22 @@ class TrajectoryPair:
         return self.eps_q[index].double() - self.eps_fp[index].double()
 
 
-def bits_of(q_denoiser: Denoiser, bits: str | None) -> str:
-    if bits is not None:
-        return bits
-    label = getattr(getattr(q_denoiser, "config", None), "label", None)
-    if not isinstance(label, str):
-        raise ValueError("cannot tell the quantized model's bit label; pass bits='W4A8' (or similar) explicitly")
-    return label
-
-
-def shape_of(q_denoiser: Denoiser, sample_shape: tuple[int, int, int] | None) -> tuple[int, int, int]:
-    if sample_shape is not None:
-        return tuple(sample_shape)  # type: ignore[return-value]
-    shape = getattr(q_denoiser, "sample_shape", None)
-    if shape is None:
-        raise ValueError("cannot tell the sample shape; pass sample_shape=(C, H, W) explicitly")
-    return tuple(shape)  # type: ignore[return-value]
-
-
-def predict_at_step(denoiser: Denoiser, x: Tensor, step: StepContext) -> Tensor:
-    """ε of ``denoiser`` for the batch x (B, C, H, W) at the step's timestep."""
-    t = torch.full((x.shape[0],), step.t, dtype=torch.long, device=x.device)  # (B,)
-    return denoiser(x, t)
-
-
-def _run_batch(
-    fp_denoiser: Denoiser, q_denoiser: Denoiser, steps: Sequence[StepContext], hooks: Sequence[SamplingHooks],
-    x: Tensor, noise: Tensor, mode: TrajectoryMode,
-) -> tuple[list[Tensor], ...]:
-    """One batch: x is x_T (B, C, H, W), noise the step noises (S, B, C, H, W); returns per-step CPU lists
-    (ε, ε̂, x̃, states, and in ``quantized`` mode the FP trajectory's states and ε)."""
+def _run_batch(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], batch: WalkBatch,
+               mode: TrajectoryMode) -> tuple[list[Tensor], ...]:
+    """One batch from x_T; returns per-step CPU lists (ε, ε̂, x̃, states, and in ``quantized`` mode the FP
+    trajectory's states and ε)."""
+    x = x_fp = batch.x
     eps_fp, eps_q, inputs, states, fp_states, eps_fp_traj = [], [], [], [x.cpu()], [x.cpu()], []
-    x_fp = x
-    for step in steps:
-        x_in = apply_before_model(hooks, x, step)  # x̃_t
-        eps_hat = apply_after_model(hooks, predict_at_step(q_denoiser, x_in, step), x_in, step)
+    for step in walker.steps:
+        x_in, eps_hat = walker.model_eps(ctx.q_denoiser, x, step, batch.cond, hooks)  # x̃_t, ε̂
         if mode == "teacher_forced":
-            eps = predict_at_step(fp_denoiser, x, step)
-            x = sampler_step(x, eps, step, noise=noise[step.index])  # FP step, the sampler's own σ_t
+            eps, _ = walker.predict(ctx.fp_denoiser, x, step, batch.cond)
+            x = walker.advance(x, eps, step, batch.noise)  # FP step, the sampler's own σ_t
         else:
-            eps = predict_at_step(fp_denoiser, x_in, step)
-            x = hooked_step(hooks, x_in, eps_hat, step, noise[step.index])
-            eps_on_fp = predict_at_step(fp_denoiser, x_fp, step)
-            x_fp = sampler_step(x_fp, eps_on_fp, step, noise=noise[step.index])
+            eps, _ = walker.predict(ctx.fp_denoiser, x_in, step, batch.cond)
+            x = walker.advance(x_in, eps_hat, step, batch.noise, hooks)
+            eps_on_fp, _ = walker.predict(ctx.fp_denoiser, x_fp, step, batch.cond)
+            x_fp = walker.advance(x_fp, eps_on_fp, step, batch.noise)
             eps_fp_traj.append(eps_on_fp.cpu())
             fp_states.append(x_fp.cpu())
         eps_fp.append(eps.cpu())
@@ -180,62 +143,39 @@ def _run_batch(
 
 
 def collect_trajectory_pair(
-    fp_denoiser: Denoiser,
-    q_denoiser: Denoiser,
-    scheduler,
-    sampler: SamplerConfig,
+    ctx: FitContext,
     *,
     num_samples: int,
     seed: int,
     mode: TrajectoryMode = "teacher_forced",
     hooks: Sequence[SamplingHooks] = (),
-    batch_size: int = 128,
-    sample_shape: tuple[int, int, int] | None = None,
-    bits: str | None = None,
-    device: str | torch.device = "cpu",
 ) -> TrajectoryPair:
     """Run the sampler once and record ε and ε̂ at every step (methods.md §2 B2, §7 step 3).
 
     Args:
-        fp_denoiser: ``(x, t) -> ε`` of the full-precision model.
-        q_denoiser: ``(x, t) -> ε̂`` of the quantized network *without* its corrections (pass those as ``hooks``).
-        scheduler: The model's training scheduler (or its config holder); the sampler's scheduler is built from
-            it with ``make_scheduler``, as ``tadq.sample`` does.
-        sampler: The deployment sampler (kind, S, η); the pair and every table fitted on it are keyed by it.
+        ctx: The networks (the quantized one *without* the corrections passed as ``hooks``), plan, shape, bit
+            label, conditions and batching.
         num_samples: N trajectories (sample indices 0..N-1).
-        seed: Noise seed; use a calibration seed, never the evaluation seed.
+        seed: Noise (and random-condition) seed; use a calibration seed, never the evaluation seed.
         mode: ``"teacher_forced"`` or ``"quantized"`` (module docstring).
         hooks: Corrections already active (fitted earlier in the stack), applied to the quantized path in order.
-        batch_size: Trajectories per network call; does not change the result.
-        sample_shape: (C, H, W); default ``q_denoiser.sample_shape``.
-        bits: Bit label; default ``q_denoiser.config.label``.
-        device: Where the networks and states live.
 
     Returns:
-        The ``TrajectoryPair``.
+        The ``TrajectoryPair``, keyed by the plan's sampler and guidance scale.
     """
     if mode not in TRAJECTORY_MODES:
         raise ValueError(f"mode={mode!r}; accepted values: {TRAJECTORY_MODES}")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     hooks = tuple(hooks)
     check_hooks(hooks)
-    label, shape = bits_of(q_denoiser, bits), shape_of(q_denoiser, sample_shape)
-    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
-    logger.info("collecting a %s trajectory pair: %d samples, %s, %s", mode, num_samples, sampler.key, label)
-    per_batch: list[tuple[list[Tensor], ...]] = []
+    walker = ctx.walker()
+    logger.info("collecting a %s trajectory pair: %d samples, %s, %s", mode, num_samples, ctx.plan.key, ctx.bits)
     with torch.no_grad():
-        for start in range(0, num_samples, batch_size):
-            indices = list(range(start, min(start + batch_size, num_samples)))
-            x = initial_noise(seed, indices, shape).to(device)  # (B, C, H, W)
-            noise = step_noise(seed, indices, len(steps), shape).to(device)  # (S, B, C, H, W)
-            per_batch.append(_run_batch(fp_denoiser, q_denoiser, steps, hooks, x, noise, mode))
+        per_batch = [_run_batch(ctx, walker, hooks, batch, mode) for batch in ctx.batches(seed, num_samples)]
 
     def gather(position: int) -> Tensor:  # per batch a list over steps -> (steps, N, ...)
         return torch.cat([torch.stack(batch[position]) for batch in per_batch], dim=1)
 
     extra = {} if mode == "teacher_forced" else {"fp_states": gather(4), "eps_fp_trajectory": gather(5)}
     return TrajectoryPair(eps_fp=gather(0), eps_q=gather(1), model_inputs=gather(2), states=gather(3),
-                          steps=tuple(steps), mode=mode, seed=seed, bits=label, **extra)
+                          steps=ctx.plan.steps, mode=mode, seed=seed, bits=ctx.bits,
+                          guidance_scale=ctx.plan.guidance_scale, **extra)

@@ -24,20 +24,10 @@ import torch
 from torch import Tensor
 
 from tadq.corrections.base import Correction, TableKey
-from tadq.corrections.pair import TrajectoryPair, predict_at_step
-from tadq.sampling import (
-    Denoiser,
-    SamplerConfig,
-    SamplingHooks,
-    StepContext,
-    hooked_step,
-    initial_noise,
-    make_scheduler,
-    sampler_step,
-    step_contexts,
-    step_noise,
-)
-from tadq.sampling.hooks import apply_after_model, apply_before_model, check_hooks
+from tadq.corrections.context import FitContext
+from tadq.corrections.pair import TrajectoryPair
+from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
+from tadq.sampling.hooks import apply_before_model, check_hooks
 
 __all__ = ["SequentialCorrection", "StepTargets", "fit_sequentially", "paired_final_error"]
 
@@ -114,126 +104,112 @@ class SequentialCorrection(Correction):
             self.fit_output_row(i, pair.eps_q[i], targets, step)
 
 
-def _predict(denoiser: Denoiser, x: Tensor, step: StepContext, batch_size: int) -> Tensor:
-    """ε for all N samples, ``batch_size`` per network call."""
-    return torch.cat([predict_at_step(denoiser, x[start: start + batch_size], step)
-                      for start in range(0, x.shape[0], batch_size)])
-
-
-def _walk(
-    fp_denoiser: Denoiser, q_denoiser: Denoiser, steps: Sequence[StepContext], hooks: Sequence[SamplingHooks],
-    fitting: SequentialCorrection | None, x: Tensor, noise: Tensor, batch_size: int,
-) -> tuple[Tensor, Tensor]:
+def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitting: SequentialCorrection | None,
+          start: WalkBatch) -> tuple[Tensor, Tensor]:
     """FP and corrected quantized trajectories side by side; ``fitting`` (the last hook) fits its rows on the way.
 
     Returns the final FP and quantized states.
     """
     earlier = tuple(hooks[:-1]) if fitting is not None else tuple(hooks)
-    x_fp, x_hat = x, x
-    for step in steps:
+    cond, size, wants = start.cond, ctx.batch_size, walker.wants_branches(hooks)
+    x_fp, x_hat = start.x, start.x
+    for step in walker.steps:
         x_in = apply_before_model(earlier, x_hat, step)
         if fitting is not None:
             fitting.fit_input_row(step.index, x_in, x_fp)
             x_in = fitting.before_model(x_in, step)
-        eps_hat = apply_after_model(earlier, _predict(q_denoiser, x_in, step, batch_size), x_in, step)
-        eps_fp = _predict(fp_denoiser, x_fp, step, batch_size)
+        eps_hat, branches = walker.predict_batched(ctx.q_denoiser, x_in, step, cond, size, wants)
+        eps_hat = walker.after_model(earlier, eps_hat, x_in, step, branches)
+        eps_fp, _ = walker.predict_batched(ctx.fp_denoiser, x_fp, step, cond, size)
         if fitting is not None:
-            targets = StepTargets(same_input=lambda x=x_in, s=step: _predict(fp_denoiser, x, s, batch_size),
-                                  fp_trajectory=eps_fp, x_in=x_in, x_fp=x_fp)
+            targets = StepTargets(
+                same_input=lambda x=x_in, s=step: walker.predict_batched(ctx.fp_denoiser, x, s, cond, size)[0],
+                fp_trajectory=eps_fp, x_in=x_in, x_fp=x_fp)
             fitting.fit_output_row(step.index, eps_hat, targets, step)
-            eps_hat = fitting.after_model(eps_hat, x_in, step)
-        x_hat = hooked_step(hooks, x_in, eps_hat, step, noise[step.index])
-        x_fp = sampler_step(x_fp, eps_fp, step, noise=noise[step.index])
+            eps_hat = walker.after_model((fitting,), eps_hat, x_in, step, branches)
+        x_hat = walker.advance(x_in, eps_hat, step, start.noise, hooks)
+        x_fp = walker.advance(x_fp, eps_fp, step, start.noise)
     return x_fp, x_hat
 
 
-def _noise(seed: int, num_samples: int, num_steps: int, shape: tuple[int, int, int], device) -> tuple[Tensor, Tensor]:
-    indices = list(range(num_samples))
-    return (initial_noise(seed, indices, shape).to(device),
-            step_noise(seed, indices, num_steps, shape).to(device))
+def _all_samples(ctx: FitContext, walker: Walker, seed: int, num_samples: int) -> WalkBatch:
+    """Samples 0..N-1 as one step-major batch (network calls are still split by ``ctx.batch_size``)."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive int, got {num_samples!r}")
+    return walker.batch(seed, range(num_samples), ctx.sample_shape, ctx.conditions)
 
 
-def paired_final_error(
-    fp_denoiser: Denoiser, q_denoiser: Denoiser, scheduler, sampler: SamplerConfig, hooks: Sequence[SamplingHooks],
-    *, num_samples: int, seed: int, sample_shape: tuple[int, int, int], batch_size: int = 128,
-    device: str | torch.device = "cpu",
-) -> float:
+def paired_final_error(ctx: FitContext, hooks: Sequence[SamplingHooks], *, num_samples: int, seed: int) -> float:
     """MSE between the FP and the corrected quantized final states x_0 from the same noise (the selection score)."""
     check_hooks(hooks)
-    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
-    x, noise = _noise(seed, num_samples, len(steps), sample_shape, device)
+    walker = ctx.walker()
     with torch.no_grad():
-        x_fp, x_hat = _walk(fp_denoiser, q_denoiser, steps, tuple(hooks), None, x, noise, batch_size)
+        x_fp, x_hat = _walk(ctx, walker, tuple(hooks), None, _all_samples(ctx, walker, seed, num_samples))
     return float((x_hat.double() - x_fp.double()).square().mean())
+
+
+def _check_selection(candidates: list[dict[str, Any]], seed: int, selection_seed: int | None) -> None:
+    if len(candidates) > 1 and selection_seed is None:
+        raise ValueError("choosing between candidates needs a held-out selection_seed")
+    if selection_seed is not None and selection_seed == seed:
+        raise ValueError("selection_seed must differ from the fitting seed: a choice scored on its own noise is "
+                         "biased")
+
+
+def _fit_once(correction: SequentialCorrection, ctx: FitContext, walker: Walker, hooks: tuple[SamplingHooks, ...],
+              start: WalkBatch, key: TableKey) -> None:
+    correction.table_key = None
+    correction.reset_tables(ctx.plan.steps, tuple(ctx.sample_shape))
+    correction.table_key = key  # provisional: identity rows until fitted, so its hooks already run
+    try:
+        with torch.no_grad():
+            _walk(ctx, walker, (*hooks, correction), correction, start)
+    except BaseException:
+        correction.table_key = None
+        raise
 
 
 def fit_sequentially(
     correction: SequentialCorrection,
-    fp_denoiser: Denoiser,
-    q_denoiser: Denoiser,
-    scheduler,
-    sampler: SamplerConfig,
+    ctx: FitContext,
     *,
     hooks: Sequence[SamplingHooks] = (),
     num_samples: int,
     seed: int,
-    sample_shape: tuple[int, int, int],
-    bits: str,
     selection_seed: int | None = None,
     selection_samples: int = 64,
-    batch_size: int = 128,
-    device: str | torch.device = "cpu",
 ) -> list[dict[str, Any]]:
     """Fit ``correction`` step by step behind the already-fitted ``hooks`` (module docstring).
 
     Args:
-        correction: The correction to fit in place.
-        fp_denoiser, q_denoiser: ``(x, t) -> ε`` of the FP model and of the quantized network (no corrections).
-        scheduler: The model's training scheduler.
-        sampler: The deployment sampler; the tables are keyed by it.
+        correction: The correction to fit in place; its tables are keyed by the plan's sampler, guidance and bits.
+        ctx: The FP and quantized (uncorrected) networks, plan, shape, bit label, conditions and batching.
         hooks: Corrections applied before this one (fitted earlier in a stack).
         num_samples, seed: Calibration trajectories and their noise seed.
-        sample_shape: (C, H, W).
-        bits: Bit label of the quantized model.
         selection_seed: Held-out noise seed scoring the candidates (needed when there is more than one).
         selection_samples: Trajectories of the held-out score.
-        batch_size: Samples per network call (does not change the result).
-        device: Where the states live.
 
     Returns:
         One record per candidate: its settings and held-out final MSE (``nan`` when there was nothing to choose).
     """
     hooks = tuple(hooks)
     check_hooks(hooks)
-    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
-    key = TableKey(sampler.key, len(steps), 1.0, bits, steps[0].clip_sample_range, True)
-    x, noise = _noise(seed, num_samples, len(steps), sample_shape, device)
+    walker = ctx.walker()
+    key = TableKey(ctx.plan.key, ctx.plan.num_steps, ctx.plan.guidance_scale, ctx.bits)
+    start = _all_samples(ctx, walker, seed, num_samples)
     candidates = correction.candidates()
-    if len(candidates) > 1 and selection_seed is None:
-        raise ValueError("choosing between candidates needs a held-out selection_seed")
-    if selection_seed is not None and selection_seed == seed:
-        raise ValueError("selection_seed must differ from the fitting seed: a choice scored on its own noise is "
-                         "biased")
+    _check_selection(candidates, seed, selection_seed)
     records: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Tensor], dict[str, Any]] | None = None
     refit = correction.refit_per_candidate()
     for position, settings in enumerate(candidates):
         correction.use_candidate(settings)
         if refit or position == 0:  # otherwise the first candidate's tables are kept and only the setting changes
-            correction.table_key = None
-            correction.reset_tables(steps, tuple(sample_shape))
-            correction.table_key = key  # provisional: identity rows until fitted, so its hooks already run
-            try:
-                with torch.no_grad():
-                    _walk(fp_denoiser, q_denoiser, steps, (*hooks, correction), correction, x, noise, batch_size)
-            except BaseException:
-                correction.table_key = None
-                raise
+            _fit_once(correction, ctx, walker, hooks, start, key)
         score = math.nan
         if len(candidates) > 1:
-            score = paired_final_error(fp_denoiser, q_denoiser, scheduler, sampler, (*hooks, correction),
-                                       num_samples=selection_samples, seed=selection_seed, sample_shape=sample_shape,
-                                       batch_size=batch_size, device=device)
+            score = paired_final_error(ctx, (*hooks, correction), num_samples=selection_samples,
+                                       seed=selection_seed)  # type: ignore[arg-type]
             logger.info("%s candidate %s: held-out final MSE %.4g", type(correction).__name__, settings, score)
             if best is None or score < best[0]:
                 best = (score, {k: v.clone() for k, v in correction.state_dict().items() if isinstance(v, Tensor)},

@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from tadq.config import config_from_dict, config_to_dict
 from tadq.corrections.base import Correction
-from tadq.corrections.pair import bits_of, collect_trajectory_pair, shape_of
+from tadq.corrections.context import FitContext
+from tadq.corrections.pair import collect_trajectory_pair
 from tadq.corrections.sequential import SequentialCorrection, fit_sequentially
 from tadq.registry import correction_for
-from tadq.sampling import Denoiser, IdentityHooks, NoiseStd, SamplerConfig, StepContext
+from tadq.sampling import IdentityHooks, NoiseStd, StepContext
 from tadq.sampling.hooks import apply_after_model, apply_after_step, apply_before_model, apply_noise_std
 
 __all__ = ["CorrectionStack", "fit_stack"]
@@ -67,7 +68,7 @@ class CorrectionStack(nn.Module, IdentityHooks):
         """Fresh, unfitted members rebuilt through the registries; load a ``state_dict`` next."""
         return cls([correction_for(config_from_dict(payload)) for payload in payloads])
 
-    def check_model(self, bits: str, guidance_scale: float = 1.0) -> None:
+    def check_model(self, bits: str, guidance_scale: float | None = None) -> None:
         """Raise ``ValueError`` if a member was fitted for another bit label or guidance scale."""
         for member in self:
             member.check_model(bits, guidance_scale)
@@ -96,30 +97,21 @@ class CorrectionStack(nn.Module, IdentityHooks):
 
 def fit_stack(
     stack: CorrectionStack,
-    fp_denoiser: Denoiser,
-    q_denoiser: Denoiser,
-    scheduler,
-    sampler: SamplerConfig,
+    ctx: FitContext,
     *,
     num_samples: int | None = None,
     seed: int | None = None,
-    batch_size: int = 128,
     start: int = 0,
-    **pair_options: Any,
 ) -> CorrectionStack:
     """Fit members ``start..`` in application order, each on a pair collected with the members before it active.
 
     Args:
         stack: The stack to fit in place (members before ``start`` must already be fitted).
-        fp_denoiser: ``(x, t) -> ε`` of the FP model.
-        q_denoiser: ``(x, t) -> ε̂`` of the quantized network, without corrections.
-        scheduler: The model's training scheduler.
-        sampler: The deployment sampler.
+        ctx: The FP and quantized (uncorrected) networks, the deployment plan (sampler, guidance), shape, bit
+            label, conditions and batching.
         num_samples: Trajectories per pair; ``None`` uses each member's ``config.num_samples``.
         seed: Noise seed of every pair; ``None`` uses each member's ``config.seed`` (a calibration seed).
-        batch_size: Trajectories per network call.
         start: First member to fit.
-        **pair_options: ``sample_shape``, ``bits`` or ``device`` for ``collect_trajectory_pair``.
 
     Returns:
         ``stack``, fitted.
@@ -131,32 +123,18 @@ def fit_stack(
         request = member.pair_request()
         if request is None:
             continue
+        samples = request.num_samples if num_samples is None else num_samples
+        pair_seed = request.seed if seed is None else seed
+        earlier = tuple(stack)[:index]
         if isinstance(member, SequentialCorrection) and member.config.sequential:
-            _fit_member_sequentially(member, tuple(stack)[:index], fp_denoiser, q_denoiser, scheduler, sampler,
-                                     num_samples=request.num_samples if num_samples is None else num_samples,
-                                     seed=request.seed if seed is None else seed, batch_size=batch_size,
-                                     **pair_options)
+            selection_seed, selection_samples = member.selection_noise()
+            member.selection_records = fit_sequentially(
+                member, ctx, hooks=earlier, num_samples=samples, seed=pair_seed, selection_seed=selection_seed,
+                selection_samples=selection_samples)
             logger.info("fitted %s (%d of %d) sequentially", type(member).__name__, index + 1, len(stack))
             continue
-        pair = collect_trajectory_pair(
-            fp_denoiser, q_denoiser, scheduler, sampler, mode=request.mode, hooks=tuple(stack)[:index],
-            num_samples=request.num_samples if num_samples is None else num_samples,
-            seed=request.seed if seed is None else seed, batch_size=batch_size, **pair_options,
-        )
+        pair = collect_trajectory_pair(ctx, mode=request.mode, hooks=earlier, num_samples=samples, seed=pair_seed)
         with torch.no_grad():
             member.fit(pair)
         logger.info("fitted %s (%d of %d) on a %s pair", type(member).__name__, index + 1, len(stack), request.mode)
     return stack
-
-
-def _fit_member_sequentially(member: SequentialCorrection, earlier: tuple[Correction, ...], fp_denoiser: Denoiser,
-                             q_denoiser: Denoiser, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
-                             batch_size: int, sample_shape: tuple[int, int, int] | None = None,
-                             bits: str | None = None, device: str | torch.device = "cpu") -> None:
-    selection_seed, selection_samples = member.selection_noise()
-    records = fit_sequentially(
-        member, fp_denoiser, q_denoiser, scheduler, sampler, hooks=earlier, num_samples=num_samples, seed=seed,
-        sample_shape=shape_of(q_denoiser, sample_shape), bits=bits_of(q_denoiser, bits),
-        selection_seed=selection_seed, selection_samples=selection_samples, batch_size=batch_size, device=device,
-    )
-    member.selection_records = records

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tadq.corrections.base import HookedDenoiser
@@ -33,7 +33,7 @@ from tadq.distributed.store import (
 )
 from tadq.distributed.world import World
 from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig, make_scheduler
+from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan
 from tadq.sampling import sample as sample_loop
 from tadq.utils import atomic_torch_save
 
@@ -61,8 +61,8 @@ class _ChunkJob:
     """Sample and save one chunk; built identically on every rank, so no chunk depends on who runs it."""
 
     denoiser: Callable
-    scheduler: Any
-    sampler: SamplerConfig
+    plan: SamplingPlan
+    conditions: ConditionSource | None
     hooks: tuple
     key: dict[str, Any]
     out_dir: Path
@@ -70,9 +70,10 @@ class _ChunkJob:
 
     def run(self, chunk: ChunkRange) -> None:
         key = self.key
-        result = sample_loop(self.denoiser, self.scheduler, self.sampler, indices=chunk.indices, seed=key["seed"],
+        result = sample_loop(self.denoiser, self.plan, indices=chunk.indices, seed=key["seed"],
                              sample_shape=tuple(key["sample_shape"]), batch_size=key["batch_size"], hooks=self.hooks,
-                             record_trajectory=key["record_trajectory"], progress=False, device=self.device)
+                             conditions=self.conditions, record_trajectory=key["record_trajectory"], progress=False,
+                             device=self.device)
         states = result.trajectory.states if result.trajectory is not None else None
         save_chunk(self.out_dir, chunk, key, result.images, states)
 
@@ -82,7 +83,11 @@ def _bind(denoiser: nn.Module) -> tuple[Callable, tuple[int, int, int], tuple]:
     if isinstance(denoiser, HookedDenoiser):
         return denoiser, tuple(denoiser.sample_shape), tuple(denoiser.correction_hooks())
     adapter = adapter_for(denoiser)
-    return (lambda x, t: adapter.predict_eps(denoiser, x, t)), tuple(adapter.sample_shape(denoiser)), ()
+
+    def call(x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        return adapter.predict_eps(denoiser, x, t, cond)
+
+    return call, tuple(adapter.sample_shape(denoiser)), ()
 
 
 def _check_arguments(num_samples: int, seed: int, batch_size: int, chunk_size: int) -> None:
@@ -135,6 +140,7 @@ def sample_sharded(
     batch_size: int = 128, chunk_size: int | None = None, record_trajectory: bool = False, world: World | None = None,
     label: str | None = None, assemble: bool = True, progress: bool = True,
     on_chunk_written: Callable[[ChunkRange], None] | None = None,
+    conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
 ) -> ShardedSamplingReport:
     """Sample indices 0 .. num_samples - 1 split over the ranks of ``world``, into ``out_dir``; resumable.
 
@@ -158,6 +164,9 @@ def sample_sharded(
         assemble: Rank 0 writes ``samples.pt`` with all images once every chunk exists.
         progress: tqdm bar of finished chunks (all ranks) on rank 0.
         on_chunk_written: Called with each chunk this rank has saved (progress reporting, tests of resume).
+        conditions: Per-sample conditions (a function of (seed, index) or an explicit list, so every rank gives
+            each sample the same ones); ``None`` for an unconditional model.
+        guidance_scale: Classifier-free guidance scale (1.0: none).
     """
     chunk_size = batch_size if chunk_size is None else chunk_size
     _check_arguments(num_samples, seed, batch_size, chunk_size)
@@ -167,6 +176,10 @@ def sample_sharded(
     key = run_key(model_fingerprint(denoiser), scheduler_fingerprint(scheduler), sampler, seed=seed,
                   sample_shape=shape, batch_size=min(batch_size, chunk_size), chunk_size=chunk_size,
                   record_trajectory=record_trajectory, device_type=world.device.type)
+    plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
+    if conditions is not None or plan.guided:  # absent for unconditional runs, so their keys (and resumes) hold
+        key["conditioning"] = {"conditions": None if conditions is None else conditions.key,
+                               "guidance_scale": plan.guidance_scale}
     chunks = chunk_ranges(num_samples, chunk_size)
     pending = _plan(world, out_dir, chunks, key)
     settings = {"model_label": label or type(denoiser).__name__, "sampler_key": sampler.key,
@@ -177,7 +190,7 @@ def sample_sharded(
     logger.info("%d of %d chunks to sample (%d on this rank of %d); %d reused from %s", len(pending), len(chunks),
                 len(mine), world.world_size, len(chunks) - len(pending), out_dir)
     denoiser.to(world.device)
-    job = _ChunkJob(call, make_scheduler(scheduler.config, sampler), sampler, hooks, key, out_dir, world.device)
+    job = _ChunkJob(call, plan, conditions, hooks, key, out_dir, world.device)
     with tqdm(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk",
               desc=f"sampling ({world.world_size} ranks)", disable=not (progress and world.is_main)) as bar:
         for chunk in mine:

@@ -1,22 +1,56 @@
-"""tadq's own sampling loop: DDIM/DDPM steps with a controllable noise std and four correction hook points."""
+"""tadq's own sampling loop: a plan built once, one step walker (conditioning, guidance, ε conversion), DDIM/DDPM
+steps with a controllable noise std and four correction hook points."""
 
-from tadq.sampling.config import SAMPLER_KINDS, SamplerConfig, make_scheduler
-from tadq.sampling.context import StepContext, step_contexts
+from tadq.sampling.conditioning import (
+    ClassLabels,
+    Conditioning,
+    ConditioningList,
+    ConditionSource,
+    RandomClassLabels,
+    conditions_for,
+)
+from tadq.sampling.config import (
+    PREDICTION_TYPES,
+    SAMPLER_KINDS,
+    SUPPORTED_SCHEDULERS,
+    SamplerConfig,
+    check_drivable,
+    make_scheduler,
+)
+from tadq.sampling.context import GuidanceBranches, StepContext, step_contexts
 from tadq.sampling.hooks import IdentityHooks, NoiseStd, SamplingHooks
-from tadq.sampling.loop import Denoiser, SamplingResult, Trajectory, hooked_step, sample
+from tadq.sampling.loop import SamplingResult, Trajectory, sample
 from tadq.sampling.noise import initial_noise, sample_generator, step_noise
+from tadq.sampling.plan import SamplingPlan, check_guidance_scale
+from tadq.sampling.prediction import to_epsilon
 from tadq.sampling.steps import ddim_step, ddpm_step, predict_x0, sampler_step
+from tadq.sampling.walker import Denoiser, StepAware, WalkBatch, Walker, hooked_step
 
 __all__ = [
+    "PREDICTION_TYPES",
     "SAMPLER_KINDS",
+    "SUPPORTED_SCHEDULERS",
+    "ClassLabels",
+    "ConditionSource",
+    "Conditioning",
+    "ConditioningList",
     "Denoiser",
+    "GuidanceBranches",
     "IdentityHooks",
     "NoiseStd",
+    "RandomClassLabels",
     "SamplerConfig",
     "SamplingHooks",
+    "SamplingPlan",
     "SamplingResult",
+    "StepAware",
     "StepContext",
     "Trajectory",
+    "WalkBatch",
+    "Walker",
+    "check_drivable",
+    "check_guidance_scale",
+    "conditions_for",
     "ddim_step",
     "ddpm_step",
     "hooked_step",
@@ -28,4 +62,5 @@ __all__ = [
     "sampler_step",
     "step_contexts",
     "step_noise",
+    "to_epsilon",
 ]

@@ -15,7 +15,8 @@ from typing import Any, Literal
 from diffusers import DDIMScheduler, DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin
 
-__all__ = ["SAMPLER_KINDS", "SamplerConfig", "make_scheduler"]
+__all__ = ["PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
+           "make_scheduler"]
 
 SamplerKind = Literal["ddim", "ddpm"]
 SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm")
@@ -24,6 +25,17 @@ _SCHEDULER_CLASSES: dict[str, type[DDIMScheduler] | type[DDPMScheduler]] = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
 }
+# Training schedulers whose config tadq's DDIM/DDPM steps reproduce (a discrete ᾱ_t schedule). Everything else
+# (DPM-Solver, Euler, Heun, PNDM, LMS, UniPC, flow matching, score SDEs...) is refused by name: sampling it with
+# DDIM/DDPM steps would silently change the sampler, or, for flow matching and score SDEs, the maths.
+SUPPORTED_SCHEDULERS: tuple[str, ...] = ("DDPMScheduler", "DDIMScheduler")
+PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
+# Config keys that only schedulers tadq cannot drive have: a bare config mapping carrying one is refused.
+_FOREIGN_KEYS: tuple[str, ...] = (
+    "solver_order", "algorithm_type", "solver_type", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "shift", "use_dynamic_shifting", "sigma_min", "sigma_max", "snr", "skip_prk_steps",
+    "predict_x0", "lower_order_final", "interpolation_type",
+)
 
 
 @dataclass(frozen=True)
@@ -90,11 +102,16 @@ def make_scheduler(
 
     Returns:
         A fresh ``DDIMScheduler`` or ``DDPMScheduler`` with ``set_timesteps(sampler.num_steps)`` already called.
+
+    Raises:
+        NotImplementedError: The training scheduler is not a DDPM/DDIM one (``check_drivable``).
     """
     if isinstance(train_scheduler_or_config, ConfigMixin):
         config: Mapping[str, Any] = train_scheduler_or_config.config
+        check_drivable(type(train_scheduler_or_config).__name__, config)
     elif isinstance(train_scheduler_or_config, Mapping):
         config = train_scheduler_or_config
+        check_drivable(config.get("_class_name"), config)
     else:
         raise TypeError(
             "make_scheduler expects a diffusers scheduler or its config mapping, "
@@ -106,3 +123,26 @@ def make_scheduler(
     scheduler = _SCHEDULER_CLASSES[sampler.kind].from_config(dict(config), **overrides)
     scheduler.set_timesteps(sampler.num_steps)
     return scheduler
+
+
+def check_drivable(class_name: str | None, config: Mapping[str, Any]) -> None:
+    """Raise ``NotImplementedError`` naming the scheduler class (or config keys) tadq's DDIM/DDPM cannot drive.
+
+    ``class_name`` is the scheduler's class (``_class_name`` of a saved config); a bare mapping without one is
+    accepted only without the keys that mark another scheduler family.
+    """
+    supported = f"tadq samples with DDIM or DDPM steps from a {' or '.join(SUPPORTED_SCHEDULERS)} training config"
+    if class_name is not None and class_name not in SUPPORTED_SCHEDULERS:
+        family = ("flow matching" if "FlowMatch" in class_name else
+                  "a score SDE" if "ScoreSde" in class_name else "another sampler")
+        raise NotImplementedError(
+            f"scheduler class {class_name} ({family}) cannot be driven by tadq: {supported}. It is refused rather "
+            "than silently replaced by DDPM/DDIM; flow-matching and score-SDE models are not supported yet.")
+    foreign = sorted(key for key in config if key in _FOREIGN_KEYS)
+    if class_name is None and foreign:
+        raise NotImplementedError(f"the scheduler config has {foreign}, keys of a scheduler tadq cannot drive; "
+                                  f"{supported}.")
+    prediction = config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise NotImplementedError(f"prediction_type={prediction!r} is not supported; tadq converts "
+                                  f"{PREDICTION_TYPES} to ε (flow-matching 'flow_prediction' is not supported yet).")

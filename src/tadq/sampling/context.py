@@ -1,6 +1,6 @@
 """Per-step constants of a configured sampler, frozen into ``StepContext`` records.
 
-Corrections must not reach into a diffusers scheduler (architecture.md §5): everything they need about step i
+Corrections must not reach into a diffusers scheduler (docs/architecture.md): everything they need about step i
 (timesteps, ᾱ values, the sampler's noise std and its linear-form coefficients) is computed here once.
 
 Notation (methods.md §0.1). For a step from grid timestep t to t_prev:
@@ -23,19 +23,32 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
+from torch import Tensor
 
 from tadq.sampling.config import SamplerConfig
 
-__all__ = ["DDPM_VARIANCE_TYPES", "StepContext", "step_contexts"]
+__all__ = ["DDPM_VARIANCE_TYPES", "GuidanceBranches", "StepContext", "step_contexts"]
 
 logger = logging.getLogger(__name__)
 
 DDPM_VARIANCE_TYPES: tuple[str, ...] = ("fixed_small", "fixed_small_log", "fixed_large")
 _SCHEDULER_FOR_KIND = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+@dataclass(frozen=True)
+class GuidanceBranches:
+    """Both classifier-free guidance branches of one step, already converted to ε, (B, C, H, W) each.
+
+    The loop hands them to a correction that asks for them (``wants_guidance_branches = True``) in
+    ``StepContext.branches`` of its ``after_model`` call; every other hook sees the guided ε only.
+    """
+
+    unconditional: Tensor
+    conditional: Tensor
 
 
 @dataclass(frozen=True)
@@ -53,10 +66,14 @@ class StepContext:
         std_dev_t: The sampler's noise std σ_t for this step, before any correction.
         coef_x: A_t, the coefficient on x_t in the linear form x_prev = A_t x_t + B_t ε + σ_t z.
         coef_eps: B_t, the coefficient on ε in that form (DDIM or DDPM formula, see the module notation).
-        prediction_type: The scheduler's ``prediction_type`` (tadq's steps support ``"epsilon"``).
+        prediction_type: The scheduler's ``prediction_type``; the walker converts the model output to ε with it
+            (``tadq.sampling.prediction.to_epsilon``), so every step and hook works on ε.
         sampler_key: ``SamplerConfig.key``; corrections key their per-step tables by it.
         kind: ``"ddim"`` or ``"ddpm"``: which update rule takes the step.
         clip_sample_range: Clip x_0 to ``[-r, r]`` with this r; ``None`` when clipping is off.
+        guidance_scale: Classifier-free guidance scale w of the plan (1.0: no guidance); tables are keyed by it.
+        branches: Both guidance branches of the current call, only inside ``after_model`` of a hook that asks
+            for them (not part of equality).
     """
 
     index: int
@@ -72,6 +89,8 @@ class StepContext:
     sampler_key: str
     kind: str
     clip_sample_range: float | None = None
+    guidance_scale: float = 1.0
+    branches: GuidanceBranches | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.num_steps:
@@ -168,12 +187,14 @@ def _warn_off_grid(scheduler: DDIMScheduler, timesteps: list[int]) -> None:
         )
 
 
-def step_contexts(scheduler: DDIMScheduler | DDPMScheduler, sampler: SamplerConfig) -> list[StepContext]:
+def step_contexts(scheduler: DDIMScheduler | DDPMScheduler, sampler: SamplerConfig, guidance_scale: float = 1.0
+                  ) -> list[StepContext]:
     """Freeze the per-step constants of a scheduler configured by ``make_scheduler``.
 
     Args:
         scheduler: A ``DDIMScheduler`` (for ``kind="ddim"``) or ``DDPMScheduler`` with ``set_timesteps`` called.
         sampler: The sampler config the scheduler was built for.
+        guidance_scale: Classifier-free guidance scale w recorded in every context.
 
     Returns:
         One ``StepContext`` per step, noisiest first.
@@ -208,6 +229,7 @@ def step_contexts(scheduler: DDIMScheduler | DDPMScheduler, sampler: SamplerConf
                 alpha_prod_t=float(alpha_prod_t), alpha_prod_t_prev=float(alpha_prod_t_prev), std_dev_t=std,
                 coef_x=coef_x, coef_eps=coef_eps, prediction_type=str(scheduler.config.prediction_type),
                 sampler_key=sampler.key, kind=sampler.kind, clip_sample_range=clip_range,
+                guidance_scale=float(guidance_scale),
             )
         )
     return contexts

@@ -1,11 +1,12 @@
 """tadq's sampling loop: diffusers' DDIM/DDPM pipeline loop with four correction hook points.
 
-tadq owns the loop (architecture.md §7) because diffusers pipelines rebuild their scheduler and each pipeline's
-loop differs, and because DDPM's ``step`` gives no control over the noise. Per batch and step s:
+tadq owns the loop (docs/architecture.md) because diffusers pipelines rebuild their scheduler and each pipeline's
+loop differs, and because DDPM's ``step`` gives no control over the noise. Per batch and step s (the calls are
+the ``Walker``'s, shared with trajectory pairs and sequential fits):
 
-    x_T ~ initial_noise(seed, i)                   per-sample noise, independent of batching (noise.py)
+    x_T ~ initial_noise(seed, i), cond_i           per-sample noise and conditions, independent of batching
     x̃   = before_model(x_t)
-    ε   = after_model(denoiser(x̃, t), x̃)
+    ε   = after_model(to_ε(denoiser(x̃, t, cond)), x̃)   guided ε when the plan's guidance scale w ≠ 1
     σ'  = noise_std(σ_t)
     x_prev = after_step(sampler_step(x̃, ε, σ', z_s))   DDIM eq. 12 / DDPM eq. 7 (steps.py)
 """
@@ -13,34 +14,23 @@ loop differs, and because DDPM's ``step`` gives no control over the noise. Per b
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tadq.sampling.conditioning import Conditioning, ConditionSource
 from tadq.sampling.config import SamplerConfig
-from tadq.sampling.context import StepContext, step_contexts
-from tadq.sampling.hooks import (
-    NoiseStd,
-    SamplingHooks,
-    apply_after_model,
-    apply_after_step,
-    apply_before_model,
-    apply_noise_std,
-    check_hooks,
-)
-from tadq.sampling.noise import initial_noise, step_noise
-from tadq.sampling.steps import check_supported, sampler_step
+from tadq.sampling.context import StepContext
+from tadq.sampling.hooks import SamplingHooks, check_hooks
+from tadq.sampling.plan import SamplingPlan
+from tadq.sampling.walker import Denoiser, WalkBatch, Walker, hooked_step
 
-__all__ = ["Denoiser", "SamplingResult", "Trajectory", "hooked_step", "sample", "step_contexts"]
+__all__ = ["Denoiser", "SamplingResult", "Trajectory", "hooked_step", "sample"]
 
 logger = logging.getLogger(__name__)
-
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-"""``(x (B, C, H, W), t (B,) long) -> ε (B, C, H, W)``: a model adapter's ``predict_eps`` bound to its model."""
 
 
 @dataclass
@@ -54,6 +44,7 @@ class Trajectory:
         eps: The ε the step used (after ``after_model``), (S, N, C, H, W).
         timesteps: Training timestep of each step, (S,) long.
         steps: The ``StepContext`` of each step.
+        cond: The conditioning of every sample (N rows, both branches), ``None`` for an unconditional run.
     """
 
     states: Tensor
@@ -61,6 +52,7 @@ class Trajectory:
     eps: Tensor
     timesteps: Tensor
     steps: tuple[StepContext, ...]
+    cond: Conditioning | None = None
 
 
 @dataclass
@@ -73,6 +65,7 @@ class SamplingResult:
         seed: Run seed.
         sampler: The sampler that produced them.
         trajectory: Recorded trajectory when ``record_trajectory=True``, else ``None``.
+        guidance_scale: The plan's classifier-free guidance scale.
     """
 
     images: Tensor
@@ -80,6 +73,7 @@ class SamplingResult:
     seed: int
     sampler: SamplerConfig
     trajectory: Trajectory | None = None
+    guidance_scale: float = 1.0
 
 
 @dataclass
@@ -87,6 +81,7 @@ class _BatchRecord:
     states: list[Tensor]
     model_inputs: list[Tensor]
     eps: list[Tensor]
+    cond: list[Conditioning]
 
 
 def _resolve_indices(num_samples: int | None, indices: Sequence[int] | None) -> list[int]:
@@ -109,50 +104,19 @@ def _check_shapes(sample_shape: tuple[int, int, int], batch_size: int) -> None:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
 
 
-def _denoise(denoiser: Denoiser, x: Tensor, step: StepContext) -> Tensor:
-    t = torch.full((x.shape[0],), step.t, dtype=torch.long, device=x.device)  # (B,)
-    eps = denoiser(x, t)
-    if eps.shape != x.shape:
-        raise ValueError(
-            f"The denoiser returned shape {tuple(eps.shape)} for input {tuple(x.shape)}; it must return ε of the "
-            "input's shape (split off learned-variance channels in the model adapter)."
-        )
-    return eps
-
-
-def hooked_step(hooks: Sequence[SamplingHooks], x: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None
-                ) -> Tensor:
-    """One sampler update with the hooks' ``noise_std`` and ``after_step``: x_prev from x̃_t and the corrected ε.
-
-    Every loop that follows a corrected trajectory (sampling, trajectory pairs, sequential fits) takes its step
-    here, so a ``NoiseStd`` result and the hook order are handled in one place.
-    """
-    std = apply_noise_std(hooks, torch.tensor(step.std_dev_t, dtype=torch.float32, device=x.device), step)
-    direction = None
-    if isinstance(std, NoiseStd):
-        std, direction = std.noise, std.direction
-    x_prev = sampler_step(x, eps, step, noise=noise, std=std, direction_std=direction)
-    return apply_after_step(hooks, x_prev, step)
-
-
-def _sample_batch(
-    denoiser: Denoiser,
-    steps: Sequence[StepContext],
-    hooks: Sequence[SamplingHooks],
-    x: Tensor,
-    noise: Tensor,
-    record: _BatchRecord | None,
-    bar: tqdm,
-) -> Tensor:
-    """Run all steps on one batch: x is x_T (B, C, H, W), noise the step noises (S, B, C, H, W)."""
+def _sample_batch(walker: Walker, denoiser: Denoiser, hooks: Sequence[SamplingHooks], batch: WalkBatch,
+                  record: _BatchRecord | None, bar: tqdm) -> Tensor:
+    """Run all steps on one batch from x_T; returns the final states (B, C, H, W)."""
+    x = batch.x
     if record is not None:
         record.states.append(x.cpu())
-    for step in steps:
-        x = apply_before_model(hooks, x, step)
-        eps = apply_after_model(hooks, _denoise(denoiser, x, step), x, step)
-        x_prev = hooked_step(hooks, x, eps, step, noise[step.index])
+        if batch.cond is not None:
+            record.cond.append(batch.cond.to("cpu"))
+    for step in walker.steps:
+        x_in, eps = walker.model_eps(denoiser, x, step, batch.cond, hooks)
+        x_prev = walker.advance(x_in, eps, step, batch.noise, hooks)
         if record is not None:
-            record.model_inputs.append(x.cpu())
+            record.model_inputs.append(x_in.cpu())
             record.eps.append(eps.cpu())
             record.states.append(x_prev.cpu())
         x = x_prev
@@ -162,8 +126,7 @@ def _sample_batch(
 
 def sample(
     denoiser: Denoiser,
-    scheduler: DDIMScheduler | DDPMScheduler,
-    sampler: SamplerConfig,
+    plan: SamplingPlan,
     *,
     num_samples: int | None = None,
     indices: Sequence[int] | None = None,
@@ -171,9 +134,11 @@ def sample(
     sample_shape: tuple[int, int, int],
     batch_size: int = 128,
     hooks: Sequence[SamplingHooks] = (),
+    conditions: ConditionSource | None = None,
     record_trajectory: bool = False,
     progress: bool = True,
     device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
 ) -> SamplingResult:
     """Sample with tadq's loop, applying ``hooks`` (corrections) at their four points in list order.
 
@@ -182,18 +147,19 @@ def sample(
     on the device; a recorded trajectory costs about 3 (S+1) N C H W floats of CPU memory.
 
     Args:
-        denoiser: ``(x (B, C, H, W), t (B,) long) -> ε``, in eval mode, on ``device``.
-        scheduler: Built by ``make_scheduler(model_scheduler, sampler)``.
-        sampler: The sampler config; its ``kind`` picks tadq's DDIM or DDPM step.
+        denoiser: ``(x (B, C, H, W), t (B,) long, cond) -> prediction``, in eval mode, on ``device``.
+        plan: The step grid and guidance scale (``SamplingPlan.build(model_scheduler, sampler, guidance_scale)``).
         num_samples: Sample indices 0..N-1 (exclusive with ``indices``).
         indices: Explicit sample indices, e.g. one shard of a large run (exclusive with ``num_samples``).
-        seed: Run seed; with the index it fixes x_T and every step noise of a sample.
+        seed: Run seed; with the index it fixes x_T, every step noise and random conditions of a sample.
         sample_shape: Per-sample shape (C, H, W).
         batch_size: Samples per denoiser call; changes only speed and memory, not the samples.
         hooks: Objects implementing ``SamplingHooks`` (e.g. subclasses of ``IdentityHooks``), applied in order.
-        record_trajectory: Also return states, model inputs and ε of every step.
+        conditions: Per-sample conditions (``None``: unconditional model); guidance needs their null branch.
+        record_trajectory: Also return states, model inputs, ε and conditions of every step.
         progress: Show a tqdm bar over batches x steps.
-        device: Where the denoiser and the state live.
+        device: Where the denoiser and the state live (noise is drawn on the CPU, then moved).
+        dtype: Floating dtype of the states (the model's); ``None`` keeps float32.
 
     Returns:
         A ``SamplingResult`` with final x_0 of shape (N, C, H, W).
@@ -202,20 +168,18 @@ def sample(
     _check_shapes(sample_shape, batch_size)
     hooks = tuple(hooks)
     check_hooks(hooks)
-    steps = step_contexts(scheduler, sampler)
-    check_supported(steps[0])
-    device = torch.device(device)
+    walker = Walker(plan, device, dtype)
+    steps = plan.steps
     num_batches = -(-len(sample_indices) // batch_size)
-    logger.info("Sampling %d samples with %s in %d batches.", len(sample_indices), sampler.key, num_batches)
+    logger.info("Sampling %d samples with %s (guidance %g) in %d batches.", len(sample_indices), plan.key,
+                plan.guidance_scale, num_batches)
 
-    record = _BatchRecord(states=[], model_inputs=[], eps=[]) if record_trajectory else None
+    record = _BatchRecord(states=[], model_inputs=[], eps=[], cond=[]) if record_trajectory else None
     images = []
     with torch.no_grad(), tqdm(total=num_batches * len(steps), disable=not progress, desc="sampling") as bar:
         for start in range(0, len(sample_indices), batch_size):
-            batch = sample_indices[start : start + batch_size]
-            x = initial_noise(seed, batch, sample_shape).to(device)  # (B, C, H, W)
-            noise = step_noise(seed, batch, len(steps), sample_shape).to(device)  # (S, B, C, H, W)
-            images.append(_sample_batch(denoiser, steps, hooks, x, noise, record, bar).cpu())
+            batch = walker.batch(seed, sample_indices[start: start + batch_size], sample_shape, conditions)
+            images.append(_sample_batch(walker, denoiser, hooks, batch, record, bar).cpu())
 
     trajectory = None
     if record is not None:
@@ -223,15 +187,17 @@ def sample(
             states=_stack_batches(record.states, len(steps) + 1),
             model_inputs=_stack_batches(record.model_inputs, len(steps)),
             eps=_stack_batches(record.eps, len(steps)),
-            timesteps=torch.tensor([step.t for step in steps], dtype=torch.long),
+            timesteps=plan.timesteps(),
             steps=tuple(steps),
+            cond=Conditioning.cat(record.cond) if record.cond else None,
         )
     return SamplingResult(
         images=torch.cat(images),
         indices=torch.tensor(sample_indices, dtype=torch.long),
         seed=seed,
-        sampler=sampler,
+        sampler=plan.sampler,
         trajectory=trajectory,
+        guidance_scale=plan.guidance_scale,
     )
 
 

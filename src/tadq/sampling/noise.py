@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["INITIAL_STREAM", "STEP_STREAM", "initial_noise", "sample_generator", "step_noise"]
+__all__ = ["INITIAL_STREAM", "LABEL_STREAM", "STEP_STREAM", "initial_noise", "sample_generator", "step_noise"]
 
 INITIAL_STREAM = 0  # x_T
 STEP_STREAM = 1  # z_1..z_S of the sampler steps
+LABEL_STREAM = 2  # per-sample conditions drawn at random (class labels); never shifts the noise streams
 
 
 def _check_non_negative(name: str, value: int) -> None:
@@ -36,7 +37,8 @@ def sample_generator(seed: int, index: int, stream: int = INITIAL_STREAM) -> tor
     Args:
         seed: Run seed, >= 0.
         index: Sample index, >= 0.
-        stream: Which noise of the sample: ``INITIAL_STREAM`` (x_T) or ``STEP_STREAM`` (step noises).
+        stream: Which noise of the sample: ``INITIAL_STREAM`` (x_T), ``STEP_STREAM`` (step noises) or
+            ``LABEL_STREAM`` (random per-sample conditions).
 
     Returns:
         A freshly seeded ``torch.Generator`` on the CPU.

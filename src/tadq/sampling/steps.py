@@ -25,6 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from tadq.sampling.config import PREDICTION_TYPES
 from tadq.sampling.context import StepContext
 
 __all__ = ["check_supported", "ddim_step", "ddpm_step", "predict_x0", "sampler_step"]
@@ -34,12 +35,13 @@ _RADICAND_TOLERANCE = 1e-6
 
 
 def check_supported(step: StepContext) -> None:
-    """Raise ``NotImplementedError`` for parameterisations tadq's steps do not implement yet."""
-    if step.prediction_type != "epsilon":
+    """Raise ``NotImplementedError`` for a prediction type the walker cannot convert to ε.
+
+    The steps below always take ε: ``tadq.sampling.prediction.to_epsilon`` converts v- and x₀-predictions first.
+    """
+    if step.prediction_type not in PREDICTION_TYPES:
         raise NotImplementedError(
-            f"tadq's sampler steps implement prediction_type='epsilon' only, got {step.prediction_type!r}; "
-            "convert the model output to ε first (ε = (x_t - √ᾱ_t x_0)/√(1-ᾱ_t) for 'sample', "
-            "ε = √ᾱ_t v + √(1-ᾱ_t) x_t for 'v_prediction')."
+            f"prediction_type={step.prediction_type!r} is not supported; tadq converts {PREDICTION_TYPES} to ε."
         )
 
 
@@ -69,13 +71,12 @@ def predict_x0(x_t: Tensor, eps: Tensor, step: StepContext) -> Tensor:
 
     Args:
         x_t: Current state, (B, C, H, W).
-        eps: Noise prediction ε used by the step, (B, C, H, W).
+        eps: Noise prediction ε used by the step (already converted from the model's prediction type), (B, C, H, W).
         step: The step's constants.
 
     Returns:
         The predicted clean sample, (B, C, H, W).
     """
-    check_supported(step)
     alpha_prod_t = _scalar(step.alpha_prod_t, x_t)
     beta_prod_t = 1 - alpha_prod_t
     x0 = (x_t - beta_prod_t ** (0.5) * eps) / alpha_prod_t ** (0.5)

@@ -1,10 +1,11 @@
-"""``TFMQCorrection``: TFMQ-DM's per-step state as a member of ``QuantizedDenoiser.corrections`` (architecture.md §5).
+"""``TFMQCorrection``: TFMQ-DM's per-step state as a member of ``QuantizedDenoiser.corrections``.
 
 TFMQ acts inside the network, not on the sampler's tensors, so every hook returns its input unchanged; the
 correction owns the per-step tables (saved in ``corrections.safetensors``), puts them into the network in
-``prepare`` (``StepQuantizer``s for FSC, ``CachedFeature`` hooks for cached temporal features), and tells the
-network the sampler step in ``before_model``. ``after_model`` clears the step again, so a network called outside
-a sampling step raises instead of reusing a stale step.
+``prepare`` (``StepQuantizer``s for FSC, ``CachedFeature`` hooks for cached temporal features). The sampler step
+comes from the loop: the walker calls ``QuantizedDenoiser.set_step`` → ``TFMQCorrection.set_step`` before each
+denoiser call and clears it after, so a network called outside a sampling step raises instead of reusing a stale
+step.
 
 The tables are keyed to the grid they were built for, (``sampler_key``, S, and the timestep of every step):
 using them with another sampler raises ``ValueError`` (the authors' code silently assumes the calibration S and
@@ -176,20 +177,26 @@ class TFMQCorrection(Correction):
             raise ValueError(f"step {step.index} has timestep {step.t}, but TFMQ's tables were built for timestep "
                              f"{expected} there (another timestep spacing); rebuild them for this scheduler")
 
-    # -- hooks: identity on the sampler's tensors -----------------------------------------------------------------
-    def before_model(self, x: Tensor, step: StepContext) -> Tensor:
+    # -- the step, from the walker; hooks stay identity on the sampler's tensors ---------------------------------
+    def set_step(self, step: StepContext | None) -> None:
+        """Point the network's per-step tables at ``step`` (``None`` clears it); called by the sampling walker
+        through ``QuantizedDenoiser.set_step`` around every denoiser call, so the step comes from the loop."""
         if self.state is None:
-            if self.active:
+            if self.active and step is not None:
                 raise RuntimeError("TFMQCorrection has tables but no network: call prepare(model, adapter) first")
-            return x
+            return
+        if step is None:
+            self.state.index = None
+            return
         self.check_grid(step)
         self.state.index = step.index
-        return x
 
-    def after_model(self, eps: Tensor, x: Tensor, step: StepContext) -> Tensor:
+    def before_model(self, x: Tensor, step: StepContext) -> Tensor:
+        if self.state is None and self.active:
+            raise RuntimeError("TFMQCorrection has tables but no network: call prepare(model, adapter) first")
         if self.state is not None:
-            self.state.index = None
-        return eps
+            self.check_grid(step)  # a wrong grid fails before the network runs
+        return x
 
     def fit_tables(self, pair: TrajectoryPair) -> None:
         raise TypeError("TFMQ's tables are not fitted on a trajectory pair: build them with tadq.tfmq.quantize_tfmq")

@@ -2,12 +2,13 @@
 
 At step s the quantizer uses ``x̂ = Δ_s·(clamp(round(x/Δ_s) + z_s, qmin, qmax) − z_s)``. The (Δ_s, z_s) live in
 indexed tensors of shape (S,) inside ``StepQuantizer``; the step index comes from a shared ``StepState`` that the
-``TFMQCorrection``'s ``before_model`` hook sets, so nothing is reloaded per step (the authors' code reloads a state
-dict before every UNet call, §5(c)). A network called while no step is set raises instead of guessing step 0.
+sampling walker sets through ``QuantizedDenoiser.set_step`` → ``TFMQCorrection.set_step``, so nothing is
+reloaded per step (the authors' code reloads a state dict before every UNet call). A network called while no
+step is set raises instead of guessing step 0.
 
 Ranges are estimated per step from data of that step only: the TIB's inputs (which depend on t alone) for
 TIB-only FSC, or FP-trajectory inputs of every grid step for model-wide FSC (collected in one O(S) sampling run,
-not one fresh trajectory per step as in the authors' O(S²) generator, §5 B4).
+not one fresh trajectory per step as in the authors' O(S²) generator).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ class StepState:
     def require_index(self) -> int:
         if self.index is None:
             raise RuntimeError(
-                "TFMQ per-step tables need the sampler step: sample through tadq.sample (the TFMQCorrection's "
-                "before_model hook sets it) or wrap direct calls in `with correction.at_step(index):`"
+                "TFMQ per-step tables need the sampler step: sample through tadq.sample (the walker sets it "
+                "through QuantizedDenoiser.set_step) or wrap direct calls in `with correction.at_step(index):`"
             )
         return self.index
 

@@ -26,7 +26,7 @@ from tadq.corrections.stack import CorrectionStack
 from tadq.denoiser import QuantizedDenoiser
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
+from tadq.sampling import SamplerConfig, SamplingPlan
 from tadq.tfmq.cache import dequantize_cache, disturbance, quantize_cache
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
@@ -41,8 +41,7 @@ logger = logging.getLogger(__name__)
 
 def deployment_grid(scheduler, sampler: SamplerConfig) -> Tensor:
     """The training timestep of every sampler step, (S,) long (step 0 = noisiest)."""
-    steps = step_contexts(make_scheduler(scheduler.config, sampler), sampler)
-    return torch.tensor([step.t for step in steps], dtype=torch.long)
+    return SamplingPlan.build(scheduler, sampler).timesteps()
 
 
 def quantize_tfmq(
@@ -158,7 +157,7 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
 
     def run_model(step: int) -> None:
         chosen = fsc_set.step_index == step
-        qmodel(fsc_set.x[chosen], fsc_set.t[chosen])
+        qmodel(fsc_set.x[chosen], fsc_set.t[chosen], None if fsc_set.cond is None else fsc_set.cond.rows(chosen))
 
     return activation_quantizers(qmodel.model), run_model
 

@@ -10,11 +10,12 @@ import logging
 from torch import nn
 
 from tadq.corrections.attach import as_denoiser, with_corrections
+from tadq.corrections.context import FitContext
 from tadq.corrections.ptqd.config import PTQDConfig
 from tadq.corrections.ptqd.correction import PTQDCorrection, vsc_report
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
-from tadq.sampling import Denoiser, SamplerConfig
+from tadq.sampling import ConditionSource, Denoiser, SamplerConfig, SamplingPlan
 
 __all__ = ["as_denoiser", "fit_ptqd", "with_corrections"]
 
@@ -29,6 +30,8 @@ def fit_ptqd(
     config: PTQDConfig,
     *,
     batch_size: int = 128,
+    conditions: ConditionSource | None = None,
+    guidance_scale: float = 1.0,
 ) -> QuantizedDenoiser:
     """PTQD fitted for ``sampler`` on top of ``qmodel`` and its existing corrections (methods.md §2 B2-B4).
 
@@ -43,6 +46,8 @@ def fit_ptqd(
         sampler: The deployment sampler; the tables are valid for it only.
         config: PTQD settings; ``config.seed`` must be a calibration seed, not the evaluation seed.
         batch_size: Trajectories per network call while collecting the pair.
+        conditions: Per-sample conditions (``None``: unconditional model).
+        guidance_scale: Classifier-free guidance scale of the deployment; the tables are keyed by it.
 
     Returns:
         The corrected denoiser, ready for ``tadq.sample`` and ``save_pretrained``.
@@ -53,7 +58,9 @@ def fit_ptqd(
         raise TypeError(f"fit_ptqd takes a PTQDConfig, got {type(config).__name__}")
     existing = list(qmodel.corrections)
     stack = CorrectionStack([*existing, PTQDCorrection(config)])
-    fit_stack(stack, as_denoiser(fp_model), qmodel, scheduler, sampler, batch_size=batch_size, start=len(existing))
+    plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
+    ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size)
+    fit_stack(stack, ctx, start=len(existing))
     correction = stack[len(existing)]
     logger.info("PTQD %s on %s: mean k = %.4f, mean |μ| = %.4g, mean σ_q = %.4g; %s", qmodel.config.label,
                 sampler.key, float(correction.k.mean()), float(correction.mu.abs().mean()),

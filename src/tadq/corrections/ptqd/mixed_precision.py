@@ -32,7 +32,7 @@ from tadq.config import register_config_type
 from tadq.corrections.ptqd.bitops import bit_operations
 from tadq.corrections.ptqd.correction import PTQDCorrection
 from tadq.denoiser import QuantizedDenoiser
-from tadq.sampling import IdentityHooks, SamplerConfig, StepContext, make_scheduler, step_contexts
+from tadq.sampling import Conditioning, IdentityHooks, SamplerConfig, SamplingPlan, StepContext
 
 SwitchRule = Literal["first_failure", "final_failures"]
 SWITCH_RULES: tuple[str, ...] = ("first_failure", "final_failures")
@@ -49,7 +49,7 @@ class MixedPrecisionConfig:
     """The SNR rule's threshold (methods.md §2 B5, [RECON]).
 
     Args:
-        gamma: γ, the fraction of the FP SNR a quantized step must keep. methods.md suggests about 0.9; since the
+        gamma: γ, the fraction of the FP SNR a quantized step must keep. The default is 0.9; since the
             ratio is 1/(1 + c_t² σ̃²/(1 − ᾱ_t)), only γ close to 1 moves the switch for small σ̃ (sweep it with
             ``tradeoff_curve``).
         switch_rule: How one switch index is read off the per-step pass/fail pattern (module docstring):
@@ -119,7 +119,7 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
         if low.sample_shape != high.sample_shape:
             raise ValueError(f"low and high models differ in sample shape: {low.sample_shape} vs {high.sample_shape}")
         self.low, self.high, self.sampler = low, high, sampler
-        self.steps = tuple(step_contexts(make_scheduler(scheduler.config, sampler), sampler))
+        self.steps = SamplingPlan.build(scheduler, sampler).steps
         if isinstance(switch, bool) or not isinstance(switch, int) or not 0 <= switch <= len(self.steps):
             raise ValueError(f"switch must be an int in [0, {len(self.steps)}], got {switch!r}")
         self.switch = switch
@@ -136,7 +136,7 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
     def _member(self, index: int) -> QuantizedDenoiser:
         return self.low if index < self.switch else self.high
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """ε̂ (B, C, H, W) of the network chosen for each sample's step (t (B,) must lie on the sampler grid)."""
         off_grid = sorted({int(v) for v in t.tolist()} - set(self._index_of_t))
         if off_grid:
@@ -144,13 +144,19 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
                              "is defined per step of that sampler only")
         low_mask = torch.tensor([self._index_of_t[int(v)] < self.switch for v in t.tolist()], device=x.device)
         if bool(low_mask.all()):
-            return self.low(x, t)
+            return self.low(x, t, cond)
         if not bool(low_mask.any()):
-            return self.high(x, t)
+            return self.high(x, t, cond)
         eps = torch.empty_like(x)
-        eps[low_mask] = self.low(x[low_mask], t[low_mask])
-        eps[~low_mask] = self.high(x[~low_mask], t[~low_mask])
+        rows = torch.arange(x.shape[0], device=x.device)
+        eps[low_mask] = self.low(x[low_mask], t[low_mask], None if cond is None else cond.rows(rows[low_mask]))
+        eps[~low_mask] = self.high(x[~low_mask], t[~low_mask], None if cond is None else cond.rows(rows[~low_mask]))
         return eps
+
+    def set_step(self, step: StepContext | None) -> None:
+        """Forward the walker's step to both members (step-aware corrections such as TFMQ)."""
+        self.low.set_step(step)
+        self.high.set_step(step)
 
     def correction_hooks(self) -> tuple[IdentityHooks, ...]:
         """Itself, routing every hook to the corrections of the network that runs the step."""

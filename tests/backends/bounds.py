@@ -1,0 +1,58 @@
+"""The tolerance an integer layer must meet against its fake-quant twin, derived from float32 rounding.
+
+Both compute Y = Δx·Δw_c·Σ_k a_k·(C_ck − z_c) + b (a = activation codes − z_x). The integer path sums exactly in
+int32, so all of its error is float rounding after the sum. The fake-quant path rounds x̂ = Δx·a and Ŵ = Δw·(C − z)
+(relative u = 2⁻²⁴ each), each product (u) and a K-term float32 sum (γ_K = K·u/(1 − K·u) times Σ|terms|,
+Higham, Accuracy and Stability, §3.1). With M = Δx·Δw_c·Σ_k |a_k|·(|B_ck| + |o_c|) ≥ Σ|terms| (B = C − s and o = z − s,
+the int8 weight and its offset, so |C − z| ≤ |B| + |o|):
+
+    fake:    |Y_fake − Y| ≤ (γ_K + 3u)·M + u·|b|            (input, weight, product roundings; bias add)
+    integer: |Y_int − Y|  ≤ 6u·M + 2u·|b|                    (int32 → float, Δx·Δw product, scale multiply,
+                                                              offset correction multiply and add, bias add)
+
+so |Y_int − Y_fake| ≤ (K + 10)·u·(M + |b|) for K·u ≪ 1 (a split conv adds one more float add: K + 11). The
+bound is computed per output element from the actual codes, in float64.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from tadq.backends.activations import activation_codes, activation_grid
+from tadq.backends.weights import weight_codes
+from tadq.quant.quantizer import Quantizer
+
+U = 2.0**-24  # unit roundoff of float32
+
+
+def centred_activation(x: Tensor, quantizer: Quantizer) -> tuple[Tensor, float]:
+    """(a = codes − z as float64, Δx) for ``x`` on the quantizer's current grid."""
+    grid = activation_grid(quantizer)
+    return (activation_codes(x, grid) - grid.zero_point).double(), float(grid.scale)
+
+
+def magnitude_weight(quantizer: Quantizer, weight: Tensor) -> Tensor:
+    """Δw_c·(|B| + |o_c|) in float64, same shape as the weight."""
+    codes = weight_codes(quantizer, weight, "test")
+    shape = (-1, *([1] * (weight.dim() - 1)))
+    return (codes.codes.double().abs() + codes.offset.double().abs().reshape(shape)) * codes.scale.double().reshape(
+        shape)
+
+
+def conv_bound(x: Tensor, act: Quantizer, wq: Quantizer, weight: Tensor, bias: Tensor | None, conv, extra: int = 0
+               ) -> Tensor:
+    """Per-element |Y_int − Y_fake| bound of one conv (see the module docstring)."""
+    a, scale = centred_activation(x, act)
+    k = weight[0].numel()
+    m = F.conv2d(a.abs(), magnitude_weight(wq, weight), None, conv.stride, conv.padding, conv.dilation) * scale
+    b = 0.0 if bias is None else bias.double().abs().reshape(1, -1, 1, 1)
+    return (k + 10 + extra) * U * (m + b)
+
+
+def linear_bound(x: Tensor, act: Quantizer, wq: Quantizer, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Per-element |Y_int − Y_fake| bound of one linear layer."""
+    a, scale = centred_activation(x, act)
+    m = a.abs() @ magnitude_weight(wq, weight).T * scale
+    b = 0.0 if bias is None else bias.double().abs()
+    return (weight.shape[1] + 10) * U * (m + b)
