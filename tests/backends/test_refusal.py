@@ -6,7 +6,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tadq.backends import BACKENDS, BackendUnavailableError, capability, check_backend, int8_cuda_missing, to_backend
+from tadq import api
+from tadq.backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    capability,
+    check_backend,
+    int8_cpu_missing,
+    int8_cuda_missing,
+    to_backend,
+)
+from tadq.config import CalibrationConfig, QuantConfig
+from tadq.sampling import SamplerConfig
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -42,11 +53,31 @@ def test_unknown_backend():
     assert set(BACKENDS) == {"fake", "int8", "int8-cuda"}
 
 
+@pytest.fixture
+def tiny_artefact(tiny_unet, ddpm_scheduler, tmp_path):
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    calib = CalibrationConfig(sampler=sampler, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=calib),
+                          progress=False)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    return tmp_path / "q"
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
-def test_cli_sample_refuses_int8_cuda_in_one_line(tiny_model_dir, tmp_path):
+def test_cli_sample_refuses_int8_cuda_in_one_line(tiny_artefact, tmp_path):
     from tadq.cli.app import app
 
-    result = CliRunner().invoke(app, ["sample", str(tiny_model_dir), "--backend", "int8-cuda", "--num-samples", "2",
+    result = CliRunner().invoke(app, ["sample", str(tiny_artefact), "--backend", "int8-cuda", "--num-samples", "2",
                                       "--out", str(tmp_path / "s.png")])
-    assert result.exit_code == 2
-    assert "CUDA is not available" in result.output or "FP model" in result.output
+    assert result.exit_code == 2 and "CUDA is not available" in result.output
+    assert not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+def test_cli_sample_runs_int8(tiny_artefact, tmp_path):
+    from tadq.cli.app import app
+
+    result = CliRunner().invoke(app, ["sample", str(tiny_artefact), "--backend", "int8", "--num-samples", "2",
+                                      "--steps", "4", "--out", str(tmp_path / "s.png"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.png").is_file()
