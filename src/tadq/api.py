@@ -21,6 +21,7 @@ from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult
 from tadq.sampling import sample as _sample_loop
+from tadq.typecheck import expect, expect_scheduler
 
 __all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample", "load"]
 
@@ -54,6 +55,10 @@ def quantize(
         dtype: compute dtype of the FP reference (float32, bfloat16, float16); ``None``: the model's dtype.
         fit_batch_size: trajectories per network call while fitting corrections.
     """
+    expect(model, nn.Module, "model", "tadq.quantize")
+    expect_scheduler(scheduler, "tadq.quantize")
+    if calibration is not None:
+        expect(calibration, CalibrationSet, "calibration", "tadq.quantize")
     if isinstance(recipe, QuantConfig):
         config, derived = recipe, Recipe.from_quant_config(recipe)
         recipe = derived if derived.quant_config() == config else None
@@ -101,6 +106,13 @@ def sample(
     ``guidance_scale`` ≠ 1 runs classifier-free guidance and needs their unconditional branch. States follow the
     model's device and dtype (noise is drawn on the CPU, then moved).
     """
+    expect(denoiser, nn.Module, "denoiser", "tadq.sample")
+    expect_scheduler(scheduler, "tadq.sample")
+    expect(sampler, SamplerConfig, "sampler", "tadq.sample")
+    for name, value in (("num_samples", num_samples), ("seed", seed), ("batch_size", batch_size)):
+        expect(value, int, name, "tadq.sample")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     if isinstance(denoiser, HookedDenoiser):
         call, shape = denoiser, denoiser.sample_shape

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tadq.metrics import per_step_mse, psnr_per_sample, ssim_per_sample
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace
 from tadq.registry import adapter_for
+from tadq.safefiles import require_finite
 from tadq.sampling import ConditionSource, SamplerConfig, SamplingResult
 
 __all__ = [
@@ -161,6 +162,8 @@ def evaluate_against_reference(
                             record_trajectory=True, progress=progress, conditions=conditions,
                             guidance_scale=guidance_scale)
     fp, quantized = runs["FP"], runs["quantized"]
+    for name, run in runs.items():  # before any metric: NaN would hang scipy's sqrtm and poison every mean
+        require_finite(run.images, f"the {name} model's samples")
     if fp.images.shape != quantized.images.shape:
         raise ValueError(f"the reference samples {tuple(fp.images.shape[1:])} but the quantized model "
                          f"{tuple(quantized.images.shape[1:])}: pass the FP model it was quantized from")

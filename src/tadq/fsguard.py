@@ -20,7 +20,8 @@ __all__ = ["MARKER_FILE", "OutputRefused", "check_output_dir", "check_output_fil
            "is_tadq_output", "mark_output"]
 
 MARKER_FILE = "tadq_output.json"
-_LEGACY_MARKERS = ("tadq_manifest.json", "tadq_config.json")  # artefacts written before the marker existed
+# JSON files by which folders written before the marker existed are still recognised as tadq's
+_LEGACY_FILES = ("tadq_config.json", "results.json", "report.json", "manifest.json", "training_info.json")
 FORCE_HINT = "pass --force-foreign (force_foreign=True) to write there anyway"
 
 
@@ -37,13 +38,21 @@ def is_tadq_output(folder: str | Path) -> bool:
             return json.loads(marker.read_text()).get("format") == "tadq-output"
         except (ValueError, AttributeError, OSError, UnicodeDecodeError):
             return False
-    legacy = folder / "tadq_config.json"
-    if legacy.is_file():
-        try:
-            return json.loads(legacy.read_text()).get("format") == "tadq-quantized"
-        except (ValueError, AttributeError, OSError, UnicodeDecodeError):
-            return False
-    return False
+    return any(_written_by_tadq(folder / name) for name in _LEGACY_FILES)
+
+
+def _written_by_tadq(path: Path) -> bool:
+    """A JSON file tadq writes: its format says tadq, or it records tadq's version."""
+    if not path.is_file() or path.stat().st_size > 1 << 24:
+        return False
+    try:
+        document = json.loads(path.read_text())
+    except (ValueError, OSError, UnicodeDecodeError):
+        return False
+    if not isinstance(document, dict):
+        return False
+    versions = document.get("versions")
+    return str(document.get("format", "")).startswith("tadq") or (isinstance(versions, dict) and "tadq" in versions)
 
 
 def mark_output(folder: str | Path, kind: str) -> None:

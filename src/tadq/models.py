@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
+from safetensors import SafetensorError
 from torch import nn
 
 from tadq.registry import model_family, registered_families
+from tadq.safefiles import read_json_file, require_finite
 from tadq.sampling.config import check_drivable
 
 __all__ = ["load_pipeline_parts", "shipped_model_path"]
@@ -24,7 +25,9 @@ def shipped_model_path() -> Path:
 
 def _model_dir(path: Path) -> Path:
     if (path / "model_index.json").exists():
-        index = json.loads((path / "model_index.json").read_text())
+        index = read_json_file(path / "model_index.json", "pipeline index")
+        if not isinstance(index, dict):
+            raise ValueError(f"{path / 'model_index.json'} holds a JSON {type(index).__name__}, not an object")
         subfolders = sorted({family.subfolder for family in registered_families().values()})
         for name in subfolders:
             if name in index and (path / name / "config.json").exists():
@@ -47,7 +50,9 @@ def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
     for candidate in (path / "scheduler", model_dir / "scheduler", path):
         config_file = candidate / "scheduler_config.json"
         if config_file.exists():
-            config = json.loads(config_file.read_text())
+            config = read_json_file(config_file, "scheduler config")
+            if not isinstance(config, dict):
+                raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not an object")
             name = config.get("_class_name")
             check_drivable(name, config)
             if name is None:
@@ -64,18 +69,23 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
         FileNotFoundError: the folder does not exist.
         ValueError: it is not a diffusers model folder, or the model class is not supported.
     """
+    if path is not None and not isinstance(path, (str, Path)):
+        raise TypeError(f"load_pipeline_parts takes a folder path (str or Path) or None, got {type(path).__name__}")
     path = Path(path) if path is not None else shipped_model_path()
     if not path.exists():
         hint = " (train it with `tadq zoo train`)" if path == shipped_model_path() else ""
         raise FileNotFoundError(f"model folder {path} does not exist{hint}")
     model_dir = _model_dir(path)
-    class_name = json.loads((model_dir / "config.json").read_text()).get("_class_name")
+    model_config = read_json_file(model_dir / "config.json", "model config")
+    class_name = model_config.get("_class_name") if isinstance(model_config, dict) else None
     family = model_family(str(class_name), where=str(model_dir))
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load(path)")
     try:
         model = family.model_class.from_pretrained(model_dir)
-    except OSError as error:
-        raise ValueError(f"could not load weights from {model_dir}: {error}") from error
+    except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # truncated or foreign weight files
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise ValueError(f"could not load weights from {model_dir}: {first}") from error
     model.eval().requires_grad_(False)
+    require_finite(model.state_dict(), f"model {model_dir}: weight")  # NaN used to fail late, as a zero_point error
     return model, _load_scheduler(path, model_dir)

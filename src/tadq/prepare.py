@@ -17,6 +17,7 @@ from tadq.quant.attention import apply_attention_quantization
 from tadq.quant.convert import convert_layers, plan_layers
 from tadq.quant.split import apply_shortcut_split
 from tadq.registry import adapter_for
+from tadq.safefiles import require_finite
 
 __all__ = ["build_quantized_structure", "calibrate_activations"]
 
@@ -31,6 +32,9 @@ def calibrate_activations(
         for start in tqdm(starts, desc="calibrate activation ranges", disable=not progress, leave=False):
             rows = slice(start, start + batch_size)
             qmodel(calib.x[rows], calib.t[rows], None if calib.cond is None else calib.cond.rows(rows))
+    ranges = {name: tensor for name, tensor in qmodel.model.state_dict().items()
+              if name.endswith(("quantizer.scale", "quantizer.zero_point"))}
+    require_finite(ranges, "activation range after calibration:")  # overflowing activations, not a bad weight
 
 
 def build_quantized_structure(
@@ -47,6 +51,8 @@ def build_quantized_structure(
         init_weight_range: set weight ranges from the weights; ``False`` when saved ranges are loaded next.
     """
     adapter = adapter_for(model)
+    if init_weight_range:  # a NaN weight used to fail late, as a zero_point error that never said NaN
+        require_finite(model.state_dict(), "model weight")
     qmodel_inner = copy.deepcopy(model).eval().requires_grad_(False)
     plans = plan_layers(adapter.layers(qmodel_inner), config.weights, config.activations,
                         exclude=config.exclude, keep_fp_roles=config.keep_fp_roles)

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
@@ -43,10 +44,10 @@ def test_quantize_sample_evaluate_end_to_end(tmp_path, tiny_model_dir):
     assert saved["calibration"]["data"]["num_trajectories"] == 8
 
     result = runner.invoke(app, ["sample", str(out), "--num-samples", "4", "--steps", "3",
-                                 "--out", str(tmp_path / "s.png"), "--tensor-out", str(tmp_path / "s.pt")])
+                                 "--out", str(tmp_path / "s.png"), "--tensor-out", str(tmp_path / "s.safetensors")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s.png").stat().st_size > 0
-    assert torch.load(tmp_path / "s.pt")["images"].shape == (4, 1, 8, 8)
+    assert load_file(tmp_path / "s.safetensors")["images"].shape == (4, 1, 8, 8)
 
     result = runner.invoke(app, ["sample", str(tiny_model_dir), "--num-samples", "2", "--steps", "3",
                                  "--out", str(tmp_path / "fp.png")])

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Eta, SamplerKind, Steps, Threads, Verbose
 
 __all__ = ["analyze_command"]
@@ -28,6 +28,7 @@ def analyze_command(
     batch_size: Annotated[int, typer.Option(help="Samples per network call (speed only).")] = 128,
     out: Annotated[Path, typer.Option(help="Report folder: analysis.json and propagation.png.")] = Path(
         "runs/analyze"),
+    force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
     verbose: Verbose = False,
@@ -35,9 +36,11 @@ def analyze_command(
     """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction."""
     from tadq.analysis import analyze_propagation, save_propagation_plot
     from tadq.corrections.attach import as_denoiser
+    from tadq.fsguard import check_output_dir, mark_output
     from tadq.io import is_quantized_artefact, load_quantized
-    from tadq.models import load_pipeline_parts
+    from tadq.models import load_pipeline_parts, shipped_model_path
     from tadq.sampling import SamplerConfig
+    from tadq.utils import atomic_write_text
 
     setup(verbose, threads, device)
     with fail_cleanly():
@@ -46,13 +49,16 @@ def analyze_command(
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        check_output_dir(out, resume=True, force_foreign=force_foreign,
+                         inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
         qmodel, _ = load_quantized(model_dir)
         fp, scheduler = load_pipeline_parts(fp_model)
         # the network alone: the prediction explains the error the corrections then act on
         report = analyze_propagation(qmodel, as_denoiser(fp), scheduler, sampler_config, num_samples=num_samples,
                                      seed=seed, measure_jacobian=jacobian, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "analysis.json").write_text(json.dumps(report.to_dict(), indent=2))
+    mark_output(out, "analysis")
+    atomic_write_text(json.dumps(report.to_dict(), indent=2), out / "analysis.json")
     save_propagation_plot(report, out / "propagation.png",
                           title=f"{qmodel.config.label} {qmodel.config.method}: error propagation, {report.sampler}")
     share = report.final_share

@@ -15,6 +15,7 @@ from tadq.cli.evaluate import evaluate_command
 from tadq.cli.quantize import quantize_command
 from tadq.cli.sample import sample_command
 from tadq.cli.sample_sharded import sample_sharded_command
+from tadq.cli.verify import verify_command
 from tadq.cli.zoo import zoo_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -26,6 +27,7 @@ app.command("evaluate")(evaluate_command)
 app.command("analyze")(analyze_command)
 app.command("sample-sharded")(sample_sharded_command)
 app.command("bench")(bench_command)
+app.command("verify")(verify_command)
 
 logger = logging.getLogger("tadq")
 
@@ -51,6 +53,8 @@ def run_command(
     batch_size: int = typer.Option(250, help="Sampling batch size."),
     out: Path = typer.Option(Path("runs/main"), help="Report folder."),
     cache_dir: Path = typer.Option(Path(".cache/tadq"), help="Calibration-data cache folder."),
+    force_foreign: bool = typer.Option(False, "--force-foreign", help="Also write into a non-empty --out folder "
+                                       "tadq did not write (without it, such a folder is refused)."),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
     device: str = typer.Option("cpu", help="Device (only cpu is supported in this release)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -61,8 +65,14 @@ def run_command(
     from tadq.report.tables import COLUMNS, format_cell
     from tadq.sampling import SamplerConfig
 
+    from tadq.fsguard import check_output_dir, check_writable_dir
+    from tadq.models import shipped_model_path
+
     setup(verbose, threads, device)
     with fail_cleanly():
+        check_output_dir(out, resume=True, force_foreign=force_foreign,
+                         inputs=[model if model is not None else shipped_model_path()])
+        check_writable_dir(cache_dir, "--cache-dir")
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),

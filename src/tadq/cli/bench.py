@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Threads, Verbose
 
 __all__ = ["bench_command"]
@@ -53,6 +53,7 @@ def bench_command(
         help="Folder of saved base models to reuse and fill (default <out>/models; runs/main/models reuses tadq "
              "run's).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
+    force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
     verbose: Verbose = False,
@@ -60,9 +61,14 @@ def bench_command(
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
     from tadq.config import CalibrationConfig
     from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
+    from tadq.fsguard import check_output_dir, check_writable_dir, mark_output
+    from tadq.models import shipped_model_path
 
     setup(verbose, threads, device)
     with fail_cleanly():
+        check_output_dir(out, resume=True, force_foreign=force_foreign,
+                         inputs=[model if model is not None else shipped_model_path()])
+        check_writable_dir(cache_dir, "--cache-dir")
         fields = matrix("quick" if quick else "default")
         if samplers is not None:
             fields["samplers"] = tuple(parse_sampler(name, steps) for name in _split(samplers))
@@ -81,6 +87,8 @@ def bench_command(
                              batch_size=batch_size, out_dir=str(out),
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),
                              threads=threads, **fields)
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "bench")
         report = run_bench(config)
     _print(report)
     console.print(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")

@@ -5,13 +5,24 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
-__all__ = ["console", "setup", "fail_cleanly"]
+__all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS"]
+
+ForceForeign = Annotated[bool, typer.Option(
+    "--force-foreign", help="Also write into (or with --overwrite replace) a folder tadq did not write, or one that "
+                            "is, holds or lies inside the input model; without it such paths are refused.")]
+# bad input, bad paths, damaged files: one line and exit code 2 (a traceback only with --verbose)
+USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FileExistsError, IsADirectoryError,
+               NotADirectoryError, PermissionError)
+_state = {"verbose": False}
 
 console = Console()
 if not console.is_terminal:
@@ -20,6 +31,7 @@ if not console.is_terminal:
 
 def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
     """Logging and threads; the device and dtype resolved (``BadParameter`` naming one torch does not have)."""
+    _state["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
@@ -38,9 +50,14 @@ def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> t
 
 @contextlib.contextmanager
 def fail_cleanly() -> Iterator[None]:
-    """Print a one-line error for bad input (ValueError, FileNotFoundError, TypeError) and exit with code 2."""
+    """Print a one-line error for bad input (``USER_ERRORS``) and exit with code 2; the traceback with --verbose."""
     try:
         yield
-    except (ValueError, FileNotFoundError, TypeError, NotImplementedError) as error:
-        console.print(f"[red]error:[/red] {error}")
+    except USER_ERRORS as error:
+        if _state["verbose"]:
+            console.print_exception()
+        message = " ".join(str(error).split()) or type(error).__name__
+        if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
+            message = f"{Path(error.filename)}: {message}"
+        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from error

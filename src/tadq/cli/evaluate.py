@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Dtype, Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler
 
 __all__ = ["evaluate_command"]
@@ -57,9 +57,12 @@ def _print_table(rows: list[dict[str, Any]], title: str, fd_key: str) -> None:
 
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: dict[str, Any]) -> None:
     """results.json, results.md, samples.png and per_step_error.png, written only after every metric exists."""
+    from tadq.fsguard import mark_output
     from tadq.report import markdown_table, save_comparison_grid, save_error_curves
     from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "evaluate-report")
     labels = [f"{row['method']} {row['bits']}" for row in rows]
     save_comparison_grid({labels[0]: evaluation.reference.images[:64], labels[1]: evaluation.candidate.images[:64]},
                          out / "samples.png")
@@ -103,6 +106,7 @@ def evaluate_command(
     reference_images: Annotated[Path | None, typer.Option(
         help="Real images for a custom feature space: a safetensors file with one tensor 'images' (M, C, H, W) in "
              "[-1, 1].")] = None,
+    force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -111,14 +115,18 @@ def evaluate_command(
     """Sample the artefact (its recipe's sampler and corrections) and its FP reference (in --dtype) from the same
     noise; print FD, agreement, PSNR/SSIM, MSE."""
     from tadq.config import config_to_dict
-    from tadq.evaluation import evaluate_against_reference
-    from tadq.io import load_quantized
-    from tadq.models import load_pipeline_parts
     from tadq.device import place_model
+    from tadq.evaluation import evaluate_against_reference
+    from tadq.fsguard import check_output_dir
+    from tadq.io import load_quantized
     from tadq.methods import check_sampler
+    from tadq.models import load_pipeline_parts, shipped_model_path
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
+            check_output_dir(out, resume=True, force_foreign=force_foreign,
+                             inputs=[model_dir, reference if reference is not None else shipped_model_path()])
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         qmodel, scheduler = load_quantized(model_dir)
         check_sampler(qmodel, sampler_config, str(model_dir))

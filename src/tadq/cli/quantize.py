@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 import typer
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.config import QuantConfig, config_from_dict
 from tadq.quant.qscheme import preset
@@ -69,9 +69,20 @@ def _given(**values) -> dict:
 
 
 def _read_config(path: Path) -> QuantConfig:
+    from tadq.safefiles import read_json_file
+
     if not path.is_file():
         raise FileNotFoundError(f"--config {path} does not exist")
-    config = config_from_dict(json.loads(path.read_text()))
+    payload = read_json_file(path, "--config")
+    if not (isinstance(payload, dict) and isinstance(payload.get("type"), str)
+            and isinstance(payload.get("data"), dict)):
+        raise ValueError(f"--config {path} is not a tadq config: expected an object with \"type\", \"version\" and "
+                         "\"data\" (write one with tadq.config.config_to_dict)")
+    try:
+        config = config_from_dict(payload)
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise ValueError(f"--config {path}: {error}; compare with tadq.config.config_to_dict(QuantConfig())"
+                         ) from error
     if not isinstance(config, QuantConfig):
         raise ValueError(f"--config {path} holds a {type(config).__name__}; expected a QuantConfig")
     return config
@@ -220,7 +231,10 @@ def quantize_command(
     cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
     checkpoint: Annotated[Path | None, typer.Option(
         help="Reconstruction checkpoint file (qdiffusion): written after every unit, resumed from.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing artefact in --out.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace an existing tadq artefact in --out (never a folder tadq did not write; see --force-foreign).")
+    ] = False,
+    force_foreign: ForceForeign = False,
     seed: Annotated[int, typer.Option(help="Seed of torch's global generator (calibration uses --calib-seed).")] = 0,
     threads: Threads = 0,
     device: Device = "cpu",
@@ -230,8 +244,9 @@ def quantize_command(
     """Quantize a model as a recipe says (calibrated on its own FP trajectories, corrections fitted for the
     deployment sampler) and save the artefact with its recipe; prints artefact vs FP size."""
     from tadq.api import quantize
+    from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
     from tadq.io import save_quantized
-    from tadq.models import load_pipeline_parts
+    from tadq.models import load_pipeline_parts, shipped_model_path
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
@@ -244,13 +259,17 @@ def quantize_command(
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
         recipe = resolve_recipe(recipe_file, config_file, flags, parse_settings(set_fields))
-        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-            raise ValueError(f"--out {out} already exists and is not empty; choose a new folder or pass --overwrite")
+        source = model_dir if model_dir is not None else shipped_model_path()
+        # every path first: a refused --out or an unwritable cache must not cost a whole quantization
+        check_output_dir(out, overwrite=overwrite, force_foreign=force_foreign, inputs=[source])
+        check_writable_dir(cache_dir, "--cache-dir")
+        if checkpoint is not None:
+            check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
         torch.manual_seed(seed)
         model, scheduler = load_pipeline_parts(model_dir)
         qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint, device=torch_device,
                           dtype=torch_dtype)
-        size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite)
+        size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite, force_foreign=force_foreign)
     quantized = sum(plan.quantized for plan in qmodel.plans)
     stack = " + ".join(type(c).__name__.removesuffix("Config") for c in recipe.corrections) or "no corrections"
     console.print(f"saved {out}: {recipe.label} {type(recipe.method).__name__.removesuffix('Method')}, {stack} "

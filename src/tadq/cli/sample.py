@@ -81,8 +81,10 @@ def sample_command(
     steps: Steps = None,
     eta: Eta = None,
     batch_size: Annotated[int, typer.Option(help="Samples per denoiser call (speed only).")] = 128,
-    out: Annotated[Path, typer.Option(help="PNG grid of the samples.")] = Path("samples.png"),
-    tensor_out: Annotated[Path | None, typer.Option(help="Also save the samples (N, C, H, W) as a .pt file.")] = None,
+    out: Annotated[Path, typer.Option(help="PNG file of the sample grid (must end in .png).")] = Path("samples.png"),
+    tensor_out: Annotated[Path | None, typer.Option(
+        help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle).")
+    ] = None,
     threads: Threads = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -96,22 +98,29 @@ def sample_command(
     from tadq.api import sample
     from tadq.config import config_to_dict
     from tadq.device import place_model
+    from tadq.fsguard import check_output_file
     from tadq.methods import check_sampler
+    from tadq.models import shipped_model_path
     from tadq.report import save_comparison_grid
-    from tadq.utils import atomic_torch_save
+    from tadq.safefiles import require_finite, save_checked
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        source = model_dir if model_dir is not None else shipped_model_path()
+        check_output_file(out, what="--out", suffixes=(".png",), inputs=[source])  # before sampling, not after
+        if tensor_out is not None:
+            check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source])
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         denoiser, scheduler, label = load_denoiser(model_dir, backend)
         check_sampler(denoiser, sampler_config, str(model_dir))
         denoiser = place_model(denoiser, torch_device, torch_dtype)
         result = sample(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
                         batch_size=batch_size)
-    save_comparison_grid({f"{label} · {sampler_config.key} · seed {seed}": result.images}, out)
-    console.print(f"wrote {out} ({num_samples} samples, {label})")
+        require_finite(result.images, f"the samples of {model_dir or 'the shipped model'}")
+        written = save_comparison_grid({f"{label} · {sampler_config.key} · seed {seed}": result.images}, out)
+    console.print(f"wrote {written} ({num_samples} samples, {label})")
     if tensor_out is not None:
-        atomic_torch_save({"images": result.images, "indices": result.indices, "seed": seed,
-                           "sampler": config_to_dict(sampler_config), "model": str(model_dir or "shipped")},
-                          tensor_out)
+        save_checked({"images": result.images, "indices": result.indices},
+                     {"seed": seed, "sampler": config_to_dict(sampler_config), "model": str(model_dir or "shipped")},
+                     tensor_out)
         console.print(f"wrote {tensor_out}")

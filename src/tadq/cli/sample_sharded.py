@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Eta, SamplerKind, Steps, Threads, Verbose, load_denoiser
 
 __all__ = ["sample_sharded_command"]
@@ -56,6 +56,7 @@ def sample_sharded_command(
         help="Store every state in the chunks (per-step MSE against a reference that did the same).")] = False,
     assemble: Annotated[bool, typer.Option("--assemble/--no-assemble",
                                            help="Write samples.pt with all images (rank 0).")] = True,
+    force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Annotated[str, typer.Option(help="auto (cuda:LOCAL_RANK when CUDA is available), cpu or cuda.")
                       ] = "auto",
@@ -63,6 +64,8 @@ def sample_sharded_command(
 ) -> None:
     """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics."""
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
+    from tadq.fsguard import check_output_dir
+    from tadq.models import shipped_model_path
     from tadq.sampling import SamplerConfig
     from tadq.utils import atomic_write_json
 
@@ -73,6 +76,8 @@ def sample_sharded_command(
         if not world.is_main:
             logging.getLogger("tadq").setLevel(logging.WARNING)
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        check_output_dir(out_dir, resume=True, force_foreign=force_foreign,
+                         inputs=[model_dir if model_dir is not None else shipped_model_path()])
         reference = ShardedRun.open(reference_dir) if reference_dir is not None else None
         denoiser, scheduler, label = load_denoiser(model_dir)
         report = sample_sharded(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import typer
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 
 zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digits DDPM, digit classifier).")
 
@@ -25,12 +25,15 @@ def train_command(
     resolution: int = typer.Option(16, help="Image side: 8, 16 or 32."),
     threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    force_foreign: ForceForeign = False,
 ) -> None:
     """Train the digits DDPM; resumes from the checkpoint in --out if interrupted."""
+    from tadq.fsguard import check_output_dir
     from tadq.zoo.train import TrainConfig, train_digits_ddpm
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
+        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before hours of training
         config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                              resolution=resolution)
         command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -46,12 +49,15 @@ def train_classifier_command(
     resolution: int = typer.Option(16, help="Image side: 8, 16 or 32."),
     threads: int = typer.Option(1, help="torch CPU threads."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    force_foreign: ForceForeign = False,
 ) -> None:
     """Train the digit classifier whose penultimate features define FD-digits."""
+    from tadq.fsguard import check_output_dir
     from tadq.metrics.classifier import ClassifierTrainConfig, train_digit_classifier
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
+        check_output_dir(out, resume=True, force_foreign=force_foreign)
         config = ClassifierTrainConfig(epochs=epochs, seed=seed, resolution=resolution)
         command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         info = train_digit_classifier(config, out, command=command)

@@ -29,6 +29,7 @@ from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
+from tadq.fsguard import mark_output
 from tadq.safefiles import DamagedFileError, load_checked, save_checked
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
@@ -164,6 +165,7 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
     model, scheduler = load_pipeline_parts(config.model)  # fails before anything is written
     out = Path(config.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    mark_output(out, "run")  # a later run may refill it (the CLI refuses folders without the marker)
     adapter = adapter_for(model)
     fingerprint = model_fingerprint(model)
     logger.info("collecting timestep-aware calibration data (seed %d)", config.calibration.seed)

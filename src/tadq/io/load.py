@@ -167,6 +167,9 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: the artefact is incomplete, save it again")
     saved_map = read_json_file(path / QUANT_MAP_FILE, "quantization map")
+    if not isinstance(saved_map, dict):
+        raise ValueError(f"{path / QUANT_MAP_FILE} holds a JSON {type(saved_map).__name__}, not an object; save the "
+                         "artefact again")
     if saved_map != json.loads(json.dumps(qmodel.quantization_map())):
         differing = sorted(k for k in set(saved_map) | set(qmodel.quantization_map())
                            if saved_map.get(k) != qmodel.quantization_map().get(k))

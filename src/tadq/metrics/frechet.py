@@ -71,6 +71,10 @@ def _check_images(images: Tensor, name: str) -> None:
         raise ValueError(f"{name} must be grey images (N, 1, H, W) in [-1, 1], got shape {tuple(images.shape)}")
     if len(images) < 2:
         raise ValueError(f"{name} needs at least 2 images for a covariance, got {len(images)}")
+    finite = torch.isfinite(images.flatten(1)).all(dim=1)
+    if not bool(finite.all()):  # scipy's sqrtm spins for minutes on NaN covariances before it fails
+        raise ValueError(f"{name}: {int((~finite).sum())} of {len(images)} images hold NaN or Inf; the model "
+                         "produced non-finite samples, so no distance can be computed")
 
 
 def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int = 256) -> Tensor:

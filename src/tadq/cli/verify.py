@@ -1,0 +1,75 @@
+"""``tadq verify ARTEFACT``: is this artefact exactly what tadq saved, and do its tables fit its config?
+
+Checks, in order: every file against the SHA-256 manifest (nothing missing, changed or added), the structure
+rebuilt from the config against the saved weights, finite weights, and every correction table's key (fitted,
+for this model's bit label, tables as long as their sampler's steps). Exit 0 when all hold, 1 when the artefact
+is damaged or inconsistent, 2 for a path that is not an artefact.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.sample import Verbose
+
+__all__ = ["verify_command", "check_tables"]
+
+
+def check_tables(qmodel) -> list[str]:
+    """One line per keyed correction; raises ``ValueError`` naming the first table that does not fit the model."""
+    lines = []
+    for position, member in enumerate(qmodel.corrections):
+        name = f"correction {position} ({type(member).__name__})"
+        if not member.keyed:
+            lines.append(f"{name}: structural, no tables")
+            continue
+        if not member.fitted:
+            raise ValueError(f"{name} is not fitted: its tables are missing; save the artefact again")
+        key = member.table_key
+        member.check_model(qmodel.config.label)  # the bit label the tables were fitted on
+        lengths = {buffer_name: int(buffer.shape[0]) for buffer_name, buffer in member.named_buffers(recurse=False)
+                   if buffer.ndim >= 1}
+        wrong = {k: v for k, v in lengths.items() if v != key.num_steps}
+        if wrong:
+            raise ValueError(f"{name}: tables {sorted(wrong)} have {sorted(set(wrong.values()))} rows, but the key "
+                             f"says {key.num_steps} steps ({key.sampler_key}); save the artefact again")
+        clip = "clip unrecorded" if not key.clip_recorded else (
+            "no x̂₀ clipping" if key.clip_sample_range is None else f"x̂₀ clipped to ±{key.clip_sample_range}")
+        lines.append(f"{name}: {key.bits}, {key.sampler_key}, guidance {key.guidance_scale}, {clip}")
+    return lines
+
+
+def verify_command(
+    artefact: Annotated[Path, typer.Argument(help="A tadq artefact folder (`tadq quantize --out`).")],
+    verbose: Verbose = False,
+) -> None:
+    """Check an artefact's files against its manifest, its weights against its config, its tables against both."""
+    from tadq.io import is_quantized_artefact, load_quantized
+    from tadq.io.manifest import MANIFEST_FILE, verify_manifest
+
+    setup(verbose, 0, "cpu")
+    with fail_cleanly():
+        if not artefact.is_dir():
+            raise FileNotFoundError(f"{artefact} is not a folder")
+        if not is_quantized_artefact(artefact):
+            raise ValueError(f"{artefact} is not a tadq artefact (no tadq_config.json)")
+    try:
+        manifest = verify_manifest(artefact, allow_extra=False)
+        qmodel, _ = load_quantized(artefact)
+        tables = check_tables(qmodel)
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        if verbose:
+            console.print_exception()
+        console.print(f"FAILED {artefact}: {' '.join(str(error).split())}", markup=False, soft_wrap=True)
+        raise typer.Exit(code=1) from error
+    files = "files match the manifest" if manifest else f"no {MANIFEST_FILE} (older artefact): files NOT checked"
+    console.print(f"OK {artefact}: {files}; structure and finite weights load; "
+                  f"{qmodel.config.label} {qmodel.config.method}", markup=False, soft_wrap=True)
+    for line in tables:
+        console.print(f"  {line}", markup=False, soft_wrap=True)
+    if not manifest:
+        raise typer.Exit(code=1)
