@@ -16,6 +16,7 @@ from tadq.experiments.rows.base import (
     row_for,
 )
 from tadq.experiments.rows.builtin import method_config
+from tadq.experiments.rows.recipes import recipes_for_row, shipped_recipes
 
 __all__ = ["BaseModels", "MethodBuilder", "Variant", "method_config", "method_label", "method_names",
-    "register_method", "row_for"]
+    "recipes_for_row", "register_method", "row_for", "shipped_recipes"]

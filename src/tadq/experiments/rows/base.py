@@ -22,6 +22,8 @@ from tadq.api import quantize
 from tadq.config import QuantConfig, config_to_dict
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io import load_quantized, save_quantized
+from tadq.recipe import Recipe
+from tadq.tfmq import TFMQMethod, tfmq_tag
 from tadq.utils import atomic_write_json
 
 if TYPE_CHECKING:
@@ -49,12 +51,17 @@ class BaseModels:
         self.model, self.scheduler, self.calibration = model, scheduler, calibration
         self.fingerprint, self.folder = fingerprint, folder
 
-    def get(self, quant_config: QuantConfig,
-            build: Callable[[], QuantizedDenoiser] | None = None, tag: str = "") -> QuantizedDenoiser:
-        """The model of ``quant_config``: loaded from disk, or built (``build``, default ``tadq.quantize``) and saved.
+    def get(self, spec: Recipe | QuantConfig, build: Callable[[], QuantizedDenoiser] | None = None, tag: str = "",
+            cache_dir: str | None = None) -> QuantizedDenoiser:
+        """The model of ``spec`` (a base recipe, or a bare ``QuantConfig``): loaded from disk, or built (``build``,
+        default ``tadq.quantize``) and saved.
 
-        ``tag`` names a different construction of the same ``QuantConfig`` (e.g. ``"tfmq-…"``); it enters the key.
+        ``tag`` names a different construction of the same ``QuantConfig`` (a TFMQ recipe tags itself with
+        ``tfmq_tag``); it enters the key.
         """
+        quant_config = spec.quant_config() if isinstance(spec, Recipe) else spec
+        if isinstance(spec, Recipe) and isinstance(spec.method, TFMQMethod) and not tag:
+            tag = tfmq_tag(spec.method.tfmq)
         fields = {"model": self.fingerprint, "quant": config_to_dict(quant_config),
                   "calibration": self.calibration.key}
         if tag:
@@ -70,7 +77,7 @@ class BaseModels:
             return qmodel
         t0 = time.perf_counter()
         if build is None:
-            qmodel = quantize(self.model, self.scheduler, quant_config, calibration=self.calibration,
+            qmodel = quantize(self.model, self.scheduler, spec, calibration=self.calibration, cache_dir=cache_dir,
                               checkpoint=self.folder / f"recon-{key}.pt")
         else:
             qmodel = build()

@@ -1,0 +1,120 @@
+"""The rows of ``tadq run`` as data: row name → ``Recipe`` (the same objects ``recipes/*.json`` ship).
+
+A row's recipe holds everything its model is: the method (naive, Q-Diffusion, TFMQ-DM variant), the preset, the
+run's calibration and reconstruction settings, the deployment sampler and the correction stack. ``base_recipe``
+names the network a row shares with other rows (kept on disk by ``BaseModels``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
+from tadq.recipe_presets import correction_configs
+from tadq.sampling import SamplerConfig
+from tadq.tfmq import TFMQConfig, TFMQMethod
+
+if TYPE_CHECKING:
+    from tadq.experiments.run import RunConfig
+
+__all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "RECIPE_ROWS", "recipes_for_row", "base_recipe", "shipped_recipes",
+           "recipe_stem", "tfmq_config"]
+
+# row → correction names on the Q-Diffusion base, in application order
+CORRECTION_ROWS: dict[str, tuple[str, ...]] = {
+    "ptqd": ("ptqd",), "ibc": ("ibc",), "ner": ("ner",), "tac": ("tac",), "tcec": ("tcec",),
+    "tac+tcec": ("tac", "tcec"),
+}
+# TFMQ rows: row → (weights it starts from, TFMQConfig changes, corrections on top); tiar and qdiffusion+ are ablations
+NO_TIAR: dict[str, Any] = {"tiar": False, "freeze_time_projections": False}  # what Q-Diffusion weights were built with
+TFMQ_ROWS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "tfmq": ("tfmq", {}, ()),
+    "tfmq-model": ("tfmq", {"fsc": "model"}, ()),
+    "tfmq-cache": ("tfmq", {"maintenance": "cache_fp"}, ()),
+    "tfmq-select": ("tfmq", {"maintenance": "select"}, ()),
+    "tfmq-tiar": ("tfmq", {"fsc": "off"}, ()),
+    "qdiffusion+fsc": ("qdiffusion", {}, ()),
+    "qdiffusion+fsc-model": ("qdiffusion", {"fsc": "model"}, ()),
+    "qdiffusion+cache": ("qdiffusion", {"fsc": "off", "maintenance": "cache_fp"}, ()),
+    "tfmq+ptqd": ("tfmq", {}, ("ptqd",)),
+    "tfmq+tac": ("tfmq", {}, ("tac",)),
+    "tfmq+tac+tcec": ("tfmq", {}, ("tac", "tcec")),
+}
+RECIPE_ROWS: tuple[str, ...] = ("naive", "qdiffusion", *CORRECTION_ROWS, *TFMQ_ROWS)
+
+
+def recipe_stem(row: str) -> str:
+    """The recipe name of a row: correction rows name their base (``qdiffusion+tac``), other rows themselves."""
+    return f"qdiffusion+{row}" if row in CORRECTION_ROWS else row
+
+
+def tfmq_config(calibration: CalibrationConfig) -> TFMQConfig:
+    """The ``tfmq`` row's settings: defaults; model-wide FSC reads the run's calibration trajectories (same count,
+    seed and inputs per step as the base calibration, but every step of the grid)."""
+    return TFMQConfig(num_samples=calibration.num_trajectories, seed=calibration.seed,
+                      fsc_samples_per_step=calibration.samples_per_step)
+
+
+def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconstruction: ReconstructionConfig,
+            sampler: SamplerConfig) -> Recipe:
+    fields: dict[str, Any] = {"calibration": calibration, "deployments": (Deployment(sampler),),
+                              "name": f"{recipe_stem(name)}-{preset_name.upper()}"}
+    if name == "naive":
+        return Recipe.from_preset(preset_name, method=NaiveMethod(), **fields)
+    qdiffusion = {"split_shortcut": True, "quantize_attention": True, **fields}
+    if name == "qdiffusion":
+        return Recipe.from_preset(preset_name, method=QDiffusionMethod(reconstruction), **qdiffusion)
+    if name in CORRECTION_ROWS:
+        corrections = correction_configs(CORRECTION_ROWS[name], calibration.seed)
+        return Recipe.from_preset(preset_name, method=QDiffusionMethod(reconstruction), corrections=corrections,
+                                  **qdiffusion)
+    if name in TFMQ_ROWS:
+        weights, changes, corrections = TFMQ_ROWS[name]
+        settings = dataclasses.replace(tfmq_config(calibration), **(NO_TIAR if weights == "qdiffusion" else {}),
+                                       **changes)
+        return Recipe.from_preset(preset_name, method=TFMQMethod(reconstruction=reconstruction, tfmq=settings),
+                                  corrections=correction_configs(corrections, calibration.seed), **qdiffusion)
+    raise ValueError(f"row {name!r} has no recipe; rows with recipes: {list(RECIPE_ROWS)}")
+
+
+def recipes_for_row(name: str, preset_name: str, config: RunConfig) -> Recipe:
+    """The recipe of row ``name`` at ``preset_name`` under the run's calibration, reconstruction and sampler."""
+    return _recipe(name, preset_name, config.calibration, config.reconstruction, config.sampler)
+
+
+def base_recipe(recipe: Recipe, name: str) -> Recipe:
+    """The recipe of the network row ``name`` is built on (what ``BaseModels`` keeps on disk and shares)."""
+    if name in TFMQ_ROWS:
+        weights = TFMQ_ROWS[name][0]
+        if weights == "qdiffusion":
+            return dataclasses.replace(recipe.base(), method=QDiffusionMethod(recipe.method.reconstruction))
+        return dataclasses.replace(recipe.base(),
+                                   method=dataclasses.replace(recipe.method, tfmq=tfmq_config(recipe.calibration)))
+    return recipe.base()
+
+
+# (rows, presets, η) of every table the README reports (main table, TFMQ table, stochastic-sampler table)
+README_TABLES: tuple[tuple[tuple[str, ...], tuple[str, ...], float], ...] = (
+    (("naive", "qdiffusion", "ptqd"), ("W8A8", "W4A8", "W4A4"), 0.0),
+    (("tac", "tcec", "ibc", "ner", "tac+tcec"), ("W4A8", "W4A4"), 0.0),
+    (("tfmq", "tfmq-model", "tfmq-cache", "tfmq-select", "tfmq+ptqd"), ("W4A8",), 0.0),
+    (("naive", "qdiffusion", "ptqd"), ("W4A8", "W4A4"), 1.0),
+)
+
+
+def shipped_recipes() -> dict[str, Recipe]:
+    """File name → recipe of every README row, with ``tadq run``'s defaults (DDIM 50, 256 calibration
+    trajectories, seed 0, the default reconstruction): what ``recipes/`` holds."""
+    recipes: dict[str, Recipe] = {}
+    for rows, presets, eta in README_TABLES:
+        sampler = SamplerConfig(kind="ddim", num_steps=50, eta=eta)
+        calibration = CalibrationConfig(sampler=sampler)
+        for row in rows:
+            for preset_name in presets:
+                suffix = "" if eta == 0.0 else f"-eta{eta:g}"
+                recipe = _recipe(row, preset_name, calibration, ReconstructionConfig(), sampler)
+                recipe = dataclasses.replace(recipe, name=recipe.name + suffix)
+                recipes[f"{recipe.name}.json"] = recipe
+    return recipes

@@ -1,0 +1,121 @@
+"""``tadq quantize --recipe`` and the flags for the common cases: a complete artefact that samples bit-identically
+in another process, and sample/evaluate refusing a sampler its tables were not fitted for."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+from tadq.cli.quantize import QuantFlags, parse_settings, resolve_recipe
+from tadq.io.load import read_recipe
+from tadq.recipe import load_recipe
+
+runner = CliRunner()
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+TINY = ["--steps", "4", "--calib-trajectories", "8", "--set", "calibration.num_steps_kept=2",
+        "--set", "calibration.samples_per_step=4", "--set", "calibration.batch_size=8"]
+TINY_RECON = ["--set", "method.reconstruction.weight_iters=2", "--set", "method.reconstruction.activation_iters=2"]
+
+
+def _tiny_corrections(count: int) -> list[str]:
+    items = []
+    for index in range(count):
+        items += ["--set", f"corrections.{index}.num_samples=8"]
+    return items
+
+
+def _flat(output: str) -> str:
+    """The output on one line, without the boxes rich draws around usage errors."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def _sample_in_subprocess(artefact: Path, out: Path) -> torch.Tensor:
+    src = Path(__file__).resolve().parents[2] / "src"
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    command = [sys.executable, "-m", "tadq.cli.app", "sample", str(artefact), "--num-samples", "3", "--seed", "5",
+               "--threads", "1", "--out", str(out / "s.png"), "--tensor-out", str(out / "s.pt")]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return torch.load(out / "s.pt")["images"]
+
+
+@pytest.mark.parametrize(("recipe", "extra"), [
+    ("qdiffusion+tac+tcec-W4A8.json", [*TINY_RECON, *_tiny_corrections(2),
+                                       "--set", "corrections.1.selection_samples=4"]),
+    ("tfmq+ptqd-W4A8.json", [*TINY_RECON, *_tiny_corrections(1), "--set", "method.tfmq.tiar_iters=2",
+                             "--set", "method.tfmq.num_samples=8", "--set", "method.tfmq.fsc_samples_per_step=4"]),
+])
+def test_shipped_recipe_quantizes_to_an_artefact_that_samples_identically_elsewhere(tmp_path, tiny_model_dir,
+                                                                                     recipe, extra):
+    import tadq
+
+    out = tmp_path / "art"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--recipe", str(RECIPES / recipe), "--out",
+                                 str(out), "--cache-dir", str(tmp_path / "cache"), *TINY, *extra])
+    assert result.exit_code == 0, result.output
+    saved = read_recipe(out)
+    expected = load_recipe(RECIPES / recipe)
+    assert saved.name == expected.name and saved.corrections[0].num_samples == 8
+    assert type(saved.method) is type(expected.method) and saved.sampler.num_steps == 4
+
+    qmodel, scheduler = tadq.load(out)
+    assert qmodel.recipe == saved and len(qmodel.corrections) == len(saved.corrections) + (recipe[:4] == "tfmq")
+    here = tadq.sample(qmodel, scheduler, saved.sampler, num_samples=3, seed=5, progress=False).images
+    assert torch.equal(here, _sample_in_subprocess(out, tmp_path))  # recipe's sampler is the default there
+
+    result = runner.invoke(app, ["sample", str(out), "--steps", "5", "--out", str(tmp_path / "x.png")])
+    assert result.exit_code == 2 and "fitted for ddim-4-eta0.0, not ddim-5-eta0.0" in _flat(result.output)
+    assert not (tmp_path / "x.png").exists()
+    result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--eta", "0.5"])
+    assert result.exit_code == 2 and "not ddim-4-eta0.5" in _flat(result.output)
+
+
+def test_flags_build_the_recipe(tmp_path):
+    flags = QuantFlags(preset="w4a4", method="qdiffusion", steps=10, eta=0.5, correct=("tac", "tcec"),
+                       calib_seed=3, recon_iters=7)
+    recipe = resolve_recipe(None, None, flags, parse_settings(["corrections.0.num_samples=32", "name=mine"]))
+    assert (recipe.label, type(recipe.method).__name__, recipe.method.reconstruction.weight_iters) == (
+        "W4A4", "QDiffusionMethod", 7)
+    assert recipe.sampler.key == "ddim-10-eta0.5" == recipe.calibration.sampler.key
+    assert [type(c).__name__ for c in recipe.corrections] == ["TACConfig", "TCECConfig"]
+    assert [c.seed for c in recipe.corrections] == [3, 3] and recipe.corrections[0].num_samples == 32
+    assert recipe.name == "mine"
+    from_file = resolve_recipe(RECIPES / "qdiffusion+ptqd-W8A8.json", None, QuantFlags(preset="W4A8"))
+    assert from_file.label == "W4A8" and type(from_file.corrections[0]).__name__ == "PTQDConfig"
+    assert type(resolve_recipe(None, None, QuantFlags(method="tfmq")).method).__name__ == "TFMQMethod"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--correct", "magic"], "unknown corrections ['magic']"),
+    (["--method", "naive", "--recon-iters", "3"], "apply to --method qdiffusion or tfmq"),
+    (["--set", "method.nope=1"], "NaiveMethod has no field 'nope'"),
+    (["--set", "novalue"], "FIELD.PATH=VALUE"),
+    (["--recipe", "r.json", "--config", "c.json"], "not both"),
+    (["--device", "cuda:7"], "cuda"),
+    (["--device", "tpu"], "tpu"),
+    (["--dtype", "float8"], "float8"),
+])
+def test_bad_recipe_input_is_refused_before_any_work(tmp_path, tiny_model_dir, args, message):
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--out", str(out), *args])
+    assert result.exit_code == 2, result.output
+    assert message in _flat(result.output)
+    assert not out.exists()
+
+
+def test_recipe_file_with_an_unknown_field_is_refused(tmp_path, tiny_model_dir):
+    payload = json.loads((RECIPES / "naive-W8A8.json").read_text())
+    payload["data"]["calibration"]["data"]["trajectories"] = 3
+    (tmp_path / "r.json").write_text(json.dumps(payload))
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--recipe", str(tmp_path / "r.json"), "--out",
+                                 str(tmp_path / "q")])
+    assert result.exit_code == 2
+    assert "Recipe.calibration: CalibrationConfig has no fields ['trajectories']" in _flat(result.output)

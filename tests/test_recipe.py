@@ -1,0 +1,106 @@
+"""The recipe: JSON form, validation with the place named, overrides, and the shipped recipes/ files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig, config_to_dict
+from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
+from tadq.experiments.rows.recipes import shipped_recipes
+from tadq.recipe import (
+    Deployment,
+    NaiveMethod,
+    QDiffusionMethod,
+    Recipe,
+    load_recipe,
+    override_recipe,
+    recipe_from_dict,
+)
+from tadq.sampling import SamplerConfig
+from tadq.tfmq import TFMQConfig, TFMQMethod
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _recipe(**fields) -> Recipe:
+    return Recipe.from_preset("W4A8", method=QDiffusionMethod(), corrections=(TACConfig(), TCECConfig()), **fields)
+
+
+def test_recipe_survives_json():
+    for recipe in (_recipe(), Recipe(), Recipe.from_preset("W4A4", method=TFMQMethod(tfmq=TFMQConfig(fsc="model")),
+                                                           corrections=(PTQDConfig(seed=3),))):
+        assert recipe_from_dict(json.loads(json.dumps(config_to_dict(recipe)))) == recipe
+
+
+def test_quant_config_view_and_back():
+    recipe = _recipe(split_shortcut=True, keep_fp_roles=("input_conv",))
+    config = recipe.quant_config()
+    assert (config.method, config.label, config.split_shortcut, config.keep_fp_roles) == (
+        "qdiffusion", "W4A8", True, ("input_conv",))
+    assert Recipe.from_quant_config(config).quant_config() == config
+    assert recipe.base().corrections == () and recipe.base().quant_config() == config
+    assert isinstance(Recipe.from_quant_config(QuantConfig()).method, NaiveMethod)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["data"].update(bogus=1), r"Recipe has no fields \['bogus'\]"),
+    (lambda d: d.update(version=2), "Recipe version 2 is newer"),
+    (lambda d: d["data"]["method"]["data"]["reconstruction"]["data"].update(iters=3),
+     r"Recipe.method.reconstruction: ReconstructionConfig has no fields \['iters'\]"),
+    (lambda d: d["data"]["corrections"][1].update(version=9), r"Recipe.corrections\[1\]: TCECConfig version 9"),
+    (lambda d: d["data"]["method"].update(type="Magic"), "Recipe.method: unknown config type 'Magic'"),
+])
+def test_bad_recipe_names_the_place(change, message):
+    payload = json.loads(json.dumps(config_to_dict(_recipe())))
+    change(payload)
+    with pytest.raises(ValueError, match=message):
+        recipe_from_dict(payload)
+
+
+def test_recipe_validates_itself():
+    other = SamplerConfig(kind="ddim", num_steps=10)
+    with pytest.raises(ValueError, match="calibration.sampler"):
+        _recipe(deployments=(Deployment(other),))
+    with pytest.raises(ValueError, match="one recipe per deployment"):
+        _recipe(deployments=(Deployment(), Deployment(other)))
+    with pytest.raises(ValueError, match="TFMQ is a quantization method"):
+        Recipe(corrections=(TFMQConfig(),))
+    with pytest.raises(ValueError, match="not a registered quantization method"):
+        Recipe(method=ReconstructionConfig())
+    with pytest.raises(ValueError, match="guidance_scale"):
+        Deployment(guidance_scale=-1.0)
+    with pytest.raises(ValueError, match="per_tensor"):
+        Recipe.from_preset("W8A8", activations=Recipe().weights)
+
+
+def test_override_by_dotted_path():
+    recipe = override_recipe(_recipe(), {"method.reconstruction.weight_iters": 2, "corrections.1.num_samples": 8,
+                                         "keep_fp_roles": ["output_conv"]})
+    assert recipe.method.reconstruction.weight_iters == 2 and recipe.corrections[1].num_samples == 8
+    assert recipe.keep_fp_roles == ("output_conv",)
+    with pytest.raises(ValueError, match="ReconstructionConfig has no field 'iters'"):
+        override_recipe(recipe, {"method.reconstruction.iters": 2})
+    with pytest.raises(ValueError, match="not an index"):
+        override_recipe(recipe, {"corrections.5.seed": 1})
+
+
+def test_every_shipped_recipe_parses_validates_and_matches_its_row():
+    files = sorted(RECIPES.glob("*.json"))
+    expected = shipped_recipes()
+    assert [f.name for f in files] == sorted(expected), "recipes/ and the README rows disagree"
+    for file in files:
+        recipe = load_recipe(file)
+        assert recipe == expected[file.name], f"{file.name} differs from its row's recipe; regenerate recipes/"
+        assert recipe.name == file.stem
+        assert recipe.calibration == CalibrationConfig(sampler=recipe.sampler)
+
+
+def test_load_recipe_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_recipe(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text(json.dumps(config_to_dict(QuantConfig())))
+    with pytest.raises(ValueError, match="bad.json holds a 'QuantConfig', not a Recipe"):
+        load_recipe(tmp_path / "bad.json")
