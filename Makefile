@@ -33,6 +33,10 @@ bench-report: $(STAMP)
 bench-perf: $(STAMP)
 	$(BIN)/python benchmarks/perf.py --threads 1
 
+.PHONY: bench-speed
+bench-speed: $(STAMP)   # FP fp32/bf16 vs fake-quant vs int8 on the shipped model (docs/backends.md)
+	$(BIN)/python benchmarks/speed.py --threads 1
+
 quality: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 

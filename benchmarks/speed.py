@@ -1,0 +1,261 @@
+"""Speed of integer execution: FP float32, FP bfloat16, fake-quant and int8 on the shipped model, in ONE run.
+
+Measured per variant, interleaved (round-robin, so machine load hits every variant alike): denoiser latency at batch
+1/16/64 (median of the repeats), full DDIM-50 sampling throughput, weights held in memory, peak RSS of a fresh
+process that loads the model and runs one batch-64 call, load time, artefact size, and agreement (PSNR) of integer
+vs fake-quant samples from the same noise, and of each vs FP. The CPU capability line is printed with the table.
+Run (docs/backends.md has the numbers):
+
+    python benchmarks/speed.py --threads 1 [--presets W8A8,W4A8] [--samples 64] [--out runs/bench-speed]
+    python benchmarks/speed.py --threads 1 --kernels     # the per-layer kernel comparison behind the choice
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import tadq
+from tadq.backends import cpu_summary, held_weight_bytes
+from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear
+from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear
+from tadq.io import load_quantized
+from tadq.metrics.image import psnr_per_sample
+from tadq.models import load_pipeline_parts, shipped_model_path
+from tadq.quant import preset as preset_schemes
+from tadq.quant import quantize_module
+from tadq.sampling import SamplerConfig
+
+BATCHES = (1, 16, 64)
+REPEATS = {1: 15, 16: 7, 64: 5}
+SAMPLER = SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
+
+
+def _lscpu_flags() -> str:
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "lscpu unavailable"
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), [])
+    wanted = [f for f in flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2"))]
+    return f"{model}; flags: {' '.join(sorted(wanted))}"
+
+
+def _call(model, fp: bool, dtype: torch.dtype):
+    """x, t → ε for either kind of model (a diffusers FP model, or a QuantizedDenoiser)."""
+    if fp:
+        return lambda x, t: model(x.to(dtype), t).sample
+    return lambda x, t: model(x, t)
+
+
+def _latency(variants: dict, generator: torch.Generator) -> dict[str, dict[int, float]]:
+    """Median seconds per denoiser call at each batch, variants interleaved within every repeat."""
+    times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in variants}
+    with torch.no_grad():
+        for batch in BATCHES:
+            x = torch.randn(batch, 1, 16, 16, generator=generator)
+            t = torch.randint(0, 1000, (batch,), generator=generator)
+            for call in variants.values():
+                call(x, t)  # warm-up (oneDNN primitive creation)
+            for _ in range(REPEATS[batch]):
+                for name, call in variants.items():
+                    start = time.perf_counter()
+                    call(x, t)
+                    times[name][batch].append(time.perf_counter() - start)
+    return {name: {b: statistics.median(v) for b, v in per.items()} for name, per in times.items()}
+
+
+def _memory_probe(kind: str, path: str, threads: int) -> None:
+    """Child process: load one variant, run one batch-64 call, print peak RSS (bytes) and load seconds."""
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    if kind in ("fp32", "bf16"):
+        model, _ = load_pipeline_parts(None)
+        model = model.to(torch.bfloat16) if kind == "bf16" else model
+        call = _call(model, True, torch.bfloat16 if kind == "bf16" else torch.float32)
+    else:
+        model, _ = load_quantized(path, backend=kind)
+        call = _call(model, False, torch.float32)
+    load_s = time.perf_counter() - start
+    with torch.no_grad():
+        call(torch.randn(64, 1, 16, 16), torch.full((64,), 500))
+    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "load_s": load_s,
+                      "held": held_weight_bytes(model)}))
+
+
+def _probe(kind: str, path: str, threads: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--probe", kind, path, "--threads", str(threads)],
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _sampling(variants: dict, models: dict, scheduler, samples: int) -> tuple[dict, dict]:
+    """Seconds for DDIM-50 over ``samples`` samples (one batch) and the images, same noise for every variant."""
+    seconds, images = {}, {}
+    for name in variants:
+        start = time.perf_counter()
+        result = tadq.sample(models[name], scheduler, SAMPLER, num_samples=samples, seed=1000, batch_size=samples,
+                             progress=False)
+        seconds[name], images[name] = time.perf_counter() - start, result.images.float()
+    return seconds, images
+
+
+def _kib(size: int | None) -> str:
+    return "–" if size is None else f"{size / 1024:.0f}"
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _candidates(name: str, module: nn.Module, x: torch.Tensor) -> dict:
+    """The five implementations of one FP layer at input ``x`` (W8A8 grids; the input range from ``x``)."""
+    weights, activations = preset_schemes("W8A8")
+    fake = quantize_module(module, weights, activations)
+    fake.input_quantizer.set_range(x.min().reshape(1), x.max().reshape(1))
+    conv = isinstance(module, nn.Conv2d)
+    onednn = (OneDNNConv2d if conv else OneDNNLinear)(fake, name)
+    int_mm = (IntMMConv2d if conv else IntMMLinear)(fake, name)
+    low, xb = copy.deepcopy(module).to(torch.bfloat16), x.bfloat16()
+    return {"fp32": lambda: module(x), "bf16": lambda: low(xb), "fake": lambda: fake(x),
+            "onednn": lambda: onednn(x), "int_mm": lambda: int_mm(x)}
+
+
+def kernel_table(model: nn.Module) -> str:
+    """Every conv/linear of ``model`` at its real input shape, per candidate implementation, summed per forward.
+
+    Candidates: float32 and bfloat16 (the FP baselines), the fake-quant layer, the int8 oneDNN layer and the
+    im2col/``torch._int_mm`` layer (each integer layer timed whole: quantize input, kernel, offset correction).
+    """
+    shapes: list[tuple[str, nn.Module, tuple[int, ...]]] = []
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: shapes.append((n, m, tuple(a[0].shape))))
+             for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
+    with torch.no_grad():
+        model(torch.randn(1, 1, 16, 16), torch.tensor([500]))
+    for hook in hooks:
+        hook.remove()
+    lines = ["| batch | fp32 | bf16 | fake-quant | int8 oneDNN | int8 im2col + _int_mm | layers |", "|---" * 7 + "|"]
+    for batch in BATCHES:
+        totals = dict.fromkeys(("fp32", "bf16", "fake", "onednn", "int_mm"), 0.0)
+        for name, module, shape in shapes:
+            with torch.no_grad():
+                for key, fn in _candidates(name, module, torch.randn(batch, *shape[1:])).items():
+                    totals[key] += _median_time(fn, REPEATS[batch])
+        cells = " | ".join(f"{1000 * v:.1f} ms" for v in totals.values())
+        lines.append(f"| {batch} | {cells} | {len(shapes)} |")
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--presets", default="W8A8,W4A8")
+    parser.add_argument("--samples", type=int, default=64, help="samples in the DDIM-50 throughput run (one batch)")
+    parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
+    parser.add_argument("--kernels", action="store_true", help="only the per-layer kernel comparison")
+    parser.add_argument("--probe", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.probe:
+        return _memory_probe(*args.probe, args.threads)
+    torch.set_num_threads(args.threads)
+    capability = {**cpu_summary(), "lscpu": _lscpu_flags()}
+    print("CPU:", json.dumps(capability))
+    if args.kernels:
+        print(kernel_table(load_pipeline_parts(None)[0]))
+        return None
+
+    start = time.perf_counter()
+    fp32, scheduler = load_pipeline_parts(None)
+    fp_load = time.perf_counter() - start
+    fp_bytes = 4 * sum(p.numel() for p in fp32.parameters())
+    models = {"FP fp32": fp32, "FP bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
+    calls = {"FP fp32": _call(fp32, True, torch.float32), "FP bf16": _call(models["FP bf16"], True, torch.bfloat16)}
+    shipped = sum(f.stat().st_size for f in shipped_model_path().rglob("*.safetensors"))
+    info: dict[str, dict] = {"FP fp32": {"size": shipped}, "FP bf16": {"size": None}}  # bf16: no artefact of its own
+    workdir = Path(tempfile.mkdtemp(prefix="tadq-speed-"))
+    for preset in args.presets.split(","):
+        qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), cache_dir=args.cache_dir,
+                               progress=False)
+        size = qmodel.save_pretrained(workdir / preset, scheduler)
+        for backend in ("fake", "int8"):
+            name = f"{preset} {backend}"
+            start = time.perf_counter()
+            models[name], _ = load_quantized(workdir / preset, backend=backend)
+            info[name] = {"size": size.weights_bytes, "load_in_process_s": time.perf_counter() - start}
+            calls[name] = _call(models[name], False, torch.float32)
+    for name in models:
+        kind = {"FP fp32": "fp32", "FP bf16": "bf16"}.get(name, name.split()[-1])
+        info[name].update(_probe(kind, str(workdir / name.split()[0]), args.threads))
+    info["FP fp32"]["load_in_process_s"] = fp_load
+
+    latency = _latency(calls, torch.Generator().manual_seed(0))
+    seconds, images = _sampling(calls, models, scheduler, args.samples)
+    rows = []
+    for name in models:
+        row = {"variant": name, **{f"latency_b{b}_ms": 1000 * latency[name][b] for b in BATCHES},
+               "ddim50_s": seconds[name], "images_per_s": args.samples / seconds[name],
+               "held_weight_bytes": info[name]["held"], "held_vs_fp32": info[name]["held"] / fp_bytes,
+               "peak_rss_mib": info[name]["peak_rss"] / 2**20, "load_s": info[name]["load_s"],
+               "artefact_bytes": info[name]["size"],
+               "psnr_vs_fp_db": float(psnr_per_sample(images[name], images["FP fp32"]).mean())}
+        if name.endswith("int8"):
+            row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[name.replace("int8", "fake")]).mean())
+        rows.append(row)
+    _report(rows, capability, args)
+
+
+def _report(rows: list[dict], capability: dict, args) -> None:
+    head = ("| variant | b1 ms | b16 ms | b64 ms | DDIM-50 s (img/s) | weights held (× fp32) | peak RSS MiB | load s "
+            "| artefact KiB | PSNR vs FP dB | PSNR int vs fake dB |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['latency_b1_ms']:.1f} | {r['latency_b16_ms']:.1f} | "
+                     f"{r['latency_b64_ms']:.1f} | {r['ddim50_s']:.1f} ({r['images_per_s']:.2f}) | "
+                     f"{r['held_weight_bytes'] / 1024:.0f} KiB ({r['held_vs_fp32']:.3f}) | {r['peak_rss_mib']:.0f} | "
+                     f"{r['load_s']:.2f} | {_kib(r['artefact_bytes'])} | "
+                     f"{'–' if r['variant'] == 'FP fp32' else format(r['psnr_vs_fp_db'], '.2f')} | "
+                     f"{format(r['psnr_vs_fake_db'], '.2f') if 'psnr_vs_fake_db' in r else '–'} |")
+    by = {r["variant"]: r for r in rows}
+    ratios = ["", "Ratios in this run (speed-up = other time / this time):"]
+    for r in rows:
+        if r["variant"].endswith("int8"):
+            fake = by[r["variant"].replace("int8", "fake")]
+            keys = (("DDIM-50", "ddim50_s"), ("b1", "latency_b1_ms"), ("b16", "latency_b16_ms"),
+                    ("b64", "latency_b64_ms"))
+            parts = [f"{what}: vs fp32 {_ratio(by['FP fp32'][key], r[key])}, "
+                     f"vs bf16 {_ratio(by['FP bf16'][key], r[key])}, vs fake {_ratio(fake[key], r[key])}"
+                     for what, key in keys]
+            ratios.append(f"- {r['variant']}: " + "; ".join(parts))
+    text = "\n".join([f"CPU: {json.dumps(capability)}", f"threads: {args.threads}, DDIM-50 over {args.samples} "
+                      "samples in one batch, seed 1000", "", *lines, *ratios])
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.md").write_text(text + "\n")
+    (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
