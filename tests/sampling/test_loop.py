@@ -192,3 +192,29 @@ def test_bad_arguments_raise() -> None:
         _run(analytic_denoiser, DDIM_DETERMINISTIC, sample_shape=(8, 8))
     with pytest.raises(ValueError, match="shape"):
         _run(lambda x, t, cond: torch.cat([x, x], dim=1), DDIM_DETERMINISTIC)
+
+
+class StepAwareDenoiser:
+    """Records the step it is told before each call (TFMQ's per-step tables learn it this way)."""
+
+    def __init__(self) -> None:
+        self.step = None
+        self.seen: list[int] = []
+        self.cleared = 0
+
+    def set_step(self, step) -> None:
+        if step is None:
+            self.cleared += 1
+        self.step = step
+
+    def __call__(self, x, t, cond=None):
+        assert self.step is not None and bool((t == self.step.t).all())
+        self.seen.append(self.step.index)
+        return 0.1 * x
+
+
+def test_the_walker_tells_a_step_aware_denoiser_the_step_and_clears_it() -> None:
+    denoiser = StepAwareDenoiser()
+    result = _run(denoiser, DDIM_STOCHASTIC, num_samples=5, batch_size=3)
+    assert denoiser.seen == [0, 1, 2, 3, 4] * 2 and denoiser.cleared == 10 and denoiser.step is None
+    assert torch.equal(result.images, _run(analytic_denoiser, DDIM_STOCHASTIC, num_samples=5, batch_size=3).images)
