@@ -145,3 +145,11 @@ def test_hooks_see_the_guided_eps_and_only_askers_get_the_branches() -> None:
         assert torch.equal(eps, result.trajectory.eps[index])
         guided = branches.unconditional + 2.0 * (branches.conditional - branches.unconditional)
         torch.testing.assert_close(guided, eps, rtol=0, atol=0)
+
+
+def test_condition_source_keys_tell_different_lists_apart() -> None:
+    rows = Conditioning(encoder_hidden_states=torch.zeros(2, 1, 3))
+    changed = Conditioning(encoder_hidden_states=torch.ones(2, 1, 3))
+    assert ConditioningList(rows).key != ConditioningList(changed).key
+    assert ClassLabels((1, 2)).key != ClassLabels((2, 1)).key
+    assert RandomClassLabels(3, null_class=3).key != RandomClassLabels(3).key

@@ -12,6 +12,7 @@ conditions, like its noise, do not depend on the batch or on how many workers sh
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
@@ -242,7 +243,12 @@ class ConditioningList:
 
     @property
     def key(self) -> str:
-        return f"{self.name}-{self.rows.describe()}"
+        """Name, shapes and a SHA-256 of the rows' bytes: two lists differing in any value have different keys."""
+        digest = hashlib.sha256()
+        for name, value in sorted(self.rows.to_tensors().items()):
+            digest.update(name.encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+        return f"{self.name}-{self.rows.describe()}-{digest.hexdigest()[:16]}"
 
 
 def _checked(index: int, length: int) -> int:
