@@ -69,10 +69,10 @@ def hooked_step(hooks: Sequence[SamplingHooks], x: Tensor, eps: Tensor, step: St
     return apply_after_step(hooks, x_prev, step)
 
 
-def _check_output(output: Tensor, x: Tensor) -> None:
-    if output.shape != x.shape:
+def _check_output(output: Tensor, expected: tuple[int, ...]) -> None:
+    if tuple(output.shape) != expected:
         raise ValueError(
-            f"The denoiser returned shape {tuple(output.shape)} for input {tuple(x.shape)}; it must return a "
+            f"The denoiser returned shape {tuple(output.shape)} for input {expected}; it must return a "
             "prediction of the input's shape (split off learned-variance channels in the model adapter)."
         )
 
@@ -119,7 +119,7 @@ class Walker:
         try:
             if not self.plan.guided:
                 output = denoiser(x, t, cond)
-                _check_output(output, x)
+                _check_output(output, tuple(x.shape))
                 return to_epsilon(output, x, step), None
             if cond is None:
                 raise ValueError("guidance needs conditions; pass a ConditionSource with an unconditional branch")
@@ -127,7 +127,7 @@ class Walker:
         finally:
             if aware:
                 denoiser.set_step(None)
-        _check_output(both, torch.cat([x, x]))
+        _check_output(both, (2 * x.shape[0], *x.shape[1:]))
         out_u, out_c = both.chunk(2)
         eps = to_epsilon(out_u + self.plan.guidance_scale * (out_c - out_u), x, step)
         if not branches:
