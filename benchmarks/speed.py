@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -91,8 +90,16 @@ def _memory_probe(kind: str, path: str, threads: int) -> None:
     load_s = time.perf_counter() - start
     with torch.no_grad():
         call(torch.randn(64, 1, 16, 16), torch.full((64,), 500))
-    print(json.dumps({"peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "load_s": load_s,
-                      "held": held_weight_bytes(model)}))
+    print(json.dumps({"peak_rss": _peak_rss(), "load_s": load_s, "held": held_weight_bytes(model)}))
+
+
+def _peak_rss() -> int:
+    """This process's peak resident bytes (VmHWM: reset at exec, unlike getrusage's maxrss, which a child started
+    by a large parent inherits)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (peak memory is measured on Linux only)")
 
 
 def _probe(kind: str, path: str, threads: int) -> dict:
@@ -182,8 +189,8 @@ def main() -> None:
         return _memory_probe(*args.probe, args.threads)
     torch.set_num_threads(args.threads)
     capability = {**cpu_summary(), "lscpu": _lscpu_flags()}
-    print("CPU:", json.dumps(capability))
     if args.kernels:
+        print("CPU:", json.dumps(capability))
         print(kernel_table(load_pipeline_parts(None)[0]))
         return None
 
