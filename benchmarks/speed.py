@@ -8,6 +8,7 @@ Run (docs/backends.md has the numbers):
 
     python benchmarks/speed.py --threads 1 [--presets W8A8,W4A8] [--samples 64] [--out runs/bench-speed]
     python benchmarks/speed.py --threads 1 --kernels     # the per-layer kernel comparison behind the choice
+    python benchmarks/speed.py --threads 1 --compiled    # eager vs torch.compile (Inductor) at batch 64
 """
 
 from __future__ import annotations
@@ -23,21 +24,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+from speed_kernels import BATCHES, REPEATS, call_of, compiled_table, kernel_table
 
 import tadq
 from tadq.backends import cpu_summary, held_weight_bytes
-from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear
-from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear
 from tadq.io import load_quantized
 from tadq.metrics.image import psnr_per_sample
 from tadq.models import load_pipeline_parts, shipped_model_path
-from tadq.quant import preset as preset_schemes
-from tadq.quant import quantize_module
 from tadq.sampling import SamplerConfig
 
-BATCHES = (1, 16, 64)
-REPEATS = {1: 15, 16: 7, 64: 5}
 SAMPLER = SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
 
 
@@ -50,13 +45,6 @@ def _lscpu_flags() -> str:
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("Flags")), [])
     wanted = [f for f in flags if f.startswith(("avx512", "amx", "avx_vnni", "avx2"))]
     return f"{model}; flags: {' '.join(sorted(wanted))}"
-
-
-def _call(model, fp: bool, dtype: torch.dtype):
-    """x, t → ε for either kind of model (a diffusers FP model, or a QuantizedDenoiser)."""
-    if fp:
-        return lambda x, t: model(x.to(dtype), t).sample
-    return lambda x, t: model(x, t)
 
 
 def _latency(variants: dict, generator: torch.Generator) -> dict[str, dict[int, float]]:
@@ -83,10 +71,10 @@ def _memory_probe(kind: str, path: str, threads: int) -> None:
     if kind in ("fp32", "bf16"):
         model, _ = load_pipeline_parts(None)
         model = model.to(torch.bfloat16) if kind == "bf16" else model
-        call = _call(model, True, torch.bfloat16 if kind == "bf16" else torch.float32)
+        call = call_of(model, True, torch.bfloat16 if kind == "bf16" else torch.float32)
     else:
         model, _ = load_quantized(path, backend=kind)
-        call = _call(model, False, torch.float32)
+        call = call_of(model, False, torch.float32)
     load_s = time.perf_counter() - start
     with torch.no_grad():
         call(torch.randn(64, 1, 16, 16), torch.full((64,), 500))
@@ -123,54 +111,6 @@ def _kib(size: int | None) -> str:
     return "–" if size is None else f"{size / 1024:.0f}"
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _candidates(name: str, module: nn.Module, x: torch.Tensor) -> dict:
-    """The five implementations of one FP layer at input ``x`` (W8A8 grids; the input range from ``x``)."""
-    weights, activations = preset_schemes("W8A8")
-    fake = quantize_module(module, weights, activations)
-    fake.input_quantizer.set_range(x.min().reshape(1), x.max().reshape(1))
-    conv = isinstance(module, nn.Conv2d)
-    onednn = (OneDNNConv2d if conv else OneDNNLinear)(fake, name)
-    int_mm = (IntMMConv2d if conv else IntMMLinear)(fake, name)
-    low, xb = copy.deepcopy(module).to(torch.bfloat16), x.bfloat16()
-    return {"fp32": lambda: module(x), "bf16": lambda: low(xb), "fake": lambda: fake(x),
-            "onednn": lambda: onednn(x), "int_mm": lambda: int_mm(x)}
-
-
-def kernel_table(model: nn.Module) -> str:
-    """Every conv/linear of ``model`` at its real input shape, per candidate implementation, summed per forward.
-
-    Candidates: float32 and bfloat16 (the FP baselines), the fake-quant layer, the int8 oneDNN layer and the
-    im2col/``torch._int_mm`` layer (each integer layer timed whole: quantize input, kernel, offset correction).
-    """
-    shapes: list[tuple[str, nn.Module, tuple[int, ...]]] = []
-    hooks = [m.register_forward_hook(lambda m, a, o, n=n: shapes.append((n, m, tuple(a[0].shape))))
-             for n, m in model.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    with torch.no_grad():
-        model(torch.randn(1, 1, 16, 16), torch.tensor([500]))
-    for hook in hooks:
-        hook.remove()
-    lines = ["| batch | fp32 | bf16 | fake-quant | int8 oneDNN | int8 im2col + _int_mm | layers |", "|---" * 7 + "|"]
-    for batch in BATCHES:
-        totals = dict.fromkeys(("fp32", "bf16", "fake", "onednn", "int_mm"), 0.0)
-        for name, module, shape in shapes:
-            with torch.no_grad():
-                for key, fn in _candidates(name, module, torch.randn(batch, *shape[1:])).items():
-                    totals[key] += _median_time(fn, REPEATS[batch])
-        cells = " | ".join(f"{1000 * v:.1f} ms" for v in totals.values())
-        lines.append(f"| {batch} | {cells} | {len(shapes)} |")
-    return "\n".join(lines)
-
-
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×"
 
@@ -183,6 +123,7 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
     parser.add_argument("--kernels", action="store_true", help="only the per-layer kernel comparison")
+    parser.add_argument("--compiled", action="store_true", help="only eager vs torch.compile at batch 64")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -193,13 +134,18 @@ def main() -> None:
         print("CPU:", json.dumps(capability))
         print(kernel_table(load_pipeline_parts(None)[0]))
         return None
+    if args.compiled:
+        print("CPU:", json.dumps(capability))
+        print(compiled_table(*load_pipeline_parts(None), args.cache_dir))
+        return None
 
     start = time.perf_counter()
     fp32, scheduler = load_pipeline_parts(None)
     fp_load = time.perf_counter() - start
     fp_bytes = 4 * sum(p.numel() for p in fp32.parameters())
     models = {"FP fp32": fp32, "FP bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
-    calls = {"FP fp32": _call(fp32, True, torch.float32), "FP bf16": _call(models["FP bf16"], True, torch.bfloat16)}
+    calls = {"FP fp32": call_of(fp32, True, torch.float32),
+             "FP bf16": call_of(models["FP bf16"], True, torch.bfloat16)}
     shipped = sum(f.stat().st_size for f in shipped_model_path().rglob("*.safetensors"))
     info: dict[str, dict] = {"FP fp32": {"size": shipped}, "FP bf16": {"size": None}}  # bf16: no artefact of its own
     workdir = Path(tempfile.mkdtemp(prefix="tadq-speed-"))
@@ -212,7 +158,7 @@ def main() -> None:
             start = time.perf_counter()
             models[name], _ = load_quantized(workdir / preset, backend=backend)
             info[name] = {"size": size.weights_bytes, "load_in_process_s": time.perf_counter() - start}
-            calls[name] = _call(models[name], False, torch.float32)
+            calls[name] = call_of(models[name], False, torch.float32)
     for name in models:
         kind = {"FP fp32": "fp32", "FP bf16": "bf16"}.get(name, name.split()[-1])
         info[name].update(_probe(kind, str(workdir / name.split()[0]), args.threads))
