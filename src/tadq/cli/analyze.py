@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
-from tadq.cli.sample import Device, Eta, SamplerKind, Steps, Threads, Verbose
+from tadq.cli.sample import Device, Dtype, Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler
 
 __all__ = ["analyze_command"]
 
@@ -20,39 +20,43 @@ def analyze_command(
         help="The FP diffusers folder the artefact was quantized from (default: the shipped model).")] = None,
     num_samples: Annotated[int, typer.Option(help="Trajectories (PSNR-scale numbers need few).")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 1000,
-    sampler: SamplerKind = "ddim",
-    steps: Steps = 50,
-    eta: Eta = 0.0,
+    sampler: SamplerKind = None,
+    steps: Steps = None,
+    eta: Eta = None,
     jacobian: Annotated[bool, typer.Option(
         help="Also predict with a measured Jacobian-vector term (one more FP call per step).")] = True,
-    batch_size: Annotated[int, typer.Option(help="Samples per network call (speed only).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Samples per network call; also moves quantized samples "
+                                                 "slightly (README: What tadq guarantees).")] = 128,
     out: Annotated[Path, typer.Option(help="Report folder: analysis.json and propagation.png.")] = Path(
         "runs/analyze"),
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     verbose: Verbose = False,
 ) -> None:
     """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction."""
     from tadq.analysis import analyze_propagation, save_propagation_plot
     from tadq.corrections.attach import as_denoiser
+    from tadq.device import place_model
     from tadq.fsguard import check_output_dir, mark_output
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
-    from tadq.sampling import SamplerConfig
     from tadq.utils import atomic_write_text
 
-    setup(verbose, threads, device)
+    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         if num_samples < 1:
             raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
-        sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         check_output_dir(out, resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
         qmodel, _ = load_quantized(model_dir)
+        qmodel = place_model(qmodel, torch_device, torch_dtype)
         fp, scheduler = load_pipeline_parts(fp_model)
+        fp = place_model(fp, torch_device, torch_dtype)
         # the network alone: the prediction explains the error the corrections then act on
         report = analyze_propagation(qmodel, as_denoiser(fp), scheduler, sampler_config, num_samples=num_samples,
                                      seed=seed, measure_jacobian=jacobian, batch_size=batch_size)

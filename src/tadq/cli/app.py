@@ -56,19 +56,19 @@ def run_command(
     force_foreign: bool = typer.Option(False, "--force-foreign", help="Also write into a non-empty --out folder "
                                        "tadq did not write (without it, such a folder is refused)."),
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
-    device: str = typer.Option("cpu", help="Device (only cpu is supported in this release)."),
+    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:N or mps (refused when torch lacks it)."),
+    dtype: str = typer.Option("float32", help="Compute dtype of the FP model: float32, bfloat16 or float16."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
     from tadq.config import CalibrationConfig, ReconstructionConfig
     from tadq.experiments.run import RunConfig, run_main_job
+    from tadq.fsguard import check_output_dir, check_writable_dir
+    from tadq.models import shipped_model_path
     from tadq.report.tables import COLUMNS, format_cell
     from tadq.sampling import SamplerConfig
 
-    from tadq.fsguard import check_output_dir, check_writable_dir
-    from tadq.models import shipped_model_path
-
-    setup(verbose, threads, device)
+    setup(verbose, threads, device, dtype)
     with fail_cleanly():
         check_output_dir(out, resume=True, force_foreign=force_foreign,
                          inputs=[model if model is not None else shipped_model_path()])
@@ -82,7 +82,8 @@ def run_command(
                            methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
                            reconstruction=reconstruction,
                            num_samples=num_samples, sampler=sampler_config, eval_seed=seed, calibration=calibration,
-                           batch_size=batch_size, out_dir=str(out), cache_dir=str(cache_dir))
+                           batch_size=batch_size, out_dir=str(out), cache_dir=str(cache_dir), device=device,
+                           dtype=dtype)
         results = run_main_job(config)
     from rich.table import Table
 

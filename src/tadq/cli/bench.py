@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
-from tadq.cli.sample import Device, Threads, Verbose
+from tadq.cli.sample import Device, Dtype, Threads, Verbose
 
 __all__ = ["bench_command"]
 
@@ -56,6 +56,7 @@ def bench_command(
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
+    dtype: Dtype = "float32",
     verbose: Verbose = False,
 ) -> None:
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
@@ -64,7 +65,7 @@ def bench_command(
     from tadq.fsguard import check_output_dir, check_writable_dir, mark_output
     from tadq.models import shipped_model_path
 
-    setup(verbose, threads, device)
+    setup(verbose, threads, device, dtype)
     with fail_cleanly():
         check_output_dir(out, resume=True, force_foreign=force_foreign,
                          inputs=[model if model is not None else shipped_model_path()])
@@ -86,7 +87,7 @@ def bench_command(
                              reconstruction=_reconstruction(recon_iters, recon_activation_iters, recon_batch_size),
                              batch_size=batch_size, out_dir=str(out),
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),
-                             threads=threads, **fields)
+                             threads=threads, device=device, dtype=dtype, **fields)
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "bench")
         report = run_bench(config)

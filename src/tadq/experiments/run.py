@@ -21,15 +21,16 @@ from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict
 from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
+from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import fd_reference, quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
+from tadq.fsguard import mark_output
 from tadq.metrics import per_step_mse
 from tadq.metrics.features import FeatureSpace
 from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
-from tadq.fsguard import mark_output
 from tadq.safefiles import DamagedFileError, load_checked, save_checked
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
@@ -59,6 +60,8 @@ class RunConfig:
         out_dir: report folder.
         cache_dir: calibration-data cache.
         grid_samples: samples shown per grid panel.
+        device: where every model runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``); checked before any work.
+        dtype: compute dtype of the FP model (float32, bfloat16, float16).
     """
 
     model: str | None = None
@@ -73,8 +76,12 @@ class RunConfig:
     out_dir: str = "runs/main"
     cache_dir: str = ".cache/tadq"
     grid_samples: int = 64
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        resolve_device(self.device)  # a device torch lacks fails here, named
+        resolve_dtype(self.dtype)
         for name in self.presets:
             preset(name)  # raises ValueError on an unknown preset
         unknown = [m for m in self.methods if m not in method_names()]
@@ -95,6 +102,8 @@ def cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
         "model": fingerprint, "variant": variant.settings, "num_samples": config.num_samples,
         "sampler": config_to_dict(config.sampler), "eval_seed": config.eval_seed,
         "calibration": config_to_dict(config.calibration),
+        # the sampling batch moves quantized samples (float re-association flips fake-quant roundings; README)
+        "batch_size": config.batch_size,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
@@ -163,6 +172,7 @@ def default_variants(config: RunConfig, bases: BaseModels) -> list[Variant]:
 def run_main_job(config: RunConfig) -> dict[str, Any]:
     """Sample, measure and report every variant; returns the results dictionary (also written as JSON)."""
     model, scheduler = load_pipeline_parts(config.model)  # fails before anything is written
+    model = place_model(model, resolve_device(config.device), resolve_dtype(config.dtype))
     out = Path(config.out_dir)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     mark_output(out, "run")  # a later run may refill it (the CLI refuses folders without the marker)

@@ -90,6 +90,8 @@ class BenchConfig:
         grid_samples: samples shown per grid panel.
         threads: torch CPU threads the bench ran with (0 = torch's default); recorded in the regenerating command.
         quick: whether this is the ``--quick`` matrix (said in the report; the command spells every flag out).
+        device: where every model runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``).
+        dtype: compute dtype of the FP model (float32, bfloat16, float16).
     """
 
     model: str | None = None
@@ -108,6 +110,8 @@ class BenchConfig:
     grid_samples: int = 64
     threads: int = 0
     quick: bool = False
+    device: str = "cpu"
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if not self.methods or not self.presets or not self.samplers:
@@ -140,7 +144,7 @@ class BenchConfig:
                          reconstruction=self.reconstruction, num_samples=self.num_samples, sampler=sampler,
                          eval_seed=self.eval_seed, calibration=calibration, batch_size=self.batch_size,
                          out_dir=str(self.sampler_dir(sampler)), cache_dir=self.cache_dir,
-                         grid_samples=self.grid_samples)
+                         grid_samples=self.grid_samples, device=self.device, dtype=self.dtype)
 
     def command(self) -> str:
         """The ``tadq bench`` command line that reproduces this config (and so regenerates its report)."""
@@ -170,6 +174,8 @@ class BenchConfig:
             args += ["--cache-dir", self.cache_dir]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        if self.device != "cpu" or self.dtype != "float32":
+            args += ["--device", self.device, "--dtype", self.dtype]
         return shlex.join(args)
 
 

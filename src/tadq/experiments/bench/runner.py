@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tadq.calibration import collect_calibration_set, model_fingerprint
+from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.experiments.bench.config import BenchConfig
 from tadq.experiments.bench.measure import measured
 from tadq.experiments.bench.report import write_bench_report
@@ -75,6 +76,7 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     config = bench.run_config(sampler)
     model, scheduler = load_pipeline_parts(config.model)  # fails before anything is written
+    model = place_model(model, resolve_device(config.device), resolve_dtype(config.dtype))
     out = bench.sampler_dir(sampler)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     adapter = adapter_for(model)

@@ -1,0 +1,112 @@
+"""The whole flow on CUDA: quantize (recipe, corrections fitted) → save → sample → evaluate → sample-sharded.
+
+    python benchmarks/gpu_flow.py --recipe recipes/qdiffusion+tac-W4A8.json --samples 1000 --out runs/gpu_flow
+    python benchmarks/gpu_flow.py --quick          # tiny budgets: checks that every step runs on the GPU
+
+It refuses to start without CUDA (``tadq.device.resolve_device`` names what is missing). Every step after
+``tadq.quantize`` runs through the command line (``tadq sample``, ``tadq evaluate``, and ``torchrun ... tadq
+sample-sharded``), each in its own process, so the artefact is also checked to load elsewhere. Writes
+``<out>/gpu_flow.json`` (timings, devices, the evaluate metrics) and prints a Markdown table.
+
+Status: written and checked on the CPU only (the refusal path and the argument handling); it has NOT run on a GPU
+yet, so no figure from it is in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tadq.device import resolve_device, resolve_dtype
+
+
+def _run(command: list[str], timings: dict[str, float], name: str) -> None:
+    print("$", " ".join(command), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(command, check=True)
+    timings[name] = round(time.perf_counter() - t0, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", default="recipes/qdiffusion+tac-W4A8.json", help="recipe of the artefact")
+    parser.add_argument("--model", default=None, help="diffusers model folder (default: the shipped DDPM)")
+    parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
+    parser.add_argument("--dtype", default="float32", help="compute dtype of the FP model")
+    parser.add_argument("--samples", type=int, default=1000, help="samples for evaluate and sample-sharded")
+    parser.add_argument("--procs", type=int, default=max(1, torch.cuda.device_count()), help="torchrun processes")
+    parser.add_argument("--quick", action="store_true", help="tiny calibration/reconstruction/fit budgets")
+    parser.add_argument("--out", default="runs/gpu_flow")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)  # no CUDA: a ValueError naming the device, before any work
+    if device.type != "cuda":
+        raise SystemExit(f"gpu_flow measures the CUDA path; --device {args.device} is not a CUDA device")
+    dtype = resolve_dtype(args.dtype)
+
+    import tadq
+    from tadq.models import load_pipeline_parts
+    from tadq.recipe import load_recipe, override_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.quick:
+        changes = {"calibration.num_trajectories": 32, "calibration.samples_per_step": 16}
+        if hasattr(recipe.method, "reconstruction") and type(recipe.method).__name__ != "NaiveMethod":
+            changes |= {"method.reconstruction.weight_iters": 20, "method.reconstruction.activation_iters": 10}
+        changes |= {f"corrections.{i}.num_samples": 32 for i in range(len(recipe.corrections))}
+        recipe = override_recipe(recipe, changes)
+    out = Path(args.out)
+    artefact = out / "artefact"
+    if artefact.exists():
+        shutil.rmtree(artefact)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    model, scheduler = load_pipeline_parts(args.model)
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    qmodel = tadq.quantize(model, scheduler, recipe, device=device, dtype=dtype, cache_dir=out / "cache")
+    torch.cuda.synchronize(device)
+    timings["quantize_s"] = round(time.perf_counter() - t0, 2)
+    qmodel.to("cpu").save_pretrained(artefact, scheduler)
+    del qmodel
+    torch.cuda.empty_cache()
+
+    cli = [sys.executable, "-m", "tadq.cli"]
+    steps = ["--sampler", recipe.sampler.kind, "--steps", str(recipe.sampler.num_steps), "--eta",
+             str(recipe.sampler.eta)]
+    _run([*cli, "sample", str(artefact), "--num-samples", "64", "--device", args.device, "--out",
+          str(out / "samples.png")], timings, "sample_64_s")
+    reference = ["--reference", args.model] if args.model else []
+    _run([*cli, "evaluate", str(artefact), *reference, "--num-samples", str(args.samples), "--device", args.device,
+          "--dtype", args.dtype, "--out", str(out / "evaluate")], timings, "evaluate_s")
+    torchrun = shutil.which("torchrun")
+    sharded = out / "sharded"
+    if torchrun is None:
+        raise SystemExit("torchrun is not on PATH; install torch's launcher to run the sharded step")
+    env_note = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+    _run([torchrun, "--standalone", f"--nproc-per-node={args.procs}", "-m", "tadq.cli", "sample-sharded",
+          str(artefact), *steps, "--num-samples", str(args.samples), "--out-dir", str(sharded), "--device", "auto"],
+         timings, "sample_sharded_s")
+
+    metrics = json.loads((out / "evaluate" / "results.json").read_text())["rows"]
+    report = {"recipe": recipe.name or args.recipe, "quick": args.quick, "device": torch.cuda.get_device_name(device),
+              "visible_devices": env_note, "procs": args.procs, "dtype": args.dtype, "samples": args.samples,
+              "timings": timings, "evaluate_rows": metrics, "recipe_json": dataclasses.asdict(recipe)}
+    (out / "gpu_flow.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print("| step | seconds |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in timings.items()))
+    for row in metrics:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
