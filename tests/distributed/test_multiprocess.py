@@ -10,10 +10,18 @@ from tests.distributed._interrupted_worker import EXIT_CODE, run_interrupted
 from tests.distributed.tiny_runs import BATCH, NUM_SAMPLES, RUN_FLAGS, SEED, STEPS, TinySetup, run_cli, torchrun
 
 from tadq.distributed import ShardedRun
+from tadq.distributed.store import _read_chunk_file as load_chunk_file
+from tadq.safefiles import load_checked
+
+
+def load_samples(path):
+    """samples.safetensors as one dict: its tensors and its JSON metadata."""
+    tensors, meta = load_checked(path, "samples")
+    return {**meta, **tensors}
 
 
 def _chunk_payloads(run_dir: Path) -> dict[str, dict]:
-    return {path.name: torch.load(path, weights_only=True) for path in sorted((run_dir / "chunks").glob("*.pt"))}
+    return {path.name: load_chunk_file(path) for path in sorted((run_dir / "chunks").glob("*.safetensors"))}
 
 
 def _assert_same_run(run_dir: Path, expected_dir: Path) -> None:
@@ -23,8 +31,8 @@ def _assert_same_run(run_dir: Path, expected_dir: Path) -> None:
         assert payload["key"] == got[name]["key"]
         assert torch.equal(payload["images"], got[name]["images"]), name
         assert torch.equal(payload["states"], got[name]["states"]), name
-    samples = torch.load(run_dir / "samples.pt", weights_only=True)["images"]
-    assert torch.equal(samples, torch.load(expected_dir / "samples.pt", weights_only=True)["images"])
+    samples = load_samples(run_dir / "samples.safetensors")["images"]
+    assert torch.equal(samples, load_samples(expected_dir / "samples.safetensors")["images"])
 
 
 def test_two_gloo_processes_match_one_process(tiny_setup: TinySetup, tmp_path: Path) -> None:
@@ -45,9 +53,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tiny_setup: TinySetup, t
     settings = {"num_samples": NUM_SAMPLES, "steps": STEPS, "batch_size": BATCH, "seed": SEED}
     error = run_interrupted(tiny_setup.candidate_dir, out, settings)
     assert error is not None and error.exit_code == EXIT_CODE  # rank 1 died; rank 0 was torn down
-    survivors = {path.name: path.stat() for path in (out / "chunks").glob("*.pt")}
+    survivors = {path.name: path.stat() for path in (out / "chunks").glob("*.safetensors")}
     # rank 1 samples chunks 1 and 3 (round-robin) and dies right after saving chunk 1
-    assert "0000002-0000004.pt" in survivors and "0000006-0000008.pt" not in survivors
+    assert "0000002-0000004.safetensors" in survivors and "0000006-0000008.safetensors" not in survivors
     assert not json.loads((out / "manifest.json").read_text())["complete"]
 
     output = run_cli(["sample-sharded", str(tiny_setup.candidate_dir), *RUN_FLAGS, "--out-dir", str(out),

@@ -10,7 +10,14 @@ from tests.conftest import build_tiny_unet
 
 from tadq.api import sample
 from tadq.distributed import sample_sharded
+from tadq.safefiles import load_checked
 from tadq.sampling import SamplerConfig
+
+
+def load_samples(path):
+    """samples.safetensors as one dict: its tensors and its JSON metadata."""
+    tensors, meta = load_checked(path, "samples")
+    return {**meta, **tensors}
 
 
 def test_same_images_and_trajectory_as_tadq_sample(tmp_path: Path) -> None:
@@ -23,5 +30,5 @@ def test_same_images_and_trajectory_as_tadq_sample(tmp_path: Path) -> None:
     assert [(c.start, c.stop) for c in report.computed] == [(0, 4), (4, 7)]
     assert torch.equal(report.run.read(), expected.images)
     assert torch.equal(report.run.read(states=True), expected.trajectory.states)
-    saved = torch.load(tmp_path / "samples.pt", weights_only=True)
+    saved = load_samples(tmp_path / "samples.safetensors")
     assert torch.equal(saved["images"], expected.images) and torch.equal(saved["indices"], torch.arange(7))

@@ -32,9 +32,10 @@ def test_assignment_of_leftovers_after_a_resume_spreads_over_ranks() -> None:
 
 def test_filename_round_trip_and_foreign_names() -> None:
     chunk = ChunkRange(128, 256)
-    assert chunk.filename == "0000128-0000256.pt"
+    assert chunk.filename == "0000128-0000256.safetensors"
     assert ChunkRange.from_filename(chunk.filename) == chunk
-    for name in (".0000128-0000256.pt.abc.tmp", "samples.pt", "0000005-0000005.pt", "12-x.pt"):
+    for name in (".0000128-0000256.safetensors.abc.tmp", "samples.safetensors", "0000005-0000005.safetensors",
+                 "12-x.safetensors", "0000128-0000256.pt"):
         assert ChunkRange.from_filename(name) is None
 
 

@@ -12,7 +12,14 @@ from diffusers import DDPMScheduler
 from tests.conftest import build_tiny_unet
 
 from tadq.distributed import ChunkRange, ShardedRun, StaleRunError, model_fingerprint, sample_sharded
+from tadq.safefiles import load_checked
 from tadq.sampling import SamplerConfig
+
+
+def load_samples(path):
+    """samples.safetensors as one dict: its tensors and its JSON metadata."""
+    tensors, meta = load_checked(path, "samples")
+    return {**meta, **tensors}
 
 SAMPLER = SamplerConfig("ddim", num_steps=2)
 
@@ -28,7 +35,7 @@ def _sample(out_dir: Path, *, model=None, seed: int = 3, num_samples: int = 6, b
 
 
 def _mtimes(out_dir: Path) -> dict[str, int]:
-    return {path.name: path.stat().st_mtime_ns for path in (out_dir / "chunks").glob("*.pt")}
+    return {path.name: path.stat().st_mtime_ns for path in (out_dir / "chunks").glob("*.safetensors")}
 
 
 def test_rerun_reuses_every_chunk_without_touching_it(tmp_path: Path) -> None:
@@ -39,7 +46,7 @@ def test_rerun_reuses_every_chunk_without_touching_it(tmp_path: Path) -> None:
     assert second.computed == () and second.reused == first.run.chunks
     assert _mtimes(tmp_path) == before
     assert json.loads((tmp_path / "manifest.json").read_text())["complete"]
-    assert torch.equal(torch.load(tmp_path / "samples.pt", weights_only=True)["images"], first.run.read())
+    assert torch.equal(load_samples(tmp_path / "samples.safetensors")["images"], first.run.read())
 
 
 @pytest.mark.parametrize(("change", "field"), [
@@ -62,9 +69,9 @@ def test_foreign_chunk_without_manifest_raises(tmp_path: Path) -> None:
     _sample(tmp_path / "other", seed=4)
     _sample(tmp_path / "run", num_samples=2)
     (tmp_path / "run" / "manifest.json").unlink()
-    foreign = tmp_path / "other" / "chunks" / "0000002-0000004.pt"
+    foreign = tmp_path / "other" / "chunks" / "0000002-0000004.safetensors"
     (tmp_path / "run" / "chunks" / foreign.name).write_bytes(foreign.read_bytes())
-    with pytest.raises(StaleRunError, match="0000002-0000004.pt.*seed"):
+    with pytest.raises(StaleRunError, match="0000002-0000004.safetensors.*seed"):
         _sample(tmp_path / "run")
 
 
@@ -78,7 +85,7 @@ def test_more_samples_reuse_the_finished_chunks(tmp_path: Path) -> None:
 
 def test_unreadable_chunk_and_temp_files_are_redone(tmp_path: Path) -> None:
     first = _sample(tmp_path)
-    (tmp_path / "chunks" / "0000002-0000004.pt").write_bytes(b"not a torch file")
+    (tmp_path / "chunks" / "0000002-0000004.safetensors").write_bytes(b"not a torch file")
     (tmp_path / "chunks" / ".0000004-0000006.pt.x1.tmp").write_bytes(b"half written")
     second = _sample(tmp_path)
     assert second.computed == (ChunkRange(2, 4),)
@@ -97,7 +104,7 @@ def test_read_crosses_chunk_boundaries(tmp_path: Path) -> None:
 
 def test_open_refuses_unfinished_and_foreign_folders(tmp_path: Path) -> None:
     _sample(tmp_path)
-    (tmp_path / "chunks" / "0000004-0000006.pt").unlink()
+    (tmp_path / "chunks" / "0000004-0000006.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="misses 1 of 3 chunks"):
         ShardedRun.open(tmp_path)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):

@@ -93,7 +93,8 @@ def evaluate_command(
     sampler: SamplerKind = None,
     steps: Steps = None,
     eta: Eta = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per denoiser call (speed only).")] = 250,
+    batch_size: Annotated[int, typer.Option(help="Samples per denoiser call; also moves quantized samples "
+                                                 "slightly (README: What tadq guarantees).")] = 250,
     out: Annotated[Path | None, typer.Option(help="Report folder (results.json/.md, figures); none: print only.")
                    ] = None,
     inception_weights: Annotated[Path | None, typer.Option(

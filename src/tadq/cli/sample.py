@@ -80,7 +80,8 @@ def sample_command(
     sampler: SamplerKind = None,
     steps: Steps = None,
     eta: Eta = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per denoiser call (speed only).")] = 128,
+    batch_size: Annotated[int, typer.Option(help="Samples per denoiser call; also moves quantized samples "
+                                                 "slightly (README: What tadq guarantees).")] = 128,
     out: Annotated[Path, typer.Option(help="PNG file of the sample grid (must end in .png).")] = Path("samples.png"),
     tensor_out: Annotated[Path | None, typer.Option(
         help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle).")

@@ -45,7 +45,7 @@ def sample_sharded_command(
     chunk_size: Annotated[int, typer.Option(
         help="Samples per chunk file, the unit of work and resume (0: the batch size).")] = 0,
     out_dir: Annotated[Path, typer.Option(help="Run folder shared by all ranks: manifest.json, chunks/, "
-                                               "samples.pt, metrics.json.")] = Path("runs/sharded"),
+                                               "samples.safetensors, metrics.json.")] = Path("runs/sharded"),
     reference_dir: Annotated[Path | None, typer.Option(
         help="A finished sample-sharded run of the FP model with the same seed and sampler: adds agreement, "
              "PSNR, SSIM and MSE against it.")] = None,
@@ -55,7 +55,7 @@ def sample_sharded_command(
         "--record-trajectory/--no-record-trajectory",
         help="Store every state in the chunks (per-step MSE against a reference that did the same).")] = False,
     assemble: Annotated[bool, typer.Option("--assemble/--no-assemble",
-                                           help="Write samples.pt with all images (rank 0).")] = True,
+                                           help="Write samples.safetensors with all images (rank 0).")] = True,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Annotated[str, typer.Option(help="auto (cuda:LOCAL_RANK when CUDA is available), cpu or cuda.")

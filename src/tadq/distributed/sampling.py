@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from tadq.corrections.base import HookedDenoiser
 from tadq.distributed.key import key_differences, model_fingerprint, run_key, scheduler_fingerprint
-from tadq.distributed.shards import ChunkRange, assign_chunks, chunk_ranges
+from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, assign_chunks, chunk_ranges
 from tadq.distributed.store import (
     CHUNK_DIR,
     SAMPLES_NAME,
@@ -33,9 +33,9 @@ from tadq.distributed.store import (
 )
 from tadq.distributed.world import World
 from tadq.registry import adapter_for
+from tadq.safefiles import save_checked
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan
 from tadq.sampling import sample as sample_loop
-from tadq.utils import atomic_torch_save
 
 __all__ = ["ShardedSamplingReport", "sample_sharded"]
 
@@ -113,13 +113,13 @@ def _plan(world: World, out_dir: Path, chunks: tuple[ChunkRange, ...], key: dict
 
 
 def _global_done(out_dir: Path, chunks: tuple[ChunkRange, ...]) -> int:
-    names = {path.name for path in (out_dir / CHUNK_DIR).glob("*.pt")}
+    names = {path.name for path in (out_dir / CHUNK_DIR).glob(f"*{CHUNK_SUFFIX}")}
     return sum(chunk.filename in names for chunk in chunks)
 
 
 def _finish(world: World, out_dir: Path, key: dict[str, Any], num_samples: int, settings: dict[str, Any],
             assemble: bool) -> ShardedRun:
-    """After every rank is done: rank 0 marks the manifest complete and (optionally) writes ``samples.pt``."""
+    """After every rank is done: rank 0 marks the manifest complete and (optionally) writes ``samples.safetensors``."""
     world.barrier()
 
     def finish() -> None:
@@ -127,9 +127,10 @@ def _finish(world: World, out_dir: Path, key: dict[str, Any], num_samples: int, 
         write_manifest(out_dir, key, num_samples, complete=True, settings=settings)
         if assemble:
             images = run.read()
-            atomic_torch_save({"images": images, "indices": torch.arange(num_samples), "seed": key["seed"],
-                               "sampler": key["sampler"], "model": settings["model_label"], "key": key},
-                              out_dir / SAMPLES_NAME)
+            save_checked({"images": images, "indices": torch.arange(num_samples)},
+                         {"seed": key["seed"], "sampler": key["sampler"], "model": settings["model_label"],
+                          "key": key},
+                         out_dir / SAMPLES_NAME)
 
     world.on_main(finish)
     return ShardedRun.open(out_dir)
@@ -145,9 +146,9 @@ def sample_sharded(
     """Sample indices 0 .. num_samples - 1 split over the ranks of ``world``, into ``out_dir``; resumable.
 
     Call it on every rank (under ``torchrun``, inside ``distributed_world()``). Outputs: ``out_dir/manifest.json``
-    (run key and settings), ``out_dir/chunks/{start:07d}-{stop:07d}.pt`` (images (n, C, H, W), states
-    (S+1, n, C, H, W) with ``record_trajectory``), and with ``assemble`` ``out_dir/samples.pt`` (all images, the
-    layout of ``tadq sample --tensor-out``). The model is moved to ``world.device``.
+    (run key and settings), ``out_dir/chunks/{start:07d}-{stop:07d}.safetensors`` (images (n, C, H, W),
+    states (S+1, n, C, H, W) with ``record_trajectory``), and with ``assemble`` ``out_dir/samples.safetensors``
+    (all images, the layout of ``tadq sample --tensor-out``). The model is moved to ``world.device``.
 
     Args:
         denoiser: A FP diffusers model or a ``QuantizedDenoiser`` (its corrections are applied, as in ``tadq.sample``).
@@ -160,8 +161,8 @@ def sample_sharded(
         chunk_size: Samples per chunk file, the unit of work and of resume (default: ``batch_size``).
         record_trajectory: Also store every state x_T .. x_0 (for per-step MSE against a reference run).
         world: This process's ``World`` (default: ``World.current()``, a single process outside a group).
-        label: Model name for the manifest and ``samples.pt``.
-        assemble: Rank 0 writes ``samples.pt`` with all images once every chunk exists.
+        label: Model name for the manifest and ``samples.safetensors``.
+        assemble: Rank 0 writes ``samples.safetensors`` with all images once every chunk exists.
         progress: tqdm bar of finished chunks (all ranks) on rank 0.
         on_chunk_written: Called with each chunk this rank has saved (progress reporting, tests of resume).
         conditions: Per-sample conditions (a function of (seed, index) or an explicit list, so every rank gives

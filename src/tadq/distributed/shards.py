@@ -11,9 +11,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["ChunkRange", "assign_chunks", "chunk_ranges"]
+__all__ = ["CHUNK_SUFFIX", "ChunkRange", "assign_chunks", "chunk_ranges"]
 
-_FILENAME = re.compile(r"^(\d+)-(\d+)\.pt$")
+CHUNK_SUFFIX = ".safetensors"  # tensors + JSON, never a pickle (tadq.safefiles)
+_FILENAME = re.compile(r"^(\d+)-(\d+)\.safetensors$")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -49,8 +50,8 @@ class ChunkRange:
 
     @property
     def filename(self) -> str:
-        """``{start:07d}-{stop:07d}.pt``: sorts by index up to ten million samples, and names its own range."""
-        return f"{self.start:07d}-{self.stop:07d}.pt"
+        """``{start:07d}-{stop:07d}.safetensors``: sorts by index up to ten million samples, names its own range."""
+        return f"{self.start:07d}-{self.stop:07d}{CHUNK_SUFFIX}"
 
     @classmethod
     def from_filename(cls, name: str) -> ChunkRange | None:

@@ -1,4 +1,5 @@
-"""The on-disk layout of a sharded run: ``manifest.json``, ``chunks/{start:07d}-{stop:07d}.pt``, ``samples.pt``.
+"""The on-disk layout of a sharded run: ``manifest.json``, ``chunks/{start:07d}-{stop:07d}.safetensors``,
+``samples.safetensors`` (tensors plus JSON metadata with a checksum: nothing read back is unpickled).
 
 Every chunk is written atomically (temp file, then rename), so a file that exists is complete and a killed run
 resumes from the chunks on disk. Every chunk carries the run key it was made with, and nothing is reused without
@@ -19,8 +20,9 @@ import torch
 from torch import Tensor
 
 from tadq.distributed.key import key_differences
-from tadq.distributed.shards import ChunkRange, chunk_ranges
-from tadq.utils import atomic_torch_save, atomic_write_json
+from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, chunk_ranges
+from tadq.safefiles import load_checked, save_checked
+from tadq.utils import atomic_write_json
 
 __all__ = [
     "CHUNK_DIR", "MANIFEST_FORMAT", "MANIFEST_NAME", "SAMPLES_NAME", "ShardedRun", "StaleRunError", "check_manifest",
@@ -33,7 +35,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tadq-sharded-samples"
 CHUNK_DIR = "chunks"
-SAMPLES_NAME = "samples.pt"
+SAMPLES_NAME = "samples.safetensors"
 
 
 class StaleRunError(ValueError):
@@ -83,12 +85,16 @@ def save_chunk(out_dir: str | Path, chunk: ChunkRange, key: Mapping[str, Any], i
     """Write one chunk atomically: images (n, C, H, W), optional states (S+1, n, C, H, W), its key and range."""
     if images.shape[0] != chunk.size:
         raise ValueError(f"chunk {chunk.filename} needs {chunk.size} images, got {images.shape[0]}")
-    payload = {"key": dict(key), "start": chunk.start, "stop": chunk.stop, "images": images.detach().cpu()}
-    if states is not None:
-        payload["states"] = states.detach().cpu()
+    tensors = {"images": images} if states is None else {"images": images, "states": states}
     path = chunk_path(out_dir, chunk)
-    atomic_torch_save(payload, path)
+    save_checked(tensors, {"key": dict(key), "start": chunk.start, "stop": chunk.stop}, path)
     return path
+
+
+def _read_chunk_file(path: Path) -> dict[str, Any]:
+    """{"key", "start", "stop", "images"[, "states"]} of a chunk file; ``DamagedFileError`` if it is damaged."""
+    tensors, meta = load_checked(path, "chunk")
+    return {**(meta if isinstance(meta, dict) else {}), **tensors}
 
 
 def _check_payload(payload: Mapping[str, Any], chunk: ChunkRange, key: Mapping[str, Any], path: Path) -> None:
@@ -110,7 +116,7 @@ def _check_payload(payload: Mapping[str, Any], chunk: ChunkRange, key: Mapping[s
 def load_chunk(out_dir: str | Path, chunk: ChunkRange, key: Mapping[str, Any]) -> dict[str, Any]:
     """Read and validate one chunk (key, range, shapes); raises ``StaleRunError`` on any mismatch."""
     path = chunk_path(out_dir, chunk)
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = _read_chunk_file(path)
     _check_payload(payload, chunk, key, path)
     return payload
 
@@ -134,13 +140,13 @@ def pending_chunks(out_dir: str | Path, chunks: Iterable[ChunkRange], key: Mappi
     wanted = list(chunks)
     done: set[ChunkRange] = set()
     folder = Path(out_dir) / CHUNK_DIR
-    for path in sorted(folder.glob("*.pt")) if folder.is_dir() else []:
+    for path in sorted(folder.glob(f"*{CHUNK_SUFFIX}")) if folder.is_dir() else []:
         chunk = ChunkRange.from_filename(path.name)
         if chunk is None:
             continue
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as error:  # any unreadable file is simply sampled again
+            payload = _read_chunk_file(path)
+        except (OSError, ValueError) as error:  # any unreadable file is simply sampled again
             logger.warning("cannot read %s (%s); it will be sampled again", path, error)
             continue
         _check_payload(payload, chunk, key, path)
