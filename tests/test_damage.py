@@ -364,3 +364,12 @@ def test_two_identical_quantize_runs_give_identical_bytes(tmp_path, tiny_model_d
         trees.append(_tree(tmp_path / name))
     assert trees[0] == trees[1]
     assert MANIFEST_FILE in trees[0] and WEIGHTS_FILE in trees[0]
+
+
+def test_overflowing_activations_are_refused_after_calibration(tiny_unet, ddpm_scheduler):
+    calib = collect_calibration_set(tiny_unet, adapter_for(tiny_unet), ddpm_scheduler.config, CALIB, progress=False)
+    with torch.no_grad():
+        tiny_unet.conv_in.weight.mul_(1e37)  # finite weights whose outputs overflow float32 downstream
+    with pytest.raises(ValueError, match="activation range after calibration: .* holds (NaN|Inf)"):
+        tadq.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=CALIB),
+                      calibration=calib, progress=False)
