@@ -70,9 +70,14 @@ def quantize(
     device = resolve_device(device) if device is not None else (parameter.device if parameter is not None else None)
     dtype = resolve_dtype(dtype) if dtype is not None else (parameter.dtype if parameter is not None else None)
     fp = place_model(model, device, dtype) if parameter is not None else model
+    # the fake-quant network computes in float32 (its Δ, z and rounding are float32); the FP reference in ``dtype``
+    network = fp if parameter is None or dtype == torch.float32 else place_model(model, device, torch.float32)
     if recipe is not None and any(d.guidance_scale != 1.0 for d in recipe.deployments) and recipe.corrections:
         raise NotImplementedError("fitting corrections at guidance_scale != 1 needs the conditioning seam in "
                                   "fit_corrections; this tadq fits them unguided only")
+    if network is not fp and config.method == "qdiffusion":
+        raise NotImplementedError(f"block reconstruction compares FP and quantized blocks in one dtype: quantize "
+                                  f"with dtype=float32, not {dtype} (sampling, evaluation and naive PTQ take it)")
     handler = method_handler(recipe.method) if recipe is not None else None
     options = {"cache_dir": cache_dir, "progress": progress}
     if base is not None:
@@ -80,13 +85,13 @@ def quantize(
             raise ValueError("base= needs a Recipe whose quant_config() is the base's QuantConfig")
         qmodel = handler.reuse(base, fp, scheduler, recipe, config, **options)
     elif handler is not None:
-        qmodel = handler.quantize(fp, fp, scheduler, recipe, config, calibration=calibration, checkpoint=checkpoint,
-                                  **options)
+        qmodel = handler.quantize(network, fp, scheduler, recipe, config, calibration=calibration,
+                                  checkpoint=checkpoint, **options)
     else:
-        qmodel = quantize_base(fp, fp, scheduler, None, config, calibration=calibration, checkpoint=checkpoint,
+        qmodel = quantize_base(network, fp, scheduler, None, config, calibration=calibration, checkpoint=checkpoint,
                                **options)
     if recipe is not None and recipe.corrections:
-        qmodel = fit_corrections(qmodel, fp, scheduler, recipe.sampler, recipe.corrections,
+        qmodel = fit_corrections(qmodel, _reference(fp, network), scheduler, recipe.sampler, recipe.corrections,
                                  batch_size=fit_batch_size)
     qmodel.recipe = recipe
     plans = qmodel.plans
@@ -94,12 +99,31 @@ def quantize(
     return qmodel
 
 
+def _reference(fp: nn.Module, network: nn.Module):
+    """The FP reference as the fits call it: itself, or (another dtype than the float32 network) a callable that
+    runs it in its dtype on the network's states and returns ε in theirs."""
+    if fp is network:
+        return fp
+    adapter = adapter_for(fp)
+    dtype = next(fp.parameters()).dtype
+
+    def call(x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        cond = None if cond is None else cond.to(x.device, dtype)
+        return adapter.predict_eps(fp, x.to(dtype), t, cond).to(x.dtype)
+
+    return call
+
+
 def sample(
     denoiser: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
     batch_size: int = 128, hooks: Sequence = (), record_trajectory: bool = False, progress: bool = True,
     conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
+    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
 ) -> SamplingResult:
     """Sample with tadq's loop from a FP diffusers model or a ``QuantizedDenoiser``.
+
+    ``device``/``dtype`` run it on a moved copy of ``denoiser`` (``None``: where and as it is; a device torch
+    does not have raises naming it).
 
     A denoiser carrying corrections (``QuantizedDenoiser``, ``MixedPrecisionDenoiser``) applies them first, then
     ``hooks``. ``conditions`` gives each sample its conditioning (from (seed, index) or an explicit list);
@@ -114,6 +138,12 @@ def sample(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
+    if device is not None or dtype is not None:
+        first = next(denoiser.parameters(), None)
+        target_device = resolve_device(device) if device is not None else (first.device if first is not None else None)
+        target_dtype = resolve_dtype(dtype) if dtype is not None else (first.dtype if first is not None else None)
+        if first is not None:
+            denoiser = place_model(denoiser, target_device, target_dtype)
     if isinstance(denoiser, HookedDenoiser):
         call, shape = denoiser, denoiser.sample_shape
         hooks = (*denoiser.correction_hooks(), *hooks)

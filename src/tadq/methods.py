@@ -34,11 +34,14 @@ def model_device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-def calibration_on(calibration: CalibrationSet, device: torch.device) -> CalibrationSet:
-    """``calibration`` with its tensors on ``device`` (the same object when they are there already)."""
-    if calibration.x.device == device:
+def calibration_on(calibration: CalibrationSet, device: torch.device,
+                   dtype: torch.dtype = torch.float32) -> CalibrationSet:
+    """``calibration`` with its tensors on ``device`` and its states in ``dtype`` (the network's; the same object
+    when they are so already)."""
+    if calibration.x.device == device and calibration.x.dtype == dtype:
         return calibration
-    moved = {name: getattr(calibration, name).to(device) for name in ("x", "t", "step_index", "eps")}
+    moved = {name: getattr(calibration, name).to(device) for name in ("t", "step_index")}
+    moved |= {name: getattr(calibration, name).to(device=device, dtype=dtype) for name in ("x", "eps")}
     return dataclasses.replace(calibration, **moved)
 
 
@@ -53,7 +56,8 @@ def calibrated_structure(
     if calibration is None:
         calibration = collect_calibration_set(reference, adapter, scheduler.config, config.calibration,
                                               cache_dir=cache_dir, progress=progress)
-    calibration = calibration_on(calibration, model_device(model))
+    first = next(model.parameters(), None)
+    calibration = calibration_on(calibration, model_device(model), torch.float32 if first is None else first.dtype)
     if config.activations.enabled:
         calibrate_activations(qmodel, calibration, config.calibration.batch_size, config.calibration.seed, progress)
     return qmodel, calibration
@@ -68,6 +72,9 @@ def quantize_base(
     qmodel, calibration = calibrated_structure(model, reference, scheduler, config, calibration=calibration,
                                                cache_dir=cache_dir, progress=progress)
     if config.method == "qdiffusion":
+        if reference is not model:
+            raise NotImplementedError("block reconstruction compares FP and quantized blocks in one dtype: quantize "
+                                      "with dtype=float32 (sampling, evaluation and naive PTQ take another)")
         qmodel.reconstruction_report = reconstruct(qmodel.model, reference, qmodel.adapter, calibration,
                                                    config.reconstruction, checkpoint=checkpoint, progress=progress)
     return qmodel

@@ -27,11 +27,14 @@ def calibrate_activations(
     qmodel: QuantizedDenoiser, calib: CalibrationSet, batch_size: int = 128, seed: int = 0, progress: bool = True,
 ) -> None:
     """Set every activation range from the calibration inputs (the explicit calibrate phase)."""
+    parameter = next(qmodel.model.parameters(), None)
+    device = parameter.device if parameter is not None else calib.x.device  # inputs follow the model
     with Calibrate(qmodel.model, seed=seed):
         starts = range(0, len(calib), batch_size)
         for start in tqdm(starts, desc="calibrate activation ranges", disable=not progress, leave=False):
             rows = slice(start, start + batch_size)
-            qmodel(calib.x[rows], calib.t[rows], None if calib.cond is None else calib.cond.rows(rows))
+            qmodel(calib.x[rows].to(device), calib.t[rows].to(device),
+                   None if calib.cond is None else calib.cond.rows(rows).to(device))
     ranges = {name: tensor for name, tensor in qmodel.model.state_dict().items()
               if name.endswith(("quantizer.scale", "quantizer.zero_point"))}
     require_finite(ranges, "activation range after calibration:")  # overflowing activations, not a bad weight

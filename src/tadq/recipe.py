@@ -225,10 +225,10 @@ class Recipe:
                    corrections=corrections, preset_name=config.preset_name, name=name)
 
     @classmethod
-    def from_preset(cls, name: str, **fields: Any) -> Recipe:
+    def from_preset(cls, preset_name: str, /, **fields: Any) -> Recipe:
         """``Recipe.from_preset("W4A8", method=QDiffusionMethod(), corrections=(TACConfig(),))``."""
-        weights, activations = preset(name)
-        return cls(weights=weights, activations=activations, preset_name=name.upper(), **fields)
+        weights, activations = preset(preset_name)
+        return cls(**{"weights": weights, "activations": activations, "preset_name": preset_name.upper(), **fields})
 
 
 # -- JSON -------------------------------------------------------------------------------------------------------------

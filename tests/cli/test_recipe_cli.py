@@ -17,6 +17,7 @@ from tadq.cli.app import app
 from tadq.cli.quantize import QuantFlags, parse_settings, resolve_recipe
 from tadq.io.load import read_recipe
 from tadq.recipe import load_recipe
+from tadq.safefiles import load_checked
 
 runner = CliRunner()
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
@@ -41,10 +42,10 @@ def _sample_in_subprocess(artefact: Path, out: Path) -> torch.Tensor:
     src = Path(__file__).resolve().parents[2] / "src"
     env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     command = [sys.executable, "-m", "tadq.cli.app", "sample", str(artefact), "--num-samples", "3", "--seed", "5",
-               "--threads", "1", "--out", str(out / "s.png"), "--tensor-out", str(out / "s.pt")]
+               "--threads", "1", "--out", str(out / "s.png"), "--tensor-out", str(out / "s.safetensors")]
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    return torch.load(out / "s.pt")["images"]
+    return load_checked(out / "s.safetensors", "samples")[0]["images"]
 
 
 @pytest.mark.parametrize(("recipe", "extra"), [
