@@ -373,3 +373,28 @@ def test_overflowing_activations_are_refused_after_calibration(tiny_unet, ddpm_s
     with pytest.raises(ValueError, match="activation range after calibration: .* holds (NaN|Inf)"):
         tadq.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=CALIB),
                       calibration=calib, progress=False)
+
+
+def test_verify_checks_tables_against_the_recipe(tmp_path, tiny_unet, ddpm_scheduler):
+    import dataclasses
+
+    from tadq.corrections import PTQDConfig
+    from tadq.recipe import Recipe
+
+    recipe = dataclasses.replace(Recipe.from_quant_config(QuantConfig.from_preset("W8A8", calibration=CALIB)),
+                                 corrections=(PTQDConfig(num_samples=8, seed=1),))
+    qmodel = tadq.quantize(tiny_unet, ddpm_scheduler, recipe, progress=False)
+    save_quantized(qmodel, tmp_path / "q", ddpm_scheduler)
+    result = runner.invoke(app, ["verify", str(tmp_path / "q")])
+    assert result.exit_code == 0 and "PTQDCorrection): W8A8, ddim-4-eta0.0" in result.output, result.output
+    text = (tmp_path / "q" / "tadq_recipe.json").read_text()
+    recipe_json = json.loads(text)
+    recipe_json["data"]["deployments"][0]["data"]["guidance_scale"] = 2.0
+    (tmp_path / "q" / "tadq_recipe.json").write_text(json.dumps(recipe_json))
+    write_manifest(tmp_path / "q")  # a recipe deploying another guidance than the tables were fitted for
+    result = runner.invoke(app, ["verify", str(tmp_path / "q")])
+    assert result.exit_code == 1 and "recipe deploys ddim-4-eta0.0 at guidance 2.0" in result.output, result.output
+    qmodel.corrections[0].table_key = dataclasses.replace(qmodel.corrections[0].table_key, bits="W4A8")
+    save_quantized(qmodel, tmp_path / "bad", ddpm_scheduler)  # consistent files, tables of another model
+    result = runner.invoke(app, ["verify", str(tmp_path / "bad")])
+    assert result.exit_code == 1 and "W4A8" in result.output and "Traceback" not in result.output, result.output

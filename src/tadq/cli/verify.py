@@ -31,6 +31,12 @@ def check_tables(qmodel) -> list[str]:
             raise ValueError(f"{name} is not fitted: its tables are missing; save the artefact again")
         key = member.table_key
         member.check_model(qmodel.config.label)  # the bit label the tables were fitted on
+        recipe = getattr(qmodel, "recipe", None)
+        if recipe is not None and (key.sampler_key, key.guidance_scale) != (recipe.sampler.key,
+                                                                            float(recipe.guidance_scale)):
+            raise ValueError(f"{name} was fitted for {key.sampler_key} at guidance {key.guidance_scale}, but the "
+                             f"recipe deploys {recipe.sampler.key} at guidance {recipe.guidance_scale}; save the "
+                             "artefact again")
         lengths = {buffer_name: int(buffer.shape[0]) for buffer_name, buffer in member.named_buffers(recurse=False)
                    if buffer.ndim >= 1}
         wrong = {k: v for k, v in lengths.items() if v != key.num_steps}
