@@ -92,6 +92,10 @@ def test_flags_build_the_recipe(tmp_path):
     from_file = resolve_recipe(RECIPES / "qdiffusion+ptqd-W8A8.json", None, QuantFlags(preset="W4A8"))
     assert from_file.label == "W4A8" and type(from_file.corrections[0]).__name__ == "PTQDConfig"
     assert type(resolve_recipe(None, None, QuantFlags(method="tfmq")).method).__name__ == "TFMQMethod"
+    flags = QuantFlags(preset="W4A8", method="qdiffusion", correct=("tac", "tcec"), split_shortcut=True,
+                       quantize_attention=True, steps=50, eta=0.0)  # the README row, from flags
+    shipped = load_recipe(RECIPES / "qdiffusion+tac+tcec-W4A8.json")
+    assert resolve_recipe(None, None, flags, {"name": shipped.name}) == shipped
 
 
 @pytest.mark.parametrize(("args", "message"), [
