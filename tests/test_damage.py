@@ -89,6 +89,13 @@ def test_damaged_weights_are_detected_naming_the_file(copy, damage):
     assert result.exit_code == 1 and WEIGHTS_FILE in result.output and "Traceback" not in result.output
 
 
+def test_truncated_weights_of_an_artefact_without_manifest_are_named(copy):
+    (copy / MANIFEST_FILE).unlink()
+    (copy / WEIGHTS_FILE).write_bytes((copy / WEIGHTS_FILE).read_bytes()[:-50])
+    with pytest.raises(DamagedFileError, match=WEIGHTS_FILE):
+        load_quantized(copy)
+
+
 def test_random_weights_with_a_matching_manifest_still_give_one_clear_error(copy):
     (copy / WEIGHTS_FILE).write_bytes(bytes(range(256)) * 8)
     write_manifest(copy)  # a consistent but foreign file: safetensors' own error must not leak as a traceback
@@ -394,6 +401,13 @@ def test_verify_checks_tables_against_the_recipe(tmp_path, tiny_unet, ddpm_sched
     write_manifest(tmp_path / "q")  # a recipe deploying another guidance than the tables were fitted for
     result = runner.invoke(app, ["verify", str(tmp_path / "q")])
     assert result.exit_code == 1 and "recipe deploys ddim-4-eta0.0 at guidance 2.0" in result.output, result.output
+    legacy = tmp_path / "legacy"  # an artefact saved before manifests: safetensors damage still named
+    shutil.copytree(tmp_path / "q", legacy)
+    (legacy / MANIFEST_FILE).unlink()
+    tables = legacy / "corrections.safetensors"
+    tables.write_bytes(tables.read_bytes()[:-20])
+    with pytest.raises(DamagedFileError, match="corrections.safetensors"):
+        load_quantized(legacy)
     qmodel.corrections[0].table_key = dataclasses.replace(qmodel.corrections[0].table_key, bits="W4A8")
     save_quantized(qmodel, tmp_path / "bad", ddpm_scheduler)  # consistent files, tables of another model
     result = runner.invoke(app, ["verify", str(tmp_path / "bad")])

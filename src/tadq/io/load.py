@@ -185,7 +185,11 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
                                f"{str(error).splitlines()[0][:120]}); save the artefact again") from error
     require_finite(dict(qmodel.model.named_parameters()), f"artefact {path}: parameter")
     require_finite(dict(qmodel.model.named_buffers()), f"artefact {path}: buffer")
-    qmodel.corrections = load_corrections(path, meta.get("corrections", []))
+    try:
+        qmodel.corrections = load_corrections(path, meta.get("corrections", []))
+    except (OSError, RuntimeError, SafetensorError) as error:  # damage the manifest did not cover (older artefact)
+        raise DamagedFileError(f"{path / 'corrections.safetensors'} cannot be read ({type(error).__name__}: "
+                               f"{str(error).splitlines()[0][:120]}); save the artefact again") from error
     # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
     qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
     qmodel.recipe = read_recipe(path, config)
