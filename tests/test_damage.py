@@ -412,3 +412,24 @@ def test_verify_checks_tables_against_the_recipe(tmp_path, tiny_unet, ddpm_sched
     save_quantized(qmodel, tmp_path / "bad", ddpm_scheduler)  # consistent files, tables of another model
     result = runner.invoke(app, ["verify", str(tmp_path / "bad")])
     assert result.exit_code == 1 and "W4A8" in result.output and "Traceback" not in result.output, result.output
+
+
+@pytest.mark.parametrize("command", [["run", "--num-samples", "2"], ["sample-sharded", "--num-samples", "2"],
+                                     ["bench", "--num-samples", "2"]])
+def test_run_like_commands_refuse_a_foreign_out_folder_before_work(tmp_path, tiny_model_dir, command):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    flag = "--out-dir" if command[0] == "sample-sharded" else "--out"
+    model = [str(tiny_model_dir)] if command[0] == "sample-sharded" else ["--model", str(tiny_model_dir)]
+    result = runner.invoke(app, [command[0], *model, *command[1:], flag, str(out)])
+    _one_line_error(result, "tadq did not write")
+    assert _tree(out) == {"notes.txt": hashlib.sha256(b"mine").hexdigest()}
+
+
+def test_checkpoint_inside_the_input_model_is_refused(tmp_path, tiny_model_dir):
+    before = _tree(tiny_model_dir)
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--out", str(tmp_path / "q"), "--method",
+                                 "qdiffusion", "--checkpoint", str(tiny_model_dir / "recon.safetensors"), *SMALL])
+    _one_line_error(result, "--checkpoint", "inside the input")
+    assert _tree(tiny_model_dir) == before
