@@ -91,6 +91,8 @@ def test_damaged_weights_are_detected_naming_the_file(copy, damage):
 
 def test_truncated_weights_of_an_artefact_without_manifest_are_named(copy):
     (copy / MANIFEST_FILE).unlink()
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1 and "UNCHECKED" in result.output and "OK" not in result.output, result.output
     (copy / WEIGHTS_FILE).write_bytes((copy / WEIGHTS_FILE).read_bytes()[:-50])
     with pytest.raises(DamagedFileError, match=WEIGHTS_FILE):
         load_quantized(copy)

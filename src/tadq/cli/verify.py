@@ -72,8 +72,9 @@ def verify_command(
             console.print_exception()
         console.print(f"FAILED {artefact}: {' '.join(str(error).split())}", markup=False, soft_wrap=True)
         raise typer.Exit(code=1) from error
-    files = "files match the manifest" if manifest else f"no {MANIFEST_FILE} (older artefact): files NOT checked"
-    console.print(f"OK {artefact}: {files}; structure and finite weights load; "
+    verdict, files = ("OK", "files match the manifest") if manifest else (
+        "UNCHECKED", f"no {MANIFEST_FILE} (saved by an older tadq), so its files cannot be checked; save it again")
+    console.print(f"{verdict} {artefact}: {files}; structure and finite weights load; "
                   f"{qmodel.config.label} {qmodel.config.method}", markup=False, soft_wrap=True)
     for line in tables:
         console.print(f"  {line}", markup=False, soft_wrap=True)
