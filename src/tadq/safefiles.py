@@ -1,7 +1,7 @@
 """Tensors + JSON in one safetensors file, checksummed: the only format tadq uses for state it reads back.
 
-Checkpoints, run cells and sample tensors used to be pickles (``torch.load(weights_only=False)``), so a crafted
-file ran code when loaded. A safetensors file holds raw tensor bytes and a JSON header; nothing in it is executed.
+Checkpoints, run cells and sample tensors used to be pickles (loaded with torch's unrestricted unpickler), so a
+crafted file ran code when loaded. A safetensors file holds raw tensor bytes and a JSON header; nothing in it is executed.
 ``save_checked`` adds the caller's JSON metadata and a SHA-256 over the tensors (names, dtypes, shapes, bytes), so
 flipped bytes are detected too; ``load_checked`` turns every kind of damage into a one-line ``ValueError`` naming
 the file.
@@ -88,7 +88,8 @@ def load_checked(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[s
 def split_tensors(tree: Any, prefix: str = "") -> tuple[Any, dict[str, Tensor]]:
     """(JSON tree with ``{"__tensor__": name}`` placeholders, tensors by name) of nested dicts/lists/tensors.
 
-    Lets states such as an optimizer's be saved with ``save_checked`` instead of pickled. Dict keys become strings.
+    Lets states such as an optimizer's be saved with ``save_checked`` instead of pickled. Dicts are stored as
+    key/value pairs, so int keys (an optimizer's parameter indices) come back as ints.
     """
     tensors: dict[str, Tensor] = {}
 
