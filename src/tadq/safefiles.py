@@ -1,7 +1,8 @@
 """Tensors + JSON in one safetensors file, checksummed: the only format tadq uses for state it reads back.
 
 Checkpoints, run cells and sample tensors used to be pickles (loaded with torch's unrestricted unpickler), so a
-crafted file ran code when loaded. A safetensors file holds raw tensor bytes and a JSON header; nothing in it is executed.
+crafted file ran code when loaded. A safetensors file holds raw tensor bytes and a JSON header; nothing in it is
+executed.
 ``save_checked`` adds the caller's JSON metadata and a SHA-256 over the tensors (names, dtypes, shapes, bytes), so
 flipped bytes are detected too; ``load_checked`` turns every kind of damage into a one-line ``ValueError`` naming
 the file.
