@@ -89,7 +89,9 @@ def kernel_table(model: nn.Module) -> str:
         totals = dict.fromkeys(("fp32", "bf16", "fake", "onednn", "kernel", "int_mm"), 0.0)
         for name, module, shape in shapes:
             with torch.no_grad():
-                for key, fn in _candidates(name, module, torch.randn(batch, *shape[1:])).items():
+                x = torch.randn(batch, *shape[1:])  # convs: channels-last, the layout inputs have inside the model
+                x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+                for key, fn in _candidates(name, module, x).items():
                     totals[key] += _median_time(fn, REPEATS[batch])
         cells = " | ".join(f"{1000 * v:.1f} ms" for v in totals.values())
         lines.append(f"| {batch} | {cells} | {len(shapes)} |")

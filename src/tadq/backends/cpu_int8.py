@@ -13,7 +13,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tadq.backends.activations import ActivationGrid, GridCache, activation_codes, check_activation_quantizer
+from tadq.backends.activations import (
+    SCRATCH,
+    ActivationGrid,
+    GridCache,
+    activation_codes,
+    check_activation_quantizer,
+)
 from tadq.backends.weights import WeightCodes, weight_codes, window_sum
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
@@ -68,8 +74,8 @@ class _ConvKernel(nn.Module):
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
         _check_float_input(x, self.name)
         grid = self.grid(quantizer)
-        values = activation_codes(x, grid)
-        codes = values.to(torch.uint8, memory_format=torch.channels_last)  # the layout oneDNN runs fastest on
+        values = activation_codes(x, grid, SCRATCH.get("codes", x.shape, torch.float32, x.device, True))
+        codes = SCRATCH.get("uint8", x.shape, torch.uint8, x.device, True).copy_(values)  # oneDNN's fastest layout
         stride, padding, dilation = self.geometry
         op = torch.ops.onednn.qconv2d_pointwise
         op = op.tensor if isinstance(grid.scale, Tensor) else op.default
@@ -144,11 +150,13 @@ class OneDNNLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         _check_float_input(x, self.name)
         grid = self.grid(self.input_quantizer)
-        rows = activation_codes(x, grid).reshape(-1, self.in_features)
+        shape = torch.Size((x.numel() // self.in_features, self.in_features))
+        rows = activation_codes(x.reshape(shape), grid, SCRATCH.get("codes", shape, torch.float32, x.device, False))
         op = torch.ops.onednn.qlinear_pointwise
         op = op.tensor if isinstance(grid.scale, Tensor) else op.default
-        y = op(rows.to(torch.uint8, memory_format=torch.contiguous_format), grid.scale, _zero(grid), self.packed,
-               self.w_scale, self.w_zero, self.bias, 1.0, 0, torch.float32, "none", [], "")
+        codes = SCRATCH.get("uint8", shape, torch.uint8, x.device, False).copy_(rows)
+        y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, 1.0, 0,
+               torch.float32, "none", [], "")
         if self.has_offset:
             centred = rows.sum(dim=1, keepdim=True) - self.in_features * grid.zero_point
             y.addcmul_(centred, self.neg_offset_scale * grid.scale)
