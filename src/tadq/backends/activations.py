@@ -87,10 +87,9 @@ def activation_codes(x: Tensor, grid: ActivationGrid, out: Tensor | None = None)
 class Scratch(threading.local):
     """Per-thread reusable buffers for the codes of one layer input at a time.
 
-    Measured on these CPUs: writing a fresh 8 MB tensor costs about 7× an in-place pass over it (the allocator hands
-    large blocks back to the OS, so every new tensor page-faults), which made allocation the largest part of
-    quantizing an input. Layers run one after another, so one buffer per (role, dtype, device) serves them all; it
-    grows to the largest input seen.
+    A fresh multi-megabyte tensor costs several in-place passes (the allocator hands large blocks back to the OS, so
+    each new one page-faults); reusing buffers made the whole int8 forward about 20 % faster here. Layers run one
+    after another, so one buffer per (role, dtype, device) serves them all; it grows to the largest input seen.
     """
 
     def __init__(self) -> None:
