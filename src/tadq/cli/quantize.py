@@ -210,9 +210,10 @@ def quantize_command(
     set_fields: Annotated[list[str] | None, typer.Option(
         "--set", help="Override one recipe field, FIELD.PATH=JSON (e.g. method.reconstruction.weight_iters=20, "
                       "corrections.0.num_samples=64); repeat. Applied last.")] = None,
-    sampler: Annotated[str | None, typer.Option(help="Deployment sampler calibrated for: ddim or ddpm.")] = None,
-    steps: Annotated[int | None, typer.Option(help="Sampler steps of the calibration trajectories (50).")] = None,
-    eta: Annotated[float | None, typer.Option(help="DDIM eta of the calibration trajectories (0).")] = None,
+    sampler: Annotated[str | None, typer.Option(
+        help="Deployment sampler (calibrated on and corrections fitted for): ddim or ddpm.")] = None,
+    steps: Annotated[int | None, typer.Option(help="Deployment sampler steps (recipe's, else 50).")] = None,
+    eta: Annotated[float | None, typer.Option(help="Deployment DDIM eta (recipe's, else 0).")] = None,
     calib_seed: Annotated[int | None, typer.Option(help="Calibration noise seed (0).")] = None,
     calib_trajectories: Annotated[int | None, typer.Option(help="FP trajectories recorded (256).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of layers kept in FP (repeat).")] = None,
