@@ -1,4 +1,4 @@
-"""``tadq zoo``: (re)train the shipped digits DDPM and the digit classifier behind FD-digits."""
+"""``tadq zoo``: (re)train the shipped DDPMs (digits, photos) and the classifiers behind FD-digits and FD-photos."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 
-zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digits DDPM, digit classifier).")
+zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digits and photos DDPMs, classifiers).")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 
@@ -62,3 +62,54 @@ def train_classifier_command(
         command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         info = train_digit_classifier(config, out, command=command)
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')}")
+
+
+@zoo_app.command("train-photos")
+def train_photos_command(
+    out: Path = typer.Option(SHIPPED / "photos-ddpm", help="Output folder (diffusers DDPMPipeline layout)."),
+    steps: int = typer.Option(2000, help="Optimiser steps."),
+    batch_size: int = typer.Option(32, help="Patches per step."),
+    learning_rate: float = typer.Option(1e-3, help="AdamW peak learning rate."),
+    label_dropout: float = typer.Option(0.15, help="Probability of the null label (unconditional branch)."),
+    checkpoint_every: int = typer.Option(250, help="Steps between resumable checkpoints."),
+    seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps, noise and label dropout."),
+    threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    force_foreign: ForceForeign = False,
+) -> None:
+    """Train the class-conditional photos DDPM; resumes from the checkpoint in --out if interrupted."""
+    from tadq.fsguard import check_output_dir, mark_output
+    from tadq.zoo.photos_model import PhotosTrainConfig, train_photos_ddpm
+
+    setup(verbose, threads, "cpu")
+    with fail_cleanly():
+        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before an hour of training
+        mark_output(out, "training")  # so a resume finds a folder tadq wrote, not only a checkpoint
+        config = PhotosTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                   label_dropout=label_dropout, checkpoint_every=checkpoint_every)
+        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        path = train_photos_ddpm(config, out, command=command)
+    console.print(f"saved {path}")
+
+
+@zoo_app.command("train-photo-classifier")
+def train_photo_classifier_command(
+    out: Path = typer.Option(SHIPPED / "photo-classifier", help="Output folder."),
+    epochs: int = typer.Option(12, help="Training epochs."),
+    seed: int = typer.Option(0, help="Seed."),
+    threads: int = typer.Option(1, help="torch CPU threads."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    force_foreign: ForceForeign = False,
+) -> None:
+    """Train the photo classifier whose penultimate features define FD-photos."""
+    from tadq.fsguard import check_output_dir
+    from tadq.metrics.photo_classifier import PhotoClassifierTrainConfig, train_photo_classifier
+
+    setup(verbose, threads, "cpu")
+    with fail_cleanly():
+        check_output_dir(out, resume=True, force_foreign=force_foreign)
+        config = PhotoClassifierTrainConfig(epochs=epochs, seed=seed)
+        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        info = train_photo_classifier(config, out, command=command)
+    console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')} "
+                  f"(chance {info.get('chance_accuracy'):.3f})")

@@ -18,11 +18,13 @@ from torch import Tensor
 
 from tadq.metrics.classifier import DigitClassifier, load_digit_classifier
 from tadq.metrics.frechet import digit_features, fd_digits_reference, frechet_distance, gaussian_statistics
-from tadq.metrics.image import classifier_agreement
+from tadq.metrics.image import classifier_agreement, predicted_labels
+from tadq.metrics.photo_classifier import PhotoClassifier, load_photo_classifier, photo_features
 from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.photos import PhotosConfig, load_photos_split
 
-__all__ = ["FeatureSpace", "MetricMismatchError", "DigitsFeatureSpace", "TorchScriptFeatureSpace",
-           "load_reference_images"]
+__all__ = ["FeatureSpace", "MetricMismatchError", "DigitsFeatureSpace", "PhotosFeatureSpace",
+           "TorchScriptFeatureSpace", "load_reference_images"]
 
 
 class MetricMismatchError(ValueError):
@@ -102,6 +104,40 @@ class DigitsFeatureSpace(FeatureSpace):
 
     def agreement(self, images: Tensor, reference: Tensor) -> float | None:
         return classifier_agreement(images, reference, self.classifier)
+
+
+class PhotosFeatureSpace(FeatureSpace):
+    """The photo classifier's penultimate features against the held-out region patches (FD-photos).
+
+    Real images are the held-out strips of every photograph (never trained on, by the model or the classifier).
+    The floor is ``floor_samples`` training patches (drawn with ``floor_seed``) against the same held-out patches:
+    what a generator that reproduced the training regions exactly would score with that many samples.
+    """
+
+    name = "photos"
+
+    def __init__(self, classifier: PhotoClassifier | None = None, floor_samples: int = 1000,
+                 floor_seed: int = 0) -> None:
+        self.classifier = classifier if classifier is not None else load_photo_classifier()
+        split = load_photos_split(PhotosConfig())
+        self.real, self.input_shape = split.heldout_images, tuple(split.heldout_images.shape[1:])
+        self.class_names = split.class_names
+        self._real_features = photo_features(self.real, self.classifier)
+        order = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(floor_seed))
+        self.floor_samples = min(floor_samples, len(order))
+        self.floor = self.fd(split.train_images[order[: self.floor_samples]])
+
+    def features(self, images: Tensor) -> Tensor:
+        if images is self.real and hasattr(self, "_real_features"):
+            return self._real_features
+        return photo_features(images, self.classifier)
+
+    def agreement(self, images: Tensor, reference: Tensor) -> float | None:
+        return classifier_agreement(images, reference, self.classifier)
+
+    def prompted_accuracy(self, images: Tensor, labels: Tensor) -> float:
+        """Share of conditional samples the classifier reads as the photograph they were prompted with."""
+        return float((predicted_labels(images, self.classifier) == labels.cpu()).float().mean())
 
 
 def load_reference_images(path: str | Path) -> Tensor:

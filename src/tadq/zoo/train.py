@@ -12,10 +12,12 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
@@ -23,7 +25,7 @@ from tadq.utils import library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
-__all__ = ["TrainConfig", "train_digits_ddpm"]
+__all__ = ["TrainConfig", "train_ddpm", "train_digits_ddpm"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "train_checkpoint.safetensors"
@@ -72,33 +74,64 @@ def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     images = load_digits_split(DigitsConfig(resolution=config.resolution)).train_images
-    unet, scheduler = build_digits_unet(config.resolution), build_training_scheduler()
+    return train_ddpm(config, build_digits_unet(config.resolution), images, out_dir, command=command)
+
+
+def train_ddpm(
+    config: TrainConfig | Any, unet: UNet2DModel, images: Tensor, out_dir: str | Path, command: str = "",
+    labels: Tensor | None = None, null_label: int | None = None, label_dropout: float = 0.0,
+    desc: str = "train digits DDPM",
+) -> Path:
+    """The DDPM loop shared by the shipped models (EMA, clipping, warm-up, resumable checkpoints).
+
+    ``config`` needs TrainConfig's optimisation fields (steps, batch_size, learning_rate, warmup_steps, ema_decay,
+    seed, checkpoint_every); all but ``steps`` must match on resume. With ``labels`` the UNet is class-conditional:
+    each label is replaced by ``null_label`` with probability ``label_dropout`` (drawn after the timesteps, so an
+    unconditional run draws exactly what it drew before), which trains the unconditional branch that
+    classifier-free guidance needs. The caller seeds torch before building ``unet``.
+    """
+    if labels is not None and (null_label is None or not 0.0 <= label_dropout < 1.0):
+        raise ValueError("a class-conditional run needs null_label and label_dropout in [0, 1)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    scheduler = build_training_scheduler()
     optimizer = torch.optim.AdamW(unet.parameters(), lr=config.learning_rate, weight_decay=0.0)
     ema = EMAModel(unet.parameters(), decay=config.ema_decay)
     generator = torch.Generator().manual_seed(config.seed)
-    start, elapsed = 0, 0.0
+    start, elapsed, recent = 0, 0.0, []  # recent: the last 100 batch losses
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.exists():
         tensors, tree = load_checked(checkpoint, "training checkpoint")
         state = join_tensors(tree, tensors)
-        if state["config"] != json.loads(json.dumps(asdict(config))):
+        # steps may differ: nothing but the loop's end depends on it (constant learning rate after the warm-up),
+        # so a run resumed with other steps is the run that had those steps from the start
+        saved, current = dict(state["config"]), json.loads(json.dumps(asdict(config)))
+        if {**saved, "steps": 0} != {**current, "steps": 0}:
             raise ValueError(f"{checkpoint} was written by a different TrainConfig; delete it or use another --out")
+        if state["step"] > config.steps:
+            raise ValueError(f"{checkpoint} is at step {state['step']}, past steps={config.steps}")
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
         generator.set_state(state["generator"])
         start, elapsed = state["step"], state["elapsed"]
+        recent = [float(value) for value in state.get("recent_losses", [])]
         logger.info("resuming from step %d", start)
     unet.train()
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train digits DDPM")
-    loss_value = float("nan")
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=desc)
+    loss_value = recent[-1] if recent else float("nan")
     for step in bar:
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
         x0 = images[index]
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        loss = torch.nn.functional.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+        class_labels = None
+        if labels is not None:
+            dropped = torch.rand(config.batch_size, generator=generator) < label_dropout
+            class_labels = torch.where(dropped, torch.full_like(labels[index], null_label), labels[index])
+        prediction = unet(scheduler.add_noise(x0, noise, t), t, class_labels=class_labels).sample
+        loss = torch.nn.functional.mse_loss(prediction, noise)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
@@ -107,12 +140,13 @@ def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "
         optimizer.step()
         ema.step(unet.parameters())
         loss_value = loss.item()
+        recent = (recent + [loss_value])[-100:]
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             state = {
                 "config": asdict(config), "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict(), "generator": generator.get_state(), "step": step + 1,
-                "elapsed": time.perf_counter() - t0,
+                "elapsed": time.perf_counter() - t0, "recent_losses": recent,
             }
             tree, tensors = split_tensors(state)
             save_checked(tensors, tree, checkpoint)
@@ -123,6 +157,8 @@ def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "
     info = {
         "command": command, "config": asdict(config), "wall_time_s": round(wall, 1),
         "final_batch_loss": loss_value, "versions": library_versions(),
+        "mean_loss_last_100_steps": sum(recent) / len(recent) if recent else float("nan"),
+        "torch_num_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in unet.parameters()),
     }
     (out_dir / "training_info.json").write_text(json.dumps(info, indent=2))
