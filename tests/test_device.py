@@ -57,8 +57,6 @@ def test_bfloat16_reference(tiny_unet, ddpm_scheduler):
         tadq.quantize(tiny_unet, ddpm_scheduler, recon, dtype="bfloat16", progress=False)
 
 
-@pytest.mark.xfail(raises=TypeError, reason="tadq.calibration.data.model_fingerprint hashes tensors through numpy, "
-                                            "which has no bfloat16 (hash the bytes via .view(torch.uint8) instead)")
 def test_bfloat16_reference_calibrates_and_fits(tiny_unet, ddpm_scheduler):
     recipe = Recipe.from_preset("W8A8", method=NaiveMethod(), calibration=CALIB, deployments=(Deployment(SAMPLER),),
                                 corrections=(TACConfig(num_samples=8),))

@@ -1,4 +1,4 @@
-"""Timestep-aware calibration data (Q-Diffusion, methods.md §1 B2), collected in O(S) and cached on disk.
+"""Timestep-aware calibration data (docs/methods/qdiffusion.md#calibration-data), collected in O(S) and cached on disk.
 
 One FP sampling run with the deployment sampler records (x_t, t, ε_FP) at every step; ``num_steps_kept`` steps
 are chosen uniformly and ``samples_per_step`` inputs are kept at each. The cache file is keyed by everything the
@@ -90,7 +90,7 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()
 
 
