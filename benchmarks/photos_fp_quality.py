@@ -4,9 +4,11 @@
     python benchmarks/photos_fp_quality.py --part cond --out runs/photos/fp_cond.json
 
 (``--part all`` does both in one process; the two parts were run as two 1-thread processes.) Sampling is DDIM
-(η = 0, 50 steps, x̂_0 clipped as the training scheduler says) written here as a small loop over diffusers'
-``DDIMScheduler``, with classifier-free guidance ε = ε_u + g (ε_c − ε_u); it does not use tadq's sampler, so the
-numbers measure the model, not tadq's sampling code. Unconditional samples use the null label (K).
+(η = 0, 50 steps, x̂_0 clipped as the training scheduler says) with classifier-free guidance
+ε = ε_u + g (ε_c − ε_u). ``--sampler tadq`` (the default) samples with ``tadq.sample`` and ``tadq.ClassLabels``
+(labels + null class, tadq's conditioning seam); ``--sampler diffusers`` with a small loop over diffusers'
+``DDIMScheduler`` instead, a cross-check independent of tadq's sampling code. Unconditional samples use the null
+label (K) as their label.
 
 - ``uncond``: FD-photos of ``--num-samples`` unconditional samples (noise seed ``--seed``) against the held-out
   region patches, beside the real-vs-real floor (the same number of training patches against the same held-out
@@ -34,6 +36,19 @@ from tadq.zoo.photos import PhotosConfig, load_photos_split
 from tadq.zoo.photos_model import null_label
 
 SHIPPED = Path(__file__).resolve().parents[1] / "src" / "tadq" / "zoo" / "weights" / "photos-ddpm"
+
+
+def tadq_sample(unet: nn.Module, scheduler, labels: Tensor, guidance: float, steps: int, seed: int,
+                batch_size: int) -> Tensor:
+    """DDIM (η = 0) samples in [-1, 1] from tadq's sampler; the null class is given only when guidance needs it."""
+    from tadq.api import sample
+    from tadq.sampling import ClassLabels, SamplerConfig
+
+    null = None if guidance == 1.0 else null_label()
+    result = sample(unet, scheduler, SamplerConfig(kind="ddim", num_steps=steps), num_samples=len(labels),
+                    seed=seed, batch_size=batch_size, conditions=ClassLabels(tuple(labels.tolist()), null_class=null),
+                    guidance_scale=guidance, progress=False)
+    return result.images.clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -69,16 +84,24 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sampler", choices=("tadq", "diffusers"), default="tadq")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     unet, training_scheduler = load_pipeline_parts(args.model)
-    scheduler = DDIMScheduler.from_config(training_scheduler.config)
+    if args.sampler == "tadq":
+        def generate(labels: Tensor, guidance: float, seed: int) -> Tensor:
+            return tadq_sample(unet, training_scheduler, labels, guidance, args.steps, seed, args.batch_size)
+    else:
+        def generate(labels: Tensor, guidance: float, seed: int) -> Tensor:
+            ddim = DDIMScheduler.from_config(training_scheduler.config)
+            return ddim_sample(unet, ddim, labels, guidance, args.steps, seed, args.batch_size)
     space = PhotosFeatureSpace(floor_samples=args.num_samples)
     split = load_photos_split(PhotosConfig())
     k = len(split.class_names)
-    result: dict = {"model": str(args.model), "sampler": f"diffusers DDIMScheduler, {args.steps} steps, eta 0",
-                    "clip_sample": bool(scheduler.config.clip_sample), "threads": args.threads,
+    sampler = "tadq.sample" if args.sampler == "tadq" else "diffusers DDIMScheduler loop"
+    result: dict = {"model": str(args.model), "sampler": f"{sampler}, DDIM {args.steps} steps, eta 0",
+                    "clip_sample": bool(training_scheduler.config.clip_sample), "threads": args.threads,
                     "classifier_heldout_accuracy": photo_accuracy(space.classifier, split.heldout_images,
                                                                   split.heldout_labels),
                     "heldout_patches": len(split.heldout_images), "chance": 1.0 / k}
@@ -87,7 +110,7 @@ def main() -> None:
     if args.part in ("uncond", "all"):
         t0 = time.perf_counter()
         labels = torch.full((args.num_samples,), null_label(), dtype=torch.long)
-        images = ddim_sample(unet, scheduler, labels, 1.0, args.steps, args.seed, args.batch_size)
+        images = generate(labels, 1.0, args.seed)
         result["uncond"] = {"num_samples": args.num_samples, "noise_seed": args.seed, "fd_photos": space.fd(images),
                             "fd_photos_floor": space.floor, "floor_samples": space.floor_samples,
                             "class_histogram": torch.bincount(space.classifier(images).argmax(1),
@@ -102,7 +125,7 @@ def main() -> None:
                           "floor_samples": len(labels)}
         for guidance in (float(g) for g in args.guidance.split(",")):
             t0 = time.perf_counter()
-            images = ddim_sample(unet, scheduler, labels, guidance, args.steps, args.seed + 1, args.batch_size)
+            images = generate(labels, guidance, args.seed + 1)
             predicted = space.classifier(images).argmax(1)
             hits = (predicted == labels).float()
             result["cond"][f"g{guidance:g}"] = {
