@@ -39,13 +39,13 @@ SHIPPED = Path(__file__).resolve().parents[1] / "src" / "tadq" / "zoo" / "weight
 
 
 def tadq_sample(unet: nn.Module, scheduler, labels: Tensor, guidance: float, steps: int, seed: int,
-                batch_size: int) -> Tensor:
-    """DDIM (η = 0) samples in [-1, 1] from tadq's sampler; the null class is given only when guidance needs it."""
+                batch_size: int, kind: str = "ddim") -> Tensor:
+    """Samples in [-1, 1] from tadq's sampler; the null class is given only when guidance needs it."""
     from tadq.api import sample
     from tadq.sampling import ClassLabels, SamplerConfig
 
     null = None if guidance == 1.0 else null_label()
-    result = sample(unet, scheduler, SamplerConfig(kind="ddim", num_steps=steps), num_samples=len(labels),
+    result = sample(unet, scheduler, SamplerConfig(kind=kind, num_steps=steps), num_samples=len(labels),
                     seed=seed, batch_size=batch_size, conditions=ClassLabels(tuple(labels.tolist()), null_class=null),
                     guidance_scale=guidance, progress=False)
     return result.images.clamp(-1.0, 1.0)
@@ -85,13 +85,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sampler", choices=("tadq", "diffusers"), default="tadq")
+    parser.add_argument("--kind", choices=("ddim", "ddpm"), default="ddim",
+                        help="tadq's sampler kind (ddpm: ancestral, use --steps 1000)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     unet, training_scheduler = load_pipeline_parts(args.model)
     if args.sampler == "tadq":
         def generate(labels: Tensor, guidance: float, seed: int) -> Tensor:
-            return tadq_sample(unet, training_scheduler, labels, guidance, args.steps, seed, args.batch_size)
+            return tadq_sample(unet, training_scheduler, labels, guidance, args.steps, seed, args.batch_size,
+                               args.kind)
     else:
         def generate(labels: Tensor, guidance: float, seed: int) -> Tensor:
             ddim = DDIMScheduler.from_config(training_scheduler.config)
@@ -99,12 +102,14 @@ def main() -> None:
     space = PhotosFeatureSpace(floor_samples=args.num_samples)
     split = load_photos_split(PhotosConfig())
     k = len(split.class_names)
-    sampler = "tadq.sample" if args.sampler == "tadq" else "diffusers DDIMScheduler loop"
-    result: dict = {"model": str(args.model), "sampler": f"{sampler}, DDIM {args.steps} steps, eta 0",
+    sampler = f"tadq.sample {args.kind.upper()}" if args.sampler == "tadq" else "diffusers DDIMScheduler loop, DDIM"
+    eta = ", eta 0" if args.kind == "ddim" or args.sampler == "diffusers" else ""
+    result: dict = {"model": str(args.model), "sampler": f"{sampler} {args.steps} steps{eta}",
                     "clip_sample": bool(training_scheduler.config.clip_sample), "threads": args.threads,
                     "classifier_heldout_accuracy": photo_accuracy(space.classifier, split.heldout_images,
                                                                   split.heldout_labels),
-                    "heldout_patches": len(split.heldout_images), "chance": 1.0 / k}
+                    "heldout_patches": len(split.heldout_images), "chance": 1.0 / k,
+                    "heldout_pixel_std": float(split.heldout_images.std())}
     samples_dir = args.out.parent
     samples_dir.mkdir(parents=True, exist_ok=True)
     if args.part in ("uncond", "all"):
@@ -113,11 +118,13 @@ def main() -> None:
         images = generate(labels, 1.0, args.seed)
         result["uncond"] = {"num_samples": args.num_samples, "noise_seed": args.seed, "fd_photos": space.fd(images),
                             "fd_photos_floor": space.floor, "floor_samples": space.floor_samples,
+                            "pixel_std": float(images.std()),
                             "class_histogram": torch.bincount(space.classifier(images).argmax(1),
                                                               minlength=k).tolist(),
                             "real_heldout_histogram": torch.bincount(split.heldout_labels, minlength=k).tolist(),
                             "sample_s": round(time.perf_counter() - t0, 1)}
-        save_file({"images": images.contiguous()}, str(samples_dir / "uncond_samples.safetensors"))
+        save_file({"images": images.contiguous()},
+                  str(samples_dir / f"uncond_{args.kind}{args.steps}_samples.safetensors"))
     if args.part in ("cond", "all"):
         labels = torch.arange(k).repeat_interleave(args.per_class)
         order = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(0))
@@ -132,9 +139,10 @@ def main() -> None:
                 "guidance": guidance, "per_class": args.per_class, "noise_seed": args.seed + 1,
                 "prompted_accuracy": float(hits.mean()),
                 "per_class_accuracy": dict(zip(split.class_names, hits.view(k, -1).mean(1).tolist(), strict=True)),
-                "fd_photos": space.fd(images), "sample_s": round(time.perf_counter() - t0, 1)}
+                "fd_photos": space.fd(images), "pixel_std": float(images.std()),
+                "sample_s": round(time.perf_counter() - t0, 1)}
             save_file({"images": images.contiguous(), "labels": labels},
-                      str(samples_dir / f"cond_g{guidance:g}_samples.safetensors"))
+                      str(samples_dir / f"cond_{args.kind}{args.steps}_g{guidance:g}_samples.safetensors"))
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 
