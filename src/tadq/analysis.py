@@ -1,5 +1,5 @@
 """``tadq analyze``: where a quantized model's error comes from — measured cumulative state error per step next to
-TCEC's closed-form prediction (methods.md §4 B1-B4).
+TCEC's closed-form prediction (docs/methods/tcec.md#propagation).
 
 One quantized-mode trajectory pair gives, at every step n, the quantized state x̂_n, the FP state x_n from the same
 noise and the network's own error e_n = ε̂(x̂_n) − ε_θ(x̂_n). The measured δ_n = x̂_n − x_n is compared with

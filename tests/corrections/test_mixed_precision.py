@@ -1,4 +1,4 @@
-"""PTQD's step-aware mixed precision: SNR rule, bit-operations, the step-switching denoiser (methods.md §2 B5)."""
+"""PTQD's step-aware mixed precision: SNR rule, bit-operations, the step-switching denoiser (docs/methods/ptqd.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""PTQD on an analytic denoiser with a known injected error, and on a tiny quantized UNet (methods.md §2)."""
+"""PTQD on an analytic denoiser with a known injected error, and on a tiny quantized UNet (docs/methods/ptqd.md)."""
 
 from __future__ import annotations
 

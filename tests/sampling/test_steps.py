@@ -60,7 +60,7 @@ def test_ddpm_step_matches_diffusers(variance_type: str, clip: bool, spacing: st
 
 @pytest.mark.parametrize("kind,eta", [("ddim", 0.0), ("ddim", 0.7), ("ddpm", 0.0)])
 def test_linear_form_without_clipping(kind: str, eta: float) -> None:
-    """x_prev = A_t x_t + B_t ε + σ_t z (methods.md §0.1) when no x_0 is clipped."""
+    """x_prev = A_t x_t + B_t ε + σ_t z (docs/methods/notation.md#linear-form) when no x_0 is clipped."""
     sampler = SamplerConfig(kind, num_steps=10, eta=eta, clip_sample=False)
     for step in step_contexts(_scheduler(sampler), sampler):
         x, eps, z = (tensor.double() for tensor in _inputs(step.index))

@@ -54,7 +54,7 @@ class ModelAdapter(Protocol):
     def concat_splits(self, model: nn.Module) -> dict[str, int]:
         """Shortcut convs whose input is ``cat[deep | skip]``, mapped to the deep part's channels C1.
 
-        Used by Q-Diffusion's shortcut splitting (methods.md §1 B1.6); derived from the forward, not from names.
+        Used by shortcut splitting (docs/methods/qdiffusion.md); derived from the forward, not from names.
         """
         ...
 

@@ -78,7 +78,7 @@ class UNet2DAdapter:
         return infos
 
     def blocks(self, model: nn.Module) -> list[str]:
-        """Residual and attention blocks as units, every other layer its own unit (BRECQ, methods.md §1 B3).
+        """Residual and attention blocks as units, every other layer its own unit (BRECQ, docs/methods/qdiffusion.md).
 
         Ordered as the forward pass visits them (traced with one dummy input), not as modules are registered:
         diffusers registers a block's attentions before its resnets, and the mid block after the up blocks.
@@ -96,7 +96,7 @@ class UNet2DAdapter:
     def concat_splits(self, model: nn.Module) -> dict[str, int]:
         """Decoder shortcut convs that read ``X = cat[h_deep, h_skip]``, mapped to C1 = channels of ``h_deep``.
 
-        Q-Diffusion's shortcut splitting (methods.md §1 B1.6) gives each half its own quantizers. The split point
+        Shortcut splitting (docs/methods/qdiffusion.md) gives each half its own quantizers. The split point
         is measured in one dummy forward: a pre-hook on each decoder block reads the skip tensors it is handed
         (``res_hidden_states_tuple``; diffusers pops them from the end, one per resnet), and a pre-hook on each of
         its ``ResnetBlock2D`` reads the channels of the concatenated input, so C1 = C_in − C_skip. A resnet whose

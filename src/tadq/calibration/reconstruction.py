@@ -1,4 +1,4 @@
-"""Block reconstruction (Q-Diffusion / BRECQ, methods.md §1 B3-B4), streamed unit by unit and resumable.
+"""Block reconstruction (docs/methods/qdiffusion.md#block-reconstruction), streamed unit by unit and resumable.
 
 Phase 1 (weights, B3): for each unit U in forward order, with activation quantization off, learn AdaRound
 variables so that U_q(X̂) ≈ Y, where X̂ are U's inputs in the network whose earlier units are already
@@ -16,7 +16,7 @@ After each unit the model state is checkpointed, so an interrupted run resumes a
 
 Layers named in ``frozen_layers`` keep their weights and activation steps in both phases (they still run inside their
 unit, so the unit learns around them); TFMQ-DM freezes the temporal layers this way after reconstructing them
-against the temporal features (methods.md §5 B2.5).
+against the temporal features (docs/methods/tfmq.md#tiar).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Timestep-aware corrections on one stackable interface (architecture.md §5, methods.md §7).
+"""Timestep-aware corrections on one stackable interface (docs/architecture.md, docs/methods/composition.md).
 
 Importing this package registers the built-in corrections (one sub-package per method).
 """

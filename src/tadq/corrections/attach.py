@@ -1,5 +1,5 @@
 """Attach fitted corrections to a quantized model: ``fit_corrections`` is what a row or a user calls to put any
-stack of correction configs on top of a ``QuantizedDenoiser`` for one deployment sampler (methods.md §7).
+stack of correction configs on top of a ``QuantizedDenoiser`` for one deployment sampler (docs/methods/composition.md).
 
 Imported explicitly (it depends on ``tadq.denoiser``, which imports ``tadq.corrections``).
 """

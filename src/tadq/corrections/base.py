@@ -1,4 +1,4 @@
-"""The one interface every timestep-aware correction implements (architecture.md §5, methods.md §7).
+"""The one interface every timestep-aware correction implements (docs/architecture.md#corrections).
 
 A correction is an ``nn.Module`` with identity-default hooks, so corrections acting at different places stack:
 
@@ -10,7 +10,7 @@ A correction is an ``nn.Module`` with identity-default hooks, so corrections act
     after_step(x_prev, step)             propagated-error correction
 
 Per-step tables are registered buffers shaped (S, ...) and indexed by ``step.index``, so ``state_dict`` round-trips.
-A table is only valid for what it was fitted on (methods.md §7, "Compatibility notes"): the sampler (kind, S, η),
+A table is only valid for what it was fitted on (docs/methods/composition.md#table-keys): the sampler (kind, S, η),
 the guidance scale and the quantized model's bit-width. That ``TableKey`` travels in the module's extra state, and
 every hook of a fitted correction checks it against the ``StepContext``; using an unfitted correction, or a fitted
 one on another grid, raises ``ValueError`` instead of silently returning zeros (a PTQD and TFMQ pitfall).
@@ -43,7 +43,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TableKey:
-    """What a correction's per-step tables depend on (methods.md §7: key every table by this tuple).
+    """What a correction's per-step tables depend on (docs/methods/composition.md#table-keys).
 
     Args:
         sampler_key: ``SamplerConfig.key`` (kind, number of steps, η), e.g. ``"ddim-50-eta0.0"``.
@@ -99,7 +99,7 @@ class CorrectionConfig:
 
     Args:
         trajectory: ``"teacher_forced"`` (FP trajectory, both networks on the same state; PTQD's choice,
-            methods.md §2 B2) or ``"quantized"`` (the deployed quantized trajectory).
+            docs/methods/ptqd.md#fitting-data) or ``"quantized"`` (the deployed quantized trajectory).
         num_samples: Trajectories in the fitting pair.
         seed: Noise seed of the fitting pair. It must be a calibration seed, disjoint from evaluation seeds:
             a correction scored on its own noise proves nothing.

@@ -1,4 +1,4 @@
-"""Save and load a ``CorrectionStack`` beside a quantized artefact (architecture.md §8).
+"""Save and load a ``CorrectionStack`` beside a quantized artefact (docs/architecture.md#artefact).
 
 ``corrections.safetensors`` holds every member's table buffers under ``members.<i>.<name>``; each member's extra
 state (its ``TableKey``) is JSON in the file's metadata. The members' configs, in order, go into

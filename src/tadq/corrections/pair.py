@@ -1,12 +1,12 @@
 """Trajectory pairs: FP and quantized noise predictions at the same states, the data every correction fits on.
 
-Sampler-level corrections (methods.md §7, "Calibration order", step 3) estimate per-step maps from the quantized
+Sampler-level corrections (docs/methods/composition.md, step 3) estimate per-step maps from the quantized
 prediction ε̂ to the FP prediction ε. Both predictions are recorded at every step of one sampling run, in one of
 two modes (``TrajectoryMode``):
 
     teacher_forced   x_{t-1} = step(x_t, ε(x_t))                    the FP trajectory; the quantized path (with the
                      ε̂ = after_model(q(x̃_t)), x̃_t = before_model(x_t)   hooks already in the stack) is evaluated on
-                                                                      the same state (PTQD's choice, methods.md §2 B2)
+                                                                      the same state (as PTQD, docs/methods/ptqd.md)
     quantized        x_{t-1} = after_step(step(x̃_t, ε̂, noise_std(σ_t)))  the deployed quantized trajectory;
                      ε = fp(x̃_t)                                      FP is evaluated on the quantized input, and
                                                                       the FP trajectory from the same noise is
@@ -113,7 +113,7 @@ class TrajectoryPair:
         return self.steps[0].sampler_key
 
     def error(self, index: int) -> Tensor:
-        """Δ = ε̂ − ε at step ``index`` in float64, (N, C, H, W) (methods.md §2 B1)."""
+        """Δ = ε̂ − ε at step ``index`` in float64, (N, C, H, W) (docs/methods/ptqd.md#noise-model)."""
         return self.eps_q[index].double() - self.eps_fp[index].double()
 
 
@@ -150,7 +150,7 @@ def collect_trajectory_pair(
     mode: TrajectoryMode = "teacher_forced",
     hooks: Sequence[SamplingHooks] = (),
 ) -> TrajectoryPair:
-    """Run the sampler once and record ε and ε̂ at every step (methods.md §2 B2, §7 step 3).
+    """Run the sampler once and record ε and ε̂ at every step (docs/methods/ptqd.md, docs/methods/composition.md).
 
     Args:
         ctx: The networks (the quantized one *without* the corrections passed as ``hooks``), plan, shape, bit

@@ -1,5 +1,5 @@
 """Sequential fitting: per-step tables fitted from the noisiest step down, each step's statistics gathered with the
-corrections of every earlier step already active (TAC, methods.md §3 B; TCEC, §4 B6).
+corrections of every earlier step already active (TAC, docs/methods/tac.md; TCEC, docs/methods/tcec.md).
 
 A ``TrajectoryPair`` is recorded before its correction exists, so it cannot show the states a corrected sampler
 would visit. ``fit_sequentially`` instead walks the FP and the quantized trajectories from the same noise side by

@@ -1,4 +1,4 @@
-"""``CorrectionStack``: corrections applied, fitted and saved in one order (methods.md §7, "Calibration order").
+"""``CorrectionStack``: corrections applied, fitted and saved in one order (docs/methods/composition.md).
 
 Output correctors all estimate "quantized output → FP output" maps, so two of them double-correct unless the later
 one is fitted on the output of the earlier one. ``fit_stack`` therefore fits correction i on a trajectory pair

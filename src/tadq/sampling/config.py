@@ -1,7 +1,7 @@
 """Which sampler tadq runs, and how to build the matching diffusers scheduler.
 
 Corrections fit per-step tables that are only valid for one (sampler, number of steps, eta) grid
-(methods.md §7, "Compatibility notes"), so the sampler is a typed, frozen config with a stable ``key``
+(docs/methods/composition.md#table-keys), so the sampler is a typed, frozen config with a stable ``key``
 that those tables are stored under.
 """
 
@@ -79,7 +79,7 @@ class SamplerConfig:
         """Stable name of this sampling grid, e.g. ``"ddim-50-eta0.0"`` or ``"ddpm-1000"``.
 
         Per-step correction tables are stored under this key so that loading them for another grid fails
-        loudly instead of silently reading the wrong step (PTQD pitfall 4, methods.md §2(f)).
+        loudly instead of silently reading the wrong step (PTQD pitfall 1, docs/methods/ptqd.md#pitfalls).
         """
         if self.kind == "ddim":
             return f"ddim-{self.num_steps}-eta{self.eta}"

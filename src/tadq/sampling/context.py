@@ -3,7 +3,7 @@
 Corrections must not reach into a diffusers scheduler (docs/architecture.md): everything they need about step i
 (timesteps, ᾱ values, the sampler's noise std and its linear-form coefficients) is computed here once.
 
-Notation (methods.md §0.1). For a step from grid timestep t to t_prev:
+Notation (docs/methods/notation.md#sampler-update). For a step from grid timestep t to t_prev:
 
     ᾱ_t, ᾱ_prev        cumulative alpha products (ᾱ_prev = final value when t_prev < 0)
     α_t = ᾱ_t / ᾱ_prev  the "current" alpha of a (possibly skipping) step, β_t = 1 - α_t
@@ -163,7 +163,7 @@ def _ddpm_std(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor, t: in
 
 
 def _linear_coefficients(kind: str, alpha_prod_t: float, alpha_prod_t_prev: float, std: float) -> tuple[float, float]:
-    """(A_t, B_t) of the linear form x_prev = A_t x_t + B_t ε + σ_t z (methods.md §0.1), in float64."""
+    """(A_t, B_t) of the linear form x_prev = A_t x_t + B_t ε + σ_t z (docs/methods/notation.md), in float64."""
     if kind == "ddim":
         coef_x = math.sqrt(alpha_prod_t_prev / alpha_prod_t)
         direction = math.sqrt(max(1.0 - alpha_prod_t_prev - std**2, 0.0))

@@ -1,6 +1,6 @@
 """Reproducible sampler noise that belongs to a sample, not to a batch.
 
-FP and quantized runs are compared sample by sample (trajectory pairs, methods.md §7), and calibration may run
+FP and quantized runs are compared sample by sample (trajectory pairs, docs/architecture.md), and calibration may run
 sample 17 in a different batch than evaluation does. So every sample's noise is a function of (seed, sample
 index) only: each index gets its own CPU ``torch.Generator`` seeded from a hash of (seed, index, stream), and the
 initial state x_T and the per-step noises z come from two separate streams, so they never overlap and x_T does

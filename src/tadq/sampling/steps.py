@@ -1,12 +1,12 @@
 """tadq's own DDIM and DDPM update rules, with the noise std as an explicit input.
 
 diffusers' ``DDPMScheduler.step`` draws its noise internally and ``DDIMScheduler.step`` derives σ_t from η, so
-neither lets a correction change the sampler variance (PTQD's variance schedule calibration, methods.md §2 B4).
+neither lets a correction change the sampler variance (PTQD's variance schedule calibration, docs/methods/ptqd.md).
 These functions are the same maths written against a ``StepContext``; without an override they reproduce
 ``DDIMScheduler.step(..., eta=η, variance_noise=z)`` and ``DDPMScheduler.step`` (given the same z) bit for bit
 on CPU float32, because the coefficients are evaluated in float32 in diffusers' operation order.
 
-Notation (methods.md §0.1; ᾱ_prev is ``step.alpha_prod_t_prev``, σ the noise std, possibly overridden to σ'):
+Notation (docs/methods/notation.md; ᾱ_prev is ``step.alpha_prod_t_prev``, σ the noise std, possibly overridden to σ'):
 
     x̂_0    = (x_t - √(1-ᾱ_t) ε) / √ᾱ_t, clipped to [-r, r] when clip_sample is on        (DDIM eq. 12, DDPM eq. 15)
     DDIM:   x_prev = √ᾱ_prev x̂_0 + √(1-ᾱ_prev-σ²) ε + σ z                                        (DDIM eq. 12)
@@ -97,7 +97,7 @@ def ddim_step(
         step: The step's constants (``step.kind == "ddim"``).
         noise: Standard normal z, (B, C, H, W); may be ``None`` only when the std is zero.
         std: σ' replacing ``step.std_dev_t``: a float or a tensor broadcastable to x_t (0-d, or (B, 1, 1, 1) per
-            sample). Used in both the direction and the noise term (PTQD's full code, methods.md §2 B4).
+            sample). Used in both the direction and the noise term (PTQD's full code, docs/methods/ptqd.md).
         direction_std: σ used in the direction term instead of ``std`` (PTQD's "key code" form); ``None``: ``std``.
 
     Returns:

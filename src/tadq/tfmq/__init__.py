@@ -1,4 +1,4 @@
-"""TFMQ-DM (Huang et al., CVPR 2024) and its journal extension *Temporal Feature Matters* (methods.md §5).
+"""TFMQ-DM (Huang et al., CVPR 2024) and its journal extension *Temporal Feature Matters* (docs/methods/tfmq.md).
 
 Importing this package registers ``TFMQConfig`` → ``TFMQCorrection`` with ``tadq.registry``. Entry points:
 ``quantize_tfmq`` (the whole method on tadq's base quantizer) and ``apply_tfmq`` (FSC and maintenance variants

@@ -9,7 +9,7 @@ step.
 
 The tables are keyed to the grid they were built for, (``sampler_key``, S, and the timestep of every step):
 using them with another sampler raises ``ValueError`` (the authors' code silently assumes the calibration S and
-uniform spacing, methods.md §5(f)). They are not fitted on a ``TrajectoryPair`` (``keyed = False``): they come from
+uniform spacing, docs/methods/tfmq.md). They are not fitted on a ``TrajectoryPair`` (``keyed = False``): they come from
 ``tadq.tfmq.quantize_tfmq``.
 """
 
@@ -45,7 +45,7 @@ TABLES: dict[str, torch.dtype] = {
 
 @register_correction(TFMQConfig)
 class TFMQCorrection(Correction):
-    """TFMQ-DM's FSC ranges and temporal-feature cache for one quantized network (methods.md §5).
+    """TFMQ-DM's FSC ranges and temporal-feature cache for one quantized network (docs/methods/tfmq.md).
 
     Attributes:
         sampler_key: ``SamplerConfig.key`` of the grid the tables belong to (``None`` while empty).

@@ -1,4 +1,4 @@
-"""Finite-set calibration (FSC, methods.md §5 B3): one activation range per sampler step, selected by step index.
+"""Finite-set calibration (FSC, docs/methods/tfmq.md): one activation range per sampler step, selected by step index.
 
 At step s the quantizer uses ``x̂ = Δ_s·(clamp(round(x/Δ_s) + z_s, qmin, qmax) − z_s)``. The (Δ_s, z_s) live in
 indexed tensors of shape (S,) inside ``StepQuantizer``; the step index comes from a shared ``StepState`` that the

@@ -1,6 +1,6 @@
-"""``quantize_tfmq`` and ``apply_tfmq``: TFMQ-DM end to end on tadq's base quantizer (methods.md §5, §7).
+"""``quantize_tfmq`` and ``apply_tfmq``: TFMQ-DM end to end on tadq's base quantizer (docs/methods/tfmq.md).
 
-Order (methods.md §7, "Calibration order", step 1):
+Order (docs/methods/composition.md#calibration-order, step 1):
 
     1. plan and wrap the layers; calibrate single activation ranges (as ``tadq.quantize``)
     2. TIAR: AdaRound the TIB against the FP temporal features over the sampler grid (× labels)
@@ -184,7 +184,7 @@ def temporal_features_per_step(tib: TemporalInformationBlock, timesteps: Tensor,
 
 
 def _choose(fp_features: dict[str, Tensor], q_features: dict[str, Tensor], config: TFMQConfig) -> dict[str, Any]:
-    """Per feature: disturbance of each strategy against FP and the maintenance choice (methods.md §5 B5.2)."""
+    """Per feature: disturbance of each strategy against FP and the maintenance choice (docs/methods/tfmq.md)."""
     metric = "cosine_distance" if config.select_metric == "cosine" else "relative_l2"
     report, cached = {}, []
     for layer, reference in fp_features.items():

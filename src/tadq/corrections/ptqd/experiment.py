@@ -1,4 +1,4 @@
-"""``fit_ptqd``: what a ``tadq run`` row calls to put PTQD on top of a quantized model (methods.md §2, §7).
+"""``fit_ptqd``: what a ``tadq run`` row calls to put PTQD on top of a quantized model (docs/methods/ptqd.md).
 
 A row reads ``api.sample(fit_ptqd(q, fp, scheduler, sampler, PTQDConfig(seed=calibration_seed)), ...)``.
 """
@@ -33,7 +33,7 @@ def fit_ptqd(
     conditions: ConditionSource | None = None,
     guidance_scale: float = 1.0,
 ) -> QuantizedDenoiser:
-    """PTQD fitted for ``sampler`` on top of ``qmodel`` and its existing corrections (methods.md §2 B2-B4).
+    """PTQD fitted for ``sampler`` on top of ``qmodel`` and its existing corrections (docs/methods/ptqd.md).
 
     ``qmodel`` is left unchanged: the result is a new ``QuantizedDenoiser`` that shares its quantized network (so
     the base row and the PTQD row of a table come from the very same weights) and whose stack is ``qmodel``'s

@@ -1,6 +1,6 @@
-"""PTQD's step-aware mixed precision: low bits for the noisy early steps, high bits after (methods.md §2 B5).
+"""PTQD's step-aware mixed precision: low bits for the noisy early steps, high bits after (docs/methods/ptqd.md).
 
-The paper gives the idea but no code (issue #20), so the rule is methods.md's [RECON]. Notation (§0.1, §2 B4-B5):
+The paper gives the idea but no code (issue #20), so the rule is [RECON] (docs/methods/ptqd.md). Notation:
 
     SNR_F(t)     = ᾱ_t / (1 − ᾱ_t)                              signal-to-noise ratio of the FP state
     SNR_Q,b(t)   = ᾱ_t / (1 − ᾱ_t + c_t² σ̃²_q,b,t)              with the residual std σ̃_q,b,t of PTQD at bit-width b
@@ -46,7 +46,7 @@ __all__ = [
 @register_config_type
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """The SNR rule's threshold (methods.md §2 B5, [RECON]).
+    """The SNR rule's threshold (docs/methods/ptqd.md#mixed-precision, [RECON]).
 
     Args:
         gamma: γ, the fraction of the FP SNR a quantized step must keep. The default is 0.9; since the
@@ -191,7 +191,7 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
 def build_mixed_precision(low: QuantizedDenoiser, high: QuantizedDenoiser, scheduler, sampler: SamplerConfig,
                           config: MixedPrecisionConfig) -> MixedPrecisionDenoiser:
     """The mixed-precision denoiser with the switch chosen by the SNR rule at ``config.gamma``."""
-    ptqd_of(high, sampler)  # the high model needs its own fitted statistics too (methods.md §2 B5.4)
+    ptqd_of(high, sampler)  # the high model needs its own fitted statistics too (docs/methods/ptqd.md#mixed-precision)
     switch = switch_index(ptqd_of(low, sampler), config.gamma, config.switch_rule)
     return MixedPrecisionDenoiser(low, high, scheduler, sampler, switch)
 
@@ -205,7 +205,7 @@ class TradeoffPoint:
         switch: First step index on high bits (S: all low).
         switch_t: Training timestep of that step (``None`` when all steps are low).
         low_steps_per_step_rule: Steps where low bits pass the per-step rule (equals ``switch`` when the pass/fail
-            pattern is a single switch, as methods.md §2 B5.3 expects).
+            pattern is a single switch, as docs/methods/ptqd.md#mixed-precision expects).
         bit_operations: Bit-operations per sample over all steps.
     """
 
