@@ -107,3 +107,30 @@ def test_quantize_correct_sample_save_load(setup, method, tmp_path):
     assert torch.equal(_sample(loaded, loaded_scheduler), images)
     with pytest.raises(ValueError, match="guidance scale"):
         _sample(loaded, loaded_scheduler, guidance=1.0)
+
+
+def test_recipe_with_guidance_calibrates_and_fits_through_the_public_api(setup):
+    """``tadq.quantize(..., conditions=)`` samples calibration and fits at the recipe's deployment guidance; the
+    result equals the same steps run by hand (calibration set → quantize → fit_corrections)."""
+    model, scheduler, calib = setup
+    recipe = tadq.Recipe(method=tadq.NaiveMethod(), calibration=CALIB, corrections=tuple(CORRECTIONS[:2]),
+                         deployments=(tadq.Deployment(SAMPLER, guidance_scale=GUIDANCE),))
+    through_api = api.quantize(model, scheduler, recipe, conditions=LABELS, progress=False, fit_batch_size=4)
+    assert [member.table_key.guidance_scale for member in through_api.corrections] == [GUIDANCE] * 2
+    by_hand = fit_corrections(api.quantize(model, scheduler, recipe.quant_config(), calibration=calib,
+                                           progress=False),
+                              model, scheduler, SAMPLER, CORRECTIONS[:2], batch_size=4, conditions=LABELS,
+                              guidance_scale=GUIDANCE)
+    assert torch.equal(_sample(through_api, scheduler), _sample(by_hand, scheduler))
+
+
+def test_quantize_refuses_missing_or_unusable_conditions_before_any_work(setup):
+    model, scheduler, _ = setup
+    recipe = tadq.Recipe(method=tadq.NaiveMethod(), calibration=CALIB,
+                         deployments=(tadq.Deployment(SAMPLER, guidance_scale=GUIDANCE),))
+    with pytest.raises(ValueError, match="is conditional"):
+        api.quantize(model, scheduler, recipe, progress=False)
+    with pytest.raises(ValueError, match="unconditional branch"):
+        api.quantize(model, scheduler, recipe, conditions=RandomClassLabels(NUM_CLASSES), progress=False)
+    with pytest.raises(ValueError, match="unconditional but was given"):
+        api.quantize(build_tiny_unet(), scheduler, recipe, conditions=LABELS, progress=False)

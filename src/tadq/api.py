@@ -32,7 +32,7 @@ def quantize(
     model: nn.Module, scheduler, recipe: Recipe | QuantConfig, *, calibration: CalibrationSet | None = None,
     cache_dir: str | Path | None = None, checkpoint: str | Path | None = None, progress: bool = True,
     base: QuantizedDenoiser | None = None, device: str | torch.device | None = None,
-    dtype: str | torch.dtype | None = None, fit_batch_size: int = 128,
+    dtype: str | torch.dtype | None = None, fit_batch_size: int = 128, conditions: ConditionSource | None = None,
 ) -> QuantizedDenoiser:
     """Quantize a copy of ``model`` as ``recipe`` says (the original is never modified); the result carries it
     (``.recipe``, saved as ``tadq_recipe.json``).
@@ -54,6 +54,10 @@ def quantize(
         device: where every phase runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``); ``None``: the model's device.
         dtype: compute dtype of the FP reference (float32, bfloat16, float16); ``None``: the model's dtype.
         fit_batch_size: trajectories per network call while fitting corrections.
+        conditions: per-sample conditioning of the calibration trajectories and of the correction fits (class
+            labels, prompts: use a set disjoint from the evaluation one); required by a conditional model. Both run
+            at the first deployment's guidance scale (``recipe.deployments[0].guidance_scale``), and the correction
+            tables are keyed to it.
     """
     expect(model, nn.Module, "model", "tadq.quantize")
     expect_scheduler(scheduler, "tadq.quantize")
@@ -72,14 +76,15 @@ def quantize(
     fp = place_model(model, device, dtype) if parameter is not None else model
     # the fake-quant network computes in float32 (its Δ, z and rounding are float32); the FP reference in ``dtype``
     network = fp if parameter is None or dtype == torch.float32 else place_model(model, device, torch.float32)
-    if recipe is not None and any(d.guidance_scale != 1.0 for d in recipe.deployments) and recipe.corrections:
-        raise NotImplementedError("fitting corrections at guidance_scale != 1 needs the conditioning seam in "
-                                  "fit_corrections; this tadq fits them unguided only")
+    guidance_scale = recipe.guidance_scale if recipe is not None else 1.0
+    if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
+        check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before sampling anything
     if network is not fp and config.method == "qdiffusion":
         raise NotImplementedError(f"block reconstruction compares FP and quantized blocks in one dtype: quantize "
                                   f"with dtype=float32, not {dtype} (sampling, evaluation and naive PTQ take it)")
     handler = method_handler(recipe.method) if recipe is not None else None
-    options = {"cache_dir": cache_dir, "progress": progress}
+    options = {"cache_dir": cache_dir, "progress": progress, "conditions": conditions,
+               "guidance_scale": guidance_scale}
     if base is not None:
         if recipe is None:
             raise ValueError("base= needs a Recipe whose quant_config() is the base's QuantConfig")
@@ -92,11 +97,30 @@ def quantize(
                                **options)
     if recipe is not None and recipe.corrections:
         qmodel = fit_corrections(qmodel, _reference(fp, network), scheduler, recipe.sampler, recipe.corrections,
-                                 batch_size=fit_batch_size)
+                                 batch_size=fit_batch_size, conditions=conditions, guidance_scale=guidance_scale)
     qmodel.recipe = recipe
     plans = qmodel.plans
     logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)
     return qmodel
+
+
+def check_conditions(model: nn.Module, conditions: ConditionSource | None, guidance_scale: float,
+                     where: str) -> None:
+    """Raise before any sampling when ``conditions`` does not fit ``model`` or the guidance scale: a conditional
+    model without conditions, conditions for an unconditional model, guidance without an unconditional branch."""
+    wanted = adapter_for(model).conditioning_inputs(model)
+    if wanted and conditions is None:
+        raise ValueError(f"{where}: this {type(model).__name__} is conditional (takes {list(wanted)}): pass "
+                         "conditions= (class labels or prompts for calibration, disjoint from the evaluation ones)")
+    if not wanted and conditions is not None:
+        raise ValueError(f"{where}: this {type(model).__name__} is unconditional but was given conditions")
+    if guidance_scale != 1.0:
+        if conditions is None:
+            raise ValueError(f"{where}: guidance_scale={guidance_scale} needs a conditional model and conditions")
+        probe = conditions(0, [0])
+        if probe.unconditional is None:
+            raise ValueError(f"{where}: guidance_scale={guidance_scale} needs an unconditional branch (a null class "
+                             "or a negative/empty prompt) but the conditions have none")
 
 
 def _reference(fp: nn.Module, network: nn.Module):

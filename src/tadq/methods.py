@@ -20,6 +20,7 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.recipe import NaiveMethod, QDiffusionMethod, register_quant_method
 from tadq.registry import adapter_for
+from tadq.sampling.conditioning import ConditionSource
 
 if TYPE_CHECKING:
     from tadq.recipe import Recipe
@@ -47,15 +48,18 @@ def calibration_on(calibration: CalibrationSet, device: torch.device,
 
 def calibrated_structure(
     model: nn.Module, reference: nn.Module, scheduler, config: QuantConfig, *, calibration: CalibrationSet | None,
-    cache_dir: str | Path | None, progress: bool,
+    cache_dir: str | Path | None, progress: bool, conditions: ConditionSource | None = None,
+    guidance_scale: float = 1.0,
 ) -> tuple[QuantizedDenoiser, CalibrationSet]:
-    """Plan and wrap the layers of a copy of ``model``, collect calibration data from ``reference`` (unless given),
-    calibrate activation ranges; the calibration set comes back on the model's device."""
+    """Plan and wrap the layers of a copy of ``model``, collect calibration data from ``reference`` (unless given;
+    sampled with ``conditions`` at ``guidance_scale``, as deployed), calibrate activation ranges; the calibration set
+    comes back on the model's device."""
     adapter = adapter_for(model)
     qmodel = build_quantized_structure(model, config)  # first: a bad layer pattern fails before any sampling
     if calibration is None:
         calibration = collect_calibration_set(reference, adapter, scheduler.config, config.calibration,
-                                              cache_dir=cache_dir, progress=progress)
+                                              cache_dir=cache_dir, progress=progress, conditions=conditions,
+                                              guidance_scale=guidance_scale)
     first = next(model.parameters(), None)
     calibration = calibration_on(calibration, model_device(model), torch.float32 if first is None else first.dtype)
     if config.activations.enabled:
@@ -66,11 +70,13 @@ def calibrated_structure(
 def quantize_base(
     model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
     calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
-    checkpoint: str | Path | None = None, progress: bool = True,
+    checkpoint: str | Path | None = None, progress: bool = True, conditions: ConditionSource | None = None,
+    guidance_scale: float = 1.0,
 ) -> QuantizedDenoiser:
     """Naive PTQ (ranges only) or Q-Diffusion (block reconstruction after the ranges)."""
     qmodel, calibration = calibrated_structure(model, reference, scheduler, config, calibration=calibration,
-                                               cache_dir=cache_dir, progress=progress)
+                                               cache_dir=cache_dir, progress=progress, conditions=conditions,
+                                               guidance_scale=guidance_scale)
     if config.method == "qdiffusion":
         if reference is not model:
             raise NotImplementedError("block reconstruction compares FP and quantized blocks in one dtype: quantize "

@@ -54,7 +54,11 @@ class TFMQMethod:
 
 def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
               calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
-              checkpoint: str | Path | None = None, progress: bool = True) -> QuantizedDenoiser:
+              checkpoint: str | Path | None = None, progress: bool = True, conditions: object = None,
+              guidance_scale: float = 1.0) -> QuantizedDenoiser:
+    if conditions is not None or guidance_scale != 1.0:
+        raise NotImplementedError("TFMQ-DM in tadq calibrates unconditional models only (its FSC tables and TIAR "
+                                  "data are not keyed by conditioning yet); use naive or qdiffusion with corrections")
     if model is not reference:
         raise NotImplementedError("TFMQ-DM reconstructs against the FP model itself: run it with the reference in "
                                   "float32 (dtype=float32)")
@@ -66,9 +70,13 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
 
 
 def _reuse(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
-           cache_dir: str | Path | None = None, progress: bool = True, **_: object) -> QuantizedDenoiser:
+           cache_dir: str | Path | None = None, progress: bool = True, conditions: object = None,
+           guidance_scale: float = 1.0, **_: object) -> QuantizedDenoiser:
     """A saved TFMQ model (same TIAR settings) or, without TIAR and freezing, the Q-Diffusion network: FSC and
     maintenance are rebuilt for the recipe (seconds); the weights are the base's."""
+    if conditions is not None or guidance_scale != 1.0:
+        raise NotImplementedError("TFMQ-DM in tadq calibrates unconditional models only (its FSC tables are not "
+                                  "keyed by conditioning yet)")
     check_base(base, config)
     settings: TFMQConfig = recipe.method.tfmq
     members = list(base.corrections)
