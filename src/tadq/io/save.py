@@ -186,7 +186,7 @@ def _diffusers_layout(model: nn.Module) -> tuple[str, str]:
         family = model_family(type(model).__name__)
     except ValueError as error:
         raise TypeError(f"cannot save a quantized {type(model).__name__}: {error}") from error
-    return family.subfolder, family.pipeline_class
+    return family.subfolder, family.pipeline_for(model.config)
 
 
 def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin | None, folder: Path) -> str:
@@ -200,6 +200,25 @@ def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin
     else:
         logger.warning("saving without a scheduler: pass the model's training scheduler to sample from the artefact")
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return subfolder
+
+
+def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path) -> str:
+    """A pipeline source (text encoders, tokenizers, VAE...): ``model_index.json`` and every component folder but
+    the denoiser's copied byte for byte, so diffusers' own ``from_pretrained`` loads them from the artefact; the
+    denoiser folder gets its FP config only (its weights are tadq's codes)."""
+    subfolder, _pipeline = _diffusers_layout(qmodel.model)
+    index = json.loads((source / "model_index.json").read_text())
+    if not isinstance(index.get(subfolder), list):
+        raise ValueError(f"{source}/model_index.json names no {subfolder!r}: it is not the source of this model")
+    shutil.copyfile(source / "model_index.json", folder / "model_index.json")
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or name == subfolder or not isinstance(value, list) or None in value:
+            continue
+        if not (source / name).is_dir():
+            raise FileNotFoundError(f"{source / name} ({value[1]}) is missing; the pipeline folder is incomplete")
+        shutil.copytree(source / name, folder / name, copy_function=shutil.copyfile)
+    qmodel.model.save_config(folder / subfolder)
     return subfolder
 
 
@@ -251,9 +270,13 @@ def _publish(staging: Path, target: Path) -> None:
 
 def save_quantized(
     qmodel: QuantizedDenoiser, directory: str | Path, scheduler: SchedulerMixin | None, *, overwrite: bool = False,
-    force_foreign: bool = False,
+    force_foreign: bool = False, pipeline_source: str | Path | None = None,
 ) -> ArtefactSize:
     """Write ``qmodel`` (and its training scheduler) to ``directory``; returns the measured artefact size.
+
+    ``pipeline_source``: the FP pipeline folder the model came from (Stable Diffusion...): its ``model_index.json``
+    and every other component are copied unchanged instead of writing a denoiser-only index (``scheduler`` is
+    then the folder's own).
 
     Everything is written to a hidden sibling folder first and renamed into place at the end, so a failure never
     leaves a half-written artefact. The folder gets tadq's marker and a manifest of SHA-256 hashes.
@@ -271,11 +294,18 @@ def save_quantized(
     if not isinstance(directory, (str, Path)):
         raise TypeError(f"save_quantized: directory must be a str or Path, got {type(directory).__name__}")
     target = Path(directory)
-    check_output_dir(target, what="artefact folder", overwrite=overwrite, force_foreign=force_foreign)
+    source = None if pipeline_source is None else Path(pipeline_source)
+    if source is not None and not (source / "model_index.json").is_file():
+        raise ValueError(f"pipeline_source {source} is not a pipeline folder (no model_index.json)")
+    check_output_dir(target, what="artefact folder", overwrite=overwrite, force_foreign=force_foreign,
+                     inputs=[] if source is None else [source])
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
-        subfolder = _write_diffusers_layout(qmodel, scheduler, staging)
+        if source is None:
+            subfolder = _write_diffusers_layout(qmodel, scheduler, staging)
+        else:
+            subfolder = _copy_pipeline_layout(qmodel, source, staging)
         size = _write_tadq_files(qmodel, staging, subfolder)
         mark_output(staging, "artefact")
         write_manifest(staging)

@@ -1,0 +1,227 @@
+"""Which components a diffusers text-to-image pipeline folder needs, checked before anything heavy is loaded.
+
+A Stable Diffusion folder is a ``model_index.json`` naming one sub-folder per component (text encoders, tokenizers,
+VAE, UNet, scheduler). ``from_pretrained`` on a folder with a component missing or truncated fails late, deep in
+transformers or safetensors, after the other gigabytes have been read; ``check_pipeline_folder`` names the folder
+first (a missing config, no safetensors weights, a weights file shorter than its header says).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tadq.safefiles import DamagedFileError, read_json_file
+
+__all__ = ["PIPELINE_COMPONENTS", "PipelineFolderError", "PipelineLayout", "check_pipeline_folder",
+           "is_pipeline_folder", "load_fp_pipeline", "read_model_index"]
+
+logger = logging.getLogger(__name__)
+
+# pipeline class → components that must be present (non-null in model_index.json) for tadq to run it
+PIPELINE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "StableDiffusionPipeline": ("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
+    "StableDiffusionXLPipeline": ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet",
+                                  "scheduler"),
+}
+MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+class PipelineFolderError(ValueError):
+    """A pipeline folder lacks a component the pipeline needs, or one of its files is damaged."""
+
+
+@dataclass(frozen=True)
+class PipelineLayout:
+    """What ``model_index.json`` says: the pipeline class and, per present component, (library, class name).
+
+    Args:
+        path: the pipeline folder.
+        class_name: the diffusers pipeline class (``StableDiffusionPipeline``...).
+        components: component name → (library, class name), null entries left out.
+        index: the whole ``model_index.json`` (flags such as ``force_zeros_for_empty_prompt``).
+    """
+
+    path: Path
+    class_name: str
+    components: dict[str, tuple[str, str]]
+    index: dict[str, Any]
+
+    @property
+    def text_conditioned(self) -> bool:
+        """Whether the pipeline encodes prompts (it has a text encoder)."""
+        return any(name.startswith("text_encoder") for name in self.components)
+
+
+def read_model_index(path: str | Path) -> dict[str, Any]:
+    """``model_index.json`` of ``path`` as a dict; ``PipelineFolderError`` if absent or not a JSON object."""
+    file = Path(path) / "model_index.json"
+    if not file.is_file():
+        raise PipelineFolderError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
+    index = read_json_file(file, "pipeline index")
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise PipelineFolderError(f"{file} is not a diffusers pipeline index (no _class_name)")
+    return index
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    """Whether ``path`` holds a text-conditioned pipeline tadq can run (a supported class in model_index.json)."""
+    try:
+        return read_model_index(path)["_class_name"] in PIPELINE_COMPONENTS
+    except (PipelineFolderError, DamagedFileError, OSError):
+        return False
+
+
+def _components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    present = {}
+    for name, value in index.items():
+        if name.startswith("_") or not isinstance(value, list) or len(value) != 2:
+            continue
+        library, class_name = value
+        if library is not None and class_name is not None:
+            present[name] = (str(library), str(class_name))
+    return present
+
+
+def _check_json(file: Path, what: str) -> None:
+    if not file.is_file():
+        raise PipelineFolderError(f"{file.parent} is incomplete: {file.name} ({what}) is missing")
+    try:
+        json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PipelineFolderError(f"{file} ({what}) is damaged: not JSON ({error})") from error
+
+
+def _check_safetensors(file: Path) -> None:
+    """Header readable and the file as long as the header's offsets say (a truncated download fails here)."""
+    size = file.stat().st_size
+    try:
+        with open(file, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if header_length <= 0 or 8 + header_length > size:
+                raise ValueError(f"header length {header_length} does not fit a {size}-byte file")
+            header = json.loads(handle.read(header_length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
+        raise PipelineFolderError(f"{file} is damaged: not a safetensors file ({error})") from error
+    if 8 + header_length + max(ends, default=0) != size:
+        raise PipelineFolderError(f"{file} is damaged: {size} bytes, its header describes "
+                                  f"{8 + header_length + max(ends, default=0)} (truncated or replaced)")
+
+
+def _check_model(folder: Path, weights: bool) -> None:
+    _check_json(folder / "config.json", "model config")
+    if not weights:
+        return
+    files = [folder / name for name in MODEL_WEIGHTS if (folder / name).is_file()]
+    shards = sorted(folder.glob("*.safetensors.index.json"))
+    if shards:
+        index = read_json_file(shards[0], "weights index")
+        names = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
+        missing = [name for name in names if not (folder / name).is_file()]
+        if not names or missing:
+            raise PipelineFolderError(f"{folder} is incomplete: shard {missing[0] if missing else '(none listed)'} "
+                                      f"of {shards[0].name} is missing")
+        files += [folder / name for name in names]
+    if not files:
+        found = sorted(p.name for p in folder.iterdir() if p.is_file())
+        raise PipelineFolderError(f"{folder} holds no safetensors weights ({' or '.join(MODEL_WEIGHTS)}); found "
+                                  f"{found}. tadq reads safetensors only (no pickle): re-save the component with "
+                                  "save_pretrained(..., safe_serialization=True)")
+    for file in files:
+        _check_safetensors(file)
+
+
+def _check_tokenizer(folder: Path) -> None:
+    if (folder / "tokenizer.json").is_file():
+        _check_json(folder / "tokenizer.json", "tokenizer")
+        return
+    _check_json(folder / "vocab.json", "tokenizer vocabulary")
+    if not (folder / "merges.txt").is_file():
+        raise PipelineFolderError(f"{folder} is incomplete: merges.txt (tokenizer merges) is missing")
+
+
+def check_pipeline_folder(path: str | Path, *, denoiser_weights: bool = True) -> PipelineLayout:
+    """Check every component folder a supported pipeline needs; returns the layout.
+
+    ``denoiser_weights=False`` accepts a ``unet`` folder with a config only (a tadq artefact, whose UNet weights
+    are tadq's integer codes). Reads configs and safetensors headers only, so it is cheap on a real model.
+
+    Raises:
+        PipelineFolderError: not a pipeline folder, an unsupported pipeline class, a component missing (named),
+            a config that is not JSON, weights missing or truncated.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"pipeline folder {path} does not exist")
+    index = read_model_index(path)
+    class_name = index["_class_name"]
+    if class_name not in PIPELINE_COMPONENTS:
+        raise PipelineFolderError(f"{path} holds a {class_name}; tadq runs prompt pipelines of the classes "
+                                  f"{sorted(PIPELINE_COMPONENTS)}")
+    components = _components(index)
+    absent = [name for name in PIPELINE_COMPONENTS[class_name] if name not in components]
+    if absent:
+        raise PipelineFolderError(f"{path}/model_index.json lists no {absent[0]!r}, which a {class_name} needs")
+    for name, (_library, component_class) in sorted(components.items()):
+        folder = path / name
+        if not folder.is_dir():
+            raise PipelineFolderError(f"{path} is incomplete: the component folder {name}/ ({component_class}) named "
+                                      "in model_index.json is missing")
+        if name.startswith("tokenizer"):
+            _check_tokenizer(folder)
+        elif name == "scheduler":
+            _check_json(folder / "scheduler_config.json", "scheduler config")
+        elif name == "feature_extractor":
+            _check_json(folder / "preprocessor_config.json", "feature extractor config")
+        else:
+            _check_model(folder, weights=denoiser_weights or name != "unet")
+    return PipelineLayout(path, class_name, components, index)
+
+
+def pipeline_class(class_name: str) -> type:
+    """The diffusers class of a supported pipeline."""
+    import diffusers
+
+    if class_name not in PIPELINE_COMPONENTS:
+        raise PipelineFolderError(f"{class_name} is not a pipeline tadq runs; supported: {sorted(PIPELINE_COMPONENTS)}")
+    return getattr(diffusers, class_name)
+
+
+def pipeline_load_options(klass: type, dtype: torch.dtype | None) -> dict[str, Any]:
+    """``from_pretrained`` options: local files only, safetensors only, no safety checker (tadq measures images,
+    a checker blacking some out would corrupt every comparison)."""
+    options: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if dtype is not None:
+        options["torch_dtype"] = dtype
+    parameters = inspect.signature(klass.__init__).parameters
+    if "safety_checker" in parameters:
+        options["safety_checker"] = None
+    if "requires_safety_checker" in parameters:
+        options["requires_safety_checker"] = False
+    return options
+
+
+def load_fp_pipeline(path: str | Path, *, device: str | torch.device | None = None,
+                     dtype: str | torch.dtype | None = None) -> Any:
+    """The diffusers pipeline object of a local folder (no hub access), safety checker disabled.
+
+    The folder is checked first (``check_pipeline_folder``), so a missing or damaged component is named before
+    any weights are read.
+    """
+    from tadq.device import resolve_device, resolve_dtype
+
+    target_device = resolve_device(device) if device is not None else None
+    target_dtype = resolve_dtype(dtype) if dtype is not None else None
+    layout = check_pipeline_folder(path)
+    klass = pipeline_class(layout.class_name)
+    pipe = klass.from_pretrained(str(layout.path), **pipeline_load_options(klass, target_dtype))
+    if target_device is not None:
+        pipe = pipe.to(target_device)
+    return pipe

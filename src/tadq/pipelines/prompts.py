@@ -1,0 +1,221 @@
+"""Prompts → ``Conditioning``: the pipeline's own text encoders, as its ``encode_prompt`` uses them.
+
+``PromptConditions`` is a ``ConditionSource`` (``tadq.sampling.conditioning``): sample i gets prompt
+``prompts[i % len(prompts)]``, a function of the index only, so it does not depend on the batch or the number of
+workers. Each distinct prompt is encoded once, alone (batch 1, so its embedding does not depend on which other
+prompts share a batch), and cached.
+
+Contract with the ``UNet2DConditionModel`` adapter: ``encoder_hidden_states`` (N, L, D); ``pooled_embeds`` (N, D')
+is SDXL's ``text_embeds``; ``added_cond_kwargs["time_ids"]`` (N, 6) is SDXL's (original size, crop corner, target
+size).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tadq.safefiles import tensors_digest
+from tadq.sampling.conditioning import Conditioning
+
+__all__ = ["PromptEncoder", "PromptConditions"]
+
+
+def _short(prompt: str) -> str:
+    return prompt if len(prompt) <= 60 else prompt[:57] + "..."
+
+
+@dataclass(eq=False)
+class PromptEncoder:
+    """The text side of a pipeline: tokenizers and encoders in diffusers' order, and SDXL's extras.
+
+    Args:
+        tokenizers: one per text encoder.
+        text_encoders: SD: one ``CLIPTextModel`` (last hidden state); SDXL: ``CLIPTextModel`` and
+            ``CLIPTextModelWithProjection`` (penultimate hidden states concatenated, pooled output of the second).
+        sdxl: whether the SDXL rules apply (pooled embeddings, time ids, penultimate layer).
+        force_zeros_for_empty_prompt: SDXL: a negative prompt that is not given is all zeros, not "" encoded.
+        time_ids: SDXL: original size (h, w) + crop corner (top, left) + target size (h, w).
+    """
+
+    tokenizers: tuple[Any, ...]
+    text_encoders: tuple[nn.Module, ...]
+    sdxl: bool = False
+    force_zeros_for_empty_prompt: bool = False
+    time_ids: tuple[float, ...] | None = None
+    _fingerprint: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.tokenizers) != len(self.text_encoders) or not self.tokenizers:
+            raise ValueError("PromptEncoder needs one tokenizer per text encoder (at least one)")
+        if self.sdxl and (self.time_ids is None or len(self.time_ids) != 6):
+            raise ValueError("SDXL needs time_ids = original size (2) + crop corner (2) + target size (2)")
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, *, original_size: tuple[int, int] | None = None,
+                      crops_coords_top_left: tuple[int, int] = (0, 0),
+                      target_size: tuple[int, int] | None = None) -> PromptEncoder:
+        """The encoders of a Stable Diffusion (one encoder) or SDXL (two encoders) pipeline object.
+
+        SDXL sizes default as in the pipeline: the UNet's sample size × the VAE's scale factor.
+        """
+        encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
+        tokenizers = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2")]
+        pairs = [(t, e) for t, e in zip(tokenizers, encoders) if t is not None and e is not None]
+        if not pairs:
+            raise ValueError(f"{type(pipe).__name__} has no text encoder and tokenizer: it takes no prompts")
+        sdxl = getattr(pipe, "text_encoder_2", None) is not None
+        time_ids = None
+        if sdxl:
+            size = pipe.unet.config.sample_size
+            default = (size * pipe.vae_scale_factor, size * pipe.vae_scale_factor)
+            time_ids = tuple(float(v) for v in (*(original_size or default), *crops_coords_top_left,
+                                                 *(target_size or default)))
+            _check_time_embedding(pipe, len(time_ids))
+        return cls(tuple(t for t, _ in pairs), tuple(e for _, e in pairs), sdxl,
+                   bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)) if sdxl else False, time_ids)
+
+    def check(self, prompts: Sequence[str], what: str = "prompt") -> None:
+        """``ValueError`` for a non-string or a prompt longer than a tokenizer takes (diffusers only warns and
+        truncates it, so the image would silently ignore its end)."""
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                raise TypeError(f"a {what} must be a str, got {type(prompt).__name__}: {prompt!r}")
+            for tokenizer in self.tokenizers:
+                count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
+                if count > tokenizer.model_max_length:
+                    raise ValueError(f"{what} {_short(prompt)!r} is {count} tokens long (start and end included); "
+                                     f"this pipeline's tokenizer takes at most {tokenizer.model_max_length}. "
+                                     "Shorten it (diffusers would silently drop the rest)")
+
+    @torch.no_grad()
+    def encode(self, prompt: str) -> tuple[Tensor, Tensor | None]:
+        """((1, L, D) hidden states, (1, D') pooled or ``None``) of one prompt, on the CPU, as diffusers'
+        ``encode_prompt`` computes them."""
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            tokens = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt")
+            device = next(encoder.parameters()).device
+            if not self.sdxl:
+                use_mask = getattr(encoder.config, "use_attention_mask", False)
+                mask = tokens.attention_mask.to(device) if use_mask else None
+                hidden.append(encoder(tokens.input_ids.to(device), attention_mask=mask)[0])
+                continue
+            output = encoder(tokens.input_ids.to(device), output_hidden_states=True)
+            if output[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first; diffusers keeps the first one
+                pooled = output[0] if pooled is None else pooled
+            hidden.append(output.hidden_states[-2])
+        states = torch.cat([h.to(hidden[-1].dtype) for h in hidden], dim=-1)
+        return states.cpu(), None if pooled is None else pooled.cpu()
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the encoders' tensors and the tokenizers' vocabularies (computed once)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+                digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+                digest.update(str(tokenizer.model_max_length).encode())
+                digest.update(tensors_digest(dict(encoder.state_dict())).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+def _check_time_embedding(pipe: Any, num_time_ids: int) -> None:
+    """The UNet's added embedding must take time ids + pooled text (diffusers checks this too, later)."""
+    unet, encoder = pipe.unet, pipe.text_encoder_2
+    linear = getattr(getattr(unet, "add_embedding", None), "linear_1", None)
+    if linear is None or unet.config.addition_time_embed_dim is None:
+        raise ValueError("this SDXL pipeline's UNet has no added time/text embedding (addition_embed_type "
+                         "'text_time'); it cannot take SDXL conditioning")
+    expected = unet.config.addition_time_embed_dim * num_time_ids + encoder.config.projection_dim
+    if linear.in_features != expected:
+        raise ValueError(f"the UNet's added embedding takes {linear.in_features} features, but {num_time_ids} time "
+                         f"ids and text_encoder_2's projection give {expected}; the components do not match")
+
+
+class PromptConditions:
+    """Per-sample prompt conditioning for ``tadq.sample``/``tadq.quantize(conditions=...)``.
+
+    Sample i gets ``prompts[i % len(prompts)]``; the unconditional branch (classifier-free guidance) is the
+    negative prompt (one for all, or one per prompt), or — not given — the empty prompt ("" encoded; SDXL with
+    ``force_zeros_for_empty_prompt``: zeros), as diffusers does. The seed is not used: prompts are assigned by index.
+
+    Args:
+        source: a pipeline object (``load_fp_pipeline``, ``tadq.load_pipeline``) or a ``PromptEncoder``.
+        prompts: the prompt set, non-empty; every prompt is checked against the tokenizers' limit here.
+        negative_prompt: ``None``, one string, or one per prompt.
+    """
+
+    def __init__(self, source: Any, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None
+                 ) -> None:
+        self.encoder = source if isinstance(source, PromptEncoder) else PromptEncoder.from_pipeline(source)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        self.prompts = tuple(prompts)
+        if not self.prompts:
+            raise ValueError("PromptConditions needs at least one prompt")
+        if negative_prompt is None or isinstance(negative_prompt, str):
+            self.negative_prompts: tuple[str | None, ...] = (negative_prompt,)
+        else:
+            self.negative_prompts = tuple(negative_prompt)
+            if len(self.negative_prompts) != len(self.prompts):
+                raise ValueError(f"{len(self.negative_prompts)} negative prompts for {len(self.prompts)} prompts; "
+                                 "give one for all or one per prompt")
+        self.encoder.check(self.prompts)
+        self.encoder.check([n for n in self.negative_prompts if n is not None], "negative prompt")
+        self._cache: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self.encoder_calls = 0  # distinct texts encoded so far (each once)
+
+    def _encoded(self, text: str) -> tuple[Tensor, Tensor | None]:
+        if text not in self._cache:
+            self._cache[text] = self.encoder.encode(text)
+            self.encoder_calls += 1
+        return self._cache[text]
+
+    def _negative(self, index: int) -> tuple[Tensor, Tensor | None]:
+        negative = self.negative_prompts[index % len(self.negative_prompts)]
+        if negative is None and self.encoder.force_zeros_for_empty_prompt:
+            hidden, pooled = self._encoded("")
+            return torch.zeros_like(hidden), None if pooled is None else torch.zeros_like(pooled)
+        return self._encoded(negative or "")
+
+    def prompt_of(self, index: int) -> str:
+        """The prompt of sample ``index``."""
+        return self.prompts[int(index) % len(self.prompts)]
+
+    def _branch(self, parts: list[tuple[Tensor, Tensor | None]]) -> Conditioning:
+        hidden = torch.cat([p[0] for p in parts])  # (N, L, D)
+        pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])  # (N, D')
+        added = {}
+        if self.encoder.sdxl:
+            row = torch.tensor([self.encoder.time_ids], dtype=hidden.dtype)
+            added["time_ids"] = row.expand(len(parts), -1).clone()  # (N, 6)
+        return Conditioning(encoder_hidden_states=hidden, pooled_embeds=pooled, added_cond_kwargs=added)
+
+    def __call__(self, seed: int, indices: Sequence[int]) -> Conditioning:
+        indices = [int(i) for i in indices]
+        if not indices or min(indices) < 0:
+            raise ValueError(f"sample indices must be non-negative, got {indices}")
+        conditional = self._branch([self._encoded(self.prompt_of(i)) for i in indices])
+        unconditional = self._branch([self._negative(i) for i in indices])
+        return Conditioning(encoder_hidden_states=conditional.encoder_hidden_states,
+                            pooled_embeds=conditional.pooled_embeds,
+                            added_cond_kwargs=dict(conditional.added_cond_kwargs), unconditional=unconditional)
+
+    @property
+    def key(self) -> str:
+        """Names the prompt set: a hash of the prompts, negatives, SDXL time ids and the encoders' weights (run and
+        calibration-cache keys change whenever any of them does)."""
+        payload = json.dumps({"prompts": self.prompts, "negative": self.negative_prompts,
+                              "time_ids": self.encoder.time_ids, "sdxl": self.encoder.sdxl,
+                              "zeros": self.encoder.force_zeros_for_empty_prompt})
+        digest = hashlib.sha256(payload.encode() + self.encoder.fingerprint.encode()).hexdigest()
+        return f"prompts-{len(self.prompts)}-{digest[:16]}"

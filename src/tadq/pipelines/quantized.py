@@ -1,0 +1,268 @@
+"""``tadq.load_pipeline``: a diffusers pipeline object whose ``__call__`` runs tadq's sampling loop.
+
+diffusers' own loop cannot apply tadq's corrections: they are per-step hooks of tadq's walker, keyed to the sampler
+grid and the guidance scale they were fitted for (docs/sampling.md). So the loaded pipeline is an instance of a
+subclass of its own class, made at load time, whose ``__call__`` encodes the prompts with the pipeline's encoders
+(``PromptConditions``), samples latents with ``tadq.sample`` (the quantized UNet and its correction hooks, the
+noise of sample i a function of (seed, i) only), decodes them with the VAE and post-processes them with the
+pipeline's image processor. Everything else (components, ``.to``, ``save_pretrained`` of the FP parts) is the
+pipeline's own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tadq.pipelines.components import (
+    check_pipeline_folder,
+    pipeline_class,
+    pipeline_load_options,
+)
+from tadq.pipelines.prompts import PromptConditions
+from tadq.safefiles import read_json_file
+from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
+
+__all__ = ["load_pipeline", "TadqPipelineMixin", "resolve_deployment"]
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _fitted_keys(denoiser: nn.Module) -> list[tuple[str, str, float]]:
+    """(correction, sampler key, guidance scale) of every fitted per-step table the denoiser carries."""
+    keys = []
+    for member in getattr(denoiser, "corrections", ()):
+        table_key = getattr(member, "table_key", None)
+        if table_key is not None:
+            keys.append((type(member).__name__, table_key.sampler_key, float(table_key.guidance_scale)))
+        elif getattr(member, "sampler_key", None) is not None:  # TFMQ's per-step state: no guidance in its key
+            keys.append((type(member).__name__, member.sampler_key, float("nan")))
+    return keys
+
+
+def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: int | None, guidance_scale: float | None,
+                       eta: float | None, default_guidance: float) -> tuple[SamplerConfig, float]:
+    """(sampler, guidance scale) for a call: the recipe's deployment with the given values applied.
+
+    Raises ``ValueError`` before any work when the model carries per-step tables fitted for another grid or
+    guidance scale (they are keyed; a model without corrections takes any).
+    """
+    sampler = recipe.sampler if recipe is not None else SamplerConfig("ddim", num_steps=50, eta=0.0)
+    if num_inference_steps is not None:
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
+                or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+        sampler = dataclasses.replace(sampler, num_steps=num_inference_steps)
+    if eta is not None:
+        sampler = dataclasses.replace(sampler, eta=float(eta))
+    default = recipe.guidance_scale if recipe is not None else default_guidance
+    scale = check_guidance_scale(default if guidance_scale is None else guidance_scale)
+    for name, key, fitted_scale in _fitted_keys(denoiser):
+        if key != sampler.key:
+            raise ValueError(f"this model's {name} was fitted for {key}, not {sampler.key} (num_inference_steps/eta); "
+                             "call it with the steps it was quantized for, or quantize again for these")
+        if fitted_scale == fitted_scale and fitted_scale != scale:  # NaN: a table not keyed by guidance
+            raise ValueError(f"this model's {name} was fitted at guidance_scale={fitted_scale:g}, not {scale:g}; "
+                             "the guided noise estimate (and its quantization error) changes with the scale: call "
+                             "it at the fitted scale, or quantize again for this one")
+    return sampler, scale
+
+
+def _prompt_list(prompt: str | Sequence[str] | None) -> list[str]:
+    if prompt is None:
+        raise ValueError("prompt is required: tadq's pipeline encodes prompts itself (prompt_embeds is not taken)")
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts:
+        raise ValueError("prompt is an empty list")
+    return prompts
+
+
+class TadqPipelineMixin:
+    """Put before the pipeline class: ``__call__`` runs tadq's loop (module docstring).
+
+    Attributes (set by ``load_pipeline``):
+        tadq_denoiser: the ``QuantizedDenoiser`` (its ``model`` is ``self.unet``), or the FP UNet itself.
+        tadq_recipe: the artefact's ``Recipe`` (deployment sampler and guidance scale), ``None`` for FP.
+    """
+
+    tadq_base: type  # the diffusers pipeline class this one extends
+    tadq_denoiser: nn.Module
+    tadq_recipe: Any = None
+
+    def __call__(  # noqa: PLR0913 -- the diffusers call signature
+        self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None, *,
+        num_inference_steps: int | None = None, guidance_scale: float | None = None, num_images_per_prompt: int = 1,
+        eta: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
+        height: int | None = None, width: int | None = None, output_type: str = "pil", return_dict: bool = True,
+        batch_size: int = 8, progress: bool = True, **unsupported: Any,
+    ) -> Any:
+        """Images for ``prompt`` as the diffusers pipeline returns them (``.images``), sampled by tadq.
+
+        ``seed`` (or ``generator``'s initial seed; default 0) fixes every sample's noise: sample i (prompts
+        repeated ``num_images_per_prompt`` times, prompt-major) draws it from (seed, i), whatever the batch.
+        ``num_inference_steps``, ``guidance_scale`` and ``eta`` default to the artefact recipe's deployment.
+        """
+        given = sorted(name for name, value in unsupported.items() if value is not None)
+        if given:
+            raise TypeError(f"{type(self).__name__} runs tadq's sampling loop and does not take {given}; supported: "
+                            "prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, "
+                            "eta, seed, generator, height, width, output_type, return_dict, batch_size, progress")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r}; accepted: {OUTPUT_TYPES}")
+        if generator is not None and seed is not None:
+            raise ValueError("give seed or generator, not both")
+        if not isinstance(generator, (torch.Generator, type(None))):
+            raise TypeError("generator must be one torch.Generator (tadq keys every sample's noise by (seed, index))")
+        seed = int(generator.initial_seed()) if generator is not None else (0 if seed is None else seed)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        self._check_size(height, width)
+        prompts = [p for p in _prompt_list(prompt) for _ in range(num_images_per_prompt)]
+        negatives = negative_prompt
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            negatives = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
+        sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
+        conditions = PromptConditions(self, prompts, negatives)  # checks the prompts' length before any work
+        latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
+        images = latents if output_type == "latent" else self.tadq_decode(latents, output_type)
+        return self._tadq_output(images, return_dict)
+
+    def tadq_deployment(self, num_inference_steps: int | None, guidance_scale: float | None, eta: float | None
+                        ) -> tuple[SamplerConfig, float]:
+        """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others."""
+        default = inspect.signature(self.tadq_base.__call__).parameters["guidance_scale"].default
+        return resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps, guidance_scale, eta,
+                                  float(default))
+
+    def _check_size(self, height: int | None, width: int | None) -> None:
+        size = self.unet.config.sample_size
+        native = (size * self.vae_scale_factor,) * 2 if isinstance(size, int) else \
+            tuple(s * self.vae_scale_factor for s in size)
+        if (height or native[0], width or native[1]) != tuple(native):
+            raise ValueError(f"height/width {height}x{width}: tadq samples at the UNet's own size "
+                             f"{native[0]}x{native[1]} (the one it was calibrated and fitted at)")
+
+    def tadq_latents(self, conditions: PromptConditions, num_samples: int, sampler: SamplerConfig, scale: float,
+                     seed: int, batch_size: int = 8, progress: bool = True) -> Tensor:
+        """Final latents (N, C, h, w) on the CPU from tadq's loop (the corrections of a quantized UNet active)."""
+        from tadq.api import sample
+
+        result = sample(self.tadq_denoiser, self.scheduler, sampler, num_samples=num_samples, seed=seed,
+                        batch_size=batch_size, conditions=conditions, guidance_scale=scale, progress=progress)
+        return result.images
+
+    @torch.no_grad()
+    def tadq_decode(self, latents: Tensor, output_type: str = "pil") -> Any:
+        """Latents → images as the pipeline decodes them (scaling factor, SDXL's latent mean/std and fp16 upcast,
+        its watermark when installed), post-processed by its image processor."""
+        vae = self.vae
+        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+        if upcast:
+            vae.to(torch.float32)
+        parameter = next(vae.parameters())
+        latents = latents.to(parameter.device, parameter.dtype)
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std_t / vae.config.scaling_factor + mean_t
+        else:
+            latents = latents / vae.config.scaling_factor
+        image = vae.decode(latents, return_dict=False)[0]
+        if upcast:
+            vae.to(torch.float16)
+        if getattr(self, "watermark", None) is not None:
+            image = self.watermark.apply_watermark(image)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    def _tadq_output(self, images: Any, return_dict: bool) -> Any:
+        if "safety_checker" in inspect.signature(self.tadq_base.__init__).parameters:  # SD's output type
+            from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+            return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict \
+                else (images, None)
+        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+        return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
+
+    def to(self, *args: Any, **kwargs: Any) -> Any:
+        """The pipeline's ``to``; the quantized denoiser (quantizer state, correction tables) follows the UNet."""
+        result = super().to(*args, **kwargs)  # type: ignore[misc]
+        if self.tadq_denoiser is not self.unet:
+            parameter = next(self.unet.parameters())
+            recipe = getattr(self.tadq_denoiser, "recipe", None)
+            self.tadq_denoiser.to(device=parameter.device, dtype=parameter.dtype)
+            self.tadq_denoiser.recipe = recipe
+        return result
+
+
+def tadq_pipeline_class(base: type) -> type:
+    """``Tadq<Base>``: the pipeline class with tadq's ``__call__`` (made once per base class)."""
+    if base not in _SUBCLASSES:
+        _SUBCLASSES[base] = type(f"Tadq{base.__name__}", (TadqPipelineMixin, base),
+                                   {"__module__": __name__, "tadq_base": base})
+    return _SUBCLASSES[base]
+
+
+def _check_scheduler(path: Path) -> None:
+    config_file = path / "scheduler" / "scheduler_config.json"
+    config = read_json_file(config_file, "scheduler config")
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not an object")
+    try:
+        check_drivable(config.get("_class_name"), config)
+    except NotImplementedError as error:
+        raise NotImplementedError(
+            f"{config_file}: {error} To use this pipeline, save DDIMScheduler.from_config(pipe.scheduler.config) "
+            "(with the clip_sample and steps_offset the model was trained with) into its scheduler/ folder."
+        ) from error
+
+
+def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
+                  dtype: str | torch.dtype | None = None) -> Any:
+    """A diffusers pipeline object for a tadq pipeline artefact (quantized UNet, corrections active) or for an FP
+    pipeline folder (the FP UNet in tadq's loop, for same-noise comparisons); call it as usual:
+    ``pipe(prompt, negative_prompt=..., guidance_scale=..., num_inference_steps=...).images``.
+
+    Every component folder is checked before any weights are read.
+
+    Raises:
+        PipelineFolderError (a ValueError): not a supported pipeline folder, a component missing or damaged.
+        NotImplementedError: a scheduler tadq's DDIM/DDPM steps cannot drive.
+    """
+    from tadq.api import load
+    from tadq.device import resolve_device, resolve_dtype
+    from tadq.io import is_quantized_artefact
+
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"load_pipeline takes a folder path, got {type(path).__name__}")
+    path = Path(path)
+    target_device = resolve_device(device) if device is not None else None
+    target_dtype = resolve_dtype(dtype) if dtype is not None else None
+    quantized = is_quantized_artefact(path)
+    layout = check_pipeline_folder(path, denoiser_weights=not quantized)
+    _check_scheduler(path)
+    klass = tadq_pipeline_class(pipeline_class(layout.class_name))
+    options = pipeline_load_options(klass, target_dtype)
+    if quantized:
+        qmodel, _scheduler = load(path, device=target_device, dtype=target_dtype)
+        pipe = klass.from_pretrained(str(path), unet=qmodel.model, **options)
+        denoiser, recipe = qmodel, getattr(qmodel, "recipe", None)
+    else:
+        pipe = klass.from_pretrained(str(path), **options)
+        denoiser, recipe = pipe.unet, None
+    pipe.tadq_denoiser, pipe.tadq_recipe = denoiser, recipe
+    if target_device is not None:
+        pipe.to(target_device)
+    return pipe
