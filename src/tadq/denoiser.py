@@ -43,7 +43,11 @@ class QuantizedDenoiser(nn.Module):
         self.corrections = CorrectionStack()
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
-        return self.adapter.predict_eps(self.model, x, t, cond)
+        cache = getattr(self.adapter, "inference_cache", None)  # optional: e.g. the cross-attention K/V memo
+        if cache is None:
+            return self.adapter.predict_eps(self.model, x, t, cond)
+        with cache(self.model):  # the memo checks itself that it is inference (no grad, eval, fixed weights)
+            return self.adapter.predict_eps(self.model, x, t, cond)
 
     def set_step(self, step: StepContext | None) -> None:
         """Tell the step-aware corrections (TFMQ's per-step ranges and cache) which sampler step the next call

@@ -8,9 +8,9 @@ import cycle. The built-in adapters, corrections and configs register when ``tad
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -31,17 +31,27 @@ class ModelFamily:
         model_class: the diffusers denoiser class (its subclasses share the registration).
         adapter_class: the ``ModelAdapter`` that names every layer's role for this class.
         subfolder: the denoiser's folder inside a diffusers pipeline (``unet``, ``transformer``).
-        pipeline_class: the diffusers pipeline class an artefact's ``model_index.json`` names.
+        pipeline_class: the diffusers pipeline class an artefact's ``model_index.json`` names (the family's
+            default, see ``pipeline_for``).
+        pipeline_class_for: for a model class shared by several pipelines (``UNet2DConditionModel``: Stable
+            Diffusion and SDXL), a function of the model's config (``model.config`` or its ``config.json`` dict)
+            returning the pipeline class; ``None``: always ``pipeline_class``.
     """
 
     model_class: type[nn.Module]
     adapter_class: type
     subfolder: str
     pipeline_class: str
+    pipeline_class_for: Callable[[Mapping[str, Any]], str] | None = None
 
     @property
     def name(self) -> str:
         return self.model_class.__name__
+
+    def pipeline_for(self, config: Mapping[str, Any]) -> str:
+        """The diffusers pipeline class of the model with this config (what writers of ``model_index.json`` use)."""
+        return self.pipeline_class if self.pipeline_class_for is None else self.pipeline_class_for(config)
+
 _ADAPTERS: dict[type[nn.Module], type] = {}
 _FAMILIES: dict[str, ModelFamily] = {}
 _CORRECTIONS: dict[type, type] = {}
@@ -74,16 +84,19 @@ def registered_config_types() -> dict[str, type]:
 
 def register_adapter(
     model_class: type[nn.Module], *, subfolder: str, pipeline_class: str,
+    pipeline_class_for: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> Callable[[type[T]], type[T]]:
     """Class decorator: use the decorated adapter for ``model_class`` (and its subclasses).
 
     ``subfolder`` and ``pipeline_class`` describe the family's diffusers layout; model loading and artefacts read
-    them from here (``model_family``), so adding a family means writing one adapter.
+    them from here (``model_family``), so adding a family means writing one adapter. ``pipeline_class_for``
+    (config → pipeline class) lets one model class serve several pipelines (``ModelFamily.pipeline_for``).
     """
 
     def decorate(adapter_class: type[T]) -> type[T]:
         _ADAPTERS[model_class] = adapter_class
-        _FAMILIES[model_class.__name__] = ModelFamily(model_class, adapter_class, subfolder, pipeline_class)
+        _FAMILIES[model_class.__name__] = ModelFamily(model_class, adapter_class, subfolder, pipeline_class,
+                                                      pipeline_class_for)
         return adapter_class
 
     return decorate

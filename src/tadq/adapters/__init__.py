@@ -2,5 +2,7 @@
 
 from tadq.adapters.base import LAYER_ROLES, TEMPORAL_ROLES, LayerInfo, LayerRole, ModelAdapter
 from tadq.adapters.unet import UNet2DAdapter
+from tadq.adapters.unet_condition import UNet2DConditionAdapter
 
-__all__ = ["ModelAdapter", "LayerInfo", "LayerRole", "LAYER_ROLES", "TEMPORAL_ROLES", "UNet2DAdapter"]
+__all__ = ["ModelAdapter", "LayerInfo", "LayerRole", "LAYER_ROLES", "TEMPORAL_ROLES", "UNet2DAdapter",
+           "UNet2DConditionAdapter"]

@@ -2,11 +2,21 @@
 
 Roles (``LayerRole``) of the quantizable layers (every ``nn.Conv2d``/``nn.Linear``):
 ``input_conv`` / ``output_conv`` (first and last conv), ``time_embedding`` (the timestep MLP),
-``class_embedding`` (label path), ``time_projection`` (each residual block's projection of the time embedding),
-``block_conv`` (the convolutions inside residual blocks), ``shortcut`` (1x1 skip convs), ``attention_qkv``,
-``attention_out``, ``resample`` (down/upsample convs) and ``other``.
-The temporal path is ``time_embedding`` + ``class_embedding`` + ``time_projection`` (TFMQ-DM's temporal
-information block).
+``class_embedding`` (label path), ``added_embedding`` (an embedding of further conditions added to the timestep
+embedding, e.g. SDXL's pooled text + size/crop ids), ``time_projection`` (each residual block's projection of the
+time embedding), ``block_conv`` (the convolutions inside residual blocks), ``shortcut`` (1x1 skip convs),
+``attention_qkv`` (q, and k/v of self-attention), ``cross_attention_kv`` (k/v of cross-attention: their input is
+the encoder states, e.g. the text embedding, the same at every sampler step), ``attention_out``,
+``transformer_proj`` (a transformer block's ``proj_in``/``proj_out``), ``feed_forward`` (the transformer MLP,
+GEGLU included), ``resample`` (down/upsample convs) and ``other``.
+The temporal path is ``time_embedding`` + ``class_embedding`` + ``added_embedding`` + ``time_projection``
+(TFMQ-DM's temporal information block).
+
+Conditioning inputs (``ModelAdapter.conditioning_inputs``) are named as ``Conditioning.describe()`` names them:
+a ``Conditioning`` attribute (``class_labels``, ``encoder_hidden_states``, ``pooled_embeds``, ``attention_mask``),
+or ``added_cond_kwargs.<key>`` for an entry of ``Conditioning.added_cond_kwargs`` (e.g.
+``added_cond_kwargs.time_ids``). The tuple lists what the model requires; an input a model accepts but does not
+require (``attention_mask`` of a cross-attention UNet) is not listed and is documented by its adapter.
 """
 
 from __future__ import annotations
@@ -22,10 +32,11 @@ __all__ = ["ModelAdapter", "LayerRole", "LayerInfo", "TEMPORAL_ROLES", "LAYER_RO
 
 LayerRole = Literal[
     "input_conv", "output_conv", "time_embedding", "class_embedding", "time_projection", "block_conv",
-    "shortcut", "attention_qkv", "attention_out", "resample", "other",
+    "shortcut", "attention_qkv", "attention_out", "resample", "other", "added_embedding", "cross_attention_kv",
+    "transformer_proj", "feed_forward",
 ]
 LAYER_ROLES: tuple[str, ...] = LayerRole.__args__  # type: ignore[attr-defined]
-TEMPORAL_ROLES: tuple[str, ...] = ("time_embedding", "class_embedding", "time_projection")
+TEMPORAL_ROLES: tuple[str, ...] = ("time_embedding", "class_embedding", "added_embedding", "time_projection")
 
 
 @dataclass(frozen=True)
@@ -63,7 +74,9 @@ class ModelAdapter(Protocol):
         ...
 
     def conditioning_inputs(self, model: nn.Module) -> tuple[str, ...]:
-        """The ``Conditioning`` fields ``model`` takes (e.g. ``("class_labels",)``); empty when unconditional."""
+        """The ``Conditioning`` fields ``model`` requires, named as in the module docstring (e.g.
+        ``("class_labels",)``, ``("encoder_hidden_states", "pooled_embeds", "added_cond_kwargs.time_ids")``);
+        empty when unconditional."""
         ...
 
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:

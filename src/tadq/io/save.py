@@ -186,7 +186,7 @@ def _diffusers_layout(model: nn.Module) -> tuple[str, str]:
         family = model_family(type(model).__name__)
     except ValueError as error:
         raise TypeError(f"cannot save a quantized {type(model).__name__}: {error}") from error
-    return family.subfolder, family.pipeline_class
+    return family.subfolder, family.pipeline_for(model.config)
 
 
 def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin | None, folder: Path) -> str:

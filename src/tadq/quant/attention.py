@@ -17,15 +17,20 @@ the model; the processor itself is stateless and only reads them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import torch
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from tadq.quant.qscheme import MAX_BITS, QScheme
 from tadq.quant.quantizer import Quantizer
 
-__all__ = ["QuantAttnProcessor", "install_attention_quantizers", "apply_attention_quantization", "softmax_scheme"]
+__all__ = ["QuantAttnProcessor", "install_attention_quantizers", "apply_attention_quantization", "softmax_scheme",
+           "CrossAttentionKVCache", "cross_attention_cache", "cross_attention_projections"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,3 +163,129 @@ def apply_attention_quantization(model: nn.Module, adapter, config) -> list[str]
         logger.info("softmax_bits=%d > %d: the softmax output P stays in floating point", config.softmax_bits,
                     MAX_BITS)
     return names
+
+
+def cross_attention_projections(model: nn.Module) -> dict[str, nn.Module]:
+    """The key/value projections (``to_k``/``to_v``) of every cross-attention ``Attention`` in ``model``, by name.
+
+    Found by structure (``Attention.is_cross_attention``: the module was built to read encoder states such as the
+    text embedding), never by name.
+    """
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            for part in ("to_k", "to_v"):
+                projection = getattr(module, part, None)
+                if projection is not None:
+                    found[f"{name}.{part}"] = projection
+    return found
+
+
+@dataclasses.dataclass
+class _CacheEntry:
+    """One projection's last input (a copy), the state of its tensors and quantizers then, and its output."""
+
+    state: tuple
+    input: Tensor
+    output: Tensor
+
+
+class CrossAttentionKVCache:
+    """Memo of the cross-attention K/V projections: one entry per projection (its last input and output).
+
+    In cross-attention, k = W_k·c and v = W_v·c read the encoder states c (the text embedding), which are the same
+    at every sampler step of a prompt; only the image tokens (q) change. The memo returns the stored output when
+    the projection is called again on an input equal to the stored one (``torch.equal``: O(N·L·D), far cheaper
+    than the projection's O(N·L·D·D_out) plus the weight fake-quantization) and its state is unchanged, so a
+    sampling run computes each projection once per prompt batch and outputs are bit-identical to uncached ones.
+
+    It never serves or stores while gradients are enabled or the model is in training mode (reconstruction), nor
+    for a projection whose state it cannot fingerprint: every submodule must be an ``nn.Linear`` (quantized or
+    not) or a plain ``Quantizer`` with no observer (``Calibrate``), no bypass and no learned rounding attached; a
+    ``Quantizer`` subclass (e.g. TFMQ-DM's per-step quantizers, whose output depends on the sampler step) disables
+    it. The state fingerprint holds identity, storage and version counter of every parameter and buffer, so an
+    optimiser step, ``set_range`` or a loaded state invalidates the entry.
+
+    Attributes:
+        computed: projection calls that ran the projection (misses and uncacheable calls), by projection name.
+        served: calls answered from the memo, by projection name.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, _CacheEntry] = {}
+        self.computed: dict[str, int] = {}
+        self.served: dict[str, int] = {}
+
+    def clear(self) -> None:
+        """Drop every stored input and output (the counters are kept)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _call(self, name: str, projection: nn.Module, forward, x: Tensor) -> Tensor:
+        state = None if torch.is_grad_enabled() or projection.training else _projection_state(projection)
+        entry = self._entries.get(name)
+        if state is not None and entry is not None and entry.state == state and _same(entry.input, x):
+            self.served[name] = self.served.get(name, 0) + 1
+            return entry.output.clone()  # a copy: a caller writing into its k/v must not change the memo
+        output = forward(x)
+        self.computed[name] = self.computed.get(name, 0) + 1
+        if state is None:
+            self._entries.pop(name, None)
+        else:
+            self._entries[name] = _CacheEntry(state, x.detach().clone(), output.detach().clone())
+        return output
+
+    @contextmanager
+    def active(self, model: nn.Module) -> Iterator[CrossAttentionKVCache]:
+        """Route ``model``'s cross-attention K/V projections through this memo inside the block (entries persist
+        across blocks, so one cache can span the calls of a whole sampling run)."""
+        patched = []
+        try:
+            for name, projection in cross_attention_projections(model).items():
+                if "forward" in vars(projection):
+                    raise RuntimeError(f"{name} already has an instance-level forward (a cache is active on it?)")
+                forward = projection.forward
+                projection.forward = functools.partial(self._call, name, projection, forward)
+                patched.append(projection)
+            yield self
+        finally:
+            for projection in patched:
+                del projection.forward
+
+
+@contextmanager
+def cross_attention_cache(model: nn.Module, cache: CrossAttentionKVCache | None = None
+                          ) -> Iterator[CrossAttentionKVCache]:
+    """``with cross_attention_cache(model) as cache:`` memoises the cross-attention K/V projections of ``model``
+    (``CrossAttentionKVCache``) for the enclosed inference calls; pass ``cache`` to keep entries across blocks."""
+    cache = CrossAttentionKVCache() if cache is None else cache
+    with cache.active(model):
+        yield cache
+
+
+def _same(stored: Tensor, x: Tensor) -> bool:
+    return (stored.shape == x.shape and stored.dtype == x.dtype and stored.device == x.device
+            and torch.equal(stored, x))
+
+
+_CACHEABLE = (nn.Linear, nn.Identity, nn.Dropout)
+
+
+def _projection_state(projection: nn.Module) -> tuple | None:
+    """A fingerprint of everything the projection's output depends on besides its input; ``None``: not cacheable."""
+    for module in projection.modules():
+        if type(module) is Quantizer:
+            if module._observer is not None or module.bypass or module.rounding is not None:
+                return None
+        elif not isinstance(module, _CACHEABLE):
+            return None
+    try:
+        tensors = tuple((name, id(value), value.data_ptr(), value._version, value.dtype, value.device)
+                        for name, value in [*projection.named_parameters(), *projection.named_buffers()])
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
+    schemes = tuple((name, module.scheme) for name, module in projection.named_modules()
+                    if isinstance(module, Quantizer))
+    return tensors + schemes

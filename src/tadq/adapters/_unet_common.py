@@ -1,0 +1,198 @@
+"""What the diffusers UNet adapters share: role claiming by module type, and the facts traced with one dummy forward.
+
+``UNet2DModel`` and ``UNet2DConditionModel`` are built from the same parts (``ResnetBlock2D``, ``Attention``,
+``Downsample2D``/``Upsample2D``, decoder blocks taking ``res_hidden_states_tuple``), so the role of a layer, the
+forward order of the reconstruction units and the ``[deep | skip]`` split points are found by the same code; each
+adapter only says which top-level modules it has and how it is called (``_roles``, ``_dummy_forward``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from torch import nn
+
+from tadq.adapters.base import LayerInfo, LayerRole
+
+__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "claim_attention", "claim_resnet"]
+
+logger = logging.getLogger(__name__)
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear)
+SKIP_ARGUMENT = "res_hidden_states_tuple"  # how diffusers' decoder blocks receive the encoder's skip features
+
+
+class RoleClaims:
+    """id(layer) → (role, owning block name); the first claim of a layer wins, so specific parts are claimed before
+    the generic sweep over the module tree."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.roles: dict[int, tuple[LayerRole, str]] = {}
+        self.names = {id(m): n for n, m in model.named_modules()}
+
+    def claim(self, module: nn.Module | None, role: LayerRole, block: str) -> None:
+        """Give every not yet claimed quantizable layer inside ``module`` (itself included) ``role`` in ``block``."""
+        if module is None:
+            return
+        for sub in module.modules():
+            if isinstance(sub, QUANTIZABLE) and id(sub) not in self.roles:
+                self.roles[id(sub)] = (role, block)
+
+
+def claim_resnet(claims: RoleClaims, resnet: ResnetBlock2D, block: str) -> None:
+    """A residual block: its time-embedding projection g_i, 1x1 shortcut and two convolutions."""
+    claims.claim(resnet.time_emb_proj, "time_projection", block)
+    claims.claim(resnet.conv_shortcut, "shortcut", block)
+    claims.claim(resnet.conv1, "block_conv", block)
+    claims.claim(resnet.conv2, "block_conv", block)
+
+
+def claim_attention(claims: RoleClaims, attn: Attention, block: str) -> None:
+    """An ``Attention``: q (and k, v of self-attention) ``attention_qkv``; k, v of cross-attention (they read the
+    encoder states, e.g. text embeddings, not the image tokens) ``cross_attention_kv``; the output projection."""
+    kv_role: LayerRole = "cross_attention_kv" if attn.is_cross_attention else "attention_qkv"
+    claims.claim(attn.to_q, "attention_qkv", block)
+    claims.claim(attn.to_k, kv_role, block)
+    claims.claim(attn.to_v, kv_role, block)
+    claims.claim(getattr(attn, "add_q_proj", None), "attention_qkv", block)
+    claims.claim(getattr(attn, "add_k_proj", None), "cross_attention_kv", block)  # added K/V read the encoder states
+    claims.claim(getattr(attn, "add_v_proj", None), "cross_attention_kv", block)
+    claims.claim(attn.to_out, "attention_out", block)
+    claims.claim(getattr(attn, "to_add_out", None), "attention_out", block)
+
+
+def claim_unet_parts(claims: RoleClaims, module: nn.Module, block: str) -> None:
+    """The parts both UNet classes share, claimed with ``block`` = the part's own name."""
+    if isinstance(module, ResnetBlock2D):
+        claim_resnet(claims, module, block)
+    elif isinstance(module, Attention):
+        claim_attention(claims, module, block)
+    elif isinstance(module, (Downsample2D, Upsample2D)):
+        claims.claim(module, "resample", block)
+
+
+class TracedUNetAdapter:
+    """Adapter methods common to the diffusers UNets; subclasses give ``_roles``, ``_dummy_forward`` and the calls."""
+
+    name = "unet"
+
+    def _roles(self, model: nn.Module) -> dict[int, tuple[LayerRole, str]]:
+        raise NotImplementedError
+
+    def _dummy_forward(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def layers(self, model: nn.Module) -> list[LayerInfo]:
+        roles = self._roles(model)
+        infos = []
+        for name, module in model.named_modules():
+            if isinstance(module, QUANTIZABLE):
+                role, block = roles.get(id(module), ("other", name))
+                infos.append(LayerInfo(name=name, role=role, block=block))
+        return infos
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """Residual and attention blocks as units, every other layer its own unit (BRECQ, docs/methods/qdiffusion.md).
+
+        Ordered as the forward pass visits them (traced with one dummy input), not as modules are registered:
+        diffusers registers a block's attentions before its resnets, and the mid block after the up blocks.
+        """
+        block_of = {info.name: info.block for info in self.layers(model)}
+        order: list[str] = []
+        hooks = {
+            module: (lambda _m, _args, _kwargs, name=name: order.append(block_of[name]))
+            for name, module in model.named_modules() if name in block_of
+        }
+        with pre_hooks(hooks):
+            self._dummy_forward(model)
+        return list(dict.fromkeys(order))
+
+    def concat_splits(self, model: nn.Module) -> dict[str, int]:
+        """Decoder shortcut convs that read ``X = cat[h_deep, h_skip]``, mapped to C1 = channels of ``h_deep``.
+
+        Shortcut splitting (docs/methods/qdiffusion.md) gives each half its own quantizers. The split point
+        is measured in one dummy forward: a pre-hook on each decoder block reads the skip tensors it is handed
+        (``res_hidden_states_tuple``; diffusers pops them from the end, one per resnet), and a pre-hook on each of
+        its ``ResnetBlock2D`` reads the channels of the concatenated input, so C1 = C_in − C_skip. A resnet whose
+        deep part does not match the tensor flowing into it (an unfamiliar block layout) is left out, with a warning.
+        """
+        names = {id(m): n for n, m in model.named_modules()}
+        records: dict[str, dict] = {}  # block name → {"input": C, "skips": [C...], "resnets": [(name, C_in, C_out)]}
+        hooks: dict[nn.Module, Callable] = {}
+        for block in getattr(model, "up_blocks", ()):
+            if SKIP_ARGUMENT not in inspect.signature(block.forward).parameters:
+                continue
+            block_name = names[id(block)]
+            hooks[block] = _record_block_inputs(records, block_name, inspect.signature(block.forward))
+            for resnet in block.modules():
+                if isinstance(resnet, ResnetBlock2D):
+                    hooks[resnet] = _record_resnet_input(records, block_name, names[id(resnet)], resnet.out_channels)
+        with pre_hooks(hooks):
+            self._dummy_forward(model)
+        return _splits_from_records(model, records)
+
+    def attention_modules(self, model: nn.Module) -> list[str]:
+        """Qualified names of the diffusers ``Attention`` modules (their matmuls are quantized, Q-Diffusion)."""
+        return [name for name, module in model.named_modules() if isinstance(module, Attention)]
+
+    def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        size = model.config.sample_size
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        return (model.config.in_channels, height, width)
+
+
+@contextmanager
+def pre_hooks(hooks: dict[nn.Module, Callable]) -> Iterator[None]:
+    """Install ``module → hook(module, args, kwargs)`` forward pre-hooks for the duration of the block."""
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _record_block_inputs(records: dict[str, dict], block_name: str, signature: inspect.Signature) -> Callable:
+    """Pre-hook for a decoder block: channels of its input and of each skip tensor it receives."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = signature.bind(*args, **kwargs).arguments
+        hidden, skips = next(iter(bound.values())), bound[SKIP_ARGUMENT]
+        records[block_name] = {"input": hidden.shape[1], "skips": [s.shape[1] for s in skips], "resnets": []}
+
+    return hook
+
+
+def _record_resnet_input(records: dict[str, dict], block_name: str, name: str, out_channels: int) -> Callable:
+    """Pre-hook for a decoder resnet: channels of its (concatenated) input, in call order."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else next(iter(kwargs.values()))
+        records[block_name]["resnets"].append((name, hidden.shape[1], out_channels))
+
+    return hook
+
+
+def _splits_from_records(model: nn.Module, records: dict[str, dict]) -> dict[str, int]:
+    """C1 per shortcut conv: resnet i of a block consumes the i-th skip tensor from the end of the tuple."""
+    splits: dict[str, int] = {}
+    for record in records.values():
+        skips = list(reversed(record["skips"]))
+        deep_expected = record["input"]
+        for index, (name, in_channels, out_channels) in enumerate(record["resnets"]):
+            if index >= len(skips):
+                break
+            deep = in_channels - skips[index]
+            resnet = model.get_submodule(name)
+            if deep != deep_expected or deep <= 0:
+                logger.warning("%s: input of %d channels is not [deep %d | skip %d]; not split",
+                               name, in_channels, deep_expected, skips[index])
+            elif resnet.conv_shortcut is not None:
+                splits[f"{name}.conv_shortcut"] = deep
+            deep_expected = out_channels
+    return splits
