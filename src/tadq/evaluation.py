@@ -41,6 +41,8 @@ class QualityMetrics:
         ssim: mean SSIM against the reference sample from the same noise.
         final_mse: MSE between the final states of the two trajectories.
         fd_key: the name the distance is reported under (``fd_digits`` for the shipped classifier).
+        prompt_accuracy: share of samples read as the label their prompt asked for (conditional models with a
+            label reader); ``None`` otherwise.
     """
 
     fd: float | None
@@ -49,6 +51,7 @@ class QualityMetrics:
     ssim: float | None
     final_mse: float
     fd_key: str = "fd_digits"
+    prompt_accuracy: float | None = None
 
     def to_dict(self) -> dict[str, float | None]:
         values = dataclasses.asdict(self)
@@ -66,9 +69,12 @@ def fd_reference(resolution: int) -> DigitsFeatureSpace:
 
 def quality_metrics(
     images: Tensor, states: Tensor, reference_images: Tensor, reference_states: Tensor,
-    features: FeatureSpace | None,
+    features: FeatureSpace | None, expected_labels: Tensor | None = None,
 ) -> QualityMetrics:
     """Metrics of samples against reference samples drawn from the same noise.
+
+    Latent models: pass decoded images (the VAE's output) and latent states, so image metrics read pixels and the
+    per-step error reads the space the sampler walks in.
 
     Args:
         images: samples (N, C, H, W), any range (clamped to [-1, 1] here).
@@ -76,7 +82,10 @@ def quality_metrics(
         reference_images: FP samples from the same noise (N, C, H, W); pass ``images`` itself for the FP row.
         reference_states: FP trajectory (S+1, N, C, H, W).
         features: the feature space of the Fréchet distance and agreement; ``None`` skips both.
+        expected_labels: (N,) the label each sample was prompted with; measured by ``features.prompted_accuracy``.
     """
+    if expected_labels is not None and features is None:
+        raise ValueError("prompt agreement needs a feature space that reads labels; got expected_labels without one")
     is_reference = images is reference_images
     images, reference = images.clamp(-1, 1), reference_images.clamp(-1, 1)
     return QualityMetrics(
@@ -86,6 +95,7 @@ def quality_metrics(
         ssim=None if is_reference else float(ssim_per_sample(images, reference).mean()),
         final_mse=float(per_step_mse(reference_states, states)[-1]),
         fd_key=features.metric_key if features is not None else "fd",
+        prompt_accuracy=None if expected_labels is None else features.prompted_accuracy(images, expected_labels),
     )
 
 

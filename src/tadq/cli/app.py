@@ -32,13 +32,27 @@ app.command("verify")(verify_command)
 logger = logging.getLogger("tadq")
 
 
+def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
+    """Non-empty lines of a prompt file (UTF-8), in order; ``()`` without a file; a clear error for a missing or
+    empty file."""
+    if path is None:
+        return ()
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file (one prompt per line)")
+    prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not prompts:
+        raise ValueError(f"{flag} {path} holds no prompt (one prompt per line)")
+    return prompts
+
+
 def _parse_presets(text: str) -> tuple[str, ...]:
     return tuple(p.strip().upper() for p in text.split(",") if p.strip())
 
 
 @app.command("run")
 def run_command(
-    model: Path | None = typer.Option(None, help="Local diffusers model folder (default: the shipped digits DDPM)."),
+    model: str | None = typer.Option(None, help="Local diffusers folder, or a shipped model: digits (default) or t2i "
+                                     "(the text-to-image digits pipeline)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
                                 help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …)."),
@@ -58,40 +72,52 @@ def run_command(
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:N or mps (refused when torch lacks it)."),
     dtype: str = typer.Option("float32", help="Compute dtype of the FP model: float32, bfloat16 or float16."),
+    guidance_scale: float | None = typer.Option(None, help="Classifier-free guidance of calibration, fits and "
+                                                "evaluation (conditional models; default: the model's own, 1 for "
+                                                "unconditional ones)."),
+    calib_prompts: Path | None = typer.Option(None, help="Text file, one calibration prompt per line (text-to-image "
+                                              "folders; the shipped t2i model has its own)."),
+    eval_prompts: Path | None = typer.Option(None, help="Text file, one evaluation prompt per line, disjoint from "
+                                             "the calibration prompts."),
+    negative_prompt: str = typer.Option("", help="Prompt of the unconditional branch (text-to-image models)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
     from tadq.config import CalibrationConfig, ReconstructionConfig
     from tadq.experiments.run import RunConfig, run_main_job
+    from tadq.experiments.workload import resolve_model_path
     from tadq.fsguard import check_output_dir, check_writable_dir
-    from tadq.models import shipped_model_path
-    from tadq.report.tables import COLUMNS, format_cell
+    from tadq.report.tables import columns_for, format_cell
     from tadq.sampling import SamplerConfig
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         check_output_dir(out, resume=True, force_foreign=force_foreign,
-                         inputs=[model if model is not None else shipped_model_path()])
+                         inputs=[resolve_model_path(model)])
         check_writable_dir(cache_dir, "--cache-dir")
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
         reconstruction = ReconstructionConfig() if recon_iters < 0 else ReconstructionConfig(weight_iters=recon_iters)
-        config = RunConfig(model=str(model) if model else None, presets=_parse_presets(presets),
+        config = RunConfig(model=model or None, presets=_parse_presets(presets),
                            methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
                            reconstruction=reconstruction,
                            num_samples=num_samples, sampler=sampler_config, eval_seed=seed, calibration=calibration,
                            batch_size=batch_size, out_dir=str(out), cache_dir=str(cache_dir), device=device,
-                           dtype=dtype)
+                           dtype=dtype, guidance_scale=guidance_scale,
+                           calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
+                           evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
+                           negative_prompt=negative_prompt)
         results = run_main_job(config)
     from rich.table import Table
 
     table = Table(title=f"tadq run: {sampler_config.key}, {num_samples} samples, seed {seed}")
-    for _, title in COLUMNS:
+    columns = columns_for(results["rows"])
+    for _, title in columns:
         table.add_column(title, justify="right")
     for row in results["rows"]:
-        table.add_row(*(format_cell(key, row.get(key)) for key, _ in COLUMNS))
+        table.add_row(*(format_cell(key, row.get(key)) for key, _ in columns))
     console.print(table)
     console.print(results["notes"]["fd"])
     console.print(results["notes"]["fake_quant"])

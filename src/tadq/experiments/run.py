@@ -8,6 +8,7 @@ run loses at most the cell in progress.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -22,12 +23,12 @@ from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict
 from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
-from tadq.evaluation import fd_reference, quality_metrics
+from tadq.evaluation import quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
+from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import mark_output
 from tadq.metrics import per_step_mse
 from tadq.metrics.features import FeatureSpace
-from tadq.models import load_pipeline_parts
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
@@ -35,8 +36,8 @@ from tadq.safefiles import DamagedFileError, load_checked, save_checked
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 
-__all__ = ["RunConfig", "CELL_SUFFIX", "cell_key", "load_cell", "save_cell", "default_variants", "run_cell",
-           "run_main_job", "write_report"]
+__all__ = ["RunConfig", "CELL_SUFFIX", "PreparedJob", "cell_key", "load_cell", "save_cell", "default_variants",
+           "prepare_job", "run_cell", "run_main_job", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class RunConfig:
     """Settings of the main job.
 
     Args:
-        model: a local diffusers folder, or ``None`` for the shipped digits DDPM.
+        model: a local diffusers folder, or a shipped model's name (``digits``, ``t2i``); ``None``: ``digits``.
         presets: quantization presets to compare.
         methods: quantization methods, one row per (method, preset): ``naive`` (calibrated ranges only) and
             ``qdiffusion`` (block reconstruction + split shortcuts + attention matmul quantization) and ``ptqd``
@@ -62,6 +63,12 @@ class RunConfig:
         grid_samples: samples shown per grid panel.
         device: where every model runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``); checked before any work.
         dtype: compute dtype of the FP model (float32, bfloat16, float16).
+        guidance_scale: classifier-free guidance of calibration, fits and evaluation (conditional models); ``None``:
+            the model's default (the shipped text-to-image model's recorded scale, 1 otherwise).
+        calibration_prompts: prompts of the calibration runs (text-to-image folders; the shipped ``t2i`` model
+            brings its own).
+        evaluation_prompts: prompts of the evaluation samples, disjoint from ``calibration_prompts``.
+        negative_prompt: the unconditional branch's prompt.
     """
 
     model: str | None = None
@@ -78,6 +85,10 @@ class RunConfig:
     grid_samples: int = 64
     device: str = "cpu"
     dtype: str = "float32"
+    guidance_scale: float | None = None
+    calibration_prompts: tuple[str, ...] = ()
+    evaluation_prompts: tuple[str, ...] = ()
+    negative_prompt: str = ""
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device torch lacks fails here, named
@@ -97,7 +108,7 @@ class RunConfig:
             raise ValueError("calibration.sampler must be the deployment sampler (set both to the same SamplerConfig)")
 
 
-def cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
+def cell_key(fingerprint: str, config: RunConfig, variant: Variant, workload: Workload | None = None) -> str:
     payload = {
         "model": fingerprint, "variant": variant.settings, "num_samples": config.num_samples,
         "sampler": config_to_dict(config.sampler), "eval_seed": config.eval_seed,
@@ -105,6 +116,8 @@ def cell_key(fingerprint: str, config: RunConfig, variant: Variant) -> str:
         # the sampling batch moves quantized samples (float re-association flips fake-quant roundings; README)
         "batch_size": config.batch_size,
     }
+    if workload is not None and workload.settings:  # prompts and guidance (absent for unconditional models)
+        payload["workload"] = workload.settings
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
@@ -127,7 +140,9 @@ def load_cell(path: Path) -> dict[str, Any]:
     return {**meta, **tensors}
 
 
-def run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, key: str) -> dict[str, Any]:
+def run_cell(workload: Workload, config: RunConfig, variant: Variant, path: Path, key: str) -> dict[str, Any]:
+    """Sample one variant from the evaluation seed (and prompts), or reuse its finished cell; a latent model's
+    cell keeps the decoded images and the latent trajectory."""
     if path.exists():
         cell = load_cell(path)
         if cell.get("key") == key:
@@ -135,14 +150,15 @@ def run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, 
             return cell
         logger.info("cell %s was written for other settings (key %s); recomputing it", path.name, cell.get("key"))
     t0 = time.perf_counter()
-    denoiser = variant.build() if variant.build is not None else model
+    denoiser = variant.build() if variant.build is not None else workload.model
     setup_s = time.perf_counter() - t0 + getattr(denoiser, "recorded_quantize_s", 0.0)
     t1 = time.perf_counter()
-    result = sample(denoiser, scheduler, config.sampler, num_samples=config.num_samples, seed=config.eval_seed,
-                    batch_size=config.batch_size, record_trajectory=True)
+    result = sample(denoiser, workload.scheduler, config.sampler, num_samples=config.num_samples,
+                    seed=config.eval_seed, batch_size=config.batch_size, record_trajectory=True,
+                    conditions=workload.evaluation_conditions, guidance_scale=workload.guidance_scale)
     cell = {
         "key": key, "name": variant.name, "bits": variant.bits, "settings": variant.settings,
-        "images": result.images, "states": result.trajectory.states, "setup_s": setup_s,
+        "images": workload.images(result.images), "states": result.trajectory.states, "setup_s": setup_s,
         "sampling_s": time.perf_counter() - t1,
         "extras": variant.describe(denoiser) if variant.describe is not None else {},
     }
@@ -150,8 +166,8 @@ def run_cell(model, scheduler, config: RunConfig, variant: Variant, path: Path, 
     return cell
 
 
-def _metrics(cell: dict, fp: dict, features: FeatureSpace | None) -> dict[str, Any]:
-    quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], features)
+def _metrics(cell: dict, fp: dict, features: FeatureSpace | None, expected_labels=None) -> dict[str, Any]:
+    quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], features, expected_labels)
     metrics = quality.to_dict()
     metrics["fd_digits"] = metrics.pop(quality.fd_key)  # the table's column: FD-digits, or "–" when not computed
     return {
@@ -169,48 +185,78 @@ def default_variants(config: RunConfig, bases: BaseModels) -> list[Variant]:
     return variants
 
 
-def run_main_job(config: RunConfig) -> dict[str, Any]:
-    """Sample, measure and report every variant; returns the results dictionary (also written as JSON)."""
-    model, scheduler = load_pipeline_parts(config.model)  # fails before anything is written
-    model = place_model(model, resolve_device(config.device), resolve_dtype(config.dtype))
-    out = Path(config.out_dir)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
-    mark_output(out, "run")  # a later run may refill it (the CLI refuses folders without the marker)
-    adapter = adapter_for(model)
+@dataclass(frozen=True)
+class PreparedJob:
+    """What every row of a job shares: the run config (guidance resolved), the workload, the model's fingerprint
+    and the quantized base networks (built on the job's calibration data)."""
+
+    config: RunConfig
+    workload: Workload
+    fingerprint: str
+    bases: BaseModels
+
+
+def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
+    """Load the workload (checked before anything is written), place the model, record calibration data with the
+    calibration seed (and prompts, at the job's guidance scale)."""
+    device, dtype = resolve_device(config.device), resolve_dtype(config.dtype)
+    workload = load_workload(config.model, guidance_scale=config.guidance_scale,
+                             calibration_prompts=config.calibration_prompts,
+                             evaluation_prompts=config.evaluation_prompts, negative_prompt=config.negative_prompt,
+                             device=device, dtype=dtype)
+    model = place_model(workload.model, device, dtype)
+    workload = dataclasses.replace(workload, model=model)
+    if workload.features is not None:
+        workload.features.check_fits(workload.image_shape(), "the model's images")
+    config = dataclasses.replace(config, guidance_scale=workload.guidance_scale)
     fingerprint = model_fingerprint(model)
     logger.info("collecting timestep-aware calibration data (seed %d)", config.calibration.seed)
-    calibration = collect_calibration_set(model, adapter, scheduler.config, config.calibration,
-                                          cache_dir=config.cache_dir)
-    bases = BaseModels(model, scheduler, calibration, fingerprint, out / "models")
-    variants = default_variants(config, bases)
+    calibration = collect_calibration_set(model, adapter_for(model), workload.scheduler.config, config.calibration,
+                                          cache_dir=config.cache_dir, conditions=workload.calibration_conditions,
+                                          guidance_scale=workload.guidance_scale)
+    bases = BaseModels(model, workload.scheduler, calibration, fingerprint, models_folder,
+                       conditions=workload.calibration_conditions)
+    return PreparedJob(config, workload, fingerprint, bases)
+
+
+def run_main_job(config: RunConfig) -> dict[str, Any]:
+    """Sample, measure and report every variant; returns the results dictionary (also written as JSON)."""
+    out = Path(config.out_dir)
+    job = prepare_job(config, out / "models")
+    config, workload = job.config, job.workload
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    mark_output(out, "run")  # a later run may refill it (the CLI refuses folders without the marker)
+    variants = default_variants(config, job.bases)
     cells = []
     for index, variant in enumerate(variants):
-        key = cell_key(fingerprint, config, variant)
+        key = cell_key(job.fingerprint, config, variant, workload)
         logger.info("[%d/%d] %s %s", index + 1, len(variants), variant.name, variant.bits)
         # a finished cell is found by its key alone, so reordering or adding methods reuses it
         done = sorted((out / "cells").glob(f"*-{key}{CELL_SUFFIX}"))
         path = done[0] if done else out / "cells" / f"{index:02d}-{key}{CELL_SUFFIX}"
-        cells.append(run_cell(model, scheduler, config, variant, path, key))
-    return write_report(config, cells, adapter.sample_shape(model))
+        cells.append(run_cell(workload, config, variant, path, key))
+    return write_report(config, cells, workload)
 
 
 def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
     if fd is None:
         return ("FD-digits and class agreement are not computed: the digit classifier only reads the shipped "
-                "digits model's samples (PSNR, SSIM and trajectory error are).")
+                "digits models' samples (PSNR, SSIM and trajectory error are).")
     return (f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, {num_samples} "
             f"samples vs the {len(fd.real)} real training digits. Real-vs-real floor (all {fd.heldout_count} "
             f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
 
 
-def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, int, int]) -> dict[str, Any]:
-    """Metrics table, JSON, grids and the per-step error plot."""
+def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> dict[str, Any]:
+    """Metrics table, JSON, grids and the per-step error plot (image metrics on decoded images, the per-step error
+    in the space the sampler walks in)."""
     out = Path(config.out_dir)
-    # FD-digits and agreement only for the shipped digits model: a user's model gets PSNR/SSIM/trajectory error
+    # FD-digits and agreement only for the shipped digits models: a user's model gets PSNR/SSIM/trajectory error
     # (digit features on another model's samples would be a number without a meaning)
-    fd = fd_reference(sample_shape[-1]) if config.model is None else None
+    fd = workload.features
     fp = cells[0]
-    rows = [_metrics(cell, fp, fd) for cell in cells]
+    expected = workload.expected_labels(config.num_samples) if workload.expected_labels is not None else None
+    rows = [_metrics(cell, fp, fd, expected) for cell in cells]
     labels = [f"{c['name']} {c['bits']}" for c in cells]
     shown = config.grid_samples
     save_comparison_grid({label: c["images"][:shown] for label, c in zip(labels, cells, strict=True)},
@@ -246,7 +292,7 @@ def write_report(config: RunConfig, cells: list[dict], sample_shape: tuple[int, 
         },
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
                    "num_samples": config.num_samples, "eval_seed": config.eval_seed,
-                   "model": config.model or "shipped"},
+                   "model": workload.name, "workload": workload.settings},
         "versions": library_versions(),
     }
     atomic_write_json(results, out / "results.json")

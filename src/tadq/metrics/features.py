@@ -54,6 +54,14 @@ class FeatureSpace(ABC):
         """Share of samples whose predicted label equals the reference sample's; ``None`` without a label reader."""
         return None
 
+    def prompted_accuracy(self, images: Tensor, labels: Tensor) -> float:
+        """Share of conditional samples read as the label they were prompted with (a CLIP-score stand-in).
+
+        Raises:
+            MetricMismatchError: this feature space reads no labels.
+        """
+        raise MetricMismatchError(f"FD-{self.name} features read no labels, so prompt agreement cannot be measured")
+
     @property
     def metric_key(self) -> str:
         return f"fd_{self.name}"
@@ -104,6 +112,11 @@ class DigitsFeatureSpace(FeatureSpace):
 
     def agreement(self, images: Tensor, reference: Tensor) -> float | None:
         return classifier_agreement(images, reference, self.classifier)
+
+    def prompted_accuracy(self, images: Tensor, labels: Tensor) -> float:
+        """Share of samples the digit classifier reads as the digit their prompt (or class label) asked for."""
+        self.check_fits(tuple(images.shape[1:]))
+        return float((predicted_labels(images, self.classifier) == labels.cpu()).float().mean())
 
 
 class PhotosFeatureSpace(FeatureSpace):

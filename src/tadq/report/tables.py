@@ -4,13 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["COLUMNS", "markdown_table", "format_cell"]
+__all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "columns_for", "markdown_table", "format_cell"]
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("method", "method"), ("bits", "bits"), ("fd_digits", "FD-digits ↓"), ("agreement", "class agree ↑"),
     ("psnr", "PSNR vs FP (dB) ↑"), ("ssim", "SSIM vs FP ↑"), ("final_mse", "final x_0 MSE ↓"),
     ("setup_s", "quantize (s)"), ("sampling_s", "sample (s)"),
 )
+# shown only when some row measured them (conditional models: the label the prompt asked for)
+OPTIONAL_COLUMNS: tuple[tuple[str, str], ...] = (("prompt_accuracy", "prompt agree ↑"),)
+
+
+def columns_for(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """``COLUMNS`` plus every optional column some row has a value for (after the agreement column)."""
+    extra = tuple(c for c in OPTIONAL_COLUMNS if any(row.get(c[0]) is not None for row in rows))
+    at = [key for key, _ in COLUMNS].index("agreement") + 1
+    return COLUMNS[:at] + extra + COLUMNS[at:]
 
 
 def format_cell(key: str, value: Any) -> str:
@@ -20,7 +29,7 @@ def format_cell(key: str, value: Any) -> str:
         return value
     if key == "final_mse":
         return f"{value:.2e}"
-    if key in ("agreement", "ssim"):
+    if key in ("agreement", "ssim", "prompt_accuracy"):
         return f"{value:.3f}"
     if key in ("setup_s", "sampling_s"):
         return f"{value:.0f}"
@@ -28,7 +37,8 @@ def format_cell(key: str, value: Any) -> str:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
-    rule = "|" + "|".join("---" for _ in COLUMNS) + "|"
-    body = ["| " + " | ".join(format_cell(k, row.get(k)) for k, _ in COLUMNS) + " |" for row in rows]
+    columns = columns_for(rows)
+    header = "| " + " | ".join(title for _, title in columns) + " |"
+    rule = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(format_cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
     return "\n".join([header, rule, *body])

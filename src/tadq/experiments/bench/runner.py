@@ -16,15 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tadq.calibration import collect_calibration_set, model_fingerprint
-from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.experiments.bench.config import BenchConfig
 from tadq.experiments.bench.measure import measured
 from tadq.experiments.bench.report import write_bench_report
 from tadq.experiments.rows import BaseModels, Variant, row_for
-from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, run_cell, write_report
-from tadq.models import load_pipeline_parts
-from tadq.registry import adapter_for
+from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, prepare_job, run_cell, write_report
 from tadq.sampling import SamplerConfig
 
 __all__ = ["Unsupported", "UNSUPPORTED_ERRORS", "run_bench", "run_sampler"]
@@ -74,17 +70,10 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
     index or Unsupported)], "settings" (each row's cell settings), "wall_s"}``.
     """
     t0 = time.perf_counter()
-    config = bench.run_config(sampler)
-    model, scheduler = load_pipeline_parts(config.model)  # fails before anything is written
-    model = place_model(model, resolve_device(config.device), resolve_dtype(config.dtype))
     out = bench.sampler_dir(sampler)
+    job = prepare_job(bench.run_config(sampler), bench.models_folder)  # fails before anything is written
+    config, workload, bases = job.config, job.workload, job.bases
     (out / "cells").mkdir(parents=True, exist_ok=True)
-    adapter = adapter_for(model)
-    fingerprint = model_fingerprint(model)
-    logger.info("%s: collecting calibration data (seed %d)", sampler.key, config.calibration.seed)
-    calibration = collect_calibration_set(model, adapter, scheduler.config, config.calibration,
-                                          cache_dir=config.cache_dir)
-    bases = BaseModels(model, scheduler, calibration, fingerprint, bench.models_folder)
     cells: list[dict[str, Any]] = []
     entries: list[tuple[str, str, int | Unsupported]] = []
     planned = _variants(config, bases)
@@ -92,12 +81,12 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
         if isinstance(variant, Unsupported):
             entries.append((method, preset, variant))
             continue
-        variant = measured(variant, scheduler)
-        key = cell_key(fingerprint, config, variant)
+        variant = measured(variant, workload.scheduler)
+        key = cell_key(job.fingerprint, config, variant, workload)
         path = out / "cells" / f"{_slug(method)}-{preset}-{key}{CELL_SUFFIX}"
         logger.info("%s [%d/%d] %s %s", sampler.key, number, len(planned), variant.name, variant.bits)
         try:
-            cell = run_cell(model, scheduler, config, variant, path, key)
+            cell = run_cell(workload, config, variant, path, key)
         except UNSUPPORTED_ERRORS as error:  # raised while building (e.g. a tool rejects the model): keep going
             if method == "fp":
                 raise
@@ -106,7 +95,7 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
             continue
         entries.append((method, preset, len(cells)))
         cells.append(cell)
-    results = write_report(config, cells, adapter.sample_shape(model))
+    results = write_report(config, cells, workload)
     return {"sampler": sampler, "config": config, "results": results, "entries": entries,
             "settings": [cell["settings"] for cell in cells], "wall_s": time.perf_counter() - t0}
 

@@ -23,6 +23,7 @@ from tadq.config import QuantConfig, config_to_dict
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io import load_quantized, save_quantized
 from tadq.recipe import Recipe
+from tadq.sampling import ConditionSource
 from tadq.tfmq import TFMQMethod, tfmq_tag
 from tadq.utils import atomic_write_json
 
@@ -47,9 +48,11 @@ class BaseModels:
     """Quantized base models, built once per config and kept on disk (``out/models``) so that correction rows
     reuse exactly the base row's weights, also after an interrupted run."""
 
-    def __init__(self, model, scheduler, calibration, fingerprint: str, folder: Path) -> None:
+    def __init__(self, model, scheduler, calibration, fingerprint: str, folder: Path, *,
+                 conditions: ConditionSource | None = None) -> None:
         self.model, self.scheduler, self.calibration = model, scheduler, calibration
         self.fingerprint, self.folder = fingerprint, folder
+        self.conditions = conditions  # of the correction fits (the calibration prompts or labels)
 
     def get(self, spec: Recipe | QuantConfig, build: Callable[[], QuantizedDenoiser] | None = None, tag: str = "",
             cache_dir: str | None = None) -> QuantizedDenoiser:
@@ -78,7 +81,7 @@ class BaseModels:
         t0 = time.perf_counter()
         if build is None:
             qmodel = quantize(self.model, self.scheduler, spec, calibration=self.calibration, cache_dir=cache_dir,
-                              checkpoint=self.folder / f"recon-{key}.pt")
+                              checkpoint=self.folder / f"recon-{key}.pt", conditions=self.conditions)
         else:
             qmodel = build()
         elapsed = time.perf_counter() - t0

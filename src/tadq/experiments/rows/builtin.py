@@ -41,7 +41,8 @@ def recipe_row(name: str, bases: BaseModels, config: RunConfig, preset_name: str
             qmodel.recipe = recipe
             return qmodel
         t0 = time.perf_counter()
-        built = quantize(bases.model, bases.scheduler, recipe, base=qmodel, cache_dir=cache_dir)
+        built = quantize(bases.model, bases.scheduler, recipe, base=qmodel, cache_dir=cache_dir,
+                         conditions=bases.conditions)
         if recipe.corrections:
             timing["correction_fit_s"] = time.perf_counter() - t0
         return built

@@ -58,8 +58,8 @@ def tfmq_config(calibration: CalibrationConfig) -> TFMQConfig:
 
 
 def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconstruction: ReconstructionConfig,
-            sampler: SamplerConfig) -> Recipe:
-    fields: dict[str, Any] = {"calibration": calibration, "deployments": (Deployment(sampler),),
+            sampler: SamplerConfig, guidance_scale: float = 1.0) -> Recipe:
+    fields: dict[str, Any] = {"calibration": calibration, "deployments": (Deployment(sampler, guidance_scale),),
                               "name": f"{recipe_stem(name)}-{preset_name.upper()}"}
     if name == "naive":
         return Recipe.from_preset(preset_name, method=NaiveMethod(), **fields)
@@ -81,7 +81,8 @@ def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconst
 
 def recipes_for_row(name: str, preset_name: str, config: RunConfig) -> Recipe:
     """The recipe of row ``name`` at ``preset_name`` under the run's calibration, reconstruction and sampler."""
-    return _recipe(name, preset_name, config.calibration, config.reconstruction, config.sampler)
+    guidance = 1.0 if config.guidance_scale is None else config.guidance_scale
+    return _recipe(name, preset_name, config.calibration, config.reconstruction, config.sampler, guidance)
 
 
 def base_recipe(recipe: Recipe, name: str) -> Recipe:

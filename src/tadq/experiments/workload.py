@@ -1,0 +1,212 @@
+"""What the main job samples and how it reads the samples, per model kind: the workload.
+
+An unconditional pixel model needs nothing but noise. A text-to-image latent model also needs per-sample prompts —
+one set for calibration and a disjoint one for evaluation, so a fit is never scored on its own prompts — a guidance
+scale, the VAE that turns the final latents into images before any image metric, and (for the shipped digits
+text-to-image model) the digit each evaluation prompt asks for, which the digit classifier must read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace
+from tadq.models import load_pipeline_parts, shipped_model_path
+from tadq.registry import adapter_for
+from tadq.safefiles import read_json_file
+from tadq.sampling import ConditionSource
+
+__all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder"]
+
+logger = logging.getLogger(__name__)
+
+
+def _shipped_t2i_path() -> Path:
+    from tadq.zoo.t2i import shipped_t2i_path
+
+    return shipped_t2i_path()
+
+
+# names ``tadq run --model`` accepts besides a folder: the models that ship inside the package
+SHIPPED_MODELS: dict[str, Callable[[], Path]] = {"digits": shipped_model_path, "t2i": _shipped_t2i_path}
+
+
+def resolve_model_path(model: str | None) -> Path:
+    """The folder of ``model``: a shipped model's name (``digits``, ``t2i``; ``None`` = ``digits``) or a path.
+
+    An existing folder of the same name wins over a shipped name, so a user's ``./t2i`` is never shadowed.
+    """
+    if model is None:
+        return shipped_model_path()
+    if model in SHIPPED_MODELS and not Path(model).exists():
+        return SHIPPED_MODELS[model]()
+    return Path(model)
+
+
+def is_text_to_image_folder(path: Path) -> bool:
+    """Whether ``path`` is a diffusers pipeline folder with a text encoder (Stable Diffusion / SDXL layout)."""
+    index_file = path / "model_index.json"
+    if not index_file.exists():
+        return False
+    index = read_json_file(index_file, "pipeline index")
+    entry = index.get("text_encoder") if isinstance(index, dict) else None
+    return entry is not None and entry != [None, None]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model, its scheduler and everything the main job does around the denoiser.
+
+    Args:
+        name: shown in the report (``digits``, ``t2i``, the folder).
+        model: the FP denoiser (eval mode).
+        scheduler: its training scheduler.
+        calibration_conditions: per-sample conditions of the calibration runs and correction fits (``None``:
+            unconditional).
+        evaluation_conditions: per-sample conditions of the evaluation samples, disjoint from the calibration ones.
+        guidance_scale: classifier-free guidance scale of calibration, fits and evaluation (1: none).
+        decoder: latents (N, C, h, w) → images (N, C', H, W) in [-1, 1] (a VAE); ``None``: the samples are images.
+        expected_labels: number of samples → (N,) label each evaluation sample was prompted with (prompt
+            agreement); ``None`` when there is no label to read back.
+        features: the feature space of FD and agreement on the (decoded) images; ``None``: PSNR/SSIM/trajectory only.
+        settings: what identifies the workload in cell keys (prompt sets, guidance).
+    """
+
+    name: str
+    model: nn.Module
+    scheduler: Any
+    calibration_conditions: ConditionSource | None = None
+    evaluation_conditions: ConditionSource | None = None
+    guidance_scale: float = 1.0
+    decoder: Callable[[Tensor], Tensor] | None = None
+    expected_labels: Callable[[int], Tensor] | None = None
+    features: FeatureSpace | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def images(self, samples: Tensor) -> Tensor:
+        """The images of final samples: decoded by the VAE for a latent model, the samples themselves otherwise."""
+        return samples if self.decoder is None else self.decoder(samples)
+
+    def image_shape(self) -> tuple[int, ...]:
+        """(C, H, W) of one image (after decoding)."""
+        shape = adapter_for(self.model).sample_shape(self.model)
+        if self.decoder is None:
+            return tuple(shape)
+        parameter = next(self.model.parameters())
+        zeros = torch.zeros(1, *shape, dtype=parameter.dtype, device=parameter.device)
+        with torch.no_grad():
+            return tuple(self.decoder(zeros).shape[1:])
+
+
+def _vae_decoder(vae: nn.Module, batch_size: int = 64) -> Callable[[Tensor], Tensor]:
+    """Latents → images in [-1, 1], as diffusers' pipelines decode them (``latents / scaling_factor``, then the
+    VAE decoder), in batches, in the VAE's dtype and on its device; returned on the latents' device as float32."""
+    scaling = float(vae.config.scaling_factor)
+    shift = getattr(vae.config, "shift_factor", None)
+
+    def decode(latents: Tensor) -> Tensor:
+        parameter = next(vae.parameters())
+        parts = []
+        with torch.no_grad():
+            for start in range(0, len(latents), batch_size):
+                chunk = latents[start:start + batch_size].to(parameter.device, parameter.dtype) / scaling
+                if shift is not None:
+                    chunk = chunk + shift
+                parts.append(vae.decode(chunk).sample.float().clamp(-1, 1).to(latents.device))
+        return torch.cat(parts)
+
+    return decode
+
+
+def _prompt_key(prompts: Sequence[str], negative: str) -> str:
+    payload = json.dumps({"prompts": list(prompts), "negative": negative})
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def load_workload(model: str | None, *, guidance_scale: float | None = None,
+                  calibration_prompts: Sequence[str] = (), evaluation_prompts: Sequence[str] = (),
+                  negative_prompt: str = "", device: torch.device | None = None,
+                  dtype: torch.dtype | None = None) -> Workload:
+    """The workload of ``model`` (a shipped name or a folder), checked before any sampling.
+
+    Text-to-image folders take prompts for calibration and evaluation (the shipped ``t2i`` model brings its own
+    disjoint sets); they must not share a prompt. ``guidance_scale=None`` takes the model's default (the shipped
+    text-to-image model's recorded one; 1 for every other model).
+    """
+    path = resolve_model_path(model)
+    name = model if model is not None else "digits"
+    if not path.exists():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    if is_text_to_image_folder(path):
+        return _text_to_image_workload(path, name, guidance_scale, calibration_prompts, evaluation_prompts,
+                                       negative_prompt, device, dtype)
+    if calibration_prompts or evaluation_prompts:
+        raise ValueError(f"{path} is not a text-to-image pipeline (no text_encoder in model_index.json): it takes no "
+                         "prompts")
+    if guidance_scale not in (None, 1.0):
+        raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; {path} is sampled "
+                         "unconditionally by tadq run")
+    fp, scheduler = load_pipeline_parts(path)
+    if adapter_for(fp).conditioning_inputs(fp):
+        raise NotImplementedError(f"{path} holds a conditional {type(fp).__name__} without a text encoder; tadq run "
+                                  "samples unconditional models and text-to-image pipelines")
+    shipped = path.resolve() == shipped_model_path().resolve()
+    # FD-digits only for the shipped digits model: digit features on another model's samples mean nothing
+    features = DigitsFeatureSpace(adapter_for(fp).sample_shape(fp)[-1]) if shipped else None
+    return Workload(name=name, model=fp, scheduler=scheduler, features=features)
+
+
+def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None, calibration_prompts: Sequence[str],
+                            evaluation_prompts: Sequence[str], negative_prompt: str, device, dtype) -> Workload:
+    from tadq.pipelines import PromptConditions, load_fp_pipeline
+
+    shipped = path.resolve() == _shipped_t2i_path().resolve()
+    expected_labels = None
+    features: FeatureSpace | None = None
+    if shipped:
+        from tadq.zoo.t2i import DEFAULT_GUIDANCE_SCALE
+        from tadq.zoo.t2i_prompts import CALIBRATION_PROMPTS, EVALUATION_PROMPTS, digit_of
+
+        calibration_prompts = calibration_prompts or CALIBRATION_PROMPTS
+        evaluation_prompts = evaluation_prompts or EVALUATION_PROMPTS
+        guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
+        labels = [digit_of(prompt) for prompt in evaluation_prompts]
+
+        def expected_labels(count: int) -> Tensor:  # prompts go to samples cyclically by index (PromptConditions)
+            return torch.tensor([labels[i % len(labels)] for i in range(count)], dtype=torch.long)
+    if not calibration_prompts or not evaluation_prompts:
+        raise ValueError(f"{path} is a text-to-image pipeline: give calibration and evaluation prompts (two disjoint "
+                         "sets, e.g. --calib-prompts FILE --eval-prompts FILE)")
+    shared = sorted(set(calibration_prompts) & set(evaluation_prompts))
+    if shared:
+        raise ValueError(f"calibration and evaluation prompts must be disjoint (a fit scored on its own prompts "
+                         f"proves nothing); both hold {shared[:3]}")
+    guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
+    pipeline = load_fp_pipeline(path, device=device, dtype=dtype)
+    calibration = PromptConditions(pipeline, list(calibration_prompts), negative_prompt=negative_prompt)
+    evaluation = PromptConditions(pipeline, list(evaluation_prompts), negative_prompt=negative_prompt)
+    decoder = _vae_decoder(pipeline.vae)
+    unet = pipeline.unet.eval().requires_grad_(False)
+    scheduler = load_pipeline_parts(path)[1]
+    workload = Workload(
+        name=name, model=unet, scheduler=scheduler, calibration_conditions=calibration,
+        evaluation_conditions=evaluation, guidance_scale=guidance_scale, decoder=decoder,
+        expected_labels=expected_labels,
+        settings={"calibration_prompts": _prompt_key(calibration_prompts, negative_prompt),
+                  "evaluation_prompts": _prompt_key(evaluation_prompts, negative_prompt),
+                  "guidance_scale": guidance_scale},
+    )
+    if shipped:
+        features = DigitsFeatureSpace(workload.image_shape()[-1])
+        workload = dataclasses.replace(workload, features=features)
+    return workload
