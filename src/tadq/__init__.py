@@ -8,6 +8,7 @@ from tadq._version import __version__
 from tadq.api import load, quantize, sample
 from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
 from tadq.denoiser import QuantizedDenoiser
+from tadq.pipelines import load_pipeline
 from tadq.quant.qscheme import QScheme
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe, load_recipe
 from tadq.sampling import SamplerConfig
@@ -16,5 +17,5 @@ from tadq.tfmq import TFMQMethod
 __all__ = [
     "__version__", "quantize", "sample", "load", "QuantConfig", "CalibrationConfig", "ReconstructionConfig",
     "QScheme", "SamplerConfig", "QuantizedDenoiser", "Recipe", "Deployment", "NaiveMethod", "QDiffusionMethod",
-    "TFMQMethod", "load_recipe",
+    "TFMQMethod", "load_recipe", "load_pipeline",
 ]

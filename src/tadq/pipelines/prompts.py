@@ -16,6 +16,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 from tadq.safefiles import tensors_digest
 from tadq.sampling.conditioning import Conditioning
 
-__all__ = ["PromptEncoder", "PromptConditions"]
+__all__ = ["PromptEncoder", "PromptConditions", "check_prompt_lengths"]
 
 
 def _short(prompt: str) -> str:
@@ -219,3 +220,22 @@ class PromptConditions:
                               "zeros": self.encoder.force_zeros_for_empty_prompt})
         digest = hashlib.sha256(payload.encode() + self.encoder.fingerprint.encode()).hexdigest()
         return f"prompts-{len(self.prompts)}-{digest[:16]}"
+
+
+def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "prompt") -> None:
+    """Check ``prompts`` against the tokenizers of the pipeline folder ``path`` alone (no encoder, VAE or UNet is
+    loaded), so a prompt that is too long fails before the expensive part of a command."""
+    import transformers
+
+    from tadq.pipelines.components import check_pipeline_folder
+
+    layout = check_pipeline_folder(path, denoiser_weights=False)
+    tokenizers = []
+    for name, (_library, class_name) in sorted(layout.components.items()):
+        if name.startswith("tokenizer"):
+            klass = getattr(transformers, class_name, None)
+            if klass is None:
+                raise ValueError(f"{layout.path / name}: unknown tokenizer class {class_name!r}")
+            tokenizers.append(klass.from_pretrained(str(layout.path / name), local_files_only=True))
+    probe = PromptEncoder(tuple(tokenizers), tuple(nn.Identity() for _ in tokenizers))
+    probe.check(list(prompts), what)

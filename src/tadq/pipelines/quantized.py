@@ -30,7 +30,7 @@ from tadq.pipelines.prompts import PromptConditions
 from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
 
-__all__ = ["load_pipeline", "TadqPipelineMixin", "resolve_deployment"]
+__all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "resolve_deployment", "tadq_pipeline_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +51,8 @@ def _fitted_keys(denoiser: nn.Module) -> list[tuple[str, str, float]]:
 
 
 def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: int | None, guidance_scale: float | None,
-                       eta: float | None, default_guidance: float) -> tuple[SamplerConfig, float]:
+                       eta: float | None, default_guidance: float, kind: str | None = None
+                       ) -> tuple[SamplerConfig, float]:
     """(sampler, guidance scale) for a call: the recipe's deployment with the given values applied.
 
     Raises ``ValueError`` before any work when the model carries per-step tables fitted for another grid or
@@ -63,6 +64,8 @@ def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: in
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         sampler = dataclasses.replace(sampler, num_steps=num_inference_steps)
+    if kind is not None:
+        sampler = dataclasses.replace(sampler, kind=kind, eta=0.0 if kind == "ddpm" and eta is None else sampler.eta)
     if eta is not None:
         sampler = dataclasses.replace(sampler, eta=float(eta))
     default = recipe.guidance_scale if recipe is not None else default_guidance
@@ -138,12 +141,13 @@ class TadqPipelineMixin:
         images = latents if output_type == "latent" else self.tadq_decode(latents, output_type)
         return self._tadq_output(images, return_dict)
 
-    def tadq_deployment(self, num_inference_steps: int | None, guidance_scale: float | None, eta: float | None
-                        ) -> tuple[SamplerConfig, float]:
-        """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others."""
+    def tadq_deployment(self, num_inference_steps: int | None, guidance_scale: float | None, eta: float | None,
+                        kind: str | None = None) -> tuple[SamplerConfig, float]:
+        """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others. Defaults:
+        the recipe's deployment, else DDIM 50 η 0 at the diffusers pipeline's default guidance scale."""
         default = inspect.signature(self.tadq_base.__call__).parameters["guidance_scale"].default
         return resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps, guidance_scale, eta,
-                                  float(default))
+                                  float(default), kind)
 
     def _check_size(self, height: int | None, width: int | None) -> None:
         size = self.unet.config.sample_size
@@ -215,8 +219,9 @@ def tadq_pipeline_class(base: type) -> type:
     return _SUBCLASSES[base]
 
 
-def _check_scheduler(path: Path) -> None:
-    config_file = path / "scheduler" / "scheduler_config.json"
+def check_drivable_scheduler(path: str | Path) -> None:
+    """``NotImplementedError`` (with the fix) when the pipeline folder's scheduler is not DDIM/DDPM-driven by tadq."""
+    config_file = Path(path) / "scheduler" / "scheduler_config.json"
     config = read_json_file(config_file, "scheduler config")
     if not isinstance(config, dict):
         raise ValueError(f"{config_file} holds a JSON {type(config).__name__}, not an object")
@@ -252,7 +257,7 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     target_dtype = resolve_dtype(dtype) if dtype is not None else None
     quantized = is_quantized_artefact(path)
     layout = check_pipeline_folder(path, denoiser_weights=not quantized)
-    _check_scheduler(path)
+    check_drivable_scheduler(path)
     klass = tadq_pipeline_class(pipeline_class(layout.class_name))
     options = pipeline_load_options(klass, target_dtype)
     if quantized:

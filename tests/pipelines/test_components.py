@@ -1,0 +1,140 @@
+"""Pipeline folders: loading, missing or damaged components named before any weights are read, prompts encoded
+as diffusers encodes them, deterministically and once per distinct prompt."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+from tadq.pipelines import PipelineFolderError, PromptConditions, check_pipeline_folder, load_fp_pipeline
+from tadq.pipelines.prompts import check_prompt_lengths
+from tests.pipelines.builders import MAX_TOKENS
+
+LONG = " ".join(["cat"] * (MAX_TOKENS + 2))
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(sd_folder):
+    return load_fp_pipeline(sd_folder)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(sdxl_folder):
+    return load_fp_pipeline(sdxl_folder)
+
+
+def test_loads_both_pipelines_without_safety_checker(sd_pipe, sdxl_pipe):
+    assert isinstance(sd_pipe, StableDiffusionPipeline) and sd_pipe.safety_checker is None
+    assert isinstance(sdxl_pipe, StableDiffusionXLPipeline) and sdxl_pipe.text_encoder_2 is not None
+    layout = check_pipeline_folder(sd_pipe.config._name_or_path)
+    assert layout.class_name == "StableDiffusionPipeline" and layout.text_conditioned
+    assert set(layout.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}
+
+
+def _copy(folder, tmp_path):
+    target = tmp_path / folder.name
+    shutil.copytree(folder, target)
+    return target
+
+
+@pytest.mark.parametrize("component", ["vae", "text_encoder_2", "tokenizer"])
+def test_missing_component_folder_is_named(sdxl_folder, tmp_path, component):
+    broken = _copy(sdxl_folder, tmp_path)
+    shutil.rmtree(broken / component)
+    with pytest.raises(PipelineFolderError, match=f"component folder {component}/"):
+        load_fp_pipeline(broken)
+
+
+def test_truncated_weights_are_named_before_loading(sd_folder, tmp_path):
+    broken = _copy(sd_folder, tmp_path)
+    weights = broken / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(PipelineFolderError, match="text_encoder/model.safetensors is damaged"):
+        load_fp_pipeline(broken)
+
+
+def test_unparsable_config_and_pickle_only_weights_are_refused(sd_folder, tmp_path):
+    broken = _copy(sd_folder, tmp_path)
+    (broken / "vae" / "config.json").write_text("{not json")
+    with pytest.raises(PipelineFolderError, match="vae/config.json .* damaged"):
+        check_pipeline_folder(broken)
+    shutil.copyfile(sd_folder / "vae" / "config.json", broken / "vae" / "config.json")
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").rename(broken / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(PipelineFolderError, match="no safetensors weights"):
+        check_pipeline_folder(broken)
+
+
+def test_a_component_the_class_needs_but_the_index_lacks(sd_folder, tmp_path):
+    broken = _copy(sd_folder, tmp_path)
+    index = (broken / "model_index.json").read_text().replace('"text_encoder"', '"text_encoder_x"')
+    (broken / "model_index.json").write_text(index)
+    with pytest.raises(PipelineFolderError, match="lists no 'text_encoder'"):
+        check_pipeline_folder(broken)
+
+
+def test_a_denoiser_folder_is_not_a_prompt_pipeline(tiny_model_dir):
+    with pytest.raises(PipelineFolderError, match="DDPMPipeline"):
+        check_pipeline_folder(tiny_model_dir)
+
+
+def test_too_long_prompt_is_refused_before_encoding(sd_pipe, sd_folder):
+    with pytest.raises(ValueError, match=f"tokens long .* at most {MAX_TOKENS}"):
+        PromptConditions(sd_pipe, ["a cat", LONG])
+    with pytest.raises(ValueError, match="negative prompt .* tokens long"):
+        PromptConditions(sd_pipe, ["a cat"], negative_prompt=LONG)
+    with pytest.raises(ValueError, match="calibration prompt .* tokens long"):
+        check_prompt_lengths(sd_folder, ["a dog", LONG], "calibration prompt")
+    check_prompt_lengths(sd_folder, ["a dog"])  # a prompt within the limit passes
+
+
+def test_sd_prompts_equal_diffusers_encode_prompt(sd_pipe):
+    conditions = PromptConditions(sd_pipe, ["a cat", "a dog"], negative_prompt="blurry")
+    cond = conditions(0, [0, 1])
+    with torch.no_grad():
+        embeds, negative = sd_pipe.encode_prompt(["a cat", "a dog"], "cpu", 1, True, ["blurry", "blurry"])
+    torch.testing.assert_close(cond.encoder_hidden_states, embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.unconditional.encoder_hidden_states, negative, rtol=0, atol=1e-6)
+    assert cond.pooled_embeds is None and not cond.added_cond_kwargs
+
+
+def test_sdxl_prompts_equal_diffusers_encode_prompt(sdxl_pipe):
+    conditions = PromptConditions(sdxl_pipe, ["a cat"])
+    cond = conditions(0, [0, 1])
+    with torch.no_grad():
+        embeds, negative, pooled, negative_pooled = sdxl_pipe.encode_prompt(
+            ["a cat"], device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
+    assert cond.encoder_hidden_states.shape == (2, MAX_TOKENS, 32) and cond.pooled_embeds.shape == (2, 8)
+    torch.testing.assert_close(cond.encoder_hidden_states[:1], embeds, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cond.pooled_embeds[:1], pooled, rtol=0, atol=1e-6)
+    # no negative prompt + force_zeros_for_empty_prompt: zeros, as diffusers
+    assert torch.count_nonzero(cond.unconditional.encoder_hidden_states) == 0 == torch.count_nonzero(negative)
+    assert torch.count_nonzero(negative_pooled) == 0
+    size = sdxl_pipe.unet.config.sample_size * sdxl_pipe.vae_scale_factor
+    expected = torch.tensor([[size, size, 0, 0, size, size]] * 2, dtype=torch.float32)
+    assert torch.equal(cond.added_cond_kwargs["time_ids"], expected)
+    assert torch.equal(cond.unconditional.added_cond_kwargs["time_ids"], expected)
+    with_negative = PromptConditions(sdxl_pipe, ["a cat"], negative_prompt="")(0, [0])
+    assert torch.count_nonzero(with_negative.unconditional.encoder_hidden_states) > 0  # "" encoded when given
+
+
+def test_prompt_conditions_are_cyclic_deterministic_and_cached(sd_pipe):
+    conditions = PromptConditions(sd_pipe, ["a cat", "a dog", "a cat"])
+    assert [conditions.prompt_of(i) for i in range(5)] == ["a cat", "a dog", "a cat", "a cat", "a dog"]
+    together = conditions(0, range(6))
+    assert conditions.encoder_calls == 3  # "a cat", "a dog" and the empty negative prompt, once each
+    apart = [conditions(seed, [i]) for seed, i in zip((7, 8, 9, 10, 11, 12), range(6))]  # seed plays no role
+    assert conditions.encoder_calls == 3
+    for i, row in enumerate(apart):
+        assert torch.equal(row.encoder_hidden_states, together.encoder_hidden_states[i: i + 1])
+    assert torch.equal(together.encoder_hidden_states[0], together.encoder_hidden_states[2])
+    assert not torch.equal(together.encoder_hidden_states[0], together.encoder_hidden_states[1])
+    fresh = PromptConditions(sd_pipe, ["a cat", "a dog", "a cat"])
+    assert torch.equal(fresh(0, [4]).encoder_hidden_states, together.encoder_hidden_states[4:5])
+    assert fresh.key == conditions.key
+    assert PromptConditions(sd_pipe, ["a cat", "a dog"]).key != conditions.key
+    assert PromptConditions(sd_pipe, ["a cat", "a dog", "a cat"], negative_prompt="dog").key != conditions.key
+    with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
+        PromptConditions(sd_pipe, ["a cat", "a dog", "a cat"], negative_prompt=["x", "y"])

@@ -1,0 +1,159 @@
+"""Quantized pipelines: naive W8A8 on prompts → an artefact that keeps the pipeline layout (FP components byte for
+byte, loadable by diffusers) → ``tadq.load_pipeline`` returning the diffusers output, equal to tadq's own API from
+the same seed."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+import tadq
+from tadq.fsguard import OutputRefused
+from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
+from tadq.pipelines.quantized import resolve_deployment
+from tadq.recipe import Deployment, Recipe
+from tadq.sampling import SamplerConfig
+
+STEPS, GUIDANCE = 3, 3.0
+SAMPLER = SamplerConfig("ddim", num_steps=STEPS, eta=0.0)
+
+
+def _recipe() -> Recipe:
+    recipe = Recipe.from_preset("W8A8")
+    calibration = dataclasses.replace(recipe.calibration, sampler=SAMPLER, num_trajectories=4, num_steps_kept=STEPS,
+                                      samples_per_step=4)
+    return dataclasses.replace(recipe, calibration=calibration,
+                               deployments=(Deployment(sampler=SAMPLER, guidance_scale=GUIDANCE),))
+
+
+def _quantize_and_save(folder, out):
+    pipe = load_fp_pipeline(folder)
+    conditions = PromptConditions(pipe, ["a cat", "a dog"])
+    qmodel = tadq.quantize(pipe.unet, pipe.scheduler, _recipe(), conditions=conditions, progress=False)
+    save_pipeline(qmodel, folder, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def sd_artefact(sd_folder, condition_adapter, tmp_path_factory):
+    return _quantize_and_save(sd_folder, tmp_path_factory.mktemp("art") / "sd-w8a8")
+
+
+@pytest.fixture(scope="module")
+def sdxl_artefact(sdxl_folder, condition_adapter, tmp_path_factory):
+    return _quantize_and_save(sdxl_folder, tmp_path_factory.mktemp("art") / "sdxl-w8a8")
+
+
+def _same_bytes(a, b) -> bool:
+    files_a = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    files_b = sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    return files_a == files_b and all((a / f).read_bytes() == (b / f).read_bytes() for f in files_a)
+
+
+def test_artefact_keeps_every_fp_component(sd_folder, sd_artefact, sdxl_folder, sdxl_artefact):
+    for source, art in ((sd_folder, sd_artefact), (sdxl_folder, sdxl_artefact)):
+        assert (art / "model_index.json").read_bytes() == (source / "model_index.json").read_bytes()
+        index = json.loads((source / "model_index.json").read_text())
+        components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and None not in v]
+        for name in components:
+            if name != "unet":
+                assert _same_bytes(source / name, art / name), name
+        assert sorted(p.name for p in (art / "unet").iterdir()) == ["config.json"]  # weights are tadq's codes
+        assert (art / "tadq_weights.safetensors").is_file()
+    text_encoder = CLIPTextModel.from_pretrained(sd_artefact / "text_encoder")
+    assert isinstance(text_encoder, CLIPTextModel)
+    assert isinstance(CLIPTextModelWithProjection.from_pretrained(sdxl_artefact / "text_encoder_2"),
+                      CLIPTextModelWithProjection)
+    assert isinstance(AutoencoderKL.from_pretrained(sd_artefact / "vae"), AutoencoderKL)
+    assert CLIPTokenizer.from_pretrained(sdxl_artefact / "tokenizer_2").model_max_length > 0
+
+
+def test_saving_refuses_a_foreign_folder_and_the_source(sd_folder, sd_artefact, tmp_path):
+    qmodel, _ = tadq.load(sd_artefact)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(OutputRefused, match="did not write"):
+        save_pipeline(qmodel, sd_folder, foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "mine"
+    with pytest.raises(OutputRefused, match="input"):
+        save_pipeline(qmodel, sd_folder, sd_folder / "inside")
+
+
+@pytest.mark.parametrize("which", ["sd", "sdxl"])
+def test_load_pipeline_equals_tadq_sample_from_the_same_seed(which, sd_artefact, sdxl_artefact):
+    art = sd_artefact if which == "sd" else sdxl_artefact
+    pipe = tadq.load_pipeline(art)
+    assert type(pipe).__name__.startswith("Tadq") and isinstance(pipe, type(pipe).tadq_base)
+    output = pipe("a cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=5, progress=False)
+    assert len(output.images) == 1 and output.images[0].size == (8, 8)
+    latents = pipe("a cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=5, output_type="latent",
+                   progress=False).images
+    qmodel, scheduler = tadq.load(art)
+    conditions = PromptConditions(pipe, ["a cat"])
+    direct = tadq.sample(qmodel, scheduler, SAMPLER, num_samples=1, seed=5, conditions=conditions,
+                         guidance_scale=GUIDANCE, progress=False)
+    assert torch.equal(direct.images, latents)
+    decoded = pipe.tadq_decode(direct.images, "np")
+    assert np.array_equal((decoded[0] * 255).round().astype(np.uint8), np.asarray(output.images[0]))
+    generator = torch.Generator().manual_seed(5)  # diffusers style: the generator's seed is the run seed
+    again = pipe("a cat", num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=generator,
+                 output_type="latent", progress=False).images
+    assert torch.equal(again, latents)
+    other = pipe("a dog", num_inference_steps=STEPS, guidance_scale=GUIDANCE, seed=5, output_type="latent",
+                 progress=False).images
+    assert not torch.equal(other, latents)
+
+
+def test_quantized_and_fp_pipelines_differ_but_share_the_noise(sd_folder, sd_artefact):
+    fp = tadq.load_pipeline(sd_folder)
+    quantized = tadq.load_pipeline(sd_artefact)
+    kwargs = {"num_inference_steps": STEPS, "guidance_scale": GUIDANCE, "seed": 1, "output_type": "latent",
+              "progress": False}
+    a, b = fp(["a cat", "a dog"], **kwargs).images, quantized(["a cat", "a dog"], **kwargs).images
+    assert a.shape == b.shape == (2, 4, 8, 8) and not torch.equal(a, b)
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.9  # W8A8: close to FP
+
+
+def test_pipeline_call_refusals(sd_artefact):
+    pipe = tadq.load_pipeline(sd_artefact)
+    with pytest.raises(TypeError, match=r"\['latents', 'prompt_embeds'\]"):
+        pipe("a cat", latents=torch.zeros(1), prompt_embeds=torch.zeros(1))
+    with pytest.raises(ValueError, match="tokens long"):
+        pipe(" ".join(["cat"] * 40), num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="own size"):
+        pipe("a cat", height=64, width=64)
+    with pytest.raises(ValueError, match="output_type"):
+        pipe("a cat", output_type="tensor")
+    # no corrections: another step count or guidance is allowed
+    assert pipe("a cat", num_inference_steps=2, guidance_scale=1.0, output_type="latent", progress=False
+                ).images.shape == (1, 4, 8, 8)
+
+
+class _Fitted(nn.Module):
+    def __init__(self, sampler_key: str, guidance: float) -> None:
+        super().__init__()
+        self.table_key = SimpleNamespace(sampler_key=sampler_key, guidance_scale=guidance)
+
+
+def test_corrections_keyed_to_another_grid_or_guidance_are_refused():
+    denoiser = nn.Module()
+    denoiser.corrections = nn.ModuleList([_Fitted(SAMPLER.key, GUIDANCE)])
+    recipe = SimpleNamespace(sampler=SAMPLER, guidance_scale=GUIDANCE)
+    assert resolve_deployment(denoiser, recipe, None, None, None, 7.5) == (SAMPLER, GUIDANCE)
+    with pytest.raises(ValueError, match="fitted for ddim"):
+        resolve_deployment(denoiser, recipe, STEPS + 1, None, None, 7.5)
+    with pytest.raises(ValueError, match="fitted at guidance_scale=3"):
+        resolve_deployment(denoiser, recipe, None, 5.0, None, 7.5)
+    denoiser.corrections = nn.ModuleList()
+    sampler, scale = resolve_deployment(denoiser, None, 7, 5.0, None, 7.5)
+    assert (sampler.num_steps, scale) == (7, 5.0)
+    assert resolve_deployment(denoiser, None, None, None, None, 7.5)[1] == 7.5  # no recipe: the pipeline default
