@@ -16,7 +16,7 @@ __all__ = [
     "config_from_dict", "config_version", "QuantMethod", "register_config_type",
 ]
 
-QuantMethod = Literal["naive", "qdiffusion"]
+QuantMethod = Literal["naive", "qdiffusion", "svdquant"]
 
 FP_LAYER_PRESETS: dict[str, tuple[str, ...]] = {
     # Q-Diffusion's released code quantizes every conv/linear at the same bits (docs/methods/qdiffusion.md).
@@ -122,7 +122,9 @@ class QuantConfig:
         weights: scheme of every quantized layer's weight.
         activations: scheme of every quantized layer's input activation.
         method: ``naive`` = calibrated ranges, no reconstruction, no correction; ``qdiffusion`` = block
-            reconstruction (AdaRound weights, then learned activation steps), docs/methods/qdiffusion.md.
+            reconstruction (AdaRound weights, then learned activation steps), docs/methods/qdiffusion.md;
+            ``svdquant`` = per-layer smoothing search and low-rank branch (``tadq.svdquant.SVDQuantMethod`` in a
+            Recipe), docs/methods/svdquant.md.
         calibration: calibration data.
         reconstruction: reconstruction settings (used by ``qdiffusion``).
         split_shortcut: give the two halves of a decoder skip conv's ``[deep | skip]`` input their own activation
@@ -149,8 +151,8 @@ class QuantConfig:
     preset_name: str = ""
 
     def __post_init__(self) -> None:
-        if self.method not in ("naive", "qdiffusion"):
-            raise ValueError(f"method must be one of ('naive', 'qdiffusion'), got {self.method!r}")
+        if self.method not in ("naive", "qdiffusion", "svdquant"):
+            raise ValueError(f"method must be one of ('naive', 'qdiffusion', 'svdquant'), got {self.method!r}")
         if not 2 <= self.softmax_bits <= 16:
             raise ValueError(f"softmax_bits must be in 2..16, got {self.softmax_bits}")
         unknown = [r for r in self.keep_fp_roles if r not in LAYER_ROLES]
@@ -159,7 +161,32 @@ class QuantConfig:
         if self.weights.granularity == "per_channel" and self.activations.granularity == "per_channel":
             raise ValueError("per-channel activation quantization is not supported; use granularity='per_tensor'")
         if self.activations.granularity == "per_channel":
-            raise ValueError("activations must be quantized per tensor (granularity='per_tensor')")
+            raise ValueError("activations must be quantized per tensor (granularity='per_tensor'), or dynamically "
+                             "per token / per group ('per_token', 'per_group')")
+        self._check_layer_transforms()
+
+    def _check_layer_transforms(self) -> None:
+        """Dynamic granularities, smoothing, rotation and low-rank branches: where each field belongs and which
+        methods and structural options have been built and tested with them."""
+        if self.weights.dynamic:
+            raise ValueError(f"weights cannot be quantized {self.weights.granularity} (an activation granularity); "
+                             "use per_channel or per_tensor")
+        if self.weights.smoothing or self.weights.rotation != "none":
+            raise ValueError("smoothing and rotation transform the layer input: set them on the activation scheme")
+        if self.activations.lowrank_rank:
+            raise ValueError("lowrank_rank splits the weight: set it on the weight scheme")
+        if (self.activations.smoothing or self.weights.lowrank_rank) and self.method != "svdquant":
+            raise ValueError("smoothing and a low-rank branch are fitted by the svdquant method (Recipe.method="
+                             "SVDQuantMethod(...)); with method 'naive' they would stay identity / empty")
+        transformed = self.activations.transforms or self.weights.transforms
+        if self.method == "qdiffusion" and (transformed or self.activations.dynamic):
+            raise ValueError("block reconstruction is not built for dynamic activations, rotations or low-rank "
+                             "branches; use method 'naive' or 'svdquant'")
+        if self.split_shortcut and transformed:
+            raise ValueError("split_shortcut cannot be combined with smoothing, rotation or a low-rank branch")
+        if self.quantize_attention and self.activations.dynamic:
+            raise ValueError("attention operands are quantized per tensor; quantize_attention needs "
+                             "activations granularity 'per_tensor'")
 
     @classmethod
     def from_preset(cls, name: str, fp_layers: str | None = None, **overrides: Any) -> QuantConfig:

@@ -7,6 +7,7 @@ handler sits beside it in ``tadq.tfmq.method``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,7 @@ from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.recipe import NaiveMethod, QDiffusionMethod, register_quant_method
 from tadq.registry import adapter_for
 from tadq.sampling.conditioning import ConditionSource
+from tadq.svdquant import SVDQuantMethod, apply_svdquant
 
 if TYPE_CHECKING:
     from tadq.recipe import Recipe
@@ -50,10 +52,12 @@ def calibrated_structure(
     model: nn.Module, reference: nn.Module, scheduler, config: QuantConfig, *, calibration: CalibrationSet | None,
     cache_dir: str | Path | None, progress: bool, conditions: ConditionSource | None = None,
     guidance_scale: float = 1.0,
+    before_ranges: Callable[[QuantizedDenoiser, CalibrationSet], None] | None = None,
 ) -> tuple[QuantizedDenoiser, CalibrationSet]:
     """Plan and wrap the layers of a copy of ``model``, collect calibration data from ``reference`` (unless given;
     sampled with ``conditions`` at ``guidance_scale``, as deployed), calibrate activation ranges; the calibration set
-    comes back on the model's device."""
+    comes back on the model's device. ``before_ranges`` changes the network first (SVDQuant's smoothing and
+    branches), so the ranges are calibrated on the inputs the layers will see."""
     adapter = adapter_for(model)
     qmodel = build_quantized_structure(model, config)  # first: a bad layer pattern fails before any sampling
     if calibration is None:
@@ -62,6 +66,8 @@ def calibrated_structure(
                                               guidance_scale=guidance_scale)
     first = next(model.parameters(), None)
     calibration = calibration_on(calibration, model_device(model), torch.float32 if first is None else first.dtype)
+    if before_ranges is not None:
+        before_ranges(qmodel, calibration)
     if config.activations.enabled:
         calibrate_activations(qmodel, calibration, config.calibration.batch_size, config.calibration.seed, progress)
     return qmodel, calibration
@@ -74,6 +80,10 @@ def quantize_base(
     guidance_scale: float = 1.0,
 ) -> QuantizedDenoiser:
     """Naive PTQ (ranges only) or Q-Diffusion (block reconstruction after the ranges)."""
+    if config.method == "svdquant":  # a plain QuantConfig asking for SVDQuant: the default fitting settings
+        return quantize_svdquant(model, reference, scheduler, recipe, config, calibration=calibration,
+                                 cache_dir=cache_dir, progress=progress, conditions=conditions,
+                                 guidance_scale=guidance_scale)
     qmodel, calibration = calibrated_structure(model, reference, scheduler, config, calibration=calibration,
                                                cache_dir=cache_dir, progress=progress, conditions=conditions,
                                                guidance_scale=guidance_scale)
@@ -107,8 +117,32 @@ def reuse_base(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe:
     return base
 
 
+def quantize_svdquant(
+    model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe | None, config: QuantConfig, *,
+    calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None, progress: bool = True,
+    conditions: ConditionSource | None = None, guidance_scale: float = 1.0, **_: object,
+) -> QuantizedDenoiser:
+    """SVDQuant: structure (rotations folded) → calibration data → per-layer smoothing search, low-rank branch and
+    residual weight ranges → activation ranges on the transformed inputs. ``svdquant_report`` holds the per-layer
+    choices and the fitting time."""
+    method = recipe.method if recipe is not None else None
+    settings = method if isinstance(method, SVDQuantMethod) else SVDQuantMethod()
+    report: dict[str, object] = {}
+
+    def fit(qmodel: QuantizedDenoiser, calib: CalibrationSet) -> None:
+        fits, seconds = apply_svdquant(qmodel, calib, settings, config.calibration.batch_size)
+        report.update(layers=[f.to_json() for f in fits], seconds=round(seconds, 3))
+
+    qmodel, _ = calibrated_structure(model, reference, scheduler, config, calibration=calibration,
+                                     cache_dir=cache_dir, progress=progress, conditions=conditions,
+                                     guidance_scale=guidance_scale, before_ranges=fit)
+    qmodel.svdquant_report = report
+    return qmodel
+
+
 register_quant_method(NaiveMethod, quantize_base, reuse_base)
 register_quant_method(QDiffusionMethod, quantize_base, reuse_base)
+register_quant_method(SVDQuantMethod, quantize_svdquant, reuse_base)
 
 
 def fitted_sampler_keys(qmodel: nn.Module) -> set[str]:

@@ -8,8 +8,8 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from tadq.adapters.base import LayerInfo
-from tadq.quant.modules import quantize_module
 from tadq.quant.qscheme import QScheme
+from tadq.quant.transformed import quantize_layer
 
 __all__ = ["LayerPlan", "plan_layers", "convert_layers"]
 
@@ -72,7 +72,7 @@ def convert_layers(model: nn.Module, plans: list[LayerPlan], *, init_weight_rang
     """
     for plan in plans:
         if plan.quantized:
-            layer = quantize_module(model.get_submodule(plan.name), plan.weights, plan.activations,
-                                    init_weight_range=init_weight_range)
+            layer = quantize_layer(model.get_submodule(plan.name), plan.weights, plan.activations,
+                                   init_weight_range=init_weight_range)
             _set_submodule(model, plan.name, layer)
     return model

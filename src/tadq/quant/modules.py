@@ -23,10 +23,11 @@ class QuantLayer:
     weight: nn.Parameter
     weight_quantizer: Quantizer
     input_quantizer: Quantizer
+    input_channel_dim: int = -1  # the input dimension the layer reduces over (dynamic activation groups run along it)
 
     def _init_quantizers(self, weight_scheme: QScheme, activation_scheme: QScheme, init_weight_range: bool) -> None:
         self.weight_quantizer = Quantizer(weight_scheme, num_channels=self.weight.shape[0], kind="weight")
-        self.input_quantizer = Quantizer(activation_scheme, kind="activation")
+        self.input_quantizer = Quantizer(activation_scheme, kind="activation", channel_dim=self.input_channel_dim)
         if init_weight_range:
             self.init_weight_range()
 
@@ -51,6 +52,8 @@ class QuantLayer:
 
 class QuantConv2d(QuantLayer, nn.Conv2d):
     """``nn.Conv2d`` with fake-quantized weight and input."""
+
+    input_channel_dim = 1
 
     @classmethod
     def from_module(

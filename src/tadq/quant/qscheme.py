@@ -13,8 +13,11 @@ from typing import Literal
 __all__ = ["QScheme", "PRESETS", "preset", "RangeMethod", "Granularity"]
 
 RangeMethod = Literal["minmax", "percentile", "mse"]
-Granularity = Literal["per_tensor", "per_channel"]
+Granularity = Literal["per_tensor", "per_channel", "per_token", "per_group"]
+Rotation = Literal["none", "hadamard"]
 MIN_BITS, MAX_BITS = 2, 8
+DYNAMIC_GRANULARITIES = ("per_token", "per_group")
+"""Granularities whose (Δ, z) are computed from each tensor at run time (activations only, min/max)."""
 
 
 @dataclass(frozen=True)
@@ -24,13 +27,27 @@ class QScheme:
     Args:
         bits: integer bit-width, 2..8, or ``None`` for "off" (the tensor stays in floating point).
         symmetric: zero point fixed at 0 (signed grid) instead of a fitted zero point (unsigned grid).
-        granularity: one (Δ, z) per tensor, or one per output channel (dim 0; weights only).
+        granularity: one (Δ, z) per tensor (static); one per output channel (dim 0; weights only); or, for
+            activations, dynamic (computed from the tensor itself at run time, min/max): ``per_token`` (one per
+            token of a linear input, one per pixel of a conv input) or ``per_group`` (one per ``group_size``
+            consecutive channels of a token/pixel: groups along the reduction dimension). What an integer kernel
+            can run of each is in ``tadq.quant.granularity.kernel_status``.
         range_method: how the clipping range is chosen: ``minmax`` (observed extremes), ``percentile``
             (clip the tails), or ``mse`` (shrink the min/max range to minimise the Lp error; Q-Diffusion's
             ``scale_method='mse'``, docs/methods/qdiffusion.md#ranges).
         percentile: tail cut for ``percentile`` (99.99: keep all but the most extreme 0.01 %).
         mse_p: exponent of the Lp error for ``mse`` (2.4: Q-Diffusion / BRECQ).
         mse_grid: number of shrink factors tried for ``mse``, 1 − 0.01·i for i < grid (80: Q-Diffusion).
+        group_size: channels per group of ``per_group`` (64: SVDQuant); a last, shorter group takes the rest.
+        smoothing: (activation scheme) divide the layer input by a per-channel factor folded into the weight
+            (SmoothQuant/SVDQuant migration, strength searched per layer by ``SVDQuantMethod``).
+        rotation: (activation scheme) ``hadamard``: rotate the layer input over its channels by a (block)
+            Hadamard matrix H, folded into the weight as W·Hᵀ; the activation side is applied online.
+        lowrank_rank: (weight scheme) rank of a floating-point low-rank branch split off the weight before it is
+            quantized (SVDQuant); 0 = none. Capped per layer at half of min(out, in·kh·kw).
+
+    The last four fields are structural: loading rebuilds the layers they describe, so they live in the schemes
+    the artefact records. Their defaults leave every existing layer as it was.
     """
 
     bits: int | None = 8
@@ -40,14 +57,27 @@ class QScheme:
     percentile: float = 99.99
     mse_p: float = 2.4
     mse_grid: int = 80
+    group_size: int = 64
+    smoothing: bool = False
+    rotation: Rotation = "none"
+    lowrank_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.bits is not None and (
             isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS
         ):
             raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS} or None (off), got {self.bits!r}")
-        if self.granularity not in ("per_tensor", "per_channel"):
-            raise ValueError(f"granularity must be 'per_tensor' or 'per_channel', got {self.granularity!r}")
+        if self.granularity not in ("per_tensor", "per_channel", *DYNAMIC_GRANULARITIES):
+            raise ValueError("granularity must be 'per_tensor', 'per_channel', 'per_token' or 'per_group', got "
+                             f"{self.granularity!r}")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
+            raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
+        if self.rotation not in ("none", "hadamard"):
+            raise ValueError(f"rotation must be 'none' or 'hadamard', got {self.rotation!r}")
+        if isinstance(self.lowrank_rank, bool) or not isinstance(self.lowrank_rank, int) or self.lowrank_rank < 0:
+            raise ValueError(f"lowrank_rank must be an integer >= 0, got {self.lowrank_rank!r}")
+        if not isinstance(self.smoothing, bool):
+            raise ValueError(f"smoothing must be true or false, got {self.smoothing!r}")
         if self.range_method not in ("minmax", "percentile", "mse"):
             raise ValueError(f"range_method must be 'minmax', 'percentile' or 'mse', got {self.range_method!r}")
         if not 50.0 < self.percentile <= 100.0:
@@ -67,6 +97,16 @@ class QScheme:
         return self.bits is not None
 
     @property
+    def dynamic(self) -> bool:
+        """Whether (Δ, z) come from each tensor at run time (``per_token`` / ``per_group``) instead of calibration."""
+        return self.granularity in DYNAMIC_GRANULARITIES
+
+    @property
+    def transforms(self) -> bool:
+        """Whether this scheme asks for a layer-input transform or a low-rank branch (a transformed layer)."""
+        return self.smoothing or self.rotation != "none" or self.lowrank_rank > 0
+
+    @property
     def qmin(self) -> int:
         if self.bits is None:
             raise ValueError("an 'off' scheme has no integer grid")
@@ -82,7 +122,14 @@ class QScheme:
         if self.bits is None:
             return "off"
         kind = "sym" if self.symmetric else "asym"
-        return f"int{self.bits}-{kind}-{self.granularity}-{self.range_method}"
+        if self.dynamic:  # min/max of each token or group at run time: the range method does not apply
+            size = f"{self.group_size}" if self.granularity == "per_group" else ""
+            text = f"int{self.bits}-{kind}-{self.granularity}{size}-dynamic"
+        else:
+            text = f"int{self.bits}-{kind}-{self.granularity}-{self.range_method}"
+        extras = [name for name, on in (("smooth", self.smoothing), (self.rotation, self.rotation != "none"),
+                                        (f"lowrank{self.lowrank_rank}", self.lowrank_rank > 0)) if on]
+        return "+".join([text, *extras])
 
 
 def _weights(bits: int) -> QScheme:

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tadq.quant.fake_quant import fake_quantize, scale_and_zero_point
+from tadq.quant.granularity import dynamic_fake_quantize
 from tadq.quant.qscheme import QScheme
 
 __all__ = ["Quantizer", "Observer", "quantizers_bypassed"]
@@ -33,19 +34,28 @@ class Quantizer(nn.Module):
         num_channels: number of output channels for per-channel schemes (dim 0 of the tensor); 1 otherwise.
         kind: ``"weight"`` (range set from the weight itself) or ``"activation"`` (range set by calibration
             data, inside the ``Calibrate`` phase).
+        channel_dim: the dimension a dynamic (``per_token`` / ``per_group``) activation scheme groups along: 1 for
+            a conv input (B, C, H, W), -1 for a linear input (..., C). Unused by static schemes.
+
+    A dynamic scheme has no range to calibrate: its quantizer is initialized at construction, ``set_range`` leaves
+    it alone, and every forward quantizes with the min/max of each token or group.
     """
 
-    def __init__(self, scheme: QScheme, num_channels: int = 1, kind: Literal["weight", "activation"] = "activation"
-                 ) -> None:
+    def __init__(self, scheme: QScheme, num_channels: int = 1, kind: Literal["weight", "activation"] = "activation",
+                 channel_dim: int = -1) -> None:
         super().__init__()
         if kind not in ("weight", "activation"):
             raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
+        if scheme.dynamic and kind != "activation":
+            raise ValueError(f"{scheme.granularity} is an activation granularity; weights are per_channel or "
+                             "per_tensor")
         self.scheme = scheme
         self.kind = kind
+        self.channel_dim = channel_dim
         channels = num_channels if scheme.granularity == "per_channel" else 1
         self.register_buffer("scale", torch.ones(channels))
         self.register_buffer("zero_point", torch.zeros(channels))
-        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("initialized", torch.tensor(scheme.dynamic))
         self._observer: Observer | None = None
         self.bypass = False  # set only by the ``quantizers_bypassed`` context (reconstruction's weight phase)
         self.rounding: nn.Module | None = None  # learned rounding (AdaRound) while a weight is being reconstructed
@@ -60,8 +70,9 @@ class Quantizer(nn.Module):
 
     @torch.no_grad()
     def set_range(self, low: Tensor, high: Tensor) -> None:
-        """Fix Δ and z from a clipping range (shape (C,) per channel or (1,) per tensor)."""
-        if not self.enabled:
+        """Fix Δ and z from a clipping range (shape (C,) per channel or (1,) per tensor); a no-op for a dynamic
+        scheme, whose ranges come from each tensor."""
+        if not self.enabled or self.scheme.dynamic:
             return
         scale, zero_point = scale_and_zero_point(low.float(), high.float(), self.scheme.bits, self.scheme.symmetric)
         if scale.numel() != self.scale.numel():
@@ -90,6 +101,8 @@ class Quantizer(nn.Module):
                 "quantizer used before its range was set: calibrate the model first "
                 "(tadq.quantize, or the tadq.calibration.Calibrate context)"
             )
+        if self.scheme.dynamic:
+            return dynamic_fake_quantize(x, self.scheme, self.channel_dim)
         if self.rounding is None and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
             return self._fused(x)
         scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)

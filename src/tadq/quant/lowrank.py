@@ -1,0 +1,47 @@
+"""The low-rank floating-point branch of SVDQuant: W = U·D + R, with U·D from a randomized truncated SVD.
+
+The branch keeps the weight's largest singular directions (where smoothing has moved the activation outliers)
+in floating point, and only the residual R is quantized: its range is set by what is left, not by the outliers.
+For a convolution the weight is flattened to (out, in·kh·kw): D becomes a conv with r outputs and the layer's
+kernel, stride, padding and dilation, U a 1×1 conv. ``torch.svd_lowrank`` (Halko et al.) takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["effective_rank", "lowrank_split", "lowrank_macs"]
+
+
+def effective_rank(out_features: int, reduction: int, rank: int) -> int:
+    """``rank`` capped at half of min(out, K): beyond that the "branch" is most of the layer in floating point."""
+    return max(0, min(rank, min(out_features, reduction) // 2))
+
+
+@torch.no_grad()
+def lowrank_split(weight: Tensor, rank: int, *, niter: int = 4, oversample: int = 8, seed: int = 0
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(up (O, r), down (r, *weight.shape[1:]), residual) with up·down + residual = weight (in float arithmetic).
+
+    The SVD runs in float64 on the flattened weight with a seeded RNG (``torch.svd_lowrank`` draws a random
+    test matrix), so the split is reproducible; the residual is ``weight − up·down`` in the weight's dtype.
+    """
+    matrix = weight.reshape(weight.shape[0], -1)
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if rank > min(matrix.shape):
+        raise ValueError(f"rank {rank} exceeds min(out, K) = {min(matrix.shape)}")
+    sketch = min(rank + oversample, min(matrix.shape))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        left, values, right = torch.svd_lowrank(matrix.double(), q=sketch, niter=niter)
+    up = (left[:, :rank] * values[:rank]).to(weight.dtype)
+    down = right[:, :rank].T.contiguous().to(weight.dtype)
+    residual = (matrix - up @ down).reshape(weight.shape)
+    return up, down.reshape(rank, *weight.shape[1:]), residual
+
+
+def lowrank_macs(rank: int, reduction: int, out_features: int) -> int:
+    """MACs of the branch per output position: r·K (down) + O·r (up)."""
+    return rank * (reduction + out_features)

@@ -1,0 +1,209 @@
+"""``SVDQuantMethod``: SVDQuant (smoothing + low-rank FP branch + quantized residual) as a ``Recipe.method``.
+
+Per quantized layer, on inputs recorded from the FP network along the calibration trajectories:
+
+1. migration strength α from ``alpha_grid`` (and "no smoothing"), chosen by the layer's output MSE after
+   quantization: s_j = max|x_j|^α / max|W_:j|^(1−α);
+2. W̃ = W·diag(s)·Hᵀ (H when the activation scheme rotates), split as U·D + R by a randomized rank-r SVD;
+3. R quantized at the weight bits (per-channel range search), x̃ = H·(x/s) at the activation scheme's granularity.
+
+The structure (which layers carry ``smooth``, a rotation, a branch of which rank) comes from the schemes
+(``QScheme.smoothing``, ``rotation``, ``lowrank_rank``) so loading rebuilds it; the values this module fits are
+state tensors saved with the artefact. docs/methods/svdquant.md has the ablation that chose the defaults.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tadq.calibration import CalibrationSet
+from tadq.calibration.observers import RangeObserver
+from tadq.config import ReconstructionConfig
+from tadq.denoiser import QuantizedDenoiser
+from tadq.quant.granularity import dynamic_fake_quantize
+from tadq.quant.lowrank import lowrank_split
+from tadq.quant.quantizer import Quantizer, quantizers_bypassed
+from tadq.quant.ranges import estimate_range
+from tadq.quant.rotation import fold_rotation, rotate_channels
+from tadq.quant.smoothing import channel_absmax, smooth_input, smooth_weight, smoothing_factors, weight_input_absmax
+from tadq.quant.transformed import TransformedQuantConv2d, TransformedQuantLayer
+
+__all__ = ["SVDQuantMethod", "LayerFit", "apply_svdquant", "transformed_layers"]
+
+
+@dataclass(frozen=True)
+class SVDQuantMethod:
+    """SVDQuant's fitting settings (the structure is in the schemes: ``lowrank_rank``, ``smoothing``, ``rotation``).
+
+    Args:
+        alpha_grid: migration strengths tried per layer (plus "no smoothing"); [RECON] SVDQuant searches α per
+            layer, the grid is ours.
+        search_samples: calibration inputs (spread over the kept steps) the per-layer search runs on.
+        svd_niter: power iterations of ``torch.svd_lowrank``.
+        svd_oversample: extra columns of its random sketch.
+        seed: seeds the SVD sketch and the search's activation subsampling.
+    """
+
+    base_method: ClassVar[str] = "svdquant"
+    alpha_grid: tuple[float, ...] = (0.2, 0.35, 0.5, 0.65, 0.8)
+    search_samples: int = 128
+    svd_niter: int = 4
+    svd_oversample: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
+        if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+            raise ValueError(f"SVDQuantMethod.alpha_grid values must be in [0, 1], got {self.alpha_grid}")
+        for name in ("search_samples", "svd_niter", "svd_oversample"):
+            if getattr(self, name) < (1 if name == "search_samples" else 0):
+                raise ValueError(f"SVDQuantMethod.{name} must be >= {1 if name == 'search_samples' else 0}")
+
+    @property
+    def reconstruction(self) -> ReconstructionConfig:
+        return ReconstructionConfig()  # unused; what QuantConfig records for a model without reconstruction
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """What the search chose for one layer: α (``None``: no smoothing won), the branch rank, and the layer's
+    quantized-output MSE on the search inputs without smoothing (``mse_plain``) and with the choice."""
+
+    name: str
+    alpha: float | None
+    rank: int
+    mse_plain: float
+    mse_chosen: float
+
+    def to_json(self) -> dict[str, object]:
+        return {"name": self.name, "alpha": self.alpha, "rank": self.rank, "mse_plain": self.mse_plain,
+                "mse_chosen": self.mse_chosen}
+
+
+def transformed_layers(qmodel: QuantizedDenoiser) -> dict[str, TransformedQuantLayer]:
+    """Every transformed quantized layer, by qualified name."""
+    return {name: m for name, m in qmodel.model.named_modules() if isinstance(m, TransformedQuantLayer)}
+
+
+@torch.no_grad()
+def _record_inputs(qmodel: QuantizedDenoiser, layers: dict[str, TransformedQuantLayer], calibration: CalibrationSet,
+                   settings: SVDQuantMethod, batch_size: int) -> dict[str, Tensor]:
+    """Each layer's FP input (before its transform) on ``search_samples`` calibration rows spread over the set."""
+    count = min(settings.search_samples, len(calibration))
+    rows = torch.linspace(0, len(calibration) - 1, count).round().long()
+    seen: dict[str, list[Tensor]] = {name: [] for name in layers}
+    handles = [layer.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
+               for name, layer in layers.items()]
+    device = calibration.x.device
+    try:
+        with quantizers_bypassed(qmodel.model):
+            for start in range(0, count, batch_size):
+                index = rows[start:start + batch_size].to(device)
+                cond = None if calibration.cond is None else calibration.cond.rows(index)
+                qmodel(calibration.x[index], calibration.t[index], cond)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: torch.cat(chunks) for name, chunks in seen.items() if chunks}
+
+
+def _apply(layer: TransformedQuantLayer, x: Tensor, weight: Tensor) -> Tensor:
+    if isinstance(layer, TransformedQuantConv2d):
+        return F.conv2d(x, weight, None, layer.stride, layer.padding, layer.dilation)
+    return F.linear(x, weight)
+
+
+def _quantize_activation(layer: TransformedQuantLayer, x: Tensor, seed: int) -> Tensor:
+    scheme = layer.input_quantizer.scheme
+    if not scheme.enabled:
+        return x
+    if scheme.dynamic:
+        return dynamic_fake_quantize(x, scheme, layer.input_channel_dim)
+    observer = RangeObserver(scheme, values_per_batch=65536, seed=seed)  # what calibration will estimate
+    observer.observe(x)
+    probe = Quantizer(scheme, kind="activation")
+    probe.set_range(*observer.range())
+    return probe(x)
+
+
+def _quantize_weight(layer: TransformedQuantLayer, weight: Tensor) -> Tensor:
+    scheme = layer.weight_quantizer.scheme
+    if not scheme.enabled:
+        return weight
+    probe = Quantizer(scheme, num_channels=weight.shape[0], kind="weight")
+    probe.set_range(*estimate_range(weight, scheme))
+    return probe(weight)
+
+
+def _candidate(layer: TransformedQuantLayer, x: Tensor, weight: Tensor, factors: Tensor, settings: SVDQuantMethod
+               ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor]:
+    """(residual, up, down, transformed input) of one smoothing candidate."""
+    transformed_weight = smooth_weight(weight, factors)
+    transformed_x = smooth_input(x, factors, layer.input_channel_dim)
+    if layer.rotate:
+        transformed_weight = fold_rotation(transformed_weight)
+        transformed_x = rotate_channels(transformed_x, layer.input_channel_dim)
+    if not layer.rank:
+        return transformed_weight, None, None, transformed_x
+    up, down, residual = lowrank_split(transformed_weight, layer.rank, niter=settings.svd_niter,
+                                       oversample=settings.svd_oversample, seed=settings.seed)
+    return residual, up, down, transformed_x
+
+
+@torch.no_grad()
+def _fit_layer(name: str, layer: TransformedQuantLayer, x: Tensor, settings: SVDQuantMethod) -> LayerFit:
+    current = layer.weight.detach()
+    weight = fold_rotation(current) if layer.rotate else current  # the rotation is its own inverse
+    reference = _apply(layer, x, weight)
+    act_max, weight_max = channel_absmax(x, layer.input_channel_dim), weight_input_absmax(weight)
+    alphas: list[float | None] = [None, *(settings.alpha_grid if layer.smooth is not None else ())]
+    best: tuple[float, float | None, Tensor, tuple] | None = None
+    plain = float("nan")
+    for alpha in alphas:
+        factors = torch.ones_like(act_max) if alpha is None else smoothing_factors(act_max, weight_max, alpha)
+        residual, up, down, transformed_x = _candidate(layer, x, weight, factors, settings)
+        output = _apply(layer, _quantize_activation(layer, transformed_x, settings.seed),
+                        _quantize_weight(layer, residual))
+        if up is not None:
+            output = output + _branch(layer, transformed_x, up, down)
+        error = float((output - reference).pow(2).mean())
+        if alpha is None:
+            plain = error
+        if best is None or error < best[0]:
+            best = (error, alpha, factors, (residual, up, down))
+    assert best is not None
+    error, alpha, factors, (residual, up, down) = best
+    if layer.smooth is not None:
+        layer.smooth.copy_(factors)
+    layer.weight.data.copy_(residual)
+    if up is not None:
+        layer.lowrank_up.copy_(up)
+        layer.lowrank_down.copy_(down)
+    layer.init_weight_range()
+    return LayerFit(name, alpha, layer.rank, plain, error)
+
+
+def _branch(layer: TransformedQuantLayer, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """U·(D·x̃): D with the layer's kernel geometry, U pointwise (as the layer's ``lowrank_branch``)."""
+    if isinstance(layer, TransformedQuantConv2d):
+        return F.conv2d(F.conv2d(x, down, None, layer.stride, layer.padding, layer.dilation), up[:, :, None, None])
+    return F.linear(F.linear(x, down), up)
+
+
+def apply_svdquant(qmodel: QuantizedDenoiser, calibration: CalibrationSet, settings: SVDQuantMethod,
+                   batch_size: int = 128) -> tuple[list[LayerFit], float]:
+    """Fit smoothing, branch and residual of every transformed layer in place; (per-layer fits, seconds).
+
+    Activation ranges (static schemes) are left unset: calibrate them next, on the transformed inputs.
+    """
+    start = time.perf_counter()
+    layers = transformed_layers(qmodel)
+    inputs = _record_inputs(qmodel, layers, calibration, settings, batch_size)
+    fits = [_fit_layer(name, layer, inputs[name], settings) for name, layer in layers.items() if name in inputs]
+    return fits, time.perf_counter() - start
