@@ -61,7 +61,8 @@ def _unet(cross_attention_dim: int, sdxl: bool) -> UNet2DConditionModel:
                  "projection_class_embeddings_input_dim": TIME_EMBED * 6 + PROJECTION}
     return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                                 block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=cross_attention_dim,
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                                cross_attention_dim=cross_attention_dim,
                                 attention_head_dim=2, norm_num_groups=4, **extra)
 
 
@@ -85,7 +86,8 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     tokenizer = write_tokenizer(folder / "_tok")
     config = _text_config(tokenizer)
     pipe = StableDiffusionXLPipeline(
-        vae=_vae(), text_encoder=CLIPTextModel(config).eval(), text_encoder_2=CLIPTextModelWithProjection(config).eval(),
+        vae=_vae(), text_encoder=CLIPTextModel(config).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(config).eval(),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=_unet(2 * HIDDEN, sdxl=True), scheduler=_scheduler(),
         force_zeros_for_empty_prompt=True, add_watermarker=False)
     pipe.save_pretrained(folder, safe_serialization=True)

@@ -6,7 +6,6 @@ import importlib
 from pathlib import Path
 
 import pytest
-
 from tests.pipelines.builders import build_sd, build_sdxl
 
 

@@ -8,10 +8,10 @@ import shutil
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from tests.pipelines.builders import MAX_TOKENS
 
 from tadq.pipelines import PipelineFolderError, PromptConditions, check_pipeline_folder, load_fp_pipeline
 from tadq.pipelines.prompts import check_prompt_lengths
-from tests.pipelines.builders import MAX_TOKENS
 
 LONG = " ".join(["cat"] * (MAX_TOKENS + 2))
 
@@ -125,7 +125,8 @@ def test_prompt_conditions_are_cyclic_deterministic_and_cached(sd_pipe):
     assert [conditions.prompt_of(i) for i in range(5)] == ["a cat", "a dog", "a cat", "a cat", "a dog"]
     together = conditions(0, range(6))
     assert conditions.encoder_calls == 3  # "a cat", "a dog" and the empty negative prompt, once each
-    apart = [conditions(seed, [i]) for seed, i in zip((7, 8, 9, 10, 11, 12), range(6))]  # seed plays no role
+    # one sample at a time, each with another seed: the seed plays no role, the index does
+    apart = [conditions(seed, [i]) for seed, i in zip((7, 8, 9, 10, 11, 12), range(6), strict=True)]
     assert conditions.encoder_calls == 3
     for i, row in enumerate(apart):
         assert torch.equal(row.encoder_hidden_states, together.encoder_hidden_states[i: i + 1])

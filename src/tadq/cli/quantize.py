@@ -20,7 +20,8 @@ from tadq.quant.qscheme import preset
 if TYPE_CHECKING:
     from tadq.recipe import Recipe
 
-__all__ = ["quantize_command", "QuantFlags", "resolve_config", "resolve_recipe", "parse_settings"]
+__all__ = ["quantize_command", "QuantFlags", "resolve_config", "resolve_recipe", "parse_settings",
+           "calibration_prompts"]
 
 logger = logging.getLogger(__name__)
 DEFAULT_PRESET = "W8A8"
@@ -190,6 +191,36 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
     return override_recipe(recipe, settings or {})
 
 
+def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: Path | None) -> list[str] | None:
+    """The calibration prompts (``--calib-prompt`` then the lines of ``--calib-prompts``) of a text-to-image
+    pipeline, checked against its tokenizers; ``None`` for a denoiser folder. Refuses prompts for a model that
+    takes none and a pipeline without prompts, before anything is loaded."""
+    from tadq.pipelines import is_pipeline_folder
+    from tadq.pipelines.prompts import check_prompt_lengths
+    from tadq.pipelines.quantized import check_drivable_scheduler
+
+    prompts = list(given or [])
+    if file is not None:
+        if not file.is_file():
+            raise FileNotFoundError(f"--calib-prompts {file} does not exist")
+        prompts += [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"--calib-prompts {file} holds no prompts")
+    pipeline = model_dir is not None and is_pipeline_folder(model_dir)
+    if not pipeline:
+        if prompts or file is not None:
+            raise ValueError(f"--calib-prompt/--calib-prompts given, but {model_dir or 'the shipped model'} is not a "
+                             "text-to-image pipeline (model_index.json of a StableDiffusionPipeline or "
+                             "StableDiffusionXLPipeline): it takes no prompts")
+        return None
+    if not prompts:
+        raise ValueError(f"{model_dir} is a text-to-image pipeline: give calibration prompts with --calib-prompt "
+                         "(repeat) or --calib-prompts FILE")
+    check_prompt_lengths(model_dir, prompts, "calibration prompt")
+    check_drivable_scheduler(model_dir)
+    return prompts
+
+
 def _kib(size: int) -> str:
     return f"{size / 1024:.1f} KiB" if size < 1024**2 else f"{size / 1024**2:.2f} MiB"
 
@@ -216,6 +247,11 @@ def quantize_command(
     eta: Annotated[float | None, typer.Option(help="Deployment DDIM eta (recipe's, else 0).")] = None,
     calib_seed: Annotated[int | None, typer.Option(help="Calibration noise seed (0).")] = None,
     calib_trajectories: Annotated[int | None, typer.Option(help="FP trajectories recorded (256).")] = None,
+    calib_prompt: Annotated[list[str] | None, typer.Option(
+        "--calib-prompt", help="Calibration prompt of a text-to-image pipeline (repeat; trajectory i gets prompt i "
+                               "mod the count). Keep them apart from the prompts you evaluate with.")] = None,
+    calib_prompts: Annotated[Path | None, typer.Option(
+        "--calib-prompts", help="Text file of calibration prompts, one per line (blank lines skipped).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of layers kept in FP (repeat).")] = None,
     keep_fp_role: Annotated[list[str] | None, typer.Option(help="Adapter role kept in FP (repeat).")] = None,
     split_shortcut: Annotated[bool | None, typer.Option(
@@ -261,16 +297,25 @@ def quantize_command(
                                                                       if c.strip()))
         recipe = resolve_recipe(recipe_file, config_file, flags, parse_settings(set_fields))
         source = model_dir if model_dir is not None else shipped_model_path()
+        prompts = calibration_prompts(model_dir, calib_prompt, calib_prompts)
         # every path first: a refused --out or an unwritable cache must not cost a whole quantization
         check_output_dir(out, overwrite=overwrite, force_foreign=force_foreign, inputs=[source])
         check_writable_dir(cache_dir, "--cache-dir")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
         torch.manual_seed(seed)
-        model, scheduler = load_pipeline_parts(model_dir)
-        qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint, device=torch_device,
-                          dtype=torch_dtype)
-        size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite, force_foreign=force_foreign)
+        if prompts is None:
+            model, scheduler = load_pipeline_parts(model_dir)
+            qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
+                              device=torch_device, dtype=torch_dtype)
+            size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite, force_foreign=force_foreign)
+        else:
+            from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
+
+            pipe = load_fp_pipeline(model_dir)
+            qmodel = quantize(pipe.unet, pipe.scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
+                              device=torch_device, dtype=torch_dtype, conditions=PromptConditions(pipe, prompts))
+            size = save_pipeline(qmodel.to("cpu"), model_dir, out, overwrite=overwrite, force_foreign=force_foreign)
     quantized = sum(plan.quantized for plan in qmodel.plans)
     stack = " + ".join(type(c).__name__.removesuffix("Config") for c in recipe.corrections) or "no corrections"
     console.print(f"saved {out}: {recipe.label} {type(recipe.method).__name__.removesuffix('Method')}, {stack} "

@@ -5,13 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from diffusers import SchedulerMixin
 from torch import nn
 
 from tadq.cli.common import console, fail_cleanly, setup
 
-__all__ = ["sample_command", "load_denoiser", "SamplerKind", "Steps", "Eta", "Threads", "Device", "Dtype", "Verbose",
+__all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
+           "Threads", "Device", "Dtype", "Verbose",
            "deployment_sampler"]
 
 SamplerKind = Annotated[str | None, typer.Option(
@@ -72,6 +74,76 @@ def load_denoiser(path: Path | None, backend: str = "fake") -> tuple[nn.Module, 
     return model, scheduler, "FP"
 
 
+def is_prompt_pipeline(path: Path) -> bool:
+    """Whether ``path`` is a text-to-image pipeline folder (FP or a tadq artefact): prompts, decoded images."""
+    from tadq.pipelines import is_pipeline_folder
+
+    return is_pipeline_folder(path)
+
+
+def _grid(images: list, columns: int):
+    """One PIL image with ``images`` (equal sizes) in rows of ``columns``."""
+    from PIL import Image
+
+    width, height = images[0].size
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * width, rows * height))
+    for i, image in enumerate(images):
+        grid.paste(image, ((i % columns) * width, (i // columns) * height))
+    return grid
+
+
+def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | None, guidance_scale: float | None,
+                    num_samples: int, seed: int, kind: str | None, steps: int | None, eta: float | None,
+                    batch_size: int, out: Path, tensor_out: Path | None, device, dtype) -> list[Path]:
+    """Decoded images of a pipeline folder or artefact (``tadq.load_pipeline``) written to the folder ``out``:
+    ``sample_NNNN.png``, ``grid.png``, ``prompts.json`` (sample → prompt, and the settings). Every input and path
+    is checked before the pipeline is loaded; returns the files written."""
+    import math
+
+    from tadq.config import config_to_dict
+    from tadq.fsguard import check_output_dir, check_output_file, mark_output
+    from tadq.pipelines import PromptConditions, load_pipeline
+    from tadq.pipelines.prompts import check_prompt_lengths
+    from tadq.safefiles import require_finite, save_checked
+    from tadq.utils import _atomic, atomic_write_json
+
+    if not prompts:
+        raise ValueError(f"{path} is a text-to-image pipeline: give at least one --prompt")
+    if out.suffix.lower() == ".png":
+        raise ValueError(f"--out {out}: for a text-to-image pipeline --out names a folder (one PNG per sample, "
+                         "grid.png and prompts.json go there), e.g. --out samples")
+    if num_samples < 1 or batch_size < 1:
+        raise ValueError(f"--num-samples and --batch-size must be >= 1, got {num_samples}, {batch_size}")
+    check_output_dir(out, what="--out", resume=True, inputs=[path])
+    if tensor_out is not None:
+        check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path])
+    check_prompt_lengths(path, [*prompts, *([negative_prompt] if negative_prompt else [])])  # tokenizers only
+    pipe = load_pipeline(path, device=device, dtype=dtype)
+    sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
+    conditions = PromptConditions(pipe, prompts, negative_prompt)
+    latents = pipe.tadq_latents(conditions, num_samples, sampler, scale, seed, batch_size, progress=True)
+    require_finite(latents, f"the latents of {path}")
+    images = pipe.tadq_decode(latents, "pil")
+    out.mkdir(parents=True, exist_ok=True)
+    mark_output(out, "samples")
+    written = []
+    for i, image in enumerate(images):
+        file = out / f"sample_{i:04d}.png"
+        _atomic(file, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        written.append(file)
+    grid = _grid(images, math.ceil(math.sqrt(len(images))))
+    _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    settings = {"model": str(path), "seed": seed, "sampler": config_to_dict(sampler), "guidance_scale": scale,
+                "negative_prompt": negative_prompt}
+    atomic_write_json({**settings, "samples": {f"sample_{i:04d}.png": conditions.prompt_of(i)
+                                               for i in range(num_samples)}}, out / "prompts.json")
+    written += [out / "grid.png", out / "prompts.json"]
+    if tensor_out is not None:
+        save_checked({"latents": latents, "indices": torch.arange(num_samples)}, settings, tensor_out)
+    return written
+
+
 def sample_command(
     model_dir: Annotated[Path | None, typer.Argument(
         help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
@@ -82,7 +154,17 @@ def sample_command(
     eta: Eta = None,
     batch_size: Annotated[int, typer.Option(help="Samples per denoiser call; also moves quantized samples "
                                                  "slightly (README: What tadq guarantees).")] = 128,
-    out: Annotated[Path, typer.Option(help="PNG file of the sample grid (must end in .png).")] = Path("samples.png"),
+    out: Annotated[Path | None, typer.Option(
+        help="PNG file of the sample grid (must end in .png; default samples.png); for a text-to-image pipeline a "
+             "folder (default samples/) for one PNG per sample, grid.png and prompts.json.")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(
+        "--prompt", help="Prompt of a text-to-image pipeline (repeat; sample i gets prompt i mod the count).")] = None,
+    negative_prompt: Annotated[str | None, typer.Option(
+        help="Negative prompt, the unconditional branch of guidance (default: the empty prompt, as diffusers).")
+    ] = None,
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance scale (default: the artefact recipe's, else the pipeline's default).")
+    ] = None,
     tensor_out: Annotated[Path | None, typer.Option(
         help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle).")
     ] = None,
@@ -108,6 +190,26 @@ def sample_command(
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         source = model_dir if model_dir is not None else shipped_model_path()
+        if model_dir is not None and is_prompt_pipeline(model_dir):
+            if backend != "fake":
+                raise ValueError(f"--backend {backend}: a text-to-image pipeline samples with the fake backend only")
+            written = sample_pipeline(
+                model_dir, prompts=prompt or [], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                num_samples=num_samples, seed=seed, kind=sampler, steps=steps, eta=eta, batch_size=batch_size,
+                out=Path("samples") if out is None else out, tensor_out=tensor_out, device=torch_device,
+                dtype=torch_dtype)
+            console.print(f"wrote {len(written) - 2} images, grid.png and prompts.json to {written[0].parent}")
+            return
+        if prompt:
+            raise ValueError(f"--prompt given, but {source} is not a text-to-image pipeline (a folder whose "
+                             "model_index.json names a StableDiffusionPipeline or StableDiffusionXLPipeline): this "
+                             "model takes no prompts")
+        if negative_prompt is not None:
+            raise ValueError(f"--negative-prompt given, but {source} is not a text-to-image pipeline")
+        if guidance_scale is not None and guidance_scale != 1.0:
+            raise ValueError(f"--guidance-scale {guidance_scale:g} needs an unconditional branch (an empty or "
+                             f"negative prompt), which {source} does not have; drop the flag")
+        out = Path("samples.png") if out is None else out
         check_output_file(out, what="--out", suffixes=(".png",), inputs=[source])  # before sampling, not after
         if tensor_out is not None:
             check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source])

@@ -190,7 +190,8 @@ def pipeline_class(class_name: str) -> type:
     import diffusers
 
     if class_name not in PIPELINE_COMPONENTS:
-        raise PipelineFolderError(f"{class_name} is not a pipeline tadq runs; supported: {sorted(PIPELINE_COMPONENTS)}")
+        raise PipelineFolderError(f"{class_name} is not a pipeline tadq runs; supported: "
+                                  f"{sorted(PIPELINE_COMPONENTS)}")
     return getattr(diffusers, class_name)
 
 

@@ -68,7 +68,7 @@ class PromptEncoder:
         """
         encoders = [getattr(pipe, name, None) for name in ("text_encoder", "text_encoder_2")]
         tokenizers = [getattr(pipe, name, None) for name in ("tokenizer", "tokenizer_2")]
-        pairs = [(t, e) for t, e in zip(tokenizers, encoders) if t is not None and e is not None]
+        pairs = [(t, e) for t, e in zip(tokenizers, encoders, strict=True) if t is not None and e is not None]
         if not pairs:
             raise ValueError(f"{type(pipe).__name__} has no text encoder and tokenizer: it takes no prompts")
         sdxl = getattr(pipe, "text_encoder_2", None) is not None
@@ -100,7 +100,7 @@ class PromptEncoder:
         """((1, L, D) hidden states, (1, D') pooled or ``None``) of one prompt, on the CPU, as diffusers'
         ``encode_prompt`` computes them."""
         hidden, pooled = [], None
-        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             tokens = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
             device = next(encoder.parameters()).device
@@ -121,7 +121,7 @@ class PromptEncoder:
         """SHA-256 over the encoders' tensors and the tokenizers' vocabularies (computed once)."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
-            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders):
+            for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
                 digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
                 digest.update(str(tokenizer.model_max_length).encode())
                 digest.update(tensors_digest(dict(encoder.state_dict())).encode())

@@ -30,7 +30,8 @@ from tadq.pipelines.prompts import PromptConditions
 from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
 
-__all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "resolve_deployment", "tadq_pipeline_class"]
+__all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "resolve_deployment",
+           "tadq_pipeline_class"]
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,88 @@
+"""``tadq quantize --calib-prompt`` on a pipeline folder and ``tadq sample --prompt`` on the artefact; clean
+one-line errors (exit code 2) for prompts a model cannot take, guidance without an unconditional branch, a missing
+component and a prompt that is too long."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from PIL import Image
+from transformers import CLIPTextModel
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+
+runner = CliRunner()
+LONG = " ".join(["cat"] * 40)
+
+
+def _invoke(args):
+    result = runner.invoke(app, [str(a) for a in args])
+    return result, " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def cli_artefact(sd_folder, condition_adapter, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    prompts = root / "prompts.txt"
+    prompts.write_text("a dog\n\n a cat \n")
+    out = root / "art"
+    result, text = _invoke(["quantize", sd_folder, "--out", out, "--preset", "W8A8", "--method", "naive",
+                            "--steps", 3, "--calib-trajectories", 4, "--calib-prompt", "a dog",
+                            "--calib-prompts", prompts, "--set", "deployments.0.guidance_scale=2.5",
+                            "--cache-dir", root / "cache", "--threads", 1])
+    assert result.exit_code == 0, text
+    return out
+
+
+def test_quantize_a_pipeline_folder_with_calibration_prompts(cli_artefact, sd_folder):
+    assert (cli_artefact / "model_index.json").read_bytes() == (sd_folder / "model_index.json").read_bytes()
+    assert isinstance(CLIPTextModel.from_pretrained(cli_artefact / "text_encoder"), CLIPTextModel)
+    recipe = json.loads((cli_artefact / "tadq_recipe.json").read_text())
+    assert "2.5" in json.dumps(recipe)
+
+
+def test_sample_with_prompts_writes_images_and_grid(cli_artefact, tmp_path):
+    out = tmp_path / "images"
+    result, text = _invoke(["sample", cli_artefact, "--prompt", "a cat", "--prompt", "a dog", "--negative-prompt",
+                            "dog", "--num-samples", 3, "--seed", 7, "--out", out, "--threads", 1])
+    assert result.exit_code == 0, text
+    for i in range(3):
+        assert Image.open(out / f"sample_{i:04d}.png").size == (8, 8)
+    assert Image.open(out / "grid.png").size == (16, 16)  # 3 samples: 2 columns, 2 rows
+    record = json.loads((out / "prompts.json").read_text())
+    assert record["samples"] == {"sample_0000.png": "a cat", "sample_0001.png": "a dog", "sample_0002.png": "a cat"}
+    assert record["guidance_scale"] == 2.5 and record["sampler"]["data"]["num_steps"] == 3  # the recipe's
+    first = (out / "sample_0000.png").read_bytes()
+    again = tmp_path / "again"
+    result, text = _invoke(["sample", cli_artefact, "--prompt", "a cat", "--num-samples", 1, "--seed", 7,
+                            "--negative-prompt", "dog", "--out", again, "--threads", 1])
+    assert result.exit_code == 0, text
+    assert (again / "sample_0000.png").read_bytes() == first  # sample 0: same prompt, seed and noise
+
+
+def test_prompt_errors_are_clean(cli_artefact, tiny_model_dir, sd_folder, tmp_path):
+    result, text = _invoke(["sample", tiny_model_dir, "--prompt", "a cat", "--out", tmp_path / "s.png"])
+    assert result.exit_code == 2 and "takes no prompts" in text
+    result, text = _invoke(["sample", tiny_model_dir, "--guidance-scale", 3, "--out", tmp_path / "s.png"])
+    assert result.exit_code == 2 and "needs an unconditional branch" in text
+    result, text = _invoke(["sample", cli_artefact, "--prompt", LONG, "--out", tmp_path / "long"])
+    assert result.exit_code == 2 and "tokens long" in text and not (tmp_path / "long").exists()
+    result, text = _invoke(["sample", cli_artefact, "--out", tmp_path / "none"])
+    assert result.exit_code == 2 and "give at least one --prompt" in text
+    result, text = _invoke(["quantize", tiny_model_dir, "--out", tmp_path / "q", "--calib-prompt", "a cat"])
+    assert result.exit_code == 2 and "takes no prompts" in text
+    result, text = _invoke(["quantize", sd_folder, "--out", tmp_path / "q"])
+    assert result.exit_code == 2 and "--calib-prompt" in text
+    result, text = _invoke(["quantize", sd_folder, "--out", tmp_path / "q", "--calib-prompt", LONG])
+    assert result.exit_code == 2 and "calibration prompt" in text and "tokens long" in text
+
+
+def test_missing_component_is_named_by_the_cli(cli_artefact, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(cli_artefact, broken)
+    shutil.rmtree(broken / "vae")
+    result, text = _invoke(["sample", broken, "--prompt", "a cat", "--out", tmp_path / "s"])
+    assert result.exit_code == 2 and "vae/" in text and "missing" in text
