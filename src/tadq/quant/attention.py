@@ -199,8 +199,8 @@ class CrossAttentionKVCache:
     than the projection's O(N·L·D·D_out) plus the weight fake-quantization) and its state is unchanged, so a
     sampling run computes each projection once per prompt batch and outputs are bit-identical to uncached ones.
 
-    It never serves or stores while gradients are enabled or the model is in training mode (reconstruction), nor
-    for a projection whose state it cannot fingerprint: every submodule must be an ``nn.Linear`` (quantized or
+    It never serves or stores while gradients are enabled (reconstruction, learned steps), nor for a projection
+    whose state it cannot fingerprint: every submodule must be an ``nn.Linear`` (quantized or
     not) or a plain ``Quantizer`` with no observer (``Calibrate``), no bypass and no learned rounding attached; a
     ``Quantizer`` subclass (e.g. TFMQ-DM's per-step quantizers, whose output depends on the sampler step) disables
     it. The state fingerprint holds identity, storage and version counter of every parameter and buffer, so an
@@ -224,7 +224,7 @@ class CrossAttentionKVCache:
         return len(self._entries)
 
     def _call(self, name: str, projection: nn.Module, forward, x: Tensor) -> Tensor:
-        state = None if torch.is_grad_enabled() or projection.training else _projection_state(projection)
+        state = None if torch.is_grad_enabled() else _projection_state(projection)
         entry = self._entries.get(name)
         if state is not None and entry is not None and entry.state == state and _same(entry.input, x):
             self.served[name] = self.served.get(name, 0) + 1
