@@ -9,6 +9,13 @@ cover are the two activation-activation matmuls ``q kᵀ`` and ``P v``. ``QuantA
     P̂ = Q_P(P)                       ``softmax_bits``, unsigned with zero point 0 (P ≥ 0)
     out = P̂ · Q_v(v)
 
+Cross-attention (``Attention.is_cross_attention``, the second attention of a Stable Diffusion transformer block) is
+the same computation with k and v projected from the encoder states c (text embedding, (N, L, D)) instead of the
+image tokens, so the key length M = L differs from the query length; the encoder attention mask (an additive bias
+from ``UNet2DConditionModel``) is added to the scores before the softmax, and ``norm_cross`` is applied to c as
+diffusers does. ``CrossAttentionKVCache`` memoises the K/V projections of c during inference
+(docs/methods/qdiffusion.md#cross-attention).
+
 The quantizers are submodules of the diffusers ``Attention`` module (``q_quantizer``, ``k_quantizer``,
 ``v_quantizer``, ``softmax_quantizer``), so they are in its ``state_dict``, found by ``Calibrate`` and saved with
 the model; the processor itself is stateless and only reads them.
