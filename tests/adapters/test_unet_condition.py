@@ -280,6 +280,7 @@ def test_kv_memo_is_never_used_while_weights_or_ranges_can_change(sd):
             first = adapter.predict_eps(model, x, t, cond)
             assert cache.computed[name] == 1 and torch.equal(adapter.predict_eps(model, x, t, cond), first)
             assert cache.served[name] == 1
+            assert len(cache) == 8 and cache.stored_inputs() == 1  # K, V of 4 layers: one copy of the text
         adapter.predict_eps(model, x, t, cond)  # gradients on (reconstruction): computed, and the entry dropped
         assert cache.computed[name] == 2 and cache.served[name] == 1 and len(cache) == 0
         with torch.no_grad():
