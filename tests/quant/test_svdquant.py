@@ -209,3 +209,21 @@ def test_smoothing_search_never_does_worse_than_no_smoothing(tiny_unet, ddpm_sch
                           progress=False)
     for fit in qmodel.svdquant_report["layers"]:
         assert fit["mse_chosen"] <= fit["mse_plain"], fit["name"]
+
+
+def test_cost_counts_the_branch_and_the_kernel_status(tiny_unet, ddpm_scheduler, calibration):
+    from tadq.corrections.ptqd.bitops import bit_operations
+    from tadq.svdquant.cost import cost_summary, layer_costs
+
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, _svdquant_recipe("per_token"), calibration=calibration,
+                          progress=False)
+    costs = layer_costs(qmodel)
+    conv = next(c for n, c in costs.items() if c["rank"] and c["kernel"] == [3, 3])
+    reduction, out = conv["in_channels"] * 9, conv["out_features"]
+    positions = conv["macs"] // (reduction * out)
+    assert positions > 0 and conv["branch_macs"] == positions * conv["rank"] * (reduction + out)
+    assert conv["kernel_runnable"] == "group-wise"  # per-pixel scales on a 3×3 conv do not factor out
+    summary = cost_summary(qmodel, steps=2)
+    assert summary["bitops_quantized_gemms"] == 2 * bit_operations(qmodel)
+    assert summary["bitops"] == summary["bitops_quantized_gemms"] + summary["branch_macs"] * 32 * 32
+    assert summary["branch_macs"] == 2 * sum(c["branch_macs"] for c in costs.values())
