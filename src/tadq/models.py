@@ -31,6 +31,10 @@ def _model_dir(path: Path) -> Path:
         subfolders = sorted({family.subfolder for family in registered_families().values()})
         for name in subfolders:
             if name in index and (path / name / "config.json").exists():
+                if isinstance(index.get("text_encoder"), list) and None not in index["text_encoder"]:
+                    logger.info("%s is a %s: loading its %s and scheduler only; tadq.pipelines.load_fp_pipeline "
+                                "loads the whole pipeline and PromptConditions encodes prompts for it", path,
+                                index.get("_class_name"), name)
                 return path / name
         raise ValueError(f"{path}/model_index.json names no denoiser folder (looked for {subfolders})")
     if (path / "config.json").exists():

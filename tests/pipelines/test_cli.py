@@ -86,3 +86,16 @@ def test_missing_component_is_named_by_the_cli(cli_artefact, tmp_path):
     shutil.rmtree(broken / "vae")
     result, text = _invoke(["sample", broken, "--prompt", "a cat", "--out", tmp_path / "s"])
     assert result.exit_code == 2 and "vae/" in text and "missing" in text
+
+
+def test_sample_an_fp_pipeline_folder_with_int8_text_encoder(sd_folder, condition_adapter, tmp_path):
+    out = tmp_path / "fp"
+    result, text = _invoke(["sample", sd_folder, "--prompt", "a cat", "--num-samples", 2, "--steps", 2,
+                            "--guidance-scale", 2, "--text-encoder-bits", 8, "--out", out, "--threads", 1])
+    assert result.exit_code == 0, text
+    record = json.loads((out / "prompts.json").read_text())
+    assert record["text_encoder_bits"] == 8 and record["guidance_scale"] == 2.0
+    assert Image.open(out / "grid.png").size == (16, 8)
+    result, text = _invoke(["sample", sd_folder, "--prompt", "a cat", "--text-encoder-bits", 3,
+                            "--out", tmp_path / "bad"])
+    assert result.exit_code == 2 and "text_encoder_bits" in text

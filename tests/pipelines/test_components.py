@@ -139,3 +139,14 @@ def test_prompt_conditions_are_cyclic_deterministic_and_cached(sd_pipe):
     assert PromptConditions(sd_pipe, ["a cat", "a dog", "a cat"], negative_prompt="dog").key != conditions.key
     with pytest.raises(ValueError, match="2 negative prompts for 3 prompts"):
         PromptConditions(sd_pipe, ["a cat", "a dog", "a cat"], negative_prompt=["x", "y"])
+
+
+def test_load_pipeline_parts_still_gives_the_unet_and_scheduler(sd_folder, sdxl_folder, condition_adapter):
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from tadq.models import load_pipeline_parts
+
+    for folder in (sd_folder, sdxl_folder):
+        unet, scheduler = load_pipeline_parts(folder)
+        assert isinstance(unet, UNet2DConditionModel) and isinstance(scheduler, DDIMScheduler)
+        assert not unet.training

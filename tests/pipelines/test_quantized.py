@@ -157,3 +157,34 @@ def test_corrections_keyed_to_another_grid_or_guidance_are_refused():
     sampler, scale = resolve_deployment(denoiser, None, 7, 5.0, None, 7.5)
     assert (sampler.num_steps, scale) == (7, 5.0)
     assert resolve_deployment(denoiser, None, None, None, None, 7.5)[1] == 7.5  # no recipe: the pipeline default
+
+
+def test_text_encoder_int8_weights_are_per_channel_and_change_the_key(sd_folder):
+    from tadq.pipelines.text_weights import quantize_linear_weights
+
+    fp = load_fp_pipeline(sd_folder)
+    int8 = load_fp_pipeline(sd_folder, text_encoder_bits=8)
+    assert int8.tadq_text_encoder_bits == 8 and fp.tadq_text_encoder_bits is None
+    layers = [name for name, m in int8.text_encoder.named_modules() if isinstance(m, nn.Linear)]
+    assert layers
+    fp_modules = dict(fp.text_encoder.named_modules())
+    for name in layers:
+        w, w_fp = int8.text_encoder.get_submodule(name).weight, fp_modules[name].weight
+        scale = w_fp.abs().amax(dim=1, keepdim=True) / 127
+        codes = w / scale
+        assert torch.allclose(codes, codes.round(), atol=1e-3)  # on the per-row grid
+        assert codes.abs().max() <= 127 + 1e-3
+        assert (w - w_fp).abs().le(scale / 2 + 1e-7).all() and not torch.equal(w, w_fp)
+    token = next(key for key in fp.text_encoder.state_dict() if key.endswith("token_embedding.weight"))
+    assert torch.equal(int8.text_encoder.state_dict()[token], fp.text_encoder.state_dict()[token])  # embeddings FP
+    before = {k: v.clone() for k, v in int8.text_encoder.state_dict().items()}
+    quantize_linear_weights(int8.text_encoder, 8)  # twice: nothing moves beyond float rounding
+    for key, value in int8.text_encoder.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=1e-6, atol=1e-7)
+    a, b = PromptConditions(fp, ["a cat"]), PromptConditions(int8, ["a cat"])
+    assert a.key != b.key
+    ea, eb = a(0, [0]).encoder_hidden_states, b(0, [0]).encoder_hidden_states
+    assert not torch.equal(ea, eb)
+    assert torch.nn.functional.cosine_similarity(ea.flatten(), eb.flatten(), dim=0) > 0.99
+    with pytest.raises(ValueError, match="text_encoder_bits"):
+        load_fp_pipeline(sd_folder, text_encoder_bits=6)

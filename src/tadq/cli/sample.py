@@ -95,7 +95,8 @@ def _grid(images: list, columns: int):
 
 def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | None, guidance_scale: float | None,
                     num_samples: int, seed: int, kind: str | None, steps: int | None, eta: float | None,
-                    batch_size: int, out: Path, tensor_out: Path | None, device, dtype) -> list[Path]:
+                    batch_size: int, out: Path, tensor_out: Path | None, device, dtype,
+                    text_encoder_bits: int | None = None) -> list[Path]:
     """Decoded images of a pipeline folder or artefact (``tadq.load_pipeline``) written to the folder ``out``:
     ``sample_NNNN.png``, ``grid.png``, ``prompts.json`` (sample → prompt, and the settings). Every input and path
     is checked before the pipeline is loaded; returns the files written."""
@@ -119,12 +120,12 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     if tensor_out is not None:
         check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path])
     check_prompt_lengths(path, [*prompts, *([negative_prompt] if negative_prompt else [])])  # tokenizers only
-    pipe = load_pipeline(path, device=device, dtype=dtype)
+    pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
     conditions = PromptConditions(pipe, prompts, negative_prompt)
     latents = pipe.tadq_latents(conditions, num_samples, sampler, scale, seed, batch_size, progress=True)
     require_finite(latents, f"the latents of {path}")
-    images = pipe.tadq_decode(latents, "pil")
+    images = pipe.tadq_decode(latents, "pil", batch_size)
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "samples")
     written = []
@@ -135,7 +136,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     grid = _grid(images, math.ceil(math.sqrt(len(images))))
     _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     settings = {"model": str(path), "seed": seed, "sampler": config_to_dict(sampler), "guidance_scale": scale,
-                "negative_prompt": negative_prompt}
+                "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits}
     atomic_write_json({**settings, "samples": {f"sample_{i:04d}.png": conditions.prompt_of(i)
                                                for i in range(num_samples)}}, out / "prompts.json")
     written += [out / "grid.png", out / "prompts.json"]
@@ -165,6 +166,9 @@ def sample_command(
     guidance_scale: Annotated[float | None, typer.Option(
         help="Classifier-free guidance scale (default: the artefact recipe's, else the pipeline's default).")
     ] = None,
+    text_encoder_bits: Annotated[int | None, typer.Option(
+        help="Weight-only quantization of a pipeline's text encoders (8 or 4 bits, per output channel; default "
+             "off).")] = None,
     tensor_out: Annotated[Path | None, typer.Option(
         help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle).")
     ] = None,
@@ -197,15 +201,16 @@ def sample_command(
                 model_dir, prompts=prompt or [], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                 num_samples=num_samples, seed=seed, kind=sampler, steps=steps, eta=eta, batch_size=batch_size,
                 out=Path("samples") if out is None else out, tensor_out=tensor_out, device=torch_device,
-                dtype=torch_dtype)
+                dtype=torch_dtype, text_encoder_bits=text_encoder_bits)
             console.print(f"wrote {len(written) - 2} images, grid.png and prompts.json to {written[0].parent}")
             return
         if prompt:
             raise ValueError(f"--prompt given, but {source} is not a text-to-image pipeline (a folder whose "
                              "model_index.json names a StableDiffusionPipeline or StableDiffusionXLPipeline): this "
                              "model takes no prompts")
-        if negative_prompt is not None:
-            raise ValueError(f"--negative-prompt given, but {source} is not a text-to-image pipeline")
+        if negative_prompt is not None or text_encoder_bits is not None:
+            raise ValueError(f"--negative-prompt/--text-encoder-bits given, but {source} is not a text-to-image "
+                             "pipeline")
         if guidance_scale is not None and guidance_scale != 1.0:
             raise ValueError(f"--guidance-scale {guidance_scale:g} needs an unconditional branch (an empty or "
                              f"negative prompt), which {source} does not have; drop the flag")

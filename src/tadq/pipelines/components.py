@@ -209,13 +209,32 @@ def pipeline_load_options(klass: type, dtype: torch.dtype | None) -> dict[str, A
     return options
 
 
+def quantize_text_encoders(pipe: Any, bits: int | None) -> None:
+    """Weight-only ``bits``-bit quantization of every text encoder's Linear layers in place (``None``: none);
+    recorded as ``pipe.tadq_text_encoder_bits`` (``tadq.pipelines.text_weights``)."""
+    from tadq.pipelines.text_weights import quantize_linear_weights
+
+    if bits is not None:
+        for name in ("text_encoder", "text_encoder_2"):
+            encoder = getattr(pipe, name, None)
+            if encoder is not None:
+                layers = quantize_linear_weights(encoder, bits)
+                logger.info("%s: %d Linear layers quantized to %d-bit weights", name, len(layers), bits)
+    pipe.tadq_text_encoder_bits = bits
+
+
 def load_fp_pipeline(path: str | Path, *, device: str | torch.device | None = None,
-                     dtype: str | torch.dtype | None = None) -> Any:
+                     dtype: str | torch.dtype | None = None, text_encoder_bits: int | None = None) -> Any:
     """The diffusers pipeline object of a local folder (no hub access), safety checker disabled.
 
     The folder is checked first (``check_pipeline_folder``), so a missing or damaged component is named before
-    any weights are read.
+    any weights are read. ``text_encoder_bits`` (8 or 4; off by default) quantizes the text encoders' Linear
+    weights per output channel (``tadq.pipelines.text_weights``): calibrate and deploy with the same value.
     """
+    from tadq.pipelines.text_weights import TEXT_ENCODER_BITS
+
+    if text_encoder_bits is not None and text_encoder_bits not in TEXT_ENCODER_BITS:
+        raise ValueError(f"text_encoder_bits must be one of {TEXT_ENCODER_BITS} or None, got {text_encoder_bits!r}")
     from tadq.device import resolve_device, resolve_dtype
 
     target_device = resolve_device(device) if device is not None else None
@@ -223,6 +242,7 @@ def load_fp_pipeline(path: str | Path, *, device: str | torch.device | None = No
     layout = check_pipeline_folder(path)
     klass = pipeline_class(layout.class_name)
     pipe = klass.from_pretrained(str(layout.path), **pipeline_load_options(klass, target_dtype))
+    quantize_text_encoders(pipe, text_encoder_bits)
     if target_device is not None:
         pipe = pipe.to(target_device)
     return pipe

@@ -25,8 +25,10 @@ from tadq.pipelines.components import (
     check_pipeline_folder,
     pipeline_class,
     pipeline_load_options,
+    quantize_text_encoders,
 )
 from tadq.pipelines.prompts import PromptConditions
+from tadq.pipelines.text_weights import TEXT_ENCODER_BITS
 from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
 
@@ -139,7 +141,7 @@ class TadqPipelineMixin:
         sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
         conditions = PromptConditions(self, prompts, negatives)  # checks the prompts' length before any work
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
-        images = latents if output_type == "latent" else self.tadq_decode(latents, output_type)
+        images = latents if output_type == "latent" else self.tadq_decode(latents, output_type, batch_size)
         return self._tadq_output(images, return_dict)
 
     def tadq_deployment(self, num_inference_steps: int | None, guidance_scale: float | None, eta: float | None,
@@ -168,9 +170,10 @@ class TadqPipelineMixin:
         return result.images
 
     @torch.no_grad()
-    def tadq_decode(self, latents: Tensor, output_type: str = "pil") -> Any:
+    def tadq_decode(self, latents: Tensor, output_type: str = "pil", batch_size: int = 8) -> Any:
         """Latents → images as the pipeline decodes them (scaling factor, SDXL's latent mean/std and fp16 upcast,
-        its watermark when installed), post-processed by its image processor."""
+        its watermark when installed), ``batch_size`` latents per VAE call, post-processed by its image
+        processor."""
         vae = self.vae
         upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         if upcast:
@@ -184,7 +187,8 @@ class TadqPipelineMixin:
             latents = latents * std_t / vae.config.scaling_factor + mean_t
         else:
             latents = latents / vae.config.scaling_factor
-        image = vae.decode(latents, return_dict=False)[0]
+        image = torch.cat([vae.decode(latents[start: start + batch_size], return_dict=False)[0]
+                           for start in range(0, latents.shape[0], max(1, batch_size))])
         if upcast:
             vae.to(torch.float16)
         if getattr(self, "watermark", None) is not None:
@@ -236,12 +240,14 @@ def check_drivable_scheduler(path: str | Path) -> None:
 
 
 def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None) -> Any:
+                  dtype: str | torch.dtype | None = None, text_encoder_bits: int | None = None) -> Any:
     """A diffusers pipeline object for a tadq pipeline artefact (quantized UNet, corrections active) or for an FP
     pipeline folder (the FP UNet in tadq's loop, for same-noise comparisons); call it as usual:
     ``pipe(prompt, negative_prompt=..., guidance_scale=..., num_inference_steps=...).images``.
 
-    Every component folder is checked before any weights are read.
+    Every component folder is checked before any weights are read. ``text_encoder_bits`` (8 or 4; off by default):
+    weight-only quantization of the text encoders' Linear layers, as ``load_fp_pipeline`` does it (use the value
+    the UNet was calibrated with).
 
     Raises:
         PipelineFolderError (a ValueError): not a supported pipeline folder, a component missing or damaged.
@@ -256,6 +262,8 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     path = Path(path)
     target_device = resolve_device(device) if device is not None else None
     target_dtype = resolve_dtype(dtype) if dtype is not None else None
+    if text_encoder_bits is not None and text_encoder_bits not in TEXT_ENCODER_BITS:
+        raise ValueError(f"text_encoder_bits must be one of {TEXT_ENCODER_BITS} or None, got {text_encoder_bits!r}")
     quantized = is_quantized_artefact(path)
     layout = check_pipeline_folder(path, denoiser_weights=not quantized)
     check_drivable_scheduler(path)
@@ -269,6 +277,7 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
         pipe = klass.from_pretrained(str(path), **options)
         denoiser, recipe = pipe.unet, None
     pipe.tadq_denoiser, pipe.tadq_recipe = denoiser, recipe
+    quantize_text_encoders(pipe, text_encoder_bits)
     if target_device is not None:
         pipe.to(target_device)
     return pipe
