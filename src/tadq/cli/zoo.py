@@ -1,4 +1,5 @@
-"""``tadq zoo``: (re)train the shipped DDPMs (digits, photos) and the classifiers behind FD-digits and FD-photos."""
+"""``tadq zoo``: (re)train the shipped models (digits and photos DDPMs, the text-to-image digits model) and the
+classifiers behind FD-digits and FD-photos."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 
-zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digits and photos DDPMs, classifiers).")
+zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digits and photos DDPMs, the "
+                                                "text-to-image digits model, classifiers).")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 
@@ -113,3 +115,35 @@ def train_photo_classifier_command(
         info = train_photo_classifier(config, out, command=command)
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')} "
                   f"(chance {info.get('chance_accuracy'):.3f})")
+
+
+@zoo_app.command("train-t2i")
+def train_t2i_command(
+    out: Path = typer.Option(SHIPPED / "digits-t2i", help="Output folder (diffusers StableDiffusionPipeline layout)."),
+    steps: int = typer.Option(3500, help="Optimiser steps of stage 2 (UNet + text encoder)."),
+    batch_size: int = typer.Option(64, help="Latents per step in stage 2."),
+    learning_rate: float = typer.Option(1e-3, help="AdamW peak learning rate of stage 2."),
+    vae_steps: int = typer.Option(400, help="Optimiser steps of stage 1 (the VAE)."),
+    prompt_dropout: float = typer.Option(0.1, help="Probability a training prompt is replaced by \"\"."),
+    freeze_text_encoder: bool = typer.Option(False, "--freeze-text-encoder",
+                                             help="Keep the text encoder at its random initialisation."),
+    checkpoint_every: int = typer.Option(500, help="Steps between resumable checkpoints of stage 2."),
+    seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps, noise and prompt choice."),
+    threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    force_foreign: ForceForeign = False,
+) -> None:
+    """Train the text-to-image digits model (VAE, then UNet + text encoder); an interrupted run resumes."""
+    from tadq.fsguard import check_output_dir, mark_output
+    from tadq.zoo.t2i import T2ITrainConfig, train_t2i
+
+    setup(verbose, threads, "cpu")
+    with fail_cleanly():
+        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before half an hour of training
+        config = T2ITrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                vae_steps=vae_steps, prompt_dropout=prompt_dropout,
+                                train_text_encoder=not freeze_text_encoder, checkpoint_every=checkpoint_every)
+        mark_output(out, "training")  # so a resume finds a folder tadq wrote, not only a checkpoint
+        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        path = train_t2i(config, out, command=command)
+    console.print(f"saved {path}")

@@ -1,0 +1,330 @@
+"""The shipped text-to-image digits model: a tiny latent diffusion model in diffusers' StableDiffusionPipeline layout.
+
+Three parts, trained in two stages (each saved as soon as it is done, so an interrupted run keeps what it finished):
+
+1. an ``AutoencoderKL`` maps 1×16×16 grey digits to 4×8×8 latents (as many numbers as pixels: reconstruction is
+   nearly exact, while the KL term keeps the latents smooth enough to diffuse); its ``scaling_factor`` is 1/std of
+   the training latents, measured here, as diffusers expects;
+2. a tiny ``CLIPTextModel`` (tokenizer from ``tadq.zoo.t2i_text``) and a ``UNet2DConditionModel`` with
+   cross-attention are trained together on the frozen VAE's latents, ε-prediction under the digits model's DDPM
+   schedule, with ``prompt_dropout`` of the prompts replaced by "" so classifier-free guidance works.
+
+The result loads offline with ``StableDiffusionPipeline.from_pretrained(path, safety_checker=None,
+feature_extractor=None, requires_safety_checker=False)`` and is sampled with the saved ``DDIMScheduler``.
+Reproduce the shipped weights with ``tadq zoo train-t2i --out src/tadq/zoo/weights/digits-t2i --seed 0``
+(``training_info.json`` beside the weights records the exact command).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
+from tadq.utils import atomic_write_json, library_versions
+from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
+from tadq.zoo.t2i_text import build_text_encoder, build_tokenizer
+from tadq.zoo.train import CHECKPOINT_NAME, _learning_rate
+from tadq.zoo.unet import build_training_scheduler
+
+__all__ = ["T2ITrainConfig", "build_t2i_unet", "build_t2i_vae", "load_t2i_pipeline", "shipped_t2i_path",
+           "train_t2i"]
+
+logger = logging.getLogger(__name__)
+VAE_STAGE_NAME = "vae_stage.json"
+
+
+def shipped_t2i_path() -> Path:
+    """Folder of the shipped text-to-image digits model (StableDiffusionPipeline layout), beside the package."""
+    return Path(__file__).resolve().parent / "weights" / "digits-t2i"
+
+
+def load_t2i_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
+    """Load the model with diffusers alone (no safety checker: it draws digits), offline, on the CPU."""
+    return StableDiffusionPipeline.from_pretrained(
+        str(path if path is not None else shipped_t2i_path()), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, local_files_only=True)
+
+
+@dataclass(frozen=True)
+class T2ITrainConfig:
+    """Both training stages of the text-to-image digits model.
+
+    Args:
+        seed: seeds every initialisation, batch, timestep, noise draw and prompt choice.
+        vae_steps, vae_batch_size, vae_learning_rate: stage 1 (AdamW, constant rate).
+        kl_weight: weight of the KL term per latent element against the per-pixel MSE.
+        vae_channels: encoder/decoder widths; one downsampling per extra level (2 levels: 16×16 → 8×8).
+        steps, batch_size, learning_rate, warmup_steps, ema_decay, checkpoint_every: stage 2, as
+            ``tadq.zoo.train.TrainConfig`` (AdamW, warm-up then constant, clipping at 1, EMA weights saved).
+        prompt_dropout: probability a training prompt is replaced by "" (the unconditional branch of guidance).
+        train_text_encoder: train the text encoder with the UNet (else it stays at its random initialisation).
+        unet_channels: UNet widths (cross-attention at every level and in the middle).
+        text_hidden, text_layers, max_length: text encoder width, depth and the tokenizer's/position limit.
+    """
+
+    seed: int = 0
+    vae_steps: int = 400
+    vae_batch_size: int = 64
+    vae_learning_rate: float = 1e-3
+    kl_weight: float = 1e-4
+    vae_channels: tuple[int, ...] = (32, 64)
+    steps: int = 3500
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    checkpoint_every: int = 500
+    prompt_dropout: float = 0.1
+    train_text_encoder: bool = True
+    unet_channels: tuple[int, ...] = (32, 64)
+    text_hidden: int = 32
+    text_layers: int = 2
+    max_length: int = 16
+    resolution: int = field(default=16)
+
+    def __post_init__(self) -> None:
+        for name in ("vae_steps", "vae_batch_size", "steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout must be in (0, 1), got {self.prompt_dropout}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if self.text_hidden % 2 or self.text_hidden < 8:
+            raise ValueError(f"text_hidden must be even and >= 8, got {self.text_hidden}")
+
+    def vae_part(self) -> dict[str, Any]:
+        """The fields stage 1 depends on (a saved VAE is reused only when these match)."""
+        keys = ("seed", "vae_steps", "vae_batch_size", "vae_learning_rate", "kl_weight", "vae_channels", "resolution")
+        return json.loads(json.dumps({k: getattr(self, k) for k in keys}))
+
+
+def build_t2i_vae(channels: tuple[int, ...] = (32, 64), resolution: int = 16) -> AutoencoderKL:
+    """Grey 1×R×R ↔ 4×(R/2^(L-1))² latents; no attention in the middle (nothing to attend to at 8×8 for digits)."""
+    levels = len(channels)
+    return AutoencoderKL(
+        in_channels=1, out_channels=1, latent_channels=4, block_out_channels=tuple(channels), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        norm_num_groups=8, sample_size=resolution, mid_block_add_attention=False,
+    )
+
+
+def build_t2i_unet(latent_size: int = 8, channels: tuple[int, ...] = (32, 64), cross_attention_dim: int = 32
+                   ) -> UNet2DConditionModel:
+    """ResNet blocks; cross-attention transformers (4 heads) below full resolution and in the middle.
+
+    No attention at the full 8×8 latent resolution: there it cost 1.6× the training step time (measured at one
+    thread) while the prompt names one digit, a global property the coarser levels carry.
+    """
+    levels = len(channels)
+    return UNet2DConditionModel(
+        sample_size=latent_size, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=tuple(channels),
+        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=4, norm_num_groups=8,
+    )
+
+
+def _psnr(x: Tensor, y: Tensor) -> float:
+    """Mean PSNR (dB) of [-1, 1] images, measured in [0, 1] units."""
+    mse = (((x.clamp(-1, 1) - y) / 2) ** 2).flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: Path) -> tuple[AutoencoderKL, dict]:
+    """Stage 1, or the saved stage-1 VAE when ``out_dir`` holds one trained with the same settings."""
+    stage_file = out_dir / VAE_STAGE_NAME
+    if stage_file.is_file() and (out_dir / "vae").is_dir():
+        stage = json.loads(stage_file.read_text())
+        if stage.get("config") == config.vae_part():
+            logger.info("reusing the VAE of %s (stage 1 done)", out_dir)
+            # rebuilt and filled, not from_pretrained: that would add its load path to the saved config's bytes
+            vae = build_t2i_vae(config.vae_channels, config.resolution)
+            vae.load_state_dict(load_file(str(out_dir / "vae" / "diffusion_pytorch_model.safetensors")))
+            vae.register_to_config(scaling_factor=stage["scaling_factor"])
+            return vae.eval(), stage
+    torch.manual_seed(config.seed)
+    vae = build_t2i_vae(config.vae_channels, config.resolution)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=config.vae_learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(config.seed)
+    t0, curve, recent = time.perf_counter(), [], []
+    vae.train()
+    bar = tqdm(range(config.vae_steps), desc="train t2i VAE")
+    for step in bar:
+        x = train[torch.randint(0, len(train), (config.vae_batch_size,), generator=generator)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(generator=generator)).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = F.mse_loss(recon, x) + config.kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        recent = (recent + [loss.item()])[-100:]
+        if (step + 1) % 100 == 0:
+            curve.append(round(sum(recent) / len(recent), 6))
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        heldout_psnr = _psnr(vae.decode(vae.encode(heldout).latent_dist.mode()).sample, heldout)
+        posterior = vae.encode(train).latent_dist
+        latents = posterior.sample(generator=torch.Generator().manual_seed(config.seed))
+    scaling = 1.0 / float(latents.std())
+    vae.register_to_config(scaling_factor=scaling)
+    stage = {
+        "config": config.vae_part(), "wall_time_s": round(time.perf_counter() - t0, 1), "loss_every_100": curve,
+        "heldout_psnr_db": round(heldout_psnr, 3), "scaling_factor": scaling,
+        "latent_mean": float(latents.mean()), "latent_std": float(latents.std()),
+        "latent_shape": list(latents.shape[1:]), "parameters": sum(p.numel() for p in vae.parameters()),
+    }
+    vae.save_pretrained(str(out_dir / "vae"), safe_serialization=True)
+    atomic_write_json(stage, stage_file)
+    logger.info("VAE: held-out PSNR %.2f dB, scaling factor %.4f", heldout_psnr, scaling)
+    return vae, stage
+
+
+def _prompt_table(tokenizer: Any, max_length: int) -> tuple[Tensor, Tensor]:
+    """Token ids (10, templates, L) of every training prompt, and the ids (L,) of the empty prompt."""
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, padding="max_length", max_length=max_length, truncation=True)["input_ids"]
+
+    table = torch.tensor([[ids(t.format(w=DIGIT_WORDS[d], n=str(d))) for t in TEMPLATES] for d in range(10)])
+    return table, torch.tensor(ids(""))
+
+
+def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") -> Path:
+    """Train both stages and save the StableDiffusionPipeline layout plus ``training_info.json`` in ``out_dir``.
+
+    Stage 2 checkpoints every ``checkpoint_every`` steps (safetensors + JSON); a rerun with the same settings
+    resumes from the checkpoint (``steps`` may differ: nothing but the loop's end depends on it).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    split = load_digits_split(DigitsConfig(resolution=config.resolution))
+    vae, vae_stage = _train_vae(config, split.train_images, split.heldout_images, out_dir)
+    vae.requires_grad_(False)
+    with torch.no_grad():  # the VAE is frozen: its posterior for every training digit is computed once
+        posterior = vae.encode(split.train_images).latent_dist
+        latent_mean, latent_std = posterior.mean, posterior.std
+    scaling = float(vae.config.scaling_factor)
+
+    tokenizer = build_tokenizer(config.max_length)
+    torch.manual_seed(config.seed + 1)  # independent of whether stage 1 ran or was reused
+    text_encoder = build_text_encoder(len(tokenizer.get_vocab()), config.text_hidden, config.text_layers,
+                                      max_length=config.max_length)
+    unet = build_t2i_unet(latent_mean.shape[-1], config.unet_channels, config.text_hidden)
+    text_encoder.requires_grad_(config.train_text_encoder)
+    trained = list(unet.parameters()) + (list(text_encoder.parameters()) if config.train_text_encoder else [])
+    scheduler = build_training_scheduler()
+    optimizer = torch.optim.AdamW(trained, lr=config.learning_rate, weight_decay=0.0)
+    ema = EMAModel(trained, decay=config.ema_decay)
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    table, empty = _prompt_table(tokenizer, config.max_length)
+    labels = split.train_labels
+    start, elapsed, recent, curve = 0, 0.0, [], []
+    checkpoint = out_dir / CHECKPOINT_NAME
+    if checkpoint.exists():
+        tensors, tree = load_checked(checkpoint, "training checkpoint")
+        state = join_tensors(tree, tensors)
+        saved, current = dict(state["config"]), json.loads(json.dumps(asdict(config)))
+        if {**saved, "steps": 0} != {**current, "steps": 0}:
+            raise ValueError(f"{checkpoint} was written by a different T2ITrainConfig; delete it or use another --out")
+        if state["step"] > config.steps:
+            raise ValueError(f"{checkpoint} is at step {state['step']}, past steps={config.steps}")
+        unet.load_state_dict(state["unet"])
+        text_encoder.load_state_dict(state["text_encoder"])
+        optimizer.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+        generator.set_state(state["generator"])
+        start, elapsed = state["step"], state["elapsed"]
+        recent = [float(v) for v in state["recent_losses"]]
+        curve = [float(v) for v in state["loss_every_100"]]
+        logger.info("resuming from step %d", start)
+    unet.train()
+    text_encoder.train(config.train_text_encoder)
+    t0 = time.perf_counter() - elapsed
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train t2i UNet + text")
+    loss_value = recent[-1] if recent else float("nan")
+    for step in bar:
+        index = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
+        eps_latent = torch.randn(latent_mean[index].shape, generator=generator)
+        x0 = (latent_mean[index] + latent_std[index] * eps_latent) * scaling
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        template = torch.randint(0, table.shape[1], (config.batch_size,), generator=generator)
+        dropped = torch.rand(config.batch_size, generator=generator) < config.prompt_dropout
+        ids = torch.where(dropped[:, None], empty[None], table[labels[index], template])
+        with torch.set_grad_enabled(config.train_text_encoder):
+            context = text_encoder(ids)[0]
+        prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction, noise)
+        for group in optimizer.param_groups:
+            group["lr"] = _learning_rate(config, step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
+        optimizer.step()
+        ema.step(trained)
+        loss_value = loss.item()
+        recent = (recent + [loss_value])[-100:]
+        if (step + 1) % 100 == 0:
+            curve.append(round(sum(recent) / len(recent), 6))
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            state = {
+                "config": asdict(config), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "generator": generator.get_state(),
+                "step": step + 1, "elapsed": time.perf_counter() - t0, "recent_losses": recent,
+                "loss_every_100": curve,
+            }
+            tree, tensors = split_tensors(state)
+            save_checked(tensors, tree, checkpoint)
+    wall = time.perf_counter() - t0
+    ema.copy_to(trained)
+    unet.eval()
+    text_encoder.eval()
+    sampler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)  # latents are not bounded to [-1, 1]
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(str(out_dir), safe_serialization=True)
+    info = {
+        "command": command, "config": asdict(config), "seed": config.seed,
+        "wall_time_s": round(vae_stage["wall_time_s"] + wall, 1),
+        "vae": {k: v for k, v in vae_stage.items() if k != "config"},
+        "unet_text": {
+            "wall_time_s": round(wall, 1), "steps": config.steps, "final_batch_loss": loss_value,
+            "mean_loss_last_100_steps": sum(recent) / len(recent) if recent else math.nan,
+            "loss_every_100": curve,
+            "parameters_unet": sum(p.numel() for p in unet.parameters()),
+            "parameters_text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+        },
+        "vocab_size": len(tokenizer.get_vocab()), "torch_num_threads": torch.get_num_threads(),
+        "versions": {**library_versions(), "transformers": _transformers_version()},
+    }
+    atomic_write_json(info, out_dir / "training_info.json")
+    checkpoint.unlink(missing_ok=True)
+    return out_dir
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
