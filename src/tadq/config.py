@@ -82,6 +82,9 @@ class ReconstructionConfig:
             (``benchmarks/reconstruction_budget.py``; table in the README).
         activation_lr: Adam learning rate of the activation steps, cosine-decayed to 0 (4e-4: Q-Diffusion).
         activation_p: exponent of the activation-phase loss |ŷ − y|^p (2.4: Q-Diffusion ``cali_p``).
+        loss_reduction: how the rounding phase's squared error is reduced: ``"sum"`` over all output elements
+            (tadq ≤ 0.x; λ's weight then shrinks with the resolution) or ``"channel_sum"`` (over channels, mean over
+            positions: BRECQ's/Q-Diffusion's ``lp_loss``, the scale λ = 0.01 was set for).
         seed: seeds batch sampling.
     """
 
@@ -95,6 +98,7 @@ class ReconstructionConfig:
     weight_lr: float = 3e-2
     activation_lr: float = 4e-4
     activation_p: float = 2.4
+    loss_reduction: Literal["sum", "channel_sum"] = "sum"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -107,6 +111,8 @@ class ReconstructionConfig:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.beta_start < self.beta_end or self.beta_end <= 0:
             raise ValueError(f"need beta_start >= beta_end > 0, got {self.beta_start}, {self.beta_end}")
+        if self.loss_reduction not in ("sum", "channel_sum"):
+            raise ValueError(f"loss_reduction must be 'sum' or 'channel_sum', got {self.loss_reduction!r}")
         if self.rounding_weight < 0:
             raise ValueError(f"rounding_weight must be >= 0, got {self.rounding_weight}")
         for name in ("weight_lr", "activation_lr", "activation_p"):

@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_
 from tadq.sampling import Conditioning
 
 __all__ = ["UnitReport", "attach_adaround", "bake_adaround", "quantizers_bypassed", "reconstruct", "weight_pairs",
-           "with_rounding_penalty"]
+           "with_rounding_penalty", "write_unit_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,12 +53,33 @@ FROZEN_ATTRIBUTE = "_tadq_reconstruction_frozen"  # set only inside ``reconstruc
 
 @dataclass(frozen=True)
 class UnitReport:
-    """Reconstruction loss of one unit before (nearest rounding / initial steps) and after learning."""
+    """Reconstruction loss of one unit before (nearest rounding / initial steps) and after learning.
+
+    The diagnostic fields say why a unit did or did not gain (docs/methods/qdiffusion.md, "Carrying over to
+    natural images"): ``loss_learned`` is the loss of the learned result before the keep-initialisation guard,
+    ``guard_rejected`` whether the guard threw it away, ``flipped`` the share of weights whose learned rounding
+    differs from nearest rounding, ``moved`` the mean |h(V) − frac(W/Δ)| of the soft rounding at the end, ``unsettled`` its mean
+    distance min(h, 1 − h) from a hard 0/1 just before it is made hard,
+    ``iters`` the iterations run and ``seconds`` the wall time of the phase (capture included).
+    """
 
     unit: str
     phase: str
     loss_before: float
     loss_after: float
+    loss_learned: float | None = None
+    guard_rejected: bool = False
+    flipped: float | None = None
+    moved: float | None = None
+    unsettled: float | None = None
+    iters: int = 0
+    seconds: float = 0.0
+
+
+def write_unit_report(reports: Sequence[UnitReport], path: str | Path) -> None:
+    """Write the per-unit records as JSON (the opt-in reconstruction report; one object per unit and phase)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
 
 
 def weight_pairs(module: nn.Module) -> list[tuple[Quantizer, Tensor]]:
@@ -145,7 +167,7 @@ def bake_adaround(pairs: Sequence[tuple[Quantizer, Tensor]]) -> None:
         quantizer.rounding = None
 
 
-def _reconstruct_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int) -> None:
+def _reconstruct_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int) -> dict[str, float]:
     pairs = weight_pairs(module)
     roundings = attach_adaround(pairs)
     optimizer = torch.optim.Adam([r.v for r in roundings], lr=config.weight_lr)
@@ -154,12 +176,41 @@ def _reconstruct_weights(module: nn.Module, io: UnitIO, config: ReconstructionCo
     for step in range(config.weight_iters):
         index = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
         with torch.enable_grad():
-            loss = (_run_unit(module, io, index) - io.output[index]).pow(2).flatten(1).sum(1).mean()
+            loss = _weight_loss(_run_unit(module, io, index) - io.output[index], config)
             loss = with_rounding_penalty(loss, roundings, config, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
         optimizer.step()
+    stats = _rounding_stats(roundings)
     bake_adaround(pairs)
+    return stats
+
+
+def _weight_loss(diff: Tensor, config: ReconstructionConfig) -> Tensor:
+    """The rounding phase's reconstruction term; its scale against λ decides how hard the regulariser pushes.
+
+    ``"sum"``: Σ over every output element, mean over the batch (grows with the unit's resolution, so a fixed λ
+    is weaker on larger images). ``"channel_sum"``: Σ over channels, mean over batch and positions, the loss of
+    BRECQ's and Q-Diffusion's code (``lp_loss``), against which λ = 0.01 was set.
+    """
+    squared = diff.pow(2)
+    if config.loss_reduction == "channel_sum" and squared.dim() > 2:
+        return squared.sum(1).mean()
+    return squared.flatten(1).sum(1).mean()
+
+
+@torch.no_grad()
+def _rounding_stats(roundings: Sequence[AdaRound]) -> dict[str, float]:
+    """Share of weights whose learned rounding differs from nearest rounding, and the mean move of h(V)."""
+    flipped, moved, unsettled, count = 0.0, 0.0, 0.0, 0
+    for rounding in roundings:
+        start, h = rounding.start_offset(), rounding.h()
+        flipped += ((rounding.v >= 0) != (start >= 0.5)).sum().item()
+        moved += (h - start).abs().sum().item()
+        unsettled += torch.minimum(h, 1 - h).sum().item()
+        count += start.numel()
+    count = max(count, 1)
+    return {"flipped": flipped / count, "moved": moved / count, "unsettled": unsettled / count}
 
 
 def _reconstruct_activations(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int) -> None:
@@ -281,9 +332,18 @@ def _reconstruct_units(
     units = [u for u in adapter.blocks(qmodel) if weight_pairs(qmodel.get_submodule(u))
              or _unit_activation_quantizers(qmodel.get_submodule(u))]
     fields = _run_fields(qmodel, fp_model, config, calib, units, frozen)
+    fields["order"] = "per-unit"  # weights then activations of each unit; older checkpoints ran phase by phase
     key = _run_key(fields)
     has_activations = any(_unit_activation_quantizers(qmodel.get_submodule(u)) for u in units)
-    plan = [("weights", u) for u in units] + ([("activations", u) for u in units] if has_activations else [])
+    # Each unit's activation phase runs right after its weight phase: it reads only FP inputs and FP targets and its
+    # own baked weights, and later weight phases run with activation quantizers bypassed, so the order does not
+    # change any result; it lets both phases share one FP capture. Seeds stay those of the weights-then-activations
+    # order (``offset``), so the result is bit-identical to it.
+    plan: list[tuple[str, str, int]] = []
+    for index, unit in enumerate(units):
+        plan.append(("weights", unit, index))
+        if has_activations:
+            plan.append(("activations", unit, len(units) + index))
     done, reports = 0, []
     if checkpoint is not None and Path(checkpoint).exists():
         state, done, reports = _load_checkpoint(Path(checkpoint), fields, len(plan))
@@ -301,14 +361,22 @@ def _reconstruct_units(
         return adapter.predict_eps(qmodel, x, t, cond)
 
     bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
-    for position, (phase, unit) in enumerate(plan):
+    shared: tuple[str, UnitIO] | None = None  # (unit, FP capture with inputs) kept from the weight phase
+    for position, (phase, unit, offset) in enumerate(plan):
         if position < done:
             continue
         bar.set_postfix_str(f"{phase}: {unit}")
         module = qmodel.get_submodule(unit)
-        seed = config.seed + position
-        target = capture_unit_io(fp_call, fp_model.get_submodule(unit), calib.x, calib.t, 2 * config.batch_size,
-                                 keep_inputs=phase == "activations", cond=calib.cond)
+        seed = config.seed + offset
+        started = time.perf_counter()
+        stats: dict[str, float] = {}
+        iters = 0
+        if shared is not None and shared[0] == unit:
+            target = shared[1]
+        else:
+            target = capture_unit_io(fp_call, fp_model.get_submodule(unit), calib.x, calib.t, 2 * config.batch_size,
+                                     keep_inputs=has_activations, cond=calib.cond)
+        shared = (unit, target) if phase == "weights" and has_activations else None
         if phase == "weights":
             with quantizers_bypassed(qmodel, "activation"):
                 io = capture_unit_io(q_call, module, calib.x, calib.t, 2 * config.batch_size, keep_output=False,
@@ -317,8 +385,9 @@ def _reconstruct_units(
                 before = _eval_loss(module, io, 2 * config.batch_size, 2.0)
                 initial = [weight.detach().clone() for _, weight in weight_pairs(module)]
                 if initial and config.weight_iters > 0:
-                    _reconstruct_weights(module, io, config, seed)
-                after = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+                    stats = _reconstruct_weights(module, io, config, seed) or {}
+                    iters = config.weight_iters
+                after = learned = _eval_loss(module, io, 2 * config.batch_size, 2.0)
                 if after > before:  # too few iterations to beat nearest rounding: keep the initialisation
                     with torch.no_grad():
                         for (_, weight), saved in zip(weight_pairs(module), initial, strict=True):
@@ -329,13 +398,17 @@ def _reconstruct_units(
             before = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
             initial = [q.scale.clone() for q in _unit_activation_quantizers(module)]
             _reconstruct_activations(module, io, config, seed)
-            after = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
+            iters = config.activation_iters if initial else 0
+            after = learned = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
             if after > before:  # learned steps generalise worse over the whole set: keep the calibrated ones
                 with torch.no_grad():
                     for quantizer, scale in zip(_unit_activation_quantizers(module), initial, strict=True):
                         quantizer.scale.copy_(scale)
                 after = before
-        reports.append(UnitReport(unit, phase, before, after))
+        reports.append(UnitReport(unit, phase, before, after, loss_learned=learned, guard_rejected=learned > before,
+                                  flipped=stats.get("flipped"), moved=stats.get("moved"),
+                                  unsettled=stats.get("unsettled"), iters=iters,
+                                  seconds=round(time.perf_counter() - started, 3)))
         del io, target
         if checkpoint is not None:
             save_checked(qmodel.state_dict(), {"kind": "tadq-reconstruction-checkpoint", "key": key, "fields": fields,

@@ -29,9 +29,14 @@ class AdaRound(nn.Module):
         floor = torch.floor(scaled)
         rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)
         self.register_buffer("floor", floor)
+        self.register_buffer("start", rest)  # frac(W/Δ): nearest rounding is h ≥ 0.5; kept for diagnostics
         # h(V) = rest  ⇔  σ(V) = (rest − γ)/(ζ − γ)  ⇔  V = −log((ζ − γ)/(rest − γ) − 1)
         self.v = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.hard = False
+
+    def start_offset(self) -> Tensor:
+        """frac(W/Δ) (clamped to [1e-4, 1 − 1e-4]): where h(V) started; nearest rounding rounds up where ≥ 0.5."""
+        return self.start
 
     def h(self) -> Tensor:
         """Soft rounding offset in [0, 1] (hard: 1 where V ≥ 0)."""
