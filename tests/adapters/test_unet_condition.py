@@ -350,3 +350,23 @@ def test_tfmq_runs_on_sd_and_refuses_sdxl(sd):
     xl = build_tiny_sdxl_unet()
     with pytest.raises(NotImplementedError, match="SDXL"):
         TemporalInformationBlock(xl, adapter_for(xl))(torch.tensor([10]))
+
+
+@pytest.mark.parametrize("build", [build_tiny_sd_unet, build_tiny_sdxl_unet])
+def test_temporal_embedding_is_what_the_forward_feeds_the_residual_blocks(build):
+    model = build()
+    adapter = adapter_for(model)
+    sdxl = build is build_tiny_sdxl_unet
+    cond = conditions(2, sdxl).conditional_only()
+    t = torch.tensor([3, 900])
+    resnet = model.down_blocks[0].resnets[0]
+    fed: list[torch.Tensor] = []
+    handle = resnet.time_emb_proj.register_forward_pre_hook(lambda _m, args: fed.append(args[0]))
+    with torch.no_grad():
+        adapter.predict_eps(model, torch.randn(2, 4, 8, 8), t, cond)
+        handle.remove()
+        emb = adapter.temporal_embedding(model, t, cond=cond if sdxl else None)
+    assert torch.equal(resnet.nonlinearity(emb), fed[0])
+    parts = adapter.temporal_modules(model)
+    assert any(part is getattr(model, "add_embedding", None) for part in parts) == sdxl
+    assert any(part is model.time_embedding for part in parts)
