@@ -321,7 +321,8 @@ def test_sd_naive_w8a8_samples_with_guidance_and_saves_bit_identically(sd, tmp_p
 
 def test_sd_qdiffusion_w4a8_from_a_recipe(sd, tmp_path):
     model, scheduler, source, _, _ = sd
-    recipe = Recipe.from_quant_config(_quant_config("W4A8", "qdiffusion"), deployments=(Deployment(SAMPLER, GUIDANCE),))
+    recipe = Recipe.from_quant_config(_quant_config("W4A8", "qdiffusion"),
+                                      deployments=(Deployment(SAMPLER, GUIDANCE),))
     assert isinstance(recipe.method, QDiffusionMethod)
     qmodel = api.quantize(model, scheduler, recipe, conditions=source, progress=False)
     assert qmodel.reconstruction_report  # the transformer blocks were reconstructed with their text inputs

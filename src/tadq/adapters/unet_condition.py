@@ -218,10 +218,10 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
         if config.addition_embed_type == TEXT_TIME:
             if cond is None or cond.pooled_embeds is None or "time_ids" not in cond.added_cond_kwargs:
                 raise NotImplementedError(
-                    "SDXL's temporal path adds an embedding of the pooled text embedding and time ids (add_embedding), "
-                    "which is not a function of (t, y): TFMQ-DM's temporal information block, tabulated over the "
-                    "sampler's timesteps and class labels, does not cover SDXL; pass cond= to compute the embedding "
-                    "of one conditioning")
+                    "SDXL's temporal path adds an embedding of the pooled text embedding and time ids "
+                    "(add_embedding), which is not a function of (t, y): TFMQ-DM's temporal information block, "
+                    "tabulated over the sampler's timesteps and class labels, does not cover SDXL; pass cond= to "
+                    "compute the embedding of one conditioning")
             time_ids = cond.added_cond_kwargs["time_ids"]
             time_embeds = model.add_time_proj(time_ids.flatten()).reshape(time_ids.shape[0], -1)
             added = torch.cat([cond.pooled_embeds, time_embeds], dim=-1).to(emb.dtype)
