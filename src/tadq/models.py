@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from diffusers import DDIMScheduler, DDPMScheduler, SchedulerMixin
+from diffusers import DDPMScheduler, SchedulerMixin
 from safetensors import SafetensorError
 from torch import nn
 
@@ -45,11 +45,20 @@ def _model_dir(path: Path) -> Path:
     )
 
 
-_SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {"DDPMScheduler": DDPMScheduler, "DDIMScheduler": DDIMScheduler}
+def _scheduler_classes() -> dict[str, type[SchedulerMixin]]:
+    """Every training-scheduler class tadq honours (``tadq.sampling.SUPPORTED_SCHEDULERS``), by name: discrete ᾱ_t
+    schedules (DDPM, DDIM, Euler, Euler ancestral, DPM-Solver multistep, PNDM, LMS) and flow matching."""
+    import diffusers
+
+    from tadq.sampling.config import SUPPORTED_SCHEDULERS
+
+    return {name: getattr(diffusers, name) for name in SUPPORTED_SCHEDULERS}
 
 
 def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
-    """The folder's own scheduler class; one tadq cannot drive (DPM-Solver, Euler, flow matching, score SDE...) is
+    """The folder's own scheduler, as its class: it records the *training* schedule (betas, or a flow shift) and the
+    sampler the model ships with (``tadq.sampling.default_sampler``); the sampler tadq runs is the user's choice,
+    and ``make_scheduler`` builds it on this schedule. A class tadq cannot honour (score SDE, UniPC, Heun...) is
     refused by name instead of being read as a DDPM config."""
     for candidate in (path / "scheduler", model_dir / "scheduler", path):
         config_file = candidate / "scheduler_config.json"
@@ -61,7 +70,7 @@ def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
             check_drivable(name, config)
             if name is None:
                 raise ValueError(f"{config_file} has no _class_name; tadq will not guess the scheduler class")
-            return _SCHEDULER_CLASSES[name].from_config(config)
+            return _scheduler_classes()[name].from_config(config)
     logger.warning("no scheduler_config.json under %s; using DDPM defaults (1000 steps, linear betas)", path)
     return DDPMScheduler()
 

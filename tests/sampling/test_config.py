@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
@@ -13,7 +14,15 @@ from tadq.sampling import SamplerConfig, make_scheduler, step_contexts
 @pytest.mark.parametrize(
     "kwargs",
     [
-        {"kind": "euler"},
+        {"kind": "heun"},
+        {"kind": "euler", "eta": 0.5},
+        {"kind": "euler", "clip_sample": True},
+        {"kind": "euler", "order": 2},
+        {"kind": "dpmsolver++", "order": 3},
+        {"kind": "dpmsolver++", "order": True},
+        {"kind": "ddim", "shift": 3.0},
+        {"kind": "flow-euler", "shift": 0.0},
+        {"kind": "flow-euler", "shift": float("inf")},
         {"kind": "ddim", "num_steps": 0},
         {"kind": "ddim", "num_steps": 2.5},
         {"kind": "ddim", "eta": -0.1},
@@ -75,9 +84,8 @@ def test_linspace_ddim_grid_warns(caplog: pytest.LogCaptureFixture) -> None:
     assert "not the next grid timestep" in caplog.text
 
 
-@pytest.mark.parametrize("scheduler_class", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-                                             "FlowMatchEulerDiscreteScheduler", "ScoreSdeVeScheduler",
-                                             "PNDMScheduler"])
+@pytest.mark.parametrize("scheduler_class", ["ScoreSdeVeScheduler", "UniPCMultistepScheduler",
+                                             "HeunDiscreteScheduler", "DPMSolverSinglestepScheduler"])
 def test_schedulers_tadq_cannot_drive_are_refused_by_name(scheduler_class: str) -> None:
     import diffusers
 
@@ -103,6 +111,26 @@ def test_ddim_and_ddpm_training_configs_are_driven() -> None:
         assert make_scheduler(source, SamplerConfig("ddpm", num_steps=5)).num_inference_steps == 5
 
 
+@pytest.mark.parametrize("class_name", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "PNDMScheduler",
+                                        "LMSDiscreteScheduler"])
+def test_model_loading_keeps_a_discrete_training_schedule_of_another_class(tiny_model_dir, class_name: str) -> None:
+    """The folder's class names the sampler it ships with; its betas are the training schedule any ε kind uses."""
+    import json
+
+    from tadq.models import load_pipeline_parts
+    from tadq.sampling import SamplingPlan
+
+    config_file = tiny_model_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "_class_name": class_name}))
+    _, scheduler = load_pipeline_parts(tiny_model_dir)
+    assert type(scheduler).__name__ == class_name
+    reference = DDPMScheduler.from_config(config)
+    assert torch.equal(scheduler.alphas_cumprod, reference.alphas_cumprod)
+    ddim = SamplingPlan.build(scheduler, SamplerConfig("ddim", num_steps=10))  # the user's choice is kept
+    assert ddim.steps == SamplingPlan.build(reference, SamplerConfig("ddim", num_steps=10)).steps
+
+
 def test_model_loading_refuses_a_foreign_scheduler(tiny_model_dir) -> None:
     import json
 
@@ -110,6 +138,6 @@ def test_model_loading_refuses_a_foreign_scheduler(tiny_model_dir) -> None:
 
     config_file = tiny_model_dir / "scheduler" / "scheduler_config.json"
     config = json.loads(config_file.read_text())
-    config_file.write_text(json.dumps({**config, "_class_name": "EulerDiscreteScheduler"}))
-    with pytest.raises(NotImplementedError, match="EulerDiscreteScheduler"):
+    config_file.write_text(json.dumps({**config, "_class_name": "UniPCMultistepScheduler"}))
+    with pytest.raises(NotImplementedError, match="UniPCMultistepScheduler"):
         load_pipeline_parts(tiny_model_dir)

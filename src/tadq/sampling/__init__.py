@@ -1,5 +1,6 @@
 """tadq's own sampling loop: a plan built once, one step walker (conditioning, guidance, ε conversion), DDIM/DDPM
-steps with a controllable noise std and four correction hook points."""
+steps with a controllable noise std, Euler, DPM-Solver++ and flow-matching Euler steps, and four correction hook
+points."""
 
 from tadq.sampling.conditioning import (
     ClassLabels,
@@ -10,11 +11,16 @@ from tadq.sampling.conditioning import (
     conditions_for,
 )
 from tadq.sampling.config import (
+    DISCRETE_SCHEDULERS,
+    FLOW_KINDS,
+    FLOW_PREDICTION,
+    FLOW_SCHEDULERS,
     PREDICTION_TYPES,
     SAMPLER_KINDS,
     SUPPORTED_SCHEDULERS,
     SamplerConfig,
     check_drivable,
+    default_sampler,
     make_scheduler,
 )
 from tadq.sampling.context import GuidanceBranches, StepContext, step_contexts
@@ -23,10 +29,23 @@ from tadq.sampling.loop import SamplingResult, Trajectory, sample
 from tadq.sampling.noise import initial_noise, sample_generator, step_noise
 from tadq.sampling.plan import SamplingPlan, check_guidance_scale
 from tadq.sampling.prediction import to_epsilon
-from tadq.sampling.steps import ddim_step, ddpm_step, predict_x0, sampler_step
+from tadq.sampling.steps import (
+    data_prediction,
+    ddim_step,
+    ddpm_step,
+    dpmsolver_step,
+    euler_step,
+    flow_euler_step,
+    predict_x0,
+    sampler_step,
+)
 from tadq.sampling.walker import Denoiser, StepAware, WalkBatch, Walker, hooked_step
 
 __all__ = [
+    "DISCRETE_SCHEDULERS",
+    "FLOW_KINDS",
+    "FLOW_PREDICTION",
+    "FLOW_SCHEDULERS",
     "PREDICTION_TYPES",
     "SAMPLER_KINDS",
     "SUPPORTED_SCHEDULERS",
@@ -51,8 +70,13 @@ __all__ = [
     "check_drivable",
     "check_guidance_scale",
     "conditions_for",
+    "data_prediction",
     "ddim_step",
     "ddpm_step",
+    "default_sampler",
+    "dpmsolver_step",
+    "euler_step",
+    "flow_euler_step",
     "hooked_step",
     "initial_noise",
     "make_scheduler",

@@ -12,23 +12,48 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
 from diffusers.configuration_utils import ConfigMixin
 
-__all__ = ["PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
-           "make_scheduler"]
+__all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
+           "PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
+           "default_sampler", "make_scheduler"]
 
-SamplerKind = Literal["ddim", "ddpm"]
-SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm")
+SamplerKind = Literal["ddim", "ddpm", "euler", "dpmsolver++", "flow-euler"]
+SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "dpmsolver++", "flow-euler")
+# Kinds that integrate the flow-matching ODE x_t = (1-σ) x_0 + σ ε on a velocity v = ε - x_0; every other kind
+# works on the discrete ᾱ_t (variance-preserving) schedule with ε.
+FLOW_KINDS: tuple[str, ...] = ("flow-euler",)
+FLOW_PREDICTION = "flow_prediction"
 
-_SCHEDULER_CLASSES: dict[str, type[DDIMScheduler] | type[DDPMScheduler]] = {
+_SCHEDULER_CLASSES: dict[str, type[ConfigMixin]] = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "dpmsolver++": DPMSolverMultistepScheduler,
+    "flow-euler": FlowMatchEulerDiscreteScheduler,
 }
-# Training schedulers whose config tadq's DDIM/DDPM steps reproduce (a discrete ᾱ_t schedule). Everything else
-# (DPM-Solver, Euler, Heun, PNDM, LMS, UniPC, flow matching, score SDEs...) is refused by name: sampling it with
-# DDIM/DDPM steps would silently change the sampler, or, for flow matching and score SDEs, the maths.
-SUPPORTED_SCHEDULERS: tuple[str, ...] = ("DDPMScheduler", "DDIMScheduler")
+# Training schedulers whose config is a discrete ᾱ_t schedule (betas over num_train_timesteps) that every ε kind
+# (ddim, ddpm, euler, dpmsolver++) can be built on: the class only names the sampler the folder ships with.
+DISCRETE_SCHEDULERS: tuple[str, ...] = (
+    "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+)
+# Training schedulers of a rectified-flow / flow-matching model (velocity prediction): only FLOW_KINDS drive them.
+FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)
+SUPPORTED_SCHEDULERS: tuple[str, ...] = DISCRETE_SCHEDULERS + FLOW_SCHEDULERS
+# The sampler a folder ships with, per training class; a class absent here (PNDM, LMS, Euler ancestral) has no
+# tadq sampler of its own, so the user names one (``default_sampler`` refuses rather than picking another).
+DEFAULT_SAMPLER_KINDS: dict[str, str] = {
+    "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
+    "DPMSolverMultistepScheduler": "dpmsolver++", "FlowMatchEulerDiscreteScheduler": "flow-euler",
+}
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 # Config keys that only schedulers tadq cannot drive have: a bare config mapping carrying one is refused.
 _FOREIGN_KEYS: tuple[str, ...] = (
@@ -43,18 +68,27 @@ class SamplerConfig:
     """The deployment sampler: kind, grid size and stochasticity.
 
     Args:
-        kind: ``"ddim"`` (Song et al. 2021, eq. 12) or ``"ddpm"`` (Ho et al. 2020, ancestral sampling).
+        kind: ``"ddim"`` (Song et al. 2021, eq. 12), ``"ddpm"`` (Ho et al. 2020, ancestral sampling), ``"euler"``
+            (Karras et al. 2022 Euler on σ = √((1-ᾱ)/ᾱ), as ``EulerDiscreteScheduler``), ``"dpmsolver++"``
+            (Lu et al. 2022 multistep, as ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")``) or
+            ``"flow-euler"`` (rectified flow, x' = x + (σ' - σ) v, as ``FlowMatchEulerDiscreteScheduler``).
         num_steps: Number S of sampler steps on the training grid of ``num_train_timesteps``.
         eta: DDIM's noise weight: 0 gives the deterministic sampler, 1 the DDPM-like variance
-            (DDIM eq. 16). Must be 0 for ``"ddpm"``, whose variance is fixed by the scheduler's ``variance_type``.
+            (DDIM eq. 16). Must be 0 for every other kind (DDPM's variance is the scheduler's ``variance_type``;
+            euler, dpmsolver++ and flow-euler are deterministic ODE solvers).
         clip_sample: Whether the predicted x_0 is clipped to ``[-clip_sample_range, clip_sample_range]``;
-            ``None`` keeps the value in the model's scheduler config.
+            ``None`` keeps the value in the model's scheduler config. DDIM/DDPM only.
+        order: DPM-Solver++'s order, 1 (≡ DDIM on its grid) or 2 (2M, uses the previous step's x̂_0);
+            ``None``: 2 for ``"dpmsolver++"``. Other kinds are first order and take ``None`` (or 1).
+        shift: flow-euler's timestep shift σ ↦ sσ/(1 + (s-1)σ); ``None`` keeps the model's scheduler config.
     """
 
     kind: SamplerKind
     num_steps: int = 50
     eta: float = 0.0
     clip_sample: bool | None = None
+    order: int | None = None
+    shift: float | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLER_KINDS:
@@ -70,79 +104,197 @@ class SamplerConfig:
                 f"SamplerConfig.eta={self.eta} only applies to kind='ddim'; DDPM's noise is set by the scheduler's "
                 "variance_type. Use eta=0.0 with kind='ddpm', or kind='ddim' with eta=1.0 for DDPM-like noise."
             )
+        if self.kind not in ("ddim", "ddpm") and self.eta != 0.0:
+            raise ValueError(f"SamplerConfig.eta={self.eta} only applies to kind='ddim'; {self.kind} is a "
+                             "deterministic ODE solver here (use eta=0.0).")
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise ValueError(f"SamplerConfig.clip_sample must be True, False or None, got {self.clip_sample!r}.")
+        if self.clip_sample and self.kind not in ("ddim", "ddpm"):
+            raise ValueError(f"SamplerConfig.clip_sample=True only applies to ddim/ddpm; {self.kind} never clips x_0.")
+        self._check_order()
+        self._check_shift()
         object.__setattr__(self, "eta", float(self.eta))
+
+    def _check_order(self) -> None:
+        order = self.order
+        if order is not None and (isinstance(order, bool) or not isinstance(order, int)):
+            raise ValueError(f"SamplerConfig.order must be an int or None, got {order!r}.")
+        if self.kind == "dpmsolver++":
+            if order not in (None, 1, 2):
+                raise ValueError(f"SamplerConfig.order={order} for dpmsolver++: tadq implements orders 1 and 2.")
+            object.__setattr__(self, "order", 2 if order is None else order)
+        elif order not in (None, 1):
+            raise ValueError(f"SamplerConfig.order={order}: {self.kind} is a first-order sampler (order only "
+                             "applies to dpmsolver++).")
+        else:
+            object.__setattr__(self, "order", None)  # one spelling of "first order", so equal configs compare equal
+
+    def _check_shift(self) -> None:
+        if self.shift is None:
+            return
+        if self.kind not in FLOW_KINDS:
+            raise ValueError(f"SamplerConfig.shift only applies to {FLOW_KINDS}, not {self.kind!r}.")
+        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not math.isfinite(self.shift) \
+                or self.shift <= 0:
+            raise ValueError(f"SamplerConfig.shift must be a finite float > 0, got {self.shift!r}.")
+        object.__setattr__(self, "shift", float(self.shift))
 
     @property
     def key(self) -> str:
-        """Stable name of this sampling grid, e.g. ``"ddim-50-eta0.0"`` or ``"ddpm-1000"``.
+        """Stable name of this sampling grid, e.g. ``"ddim-50-eta0.0"``, ``"ddpm-1000"``, ``"euler-30"``,
+        ``"dpmsolver++2-20"`` or ``"flow-euler-28-shift3.0"``.
 
         Per-step correction tables are stored under this key so that loading them for another grid fails
         loudly instead of silently reading the wrong step (PTQD pitfall 1, docs/methods/ptqd.md#pitfalls).
         """
         if self.kind == "ddim":
             return f"ddim-{self.num_steps}-eta{self.eta}"
-        return f"ddpm-{self.num_steps}"
+        if self.kind == "dpmsolver++":
+            return f"dpmsolver++{self.order}-{self.num_steps}"
+        if self.kind == "flow-euler":
+            return f"flow-euler-{self.num_steps}" + ("" if self.shift is None else f"-shift{self.shift}")
+        return f"{self.kind}-{self.num_steps}"
+
+    @property
+    def is_flow(self) -> bool:
+        """Whether this kind integrates a flow-matching ODE on a velocity (not ε on a ᾱ_t schedule)."""
+        return self.kind in FLOW_KINDS
 
 
-def make_scheduler(
-    train_scheduler_or_config: ConfigMixin | Mapping[str, Any], sampler: SamplerConfig
-) -> DDIMScheduler | DDPMScheduler:
+def _config_of(train_scheduler_or_config: ConfigMixin | Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:
+    if isinstance(train_scheduler_or_config, ConfigMixin):
+        return type(train_scheduler_or_config).__name__, train_scheduler_or_config.config
+    if isinstance(train_scheduler_or_config, Mapping):
+        return train_scheduler_or_config.get("_class_name"), train_scheduler_or_config
+    raise TypeError(
+        "make_scheduler expects a diffusers scheduler or its config mapping, "
+        f"got {type(train_scheduler_or_config).__name__}."
+    )
+
+
+def make_scheduler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], sampler: SamplerConfig) -> Any:
     """Build the diffusers scheduler for ``sampler`` from the model's training-scheduler config.
 
     The beta schedule, prediction type and timestep spacing come from the model's own scheduler, so a DDPM-trained
     model sampled with DDIM keeps its noise schedule. Keys one scheduler class does not know (e.g. DDPM's
     ``variance_type`` for DDIM) are ignored by diffusers; ones it lacks take diffusers' defaults (DDIM's
-    ``set_alpha_to_one=True`` when starting from a DDPM config).
+    ``set_alpha_to_one=True`` when starting from a DDPM config). The sampler's kind decides the class; the
+    folder's class never replaces it (``check_drivable`` refuses a pair that cannot work, e.g. DDIM on a flow
+    model). DPM-Solver++ is built with ``algorithm_type="dpmsolver++"`` and the sampler's order; flow-euler with
+    the sampler's shift when it has one.
 
     Args:
         train_scheduler_or_config: A diffusers scheduler, or its ``config`` mapping.
         sampler: The sampler to configure.
 
     Returns:
-        A fresh ``DDIMScheduler`` or ``DDPMScheduler`` with ``set_timesteps(sampler.num_steps)`` already called.
+        A fresh diffusers scheduler of the sampler's kind with ``set_timesteps(sampler.num_steps)`` already called.
 
     Raises:
-        NotImplementedError: The training scheduler is not a DDPM/DDIM one (``check_drivable``).
+        NotImplementedError: The training scheduler, or its pairing with the sampler, is not drivable
+            (``check_drivable``).
     """
-    if isinstance(train_scheduler_or_config, ConfigMixin):
-        config: Mapping[str, Any] = train_scheduler_or_config.config
-        check_drivable(type(train_scheduler_or_config).__name__, config)
-    elif isinstance(train_scheduler_or_config, Mapping):
-        config = train_scheduler_or_config
-        check_drivable(config.get("_class_name"), config)
-    else:
-        raise TypeError(
-            "make_scheduler expects a diffusers scheduler or its config mapping, "
-            f"got {type(train_scheduler_or_config).__name__}."
-        )
+    class_name, config = _config_of(train_scheduler_or_config)
+    check_drivable(class_name, config, sampler)
     overrides: dict[str, Any] = {}
     if sampler.clip_sample is not None:
         overrides["clip_sample"] = sampler.clip_sample
+    if sampler.kind == "dpmsolver++":
+        overrides.update(algorithm_type="dpmsolver++", solver_order=sampler.order)
+    if sampler.kind == "flow-euler" and sampler.shift is not None:
+        overrides.update(shift=sampler.shift, use_dynamic_shifting=False)
     scheduler = _SCHEDULER_CLASSES[sampler.kind].from_config(dict(config), **overrides)
     scheduler.set_timesteps(sampler.num_steps)
     return scheduler
 
 
-def check_drivable(class_name: str | None, config: Mapping[str, Any]) -> None:
-    """Raise ``NotImplementedError`` naming the scheduler class (or config keys) tadq's DDIM/DDPM cannot drive.
+def _family(class_name: str) -> str:
+    return ("flow matching" if "FlowMatch" in class_name else
+            "a score SDE" if "ScoreSde" in class_name else "another sampler")
+
+
+def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: SamplerConfig | None = None) -> None:
+    """Raise ``NotImplementedError`` naming what tadq cannot drive: the scheduler class, config keys, the prediction
+    type, or (with ``sampler``) the pairing of the training schedule with the sampler kind.
 
     ``class_name`` is the scheduler's class (``_class_name`` of a saved config); a bare mapping without one is
-    accepted only without the keys that mark another scheduler family.
+    accepted only without the keys that mark another scheduler family. A flow-matching schedule (velocity
+    prediction) is driven only by a flow kind, and a discrete ᾱ_t schedule only by an ε kind: sampling one as
+    the other would silently change the maths.
     """
-    supported = f"tadq samples with DDIM or DDPM steps from a {' or '.join(SUPPORTED_SCHEDULERS)} training config"
+    supported = (f"tadq drives a discrete ᾱ_t training schedule ({', '.join(DISCRETE_SCHEDULERS)}) with "
+                 f"ddim/ddpm/euler/dpmsolver++, or a flow-matching one ({', '.join(FLOW_SCHEDULERS)}) with flow-euler")
     if class_name is not None and class_name not in SUPPORTED_SCHEDULERS:
-        family = ("flow matching" if "FlowMatch" in class_name else
-                  "a score SDE" if "ScoreSde" in class_name else "another sampler")
         raise NotImplementedError(
-            f"scheduler class {class_name} ({family}) cannot be driven by tadq: {supported}. It is refused rather "
-            "than silently replaced by DDPM/DDIM; flow-matching and score-SDE models are not supported yet.")
+            f"scheduler class {class_name} ({_family(class_name)}) cannot be driven by tadq: {supported}. It is "
+            "refused rather than silently replaced by another sampler; score-SDE models, UniPC, Heun, DEIS and "
+            "single-step DPM-Solver training configs are not supported.")
     foreign = sorted(key for key in config if key in _FOREIGN_KEYS)
     if class_name is None and foreign:
-        raise NotImplementedError(f"the scheduler config has {foreign}, keys of a scheduler tadq cannot drive; "
-                                  f"{supported}.")
-    prediction = config.get("prediction_type", "epsilon")
-    if prediction not in PREDICTION_TYPES:
+        raise NotImplementedError(f"the scheduler config has {foreign}, keys of a scheduler family tadq cannot "
+                                  f"identify without its _class_name; {supported}.")
+    if class_name == "DPMSolverMultistepScheduler" and config.get("use_flow_sigmas"):
+        raise NotImplementedError("DPMSolverMultistepScheduler with use_flow_sigmas=True (a flow-matching model "
+                                  "sampled by DPM-Solver) is not supported; only FlowMatchEulerDiscreteScheduler "
+                                  "flow models are.")
+    flow = class_name in FLOW_SCHEDULERS
+    prediction = config.get("prediction_type", FLOW_PREDICTION if flow else "epsilon")
+    if flow and prediction != FLOW_PREDICTION:
+        raise NotImplementedError(f"{class_name} with prediction_type={prediction!r}: a flow-matching model predicts "
+                                  f"the velocity ({FLOW_PREDICTION!r}).")
+    if not flow and prediction == FLOW_PREDICTION:
+        raise NotImplementedError(f"prediction_type={FLOW_PREDICTION!r} on a {class_name or 'bare'} config: tadq "
+                                  "drives flow-matching models only from a FlowMatchEulerDiscreteScheduler config.")
+    if prediction not in PREDICTION_TYPES + (FLOW_PREDICTION,):
         raise NotImplementedError(f"prediction_type={prediction!r} is not supported; tadq converts "
-                                  f"{PREDICTION_TYPES} to ε (flow-matching 'flow_prediction' is not supported yet).")
+                                  f"{PREDICTION_TYPES} to ε and drives {FLOW_PREDICTION!r} with flow-euler.")
+    if sampler is None:
+        return
+    if flow != sampler.is_flow:
+        what = "a flow-matching model (velocity prediction)" if flow else "a discrete ᾱ_t (ε-family) model"
+        use = "flow-euler" if flow else "ddim, ddpm, euler or dpmsolver++"
+        raise NotImplementedError(f"sampler {sampler.kind!r} cannot drive {what} ({class_name or 'bare config'}): "
+                                  f"its update assumes the other parametrisation; use {use}.")
+    _check_sampler_options(sampler, config)
+
+
+def _check_sampler_options(sampler: SamplerConfig, config: Mapping[str, Any]) -> None:
+    """Options of the training config that would change the update tadq's steps implement are refused."""
+    if sampler.kind == "dpmsolver++":
+        if config.get("thresholding"):
+            raise NotImplementedError("DPM-Solver++ with thresholding=True (dynamic thresholding of x̂_0) is not "
+                                      "implemented in tadq's step; set thresholding=False.")
+        if config.get("solver_type", "midpoint") != "midpoint":
+            raise NotImplementedError(f"DPM-Solver++ solver_type={config.get('solver_type')!r}: tadq implements the "
+                                      "'midpoint' 2M update only.")
+    if sampler.kind == "flow-euler":
+        for key in ("stochastic_sampling", "invert_sigmas"):
+            if config.get(key):
+                raise NotImplementedError(f"FlowMatchEulerDiscreteScheduler with {key}=True is not implemented in "
+                                          "tadq's flow-euler step.")
+        if config.get("use_dynamic_shifting") and sampler.shift is None:
+            raise NotImplementedError(
+                "the flow scheduler uses a resolution-dependent shift (use_dynamic_shifting=True, e.g. Flux): pass "
+                "it explicitly, SamplerConfig('flow-euler', shift=exp(mu)) for the image's mu.")
+
+
+def default_sampler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], num_steps: int = 50) -> SamplerConfig:
+    """The sampler a folder ships with (its scheduler class): DDPM -> ddpm, DDIM -> ddim, Euler -> euler,
+    DPM-Solver multistep -> dpmsolver++ (its ``solver_order`` if 1 or 2), FlowMatchEuler -> flow-euler.
+
+    Raises ``NotImplementedError`` for a class with no tadq sampler of its own (PNDM, LMS, Euler ancestral): the
+    caller names one instead of tadq picking another in its place.
+    """
+    class_name, config = _config_of(train_scheduler_or_config)
+    check_drivable(class_name, config)
+    kind = DEFAULT_SAMPLER_KINDS.get(str(class_name))
+    if kind is None:
+        raise NotImplementedError(f"{class_name} has no tadq sampler of its own; choose one explicitly "
+                                  f"({', '.join(SAMPLER_KINDS)}).")
+    if kind == "dpmsolver++":
+        order = int(config.get("solver_order", 2))
+        if order not in (1, 2):
+            raise NotImplementedError(f"{class_name} ships with solver_order={order}; tadq implements DPM-Solver++ "
+                                      "orders 1 and 2: choose one explicitly.")
+        return SamplerConfig(kind, num_steps=num_steps, order=order)
+    return SamplerConfig(kind, num_steps=num_steps)  # type: ignore[arg-type]

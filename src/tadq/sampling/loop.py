@@ -8,7 +8,8 @@ the ``Walker``'s, shared with trajectory pairs and sequential fits):
     x̃   = before_model(x_t)
     ε   = after_model(to_ε(denoiser(x̃, t, cond)), x̃)   guided ε when the plan's guidance scale w ≠ 1
     σ'  = noise_std(σ_t)
-    x_prev = after_step(sampler_step(x̃, ε, σ', z_s))   DDIM eq. 12 / DDPM eq. 7 (steps.py)
+    x_prev = after_step(sampler_step(x̃, ε, σ', z_s))   DDIM eq. 12 / DDPM eq. 7 / euler / dpmsolver++ / flow-euler
+                                                     (steps.py); a dpmsolver++ 2M step also gets the previous x̂_0
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tadq.sampling.config import SamplerConfig
 from tadq.sampling.context import StepContext
 from tadq.sampling.hooks import SamplingHooks, check_hooks
 from tadq.sampling.plan import SamplingPlan
+from tadq.sampling.steps import data_prediction
 from tadq.sampling.walker import Denoiser, WalkBatch, Walker, hooked_step
 
 __all__ = ["Denoiser", "SamplingResult", "Trajectory", "hooked_step", "sample"]
@@ -112,9 +114,12 @@ def _sample_batch(walker: Walker, denoiser: Denoiser, hooks: Sequence[SamplingHo
         record.states.append(x.cpu())
         if batch.cond is not None:
             record.cond.append(batch.cond.to("cpu"))
+    previous = None  # the previous step's x̂_0, for dpmsolver++ 2M
     for step in walker.steps:
         x_in, eps = walker.model_eps(denoiser, x, step, batch.cond, hooks)
-        x_prev = walker.advance(x_in, eps, step, batch.noise, hooks)
+        x_prev = walker.advance(x_in, eps, step, batch.noise, hooks, previous)
+        if walker.plan.multistep:
+            previous = data_prediction(x_in, eps, step)
         if record is not None:
             record.model_inputs.append(x_in.cpu())
             record.eps.append(eps.cpu())

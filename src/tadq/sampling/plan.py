@@ -18,7 +18,7 @@ from torch import Tensor
 
 from tadq.sampling.config import SamplerConfig, make_scheduler
 from tadq.sampling.context import StepContext, step_contexts
-from tadq.sampling.steps import check_supported
+from tadq.sampling.steps import check_supported, initial_state
 
 __all__ = ["SamplingPlan", "check_guidance_scale"]
 
@@ -39,11 +39,14 @@ class SamplingPlan:
         sampler: The deployment sampler (kind, S, η, clipping).
         steps: One ``StepContext`` per step, noisiest first.
         guidance_scale: Classifier-free guidance scale w; 1.0 runs the conditional (or unconditional) model alone.
+        init_noise_sigma: The scheduler's ``init_noise_sigma`` (euler: σ_max or √(σ_max²+1) by spacing; 1 else);
+            ``initial_state`` turns the drawn z into x_T with it.
     """
 
     sampler: SamplerConfig
     steps: tuple[StepContext, ...]
     guidance_scale: float = 1.0
+    init_noise_sigma: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "guidance_scale", check_guidance_scale(self.guidance_scale))
@@ -61,9 +64,20 @@ class SamplingPlan:
         Raises ``NotImplementedError`` for a scheduler class or prediction type tadq cannot drive.
         """
         scale = check_guidance_scale(guidance_scale)
-        steps = tuple(step_contexts(make_scheduler(scheduler, sampler), sampler, scale))
+        diffusers_scheduler = make_scheduler(scheduler, sampler)
+        steps = tuple(step_contexts(diffusers_scheduler, sampler, scale))
         check_supported(steps[0])
-        return cls(sampler=sampler, steps=steps, guidance_scale=scale)
+        init_noise_sigma = float(diffusers_scheduler.init_noise_sigma) if sampler.kind == "euler" else 1.0
+        return cls(sampler=sampler, steps=steps, guidance_scale=scale, init_noise_sigma=init_noise_sigma)
+
+    def initial_state(self, z: Tensor) -> Tensor:
+        """x_T from the drawn standard normal z (B, C, H, W): z itself except for euler (``steps.initial_state``)."""
+        return initial_state(z, self.steps[0], self.init_noise_sigma)
+
+    @property
+    def multistep(self) -> bool:
+        """Whether some step uses the previous step's x̂_0 (dpmsolver++ 2M): walks must pass it on."""
+        return any(step.order > 1 for step in self.steps)
 
     @property
     def num_steps(self) -> int:
@@ -81,5 +95,7 @@ class SamplingPlan:
         return self.guidance_scale != 1.0
 
     def timesteps(self) -> Tensor:
-        """The training timestep of every step, (S,) long on the CPU."""
-        return torch.tensor([step.t for step in self.steps], dtype=torch.long)
+        """The timestep of every step, (S,) on the CPU: long on integer grids, float32 on fractional ones."""
+        times = [step.t for step in self.steps]
+        integral = all(isinstance(t, int) for t in times)
+        return torch.tensor(times, dtype=torch.long if integral else torch.float32)

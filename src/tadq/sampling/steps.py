@@ -16,6 +16,21 @@ Notation (docs/methods/notation.md; ᾱ_prev is ``step.alpha_prod_t_prev``, σ t
 
 A std override σ' enters DDIM in both the direction term and the noise term, as PTQD's full code does, so the
 total variance of x_prev keeps DDIM's marginal; for DDPM it replaces σ in the noise term only.
+
+The ODE kinds (docs/sampling.md#the-ode-samplers). Their state is what the network sees, as for DDIM: a VP state
+x = s/√(σ²+1) for euler (s the σ-space sample of ``EulerDiscreteScheduler``) and dpmsolver++, and the flow state
+x = (1-σ) x_0 + σ ε for flow-euler. Each update is written as the diffusers ``step`` computes it, on the same
+float32 0-d constants, so from the same inputs the native part is bit-identical:
+
+    euler:        s = x·√(σ²+1);  x̂_0 = s - σ ε;  d = (s - x̂_0)/σ;  s' = s + d (σ' - σ);  x' = s'/√(σ'²+1)
+    dpmsolver++:  x̂_0 = (x - s_σ ε)/α_σ  (α_σ = 1/√(σ²+1), s_σ = σ α_σ, λ = log α - log s, h = λ' - λ)
+                  order 1:  x' = (s_σ'/s_σ) x - α_σ'(e^{-h} - 1) x̂_0
+                  order 2:  r = (λ - λ_before)/h, D = (x̂_0 - x̂_0,before)/r,
+                            x' = (s_σ'/s_σ) x - α_σ'(e^{-h} - 1) x̂_0 - ½ α_σ'(e^{-h} - 1) D      (2M, midpoint)
+    flow-euler:   x' = x + (σ' - σ) v
+
+Only euler's x·√(σ²+1) round trip (the state is the network input s/√(σ²+1), not s) departs from diffusers: one
+rounding of relative size ≤ 2⁻²³ per step (docs/sampling.md#what-is-tested).
 """
 
 from __future__ import annotations
@@ -25,10 +40,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from tadq.sampling.config import PREDICTION_TYPES
+from tadq.sampling.config import FLOW_PREDICTION, PREDICTION_TYPES
 from tadq.sampling.context import StepContext
 
-__all__ = ["check_supported", "ddim_step", "ddpm_step", "predict_x0", "sampler_step"]
+__all__ = ["check_supported", "data_prediction", "ddim_step", "ddpm_step", "dpmsolver_step", "euler_step",
+           "flow_euler_step", "initial_state", "predict_x0", "sampler_step"]
 
 # A direction radicand 1-ᾱ_prev-σ'² below this is an error, not float rounding.
 _RADICAND_TOLERANCE = 1e-6
@@ -39,7 +55,12 @@ def check_supported(step: StepContext) -> None:
 
     The steps below always take ε: ``tadq.sampling.prediction.to_epsilon`` converts v- and x₀-predictions first.
     """
-    if step.prediction_type not in PREDICTION_TYPES:
+    if step.is_flow != (step.prediction_type == FLOW_PREDICTION):
+        raise NotImplementedError(
+            f"prediction_type={step.prediction_type!r} cannot be sampled with {step.kind!r}: a flow-matching model "
+            f"({FLOW_PREDICTION!r}) is driven by flow-euler only, and flow-euler drives nothing else."
+        )
+    if step.prediction_type not in PREDICTION_TYPES + (FLOW_PREDICTION,):
         raise NotImplementedError(
             f"prediction_type={step.prediction_type!r} is not supported; tadq converts {PREDICTION_TYPES} to ε."
         )
@@ -153,12 +174,146 @@ def ddpm_step(
     return _add_noise(x_mean, sigma, noise)
 
 
-_STEPS: dict[str, Callable[..., Tensor]] = {"ddim": ddim_step, "ddpm": ddpm_step}
+def _require_deterministic(step: StepContext, std: Tensor | float | None, direction_std: Tensor | float | None
+                           ) -> None:
+    # The ODE kinds have no noise term, so a noise_std hook (PTQD's variance calibration) has nothing to act on.
+    for value in (std, direction_std):
+        if value is not None and bool((torch.as_tensor(value) != 0).any()):
+            raise ValueError(f"{step.kind} step {step.index} is deterministic (no noise term); a noise_std hook may "
+                             "not give it a non-zero std (PTQD's variance calibration applies to ddim η>0 and ddpm).")
+
+
+def initial_state(z: Tensor, step: StepContext, init_noise_sigma: float = 1.0) -> Tensor:
+    """x_T from standard normal z: z itself, except for euler, whose state is the network input
+    (z · init_noise_sigma)/√(σ_0²+1) (diffusers' ``prepare_latents`` then ``scale_model_input``)."""
+    if step.kind != "euler":
+        return z
+    sigma = _scalar(float(step.sigma_t), z)  # type: ignore[arg-type]
+    return (z * _scalar(init_noise_sigma, z)) / ((sigma**2 + 1) ** 0.5)
+
+
+def euler_step(
+    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None,
+    direction_std: Tensor | float | None = None, previous: Tensor | None = None,
+) -> Tensor:
+    """One Euler step on σ (Karras et al. 2022, Alg. 1 without churn) from the VP state x_t = s/√(σ²+1).
+
+    Args:
+        x_t: The network input (VP state), (B, C, H, W).
+        eps: ε, (B, C, H, W).
+        step: The step's constants (``kind == "euler"``).
+        noise, std, direction_std, previous: accepted for one shared signature; the step is deterministic.
+
+    Returns:
+        x_prev, the next network input s'/√(σ'²+1), (B, C, H, W).
+    """
+    _require_deterministic(step, std, direction_std)
+    sigma = _scalar(float(step.sigma_t), x_t)  # type: ignore[arg-type]
+    sigma_next = _scalar(float(step.sigma_prev), x_t)  # type: ignore[arg-type]
+    sample = x_t * ((sigma**2 + 1) ** 0.5)  # back to diffusers' σ-space sample s
+    sigma_hat = sigma * (0.0 + 1)  # churn γ = 0, as diffusers writes it
+    pred_original_sample = sample - sigma_hat * eps
+    derivative = (sample - pred_original_sample) / sigma_hat
+    dt = sigma_next - sigma_hat
+    prev_sample = sample + derivative * dt
+    return prev_sample / ((sigma_next**2 + 1) ** 0.5)
+
+
+def _alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    # VP (α, s) of noise level σ, in diffusers' _sigma_to_alpha_sigma_t order.
+    alpha = 1 / ((sigma**2 + 1) ** 0.5)
+    return alpha, sigma * alpha
+
+
+def data_prediction(x_t: Tensor, eps: Tensor, step: StepContext) -> Tensor:
+    """DPM-Solver++'s x̂_0 = (x_t - s_σ ε)/α_σ of the step, as ``convert_model_output`` computes it for ε.
+
+    The sampling loop hands it to the next step as ``previous`` (the 2M update's second point).
+    """
+    alpha, sigma = _alpha_sigma(_scalar(float(step.sigma_t), x_t))  # type: ignore[arg-type]
+    return (x_t - sigma * eps) / alpha
+
+
+def dpmsolver_step(
+    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None,
+    direction_std: Tensor | float | None = None, previous: Tensor | None = None,
+) -> Tensor:
+    """One DPM-Solver++ step (Lu et al. 2022, eqs. 8 and 9 with the midpoint 2M rule).
+
+    Args:
+        x_t: The VP state (the network input), (B, C, H, W).
+        eps: ε, (B, C, H, W).
+        step: The step's constants (``kind == "dpmsolver++"``); ``step.order == 2`` uses ``previous``.
+        noise, std, direction_std: accepted for one shared signature; the step is deterministic.
+        previous: The previous step's ``data_prediction`` x̂_0, (B, C, H, W); required when ``step.order == 2``.
+
+    Returns:
+        x_prev, (B, C, H, W).
+    """
+    _require_deterministic(step, std, direction_std)
+    if step.order == 2 and previous is None:
+        raise NotImplementedError(
+            f"DPM-Solver++ 2M step {step.index} needs the previous step's x̂_0 (previous=); tadq's sampling loop "
+            "passes it, but one-step callers (correction fits, trajectory pairs) support dpmsolver++ with "
+            "order=1 only."
+        )
+    x0 = data_prediction(x_t, eps, step)
+    x_t = x_t.to(torch.float32)
+    alpha_t, sigma_t = _alpha_sigma(_scalar(float(step.sigma_prev), x_t))  # type: ignore[arg-type]
+    alpha_s0, sigma_s0 = _alpha_sigma(_scalar(float(step.sigma_t), x_t))  # type: ignore[arg-type]
+    lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
+    lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
+    h = lambda_t - lambda_s0
+    if step.order == 1:
+        return (sigma_t / sigma_s0) * x_t - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+    alpha_s1, sigma_s1 = _alpha_sigma(_scalar(float(step.sigma_before), x_t))  # type: ignore[arg-type]
+    lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
+    r0 = (lambda_s0 - lambda_s1) / h
+    d1 = (1.0 / r0) * (x0 - previous)
+    return ((sigma_t / sigma_s0) * x_t - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+            - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+
+
+def flow_euler_step(
+    x_t: Tensor, velocity: Tensor, step: StepContext, noise: Tensor | None = None,
+    std: Tensor | float | None = None, direction_std: Tensor | float | None = None, previous: Tensor | None = None,
+) -> Tensor:
+    """One rectified-flow Euler step x' = x + (σ' - σ) v (``FlowMatchEulerDiscreteScheduler.step``).
+
+    Args:
+        x_t: The flow state (the network input), (B, C, H, W).
+        velocity: The model's velocity v = ε - x_0 (the walker passes a flow model's output through unchanged).
+        step: The step's constants (``kind == "flow-euler"``).
+        noise, std, direction_std, previous: accepted for one shared signature; the step is deterministic.
+
+    Returns:
+        x_prev, (B, C, H, W).
+    """
+    _require_deterministic(step, std, direction_std)
+    dt = _scalar(float(step.sigma_prev), x_t) - _scalar(float(step.sigma_t), x_t)  # type: ignore[arg-type]
+    return x_t.to(torch.float32) + dt * velocity
+
+
+def _ddim(x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None,
+          std: Tensor | float | None = None, direction_std: Tensor | float | None = None,
+          previous: Tensor | None = None) -> Tensor:
+    return ddim_step(x_t, eps, step, noise=noise, std=std, direction_std=direction_std)
+
+
+def _ddpm(x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None,
+          std: Tensor | float | None = None, direction_std: Tensor | float | None = None,
+          previous: Tensor | None = None) -> Tensor:
+    return ddpm_step(x_t, eps, step, noise=noise, std=std, direction_std=direction_std)
+
+
+_STEPS: dict[str, Callable[..., Tensor]] = {"ddim": _ddim, "ddpm": _ddpm, "euler": euler_step,
+                                            "dpmsolver++": dpmsolver_step, "flow-euler": flow_euler_step}
 
 
 def sampler_step(
     x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None,
-    direction_std: Tensor | float | None = None,
+    direction_std: Tensor | float | None = None, previous: Tensor | None = None,
 ) -> Tensor:
-    """Take the step with the update rule named by ``step.kind`` (see ``ddim_step`` / ``ddpm_step``)."""
-    return _STEPS[step.kind](x_t, eps, step, noise=noise, std=std, direction_std=direction_std)
+    """Take the step with the update rule named by ``step.kind``; ``eps`` is the step's prediction input (ε, or the
+    velocity for flow-euler) and ``previous`` the previous step's x̂_0 for a dpmsolver++ 2M step."""
+    return _STEPS[step.kind](x_t, eps, step, noise=noise, std=std, direction_std=direction_std, previous=previous)

@@ -58,14 +58,15 @@ class WalkBatch:
     cond: Conditioning | None
 
 
-def hooked_step(hooks: Sequence[SamplingHooks], x: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None
-                ) -> Tensor:
-    """One sampler update with the hooks' ``noise_std`` and ``after_step``: x_prev from x̃_t and the corrected ε."""
+def hooked_step(hooks: Sequence[SamplingHooks], x: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None,
+                previous: Tensor | None = None) -> Tensor:
+    """One sampler update with the hooks' ``noise_std`` and ``after_step``: x_prev from x̃_t and the corrected ε
+    (``previous``: the previous step's x̂_0, for a dpmsolver++ 2M step)."""
     std = apply_noise_std(hooks, torch.tensor(step.std_dev_t, dtype=torch.float32, device=x.device), step)
     direction = None
     if isinstance(std, NoiseStd):
         std, direction = std.noise, std.direction
-    x_prev = sampler_step(x, eps, step, noise=noise, std=std, direction_std=direction)
+    x_prev = sampler_step(x, eps, step, noise=noise, std=std, direction_std=direction, previous=previous)
     return apply_after_step(hooks, x_prev, step)
 
 
@@ -100,7 +101,8 @@ class Walker:
               conditions: ConditionSource | None = None) -> WalkBatch:
         """x_T, step noises and conditions of ``indices``: drawn on the CPU (same on every device), then moved."""
         indices = tuple(int(i) for i in indices)
-        x = initial_noise(seed, indices, shape).to(device=self.device, dtype=self.dtype)  # (B, C, H, W)
+        x = self.plan.initial_state(initial_noise(seed, indices, shape))  # (B, C, H, W), drawn on the CPU
+        x = x.to(device=self.device, dtype=self.dtype)
         noise = step_noise(seed, indices, self.plan.num_steps, shape).to(device=self.device, dtype=self.dtype)
         cond = conditions_for(conditions, seed, indices)
         if self.plan.guided and (cond is None or cond.unconditional is None):
@@ -112,7 +114,8 @@ class Walker:
     def predict(self, denoiser: Denoiser, x: Tensor, step: StepContext, cond: Conditioning | None,
                 branches: bool = False) -> tuple[Tensor, GuidanceBranches | None]:
         """(ε at ``step`` for the batch x, both guidance branches as ε when ``branches`` and guided, else None)."""
-        t = torch.full((x.shape[0],), step.t, dtype=torch.long, device=x.device)  # (B,)
+        time_dtype = torch.long if isinstance(step.t, int) else torch.float32  # fractional grids: euler, flow
+        t = torch.full((x.shape[0],), step.t, dtype=time_dtype, device=x.device)  # (B,)
         aware = isinstance(denoiser, StepAware)
         if aware:
             denoiser.set_step(step)
@@ -169,6 +172,7 @@ class Walker:
         return x_in, self.after_model(hooks, eps, x_in, step, both)
 
     def advance(self, x_in: Tensor, eps: Tensor, step: StepContext, noise: Tensor,
-                hooks: Sequence[SamplingHooks] = ()) -> Tensor:
-        """x_prev from the model input x̃ and the corrected ε, with the hooks' ``noise_std`` and ``after_step``."""
-        return hooked_step(hooks, x_in, eps, step, noise[step.index])
+                hooks: Sequence[SamplingHooks] = (), previous: Tensor | None = None) -> Tensor:
+        """x_prev from the model input x̃ and the corrected ε, with the hooks' ``noise_std`` and ``after_step``;
+        ``previous`` is the previous step's x̂_0 (``steps.data_prediction``), needed by a dpmsolver++ 2M step."""
+        return hooked_step(hooks, x_in, eps, step, noise[step.index], previous)

@@ -1,0 +1,329 @@
+"""euler, dpmsolver++ and flow-euler against diffusers' own schedulers, step by step and over full sampling runs.
+
+What is compared (docs/sampling.md#what-is-tested):
+
+* dpmsolver++ (orders 1 and 2) and flow-euler take the same float32 operations as diffusers' ``step`` on the same
+  state, so full runs of a tiny network from the same x_T are **bit-identical** (``torch.equal``).
+* euler's state is the network input x = s/√(σ²+1), not diffusers' σ-space sample s; its kernel is bit-identical
+  given the same s (x·√(σ²+1)), and a full run differs only by that round trip. Its tolerance is derived below
+  from float32 rounding (u = 2⁻²⁴) propagated through the run with the network's own Jacobians.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from diffusers import (
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+from torch import nn
+
+from tadq.sampling import (
+    IdentityHooks,
+    SamplerConfig,
+    SamplingPlan,
+    data_prediction,
+    euler_step,
+    initial_noise,
+    make_scheduler,
+    sample,
+    sampler_step,
+    step_contexts,
+    to_epsilon,
+)
+
+U = 2.0**-24  # unit roundoff of float32
+SHAPE = (2, 4, 4)  # (C, H, W): 32 elements, so exact Jacobians are cheap
+INDICES = (0, 1)
+SEED = 7
+
+
+class TinyNet(nn.Module):
+    """0.8 x + 0.2 conv(tanh(conv(x) + sinusoidal time embedding)): a small nonlinear denoiser of any prediction
+    type; the identity part keeps an ε model's trajectories bounded (ε ≈ x at high noise), as a trained one's are."""
+
+    def __init__(self, channels: int = SHAPE[0], hidden: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.inp = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.out = nn.Conv2d(hidden, channels, 3, padding=1)
+        for parameter in self.parameters():
+            nn.init.normal_(parameter, std=0.3, generator=generator)
+        self.register_buffer("freqs", torch.linspace(1.0, 8.0, hidden))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        embedding = torch.sin(t.float()[:, None] / 1000.0 * self.freqs)  # (B, hidden)
+        return 0.8 * x + 0.2 * self.out(torch.tanh(self.inp(x) + embedding[:, :, None, None]))
+
+
+def _diffusers_run(scheduler, net: nn.Module, z: torch.Tensor, record: list | None = None) -> torch.Tensor:
+    """The pipelines' loop: s_T = z·init_noise_sigma, the network on scale_model_input(s), then ``step``."""
+    current = z * getattr(scheduler, "init_noise_sigma", 1.0)  # flow pipelines start from z itself
+    for t in scheduler.timesteps:
+        scale = getattr(scheduler, "scale_model_input", None)
+        model_input = scale(current, t) if scale is not None else current
+        output = net(model_input, t.expand(z.shape[0]), None)
+        if record is not None:
+            record.append((current, model_input, output, t))
+        current = scheduler.step(output, t, current).prev_sample
+    return current
+
+
+def _tadq_run(train_config, sampler: SamplerConfig, net: nn.Module, hooks=()) -> torch.Tensor:
+    plan = SamplingPlan.build(train_config, sampler)
+    return sample(net, plan, indices=INDICES, seed=SEED, sample_shape=SHAPE, progress=False, hooks=hooks).images
+
+
+def _z() -> torch.Tensor:
+    return initial_noise(SEED, INDICES, SHAPE)
+
+
+# -- bit-identical full runs ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("steps", [8, 20])  # < 15 steps: lower_order_final; 20: the 2M update up to the last step
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_dpmsolver_full_run_is_bit_identical_to_diffusers(order: int, steps: int, spacing: str) -> None:
+    train = DPMSolverMultistepScheduler(timestep_spacing=spacing, solver_order=3)  # the sampler's order wins
+    sampler = SamplerConfig("dpmsolver++", num_steps=steps, order=order)
+    net = TinyNet()
+    reference = _diffusers_run(make_scheduler(train, sampler), net, _z())
+    assert make_scheduler(train, sampler).config.solver_order == order
+    images = _tadq_run(train, sampler, net)
+    assert torch.equal(images, reference)
+    first_order = _tadq_run(train, SamplerConfig("dpmsolver++", num_steps=steps, order=1), net)
+    assert order == 1 or not torch.equal(images, first_order)  # 2M really used the previous x̂_0
+
+
+@pytest.mark.parametrize("shift", [None, 3.0])
+@pytest.mark.parametrize("steps", [4, 28])
+def test_flow_euler_full_run_is_bit_identical_to_diffusers(shift: float | None, steps: int) -> None:
+    train = FlowMatchEulerDiscreteScheduler(shift=1.0 if shift is None else 2.0)
+    sampler = SamplerConfig("flow-euler", num_steps=steps, shift=shift)
+    scheduler = make_scheduler(train, sampler)
+    assert scheduler.shift == (1.0 if shift is None else shift)
+    net = TinyNet()
+    assert torch.equal(_tadq_run(train, sampler, net), _diffusers_run(scheduler, net, _z()))
+
+
+def test_flow_euler_takes_an_explicit_shift_for_a_dynamic_shifting_config() -> None:
+    train = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+    with pytest.raises(NotImplementedError, match="shift"):
+        SamplingPlan.build(train, SamplerConfig("flow-euler", num_steps=4))
+    plan = SamplingPlan.build(train, SamplerConfig("flow-euler", num_steps=4, shift=3.0))
+    static = SamplingPlan.build(FlowMatchEulerDiscreteScheduler(shift=3.0), SamplerConfig("flow-euler", 4, shift=3.0))
+    assert [s.sigma_t for s in plan.steps] == [s.sigma_t for s in static.steps]
+
+
+# -- euler: bit-identical kernel, derived tolerance on a full run --------------------------------------------------
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+def test_euler_kernel_is_bit_identical_given_the_same_sigma_space_sample(spacing: str) -> None:
+    sampler = SamplerConfig("euler", num_steps=10)
+    scheduler = make_scheduler(EulerDiscreteScheduler(timestep_spacing=spacing), sampler)
+    generator = torch.Generator().manual_seed(0)
+    for step, t in zip(step_contexts(scheduler, sampler), scheduler.timesteps, strict=True):
+        x, eps = torch.randn((3, *SHAPE), generator=generator), torch.randn((3, *SHAPE), generator=generator)
+        sigma = torch.tensor(step.sigma_t, dtype=torch.float32)
+        sigma_next = torch.tensor(step.sigma_prev, dtype=torch.float32)
+        expected = scheduler.step(eps, t, x * ((sigma**2 + 1) ** 0.5)).prev_sample / ((sigma_next**2 + 1) ** 0.5)
+        assert torch.equal(euler_step(x, eps, step), expected)
+
+
+def _euler_bound(scheduler, net: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(diffusers' final sample, elementwise bound on |tadq - diffusers|), both (B, C, H, W).
+
+    tadq's step from its state x computes s̃ = fl(x·c) (c = √(σ²+1)) where diffusers has s; x = fl(s/c), so
+    |s̃ - s| ≤ 2u|s| (+u²). Both then evaluate the same chain F(s) = (s + ((s - (s - σε))/σ)(σ' - σ))/c', exactly
+    linear in s with slope 1/c', so one step adds at most ρ = 2.01u|s|/c' + 2 e_F, where e_F bounds F's own rounding:
+    ≤ 8 ops, each at most u × the largest magnitude it touches (|s|, |σε|, |x̂_0|, |s'|), scaled by max(1, |dt|/σ)
+    for the ops before the multiplication by dt, divided by c'. A difference δ in the state reaches the next one
+    through the step's Jacobian A I + B J (J = ∂ε/∂x of the network at diffusers' input, computed exactly), so
+    bound_{n+1} = |A I + B J| bound_n + ρ_n elementwise (first order; δ ~ 1e-6 makes second-order terms ~1e-12).
+    """
+    record: list = []
+    final = _diffusers_run(scheduler, net, z, record)
+    sigmas = scheduler.sigmas.double()
+    bound = torch.zeros(z.shape[0], z[0].numel(), dtype=torch.float64)  # (B, D)
+    for n, (current, model_input, output, time) in enumerate(record):
+        sigma, sigma_next = float(sigmas[n]), float(sigmas[n + 1])
+        c, c_next = math.sqrt(sigma**2 + 1), math.sqrt(sigma_next**2 + 1)
+        coef_x, coef_eps = c / c_next, (sigma_next - sigma) / c_next
+        s, eps = current.double().flatten(1), output.double().flatten(1)
+        pred = s - sigma * eps
+        s_next = s + (sigma_next - sigma) * eps
+        touched = s.abs() + (sigma * eps).abs() + pred.abs() + s_next.abs()
+        e_f = 8 * U * touched * max(1.0, abs(sigma_next - sigma) / sigma) / c_next
+        rho = 2.01 * U * s.abs() / c_next + 2 * e_f
+        propagated = []
+        for b in range(z.shape[0]):
+            jacobian = torch.autograd.functional.jacobian(
+                lambda v, t=time: net(v.view(1, *SHAPE), t.expand(1), None).flatten(), model_input[b].flatten()
+            ).double()  # (D, D)
+            step_map = coef_x * torch.eye(jacobian.shape[0], dtype=torch.float64) + coef_eps * jacobian
+            propagated.append(step_map.abs() @ bound[b])
+        bound = torch.stack(propagated) + rho
+    return final, bound.view_as(z)
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_euler_full_run_matches_diffusers_within_the_derived_bound(spacing: str) -> None:
+    train = EulerDiscreteScheduler(timestep_spacing=spacing)
+    sampler = SamplerConfig("euler", num_steps=12)
+    net = TinyNet()
+    with torch.no_grad():
+        reference, bound = _euler_bound(make_scheduler(train, sampler), net, _z())
+    images = _tadq_run(train, sampler, net)
+    difference = (images.double() - reference.double()).abs()
+    assert bool((difference <= 1.5 * bound).all()), float((difference / bound).max())
+    assert float(bound.max()) < 2e-4 * float(reference.abs().max())  # tight enough that a wrong step would fail
+    plan = SamplingPlan.build(train, sampler)
+    assert torch.equal(plan.initial_state(_z()), _z() * make_scheduler(train, sampler).init_noise_sigma
+                       / ((torch.tensor(plan.steps[0].sigma_t) ** 2 + 1) ** 0.5))
+
+
+def test_euler_on_a_ddpm_training_config_uses_its_betas_and_fractional_timesteps() -> None:
+    train = DDPMScheduler(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace")
+    plan = SamplingPlan.build(train, SamplerConfig("euler", num_steps=7))
+    assert any(isinstance(step.t, float) for step in plan.steps)  # linspace over 999 in 7 steps is fractional
+    assert plan.timesteps().dtype == torch.float32
+    euler = make_scheduler(train, SamplerConfig("euler", num_steps=7))
+    assert torch.equal(euler.alphas_cumprod, train.alphas_cumprod)
+    seen = []
+
+    def net(x, t, cond=None):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    sample(net, plan, indices=[0], seed=0, sample_shape=SHAPE, progress=False)
+    assert all(t.dtype == torch.float32 for t in seen) and float(seen[1][0]) == float(euler.timesteps[1])
+
+
+# -- prediction types ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["euler", "dpmsolver++"])
+def test_v_prediction_steps_match_diffusers_within_the_conversion_rounding(kind: str) -> None:
+    """tadq converts v to ε (ᾱ = fl(1/(σ²+1))) before the step; diffusers converts v to x̂_0 directly. The two agree
+    to the rounding of a dozen float32 operations on terms no larger than (|x| + |v|)(1 + σ): the bound below is
+    32u of that, times the step's largest coefficient."""
+    train = DDPMScheduler(prediction_type="v_prediction")
+    sampler = SamplerConfig(kind, num_steps=10, order=1 if kind == "dpmsolver++" else None)
+    scheduler = make_scheduler(train, sampler)
+    generator = torch.Generator().manual_seed(1)
+    for step, t in zip(step_contexts(scheduler, sampler), scheduler.timesteps, strict=True):
+        x, v = torch.randn((3, *SHAPE), generator=generator), torch.randn((3, *SHAPE), generator=generator)
+        c = math.sqrt(step.sigma_t**2 + 1)
+        if kind == "euler":
+            expected = scheduler.step(v, t, x * c).prev_sample / math.sqrt(step.sigma_prev**2 + 1)
+        else:
+            expected = scheduler.step(v, t, x).prev_sample
+        got = sampler_step(x, to_epsilon(v, x, step), step)
+        scale = max(abs(step.coef_x), abs(step.coef_eps), 1.0) * (x.abs() + v.abs()) * (1 + step.sigma_t)
+        assert bool(((got - expected).abs() <= 32 * U * scale + 1e-30).all()), step.index
+
+
+# -- linear form used by the corrections ---------------------------------------------------------------------------
+@pytest.mark.parametrize("sampler", [SamplerConfig("euler", 10), SamplerConfig("dpmsolver++", 10, order=1),
+                                     SamplerConfig("dpmsolver++", 20, order=2), SamplerConfig("flow-euler", 10)],
+                         ids=lambda s: s.key)
+def test_coefficients_state_the_update(sampler: SamplerConfig) -> None:
+    """x' = A x + B ε (+ C_x x_before + C_ε ε_before for 2M): the (A, B) corrections use, checked in float64."""
+    train = FlowMatchEulerDiscreteScheduler(shift=3.0) if sampler.kind == "flow-euler" else DDPMScheduler()
+    steps = SamplingPlan.build(train, sampler).steps
+    generator = torch.Generator().manual_seed(2)
+    x_before = eps_before = previous = None
+    for step in steps:
+        x, eps = torch.randn((3, *SHAPE), generator=generator), torch.randn((3, *SHAPE), generator=generator)
+        got = sampler_step(x, eps, step, previous=previous).double()
+        terms = [step.coef_x * x.double(), step.coef_eps * eps.double()]
+        if step.order == 2:
+            terms += [step.coef_prev_x * x_before.double(), step.coef_prev_eps * eps_before.double()]
+        else:
+            assert step.coef_prev_x == 0.0 and step.coef_prev_eps == 0.0
+        magnitude = sum(term.abs() for term in terms) * (1 + (step.sigma_t or 0.0))
+        assert bool(((got - sum(terms)).abs() <= 64 * U * magnitude).all()), step.index
+        x_before, eps_before = x, eps
+        previous = data_prediction(x, eps, step) if sampler.kind == "dpmsolver++" else None
+    assert (sampler.order == 2) == any(step.order == 2 for step in steps)
+
+
+# -- keys and refusals ---------------------------------------------------------------------------------------------
+def test_keys_are_distinct_per_kind_order_steps_and_shift() -> None:
+    configs = [SamplerConfig("ddim", 20), SamplerConfig("ddim", 20, eta=1.0), SamplerConfig("ddpm", 20),
+               SamplerConfig("euler", 20), SamplerConfig("euler", 30), SamplerConfig("dpmsolver++", 20),
+               SamplerConfig("dpmsolver++", 20, order=1), SamplerConfig("dpmsolver++", 30),
+               SamplerConfig("flow-euler", 20), SamplerConfig("flow-euler", 20, shift=3.0)]
+    keys = [config.key for config in configs]
+    assert len(set(keys)) == len(keys)
+    assert SamplerConfig("ddim", 50).key == "ddim-50-eta0.0" and SamplerConfig("ddpm", 1000).key == "ddpm-1000"
+    assert SamplerConfig("dpmsolver++", 20) == SamplerConfig("dpmsolver++", 20, order=2)
+    assert SamplerConfig("euler", 20, order=1) == SamplerConfig("euler", 20)
+
+
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "euler", "dpmsolver++"])
+def test_a_flow_model_is_never_sampled_with_an_epsilon_kind(kind: str) -> None:
+    with pytest.raises(NotImplementedError, match="flow"):
+        SamplingPlan.build(FlowMatchEulerDiscreteScheduler(), SamplerConfig(kind, num_steps=4))
+    with pytest.raises(NotImplementedError, match="flow"):
+        SamplingPlan.build({**FlowMatchEulerDiscreteScheduler().config,
+                            "_class_name": "FlowMatchEulerDiscreteScheduler"}, SamplerConfig(kind, num_steps=4))
+
+
+def test_an_epsilon_model_is_never_sampled_with_flow_euler_and_flow_prediction_needs_a_flow_class() -> None:
+    with pytest.raises(NotImplementedError, match="flow"):
+        SamplingPlan.build(DDPMScheduler(), SamplerConfig("flow-euler", num_steps=4))
+    with pytest.raises(NotImplementedError, match="flow_prediction"):
+        SamplingPlan.build({**DDPMScheduler().config, "_class_name": "DDPMScheduler",
+                            "prediction_type": "flow_prediction"}, SamplerConfig("ddim", num_steps=4))
+    flow_step = SamplingPlan.build(FlowMatchEulerDiscreteScheduler(), SamplerConfig("flow-euler", 4)).steps[0]
+    import dataclasses
+    with pytest.raises(NotImplementedError, match="flow"):
+        to_epsilon(torch.zeros(1, *SHAPE), torch.zeros(1, *SHAPE), dataclasses.replace(flow_step, kind="ddim"))
+    with pytest.raises(NotImplementedError, match="flow"):
+        to_epsilon(torch.zeros(1, *SHAPE), torch.zeros(1, *SHAPE),
+                   dataclasses.replace(flow_step, prediction_type="epsilon"))
+    velocity = torch.randn(1, *SHAPE)
+    assert to_epsilon(velocity, torch.zeros(1, *SHAPE), flow_step) is velocity  # passed through, never converted
+
+
+def test_dpmsolver_options_tadq_does_not_implement_are_refused() -> None:
+    sampler = SamplerConfig("dpmsolver++", num_steps=10)
+    with pytest.raises(NotImplementedError, match="thresholding"):
+        SamplingPlan.build(DPMSolverMultistepScheduler(thresholding=True), sampler)
+    with pytest.raises(NotImplementedError, match="midpoint"):
+        SamplingPlan.build(DPMSolverMultistepScheduler(solver_type="heun"), sampler)
+    with pytest.raises(NotImplementedError, match="use_flow_sigmas"):
+        SamplingPlan.build(DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction"),
+                           sampler)
+    step = SamplingPlan.build(DDPMScheduler(), sampler).steps[1]
+    assert step.order == 2
+    with pytest.raises(NotImplementedError, match="previous"):
+        sampler_step(torch.zeros(1, *SHAPE), torch.zeros(1, *SHAPE), step)
+
+
+class _Noisy(IdentityHooks):
+    def noise_std(self, std, step):
+        return std + 0.1
+
+
+def test_a_noise_std_hook_cannot_add_noise_to_a_deterministic_ode_step() -> None:
+    with pytest.raises(ValueError, match="deterministic"):
+        _tadq_run(DDPMScheduler(), SamplerConfig("euler", num_steps=3), TinyNet(), hooks=[_Noisy()])
+
+
+def test_default_sampler_follows_the_folder_class_and_refuses_where_tadq_has_none() -> None:
+    from diffusers import PNDMScheduler
+
+    from tadq.sampling import default_sampler
+
+    assert default_sampler(EulerDiscreteScheduler(), 30) == SamplerConfig("euler", 30)
+    dpm = SamplerConfig("dpmsolver++", 20, order=1)
+    assert default_sampler(DPMSolverMultistepScheduler(solver_order=1), 20) == dpm
+    assert default_sampler(FlowMatchEulerDiscreteScheduler(), 28).kind == "flow-euler"
+    assert default_sampler(DDPMScheduler()).kind == "ddpm"
+    with pytest.raises(NotImplementedError, match="PNDMScheduler"):
+        default_sampler(PNDMScheduler())
+    with pytest.raises(NotImplementedError, match="solver_order=3"):
+        default_sampler(DPMSolverMultistepScheduler(solver_order=3))
