@@ -188,3 +188,26 @@ def test_text_encoder_int8_weights_are_per_channel_and_change_the_key(sd_folder)
     assert torch.nn.functional.cosine_similarity(ea.flatten(), eb.flatten(), dim=0) > 0.99
     with pytest.raises(ValueError, match="text_encoder_bits"):
         load_fp_pipeline(sd_folder, text_encoder_bits=6)
+
+
+def test_fitted_corrections_act_in_the_pipeline_and_key_its_calls(sd_folder, condition_adapter, tmp_path):
+    from tadq.corrections.ptqd.config import PTQDConfig
+    from tadq.corrections.stack import CorrectionStack
+
+    pipe = load_fp_pipeline(sd_folder)
+    recipe = dataclasses.replace(_recipe(), corrections=(PTQDConfig(num_samples=8),))
+    qmodel = tadq.quantize(pipe.unet, pipe.scheduler, recipe, conditions=PromptConditions(pipe, ["a cat", "a dog"]),
+                           progress=False)
+    save_pipeline(qmodel, sd_folder, tmp_path / "ptqd")
+    qpipe = tadq.load_pipeline(tmp_path / "ptqd")
+    latents = qpipe("a cat", seed=3, output_type="latent", progress=False).images  # the recipe's steps and scale
+    loaded, scheduler = tadq.load(tmp_path / "ptqd")
+    conditions = PromptConditions(qpipe, ["a cat"])
+    kwargs = {"num_samples": 1, "seed": 3, "conditions": conditions, "guidance_scale": GUIDANCE, "progress": False}
+    assert torch.equal(tadq.sample(loaded, scheduler, SAMPLER, **kwargs).images, latents)
+    loaded.corrections = CorrectionStack()
+    assert not torch.equal(tadq.sample(loaded, scheduler, SAMPLER, **kwargs).images, latents)  # PTQD acted
+    for call, match in (({"num_inference_steps": STEPS + 1}, "fitted for ddim"),
+                        ({"guidance_scale": GUIDANCE + 2}, "fitted at guidance_scale"), ({"eta": 1.0}, "eta1")):
+        with pytest.raises(ValueError, match=match):
+            qpipe("a cat", progress=False, **call)

@@ -195,12 +195,21 @@ def pipeline_class(class_name: str) -> type:
     return getattr(diffusers, class_name)
 
 
+def _dtype_keyword() -> str:
+    """``dtype`` where diffusers resolves it (``torch_dtype`` deprecated there), ``torch_dtype`` before."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
 def pipeline_load_options(klass: type, dtype: torch.dtype | None) -> dict[str, Any]:
     """``from_pretrained`` options: local files only, safetensors only, no safety checker (tadq measures images,
     a checker blacking some out would corrupt every comparison)."""
     options: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     if dtype is not None:
-        options["torch_dtype"] = dtype
+        options[_dtype_keyword()] = dtype
     parameters = inspect.signature(klass.__init__).parameters
     if "safety_checker" in parameters:
         options["safety_checker"] = None
