@@ -123,16 +123,19 @@ def _run_batch(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], 
     trajectory's states and ε)."""
     x = x_fp = batch.x
     eps_fp, eps_q, inputs, states, fp_states, eps_fp_traj = [], [], [], [x.cpu()], [x.cpu()], []
+    carried = carried_fp = None  # each track's previous x̂_0 on a multistep sampler (Walker.carry)
     for step in walker.steps:
         x_in, eps_hat = walker.model_eps(ctx.q_denoiser, x, step, batch.cond, hooks)  # x̃_t, ε̂
         if mode == "teacher_forced":
             eps, _ = walker.predict(ctx.fp_denoiser, x, step, batch.cond)
-            x = walker.advance(x, eps, step, batch.noise)  # FP step, the sampler's own σ_t
+            x, carried = walker.advance(x, eps, step, batch.noise, previous=carried), walker.carry(x, eps, step)
         else:
             eps, _ = walker.predict(ctx.fp_denoiser, x_in, step, batch.cond)
-            x = walker.advance(x_in, eps_hat, step, batch.noise, hooks)
+            x = walker.advance(x_in, eps_hat, step, batch.noise, hooks, previous=carried)
+            carried = walker.carry(x_in, eps_hat, step)
             eps_on_fp, _ = walker.predict(ctx.fp_denoiser, x_fp, step, batch.cond)
-            x_fp = walker.advance(x_fp, eps_on_fp, step, batch.noise)
+            x_fp, carried_fp = (walker.advance(x_fp, eps_on_fp, step, batch.noise, previous=carried_fp),
+                                walker.carry(x_fp, eps_on_fp, step))
             eps_fp_traj.append(eps_on_fp.cpu())
             fp_states.append(x_fp.cpu())
         eps_fp.append(eps.cpu())

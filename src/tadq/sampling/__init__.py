@@ -23,7 +23,7 @@ from tadq.sampling.config import (
     default_sampler,
     make_scheduler,
 )
-from tadq.sampling.context import GuidanceBranches, StepContext, step_contexts
+from tadq.sampling.context import GuidanceBranches, StepContext, require_one_step, step_contexts
 from tadq.sampling.hooks import IdentityHooks, NoiseStd, SamplingHooks
 from tadq.sampling.loop import SamplingResult, Trajectory, sample
 from tadq.sampling.noise import initial_noise, sample_generator, step_noise
@@ -81,6 +81,7 @@ __all__ = [
     "initial_noise",
     "make_scheduler",
     "predict_x0",
+    "require_one_step",
     "sample",
     "sample_generator",
     "sampler_step",

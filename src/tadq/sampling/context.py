@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +52,7 @@ from torch import Tensor
 
 from tadq.sampling.config import FLOW_KINDS, FLOW_PREDICTION, SamplerConfig
 
-__all__ = ["DDPM_VARIANCE_TYPES", "GuidanceBranches", "StepContext", "step_contexts"]
+__all__ = ["DDPM_VARIANCE_TYPES", "GuidanceBranches", "StepContext", "require_one_step", "step_contexts"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,20 @@ class StepContext:
     def is_last(self) -> bool:
         """Whether this step produces the final sample x_0."""
         return self.index == self.num_steps - 1
+
+
+def require_one_step(steps: Sequence[StepContext], who: str, why: str) -> None:
+    """Raise ``NotImplementedError`` when a step also uses the previous step (dpmsolver++ 2M).
+
+    A correction whose maths assumes the one-step linear update x_prev = A x + B ε (+ σ z) calls this when it is
+    fitted, so a multistep sampler gets a clear refusal instead of wrong tables; ``why`` says which term breaks.
+    """
+    multistep = [step.index for step in steps if step.order > 1]
+    if multistep:
+        raise NotImplementedError(
+            f"{who} is not implemented for {steps[0].sampler_key}: {len(multistep)} of its steps also use the "
+            f"previous step's x̂_0 (x_prev = A x + B ε + C_x x_before + C_ε ε_before), and {why}. Use a one-step "
+            "sampler (ddim, ddpm, euler, flow-euler, or dpmsolver++ with order=1).")
 
 
 def _check_scheduler(scheduler: Any, sampler: SamplerConfig) -> None:

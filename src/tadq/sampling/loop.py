@@ -27,7 +27,6 @@ from tadq.sampling.config import SamplerConfig
 from tadq.sampling.context import StepContext
 from tadq.sampling.hooks import SamplingHooks, check_hooks
 from tadq.sampling.plan import SamplingPlan
-from tadq.sampling.steps import data_prediction
 from tadq.sampling.walker import Denoiser, WalkBatch, Walker, hooked_step
 
 __all__ = ["Denoiser", "SamplingResult", "Trajectory", "hooked_step", "sample"]
@@ -118,8 +117,7 @@ def _sample_batch(walker: Walker, denoiser: Denoiser, hooks: Sequence[SamplingHo
     for step in walker.steps:
         x_in, eps = walker.model_eps(denoiser, x, step, batch.cond, hooks)
         x_prev = walker.advance(x_in, eps, step, batch.noise, hooks, previous)
-        if walker.plan.multistep:
-            previous = data_prediction(x_in, eps, step)
+        previous = walker.carry(x_in, eps, step)
         if record is not None:
             record.model_inputs.append(x_in.cpu())
             record.eps.append(eps.cpu())

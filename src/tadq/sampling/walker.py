@@ -28,7 +28,7 @@ from tadq.sampling.hooks import NoiseStd, SamplingHooks, apply_after_step, apply
 from tadq.sampling.noise import initial_noise, step_noise
 from tadq.sampling.plan import SamplingPlan
 from tadq.sampling.prediction import to_epsilon
-from tadq.sampling.steps import sampler_step
+from tadq.sampling.steps import data_prediction, sampler_step
 
 __all__ = ["Denoiser", "StepAware", "Walker", "WalkBatch", "hooked_step"]
 
@@ -170,6 +170,13 @@ class Walker:
         x_in = apply_before_model(hooks, x, step)
         eps, both = self.predict(denoiser, x_in, step, cond, branches=self.wants_branches(hooks))
         return x_in, self.after_model(hooks, eps, x_in, step, both)
+
+    def carry(self, x_in: Tensor, eps: Tensor, step: StepContext) -> Tensor | None:
+        """What the next step needs from this one: its x̂_0 on a multistep plan (dpmsolver++ 2M), else ``None``.
+
+        Pass it as ``previous`` to the next ``advance`` of the same track (FP and quantized tracks each keep theirs).
+        """
+        return data_prediction(x_in, eps, step) if self.plan.multistep else None
 
     def advance(self, x_in: Tensor, eps: Tensor, step: StepContext, noise: Tensor,
                 hooks: Sequence[SamplingHooks] = (), previous: Tensor | None = None) -> Tensor:

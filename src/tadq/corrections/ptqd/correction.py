@@ -136,8 +136,9 @@ def vsc_report(correction: PTQDCorrection) -> str:
         return f"VSC off (variance=False) on {key.sampler_key}."
     stochastic = correction.std_dev > 0
     if not bool(stochastic.any()):
-        return (f"VSC inactive on {key.sampler_key}: σ_t = 0 at every step (deterministic DDIM, η = 0), so there is "
-                "no sampler noise to absorb the residual variance into; only CNC and BC act.")
+        return (f"VSC inactive on {key.sampler_key}: σ_t = 0 at every step (a deterministic sampler: DDIM with η = 0, "
+                "euler, dpmsolver++ or flow-euler), so there is no sampler noise to absorb the residual variance "
+                "into; only CNC and BC act.")
     variance = correction.std_dev.square()  # σ_t²
     absorbed = (correction.coef_eps * correction.sigma_tilde).square()  # c_t² σ̃²
     clamped = stochastic & (absorbed >= variance)

@@ -22,7 +22,7 @@ from tadq.corrections.scaling import broadcast_row, fit_channel_affine, pixel_me
 from tadq.corrections.sequential import SequentialCorrection, StepTargets
 from tadq.corrections.tac.config import TACConfig
 from tadq.registry import register_correction
-from tadq.sampling import StepContext
+from tadq.sampling import StepContext, require_one_step
 
 __all__ = ["TACCorrection", "tac_tables"]
 
@@ -40,6 +40,8 @@ class TACCorrection(SequentialCorrection):
             self.register_table(name)
 
     def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
+        require_one_step(steps, "TAC", "IBC's add-back A_i b_i restores the input bias through the current state "
+                         "only, not through the previous x̂_0 the next step reuses")
         channels, count = sample_shape[0], len(steps)
         bias_shape = (count, channels) if self.config.ibc_resolution == "channel" else (count, *sample_shape)
         self.input_bias = torch.zeros(bias_shape, dtype=torch.float64)

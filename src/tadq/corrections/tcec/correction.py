@@ -26,7 +26,7 @@ from tadq.corrections.sequential import SequentialCorrection, StepTargets
 from tadq.corrections.tcec.config import TCECConfig
 from tadq.corrections.tcec.propagation import step_coefficients
 from tadq.registry import register_correction
-from tadq.sampling import StepContext, sampler_step
+from tadq.sampling import StepContext, require_one_step, sampler_step
 
 __all__ = ["TCECCorrection", "tcec_tables"]
 
@@ -52,6 +52,8 @@ class TCECCorrection(SequentialCorrection):
 
     # -- fitting ----------------------------------------------------------------------------------------------------
     def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
+        require_one_step(steps, "TCEC", "its propagation (δ' = (A + B J) δ + B e) and delayed term carry an error "
+                         "one step only, while a multistep update carries it two steps through C_x and C_ε")
         shape = (len(steps), sample_shape[0]) if self.config.resolution == "channel" else (len(steps), *sample_shape)
         self.k = torch.zeros(shape, dtype=torch.float64)
         self.b = torch.zeros(shape, dtype=torch.float64)
