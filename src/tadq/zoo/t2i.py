@@ -33,12 +33,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
 from tadq.zoo.t2i_text import build_text_encoder, build_tokenizer
-from tadq.zoo.train import CHECKPOINT_NAME, _learning_rate
+from tadq.zoo.train import CHECKPOINT_NAME, _learning_rate, load_checkpoint, save_checkpoint
 from tadq.zoo.unet import build_training_scheduler
 
 __all__ = ["T2ITrainConfig", "build_t2i_unet", "build_t2i_vae", "load_t2i_pipeline", "shipped_t2i_path",
@@ -241,13 +240,7 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
     start, elapsed, recent, curve = 0, 0.0, [], []
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.exists():
-        tensors, tree = load_checked(checkpoint, "training checkpoint")
-        state = join_tensors(tree, tensors)
-        saved, current = dict(state["config"]), json.loads(json.dumps(asdict(config)))
-        if {**saved, "steps": 0} != {**current, "steps": 0}:
-            raise ValueError(f"{checkpoint} was written by a different T2ITrainConfig; delete it or use another --out")
-        if state["step"] > config.steps:
-            raise ValueError(f"{checkpoint} is at step {state['step']}, past steps={config.steps}")
+        state = load_checkpoint(checkpoint, config)
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])
@@ -288,14 +281,12 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
             curve.append(round(sum(recent) / len(recent), 6))
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            state = {
+            save_checkpoint(checkpoint, {
                 "config": asdict(config), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
                 "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "generator": generator.get_state(),
                 "step": step + 1, "elapsed": time.perf_counter() - t0, "recent_losses": recent,
                 "loss_every_100": curve,
-            }
-            tree, tensors = split_tensors(state)
-            save_checked(tensors, tree, checkpoint)
+            })
     wall = time.perf_counter() - t0
     ema.copy_to(trained)
     unet.eval()

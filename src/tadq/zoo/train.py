@@ -25,7 +25,7 @@ from tadq.utils import library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
-__all__ = ["TrainConfig", "train_ddpm", "train_digits_ddpm"]
+__all__ = ["TrainConfig", "load_checkpoint", "save_checkpoint", "train_ddpm", "train_digits_ddpm"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "train_checkpoint.safetensors"
@@ -64,8 +64,31 @@ class TrainConfig:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
 
 
-def _learning_rate(config: TrainConfig, step: int) -> float:
+def _learning_rate(config: TrainConfig | Any, step: int) -> float:
     return config.learning_rate * min(1.0, (step + 1) / max(1, config.warmup_steps))
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a resumable training state (tensors in safetensors, the rest as JSON metadata, checksummed)."""
+    tree, tensors = split_tensors(state)
+    save_checked(tensors, tree, path)
+
+
+def load_checkpoint(path: Path, config: Any) -> dict[str, Any]:
+    """Read a state written by ``save_checkpoint``; ValueError unless it was written by ``config`` (but ``steps``).
+
+    ``steps`` may differ: nothing but the loop's end depends on it (constant learning rate after the warm-up), so a
+    run resumed with other steps is the run that had those steps from the start.
+    """
+    tensors, tree = load_checked(path, "training checkpoint")
+    state = join_tensors(tree, tensors)
+    saved, current = dict(state["config"]), json.loads(json.dumps(asdict(config)))
+    if {**saved, "steps": 0} != {**current, "steps": 0}:
+        raise ValueError(f"{path} was written by a different TrainConfig ({type(config).__name__}); delete it or use "
+                         "another --out")
+    if state["step"] > config.steps:
+        raise ValueError(f"{path} is at step {state['step']}, past steps={config.steps}")
+    return state
 
 
 def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "") -> Path:
@@ -101,15 +124,7 @@ def train_ddpm(
     start, elapsed, recent = 0, 0.0, []  # recent: the last 100 batch losses
     checkpoint = out_dir / CHECKPOINT_NAME
     if checkpoint.exists():
-        tensors, tree = load_checked(checkpoint, "training checkpoint")
-        state = join_tensors(tree, tensors)
-        # steps may differ: nothing but the loop's end depends on it (constant learning rate after the warm-up),
-        # so a run resumed with other steps is the run that had those steps from the start
-        saved, current = dict(state["config"]), json.loads(json.dumps(asdict(config)))
-        if {**saved, "steps": 0} != {**current, "steps": 0}:
-            raise ValueError(f"{checkpoint} was written by a different TrainConfig; delete it or use another --out")
-        if state["step"] > config.steps:
-            raise ValueError(f"{checkpoint} is at step {state['step']}, past steps={config.steps}")
+        state = load_checkpoint(checkpoint, config)
         unet.load_state_dict(state["unet"])
         optimizer.load_state_dict(state["optimizer"])
         ema.load_state_dict(state["ema"])
@@ -143,13 +158,11 @@ def train_ddpm(
         recent = (recent + [loss_value])[-100:]
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            state = {
+            save_checkpoint(checkpoint, {
                 "config": asdict(config), "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
                 "ema": ema.state_dict(), "generator": generator.get_state(), "step": step + 1,
                 "elapsed": time.perf_counter() - t0, "recent_losses": recent,
-            }
-            tree, tensors = split_tensors(state)
-            save_checked(tensors, tree, checkpoint)
+            })
     wall = time.perf_counter() - t0
     ema.copy_to(unet.parameters())
     unet.eval()
