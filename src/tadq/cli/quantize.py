@@ -199,6 +199,8 @@ def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: P
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.pipelines.quantized import check_drivable_scheduler
 
+    if model_dir is not None and not model_dir.exists():
+        raise FileNotFoundError(f"model folder {model_dir} does not exist")
     prompts = list(given or [])
     if file is not None:
         if not file.is_file():
@@ -313,6 +315,10 @@ def quantize_command(
         else:
             from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
 
+            if recipe.guidance_scale == 1.0:
+                logger.warning("calibrating %s without classifier-free guidance (the recipe's deployment guidance "
+                               "is 1.0); text-to-image pipelines are usually sampled at 5-8: --set "
+                               "deployments.0.guidance_scale=7.5", model_dir)
             pipe = load_fp_pipeline(model_dir)
             qmodel = quantize(pipe.unet, pipe.scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
                               device=torch_device, dtype=torch_dtype, conditions=PromptConditions(pipe, prompts))

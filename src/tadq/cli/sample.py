@@ -195,6 +195,8 @@ def sample_command(
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         source = model_dir if model_dir is not None else shipped_model_path()
+        if model_dir is not None and not model_dir.exists():
+            raise FileNotFoundError(f"model folder {model_dir} does not exist")
         if model_dir is not None and is_prompt_pipeline(model_dir):
             if backend != "fake":
                 raise ValueError(f"--backend {backend}: a text-to-image pipeline samples with the fake backend only")
