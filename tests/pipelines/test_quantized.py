@@ -211,3 +211,18 @@ def test_fitted_corrections_act_in_the_pipeline_and_key_its_calls(sd_folder, con
                         ({"guidance_scale": GUIDANCE + 2}, "fitted at guidance_scale"), ({"eta": 1.0}, "eta1")):
         with pytest.raises(ValueError, match=match):
             qpipe("a cat", progress=False, **call)
+
+
+def test_a_changed_fp_component_of_the_artefact_is_caught_by_its_manifest(sd_artefact, tmp_path):
+    import shutil
+
+    from tadq.io.manifest import ArtefactDamaged
+
+    copy = tmp_path / "art"
+    shutil.copytree(sd_artefact, copy)
+    weights = copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF  # same size, valid header: only the manifest's hash can tell
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtefactDamaged, match="vae/diffusion_pytorch_model.safetensors"):
+        tadq.load_pipeline(copy)
