@@ -75,7 +75,8 @@ class PromptEncoder:
         time_ids = None
         if sdxl:
             size = pipe.unet.config.sample_size
-            default = (size * pipe.vae_scale_factor, size * pipe.vae_scale_factor)
+            height, width = (size, size) if isinstance(size, int) else tuple(size)
+            default = (height * pipe.vae_scale_factor, width * pipe.vae_scale_factor)
             time_ids = tuple(float(v) for v in (*(original_size or default), *crops_coords_top_left,
                                                  *(target_size or default)))
             _check_time_embedding(pipe, len(time_ids))
