@@ -210,13 +210,13 @@ def euler_step(
     _require_deterministic(step, std, direction_std)
     sigma = _scalar(float(step.sigma_t), x_t)  # type: ignore[arg-type]
     sigma_next = _scalar(float(step.sigma_prev), x_t)  # type: ignore[arg-type]
-    sample = x_t * ((sigma**2 + 1) ** 0.5)  # back to diffusers' σ-space sample s
+    sample = x_t.to(torch.float32) * ((sigma**2 + 1) ** 0.5)  # back to diffusers' σ-space sample s, upcast as it does
     sigma_hat = sigma * (0.0 + 1)  # churn γ = 0, as diffusers writes it
     pred_original_sample = sample - sigma_hat * eps
     derivative = (sample - pred_original_sample) / sigma_hat
     dt = sigma_next - sigma_hat
     prev_sample = sample + derivative * dt
-    return prev_sample / ((sigma_next**2 + 1) ** 0.5)
+    return (prev_sample / ((sigma_next**2 + 1) ** 0.5)).to(x_t.dtype)  # the state keeps the model's dtype
 
 
 def _alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,20 +258,20 @@ def dpmsolver_step(
             "order=1 only."
         )
     x0 = data_prediction(x_t, eps, step)
-    x_t = x_t.to(torch.float32)
+    dtype, x_t = x_t.dtype, x_t.to(torch.float32)  # diffusers upcasts the sample for the update, then casts back
     alpha_t, sigma_t = _alpha_sigma(_scalar(float(step.sigma_prev), x_t))  # type: ignore[arg-type]
     alpha_s0, sigma_s0 = _alpha_sigma(_scalar(float(step.sigma_t), x_t))  # type: ignore[arg-type]
     lambda_t = torch.log(alpha_t) - torch.log(sigma_t)
     lambda_s0 = torch.log(alpha_s0) - torch.log(sigma_s0)
     h = lambda_t - lambda_s0
     if step.order == 1:
-        return (sigma_t / sigma_s0) * x_t - (alpha_t * (torch.exp(-h) - 1.0)) * x0
+        return ((sigma_t / sigma_s0) * x_t - (alpha_t * (torch.exp(-h) - 1.0)) * x0).to(dtype)
     alpha_s1, sigma_s1 = _alpha_sigma(_scalar(float(step.sigma_before), x_t))  # type: ignore[arg-type]
     lambda_s1 = torch.log(alpha_s1) - torch.log(sigma_s1)
     r0 = (lambda_s0 - lambda_s1) / h
     d1 = (1.0 / r0) * (x0 - previous)
     return ((sigma_t / sigma_s0) * x_t - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-            - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+            - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1).to(dtype)
 
 
 def flow_euler_step(
@@ -291,7 +291,7 @@ def flow_euler_step(
     """
     _require_deterministic(step, std, direction_std)
     dt = _scalar(float(step.sigma_prev), x_t) - _scalar(float(step.sigma_t), x_t)  # type: ignore[arg-type]
-    return x_t.to(torch.float32) + dt * velocity
+    return (x_t.to(torch.float32) + dt * velocity).to(x_t.dtype)  # upcast for the update as diffusers does
 
 
 def _ddim(x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None,
