@@ -134,3 +134,18 @@ def test_quantize_refuses_missing_or_unusable_conditions_before_any_work(setup):
         api.quantize(model, scheduler, recipe, conditions=RandomClassLabels(NUM_CLASSES), progress=False)
     with pytest.raises(ValueError, match="unconditional but was given"):
         api.quantize(build_tiny_unet(), scheduler, recipe, conditions=LABELS, progress=False)
+
+
+def test_tfmq_calibrates_a_class_conditional_model_with_guidance(setup):
+    """TFMQ-DM's finite set is (t, label); its model-wide FSC ranges come from guided trajectories with labels."""
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    model, scheduler, _ = setup
+    settings = TFMQConfig(num_samples=4, seed=5, fsc="model", fsc_samples_per_step=4, tiar=False,
+                          freeze_time_projections=False)
+    recipe = tadq.Recipe.from_preset("W4A8", method=TFMQMethod(base="naive", tfmq=settings), calibration=CALIB,
+                                     deployments=(tadq.Deployment(SAMPLER, guidance_scale=GUIDANCE),))
+    qmodel = api.quantize(model, scheduler, recipe, conditions=LABELS, progress=False)
+    images = _sample(qmodel, scheduler)
+    assert torch.isfinite(images).all()
+    assert qmodel.corrections[0].sampler_key == SAMPLER.key

@@ -17,6 +17,7 @@ from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.denoiser import QuantizedDenoiser
 from tadq.methods import check_base, model_device
 from tadq.recipe import register_quant_method
+from tadq.sampling.conditioning import ConditionSource
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
 from tadq.tfmq.pipeline import apply_tfmq, quantize_tfmq
@@ -54,11 +55,8 @@ class TFMQMethod:
 
 def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
               calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
-              checkpoint: str | Path | None = None, progress: bool = True, conditions: object = None,
-              guidance_scale: float = 1.0) -> QuantizedDenoiser:
-    if conditions is not None or guidance_scale != 1.0:
-        raise NotImplementedError("TFMQ-DM in tadq calibrates unconditional models only (its FSC tables and TIAR "
-                                  "data are not keyed by conditioning yet); use naive or qdiffusion with corrections")
+              checkpoint: str | Path | None = None, progress: bool = True,
+              conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> QuantizedDenoiser:
     if model is not reference:
         raise NotImplementedError("TFMQ-DM reconstructs against the FP model itself: run it with the reference in "
                                   "float32 (dtype=float32)")
@@ -66,17 +64,15 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
         raise ValueError(f"the calibration set is on {calibration.x.device}, the model on {model_device(model)}")
     return quantize_tfmq(model, scheduler, config, recipe.method.tfmq, recipe.sampler, calibration=calibration,
                          cache_dir=None if cache_dir is None else str(cache_dir),
-                         checkpoint=None if checkpoint is None else str(checkpoint), progress=progress)
+                         checkpoint=None if checkpoint is None else str(checkpoint), progress=progress,
+                         conditions=conditions, guidance_scale=guidance_scale)
 
 
 def _reuse(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
-           cache_dir: str | Path | None = None, progress: bool = True, conditions: object = None,
+           cache_dir: str | Path | None = None, progress: bool = True, conditions: ConditionSource | None = None,
            guidance_scale: float = 1.0, **_: object) -> QuantizedDenoiser:
     """A saved TFMQ model (same TIAR settings) or, without TIAR and freezing, the Q-Diffusion network: FSC and
     maintenance are rebuilt for the recipe (seconds); the weights are the base's."""
-    if conditions is not None or guidance_scale != 1.0:
-        raise NotImplementedError("TFMQ-DM in tadq calibrates unconditional models only (its FSC tables are not "
-                                  "keyed by conditioning yet)")
     check_base(base, config)
     settings: TFMQConfig = recipe.method.tfmq
     members = list(base.corrections)
@@ -88,7 +84,8 @@ def _reuse(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe: Rec
         raise ValueError("a base without TFMQ weights only serves TFMQ settings with tiar=False and "
                          "freeze_time_projections=False; quantize this recipe without base=")
     return apply_tfmq(base, reference, scheduler, settings, recipe.sampler,
-                      cache_dir=None if cache_dir is None else str(cache_dir), progress=progress)
+                      cache_dir=None if cache_dir is None else str(cache_dir), progress=progress,
+                      conditions=conditions, guidance_scale=guidance_scale)
 
 
 register_quant_method(TFMQMethod, _quantize, _reuse)

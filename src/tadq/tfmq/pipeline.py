@@ -27,6 +27,7 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig, SamplingPlan
+from tadq.sampling.conditioning import ConditionSource
 from tadq.tfmq.cache import dequantize_cache, disturbance, quantize_cache
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
@@ -47,7 +48,7 @@ def deployment_grid(scheduler, sampler: SamplerConfig) -> Tensor:
 def quantize_tfmq(
     model: nn.Module, scheduler, quant_config: QuantConfig, tfmq_config: TFMQConfig, sampler: SamplerConfig, *,
     calibration: CalibrationSet | None = None, cache_dir: str | None = None, checkpoint: str | None = None,
-    progress: bool = True,
+    progress: bool = True, conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
 ) -> QuantizedDenoiser:
     """Quantize a copy of ``model`` with TFMQ-DM on top of ``quant_config``'s base quantizer.
 
@@ -61,6 +62,9 @@ def quantize_tfmq(
         calibration: the base calibration set (collected from ``quant_config.calibration`` when ``None``).
         cache_dir: where calibration sets are cached between runs.
         checkpoint: block-reconstruction checkpoint file.
+        conditions: per-sample conditions of the FP trajectories (calibration set, model-wide FSC) of a conditional
+            model; the temporal path itself reads only (t, class label), so TIAR and the feature cache need none.
+        guidance_scale: the deployment's classifier-free guidance scale those trajectories are sampled with.
 
     Returns:
         A ``QuantizedDenoiser`` whose ``corrections`` hold the ``TFMQCorrection`` (saved and restored by
@@ -70,7 +74,8 @@ def quantize_tfmq(
     qmodel = build_quantized_structure(model, quant_config)
     if calibration is None:
         calibration = collect_calibration_set(model, adapter, scheduler.config, quant_config.calibration,
-                                              cache_dir=cache_dir, progress=progress)
+                                              cache_dir=cache_dir, progress=progress, conditions=conditions,
+                                              guidance_scale=guidance_scale)
     if quant_config.activations.enabled:
         calibrate_activations(qmodel, calibration, quant_config.calibration.batch_size, quant_config.calibration.seed,
                               progress)
@@ -87,12 +92,13 @@ def quantize_tfmq(
             qmodel.model, model, adapter, calibration, quant_config.reconstruction, checkpoint=checkpoint,
             progress=progress, frozen_layers=sorted(frozen))
     return apply_tfmq(qmodel, model, scheduler, tfmq_config, sampler, cache_dir=cache_dir, progress=progress,
-                      report=report)
+                      report=report, conditions=conditions, guidance_scale=guidance_scale)
 
 
 def apply_tfmq(
     qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, tfmq_config: TFMQConfig, sampler: SamplerConfig, *,
     cache_dir: str | None = None, progress: bool = True, report: dict[str, Any] | None = None,
+    conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
 ) -> QuantizedDenoiser:
     """Build FSC and maintenance for ``qmodel``'s current weights (steps 4-5), in place; returns ``qmodel``.
 
@@ -119,7 +125,7 @@ def apply_tfmq(
     correction.set_grid(sampler.key, timesteps)
     if tfmq_config.fsc != "off":
         quantizers, run_step = _fsc_inputs(qmodel, fp_model, scheduler, tfmq_config, sampler, timesteps, cache_dir,
-                                           progress)
+                                           progress, conditions, guidance_scale)
         correction.set_fsc(list(quantizers), *calibrate_per_step(quantizers, len(timesteps), run_step,
                                                                  tfmq_config.fsc_range))
     correction.prepare(qmodel.model, adapter)
@@ -140,7 +146,8 @@ def apply_tfmq(
 
 
 def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, config: TFMQConfig,
-                sampler: SamplerConfig, timesteps: Tensor, cache_dir: str | None, progress: bool):
+                sampler: SamplerConfig, timesteps: Tensor, cache_dir: str | None, progress: bool,
+                conditions: ConditionSource | None = None, guidance_scale: float = 1.0):
     """The FSC quantizers (name → quantizer) and ``run_step(s)``, which feeds them step s's data."""
     tib = TemporalInformationBlock(qmodel.model, qmodel.adapter)
     if config.fsc == "tib":
@@ -153,7 +160,8 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
         return tib.activation_quantizers(), run_tib
     fsc_set = collect_calibration_set(fp_model, qmodel.adapter, scheduler.config, CalibrationConfig(
         sampler=sampler, num_trajectories=config.num_samples, num_steps_kept=sampler.num_steps,
-        samples_per_step=config.fsc_samples_per_step, seed=config.seed), cache_dir=cache_dir, progress=progress)
+        samples_per_step=config.fsc_samples_per_step, seed=config.seed), cache_dir=cache_dir, progress=progress,
+        conditions=conditions, guidance_scale=guidance_scale)
 
     def run_model(step: int) -> None:
         chosen = fsc_set.step_index == step
