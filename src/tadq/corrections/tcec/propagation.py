@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from tadq.sampling import StepContext
+from tadq.sampling import StepContext, require_one_step
 
 __all__ = ["Coefficients", "chain_factors", "clip_aware_coefficients", "final_contributions", "predict_j0",
            "predict_recursive", "step_coefficients"]
@@ -43,6 +43,7 @@ def clip_aware_coefficients(steps: Sequence[StepContext], states: Tensor, eps: T
     Returns:
         One (A, B) pair of float64 tensors (N, C, H, W) per step.
     """
+    _require_one_step(steps)
     return [step_coefficients(step, states[n], eps[n]) for n, step in enumerate(steps)]
 
 
@@ -61,7 +62,13 @@ def step_coefficients(step: StepContext, x: Tensor, eps: Tensor) -> tuple[Tensor
     return torch.where(clipped, clipped_a, unclipped_a), torch.where(clipped, clipped_b, unclipped_b)
 
 
+def _require_one_step(steps: Sequence[StepContext]) -> None:
+    require_one_step(steps, "TCEC's error propagation", "δ_{n+1} then also depends on δ_{n-1} and e_{n-1} "
+                     "(through coef_prev_x and coef_prev_eps), which this one-step recursion leaves out")
+
+
 def _coefficients(steps: Sequence[StepContext]) -> tuple[Tensor, Tensor]:
+    _require_one_step(steps)
     coef_x = torch.tensor([step.coef_x for step in steps], dtype=torch.float64)
     coef_eps = torch.tensor([step.coef_eps for step in steps], dtype=torch.float64)
     return coef_x, coef_eps
@@ -103,6 +110,7 @@ def predict_j0(errors: Tensor, steps: Sequence[StepContext]) -> Tensor:
 
 
 def _scalar_pairs(steps: Sequence[StepContext]) -> list[tuple[float, float]]:
+    _require_one_step(steps)
     return [(step.coef_x, step.coef_eps) for step in steps]
 
 
@@ -114,6 +122,7 @@ def predict_recursive(errors: Tensor, steps: Sequence[StepContext],
     ``coefficients``: per-step (A_n, B_n), e.g. ``clip_aware_coefficients``; default the sampler's scalars.
     Returns (S+1, N, ...) float64.
     """
+    _require_one_step(steps)
     pairs = _scalar_pairs(steps) if coefficients is None else coefficients
     delta = torch.zeros_like(errors[0], dtype=torch.float64)
     states = [delta]
@@ -134,6 +143,7 @@ def final_contributions(errors: Tensor, steps: Sequence[StepContext],
     The terms are not orthogonal, so they need not sum to the final MSE; they show which steps' errors dominate.
     ``coefficients`` as in ``predict_recursive``.
     """
+    _require_one_step(steps)
     if coefficients is not None:
         shares, carried = [], torch.ones_like(errors[0], dtype=torch.float64)  # Π_{r>s} A_r, built backwards
         for s in reversed(range(len(steps))):
