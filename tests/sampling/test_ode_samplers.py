@@ -129,7 +129,9 @@ def test_euler_kernel_is_bit_identical_given_the_same_sigma_space_sample(spacing
         x, eps = torch.randn((3, *SHAPE), generator=generator), torch.randn((3, *SHAPE), generator=generator)
         sigma = torch.tensor(step.sigma_t, dtype=torch.float32)
         sigma_next = torch.tensor(step.sigma_prev, dtype=torch.float32)
-        expected = scheduler.step(eps, t, x * ((sigma**2 + 1) ** 0.5)).prev_sample / ((sigma_next**2 + 1) ** 0.5)
+        expected = scheduler.step(eps, t, x * ((sigma**2 + 1) ** 0.5)).prev_sample
+        if not step.is_last:
+            expected = expected / ((sigma_next**2 + 1) ** 0.5)
         assert torch.equal(euler_step(x, eps, step), expected)
 
 
@@ -150,7 +152,8 @@ def _euler_bound(scheduler, net: nn.Module, z: torch.Tensor) -> tuple[torch.Tens
     bound = torch.zeros(z.shape[0], z[0].numel(), dtype=torch.float64)  # (B, D)
     for n, (current, model_input, output, time) in enumerate(record):
         sigma, sigma_next = float(sigmas[n]), float(sigmas[n + 1])
-        c, c_next = math.sqrt(sigma**2 + 1), math.sqrt(sigma_next**2 + 1)
+        c = math.sqrt(sigma**2 + 1)
+        c_next = 1.0 if n == len(record) - 1 else math.sqrt(sigma_next**2 + 1)  # the last step returns s' itself
         coef_x, coef_eps = c / c_next, (sigma_next - sigma) / c_next
         s, eps = current.double().flatten(1), output.double().flatten(1)
         pred = s - sigma * eps
@@ -169,9 +172,9 @@ def _euler_bound(scheduler, net: nn.Module, z: torch.Tensor) -> tuple[torch.Tens
     return final, bound.view_as(z)
 
 
-@pytest.mark.parametrize("spacing", ["linspace", "leading"])
-def test_euler_full_run_matches_diffusers_within_the_derived_bound(spacing: str) -> None:
-    train = EulerDiscreteScheduler(timestep_spacing=spacing)
+@pytest.mark.parametrize(("spacing", "final"), [("linspace", "zero"), ("leading", "zero"), ("leading", "sigma_min")])
+def test_euler_full_run_matches_diffusers_within_the_derived_bound(spacing: str, final: str) -> None:
+    train = EulerDiscreteScheduler(timestep_spacing=spacing, final_sigmas_type=final)
     sampler = SamplerConfig("euler", num_steps=12)
     net = TinyNet()
     with torch.no_grad():
@@ -216,7 +219,8 @@ def test_v_prediction_steps_match_diffusers_within_the_conversion_rounding(kind:
         x, v = torch.randn((3, *SHAPE), generator=generator), torch.randn((3, *SHAPE), generator=generator)
         c = math.sqrt(step.sigma_t**2 + 1)
         if kind == "euler":
-            expected = scheduler.step(v, t, x * c).prev_sample / math.sqrt(step.sigma_prev**2 + 1)
+            expected = scheduler.step(v, t, x * c).prev_sample / (1.0 if step.is_last else
+                                                                   math.sqrt(step.sigma_prev**2 + 1))
         else:
             expected = scheduler.step(v, t, x).prev_sample
         got = sampler_step(x, to_epsilon(v, x, step), step)

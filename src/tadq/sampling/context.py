@@ -18,7 +18,8 @@ The linear form ignores x_0 clipping; with ``clip_sample`` on, it holds only whe
 The ODE kinds carry their own noise level σ (``sigma_t`` → ``sigma_prev``, read from the diffusers scheduler's
 ``sigmas``) and are deterministic (σ_t of the noise term is 0); the state is always what the network sees:
 
-    euler (ε, VP state x = s/√(σ²+1)):  A_t = √(σ²+1)/√(σ'²+1),  B_t = (σ' - σ)/√(σ'²+1)   (≡ DDIM η=0 on σ's grid)
+    euler (ε, VP state x = s/√(σ²+1)):  A_t = √(σ²+1)/√(σ'²+1),  B_t = (σ' - σ)/√(σ'²+1)   (≡ DDIM η=0 on σ's grid;
+                                        the last step returns s' itself: √(σ'²+1) → 1 there)
     dpmsolver++ (VP, α = 1/√(σ²+1), s = σα, λ = log α - log s, h = λ' - λ, c = α'(e^{-h} - 1)):
         order 1:  A_t = s'/s - c/α,  B_t = c s/α
         order 2:  with r = (λ - λ_before)/h, w = 1/(2r): A_t = s'/s - c(1+w)/α, B_t = c(1+w) s/α, and the previous
@@ -305,9 +306,10 @@ def _ode_contexts(scheduler: Any, sampler: SamplerConfig, guidance_scale: float)
         else:
             alpha_prod, alpha_prod_prev = (float(1 / (torch.tensor(v, dtype=torch.float32) ** 2 + 1))
                                            for v in (sigma, sigma_prev))
-            if sampler.kind == "euler":
-                coef_x = math.sqrt(sigma**2 + 1) / math.sqrt(sigma_prev**2 + 1)
-                coef_eps = (sigma_prev - sigma) / math.sqrt(sigma_prev**2 + 1)
+            if sampler.kind == "euler":  # the last step returns s' unscaled (steps.euler_step)
+                scale_next = 1.0 if index == count - 1 else math.sqrt(sigma_prev**2 + 1)
+                coef_x = math.sqrt(sigma**2 + 1) / scale_next
+                coef_eps = (sigma_prev - sigma) / scale_next
             else:
                 coef_x, coef_eps, prev_x, prev_eps = _dpm_coefficients(sigma, sigma_prev, sigma_before, order)
         t_prev = times[index + 1] if index + 1 < count else -1

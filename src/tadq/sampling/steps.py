@@ -23,6 +23,7 @@ x = (1-σ) x_0 + σ ε for flow-euler. Each update is written as the diffusers `
 float32 0-d constants, so from the same inputs the native part is bit-identical:
 
     euler:        s = x·√(σ²+1);  x̂_0 = s - σ ε;  d = (s - x̂_0)/σ;  s' = s + d (σ' - σ);  x' = s'/√(σ'²+1)
+                  (the last step returns s' itself, diffusers' output, also when the grid ends at σ_min > 0)
     dpmsolver++:  x̂_0 = (x - s_σ ε)/α_σ  (α_σ = 1/√(σ²+1), s_σ = σ α_σ, λ = log α - log s, h = λ' - λ)
                   order 1:  x' = (s_σ'/s_σ) x - α_σ'(e^{-h} - 1) x̂_0
                   order 2:  r = (λ - λ_before)/h, D = (x̂_0 - x̂_0,before)/r,
@@ -205,7 +206,7 @@ def euler_step(
         noise, std, direction_std, previous: accepted for one shared signature; the step is deterministic.
 
     Returns:
-        x_prev, the next network input s'/√(σ'²+1), (B, C, H, W).
+        x_prev, the next network input s'/√(σ'²+1), (B, C, H, W); after the last step the sample s' itself.
     """
     _require_deterministic(step, std, direction_std)
     sigma = _scalar(float(step.sigma_t), x_t)  # type: ignore[arg-type]
@@ -216,6 +217,8 @@ def euler_step(
     derivative = (sample - pred_original_sample) / sigma_hat
     dt = sigma_next - sigma_hat
     prev_sample = sample + derivative * dt
+    if step.is_last:  # the sample itself, as diffusers returns it (differs from the VP state when σ' = σ_min > 0)
+        return prev_sample.to(x_t.dtype)
     return (prev_sample / ((sigma_next**2 + 1) ** 0.5)).to(x_t.dtype)  # the state keeps the model's dtype
 
 
