@@ -31,7 +31,7 @@ def cli_artefact(sd_folder, condition_adapter, tmp_path_factory):
     out = root / "art"
     result, text = _invoke(["quantize", sd_folder, "--out", out, "--preset", "W8A8", "--method", "naive",
                             "--steps", 3, "--calib-trajectories", 4, "--calib-prompt", "a dog",
-                            "--calib-prompts", prompts, "--set", "deployments.0.guidance_scale=2.5",
+                            "--calib-prompts", prompts, "--guidance-scale", 2.5,
                             "--cache-dir", root / "cache", "--threads", 1])
     assert result.exit_code == 0, text
     return out

@@ -250,6 +250,9 @@ def quantize_command(
     eta: Annotated[float | None, typer.Option(help="Deployment DDIM eta (recipe's, else 0).")] = None,
     calib_seed: Annotated[int | None, typer.Option(help="Calibration noise seed (0).")] = None,
     calib_trajectories: Annotated[int | None, typer.Option(help="FP trajectories recorded (256).")] = None,
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance of the deployment: calibration trajectories are sampled and corrections "
+             "fitted at it (text-to-image pipelines; same as --set deployments.0.guidance_scale=G).")] = None,
     calib_prompt: Annotated[list[str] | None, typer.Option(
         "--calib-prompt", help="Calibration prompt of a text-to-image pipeline (repeat; trajectory i gets prompt i "
                                "mod the count). Keep them apart from the prompts you evaluate with.")] = None,
@@ -299,6 +302,9 @@ def quantize_command(
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
         recipe = resolve_recipe(recipe_file, config_file, flags, parse_settings(set_fields))
+        if guidance_scale is not None:
+            deployment = dataclasses.replace(recipe.deployments[0], guidance_scale=guidance_scale)
+            recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
         source = model_dir if model_dir is not None else shipped_model_path()
         prompts = calibration_prompts(model_dir, calib_prompt, calib_prompts)
         # every path first: a refused --out or an unwritable cache must not cost a whole quantization
