@@ -195,3 +195,13 @@ def test_tcec_propagation_refuses_a_multistep_plan() -> None:
     for call in (lambda: predict_j0(errors, steps), lambda: predict_recursive(errors, steps)):
         with pytest.raises(NotImplementedError, match="coef_prev_x"):
             call()
+
+
+def test_paired_final_error_walks_dpmsolver_2m_with_each_tracks_previous_prediction() -> None:
+    """The sequential walk (used to score stacks) carries x̂_0 per track (without it a 2M step raises): with no
+    error both tracks coincide, with an injected one they do not."""
+    sampler = SamplerConfig("dpmsolver++", 10)
+    scheduler = analytic_scheduler()
+    fp = AnalyticDenoiser(scheduler)
+    assert paired_final_error(fit_context(fp, fp, scheduler, sampler), (), num_samples=4, seed=3) == 0.0
+    assert paired_final_error(fit_context(fp, InjectedError(fp), scheduler, sampler), (), num_samples=4, seed=3) > 0

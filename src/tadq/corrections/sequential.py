@@ -113,6 +113,7 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
     earlier = tuple(hooks[:-1]) if fitting is not None else tuple(hooks)
     cond, size, wants = start.cond, ctx.batch_size, walker.wants_branches(hooks)
     x_fp, x_hat = start.x, start.x
+    carried_hat = carried_fp = None  # each track's previous x̂_0 on a multistep sampler (Walker.carry)
     for step in walker.steps:
         x_in = apply_before_model(earlier, x_hat, step)
         if fitting is not None:
@@ -127,8 +128,10 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
                 fp_trajectory=eps_fp, x_in=x_in, x_fp=x_fp)
             fitting.fit_output_row(step.index, eps_hat, targets, step)
             eps_hat = walker.after_model((fitting,), eps_hat, x_in, step, branches)
-        x_hat = walker.advance(x_in, eps_hat, step, start.noise, hooks)
-        x_fp = walker.advance(x_fp, eps_fp, step, start.noise)
+        x_hat, carried_hat = (walker.advance(x_in, eps_hat, step, start.noise, hooks, carried_hat),
+                              walker.carry(x_in, eps_hat, step))
+        x_fp, carried_fp = (walker.advance(x_fp, eps_fp, step, start.noise, previous=carried_fp),
+                            walker.carry(x_fp, eps_fp, step))
     return x_fp, x_hat
 
 
