@@ -27,37 +27,47 @@ from tadq.recipe import Deployment, NaiveMethod, Recipe
 from tadq.svdquant import SVDQuantMethod
 from tadq.svdquant.cost import cost_summary
 
-# label → (method, activation granularity, group size, smoothing, rotation, rank)
-ROWS: dict[str, tuple[str, str, int, bool, str, int]] = {
+# label → (method, activation granularity, group size, smoothing, rotation, rank[, activation bits])
+ROWS: dict[str, tuple] = {
     "naive per-tensor (static)": ("naive", "per_tensor", 64, False, "none", 0),
     "naive per-token": ("naive", "per_token", 64, False, "none", 0),
     "naive per-group g=16": ("naive", "per_group", 16, False, "none", 0),
     "naive per-group g=16 + rotation": ("naive", "per_group", 16, False, "hadamard", 0),
-    "smoothing only, per-group g=16": ("svdquant", "per_group", 16, True, "none", 0),
-    "SVDQuant r=4, per-group g=16": ("svdquant", "per_group", 16, True, "none", 4),
-    "SVDQuant r=8, per-group g=16": ("svdquant", "per_group", 16, True, "none", 8),
-    "SVDQuant r=16, per-group g=16": ("svdquant", "per_group", 16, True, "none", 16),
-    "SVDQuant r=16, per-group g=16 + rotation": ("svdquant", "per_group", 16, True, "hadamard", 16),
-    "SVDQuant r=16, per-token": ("svdquant", "per_token", 64, True, "none", 16),
-    "SVDQuant r=16, per-tensor (static)": ("svdquant", "per_tensor", 64, True, "none", 16),
+    "smoothing only per-group g=16": ("svdquant", "per_group", 16, True, "none", 0),
+    "SVDQuant r=4 per-group g=16": ("svdquant", "per_group", 16, True, "none", 4),
+    "SVDQuant r=8 per-group g=16": ("svdquant", "per_group", 16, True, "none", 8),
+    "SVDQuant r=16 per-group g=16": ("svdquant", "per_group", 16, True, "none", 16),
+    "SVDQuant r=16 per-group g=16 + rotation": ("svdquant", "per_group", 16, True, "hadamard", 16),
+    "SVDQuant r=16 per-token": ("svdquant", "per_token", 64, True, "none", 16),
+    "SVDQuant r=16 per-tensor (static)": ("svdquant", "per_tensor", 64, True, "none", 16),
+    "low-rank only r=16 per-group g=16": ("svdquant", "per_group", 16, False, "none", 16),
+    "naive W4A16 (weights only)": ("naive", "per_tensor", 64, False, "none", 0, None),
+    "SVDQuant r=16 W4A16": ("svdquant", "per_tensor", 64, True, "none", 16, None),
 }
 
 
 def recipe_for(label: str, setup) -> Recipe:
-    method, granularity, group, smoothing, rotation, rank = ROWS[label]
+    method, granularity, group, smoothing, rotation, rank, *bits = ROWS[label]
     weights = QScheme(bits=4, granularity="per_channel", lowrank_rank=rank)
-    activations = QScheme(bits=4, granularity=granularity, group_size=group, smoothing=smoothing, rotation=rotation)
+    activations = QScheme(bits=bits[0] if bits else 4, granularity=granularity, group_size=group,
+                          smoothing=smoothing, rotation=rotation)
     return Recipe(method=SVDQuantMethod() if method == "svdquant" else NaiveMethod(), weights=weights,
                   activations=activations, calibration=setup.calibration, deployments=(Deployment(setup.sampler),),
-                  preset_name="W4A4", name=label)
+                  preset_name="W4A4" if not bits else "W4A16", name=label)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=64, out="runs/bench/svdquant")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated row labels (default: all)")
+    assert not any("," in label for label in ROWS), "row labels are comma-separated on the command line"
+    parser.add_argument("--eps-only", action="store_true",
+                        help="no sampling: one-step noise-prediction MSE vs FP on 128 calibration inputs per row")
     args = parser.parse_args()
     setup = shipped_setup(args)
+    if args.eps_only:
+        eps_only(args, setup)
+        return
     fp = api.sample(setup.model, setup.scheduler, setup.sampler, num_samples=args.samples, seed=args.seed,
                     progress=False).images.clamp(-1, 1)
     probe = torch.randn(4, *fp.shape[1:], generator=torch.Generator().manual_seed(7))
@@ -93,6 +103,22 @@ def main() -> None:
                          f"{r['artefact_bytes'] / 1024:.0f} | "
                          f"{', '.join(f'{k} {v}' for k, v in r['kernel_layers'].items())} | {r['quantize_s']:.0f} | "
                          f"{'bit-identical' if r['reload_identical'] else 'DIFFERS'} |")
+
+
+def eps_only(args: argparse.Namespace, setup) -> None:
+    """Layer-level view without the sampler: MSE(ε̂ − ε) on calibration inputs spread over the kept steps."""
+    index = torch.linspace(0, len(setup.calib) - 1, 128).round().long()
+    x, t = setup.calib.x[index], setup.calib.t[index]
+    with torch.no_grad():
+        reference = setup.model(x, t).sample
+    rows = []
+    for label in args.rows.split(","):
+        qmodel = api.quantize(setup.model, setup.scheduler, recipe_for(label, setup), calibration=setup.calib,
+                              progress=False)
+        with torch.no_grad():
+            rows.append({"label": label, "eps_mse": float((qmodel(x, t) - reference).pow(2).mean())})
+        print(json.dumps(rows[-1]), flush=True)
+    write_rows(rows, setup.out, "| row | one-step ε MSE vs FP |", lambda r: f"| {r['label']} | {r['eps_mse']:.4f} |")
 
 
 if __name__ == "__main__":
