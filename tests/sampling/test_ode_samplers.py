@@ -347,3 +347,16 @@ def test_a_bfloat16_run_keeps_the_model_dtype_and_follows_the_float32_run(sample
     assert low.trajectory.states.dtype == torch.bfloat16
     error = (low.images.float() - full).abs().max() / full.abs().max()
     assert float(error) < 4 * sampler.num_steps * 2.0**-8
+
+
+def test_sharded_run_keys_tell_dpmsolver_orders_and_flow_shifts_apart_and_keep_ddim_keys() -> None:
+    from tadq.distributed.key import run_key
+
+    def key(sampler: SamplerConfig) -> dict:
+        return run_key("m", "s", sampler, seed=0, sample_shape=SHAPE, batch_size=2, chunk_size=2,
+                       record_trajectory=False, device_type="cpu")
+
+    assert key(SamplerConfig("dpmsolver++", 20, order=1)) != key(SamplerConfig("dpmsolver++", 20, order=2))
+    assert key(SamplerConfig("flow-euler", 20)) != key(SamplerConfig("flow-euler", 20, shift=3.0))
+    assert key(SamplerConfig("ddim", 20))["sampler"] == {"kind": "ddim", "num_steps": 20, "eta": 0.0,
+                                                         "clip_sample": None}
