@@ -141,3 +141,23 @@ def test_model_loading_refuses_a_foreign_scheduler(tiny_model_dir) -> None:
     config_file.write_text(json.dumps({**config, "_class_name": "UniPCMultistepScheduler"}))
     with pytest.raises(NotImplementedError, match="UniPCMultistepScheduler"):
         load_pipeline_parts(tiny_model_dir)
+
+
+def test_model_loading_reads_a_flow_matching_schedule_that_only_flow_euler_drives(tiny_model_dir) -> None:
+    import json
+
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from tadq.models import load_pipeline_parts
+    from tadq.sampling import SamplingPlan, default_sampler
+
+    config_file = tiny_model_dir / "scheduler" / "scheduler_config.json"
+    config_file.write_text(json.dumps({**FlowMatchEulerDiscreteScheduler(shift=3.0).config,
+                                       "_class_name": "FlowMatchEulerDiscreteScheduler"}))
+    _, scheduler = load_pipeline_parts(tiny_model_dir)
+    assert isinstance(scheduler, FlowMatchEulerDiscreteScheduler) and scheduler.config.shift == 3.0
+    assert default_sampler(scheduler, 28) == SamplerConfig("flow-euler", 28)
+    assert SamplingPlan.build(scheduler, SamplerConfig("flow-euler", 28)).steps[0].prediction_type == \
+        "flow_prediction"
+    with pytest.raises(NotImplementedError, match="flow"):
+        SamplingPlan.build(scheduler, SamplerConfig("ddim", 28))  # the CLI's default is refused, not used
