@@ -360,3 +360,13 @@ def test_sharded_run_keys_tell_dpmsolver_orders_and_flow_shifts_apart_and_keep_d
     assert key(SamplerConfig("flow-euler", 20)) != key(SamplerConfig("flow-euler", 20, shift=3.0))
     assert key(SamplerConfig("ddim", 20))["sampler"] == {"kind": "ddim", "num_steps": 20, "eta": 0.0,
                                                          "clip_sample": None}
+
+
+def test_the_cli_sampler_flag_builds_each_kind_with_its_own_defaults() -> None:
+    from tadq.cli.sample import deployment_sampler
+
+    assert deployment_sampler(None, "euler", 10, None) == SamplerConfig("euler", 10)
+    assert deployment_sampler(None, "dpmsolver++", 20, None) == SamplerConfig("dpmsolver++", 20, order=2)
+    assert deployment_sampler(None, "flow-euler", 28, None) == SamplerConfig("flow-euler", 28)
+    with pytest.raises(ValueError, match="eta"):
+        deployment_sampler(None, "euler", 10, 0.5)  # η is DDIM's alone: refused, not dropped

@@ -41,8 +41,10 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
     recipe = read_recipe(path) if path is not None and is_quantized_artefact(path) else None
     base = recipe.sampler if recipe is not None else SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
     given = {k: v for k, v in (("kind", kind), ("num_steps", steps), ("eta", eta)) if v is not None}
-    if given.get("kind") == "ddpm" and eta is None:
-        given["eta"] = 0.0
+    if given.get("kind", "ddim") != "ddim" and eta is None:
+        given["eta"] = 0.0  # η is DDIM's alone
+    if given.get("kind", base.kind) != base.kind:
+        given.update(order=None, shift=None)  # dpmsolver++'s order and flow-euler's shift belong to their kind
     sampler = dataclasses.replace(base, **given)
     fitted = recipe is not None and (recipe.corrections or type(recipe.method).__name__ == "TFMQMethod")
     if fitted and sampler.key != recipe.sampler.key:
