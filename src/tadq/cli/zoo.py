@@ -120,7 +120,7 @@ def train_photo_classifier_command(
 @zoo_app.command("train-t2i")
 def train_t2i_command(
     out: Path = typer.Option(SHIPPED / "digits-t2i", help="Output folder (diffusers StableDiffusionPipeline layout)."),
-    steps: int = typer.Option(3500, help="Optimiser steps of stage 2 (UNet + text encoder)."),
+    steps: int = typer.Option(2000, help="Optimiser steps of stage 2 (UNet + text encoder)."),
     batch_size: int = typer.Option(64, help="Latents per step in stage 2."),
     learning_rate: float = typer.Option(1e-3, help="AdamW peak learning rate of stage 2."),
     vae_steps: int = typer.Option(400, help="Optimiser steps of stage 1 (the VAE)."),

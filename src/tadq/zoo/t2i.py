@@ -82,7 +82,7 @@ class T2ITrainConfig:
     vae_learning_rate: float = 1e-3
     kl_weight: float = 1e-4
     vae_channels: tuple[int, ...] = (32, 64)
-    steps: int = 3500
+    steps: int = 2000
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup_steps: int = 200
