@@ -85,7 +85,8 @@ def test_tac_and_tcec_fit_and_lower_the_final_error_on_euler(configs) -> None:
     assert bool(torch.isfinite(images).all())
 
 
-@pytest.mark.parametrize("sampler", [EULER, SamplerConfig("dpmsolver++", 10, order=1),
+@pytest.mark.parametrize("sampler", [EULER, SamplerConfig("euler-ancestral", 10),
+                                     SamplerConfig("dpmsolver++", 10, order=1),
                                      SamplerConfig("flow-euler", 10, shift=3.0)], ids=lambda s: s.key)
 @pytest.mark.parametrize("mix", [1.0, 0.0])
 def test_tcec_cancels_the_cumulative_error_exactly_when_the_jacobian_is_zero(sampler: SamplerConfig, mix: float):
@@ -205,3 +206,26 @@ def test_paired_final_error_walks_dpmsolver_2m_with_each_tracks_previous_predict
     fp = AnalyticDenoiser(scheduler)
     assert paired_final_error(fit_context(fp, fp, scheduler, sampler), (), num_samples=4, seed=3) == 0.0
     assert paired_final_error(fit_context(fp, InjectedError(fp), scheduler, sampler), (), num_samples=4, seed=3) > 0
+
+
+def test_ptqd_variance_calibration_acts_on_euler_ancestral_noise() -> None:
+    """Euler ancestral injects σ_up z, so VSC has sampler noise to absorb the residual quantization variance into:
+    σ' = √(σ² − B² σ̃²) < σ at the noisy steps, and the corrected run differs from CNC/BC alone."""
+    sampler = SamplerConfig("euler-ancestral", 10)
+    scheduler = analytic_scheduler()
+    fp = AnalyticDenoiser(scheduler)
+    pair = collect_trajectory_pair(fit_context(fp, InjectedError(fp, noise_std=0.2), scheduler, sampler),
+                                   num_samples=64, seed=1)
+    with_vsc, without_vsc = PTQDCorrection(PTQDConfig()), PTQDCorrection(PTQDConfig(variance=False))
+    with_vsc.fit(pair)
+    without_vsc.fit(pair)
+    assert "VSC active" in vsc_report(with_vsc)
+    plan = SamplingPlan.build(scheduler, sampler)
+    first = plan.steps[0]
+    lowered = with_vsc.noise_std(torch.tensor(first.std_dev_t), first)
+    lowered = getattr(lowered, "noise", lowered)  # NoiseStd (noise-only form): euler ancestral has no direction term
+    assert 0 < float(lowered) < first.std_dev_t and with_vsc.vsc_active(first)
+    options = {"num_samples": 4, "seed": 5, "sample_shape": SAMPLE_SHAPE, "progress": False}
+    a = sample(InjectedError(fp, seed=9), plan, hooks=[with_vsc], **options).images
+    b = sample(InjectedError(fp, seed=9), plan, hooks=[without_vsc], **options).images
+    assert not torch.equal(a, b)

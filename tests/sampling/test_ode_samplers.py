@@ -18,6 +18,7 @@ import torch
 from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
@@ -28,12 +29,14 @@ from tadq.sampling import (
     SamplerConfig,
     SamplingPlan,
     data_prediction,
+    euler_ancestral_step,
     euler_step,
     initial_noise,
     make_scheduler,
     sample,
     sampler_step,
     step_contexts,
+    step_noise,
     to_epsilon,
 )
 
@@ -135,7 +138,8 @@ def test_euler_kernel_is_bit_identical_given_the_same_sigma_space_sample(spacing
         assert torch.equal(euler_step(x, eps, step), expected)
 
 
-def _euler_bound(scheduler, net: nn.Module, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _euler_bound(scheduler, net: nn.Module, z: torch.Tensor, noises: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(diffusers' final sample, elementwise bound on |tadq - diffusers|), both (B, C, H, W).
 
     tadq's step from its state x computes s̃ = fl(x·c) (c = √(σ²+1)) where diffusers has s; x = fl(s/c), so
@@ -145,21 +149,27 @@ def _euler_bound(scheduler, net: nn.Module, z: torch.Tensor) -> tuple[torch.Tens
     for the ops before the multiplication by dt, divided by c'. A difference δ in the state reaches the next one
     through the step's Jacobian A I + B J (J = ∂ε/∂x of the network at diffusers' input, computed exactly), so
     bound_{n+1} = |A I + B J| bound_n + ρ_n elementwise (first order; δ ~ 1e-6 makes second-order terms ~1e-12).
+    Euler ancestral (``noises``: the z of each step, shared by both runs) steps to σ_down and adds σ_up z in σ-space,
+    one more operation whose size enters the magnitudes; the noise does not depend on the state, so J is unchanged.
     """
     record: list = []
     final = _diffusers_run(scheduler, net, z, record)
+    ancestral = noises is not None
     sigmas = scheduler.sigmas.double()
     bound = torch.zeros(z.shape[0], z[0].numel(), dtype=torch.float64)  # (B, D)
     for n, (current, model_input, output, time) in enumerate(record):
         sigma, sigma_next = float(sigmas[n]), float(sigmas[n + 1])
         c = math.sqrt(sigma**2 + 1)
         c_next = 1.0 if n == len(record) - 1 else math.sqrt(sigma_next**2 + 1)  # the last step returns s' itself
-        coef_x, coef_eps = c / c_next, (sigma_next - sigma) / c_next
+        sigma_up = math.sqrt(sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) if ancestral else 0.0
+        sigma_down = math.sqrt(max(sigma_next**2 - sigma_up**2, 0.0))
+        coef_x, coef_eps = c / c_next, (sigma_down - sigma) / c_next
         s, eps = current.double().flatten(1), output.double().flatten(1)
         pred = s - sigma * eps
-        s_next = s + (sigma_next - sigma) * eps
-        touched = s.abs() + (sigma * eps).abs() + pred.abs() + s_next.abs()
-        e_f = 8 * U * touched * max(1.0, abs(sigma_next - sigma) / sigma) / c_next
+        kick = sigma_up * noises[n].double().flatten(1) if ancestral else torch.zeros_like(s)
+        s_next = s + (sigma_down - sigma) * eps + kick
+        touched = s.abs() + (sigma * eps).abs() + pred.abs() + s_next.abs() + kick.abs()
+        e_f = 9 * U * touched * max(1.0, abs(sigma_down - sigma) / sigma) / c_next
         rho = 2.01 * U * s.abs() / c_next + 2 * e_f
         propagated = []
         for b in range(z.shape[0]):
@@ -256,7 +266,8 @@ def test_coefficients_state_the_update(sampler: SamplerConfig) -> None:
 # -- keys and refusals ---------------------------------------------------------------------------------------------
 def test_keys_are_distinct_per_kind_order_steps_and_shift() -> None:
     configs = [SamplerConfig("ddim", 20), SamplerConfig("ddim", 20, eta=1.0), SamplerConfig("ddpm", 20),
-               SamplerConfig("euler", 20), SamplerConfig("euler", 30), SamplerConfig("dpmsolver++", 20),
+               SamplerConfig("euler", 20), SamplerConfig("euler", 30), SamplerConfig("euler-ancestral", 20),
+               SamplerConfig("dpmsolver++", 20),
                SamplerConfig("dpmsolver++", 20, order=1), SamplerConfig("dpmsolver++", 30),
                SamplerConfig("flow-euler", 20), SamplerConfig("flow-euler", 20, shift=3.0)]
     keys = [config.key for config in configs]
@@ -266,7 +277,7 @@ def test_keys_are_distinct_per_kind_order_steps_and_shift() -> None:
     assert SamplerConfig("euler", 20, order=1) == SamplerConfig("euler", 20)
 
 
-@pytest.mark.parametrize("kind", ["ddim", "ddpm", "euler", "dpmsolver++"])
+@pytest.mark.parametrize("kind", ["ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++"])
 def test_a_flow_model_is_never_sampled_with_an_epsilon_kind(kind: str) -> None:
     with pytest.raises(NotImplementedError, match="flow"):
         SamplingPlan.build(FlowMatchEulerDiscreteScheduler(), SamplerConfig(kind, num_steps=4))
@@ -323,6 +334,7 @@ def test_default_sampler_follows_the_folder_class_and_refuses_where_tadq_has_non
     from tadq.sampling import default_sampler
 
     assert default_sampler(EulerDiscreteScheduler(), 30) == SamplerConfig("euler", 30)
+    assert default_sampler(EulerAncestralDiscreteScheduler(), 30) == SamplerConfig("euler-ancestral", 30)
     dpm = SamplerConfig("dpmsolver++", 20, order=1)
     assert default_sampler(DPMSolverMultistepScheduler(solver_order=1), 20) == dpm
     assert default_sampler(FlowMatchEulerDiscreteScheduler(), 28).kind == "flow-euler"
@@ -370,3 +382,49 @@ def test_the_cli_sampler_flag_builds_each_kind_with_its_own_defaults() -> None:
     assert deployment_sampler(None, "flow-euler", 28, None) == SamplerConfig("flow-euler", 28)
     with pytest.raises(ValueError, match="eta"):
         deployment_sampler(None, "euler", 10, 0.5)  # η is DDIM's alone: refused, not dropped
+
+
+def _patched_noise(monkeypatch, noises: torch.Tensor) -> None:
+    """Make diffusers' Euler ancestral draw tadq's per-sample step noise z_s (steps in order)."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as module
+
+    draws = iter(noises)
+    monkeypatch.setattr(module, "randn_tensor", lambda shape, **kwargs: next(draws).to(kwargs.get("dtype")))
+
+
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_euler_ancestral_kernel_is_bit_identical_given_the_same_sample_and_noise(spacing: str, monkeypatch) -> None:
+    sampler = SamplerConfig("euler-ancestral", num_steps=10)
+    scheduler = make_scheduler(EulerAncestralDiscreteScheduler(timestep_spacing=spacing), sampler)
+    generator = torch.Generator().manual_seed(0)
+    steps = step_contexts(scheduler, sampler)
+    noises = torch.randn((len(steps), 3, *SHAPE), generator=generator)
+    _patched_noise(monkeypatch, noises)
+    assert steps[0].std_dev_t > 0.5 and steps[-1].std_dev_t == 0.0
+    for step, t in zip(steps, scheduler.timesteps, strict=True):
+        x, eps = torch.randn((3, *SHAPE), generator=generator), torch.randn((3, *SHAPE), generator=generator)
+        sigma, sigma_next = (torch.tensor(v, dtype=torch.float32) for v in (step.sigma_t, step.sigma_prev))
+        expected = scheduler.step(eps, t, x * ((sigma**2 + 1) ** 0.5)).prev_sample
+        if not step.is_last:
+            expected = expected / ((sigma_next**2 + 1) ** 0.5)
+        walker_std = torch.tensor(step.std_dev_t, dtype=torch.float32)  # what hooked_step passes without hooks
+        assert torch.equal(euler_ancestral_step(x, eps, step, noise=noises[step.index], std=walker_std), expected)
+        halved = euler_ancestral_step(x, eps, step, noise=noises[step.index], std=walker_std / 2)
+        deterministic = euler_ancestral_step(x, eps, step, noise=noises[step.index], std=0.0)
+        torch.testing.assert_close(halved, (expected + deterministic) / 2, atol=1e-5, rtol=1e-5)
+
+
+def test_euler_ancestral_full_run_matches_diffusers_within_the_derived_bound(monkeypatch) -> None:
+    train = EulerAncestralDiscreteScheduler(timestep_spacing="leading")
+    sampler = SamplerConfig("euler-ancestral", num_steps=12)
+    net = TinyNet()
+    noises = step_noise(SEED, INDICES, sampler.num_steps, SHAPE)  # (S, B, C, H, W), what the walker adds
+    _patched_noise(monkeypatch, noises)
+    with torch.no_grad():
+        reference, bound = _euler_bound(make_scheduler(train, sampler), net, _z(), noises)
+    images = _tadq_run(train, sampler, net)
+    difference = (images.double() - reference.double()).abs()
+    assert bool((difference <= 1.5 * bound).all()), float((difference / bound).max())
+    assert float(bound.max()) < 1e-3 * float(reference.abs().max())  # the noise kicks make intermediates larger
+    deterministic = _tadq_run(train, SamplerConfig("euler", num_steps=12), net)
+    assert float((images - deterministic).abs().max()) > 0.1  # the noise was really added

@@ -58,7 +58,8 @@ def run_command(
                                 help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …)."),
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000)."),
-    sampler: str = typer.Option("ddim", help="Sampler kind: ddim, ddpm, euler, dpmsolver++ (2M) or flow-euler."),
+    sampler: str = typer.Option("ddim", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) "
+                                "or flow-euler."),
     steps: int = typer.Option(50, help="Sampler steps."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
     seed: int = typer.Option(1000, help="Evaluation noise seed (shared by FP and every variant)."),

@@ -244,8 +244,8 @@ def quantize_command(
         "--set", help="Override one recipe field, FIELD.PATH=JSON (e.g. method.reconstruction.weight_iters=20, "
                       "corrections.0.num_samples=64); repeat. Applied last.")] = None,
     sampler: Annotated[str | None, typer.Option(
-        help="Deployment sampler (calibrated on and corrections fitted for): ddim, ddpm, euler, dpmsolver++ (2M) or "
-             "flow-euler (flow-matching models).")] = None,
+        help="Deployment sampler (calibrated on and corrections fitted for): ddim, ddpm, euler, euler-ancestral, "
+             "dpmsolver++ (2M) or flow-euler (flow-matching models).")] = None,
     steps: Annotated[int | None, typer.Option(help="Deployment sampler steps (recipe's, else 50).")] = None,
     eta: Annotated[float | None, typer.Option(help="Deployment DDIM eta (recipe's, else 0).")] = None,
     calib_seed: Annotated[int | None, typer.Option(help="Calibration noise seed (0).")] = None,

@@ -17,8 +17,8 @@ __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipe
            "deployment_sampler"]
 
 SamplerKind = Annotated[str | None, typer.Option(
-    "--sampler", help="Sampler kind: ddim, ddpm, euler, dpmsolver++ (2M) or flow-euler (flow-matching models) "
-                      "(default: the artefact's recipe, else ddim).")]
+    "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
+                      "(flow-matching models) (default: the artefact's recipe, else ddim).")]
 Steps = Annotated[int | None, typer.Option(help="Sampler steps (default: the artefact's recipe, else 50).")]
 Eta = Annotated[float | None, typer.Option(
     help="DDIM eta, 0 = deterministic, 0 for ddpm (default: the artefact's recipe, else 0).")]

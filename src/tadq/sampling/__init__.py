@@ -1,6 +1,6 @@
 """tadq's own sampling loop: a plan built once, one step walker (conditioning, guidance, ε conversion), DDIM/DDPM
-steps with a controllable noise std, Euler, DPM-Solver++ and flow-matching Euler steps, and four correction hook
-points."""
+steps with a controllable noise std, Euler (and ancestral), DPM-Solver++ and flow-matching Euler steps, and four
+correction hook points."""
 
 from tadq.sampling.conditioning import (
     ClassLabels,
@@ -34,6 +34,7 @@ from tadq.sampling.steps import (
     ddim_step,
     ddpm_step,
     dpmsolver_step,
+    euler_ancestral_step,
     euler_step,
     flow_euler_step,
     predict_x0,
@@ -75,6 +76,7 @@ __all__ = [
     "ddpm_step",
     "default_sampler",
     "dpmsolver_step",
+    "euler_ancestral_step",
     "euler_step",
     "flow_euler_step",
     "hooked_step",

@@ -16,6 +16,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
@@ -25,8 +26,8 @@ __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_P
            "PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
            "default_sampler", "make_scheduler"]
 
-SamplerKind = Literal["ddim", "ddpm", "euler", "dpmsolver++", "flow-euler"]
-SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "dpmsolver++", "flow-euler")
+SamplerKind = Literal["ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler"]
+SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler")
 # Kinds that integrate the flow-matching ODE x_t = (1-σ) x_0 + σ ε on a velocity v = ε - x_0; every other kind
 # works on the discrete ᾱ_t (variance-preserving) schedule with ε.
 FLOW_KINDS: tuple[str, ...] = ("flow-euler",)
@@ -36,11 +37,12 @@ _SCHEDULER_CLASSES: dict[str, type[ConfigMixin]] = {
     "ddim": DDIMScheduler,
     "ddpm": DDPMScheduler,
     "euler": EulerDiscreteScheduler,
+    "euler-ancestral": EulerAncestralDiscreteScheduler,
     "dpmsolver++": DPMSolverMultistepScheduler,
     "flow-euler": FlowMatchEulerDiscreteScheduler,
 }
 # Training schedulers whose config is a discrete ᾱ_t schedule (betas over num_train_timesteps) that every ε kind
-# (ddim, ddpm, euler, dpmsolver++) can be built on: the class only names the sampler the folder ships with.
+# (ddim, ddpm, euler, euler-ancestral, dpmsolver++) can be built on: the class only names the sampler it ships with.
 DISCRETE_SCHEDULERS: tuple[str, ...] = (
     "DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistepScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
@@ -48,11 +50,12 @@ DISCRETE_SCHEDULERS: tuple[str, ...] = (
 # Training schedulers of a rectified-flow / flow-matching model (velocity prediction): only FLOW_KINDS drive them.
 FLOW_SCHEDULERS: tuple[str, ...] = ("FlowMatchEulerDiscreteScheduler",)
 SUPPORTED_SCHEDULERS: tuple[str, ...] = DISCRETE_SCHEDULERS + FLOW_SCHEDULERS
-# The sampler a folder ships with, per training class; a class absent here (PNDM, LMS, Euler ancestral) has no
+# The sampler a folder ships with, per training class; a class absent here (PNDM, LMS) has no
 # tadq sampler of its own, so the user names one (``default_sampler`` refuses rather than picking another).
 DEFAULT_SAMPLER_KINDS: dict[str, str] = {
     "DDPMScheduler": "ddpm", "DDIMScheduler": "ddim", "EulerDiscreteScheduler": "euler",
-    "DPMSolverMultistepScheduler": "dpmsolver++", "FlowMatchEulerDiscreteScheduler": "flow-euler",
+    "EulerAncestralDiscreteScheduler": "euler-ancestral", "DPMSolverMultistepScheduler": "dpmsolver++",
+    "FlowMatchEulerDiscreteScheduler": "flow-euler",
 }
 PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
 # Config keys that only schedulers tadq cannot drive have: a bare config mapping carrying one is refused.
@@ -69,13 +72,14 @@ class SamplerConfig:
 
     Args:
         kind: ``"ddim"`` (Song et al. 2021, eq. 12), ``"ddpm"`` (Ho et al. 2020, ancestral sampling), ``"euler"``
-            (Karras et al. 2022 Euler on σ = √((1-ᾱ)/ᾱ), as ``EulerDiscreteScheduler``), ``"dpmsolver++"``
+            (Karras et al. 2022 Euler on σ = √((1-ᾱ)/ᾱ), as ``EulerDiscreteScheduler``), ``"euler-ancestral"``
+            (the same with ancestral noise, as ``EulerAncestralDiscreteScheduler``), ``"dpmsolver++"``
             (Lu et al. 2022 multistep, as ``DPMSolverMultistepScheduler(algorithm_type="dpmsolver++")``) or
             ``"flow-euler"`` (rectified flow, x' = x + (σ' - σ) v, as ``FlowMatchEulerDiscreteScheduler``).
         num_steps: Number S of sampler steps on the training grid of ``num_train_timesteps``.
         eta: DDIM's noise weight: 0 gives the deterministic sampler, 1 the DDPM-like variance
-            (DDIM eq. 16). Must be 0 for every other kind (DDPM's variance is the scheduler's ``variance_type``;
-            euler, dpmsolver++ and flow-euler are deterministic ODE solvers).
+            (DDIM eq. 16). Must be 0 for every other kind (DDPM's variance is the scheduler's ``variance_type``,
+            euler-ancestral's is σ_up; euler, dpmsolver++ and flow-euler are deterministic ODE solvers).
         clip_sample: Whether the predicted x_0 is clipped to ``[-clip_sample_range, clip_sample_range]``;
             ``None`` keeps the value in the model's scheduler config. DDIM/DDPM only.
         order: DPM-Solver++'s order, 1 (≡ DDIM on its grid) or 2 (2M, uses the previous step's x̂_0);
@@ -105,8 +109,8 @@ class SamplerConfig:
                 "variance_type. Use eta=0.0 with kind='ddpm', or kind='ddim' with eta=1.0 for DDPM-like noise."
             )
         if self.kind not in ("ddim", "ddpm") and self.eta != 0.0:
-            raise ValueError(f"SamplerConfig.eta={self.eta} only applies to kind='ddim'; {self.kind} is a "
-                             "deterministic ODE solver here (use eta=0.0).")
+            raise ValueError(f"SamplerConfig.eta={self.eta} only applies to kind='ddim'; {self.kind} fixes its own "
+                             "noise (use eta=0.0).")
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise ValueError(f"SamplerConfig.clip_sample must be True, False or None, got {self.clip_sample!r}.")
         if self.clip_sample and self.kind not in ("ddim", "ddpm"):
@@ -142,6 +146,7 @@ class SamplerConfig:
     @property
     def key(self) -> str:
         """Stable name of this sampling grid, e.g. ``"ddim-50-eta0.0"``, ``"ddpm-1000"``, ``"euler-30"``,
+        ``"euler-ancestral-30"``,
         ``"dpmsolver++2-20"`` or ``"flow-euler-28-shift3.0"``.
 
         Per-step correction tables are stored under this key so that loading them for another grid fails
@@ -223,7 +228,8 @@ def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: S
     the other would silently change the maths.
     """
     supported = (f"tadq drives a discrete ᾱ_t training schedule ({', '.join(DISCRETE_SCHEDULERS)}) with "
-                 f"ddim/ddpm/euler/dpmsolver++, or a flow-matching one ({', '.join(FLOW_SCHEDULERS)}) with flow-euler")
+                 f"ddim/ddpm/euler/euler-ancestral/dpmsolver++, or a flow-matching one ({', '.join(FLOW_SCHEDULERS)}) "
+                 "with flow-euler")
     if class_name is not None and class_name not in SUPPORTED_SCHEDULERS:
         raise NotImplementedError(
             f"scheduler class {class_name} ({_family(class_name)}) cannot be driven by tadq: {supported}. It is "
@@ -252,7 +258,7 @@ def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: S
         return
     if flow != sampler.is_flow:
         what = "a flow-matching model (velocity prediction)" if flow else "a discrete ᾱ_t (ε-family) model"
-        use = "flow-euler" if flow else "ddim, ddpm, euler or dpmsolver++"
+        use = "flow-euler" if flow else "ddim, ddpm, euler, euler-ancestral or dpmsolver++"
         raise NotImplementedError(f"sampler {sampler.kind!r} cannot drive {what} ({class_name or 'bare config'}): "
                                   f"its update assumes the other parametrisation; use {use}.")
     _check_sampler_options(sampler, config)
@@ -279,10 +285,11 @@ def _check_sampler_options(sampler: SamplerConfig, config: Mapping[str, Any]) ->
 
 
 def default_sampler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], num_steps: int = 50) -> SamplerConfig:
-    """The sampler a folder ships with (its scheduler class): DDPM -> ddpm, DDIM -> ddim, Euler -> euler,
-    DPM-Solver multistep -> dpmsolver++ (its ``solver_order`` if 1 or 2), FlowMatchEuler -> flow-euler.
+    """The sampler a folder ships with (its scheduler class): DDPM -> ddpm, DDIM -> ddim, Euler -> euler, Euler
+    ancestral -> euler-ancestral, DPM-Solver multistep -> dpmsolver++ (its ``solver_order`` if 1 or 2),
+    FlowMatchEuler -> flow-euler.
 
-    Raises ``NotImplementedError`` for a class with no tadq sampler of its own (PNDM, LMS, Euler ancestral): the
+    Raises ``NotImplementedError`` for a class with no tadq sampler of its own (PNDM, LMS): the
     caller names one instead of tadq picking another in its place.
     """
     class_name, config = _config_of(train_scheduler_or_config)

@@ -15,11 +15,14 @@ Notation (docs/methods/notation.md#sampler-update). For a step from grid timeste
 
 The linear form ignores x_0 clipping; with ``clip_sample`` on, it holds only where no pixel is clipped.
 
-The ODE kinds carry their own noise level σ (``sigma_t`` → ``sigma_prev``, read from the diffusers scheduler's
-``sigmas``) and are deterministic (σ_t of the noise term is 0); the state is always what the network sees:
+The σ kinds carry their own noise level σ (``sigma_t`` → ``sigma_prev``, read from the diffusers scheduler's
+``sigmas``) and, except euler-ancestral, are deterministic (σ_t of the noise term is 0); the state is always what
+the network sees:
 
     euler (ε, VP state x = s/√(σ²+1)):  A_t = √(σ²+1)/√(σ'²+1),  B_t = (σ' - σ)/√(σ'²+1)   (≡ DDIM η=0 on σ's grid;
                                         the last step returns s' itself: √(σ'²+1) → 1 there)
+    euler-ancestral: σ_up = √(σ'²(σ² - σ'²)/σ²), σ_down = √(σ'² - σ_up²): A_t as euler, B_t = (σ_down - σ)/√(σ'²+1),
+                     noise std σ_t = σ_up/√(σ'²+1)
     dpmsolver++ (VP, α = 1/√(σ²+1), s = σα, λ = log α - log s, h = λ' - λ, c = α'(e^{-h} - 1)):
         order 1:  A_t = s'/s - c/α,  B_t = c s/α
         order 2:  with r = (λ - λ_before)/h, w = 1/(2r): A_t = s'/s - c(1+w)/α, B_t = c(1+w) s/α, and the previous
@@ -46,6 +49,7 @@ from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
     DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
 )
@@ -60,7 +64,8 @@ logger = logging.getLogger(__name__)
 DDPM_VARIANCE_TYPES: tuple[str, ...] = ("fixed_small", "fixed_small_log", "fixed_large")
 _SCHEDULER_FOR_KIND: dict[str, type] = {
     "ddim": DDIMScheduler, "ddpm": DDPMScheduler, "euler": EulerDiscreteScheduler,
-    "dpmsolver++": DPMSolverMultistepScheduler, "flow-euler": FlowMatchEulerDiscreteScheduler,
+    "euler-ancestral": EulerAncestralDiscreteScheduler, "dpmsolver++": DPMSolverMultistepScheduler,
+    "flow-euler": FlowMatchEulerDiscreteScheduler,
 }
 
 
@@ -284,6 +289,12 @@ def _dpm_coefficients(sigma: float, sigma_prev: float, sigma_before: float | Non
             -c * w * s_b / alpha_b)
 
 
+def _sigma_up(sigma: float, sigma_next: float) -> float:
+    """Euler ancestral's noise std in σ-space, √(σ'²(σ² - σ'²)/σ²), evaluated in float32 as diffusers does."""
+    sigma_from, sigma_to = torch.tensor(sigma, dtype=torch.float32), torch.tensor(sigma_next, dtype=torch.float32)
+    return float((sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5)
+
+
 def _ode_contexts(scheduler: Any, sampler: SamplerConfig, guidance_scale: float) -> list[StepContext]:
     """Step constants of euler, dpmsolver++ and flow-euler from the scheduler's own σ grid (module notation)."""
     sigmas = [float(v) for v in scheduler.sigmas.to(torch.float32)]  # (S+1,), float32 values
@@ -299,23 +310,26 @@ def _ode_contexts(scheduler: Any, sampler: SamplerConfig, guidance_scale: float)
         if sampler.kind == "dpmsolver++" and sampler.order == 2 and index > 0 \
                 and not _dpm_lower_order_final(scheduler, index, count):
             order = 2
-        prev_x = prev_eps = 0.0
+        prev_x = prev_eps = std = 0.0
         if flow:
             alpha_prod, alpha_prod_prev = ((1 - v) ** 2 / ((1 - v) ** 2 + v**2) for v in (sigma, sigma_prev))
             coef_x, coef_eps = 1.0, sigma_prev - sigma
         else:
             alpha_prod, alpha_prod_prev = (float(1 / (torch.tensor(v, dtype=torch.float32) ** 2 + 1))
                                            for v in (sigma, sigma_prev))
-            if sampler.kind == "euler":  # the last step returns s' unscaled (steps.euler_step)
+            if sampler.kind in ("euler", "euler-ancestral"):  # the last step returns s' unscaled (steps.py)
                 scale_next = 1.0 if index == count - 1 else math.sqrt(sigma_prev**2 + 1)
+                sigma_up = _sigma_up(sigma, sigma_prev) if sampler.kind == "euler-ancestral" else 0.0
+                sigma_down = math.sqrt(max(sigma_prev**2 - sigma_up**2, 0.0))  # σ' when there is no noise
                 coef_x = math.sqrt(sigma**2 + 1) / scale_next
-                coef_eps = (sigma_prev - sigma) / scale_next
+                coef_eps = (sigma_down - sigma) / scale_next
+                std = float(torch.tensor(sigma_up / scale_next, dtype=torch.float32))  # float32, as the walker uses
             else:
                 coef_x, coef_eps, prev_x, prev_eps = _dpm_coefficients(sigma, sigma_prev, sigma_before, order)
         t_prev = times[index + 1] if index + 1 < count else -1
         contexts.append(StepContext(
             index=index, num_steps=count, t=t, t_prev=t_prev, alpha_prod_t=alpha_prod,
-            alpha_prod_t_prev=alpha_prod_prev, std_dev_t=0.0, coef_x=coef_x, coef_eps=coef_eps,
+            alpha_prod_t_prev=alpha_prod_prev, std_dev_t=std, coef_x=coef_x, coef_eps=coef_eps,
             prediction_type=prediction, sampler_key=sampler.key, kind=sampler.kind, clip_sample_range=None,
             guidance_scale=float(guidance_scale), sigma_t=sigma, sigma_prev=sigma_prev, sigma_before=sigma_before,
             order=order, coef_prev_x=prev_x, coef_prev_eps=prev_eps,

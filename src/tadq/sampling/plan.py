@@ -39,7 +39,8 @@ class SamplingPlan:
         sampler: The deployment sampler (kind, S, η, clipping).
         steps: One ``StepContext`` per step, noisiest first.
         guidance_scale: Classifier-free guidance scale w; 1.0 runs the conditional (or unconditional) model alone.
-        init_noise_sigma: The scheduler's ``init_noise_sigma`` (euler: σ_max or √(σ_max²+1) by spacing; 1 else);
+        init_noise_sigma: The scheduler's ``init_noise_sigma`` (euler kinds: σ_max or √(σ_max²+1) by spacing; 1
+            else);
             ``initial_state`` turns the drawn z into x_T with it.
     """
 
@@ -67,11 +68,13 @@ class SamplingPlan:
         diffusers_scheduler = make_scheduler(scheduler, sampler)
         steps = tuple(step_contexts(diffusers_scheduler, sampler, scale))
         check_supported(steps[0])
-        init_noise_sigma = float(diffusers_scheduler.init_noise_sigma) if sampler.kind == "euler" else 1.0
+        euler = sampler.kind in ("euler", "euler-ancestral")
+        init_noise_sigma = float(diffusers_scheduler.init_noise_sigma) if euler else 1.0
         return cls(sampler=sampler, steps=steps, guidance_scale=scale, init_noise_sigma=init_noise_sigma)
 
     def initial_state(self, z: Tensor) -> Tensor:
-        """x_T from the drawn standard normal z (B, C, H, W): z itself except for euler (``steps.initial_state``)."""
+        """x_T from the drawn standard normal z (B, C, H, W): z itself except for the euler kinds
+        (``steps.initial_state``)."""
         return initial_state(z, self.steps[0], self.init_noise_sigma)
 
     @property

@@ -24,6 +24,9 @@ float32 0-d constants, so from the same inputs the native part is bit-identical:
 
     euler:        s = x·√(σ²+1);  x̂_0 = s - σ ε;  d = (s - x̂_0)/σ;  s' = s + d (σ' - σ);  x' = s'/√(σ'²+1)
                   (the last step returns s' itself, diffusers' output, also when the grid ends at σ_min > 0)
+    euler-ancestral: as euler with σ' replaced by σ_down in dt, then s' += σ_up z
+                  (σ_up = √(σ'²(σ² - σ'²)/σ²), σ_down = √(σ'² - σ_up²)); a noise_std hook's σ'' (VP units) replaces
+                  σ_up/√(σ'²+1), the noise std of the state
     dpmsolver++:  x̂_0 = (x - s_σ ε)/α_σ  (α_σ = 1/√(σ²+1), s_σ = σ α_σ, λ = log α - log s, h = λ' - λ)
                   order 1:  x' = (s_σ'/s_σ) x - α_σ'(e^{-h} - 1) x̂_0
                   order 2:  r = (λ - λ_before)/h, D = (x̂_0 - x̂_0,before)/r,
@@ -44,8 +47,8 @@ from torch import Tensor
 from tadq.sampling.config import FLOW_PREDICTION, PREDICTION_TYPES
 from tadq.sampling.context import StepContext
 
-__all__ = ["check_supported", "data_prediction", "ddim_step", "ddpm_step", "dpmsolver_step", "euler_step",
-           "flow_euler_step", "initial_state", "predict_x0", "sampler_step"]
+__all__ = ["check_supported", "data_prediction", "ddim_step", "ddpm_step", "dpmsolver_step", "euler_ancestral_step",
+           "euler_step", "flow_euler_step", "initial_state", "predict_x0", "sampler_step"]
 
 # A direction radicand 1-ᾱ_prev-σ'² below this is an error, not float rounding.
 _RADICAND_TOLERANCE = 1e-6
@@ -181,13 +184,14 @@ def _require_deterministic(step: StepContext, std: Tensor | float | None, direct
     for value in (std, direction_std):
         if value is not None and bool((torch.as_tensor(value) != 0).any()):
             raise ValueError(f"{step.kind} step {step.index} is deterministic (no noise term); a noise_std hook may "
-                             "not give it a non-zero std (PTQD's variance calibration applies to ddim η>0 and ddpm).")
+                             "not give it a non-zero std (PTQD's variance calibration applies to ddim η>0, ddpm and "
+                             "euler-ancestral).")
 
 
 def initial_state(z: Tensor, step: StepContext, init_noise_sigma: float = 1.0) -> Tensor:
-    """x_T from standard normal z: z itself, except for euler, whose state is the network input
+    """x_T from standard normal z: z itself, except for the euler kinds, whose state is the network input
     (z · init_noise_sigma)/√(σ_0²+1) (diffusers' ``prepare_latents`` then ``scale_model_input``)."""
-    if step.kind != "euler":
+    if step.kind not in ("euler", "euler-ancestral"):
         return z
     sigma = _scalar(float(step.sigma_t), z)  # type: ignore[arg-type]
     return (z * _scalar(init_noise_sigma, z)) / ((sigma**2 + 1) ** 0.5)
@@ -220,6 +224,43 @@ def euler_step(
     if step.is_last:  # the sample itself, as diffusers returns it (differs from the VP state when σ' = σ_min > 0)
         return prev_sample.to(x_t.dtype)
     return (prev_sample / ((sigma_next**2 + 1) ** 0.5)).to(x_t.dtype)  # the state keeps the model's dtype
+
+
+def euler_ancestral_step(
+    x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = None, std: Tensor | float | None = None,
+    direction_std: Tensor | float | None = None, previous: Tensor | None = None,
+) -> Tensor:
+    """One Euler ancestral step (``EulerAncestralDiscreteScheduler.step``) from the VP state x_t = s/√(σ²+1).
+
+    Args:
+        x_t: The network input (VP state), (B, C, H, W).
+        eps: ε, (B, C, H, W).
+        step: The step's constants (``kind == "euler-ancestral"``; ``std_dev_t`` = σ_up/√(σ'²+1)).
+        noise: Standard normal z, (B, C, H, W); may be ``None`` only when the std is zero.
+        std: The state's noise std replacing ``step.std_dev_t`` (PTQD's VSC); unchanged, the noise is added in
+            σ-space as diffusers does (σ_up z before the division by √(σ'²+1)).
+        direction_std, previous: accepted for one shared signature (no direction term, one step).
+
+    Returns:
+        x_prev, the next network input, (B, C, H, W); after the last step the sample s' itself.
+    """
+    sigma = _scalar(float(step.sigma_t), x_t)  # type: ignore[arg-type]
+    sigma_to = _scalar(float(step.sigma_prev), x_t)  # type: ignore[arg-type]
+    sample = x_t.to(torch.float32) * ((sigma**2 + 1) ** 0.5)  # diffusers' σ-space sample, upcast as it does
+    pred_original_sample = sample - sigma * eps
+    sigma_up = (sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+    derivative = (sample - pred_original_sample) / sigma
+    prev_sample = sample + derivative * (sigma_down - sigma)
+    scale_next = _scalar(1.0, x_t) if step.is_last else (sigma_to**2 + 1) ** 0.5
+    unchanged = std is None or (not isinstance(std, Tensor) or std.ndim == 0) and float(std) == step.std_dev_t
+    if unchanged:
+        if noise is not None:
+            prev_sample = prev_sample + noise * sigma_up
+        elif step.std_dev_t != 0:
+            raise ValueError("The step has a non-zero noise std but no noise z was given; pass noise=z.")
+        return (prev_sample / scale_next).to(x_t.dtype)
+    return _add_noise(prev_sample / scale_next, _resolve_std(step, std, x_t), noise).to(x_t.dtype)
 
 
 def _alpha_sigma(sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -310,6 +351,7 @@ def _ddpm(x_t: Tensor, eps: Tensor, step: StepContext, noise: Tensor | None = No
 
 
 _STEPS: dict[str, Callable[..., Tensor]] = {"ddim": _ddim, "ddpm": _ddpm, "euler": euler_step,
+                                            "euler-ancestral": euler_ancestral_step,
                                             "dpmsolver++": dpmsolver_step, "flow-euler": flow_euler_step}
 
 
