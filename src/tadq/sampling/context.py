@@ -296,7 +296,7 @@ def _sigma_up(sigma: float, sigma_next: float) -> float:
 
 
 def _ode_contexts(scheduler: Any, sampler: SamplerConfig, guidance_scale: float) -> list[StepContext]:
-    """Step constants of euler, dpmsolver++ and flow-euler from the scheduler's own σ grid (module notation)."""
+    """Step constants of euler, euler-ancestral, dpmsolver++ and flow-euler from the scheduler's own σ grid."""
     sigmas = [float(v) for v in scheduler.sigmas.to(torch.float32)]  # (S+1,), float32 values
     flow = sampler.kind in FLOW_KINDS
     times = _grid_times([float(v) for v in scheduler.timesteps.to(torch.float64)], flow)
