@@ -108,3 +108,15 @@ def test_an_interrupted_stage_two_resumes_to_the_uninterrupted_run(
     assert (tmp_path / CHECKPOINT_NAME).is_file() and (tmp_path / "vae_stage.json").is_file()
     train_t2i(TINY, tmp_path, command="test")
     assert _weights(tmp_path) == _weights(tiny_runs[0])
+
+
+def test_train_t2i_command_refuses_a_folder_tadq_did_not_write(tmp_path: Path) -> None:
+    """The fsguard check runs before any training: a foreign file is left alone and the exit code says why."""
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+
+    (tmp_path / "notes.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["zoo", "train-t2i", "--out", str(tmp_path), "--steps", "1"])
+    assert result.exit_code == 2 and "tadq did not write" in " ".join(result.output.split())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
