@@ -34,6 +34,9 @@ ROWS: dict[str, tuple] = {
     "naive per-group g=16": ("naive", "per_group", 16, False, "none", 0),
     "naive per-group g=16 + rotation": ("naive", "per_group", 16, False, "hadamard", 0),
     "smoothing only per-group g=16": ("svdquant", "per_group", 16, True, "none", 0),
+    "smoothing only per-token": ("svdquant", "per_token", 64, True, "none", 0),
+    "smoothing only per-tensor (static)": ("svdquant", "per_tensor", 64, True, "none", 0),
+    "SVDQuant r=2 per-group g=16": ("svdquant", "per_group", 16, True, "none", 2),
     "SVDQuant r=4 per-group g=16": ("svdquant", "per_group", 16, True, "none", 4),
     "SVDQuant r=8 per-group g=16": ("svdquant", "per_group", 16, True, "none", 8),
     "SVDQuant r=16 per-group g=16": ("svdquant", "per_group", 16, True, "none", 16),
@@ -42,6 +45,7 @@ ROWS: dict[str, tuple] = {
     "SVDQuant r=16 per-tensor (static)": ("svdquant", "per_tensor", 64, True, "none", 16),
     "low-rank only r=16 per-group g=16": ("svdquant", "per_group", 16, False, "none", 16),
     "naive W4A16 (weights only)": ("naive", "per_tensor", 64, False, "none", 0, None),
+    "naive W4A16 + rotation": ("naive", "per_tensor", 64, False, "hadamard", 0, None),
     "SVDQuant r=16 W4A16": ("svdquant", "per_tensor", 64, True, "none", 16, None),
 }
 
