@@ -5,6 +5,9 @@ model from the same noise: PSNR, final-state MSE, and calibration wall time. Als
 at the default budget (the issue's ≤ 10 minute target on 2 cores). Run:
 
     python benchmarks/reconstruction_budget.py [--samples 256] [--preset W4A8] [--out runs/bench/reconstruction]
+        [--loss-reductions sum,channel_sum]
+
+(an unconditional model only; the class-conditional photos model runs in ``benchmarks/recon_diagnose.py``)
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ def main() -> None:
                         help="comma list of weight_iters:activation_iters")
     parser.add_argument("--lrs", default="3e-2", help="comma list of rounding learning rates")
     parser.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
+    parser.add_argument("--loss-reductions", default="channel_sum",
+                        help="comma list of ReconstructionConfig.loss_reduction values (sum: tadq before issue 19)")
     args = parser.parse_args()
     setup = shipped_setup(args, args.model)
     model, scheduler, sampler, calibration, calib = (setup.model, setup.scheduler, setup.sampler, setup.calibration,
@@ -36,20 +41,25 @@ def main() -> None:
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
                     progress=False)
     rows = []
-    for lr in (float(v) for v in args.lrs.split(",")):
+    grid = [(lr, reduction) for lr in (float(v) for v in args.lrs.split(","))
+            for reduction in args.loss_reductions.split(",")]
+    for lr, reduction in grid:
         for budget in args.budgets.split(","):
             w_iters, a_iters = (int(v) for v in budget.split(":"))
             method = "naive" if w_iters == 0 and a_iters == 0 else "qdiffusion"
             config = QuantConfig.from_preset(
                 args.preset, method=method, calibration=calibration,
-                reconstruction=ReconstructionConfig(weight_iters=w_iters, activation_iters=a_iters, weight_lr=lr))
-            t0 = time.perf_counter()
+                reconstruction=ReconstructionConfig(weight_iters=w_iters, activation_iters=a_iters, weight_lr=lr,
+                                                    loss_reduction=reduction))
+            t0, c0 = time.perf_counter(), time.process_time()
             qmodel = api.quantize(model, scheduler, config, calibration=calib, progress=False)
             quantize_s = time.perf_counter() - t0
+            quantize_cpu_s = time.process_time() - c0  # CPU seconds: wall time on a shared machine measures its load
             q = api.sample(qmodel, scheduler, sampler, num_samples=args.samples, seed=args.seed,
                            record_trajectory=True, progress=False)
             row = {
                 "preset": args.preset, "weight_iters": w_iters, "activation_iters": a_iters, "weight_lr": lr,
+                "loss_reduction": reduction, "quantize_cpu_s": round(quantize_cpu_s, 1),
                 "psnr": float(psnr_per_sample(q.images.clamp(-1, 1), fp.images.clamp(-1, 1)).mean()),
                 "final_mse": float(per_step_mse(fp.trajectory.states, q.trajectory.states)[-1]),
                 "quantize_s": round(quantize_s, 1), "threads": torch.get_num_threads(),
@@ -58,9 +68,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             (setup.out / "results.json").write_text(json.dumps(rows, indent=2))  # nothing lost if interrupted
     write_rows(rows, setup.out,
-               "| weight iters | act iters | rounding lr | PSNR vs FP (dB) | final MSE | quantize (s) |",
-               lambda r: f"| {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | {r['psnr']:.2f} | "
-                         f"{r['final_mse']:.2e} | {r['quantize_s']:.0f} |")
+               "| weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | final MSE | quantize (s) "
+               "| CPU (s) |",
+               lambda r: f"| {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | "
+                         f"{r['loss_reduction']} | {r['psnr']:.2f} | {r['final_mse']:.2e} | {r['quantize_s']:.0f} | "
+                         f"{r['quantize_cpu_s']:.0f} |")
 
 if __name__ == "__main__":
     main()

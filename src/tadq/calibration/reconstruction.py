@@ -58,9 +58,9 @@ class UnitReport:
     The diagnostic fields say why a unit did or did not gain (docs/methods/qdiffusion.md, "Carrying over to
     natural images"): ``loss_learned`` is the loss of the learned result before the keep-initialisation guard,
     ``guard_rejected`` whether the guard threw it away, ``flipped`` the share of weights whose learned rounding
-    differs from nearest rounding, ``moved`` the mean |h(V) − frac(W/Δ)| of the soft rounding at the end, ``unsettled`` its mean
-    distance min(h, 1 − h) from a hard 0/1 just before it is made hard,
-    ``iters`` the iterations run and ``seconds`` the wall time of the phase (capture included).
+    differs from nearest rounding, ``moved`` the mean |h(V) − frac(W/Δ)| of the soft rounding at the end,
+    ``unsettled`` its mean distance min(h, 1 − h) from a hard 0/1 just before it is made hard, ``iters`` the
+    iterations run and ``seconds`` the wall time of the phase (capture included).
     """
 
     unit: str
@@ -334,7 +334,9 @@ def _reconstruct_units(
     fields = _run_fields(qmodel, fp_model, config, calib, units, frozen)
     fields["order"] = "per-unit"  # weights then activations of each unit; older checkpoints ran phase by phase
     key = _run_key(fields)
-    has_activations = any(_unit_activation_quantizers(qmodel.get_submodule(u)) for u in units)
+    # activation_iters = 0 learns no step: skipping the phase saves its capture and its two loss evaluations
+    has_activations = config.activation_iters > 0 and any(_unit_activation_quantizers(qmodel.get_submodule(u))
+                                                          for u in units)
     # Each unit's activation phase runs right after its weight phase: it reads only FP inputs and FP targets and its
     # own baked weights, and later weight phases run with activation quantizers bypassed, so the order does not
     # change any result; it lets both phases share one FP capture. Seeds stay those of the weights-then-activations
