@@ -58,3 +58,34 @@ def test_qdiffusion_with_every_correction_round_trips(which, sd_folder, sdxl_fol
     latents = tadq.load_pipeline(tmp_path / "art")(EVALUATION_PROMPTS, guidance_scale=GUIDANCE, seed=9,
                                                    output_type="latent", progress=False).images
     assert torch.equal(latents, images)
+
+
+@pytest.mark.parametrize("scheduler_class", ["PNDMScheduler", "EulerDiscreteScheduler"])
+def test_released_scheduler_configs_are_training_schedules(scheduler_class, sd_folder, condition_adapter, tmp_path):
+    """A released SD folder ships a PNDM or Euler config: it gives the noise schedule, the recipe the sampler."""
+    import json
+    import shutil
+
+    import diffusers
+
+    folder = tmp_path / "sd"
+    shutil.copytree(sd_folder, folder)
+    shutil.rmtree(folder / "scheduler")
+    getattr(diffusers, scheduler_class)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        steps_offset=1).save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "scheduler": ["diffusers", scheduler_class]}))
+    pipe = load_fp_pipeline(folder)
+    assert type(pipe.scheduler).__name__ == scheduler_class
+    sampler = SamplerConfig("euler", num_steps=3)
+    recipe = Recipe.from_preset("W8A8")
+    recipe = dataclasses.replace(recipe, deployments=(Deployment(sampler, GUIDANCE),), calibration=dataclasses.replace(
+        recipe.calibration, sampler=sampler, num_trajectories=4, num_steps_kept=3, samples_per_step=4))
+    qmodel = tadq.quantize(pipe.unet, pipe.scheduler, recipe, conditions=PromptConditions(pipe, CALIBRATION_PROMPTS),
+                           progress=False)
+    save_pipeline(qmodel, folder, tmp_path / "art")
+    latents = tadq.load_pipeline(tmp_path / "art")("cat", guidance_scale=GUIDANCE, seed=1, output_type="latent",
+                                                   progress=False).images
+    direct = tadq.sample(qmodel, pipe.scheduler, sampler, num_samples=1, seed=1, progress=False,
+                         conditions=PromptConditions(pipe, ["cat"]), guidance_scale=GUIDANCE).images
+    assert torch.equal(latents, direct) and torch.isfinite(latents).all()
