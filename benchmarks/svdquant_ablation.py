@@ -92,6 +92,7 @@ def main() -> None:
         alphas = Counter(str(f["alpha"]) for f in report.get("layers", []))
         row = {
             "label": label, "psnr": float(psnr_per_sample(images, fp).mean()),
+            "psnr_sem": float(psnr_per_sample(images, fp).std() / len(images) ** 0.5),
             "mse": float((images - fp).pow(2).mean()), "quantize_s": round(seconds, 1),
             "fit_s": report.get("seconds"), "alphas": dict(sorted(alphas.items())),
             "artefact_bytes": size.weights_bytes, "fp_bytes": size.fp_bytes, "reload_identical": identical,
