@@ -82,9 +82,11 @@ class ReconstructionConfig:
             (``benchmarks/reconstruction_budget.py``; table in the README).
         activation_lr: Adam learning rate of the activation steps, cosine-decayed to 0 (4e-4: Q-Diffusion).
         activation_p: exponent of the activation-phase loss |ŷ − y|^p (2.4: Q-Diffusion ``cali_p``).
-        loss_reduction: how the rounding phase's squared error is reduced: ``"sum"`` over all output elements
-            (tadq ≤ 0.x; λ's weight then shrinks with the resolution) or ``"channel_sum"`` (over channels, mean over
-            positions: BRECQ's/Q-Diffusion's ``lp_loss``, the scale λ = 0.01 was set for).
+        loss_reduction: how the rounding phase's squared error is reduced: ``"channel_sum"`` (over channels, mean
+            over batch and positions: BRECQ's/Q-Diffusion's ``lp_loss``, the scale λ = 0.01 was set for) or
+            ``"sum"`` over all output elements (tadq before issue 19: λ's weight then shrinks with the resolution,
+            which cost the 32×32 photos model most of the gain; docs/methods/qdiffusion.md, "Carrying over to
+            natural images").
         seed: seeds batch sampling.
     """
 
@@ -98,7 +100,7 @@ class ReconstructionConfig:
     weight_lr: float = 3e-2
     activation_lr: float = 4e-4
     activation_p: float = 2.4
-    loss_reduction: Literal["sum", "channel_sum"] = "sum"
+    loss_reduction: Literal["sum", "channel_sum"] = "channel_sum"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -142,6 +144,9 @@ class QuantConfig:
         keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
             Q-Diffusion's released code keeps none (docs/methods/qdiffusion.md#what-is-quantized).
         preset_name: the preset this config came from, for reports (informational).
+        branch_ranges: give the unconditional branch of classifier-free guidance its own static activation ranges
+            (calibrated on its rows; the conditional rows keep the main ones; ``tadq.guidance_ranges``). Needs
+            guided calibration data (a conditional model, guidance ≠ 1).
     """
 
     weights: QScheme = field(default_factory=lambda: preset("W8A8")[0])
@@ -155,8 +160,12 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     keep_fp_roles: tuple[str, ...] = ()
     preset_name: str = ""
+    branch_ranges: bool = False
 
     def __post_init__(self) -> None:
+        if self.branch_ranges and not self.activations.enabled:
+            raise ValueError("branch_ranges gives the unconditional branch its own activation ranges: it needs "
+                             "quantized activations")
         if self.method not in ("naive", "qdiffusion", "svdquant"):
             raise ValueError(f"method must be one of ('naive', 'qdiffusion', 'svdquant'), got {self.method!r}")
         if not 2 <= self.softmax_bits <= 16:
