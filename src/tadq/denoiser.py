@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from tadq.config import QuantConfig
 from tadq.corrections.stack import CorrectionStack
+from tadq.guidance_ranges import BranchRanges
 from tadq.quant.convert import LayerPlan
 from tadq.sampling import Conditioning, StepAware, StepContext
 
@@ -41,8 +42,29 @@ class QuantizedDenoiser(nn.Module):
         self.plans = plans
         self.reconstruction_report: list = []  # per-unit losses before/after reconstruction (qdiffusion)
         self.corrections = CorrectionStack()
+        # the unconditional guidance branch's own activation ranges (QuantConfig.branch_ranges); in the state dict
+        self.branch_ranges = BranchRanges.for_model(model) if getattr(config, "branch_ranges", False) else None
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        marks = None if cond is None else cond.unconditional_rows
+        if self.branch_ranges is None or marks is None:
+            return self._predict(x, t, cond)
+        cond = cond.without_markers()
+        if not bool(marks.any()):
+            return self._predict(x, t, cond)
+        if bool(marks.all()):
+            with self.branch_ranges.active(self.model):
+                return self._predict(x, t, cond)
+        # a guided batch: each branch's rows with its own ranges (two calls, the same rows in all)
+        rows_u, rows_c = marks.nonzero().squeeze(1), (~marks).nonzero().squeeze(1)
+        with self.branch_ranges.active(self.model):
+            out_u = self._predict(x[rows_u], t[rows_u], cond.rows(rows_u))
+        out_c = self._predict(x[rows_c], t[rows_c], cond.rows(rows_c))
+        out = out_c.new_empty((x.shape[0], *out_c.shape[1:]))
+        out[rows_u], out[rows_c] = out_u, out_c
+        return out
+
+    def _predict(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
         cache = getattr(self.adapter, "inference_cache", None)  # optional: e.g. the cross-attention K/V memo
         if cache is None:
             return self.adapter.predict_eps(self.model, x, t, cond)

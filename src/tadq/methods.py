@@ -91,8 +91,11 @@ def quantize_base(
         if reference is not model:
             raise NotImplementedError("block reconstruction compares FP and quantized blocks in one dtype: quantize "
                                       "with dtype=float32 (sampling, evaluation and naive PTQ take another)")
+        before = qmodel.branch_ranges.main_scales(qmodel.model) if qmodel.branch_ranges is not None else None
         qmodel.reconstruction_report = reconstruct(qmodel.model, reference, qmodel.adapter, calibration,
                                                    config.reconstruction, checkpoint=checkpoint, progress=progress)
+        if before is not None:  # the learned steps moved the main ranges: the branch's follow by the same factor
+            qmodel.branch_ranges.rescale(qmodel.model, before)
     return qmodel
 
 

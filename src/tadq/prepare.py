@@ -26,18 +26,40 @@ __all__ = ["build_quantized_structure", "calibrate_activations"]
 def calibrate_activations(
     qmodel: QuantizedDenoiser, calib: CalibrationSet, batch_size: int = 128, seed: int = 0, progress: bool = True,
 ) -> None:
-    """Set every activation range from the calibration inputs (the explicit calibrate phase)."""
+    """Set every activation range from the calibration inputs (the explicit calibrate phase).
+
+    With ``config.branch_ranges`` the main ranges come from the conditional rows and the unconditional branch's
+    from its own rows (``tadq.guidance_ranges``); otherwise from every row.
+    """
     parameter = next(qmodel.model.parameters(), None)
     device = parameter.device if parameter is not None else calib.x.device  # inputs follow the model
-    with Calibrate(qmodel.model, seed=seed):
-        starts = range(0, len(calib), batch_size)
-        for start in tqdm(starts, desc="calibrate activation ranges", disable=not progress, leave=False):
-            rows = slice(start, start + batch_size)
-            qmodel(calib.x[rows].to(device), calib.t[rows].to(device),
-                   None if calib.cond is None else calib.cond.rows(rows).to(device))
+    branches = qmodel.branch_ranges
+    if branches is None:
+        _observe(qmodel, calib, torch.arange(len(calib)), batch_size, seed, device, progress, recalibrate=False)
+    else:
+        marks = None if calib.cond is None else calib.cond.unconditional_rows
+        if marks is None or not bool(marks.any()) or bool(marks.all()):
+            raise ValueError("branch_ranges needs calibration data sampled with classifier-free guidance (both "
+                             "branches, rows marked): a conditional model, conditions with an unconditional branch "
+                             "and guidance_scale != 1 (a calibration cache written before tadq marked the rows "
+                             "must be deleted)")
+        _observe(qmodel, calib, marks.nonzero().squeeze(1), batch_size, seed, device, progress, recalibrate=True)
+        branches.record(qmodel.model)
+        _observe(qmodel, calib, (~marks).nonzero().squeeze(1), batch_size, seed, device, progress, recalibrate=True)
     ranges = {name: tensor for name, tensor in qmodel.model.state_dict().items()
               if name.endswith(("quantizer.scale", "quantizer.zero_point"))}
     require_finite(ranges, "activation range after calibration:")  # overflowing activations, not a bad weight
+
+
+def _observe(qmodel: QuantizedDenoiser, calib: CalibrationSet, rows: torch.Tensor, batch_size: int, seed: int,
+             device: torch.device, progress: bool, recalibrate: bool) -> None:
+    """One ``Calibrate`` pass over the selected rows of ``calib`` (markers dropped: ranges are set directly)."""
+    with Calibrate(qmodel.model, seed=seed, recalibrate=recalibrate):
+        for start in tqdm(range(0, len(rows), batch_size), desc="calibrate activation ranges", disable=not progress,
+                          leave=False):
+            chosen = rows[start:start + batch_size]
+            cond = None if calib.cond is None else calib.cond.rows(chosen).without_markers().to(device)
+            qmodel(calib.x[chosen].to(device), calib.t[chosen].to(device), cond)
 
 
 def build_quantized_structure(

@@ -130,6 +130,7 @@ class Recipe:
         split_shortcut: Q-Diffusion shortcut splitting of the decoder's skip convolutions.
         quantize_attention: quantize the attention matmul operands (q, k, v, softmax output).
         softmax_bits: bits of the softmax output when ``quantize_attention``.
+        branch_ranges: separate activation ranges for the unconditional guidance branch (``QuantConfig``).
         calibration: the FP trajectories calibration data is taken from; its sampler must be the first deployment
             sampler's.
         deployments: the sampler(s) the model is deployed with, first = the one corrections are fitted for.
@@ -149,6 +150,7 @@ class Recipe:
     split_shortcut: bool = False
     quantize_attention: bool = False
     softmax_bits: int = 8
+    branch_ranges: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     deployments: tuple[Deployment, ...] = (Deployment(),)
     corrections: tuple[CorrectionConfig, ...] = ()
@@ -203,7 +205,7 @@ class Recipe:
             calibration=self.calibration, reconstruction=self.method.reconstruction,
             split_shortcut=self.split_shortcut, quantize_attention=self.quantize_attention,
             softmax_bits=self.softmax_bits, exclude=self.exclude, keep_fp_roles=self.keep_fp_roles,
-            preset_name=self.preset_name,
+            preset_name=self.preset_name, branch_ranges=self.branch_ranges,
         )
 
     def base(self) -> Recipe:
@@ -220,7 +222,7 @@ class Recipe:
         return cls(method=method, weights=config.weights, activations=config.activations,
                    keep_fp_roles=config.keep_fp_roles, exclude=config.exclude, split_shortcut=config.split_shortcut,
                    quantize_attention=config.quantize_attention, softmax_bits=config.softmax_bits,
-                   calibration=config.calibration,
+                   branch_ranges=config.branch_ranges, calibration=config.calibration,
                    deployments=deployments or (Deployment(config.calibration.sampler),),
                    corrections=corrections, preset_name=config.preset_name, name=name)
 

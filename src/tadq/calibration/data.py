@@ -168,6 +168,6 @@ def _subsample(trajectory, config: CalibrationConfig, key: str, guided: bool) ->
     cond = Conditioning.cat(conds)
     if not guided:
         return CalibrationSet(x, t, index, eps, key, cond.conditional_only())
-    both = Conditioning.cat([cond.conditional_only(), cond.unconditional])  # type: ignore[list-item]
+    both = cond.stacked_branches()  # [conditional | unconditional], the rows marked
     return CalibrationSet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([index, index]), torch.cat([eps, eps]),
                           key, both)

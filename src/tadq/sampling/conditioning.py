@@ -25,7 +25,15 @@ from tadq.sampling.noise import LABEL_STREAM, sample_generator
 __all__ = ["ClassLabels", "Conditioning", "ConditionSource", "ConditioningList", "RandomClassLabels",
            "conditions_for"]
 
-_BATCHED = ("class_labels", "encoder_hidden_states", "pooled_embeds", "attention_mask")
+_BATCHED = ("class_labels", "encoder_hidden_states", "pooled_embeds", "attention_mask", "unconditional_rows")
+# a marker of rows, not a model input: adapters never see it as one (``describe`` leaves it out)
+_MARKERS = ("unconditional_rows",)
+
+
+def _branch_marks(unconditional: int, conditional: int, device: torch.device) -> Tensor:
+    """[True × unconditional | False × conditional]: the row markers of a guidance batch."""
+    return torch.cat([torch.ones(unconditional, dtype=torch.bool, device=device),
+                      torch.zeros(conditional, dtype=torch.bool, device=device)])
 
 
 def _rows(value: Tensor | None, index: Tensor | slice) -> Tensor | None:
@@ -43,12 +51,16 @@ class Conditioning:
         attention_mask: (N, L) encoder attention mask.
         added_cond_kwargs: Further per-sample model inputs (e.g. SDXL's ``time_ids``), each (N, ...).
         unconditional: The same fields for the unconditional branch (no nested ``unconditional``).
+        unconditional_rows: (N,) bool, which rows hold the unconditional branch, when both branches are stacked
+            in one batch (``guidance_batch``, ``stacked_branches``); lets a quantized model give that branch its
+            own activation ranges (``QuantConfig.branch_ranges``). Not a model input.
     """
 
     class_labels: Tensor | None = None
     encoder_hidden_states: Tensor | None = None
     pooled_embeds: Tensor | None = None
     attention_mask: Tensor | None = None
+    unconditional_rows: Tensor | None = None
     added_cond_kwargs: Mapping[str, Tensor] = field(default_factory=dict)
     unconditional: Conditioning | None = None
 
@@ -68,6 +80,9 @@ class Conditioning:
     def _tensors(self) -> dict[str, Tensor]:
         named = {name: getattr(self, name) for name in _BATCHED if getattr(self, name) is not None}
         return {**named, **{f"added_cond_kwargs.{k}": v for k, v in self.added_cond_kwargs.items()}}
+
+    def _device(self) -> torch.device:
+        return next(iter(self._tensors().values())).device
 
     @property
     def batch_size(self) -> int:
@@ -107,7 +122,21 @@ class Conditioning:
             raise ValueError("classifier-free guidance needs an unconditional branch (a null class or an empty "
                              "prompt) but this conditioning has none; sample with guidance_scale=1, or give the "
                              "condition source its null class")
-        return Conditioning.cat([self.unconditional, self.conditional_only()])
+        stacked = Conditioning.cat([self.unconditional, self.conditional_only()])
+        marks = _branch_marks(self.unconditional.batch_size, self.batch_size, self._device())
+        return replace(stacked, unconditional_rows=marks)
+
+    def stacked_branches(self) -> Conditioning:
+        """[conditional | unconditional] stacked on dim 0 with the rows marked (the calibration set's layout)."""
+        if self.unconditional is None:
+            raise ValueError("this conditioning has no unconditional branch to stack")
+        stacked = Conditioning.cat([self.conditional_only(), self.unconditional])
+        marks = _branch_marks(self.unconditional.batch_size, self.batch_size, self._device()).flip(0)
+        return replace(stacked, unconditional_rows=marks)
+
+    def without_markers(self) -> Conditioning:
+        """The model inputs only (row markers dropped), e.g. for one branch's rows passed to a network."""
+        return replace(self, **dict.fromkeys(_MARKERS))
 
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
@@ -151,7 +180,7 @@ class Conditioning:
 
     def describe(self) -> dict[str, Any]:
         """Field → shape, for error messages and run keys."""
-        shapes = {name: list(value.shape) for name, value in self._tensors().items()}
+        shapes = {name: list(value.shape) for name, value in self._tensors().items() if name not in _MARKERS}
         return {**shapes, "unconditional": None if self.unconditional is None else self.unconditional.describe()}
 
 

@@ -57,6 +57,9 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
               calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
               checkpoint: str | Path | None = None, progress: bool = True,
               conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> QuantizedDenoiser:
+    if config.branch_ranges:
+        raise NotImplementedError("branch_ranges does not combine with TFMQ-DM: its per-step quantizers hold one "
+                                  "range per step, not one per guidance branch")
     if model is not reference:
         raise NotImplementedError("TFMQ-DM reconstructs against the FP model itself: run it with the reference in "
                                   "float32 (dtype=float32)")
