@@ -12,7 +12,10 @@ fixed, straight-through rounding) on FP inputs, loss ``mean_batch Σ |U_q(X) −
 The learned steps are kept only if they lower the unit's loss over the whole calibration set (Q-Diffusion issue #2
 reports activation reconstruction ending worse than its initialisation; tadq falls back instead of regressing).
 
-After each unit the model state is checkpointed, so an interrupted run resumes at the next unit.
+Each unit runs both phases before the next unit starts (the activation phase reads only FP inputs and targets, so
+the order changes no result) and both share one FP capture. After each phase the model state is checkpointed, so
+an interrupted run resumes where it stopped. Every phase leaves a ``UnitReport`` with the diagnostics of
+docs/methods/qdiffusion.md ("Carrying over to natural images"); ``write_unit_report`` writes them as JSON.
 
 Layers named in ``frozen_layers`` keep their weights and activation steps in both phases (they still run inside their
 unit, so the unit learns around them); TFMQ-DM freezes the temporal layers this way after reconstructing them
