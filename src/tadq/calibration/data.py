@@ -158,7 +158,8 @@ def _subsample(trajectory, config: CalibrationConfig, key: str, guided: bool) ->
         chosen = torch.randperm(config.num_trajectories, generator=generator)[: config.samples_per_step]
         xs.append(trajectory.model_inputs[step][chosen])
         epss.append(trajectory.eps[step][chosen])
-        ts.append(torch.full((len(chosen),), int(trajectory.timesteps[step]), dtype=torch.long))
+        # the timestep the network was called with: long on integer grids, float32 on fractional ones (euler, flow)
+        ts.append(trajectory.timesteps[step].repeat(len(chosen)))
         steps.append(torch.full((len(chosen),), step, dtype=torch.long))
         if trajectory.cond is not None:
             conds.append(trajectory.cond.rows(chosen))
