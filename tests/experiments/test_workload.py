@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tests.pipelines.builders import build_sd
 
 from tadq.config import CalibrationConfig, ReconstructionConfig
@@ -69,3 +70,51 @@ def test_unconditional_model_takes_no_prompts_or_guidance(tiny_model_dir):
         load_workload(str(tiny_model_dir), calibration_prompts=("a cat",), evaluation_prompts=("a dog",))
     with pytest.raises(ValueError, match="needs a conditional model"):
         load_workload(str(tiny_model_dir), guidance_scale=3.0)
+
+
+@pytest.fixture
+def class_model_dir(tmp_path, ddpm_scheduler):
+    """A tiny class-conditional UNet2DModel: 3 real classes and the null class 3."""
+    from diffusers import DDPMPipeline
+    from tests.conftest import build_tiny_unet
+
+    path = tmp_path / "class-ddpm"
+    DDPMPipeline(unet=build_tiny_unet(num_class_embeds=4), scheduler=ddpm_scheduler).save_pretrained(path)
+    return path
+
+
+def test_class_conditional_labels_differ_between_calibration_and_evaluation_seeds(class_model_dir):
+    workload = load_workload(str(class_model_dir), labels="random", null_class=3, guidance_scale=2.0)
+    calibration = workload.calibration_conditions(0, range(64)).class_labels
+    evaluation = workload.evaluation_conditions(1, range(64)).class_labels
+    assert set(calibration.tolist()) == set(evaluation.tolist()) == {0, 1, 2}  # never the null class
+    assert not torch.equal(calibration, evaluation)
+    assert workload.guidance_scale == 2.0 and workload.settings["guidance_scale"] == 2.0
+    unconditional = load_workload(str(class_model_dir), labels="null", null_class=3)
+    assert unconditional.evaluation_conditions(1, range(5)).class_labels.tolist() == [3] * 5
+    assert unconditional.settings["labels"] != workload.settings["labels"]
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"labels": "null"}, "null_class"),                        # no null class known for a user's model
+    ({"guidance_scale": 2.0}, "unconditional"),                # guidance without a null class
+    ({"labels": "null", "null_class": 9}, "not a label"),      # beyond the class embeddings
+    ({"labels": "sometimes"}, "labels must be one of"),
+])
+def test_class_conditional_workload_refuses_bad_settings_before_sampling(class_model_dir, changes, message):
+    with pytest.raises(ValueError, match=message):
+        load_workload(str(class_model_dir), **changes)
+
+
+def test_unconditional_model_refuses_labels(tiny_model_dir):
+    with pytest.raises(ValueError, match="no labels"):
+        load_workload(str(tiny_model_dir), labels="random")
+
+
+def test_class_conditional_main_job_runs_with_guidance(class_model_dir, tmp_path):
+    config = _config(class_model_dir, tmp_path / "run", methods=("naive",), calibration_prompts=(),
+                     evaluation_prompts=(), labels="random", null_class=3)
+    results = run_main_job(config)
+    assert [row["method"] for row in results["rows"]] == ["FP", "naive PTQ"]
+    assert results["config"]["workload"]["guidance_scale"] == 2.0
+    assert results["rows"][1]["psnr"] is not None and results["rows"][1]["fd_digits"] is None

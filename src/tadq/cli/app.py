@@ -51,8 +51,8 @@ def _parse_presets(text: str) -> tuple[str, ...]:
 
 @app.command("run")
 def run_command(
-    model: str | None = typer.Option(None, help="Local diffusers folder, or a shipped model: digits (default) or t2i "
-                                     "(the text-to-image digits pipeline)."),
+    model: str | None = typer.Option(None, help="Local diffusers folder, or a shipped model: digits (default), t2i "
+                                     "(the text-to-image digits pipeline) or photos (natural-image patches)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
                                 help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …)."),
@@ -81,6 +81,11 @@ def run_command(
     eval_prompts: Path | None = typer.Option(None, help="Text file, one evaluation prompt per line, disjoint from "
                                              "the calibration prompts."),
     negative_prompt: str = typer.Option("", help="Prompt of the unconditional branch (text-to-image models)."),
+    labels: str | None = typer.Option(None, help="Class-conditional models: null (every sample unconditional, "
+                                      "with the null class) or random (labels from (seed, i); guidance with "
+                                      "--guidance-scale). Default: null for the shipped photos model, else random."),
+    null_class: int | None = typer.Option(None, help="The class-conditional model's 'no class' label (known for "
+                                          "the shipped photos model)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
@@ -109,7 +114,7 @@ def run_command(
                            dtype=dtype, guidance_scale=guidance_scale,
                            calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                            evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
-                           negative_prompt=negative_prompt)
+                           negative_prompt=negative_prompt, labels=labels, null_class=null_class)
         results = run_main_job(config)
     from rich.table import Table
 

@@ -28,7 +28,7 @@ from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
 from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import mark_output
 from tadq.metrics import per_step_mse
-from tadq.metrics.features import FeatureSpace
+from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
@@ -69,6 +69,10 @@ class RunConfig:
             brings its own).
         evaluation_prompts: prompts of the evaluation samples, disjoint from ``calibration_prompts``.
         negative_prompt: the unconditional branch's prompt.
+        labels: class-conditional models: ``"null"`` (every sample unconditional, with the null class) or
+            ``"random"`` (labels drawn from (seed, i)); ``None``: the model's default (the shipped photos model:
+            ``"null"``; a user's: ``"random"``).
+        null_class: the class-conditional model's "no class" label (known for the shipped photos model).
     """
 
     model: str | None = None
@@ -89,6 +93,8 @@ class RunConfig:
     calibration_prompts: tuple[str, ...] = ()
     evaluation_prompts: tuple[str, ...] = ()
     negative_prompt: str = ""
+    labels: str | None = None
+    null_class: int | None = None
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device torch lacks fails here, named
@@ -169,7 +175,8 @@ def run_cell(workload: Workload, config: RunConfig, variant: Variant, path: Path
 def _metrics(cell: dict, fp: dict, features: FeatureSpace | None, expected_labels=None) -> dict[str, Any]:
     quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], features, expected_labels)
     metrics = quality.to_dict()
-    metrics["fd_digits"] = metrics.pop(quality.fd_key)  # the table's column: FD-digits, or "–" when not computed
+    fd = metrics.pop(quality.fd_key)
+    metrics["fd_digits" if features is None else quality.fd_key] = fd  # its column; "–" when not computed
     return {
         "method": cell["name"], "bits": cell["bits"], **metrics,
         "wall_s": cell["setup_s"] + cell["sampling_s"], "setup_s": cell["setup_s"], "sampling_s": cell["sampling_s"],
@@ -203,7 +210,7 @@ def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
     workload = load_workload(config.model, guidance_scale=config.guidance_scale,
                              calibration_prompts=config.calibration_prompts,
                              evaluation_prompts=config.evaluation_prompts, negative_prompt=config.negative_prompt,
-                             device=device, dtype=dtype)
+                             labels=config.labels, null_class=config.null_class, device=device, dtype=dtype)
     model = place_model(workload.model, device, dtype)
     workload = dataclasses.replace(workload, model=model)
     if workload.features is not None:
@@ -240,8 +247,13 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
 
 def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
     if fd is None:
-        return ("FD-digits and class agreement are not computed: the digit classifier only reads the shipped "
-                "digits models' samples (PSNR, SSIM and trajectory error are).")
+        return ("FD and class agreement are not computed: the shipped classifiers only read the shipped models' "
+                "samples (PSNR, SSIM and trajectory error are).")
+    if not isinstance(fd, DigitsFeatureSpace):
+        return (f"FD-{fd.name}: Fréchet distance on the shipped {fd.name} classifier's penultimate features, "
+                f"{num_samples} samples vs {len(fd.real)} real held-out images. Real-vs-real floor "
+                f"({getattr(fd, 'floor_samples', '?')} real training images vs the same held-out ones): "
+                f"{fd.floor:.2f}.")
     return (f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, {num_samples} "
             f"samples vs the {len(fd.real)} real training digits. Real-vs-real floor (all {fd.heldout_count} "
             f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
@@ -255,7 +267,8 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
     # (digit features on another model's samples would be a number without a meaning)
     fd = workload.features
     fp = cells[0]
-    expected = workload.expected_labels(config.num_samples) if workload.expected_labels is not None else None
+    expected = (workload.expected_labels(config.eval_seed, config.num_samples)
+                if workload.expected_labels is not None else None)
     rows = [_metrics(cell, fp, fd, expected) for cell in cells]
     labels = [f"{c['name']} {c['bits']}" for c in cells]
     shown = config.grid_samples
@@ -284,7 +297,8 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
         "rows": rows,
         "per_step_mse": {label: curve.tolist() for label, curve in curves.items()},
         "extras": {label: c.get("extras", {}) for label, c in zip(labels, cells, strict=True) if c.get("extras")},
-        "fd_digits_real_vs_real": fd.floor if fd is not None else None,
+        "fd_digits_real_vs_real": fd.floor if isinstance(fd, DigitsFeatureSpace) else None,
+        "fd_real_vs_real": fd.floor if fd is not None else None,
         "notes": {
             "fd": _fd_note(fd, config.num_samples),
             "fake_quant": "Quantized variants are fake-quantized (simulated on FP hardware): wall time measures "

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace
+from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
 from tadq.models import load_pipeline_parts, shipped_model_path
 from tadq.registry import adapter_for
 from tadq.safefiles import read_json_file
-from tadq.sampling import ConditionSource
+from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder"]
 
@@ -37,12 +37,21 @@ def _shipped_t2i_path() -> Path:
     return shipped_t2i_path()
 
 
+def _shipped_photos_path() -> Path:
+    return Path(__file__).resolve().parents[1] / "zoo" / "weights" / "photos-ddpm"
+
+
 # names ``tadq run --model`` accepts besides a folder: the models that ship inside the package
-SHIPPED_MODELS: dict[str, Callable[[], Path]] = {"digits": shipped_model_path, "t2i": _shipped_t2i_path}
+SHIPPED_MODELS: dict[str, Callable[[], Path]] = {
+    "digits": shipped_model_path, "t2i": _shipped_t2i_path, "photos": _shipped_photos_path,
+}
+# how the main job labels the samples of a class-conditional model
+LABEL_MODES = ("null", "random")
 
 
 def resolve_model_path(model: str | None) -> Path:
-    """The folder of ``model``: a shipped model's name (``digits``, ``t2i``; ``None`` = ``digits``) or a path.
+    """The folder of ``model``: a shipped model's name (``digits``, ``t2i``, ``photos``; ``None`` = ``digits``) or a
+    path.
 
     An existing folder of the same name wins over a shipped name, so a user's ``./t2i`` is never shadowed.
     """
@@ -76,8 +85,8 @@ class Workload:
         evaluation_conditions: per-sample conditions of the evaluation samples, disjoint from the calibration ones.
         guidance_scale: classifier-free guidance scale of calibration, fits and evaluation (1: none).
         decoder: latents (N, C, h, w) → images (N, C', H, W) in [-1, 1] (a VAE); ``None``: the samples are images.
-        expected_labels: number of samples → (N,) label each evaluation sample was prompted with (prompt
-            agreement); ``None`` when there is no label to read back.
+        expected_labels: (evaluation seed, number of samples) → (N,) label each evaluation sample was prompted with
+            (prompt agreement); ``None`` when there is no label to read back.
         features: the feature space of FD and agreement on the (decoded) images; ``None``: PSNR/SSIM/trajectory only.
         settings: what identifies the workload in cell keys (prompt sets, guidance).
     """
@@ -89,7 +98,7 @@ class Workload:
     evaluation_conditions: ConditionSource | None = None
     guidance_scale: float = 1.0
     decoder: Callable[[Tensor], Tensor] | None = None
-    expected_labels: Callable[[int], Tensor] | None = None
+    expected_labels: Callable[[int, int], Tensor] | None = None
     features: FeatureSpace | None = None
     settings: dict[str, Any] = field(default_factory=dict)
 
@@ -135,13 +144,17 @@ def _prompt_key(prompts: Sequence[str], negative: str) -> str:
 
 def load_workload(model: str | None, *, guidance_scale: float | None = None,
                   calibration_prompts: Sequence[str] = (), evaluation_prompts: Sequence[str] = (),
-                  negative_prompt: str = "", device: torch.device | None = None,
-                  dtype: torch.dtype | None = None) -> Workload:
+                  negative_prompt: str = "", labels: str | None = None, null_class: int | None = None,
+                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> Workload:
     """The workload of ``model`` (a shipped name or a folder), checked before any sampling.
 
     Text-to-image folders take prompts for calibration and evaluation (the shipped ``t2i`` model brings its own
     disjoint sets); they must not share a prompt. ``guidance_scale=None`` takes the model's default (the shipped
-    text-to-image model's recorded one; 1 for every other model).
+    text-to-image model's recorded one; 1 for every other model). Class-conditional ``UNet2DModel`` folders take
+    ``labels``: ``"null"`` samples every image unconditionally with the model's null class, ``"random"`` gives
+    sample i a class drawn from (seed, i) — calibration and evaluation seeds differ, so do their labels — with
+    guidance against the null class when ``guidance_scale`` > 1. ``null_class`` is the model's "no class" label
+    (the shipped photos model's is known; a user's must be given for ``"null"`` or guidance).
     """
     path = resolve_model_path(model)
     name = model if model is not None else "digits"
@@ -153,17 +166,78 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
     if calibration_prompts or evaluation_prompts:
         raise ValueError(f"{path} is not a text-to-image pipeline (no text_encoder in model_index.json): it takes no "
                          "prompts")
+    if labels is not None and labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    fp, scheduler = load_pipeline_parts(path)
+    inputs = adapter_for(fp).conditioning_inputs(fp)
+    if tuple(inputs) == ("class_labels",):
+        return _class_conditional_workload(path, name, fp, scheduler, guidance_scale, labels, null_class)
+    if inputs:
+        raise NotImplementedError(f"{path} holds a {type(fp).__name__} conditioned on {list(inputs)} without a "
+                                  "text encoder; tadq run samples unconditional and class-conditional models and "
+                                  "text-to-image pipelines")
+    if labels is not None or null_class is not None:
+        raise ValueError(f"{path} holds an unconditional {type(fp).__name__}: it takes no labels or null class")
     if guidance_scale not in (None, 1.0):
         raise ValueError(f"guidance_scale={guidance_scale} needs a conditional model; {path} is sampled "
                          "unconditionally by tadq run")
-    fp, scheduler = load_pipeline_parts(path)
-    if adapter_for(fp).conditioning_inputs(fp):
-        raise NotImplementedError(f"{path} holds a conditional {type(fp).__name__} without a text encoder; tadq run "
-                                  "samples unconditional models and text-to-image pipelines")
     shipped = path.resolve() == shipped_model_path().resolve()
     # FD-digits only for the shipped digits model: digit features on another model's samples mean nothing
     features = DigitsFeatureSpace(adapter_for(fp).sample_shape(fp)[-1]) if shipped else None
     return Workload(name=name, model=fp, scheduler=scheduler, features=features)
+
+
+def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler: Any, guidance_scale: float | None,
+                                labels: str | None, null_class: int | None) -> Workload:
+    """A class-conditional pixel model: unconditional samples (its null class) or random labels, with guidance."""
+    shipped = path.resolve() == _shipped_photos_path().resolve()
+    num_embeddings = int(getattr(fp.config, "num_class_embeds", None) or 0)
+    if shipped and null_class is None:
+        from tadq.zoo.photos_model import null_label
+
+        null_class = null_label()
+    labels = labels or ("null" if shipped else "random")
+    if null_class is not None and not 0 <= null_class < max(num_embeddings, 1):
+        raise ValueError(f"null_class={null_class} is not a label of this model (it has {num_embeddings} class "
+                         "embeddings)")
+    if labels == "null" and null_class is None:
+        raise ValueError(f"labels='null' samples with the model's null class: give null_class (--null-class) for "
+                         f"{path}")
+    guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
+    if guidance_scale != 1.0 and (labels != "random" or null_class is None):
+        raise ValueError("guidance needs a conditional branch and an unconditional one: use labels='random' and give "
+                         "null_class (--labels random --null-class N)")
+    if labels == "null":
+        source: ConditionSource = _NullLabels(null_class)
+    else:
+        num_classes = null_class if null_class is not None else num_embeddings
+        if num_classes < 1:
+            raise ValueError(f"{path}: no real class below the null class {null_class}")
+        source = RandomClassLabels(num_classes, null_class if guidance_scale != 1.0 else None)
+    # the photo classifier reads the shipped model's classes back; nothing reads a user's classes
+    features: FeatureSpace | None = PhotosFeatureSpace() if shipped else None
+    expected_labels = None
+    if shipped and labels == "random":
+        def expected_labels(seed: int, count: int) -> Tensor:
+            return source(seed, range(count)).class_labels
+
+    return Workload(name=name, model=fp, scheduler=scheduler, calibration_conditions=source,
+                    evaluation_conditions=source, guidance_scale=guidance_scale, expected_labels=expected_labels,
+                    features=features, settings={"labels": source.key, "guidance_scale": guidance_scale})
+
+
+@dataclass(frozen=True)
+class _NullLabels:
+    """Every sample gets the model's null class: a class-conditional model sampled unconditionally."""
+
+    null_class: int
+
+    def __call__(self, seed: int, indices: Sequence[int]) -> Conditioning:
+        return Conditioning(class_labels=torch.full((len(indices),), self.null_class, dtype=torch.long))
+
+    @property
+    def key(self) -> str:
+        return f"null-label-{self.null_class}"
 
 
 def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None, calibration_prompts: Sequence[str],
@@ -182,7 +256,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
         guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
         labels = [digit_of(prompt) for prompt in evaluation_prompts]
 
-        def expected_labels(count: int) -> Tensor:  # prompts go to samples cyclically by index (PromptConditions)
+        def expected_labels(seed: int, count: int) -> Tensor:  # prompts go to samples cyclically (PromptConditions)
             return torch.tensor([labels[i % len(labels)] for i in range(count)], dtype=torch.long)
     if not calibration_prompts or not evaluation_prompts:
         raise ValueError(f"{path} is a text-to-image pipeline: give calibration and evaluation prompts (two disjoint "

@@ -15,11 +15,21 @@ COLUMNS: tuple[tuple[str, str], ...] = (
 OPTIONAL_COLUMNS: tuple[tuple[str, str], ...] = (("prompt_accuracy", "prompt agree ↑"),)
 
 
+def _fd_column(rows: list[dict[str, Any]]) -> tuple[str, str]:
+    """The Fréchet-distance column the rows carry (``fd_<features>``, e.g. FD-photos); FD-digits when none."""
+    keys = sorted({key for row in rows for key in row if key.startswith("fd_") and row[key] is not None})
+    key = next((k for k in keys if k != "fd_digits"), "fd_digits")
+    return key, f"FD-{key.removeprefix('fd_')} ↓"
+
+
 def columns_for(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
-    """``COLUMNS`` plus every optional column some row has a value for (after the agreement column)."""
+    """``COLUMNS`` (with the rows' own FD column) plus every optional column some row has a value for (after the
+    agreement column)."""
+    fd = _fd_column(rows)
+    base = tuple(fd if key == "fd_digits" else (key, title) for key, title in COLUMNS)
     extra = tuple(c for c in OPTIONAL_COLUMNS if any(row.get(c[0]) is not None for row in rows))
-    at = [key for key, _ in COLUMNS].index("agreement") + 1
-    return COLUMNS[:at] + extra + COLUMNS[at:]
+    at = [key for key, _ in base].index("agreement") + 1
+    return base[:at] + extra + base[at:]
 
 
 def format_cell(key: str, value: Any) -> str:
