@@ -1,14 +1,18 @@
 """The model adapter: answers "which module plays which role" so methods never guess from names.
 
 Roles (``LayerRole``) of the quantizable layers (every ``nn.Conv2d``/``nn.Linear``):
-``input_conv`` / ``output_conv`` (first and last conv), ``time_embedding`` (the timestep MLP),
+``input_conv`` / ``output_conv`` (first and last layer: a UNet's first and last conv, a patch transformer's patch
+embedding and final projection), ``time_embedding`` (the timestep MLP),
 ``class_embedding`` (label path), ``added_embedding`` (an embedding of further conditions added to the timestep
 embedding, e.g. SDXL's pooled text + size/crop ids), ``time_projection`` (each residual block's projection of the
 time embedding), ``block_conv`` (the convolutions inside residual blocks), ``shortcut`` (1x1 skip convs),
 ``attention_qkv`` (q, and k/v of self-attention), ``cross_attention_kv`` (k/v of cross-attention: their input is
 the encoder states, e.g. the text embedding, the same at every sampler step), ``attention_out``,
 ``transformer_proj`` (a transformer block's ``proj_in``/``proj_out``), ``feed_forward`` (the transformer MLP,
-GEGLU included), ``resample`` (down/upsample convs) and ``other``.
+GEGLU included), ``caption_projection`` (a projection of the encoder states before the cross-attentions read
+them, e.g. PixArt's caption projection: its input is the same at every sampler step), ``resample`` (down/upsample
+convs) and ``other``. A transformer's adaLN modulation projections (embedding → per-block scale/shift/gate) are
+``time_projection``, its timestep MLPs ``time_embedding`` (``tadq.adapters.transformer2d``).
 The temporal path is ``time_embedding`` + ``class_embedding`` + ``added_embedding`` + ``time_projection``
 (TFMQ-DM's temporal information block).
 
@@ -33,7 +37,7 @@ __all__ = ["ModelAdapter", "LayerRole", "LayerInfo", "TEMPORAL_ROLES", "LAYER_RO
 LayerRole = Literal[
     "input_conv", "output_conv", "time_embedding", "class_embedding", "time_projection", "block_conv",
     "shortcut", "attention_qkv", "attention_out", "resample", "other", "added_embedding", "cross_attention_kv",
-    "transformer_proj", "feed_forward",
+    "transformer_proj", "feed_forward", "caption_projection",
 ]
 LAYER_ROLES: tuple[str, ...] = LayerRole.__args__  # type: ignore[attr-defined]
 TEMPORAL_ROLES: tuple[str, ...] = ("time_embedding", "class_embedding", "added_embedding", "time_projection")
