@@ -18,6 +18,7 @@ from tadq import api
 from tadq.adapters import TEMPORAL_ROLES
 from tadq.calibration import collect_calibration_set
 from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, QuantConfig
+from tadq.models import load_pipeline_parts
 from tadq.quant.attention import cross_attention_projections, install_attention_quantizers
 from tadq.quant.qscheme import QScheme
 from tadq.registry import adapter_for, model_family
@@ -286,6 +287,9 @@ def test_naive_w8a8_is_close_to_fp_and_w4a4_is_worse(quantized):
     which, model, _, _, calib, naive = quantized
     plans = naive["W8A8"].plans
     assert all(plan.quantized for plan in plans)
+    network = naive["W8A8"].model
+    assert {type(network.get_submodule(name).processor).__name__
+            for name in adapter_for(model).attention_modules(model)} == {"QuantAttnProcessor"}
     w8a8, w4a4 = (_eps_snr_db(model, naive[preset], calib) for preset in ("W8A8", "W4A4"))
     # measured on these tiny random models (calibration inputs, both guidance branches): W8A8 ≈ 39 dB, W4A8 ≈ 22 dB,
     # W4A4 ≈ 16.5 dB for both (8-bit per-tensor activations give at most ~6 dB/bit); a quantizer left uncalibrated or
@@ -321,3 +325,18 @@ def test_short_qdiffusion_on_dit_reconstructs_the_blocks(tmp_path):
     qmodel.save_pretrained(tmp_path / "artefact", scheduler)
     loaded, loaded_scheduler = tadq.load(tmp_path / "artefact")
     assert torch.equal(_sample(loaded, loaded_scheduler, source), images)
+
+
+def test_a_dit_pipeline_folder_loads_through_its_transformer_subfolder(tmp_path):
+    model, scheduler = build_tiny_dit(), DDIMScheduler(num_train_timesteps=1000)
+    model.save_pretrained(tmp_path / "dit" / "transformer")
+    scheduler.save_pretrained(tmp_path / "dit" / "scheduler")
+    (tmp_path / "dit" / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
+        "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))
+    loaded, loaded_scheduler = load_pipeline_parts(tmp_path / "dit")
+    assert isinstance(loaded, DiTTransformer2DModel) and isinstance(loaded_scheduler, DDIMScheduler)
+    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([10]), Conditioning(class_labels=torch.tensor([NUM_CLASSES]))
+    with torch.no_grad():
+        assert torch.equal(adapter_for(loaded).predict_eps(loaded, x, t, cond),
+                           adapter_for(model).predict_eps(model, x, t, cond))
