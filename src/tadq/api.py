@@ -178,12 +178,25 @@ def sample(
             return adapter.predict_eps(denoiser, x, t, cond)
 
         shape = adapter.sample_shape(denoiser)
+    _check_prediction(denoiser, plan)
     parameter = next(denoiser.parameters(), None)
     return _sample_loop(
         call, plan, num_samples=num_samples, seed=seed, sample_shape=shape, batch_size=batch_size, hooks=hooks,
         conditions=conditions, record_trajectory=record_trajectory, progress=progress,
         device="cpu" if parameter is None else parameter.device, dtype=None if parameter is None else parameter.dtype,
     )
+
+
+def _check_prediction(denoiser: nn.Module, plan: SamplingPlan) -> None:
+    """The adapter's refusal of a plan whose prediction type the model does not output (a flow model's velocity
+    sampled as ε), for adapters that declare one (``check_prediction``)."""
+    if isinstance(denoiser, HookedDenoiser):  # a QuantizedDenoiser knows its adapter and network
+        model, adapter = getattr(denoiser, "model", None), getattr(denoiser, "adapter", None)
+    else:
+        model, adapter = denoiser, adapter_for(denoiser)
+    check = getattr(adapter, "check_prediction", None)
+    if check is not None:
+        check(model, plan.steps[0].prediction_type)
 
 
 def load(

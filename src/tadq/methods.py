@@ -61,7 +61,7 @@ def calibrated_structure(
     adapter = adapter_for(model)
     qmodel = build_quantized_structure(model, config)  # first: a bad layer pattern fails before any sampling
     if calibration is None:
-        calibration = collect_calibration_set(reference, adapter, scheduler.config, config.calibration,
+        calibration = collect_calibration_set(reference, adapter, scheduler, config.calibration,
                                               cache_dir=cache_dir, progress=progress, conditions=conditions,
                                               guidance_scale=guidance_scale)
     first = next(model.parameters(), None)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tadq.sampling import Conditioning
 
-__all__ = ["UnitIO", "capture_unit_io"]
+__all__ = ["UnitIO", "capture_unit_io", "unit_output"]
 
 
 class _StopForward(Exception):
@@ -38,12 +38,20 @@ class UnitIO:
         return [pick(a) for a in self.args], {k: pick(v) for k, v in self.kwargs.items()}
 
 
-def _first_tensor(output: Any) -> Tensor:
+def unit_output(output: Any) -> Tensor:
+    """What block reconstruction fits of a unit's output: a tensor as is; of a tuple/list, its tensors (``None``
+    entries skipped): one alone as is, several concatenated on dim 1 (e.g. the (text, image) token streams of an
+    MMDiT block, (N, L_i, D) each), or flattened per sample and concatenated when their trailing shapes differ."""
     if isinstance(output, Tensor):
         return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"cannot reconstruct a unit whose output is {type(output).__name__}")
+    tensors = [item for item in output if isinstance(item, Tensor)] if isinstance(output, (tuple, list)) else []
+    if not tensors:
+        raise TypeError(f"cannot reconstruct a unit whose output is {type(output).__name__}")
+    if len(tensors) == 1:
+        return tensors[0]
+    if all(t.dim() >= 2 and t.shape[2:] == tensors[0].shape[2:] for t in tensors):
+        return torch.cat(tensors, dim=1)
+    return torch.cat([t.flatten(1) for t in tensors], dim=1)
 
 
 def _merge(chunks: list[Any]) -> Any:
@@ -68,7 +76,7 @@ def capture_unit_io(
             arg_chunks.append([a.detach() if isinstance(a, Tensor) else a for a in args])
             kwarg_chunks.append({k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
         if keep_output:
-            out_chunks.append(_first_tensor(output).detach())
+            out_chunks.append(unit_output(output).detach())
         raise _StopForward
 
     handle = module.register_forward_hook(hook, with_kwargs=True)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from diffusers.configuration_utils import ConfigMixin
 from torch import Tensor, nn
 
 from tadq.config import CalibrationConfig, config_to_dict
@@ -128,14 +129,23 @@ def collect_calibration_set(
 
     ``conditions`` (per-sample, from the calibration seed) and ``guidance_scale`` drive the FP sampler as in
     deployment; the kept inputs carry their conditioning (module docstring of ``CalibrationSet``).
+    ``scheduler_config`` may also be the scheduler itself: its class names a flow-matching schedule, which a bare
+    config does not (keys and cache files are those of its config).
     """
+    scheduler = scheduler_config
+    if hasattr(scheduler_config, "config"):
+        scheduler_config = scheduler_config.config
     fields = calibration_fields(model, scheduler_config, config, conditions, guidance_scale)
     key = calibration_key(model, scheduler_config, config, conditions, guidance_scale)
     path = Path(cache_dir) / f"calibration-{key}.safetensors" if cache_dir is not None else None
     if path is not None and path.exists():
         logger.info("using cached calibration data %s", path)
         return CalibrationSet.load(path, key, fields)
-    plan = SamplingPlan.build(scheduler_config, config.sampler, guidance_scale)
+    plan = SamplingPlan.build(scheduler if isinstance(scheduler, ConfigMixin) else scheduler_config, config.sampler,
+                              guidance_scale)
+    check = getattr(adapter, "check_prediction", None)  # e.g. a flow-matching model refuses an ε scheduler
+    if check is not None:
+        check(model, plan.steps[0].prediction_type)
     parameter = next(model.parameters())
     result = sample(
         lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond), plan,

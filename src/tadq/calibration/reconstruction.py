@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tadq.calibration.capture import UnitIO, capture_unit_io
+from tadq.calibration.capture import UnitIO, capture_unit_io, unit_output
 from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
 from tadq.quant.adaround import AdaRound
@@ -119,8 +119,7 @@ def _frozen(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
 
 def _run_unit(module: nn.Module, io: UnitIO, index: Tensor) -> Tensor:
     args, kwargs = io.batch(index)
-    out = module(*args, **kwargs)
-    return out if isinstance(out, Tensor) else out[0]
+    return unit_output(module(*args, **kwargs))
 
 
 def _eval_loss(module: nn.Module, io: UnitIO, batch_size: int, p: float) -> float:

@@ -57,8 +57,11 @@ def softmax_scheme(activation_scheme: QScheme, softmax_bits: int) -> QScheme:
     return dataclasses.replace(activation_scheme, bits=softmax_bits, symmetric=False)
 
 
-def install_attention_quantizers(attn: Attention, activation_scheme: QScheme, softmax_bits: int) -> None:
-    """Register the four operand quantizers on ``attn`` and switch it to ``QuantAttnProcessor``.
+def install_attention_quantizers(attn: nn.Module, activation_scheme: QScheme, softmax_bits: int,
+                                 processor: QuantAttnProcessor | None = None) -> None:
+    """Register the four operand quantizers on ``attn`` and switch it to ``processor`` (default
+    ``QuantAttnProcessor``; an adapter gives its own for attention classes that one does not reproduce, e.g.
+    ``tadq.adapters.mmdit``).
 
     A quantizer that is already there with the same scheme is kept (with its calibrated range), so installing
     twice changes nothing.
@@ -69,7 +72,7 @@ def install_attention_quantizers(attn: Attention, activation_scheme: QScheme, so
         current = getattr(attn, name, None)
         if not (isinstance(current, Quantizer) and current.scheme == scheme):
             setattr(attn, name, Quantizer(scheme, kind="activation"))
-    attn.set_processor(QuantAttnProcessor())
+    attn.set_processor(QuantAttnProcessor() if processor is None else processor)
 
 
 class QuantAttnProcessor:
@@ -148,7 +151,9 @@ def apply_attention_quantization(model: nn.Module, adapter, config) -> list[str]
     """Quantize the attention matmuls of every ``adapter.attention_modules(model)`` entry (in place).
 
     A structural step (before calibration; the new quantizers are then calibrated like every input quantizer).
-    Nothing happens unless ``config.quantize_attention`` and activations are quantized.
+    Nothing happens unless ``config.quantize_attention`` and activations are quantized. An adapter with a
+    ``quant_attention_processor(name, attn)`` method chooses the processor of each module (it raises for one it
+    cannot quantize); otherwise every module must be a diffusers ``Attention`` and gets ``QuantAttnProcessor``.
 
     Args:
         model: the (converted) model.
@@ -161,11 +166,13 @@ def apply_attention_quantization(model: nn.Module, adapter, config) -> list[str]
     if not (config.quantize_attention and config.activations.enabled):
         return []
     names = adapter.attention_modules(model)
+    processor_for = getattr(adapter, "quant_attention_processor", None)
     for name in names:
         attn = model.get_submodule(name)
-        if not isinstance(attn, Attention):
+        processor = None if processor_for is None else processor_for(name, attn)
+        if processor is None and not isinstance(attn, Attention):
             raise TypeError(f"{name} is a {type(attn).__name__}, not a diffusers Attention module")
-        install_attention_quantizers(attn, config.activations, config.softmax_bits)
+        install_attention_quantizers(attn, config.activations, config.softmax_bits, processor)
     if config.softmax_bits > MAX_BITS:
         logger.info("softmax_bits=%d > %d: the softmax output P stays in floating point", config.softmax_bits,
                     MAX_BITS)
