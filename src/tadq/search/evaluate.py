@@ -1,0 +1,67 @@
+"""``tadq recipe --evaluate N``: the winner against every in-budget candidate on the *evaluation* seed.
+
+The README's fixed rows at a preset (naive, Q-Diffusion, Q-Diffusion + PTQD / TAC / TCEC / TAC + TCEC) are
+candidates of the search; within the budget they were built with the search's settings, so this compares them
+and the winner at equal budget and equal build settings, on noise the search never saw. It runs only after the
+winner is chosen, so nothing here can influence the choice.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tadq.api import load
+from tadq.metrics.image import psnr_per_sample, ssim_per_sample
+from tadq.search.score import final_samples
+from tadq.search.search import SearchResult
+
+__all__ = ["README_ROWS", "evaluate_candidates"]
+
+README_ROWS = ("naive", "qdiffusion", "qdiffusion+ptqd", "qdiffusion+tac", "qdiffusion+tcec", "qdiffusion+tac+tcec")
+"""The (base + stack) names of the README's main-table rows."""
+
+
+def _is_readme_row(record: dict[str, Any]) -> bool:
+    return record["name"].rsplit("-", 1)[0] in README_ROWS
+
+
+def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_dir: str | Path, *,
+                        num_samples: int, batch_size: int = 128) -> dict[str, Any]:
+    """Sample the FP model and every in-budget candidate on the evaluation seed; mean and median PSNR, SSIM and
+    final MSE vs FP per candidate, and a summary saying whether the winner beats every README row."""
+    seed = result.seeds["evaluation"]
+    if seed in {v for k, v in result.seeds.items() if k != "evaluation"}:
+        raise ValueError(f"evaluation seed {seed} is one the search used; refusing to evaluate on it")
+    from tadq.recipe import recipe_from_dict
+
+    scored = [r for r in result.records if r["status"] == "scored"]
+    sampler = recipe_from_dict(scored[0]["recipe"]).sampler
+    reference = final_samples(model, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size)
+    rows: dict[str, dict[str, Any]] = {}
+    for record in scored:
+        qmodel, _ = load(Path(out_dir) / record["artefact"])
+        images = final_samples(qmodel, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size)
+        psnr = psnr_per_sample(images, reference).double()
+        rows[record["name"]] = {
+            "readme_row": _is_readme_row(record), "mean_psnr": float(psnr.mean()), "median_psnr": float(psnr.median()),
+            "ssim": float(ssim_per_sample(images, reference).mean()),
+            "final_mse": float((images.clamp(-1, 1) - reference.clamp(-1, 1)).double().square().mean()),
+            "gbitops": record["gbitops"], "bytes": record["bytes"],
+            "heldout_median_psnr": record["score"]["median_psnr"],
+        }
+    winner = rows[result.winner]
+    fixed = {name: row for name, row in rows.items() if row["readme_row"] and name != result.winner}
+    if not fixed:
+        summary = "no README row other than the winner fits the budget; nothing to compare with"
+    else:
+        best_name = max(fixed, key=lambda n: fixed[n]["mean_psnr"])
+        best = fixed[best_name]
+        verb = "beats or equals" if winner["mean_psnr"] >= best["mean_psnr"] else "does NOT beat"
+        summary = (f"the winner {result.winner} {verb} the best README row within the budget, {best_name}: mean "
+                   f"PSNR vs FP {winner['mean_psnr']:.2f} vs {best['mean_psnr']:.2f} dB (median "
+                   f"{winner['median_psnr']:.2f} vs {best['median_psnr']:.2f}) on {num_samples} samples of the "
+                   f"evaluation seed {seed}")
+    return {"seed": seed, "num_samples": num_samples, "rows": rows, "summary": summary}

@@ -1,0 +1,393 @@
+"""The search loop of ``tadq recipe``: every candidate within the budget built once, scored on held-out noise, the
+best one chosen (docs/recipe_search.md).
+
+Reuse, from the most expensive piece down:
+
+- the calibration set is collected once (and cached on disk) and shared by every base;
+- a base (naive or Q-Diffusion at one preset) is quantized once and every correction stack is fitted on it;
+- a stack is fitted on top of its parent: ``tac+tcec`` is TCEC fitted on the saved ``tac`` model (the same fit
+  ``fit_corrections`` would do for the whole stack: each member is fitted with the earlier ones active);
+- the FP reference samples of the held-out seed are computed once.
+
+Every finished model is saved as an artefact and every finished candidate as a JSON record under
+``DIR/cache/``, each keyed by everything that changes it (model weights, scheduler, the candidate's recipe; for
+the record also the held-out seed and count): an interrupted run resumes from them, and a rerun with the same
+settings neither builds, fits nor scores anything. Nothing is pickled (artefacts are safetensors + JSON).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from tadq._version import __version__
+from tadq.api import load, quantize
+from tadq.calibration import collect_calibration_set, model_fingerprint
+from tadq.config import config_to_dict
+from tadq.corrections.attach import fit_corrections
+from tadq.denoiser import QuantizedDenoiser
+from tadq.io import save_quantized
+from tadq.recipe import Recipe, save_recipe
+from tadq.registry import adapter_for
+from tadq.safefiles import DamagedFileError, load_checked, read_json_file, save_checked
+from tadq.search.score import check_seeds, final_samples, heldout_seed, score_samples
+from tadq.search.space import Budget, Candidate, SearchSpace, codes_lower_bound_bytes, forward_macs, gbitops_per_sample
+from tadq.utils import atomic_write_json
+
+__all__ = ["SearchPlan", "SearchResult", "plan_search", "run_search", "choose_winner", "pareto_front",
+           "export_winner", "TIE_DB"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT = 1  # of the cache records; bump when what a record means changes
+TIE_DB = 0.05
+"""Scores within this many dB of the best count as a tie; the cheaper candidate wins it."""
+ARTEFACT_FILES = ("tadq_weights.safetensors", "corrections.safetensors")
+
+
+@dataclass
+class SearchPlan:
+    """What a search will do, known before any expensive work: every candidate's recipe and bit-operations, and
+    which candidates the budget rules out (``ruled_out``: name → reason)."""
+
+    space: SearchSpace
+    budget: Budget
+    candidates: list[Candidate]
+    recipes: dict[str, Recipe]
+    gbitops: dict[str, float]
+    ruled_out: dict[str, str]
+
+    @property
+    def feasible(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.name not in self.ruled_out]
+
+
+def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchPlan:
+    """Costs and budget filter from the quantization plans alone (one FP forward, no calibration).
+
+    Raises ``ValueError`` when no candidate can fit the budget, naming the cheapest one.
+    """
+    macs = forward_macs(model)
+    candidates = space.candidates()
+    recipes = {c.name: space.recipe(c) for c in candidates}
+    per_structure: dict[tuple[str, str], tuple[float, int]] = {}
+    gbitops: dict[str, float] = {}
+    ruled_out: dict[str, str] = {}
+    for candidate in candidates:
+        key = (candidate.base, candidate.preset)
+        if key not in per_structure:
+            recipe = recipes[candidate.name]
+            per_structure[key] = (gbitops_per_sample(model, recipe, macs), codes_lower_bound_bytes(model, recipe))
+        cost, floor = per_structure[key]
+        gbitops[candidate.name] = cost
+        if budget.kind == "gbitops" and not budget.fits(cost, None):
+            ruled_out[candidate.name] = f"{cost:.4g} Gbit-ops/sample > budget {budget.value:.4g}"
+        elif budget.kind == "bytes" and floor > budget.value:
+            ruled_out[candidate.name] = f"its weight codes alone take {floor} bytes > budget {int(budget.value)}"
+    plan = SearchPlan(space, budget, candidates, recipes, gbitops, ruled_out)
+    if not plan.feasible:
+        cheapest = min(candidates, key=lambda c: gbitops[c.name])
+        raise ValueError(f"the budget {budget.describe()} is too small for every candidate; the cheapest, "
+                         f"{cheapest.name}, costs {gbitops[cheapest.name]:.4g} Gbit-ops/sample "
+                         f"({ruled_out[cheapest.name]})")
+    return plan
+
+
+@dataclass
+class SearchResult:
+    """Every candidate's record (JSON-ready dicts, in search order), the winner's name and why, and counters of
+    the work done in this run (``stats``: bases_built, corrections_fitted, candidates_scored, candidates_reused,
+    models_loaded)."""
+
+    records: list[dict[str, Any]]
+    winner: str
+    reason: str
+    front: list[str]
+    seeds: dict[str, int]
+    stats: dict[str, int]
+    budget: Budget
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def record(self, name: str) -> dict[str, Any]:
+        return next(r for r in self.records if r["name"] == name)
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _artefact_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.name in ARTEFACT_FILES)
+
+
+class _Builder:
+    """Builds (or loads from the cache) the network of each candidate, fitting only what its parent lacks."""
+
+    def __init__(self, model: nn.Module, scheduler, plan: SearchPlan, cache: Path, model_key: str,
+                 stats: dict[str, int], progress: bool) -> None:
+        self.model, self.scheduler, self.plan, self.cache = model, scheduler, plan, cache
+        self.model_key, self.stats, self.progress = model_key, stats, progress
+        self.saving_scheduler = copy.deepcopy(scheduler)  # saving adds keys to a scheduler's config: not the caller's
+        self.memo: dict[str, QuantizedDenoiser] = {}
+        self.timings: dict[str, float] = {}
+        self._calibration = None
+
+    def build_key(self, candidate: Candidate) -> str:
+        return _digest({"format": FORMAT, "model": self.model_key, "recipe": config_to_dict(self.recipe(candidate))})
+
+    def recipe(self, candidate: Candidate) -> Recipe:
+        return self.plan.recipes.get(candidate.name) or self.plan.space.recipe(candidate)
+
+    def folder(self, candidate: Candidate) -> Path:
+        return self.cache / "models" / candidate.name
+
+    def calibration(self):
+        if self._calibration is None:
+            space = self.plan.space
+            self._calibration = collect_calibration_set(self.model, adapter_for(self.model), self.scheduler.config,
+                                                        space.calibration, cache_dir=self.cache,
+                                                        progress=self.progress)
+        return self._calibration
+
+    def cached(self, candidate: Candidate) -> bool:
+        sidecar = self.folder(candidate).with_suffix(".json")
+        try:
+            return sidecar.is_file() and read_json_file(sidecar, "model record")["build_key"] == \
+                self.build_key(candidate)
+        except (ValueError, KeyError, TypeError):
+            return False
+
+    def get(self, candidate: Candidate) -> QuantizedDenoiser:
+        if candidate.name in self.memo:
+            return self.memo[candidate.name]
+        folder, recipe = self.folder(candidate), self.recipe(candidate)
+        if self.cached(candidate):
+            try:
+                qmodel, _ = load(folder)
+                self.stats["models_loaded"] += 1
+                self.memo[candidate.name] = qmodel
+                return qmodel
+            except (ValueError, OSError) as error:  # a damaged cache entry is rebuilt, never trusted
+                logger.warning("rebuilding %s: its cached artefact cannot be read (%s)", candidate.name, error)
+        start = time.perf_counter()
+        if candidate.parent is None:
+            checkpoint = self.cache / "models" / f"{candidate.name}.checkpoint.safetensors"
+            qmodel = quantize(self.model, self.scheduler, recipe, calibration=self.calibration(),
+                              checkpoint=checkpoint if recipe.method.base_method == "qdiffusion" else None,
+                              progress=self.progress)
+            self.stats["bases_built"] += 1
+        else:
+            parent = self.get(candidate.parent)
+            qmodel = fit_corrections(parent, self.model, self.scheduler, recipe.sampler, recipe.corrections[-1:])
+            self.stats["corrections_fitted"] += 1
+        qmodel.recipe = recipe
+        self.timings[candidate.name] = time.perf_counter() - start
+        save_quantized(qmodel, folder, self.saving_scheduler, overwrite=True)
+        atomic_write_json({"build_key": self.build_key(candidate), "name": candidate.name,
+                           "seconds": self.timings[candidate.name]}, folder.with_suffix(".json"))
+        if candidate.parent is None:
+            checkpoint.unlink(missing_ok=True)
+        self.memo[candidate.name] = qmodel
+        return qmodel
+
+
+def _reference(model: nn.Module, scheduler, space: SearchSpace, seed: int, count: int, cache: Path,
+               model_key: str, batch_size: int) -> torch.Tensor:
+    """FP final samples of the held-out seed (cached)."""
+    key = _digest({"model": model_key, "sampler": config_to_dict(space.sampler), "seed": seed, "count": count})
+    path = cache / f"reference-{key}.safetensors"
+    if path.is_file():
+        try:
+            tensors, meta = load_checked(path, "held-out reference")
+            if meta.get("key") == key:
+                return tensors["images"]
+        except DamagedFileError as error:
+            logger.warning("recomputing the held-out reference: %s", error)
+    images = final_samples(model, scheduler, space.sampler, num_samples=count, seed=seed, batch_size=batch_size)
+    save_checked({"images": images}, {"kind": "tadq-search-reference", "key": key}, path)
+    return images
+
+
+def run_search(
+    model: nn.Module, scheduler, space: SearchSpace, budget: Budget, out_dir: str | Path, *,
+    heldout_trajectories: int = 64, eval_seed: int = 1000, batch_size: int = 128, tie_db: float = TIE_DB,
+    progress: bool = True, plan: SearchPlan | None = None,
+    on_candidate: Callable[[dict[str, Any]], None] | None = None,
+) -> SearchResult:
+    """Search ``space`` under ``budget`` for ``model``; caches under ``out_dir/cache`` (resumable).
+
+    Args:
+        model: the FP diffusers denoiser (unconditional; left unchanged).
+        scheduler: its training scheduler.
+        space: candidates and build settings.
+        budget: the cost ceiling; a candidate over it is never scored (over a bit-operations budget, never built).
+        out_dir: the search folder (its ``cache/`` holds every finished model and candidate record).
+        heldout_trajectories: trajectories of the held-out score.
+        eval_seed: the evaluation seed the search must never see (checked against every seed it uses).
+        batch_size: sampling batch size of the scoring runs.
+        tie_db: scores within this many dB of the best tie; the cheaper candidate wins.
+        progress: progress bars.
+        plan: ``plan_search``'s result when the caller already has it.
+        on_candidate: called with each candidate's record as it finishes.
+    """
+    if heldout_trajectories < 1:
+        raise ValueError(f"heldout_trajectories must be >= 1, got {heldout_trajectories}")
+    if adapter_for(model).conditioning_inputs(model):
+        raise NotImplementedError("tadq recipe searches unconditional models only (the shipped digits model and "
+                                  "UNet2DModel folders); a conditional model needs calibration conditions")
+    plan = plan or plan_search(model, space, budget)
+    seeds = {"calibration": space.calibration_seed, **space.correction_seeds(),
+             "heldout": heldout_seed(space.calibration_seed), "evaluation": int(eval_seed)}
+    check_seeds(calibration_seed=seeds["calibration"], heldout=seeds["heldout"], eval_seed=eval_seed,
+                fit_seeds={"correction fit": seeds["fit"], "TCEC selection": seeds["tcec_selection"]})
+    out_dir = Path(out_dir)
+    cache = out_dir / "cache"
+    (cache / "candidates").mkdir(parents=True, exist_ok=True)
+    model_key = _digest({"weights": model_fingerprint(model),
+                         "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")}})
+    stats = {"bases_built": 0, "corrections_fitted": 0, "candidates_scored": 0, "candidates_reused": 0,
+             "models_loaded": 0}
+    builder = _Builder(model, scheduler, plan, cache, model_key, stats, progress)
+    reference = None
+    records: list[dict[str, Any]] = []
+    bar = tqdm(plan.candidates, desc="tadq recipe", disable=not progress, unit="candidate")
+    current_base = None
+    for candidate in bar:
+        bar.set_postfix_str(candidate.name)
+        if candidate.base_candidate != current_base:  # keep one base's models in memory at a time
+            builder.memo.clear()
+            current_base = candidate.base_candidate
+        recipe = plan.recipes[candidate.name]
+        record: dict[str, Any] = {
+            "name": candidate.name, "base": candidate.base, "preset": candidate.preset,
+            "stack": candidate.stack_name, "gbitops": plan.gbitops[candidate.name], "bytes": None,
+            "score": None, "recipe": config_to_dict(recipe),
+        }
+        if candidate.name in plan.ruled_out:
+            records.append({**record, "status": "over budget", "in_budget": False,
+                            "why": plan.ruled_out[candidate.name], "reused": False})
+            continue
+        score_key = _digest({"build": builder.build_key(candidate), "seed": seeds["heldout"],
+                             "count": heldout_trajectories, "budget": [budget.kind, budget.value]})
+        path = cache / "candidates" / f"{candidate.name}.json"
+        if path.is_file():
+            try:
+                saved = read_json_file(path, "candidate record")
+            except ValueError:
+                saved = {}
+            if saved.get("score_key") == score_key and builder.cached(candidate):
+                stats["candidates_reused"] += 1
+                records.append({**saved, "reused": True})
+                continue
+        qmodel = builder.get(candidate)
+        nbytes = _artefact_bytes(builder.folder(candidate))
+        record.update(bytes=nbytes, build_seconds=builder.timings.get(candidate.name),
+                      artefact=str(builder.folder(candidate).relative_to(out_dir)), score_key=score_key)
+        if not budget.fits(record["gbitops"], nbytes):
+            record.update(status="over budget", in_budget=False,
+                          why=f"artefact {nbytes} bytes > budget {int(budget.value)}")
+        else:
+            if reference is None:
+                reference = _reference(model, scheduler, space, seeds["heldout"], heldout_trajectories, cache,
+                                       model_key, batch_size)
+            start = time.perf_counter()
+            images = final_samples(qmodel, scheduler, space.sampler, num_samples=heldout_trajectories,
+                                   seed=seeds["heldout"], batch_size=batch_size)
+            score = score_samples(images, reference, seeds["heldout"])
+            stats["candidates_scored"] += 1
+            record.update(status="scored", in_budget=True, score=score.to_json(),
+                          score_seconds=time.perf_counter() - start)
+        atomic_write_json(record, path)
+        records.append({**record, "reused": False})
+        if on_candidate is not None:
+            on_candidate(record)
+    bar.close()
+    winner, reason = choose_winner(records, budget, tie_db)
+    settings = {"heldout_trajectories": heldout_trajectories, "tie_db": tie_db, "batch_size": batch_size,
+                "space": {"presets": list(space.presets), "bases": list(space.bases), "stacks": list(space.stacks),
+                          "sampler": space.sampler.key, "calibration_trajectories": space.calibration.num_trajectories,
+                          "reconstruction_weight_iters": space.reconstruction.weight_iters,
+                          "reconstruction_activation_iters": space.reconstruction.activation_iters,
+                          "fit_trajectories": space.fit_trajectories, "selection_samples": space.selection_samples},
+                "tadq": __version__}
+    return SearchResult(records, winner, reason, pareto_front(records, budget), seeds, stats, budget, settings)
+
+
+def _cost(record: dict[str, Any], budget: Budget) -> tuple[float, float, str]:
+    primary = record["gbitops"] if budget.kind == "gbitops" else record["bytes"]
+    secondary = record["bytes"] if budget.kind == "gbitops" else record["gbitops"]
+    return (primary, secondary if secondary is not None else float("inf"), record["name"])
+
+
+def choose_winner(records: list[dict[str, Any]], budget: Budget, tie_db: float = TIE_DB) -> tuple[str, str]:
+    """(winner's name, why): the best held-out score within the budget; scores within ``tie_db`` of the best
+    tie, and the cheapest of the tied wins (budget measure first, then the other measure, then the name)."""
+    scored = [r for r in records if r.get("status") == "scored"]
+    if not scored:
+        raise ValueError(f"no candidate was scored within the budget {budget.describe()}: every built candidate "
+                         "was over it")
+    best = max(scored, key=lambda r: r["score"]["median_psnr"])
+    top = best["score"]["median_psnr"]
+    tied = [r for r in scored if r["score"]["median_psnr"] >= top - tie_db]
+    winner = min(tied, key=lambda r: _cost(r, budget))
+    n, seed = winner["score"]["num_trajectories"], winner["score"]["seed"]
+    unit = "Gbit-ops/sample" if budget.kind == "gbitops" else "bytes"
+    reason = (f"{winner['name']} has the best held-out score within the budget {budget.describe()}: median PSNR vs "
+              f"FP {winner['score']['median_psnr']:.2f} dB over {n} held-out trajectories (seed {seed}), at "
+              f"{_cost(winner, budget)[0]:.4g} {unit}")
+    if winner is not best:
+        reason += (f"; {best['name']} scored {top:.2f} dB, within the {tie_db} dB tie margin, and costs more "
+                   f"({_cost(best, budget)[0]:.4g} {unit}), so the cheaper one wins")
+    others = sorted((r for r in scored if r is not winner and r is not best),
+                    key=lambda r: -r["score"]["median_psnr"])
+    if others:
+        reason += f"; next: {others[0]['name']} at {others[0]['score']['median_psnr']:.2f} dB"
+    return winner["name"], reason
+
+
+def pareto_front(records: list[dict[str, Any]], budget: Budget) -> list[str]:
+    """Names of the scored candidates no other scored candidate beats in both cost (the budget's measure) and
+    score (cheaper-or-equal and better-or-equal, one of them strictly), cheapest first."""
+    scored = [r for r in records if r.get("status") == "scored"]
+    front = []
+    for r in scored:
+        cost, score = _cost(r, budget)[0], r["score"]["median_psnr"]
+        dominated = any(_cost(o, budget)[0] <= cost and o["score"]["median_psnr"] >= score
+                        and (_cost(o, budget)[0] < cost or o["score"]["median_psnr"] > score) for o in scored)
+        if not dominated:
+            front.append(r)
+    return [r["name"] for r in sorted(front, key=lambda r: _cost(r, budget))]
+
+
+def export_winner(result: SearchResult, out_dir: str | Path, scheduler) -> Path:
+    """Write ``recipe.json`` (the winner's recipe) and ``model/`` (its artefact, ``tadq.load``-able) into
+    ``out_dir``; returns the artefact folder."""
+    out_dir = Path(out_dir)
+    record = result.record(result.winner)
+    from tadq.recipe import recipe_from_dict
+
+    recipe = recipe_from_dict(record["recipe"])
+    staging = out_dir / ".recipe.json.tmp"
+    save_recipe(recipe, staging)
+    staging.replace(out_dir / "recipe.json")
+    target = out_dir / "model"
+    qmodel, _ = load(out_dir / record["artefact"])
+    save_quantized(qmodel, target, copy.deepcopy(scheduler), overwrite=True)
+    return target
+
+
+def clear_cache(out_dir: str | Path) -> None:
+    """Remove a search folder's cache (finished models and records)."""
+    shutil.rmtree(Path(out_dir) / "cache", ignore_errors=True)

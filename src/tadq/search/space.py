@@ -1,0 +1,237 @@
+"""The candidate space of ``tadq recipe`` and what each candidate costs (docs/recipe_search.md).
+
+A candidate is (base method, preset, correction stack): ``naive`` or ``qdiffusion`` × a bit-width preset × one of
+``none``, ``ptqd``, ``tac``, ``tcec``, ``tac+tcec``. Its recipe is the one the README's rows use for the same
+names (Q-Diffusion with shortcut splitting and quantized attention, naive PTQ without), built with the search's
+calibration, reconstruction and correction-fit settings.
+
+Cost, in the units the budget is given in:
+
+- **bit-operations per sample**: Σ over every Conv2d/Linear of MACs × b_w × b_a (floating-point layers 32 × 32),
+  per forward, times the sampler's steps: the accounting of ``tadq.corrections.ptqd.bitops`` that ``tadq bench``
+  reports as "Gbit-ops / sample". It is computed from the quantization plan and one FP forward, before anything is
+  built, so a candidate over a bit-operations budget is never built. The corrections add element-wise operations
+  only (no MACs) and are free in this measure; attention matmuls are not counted (the bench's convention).
+- **artefact bytes**: the weights file plus the correction tables as saved (``tadq_weights.safetensors`` +
+  ``corrections.safetensors``), measured on the saved artefact. Before building, ``codes_lower_bound_bytes`` (the
+  packed weight codes alone) rules out presets that cannot fit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
+from tadq.prepare import build_quantized_structure
+from tadq.quant.qscheme import PRESETS
+from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
+from tadq.recipe_presets import correction_configs
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig
+
+__all__ = [
+    "BASES", "STACKS", "Budget", "Candidate", "SearchSpace", "forward_macs", "gbitops_per_sample",
+    "codes_lower_bound_bytes", "parse_stack",
+]
+
+BASES: tuple[str, ...] = ("naive", "qdiffusion")
+STACKS: dict[str, tuple[str, ...]] = {
+    "none": (), "ptqd": ("ptqd",), "tac": ("tac",), "tcec": ("tcec",), "tac+tcec": ("tac", "tcec"),
+}
+"""Correction stacks searched, by name → correction names in application order (``tadq.recipe_presets``)."""
+
+BudgetKind = Literal["gbitops", "bytes"]
+
+
+def parse_stack(name: str) -> tuple[str, ...]:
+    """A stack name (``none``, ``tac+tcec``...) → its corrections; ``ValueError`` naming the known ones."""
+    key = name.strip().lower()
+    if key not in STACKS:
+        raise ValueError(f"unknown correction stack {name!r}; choose from {list(STACKS)}")
+    return STACKS[key]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One point of the space: base method, preset and correction stack (application order)."""
+
+    base: str
+    preset: str
+    stack: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.base not in BASES:
+            raise ValueError(f"base {self.base!r}; searched bases: {list(BASES)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        object.__setattr__(self, "stack", tuple(self.stack))
+
+    @property
+    def name(self) -> str:
+        """The README's row naming: ``qdiffusion+tac+tcec-W4A8``, ``naive-W4A4``."""
+        return "+".join((self.base, *self.stack)) + f"-{self.preset}"
+
+    @property
+    def stack_name(self) -> str:
+        return "+".join(self.stack) or "none"
+
+    @property
+    def parent(self) -> Candidate | None:
+        """The candidate this one extends by one correction (``None`` for a base)."""
+        return dataclasses.replace(self, stack=self.stack[:-1]) if self.stack else None
+
+    @property
+    def base_candidate(self) -> Candidate:
+        return dataclasses.replace(self, stack=())
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A cost ceiling: ``gbitops`` (Gbit-ops per sample, all steps) or ``bytes`` (artefact weights + tables).
+
+    ``source`` says where the value came from (e.g. ``"the W4A8 preset"``) for the report.
+    """
+
+    kind: BudgetKind
+    value: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("gbitops", "bytes"):
+            raise ValueError(f"Budget.kind={self.kind!r}; accepted: gbitops, bytes")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) \
+                or self.value <= 0:
+            raise ValueError(f"the budget must be a finite number > 0, got {self.value!r}")
+
+    def describe(self) -> str:
+        amount = f"{self.value:.4g} Gbit-ops/sample" if self.kind == "gbitops" else f"{int(self.value)} bytes"
+        return f"{amount} ({self.source})" if self.source else amount
+
+    def fits(self, gbitops: float, nbytes: int | None) -> bool | None:
+        """Whether a cost is within the budget; ``None`` when the budget's measure is not known yet."""
+        if self.kind == "gbitops":
+            return gbitops <= self.value * (1 + 1e-9)
+        return None if nbytes is None else nbytes <= self.value
+
+
+def forward_macs(model: nn.Module) -> dict[str, int]:
+    """MACs per sample of every Conv2d/Linear of one FP forward (qualified name → MACs)."""
+    adapter = adapter_for(model)
+    with torch.no_grad():
+        return layer_macs(model, lambda x, t: adapter.predict_eps(model, x, t), adapter.sample_shape(model))
+
+
+def _quantized_layers(model: nn.Module, recipe: Recipe) -> set[str]:
+    structure = build_quantized_structure(model, recipe.quant_config())
+    return {plan.name for plan in structure.plans if plan.quantized}
+
+
+def gbitops_per_sample(model: nn.Module, recipe: Recipe, macs: dict[str, int] | None = None) -> float:
+    """Gbit-ops of one sample (every step) of ``recipe`` on ``model``, from its plan: no calibration needed.
+
+    Equal to ``bit_operations(qmodel) × steps / 1e9`` of the built model (a test checks it).
+    """
+    macs = forward_macs(model) if macs is None else macs
+    quantized = _quantized_layers(model, recipe)
+    bits = (recipe.weights.bits or FP_BITS) * (recipe.activations.bits or FP_BITS)
+    per_forward = sum(count * (bits if name in quantized else FP_BITS * FP_BITS) for name, count in macs.items())
+    return per_forward * recipe.sampler.num_steps / 1e9
+
+
+def codes_lower_bound_bytes(model: nn.Module, recipe: Recipe) -> int:
+    """Bytes of the packed weight codes alone: no artefact of ``recipe`` can be smaller."""
+    bits = recipe.weights.bits
+    if bits is None:
+        return 0
+    total = 0
+    for name in _quantized_layers(model, recipe):
+        weight = getattr(model.get_submodule(name), "weight", None)
+        total += 0 if weight is None else weight.numel() * bits // 8
+    return total
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What is searched and with which build settings (shared by every candidate).
+
+    Args:
+        presets: bit-width presets tried (those within a bit-operations budget are built).
+        bases: base methods (``naive``, ``qdiffusion``).
+        stacks: correction stacks by name (``STACKS``).
+        sampler: the deployment sampler (calibration, fits and scoring run with it).
+        calibration: calibration trajectories (its seed is the calibration seed every fit uses).
+        reconstruction: Q-Diffusion's block reconstruction settings.
+        fit_trajectories: trajectories of each correction fit (``CorrectionConfig.num_samples``).
+        selection_samples: TCEC's held-out (a, κ, start) selection trajectories.
+    """
+
+    presets: tuple[str, ...] = ("W8A8", "W4A8", "W4A4")
+    bases: tuple[str, ...] = BASES
+    stacks: tuple[str, ...] = tuple(STACKS)
+    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
+    calibration: CalibrationConfig | None = None
+    reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    fit_trajectories: int = 256
+    selection_samples: int = 64
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "presets", tuple(p.strip().upper() for p in self.presets))
+        object.__setattr__(self, "bases", tuple(b.strip().lower() for b in self.bases))
+        object.__setattr__(self, "stacks", tuple(s.strip().lower() for s in self.stacks))
+        for name in self.presets:
+            if name not in PRESETS:
+                raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+        for name in self.bases:
+            if name not in BASES:
+                raise ValueError(f"unknown base method {name!r}; searched bases: {list(BASES)}")
+        for name in self.stacks:
+            parse_stack(name)
+        if not (self.presets and self.bases and self.stacks):
+            raise ValueError("the search space is empty: give at least one preset, base and stack")
+        if self.calibration is None:
+            object.__setattr__(self, "calibration", CalibrationConfig(sampler=self.sampler))
+        if self.calibration.sampler != self.sampler:
+            raise ValueError("SearchSpace.calibration.sampler must be the deployment sampler")
+        for name in ("fit_trajectories", "selection_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SearchSpace.{name} must be a positive int, got {value!r}")
+
+    @property
+    def calibration_seed(self) -> int:
+        return self.calibration.seed
+
+    def candidates(self) -> list[Candidate]:
+        """Every candidate, bases before the stacks built on them, shorter stacks first (so parents come first)."""
+        stacks = sorted({parse_stack(s) for s in self.stacks}, key=lambda s: (len(s), s))
+        return [Candidate(base, preset, stack) for preset in self.presets for base in self.bases for stack in stacks]
+
+    def recipe(self, candidate: Candidate) -> Recipe:
+        """The candidate's full recipe (what ``recipe.json`` holds and ``tadq quantize --recipe`` rebuilds)."""
+        fields = {"calibration": self.calibration, "deployments": (Deployment(self.sampler),),
+                  "name": candidate.name}
+        corrections = tuple(self._fit_settings(c) for c in correction_configs(candidate.stack, self.calibration_seed))
+        if candidate.base == "naive":
+            return Recipe.from_preset(candidate.preset, method=NaiveMethod(), corrections=corrections, **fields)
+        return Recipe.from_preset(candidate.preset, method=QDiffusionMethod(self.reconstruction),
+                                  split_shortcut=True, quantize_attention=True, corrections=corrections, **fields)
+
+    def _fit_settings(self, config):
+        changes = {"num_samples": self.fit_trajectories}
+        if hasattr(config, "selection_samples"):
+            changes["selection_samples"] = self.selection_samples
+        return dataclasses.replace(config, **changes)
+
+    def correction_seeds(self) -> dict[str, int]:
+        """Every noise seed a correction fit draws from (fit pairs, TCEC's own held-out selection)."""
+        seeds = {"fit": self.calibration_seed}
+        for config in correction_configs(("tcec",), self.calibration_seed):
+            seeds["tcec_selection"] = self._fit_settings(config).held_out_seed
+        return seeds
