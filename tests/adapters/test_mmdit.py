@@ -341,13 +341,16 @@ def test_guided_flow_sampling_and_save_load_are_bit_identical(quantized, tmp_pat
     assert torch.equal(_sample(loaded, loaded_scheduler, source), images)
 
 
-def test_short_qdiffusion_on_sd3_reconstructs_the_blocks(tmp_path):
-    model, scheduler, source = _setup("sd3")
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_short_qdiffusion_reconstructs_the_blocks(which, tmp_path):
+    model, scheduler, source = _setup(which)
     qmodel = api.quantize(model, scheduler, _quant_config("W4A8", "qdiffusion", quantize_attention=True),
                           conditions=source, progress=False)
     units = [report.unit for report in qmodel.reconstruction_report if report.phase == "weights"]
     assert units == adapter_for(model).blocks(model)
-    assert {"transformer_blocks.0", "transformer_blocks.1"} <= set(units)
+    blocks = {"sd3": {"transformer_blocks.0", "transformer_blocks.1"},
+              "flux": {"transformer_blocks.0", "single_transformer_blocks.0"}}[which]
+    assert blocks <= set(units)
     images = _sample(qmodel, scheduler, source)
     assert torch.isfinite(images).all()
     qmodel.save_pretrained(tmp_path / "artefact", scheduler)

@@ -96,6 +96,7 @@ from tadq.adapters._unet_common import RoleClaims
 from tadq.adapters.base import LayerRole
 from tadq.adapters.transformer2d import _PatchTransformerAdapter
 from tadq.quant.attention import QUANTIZER_NAMES, QuantAttnProcessor
+from tadq.quant.quantizer import Quantizer
 from tadq.registry import register_adapter
 from tadq.sampling.conditioning import Conditioning
 from tadq.sampling.config import FLOW_PREDICTION
@@ -110,7 +111,7 @@ FLUX_GUIDANCE = "added_cond_kwargs.guidance"
 
 
 def _check_quantizers(attn: nn.Module) -> None:
-    missing = [name for name in QUANTIZER_NAMES if not isinstance(getattr(attn, name, None), nn.Module)]
+    missing = [name for name in QUANTIZER_NAMES if not isinstance(getattr(attn, name, None), Quantizer)]
     if missing:
         raise RuntimeError(f"attention module has no {missing}: install them with "
                            "tadq.quant.attention.install_attention_quantizers(attn, ..., processor=...) instead of "
