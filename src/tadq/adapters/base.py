@@ -12,7 +12,7 @@ the encoder states, e.g. the text embedding, the same at every sampler step), ``
 GEGLU included), ``caption_projection`` (a projection of the encoder states before the cross-attentions read
 them, e.g. PixArt's caption projection: its input is the same at every sampler step), ``resample`` (down/upsample
 convs) and ``other``. A transformer's adaLN modulation projections (embedding → per-block scale/shift/gate) are
-``time_projection``, its timestep MLPs ``time_embedding`` (``tadq.adapters.transformer2d``).
+``time_projection``, its timestep MLPs ``time_embedding`` (``tadq.adapters.transformer2d``, ``tadq.adapters.mmdit``).
 The temporal path is ``time_embedding`` + ``class_embedding`` + ``added_embedding`` + ``time_projection``
 (TFMQ-DM's temporal information block).
 
@@ -21,6 +21,11 @@ a ``Conditioning`` attribute (``class_labels``, ``encoder_hidden_states``, ``poo
 or ``added_cond_kwargs.<key>`` for an entry of ``Conditioning.added_cond_kwargs`` (e.g.
 ``added_cond_kwargs.time_ids``). The tuple lists what the model requires; an input a model accepts but does not
 require (``attention_mask`` of a cross-attention UNet) is not listed and is documented by its adapter.
+
+Optional adapter methods, looked up with ``getattr``: ``quant_attention_processor(name, attn)`` (the quantized
+processor for an attention class ``QuantAttnProcessor`` does not reproduce, ``tadq.quant.attention``),
+``check_prediction(model, prediction_type)`` (refuses a sampling plan whose prediction type the model does not
+output, e.g. a flow-matching model under an ε scheduler), ``inference_cache`` (the cross-attention K/V memo).
 """
 
 from __future__ import annotations
