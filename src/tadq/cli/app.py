@@ -13,6 +13,7 @@ from tadq.cli.bench import bench_command
 from tadq.cli.common import console, fail_cleanly, setup
 from tadq.cli.evaluate import evaluate_command
 from tadq.cli.quantize import quantize_command
+from tadq.cli.recipe import recipe_command
 from tadq.cli.sample import sample_command
 from tadq.cli.sample_sharded import sample_sharded_command
 from tadq.cli.verify import verify_command
@@ -28,6 +29,7 @@ app.command("analyze")(analyze_command)
 app.command("sample-sharded")(sample_sharded_command)
 app.command("bench")(bench_command)
 app.command("verify")(verify_command)
+app.command("recipe")(recipe_command)
 
 logger = logging.getLogger("tadq")
 

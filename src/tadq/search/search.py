@@ -43,7 +43,15 @@ from tadq.recipe import Recipe, save_recipe
 from tadq.registry import adapter_for
 from tadq.safefiles import DamagedFileError, load_checked, read_json_file, save_checked
 from tadq.search.score import check_seeds, final_samples, heldout_seed, score_samples
-from tadq.search.space import Budget, Candidate, SearchSpace, codes_lower_bound_bytes, forward_macs, gbitops_per_sample
+from tadq.search.space import (
+    Budget,
+    Candidate,
+    SearchSpace,
+    codes_lower_bound_bytes,
+    forward_macs,
+    gbitops_per_sample,
+    quantized_layers,
+)
 from tadq.utils import atomic_write_json
 
 __all__ = ["SearchPlan", "SearchResult", "plan_search", "run_search", "choose_winner", "pareto_front",
@@ -89,7 +97,9 @@ def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchP
         key = (candidate.base, candidate.preset)
         if key not in per_structure:
             recipe = recipes[candidate.name]
-            per_structure[key] = (gbitops_per_sample(model, recipe, macs), codes_lower_bound_bytes(model, recipe))
+            quantized = quantized_layers(model, recipe)
+            per_structure[key] = (gbitops_per_sample(model, recipe, macs, quantized),
+                                  codes_lower_bound_bytes(model, recipe, quantized))
         cost, floor = per_structure[key]
         gbitops[candidate.name] = cost
         if budget.kind == "gbitops" and not budget.fits(cost, None):

@@ -38,7 +38,7 @@ from tadq.sampling import SamplerConfig
 
 __all__ = [
     "BASES", "STACKS", "Budget", "Candidate", "SearchSpace", "forward_macs", "gbitops_per_sample",
-    "codes_lower_bound_bytes", "parse_stack",
+    "codes_lower_bound_bytes", "parse_stack", "quantized_layers",
 ]
 
 BASES: tuple[str, ...] = ("naive", "qdiffusion")
@@ -128,30 +128,32 @@ def forward_macs(model: nn.Module) -> dict[str, int]:
         return layer_macs(model, lambda x, t: adapter.predict_eps(model, x, t), adapter.sample_shape(model))
 
 
-def _quantized_layers(model: nn.Module, recipe: Recipe) -> set[str]:
-    structure = build_quantized_structure(model, recipe.quant_config())
+def quantized_layers(model: nn.Module, recipe: Recipe) -> set[str]:
+    """Names of the layers ``recipe`` quantizes (its plan; no range is computed)."""
+    structure = build_quantized_structure(model, recipe.quant_config(), init_weight_range=False)
     return {plan.name for plan in structure.plans if plan.quantized}
 
 
-def gbitops_per_sample(model: nn.Module, recipe: Recipe, macs: dict[str, int] | None = None) -> float:
+def gbitops_per_sample(model: nn.Module, recipe: Recipe, macs: dict[str, int] | None = None,
+                       quantized: set[str] | None = None) -> float:
     """Gbit-ops of one sample (every step) of ``recipe`` on ``model``, from its plan: no calibration needed.
 
     Equal to ``bit_operations(qmodel) × steps / 1e9`` of the built model (a test checks it).
     """
     macs = forward_macs(model) if macs is None else macs
-    quantized = _quantized_layers(model, recipe)
+    quantized = quantized_layers(model, recipe) if quantized is None else quantized
     bits = (recipe.weights.bits or FP_BITS) * (recipe.activations.bits or FP_BITS)
     per_forward = sum(count * (bits if name in quantized else FP_BITS * FP_BITS) for name, count in macs.items())
     return per_forward * recipe.sampler.num_steps / 1e9
 
 
-def codes_lower_bound_bytes(model: nn.Module, recipe: Recipe) -> int:
+def codes_lower_bound_bytes(model: nn.Module, recipe: Recipe, quantized: set[str] | None = None) -> int:
     """Bytes of the packed weight codes alone: no artefact of ``recipe`` can be smaller."""
     bits = recipe.weights.bits
     if bits is None:
         return 0
     total = 0
-    for name in _quantized_layers(model, recipe):
+    for name in quantized_layers(model, recipe) if quantized is None else quantized:
         weight = getattr(model.get_submodule(name), "weight", None)
         total += 0 if weight is None else weight.numel() * bits // 8
     return total

@@ -1,0 +1,145 @@
+"""``tadq recipe``: find the best base × preset × correction stack under a budget (docs/recipe_search.md)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.sample import Threads, Verbose
+
+__all__ = ["recipe_command", "resolve_budget_flags"]
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | None) -> tuple[str, object]:
+    """(kind, value) of the one budget flag given; ``ValueError`` for none, several, or an unknown preset."""
+    from tadq.quant.qscheme import PRESETS
+
+    given = [(kind, value) for kind, value in (("gbitops", gbitops), ("bits", bits), ("bytes", nbytes))
+             if value is not None]
+    if len(given) != 1:
+        raise ValueError("give exactly one budget: --budget-gbitops X (Gbit-ops per sample), --budget-bits PRESET "
+                         "(the bit-operations of that preset, e.g. W4A8) or --budget-bytes N (artefact bytes)")
+    kind, value = given[0]
+    if kind == "bits":
+        value = str(value).strip().upper()
+        if value not in PRESETS:
+            raise ValueError(f"--budget-bits {value!r} is not a preset; choose one of {sorted(PRESETS)}")
+    elif isinstance(value, (int, float)) and value <= 0:
+        raise ValueError(f"--budget-{kind} must be > 0, got {value}")
+    return kind, value
+
+
+def recipe_command(
+    out: Annotated[Path, typer.Option(help="Search folder: recipe.json, model/, report.md/.json, pareto.png, "
+                                           "cache/ (a rerun resumes from it).")],
+    model_dir: Annotated[Path | None, typer.Argument(help="Diffusers model folder (default: the shipped digits "
+                                                          "model).")] = None,
+    budget_gbitops: Annotated[float | None, typer.Option(help="Budget in Gbit-ops per sample (all steps).")] = None,
+    budget_bits: Annotated[str | None, typer.Option(help="Budget: the bit-operations of this preset (W4A8...).")
+                           ] = None,
+    budget_bytes: Annotated[int | None, typer.Option(help="Budget: artefact bytes (weights + correction tables).")
+                            ] = None,
+    seed: Annotated[int, typer.Option(help="Calibration seed: calibration, fits (and, derived from it, the held-out "
+                                           "scoring seed + 200000 and TCEC's selection seed + 100000).")] = 0,
+    eval_seed: Annotated[int, typer.Option(help="Evaluation seed (the README's tables: 1000); the search never "
+                                                "samples it, and refuses seeds that collide with it.")] = 1000,
+    presets: Annotated[str, typer.Option(help="Presets searched (those over the budget are skipped).")
+                       ] = "W8A8,W4A8,W4A4,W4A16,W8A16",
+    bases: Annotated[str, typer.Option(help="Base methods searched: naive, qdiffusion.")] = "naive,qdiffusion",
+    stacks: Annotated[str, typer.Option(help="Correction stacks searched: none, ptqd, tac, tcec, tac+tcec.")
+                      ] = "none,ptqd,tac,tcec,tac+tcec",
+    steps: Annotated[int, typer.Option(help="DDIM steps of the deployment sampler.")] = 50,
+    eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler.")] = 0.0,
+    calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
+    recon_iters: Annotated[int, typer.Option(help="AdaRound iterations per unit (-1: the default, 1000).")] = -1,
+    recon_activation_iters: Annotated[int, typer.Option(help="Activation-step iterations per unit (-1: 400).")
+                                      ] = -1,
+    fit_trajectories: Annotated[int, typer.Option(help="Trajectories of each correction fit.")] = 256,
+    selection_samples: Annotated[int, typer.Option(help="TCEC's own held-out selection trajectories.")] = 64,
+    heldout: Annotated[int, typer.Option(help="Held-out trajectories each candidate is scored on.")] = 64,
+    evaluate: Annotated[int, typer.Option(help="After the search, sample every in-budget candidate N times on "
+                                               "--eval-seed and compare the winner with the README rows (0: no).")
+                        ] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 128,
+    force_foreign: ForceForeign = False,
+    threads: Threads = 0,
+    verbose: Verbose = False,
+) -> None:
+    """Search base method × preset × correction stack under a budget, score on held-out calibration noise, write
+    the winning recipe, its artefact and a report with the Pareto front."""
+    setup(verbose, threads, "cpu")
+    with fail_cleanly():
+        import dataclasses
+
+        from tadq.config import CalibrationConfig, ReconstructionConfig
+        from tadq.fsguard import check_output_dir, mark_output
+        from tadq.models import load_pipeline_parts, shipped_model_path
+        from tadq.sampling import SamplerConfig
+        from tadq.search import Budget, Candidate, SearchSpace, check_seeds, heldout_seed
+        from tadq.search.space import gbitops_per_sample
+
+        kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
+        for name, number in (("--heldout", heldout), ("--evaluate", evaluate + 1), ("--batch-size", batch_size)):
+            if number < 1:
+                raise ValueError(f"{name} must be >= 1, got {number}")
+        sampler = SamplerConfig(kind="ddim", num_steps=steps, eta=eta)
+        reconstruction = ReconstructionConfig()
+        if recon_iters >= 0:
+            reconstruction = dataclasses.replace(reconstruction, weight_iters=recon_iters)
+        if recon_activation_iters >= 0:
+            reconstruction = dataclasses.replace(reconstruction, activation_iters=recon_activation_iters)
+        calibration = CalibrationConfig(sampler=sampler, num_trajectories=calib_trajectories,
+                                        num_steps_kept=min(25, steps),
+                                        samples_per_step=min(64, calib_trajectories), seed=seed)
+        space = SearchSpace(presets=_names(presets), bases=_names(bases), stacks=_names(stacks), sampler=sampler,
+                            calibration=calibration, reconstruction=reconstruction,
+                            fit_trajectories=fit_trajectories, selection_samples=selection_samples)
+        fit_seeds = space.correction_seeds()
+        check_seeds(calibration_seed=seed, heldout=heldout_seed(seed), eval_seed=eval_seed,
+                    fit_seeds={"correction fit": fit_seeds["fit"], "TCEC selection": fit_seeds["tcec_selection"]})
+        source = model_dir if model_dir is not None else shipped_model_path()
+        if model_dir is not None and not model_dir.exists():
+            raise FileNotFoundError(f"model folder {model_dir} does not exist")
+        check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
+        model, scheduler = load_pipeline_parts(model_dir)
+        if kind == "bits":
+            cost = gbitops_per_sample(model, space.recipe(Candidate("naive", value)))
+            budget = Budget("gbitops", cost, f"the {value} preset's bit-operations")
+        else:
+            budget = Budget(kind, float(value), "--budget-gbitops" if kind == "gbitops" else "--budget-bytes")
+        from tadq.search import plan_search, run_search
+
+        plan = plan_search(model, space, budget)  # refuses a budget no candidate fits, before any expensive work
+        console.print(f"budget {budget.describe()}: {len(plan.feasible)} of {len(plan.candidates)} candidates "
+                      f"within it; held-out seed {heldout_seed(seed)} ({heldout} trajectories), evaluation seed "
+                      f"{eval_seed} never sampled by the search")
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "recipe-search")
+        start = time.perf_counter()
+        from tadq.search.report import write_report
+        from tadq.search.search import export_winner
+
+        result = run_search(model, scheduler, space, budget, out, heldout_trajectories=heldout, eval_seed=eval_seed,
+                            batch_size=batch_size, plan=plan)
+        result.settings["search_seconds"] = round(time.perf_counter() - start, 1)
+        export_winner(result, out, scheduler)
+        evaluation = None
+        if evaluate:
+            from tadq.search.evaluate import evaluate_candidates
+
+            evaluation = evaluate_candidates(result, model, scheduler, out, num_samples=evaluate,
+                                             batch_size=batch_size)
+        write_report(result, out, evaluation)
+    console.print(f"winner: {result.winner} — {result.reason}")
+    if evaluation is not None:
+        console.print(evaluation["summary"])
+    console.print(f"wrote {out}/recipe.json, {out}/model/, {out}/report.md, report.json, pareto.png "
+                  f"({result.settings['search_seconds']} s; {result.stats})")
