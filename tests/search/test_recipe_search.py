@@ -3,6 +3,7 @@ new work, recipe.json round trip, and the CLI's refusals before any expensive wo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -123,6 +124,21 @@ def test_a_rerun_reuses_every_finished_candidate_without_new_work(searched, tmp_
                           heldout_trajectories=3, eval_seed=EVAL_SEED, progress=False)
     assert rescored.stats["candidates_scored"] == 6
     assert rescored.stats["bases_built"] == rescored.stats["corrections_fitted"] == 0
+
+
+def test_a_smaller_budget_in_the_same_folder_reuses_scores_and_drops_what_no_longer_fits(searched, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(searched["out"], out)
+    sizes = sorted(r["bytes"] for r in searched["result"].records if r["status"] == "scored")
+    budget = Budget("bytes", sizes[0])  # only the smallest artefacts (no correction tables) fit
+    space = dataclasses.replace(searched["space"], presets=("W4A8",))
+    again = run_search(searched["model"], searched["scheduler"], space, budget, out, heldout_trajectories=4,
+                       eval_seed=EVAL_SEED, progress=False)
+    assert again.stats["candidates_scored"] == again.stats["bases_built"] == again.stats["corrections_fitted"] == 0
+    over = [r for r in again.records if r["status"] == "over budget"]
+    assert over and all(r["bytes"] > budget.value and r["score"] is None for r in over)
+    assert all(r["bytes"] <= budget.value for r in again.records if r["status"] == "scored")
+    assert again.record(again.winner)["bytes"] <= budget.value
 
 
 def test_an_interrupted_search_resumes_from_its_finished_candidates(tmp_path):

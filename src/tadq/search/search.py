@@ -290,17 +290,13 @@ def run_search(
                             "why": plan.ruled_out[candidate.name], "reused": False})
             continue
         score_key = _digest({"build": builder.build_key(candidate), "seed": seeds["heldout"],
-                             "count": heldout_trajectories, "budget": [budget.kind, budget.value]})
+                             "count": heldout_trajectories})
         path = cache / "candidates" / f"{candidate.name}.json"
-        if path.is_file():
-            try:
-                saved = read_json_file(path, "candidate record")
-            except ValueError:
-                saved = {}
-            if saved.get("score_key") == score_key and builder.cached(candidate):
-                stats["candidates_reused"] += 1
-                records.append({**saved, "reused": True})
-                continue
+        reused = _reusable(path, score_key, budget) if builder.cached(candidate) else None
+        if reused is not None:
+            stats["candidates_reused"] += 1
+            records.append(reused)
+            continue
         qmodel = builder.get(candidate)
         nbytes = _artefact_bytes(builder.folder(candidate))
         record.update(bytes=nbytes, build_seconds=builder.timings.get(candidate.name),
@@ -333,6 +329,27 @@ def run_search(
                           "fit_trajectories": space.fit_trajectories, "selection_samples": space.selection_samples},
                 "tadq": __version__}
     return SearchResult(records, winner, reason, pareto_front(records, budget), seeds, stats, budget, settings)
+
+
+def _reusable(path: Path, score_key: str, budget: Budget) -> dict[str, Any] | None:
+    """A finished candidate's record re-judged against this run's budget (another budget may have written it),
+    or ``None`` when it must be (re)scored: no record, other settings, or scored nowhere yet but within budget."""
+    if not path.is_file():
+        return None
+    try:
+        saved = read_json_file(path, "candidate record")
+    except ValueError:
+        return None
+    if not isinstance(saved, dict) or saved.get("score_key") != score_key:
+        return None
+    fits = budget.fits(saved["gbitops"], saved.get("bytes"))
+    if fits and saved.get("score") is not None:
+        return {**saved, "status": "scored", "in_budget": True, "why": None, "reused": True}
+    if fits is False:  # over this budget: its score (from a larger budget) is not used
+        return {**saved, "status": "over budget", "in_budget": False, "score": None, "reused": True,
+                "why": f"artefact {saved['bytes']} bytes > budget {int(budget.value)}" if budget.kind == "bytes"
+                else f"{saved['gbitops']:.4g} Gbit-ops/sample > budget {budget.value:.4g}"}
+    return None
 
 
 def _cost(record: dict[str, Any], budget: Budget) -> tuple[float, float, str]:
