@@ -89,11 +89,12 @@ def test_missing_tool_raises_install_hint(no_peers, tiny_unet, tiny_calibration)
 
 def test_calibration_batches_cover_every_input_once(tiny_calibration):
     batches = list(calibration_batches(tiny_calibration, batch_size=24))
-    assert [len(x) for x, _ in batches] == [24, 24, 16]
-    seen = torch.cat([t for _, t in batches])
+    assert [len(x) for x, _, _ in batches] == [24, 24, 16]
+    assert all(cond is None for _, _, cond in batches)  # an unconditional model's set carries no conditioning
+    seen = torch.cat([t for _, t, _ in batches])
     assert sorted(seen.tolist()) == sorted(tiny_calibration.t.tolist())
     assert not torch.equal(seen, tiny_calibration.t)  # shuffled: every batch mixes timesteps
-    again = torch.cat([t for _, t in calibration_batches(tiny_calibration, batch_size=24)])
+    again = torch.cat([t for _, t, _ in calibration_batches(tiny_calibration, batch_size=24)])
     assert torch.equal(seen, again)
 
 

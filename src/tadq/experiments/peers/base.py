@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from tadq.calibration import CalibrationSet
+    from tadq.sampling import Conditioning
 
 __all__ = ["PeerNotInstalled", "PeerReport", "UnsupportedPreset", "calibration_batches", "layer_counts",
            "peer_report", "require", "tool_version"]
@@ -58,18 +59,21 @@ def layer_counts(model: nn.Module) -> tuple[int, int]:
 
 
 def calibration_batches(calibration_set: CalibrationSet, batch_size: int,
-                        seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
-    """(x_t, t) batches of the FP-trajectory calibration inputs in a fixed shuffled order.
+                        seed: int = 0) -> Iterator[tuple[Tensor, Tensor, Conditioning | None]]:
+    """(x_t, t, cond) batches of the FP-trajectory calibration inputs in a fixed shuffled order.
 
     Shuffled because the set is stored noisiest step first and some tools (quanto) keep a running average of
-    ranges: every batch then mixes all timesteps, as a user's shuffled data loader would.
+    ranges: every batch then mixes all timesteps, as a user's shuffled data loader would. ``cond`` is what the
+    network was told with each input (prompt embeddings, labels; under guidance both branches appear as rows), so
+    a peer calibrates a conditional model on the activations it will see; ``None`` for unconditional models.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     order = torch.randperm(len(calibration_set), generator=torch.Generator().manual_seed(seed))
     for start in range(0, len(order), batch_size):
         index = order[start: start + batch_size]
-        yield calibration_set.x[index], calibration_set.t[index]
+        cond = calibration_set.cond.rows(index) if calibration_set.cond is not None else None
+        yield calibration_set.x[index], calibration_set.t[index], cond
 
 
 @dataclass(frozen=True)

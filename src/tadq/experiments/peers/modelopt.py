@@ -110,8 +110,8 @@ def quantize_modelopt(model: nn.Module, calibration_set: CalibrationSet, config:
 
     def forward_loop(module: nn.Module) -> None:
         with torch.no_grad():
-            for x, t in calibration_batches(calibration_set, batch_size):
-                adapter.predict_eps(module, x, t)
+            for x, t, cond in calibration_batches(calibration_set, batch_size):
+                adapter.predict_eps(module, x, t, cond)
 
     qmodel = copy.deepcopy(model).eval().requires_grad_(False)
     qmodel = mtq.quantize(qmodel, cfg, forward_loop).eval()

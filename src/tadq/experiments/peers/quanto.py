@@ -62,8 +62,8 @@ def quantize_quanto(model: nn.Module, calibration_set: CalibrationSet | None, pr
                     activations=getattr(quanto, activations) if activations else None)
     if activations is not None:
         with torch.no_grad(), quanto.Calibration(momentum=momentum):
-            for x, t in calibration_batches(calibration_set, batch_size):
-                adapter.predict_eps(qmodel, x, t)
+            for x, t, cond in calibration_batches(calibration_set, batch_size):
+                adapter.predict_eps(qmodel, x, t, cond)
     quanto.freeze(qmodel)
     return attach_report(qmodel, _report(qmodel, model, quanto, weights, activations))
 
