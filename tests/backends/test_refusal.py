@@ -50,7 +50,7 @@ def test_refusal_happens_before_any_conversion(monkeypatch, tiny_unet):
 def test_unknown_backend():
     with pytest.raises(ValueError, match="unknown backend 'int4'.*fake"):
         check_backend("int4")
-    assert set(BACKENDS) == {"fake", "int8", "int8-cuda"}
+    assert set(BACKENDS) == {"fake", "int8", "int8-compiled", "int8-cuda"}
 
 
 @pytest.fixture

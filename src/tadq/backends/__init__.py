@@ -5,7 +5,7 @@ exact scales and zero points; ``tadq.load(path, backend="int8")`` does the same 
 docs/backends.md for the kernel choice, what stays in float, and measured speed.
 """
 
-from tadq.backends.capability import cpu_summary, int8_cpu_missing, int8_cuda_missing
+from tadq.backends.capability import cpu_summary, int8_compiled_missing, int8_cpu_missing, int8_cuda_missing
 from tadq.backends.registry import (
     BACKENDS,
     Backend,
@@ -18,5 +18,5 @@ from tadq.backends.registry import (
 
 __all__ = [
     "BACKENDS", "Backend", "BackendUnavailableError", "IntegerDenoiser", "check_backend", "cpu_summary",
-    "held_weight_bytes", "int8_cpu_missing", "int8_cuda_missing", "to_backend",
+    "held_weight_bytes", "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing", "to_backend",
 ]

@@ -22,7 +22,7 @@ from tadq.quant.quantizer import Quantizer
 from tadq.tfmq.fsc import StepQuantizer
 
 __all__ = ["ActivationGrid", "GridCache", "SCRATCH", "Scratch", "activation_codes", "activation_grid",
-           "check_activation_quantizer", "is_per_step"]
+           "check_activation_quantizer", "is_per_step", "traced_codes"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,12 @@ def activation_codes(x: Tensor, grid: ActivationGrid, out: Tensor | None = None)
     """
     codes = torch.mul(x, grid.inverse) if out is None else torch.mul(x, grid.inverse, out=out)
     return codes.round_().add_(grid.zero_point).clamp_(grid.qmin, grid.qmax)
+
+
+def traced_codes(x: Tensor, grid: ActivationGrid) -> Tensor:
+    """``activation_codes`` as out-of-place ops, for ``torch.compile``: the same float32 operations in the same
+    order (multiply by 1/Δ, round half to even, add z, clamp), which Inductor fuses into one pass over ``x``."""
+    return torch.clamp(torch.round(x * grid.inverse) + grid.zero_point, grid.qmin, grid.qmax)
 
 
 class Scratch(threading.local):

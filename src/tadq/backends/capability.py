@@ -6,11 +6,12 @@ float simulation.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_summary", "int8_cpu_missing", "int8_cuda_missing"]
+__all__ = ["cpu_flags", "cpu_summary", "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing"]
 
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8·s8 dot-product instructions oneDNN uses
 
@@ -62,6 +63,22 @@ def int8_cpu_missing() -> str | None:
         return (f"the CPU has no int8 dot-product instructions ({', '.join(INT8_CPU_FLAGS)}); without them int8 "
                 f"kernels are not faster than float (torch reports CPU capability "
                 f"{torch.backends.cpu.get_cpu_capability()})")
+    return None
+
+
+def int8_compiled_missing() -> str | None:
+    """Why the compiled int8 CPU backend cannot run here: the ``int8`` reasons, or no C++ compiler for Inductor."""
+    reason = int8_cpu_missing()
+    if reason is not None:
+        return reason
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        compiler = get_cpp_compiler()
+    except Exception as error:  # noqa: BLE001 - any failure to find one means Inductor cannot build its kernels
+        return f"torch.compile (Inductor) finds no C++ compiler to build its CPU kernels ({error})"
+    if shutil.which(compiler) is None:
+        return f"torch.compile (Inductor) needs the C++ compiler {compiler!r}, which is not on PATH"
     return None
 
 

@@ -19,6 +19,7 @@ from tadq.backends.activations import (
     GridCache,
     activation_codes,
     check_activation_quantizer,
+    traced_codes,
 )
 from tadq.backends.weights import WeightCodes, weight_codes, window_sum
 from tadq.quant.modules import QuantConv2d, QuantLinear
@@ -74,8 +75,12 @@ class _ConvKernel(nn.Module):
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
         _check_float_input(x, self.name)
         grid = self.grid(quantizer)
-        values = activation_codes(x, grid, SCRATCH.get("codes", x.shape, torch.float32, x.device, True))
-        codes = SCRATCH.get("uint8", x.shape, torch.uint8, x.device, True).copy_(values)  # oneDNN's fastest layout
+        if torch.compiler.is_compiling():  # pure ops: Inductor fuses them into the op that produced x
+            values = traced_codes(x, grid)
+            codes = values.to(torch.uint8)
+        else:
+            values = activation_codes(x, grid, SCRATCH.get("codes", x.shape, torch.float32, x.device, True))
+            codes = SCRATCH.get("uint8", x.shape, torch.uint8, x.device, True).copy_(values)  # oneDNN's layout
         stride, padding, dilation = self.geometry
         op = torch.ops.onednn.qconv2d_pointwise
         op = op.tensor if isinstance(grid.scale, Tensor) else op.default
@@ -151,10 +156,15 @@ class OneDNNLinear(nn.Module):
         _check_float_input(x, self.name)
         grid = self.grid(self.input_quantizer)
         shape = torch.Size((x.numel() // self.in_features, self.in_features))
-        rows = activation_codes(x.reshape(shape), grid, SCRATCH.get("codes", shape, torch.float32, x.device, False))
         op = torch.ops.onednn.qlinear_pointwise
         op = op.tensor if isinstance(grid.scale, Tensor) else op.default
-        codes = SCRATCH.get("uint8", shape, torch.uint8, x.device, False).copy_(rows)
+        if torch.compiler.is_compiling():
+            rows = traced_codes(x.reshape(shape), grid)
+            codes = rows.to(torch.uint8)
+        else:
+            rows = activation_codes(x.reshape(shape), grid,
+                                    SCRATCH.get("codes", shape, torch.float32, x.device, False))
+            codes = SCRATCH.get("uint8", shape, torch.uint8, x.device, False).copy_(rows)
         y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, 1.0, 0,
                torch.float32, "none", [], "")
         if self.has_offset:

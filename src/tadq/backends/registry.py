@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tadq.backends.capability import int8_cpu_missing, int8_cuda_missing
+from tadq.backends.capability import int8_compiled_missing, int8_cpu_missing, int8_cuda_missing
 from tadq.backends.convert import LayerFactory, convert_layers
 from tadq.denoiser import QuantizedDenoiser
 
@@ -38,18 +38,34 @@ class Backend:
         description: one line for help texts.
         missing: why it cannot run here (``None`` when it can).
         factory: fake-quant layer → integer layer (``None`` for the ``fake`` backend, which converts nothing).
+        check: raises ``ValueError`` for a model the backend cannot run, before anything is converted.
+        finish: applied to the converted ``IntegerDenoiser`` last (``int8-compiled``: compile it).
     """
 
     name: str
     description: str
     missing: Callable[[], str | None]
     factory: LayerFactory | None
+    check: Callable[[QuantizedDenoiser], None] | None = None
+    finish: Callable[[QuantizedDenoiser], None] | None = None
 
 
 def _cpu_factory() -> LayerFactory:
     from tadq.backends.cpu_int8 import cpu_int8_layer
 
     return cpu_int8_layer
+
+
+def _check_compilable(qmodel: QuantizedDenoiser) -> None:
+    from tadq.backends.compiled import check_compilable
+
+    check_compilable(qmodel)
+
+
+def _compile(qmodel: QuantizedDenoiser) -> None:
+    from tadq.backends.compiled import compile_integer_model
+
+    compile_integer_model(qmodel)
 
 
 def _cuda_factory() -> LayerFactory:
@@ -62,6 +78,10 @@ BACKENDS: dict[str, Backend] = {
     "fake": Backend("fake", "float simulation of the integer arithmetic (the reference)", lambda: None, None),
     "int8": Backend("int8", "oneDNN u8·s8 convolutions and linears on x86 CPUs with VNNI/AMX", int8_cpu_missing,
                     _cpu_factory()),
+    "int8-compiled": Backend("int8-compiled", "the int8 layers with the network compiled by torch.compile (Inductor, "
+                             "freezing): activation quantization fused into the preceding float ops; compiles on "
+                             "the first call (minutes)", int8_compiled_missing, _cpu_factory(), _check_compilable,
+                             _compile),
     "int8-cuda": Backend("int8-cuda", "torch._int_mm linears and im2col convolutions on CUDA (never run on a GPU "
                          "yet)", int8_cuda_missing, _cuda_factory()),
 }
@@ -118,10 +138,14 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
         raise ValueError(f"the model already runs on backend {qmodel.backend!r}; convert its fake-quant original")
     if backend.factory is None:
         return qmodel
+    if backend.check is not None:
+        backend.check(qmodel)
     target = qmodel if inplace else copy.deepcopy(qmodel)
     layers = convert_layers(target.model, backend.factory, name)
     target.__class__ = IntegerDenoiser
     target.backend, target.layers = name, layers
+    if backend.finish is not None:
+        backend.finish(target)
     return target
 
 

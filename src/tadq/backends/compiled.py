@@ -1,0 +1,102 @@
+"""The ``int8-compiled`` backend: the ``int8`` layers, with the whole network compiled by ``torch.compile``.
+
+Eager, every integer layer quantizes its input in separate passes after the float op that produced it (GroupNorm,
+SiLU, a residual add), which costs about twice the int8 kernel itself on the shipped model (docs/backends.md).
+Compiled by Inductor with freezing, the layers trace to pure ops (``traced_codes``): the activation quantization
+(× 1/Δ, round half to even, + z, clamp, → uint8), the asymmetric-weight offset correction and the surrounding float
+ops fuse into one generated C++ kernel per group, and the oneDNN ``qconv2d_pointwise`` / ``qlinear_pointwise`` ops
+run as Inductor extern kernels on the frozen prepacked weights. The integer arithmetic is the ``int8`` backend's:
+same codes from the same float input, same exact int32 sums, same float32 epilogue. Inductor may order the
+*float* ops around them differently from eager (e.g. GroupNorm's reduction), which moves values by float rounding
+only — the same kind of difference as between the eager integer and fake-quant models (docs/backends.md).
+
+Compilation happens on the first call with each input shape (about 1–2 minutes on the shipped model with one
+thread on the 2-core CPUs; the batch dimension becomes dynamic after a second batch size, so a sampling run
+compiles at most twice). What a fixed graph cannot follow is refused when converting, by name:
+
+* per-step activation ranges and cached features (TFMQ finite-set calibration, step-aware corrections): they
+  change at every sampler step, so the graph would be recompiled at every step;
+* guidance branch ranges (``QuantConfig.branch_ranges``): they rewrite the activation ranges in place between
+  calls, which a graph frozen on the ranges would not see;
+* forward hooks inside the network and adapters with an inference cache (the cross-attention K/V memo).
+
+Those models run on ``int8`` (eager) unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from tadq.backends.activations import is_per_step
+from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
+from tadq.backends.registry import IntegerDenoiser
+from tadq.sampling import Conditioning, StepAware
+
+__all__ = ["CompiledIntegerDenoiser", "check_compilable", "compile_integer_model", "frozen", "prime_grids"]
+
+
+def frozen():
+    """The Inductor setting every call of a compiled integer model runs under: freezing, which Inductor needs to
+    take the prepacked oneDNN weights as constants. Set around the call, not as a ``torch.compile`` option: passed
+    as an option it did not reach the ``qlinear_pointwise`` lowering (its weight was not a constant; measured)."""
+    import torch._inductor.config as inductor_config
+
+    return inductor_config.patch(freezing=True)
+
+
+def _quantizers(model: nn.Module):
+    """(layer name, kernel with a grid cache, its input quantizer) for every integer layer of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, OneDNNConv2d):
+            yield name, module.kernel, module.input_quantizer
+        elif isinstance(module, OneDNNSplitConv2d):
+            yield f"{name} (deep half)", module.deep, module.input_quantizer_deep
+            yield f"{name} (skip half)", module.skip, module.input_quantizer_skip
+        elif isinstance(module, OneDNNLinear):
+            yield name, module, module.input_quantizer
+
+
+def check_compilable(qmodel) -> None:
+    """Raise ``ValueError`` naming what a compiled graph cannot follow (see the module docstring)."""
+    hint = "; run this model on backend 'int8' (eager, same arithmetic)"
+    aware = [type(member).__name__ for member in qmodel.corrections if isinstance(member, StepAware)]
+    if aware:
+        raise ValueError(f"int8-compiled: the correction(s) {aware} change the network at every sampler step (TFMQ "
+                         f"per-step ranges / cached features), so the graph would be recompiled every step{hint}")
+    if getattr(qmodel, "branch_ranges", None) is not None:
+        raise ValueError("int8-compiled: the model has guidance branch ranges, rewritten in place between calls, "
+                         f"which a frozen graph does not see{hint}")
+    if getattr(qmodel.adapter, "inference_cache", None) is not None:
+        raise ValueError(f"int8-compiled: adapter {qmodel.adapter.name!r} keeps an inference cache (K/V memo), "
+                         f"which is not traced{hint}")
+    for name, module in qmodel.model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            raise ValueError(f"int8-compiled: {name or 'the network'} has forward hooks{hint}")
+    for name, module in qmodel.model.named_modules():
+        for child_name, child in module.named_children():
+            if is_per_step(child):
+                raise ValueError(f"int8-compiled: {name}.{child_name} has per-step activation ranges{hint}")
+
+
+def prime_grids(model: nn.Module) -> None:
+    """Fill every integer layer's grid cache now, so the traced graph reads the ranges as Python constants."""
+    for _, kernel, quantizer in _quantizers(model):
+        kernel.grid(quantizer)
+
+
+def compile_integer_model(qmodel) -> None:
+    """Prime and compile ``qmodel.model`` in place (lazily: Inductor compiles on the first call); ``to_backend``
+    has run ``check_compilable`` on the fake-quant model before converting it."""
+    prime_grids(qmodel.model)
+    qmodel.model.compile()
+    qmodel.__class__ = CompiledIntegerDenoiser
+
+
+class CompiledIntegerDenoiser(IntegerDenoiser):
+    """An ``IntegerDenoiser`` whose network is compiled; every call runs with Inductor freezing on and without
+    autograd (freezing needs it, and integer kernels have no gradient anyway)."""
+
+    def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        with torch.no_grad(), frozen():
+            return super().forward(x, t, cond)

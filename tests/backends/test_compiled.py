@@ -1,0 +1,168 @@
+"""The ``int8-compiled`` backend: the int8 layers under torch.compile (Inductor, freezing) keep their arithmetic.
+
+Compiled, a layer quantizes its input with out-of-place ops (``traced_codes``) that Inductor fuses into a generated
+C++ kernel. Inductor builds without unsafe math and without FP contraction (its defaults), so the fused kernel does
+the same float32 operations in the same order: the codes are bit-identical (checked on exact half-step ties), the
+int32 sums are exact, and every layer meets the same derived bound against fake-quant as the eager layer
+(``bounds.py``; the offset-correction and bias roundings are at most the ones counted there). End to end, Inductor
+also reorders the float ops between layers (GroupNorm's reductions), which is float rounding of the same kind as
+eager-vs-fake, hence the same ≥ 40 dB median PSNR criterion.
+
+Each compile takes seconds to a minute on these CPUs; the layer tests compile one small layer each.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.backends.bounds import conv_bound, linear_bound
+from tests.backends.test_layers import ACTIVATIONS, CONVS, WEIGHTS, _conv, _linear, _split
+from tests.backends.test_model import _agree, _images, _quantize
+from torch import nn
+
+from tadq.backends import (
+    BACKENDS,
+    BackendUnavailableError,
+    IntegerDenoiser,
+    capability,
+    check_backend,
+    int8_compiled_missing,
+    to_backend,
+)
+from tadq.backends.activations import activation_grid, traced_codes
+from tadq.backends.compiled import CompiledIntegerDenoiser, frozen, prime_grids
+from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
+from tadq.quant import QuantLinear
+
+needs_compiled = pytest.mark.skipif(int8_compiled_missing() is not None,
+                                    reason=f"int8-compiled backend: {int8_compiled_missing()}")
+
+
+def _compiled(module: nn.Module):
+    torch._dynamo.reset()
+    prime_grids(module)
+    compiled = torch.compile(module)
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), frozen():
+            return compiled(x)
+
+    return call
+
+
+@needs_compiled
+def test_compiled_codes_are_the_fake_quant_codes():
+    """The fused quantization kernel rounds exactly like fake-quant, including exact half-step ties."""
+    quantizer = QuantLinear.from_module(nn.Linear(4, 4), WEIGHTS["w8-asym"], ACTIVATIONS["a8"]).input_quantizer
+    quantizer.set_range(torch.tensor([-3.0]), torch.tensor([5.0]))
+    grid = activation_grid(quantizer)
+    x = torch.cat([(torch.arange(-400, 400) + 0.5) * grid.scale, torch.randn(10_000) * 3])
+    torch._dynamo.reset()
+    codes = torch.compile(lambda v: traced_codes(torch.nn.functional.silu(v), grid).to(torch.uint8))(x)
+    fake = torch.fake_quantize_per_tensor_affine(torch.nn.functional.silu(x), grid.scale, int(grid.zero_point), 0,
+                                                 255)
+    assert torch.equal((codes.float() - grid.zero_point) * grid.scale, fake)
+
+
+@needs_compiled
+@pytest.mark.parametrize("case", ["conv-w8", "conv-w4-stride2", "split-w8", "linear-w8"])
+def test_compiled_layers_match_fake_quant(case):
+    """The same derived per-element bound as the eager int8 layers (asymmetric 8-bit: offset correction)."""
+    weights = WEIGHTS["w4-asym" if "w4" in case else "w8-asym"]
+    activations = ACTIVATIONS["a8"]
+    if case.startswith("conv"):
+        layer, x = _conv(weights, activations, CONVS[1 if "stride2" in case else 0])
+        integer = OneDNNConv2d(layer, "layer")
+        bound = conv_bound(x, layer.input_quantizer, layer.weight_quantizer, layer.weight, layer.bias, layer)
+    elif case.startswith("split"):
+        layer, x = _split(weights, activations)
+        integer = OneDNNSplitConv2d(layer, "layer")
+        views = layer.quantized_weights()
+        bound = conv_bound(x[:, :10], layer.input_quantizer_deep, *views["weight_deep"], layer.bias, layer, extra=1)
+        bound = bound + conv_bound(x[:, 10:], layer.input_quantizer_skip, *views["weight_skip"], None, layer,
+                                   extra=1)
+    else:
+        layer, x = _linear(weights, activations)
+        integer = OneDNNLinear(layer, "layer")
+        bound = linear_bound(x, layer.input_quantizer, layer.weight_quantizer, layer.weight, layer.bias)
+    with torch.no_grad():
+        expected = layer(x).double()
+        got = _compiled(integer)(x).double()
+    assert got.shape == expected.shape
+    excess = (got - expected).abs() - bound
+    assert excess.max() <= 0, f"{case}: worst error exceeds the derived bound by {excess.max():.3g}"
+
+
+@needs_compiled
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", [False, True])
+def test_compiled_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, attention):
+    """A tiny UNet end to end (W8A8: asymmetric weights with the offset term). Slow: compiling even this UNet
+    takes 1.5–3 minutes on the loaded 2-core CPU (with quantized attention operands the graph also breaks at each
+    attention, where the fake-quant operand quantizers read their scale on the host)."""
+    torch._dynamo.reset()
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8", quantize_attention=attention)
+    compiled = to_backend(fake, "int8-compiled")
+    assert isinstance(compiled, CompiledIntegerDenoiser) and isinstance(compiled, IntegerDenoiser)
+    assert compiled.backend == "int8-compiled" and compiled.layers["integer"]
+    images = _images(compiled, ddpm_scheduler)
+    assert _agree(images, _images(fake, ddpm_scheduler))
+    with torch.enable_grad():  # runs without autograd whatever the caller's mode (freezing needs it)
+        assert torch.equal(_images(compiled, ddpm_scheduler), images)
+
+
+def test_compiled_is_a_registered_backend():
+    assert "int8-compiled" in BACKENDS and BACKENDS["int8-compiled"].factory is BACKENDS["int8"].factory
+
+
+def test_compiled_is_refused_without_a_cpp_compiler(monkeypatch):
+    monkeypatch.setattr(capability, "int8_cpu_missing", lambda: None)
+    monkeypatch.setattr(capability.shutil, "which", lambda name: None)
+    with pytest.raises(BackendUnavailableError, match="int8-compiled.*C\\+\\+ compiler.*not replaced"):
+        check_backend("int8-compiled")
+
+
+def test_compiled_is_refused_without_int8_instructions(monkeypatch):
+    monkeypatch.setattr(capability, "_torch_cpu_probe", lambda name: False)
+    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
+    with pytest.raises(BackendUnavailableError, match="int8-compiled.*no int8 dot-product instructions"):
+        check_backend("int8-compiled")
+
+
+@needs_compiled
+def test_per_step_ranges_are_refused_before_converting(tiny_unet, ddpm_scheduler):
+    """A TFMQ model would recompile at every step: refused by name, the fake model left untouched."""
+    from tadq.tfmq.fsc import StepQuantizer, StepState
+
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    layer = fake.model.conv_in
+    layer.input_quantizer = StepQuantizer(layer.input_quantizer, torch.tensor([0.01, 0.02]),
+                                          torch.tensor([128.0, 128.0]), StepState(2))
+    with pytest.raises(ValueError, match=r"int8-compiled: conv_in\.input_quantizer has per-step.*'int8'"):
+        to_backend(fake, "int8-compiled", inplace=True)
+    assert not isinstance(fake, IntegerDenoiser)
+    assert to_backend(fake, "int8").layers["integer"]["conv_in"] == "OneDNNConv2d"  # eager int8 still takes it
+
+
+@needs_compiled
+def test_forward_hooks_are_refused(tiny_unet, ddpm_scheduler):
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    fake.model.mid_block.register_forward_hook(lambda module, args, out: out)
+    with pytest.raises(ValueError, match="int8-compiled: mid_block has forward hooks"):
+        to_backend(fake, "int8-compiled")
+
+
+
+
+@needs_compiled
+@pytest.mark.slow
+def test_cli_sample_runs_int8_compiled(tiny_unet, ddpm_scheduler, tmp_path):
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+
+    _quantize(tiny_unet, ddpm_scheduler, "W8A8").save_pretrained(tmp_path / "q", ddpm_scheduler)
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "q"), "--backend", "int8-compiled", "--num-samples",
+                                      "2", "--steps", "4", "--out", str(tmp_path / "s.png"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "s.png").is_file()
