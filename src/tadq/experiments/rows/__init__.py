@@ -4,6 +4,7 @@ from tadq.experiments.rows import (
     builtin,  # noqa: F401  (registers naive, qdiffusion, ptqd)
     peers,  # noqa: F401  (registers quanto, modelopt-*, torchao-*; the tools are imported lazily)
     sampler_corrections,  # noqa: F401  (registers ibc, ner, tac, tcec, tac+tcec)
+    svdquant,  # noqa: F401  (registers svdquant and svdquant+tac / +tcec / +ptqd on its base)
     tfmq,  # noqa: F401  (registers the TFMQ-DM rows: tfmq, tfmq-cache, tfmq+ptqd, ablations)
 )
 from tadq.experiments.rows.base import (

@@ -11,16 +11,18 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.quant.qscheme import QScheme, preset
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.sampling import SamplerConfig
+from tadq.svdquant import SVDQuantMethod
 from tadq.tfmq import TFMQConfig, TFMQMethod
 
 if TYPE_CHECKING:
     from tadq.experiments.run import RunConfig
 
-__all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "RECIPE_ROWS", "recipes_for_row", "base_recipe", "shipped_recipes",
-           "recipe_stem", "tfmq_config"]
+__all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "SVDQUANT_ROWS", "SVDQUANT_RANK", "SVDQUANT_GROUP", "RECIPE_ROWS",
+           "recipes_for_row", "base_recipe", "shipped_recipes", "recipe_stem", "svdquant_schemes", "tfmq_config"]
 
 # row → correction names on the Q-Diffusion base, in application order
 CORRECTION_ROWS: dict[str, tuple[str, ...]] = {
@@ -42,7 +44,14 @@ TFMQ_ROWS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "tfmq+tac": ("tfmq", {}, ("tac",)),
     "tfmq+tac+tcec": ("tfmq", {}, ("tac", "tcec")),
 }
-RECIPE_ROWS: tuple[str, ...] = ("naive", "qdiffusion", *CORRECTION_ROWS, *TFMQ_ROWS)
+# SVDQuant rows: row → corrections fitted on the SVDQuant base (every row of a preset shares that one network)
+SVDQUANT_ROWS: dict[str, tuple[str, ...]] = {
+    "svdquant": (), "svdquant+tac": ("tac",), "svdquant+tcec": ("tcec",), "svdquant+ptqd": ("ptqd",),
+}
+# the W4A4 ablation's best setting (docs/methods/svdquant.md): rank-4 branch, dynamic per-group activations of 8
+# channels, smoothing searched per layer, no rotation; weights stay per output channel
+SVDQUANT_RANK, SVDQUANT_GROUP = 4, 8
+RECIPE_ROWS: tuple[str, ...] = ("naive", "qdiffusion", *CORRECTION_ROWS, *TFMQ_ROWS, *SVDQUANT_ROWS)
 
 
 def recipe_stem(row: str) -> str:
@@ -55,6 +64,17 @@ def tfmq_config(calibration: CalibrationConfig) -> TFMQConfig:
     seed and inputs per step as the base calibration, but every step of the grid)."""
     return TFMQConfig(num_samples=calibration.num_trajectories, seed=calibration.seed,
                       fsc_samples_per_step=calibration.samples_per_step)
+
+
+def svdquant_schemes(preset_name: str) -> tuple[QScheme, QScheme]:
+    """The SVDQuant rows' schemes at ``preset_name``'s bits: the preset's weight scheme with a rank-``SVDQUANT_RANK``
+    branch, its activation scheme quantized per group of ``SVDQUANT_GROUP`` channels (dynamic) after smoothing.
+    A weight-only preset (activations off) keeps its activations off, smoothing still on (it acts on the weights)."""
+    weights, activations = preset(preset_name)
+    weights = dataclasses.replace(weights, lowrank_rank=SVDQUANT_RANK)
+    if activations.enabled:
+        activations = dataclasses.replace(activations, granularity="per_group", group_size=SVDQUANT_GROUP)
+    return weights, dataclasses.replace(activations, smoothing=True)
 
 
 def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconstruction: ReconstructionConfig,
@@ -70,6 +90,11 @@ def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconst
         corrections = correction_configs(CORRECTION_ROWS[name], calibration.seed)
         return Recipe.from_preset(preset_name, method=QDiffusionMethod(reconstruction), corrections=corrections,
                                   **qdiffusion)
+    if name in SVDQUANT_ROWS:
+        weights, activations = svdquant_schemes(preset_name)
+        return Recipe.from_preset(preset_name, method=SVDQuantMethod(seed=calibration.seed), weights=weights,
+                                  activations=activations,
+                                  corrections=correction_configs(SVDQUANT_ROWS[name], calibration.seed), **fields)
     if name in TFMQ_ROWS:
         weights, changes, corrections = TFMQ_ROWS[name]
         settings = dataclasses.replace(tfmq_config(calibration), **(NO_TIAR if weights == "qdiffusion" else {}),

@@ -1,0 +1,91 @@
+"""The SVDQuant rows of ``tadq run``: one SVDQuant base per preset, TAC / TCEC / PTQD fitted on that very network."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import tadq
+import tadq.experiments.rows.base as rows_base
+from tadq import api
+from tadq.config import CalibrationConfig
+from tadq.corrections.attach import fit_corrections
+from tadq.experiments.rows.recipes import SVDQUANT_ROWS, recipes_for_row
+from tadq.experiments.run import RunConfig, run_main_job
+from tadq.quant.transformed import TransformedQuantLayer
+from tadq.recipe_presets import correction_configs
+from tadq.sampling import SamplerConfig
+from tadq.svdquant import SVDQuantMethod
+
+SAMPLER = SamplerConfig(kind="ddim", num_steps=6)
+CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=3, samples_per_step=8, seed=0,
+                          batch_size=8)
+
+
+def _config(model_dir, out, **kw) -> RunConfig:
+    fields = dict(model=str(model_dir), presets=("W4A4",), methods=tuple(SVDQUANT_ROWS), num_samples=4,
+                  sampler=SAMPLER, eval_seed=1, calibration=CALIB, batch_size=8, out_dir=str(out),
+                  cache_dir=str(out / "cache"), grid_samples=4)
+    return RunConfig(**{**fields, **kw})
+
+
+def test_svdquant_row_recipe_is_the_ablations_best_setting(tmp_path):
+    config = _config(tmp_path, tmp_path / "r")
+    recipe = recipes_for_row("svdquant", "W4A4", config)
+    assert isinstance(recipe.method, SVDQuantMethod) and not recipe.corrections
+    assert (recipe.weights.bits, recipe.weights.granularity, recipe.weights.lowrank_rank) == (4, "per_channel", 4)
+    activations = recipe.activations
+    assert (activations.bits, activations.granularity, activations.group_size) == (4, "per_group", 8)
+    assert activations.smoothing and activations.rotation == "none"
+    assert recipe.name == "svdquant-W4A4" and recipe.label == "W4A4"
+    for row, names in SVDQUANT_ROWS.items():  # every correction row sits on exactly this base
+        stacked = recipes_for_row(row, "W4A4", config)
+        assert stacked.base() == recipe.base()
+        assert stacked.corrections == correction_configs(names, CALIB.seed)
+    assert recipes_for_row("svdquant", "W8A8", config).activations.bits == 8  # the preset's bits
+
+
+def test_svdquant_rows_run_on_one_base_network(tmp_path, tiny_model_dir, monkeypatch):
+    built = []
+    real_quantize = rows_base.quantize
+    monkeypatch.setattr(rows_base, "quantize", lambda *a, **k: built.append(1) or real_quantize(*a, **k))
+    results = run_main_job(_config(tiny_model_dir, tmp_path / "run"))
+    rows = {row["method"]: row for row in results["rows"]}
+    assert {"SVDQuant", "SVDQuant + TAC", "SVDQuant + TCEC", "SVDQuant + PTQD"} <= set(rows)
+    errors = {rows[m]["final_mse"] for m in rows if m != "FP"}
+    assert len(errors) == len(SVDQUANT_ROWS) and all(e > 0 for e in errors)  # every correction changes the output
+    assert built == [1]  # the base is quantized once; the correction rows load it
+    models = sorted(p.name for p in (tmp_path / "run" / "models").iterdir() if p.is_dir())
+    assert len(models) == 1 and models[0].startswith("svdquant-W4A4-")
+    extras = results["extras"]
+    cost = extras["SVDQuant W4A4"]["svdquant_cost"]
+    assert cost["branch_macs"] > 0 and cost["bitops"] > cost["bitops_quantized_gemms"]
+    assert set(extras["SVDQuant + TAC W4A4"]["correction_tables"]) == {"0:TAC"}
+    assert set(extras["SVDQuant + TCEC W4A4"]["correction_tables"]) == {"0:TCEC"}
+    assert "ptqd_tables" in extras["SVDQuant + PTQD W4A4"]
+
+
+@pytest.mark.parametrize("row", ["svdquant+tac", "svdquant+tcec", "svdquant+ptqd"])
+def test_corrections_on_the_svdquant_base_change_it_and_reload_bit_identically(tmp_path, tiny_model_dir, tiny_unet,
+                                                                              ddpm_scheduler, row):
+    config = _config(tiny_model_dir, tmp_path / "r")
+    recipe = recipes_for_row(row, "W4A4", config)
+    recipe = dataclasses.replace(recipe, method=SVDQuantMethod(alpha_grid=(0.3, 0.6), search_samples=8),
+                                 corrections=tuple(dataclasses.replace(c, num_samples=8) for c in recipe.corrections))
+    base = api.quantize(tiny_unet, ddpm_scheduler, recipe.base(), progress=False)
+    assert any(m.rank for m in base.model.modules() if isinstance(m, TransformedQuantLayer))
+    corrected = api.quantize(tiny_unet, ddpm_scheduler, recipe, base=base, progress=False)
+    assert corrected.model is base.model and len(corrected.corrections) == 1  # fitted on the very same network
+    again = fit_corrections(base, tiny_unet, ddpm_scheduler, SAMPLER, recipe.corrections, batch_size=8)
+    first = api.sample(corrected, ddpm_scheduler, SAMPLER, num_samples=3, seed=5, progress=False).images
+    assert torch.equal(first, api.sample(again, ddpm_scheduler, SAMPLER, num_samples=3, seed=5,
+                                         progress=False).images)  # the fit is deterministic
+    plain = api.sample(base, ddpm_scheduler, SAMPLER, num_samples=3, seed=5, progress=False).images
+    assert not torch.equal(first, plain)  # the correction changes what the base samples
+    corrected.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert loaded.recipe == corrected.recipe and len(loaded.corrections) == 1
+    assert torch.equal(api.sample(loaded, ddpm_scheduler, SAMPLER, num_samples=3, seed=5, progress=False).images,
+                       first)
