@@ -4,9 +4,14 @@ Measured per variant, interleaved (round-robin, so machine load hits every varia
 1/16/64 (median of the repeats), full DDIM-50 sampling throughput, weights held in memory, peak RSS of a fresh
 process that loads the model and runs one batch-64 call, load time, artefact size, and agreement (PSNR) of integer
 vs fake-quant samples from the same noise, and of each vs FP. The CPU capability line is printed with the table.
+With ``--compile`` (the default) the table also has compiled rows: FP fp32 and FP bf16 under ``torch.compile``
+(Inductor, freezing on, as the ``int8-compiled`` backend uses), and each preset on the ``int8-compiled`` backend.
+A compiled variant compiles on its first call at each batch size (the "compile s" column sums those first calls;
+after a second batch size torch makes the batch dimension dynamic, so batch 64 and DDIM-50 reuse the batch-16
+graph). Peak RSS and load time are not probed for compiled rows (a fresh process would compile for minutes).
 Run (docs/backends.md has the numbers):
 
-    python benchmarks/speed.py --threads 1 [--presets W8A8,W4A8] [--samples 64] [--out runs/bench-speed]
+    python benchmarks/speed.py --threads 1 [--presets W8A8,W4A8] [--samples 64] [--out runs/bench-speed] [--no-compile]
     python benchmarks/speed.py --threads 1 --kernels     # the per-layer kernel comparison behind the choice
     python benchmarks/speed.py --threads 1 --compiled    # eager vs torch.compile (Inductor) at batch 64
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -47,15 +53,18 @@ def _lscpu_flags() -> str:
     return f"{model}; flags: {' '.join(sorted(wanted))}"
 
 
-def _latency(variants: dict, generator: torch.Generator) -> dict[str, dict[int, float]]:
-    """Median seconds per denoiser call at each batch, variants interleaved within every repeat."""
+def _latency(variants: dict, generator: torch.Generator, first: dict[str, float]) -> dict[str, dict[int, float]]:
+    """Median seconds per denoiser call at each batch, variants interleaved within every repeat; ``first`` gets the
+    summed seconds of each variant's first call per batch (compilation, for compiled variants)."""
     times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in variants}
     with torch.no_grad():
         for batch in BATCHES:
             x = torch.randn(batch, 1, 16, 16, generator=generator)
             t = torch.randint(0, 1000, (batch,), generator=generator)
-            for call in variants.values():
-                call(x, t)  # warm-up (oneDNN primitive creation)
+            for name, call in variants.items():
+                start = time.perf_counter()
+                call(x, t)  # warm-up (oneDNN primitive creation; compilation)
+                first[name] = first.get(name, 0.0) + time.perf_counter() - start
             for _ in range(REPEATS[batch]):
                 for name, call in variants.items():
                     start = time.perf_counter()
@@ -124,6 +133,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
     parser.add_argument("--kernels", action="store_true", help="only the per-layer kernel comparison")
     parser.add_argument("--compiled", action="store_true", help="only eager vs torch.compile at batch 64")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="add the torch.compile rows (FP fp32/bf16 compiled, int8-compiled)")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -139,6 +150,10 @@ def main() -> None:
         print(compiled_table(*load_pipeline_parts(None), args.cache_dir))
         return None
 
+    if args.compile:  # the FP rows compile with the freezing the int8-compiled backend uses (it sets it itself)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.freezing = True
     start = time.perf_counter()
     fp32, scheduler = load_pipeline_parts(None)
     fp_load = time.perf_counter() - start
@@ -148,62 +163,88 @@ def main() -> None:
              "FP bf16": call_of(models["FP bf16"], True, torch.bfloat16)}
     shipped = sum(f.stat().st_size for f in shipped_model_path().rglob("*.safetensors"))
     info: dict[str, dict] = {"FP fp32": {"size": shipped}, "FP bf16": {"size": None}}  # bf16: no artefact of its own
+    if args.compile:
+        for name, dtype in (("FP fp32", torch.float32), ("FP bf16", torch.bfloat16)):
+            compiled = copy.deepcopy(models[name])
+            compiled.compile()
+            models[f"{name} compiled"], calls[f"{name} compiled"] = compiled, call_of(compiled, True, dtype)
+            info[f"{name} compiled"] = {"size": info[name]["size"], "compiled": True}
     workdir = Path(tempfile.mkdtemp(prefix="tadq-speed-"))
     for preset in args.presets.split(","):
         qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), cache_dir=args.cache_dir,
                                progress=False)
         size = qmodel.save_pretrained(workdir / preset, scheduler)
-        for backend in ("fake", "int8"):
+        for backend in ("fake", "int8", *(("int8-compiled",) if args.compile else ())):
             name = f"{preset} {backend}"
             start = time.perf_counter()
             models[name], _ = load_quantized(workdir / preset, backend=backend)
-            info[name] = {"size": size.weights_bytes, "load_in_process_s": time.perf_counter() - start}
+            info[name] = {"size": size.weights_bytes, "load_in_process_s": time.perf_counter() - start,
+                          "compiled": backend == "int8-compiled"}
             calls[name] = call_of(models[name], False, torch.float32)
     for name in models:
+        if info[name].get("compiled"):
+            info[name].update(peak_rss=None, load_s=None, held=held_weight_bytes(models[name]))
+            continue
         kind = {"FP fp32": "fp32", "FP bf16": "bf16"}.get(name, name.split()[-1])
         info[name].update(_probe(kind, str(workdir / name.split()[0]), args.threads))
     info["FP fp32"]["load_in_process_s"] = fp_load
 
-    latency = _latency(calls, torch.Generator().manual_seed(0))
+    first: dict[str, float] = {}
+    latency = _latency(calls, torch.Generator().manual_seed(0), first)
     seconds, images = _sampling(calls, models, scheduler, args.samples)
     rows = []
     for name in models:
         row = {"variant": name, **{f"latency_b{b}_ms": 1000 * latency[name][b] for b in BATCHES},
                "ddim50_s": seconds[name], "images_per_s": args.samples / seconds[name],
                "held_weight_bytes": info[name]["held"], "held_vs_fp32": info[name]["held"] / fp_bytes,
-               "peak_rss_mib": info[name]["peak_rss"] / 2**20, "load_s": info[name]["load_s"],
-               "artefact_bytes": info[name]["size"],
+               "peak_rss_mib": None if info[name]["peak_rss"] is None else info[name]["peak_rss"] / 2**20,
+               "load_s": info[name]["load_s"], "artefact_bytes": info[name]["size"],
+               "first_calls_s": first[name], "compiled": bool(info[name].get("compiled")),
                "psnr_vs_fp_db": float(psnr_per_sample(images[name], images["FP fp32"]).mean())}
-        if name.endswith("int8"):
-            row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[name.replace("int8", "fake")]).mean())
+        if " int8" in name:
+            fake = f"{name.split()[0]} fake"
+            row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[fake]).mean())
         rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "rows": rows}, indent=2) + "\n")
     _report(rows, capability, args)
+
+
+def _cell(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def _report(rows: list[dict], capability: dict, args) -> None:
     head = ("| variant | b1 ms | b16 ms | b64 ms | DDIM-50 s (img/s) | weights held (× fp32) | peak RSS MiB | load s "
-            "| artefact KiB | PSNR vs FP dB | PSNR int vs fake dB |")
-    lines = [head, "|" + "---|" * 11]
+            "| first calls s | artefact KiB | PSNR vs FP dB | PSNR int vs fake dB |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['latency_b1_ms']:.1f} | {r['latency_b16_ms']:.1f} | "
                      f"{r['latency_b64_ms']:.1f} | {r['ddim50_s']:.1f} ({r['images_per_s']:.2f}) | "
-                     f"{r['held_weight_bytes'] / 1024:.0f} KiB ({r['held_vs_fp32']:.3f}) | {r['peak_rss_mib']:.0f} | "
-                     f"{r['load_s']:.2f} | {_kib(r['artefact_bytes'])} | "
+                     f"{r['held_weight_bytes'] / 1024:.0f} KiB ({r['held_vs_fp32']:.3f}) | "
+                     f"{_cell(r['peak_rss_mib'], '.0f')} | {_cell(r['load_s'], '.2f')} | {r['first_calls_s']:.1f} | "
+                     f"{_kib(r['artefact_bytes'])} | "
                      f"{'–' if r['variant'] == 'FP fp32' else format(r['psnr_vs_fp_db'], '.2f')} | "
                      f"{format(r['psnr_vs_fake_db'], '.2f') if 'psnr_vs_fake_db' in r else '–'} |")
     by = {r["variant"]: r for r in rows}
-    ratios = ["", "Ratios in this run (speed-up = other time / this time):"]
+    ratios = ["", "Ratios in this run (speed-up = other time / this time; \"c\" = the compiled FP model):"]
+    keys = (("DDIM-50", "ddim50_s"), ("b1", "latency_b1_ms"), ("b16", "latency_b16_ms"), ("b64", "latency_b64_ms"))
     for r in rows:
-        if r["variant"].endswith("int8"):
-            fake = by[r["variant"].replace("int8", "fake")]
-            keys = (("DDIM-50", "ddim50_s"), ("b1", "latency_b1_ms"), ("b16", "latency_b16_ms"),
-                    ("b64", "latency_b64_ms"))
-            parts = [f"{what}: vs fp32 {_ratio(by['FP fp32'][key], r[key])}, "
-                     f"vs bf16 {_ratio(by['FP bf16'][key], r[key])}, vs fake {_ratio(fake[key], r[key])}"
-                     for what, key in keys]
-            ratios.append(f"- {r['variant']}: " + "; ".join(parts))
+        if " int8" not in r["variant"]:
+            continue
+        fake = by[f"{r['variant'].split()[0]} fake"]
+        parts = []
+        for what, key in keys:
+            cells = [f"vs fp32 {_ratio(by['FP fp32'][key], r[key])}", f"vs bf16 {_ratio(by['FP bf16'][key], r[key])}"]
+            if "FP fp32 compiled" in by:
+                cells += [f"vs fp32 c {_ratio(by['FP fp32 compiled'][key], r[key])}",
+                          f"vs bf16 c {_ratio(by['FP bf16 compiled'][key], r[key])}"]
+            parts.append(f"{what}: " + ", ".join([*cells, f"vs fake {_ratio(fake[key], r[key])}"]))
+        ratios.append(f"- {r['variant']}: " + "; ".join(parts))
+    load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     text = "\n".join([f"CPU: {json.dumps(capability)}", f"threads: {args.threads}, DDIM-50 over {args.samples} "
-                      "samples in one batch, seed 1000", "", *lines, *ratios])
+                      f"samples in one batch, seed 1000; load average at the end (1, 5, 15 min): {load}", "",
+                      *lines, *ratios])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.md").write_text(text + "\n")
