@@ -59,6 +59,8 @@ def run_command(
     methods: str = typer.Option("naive,qdiffusion,ptqd",
                                 help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …)."),
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
+    recon_activation_iters: int = typer.Option(-1, help="Activation-step iterations per unit (-1: the "
+                                               "ReconstructionConfig default; 0 skips the phase)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000)."),
     sampler: str = typer.Option("ddim", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) "
                                 "or flow-euler."),
@@ -107,7 +109,8 @@ def run_command(
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
-        reconstruction = ReconstructionConfig() if recon_iters < 0 else ReconstructionConfig(weight_iters=recon_iters)
+        changes = {"weight_iters": recon_iters, "activation_iters": recon_activation_iters}
+        reconstruction = ReconstructionConfig(**{name: value for name, value in changes.items() if value >= 0})
         config = RunConfig(model=model or None, presets=_parse_presets(presets),
                            methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
                            reconstruction=reconstruction,
