@@ -33,6 +33,8 @@ from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.backends.registry import IntegerDenoiser
 from tadq.sampling import Conditioning, StepAware
 
+RECOMPILE_LIMIT = 64
+
 __all__ = ["CompiledIntegerDenoiser", "check_compilable", "compile_integer_model", "frozen", "prime_grids"]
 
 
@@ -89,6 +91,11 @@ def compile_integer_model(qmodel) -> None:
     """Prime and compile ``qmodel.model`` in place (lazily: Inductor compiles on the first call); ``to_backend``
     has run ``check_compilable`` on the fake-quant model before converting it."""
     prime_grids(qmodel.model)
+    # Every compiled model of one class shares its forward's code object, and so torch's per-code-object limit of
+    # graphs (8): a process holding a few compiled models (the speed benchmark) would silently fall back to eager.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     qmodel.model.compile()
     qmodel.__class__ = CompiledIntegerDenoiser
 
