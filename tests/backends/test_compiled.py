@@ -111,6 +111,16 @@ def test_compiled_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, att
         assert torch.equal(_images(compiled, ddpm_scheduler), images)
 
 
+@needs_compiled
+def test_conversion_is_lazy_and_lifts_the_recompile_limit(tiny_unet, ddpm_scheduler):
+    """Converting compiles nothing yet; torch's graph limit per code object (shared by every compiled model of one
+    class) is raised, so a process with several compiled models does not fall back to eager unnoticed."""
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    compiled = to_backend(fake, "int8-compiled")
+    assert isinstance(compiled, CompiledIntegerDenoiser) and compiled.model._compiled_call_impl is not None
+    assert torch._dynamo.config.recompile_limit >= 64
+
+
 def test_compiled_is_a_registered_backend():
     assert "int8-compiled" in BACKENDS and BACKENDS["int8-compiled"].factory is BACKENDS["int8"].factory
 
