@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from tadq.backends.activations import is_per_step
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
-from tadq.backends.registry import IntegerDenoiser
+from tadq.backends.integer_denoiser import IntegerDenoiser
 from tadq.sampling import Conditioning, StepAware
 
 RECOMPILE_LIMIT = 64

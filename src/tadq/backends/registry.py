@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import nn
 
 from tadq.backends.capability import int8_compiled_missing, int8_cpu_missing, int8_cuda_missing
 from tadq.backends.convert import LayerFactory, convert_layers
+from tadq.backends.integer_denoiser import IntegerDenoiser
 from tadq.denoiser import QuantizedDenoiser
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
@@ -97,25 +97,6 @@ def check_backend(name: str) -> Backend:
         raise BackendUnavailableError(f"backend {name!r} is not available on this machine: {reason}. It is not "
                                       "replaced by the float simulation; choose backend='fake' explicitly")
     return backend
-
-
-class IntegerDenoiser(QuantizedDenoiser):
-    """A ``QuantizedDenoiser`` whose quantized layers run integer kernels (same call, hooks and corrections).
-
-    Made by ``to_backend`` by re-classing the converted object, so it keeps every attribute and method of the
-    ``QuantizedDenoiser`` it came from.
-
-    Attributes:
-        backend: the backend name.
-        layers: {"integer": {layer: kernel class}, "float": {module: why it stays in float}}.
-    """
-
-    backend: str
-    layers: dict[str, dict[str, str]]
-
-    def save_pretrained(self, directory: str | Path, scheduler=None, *, overwrite: bool = False):
-        raise TypeError("an integer-backend model holds prepacked kernels, not the artefact's tensors: save the "
-                        "'fake' model (tadq.quantize / tadq.load) and convert after loading")
 
 
 def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -> QuantizedDenoiser:
