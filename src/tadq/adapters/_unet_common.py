@@ -18,6 +18,7 @@ from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from torch import nn
 
 from tadq.adapters.base import LayerInfo, LayerRole
+from tadq.sampling.conditioning import Conditioning
 
 __all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "claim_attention", "claim_resnet"]
 
@@ -76,6 +77,9 @@ def claim_unet_parts(claims: RoleClaims, module: nn.Module, block: str) -> None:
         claims.claim(module, "resample", block)
 
 
+_CONDITIONING_HINT = "pass cond=Conditioning(...) (when sampling, conditions= a condition source)"
+
+
 class TracedUNetAdapter:
     """Adapter methods common to the diffusers UNets; subclasses give ``_roles``, ``_dummy_forward`` and the calls."""
 
@@ -86,6 +90,27 @@ class TracedUNetAdapter:
 
     def _dummy_forward(self, model: nn.Module) -> None:
         raise NotImplementedError
+
+    def conditioning_inputs(self, model: nn.Module) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _check_fields(self, model: nn.Module, cond: Conditioning | None, optional: tuple[str, ...],
+                      hint: str = _CONDITIONING_HINT) -> None:
+        """Refuse conditioning that lacks a field ``model`` needs or carries one it does not take (``optional``
+        are accepted), naming the fields, before the model's own error deep inside a matmul."""
+        required = self.conditioning_inputs(model)
+        kind = type(model).__name__
+        if cond is None:
+            raise ValueError(f"this {kind} needs conditioning {list(required)}: {hint}")
+        given = {name for name in cond.describe() if name != "unconditional"}
+        missing = [name for name in required if name not in given]
+        if missing:
+            raise ValueError(f"this {kind} needs {list(required)}; the conditioning lacks {missing} "
+                             f"(it has {sorted(given)})")
+        extra = sorted(given - set(required) - set(optional))
+        if extra:
+            raise ValueError(f"this {kind} takes {list(required)}" +
+                             (f" (and optionally {list(optional)})" if optional else "") + f", not {extra}")
 
     def layers(self, model: nn.Module) -> list[LayerInfo]:
         roles = self._roles(model)

@@ -155,22 +155,6 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
         t = torch.as_tensor(t, device=x.device)
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 
-    def _check_fields(self, model: nn.Module, cond: Conditioning | None, optional: tuple[str, ...]) -> None:
-        required = self.conditioning_inputs(model)
-        kind = type(model).__name__
-        if cond is None:
-            raise ValueError(f"this {kind} needs conditioning {list(required)}: pass cond=Conditioning(...) (when "
-                             "sampling, conditions= a condition source)")
-        given = {name for name in cond.describe() if name != "unconditional"}
-        missing = [name for name in required if name not in given]
-        if missing:
-            raise ValueError(f"this {kind} needs {list(required)}; the conditioning lacks {missing} "
-                             f"(it has {sorted(given)})")
-        extra = sorted(given - set(required) - set(optional))
-        if extra:
-            raise ValueError(f"this {kind} takes {list(required)}" +
-                             (f" (and optionally {list(optional)})" if optional else "") + f", not {extra}")
-
     def _dummy_forward(self, model: nn.Module) -> None:
         """One forward on zeros (batch 1, t = 0) with ``dummy_conditioning``, for tracing."""
         parameter = next(model.parameters())

@@ -119,20 +119,10 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
                 not fit the config (text width ≠ ``cross_attention_dim``, pooled + time ids ≠ the added
                 embedding's input).
         """
+        self._check_fields(model, cond, OPTIONAL_INPUTS,
+                           hint="pass cond=Conditioning(encoder_hidden_states=...) (when sampling, conditions= a "
+                                "ConditioningList or the pipeline's prompt conditions)")
         required = self.conditioning_inputs(model)
-        if cond is None:
-            raise ValueError(f"this UNet2DConditionModel needs conditioning {list(required)}: pass "
-                             "cond=Conditioning(encoder_hidden_states=...) (when sampling, conditions= a "
-                             "ConditioningList or the pipeline's prompt conditions)")
-        given = {name for name in cond.describe() if name != "unconditional"}
-        missing = [name for name in required if name not in given]
-        if missing:
-            raise ValueError(f"this UNet2DConditionModel needs {list(required)}; the conditioning lacks {missing} "
-                             f"(it has {sorted(given)})")
-        extra = sorted(given - set(required) - set(OPTIONAL_INPUTS))
-        if extra:
-            raise ValueError(f"this UNet2DConditionModel takes {list(required)} (and optionally "
-                             f"{list(OPTIONAL_INPUTS)}), not {extra}")
         self._check_shapes(model, x, cond)
         added = None
         if "pooled_embeds" in required:
