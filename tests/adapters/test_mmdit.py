@@ -18,6 +18,7 @@ from diffusers import (
     SD3Transformer2DModel,
 )
 from diffusers.models.attention_processor import AttnProcessor2_0
+from tests.adapters.snr import eps_snr_db
 from torch import nn
 
 import tadq
@@ -289,16 +290,6 @@ def test_flow_models_are_sampled_by_flow_euler_only():
 # ---------------------------------------------------------------- end to end through the public API
 
 
-def _eps_snr_db(fp: nn.Module, qmodel, calib) -> float:
-    """10·log10(‖v_FP‖² / ‖v_q − v_FP‖²) over the calibration inputs (both branches)."""
-    adapter = adapter_for(fp)
-    cond = calib.cond.without_markers()
-    with torch.no_grad():
-        reference = adapter.predict_eps(fp, calib.x, calib.t, cond)
-        error = qmodel(calib.x, calib.t, cond) - reference
-    return float(10 * torch.log10(reference.pow(2).mean() / error.pow(2).mean()))
-
-
 def test_naive_w8a8_is_close_to_fp_and_w4a4_is_worse(quantized):
     which, model, _, _, calib, naive = quantized
     assert all(plan.quantized for plan in naive["W8A8"].plans)
@@ -306,7 +297,7 @@ def test_naive_w8a8_is_close_to_fp_and_w4a4_is_worse(quantized):
     expected = QuantJointAttnProcessor if which == "sd3" else QuantFluxAttnProcessor
     assert {type(network.get_submodule(name).processor)
             for name in adapter_for(model).attention_modules(model)} == {expected}
-    w8a8, w4a4 = (_eps_snr_db(model, naive[preset], calib) for preset in ("W8A8", "W4A4"))
+    w8a8, w4a4 = (eps_snr_db(model, naive[preset], calib) for preset in ("W8A8", "W4A4"))
     # measured on these tiny random models (calibration inputs, both guidance branches): SD3 W8A8 ≈ 39.6 dB, W4A8 ≈
     # 22.4 dB, W4A4 ≈ 16.8 dB; Flux 38.6 / 22.3 / 15.5 dB (the attention matmuls change these by < 0.1 dB here); a
     # quantizer left uncalibrated or an input fed wrongly falls far below 30 dB, quantizers that do not act give no

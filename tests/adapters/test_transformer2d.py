@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
+from tests.adapters.snr import eps_snr_db
 from torch import nn
 
 import tadq
@@ -273,16 +274,6 @@ def test_caption_kv_is_computed_once_per_prompt_batch_and_changes_nothing(monkey
 # ---------------------------------------------------------------- end to end through the public API
 
 
-def _eps_snr_db(fp: nn.Module, qmodel, calib) -> float:
-    """10·log10(‖ε_FP‖² / ‖ε_q − ε_FP‖²) over the calibration inputs (both branches)."""
-    adapter = adapter_for(fp)
-    cond = calib.cond.without_markers()
-    with torch.no_grad():
-        reference = adapter.predict_eps(fp, calib.x, calib.t, cond)
-        error = qmodel(calib.x, calib.t, cond) - reference
-    return float(10 * torch.log10(reference.pow(2).mean() / error.pow(2).mean()))
-
-
 def test_naive_w8a8_is_close_to_fp_and_w4a4_is_worse(quantized):
     which, model, _, _, calib, naive = quantized
     plans = naive["W8A8"].plans
@@ -290,7 +281,7 @@ def test_naive_w8a8_is_close_to_fp_and_w4a4_is_worse(quantized):
     network = naive["W8A8"].model
     assert {type(network.get_submodule(name).processor).__name__
             for name in adapter_for(model).attention_modules(model)} == {"QuantAttnProcessor"}
-    w8a8, w4a4 = (_eps_snr_db(model, naive[preset], calib) for preset in ("W8A8", "W4A4"))
+    w8a8, w4a4 = (eps_snr_db(model, naive[preset], calib) for preset in ("W8A8", "W4A4"))
     # measured on these tiny random models (calibration inputs, both guidance branches): W8A8 ≈ 39 dB, W4A8 ≈ 22 dB,
     # W4A4 ≈ 16.5 dB for both (8-bit per-tensor activations give at most ~6 dB/bit); a quantizer left uncalibrated or
     # an input fed wrongly falls far below 30 dB, quantizers that do not act give no gap between the presets
