@@ -28,7 +28,7 @@ from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
 from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import mark_output
 from tadq.metrics import per_step_mse
-from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace
+from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
@@ -249,11 +249,13 @@ def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
     if fd is None:
         return ("FD and class agreement are not computed: the shipped classifiers only read the shipped models' "
                 "samples (PSNR, SSIM and trajectory error are).")
-    if not isinstance(fd, DigitsFeatureSpace):
+    if isinstance(fd, PhotosFeatureSpace):
         return (f"FD-{fd.name}: Fréchet distance on the shipped {fd.name} classifier's penultimate features, "
                 f"{num_samples} samples vs {len(fd.real)} real held-out images. Real-vs-real floor "
-                f"({getattr(fd, 'floor_samples', '?')} real training images vs the same held-out ones): "
-                f"{fd.floor:.2f}.")
+                f"({fd.floor_samples} real training images vs the same held-out ones): {fd.floor:.2f}.")
+    if not isinstance(fd, DigitsFeatureSpace):
+        floor = f" Real-vs-real floor: {fd.floor:.2f}." if fd.floor is not None else ""
+        return f"FD-{fd.name}: {num_samples} samples vs {len(fd.real)} real images.{floor}"
     return (f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, {num_samples} "
             f"samples vs the {len(fd.real)} real training digits. Real-vs-real floor (all {fd.heldout_count} "
             f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
