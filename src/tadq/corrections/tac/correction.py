@@ -22,7 +22,7 @@ from tadq.corrections.scaling import broadcast_row, fit_channel_affine, pixel_me
 from tadq.corrections.sequential import SequentialCorrection, StepTargets
 from tadq.corrections.tac.config import TACConfig
 from tadq.registry import register_correction
-from tadq.sampling import StepContext, require_one_step
+from tadq.sampling import StepContext
 
 __all__ = ["TACCorrection", "tac_tables"]
 
@@ -40,8 +40,6 @@ class TACCorrection(SequentialCorrection):
             self.register_table(name)
 
     def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
-        require_one_step(steps, "TAC", "IBC's add-back A_i b_i restores the input bias through the current state "
-                         "only, not through the previous x̂_0 the next step reuses")
         channels, count = sample_shape[0], len(steps)
         bias_shape = (count, channels) if self.config.ibc_resolution == "channel" else (count, *sample_shape)
         self.input_bias = torch.zeros(bias_shape, dtype=torch.float64)
@@ -82,11 +80,16 @@ class TACCorrection(SequentialCorrection):
 
     def after_step(self, x_prev: Tensor, step: StepContext) -> Tensor:
         """With ``ibc_apply="input"`` the update used x̃; adding A_i b_i back keeps the bias in the trajectory
-        (exact for the linear update, approximate where x_0 clipping acts)."""
+        (exact for the linear update, approximate where x_0 clipping acts). A multistep (dpmsolver++ 2M) step also
+        reused the previous step's x̂_0, computed from x̃_{i-1}: its share C_i b_{i-1} (C_i = ``coef_prev_x``) is
+        added back too (docs/methods/tac.md#multistep-samplers)."""
         index = self.table_index(step)
         if not self.config.ibc or self.config.ibc_apply == "trajectory":
             return x_prev
-        return x_prev + step.coef_x * broadcast_row(self.input_bias[index], x_prev)
+        restored = x_prev + step.coef_x * broadcast_row(self.input_bias[index], x_prev)
+        if step.order > 1 and index > 0:
+            restored = restored + step.coef_prev_x * broadcast_row(self.input_bias[index - 1], x_prev)
+        return restored
 
 
 
