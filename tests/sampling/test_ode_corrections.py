@@ -1,5 +1,6 @@
 """The sampler-level corrections on euler, dpmsolver++ and flow-euler: fitted, keyed by the new sampler keys, and
-exact where their maths says so (TCEC with J = 0 checks each kind's (A, B) coefficients); refused on 2M where not."""
+exact where their maths says so (TCEC with J = 0 checks each kind's (A, B) coefficients). TAC and TCEC on
+dpmsolver++ 2M: tests/corrections/test_tac_multistep.py and tests/corrections/test_tcec_samplers.py."""
 
 from __future__ import annotations
 
@@ -117,16 +118,6 @@ def test_ibc_recovers_the_input_bias_through_the_kinds_eps_coefficient(sampler: 
     assert torch.allclose(bias[1:], expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [TACConfig(num_samples=8), TCECConfig(select=False, num_samples=8)],
-                         ids=["tac", "tcec"])
-def test_tac_and_tcec_refuse_dpmsolver_2m(config) -> None:
-    scheduler = analytic_scheduler()
-    fp = AnalyticDenoiser(scheduler)
-    stack = CorrectionStack([correction_for(config)])
-    with pytest.raises(NotImplementedError, match=r"not implemented for dpmsolver\+\+2-10.*order=1"):
-        fit_stack(stack, fit_context(fp, InjectedError(fp), scheduler, SamplerConfig("dpmsolver++", 10)))
-
-
 def test_ptqd_fits_on_dpmsolver_2m_with_the_previous_step_carried_and_says_vsc_is_inactive() -> None:
     """PTQD corrects ε itself (CNC, BC), which the 2M update uses in both of its roles, so it holds there; the
     trajectory pair carries each track's previous x̂_0."""
@@ -186,16 +177,6 @@ def test_tcec_propagation_with_the_exact_jacobian_matches_the_simulated_error(sa
     bound = len(steps) * 2 * 8 * 2.0**-24 * widest * magnitude * growth ** len(steps)
     assert float((predicted - measured).abs().max()) <= bound
     assert float(measured[-1].abs().max()) > 100 * bound  # not vacuous
-
-
-def test_tcec_propagation_refuses_a_multistep_plan() -> None:
-    from tadq.corrections.tcec.propagation import predict_j0, predict_recursive
-
-    steps = SamplingPlan.build(analytic_scheduler(), SamplerConfig("dpmsolver++", 10)).steps
-    errors = torch.zeros(len(steps), 1, *SAMPLE_SHAPE)
-    for call in (lambda: predict_j0(errors, steps), lambda: predict_recursive(errors, steps)):
-        with pytest.raises(NotImplementedError, match="coef_prev_x"):
-            call()
 
 
 def test_paired_final_error_walks_dpmsolver_2m_with_each_tracks_previous_prediction() -> None:

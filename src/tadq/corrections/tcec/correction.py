@@ -11,11 +11,21 @@ and the last step also removes its own leftover (1−a) E_t(ε̂_t). The previou
 is cached between calls (one latent per batch), so the steps must run in order over the same batch. Steps before
 ``start`` (a fraction of the grid) are left alone, and the window's first step has no delayed term. A ``strength``
 of 0 (the "no compensation" candidate of the held-out selection) turns the correction off.
+
+On a multistep step (dpmsolver++ 2M, x' = A x + B ε + C x_before + D ε_before) the leftover also reaches the next
+state through the reused previous state and ε, so the delayed term cancels all three carried pieces (grid order n,
+ℓ_n = (1−a) E_n the leftover, u_n = ℓ_n − delayed_n the ε residual the update reuses; docs/methods/tcec.md):
+
+    delayed_n = κ [A_n B_{n-1} ℓ_{n-1} + C_n B_{n-2} ℓ_{n-2} + D_n u_{n-1}] / B_n
+
+which is the one-step term when C = D = 0 (one-step steps compute exactly that). The immediate form needs nothing
+extra: the corrected ε is what the update reuses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,9 +36,25 @@ from tadq.corrections.sequential import SequentialCorrection, StepTargets
 from tadq.corrections.tcec.config import TCECConfig
 from tadq.corrections.tcec.propagation import step_coefficients
 from tadq.registry import register_correction
-from tadq.sampling import StepContext, require_one_step, sampler_step
+from tadq.sampling import StepContext, sampler_step
 
 __all__ = ["TCECCorrection", "tcec_tables"]
+
+
+@dataclass(frozen=True)
+class _History:
+    """What the delayed term of the next step needs from this one (one batch).
+
+    ``state``: B_n E_n, the estimated error this step leaves in the state, before the (1−a) factor (the one-step
+    delayed term uses only it). For a multistep next step also ``state_before`` (B_{n-1} E_{n-1}; ``None`` when step
+    n−1 was not compensated), ``own`` E_n and ``delayed`` the delayed term this step subtracted (``None``: none).
+    """
+
+    index: int
+    state: Tensor
+    state_before: Tensor | None
+    own: Tensor
+    delayed: Tensor | None
 
 
 @register_correction(TCECConfig)
@@ -48,12 +74,18 @@ class TCECCorrection(SequentialCorrection):
         self.register_buffer("damping", torch.tensor(float(config.damping), dtype=torch.float64))
         self.register_buffer("strength", torch.tensor(1.0, dtype=torch.float64))
         self.register_buffer("start", torch.tensor(float(config.start), dtype=torch.float64))
-        self._history: tuple[int, Tensor] | None = None  # (step index, B E(ε̂)) of the previous call
+        self._history: _History | None = None  # the previous call's pieces of the delayed term
 
     # -- fitting ----------------------------------------------------------------------------------------------------
     def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
-        require_one_step(steps, "TCEC", "its propagation (δ' = (A + B J) δ + B e) and delayed term carry an error "
-                         "one step only, while a multistep update carries it two steps through C_x and C_ε")
+        multistep = [step.index for step in steps if step.order > 1]
+        if multistep and self.config.target == "next_state":
+            raise NotImplementedError(
+                f"TCECConfig(target='next_state') is not implemented for {steps[0].sampler_key}: {len(multistep)} of "
+                "its steps also use the previous step's x̂_0, so the FP and the quantized next states depend on each "
+                "track's previous prediction, which the per-step fit targets (StepTargets) do not carry. Use "
+                "target='same_input' or 'fp_trajectory' (both work on multistep samplers), or dpmsolver++ with "
+                "order=1.")
         shape = (len(steps), sample_shape[0]) if self.config.resolution == "channel" else (len(steps), *sample_shape)
         self.k = torch.zeros(shape, dtype=torch.float64)
         self.b = torch.zeros(shape, dtype=torch.float64)
@@ -68,7 +100,9 @@ class TCECCorrection(SequentialCorrection):
         target = targets.same_input if self.config.target == "same_input" else targets.fp_trajectory
         if self.config.error_space == "state":
             # the step's own error as it enters the state, clipping included
-            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_in, target, step))
+            previous = _shared_previous(targets.x_in, step)
+            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_in, target, step,
+                                                                           previous=previous))
             return
         if self.config.error_model == "on_target":
             # ε̂ ≈ s ε + d regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink s;
@@ -87,7 +121,8 @@ class TCECCorrection(SequentialCorrection):
         """B ⊙ E_t ≈ r with r = step(x̃_t, ε̂) − ``reference_next`` (the state the step should reach; the shared noise
         cancels) and the clip-aware per-element B of ``propagation.step_coefficients``: removing E_t from ε̂ then
         removes r from the next state, to first order."""
-        residual = sampler_step(targets.x_in, eps_hat, step) - reference_next
+        residual = sampler_step(targets.x_in, eps_hat, step, previous=_shared_previous(targets.x_in, step)) \
+            - reference_next
         _, coefficient = step_coefficients(step, targets.x_in, eps_hat)
         fit = fit_through_coefficient(eps_hat, coefficient, residual, offset=self.config.offset,
                                       per_element=self.config.resolution == "full")
@@ -137,23 +172,47 @@ class TCECCorrection(SequentialCorrection):
         own = self.estimated_error(index, eps)
         correction = mix * own
         if mix < 1.0:
+            delayed = None
             if index > first:
-                correction = correction + self._delayed(index, eps, step)
+                delayed = self._delayed(index, eps, step)
+                correction = correction + delayed
             if step.is_last:
                 correction = correction + (1.0 - mix) * own
-            self._history = (index, step.coef_eps * own)
+            previous = self._history
+            self._history = _History(index=index, state=step.coef_eps * own,
+                                     state_before=None if delayed is None or previous is None else previous.state,
+                                     own=own, delayed=delayed)
         return eps - float(self.strength) * correction
 
     def _delayed(self, index: int, eps: Tensor, step: StepContext) -> Tensor:
-        """(1−a) κ (A_t/B_t) B_{t+1} E_{t+1}(ε̂_{t+1}) from the cached previous call."""
+        """(1−a) κ (A_t/B_t) B_{t+1} E_{t+1}(ε̂_{t+1}) from the cached previous call; on a multistep step also the
+        previous state's and ε's share (module docstring)."""
         history = self._history
-        if history is None or history[0] != index - 1 or history[1].shape != eps.shape:
+        if history is None or history.index != index - 1 or history.state.shape != eps.shape:
             raise RuntimeError("TCEC's delayed term needs the previous step's output of the same batch: run the "
                                "sampler's steps in order (a fresh run starts at step 0)")
         if abs(step.coef_eps) < 1e-12:
             return torch.zeros_like(eps)
-        factor = (1.0 - float(self.mix)) * float(self.damping) * step.coef_x / step.coef_eps
-        return factor * history[1]
+        leftover = 1.0 - float(self.mix)
+        factor = leftover * float(self.damping) * step.coef_x / step.coef_eps
+        term = factor * history.state
+        if step.order == 1:
+            return term
+        damping = float(self.damping)
+        if history.state_before is not None and step.coef_prev_x != 0.0:
+            term = term + (leftover * damping * step.coef_prev_x / step.coef_eps) * history.state_before
+        residual = leftover * history.own if history.delayed is None else leftover * history.own - history.delayed
+        return term + (damping * step.coef_prev_eps / step.coef_eps) * residual
+
+
+def _shared_previous(x: Tensor, step: StepContext) -> Tensor | None:
+    """A stand-in previous x̂_0 for a multistep step whose two evaluations are subtracted.
+
+    The state-space fit compares step(x̃, ε̂) with step(x̃, ε) on the same input; both reuse the same previous
+    prediction, whose share cancels in the difference (the multistep kinds do not clip, so the update is linear),
+    so any common value gives B (ε̂ − ε). ``None`` on one-step steps, which do not take one.
+    """
+    return torch.zeros_like(x) if step.order > 1 else None
 
 
 def tcec_tables(correction: TCECCorrection) -> dict:
