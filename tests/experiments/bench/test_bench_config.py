@@ -24,9 +24,25 @@ def test_sampler_names_round_trip():
     assert parse_sampler("ddpm", steps=30) == SamplerConfig(kind="ddpm", num_steps=30)
     for sampler in (SamplerConfig(kind="ddim", num_steps=7, eta=0.5), SamplerConfig(kind="ddpm", num_steps=9)):
         assert parse_sampler(sampler_name(sampler, with_steps=True)) == sampler
-    for bad in ("euler", "ddpm-eta1", "ddim-eta2"):
+    for bad in ("heun", "ddpm-eta1", "ddim-eta2", "euler-eta1", "ddim-shift3", "dpmsolver++3", "euler2"):
         with pytest.raises(ValueError):
             parse_sampler(bad)
+
+
+def test_ode_sampler_names_parse_and_round_trip():
+    assert parse_sampler("euler") == SamplerConfig(kind="euler", num_steps=50)
+    assert parse_sampler("Euler-Ancestral@20") == SamplerConfig(kind="euler-ancestral", num_steps=20)
+    assert parse_sampler("dpmsolver++@25") == SamplerConfig(kind="dpmsolver++", num_steps=25, order=2)
+    assert parse_sampler("dpmsolver++1", steps=12) == SamplerConfig(kind="dpmsolver++", num_steps=12, order=1)
+    assert parse_sampler("flow-euler@28") == SamplerConfig(kind="flow-euler", num_steps=28)
+    assert parse_sampler("flow-euler-shift3") == SamplerConfig(kind="flow-euler", num_steps=50, shift=3.0)
+    for sampler in (SamplerConfig("euler", 30), SamplerConfig("euler-ancestral", 8), SamplerConfig("dpmsolver++", 20),
+                    SamplerConfig("dpmsolver++", 20, order=1), SamplerConfig("flow-euler", 28),
+                    SamplerConfig("flow-euler", 28, shift=3.0)):
+        name = sampler_name(sampler, with_steps=True)
+        assert parse_sampler(name) == sampler and parse_sampler(sampler_name(sampler), sampler.num_steps) == sampler
+    assert sampler_name(SamplerConfig("dpmsolver++", 20)) == "dpmsolver++"
+    assert sampler_name(SamplerConfig("euler-ancestral", 8), with_steps=True) == "euler-ancestral@8"
 
 
 def test_matrices_take_their_methods_from_the_registry():
@@ -79,6 +95,6 @@ def test_cli_runs_a_tiny_bench(tmp_path, tiny_model_dir):
 
 
 def test_cli_bad_sampler_is_a_clean_error(tmp_path):
-    result = runner.invoke(app, ["bench", "--samplers", "euler", "--out", str(tmp_path / "out")])
+    result = runner.invoke(app, ["bench", "--samplers", "heun", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "unknown sampler" in result.output
     assert not (tmp_path / "out").exists()

@@ -27,25 +27,41 @@ __all__ = ["BEST_STACK", "BenchConfig", "default_methods", "matrix", "parse_samp
 BEST_STACK = "tac+tcec"
 _TADQ_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec", BEST_STACK)
 _QUICK_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec")
-_SAMPLER = re.compile(r"^(?P<kind>ddim|ddpm)(?:-eta(?P<eta>[0-9.]+))?(?:@(?P<steps>[0-9]+))?$")
+_SAMPLER = re.compile(r"^(?P<kind>ddim|ddpm|euler-ancestral|euler|dpmsolver\+\+|flow-euler)(?P<order>(?<=\+\+)[12])?"
+                      r"(?:-eta(?P<eta>[0-9.]+))?(?:-shift(?P<shift>[0-9.]+))?(?:@(?P<steps>[0-9]+))?$")
+_SAMPLER_NAMES = ("ddim-eta<η> (ddim-eta0, ddim-eta1), ddpm, euler, euler-ancestral, dpmsolver++ (2M; dpmsolver++1 "
+                  "for first order), flow-euler (flow-euler-shift<s> to set the shift)")
 
 
 def parse_sampler(text: str, steps: int = 50) -> SamplerConfig:
-    """A sampler from its bench name: ``ddim-eta0``, ``ddim-eta1``, ``ddim-eta0.5``, ``ddpm``; ``@N`` sets the
-    step count (``ddim-eta0@20``), otherwise ``steps``."""
+    """A sampler from its bench name: ``ddim-eta0``, ``ddim-eta1``, ``ddim-eta0.5``, ``ddpm``, ``euler``,
+    ``euler-ancestral``, ``dpmsolver++`` (2M; ``dpmsolver++1`` first order), ``flow-euler`` (``flow-euler-shift3``
+    sets the shift); ``@N`` sets the step count (``ddim-eta0@20``, ``euler@30``), otherwise ``steps``."""
     match = _SAMPLER.match(text.strip().lower())
     if match is None:
-        raise ValueError(f"unknown sampler {text!r}; use ddim-eta<η> (ddim-eta0, ddim-eta1) or ddpm, "
-                         f"optionally with @<steps> (ddim-eta0@20)")
-    kind, eta = match["kind"], float(match["eta"] or 0.0)
-    if kind == "ddpm" and match["eta"] is not None:
-        raise ValueError(f"sampler {text!r}: ddpm takes no eta (its noise is fixed by the scheduler)")
-    return SamplerConfig(kind=kind, num_steps=int(match["steps"] or steps), eta=eta)
+        raise ValueError(f"unknown sampler {text!r}; use {_SAMPLER_NAMES}, optionally with @<steps> "
+                         "(ddim-eta0@20, euler@30)")
+    kind = match["kind"]
+    if match["eta"] is not None and kind != "ddim":
+        raise ValueError(f"sampler {text!r}: only ddim takes an eta ({kind}'s noise is fixed by its update rule)")
+    if match["shift"] is not None and kind != "flow-euler":
+        raise ValueError(f"sampler {text!r}: only flow-euler takes a shift")
+    order = None if match["order"] is None else int(match["order"])
+    shift = None if match["shift"] is None else float(match["shift"])
+    return SamplerConfig(kind=kind, num_steps=int(match["steps"] or steps), eta=float(match["eta"] or 0.0),
+                         order=order, shift=shift)
 
 
 def sampler_name(sampler: SamplerConfig, with_steps: bool = False) -> str:
     """The bench name of ``sampler`` (inverse of ``parse_sampler``)."""
-    name = f"ddim-eta{sampler.eta:g}" if sampler.kind == "ddim" else "ddpm"
+    if sampler.kind == "ddim":
+        name = f"ddim-eta{sampler.eta:g}"
+    elif sampler.kind == "dpmsolver++":
+        name = "dpmsolver++" if sampler.order == 2 else f"dpmsolver++{sampler.order}"
+    elif sampler.kind == "flow-euler" and sampler.shift is not None:
+        name = f"flow-euler-shift{sampler.shift:g}"
+    else:
+        name = sampler.kind
     return f"{name}@{sampler.num_steps}" if with_steps else name
 
 
