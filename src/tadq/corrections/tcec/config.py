@@ -46,7 +46,8 @@ class TCECConfig(CorrectionConfig):
         target: ``"same_input"``: e_t = ε̂(x̂_t) − ε_θ(x̂_t), the step's own quantization error (the paper's e_t);
             ``"fp_trajectory"``: against ε_θ(x_t) on the FP trajectory; ``"next_state"``: against
             ε* = ε_θ(x_t) − (A_t/B_t) δ_t, the ε that lands the quantized state on the FP trajectory's next state
-            (the cumulative error, its propagation measured by the fit rather than assumed with J ≈ 0).
+            (the cumulative error, its propagation measured by the fit rather than assumed with J ≈ 0); refused
+            on dpmsolver++ 2M, whose next states also depend on each track's previous x̂_0.
         sequential: Fit K_t with the earlier steps' compensation active.
         selection_seed: Held-out calibration seed of the (a, κ) choice; must differ from ``seed`` and from every
             evaluation seed. ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
