@@ -168,10 +168,33 @@ def test_families_registered_with_their_pipelines():
     assert model_family("DiTTransformer2DModel").subfolder == "transformer"
 
 
-def test_tfmq_refuses_the_transformers():
-    for model in (build_tiny_dit(), build_tiny_pixart()):
-        with pytest.raises(TypeError, match="declares no temporal path"):
-            TemporalInformationBlock(model, adapter_for(model))
+def test_tfmq_refuses_pixart():
+    model = build_tiny_pixart()
+    with pytest.raises(TypeError, match="declares no temporal path"):
+        TemporalInformationBlock(model, adapter_for(model))
+
+
+def test_dit_temporal_features_equal_what_the_forward_computes():
+    """The TIB of a DiT (every adaLN modulation, run on (t, y) alone) is bit-identical to the outputs of those
+    layers inside a full forward on any x."""
+    model = build_tiny_dit()
+    tib = TemporalInformationBlock(model, adapter_for(model))
+    assert [f.layer for f in tib.features] == [f"transformer_blocks.{i}.norm1.linear"
+                                               for i in range(len(model.transformer_blocks))] + ["proj_out_1"]
+    assert tib.num_labels == NUM_CLASSES + 1  # the null class has its own table row
+    t, labels = torch.tensor([3, 500, 999]), torch.tensor([0, 7, NUM_CLASSES])
+    seen = {}
+    hooks = [model.get_submodule(f.layer).register_forward_hook(
+        lambda _m, _a, out, name=f.layer: seen.__setitem__(name, out)) for f in tib.features]
+    with torch.no_grad():
+        model(torch.randn(3, 4, 8, 8), timestep=t, class_labels=labels)
+        features = tib(t, labels)
+    for hook in hooks:
+        hook.remove()
+    for feature, value in zip(tib.features, features, strict=True):
+        assert torch.equal(value, seen[feature.layer]), feature.layer
+    with pytest.raises(ValueError, match="class labels"):
+        tib(t, None)
 
 
 # ---------------------------------------------------------------- forward and conditioning contract

@@ -195,6 +195,34 @@ class DiTAdapter(_PatchTransformerAdapter):
         device = next(model.parameters()).device
         return Conditioning(class_labels=torch.zeros(batch_size, dtype=torch.long, device=device))
 
+    def temporal_num_labels(self, model: nn.Module) -> int:
+        """Rows of the label table (K real classes and the null class): TFMQ's tables cover every one."""
+        return int(model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings)
+
+    def temporal_modules(self, model: nn.Module) -> list[nn.Module]:
+        """Every block's adaLN embedding (sinusoidal projection, timestep MLP, label table): DiT's temporal path
+        (the final layer re-runs block 0's)."""
+        return [block.norm1.emb for block in model.transformer_blocks]
+
+    def temporal_projection_inputs(self, model: nn.Module, t: Tensor, labels: Tensor | None) -> dict[str, Tensor]:
+        """SiLU(emb_i(t, y)) for every adaLN modulation (``transformer_blocks.i.norm1.linear``, and ``proj_out_1``
+        on block 0's embedding), exactly as ``DiTTransformer2DModel.forward`` computes them: the inputs of the
+        time projections depend on (t, y) alone, which is what TFMQ-DM's temporal information block needs.
+
+        Raises:
+            ValueError: no labels (every DiT is class-conditional).
+        """
+        if labels is None:
+            raise ValueError("a DiT's temporal path takes class labels with the timesteps")
+        names = {id(module): name for name, module in model.named_modules()}
+        inputs = {}
+        for block in model.transformer_blocks:
+            emb = block.norm1.emb(t, labels, hidden_dtype=model.dtype)
+            inputs[names[id(block.norm1.linear)]] = block.norm1.silu(emb)
+        first = model.transformer_blocks[0].norm1.emb(t, labels, hidden_dtype=model.dtype)
+        inputs[names[id(model.proj_out_1)]] = torch.nn.functional.silu(first)
+        return inputs
+
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """The ε half of the DiT's output at (x, t, ``cond.class_labels``); ``cond.unconditional`` is the walker's
         business.

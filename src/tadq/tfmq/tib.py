@@ -5,7 +5,9 @@ Notation (docs/methods/tfmq.md#tib): the timestep enters a UNet only through the
     emb_t    = h(t) [+ e(y)]                 h: sinusoidal projection → time-embedding MLP; e: label embedding
     f_{t,i}  = g_i(emb_t) = W_i·SiLU(emb_t)   ResBlock i's ``time_emb_proj`` (no SiLU when ``skip_time_act``)
 
-They do not depend on x_t, and t comes from the finite sampler grid, so the TIB can be run alone on (t, y). The
+They do not depend on x_t, and t comes from the finite sampler grid, so the TIB can be run alone on (t, y). A DiT
+has no shared emb_t: every block embeds (t, y) itself and its adaLN modulation ``norm1.linear`` (and the final
+layer's ``proj_out_1``) is g_i; its adapter gives each g_i's input (``temporal_projection_inputs``). The
 layers come from the adapter's roles ``time_embedding``, ``class_embedding`` and ``time_projection``; the label
 embedding is part of the TIB (the authors' code drops it: a code gap this module does not copy).
 """
@@ -43,14 +45,18 @@ class TemporalInformationBlock:
     """
 
     def __init__(self, model: nn.Module, adapter) -> None:
-        if not callable(getattr(adapter, "temporal_embedding", None)):
+        self._projection_inputs = getattr(adapter, "temporal_projection_inputs", None)
+        if not callable(self._projection_inputs) and not callable(getattr(adapter, "temporal_embedding", None)):
             raise TypeError(f"the {adapter.name!r} adapter ({type(model).__name__}) declares no temporal path "
-                            "(temporal_embedding / temporal_modules): TFMQ-DM cannot isolate its temporal features")
+                            "(temporal_embedding or temporal_projection_inputs, and temporal_modules): TFMQ-DM "
+                            "cannot isolate its temporal features")
         self.model, self.adapter = model, adapter
         infos = [info for info in adapter.layers(model) if info.role in TEMPORAL_ROLES]
         self.layer_names: tuple[str, ...] = tuple(info.name for info in infos)
         self.features: tuple[TemporalFeature, ...] = tuple(
             TemporalFeature(info.block, info.name) for info in infos if info.role == "time_projection")
+        if callable(self._projection_inputs):
+            return  # the adapter computes each projection's input itself (a DiT's per-block adaLN embeddings)
         for feature in self.features:
             if not isinstance(model.get_submodule(feature.block), ResnetBlock2D):
                 raise TypeError(f"{feature.layer} belongs to a {type(model.get_submodule(feature.block)).__name__}, "
@@ -59,6 +65,9 @@ class TemporalInformationBlock:
     @property
     def num_labels(self) -> int:
         """K, the number of class labels of a class-conditional model (0 for an unconditional one)."""
+        counted = getattr(self.adapter, "temporal_num_labels", None)
+        if callable(counted):
+            return counted(self.model)
         embedding = getattr(self.model, "class_embedding", None)
         if embedding is None:
             return 0
@@ -82,6 +91,9 @@ class TemporalInformationBlock:
 
     def __call__(self, t: Tensor, labels: Tensor | None = None) -> list[Tensor]:
         """The temporal features [f_{t,1}, ..., f_{t,n}], each (B, C_i), in ``self.features`` order."""
+        if callable(self._projection_inputs):
+            inputs = self._projection_inputs(self.model, t, labels)
+            return [self.model.get_submodule(feature.layer)(inputs[feature.layer]) for feature in self.features]
         emb = self.embedding(t, labels)
         outputs = []
         for feature in self.features:
