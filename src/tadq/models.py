@@ -95,7 +95,7 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load(path)")
     try:
-        model = family.model_class.from_pretrained(model_dir)
+        model = family.model_class.from_pretrained(model_dir, low_cpu_mem_usage=False)  # no accelerate needed
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # truncated or foreign weight files
         first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise ValueError(f"could not load weights from {model_dir}: {first}") from error

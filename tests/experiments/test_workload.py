@@ -118,3 +118,50 @@ def test_class_conditional_main_job_runs_with_guidance(class_model_dir, tmp_path
     assert [row["method"] for row in results["rows"]] == ["FP", "naive PTQ"]
     assert results["config"]["workload"]["guidance_scale"] == 2.0
     assert results["rows"][1]["psnr"] is not None and results["rows"][1]["fd_digits"] is None
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    """A tiny random ``DiTPipeline``: a learned-variance DiT (K = 10, null class 10) on the 4×8×8 latents of a
+    one-level VAE (3×8×8 images)."""
+    from diffusers import DiTPipeline
+    from tests.adapters.test_transformer2d import build_tiny_dit
+    from tests.pipelines.builders import _scheduler, _vae
+
+    path = tmp_path_factory.mktemp("dit") / "pipe"
+    torch.manual_seed(0)
+    DiTPipeline(transformer=build_tiny_dit(), vae=_vae().eval(), scheduler=_scheduler()).save_pretrained(path)
+    return path
+
+
+def test_dit_pipeline_workload_takes_the_architectures_null_class_and_decodes_with_its_vae(dit_folder):
+    workload = load_workload(str(dit_folder), guidance_scale=2.0)  # no --null-class: a DiT's null class is K
+    labels = workload.evaluation_conditions(1, range(200))
+    assert set(labels.class_labels.tolist()) == set(range(10))
+    assert labels.unconditional.class_labels.tolist() == [10] * 200
+    assert workload.decoder is not None and workload.image_shape() == (3, 8, 8)
+    latents = torch.randn(2, 4, 8, 8)
+    images = workload.images(latents)
+    assert images.shape == (2, 3, 8, 8) and float(images.abs().max()) <= 1.0
+    assert workload.features is None and workload.expected_labels is None  # nothing reads a user's classes
+
+
+def test_dit_main_job_runs_every_correction_family_on_dpm_solver(dit_folder, tmp_path):
+    sampler = SamplerConfig(kind="dpmsolver++", num_steps=4)
+    config = _config(dit_folder, tmp_path / "run", methods=("naive", "tac", "tfmq"), sampler=sampler,
+                     calibration=CalibrationConfig(sampler=sampler, num_trajectories=4, num_steps_kept=2,
+                                                   samples_per_step=4, seed=0, batch_size=4),
+                     calibration_prompts=(), evaluation_prompts=(), labels="random")
+    results = run_main_job(config)
+    assert [row["method"] for row in results["rows"]] == ["FP", "naive PTQ", "Q-Diffusion + TAC", "TFMQ-DM"]
+    assert all(row["psnr"] is not None and row["psnr"] > 0 for row in results["rows"][1:])
+
+
+def test_a_pipeline_whose_vae_is_missing_is_refused(dit_folder, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(dit_folder, broken)
+    shutil.rmtree(broken / "vae")
+    with pytest.raises(ValueError, match="holds none"):
+        load_workload(str(broken))

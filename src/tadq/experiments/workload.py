@@ -41,17 +41,23 @@ def _shipped_photos_path() -> Path:
     return Path(__file__).resolve().parents[1] / "zoo" / "weights" / "photos-ddpm"
 
 
+def _shipped_dit_path() -> Path:
+    from tadq.zoo.dit import shipped_dit_path
+
+    return shipped_dit_path()
+
+
 # names ``tadq run --model`` accepts besides a folder: the models that ship inside the package
 SHIPPED_MODELS: dict[str, Callable[[], Path]] = {
-    "digits": shipped_model_path, "t2i": _shipped_t2i_path, "photos": _shipped_photos_path,
+    "digits": shipped_model_path, "t2i": _shipped_t2i_path, "photos": _shipped_photos_path, "dit": _shipped_dit_path,
 }
 # how the main job labels the samples of a class-conditional model
 LABEL_MODES = ("null", "random")
 
 
 def resolve_model_path(model: str | None) -> Path:
-    """The folder of ``model``: a shipped model's name (``digits``, ``t2i``, ``photos``; ``None`` = ``digits``) or a
-    path.
+    """The folder of ``model``: a shipped model's name (``digits``, ``t2i``, ``photos``, ``dit``; ``None`` =
+    ``digits``) or a path.
 
     An existing folder of the same name wins over a shipped name, so a user's ``./t2i`` is never shadowed.
     """
@@ -171,7 +177,8 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
     fp, scheduler = load_pipeline_parts(path)
     inputs = adapter_for(fp).conditioning_inputs(fp)
     if tuple(inputs) == ("class_labels",):
-        return _class_conditional_workload(path, name, fp, scheduler, guidance_scale, labels, null_class)
+        workload = _class_conditional_workload(path, name, fp, scheduler, guidance_scale, labels, null_class)
+        return _with_folder_vae(workload, path, device, dtype)
     if inputs:
         raise NotImplementedError(f"{path} holds a {type(fp).__name__} conditioned on {list(inputs)} without a "
                                   "text encoder; tadq run samples unconditional and class-conditional models and "
@@ -184,18 +191,58 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
     shipped = path.resolve() == shipped_model_path().resolve()
     # FD-digits only for the shipped digits model: digit features on another model's samples mean nothing
     features = DigitsFeatureSpace(adapter_for(fp).sample_shape(fp)[-1]) if shipped else None
-    return Workload(name=name, model=fp, scheduler=scheduler, features=features)
+    workload = Workload(name=name, model=fp, scheduler=scheduler, features=features)
+    return _with_folder_vae(workload, path, device, dtype)
+
+
+def _with_folder_vae(workload: Workload, path: Path, device: torch.device | None,
+                     dtype: torch.dtype | None) -> Workload:
+    """A latent pipeline (``DiTPipeline``, an LDM folder) samples latents: its own ``vae/`` decodes them before any
+    image metric. A folder whose index names a VAE that is not there is refused, not sampled as pixels."""
+    index_file = path / "model_index.json"
+    index = read_json_file(index_file, "pipeline index") if index_file.exists() else {}
+    entry = index.get("vae") if isinstance(index, dict) else None
+    if entry is None or entry == [None, None]:
+        return workload
+    from diffusers import AutoencoderKL
+
+    if not (path / "vae" / "config.json").exists():
+        raise ValueError(f"{index_file} names a VAE but {path / 'vae'} holds none: the samples are latents and "
+                         "cannot be turned into images")
+    from tadq.pipelines.components import pipeline_load_options
+
+    options = pipeline_load_options(AutoencoderKL, dtype)  # the dtype at load time, as diffusers asks
+    try:
+        vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False, **options)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ValueError(f"could not load the VAE of {path}: {str(error).splitlines()[0][:160]}") from error
+    vae = vae.eval().requires_grad_(False)
+    if device is not None:
+        vae = vae.to(device)
+    return dataclasses.replace(workload, decoder=_vae_decoder(vae))
 
 
 def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler: Any, guidance_scale: float | None,
                                 labels: str | None, null_class: int | None) -> Workload:
-    """A class-conditional pixel model: unconditional samples (its null class) or random labels, with guidance."""
+    """A class-conditional model: unconditional samples (its null class) or random labels, with guidance.
+
+    The null class is the user's, else the shipped photos model's, else the one the architecture defines (a DiT's
+    label K); the shipped DiT defaults to its recorded guidance scale and is scored by the digit classifier."""
     shipped = path.resolve() == _shipped_photos_path().resolve()
-    num_embeddings = int(getattr(fp.config, "num_class_embeds", None) or 0)
+    shipped_dit = path.resolve() == _shipped_dit_path().resolve()
+    adapter = adapter_for(fp)
+    architecture_null = adapter.null_class(fp) if hasattr(adapter, "null_class") else None
+    num_embeddings = (int(architecture_null) + 1 if architecture_null is not None
+                      else int(getattr(fp.config, "num_class_embeds", None) or 0))
     if shipped and null_class is None:
         from tadq.zoo.photos_model import null_label
 
         null_class = null_label()
+    null_class = architecture_null if null_class is None else null_class
+    if shipped_dit and guidance_scale is None:
+        from tadq.zoo.dit import DEFAULT_GUIDANCE_SCALE
+
+        guidance_scale = DEFAULT_GUIDANCE_SCALE
     labels = labels or ("null" if shipped else "random")
     if null_class is not None and not 0 <= null_class < max(num_embeddings, 1):
         raise ValueError(f"null_class={null_class} is not a label of this model (it has {num_embeddings} class "
@@ -214,16 +261,24 @@ def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler:
         if num_classes < 1:
             raise ValueError(f"{path}: no real class below the null class {null_class}")
         source = RandomClassLabels(num_classes, null_class if guidance_scale != 1.0 else None)
-    # the photo classifier reads the shipped model's classes back; nothing reads a user's classes
+    # the shipped models' classifiers read their classes back; nothing reads a user's classes
     features: FeatureSpace | None = PhotosFeatureSpace() if shipped else None
+    if shipped_dit:
+        features = DigitsFeatureSpace(int(_shipped_dit_image_size()))
     expected_labels = None
-    if shipped and labels == "random":
+    if (shipped or shipped_dit) and labels == "random":
         def expected_labels(seed: int, count: int) -> Tensor:
             return source(seed, range(count)).class_labels
 
     return Workload(name=name, model=fp, scheduler=scheduler, calibration_conditions=source,
                     evaluation_conditions=source, guidance_scale=guidance_scale, expected_labels=expected_labels,
                     features=features, settings={"labels": source.key, "guidance_scale": guidance_scale})
+
+
+def _shipped_dit_image_size() -> int:
+    """Side of the images the shipped DiT's VAE decodes (its ``sample_size``)."""
+    config = read_json_file(_shipped_dit_path() / "vae" / "config.json", "VAE config")
+    return int(config["sample_size"])
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,14 @@ import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
@@ -101,9 +102,9 @@ def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "
 
 
 def train_ddpm(
-    config: TrainConfig | Any, unet: UNet2DModel, images: Tensor, out_dir: str | Path, command: str = "",
+    config: TrainConfig | Any, unet: UNet2DModel | nn.Module, images: Tensor, out_dir: str | Path, command: str = "",
     labels: Tensor | None = None, null_label: int | None = None, label_dropout: float = 0.0,
-    desc: str = "train digits DDPM",
+    desc: str = "train digits DDPM", save: Callable[[nn.Module, DDPMScheduler, Path], None] | None = None,
 ) -> Path:
     """The DDPM loop shared by the shipped models (EMA, clipping, warm-up, resumable checkpoints).
 
@@ -111,7 +112,8 @@ def train_ddpm(
     seed, checkpoint_every); all but ``steps`` must match on resume. With ``labels`` the UNet is class-conditional:
     each label is replaced by ``null_label`` with probability ``label_dropout`` (drawn after the timesteps, so an
     unconditional run draws exactly what it drew before), which trains the unconditional branch that
-    classifier-free guidance needs. The caller seeds torch before building ``unet``.
+    classifier-free guidance needs. The caller seeds torch before building ``unet``. ``save(model, scheduler,
+    out_dir)`` writes the trained (EMA) model; by default a ``DDPMPipeline`` layout.
     """
     if labels is not None and (null_label is None or not 0.0 <= label_dropout < 1.0):
         raise ValueError("a class-conditional run needs null_label and label_dropout in [0, 1)")
@@ -166,7 +168,10 @@ def train_ddpm(
     wall = time.perf_counter() - t0
     ema.copy_to(unet.parameters())
     unet.eval()
-    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
+    if save is None:
+        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(out_dir, safe_serialization=True)
+    else:
+        save(unet, scheduler, out_dir)
     info = {
         "command": command, "config": asdict(config), "wall_time_s": round(wall, 1),
         "final_batch_loss": loss_value, "versions": library_versions(),
