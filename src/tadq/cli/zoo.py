@@ -147,3 +147,31 @@ def train_t2i_command(
         command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         path = train_t2i(config, out, command=command)
     console.print(f"saved {path}")
+
+
+@zoo_app.command("train-dit")
+def train_dit_command(
+    out: Path = typer.Option(SHIPPED / "digits-dit", help="Output folder (diffusers DiTPipeline layout)."),
+    steps: int = typer.Option(6000, help="Optimiser steps."),
+    batch_size: int = typer.Option(128, help="Latents per step."),
+    learning_rate: float = typer.Option(5e-4, help="AdamW peak learning rate."),
+    label_dropout: float = typer.Option(0.1, help="Probability of the null label (unconditional branch)."),
+    checkpoint_every: int = typer.Option(500, help="Steps between resumable checkpoints."),
+    seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps, noise and label dropout."),
+    threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    force_foreign: ForceForeign = False,
+) -> None:
+    """Train the class-conditional digits DiT in the shipped VAE's latent space; resumes if interrupted."""
+    from tadq.fsguard import check_output_dir, mark_output
+    from tadq.zoo.dit import DiTTrainConfig, train_digits_dit
+
+    setup(verbose, threads, "cpu")
+    with fail_cleanly():
+        config = DiTTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                                label_dropout=label_dropout, checkpoint_every=checkpoint_every)
+        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before half an hour of training
+        mark_output(out, "training")
+        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        path = train_digits_dit(config, out, command=command)
+    console.print(f"saved {path}")

@@ -1,0 +1,126 @@
+"""The shipped class-conditional DiT: a tiny ``DiTTransformer2DModel`` on the digits, in ``DiTPipeline`` layout.
+
+It diffuses in the latent space of the shipped text-to-image model's VAE (4×8×8 latents of 1×16×16 digits), as
+DiT does in Stable Diffusion's: a ``DiTPipeline`` needs a VAE, and 16 tokens of 2×2 latent patches cost 3.6× less
+per training step than 64 tokens of 2×2 pixel patches at the same width (0.23 s against 0.83 s per step of 128 on
+one thread, measured when the model was chosen; see docs/models.md). The VAE is reused frozen, so both shipped
+latent models decode through the same images. Labels 0–9 are the digits, label 10 the null class trained by label
+dropout (drawn by the training generator, so a resumed run draws what an uninterrupted one does); guidance needs
+tadq's sampler, since diffusers' ``DiTPipeline`` hard-codes ImageNet's null label 1000 (unguided, it samples the
+model as is).
+
+Reproduce the shipped weights with ``tadq zoo train-dit --out src/tadq/zoo/weights/digits-dit --threads 1``
+(``training_info.json`` beside the weights records the exact command, seed and wall time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
+from torch import Tensor, nn
+
+from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.train import train_ddpm
+
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "DiTTrainConfig", "NUM_CLASSES", "build_digits_dit", "digit_latents",
+           "load_shipped_vae", "shipped_dit_path", "train_digits_dit"]
+
+NUM_CLASSES = 10  # the digits; label NUM_CLASSES is the null class
+# Measured on the shipped weights (benchmarks/dit_fp_quality.py): see docs/models.md.
+DEFAULT_GUIDANCE_SCALE = 2.0
+
+
+def shipped_dit_path() -> Path:
+    """Folder of the shipped class-conditional DiT (DiTPipeline layout), beside the package."""
+    return Path(__file__).resolve().parent / "weights" / "digits-dit"
+
+
+def load_shipped_vae() -> AutoencoderKL:
+    """The shipped text-to-image model's VAE (frozen, eval mode): the DiT's latent space."""
+    from tadq.zoo.t2i import shipped_t2i_path
+
+    vae = AutoencoderKL.from_pretrained(shipped_t2i_path() / "vae", local_files_only=True, low_cpu_mem_usage=False)
+    return vae.eval().requires_grad_(False)
+
+
+def build_digits_dit(latent_channels: int = 4, latent_size: int = 8, *, heads: int = 4, head_dim: int = 32,
+                     layers: int = 4, patch_size: int = 2) -> DiTTransformer2DModel:
+    """DiT with adaLN-Zero blocks conditioned on (timestep, digit), ε-prediction only (no learned variance).
+
+    ``num_embeds_ada_norm`` = 10 digits; the label table has an 11th row (the null class) because diffusers builds
+    it with a class-dropout probability > 0.
+    """
+    return DiTTransformer2DModel(
+        num_attention_heads=heads, attention_head_dim=head_dim, in_channels=latent_channels,
+        out_channels=latent_channels, num_layers=layers, sample_size=latent_size, patch_size=patch_size,
+        num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
+    )
+
+
+@dataclass(frozen=True)
+class DiTTrainConfig:
+    """DDPM training of the digits DiT (optimisation fields as ``tadq.zoo.train.TrainConfig``).
+
+    Args:
+        label_dropout: probability that a training label is replaced by the null class (unconditional branch).
+        heads, head_dim, layers, patch_size: the transformer (width = heads × head_dim).
+    """
+
+    steps: int = 6000
+    batch_size: int = 128
+    learning_rate: float = 5e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 500
+    label_dropout: float = 0.1
+    heads: int = 4
+    head_dim: int = 32
+    layers: int = 4
+    patch_size: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "heads", "head_dim", "layers", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        if not 0.0 < self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in (0, 1), got {self.label_dropout}")
+
+
+def digit_latents(vae: AutoencoderKL, images: Tensor, batch_size: int = 256) -> Tensor:
+    """The scaled posterior means ``scaling_factor · E[z | x]`` of images in [-1, 1]: what the DiT learns to sample
+    and what ``DiTPipeline`` divides by the scaling factor before decoding."""
+    scaling = float(vae.config.scaling_factor)
+    with torch.no_grad():
+        parts = [vae.encode(images[i:i + batch_size]).latent_dist.mean for i in range(0, len(images), batch_size)]
+    return torch.cat(parts) * scaling
+
+
+def _save_pipeline(vae: AutoencoderKL) -> Callable[[nn.Module, DDPMScheduler, Path], None]:
+    def save(model: nn.Module, scheduler: DDPMScheduler, out_dir: Path) -> None:
+        sampler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)  # latents are not in [-1, 1]
+        DiTPipeline(transformer=model, vae=vae, scheduler=sampler).save_pretrained(out_dir, safe_serialization=True)
+
+    return save
+
+
+def train_digits_dit(config: DiTTrainConfig, out_dir: str | Path, command: str = "") -> Path:
+    """Encode the training digits once with the frozen VAE, train, save the ``DiTPipeline`` layout."""
+    vae = load_shipped_vae()
+    split = load_digits_split(DigitsConfig(resolution=int(vae.config.sample_size)))
+    latents = digit_latents(vae, split.train_images)
+    torch.manual_seed(config.seed)
+    model = build_digits_dit(latents.shape[1], latents.shape[-1], heads=config.heads, head_dim=config.head_dim,
+                             layers=config.layers, patch_size=config.patch_size)
+    for module in model.modules():  # tadq drops labels itself, with the training generator (resumable)
+        if hasattr(module, "class_embedder"):
+            module.class_embedder.dropout_prob = 0.0
+    return train_ddpm(config, model, latents, out_dir, command=command, labels=split.train_labels,
+                      null_label=NUM_CLASSES, label_dropout=config.label_dropout, desc="train digits DiT",
+                      save=_save_pipeline(vae))
