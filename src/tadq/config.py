@@ -140,6 +140,10 @@ class QuantConfig:
         quantize_attention: quantize the attention matmul operands q, k, v and the softmax output P
             (docs/methods/qdiffusion.md#attention).
         softmax_bits: bit-width of the softmax output P (unsigned, zero point 0); 8 in Q-Diffusion.
+        softmax_granularity: P's step: ``"per_tensor"`` (one calibrated step per attention module, Q-Diffusion) or
+            ``"per_row"`` (Δ_i = max_j P_ij / (2^b − 1) of each query row, at run time). A row over M keys holds
+            entries near 1/M, so at M = 256 a step sized for the largest probability rounds most of them away;
+            measured in docs/methods/qdiffusion.md#attention.
         exclude: fnmatch patterns of layer names kept in floating point (e.g. ``("conv_in", "conv_out")``).
         keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
             Q-Diffusion's released code keeps none (docs/methods/qdiffusion.md#what-is-quantized).
@@ -157,6 +161,7 @@ class QuantConfig:
     split_shortcut: bool = False
     quantize_attention: bool = False
     softmax_bits: int = 8
+    softmax_granularity: Literal["per_tensor", "per_row"] = "per_tensor"
     exclude: tuple[str, ...] = ()
     keep_fp_roles: tuple[str, ...] = ()
     preset_name: str = ""
@@ -170,6 +175,9 @@ class QuantConfig:
             raise ValueError(f"method must be one of ('naive', 'qdiffusion', 'svdquant'), got {self.method!r}")
         if not 2 <= self.softmax_bits <= 16:
             raise ValueError(f"softmax_bits must be in 2..16, got {self.softmax_bits}")
+        if self.softmax_granularity not in ("per_tensor", "per_row"):
+            raise ValueError("softmax_granularity must be 'per_tensor' or 'per_row', got "
+                             f"{self.softmax_granularity!r}")
         unknown = [r for r in self.keep_fp_roles if r not in LAYER_ROLES]
         if unknown:
             raise ValueError(f"unknown roles {unknown}; roles are {list(LAYER_ROLES)}")

@@ -6,9 +6,11 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from tadq.calibration import Calibrate, activation_quantizers
-from tadq.config import QuantConfig
-from tadq.quant import QScheme
+import tadq
+from tadq import api
+from tadq.calibration import Calibrate, activation_quantizers, collect_calibration_set
+from tadq.config import CalibrationConfig, QuantConfig
+from tadq.quant import QScheme, Quantizer
 from tadq.quant.attention import (
     QUANTIZER_NAMES,
     QuantAttnProcessor,
@@ -16,15 +18,19 @@ from tadq.quant.attention import (
     install_attention_quantizers,
     softmax_scheme,
 )
+from tadq.quant.quantizer import quantizers_bypassed
 from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig
 
 T = torch.tensor([3, 250, 500, 999])
+EPS = torch.finfo(torch.float32).eps
 
 
-def _with_attention_quantizers(model, scheme: QScheme, softmax_bits: int = 8):
+def _with_attention_quantizers(model, scheme: QScheme, softmax_bits: int = 8, granularity: str = "per_tensor"):
     quantized = copy.deepcopy(model)
     for name in adapter_for(quantized).attention_modules(quantized):
-        install_attention_quantizers(quantized.get_submodule(name), scheme, softmax_bits)
+        install_attention_quantizers(quantized.get_submodule(name), scheme, softmax_bits,
+                                     softmax_granularity=granularity)
     return quantized
 
 
@@ -40,8 +46,9 @@ def test_attention_modules_are_the_diffusers_attention_blocks(tiny_unet):
     assert all(isinstance(tiny_unet.get_submodule(n), Attention) for n in names)
 
 
-def test_disabled_quantizers_reproduce_the_default_processor(tiny_unet):
-    quantized = _with_attention_quantizers(tiny_unet, QScheme.off())
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_row"])
+def test_disabled_quantizers_reproduce_the_default_processor(tiny_unet, granularity):
+    quantized = _with_attention_quantizers(tiny_unet, QScheme.off(), granularity=granularity)
     assert all(isinstance(quantized.get_submodule(n).processor, QuantAttnProcessor)
                for n in adapter_for(quantized).attention_modules(quantized))
     x = torch.randn(4, 1, 8, 8)
@@ -49,6 +56,71 @@ def test_disabled_quantizers_reproduce_the_default_processor(tiny_unet):
         reference, out = tiny_unet(x, T).sample, quantized(x, T).sample
     assert isinstance(tiny_unet.mid_block.attentions[0].processor, AttnProcessor2_0)
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_bypassed_per_row_quantizers_reproduce_the_default_processor(tiny_unet):
+    """Installed and enabled (P per row), but passed through: only the explicit matmuls differ from diffusers' fused
+    kernel. Their difference is float reassociation over sums of at most 16 tokens × 4 channels of O(1) terms,
+    a few float32 ulps of the O(1) output: 1e-5 holds it with room; one 8-bit P step (≥ 1/255 of a row
+    maximum) is far above it, so a quantizer that was not bypassed would fail this."""
+    quantized = _with_attention_quantizers(tiny_unet, QScheme(bits=8), granularity="per_row")
+    _calibrate(quantized, torch.randn(4, 1, 8, 8))
+    assert quantized.mid_block.attentions[0].softmax_quantizer.scheme.granularity == "per_token"
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        reference = tiny_unet(x, T).sample
+        with quantizers_bypassed(quantized):
+            out = quantized(x, T).sample
+        quantized_out = quantized(x, T).sample
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+    assert (quantized_out - reference).abs().max() > 1e-5  # not bypassed: the operands are quantized
+
+
+def _rows_over_many_keys(keys: int = 1024) -> torch.Tensor:
+    """Eight softmax rows over ``keys`` keys: seven diffuse (entries near 1/keys ≪ 1/256) and one peaked row
+    (max ≈ 1), as the photos model's attention mixes them (docs/methods/qdiffusion.md#attention)."""
+    generator = torch.Generator().manual_seed(0)
+    scores = 0.3 * torch.randn(1, 1, 8, keys, generator=generator)
+    scores[..., 7, 0] = 40.0  # one query attends to a single key
+    return scores.softmax(dim=-1)
+
+
+def test_per_row_softmax_keeps_each_row_within_its_own_step():
+    """P̂_ij = Δ_i · round(P_ij / Δ_i) with Δ_i = max_j P_ij / (2^b − 1): every entry is within Δ_i / 2, so a row's
+    mass is within M · Δ_i / 2 of 1, and its maximum is exact (code 2^b − 1). Float32 adds a relative error of a
+    few ε to P / Δ_i (≤ 255), i.e. ≤ 255 · 4ε · Δ_i ≈ 1e-4 Δ_i per entry, and ≤ M ε to a row sum."""
+    probs = _rows_over_many_keys()
+    keys, levels = probs.shape[-1], 255
+    quantizer = Quantizer(softmax_scheme(QScheme(bits=8), 8, "per_row"), kind="activation", channel_dim=-1)
+    out = quantizer(probs)
+    step = probs.amax(dim=-1, keepdim=True) / levels  # Δ_i
+    assert ((out - probs).abs() <= step * (0.5 + 1e-4)).all()
+    codes = out / step
+    assert torch.allclose(codes, codes.round(), atol=1e-3) and codes.min() >= 0 and codes.max() <= levels + 1e-3
+    torch.testing.assert_close(out.amax(dim=-1), probs.amax(dim=-1), rtol=4 * EPS, atol=0)
+    mass_error = (out.sum(dim=-1) - 1).abs()
+    bound = keys * step.squeeze(-1) * (0.5 + 1e-4) + keys * EPS
+    assert (mass_error <= bound).all()
+    diffuse = probs[..., :7, :]
+    assert diffuse.amax() < 1 / 256 and diffuse.median() < 1 / 1024 * 1.5  # the rows the test is about
+    assert (bound[..., :7] < 0.5).all()  # the bound says something: at most half the mass of a diffuse row
+
+    # The per-tensor grid, calibrated on the same rows, has Δ ≈ max P / 255 ≈ 1/255 for every row: the diffuse
+    # rows' entries (< Δ / 2 ≈ 1/510) round to zero and their mass is lost, outside the per-row bound.
+    per_tensor = Quantizer(softmax_scheme(QScheme(bits=8, range_method="minmax"), 8), kind="activation")
+    per_tensor.set_range(probs.amin().reshape(1), probs.amax().reshape(1))
+    lost = (per_tensor(probs).sum(dim=-1) - 1).abs()
+    assert (lost[..., :7] > bound[..., :7]).all()
+
+
+def test_per_row_softmax_scheme_is_the_dynamic_per_token_scheme_along_the_keys():
+    scheme = softmax_scheme(QScheme(bits=8, symmetric=True), 6, "per_row")
+    assert scheme.granularity == "per_token" and scheme.dynamic and scheme.bits == 6 and not scheme.symmetric
+    assert not softmax_scheme(QScheme(bits=8), 16, "per_row").enabled
+    with pytest.raises(ValueError, match="softmax granularity"):
+        softmax_scheme(QScheme(bits=8), 8, "per_column")
+    with pytest.raises(ValueError, match="softmax_granularity"):
+        QuantConfig.from_preset("W8A8", quantize_attention=True, softmax_granularity="per_column")
 
 
 def test_cross_attention_with_mask_matches_the_default_processor():
@@ -64,13 +136,15 @@ def test_cross_attention_with_mask_matches_the_default_processor():
     torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_calibrated_8_bit_is_close_and_4_bit_is_worse(tiny_unet):
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_row"])
+def test_calibrated_8_bit_is_close_and_4_bit_is_worse(tiny_unet, granularity):
     calibration, test = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         reference = tiny_unet(test, T).sample
     errors = {}
     for bits in (8, 4):
-        quantized = _with_attention_quantizers(tiny_unet, QScheme(bits=bits), softmax_bits=bits)
+        quantized = _with_attention_quantizers(tiny_unet, QScheme(bits=bits), softmax_bits=bits,
+                                               granularity=granularity)
         _calibrate(quantized, calibration)
         with torch.no_grad():
             errors[bits] = (quantized(test, T).sample - reference).pow(2).mean().item()
@@ -132,9 +206,13 @@ def test_apply_attention_quantization_follows_the_config(tiny_unet):
         assert apply_attention_quantization(model, adapter, config) == []
         processors = [m.processor for m in model.modules() if isinstance(m, Attention)]
         assert not any(isinstance(p, QuantAttnProcessor) for p in processors)
-    model = copy.deepcopy(tiny_unet)
-    names = apply_attention_quantization(model, adapter, QuantConfig.from_preset("W8A8", quantize_attention=True))
-    assert names == adapter.attention_modules(model)
+    for granularity, expected in (("per_tensor", "per_tensor"), ("per_row", "per_token")):
+        model = copy.deepcopy(tiny_unet)
+        config = QuantConfig.from_preset("W8A8", quantize_attention=True, softmax_granularity=granularity)
+        names = apply_attention_quantization(model, adapter, config)
+        assert names == adapter.attention_modules(model)
+        assert all(model.get_submodule(n).softmax_quantizer.scheme.granularity == expected for n in names)
+        assert all(model.get_submodule(n).q_quantizer.scheme == config.activations for n in names)
 
 
 def test_processor_without_quantizers_says_how_to_install_them():
@@ -142,3 +220,54 @@ def test_processor_without_quantizers_says_how_to_install_them():
     attn.set_processor(QuantAttnProcessor())
     with pytest.raises(RuntimeError, match="install_attention_quantizers"):
         attn(torch.randn(1, 3, 8))
+
+
+SAMPLER = SamplerConfig(kind="ddim", num_steps=4)
+CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
+
+
+@pytest.mark.parametrize("method", ["naive", "qdiffusion"])
+def test_per_row_softmax_round_trips_bit_identically(tmp_path, tiny_unet, ddpm_scheduler, method):
+    data = collect_calibration_set(tiny_unet, adapter_for(tiny_unet), ddpm_scheduler.config, CALIB, progress=False)
+    reconstruction = tadq.config.ReconstructionConfig(weight_iters=4, activation_iters=4, batch_size=4)
+    config = QuantConfig.from_preset("W4A8", calibration=CALIB, quantize_attention=True, method=method,
+                                     softmax_granularity="per_row", reconstruction=reconstruction)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, calibration=data, progress=False)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, scheduler = tadq.load(tmp_path / "q")
+    assert loaded.config == qmodel.config and loaded.config.softmax_granularity == "per_row"
+    assert qmodel.state_dict().keys() == loaded.state_dict().keys()
+    saved, reloaded = activation_quantizers(qmodel.model), activation_quantizers(loaded.model)
+    assert saved.keys() == reloaded.keys()
+    for name, quantizer in saved.items():  # every activation range, the attention operands' included
+        assert quantizer.scheme == reloaded[name].scheme, name
+        for key, value in quantizer.state_dict().items():
+            assert torch.equal(value, reloaded[name].state_dict()[key]), f"{name}.{key}"
+    for name in adapter_for(loaded.model).attention_modules(loaded.model):
+        assert loaded.model.get_submodule(name).softmax_quantizer.scheme.granularity == "per_token"
+    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        assert torch.equal(qmodel(x, t), loaded(x, t))
+    runs = [api.sample(m, scheduler, SAMPLER, num_samples=2, seed=5, progress=False).images for m in (qmodel, loaded)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_int8_backend_runs_per_row_softmax_as_the_fake_model(tiny_unet, ddpm_scheduler):
+    """The integer backends keep the attention matmuls as fake-quant float32 products (``ATTENTION_NOTE``), so a
+    per-row P needs no kernel and nothing to refuse: the converted model's attention modules keep the same
+    quantizers, and whole samples agree as the backend's own test requires (median PSNR ≥ 40 dB, integer layers
+    move values by float rounding and rare code flips)."""
+    from tadq.backends import int8_cpu_missing, to_backend
+    from tadq.metrics.image import psnr_per_sample
+
+    if int8_cpu_missing() is not None:
+        pytest.skip(f"int8 CPU backend: {int8_cpu_missing()}")
+    config = QuantConfig.from_preset("W8A8", calibration=CALIB, quantize_attention=True, softmax_granularity="per_row")
+    fake = api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
+    integer = to_backend(fake, "int8")
+    names = adapter_for(integer.model).attention_modules(integer.model)
+    assert names and all(name in integer.layers["float"] for name in names)
+    assert all(integer.model.get_submodule(n).softmax_quantizer.scheme.granularity == "per_token" for n in names)
+    images = [api.sample(m, ddpm_scheduler, SAMPLER, num_samples=6, seed=5, progress=False).images
+              for m in (integer, fake)]
+    assert psnr_per_sample(images[0], images[1]).median() >= 40.0

@@ -6,7 +6,9 @@ cover are the two activation-activation matmuls ``q kᵀ`` and ``P v``. ``QuantA
 
     q̂ = Q_q(q), k̂ = Q_k(k)           after the head reshape, before the 1/√d scale (A bits, per tensor)
     P = softmax(q̂ k̂ᵀ · s),  s = attn.scale = 1/√d
-    P̂ = Q_P(P)                       ``softmax_bits``, unsigned with zero point 0 (P ≥ 0)
+    P̂ = Q_P(P)                       ``softmax_bits``, unsigned with zero point 0 (P ≥ 0); one calibrated step
+                                     (``per_tensor``) or one step per query row, Δ_i = max_j P_ij / (2^b − 1)
+                                     (``per_row``, ``QuantConfig.softmax_granularity``)
     out = P̂ · Q_v(v)
 
 Cross-attention (``Attention.is_cross_attention``, the second attention of a Stable Diffusion transformer block) is
@@ -28,6 +30,7 @@ import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 from diffusers.models.attention_processor import Attention
@@ -37,41 +40,61 @@ from tadq.quant.qscheme import MAX_BITS, QScheme
 from tadq.quant.quantizer import Quantizer
 
 __all__ = ["QuantAttnProcessor", "install_attention_quantizers", "apply_attention_quantization", "softmax_scheme",
-           "CrossAttentionKVCache", "cross_attention_cache", "cross_attention_projections"]
+           "SoftmaxGranularity", "SOFTMAX_GRANULARITIES", "CrossAttentionKVCache", "cross_attention_cache",
+           "cross_attention_projections"]
 
 logger = logging.getLogger(__name__)
 
 QUANTIZER_NAMES = ("q_quantizer", "k_quantizer", "v_quantizer", "softmax_quantizer")
 
+SoftmaxGranularity = Literal["per_tensor", "per_row"]
+SOFTMAX_GRANULARITIES: tuple[str, ...] = ("per_tensor", "per_row")
+"""How P's step is chosen: one calibrated step for the whole tensor, or one step per query row at run time."""
 
-def softmax_scheme(activation_scheme: QScheme, softmax_bits: int) -> QScheme:
+
+def softmax_scheme(activation_scheme: QScheme, softmax_bits: int,
+                   granularity: SoftmaxGranularity = "per_tensor") -> QScheme:
     """Scheme of P: the activation scheme at ``softmax_bits``, asymmetric, so the grid is [0, 2^b − 1] with z = 0.
 
-    P ≥ 0 and ``scale_and_zero_point`` widens every range to include 0, so the calibrated low end is 0 and the
-    zero point is 0: Q-Diffusion's unsigned "always zero" softmax quantizer. Bit-widths above 8 (Q-Diffusion
-    uses 16 for Stable Diffusion, i.e. P effectively unquantized) leave P in floating point, since ``QScheme``
-    covers 2..8 bits. With activations off, P is off too.
+    P ≥ 0 and ``scale_and_zero_point`` widens every range to include 0, so the low end is 0 and the zero point is
+    0: Q-Diffusion's unsigned "always zero" softmax quantizer.
+
+    ``per_tensor`` calibrates one step for every P the module produces (Q-Diffusion). ``per_row`` is the dynamic
+    ``per_token`` scheme along the key axis: each query row i gets Δ_i = max_j P_ij / (2^b − 1), computed from the
+    row itself, because a row over M keys has most of its entries near 1/M, far below a step sized for the largest
+    probability any row reaches (docs/methods/qdiffusion.md#attention). The row's largest entry is kept exactly and
+    every entry is off by at most Δ_i / 2.
+
+    Bit-widths above 8 (Q-Diffusion uses 16 for Stable Diffusion, i.e. P effectively unquantized) leave P in
+    floating point, since ``QScheme`` covers 2..8 bits. With activations off, P is off too.
     """
+    if granularity not in SOFTMAX_GRANULARITIES:
+        raise ValueError(f"softmax granularity must be one of {SOFTMAX_GRANULARITIES}, got {granularity!r}")
     if not activation_scheme.enabled or softmax_bits > MAX_BITS:
         return QScheme.off()
-    return dataclasses.replace(activation_scheme, bits=softmax_bits, symmetric=False)
+    scheme = dataclasses.replace(activation_scheme, bits=softmax_bits, symmetric=False)
+    if granularity == "per_row":
+        return dataclasses.replace(scheme, granularity="per_token")  # min/max of each row along channel_dim = -1
+    return scheme
 
 
 def install_attention_quantizers(attn: nn.Module, activation_scheme: QScheme, softmax_bits: int,
-                                 processor: QuantAttnProcessor | None = None) -> None:
+                                 processor: QuantAttnProcessor | None = None,
+                                 softmax_granularity: SoftmaxGranularity = "per_tensor") -> None:
     """Register the four operand quantizers on ``attn`` and switch it to ``processor`` (default
     ``QuantAttnProcessor``; an adapter gives its own for attention classes that one does not reproduce, e.g.
     ``tadq.adapters.mmdit``).
 
     A quantizer that is already there with the same scheme is kept (with its calibrated range), so installing
-    twice changes nothing.
+    twice changes nothing. P's quantizer groups along the last axis (the keys of one query row), which is what
+    a ``per_row`` scheme reduces over; a ``per_tensor`` one ignores the axis.
     """
     schemes = dict.fromkeys(QUANTIZER_NAMES[:3], activation_scheme)
-    schemes["softmax_quantizer"] = softmax_scheme(activation_scheme, softmax_bits)
+    schemes["softmax_quantizer"] = softmax_scheme(activation_scheme, softmax_bits, softmax_granularity)
     for name, scheme in schemes.items():
         current = getattr(attn, name, None)
         if not (isinstance(current, Quantizer) and current.scheme == scheme):
-            setattr(attn, name, Quantizer(scheme, kind="activation"))
+            setattr(attn, name, Quantizer(scheme, kind="activation", channel_dim=-1))
     attn.set_processor(QuantAttnProcessor() if processor is None else processor)
 
 
@@ -143,7 +166,7 @@ class QuantAttnProcessor:
         if mask is not None:
             scores = scores + mask
         probs = scores.float().softmax(dim=-1) if attn.upcast_softmax else scores.softmax(dim=-1)
-        probs = attn.softmax_quantizer(probs.to(query.dtype))  # P ∈ [0, 1], unsigned grid
+        probs = attn.softmax_quantizer(probs.to(query.dtype))  # P ∈ [0, 1], unsigned grid (per tensor or per row)
         return probs @ attn.v_quantizer(value)
 
 
@@ -158,7 +181,8 @@ def apply_attention_quantization(model: nn.Module, adapter, config) -> list[str]
     Args:
         model: the (converted) model.
         adapter: its ``ModelAdapter``.
-        config: the ``QuantConfig`` (``activations`` gives the q/k/v scheme, ``softmax_bits`` P's bit-width).
+        config: the ``QuantConfig`` (``activations`` gives the q/k/v scheme, ``softmax_bits`` P's bit-width,
+            ``softmax_granularity`` whether P has one calibrated step or one step per query row).
 
     Returns:
         Names of the attention modules now using ``QuantAttnProcessor``.
@@ -172,7 +196,8 @@ def apply_attention_quantization(model: nn.Module, adapter, config) -> list[str]
         processor = None if processor_for is None else processor_for(name, attn)
         if processor is None and not isinstance(attn, Attention):
             raise TypeError(f"{name} is a {type(attn).__name__}, not a diffusers Attention module")
-        install_attention_quantizers(attn, config.activations, config.softmax_bits, processor)
+        install_attention_quantizers(attn, config.activations, config.softmax_bits, processor,
+                                     config.softmax_granularity)
     if config.softmax_bits > MAX_BITS:
         logger.info("softmax_bits=%d > %d: the softmax output P stays in floating point", config.softmax_bits,
                     MAX_BITS)
