@@ -33,7 +33,8 @@ def bench_command(
                        ] = None,
     presets: Annotated[str | None, typer.Option(help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16.")] = None,
     samplers: Annotated[str | None, typer.Option(
-        help="Comma-separated samplers: ddim-eta0, ddim-eta1, ddim-eta<η>, ddpm; @N sets steps (ddim-eta0@20).")
+        help="Comma-separated samplers: ddim-eta0, ddim-eta1, ddim-eta<η>, ddpm, euler, euler-ancestral, "
+             "dpmsolver++ (2M), dpmsolver++1, flow-euler, flow-euler-shift<s>; @N sets steps (ddim-eta0@20).")
                         ] = None,
     steps: Annotated[int, typer.Option(help="Sampler steps (for samplers without @N).")] = 50,
     num_samples: Annotated[int | None, typer.Option(help="Samples per row (default 1000; --quick 256).")] = None,

@@ -43,10 +43,19 @@ _FIGURES = (
 )
 
 
+_SAMPLER_NAMES = {"ddpm": "DDPM", "euler": "Euler", "euler-ancestral": "Euler ancestral", "flow-euler": "flow-matching Euler"}
+
+
 def sampler_title(sampler: SamplerConfig) -> str:
+    """The sampler as a heading: its name, steps and what distinguishes it (η, order, flow shift)."""
     if sampler.kind == "ddim":
         return f"DDIM, {sampler.num_steps} steps, η = {sampler.eta:g}"
-    return f"DDPM, {sampler.num_steps} steps"
+    if sampler.kind == "dpmsolver++":
+        return f"DPM-Solver++ ({'2M' if sampler.order == 2 else 'order 1'}), {sampler.num_steps} steps"
+    name = _SAMPLER_NAMES.get(sampler.kind, sampler.kind)
+    shift = sampler.shift
+    suffix = f", shift {shift:g}" if sampler.kind == "flow-euler" and shift not in (None, 1.0) else ""
+    return f"{name}, {sampler.num_steps} steps{suffix}"
 
 
 def _figures(folder: Path, presets: list[str]) -> list[tuple[Path, str]]:
