@@ -18,7 +18,9 @@ Run (one thread; a few CPU minutes per row on the photos model):
     python benchmarks/photos_attention_diagnose.py --model photos --preset W8A8 --rows attn:per_tensor,attn:per_row
 
 A row ``attn:MODE`` sets ``QuantConfig.softmax_granularity=MODE`` (docs/methods/qdiffusion.md#attention); ``attn``
-alone uses the config default. One JSON line per row (and one per attention module with ``--stats``).
+alone uses the config default. ``attn:unit`` is a comparison only this script builds: the per-tensor grid with its
+range fixed to P's full range [0, 1] (Δ = 1/(2^b − 1), zero point 0) instead of calibrated. One JSON line per row
+(and one per attention module with ``--stats``).
 """
 
 from __future__ import annotations
@@ -123,7 +125,7 @@ def record_p_stats(model: nn.Module) -> tuple[dict[str, PStats], list]:
     handles = []
     for name, attn in _attention_modules(model).items():
         quantizer = attn.softmax_quantizer
-        if not quantizer.enabled:
+        if not quantizer.enabled or quantizer.scheme.dynamic:  # a per-row grid has no single step to report
             continue
         entry = stats[name] = PStats(step=float(quantizer.scale.reshape(-1)[0]), bits=quantizer.scheme.bits)
 
@@ -134,13 +136,21 @@ def record_p_stats(model: nn.Module) -> tuple[dict[str, PStats], list]:
     return stats, handles
 
 
+def fix_unit_range(model: nn.Module) -> None:
+    """Give every per-tensor P quantizer the range [0, 1]: Δ = 1/(2^b − 1), z = 0, whatever calibration chose."""
+    for attn in _attention_modules(model).values():
+        quantizer = attn.softmax_quantizer
+        if quantizer.enabled and not quantizer.scheme.dynamic:
+            quantizer.set_range(torch.zeros(1), torch.ones(1))
+
+
 def parse_row(row: str) -> tuple[dict, tuple[str, ...] | None]:
     """``naive`` / ``attn`` / ``attn:MODE`` / ``attn-qk`` / ``attn-v`` / ``attn-p`` → (config changes, kept)."""
     if row == "naive":
         return {}, None
     base, _, mode = row.partition(":")
     changes: dict = {"quantize_attention": True}
-    if mode:
+    if mode and mode != "unit":
         changes["softmax_granularity"] = mode
     if base == "attn":
         return changes, None
@@ -181,12 +191,15 @@ def main() -> None:
                               conditions=workload.calibration_conditions)
         if kept is not None:
             keep_only(qmodel.model, kept)
+        if row.endswith(":unit"):
+            fix_unit_range(qmodel.model)
         stats, handles = record_p_stats(qmodel.model) if args.stats else ({}, [])
         psnr = float(psnr_per_sample(draw(qmodel), fp).mean())
         for handle in handles:
             handle.remove()
         print(json.dumps({"model": args.model, "preset": args.preset, "row": row,
-                          "softmax_granularity": config.softmax_granularity if config.quantize_attention else None,
+                          "softmax_granularity": ("unit" if row.endswith(":unit") else config.softmax_granularity)
+                          if config.quantize_attention else None,
                           "psnr": round(psnr, 2), "cpu_s": round(time.process_time() - start, 1)}), flush=True)
         for name, entry in stats.items():
             print(json.dumps({"row": row, "module": name, **{k: (round(v, 6) if isinstance(v, float) else v)

@@ -14,10 +14,12 @@ from tadq.quant import QScheme, Quantizer
 from tadq.quant.attention import (
     QUANTIZER_NAMES,
     QuantAttnProcessor,
+    RowSoftmaxQuantizer,
     apply_attention_quantization,
     install_attention_quantizers,
     softmax_scheme,
 )
+from tadq.quant.granularity import dynamic_fake_quantize
 from tadq.quant.quantizer import quantizers_bypassed
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
@@ -66,6 +68,7 @@ def test_bypassed_per_row_quantizers_reproduce_the_default_processor(tiny_unet):
     quantized = _with_attention_quantizers(tiny_unet, QScheme(bits=8), granularity="per_row")
     _calibrate(quantized, torch.randn(4, 1, 8, 8))
     assert quantized.mid_block.attentions[0].softmax_quantizer.scheme.granularity == "per_token"
+    assert isinstance(quantized.mid_block.attentions[0].softmax_quantizer, RowSoftmaxQuantizer)
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         reference = tiny_unet(x, T).sample
@@ -91,7 +94,7 @@ def test_per_row_softmax_keeps_each_row_within_its_own_step():
     few ε to P / Δ_i (≤ 255), i.e. ≤ 255 · 4ε · Δ_i ≈ 1e-4 Δ_i per entry, and ≤ M ε to a row sum."""
     probs = _rows_over_many_keys()
     keys, levels = probs.shape[-1], 255
-    quantizer = Quantizer(softmax_scheme(QScheme(bits=8), 8, "per_row"), kind="activation", channel_dim=-1)
+    quantizer = RowSoftmaxQuantizer(softmax_scheme(QScheme(bits=8), 8, "per_row"))
     out = quantizer(probs)
     step = probs.amax(dim=-1, keepdim=True) / levels  # Δ_i
     assert ((out - probs).abs() <= step * (0.5 + 1e-4)).all()
@@ -111,6 +114,25 @@ def test_per_row_softmax_keeps_each_row_within_its_own_step():
     per_tensor.set_range(probs.amin().reshape(1), probs.amax().reshape(1))
     lost = (per_tensor(probs).sum(dim=-1) - 1).abs()
     assert (lost[..., :7] > bound[..., :7]).all()
+
+
+def test_fused_per_row_path_matches_the_generic_dynamic_path():
+    """Without gradients ``RowSoftmaxQuantizer`` runs the fused per-channel kernel (x · 1/Δ_i) instead of the
+    generic x / Δ_i: the two differ only where x / Δ_i is within float rounding of a half step, by one code (Δ_i),
+    so on random rows at most a few entries in 10^5 may differ; with gradients it is the generic path exactly."""
+    probs = torch.randn(4, 2, 64, 256, generator=torch.Generator().manual_seed(1)).softmax(dim=-1)
+    scheme = softmax_scheme(QScheme(bits=8), 8, "per_row")
+    quantizer, generic = RowSoftmaxQuantizer(scheme), dynamic_fake_quantize(probs, scheme, -1)
+    fused = quantizer(probs)
+    step = probs.amax(dim=-1, keepdim=True) / 255
+    differ = fused != generic
+    assert ((fused - generic).abs() <= step * (1 + 1e-4)).all()
+    assert differ.float().mean() <= 1e-4
+    leaf = probs.clone().requires_grad_(True)
+    with_grad = quantizer(leaf)
+    assert torch.equal(with_grad.detach(), generic)
+    with_grad.sum().backward()  # straight through inside the range
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
 
 
 def test_per_row_softmax_scheme_is_the_dynamic_per_token_scheme_along_the_keys():
@@ -271,3 +293,40 @@ def test_int8_backend_runs_per_row_softmax_as_the_fake_model(tiny_unet, ddpm_sch
     images = [api.sample(m, ddpm_scheduler, SAMPLER, num_samples=6, seed=5, progress=False).images
               for m in (integer, fake)]
     assert psnr_per_sample(images[0], images[1]).median() >= 40.0
+
+
+def _drop_key(payload, key: str):
+    """``payload`` without ``key`` at any depth (a config JSON as written before the key existed)."""
+    if isinstance(payload, dict):
+        return {k: _drop_key(v, key) for k, v in payload.items() if k != key}
+    if isinstance(payload, list):
+        return [_drop_key(v, key) for v in payload]
+    return payload
+
+
+def test_an_artefact_saved_before_the_field_is_refused_not_run_per_row(tmp_path, tiny_unet, ddpm_scheduler):
+    """Its config decodes to the per-row default, but its state holds the calibrated per-tensor P step: loading
+    must say so instead of running another P grid; naming the old mode in the config loads it bit-identically."""
+    import json
+
+    from tadq.io import CONFIG_FILE
+    from tadq.io.manifest import write_manifest
+
+    data = collect_calibration_set(tiny_unet, adapter_for(tiny_unet), ddpm_scheduler.config, CALIB, progress=False)
+    config = QuantConfig.from_preset("W8A8", calibration=CALIB, quantize_attention=True,
+                                     softmax_granularity="per_tensor")
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, calibration=data, progress=False)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    path = tmp_path / "q" / CONFIG_FILE
+    written = json.loads(path.read_text())
+    assert "softmax_granularity" in path.read_text()
+    path.write_text(json.dumps(_drop_key(written, "softmax_granularity")))
+    write_manifest(tmp_path / "q")  # a consistent old artefact, not a damaged one
+    with pytest.raises(ValueError, match="softmax_granularity"):
+        tadq.load(tmp_path / "q")
+    path.write_text(json.dumps(written))
+    write_manifest(tmp_path / "q")
+    loaded, _ = tadq.load(tmp_path / "q")
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), qmodel(x, t))
