@@ -3,19 +3,22 @@
 Why: issue 19. ``photos_attention_check.py`` showed that quantizing the attention matmuls (q, k, v and the softmax
 output P, ``quantize_attention=True``) costs 7 dB at W8A8 on the photos model and nothing on the digits model. This
 splits that row into its operands (only q/k, only v, only P quantized, the others left in float) and records how
-the per-tensor P grid meets the probabilities it rounds: the share of entries below one step, the probability mass
-rounded to zero or clipped per query row, and the per-tensor calibrated maximum against each row's own maximum.
+the per-tensor P grid (and, for comparison, a per-row grid) meets the probabilities it rounds: the share of entries
+below one step, the probability mass rounded to zero or clipped per query row, and the per-tensor calibrated
+maximum against each row's own maximum.
 
 Each row calibrates the same way as ``photos_attention_check.py`` (DDIM 50, 64 calibration trajectories, 25 of 50
 steps × 32 inputs, seed 0) and draws 32 samples from evaluation seed 1000 (PSNR against the FP samples of the same
 noise). Ranges are calibrated on FP activations with every quantizer passing through (``Calibrate``), so switching
 an operand's quantizer off afterwards is the same as never having quantized it.
 
-Run (one thread; a few CPU minutes per row on the photos model):
+Run (one thread; one to three CPU minutes per row on the photos model, the commands of
+docs/methods/qdiffusion.md#measured):
 
     python benchmarks/photos_attention_diagnose.py --model photos --preset W8A8 \
-        --rows naive,attn,attn-qk,attn-v,attn-p --stats
-    python benchmarks/photos_attention_diagnose.py --model photos --preset W8A8 --rows attn:per_tensor,attn:per_row
+        --rows attn:per_tensor,attn-p:per_tensor,attn-qk:per_tensor,attn-v:per_tensor,attn:unit --stats
+    python benchmarks/photos_attention_diagnose.py --model digits --preset W4A8 \
+        --rows naive,attn:per_tensor,attn:per_row
 
 A row ``attn:MODE`` sets ``QuantConfig.softmax_granularity=MODE`` (docs/methods/qdiffusion.md#attention); ``attn``
 alone uses the config default. ``attn:unit`` is a comparison only this script builds: the per-tensor grid with its
@@ -150,8 +153,8 @@ def parse_row(row: str) -> tuple[dict, tuple[str, ...] | None]:
         return {}, None
     base, _, mode = row.partition(":")
     changes: dict = {"quantize_attention": True}
-    if mode and mode != "unit":
-        changes["softmax_granularity"] = mode
+    if mode:  # ``unit`` is a per-tensor P whose range this script then fixes to [0, 1]
+        changes["softmax_granularity"] = "per_tensor" if mode == "unit" else mode
     if base == "attn":
         return changes, None
     operand = base.removeprefix("attn-")
@@ -164,7 +167,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="photos")
     parser.add_argument("--preset", default="W8A8")
-    parser.add_argument("--rows", default="naive,attn,attn-qk,attn-v,attn-p")
+    parser.add_argument("--rows", default="naive,attn:per_tensor,attn:per_row")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--eval-seed", type=int, default=1000)
     parser.add_argument("--stats", action="store_true", help="record P's distribution in every row quantizing P")

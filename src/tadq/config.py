@@ -143,7 +143,7 @@ class QuantConfig:
         softmax_granularity: P's step: ``"per_row"`` (default; Δ_i = max_j P_ij / (2^b − 1) of each query row,
             at run time) or ``"per_tensor"`` (one calibrated step per attention module, Q-Diffusion's code). A row
             over M keys holds entries near 1/M, so at M = 256 a step sized for the largest probability any row
-            reaches rounds most of them away: 6.6 dB at W8A8 on the photos model, level on the digits
+            reaches rounds most of them away: 6.9 dB at W8A8 on the photos model, level on the digits
             (docs/methods/qdiffusion.md#attention). Artefacts saved before this field existed hold a per-tensor
             P and are refused on loading until their config says ``"per_tensor"``.
         exclude: fnmatch patterns of layer names kept in floating point (e.g. ``("conv_in", "conv_out")``).
