@@ -354,3 +354,12 @@ def test_a_dit_pipeline_folder_loads_through_its_transformer_subfolder(tmp_path)
     with torch.no_grad():
         assert torch.equal(adapter_for(loaded).predict_eps(loaded, x, t, cond),
                            adapter_for(model).predict_eps(model, x, t, cond))
+
+
+def test_bit_operations_count_a_class_conditional_transformer():
+    """Cost counting runs a conditional model with placeholder labels: every layer's MACs at b_w × b_a bits."""
+    from tadq.corrections.ptqd.bitops import bit_operations
+
+    model = build_tiny_dit()
+    fp, w8a8 = bit_operations(model, 32, 32), bit_operations(model, 8, 8)
+    assert w8a8 > 0 and fp == 16 * w8a8

@@ -45,11 +45,15 @@ class UNet2DAdapter(TracedUNetAdapter):
         parameter = next(model.parameters())
         x = torch.zeros(1, *self.sample_shape(model), device=parameter.device, dtype=parameter.dtype)
         t = torch.zeros(1, dtype=torch.long, device=parameter.device)
-        cond = None
-        if self.conditioning_inputs(model):
-            cond = Conditioning(class_labels=torch.zeros(1, dtype=torch.long, device=parameter.device))
         with torch.no_grad():
-            self.predict_eps(model, x, t, cond)
+            self.predict_eps(model, x, t, self.dummy_conditioning(model))
+
+    def dummy_conditioning(self, model: nn.Module, batch_size: int = 1) -> Conditioning | None:
+        """Label 0 for every row of a class-conditional UNet (tracing, cost counting); ``None`` when unconditional."""
+        if not self.conditioning_inputs(model):
+            return None
+        device = next(model.parameters()).device
+        return Conditioning(class_labels=torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def conditioning_inputs(self, model: nn.Module) -> tuple[str, ...]:
         """``("class_labels",)`` for a UNet with a class embedding (``num_class_embeds`` / ``class_embed_type``)."""

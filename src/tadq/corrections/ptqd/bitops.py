@@ -45,6 +45,14 @@ def layer_macs(network: nn.Module, call, sample_shape: tuple[int, int, int], t: 
     return macs
 
 
+def _dummy_conditioning(adapter, network: nn.Module):
+    """One sample's placeholder conditioning for a conditional model (the layer MACs do not depend on its values;
+    a text model's are counted at the adapter's placeholder caption length); ``None`` for an unconditional one."""
+    if not adapter.conditioning_inputs(network):
+        return None
+    return adapter.dummy_conditioning(network, 1)
+
+
 def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | None = None,
                    sample_shape: tuple[int, int, int] | None = None) -> int:
     """Bit-operations of one forward for one sample.
@@ -60,7 +68,12 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
         Σ MACs × b_w × b_a.
     """
     if isinstance(model, QuantizedDenoiser):
-        network, call, shape = model.model, model, sample_shape or model.sample_shape
+        network, shape = model.model, sample_shape or model.sample_shape
+        cond = _dummy_conditioning(model.adapter, network)
+
+        def call(x: Tensor, t: Tensor) -> Tensor:
+            return model(x, t, cond)
+
         quantized = {plan.name for plan in model.plans if plan.quantized}
         bits_w = bits_w if bits_w is not None else (model.config.weights.bits or FP_BITS)
         bits_a = bits_a if bits_a is not None else (model.config.activations.bits or FP_BITS)
@@ -71,8 +84,10 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
         network, shape = model, sample_shape or adapter.sample_shape(model)
         quantized = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
 
+        cond = _dummy_conditioning(adapter, model)
+
         def call(x: Tensor, t: Tensor) -> Tensor:
-            return adapter.predict_eps(model, x, t)
+            return adapter.predict_eps(model, x, t, cond)
 
     macs = layer_macs(network, call, shape)
     return sum(count * (bits_w * bits_a if name in quantized else FP_BITS * FP_BITS) for name, count in macs.items())
