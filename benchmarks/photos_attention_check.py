@@ -1,6 +1,8 @@
 """Photos W8A8: naive vs naive + quantized attention matmuls vs naive + split shortcuts (32 samples, null label).
 
-Why: the Q-Diffusion row falls below naive PTQ on the photos model; this isolates its two extra quantizers.
+Why: the Q-Diffusion row falls below naive PTQ on the photos model; this isolates its two extra quantizers. The
+attention row is shown with both P granularities (docs/methods/qdiffusion.md#attention: the per-tensor P cost the
+7 dB; per-operand split in photos_attention_diagnose.py).
 Run: python benchmarks/photos_attention_check.py (one thread, a few minutes).
 """
 
@@ -17,7 +19,10 @@ from tadq.metrics import psnr_per_sample
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
 
-ROWS = [("naive", {}), ("naive+attn", {"quantize_attention": True}), ("naive+split", {"split_shortcut": True})]
+ROWS = [("naive", {}),
+        ("naive+attn", {"quantize_attention": True}),  # P per query row: QuantConfig's default since issue 19
+        ("naive+attn(per_tensor P)", {"quantize_attention": True, "softmax_granularity": "per_tensor"}),  # before
+        ("naive+split", {"split_shortcut": True})]
 
 
 def main(num_samples: int = 32, eval_seed: int = 1000) -> None:
