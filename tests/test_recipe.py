@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
-from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig, config_to_dict
+from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig, config_from_dict, config_to_dict
 from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
 from tadq.experiments.rows.recipes import shipped_recipes
 from tadq.recipe import (
@@ -47,7 +48,8 @@ def test_quant_config_view_and_back():
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d["data"].update(bogus=1), r"Recipe has no fields \['bogus'\]"),
-    (lambda d: d.update(version=2), "Recipe version 2 is newer"),
+    (lambda d: d.update(version=3), "Recipe version 3 is newer"),
+    (lambda d: d.update(version=0), "Recipe version 0 cannot be read"),
     (lambda d: d["data"]["method"]["data"]["reconstruction"]["data"].update(iters=3),
      r"Recipe.method.reconstruction: ReconstructionConfig has no fields \['iters'\]"),
     (lambda d: d["data"]["corrections"][1].update(version=9), r"Recipe.corrections\[1\]: TCECConfig version 9"),
@@ -104,3 +106,17 @@ def test_load_recipe_errors_name_the_file(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(config_to_dict(QuantConfig())))
     with pytest.raises(ValueError, match="bad.json holds a 'QuantConfig', not a Recipe"):
         load_recipe(tmp_path / "bad.json")
+
+
+def test_a_version_1_recipe_and_config_mean_the_per_tensor_softmax_they_were_written_with():
+    """A field added later takes the value the old payload was written with, not the new default."""
+    payload = json.loads(json.dumps(config_to_dict(dataclasses.replace(_recipe(), quantize_attention=True))))
+    payload["version"] = 1
+    del payload["data"]["softmax_granularity"]
+    old = recipe_from_dict(payload)
+    assert old.softmax_granularity == "per_tensor" and old.quant_config().softmax_granularity == "per_tensor"
+    config = json.loads(json.dumps(config_to_dict(QuantConfig(quantize_attention=True))))
+    assert config["version"] == 2 and config["data"]["softmax_granularity"] == "per_row"
+    config["version"] = 1
+    del config["data"]["softmax_granularity"]
+    assert config_from_dict(config).softmax_granularity == "per_tensor"

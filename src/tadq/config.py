@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import QScheme, preset
@@ -13,7 +14,7 @@ from tadq.sampling import SamplerConfig
 
 __all__ = [
     "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict",
-    "config_from_dict", "config_version", "QuantMethod", "register_config_type",
+    "config_from_dict", "config_version", "QuantMethod", "register_config_type", "register_migration",
 ]
 
 QuantMethod = Literal["naive", "qdiffusion", "svdquant"]
@@ -155,6 +156,10 @@ class QuantConfig:
             guided calibration data (a conditional model, guidance ≠ 1).
     """
 
+    # 2: softmax_granularity added (default "per_row"); a version-1 payload was calibrated per tensor
+    config_version: ClassVar[int] = 2
+
+
     weights: QScheme = field(default_factory=lambda: preset("W8A8")[0])
     activations: QScheme = field(default_factory=lambda: preset("W8A8")[1])
     method: QuantMethod = "naive"
@@ -258,6 +263,34 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     return {"type": name, "version": config_version(type(config)), "data": data}
 
 
+# (type, version) → how a payload of that version becomes one of the next: a field added later gets the value
+# the old payload was written with (not the new default), so an old artefact or recipe means what it meant
+_MIGRATIONS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+def register_migration(kind: str, from_version: int, upgrade: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+    """Register ``upgrade`` (data of ``from_version`` → data of ``from_version + 1``) for config type ``kind``."""
+    _MIGRATIONS[(kind, from_version)] = upgrade
+
+
+def _migrate(kind: str, version: int, data: dict[str, Any], current: int, where: str) -> dict[str, Any]:
+    while version < current:
+        upgrade = _MIGRATIONS.get((kind, version))
+        if upgrade is None:
+            raise ValueError(f"{where}{kind} version {version} cannot be read by this tadq (it writes {current})")
+        data, version = upgrade(dict(data)), version + 1
+    return data
+
+
+def _per_tensor_softmax(data: dict[str, Any]) -> dict[str, Any]:
+    """Before ``softmax_granularity`` existed, P was quantized with one calibrated step per attention module."""
+    data.setdefault("softmax_granularity", "per_tensor")
+    return data
+
+
+register_migration("QuantConfig", 1, _per_tensor_softmax)
+
+
 def config_version(klass: type) -> int:
     """The JSON version of a config class: its ``config_version`` class attribute, else ``CONFIG_VERSION``."""
     return int(getattr(klass, "config_version", CONFIG_VERSION))
@@ -286,12 +319,13 @@ def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
     if not isinstance(version, int) or version > config_version(klass):
         raise ValueError(f"{at}{kind} version {version!r} is newer than this tadq understands "
                          f"({config_version(klass)}); upgrade tadq or write version {config_version(klass)}")
+    data = _migrate(kind, version, payload["data"], config_version(klass), at)
     fields = {f.name: f for f in dataclasses.fields(klass)}
-    unknown = set(payload["data"]) - set(fields)
+    unknown = set(data) - set(fields)
     if unknown:
         raise ValueError(f"{at}{kind} has no fields {sorted(unknown)}; its fields are {sorted(fields)}")
     prefix = f"{where}." if where else f"{kind}."
-    kwargs = {k: _decode(v, "tuple" in str(fields[k].type), prefix + k) for k, v in payload["data"].items()}
+    kwargs = {k: _decode(v, "tuple" in str(fields[k].type), prefix + k) for k, v in data.items()}
     try:
         return klass(**kwargs)
     except (TypeError, ValueError) as error:

@@ -18,7 +18,7 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar, Literal, NamedTuple
 
 from tadq.config import (
     CalibrationConfig,
@@ -27,6 +27,7 @@ from tadq.config import (
     config_from_dict,
     config_to_dict,
     register_config_type,
+    register_migration,
 )
 from tadq.corrections.base import CorrectionConfig
 from tadq.quant.qscheme import QScheme, preset
@@ -130,6 +131,8 @@ class Recipe:
         split_shortcut: Q-Diffusion shortcut splitting of the decoder's skip convolutions.
         quantize_attention: quantize the attention matmul operands (q, k, v, softmax output).
         softmax_bits: bits of the softmax output when ``quantize_attention``.
+        softmax_granularity: its step, one per query row (``"per_row"``) or one calibrated per module
+            (``"per_tensor"``) — ``QuantConfig.softmax_granularity``.
         branch_ranges: separate activation ranges for the unconditional guidance branch (``QuantConfig``).
         calibration: the FP trajectories calibration data is taken from; its sampler must be the first deployment
             sampler's.
@@ -140,7 +143,7 @@ class Recipe:
         name: a label for reports (e.g. ``qdiffusion+tac-W4A8``).
     """
 
-    config_version: ClassVar[int] = 1
+    config_version: ClassVar[int] = 2  # 2: softmax_granularity (a version-1 recipe meant "per_tensor")
 
     method: Any = field(default_factory=NaiveMethod)
     weights: QScheme = field(default_factory=lambda: preset("W8A8")[0])
@@ -150,6 +153,7 @@ class Recipe:
     split_shortcut: bool = False
     quantize_attention: bool = False
     softmax_bits: int = 8
+    softmax_granularity: Literal["per_tensor", "per_row"] = "per_row"
     branch_ranges: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     deployments: tuple[Deployment, ...] = (Deployment(),)
@@ -204,7 +208,8 @@ class Recipe:
             weights=self.weights, activations=self.activations, method=self.method.base_method,
             calibration=self.calibration, reconstruction=self.method.reconstruction,
             split_shortcut=self.split_shortcut, quantize_attention=self.quantize_attention,
-            softmax_bits=self.softmax_bits, exclude=self.exclude, keep_fp_roles=self.keep_fp_roles,
+            softmax_bits=self.softmax_bits, softmax_granularity=self.softmax_granularity, exclude=self.exclude,
+            keep_fp_roles=self.keep_fp_roles,
             preset_name=self.preset_name, branch_ranges=self.branch_ranges,
         )
 
@@ -222,7 +227,8 @@ class Recipe:
         return cls(method=method, weights=config.weights, activations=config.activations,
                    keep_fp_roles=config.keep_fp_roles, exclude=config.exclude, split_shortcut=config.split_shortcut,
                    quantize_attention=config.quantize_attention, softmax_bits=config.softmax_bits,
-                   branch_ranges=config.branch_ranges, calibration=config.calibration,
+                   softmax_granularity=config.softmax_granularity, branch_ranges=config.branch_ranges,
+                   calibration=config.calibration,
                    deployments=deployments or (Deployment(config.calibration.sampler),),
                    corrections=corrections, preset_name=config.preset_name, name=name)
 
@@ -299,3 +305,12 @@ def _coerce(old: Any, value: Any) -> Any:
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     return value
+
+
+def _per_tensor_softmax_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 recipe quantized P with one calibrated step per attention module (``per_tensor``)."""
+    data.setdefault("softmax_granularity", "per_tensor")
+    return data
+
+
+register_migration("Recipe", 1, _per_tensor_softmax_recipe)

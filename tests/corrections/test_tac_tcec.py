@@ -208,3 +208,31 @@ def test_bad_configs_raise():
         TCECConfig(mix_candidates=(1.5,))
     with pytest.raises(ValueError):
         TCECConfig(seed=3, selection_seed=3)
+
+
+def test_ner_held_out_switch_keeps_ner_where_it_helps_and_records_both_candidates():
+    config = TACConfig(ibc=True, ner=True, ner_resolution="channel", num_samples=16, select_ner=True,
+                       selection_samples=8)
+    stack, _, _ = _fit([config], Scaled)
+    tac = stack[0]
+    records = {record["ner"]: record["final_mse"] for record in tac.selection_records}
+    assert set(records) == {True, False} and all(value == value for value in records.values())  # both scored
+    assert records[True] < records[False]  # an injected scale: the rescale is what removes it
+    expected_k = (1.0 / SCALE).double()
+    assert torch.allclose(tac.scale[1:].mean(dim=0), expected_k, atol=0.05)  # NER's tables were kept
+
+
+def test_when_ner_off_wins_the_held_out_score_the_rescale_is_identity(monkeypatch):
+    """The selection wiring: the candidate with the lower held-out score keeps its tables (here forced to be NER
+    off, by scoring it lower), and NER off means K = 1 everywhere."""
+    import tadq.corrections.sequential as sequential
+
+    scores = iter([2.0, 1.0])  # NER on, then NER off
+    monkeypatch.setattr(sequential, "paired_final_error", lambda *args, **kwargs: next(scores))
+    stack, _, _ = _fit([TACConfig(ibc=True, ner=True, num_samples=8, select_ner=True, selection_samples=4)], Scaled)
+    tac = stack[0]
+    assert [record["ner"] for record in tac.selection_records] == [True, False]
+    assert torch.equal(tac.scale, torch.ones_like(tac.scale))
+    assert tac.input_bias.abs().sum() > 0  # IBC stays fitted
+    with pytest.raises(ValueError, match="select_ner"):
+        TACConfig(ner=False, select_ner=True)

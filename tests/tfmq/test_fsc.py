@@ -47,6 +47,9 @@ def test_model_wide_ranges_move_with_the_noise_level(models):
     scales = correction.fsc_scale[:, conv_in]
     assert scales.unique().numel() == SAMPLER.num_steps  # x_t's range differs at every noise level
     assert scales[0] > scales[-1]  # x_T (unit Gaussian) spans more than x_0 in [-1, 1]
+    # the per-row softmax quantizers (the default P granularity) compute their step per tensor: left dynamic
+    softmax = [n for n, m in qmodel.model.named_modules() if n.endswith("softmax_quantizer")]
+    assert softmax and not set(softmax) & quantizers
 
 
 def test_the_network_refuses_to_run_without_a_step(models):

@@ -167,7 +167,9 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
         chosen = fsc_set.step_index == step
         qmodel(fsc_set.x[chosen], fsc_set.t[chosen], None if fsc_set.cond is None else fsc_set.cond.rows(chosen))
 
-    return activation_quantizers(qmodel.model), run_model
+    # a dynamic quantizer (per-row softmax P, per-token inputs) computes its step from each tensor: nothing to tabulate
+    static = {name: q for name, q in activation_quantizers(qmodel.model).items() if not q.scheme.dynamic}
+    return static, run_model
 
 
 @torch.no_grad()

@@ -7,6 +7,7 @@ from typing import Literal
 
 from tadq.corrections.base import CorrectionConfig
 from tadq.corrections.pair import TrajectoryMode
+from tadq.corrections.tcec.config import SELECTION_SEED_OFFSET
 
 __all__ = ["TACConfig"]
 
@@ -35,6 +36,12 @@ class TACConfig(CorrectionConfig):
         sequential: Fit from the noisiest step down with the earlier steps' corrections active (TAC's calibration);
             ``False`` fits every step from one uncorrected pair (cheaper, ignores the corrections' own effect).
         trajectory: Must be ``"quantized"`` when ``ibc`` is on: on the FP trajectory there is no input bias.
+        select_ner: Fit TAC twice, with and without NER, and keep NER only if it lowers the final-x_0 error on
+            held-out calibration noise (``held_out_seed``, ``selection_samples``): NER's least-squares rescale can
+            shrink ε̂ where the quantization noise is large (regression dilution, docs/methods/tac.md#ner), and
+            this switch falls back to IBC alone instead of keeping a rescale that hurts.
+        selection_seed: Held-out seed of that choice; ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
+        selection_samples: Trajectories of the held-out score.
     """
 
     trajectory: TrajectoryMode = "quantized"
@@ -49,10 +56,13 @@ class TACConfig(CorrectionConfig):
     ridge: float = 0.0
     offset: bool = False
     sequential: bool = True
+    select_ner: bool = False
+    selection_seed: int | None = None
+    selection_samples: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("ibc", "ner", "offset", "sequential"):
+        for name in ("ibc", "ner", "offset", "sequential", "select_ner"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TACConfig.{name} must be True or False, got {getattr(self, name)!r}")
         choices = {"ibc_apply": ("trajectory", "input"), "ibc_resolution": ("channel", "full"),
@@ -66,5 +76,17 @@ class TACConfig(CorrectionConfig):
             raise ValueError(f"TACConfig.relative_weight must lie in [0, 1], got {self.relative_weight}")
         if self.mask_threshold < 0 or self.ridge < 0:
             raise ValueError("TACConfig.mask_threshold and ridge must be >= 0")
+        if self.selection_seed is not None and (self.selection_seed == self.seed or self.selection_seed < 0):
+            raise ValueError("TACConfig.selection_seed must be a non-negative calibration seed other than seed")
+        if self.selection_samples < 1:
+            raise ValueError("TACConfig.selection_samples must be >= 1")
+        if self.select_ner and not (self.ner and self.sequential):
+            raise ValueError("TACConfig.select_ner chooses whether NER stays on: it needs ner=True and the "
+                             "sequential fit")
         if self.ibc and self.trajectory != "quantized":
             raise ValueError("IBC measures the quantized trajectory's bias against FP: set trajectory='quantized'")
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed that scores NER on against NER off."""
+        return self.seed + SELECTION_SEED_OFFSET if self.selection_seed is None else self.selection_seed

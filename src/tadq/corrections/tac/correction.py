@@ -38,6 +38,17 @@ class TACCorrection(SequentialCorrection):
         super().__init__(config)
         for name in ("input_bias", "scale", "offset"):
             self.register_table(name)
+        self._ner_on = True  # the candidate being fitted (select_ner); NER off leaves K = 1, d = 0 (identity)
+
+    def candidates(self) -> list[dict]:
+        """With ``select_ner``: IBC + NER against IBC alone, scored on held-out noise."""
+        return [{"ner": True}, {"ner": False}] if self.config.select_ner else [{}]
+
+    def use_candidate(self, settings: dict) -> None:
+        self._ner_on = bool(settings.get("ner", True))
+
+    def selection_noise(self) -> tuple[int | None, int]:
+        return (self.config.held_out_seed if self.config.select_ner else None), self.config.selection_samples
 
     def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
         channels, count = sample_shape[0], len(steps)
@@ -55,7 +66,7 @@ class TACCorrection(SequentialCorrection):
         self.input_bias[index] = difference.mean(dim=dims)
 
     def fit_output_row(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext) -> None:
-        if not self.config.ner:
+        if not self.config.ner or not self._ner_on:
             return
         target = targets.fp_trajectory if self.config.ner_target == "fp_trajectory" else targets.same_input
         fit = fit_channel_affine(eps_hat, target, relative_weight=self.config.relative_weight,

@@ -43,7 +43,8 @@ _FIGURES = (
 )
 
 
-_SAMPLER_NAMES = {"ddpm": "DDPM", "euler": "Euler", "euler-ancestral": "Euler ancestral", "flow-euler": "flow-matching Euler"}
+_SAMPLER_NAMES = {"ddpm": "DDPM", "euler": "Euler", "euler-ancestral": "Euler ancestral",
+                  "flow-euler": "flow-matching Euler"}
 
 
 def sampler_title(sampler: SamplerConfig) -> str:
