@@ -304,9 +304,21 @@ def _drop_key(payload, key: str):
     return payload
 
 
-def test_an_artefact_saved_before_the_field_is_refused_not_run_per_row(tmp_path, tiny_unet, ddpm_scheduler):
-    """Its config decodes to the per-row default, but its state holds the calibrated per-tensor P step: loading
-    must say so instead of running another P grid; naming the old mode in the config loads it bit-identically."""
+def _set_quant_config_version(payload, version: int):
+    if isinstance(payload, dict):
+        if payload.get("type") == "QuantConfig":
+            payload = {**payload, "version": version}
+        return {k: _set_quant_config_version(v, version) for k, v in payload.items()}
+    if isinstance(payload, list):
+        return [_set_quant_config_version(v, version) for v in payload]
+    return payload
+
+
+def test_an_artefact_saved_before_the_field_loads_per_tensor_and_a_mismatched_one_is_refused(
+        tmp_path, tiny_unet, ddpm_scheduler):
+    """A version-1 config (written before the field) means the per-tensor P it was calibrated with and loads
+    bit-identically; a current-version config without the field decodes to the per-row default while its state
+    holds a calibrated per-tensor P step: loading must say so instead of running another P grid."""
     import json
 
     from tadq.io import CONFIG_FILE
@@ -320,13 +332,14 @@ def test_an_artefact_saved_before_the_field_is_refused_not_run_per_row(tmp_path,
     path = tmp_path / "q" / CONFIG_FILE
     written = json.loads(path.read_text())
     assert "softmax_granularity" in path.read_text()
-    path.write_text(json.dumps(_drop_key(written, "softmax_granularity")))
-    write_manifest(tmp_path / "q")  # a consistent old artefact, not a damaged one
-    with pytest.raises(ValueError, match="softmax_granularity"):
-        tadq.load(tmp_path / "q")
-    path.write_text(json.dumps(written))
-    write_manifest(tmp_path / "q")
-    loaded, _ = tadq.load(tmp_path / "q")
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([10, 900])
+    path.write_text(json.dumps(_set_quant_config_version(_drop_key(written, "softmax_granularity"), 1)))
+    write_manifest(tmp_path / "q")  # a consistent old artefact, not a damaged one
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert loaded.config.softmax_granularity == "per_tensor"
     with torch.no_grad():
         assert torch.equal(loaded(x, t), qmodel(x, t))
+    path.write_text(json.dumps(_drop_key(written, "softmax_granularity")))
+    write_manifest(tmp_path / "q")
+    with pytest.raises(ValueError, match="softmax_granularity"):
+        tadq.load(tmp_path / "q")
