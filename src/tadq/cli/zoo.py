@@ -1,11 +1,13 @@
-"""``tadq zoo``: (re)train the shipped models (digits and photos DDPMs, the text-to-image digits model) and the
-classifiers behind FD-digits and FD-photos."""
+"""``tadq zoo``: (re)train the shipped models (digits and photos DDPMs, the text-to-image digits model, the
+class-conditional DiT) and the classifiers behind FD-digits and FD-photos."""
 
 from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -15,6 +17,19 @@ zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digi
                                                 "text-to-image digits model, classifiers).")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "zoo" / "weights"
+
+
+def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
+                train: Callable[..., Any], *, mark: bool = True) -> Any:
+    """Validate the config and check ``--out`` before any training, mark the folder as tadq's (so a resume finds a
+    folder tadq wrote, not only a checkpoint), then train with the exact command line recorded."""
+    from tadq.fsguard import check_output_dir, mark_output
+
+    config = build_config()
+    check_output_dir(out, resume=True, force_foreign=force_foreign)
+    if mark:
+        mark_output(out, "training")
+    return train(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
 @zoo_app.command("train")
@@ -30,16 +45,13 @@ def train_command(
     force_foreign: ForceForeign = False,
 ) -> None:
     """Train the digits DDPM; resumes from the checkpoint in --out if interrupted."""
-    from tadq.fsguard import check_output_dir
     from tadq.zoo.train import TrainConfig, train_digits_ddpm
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
-        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before hours of training
-        config = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                             resolution=resolution)
-        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        path = train_digits_ddpm(config, out, command=command)
+        path = _train_into(out, force_foreign, lambda: TrainConfig(
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, resolution=resolution),
+            train_digits_ddpm, mark=False)
     console.print(f"saved {path}")
 
 
@@ -54,15 +66,13 @@ def train_classifier_command(
     force_foreign: ForceForeign = False,
 ) -> None:
     """Train the digit classifier whose penultimate features define FD-digits."""
-    from tadq.fsguard import check_output_dir
     from tadq.metrics.classifier import ClassifierTrainConfig, train_digit_classifier
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
-        check_output_dir(out, resume=True, force_foreign=force_foreign)
-        config = ClassifierTrainConfig(epochs=epochs, seed=seed, resolution=resolution)
-        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        info = train_digit_classifier(config, out, command=command)
+        info = _train_into(out, force_foreign, lambda: ClassifierTrainConfig(epochs=epochs, seed=seed,
+                                                                             resolution=resolution),
+                           train_digit_classifier, mark=False)
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')}")
 
 
@@ -80,17 +90,13 @@ def train_photos_command(
     force_foreign: ForceForeign = False,
 ) -> None:
     """Train the class-conditional photos DDPM; resumes from the checkpoint in --out if interrupted."""
-    from tadq.fsguard import check_output_dir, mark_output
     from tadq.zoo.photos_model import PhotosTrainConfig, train_photos_ddpm
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
-        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before an hour of training
-        mark_output(out, "training")  # so a resume finds a folder tadq wrote, not only a checkpoint
-        config = PhotosTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                   label_dropout=label_dropout, checkpoint_every=checkpoint_every)
-        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        path = train_photos_ddpm(config, out, command=command)
+        path = _train_into(out, force_foreign, lambda: PhotosTrainConfig(
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
+            checkpoint_every=checkpoint_every), train_photos_ddpm)
     console.print(f"saved {path}")
 
 
@@ -104,15 +110,12 @@ def train_photo_classifier_command(
     force_foreign: ForceForeign = False,
 ) -> None:
     """Train the photo classifier whose penultimate features define FD-photos."""
-    from tadq.fsguard import check_output_dir
     from tadq.metrics.photo_classifier import PhotoClassifierTrainConfig, train_photo_classifier
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
-        check_output_dir(out, resume=True, force_foreign=force_foreign)
-        config = PhotoClassifierTrainConfig(epochs=epochs, seed=seed)
-        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        info = train_photo_classifier(config, out, command=command)
+        info = _train_into(out, force_foreign, lambda: PhotoClassifierTrainConfig(epochs=epochs, seed=seed),
+                           train_photo_classifier, mark=False)
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')} "
                   f"(chance {info.get('chance_accuracy'):.3f})")
 
@@ -134,18 +137,14 @@ def train_t2i_command(
     force_foreign: ForceForeign = False,
 ) -> None:
     """Train the text-to-image digits model (VAE, then UNet + text encoder); an interrupted run resumes."""
-    from tadq.fsguard import check_output_dir, mark_output
     from tadq.zoo.t2i import T2ITrainConfig, train_t2i
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
-        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before half an hour of training
-        config = T2ITrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                vae_steps=vae_steps, prompt_dropout=prompt_dropout,
-                                train_text_encoder=not freeze_text_encoder, checkpoint_every=checkpoint_every)
-        mark_output(out, "training")  # so a resume finds a folder tadq wrote, not only a checkpoint
-        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        path = train_t2i(config, out, command=command)
+        path = _train_into(out, force_foreign, lambda: T2ITrainConfig(
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, vae_steps=vae_steps,
+            prompt_dropout=prompt_dropout, train_text_encoder=not freeze_text_encoder,
+            checkpoint_every=checkpoint_every), train_t2i)
     console.print(f"saved {path}")
 
 
@@ -163,15 +162,11 @@ def train_dit_command(
     force_foreign: ForceForeign = False,
 ) -> None:
     """Train the class-conditional digits DiT in the shipped VAE's latent space; resumes if interrupted."""
-    from tadq.fsguard import check_output_dir, mark_output
     from tadq.zoo.dit import DiTTrainConfig, train_digits_dit
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():
-        config = DiTTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                                label_dropout=label_dropout, checkpoint_every=checkpoint_every)
-        check_output_dir(out, resume=True, force_foreign=force_foreign)  # before half an hour of training
-        mark_output(out, "training")
-        command = "tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        path = train_digits_dit(config, out, command=command)
+        path = _train_into(out, force_foreign, lambda: DiTTrainConfig(
+            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
+            checkpoint_every=checkpoint_every), train_digits_dit)
     console.print(f"saved {path}")

@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, 
 from torch import Tensor, nn
 
 from tadq.zoo.data import DigitsConfig, load_digits_split
-from tadq.zoo.train import train_ddpm
+from tadq.zoo.train import check_training_fields, train_ddpm
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DiTTrainConfig", "NUM_CLASSES", "build_digits_dit", "digit_latents",
            "load_shipped_vae", "shipped_dit_path", "train_digits_dit"]
@@ -86,13 +86,7 @@ class DiTTrainConfig:
     patch_size: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "heads", "head_dim", "layers", "patch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if not 0.0 < self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in (0, 1), got {self.label_dropout}")
+        check_training_fields(self, ("heads", "head_dim", "layers", "patch_size"), dropout="label_dropout")
 
 
 def digit_latents(vae: AutoencoderKL, images: Tensor, batch_size: int = 256) -> Tensor:

@@ -15,7 +15,7 @@ import torch
 from diffusers import UNet2DModel
 
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
-from tadq.zoo.train import train_ddpm
+from tadq.zoo.train import check_training_fields, train_ddpm
 
 __all__ = ["PhotosTrainConfig", "build_photos_unet", "null_label", "train_photos_ddpm"]
 
@@ -66,13 +66,7 @@ class PhotosTrainConfig:
     label_dropout: float = 0.15
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        if not 0.0 < self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in (0, 1), got {self.label_dropout}")
+        check_training_fields(self, dropout="label_dropout")
 
 
 def train_photos_ddpm(config: PhotosTrainConfig, out_dir: str | Path, command: str = "") -> Path:

@@ -26,7 +26,8 @@ from tadq.utils import library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
-__all__ = ["TrainConfig", "load_checkpoint", "save_checkpoint", "train_ddpm", "train_digits_ddpm"]
+__all__ = ["TrainConfig", "check_training_fields", "load_checkpoint", "save_checkpoint", "train_ddpm",
+           "train_digits_ddpm"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "train_checkpoint.safetensors"
@@ -58,11 +59,20 @@ class TrainConfig:
     checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        check_training_fields(self)
+
+
+def check_training_fields(config: Any, extra_counts: tuple[str, ...] = (), dropout: str | None = None) -> None:
+    """ValueError for a training config's bad field: counts (steps, batch size, checkpoint interval and
+    ``extra_counts``) below 1, an EMA decay outside (0, 1), or the ``dropout`` field (label/prompt dropout)
+    outside (0, 1) — the checks every shipped model's training config shares."""
+    for name in ("steps", "batch_size", "checkpoint_every", *extra_counts):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    if not 0.0 < config.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1), got {config.ema_decay}")
+    if dropout is not None and not 0.0 < getattr(config, dropout) < 1.0:
+        raise ValueError(f"{dropout} must be in (0, 1), got {getattr(config, dropout)}")
 
 
 def _learning_rate(config: TrainConfig | Any, step: int) -> float:
