@@ -37,6 +37,10 @@ bench-perf: $(STAMP)
 bench-speed: $(STAMP)   # FP fp32/bf16 vs fake-quant vs int8 on the shipped model (docs/backends.md)
 	$(BIN)/python benchmarks/speed.py --threads 1
 
+.PHONY: browser
+browser:   # Debian's Chromium, for the test that renders the bench report headless (skipped without it)
+	apt-get install -y chromium || echo "could not install chromium: the report test checks the HTML structure only"
+
 quality: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 

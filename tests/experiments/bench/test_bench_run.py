@@ -144,3 +144,44 @@ def test_interrupted_bench_resumes_where_it_stopped(tiny_dir, tmp_path, monkeypa
     report = run_bench(config)
     assert counts == {"quantize": 1, "sample": 1}  # only the unfinished W4A4 cell
     assert [r["status"] for r in report["rows"]] == ["ok", "ok", "ok"]
+
+
+def test_every_embedded_image_of_the_report_is_a_whole_png(bench):
+    """The structure a browser needs: every <img> is a data URI holding a complete PNG (signature, IEND chunk)."""
+    import base64
+    import re
+
+    config, _ = bench
+    page = (Path(config.out_dir) / "report.html").read_text()
+    sources = re.findall(r'<img[^>]*src="data:image/png;base64,([^"]+)"', page)
+    assert sources and len(sources) == page.count("<img")
+    for encoded in sources:
+        data = base64.b64decode(encoded, validate=True)
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and data[-12:-4] == b"\x00\x00\x00\x00IEND"
+
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package (`make browser` installs it)
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="no browser on this machine: install Debian's chromium "
+                    "(`make browser`) to render the report; the structure is checked by the test above")
+def test_the_report_renders_in_headless_chromium_with_every_image_decoded(bench, tmp_path):
+    """A real browser opens the report and decodes every image (naturalWidth > 0), read back from the DOM."""
+    import re
+    import subprocess
+
+    config, _ = bench
+    page = (Path(config.out_dir) / "report.html").read_text()
+    probe = ("<script>window.addEventListener('load', () => { document.body.setAttribute('data-images', "
+             "[...document.images].map(i => i.complete && i.naturalWidth > 0 ? i.naturalWidth : 0).join(',')); "
+             "});</script></body>")
+    copy = tmp_path / "report.html"
+    copy.write_text(page.replace("</body>", probe))
+    result = subprocess.run([str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+                             "--virtual-time-budget=10000", "--dump-dom", copy.as_uri()],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-500:]
+    found = re.search(r'data-images="([^"]*)"', result.stdout)
+    assert found, "the load handler did not run"
+    widths = [int(w) for w in found.group(1).split(",")]
+    assert len(widths) == page.count("<img") and all(w > 0 for w in widths)
