@@ -40,3 +40,33 @@ def test_fp_layer_presets():
     assert QuantConfig.from_preset("W4A8").keep_fp_roles == ()
     with pytest.raises(ValueError, match="first_last"):
         QuantConfig.from_preset("W4A8", fp_layers="everything")
+
+
+def test_layer_bits_survive_json_and_a_version_2_payload_means_none():
+    config = QuantConfig.from_preset("W4A8", layer_bits=(("conv_in", 8, 8), ("conv_out", 6, 4)))
+    payload = json.loads(json.dumps(config_to_dict(config)))
+    assert payload["version"] == 3 and payload["data"]["layer_bits"] == [["conv_in", 8, 8], ["conv_out", 6, 4]]
+    assert config_from_dict(payload) == config
+    old = json.loads(json.dumps(config_to_dict(QuantConfig.from_preset("W4A8"))))
+    old["version"] = 2
+    del old["data"]["layer_bits"]
+    assert config_from_dict(old) == QuantConfig.from_preset("W4A8")
+
+
+@pytest.mark.parametrize(("preset_name", "layer_bits", "message"), [
+    ("W4A8", (("conv_in", 8, 8), ("conv_in", 6, 6)), "more than once"),
+    ("W4A8", (("conv_in", 9, 8),), "weight bits must be an integer in 2..8"),
+    ("W4A8", (("conv_in", 8, 1),), "activation bits must be an integer in 2..8"),
+    ("W4A8", (("conv_in", True, 8),), "weight bits"),
+    ("W4A8", (("conv_in", 8, None),), "activation bits"),
+    ("W4A16", (("conv_in", 8, 8),), "activations are off"),
+    ("W4A8", (("conv_in", 8),), "entries are"),
+    ("W4A8", (("", 8, 8),), "entries are"),
+])
+def test_bad_layer_bits_raise(preset_name, layer_bits, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig.from_preset(preset_name, layer_bits=layer_bits)
+
+
+def test_weight_only_layer_bits_leave_activations_off():
+    assert QuantConfig.from_preset("W4A16", layer_bits=(("conv_in", 8, None),)).layer_bits == (("conv_in", 8, None),)

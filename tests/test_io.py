@@ -219,3 +219,77 @@ def test_off_grid_or_undeclared_weights_refuse_to_save(tmp_path, tiny_unet, ddpm
     with pytest.raises(ValueError, match="quantized_weights"):
         save_quantized(qmodel, tmp_path / "b", ddpm_scheduler)
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+RAISED = (("down_blocks.0.resnets.0.conv1", 8, 8), ("mid_block.attentions.0.to_q", 8, 6))
+
+
+def test_layer_bits_give_named_layers_their_bits_and_survive_save_and_load(
+    tmp_path, tiny_unet, ddpm_scheduler, calibration,
+):
+    """Two layers of a W4A8 model at other bits: a different network from plain W4A8, the same one every time the
+    config is built, and the same one after saving (the artefact records the choice)."""
+    plain = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8")
+    mixed = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8", layer_bits=RAISED)
+    again = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8", layer_bits=RAISED)
+    layers = {name: m for name, m in mixed.model.named_modules() if isinstance(m, QuantLayer)}
+    for name, weight_bits, activation_bits in RAISED:
+        assert layers[name].weight_quantizer.scheme.bits == weight_bits
+        assert layers[name].input_quantizer.scheme.bits == activation_bits
+        assert mixed.quantization_map()[name]["weights"].startswith(f"int{weight_bits}-")
+    assert layers["conv_in"].weight_quantizer.scheme.bits == 4  # every other layer keeps the preset's bits
+    x, t = _inputs()
+    with torch.no_grad():
+        assert not torch.equal(mixed(x, t), plain(x, t))
+        assert torch.equal(mixed(x, t), again(x, t))
+    mixed.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert loaded.config == mixed.config and loaded.config.layer_bits == RAISED
+    assert loaded.quantization_map() == mixed.quantization_map()
+    _assert_same_model(mixed, loaded)
+
+
+@pytest.mark.parametrize(("layer_bits", "options", "named"), [
+    ((("down_blocks.0.resnets.0.conv9", 8, 8),), {}, "down_blocks.0.resnets.0.conv9"),
+    ((("conv_in", 8, 8),), {"exclude": ("conv_in",)}, "conv_in"),  # kept in FP: no bits to change
+    ((("time_embedding.linear_1", 8, 8),), {"fp_layers": "first_last_time"}, "time_embedding.linear_1"),
+])
+def test_layer_bits_naming_no_quantized_layer_raise_before_calibration(
+    tiny_unet, ddpm_scheduler, monkeypatch, layer_bits, options, named,
+):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("calibration data was collected before the config was checked")
+
+    monkeypatch.setattr("tadq.methods.collect_calibration_set", no_sampling)
+    config = QuantConfig.from_preset("W4A8", calibration=CALIB, layer_bits=layer_bits, **options)
+    with pytest.raises(ValueError, match=rf"layer_bits names \['{named}'\]"):
+        api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
+
+
+def _as_version_2(payload):
+    """``payload`` as a tadq before ``layer_bits`` wrote it: the field absent, QuantConfig/Recipe at version 2."""
+    if isinstance(payload, dict):
+        if payload.get("type") in ("QuantConfig", "Recipe"):
+            payload = {**payload, "version": 2}
+        return {k: _as_version_2(v) for k, v in payload.items() if k != "layer_bits"}
+    if isinstance(payload, list):
+        return [_as_version_2(v) for v in payload]
+    return payload
+
+
+def test_an_artefact_saved_before_layer_bits_loads_bit_identically(tmp_path, tiny_unet, ddpm_scheduler, calibration):
+    from tadq.io.save import RECIPE_FILE
+
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8")
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    for name in (CONFIG_FILE, RECIPE_FILE):
+        path = tmp_path / "q" / name
+        old = _as_version_2(json.loads(path.read_text()))
+        assert "layer_bits" not in json.dumps(old)
+        path.write_text(json.dumps(old, indent=2))
+    assert json.loads((tmp_path / "q" / CONFIG_FILE).read_text())["quant_config"]["version"] == 2
+    write_manifest(tmp_path / "q")  # a consistent old artefact, not a damaged one
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert loaded.config.layer_bits == () and loaded.config == qmodel.config
+    assert loaded.recipe is not None and loaded.recipe.layer_bits == ()
+    _assert_same_model(qmodel, loaded)

@@ -48,7 +48,7 @@ def test_quant_config_view_and_back():
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda d: d["data"].update(bogus=1), r"Recipe has no fields \['bogus'\]"),
-    (lambda d: d.update(version=3), "Recipe version 3 is newer"),
+    (lambda d: d.update(version=4), "Recipe version 4 is newer"),
     (lambda d: d.update(version=0), "Recipe version 0 cannot be read"),
     (lambda d: d["data"]["method"]["data"]["reconstruction"]["data"].update(iters=3),
      r"Recipe.method.reconstruction: ReconstructionConfig has no fields \['iters'\]"),
@@ -116,7 +116,23 @@ def test_a_version_1_recipe_and_config_mean_the_per_tensor_softmax_they_were_wri
     old = recipe_from_dict(payload)
     assert old.softmax_granularity == "per_tensor" and old.quant_config().softmax_granularity == "per_tensor"
     config = json.loads(json.dumps(config_to_dict(QuantConfig(quantize_attention=True))))
-    assert config["version"] == 2 and config["data"]["softmax_granularity"] == "per_row"
+    assert config["version"] == 3 and config["data"]["softmax_granularity"] == "per_row"
     config["version"] = 1
     del config["data"]["softmax_granularity"]
     assert config_from_dict(config).softmax_granularity == "per_tensor"
+
+
+def test_layer_bits_travel_through_the_recipe_and_a_version_2_recipe_has_none():
+    raised = (("conv_in", 8, 8), ("mid_block.resnets.0.conv1", 8, 6))
+    recipe = _recipe(layer_bits=raised)
+    assert recipe.quant_config().layer_bits == raised
+    assert Recipe.from_quant_config(recipe.quant_config()).layer_bits == raised
+    payload = json.loads(json.dumps(config_to_dict(recipe)))
+    assert payload["version"] == 3 and recipe_from_dict(payload) == recipe
+    assert override_recipe(_recipe(), {"layer_bits": [list(e) for e in raised]}) == recipe
+    old = json.loads(json.dumps(config_to_dict(_recipe())))
+    old["version"] = 2
+    del old["data"]["layer_bits"]
+    assert recipe_from_dict(old) == _recipe()
+    with pytest.raises(ValueError, match="more than once"):
+        _recipe(layer_bits=(("conv_in", 8, 8), ("conv_in", 8, 8)))

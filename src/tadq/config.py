@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from tadq.adapters.base import LAYER_ROLES
-from tadq.quant.qscheme import QScheme, preset
+from tadq.quant.qscheme import MAX_BITS, MIN_BITS, QScheme, preset
 from tadq.registry import register_config_type, registered_config_types
 from tadq.sampling import SamplerConfig
 
@@ -154,11 +154,17 @@ class QuantConfig:
         branch_ranges: give the unconditional branch of classifier-free guidance its own static activation ranges
             (calibrated on its rows; the conditional rows keep the main ones; ``tadq.guidance_ranges``). Needs
             guided calibration data (a conditional model, guidance ≠ 1).
+        layer_bits: per-layer bit-widths ``(qualified layer name, weight bits, activation bits)``: the named
+            quantized layer gets the preset's schemes with these bits (2..8). The activation bits are ``None``
+            exactly when ``activations`` is off (an override changes a grid, never whether a tensor is quantized).
+            Mixed precision (``tadq.svdquant.sensitivity``) raises chosen layers to 8 bits; the choice has to be
+            part of the config so that an artefact records it and loading rebuilds those layers at their bits. A
+            name that is not a quantized layer of the model raises when the network is built.
     """
 
     # 2: softmax_granularity added (default "per_row"); a version-1 payload was calibrated per tensor
-    config_version: ClassVar[int] = 2
-
+    # 3: layer_bits added (default (): a version-2 payload had every layer at the preset's bits)
+    config_version: ClassVar[int] = 3
 
     weights: QScheme = field(default_factory=lambda: preset("W8A8")[0])
     activations: QScheme = field(default_factory=lambda: preset("W8A8")[1])
@@ -173,8 +179,12 @@ class QuantConfig:
     keep_fp_roles: tuple[str, ...] = ()
     preset_name: str = ""
     branch_ranges: bool = False
+    layer_bits: tuple[tuple[str, int, int | None], ...] = ()
 
     def __post_init__(self) -> None:
+        entries = tuple(tuple(e) if isinstance(e, (tuple, list)) else e for e in self.layer_bits)  # JSON: lists
+        object.__setattr__(self, "layer_bits", entries)
+        self._check_layer_bits()
         if self.branch_ranges and not self.activations.enabled:
             raise ValueError("branch_ranges gives the unconditional branch its own activation ranges: it needs "
                              "quantized activations")
@@ -194,6 +204,29 @@ class QuantConfig:
             raise ValueError("activations must be quantized per tensor (granularity='per_tensor'), or dynamically "
                              "per token / per group ('per_token', 'per_group')")
         self._check_layer_transforms()
+
+    def _check_layer_bits(self) -> None:
+        """Each override names one layer once, with bits a scheme accepts, and leaves quantized-or-not alone."""
+        if self.layer_bits and not self.weights.enabled:
+            raise ValueError("layer_bits overrides the bits of quantized layers; this config quantizes no weights")
+        names: set[str] = set()
+        for entry in self.layer_bits:
+            if not isinstance(entry, tuple) or len(entry) != 3 or not isinstance(entry[0], str) or not entry[0]:
+                raise ValueError(f"layer_bits entries are (layer name, weight bits, activation bits), got {entry!r}")
+            name, weight_bits, activation_bits = entry
+            if name in names:
+                raise ValueError(f"layer_bits names {name!r} more than once")
+            names.add(name)
+            if not _valid_bits(weight_bits):
+                raise ValueError(f"layer_bits[{name!r}]: weight bits must be an integer in "
+                                 f"{MIN_BITS}..{MAX_BITS}, got {weight_bits!r}")
+            if not self.activations.enabled:
+                if activation_bits is not None:
+                    raise ValueError(f"layer_bits[{name!r}]: activations are off in this config (weight-only); "
+                                     f"give activation bits None, got {activation_bits!r}")
+            elif not _valid_bits(activation_bits):
+                raise ValueError(f"layer_bits[{name!r}]: activation bits must be an integer in "
+                                 f"{MIN_BITS}..{MAX_BITS}, got {activation_bits!r}")
 
     def _check_layer_transforms(self) -> None:
         """Dynamic granularities, smoothing, rotation and low-rank branches: where each field belongs and which
@@ -289,6 +322,19 @@ def _per_tensor_softmax(data: dict[str, Any]) -> dict[str, Any]:
 
 
 register_migration("QuantConfig", 1, _per_tensor_softmax)
+
+
+def _uniform_bits(data: dict[str, Any]) -> dict[str, Any]:
+    """Before ``layer_bits`` existed, every quantized layer had the preset's bits."""
+    data.setdefault("layer_bits", [])
+    return data
+
+
+register_migration("QuantConfig", 2, _uniform_bits)
+
+
+def _valid_bits(bits: Any) -> bool:
+    return isinstance(bits, int) and not isinstance(bits, bool) and MIN_BITS <= bits <= MAX_BITS
 
 
 def config_version(klass: type) -> int:

@@ -80,7 +80,7 @@ def build_quantized_structure(
         require_finite(model.state_dict(), "model weight")
     qmodel_inner = copy.deepcopy(model).eval().requires_grad_(False)
     plans = plan_layers(adapter.layers(qmodel_inner), config.weights, config.activations,
-                        exclude=config.exclude, keep_fp_roles=config.keep_fp_roles)
+                        exclude=config.exclude, keep_fp_roles=config.keep_fp_roles, layer_bits=config.layer_bits)
     convert_layers(qmodel_inner, plans, init_weight_range=init_weight_range)
     splits = apply_shortcut_split(qmodel_inner, adapter, config, plans, init_weight_range=init_weight_range)
     plans = [dataclasses.replace(plan, split=splits.get(plan.name)) for plan in plans]

@@ -134,6 +134,8 @@ class Recipe:
         softmax_granularity: its step, one per query row (``"per_row"``) or one calibrated per module
             (``"per_tensor"``) — ``QuantConfig.softmax_granularity``.
         branch_ranges: separate activation ranges for the unconditional guidance branch (``QuantConfig``).
+        layer_bits: (layer name, weight bits, activation bits) of layers at other bits than the schemes' (mixed
+            precision, ``QuantConfig.layer_bits``): part of the network, so the recipe that made it carries it.
         calibration: the FP trajectories calibration data is taken from; its sampler must be the first deployment
             sampler's.
         deployments: the sampler(s) the model is deployed with, first = the one corrections are fitted for.
@@ -143,7 +145,8 @@ class Recipe:
         name: a label for reports (e.g. ``qdiffusion+tac-W4A8``).
     """
 
-    config_version: ClassVar[int] = 2  # 2: softmax_granularity (a version-1 recipe meant "per_tensor")
+    # 2: softmax_granularity (a version-1 recipe meant "per_tensor"); 3: layer_bits (a version-2 recipe: none)
+    config_version: ClassVar[int] = 3
 
     method: Any = field(default_factory=NaiveMethod)
     weights: QScheme = field(default_factory=lambda: preset("W8A8")[0])
@@ -155,6 +158,7 @@ class Recipe:
     softmax_bits: int = 8
     softmax_granularity: Literal["per_tensor", "per_row"] = "per_row"
     branch_ranges: bool = False
+    layer_bits: tuple[tuple[str, int, int | None], ...] = ()
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     deployments: tuple[Deployment, ...] = (Deployment(),)
     corrections: tuple[CorrectionConfig, ...] = ()
@@ -164,6 +168,7 @@ class Recipe:
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep_fp_roles", tuple(self.keep_fp_roles))
         object.__setattr__(self, "exclude", tuple(self.exclude))
+        object.__setattr__(self, "layer_bits", tuple(tuple(e) if isinstance(e, list) else e for e in self.layer_bits))
         object.__setattr__(self, "deployments", tuple(self.deployments))
         object.__setattr__(self, "corrections", tuple(self.corrections))
         method_handler(self.method)
@@ -210,7 +215,7 @@ class Recipe:
             split_shortcut=self.split_shortcut, quantize_attention=self.quantize_attention,
             softmax_bits=self.softmax_bits, softmax_granularity=self.softmax_granularity, exclude=self.exclude,
             keep_fp_roles=self.keep_fp_roles,
-            preset_name=self.preset_name, branch_ranges=self.branch_ranges,
+            preset_name=self.preset_name, branch_ranges=self.branch_ranges, layer_bits=self.layer_bits,
         )
 
     def base(self) -> Recipe:
@@ -228,7 +233,7 @@ class Recipe:
                    keep_fp_roles=config.keep_fp_roles, exclude=config.exclude, split_shortcut=config.split_shortcut,
                    quantize_attention=config.quantize_attention, softmax_bits=config.softmax_bits,
                    softmax_granularity=config.softmax_granularity, branch_ranges=config.branch_ranges,
-                   calibration=config.calibration,
+                   layer_bits=config.layer_bits, calibration=config.calibration,
                    deployments=deployments or (Deployment(config.calibration.sampler),),
                    corrections=corrections, preset_name=config.preset_name, name=name)
 
@@ -314,3 +319,12 @@ def _per_tensor_softmax_recipe(data: dict[str, Any]) -> dict[str, Any]:
 
 
 register_migration("Recipe", 1, _per_tensor_softmax_recipe)
+
+
+def _uniform_bits_recipe(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-2 recipe had every quantized layer at its schemes' bits (no ``layer_bits``)."""
+    data.setdefault("layer_bits", [])
+    return data
+
+
+register_migration("Recipe", 2, _uniform_bits_recipe)

@@ -3,21 +3,26 @@ raised layers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+import tadq
 from tadq import api
-from tadq.config import CalibrationConfig
+from tadq.config import CalibrationConfig, QuantConfig
 from tadq.corrections.ptqd.bitops import bit_operations
 from tadq.quant import QScheme
 from tadq.recipe import Deployment, Recipe
 from tadq.sampling import SamplerConfig
 from tadq.svdquant import SVDQuantMethod
 from tadq.svdquant.sensitivity import (
+    MixedPrecisionPlan,
     apply_mixed_precision,
     choose_high_precision,
     layer_bits,
     layer_sensitivities,
+    mixed_precision_config,
     network_macs,
     plan_bitops,
 )
@@ -65,3 +70,58 @@ def test_mixed_precision_respects_its_budget_and_raises_the_chosen_layers(svdqua
     assert plan_bitops(network_macs(qmodel), bits) == plan.bitops  # the network now costs what the plan says
     assert not torch.equal(qmodel(x, t), plain)
     assert qmodel.mixed_precision["high_layers"] == list(plan.high_layers)
+    assert qmodel.config.layer_bits == tuple((name, 8, 8) for name in plan.high_layers)
+    assert qmodel.recipe.quant_config() == qmodel.config  # the recipe saved beside it says the same
+
+
+def _plan(names: tuple[str, ...]) -> MixedPrecisionPlan:
+    return MixedPrecisionPlan(names, 0, 0, 0, 0, ())
+
+
+def test_a_raised_model_saves_its_choice_and_loads_bit_identically(svdquant_model, ddpm_scheduler, tmp_path):
+    qmodel = svdquant_model
+    names = tuple(layer_bits(qmodel))[2:4]
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([100, 800])
+    apply_mixed_precision(qmodel, _plan(names))
+    assert qmodel.config.layer_bits == tuple((name, 8, 8) for name in names)
+    assert all(qmodel.quantization_map()[name]["weights"].startswith("int8-") for name in names)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert loaded.config == qmodel.config and loaded.recipe == qmodel.recipe
+    assert layer_bits(loaded) == layer_bits(qmodel)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t), qmodel(x, t))
+
+
+def test_raising_twice_keeps_the_first_choice_and_unknown_layers_raise(svdquant_model):
+    qmodel = svdquant_model
+    first, second = tuple(layer_bits(qmodel))[:2]
+    apply_mixed_precision(qmodel, _plan((first,)))
+    apply_mixed_precision(qmodel, _plan((second,)))
+    assert qmodel.config.layer_bits == ((first, 8, 8), (second, 8, 8))
+    config = qmodel.config
+    with pytest.raises(ValueError, match="down_blocks.7.conv"):
+        apply_mixed_precision(qmodel, _plan(("down_blocks.7.conv",)))
+    assert qmodel.config == config  # refused before anything changed
+
+
+def test_the_config_of_a_plan_rebuilds_the_raised_layers_from_scratch(svdquant_model, tiny_unet, ddpm_scheduler):
+    """``mixed_precision_config`` quantizes the chosen layers at 8 bits from scratch (weight-only: activations off)."""
+    names = tuple(layer_bits(svdquant_model))[:2]
+    config = mixed_precision_config(svdquant_model.config, _plan(names))
+    assert config.layer_bits == tuple((name, 8, 8) for name in names)
+    rebuilt = api.quantize(tiny_unet, ddpm_scheduler, dataclasses.replace(svdquant_model.recipe,
+                                                                          layer_bits=config.layer_bits),
+                           progress=False)
+    bits = layer_bits(rebuilt)
+    assert all(bits[name] == (8, 8) for name in names) and sum(b == (4, 4) for b in bits.values()) > 2
+    weight_only = QuantConfig.from_preset("W4A16")
+    assert mixed_precision_config(weight_only, _plan(names)).layer_bits == tuple((n, 8, None) for n in names)
+
+
+def test_split_shortcut_networks_are_refused_with_a_reason(tiny_unet, ddpm_scheduler):
+    config = QuantConfig.from_preset("W4A8", calibration=CALIB, split_shortcut=True)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
+    with pytest.raises(ValueError, match="split_shortcut"):
+        apply_mixed_precision(qmodel, _plan(("conv_in",)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fnmatch import fnmatchcase
 
 from torch import nn
@@ -38,16 +38,22 @@ class LayerPlan:
 def plan_layers(
     layers: list[LayerInfo], weights: QScheme, activations: QScheme,
     exclude: tuple[str, ...] = (), keep_fp_roles: tuple[str, ...] = (),
+    layer_bits: tuple[tuple[str, int, int | None], ...] = (),
 ) -> list[LayerPlan]:
     """Decide per layer; exclusion by role or fnmatch pattern is recorded in ``reason``.
 
+    ``layer_bits`` (``QuantConfig.layer_bits``): (name, weight bits, activation bits) of layers that get the
+    given schemes with other bits (mixed precision); activation bits ``None`` keep ``activations``.
+
     Raises:
-        ValueError: an ``exclude`` pattern matches no layer (a typo would otherwise silently quantize everything).
+        ValueError: an ``exclude`` pattern matches no layer (a typo would otherwise silently quantize everything),
+            or a ``layer_bits`` name is not a quantized layer (its bits would otherwise silently not apply).
     """
     unmatched = [p for p in exclude if not any(fnmatchcase(info.name, p) for info in layers)]
     if unmatched:
         examples = ", ".join(info.name for info in layers[:4])
         raise ValueError(f"exclude patterns {unmatched} match no quantizable layer (names look like: {examples}, ...)")
+    overrides = {name: (weight_bits, activation_bits) for name, weight_bits, activation_bits in layer_bits}
     plans = []
     for info in layers:
         reason = ""
@@ -55,7 +61,18 @@ def plan_layers(
             reason = f"role {info.role} kept in FP"
         elif any(fnmatchcase(info.name, pattern) for pattern in exclude):
             reason = "excluded by pattern"
-        plans.append(LayerPlan(info.name, info.role, weights, activations, quantized=not reason, reason=reason))
+        layer_weights, layer_activations = weights, activations
+        if not reason and info.name in overrides:
+            weight_bits, activation_bits = overrides.pop(info.name)
+            layer_weights = replace(weights, bits=weight_bits)
+            if activation_bits is not None:
+                layer_activations = replace(activations, bits=activation_bits)
+        plans.append(LayerPlan(info.name, info.role, layer_weights, layer_activations, quantized=not reason,
+                               reason=reason))
+    if overrides:
+        quantized = [plan.name for plan in plans if plan.quantized]
+        raise ValueError(f"layer_bits names {sorted(overrides)}, which are not quantized layers of this model "
+                         f"(kept in FP or absent; quantized layers look like: {', '.join(quantized[:4])}, ...)")
     return plans
 
 

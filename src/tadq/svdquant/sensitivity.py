@@ -16,9 +16,11 @@ a bit-operations budget (issue 16, docs/methods/svdquant.md#sensitivity-based-mi
    calibrated clipping range on an 8-bit grid (static schemes).
 
 Only networks without learned rounding (``naive``, ``svdquant``) and without corrections can be raised; fit the
-corrections after. The raised model lives in memory: ``QuantConfig`` has no per-layer bit-width, so an artefact
-saved from it would not record the choice (``apply_mixed_precision`` marks the model, and ``save_pretrained`` is
-not to be used on it).
+corrections after. The choice is part of the network's config: ``apply_mixed_precision`` records the raised layers
+in ``QuantConfig.layer_bits`` (and in the recipe, its layer plans and quantization map), so ``save_pretrained``
+writes it and ``tadq.load`` rebuilds those layers at 8 bits with the saved ranges: the same outputs bit for bit.
+Quantizing from scratch with that config (``mixed_precision_config``) is a different network of the same bits:
+the raised layers' ranges (and SVDQuant's smoothing) are then calibrated at 8 bits instead of carried over.
 """
 
 from __future__ import annotations
@@ -31,15 +33,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tadq.config import QuantConfig
 from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
 from tadq.denoiser import QuantizedDenoiser
+from tadq.quant.convert import LayerPlan
 from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.sampling import SamplerConfig, SamplingPlan
 from tadq.sampling import sample as sample_loop
 
 __all__ = ["HIGH_BITS", "LayerSensitivity", "MixedPrecisionPlan", "apply_mixed_precision", "choose_high_precision",
-           "layer_bits", "layer_sensitivities", "network_macs", "plan_bitops"]
+           "layer_bits", "layer_sensitivities", "mixed_precision_config", "network_macs", "plan_bitops"]
 
 HIGH_BITS = 8
 RAISABLE_METHODS = ("naive", "svdquant")
@@ -74,6 +78,9 @@ class MixedPrecisionPlan:
 
 
 def _quantized_layers(qmodel: QuantizedDenoiser) -> dict[str, QuantLayer]:
+    if qmodel.config.split_shortcut:  # a split layer has two weight and two input quantizers, not one of each
+        raise ValueError("mixed precision measures and raises layers with one weight and one input quantizer; "
+                         "quantize without split_shortcut")
     return {name: m for name, m in qmodel.model.named_modules()
             if isinstance(m, QuantLayer) and m.weight_quantizer.enabled}
 
@@ -201,18 +208,52 @@ def _raise_quantizer(quantizer: Quantizer, bits: int) -> None:
     quantizer.set_range(low, high)
 
 
+def mixed_precision_config(config: QuantConfig, plan: MixedPrecisionPlan) -> QuantConfig:
+    """``config`` with the plan's layers at ``plan.high_bits`` in ``layer_bits`` (earlier overrides of other
+    layers kept): what a raised network is, for saving it or quantizing it again from scratch."""
+    activation_bits = plan.high_bits if config.activations.enabled else None
+    overrides = {name: (weight, activation) for name, weight, activation in config.layer_bits}
+    overrides |= {name: (plan.high_bits, activation_bits) for name in plan.high_layers}
+    return dataclasses.replace(config, layer_bits=tuple((name, *bits) for name, bits in overrides.items()))
+
+
+def _raised_plan(layer_plan: LayerPlan, bits: int) -> LayerPlan:
+    """The layer's plan at ``bits``, as ``plan_layers`` makes it from ``layer_bits`` (a disabled activation stays
+    off), so the saved quantization map is the one loading rebuilds."""
+    activations = layer_plan.activations
+    if activations.enabled:
+        activations = dataclasses.replace(activations, bits=bits)
+    return dataclasses.replace(layer_plan, weights=dataclasses.replace(layer_plan.weights, bits=bits),
+                               activations=activations)
+
+
 def apply_mixed_precision(qmodel: QuantizedDenoiser, plan: MixedPrecisionPlan) -> QuantizedDenoiser:
-    """Raise the plan's layers to its bits, in place (module docstring); ``qmodel.mixed_precision`` records it."""
+    """Raise the plan's layers to its bits, in place (module docstring); returns ``qmodel``.
+
+    The choice becomes part of the model: ``qmodel.config.layer_bits`` (and ``qmodel.recipe``, ``qmodel.plans``)
+    name the raised layers, so saving writes it and loading rebuilds it; ``qmodel.mixed_precision`` keeps the plan's
+    report (budget, sensitivities).
+    """
     if qmodel.config.method not in RAISABLE_METHODS:
         raise ValueError(f"mixed precision raises naive or SVDQuant networks (ranges re-estimated from the weight); "
                          f"this one is {qmodel.config.method!r}, whose weights were fitted to their grid")
     if len(qmodel.corrections):
         raise ValueError("raise layers before fitting corrections (their tables depend on the network)")
     layers = _quantized_layers(qmodel)
+    unknown = [name for name in plan.high_layers if name not in layers]
+    if unknown:
+        raise ValueError(f"the plan raises layers that are not quantized layers of this model: {unknown}")
+    config = mixed_precision_config(qmodel.config, plan)  # validates the bits before anything changes
     for name in plan.high_layers:
         layer = layers[name]
         layer.weight_quantizer.scheme = dataclasses.replace(layer.weight_quantizer.scheme, bits=plan.high_bits)
         layer.init_weight_range()
         _raise_quantizer(layer.input_quantizer, plan.high_bits)
+    raised = set(plan.high_layers)
+    qmodel.plans = [_raised_plan(p, plan.high_bits) if p.name in raised else p for p in qmodel.plans]
+    qmodel.config = config
+    recipe = getattr(qmodel, "recipe", None)
+    if recipe is not None:
+        qmodel.recipe = dataclasses.replace(recipe, layer_bits=config.layer_bits)
     qmodel.mixed_precision = plan.to_json()
     return qmodel
