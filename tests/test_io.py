@@ -242,6 +242,12 @@ def test_layer_bits_give_named_layers_their_bits_and_survive_save_and_load(
     with torch.no_grad():
         assert not torch.equal(mixed(x, t), plain(x, t))
         assert torch.equal(mixed(x, t), again(x, t))
+    # the bit-operations count the raised layers at their own bits: exactly their MACs × (b_w b_a − 4·8) more
+    from tadq.corrections.ptqd.bitops import bit_operations, layer_macs
+
+    macs = layer_macs(plain.model, plain, plain.sample_shape)
+    extra = sum(macs[name] * (w * a - 4 * 8) for name, w, a in RAISED)
+    assert bit_operations(mixed) - bit_operations(plain) == extra > 0
     mixed.save_pretrained(tmp_path / "q", ddpm_scheduler)
     loaded, _ = tadq.load(tmp_path / "q")
     assert loaded.config == mixed.config and loaded.config.layer_bits == RAISED

@@ -74,15 +74,17 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
         def call(x: Tensor, t: Tensor) -> Tensor:
             return model(x, t, cond)
 
-        quantized = {plan.name for plan in model.plans if plan.quantized}
-        bits_w = bits_w if bits_w is not None else (model.config.weights.bits or FP_BITS)
-        bits_a = bits_a if bits_a is not None else (model.config.activations.bits or FP_BITS)
+        # each quantized layer at its own plan's bits (QuantConfig.layer_bits may raise some), unless told
+        per_layer = {plan.name: (bits_w if bits_w is not None else (plan.weights.bits or FP_BITS),
+                                 bits_a if bits_a is not None else (plan.activations.bits or FP_BITS))
+                     for plan in model.plans if plan.quantized}
     else:
         if bits_w is None or bits_a is None:
             raise ValueError("pass bits_w and bits_a for a model that is not a QuantizedDenoiser (32, 32 for FP)")
         adapter = adapter_for(model)
         network, shape = model, sample_shape or adapter.sample_shape(model)
-        quantized = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        per_layer = {name: (bits_w, bits_a) for name, m in model.named_modules()
+                     if isinstance(m, (nn.Conv2d, nn.Linear))}
 
         cond = _dummy_conditioning(adapter, model)
 
@@ -90,4 +92,5 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
             return adapter.predict_eps(model, x, t, cond)
 
     macs = layer_macs(network, call, shape)
-    return sum(count * (bits_w * bits_a if name in quantized else FP_BITS * FP_BITS) for name, count in macs.items())
+    return sum(count * (per_layer[name][0] * per_layer[name][1] if name in per_layer else FP_BITS * FP_BITS)
+               for name, count in macs.items())
