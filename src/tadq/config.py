@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from tadq.sampling import SamplerConfig
 
 __all__ = [
     "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict",
-    "config_from_dict", "config_version", "QuantMethod", "register_config_type", "register_migration",
+    "config_from_dict", "config_version", "QuantMethod", "register_config_type", "register_migration", "field_added",
 ]
 
 QuantMethod = Literal["naive", "qdiffusion", "svdquant"]
@@ -315,22 +316,20 @@ def _migrate(kind: str, version: int, data: dict[str, Any], current: int, where:
     return data
 
 
-def _per_tensor_softmax(data: dict[str, Any]) -> dict[str, Any]:
-    """Before ``softmax_granularity`` existed, P was quantized with one calibrated step per attention module."""
-    data.setdefault("softmax_granularity", "per_tensor")
-    return data
+def field_added(name: str, value_before: Any) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The migration over a version that added field ``name``: an older payload gets ``value_before``, what it was
+    written with (not the field's new default)."""
+    def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+        data.setdefault(name, copy.deepcopy(value_before))
+        return data
+
+    return upgrade
 
 
-register_migration("QuantConfig", 1, _per_tensor_softmax)
-
-
-def _uniform_bits(data: dict[str, Any]) -> dict[str, Any]:
-    """Before ``layer_bits`` existed, every quantized layer had the preset's bits."""
-    data.setdefault("layer_bits", [])
-    return data
-
-
-register_migration("QuantConfig", 2, _uniform_bits)
+# version 2: softmax_granularity (before it, P had one calibrated step per attention module);
+# version 3: layer_bits (before it, every quantized layer had the preset's bits)
+register_migration("QuantConfig", 1, field_added("softmax_granularity", "per_tensor"))
+register_migration("QuantConfig", 2, field_added("layer_bits", []))
 
 
 def _valid_bits(bits: Any) -> bool:

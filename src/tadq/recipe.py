@@ -26,6 +26,7 @@ from tadq.config import (
     ReconstructionConfig,
     config_from_dict,
     config_to_dict,
+    field_added,
     register_config_type,
     register_migration,
 )
@@ -312,19 +313,6 @@ def _coerce(old: Any, value: Any) -> Any:
     return value
 
 
-def _per_tensor_softmax_recipe(data: dict[str, Any]) -> dict[str, Any]:
-    """A version-1 recipe quantized P with one calibrated step per attention module (``per_tensor``)."""
-    data.setdefault("softmax_granularity", "per_tensor")
-    return data
-
-
-register_migration("Recipe", 1, _per_tensor_softmax_recipe)
-
-
-def _uniform_bits_recipe(data: dict[str, Any]) -> dict[str, Any]:
-    """A version-2 recipe had every quantized layer at its schemes' bits (no ``layer_bits``)."""
-    data.setdefault("layer_bits", [])
-    return data
-
-
-register_migration("Recipe", 2, _uniform_bits_recipe)
+# as QuantConfig's: version 2 added softmax_granularity (per-tensor before), version 3 layer_bits (none before)
+register_migration("Recipe", 1, field_added("softmax_granularity", "per_tensor"))
+register_migration("Recipe", 2, field_added("layer_bits", []))
