@@ -14,6 +14,7 @@ CORRECTION_NAMES: dict[str, Callable[[int], CorrectionConfig]] = {
     "tac": lambda seed: TACConfig(seed=seed),
     "ibc": lambda seed: TACConfig(ner=False, seed=seed),  # TAC's input bias correction alone
     "ner": lambda seed: TACConfig(ibc=False, seed=seed),  # TAC's noise estimation reconstruction alone
+    "tac-select": lambda seed: TACConfig(seed=seed, select_ner=True),  # NER kept only if it helps on held-out noise
     "tcec": lambda seed: TCECConfig(seed=seed),
 }
 """Correction name → config with the default settings, fitted with noise ``seed`` (a calibration seed)."""

@@ -26,8 +26,8 @@ __all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "SVDQUANT_ROWS", "SVDQUANT_RANK", "SV
 
 # row → correction names on the Q-Diffusion base, in application order
 CORRECTION_ROWS: dict[str, tuple[str, ...]] = {
-    "ptqd": ("ptqd",), "ibc": ("ibc",), "ner": ("ner",), "tac": ("tac",), "tcec": ("tcec",),
-    "tac+tcec": ("tac", "tcec"),
+    "ptqd": ("ptqd",), "ibc": ("ibc",), "ner": ("ner",), "tac": ("tac",), "tac-select": ("tac-select",),
+    "tcec": ("tcec",), "tac+tcec": ("tac", "tcec"),
 }
 # TFMQ rows: row → (weights it starts from, TFMQConfig changes, corrections on top); tiar and qdiffusion+ are ablations
 NO_TIAR: dict[str, Any] = {"tiar": False, "freeze_time_projections": False}  # what Q-Diffusion weights were built with

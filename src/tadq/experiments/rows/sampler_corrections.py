@@ -21,6 +21,7 @@ __all__ = ["LABELS", "correction_tables"]
 
 LABELS: dict[str, str] = {
     "ibc": "Q-Diffusion + TAC IBC", "ner": "Q-Diffusion + TAC NER", "tac": "Q-Diffusion + TAC",
+    "tac-select": "Q-Diffusion + TAC (NER held-out switch)",
     "tcec": "Q-Diffusion + TCEC", "tac+tcec": "Q-Diffusion + TAC + TCEC",
 }
 
