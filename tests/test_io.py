@@ -299,3 +299,25 @@ def test_an_artefact_saved_before_layer_bits_loads_bit_identically(tmp_path, tin
     assert loaded.config.layer_bits == () and loaded.config == qmodel.config
     assert loaded.recipe is not None and loaded.recipe.layer_bits == ()
     _assert_same_model(qmodel, loaded)
+
+
+def test_an_old_recipe_takes_the_network_fields_it_could_not_record_from_the_config(
+    tmp_path, tiny_unet, ddpm_scheduler, calibration,
+):
+    """A version-1 recipe beside a config that records the per-row softmax (written between the field's arrival in
+    QuantConfig and in Recipe): the recipe could not say it, so the network's config decides, and it loads."""
+    from tadq.io.save import RECIPE_FILE
+
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, "W8A8", quantize_attention=True)
+    assert qmodel.config.softmax_granularity == "per_row"
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    path = tmp_path / "q" / RECIPE_FILE
+    recipe = json.loads(path.read_text())
+    recipe["version"] = 1
+    for key in ("softmax_granularity", "layer_bits"):
+        recipe["data"].pop(key)
+    path.write_text(json.dumps(recipe, indent=2))
+    write_manifest(tmp_path / "q")
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert loaded.recipe.softmax_granularity == "per_row" and loaded.config == qmodel.config
+    _assert_same_model(qmodel, loaded)

@@ -3,6 +3,7 @@ quantized weight to Δ·(codes − z) (bit-identical outputs to the saved model)
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -14,7 +15,7 @@ from diffusers import SchedulerMixin
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from tadq.config import QuantConfig, config_from_dict
+from tadq.config import QuantConfig, config_from_dict, config_version
 from tadq.corrections.io import load_corrections
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io.manifest import MANIFEST_FILE, verify_manifest
@@ -198,6 +199,10 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     return qmodel, _load_scheduler(path)
 
 
+# network fields added to QuantConfig and Recipe after their version 1 (QuantConfig's migrations say how)
+LATER_NETWORK_FIELDS = ("softmax_granularity", "layer_bits")
+
+
 def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Recipe | None:
     """The artefact's ``Recipe`` (``tadq_recipe.json``), ``None`` for an artefact written without one.
 
@@ -207,7 +212,12 @@ def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Rec
     file = Path(directory) / RECIPE_FILE
     if not file.is_file():
         return None
-    recipe = recipe_from_dict(read_json_file(file, "recipe"), str(file))
+    payload = read_json_file(file, "recipe")
+    recipe = recipe_from_dict(payload, str(file))
+    if config is not None and isinstance(payload, dict) and payload.get("version", 0) < config_version(Recipe):
+        # a recipe older than a network field (softmax_granularity, layer_bits) could not record it: the network's
+        # config, written beside it, is what the artefact was built with
+        recipe = dataclasses.replace(recipe, **{name: getattr(config, name) for name in LATER_NETWORK_FIELDS})
     if config is not None and recipe.quant_config() != config:
         raise ValueError(f"{file} and {CONFIG_FILE} describe different networks; save the artefact again")
     return recipe

@@ -1,0 +1,92 @@
+"""TAC on the shipped DiT: full TAC, IBC alone and TAC with the held-out NER switch on one saved Q-Diffusion base.
+
+    python benchmarks/dit_tac_select.py --models runs/dit-dpm/models --sampler dpmsolver++ --steps 20 \
+        --presets W4A8,W4A4 --out runs/dit-dpm/tac_select.json
+
+Why: on the DiT at W4A4 (and on the text-to-image model at W4A4) TAC fell below its base. Each variant is fitted on
+the base that ``tadq run`` saved (``--models``: its ``models/`` folder; the Q-Diffusion base of each preset), with
+the run's calibration seed 0 and guidance, then sampled from the run's evaluation seed 1000 and labels; PSNR vs
+the FP samples from the same noise and labels, as the main table. ``select_ner`` scores NER on against NER off on
+held-out calibration noise (seed 100000), never on the evaluation seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from tadq.api import load, sample
+from tadq.corrections import TACConfig
+from tadq.corrections.attach import fit_corrections
+from tadq.experiments.workload import load_workload
+from tadq.metrics import psnr_per_sample
+from tadq.sampling import SamplerConfig
+
+VARIANTS = {
+    "base": (),
+    "tac": (TACConfig(seed=0),),
+    "ibc": (TACConfig(seed=0, ner=False),),
+    "tac-select": (TACConfig(seed=0, select_ner=True),),
+}
+
+
+def base_folder(models: Path, preset: str) -> Path:
+    """The Q-Diffusion base (no corrections, QDiffusionMethod) of ``preset`` among ``tadq run``'s saved models."""
+    for folder in sorted(models.glob(f"qdiffusion-{preset}-*")):
+        recipe = json.loads((folder / "tadq_recipe.json").read_text())
+        if recipe["data"]["method"]["type"] == "QDiffusionMethod" and not (folder / "corrections.safetensors").exists():
+            return folder
+    raise FileNotFoundError(f"no Q-Diffusion base for {preset} under {models}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="dit")
+    parser.add_argument("--models", type=Path, required=True)
+    parser.add_argument("--sampler", default="dpmsolver++")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--presets", default="W4A8,W4A4")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    workload = load_workload(args.model)
+    sampler = SamplerConfig(kind=args.sampler, num_steps=args.steps)
+
+    def draw(model):
+        latents = sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=args.seed,
+                         batch_size=args.num_samples, conditions=workload.evaluation_conditions,
+                         guidance_scale=workload.guidance_scale, progress=False).images
+        return workload.images(latents)
+
+    fp = draw(workload.model)
+    results: dict = {"command": "python benchmarks/dit_tac_select.py " + " ".join(
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": []}
+    for preset in args.presets.split(","):
+        folder = base_folder(args.models, preset)
+        for name in args.variants.split(","):
+            t0 = time.perf_counter()
+            base, _ = load(folder)
+            model = base if not VARIANTS[name] else fit_corrections(
+                base, workload.model, workload.scheduler, sampler, VARIANTS[name],
+                conditions=workload.calibration_conditions, guidance_scale=workload.guidance_scale)
+            psnr = float(psnr_per_sample(draw(model).clamp(-1, 1), fp.clamp(-1, 1)).mean())
+            row = {"preset": preset, "variant": name, "psnr": round(psnr, 2), "s": round(time.perf_counter() - t0)}
+            member = model.corrections[-1] if len(model.corrections) else None
+            if member is not None and getattr(member, "selection_records", None):
+                row["selection"] = member.selection_records
+            results["rows"].append(row)
+            print(json.dumps(row), flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
