@@ -38,7 +38,8 @@ def base_folder(models: Path, preset: str) -> Path:
     """The Q-Diffusion base (no corrections, QDiffusionMethod) of ``preset`` among ``tadq run``'s saved models."""
     for folder in sorted(models.glob(f"qdiffusion-{preset}-*")):
         recipe = json.loads((folder / "tadq_recipe.json").read_text())
-        if recipe["data"]["method"]["type"] == "QDiffusionMethod" and not (folder / "corrections.safetensors").exists():
+        plain = not (folder / "corrections.safetensors").exists()
+        if recipe["data"]["method"]["type"] == "QDiffusionMethod" and plain:
             return folder
     raise FileNotFoundError(f"no Q-Diffusion base for {preset} under {models}")
 
