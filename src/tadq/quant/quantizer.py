@@ -7,7 +7,7 @@ A plain forward never changes calibration state: ranges are only written by ``se
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Literal, Protocol
 
 import torch
@@ -17,7 +17,7 @@ from tadq.quant.fake_quant import fake_quantize, scale_and_zero_point
 from tadq.quant.granularity import dynamic_fake_quantize
 from tadq.quant.qscheme import QScheme
 
-__all__ = ["Quantizer", "Observer", "quantizers_bypassed"]
+__all__ = ["Quantizer", "Observer", "bypassing", "quantizers_bypassed"]
 
 
 class Observer(Protocol):
@@ -131,7 +131,13 @@ def quantizers_bypassed(model: nn.Module, kind: Literal["weight", "activation"] 
     Used by reconstruction's weight phase (activations off) and by structural traces that run before any range is
     set. Explicit and scoped: nothing else toggles ``bypass``.
     """
-    quantizers = [m for m in model.modules() if isinstance(m, Quantizer) and (kind is None or m.kind == kind)]
+    with bypassing([m for m in model.modules() if isinstance(m, Quantizer) and (kind is None or m.kind == kind)]):
+        yield
+
+
+@contextlib.contextmanager
+def bypassing(quantizers: Sequence[Quantizer]) -> Iterator[None]:
+    """Temporarily pass exactly ``quantizers`` through unquantized; each one's previous state restored on exit."""
     previous = [q.bypass for q in quantizers]
     for quantizer in quantizers:
         quantizer.bypass = True

@@ -38,7 +38,7 @@ from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
 from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.convert import LayerPlan
 from tadq.quant.modules import QuantLayer
-from tadq.quant.quantizer import Quantizer, quantizers_bypassed
+from tadq.quant.quantizer import Quantizer, bypassing, quantizers_bypassed
 from tadq.sampling import SamplerConfig, SamplingPlan
 from tadq.sampling import sample as sample_loop
 
@@ -117,15 +117,8 @@ def plan_bitops(macs: dict[str, int], bits: dict[str, tuple[int, int]], high: Se
 def _only_quantized(qmodel: QuantizedDenoiser, layer: QuantLayer) -> Iterator[None]:
     """Every quantizer outside ``layer`` bypassed for the block; restored on exit."""
     own = {id(q) for q in layer.modules() if isinstance(q, Quantizer)}
-    others = [q for q in qmodel.model.modules() if isinstance(q, Quantizer) and id(q) not in own]
-    previous = [q.bypass for q in others]
-    for quantizer in others:
-        quantizer.bypass = True
-    try:
+    with bypassing([q for q in qmodel.model.modules() if isinstance(q, Quantizer) and id(q) not in own]):
         yield
-    finally:
-        for quantizer, state in zip(others, previous, strict=True):
-            quantizer.bypass = state
 
 
 @torch.no_grad()
