@@ -70,3 +70,30 @@ def test_bad_layer_bits_raise(preset_name, layer_bits, message):
 
 def test_weight_only_layer_bits_leave_activations_off():
     assert QuantConfig.from_preset("W4A16", layer_bits=(("conv_in", 8, None),)).layer_bits == (("conv_in", 8, None),)
+
+
+def test_reconstruction_rounding_survives_json_and_a_version_1_payload_means_adaround():
+    from tadq.config import ReconstructionConfig
+
+    config = QuantConfig.from_preset("W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(
+        rounding="gptq_adaround", gptq_damp=0.05, gptq_act_order=False, gptq_inputs=128))
+    payload = json.loads(json.dumps(config_to_dict(config)))
+    assert payload["data"]["reconstruction"]["version"] == 2
+    assert config_from_dict(payload) == config
+    old = json.loads(json.dumps(config_to_dict(QuantConfig.from_preset("W4A8", method="qdiffusion"))))
+    old["data"]["reconstruction"]["version"] = 1
+    for name in ("rounding", "gptq_damp", "gptq_act_order", "gptq_inputs"):
+        del old["data"]["reconstruction"]["data"][name]
+    restored = config_from_dict(old)
+    assert restored.reconstruction.rounding == "adaround" and restored == QuantConfig.from_preset(
+        "W4A8", method="qdiffusion")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("rounding", "brecq", "rounding must be"), ("gptq_damp", 0.0, "gptq_damp"), ("gptq_inputs", -1, "gptq_inputs"),
+])
+def test_bad_reconstruction_rounding_fields_raise(field, value, message):
+    from tadq.config import ReconstructionConfig
+
+    with pytest.raises(ValueError, match=message):
+        ReconstructionConfig(**{field: value})

@@ -90,7 +90,18 @@ class ReconstructionConfig:
             which cost the 32×32 photos model most of the gain; docs/methods/qdiffusion.md, "Carrying over to
             natural images").
         seed: seeds batch sampling.
+        rounding: how each unit's weights choose their grid points: ``"adaround"`` (learned rounding, the
+            iterations above) or ``"gptq"`` (column-by-column rounding with inverse-Hessian error compensation, one
+            pass per layer and no iterations; ``weight_iters`` and ``weight_lr`` are then unused) or
+            ``"gptq_adaround"`` (AdaRound started from GPTQ's compensated weights, whose nearest rounding is the
+            GPTQ result); docs/methods/qdiffusion.md#gptq-rounding.
+        gptq_damp: GPTQ's damping, a share of the Hessian's mean diagonal added to it (0.01: GPTQ).
+        gptq_act_order: round the columns with the largest input energy first (GPTQ's act-order).
+        gptq_inputs: calibration inputs (rows of the set, drawn with ``seed``) whose layer inputs form each
+            Hessian; 0: all of them.
     """
+
+    config_version: ClassVar[int] = 2  # 2: rounding, gptq_damp, gptq_inputs (before them: AdaRound)
 
     weight_iters: int = 1000
     activation_iters: int = 400
@@ -104,6 +115,10 @@ class ReconstructionConfig:
     activation_p: float = 2.4
     loss_reduction: Literal["sum", "channel_sum"] = "channel_sum"
     seed: int = 0
+    rounding: Literal["adaround", "gptq", "gptq_adaround"] = "adaround"
+    gptq_damp: float = 0.01
+    gptq_act_order: bool = True
+    gptq_inputs: int = 256
 
     def __post_init__(self) -> None:
         for name in ("weight_iters", "activation_iters"):
@@ -119,6 +134,12 @@ class ReconstructionConfig:
             raise ValueError(f"loss_reduction must be 'sum' or 'channel_sum', got {self.loss_reduction!r}")
         if self.rounding_weight < 0:
             raise ValueError(f"rounding_weight must be >= 0, got {self.rounding_weight}")
+        if self.rounding not in ("adaround", "gptq", "gptq_adaround"):
+            raise ValueError(f"rounding must be 'adaround', 'gptq' or 'gptq_adaround', got {self.rounding!r}")
+        if not self.gptq_damp > 0:
+            raise ValueError(f"gptq_damp must be > 0, got {self.gptq_damp}")
+        if self.gptq_inputs < 0:
+            raise ValueError(f"gptq_inputs must be >= 0 (0: all), got {self.gptq_inputs}")
         for name in ("weight_lr", "activation_lr", "activation_p"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -330,6 +351,9 @@ def field_added(name: str, value_before: Any) -> Callable[[dict[str, Any]], dict
 # version 3: layer_bits (before it, every quantized layer had the preset's bits)
 register_migration("QuantConfig", 1, field_added("softmax_granularity", "per_tensor"))
 register_migration("QuantConfig", 2, field_added("layer_bits", []))
+# ReconstructionConfig version 2: rounding (before it, always AdaRound) and GPTQ's two settings (unused by AdaRound)
+register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_inputs", 256)(
+    field_added("gptq_act_order", True)(field_added("gptq_damp", 0.01)(field_added("rounding", "adaround")(data)))))
 
 
 def _valid_bits(bits: Any) -> bool:

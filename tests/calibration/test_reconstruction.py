@@ -113,3 +113,42 @@ def test_checkpoint_is_safetensors_not_pickle(setup, tmp_path):
 
     with safe_open(str(checkpoint), framework="pt") as handle:  # raises for a pickle
         assert "tadq" in handle.metadata()
+
+
+@pytest.mark.parametrize("rounding", ["adaround", "gptq"])
+def test_fp_targets_captured_several_units_at_a_time_change_nothing(setup, rounding):
+    """A capture budget of one byte (one unit per pass) and of a gigabyte (every unit in one pass) give the same
+    model bit for bit: grouping only saves the FP prefix passes."""
+    model, scheduler, calib = setup
+    config = ReconstructionConfig(weight_iters=20, activation_iters=10, batch_size=16, rounding=rounding,
+                                  gptq_inputs=32)
+    states = []
+    for budget in (1, 1 << 30):
+        qmodel = _naive(model, scheduler, calib)
+        reconstruct(qmodel.model, model, qmodel.adapter, calib, config, progress=False, capture_budget_bytes=budget)
+        states.append(qmodel.model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_gptq_rounds_a_grouped_conv_per_group_on_its_grid_and_beats_nearest():
+    """A grouped convolution gets one Hessian per group; each output row keeps its own step."""
+    from tadq.calibration.capture import UnitIO
+    from tadq.calibration.reconstruction import _gptq_weights
+    from tadq.quant.modules import QuantConv2d
+    from tadq.quant.qscheme import preset
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 6, 3, padding=1, groups=2)
+    layer = QuantConv2d.from_module(conv, *preset("W4A16"))
+    base = torch.randn(64, 1, 6, 6)
+    x = base.repeat(1, 8, 1, 1) + 0.3 * torch.randn(64, 8, 6, 6)  # strongly correlated channels
+    with torch.no_grad():
+        target = conv(x)
+        nearest_error = float((layer(x) - target).pow(2).mean())
+    io = UnitIO(args=[x], output=target)
+    _gptq_weights(layer, io, ReconstructionConfig(rounding="gptq", batch_size=16, gptq_inputs=0), seed=0)
+    with torch.no_grad():
+        assert torch.equal(layer.quantized_weight(), layer.weight)  # on the grid
+        gptq_error = float((layer(x) - target).pow(2).mean())
+    assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)

@@ -92,3 +92,27 @@ def test_learned_rounding_does_not_depend_on_the_resolution():
     differs = (_learned_weight(4, "sum") != _learned_weight(32, "sum")).float().mean()
     print(f"same {float(same):.4f} differs {float(differs):.4f}")
     assert differs > 1 - same  # the old reduction moves more roundings than float noise does
+
+
+def test_gptq_rounding_beats_naive_on_rgb_by_more_than_the_seed_spread(ddpm_scheduler):
+    """GPTQ rounding (no iterations) must also beat naive on the RGB model, with split shortcuts and attention
+    matmuls quantized (the preset's full Q-Diffusion structure), and leave every weight on its quantizer's grid."""
+    from tadq.calibration.reconstruction import weight_pairs
+
+    model = build_rgb_unet()
+    adapter = adapter_for(model)
+    calib = collect_calibration_set(model, adapter, ddpm_scheduler.config, CALIB, progress=False)
+    held_out = [collect_calibration_set(model, adapter, ddpm_scheduler.config, dataclasses.replace(CALIB, seed=s),
+                                        progress=False) for s in EVAL_SEEDS]
+    naive = api.quantize(model, ddpm_scheduler, QuantConfig.from_preset("W4A8", calibration=CALIB),
+                         calibration=calib, progress=False)
+    config = dataclasses.replace(QuantConfig.from_preset("W4A8", method="qdiffusion", calibration=CALIB,
+        reconstruction=ReconstructionConfig(rounding="gptq", activation_iters=0, batch_size=16, gptq_inputs=32)),
+        split_shortcut=True, quantize_attention=True)  # a split conv's two weight views: each on its own grid
+    gptq = api.quantize(model, ddpm_scheduler, config, calibration=calib, progress=False)
+    naive_errors = torch.tensor([_eps_error(naive, model, c) for c in held_out])
+    gptq_errors = torch.tensor([_eps_error(gptq, model, c) for c in held_out])
+    assert float(naive_errors.mean() - gptq_errors.mean()) > 3 * float(naive_errors.std()), (naive_errors,
+                                                                                          gptq_errors)
+    for quantizer, weight in weight_pairs(gptq.model):
+        assert torch.equal(quantizer(weight), weight)  # on the grid: it saves as integers

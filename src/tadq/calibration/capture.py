@@ -7,7 +7,7 @@ unit's tensors are held at a time (bounded memory).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from tadq.sampling import Conditioning
 
-__all__ = ["UnitIO", "capture_unit_io", "unit_output"]
+__all__ = ["UnitIO", "capture_unit_io", "capture_units_io", "unit_output"]
 
 
 class _StopForward(Exception):
@@ -67,21 +67,41 @@ def capture_unit_io(
 
     ``cond`` has one row per input (the calibration set's conditioning); ``None`` for an unconditional model.
     """
-    arg_chunks: list[list[Any]] = []
-    kwarg_chunks: list[dict[str, Any]] = []
-    out_chunks: list[Tensor] = []
+    return capture_units_io(run_model, [module], x, t, batch_size, keep_inputs, keep_output, cond)[0]
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if keep_inputs:
-            arg_chunks.append([a.detach() if isinstance(a, Tensor) else a for a in args])
-            kwarg_chunks.append({k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
-        if keep_output:
-            out_chunks.append(unit_output(output).detach())
-        raise _StopForward
 
-    handle = module.register_forward_hook(hook, with_kwargs=True)
+@torch.no_grad()
+def capture_units_io(
+    run_model: Callable[[Tensor, Tensor, Conditioning | None], Any], modules: Sequence[nn.Module], x: Tensor,
+    t: Tensor, batch_size: int, keep_inputs: bool = True, keep_output: bool = True,
+    cond: Conditioning | None = None,
+) -> list[UnitIO]:
+    """``capture_unit_io`` for several modules in one pass per batch: each module's first call is recorded, and the
+    forward stops once all of them have run. The batches are the same as one module at a time, so every tensor is
+    the same; the network's prefix runs once instead of once per module."""
+    records = [_Record() for _ in modules]
+    pending: set[int] = set()
+
+    def make_hook(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if index not in pending:
+                return  # a module called twice in one forward: its first call is the one recorded
+            pending.discard(index)
+            record = records[index]
+            if keep_inputs:
+                record.args.append([a.detach() if isinstance(a, Tensor) else a for a in args])
+                record.kwargs.append({k: v.detach() if isinstance(v, Tensor) else v for k, v in kwargs.items()})
+            if keep_output:
+                record.outputs.append(unit_output(output).detach())
+            if not pending:
+                raise _StopForward
+
+        return hook
+
+    handles = [module.register_forward_hook(make_hook(i), with_kwargs=True) for i, module in enumerate(modules)]
     try:
         for start in range(0, len(x), batch_size):
+            pending.update(range(len(modules)))
             try:
                 rows = slice(start, start + batch_size)
                 run_model(x[rows], t[rows], None if cond is None else cond.rows(rows))
@@ -89,11 +109,22 @@ def capture_unit_io(
                 continue
             raise RuntimeError("the capture hook never fired: the module is not used in the model's forward")
     finally:
-        handle.remove()
-    io = UnitIO()
-    if keep_inputs:
-        io.args = [_merge([chunk[i] for chunk in arg_chunks]) for i in range(len(arg_chunks[0]))]
-        io.kwargs = {k: _merge([chunk[k] for chunk in kwarg_chunks]) for k in kwarg_chunks[0]}
-    if keep_output:
-        io.output = torch.cat(out_chunks)
-    return io
+        for handle in handles:
+            handle.remove()
+    return [record.merged(keep_inputs, keep_output) for record in records]
+
+
+@dataclass
+class _Record:
+    args: list[list[Any]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    outputs: list[Tensor] = field(default_factory=list)
+
+    def merged(self, keep_inputs: bool, keep_output: bool) -> UnitIO:
+        io = UnitIO()
+        if keep_inputs:
+            io.args = [_merge([chunk[i] for chunk in self.args]) for i in range(len(self.args[0]))]
+            io.kwargs = {k: _merge([chunk[k] for chunk in self.kwargs]) for k in self.kwargs[0]}
+        if keep_output:
+            io.output = torch.cat(self.outputs)
+        return io

@@ -38,10 +38,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tadq.calibration.capture import UnitIO, capture_unit_io, unit_output
+from tadq.calibration.capture import UnitIO, capture_unit_io, capture_units_io, unit_output
 from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
 from tadq.quant.adaround import AdaRound
+from tadq.quant.gptq import HessianAccumulator, gptq_round, matmul_columns
+from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning
@@ -188,6 +190,149 @@ def _reconstruct_weights(module: nn.Module, io: UnitIO, config: ReconstructionCo
     return stats
 
 
+def _gptq_layers(module: nn.Module) -> list[nn.Module]:
+    """The unit's weight-quantized layers GPTQ rounds, in registration (≈ forward) order; frozen ones left out."""
+    return [layer for layer in module.modules() if isinstance(layer, QuantLayer)
+            and not getattr(layer, FROZEN_ATTRIBUTE, False)
+            and any(q.enabled for q, _ in layer.quantized_weights().values())]
+
+
+def _column_quantizers(layer: nn.Module) -> list[tuple[int, int, Quantizer]]:
+    """(first column, end column, quantizer) of each weight view in ``weight.flatten(1)``'s column order.
+
+    A layer's views are its whole weight or slices along the input channels (a split shortcut's halves), so each
+    covers a contiguous run of columns; anything else is refused rather than rounded on the wrong grid.
+    """
+    weight = layer.weight
+    spans = []
+    for quantizer, view in layer.quantized_weights().values():
+        start = view.storage_offset() - weight.storage_offset()
+        width = view[0].numel()
+        if (view.shape[0] != weight.shape[0] or view.stride() != weight.stride()
+                or not 0 <= start <= weight[0].numel() - width):
+            raise ValueError(f"GPTQ rounding: a weight view of {type(layer).__name__} is not an input-channel slice")
+        spans.append((start, start + width, quantizer))
+    spans.sort(key=lambda span: span[0])
+    if sum(stop - start for start, stop, _ in spans) != weight[0].numel():
+        raise ValueError(f"GPTQ rounding: the weight views of {type(layer).__name__} do not cover its weight once")
+    return spans
+
+
+def _column_quantizer(spans: list[tuple[int, int, Quantizer]]):
+    def quantize_column(column: Tensor, index: int) -> Tensor:
+        for start, stop, quantizer in spans:
+            if start <= index < stop:
+                if not quantizer.enabled:
+                    return column
+                scheme = quantizer.scheme
+                scale, zero_point = quantizer.scale.reshape(-1), quantizer.zero_point.reshape(-1)
+                codes = torch.clamp(torch.round(column / scale) + zero_point, scheme.qmin, scheme.qmax)
+                return (codes - zero_point) * scale
+        raise IndexError(index)
+
+    return quantize_column
+
+
+@torch.no_grad()
+def _gptq_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int,
+                  compensated: bool = False) -> dict[str, float]:
+    """Round every weight of the unit with GPTQ, layer after layer: each layer's Hessian is taken from its inputs
+    in the unit whose earlier layers are already rounded (activation quantizers are bypassed by the caller).
+
+    ``compensated``: leave each layer at GPTQ's compensated float weight (whose nearest rounding is the GPTQ
+    result) for AdaRound to start from; the next layer's Hessian is still taken with this layer rounded."""
+    n = io.output.shape[0]
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: config.gptq_inputs or n].sort().values
+    batch = 2 * config.batch_size
+    flipped, count = 0.0, 0
+    for layer in _gptq_layers(module):
+        groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
+        accumulators = _layer_hessians(module, layer, groups, io, rows, batch)
+        spans = _column_quantizer(_column_quantizers(layer))
+        weight = layer.weight
+        nearest = layer.quantized_weight()
+        rounded = []
+        for group, accumulator in enumerate(accumulators):
+            rows_out = weight.chunk(groups, dim=0)[group]
+            offset = group * rows_out.shape[0]
+            rounded.append(gptq_round(rows_out, accumulator.hessian(),
+                                      _group_rows(spans, offset, rows_out.shape[0], weight.shape[0]),
+                                      damp=config.gptq_damp, act_order=config.gptq_act_order,
+                                      compensated=compensated))
+        result = torch.cat(rounded, 0)
+        weight.copy_(result)
+        rounded_weight = layer.quantized_weight()  # = result unless compensated
+        flipped += (rounded_weight != nearest).sum().item()
+        count += result.numel()
+    return {"flipped": flipped / max(count, 1)}
+
+
+def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO, rows: Tensor,
+                    batch: int) -> list[HessianAccumulator]:
+    """One Hessian per group of ``layer`` from the vectors its weight multiplies while ``module`` runs on ``rows``."""
+    accumulators = [HessianAccumulator(layer.weight[0].numel(), layer.weight.device) for _ in range(groups)]
+
+    def hook(layer_: nn.Module, args: tuple) -> None:
+        x = layer_.transform_input(args[0]) if hasattr(layer_, "transform_input") else args[0]
+        for group, accumulator in enumerate(accumulators):
+            accumulator.add(matmul_columns(layer_, x if groups == 1 else x.chunk(groups, dim=1)[group]))
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        for start in range(0, len(rows), batch):
+            _run_unit(module, io, rows[start:start + batch])
+    finally:
+        handle.remove()
+    return accumulators
+
+
+def _group_rows(quantize_column, offset: int, rows: int, total: int):
+    """The column quantizer restricted to output rows [offset, offset + rows) of ``total`` (one group of a grouped
+    conv): the column is placed among zeros so each row meets its own per-channel step."""
+    if rows == total:
+        return quantize_column
+
+    def restricted(column: Tensor, index: int) -> Tensor:
+        padded = column.new_zeros(total)
+        padded[offset:offset + rows] = column
+        return quantize_column(padded, index)[offset:offset + rows]
+
+    return restricted
+
+
+def _round_unit_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int,
+                        before: float) -> tuple[dict[str, float], int, float, float]:
+    """Round the unit's weights as ``config.rounding`` says; (stats, iterations, learned loss, kept loss).
+
+    Of the candidates — nearest rounding (``before``), GPTQ's result when AdaRound starts from it, and the final
+    learned rounding — the unit keeps the one with the lowest loss over the inputs it was fitted on (the learned
+    one unless it is worse: too few iterations to beat its starting point)."""
+    pairs = weight_pairs(module)
+    if not pairs:
+        return {}, 0, before, before
+    best_loss, best = before, [weight.detach().clone() for _, weight in pairs]  # nearest rounds these at run time
+    stats: dict[str, float] = {}
+    iters = 0
+    if config.rounding in ("gptq", "gptq_adaround"):
+        stats = _gptq_weights(module, io, config, seed, compensated=config.rounding == "gptq_adaround")
+        if config.rounding == "gptq_adaround":
+            gptq_loss = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+            stats["gptq_flipped"] = stats.pop("flipped")
+            if gptq_loss < best_loss:
+                with torch.no_grad():
+                    best_loss, best = gptq_loss, [quantizer(weight).detach().clone() for quantizer, weight in pairs]
+    if config.rounding in ("adaround", "gptq_adaround") and config.weight_iters > 0:
+        stats.update(_reconstruct_weights(module, io, config, seed) or {})
+        iters = config.weight_iters
+    learned = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+    if learned <= best_loss:
+        return stats, iters, learned, learned
+    with torch.no_grad():
+        for (_, weight), saved in zip(pairs, best, strict=True):
+            weight.copy_(saved)
+    return stats, iters, learned, best_loss
+
+
 def _weight_loss(diff: Tensor, config: ReconstructionConfig) -> Tensor:
     """The rounding phase's reconstruction term; its scale against λ decides how hard the regulariser pushes.
 
@@ -310,6 +455,7 @@ def _load_checkpoint(
 def reconstruct(
     qmodel: nn.Module, fp_model: nn.Module, adapter, calib: CalibrationSet, config: ReconstructionConfig,
     checkpoint: str | Path | None = None, progress: bool = True, frozen_layers: Sequence[str] = (),
+    capture_budget_bytes: int = 1 << 30,
 ) -> list[UnitReport]:
     """Reconstruct every unit of ``qmodel`` (a converted copy of ``fp_model``), weights then activations.
 
@@ -322,14 +468,60 @@ def reconstruct(
         checkpoint: file written after each unit; if it exists and matches, finished units are skipped.
         frozen_layers: qualified names of layers whose weights and activation steps are not learned (a unit made
             only of frozen layers is skipped); empty by default, which leaves every result as before.
+        capture_budget_bytes: memory for FP targets captured ahead: the FP network's prefix runs once for as many
+            consecutive units as fit (at least one), instead of once per unit. Changes no result, only time.
     """
     with _frozen(qmodel, frozen_layers):
-        return _reconstruct_units(qmodel, fp_model, adapter, calib, config, checkpoint, progress, tuple(frozen_layers))
+        return _reconstruct_units(qmodel, fp_model, adapter, calib, config, checkpoint, progress, tuple(frozen_layers),
+                                  capture_budget_bytes)
+
+
+class _FPTargets:
+    """FP captures (outputs, and inputs when the activation phase needs them) of the units, taken several at a time.
+
+    Each unit's FP target depends only on the FP network, so the prefix up to a group of consecutive units runs
+    once for all of them; a group holds as many units as fit in ``budget`` bytes (sizes measured on one input).
+    """
+
+    def __init__(self, fp_call, fp_model: nn.Module, units: list[str], calib: CalibrationSet, batch_size: int,
+                 keep_inputs: bool, budget: int) -> None:
+        self.fp_call, self.fp_model, self.units, self.calib = fp_call, fp_model, units, calib
+        self.batch_size, self.keep_inputs, self.budget = batch_size, keep_inputs, budget
+        self.cache: dict[str, UnitIO] = {}
+        self.sizes: list[int] | None = None
+
+    def _measure(self) -> list[int]:
+        probe = capture_units_io(self.fp_call, [self.fp_model.get_submodule(u) for u in self.units],
+                                 self.calib.x[:1], self.calib.t[:1], 1, keep_inputs=self.keep_inputs,
+                                 cond=None if self.calib.cond is None else self.calib.cond.rows(slice(0, 1)))
+        rows = self.calib.x.shape[0]
+        sizes = []
+        for io in probe:
+            tensors = [io.output, *io.args, *io.kwargs.values()]
+            sizes.append(rows * sum(t.numel() * t.element_size() for t in tensors if isinstance(t, Tensor)))
+        return sizes
+
+    def take(self, unit: str) -> UnitIO:
+        if unit not in self.cache:
+            if self.sizes is None:
+                self.sizes = self._measure()
+            first = self.units.index(unit)
+            group, total = [unit], self.sizes[first]
+            for name, size in zip(self.units[first + 1:], self.sizes[first + 1:], strict=True):
+                if total + size > self.budget:
+                    break
+                group.append(name)
+                total += size
+            captured = capture_units_io(self.fp_call, [self.fp_model.get_submodule(u) for u in group], self.calib.x,
+                                        self.calib.t, self.batch_size, keep_inputs=self.keep_inputs,
+                                        cond=self.calib.cond)
+            self.cache.update(zip(group, captured, strict=True))
+        return self.cache.pop(unit)
 
 
 def _reconstruct_units(
     qmodel: nn.Module, fp_model: nn.Module, adapter, calib: CalibrationSet, config: ReconstructionConfig,
-    checkpoint: str | Path | None, progress: bool, frozen: tuple[str, ...],
+    checkpoint: str | Path | None, progress: bool, frozen: tuple[str, ...], capture_budget_bytes: int,
 ) -> list[UnitReport]:
     units = [u for u in adapter.blocks(qmodel) if weight_pairs(qmodel.get_submodule(u))
              or _unit_activation_quantizers(qmodel.get_submodule(u))]
@@ -364,6 +556,8 @@ def _reconstruct_units(
     def q_call(x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
         return adapter.predict_eps(qmodel, x, t, cond)
 
+    fp_targets = _FPTargets(fp_call, fp_model, units, calib, 2 * config.batch_size, has_activations,
+                            capture_budget_bytes)
     bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
     shared: tuple[str, UnitIO] | None = None  # (unit, FP capture with inputs) kept from the weight phase
     for position, (phase, unit, offset) in enumerate(plan):
@@ -378,8 +572,7 @@ def _reconstruct_units(
         if shared is not None and shared[0] == unit:
             target = shared[1]
         else:
-            target = capture_unit_io(fp_call, fp_model.get_submodule(unit), calib.x, calib.t, 2 * config.batch_size,
-                                     keep_inputs=has_activations, cond=calib.cond)
+            target = fp_targets.take(unit)
         shared = (unit, target) if phase == "weights" and has_activations else None
         if phase == "weights":
             with quantizers_bypassed(qmodel, "activation"):
@@ -387,16 +580,7 @@ def _reconstruct_units(
                                      cond=calib.cond)
                 io.output = target.output
                 before = _eval_loss(module, io, 2 * config.batch_size, 2.0)
-                initial = [weight.detach().clone() for _, weight in weight_pairs(module)]
-                if initial and config.weight_iters > 0:
-                    stats = _reconstruct_weights(module, io, config, seed) or {}
-                    iters = config.weight_iters
-                after = learned = _eval_loss(module, io, 2 * config.batch_size, 2.0)
-                if after > before:  # too few iterations to beat nearest rounding: keep the initialisation
-                    with torch.no_grad():
-                        for (_, weight), saved in zip(weight_pairs(module), initial, strict=True):
-                            weight.copy_(saved)
-                    after = before
+                stats, iters, learned, after = _round_unit_weights(module, io, config, seed, before)
         else:
             io = target
             before = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
@@ -409,7 +593,7 @@ def _reconstruct_units(
                     for quantizer, scale in zip(_unit_activation_quantizers(module), initial, strict=True):
                         quantizer.scale.copy_(scale)
                 after = before
-        reports.append(UnitReport(unit, phase, before, after, loss_learned=learned, guard_rejected=learned > before,
+        reports.append(UnitReport(unit, phase, before, after, loss_learned=learned, guard_rejected=learned > after,
                                   flipped=stats.get("flipped"), moved=stats.get("moved"),
                                   unsettled=stats.get("unsettled"), iters=iters,
                                   seconds=round(time.perf_counter() - started, 3)))
