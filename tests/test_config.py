@@ -82,7 +82,7 @@ def test_reconstruction_rounding_survives_json_and_a_version_1_payload_means_ada
     assert config_from_dict(payload) == config
     old = json.loads(json.dumps(config_to_dict(QuantConfig.from_preset("W4A8", method="qdiffusion"))))
     old["data"]["reconstruction"]["version"] = 1
-    for name in ("rounding", "gptq_damp", "gptq_act_order", "gptq_inputs"):
+    for name in ("rounding", "gptq_damp", "gptq_act_order", "gptq_target", "gptq_inputs"):
         del old["data"]["reconstruction"]["data"][name]
     restored = config_from_dict(old)
     assert restored.reconstruction.rounding == "adaround" and restored == QuantConfig.from_preset(

@@ -97,6 +97,9 @@ class ReconstructionConfig:
             GPTQ result); docs/methods/qdiffusion.md#gptq-rounding.
         gptq_damp: GPTQ's damping, a share of the Hessian's mean diagonal added to it (0.01: GPTQ).
         gptq_act_order: round the columns with the largest input energy first (GPTQ's act-order).
+        gptq_target: what GPTQ's rounding reproduces: ``"own_inputs"`` (the layer's float output on the quantized
+            path's inputs x̂: GPTQ) or ``"fp_output"`` (the FP network's layer output W x: W is first replaced by
+            the least-squares W* = W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁻¹, which also absorbs the drift of x̂ from x).
         gptq_inputs: calibration inputs (rows of the set, drawn with ``seed``) whose layer inputs form each
             Hessian; 0: all of them.
     """
@@ -118,6 +121,7 @@ class ReconstructionConfig:
     rounding: Literal["adaround", "gptq", "gptq_adaround"] = "adaround"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
+    gptq_target: Literal["own_inputs", "fp_output"] = "own_inputs"
     gptq_inputs: int = 256
 
     def __post_init__(self) -> None:
@@ -138,6 +142,8 @@ class ReconstructionConfig:
             raise ValueError(f"rounding must be 'adaround', 'gptq' or 'gptq_adaround', got {self.rounding!r}")
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp must be > 0, got {self.gptq_damp}")
+        if self.gptq_target not in ("own_inputs", "fp_output"):
+            raise ValueError(f"gptq_target must be 'own_inputs' or 'fp_output', got {self.gptq_target!r}")
         if self.gptq_inputs < 0:
             raise ValueError(f"gptq_inputs must be >= 0 (0: all), got {self.gptq_inputs}")
         for name in ("weight_lr", "activation_lr", "activation_p"):
@@ -352,8 +358,9 @@ def field_added(name: str, value_before: Any) -> Callable[[dict[str, Any]], dict
 register_migration("QuantConfig", 1, field_added("softmax_granularity", "per_tensor"))
 register_migration("QuantConfig", 2, field_added("layer_bits", []))
 # ReconstructionConfig version 2: rounding (before it, always AdaRound) and GPTQ's two settings (unused by AdaRound)
-register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_inputs", 256)(
-    field_added("gptq_act_order", True)(field_added("gptq_damp", 0.01)(field_added("rounding", "adaround")(data)))))
+register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_target", "own_inputs")(
+    field_added("gptq_inputs", 256)(
+    field_added("gptq_act_order", True)(field_added("gptq_damp", 0.01)(field_added("rounding", "adaround")(data))))))
 
 
 def _valid_bits(bits: Any) -> bool:

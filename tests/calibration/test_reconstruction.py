@@ -152,3 +152,19 @@ def test_gptq_rounds_a_grouped_conv_per_group_on_its_grid_and_beats_nearest():
         assert torch.equal(layer.quantized_weight(), layer.weight)  # on the grid
         gptq_error = float((layer(x) - target).pow(2).mean())
     assert gptq_error < 0.8 * nearest_error, (gptq_error, nearest_error)
+
+
+def test_fp_output_weight_undoes_a_linear_drift_of_the_inputs():
+    """If the quantized path's inputs are x̂ = A x, W* = W A⁻¹ reproduces the FP outputs W x exactly; without drift
+    W* = W."""
+    from tadq.calibration.reconstruction import _fp_output_weight
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(5, 12, dtype=torch.float64), torch.randn(4000, 12, dtype=torch.float64)
+    drift = torch.eye(12, dtype=torch.float64) + 0.1 * torch.randn(12, 12, dtype=torch.float64)
+    x_hat = x @ drift.T
+    hessian, cross = x_hat.T @ x_hat / 4000, x.T @ x_hat / 4000
+    corrected = _fp_output_weight(weight, hessian, cross, damp=1e-12)
+    assert torch.allclose(x_hat @ corrected.T, x @ weight.T, atol=1e-8)
+    same = _fp_output_weight(weight, x.T @ x / 4000, x.T @ x / 4000, damp=1e-12)
+    assert torch.allclose(same, weight, atol=1e-9)

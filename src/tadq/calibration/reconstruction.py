@@ -235,19 +235,23 @@ def _column_quantizer(spans: list[tuple[int, int, Quantizer]]):
 
 @torch.no_grad()
 def _gptq_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int,
-                  compensated: bool = False) -> dict[str, float]:
+                  compensated: bool = False, fp_unit: nn.Module | None = None,
+                  fp_io: UnitIO | None = None) -> dict[str, float]:
     """Round every weight of the unit with GPTQ, layer after layer: each layer's Hessian is taken from its inputs
     in the unit whose earlier layers are already rounded (activation quantizers are bypassed by the caller).
 
     ``compensated``: leave each layer at GPTQ's compensated float weight (whose nearest rounding is the GPTQ
-    result) for AdaRound to start from; the next layer's Hessian is still taken with this layer rounded."""
+    result) for AdaRound to start from; the next layer's Hessian is still taken with this layer rounded.
+    ``fp_unit``/``fp_io`` (``gptq_target = "fp_output"``): round W* (``_fp_output_weight``) instead of W."""
     n = io.output.shape[0]
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[: config.gptq_inputs or n].sort().values
     batch = 2 * config.batch_size
     flipped, count = 0.0, 0
+    names = {id(m): name for name, m in module.named_modules()}
     for layer in _gptq_layers(module):
         groups = layer.groups if isinstance(layer, nn.Conv2d) else 1
-        accumulators = _layer_hessians(module, layer, groups, io, rows, batch)
+        fp_layer = None if fp_unit is None else fp_unit.get_submodule(names[id(layer)])
+        accumulators, cross = _layer_hessians(module, layer, groups, io, rows, batch, fp_layer, fp_unit, fp_io)
         spans = _column_quantizer(_column_quantizers(layer))
         weight = layer.weight
         nearest = layer.quantized_weight()
@@ -255,6 +259,8 @@ def _gptq_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, s
         for group, accumulator in enumerate(accumulators):
             rows_out = weight.chunk(groups, dim=0)[group]
             offset = group * rows_out.shape[0]
+            if cross is not None:
+                rows_out = _fp_output_weight(rows_out, accumulator.hessian(), cross[group], config.gptq_damp)
             rounded.append(gptq_round(rows_out, accumulator.hessian(),
                                       _group_rows(spans, offset, rows_out.shape[0], weight.shape[0]),
                                       damp=config.gptq_damp, act_order=config.gptq_act_order,
@@ -267,23 +273,57 @@ def _gptq_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, s
     return {"flipped": flipped / max(count, 1)}
 
 
-def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO, rows: Tensor,
-                    batch: int) -> list[HessianAccumulator]:
-    """One Hessian per group of ``layer`` from the vectors its weight multiplies while ``module`` runs on ``rows``."""
-    accumulators = [HessianAccumulator(layer.weight[0].numel(), layer.weight.device) for _ in range(groups)]
+def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO, rows: Tensor, batch: int,
+                    fp_layer: nn.Module | None = None, fp_unit: nn.Module | None = None,
+                    fp_io: UnitIO | None = None) -> tuple[list[HessianAccumulator], list[Tensor] | None]:
+    """Per group of ``layer``: the Hessian E[x̂ x̂ᵀ] of the vectors its weight multiplies while ``module`` runs on
+    ``rows``, and with ``fp_layer`` the cross moment E[x x̂ᵀ] with the FP layer's vectors x (the FP unit run on the
+    same rows of ``fp_io``; both in the quantized layer's input basis)."""
+    width = layer.weight[0].numel()
+    accumulators = [HessianAccumulator(width, layer.weight.device) for _ in range(groups)]
+    cross = None if fp_layer is None else [torch.zeros(width, width, dtype=torch.float64) for _ in range(groups)]
+    seen: dict[str, Tensor] = {}
 
-    def hook(layer_: nn.Module, args: tuple) -> None:
-        x = layer_.transform_input(args[0]) if hasattr(layer_, "transform_input") else args[0]
-        for group, accumulator in enumerate(accumulators):
-            accumulator.add(matmul_columns(layer_, x if groups == 1 else x.chunk(groups, dim=1)[group]))
+    def columns(x: Tensor) -> list[Tensor]:
+        x = layer.transform_input(x) if hasattr(layer, "transform_input") else x
+        return [matmul_columns(layer, x if groups == 1 else x.chunk(groups, dim=1)[g]) for g in range(groups)]
 
-    handle = layer.register_forward_pre_hook(hook)
+    def hook(_layer: nn.Module, args: tuple) -> None:
+        seen["quantized"] = args[0]
+
+    def fp_hook(_layer: nn.Module, args: tuple) -> None:
+        seen["fp"] = args[0]
+
+    handles = [layer.register_forward_pre_hook(hook)]
+    if fp_layer is not None:
+        handles.append(fp_layer.register_forward_pre_hook(fp_hook))
     try:
         for start in range(0, len(rows), batch):
-            _run_unit(module, io, rows[start:start + batch])
+            index = rows[start:start + batch]
+            _run_unit(module, io, index)
+            quantized = columns(seen.pop("quantized"))
+            for accumulator, part in zip(accumulators, quantized, strict=True):
+                accumulator.add(part)
+            if fp_layer is not None:
+                _run_unit(fp_unit, fp_io, index)
+                for total, fp_part, part in zip(cross, columns(seen.pop("fp")), quantized, strict=True):
+                    total += (fp_part.T @ part).to(torch.float64)
     finally:
-        handle.remove()
-    return accumulators
+        for handle in handles:
+            handle.remove()
+    if cross is not None:
+        cross = [total / accumulator.count for total, accumulator in zip(cross, accumulators, strict=True)]
+    return accumulators, cross
+
+
+def _fp_output_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
+    """W* = W E[x x̂ᵀ] (E[x̂ x̂ᵀ] + λI)⁻¹: the float weight whose output on the quantized path's inputs x̂ best
+    reproduces the FP layer's output W x (least squares); GPTQ then rounds W* instead of W."""
+    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
+    h = hessian.to(torch.float64).clone()
+    h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
+    solved = torch.linalg.solve(h, cross.to(torch.float64).T @ flat.T)  # H⁻¹ Cᵀ Wᵀ = (W C H⁻¹)ᵀ
+    return solved.T.to(weight.dtype).reshape(weight.shape)
 
 
 def _group_rows(quantize_column, offset: int, rows: int, total: int):
@@ -301,7 +341,8 @@ def _group_rows(quantize_column, offset: int, rows: int, total: int):
 
 
 def _round_unit_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, seed: int,
-                        before: float) -> tuple[dict[str, float], int, float, float]:
+                        before: float, fp_unit: nn.Module | None = None,
+                        fp_io: UnitIO | None = None) -> tuple[dict[str, float], int, float, float]:
     """Round the unit's weights as ``config.rounding`` says; (stats, iterations, learned loss, kept loss).
 
     Of the candidates — nearest rounding (``before``), GPTQ's result when AdaRound starts from it, and the final
@@ -314,7 +355,8 @@ def _round_unit_weights(module: nn.Module, io: UnitIO, config: ReconstructionCon
     stats: dict[str, float] = {}
     iters = 0
     if config.rounding in ("gptq", "gptq_adaround"):
-        stats = _gptq_weights(module, io, config, seed, compensated=config.rounding == "gptq_adaround")
+        fp = (fp_unit, fp_io) if config.gptq_target == "fp_output" else (None, None)
+        stats = _gptq_weights(module, io, config, seed, config.rounding == "gptq_adaround", *fp)
         if config.rounding == "gptq_adaround":
             gptq_loss = _eval_loss(module, io, 2 * config.batch_size, 2.0)
             stats["gptq_flipped"] = stats.pop("flipped")
@@ -556,7 +598,8 @@ def _reconstruct_units(
     def q_call(x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
         return adapter.predict_eps(qmodel, x, t, cond)
 
-    fp_targets = _FPTargets(fp_call, fp_model, units, calib, 2 * config.batch_size, has_activations,
+    fp_inputs = config.rounding != "adaround" and config.gptq_target == "fp_output"  # GPTQ reads the FP layers
+    fp_targets = _FPTargets(fp_call, fp_model, units, calib, 2 * config.batch_size, has_activations or fp_inputs,
                             capture_budget_bytes)
     bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
     shared: tuple[str, UnitIO] | None = None  # (unit, FP capture with inputs) kept from the weight phase
@@ -580,7 +623,8 @@ def _reconstruct_units(
                                      cond=calib.cond)
                 io.output = target.output
                 before = _eval_loss(module, io, 2 * config.batch_size, 2.0)
-                stats, iters, learned, after = _round_unit_weights(module, io, config, seed, before)
+                stats, iters, learned, after = _round_unit_weights(module, io, config, seed, before,
+                                                                   fp_model.get_submodule(unit), target)
         else:
             io = target
             before = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
