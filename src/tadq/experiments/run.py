@@ -24,7 +24,7 @@ from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import quality_metrics
-from tadq.experiments.rows import BaseModels, Variant, method_names, row_for
+from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
 from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import mark_output
 from tadq.metrics import per_step_mse
@@ -36,10 +36,16 @@ from tadq.safefiles import DamagedFileError, load_checked, save_checked
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 
-__all__ = ["RunConfig", "CELL_SUFFIX", "PreparedJob", "cell_key", "load_cell", "save_cell", "default_variants",
-           "prepare_job", "run_cell", "run_main_job", "write_report"]
+__all__ = ["RunConfig", "CELL_SUFFIX", "HEADLINE_METHODS", "HEADLINE_SAMPLES", "PreparedJob", "cell_key", "load_cell",
+           "save_cell", "default_variants", "job_rows", "prepare_job", "run_cell", "run_main_job", "write_report"]
 
 logger = logging.getLogger(__name__)
+
+# The headline job (``make run``): the default presets, each one's naive-PTQ baseline against its measured best row
+# (``tadq.experiments.rows.best``), at 256 samples (PSNR/SSIM vs FP hold there; FD-digits needs about 1000 and
+# reads high for every row, FP included). The complete matrix is ``make bench-full``.
+HEADLINE_METHODS: tuple[str, ...] = ("naive", "best")
+HEADLINE_SAMPLES = 256
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,8 @@ class RunConfig:
         presets: quantization presets to compare.
         methods: quantization methods, one row per (method, preset): ``naive`` (calibrated ranges only) and
             ``qdiffusion`` (block reconstruction + split shortcuts + attention matmul quantization) and ``ptqd``
-            (PTQD fitted on the very same Q-Diffusion model, for the deployment sampler).
+            (PTQD fitted on the very same Q-Diffusion model, for the deployment sampler), any other row of
+            ``tadq.experiments.rows``, or ``best``: each preset's measured best row (``job_rows`` resolves it).
         reconstruction: reconstruction settings of the ``qdiffusion`` rows.
         num_samples: samples per variant (FD needs ≥ 1000 to mean something; PSNR far fewer).
         sampler: the deployment sampler (default DDIM 50, η = 0).
@@ -104,6 +111,7 @@ class RunConfig:
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
+        job_rows(self)  # ``best`` at a preset without a measured best fails here, before any work
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
         if self.calibration.seed == self.eval_seed:
@@ -183,12 +191,17 @@ def _metrics(cell: dict, fp: dict, features: FeatureSpace | None, expected_label
     }
 
 
+def job_rows(config: RunConfig) -> list[tuple[str, str]]:
+    """The (row, preset) pairs the job builds after FP, in table order (method-major), with ``best`` resolved to
+    the row it stands for at each preset; ``ValueError`` where ``best`` has no measured row."""
+    return [(resolve_row(method, name), name) for method in config.methods for name in config.presets]
+
+
 def default_variants(config: RunConfig, bases: BaseModels) -> list[Variant]:
     """FP plus one row per (method, preset), built by the method registry (``tadq.experiments.rows``)."""
     variants = [Variant("FP", "W32A32", None, {"method": "fp"})]
-    for method in config.methods:
-        for name in config.presets:
-            variants.append(row_for(method, bases, config, name))
+    for row, name in job_rows(config):
+        variants.append(row_for(row, bases, config, name))
     return variants
 
 

@@ -1,0 +1,47 @@
+"""The ``best`` row of ``tadq run``: at each preset, the row the README measured best on the shipped digits model.
+
+``tadq run --methods naive,best`` is the headline job (``make run``): the naive-PTQ baseline against the best recipe
+of every preset. ``best`` is not a method of its own: it delegates to the measured row, so its cell, label and
+settings are that row's (a ``best`` cell is reused by a run of the named row in the same folder, and vice versa).
+
+    W8A8, W4A8   tac            Q-Diffusion + TAC (README: W8A8 43.7 dB vs Q-Diffusion's 41.4, bench table;
+                                W4A8 37.5 vs 32.8 dB, main table)
+    W4A4         svdquant+tac   SVDQuant + TAC (31.6 dB vs 21.0 for the best Q-Diffusion-based W4A4 row)
+
+Other presets have no measured best and are refused before any work (``RunConfig`` checks it).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tadq.experiments.rows.base import BaseModels, Variant, register_method, row_for
+
+if TYPE_CHECKING:
+    from tadq.experiments.run import RunConfig
+
+__all__ = ["BEST", "BEST_ROWS", "best_row", "resolve_row"]
+
+BEST = "best"
+# preset → the row measured best there on the shipped digits model (README "Results on the shipped model",
+# "Benchmarks" and "W4A4 that holds")
+BEST_ROWS: dict[str, str] = {"W8A8": "tac", "W4A8": "tac", "W4A4": "svdquant+tac"}
+
+
+def best_row(preset_name: str) -> str:
+    """The row ``best`` stands for at ``preset_name``; ``ValueError`` for a preset without a measured best."""
+    key = preset_name.upper()
+    if key not in BEST_ROWS:
+        raise ValueError(f"row {BEST!r} has no measured best recipe at {preset_name}; it is defined at "
+                         f"{', '.join(BEST_ROWS)} (name the rows to compare there with --methods)")
+    return BEST_ROWS[key]
+
+
+def resolve_row(method: str, preset_name: str) -> str:
+    """The row actually built for (``method``, ``preset_name``): ``best`` resolved, every other row unchanged."""
+    return best_row(preset_name) if method == BEST else method
+
+
+@register_method(BEST, "best recipe")
+def build_row(bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
+    return row_for(best_row(preset_name), bases, config, preset_name)
