@@ -97,9 +97,10 @@ class ReconstructionConfig:
             GPTQ result); docs/methods/qdiffusion.md#gptq-rounding.
         gptq_damp: GPTQ's damping, a share of the Hessian's mean diagonal added to it (0.01: GPTQ).
         gptq_act_order: round the columns with the largest input energy first (GPTQ's act-order).
-        gptq_target: what GPTQ's rounding reproduces: ``"own_inputs"`` (the layer's float output on the quantized
-            path's inputs x̂: GPTQ) or ``"fp_output"`` (the FP network's layer output W x: W is first replaced by
-            the least-squares W* = W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁻¹, which also absorbs the drift of x̂ from x).
+        gptq_target: what GPTQ's rounding reproduces: ``"fp_output"`` (default: the FP network's layer output W x;
+            W is first replaced by the least-squares W* = W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁻¹, which also absorbs the drift of
+            x̂ from x; +1.3 dB on the digits, +3.7 dB on the photos at W4A8) or ``"own_inputs"`` (the layer's float
+            output on the quantized path's inputs x̂: plain GPTQ).
         gptq_inputs: calibration inputs (rows of the set, drawn with ``seed``) whose layer inputs form each
             Hessian; 0: all of them.
     """
@@ -121,7 +122,7 @@ class ReconstructionConfig:
     rounding: Literal["adaround", "gptq", "gptq_adaround"] = "adaround"
     gptq_damp: float = 0.01
     gptq_act_order: bool = True
-    gptq_target: Literal["own_inputs", "fp_output"] = "own_inputs"
+    gptq_target: Literal["own_inputs", "fp_output"] = "fp_output"
     gptq_inputs: int = 256
 
     def __post_init__(self) -> None:
@@ -357,8 +358,9 @@ def field_added(name: str, value_before: Any) -> Callable[[dict[str, Any]], dict
 # version 3: layer_bits (before it, every quantized layer had the preset's bits)
 register_migration("QuantConfig", 1, field_added("softmax_granularity", "per_tensor"))
 register_migration("QuantConfig", 2, field_added("layer_bits", []))
-# ReconstructionConfig version 2: rounding (before it, always AdaRound) and GPTQ's two settings (unused by AdaRound)
-register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_target", "own_inputs")(
+# ReconstructionConfig version 2: rounding (before it, always AdaRound); the GPTQ settings, unused by AdaRound, get
+# their defaults
+register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_target", "fp_output")(
     field_added("gptq_inputs", 256)(
     field_added("gptq_act_order", True)(field_added("gptq_damp", 0.01)(field_added("rounding", "adaround")(data))))))
 

@@ -64,6 +64,10 @@ def run_command(
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
     recon_activation_iters: int = typer.Option(-1, help="Activation-step iterations per unit (-1: the "
                                                "ReconstructionConfig default; 0 skips the phase)."),
+    recon_rounding: str = typer.Option("adaround", help="Weight rounding of block reconstruction: adaround "
+                                       "(learned, the default), gptq (inverse-Hessian compensation, no iterations: "
+                                       "about 5x less CPU, docs/methods/qdiffusion.md#gptq-rounding) or "
+                                       "gptq_adaround."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000; PSNR/SSIM vs FP hold at "
                                     "256, make run's headline)."),
     sampler: str = typer.Option("ddim", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) "
@@ -114,7 +118,8 @@ def run_command(
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
         changes = {"weight_iters": recon_iters, "activation_iters": recon_activation_iters}
-        reconstruction = ReconstructionConfig(**{name: value for name, value in changes.items() if value >= 0})
+        reconstruction = ReconstructionConfig(rounding=recon_rounding,
+                                              **{name: value for name, value in changes.items() if value >= 0})
         config = RunConfig(model=model or None, presets=_parse_presets(presets),
                            methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
                            reconstruction=reconstruction,

@@ -258,6 +258,19 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
     return write_report(config, cells, workload)
 
 
+def _reconstruction_note(reconstruction) -> str:
+    """How this run's Q-Diffusion-based rows rounded their weights (the row labels do not say it)."""
+    if reconstruction.rounding == "adaround":
+        return (f"Block reconstruction (Q-Diffusion-based rows): AdaRound, {reconstruction.weight_iters} rounding / "
+                f"{reconstruction.activation_iters} activation-step iterations per unit.")
+    target = "the FP layer outputs" if reconstruction.gptq_target == "fp_output" else "each layer's own outputs"
+    return (f"Block reconstruction (Q-Diffusion-based rows): {reconstruction.rounding} rounding "
+            f"(GPTQ onto {target}, {reconstruction.gptq_inputs or 'all'} Hessian inputs"
+            + (f", then {reconstruction.weight_iters} AdaRound iterations"
+               if reconstruction.rounding == "gptq_adaround" else "")
+            + f"), {reconstruction.activation_iters} activation-step iterations per unit.")
+
+
 def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
     if fd is None:
         return ("FD and class agreement are not computed: the shipped classifiers only read the shipped models' "
@@ -318,6 +331,7 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
             "fd": _fd_note(fd, config.num_samples),
             "fake_quant": "Quantized variants are fake-quantized (simulated on FP hardware): wall time measures "
                           "simulation cost, not deployment speed.",
+            "reconstruction": _reconstruction_note(config.reconstruction),
         },
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
                    "num_samples": config.num_samples, "eval_seed": config.eval_seed,
@@ -326,5 +340,7 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
     }
     atomic_write_json(results, out / "results.json")
     table = markdown_table(rows)
-    atomic_write_text(f"{table}\n\n{results['notes']['fd']}\n{results['notes']['fake_quant']}\n", out / "results.md")
+    notes = results["notes"]
+    atomic_write_text(f"{table}\n\n{notes['fd']}\n{notes['fake_quant']}\n{notes['reconstruction']}\n",
+                      out / "results.md")
     return results
