@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import tadq.experiments.run as run_module
 from tadq.cli.app import app
+from tadq.config import ReconstructionConfig
 from tadq.experiments.rows import BEST_ROWS, method_label, row_for
 from tadq.experiments.run import HEADLINE_METHODS, HEADLINE_SAMPLES, RunConfig, cell_key, job_rows
 
@@ -59,8 +60,10 @@ def test_make_run_is_the_headline(tmp_path, monkeypatch):
     assert config.methods == HEADLINE_METHODS
     assert job_rows(config) == EXPECTED
     assert config.num_samples == HEADLINE_SAMPLES == 256 and config.batch_size == 256
-    # the library's method settings, untouched by the headline (only samples, batch and rows are its own)
-    assert config.reconstruction == RunConfig().reconstruction and config.calibration == RunConfig().calibration
+    # block reconstruction by GPTQ rounding without the activation phase (the measured fast setting); everything
+    # else of the library's method settings untouched
+    assert config.reconstruction == ReconstructionConfig(rounding="gptq", activation_iters=0)
+    assert config.calibration == RunConfig().calibration
 
 
 def test_bench_full_is_the_former_main_job_and_the_corrections_table(tmp_path, monkeypatch):
