@@ -42,6 +42,7 @@ from tadq.calibration.capture import UnitIO, capture_unit_io, capture_units_io, 
 from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
 from tadq.quant.adaround import AdaRound
+from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.gptq import HessianAccumulator, gptq_round, matmul_columns
 from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
@@ -224,9 +225,8 @@ def _column_quantizer(spans: list[tuple[int, int, Quantizer]]):
             if start <= index < stop:
                 if not quantizer.enabled:
                     return column
-                scheme = quantizer.scheme
                 scale, zero_point = quantizer.scale.reshape(-1), quantizer.zero_point.reshape(-1)
-                codes = torch.clamp(torch.round(column / scale) + zero_point, scheme.qmin, scheme.qmax)
+                codes = quantize_to_int(column, scale, zero_point, quantizer.scheme.qmin, quantizer.scheme.qmax)
                 return (codes - zero_point) * scale
         raise IndexError(index)
 
@@ -259,9 +259,10 @@ def _gptq_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, s
         for group, accumulator in enumerate(accumulators):
             rows_out = weight.chunk(groups, dim=0)[group]
             offset = group * rows_out.shape[0]
+            hessian = accumulator.hessian()
             if cross is not None:
-                rows_out = _fp_output_weight(rows_out, accumulator.hessian(), cross[group], config.gptq_damp)
-            rounded.append(gptq_round(rows_out, accumulator.hessian(),
+                rows_out = _fp_output_weight(rows_out, hessian, cross[group], config.gptq_damp)
+            rounded.append(gptq_round(rows_out, hessian,
                                       _group_rows(spans, offset, rows_out.shape[0], weight.shape[0]),
                                       damp=config.gptq_damp, act_order=config.gptq_act_order,
                                       compensated=compensated))
