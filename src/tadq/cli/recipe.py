@@ -53,7 +53,9 @@ def recipe_command(
                                                 "samples it, and refuses seeds that collide with it.")] = 1000,
     presets: Annotated[str, typer.Option(help="Presets searched (those over the budget are skipped).")
                        ] = "W8A8,W4A8,W4A4,W4A16,W8A16",
-    bases: Annotated[str, typer.Option(help="Base methods searched: naive, qdiffusion.")] = "naive,qdiffusion",
+    bases: Annotated[str, typer.Option(help="Base methods searched: naive, qdiffusion, svdquant (rank-4 FP branch, "
+                                            "smoothing, dynamic per-group activations of 8 channels), smoothquant "
+                                            "(the same without the branch).")] = "naive,qdiffusion",
     stacks: Annotated[str, typer.Option(help="Correction stacks searched: none, ptqd, tac, tcec, tac+tcec.")
                       ] = "none,ptqd,tac,tcec,tac+tcec",
     steps: Annotated[int, typer.Option(help="DDIM steps of the deployment sampler.")] = 50,
@@ -62,6 +64,10 @@ def recipe_command(
     recon_iters: Annotated[int, typer.Option(help="AdaRound iterations per unit (-1: the default, 1000).")] = -1,
     recon_activation_iters: Annotated[int, typer.Option(help="Activation-step iterations per unit (-1: 400).")
                                       ] = -1,
+    recon_rounding: Annotated[str, typer.Option(help="Weight rounding of the Q-Diffusion bases' reconstruction: "
+                                                     "adaround (learned, the default), gptq (inverse-Hessian "
+                                                     "compensation, no iterations) or gptq_adaround.")
+                              ] = "adaround",
     fit_trajectories: Annotated[int, typer.Option(help="Trajectories of each correction fit.")] = 256,
     selection_samples: Annotated[int, typer.Option(help="TCEC's own held-out selection trajectories.")] = 64,
     heldout: Annotated[int, typer.Option(help="Held-out trajectories each candidate is scored on.")] = 64,
@@ -91,7 +97,7 @@ def recipe_command(
             if number < 1:
                 raise ValueError(f"{name} must be >= 1, got {number}")
         sampler = SamplerConfig(kind="ddim", num_steps=steps, eta=eta)
-        reconstruction = ReconstructionConfig()
+        reconstruction = ReconstructionConfig(rounding=recon_rounding.strip().lower())
         if recon_iters >= 0:
             reconstruction = dataclasses.replace(reconstruction, weight_iters=recon_iters)
         if recon_activation_iters >= 0:

@@ -1,8 +1,9 @@
 """``tadq recipe --evaluate N``: the winner against every in-budget candidate on the *evaluation* seed.
 
-The README's fixed rows at a preset (naive, Q-Diffusion, Q-Diffusion + PTQD / TAC / TCEC / TAC + TCEC) are
-candidates of the search; within the budget they were built with the search's settings, so this compares them
-and the winner at equal budget and equal build settings, on noise the search never saw. It runs only after the
+The README's fixed rows at a preset (naive, Q-Diffusion, Q-Diffusion + PTQD / TAC / TCEC / TAC + TCEC, SVDQuant,
+SVDQuant + TAC / TCEC / PTQD) are candidates of the search; within the budget they were built with the search's
+settings, so this compares them and the winner at equal budget and equal build settings, on noise the search never
+saw. It runs only after the
 winner is chosen, so nothing here can influence the choice.
 """
 
@@ -20,8 +21,9 @@ from tadq.search.search import SearchResult
 
 __all__ = ["README_ROWS", "evaluate_candidates"]
 
-README_ROWS = ("naive", "qdiffusion", "qdiffusion+ptqd", "qdiffusion+tac", "qdiffusion+tcec", "qdiffusion+tac+tcec")
-"""The (base + stack) names of the README's main-table rows."""
+README_ROWS = ("naive", "qdiffusion", "qdiffusion+ptqd", "qdiffusion+tac", "qdiffusion+tcec", "qdiffusion+tac+tcec",
+               "svdquant", "svdquant+tac", "svdquant+tcec", "svdquant+ptqd")
+"""The (base + stack) names of the README's rows: the main table and the W4A4 SVDQuant table."""
 
 
 def _is_readme_row(record: dict[str, Any]) -> bool:

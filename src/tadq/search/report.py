@@ -89,8 +89,9 @@ def plot_pareto(result: SearchResult, path: str | Path) -> None:
     scored = [r for r in result.records if r["status"] == "scored"]
     cost = (lambda r: r["gbitops"]) if gbitops else (lambda r: r["bytes"])
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    markers = {"naive": "s", "qdiffusion": "o"}
-    for base, marker in markers.items():
+    markers = {"naive": "s", "qdiffusion": "o", "svdquant": "D", "smoothquant": "^"}
+    for base in dict.fromkeys(r["base"] for r in scored):  # every base scored, in search order
+        marker = markers.get(base, "v")
         points = [r for r in scored if r["base"] == base]
         ax.scatter([cost(r) for r in points], [r["score"]["median_psnr"] for r in points], marker=marker,
                    color="0.55", label=f"{base} candidates", zorder=2)

@@ -4,7 +4,8 @@ best one chosen (docs/recipe_search.md).
 Reuse, from the most expensive piece down:
 
 - the calibration set is collected once (and cached on disk) and shared by every base;
-- a base (naive or Q-Diffusion at one preset) is quantized once and every correction stack is fitted on it;
+- a base (naive, Q-Diffusion, SVDQuant or smoothing-only, at one preset) is quantized once and every correction
+  stack is fitted on it;
 - a stack is fitted on top of its parent: ``tac+tcec`` is TCEC fitted on the saved ``tac`` model (the same fit
   ``fit_corrections`` would do for the whole stack: each member is fitted with the earlier ones active);
 - the FP reference samples of the held-out seed are computed once.
@@ -326,6 +327,7 @@ def run_search(
                           "sampler": space.sampler.key, "calibration_trajectories": space.calibration.num_trajectories,
                           "reconstruction_weight_iters": space.reconstruction.weight_iters,
                           "reconstruction_activation_iters": space.reconstruction.activation_iters,
+                          "reconstruction_rounding": space.reconstruction.rounding,
                           "fit_trajectories": space.fit_trajectories, "selection_samples": space.selection_samples},
                 "tadq": __version__}
     return SearchResult(records, winner, reason, pareto_front(records, budget), seeds, stats, budget, settings)

@@ -1,17 +1,22 @@
 """The candidate space of ``tadq recipe`` and what each candidate costs (docs/recipe_search.md).
 
-A candidate is (base method, preset, correction stack): ``naive`` or ``qdiffusion`` × a bit-width preset × one of
-``none``, ``ptqd``, ``tac``, ``tcec``, ``tac+tcec``. Its recipe is the one the README's rows use for the same
-names (Q-Diffusion with shortcut splitting and quantized attention, naive PTQ without), built with the search's
-calibration, reconstruction and correction-fit settings.
+A candidate is (base method, preset, correction stack): a base of ``BASES`` × a bit-width preset × one of ``none``,
+``ptqd``, ``tac``, ``tcec``, ``tac+tcec``. Its recipe is the one the README's rows use for the same names
+(Q-Diffusion with shortcut splitting and quantized attention, naive PTQ without, SVDQuant with its rank-4 branch,
+smoothing and dynamic per-group activations of 8 channels), built with the search's calibration, reconstruction
+and correction-fit settings. ``smoothquant`` is the SVDQuant recipe without the branch (``lowrank_rank=0``):
+smoothing searched per layer and the same per-group activations, at the plain preset's bit-operations.
 
 Cost, in the units the budget is given in:
 
 - **bit-operations per sample**: Σ over every Conv2d/Linear of MACs × b_w × b_a (floating-point layers 32 × 32),
   per forward, times the sampler's steps: the accounting of ``tadq.corrections.ptqd.bitops`` that ``tadq bench``
-  reports as "Gbit-ops / sample". It is computed from the quantization plan and one FP forward, before anything is
-  built, so a candidate over a bit-operations budget is never built. The corrections add element-wise operations
-  only (no MACs) and are free in this measure; attention matmuls are not counted (the bench's convention).
+  reports as "Gbit-ops / sample". SVDQuant's low-rank branch adds, per quantized layer, its MACs
+  r·(K + O) per output position at 32 × 32 (r the rank the build gives that layer, ``effective_rank``): the
+  ``bitops`` of ``tadq.svdquant.cost.cost_summary``. It is computed from the quantization plan and one FP forward,
+  before anything is built, so a candidate over a bit-operations budget is never built. The corrections, the
+  smoothing division and the per-group dynamic scales add element-wise operations only (no MACs) and are free in
+  this measure; attention matmuls are not counted (the bench's convention).
 - **artefact bytes**: the weights file plus the correction tables as saved (``tadq_weights.safetensors`` +
   ``corrections.safetensors``), measured on the saved artefact. Before building, ``codes_lower_bound_bytes`` (the
   packed weight codes alone) rules out presets that cannot fit.
@@ -30,18 +35,23 @@ from torch import nn
 from tadq.config import CalibrationConfig, ReconstructionConfig
 from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
 from tadq.prepare import build_quantized_structure
+from tadq.quant.lowrank import effective_rank, lowrank_macs
 from tadq.quant.qscheme import PRESETS
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
+from tadq.svdquant import SVDQUANT_RANK, SVDQuantMethod, svdquant_schemes
 
 __all__ = [
-    "BASES", "STACKS", "Budget", "Candidate", "SearchSpace", "forward_macs", "gbitops_per_sample",
-    "codes_lower_bound_bytes", "parse_stack", "quantized_layers",
+    "BASES", "STACKS", "SVDQUANT_BASES", "Budget", "Candidate", "SearchSpace", "forward_macs", "gbitops_per_sample",
+    "branch_macs", "codes_lower_bound_bytes", "parse_stack", "quantized_layers",
 ]
 
-BASES: tuple[str, ...] = ("naive", "qdiffusion")
+SVDQUANT_BASES: dict[str, int] = {"svdquant": SVDQUANT_RANK, "smoothquant": 0}
+"""The SVDQuant-family bases → rank of their floating-point branch (both smooth and quantize activations
+dynamically per group of ``tadq.svdquant.SVDQUANT_GROUP`` channels)."""
+BASES: tuple[str, ...] = ("naive", "qdiffusion", *SVDQUANT_BASES)
 STACKS: dict[str, tuple[str, ...]] = {
     "none": (), "ptqd": ("ptqd",), "tac": ("tac",), "tcec": ("tcec",), "tac+tcec": ("tac", "tcec"),
 }
@@ -68,7 +78,7 @@ class Candidate:
 
     def __post_init__(self) -> None:
         if self.base not in BASES:
-            raise ValueError(f"base {self.base!r}; searched bases: {list(BASES)}")
+            raise ValueError(f"unknown base method {self.base!r}; searched bases: {list(BASES)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         object.__setattr__(self, "stack", tuple(self.stack))
@@ -134,16 +144,39 @@ def quantized_layers(model: nn.Module, recipe: Recipe) -> set[str]:
     return {plan.name for plan in structure.plans if plan.quantized}
 
 
+def branch_macs(model: nn.Module, recipe: Recipe, macs: dict[str, int], quantized: set[str]) -> int:
+    """MACs per forward of the low-rank floating-point branches ``recipe`` gives its quantized layers (0 without).
+
+    Per layer: output positions (its MACs / (K·O)) × ``lowrank_macs`` at the rank the build applies
+    (``effective_rank``: the scheme's rank capped at half of min(O, K)); K = in/groups·kh·kw, O = out channels.
+    """
+    rank = recipe.weights.lowrank_rank
+    if not rank:
+        return 0
+    total = 0
+    for name in quantized:
+        if name not in macs:  # not called in the forward (no MACs, no branch work)
+            continue
+        weight = model.get_submodule(name).weight
+        out_features, reduction = int(weight.shape[0]), int(weight[0].numel())
+        positions = macs[name] // (reduction * out_features)
+        total += positions * lowrank_macs(effective_rank(out_features, reduction, rank), reduction, out_features)
+    return total
+
+
 def gbitops_per_sample(model: nn.Module, recipe: Recipe, macs: dict[str, int] | None = None,
                        quantized: set[str] | None = None) -> float:
     """Gbit-ops of one sample (every step) of ``recipe`` on ``model``, from its plan: no calibration needed.
 
-    Equal to ``bit_operations(qmodel) × steps / 1e9`` of the built model (a test checks it).
+    The quantized GEMMs at the recipe's bits, floating-point layers and SVDQuant's low-rank branch at 32 × 32.
+    Equal to ``bit_operations(qmodel) × steps / 1e9`` of the built model, and for an SVDQuant recipe to
+    ``tadq.svdquant.cost.cost_summary(qmodel, steps)["bitops"] / 1e9`` (tests check both).
     """
     macs = forward_macs(model) if macs is None else macs
     quantized = quantized_layers(model, recipe) if quantized is None else quantized
     bits = (recipe.weights.bits or FP_BITS) * (recipe.activations.bits or FP_BITS)
     per_forward = sum(count * (bits if name in quantized else FP_BITS * FP_BITS) for name, count in macs.items())
+    per_forward += branch_macs(model, recipe, macs, quantized) * FP_BITS * FP_BITS
     return per_forward * recipe.sampler.num_steps / 1e9
 
 
@@ -165,11 +198,12 @@ class SearchSpace:
 
     Args:
         presets: bit-width presets tried (those within a bit-operations budget are built).
-        bases: base methods (``naive``, ``qdiffusion``).
+        bases: base methods (``BASES``: ``naive``, ``qdiffusion``, ``svdquant``, ``smoothquant``).
         stacks: correction stacks by name (``STACKS``).
         sampler: the deployment sampler (calibration, fits and scoring run with it).
         calibration: calibration trajectories (its seed is the calibration seed every fit uses).
-        reconstruction: Q-Diffusion's block reconstruction settings.
+        reconstruction: Q-Diffusion's block reconstruction settings (``rounding``: AdaRound, GPTQ or both; the
+            SVDQuant-family and naive bases do not reconstruct).
         fit_trajectories: trajectories of each correction fit (``CorrectionConfig.num_samples``).
         selection_samples: TCEC's held-out (a, κ, start) selection trajectories.
     """
@@ -222,6 +256,10 @@ class SearchSpace:
         corrections = tuple(self._fit_settings(c) for c in correction_configs(candidate.stack, self.calibration_seed))
         if candidate.base == "naive":
             return Recipe.from_preset(candidate.preset, method=NaiveMethod(), corrections=corrections, **fields)
+        if candidate.base in SVDQUANT_BASES:
+            weights, activations = svdquant_schemes(candidate.preset, rank=SVDQUANT_BASES[candidate.base])
+            return Recipe.from_preset(candidate.preset, method=SVDQuantMethod(seed=self.calibration_seed),
+                                      weights=weights, activations=activations, corrections=corrections, **fields)
         return Recipe.from_preset(candidate.preset, method=QDiffusionMethod(self.reconstruction),
                                   split_shortcut=True, quantize_attention=True, corrections=corrections, **fields)
 

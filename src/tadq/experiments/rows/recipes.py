@@ -11,11 +11,11 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 from tadq.config import CalibrationConfig, ReconstructionConfig
-from tadq.quant.qscheme import QScheme, preset
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.sampling import SamplerConfig
 from tadq.svdquant import SVDQuantMethod
+from tadq.svdquant.schemes import SVDQUANT_GROUP, SVDQUANT_RANK, svdquant_schemes
 from tadq.tfmq import TFMQConfig, TFMQMethod
 
 if TYPE_CHECKING:
@@ -48,9 +48,9 @@ TFMQ_ROWS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
 SVDQUANT_ROWS: dict[str, tuple[str, ...]] = {
     "svdquant": (), "svdquant+tac": ("tac",), "svdquant+tcec": ("tcec",), "svdquant+ptqd": ("ptqd",),
 }
-# the W4A4 ablation's best setting (docs/methods/svdquant.md): rank-4 branch, dynamic per-group activations of 8
-# channels, smoothing searched per layer, no rotation; weights stay per output channel
-SVDQUANT_RANK, SVDQUANT_GROUP = 4, 8
+# the W4A4 ablation's best setting (rank-4 branch, dynamic per-group activations of 8 channels, smoothing searched
+# per layer, no rotation; weights per output channel): SVDQUANT_RANK, SVDQUANT_GROUP and svdquant_schemes live in
+# tadq.svdquant.schemes (tadq recipe's SVDQuant bases build theirs there too) and are re-exported here
 RECIPE_ROWS: tuple[str, ...] = ("naive", "qdiffusion", *CORRECTION_ROWS, *TFMQ_ROWS, *SVDQUANT_ROWS)
 
 
@@ -64,17 +64,6 @@ def tfmq_config(calibration: CalibrationConfig) -> TFMQConfig:
     seed and inputs per step as the base calibration, but every step of the grid)."""
     return TFMQConfig(num_samples=calibration.num_trajectories, seed=calibration.seed,
                       fsc_samples_per_step=calibration.samples_per_step)
-
-
-def svdquant_schemes(preset_name: str) -> tuple[QScheme, QScheme]:
-    """The SVDQuant rows' schemes at ``preset_name``'s bits: the preset's weight scheme with a rank-``SVDQUANT_RANK``
-    branch, its activation scheme quantized per group of ``SVDQUANT_GROUP`` channels (dynamic) after smoothing.
-    A weight-only preset (activations off) keeps its activations off, smoothing still on (it acts on the weights)."""
-    weights, activations = preset(preset_name)
-    weights = dataclasses.replace(weights, lowrank_rank=SVDQUANT_RANK)
-    if activations.enabled:
-        activations = dataclasses.replace(activations, granularity="per_group", group_size=SVDQUANT_GROUP)
-    return weights, dataclasses.replace(activations, smoothing=True)
 
 
 def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconstruction: ReconstructionConfig,

@@ -1,0 +1,196 @@
+"""``tadq recipe`` with the SVDQuant-family bases (svdquant, smoothquant) and GPTQ-rounded Q-Diffusion bases: the
+bases build, take corrections and score through the search path; the plan's bit-operations count the low-rank
+branch exactly as ``tadq.svdquant.cost`` measures the built model; the W4A4 budget keeps the branch-free base and
+rules out the branched one; ``--recon-rounding`` reaches the recipes and the report. Tiny model, tiny settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from tests.conftest import build_tiny_unet
+from typer.testing import CliRunner
+
+import tadq
+from tadq.cli.app import app
+from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.corrections.ptqd.bitops import FP_BITS, bit_operations
+from tadq.quant.lowrank import effective_rank
+from tadq.quant.transformed import TransformedQuantLayer
+from tadq.sampling import SamplerConfig
+from tadq.search import BASES, Budget, Candidate, SearchSpace, plan_search, run_search
+from tadq.search.report import write_report
+from tadq.search.space import branch_macs, forward_macs, gbitops_per_sample, quantized_layers
+from tadq.svdquant import SVDQUANT_GROUP, SVDQUANT_RANK, SVDQuantMethod, svdquant_schemes
+from tadq.svdquant.cost import cost_summary
+
+SAMPLER = SamplerConfig(kind="ddim", num_steps=4, eta=0.0)
+runner = CliRunner()
+
+
+def _scheduler() -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+
+
+def _space(**changes) -> SearchSpace:
+    fields = dict(
+        presets=("W4A4",), bases=("svdquant", "smoothquant"), stacks=("none", "tac"), sampler=SAMPLER,
+        calibration=CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=4, samples_per_step=8,
+                                      seed=0, batch_size=8),
+        reconstruction=ReconstructionConfig(weight_iters=2, activation_iters=2, batch_size=8),
+        fit_trajectories=4, selection_samples=4,
+    )
+    return SearchSpace(**(fields | changes))
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """SVDQuant and smoothing-only bases at W4A4, each bare and with TAC, under a budget they all fit."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model, scheduler, space = build_tiny_unet(), _scheduler(), _space()
+    out = tmp_path_factory.mktemp("svdquant-search")
+    result = run_search(model, scheduler, space, Budget("gbitops", 1e6, "test"), out, heldout_trajectories=4,
+                        progress=False)
+    write_report(result, out)
+    return {"model": model, "space": space, "out": out, "result": result}
+
+
+def test_the_svdquant_family_is_searched_under_the_readme_row_names():
+    assert {"naive", "qdiffusion", "svdquant", "smoothquant"} <= set(BASES)
+    names = [c.name for c in _space(stacks=("none", "tac", "tac+tcec")).candidates()]
+    assert names == ["svdquant-W4A4", "svdquant+tac-W4A4", "svdquant+tac+tcec-W4A4", "smoothquant-W4A4",
+                     "smoothquant+tac-W4A4", "smoothquant+tac+tcec-W4A4"]
+
+
+def test_the_svdquant_base_is_the_recipe_of_tadq_runs_rows():
+    from tadq.experiments.rows.recipes import SVDQUANT_ROWS, recipes_for_row
+    from tadq.experiments.run import RunConfig
+
+    space = _space(fit_trajectories=256, selection_samples=64)  # the correction configs' own defaults
+    run = RunConfig(sampler=SAMPLER, calibration=space.calibration, presets=("W4A4",), methods=("svdquant",))
+    for row, stack in SVDQUANT_ROWS.items():
+        assert space.recipe(Candidate("svdquant", "W4A4", stack)) == recipes_for_row(row, "W4A4", run), row
+
+
+def test_smoothquant_is_svdquant_without_the_branch():
+    space = _space()
+    svd, smooth = (space.recipe(Candidate(base, "W4A4")) for base in ("svdquant", "smoothquant"))
+    assert isinstance(svd.method, SVDQuantMethod) and svd.method == smooth.method
+    assert (svd.weights.lowrank_rank, smooth.weights.lowrank_rank) == (SVDQUANT_RANK, 0)
+    assert svd.activations == smooth.activations
+    assert smooth.activations.smoothing and smooth.activations.dynamic
+    assert (smooth.activations.granularity, smooth.activations.group_size) == ("per_group", SVDQUANT_GROUP)
+    assert (svd.weights, svd.activations) == svdquant_schemes("W4A4")
+    assert (smooth.weights, smooth.activations) == svdquant_schemes("W4A4", rank=0)
+
+
+def test_svdquant_bases_build_take_corrections_and_score(searched):
+    result, out = searched["result"], searched["out"]
+    assert [r["name"] for r in result.records] == ["svdquant-W4A4", "svdquant+tac-W4A4", "smoothquant-W4A4",
+                                                   "smoothquant+tac-W4A4"]
+    assert all(r["status"] == "scored" and torch.isfinite(torch.tensor(r["score"]["median_psnr"]))
+               for r in result.records)
+    assert result.stats["bases_built"] == 2 and result.stats["corrections_fitted"] == 2  # TAC on each saved base
+    qmodel, _ = tadq.load(out / result.record("svdquant+tac-W4A4")["artefact"])
+    assert [type(c).__name__ for c in qmodel.recipe.corrections] == ["TACConfig"] and len(qmodel.corrections) == 1
+    layers = [m for m in qmodel.model.modules() if isinstance(m, TransformedQuantLayer)]
+    assert layers and any(m.rank for m in layers) and all(m.smooth is not None for m in layers)
+    qmodel, _ = tadq.load(out / result.record("smoothquant-W4A4")["artefact"])
+    assert not any(m.rank for m in qmodel.model.modules() if isinstance(m, TransformedQuantLayer))
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["space"]["bases"] == ["svdquant", "smoothquant"]
+    assert report["settings"]["space"]["reconstruction_rounding"] == "adaround"
+
+
+def test_plan_bit_operations_count_the_branch_as_the_built_model_costs(searched):
+    result, out, model = searched["result"], searched["out"], searched["model"]
+    for name in ("svdquant-W4A4", "svdquant+tac-W4A4", "smoothquant-W4A4"):
+        qmodel, _ = tadq.load(out / result.record(name)["artefact"])
+        measured = cost_summary(qmodel, SAMPLER.num_steps)
+        assert result.record(name)["gbitops"] * 1e9 == pytest.approx(measured["bitops"], rel=1e-12), name
+        assert measured["bitops"] == pytest.approx(
+            (bit_operations(qmodel) + measured["branch_macs"] // SAMPLER.num_steps * FP_BITS**2)
+            * SAMPLER.num_steps, rel=1e-12)
+    # the branch is not free, and smoothing alone costs what the plain preset costs
+    svd, smooth = result.record("svdquant-W4A4")["gbitops"], result.record("smoothquant-W4A4")["gbitops"]
+    naive = gbitops_per_sample(model, _space(bases=("naive",)).recipe(Candidate("naive", "W4A4")))
+    assert smooth == pytest.approx(naive, rel=1e-12) and svd > smooth
+
+
+def test_branch_macs_use_the_rank_the_build_caps_per_layer():
+    model, space = build_tiny_unet(), _space()
+    recipe = space.recipe(Candidate("svdquant", "W4A4"))
+    macs, quantized = forward_macs(model), quantized_layers(model, recipe)
+    ranks = {name: effective_rank(model.get_submodule(name).weight.shape[0],
+                                  model.get_submodule(name).weight[0].numel(), SVDQUANT_RANK) for name in quantized}
+    assert set(ranks.values()) - {SVDQUANT_RANK}  # the tiny model has layers under the cap (4 channels: rank 2)
+    assert branch_macs(model, recipe, macs, quantized) > 0
+    assert branch_macs(model, space.recipe(Candidate("smoothquant", "W4A4")), macs, quantized) == 0
+
+
+def test_the_w4a4_budget_keeps_smoothing_only_and_rules_out_the_branch():
+    model = build_tiny_unet()
+    space = _space(bases=("naive", "svdquant", "smoothquant"))
+    budget = Budget("gbitops", gbitops_per_sample(model, space.recipe(Candidate("naive", "W4A4"))), "W4A4")
+    plan = plan_search(model, space, budget)
+    assert {c.name for c in plan.feasible} == {"naive-W4A4", "naive+tac-W4A4", "smoothquant-W4A4",
+                                               "smoothquant+tac-W4A4"}
+    assert set(plan.ruled_out) == {"svdquant-W4A4", "svdquant+tac-W4A4"}
+
+
+def test_an_unknown_base_is_refused_naming_every_base():
+    for make in (lambda: _space(bases=("svd",)), lambda: Candidate("svd", "W4A4")):
+        with pytest.raises(ValueError, match="unknown base method 'svd'") as caught:
+            make()
+        assert all(base in str(caught.value) for base in ("naive", "qdiffusion", "svdquant", "smoothquant"))
+
+
+def _cli(tmp_path, model_dir, *flags):
+    args = ["recipe", str(model_dir), "--out", str(tmp_path / "out"), "--steps", "4", "--calib-trajectories", "8",
+            "--fit-trajectories", "4", "--selection-samples", "4", "--heldout", "4", "--threads", "1", *flags]
+    return runner.invoke(app, args)
+
+
+class _Stop(ValueError):
+    pass
+
+
+def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, tiny_model_dir, monkeypatch):
+    import tadq.search
+
+    seen = {}
+
+    def capture(model, scheduler, space, budget, out, **kwargs):
+        seen.update(space=space, plan=kwargs["plan"])
+        raise _Stop("captured")
+
+    monkeypatch.setattr(tadq.search, "run_search", capture)
+    result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A4", "--presets", "W4A4", "--bases",
+                  "qdiffusion,svdquant,smoothquant", "--stacks", "none,tac", "--recon-rounding", "gptq")
+    assert result.exit_code == 2 and "captured" in result.output, result.output
+    space, plan = seen["space"], seen["plan"]
+    assert space.reconstruction.rounding == "gptq" and space.bases == ("qdiffusion", "svdquant", "smoothquant")
+    assert plan.recipes["qdiffusion+tac-W4A4"].method.reconstruction.rounding == "gptq"
+    assert {"svdquant-W4A4", "svdquant+tac-W4A4"} <= set(plan.ruled_out)
+    assert "smoothquant+tac-W4A4" in {c.name for c in plan.feasible}
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--bases", "naive,svd"], "searched bases: ['naive', 'qdiffusion', 'svdquant', 'smoothquant']"),
+    (["--recon-rounding", "nearest"], "rounding must be 'adaround', 'gptq' or 'gptq_adaround'"),
+])
+def test_the_cli_refuses_an_unknown_base_or_rounding_before_any_work(tmp_path, tiny_model_dir, monkeypatch, flags,
+                                                                      message):
+    import tadq.search
+
+    def never(*args, **kwargs):
+        raise AssertionError("the search started")
+
+    monkeypatch.setattr(tadq.search, "run_search", never)
+    result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A8", *flags)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "out" / "cache").exists()
