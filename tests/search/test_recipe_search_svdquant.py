@@ -194,3 +194,16 @@ def test_the_cli_refuses_an_unknown_base_or_rounding_before_any_work(tmp_path, t
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_a_gptq_rounded_qdiffusion_base_builds_and_scores_through_the_search(tmp_path):
+    space = _space(presets=("W4A8",), bases=("qdiffusion",), stacks=("none",),
+                   reconstruction=ReconstructionConfig(rounding="gptq", activation_iters=0, batch_size=8,
+                                                       gptq_inputs=16))
+    result = run_search(build_tiny_unet(), _scheduler(), space, Budget("gbitops", 1e6), tmp_path,
+                        heldout_trajectories=4, progress=False)
+    record = result.record("qdiffusion-W4A8")
+    assert record["status"] == "scored" and result.settings["space"]["reconstruction_rounding"] == "gptq"
+    qmodel, _ = tadq.load(tmp_path / record["artefact"])
+    assert qmodel.recipe.method.reconstruction.rounding == "gptq"
+    assert qmodel.recipe == space.recipe(Candidate("qdiffusion", "W4A8"))
