@@ -116,3 +116,27 @@ def test_tac_and_tcec_rows_run_end_to_end(tmp_path, tiny_model_dir):
     assert set(stacked) == {"0:TAC", "1:TCEC"} and len(stacked["1:TCEC"]["k"]) == SAMPLER.num_steps
     assert (tmp_path / "t" / "correction_tables.png").exists()
     assert len(list((tmp_path / "t" / "models").glob("qdiffusion-W4A4-*"))) == 1  # all rows share one base model
+
+
+def test_fp_layers_reach_every_tadq_row_and_the_report(tmp_path, tiny_model_dir):
+    from tadq.experiments.rows import recipes_for_row
+
+    config = _config(tiny_model_dir, tmp_path / "fl", presets=("W8A8",), fp_layers="first_last")
+    for row in ("naive", "qdiffusion", "tac", "svdquant"):
+        assert recipes_for_row(row, "W8A8", config).keep_fp_roles == ("input_conv", "output_conv")
+    assert recipes_for_row("naive", "W8A8", _config(tiny_model_dir, tmp_path, fp_layers="none")).keep_fp_roles == ()
+    kept = run_main_job(config)
+    quantized_all = run_main_job(_config(tiny_model_dir, tmp_path / "none", presets=("W8A8",)))
+    # the input and output convs leave the quantized path: the samples change, and the report says why
+    assert kept["rows"][1]["final_mse"] != quantized_all["rows"][1]["final_mse"]
+    assert "input_conv, output_conv" in kept["notes"]["fp_layers"]
+    assert "none" in quantized_all["notes"]["fp_layers"]
+    assert "input_conv, output_conv" in (tmp_path / "fl" / "results.md").read_text()
+
+
+def test_fp_layers_refused_when_unknown_or_beside_peer_rows(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown fp_layers 'last'"):
+        _config(tiny_model_dir, tmp_path, fp_layers="last")
+    with pytest.raises(ValueError, match="like for like"):
+        _config(tiny_model_dir, tmp_path, methods=("naive", "quanto"), fp_layers="first_last")
+    _config(tiny_model_dir, tmp_path, methods=("naive", "quanto"))  # with every layer quantized they compare

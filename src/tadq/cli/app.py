@@ -68,6 +68,10 @@ def run_command(
                                        "(learned, the default), gptq (inverse-Hessian compensation, no iterations: "
                                        "about 5x less CPU, docs/methods/qdiffusion.md#gptq-rounding) or "
                                        "gptq_adaround."),
+    fp_layers: str = typer.Option("none", help="Layers every tadq row (naive included) keeps in floating point: "
+                                  "none (every conv/linear quantized, the default), first_last (input and output "
+                                  "convs; W8A8 +9-11 dB on the shipped models, docs/methods/qdiffusion.md"
+                                  "#what-limits-w8a8) or first_last_time (+ the time-embedding MLP)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000; PSNR/SSIM vs FP hold at "
                                     "256, make run's headline)."),
     sampler: str = typer.Option("ddim", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) "
@@ -128,7 +132,8 @@ def run_command(
                            dtype=dtype, guidance_scale=guidance_scale,
                            calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                            evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
-                           negative_prompt=negative_prompt, labels=labels, null_class=null_class)
+                           negative_prompt=negative_prompt, labels=labels, null_class=null_class,
+                           fp_layers=fp_layers.strip().lower())
         results = run_main_job(config)
     from rich.table import Table
 

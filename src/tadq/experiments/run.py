@@ -19,12 +19,13 @@ from typing import Any
 
 from tadq.api import sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
-from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict
+from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, ReconstructionConfig, config_to_dict
 from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
+from tadq.experiments.rows.peers import PEERS
 from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import mark_output
 from tadq.metrics import per_step_mse
@@ -80,6 +81,10 @@ class RunConfig:
             ``"random"`` (labels drawn from (seed, i)); ``None``: the model's default (the shipped photos model:
             ``"null"``; a user's: ``"random"``).
         null_class: the class-conditional model's "no class" label (known for the shipped photos model).
+        fp_layers: layers every tadq row keeps in floating point, a key of ``FP_LAYER_PRESETS`` (``none``: every
+            conv/linear quantized, Q-Diffusion's code; ``first_last``: the input and output convs in FP, the later
+            papers' convention, docs/methods/qdiffusion.md#what-limits-w8a8). Peer rows quantize every layer their
+            tool quantizes, so they are refused unless this is ``none``.
     """
 
     model: str | None = None
@@ -102,6 +107,7 @@ class RunConfig:
     negative_prompt: str = ""
     labels: str | None = None
     null_class: int | None = None
+    fp_layers: str = "none"
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device torch lacks fails here, named
@@ -111,6 +117,13 @@ class RunConfig:
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
+        if self.fp_layers not in FP_LAYER_PRESETS:
+            raise ValueError(f"unknown fp_layers {self.fp_layers!r}; choose one of {sorted(FP_LAYER_PRESETS)}")
+        peers = [m for m in self.methods if m in PEERS]
+        if FP_LAYER_PRESETS[self.fp_layers] and peers:
+            raise ValueError(f"fp_layers={self.fp_layers!r} keeps layers of tadq's rows in floating point, but the "
+                             f"peer rows {peers} quantize whatever their tool quantizes: the comparison would not be "
+                             "like for like; run the peers with fp_layers='none'")
         job_rows(self)  # ``best`` at a preset without a measured best fails here, before any work
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
@@ -271,6 +284,15 @@ def _reconstruction_note(reconstruction) -> str:
             + f"), {reconstruction.activation_iters} activation-step iterations per unit.")
 
 
+def _fp_layers_note(fp_layers: str) -> str:
+    """Which layers this run's tadq rows kept in floating point (naive rows included, so rows compare alike)."""
+    roles = FP_LAYER_PRESETS[fp_layers]
+    if not roles:
+        return "Layers in floating point: none (every conv/linear quantized, the fp_layers='none' default)."
+    return (f"Layers in floating point (fp_layers={fp_layers!r}, every tadq row, naive included): the "
+            f"{', '.join(roles)} layers, counted at 32 × 32 bits in the bit-operations.")
+
+
 def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
     if fd is None:
         return ("FD and class agreement are not computed: the shipped classifiers only read the shipped models' "
@@ -332,15 +354,17 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
             "fake_quant": "Quantized variants are fake-quantized (simulated on FP hardware): wall time measures "
                           "simulation cost, not deployment speed.",
             "reconstruction": _reconstruction_note(config.reconstruction),
+            "fp_layers": _fp_layers_note(config.fp_layers),
         },
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
-                   "num_samples": config.num_samples, "eval_seed": config.eval_seed,
+                   "num_samples": config.num_samples, "eval_seed": config.eval_seed, "fp_layers": config.fp_layers,
                    "model": workload.name, "workload": workload.settings},
         "versions": library_versions(),
     }
     atomic_write_json(results, out / "results.json")
     table = markdown_table(rows)
     notes = results["notes"]
-    atomic_write_text(f"{table}\n\n{notes['fd']}\n{notes['fake_quant']}\n{notes['reconstruction']}\n",
+    atomic_write_text(f"{table}\n\n{notes['fd']}\n{notes['fake_quant']}\n{notes['reconstruction']}\n"
+                      f"{notes['fp_layers']}\n",
                       out / "results.md")
     return results

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, ReconstructionConfig
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.sampling import SamplerConfig
@@ -67,9 +67,9 @@ def tfmq_config(calibration: CalibrationConfig) -> TFMQConfig:
 
 
 def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconstruction: ReconstructionConfig,
-            sampler: SamplerConfig, guidance_scale: float = 1.0) -> Recipe:
+            sampler: SamplerConfig, guidance_scale: float = 1.0, keep_fp_roles: tuple[str, ...] = ()) -> Recipe:
     fields: dict[str, Any] = {"calibration": calibration, "deployments": (Deployment(sampler, guidance_scale),),
-                              "name": f"{recipe_stem(name)}-{preset_name.upper()}"}
+                              "name": f"{recipe_stem(name)}-{preset_name.upper()}", "keep_fp_roles": keep_fp_roles}
     if name == "naive":
         return Recipe.from_preset(preset_name, method=NaiveMethod(), **fields)
     qdiffusion = {"split_shortcut": True, "quantize_attention": True, **fields}
@@ -96,7 +96,8 @@ def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconst
 def recipes_for_row(name: str, preset_name: str, config: RunConfig) -> Recipe:
     """The recipe of row ``name`` at ``preset_name`` under the run's calibration, reconstruction and sampler."""
     guidance = 1.0 if config.guidance_scale is None else config.guidance_scale
-    return _recipe(name, preset_name, config.calibration, config.reconstruction, config.sampler, guidance)
+    return _recipe(name, preset_name, config.calibration, config.reconstruction, config.sampler, guidance,
+                   FP_LAYER_PRESETS[config.fp_layers])
 
 
 def base_recipe(recipe: Recipe, name: str) -> Recipe:
