@@ -245,3 +245,14 @@ def test_the_cli_writes_recipe_artefact_report_and_evaluation(tmp_path, tiny_mod
     assert report["evaluation"]["seed"] == 1000 and "README row" in report["evaluation"]["summary"]
     assert set(report["evaluation"]["rows"]) == {"naive-W4A8", "naive+tac-W4A8"}
     assert load_recipe(out / "recipe.json").name == report["winner"]
+
+
+def test_a_class_conditional_model_is_refused_before_its_forward_is_needed(tmp_path):
+    model = build_tiny_unet(num_class_embeds=4)
+    space = SearchSpace(presets=("W8A8",), bases=("naive",), stacks=("none",))
+    budget = Budget("gbitops", 1e9)
+    with pytest.raises(NotImplementedError, match="unconditional models only"):
+        plan_search(model, space, budget)
+    with pytest.raises(NotImplementedError, match="unconditional models only"):
+        run_search(model, DDPMScheduler(num_train_timesteps=100), space, budget, tmp_path)
+    assert not any(tmp_path.iterdir())

@@ -83,11 +83,19 @@ class SearchPlan:
         return [c for c in self.candidates if c.name not in self.ruled_out]
 
 
+def _refuse_conditional(model: nn.Module) -> None:
+    if adapter_for(model).conditioning_inputs(model):
+        raise NotImplementedError("tadq recipe searches unconditional models only (the shipped digits model and "
+                                  "UNet2DModel folders); a conditional model needs calibration conditions")
+
+
 def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchPlan:
     """Costs and budget filter from the quantization plans alone (one FP forward, no calibration).
 
-    Raises ``ValueError`` when no candidate can fit the budget, naming the cheapest one.
+    Raises ``ValueError`` when no candidate can fit the budget, naming the cheapest one, and
+    ``NotImplementedError`` for a conditional model (checked first: its forward needs conditions).
     """
+    _refuse_conditional(model)
     macs = forward_macs(model)
     candidates = space.candidates()
     recipes = {c.name: space.recipe(c) for c in candidates}
@@ -255,9 +263,7 @@ def run_search(
     """
     if heldout_trajectories < 1:
         raise ValueError(f"heldout_trajectories must be >= 1, got {heldout_trajectories}")
-    if adapter_for(model).conditioning_inputs(model):
-        raise NotImplementedError("tadq recipe searches unconditional models only (the shipped digits model and "
-                                  "UNet2DModel folders); a conditional model needs calibration conditions")
+    _refuse_conditional(model)
     plan = plan or plan_search(model, space, budget)
     seeds = {"calibration": space.calibration_seed, **space.correction_seeds(),
              "heldout": heldout_seed(space.calibration_seed), "evaluation": int(eval_seed)}
