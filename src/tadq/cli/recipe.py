@@ -1,4 +1,5 @@
-"""``tadq recipe``: find the best base × preset × correction stack under a budget (docs/recipe_search.md)."""
+"""``tadq recipe``: find the best base × preset × correction stack × floating-point layers under a budget
+(docs/recipe_search.md)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,10 @@ def recipe_command(
                                             "(the same without the branch).")] = "naive,qdiffusion",
     stacks: Annotated[str, typer.Option(help="Correction stacks searched: none, ptqd, tac, tcec, tac+tcec.")
                       ] = "none,ptqd,tac,tcec,tac+tcec",
+    fp_layers: Annotated[str, typer.Option(help="Layers kept in floating point, keys of FP_LAYER_PRESETS: none (every "
+                                                "layer quantized), first_last (the input and output convs), "
+                                                "first_last_time (also the timestep MLP); each key tried with every "
+                                                "other choice, its FP layers costed at 32x32 bits.")] = "none",
     steps: Annotated[int, typer.Option(help="DDIM steps of the deployment sampler.")] = 50,
     eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler.")] = 0.0,
     calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
@@ -79,8 +84,8 @@ def recipe_command(
     threads: Threads = 0,
     verbose: Verbose = False,
 ) -> None:
-    """Search base method × preset × correction stack under a budget, score on held-out calibration noise, write
-    the winning recipe, its artefact and a report with the Pareto front."""
+    """Search base method × preset × correction stack × floating-point layers under a budget, score on held-out
+    calibration noise, write the winning recipe, its artefact and a report with the Pareto front."""
     setup(verbose, threads, "cpu")
     with fail_cleanly():
         import dataclasses
@@ -105,7 +110,8 @@ def recipe_command(
         calibration = CalibrationConfig(sampler=sampler, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps),
                                         samples_per_step=min(64, calib_trajectories), seed=seed)
-        space = SearchSpace(presets=_names(presets), bases=_names(bases), stacks=_names(stacks), sampler=sampler,
+        space = SearchSpace(presets=_names(presets), bases=_names(bases), stacks=_names(stacks),
+                            fp_layers=_names(fp_layers), sampler=sampler,
                             calibration=calibration, reconstruction=reconstruction,
                             fit_trajectories=fit_trajectories, selection_samples=selection_samples)
         fit_seeds = space.correction_seeds()

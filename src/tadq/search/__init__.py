@@ -1,5 +1,5 @@
-"""Automatic recipe search (``tadq recipe``): the best base × preset × correction stack under a budget, chosen on
-held-out calibration noise (docs/recipe_search.md).
+"""Automatic recipe search (``tadq recipe``): the best base × preset × correction stack × floating-point layers under a
+budget, chosen on held-out calibration noise (docs/recipe_search.md).
 
 ``space`` (candidates and their cost), ``score`` (the robust held-out score and the seed rules), ``search`` (the
 loop with reuse of fitted pieces and resumable cache), ``report`` (JSON, Markdown, Pareto plot) and ``evaluate``

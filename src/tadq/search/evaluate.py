@@ -1,7 +1,8 @@
 """``tadq recipe --evaluate N``: the winner against every in-budget candidate on the *evaluation* seed.
 
 The README's fixed rows at a preset (naive, Q-Diffusion, Q-Diffusion + PTQD / TAC / TCEC / TAC + TCEC, SVDQuant,
-SVDQuant + TAC / TCEC / PTQD) are candidates of the search; within the budget they were built with the search's
+SVDQuant + TAC / TCEC / PTQD) are candidates of the search (those with ``fp_layers="none"``: the README's rows quantize
+every layer); within the budget they were built with the search's
 settings, so this compares them and the winner at equal budget and equal build settings, on noise the search never
 saw. It runs only after the
 winner is chosen, so nothing here can influence the choice.
@@ -27,7 +28,11 @@ README_ROWS = ("naive", "qdiffusion", "qdiffusion+ptqd", "qdiffusion+tac", "qdif
 
 
 def _is_readme_row(record: dict[str, Any]) -> bool:
-    return record["name"].rsplit("-", 1)[0] in README_ROWS
+    """A README row: its (base + stack) is one of ``README_ROWS`` and no layer is kept in floating point."""
+    if record.get("fp_layers", "none") != "none":
+        return False
+    stem = record["base"] if record["stack"] == "none" else f"{record['base']}+{record['stack']}"
+    return stem in README_ROWS
 
 
 def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_dir: str | Path, *,

@@ -4,7 +4,8 @@ best one chosen (docs/recipe_search.md).
 Reuse, from the most expensive piece down:
 
 - the calibration set is collected once (and cached on disk) and shared by every base;
-- a base (naive, Q-Diffusion, SVDQuant or smoothing-only, at one preset) is quantized once and every correction
+- a base (naive, Q-Diffusion, SVDQuant or smoothing-only, at one preset and one set of floating-point layers) is
+  quantized once and every correction
   stack is fitted on it;
 - a stack is fitted on top of its parent: ``tac+tcec`` is TCEC fitted on the saved ``tac`` model (the same fit
   ``fit_corrections`` would do for the whole stack: each member is fitted with the earlier ones active);
@@ -99,11 +100,11 @@ def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchP
     macs = forward_macs(model)
     candidates = space.candidates()
     recipes = {c.name: space.recipe(c) for c in candidates}
-    per_structure: dict[tuple[str, str], tuple[float, int]] = {}
+    per_structure: dict[tuple[str, str, str], tuple[float, int]] = {}  # (base, preset, fp_layers) → costs
     gbitops: dict[str, float] = {}
     ruled_out: dict[str, str] = {}
     for candidate in candidates:
-        key = (candidate.base, candidate.preset)
+        key = (candidate.base, candidate.preset, candidate.fp_layers)
         if key not in per_structure:
             recipe = recipes[candidate.name]
             quantized = quantized_layers(model, recipe)
@@ -289,8 +290,8 @@ def run_search(
         recipe = plan.recipes[candidate.name]
         record: dict[str, Any] = {
             "name": candidate.name, "base": candidate.base, "preset": candidate.preset,
-            "stack": candidate.stack_name, "gbitops": plan.gbitops[candidate.name], "bytes": None,
-            "score": None, "recipe": config_to_dict(recipe),
+            "stack": candidate.stack_name, "fp_layers": candidate.fp_layers, "gbitops": plan.gbitops[candidate.name],
+            "bytes": None, "score": None, "recipe": config_to_dict(recipe),
         }
         if candidate.name in plan.ruled_out:
             records.append({**record, "status": "over budget", "in_budget": False,
@@ -302,7 +303,7 @@ def run_search(
         reused = _reusable(path, score_key, budget) if builder.cached(candidate) else None
         if reused is not None:
             stats["candidates_reused"] += 1
-            records.append(reused)
+            records.append({**reused, "fp_layers": candidate.fp_layers})  # records written before the axis lack it
             continue
         qmodel = builder.get(candidate)
         nbytes = _artefact_bytes(builder.folder(candidate))
@@ -330,7 +331,8 @@ def run_search(
     winner, reason = choose_winner(records, budget, tie_db)
     settings = {"heldout_trajectories": heldout_trajectories, "tie_db": tie_db, "batch_size": batch_size,
                 "space": {"presets": list(space.presets), "bases": list(space.bases), "stacks": list(space.stacks),
-                          "sampler": space.sampler.key, "calibration_trajectories": space.calibration.num_trajectories,
+                          "fp_layers": list(space.fp_layers), "sampler": space.sampler.key,
+                          "calibration_trajectories": space.calibration.num_trajectories,
                           "reconstruction_weight_iters": space.reconstruction.weight_iters,
                           "reconstruction_activation_iters": space.reconstruction.activation_iters,
                           "reconstruction_rounding": space.reconstruction.rounding,

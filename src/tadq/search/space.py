@@ -1,7 +1,9 @@
 """The candidate space of ``tadq recipe`` and what each candidate costs (docs/recipe_search.md).
 
-A candidate is (base method, preset, correction stack): a base of ``BASES`` × a bit-width preset × one of ``none``,
-``ptqd``, ``tac``, ``tcec``, ``tac+tcec``. Its recipe is the one the README's rows use for the same names
+A candidate is (base method, preset, correction stack, floating-point layers): a base of ``BASES`` × a bit-width
+preset × one of ``none``, ``ptqd``, ``tac``, ``tcec``, ``tac+tcec`` × a key of ``tadq.config.FP_LAYER_PRESETS``
+(``none``, ``first_last``: the input and output convs kept in float, ``first_last_time``: also the timestep MLP),
+which becomes the recipe's ``keep_fp_roles``. Its recipe is the one the README's rows use for the same names
 (Q-Diffusion with shortcut splitting and quantized attention, naive PTQ without, SVDQuant with its rank-4 branch,
 smoothing and dynamic per-group activations of 8 channels), built with the search's calibration, reconstruction
 and correction-fit settings. ``smoothquant`` is the SVDQuant recipe without the branch (``lowrank_rank=0``):
@@ -9,7 +11,8 @@ smoothing searched per layer and the same per-group activations, at the plain pr
 
 Cost, in the units the budget is given in:
 
-- **bit-operations per sample**: Σ over every Conv2d/Linear of MACs × b_w × b_a (floating-point layers 32 × 32),
+- **bit-operations per sample**: Σ over every Conv2d/Linear of MACs × b_w × b_a (floating-point layers 32 × 32,
+  among them those ``keep_fp_roles`` keeps in float: the plan marks them unquantized),
   per forward, times the sampler's steps: the accounting of ``tadq.corrections.ptqd.bitops`` that ``tadq bench``
   reports as "Gbit-ops / sample". SVDQuant's low-rank branch adds, per quantized layer, its MACs
   r·(K + O) per output position at 32 × 32 (r the rank the build gives that layer, ``effective_rank``): the
@@ -32,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, ReconstructionConfig
 from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
 from tadq.prepare import build_quantized_structure
 from tadq.quant.lowrank import effective_rank, lowrank_macs
@@ -45,7 +48,7 @@ from tadq.svdquant import SVDQUANT_RANK, SVDQuantMethod, svdquant_schemes
 
 __all__ = [
     "BASES", "STACKS", "SVDQUANT_BASES", "Budget", "Candidate", "SearchSpace", "forward_macs", "gbitops_per_sample",
-    "branch_macs", "codes_lower_bound_bytes", "parse_stack", "quantized_layers",
+    "branch_macs", "codes_lower_bound_bytes", "parse_stack", "parse_fp_layers", "quantized_layers",
 ]
 
 SVDQUANT_BASES: dict[str, int] = {"svdquant": SVDQUANT_RANK, "smoothquant": 0}
@@ -58,6 +61,8 @@ STACKS: dict[str, tuple[str, ...]] = {
 """Correction stacks searched, by name → correction names in application order (``tadq.recipe_presets``)."""
 
 BudgetKind = Literal["gbitops", "bytes"]
+FP_SUFFIX = "-fp_"
+"""What separates a candidate's name from its floating-point layers key (``qdiffusion+tac-W4A8-fp_first_last``)."""
 
 
 def parse_stack(name: str) -> tuple[str, ...]:
@@ -68,13 +73,24 @@ def parse_stack(name: str) -> tuple[str, ...]:
     return STACKS[key]
 
 
+def parse_fp_layers(name: str) -> str:
+    """A floating-point layers key (``none``, ``first_last``...) normalised; ``ValueError`` naming the known ones."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    if key not in FP_LAYER_PRESETS:
+        raise ValueError(f"unknown fp_layers {name!r}; choose from {list(FP_LAYER_PRESETS)} (tadq.config."
+                         "FP_LAYER_PRESETS: the adapter roles each keeps in floating point)")
+    return key
+
+
 @dataclass(frozen=True)
 class Candidate:
-    """One point of the space: base method, preset and correction stack (application order)."""
+    """One point of the space: base method, preset, correction stack (application order) and the
+    ``FP_LAYER_PRESETS`` key of the layers kept in floating point."""
 
     base: str
     preset: str
     stack: tuple[str, ...] = ()
+    fp_layers: str = "none"
 
     def __post_init__(self) -> None:
         if self.base not in BASES:
@@ -82,11 +98,20 @@ class Candidate:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
         object.__setattr__(self, "stack", tuple(self.stack))
+        object.__setattr__(self, "fp_layers", parse_fp_layers(self.fp_layers))
 
     @property
     def name(self) -> str:
-        """The README's row naming: ``qdiffusion+tac+tcec-W4A8``, ``naive-W4A4``."""
-        return "+".join((self.base, *self.stack)) + f"-{self.preset}"
+        """The README's row naming, ``qdiffusion+tac+tcec-W4A8``, ``naive-W4A4``, for ``fp_layers="none"``; other
+        floating-point layers add ``-fp_<key>``: ``qdiffusion+tac-W4A8-fp_first_last`` (letters, digits, ``+``,
+        ``-`` and ``_`` only: a file name as it is)."""
+        name = "+".join((self.base, *self.stack)) + f"-{self.preset}"
+        return name if self.fp_layers == "none" else f"{name}{FP_SUFFIX}{self.fp_layers}"
+
+    @property
+    def keep_fp_roles(self) -> tuple[str, ...]:
+        """The adapter roles this candidate keeps in floating point (``FP_LAYER_PRESETS[fp_layers]``)."""
+        return FP_LAYER_PRESETS[self.fp_layers]
 
     @property
     def stack_name(self) -> str:
@@ -200,6 +225,8 @@ class SearchSpace:
         presets: bit-width presets tried (those within a bit-operations budget are built).
         bases: base methods (``BASES``: ``naive``, ``qdiffusion``, ``svdquant``, ``smoothquant``).
         stacks: correction stacks by name (``STACKS``).
+        fp_layers: keys of ``tadq.config.FP_LAYER_PRESETS`` (``none``, ``first_last``, ``first_last_time``): each
+            candidate is tried with each set of layers kept in floating point (``Recipe.keep_fp_roles``).
         sampler: the deployment sampler (calibration, fits and scoring run with it).
         calibration: calibration trajectories (its seed is the calibration seed every fit uses).
         reconstruction: Q-Diffusion's block reconstruction settings (``rounding``: AdaRound, GPTQ or both; the
@@ -211,6 +238,7 @@ class SearchSpace:
     presets: tuple[str, ...] = ("W8A8", "W4A8", "W4A4")
     bases: tuple[str, ...] = BASES
     stacks: tuple[str, ...] = tuple(STACKS)
+    fp_layers: tuple[str, ...] = ("none",)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
     calibration: CalibrationConfig | None = None
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
@@ -221,6 +249,10 @@ class SearchSpace:
         object.__setattr__(self, "presets", tuple(p.strip().upper() for p in self.presets))
         object.__setattr__(self, "bases", tuple(b.strip().lower() for b in self.bases))
         object.__setattr__(self, "stacks", tuple(s.strip().lower() for s in self.stacks))
+        if isinstance(self.fp_layers, str):
+            raise ValueError(f"SearchSpace.fp_layers must be a tuple of FP_LAYER_PRESETS keys, got the string "
+                             f"{self.fp_layers!r}")
+        object.__setattr__(self, "fp_layers", tuple(dict.fromkeys(parse_fp_layers(f) for f in self.fp_layers)))
         for name in self.presets:
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -229,8 +261,8 @@ class SearchSpace:
                 raise ValueError(f"unknown base method {name!r}; searched bases: {list(BASES)}")
         for name in self.stacks:
             parse_stack(name)
-        if not (self.presets and self.bases and self.stacks):
-            raise ValueError("the search space is empty: give at least one preset, base and stack")
+        if not (self.presets and self.bases and self.stacks and self.fp_layers):
+            raise ValueError("the search space is empty: give at least one preset, base, stack and fp_layers key")
         if self.calibration is None:
             object.__setattr__(self, "calibration", CalibrationConfig(sampler=self.sampler))
         if self.calibration.sampler != self.sampler:
@@ -245,14 +277,16 @@ class SearchSpace:
         return self.calibration.seed
 
     def candidates(self) -> list[Candidate]:
-        """Every candidate, bases before the stacks built on them, shorter stacks first (so parents come first)."""
+        """Every candidate, bases before the stacks built on them, shorter stacks first (so parents come first);
+        the stacks of one base (method, preset, floating-point layers) follow each other."""
         stacks = sorted({parse_stack(s) for s in self.stacks}, key=lambda s: (len(s), s))
-        return [Candidate(base, preset, stack) for preset in self.presets for base in self.bases for stack in stacks]
+        return [Candidate(base, preset, stack, fp) for preset in self.presets for base in self.bases
+                for fp in self.fp_layers for stack in stacks]
 
     def recipe(self, candidate: Candidate) -> Recipe:
         """The candidate's full recipe (what ``recipe.json`` holds and ``tadq quantize --recipe`` rebuilds)."""
         fields = {"calibration": self.calibration, "deployments": (Deployment(self.sampler),),
-                  "name": candidate.name}
+                  "keep_fp_roles": candidate.keep_fp_roles, "name": candidate.name}
         corrections = tuple(self._fit_settings(c) for c in correction_configs(candidate.stack, self.calibration_seed))
         if candidate.base == "naive":
             return Recipe.from_preset(candidate.preset, method=NaiveMethod(), corrections=corrections, **fields)
