@@ -18,11 +18,12 @@ setup: $(STAMP)
 # The headline (runs/main): the shipped digits model at W8A8, W4A8 and W4A4, each preset's naive-PTQ baseline against
 # its best recipe as measured in the README (`best`: Q-Diffusion + TAC at W8A8/W4A8, SVDQuant + TAC at W4A4), the
 # Q-Diffusion bases rounded by GPTQ (no iterations; docs/methods/qdiffusion.md#gptq-rounding) without the activation
-# phase, with samples.png and per_step_error.png. 256 samples: PSNR/SSIM vs FP hold there, FD-digits needs about 1000.
+# phase, the input and output convs kept in float in every row (docs/methods/qdiffusion.md#what-limits-w8a8), with
+# samples.png and per_step_error.png. 256 samples: PSNR/SSIM vs FP hold there, FD-digits needs about 1000.
 # Measured from an empty calibration cache with torch's default threads on these 2 cores: 8 min 39 s (README,
 # "The headline").
 run: $(STAMP)
-	$(BIN)/tadq run --methods naive,best --recon-rounding gptq --recon-activation-iters 0 --num-samples 256 --batch-size 256
+	$(BIN)/tadq run --methods naive,best --recon-rounding gptq --recon-activation-iters 0 --fp-layers first_last --num-samples 256 --batch-size 256
 
 # The complete matrix of the README's main table (1000 samples): naive/Q-Diffusion/PTQD at W8A8/W4A8/W4A4 (≈ 45 min
 # here with --threads 1), then the correction rows at W4A8/W4A4 in the same folder (≈ 55 min): ≈ 100 min from a fresh

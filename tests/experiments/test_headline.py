@@ -64,6 +64,8 @@ def test_make_run_is_the_headline(tmp_path, monkeypatch):
     # else of the library's method settings untouched
     assert config.reconstruction == ReconstructionConfig(rounding="gptq", activation_iters=0)
     assert config.calibration == RunConfig().calibration
+    # the input and output convs in float in every row, naive included (the diagnosis of what limits W8A8)
+    assert config.fp_layers == "first_last"
 
 
 def test_bench_full_is_the_former_main_job_and_the_corrections_table(tmp_path, monkeypatch):
