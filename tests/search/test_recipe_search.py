@@ -11,15 +11,14 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from tests.conftest import build_tiny_unet
+from tests.search.tiny_search import SAMPLER, tiny_scheduler, tiny_space
 from typer.testing import CliRunner
 
 import tadq
 from tadq.cli.app import app
 from tadq.cli.quantize import QuantFlags, resolve_recipe
-from tadq.config import CalibrationConfig, ReconstructionConfig
 from tadq.corrections.ptqd.bitops import bit_operations
 from tadq.recipe import load_recipe, recipe_from_dict
-from tadq.sampling import SamplerConfig
 from tadq.search import Budget, Candidate, SearchSpace, heldout_seed, plan_search, run_search
 from tadq.search.report import write_report
 from tadq.search.score import robust_score
@@ -27,23 +26,12 @@ from tadq.search.search import choose_winner, export_winner
 from tadq.search.space import gbitops_per_sample
 
 EVAL_SEED = 1000
-SAMPLER = SamplerConfig(kind="ddim", num_steps=4, eta=0.0)
 runner = CliRunner()
 
 
-def _scheduler() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-
-
 def _space(**changes) -> SearchSpace:
-    fields = dict(
-        presets=("W8A8", "W4A8"), bases=("naive", "qdiffusion"), stacks=("none", "tac", "tac+tcec"), sampler=SAMPLER,
-        calibration=CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=4, samples_per_step=8,
-                                      seed=0, batch_size=8),
-        reconstruction=ReconstructionConfig(weight_iters=2, activation_iters=2, batch_size=8),
-        fit_trajectories=4, selection_samples=4,
-    )
-    return SearchSpace(**(fields | changes))
+    fields = dict(presets=("W8A8", "W4A8"), bases=("naive", "qdiffusion"), stacks=("none", "tac", "tac+tcec"))
+    return tiny_space(**(fields | changes))
 
 
 class SeedRecorder:
@@ -71,7 +59,7 @@ def searched(tmp_path_factory):
     """One search at the W4A8 bit-operations budget over W8A8 and W4A8 (W8A8 is over it)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    model, scheduler, space = build_tiny_unet(), _scheduler(), _space()
+    model, scheduler, space = build_tiny_unet(), tiny_scheduler(), _space()
     budget = Budget("gbitops", gbitops_per_sample(model, space.recipe(Candidate("naive", "W4A8"))), "W4A8")
     out = tmp_path_factory.mktemp("search")
     with SeedRecorder() as recorder:
@@ -142,7 +130,7 @@ def test_a_smaller_budget_in_the_same_folder_reuses_scores_and_drops_what_no_lon
 
 
 def test_an_interrupted_search_resumes_from_its_finished_candidates(tmp_path):
-    model, scheduler = build_tiny_unet(), _scheduler()
+    model, scheduler = build_tiny_unet(), tiny_scheduler()
     space = _space(presets=("W4A8",), bases=("naive",))
     budget = Budget("gbitops", 1.0)
     finished = []

@@ -9,39 +9,25 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 from tests.conftest import build_tiny_unet
+from tests.search.tiny_search import SAMPLER, run_tiny_search, tiny_scheduler, tiny_space
 from typer.testing import CliRunner
 
 import tadq
 from tadq.cli.app import app
-from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, ReconstructionConfig
+from tadq.config import FP_LAYER_PRESETS
 from tadq.corrections.ptqd.bitops import bit_operations
-from tadq.sampling import SamplerConfig
-from tadq.search import Budget, Candidate, SearchSpace, plan_search, run_search
+from tadq.search import Budget, Candidate, SearchSpace, plan_search
 from tadq.search.evaluate import _is_readme_row
-from tadq.search.report import write_report
 from tadq.search.space import gbitops_per_sample, quantized_layers
 from tadq.svdquant.cost import cost_summary
 
-SAMPLER = SamplerConfig(kind="ddim", num_steps=4, eta=0.0)
 FP = ("none", "first_last")
 runner = CliRunner()
 
 
-def _scheduler() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-
-
 def _space(**changes) -> SearchSpace:
-    fields = dict(
-        presets=("W4A8",), bases=("naive",), stacks=("none", "tac"), fp_layers=FP, sampler=SAMPLER,
-        calibration=CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=4, samples_per_step=8,
-                                      seed=0, batch_size=8),
-        reconstruction=ReconstructionConfig(weight_iters=2, activation_iters=2, batch_size=8),
-        fit_trajectories=4, selection_samples=4,
-    )
-    return SearchSpace(**(fields | changes))
+    return tiny_space(**(dict(presets=("W4A8",), bases=("naive",), stacks=("none", "tac"), fp_layers=FP) | changes))
 
 
 def test_the_axis_doubles_the_candidates_with_the_right_recipes():
@@ -99,7 +85,7 @@ def test_plan_bit_operations_of_first_last_equal_those_of_the_built_model(base):
     assert plan.gbitops[fp.name] > plan.gbitops[plain.name]
     kept = quantized_layers(model, space.recipe(plain)) - quantized_layers(model, space.recipe(fp))
     assert kept == {"conv_in", "conv_out"}  # the tiny UNet's input and output convs
-    qmodel = tadq.quantize(model, _scheduler(), space.recipe(fp), progress=False)
+    qmodel = tadq.quantize(model, tiny_scheduler(), space.recipe(fp), progress=False)
     if base == "svdquant":  # its measure with the low-rank branches of the layers still quantized
         built = cost_summary(qmodel, SAMPLER.num_steps)["bitops"] / 1e9
     else:
@@ -121,14 +107,7 @@ def test_a_budget_between_the_two_costs_keeps_none_and_rules_out_first_last():
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """naive W4A8, stacks none and tac, with and without FP first/last layers, under a budget all fit."""
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model, scheduler, space = build_tiny_unet(), _scheduler(), _space()
-    out = tmp_path_factory.mktemp("fp-layers-search")
-    result = run_search(model, scheduler, space, Budget("gbitops", 1e6, "test"), out, heldout_trajectories=4,
-                        progress=False)
-    write_report(result, out)
-    return {"model": model, "space": space, "out": out, "result": result}
+    return run_tiny_search(_space(), tmp_path_factory.mktemp("fp-layers-search"))
 
 
 def test_the_search_builds_each_fp_layers_base_once_and_fits_its_stacks_on_it(searched):

@@ -9,53 +9,33 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 from tests.conftest import build_tiny_unet
+from tests.search.tiny_search import SAMPLER, run_tiny_search, tiny_scheduler, tiny_space
 from typer.testing import CliRunner
 
 import tadq
 from tadq.cli.app import app
-from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.config import ReconstructionConfig
 from tadq.corrections.ptqd.bitops import FP_BITS, bit_operations
 from tadq.quant.lowrank import effective_rank
 from tadq.quant.transformed import TransformedQuantLayer
-from tadq.sampling import SamplerConfig
 from tadq.search import BASES, Budget, Candidate, SearchSpace, plan_search, run_search
-from tadq.search.report import write_report
 from tadq.search.space import branch_macs, forward_macs, gbitops_per_sample, quantized_layers
 from tadq.svdquant import SVDQUANT_GROUP, SVDQUANT_RANK, SVDQuantMethod, svdquant_schemes
 from tadq.svdquant.cost import cost_summary
 
-SAMPLER = SamplerConfig(kind="ddim", num_steps=4, eta=0.0)
 runner = CliRunner()
 
 
-def _scheduler() -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-
-
 def _space(**changes) -> SearchSpace:
-    fields = dict(
-        presets=("W4A4",), bases=("svdquant", "smoothquant"), stacks=("none", "tac"), sampler=SAMPLER,
-        calibration=CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=4, samples_per_step=8,
-                                      seed=0, batch_size=8),
-        reconstruction=ReconstructionConfig(weight_iters=2, activation_iters=2, batch_size=8),
-        fit_trajectories=4, selection_samples=4,
-    )
-    return SearchSpace(**(fields | changes))
+    fields = dict(presets=("W4A4",), bases=("svdquant", "smoothquant"), stacks=("none", "tac"))
+    return tiny_space(**(fields | changes))
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
     """SVDQuant and smoothing-only bases at W4A4, each bare and with TAC, under a budget they all fit."""
-    torch.manual_seed(0)
-    torch.set_num_threads(1)
-    model, scheduler, space = build_tiny_unet(), _scheduler(), _space()
-    out = tmp_path_factory.mktemp("svdquant-search")
-    result = run_search(model, scheduler, space, Budget("gbitops", 1e6, "test"), out, heldout_trajectories=4,
-                        progress=False)
-    write_report(result, out)
-    return {"model": model, "space": space, "out": out, "result": result}
+    return run_tiny_search(_space(), tmp_path_factory.mktemp("svdquant-search"))
 
 
 def test_the_svdquant_family_is_searched_under_the_readme_row_names():
@@ -200,7 +180,7 @@ def test_a_gptq_rounded_qdiffusion_base_builds_and_scores_through_the_search(tmp
     space = _space(presets=("W4A8",), bases=("qdiffusion",), stacks=("none",),
                    reconstruction=ReconstructionConfig(rounding="gptq", activation_iters=0, batch_size=8,
                                                        gptq_inputs=16))
-    result = run_search(build_tiny_unet(), _scheduler(), space, Budget("gbitops", 1e6), tmp_path,
+    result = run_search(build_tiny_unet(), tiny_scheduler(), space, Budget("gbitops", 1e6), tmp_path,
                         heldout_trajectories=4, progress=False)
     record = result.record("qdiffusion-W4A8")
     assert record["status"] == "scored" and result.settings["space"]["reconstruction_rounding"] == "gptq"
