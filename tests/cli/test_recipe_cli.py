@@ -89,6 +89,10 @@ def test_flags_build_the_recipe(tmp_path):
     assert [type(c).__name__ for c in recipe.corrections] == ["TACConfig", "TCECConfig"]
     assert [c.seed for c in recipe.corrections] == [3, 3] and recipe.corrections[0].num_samples == 32
     assert recipe.name == "mine"
+    gptq = resolve_recipe(None, None, QuantFlags(method="qdiffusion", recon_rounding="gptq", recon_iters=7))
+    assert (gptq.method.reconstruction.rounding, gptq.method.reconstruction.weight_iters) == ("gptq", 7)
+    from_config = resolve_recipe(None, None, QuantFlags(method="qdiffusion"))
+    assert from_config.method.reconstruction.rounding == "adaround"  # the library default when the flag is absent
     from_file = resolve_recipe(RECIPES / "qdiffusion+ptqd-W8A8.json", None, QuantFlags(preset="W4A8"))
     assert from_file.label == "W4A8" and type(from_file.corrections[0]).__name__ == "PTQDConfig"
     assert type(resolve_recipe(None, None, QuantFlags(method="tfmq")).method).__name__ == "TFMQMethod"
@@ -101,6 +105,8 @@ def test_flags_build_the_recipe(tmp_path):
 @pytest.mark.parametrize(("args", "message"), [
     (["--correct", "magic"], "unknown corrections ['magic']"),
     (["--method", "naive", "--recon-iters", "3"], "apply to --method qdiffusion or tfmq"),
+    (["--method", "naive", "--recon-rounding", "gptq"], "apply to --method qdiffusion or tfmq"),
+    (["--method", "qdiffusion", "--recon-rounding", "nearest"], "rounding must be"),
     (["--set", "method.nope=1"], "NaiveMethod has no field 'nope'"),
     (["--set", "novalue"], "FIELD.PATH=VALUE"),
     (["--recipe", "r.json", "--config", "c.json"], "not both"),
