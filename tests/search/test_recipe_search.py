@@ -231,6 +231,11 @@ def test_the_cli_writes_recipe_artefact_report_and_evaluation(tmp_path, tiny_mod
     report = json.loads((out / "report.json").read_text())
     assert report["winner"] in {"naive-W4A8", "naive+tac-W4A8"}
     assert report["evaluation"]["seed"] == 1000 and "README row" in report["evaluation"]["summary"]
+    summary = report["evaluation"]["summary"]
+    if report["winner"] == "naive-W4A8":  # the only README row in the budget: nothing else to compare with
+        assert summary.startswith("no README row other than the winner")
+    else:  # naive+tac is not a README row: compared with naive-W4A8, and not called one
+        assert "itself" not in summary and "best README row within the budget, naive-W4A8" in summary
     assert set(report["evaluation"]["rows"]) == {"naive-W4A8", "naive+tac-W4A8"}
     assert load_recipe(out / "recipe.json").name == report["winner"]
 
