@@ -14,7 +14,7 @@ from tadq.registry import register_config_type, registered_config_types
 from tadq.sampling import SamplerConfig
 
 __all__ = [
-    "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "config_to_dict",
+    "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "fp_layer_roles", "config_to_dict",
     "config_from_dict", "config_version", "QuantMethod", "register_config_type", "register_migration", "field_added",
 ]
 
@@ -30,6 +30,14 @@ FP_LAYER_PRESETS: dict[str, tuple[str, ...]] = {
 }
 """Named sets of adapter roles kept in floating point (``QuantConfig.keep_fp_roles``)."""
 CONFIG_VERSION = 1
+
+
+def fp_layer_roles(key: str) -> tuple[str, ...]:
+    """The adapter roles ``FP_LAYER_PRESETS[key]`` keeps in floating point; ``ValueError`` naming the known keys."""
+    if key not in FP_LAYER_PRESETS:
+        raise ValueError(f"unknown fp_layers {key!r}; choose one of {list(FP_LAYER_PRESETS)} (tadq.config."
+                         "FP_LAYER_PRESETS: the adapter roles each keeps in floating point)")
+    return FP_LAYER_PRESETS[key]
 
 
 @dataclass(frozen=True)
@@ -290,9 +298,7 @@ class QuantConfig:
         """
         weights, activations = preset(name)
         if fp_layers is not None:
-            if fp_layers not in FP_LAYER_PRESETS:
-                raise ValueError(f"unknown fp_layers preset {fp_layers!r}; choose one of {sorted(FP_LAYER_PRESETS)}")
-            overrides["keep_fp_roles"] = FP_LAYER_PRESETS[fp_layers]
+            overrides["keep_fp_roles"] = fp_layer_roles(fp_layers)
         return cls(weights=weights, activations=activations, preset_name=name.upper(), **overrides)
 
     @property

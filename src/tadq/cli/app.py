@@ -70,7 +70,7 @@ def run_command(
                                        "gptq_adaround."),
     fp_layers: str = typer.Option("none", help="Layers every tadq row (naive included) keeps in floating point: "
                                   "none (every conv/linear quantized, the default), first_last (input and output "
-                                  "convs; W8A8 +9-11 dB on the shipped models, docs/methods/qdiffusion.md"
+                                  "convs; naive W8A8 +9 to +12 dB on the shipped models, docs/methods/qdiffusion.md"
                                   "#what-limits-w8a8) or first_last_time (+ the time-embedding MLP)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000; PSNR/SSIM vs FP hold at "
                                     "256, make run's headline)."),

@@ -19,7 +19,7 @@ from typing import Any
 
 from tadq.api import sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
-from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, ReconstructionConfig, config_to_dict
+from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict, fp_layer_roles
 from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
@@ -117,10 +117,8 @@ class RunConfig:
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
-        if self.fp_layers not in FP_LAYER_PRESETS:
-            raise ValueError(f"unknown fp_layers {self.fp_layers!r}; choose one of {sorted(FP_LAYER_PRESETS)}")
         peers = [m for m in self.methods if m in PEERS]
-        if FP_LAYER_PRESETS[self.fp_layers] and peers:
+        if fp_layer_roles(self.fp_layers) and peers:
             raise ValueError(f"fp_layers={self.fp_layers!r} keeps layers of tadq's rows in floating point, but the "
                              f"peer rows {peers} quantize whatever their tool quantizes: the comparison would not be "
                              "like for like; run the peers with fp_layers='none'")
@@ -286,7 +284,7 @@ def _reconstruction_note(reconstruction) -> str:
 
 def _fp_layers_note(fp_layers: str) -> str:
     """Which layers this run's tadq rows kept in floating point (naive rows included, so rows compare alike)."""
-    roles = FP_LAYER_PRESETS[fp_layers]
+    roles = fp_layer_roles(fp_layers)
     if not roles:
         return "Layers in floating point: none (every conv/linear quantized, the fp_layers='none' default)."
     return (f"Layers in floating point (fp_layers={fp_layers!r}, every tadq row, naive included): the "

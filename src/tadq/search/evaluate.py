@@ -67,9 +67,9 @@ def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_d
         best_name = max(fixed, key=lambda n: fixed[n]["mean_psnr"])
         best = fixed[best_name]
         verb = "beats or equals" if winner["mean_psnr"] >= best["mean_psnr"] else "does NOT beat"
-        other = " other" if winner["readme_row"] else ""  # the winner may itself be a README row
-        summary = (f"the winner {result.winner}{' (itself a README row)' if other else ''} {verb} the best{other} "
-                   f"README row within the budget, {best_name}: mean "
+        itself, other = (" (itself a README row)", " other") if winner["readme_row"] else ("", "")
+        summary = (f"the winner {result.winner}{itself} {verb} the best{other} README row within the budget, "
+                   f"{best_name}: mean "
                    f"PSNR vs FP {winner['mean_psnr']:.2f} vs {best['mean_psnr']:.2f} dB (median "
                    f"{winner['median_psnr']:.2f} vs {best['median_psnr']:.2f}) on {num_samples} samples of the "
                    f"evaluation seed {seed}")

@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, ReconstructionConfig
+from tadq.config import CalibrationConfig, ReconstructionConfig, fp_layer_roles
 from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
 from tadq.prepare import build_quantized_structure
 from tadq.quant.lowrank import effective_rank, lowrank_macs
@@ -76,9 +76,7 @@ def parse_stack(name: str) -> tuple[str, ...]:
 def parse_fp_layers(name: str) -> str:
     """A floating-point layers key (``none``, ``first_last``...) normalised; ``ValueError`` naming the known ones."""
     key = name.strip().lower() if isinstance(name, str) else name
-    if key not in FP_LAYER_PRESETS:
-        raise ValueError(f"unknown fp_layers {name!r}; choose from {list(FP_LAYER_PRESETS)} (tadq.config."
-                         "FP_LAYER_PRESETS: the adapter roles each keeps in floating point)")
+    fp_layer_roles(key)
     return key
 
 
@@ -111,7 +109,7 @@ class Candidate:
     @property
     def keep_fp_roles(self) -> tuple[str, ...]:
         """The adapter roles this candidate keeps in floating point (``FP_LAYER_PRESETS[fp_layers]``)."""
-        return FP_LAYER_PRESETS[self.fp_layers]
+        return fp_layer_roles(self.fp_layers)
 
     @property
     def stack_name(self) -> str:

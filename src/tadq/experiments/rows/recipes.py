@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, ReconstructionConfig
+from tadq.config import CalibrationConfig, ReconstructionConfig, fp_layer_roles
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.sampling import SamplerConfig
@@ -97,7 +97,7 @@ def recipes_for_row(name: str, preset_name: str, config: RunConfig) -> Recipe:
     """The recipe of row ``name`` at ``preset_name`` under the run's calibration, reconstruction and sampler."""
     guidance = 1.0 if config.guidance_scale is None else config.guidance_scale
     return _recipe(name, preset_name, config.calibration, config.reconstruction, config.sampler, guidance,
-                   FP_LAYER_PRESETS[config.fp_layers])
+                   fp_layer_roles(config.fp_layers))
 
 
 def base_recipe(recipe: Recipe, name: str) -> Recipe:
