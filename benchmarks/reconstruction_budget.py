@@ -5,7 +5,9 @@ model from the same noise: PSNR, final-state MSE, and calibration wall time. Als
 at the default budget (the issue's ≤ 10 minute target on 2 cores). Run:
 
     python benchmarks/reconstruction_budget.py [--samples 256] [--preset W4A8] [--out runs/bench/reconstruction]
-        [--loss-reductions sum,channel_sum]
+        [--loss-reductions sum,channel_sum] [--roundings adaround,gptq,gptq_adaround] [--fp-layers first_last]
+
+A ``gptq`` rounding has no iterations: it runs once per grid point, at the first budget's activation iterations.
 
 (an unconditional model only; the class-conditional photos model runs in ``benchmarks/recon_diagnose.py``)
 """
@@ -34,6 +36,10 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="diffusers folder (default: the shipped model)")
     parser.add_argument("--loss-reductions", default="channel_sum",
                         help="comma list of ReconstructionConfig.loss_reduction values (sum: tadq before issue 19)")
+    parser.add_argument("--roundings", default="adaround",
+                        help="comma list of ReconstructionConfig.rounding values (adaround, gptq, gptq_adaround)")
+    parser.add_argument("--fp-layers", default=None,
+                        help="a key of tadq.config.FP_LAYER_PRESETS kept in float in every row (default: none)")
     args = parser.parse_args()
     setup = shipped_setup(args, args.model)
     model, scheduler, sampler, calibration, calib = (setup.model, setup.scheduler, setup.sampler, setup.calibration,
@@ -41,16 +47,18 @@ def main() -> None:
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
                     progress=False)
     rows = []
-    grid = [(lr, reduction) for lr in (float(v) for v in args.lrs.split(","))
-            for reduction in args.loss_reductions.split(",")]
-    for lr, reduction in grid:
-        for budget in args.budgets.split(","):
-            w_iters, a_iters = (int(v) for v in budget.split(":"))
-            method = "naive" if w_iters == 0 and a_iters == 0 else "qdiffusion"
+    grid = [(lr, reduction, rounding) for lr in (float(v) for v in args.lrs.split(","))
+            for reduction in args.loss_reductions.split(",") for rounding in args.roundings.split(",")]
+    budgets = [tuple(int(v) for v in budget.split(":")) for budget in args.budgets.split(",")]
+    for lr, reduction, rounding in grid:
+        for w_iters, a_iters in (budgets[:1] if rounding == "gptq" else budgets):
+            if rounding == "gptq":
+                w_iters = 0  # GPTQ has no rounding iterations
+            method = "naive" if w_iters == 0 and a_iters == 0 and rounding != "gptq" else "qdiffusion"
             config = QuantConfig.from_preset(
-                args.preset, method=method, calibration=calibration,
+                args.preset, fp_layers=args.fp_layers, method=method, calibration=calibration,
                 reconstruction=ReconstructionConfig(weight_iters=w_iters, activation_iters=a_iters, weight_lr=lr,
-                                                    loss_reduction=reduction))
+                                                    loss_reduction=reduction, rounding=rounding))
             t0, c0 = time.perf_counter(), time.process_time()
             qmodel = api.quantize(model, scheduler, config, calibration=calib, progress=False)
             quantize_s = time.perf_counter() - t0
@@ -58,7 +66,8 @@ def main() -> None:
             q = api.sample(qmodel, scheduler, sampler, num_samples=args.samples, seed=args.seed,
                            record_trajectory=True, progress=False)
             row = {
-                "preset": args.preset, "weight_iters": w_iters, "activation_iters": a_iters, "weight_lr": lr,
+                "preset": args.preset, "rounding": rounding if method != "naive" else "nearest",
+                "fp_layers": args.fp_layers or "none", "weight_iters": w_iters, "activation_iters": a_iters, "weight_lr": lr,
                 "loss_reduction": reduction, "quantize_cpu_s": round(quantize_cpu_s, 1),
                 "psnr": float(psnr_per_sample(q.images.clamp(-1, 1), fp.images.clamp(-1, 1)).mean()),
                 "final_mse": float(per_step_mse(fp.trajectory.states, q.trajectory.states)[-1]),
@@ -68,9 +77,9 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             (setup.out / "results.json").write_text(json.dumps(rows, indent=2))  # nothing lost if interrupted
     write_rows(rows, setup.out,
-               "| weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | final MSE | quantize (s) "
+               "| rounding | weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | final MSE | quantize (s) "
                "| CPU (s) |",
-               lambda r: f"| {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | "
+               lambda r: f"| {r['rounding']} | {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | "
                          f"{r['loss_reduction']} | {r['psnr']:.2f} | {r['final_mse']:.2e} | {r['quantize_s']:.0f} | "
                          f"{r['quantize_cpu_s']:.0f} |")
 

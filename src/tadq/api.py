@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from tadq.calibration import CalibrationSet
 from tadq.config import QuantConfig
 from tadq.corrections.attach import fit_corrections
+from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.base import HookedDenoiser
 from tadq.denoiser import QuantizedDenoiser
 from tadq.device import place_model, resolve_device, resolve_dtype
@@ -33,6 +34,7 @@ def quantize(
     cache_dir: str | Path | None = None, checkpoint: str | Path | None = None, progress: bool = True,
     base: QuantizedDenoiser | None = None, device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None, fit_batch_size: int = 128, conditions: ConditionSource | None = None,
+    fp_trajectories: FPTrajectoryCache | None = None,
 ) -> QuantizedDenoiser:
     """Quantize a copy of ``model`` as ``recipe`` says (the original is never modified); the result carries it
     (``.recipe``, saved as ``tadq_recipe.json``).
@@ -58,8 +60,13 @@ def quantize(
             labels, prompts: use a set disjoint from the evaluation one); required by a conditional model. Both run
             at the first deployment's guidance scale (``recipe.deployments[0].guidance_scale``), and the correction
             tables are keyed to it.
+        fp_trajectories: an ``FPTrajectoryCache(model)`` shared by several calls on the same model (presets,
+            correction stacks): the FP trajectories the correction fits walk are computed once. Same tables with or
+            without it; not used when the FP reference is a moved or cast copy of ``model``.
     """
     expect(model, nn.Module, "model", "tadq.quantize")
+    if fp_trajectories is not None:
+        expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
     expect_scheduler(scheduler, "tadq.quantize")
     if calibration is not None:
         expect(calibration, CalibrationSet, "calibration", "tadq.quantize")
@@ -96,8 +103,13 @@ def quantize(
         qmodel = quantize_base(network, fp, scheduler, None, config, calibration=calibration, checkpoint=checkpoint,
                                **options)
     if recipe is not None and recipe.corrections:
-        qmodel = fit_corrections(qmodel, _reference(fp, network), scheduler, recipe.sampler, recipe.corrections,
-                                 batch_size=fit_batch_size, conditions=conditions, guidance_scale=guidance_scale)
+        reference = _reference(fp, network)
+        shared = fp_trajectories if fp_trajectories is not None and reference is fp_trajectories.model else None
+        if fp_trajectories is not None and shared is None:
+            logger.info("fp_trajectories not used: the FP reference is a moved or cast copy of the cache's model")
+        qmodel = fit_corrections(qmodel, reference, scheduler, recipe.sampler, recipe.corrections,
+                                 batch_size=fit_batch_size, conditions=conditions, guidance_scale=guidance_scale,
+                                 fp_trajectories=shared)
     qmodel.recipe = recipe
     plans = qmodel.plans
     logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)

@@ -13,13 +13,14 @@ from tadq.corrections.base import (
     TrajectoryPair,
     collect_trajectory_pair,
 )
+from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.ptqd import PTQDConfig, PTQDCorrection  # registers PTQD
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.corrections.tac import TACConfig, TACCorrection  # registers TAC
 from tadq.corrections.tcec import TCECConfig, TCECCorrection  # registers TCEC
 
 __all__ = [
-    "Correction", "CorrectionConfig", "CorrectionStack", "FitContext", "HookedDenoiser", "PTQDConfig",
+    "Correction", "CorrectionConfig", "CorrectionStack", "FPTrajectoryCache", "FitContext", "HookedDenoiser", "PTQDConfig",
     "PTQDCorrection", "PairRequest", "TACConfig", "TACCorrection", "TCECConfig", "TCECCorrection", "TableKey",
     "TrajectoryPair", "collect_trajectory_pair", "fit_stack",
 ]

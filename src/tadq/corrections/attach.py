@@ -13,6 +13,7 @@ from torch import nn
 
 from tadq.corrections.base import CorrectionConfig
 from tadq.corrections.context import FitContext
+from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
 from tadq.registry import adapter_for, correction_for
@@ -50,6 +51,7 @@ def fit_corrections(
     batch_size: int = 128,
     conditions: ConditionSource | None = None,
     guidance_scale: float = 1.0,
+    fp_trajectories: FPTrajectoryCache | None = None,
 ) -> QuantizedDenoiser:
     """``qmodel`` with the corrections of ``configs`` appended to its own and fitted in application order.
 
@@ -66,12 +68,17 @@ def fit_corrections(
         batch_size: Samples per network call while fitting.
         conditions: Per-sample conditions of the fitting runs (``None``: unconditional model).
         guidance_scale: Classifier-free guidance scale of the deployment; the tables are keyed by it.
+        fp_trajectories: FP trajectories shared with other fits on ``fp_model`` (the cache's network must be
+            ``fp_model``); the tables are the same with or without it, only the FP walks are skipped.
     """
     if not isinstance(qmodel, QuantizedDenoiser):
         raise TypeError(f"fit_corrections takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
+    if fp_trajectories is not None and fp_trajectories.model is not fp_model:
+        raise ValueError("fp_trajectories keeps another network's FP trajectories: build it from this fp_model")
     existing = list(qmodel.corrections)
     stack = CorrectionStack([*existing, *(correction_for(config) for config in configs)])
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
-    ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size)
+    ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size,
+                        fp_trajectories=fp_trajectories)
     fit_stack(stack, ctx, start=len(existing))
     return with_corrections(qmodel, stack)

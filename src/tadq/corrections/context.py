@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.sampling import ConditionSource, Denoiser, SamplingPlan, WalkBatch, Walker
 
 __all__ = ["FitContext", "bits_of", "shape_of"]
@@ -46,6 +47,8 @@ class FitContext:
         conditions: Per-sample conditions (``None``: unconditional model).
         batch_size: Samples per network call; does not change the result.
         device: Where the networks and states live.
+        fp_trajectories: FP trajectories kept between fits on the same FP network (``fp_denoiser`` must be that
+            cache's network); ``None``: every fit walks its own.
     """
 
     fp_denoiser: Denoiser
@@ -56,6 +59,7 @@ class FitContext:
     conditions: ConditionSource | None = None
     batch_size: int = 128
     device: str | torch.device = "cpu"
+    fp_trajectories: FPTrajectoryCache | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, SamplingPlan):
@@ -67,10 +71,10 @@ class FitContext:
     def of(cls, fp_denoiser: Denoiser, q_denoiser: Denoiser, plan: SamplingPlan, *,
            sample_shape: tuple[int, int, int] | None = None, bits: str | None = None,
            conditions: ConditionSource | None = None, batch_size: int = 128,
-           device: str | torch.device = "cpu") -> FitContext:
+           device: str | torch.device = "cpu", fp_trajectories: FPTrajectoryCache | None = None) -> FitContext:
         """A context whose shape and bit label default to the quantized denoiser's own."""
         return cls(fp_denoiser, q_denoiser, plan, shape_of(q_denoiser, sample_shape), bits_of(q_denoiser, bits),
-                   conditions, batch_size, device)
+                   conditions, batch_size, device, fp_trajectories)
 
     def walker(self) -> Walker:
         """The walker of this context's plan on its device."""

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from tadq.corrections.base import Correction, TableKey
 from tadq.corrections.context import FitContext
+from tadq.corrections.fp_cache import FPTrajectory, trajectory_key
 from tadq.corrections.pair import TrajectoryPair
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
 from tadq.sampling.hooks import apply_before_model, check_hooks
@@ -105,23 +106,38 @@ class SequentialCorrection(Correction):
 
 
 def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitting: SequentialCorrection | None,
-          start: WalkBatch) -> tuple[Tensor, Tensor]:
+          start: WalkBatch, seed: int) -> tuple[Tensor, Tensor]:
     """FP and corrected quantized trajectories side by side; ``fitting`` (the last hook) fits its rows on the way.
+    The FP side is read from ``ctx.fp_trajectories`` when an earlier fit walked it (``tadq.corrections.fp_cache``).
 
     Returns the final FP and quantized states.
     """
     earlier = tuple(hooks[:-1]) if fitting is not None else tuple(hooks)
     cond, size, wants = start.cond, ctx.batch_size, walker.wants_branches(hooks)
+    cache, key = ctx.fp_trajectories, None
+    if cache is not None:
+        key = trajectory_key(ctx.plan.key, ctx.plan.num_steps, ctx.plan.guidance_scale, seed, len(start.indices),
+                             size, tuple(ctx.sample_shape), walker.device, walker.dtype, ctx.conditions)
+    cached = cache.get(key) if cache is not None else None
+    states: list[Tensor] = []
+    predictions: list[Tensor] = []
     x_fp, x_hat = start.x, start.x
     carried_hat = carried_fp = None  # each track's previous x̂_0 on a multistep sampler (Walker.carry)
-    for step in walker.steps:
+    for position, step in enumerate(walker.steps):
+        if cached is not None:
+            x_fp = cached.states[position]
         x_in = apply_before_model(earlier, x_hat, step)
         if fitting is not None:
             fitting.fit_input_row(step.index, x_in, x_fp)
             x_in = fitting.before_model(x_in, step)
         eps_hat, branches = walker.predict_batched(ctx.q_denoiser, x_in, step, cond, size, wants)
         eps_hat = walker.after_model(earlier, eps_hat, x_in, step, branches)
-        eps_fp, _ = walker.predict_batched(ctx.fp_denoiser, x_fp, step, cond, size)
+        if cached is not None:
+            eps_fp = cached.predictions[position]
+        else:
+            eps_fp, _ = walker.predict_batched(ctx.fp_denoiser, x_fp, step, cond, size)
+            states.append(x_fp)
+            predictions.append(eps_fp)
         if fitting is not None:
             targets = StepTargets(
                 same_input=lambda x=x_in, s=step: walker.predict_batched(ctx.fp_denoiser, x, s, cond, size)[0],
@@ -130,8 +146,13 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
             eps_hat = walker.after_model((fitting,), eps_hat, x_in, step, branches)
         x_hat, carried_hat = (walker.advance(x_in, eps_hat, step, start.noise, hooks, carried_hat),
                               walker.carry(x_in, eps_hat, step))
-        x_fp, carried_fp = (walker.advance(x_fp, eps_fp, step, start.noise, previous=carried_fp),
-                            walker.carry(x_fp, eps_fp, step))
+        if cached is None:
+            x_fp, carried_fp = (walker.advance(x_fp, eps_fp, step, start.noise, previous=carried_fp),
+                                walker.carry(x_fp, eps_fp, step))
+    if cached is not None:
+        return cached.states[-1], x_hat
+    if cache is not None:
+        cache.put(key, FPTrajectory((*states, x_fp), tuple(predictions), anchors=(ctx.conditions,)))
     return x_fp, x_hat
 
 
@@ -147,7 +168,7 @@ def paired_final_error(ctx: FitContext, hooks: Sequence[SamplingHooks], *, num_s
     check_hooks(hooks)
     walker = ctx.walker()
     with torch.no_grad():
-        x_fp, x_hat = _walk(ctx, walker, tuple(hooks), None, _all_samples(ctx, walker, seed, num_samples))
+        x_fp, x_hat = _walk(ctx, walker, tuple(hooks), None, _all_samples(ctx, walker, seed, num_samples), seed)
     return float((x_hat.double() - x_fp.double()).square().mean())
 
 
@@ -160,13 +181,13 @@ def _check_selection(candidates: list[dict[str, Any]], seed: int, selection_seed
 
 
 def _fit_once(correction: SequentialCorrection, ctx: FitContext, walker: Walker, hooks: tuple[SamplingHooks, ...],
-              start: WalkBatch, key: TableKey) -> None:
+              start: WalkBatch, key: TableKey, seed: int) -> None:
     correction.table_key = None
     correction.reset_tables(ctx.plan.steps, tuple(ctx.sample_shape))
     correction.table_key = key  # provisional: identity rows until fitted, so its hooks already run
     try:
         with torch.no_grad():
-            _walk(ctx, walker, (*hooks, correction), correction, start)
+            _walk(ctx, walker, (*hooks, correction), correction, start, seed)
     except BaseException:
         correction.table_key = None
         raise
@@ -208,7 +229,7 @@ def fit_sequentially(
     for position, settings in enumerate(candidates):
         correction.use_candidate(settings)
         if refit or position == 0:  # otherwise the first candidate's tables are kept and only the setting changes
-            _fit_once(correction, ctx, walker, hooks, start, key)
+            _fit_once(correction, ctx, walker, hooks, start, key, seed)
         score = math.nan
         if len(candidates) > 1:
             score = paired_final_error(ctx, (*hooks, correction), num_samples=selection_samples,

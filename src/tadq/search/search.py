@@ -39,6 +39,7 @@ from tadq.api import load, quantize
 from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.config import config_to_dict
 from tadq.corrections.attach import fit_corrections
+from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io import save_quantized
 from tadq.recipe import Recipe, save_recipe
@@ -163,6 +164,7 @@ class _Builder:
         self.memo: dict[str, QuantizedDenoiser] = {}
         self.timings: dict[str, float] = {}
         self._calibration = None
+        self.fp_trajectories = FPTrajectoryCache(model)  # candidates' correction fits share their FP walks
 
     def build_key(self, candidate: Candidate) -> str:
         return _digest({"format": FORMAT, "model": self.model_key, "recipe": config_to_dict(self.recipe(candidate))})
@@ -210,7 +212,8 @@ class _Builder:
             self.stats["bases_built"] += 1
         else:
             parent = self.get(candidate.parent)
-            qmodel = fit_corrections(parent, self.model, self.scheduler, recipe.sampler, recipe.corrections[-1:])
+            qmodel = fit_corrections(parent, self.model, self.scheduler, recipe.sampler, recipe.corrections[-1:],
+                                     fp_trajectories=self.fp_trajectories)
             self.stats["corrections_fitted"] += 1
         qmodel.recipe = recipe
         self.timings[candidate.name] = time.perf_counter() - start

@@ -20,6 +20,7 @@ from torch import nn
 
 from tadq.api import quantize
 from tadq.config import QuantConfig, config_to_dict
+from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io import load_quantized, save_quantized
 from tadq.recipe import Recipe
@@ -53,6 +54,8 @@ class BaseModels:
         self.model, self.scheduler, self.calibration = model, scheduler, calibration
         self.fingerprint, self.folder = fingerprint, folder
         self.conditions = conditions  # of the correction fits (the calibration prompts or labels)
+        # every correction row of the run fits on the same calibration noise: its FP side is walked once
+        self.fp_trajectories = FPTrajectoryCache(model)
 
     def get(self, spec: Recipe | QuantConfig, build: Callable[[], QuantizedDenoiser] | None = None, tag: str = "",
             cache_dir: str | None = None) -> QuantizedDenoiser:

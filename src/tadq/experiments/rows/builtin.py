@@ -42,7 +42,7 @@ def recipe_row(name: str, bases: BaseModels, config: RunConfig, preset_name: str
             return qmodel
         t0 = time.perf_counter()
         built = quantize(bases.model, bases.scheduler, recipe, base=qmodel, cache_dir=cache_dir,
-                         conditions=bases.conditions)
+                         conditions=bases.conditions, fp_trajectories=bases.fp_trajectories)
         if recipe.corrections:
             timing["correction_fit_s"] = time.perf_counter() - t0
         return built
