@@ -67,7 +67,8 @@ def main() -> None:
                            record_trajectory=True, progress=False)
             row = {
                 "preset": args.preset, "rounding": rounding if method != "naive" else "nearest",
-                "fp_layers": args.fp_layers or "none", "weight_iters": w_iters, "activation_iters": a_iters, "weight_lr": lr,
+                "fp_layers": args.fp_layers or "none", "weight_iters": w_iters, "activation_iters": a_iters,
+                "weight_lr": lr,
                 "loss_reduction": reduction, "quantize_cpu_s": round(quantize_cpu_s, 1),
                 "psnr": float(psnr_per_sample(q.images.clamp(-1, 1), fp.images.clamp(-1, 1)).mean()),
                 "final_mse": float(per_step_mse(fp.trajectory.states, q.trajectory.states)[-1]),
@@ -77,8 +78,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             (setup.out / "results.json").write_text(json.dumps(rows, indent=2))  # nothing lost if interrupted
     write_rows(rows, setup.out,
-               "| rounding | weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | final MSE | quantize (s) "
-               "| CPU (s) |",
+               "| rounding | weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | final MSE "
+               "| quantize (s) | CPU (s) |",
                lambda r: f"| {r['rounding']} | {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | "
                          f"{r['loss_reduction']} | {r['psnr']:.2f} | {r['final_mse']:.2e} | {r['quantize_s']:.0f} | "
                          f"{r['quantize_cpu_s']:.0f} |")

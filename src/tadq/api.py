@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from tadq.calibration import CalibrationSet
 from tadq.config import QuantConfig
 from tadq.corrections.attach import fit_corrections
-from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.base import HookedDenoiser
+from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
 from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.methods import quantize_base

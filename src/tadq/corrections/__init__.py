@@ -20,7 +20,7 @@ from tadq.corrections.tac import TACConfig, TACCorrection  # registers TAC
 from tadq.corrections.tcec import TCECConfig, TCECCorrection  # registers TCEC
 
 __all__ = [
-    "Correction", "CorrectionConfig", "CorrectionStack", "FPTrajectoryCache", "FitContext", "HookedDenoiser", "PTQDConfig",
-    "PTQDCorrection", "PairRequest", "TACConfig", "TACCorrection", "TCECConfig", "TCECCorrection", "TableKey",
-    "TrajectoryPair", "collect_trajectory_pair", "fit_stack",
+    "Correction", "CorrectionConfig", "CorrectionStack", "FPTrajectoryCache", "FitContext", "HookedDenoiser",
+    "PTQDConfig", "PTQDCorrection", "PairRequest", "TACConfig", "TACCorrection", "TCECConfig", "TCECCorrection",
+    "TableKey", "TrajectoryPair", "collect_trajectory_pair", "fit_stack",
 ]
