@@ -69,3 +69,26 @@ def test_unknown_layer_pattern_raises(tiny_unet, ddpm_scheduler):
     with pytest.raises(ValueError, match="match no quantizable layer"):
         api.quantize(tiny_unet, ddpm_scheduler, config, calibration=_calibration(tiny_unet, ddpm_scheduler),
                      progress=False)
+
+
+def test_a_shared_fp_trajectory_cache_changes_no_table_and_walks_the_fp_side_once(tiny_unet, ddpm_scheduler):
+    from tadq import NaiveMethod, Recipe
+    from tadq.corrections import FPTrajectoryCache, TACConfig
+    from tadq.recipe import Deployment
+
+    calib = _calibration(tiny_unet, ddpm_scheduler)
+    tac = TACConfig(num_samples=8, ner_target="fp_trajectory")
+
+    def tables(preset, cache=None):
+        recipe = Recipe.from_preset(preset, method=NaiveMethod(), calibration=CALIB, corrections=(tac,),
+                                    deployments=(Deployment(SAMPLER),))
+        qmodel = api.quantize(tiny_unet, ddpm_scheduler, recipe, calibration=calib, progress=False,
+                              fp_trajectories=cache)
+        return {k: v for k, v in qmodel.corrections[0].state_dict().items() if isinstance(v, torch.Tensor)}
+
+    cache = FPTrajectoryCache(tiny_unet)
+    shared = [tables(preset, cache) for preset in ("W8A8", "W4A8")]
+    assert (cache.hits, cache.misses) == (1, 1)  # the W4A8 fit read the W8A8 fit's FP walk
+    for preset, got in zip(("W8A8", "W4A8"), shared, strict=True):
+        alone = tables(preset)
+        assert got.keys() == alone.keys() and all(torch.equal(got[k], alone[k]) for k in alone)
