@@ -261,3 +261,53 @@ def test_tables_fitted_with_clipping_refuse_a_sampler_without_it():
     unclipped, _ = _fit(SAMPLERS["ddim-eta0"])
     with pytest.raises(ValueError, match="clip_sample"):
         _trajectory(fp, clipped, [unclipped])
+
+
+def _guarded_stack(monkeypatch=None, score=None):
+    scheduler, sampler = analytic_scheduler(), SAMPLERS["ddim-eta0"]
+    fp = AnalyticDenoiser(scheduler)
+    if score is not None:
+        import tadq.corrections.sequential as sequential
+
+        monkeypatch.setattr(sequential, "paired_final_error", score)
+    stack = CorrectionStack([PTQDCorrection(PTQDConfig(num_samples=64, seed=FIT_SEED, select=True,
+                                                       selection_samples=32))])
+    fit_stack(stack, fit_context(fp, InjectedError(fp), scheduler, sampler))
+    plain = CorrectionStack([PTQDCorrection(PTQDConfig(num_samples=64, seed=FIT_SEED))])
+    fit_stack(plain, fit_context(fp, InjectedError(fp), scheduler, sampler))  # same pair: same injected noise
+    return stack[0], plain[0]
+
+
+def test_held_out_guard_keeps_cnc_and_bc_where_they_fix_the_injected_error():
+    guarded, plain = _guarded_stack()
+    records = guarded.selection_records
+    assert [(r["cnc"], r["bc"]) for r in records] == [(True, True), (False, True), (True, False), (False, False)]
+    scores = {(r["cnc"], r["bc"]): r["final_mse"] for r in records}
+    assert min(scores, key=scores.get) == (True, True)  # both parts of the injected error are real
+    assert scores[(True, True)] < scores[(False, False)] / 2
+    assert torch.equal(guarded.k, plain.k) and torch.equal(guarded.mu, plain.mu)  # kept as fitted
+    assert not hasattr(plain, "selection_records")  # no guard unless asked
+
+
+def test_held_out_guard_zeroes_what_it_switches_off_and_saves_the_choice(monkeypatch, tmp_path):
+    def score(ctx, hooks, *, num_samples, seed):  # stands in for the held-out error: prefers BC alone
+        assert seed == 100000 + FIT_SEED and num_samples == 32  # the held-out seed, never the fitting one
+        ptqd = hooks[-1]
+        return float(ptqd.k.abs().sum() > 0) + 2.0 * float(ptqd.mu.abs().sum() == 0)
+
+    guarded, plain = _guarded_stack(monkeypatch, score)
+    assert [r["final_mse"] for r in guarded.selection_records] == [1.0, 0.0, 3.0, 2.0]
+    assert torch.equal(guarded.k, torch.zeros_like(plain.k)) and torch.equal(guarded.mu, plain.mu)
+    path = tmp_path / "ptqd.safetensors"
+    save_file({name: getattr(guarded, name) for name in guarded.table_names}, path)
+    loaded = load_file(path)
+    assert torch.equal(loaded["k"], guarded.k) and torch.equal(loaded["mu"], plain.mu)
+
+
+def test_held_out_guard_config_is_checked():
+    with pytest.raises(ValueError, match="selection_seed"):
+        PTQDConfig(select=True, seed=3, selection_seed=3)
+    with pytest.raises(ValueError, match="selection_samples"):
+        PTQDConfig(select=True, selection_samples=0)
+    with pytest.raises(ValueError, match="needs correlated or bias"):
+        PTQDConfig(select=True, correlated=False, bias=False)

@@ -174,6 +174,18 @@ class Correction(nn.Module, IdentityHooks, ABC):
     def fitted(self) -> bool:
         return self.table_key is not None
 
+    # -- settings chosen on held-out noise (tadq.corrections.stack.fit_stack) -----------------------------------------
+    def candidates(self) -> list[dict[str, Any]]:
+        """Settings to choose between by held-out final error; one (empty) candidate means nothing to choose."""
+        return [{}]
+
+    def use_candidate(self, settings: dict[str, Any]) -> None:
+        """Switch to one of ``candidates()`` (for a pair-fitted correction: after ``fit``, on its fitted tables)."""
+
+    def selection_noise(self) -> tuple[int | None, int]:
+        """(held-out seed, trajectories) that score the candidates; no seed when there is nothing to choose."""
+        return None, 64
+
     def pair_request(self) -> PairRequest | None:
         """How to collect the fitting pair (from the config); ``None`` for a correction that fits nothing."""
         if not self.keyed:

@@ -30,7 +30,7 @@ from tadq.corrections.pair import TrajectoryPair
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
 from tadq.sampling.hooks import apply_before_model, check_hooks
 
-__all__ = ["SequentialCorrection", "StepTargets", "fit_sequentially", "paired_final_error"]
+__all__ = ["SequentialCorrection", "StepTargets", "choose_candidate", "fit_sequentially", "paired_final_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +77,6 @@ class SequentialCorrection(Correction):
 
     def fit_output_row(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext) -> None:
         """Fit row ``index`` of the output tables from ε̂ (after earlier corrections) and the FP targets."""
-
-    def candidates(self) -> list[dict[str, Any]]:
-        """Settings to choose between by held-out final error; one (empty) candidate means nothing to choose."""
-        return [{}]
-
-    def use_candidate(self, settings: dict[str, Any]) -> None:
-        """Switch to one of ``candidates()`` before fitting it."""
-
-    def selection_noise(self) -> tuple[int | None, int]:
-        """(held-out seed, trajectories) that score the candidates; no seed when there is nothing to choose."""
-        return None, 64
 
     def refit_per_candidate(self) -> bool:
         """Whether each candidate gets its own sequential fit (exact) or reuses the first one's tables (cheap)."""
@@ -243,4 +232,39 @@ def fit_sequentially(
         correction.use_candidate(best[2])
         correction.load_state_dict({**correction.state_dict(), **best[1]})
         correction.table_key = key
+    return records
+
+
+def choose_candidate(
+    correction: Correction,
+    ctx: FitContext,
+    *,
+    hooks: Sequence[SamplingHooks] = (),
+    seed: int,
+    selection_seed: int | None,
+    selection_samples: int = 64,
+) -> list[dict[str, Any]]:
+    """Keep the best of a fitted correction's ``candidates()`` by held-out final-state MSE (behind ``hooks``).
+
+    For a correction fitted once on a pair (PTQD): each candidate is a switch over the same fitted tables, scored
+    by ``paired_final_error`` on ``selection_seed`` (never the fitting ``seed``); the best stays selected.
+
+    Returns:
+        One record per candidate: its settings and held-out final MSE (``nan`` when there was nothing to choose).
+    """
+    candidates = correction.candidates()
+    if len(candidates) < 2:
+        return [{**settings, "final_mse": math.nan} for settings in candidates]
+    _check_selection(candidates, seed, selection_seed)
+    records: list[dict[str, Any]] = []
+    best: tuple[float, dict[str, Any]] | None = None
+    for settings in candidates:
+        correction.use_candidate(settings)
+        score = paired_final_error(ctx, (*hooks, correction), num_samples=selection_samples,
+                                   seed=selection_seed)  # type: ignore[arg-type]
+        logger.info("%s candidate %s: held-out final MSE %.4g", type(correction).__name__, settings, score)
+        records.append({**settings, "final_mse": score})
+        if best is None or score < best[0]:
+            best = (score, settings)
+    correction.use_candidate(best[1])  # type: ignore[index]
     return records

@@ -18,7 +18,7 @@ from tadq.config import config_from_dict, config_to_dict
 from tadq.corrections.base import Correction
 from tadq.corrections.context import FitContext
 from tadq.corrections.pair import collect_trajectory_pair
-from tadq.corrections.sequential import SequentialCorrection, fit_sequentially
+from tadq.corrections.sequential import SequentialCorrection, choose_candidate, fit_sequentially
 from tadq.registry import correction_for
 from tadq.sampling import IdentityHooks, NoiseStd, StepContext
 from tadq.sampling.hooks import apply_after_model, apply_after_step, apply_before_model, apply_noise_std
@@ -136,5 +136,11 @@ def fit_stack(
         pair = collect_trajectory_pair(ctx, mode=request.mode, hooks=earlier, num_samples=samples, seed=pair_seed)
         with torch.no_grad():
             member.fit(pair)
+        del pair
+        if len(member.candidates()) > 1:  # settings over the fitted tables, chosen on held-out noise
+            selection_seed, selection_samples = member.selection_noise()
+            member.selection_records = choose_candidate(member, ctx, hooks=earlier, seed=pair_seed,
+                                                        selection_seed=selection_seed,
+                                                        selection_samples=selection_samples)
         logger.info("fitted %s (%d of %d) on a %s pair", type(member).__name__, index + 1, len(stack), request.mode)
     return stack

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.tcec.config import SELECTION_SEED_OFFSET
 
 __all__ = ["PTQDConfig"]
 
@@ -32,6 +33,13 @@ class PTQDConfig(CorrectionConfig):
             requires 1 + k > 0.
         num_samples: Trajectories of the fitting pair (the authors: 1024).
         seed: Noise seed of the fitting pair. It must be a calibration seed, different from every evaluation seed.
+        select: A held-out guard (not in the paper): after the fit, score CNC + BC as configured, BC alone, CNC
+            alone and no correction on held-out calibration noise (``held_out_seed``, ``selection_samples``, final
+            x_0 MSE against FP from the same noise) and keep the best, so PTQD never stays on where the fitted
+            statistics make the samples worse than its base (docs/methods/ptqd.md#held-out-guard). VSC keeps its
+            setting in every candidate.
+        selection_seed: Held-out seed of that choice; ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
+        selection_samples: Trajectories of the held-out score.
     """
 
     correlated: bool = True
@@ -39,11 +47,27 @@ class PTQDConfig(CorrectionConfig):
     variance: bool = True
     clamp_negative_k: bool = True
     vsc_form: Literal["noise_only", "full_code"] = "noise_only"
+    select: bool = False
+    selection_seed: int | None = None
+    selection_samples: int = 64
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("correlated", "bias", "variance", "clamp_negative_k"):
+        for name in ("correlated", "bias", "variance", "clamp_negative_k", "select"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PTQDConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.vsc_form not in ("noise_only", "full_code"):
             raise ValueError(f"PTQDConfig.vsc_form must be 'noise_only' or 'full_code', got {self.vsc_form!r}")
+        if self.selection_seed is not None and (isinstance(self.selection_seed, bool) or self.selection_seed < 0
+                                                or self.selection_seed == self.seed):
+            raise ValueError("PTQDConfig.selection_seed must be a non-negative calibration seed other than seed")
+        if isinstance(self.selection_samples, bool) or not isinstance(self.selection_samples, int) \
+                or self.selection_samples < 1:
+            raise ValueError(f"PTQDConfig.selection_samples must be a positive int, got {self.selection_samples!r}")
+        if self.select and not (self.correlated or self.bias):
+            raise ValueError("PTQDConfig.select chooses among CNC and BC: it needs correlated or bias on")
+
+    @property
+    def held_out_seed(self) -> int:
+        """The seed that scores the guard's candidates."""
+        return self.seed + SELECTION_SEED_OFFSET if self.selection_seed is None else self.selection_seed

@@ -72,8 +72,34 @@ class PTQDCorrection(Correction):
         for name in ("k", "mu", "sigma_q", "alpha_prod", "std_dev", "coef_eps"):
             self.register_table(name)
         self.register_table("timesteps", dtype=torch.long)
+        self._fitted: tuple[Tensor, Tensor] | None = None  # (k, μ) as fitted, while the guard switches them
+
+    # -- the held-out guard (``PTQDConfig.select``) -------------------------------------------------------------------
+    def candidates(self) -> list[dict[str, Any]]:
+        """With ``select``: CNC + BC as configured, BC alone, CNC alone, none (duplicates dropped)."""
+        if not self.config.select:
+            return [{}]
+        options = [(self.config.correlated, self.config.bias), (False, self.config.bias),
+                   (self.config.correlated, False), (False, False)]
+        unique = list(dict.fromkeys(options))
+        return [{"cnc": cnc, "bc": bc} for cnc, bc in unique]
+
+    def selection_noise(self) -> tuple[int | None, int]:
+        return (self.config.held_out_seed if self.config.select else None), self.config.selection_samples
+
+    def use_candidate(self, settings: dict[str, Any]) -> None:
+        """A switched-off part has its fitted table zeroed (k = 0: no CNC; μ = 0: no BC), so the saved tables are
+        the chosen correction and load without knowing there was a choice."""
+        if not settings:
+            return
+        if self._fitted is None:
+            self._fitted = (self.k.clone(), self.mu.clone())
+        k, mu = self._fitted
+        self.k = k.clone() if settings["cnc"] else torch.zeros_like(k)
+        self.mu = mu.clone() if settings["bc"] else torch.zeros_like(mu)
 
     def fit_tables(self, pair: TrajectoryPair) -> None:
+        self._fitted = None
         rows = [_fit_step(pair.eps_fp[i].double(), pair.error(i), self.config) for i in range(pair.num_steps)]
         self.k = torch.tensor([row[0] for row in rows], dtype=torch.float64)
         self.mu = torch.stack([row[1] for row in rows])  # (S, C)

@@ -66,15 +66,22 @@ _base_row("naive")
 _base_row("qdiffusion")
 
 
-@register_method("ptqd", "Q-Diffusion + PTQD")
-def ptqd_row(bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
-    """PTQD fitted for the deployment sampler on the Q-Diffusion base (calibration noise seed)."""
-    recipe = recipes_for_row("ptqd", preset_name, config)
-    (ptqd_config,) = recipe.corrections
+def _ptqd_row(name: str, label: str) -> None:
+    @register_method(name, label)
+    def ptqd_row(bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
+        """PTQD fitted for the deployment sampler on the Q-Diffusion base (calibration noise seed)."""
+        recipe = recipes_for_row(name, preset_name, config)
+        (ptqd_config,) = recipe.corrections
 
-    def describe(denoiser: nn.Module) -> dict[str, Any]:
-        correction = denoiser.corrections[-1]
-        return {"ptqd_tables": ptqd_tables(correction), "ptqd_vsc": vsc_report(correction)}
+        def describe(denoiser: nn.Module) -> dict[str, Any]:
+            correction = denoiser.corrections[-1]
+            return {"ptqd_tables": ptqd_tables(correction), "ptqd_vsc": vsc_report(correction),
+                    "ptqd_selection": getattr(correction, "selection_records", None)}
 
-    settings = {"method": "ptqd", "quant": config_to_dict(recipe.quant_config()), "ptqd": config_to_dict(ptqd_config)}
-    return recipe_row("ptqd", bases, config, preset_name, settings, describe)
+        settings = {"method": name, "quant": config_to_dict(recipe.quant_config()),
+                    "ptqd": config_to_dict(ptqd_config)}
+        return recipe_row(name, bases, config, preset_name, settings, describe)
+
+
+_ptqd_row("ptqd", "Q-Diffusion + PTQD")
+_ptqd_row("ptqd-select", "Q-Diffusion + PTQD (held-out guard)")

@@ -26,7 +26,8 @@ __all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "SVDQUANT_ROWS", "SVDQUANT_RANK", "SV
 
 # row → correction names on the Q-Diffusion base, in application order
 CORRECTION_ROWS: dict[str, tuple[str, ...]] = {
-    "ptqd": ("ptqd",), "ibc": ("ibc",), "ner": ("ner",), "tac": ("tac",), "tac-select": ("tac-select",),
+    "ptqd": ("ptqd",), "ptqd-select": ("ptqd-select",),
+    "ibc": ("ibc",), "ner": ("ner",), "tac": ("tac",), "tac-select": ("tac-select",),
     "tcec": ("tcec",), "tac+tcec": ("tac", "tcec"),
 }
 # TFMQ rows: row → (weights it starts from, TFMQConfig changes, corrections on top); tiar and qdiffusion+ are ablations
