@@ -137,10 +137,10 @@ def fit_stack(
         with torch.no_grad():
             member.fit(pair)
         del pair
+        logger.info("fitted %s (%d of %d) on a %s pair", type(member).__name__, index + 1, len(stack), request.mode)
         if len(member.candidates()) > 1:  # settings over the fitted tables, chosen on held-out noise
             selection_seed, selection_samples = member.selection_noise()
             member.selection_records = choose_candidate(member, ctx, hooks=earlier, seed=pair_seed,
                                                         selection_seed=selection_seed,
                                                         selection_samples=selection_samples)
-        logger.info("fitted %s (%d of %d) on a %s pair", type(member).__name__, index + 1, len(stack), request.mode)
     return stack
