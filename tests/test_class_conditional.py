@@ -149,3 +149,22 @@ def test_tfmq_calibrates_a_class_conditional_model_with_guidance(setup):
     images = _sample(qmodel, scheduler)
     assert torch.isfinite(images).all()
     assert qmodel.corrections[0].sampler_key == SAMPLER.key
+
+
+def test_svdquant_cost_runs_a_class_conditional_model(setup):
+    """The cost probe runs one forward: a conditional network needs placeholder labels there (the DiT run broke)."""
+    from tadq.config import QScheme
+    from tadq.corrections.ptqd.bitops import bit_operations
+    from tadq.recipe import Deployment
+    from tadq.svdquant import SVDQuantMethod
+    from tadq.svdquant.cost import cost_summary
+
+    model, scheduler, calib = setup
+    recipe = tadq.Recipe(method=SVDQuantMethod(alpha_grid=(0.5,), search_samples=4),
+                         weights=QScheme(bits=4, granularity="per_channel", lowrank_rank=2),
+                         activations=QScheme(bits=4, granularity="per_group", group_size=4, smoothing=True),
+                         calibration=CALIB, deployments=(Deployment(SAMPLER, GUIDANCE),))
+    qmodel = api.quantize(model, scheduler, recipe, calibration=calib, conditions=LABELS, progress=False)
+    summary = cost_summary(qmodel, steps=SAMPLER.num_steps)
+    assert summary["bitops_quantized_gemms"] == SAMPLER.num_steps * bit_operations(qmodel) > 0
+    assert summary["branch_macs"] > 0

@@ -15,7 +15,7 @@ from collections import Counter
 import torch
 from torch import Tensor, nn
 
-from tadq.corrections.ptqd.bitops import FP_BITS, bit_operations
+from tadq.corrections.ptqd.bitops import FP_BITS, bit_operations, dummy_conditioning
 from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.granularity import granularity_overhead, kernel_status
 from tadq.quant.lowrank import lowrank_macs
@@ -39,7 +39,8 @@ def _output_positions(qmodel: QuantizedDenoiser) -> dict[str, int]:
     try:
         device = next(qmodel.model.parameters()).device
         x = torch.zeros((1, *qmodel.sample_shape), device=device)
-        qmodel(x, torch.full((1,), 500, dtype=torch.long, device=device))
+        cond = dummy_conditioning(qmodel.adapter, qmodel.model)  # a conditional model needs one to run
+        qmodel(x, torch.full((1,), 500, dtype=torch.long, device=device), cond)
     finally:
         for handle in handles:
             handle.remove()

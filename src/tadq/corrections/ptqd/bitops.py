@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from tadq.denoiser import QuantizedDenoiser
 from tadq.registry import adapter_for
 
-__all__ = ["FP_BITS", "bit_operations", "layer_macs"]
+__all__ = ["FP_BITS", "bit_operations", "dummy_conditioning", "layer_macs"]
 
 FP_BITS = 32
 
@@ -45,7 +45,7 @@ def layer_macs(network: nn.Module, call, sample_shape: tuple[int, int, int], t: 
     return macs
 
 
-def _dummy_conditioning(adapter, network: nn.Module):
+def dummy_conditioning(adapter, network: nn.Module):
     """One sample's placeholder conditioning for a conditional model (the layer MACs do not depend on its values;
     a text model's are counted at the adapter's placeholder caption length); ``None`` for an unconditional one."""
     if not adapter.conditioning_inputs(network):
@@ -69,7 +69,7 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
     """
     if isinstance(model, QuantizedDenoiser):
         network, shape = model.model, sample_shape or model.sample_shape
-        cond = _dummy_conditioning(model.adapter, network)
+        cond = dummy_conditioning(model.adapter, network)
 
         def call(x: Tensor, t: Tensor) -> Tensor:
             return model(x, t, cond)
@@ -86,7 +86,7 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
         per_layer = {name: (bits_w, bits_a) for name, m in model.named_modules()
                      if isinstance(m, (nn.Conv2d, nn.Linear))}
 
-        cond = _dummy_conditioning(adapter, model)
+        cond = dummy_conditioning(adapter, model)
 
         def call(x: Tensor, t: Tensor) -> Tensor:
             return adapter.predict_eps(model, x, t, cond)
