@@ -20,8 +20,8 @@ setup: $(STAMP)
 # Q-Diffusion bases rounded by GPTQ (no iterations; docs/methods/qdiffusion.md#gptq-rounding) without the activation
 # phase, the input and output convs kept in float in every row (docs/methods/qdiffusion.md#what-limits-w8a8), with
 # samples.png and per_step_error.png. 256 samples: PSNR/SSIM vs FP hold there, FD-digits needs about 1000.
-# Measured from an empty calibration cache with torch's default threads on these 2 cores: 10 min 15 s (README,
-# "The headline"; 8 min 39 s before --fp-layers, same work).
+# Measured from an empty calibration cache with torch's default threads on these 2 cores: 9 min 16 s (README,
+# "The headline"; the TAC fits share their FP trajectories).
 run: $(STAMP)
 	$(BIN)/tadq run --methods naive,best --recon-rounding gptq --recon-activation-iters 0 --fp-layers first_last --num-samples 256 --batch-size 256
 
