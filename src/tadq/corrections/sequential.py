@@ -125,8 +125,9 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
             eps_fp = cached.predictions[position]
         else:
             eps_fp, _ = walker.predict_batched(ctx.fp_denoiser, x_fp, step, cond, size)
-            states.append(x_fp)
-            predictions.append(eps_fp)
+            if cache is not None:  # without a cache nothing holds on to the walk's states
+                states.append(x_fp)
+                predictions.append(eps_fp)
         if fitting is not None:
             targets = StepTargets(
                 same_input=lambda x=x_in, s=step: walker.predict_batched(ctx.fp_denoiser, x, s, cond, size)[0],
