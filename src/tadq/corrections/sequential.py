@@ -170,6 +170,15 @@ def _check_selection(candidates: list[dict[str, Any]], seed: int, selection_seed
                          "biased")
 
 
+def _held_out_score(correction: Correction, ctx: FitContext, hooks: Sequence[SamplingHooks],
+                    settings: dict[str, Any], selection_seed: int | None, selection_samples: int) -> float:
+    """The final-state MSE of ``hooks`` + ``correction`` (in its current candidate) on the held-out noise, logged."""
+    score = paired_final_error(ctx, (*hooks, correction), num_samples=selection_samples,
+                               seed=selection_seed)  # type: ignore[arg-type]
+    logger.info("%s candidate %s: held-out final MSE %.4g", type(correction).__name__, settings, score)
+    return score
+
+
 def _fit_once(correction: SequentialCorrection, ctx: FitContext, walker: Walker, hooks: tuple[SamplingHooks, ...],
               start: WalkBatch, key: TableKey, seed: int) -> None:
     correction.table_key = None
@@ -222,9 +231,7 @@ def fit_sequentially(
             _fit_once(correction, ctx, walker, hooks, start, key, seed)
         score = math.nan
         if len(candidates) > 1:
-            score = paired_final_error(ctx, (*hooks, correction), num_samples=selection_samples,
-                                       seed=selection_seed)  # type: ignore[arg-type]
-            logger.info("%s candidate %s: held-out final MSE %.4g", type(correction).__name__, settings, score)
+            score = _held_out_score(correction, ctx, hooks, settings, selection_seed, selection_samples)
             if best is None or score < best[0]:
                 best = (score, {k: v.clone() for k, v in correction.state_dict().items() if isinstance(v, Tensor)},
                         settings)
@@ -261,9 +268,7 @@ def choose_candidate(
     best: tuple[float, dict[str, Any]] | None = None
     for settings in candidates:
         correction.use_candidate(settings)
-        score = paired_final_error(ctx, (*hooks, correction), num_samples=selection_samples,
-                                   seed=selection_seed)  # type: ignore[arg-type]
-        logger.info("%s candidate %s: held-out final MSE %.4g", type(correction).__name__, settings, score)
+        score = _held_out_score(correction, ctx, hooks, settings, selection_seed, selection_samples)
         records.append({**settings, "final_mse": score})
         if best is None or score < best[0]:
             best = (score, settings)
