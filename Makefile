@@ -16,21 +16,22 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The headline (runs/main): the shipped digits model at W8A8, W4A8 and W4A4, each preset's naive-PTQ baseline against
-# its best recipe as measured in the README (`best`: Q-Diffusion + TAC at W8A8/W4A8, SVDQuant + TAC at W4A4), the
-# Q-Diffusion bases rounded by GPTQ (no iterations; docs/methods/qdiffusion.md#gptq-rounding) without the activation
-# phase, the input and output convs kept in float in every row (docs/methods/qdiffusion.md#what-limits-w8a8), with
-# samples.png and per_step_error.png. 256 samples: PSNR/SSIM vs FP hold there, FD-digits needs about 1000.
-# Measured from an empty calibration cache with torch's default threads on these 2 cores: 9 min 16 s (README,
-# "The headline"; the TAC fits share their FP trajectories).
+# its best recipe as measured in the README (`best`: Q-Diffusion + TAC at W8A8/W4A8, SVDQuant + TAC at W4A4), with
+# tadq run's defaults: the Q-Diffusion bases rounded by GPTQ (no iterations; docs/methods/qdiffusion.md#gptq-rounding)
+# without the activation phase, the input and output convs kept in float in every row
+# (docs/methods/qdiffusion.md#what-limits-w8a8); samples.png and per_step_error.png. 256 samples: PSNR/SSIM vs FP
+# hold there, FD-digits needs about 1000. Measured from an empty calibration cache with torch's default threads on
+# these 2 cores: 9 min 16 s (README, "The headline"; the TAC fits share their FP trajectories).
 run: $(STAMP)
-	$(BIN)/tadq run --methods naive,best --recon-rounding gptq --recon-activation-iters 0 --fp-layers first_last --num-samples 256 --batch-size 256
+	$(BIN)/tadq run --methods naive,best --num-samples 256 --batch-size 256
 
-# The complete matrix of the README's main table (1000 samples): naive/Q-Diffusion/PTQD at W8A8/W4A8/W4A4 (≈ 45 min
-# here with --threads 1), then the correction rows at W4A8/W4A4 in the same folder (≈ 55 min): ≈ 100 min from a fresh
-# clone. After `make run` the W8A8/W4A8 Q-Diffusion bases in runs/main/models are reused (≈ 12 min less).
+# The complete matrix of the README's main table (1000 samples) with the setting it was measured with (AdaRound
+# 1000 / 400 iterations per unit, every layer quantized; runs/main-full): naive/Q-Diffusion/PTQD at W8A8/W4A8/W4A4
+# (≈ 45 min here with --threads 1), then the correction rows at W4A8/W4A4 in the same folder (≈ 55 min): ≈ 100 min
+# from a fresh clone.
 bench-full: $(STAMP)
-	$(BIN)/tadq run
-	$(BIN)/tadq run --methods naive,qdiffusion,ptqd,tac,tcec,ibc,ner,tac+tcec --presets W4A4,W4A8 --out runs/main
+	$(BIN)/tadq run --recon-rounding adaround --recon-activation-iters 400 --fp-layers none --out runs/main-full
+	$(BIN)/tadq run --methods naive,qdiffusion,ptqd,tac,tcec,ibc,ner,tac+tcec --presets W4A4,W4A8 --recon-rounding adaround --recon-activation-iters 400 --fp-layers none --out runs/main-full
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -42,7 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/reconstruction_budget.py
 
 bench-report: $(STAMP)
-	$(BIN)/tadq bench --quick --threads 1 --out runs/bench --models-dir runs/main/models
+	$(BIN)/tadq bench --quick --recon-rounding adaround --recon-activation-iters 400 --fp-layers none --threads 1 --out runs/bench --models-dir runs/main-full/models
 
 bench-perf: $(STAMP)
 	$(BIN)/python benchmarks/perf.py --threads 1

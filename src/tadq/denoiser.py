@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -77,6 +79,16 @@ class QuantizedDenoiser(nn.Module):
         for member in self.corrections:
             if isinstance(member, StepAware):
                 member.set_step(step)
+
+    @contextlib.contextmanager
+    def at_first_step(self) -> Iterator[None]:
+        """Run the network outside a sampler for its shapes alone (MAC and output-position probes): step-aware
+        corrections serve their first step's tables instead of refusing a call with no step."""
+        with contextlib.ExitStack() as steps:
+            for member in self.corrections:
+                if isinstance(member, StepAware) and hasattr(member, "at_step"):
+                    steps.enter_context(member.at_step(0))
+            yield
 
     def correction_hooks(self) -> tuple:
         """The corrections as sampling hooks, after checking they were fitted for this model's bit label (each

@@ -12,6 +12,8 @@ __all__ = ["CORRECTION_NAMES", "correction_configs"]
 CORRECTION_NAMES: dict[str, Callable[[int], CorrectionConfig]] = {
     "ptqd": lambda seed: PTQDConfig(seed=seed),
     "ptqd-select": lambda seed: PTQDConfig(seed=seed, select=True),  # CNC/BC kept only if they help on held-out noise
+    # the same guard scored by mean log MSE per trajectory (mean PSNR's ranking) instead of the pooled MSE
+    "ptqd-select-log": lambda seed: PTQDConfig(seed=seed, select=True, selection_score="log_mse"),
     "tac": lambda seed: TACConfig(seed=seed),
     "ibc": lambda seed: TACConfig(ner=False, seed=seed),  # TAC's input bias correction alone
     "ner": lambda seed: TACConfig(ibc=False, seed=seed),  # TAC's noise estimation reconstruction alone

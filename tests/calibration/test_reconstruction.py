@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from tadq.sampling import SamplerConfig
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=10)
 CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=16, num_steps_kept=4, samples_per_step=16, batch_size=16)
-RECON = ReconstructionConfig(weight_iters=60, activation_iters=30, batch_size=16)
+RECON = ReconstructionConfig(weight_iters=60, activation_iters=30, batch_size=16, rounding="adaround")
 
 
 @pytest.fixture
@@ -27,7 +29,8 @@ def _naive(model, scheduler, calib, preset="W4A4"):
 def test_reconstruction_lowers_block_error_below_initialisation(setup):
     model, scheduler, calib = setup
     qmodel = _naive(model, scheduler, calib, "W4A16")
-    config = ReconstructionConfig(weight_iters=200, activation_iters=0, batch_size=16, weight_lr=1e-2)
+    config = ReconstructionConfig(weight_iters=200, activation_iters=0, batch_size=16, weight_lr=1e-2,
+                                  rounding="adaround")
     reports = reconstruct(qmodel.model, model, qmodel.adapter, calib, config, progress=False)
     assert all(r.loss_after <= r.loss_before * (1 + 1e-6) for r in reports)
     before, after = sum(r.loss_before for r in reports), sum(r.loss_after for r in reports)
@@ -43,31 +46,33 @@ def test_reconstructed_weights_are_on_the_grid(setup):
     assert torch.equal(layer.quantized_weight(), layer.weight)
 
 
-def test_interrupted_reconstruction_resumes_to_the_same_model(setup, tmp_path, monkeypatch):
+@pytest.mark.parametrize("rounding", ["adaround", "gptq"])
+def test_interrupted_reconstruction_resumes_to_the_same_model(setup, tmp_path, monkeypatch, rounding):
     import tadq.calibration.reconstruction as recon
 
     model, scheduler, calib = setup
+    config = dataclasses.replace(RECON, rounding=rounding)
     reference = _naive(model, scheduler, calib)
-    reconstruct(reference.model, model, reference.adapter, calib, RECON, progress=False)
+    reconstruct(reference.model, model, reference.adapter, calib, config, progress=False)
 
     qmodel = _naive(model, scheduler, calib)
-    original = recon._reconstruct_weights
+    original = recon._round_unit_weights
     calls = []
 
-    def flaky(module, io, config, seed):
+    def flaky(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        original(module, io, config, seed)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(recon, "_reconstruct_weights", flaky)
+    monkeypatch.setattr(recon, "_round_unit_weights", flaky)
     checkpoint = tmp_path / "recon.pt"
     with pytest.raises(KeyboardInterrupt):
-        reconstruct(qmodel.model, model, qmodel.adapter, calib, RECON, checkpoint=checkpoint, progress=False)
+        reconstruct(qmodel.model, model, qmodel.adapter, calib, config, checkpoint=checkpoint, progress=False)
     assert checkpoint.exists()
-    monkeypatch.setattr(recon, "_reconstruct_weights", original)
+    monkeypatch.setattr(recon, "_round_unit_weights", original)
     resumed = _naive(model, scheduler, calib)
-    reconstruct(resumed.model, model, resumed.adapter, calib, RECON, checkpoint=checkpoint, progress=False)
+    reconstruct(resumed.model, model, resumed.adapter, calib, config, checkpoint=checkpoint, progress=False)
     ref_state, state = reference.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
 

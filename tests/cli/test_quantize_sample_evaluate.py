@@ -172,3 +172,21 @@ def test_qdiffusion_flags_reach_the_config(tmp_path, tiny_model_dir):
     assert saved["reconstruction"]["data"]["activation_iters"] == 2
     qmap = json.loads((out / "tadq_quant_map.json").read_text())
     assert any("split_deep_channels" in entry for entry in qmap.values())
+
+
+def test_fp_layers_default_to_first_last_for_a_preset_and_keep_a_files_own(tmp_path):
+    from tadq.cli.quantize import resolve_recipe
+
+    assert resolve_recipe(None, None, QuantFlags(), {}).keep_fp_roles == ("input_conv", "output_conv")
+    assert resolve_config(None, QuantFlags()).keep_fp_roles == ("input_conv", "output_conv")
+    assert resolve_recipe(None, None, QuantFlags(fp_layers="none"), {}).keep_fp_roles == ()
+    assert resolve_recipe(None, None, QuantFlags(keep_fp_roles=("output_conv",)), {}).keep_fp_roles == (
+        "output_conv",)
+    config_file = _write_config(tmp_path / "c.json", keep_fp_roles=())
+    assert resolve_recipe(None, config_file, QuantFlags(), {}).keep_fp_roles == ()  # the file's own choice
+    assert resolve_config(config_file, QuantFlags(fp_layers="first_last_time")).keep_fp_roles == (
+        "input_conv", "output_conv", "time_embedding")
+    with pytest.raises(ValueError, match="not both"):
+        resolve_recipe(None, None, QuantFlags(fp_layers="none", keep_fp_roles=("output_conv",)), {})
+    with pytest.raises(ValueError, match="unknown fp_layers"):
+        resolve_recipe(None, None, QuantFlags(fp_layers="last"), {})

@@ -92,12 +92,13 @@ def test_flags_build_the_recipe(tmp_path):
     gptq = resolve_recipe(None, None, QuantFlags(method="qdiffusion", recon_rounding="gptq", recon_iters=7))
     assert (gptq.method.reconstruction.rounding, gptq.method.reconstruction.weight_iters) == ("gptq", 7)
     from_config = resolve_recipe(None, None, QuantFlags(method="qdiffusion"))
-    assert from_config.method.reconstruction.rounding == "adaround"  # the library default when the flag is absent
+    assert from_config.method.reconstruction.rounding == "gptq"  # the library default when the flag is absent
     from_file = resolve_recipe(RECIPES / "qdiffusion+ptqd-W8A8.json", None, QuantFlags(preset="W4A8"))
     assert from_file.label == "W4A8" and type(from_file.corrections[0]).__name__ == "PTQDConfig"
     assert type(resolve_recipe(None, None, QuantFlags(method="tfmq")).method).__name__ == "TFMQMethod"
     flags = QuantFlags(preset="W4A8", method="qdiffusion", correct=("tac", "tcec"), split_shortcut=True,
-                       quantize_attention=True, steps=50, eta=0.0)  # the README row, from flags
+                       quantize_attention=True, steps=50, eta=0.0, recon_rounding="adaround",
+                       recon_activation_iters=400, fp_layers="none")  # the README row (its setting), from flags
     shipped = load_recipe(RECIPES / "qdiffusion+tac+tcec-W4A8.json")
     assert resolve_recipe(None, None, flags, {"name": shipped.name}) == shipped
 

@@ -263,7 +263,7 @@ def test_tables_fitted_with_clipping_refuse_a_sampler_without_it():
         _trajectory(fp, clipped, [unclipped])
 
 
-def _guarded_stack(monkeypatch=None, score=None):
+def _guarded_stack(monkeypatch=None, score=None, selection_score="final_mse"):
     scheduler, sampler = analytic_scheduler(), SAMPLERS["ddim-eta0"]
     fp = AnalyticDenoiser(scheduler)
     if score is not None:
@@ -271,7 +271,7 @@ def _guarded_stack(monkeypatch=None, score=None):
 
         monkeypatch.setattr(sequential, "paired_final_error", score)
     stack = CorrectionStack([PTQDCorrection(PTQDConfig(num_samples=64, seed=FIT_SEED, select=True,
-                                                       selection_samples=32))])
+                                                       selection_samples=32, selection_score=selection_score))])
     fit_stack(stack, fit_context(fp, InjectedError(fp), scheduler, sampler))
     plain = CorrectionStack([PTQDCorrection(PTQDConfig(num_samples=64, seed=FIT_SEED))])
     fit_stack(plain, fit_context(fp, InjectedError(fp), scheduler, sampler))  # same pair: same injected noise
@@ -290,8 +290,9 @@ def test_held_out_guard_keeps_cnc_and_bc_where_they_fix_the_injected_error():
 
 
 def test_held_out_guard_zeroes_what_it_switches_off_and_saves_the_choice(monkeypatch, tmp_path):
-    def score(ctx, hooks, *, num_samples, seed):  # stands in for the held-out error: prefers BC alone
+    def score(ctx, hooks, *, num_samples, seed, score):  # stands in for the held-out error: prefers BC alone
         assert seed == 100000 + FIT_SEED and num_samples == 32  # the held-out seed, never the fitting one
+        assert score == "final_mse"
         ptqd = hooks[-1]
         return float(ptqd.k.abs().sum() > 0) + 2.0 * float(ptqd.mu.abs().sum() == 0)
 
@@ -311,3 +312,37 @@ def test_held_out_guard_config_is_checked():
         PTQDConfig(select=True, selection_samples=0)
     with pytest.raises(ValueError, match="needs correlated or bias"):
         PTQDConfig(select=True, correlated=False, bias=False)
+
+
+def test_log_mse_ranks_like_mean_psnr_where_the_pooled_mse_follows_one_trajectory():
+    from tadq.corrections.sequential import final_state_score
+    from tadq.metrics.image import psnr_per_sample
+
+    x_fp = torch.zeros(4, 1, 4, 4)
+    one_bad = x_fp.clone()
+    one_bad[0] += 0.5  # three exact trajectories, one far off
+    all_fair = x_fp + 0.05  # every trajectory a little off
+    pooled = {name: final_state_score(x_fp, x, "final_mse") for name, x in (("one_bad", one_bad),
+                                                                             ("all_fair", all_fair))}
+    logged = {name: final_state_score(x_fp, x, "log_mse") for name, x in (("one_bad", one_bad),
+                                                                           ("all_fair", all_fair))}
+    assert pooled["all_fair"] < pooled["one_bad"] and logged["one_bad"] < logged["all_fair"]
+    psnr = {name: float(psnr_per_sample(x, x_fp).mean()) for name, x in (("one_bad", one_bad),
+                                                                          ("all_fair", all_fair))}
+    assert psnr["one_bad"] > psnr["all_fair"]  # the ranking the README's mean PSNR gives
+    with pytest.raises(ValueError, match="unknown selection score"):
+        final_state_score(x_fp, one_bad, "median")
+
+
+def test_held_out_guard_passes_its_score_and_records_under_its_name(monkeypatch):
+    seen = []
+
+    def score(ctx, hooks, *, num_samples, seed, score):
+        seen.append(score)
+        ptqd = hooks[-1]
+        return -float(ptqd.mu.abs().sum() > 0)  # prefers any candidate with BC
+
+    guarded, _ = _guarded_stack(monkeypatch, score, selection_score="log_mse")
+    assert seen == ["log_mse"] * 4 and all("log_mse" in r and "final_mse" not in r for r in guarded.selection_records)
+    with pytest.raises(ValueError, match="selection_score"):
+        PTQDConfig(select=True, selection_score="median")

@@ -16,6 +16,7 @@ import tadq.experiments.run as run_module
 from tadq.cli.app import app
 from tadq.config import ReconstructionConfig
 from tadq.experiments.rows import BEST_ROWS, method_label, row_for
+from tadq.experiments.rows.recipes import README_TABLES_RECONSTRUCTION
 from tadq.experiments.run import HEADLINE_METHODS, HEADLINE_SAMPLES, RunConfig, cell_key, job_rows
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +76,15 @@ def test_bench_full_is_the_former_main_job_and_the_corrections_table(tmp_path, m
                                                                ("W8A8", "W4A8", "W4A4"), 1000)
     assert set(corrections.methods) == {"naive", "qdiffusion", "ptqd", "tac", "tcec", "ibc", "ner", "tac+tcec"}
     assert corrections.presets == ("W4A4", "W4A8") and corrections.num_samples == 1000
+    # the README main table's own setting, not the defaults: AdaRound 1000 / 400, every layer quantized
+    for config in (full, corrections):
+        assert config.reconstruction == README_TABLES_RECONSTRUCTION and config.fp_layers == "none"
+    assert README_TABLES_RECONSTRUCTION == ReconstructionConfig(rounding="adaround", activation_iters=400)
+
+
+def test_the_defaults_are_the_headlines_setting():
+    assert ReconstructionConfig() == ReconstructionConfig(rounding="gptq", activation_iters=0)
+    assert RunConfig().fp_layers == "first_last"
 
 
 @pytest.mark.parametrize(("preset_name", "row"), sorted(BEST_ROWS.items()))

@@ -126,7 +126,7 @@ def test_fp_layers_reach_every_tadq_row_and_the_report(tmp_path, tiny_model_dir)
         assert recipes_for_row(row, "W8A8", config).keep_fp_roles == ("input_conv", "output_conv")
     assert recipes_for_row("naive", "W8A8", _config(tiny_model_dir, tmp_path, fp_layers="none")).keep_fp_roles == ()
     kept = run_main_job(config)
-    quantized_all = run_main_job(_config(tiny_model_dir, tmp_path / "none", presets=("W8A8",)))
+    quantized_all = run_main_job(_config(tiny_model_dir, tmp_path / "none", presets=("W8A8",), fp_layers="none"))
     # the input and output convs leave the quantized path: the samples change, and the report says why
     assert kept["rows"][1]["final_mse"] != quantized_all["rows"][1]["final_mse"]
     assert "input_conv, output_conv" in kept["notes"]["fp_layers"]
@@ -134,9 +134,8 @@ def test_fp_layers_reach_every_tadq_row_and_the_report(tmp_path, tiny_model_dir)
     assert "input_conv, output_conv" in (tmp_path / "fl" / "results.md").read_text()
 
 
-def test_fp_layers_refused_when_unknown_or_beside_peer_rows(tmp_path, tiny_model_dir):
+def test_fp_layers_refused_when_unknown(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="unknown fp_layers 'last'"):
         _config(tiny_model_dir, tmp_path, fp_layers="last")
-    with pytest.raises(ValueError, match="like for like"):
-        _config(tiny_model_dir, tmp_path, methods=("naive", "quanto"), fp_layers="first_last")
-    _config(tiny_model_dir, tmp_path, methods=("naive", "quanto"))  # with every layer quantized they compare
+    # peers keep the same layers in float (tests/experiments/peers: test_peer_rows_keep_the_runs_fp_layers)
+    _config(tiny_model_dir, tmp_path, methods=("naive", "quanto"), fp_layers="first_last")

@@ -12,12 +12,16 @@ import tadq.experiments.rows.base as rows_base
 from tadq import api
 from tadq.config import CalibrationConfig
 from tadq.corrections.attach import fit_corrections
-from tadq.experiments.rows.recipes import SVDQUANT_ROWS, recipes_for_row
+from tadq.experiments.rows.recipes import SVDQUANT_ROWS, SVDQUANT_VARIANT_ROWS, base_recipe, recipes_for_row
+from tadq.experiments.rows.svdquant import LABELS
 from tadq.experiments.run import RunConfig, run_main_job
 from tadq.quant.transformed import TransformedQuantLayer
 from tadq.recipe_presets import correction_configs
 from tadq.sampling import SamplerConfig
 from tadq.svdquant import SVDQuantMethod
+from tadq.tfmq import TFMQConfig, TFMQCorrection, TFMQMethod
+from tadq.tfmq.pipeline import temporal_features_per_step
+from tadq.tfmq.tib import TemporalInformationBlock
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=6)
 CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=3, samples_per_step=8, seed=0,
@@ -89,3 +93,55 @@ def test_corrections_on_the_svdquant_base_change_it_and_reload_bit_identically(t
     assert loaded.recipe == corrected.recipe and len(loaded.corrections) == 1
     assert torch.equal(api.sample(loaded, ddpm_scheduler, SAMPLER, num_samples=3, seed=5, progress=False).images,
                        first)
+
+
+def test_variant_rows_rotate_or_cache_on_their_own_shared_bases(tmp_path, tiny_model_dir):
+    rows = ("svdquant", "svdquant+tfmq", "svdquant+tfmq+tac", "svdquant-rot", "svdquant-rot+tac",
+            "svdquant-rot+tfmq")
+    config = _config(tiny_model_dir, tmp_path / "run", methods=rows)
+    for row in rows[1:]:
+        recipe = recipes_for_row(row, "W4A4", config)
+        rotated, cached, corrections = SVDQUANT_VARIANT_ROWS[row]
+        assert (recipe.activations.rotation == "hadamard") == rotated
+        assert isinstance(recipe.method, TFMQMethod) == cached
+        assert recipe.corrections == correction_configs(corrections, CALIB.seed)
+        base = base_recipe(recipe, row)
+        assert isinstance(base.method, SVDQuantMethod) and not base.corrections
+    results = run_main_job(config)
+    by_name = {row["method"]: row for row in results["rows"]}
+    errors = [by_name[LABELS[row]]["final_mse"] for row in rows]
+    assert len(set(errors)) == len(rows)  # rotation, the cache and TAC each change what is sampled
+    models = sorted(p.name for p in (tmp_path / "run" / "models").iterdir() if p.is_dir())
+    assert len(models) == 2  # one plain and one rotated SVDQuant network; the cache and TAC are fitted on them
+    report = results["extras"]["SVDQuant + TFMQ-DM cache W4A4"]["tfmq"]
+    assert report["cache_bytes"] > 0 and all(v["choice"] == "cache" for v in report["disturbance"].values())
+
+
+@pytest.mark.parametrize("fsc", ["off", "tib"])
+def test_tfmq_cache_on_svdquant_serves_exact_fp_temporal_features(tiny_unet, ddpm_scheduler, tmp_path, fsc):
+    config = _config(tmp_path, tmp_path / "r")
+    recipe = recipes_for_row("svdquant+tfmq", "W4A4", config)
+    recipe = dataclasses.replace(recipe, method=dataclasses.replace(
+        recipe.method, svdquant=SVDQuantMethod(alpha_grid=(0.3,), search_samples=8),
+        tfmq=dataclasses.replace(recipe.method.tfmq, fsc=fsc)))
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, recipe, progress=False)
+    (cache,) = qmodel.corrections
+    # every activation is dynamic (per group): TIB-only FSC finds no static range to make per-step
+    assert isinstance(cache, TFMQCorrection) and not cache.fsc_quantizers
+    fp_features = temporal_features_per_step(TemporalInformationBlock(tiny_unet, qmodel.adapter),
+                                             cache.grid_timesteps)
+    served = temporal_features_per_step(TemporalInformationBlock(qmodel.model, qmodel.adapter),
+                                        cache.grid_timesteps, cache)
+    assert fp_features.keys() == served.keys() and len(served) > 0
+    for layer, reference in fp_features.items():
+        assert torch.equal(served[layer], reference), layer  # the table holds the FP values themselves
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, _ = tadq.load(tmp_path / "q")
+    first = api.sample(qmodel, ddpm_scheduler, SAMPLER, num_samples=3, seed=5, progress=False).images
+    assert torch.equal(api.sample(loaded, ddpm_scheduler, SAMPLER, num_samples=3, seed=5, progress=False).images,
+                       first)
+
+
+def test_tfmq_on_svdquant_refuses_tiar():
+    with pytest.raises(ValueError, match="tiar=False"):
+        TFMQMethod(base="svdquant", tfmq=TFMQConfig())

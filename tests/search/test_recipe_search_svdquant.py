@@ -50,7 +50,8 @@ def test_the_svdquant_base_is_the_recipe_of_tadq_runs_rows():
     from tadq.experiments.run import RunConfig
 
     space = _space(fit_trajectories=256, selection_samples=64)  # the correction configs' own defaults
-    run = RunConfig(sampler=SAMPLER, calibration=space.calibration, presets=("W4A4",), methods=("svdquant",))
+    run = RunConfig(sampler=SAMPLER, calibration=space.calibration, presets=("W4A4",), methods=("svdquant",),
+                    fp_layers="none")  # the search's default space keeps no layer in float
     for row, stack in SVDQUANT_ROWS.items():
         assert space.recipe(Candidate("svdquant", "W4A4", stack)) == recipes_for_row(row, "W4A4", run), row
 
@@ -82,7 +83,7 @@ def test_svdquant_bases_build_take_corrections_and_score(searched):
     assert not any(m.rank for m in qmodel.model.modules() if isinstance(m, TransformedQuantLayer))
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["space"]["bases"] == ["svdquant", "smoothquant"]
-    assert report["settings"]["space"]["reconstruction_rounding"] == "adaround"
+    assert report["settings"]["space"]["reconstruction_rounding"] == "gptq"  # the default
 
 
 def test_plan_bit_operations_count_the_branch_as_the_built_model_costs(searched):
@@ -149,11 +150,11 @@ def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, 
 
     monkeypatch.setattr(tadq.search, "run_search", capture)
     result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A4", "--presets", "W4A4", "--bases",
-                  "qdiffusion,svdquant,smoothquant", "--stacks", "none,tac", "--recon-rounding", "gptq")
+                  "qdiffusion,svdquant,smoothquant", "--stacks", "none,tac", "--recon-rounding", "adaround")
     assert result.exit_code == 2 and "captured" in result.output, result.output
     space, plan = seen["space"], seen["plan"]
-    assert space.reconstruction.rounding == "gptq" and space.bases == ("qdiffusion", "svdquant", "smoothquant")
-    assert plan.recipes["qdiffusion+tac-W4A4"].method.reconstruction.rounding == "gptq"
+    assert space.reconstruction.rounding == "adaround" and space.bases == ("qdiffusion", "svdquant", "smoothquant")
+    assert plan.recipes["qdiffusion+tac-W4A4"].method.reconstruction.rounding == "adaround"
     assert {"svdquant-W4A4", "svdquant+tac-W4A4"} <= set(plan.ruled_out)
     assert "smoothquant+tac-W4A4" in {c.name for c in plan.feasible}
 

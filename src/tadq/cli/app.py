@@ -64,14 +64,16 @@ def run_command(
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
     recon_activation_iters: int = typer.Option(-1, help="Activation-step iterations per unit (-1: the "
                                                "ReconstructionConfig default; 0 skips the phase)."),
-    recon_rounding: str = typer.Option("adaround", help="Weight rounding of block reconstruction: adaround "
-                                       "(learned, the default), gptq (inverse-Hessian compensation, no iterations: "
-                                       "about 5x less CPU, docs/methods/qdiffusion.md#gptq-rounding) or "
+    recon_rounding: str = typer.Option("gptq", help="Weight rounding of block reconstruction: gptq "
+                                       "(inverse-Hessian compensation onto the FP outputs, no iterations; the "
+                                       "default, docs/methods/qdiffusion.md#gptq-rounding), adaround (learned, "
+                                       "--recon-iters iterations per unit; the README's older tables) or "
                                        "gptq_adaround."),
-    fp_layers: str = typer.Option("none", help="Layers every tadq row (naive included) keeps in floating point: "
-                                  "none (every conv/linear quantized, the default), first_last (input and output "
-                                  "convs; naive W8A8 +9 to +12 dB on the shipped models, docs/methods/qdiffusion.md"
-                                  "#what-limits-w8a8) or first_last_time (+ the time-embedding MLP)."),
+    fp_layers: str = typer.Option("first_last", help="Layers every row (naive and the peers included) keeps in "
+                                  "floating point: first_last (input and output convs, the default; naive W8A8 +9 "
+                                  "to +12 dB on the shipped models, docs/methods/qdiffusion.md#what-limits-w8a8), "
+                                  "none (every conv/linear quantized; the README's older tables) or "
+                                  "first_last_time (+ the time-embedding MLP)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000; PSNR/SSIM vs FP hold at "
                                     "256, make run's headline)."),
     sampler: str = typer.Option("ddim", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) "

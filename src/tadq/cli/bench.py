@@ -18,11 +18,13 @@ def _split(text: str | None) -> tuple[str, ...] | None:
     return None if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-def _reconstruction(iters: int | None, activation_iters: int | None, batch_size: int | None):
+def _reconstruction(iters: int | None, activation_iters: int | None, batch_size: int | None,
+                    rounding: str | None = None):
     from tadq.config import ReconstructionConfig
 
     changes = {name: value for name, value in (("weight_iters", iters), ("activation_iters", activation_iters),
-                                               ("batch_size", batch_size)) if value is not None}
+                                               ("batch_size", batch_size), ("rounding", rounding))
+               if value is not None}
     return ReconstructionConfig(**changes)
 
 
@@ -47,6 +49,11 @@ def bench_command(
                            ] = None,
     recon_activation_iters: Annotated[int | None, typer.Option(help="Activation-step iterations per unit.")] = None,
     recon_batch_size: Annotated[int | None, typer.Option(help="Reconstruction batch size.")] = None,
+    recon_rounding: Annotated[str | None, typer.Option(
+        help="Weight rounding of block reconstruction: gptq (the default), adaround or gptq_adaround.")] = None,
+    fp_layers: Annotated[str, typer.Option(
+        help="Layers every row keeps in floating point: first_last (the default), none or first_last_time.")
+    ] = "first_last",
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 250,
     out: Annotated[Path, typer.Option(help="Bench folder (report.html, report.md, report.json).")
                    ] = Path("runs/bench"),
@@ -85,7 +92,10 @@ def bench_command(
         calibration = CalibrationConfig(num_trajectories=calib_trajectories,
                                         samples_per_step=min(64, calib_trajectories), seed=calib_seed)
         config = BenchConfig(model=str(model) if model else None, eval_seed=seed, calibration=calibration,
-                             reconstruction=_reconstruction(recon_iters, recon_activation_iters, recon_batch_size),
+                             reconstruction=_reconstruction(recon_iters, recon_activation_iters, recon_batch_size,
+                                                            None if recon_rounding is None
+                                                            else recon_rounding.strip().lower()),
+                             fp_layers=fp_layers.strip().lower(),
                              batch_size=batch_size, out_dir=str(out),
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),
                              threads=threads, device=device, dtype=dtype, **fields)

@@ -14,7 +14,7 @@ import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
-from tadq.config import QuantConfig, config_from_dict
+from tadq.config import QuantConfig, config_from_dict, fp_layer_roles
 from tadq.quant.qscheme import preset
 
 if TYPE_CHECKING:
@@ -43,6 +43,8 @@ class QuantFlags:
         calib_trajectories: FP trajectories recorded (samples per step are capped at this).
         exclude: fnmatch patterns of layers kept in FP.
         keep_fp_roles: adapter roles kept in FP.
+        fp_layers: a key of ``FP_LAYER_PRESETS`` for the roles kept in FP (``None``: ``first_last`` for a recipe
+            built from a preset, the file's own for ``--recipe``/``--config``); not with ``keep_fp_roles``.
         split_shortcut: Q-Diffusion shortcut splitting.
         quantize_attention: quantize the attention matmul operands.
         recon_iters: AdaRound iterations per unit (qdiffusion).
@@ -59,6 +61,7 @@ class QuantFlags:
     calib_trajectories: int | None = None
     exclude: tuple[str, ...] | None = None
     keep_fp_roles: tuple[str, ...] | None = None
+    fp_layers: str | None = None
     split_shortcut: bool | None = None
     quantize_attention: bool | None = None
     recon_iters: int | None = None
@@ -67,8 +70,23 @@ class QuantFlags:
     correct: tuple[str, ...] | None = None
 
 
+DEFAULT_FP_LAYERS = "first_last"
+"""What a recipe built from a preset keeps in float (``tadq run``'s default too; docs/methods/qdiffusion.md)."""
+
+
 def _given(**values) -> dict:
     return {key: value for key, value in values.items() if value is not None}
+
+
+def _kept_roles(flags: QuantFlags, from_file: bool) -> tuple[str, ...] | None:
+    """The roles kept in FP that the flags ask for (``None``: leave the file's own)."""
+    if flags.fp_layers is not None and flags.keep_fp_roles is not None:
+        raise ValueError("give --fp-layers or --keep-fp-role, not both")
+    if flags.keep_fp_roles is not None:
+        return flags.keep_fp_roles
+    if flags.fp_layers is not None:
+        return fp_layer_roles(flags.fp_layers)
+    return None if from_file else fp_layer_roles(DEFAULT_FP_LAYERS)
 
 
 def _read_config(path: Path) -> QuantConfig:
@@ -110,7 +128,8 @@ def resolve_config(config_file: Path | None, flags: QuantFlags) -> QuantConfig:
         num_steps_kept=min(calibration.num_steps_kept, sampler.num_steps),
         samples_per_step=min(calibration.samples_per_step, trajectories), **_given(seed=flags.calib_seed),
     )
-    overrides = _given(method=flags.method, exclude=flags.exclude, keep_fp_roles=flags.keep_fp_roles,
+    overrides = _given(method=flags.method, exclude=flags.exclude,
+                       keep_fp_roles=_kept_roles(flags, from_file=config_file is not None),
                        split_shortcut=flags.split_shortcut, quantize_attention=flags.quantize_attention)
     recon = _given(weight_iters=flags.recon_iters, activation_iters=flags.recon_activation_iters,
                    rounding=flags.recon_rounding)
@@ -176,8 +195,9 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
         samples_per_step=min(calibration.samples_per_step, trajectories), **_given(seed=flags.calib_seed),
     )
     deployments = (dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:])
-    changes = _given(exclude=flags.exclude, keep_fp_roles=flags.keep_fp_roles, split_shortcut=flags.split_shortcut,
-                     quantize_attention=flags.quantize_attention)
+    from_file = recipe_file is not None or config_file is not None
+    changes = _given(exclude=flags.exclude, keep_fp_roles=_kept_roles(flags, from_file),
+                     split_shortcut=flags.split_shortcut, quantize_attention=flags.quantize_attention)
     method = recipe.method if flags.method is None else _method(recipe.method, flags.method)
     recon = _given(weight_iters=flags.recon_iters, activation_iters=flags.recon_activation_iters,
                    rounding=flags.recon_rounding)
@@ -264,18 +284,24 @@ def quantize_command(
     calib_prompts: Annotated[Path | None, typer.Option(
         "--calib-prompts", help="Text file of calibration prompts, one per line (blank lines skipped).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of layers kept in FP (repeat).")] = None,
-    keep_fp_role: Annotated[list[str] | None, typer.Option(help="Adapter role kept in FP (repeat).")] = None,
+    keep_fp_role: Annotated[list[str] | None, typer.Option(
+        help="Adapter role kept in FP (repeat; replaces --fp-layers).")] = None,
+    fp_layers: Annotated[str | None, typer.Option(
+        help="Layers kept in FP, a key of FP_LAYER_PRESETS: first_last (input and output convs; the default for a "
+             "recipe built from --preset), none (every conv/linear quantized) or first_last_time (+ the "
+             "time-embedding MLP). Default for --recipe/--config: theirs.")] = None,
     split_shortcut: Annotated[bool | None, typer.Option(
         "--split-shortcut/--no-split-shortcut", help="Q-Diffusion shortcut splitting (default off).")] = None,
     quantize_attention: Annotated[bool | None, typer.Option(
         "--quantize-attention/--no-quantize-attention", help="Quantize attention q, k, v, softmax (default off).")
     ] = None,
-    recon_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per unit (qdiffusion; 1000).")] = None,
+    recon_iters: Annotated[int | None, typer.Option(
+        help="AdaRound iterations per unit (qdiffusion with adaround rounding; 1000).")] = None,
     recon_activation_iters: Annotated[int | None, typer.Option(
-        help="Activation-step iterations per unit (qdiffusion; 400).")] = None,
+        help="Activation-step iterations per unit (qdiffusion; 0: none, the default).")] = None,
     recon_rounding: Annotated[str | None, typer.Option(
-        help="Weight rounding of block reconstruction (qdiffusion): adaround (learned, the default), gptq "
-             "(inverse-Hessian compensation onto the FP layer outputs, no iterations, about 5x less CPU) or "
+        help="Weight rounding of block reconstruction (qdiffusion): gptq (inverse-Hessian compensation onto the FP "
+             "layer outputs, no iterations; the default), adaround (learned, about 5x more CPU) or "
              "gptq_adaround.")] = None,
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="QuantConfig JSON (config_to_dict format; older form of --recipe); flags override it.")
@@ -306,6 +332,7 @@ def quantize_command(
                            calib_seed=calib_seed, calib_trajectories=calib_trajectories,
                            exclude=tuple(exclude) if exclude else None,
                            keep_fp_roles=tuple(keep_fp_role) if keep_fp_role else None,
+                           fp_layers=None if fp_layers is None else fp_layers.strip().lower(),
                            split_shortcut=split_shortcut, quantize_attention=quantize_attention,
                            recon_iters=recon_iters, recon_activation_iters=recon_activation_iters,
                            recon_rounding=None if recon_rounding is None else recon_rounding.strip().lower(),

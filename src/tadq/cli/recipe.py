@@ -67,12 +67,12 @@ def recipe_command(
     eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler.")] = 0.0,
     calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
     recon_iters: Annotated[int, typer.Option(help="AdaRound iterations per unit (-1: the default, 1000).")] = -1,
-    recon_activation_iters: Annotated[int, typer.Option(help="Activation-step iterations per unit (-1: 400).")
-                                      ] = -1,
+    recon_activation_iters: Annotated[int, typer.Option(
+        help="Activation-step iterations per unit (-1: the ReconstructionConfig default, 0).")] = -1,
     recon_rounding: Annotated[str, typer.Option(help="Weight rounding of the Q-Diffusion bases' reconstruction: "
-                                                     "adaround (learned, the default), gptq (inverse-Hessian "
-                                                     "compensation, no iterations) or gptq_adaround.")
-                              ] = "adaround",
+                                                     "gptq (inverse-Hessian compensation, no iterations; the "
+                                                     "default), adaround (learned) or gptq_adaround.")
+                              ] = "gptq",
     fit_trajectories: Annotated[int, typer.Option(help="Trajectories of each correction fit.")] = 256,
     selection_samples: Annotated[int, typer.Option(help="TCEC's own held-out selection trajectories.")] = 64,
     heldout: Annotated[int, typer.Option(help="Held-out trajectories each candidate is scored on.")] = 64,

@@ -186,6 +186,10 @@ class Correction(nn.Module, IdentityHooks, ABC):
         """(held-out seed, trajectories) that score the candidates; no seed when there is nothing to choose."""
         return None, 64
 
+    def selection_score(self) -> str:
+        """How the held-out trajectories score a candidate (``tadq.corrections.sequential.SELECTION_SCORES``)."""
+        return "final_mse"
+
     def pair_request(self) -> PairRequest | None:
         """How to collect the fitting pair (from the config); ``None`` for a correction that fits nothing."""
         if not self.keyed:

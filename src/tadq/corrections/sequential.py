@@ -30,7 +30,8 @@ from tadq.corrections.pair import TrajectoryPair
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
 from tadq.sampling.hooks import apply_before_model, check_hooks
 
-__all__ = ["SequentialCorrection", "StepTargets", "choose_candidate", "fit_sequentially", "paired_final_error"]
+__all__ = ["SELECTION_SCORES", "SequentialCorrection", "StepTargets", "choose_candidate", "final_state_score",
+           "fit_sequentially", "paired_final_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -153,13 +154,36 @@ def _all_samples(ctx: FitContext, walker: Walker, seed: int, num_samples: int) -
     return walker.batch(seed, range(num_samples), ctx.sample_shape, ctx.conditions)
 
 
-def paired_final_error(ctx: FitContext, hooks: Sequence[SamplingHooks], *, num_samples: int, seed: int) -> float:
-    """MSE between the FP and the corrected quantized final states x_0 from the same noise (the selection score)."""
+SELECTION_SCORES = ("final_mse", "log_mse")
+"""How held-out trajectories are scored (lower is better): ``"final_mse"``, the mean squared error of the final
+states over all trajectories; ``"log_mse"``, the mean over trajectories of log10 of each one's MSE — the ranking
+of mean PSNR (PSNR = const − 10 log10 MSE per sample), so a few heavy-tailed trajectories do not decide it, and
+defined for latents too (no pixel range)."""
+
+
+def paired_final_error(ctx: FitContext, hooks: Sequence[SamplingHooks], *, num_samples: int, seed: int,
+                       score: str = "final_mse") -> float:
+    """The ``score`` (``SELECTION_SCORES``) of the FP and the corrected quantized final states x_0 from the same
+    noise: the selection score."""
+    if score not in SELECTION_SCORES:
+        raise ValueError(f"unknown selection score {score!r}; choose from {SELECTION_SCORES}")
     check_hooks(hooks)
     walker = ctx.walker()
     with torch.no_grad():
         x_fp, x_hat = _walk(ctx, walker, tuple(hooks), None, _all_samples(ctx, walker, seed, num_samples), seed)
-    return float((x_hat.double() - x_fp.double()).square().mean())
+    return final_state_score(x_fp, x_hat, score)
+
+
+def final_state_score(x_fp: Tensor, x_hat: Tensor, score: str) -> float:
+    """``score`` (``SELECTION_SCORES``) of final states (N, ...) against FP from the same noise; lower is better."""
+    if score not in SELECTION_SCORES:
+        raise ValueError(f"unknown selection score {score!r}; choose from {SELECTION_SCORES}")
+    squared = (x_hat.double() - x_fp.double()).square()
+    if score == "final_mse":
+        return float(squared.mean())
+    per_trajectory = squared.flatten(1).mean(dim=1)
+    # an exact match would be -inf: floor at the smallest positive double so it still ranks first
+    return float(per_trajectory.clamp_min(torch.finfo(torch.float64).tiny).log10().mean())
 
 
 def _check_selection(candidates: list[dict[str, Any]], seed: int, selection_seed: int | None) -> None:
@@ -172,11 +196,18 @@ def _check_selection(candidates: list[dict[str, Any]], seed: int, selection_seed
 
 def _held_out_score(correction: Correction, ctx: FitContext, hooks: Sequence[SamplingHooks],
                     settings: dict[str, Any], selection_seed: int | None, selection_samples: int) -> float:
-    """The final-state MSE of ``hooks`` + ``correction`` (in its current candidate) on the held-out noise, logged."""
+    """The correction's selection score (``Correction.selection_score``) of ``hooks`` + ``correction`` (in its
+    current candidate) on the held-out noise, logged."""
+    name = correction.selection_score()
     score = paired_final_error(ctx, (*hooks, correction), num_samples=selection_samples,
-                               seed=selection_seed)  # type: ignore[arg-type]
-    logger.info("%s candidate %s: held-out final MSE %.4g", type(correction).__name__, settings, score)
+                               seed=selection_seed, score=name)  # type: ignore[arg-type]
+    logger.info("%s candidate %s: held-out %s %.4g", type(correction).__name__, settings, name, score)
     return score
+
+
+def _record(correction: Correction, settings: dict[str, Any], score: float) -> dict[str, Any]:
+    """One selection record: the candidate's settings and its held-out score under the score's name."""
+    return {**settings, correction.selection_score(): score}
 
 
 def _fit_once(correction: SequentialCorrection, ctx: FitContext, walker: Walker, hooks: tuple[SamplingHooks, ...],
@@ -235,7 +266,7 @@ def fit_sequentially(
             if best is None or score < best[0]:
                 best = (score, {k: v.clone() for k, v in correction.state_dict().items() if isinstance(v, Tensor)},
                         settings)
-        records.append({**settings, "final_mse": score})
+        records.append(_record(correction, settings, score))
     if best is not None:
         correction.use_candidate(best[2])
         correction.load_state_dict({**correction.state_dict(), **best[1]})
@@ -252,24 +283,25 @@ def choose_candidate(
     selection_seed: int | None,
     selection_samples: int = 64,
 ) -> list[dict[str, Any]]:
-    """Keep the best of a fitted correction's ``candidates()`` by held-out final-state MSE (behind ``hooks``).
+    """Keep the best of a fitted correction's ``candidates()`` by its held-out selection score (behind ``hooks``).
 
     For a correction fitted once on a pair (PTQD): each candidate is a switch over the same fitted tables, scored
     by ``paired_final_error`` on ``selection_seed`` (never the fitting ``seed``); the best stays selected.
 
     Returns:
-        One record per candidate: its settings and held-out final MSE (``nan`` when there was nothing to choose).
+        One record per candidate: its settings and held-out score under the score's name (``final_mse``,
+        ``log_mse``; ``nan`` when there was nothing to choose).
     """
     candidates = correction.candidates()
     if len(candidates) < 2:
-        return [{**settings, "final_mse": math.nan} for settings in candidates]
+        return [_record(correction, settings, math.nan) for settings in candidates]
     _check_selection(candidates, seed, selection_seed)
     records: list[dict[str, Any]] = []
     best: tuple[float, dict[str, Any]] | None = None
     for settings in candidates:
         correction.use_candidate(settings)
         score = _held_out_score(correction, ctx, hooks, settings, selection_seed, selection_samples)
-        records.append({**settings, "final_mse": score})
+        records.append(_record(correction, settings, score))
         if best is None or score < best[0]:
             best = (score, settings)
     correction.use_candidate(best[1])  # type: ignore[index]

@@ -25,7 +25,6 @@ from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
-from tadq.experiments.rows.peers import PEERS
 from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import mark_output
 from tadq.metrics import per_step_mse
@@ -81,10 +80,10 @@ class RunConfig:
             ``"random"`` (labels drawn from (seed, i)); ``None``: the model's default (the shipped photos model:
             ``"null"``; a user's: ``"random"``).
         null_class: the class-conditional model's "no class" label (known for the shipped photos model).
-        fp_layers: layers every tadq row keeps in floating point, a key of ``FP_LAYER_PRESETS`` (``none``: every
-            conv/linear quantized, Q-Diffusion's code; ``first_last``: the input and output convs in FP, the later
-            papers' convention, docs/methods/qdiffusion.md#what-limits-w8a8). Peer rows quantize every layer their
-            tool quantizes, so they are refused unless this is ``none``.
+        fp_layers: layers every row keeps in floating point, a key of ``FP_LAYER_PRESETS`` (``first_last``, the
+            default: the input and output convs in FP, the later papers' convention, which W8A8 needs on the photos,
+            docs/methods/qdiffusion.md#what-limits-w8a8; ``none``: every conv/linear quantized, Q-Diffusion's code).
+            Peer rows leave the same layers to float (their tools' own exclusion options).
     """
 
     model: str | None = None
@@ -107,7 +106,7 @@ class RunConfig:
     negative_prompt: str = ""
     labels: str | None = None
     null_class: int | None = None
-    fp_layers: str = "none"
+    fp_layers: str = "first_last"
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device torch lacks fails here, named
@@ -117,11 +116,7 @@ class RunConfig:
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
-        peers = [m for m in self.methods if m in PEERS]
-        if fp_layer_roles(self.fp_layers) and peers:
-            raise ValueError(f"fp_layers={self.fp_layers!r} keeps layers of tadq's rows in floating point, but the "
-                             f"peer rows {peers} quantize whatever their tool quantizes: the comparison would not be "
-                             "like for like; run the peers with fp_layers='none'")
+        fp_layer_roles(self.fp_layers)  # an unknown key fails here, named (the peer rows keep the same layers)
         job_rows(self)  # ``best`` at a preset without a measured best fails here, before any work
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
@@ -286,8 +281,8 @@ def _fp_layers_note(fp_layers: str) -> str:
     """Which layers this run's tadq rows kept in floating point (naive rows included, so rows compare alike)."""
     roles = fp_layer_roles(fp_layers)
     if not roles:
-        return "Layers in floating point: none (every conv/linear quantized, the fp_layers='none' default)."
-    return (f"Layers in floating point (fp_layers={fp_layers!r}, every tadq row, naive included): the "
+        return "Layers in floating point: none (every conv/linear quantized, fp_layers='none')."
+    return (f"Layers in floating point (fp_layers={fp_layers!r}, every row, naive and peers included): the "
             f"{', '.join(roles)} layers, counted at 32 × 32 bits in the bit-operations.")
 
 

@@ -40,7 +40,8 @@ def _output_positions(qmodel: QuantizedDenoiser) -> dict[str, int]:
         device = next(qmodel.model.parameters()).device
         x = torch.zeros((1, *qmodel.sample_shape), device=device)
         cond = dummy_conditioning(qmodel.adapter, qmodel.model)  # a conditional model needs one to run
-        qmodel(x, torch.full((1,), 500, dtype=torch.long, device=device), cond)
+        with qmodel.at_first_step():
+            qmodel(x, torch.full((1,), 500, dtype=torch.long, device=device), cond)
     finally:
         for handle in handles:
             handle.remove()

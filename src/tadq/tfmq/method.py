@@ -1,10 +1,14 @@
 """``TFMQMethod``: TFMQ-DM as a ``Recipe.method`` (its handler: ``quantize_tfmq``, or ``apply_tfmq`` on a base).
 
-The per-step tables (FSC ranges, feature cache) are built for the recipe's first deployment sampler.
+The per-step tables (FSC ranges, feature cache) are built for the recipe's first deployment sampler. On an
+SVDQuant base (``base="svdquant"``) only the parts that act after the weights exist carry over: FSC of the static
+activation quantizers and the temporal-feature cache (TIAR's AdaRound of the TIB does not apply to SVDQuant's
+smoothed, branch-split layers; docs/methods/tfmq.md#on-the-svdquant-base).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +19,10 @@ from torch import nn
 from tadq.calibration import CalibrationSet
 from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.denoiser import QuantizedDenoiser
-from tadq.methods import check_base, model_device
+from tadq.methods import check_base, model_device, quantize_svdquant
 from tadq.recipe import register_quant_method
 from tadq.sampling.conditioning import ConditionSource
+from tadq.svdquant import SVDQuantMethod
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
 from tadq.tfmq.pipeline import apply_tfmq, quantize_tfmq
@@ -35,18 +40,25 @@ class TFMQMethod:
     """TFMQ-DM on tadq's base quantizer.
 
     Args:
-        base: the base quantizer after TIAR: ``"qdiffusion"`` (block reconstruction, the paper) or ``"naive"``.
+        base: the base quantizer after TIAR: ``"qdiffusion"`` (block reconstruction, the paper), ``"naive"``, or
+            ``"svdquant"`` (SVDQuant's network with ``svdquant``'s settings; needs ``tiar=False`` and
+            ``freeze_time_projections=False``: TFMQ's per-step tables and cache are built on it).
         reconstruction: block-reconstruction settings (``base="qdiffusion"``; TIAR reads its batch too).
         tfmq: TIAR, FSC and maintenance settings.
+        svdquant: SVDQuant's fitting settings (``base="svdquant"`` only).
     """
 
-    base: Literal["naive", "qdiffusion"] = "qdiffusion"
+    base: Literal["naive", "qdiffusion", "svdquant"] = "qdiffusion"
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     tfmq: TFMQConfig = field(default_factory=TFMQConfig)
+    svdquant: SVDQuantMethod = field(default_factory=SVDQuantMethod)
 
     def __post_init__(self) -> None:
-        if self.base not in ("naive", "qdiffusion"):
-            raise ValueError(f"TFMQMethod.base must be 'naive' or 'qdiffusion', got {self.base!r}")
+        if self.base not in ("naive", "qdiffusion", "svdquant"):
+            raise ValueError(f"TFMQMethod.base must be 'naive', 'qdiffusion' or 'svdquant', got {self.base!r}")
+        if self.base == "svdquant" and (self.tfmq.tiar or self.tfmq.freeze_time_projections):
+            raise ValueError("TFMQMethod(base='svdquant') needs TFMQConfig(tiar=False, freeze_time_projections="
+                             "False): TIAR and freezing act on the block reconstruction, which SVDQuant does not run")
 
     @property
     def base_method(self) -> str:
@@ -60,11 +72,19 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
     if config.branch_ranges:
         raise NotImplementedError("branch_ranges does not combine with TFMQ-DM: its per-step quantizers hold one "
                                   "range per step, not one per guidance branch")
-    if model is not reference:
+    if model is not reference and recipe.method.base != "svdquant":
         raise NotImplementedError("TFMQ-DM reconstructs against the FP model itself: run it with the reference in "
                                   "float32 (dtype=float32)")
     if calibration is not None and calibration.x.device != model_device(model):
         raise ValueError(f"the calibration set is on {calibration.x.device}, the model on {model_device(model)}")
+    if recipe.method.base == "svdquant":
+        svdquant_recipe = dataclasses.replace(recipe, method=recipe.method.svdquant)
+        qmodel = quantize_svdquant(model, reference, scheduler, svdquant_recipe, config, calibration=calibration,
+                                   cache_dir=cache_dir, progress=progress, conditions=conditions,
+                                   guidance_scale=guidance_scale)
+        return apply_tfmq(qmodel, reference, scheduler, recipe.method.tfmq, recipe.sampler,
+                          cache_dir=None if cache_dir is None else str(cache_dir), progress=progress,
+                          conditions=conditions, guidance_scale=guidance_scale)
     return quantize_tfmq(model, scheduler, config, recipe.method.tfmq, recipe.sampler, calibration=calibration,
                          cache_dir=None if cache_dir is None else str(cache_dir),
                          checkpoint=None if checkpoint is None else str(checkpoint), progress=progress,

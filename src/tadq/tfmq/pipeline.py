@@ -157,7 +157,9 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
             count = tib.num_labels or 1
             tib(timesteps[step].repeat(count), labels)
 
-        return tib.activation_quantizers(), run_tib
+        # a dynamic quantizer (SVDQuant's per-group inputs) computes its step from each tensor: nothing to tabulate
+        static_tib = {name: q for name, q in tib.activation_quantizers().items() if not q.scheme.dynamic}
+        return static_tib, run_tib
     fsc_set = collect_calibration_set(fp_model, qmodel.adapter, scheduler.config, CalibrationConfig(
         sampler=sampler, num_trajectories=config.num_samples, num_steps_kept=sampler.num_steps,
         samples_per_step=config.fsc_samples_per_step, seed=config.seed), cache_dir=cache_dir, progress=progress,

@@ -125,3 +125,50 @@ def test_peer_row_builds_and_describes(tiny_unet, tiny_calibration):
     assert variant.settings["version"] == importlib.metadata.version("torchao")
     peer = variant.describe(variant.build())["peer"]
     assert peer["scope"] == "Linear only" and peer["weights"] == layer_counts(tiny_unet)[1]
+
+
+def _kept(tiny_unet, roles=("input_conv", "output_conv")) -> tuple[str, ...]:
+    from tadq.experiments.peers.base import kept_fp_layers
+
+    names = kept_fp_layers(tiny_unet, roles)
+    assert names  # the tiny UNet has both roles
+    return names
+
+
+@pytest.mark.parametrize("tool", ["quanto", "modelopt"])
+def test_peers_keep_tadqs_fp_layers_in_float(tool, tiny_unet, tiny_calibration, probe):
+    if tool == "quanto":
+        pytest.importorskip("optimum.quanto")
+        from tadq.experiments.peers import quantize_quanto as quantize
+        args = (tiny_unet, tiny_calibration, "W8A8", 32)
+    else:
+        pytest.importorskip("modelopt.torch.quantization")
+        from tadq.experiments.peers import quantize_modelopt as quantize
+        args = (tiny_unet, tiny_calibration, "INT8_DEFAULT_CFG", 32)
+    kept = _kept(tiny_unet)
+    report = _check(lambda: quantize(*args, keep_fp=kept), tiny_unet, probe, 0.2)
+    total = sum(layer_counts(tiny_unet))
+    assert (report.weights, report.activations) == (total - len(kept),) * 2
+    assert "kept in FP" in report.notes + report.setting
+    with pytest.raises(ValueError, match="not Conv2d/Linear"):
+        quantize(*args, keep_fp=("conv_inn",))
+
+
+def test_torchao_keeps_a_named_linear_in_float(tiny_unet, tiny_calibration, probe):
+    pytest.importorskip("torchao.quantization")
+    from tadq.experiments.peers import quantize_torchao
+
+    kept = _kept(tiny_unet, ("time_embedding",))
+    report = _check(lambda: quantize_torchao(tiny_unet, tiny_calibration, "W8A8", keep_fp=kept), tiny_unet, probe,
+                    0.2)
+    assert report.linears == layer_counts(tiny_unet)[1] - len(kept)
+
+
+def test_peer_rows_keep_the_runs_fp_layers(tiny_unet, tiny_calibration):
+    pytest.importorskip("optimum.quanto")
+    bases = SimpleNamespace(model=tiny_unet, calibration=tiny_calibration)
+    variant = row_for("quanto", bases, RunConfig(fp_layers="first_last"), "W8A8")
+    assert variant.settings["keep_fp"] == list(_kept(tiny_unet))
+    peer = variant.describe(variant.build())["peer"]
+    assert peer["weights"] == sum(layer_counts(tiny_unet)) - 2
+    assert "keep_fp" not in row_for("quanto", bases, RunConfig(), "W8A8").settings  # unchanged without kept layers

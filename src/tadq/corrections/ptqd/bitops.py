@@ -72,7 +72,8 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
         cond = dummy_conditioning(model.adapter, network)
 
         def call(x: Tensor, t: Tensor) -> Tensor:
-            return model(x, t, cond)
+            with model.at_first_step():  # shapes only: a step-aware correction's first step will do
+                return model(x, t, cond)
 
         # each quantized layer at its own plan's bits (QuantConfig.layer_bits may raise some), unless told
         per_layer = {plan.name: (bits_w if bits_w is not None else (plan.weights.bits or FP_BITS),

@@ -40,6 +40,9 @@ class PTQDConfig(CorrectionConfig):
             setting in every candidate.
         selection_seed: Held-out seed of that choice; ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
         selection_samples: Trajectories of the held-out score.
+        selection_score: ``"final_mse"`` (mean squared error over all held-out trajectories) or ``"log_mse"``
+            (mean of each trajectory's log MSE: mean PSNR's ranking, robust to a few heavy-tailed trajectories;
+            ``tadq.corrections.sequential.SELECTION_SCORES``).
     """
 
     correlated: bool = True
@@ -50,6 +53,7 @@ class PTQDConfig(CorrectionConfig):
     select: bool = False
     selection_seed: int | None = None
     selection_samples: int = 64
+    selection_score: Literal["final_mse", "log_mse"] = "final_mse"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -64,6 +68,9 @@ class PTQDConfig(CorrectionConfig):
         if isinstance(self.selection_samples, bool) or not isinstance(self.selection_samples, int) \
                 or self.selection_samples < 1:
             raise ValueError(f"PTQDConfig.selection_samples must be a positive int, got {self.selection_samples!r}")
+        if self.selection_score not in ("final_mse", "log_mse"):
+            raise ValueError(f"PTQDConfig.selection_score must be 'final_mse' or 'log_mse', got "
+                             f"{self.selection_score!r}")
         if self.select and not (self.correlated or self.bias):
             raise ValueError("PTQDConfig.select chooses among CNC and BC: it needs correlated or bias on")
 

@@ -87,6 +87,9 @@ class PTQDCorrection(Correction):
     def selection_noise(self) -> tuple[int | None, int]:
         return (self.config.held_out_seed if self.config.select else None), self.config.selection_samples
 
+    def selection_score(self) -> str:
+        return self.config.selection_score
+
     def use_candidate(self, settings: dict[str, Any]) -> None:
         """A switched-off part has its fitted table zeroed (k = 0: no CNC; μ = 0: no BC), so the saved tables are
         the chosen correction and load without knowing there was a choice."""

@@ -98,6 +98,7 @@ class BenchConfig:
         calibration: calibration settings; its ``sampler`` is replaced by each bench sampler, and
             ``num_steps_kept`` is clipped to that sampler's steps.
         reconstruction: block-reconstruction settings of the Q-Diffusion-based rows.
+        fp_layers: layers every row keeps in floating point (``tadq.config.FP_LAYER_PRESETS``; ``tadq run``'s).
         batch_size: sampling batch.
         out_dir: bench folder: ``<out>/<sampler key>/`` per sampler, ``report.html|md|json`` at the top.
         models_dir: where quantized base models are kept and reused (default ``<out>/models``); base keys include
@@ -119,6 +120,7 @@ class BenchConfig:
     eval_seed: int = 1000
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
+    fp_layers: str = "first_last"
     batch_size: int = 250
     out_dir: str = "runs/bench"
     models_dir: str | None = None
@@ -160,7 +162,8 @@ class BenchConfig:
                          reconstruction=self.reconstruction, num_samples=self.num_samples, sampler=sampler,
                          eval_seed=self.eval_seed, calibration=calibration, batch_size=self.batch_size,
                          out_dir=str(self.sampler_dir(sampler)), cache_dir=self.cache_dir,
-                         grid_samples=self.grid_samples, device=self.device, dtype=self.dtype)
+                         grid_samples=self.grid_samples, device=self.device, dtype=self.dtype,
+                         fp_layers=self.fp_layers)
 
     def command(self) -> str:
         """The ``tadq bench`` command line that reproduces this config (and so regenerates its report)."""
@@ -181,6 +184,10 @@ class BenchConfig:
                            ("--recon-batch-size", "batch_size")):
             if getattr(recon, name) != getattr(default, name):
                 args += [flag, str(getattr(recon, name))]
+        if recon.rounding != default.rounding:
+            args += ["--recon-rounding", recon.rounding]
+        if self.fp_layers != "first_last":
+            args += ["--fp-layers", self.fp_layers]
         if self.batch_size != 250:
             args += ["--batch-size", str(self.batch_size)]
         args += ["--out", self.out_dir]

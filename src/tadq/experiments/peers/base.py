@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from tadq.calibration import CalibrationSet
     from tadq.sampling import Conditioning
 
-__all__ = ["PeerNotInstalled", "PeerReport", "UnsupportedPreset", "calibration_batches", "layer_counts",
-           "peer_report", "require", "tool_version"]
+__all__ = ["PeerNotInstalled", "PeerReport", "UnsupportedPreset", "calibration_batches", "check_kept_fp",
+           "kept_fp_layers", "layer_counts", "peer_report", "require", "tool_version"]
 
 INSTALL_HINT = "pip install -e .[peers]"
 _REPORT_ATTR = "tadq_peer_report"
@@ -56,6 +56,26 @@ def layer_counts(model: nn.Module) -> tuple[int, int]:
     convs = sum(isinstance(module, nn.Conv2d) for module in model.modules())
     linears = sum(isinstance(module, nn.Linear) for module in model.modules())
     return convs, linears
+
+
+def kept_fp_layers(model: nn.Module, roles: tuple[str, ...]) -> tuple[str, ...]:
+    """Qualified names of ``model``'s layers with an adapter role in ``roles`` (``tadq.config.fp_layer_roles``):
+    what a peer leaves in floating point when tadq's rows keep those roles in float, so both compare like for
+    like."""
+    if not roles:
+        return ()
+    from tadq.registry import adapter_for
+
+    return tuple(info.name for info in adapter_for(model).layers(model) if info.role in roles)
+
+
+def check_kept_fp(model: nn.Module, names: tuple[str, ...]) -> None:
+    """``ValueError`` for a name in ``names`` that is not a Conv2d/Linear of ``model`` (a typo would otherwise
+    quantize the layer the caller meant to keep in float)."""
+    layers = {name for name, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
+    unknown = [name for name in names if name not in layers]
+    if unknown:
+        raise ValueError(f"keep_fp names {unknown} are not Conv2d/Linear layers of the model")
 
 
 def calibration_batches(calibration_set: CalibrationSet, batch_size: int,

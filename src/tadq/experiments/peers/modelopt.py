@@ -26,6 +26,7 @@ from tadq.experiments.peers.base import (
     UnsupportedPreset,
     attach_report,
     calibration_batches,
+    check_kept_fp,
     layer_counts,
     require,
 )
@@ -99,13 +100,20 @@ def _set_bits(cfg: dict[str, Any], quantizer: str, bits: int | None) -> None:
 
 
 def quantize_modelopt(model: nn.Module, calibration_set: CalibrationSet, config: str = "INT8_DEFAULT_CFG",
-                      batch_size: int = 128, *, preset: str | None = None) -> nn.Module:
+                      batch_size: int = 128, *, preset: str | None = None, keep_fp: tuple[str, ...] = ()
+                      ) -> nn.Module:
     """A ModelOpt-quantized deep copy of ``model`` (the FP model is untouched), calibrated by a forward loop over
-    ``calibration_set``; ``config`` names a recipe of ``modelopt.torch.quantization``, ``preset`` retargets it."""
+    ``calibration_set``; ``config`` names a recipe of ``modelopt.torch.quantization``, ``preset`` retargets it.
+    ``keep_fp``: qualified layer names whose quantizers are switched off (entries after the recipe's)."""
     from tadq.registry import adapter_for
 
+    check_kept_fp(model, keep_fp)
     mtq = require("modelopt.torch.quantization", DISTRIBUTION)
     cfg, described = modelopt_config(config, preset, mtq)
+    if keep_fp:  # ordered list, later entries win: each kept layer's quantizers (weight, input, output) off
+        cfg["quant_cfg"] = [*cfg["quant_cfg"], *({"quantizer_name": f"{name.replace('[', '[[]')}.*_quantizer",
+                                                  "enable": False} for name in keep_fp)]
+        described += f"; {len(keep_fp)} layers kept in FP as in tadq's rows"
     adapter = adapter_for(model)
 
     def forward_loop(module: nn.Module) -> None:

@@ -20,6 +20,7 @@ from tadq.experiments.peers.base import (
     UnsupportedPreset,
     attach_report,
     calibration_batches,
+    check_kept_fp,
     layer_counts,
     require,
 )
@@ -47,33 +48,40 @@ def quanto_setting(preset: str) -> tuple[str, str | None]:
 
 
 def quantize_quanto(model: nn.Module, calibration_set: CalibrationSet | None, preset: str = "W8A8",
-                    batch_size: int = 128, *, momentum: float = 0.9) -> nn.Module:
+                    batch_size: int = 128, *, momentum: float = 0.9, keep_fp: tuple[str, ...] = ()) -> nn.Module:
     """A quanto-quantized deep copy of ``model`` (the FP model is untouched), activations calibrated with
-    quanto's own ``Calibration`` on ``calibration_set``; ``peers.peer_report`` tells what was quantized."""
+    quanto's own ``Calibration`` on ``calibration_set``; ``peers.peer_report`` tells what was quantized.
+    ``keep_fp``: qualified layer names left in float (quanto's own ``exclude``)."""
     from tadq.registry import adapter_for
 
     weights, activations = quanto_setting(preset)
     if activations is not None and calibration_set is None:
         raise ValueError(f"quanto {preset} calibrates activations: pass a calibration set")
+    check_kept_fp(model, keep_fp)
     quanto = require("optimum.quanto", DISTRIBUTION)
     adapter = adapter_for(model)
     qmodel = copy.deepcopy(model).eval().requires_grad_(False)
+    # exclude takes fnmatch patterns; escape the names' '[' so each matches itself only
     quanto.quantize(qmodel, weights=getattr(quanto, weights),
-                    activations=getattr(quanto, activations) if activations else None)
+                    activations=getattr(quanto, activations) if activations else None,
+                    exclude=[name.replace("[", "[[]") for name in keep_fp] or None)
     if activations is not None:
         with torch.no_grad(), quanto.Calibration(momentum=momentum):
             for x, t, cond in calibration_batches(calibration_set, batch_size):
                 adapter.predict_eps(qmodel, x, t, cond)
     quanto.freeze(qmodel)
-    return attach_report(qmodel, _report(qmodel, model, quanto, weights, activations))
+    return attach_report(qmodel, _report(qmodel, model, quanto, weights, activations, len(keep_fp)))
 
 
-def _report(qmodel: nn.Module, model: nn.Module, quanto, weights: str, activations: str | None) -> PeerReport:
+def _report(qmodel: nn.Module, model: nn.Module, quanto, weights: str, activations: str | None,
+            kept_fp: int = 0) -> PeerReport:
     layers = [m for m in qmodel.modules()
               if isinstance(m, quanto.QModuleMixin) and isinstance(m, nn.Conv2d | nn.Linear) and m.weight_qtype]
     conv_total, linear_total = layer_counts(model)
     setting = f"weights {weights}, activations {activations or 'FP (weight-only)'}"
     notes = "static per-tensor activation scales at module inputs and outputs" if activations else ""
+    if kept_fp:
+        notes = "; ".join(filter(None, (notes, f"{kept_fp} layers kept in FP as in tadq's rows")))
     return PeerReport(
         tool="optimum-quanto", version=_version(DISTRIBUTION), setting=setting, weights=len(layers),
         activations=sum(m.activation_qtype is not None for m in layers),

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from tadq.experiments.peers.base import PeerReport, UnsupportedPreset, attach_report, layer_counts, require
+from tadq.experiments.peers.base import (
+    PeerReport,
+    UnsupportedPreset,
+    attach_report,
+    check_kept_fp,
+    layer_counts,
+    require,
+)
 from tadq.experiments.peers.base import tool_version as _version
 
 if TYPE_CHECKING:
@@ -49,18 +56,21 @@ def torchao_config(preset: str):
 
 
 def quantize_torchao(model: nn.Module, calibration_set: CalibrationSet | None = None, preset: str = "W8A8",
-                     batch_size: int = 128) -> nn.Module:
+                     batch_size: int = 128, *, keep_fp: tuple[str, ...] = ()) -> nn.Module:
     """A torchao-quantized deep copy of ``model`` (the FP model is untouched; Linear layers only).
 
     ``calibration_set`` and ``batch_size`` are accepted for a uniform peer signature and unused: activations are
-    quantized dynamically, from each batch's own range.
+    quantized dynamically, from each batch's own range. ``keep_fp``: qualified layer names left in float.
     """
     del calibration_set, batch_size
+    check_kept_fp(model, keep_fp)
     config, described = torchao_config(preset)
     quantization = require("torchao.quantization", DISTRIBUTION)
     base_tensor = require("torchao.utils", DISTRIBUTION).TorchAOBaseTensor
     qmodel = copy.deepcopy(model).eval().requires_grad_(False)
-    quantization.quantize_(qmodel, config)
+    kept = set(keep_fp)
+    quantization.quantize_(qmodel, config,
+                           filter_fn=lambda module, name: isinstance(module, nn.Linear) and name not in kept)
     layers = [m for m in qmodel.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     quantized = [m for m in layers if isinstance(m.weight, base_tensor)]
     conv_total, linear_total = layer_counts(model)
@@ -68,6 +78,8 @@ def quantize_torchao(model: nn.Module, calibration_set: CalibrationSet | None = 
         tool="torchao", version=_version(DISTRIBUTION), setting=described, weights=len(quantized),
         activations=len(quantized), convs=sum(isinstance(m, nn.Conv2d) for m in quantized),
         linears=sum(isinstance(m, nn.Linear) for m in quantized), conv_total=conv_total, linear_total=linear_total,
-        notes=f"{conv_total} Conv2d left in FP" if not any(isinstance(m, nn.Conv2d) for m in quantized) else "",
+        notes="; ".join(filter(None, (
+            f"{conv_total} Conv2d left in FP" if not any(isinstance(m, nn.Conv2d) for m in quantized) else "",
+            f"{len(kept)} layers kept in FP as in tadq's rows" if kept else ""))),
     )
     return attach_report(qmodel, report)

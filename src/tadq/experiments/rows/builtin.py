@@ -85,3 +85,4 @@ def _ptqd_row(name: str, label: str) -> None:
 
 _ptqd_row("ptqd", "Q-Diffusion + PTQD")
 _ptqd_row("ptqd-select", "Q-Diffusion + PTQD (held-out guard)")
+_ptqd_row("ptqd-select-log", "Q-Diffusion + PTQD (held-out guard, log MSE)")

@@ -14,7 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from tadq.experiments.peers.base import INSTALL_HINT, PeerNotInstalled, UnsupportedPreset, peer_report, tool_version
+from tadq.config import fp_layer_roles
+from tadq.experiments.peers.base import (
+    INSTALL_HINT,
+    PeerNotInstalled,
+    UnsupportedPreset,
+    kept_fp_layers,
+    peer_report,
+    tool_version,
+)
 from tadq.experiments.rows.base import BaseModels, Variant, method_label, register_method
 
 if TYPE_CHECKING:
@@ -62,14 +70,16 @@ def _missing(module: str) -> bool:
         return True
 
 
-def _builder(method: str, peer: PeerMethod) -> Callable[[nn.Module, Any, str, int], nn.Module]:
+def _builder(method: str, peer: PeerMethod, keep_fp: tuple[str, ...]
+             ) -> Callable[[nn.Module, Any, str, int], nn.Module]:
     from tadq.experiments.peers import quantize_modelopt, quantize_quanto, quantize_torchao
 
     if method == "quanto":
-        return quantize_quanto
+        return lambda model, calib, preset, batch: quantize_quanto(model, calib, preset, batch, keep_fp=keep_fp)
     if method == "torchao-int8-dynamic":
-        return quantize_torchao
-    return lambda model, calib, preset, batch: quantize_modelopt(model, calib, peer.setting, batch, preset=preset)
+        return lambda model, calib, preset, batch: quantize_torchao(model, calib, preset, batch, keep_fp=keep_fp)
+    return lambda model, calib, preset, batch: quantize_modelopt(model, calib, peer.setting, batch, preset=preset,
+                                                                 keep_fp=keep_fp)
 
 
 def _peer_row(method: str, peer: PeerMethod) -> None:
@@ -82,7 +92,8 @@ def _peer_row(method: str, peer: PeerMethod) -> None:
         if _missing(peer.module):  # fail before the FP row is sampled
             raise PeerNotInstalled(f"method {method!r} needs {peer.distribution}: {INSTALL_HINT}")
         batch_size = config.calibration.batch_size
-        quantize = _builder(method, peer)
+        keep_fp = kept_fp_layers(bases.model, fp_layer_roles(config.fp_layers))  # what tadq's rows keep in float
+        quantize = _builder(method, peer, keep_fp)
         name = method_label(method) + (" (bits retargeted)" if preset in peer.retargeted else "")
 
         def describe(denoiser: nn.Module) -> dict[str, Any]:
@@ -90,6 +101,8 @@ def _peer_row(method: str, peer: PeerMethod) -> None:
 
         settings = {"method": method, "peer": peer.distribution, "version": tool_version(peer.distribution),
                     "setting": peer.setting, "preset": preset, "batch_size": batch_size}
+        if keep_fp:  # only then: the settings (and cell keys) of runs without kept layers stay as they were
+            settings["keep_fp"] = list(keep_fp)
         return Variant(name, preset, lambda: quantize(bases.model, bases.calibration, preset, batch_size), settings,
                        describe)
 

@@ -21,12 +21,13 @@ from tadq.tfmq import TFMQConfig, TFMQMethod
 if TYPE_CHECKING:
     from tadq.experiments.run import RunConfig
 
-__all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "SVDQUANT_ROWS", "SVDQUANT_RANK", "SVDQUANT_GROUP", "RECIPE_ROWS",
-           "recipes_for_row", "base_recipe", "shipped_recipes", "recipe_stem", "svdquant_schemes", "tfmq_config"]
+__all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "SVDQUANT_ROWS", "SVDQUANT_VARIANT_ROWS", "SVDQUANT_TFMQ", "SVDQUANT_RANK",
+           "SVDQUANT_GROUP", "RECIPE_ROWS", "README_TABLES_RECONSTRUCTION", "recipes_for_row", "base_recipe",
+           "shipped_recipes", "recipe_stem", "svdquant_schemes", "tfmq_config"]
 
 # row → correction names on the Q-Diffusion base, in application order
 CORRECTION_ROWS: dict[str, tuple[str, ...]] = {
-    "ptqd": ("ptqd",), "ptqd-select": ("ptqd-select",),
+    "ptqd": ("ptqd",), "ptqd-select": ("ptqd-select",), "ptqd-select-log": ("ptqd-select-log",),
     "ibc": ("ibc",), "ner": ("ner",), "tac": ("tac",), "tac-select": ("tac-select",),
     "tcec": ("tcec",), "tac+tcec": ("tac", "tcec"),
 }
@@ -49,10 +50,24 @@ TFMQ_ROWS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
 SVDQUANT_ROWS: dict[str, tuple[str, ...]] = {
     "svdquant": (), "svdquant+tac": ("tac",), "svdquant+tcec": ("tcec",), "svdquant+ptqd": ("ptqd",),
 }
+# Variants of the SVDQuant base: row → (Hadamard rotation of the activations, TFMQ-DM's FP temporal-feature cache,
+# corrections fitted on top). Every row of a (preset, rotation) shares one SVDQuant network; the cache is built on it
+# in seconds (docs/methods/svdquant.md#corrections-and-tfmq-dm-on-the-rotated-base)
+SVDQUANT_VARIANT_ROWS: dict[str, tuple[bool, bool, tuple[str, ...]]] = {
+    "svdquant-rot": (True, False, ()), "svdquant-rot+tac": (True, False, ("tac",)),
+    "svdquant-rot+tcec": (True, False, ("tcec",)), "svdquant-rot+ptqd": (True, False, ("ptqd",)),
+    "svdquant+tfmq": (False, True, ()), "svdquant+tfmq+tac": (False, True, ("tac",)),
+    "svdquant-rot+tfmq": (True, True, ()), "svdquant-rot+tfmq+tac": (True, True, ("tac",)),
+}
 # the W4A4 ablation's best setting (rank-4 branch, dynamic per-group activations of 8 channels, smoothing searched
 # per layer, no rotation; weights per output channel): SVDQUANT_RANK, SVDQUANT_GROUP and svdquant_schemes live in
 # tadq.svdquant.schemes (tadq recipe's SVDQuant bases build theirs there too) and are re-exported here
-RECIPE_ROWS: tuple[str, ...] = ("naive", "qdiffusion", *CORRECTION_ROWS, *TFMQ_ROWS, *SVDQUANT_ROWS)
+SVDQUANT_TFMQ = TFMQConfig(tiar=False, freeze_time_projections=False, fsc="off", maintenance="cache_fp")
+"""TFMQ-DM on an SVDQuant base: what carries over is the exact FP temporal-feature cache (its activations are
+dynamic, so FSC has no static range to tabulate; TIAR and freezing act on block reconstruction, which SVDQuant does
+not run)."""
+RECIPE_ROWS: tuple[str, ...] = ("naive", "qdiffusion", *CORRECTION_ROWS, *TFMQ_ROWS, *SVDQUANT_ROWS,
+                                 *SVDQUANT_VARIANT_ROWS)
 
 
 def recipe_stem(row: str) -> str:
@@ -85,6 +100,16 @@ def _recipe(name: str, preset_name: str, calibration: CalibrationConfig, reconst
         return Recipe.from_preset(preset_name, method=SVDQuantMethod(seed=calibration.seed), weights=weights,
                                   activations=activations,
                                   corrections=correction_configs(SVDQUANT_ROWS[name], calibration.seed), **fields)
+    if name in SVDQUANT_VARIANT_ROWS:
+        rotated, cached, corrections = SVDQUANT_VARIANT_ROWS[name]
+        weights, activations = svdquant_schemes(preset_name)
+        if rotated:
+            activations = dataclasses.replace(activations, rotation="hadamard")
+        method: Any = SVDQuantMethod(seed=calibration.seed)
+        if cached:
+            method = TFMQMethod(base="svdquant", tfmq=SVDQUANT_TFMQ, svdquant=method)
+        return Recipe.from_preset(preset_name, method=method, weights=weights, activations=activations,
+                                  corrections=correction_configs(corrections, calibration.seed), **fields)
     if name in TFMQ_ROWS:
         weights, changes, corrections = TFMQ_ROWS[name]
         settings = dataclasses.replace(tfmq_config(calibration), **(NO_TIAR if weights == "qdiffusion" else {}),
@@ -103,6 +128,8 @@ def recipes_for_row(name: str, preset_name: str, config: RunConfig) -> Recipe:
 
 def base_recipe(recipe: Recipe, name: str) -> Recipe:
     """The recipe of the network row ``name`` is built on (what ``BaseModels`` keeps on disk and shares)."""
+    if isinstance(recipe.method, TFMQMethod) and recipe.method.base == "svdquant":
+        return dataclasses.replace(recipe.base(), method=recipe.method.svdquant)
     if name in TFMQ_ROWS:
         weights = TFMQ_ROWS[name][0]
         if weights == "qdiffusion":
@@ -121,9 +148,15 @@ README_TABLES: tuple[tuple[tuple[str, ...], tuple[str, ...], float], ...] = (
 )
 
 
+# the reconstruction of those tables: AdaRound 1000 / 400 iterations, every layer quantized (the defaults when they
+# were measured; the defaults now are GPTQ rounding with the first and last layers in float)
+README_TABLES_RECONSTRUCTION = ReconstructionConfig(rounding="adaround", activation_iters=400)
+
+
 def shipped_recipes() -> dict[str, Recipe]:
-    """File name → recipe of every README row, with ``tadq run``'s defaults (DDIM 50, 256 calibration
-    trajectories, seed 0, the default reconstruction): what ``recipes/`` holds."""
+    """File name → recipe of every row of ``README_TABLES``, with the setting those tables were measured with (DDIM
+    50, 256 calibration trajectories, seed 0, ``README_TABLES_RECONSTRUCTION``, every layer quantized): what
+    ``recipes/`` holds."""
     recipes: dict[str, Recipe] = {}
     for rows, presets, eta in README_TABLES:
         sampler = SamplerConfig(kind="ddim", num_steps=50, eta=eta)
@@ -131,7 +164,7 @@ def shipped_recipes() -> dict[str, Recipe]:
         for row in rows:
             for preset_name in presets:
                 suffix = "" if eta == 0.0 else f"-eta{eta:g}"
-                recipe = _recipe(row, preset_name, calibration, ReconstructionConfig(), sampler)
+                recipe = _recipe(row, preset_name, calibration, README_TABLES_RECONSTRUCTION, sampler)
                 recipe = dataclasses.replace(recipe, name=recipe.name + suffix)
                 recipes[f"{recipe.name}.json"] = recipe
     return recipes
