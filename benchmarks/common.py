@@ -24,6 +24,29 @@ def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) ->
     parser.add_argument("--out", default=out)
 
 
+SETTINGS = ("main-table", "defaults")
+
+
+def add_setting_flag(parser: argparse.ArgumentParser) -> None:
+    """``--setting``: which ``tadq run`` setting a benchmark over the main job's models uses."""
+    parser.add_argument("--setting", choices=SETTINGS, default="main-table",
+                        help="main-table: the README main table's setting these benchmarks were measured with "
+                             "(AdaRound 1000/400, every layer quantized); defaults: tadq run's defaults now (GPTQ, "
+                             "first and last layers in float)")
+
+
+def run_config_for(setting: str, **fields):
+    """The ``RunConfig`` of ``setting`` (``SETTINGS``) with ``fields`` on top."""
+    from tadq.experiments.rows.recipes import README_TABLES_RECONSTRUCTION
+    from tadq.experiments.run import RunConfig
+
+    if setting not in SETTINGS:
+        raise ValueError(f"unknown setting {setting!r}; choose from {SETTINGS}")
+    if setting == "main-table":
+        fields = {"reconstruction": README_TABLES_RECONSTRUCTION, "fp_layers": "none", **fields}
+    return RunConfig(**fields)
+
+
 @dataclass
 class Setup:
     model: torch.nn.Module
@@ -58,17 +81,17 @@ def write_rows(rows: list[dict], out: Path, header: str, line) -> None:
 
 
 def main_run_setup(args: argparse.Namespace):
-    """(out, RunConfig(), model, scheduler, BaseModels over ``args.models``): the shipped model with the main job's
-    calibration data and base models, so a benchmark measures exactly the models ``tadq run`` reports."""
+    """(out, RunConfig of ``args.setting``, model, scheduler, BaseModels over ``args.models``): the shipped model with
+    the main job's calibration data and base models, so a benchmark measures exactly the models ``tadq run``
+    reports (``--setting main-table``, the default: the README main table's)."""
     from tadq.calibration import model_fingerprint
     from tadq.experiments.rows import BaseModels
-    from tadq.experiments.run import RunConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    config = RunConfig()
+    config = run_config_for(getattr(args, "setting", "main-table"))
     model, scheduler = load_pipeline_parts(None)
     calib = collect_calibration_set(model, adapter_for(model), scheduler.config, config.calibration,
                                     cache_dir=config.cache_dir, progress=False)

@@ -22,10 +22,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from common import add_common_flags
+from common import add_common_flags, add_setting_flag, run_config_for
 
 from tadq.experiments.rows.peers import PEERS, supported_presets
-from tadq.experiments.run import RunConfig, run_main_job
+from tadq.experiments.run import run_main_job
 from tadq.report import markdown_table
 
 DEFAULT_METHODS = ("qdiffusion", *PEERS, "naive")  # naive PTQ last: the like-for-like of the calibrate-only peers
@@ -64,6 +64,7 @@ def coverage_lines(extras: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=500, out="runs/peers")
+    add_setting_flag(parser)
     parser.add_argument("--presets", default="W8A8,W4A8", help="comma-separated tadq presets")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated registered methods")
     parser.add_argument("--reuse-models", default="runs/main/models", help="saved tadq models to copy in ('' = no)")
@@ -87,8 +88,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.reuse_models:
             copied = reuse_models(Path(args.reuse_models), folder / "models")
             logging.info("%s: copied %d saved models from %s", preset, len(copied), args.reuse_models)
-        config = RunConfig(presets=(preset,), methods=chosen, num_samples=args.samples, eval_seed=args.seed,
-                           out_dir=str(folder))
+        config = run_config_for(args.setting, presets=(preset,), methods=chosen, num_samples=args.samples,
+                                eval_seed=args.seed, out_dir=str(folder))
         results = run_main_job(config)
         rows.extend(r for r in results["rows"] if not (r["method"] == "FP" and rows))  # FP once: same noise
         extras.update(results["extras"])

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from common import add_common_flags, main_run_setup, write_rows
+from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq.api import sample
 from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
@@ -49,6 +49,7 @@ def _line(row: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=64, out="runs/bench/perf")
+    add_setting_flag(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--preset", default="W4A8")
     parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")

@@ -117,7 +117,9 @@ def main() -> None:
                     conditions=conditions)
     params = sum(p.numel() for p in model.parameters())
     pixels = int(torch.tensor(calib.x.shape[2:]).prod())
-    base = ReconstructionConfig(weight_iters=args.weight_iters, activation_iters=args.activation_iters)
+    # the diagnosis' base is AdaRound at the reduced budget (the docs' "base:" rows); GPTQ is a --configs entry
+    base = ReconstructionConfig(weight_iters=args.weight_iters, activation_iters=args.activation_iters,
+                                rounding="adaround")
     rows = []
     naive = api.quantize(model, scheduler, QuantConfig.from_preset(args.preset, calibration=calibration),
                          calibration=calib, progress=False)

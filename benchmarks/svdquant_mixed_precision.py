@@ -16,7 +16,7 @@ import argparse
 import json
 import time
 
-from common import add_common_flags, main_run_setup, write_rows
+from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq import api
 from tadq.corrections.attach import fit_corrections
@@ -34,6 +34,7 @@ from tadq.svdquant.sensitivity import (
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=256, out="runs/bench/svdquant-mp")
+    add_setting_flag(parser)
     parser.add_argument("--models", default="runs/svdquant-main/models", help="tadq run's base-model folder")
     parser.add_argument("--preset", default="W4A4")
     parser.add_argument("--sens-samples", type=int, default=8, help="samples of each sensitivity run")

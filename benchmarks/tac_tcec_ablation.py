@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from common import add_common_flags, main_run_setup, write_rows
+from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq.api import sample
 from tadq.corrections import CorrectionStack, FitContext, TACConfig, TCECConfig, fit_stack
@@ -73,6 +73,7 @@ VARIANTS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=256, out="runs/bench/tac_tcec")
+    add_setting_flag(parser)
     parser.add_argument("--presets", default="W4A4,W4A8")
     parser.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (names without commas)")
     parser.add_argument("--variant", action="append", default=[], help="one name of VARIANTS (repeatable; any name)")
