@@ -171,4 +171,5 @@ def test_peer_rows_keep_the_runs_fp_layers(tiny_unet, tiny_calibration):
     assert variant.settings["keep_fp"] == list(_kept(tiny_unet))
     peer = variant.describe(variant.build())["peer"]
     assert peer["weights"] == sum(layer_counts(tiny_unet)) - 2
-    assert "keep_fp" not in row_for("quanto", bases, RunConfig(), "W8A8").settings  # unchanged without kept layers
+    # unchanged without kept layers
+    assert "keep_fp" not in row_for("quanto", bases, RunConfig(fp_layers="none"), "W8A8").settings
