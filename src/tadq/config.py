@@ -14,8 +14,9 @@ from tadq.registry import register_config_type, registered_config_types
 from tadq.sampling import SamplerConfig
 
 __all__ = [
-    "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "fp_layer_roles", "config_to_dict",
-    "config_from_dict", "config_version", "QuantMethod", "register_config_type", "register_migration", "field_added",
+    "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "DEFAULT_FP_LAYERS",
+    "fp_layer_roles", "config_to_dict", "config_from_dict", "config_version", "QuantMethod", "register_config_type",
+    "register_migration", "field_added",
 ]
 
 QuantMethod = Literal["naive", "qdiffusion", "svdquant"]
@@ -29,6 +30,9 @@ FP_LAYER_PRESETS: dict[str, tuple[str, ...]] = {
     "first_last_time": ("input_conv", "output_conv", "time_embedding"),
 }
 """Named sets of adapter roles kept in floating point (``QuantConfig.keep_fp_roles``)."""
+DEFAULT_FP_LAYERS = "first_last"
+"""What ``tadq run``, ``tadq bench`` and ``tadq quantize`` (a recipe built from a preset) keep in floating point:
+the setting that holds on both shipped pixel models (docs/methods/qdiffusion.md#the-default-base)."""
 CONFIG_VERSION = 1
 
 

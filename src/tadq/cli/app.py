@@ -18,6 +18,7 @@ from tadq.cli.sample import sample_command
 from tadq.cli.sample_sharded import sample_sharded_command
 from tadq.cli.verify import verify_command
 from tadq.cli.zoo import zoo_app
+from tadq.config import DEFAULT_FP_LAYERS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="tadq: timestep-aware post-training quantization of diffusion models.")
@@ -69,7 +70,7 @@ def run_command(
                                        "default, docs/methods/qdiffusion.md#gptq-rounding), adaround (learned, "
                                        "--recon-iters iterations per unit; the README's older tables) or "
                                        "gptq_adaround."),
-    fp_layers: str = typer.Option("first_last", help="Layers every row (naive and the peers included) keeps in "
+    fp_layers: str = typer.Option(DEFAULT_FP_LAYERS, help="Layers every row (naive and the peers included) keeps in "
                                   "floating point: first_last (input and output convs, the default; naive W8A8 +9 "
                                   "to +12 dB on the shipped models, docs/methods/qdiffusion.md#what-limits-w8a8), "
                                   "none (every conv/linear quantized; the README's older tables) or "

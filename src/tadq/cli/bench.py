@@ -10,6 +10,7 @@ import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
+from tadq.config import DEFAULT_FP_LAYERS
 
 __all__ = ["bench_command"]
 
@@ -53,7 +54,7 @@ def bench_command(
         help="Weight rounding of block reconstruction: gptq (the default), adaround or gptq_adaround.")] = None,
     fp_layers: Annotated[str, typer.Option(
         help="Layers every row keeps in floating point: first_last (the default), none or first_last_time.")
-    ] = "first_last",
+    ] = DEFAULT_FP_LAYERS,
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 250,
     out: Annotated[Path, typer.Option(help="Bench folder (report.html, report.md, report.json).")
                    ] = Path("runs/bench"),

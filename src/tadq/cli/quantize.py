@@ -14,7 +14,7 @@ import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
-from tadq.config import QuantConfig, config_from_dict, fp_layer_roles
+from tadq.config import DEFAULT_FP_LAYERS, QuantConfig, config_from_dict, fp_layer_roles
 from tadq.quant.qscheme import preset
 
 if TYPE_CHECKING:
@@ -68,10 +68,6 @@ class QuantFlags:
     recon_activation_iters: int | None = None
     recon_rounding: str | None = None
     correct: tuple[str, ...] | None = None
-
-
-DEFAULT_FP_LAYERS = "first_last"
-"""What a recipe built from a preset keeps in float (``tadq run``'s default too; docs/methods/qdiffusion.md)."""
 
 
 def _given(**values) -> dict:

@@ -30,8 +30,8 @@ from tadq.corrections.pair import TrajectoryPair
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
 from tadq.sampling.hooks import apply_before_model, check_hooks
 
-__all__ = ["SELECTION_SCORES", "SequentialCorrection", "StepTargets", "choose_candidate", "final_state_score",
-           "fit_sequentially", "paired_final_error"]
+__all__ = ["SELECTION_SCORES", "SequentialCorrection", "StepTargets", "check_selection_score", "choose_candidate",
+           "final_state_score", "fit_sequentially", "paired_final_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,12 +161,17 @@ of mean PSNR (PSNR = const − 10 log10 MSE per sample), so a few heavy-tailed t
 defined for latents too (no pixel range)."""
 
 
+def check_selection_score(score: str, where: str = "selection score") -> None:
+    """``ValueError`` naming ``SELECTION_SCORES`` unless ``score`` is one of them."""
+    if score not in SELECTION_SCORES:
+        raise ValueError(f"unknown {where} {score!r}; choose from {SELECTION_SCORES}")
+
+
 def paired_final_error(ctx: FitContext, hooks: Sequence[SamplingHooks], *, num_samples: int, seed: int,
                        score: str = "final_mse") -> float:
     """The ``score`` (``SELECTION_SCORES``) of the FP and the corrected quantized final states x_0 from the same
     noise: the selection score."""
-    if score not in SELECTION_SCORES:
-        raise ValueError(f"unknown selection score {score!r}; choose from {SELECTION_SCORES}")
+    check_selection_score(score)  # before the walks
     check_hooks(hooks)
     walker = ctx.walker()
     with torch.no_grad():
@@ -176,8 +181,7 @@ def paired_final_error(ctx: FitContext, hooks: Sequence[SamplingHooks], *, num_s
 
 def final_state_score(x_fp: Tensor, x_hat: Tensor, score: str) -> float:
     """``score`` (``SELECTION_SCORES``) of final states (N, ...) against FP from the same noise; lower is better."""
-    if score not in SELECTION_SCORES:
-        raise ValueError(f"unknown selection score {score!r}; choose from {SELECTION_SCORES}")
+    check_selection_score(score)
     squared = (x_hat.double() - x_fp.double()).square()
     if score == "final_mse":
         return float(squared.mean())

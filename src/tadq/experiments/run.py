@@ -19,7 +19,7 @@ from typing import Any
 
 from tadq.api import sample
 from tadq.calibration import collect_calibration_set, model_fingerprint
-from tadq.config import CalibrationConfig, ReconstructionConfig, config_to_dict, fp_layer_roles
+from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig, config_to_dict, fp_layer_roles
 from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
@@ -106,7 +106,7 @@ class RunConfig:
     negative_prompt: str = ""
     labels: str | None = None
     null_class: int | None = None
-    fp_layers: str = "first_last"
+    fp_layers: str = DEFAULT_FP_LAYERS
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device torch lacks fails here, named

@@ -126,6 +126,9 @@ def apply_tfmq(
     if tfmq_config.fsc != "off":
         quantizers, run_step = _fsc_inputs(qmodel, fp_model, scheduler, tfmq_config, sampler, timesteps, cache_dir,
                                            progress, conditions, guidance_scale)
+        # a dynamic quantizer (per-row softmax P, per-token or per-group inputs) computes its step from each tensor:
+        # nothing to tabulate, in the TIB or the model
+        quantizers = {name: q for name, q in quantizers.items() if not q.scheme.dynamic}
         correction.set_fsc(list(quantizers), *calibrate_per_step(quantizers, len(timesteps), run_step,
                                                                  tfmq_config.fsc_range))
     correction.prepare(qmodel.model, adapter)
@@ -148,7 +151,8 @@ def apply_tfmq(
 def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, config: TFMQConfig,
                 sampler: SamplerConfig, timesteps: Tensor, cache_dir: str | None, progress: bool,
                 conditions: ConditionSource | None = None, guidance_scale: float = 1.0):
-    """The FSC quantizers (name → quantizer) and ``run_step(s)``, which feeds them step s's data."""
+    """The enabled activation quantizers FSC covers (name → quantizer; dynamic ones included) and ``run_step(s)``,
+    which feeds them step s's data."""
     tib = TemporalInformationBlock(qmodel.model, qmodel.adapter)
     if config.fsc == "tib":
         labels = torch.arange(tib.num_labels) if tib.num_labels else None
@@ -157,9 +161,7 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
             count = tib.num_labels or 1
             tib(timesteps[step].repeat(count), labels)
 
-        # a dynamic quantizer (SVDQuant's per-group inputs) computes its step from each tensor: nothing to tabulate
-        static_tib = {name: q for name, q in tib.activation_quantizers().items() if not q.scheme.dynamic}
-        return static_tib, run_tib
+        return tib.activation_quantizers(), run_tib
     fsc_set = collect_calibration_set(fp_model, qmodel.adapter, scheduler.config, CalibrationConfig(
         sampler=sampler, num_trajectories=config.num_samples, num_steps_kept=sampler.num_steps,
         samples_per_step=config.fsc_samples_per_step, seed=config.seed), cache_dir=cache_dir, progress=progress,
@@ -169,9 +171,7 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
         chosen = fsc_set.step_index == step
         qmodel(fsc_set.x[chosen], fsc_set.t[chosen], None if fsc_set.cond is None else fsc_set.cond.rows(chosen))
 
-    # a dynamic quantizer (per-row softmax P, per-token inputs) computes its step from each tensor: nothing to tabulate
-    static = {name: q for name, q in activation_quantizers(qmodel.model).items() if not q.scheme.dynamic}
-    return static, run_model
+    return activation_quantizers(qmodel.model), run_model
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.sequential import check_selection_score
 from tadq.corrections.tcec.config import SELECTION_SEED_OFFSET
 
 __all__ = ["PTQDConfig"]
@@ -68,9 +69,7 @@ class PTQDConfig(CorrectionConfig):
         if isinstance(self.selection_samples, bool) or not isinstance(self.selection_samples, int) \
                 or self.selection_samples < 1:
             raise ValueError(f"PTQDConfig.selection_samples must be a positive int, got {self.selection_samples!r}")
-        if self.selection_score not in ("final_mse", "log_mse"):
-            raise ValueError(f"PTQDConfig.selection_score must be 'final_mse' or 'log_mse', got "
-                             f"{self.selection_score!r}")
+        check_selection_score(self.selection_score, "PTQDConfig.selection_score")
         if self.select and not (self.correlated or self.bias):
             raise ValueError("PTQDConfig.select chooses among CNC and BC: it needs correlated or bias on")
 

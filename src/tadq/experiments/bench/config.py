@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tadq.config import CalibrationConfig, ReconstructionConfig
+from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig
 from tadq.experiments.rows import method_names
 from tadq.experiments.run import RunConfig
 from tadq.quant.qscheme import preset
@@ -120,7 +120,7 @@ class BenchConfig:
     eval_seed: int = 1000
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
-    fp_layers: str = "first_last"
+    fp_layers: str = DEFAULT_FP_LAYERS
     batch_size: int = 250
     out_dir: str = "runs/bench"
     models_dir: str | None = None
@@ -186,7 +186,7 @@ class BenchConfig:
                 args += [flag, str(getattr(recon, name))]
         if recon.rounding != default.rounding:
             args += ["--recon-rounding", recon.rounding]
-        if self.fp_layers != "first_last":
+        if self.fp_layers != DEFAULT_FP_LAYERS:
             args += ["--fp-layers", self.fp_layers]
         if self.batch_size != 250:
             args += ["--batch-size", str(self.batch_size)]

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from tadq.sampling import Conditioning
 
 __all__ = ["PeerNotInstalled", "PeerReport", "UnsupportedPreset", "calibration_batches", "check_kept_fp",
-           "kept_fp_layers", "layer_counts", "peer_report", "require", "tool_version"]
+           "kept_fp_layers", "kept_fp_note", "layer_counts", "peer_report", "require", "tool_version"]
 
 INSTALL_HINT = "pip install -e .[peers]"
 _REPORT_ATTR = "tadq_peer_report"
@@ -67,6 +67,11 @@ def kept_fp_layers(model: nn.Module, roles: tuple[str, ...]) -> tuple[str, ...]:
     from tadq.registry import adapter_for
 
     return tuple(info.name for info in adapter_for(model).layers(model) if info.role in roles)
+
+
+def kept_fp_note(count: int) -> str:
+    """The report's words for ``count`` layers a peer left in float because tadq's rows keep them ("" for none)."""
+    return f"{count} layers kept in FP as in tadq's rows" if count else ""
 
 
 def check_kept_fp(model: nn.Module, names: tuple[str, ...]) -> None:

@@ -16,6 +16,7 @@ per-channel weights); ``W4A8_AWQ_BETA_CFG`` exists only as shipped (nearest pres
 from __future__ import annotations
 
 import copy
+import glob
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -27,6 +28,7 @@ from tadq.experiments.peers.base import (
     attach_report,
     calibration_batches,
     check_kept_fp,
+    kept_fp_note,
     layer_counts,
     require,
 )
@@ -111,9 +113,9 @@ def quantize_modelopt(model: nn.Module, calibration_set: CalibrationSet, config:
     mtq = require("modelopt.torch.quantization", DISTRIBUTION)
     cfg, described = modelopt_config(config, preset, mtq)
     if keep_fp:  # ordered list, later entries win: each kept layer's quantizers (weight, input, output) off
-        cfg["quant_cfg"] = [*cfg["quant_cfg"], *({"quantizer_name": f"{name.replace('[', '[[]')}.*_quantizer",
+        cfg["quant_cfg"] = [*cfg["quant_cfg"], *({"quantizer_name": f"{glob.escape(name)}.*_quantizer",
                                                   "enable": False} for name in keep_fp)]
-        described += f"; {len(keep_fp)} layers kept in FP as in tadq's rows"
+        described += f"; {kept_fp_note(len(keep_fp))}"
     adapter = adapter_for(model)
 
     def forward_loop(module: nn.Module) -> None:

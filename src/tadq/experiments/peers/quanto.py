@@ -10,6 +10,7 @@ CPU, so no speed-up.
 from __future__ import annotations
 
 import copy
+import glob
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +22,7 @@ from tadq.experiments.peers.base import (
     attach_report,
     calibration_batches,
     check_kept_fp,
+    kept_fp_note,
     layer_counts,
     require,
 )
@@ -61,10 +63,10 @@ def quantize_quanto(model: nn.Module, calibration_set: CalibrationSet | None, pr
     quanto = require("optimum.quanto", DISTRIBUTION)
     adapter = adapter_for(model)
     qmodel = copy.deepcopy(model).eval().requires_grad_(False)
-    # exclude takes fnmatch patterns; escape the names' '[' so each matches itself only
+    # exclude takes fnmatch patterns: each name escaped so it matches itself only
     quanto.quantize(qmodel, weights=getattr(quanto, weights),
                     activations=getattr(quanto, activations) if activations else None,
-                    exclude=[name.replace("[", "[[]") for name in keep_fp] or None)
+                    exclude=[glob.escape(name) for name in keep_fp] or None)
     if activations is not None:
         with torch.no_grad(), quanto.Calibration(momentum=momentum):
             for x, t, cond in calibration_batches(calibration_set, batch_size):
@@ -80,8 +82,7 @@ def _report(qmodel: nn.Module, model: nn.Module, quanto, weights: str, activatio
     conv_total, linear_total = layer_counts(model)
     setting = f"weights {weights}, activations {activations or 'FP (weight-only)'}"
     notes = "static per-tensor activation scales at module inputs and outputs" if activations else ""
-    if kept_fp:
-        notes = "; ".join(filter(None, (notes, f"{kept_fp} layers kept in FP as in tadq's rows")))
+    notes = "; ".join(filter(None, (notes, kept_fp_note(kept_fp))))
     return PeerReport(
         tool="optimum-quanto", version=_version(DISTRIBUTION), setting=setting, weights=len(layers),
         activations=sum(m.activation_qtype is not None for m in layers),

@@ -21,6 +21,7 @@ from tadq.experiments.peers.base import (
     UnsupportedPreset,
     attach_report,
     check_kept_fp,
+    kept_fp_note,
     layer_counts,
     require,
 )
@@ -80,6 +81,6 @@ def quantize_torchao(model: nn.Module, calibration_set: CalibrationSet | None = 
         linears=sum(isinstance(m, nn.Linear) for m in quantized), conv_total=conv_total, linear_total=linear_total,
         notes="; ".join(filter(None, (
             f"{conv_total} Conv2d left in FP" if not any(isinstance(m, nn.Conv2d) for m in quantized) else "",
-            f"{len(kept)} layers kept in FP as in tadq's rows" if kept else ""))),
+            kept_fp_note(len(kept))))),
     )
     return attach_report(qmodel, report)
