@@ -139,3 +139,15 @@ def test_fp_layers_refused_when_unknown(tmp_path, tiny_model_dir):
         _config(tiny_model_dir, tmp_path, fp_layers="last")
     # peers keep the same layers in float (tests/experiments/peers: test_peer_rows_keep_the_runs_fp_layers)
     _config(tiny_model_dir, tmp_path, methods=("naive", "quanto"), fp_layers="first_last")
+
+
+def test_results_note_lists_what_each_peer_row_quantized():
+    """A peer's setting name can promise more than it quantizes: results.md carries each peer row's measured
+    coverage, and nothing when no peer row ran."""
+    from tadq.experiments.run import _peer_coverage_note
+
+    cells = [{"extras": {}}, {"extras": {"peer": {"summary": "quanto 0.2.7: inputs quantized in 29"}}}]
+    note = _peer_coverage_note(["naive PTQ W8A8", "optimum-quanto W8A8"], cells)
+    assert note.splitlines() == ["Peer coverage (measured):",
+                                 "- optimum-quanto W8A8: quanto 0.2.7: inputs quantized in 29"]
+    assert _peer_coverage_note(["naive PTQ W8A8"], cells[:1]) == ""

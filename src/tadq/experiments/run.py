@@ -286,6 +286,14 @@ def _fp_layers_note(fp_layers: str) -> str:
             f"{', '.join(roles)} layers, counted at 32 × 32 bits in the bit-operations.")
 
 
+def _peer_coverage_note(labels: list[str], cells: list[dict]) -> str:
+    """What each peer row quantized, measured (its ``PeerReport.summary``): a tool's setting name can promise more
+    than it does (quanto's "W8A8" leaves every conv input in floating point), so the table never stands alone."""
+    lines = [f"- {label}: {cell['extras']['peer']['summary']}" for label, cell in zip(labels, cells, strict=True)
+             if "peer" in cell.get("extras", {})]
+    return "Peer coverage (measured):\n" + "\n".join(lines) if lines else ""
+
+
 def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
     if fd is None:
         return ("FD and class agreement are not computed: the shipped classifiers only read the shipped models' "
@@ -348,6 +356,7 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
                           "simulation cost, not deployment speed.",
             "reconstruction": _reconstruction_note(config.reconstruction),
             "fp_layers": _fp_layers_note(config.fp_layers),
+            "peers": _peer_coverage_note(labels, cells),
         },
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
                    "num_samples": config.num_samples, "eval_seed": config.eval_seed, "fp_layers": config.fp_layers,
@@ -358,6 +367,6 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
     table = markdown_table(rows)
     notes = results["notes"]
     atomic_write_text(f"{table}\n\n{notes['fd']}\n{notes['fake_quant']}\n{notes['reconstruction']}\n"
-                      f"{notes['fp_layers']}\n",
+                      f"{notes['fp_layers']}\n" + (f"{notes['peers']}\n" if notes["peers"] else ""),
                       out / "results.md")
     return results

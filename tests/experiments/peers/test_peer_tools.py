@@ -46,13 +46,19 @@ def _check(quantize, tiny_unet, probe, bound: float):
     return peer_report(qmodel)
 
 
-def test_quanto_w8a8_quantizes_every_layer(tiny_unet, tiny_calibration, probe):
+def test_quanto_w8a8_quantizes_every_weight_but_only_linear_inputs(tiny_unet, tiny_calibration, probe):
+    """quanto 0.2.7's QConv2d does not quantize its input (only QLinear does), and streamline drops the output
+    quantizations an add/SiLU/norm consumes: on a UNet every conv keeps floating-point inputs. The report must
+    count what a forward does, not the activation setting every layer carries."""
     pytest.importorskip("optimum.quanto")
     from tadq.experiments.peers import quantize_quanto
 
     report = _check(lambda: quantize_quanto(tiny_unet, tiny_calibration, "W8A8", 32), tiny_unet, probe, 0.2)
     convs, linears = layer_counts(tiny_unet)
-    assert (report.weights, report.activations, report.total) == (convs + linears,) * 3
+    assert (report.weights, report.total) == (convs + linears,) * 2
+    assert report.activations == linears
+    assert f"{convs} layers ({convs} Conv2d) take floating-point inputs" in report.notes
+    assert f"inputs quantized in {linears}" in report.summary
     assert report.scope == "all Conv2d + Linear"
     assert report.version == importlib.metadata.version("optimum-quanto")
 
@@ -148,7 +154,9 @@ def test_peers_keep_tadqs_fp_layers_in_float(tool, tiny_unet, tiny_calibration, 
     kept = _kept(tiny_unet)
     report = _check(lambda: quantize(*args, keep_fp=kept), tiny_unet, probe, 0.2)
     total = sum(layer_counts(tiny_unet))
-    assert (report.weights, report.activations) == (total - len(kept),) * 2
+    assert report.weights == total - len(kept)
+    if tool == "modelopt":  # quanto quantizes Linear inputs only (test above)
+        assert report.activations == total - len(kept)
     assert "kept in FP" in report.notes + report.setting
     with pytest.raises(ValueError, match="not Conv2d/Linear"):
         quantize(*args, keep_fp=("conv_inn",))
