@@ -9,10 +9,14 @@ steps × 32 inputs, seed 0; evaluation seed 1000) and varies only the weight gri
 * PSNR of the sampled images against FP from the same noise;
 * ``+bc``: empirical bias correction, each quantized layer's mean output error over 512 calibration inputs
   (seed 7, on the inputs the quantized network gives it) subtracted from its bias, all layers at once;
-* ``--gptq``: how many of the default GPTQ base's units reject their own rounding (unit loss above nearest).
+* ``--gptq``: how many of the default GPTQ base's units reject their own rounding (unit loss above nearest), for
+  each (preset, weight grid) of the rows.
 
-Rows are ``PRESET:WEIGHTS[:wonly][+bc]`` with WEIGHTS ``asym_mse`` (tadq's preset) or ``sym_minmax`` (abs-max,
-quanto's); ``wonly`` switches every input quantizer off. One JSON line per row. Run (one thread)::
+Rows are ``PRESET:WEIGHTS[:wonly][:gptq][+bc][+tac]`` with WEIGHTS ``asym_mse`` (tadq's preset), ``asym_minmax``
+or ``sym_minmax`` (abs-max, quanto's); ``wonly`` switches every input quantizer off; ``gptq`` starts from the
+default Q-Diffusion base (GPTQ onto the FP outputs) instead of naive PTQ; ``tac`` fits TAC-Diffusion's correction
+on top (after ``bc``).
+One JSON line per row. Run (one thread)::
 
     python benchmarks/w8_weight_bias.py --rows W8A8:asym_mse:wonly,W8A8:sym_minmax:wonly,W8A8:asym_mse:wonly+bc,\\
 W8A8:asym_mse,W8A8:asym_mse+bc,W4A8:asym_mse,W4A8:asym_mse+bc --gptq
@@ -31,15 +35,18 @@ from torch import nn
 from tadq import api
 from tadq.calibration import collect_calibration_set
 from tadq.config import CalibrationConfig, QuantConfig
+from tadq.corrections.tac.config import TACConfig
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
 from tadq.quant import QScheme, preset
 from tadq.quant.modules import QuantConv2d, QuantLayer
 from tadq.quant.quantizer import Quantizer
+from tadq.recipe import Recipe
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
 
-WEIGHT_GRIDS = {"asym_mse": {}, "sym_minmax": {"range_method": "minmax", "symmetric": True}}
+WEIGHT_GRIDS = {"asym_mse": {}, "asym_minmax": {"range_method": "minmax"},
+                "sym_minmax": {"range_method": "minmax", "symmetric": True}}
 
 
 def layers(model: nn.Module) -> list[QuantLayer]:
@@ -115,14 +122,21 @@ def main() -> None:
         return api.quantize(workload.model, workload.scheduler, config, calibration=data, progress=False)
 
     for row in args.rows.split(","):
-        spec, _, extra = row.partition("+")
+        spec, *extras = row.split("+")
         name, grid, *flags = spec.split(":")
-        qmodel = build(name, grid)
+        unknown = set(flags) - {"wonly", "gptq"} | set(extras) - {"bc", "tac"}
+        if unknown:
+            raise SystemExit(f"unknown row part(s) {sorted(unknown)} in {row!r}")
+        qmodel = build(name, grid, method="qdiffusion" if "gptq" in flags else "naive")
         if "wonly" in flags:
             for layer in layers(qmodel.model):
                 layer.input_quantizer = Quantizer(QScheme.off(), kind="activation")
-        if extra == "bc":
+        if "bc" in extras:
             bias_correct(qmodel.model, predict, data.x[fit_rows], data.t[fit_rows], 128)
+        if "tac" in extras:
+            recipe = Recipe.from_quant_config(qmodel.config, corrections=(TACConfig(),))
+            qmodel = api.quantize(workload.model, workload.scheduler, recipe, calibration=data, base=qmodel,
+                                  progress=False)
         with torch.no_grad():
             error = predict(qmodel.model, data.x[held_out], data.t[held_out]) - target
         print(json.dumps({
@@ -131,9 +145,9 @@ def main() -> None:
             "input_dc_error_sq": float(error.mean((1, 2, 3)).pow(2).mean()),
             "psnr": round(float(psnr_per_sample(draw(qmodel), fp).mean()), 2)}), flush=True)
     if args.gptq:
-        for name in sorted({row.split(":")[0] for row in args.rows.split(",")}):
-            reports = build(name, "asym_mse", method="qdiffusion").reconstruction_report
-            print(json.dumps({"model": args.model, "preset": name, "gptq_units": len(reports),
+        for name, grid in sorted({tuple(row.split("+")[0].split(":")[:2]) for row in args.rows.split(",")}):
+            reports = build(name, grid, method="qdiffusion").reconstruction_report
+            print(json.dumps({"model": args.model, "preset": name, "weights": grid, "gptq_units": len(reports),
                               "gptq_rejected": sum(r.guard_rejected for r in reports),
                               "learned_over_nearest": [round(r.loss_learned / r.loss_before, 2) for r in reports]}),
                   flush=True)

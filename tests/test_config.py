@@ -78,19 +78,33 @@ def test_reconstruction_rounding_survives_json_and_a_version_1_payload_means_ada
     config = QuantConfig.from_preset("W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(
         rounding="gptq_adaround", gptq_damp=0.05, gptq_act_order=False, gptq_inputs=128))
     payload = json.loads(json.dumps(config_to_dict(config)))
-    assert payload["data"]["reconstruction"]["version"] == 2
+    assert payload["data"]["reconstruction"]["version"] == 3
     assert config_from_dict(payload) == config
     old = json.loads(json.dumps(config_to_dict(QuantConfig.from_preset("W4A8", method="qdiffusion"))))
     old["data"]["reconstruction"]["version"] = 1
-    for name in ("rounding", "gptq_damp", "gptq_act_order", "gptq_target", "gptq_inputs"):
+    for name in ("rounding", "gptq_damp", "gptq_target_damp", "gptq_act_order", "gptq_target", "gptq_inputs"):
         del old["data"]["reconstruction"]["data"][name]
     restored = config_from_dict(old)
     assert restored.reconstruction.rounding == "adaround" and restored == QuantConfig.from_preset(
         "W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(rounding="adaround"))
 
 
+def test_a_version_2_reconstruction_solves_the_fp_output_target_with_gptq_damp():
+    """Files written before gptq_target_damp existed solved W* with gptq_damp: they load as exactly that."""
+    from tadq.config import ReconstructionConfig
+
+    tuned = QuantConfig.from_preset("W8A8", method="qdiffusion",
+                                    reconstruction=ReconstructionConfig(gptq_target_damp=1e-4))
+    payload = json.loads(json.dumps(config_to_dict(tuned)))
+    assert config_from_dict(payload).reconstruction.gptq_target_damp == 1e-4
+    payload["data"]["reconstruction"]["version"] = 2
+    del payload["data"]["reconstruction"]["data"]["gptq_target_damp"]
+    assert config_from_dict(payload).reconstruction.gptq_target_damp is None
+
+
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("rounding", "brecq", "rounding must be"), ("gptq_damp", 0.0, "gptq_damp"), ("gptq_inputs", -1, "gptq_inputs"),
+    ("gptq_target_damp", 0.0, "gptq_target_damp"), ("gptq_target_damp", True, "gptq_target_damp"),
 ])
 def test_bad_reconstruction_rounding_fields_raise(field, value, message):
     from tadq.config import ReconstructionConfig

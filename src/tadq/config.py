@@ -116,6 +116,11 @@ class ReconstructionConfig:
             ``"gptq_adaround"`` (AdaRound started from GPTQ's compensated weights, whose nearest rounding is the
             GPTQ result); docs/methods/qdiffusion.md#gptq-rounding.
         gptq_damp: GPTQ's damping, a share of the Hessian's mean diagonal added to it (0.01: GPTQ).
+        gptq_target_damp: the ridge damping of the least-squares W* of ``gptq_target="fp_output"``, as a share of
+            E[x̂ x̂ᵀ]'s mean diagonal; ``None``: ``gptq_damp`` (tadq before 2026-12-03). The ridge pulls W* toward
+            zero along the inputs' weak directions; at 1 % that bias is larger than an 8-bit step, so at W8A8 GPTQ
+            onto the FP outputs lost to nearest rounding in every unit of the digits model
+            (``benchmarks/w8_weight_bias.py --gptq``).
         gptq_act_order: round the columns with the largest input energy first (GPTQ's act-order).
         gptq_target: what GPTQ's rounding reproduces: ``"fp_output"`` (default: the FP network's layer output W x;
             W is first replaced by the least-squares W* = W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁻¹, which also absorbs the drift of
@@ -125,7 +130,7 @@ class ReconstructionConfig:
             Hessian; 0: all of them.
     """
 
-    config_version: ClassVar[int] = 2  # 2: rounding, gptq_damp, gptq_inputs (before them: AdaRound)
+    config_version: ClassVar[int] = 3  # 2: rounding, gptq_damp, gptq_inputs (before: AdaRound); 3: gptq_target_damp
 
     weight_iters: int = 1000
     activation_iters: int = 0
@@ -141,6 +146,7 @@ class ReconstructionConfig:
     seed: int = 0
     rounding: Literal["adaround", "gptq", "gptq_adaround"] = "gptq"
     gptq_damp: float = 0.01
+    gptq_target_damp: float | None = None
     gptq_act_order: bool = True
     gptq_target: Literal["own_inputs", "fp_output"] = "fp_output"
     gptq_inputs: int = 256
@@ -163,6 +169,9 @@ class ReconstructionConfig:
             raise ValueError(f"rounding must be 'adaround', 'gptq' or 'gptq_adaround', got {self.rounding!r}")
         if not self.gptq_damp > 0:
             raise ValueError(f"gptq_damp must be > 0, got {self.gptq_damp}")
+        if self.gptq_target_damp is not None and (isinstance(self.gptq_target_damp, bool)
+                                                  or not self.gptq_target_damp > 0):
+            raise ValueError(f"gptq_target_damp must be > 0 or None (gptq_damp), got {self.gptq_target_damp!r}")
         if self.gptq_target not in ("own_inputs", "fp_output"):
             raise ValueError(f"gptq_target must be 'own_inputs' or 'fp_output', got {self.gptq_target!r}")
         if self.gptq_inputs < 0:
@@ -381,6 +390,8 @@ register_migration("QuantConfig", 2, field_added("layer_bits", []))
 register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_target", "fp_output")(
     field_added("gptq_inputs", 256)(
     field_added("gptq_act_order", True)(field_added("gptq_damp", 0.01)(field_added("rounding", "adaround")(data))))))
+# version 3: gptq_target_damp (before it, W* was solved with gptq_damp)
+register_migration("ReconstructionConfig", 2, field_added("gptq_target_damp", None))
 
 
 def _valid_bits(bits: Any) -> bool:

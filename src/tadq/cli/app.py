@@ -70,6 +70,10 @@ def run_command(
                                        "default, docs/methods/qdiffusion.md#gptq-rounding), adaround (learned, "
                                        "--recon-iters iterations per unit; the README's older tables) or "
                                        "gptq_adaround."),
+    recon_gptq_target_damp: float = typer.Option(-1.0, help="Ridge damping of GPTQ's least-squares FP-output target "
+                                                 "W* (share of the Hessian's mean diagonal; -1: the "
+                                                 "ReconstructionConfig default; 0.01 reproduces tables measured "
+                                                 "before 2026-12-03)."),
     fp_layers: str = typer.Option(DEFAULT_FP_LAYERS, help="Layers every row (naive and the peers included) keeps in "
                                   "floating point: first_last (input and output convs, the default; naive W8A8 +9 "
                                   "to +12 dB on the shipped models, docs/methods/qdiffusion.md#what-limits-w8a8), "
@@ -125,8 +129,11 @@ def run_command(
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
         changes = {"weight_iters": recon_iters, "activation_iters": recon_activation_iters}
+        if recon_gptq_target_damp != -1.0:
+            changes["gptq_target_damp"] = recon_gptq_target_damp  # ReconstructionConfig refuses values <= 0
         reconstruction = ReconstructionConfig(rounding=recon_rounding,
-                                              **{name: value for name, value in changes.items() if value >= 0})
+                                              **{name: value for name, value in changes.items()
+                                                 if name == "gptq_target_damp" or value >= 0})
         config = RunConfig(model=model or None, presets=_parse_presets(presets),
                            methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
                            reconstruction=reconstruction,

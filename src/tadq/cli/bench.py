@@ -20,11 +20,12 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 
 def _reconstruction(iters: int | None, activation_iters: int | None, batch_size: int | None,
-                    rounding: str | None = None):
+                    rounding: str | None = None, gptq_target_damp: float | None = None):
     from tadq.config import ReconstructionConfig
 
     changes = {name: value for name, value in (("weight_iters", iters), ("activation_iters", activation_iters),
-                                               ("batch_size", batch_size), ("rounding", rounding))
+                                               ("batch_size", batch_size), ("rounding", rounding),
+                                               ("gptq_target_damp", gptq_target_damp))
                if value is not None}
     return ReconstructionConfig(**changes)
 
@@ -52,6 +53,9 @@ def bench_command(
     recon_batch_size: Annotated[int | None, typer.Option(help="Reconstruction batch size.")] = None,
     recon_rounding: Annotated[str | None, typer.Option(
         help="Weight rounding of block reconstruction: gptq (the default), adaround or gptq_adaround.")] = None,
+    recon_gptq_target_damp: Annotated[float | None, typer.Option(
+        help="Ridge damping of GPTQ's least-squares FP-output target (default: the config's; 0.01 reproduces "
+             "tables measured before 2026-12-03).")] = None,
     fp_layers: Annotated[str, typer.Option(
         help="Layers every row keeps in floating point: first_last (the default), none or first_last_time.")
     ] = DEFAULT_FP_LAYERS,
@@ -95,7 +99,8 @@ def bench_command(
         config = BenchConfig(model=str(model) if model else None, eval_seed=seed, calibration=calibration,
                              reconstruction=_reconstruction(recon_iters, recon_activation_iters, recon_batch_size,
                                                             None if recon_rounding is None
-                                                            else recon_rounding.strip().lower()),
+                                                            else recon_rounding.strip().lower(),
+                                                            recon_gptq_target_damp),
                              fp_layers=fp_layers.strip().lower(),
                              batch_size=batch_size, out_dir=str(out),
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),

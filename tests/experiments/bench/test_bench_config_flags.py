@@ -20,3 +20,18 @@ def test_fp_layers_and_rounding_reach_the_run_and_the_command():
     command = old.command()
     assert "--fp-layers none" in command and "--recon-rounding adaround" in command
     assert "--recon-activation-iters 400" in command
+
+
+def test_a_gptq_target_damp_other_than_the_default_is_named_in_the_command():
+    """A config whose W* was solved with gptq_damp (None: the behaviour before gptq_target_damp) regenerates with that
+    damping spelled out, so the command reproduces it whatever the default is."""
+    default = ReconstructionConfig()
+    older = BenchConfig(methods=("qdiffusion",), presets=("W8A8",), samplers=(SAMPLER,),
+                        reconstruction=ReconstructionConfig(gptq_target_damp=None))
+    if default.gptq_target_damp is None:
+        assert "--recon-gptq-target-damp" not in older.command()
+    else:
+        assert f"--recon-gptq-target-damp {default.gptq_damp!r}" in older.command()
+    tuned = BenchConfig(methods=("qdiffusion",), presets=("W8A8",), samplers=(SAMPLER,),
+                        reconstruction=ReconstructionConfig(gptq_target_damp=3e-5))
+    assert "--recon-gptq-target-damp 3e-05" in tuned.command()
