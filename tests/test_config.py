@@ -86,7 +86,7 @@ def test_reconstruction_rounding_survives_json_and_a_version_1_payload_means_ada
         del old["data"]["reconstruction"]["data"][name]
     restored = config_from_dict(old)
     assert restored.reconstruction.rounding == "adaround" and restored == QuantConfig.from_preset(
-        "W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(rounding="adaround"))
+        "W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(rounding="adaround", gptq_target_damp=None))
 
 
 def test_a_version_2_reconstruction_solves_the_fp_output_target_with_gptq_damp():

@@ -119,8 +119,10 @@ class ReconstructionConfig:
         gptq_target_damp: the ridge damping of the least-squares W* of ``gptq_target="fp_output"``, as a share of
             E[x̂ x̂ᵀ]'s mean diagonal; ``None``: ``gptq_damp`` (tadq before 2026-12-03). The ridge pulls W* toward
             zero along the inputs' weak directions; at 1 % that bias is larger than an 8-bit step, so at W8A8 GPTQ
-            onto the FP outputs lost to nearest rounding in every unit of the digits model
-            (``benchmarks/w8_weight_bias.py --gptq``).
+            onto the FP outputs lost to nearest rounding in every unit of both pixel models. 1e-4 measured best of
+            1e-3..1e-6 on the digits and beat 1 % on both models at both presets (digits W8A8 +1.1 / W4A8 +4.4 dB,
+            photos +1.0 / +3.8 dB); 1e-6 is ill-conditioned (digits W4A8 25 dB).
+            ``benchmarks/gptq_target_damp.py``; docs/methods/qdiffusion.md#the-targets-ridge-damping.
         gptq_act_order: round the columns with the largest input energy first (GPTQ's act-order).
         gptq_target: what GPTQ's rounding reproduces: ``"fp_output"`` (default: the FP network's layer output W x;
             W is first replaced by the least-squares W* = W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁻¹, which also absorbs the drift of
@@ -146,7 +148,7 @@ class ReconstructionConfig:
     seed: int = 0
     rounding: Literal["adaround", "gptq", "gptq_adaround"] = "gptq"
     gptq_damp: float = 0.01
-    gptq_target_damp: float | None = None
+    gptq_target_damp: float | None = 1e-4
     gptq_act_order: bool = True
     gptq_target: Literal["own_inputs", "fp_output"] = "fp_output"
     gptq_inputs: int = 256

@@ -1,0 +1,85 @@
+"""Which ridge damping the least-squares FP-output target of GPTQ rounding needs (``gptq_target_damp``).
+
+Why: GPTQ onto the FP layer outputs first solves W* = W E[x x̂ᵀ] (E[x̂ x̂ᵀ] + λ·mean diag·I)⁻¹. With λ = gptq_damp
+(1 %, GPTQ's own damping of its column updates) the ridge pulls W* toward zero along the inputs' weak directions
+by more than an 8-bit step, and at W8A8 every unit rejected its GPTQ rounding as worse than nearest; too small a λ
+leaves W* ill-conditioned. This script quantizes a shipped model with the default Q-Diffusion base (GPTQ, no
+activation phase, input/output convs in float) at each (preset, damping) and reports the units that kept nearest
+rounding, the summed unit loss against nearest, and the sampled PSNR against FP from the same noise.
+
+Calibration as ``w8a8_diagnose.py`` (64 FP trajectories, 25 of 50 DDIM steps × 32 inputs, seed 0); evaluation
+seed 1000. Rows ``PRESET:DAMP`` with DAMP a number or ``gptq`` (None: solve with gptq_damp, tadq before
+2026-12-03). One JSON line per row. Run (one thread)::
+
+    python benchmarks/gptq_target_damp.py --model digits --rows W8A8:gptq,W8A8:1e-3,W8A8:1e-4,W8A8:1e-5,\\
+W4A8:gptq,W4A8:1e-3,W4A8:1e-4,W4A8:1e-5,W4A8:1e-6 --num-samples 128
+    python benchmarks/gptq_target_damp.py --model photos --rows W8A8:gptq,W8A8:1e-4,W4A8:gptq,W4A8:1e-4 \\
+        --num-samples 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from tadq import api
+from tadq.calibration import collect_calibration_set
+from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
+from tadq.experiments.workload import load_workload
+from tadq.metrics import psnr_per_sample
+from tadq.registry import adapter_for
+from tadq.sampling import SamplerConfig
+
+
+def parse_row(row: str) -> tuple[str, float | None]:
+    name, _, damp = row.partition(":")
+    if not damp:
+        raise SystemExit(f"row {row!r}: expected PRESET:DAMP (a number, or gptq for gptq_damp)")
+    return name.upper(), None if damp == "gptq" else float(damp)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="digits")
+    parser.add_argument("--rows", default="W8A8:gptq,W8A8:1e-4,W4A8:gptq,W4A8:1e-4")
+    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    rows = [parse_row(row) for row in args.rows.split(",")]
+    for _, damp in rows:  # refuse a bad value before any calibration
+        ReconstructionConfig(gptq_target_damp=damp)
+    torch.set_num_threads(args.threads)
+    workload = load_workload(args.model)
+    adapter = adapter_for(workload.model)
+    sampler = SamplerConfig(kind="ddim", num_steps=50)
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
+                                    seed=0)
+    data = collect_calibration_set(workload.model, adapter, workload.scheduler.config, calibration,
+                                   cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
+
+    def draw(model) -> torch.Tensor:
+        return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=1000,
+                          conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
+
+    fp = draw(workload.model)
+    for name, damp in rows:
+        config = QuantConfig.from_preset(name, calibration=calibration, method="qdiffusion", fp_layers="first_last",
+                                         reconstruction=ReconstructionConfig(gptq_target_damp=damp))
+        start = time.process_time()
+        qmodel = api.quantize(workload.model, workload.scheduler, config, calibration=data,
+                              conditions=workload.calibration_conditions, progress=False)
+        cpu_s = time.process_time() - start
+        reports = qmodel.reconstruction_report
+        print(json.dumps({
+            "model": args.model, "preset": name, "gptq_target_damp": damp, "units": len(reports),
+            "kept_nearest": sum(r.guard_rejected for r in reports),
+            "loss_vs_nearest": round(sum(r.loss_after for r in reports) / sum(r.loss_before for r in reports), 4),
+            "psnr": round(float(psnr_per_sample(draw(qmodel), fp).mean()), 2), "quantize_cpu_s": round(cpu_s, 1)}),
+            flush=True)
+
+
+if __name__ == "__main__":
+    main()
