@@ -34,7 +34,7 @@ from torch import nn
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
-from tadq.config import CalibrationConfig, QuantConfig
+from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
 from tadq.corrections.tac.config import TACConfig
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
@@ -90,8 +90,13 @@ def main() -> None:
     parser.add_argument("--rows", default="W8A8:asym_mse:wonly,W8A8:sym_minmax:wonly,W8A8:asym_mse:wonly+bc")
     parser.add_argument("--num-samples", type=int, default=128)
     parser.add_argument("--gptq", action="store_true", help="also count the GPTQ base's rejected units per preset")
+    parser.add_argument("--gptq-target-damp", default=None,
+                        help="ReconstructionConfig.gptq_target_damp of the gptq rows: a number, or gptq (solve with "
+                             "gptq_damp, tadq before 2026-12-03; the README's numbers); default: the library's")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    reconstruction = ReconstructionConfig() if args.gptq_target_damp is None else ReconstructionConfig(
+        gptq_target_damp=None if args.gptq_target_damp == "gptq" else float(args.gptq_target_damp))
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
     if workload.calibration_conditions is not None:
@@ -117,7 +122,8 @@ def main() -> None:
         target = predict(workload.model, data.x[held_out], data.t[held_out])
 
     def build(name: str, grid: str, method: str = "naive"):
-        config = QuantConfig.from_preset(name, calibration=calibration, method=method, fp_layers="first_last")
+        config = QuantConfig.from_preset(name, calibration=calibration, method=method, fp_layers="first_last",
+                                         reconstruction=reconstruction)
         config = dataclasses.replace(config, weights=dataclasses.replace(preset(name)[0], **WEIGHT_GRIDS[grid]))
         return api.quantize(workload.model, workload.scheduler, config, calibration=data, progress=False)
 
