@@ -151,3 +151,13 @@ def test_results_note_lists_what_each_peer_row_quantized():
     assert note.splitlines() == ["Peer coverage (measured):",
                                  "- optimum-quanto W8A8: quanto 0.2.7: inputs quantized in 29"]
     assert _peer_coverage_note(["naive PTQ W8A8"], cells[:1]) == ""
+
+
+def test_results_note_names_the_gptq_targets_ridge_damping():
+    """Two GPTQ runs that differ only in the target's damping give different numbers: the note tells them apart."""
+    from tadq.config import ReconstructionConfig
+    from tadq.experiments.run import _reconstruction_note
+
+    assert "target ridge damping 0.0001" in _reconstruction_note(ReconstructionConfig(gptq_target_damp=1e-4))
+    assert "target ridge damping 0.01" in _reconstruction_note(ReconstructionConfig(gptq_target_damp=None))
+    assert "ridge" not in _reconstruction_note(ReconstructionConfig(gptq_target="own_inputs"))
