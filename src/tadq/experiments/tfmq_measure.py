@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["temporal_cosines", "calibration_times", "paired_psnr"]
+__all__ = ["temporal_cosines", "calibration_times", "paired_psnr", "paired_rows"]
 
 
 def temporal_cosines(model_dirs: list[str]) -> dict[str, dict[str, float]]:
@@ -94,17 +94,30 @@ def paired_psnr(run_dir: str, reference: str = "Q-Diffusion") -> dict[str, dict[
     from pathlib import Path
 
     from tadq.experiments.run import CELL_SUFFIX, load_cell
+
+    return paired_rows([load_cell(path) for path in sorted(Path(run_dir, "cells").glob(f"*{CELL_SUFFIX}"))],
+                       reference)
+
+
+def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]]:
+    """``paired_psnr`` over loaded cells. Each row is compared with the ``reference`` row of its own bit-width; with
+    several bit-widths in the folder the keys are "name bits" (one name per row would let one preset's row
+    overwrite another's)."""
     from tadq.metrics import psnr_per_sample
 
-    cells = [load_cell(path) for path in sorted(Path(run_dir, "cells").glob(f"*{CELL_SUFFIX}"))]
     fp = next(cell for cell in cells if cell["name"] == "FP")
-    psnr = {cell["name"]: psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1))
-            for cell in cells if cell is not fp and cell["images"].shape == fp["images"].shape}
+    rows = [cell for cell in cells if cell is not fp and cell["images"].shape == fp["images"].shape]
+    several = len({cell["bits"] for cell in rows}) > 1
+    psnr = {(cell["name"], cell["bits"]): psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1))
+            for cell in rows}
     results = {}
-    for name, values in psnr.items():
-        difference = values - psnr[reference]
-        results[name] = {"psnr": float(values.mean()), "difference": float(difference.mean()),
-                         "interval": float(1.96 * difference.std() / len(difference) ** 0.5)}
+    for (name, bits), values in psnr.items():
+        if (reference, bits) not in psnr:
+            raise ValueError(f"no {reference!r} row at {bits} to pair {name!r} with; rows: {sorted(psnr)}")
+        difference = values - psnr[(reference, bits)]
+        results[f"{name} {bits}" if several else name] = {
+            "psnr": float(values.mean()), "difference": float(difference.mean()),
+            "interval": float(1.96 * difference.std() / len(difference) ** 0.5)}
     return results
 
 

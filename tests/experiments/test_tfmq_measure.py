@@ -1,0 +1,31 @@
+"""``tfmq_measure paired``: rows paired with the reference row of their own bit-width."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tadq.experiments.tfmq_measure import paired_rows
+
+
+def _cell(name: str, bits: str, images: torch.Tensor) -> dict:
+    return {"name": name, "bits": bits, "images": images}
+
+
+def test_each_preset_is_paired_with_its_own_reference_and_keyed_by_bits():
+    generator = torch.Generator().manual_seed(0)
+    fp = torch.rand(16, 1, 4, 4, generator=generator) * 2 - 1
+
+    def noisy(scale: float) -> torch.Tensor:
+        return fp + scale * torch.randn(fp.shape, generator=generator)
+
+    cells = [_cell("FP", "W32A32", fp), _cell("ref", "W8A8", noisy(0.01)), _cell("peer", "W8A8", noisy(0.02)),
+             _cell("ref", "W4A8", noisy(0.1)), _cell("peer", "W4A8", noisy(0.05))]
+    results = paired_rows(cells, "ref")
+    assert sorted(results) == ["peer W4A8", "peer W8A8", "ref W4A8", "ref W8A8"]
+    assert results["ref W8A8"]["difference"] == 0.0
+    assert results["peer W8A8"]["difference"] < 0 < results["peer W4A8"]["difference"]  # finer noise, higher PSNR
+    single = paired_rows(cells[:3], "ref")
+    assert sorted(single) == ["peer", "ref"]  # one bit-width: the names alone, as before
+    with pytest.raises(ValueError, match="no 'ref' row at W4A8"):
+        paired_rows([*cells[:3], _cell("peer", "W4A8", fp)], "ref")
