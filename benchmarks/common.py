@@ -97,3 +97,14 @@ def main_run_setup(args: argparse.Namespace):
                                     cache_dir=config.cache_dir, progress=False)
     bases = BaseModels(model, scheduler, calib, model_fingerprint(model), Path(args.models))
     return out, config, model, scheduler, bases
+
+
+def probe_calibration(workload) -> tuple[SamplerConfig, CalibrationConfig, CalibrationSet]:
+    """The diagnosis benchmarks' smaller calibration of a ``load_workload`` workload: DDIM 50 η = 0, 64 FP
+    trajectories, 25 of the 50 steps × 32 inputs, seed 0 (cached in .cache/tadq); (sampler, config, set)."""
+    sampler = SamplerConfig(kind="ddim", num_steps=50)
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
+                                    seed=0)
+    data = collect_calibration_set(workload.model, adapter_for(workload.model), workload.scheduler.config,
+                                   calibration, cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
+    return sampler, calibration, data

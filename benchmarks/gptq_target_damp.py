@@ -24,14 +24,12 @@ import json
 import time
 
 import torch
+from common import probe_calibration
 
 from tadq import api
-from tadq.calibration import collect_calibration_set
-from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
+from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
-from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig
 
 
 def parse_row(row: str) -> tuple[str, float | None]:
@@ -53,12 +51,7 @@ def main() -> None:
         ReconstructionConfig(gptq_target_damp=damp)
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
-    adapter = adapter_for(workload.model)
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
-                                    seed=0)
-    data = collect_calibration_set(workload.model, adapter, workload.scheduler.config, calibration,
-                                   cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
+    sampler, calibration, data = probe_calibration(workload)
 
     def draw(model) -> torch.Tensor:
         return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=1000,

@@ -10,14 +10,12 @@ import json
 import time
 
 import torch
+from common import probe_calibration
 
 from tadq import api
-from tadq.calibration import collect_calibration_set
-from tadq.config import CalibrationConfig, QuantConfig
+from tadq.config import QuantConfig
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
-from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig
 
 ROWS = [("naive", {}),
         ("naive+attn", {"quantize_attention": True}),  # P per query row: QuantConfig's default since issue 19
@@ -28,11 +26,7 @@ ROWS = [("naive", {}),
 def main(num_samples: int = 32, eval_seed: int = 1000) -> None:
     torch.set_num_threads(1)
     workload = load_workload("photos")
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
-                                    seed=0)
-    data = collect_calibration_set(workload.model, adapter_for(workload.model), workload.scheduler.config,
-                                   calibration, cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
+    sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
         return api.sample(model, workload.scheduler, sampler, num_samples=num_samples, seed=eval_seed,

@@ -34,18 +34,16 @@ import json
 import time
 
 import torch
+from common import probe_calibration
 from torch import Tensor, nn
 
 from tadq import api
-from tadq.calibration import collect_calibration_set
-from tadq.config import CalibrationConfig, QuantConfig
+from tadq.config import QuantConfig
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
 from tadq.quant import QScheme
 from tadq.quant.attention import QuantAttnProcessor
 from tadq.quant.quantizer import Quantizer
-from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig
 
 OPERANDS = {"qk": ("q_quantizer", "k_quantizer"), "v": ("v_quantizer",), "p": ("softmax_quantizer",)}
 """Which attention quantizers a row ``attn-X`` keeps; every other attention quantizer is switched off."""
@@ -175,11 +173,7 @@ def main() -> None:
 
     torch.set_num_threads(1)
     workload = load_workload(args.model)
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
-                                    seed=0)
-    data = collect_calibration_set(workload.model, adapter_for(workload.model), workload.scheduler.config,
-                                   calibration, cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
+    sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
         return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=args.eval_seed,

@@ -30,11 +30,11 @@ import json
 
 import torch
 import torch.nn.functional as F
+from common import probe_calibration
 from torch import nn
 
 from tadq import api
-from tadq.calibration import collect_calibration_set
-from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
+from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.corrections.tac.config import TACConfig
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
@@ -43,7 +43,6 @@ from tadq.quant.modules import QuantConv2d, QuantLayer
 from tadq.quant.quantizer import Quantizer
 from tadq.recipe import Recipe
 from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig
 
 WEIGHT_GRIDS = {"asym_mse": {}, "asym_minmax": {"range_method": "minmax"},
                 "sym_minmax": {"range_method": "minmax", "symmetric": True}}
@@ -102,11 +101,7 @@ def main() -> None:
     if workload.calibration_conditions is not None:
         raise SystemExit("an unconditional model only (the probe calls the denoiser without conditioning)")
     adapter = adapter_for(workload.model)
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
-                                    seed=0)
-    data = collect_calibration_set(workload.model, adapter, workload.scheduler.config, calibration,
-                                   cache_dir=".cache/tadq")
+    sampler, calibration, data = probe_calibration(workload)
     held_out = torch.randperm(len(data), generator=torch.Generator().manual_seed(12345))[:512]
     fit_rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(7))[:512]
 

@@ -30,18 +30,17 @@ import json
 import time
 
 import torch
+from common import probe_calibration
 from torch import nn
 
 from tadq import api
-from tadq.calibration import collect_calibration_set
-from tadq.config import FP_LAYER_PRESETS, CalibrationConfig, QuantConfig
+from tadq.config import FP_LAYER_PRESETS, QuantConfig
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
 from tadq.quant import QScheme, preset
 from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import adapter_for
-from tadq.sampling import SamplerConfig
 
 
 def layers(model: nn.Module) -> dict[str, QuantLayer]:
@@ -67,12 +66,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
-    sampler = SamplerConfig(kind="ddim", num_steps=50)
-    calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
-                                    seed=0)
     adapter = adapter_for(workload.model)
-    data = collect_calibration_set(workload.model, adapter, workload.scheduler.config, calibration,
-                                   cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
+    sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
         return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=args.eval_seed,

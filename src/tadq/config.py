@@ -182,6 +182,11 @@ class ReconstructionConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
+    @property
+    def fp_output_damp(self) -> float:
+        """The ridge damping W* is solved with: ``gptq_target_damp``, or ``gptq_damp`` where that is ``None``."""
+        return self.gptq_damp if self.gptq_target_damp is None else self.gptq_target_damp
+
 
 @dataclass(frozen=True)
 class QuantConfig:

@@ -261,8 +261,7 @@ def _gptq_weights(module: nn.Module, io: UnitIO, config: ReconstructionConfig, s
             offset = group * rows_out.shape[0]
             hessian = accumulator.hessian()
             if cross is not None:
-                target_damp = config.gptq_damp if config.gptq_target_damp is None else config.gptq_target_damp
-                rows_out = _fp_output_weight(rows_out, hessian, cross[group], target_damp)
+                rows_out = _fp_output_weight(rows_out, hessian, cross[group], config.fp_output_damp)
             rounded.append(gptq_round(rows_out, hessian,
                                       _group_rows(spans, offset, rows_out.shape[0], weight.shape[0]),
                                       damp=config.gptq_damp, act_order=config.gptq_act_order,

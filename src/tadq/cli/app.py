@@ -128,12 +128,11 @@ def run_command(
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
-        changes = {"weight_iters": recon_iters, "activation_iters": recon_activation_iters}
+        changes = {name: value for name, value in (("weight_iters", recon_iters),
+                                                   ("activation_iters", recon_activation_iters)) if value >= 0}
         if recon_gptq_target_damp != -1.0:
             changes["gptq_target_damp"] = recon_gptq_target_damp  # ReconstructionConfig refuses values <= 0
-        reconstruction = ReconstructionConfig(rounding=recon_rounding,
-                                              **{name: value for name, value in changes.items()
-                                                 if name == "gptq_target_damp" or value >= 0})
+        reconstruction = ReconstructionConfig(rounding=recon_rounding, **changes)
         config = RunConfig(model=model or None, presets=_parse_presets(presets),
                            methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
                            reconstruction=reconstruction,

@@ -269,12 +269,8 @@ def _reconstruction_note(reconstruction) -> str:
     if reconstruction.rounding == "adaround":
         return (f"Block reconstruction (Q-Diffusion-based rows): AdaRound, {reconstruction.weight_iters} rounding / "
                 f"{reconstruction.activation_iters} activation-step iterations per unit.")
-    if reconstruction.gptq_target == "fp_output":
-        damp = (reconstruction.gptq_damp if reconstruction.gptq_target_damp is None
-                else reconstruction.gptq_target_damp)
-        target = f"the FP layer outputs, target ridge damping {damp:g}"
-    else:
-        target = "each layer's own outputs"
+    target = (f"the FP layer outputs, target ridge damping {reconstruction.fp_output_damp:g}"
+              if reconstruction.gptq_target == "fp_output" else "each layer's own outputs")
     return (f"Block reconstruction (Q-Diffusion-based rows): {reconstruction.rounding} rounding "
             f"(GPTQ onto {target}, {reconstruction.gptq_inputs or 'all'} Hessian inputs"
             + (f", then {reconstruction.weight_iters} AdaRound iterations"

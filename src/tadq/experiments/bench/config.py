@@ -187,8 +187,7 @@ class BenchConfig:
         if recon.rounding != default.rounding:
             args += ["--recon-rounding", recon.rounding]
         if recon.gptq_target_damp != default.gptq_target_damp:  # None solved W* with gptq_damp: name that value
-            damp = recon.gptq_damp if recon.gptq_target_damp is None else recon.gptq_target_damp
-            args += ["--recon-gptq-target-damp", repr(damp)]
+            args += ["--recon-gptq-target-damp", repr(recon.fp_output_damp)]
         if self.fp_layers != DEFAULT_FP_LAYERS:
             args += ["--fp-layers", self.fp_layers]
         if self.batch_size != 250:
