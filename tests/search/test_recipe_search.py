@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import tadq
 from tadq.cli.app import app
 from tadq.cli.quantize import QuantFlags, resolve_recipe
+from tadq.config import DEFAULT_FP_LAYERS
 from tadq.corrections.ptqd.bitops import bit_operations
 from tadq.recipe import load_recipe, recipe_from_dict
 from tadq.search import Budget, Candidate, SearchSpace, heldout_seed, plan_search, run_search
@@ -229,14 +230,15 @@ def test_the_cli_writes_recipe_artefact_report_and_evaluation(tmp_path, tiny_mod
     for name in ("recipe.json", "report.md", "report.json", "pareto.png", "model/tadq_recipe.json"):
         assert (out / name).exists(), name
     report = json.loads((out / "report.json").read_text())
-    assert report["winner"] in {"naive-W4A8", "naive+tac-W4A8"}
+    plain, tac = (f"{name}-W4A8-fp_{DEFAULT_FP_LAYERS}" for name in ("naive", "naive+tac"))  # the default FP layers
+    assert report["winner"] in {plain, tac}
     assert report["evaluation"]["seed"] == 1000 and "README row" in report["evaluation"]["summary"]
     summary = report["evaluation"]["summary"]
-    if report["winner"] == "naive-W4A8":  # the only README row in the budget: nothing else to compare with
+    if report["winner"] == plain:  # the only README row in the budget: nothing else to compare with
         assert summary.startswith("no README row other than the winner")
     else:  # naive+tac is not a README row: compared with naive-W4A8, and not called one
-        assert "itself" not in summary and "best README row within the budget, naive-W4A8" in summary
-    assert set(report["evaluation"]["rows"]) == {"naive-W4A8", "naive+tac-W4A8"}
+        assert "itself" not in summary and f"best README row within the budget, {plain}" in summary
+    assert set(report["evaluation"]["rows"]) == {plain, tac}
     assert load_recipe(out / "recipe.json").name == report["winner"]
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import tadq
 from tadq.cli.app import app
-from tadq.config import FP_LAYER_PRESETS
+from tadq.config import DEFAULT_FP_LAYERS, FP_LAYER_PRESETS
 from tadq.corrections.ptqd.bitops import bit_operations
 from tadq.search import Budget, Candidate, SearchSpace, plan_search
 from tadq.search.evaluate import _is_readme_row
@@ -32,7 +32,7 @@ def _space(**changes) -> SearchSpace:
 
 def test_the_axis_doubles_the_candidates_with_the_right_recipes():
     plain, both = _space(fp_layers=("none",)), _space()
-    assert SearchSpace().fp_layers == ("none",)  # the default searches what it searched before
+    assert SearchSpace().fp_layers == (DEFAULT_FP_LAYERS,)  # tadq run's layers in float
     names = [c.name for c in both.candidates()]
     assert len(names) == 2 * len(plain.candidates()) == len(set(names))
     assert names == ["naive-W4A8", "naive+tac-W4A8", "naive-W4A8-fp_first_last", "naive+tac-W4A8-fp_first_last"]
@@ -127,13 +127,15 @@ def test_the_search_builds_each_fp_layers_base_once_and_fits_its_stacks_on_it(se
                                                                          for r in result.records}
 
 
-def test_only_fp_layers_none_candidates_count_as_readme_rows(searched):
+def test_readme_rows_are_every_layer_or_the_headlines_fp_layers(searched):
     rows = {r["name"]: _is_readme_row(r) for r in searched["result"].records}
     assert rows == {"naive-W4A8": True, "naive+tac-W4A8": False,  # not a README row, with or without the axis
-                    "naive-W4A8-fp_first_last": False, "naive+tac-W4A8-fp_first_last": False}
+                    "naive-W4A8-fp_first_last": True, "naive+tac-W4A8-fp_first_last": False}
     assert _is_readme_row({"name": "qdiffusion+tac+tcec-W4A8", "base": "qdiffusion", "stack": "tac+tcec"})
-    assert not _is_readme_row({"name": "qdiffusion+tac+tcec-W4A8-fp_first_last", "base": "qdiffusion",
-                               "stack": "tac+tcec", "fp_layers": "first_last"})
+    assert _is_readme_row({"name": "qdiffusion+tac+tcec-W4A8-fp_first_last", "base": "qdiffusion",
+                           "stack": "tac+tcec", "fp_layers": "first_last"})
+    assert not _is_readme_row({"name": "qdiffusion+tac+tcec-W4A8-fp_first_last_time", "base": "qdiffusion",
+                               "stack": "tac+tcec", "fp_layers": "first_last_time"})
 
 
 def _cli(tmp_path, model_dir, *flags):
@@ -167,3 +169,17 @@ def test_the_cli_searches_the_axis_and_records_it(tmp_path, tiny_model_dir):
     assert status == {"naive-W4A8": "scored", "naive-W4A8-fp_first_last": "over budget"}
     assert report["winner"] == "naive-W4A8"
     assert not (tmp_path / "out" / "cache" / "models" / "naive-W4A8-fp_first_last").exists()
+
+
+def test_the_cli_default_searches_the_headlines_fp_layers_under_that_presets_cost(tmp_path, tiny_model_dir):
+    # no --fp-layers: tadq run's default; --budget-bits W4A8 is the W4A8 preset's cost with those layers in float,
+    # so the headline's W4A8 model fits exactly (an every-layer W4A8 budget would rule it out)
+    result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A8")
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    name = f"naive-W4A8-fp_{DEFAULT_FP_LAYERS}"
+    assert report["settings"]["space"]["fp_layers"] == [DEFAULT_FP_LAYERS]
+    assert {c["name"]: c["status"] for c in report["candidates"]} == {name: "scored"}
+    record = next(c for c in report["candidates"] if c["name"] == name)
+    assert report["budget"]["value"] == pytest.approx(record["gbitops"], rel=1e-12)
+    assert f"fp_layers={DEFAULT_FP_LAYERS}" in report["budget"]["source"]

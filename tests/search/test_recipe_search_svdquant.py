@@ -150,7 +150,8 @@ def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, 
 
     monkeypatch.setattr(tadq.search, "run_search", capture)
     result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A4", "--presets", "W4A4", "--bases",
-                  "qdiffusion,svdquant,smoothquant", "--stacks", "none,tac", "--recon-rounding", "adaround")
+                  "qdiffusion,svdquant,smoothquant", "--stacks", "none,tac", "--recon-rounding", "adaround",
+                  "--fp-layers", "none")  # the README's every-layer names
     assert result.exit_code == 2 and "captured" in result.output, result.output
     space, plan = seen["space"], seen["plan"]
     assert space.reconstruction.rounding == "adaround" and space.bases == ("qdiffusion", "svdquant", "smoothquant")

@@ -30,6 +30,7 @@ def tiny_space(**fields: Any) -> SearchSpace:
                                       seed=0, batch_size=8),
         reconstruction=ReconstructionConfig(weight_iters=2, activation_iters=2, batch_size=8),
         fit_trajectories=4, selection_samples=4,
+        fp_layers=("none",),  # names without the -fp_ suffix; the floating-point layers axis has its own tests
     )
     return SearchSpace(**(settings | fields))
 

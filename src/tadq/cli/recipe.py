@@ -11,6 +11,7 @@ import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 from tadq.cli.sample import Threads, Verbose
+from tadq.config import DEFAULT_FP_LAYERS
 
 __all__ = ["recipe_command", "resolve_budget_flags"]
 
@@ -44,7 +45,8 @@ def recipe_command(
     model_dir: Annotated[Path | None, typer.Argument(help="Diffusers model folder (default: the shipped digits "
                                                           "model).")] = None,
     budget_gbitops: Annotated[float | None, typer.Option(help="Budget in Gbit-ops per sample (all steps).")] = None,
-    budget_bits: Annotated[str | None, typer.Option(help="Budget: the bit-operations of this preset (W4A8...).")
+    budget_bits: Annotated[str | None, typer.Option(help="Budget: the bit-operations of this preset (W4A8...), with "
+                                                        "the layers of the first --fp-layers key kept in float.")
                            ] = None,
     budget_bytes: Annotated[int | None, typer.Option(help="Budget: artefact bytes (weights + correction tables).")
                             ] = None,
@@ -62,7 +64,8 @@ def recipe_command(
     fp_layers: Annotated[str, typer.Option(help="Layers kept in floating point, keys of FP_LAYER_PRESETS: none (every "
                                                 "layer quantized), first_last (the input and output convs), "
                                                 "first_last_time (also the timestep MLP); each key tried with every "
-                                                "other choice, its FP layers costed at 32x32 bits.")] = "none",
+                                                "other choice, its FP layers costed at 32x32 bits. The default is "
+                                                "tadq run's.")] = DEFAULT_FP_LAYERS,
     steps: Annotated[int, typer.Option(help="DDIM steps of the deployment sampler.")] = 50,
     eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler.")] = 0.0,
     calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
@@ -123,8 +126,12 @@ def recipe_command(
         check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
         model, scheduler = load_pipeline_parts(model_dir)
         if kind == "bits":
-            cost = gbitops_per_sample(model, space.recipe(Candidate("naive", value)))
-            budget = Budget("gbitops", cost, f"the {value} preset's bit-operations")
+            # the preset as the search's first floating-point layers key deploys it: `--budget-bits W4A8` admits the
+            # headline's W4A8 model (first/last convs in float), not only an every-layer one
+            first_fp = space.fp_layers[0]
+            cost = gbitops_per_sample(model, space.recipe(Candidate("naive", value, fp_layers=first_fp)))
+            budget = Budget("gbitops", cost, f"the {value} preset's bit-operations"
+                                             + ("" if first_fp == "none" else f" with fp_layers={first_fp}"))
         else:
             budget = Budget(kind, float(value), "--budget-gbitops" if kind == "gbitops" else "--budget-bytes")
         from tadq.search import plan_search, run_search

@@ -1,11 +1,11 @@
 """``tadq recipe --evaluate N``: the winner against every in-budget candidate on the *evaluation* seed.
 
 The README's fixed rows at a preset (naive, Q-Diffusion, Q-Diffusion + PTQD / TAC / TCEC / TAC + TCEC, SVDQuant,
-SVDQuant + TAC / TCEC / PTQD) are candidates of the search (those with ``fp_layers="none"``: the README's rows quantize
-every layer); within the budget they were built with the search's
-settings, so this compares them and the winner at equal budget and equal build settings, on noise the search never
-saw. It runs only after the
-winner is chosen, so nothing here can influence the choice.
+SVDQuant + TAC / TCEC / PTQD) are candidates of the search: those with no layer in float (the older tables quantize
+every layer) and those with ``tadq run``'s default floating-point layers (``DEFAULT_FP_LAYERS``, the headline's
+setting). Within the budget they were built with the search's settings, so this compares them and the winner at equal
+budget and equal build settings, on noise the search never saw. It runs only after the winner is chosen, so nothing
+here can influence the choice.
 """
 
 from __future__ import annotations
@@ -16,20 +16,26 @@ from typing import Any
 from torch import nn
 
 from tadq.api import load
+from tadq.config import DEFAULT_FP_LAYERS
 from tadq.metrics.image import psnr_per_sample, ssim_per_sample
 from tadq.search.score import final_samples
 from tadq.search.search import SearchResult
 
-__all__ = ["README_ROWS", "evaluate_candidates"]
+__all__ = ["README_FP_LAYERS", "README_ROWS", "evaluate_candidates"]
 
 README_ROWS = ("naive", "qdiffusion", "qdiffusion+ptqd", "qdiffusion+tac", "qdiffusion+tcec", "qdiffusion+tac+tcec",
                "svdquant", "svdquant+tac", "svdquant+tcec", "svdquant+ptqd")
 """The (base + stack) names of the README's rows: the main table and the W4A4 SVDQuant table."""
 
 
+README_FP_LAYERS = ("none", DEFAULT_FP_LAYERS)
+"""The floating-point layers keys of the README's rows: every layer quantized, or the headline's default."""
+
+
 def _is_readme_row(record: dict[str, Any]) -> bool:
-    """A README row: its (base + stack) is one of ``README_ROWS`` and no layer is kept in floating point."""
-    if record.get("fp_layers", "none") != "none":
+    """A README row: its (base + stack) is one of ``README_ROWS`` and its floating-point layers one of
+    ``README_FP_LAYERS``."""
+    if record.get("fp_layers", "none") not in README_FP_LAYERS:
         return False
     stem = record["base"] if record["stack"] == "none" else f"{record['base']}+{record['stack']}"
     return stem in README_ROWS

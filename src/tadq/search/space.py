@@ -35,7 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from tadq.config import CalibrationConfig, ReconstructionConfig, fp_layer_roles
+from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig, fp_layer_roles
 from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
 from tadq.prepare import build_quantized_structure
 from tadq.quant.lowrank import effective_rank, lowrank_macs
@@ -224,7 +224,8 @@ class SearchSpace:
         bases: base methods (``BASES``: ``naive``, ``qdiffusion``, ``svdquant``, ``smoothquant``).
         stacks: correction stacks by name (``STACKS``).
         fp_layers: keys of ``tadq.config.FP_LAYER_PRESETS`` (``none``, ``first_last``, ``first_last_time``): each
-            candidate is tried with each set of layers kept in floating point (``Recipe.keep_fp_roles``).
+            candidate is tried with each set of layers kept in floating point (``Recipe.keep_fp_roles``); the
+            default is ``tadq run``'s (``DEFAULT_FP_LAYERS``: the input and output convs).
         sampler: the deployment sampler (calibration, fits and scoring run with it).
         calibration: calibration trajectories (its seed is the calibration seed every fit uses).
         reconstruction: Q-Diffusion's block reconstruction settings (``rounding``: AdaRound, GPTQ or both; the
@@ -236,7 +237,7 @@ class SearchSpace:
     presets: tuple[str, ...] = ("W8A8", "W4A8", "W4A4")
     bases: tuple[str, ...] = BASES
     stacks: tuple[str, ...] = tuple(STACKS)
-    fp_layers: tuple[str, ...] = ("none",)
+    fp_layers: tuple[str, ...] = (DEFAULT_FP_LAYERS,)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
     calibration: CalibrationConfig | None = None
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
