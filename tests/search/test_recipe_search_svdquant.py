@@ -160,9 +160,28 @@ def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, 
     assert "smoothquant+tac-W4A4" in {c.name for c in plan.feasible}
 
 
+def test_the_cli_feeds_the_gptq_target_damping_to_every_qdiffusion_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    import tadq.search
+
+    seen = {}
+
+    def capture(model, scheduler, space, budget, out, **kwargs):
+        seen.update(space=space, plan=kwargs["plan"])
+        raise _Stop("captured")
+
+    monkeypatch.setattr(tadq.search, "run_search", capture)
+    for flags, expected in (((), ReconstructionConfig().gptq_target_damp), (("--recon-gptq-target-damp", "0.01"), 0.01)):
+        result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A8", "--presets", "W4A8", "--bases", "qdiffusion",
+                      "--stacks", "none", *flags)
+        assert result.exit_code == 2 and "captured" in result.output, result.output
+        assert seen["space"].reconstruction.gptq_target_damp == expected
+        assert {r.method.reconstruction.gptq_target_damp for r in seen["plan"].recipes.values()} == {expected}
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--bases", "naive,svd"], "searched bases: ['naive', 'qdiffusion', 'svdquant', 'smoothquant']"),
     (["--recon-rounding", "nearest"], "rounding must be 'adaround', 'gptq' or 'gptq_adaround'"),
+    (["--recon-gptq-target-damp", "0"], "gptq_target_damp must be > 0"),
 ])
 def test_the_cli_refuses_an_unknown_base_or_rounding_before_any_work(tmp_path, tiny_model_dir, monkeypatch, flags,
                                                                       message):

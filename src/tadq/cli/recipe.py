@@ -76,6 +76,9 @@ def recipe_command(
                                                      "gptq (inverse-Hessian compensation, no iterations; the "
                                                      "default), adaround (learned) or gptq_adaround.")
                               ] = "gptq",
+    recon_gptq_target_damp: Annotated[float, typer.Option(
+        help="Ridge damping of GPTQ's least-squares FP-output target W* (share of the Hessian's mean diagonal; -1: the "
+             "ReconstructionConfig default, 1e-4; 0.01: GPTQ's own damping, tadq before 2026-12-03).")] = -1.0,
     fit_trajectories: Annotated[int, typer.Option(help="Trajectories of each correction fit.")] = 256,
     selection_samples: Annotated[int, typer.Option(help="TCEC's own held-out selection trajectories.")] = 64,
     heldout: Annotated[int, typer.Option(help="Held-out trajectories each candidate is scored on.")] = 64,
@@ -110,6 +113,8 @@ def recipe_command(
             reconstruction = dataclasses.replace(reconstruction, weight_iters=recon_iters)
         if recon_activation_iters >= 0:
             reconstruction = dataclasses.replace(reconstruction, activation_iters=recon_activation_iters)
+        if recon_gptq_target_damp != -1.0:  # ReconstructionConfig refuses values <= 0
+            reconstruction = dataclasses.replace(reconstruction, gptq_target_damp=recon_gptq_target_damp)
         calibration = CalibrationConfig(sampler=sampler, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps),
                                         samples_per_step=min(64, calib_trajectories), seed=seed)
