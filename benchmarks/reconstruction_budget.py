@@ -7,7 +7,8 @@ at the default budget (the issue's ≤ 10 minute target on 2 cores). Run:
     python benchmarks/reconstruction_budget.py [--samples 256] [--preset W4A8] [--out runs/bench/reconstruction]
         [--loss-reductions sum,channel_sum] [--roundings adaround,gptq,gptq_adaround] [--fp-layers first_last]
 
-A ``gptq`` rounding has no iterations: it runs once per grid point, at the first budget's activation iterations.
+A ``gptq`` rounding has no weight iterations: it runs once per distinct activation-iteration count of the budgets.
+Every row is paired with the first one on the same noise (mean per-sample PSNR difference, 95 % interval).
 
 (an unconditional model only; the class-conditional photos model runs in ``benchmarks/recon_diagnose.py``)
 """
@@ -24,6 +25,14 @@ from common import add_common_flags, shipped_setup, write_rows
 from tadq import api
 from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.metrics import per_step_mse, psnr_per_sample
+
+
+def paired_with_first(first: dict, row: dict) -> dict[str, float]:
+    """The row's mean per-sample PSNR difference from the first row (same noise) and its 95 % interval."""
+    difference = torch.tensor(row["psnr_per_sample"], dtype=torch.float64) - torch.tensor(first["psnr_per_sample"],
+                                                                                        dtype=torch.float64)
+    return {"vs_first": round(float(difference.mean()), 4),
+            "vs_first_interval": round(float(1.96 * difference.std() / len(difference) ** 0.5), 4)}
 
 
 def main() -> None:
@@ -51,9 +60,8 @@ def main() -> None:
             for reduction in args.loss_reductions.split(",") for rounding in args.roundings.split(",")]
     budgets = [tuple(int(v) for v in budget.split(":")) for budget in args.budgets.split(",")]
     for lr, reduction, rounding in grid:
-        for w_iters, a_iters in (budgets[:1] if rounding == "gptq" else budgets):
-            if rounding == "gptq":
-                w_iters = 0  # GPTQ has no rounding iterations
+        gptq_budgets = list(dict.fromkeys((0, a) for _, a in budgets))  # GPTQ has no rounding iterations
+        for w_iters, a_iters in (gptq_budgets if rounding == "gptq" else budgets):
             method = "naive" if w_iters == 0 and a_iters == 0 and rounding != "gptq" else "qdiffusion"
             config = QuantConfig.from_preset(
                 args.preset, fp_layers=args.fp_layers, method=method, calibration=calibration,
@@ -65,23 +73,28 @@ def main() -> None:
             quantize_cpu_s = time.process_time() - c0  # CPU seconds: wall time on a shared machine measures its load
             q = api.sample(qmodel, scheduler, sampler, num_samples=args.samples, seed=args.seed,
                            record_trajectory=True, progress=False)
+            psnr = psnr_per_sample(q.images.clamp(-1, 1), fp.images.clamp(-1, 1)).double()
             row = {
                 "preset": args.preset, "rounding": rounding if method != "naive" else "nearest",
                 "fp_layers": args.fp_layers or "none", "weight_iters": w_iters, "activation_iters": a_iters,
                 "weight_lr": lr,
                 "loss_reduction": reduction, "quantize_cpu_s": round(quantize_cpu_s, 1),
-                "psnr": float(psnr_per_sample(q.images.clamp(-1, 1), fp.images.clamp(-1, 1)).mean()),
+                "psnr": float(psnr.mean()),
                 "final_mse": float(per_step_mse(fp.trajectory.states, q.trajectory.states)[-1]),
                 "quantize_s": round(quantize_s, 1), "threads": torch.get_num_threads(),
+                "psnr_per_sample": [round(float(v), 4) for v in psnr],
             }
+            row.update(paired_with_first(rows[0] if rows else row, row))
             rows.append(row)
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items() if k != "psnr_per_sample"}), flush=True)
             (setup.out / "results.json").write_text(json.dumps(rows, indent=2))  # nothing lost if interrupted
     write_rows(rows, setup.out,
-               "| rounding | weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | final MSE "
-               "| quantize (s) | CPU (s) |",
+               "| rounding | weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | vs first row (dB) "
+               "| final MSE | quantize (s) | CPU (s) |",
                lambda r: f"| {r['rounding']} | {r['weight_iters']} | {r['activation_iters']} | {r['weight_lr']:g} | "
-                         f"{r['loss_reduction']} | {r['psnr']:.2f} | {r['final_mse']:.2e} | {r['quantize_s']:.0f} | "
+                         f"{r['loss_reduction']} | {r['psnr']:.2f} | "
+                         f"{r['vs_first']:+.2f} ± {r['vs_first_interval']:.2f} | "
+                         f"{r['final_mse']:.2e} | {r['quantize_s']:.0f} | "
                          f"{r['quantize_cpu_s']:.0f} |")
 
 if __name__ == "__main__":
