@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
 from tests.conftest import build_tiny_unet
 from tests.search.tiny_search import SAMPLER, tiny_scheduler, tiny_space
 from typer.testing import CliRunner
@@ -240,14 +239,3 @@ def test_the_cli_writes_recipe_artefact_report_and_evaluation(tmp_path, tiny_mod
         assert "itself" not in summary and f"best README row within the budget, {plain}" in summary
     assert set(report["evaluation"]["rows"]) == {plain, tac}
     assert load_recipe(out / "recipe.json").name == report["winner"]
-
-
-def test_a_class_conditional_model_is_refused_before_its_forward_is_needed(tmp_path):
-    model = build_tiny_unet(num_class_embeds=4)
-    space = SearchSpace(presets=("W8A8",), bases=("naive",), stacks=("none",))
-    budget = Budget("gbitops", 1e9)
-    with pytest.raises(NotImplementedError, match="unconditional models only"):
-        plan_search(model, space, budget)
-    with pytest.raises(NotImplementedError, match="unconditional models only"):
-        run_search(model, DDPMScheduler(num_train_timesteps=100), space, budget, tmp_path)
-    assert not any(tmp_path.iterdir())

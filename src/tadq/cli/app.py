@@ -10,7 +10,18 @@ import typer
 
 from tadq.cli.analyze import analyze_command
 from tadq.cli.bench import bench_command
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import (
+    CalibPrompts,
+    EvalPrompts,
+    GuidanceScale,
+    Labels,
+    NegativePrompt,
+    NullClass,
+    console,
+    fail_cleanly,
+    read_prompt_file,
+    setup,
+)
 from tadq.cli.evaluate import evaluate_command
 from tadq.cli.quantize import quantize_command
 from tadq.cli.recipe import recipe_command
@@ -33,19 +44,6 @@ app.command("verify")(verify_command)
 app.command("recipe")(recipe_command)
 
 logger = logging.getLogger("tadq")
-
-
-def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
-    """Non-empty lines of a prompt file (UTF-8), in order; ``()`` without a file; a clear error for a missing or
-    empty file."""
-    if path is None:
-        return ()
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: no such file (one prompt per line)")
-    prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
-    if not prompts:
-        raise ValueError(f"{flag} {path} holds no prompt (one prompt per line)")
-    return prompts
 
 
 def _parse_presets(text: str) -> tuple[str, ...]:
@@ -96,19 +94,12 @@ def run_command(
     threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
     device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:N or mps (refused when torch lacks it)."),
     dtype: str = typer.Option("float32", help="Compute dtype of the FP model: float32, bfloat16 or float16."),
-    guidance_scale: float | None = typer.Option(None, help="Classifier-free guidance of calibration, fits and "
-                                                "evaluation (conditional models; default: the model's own, 1 for "
-                                                "unconditional ones)."),
-    calib_prompts: Path | None = typer.Option(None, help="Text file, one calibration prompt per line (text-to-image "
-                                              "folders; the shipped t2i model has its own)."),
-    eval_prompts: Path | None = typer.Option(None, help="Text file, one evaluation prompt per line, disjoint from "
-                                             "the calibration prompts."),
-    negative_prompt: str = typer.Option("", help="Prompt of the unconditional branch (text-to-image models)."),
-    labels: str | None = typer.Option(None, help="Class-conditional models: null (every sample unconditional, "
-                                      "with the null class) or random (labels from (seed, i); guidance with "
-                                      "--guidance-scale). Default: null for the shipped photos model, else random."),
-    null_class: int | None = typer.Option(None, help="The class-conditional model's 'no class' label (known for "
-                                          "the shipped photos model)."),
+    guidance_scale: GuidanceScale = None,
+    calib_prompts: CalibPrompts = None,
+    eval_prompts: EvalPrompts = None,
+    negative_prompt: NegativePrompt = "",
+    labels: Labels = None,
+    null_class: NullClass = None,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""

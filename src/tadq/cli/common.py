@@ -14,11 +14,27 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-__all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS"]
+__all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "GuidanceScale",
+           "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into (or with --overwrite replace) a folder tadq did not write, or one that "
                             "is, holds or lies inside the input model; without it such paths are refused.")]
+# what conditions a workload (tadq.experiments.workload.load_workload): tadq run and tadq recipe take the same
+GuidanceScale = Annotated[float | None, typer.Option(help="Classifier-free guidance of calibration, fits and "
+                                                          "evaluation (conditional models; default: the model's own, "
+                                                          "1 for unconditional ones).")]
+CalibPrompts = Annotated[Path | None, typer.Option(help="Text file, one calibration prompt per line (text-to-image "
+                                                        "folders; the shipped t2i model has its own).")]
+EvalPrompts = Annotated[Path | None, typer.Option(help="Text file, one evaluation prompt per line, disjoint from the "
+                                                       "calibration prompts.")]
+NegativePrompt = Annotated[str, typer.Option(help="Prompt of the unconditional branch (text-to-image models).")]
+Labels = Annotated[str | None, typer.Option(help="Class-conditional models: null (every sample unconditional, with "
+                                                 "the null class) or random (labels from (seed, i); guidance with "
+                                                 "--guidance-scale). Default: null for the shipped photos model, else "
+                                                 "random.")]
+NullClass = Annotated[int | None, typer.Option(help="The class-conditional model's 'no class' label (known for the "
+                                                    "shipped photos model).")]
 # bad input, bad paths, damaged files: one line and exit code 2 (a traceback only with --verbose)
 USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FileExistsError, IsADirectoryError,
                NotADirectoryError, PermissionError)
@@ -61,3 +77,16 @@ def fail_cleanly() -> Iterator[None]:
             message = f"{Path(error.filename)}: {message}"
         console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from error
+
+
+def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
+    """Non-empty lines of a prompt file (UTF-8), in order; ``()`` without a file; a clear error for a missing or
+    empty file."""
+    if path is None:
+        return ()
+    if not path.is_file():
+        raise ValueError(f"{flag} {path}: no such file (one prompt per line)")
+    prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if not prompts:
+        raise ValueError(f"{flag} {path} holds no prompt (one prompt per line)")
+    return prompts

@@ -3,13 +3,26 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.common import (
+    CalibPrompts,
+    EvalPrompts,
+    ForceForeign,
+    GuidanceScale,
+    Labels,
+    NegativePrompt,
+    NullClass,
+    console,
+    fail_cleanly,
+    read_prompt_file,
+    setup,
+)
 from tadq.cli.sample import Threads, Verbose
 from tadq.config import DEFAULT_FP_LAYERS
 
@@ -39,11 +52,22 @@ def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | 
     return kind, value
 
 
+def _folder_digest(folder: Path) -> str:
+    """A digest of every file under ``folder`` (relative names and bytes): names a VAE in the search's cache keys."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def recipe_command(
     out: Annotated[Path, typer.Option(help="Search folder: recipe.json, model/, report.md/.json, pareto.png, "
                                            "cache/ (a rerun resumes from it).")],
-    model_dir: Annotated[Path | None, typer.Argument(help="Diffusers model folder (default: the shipped digits "
-                                                          "model).")] = None,
+    model_dir: Annotated[str | None, typer.Argument(help="Diffusers model folder, or a shipped model: digits (the "
+                                                         "default), photos, dit or t2i.")] = None,
     budget_gbitops: Annotated[float | None, typer.Option(help="Budget in Gbit-ops per sample (all steps).")] = None,
     budget_bits: Annotated[str | None, typer.Option(help="Budget: the bit-operations of this preset (W4A8...), with "
                                                         "the layers of the first --fp-layers key kept in float.")
@@ -77,8 +101,8 @@ def recipe_command(
                                                      "default), adaround (learned) or gptq_adaround.")
                               ] = "gptq",
     recon_gptq_target_damp: Annotated[float, typer.Option(
-        help="Ridge damping of GPTQ's least-squares FP-output target W* (share of the Hessian's mean diagonal; -1: the "
-             "ReconstructionConfig default, 1e-4; 0.01: GPTQ's own damping, tadq before 2026-12-03).")] = -1.0,
+        help="Ridge damping of GPTQ's least-squares FP-output target W* (share of the Hessian's mean diagonal; -1: "
+             "the ReconstructionConfig default, 1e-4; 0.01: GPTQ's own damping, tadq before 2026-12-03).")] = -1.0,
     fit_trajectories: Annotated[int, typer.Option(help="Trajectories of each correction fit.")] = 256,
     selection_samples: Annotated[int, typer.Option(help="TCEC's own held-out selection trajectories.")] = 64,
     heldout: Annotated[int, typer.Option(help="Held-out trajectories each candidate is scored on.")] = 64,
@@ -86,6 +110,12 @@ def recipe_command(
                                                "--eval-seed and compare the winner with the README rows (0: no).")
                         ] = 0,
     batch_size: Annotated[int, typer.Option(help="Sampling batch size.")] = 128,
+    guidance_scale: GuidanceScale = None,
+    calib_prompts: CalibPrompts = None,
+    eval_prompts: EvalPrompts = None,
+    negative_prompt: NegativePrompt = "",
+    labels: Labels = None,
+    null_class: NullClass = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     verbose: Verbose = False,
@@ -97,10 +127,10 @@ def recipe_command(
         import dataclasses
 
         from tadq.config import CalibrationConfig, ReconstructionConfig
+        from tadq.experiments.workload import load_workload, resolve_model_path
         from tadq.fsguard import check_output_dir, mark_output
-        from tadq.models import load_pipeline_parts, shipped_model_path
         from tadq.sampling import SamplerConfig
-        from tadq.search import Budget, Candidate, SearchSpace, check_seeds, heldout_seed
+        from tadq.search import Budget, Candidate, SearchConditions, SearchSpace, check_seeds, heldout_seed
         from tadq.search.space import gbitops_per_sample
 
         kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
@@ -125,11 +155,19 @@ def recipe_command(
         fit_seeds = space.correction_seeds()
         check_seeds(calibration_seed=seed, heldout=heldout_seed(seed), eval_seed=eval_seed,
                     fit_seeds={"correction fit": fit_seeds["fit"], "TCEC selection": fit_seeds["tcec_selection"]})
-        source = model_dir if model_dir is not None else shipped_model_path()
-        if model_dir is not None and not model_dir.exists():
-            raise FileNotFoundError(f"model folder {model_dir} does not exist")
+        source = resolve_model_path(model_dir)
+        if not source.exists():
+            raise FileNotFoundError(f"model folder {source} does not exist")
         check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
-        model, scheduler = load_pipeline_parts(model_dir)
+        workload = load_workload(model_dir, guidance_scale=guidance_scale,
+                                 calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
+                                 evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
+                                 negative_prompt=negative_prompt, labels=labels, null_class=null_class)
+        model, scheduler = workload.model, workload.scheduler
+        space = dataclasses.replace(space, guidance_scale=workload.guidance_scale)
+        decoder_key = None if workload.decoder is None else _folder_digest(source / "vae")
+        searched, evaluated = (SearchConditions(conditions, workload.decoder, decoder_key) for conditions in
+                               (workload.calibration_conditions, workload.evaluation_conditions))
         if kind == "bits":
             # the preset as the search's first floating-point layers key deploys it: `--budget-bits W4A8` admits the
             # headline's W4A8 model (first/last convs in float), not only an every-layer one
@@ -152,7 +190,7 @@ def recipe_command(
         from tadq.search.search import export_winner
 
         result = run_search(model, scheduler, space, budget, out, heldout_trajectories=heldout, eval_seed=eval_seed,
-                            batch_size=batch_size, plan=plan)
+                            batch_size=batch_size, plan=plan, conditioning=searched)
         result.settings["search_seconds"] = round(time.perf_counter() - start, 1)
         export_winner(result, out, scheduler)
         evaluation = None
@@ -160,7 +198,7 @@ def recipe_command(
             from tadq.search.evaluate import evaluate_candidates
 
             evaluation = evaluate_candidates(result, model, scheduler, out, num_samples=evaluate,
-                                             batch_size=batch_size)
+                                             batch_size=batch_size, conditioning=evaluated)
         write_report(result, out, evaluation)
     console.print(f"winner: {result.winner} — {result.reason}")
     if evaluation is not None:

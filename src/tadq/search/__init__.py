@@ -7,11 +7,19 @@ loop with reuse of fitted pieces and resumable cache), ``report`` (JSON, Markdow
 """
 
 from tadq.search.score import HELDOUT_SEED_OFFSET, HeldOutScore, check_seeds, heldout_seed
-from tadq.search.search import SearchPlan, SearchResult, choose_winner, export_winner, plan_search, run_search
+from tadq.search.search import (
+    SearchConditions,
+    SearchPlan,
+    SearchResult,
+    choose_winner,
+    export_winner,
+    plan_search,
+    run_search,
+)
 from tadq.search.space import BASES, STACKS, Budget, Candidate, SearchSpace, gbitops_per_sample
 
 __all__ = [
     "BASES", "STACKS", "Budget", "Candidate", "SearchSpace", "gbitops_per_sample", "HELDOUT_SEED_OFFSET",
     "HeldOutScore", "check_seeds", "heldout_seed", "SearchPlan", "SearchResult", "choose_winner", "export_winner",
-    "plan_search", "run_search",
+    "plan_search", "run_search", "SearchConditions",
 ]

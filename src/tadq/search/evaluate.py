@@ -19,7 +19,7 @@ from tadq.api import load
 from tadq.config import DEFAULT_FP_LAYERS
 from tadq.metrics.image import psnr_per_sample, ssim_per_sample
 from tadq.search.score import final_samples
-from tadq.search.search import SearchResult
+from tadq.search.search import SearchConditions, SearchResult
 
 __all__ = ["README_FP_LAYERS", "README_ROWS", "evaluate_candidates"]
 
@@ -42,21 +42,27 @@ def _is_readme_row(record: dict[str, Any]) -> bool:
 
 
 def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_dir: str | Path, *,
-                        num_samples: int, batch_size: int = 128) -> dict[str, Any]:
+                        num_samples: int, batch_size: int = 128,
+                        conditioning: SearchConditions | None = None) -> dict[str, Any]:
     """Sample the FP model and every in-budget candidate on the evaluation seed; mean and median PSNR, SSIM and
-    final MSE vs FP per candidate, and a summary saying whether the winner beats every README row."""
+    final MSE vs FP per candidate (on the decoded images of a latent model), and a summary saying whether the winner
+    beats every README row. ``conditioning`` carries the *evaluation* conditions (labels from the evaluation seed,
+    the evaluation prompts, disjoint from the search's) and the decoder; the guidance scale is the recipes'."""
     seed = result.seeds["evaluation"]
     if seed in {v for k, v in result.seeds.items() if k != "evaluation"}:
         raise ValueError(f"evaluation seed {seed} is one the search used; refusing to evaluate on it")
     from tadq.recipe import recipe_from_dict
 
     scored = [r for r in result.records if r["status"] == "scored"]
-    sampler = recipe_from_dict(scored[0]["recipe"]).sampler
-    reference = final_samples(model, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size)
+    first = recipe_from_dict(scored[0]["recipe"])
+    options = (conditioning or SearchConditions()).options(first.guidance_scale)
+    reference = final_samples(model, scheduler, first.sampler, num_samples=num_samples, seed=seed,
+                              batch_size=batch_size, **options)
     rows: dict[str, dict[str, Any]] = {}
     for record in scored:
         qmodel, _ = load(Path(out_dir) / record["artefact"])
-        images = final_samples(qmodel, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size)
+        images = final_samples(qmodel, scheduler, first.sampler, num_samples=num_samples, seed=seed,
+                               batch_size=batch_size, **options)
         psnr = psnr_per_sample(images, reference).double()
         rows[record["name"]] = {
             "readme_row": _is_readme_row(record), "mean_psnr": float(psnr.mean()), "median_psnr": float(psnr.median()),

@@ -20,6 +20,7 @@ percentile and the mean final MSE are recorded beside it (``HeldOutScore``) for 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from tadq.api import sample
 from tadq.metrics.image import psnr_per_sample
-from tadq.sampling import SamplerConfig
+from tadq.sampling import ConditionSource, SamplerConfig
 
 __all__ = ["HELDOUT_SEED_OFFSET", "HeldOutScore", "heldout_seed", "check_seeds", "robust_score", "final_samples",
            "score_samples", "trimmed_mean"]
@@ -95,10 +96,18 @@ def robust_score(psnr: Tensor, mse: Tensor, seed: int) -> HeldOutScore:
 
 
 def final_samples(denoiser: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
-                  batch_size: int = 128) -> Tensor:
-    """Final samples (N, C, H, W) of ``denoiser`` (FP model or one carrying corrections) from ``seed``."""
-    return sample(denoiser, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size,
-                  progress=False).images
+                  batch_size: int = 128, conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
+                  decoder: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Final images (N, C, H, W) of ``denoiser`` (FP model or one carrying corrections) from ``seed``: sample i
+    conditioned on ``conditions(seed, i)`` (``None``: unconditional) with classifier-free guidance
+    ``guidance_scale``, decoded by ``decoder`` (a latent model's VAE) in batches; the samples as they are without
+    one."""
+    images = sample(denoiser, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size,
+                    progress=False, conditions=conditions, guidance_scale=guidance_scale).images
+    if decoder is None:
+        return images
+    with torch.no_grad():
+        return torch.cat([decoder(images[start:start + batch_size]) for start in range(0, len(images), batch_size)])
 
 
 def score_samples(images: Tensor, reference: Tensor, seed: int) -> HeldOutScore:

@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tadq._version import __version__
-from tadq.api import load, quantize
+from tadq.api import check_conditions, load, quantize
 from tadq.calibration import collect_calibration_set, model_fingerprint
 from tadq.config import config_to_dict
 from tadq.corrections.attach import fit_corrections
@@ -45,6 +45,7 @@ from tadq.io import save_quantized
 from tadq.recipe import Recipe, save_recipe
 from tadq.registry import adapter_for
 from tadq.safefiles import DamagedFileError, load_checked, read_json_file, save_checked
+from tadq.sampling import ConditionSource
 from tadq.search.score import check_seeds, final_samples, heldout_seed, score_samples
 from tadq.search.space import (
     Budget,
@@ -57,8 +58,8 @@ from tadq.search.space import (
 )
 from tadq.utils import atomic_write_json
 
-__all__ = ["SearchPlan", "SearchResult", "plan_search", "run_search", "choose_winner", "pareto_front",
-           "export_winner", "TIE_DB"]
+__all__ = ["SearchConditions", "SearchPlan", "SearchResult", "plan_search", "run_search", "choose_winner",
+           "pareto_front", "export_winner", "TIE_DB"]
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +86,12 @@ class SearchPlan:
         return [c for c in self.candidates if c.name not in self.ruled_out]
 
 
-def _refuse_conditional(model: nn.Module) -> None:
-    if adapter_for(model).conditioning_inputs(model):
-        raise NotImplementedError("tadq recipe searches unconditional models only (the shipped digits model and "
-                                  "UNet2DModel folders); a conditional model needs calibration conditions")
-
-
 def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchPlan:
     """Costs and budget filter from the quantization plans alone (one FP forward, no calibration).
 
-    Raises ``ValueError`` when no candidate can fit the budget, naming the cheapest one, and
-    ``NotImplementedError`` for a conditional model (checked first: its forward needs conditions).
+    Raises ``ValueError`` when no candidate can fit the budget, naming the cheapest one. A conditional model's MACs
+    are counted on placeholder conditioning.
     """
-    _refuse_conditional(model)
     macs = forward_macs(model)
     candidates = space.candidates()
     recipes = {c.name: space.recipe(c) for c in candidates}
@@ -124,6 +118,35 @@ def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchP
                          f"{cheapest.name}, costs {gbitops[cheapest.name]:.4g} Gbit-ops/sample "
                          f"({ruled_out[cheapest.name]})")
     return plan
+
+
+@dataclass(frozen=True)
+class SearchConditions:
+    """What a conditional or latent model needs around its denoiser in a search.
+
+    Args:
+        conditions: per-sample conditions (class labels, prompts) of calibration, fits and held-out scoring, drawn
+            from (seed, index): the held-out seed draws its own from the same source. Never the evaluation prompts:
+            ``evaluate_candidates`` takes those separately. ``None``: an unconditional model.
+        decoder: latents (N, C, h, w) → images in [-1, 1] (a latent model's VAE); scores are PSNR on its images.
+        decoder_key: names the decoder in the cache keys (e.g. a digest of the VAE's files); required with it.
+    """
+
+    conditions: ConditionSource | None = None
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None
+    decoder_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.decoder is None) != (self.decoder_key is None):
+            raise ValueError("SearchConditions: give a decoder together with its decoder_key (what names it in the "
+                             "cache), or neither")
+
+    def key(self) -> dict[str, str | None]:
+        return {"conditions": None if self.conditions is None else self.conditions.key, "decoder": self.decoder_key}
+
+    def options(self, guidance_scale: float) -> dict[str, Any]:
+        """``final_samples``' keyword arguments."""
+        return {"conditions": self.conditions, "guidance_scale": guidance_scale, "decoder": self.decoder}
 
 
 @dataclass
@@ -157,8 +180,9 @@ class _Builder:
     """Builds (or loads from the cache) the network of each candidate, fitting only what its parent lacks."""
 
     def __init__(self, model: nn.Module, scheduler, plan: SearchPlan, cache: Path, model_key: str,
-                 stats: dict[str, int], progress: bool) -> None:
+                 stats: dict[str, int], progress: bool, conditions: ConditionSource | None) -> None:
         self.model, self.scheduler, self.plan, self.cache = model, scheduler, plan, cache
+        self.conditions = conditions
         self.model_key, self.stats, self.progress = model_key, stats, progress
         self.saving_scheduler = copy.deepcopy(scheduler)  # saving adds keys to a scheduler's config: not the caller's
         self.memo: dict[str, QuantizedDenoiser] = {}
@@ -180,7 +204,8 @@ class _Builder:
             space = self.plan.space
             self._calibration = collect_calibration_set(self.model, adapter_for(self.model), self.scheduler.config,
                                                         space.calibration, cache_dir=self.cache,
-                                                        progress=self.progress)
+                                                        progress=self.progress, conditions=self.conditions,
+                                                        guidance_scale=space.guidance_scale)
         return self._calibration
 
     def cached(self, candidate: Candidate) -> bool:
@@ -208,12 +233,13 @@ class _Builder:
             checkpoint = self.cache / "models" / f"{candidate.name}.checkpoint.safetensors"
             qmodel = quantize(self.model, self.scheduler, recipe, calibration=self.calibration(),
                               checkpoint=checkpoint if recipe.method.base_method == "qdiffusion" else None,
-                              progress=self.progress)
+                              progress=self.progress, conditions=self.conditions)
             self.stats["bases_built"] += 1
         else:
             parent = self.get(candidate.parent)
             qmodel = fit_corrections(parent, self.model, self.scheduler, recipe.sampler, recipe.corrections[-1:],
-                                     fp_trajectories=self.fp_trajectories)
+                                     fp_trajectories=self.fp_trajectories, conditions=self.conditions,
+                                     guidance_scale=recipe.guidance_scale)
             self.stats["corrections_fitted"] += 1
         qmodel.recipe = recipe
         self.timings[candidate.name] = time.perf_counter() - start
@@ -227,9 +253,11 @@ class _Builder:
 
 
 def _reference(model: nn.Module, scheduler, space: SearchSpace, seed: int, count: int, cache: Path,
-               model_key: str, batch_size: int) -> torch.Tensor:
-    """FP final samples of the held-out seed (cached)."""
-    key = _digest({"model": model_key, "sampler": config_to_dict(space.sampler), "seed": seed, "count": count})
+               model_key: str, batch_size: int, conditioning: SearchConditions) -> torch.Tensor:
+    """FP final images of the held-out seed (cached)."""
+    guidance = {} if space.guidance_scale == 1.0 else {"guidance_scale": space.guidance_scale}
+    key = _digest({"model": model_key, "sampler": config_to_dict(space.sampler), "seed": seed, "count": count,
+                   **guidance})
     path = cache / f"reference-{key}.safetensors"
     if path.is_file():
         try:
@@ -238,7 +266,8 @@ def _reference(model: nn.Module, scheduler, space: SearchSpace, seed: int, count
                 return tensors["images"]
         except DamagedFileError as error:
             logger.warning("recomputing the held-out reference: %s", error)
-    images = final_samples(model, scheduler, space.sampler, num_samples=count, seed=seed, batch_size=batch_size)
+    images = final_samples(model, scheduler, space.sampler, num_samples=count, seed=seed, batch_size=batch_size,
+                           **conditioning.options(space.guidance_scale))
     save_checked({"images": images}, {"kind": "tadq-search-reference", "key": key}, path)
     return images
 
@@ -248,11 +277,12 @@ def run_search(
     heldout_trajectories: int = 64, eval_seed: int = 1000, batch_size: int = 128, tie_db: float = TIE_DB,
     progress: bool = True, plan: SearchPlan | None = None,
     on_candidate: Callable[[dict[str, Any]], None] | None = None,
+    conditioning: SearchConditions | None = None,
 ) -> SearchResult:
     """Search ``space`` under ``budget`` for ``model``; caches under ``out_dir/cache`` (resumable).
 
     Args:
-        model: the FP diffusers denoiser (unconditional; left unchanged).
+        model: the FP diffusers denoiser (left unchanged).
         scheduler: its training scheduler.
         space: candidates and build settings.
         budget: the cost ceiling; a candidate over it is never scored (over a bit-operations budget, never built).
@@ -264,10 +294,13 @@ def run_search(
         progress: progress bars.
         plan: ``plan_search``'s result when the caller already has it.
         on_candidate: called with each candidate's record as it finishes.
+        conditioning: a conditional model's calibration/held-out conditions, a latent model's decoder (``None``:
+            an unconditional pixel model); checked against the model and ``space.guidance_scale`` before any work.
     """
     if heldout_trajectories < 1:
         raise ValueError(f"heldout_trajectories must be >= 1, got {heldout_trajectories}")
-    _refuse_conditional(model)
+    conditioning = conditioning or SearchConditions()
+    check_conditions(model, conditioning.conditions, space.guidance_scale, "tadq recipe")
     plan = plan or plan_search(model, space, budget)
     seeds = {"calibration": space.calibration_seed, **space.correction_seeds(),
              "heldout": heldout_seed(space.calibration_seed), "evaluation": int(eval_seed)}
@@ -277,10 +310,11 @@ def run_search(
     cache = out_dir / "cache"
     (cache / "candidates").mkdir(parents=True, exist_ok=True)
     model_key = _digest({"weights": model_fingerprint(model),
-                         "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")}})
+                         "scheduler": {k: v for k, v in scheduler.config.items() if not k.startswith("_")},
+                         **({} if conditioning.key() == SearchConditions().key() else conditioning.key())})
     stats = {"bases_built": 0, "corrections_fitted": 0, "candidates_scored": 0, "candidates_reused": 0,
              "models_loaded": 0}
-    builder = _Builder(model, scheduler, plan, cache, model_key, stats, progress)
+    builder = _Builder(model, scheduler, plan, cache, model_key, stats, progress, conditioning.conditions)
     reference = None
     records: list[dict[str, Any]] = []
     bar = tqdm(plan.candidates, desc="tadq recipe", disable=not progress, unit="candidate")
@@ -318,10 +352,11 @@ def run_search(
         else:
             if reference is None:
                 reference = _reference(model, scheduler, space, seeds["heldout"], heldout_trajectories, cache,
-                                       model_key, batch_size)
+                                       model_key, batch_size, conditioning)
             start = time.perf_counter()
             images = final_samples(qmodel, scheduler, space.sampler, num_samples=heldout_trajectories,
-                                   seed=seeds["heldout"], batch_size=batch_size)
+                                   seed=seeds["heldout"], batch_size=batch_size,
+                                   **conditioning.options(space.guidance_scale))
             score = score_samples(images, reference, seeds["heldout"])
             stats["candidates_scored"] += 1
             record.update(status="scored", in_budget=True, score=score.to_json(),
@@ -335,6 +370,7 @@ def run_search(
     settings = {"heldout_trajectories": heldout_trajectories, "tie_db": tie_db, "batch_size": batch_size,
                 "space": {"presets": list(space.presets), "bases": list(space.bases), "stacks": list(space.stacks),
                           "fp_layers": list(space.fp_layers), "sampler": space.sampler.key,
+                          "guidance_scale": space.guidance_scale, **conditioning.key(),
                           "calibration_trajectories": space.calibration.num_trajectories,
                           "reconstruction_weight_iters": space.reconstruction.weight_iters,
                           "reconstruction_activation_iters": space.reconstruction.activation_iters,

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig, fp_layer_roles
-from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
+from tadq.corrections.ptqd.bitops import FP_BITS, dummy_conditioning, layer_macs
 from tadq.prepare import build_quantized_structure
 from tadq.quant.lowrank import effective_rank, lowrank_macs
 from tadq.quant.qscheme import PRESETS
@@ -155,10 +155,12 @@ class Budget:
 
 
 def forward_macs(model: nn.Module) -> dict[str, int]:
-    """MACs per sample of every Conv2d/Linear of one FP forward (qualified name → MACs)."""
+    """MACs per sample of every Conv2d/Linear of one FP forward (qualified name → MACs); a conditional model runs
+    on the adapter's placeholder conditioning (the MACs do not depend on its values)."""
     adapter = adapter_for(model)
+    cond = dummy_conditioning(adapter, model)
     with torch.no_grad():
-        return layer_macs(model, lambda x, t: adapter.predict_eps(model, x, t), adapter.sample_shape(model))
+        return layer_macs(model, lambda x, t: adapter.predict_eps(model, x, t, cond), adapter.sample_shape(model))
 
 
 def quantized_layers(model: nn.Module, recipe: Recipe) -> set[str]:
@@ -227,6 +229,8 @@ class SearchSpace:
             candidate is tried with each set of layers kept in floating point (``Recipe.keep_fp_roles``); the
             default is ``tadq run``'s (``DEFAULT_FP_LAYERS``: the input and output convs).
         sampler: the deployment sampler (calibration, fits and scoring run with it).
+        guidance_scale: the deployment's classifier-free guidance scale (1: none); calibration, fits and scoring run
+            with it, and every candidate's recipe records it (``Deployment.guidance_scale``).
         calibration: calibration trajectories (its seed is the calibration seed every fit uses).
         reconstruction: Q-Diffusion's block reconstruction settings (``rounding``: AdaRound, GPTQ or both; the
             SVDQuant-family and naive bases do not reconstruct).
@@ -239,6 +243,7 @@ class SearchSpace:
     stacks: tuple[str, ...] = tuple(STACKS)
     fp_layers: tuple[str, ...] = (DEFAULT_FP_LAYERS,)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
+    guidance_scale: float = 1.0
     calibration: CalibrationConfig | None = None
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     fit_trajectories: int = 256
@@ -252,6 +257,8 @@ class SearchSpace:
             raise ValueError(f"SearchSpace.fp_layers must be a tuple of FP_LAYER_PRESETS keys, got the string "
                              f"{self.fp_layers!r}")
         object.__setattr__(self, "fp_layers", tuple(dict.fromkeys(parse_fp_layers(f) for f in self.fp_layers)))
+        # Deployment checks the scale (finite, >= 0) and makes it a float
+        object.__setattr__(self, "guidance_scale", Deployment(self.sampler, self.guidance_scale).guidance_scale)
         for name in self.presets:
             if name not in PRESETS:
                 raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -284,7 +291,7 @@ class SearchSpace:
 
     def recipe(self, candidate: Candidate) -> Recipe:
         """The candidate's full recipe (what ``recipe.json`` holds and ``tadq quantize --recipe`` rebuilds)."""
-        fields = {"calibration": self.calibration, "deployments": (Deployment(self.sampler),),
+        fields = {"calibration": self.calibration, "deployments": (Deployment(self.sampler, self.guidance_scale),),
                   "keep_fp_roles": candidate.keep_fp_roles, "name": candidate.name}
         corrections = tuple(self._fit_settings(c) for c in correction_configs(candidate.stack, self.calibration_seed))
         if candidate.base == "naive":
