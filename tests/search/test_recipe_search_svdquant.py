@@ -139,7 +139,8 @@ class _Stop(ValueError):
     pass
 
 
-def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, tiny_model_dir, monkeypatch):
+def _captured(monkeypatch, tmp_path, model_dir, *flags) -> dict:
+    """The search space and plan the CLI hands to ``run_search`` for ``flags`` (the search itself never runs)."""
     import tadq.search
 
     seen = {}
@@ -149,10 +150,15 @@ def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, 
         raise _Stop("captured")
 
     monkeypatch.setattr(tadq.search, "run_search", capture)
-    result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A4", "--presets", "W4A4", "--bases",
-                  "qdiffusion,svdquant,smoothquant", "--stacks", "none,tac", "--recon-rounding", "adaround",
-                  "--fp-layers", "none")  # the README's every-layer names
+    result = _cli(tmp_path, model_dir, *flags)
     assert result.exit_code == 2 and "captured" in result.output, result.output
+    return seen
+
+
+def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, tiny_model_dir, monkeypatch):
+    seen = _captured(monkeypatch, tmp_path, tiny_model_dir, "--budget-bits", "W4A4", "--presets", "W4A4", "--bases",
+                     "qdiffusion,svdquant,smoothquant", "--stacks", "none,tac", "--recon-rounding", "adaround",
+                     "--fp-layers", "none")  # the README's every-layer names
     space, plan = seen["space"], seen["plan"]
     assert space.reconstruction.rounding == "adaround" and space.bases == ("qdiffusion", "svdquant", "smoothquant")
     assert plan.recipes["qdiffusion+tac-W4A4"].method.reconstruction.rounding == "adaround"
@@ -161,19 +167,10 @@ def test_the_cli_feeds_recon_rounding_and_the_new_bases_to_the_search(tmp_path, 
 
 
 def test_the_cli_feeds_the_gptq_target_damping_to_every_qdiffusion_recipe(tmp_path, tiny_model_dir, monkeypatch):
-    import tadq.search
-
-    seen = {}
-
-    def capture(model, scheduler, space, budget, out, **kwargs):
-        seen.update(space=space, plan=kwargs["plan"])
-        raise _Stop("captured")
-
-    monkeypatch.setattr(tadq.search, "run_search", capture)
-    for flags, expected in (((), ReconstructionConfig().gptq_target_damp), (("--recon-gptq-target-damp", "0.01"), 0.01)):
-        result = _cli(tmp_path, tiny_model_dir, "--budget-bits", "W4A8", "--presets", "W4A8", "--bases", "qdiffusion",
-                      "--stacks", "none", *flags)
-        assert result.exit_code == 2 and "captured" in result.output, result.output
+    cases = (((), ReconstructionConfig().gptq_target_damp), (("--recon-gptq-target-damp", "0.01"), 0.01))
+    for flags, expected in cases:
+        seen = _captured(monkeypatch, tmp_path, tiny_model_dir, "--budget-bits", "W4A8", "--presets", "W4A8",
+                         "--bases", "qdiffusion", "--stacks", "none", *flags)
         assert seen["space"].reconstruction.gptq_target_damp == expected
         assert {r.method.reconstruction.gptq_target_damp for r in seen["plan"].recipes.values()} == {expected}
 
