@@ -11,7 +11,7 @@ from tadq.experiments.run import RunConfig, run_main_job
 
 def test_tfmq_rows_run_end_to_end_on_one_reconstruction(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(tfmq_rows, "tfmq_config", lambda config: tfmq_config(seed=config.calibration.seed))
-    methods = ("tfmq", "tfmq-model", "tfmq-select", "tfmq+ptqd", "qdiffusion+cache", "tfmq+tac+tcec")
+    methods = ("tfmq", "tfmq-model", "tfmq-select", "tfmq+ptqd", "qdiffusion+cache", "tfmq+tac+tcec", "tfmq-model+tac")
     config = RunConfig(model=str(tiny_model_dir), presets=("W4A8",), methods=methods, num_samples=4, sampler=SAMPLER,
                        eval_seed=1, calibration=CALIB, batch_size=8,
                        reconstruction=ReconstructionConfig(weight_iters=5, activation_iters=5, batch_size=8),
@@ -28,3 +28,6 @@ def test_tfmq_rows_run_end_to_end_on_one_reconstruction(tmp_path, tiny_model_dir
     assert "ptqd_tables" in results["extras"]["TFMQ-DM + PTQD W4A8"]
     stacked = results["extras"]["TFMQ-DM + TAC + TCEC W4A8"]["correction_tables"]
     assert set(stacked) == {"1:TAC", "2:TCEC"}  # behind the TFMQ member, which stays first
+    model_wide = results["extras"]["TFMQ-DM, model-wide FSC + TAC W4A8"]["correction_tables"]
+    assert set(model_wide) == {"1:TAC"}  # TAC fitted behind the model-wide FSC member, on the same reconstruction
+    assert rows["TFMQ-DM, model-wide FSC + TAC"]["final_mse"] != rows["TFMQ-DM + TAC + TCEC"]["final_mse"]

@@ -44,6 +44,7 @@ TFMQ_ROWS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
     "qdiffusion+cache": ("qdiffusion", {"fsc": "off", "maintenance": "cache_fp"}, ()),
     "tfmq+ptqd": ("tfmq", {}, ("ptqd",)),
     "tfmq+tac": ("tfmq", {}, ("tac",)),
+    "tfmq-model+tac": ("tfmq", {"fsc": "model"}, ("tac",)),
     "tfmq+tac+tcec": ("tfmq", {}, ("tac", "tcec")),
 }
 # SVDQuant rows: row → corrections fitted on the SVDQuant base (every row of a preset shares that one network)

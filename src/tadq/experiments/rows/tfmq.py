@@ -6,7 +6,7 @@ of it (seconds), so every TFMQ row of a preset shares the very same weights:
 
     tfmq          TIAR + TIB-only FSC (the paper)            tfmq-cache    ... + exact FP temporal-feature cache
     tfmq-model    TIAR + model-wide FSC (the authors' code)  tfmq-select   ... + per-block TIB / quantized-cache choice
-    tfmq+ptqd     PTQD fitted on top of ``tfmq``
+    tfmq+ptqd     PTQD fitted on top of ``tfmq``; tfmq+tac, tfmq-model+tac, tfmq+tac+tcec likewise
 
 and ablations: ``tfmq-tiar`` (TIAR, no FSC), and FSC or the cache alone on the Q-Diffusion row's own weights
 (``qdiffusion+fsc``, ``qdiffusion+fsc-model``, ``qdiffusion+cache``).
@@ -39,7 +39,8 @@ LABELS: dict[str, str] = {
     "tfmq": "TFMQ-DM", "tfmq-model": "TFMQ-DM, model-wide FSC", "tfmq-cache": "TFMQ-DM + FP cache",
     "tfmq-select": "TFMQ-DM + selection", "tfmq-tiar": "TIAR only (no FSC)", "qdiffusion+fsc": "Q-Diffusion + TIB FSC",
     "qdiffusion+fsc-model": "Q-Diffusion + model-wide FSC", "qdiffusion+cache": "Q-Diffusion + FP cache",
-    "tfmq+ptqd": "TFMQ-DM + PTQD", "tfmq+tac": "TFMQ-DM + TAC", "tfmq+tac+tcec": "TFMQ-DM + TAC + TCEC",
+    "tfmq+ptqd": "TFMQ-DM + PTQD", "tfmq+tac": "TFMQ-DM + TAC", "tfmq-model+tac": "TFMQ-DM, model-wide FSC + TAC",
+    "tfmq+tac+tcec": "TFMQ-DM + TAC + TCEC",
 }
 
 
