@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tadq.experiments.tfmq_measure import paired_rows
+from tadq.experiments.tfmq_measure import merged_cells, paired_rows
 
 
 def _cell(name: str, bits: str, images: torch.Tensor) -> dict:
@@ -29,3 +29,15 @@ def test_each_preset_is_paired_with_its_own_reference_and_keyed_by_bits():
     assert sorted(single) == ["peer", "ref"]  # one bit-width: the names alone, as before
     with pytest.raises(ValueError, match="no 'ref' row at W4A8"):
         paired_rows([*cells[:3], _cell("peer", "W4A8", fp)], "ref")
+
+
+def test_two_folders_pair_when_their_fp_samples_are_identical():
+    generator = torch.Generator().manual_seed(1)
+    fp = torch.rand(8, 1, 4, 4, generator=generator) * 2 - 1
+    first = [_cell("FP", "W32A32", fp), _cell("ref", "W8A8", fp + 0.01)]
+    second = [_cell("FP", "W32A32", fp.clone()), _cell("other", "W8A8", fp + 0.02)]
+    results = paired_rows(merged_cells([first, second]), "ref")
+    assert sorted(results) == ["other", "ref"] and results["other"]["difference"] < 0
+    moved = [_cell("FP", "W32A32", fp + 1e-3), _cell("other", "W8A8", fp + 0.02)]
+    with pytest.raises(ValueError, match="not drawn from the same noise"):
+        merged_cells([first, moved])

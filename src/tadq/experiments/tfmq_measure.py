@@ -90,13 +90,33 @@ def calibration_times(preset: str = "W4A8") -> dict[str, tuple[float, float]]:
 
 def paired_psnr(run_dir: str, reference: str = "Q-Diffusion") -> dict[str, dict[str, float]]:
     """Per row of a ``tadq run`` folder: mean PSNR vs FP, and its mean per-sample difference from ``reference`` on
-    the same noise with a 95 % interval (1.96 standard errors), from the saved cells."""
+    the same noise with a 95 % interval (1.96 standard errors), from the saved cells. ``run_dir`` may name several
+    folders, comma-separated, whose FP samples must be identical (runs of the same model, noise and sampler)."""
     from pathlib import Path
 
     from tadq.experiments.run import CELL_SUFFIX, load_cell
 
-    return paired_rows([load_cell(path) for path in sorted(Path(run_dir, "cells").glob(f"*{CELL_SUFFIX}"))],
-                       reference)
+    folders = [part for part in run_dir.split(",") if part]
+    cells = [[load_cell(path) for path in sorted(Path(folder, "cells").glob(f"*{CELL_SUFFIX}"))] for folder in folders]
+    return paired_rows(merged_cells(cells), reference)
+
+
+def merged_cells(folders: list[list[dict]]) -> list[dict]:
+    """The cells of several run folders as one: the first folder's FP cells stand for all; a later folder's FP cell
+    must equal the first folder's of the same shape (else its rows were not drawn from the same noise)."""
+    first, *others = folders
+    fps = [cell for cell in first if cell["name"] == "FP"]
+    cells = list(first)
+    for index, folder in enumerate(others, start=2):
+        for cell in folder:
+            if cell["name"] != "FP":
+                cells.append(cell)
+                continue
+            same = [fp for fp in fps if fp["images"].shape == cell["images"].shape]
+            if not same or not torch.equal(same[0]["images"], cell["images"]):
+                raise ValueError(f"folder {index}'s FP samples differ from the first folder's: its rows were not "
+                                 "drawn from the same noise and cannot be paired with them")
+    return cells
 
 
 def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]]:
