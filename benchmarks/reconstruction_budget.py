@@ -24,15 +24,15 @@ from common import add_common_flags, shipped_setup, write_rows
 
 from tadq import api
 from tadq.config import QuantConfig, ReconstructionConfig
+from tadq.experiments.tfmq_measure import paired_difference
 from tadq.metrics import per_step_mse, psnr_per_sample
 
 
 def paired_with_first(first: dict, row: dict) -> dict[str, float]:
     """The row's mean per-sample PSNR difference from the first row (same noise) and its 95 % interval."""
-    difference = torch.tensor(row["psnr_per_sample"], dtype=torch.float64) - torch.tensor(first["psnr_per_sample"],
-                                                                                        dtype=torch.float64)
-    return {"vs_first": round(float(difference.mean()), 4),
-            "vs_first_interval": round(float(1.96 * difference.std() / len(difference) ** 0.5), 4)}
+    difference, interval = paired_difference(*(torch.tensor(r["psnr_per_sample"], dtype=torch.float64)
+                                               for r in (row, first)))
+    return {"vs_first": round(difference, 4), "vs_first_interval": round(interval, 4)}
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["temporal_cosines", "calibration_times", "paired_psnr", "paired_rows"]
+__all__ = ["temporal_cosines", "calibration_times", "paired_psnr", "paired_rows", "paired_difference"]
 
 
 def temporal_cosines(model_dirs: list[str]) -> dict[str, dict[str, float]]:
@@ -134,11 +134,17 @@ def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]
     for (name, bits), values in psnr.items():
         if (reference, bits) not in psnr:
             raise ValueError(f"no {reference!r} row at {bits} to pair {name!r} with; rows: {sorted(psnr)}")
-        difference = values - psnr[(reference, bits)]
+        difference, interval = paired_difference(values, psnr[(reference, bits)])
         results[f"{name} {bits}" if several else name] = {
-            "psnr": float(values.mean()), "difference": float(difference.mean()),
-            "interval": float(1.96 * difference.std() / len(difference) ** 0.5)}
+            "psnr": float(values.mean()), "difference": difference, "interval": interval}
     return results
+
+
+def paired_difference(values: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Mean of ``values - reference`` (per-sample scores on the same noise) and its 95 % interval, 1.96 standard
+    errors; in the tensors' dtype."""
+    difference = values - reference
+    return float(difference.mean()), float(1.96 * difference.std() / len(difference) ** 0.5)
 
 
 def main(argv: list[str]) -> None:
