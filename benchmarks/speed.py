@@ -11,7 +11,8 @@ after a second batch size torch makes the batch dimension dynamic, so batch 64 a
 graph). Peak RSS and load time are not probed for compiled rows (a fresh process would compile for minutes).
 Run (docs/backends.md has the numbers):
 
-    python benchmarks/speed.py --threads 1 [--presets W8A8,W4A8] [--samples 64] [--out runs/bench-speed] [--no-compile]
+    python benchmarks/speed.py --threads 1 [--presets W8A8,W8A8-WSYM,W4A8] [--samples 64] [--out runs/bench-speed]
+                                             [--no-compile]
     python benchmarks/speed.py --threads 1 --kernels     # the per-layer kernel comparison behind the choice
     python benchmarks/speed.py --threads 1 --compiled    # eager vs torch.compile (Inductor) at batch 64
 """
@@ -127,7 +128,7 @@ def _ratio(a: float, b: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--presets", default="W8A8,W4A8")
+    parser.add_argument("--presets", default="W8A8,W8A8-WSYM,W4A8")
     parser.add_argument("--samples", type=int, default=64, help="samples in the DDIM-50 throughput run (one batch)")
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))

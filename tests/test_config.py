@@ -18,6 +18,7 @@ def test_config_survives_json():
 def test_label():
     assert QuantConfig.from_preset("W4A16").label == "W4A16"
     assert QuantConfig.from_preset("w8a8").label == "W8A8"
+    assert QuantConfig.from_preset("W8A8-WSYM").label == "W8A8-WSYM"  # a different model: its rows must not merge
 
 
 @pytest.mark.parametrize("payload", [

@@ -321,7 +321,7 @@ class QuantConfig:
         """``QuantConfig.from_preset("W4A8", fp_layers="first_last", calibration=...)``.
 
         Args:
-            name: W8A8, W4A8, W4A4, W4A16 or W8A16.
+            name: W8A8, W4A8, W4A4, W4A16, W8A16 or W8A8-WSYM (symmetric weights).
             fp_layers: a key of ``FP_LAYER_PRESETS`` (sets ``keep_fp_roles``); ``None`` keeps the default (none).
         """
         weights, activations = preset(name)
@@ -331,10 +331,11 @@ class QuantConfig:
 
     @property
     def label(self) -> str:
-        """``W4A8``-style label (A16 when activations stay in floating point)."""
+        """``W4A8``-style label (A16 when activations stay in floating point; ``-WSYM`` for symmetric weights, a
+        different model from the asymmetric one at the same widths)."""
         w = self.weights.bits if self.weights.bits is not None else 16
         a = self.activations.bits if self.activations.bits is not None else 16
-        return f"W{w}A{a}"
+        return f"W{w}A{a}" + ("-WSYM" if self.weights.bits is not None and self.weights.symmetric else "")
 
 
 _CONFIG_TYPES = registered_config_types()

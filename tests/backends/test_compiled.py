@@ -13,6 +13,8 @@ Each compile takes seconds to a minute on these CPUs; the layer tests compile on
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from tests.backends.bounds import conv_bound, linear_bound
@@ -30,7 +32,7 @@ from tadq.backends import (
     to_backend,
 )
 from tadq.backends.activations import activation_grid, traced_codes
-from tadq.backends.compiled import CompiledIntegerDenoiser, frozen, prime_grids
+from tadq.backends.compiled import CompiledIntegerDenoiser, frozen, keep_identity_guards, prime_grids
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.quant import QuantLinear
 
@@ -65,14 +67,16 @@ def test_compiled_codes_are_the_fake_quant_codes():
 
 
 @needs_compiled
-@pytest.mark.parametrize("case", ["conv-w8", "conv-w4-stride2", "split-w8", "linear-w8"])
+@pytest.mark.parametrize("case", ["conv-w8", "conv-w8sym", "conv-w4-stride2", "split-w8", "linear-w8"])
 def test_compiled_layers_match_fake_quant(case):
-    """The same derived per-element bound as the eager int8 layers (asymmetric 8-bit: offset correction)."""
-    weights = WEIGHTS["w4-asym" if "w4" in case else "w8-asym"]
+    """The same derived per-element bound as the eager int8 layers (asymmetric 8-bit: offset correction; symmetric
+    8-bit: none)."""
+    weights = WEIGHTS["w4-asym" if "w4" in case else "w8-sym" if "w8sym" in case else "w8-asym"]
     activations = ACTIVATIONS["a8"]
     if case.startswith("conv"):
         layer, x = _conv(weights, activations, CONVS[1 if "stride2" in case else 0])
         integer = OneDNNConv2d(layer, "layer")
+        assert integer.kernel.has_offset == (case == "conv-w8")
         bound = conv_bound(x, layer.input_quantizer, layer.weight_quantizer, layer.weight, layer.bias, layer)
     elif case.startswith("split"):
         layer, x = _split(weights, activations)
@@ -109,6 +113,43 @@ def test_compiled_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, att
     assert _agree(images, _images(fake, ddpm_scheduler))
     with torch.enable_grad():  # runs without autograd whatever the caller's mode (freezing needs it)
         assert torch.equal(_images(compiled, ddpm_scheduler), images)
+
+
+@needs_compiled
+@pytest.mark.slow
+def test_two_compiled_models_in_one_process_each_run_their_own_graph(tiny_unet, ddpm_scheduler):
+    """Compiled models of one class share their forward's graph cache; the guard filter drops the per-call checks
+    of module attributes but keeps the identity checks, so the second model compiles its own graph instead of
+    running the first one's (it did, before the identity guards were kept). Slow: two compiles."""
+    torch._dynamo.reset()
+    fakes = [_quantize(tiny_unet, ddpm_scheduler, preset) for preset in ("W8A8", "W8A8-WSYM")]
+    eager = [to_backend(fake, "int8") for fake in fakes]
+    compiled = [to_backend(fake, "int8-compiled") for fake in fakes]
+    x = torch.randn(2, *fakes[0].sample_shape, generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), 500, dtype=torch.long)
+    with torch.no_grad():
+        expected = [model(x, t) for model in eager]
+        got = [model(x, t) for model in compiled]
+    apart = (expected[0] - expected[1]).abs().max()
+    for mine, other, out in ((0, 1, got[0]), (1, 0, got[1])):
+        assert (out - expected[mine]).abs().max() < (out - expected[other]).abs().max(), f"model {mine}"
+    assert apart > 0
+
+
+def test_the_guard_filter_keeps_identity_and_input_guards_only():
+    class Source:
+        def __init__(self, on_module: bool) -> None:
+            self.on_module = on_module
+
+        def is_unspecialized_nn_module(self) -> bool:
+            return self.on_module
+
+    def entry(kind: str, on_module: bool) -> SimpleNamespace:
+        return SimpleNamespace(guard_type=kind, orig_guard=SimpleNamespace(source=Source(on_module)))
+
+    entries = [entry("ID_MATCH", True), entry("CONSTANT_MATCH", True), entry("TYPE_MATCH", True),
+               entry("TENSOR_MATCH", False), entry("CONSTANT_MATCH", False)]
+    assert keep_identity_guards(entries) == [True, False, False, True, True]
 
 
 @needs_compiled

@@ -52,6 +52,21 @@ def test_integer_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, pres
     assert _agree(_images(integer, ddpm_scheduler), _images(fake, ddpm_scheduler))
 
 
+def _offset_layers(model) -> list[str]:
+    return [name for name, module in model.named_modules() if getattr(module, "has_offset", False)]
+
+
+def test_symmetric_weight_preset_needs_no_offset_correction(tiny_unet, ddpm_scheduler):
+    """W8A8's asymmetric 8-bit weight codes need the offset correction (o_c·window sums); W8A8-WSYM's do not, and
+    its integer model still agrees with its own fake-quant model."""
+    assert _offset_layers(to_backend(_quantize(tiny_unet, ddpm_scheduler, "W8A8"), "int8").model)
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8-WSYM")
+    assert fake.config.label == "W8A8-WSYM"
+    integer = to_backend(fake, "int8")
+    assert integer.layers["integer"] and not _offset_layers(integer.model)
+    assert _agree(_images(integer, ddpm_scheduler), _images(fake, ddpm_scheduler))
+
+
 def test_ptqd_runs_unchanged_on_the_integer_model(tiny_unet, ddpm_scheduler):
     base = _quantize(tiny_unet, ddpm_scheduler, "W4A8")
     corrected = fit_ptqd(base, tiny_unet, ddpm_scheduler, SAMPLER, PTQDConfig(num_samples=16, seed=3))

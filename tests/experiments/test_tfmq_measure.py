@@ -1,4 +1,4 @@
-"""``tfmq_measure paired``: rows paired with the reference row of their own bit-width."""
+"""``tfmq_measure paired``: rows paired with the reference row of their own bit-width, or with one named row."""
 
 from __future__ import annotations
 
@@ -41,3 +41,16 @@ def test_two_folders_pair_when_their_fp_samples_are_identical():
     moved = [_cell("FP", "W32A32", fp + 1e-3), _cell("other", "W8A8", fp + 0.02)]
     with pytest.raises(ValueError, match="not drawn from the same noise"):
         merged_cells([first, moved])
+
+
+def test_a_name_at_bits_reference_pairs_every_row_with_that_one_row():
+    generator = torch.Generator().manual_seed(2)
+    fp = torch.rand(16, 1, 4, 4, generator=generator) * 2 - 1
+    ref = fp + 0.01 * torch.randn(fp.shape, generator=generator)
+    cells = [_cell("FP", "W32A32", fp), _cell("ref", "W8A8", ref),
+             _cell("ref", "W8A8-WSYM", fp + 0.03 * torch.randn(fp.shape, generator=generator))]
+    results = paired_rows(cells, "ref@W8A8")
+    assert results["ref W8A8"]["difference"] == 0.0
+    assert results["ref W8A8-WSYM"]["difference"] < 0  # coarser noise than the W8A8 row it is paired with
+    with pytest.raises(ValueError, match="no row 'ref' at W4A8"):
+        paired_rows(cells, "ref@W4A8")

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from tadq.quant import PRESETS, QScheme, preset
@@ -25,7 +27,11 @@ def test_presets():
     assert (weights.bits, activations.bits) == (4, 8)
     assert weights.granularity == "per_channel" and activations.granularity == "per_tensor"
     assert not preset("W4A16")[1].enabled
-    assert set(PRESETS) >= {"W8A8", "W4A8", "W4A4", "W4A16"}
+    assert set(PRESETS) >= {"W8A8", "W4A8", "W4A4", "W4A16", "W8A8-WSYM"}
+    symmetric, activations_sym = preset("w8a8-wsym")
+    assert symmetric.symmetric and (symmetric.qmin, symmetric.qmax) == (-128, 127)
+    assert symmetric == dataclasses.replace(preset("W8A8")[0], symmetric=True)  # only the weight grid differs
+    assert activations_sym == preset("W8A8")[1]
 
 
 def test_unknown_preset_raises_with_choices():

@@ -54,7 +54,8 @@ def _parse_presets(text: str) -> tuple[str, ...]:
 def run_command(
     model: str | None = typer.Option(None, help="Local diffusers folder, or a shipped model: digits (default), t2i "
                                      "(the text-to-image digits pipeline) or photos (natural-image patches)."),
-    presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16."),
+    presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16, "
+                                  "W8A8-WSYM (symmetric 8-bit weights, faster on the integer backends)."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
                                 help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …). "
                                 "'best' is each preset's best row as measured on the shipped digits model (W8A8, "

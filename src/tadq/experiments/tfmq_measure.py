@@ -120,9 +120,10 @@ def merged_cells(folders: list[list[dict]]) -> list[dict]:
 
 
 def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]]:
-    """``paired_psnr`` over loaded cells. Each row is compared with the ``reference`` row of its own bit-width; with
-    several bit-widths in the folder the keys are "name bits" (one name per row would let one preset's row
-    overwrite another's)."""
+    """``paired_psnr`` over loaded cells. Each row is compared with the ``reference`` row of its own bit-width, or,
+    for ``reference`` = "name@bits" (e.g. ``Q-Diffusion + TAC@W8A8``), with that one row whatever its own bit-width
+    (a preset against another: W8A8-WSYM against W8A8). With several bit-widths in the folder the keys are
+    "name bits" (one name per row would let one preset's row overwrite another's)."""
     from tadq.metrics import psnr_per_sample
 
     fp = next(cell for cell in cells if cell["name"] == "FP")
@@ -130,11 +131,15 @@ def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]
     several = len({cell["bits"] for cell in rows}) > 1
     psnr = {(cell["name"], cell["bits"]): psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1))
             for cell in rows}
+    fixed = tuple(reference.rsplit("@", 1)) if "@" in reference else None
+    if fixed is not None and fixed not in psnr:
+        raise ValueError(f"no row {fixed[0]!r} at {fixed[1]} to pair with; rows: {sorted(psnr)}")
     results = {}
     for (name, bits), values in psnr.items():
-        if (reference, bits) not in psnr:
+        key = fixed or (reference, bits)
+        if key not in psnr:
             raise ValueError(f"no {reference!r} row at {bits} to pair {name!r} with; rows: {sorted(psnr)}")
-        difference, interval = paired_difference(values, psnr[(reference, bits)])
+        difference, interval = paired_difference(values, psnr[key])
         results[f"{name} {bits}" if several else name] = {
             "psnr": float(values.mean()), "difference": difference, "interval": interval}
     return results

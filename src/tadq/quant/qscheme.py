@@ -132,8 +132,8 @@ class QScheme:
         return "+".join([text, *extras])
 
 
-def _weights(bits: int) -> QScheme:
-    return QScheme(bits=bits, symmetric=False, granularity="per_channel", range_method="mse")
+def _weights(bits: int, symmetric: bool = False) -> QScheme:
+    return QScheme(bits=bits, symmetric=symmetric, granularity="per_channel", range_method="mse")
 
 
 def _activations(bits: int | None) -> QScheme:
@@ -146,11 +146,15 @@ PRESETS: dict[str, tuple[QScheme, QScheme]] = {
     "W4A4": (_weights(4), _activations(4)),
     "W4A16": (_weights(4), _activations(None)),
     "W8A16": (_weights(8), _activations(None)),
+    # symmetric 8-bit weights: C − z fits int8, so integer kernels need no weight-offset correction (faster int8
+    # execution at a measured quality cost, docs/backends.md#symmetric-8-bit-weights-w8a8-wsym)
+    "W8A8-WSYM": (_weights(8, symmetric=True), _activations(8)),
 }
 
 
 def preset(name: str) -> tuple[QScheme, QScheme]:
-    """(weight scheme, activation scheme) of a named preset; ``W4A16`` means weight-only (activations in FP)."""
+    """(weight scheme, activation scheme) of a named preset; ``W4A16`` means weight-only (activations in FP),
+    ``-WSYM`` symmetric weights (activations keep their asymmetric grid)."""
     key = name.upper()
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")

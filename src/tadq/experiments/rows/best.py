@@ -25,7 +25,8 @@ __all__ = ["BEST", "BEST_ROWS", "best_row", "resolve_row"]
 BEST = "best"
 # preset → the row measured best there on the shipped digits model (README "Results on the shipped model",
 # "Benchmarks" and "W4A4 that holds")
-BEST_ROWS: dict[str, str] = {"W8A8": "tac", "W4A8": "tac", "W4A4": "svdquant+tac"}
+BEST_ROWS: dict[str, str] = {"W8A8": "tac", "W4A8": "tac", "W4A4": "svdquant+tac",
+                             "W8A8-WSYM": "tac"}  # W8A8's row on the symmetric-weight grid (docs/backends.md)
 
 
 def best_row(preset_name: str) -> str:
