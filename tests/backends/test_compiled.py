@@ -181,18 +181,35 @@ def test_compiled_is_refused_without_int8_instructions(monkeypatch):
 
 
 @needs_compiled
-def test_per_step_ranges_are_refused_before_converting(tiny_unet, ddpm_scheduler):
-    """A TFMQ model would recompile at every step: refused by name, the fake model left untouched."""
+def test_per_step_ranges_are_taken_and_their_step_is_required(tiny_unet, ddpm_scheduler):
+    """A per-step range no longer forces the eager backend: the graph reads the step from ``StepState``'s tensor
+    (tests/backends/test_tfmq.py compiles one), and since the graph cannot check that a step was set, the compiled
+    model checks it before every call, as the fake and eager models do inside theirs."""
     from tadq.tfmq.fsc import StepQuantizer, StepState
 
     fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
-    layer = fake.model.conv_in
+    layer, state = fake.model.conv_in, StepState(2)
     layer.input_quantizer = StepQuantizer(layer.input_quantizer, torch.tensor([0.01, 0.02]),
-                                          torch.tensor([128.0, 128.0]), StepState(2))
-    with pytest.raises(ValueError, match=r"int8-compiled: conv_in\.input_quantizer has per-step.*'int8'"):
+                                          torch.tensor([128.0, 128.0]), state)
+    compiled = to_backend(fake, "int8-compiled")
+    assert compiled.step_states == [compiled.model.conv_in.input_quantizer.state]
+    assert compiled.step_states[0] is not state  # the converted copy's own state
+    with pytest.raises(RuntimeError, match="sampler step"):
+        compiled(torch.randn(1, *fake.sample_shape), torch.full((1,), 10))
+
+
+@needs_compiled
+def test_per_label_caches_are_refused_before_converting(tiny_unet, ddpm_scheduler):
+    """A class-conditional TFMQ cache captures the labels in a pre-hook at each call, which is not traced: refused
+    by name, pointing at the eager backend, the fake model left untouched."""
+    from tadq.tfmq.cache import LabelCapture
+    from tadq.tfmq.fsc import StepState
+
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    fake.model.register_forward_pre_hook(LabelCapture(StepState(2)), with_kwargs=True)
+    with pytest.raises(ValueError, match=r"int8-compiled: the network captures class labels.*'int8'"):
         to_backend(fake, "int8-compiled", inplace=True)
     assert not isinstance(fake, IntegerDenoiser)
-    assert to_backend(fake, "int8").layers["integer"]["conv_in"] == "OneDNNConv2d"  # eager int8 still takes it
 
 
 @needs_compiled
@@ -201,8 +218,6 @@ def test_forward_hooks_are_refused(tiny_unet, ddpm_scheduler):
     fake.model.mid_block.register_forward_hook(lambda module, args, out: out)
     with pytest.raises(ValueError, match="int8-compiled: mid_block has forward hooks"):
         to_backend(fake, "int8-compiled")
-
-
 
 
 @needs_compiled

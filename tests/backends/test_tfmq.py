@@ -15,8 +15,9 @@ from tests.backends.bounds import conv_bound, linear_bound
 from tests.tfmq.common import CALIB, SAMPLER, scheduler, tfmq_config
 
 from tadq import api
-from tadq.backends import int8_cpu_missing, to_backend
+from tadq.backends import int8_compiled_missing, int8_cpu_missing, to_backend
 from tadq.config import QuantConfig
+from tadq.metrics.image import psnr_per_sample
 from tadq.quant import QuantConv2d, QuantLinear
 from tadq.tfmq import quantize_tfmq
 from tadq.tfmq.fsc import StepQuantizer
@@ -53,3 +54,40 @@ def test_per_step_ranges_run_in_integers(tiny_unet):
         integer(x, torch.full((3,), 999))
     images = api.sample(integer, sched, SAMPLER, num_samples=2, seed=3, progress=False).images
     assert torch.isfinite(images).all()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(int8_compiled_missing() is not None, reason=f"int8-compiled: {int8_compiled_missing()}")
+def test_per_step_ranges_and_cache_compile_once_and_follow_the_step(tiny_unet):
+    """``int8-compiled`` reads the step from a tensor the sampler updates in place: one graph serves every step
+    (no recompilation per step), and at each step it computes what the eager ``int8`` model computes. The bound:
+    both run the same integer kernels on the same per-step grids; Inductor only reorders float ops around them
+    (GroupNorm), so codes may flip at a boundary — compared as in ``test_model``: median PSNR of the outputs over
+    the steps ≥ 40 dB, and the outputs must differ between steps (the ranges and the cache really change).
+    Slow: one compile of the tiny UNet."""
+    from torch._dynamo.utils import counters
+
+    from tadq.backends.compiled import CompiledIntegerDenoiser
+
+    sched = scheduler()
+    fake = quantize_tfmq(tiny_unet, sched, QuantConfig.from_preset("W8A8", calibration=CALIB),
+                         tfmq_config(fsc="model", tiar_iters=0, maintenance="cache_fp"), SAMPLER, progress=False)
+    eager = to_backend(fake, "int8")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = to_backend(fake, "int8-compiled")
+    assert isinstance(compiled, CompiledIntegerDenoiser)
+    x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    correction = fake.corrections[0]
+    outputs, references = [], []
+    for step in range(SAMPLER.num_steps):
+        t = torch.full((3,), int(correction.grid_timesteps[step]))
+        with torch.no_grad(), eager.corrections[0].at_step(step), compiled.corrections[0].at_step(step):
+            references.append(eager(x, t))
+            outputs.append(compiled(x, t))
+    assert counters["stats"]["unique_graphs"] == 1
+    psnr = torch.stack([psnr_per_sample(o, r).median() for o, r in zip(outputs, references, strict=True)])
+    assert psnr.median() >= 40.0, psnr
+    assert not torch.equal(outputs[0], outputs[-1])
+    with pytest.raises(RuntimeError, match="sampler step"):  # no step set: refused before the graph runs
+        compiled(x, torch.full((3,), 999))

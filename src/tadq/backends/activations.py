@@ -65,9 +65,9 @@ def activation_grid(quantizer: Quantizer) -> ActivationGrid:
     scheme = quantizer.scheme
     shift = -scheme.qmin if scheme.qmin < 0 else 0  # signed grid → uint8
     if isinstance(quantizer, StepQuantizer):
-        index = quantizer.state.require_index()
-        scale = quantizer.step_scale[index].float()
-        return ActivationGrid(scale, torch.reciprocal(scale), quantizer.step_zero_point[index].float() + shift,
+        scale = quantizer.state.select(quantizer.step_scale).float()
+        zero_point = quantizer.state.select(quantizer.step_zero_point).float()
+        return ActivationGrid(scale, torch.reciprocal(scale), zero_point + shift,
                               scheme.qmin + shift, scheme.qmax + shift)
     scale = quantizer.scale.reshape(()).float()
     return ActivationGrid(float(scale), float(torch.reciprocal(scale)), float(quantizer.zero_point) + shift,

@@ -4,7 +4,7 @@ Eager, every integer layer quantizes its input in separate passes after the floa
 SiLU, a residual add), which costs about twice the int8 kernel itself on the shipped model (docs/backends.md).
 Compiled by Inductor with freezing, the layers trace to pure ops (``traced_codes``): the activation quantization
 (× 1/Δ, round half to even, + z, clamp, → uint8), the asymmetric-weight offset correction and the surrounding float
-ops fuse into one generated C++ kernel per group, and the oneDNN ``qconv2d_pointwise`` / ``qlinear_pointwise`` ops
+ops fuse into one generated C++ kernel per group, and the oneDNN ``qconv_pointwise`` / ``qlinear_pointwise`` ops
 run as Inductor extern kernels on the frozen prepacked weights. The integer arithmetic is the ``int8`` backend's:
 same codes from the same float input, same exact int32 sums, same float32 epilogue. Inductor may order the
 *float* ops around them differently from eager (e.g. GroupNorm's reduction), which moves values by float rounding
@@ -32,6 +32,8 @@ from tadq.backends.activations import is_per_step
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.backends.integer_denoiser import IntegerDenoiser
 from tadq.sampling import Conditioning, StepAware
+from tadq.tfmq.cache import CachedFeature, LabelCapture
+from tadq.tfmq.fsc import StepQuantizer, StepState
 
 RECOMPILE_LIMIT = 64
 
@@ -53,7 +55,8 @@ def keep_identity_guards(entries) -> list[bool]:
 
 GUARD_FILTER = keep_identity_guards
 
-__all__ = ["CompiledIntegerDenoiser", "check_compilable", "compile_integer_model", "frozen", "prime_grids"]
+__all__ = ["CompiledIntegerDenoiser", "check_compilable", "compile_integer_model", "frozen", "keep_identity_guards",
+           "prime_grids", "step_states"]
 
 
 def frozen():
@@ -80,10 +83,11 @@ def _quantizers(model: nn.Module):
 def check_compilable(qmodel) -> None:
     """Raise ``ValueError`` naming what a compiled graph cannot follow (see the module docstring)."""
     hint = "; run this model on backend 'int8' (eager, same arithmetic)"
-    aware = [type(member).__name__ for member in qmodel.corrections if isinstance(member, StepAware)]
+    aware = [type(member).__name__ for member in qmodel.corrections
+             if isinstance(member, StepAware) and not isinstance(getattr(member, "state", None), StepState)]
     if aware:
-        raise ValueError(f"int8-compiled: the correction(s) {aware} change the network at every sampler step (TFMQ "
-                         f"per-step ranges / cached features), so the graph would be recompiled every step{hint}")
+        raise ValueError(f"int8-compiled: the correction(s) {aware} change the network at every sampler step "
+                         f"without a StepState a graph can read the step from{hint}")
     if getattr(qmodel, "branch_ranges", None) is not None:
         raise ValueError("int8-compiled: the model has guidance branch ranges, rewritten in place between calls, "
                          f"which a frozen graph does not see{hint}")
@@ -91,18 +95,31 @@ def check_compilable(qmodel) -> None:
         raise ValueError(f"int8-compiled: adapter {qmodel.adapter.name!r} keeps an inference cache (K/V memo), "
                          f"which is not traced{hint}")
     for name, module in qmodel.model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks:
-            raise ValueError(f"int8-compiled: {name or 'the network'} has forward hooks{hint}")
-    for name, module in qmodel.model.named_modules():
-        for child_name, child in module.named_children():
-            if is_per_step(child):
-                raise ValueError(f"int8-compiled: {name}.{child_name} has per-step activation ranges{hint}")
+        where = name or "the network"
+        if any(isinstance(hook, LabelCapture) for hook in module._forward_pre_hooks.values()):
+            raise ValueError(f"int8-compiled: {where} captures class labels for a per-label TFMQ cache, which is "
+                             f"not traced{hint}")
+        if module._forward_pre_hooks or any(not isinstance(hook, CachedFeature)
+                                            for hook in module._forward_hooks.values()):
+            raise ValueError(f"int8-compiled: {where} has forward hooks{hint}")
+
+
+def step_states(model: nn.Module) -> list[StepState]:
+    """Every ``StepState`` the network reads a step from (per-step quantizers, cached-feature hooks), once each."""
+    found: dict[int, StepState] = {}
+    for module in model.modules():
+        readers = [module, *module._forward_hooks.values()]
+        for reader in readers:
+            if isinstance(reader, (StepQuantizer, CachedFeature)):
+                found.setdefault(id(reader.state), reader.state)
+    return list(found.values())
 
 
 def prime_grids(model: nn.Module) -> None:
     """Fill every integer layer's grid cache now, so the traced graph reads the ranges as Python constants."""
     for _, kernel, quantizer in _quantizers(model):
-        kernel.grid(quantizer)
+        if not is_per_step(quantizer):  # a per-step range is read from its table at the traced step index
+            kernel.grid(quantizer)
 
 
 def compile_integer_model(qmodel) -> None:
@@ -114,6 +131,7 @@ def compile_integer_model(qmodel) -> None:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    qmodel.step_states = step_states(qmodel.model)
     qmodel.model.compile(**({} if GUARD_FILTER is None else {"options": {"guard_filter_fn": GUARD_FILTER}}))
     qmodel.__class__ = CompiledIntegerDenoiser
 
@@ -123,5 +141,7 @@ class CompiledIntegerDenoiser(IntegerDenoiser):
     autograd (freezing needs it, and integer kernels have no gradient anyway)."""
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
+        for state in self.step_states:  # the graph reads the step from a tensor and cannot check it was set
+            state.require_index()
         with torch.no_grad(), frozen():
             return super().forward(x, t, cond)

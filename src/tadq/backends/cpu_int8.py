@@ -1,6 +1,6 @@
 """The ``int8`` CPU backend: convolutions and linears as oneDNN u8·s8 → int32 kernels with a float32 output.
 
-Kernel: ``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise`` (the ops PyTorch 2's x86 Inductor
+Kernel: ``torch.ops.onednn.qconv_pointwise`` / ``qlinear_pointwise`` (the ops PyTorch 2's x86 Inductor
 quantization lowers to) on weights prepacked once by ``qconv_prepack`` / ``qlinear_prepack``. With
 ``output_dtype=float32`` the kernel returns ``Δx·Δw_c·Σ a·B + bias`` from an exact int32 accumulation, so no
 output requantization is added to the arithmetic the fake-quant model simulates. oneDNN has no weight zero point
@@ -82,7 +82,9 @@ class _ConvKernel(nn.Module):
             values = activation_codes(x, grid, SCRATCH.get("codes", x.shape, torch.float32, x.device, True))
             codes = SCRATCH.get("uint8", x.shape, torch.uint8, x.device, True).copy_(values)  # oneDNN's layout
         stride, padding, dilation = self.geometry
-        op = torch.ops.onednn.qconv2d_pointwise
+        # qconv_pointwise, not its 2-D twin qconv2d_pointwise (same kernel, bit-identical outputs, measured): only
+        # its per-step (.tensor) overload has the shape function torch.compile needs to trace it
+        op = torch.ops.onednn.qconv_pointwise
         op = op.tensor if isinstance(grid.scale, Tensor) else op.default
         y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, stride, padding,
                dilation, 1, 1.0, 0, torch.float32, "none", [], "")

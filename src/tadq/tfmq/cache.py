@@ -42,7 +42,7 @@ class CachedFeature:
         self.state = state
 
     def __call__(self, _module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
-        row = self.values[self.state.require_index()]  # (C,) or (K, C)
+        row = self.state.select(self.values)  # (C,) or (K, C)
         if row.dim() == 2:
             if self.state.labels is None:
                 raise RuntimeError("this cache is per class label, but the call gave no class_labels")

@@ -14,6 +14,8 @@ not one fresh trajectory per step as in the authors' O(S²) generator).
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -27,6 +29,10 @@ from tadq.quant.quantizer import Quantizer
 __all__ = ["StepState", "StepQuantizer", "calibrate_per_step", "install_step_quantizers", "remove_step_quantizers"]
 
 
+_INDEX_TENSORS: dict[int, Tensor] = {}  # StepState slot → its step index as a 0-dim tensor (see index_tensor)
+_SLOTS = itertools.count()
+
+
 class StepState:
     """The sampler step the network is evaluated at, shared by every per-step module of one prepared network.
 
@@ -36,8 +42,53 @@ class StepState:
 
     def __init__(self, num_steps: int) -> None:
         self.num_steps = num_steps
-        self.index: int | None = None
+        self._index: int | None = None
         self.labels: Tensor | None = None  # class labels of the current call (class-conditional caches)
+        self._slot = next(_SLOTS)
+        _INDEX_TENSORS[self._slot] = torch.zeros((), dtype=torch.long)
+        weakref.finalize(self, _INDEX_TENSORS.pop, self._slot, None)
+
+    def __deepcopy__(self, memo: dict) -> StepState:
+        """A copy with its own step tensor (a converted or copied model must not share the original's step)."""
+        copied = StepState(self.num_steps)
+        copied.index, copied.labels = self.index, self.labels
+        memo[id(self)] = copied
+        return copied
+
+    @property
+    def index_tensor(self) -> Tensor:
+        """The step as a 0-dim tensor, updated in place whenever ``index`` is set: what a compiled graph reads.
+
+        Kept in a module-level table, not on this object: Inductor's freezing makes every tensor reached through
+        the network's modules a constant of the graph (measured: the step-0 range was folded into the kernel), while
+        a tensor from a global table stays a graph input, so one graph serves every step.
+        """
+        return _INDEX_TENSORS[self._slot]
+
+    @property
+    def index(self) -> int | None:
+        return self._index
+
+    @index.setter
+    def index(self, value: int | None) -> None:
+        self._index = value
+        if value is not None:
+            self.index_tensor.fill_(value)
+
+    def traced_index(self) -> int | Tensor:
+        """The step to index the per-step tables with: ``index_tensor`` inside a ``torch.compile`` trace (the
+        compiled model checks that a step is set before it calls the graph), else ``require_index()``."""
+        if torch.compiler.is_compiling():
+            return self.index_tensor
+        return self.require_index()
+
+    def select(self, table: Tensor) -> Tensor:
+        """Row ``table[step]`` of a per-step table (S, ...): inside a compile trace an ``index_select`` on
+        ``index_tensor`` (indexing with a 0-dim tensor would read its value on the host, which a graph cannot)."""
+        index = self.traced_index()
+        if isinstance(index, Tensor):
+            return table.index_select(0, index.to(table.device).reshape(1)).squeeze(0)
+        return table[index]
 
     def require_index(self) -> int:
         if self.index is None:
