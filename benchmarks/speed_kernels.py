@@ -65,7 +65,7 @@ def _kernel_only(layer: nn.Module, x: torch.Tensor):
                                                           layer.w_scale, layer.w_zero, layer.bias, 1.0, 0,
                                                           torch.float32, "none", [], "")
     k, codes = layer.kernel, codes.contiguous(memory_format=torch.channels_last)
-    return lambda: torch.ops.onednn.qconv_pointwise(codes, grid.scale, int(grid.zero_point), k.packed, k.w_scale,
+    return lambda: torch.ops.onednn.qconv2d_pointwise(codes, grid.scale, int(grid.zero_point), k.packed, k.w_scale,
                                                       k.w_zero, k.bias, *k.geometry, 1, 1.0, 0, torch.float32,
                                                       "none", [], "")
 

@@ -59,12 +59,12 @@ def test_per_step_ranges_run_in_integers(tiny_unet):
 @pytest.mark.slow
 @pytest.mark.skipif(int8_compiled_missing() is not None, reason=f"int8-compiled: {int8_compiled_missing()}")
 def test_per_step_ranges_and_cache_compile_once_and_follow_the_step(tiny_unet):
-    """``int8-compiled`` reads the step from a tensor the sampler updates in place: one graph serves every step
-    (no recompilation per step), and at each step it computes what the eager ``int8`` model computes. The bound:
-    both run the same integer kernels on the same per-step grids; Inductor only reorders float ops around them
-    (GroupNorm), so codes may flip at a boundary — compared as in ``test_model``: median PSNR of the outputs over
-    the steps ≥ 40 dB, and the outputs must differ between steps (the ranges and the cache really change).
-    Slow: one compile of the tiny UNet."""
+    """``int8-compiled`` reads the step from a tensor the sampler updates in place: one graph serves every step (no
+    recompilation per step; one per batch size), and at each step it computes what the eager ``int8`` model
+    computes. The bound: both run the same integer kernels on the same per-step grids; Inductor only reorders
+    float ops around them (GroupNorm), so codes may flip at a boundary — compared as in ``test_model``: median
+    PSNR of the outputs over the steps ≥ 40 dB, and the outputs must differ between steps (the ranges and the
+    cache really change). Slow: one compile of the tiny UNet."""
     from torch._dynamo.utils import counters
 
     from tadq.backends.compiled import CompiledIntegerDenoiser
@@ -86,8 +86,14 @@ def test_per_step_ranges_and_cache_compile_once_and_follow_the_step(tiny_unet):
             references.append(eager(x, t))
             outputs.append(compiled(x, t))
     assert counters["stats"]["unique_graphs"] == 1
+    wider = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(5))  # a second batch size: own graph
+    t = torch.full((5,), int(correction.grid_timesteps[0]))
+    with torch.no_grad(), eager.corrections[0].at_step(0), compiled.corrections[0].at_step(0):
+        outputs.append(compiled(wider, t))
+        references.append(eager(wider, t))
+    assert counters["stats"]["unique_graphs"] == 2  # static shapes for per-step grids (compiled.py says why)
     psnr = torch.stack([psnr_per_sample(o, r).median() for o, r in zip(outputs, references, strict=True)])
     assert psnr.median() >= 40.0, psnr
-    assert not torch.equal(outputs[0], outputs[-1])
+    assert not torch.equal(outputs[0], outputs[SAMPLER.num_steps - 1])
     with pytest.raises(RuntimeError, match="sampler step"):  # no step set: refused before the graph runs
         compiled(x, torch.full((3,), 999))

@@ -4,7 +4,7 @@ Eager, every integer layer quantizes its input in separate passes after the floa
 SiLU, a residual add), which costs about twice the int8 kernel itself on the shipped model (docs/backends.md).
 Compiled by Inductor with freezing, the layers trace to pure ops (``traced_codes``): the activation quantization
 (× 1/Δ, round half to even, + z, clamp, → uint8), the asymmetric-weight offset correction and the surrounding float
-ops fuse into one generated C++ kernel per group, and the oneDNN ``qconv_pointwise`` / ``qlinear_pointwise`` ops
+ops fuse into one generated C++ kernel per group, and the oneDNN ``qconv2d_pointwise`` / ``qlinear_pointwise`` ops
 run as Inductor extern kernels on the frozen prepacked weights. The integer arithmetic is the ``int8`` backend's:
 same codes from the same float input, same exact int32 sums, same float32 epilogue. Inductor may order the
 *float* ops around them differently from eager (e.g. GroupNorm's reduction), which moves values by float rounding
@@ -132,7 +132,11 @@ def compile_integer_model(qmodel) -> None:
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     qmodel.step_states = step_states(qmodel.model)
-    qmodel.model.compile(**({} if GUARD_FILTER is None else {"options": {"guard_filter_fn": GUARD_FILTER}}))
+    options = {} if GUARD_FILTER is None else {"options": {"guard_filter_fn": GUARD_FILTER}}
+    # per-step grids: static shapes, one graph per batch size (a sampling run has at most two). With a dynamic batch
+    # Inductor's lowering of the per-step conv (qconv_pointwise.tensor) expected a contiguous output where oneDNN
+    # writes channels-last, and the graph failed its stride check at the second batch size (torch 2.13)
+    qmodel.model.compile(**options, **({"dynamic": False} if qmodel.step_states else {}))
     qmodel.__class__ = CompiledIntegerDenoiser
 
 

@@ -1,11 +1,12 @@
 """The ``int8`` CPU backend: convolutions and linears as oneDNN u8·s8 → int32 kernels with a float32 output.
 
-Kernel: ``torch.ops.onednn.qconv_pointwise`` / ``qlinear_pointwise`` (the ops PyTorch 2's x86 Inductor
-quantization lowers to) on weights prepacked once by ``qconv_prepack`` / ``qlinear_prepack``. With
-``output_dtype=float32`` the kernel returns ``Δx·Δw_c·Σ a·B + bias`` from an exact int32 accumulation, so no
-output requantization is added to the arithmetic the fake-quant model simulates. oneDNN has no weight zero point
-(a non-zero one is silently ignored, measured), so asymmetric 8-bit weights are corrected with an exact window
-sum of the activation codes (``tadq.backends.weights``). Why these ops and not the alternatives: docs/backends.md.
+Kernel: ``torch.ops.onednn.qconv2d_pointwise`` (``qconv_pointwise`` for per-step grids) / ``qlinear_pointwise`` (the
+ops PyTorch 2's x86 Inductor quantization lowers to) on weights prepacked once by ``qconv_prepack`` /
+``qlinear_prepack``. With ``output_dtype=float32`` the kernel returns ``Δx·Δw_c·Σ a·B + bias`` from an exact int32
+accumulation, so no output requantization is added to the arithmetic the fake-quant model simulates. oneDNN has no
+weight zero point (a non-zero one is silently ignored, measured), so asymmetric 8-bit weights are corrected with an
+exact window sum of the activation codes (``tadq.backends.weights``). Why these ops and not the alternatives:
+docs/backends.md.
 """
 
 from __future__ import annotations
@@ -82,10 +83,12 @@ class _ConvKernel(nn.Module):
             values = activation_codes(x, grid, SCRATCH.get("codes", x.shape, torch.float32, x.device, True))
             codes = SCRATCH.get("uint8", x.shape, torch.uint8, x.device, True).copy_(values)  # oneDNN's layout
         stride, padding, dilation = self.geometry
-        # qconv_pointwise, not its 2-D twin qconv2d_pointwise (same kernel, bit-identical outputs, measured): only
-        # its per-step (.tensor) overload has the shape function torch.compile needs to trace it
-        op = torch.ops.onednn.qconv_pointwise
-        op = op.tensor if isinstance(grid.scale, Tensor) else op.default
+        # a per-step grid goes through qconv_pointwise.tensor, the N-d twin of qconv2d_pointwise (same kernel,
+        # bit-identical outputs, measured): qconv2d_pointwise.tensor has no shape function, so torch.compile cannot
+        # trace it; a fixed grid keeps qconv2d_pointwise.default, whose compiled lowering takes a dynamic batch
+        # (qconv_pointwise.default's failed a stride check there)
+        per_step = isinstance(grid.scale, Tensor)
+        op = torch.ops.onednn.qconv_pointwise.tensor if per_step else torch.ops.onednn.qconv2d_pointwise.default
         y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, stride, padding,
                dilation, 1, 1.0, 0, torch.float32, "none", [], "")
         if self.has_offset:  # − o_c·Δw_c·Δx·Σ_window Σ_c (codes − z): exact integers until the last multiply

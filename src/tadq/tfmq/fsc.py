@@ -133,10 +133,9 @@ class StepQuantizer(Quantizer):
 
     def _quantize(self, x: Tensor) -> Tensor:
         """On the current step's (Δ, z); bypass and observation are the base ``forward``'s."""
-        index = self.state.require_index()
-        zero_point = self.step_zero_point[index].to(torch.int32)
-        return torch.fake_quantize_per_tensor_affine(x, self.step_scale[index], zero_point, self.scheme.qmin,
-                                                     self.scheme.qmax)
+        zero_point = self.state.select(self.step_zero_point).to(torch.int32)  # compiled: no step constant
+        return torch.fake_quantize_per_tensor_affine(x, self.state.select(self.step_scale), zero_point,
+                                                     self.scheme.qmin, self.scheme.qmax)
 
     def plain(self) -> Quantizer:
         """The single-range quantizer this one replaced (same scheme and persistent state)."""
