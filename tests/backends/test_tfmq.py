@@ -64,7 +64,7 @@ def test_per_step_ranges_and_cache_compile_once_and_follow_the_step(tiny_unet):
     computes. The bound: both run the same integer kernels on the same per-step grids; Inductor only reorders
     float ops around them (GroupNorm), so codes may flip at a boundary — compared as in ``test_model``: median
     PSNR of the outputs over the steps ≥ 40 dB, and the outputs must differ between steps (the ranges and the
-    cache really change). Slow: one compile of the tiny UNet."""
+    cache really change). Slow: two compiles of the tiny UNet."""
     from torch._dynamo.utils import counters
 
     from tadq.backends.compiled import CompiledIntegerDenoiser

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from tadq.backends.activations import is_per_step
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.backends.integer_denoiser import IntegerDenoiser
+from tadq.quant.quantizer import Quantizer
 from tadq.sampling import Conditioning, StepAware
 from tadq.tfmq.cache import CachedFeature, LabelCapture
 from tadq.tfmq.fsc import StepQuantizer, StepState
@@ -95,6 +96,9 @@ def check_compilable(qmodel) -> None:
         raise ValueError(f"int8-compiled: adapter {qmodel.adapter.name!r} keeps an inference cache (K/V memo), "
                          f"which is not traced{hint}")
     for name, module in qmodel.model.named_modules():
+        if isinstance(module, Quantizer) and module.enabled and not bool(module.initialized):
+            raise ValueError(f"int8-compiled: quantizer {name} has no range (the graph does not check it at run "
+                             "time); calibrate the model before converting")
         where = name or "the network"
         if any(isinstance(hook, LabelCapture) for hook in module._forward_pre_hooks.values()):
             raise ValueError(f"int8-compiled: {where} captures class labels for a per-label TFMQ cache, which is "

@@ -96,7 +96,9 @@ class Quantizer(nn.Module):
 
     def _quantize(self, x: Tensor) -> Tensor:
         """Fake-quantize ``x`` on this quantizer's grid (``forward`` has handled bypass and observation)."""
-        if not bool(self.initialized):
+        # a compiled graph cannot branch on a tensor's value (graph break); int8-compiled checks every quantizer of
+        # the network before it compiles (tadq.backends.compiled.check_compilable)
+        if not torch.compiler.is_compiling() and not bool(self.initialized):
             raise RuntimeError(
                 "quantizer used before its range was set: calibrate the model first "
                 "(tadq.quantize, or the tadq.calibration.Calibrate context)"
