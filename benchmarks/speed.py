@@ -54,6 +54,14 @@ def _lscpu_flags() -> str:
     return f"{model}; flags: {' '.join(sorted(wanted))}"
 
 
+_START = time.perf_counter()
+
+
+def _progress(message: str) -> None:
+    """One line per phase on stderr: a full run takes 10–20 minutes, most of it compiling."""
+    print(f"[speed {time.perf_counter() - _START:6.0f} s] {message}", file=sys.stderr, flush=True)
+
+
 def _latency(variants: dict, generator: torch.Generator, first: dict[str, float]) -> dict[str, dict[int, float]]:
     """Median seconds per denoiser call at each batch, variants interleaved within every repeat; ``first`` gets the
     summed seconds of each variant's first call per batch (compilation, for compiled variants)."""
@@ -62,6 +70,7 @@ def _latency(variants: dict, generator: torch.Generator, first: dict[str, float]
         for batch in BATCHES:
             x = torch.randn(batch, 1, 16, 16, generator=generator)
             t = torch.randint(0, 1000, (batch,), generator=generator)
+            _progress(f"latency, batch {batch}: warm-up calls (compiled variants compile)")
             for name, call in variants.items():
                 start = time.perf_counter()
                 call(x, t)  # warm-up (oneDNN primitive creation; compilation)
@@ -110,6 +119,7 @@ def _sampling(variants: dict, models: dict, scheduler, samples: int) -> tuple[di
     """Seconds for DDIM-50 over ``samples`` samples (one batch) and the images, same noise for every variant."""
     seconds, images = {}, {}
     for name in variants:
+        _progress(f"DDIM-50: {name}")
         start = time.perf_counter()
         result = tadq.sample(models[name], scheduler, SAMPLER, num_samples=samples, seed=1000, batch_size=samples,
                              progress=False)
@@ -125,6 +135,11 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}×"
 
 
+def _ms(seconds: float | None) -> float | None:
+    """Milliseconds, or None for a latency the run skipped (``--sampling-only``)."""
+    return None if seconds is None else 1000 * seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -137,7 +152,7 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="add the torch.compile rows (FP fp32/bf16 compiled, int8-compiled)")
     parser.add_argument("--sampling-only", action="store_true",
-                        help="skip the latency rows (nan): DDIM-50 throughput and agreement only (fewer compiles)")
+                        help="skip the latency columns (shown as –): DDIM-50 throughput and agreement only")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -177,6 +192,7 @@ def main() -> None:
             info[f"{name} compiled"] = {"size": info[name]["size"], "compiled": True}
     workdir = Path(tempfile.mkdtemp(prefix="tadq-speed-"))
     for preset in args.presets.split(","):
+        _progress(f"quantizing {preset} (naive PTQ) and loading it on each backend")
         qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), cache_dir=args.cache_dir,
                                progress=False)
         size = qmodel.save_pretrained(workdir / preset, scheduler)
@@ -191,15 +207,17 @@ def main() -> None:
         if info[name].get("compiled"):
             info[name].update(peak_rss=None, load_s=None, held=held_weight_bytes(models[name]))
             continue
+        _progress(f"peak memory and load time of {name}, in a fresh process")
         kind = {"FP fp32": "fp32", "FP bf16": "bf16"}.get(name, name.split()[-1])
         info[name].update(_probe(kind, str(workdir / name.split()[0]), args.threads))
     info["FP fp32"]["load_in_process_s"] = fp_load
 
     first: dict[str, float] = {}
     if args.sampling_only:
-        latency = {name: dict.fromkeys(BATCHES, float("nan")) for name in models}
+        latency = {name: dict.fromkeys(BATCHES) for name in models}
     else:
         latency = _latency(calls, torch.Generator().manual_seed(0), first)
+    _progress("2-step warm-up sampling runs (compiled variants compile for the sampler's batch)")
     for name in models:  # a short run first: compiles on the sampler's own call, outside the timed run
         start = time.perf_counter()
         tadq.sample(models[name], scheduler, SamplerConfig(kind="ddim", num_steps=2, eta=0.0),
@@ -208,7 +226,7 @@ def main() -> None:
     seconds, images = _sampling(calls, models, scheduler, args.samples)
     rows = []
     for name in models:
-        row = {"variant": name, **{f"latency_b{b}_ms": 1000 * latency[name][b] for b in BATCHES},
+        row = {"variant": name, **{f"latency_b{b}_ms": _ms(latency[name][b]) for b in BATCHES},
                "ddim50_s": seconds[name], "images_per_s": args.samples / seconds[name],
                "held_weight_bytes": info[name]["held"], "held_vs_fp32": info[name]["held"] / fp_bytes,
                "peak_rss_mib": None if info[name]["peak_rss"] is None else info[name]["peak_rss"] / 2**20,
@@ -233,8 +251,8 @@ def _report(rows: list[dict], capability: dict, args) -> None:
             "| first calls s | artefact KiB | PSNR vs FP dB | PSNR int vs fake dB |")
     lines = [head, "|" + "---|" * 12]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['latency_b1_ms']:.1f} | {r['latency_b16_ms']:.1f} | "
-                     f"{r['latency_b64_ms']:.1f} | {r['ddim50_s']:.1f} ({r['images_per_s']:.2f}) | "
+        lines.append(f"| {r['variant']} | {_cell(r['latency_b1_ms'], '.1f')} | {_cell(r['latency_b16_ms'], '.1f')} | "
+                     f"{_cell(r['latency_b64_ms'], '.1f')} | {r['ddim50_s']:.1f} ({r['images_per_s']:.2f}) | "
                      f"{r['held_weight_bytes'] / 1024:.0f} KiB ({r['held_vs_fp32']:.3f}) | "
                      f"{_cell(r['peak_rss_mib'], '.0f')} | {_cell(r['load_s'], '.2f')} | {r['first_calls_s']:.1f} | "
                      f"{_kib(r['artefact_bytes'])} | "
@@ -249,6 +267,8 @@ def _report(rows: list[dict], capability: dict, args) -> None:
         fake = by[f"{r['variant'].split()[0]} fake"]
         parts = []
         for what, key in keys:
+            if r[key] is None:  # skipped in this run
+                continue
             cells = [f"vs fp32 {_ratio(by['FP fp32'][key], r[key])}", f"vs bf16 {_ratio(by['FP bf16'][key], r[key])}"]
             if "FP fp32 compiled" in by:
                 cells += [f"vs fp32 c {_ratio(by['FP fp32 compiled'][key], r[key])}",

@@ -12,13 +12,17 @@ only — the same kind of difference as between the eager integer and fake-quant
 
 Compilation happens on the first call with each input shape (about 1–2 minutes on the shipped model with one
 thread on the 2-core CPUs; the batch dimension becomes dynamic after a second batch size, so a sampling run
-compiles at most twice). What a fixed graph cannot follow is refused when converting, by name:
+compiles at most twice). TFMQ-DM's per-step activation ranges and cached temporal features compile too: the step
+index is a graph input read from a table (``StepState.traced_index``), so one graph serves every step; such
+models compile with static shapes (one graph per batch size). What a compiled graph cannot follow is refused when
+converting, by name:
 
-* per-step activation ranges and cached features (TFMQ finite-set calibration, step-aware corrections): they
-  change at every sampler step, so the graph would be recompiled at every step;
+* step-aware corrections without a ``StepState`` (they rewrite the network between steps in Python);
 * guidance branch ranges (``QuantConfig.branch_ranges``): they rewrite the activation ranges in place between
   calls, which a graph frozen on the ranges would not see;
-* forward hooks inside the network and adapters with an inference cache (the cross-attention K/V memo).
+* per-label TFMQ caches (``LabelCapture``), other forward hooks inside the network and adapters with an inference
+  cache (the cross-attention K/V memo);
+* a quantizer without a range (the graph does not check it at run time).
 
 Those models run on ``int8`` (eager) unchanged.
 """

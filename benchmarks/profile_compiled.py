@@ -1,0 +1,106 @@
+"""Where a compiled forward's time goes: the shipped model compiled as FP (fp32/bf16) or as an integer model.
+
+Each variant is built in this process, compiled (Inductor, freezing), warmed up, timed over ``--calls`` calls at
+batch ``--batch``, then profiled (``torch.profiler``, CPU) over ``--profiled`` calls; the self time of each op is
+summed into the groups below, in ms per forward. Run each variant in its own process (one compile each) on an
+otherwise idle machine, and compare shares rather than absolute times across runs:
+
+    python benchmarks/profile_compiled.py --variant bf16 --threads 1
+    python benchmarks/profile_compiled.py --variant W8A8-WSYM --threads 1    # any preset: naive PTQ, int8-compiled
+
+The integer variants are naive PTQ (``QuantConfig.from_preset``), as in ``benchmarks/speed.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import tadq
+from tadq.backends import check_backend
+from tadq.io import load_quantized
+from tadq.models import load_pipeline_parts
+
+GROUPS = (  # (group, op-name fragments), first match wins
+    ("convolutions", ("convolution", "qconv")),
+    ("linears and matmuls", ("linear", "aten::bmm", "aten::mm", "aten::addmm")),
+    ("attention core (SDPA)", ("scaled_dot_product",)),
+    ("Inductor-generated kernels", ("## Call CompiledFxGraph",)),
+    ("guard evaluation", ("TorchDynamo Cache Lookup",)),
+)
+FP_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def group_of(op_name: str) -> str:
+    """The group an op's self time is counted in (``other`` when no fragment matches)."""
+    for group, fragments in GROUPS:
+        if any(fragment in op_name for fragment in fragments):
+            return group
+    return "other"
+
+
+def _build(variant: str, cache_dir: str):
+    """(x, t) → ε of the compiled variant, and the shape of one input sample."""
+    fp32, scheduler = load_pipeline_parts(None)
+    shape = (fp32.config.in_channels, fp32.config.sample_size, fp32.config.sample_size)
+    if variant in FP_DTYPES:
+        dtype = FP_DTYPES[variant]
+        model = copy.deepcopy(fp32).to(dtype)
+        model.compile()
+        return (lambda x, t: model(x.to(dtype), t).sample), shape
+    qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(variant), cache_dir=cache_dir,
+                           progress=False)
+    folder = Path(tempfile.mkdtemp(prefix="tadq-profile-")) / variant
+    qmodel.save_pretrained(folder, scheduler)
+    model, _ = load_quantized(folder, backend="int8-compiled")
+    return (lambda x, t: model(x, t)), shape
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", required=True, help="fp32, bf16 (FP, compiled) or a preset (int8-compiled)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--calls", type=int, default=10, help="timed calls (after three warm-up calls)")
+    parser.add_argument("--profiled", type=int, default=5, help="profiled calls")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
+    args = parser.parse_args()
+    if args.variant not in FP_DTYPES:
+        tadq.QuantConfig.from_preset(args.variant)  # an unknown preset is refused before any work
+        check_backend("int8-compiled")
+    torch.set_num_threads(args.threads)
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # the FP variants compile as int8-compiled does
+    call, shape = _build(args.variant, args.cache_dir)
+    generator = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(args.batch, *shape, generator=generator)
+    t = torch.randint(0, 1000, (args.batch,), generator=generator)
+    with torch.no_grad():
+        for _ in range(3):
+            call(x, t)
+        start = time.perf_counter()
+        for _ in range(args.calls):
+            call(x, t)
+        per_call_ms = 1000 * (time.perf_counter() - start) / args.calls
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            for _ in range(args.profiled):
+                call(x, t)
+    groups: dict[str, float] = defaultdict(float)
+    for event in profiler.key_averages():
+        groups[group_of(event.key)] += event.self_cpu_time_total / 1000 / args.profiled
+    report = {"variant": args.variant, "batch": args.batch, "threads": args.threads, "timed_ms_per_call": per_call_ms,
+              "profiled_ms_per_call": sum(groups.values()), "groups_ms_per_call": dict(groups)}
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
