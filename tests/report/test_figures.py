@@ -16,3 +16,19 @@ def test_error_curves_add_a_relative_panel_only_for_a_known_reference(tmp_path):
     missing = mpimg.imread(save_error_curves(curves, tmp_path / "missing.png", reference="not a row"))
     assert double.shape[1] > 1.5 * single.shape[1]  # two panels side by side
     assert missing.shape == single.shape
+
+
+def test_a_long_panel_title_wraps_inside_the_figure(tmp_path, monkeypatch):
+    from tadq.report import figures
+
+    title = "W8A8-WSYM qdiffusion · ddim-50-eta0.0 · seed 1000 · 64 samples · int8-compiled"
+    images = torch.zeros(16, 1, 8, 8)
+
+    def edge_ink(path) -> float:
+        """Darkest value in the image's outer columns (1.0 = white: nothing drawn there)."""
+        pixels = mpimg.imread(figures.save_comparison_grid({title: images}, path))[..., :3]
+        return float(min(pixels[:, 0].min(), pixels[:, -1].min()))
+
+    assert edge_ink(tmp_path / "wrapped.png") == 1.0
+    monkeypatch.setattr(figures, "PANEL_TITLE_CHARS", 1000)  # unwrapped, the title runs off both sides
+    assert edge_ink(tmp_path / "cut.png") < 1.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,8 @@ import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 __all__ = ["image_grid", "save_comparison_grid", "save_error_curves"]
+
+PANEL_TITLE_CHARS = 40  # a 3.2-inch panel holds about this many characters at font size 10; longer titles wrap
 
 
 def image_grid(images: Tensor, columns: int = 8) -> np.ndarray:
@@ -37,7 +40,7 @@ def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: i
         ax.axis("off")
     for ax, (title, images) in zip(axes.flat, panels.items(), strict=False):
         ax.imshow(image_grid(images, columns), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(textwrap.fill(title, PANEL_TITLE_CHARS), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
