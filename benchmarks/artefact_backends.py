@@ -5,10 +5,11 @@ per-step ranges, whose sampler is fixed by its tables. Each backend loads the ar
 (for int8-compiled: the compile) and once timed, from the same noise; reported: the warm-up and timed seconds and
 the PSNR of each integer backend's samples against the fake-quant ones (mean and median over samples); with
 ``--fp FOLDER`` (the diffusers model the artefact was quantized from) also every backend's PSNR against the FP
-model's samples from the same noise, i.e. whether the integer model keeps its recipe's quality.
+model's samples from the same noise, and with ``--fd-digits`` the FD-digits of every backend's samples (and of the
+FP model's) against the real training digits, i.e. whether the integer model keeps its recipe's quality.
 
     python benchmarks/artefact_backends.py ARTEFACT [--fp src/tadq/zoo/weights/digits-ddpm] [--steps 50]
-        [--samples 64] [--threads 1] [--out runs/x]
+        [--fd-digits] [--samples 64] [--threads 1] [--out runs/x]
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 import tadq
 from tadq.backends import check_backend
+from tadq.evaluation import fd_reference
 from tadq.io import load_quantized
 from tadq.metrics.image import psnr_per_sample
 from tadq.models import load_pipeline_parts
@@ -40,6 +42,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json (optional)")
     parser.add_argument("--fp", type=Path, default=None,
                         help="the FP diffusers folder the artefact was quantized from: adds PSNR vs FP")
+    parser.add_argument("--fd-digits", action="store_true",
+                        help="FD-digits of each backend's samples (grey digit models; compare at equal --samples)")
     args = parser.parse_args()
     if not (args.artefact / "tadq_config.json").is_file():
         parser.error(f"{args.artefact} is not a tadq artefact (no tadq_config.json)")
@@ -49,6 +53,14 @@ def main() -> None:
     for name in BACKENDS:
         check_backend(name)  # refused here, before any loading, if this machine cannot run it
     torch.set_num_threads(args.threads)
+    features = None
+    if args.fd_digits:
+        config = json.loads((args.artefact / "tadq_config.json").read_text())
+        denoiser = json.loads((args.artefact / config.get("denoiser_folder", ".") / "config.json").read_text())
+        size = denoiser["sample_size"]
+        resolution = size if isinstance(size, int) else size[0]
+        features = fd_reference(resolution)  # the classifier and the real digits, loaded before any sampling
+        features.check_fits((denoiser.get("in_channels", 1), resolution, resolution), f"{args.artefact}'s samples")
     sampler = SamplerConfig(kind="ddim", num_steps=args.steps, eta=0.0)
     rows, images = {}, {}
     for name in BACKENDS:
@@ -69,6 +81,11 @@ def main() -> None:
                                 batch_size=args.samples, progress=False).images
         for name in BACKENDS:
             rows[name]["psnr_vs_fp_mean_db"] = float(psnr_per_sample(images[name], reference).mean())
+        if features is not None:
+            rows["FP"] = {"fd_digits": features.fd(reference.clamp(-1, 1))}
+    if features is not None:
+        for name in BACKENDS:
+            rows[name]["fd_digits"] = features.fd(images[name].clamp(-1, 1))
     report = {"artefact": str(args.artefact), "fp": None if args.fp is None else str(args.fp),
               "sampler": sampler.key, "samples": args.samples,
               "threads": args.threads, "rows": rows}
