@@ -1,4 +1,4 @@
-"""Speed of integer execution: FP float32, FP bfloat16, fake-quant and int8 on the shipped model, in ONE run.
+"""Speed of integer execution: FP float32, FP bfloat16, fake-quant and int8 on a shipped model, in ONE run.
 
 Measured per variant, interleaved (round-robin, so machine load hits every variant alike): denoiser latency at batch
 1/16/64 (median of the repeats), full DDIM-50 sampling throughput, weights held in memory, peak RSS of a fresh
@@ -12,7 +12,7 @@ graph). Peak RSS and load time are not probed for compiled rows (a fresh process
 Run (docs/backends.md has the numbers):
 
     python benchmarks/speed.py --threads 1 [--presets W8A8,W8A8-WSYM,W4A8] [--samples 64] [--out runs/bench-speed]
-                                             [--no-compile]
+                                             [--no-compile] [--model src/tadq/zoo/weights/photos-ddpm]
     python benchmarks/speed.py --threads 1 --kernels     # the per-layer kernel comparison behind the choice
     python benchmarks/speed.py --threads 1 --compiled    # eager vs torch.compile (Inductor) at batch 64
 """
@@ -62,13 +62,21 @@ def _progress(message: str) -> None:
     print(f"[speed {time.perf_counter() - _START:6.0f} s] {message}", file=sys.stderr, flush=True)
 
 
-def _latency(variants: dict, generator: torch.Generator, first: dict[str, float]) -> dict[str, dict[int, float]]:
+def input_shape(model) -> tuple[int, int, int]:
+    """(C, H, W) of one sample of an unconditional UNet2DModel (its config's in_channels and sample_size)."""
+    size = model.config.sample_size
+    height, width = (size, size) if isinstance(size, int) else tuple(size)
+    return model.config.in_channels, height, width
+
+
+def _latency(variants: dict, generator: torch.Generator, first: dict[str, float], shape: tuple[int, int, int]
+             ) -> dict[str, dict[int, float]]:
     """Median seconds per denoiser call at each batch, variants interleaved within every repeat; ``first`` gets the
     summed seconds of each variant's first call per batch (compilation, for compiled variants)."""
     times: dict[str, dict[int, list[float]]] = {name: {b: [] for b in BATCHES} for name in variants}
     with torch.no_grad():
         for batch in BATCHES:
-            x = torch.randn(batch, 1, 16, 16, generator=generator)
+            x = torch.randn(batch, *shape, generator=generator)
             t = torch.randint(0, 1000, (batch,), generator=generator)
             _progress(f"latency, batch {batch}: warm-up calls (compiled variants compile)")
             for name, call in variants.items():
@@ -84,19 +92,22 @@ def _latency(variants: dict, generator: torch.Generator, first: dict[str, float]
 
 
 def _memory_probe(kind: str, path: str, threads: int) -> None:
-    """Child process: load one variant, run one batch-64 call, print peak RSS (bytes) and load seconds."""
+    """Child process: load one variant (``path``: the FP model folder for fp32/bf16, else the artefact), run one
+    batch-64 call, print peak RSS (bytes) and load seconds."""
     torch.set_num_threads(threads)
     start = time.perf_counter()
     if kind in ("fp32", "bf16"):
-        model, _ = load_pipeline_parts(None)
+        model, _ = load_pipeline_parts(path)
+        shape = input_shape(model)
         model = model.to(torch.bfloat16) if kind == "bf16" else model
         call = call_of(model, True, torch.bfloat16 if kind == "bf16" else torch.float32)
     else:
         model, _ = load_quantized(path, backend=kind)
+        shape = tuple(model.sample_shape)
         call = call_of(model, False, torch.float32)
     load_s = time.perf_counter() - start
     with torch.no_grad():
-        call(torch.randn(64, 1, 16, 16), torch.full((64,), 500))
+        call(torch.randn(64, *shape), torch.full((64,), 500))
     print(json.dumps({"peak_rss": _peak_rss(), "load_s": load_s, "held": held_weight_bytes(model)}))
 
 
@@ -153,11 +164,22 @@ def main() -> None:
                         help="add the torch.compile rows (FP fp32/bf16 compiled, int8-compiled)")
     parser.add_argument("--sampling-only", action="store_true",
                         help="skip the latency columns (shown as –): DDIM-50 throughput and agreement only")
+    parser.add_argument("--model", type=Path, default=None,
+                        help="an unconditional UNet2DModel folder (default: the shipped digits DDPM); not with "
+                             "--kernels / --compiled, which use the shipped model")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
         return _memory_probe(*args.probe, args.threads)
     torch.set_num_threads(args.threads)
+    if args.model is not None and (args.kernels or args.compiled):
+        parser.error("--kernels and --compiled measure the shipped digits model; drop --model")
+    model_path = args.model if args.model is not None else shipped_model_path()
+    fp32, scheduler = load_pipeline_parts(model_path)  # refused here if it is not a diffusers model folder
+    if type(fp32).__name__ != "UNet2DModel" or fp32.config.num_class_embeds is not None:
+        parser.error(f"{model_path}: speed.py samples unconditional UNet2DModel folders, got "
+                     f"{type(fp32).__name__}{' (class-conditional)' if type(fp32).__name__ == 'UNet2DModel' else ''}")
+    shape = input_shape(fp32)
     capability = {**cpu_summary(), "lscpu": _lscpu_flags()}
     if args.kernels:
         print("CPU:", json.dumps(capability))
@@ -176,13 +198,13 @@ def main() -> None:
 
         dynamo_config.recompile_limit = 64  # every compiled UNet2DModel shares its forward's graph limit (8)
     start = time.perf_counter()
-    fp32, scheduler = load_pipeline_parts(None)
+    fp32, scheduler = load_pipeline_parts(model_path)
     fp_load = time.perf_counter() - start
     fp_bytes = 4 * sum(p.numel() for p in fp32.parameters())
     models = {"FP fp32": fp32, "FP bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
     calls = {"FP fp32": call_of(fp32, True, torch.float32),
              "FP bf16": call_of(models["FP bf16"], True, torch.bfloat16)}
-    shipped = sum(f.stat().st_size for f in shipped_model_path().rglob("*.safetensors"))
+    shipped = sum(f.stat().st_size for f in model_path.rglob("*.safetensors"))
     info: dict[str, dict] = {"FP fp32": {"size": shipped}, "FP bf16": {"size": None}}  # bf16: no artefact of its own
     if args.compile:
         for name, dtype in (("FP fp32", torch.float32), ("FP bf16", torch.bfloat16)):
@@ -209,14 +231,15 @@ def main() -> None:
             continue
         _progress(f"peak memory and load time of {name}, in a fresh process")
         kind = {"FP fp32": "fp32", "FP bf16": "bf16"}.get(name, name.split()[-1])
-        info[name].update(_probe(kind, str(workdir / name.split()[0]), args.threads))
+        source = model_path if kind in ("fp32", "bf16") else workdir / name.split()[0]
+        info[name].update(_probe(kind, str(source), args.threads))
     info["FP fp32"]["load_in_process_s"] = fp_load
 
     first: dict[str, float] = {}
     if args.sampling_only:
         latency = {name: dict.fromkeys(BATCHES) for name in models}
     else:
-        latency = _latency(calls, torch.Generator().manual_seed(0), first)
+        latency = _latency(calls, torch.Generator().manual_seed(0), first, shape)
     _progress("2-step warm-up sampling runs (compiled variants compile for the sampler's batch)")
     for name in models:  # a short run first: compiles on the sampler's own call, outside the timed run
         start = time.perf_counter()
@@ -237,9 +260,14 @@ def main() -> None:
             fake = f"{name.split()[0]} fake"
             row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[fake]).mean())
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "rows": rows}, indent=2) + "\n")
+    args.out.mkdir(parents=True, exist_ok=True)  # the raw rows first: a failure while formatting loses nothing
+    (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "model": _model_name(args), "rows": rows},
+                                                    indent=2) + "\n")
     _report(rows, capability, args)
+
+
+def _model_name(args) -> str:
+    return str(args.model) if args.model is not None else "the shipped digits DDPM"
 
 
 def _cell(value, spec: str) -> str:
@@ -276,13 +304,16 @@ def _report(rows: list[dict], capability: dict, args) -> None:
             parts.append(f"{what}: " + ", ".join([*cells, f"vs fake {_ratio(fake[key], r[key])}"]))
         ratios.append(f"- {r['variant']}: " + "; ".join(parts))
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    text = "\n".join([f"CPU: {json.dumps(capability)}", f"threads: {args.threads}, DDIM-50 over {args.samples} "
-                      f"samples in one batch, seed 1000; load average at the end (1, 5, 15 min): {load}", "",
+    model = _model_name(args)
+    text = "\n".join([f"CPU: {json.dumps(capability)}", f"model: {model}; threads: {args.threads}, DDIM-50 over "
+                      f"{args.samples} samples in one batch, seed 1000; load average at the end (1, 5, 15 min): "
+                      f"{load}", "",
                       *lines, *ratios])
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "speed.md").write_text(text + "\n")
-    (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "rows": rows}, indent=2) + "\n")
+    (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "model": model, "rows": rows}, indent=2)
+                                         + "\n")
 
 
 if __name__ == "__main__":

@@ -20,11 +20,12 @@ converting, by name:
 * step-aware corrections without a ``StepState`` (they rewrite the network between steps in Python);
 * guidance branch ranges (``QuantConfig.branch_ranges``): they rewrite the activation ranges in place between
   calls, which a graph frozen on the ranges would not see;
-* per-label TFMQ caches (``LabelCapture``), other forward hooks inside the network and adapters with an inference
-  cache (the cross-attention K/V memo);
+* per-label TFMQ caches (``LabelCapture``) and other forward hooks inside the network;
 * a quantizer without a range (the graph does not check it at run time).
 
-Those models run on ``int8`` (eager) unchanged.
+Those models run on ``int8`` (eager) unchanged. The cross-attention K/V memo of text-conditioned adapters is not
+entered by a compiled model (``CompiledIntegerDenoiser._predict``): it compares tensors on the host, which a graph
+cannot trace, and by design it only skips recomputing values it would return bit-identical.
 """
 
 from __future__ import annotations
@@ -96,9 +97,6 @@ def check_compilable(qmodel) -> None:
     if getattr(qmodel, "branch_ranges", None) is not None:
         raise ValueError("int8-compiled: the model has guidance branch ranges, rewritten in place between calls, "
                          f"which a frozen graph does not see{hint}")
-    if getattr(qmodel.adapter, "inference_cache", None) is not None:
-        raise ValueError(f"int8-compiled: adapter {qmodel.adapter.name!r} keeps an inference cache (K/V memo), "
-                         f"which is not traced{hint}")
     for name, module in qmodel.model.named_modules():
         if isinstance(module, Quantizer) and module.enabled and not bool(module.initialized):
             raise ValueError(f"int8-compiled: quantizer {name} has no range (the graph does not check it at run "
@@ -151,6 +149,13 @@ def compile_integer_model(qmodel) -> None:
 class CompiledIntegerDenoiser(IntegerDenoiser):
     """An ``IntegerDenoiser`` whose network is compiled; every call runs with Inductor freezing on and without
     autograd (freezing needs it, and integer kernels have no gradient anyway)."""
+
+    def _predict(self, x: Tensor, t: Tensor, cond: Conditioning | None) -> Tensor:
+        """The network without the adapter's inference cache (the cross-attention K/V memo): the memo decides on
+        the host (``torch.equal`` on the text embedding), which would break the graph at every cross-attention, and
+        what it serves is bit-identical to recomputing (``CrossAttentionKVCache``). Integer projections are not
+        memoised anyway (their kernels are not in its cacheable set); float ones are recomputed every call."""
+        return self.adapter.predict_eps(self.model, x, t, cond)
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         for state in self.step_states:  # the graph reads the step from a tensor and cannot check it was set
