@@ -12,7 +12,7 @@ graph). Peak RSS and load time are not probed for compiled rows (a fresh process
 Run (docs/backends.md has the numbers):
 
     python benchmarks/speed.py --threads 1 [--presets W8A8,W8A8-WSYM,W4A8] [--samples 64] [--out runs/bench-speed]
-                                             [--no-compile] [--model src/tadq/zoo/weights/photos-ddpm]
+                                             [--no-compile] [--model photos --sampling-only]
     python benchmarks/speed.py --threads 1 --kernels     # the per-layer kernel comparison behind the choice
     python benchmarks/speed.py --threads 1 --compiled    # eager vs torch.compile (Inductor) at batch 64
 """
@@ -35,9 +35,12 @@ from speed_kernels import BATCHES, REPEATS, call_of, compiled_table, kernel_tabl
 
 import tadq
 from tadq.backends import cpu_summary, held_weight_bytes
+from tadq.calibration import collect_calibration_set
+from tadq.experiments.workload import load_workload, resolve_model_path
 from tadq.io import load_quantized
 from tadq.metrics.image import psnr_per_sample
-from tadq.models import load_pipeline_parts, shipped_model_path
+from tadq.models import load_pipeline_parts
+from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
@@ -126,15 +129,19 @@ def _probe(kind: str, path: str, threads: int) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def _sampling(variants: dict, models: dict, scheduler, samples: int) -> tuple[dict, dict]:
-    """Seconds for DDIM-50 over ``samples`` samples (one batch) and the images, same noise for every variant."""
+def _sampling(variants: dict, models: dict, workload, samples: int) -> tuple[dict, dict]:
+    """Seconds for DDIM-50 over ``samples`` samples (one batch; the workload's evaluation conditions and guidance)
+    and the images (decoded by the workload's VAE, outside the timing), same noise for every variant."""
     seconds, images = {}, {}
     for name in variants:
         _progress(f"DDIM-50: {name}")
         start = time.perf_counter()
-        result = tadq.sample(models[name], scheduler, SAMPLER, num_samples=samples, seed=1000, batch_size=samples,
-                             progress=False)
-        seconds[name], images[name] = time.perf_counter() - start, result.images.float()
+        result = tadq.sample(models[name], workload.scheduler, SAMPLER, num_samples=samples, seed=1000,
+                             batch_size=samples, progress=False, conditions=workload.evaluation_conditions,
+                             guidance_scale=workload.guidance_scale)
+        seconds[name] = time.perf_counter() - start
+        with torch.no_grad():
+            images[name] = workload.images(result.images.float())
     return seconds, images
 
 
@@ -164,9 +171,10 @@ def main() -> None:
                         help="add the torch.compile rows (FP fp32/bf16 compiled, int8-compiled)")
     parser.add_argument("--sampling-only", action="store_true",
                         help="skip the latency columns (shown as –): DDIM-50 throughput and agreement only")
-    parser.add_argument("--model", type=Path, default=None,
-                        help="an unconditional UNet2DModel folder (default: the shipped digits DDPM); not with "
-                             "--kernels / --compiled, which use the shipped model")
+    parser.add_argument("--model", default=None,
+                        help="a shipped model (digits, photos, dit, t2i) or a folder, as `tadq run --model` takes "
+                             "(default: digits); a conditional model needs --sampling-only; not with --kernels / "
+                             "--compiled, which use the shipped digits model")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.probe:
@@ -174,12 +182,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.model is not None and (args.kernels or args.compiled):
         parser.error("--kernels and --compiled measure the shipped digits model; drop --model")
-    model_path = args.model if args.model is not None else shipped_model_path()
-    fp32, scheduler = load_pipeline_parts(model_path)  # refused here if it is not a diffusers model folder
-    if type(fp32).__name__ != "UNet2DModel" or fp32.config.num_class_embeds is not None:
-        parser.error(f"{model_path}: speed.py samples unconditional UNet2DModel folders, got "
-                     f"{type(fp32).__name__}{' (class-conditional)' if type(fp32).__name__ == 'UNet2DModel' else ''}")
-    shape = input_shape(fp32)
+    model_path = resolve_model_path(args.model)
+    workload = load_workload(args.model)  # refused here: a missing folder, an unsupported model
+    conditional = workload.evaluation_conditions is not None
+    if conditional and not args.sampling_only:
+        parser.error(f"{model_path} is a conditional model: the latency and memory probes call the denoiser with "
+                     "(x, t) alone; measure it with --sampling-only")
+    shape = tuple(adapter_for(workload.model).sample_shape(workload.model))
     capability = {**cpu_summary(), "lscpu": _lscpu_flags()}
     if args.kernels:
         print("CPU:", json.dumps(capability))
@@ -200,11 +209,17 @@ def main() -> None:
     start = time.perf_counter()
     fp32, scheduler = load_pipeline_parts(model_path)
     fp_load = time.perf_counter() - start
+    calibration = collect_calibration_set(fp32, adapter_for(fp32), scheduler.config,
+                                          tadq.QuantConfig.from_preset("W8A8").calibration, cache_dir=args.cache_dir,
+                                          progress=False, conditions=workload.calibration_conditions,
+                                          guidance_scale=workload.guidance_scale)
     fp_bytes = 4 * sum(p.numel() for p in fp32.parameters())
     models = {"FP fp32": fp32, "FP bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
     calls = {"FP fp32": call_of(fp32, True, torch.float32),
              "FP bf16": call_of(models["FP bf16"], True, torch.bfloat16)}
-    shipped = sum(f.stat().st_size for f in model_path.rglob("*.safetensors"))
+    denoiser_folder = next((model_path / sub for sub in ("unet", "transformer") if (model_path / sub).is_dir()),
+                           model_path)
+    shipped = sum(f.stat().st_size for f in denoiser_folder.rglob("*.safetensors"))
     info: dict[str, dict] = {"FP fp32": {"size": shipped}, "FP bf16": {"size": None}}  # bf16: no artefact of its own
     if args.compile:
         for name, dtype in (("FP fp32", torch.float32), ("FP bf16", torch.bfloat16)):
@@ -215,8 +230,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tadq-speed-"))
     for preset in args.presets.split(","):
         _progress(f"quantizing {preset} (naive PTQ) and loading it on each backend")
-        qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), cache_dir=args.cache_dir,
-                               progress=False)
+        qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), calibration=calibration,
+                               conditions=workload.calibration_conditions, progress=False)
         size = qmodel.save_pretrained(workdir / preset, scheduler)
         for backend in ("fake", "int8", *(("int8-compiled",) if args.compile else ())):
             name = f"{preset} {backend}"
@@ -226,7 +241,7 @@ def main() -> None:
                           "compiled": backend == "int8-compiled"}
             calls[name] = call_of(models[name], False, torch.float32)
     for name in models:
-        if info[name].get("compiled"):
+        if info[name].get("compiled") or conditional:  # (x, t) probes: unconditional models only
             info[name].update(peak_rss=None, load_s=None, held=held_weight_bytes(models[name]))
             continue
         _progress(f"peak memory and load time of {name}, in a fresh process")
@@ -244,9 +259,10 @@ def main() -> None:
     for name in models:  # a short run first: compiles on the sampler's own call, outside the timed run
         start = time.perf_counter()
         tadq.sample(models[name], scheduler, SamplerConfig(kind="ddim", num_steps=2, eta=0.0),
-                    num_samples=args.samples, seed=1, batch_size=args.samples, progress=False)
+                    num_samples=args.samples, seed=1, batch_size=args.samples, progress=False,
+                    conditions=workload.evaluation_conditions, guidance_scale=workload.guidance_scale)
         first[name] = first.get(name, 0.0) + time.perf_counter() - start
-    seconds, images = _sampling(calls, models, scheduler, args.samples)
+    seconds, images = _sampling(calls, models, workload, args.samples)
     rows = []
     for name in models:
         row = {"variant": name, **{f"latency_b{b}_ms": _ms(latency[name][b]) for b in BATCHES},

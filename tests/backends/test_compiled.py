@@ -290,3 +290,27 @@ def test_compiled_guided_text_to_image_sampling_agrees_with_fake_quant():
     fake, scheduler, prompts = _guided_sd()
     compiled = to_backend(fake, "int8-compiled")
     assert _agree(_guided_images(compiled, scheduler, prompts), _guided_images(fake, scheduler, prompts))
+
+
+@needs_compiled
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
+def test_compiled_transformers_agree_with_fake_quant(family):
+    """The tests' tiny DiT (class labels), PixArt (captions), SD3 and Flux (MMDiT, flow matching) under guidance,
+    naive W8A8 with quantized attention operands, end to end on int8-compiled. Slow: one compile each."""
+    import importlib
+
+    from tadq import api
+    from tadq.calibration import collect_calibration_set
+    from tadq.registry import adapter_for
+
+    tests = importlib.import_module("tests.adapters." + ("test_transformer2d" if family in ("dit", "pixart")
+                                                         else "test_mmdit"))
+    torch._dynamo.reset()
+    model, scheduler, source = tests._setup(family)
+    calibration = collect_calibration_set(model, adapter_for(model), scheduler, tests.CALIB, progress=False,
+                                          conditions=source, guidance_scale=tests.GUIDANCE)
+    fake = api.quantize(model, scheduler, tests._quant_config("W8A8", quantize_attention=True),
+                        calibration=calibration, progress=False)
+    compiled = to_backend(fake, "int8-compiled")
+    assert _agree(tests._sample(compiled, scheduler, source), tests._sample(fake, scheduler, source))
