@@ -27,6 +27,7 @@ import tadq
 from tadq.backends import check_backend
 from tadq.io import load_quantized
 from tadq.models import load_pipeline_parts
+from tadq.registry import adapter_for
 
 GROUPS = (  # (group, op-name fragments), first match wins
     ("convolutions", ("convolution", "qconv")),
@@ -49,7 +50,7 @@ def group_of(op_name: str) -> str:
 def _build(variant: str, cache_dir: str):
     """(x, t) → ε of the compiled variant, and the shape of one input sample."""
     fp32, scheduler = load_pipeline_parts(None)
-    shape = (fp32.config.in_channels, fp32.config.sample_size, fp32.config.sample_size)
+    shape = adapter_for(fp32).sample_shape(fp32)
     if variant in FP_DTYPES:
         dtype = FP_DTYPES[variant]
         model = copy.deepcopy(fp32).to(dtype)
