@@ -1,9 +1,9 @@
 """The ``int8-cuda`` backend: linears and convolutions as ``torch._int_mm`` int8 GEMMs (convs through im2col).
 
 Written device-agnostically (nothing here names a device), so the arithmetic is tested on CPU, where
-``torch._int_mm`` also exists; the backend itself refuses to start without CUDA. NOT RUN ON A GPU: no GPU was
-available while writing it, so its speed, and whether im2col + int8 GEMM beats a bf16 convolution there, are
-unmeasured (docs/backends.md).
+``torch._int_mm`` also exists, and on a GPU by tests/backends/test_cuda.py; the backend itself refuses to start
+without CUDA. Measured on an H200 (docs/backends.md): it agrees with fake-quant (45 dB at W8A8) but is slower than
+bf16 on the shipped models, which are launch-bound there; the int8 GEMM alone is 2× faster than the bf16 op.
 
 Arithmetic: activation codes are moved to int8 (a = q − 128, z' = z − 128); with int8 weight codes B and offset o
 (``tadq.backends.weights``) the exact integer dot product is
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tadq.backends.activations import activation_codes, activation_grid, check_activation_quantizer
+from tadq.backends.activations import ActivationGrid, GridCache, activation_codes, check_activation_quantizer
 from tadq.backends.weights import WeightCodes, weight_codes
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
@@ -47,30 +47,36 @@ class IntMMKernel(nn.Module):
         self.name, self.k, self.n = name, k, n
         padded = matrix.new_zeros(_ceil(n, ALIGN), _ceil(k, ALIGN))
         padded[:n, :k] = matrix
-        self.register_buffer("weight_t", padded.t().contiguous())  # (K', N') int8
+        # (N', K') row-major, handed to _int_mm as its transpose: a column-major (K', N') operand, the "TN" layout
+        # of cuBLASLt's int8 GEMM. A row-major (K', N') operand ("NN") was refused on an H200 for some shapes
+        # (CUBLAS_STATUS_NOT_SUPPORTED at N=128, M=17, K=32 and at N=32, K=16).
+        self.register_buffer("weight", padded.contiguous())
         self.register_buffer("weight_sum", matrix.sum(dim=1, dtype=torch.int32))  # Σ_k B per output
         self.register_buffer("offset", codes.offset.to(torch.int32))
         self.register_buffer("w_scale", codes.scale)
         self.register_buffer("bias", bias)
 
-    def forward(self, rows: Tensor, zero_point: Tensor, x_scale: Tensor) -> Tensor:
-        """rows: (M, K) int8 activation codes a = q − 128; zero_point: z' = z − 128 (0-dim); returns (M, N) float32."""
+    def forward(self, rows: Tensor, zero_point: float | Tensor, x_scale: float | Tensor) -> Tensor:
+        """rows: (M, K) int8 activation codes a = q − 128; zero_point: z' = z − 128 (a number, or a 0-dim tensor for
+        a per-step grid); returns (M, N) float32."""
         m = rows.shape[0]
-        a = F.pad(rows, (0, self.weight_t.shape[0] - self.k, 0, max(MIN_ROWS - m, 0)))
-        acc = torch._int_mm(a, self.weight_t)[:m, : self.n]  # Σ a·B, int32
-        z = zero_point.to(torch.int32)
+        a = F.pad(rows, (0, self.weight.shape[1] - self.k, 0, max(MIN_ROWS - m, 0)))
+        acc = torch._int_mm(a, self.weight.t())[:m, : self.n]  # Σ a·B, int32
+        z = zero_point.to(torch.int32) if isinstance(zero_point, Tensor) else int(zero_point)
         row_sum = rows.sum(dim=1, keepdim=True, dtype=torch.int32)
         acc = acc - self.offset * row_sum - z * self.weight_sum + self.k * z * self.offset
         y = acc.float() * (x_scale * self.w_scale)
         return y if self.bias is None else y.add_(self.bias)
 
 
-def _signed_codes(x: Tensor, quantizer: Quantizer) -> tuple[Tensor, Tensor, Tensor]:
-    """int8 activation codes a = q − 128 in float32 holding integers, z − 128, and Δx."""
-    grid = activation_grid(quantizer)
-    scale = torch.as_tensor(grid.scale, dtype=torch.float32, device=x.device)
-    zero_point = torch.as_tensor(grid.zero_point, dtype=torch.float32, device=x.device)
-    return activation_codes(x, grid) - 128, zero_point - 128, scale
+def _signed_codes(x: Tensor, grid: ActivationGrid) -> tuple[Tensor, float | Tensor]:
+    """int8 activation codes a = q − 128 in float32 holding integers, and z − 128.
+
+    The grid comes from the layer's ``GridCache``: a fixed range is a pair of Python numbers read once, so a forward
+    makes no device→host read and no host→device copy. Reading the range per call (``float()`` of a GPU tensor, then
+    a copy back) synchronised the GPU several times per layer: on an H200 that made a digits-model layer 0.35–1.4 ms
+    against 0.02–0.09 ms for its bf16 op (docs/backends.md)."""
+    return activation_codes(x, grid) - 128, grid.zero_point - 128
 
 
 class IntMMLinear(nn.Module):
@@ -83,10 +89,12 @@ class IntMMLinear(nn.Module):
         self.kernel = IntMMKernel(weight_codes(layer.weight_quantizer, layer.weight, name), bias, name)
         self.input_quantizer = layer.input_quantizer
         self.out_features = layer.out_features
+        self.grid = GridCache()
 
     def forward(self, x: Tensor) -> Tensor:
-        a, z, scale = _signed_codes(x, self.input_quantizer)
-        y = self.kernel(a.reshape(-1, a.shape[-1]).to(torch.int8), z, scale)
+        grid = self.grid(self.input_quantizer)
+        a, z = _signed_codes(x, grid)
+        y = self.kernel(a.reshape(-1, a.shape[-1]).to(torch.int8), z, grid.scale)
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
@@ -100,9 +108,11 @@ class _Im2ColConv(nn.Module):
         self.kernel = IntMMKernel(codes, bias, name)
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
-        a, z, scale = _signed_codes(x, quantizer)
+        grid = self.grid(quantizer)
+        a, z = _signed_codes(x, grid)
         ph, pw = self.padding
         a = F.pad(a - z, (pw, pw, ph, ph)) + z  # pad in the centred domain (0 = the zero point), then move back
         batch, _, height, width = a.shape
@@ -111,7 +121,7 @@ class _Im2ColConv(nn.Module):
         w_out = (width - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
         cols = F.unfold(a, self.kernel_size, self.dilation, 0, self.stride)  # (B, K, L), K in (C, kh, kw) order
         rows = cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.int8)
-        y = self.kernel(rows, z, scale)  # (B·L, N)
+        y = self.kernel(rows, z, grid.scale)  # (B·L, N)
         return y.reshape(batch, h_out, w_out, -1).permute(0, 3, 1, 2)  # NCHW view of channels-last data
 
 
