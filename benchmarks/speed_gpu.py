@@ -306,6 +306,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.prepare:
         return prepare(args.model, args.presets.split(","), args.artefacts, args.cache_dir)
+    try:
+        resolve_device("cuda")
+        check_backend("int8-cuda")
+    except ValueError as error:  # no CUDA, or a GPU without int8 GEMMs: one line, before any loading
+        parser.error(str(error))
     return measure(args)
 
 
