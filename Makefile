@@ -52,6 +52,15 @@ bench-perf: $(STAMP)
 bench-speed: $(STAMP)   # FP fp32/bf16 vs fake-quant vs int8 on the shipped model (docs/backends.md)
 	$(BIN)/python benchmarks/speed.py --threads 1
 
+.PHONY: gpu-prepare
+gpu-prepare: $(STAMP)   # CPU: the artefacts benchmarks/gpu_check.sh measures on a GPU (docs/backends.md)
+	$(BIN)/python benchmarks/speed_gpu.py --prepare --presets W8A8,W8A8-WSYM,W4A8 --artefacts gpu-artefacts/digits
+	$(BIN)/python benchmarks/speed_gpu.py --prepare --model dit --presets W8A8,W4A8 --artefacts gpu-artefacts/dit
+
+.PHONY: gpu-check
+gpu-check: $(STAMP)   # GPU: CUDA tests, GPU speed tables, the whole flow on CUDA (after gpu-prepare)
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh runs/gpu-check
+
 .PHONY: browser
 browser:   # Debian's Chromium, for the test that renders the bench report headless (skipped without it)
 	apt-get install -y chromium || echo "could not install chromium: the report test checks the HTML structure only"
