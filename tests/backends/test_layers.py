@@ -154,3 +154,15 @@ def test_uncalibrated_input_is_refused():
     layer = QuantLinear.from_module(nn.Linear(4, 4), WEIGHTS["w8-asym"], dataclasses.replace(ACTIVATIONS["a8"]))
     with pytest.raises(ValueError, match="no range"):
         IntMMLinear(layer, "proj")
+
+
+@pytest.mark.parametrize("kind", ["conv", "split", "linear"])
+def test_int_mm_layers_trace_to_one_graph_from_the_first_call(kind):
+    """The activation range is read when the layer is built, so ``torch.compile`` traces a fresh layer without a
+    graph break: a host read of a GPU tensor in the forward broke the graph at every layer (and synchronised the
+    GPU) in the first H200 run (docs/backends.md)."""
+    _, layer, x = next(item for item in _layers(WEIGHTS["w8-asym"], ACTIVATIONS["a8"]) if item[0] == kind)
+    integer = INT_MM[kind](layer, "layer")
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(integer)(x)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons

@@ -131,6 +131,12 @@ class GridCache:
         self.source: Quantizer | None = None
         self.grid: ActivationGrid | None = None
 
+    def fill(self, quantizer: Quantizer) -> None:
+        """Read a fixed grid now (when the layer is built), so no forward reads it on the host, compiled or not;
+        a per-step grid is read at each call, on the device."""
+        if not is_per_step(quantizer):
+            self(quantizer)
+
     def __call__(self, quantizer: Quantizer) -> ActivationGrid:
         if is_per_step(quantizer):
             return activation_grid(quantizer)

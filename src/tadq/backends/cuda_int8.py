@@ -90,6 +90,7 @@ class IntMMLinear(nn.Module):
         self.input_quantizer = layer.input_quantizer
         self.out_features = layer.out_features
         self.grid = GridCache()
+        self.grid.fill(self.input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
         grid = self.grid(self.input_quantizer)
@@ -134,6 +135,7 @@ class IntMMConv2d(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self.conv = _Im2ColConv(weight_codes(layer.weight_quantizer, layer.weight, name), bias, layer, name)
         self.input_quantizer = layer.input_quantizer
+        self.conv.grid.fill(self.input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(x, self.input_quantizer)
@@ -153,6 +155,8 @@ class IntMMSplitConv2d(nn.Module):
         self.skip = _Im2ColConv(weight_codes(*views["weight_skip"], f"{name} (skip)"), None, layer, name)
         self.input_quantizer_deep = layer.input_quantizer_deep
         self.input_quantizer_skip = layer.input_quantizer_skip
+        self.deep.grid.fill(self.input_quantizer_deep)
+        self.skip.grid.fill(self.input_quantizer_skip)
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.deep(x[:, : self.split], self.input_quantizer_deep)
