@@ -12,10 +12,11 @@ interleaved: denoiser latency per batch (median of the repeats, synchronised; un
 sampling of ``--samples`` samples in one batch (the workload's conditions and guidance), the extra GPU memory one
 batch-64 call allocates beyond the weights, the weights held, load time (artefact → backend → GPU), and the PSNR of
 int8-cuda against fake-quant samples from the same noise and of each against FP fp32. TF32 is switched off so
-"fp32" is fp32 and the fake-quant reference is the exact simulation. ``--compile`` adds the FP bf16 model and each
-int8-cuda model under ``torch.compile`` (default mode). ``--kernels`` (unconditional models) adds the per-layer
-comparison the issue asks for: each conv and linear of the FP model at batch 64 as a bf16 op, an fp32 op, the
-int8-cuda layer (activation quantization + im2col + ``torch._int_mm`` + epilogue) and the int8 GEMM alone.
+"fp32" is fp32 and the fake-quant reference is the exact simulation. ``--compile`` adds the
+FP bf16 model and each int8-cuda model under ``torch.compile`` (``--compile-mode``; default: Inductor's default
+mode). ``--kernels`` (unconditional models) adds the per-layer comparison the issue asks for: each conv and linear
+of the FP model at batch 64 as a bf16 op, an fp32 op, the int8-cuda layer (activation quantization + im2col +
+``torch._int_mm`` + epilogue) and the int8 GEMM alone. The GPU check that runs all of it: benchmarks/gpu_check.sh.
 Writes ``speed_gpu.json`` and ``speed_gpu.md`` under ``--out``.
 """
 
@@ -217,7 +218,7 @@ def measure(args) -> None:
     if args.compile:
         for name in [n for n in models if n == "FP bf16" or n.endswith("int8-cuda")]:
             compiled = copy.deepcopy(models[name])
-            compiled.compile()
+            compiled.compile(mode=args.compile_mode)
             models[f"{name} compiled"], info[f"{name} compiled"] = compiled, {}
             calls[f"{name} compiled"] = (_fp_call(compiled, torch.bfloat16) if name == "FP bf16"
                                          else (lambda x, t, model=compiled: model(x, t)))
@@ -250,7 +251,8 @@ def measure(args) -> None:
         _progress("per-layer kernel table")
         kernels, kernel_text = _kernel_table(fp32, device)
     gpu = {"name": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
-           "torch": torch.__version__, "cuda": torch.version.cuda, "tf32": False}
+           "torch": torch.__version__, "cuda": torch.version.cuda, "tf32": False,
+           "compile_mode": args.compile_mode if args.compile else None}
     args.out.mkdir(parents=True, exist_ok=True)
     report = {"gpu": gpu, "model": args.model or "digits", "samples": args.samples, "rows": rows, "kernels": kernels}
     (args.out / "speed_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -301,6 +303,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="samples in the DDIM-50 run (one batch)")
     parser.add_argument("--batches", default="1,16,64,256", help="latency batch sizes (unconditional models)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs, which remove "
+                             "the per-kernel launch cost that dominates small models)")
     parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed-gpu"))
     args = parser.parse_args()
