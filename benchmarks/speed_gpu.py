@@ -167,16 +167,29 @@ def _kernel_table(fp32: nn.Module, device: torch.device) -> tuple[list[dict], st
     return rows, text
 
 
-def _sampling(models: dict, workload, samples: int, sampler: SamplerConfig) -> tuple[dict, dict]:
+def _failure(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+
+
+def _sampling(models: dict, workload, samples: int, sampler: SamplerConfig, failed: dict[str, str]
+              ) -> tuple[dict, dict]:
+    """Seconds and images of each variant's run from the same noise; a variant that raises (e.g. a compile mode
+    this torch cannot run) is recorded in ``failed`` with the reason, and the other rows are still measured."""
     seconds, images = {}, {}
     for name, model in models.items():
+        if name in failed:
+            continue
         _progress(f"DDIM-{sampler.num_steps}: {name}")
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = tadq.sample(model, workload.scheduler, sampler, num_samples=samples, seed=1000, batch_size=samples,
-                             progress=False, conditions=workload.evaluation_conditions,
-                             guidance_scale=workload.guidance_scale)
-        torch.cuda.synchronize()
+        try:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            result = tadq.sample(model, workload.scheduler, sampler, num_samples=samples, seed=1000,
+                                 batch_size=samples, progress=False, conditions=workload.evaluation_conditions,
+                                 guidance_scale=workload.guidance_scale)
+            torch.cuda.synchronize()
+        except RuntimeError as error:
+            failed[name] = _failure(error)
+            continue
         seconds[name] = time.perf_counter() - start
         with torch.no_grad():
             images[name] = workload.images(result.images.float().cpu())
@@ -230,21 +243,30 @@ def measure(args) -> None:
         if not conditional:
             info[name]["extra_b64_bytes"] = _extra_memory(call, shape, device)
     _progress("2-step warm-up sampling runs")
+    failed: dict[str, str] = {}
     for name, model in models.items():
         start = time.perf_counter()
-        tadq.sample(model, workload.scheduler, SamplerConfig(kind="ddim", num_steps=2, eta=0.0),
-                    num_samples=args.samples, seed=1, batch_size=args.samples, progress=False,
-                    conditions=workload.evaluation_conditions, guidance_scale=workload.guidance_scale)
+        try:
+            tadq.sample(model, workload.scheduler, SamplerConfig(kind="ddim", num_steps=2, eta=0.0),
+                        num_samples=args.samples, seed=1, batch_size=args.samples, progress=False,
+                        conditions=workload.evaluation_conditions, guidance_scale=workload.guidance_scale)
+        except RuntimeError as error:
+            failed[name] = _failure(error)
         first[name] = first.get(name, 0.0) + time.perf_counter() - start
-    seconds, images = _sampling(models, workload, args.samples, SAMPLER)
+    seconds, images = _sampling(models, workload, args.samples, SAMPLER, failed)
+    if "FP fp32" in failed:
+        raise SystemExit(f"the FP fp32 reference failed to sample: {failed['FP fp32']}")
     rows = []
     for name in models:
+        done = name in seconds
         row = {"variant": name, **{f"latency_b{b}_ms": latency.get(name, {}).get(b) for b in batches},
-               "ddim50_s": seconds[name], "images_per_s": args.samples / seconds[name],
+               "ddim50_s": seconds.get(name), "images_per_s": args.samples / seconds[name] if done else None,
                "held_vs_fp32": info[name]["held_bytes"] / fp_bytes, "first_calls_s": first.get(name), **info[name],
-               "psnr_vs_fp_db": float(psnr_per_sample(images[name], images["FP fp32"]).mean())}
-        if "int8-cuda" in name:
-            row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[f"{name.split()[0]} fake"]).mean())
+               "psnr_vs_fp_db": float(psnr_per_sample(images[name], images["FP fp32"]).mean()) if done else None,
+               "error": failed.get(name)}
+        fake = f"{name.split()[0]} fake"
+        if "int8-cuda" in name and done and fake in images:
+            row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[fake]).mean())
         rows.append(row)
     kernels, kernel_text = ([], "")
     if args.kernels and not conditional:
@@ -265,6 +287,12 @@ def _cell(value, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _sampling_cell(row: dict) -> str:
+    if row["ddim50_s"] is None:
+        return f"failed ({row['error']})"
+    return f"{row['ddim50_s']:.2f} ({row['images_per_s']:.1f})"
+
+
 def _report(rows: list[dict], batches: list[int], gpu: dict, args) -> str:
     head = (f"| variant | {' | '.join(f'b{b} ms' for b in batches)} | DDIM-50 s (img/s) | weights held (× fp32) "
             "| extra MiB at b64 | load s | first calls s | PSNR vs FP dB | PSNR int vs fake dB |")
@@ -274,22 +302,20 @@ def _report(rows: list[dict], batches: list[int], gpu: dict, args) -> str:
         extra = r.get("extra_b64_bytes")
         lines.append(
             f"| {r['variant']} | {' | '.join(_cell(r[f'latency_b{b}_ms'], '.2f') for b in batches)} | "
-            f"{r['ddim50_s']:.2f} ({r['images_per_s']:.1f}) | {r['held_bytes'] / 1024:.0f} KiB "
+            f"{_sampling_cell(r)} | {r['held_bytes'] / 1024:.0f} KiB "
             f"({r['held_vs_fp32']:.3f}) | {_cell(None if extra is None else extra / 2**20, '.1f')} | "
             f"{_cell(r.get('load_s'), '.2f')} | {_cell(r['first_calls_s'], '.1f')} | "
-            f"{'–' if r['variant'] == 'FP fp32' else format(r['psnr_vs_fp_db'], '.2f')} | "
+            f"{'–' if r['variant'] == 'FP fp32' else _cell(r['psnr_vs_fp_db'], '.2f')} | "
             f"{_cell(r.get('psnr_vs_fake_db'), '.2f')} |")
     by = {r["variant"]: r for r in rows}
     lines += ["", "Ratios in this run (speed-up = other time / this time):"]
     for r in rows:
-        if "int8-cuda" not in r["variant"]:
+        if "int8-cuda" not in r["variant"] or r["ddim50_s"] is None:
             continue
-        parts = [f"DDIM-50 vs fp32 {by['FP fp32']['ddim50_s'] / r['ddim50_s']:.2f}×, "
-                 f"vs bf16 {by['FP bf16']['ddim50_s'] / r['ddim50_s']:.2f}×, "
-                 f"vs fp16 {by['FP fp16']['ddim50_s'] / r['ddim50_s']:.2f}×"]
-        if "FP bf16 compiled" in by:
-            parts.append(f"vs bf16 compiled {by['FP bf16 compiled']['ddim50_s'] / r['ddim50_s']:.2f}×")
-        lines.append(f"- {r['variant']}: " + ", ".join(parts))
+        bases = [("fp32", "FP fp32"), ("bf16", "FP bf16"), ("fp16", "FP fp16"), ("bf16 compiled", "FP bf16 compiled")]
+        parts = [f"vs {label} {by[base]['ddim50_s'] / r['ddim50_s']:.2f}×" for label, base in bases
+                 if by.get(base, {}).get("ddim50_s") is not None]
+        lines.append(f"- {r['variant']}: DDIM-50 " + ", ".join(parts))
     return "\n".join(lines)
 
 
