@@ -174,12 +174,18 @@ def sample(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
-    if device is not None or dtype is not None:
-        first = next(denoiser.parameters(), None)
-        target_device = resolve_device(device) if device is not None else (first.device if first is not None else None)
-        target_dtype = resolve_dtype(dtype) if dtype is not None else (first.dtype if first is not None else None)
-        if first is not None:
-            denoiser = place_model(denoiser, target_device, target_dtype)
+    from tadq.backends.integer_denoiser import IntegerDenoiser
+
+    first = next(denoiser.parameters(), None)
+    integer = isinstance(denoiser, IntegerDenoiser)
+    if (device is not None or dtype is not None or integer) and first is not None:
+        target_device = resolve_device(device) if device is not None else first.device
+        target_dtype = resolve_dtype(dtype) if dtype is not None else first.dtype
+        if integer:  # its kernels' device type and float32, checked before it is moved or run
+            from tadq.backends import check_placement
+
+            check_placement(denoiser.backend, target_device, target_dtype)
+        denoiser = place_model(denoiser, target_device, target_dtype)
     if isinstance(denoiser, HookedDenoiser):
         call, shape = denoiser, denoiser.sample_shape
         hooks = (*denoiser.correction_hooks(), *hooks)

@@ -12,6 +12,7 @@ from tadq.backends import (
     BackendUnavailableError,
     capability,
     check_backend,
+    check_placement,
     int8_cpu_missing,
     int8_cuda_missing,
     to_backend,
@@ -81,3 +82,45 @@ def test_cli_sample_runs_int8(tiny_artefact, tmp_path):
                                       "--steps", "4", "--out", str(tmp_path / "s.png"), "--threads", "1"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "s.png").is_file()
+
+
+@pytest.mark.parametrize("backend, device, dtype, message", [
+    ("int8", "cuda", torch.float32, "int8' runs on cpu devices only, not on cuda; choose device 'cpu' or backend "
+                                    "'int8-cuda'"),
+    ("int8-compiled", "cuda", torch.float32, "runs on cpu devices only"),
+    ("int8-cuda", "cpu", torch.float32, "cuda devices only, not on cpu; choose device 'cuda' or backend 'int8'"),
+    ("int8", "cpu", torch.bfloat16, "computes in float32.*use float32, or backend 'fake'"),
+    ("int8-cuda", "cuda", torch.float16, "computes in float32"),
+    ("nonsense", "cpu", torch.float32, "unknown backend"),
+])
+def test_a_backend_is_refused_on_a_device_or_dtype_its_kernels_do_not_run(backend, device, dtype, message):
+    """Machine-independent (a device object needs no device): the placement rules alone."""
+    with pytest.raises(ValueError, match=message):
+        check_placement(backend, torch.device(device), dtype)
+
+
+def test_the_simulation_runs_anywhere_in_any_dtype():
+    for device in ("cpu", "cuda", "mps"):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            check_placement("fake", torch.device(device), dtype)
+
+
+@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+def test_cli_sample_refuses_a_bf16_integer_run_in_one_line(tiny_artefact, tmp_path):
+    """It crashed inside deepcopy ("Cannot access storage of OpaqueTensorImpl") after loading; now refused first."""
+    from tadq.cli.app import app
+
+    result = CliRunner().invoke(app, ["sample", str(tiny_artefact), "--backend", "int8", "--dtype", "bfloat16",
+                                      "--num-samples", "2", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 2 and "computes in float32" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s.png").exists()
+
+
+@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+def test_sampling_an_integer_model_in_bf16_is_refused(tiny_artefact):
+    from tadq.io import load_quantized
+
+    model, scheduler = load_quantized(tiny_artefact, backend="int8")
+    with pytest.raises(ValueError, match="computes in float32"):
+        api.sample(model, scheduler, SamplerConfig(kind="ddim", num_steps=2), num_samples=2, seed=0,
+                   dtype="bfloat16", progress=False)

@@ -12,11 +12,13 @@ from tadq.backends.registry import (
     BackendUnavailableError,
     IntegerDenoiser,
     check_backend,
+    check_placement,
     held_weight_bytes,
     to_backend,
 )
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailableError", "IntegerDenoiser", "check_backend", "cpu_summary",
-    "held_weight_bytes", "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing", "to_backend",
+    "BACKENDS", "Backend", "BackendUnavailableError", "IntegerDenoiser", "check_backend", "check_placement",
+    "cpu_summary", "held_weight_bytes", "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing",
+    "to_backend",
 ]

@@ -11,6 +11,7 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from tadq.backends.capability import int8_compiled_missing, int8_cpu_missing, int8_cuda_missing
@@ -19,7 +20,7 @@ from tadq.backends.integer_denoiser import IntegerDenoiser
 from tadq.denoiser import QuantizedDenoiser
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
-           "held_weight_bytes"]
+           "check_placement", "held_weight_bytes"]
 
 
 class BackendUnavailableError(RuntimeError, ValueError):
@@ -39,7 +40,9 @@ class Backend:
         missing: why it cannot run here (``None`` when it can).
         factory: fake-quant layer → integer layer (``None`` for the ``fake`` backend, which converts nothing).
         check: raises ``ValueError`` for a model the backend cannot run, before anything is converted.
-        finish: applied to the converted ``IntegerDenoiser`` last (``int8-compiled``: compile it).
+        finish: applied to the converted ``IntegerDenoiser`` last (``int8-compiled``: compile it; ``int8-cuda``:
+            move it to the GPU).
+        device_type: the only device type its kernels run on (``None``: any, the simulation).
     """
 
     name: str
@@ -48,6 +51,7 @@ class Backend:
     factory: LayerFactory | None
     check: Callable[[QuantizedDenoiser], None] | None = None
     finish: Callable[[QuantizedDenoiser], None] | None = None
+    device_type: str | None = None
 
 
 def _cpu_factory() -> LayerFactory:
@@ -68,6 +72,10 @@ def _compile(qmodel: QuantizedDenoiser) -> None:
     compile_integer_model(qmodel)
 
 
+def _to_gpu(qmodel: QuantizedDenoiser) -> None:
+    qmodel.to(torch.device("cuda"))  # the current CUDA device: the kernels exist there only
+
+
 def _cuda_factory() -> LayerFactory:
     from tadq.backends.cuda_int8 import int_mm_layer
 
@@ -77,14 +85,14 @@ def _cuda_factory() -> LayerFactory:
 BACKENDS: dict[str, Backend] = {
     "fake": Backend("fake", "float simulation of the integer arithmetic (the reference)", lambda: None, None),
     "int8": Backend("int8", "oneDNN u8·s8 convolutions and linears on x86 CPUs with VNNI/AMX", int8_cpu_missing,
-                    _cpu_factory()),
+                    _cpu_factory(), device_type="cpu"),
     "int8-compiled": Backend("int8-compiled", "the int8 layers with the network compiled by torch.compile (Inductor, "
                              "freezing): activation quantization fused into the preceding float ops; compiles on "
                              "the first call (minutes)", int8_compiled_missing, _cpu_factory(), _check_compilable,
-                             _compile),
+                             _compile, device_type="cpu"),
     "int8-cuda": Backend("int8-cuda", "torch._int_mm linears and im2col convolutions on CUDA (measured on an "
                          "H200: agrees with fake-quant, slower than bf16 on small models)", int8_cuda_missing,
-                         _cuda_factory()),
+                         _cuda_factory(), finish=_to_gpu, device_type="cuda"),
 }
 
 
@@ -98,6 +106,30 @@ def check_backend(name: str) -> Backend:
         raise BackendUnavailableError(f"backend {name!r} is not available on this machine: {reason}. It is not "
                                       "replaced by the float simulation; choose backend='fake' explicitly")
     return backend
+
+
+def check_placement(name: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse running backend ``name`` on ``device`` in ``dtype`` when its kernels cannot, before anything is loaded.
+
+    Integer kernels exist on one device type only (oneDNN's on the CPU, ``_int_mm``'s on CUDA), and the float work
+    around them is float32, the calibrated arithmetic: another compute dtype would change every result, so it is
+    refused rather than applied to part of the model (the ``fake`` backend runs in any dtype).
+
+    Raises:
+        ValueError: the device type or the dtype does not fit the backend (the message says which to use).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    backend = BACKENDS[name]  # whether it is available here is check_backend's question, asked when loading
+    if backend.device_type is not None and device.type != backend.device_type:
+        raise ValueError(f"backend {name!r} runs on {backend.device_type} devices only, not on {device}; choose "
+                         f"device {backend.device_type!r}" + (" or backend 'int8-cuda'" if device.type == "cuda"
+                                                              else " or backend 'int8'" if device.type == "cpu"
+                                                              else ""))
+    if backend.factory is not None and dtype != torch.float32:
+        raise ValueError(f"backend {name!r} computes in float32 around its int8 kernels (the calibrated arithmetic); "
+                         f"dtype {dtype} would change every result: use float32, or backend 'fake' for a "
+                         f"{dtype} simulation")
 
 
 def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -> QuantizedDenoiser:

@@ -197,6 +197,11 @@ def sample_command(
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        if backend != "fake":  # before anything is loaded: available here, its device type, float32
+            from tadq.backends import check_backend, check_placement
+
+            check_backend(backend)
+            check_placement(backend, torch_device, torch_dtype)
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
