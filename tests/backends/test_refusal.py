@@ -124,3 +124,17 @@ def test_sampling_an_integer_model_in_bf16_is_refused(tiny_artefact):
     with pytest.raises(ValueError, match="computes in float32"):
         api.sample(model, scheduler, SamplerConfig(kind="ddim", num_steps=2), num_samples=2, seed=0,
                    dtype="bfloat16", progress=False)
+
+
+@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+def test_casting_an_integer_model_is_refused_before_anything_changes(tiny_artefact):
+    """``.half()``/``.to(bfloat16)`` on a converted model would cast its kernels' float32 scales and fail later inside
+    oneDNN; refused up front, and the model is left as it was."""
+    from tadq.io import load_quantized
+
+    model, _ = load_quantized(tiny_artefact, backend="int8")
+    for cast in (model.half, lambda: model.to(torch.bfloat16)):
+        with pytest.raises(ValueError, match="computes in float32"):
+            cast()
+    assert all(t.dtype != torch.float16 and t.dtype != torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
+    model.float()  # a no-op cast is allowed

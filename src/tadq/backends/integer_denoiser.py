@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from tadq.denoiser import QuantizedDenoiser
 
 __all__ = ["IntegerDenoiser"]
@@ -23,6 +25,20 @@ class IntegerDenoiser(QuantizedDenoiser):
 
     backend: str
     layers: dict[str, dict[str, str]]
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.cuda()``, ``.half()`` and the like, refused before anything moves when the backend's kernels
+        cannot follow (``check_placement``): the conversion is tried on a float32 probe to see where it leads."""
+        from tadq.backends.registry import check_placement
+
+        probe = fn(torch.zeros((), dtype=torch.float32, device=self._device()))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            check_placement(self.backend, probe.device, probe.dtype)
+        return super()._apply(fn, recurse)
+
+    def _device(self) -> torch.device:
+        first = next(self.parameters(), None)
+        return torch.device("cpu") if first is None else first.device
 
     def save_pretrained(self, directory: str | Path, scheduler=None, *, overwrite: bool = False):
         raise TypeError("an integer-backend model holds prepacked kernels, not the artefact's tensors: save the "
