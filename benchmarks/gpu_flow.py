@@ -8,8 +8,9 @@ It refuses to start without CUDA (``tadq.device.resolve_device`` names what is m
 sample-sharded``), each in its own process, so the artefact is also checked to load elsewhere. Writes
 ``<out>/gpu_flow.json`` (timings, devices, the evaluate metrics) and prints a Markdown table.
 
-Status: written and checked on the CPU only (the refusal path and the argument handling); it has NOT run on a GPU
-yet, so no figure from it is in the README.
+Status: it has NOT run on a GPU yet, so no figure from it is in the README. A CPU dry run (this file with the CUDA
+check and CUDA calls stubbed out, ``--quick --device cpu --samples 64``) ran every step end to end after fixing the
+order of the ``--quick`` overrides, which had refused to start; benchmarks/gpu_check.sh runs it on the next GPU.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe)
     if args.quick:
-        changes = {"calibration.num_trajectories": 32, "calibration.samples_per_step": 16}
+        # samples_per_step first: each override is validated on its own, and 64 per step > 32 trajectories
+        changes = {"calibration.samples_per_step": 16, "calibration.num_trajectories": 32}
         if hasattr(recipe.method, "reconstruction") and type(recipe.method).__name__ != "NaiveMethod":
             changes |= {"method.reconstruction.weight_iters": 20, "method.reconstruction.activation_iters": 10}
         changes |= {f"corrections.{i}.num_samples": 32 for i in range(len(recipe.corrections))}
