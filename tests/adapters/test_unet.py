@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from tadq.adapters import TEMPORAL_ROLES
@@ -41,3 +42,20 @@ def test_blocks_follow_forward_order(tiny_unet):
 def test_unknown_model_raises_type_error():
     with pytest.raises(TypeError, match="register_adapter"):
         adapter_for(nn.Linear(2, 2))
+
+
+def test_a_fourier_time_embedding_unet_is_refused_before_sampling(ddpm_scheduler):
+    """An NCSN++-style UNet takes continuous σ: at the integer t = 0 tadq feeds it, log 0 made every output NaN and
+    quantization failed after a calibration batch; now it is refused before the first step, naming why."""
+    from diffusers import UNet2DModel
+
+    from tadq import api
+    from tadq.sampling import SamplerConfig
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
+                       norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), time_embedding_type="fourier").eval()
+    with pytest.raises(ValueError, match="Gaussian-Fourier time embedding.*score-SDE"):
+        api.sample(unet, ddpm_scheduler, SamplerConfig(kind="ddim", num_steps=2), num_samples=1, seed=0,
+                   progress=False)

@@ -166,6 +166,13 @@ class TracedUNetAdapter:
         return [name for name, module in model.named_modules() if isinstance(module, Attention)]
 
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of one sample; asked at the start of every sampling and calibration run, so a UNet tadq cannot
+        drive is refused here, before any work."""
+        if getattr(model.config, "time_embedding_type", "positional") == "fourier":
+            raise ValueError(f"this {type(model).__name__} has a Gaussian-Fourier time embedding: it takes continuous "
+                             "noise levels σ (score-SDE / NCSN++ models), and tadq drives discrete timesteps (at "
+                             "t = 0 the embedding's log t is −inf and every output NaN); score-SDE models are not "
+                             "supported")
         size = model.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
         return (model.config.in_channels, height, width)
