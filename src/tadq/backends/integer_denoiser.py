@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tadq.backends.placement import refuse_placement
 from tadq.denoiser import QuantizedDenoiser
 
 __all__ = ["IntegerDenoiser"]
@@ -21,19 +22,19 @@ class IntegerDenoiser(QuantizedDenoiser):
     Attributes:
         backend: the backend name.
         layers: {"integer": {layer: kernel class}, "float": {module: why it stays in float}}.
+        device_type: the device type its kernels run on (``None``: any).
     """
 
     backend: str
     layers: dict[str, dict[str, str]]
+    device_type: str | None
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.cuda()``, ``.half()`` and the like, refused before anything moves when the backend's kernels
         cannot follow (``check_placement``): the conversion is tried on a float32 probe to see where it leads."""
-        from tadq.backends.registry import check_placement
-
         probe = fn(torch.zeros((), dtype=torch.float32, device=self._device()))
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
-            check_placement(self.backend, probe.device, probe.dtype)
+            refuse_placement(self.backend, self.device_type, True, probe.device, probe.dtype)
         return super()._apply(fn, recurse)
 
     def _device(self) -> torch.device:

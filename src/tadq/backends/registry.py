@@ -17,6 +17,7 @@ from torch import nn
 from tadq.backends.capability import int8_compiled_missing, int8_cpu_missing, int8_cuda_missing
 from tadq.backends.convert import LayerFactory, convert_layers
 from tadq.backends.integer_denoiser import IntegerDenoiser
+from tadq.backends.placement import refuse_placement
 from tadq.denoiser import QuantizedDenoiser
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
@@ -121,15 +122,7 @@ def check_placement(name: str, device: torch.device, dtype: torch.dtype) -> None
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     backend = BACKENDS[name]  # whether it is available here is check_backend's question, asked when loading
-    if backend.device_type is not None and device.type != backend.device_type:
-        raise ValueError(f"backend {name!r} runs on {backend.device_type} devices only, not on {device}; choose "
-                         f"device {backend.device_type!r}" + (" or backend 'int8-cuda'" if device.type == "cuda"
-                                                              else " or backend 'int8'" if device.type == "cpu"
-                                                              else ""))
-    if backend.factory is not None and dtype != torch.float32:
-        raise ValueError(f"backend {name!r} computes in float32 around its int8 kernels (the calibrated arithmetic); "
-                         f"dtype {dtype} would change every result: use float32, or backend 'fake' for a "
-                         f"{dtype} simulation")
+    refuse_placement(name, backend.device_type, backend.factory is not None, device, dtype)
 
 
 def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -> QuantizedDenoiser:
@@ -157,7 +150,7 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
     target = qmodel if inplace else copy.deepcopy(qmodel)
     layers = convert_layers(target.model, backend.factory, name)
     target.__class__ = IntegerDenoiser
-    target.backend, target.layers = name, layers
+    target.backend, target.layers, target.device_type = name, layers, backend.device_type
     if backend.finish is not None:
         backend.finish(target)
     return target
