@@ -108,3 +108,24 @@ def probe_calibration(workload) -> tuple[SamplerConfig, CalibrationConfig, Calib
     data = collect_calibration_set(workload.model, adapter_for(workload.model), workload.scheduler.config,
                                    calibration, cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
     return sampler, calibration, data
+
+
+def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, announce=None) -> dict[str, int]:
+    """Each preset quantized by naive PTQ from one calibration set (the W8A8 preset's calibration config, which every
+    preset shares today) and saved as ``folder/PRESET``: the speed benchmarks' models. Returns the weight bytes of
+    each artefact; ``announce(preset)`` is called before each quantization (progress lines)."""
+    import tadq
+
+    fp32, scheduler = workload.model, workload.scheduler
+    calibration = collect_calibration_set(fp32, adapter_for(fp32), scheduler.config,
+                                          tadq.QuantConfig.from_preset("W8A8").calibration, cache_dir=cache_dir,
+                                          progress=False, conditions=workload.calibration_conditions,
+                                          guidance_scale=workload.guidance_scale)
+    sizes = {}
+    for preset in presets:
+        if announce is not None:
+            announce(preset)
+        qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), calibration=calibration,
+                               conditions=workload.calibration_conditions, progress=False)
+        sizes[preset] = qmodel.save_pretrained(folder / preset, scheduler).weights_bytes
+    return sizes

@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from common import save_naive_ptq
 from speed_kernels import BATCHES, REPEATS, call_of, compiled_table, kernel_table
 
 import tadq
 from tadq.backends import cpu_summary, held_weight_bytes
-from tadq.calibration import collect_calibration_set
 from tadq.experiments.workload import load_workload, resolve_model_path
 from tadq.io import load_quantized
 from tadq.metrics.image import psnr_per_sample
@@ -200,10 +200,6 @@ def main() -> None:
 
         dynamo_config.recompile_limit = 64  # every compiled UNet2DModel shares its forward's graph limit (8)
     fp32, scheduler = workload.model, workload.scheduler
-    calibration = collect_calibration_set(fp32, adapter_for(fp32), scheduler.config,
-                                          tadq.QuantConfig.from_preset("W8A8").calibration, cache_dir=args.cache_dir,
-                                          progress=False, conditions=workload.calibration_conditions,
-                                          guidance_scale=workload.guidance_scale)
     fp_bytes = 4 * sum(p.numel() for p in fp32.parameters())
     models = {"FP fp32": fp32, "FP bf16": copy.deepcopy(fp32).to(torch.bfloat16)}
     calls = {"FP fp32": call_of(fp32, True, torch.float32),
@@ -219,15 +215,14 @@ def main() -> None:
             models[f"{name} compiled"], calls[f"{name} compiled"] = compiled, call_of(compiled, True, dtype)
             info[f"{name} compiled"] = {"size": info[name]["size"], "compiled": True}
     workdir = Path(tempfile.mkdtemp(prefix="tadq-speed-"))
-    for preset in args.presets.split(","):
-        _progress(f"quantizing {preset} (naive PTQ) and loading it on each backend")
-        qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), calibration=calibration,
-                               conditions=workload.calibration_conditions, progress=False)
-        size = qmodel.save_pretrained(workdir / preset, scheduler)
+    sizes = save_naive_ptq(workload, args.presets.split(","), workdir, args.cache_dir,
+                           announce=lambda preset: _progress(f"quantizing {preset} (naive PTQ)"))
+    for preset, size in sizes.items():
+        _progress(f"loading {preset} on each backend")
         for backend in ("fake", "int8", *(("int8-compiled",) if args.compile else ())):
             name = f"{preset} {backend}"
             models[name], _ = load_quantized(workdir / preset, backend=backend)
-            info[name] = {"size": size.weights_bytes, "compiled": backend == "int8-compiled"}
+            info[name] = {"size": size, "compiled": backend == "int8-compiled"}
             calls[name] = call_of(models[name], False, torch.float32)
     for name in models:
         if info[name].get("compiled") or conditional:  # (x, t) probes: unconditional models only

@@ -31,12 +31,12 @@ import time
 from pathlib import Path
 
 import torch
+from common import save_naive_ptq
 from torch import nn
 
 import tadq
 from tadq.backends import check_backend, held_weight_bytes
 from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear
-from tadq.calibration import collect_calibration_set
 from tadq.device import resolve_device
 from tadq.experiments.workload import load_workload
 from tadq.io import load_quantized
@@ -57,17 +57,8 @@ def _progress(message: str) -> None:
 
 def prepare(model: str | None, presets: list[str], folder: Path, cache_dir: str) -> None:
     """Quantize each preset (naive PTQ, speed.py's calibration) and save it as ``folder/PRESET``."""
-    workload = load_workload(model)
-    fp32, scheduler = workload.model, workload.scheduler
-    calibration = collect_calibration_set(fp32, adapter_for(fp32), scheduler.config,
-                                          tadq.QuantConfig.from_preset("W8A8").calibration, cache_dir=cache_dir,
-                                          progress=False, conditions=workload.calibration_conditions,
-                                          guidance_scale=workload.guidance_scale)
-    for preset in presets:
-        _progress(f"quantizing {preset}")
-        qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), calibration=calibration,
-                               conditions=workload.calibration_conditions, progress=False)
-        qmodel.save_pretrained(folder / preset, scheduler)
+    save_naive_ptq(load_workload(model), presets, folder, cache_dir,
+                   announce=lambda preset: _progress(f"quantizing {preset}"))
 
 
 def _timed(fn, repeats: int) -> float:
@@ -116,18 +107,20 @@ def _extra_memory(call, shape: tuple[int, ...], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def _kernel_table(fp32: nn.Module, device: torch.device) -> tuple[list[dict], str]:
+def _kernel_table(fp32: nn.Module, shape: tuple[int, ...], device: torch.device) -> tuple[list[dict], str]:
     """Each conv/linear of the FP model at batch 64 (its real inputs at t = 500): bf16, fp32, int8-cuda layer, GEMM."""
     inputs: dict[str, torch.Tensor] = {}
+    gemm_rows: dict[str, int] = {}  # the int8 GEMM's M: output positions (a strided conv has fewer than its input)
 
     def keep(name: str):
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:  # returns None: output unchanged
             inputs.setdefault(name, args[0].detach())
+            channels = output.shape[1] if isinstance(module, nn.Conv2d) else output.shape[-1]
+            gemm_rows.setdefault(name, output.numel() // channels)
         return hook
 
     hooks = [module.register_forward_hook(keep(name))
              for name, module in fp32.named_modules() if isinstance(module, (nn.Conv2d, nn.Linear))]
-    shape = tuple(adapter_for(fp32).sample_shape(fp32))
     with torch.no_grad():
         fp32(torch.randn(64, *shape, generator=torch.Generator().manual_seed(3)).to(device),
              torch.full((64,), 500, device=device))
@@ -147,8 +140,7 @@ def _kernel_table(fp32: nn.Module, device: torch.device) -> tuple[list[dict], st
             low, xb = copy.deepcopy(module).to(torch.bfloat16), x.bfloat16()
             kernel = integer.conv.kernel if conv else integer.kernel
             k = kernel.weight.shape[1]
-            rows_m = x.shape[0] * (x.shape[2] * x.shape[3] if conv else (x.numel() // x.shape[0] // x.shape[-1]))
-            a = torch.randint(-128, 127, (max(rows_m, 17), k), dtype=torch.int8, device=device)
+            a = torch.randint(-128, 127, (max(gemm_rows[name], 17), k), dtype=torch.int8, device=device)
             found = {
                 "bf16": _timed(lambda low=low, xb=xb: low(xb), 20),
                 "fp32": _timed(lambda module=module, x=x: module(x), 20),
@@ -271,7 +263,7 @@ def measure(args) -> None:
     kernels, kernel_text = ([], "")
     if args.kernels and not conditional:
         _progress("per-layer kernel table")
-        kernels, kernel_text = _kernel_table(fp32, device)
+        kernels, kernel_text = _kernel_table(fp32, shape, device)
     gpu = {"name": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
            "torch": torch.__version__, "cuda": torch.version.cuda, "tf32": False,
            "compile_mode": args.compile_mode if args.compile else None}

@@ -31,7 +31,7 @@ class IntegerDenoiser(QuantizedDenoiser):
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.cuda()``, ``.half()`` and the like, refused before anything moves when the backend's kernels
-        cannot follow (``check_placement``): the conversion is tried on a float32 probe to see where it leads."""
+        cannot follow (``refuse_placement``): the conversion is tried on a float32 probe to see where it leads."""
         probe = fn(torch.zeros((), dtype=torch.float32, device=self._device()))
         if isinstance(probe, torch.Tensor) and probe.is_floating_point():
             refuse_placement(self.backend, self.device_type, True, probe.device, probe.dtype)

@@ -97,11 +97,15 @@ BACKENDS: dict[str, Backend] = {
 }
 
 
-def check_backend(name: str) -> Backend:
-    """The backend called ``name``; raises ``ValueError`` (unknown) or ``BackendUnavailableError`` (not here)."""
+def _known(name: str) -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    backend = BACKENDS[name]
+    return BACKENDS[name]
+
+
+def check_backend(name: str) -> Backend:
+    """The backend called ``name``; raises ``ValueError`` (unknown) or ``BackendUnavailableError`` (not here)."""
+    backend = _known(name)
     reason = backend.missing()
     if reason is not None:
         raise BackendUnavailableError(f"backend {name!r} is not available on this machine: {reason}. It is not "
@@ -119,9 +123,7 @@ def check_placement(name: str, device: torch.device, dtype: torch.dtype) -> None
     Raises:
         ValueError: the device type or the dtype does not fit the backend (the message says which to use).
     """
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    backend = BACKENDS[name]  # whether it is available here is check_backend's question, asked when loading
+    backend = _known(name)  # whether it is available here is check_backend's question, asked when loading
     refuse_placement(name, backend.device_type, backend.factory is not None, device, dtype)
 
 
