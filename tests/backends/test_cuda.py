@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.backends.test_layers import ACTIVATIONS, INT_MM, WEIGHTS, _bound, _layers
+from tests.backends.test_layers import ACTIVATIONS, INT_MM, WEIGHTS, _check, _layers
 from torch import nn
 
 from tadq import api
@@ -30,18 +30,14 @@ CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=2,
 @pytest.mark.parametrize("weights", list(WEIGHTS))
 def test_int_mm_layers_on_the_gpu_match_fake_quant(weights, activations):
     for kind, layer, x in _layers(WEIGHTS[weights], ACTIVATIONS[activations]):
-        with torch.no_grad():
-            expected = layer(x).double()
-            got = INT_MM[kind](layer, "layer").cuda()(x.cuda()).cpu().double()
-        excess = (got - expected).abs() - _bound(kind, layer, x)
-        assert excess.max() <= 0, f"{kind}: worst error exceeds the derived bound by {excess.max():.3g}"
+        _check(kind, layer, x, INT_MM[kind], device="cuda")
 
 
 @pytest.mark.parametrize("preset", ["W8A8", "W4A8"])
 def test_gpu_integer_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, preset):
     """Same noise → same samples up to float rounding (median PSNR ≥ 40 dB, as test_model.py on the CPU)."""
     fake = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset(preset, calibration=CALIB), progress=False)
-    integer = to_backend(fake, "int8-cuda").cuda()
+    integer = to_backend(fake, "int8-cuda")  # converted and moved to the GPU
     images = api.sample(integer, ddpm_scheduler, SAMPLER, num_samples=6, seed=5, progress=False).images
     reference = api.sample(fake, ddpm_scheduler, SAMPLER, num_samples=6, seed=5, progress=False).images
     assert integer.layers["integer"] and all(b.is_cuda for b in integer.buffers())
@@ -56,8 +52,4 @@ def test_int_mm_linear_shapes_on_the_gpu(rows, in_features, out_features):
     layer = QuantLinear.from_module(nn.Linear(in_features, out_features), WEIGHTS["w8-asym"], ACTIVATIONS["a8"])
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)) * 2 + 0.5
     layer.input_quantizer.set_range(x.min().reshape(1) * 0.8, x.max().reshape(1) * 0.8)
-    with torch.no_grad():
-        expected = layer(x).double()
-        got = IntMMLinear(layer, "layer").cuda()(x.cuda()).cpu().double()
-    excess = (got - expected).abs() - _bound("linear", layer, x)
-    assert excess.max() <= 0, f"worst error exceeds the derived bound by {excess.max():.3g}"
+    _check("linear", layer, x, IntMMLinear, device="cuda")

@@ -79,10 +79,11 @@ def _bound(kind: str, layer, x: torch.Tensor) -> torch.Tensor:
     return deep + skip
 
 
-def _check(kind: str, layer, x: torch.Tensor, integer_class) -> None:
+def _check(kind: str, layer, x: torch.Tensor, integer_class, device: str = "cpu") -> None:
+    """The integer layer (run on ``device``) against the fake-quant layer on the CPU, within the derived bound."""
     with torch.no_grad():
         expected = layer(x).double()
-        got = integer_class(layer, "layer")(x).double()
+        got = integer_class(layer, "layer").to(device)(x.to(device)).cpu().double()
     bound = _bound(kind, layer, x)
     assert got.shape == expected.shape
     excess = (got - expected).abs() - bound
