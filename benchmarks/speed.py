@@ -35,7 +35,9 @@ from common import save_naive_ptq
 from speed_kernels import BATCHES, REPEATS, call_of, compiled_table, kernel_table
 
 import tadq
-from tadq.backends import cpu_summary, held_weight_bytes
+from tadq.backends import check_backend, cpu_summary, held_weight_bytes
+from tadq.backends.capability import int8_cpu_weight_bound, weight_bound_reason
+from tadq.backends.weights import weight_code_peak
 from tadq.experiments.workload import load_workload, resolve_model_path
 from tadq.io import load_quantized
 from tadq.metrics.image import psnr_per_sample
@@ -151,6 +153,23 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else 1000 * seconds
 
 
+def _refuse_what_cannot_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Before any model is loaded or quantized: the integer backends must run here, and every preset's weight codes
+    must fit what this CPU's kernels sum exactly (no VNNI/AMX: within ±64, so W4A8 but not the 8-bit presets)."""
+    presets = ["W8A8"] if args.kernels or args.compiled else args.presets.split(",")
+    try:
+        for backend in ("int8", *(("int8-compiled",) if args.compile else ())):
+            check_backend(backend)
+        peaks = {preset: weight_code_peak(tadq.QuantConfig.from_preset(preset).weights) for preset in presets}
+    except ValueError as error:  # an unavailable backend, an unknown preset
+        parser.error(str(error))
+    bound = int8_cpu_weight_bound()
+    too_wide = [preset for preset, peak in peaks.items() if peak > bound]
+    if too_wide:
+        parser.error(f"{', '.join(too_wide)} cannot run on the int8 backends here: {weight_bound_reason(bound)}"
+                     + ("" if args.kernels or args.compiled else "; choose --presets among the others"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=1)
@@ -175,6 +194,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.model is not None and (args.kernels or args.compiled):
         parser.error("--kernels and --compiled measure the shipped digits model; drop --model")
+    _refuse_what_cannot_run(parser, args)
     model_path = resolve_model_path(args.model)
     workload = load_workload(args.model)  # refused here: a missing folder, an unsupported model
     conditional = workload.evaluation_conditions is not None

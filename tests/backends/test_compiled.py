@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from tests.backends.bounds import conv_bound, linear_bound
+from tests.backends.machine import needs_compiled, needs_compiled_w8
 from tests.backends.test_layers import ACTIVATIONS, CONVS, WEIGHTS, _conv, _linear, _split
 from tests.backends.test_model import _agree, _images, _quantize
 from torch import nn
@@ -28,16 +29,12 @@ from tadq.backends import (
     IntegerDenoiser,
     capability,
     check_backend,
-    int8_compiled_missing,
     to_backend,
 )
 from tadq.backends.activations import activation_grid, traced_codes
 from tadq.backends.compiled import CompiledIntegerDenoiser, frozen, keep_identity_guards, prime_grids
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.quant import QuantLinear
-
-needs_compiled = pytest.mark.skipif(int8_compiled_missing() is not None,
-                                    reason=f"int8-compiled backend: {int8_compiled_missing()}")
 
 
 def _compiled(module: nn.Module):
@@ -67,7 +64,8 @@ def test_compiled_codes_are_the_fake_quant_codes():
 
 
 @needs_compiled
-@pytest.mark.parametrize("case", ["conv-w8", "conv-w8sym", "conv-w4-stride2", "split-w8", "linear-w8"])
+@pytest.mark.parametrize("case", [pytest.param(case, marks=needs_compiled_w8) if "w8" in case else case
+                                  for case in ("conv-w8", "conv-w8sym", "conv-w4-stride2", "split-w8", "linear-w8")])
 def test_compiled_layers_match_fake_quant(case):
     """The same derived per-element bound as the eager int8 layers (asymmetric 8-bit: offset correction; symmetric
     8-bit: none)."""
@@ -99,12 +97,14 @@ def test_compiled_layers_match_fake_quant(case):
 
 @needs_compiled
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", [False, True])
-def test_compiled_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, attention):
-    """A tiny UNet end to end (W8A8: asymmetric weights with the offset term), with and without quantized attention
-    operands. Slow: compiling even this UNet takes 1.5–3 minutes on the loaded 2-core CPU."""
+@pytest.mark.parametrize("preset, attention", [pytest.param("W8A8", False, marks=needs_compiled_w8),
+                                               pytest.param("W8A8", True, marks=needs_compiled_w8), ("W4A8", True)])
+def test_compiled_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, preset, attention):
+    """A tiny UNet end to end (W8A8: asymmetric weights with the offset term; W4A8: the preset a CPU without VNNI
+    runs), with and without quantized attention operands. Slow: compiling even this UNet takes 1.5–3 minutes on the
+    loaded 2-core CPU."""
     torch._dynamo.reset()
-    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8", quantize_attention=attention)
+    fake = _quantize(tiny_unet, ddpm_scheduler, preset, quantize_attention=attention)
     compiled = to_backend(fake, "int8-compiled")
     assert isinstance(compiled, CompiledIntegerDenoiser) and isinstance(compiled, IntegerDenoiser)
     assert compiled.backend == "int8-compiled" and compiled.layers["integer"]
@@ -114,7 +114,7 @@ def test_compiled_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, att
         assert torch.equal(_images(compiled, ddpm_scheduler), images)
 
 
-@needs_compiled
+@needs_compiled_w8
 @pytest.mark.slow
 def test_two_compiled_models_in_one_process_each_run_their_own_graph(tiny_unet, ddpm_scheduler):
     """Compiled models of one class share their forward's graph cache; the guard filter drops the per-call checks
@@ -155,7 +155,7 @@ def test_the_guard_filter_keeps_identity_and_input_guards_only():
 def test_conversion_is_lazy_and_lifts_the_recompile_limit(tiny_unet, ddpm_scheduler):
     """Converting compiles nothing yet; torch's graph limit per code object (shared by every compiled model of one
     class) is raised, so a process with several compiled models does not fall back to eager unnoticed."""
-    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W4A8")
     compiled = to_backend(fake, "int8-compiled")
     assert isinstance(compiled, CompiledIntegerDenoiser) and compiled.model._compiled_call_impl is not None
     assert torch._dynamo.config.recompile_limit >= 64
@@ -172,10 +172,9 @@ def test_compiled_is_refused_without_a_cpp_compiler(monkeypatch):
         check_backend("int8-compiled")
 
 
-def test_compiled_is_refused_without_int8_instructions(monkeypatch):
-    monkeypatch.setattr(capability, "_torch_cpu_probe", lambda name: False)
-    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
-    with pytest.raises(BackendUnavailableError, match="int8-compiled.*no int8 dot-product instructions"):
+def test_compiled_is_refused_where_the_int8_kernels_are_not_exact(monkeypatch):
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: 0)
+    with pytest.raises(BackendUnavailableError, match="int8-compiled.*wrong sums.*not replaced"):
         check_backend("int8-compiled")
 
 
@@ -186,7 +185,7 @@ def test_per_step_ranges_are_taken_and_their_step_is_required(tiny_unet, ddpm_sc
     model checks it before every call, as the fake and eager models do inside theirs."""
     from tadq.tfmq.fsc import StepQuantizer, StepState
 
-    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W4A8")
     layer, state = fake.model.conv_in, StepState(2)
     layer.input_quantizer = StepQuantizer(layer.input_quantizer, torch.tensor([0.01, 0.02]),
                                           torch.tensor([128.0, 128.0]), state)
@@ -204,7 +203,7 @@ def test_per_label_caches_are_refused_before_converting(tiny_unet, ddpm_schedule
     from tadq.tfmq.cache import LabelCapture
     from tadq.tfmq.fsc import StepState
 
-    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W4A8")
     fake.model.register_forward_pre_hook(LabelCapture(StepState(2)), with_kwargs=True)
     with pytest.raises(ValueError, match=r"int8-compiled: the network captures class labels.*'int8'"):
         to_backend(fake, "int8-compiled", inplace=True)
@@ -213,7 +212,7 @@ def test_per_label_caches_are_refused_before_converting(tiny_unet, ddpm_schedule
 
 @needs_compiled
 def test_forward_hooks_are_refused(tiny_unet, ddpm_scheduler):
-    fake = _quantize(tiny_unet, ddpm_scheduler, "W8A8")
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W4A8")
     fake.model.mid_block.register_forward_hook(lambda module, args, out: out)
     with pytest.raises(ValueError, match="int8-compiled: mid_block has forward hooks"):
         to_backend(fake, "int8-compiled")
@@ -226,7 +225,7 @@ def test_cli_sample_runs_int8_compiled(tiny_unet, ddpm_scheduler, tmp_path):
 
     from tadq.cli.app import app
 
-    _quantize(tiny_unet, ddpm_scheduler, "W8A8").save_pretrained(tmp_path / "q", ddpm_scheduler)
+    _quantize(tiny_unet, ddpm_scheduler, "W4A8").save_pretrained(tmp_path / "q", ddpm_scheduler)
     result = CliRunner().invoke(app, ["sample", str(tmp_path / "q"), "--backend", "int8-compiled", "--num-samples",
                                       "2", "--steps", "4", "--out", str(tmp_path / "s.png"), "--threads", "1"])
     assert result.exit_code == 0, result.output
@@ -262,7 +261,7 @@ def _guided_images(model, scheduler, prompts) -> torch.Tensor:
                       conditions=prompts, guidance_scale=GUIDANCE).images
 
 
-@needs_compiled
+@needs_compiled_w8
 def test_a_compiled_cross_attention_model_skips_the_kv_memo(monkeypatch):
     """Text-conditioned adapters carry the cross-attention K/V memo, which decides on the host (torch.equal): the
     compiled model runs the network without entering it (what it serves is bit-identical to recomputing). Checked
@@ -281,7 +280,7 @@ def test_a_compiled_cross_attention_model_skips_the_kv_memo(monkeypatch):
     assert torch.equal(_guided_images(eager, scheduler, prompts), expected)
 
 
-@needs_compiled
+@needs_compiled_w8
 @pytest.mark.slow
 def test_compiled_guided_text_to_image_sampling_agrees_with_fake_quant():
     """The tiny Stable Diffusion UNet under classifier-free guidance (both branches in one batch) end to end on
@@ -292,7 +291,7 @@ def test_compiled_guided_text_to_image_sampling_agrees_with_fake_quant():
     assert _agree(_guided_images(compiled, scheduler, prompts), _guided_images(fake, scheduler, prompts))
 
 
-@needs_compiled
+@needs_compiled_w8
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["dit", "pixart", "sd3", "flux"])
 def test_compiled_transformers_agree_with_fake_quant(family):

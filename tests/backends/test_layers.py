@@ -13,6 +13,7 @@ import dataclasses
 import pytest
 import torch
 from tests.backends.bounds import conv_bound, linear_bound
+from tests.backends.machine import needs_int8_cpu, needs_int8_w8
 from torch import nn
 
 from tadq.backends import int8_cpu_missing
@@ -22,8 +23,6 @@ from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear, IntMMSplitConv2d
 from tadq.quant import QScheme, QuantConv2d, QuantLinear
 from tadq.quant.split import SplitQuantConv2d
 from tadq.tfmq.fsc import StepQuantizer, StepState
-
-needs_int8_cpu = pytest.mark.skipif(int8_cpu_missing() is not None, reason=f"int8 CPU backend: {int8_cpu_missing()}")
 
 WEIGHTS = {
     "w8-asym": QScheme(bits=8, granularity="per_channel", range_method="minmax"),
@@ -99,7 +98,8 @@ def _layers(weights: QScheme, activations: QScheme):
 
 @needs_int8_cpu
 @pytest.mark.parametrize("activations", list(ACTIVATIONS))
-@pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.parametrize("weights", [pytest.param(name, marks=needs_int8_w8) if WEIGHTS[name].bits == 8 else name
+                                     for name in WEIGHTS])
 def test_onednn_layers_match_fake_quant(weights, activations):
     for kind, layer, x in _layers(WEIGHTS[weights], ACTIVATIONS[activations]):
         _check(kind, layer, x, CPU[kind])
@@ -124,8 +124,7 @@ def test_activation_codes_are_the_fake_quant_codes():
     assert torch.equal((codes - zero) * scale, fake)
 
 
-@needs_int8_cpu
-@pytest.mark.parametrize("integer_class", [OneDNNConv2d, IntMMConv2d])
+@pytest.mark.parametrize("integer_class", [pytest.param(OneDNNConv2d, marks=needs_int8_w8), IntMMConv2d])
 def test_per_step_activation_ranges(integer_class):
     """A TFMQ StepQuantizer: each step's (Δ, z) is used by the integer layer, as by the fake-quant one."""
     layer, x = _conv(WEIGHTS["w8-asym"], ACTIVATIONS["a8"], CONVS[0])

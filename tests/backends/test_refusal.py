@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tests.backends.machine import needs_int8_cpu
 from typer.testing import CliRunner
 
 from tadq import api
@@ -13,7 +14,6 @@ from tadq.backends import (
     capability,
     check_backend,
     check_placement,
-    int8_cpu_missing,
     int8_cuda_missing,
     to_backend,
 )
@@ -28,11 +28,75 @@ def test_int8_cuda_is_refused_without_cuda():
     assert int8_cuda_missing() is not None
 
 
-def test_int8_cpu_is_refused_without_int8_instructions(monkeypatch):
-    monkeypatch.setattr(capability, "_torch_cpu_probe", lambda name: False)
-    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2", "fma"})
-    with pytest.raises(BackendUnavailableError, match="no int8 dot-product instructions"):
+def test_int8_cpu_is_refused_where_its_kernels_are_not_exact(monkeypatch):
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: 0)
+    with pytest.raises(BackendUnavailableError, match="int8'.*wrong sums even for weight codes within ±64"):
         check_backend("int8")
+
+
+@needs_int8_cpu
+def test_the_measured_weight_bound_is_a_real_limit():
+    """The probe's bound holds for random codes through a real conv, and (where it is below the int8 range) one
+    more is really wrong: the limit is the kernels', not a guess from CPU flags. VNNI/AMX sum into int32: no limit."""
+    bound = capability.int8_cpu_weight_bound()
+    assert bound in (capability.PAIR_SATURATION_BOUND, capability.FULL_INT8_RANGE)
+    generator = torch.Generator().manual_seed(0)
+    activations = torch.randint(0, 256, (2, 64, 6, 6), generator=generator, dtype=torch.uint8)
+    activations[0] = 255  # the worst case, beside random codes
+    weights = torch.randint(-bound, min(bound, 127) + 1, (16, 64, 3, 3), generator=generator, dtype=torch.int8)
+    weights[:2] = bound if bound <= 127 else 127
+    weights[2:4] = -bound
+    assert torch.equal(_onednn_conv(activations, weights), _exact_conv(activations, weights))
+    if bound < capability.FULL_INT8_RANGE:
+        beyond = torch.full_like(weights, bound + 1)
+        assert not torch.equal(_onednn_conv(activations, beyond), _exact_conv(activations, beyond))
+    if capability._has_dot_product_instructions():
+        assert bound == capability.FULL_INT8_RANGE
+
+
+def _onednn_conv(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    ones, zeros = torch.ones(weights.shape[0]), torch.zeros(weights.shape[0], dtype=torch.int64)
+    packed = torch.ops.onednn.qconv_prepack(weights, ones, 1.0, 0, [1, 1], [1, 1], [1, 1], 1, None)
+    return torch.ops.onednn.qconv2d_pointwise.default(activations, 1.0, 0, packed, ones, zeros, None, [1, 1], [1, 1],
+                                                      [1, 1], 1, 1.0, 0, torch.float32, "none", [], "").double()
+
+
+def _exact_conv(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.conv2d(activations.double(), weights.double(), padding=1)
+
+
+@needs_int8_cpu
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_weights_beyond_the_bound_are_refused_naming_the_layer(monkeypatch, kind):
+    """A CPU without VNNI/AMX (bound ±64): 8-bit weight codes are refused at conversion, naming the layer and why;
+    4-bit weights (±15) convert and agree with fake-quant there as anywhere."""
+    from tests.backends.test_layers import ACTIVATIONS, CPU, WEIGHTS, _check, _conv, _linear
+
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
+    monkeypatch.setattr(capability, "_has_dot_product_instructions", lambda: False)
+    build = (lambda w: _conv(w, ACTIVATIONS["a8"], {"kernel_size": 3, "padding": 1})) if kind == "conv" \
+        else (lambda w: _linear(w, ACTIVATIONS["a8"]))
+    layer, _ = build(WEIGHTS["w8-sym"])
+    with pytest.raises(ValueError, match=r"^down\.proj: its int8 weight codes reach ±12[78].*no int8 dot-product "
+                                         r"instructions.*saturated to 16 bits.*within ±64"):
+        CPU[kind](layer, "down.proj")
+    _check(kind, *build(WEIGHTS["w4-asym"]), CPU[kind])
+
+
+@needs_int8_cpu
+def test_cli_sample_refuses_8bit_weights_where_they_would_saturate_in_one_line(monkeypatch, tiny_unet, ddpm_scheduler,
+                                                                               tmp_path):
+    from tadq.cli.app import app
+
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    calib = CalibrationConfig(sampler=sampler, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
+    api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8-WSYM", calibration=calib),
+                 progress=False).save_pretrained(tmp_path / "q", ddpm_scheduler)
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "q"), "--backend", "int8", "--num-samples", "2",
+                                      "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 2 and "within ±64" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s.png").exists()
 
 
 def test_int8_cpu_is_refused_without_the_onednn_engine(monkeypatch):
@@ -42,8 +106,7 @@ def test_int8_cpu_is_refused_without_the_onednn_engine(monkeypatch):
 
 
 def test_refusal_happens_before_any_conversion(monkeypatch, tiny_unet):
-    monkeypatch.setattr(capability, "cpu_flags", lambda: set())
-    monkeypatch.setattr(capability, "_torch_cpu_probe", lambda name: False)
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: 0)
     with pytest.raises(BackendUnavailableError):
         to_backend(object(), "int8")  # refused on the machine, not on the argument
 
@@ -58,8 +121,8 @@ def test_unknown_backend():
 def tiny_artefact(tiny_unet, ddpm_scheduler, tmp_path):
     sampler = SamplerConfig(kind="ddim", num_steps=4)
     calib = CalibrationConfig(sampler=sampler, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
-    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=calib),
-                          progress=False)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W4A8", calibration=calib),
+                          progress=False)  # 4-bit weights: every CPU the int8 backend runs on sums them exactly
     qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
     return tmp_path / "q"
 
@@ -74,7 +137,7 @@ def test_cli_sample_refuses_int8_cuda_in_one_line(tiny_artefact, tmp_path):
     assert not (tmp_path / "s.png").exists()
 
 
-@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+@needs_int8_cpu
 def test_cli_sample_runs_int8(tiny_artefact, tmp_path):
     from tadq.cli.app import app
 
@@ -105,7 +168,7 @@ def test_the_simulation_runs_anywhere_in_any_dtype():
             check_placement("fake", torch.device(device), dtype)
 
 
-@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+@needs_int8_cpu
 def test_cli_sample_refuses_a_bf16_integer_run_in_one_line(tiny_artefact, tmp_path):
     """It crashed inside deepcopy ("Cannot access storage of OpaqueTensorImpl") after loading; now refused first."""
     from tadq.cli.app import app
@@ -116,7 +179,7 @@ def test_cli_sample_refuses_a_bf16_integer_run_in_one_line(tiny_artefact, tmp_pa
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s.png").exists()
 
 
-@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+@needs_int8_cpu
 def test_sampling_an_integer_model_in_bf16_is_refused(tiny_artefact):
     from tadq.io import load_quantized
 
@@ -126,7 +189,7 @@ def test_sampling_an_integer_model_in_bf16_is_refused(tiny_artefact):
                    dtype="bfloat16", progress=False)
 
 
-@pytest.mark.skipif(int8_cpu_missing() is not None, reason="no int8 CPU backend here")
+@needs_int8_cpu
 def test_casting_an_integer_model_is_refused_before_anything_changes(tiny_artefact):
     """``.half()``/``.to(bfloat16)`` on a converted model would cast its kernels' float32 scales and fail later inside
     oneDNN; refused up front, and the model is left as it was."""

@@ -12,17 +12,18 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.backends.bounds import conv_bound, linear_bound
+from tests.backends.machine import needs_compiled_w8, needs_int8_w8
 from tests.tfmq.common import CALIB, SAMPLER, scheduler, tfmq_config
 
 from tadq import api
-from tadq.backends import int8_compiled_missing, int8_cpu_missing, to_backend
+from tadq.backends import to_backend
 from tadq.config import QuantConfig
 from tadq.metrics.image import psnr_per_sample
 from tadq.quant import QuantConv2d, QuantLinear
 from tadq.tfmq import quantize_tfmq
 from tadq.tfmq.fsc import StepQuantizer
 
-pytestmark = pytest.mark.skipif(int8_cpu_missing() is not None, reason=f"int8 CPU backend: {int8_cpu_missing()}")
+pytestmark = needs_int8_w8  # the TFMQ models here have 8-bit weights
 
 
 def test_per_step_ranges_run_in_integers(tiny_unet):
@@ -57,7 +58,7 @@ def test_per_step_ranges_run_in_integers(tiny_unet):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(int8_compiled_missing() is not None, reason=f"int8-compiled: {int8_compiled_missing()}")
+@needs_compiled_w8
 def test_per_step_ranges_and_cache_compile_once_and_follow_the_step(tiny_unet):
     """``int8-compiled`` reads the step from a tensor the sampler updates in place: one graph serves every step (no
     recompilation per step; one per batch size), and at each step it computes what the eager ``int8`` model

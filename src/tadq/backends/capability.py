@@ -6,14 +6,18 @@ float simulation.
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_summary", "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing"]
+__all__ = ["cpu_flags", "cpu_summary", "int8_compiled_missing", "int8_cpu_missing", "int8_cpu_weight_bound",
+           "int8_cuda_missing", "weight_bound_reason"]
 
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8·s8 dot-product instructions oneDNN uses
+FULL_INT8_RANGE = 128  # |B| ≤ 128 covers every signed int8 weight code
+PAIR_SATURATION_BOUND = 64  # 2·255·64 = 32640 ≤ 32767: two u8·s8 products fit a saturating int16 lane
 
 
 def cpu_flags() -> set[str]:
@@ -37,8 +41,16 @@ def cpu_summary() -> dict[str, object]:
         "mkldnn": torch.backends.mkldnn.is_available(),
         "vnni": _torch_cpu_probe("_is_vnni_supported"),
         "amx": _torch_cpu_probe("_is_amx_tile_supported"),
+        "int8_exact_weight_codes": _bound_summary(),
         "threads": torch.get_num_threads(),
     }
+
+
+def _bound_summary() -> str:
+    if not _has_onednn():
+        return "no oneDNN"
+    bound = int8_cpu_weight_bound()
+    return "full int8 range" if bound >= FULL_INT8_RANGE else f"within ±{bound}" if bound else "none"
 
 
 def quantized_engines() -> list[str]:
@@ -51,19 +63,76 @@ def _torch_cpu_probe(name: str) -> bool | None:
     return bool(probe()) if callable(probe) else None
 
 
+def _has_onednn() -> bool:
+    return (torch.backends.mkldnn.is_available() and "onednn" in quantized_engines()
+            and hasattr(torch.ops.onednn, "qconv_prepack"))
+
+
+def _has_dot_product_instructions() -> bool:
+    return bool(_torch_cpu_probe("_is_vnni_supported") or _torch_cpu_probe("_is_amx_tile_supported")
+                or cpu_flags() & set(INT8_CPU_FLAGS))
+
+
+def _kernel_is_exact(weight_code: int) -> bool:
+    """Every activation code 255 against every weight code ``weight_code``: the largest |Σ| a kernel meets, through
+    the oneDNN conv (3×3 and 1×1) and linear kernels the backend calls, compared with the exact integer sum."""
+    activations = torch.full((1, 32, 3, 3), 255, dtype=torch.uint8)
+    ones, zeros = torch.ones(8), torch.zeros(8, dtype=torch.int64)
+    for kernel in (3, 1):
+        weight = torch.full((8, 32, kernel, kernel), weight_code, dtype=torch.int8)
+        packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
+        got = torch.ops.onednn.qconv2d_pointwise.default(activations, 1.0, 0, packed, ones, zeros, None, [1, 1],
+                                                         [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+        if not torch.equal(got.double(), torch.full_like(got, 255.0 * weight_code * 32 * kernel * kernel).double()):
+            return False
+    rows = torch.full((4, 96), 255, dtype=torch.uint8)
+    packed = torch.ops.onednn.qlinear_prepack(torch.full((8, 96), weight_code, dtype=torch.int8), None)
+    got = torch.ops.onednn.qlinear_pointwise.default(rows, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
+                                                     "none", [], "")
+    return torch.equal(got.double(), torch.full_like(got, 255.0 * weight_code * 96).double())
+
+
+@functools.cache
+def int8_cpu_weight_bound() -> int:
+    """The largest |weight code| this machine's oneDNN u8·s8 kernels sum exactly: 128, 64 or 0 (measured once).
+
+    With int8 dot-product instructions (VNNI, AMX) every u8·s8 product goes straight into an int32 sum: exact for
+    the whole int8 range. Without them (AVX2, AVX-512 without VNNI) oneDNN multiplies with ``vpmaddubsw``, which
+    adds two u8·s8 products into a *saturating* 16-bit lane: measured on an AVX2-only AMD EPYC, full-range codes gave
+    sums off by up to 9·10⁶, codes within ±64 (2·255·64 ≤ 32767) were exact and ±65 were not. So the bound is
+    measured with the worst case through the kernels themselves rather than inferred from CPU flags; layers whose
+    weight codes exceed it are refused at conversion (4-bit weights, ±15, run everywhere).
+    """
+    if not _has_onednn():
+        return 0
+    with torch.no_grad():
+        if _kernel_is_exact(127) and _kernel_is_exact(-128):
+            return FULL_INT8_RANGE
+        if _kernel_is_exact(PAIR_SATURATION_BOUND) and _kernel_is_exact(-PAIR_SATURATION_BOUND):
+            return PAIR_SATURATION_BOUND
+    return 0
+
+
 def int8_cpu_missing() -> str | None:
-    """Why the oneDNN int8 CPU backend cannot run here, or ``None`` when it can."""
+    """Why the oneDNN int8 CPU backend cannot run here, or ``None`` when it can (for some weight codes at least:
+    ``int8_cpu_weight_bound`` says which, and conversion refuses a layer beyond it)."""
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
-    if "onednn" not in quantized_engines() or not hasattr(torch.ops.onednn, "qconv_prepack"):
+    if not _has_onednn():
         return f"this torch build has no oneDNN quantized engine (engines: {quantized_engines()})"
-    has_vnni = _torch_cpu_probe("_is_vnni_supported") or _torch_cpu_probe("_is_amx_tile_supported") \
-        or bool(cpu_flags() & set(INT8_CPU_FLAGS))
-    if not has_vnni:
-        return (f"the CPU has no int8 dot-product instructions ({', '.join(INT8_CPU_FLAGS)}); without them int8 "
-                f"kernels are not faster than float (torch reports CPU capability "
-                f"{torch.backends.cpu.get_cpu_capability()})")
+    if int8_cpu_weight_bound() == 0:
+        return ("this CPU's oneDNN int8 kernels gave wrong sums even for weight codes within "
+                f"±{PAIR_SATURATION_BOUND} (measured; CPU capability {torch.backends.cpu.get_cpu_capability()})")
     return None
+
+
+def weight_bound_reason(bound: int) -> str:
+    """Why weight codes beyond ``bound`` cannot run here: one sentence for a refusal."""
+    instructions = ("" if _has_dot_product_instructions() else
+                    f"this CPU has no int8 dot-product instructions ({', '.join(INT8_CPU_FLAGS)}), so ")
+    return (f"{instructions}oneDNN's u8·s8 kernels add products in pairs saturated to 16 bits and are exact only for "
+            f"weight codes within ±{bound} (measured): ≤ 7-bit weight grids within that range (W4A8) run here; "
+            "8-bit weights need a CPU with one of those instructions, or the 'fake' backend")
 
 
 def int8_compiled_missing() -> str | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tadq.backends import capability
 from tadq.backends.activations import (
     SCRATCH,
     ActivationGrid,
@@ -42,6 +43,14 @@ def _check_float_input(x: Tensor, name: str) -> None:
                         f"got {x.dtype}")
 
 
+def _check_weight_bound(codes: WeightCodes, name: str) -> None:
+    """Refuse weight codes this machine's kernels would not sum exactly (``capability.int8_cpu_weight_bound``)."""
+    bound = capability.int8_cpu_weight_bound()
+    peak = int(codes.codes.to(torch.int16).abs().max()) if codes.codes.numel() else 0
+    if peak > bound:
+        raise ValueError(f"{name}: its int8 weight codes reach ±{peak}, but {capability.weight_bound_reason(bound)}")
+
+
 def _zero(grid: ActivationGrid) -> int | Tensor:
     """The zero point as the kernel takes it: an int, or an int32 tensor for a per-step grid."""
     return grid.zero_point.to(torch.int32) if isinstance(grid.zero_point, Tensor) else int(grid.zero_point)
@@ -57,6 +66,7 @@ class _ConvKernel(nn.Module):
                              f", padding_mode={conv.padding_mode!r}")
         if codes.codes.shape[1] * conv.kernel_size[0] * conv.kernel_size[1] * 255 >= MAX_EXACT_FLOAT:
             raise ValueError(f"{name}: window sums could exceed 2^24 and lose exactness in float32")
+        _check_weight_bound(codes, name)
         self.name = name
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
         self.kernel_size = tuple(conv.kernel_size)
@@ -145,6 +155,7 @@ class OneDNNLinear(nn.Module):
         codes = weight_codes(layer.weight_quantizer, layer.weight, name)
         if layer.in_features * 255 >= MAX_EXACT_FLOAT:
             raise ValueError(f"{name}: row sums could exceed 2^24 and lose exactness in float32")
+        _check_weight_bound(codes, name)
         self.name = name
         self.in_features, self.out_features = layer.in_features, layer.out_features
         self.packed = torch.ops.onednn.qlinear_prepack(codes.codes, None)  # opaque; not a buffer

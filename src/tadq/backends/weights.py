@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tadq.quant.fake_quant import quantize_to_int
+from tadq.quant.qscheme import QScheme
 from tadq.quant.quantizer import Quantizer
 
-__all__ = ["WeightCodes", "weight_codes", "window_sum"]
+__all__ = ["WeightCodes", "weight_code_peak", "weight_codes", "window_sum"]
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -80,6 +81,15 @@ def weight_codes(quantizer: Quantizer, weight: Tensor, name: str) -> WeightCodes
     shifted = codes - shift.reshape(-1, *([1] * (weight.dim() - 1)))
     offset = (zero_c - shift).contiguous()
     return WeightCodes(shifted.to(torch.int8).contiguous(), scale_c.contiguous().clone(), offset)
+
+
+def weight_code_peak(scheme: QScheme) -> int:
+    """The largest |B| the kernels can meet for weights on ``scheme``, known before any weight is seen.
+
+    Symmetric: C itself; asymmetric: C − z spans ±(qmax − qmin), or, beyond int8, the shifted codes C − 128.
+    """
+    peak = max(-scheme.qmin, scheme.qmax) if scheme.symmetric else scheme.qmax - scheme.qmin
+    return peak if peak <= INT8_MAX else -INT8_MIN
 
 
 def window_sum(centred_sum: Tensor, kernel_size: tuple[int, int], stride: tuple[int, ...],
