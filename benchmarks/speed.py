@@ -204,11 +204,11 @@ def main() -> None:
     shape = tuple(adapter_for(workload.model).sample_shape(workload.model))
     capability = {**cpu_summary(), "lscpu": _lscpu_flags()}
     if args.kernels:
-        print("CPU:", json.dumps(capability))
+        print("CPU:", json.dumps(capability, ensure_ascii=False))
         print(kernel_table(load_pipeline_parts(None)[0]))
         return None
     if args.compiled:
-        print("CPU:", json.dumps(capability))
+        print("CPU:", json.dumps(capability, ensure_ascii=False))
         print(compiled_table(*load_pipeline_parts(None), args.cache_dir))
         return None
 
@@ -324,7 +324,8 @@ def _report(rows: list[dict], capability: dict, args) -> None:
         ratios.append(f"- {r['variant']}: " + "; ".join(parts))
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     model = _model_name(args)
-    text = "\n".join([f"CPU: {json.dumps(capability)}", f"model: {model}; threads: {args.threads}, DDIM-50 over "
+    cpu = json.dumps(capability, ensure_ascii=False)
+    text = "\n".join([f"CPU: {cpu}", f"model: {model}; threads: {args.threads}, DDIM-50 over "
                       f"{args.samples} samples in one batch, seed 1000; load average at the end (1, 5, 15 min): "
                       f"{load}", "",
                       *lines, *ratios])

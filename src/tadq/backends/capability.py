@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["cpu_flags", "cpu_summary", "int8_compiled_missing", "int8_cpu_missing", "int8_cpu_weight_bound",
-           "int8_cuda_missing", "weight_bound_reason"]
+__all__ = ["cpu_flags", "cpu_summary", "has_onednn", "int8_compiled_missing", "int8_cpu_missing",
+           "int8_cpu_weight_bound", "int8_cuda_missing", "weight_bound_reason"]
 
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8·s8 dot-product instructions oneDNN uses
 FULL_INT8_RANGE = 128  # |B| ≤ 128 covers every signed int8 weight code
@@ -47,7 +47,7 @@ def cpu_summary() -> dict[str, object]:
 
 
 def _bound_summary() -> str:
-    if not _has_onednn():
+    if not has_onednn():
         return "no oneDNN"
     bound = int8_cpu_weight_bound()
     return "full int8 range" if bound >= FULL_INT8_RANGE else f"within ±{bound}" if bound else "none"
@@ -63,7 +63,8 @@ def _torch_cpu_probe(name: str) -> bool | None:
     return bool(probe()) if callable(probe) else None
 
 
-def _has_onednn() -> bool:
+def has_onednn() -> bool:
+    """Whether this torch build has oneDNN and its quantized engine (the int8 CPU kernels)."""
     return (torch.backends.mkldnn.is_available() and "onednn" in quantized_engines()
             and hasattr(torch.ops.onednn, "qconv_prepack"))
 
@@ -103,7 +104,7 @@ def int8_cpu_weight_bound() -> int:
     measured with the worst case through the kernels themselves rather than inferred from CPU flags; layers whose
     weight codes exceed it are refused at conversion (4-bit weights, ±15, run everywhere).
     """
-    if not _has_onednn():
+    if not has_onednn():
         return 0
     with torch.no_grad():
         if _kernel_is_exact(127) and _kernel_is_exact(-128):
@@ -118,7 +119,7 @@ def int8_cpu_missing() -> str | None:
     ``int8_cpu_weight_bound`` says which, and conversion refuses a layer beyond it)."""
     if not torch.backends.mkldnn.is_available():
         return "this torch build has no oneDNN (mkldnn)"
-    if not _has_onednn():
+    if not has_onednn():
         return f"this torch build has no oneDNN quantized engine (engines: {quantized_engines()})"
     if int8_cpu_weight_bound() == 0:
         return ("this CPU's oneDNN int8 kernels gave wrong sums even for weight codes within "
