@@ -201,3 +201,20 @@ def test_casting_an_integer_model_is_refused_before_anything_changes(tiny_artefa
             cast()
     assert all(t.dtype != torch.float16 and t.dtype != torch.bfloat16 for t in (*model.parameters(), *model.buffers()))
     model.float()  # a no-op cast is allowed
+
+
+@needs_int8_cpu
+def test_the_weight_grid_is_checked_before_loading(monkeypatch):
+    """Where the kernels are exact within ±64 only, an 8-bit weight grid is refused from the artefact's config,
+    before any model is built; 4-bit grids, the simulation and the CUDA kernels (exact int32 GEMMs) pass."""
+    from tadq.backends import check_weight_grid
+    from tadq.quant import QScheme
+
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
+    for bits, symmetric, peak in ((8, False, 128), (8, True, 128), (7, False, 127)):
+        with pytest.raises(ValueError, match=rf"'int8-compiled'.*{bits}-bit weights have codes up to ±{peak}"):
+            check_weight_grid("int8-compiled", QScheme(bits=bits, symmetric=symmetric))
+    for bits, symmetric in ((4, False), (6, False), (7, True)):
+        check_weight_grid("int8", QScheme(bits=bits, symmetric=symmetric))
+    check_weight_grid("fake", QScheme(bits=8))
+    check_weight_grid("int8-cuda", QScheme(bits=8))

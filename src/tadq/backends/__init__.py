@@ -13,12 +13,13 @@ from tadq.backends.registry import (
     IntegerDenoiser,
     check_backend,
     check_placement,
+    check_weight_grid,
     held_weight_bytes,
     to_backend,
 )
 
 __all__ = [
     "BACKENDS", "Backend", "BackendUnavailableError", "IntegerDenoiser", "check_backend", "check_placement",
-    "cpu_summary", "held_weight_bytes", "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing",
-    "to_backend",
+    "check_weight_grid", "cpu_summary", "held_weight_bytes", "int8_compiled_missing", "int8_cpu_missing",
+    "int8_cuda_missing", "to_backend",
 ]

@@ -14,14 +14,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from tadq.backends import capability
 from tadq.backends.capability import int8_compiled_missing, int8_cpu_missing, int8_cuda_missing
 from tadq.backends.convert import LayerFactory, convert_layers
 from tadq.backends.integer_denoiser import IntegerDenoiser
 from tadq.backends.placement import refuse_placement
 from tadq.denoiser import QuantizedDenoiser
+from tadq.quant.qscheme import QScheme
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
-           "check_placement", "held_weight_bytes"]
+           "check_placement", "check_weight_grid", "held_weight_bytes"]
 
 
 class BackendUnavailableError(RuntimeError, ValueError):
@@ -85,7 +87,8 @@ def _cuda_factory() -> LayerFactory:
 
 BACKENDS: dict[str, Backend] = {
     "fake": Backend("fake", "float simulation of the integer arithmetic (the reference)", lambda: None, None),
-    "int8": Backend("int8", "oneDNN u8·s8 convolutions and linears on x86 CPUs with VNNI/AMX", int8_cpu_missing,
+    "int8": Backend("int8", "oneDNN u8·s8 convolutions and linears on x86 CPUs (without "
+                    "VNNI/AMX: weight codes within ±64 only)", int8_cpu_missing,
                     _cpu_factory(), device_type="cpu"),
     "int8-compiled": Backend("int8-compiled", "the int8 layers with the network compiled by torch.compile (Inductor, "
                              "freezing): activation quantization fused into the preceding float ops; compiles on "
@@ -125,6 +128,23 @@ def check_placement(name: str, device: torch.device, dtype: torch.dtype) -> None
     """
     backend = _known(name)  # whether it is available here is check_backend's question, asked when loading
     refuse_placement(name, backend.device_type, backend.factory is not None, device, dtype)
+
+
+def check_weight_grid(name: str, scheme: QScheme) -> None:
+    """Refuse, before anything is loaded, a weight grid whose codes backend ``name``'s kernels do not sum exactly here.
+
+    Only the oneDNN CPU kernels have such a limit (±64 without VNNI/AMX, ``capability.int8_cpu_weight_bound``); each
+    layer is checked again when it is converted, which also covers layers with their own bits.
+    """
+    backend = _known(name)
+    if backend.factory is None or backend.device_type != "cpu" or backend.missing() is not None:
+        return  # the simulation, the CUDA kernels (exact int32 GEMMs), or refused by check_backend anyway
+    from tadq.backends.weights import weight_code_peak
+
+    bound, peak = capability.int8_cpu_weight_bound(), weight_code_peak(scheme)
+    if peak > bound:
+        raise ValueError(f"backend {name!r}: the model's {scheme.bits}-bit weights have codes up to ±{peak}, but "
+                         f"{capability.weight_bound_reason(bound)}")
 
 
 def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -> QuantizedDenoiser:

@@ -179,7 +179,8 @@ def sample_command(
     device: Device = "cpu",
     dtype: Dtype = "float32",
     backend: Annotated[str, typer.Option(help="Execution backend of a quantized artefact: fake (float simulation), "
-                                              "int8 (oneDNN integer kernels, x86 CPUs with VNNI/AMX), int8-compiled "
+                                              "int8 (oneDNN integer kernels, x86 CPUs; without VNNI/AMX only "
+                                              "weight codes within ±64, e.g. W4A8), int8-compiled "
                                               "(int8 + torch.compile; compiles on the first call) or int8-cuda."
                                          )] = "fake",
     verbose: Verbose = False,

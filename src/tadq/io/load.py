@@ -152,7 +152,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     """
     if not isinstance(directory, (str, Path)):
         raise TypeError(f"load_quantized takes a folder path (str or Path), got {type(directory).__name__}")
-    from tadq.backends import check_backend, to_backend
+    from tadq.backends import check_backend, check_weight_grid, to_backend
 
     check_backend(backend)
     path = Path(directory)
@@ -162,6 +162,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     except (KeyError, TypeError) as error:
         raise ValueError(f"{path / CONFIG_FILE}: quant_config is malformed ({type(error).__name__}: {error}); save "
                          "the artefact again") from error
+    check_weight_grid(backend, config.weights)  # before building anything: 8-bit weights on a CPU without VNNI
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"))
     qmodel = build_quantized_structure(model, config, init_weight_range=False)
     for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
