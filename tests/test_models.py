@@ -44,3 +44,14 @@ def test_quantized_artefact_points_to_tadq_load(tmp_path, tiny_model_dir):
     (tiny_model_dir / "tadq_config.json").write_text("{}")
     with pytest.raises(ValueError, match="tadq.load"):
         load_pipeline_parts(tiny_model_dir)
+
+
+def test_a_pipeline_that_lost_its_scheduler_is_refused(tiny_model_dir):
+    """model_index.json names a scheduler whose folder is gone: the schedule (betas, v-prediction...) is not
+    replaced by DDPM defaults; a bare model folder, which never had one, still loads (with a warning)."""
+    import shutil
+
+    shutil.rmtree(tiny_model_dir / "scheduler")
+    with pytest.raises(ValueError, match=r"names a scheduler \(.*DDPMScheduler.*scheduler_config\.json is missing"):
+        load_pipeline_parts(tiny_model_dir)
+    load_pipeline_parts(tiny_model_dir / "unet")

@@ -71,6 +71,12 @@ def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
             if name is None:
                 raise ValueError(f"{config_file} has no _class_name; tadq will not guess the scheduler class")
             return _scheduler_classes()[name].from_config(config)
+    index = read_json_file(path / "model_index.json", "pipeline index") if (path / "model_index.json").is_file() \
+        else None
+    if isinstance(index, dict) and index.get("scheduler"):  # a pipeline that had one: its schedule is not guessed
+        raise ValueError(f"{path / 'model_index.json'} names a scheduler ({index['scheduler']}), but "
+                         f"{path / 'scheduler' / 'scheduler_config.json'} is missing: the training schedule (betas, "
+                         "prediction type) cannot be guessed; restore the scheduler folder")
     logger.warning("no scheduler_config.json under %s; using DDPM defaults (1000 steps, linear betas)", path)
     return DDPMScheduler()
 

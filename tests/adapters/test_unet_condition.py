@@ -371,3 +371,11 @@ def test_temporal_embedding_is_what_the_forward_feeds_the_residual_blocks(build)
     parts = adapter.temporal_modules(model)
     assert any(part is getattr(model, "add_embedding", None) for part in parts) == sdxl
     assert any(part is model.time_embedding for part in parts)
+
+
+def test_a_guidance_embedding_unet_is_refused_before_any_work():
+    """LCM-style UNets take the guidance scale as an embedding (``timestep_cond``) and are sampled without
+    classifier-free guidance by diffusers; tadq would sample them differently without a word, so they are refused."""
+    model = build_tiny_sd_unet(time_cond_proj_dim=8)
+    with pytest.raises(NotImplementedError, match="time_cond_proj_dim=8.*guidance"):
+        adapter_for(model).conditioning_inputs(model)

@@ -40,3 +40,16 @@ def test_mse_calibration_is_reproducible():
 def test_activation_quantizers_skips_disabled():
     layer = QuantLinear.from_module(nn.Linear(4, 4), QScheme(bits=8, granularity="per_channel"), QScheme.off())
     assert activation_quantizers(layer) == {}
+
+
+def test_a_layer_the_calibration_never_reached_is_named():
+    """A branch the calibration forwards skip (a UNet input the adapter does not pass) fails naming the layer."""
+    import pytest
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    for index in range(2):
+        model[index] = QuantLinear.from_module(model[index], QScheme(bits=8, granularity="per_channel"),
+                                               QScheme(bits=8, range_method="minmax"))
+    with pytest.raises(RuntimeError, match=r"^1\.input_quantizer: observer saw no data"):
+        with Calibrate(model):
+            model[0](torch.randn(3, 4))

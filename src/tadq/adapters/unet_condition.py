@@ -103,6 +103,13 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
                                       f"tadq drives Stable Diffusion (none) and SDXL ({TEXT_TIME!r})")
         if config.encoder_hid_dim_type is not None:
             raise NotImplementedError(f"encoder_hid_dim_type={config.encoder_hid_dim_type!r} is not supported")
+        if getattr(config, "time_cond_proj_dim", None) is not None:
+            # diffusers' pipelines feed such a UNet (LCM-style guidance distillation) a guidance-scale embedding as
+            # timestep_cond and sample it without classifier-free guidance; tadq's walker does neither, so its
+            # samples would silently differ from the pipeline's (and cond_proj would never see calibration data)
+            raise NotImplementedError(f"time_cond_proj_dim={config.time_cond_proj_dim} (a guidance-embedding UNet, "
+                                      "as in LCM) is not supported: its guidance scale is an input tadq's sampler "
+                                      "does not pass")
         fields = ["encoder_hidden_states"]
         if config.addition_embed_type == TEXT_TIME:
             fields += ["pooled_embeds", "added_cond_kwargs.time_ids"]

@@ -90,4 +90,9 @@ class Calibrate:
             quantizers[name].attach_observer(None)
         if exc_type is None:
             for name, observer in self.observers.items():
-                quantizers[name].set_range(*observer.range())
+                try:
+                    low, high = observer.range()
+                except RuntimeError as error:
+                    raise RuntimeError(f"{name}: {error} (an input the model adapter does not pass, or a branch "
+                                       "its calibration runs never take)") from error
+                quantizers[name].set_range(low, high)
