@@ -90,3 +90,20 @@ def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
     if not prompts:
         raise ValueError(f"{flag} {path} holds no prompt (one prompt per line)")
     return prompts
+
+
+def refuse_unsupported_conditioning(model: torch.nn.Module, source: Path, command: str) -> None:
+    """``tadq quantize``/``tadq sample`` drive unconditional models and text-to-image pipelines; a model conditioned
+    on class labels (or other inputs) is refused here, before any calibration or sampling, pointing to what does
+    drive it (``tadq run``, the Python API), instead of failing later with the API's ``conditions=`` advice."""
+    from tadq.registry import adapter_for
+
+    wanted = adapter_for(model).conditioning_inputs(model)
+    if not wanted:
+        return
+    labels = "class_labels" in wanted
+    raise ValueError(f"{source} holds a {type(model).__name__} conditioned on {list(wanted)}: `tadq {command}` runs "
+                     "unconditional models and text-to-image pipelines (--prompt)"
+                     + ("; a class-conditional model is quantized, sampled and evaluated by `tadq run --model "
+                        f"{source} [--labels random --null-class N --guidance-scale S]`, or in Python with "
+                        "conditions=tadq.sampling.RandomClassLabels(...)" if labels else ""))

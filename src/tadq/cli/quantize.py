@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, refuse_unsupported_conditioning, setup
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.config import DEFAULT_FP_LAYERS, QuantConfig, config_from_dict, fp_layer_roles
 from tadq.quant.qscheme import preset
@@ -349,6 +349,7 @@ def quantize_command(
         torch.manual_seed(seed)
         if prompts is None:
             model, scheduler = load_pipeline_parts(model_dir)
+            refuse_unsupported_conditioning(model, source, "quantize")
             qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
                               device=torch_device, dtype=torch_dtype)
             size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite, force_foreign=force_foreign)

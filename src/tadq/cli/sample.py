@@ -10,7 +10,7 @@ import typer
 from diffusers import SchedulerMixin
 from torch import nn
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import console, fail_cleanly, refuse_unsupported_conditioning, setup
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
            "Threads", "Device", "Dtype", "Verbose",
@@ -232,6 +232,7 @@ def sample_command(
             check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source])
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         denoiser, scheduler, label = load_denoiser(model_dir, backend)
+        refuse_unsupported_conditioning(getattr(denoiser, "model", denoiser), source, "sample")
         check_sampler(denoiser, sampler_config, str(model_dir))
         denoiser = place_model(denoiser, torch_device, torch_dtype)
         result = sample(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
