@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from tadq import api
@@ -54,6 +55,14 @@ def test_same_seed_gives_bit_identical_samples(tiny_unet, ddpm_scheduler):
     assert torch.equal(runs[0], runs[1])
     other = api.sample(qmodel, ddpm_scheduler, SAMPLER, num_samples=6, seed=8, progress=False).images
     assert not torch.equal(runs[0], other)
+
+
+def test_a_negative_seed_is_refused_before_any_denoiser_call(tiny_unet, ddpm_scheduler, monkeypatch):
+    calls = []
+    monkeypatch.setattr(tiny_unet, "forward", lambda *args, **kwargs: calls.append(1))
+    with pytest.raises(ValueError, match="seed must be >= 0, got -1"):
+        api.sample(tiny_unet, ddpm_scheduler, SAMPLER, num_samples=2, seed=-1, progress=False)
+    assert not calls
 
 
 def test_quantization_is_reproducible(tiny_unet, ddpm_scheduler):

@@ -55,3 +55,9 @@ def test_a_pipeline_that_lost_its_scheduler_is_refused(tiny_model_dir):
     with pytest.raises(ValueError, match=r"names a scheduler \(.*DDPMScheduler.*scheduler_config\.json is missing"):
         load_pipeline_parts(tiny_model_dir)
     load_pipeline_parts(tiny_model_dir / "unet")
+
+
+def test_a_denoiser_folder_without_its_config_is_named(tiny_model_dir):
+    (tiny_model_dir / "unet" / "config.json").unlink()
+    with pytest.raises(ValueError, match=r"unet/config\.json is missing: .*names the denoiser folder 'unet'"):
+        load_pipeline_parts(tiny_model_dir)

@@ -173,6 +173,8 @@ def sample(
         expect(value, int, name, "tadq.sample")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
+    if seed < 0:  # refused here, not by the first noise draw after the progress bar has started
+        raise ValueError(f"tadq.sample: seed must be >= 0, got {seed}")
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     from tadq.backends.integer_denoiser import IntegerDenoiser
 

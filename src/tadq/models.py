@@ -36,6 +36,10 @@ def _model_dir(path: Path) -> Path:
                                 "loads the whole pipeline and PromptConditions encodes prompts for it", path,
                                 index.get("_class_name"), name)
                 return path / name
+        for name in subfolders:  # named, but its config is gone: say that, not "names no denoiser"
+            if name in index:
+                raise ValueError(f"{path / name / 'config.json'} is missing: {path}/model_index.json names the "
+                                 f"denoiser folder {name!r}, but its config is not there (restore the folder)")
         raise ValueError(f"{path}/model_index.json names no denoiser folder (looked for {subfolders})")
     if (path / "config.json").exists():
         return path

@@ -69,7 +69,12 @@ def load_denoiser(path: Path | None, backend: str = "fake") -> tuple[nn.Module, 
             raise ValueError(f"{path} was saved without a scheduler; save it again with the model's training "
                              "scheduler (QuantizedDenoiser.save_pretrained(dir, scheduler))")
         recipe = getattr(qmodel, "recipe", None)
-        name = recipe.name if recipe is not None and recipe.name else f"{qmodel.config.label} {qmodel.config.method}"
+        if recipe is not None and recipe.name:
+            name = recipe.name
+        elif recipe is not None:  # the method as `tadq quantize` reports it (a TFMQ artefact's config says its base)
+            name = f"{recipe.label} {type(recipe.method).__name__.removesuffix('Method')}"
+        else:
+            name = f"{qmodel.config.label} {qmodel.config.method}"
         return qmodel, scheduler, name
     if backend != "fake":
         raise ValueError(f"--backend {backend} runs a quantized artefact; {path or 'the shipped model'} is FP")
