@@ -173,9 +173,14 @@ class TracedUNetAdapter:
                              "noise levels σ (score-SDE / NCSN++ models), and tadq drives discrete timesteps (at "
                              "t = 0 the embedding's log t is −inf and every output NaN); score-SDE models are not "
                              "supported")
+        channels_in, channels_out = model.config.in_channels, getattr(model.config, "out_channels", None)
+        if channels_out is not None and channels_out != channels_in:
+            raise ValueError(f"this {type(model).__name__} returns {channels_out} channels for {channels_in} input "
+                             "channels (a learned-variance output, or extra conditioning channels as in inpainting); "
+                             "tadq's UNet adapters sample models whose prediction has the input's shape")
         size = model.config.sample_size
         height, width = (size, size) if isinstance(size, int) else tuple(size)
-        return (model.config.in_channels, height, width)
+        return (channels_in, height, width)
 
 
 @contextmanager
