@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from speed_kernels import median_time
 
 from tadq.backends import cpu_summary, int8_cpu_missing
 from tadq.backends.capability import has_onednn
@@ -64,14 +63,9 @@ def _float_conv(x: torch.Tensor, w: torch.Tensor):
 
 
 def _median_ms(call, repeats: int) -> float:
-    for _ in range(3):
+    for _ in range(2):  # three warm-ups with median_time's own: oneDNN builds its primitive on the first call
         call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_time(call, repeats)
 
 
 def conv_times(repeats: int, generator: torch.Generator) -> list[tuple[tuple[int, ...], float, float, float]]:

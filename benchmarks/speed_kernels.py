@@ -32,7 +32,8 @@ def call_of(model, fp: bool, dtype: torch.dtype):
     return lambda x, t: model(x, t)
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_time(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -92,7 +93,7 @@ def kernel_table(model: nn.Module) -> str:
                 x = torch.randn(batch, *shape[1:])  # convs: channels-last, the layout inputs have inside the model
                 x = x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
                 for key, fn in _candidates(name, module, x).items():
-                    totals[key] += _median_time(fn, REPEATS[batch])
+                    totals[key] += median_time(fn, REPEATS[batch])
         cells = " | ".join(f"{1000 * v:.1f} ms" for v in totals.values())
         lines.append(f"| {batch} | {cells} | {len(shapes)} |")
     return "\n".join(lines)
