@@ -84,6 +84,9 @@ class TracedUNetAdapter:
     """Adapter methods common to the diffusers UNets; subclasses give ``_roles``, ``_dummy_forward`` and the calls."""
 
     name = "unet"
+    # whether the adapter returns the ε half of a wider (learned-variance) output; the UNet adapters do not, so a
+    # model whose output channels differ from its input's is refused in ``sample_shape``
+    splits_learned_variance = False
 
     def _roles(self, model: nn.Module) -> dict[int, tuple[LayerRole, str]]:
         raise NotImplementedError
@@ -174,7 +177,7 @@ class TracedUNetAdapter:
                              "t = 0 the embedding's log t is −inf and every output NaN); score-SDE models are not "
                              "supported")
         channels_in, channels_out = model.config.in_channels, getattr(model.config, "out_channels", None)
-        if channels_out is not None and channels_out != channels_in:
+        if not self.splits_learned_variance and channels_out is not None and channels_out != channels_in:
             raise ValueError(f"this {type(model).__name__} returns {channels_out} channels for {channels_in} input "
                              "channels (a learned-variance output, or extra conditioning channels as in inpainting); "
                              "tadq's UNet adapters sample models whose prediction has the input's shape")

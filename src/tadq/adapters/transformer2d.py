@@ -96,6 +96,8 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
     ``[deep | skip]`` splits, the ε half of a learned-variance output. Block order, attention modules and the sample
     shape come from the traced UNet adapter (the same module-type and hook logic applies)."""
 
+    splits_learned_variance = True  # its outputs' own check refuses anything but C or 2·C channels
+
     def _claim_model(self, claims: RoleClaims, model: nn.Module) -> None:
         raise NotImplementedError
 
