@@ -13,6 +13,7 @@ thread). docs/backends.md ("CPUs without VNNI or AMX") has the numbers.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -20,26 +21,10 @@ import torch.nn.functional as F
 from speed_kernels import median_time
 
 from tadq.backends import cpu_summary, int8_cpu_missing
-from tadq.backends.capability import has_onednn
+from tadq.backends.capability import has_onednn, unit_scale_int8_conv, unit_scale_int8_linear
 
 BOUNDS = (127, 65, 64, 15)
 SHAPES = ((64, 32, 16, 32), (64, 64, 8, 64), (64, 64, 16, 64))  # batch, channels in, side, channels out
-
-
-def _int8_conv(activations: torch.Tensor, weights: torch.Tensor):
-    """A call of the backend's oneDNN conv on ready codes (unit scales, zero points 0: the output is the int32 sum)."""
-    ones, zeros = torch.ones(weights.shape[0]), torch.zeros(weights.shape[0], dtype=torch.int64)
-    packed = torch.ops.onednn.qconv_prepack(weights, ones, 1.0, 0, [1, 1], [1, 1], [1, 1], 1, None)
-    return lambda: torch.ops.onednn.qconv2d_pointwise.default(activations, 1.0, 0, packed, ones, zeros, None, [1, 1],
-                                                              [1, 1], [1, 1], 1, 1.0, 0, torch.float32, "none", [],
-                                                              "")
-
-
-def _int8_linear(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    ones, zeros = torch.ones(weights.shape[0]), torch.zeros(weights.shape[0], dtype=torch.int64)
-    packed = torch.ops.onednn.qlinear_prepack(weights, None)
-    return torch.ops.onednn.qlinear_pointwise.default(rows, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
-                                                      "none", [], "")
 
 
 def worst_error(bound: int, generator: torch.Generator) -> float:
@@ -51,10 +36,11 @@ def worst_error(bound: int, generator: torch.Generator) -> float:
                                                                               dtype=torch.int8)) for sign in (1, -1)]
     for activations, weights in cases:
         exact = F.conv2d(activations.double(), weights.double(), padding=1)
-        worst = max(worst, float((_int8_conv(activations, weights)().double() - exact).abs().max()))
+        got = unit_scale_int8_conv(weights, 1)(activations)
+        worst = max(worst, float((got.double() - exact).abs().max()))
         rows, matrix = activations.permute(0, 2, 3, 1).reshape(-1, 64), weights[:, :, 1, 1].contiguous()
         exact = rows.double() @ matrix.double().T
-        worst = max(worst, float((_int8_linear(rows, matrix).double() - exact).abs().max()))
+        worst = max(worst, float((unit_scale_int8_linear(matrix)(rows).double() - exact).abs().max()))
     return worst
 
 
@@ -78,7 +64,7 @@ def conv_times(repeats: int, generator: torch.Generator) -> list[tuple[tuple[int
         weights = torch.randint(-8, 8, w.shape, generator=generator, dtype=torch.int8)
         rows.append(((batch, channels, side, out), _median_ms(_float_conv(x, w), repeats),
                      _median_ms(_float_conv(x.bfloat16(), w.bfloat16()), max(3, repeats // 5)),
-                     _median_ms(_int8_conv(codes, weights), repeats)))
+                     _median_ms(functools.partial(unit_scale_int8_conv(weights, 1), codes), repeats)))
     return rows
 
 

@@ -55,10 +55,7 @@ def test_the_measured_weight_bound_is_a_real_limit():
 
 
 def _onednn_conv(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    ones, zeros = torch.ones(weights.shape[0]), torch.zeros(weights.shape[0], dtype=torch.int64)
-    packed = torch.ops.onednn.qconv_prepack(weights, ones, 1.0, 0, [1, 1], [1, 1], [1, 1], 1, None)
-    return torch.ops.onednn.qconv2d_pointwise.default(activations, 1.0, 0, packed, ones, zeros, None, [1, 1], [1, 1],
-                                                      [1, 1], 1, 1.0, 0, torch.float32, "none", [], "").double()
+    return capability.unit_scale_int8_conv(weights, 1)(activations).double()
 
 
 def _exact_conv(activations: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

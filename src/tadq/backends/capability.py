@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 __all__ = ["cpu_flags", "cpu_summary", "has_onednn", "int8_compiled_missing", "int8_cpu_missing",
-           "int8_cpu_weight_bound", "int8_cuda_missing", "weight_bound_reason"]
+           "int8_cpu_weight_bound", "int8_cuda_missing", "unit_scale_int8_conv", "unit_scale_int8_linear",
+           "weight_bound_reason"]
 
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8·s8 dot-product instructions oneDNN uses
 FULL_INT8_RANGE = 128  # |B| ≤ 128 covers every signed int8 weight code
@@ -74,22 +76,35 @@ def _has_dot_product_instructions() -> bool:
                 or cpu_flags() & set(INT8_CPU_FLAGS))
 
 
+def unit_scale_int8_conv(weights: torch.Tensor, padding: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The oneDNN conv the ``int8`` backend calls, on prepacked int8 ``weights`` with unit scales and zero points 0
+    (stride 1): uint8 codes → the int32 sum as float32, exactly when the kernel is exact."""
+    ones, zeros = torch.ones(weights.shape[0]), torch.zeros(weights.shape[0], dtype=torch.int64)
+    geometry = ([1, 1], [padding, padding], [1, 1])
+    packed = torch.ops.onednn.qconv_prepack(weights, ones, 1.0, 0, *geometry, 1, None)
+    return lambda codes: torch.ops.onednn.qconv2d_pointwise.default(codes, 1.0, 0, packed, ones, zeros, None,
+                                                                     *geometry, 1, 1.0, 0, torch.float32, "none",
+                                                                     [], "")
+
+
+def unit_scale_int8_linear(weights: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """As ``unit_scale_int8_conv``, for the oneDNN linear: (rows, K) uint8 codes → (rows, N) sums."""
+    ones, zeros = torch.ones(weights.shape[0]), torch.zeros(weights.shape[0], dtype=torch.int64)
+    packed = torch.ops.onednn.qlinear_prepack(weights, None)
+    return lambda rows: torch.ops.onednn.qlinear_pointwise.default(rows, 1.0, 0, packed, ones, zeros, None, 1.0, 0,
+                                                                   torch.float32, "none", [], "")
+
+
 def _kernel_is_exact(weight_code: int) -> bool:
     """Every activation code 255 against every weight code ``weight_code``: the largest |Σ| a kernel meets, through
     the oneDNN conv (3×3 and 1×1) and linear kernels the backend calls, compared with the exact integer sum."""
     activations = torch.full((1, 32, 3, 3), 255, dtype=torch.uint8)
-    ones, zeros = torch.ones(8), torch.zeros(8, dtype=torch.int64)
     for kernel in (3, 1):
-        weight = torch.full((8, 32, kernel, kernel), weight_code, dtype=torch.int8)
-        packed = torch.ops.onednn.qconv_prepack(weight, ones, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, None)
-        got = torch.ops.onednn.qconv2d_pointwise.default(activations, 1.0, 0, packed, ones, zeros, None, [1, 1],
-                                                         [0, 0], [1, 1], 1, 1.0, 0, torch.float32, "none", [], "")
+        got = unit_scale_int8_conv(torch.full((8, 32, kernel, kernel), weight_code, dtype=torch.int8), 0)(activations)
         if not torch.equal(got.double(), torch.full_like(got, 255.0 * weight_code * 32 * kernel * kernel).double()):
             return False
-    rows = torch.full((4, 96), 255, dtype=torch.uint8)
-    packed = torch.ops.onednn.qlinear_prepack(torch.full((8, 96), weight_code, dtype=torch.int8), None)
-    got = torch.ops.onednn.qlinear_pointwise.default(rows, 1.0, 0, packed, ones, zeros, None, 1.0, 0, torch.float32,
-                                                     "none", [], "")
+    got = unit_scale_int8_linear(torch.full((8, 96), weight_code, dtype=torch.int8))(
+        torch.full((4, 96), 255, dtype=torch.uint8))
     return torch.equal(got.double(), torch.full_like(got, 255.0 * weight_code * 96).double())
 
 
