@@ -104,10 +104,16 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
     family = model_family(str(class_name), where=str(model_dir))
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load(path)")
-    try:
-        model = family.model_class.from_pretrained(model_dir, low_cpu_mem_usage=False)  # no accelerate needed
+    if not any(model_dir.glob("*.safetensors")):
+        found = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != "config.json")
+        raise ValueError(f"{model_dir} holds no safetensors weights (found {found or 'no weight file'}); tadq reads "
+                         "safetensors only, never a pickle (.bin, .pt, .ckpt): re-save the model with "
+                         "save_pretrained(..., safe_serialization=True)")
+    try:  # use_safetensors: diffusers would otherwise fall back to unpickling a .bin
+        model = family.model_class.from_pretrained(model_dir, low_cpu_mem_usage=False,  # no accelerate needed
+                                                   use_safetensors=True)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # truncated or foreign weight files
-        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        first = " ".join(str(error).split())[:300] or type(error).__name__  # torch puts the cause on line 2
         raise ValueError(f"could not load weights from {model_dir}: {first}") from error
     model.eval().requires_grad_(False)
     require_finite(model.state_dict(), f"model {model_dir}: weight")  # NaN used to fail late, as a zero_point error

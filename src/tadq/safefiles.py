@@ -27,6 +27,7 @@ __all__ = ["DamagedFileError", "save_checked", "load_checked", "tensors_digest",
            "require_finite", "split_tensors", "join_tensors"]
 
 META_KEY, DIGEST_KEY = "tadq", "tadq_sha256"
+MAX_JSON_BYTES = 256 << 20  # configs, recipes, quantization maps: a few MiB for the largest models
 
 
 class DamagedFileError(ValueError):
@@ -127,8 +128,17 @@ def join_tensors(tree: Any, tensors: dict[str, Tensor]) -> Any:
 
 
 def read_json_file(path: str | Path, what: str = "file") -> Any:
-    """``json.load`` whose errors name the file and the line, as one ``ValueError``."""
+    """``json.load`` whose errors name the file and the line, as one ``ValueError``.
+
+    Only a regular file of at most ``MAX_JSON_BYTES`` is read: a config that is a link to ``/dev/zero`` or a FIFO
+    would otherwise be read forever (or block), filling the memory before any error.
+    """
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{what} {path} is not a regular file (a folder, device or pipe); replace it with the file")
+    if path.is_file() and path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{what} {path} has {path.stat().st_size} bytes, more than any JSON file tadq reads "
+                         f"({MAX_JSON_BYTES >> 20} MiB); it is not the file it should be")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import console, fail_cleanly, setup
+from tadq.cli.common import USER_ERRORS, console, fail_cleanly, setup
 from tadq.cli.sample import Verbose
 
 __all__ = ["verify_command", "check_tables"]
@@ -67,7 +67,7 @@ def verify_command(
         manifest = verify_manifest(artefact, allow_extra=False)
         qmodel, _ = load_quantized(artefact)
         tables = check_tables(qmodel)
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except USER_ERRORS as error:  # damage of any kind: one FAILED line, exit 1
         if verbose:
             console.print_exception()
         console.print(f"FAILED {artefact}: {' '.join(str(error).split())}", markup=False, soft_wrap=True)

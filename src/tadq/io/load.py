@@ -13,12 +13,12 @@ import diffusers
 import torch
 from diffusers import SchedulerMixin
 from safetensors import SafetensorError, safe_open
-from torch import nn
+from torch import Tensor, nn
 
 from tadq.config import QuantConfig, config_from_dict, config_version
-from tadq.corrections.io import load_corrections
+from tadq.corrections.io import CORRECTIONS_FILE, load_corrections
 from tadq.denoiser import QuantizedDenoiser
-from tadq.io.manifest import MANIFEST_FILE, verify_manifest
+from tadq.io.manifest import MANIFEST_FILE, check_listed, verify_manifest
 from tadq.io.save import (
     CODES_SUFFIX,
     CONFIG_FILE,
@@ -33,9 +33,11 @@ from tadq.io.save import (
     unpack_codes,
 )
 from tadq.prepare import build_quantized_structure
+from tadq.quant.quantizer import Quantizer
 from tadq.recipe import Recipe, recipe_from_dict
 from tadq.registry import model_family
 from tadq.safefiles import DamagedFileError, read_json_file, require_finite
+from tadq.sampling.config import check_drivable
 from tadq.utils import library_versions
 
 __all__ = ["load_quantized", "is_quantized_artefact", "read_recipe"]
@@ -48,13 +50,18 @@ def is_quantized_artefact(directory: str | Path) -> bool:
     return (Path(directory) / CONFIG_FILE).is_file()
 
 
+# the files load_quantized reads (besides the denoiser's config): each must be covered by the manifest
+LOADED_FILES = (CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE, RECIPE_FILE, CORRECTIONS_FILE, "model_index.json",
+                "scheduler/scheduler_config.json")
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"quantized model folder {path} does not exist")
     if not is_quantized_artefact(path):
         raise ValueError(f"{path} is not a tadq artefact ({CONFIG_FILE} is missing): write one with `tadq quantize "
                          "--out` or QuantizedDenoiser.save_pretrained; load FP folders with tadq.models")
-    if not verify_manifest(path):
+    if not verify_manifest(path, required=LOADED_FILES):
         logger.warning("%s has no %s (saved by an older tadq): its files cannot be checked for damage", path,
                        MANIFEST_FILE)
     meta = read_json_file(path / CONFIG_FILE, "artefact config")
@@ -62,9 +69,18 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path / CONFIG_FILE} is not a tadq artefact config (no quant_config object); save the "
                          "artefact again")
     version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path / CONFIG_FILE}: format_version is {version!r}, not an artefact format (an integer "
+                         f">= 1); save the artefact again")
+    if version > FORMAT_VERSION:
         raise ValueError(f"{path} uses artefact format {version!r}, newer than this tadq reads ({FORMAT_VERSION}); "
                          "upgrade tadq to load it")
+    folder = meta.get("denoiser_folder", "unet")
+    if not (isinstance(folder, str) and folder and folder.isprintable() and "/" not in folder and "\\" not in folder
+            and folder not in (".", "..")):
+        raise ValueError(f"{path / CONFIG_FILE}: denoiser_folder {folder!r} is not the name of a folder inside the "
+                         "artefact (e.g. 'unet'); save the artefact again")
+    check_listed(path, [f"{folder}/config.json"])
     versions = meta.get("versions") if isinstance(meta.get("versions"), dict) else {}
     if versions.get("tadq") != library_versions()["tadq"]:
         logger.warning("%s was written by tadq %s (this is %s)", path, versions.get("tadq"),
@@ -72,13 +88,22 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
-def _build_fp_model(folder: Path) -> nn.Module:
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"{folder / 'config.json'} is missing: the artefact is incomplete, save it again")
-    config = read_json_file(folder / "config.json", "model config")
+def _build_fp_model(folder: Path, model_class: Any) -> nn.Module:
+    """The FP architecture from ``folder/config.json`` (no weights: they are the artefact's codes)."""
+    file = folder / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: the artefact is incomplete, save it again")
+    config = read_json_file(file, "model config")
     class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if model_class is not None and class_name != model_class:
+        raise ValueError(f"{file} describes a {class_name!r}, but {CONFIG_FILE} records a {model_class!r}: the "
+                         "artefact's files belong to different models; save it again")
     klass = model_family(str(class_name), where=str(folder)).model_class
-    return klass.from_config(klass.load_config(folder)).eval()
+    try:
+        return klass.from_config(klass.load_config(folder)).eval()
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:  # diffusers' own
+        raise ValueError(f"{file} does not build a {class_name} ({type(error).__name__}: "
+                         f"{' '.join(str(error).split())[:200]}); save the artefact again") from error
 
 
 def _load_scheduler(path: Path) -> SchedulerMixin | None:
@@ -92,7 +117,11 @@ def _load_scheduler(path: Path) -> SchedulerMixin | None:
     klass = getattr(diffusers, str(config.get("_class_name")), None)
     if not (isinstance(klass, type) and issubclass(klass, SchedulerMixin)):
         raise ValueError(f"{config_file} names an unknown scheduler class {config.get('_class_name')!r}")
-    return klass.from_config(config)
+    try:
+        check_drivable(config.get("_class_name"), config)  # as tadq.models does for an FP folder
+        return klass.from_config(config)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as error:
+        raise ValueError(f"{config_file}: {' '.join(str(error).split())[:300]}") from error
 
 
 def _owner(qmodel: nn.Module, key: str, entries: dict[str, _WeightEntry]) -> str:
@@ -104,9 +133,67 @@ def _owner(qmodel: nn.Module, key: str, entries: dict[str, _WeightEntry]) -> str
     return f"{name or '<root>'} ({type(qmodel.get_submodule(name)).__name__})"
 
 
+def _codes_info(handle, file: Path) -> dict[str, dict[str, Any]]:
+    """The ``tadq_codes`` metadata (weight → bits, qmin, shape), checked to be a JSON object of objects."""
+    try:
+        info = json.loads((handle.metadata() or {}).get("tadq_codes", "{}"))
+    except ValueError as error:
+        raise DamagedFileError(f"{file}: its tadq_codes metadata is not valid JSON ({error}); save the artefact "
+                               "again") from error
+    if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
+        raise DamagedFileError(f"{file}: its tadq_codes metadata is not an object of {{bits, qmin, shape}} objects; "
+                               "save the artefact again")
+    return info
+
+
+def _codes_storage(bits: int, qmin: int, shape: tuple[int, ...]) -> tuple[torch.dtype, tuple[int, ...]]:
+    """(dtype, shape) ``pack_codes`` stores the codes of a weight in: two nibbles per uint8 byte up to 4 bits,
+    else int8 (signed grid) or uint8, shaped as the weight."""
+    if bits <= 4:
+        return torch.uint8, ((int(torch.Size(shape).numel()) + 1) // 2,)
+    return (torch.int8 if qmin < 0 else torch.uint8), shape
+
+
+def _check_stored(file: Path, key: str, stored: Tensor, dtype: torch.dtype, shape: tuple[int, ...],
+                  owner: str) -> None:
+    if stored.dtype != dtype or tuple(stored.shape) != tuple(shape):
+        raise ValueError(f"{file}: {key!r} is {str(stored.dtype).removeprefix('torch.')} {list(stored.shape)}, but "
+                         f"{owner} expects {str(dtype).removeprefix('torch.')} {list(shape)}; the file was altered "
+                         "or saved with another structure: save the artefact again")
+
+
+def _check_quantizer_state(qmodel: QuantizedDenoiser, file: Path) -> None:
+    """Every calibrated quantizer's stored grid is one tadq can have written: range set, Δ finite and > 0, z an
+    integer on [qmin, qmax] (0 for a symmetric grid). A damaged Δ or z otherwise loads and samples garbage, or
+    fails later inside a torch kernel."""
+    for name, quantizer in qmodel.named_modules():
+        if not isinstance(quantizer, Quantizer) or not quantizer.enabled or quantizer.scheme.dynamic:
+            continue
+        scheme = quantizer.scheme
+        where = f"{file}: quantizer {name} ({scheme.describe()})"
+        if not bool(quantizer.initialized):
+            raise ValueError(f"{where} has no range (initialized is false); save the artefact again")
+        scale, zero_point = quantizer.scale, quantizer.zero_point
+        if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+            bad = scale[~(torch.isfinite(scale) & (scale > 0))].reshape(-1)[0].item()
+            raise ValueError(f"{where} has step size Δ = {bad}; Δ must be finite and > 0: save the artefact again")
+        low, high = (0, 0) if scheme.symmetric else (scheme.qmin, scheme.qmax)
+        on_grid = torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= low) & (
+            zero_point <= high)
+        if not bool(on_grid.all()):
+            bad = zero_point[~on_grid].reshape(-1)[0].item()
+            raise ValueError(f"{where} has zero point z = {bad}; z must be an integer in [{low}, {high}]: save the "
+                             "artefact again")
+
+
 @torch.no_grad()
 def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
-    """Load FP tensors and quantizer state, then set every quantized weight to Δ·(codes − z)."""
+    """Load FP tensors and quantizer state, then set every quantized weight to Δ·(codes − z).
+
+    Every stored tensor must have exactly the dtype and shape the rebuilt model holds (``load_state_dict`` would
+    cast int64 scales or float64 weights without a word), codes must lie on their grid and every quantizer's
+    (Δ, z) must be valid before any weight is decoded.
+    """
     entries = _weight_entries(qmodel)
     state = _network_state(qmodel)
     float_keys = set(state) - _covered_keys(state, entries)
@@ -123,18 +210,29 @@ def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
         if unexpected:
             raise ValueError(f"{file.name} has keys this structure does not expect, e.g. {unexpected[:3]}; it was "
                              "saved by a tadq with another layer structure: save it again with this version")
-        codes_info = json.loads((handle.metadata() or {}).get("tadq_codes", "{}"))
+        codes_info = _codes_info(handle, file)
+        tensors = {key: handle.get_tensor(key) for key in float_keys}
+        for key in sorted(float_keys):
+            _check_stored(file, key, tensors[key], state[key].dtype, tuple(state[key].shape),
+                          _owner(qmodel, key, entries))
         try:
-            qmodel.load_state_dict({key: handle.get_tensor(key) for key in float_keys}, strict=False)
+            qmodel.load_state_dict(tensors, strict=False)
         except RuntimeError as error:
             raise ValueError(f"{file.name} does not fit the rebuilt model: {error}") from error
+        _check_quantizer_state(qmodel, file)
         for key, entry in entries.items():
             scheme, shape = entry.quantizer.scheme, tuple(entry.tensor.shape)
             info = codes_info.get(key, {})
-            if (info.get("bits"), info.get("qmin"), tuple(info.get("shape", ()))) != (scheme.bits, scheme.qmin, shape):
-                raise ValueError(f"codes of {key!r} were saved as {info}, but the rebuilt layer expects "
+            if (info.get("bits"), info.get("qmin"), info.get("shape")) != (scheme.bits, scheme.qmin, list(shape)):
+                raise ValueError(f"{file.name}: codes of {key!r} were saved as {info}, but the rebuilt layer expects "
                                  f"{scheme.bits} bits, qmin {scheme.qmin}, shape {list(shape)}: save it again")
-            codes = unpack_codes(handle.get_tensor(key + CODES_SUFFIX), scheme.bits, scheme.qmin, shape)
+            packed = handle.get_tensor(key + CODES_SUFFIX)
+            _check_stored(file, key + CODES_SUFFIX, packed, *_codes_storage(scheme.bits, scheme.qmin, shape),
+                          f"{entry.module} ({scheme.bits}-bit codes)")
+            codes = unpack_codes(packed, scheme.bits, scheme.qmin, shape)
+            if bool(((codes < scheme.qmin) | (codes > scheme.qmax)).any()):
+                raise ValueError(f"{file}: {key + CODES_SUFFIX!r} holds codes outside [{scheme.qmin}, "
+                                 f"{scheme.qmax}] of its {scheme.bits}-bit grid; save the artefact again")
             scale = entry.quantizer._broadcast(entry.quantizer.scale, entry.tensor)
             zero_point = entry.quantizer._broadcast(entry.quantizer.zero_point, entry.tensor)
             entry.tensor.copy_((codes - zero_point) * scale)
@@ -159,11 +257,11 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     meta = _read_meta(path)
     try:
         config = config_from_dict(meta["quant_config"])
-    except (KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path / CONFIG_FILE}: quant_config is malformed ({type(error).__name__}: {error}); save "
                          "the artefact again") from error
     check_weight_grid(backend, config.weights)  # before building anything: 8-bit weights on a CPU without VNNI
-    model = _build_fp_model(path / meta.get("denoiser_folder", "unet"))
+    model = _build_fp_model(path / meta.get("denoiser_folder", "unet"), meta.get("model_class"))
     qmodel = build_quantized_structure(model, config, init_weight_range=False)
     for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
@@ -189,6 +287,8 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     require_finite(dict(qmodel.model.named_buffers()), f"artefact {path}: buffer")
     try:
         qmodel.corrections = load_corrections(path, meta.get("corrections", []))
+    except ValueError as error:
+        raise ValueError(f"{path / CONFIG_FILE} corrections / corrections.safetensors: {error}") from error
     except (OSError, RuntimeError, SafetensorError) as error:  # damage the manifest did not cover (older artefact)
         raise DamagedFileError(f"{path / 'corrections.safetensors'} cannot be read ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:120]}); save the artefact again") from error
@@ -214,7 +314,11 @@ def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Rec
     if not file.is_file():
         return None
     payload = read_json_file(file, "recipe")
-    recipe = recipe_from_dict(payload, str(file))
+    try:
+        recipe = recipe_from_dict(payload, str(file))
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if str(file) in message else f"{file}: {message}") from error
     if config is not None and isinstance(payload, dict) and payload.get("version", 0) < config_version(Recipe):
         # a recipe older than a network field (softmax_granularity, layer_bits) could not record it: the network's
         # config, written beside it, is what the artefact was built with

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "file_sha256", "write_manifest", "verify_manifest"]
+__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "file_sha256", "write_manifest", "verify_manifest", "check_listed"]
 
 MANIFEST_FILE = "tadq_manifest.json"
 MANIFEST_FORMAT = "tadq-manifest"
+MANIFEST_VERSION = 1
 
 
 class ArtefactDamaged(ValueError):
@@ -39,7 +41,7 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     files = {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
              for name in _files(folder)}
-    manifest = {"format": MANIFEST_FORMAT, "version": 1, "files": files}
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -47,8 +49,10 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
 def read_manifest(folder: Path) -> dict[str, Any] | None:
     """The manifest, ``None`` for an artefact saved before manifests existed; ``ArtefactDamaged`` if unreadable."""
     path = folder / MANIFEST_FILE
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
+    if not path.is_file():  # a folder, a device or a dangling link is damage, not "an older artefact"
+        raise ArtefactDamaged(f"{path} is not a regular file, so the artefact cannot be checked: save it again")
     try:
         manifest = json.loads(path.read_text())
         files = manifest["files"]
@@ -60,14 +64,45 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if not ok:
         raise ArtefactDamaged(f"{path} is damaged (not a tadq manifest), so the artefact cannot be checked: save "
                               "it again")
+    version = manifest.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ArtefactDamaged(f"{path} has version {version!r}, not a manifest version; save the artefact again")
+    if version > MANIFEST_VERSION:
+        raise ArtefactDamaged(f"{path} is manifest version {version}, newer than this tadq reads "
+                              f"({MANIFEST_VERSION}); upgrade tadq to check and load the artefact")
+    outside = [name for name in manifest["files"] if not _inside(name)]
+    if outside:  # hashing /etc/... or ../../x would read files that are not the artefact's
+        raise ArtefactDamaged(f"{path} lists {outside[0]!r}, a path outside the artefact folder; save the artefact "
+                              "again")
     return manifest
 
 
-def verify_manifest(folder: str | Path, *, allow_extra: bool = True) -> bool:
+def _inside(name: str) -> bool:
+    """Whether a manifest entry is a relative path below the folder (what ``write_manifest`` writes)."""
+    parts = PurePosixPath(name).parts
+    return bool(parts) and not PurePosixPath(name).is_absolute() and "\\" not in name and ".." not in parts
+
+
+def check_listed(folder: str | Path, names: Iterable[str]) -> None:
+    """Raise ``ArtefactDamaged`` for a file among ``names`` that exists but the manifest does not list: a file tadq
+    reads must be covered by a hash (a manifest with entries removed would otherwise check nothing). No manifest:
+    nothing to check (an older artefact)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return
+    for name in names:
+        if name not in manifest["files"] and ((folder / name).exists() or (folder / name).is_symlink()):
+            raise ArtefactDamaged(f"{folder / name} is not listed in {MANIFEST_FILE}, so it cannot be checked (added "
+                                  "or replaced after saving, or the manifest was edited); save the artefact again")
+
+
+def verify_manifest(folder: str | Path, *, allow_extra: bool = True, required: Iterable[str] = ()) -> bool:
     """Raise ``ArtefactDamaged`` naming the first file that is missing, resized or changed; ``False`` if there is
     no manifest (an older artefact), ``True`` if every file matches.
 
-    Files added after the save are ignored unless ``allow_extra`` is false (``tadq verify`` reports them).
+    Files added after the save are ignored unless ``allow_extra`` is false (``tadq verify`` reports them), except
+    those named in ``required`` (the files the loader reads), which must be listed when they exist.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -75,6 +110,9 @@ def verify_manifest(folder: str | Path, *, allow_extra: bool = True) -> bool:
         return False
     for name, entry in sorted(manifest["files"].items()):
         path = folder / name
+        if path.exists() and not path.is_file():
+            raise ArtefactDamaged(f"{path} is not a regular file (a folder or a device; listed in {MANIFEST_FILE} as "
+                                  "a file); save the artefact again")
         if not path.is_file():
             raise ArtefactDamaged(f"{path} is missing (listed in {MANIFEST_FILE}); the artefact is incomplete: "
                                   "save it again")
@@ -84,6 +122,7 @@ def verify_manifest(folder: str | Path, *, allow_extra: bool = True) -> bool:
         if file_sha256(path) != entry["sha256"]:
             raise ArtefactDamaged(f"{path} fails its SHA-256 check (bytes changed after saving); save the artefact "
                                   "again")
+    check_listed(folder, required)
     if not allow_extra:
         extra = sorted(set(_files(folder)) - set(manifest["files"]))
         if extra:

@@ -1,0 +1,83 @@
+"""The CLI on damaged and hostile files the loader used to accept or let escape as a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import tadq
+from tadq.cli.app import app
+from tadq.config import CalibrationConfig, QuantConfig
+from tadq.io import WEIGHTS_FILE, save_quantized
+from tadq.io.manifest import write_manifest
+from tadq.sampling import SamplerConfig
+
+runner = CliRunner()
+CALIB = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=4, num_steps_kept=2,
+                          samples_per_step=4, batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def artefact(tmp_path_factory) -> Path:
+    from diffusers import DDPMScheduler
+    from tests.conftest import build_tiny_unet
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    config = QuantConfig.from_preset("W4A8", calibration=CALIB)
+    config = dataclasses.replace(config, weights=dataclasses.replace(config.weights, range_method="minmax"),
+                                 activations=dataclasses.replace(config.activations, range_method="minmax"))
+    qmodel = tadq.quantize(build_tiny_unet(), scheduler, config, progress=False)
+    path = tmp_path_factory.mktemp("probe-cli") / "q"
+    save_quantized(qmodel, path, scheduler)
+    return path
+
+
+@pytest.fixture
+def copy(artefact, tmp_path) -> Path:
+    return Path(shutil.copytree(artefact, tmp_path / "q"))
+
+
+def test_verify_reports_a_scheduler_diffusers_cannot_build_as_failed_not_a_traceback(copy):
+    file = copy / "scheduler" / "scheduler_config.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | {"beta_schedule": "magic"}))
+    write_manifest(copy)
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1, result.output
+    assert "FAILED" in result.output and "scheduler_config.json" in result.output, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_sample_refuses_a_zero_weight_step_before_sampling(copy, tmp_path):
+    key = "model.down_blocks.0.resnets.0.conv1.weight_quantizer.scale"
+    with safe_open(str(copy / WEIGHTS_FILE), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(copy / WEIGHTS_FILE)
+    tensors[key] = torch.zeros_like(tensors[key])  # used to load and sample with that layer's weights all zero
+    save_file(tensors, str(copy / WEIGHTS_FILE), metadata=metadata)
+    write_manifest(copy)
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["sample", str(copy), "--num-samples", "1", "--steps", "2", "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert "error:" in text and WEIGHTS_FILE in text and "step size Δ = 0.0" in text, text
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_quantize_refuses_a_pickled_model_before_any_work(tmp_path, tiny_model_dir):
+    (weights,) = (tiny_model_dir / "unet").glob("*.safetensors")
+    torch.save(load_file(weights), tiny_model_dir / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    out = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--out", str(out), "--steps", "2",
+                                 "--calib-trajectories", "4", "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 2, result.output
+    assert "never a pickle" in " ".join(result.output.split()), result.output
+    assert not out.exists() and not (tmp_path / "cache").exists()

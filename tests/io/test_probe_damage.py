@@ -1,0 +1,284 @@
+"""Damaged and hostile artefact files that used to load silently, or fail deep inside torch, diffusers or json.
+
+Most cases rewrite the manifest after the damage (``write_manifest``): a consistent artefact of the wrong shape,
+so what is checked is the loader's own validation, not the SHA-256 check. Every case runs on one tiny W4A8
+artefact built once per module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import tadq
+from tadq.config import CalibrationConfig, QuantConfig
+from tadq.io import WEIGHTS_FILE, load_quantized, save_quantized
+from tadq.io.manifest import MANIFEST_FILE, ArtefactDamaged, verify_manifest, write_manifest
+from tadq.models import load_pipeline_parts
+from tadq.safefiles import read_json_file
+from tadq.sampling import SamplerConfig
+
+CALIB = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=4, num_steps_kept=2,
+                          samples_per_step=4, batch_size=8)
+LAYER = "model.down_blocks.0.resnets.0.conv1"  # a quantized conv, 4·4·3·3 = 144 weights: 72 packed bytes
+THREE_BIT = "model.down_blocks.0.resnets.0.conv2"  # given 3-bit weights (layer_bits)
+
+
+@pytest.fixture(scope="module")
+def artefact(tmp_path_factory) -> Path:
+    from diffusers import DDPMScheduler
+    from tests.conftest import build_tiny_unet
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    config = QuantConfig.from_preset("W4A8", calibration=CALIB, layer_bits=((THREE_BIT.removeprefix("model."), 3, 8),))
+    minmax = {name: dataclasses.replace(getattr(config, name), range_method="minmax")  # 10x faster than mse
+              for name in ("weights", "activations")}
+    config = dataclasses.replace(config, **minmax)
+    qmodel = tadq.quantize(build_tiny_unet(), scheduler, config, progress=False)
+    path = tmp_path_factory.mktemp("probe") / "q"
+    save_quantized(qmodel, path, scheduler)
+    return path
+
+
+@pytest.fixture
+def copy(artefact, tmp_path) -> Path:
+    return Path(shutil.copytree(artefact, tmp_path / "q"))
+
+
+def _edit_weights(folder: Path, edit) -> None:
+    """Apply ``edit(tensors, metadata)`` to the weights file and rewrite the manifest to match."""
+    with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(folder / WEIGHTS_FILE)
+    edit(tensors, metadata)
+    save_file(tensors, str(folder / WEIGHTS_FILE), metadata=metadata)
+    write_manifest(folder)
+
+
+def _edit_json(folder: Path, name: str, edit) -> None:
+    document = json.loads((folder / name).read_text())
+    edit(document)
+    (folder / name).write_text(json.dumps(document))
+    write_manifest(folder)
+
+
+def _set(key: str, value: float):
+    def edit(tensors, _metadata):
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = value
+    return edit
+
+
+def _replace(key: str, fn):
+    def edit(tensors, _metadata):
+        tensors[key] = fn(tensors[key])
+    return edit
+
+
+# -- tadq_weights.safetensors: dtypes, shapes, packing ---------------------------------------------------------------
+
+@pytest.mark.parametrize(("key", "fn", "needle"), [
+    (f"{LAYER}.weight.codes", lambda t: t.to(torch.int8), "is int8 \\[72\\], but .* expects uint8 \\[72\\]"),
+    (f"{LAYER}.weight.codes", lambda t: t.float(), "is float32 \\[72\\], but .* expects uint8 \\[72\\]"),
+    (f"{LAYER}.weight.codes", lambda t: torch.cat([t, t[:1]]), "is uint8 \\[73\\], but .* expects uint8 \\[72\\]"),
+    (f"{LAYER}.weight.codes", lambda t: t[:-1], "is uint8 \\[71\\]"),
+    (f"{LAYER}.weight.codes", lambda t: t.reshape(8, 9), "is uint8 \\[8, 9\\]"),
+    (f"{LAYER}.weight_quantizer.scale", lambda t: (t * 1000).to(torch.int64), "is int64 \\[4\\], but .* float32"),
+    (f"{LAYER}.weight_quantizer.scale", lambda t: t.double(), "is float64 \\[4\\]"),
+    (f"{LAYER}.weight_quantizer.scale", lambda t: t[:2], "is float32 \\[2\\], but .* expects float32 \\[4\\]"),
+])
+def test_a_tensor_of_the_wrong_dtype_or_shape_is_named(copy, key, fn, needle):
+    _edit_weights(copy, _replace(key, fn))
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE}: '{key}' {needle}"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize(("quantizer", "value", "needle"), [
+    ("weight_quantizer", float("nan"), "step size Δ = nan"),
+    ("weight_quantizer", 0.0, "step size Δ = 0.0"),
+    ("weight_quantizer", -0.01, "step size Δ = -0.0099"),
+    ("input_quantizer", 0.0, "step size Δ = 0.0"),
+    ("input_quantizer", float("inf"), "step size Δ = inf"),
+])
+def test_a_step_size_that_is_not_finite_and_positive_is_refused(copy, quantizer, value, needle):
+    _edit_weights(copy, _set(f"{LAYER}.{quantizer}.scale", value))
+    with pytest.raises(ValueError, match=f"quantizer {LAYER}.{quantizer} .*{needle}"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize(("quantizer", "value", "grid"), [
+    ("weight_quantizer", 16.0, "[0, 15]"), ("weight_quantizer", -1.0, "[0, 15]"),
+    ("weight_quantizer", 0.5, "[0, 15]"), ("input_quantizer", 300.0, "[0, 255]"),
+    ("input_quantizer", 2.5, "[0, 255]"),
+])
+def test_a_zero_point_off_the_grid_is_refused(copy, quantizer, value, grid):
+    _edit_weights(copy, _set(f"{LAYER}.{quantizer}.zero_point", value))
+    with pytest.raises(ValueError, match=f"zero point z = {value}; z must be an integer in {re.escape(grid)}"):
+        load_quantized(copy)
+
+
+def test_a_quantizer_marked_uncalibrated_is_refused_at_load(copy):
+    _edit_weights(copy, _replace(f"{LAYER}.input_quantizer.initialized", lambda t: torch.zeros_like(t)))
+    with pytest.raises(ValueError, match=f"{LAYER}.input_quantizer .*has no range"):
+        load_quantized(copy)
+
+
+def test_codes_off_a_narrow_grid_are_refused(copy):
+    # THREE_BIT's codes are nibbles in [0, 7]: a nibble of 15 fits the byte but not the 3-bit grid
+    _edit_weights(copy, _replace(f"{THREE_BIT}.weight.codes", lambda t: t | 0x0F))
+    with pytest.raises(ValueError, match=f"'{THREE_BIT}.weight.codes' holds codes outside \\[0, 7\\] of its 3-bit"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize(("metadata", "needle"), [
+    ("{oops", "tadq_codes metadata is not valid JSON"),
+    ("[1, 2]", "tadq_codes metadata is not an object"),
+    (json.dumps({f"{LAYER[6:]}.weight": "x"}), "tadq_codes metadata is not an object"),
+])
+def test_damaged_codes_metadata_is_one_error_naming_the_file(copy, metadata, needle):
+    _edit_weights(copy, lambda _tensors, meta: meta.__setitem__("tadq_codes", metadata))
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE}: its {needle}"):
+        load_quantized(copy)
+
+
+# -- tadq_config.json, tadq_recipe.json, the diffusers configs -------------------------------------------------------
+
+@pytest.mark.parametrize(("value", "needle"), [
+    (True, "format_version is True"), (-3, "format_version is -3"), ("1", "format_version is '1'"),
+])
+def test_a_format_version_that_is_not_a_positive_int_is_refused(copy, value, needle):
+    _edit_json(copy, "tadq_config.json", lambda d: d.__setitem__("format_version", value))
+    with pytest.raises(ValueError, match=f"tadq_config.json: {needle}"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize("folder", ["../../elsewhere/unet", "/tmp/unet", 3, "", ".."])
+def test_a_denoiser_folder_outside_the_artefact_is_refused(copy, folder):
+    _edit_json(copy, "tadq_config.json", lambda d: d.__setitem__("denoiser_folder", folder))
+    with pytest.raises(ValueError, match="denoiser_folder .* is not the name of a folder inside the artefact"):
+        load_quantized(copy)
+
+
+def test_invalid_quant_config_names_the_file(copy):
+    _edit_json(copy, "tadq_config.json", lambda d: d["quant_config"]["data"]["weights"]["data"].__setitem__("bits", 9))
+    with pytest.raises(ValueError, match="tadq_config.json: quant_config is malformed .*bits must be an integer"):
+        load_quantized(copy)
+
+
+def test_invalid_recipe_names_the_file(copy):
+    _edit_json(copy, "tadq_recipe.json", lambda d: d["data"]["method"].__setitem__("type", "MagicMethod"))
+    with pytest.raises(ValueError, match="tadq_recipe.json: Recipe.method: unknown config type 'MagicMethod'"):
+        load_quantized(copy)
+
+
+def test_a_model_class_that_disagrees_with_the_denoiser_config_is_refused(copy):
+    _edit_json(copy, "tadq_config.json", lambda d: d.__setitem__("model_class", "DiTTransformer2DModel"))
+    with pytest.raises(ValueError, match="unet/config.json describes a 'UNet2DModel', but tadq_config.json"):
+        load_quantized(copy)
+
+
+def test_a_denoiser_config_diffusers_cannot_build_names_the_file(copy):
+    _edit_json(copy, "unet/config.json", lambda d: d.__setitem__("block_out_channels", "abc"))
+    with pytest.raises(ValueError, match="unet/config.json does not build a UNet2DModel"):
+        load_quantized(copy)
+
+
+def test_a_denoiser_config_with_other_shapes_names_the_tensor(copy):
+    _edit_json(copy, "unet/config.json", lambda d: d.__setitem__("in_channels", 3))
+    with pytest.raises(ValueError, match="'model.conv_in.weight' .*\\[4, 1, 3, 3\\].*\\[4, 3, 3, 3\\]"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    ({"_class_name": "UniPCMultistepScheduler"}, "cannot be driven by tadq"),
+    ({"beta_schedule": "magic"}, "magic is not implemented"),
+    ({"prediction_type": "magic"}, "prediction_type='magic' is not supported"),
+])
+def test_a_scheduler_config_tadq_cannot_drive_is_refused_at_load_naming_the_file(copy, edit, needle):
+    _edit_json(copy, "scheduler/scheduler_config.json", lambda d: d.update(edit))
+    with pytest.raises(ValueError, match=f"scheduler_config.json: .*{needle}"):
+        load_quantized(copy)
+
+
+# -- the manifest ----------------------------------------------------------------------------------------------------
+
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    edit(manifest)
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_a_manifest_that_is_not_a_file_is_damage_not_an_older_artefact(copy):
+    (copy / MANIFEST_FILE).unlink()
+    (copy / MANIFEST_FILE).mkdir()
+    with pytest.raises(ArtefactDamaged, match=f"{MANIFEST_FILE} is not a regular file"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize("name", ["/etc/hostname", "../../../etc/hostname", "unet/../../x"])
+def test_a_manifest_entry_outside_the_artefact_is_refused_unread(copy, name):
+    _edit_manifest(copy, lambda m: m["files"].__setitem__(name, {"sha256": "0" * 64, "bytes": 3}))
+    with pytest.raises(ArtefactDamaged, match="a path outside the artefact folder"):
+        verify_manifest(copy)
+
+
+def test_a_newer_manifest_version_is_refused(copy):
+    _edit_manifest(copy, lambda m: m.__setitem__("version", 2))
+    with pytest.raises(ArtefactDamaged, match="manifest version 2, newer than this tadq reads"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize("name", ["tadq_config.json", WEIGHTS_FILE, "unet/config.json"])
+def test_a_file_the_loader_reads_must_be_listed_in_the_manifest(copy, name):
+    _edit_manifest(copy, lambda m: m["files"].pop(name))
+    with pytest.raises(ArtefactDamaged, match=f"{name} is not listed in {MANIFEST_FILE}"):
+        load_quantized(copy)
+
+
+def test_a_listed_file_replaced_by_a_folder_is_named_as_such(copy):
+    (copy / WEIGHTS_FILE).unlink()
+    (copy / WEIGHTS_FILE).mkdir()
+    with pytest.raises(ArtefactDamaged, match=f"{WEIGHTS_FILE} is not a regular file"):
+        load_quantized(copy)
+
+
+# -- files that are not files; pickles -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["device", "fifo", "folder"])
+def test_json_that_is_not_a_regular_file_is_refused_without_reading(tmp_path, kind):
+    path = tmp_path / "config.json"
+    if kind == "device":
+        os.symlink("/dev/zero", path)  # read_text() would read forever
+    elif kind == "fifo":
+        os.mkfifo(path)  # read_text() would block forever
+    else:
+        path.mkdir()
+    with pytest.raises(ValueError, match="config.json is not a regular file"):
+        read_json_file(path, "model config")
+
+
+def test_a_model_folder_whose_config_is_a_device_is_refused(tiny_model_dir):
+    (tiny_model_dir / "unet" / "config.json").unlink()
+    os.symlink("/dev/zero", tiny_model_dir / "unet" / "config.json")
+    with pytest.raises(ValueError, match="unet/config.json is not a regular file"):
+        load_pipeline_parts(tiny_model_dir)
+
+
+def test_a_pickled_bin_model_is_refused_and_never_unpickled(tiny_model_dir, monkeypatch):
+    (weights,) = (tiny_model_dir / "unet").glob("*.safetensors")
+    torch.save(load_file(weights), tiny_model_dir / "unet" / "diffusion_pytorch_model.bin")
+    weights.unlink()
+    calls = []
+    monkeypatch.setattr(torch, "load", lambda *a, **k: calls.append(a) or {})
+    with pytest.raises(ValueError, match="holds no safetensors weights .*diffusion_pytorch_model.bin.*never a pickle"):
+        load_pipeline_parts(tiny_model_dir)
+    assert calls == []
