@@ -282,3 +282,48 @@ def test_a_pickled_bin_model_is_refused_and_never_unpickled(tiny_model_dir, monk
     with pytest.raises(ValueError, match="holds no safetensors weights .*diffusion_pytorch_model.bin.*never a pickle"):
         load_pipeline_parts(tiny_model_dir)
     assert calls == []
+
+
+# -- corrections.safetensors -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def corrected(tmp_path_factory) -> Path:
+    from diffusers import DDPMScheduler
+    from tests.conftest import build_tiny_unet
+
+    from tadq.corrections import PTQDConfig
+    from tadq.recipe import Recipe
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    config = QuantConfig.from_preset("W8A8", calibration=CALIB)
+    config = dataclasses.replace(config, weights=dataclasses.replace(config.weights, range_method="minmax"),
+                                 activations=dataclasses.replace(config.activations, range_method="minmax"))
+    recipe = dataclasses.replace(Recipe.from_quant_config(config), corrections=(PTQDConfig(num_samples=8, seed=1),))
+    qmodel = tadq.quantize(build_tiny_unet(), scheduler, recipe, progress=False)
+    path = tmp_path_factory.mktemp("probe-corrections") / "q"
+    save_quantized(qmodel, path, scheduler)
+    return path
+
+
+def _edit_tables(folder: Path, edit) -> None:
+    file = folder / "corrections.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(file)
+    edit(tensors, metadata)
+    save_file(tensors, str(file), metadata=metadata)
+    write_manifest(folder)
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (_replace("members.0.k", lambda t: t.to(torch.int64)), "table 'members.0.k' is int64, but correction 0 "
+                                                           "\\(PTQDCorrection, PTQDConfig\\) stores float64"),
+    (_replace("members.0.k", lambda t: torch.full_like(t, float("nan"))), "table members.0.k holds NaN"),
+    (_replace("members.0.k", lambda t: t[:1]), "tables \\['k'\\] have \\[1\\] rows, but its key says 2 steps"),
+    (lambda _t, meta: meta.__setitem__("tadq_extra_state", "[1]"), "tadq_extra_state metadata is not a JSON object"),
+])
+def test_damaged_correction_tables_are_refused_at_load_naming_the_file(corrected, tmp_path, edit, needle):
+    copy = Path(shutil.copytree(corrected, tmp_path / "q"))
+    _edit_tables(copy, edit)
+    with pytest.raises(ValueError, match=f"corrections.safetensors: .*{needle}"):
+        load_quantized(copy)

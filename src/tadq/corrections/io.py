@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tadq.corrections.stack import CorrectionStack
+from tadq.safefiles import DamagedFileError, require_finite
 
 __all__ = ["CORRECTIONS_FILE", "load_corrections", "save_corrections"]
 
@@ -25,6 +26,21 @@ logger = logging.getLogger(__name__)
 
 CORRECTIONS_FILE = "corrections.safetensors"
 _EXTRA_STATE_KEY = "tadq_extra_state"
+
+
+def _check_rows(stack: CorrectionStack, file: Path) -> None:
+    """Every table of a keyed member has one row per step of the sampler its key names (a table cut short would
+    be indexed past its end, or misread, while sampling)."""
+    for position, member in enumerate(stack):
+        if not (member.keyed and member.fitted):
+            continue
+        steps = member.table_key.num_steps
+        wrong = {name: int(buffer.shape[0]) for name, buffer in member.named_buffers(recurse=False)
+                 if buffer.ndim >= 1 and int(buffer.shape[0]) != steps}
+        if wrong:
+            raise ValueError(f"{file}: correction {position} ({type(member).__name__}) tables {sorted(wrong)} have "
+                             f"{sorted(set(wrong.values()))} rows, but its key says {steps} steps "
+                             f"({member.table_key.sampler_key}); save the artefact again")
 
 
 def _owner(stack: CorrectionStack, key: str) -> str:
@@ -75,10 +91,25 @@ def load_corrections(folder: str | Path, configs: list[dict[str, Any]]) -> Corre
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing but tadq_config.json lists {len(stack)} corrections: the "
                                 "artefact is incomplete, save it again")
-    expected = set(stack.state_dict())
+    template = stack.state_dict()
+    expected = set(template)
     with safe_open(str(file), framework="pt") as handle:
-        extra = json.loads((handle.metadata() or {}).get(_EXTRA_STATE_KEY, "{}"))
+        try:
+            extra = json.loads((handle.metadata() or {}).get(_EXTRA_STATE_KEY, "{}"))
+        except ValueError as error:
+            raise DamagedFileError(f"{file}: its {_EXTRA_STATE_KEY} metadata is not valid JSON ({error}); save the "
+                                   "artefact again") from error
+        if not isinstance(extra, dict):
+            raise DamagedFileError(f"{file}: its {_EXTRA_STATE_KEY} metadata is not a JSON object; save the artefact "
+                                   "again")
         stored = {key: handle.get_tensor(key) for key in handle.keys()}
+    for key, value in sorted(stored.items()):  # load_state_dict would cast a float32 or int table silently
+        wanted = template.get(key)
+        if isinstance(wanted, Tensor) and value.dtype != wanted.dtype:
+            raise ValueError(f"{file}: table {key!r} is {str(value.dtype).removeprefix('torch.')}, but "
+                             f"{_owner(stack, key)} stores {str(wanted.dtype).removeprefix('torch.')}; save the "
+                             "artefact again")
+    require_finite(stored, f"{file}: table")
     stored.update(extra)
     missing = sorted(expected - set(stored))
     if missing:
@@ -89,5 +120,6 @@ def load_corrections(folder: str | Path, configs: list[dict[str, Any]]) -> Corre
         raise ValueError(f"{file.name} has keys the configured corrections do not expect, e.g. {unexpected[:3]}; "
                          "tadq_config.json and the tables disagree: save the artefact again")
     stack.load_state_dict(stored)
+    _check_rows(stack, file)
     logger.info("loaded %d corrections from %s", len(stack), file)
     return stack

@@ -288,7 +288,9 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     try:
         qmodel.corrections = load_corrections(path, meta.get("corrections", []))
     except ValueError as error:
-        raise ValueError(f"{path / CONFIG_FILE} corrections / corrections.safetensors: {error}") from error
+        if str(path) in str(error):  # names its file already
+            raise
+        raise ValueError(f"{path / CONFIG_FILE}: corrections: {error}") from error
     except (OSError, RuntimeError, SafetensorError) as error:  # damage the manifest did not cover (older artefact)
         raise DamagedFileError(f"{path / 'corrections.safetensors'} cannot be read ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:120]}); save the artefact again") from error
