@@ -13,14 +13,16 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
-from torch import nn
+from torch import Tensor, nn
 
 from tadq.adapters.base import LayerInfo, LayerRole
 from tadq.sampling.conditioning import Conditioning
 
-__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "claim_attention", "claim_resnet"]
+__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels", "claim_attention",
+           "claim_resnet", "class_label_width", "dummy_class_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +57,11 @@ def claim_resnet(claims: RoleClaims, resnet: ResnetBlock2D, block: str) -> None:
 
 def claim_attention(claims: RoleClaims, attn: Attention, block: str) -> None:
     """An ``Attention``: q (and k, v of self-attention) ``attention_qkv``; k, v of cross-attention (they read the
-    encoder states, e.g. text embeddings, not the image tokens) ``cross_attention_kv``; the output projection."""
-    kv_role: LayerRole = "cross_attention_kv" if attn.is_cross_attention else "attention_qkv"
+    encoder states, e.g. text embeddings, not the image tokens) ``cross_attention_kv``; the output projection.
+    An added-K/V attention (``SimpleCrossAttn*`` blocks: ``added_kv_proj_dim`` set) reads the encoder states through
+    ``add_k_proj``/``add_v_proj``; its ``to_k``/``to_v`` read the image tokens, so they are ``attention_qkv``."""
+    reads_encoder = attn.is_cross_attention and getattr(attn, "added_kv_proj_dim", None) is None
+    kv_role: LayerRole = "cross_attention_kv" if reads_encoder else "attention_qkv"
     claims.claim(attn.to_q, "attention_qkv", block)
     claims.claim(attn.to_k, kv_role, block)
     claims.claim(attn.to_v, kv_role, block)
@@ -75,6 +80,42 @@ def claim_unet_parts(claims: RoleClaims, module: nn.Module, block: str) -> None:
         claim_attention(claims, module, block)
     elif isinstance(module, (Downsample2D, Upsample2D)):
         claims.claim(module, "resample", block)
+
+
+def class_label_width(model: nn.Module) -> int | None:
+    """What the class embedding of a UNet takes: ``None`` for one label index per row, (N,) integers (an
+    ``nn.Embedding`` table, or ``class_embed_type="timestep"``), else the width D of the label vectors, (N, D)
+    floats (``"identity"``: the time-embedding width; ``"projection"``/``"simple_projection"``:
+    ``projection_class_embeddings_input_dim``)."""
+    config = model.config
+    if isinstance(model.class_embedding, nn.Embedding) or config.class_embed_type == "timestep":
+        return None
+    if config.class_embed_type == "identity":
+        return model.time_embedding.linear_1.out_features
+    return config.projection_class_embeddings_input_dim
+
+
+def dummy_class_labels(model: nn.Module, batch_size: int) -> Tensor:
+    """Label 0 for every row (an index), or zero label vectors, as ``class_label_width`` says (for tracing)."""
+    parameter = next(model.parameters())
+    width = class_label_width(model)
+    if width is None:
+        return torch.zeros(batch_size, dtype=torch.long, device=parameter.device)
+    return torch.zeros(batch_size, width, device=parameter.device, dtype=parameter.dtype)
+
+
+def check_class_labels(model: nn.Module, labels: Tensor) -> None:
+    """Refuse class labels whose shape or dtype the class embedding cannot take, naming what it takes, instead of
+    a broadcasting error deep inside the UNet."""
+    width = class_label_width(model)
+    kind = type(model).__name__
+    if width is None and (labels.ndim != 1 or labels.is_floating_point()):
+        raise ValueError(f"this {kind}'s class embedding takes one integer label per sample, (N,); got "
+                         f"{labels.dtype} of shape {list(labels.shape)}")
+    if width is not None and (labels.ndim != 2 or labels.shape[1] != width or not labels.is_floating_point()):
+        raise ValueError(f"this {kind}'s class embedding (class_embed_type={model.config.class_embed_type!r}) takes "
+                         f"a float label vector per sample, (N, {width}); got {labels.dtype} of shape "
+                         f"{list(labels.shape)}")
 
 
 _CONDITIONING_HINT = "pass cond=Conditioning(...) (when sampling, conditions= a condition source)"
@@ -181,9 +222,24 @@ class TracedUNetAdapter:
             raise ValueError(f"this {type(model).__name__} returns {channels_out} channels for {channels_in} input "
                              "channels (a learned-variance output, or extra conditioning channels as in inpainting); "
                              "tadq's UNet adapters sample models whose prediction has the input's shape")
-        size = model.config.sample_size
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        height, width = _sample_size(model)
         return (channels_in, height, width)
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _sample_size(model: nn.Module) -> tuple[int, int]:
+    """(H, W) from ``config.sample_size`` (an int, or [H, W]); a value of another type (a string, a float, a bool,
+    three sizes) is refused naming the field, instead of an unpacking error or a 1x1 sample (``True``)."""
+    size = model.config.sample_size
+    if _positive_int(size):
+        return size, size
+    if isinstance(size, (list, tuple)) and len(size) == 2 and all(_positive_int(v) for v in size):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"this {type(model).__name__}'s config has sample_size={size!r}: expected a positive int or "
+                     "[height, width] of positive ints (fix config.json)")
 
 
 @contextmanager

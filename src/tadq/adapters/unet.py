@@ -11,7 +11,13 @@ import torch
 from diffusers import UNet2DModel
 from torch import Tensor, nn
 
-from tadq.adapters._unet_common import RoleClaims, TracedUNetAdapter, claim_unet_parts
+from tadq.adapters._unet_common import (
+    RoleClaims,
+    TracedUNetAdapter,
+    check_class_labels,
+    claim_unet_parts,
+    dummy_class_labels,
+)
 from tadq.adapters.base import LayerRole
 from tadq.registry import register_adapter
 from tadq.sampling.conditioning import Conditioning
@@ -31,6 +37,21 @@ def _named_roles(model: UNet2DModel) -> dict[int, tuple[LayerRole, str]]:
     return claims.roles
 
 
+def _timesteps_for(model: UNet2DModel, t: Tensor) -> Tensor:
+    """``t`` as the UNet's time embedding takes it: a learned embedding (``time_embedding_type="learned"``, one
+    table row per training timestep) is indexed by integers, so a fractional timestep (euler or Karras grids) is
+    refused by name instead of failing inside ``nn.Embedding``."""
+    if model.config.time_embedding_type != "learned" or not t.is_floating_point():
+        return t
+    fractional = t[t != t.round()]
+    if fractional.numel():
+        raise ValueError(f"this UNet2DModel has a learned time embedding (one table row per training timestep) and "
+                         f"cannot take the fractional timestep {float(fractional[0]):g} of this sampler's grid: "
+                         "sample it on an integer grid (ddim, ddpm, or euler/dpmsolver++ with timestep_spacing "
+                         "'leading' or 'trailing')")
+    return t.long()
+
+
 @register_adapter(UNet2DModel, subfolder="unet", pipeline_class="DDPMPipeline")
 class UNet2DAdapter(TracedUNetAdapter):
     """Roles and calls for ``UNet2DModel``."""
@@ -48,12 +69,23 @@ class UNet2DAdapter(TracedUNetAdapter):
         with torch.no_grad():
             self.predict_eps(model, x, t, self.dummy_conditioning(model))
 
+    def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W); also refuses a size the UNet cannot take: ``UNet2DModel`` halves H and W in every downsampling
+        block and concatenates the skips without resizing, so H and W must be multiples of 2^(downsampling
+        blocks), else its forward fails on the first decoder concatenation."""
+        channels, height, width = super().sample_shape(model)
+        factor = 2 ** sum(getattr(block, "downsamplers", None) is not None for block in model.down_blocks)
+        if height % factor or width % factor:
+            raise ValueError(f"this UNet2DModel's sample_size is {height}x{width}, not a multiple of {factor} (it "
+                             f"downsamples {factor.bit_length() - 1} times): fix sample_size in its config.json")
+        return channels, height, width
+
     def dummy_conditioning(self, model: nn.Module, batch_size: int = 1) -> Conditioning | None:
-        """Label 0 for every row of a class-conditional UNet (tracing, cost counting); ``None`` when unconditional."""
+        """Label 0 for every row of a class-conditional UNet (zero label vectors for ``class_embed_type="identity"``;
+        tracing, cost counting); ``None`` when unconditional."""
         if not self.conditioning_inputs(model):
             return None
-        device = next(model.parameters()).device
-        return Conditioning(class_labels=torch.zeros(batch_size, dtype=torch.long, device=device))
+        return Conditioning(class_labels=dummy_class_labels(model, batch_size))
 
     def conditioning_inputs(self, model: nn.Module) -> tuple[str, ...]:
         """``("class_labels",)`` for a UNet with a class embedding (``num_class_embeds`` / ``class_embed_type``)."""
@@ -62,6 +94,7 @@ class UNet2DAdapter(TracedUNetAdapter):
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """The UNet's output (in its scheduler's prediction type) at (x, t), with ``cond.class_labels`` if it takes
         labels; ``cond.unconditional`` is the walker's business, not the model's."""
+        t = _timesteps_for(model, t)
         if not self.conditioning_inputs(model):
             if cond is not None:
                 raise ValueError(f"this UNet2DModel is unconditional but was given conditioning {cond.describe()}")
@@ -72,6 +105,7 @@ class UNet2DAdapter(TracedUNetAdapter):
         extra = sorted(k for k, v in cond.describe().items() if k not in ("class_labels", "unconditional") and v)
         if extra:
             raise ValueError(f"this UNet2DModel takes class_labels only, not {extra}")
+        check_class_labels(model, cond.class_labels)
         return model(x, t, class_labels=cond.class_labels).sample
 
     def temporal_embedding(self, model: nn.Module, t: Tensor, labels: Tensor | None = None) -> Tensor:

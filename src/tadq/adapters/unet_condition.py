@@ -31,7 +31,14 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
 from torch import Tensor, nn
 
-from tadq.adapters._unet_common import RoleClaims, TracedUNetAdapter, claim_attention, claim_unet_parts
+from tadq.adapters._unet_common import (
+    RoleClaims,
+    TracedUNetAdapter,
+    check_class_labels,
+    claim_attention,
+    claim_unet_parts,
+    dummy_class_labels,
+)
 from tadq.adapters.base import LayerRole
 from tadq.quant.attention import CrossAttentionKVCache, cross_attention_cache
 from tadq.registry import register_adapter
@@ -110,6 +117,12 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
             raise NotImplementedError(f"time_cond_proj_dim={config.time_cond_proj_dim} (a guidance-embedding UNet, "
                                       "as in LCM) is not supported: its guidance scale is an input tadq's sampler "
                                       "does not pass")
+        if getattr(config, "attention_type", "default") != "default":
+            raise NotImplementedError(f"attention_type={config.attention_type!r} (GLIGEN grounding) is not supported: "
+                                      "its gated attention reads grounding boxes and phrases tadq does not pass")
+        if getattr(config, "dual_cross_attention", False):
+            raise NotImplementedError("dual_cross_attention=True (DualTransformer2DModel, Versatile Diffusion) is not "
+                                      "supported")
         fields = ["encoder_hidden_states"]
         if config.addition_embed_type == TEXT_TIME:
             fields += ["pooled_embeds", "added_cond_kwargs.time_ids"]
@@ -146,6 +159,8 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
         width = config.cross_attention_dim
         if states.ndim != 3 or (isinstance(width, int) and states.shape[-1] != width):
             raise ValueError(f"encoder_hidden_states must be (N, L, {width}), got {list(states.shape)}")
+        if cond.class_labels is not None:
+            check_class_labels(model, cond.class_labels)
         if cond.attention_mask is not None and tuple(cond.attention_mask.shape) != tuple(states.shape[:2]):
             raise ValueError(f"attention_mask must be (N, L) = {list(states.shape[:2])}, got "
                              f"{list(cond.attention_mask.shape)}")
@@ -174,12 +189,8 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
             fields["pooled_embeds"] = torch.zeros(batch_size, pooled, device=device, dtype=dtype)
             fields["added_cond_kwargs"] = {"time_ids": torch.zeros(batch_size, DUMMY_TIME_IDS, device=device,
                                                                    dtype=dtype)}
-        if "class_labels" in inputs:  # a label table (or "timestep") takes indices, projections take vectors
-            if isinstance(model.class_embedding, nn.Embedding) or config.class_embed_type == "timestep":
-                fields["class_labels"] = torch.zeros(batch_size, dtype=torch.long, device=device)
-            else:
-                fields["class_labels"] = torch.zeros(batch_size, config.projection_class_embeddings_input_dim,
-                                                     device=device, dtype=dtype)
+        if "class_labels" in inputs:  # a label table (or "timestep") takes indices, the others vectors
+            fields["class_labels"] = dummy_class_labels(model, batch_size)
         return Conditioning(**fields)
 
     def _dummy_forward(self, model: nn.Module) -> None:

@@ -33,7 +33,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
-from diffusers.models.attention_processor import Attention
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import Tensor, nn
 
 from tadq.quant.fake_quant import scale_and_zero_point
@@ -241,6 +241,8 @@ def apply_attention_quantization(model: nn.Module, adapter, config) -> list[str]
         processor = None if processor_for is None else processor_for(name, attn)
         if processor is None and not isinstance(attn, Attention):
             raise TypeError(f"{name} is a {type(attn).__name__}, not a diffusers Attention module")
+        if processor is None:
+            _check_reproduced(name, attn)
         install_attention_quantizers(attn, config.activations, config.softmax_bits, processor,
                                      config.softmax_granularity)
     if config.softmax_bits > MAX_BITS:
@@ -249,8 +251,24 @@ def apply_attention_quantization(model: nn.Module, adapter, config) -> list[str]
     return names
 
 
+def _check_reproduced(name: str, attn: Attention) -> None:
+    """Refuse an ``Attention`` whose processor computes something ``QuantAttnProcessor`` does not (added K/V
+    projections of ``UNetMidBlock2DSimpleCrossAttn``/``SimpleCrossAttn*Block2D``, IP-adapters, fused projections):
+    swapping it in would silently change the model, so the refusal names it before any calibration."""
+    current = attn.processor
+    if isinstance(current, QuantAttnProcessor) or type(current) in _REPRODUCED:
+        return
+    raise NotImplementedError(
+        f"{name} runs {type(current).__name__}, an attention processor tadq cannot quantize (QuantAttnProcessor "
+        f"reproduces {[c.__name__ for c in _REPRODUCED]} only); quantize with quantize_attention=False")
+
+
+_REPRODUCED = (AttnProcessor, AttnProcessor2_0)  # the processors whose maths QuantAttnProcessor reproduces
+
+
 def cross_attention_projections(model: nn.Module) -> dict[str, nn.Module]:
-    """The key/value projections (``to_k``/``to_v``) of every cross-attention ``Attention`` in ``model``, by name.
+    """The key/value projections reading the encoder states (``to_k``/``to_v``; ``add_k_proj``/``add_v_proj`` of an
+    added-K/V attention) of every cross-attention ``Attention`` in ``model``, by name.
 
     Found by structure (``Attention.is_cross_attention``: the module was built to read encoder states such as the
     text embedding), never by name.
@@ -258,7 +276,10 @@ def cross_attention_projections(model: nn.Module) -> dict[str, nn.Module]:
     found: dict[str, nn.Module] = {}
     for name, module in model.named_modules():
         if isinstance(module, Attention) and module.is_cross_attention:
-            for part in ("to_k", "to_v"):
+            # an added-K/V attention (SimpleCrossAttn blocks) reads the encoder states through add_k/add_v_proj;
+            # its to_k/to_v read the image tokens, which change every step
+            added = getattr(module, "added_kv_proj_dim", None) is not None
+            for part in ("add_k_proj", "add_v_proj") if added else ("to_k", "to_v"):
                 projection = getattr(module, part, None)
                 if projection is not None:
                     found[f"{name}.{part}"] = projection

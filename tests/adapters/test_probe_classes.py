@@ -1,0 +1,107 @@
+"""UNet layouts no other test builds (a robustness probe): added-K/V attention, GLIGEN and dual cross-attention,
+label-vector class embeddings, learned time embeddings, and sample sizes the UNet cannot take. Each either works
+(checked against the diffusers model itself) or is refused by name before any calibration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+from tests.conftest import build_tiny_sd_unet
+
+from tadq.config import QuantConfig
+from tadq.prepare import build_quantized_structure
+from tadq.quant.attention import cross_attention_projections
+from tadq.registry import adapter_for
+from tadq.sampling import Conditioning
+
+
+def _unet(**overrides) -> UNet2DModel:
+    torch.manual_seed(0)
+    config = dict(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
+                  norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "UpBlock2D"))
+    return UNet2DModel(**(config | overrides)).eval()
+
+
+def _simple_cross_attn_unet():
+    """``UNetMidBlock2DSimpleCrossAttn``: its attention runs ``AttnAddedKVProcessor2_0`` (text through add_k/add_v)."""
+    return build_tiny_sd_unet(mid_block_type="UNetMidBlock2DSimpleCrossAttn")
+
+
+def test_an_added_kv_attention_is_refused_for_attention_quantization_before_calibration():
+    model = _simple_cross_attn_unet()
+    config = QuantConfig.from_preset("W8A8", quantize_attention=True)
+    # the structural step, before any calibration sampling: QuantAttnProcessor would drop the add_k/add_v path
+    with pytest.raises(NotImplementedError, match=r"mid_block\.attentions\.0 runs AttnAddedKVProcessor2_0"):
+        build_quantized_structure(model, config)
+
+
+def test_an_added_kv_attention_reads_the_text_through_add_kv_and_the_image_through_to_kv():
+    model = _simple_cross_attn_unet()
+    roles = {info.name: info.role for info in adapter_for(model).layers(model)}
+    attn = "mid_block.attentions.0"
+    assert roles[f"{attn}.to_k"] == roles[f"{attn}.to_v"] == "attention_qkv"  # image tokens: change every step
+    assert roles[f"{attn}.add_k_proj"] == roles[f"{attn}.add_v_proj"] == "cross_attention_kv"
+    memoised = set(cross_attention_projections(model))
+    assert {f"{attn}.add_k_proj", f"{attn}.add_v_proj"} <= memoised and f"{attn}.to_k" not in memoised
+    # the ordinary cross-attention of the down block keeps its text-reading to_k/to_v
+    assert "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" in memoised
+    qmodel = build_quantized_structure(model, QuantConfig.from_preset("W8A8"))  # without attention matmuls: fine
+    assert any(plan.name == f"{attn}.add_k_proj" and plan.quantized for plan in qmodel.plans)
+
+
+@pytest.mark.parametrize(("overrides", "named"), [
+    (dict(attention_type="gated"), "attention_type='gated'"),
+    (dict(dual_cross_attention=True), "dual_cross_attention=True"),
+])
+def test_unet_layouts_needing_inputs_tadq_does_not_pass_are_refused(overrides, named):
+    model = build_tiny_sd_unet(**overrides)
+    with pytest.raises(NotImplementedError, match=named):
+        adapter_for(model).conditioning_inputs(model)
+
+
+def test_an_identity_class_embedding_takes_label_vectors_and_refuses_indices():
+    model = _unet(class_embed_type="identity")
+    adapter = adapter_for(model)
+    assert adapter.blocks(model)  # the tracing forward runs (it used to pass integer labels and fail)
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([10, 500]), torch.randn(2, 16)
+    with torch.no_grad():
+        got = adapter.predict_eps(model, x, t, Conditioning(class_labels=labels))
+        assert torch.equal(got, model(x, t, class_labels=labels).sample)
+    with pytest.raises(ValueError, match=r"takes a float label vector per sample, \(N, 16\)"):
+        adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([0, 1])))
+
+
+def test_a_conditional_unet_with_an_identity_class_embedding_traces():
+    model = build_tiny_sd_unet(class_embed_type="identity")
+    assert len(adapter_for(model).blocks(model)) > 5  # its dummy labels are (1, time_embed_dim) vectors
+
+
+@pytest.mark.parametrize("size", ["8", True, 8.0, None, [8, 8, 8]])
+def test_a_sample_size_of_the_wrong_type_is_named(size):
+    model = _unet()
+    model.register_to_config(sample_size=size)
+    with pytest.raises(ValueError, match="config has sample_size="):
+        adapter_for(model).sample_shape(model)
+
+
+def test_a_sample_size_the_downsampling_does_not_divide_is_refused_and_a_rectangle_is_not():
+    model = _unet(sample_size=10, block_out_channels=(4, 8, 8), down_block_types=("DownBlock2D",) * 3,
+                  up_block_types=("UpBlock2D",) * 3)
+    with pytest.raises(ValueError, match=r"10x10, not a multiple of 4"):
+        adapter_for(model).sample_shape(model)
+    model = _unet(sample_size=(8, 12))  # one downsampling: multiples of 2
+    assert adapter_for(model).sample_shape(model) == (1, 8, 12)
+    with torch.no_grad():
+        model(torch.zeros(1, 1, 8, 12), torch.tensor([3]))  # and the UNet does take it
+
+
+def test_a_learned_time_embedding_takes_integral_timesteps_and_refuses_fractional_ones():
+    model = _unet(time_embedding_type="learned", num_train_timesteps=1000)
+    adapter, x = adapter_for(model), torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        expected = model(x, torch.tensor([999, 3])).sample
+        assert torch.equal(adapter.predict_eps(model, x, torch.tensor([999.0, 3.0])), expected)
+        with pytest.raises(ValueError, match=r"learned time embedding .* fractional timestep 799\.2"):
+            adapter.predict_eps(model, x, torch.tensor([999.0, 799.2]))
