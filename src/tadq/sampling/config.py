@@ -65,6 +65,46 @@ _FOREIGN_KEYS: tuple[str, ...] = (
     "predict_x0", "lower_order_final", "interpolation_type",
 )
 
+# Types of the scheduler config keys tadq's steps (or the diffusers class it builds) read; a saved config with a
+# value of another type (``"clip_sample": "yes"``, ``"num_train_timesteps": "1000"``) is refused naming the key,
+# instead of being read by truthiness or failing inside torch.linspace. ``None`` is accepted (diffusers' default).
+_BOOL_KEYS: tuple[str, ...] = (
+    "clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "lower_order_final", "euler_at_final", "use_dynamic_shifting",
+    "stochastic_sampling", "invert_sigmas", "use_flow_sigmas", "use_lu_lambdas", "skip_prk_steps",
+)
+_NUMBER_KEYS: tuple[str, ...] = ("beta_start", "beta_end", "clip_sample_range", "sample_max_value", "shift")
+_STRING_KEYS: tuple[str, ...] = ("beta_schedule", "timestep_spacing", "variance_type", "algorithm_type",
+                                 "solver_type", "final_sigmas_type", "timestep_type", "interpolation_type")
+
+
+def _check_config_types(config: Mapping[str, Any]) -> None:
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    wrong = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        if key == "num_train_timesteps":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+        elif key == "steps_offset":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif key in _BOOL_KEYS:
+            ok = isinstance(value, bool)
+        elif key in _NUMBER_KEYS:
+            ok = number(value) and math.isfinite(value)
+        elif key in _STRING_KEYS:
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            wrong.append(f"{key}={value!r}")
+    if wrong:
+        raise ValueError(f"the scheduler config has values of the wrong type: {', '.join(wrong)} (num_train_timesteps "
+                         "and steps_offset are ints, flags true/false, betas and ranges numbers, the others strings); "
+                         "fix scheduler_config.json")
+
 
 @dataclass(frozen=True)
 class SamplerConfig:
@@ -220,13 +260,15 @@ def _family(class_name: str) -> str:
 
 def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: SamplerConfig | None = None) -> None:
     """Raise ``NotImplementedError`` naming what tadq cannot drive: the scheduler class, config keys, the prediction
-    type, or (with ``sampler``) the pairing of the training schedule with the sampler kind.
+    type, or (with ``sampler``) the pairing of the training schedule with the sampler kind; ``ValueError`` naming
+    the keys whose values have the wrong type (``_check_config_types``).
 
     ``class_name`` is the scheduler's class (``_class_name`` of a saved config); a bare mapping without one is
     accepted only without the keys that mark another scheduler family. A flow-matching schedule (velocity
     prediction) is driven only by a flow kind, and a discrete ᾱ_t schedule only by an ε kind: sampling one as
     the other would silently change the maths.
     """
+    _check_config_types(config)
     supported = (f"tadq drives a discrete ᾱ_t training schedule ({', '.join(DISCRETE_SCHEDULERS)}) with "
                  f"ddim/ddpm/euler/euler-ancestral/dpmsolver++, or a flow-matching one ({', '.join(FLOW_SCHEDULERS)}) "
                  "with flow-euler")
@@ -289,8 +331,9 @@ def default_sampler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], 
     ancestral -> euler-ancestral, DPM-Solver multistep -> dpmsolver++ (its ``solver_order`` if 1 or 2),
     FlowMatchEuler -> flow-euler.
 
-    Raises ``NotImplementedError`` for a class with no tadq sampler of its own (PNDM, LMS): the
-    caller names one instead of tadq picking another in its place.
+    Raises ``NotImplementedError`` for a class with no tadq sampler of its own (PNDM, LMS), or a DPM-Solver
+    config of another algorithm (``sde-dpmsolver++``, ``dpmsolver``...): the caller names one instead of tadq
+    picking another in its place.
     """
     class_name, config = _config_of(train_scheduler_or_config)
     check_drivable(class_name, config)
@@ -299,6 +342,11 @@ def default_sampler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], 
         raise NotImplementedError(f"{class_name} has no tadq sampler of its own; choose one explicitly "
                                   f"({', '.join(SAMPLER_KINDS)}).")
     if kind == "dpmsolver++":
+        algorithm = config.get("algorithm_type", "dpmsolver++")
+        if algorithm != "dpmsolver++":  # sde-dpmsolver++ adds noise, dpmsolver predicts ε: another sampler
+            raise NotImplementedError(f"{class_name} ships with algorithm_type={algorithm!r}; tadq implements "
+                                      "DPM-Solver++ (algorithm_type='dpmsolver++') only: choose a sampler "
+                                      "explicitly.")
         order = int(config.get("solver_order", 2))
         if order not in (1, 2):
             raise NotImplementedError(f"{class_name} ships with solver_order={order}; tadq implements DPM-Solver++ "

@@ -244,9 +244,10 @@ def _warn_off_grid(scheduler: DDIMScheduler, timesteps: list[int]) -> None:
     if off_grid:
         logger.warning(
             "DDIM with timestep_spacing=%r: diffusers' DDIMScheduler.step moves t -> t - %d, which is not the next "
-            "grid timestep for %d of %d steps (first at t=%d). tadq follows diffusers; use 'leading' or 'trailing' "
-            "spacing for a consistent grid.",
+            "grid timestep for %d of %d steps (first at t=%d). tadq follows diffusers; for a consistent grid use "
+            "'leading' spacing, or 'trailing' with a step count that divides num_train_timesteps (%d).",
             scheduler.config.timestep_spacing, ratio, len(off_grid), len(timesteps), off_grid[0],
+            scheduler.config.num_train_timesteps,
         )
 
 
@@ -353,6 +354,13 @@ def step_contexts(scheduler: Any, sampler: SamplerConfig, guidance_scale: float 
         return _ode_contexts(scheduler, sampler, guidance_scale)
     alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)  # (N_train,)
     timesteps = [int(t) for t in scheduler.timesteps]
+    zero = [t for t in timesteps if float(alphas_cumprod[t]) == 0.0]
+    if zero:  # a zero-terminal-SNR schedule (rescale_betas_zero_snr) visiting its last timestep
+        raise NotImplementedError(
+            f"ᾱ_t = 0 at t={zero[0]} of the {sampler.key} grid (a zero-terminal-SNR schedule, rescale_betas_zero_snr="
+            f"{scheduler.config.get('rescale_betas_zero_snr')}): tadq's {sampler.kind} step recovers x̂_0 from ε, "
+            "which is undefined there; sample it with euler, euler-ancestral or dpmsolver++ (their σ grid stays "
+            "finite), or with 'leading' spacing, which does not visit that timestep")
     if sampler.kind == "ddim":
         final_alpha_cumprod = scheduler.final_alpha_cumprod.to(torch.float32)
         _warn_off_grid(scheduler, timesteps)
