@@ -18,6 +18,11 @@ __all__ = ["load_pipeline_parts", "shipped_model_path"]
 logger = logging.getLogger(__name__)
 
 
+# Released DiT (facebook/DiT-XL-2-*) and PixArt-α folders name their denoiser ``Transformer2DModel``;
+# ``Transformer2DModel.from_pretrained`` loads them as these classes, chosen by ``norm_type``.
+_LEGACY_TRANSFORMER_CLASSES = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
+
+
 def shipped_model_path() -> Path:
     """The digits DDPM that ships inside the package (trained by ``tadq zoo train``)."""
     return Path(__file__).parent / "zoo" / "weights" / "digits-ddpm"
@@ -101,6 +106,8 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
     model_dir = _model_dir(path)
     model_config = read_json_file(model_dir / "config.json", "model config")
     class_name = model_config.get("_class_name") if isinstance(model_config, dict) else None
+    if class_name == "Transformer2DModel":  # the legacy name of released DiT / PixArt-α folders, as diffusers reads it
+        class_name = _LEGACY_TRANSFORMER_CLASSES.get(model_config.get("norm_type"), class_name)
     family = model_family(str(class_name), where=str(model_dir))
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load(path)")
