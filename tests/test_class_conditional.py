@@ -168,22 +168,3 @@ def test_svdquant_cost_runs_a_class_conditional_model(setup):
     summary = cost_summary(qmodel, steps=SAMPLER.num_steps)
     assert summary["bitops_quantized_gemms"] == SAMPLER.num_steps * bit_operations(qmodel) > 0
     assert summary["branch_macs"] > 0
-
-
-def test_cli_quantize_and_sample_refuse_a_class_conditional_folder_pointing_to_tadq_run(setup, tmp_path):
-    """`tadq quantize`/`tadq sample` drive unconditional models and prompt pipelines: a class-conditional folder is
-    refused in one line before any calibration or sampling, naming the command that does drive it."""
-    from diffusers import DDPMPipeline
-    from typer.testing import CliRunner
-
-    from tadq.cli.app import app
-
-    model, scheduler, _ = setup
-    folder = tmp_path / "classes"
-    DDPMPipeline(unet=model, scheduler=scheduler).save_pretrained(folder)
-    for command in (["quantize", str(folder), "--preset", "W8A8", "--method", "naive", "--out", str(tmp_path / "q")],
-                    ["sample", str(folder), "--num-samples", "2", "--out", str(tmp_path / "s.png")]):
-        result = CliRunner().invoke(app, command)
-        assert result.exit_code == 2, result.output
-        assert "class_labels" in result.output and f"tadq run --model {folder}" in result.output.replace("\n", "")
-        assert not (tmp_path / "q").exists() and not (tmp_path / "s.png").exists()

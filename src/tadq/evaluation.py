@@ -11,8 +11,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from tadq.metrics import per_step_mse, psnr_per_sample, ssim_per_sample
@@ -142,6 +144,7 @@ def evaluate_against_reference(
     candidate: nn.Module, reference: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
     batch_size: int = 128, features: FeatureSpace | None = None, progress: bool = True,
     conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
+    decoder: Callable[[Tensor], Tensor] | None = None,
 ) -> Evaluation:
     """Sample ``candidate`` (a ``QuantizedDenoiser``) and its FP ``reference`` from the same noise and compare them.
 
@@ -158,22 +161,29 @@ def evaluate_against_reference(
             samples' shape before anything is sampled.
         conditions, guidance_scale: per-sample conditioning and classifier-free guidance of both runs (see
             ``tadq.api.sample``); a sample gets the same conditions in both.
+        decoder: latents → images (a latent model's VAE): the image metrics and the returned samples are the
+            decoded images, the per-step error stays in the latent space the sampler walks in.
     """
     from tadq.api import sample
 
     check_same_architecture(candidate, reference)
     if features is not None:
-        shape = getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate)
-        features.check_fits(tuple(shape), "the model's samples")
+        shape = tuple(getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate))
+        if decoder is not None:  # the features read the decoded images
+            with torch.no_grad():
+                shape = tuple(decoder(torch.zeros(1, *shape)).shape[1:])
+        features.check_fits(shape, "the model's samples")
     runs = {}
     for name, model in (("FP", reference), ("quantized", candidate)):
         logger.info("sampling the %s model (%d samples, %s, seed %d)", name, num_samples, sampler.key, seed)
         runs[name] = sample(model, scheduler, sampler, num_samples=num_samples, seed=seed, batch_size=batch_size,
                             record_trajectory=True, progress=progress, conditions=conditions,
                             guidance_scale=guidance_scale)
-    fp, quantized = runs["FP"], runs["quantized"]
     for name, run in runs.items():  # before any metric: NaN would hang scipy's sqrtm and poison every mean
         require_finite(run.images, f"the {name} model's samples")
+    if decoder is not None:
+        runs = {name: dataclasses.replace(run, images=decoder(run.images)) for name, run in runs.items()}
+    fp, quantized = runs["FP"], runs["quantized"]
     if fp.images.shape != quantized.images.shape:
         raise ValueError(f"the reference samples {tuple(fp.images.shape[1:])} but the quantized model "
                          f"{tuple(quantized.images.shape[1:])}: pass the FP model it was quantized from")

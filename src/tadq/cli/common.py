@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
@@ -14,8 +14,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
+if TYPE_CHECKING:
+    from tadq.experiments.workload import ClassLabelSetting
+
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "GuidanceScale",
-           "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass"]
+           "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass", "class_conditions_for"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into (or with --overwrite replace) a folder tadq did not write, or one that "
@@ -92,18 +95,24 @@ def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
     return prompts
 
 
-def refuse_unsupported_conditioning(model: torch.nn.Module, source: Path, command: str) -> None:
-    """``tadq quantize``/``tadq sample`` drive unconditional models and text-to-image pipelines; a model conditioned
-    on class labels (or other inputs) is refused here, before any calibration or sampling, pointing to what does
-    drive it (``tadq run``, the Python API), instead of failing later with the API's ``conditions=`` advice."""
+def class_conditions_for(model: torch.nn.Module, source: Path, command: str, *, labels: str | None,
+                         null_class: int | None, guidance_scale: float | None) -> ClassLabelSetting | None:
+    """How ``tadq quantize``/``tadq sample`` condition ``model``: ``None`` for an unconditional one (which takes no
+    --labels/--null-class), the labels, null class and guidance of a class-conditional one (``class_label_setting``:
+    the shipped models' defaults, the architecture's null class), checked before any calibration or sampling. A
+    model conditioned on other inputs (text embeddings without a pipeline's text encoder...) is refused here."""
     from tadq.registry import adapter_for
 
-    wanted = adapter_for(model).conditioning_inputs(model)
+    wanted = tuple(adapter_for(model).conditioning_inputs(model))
     if not wanted:
-        return
-    labels = "class_labels" in wanted
-    raise ValueError(f"{source} holds a {type(model).__name__} conditioned on {list(wanted)}: `tadq {command}` runs "
-                     "unconditional models and text-to-image pipelines (--prompt)"
-                     + ("; a class-conditional model is quantized, sampled and evaluated by `tadq run --model "
-                        f"{source} [--labels random --null-class N --guidance-scale S]`, or in Python with "
-                        "conditions=tadq.sampling.RandomClassLabels(...)" if labels else ""))
+        if labels is not None or null_class is not None:
+            raise ValueError(f"--labels/--null-class/--class-label given, but {source} holds an unconditional "
+                             f"{type(model).__name__}: it takes no class labels")
+        return None
+    if wanted != ("class_labels",):
+        raise ValueError(f"{source} holds a {type(model).__name__} conditioned on {list(wanted)}: `tadq {command}` "
+                         "runs unconditional and class-conditional models and text-to-image pipelines (a folder with "
+                         "model_index.json, its text encoder and tokenizer; --prompt)")
+    from tadq.experiments.workload import class_label_setting
+
+    return class_label_setting(source, model, guidance_scale=guidance_scale, labels=labels, null_class=null_class)

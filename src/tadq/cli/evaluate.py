@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, Labels, NullClass, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Dtype, Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler
 
 __all__ = ["evaluate_command"]
@@ -107,6 +107,8 @@ def evaluate_command(
     reference_images: Annotated[Path | None, typer.Option(
         help="Real images for a custom feature space: a safetensors file with one tensor 'images' (M, C, H, W) in "
              "[-1, 1].")] = None,
+    labels: Labels = None,
+    null_class: NullClass = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
@@ -115,6 +117,9 @@ def evaluate_command(
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections) and its FP reference (in --dtype) from the same
     noise; print FD, agreement, PSNR/SSIM, MSE."""
+    import torch
+
+    from tadq.cli.sample import class_conditioning
     from tadq.config import config_to_dict
     from tadq.device import place_model
     from tadq.evaluation import evaluate_against_reference
@@ -132,15 +137,24 @@ def evaluate_command(
         qmodel, scheduler = load_quantized(model_dir)
         check_sampler(qmodel, sampler_config, str(model_dir))
         qmodel = place_model(qmodel, torch_device, torch_dtype)  # float32: bit-identical to the saved model
+        # a class-conditional model: labels from the evaluation seed (never the calibration one), the recipe's
+        # guidance; a latent model's samples are scored after its VAE decodes them
+        conditions, scale, decoder = class_conditioning(qmodel, model_dir, num_samples, class_label=None,
+                                                         labels=labels, null_class=null_class, guidance_scale=None,
+                                                         device=torch_device, dtype=torch_dtype)
         fp_model, fp_scheduler = load_pipeline_parts(reference)
         fp_model = place_model(fp_model, torch_device, torch_dtype)
-        space = _feature_space(features, reference, reference_images, qmodel.sample_shape[-1])
+        resolution = qmodel.sample_shape[-1]
+        if decoder is not None:
+            resolution = decoder(torch.zeros(1, *qmodel.sample_shape, device=torch_device)).shape[-1]
+        space = _feature_space(features, reference, reference_images, resolution)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
-                                                features=space)
+                                                features=space, conditions=conditions, guidance_scale=scale,
+                                                decoder=decoder)
         inception = None
         if inception_weights is not None:
-            inception = _inception_fids(evaluation, inception_weights, qmodel.sample_shape[-1])
+            inception = _inception_fids(evaluation, inception_weights, resolution)
     rows = _rows(evaluation, qmodel.config)
     if inception is not None:
         for row, value in zip(rows, inception, strict=True):
@@ -153,6 +167,7 @@ def evaluate_command(
     if out is not None:
         settings = {"model": str(model_dir), "reference": str(reference) if reference else "shipped",
                     "sampler": config_to_dict(sampler_config), "sampler_key": sampler_config.key,
-                    "num_samples": num_samples, "seed": seed}
+                    "num_samples": num_samples, "seed": seed, "guidance_scale": scale,
+                    "labels": None if conditions is None else conditions.key}
         _write_report(out, rows, evaluation, settings)
         console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, refuse_unsupported_conditioning, setup
+from tadq.cli.common import ForceForeign, Labels, NullClass, class_conditions_for, console, fail_cleanly, setup
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.config import DEFAULT_FP_LAYERS, QuantConfig, config_from_dict, fp_layer_roles
 from tadq.quant.qscheme import preset
@@ -280,6 +280,8 @@ def quantize_command(
                                "mod the count). Keep them apart from the prompts you evaluate with.")] = None,
     calib_prompts: Annotated[Path | None, typer.Option(
         "--calib-prompts", help="Text file of calibration prompts, one per line (blank lines skipped).")] = None,
+    labels: Labels = None,
+    null_class: NullClass = None,
     exclude: Annotated[list[str] | None, typer.Option(help="fnmatch pattern of layers kept in FP (repeat).")] = None,
     keep_fp_role: Annotated[list[str] | None, typer.Option(
         help="Adapter role kept in FP (repeat; replaces --fp-layers).")] = None,
@@ -346,13 +348,30 @@ def quantize_command(
         check_writable_dir(cache_dir, "--cache-dir")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
+        if prompts is not None and (labels is not None or null_class is not None):
+            raise ValueError(f"--labels/--null-class are for class-conditional models; {model_dir} is a "
+                             "text-to-image pipeline, conditioned by --calib-prompt")
         torch.manual_seed(seed)
         if prompts is None:
             model, scheduler = load_pipeline_parts(model_dir)
-            refuse_unsupported_conditioning(model, source, "quantize")
+            given_scale = guidance_scale if guidance_scale is not None else (
+                recipe.guidance_scale if recipe.guidance_scale != 1.0 else None)  # None: the model's default
+            setting = class_conditions_for(model, source, "quantize", labels=labels, null_class=null_class,
+                                           guidance_scale=given_scale)
+            conditions = None
+            if setting is not None:  # calibrated and fitted on labels from the calibration seed, at its guidance
+                conditions = setting.source
+                deployment = dataclasses.replace(recipe.deployments[0], guidance_scale=setting.guidance_scale)
+                recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
+                console.print(f"class-conditional {type(model).__name__}: labels {setting.labels} of "
+                              f"{setting.num_classes}, null class {setting.null_class}, guidance "
+                              f"{setting.guidance_scale:g} (sample with the same --null-class)")
             qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
-                              device=torch_device, dtype=torch_dtype)
-            size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite, force_foreign=force_foreign)
+                              device=torch_device, dtype=torch_dtype, conditions=conditions)
+            # a latent pipeline (DiT + VAE) keeps its other components, so the artefact's samples can be decoded
+            pipeline = setting is not None and model_dir is not None and (model_dir / "model_index.json").is_file()
+            size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite, force_foreign=force_foreign,
+                                  pipeline_source=model_dir if pipeline else None)
         else:
             from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
 

@@ -10,11 +10,11 @@ import typer
 from diffusers import SchedulerMixin
 from torch import nn
 
-from tadq.cli.common import console, fail_cleanly, refuse_unsupported_conditioning, setup
+from tadq.cli.common import Labels, NullClass, class_conditions_for, console, fail_cleanly, setup
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
            "Threads", "Device", "Dtype", "Verbose",
-           "deployment_sampler"]
+           "deployment_sampler", "class_conditioning"]
 
 SamplerKind = Annotated[str | None, typer.Option(
     "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
@@ -153,6 +153,45 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     return written
 
 
+def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, class_label: list[int] | None,
+                        labels: str | None, null_class: int | None, guidance_scale: float | None, device, dtype):
+    """(conditions, guidance scale, VAE decoder or ``None``) of ``tadq sample``, all checked before sampling.
+
+    An unconditional model takes no labels and no guidance. A class-conditional one samples explicit labels
+    (``--class-label``) or the ``--labels`` mode; its guidance defaults to the artefact recipe's (the scale its
+    corrections were fitted at; another one is refused for a model carrying fitted tables). A latent model's
+    samples are decoded by the folder's VAE."""
+    from tadq.experiments.workload import folder_vae_decoder
+    from tadq.pipelines.quantized import resolve_deployment
+    from tadq.sampling import ClassLabels
+
+    recipe = getattr(denoiser, "recipe", None)
+    fitted = recipe.guidance_scale if recipe is not None and recipe.guidance_scale != 1.0 else None
+    network = getattr(denoiser, "model", denoiser)
+    if class_label and labels is not None:
+        raise ValueError("give --class-label or --labels, not both")
+    mode = "random" if class_label else labels  # explicit labels are guided like random ones
+    setting = class_conditions_for(network, source, "sample", labels=mode, null_class=null_class,
+                                   guidance_scale=guidance_scale if guidance_scale is not None else fitted)
+    if setting is None:
+        if class_label:
+            raise ValueError(f"--class-label given, but {source} holds an unconditional {type(network).__name__}")
+        if guidance_scale is not None and guidance_scale != 1.0:
+            raise ValueError(f"--guidance-scale {guidance_scale:g} needs an unconditional branch (an empty or "
+                             f"negative prompt, a null class), which {source} does not have; drop the flag")
+        return None, 1.0, folder_vae_decoder(source, device, dtype)
+    scale = setting.guidance_scale
+    resolve_deployment(denoiser, recipe, None, scale, None, 1.0)  # tables fitted at another scale: refused
+    conditions = setting.source
+    if class_label:
+        wanted = tuple(class_label[i % len(class_label)] for i in range(num_samples))
+        if max(wanted) >= setting.num_classes or min(wanted) < 0:
+            raise ValueError(f"--class-label {max(wanted) if max(wanted) >= 0 else min(wanted)} is not a class of "
+                             f"{source}: its classes are 0..{setting.num_classes - 1}")
+        conditions = ClassLabels(wanted, setting.null_class if scale != 1.0 else None)
+    return conditions, scale, folder_vae_decoder(source, device, dtype)
+
+
 def sample_command(
     model_dir: Annotated[Path | None, typer.Argument(
         help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
@@ -177,6 +216,11 @@ def sample_command(
     text_encoder_bits: Annotated[int | None, typer.Option(
         help="Weight-only quantization of a pipeline's text encoders (8 or 4 bits, per output channel; default "
              "off).")] = None,
+    class_label: Annotated[list[int] | None, typer.Option(
+        "--class-label", help="Class of a class-conditional model (repeat; sample i gets label i mod the count; "
+                              "default: --labels).")] = None,
+    labels: Labels = None,
+    null_class: NullClass = None,
     tensor_out: Annotated[Path | None, typer.Option(
         help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle).")
     ] = None,
@@ -228,25 +272,32 @@ def sample_command(
         if negative_prompt is not None or text_encoder_bits is not None:
             raise ValueError(f"--negative-prompt/--text-encoder-bits given, but {source} is not a text-to-image "
                              "pipeline")
-        if guidance_scale is not None and guidance_scale != 1.0:
-            raise ValueError(f"--guidance-scale {guidance_scale:g} needs an unconditional branch (an empty or "
-                             f"negative prompt), which {source} does not have; drop the flag")
         out = Path("samples.png") if out is None else out
         check_output_file(out, what="--out", suffixes=(".png",), inputs=[source])  # before sampling, not after
         if tensor_out is not None:
             check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source])
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         denoiser, scheduler, label = load_denoiser(model_dir, backend)
-        refuse_unsupported_conditioning(getattr(denoiser, "model", denoiser), source, "sample")
+        conditions, scale, decoder = class_conditioning(denoiser, source, num_samples, class_label=class_label,
+                                                         labels=labels, null_class=null_class,
+                                                         guidance_scale=guidance_scale, device=torch_device,
+                                                         dtype=torch_dtype)
         check_sampler(denoiser, sampler_config, str(model_dir))
         denoiser = place_model(denoiser, torch_device, torch_dtype)
         result = sample(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
-                        batch_size=batch_size)
+                        batch_size=batch_size, conditions=conditions, guidance_scale=scale)
         require_finite(result.images, f"the samples of {model_dir or 'the shipped model'}")
-        written = save_comparison_grid({f"{label} · {sampler_config.key} · seed {seed}": result.images}, out)
+        images = result.images if decoder is None else decoder(result.images)
+        title = f"{label} · {sampler_config.key} · seed {seed}" + (f" · guidance {scale:g}" if scale != 1.0 else "")
+        written = save_comparison_grid({title: images}, out)
+    if conditions is not None:
+        shown = conditions(seed, range(min(num_samples, 16))).class_labels.tolist()
+        console.print(f"class labels of the first samples: {shown}" + ("" if num_samples <= 16 else " ..."))
     console.print(f"wrote {written} ({num_samples} samples, {label})")
     if tensor_out is not None:
-        save_checked({"images": result.images, "indices": result.indices},
-                     {"seed": seed, "sampler": config_to_dict(sampler_config), "model": str(model_dir or "shipped")},
-                     tensor_out)
+        tensors = {"images": result.images, "indices": result.indices}
+        if conditions is not None:  # the samples before decoding, with the label each was drawn for
+            tensors["class_labels"] = conditions(seed, range(num_samples)).class_labels
+        save_checked(tensors, {"seed": seed, "sampler": config_to_dict(sampler_config), "guidance_scale": scale,
+                               "model": str(model_dir or "shipped")}, tensor_out)
         console.print(f"wrote {tensor_out}")

@@ -26,7 +26,8 @@ from tadq.registry import adapter_for
 from tadq.safefiles import read_json_file
 from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels
 
-__all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder"]
+__all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
+           "ClassLabelSetting", "class_label_setting", "folder_vae_decoder", "LABEL_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,13 +198,20 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
 
 def _with_folder_vae(workload: Workload, path: Path, device: torch.device | None,
                      dtype: torch.dtype | None) -> Workload:
-    """A latent pipeline (``DiTPipeline``, an LDM folder) samples latents: its own ``vae/`` decodes them before any
-    image metric. A folder whose index names a VAE that is not there is refused, not sampled as pixels."""
+    decoder = folder_vae_decoder(path, device, dtype)
+    return workload if decoder is None else dataclasses.replace(workload, decoder=decoder)
+
+
+def folder_vae_decoder(path: Path, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> Callable[[Tensor], Tensor] | None:
+    """Latents → images with the folder's own ``vae/`` (a ``DiTPipeline``, an LDM folder, an artefact saved from
+    one); ``None`` when ``model_index.json`` names no VAE (the samples are images). A folder whose index names a
+    VAE that is not there is refused, not sampled as pixels."""
     index_file = path / "model_index.json"
     index = read_json_file(index_file, "pipeline index") if index_file.exists() else {}
     entry = index.get("vae") if isinstance(index, dict) else None
     if entry is None or entry == [None, None]:
-        return workload
+        return None
     from diffusers import AutoencoderKL
 
     if not (path / "vae" / "config.json").exists():
@@ -219,15 +227,37 @@ def _with_folder_vae(workload: Workload, path: Path, device: torch.device | None
     vae = vae.eval().requires_grad_(False)
     if device is not None:
         vae = vae.to(device)
-    return dataclasses.replace(workload, decoder=_vae_decoder(vae))
+    return _vae_decoder(vae)
 
 
-def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler: Any, guidance_scale: float | None,
-                                labels: str | None, null_class: int | None) -> Workload:
-    """A class-conditional model: unconditional samples (its null class) or random labels, with guidance.
+@dataclass(frozen=True)
+class ClassLabelSetting:
+    """How a class-conditional model is sampled: the per-sample labels, the guidance scale, the null class.
+
+    Args:
+        source: sample i's label (and the null class of its unconditional branch when guided).
+        guidance_scale: classifier-free guidance scale (1: none).
+        labels: ``"null"`` (every sample unconditional) or ``"random"`` (labels from (seed, i)).
+        null_class: the model's "no class" label (``None``: unknown, and guidance is refused).
+        num_classes: how many labels ``"random"`` draws from (the real classes below the null class).
+    """
+
+    source: ConditionSource
+    guidance_scale: float
+    labels: str
+    null_class: int | None
+    num_classes: int
+
+
+def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | None = None, labels: str | None = None,
+                        null_class: int | None = None) -> ClassLabelSetting:
+    """The labels of a class-conditional model, checked before any sampling.
 
     The null class is the user's, else the shipped photos model's, else the one the architecture defines (a DiT's
-    label K); the shipped DiT defaults to its recorded guidance scale and is scored by the digit classifier."""
+    label K); the shipped DiT defaults to its recorded guidance scale, every other model to 1. ``labels`` defaults to
+    ``"null"`` for the shipped photos model and ``"random"`` otherwise."""
+    if labels is not None and labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     shipped = path.resolve() == _shipped_photos_path().resolve()
     shipped_dit = path.resolve() == _shipped_dit_path().resolve()
     adapter = adapter_for(fp)
@@ -254,25 +284,37 @@ def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler:
     if guidance_scale != 1.0 and (labels != "random" or null_class is None):
         raise ValueError("guidance needs a conditional branch and an unconditional one: use labels='random' and give "
                          "null_class (--labels random --null-class N)")
+    num_classes = null_class if null_class is not None else num_embeddings
     if labels == "null":
         source: ConditionSource = _NullLabels(null_class)
     else:
-        num_classes = null_class if null_class is not None else num_embeddings
         if num_classes < 1:
             raise ValueError(f"{path}: no real class below the null class {null_class}")
         source = RandomClassLabels(num_classes, null_class if guidance_scale != 1.0 else None)
-    # the shipped models' classifiers read their classes back; nothing reads a user's classes
+    return ClassLabelSetting(source=source, guidance_scale=guidance_scale, labels=labels, null_class=null_class,
+                             num_classes=num_classes)
+
+
+def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler: Any, guidance_scale: float | None,
+                                labels: str | None, null_class: int | None) -> Workload:
+    """A class-conditional model: unconditional samples (its null class) or random labels, with guidance; the
+    shipped models' classifiers read their classes back (nothing reads a user's classes)."""
+    shipped = path.resolve() == _shipped_photos_path().resolve()
+    shipped_dit = path.resolve() == _shipped_dit_path().resolve()
+    setting = class_label_setting(path, fp, guidance_scale=guidance_scale, labels=labels, null_class=null_class)
+    source = setting.source
     features: FeatureSpace | None = PhotosFeatureSpace() if shipped else None
     if shipped_dit:
         features = DigitsFeatureSpace(int(_shipped_dit_image_size()))
     expected_labels = None
-    if (shipped or shipped_dit) and labels == "random":
+    if (shipped or shipped_dit) and setting.labels == "random":
         def expected_labels(seed: int, count: int) -> Tensor:
             return source(seed, range(count)).class_labels
 
     return Workload(name=name, model=fp, scheduler=scheduler, calibration_conditions=source,
-                    evaluation_conditions=source, guidance_scale=guidance_scale, expected_labels=expected_labels,
-                    features=features, settings={"labels": source.key, "guidance_scale": guidance_scale})
+                    evaluation_conditions=source, guidance_scale=setting.guidance_scale,
+                    expected_labels=expected_labels, features=features,
+                    settings={"labels": source.key, "guidance_scale": setting.guidance_scale})
 
 
 def _shipped_dit_image_size() -> int:

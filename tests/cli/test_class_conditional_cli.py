@@ -1,0 +1,138 @@
+"""`tadq quantize`, `tadq sample` and `tadq evaluate` on class-conditional folders: a pixel UNet with a null class
+(labels, guidance, a fitted correction) and a latent DiT pipeline whose VAE travels into the artefact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+from safetensors.torch import load_file
+from tests.conftest import build_tiny_unet
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+
+runner = CliRunner()
+NUM_CLASSES = 3
+NULL = NUM_CLASSES  # the extra embedding row: the unconditional branch
+SMALL = ["--steps", "4", "--calib-trajectories", "8", "--set", "calibration.samples_per_step=4",
+         "--set", "calibration.num_steps_kept=2"]
+
+
+def _invoke(*args: str):
+    result = runner.invoke(app, list(args))
+    return result, " ".join(result.output.split())
+
+
+@pytest.fixture(scope="module")
+def unet_folder(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("classes") / "pipe"
+    DDPMPipeline(unet=build_tiny_unet(num_class_embeds=NUM_CLASSES + 1),
+                 scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def guided_artefact(unet_folder, tmp_path_factory):
+    """Quantized at guidance 2.5 against the null class, TAC fitted at that scale."""
+    out = tmp_path_factory.mktemp("q") / "guided"
+    result, text = _invoke("quantize", str(unet_folder), "--out", str(out), "--preset", "W8A8", "--method", "naive",
+                           "--labels", "random", "--null-class", str(NULL), "--guidance-scale", "2.5",
+                           "--correct", "tac", "--set", "corrections.0.num_samples=8", *SMALL,
+                           "--cache-dir", str(out.parent / "cache"))
+    assert result.exit_code == 0, result.output
+    assert f"labels random of {NUM_CLASSES}, null class {NULL}, guidance 2.5" in text
+    return out
+
+
+def test_quantize_records_the_guidance_its_corrections_were_fitted_at(guided_artefact):
+    recipe = json.loads((guided_artefact / "tadq_recipe.json").read_text())
+    deployment = recipe["data"]["deployments"][0]["data"]
+    assert deployment["guidance_scale"] == 2.5
+
+
+def test_sample_draws_the_given_labels_at_the_fitted_guidance(guided_artefact, tmp_path):
+    def run(name: str, *labels: str):
+        result, text = _invoke("sample", str(guided_artefact), "--num-samples", "4", "--null-class", str(NULL),
+                               *labels, "--out", str(tmp_path / f"{name}.png"),
+                               "--tensor-out", str(tmp_path / f"{name}.safetensors"))
+        assert result.exit_code == 0, result.output
+        return load_file(tmp_path / f"{name}.safetensors"), text
+
+    first, text = run("a", "--class-label", "0", "--class-label", "2")
+    assert "class labels of the first samples: [0, 2, 0, 2]" in text and (tmp_path / "a.png").stat().st_size > 0
+    assert first["class_labels"].tolist() == [0, 2, 0, 2]
+    again, _ = run("b", "--class-label", "0", "--class-label", "2")
+    assert torch.equal(first["images"], again["images"])  # same seed, same labels: same samples
+    other, _ = run("c", "--class-label", "1")
+    assert other["class_labels"].tolist() == [1] * 4
+    assert not torch.equal(first["images"][0], other["images"][0])  # the label reaches the denoiser
+    assert torch.equal(first["images"][1::2], run("d", "--class-label", "2")[0]["images"][1::2])  # per-sample
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--null-class", str(NULL), "--guidance-scale", "4"], "fitted at guidance_scale=2.5"),  # TAC is for 2.5
+    (["--null-class", str(NULL), "--class-label", str(NULL)], "is not a class"),
+    (["--null-class", "9"], "is not a label of this model"),
+    (["--labels", "some"], "labels must be one of"),
+    (["--labels", "random", "--class-label", "1"], "not both"),
+])
+def test_sample_refuses_bad_labels_before_sampling(guided_artefact, tmp_path, args, message):
+    result, text = _invoke("sample", str(guided_artefact), "--num-samples", "2", *args,
+                           "--out", str(tmp_path / "s.png"))
+    assert result.exit_code == 2 and message in text, result.output
+    assert "sampling" not in text.lower().replace("sampling in", "") and not (tmp_path / "s.png").exists()
+
+
+def test_guidance_without_a_known_null_class_is_refused_before_calibration(unet_folder, tmp_path):
+    result, text = _invoke("quantize", str(unet_folder), "--out", str(tmp_path / "q"), "--guidance-scale", "2",
+                           *SMALL, "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 2 and "--null-class" in text, result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "cache").exists()
+
+
+def test_labels_are_refused_for_an_unconditional_model(tiny_model_dir, tmp_path):
+    for command in (["quantize", str(tiny_model_dir), "--out", str(tmp_path / "q"), "--labels", "random"],
+                    ["sample", str(tiny_model_dir), "--class-label", "1", "--out", str(tmp_path / "s.png")]):
+        result, text = _invoke(*command)
+        assert result.exit_code == 2 and "takes no class labels" in text, result.output
+    assert not (tmp_path / "q").exists() and not (tmp_path / "s.png").exists()
+
+
+@pytest.fixture(scope="module")
+def dit_folder(tmp_path_factory):
+    """A tiny random ``DiTPipeline``: K = 10 classes, null class 10, a one-level VAE (4×8×8 latents, 3×8×8 images)."""
+    from diffusers import DiTPipeline
+    from tests.adapters.test_transformer2d import build_tiny_dit
+    from tests.pipelines.builders import _scheduler, _vae
+
+    path = tmp_path_factory.mktemp("dit") / "pipe"
+    torch.manual_seed(0)
+    DiTPipeline(transformer=build_tiny_dit(), vae=_vae().eval(), scheduler=_scheduler()).save_pretrained(path)
+    return path
+
+
+def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder, tmp_path):
+    out = tmp_path / "dit-q"
+    result, text = _invoke("quantize", str(dit_folder), "--out", str(out), "--preset", "W8A8", "--method", "naive",
+                           "--guidance-scale", "2", *SMALL, "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    assert "null class 10, guidance 2" in text  # the architecture's null class, no flag needed
+    assert (out / "vae" / "config.json").is_file()  # the VAE travelled with the artefact, byte for byte
+    assert (out / "vae" / "config.json").read_bytes() == (dit_folder / "vae" / "config.json").read_bytes()
+    result, text = _invoke("sample", str(out), "--num-samples", "3", "--class-label", "7",
+                           "--out", str(tmp_path / "s.png"), "--tensor-out", str(tmp_path / "s.safetensors"))
+    assert result.exit_code == 0, result.output
+    saved = load_file(tmp_path / "s.safetensors")
+    assert saved["images"].shape == (3, 4, 8, 8) and saved["class_labels"].tolist() == [7, 7, 7]  # latents kept
+    report = tmp_path / "report"
+    result, text = _invoke("evaluate", str(out), "--reference", str(dit_folder), "--num-samples", "4",
+                           "--out", str(report))
+    assert result.exit_code == 0, result.output
+    settings = json.loads((report / "results.json").read_text())
+    rows = settings["rows"]
+    assert rows[1]["psnr"] is not None and rows[1]["final_mse"] > 0
+    assert settings["settings"]["guidance_scale"] == 2.0 if "settings" in settings else True
