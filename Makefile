@@ -33,11 +33,15 @@ bench-full: $(STAMP)
 	$(BIN)/tadq run --recon-rounding adaround --recon-activation-iters 400 --fp-layers none --out runs/main-full
 	$(BIN)/tadq run --methods naive,qdiffusion,ptqd,tac,tcec,ibc,ner,tac+tcec --presets W4A4,W4A8 --recon-rounding adaround --recon-activation-iters 400 --fp-layers none --out runs/main-full
 
+# every test runs with one torch thread (tests/conftest.py), so the suite is spread over the cores: one pytest-xdist
+# worker per core (at most 4), each test file on one worker (its module fixtures built once)
+PARALLEL = -n auto --maxprocesses 4 --dist loadfile
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PARALLEL)
 
 test-slow: $(STAMP)
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow $(PARALLEL)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/reconstruction_budget.py

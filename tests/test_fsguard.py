@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from tadq.fsguard import MARKER_FILE, OutputRefused, check_output_dir, check_output_file, is_tadq_output, mark_output
+from tadq.fsguard import (
+    MARKER_FILE,
+    OutputRefused,
+    check_output_dir,
+    check_output_file,
+    is_tadq_file,
+    is_tadq_output,
+    mark_output,
+)
 
 
 def test_marker_is_deterministic_and_recognised(tmp_path):
@@ -72,3 +80,48 @@ def test_file_rules(tmp_path):
     with pytest.raises(OutputRefused, match="not writable"):
         check_output_file("/sys/x.png", what="--out", suffixes=(".png",))
     check_output_file(tmp_path / "new" / "s.png", what="--out", suffixes=(".png",))
+
+
+def test_an_existing_file_is_replaced_only_when_tadq_wrote_it(tmp_path):
+    """A PNG or safetensors file at an output path is tadq's (its figure mark, its metadata) or is left alone."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from tadq.report import save_comparison_grid
+    from tadq.safefiles import save_checked
+
+    ours_png = save_comparison_grid({"x": torch.zeros(2, 1, 4, 4)}, tmp_path / "ours.png")
+    save_checked({"x": torch.zeros(2)}, {"seed": 0}, tmp_path / "ours.safetensors")
+    Image.new("RGB", (4, 4)).save(tmp_path / "photo.png")  # someone's PNG
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))  # someone's safetensors
+    (tmp_path / "notes.png").write_text("not an image")
+    for name in ("ours.png", "ours.safetensors"):
+        assert is_tadq_file(tmp_path / name)
+        check_output_file(tmp_path / name, what="--out")
+    for name in ("photo.png", "weights.safetensors", "notes.png"):
+        assert not is_tadq_file(tmp_path / name)
+        before = (tmp_path / name).read_bytes()
+        with pytest.raises(OutputRefused, match="tadq did not write it"):
+            check_output_file(tmp_path / name, what="--out")
+        check_output_file(tmp_path / name, what="--out", force_foreign=True)
+        assert (tmp_path / name).read_bytes() == before
+    assert ours_png.stat().st_size > 0
+
+
+def test_sample_refuses_to_overwrite_a_foreign_png_before_sampling(tmp_path, tiny_model_dir):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+
+    target = tmp_path / "mine.png"
+    Image.new("RGB", (4, 4)).save(target)
+    before = target.read_bytes()
+    args = ["sample", str(tiny_model_dir), "--num-samples", "2", "--steps", "2", "--out", str(target)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "tadq did not write it" in result.output and target.read_bytes() == before
+    result = CliRunner().invoke(app, [*args, "--force-foreign"])
+    assert result.exit_code == 0, result.output
+    assert is_tadq_file(target)
+    assert CliRunner().invoke(app, args).exit_code == 0  # its own grid is replaced without the flag

@@ -16,13 +16,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["MARKER_FILE", "OutputRefused", "check_output_dir", "check_output_file", "check_writable_dir",
-           "is_tadq_output", "mark_output"]
+__all__ = ["MARKER_FILE", "PNG_MARK", "OutputRefused", "check_output_dir", "check_output_file", "check_writable_dir",
+           "is_tadq_file", "is_tadq_output", "mark_output"]
 
 MARKER_FILE = "tadq_output.json"
 # JSON files by which folders written before the marker existed are still recognised as tadq's
 _LEGACY_FILES = ("tadq_config.json", "results.json", "report.json", "manifest.json", "training_info.json")
 FORCE_HINT = "pass --force-foreign (force_foreign=True) to write there anyway"
+# the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
+PNG_MARK = {"tadq": "tadq-output"}
 
 
 class OutputRefused(ValueError):
@@ -53,6 +55,32 @@ def _written_by_tadq(path: Path) -> bool:
         return False
     versions = document.get("versions")
     return str(document.get("format", "")).startswith("tadq") or (isinstance(versions, dict) and "tadq" in versions)
+
+
+def is_tadq_file(path: str | Path) -> bool:
+    """Whether the file at ``path`` is one tadq wrote (and may replace): a PNG carrying ``PNG_MARK``, or a
+    safetensors file with tadq's metadata (``safefiles.save_checked``: samples, checkpoints, caches)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".png":
+        from PIL import Image
+
+        try:
+            with Image.open(path) as image:
+                text = getattr(image, "text", {})
+                return all(text.get(key) == value for key, value in PNG_MARK.items())
+        except (OSError, ValueError, SyntaxError):
+            return False
+    from safetensors import safe_open
+
+    from tadq.safefiles import META_KEY
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return META_KEY in (handle.metadata() or {})
+    except Exception:  # safetensors raises its own error types for a file that is not one of its own
+        return False
 
 
 def mark_output(folder: str | Path, kind: str) -> None:
@@ -132,7 +160,8 @@ def check_output_dir(out: str | Path, *, what: str = "--out", overwrite: bool = 
 
 def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = (),
                       inputs: Sequence[str | Path] = (), force_foreign: bool = False) -> None:
-    """Refuse a file path that names a folder, has the wrong suffix, lies inside an input, or cannot be written."""
+    """Refuse a file path that names a folder, has the wrong suffix, lies inside an input, cannot be written, or
+    holds a file tadq did not write (``is_tadq_file``; ``force_foreign`` replaces it anyway)."""
     path = Path(path)
     if suffixes and path.suffix.lower() not in suffixes:
         raise OutputRefused(f"{what} {path} must end in {' or '.join(suffixes)} (e.g. {path.with_suffix(suffixes[0])}"
@@ -142,6 +171,8 @@ def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = 
         raise OutputRefused(f"{what} {path} is a folder; name a file, e.g. {example}")
     if not force_foreign and (relation := _overlap(path, inputs)):
         raise OutputRefused(f"{what} {path} {relation}; choose another path, or {FORCE_HINT}")
+    if path.exists() and not force_foreign and not is_tadq_file(path):
+        raise OutputRefused(f"{what} {path} exists and tadq did not write it; choose another path, or {FORCE_HINT}")
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputRefused(f"{what} {path} is not writable; choose another path")
     check_writable_dir(path.absolute().parent, what)

@@ -22,6 +22,10 @@ def _write_config(path: Path, **fields) -> Path:
     return path
 
 
+# a calibration small enough for a tiny model (the defaults record 256 trajectories of 50 steps)
+SMALL_FLAGS = ("--steps", "4", "--calib-trajectories", "8")
+
+
 def _quantize(tmp_path: Path, model_dir: Path, *extra: str):
     out = tmp_path / "q"
     args = ["quantize", str(model_dir), "--out", str(out), "--cache-dir", str(tmp_path / "cache"), *extra]
@@ -144,7 +148,7 @@ def test_evaluate_reports_inception_fid_from_a_local_file(tmp_path, tiny_model_d
 
     weights = tmp_path / "inception.pt"
     torch.jit.script(TinyInception()).save(str(weights))
-    result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "W8A8")
+    result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "W8A8", *SMALL_FLAGS)
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "6",
                                  "--steps", "3", "--inception-weights", str(weights)])
@@ -164,7 +168,7 @@ def test_sample_defaults_to_the_shipped_model(tmp_path):
 def test_qdiffusion_flags_reach_the_config(tmp_path, tiny_model_dir):
     result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "W4A8", "--method", "qdiffusion",
                             "--split-shortcut", "--quantize-attention", "--recon-iters", "3",
-                            "--recon-activation-iters", "2")
+                            "--recon-activation-iters", "2", *SMALL_FLAGS)
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "tadq_config.json").read_text())["quant_config"]["data"]
     assert saved["method"] == "qdiffusion" and saved["split_shortcut"] and saved["quantize_attention"]

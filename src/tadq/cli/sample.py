@@ -10,7 +10,7 @@ import typer
 from diffusers import SchedulerMixin
 from torch import nn
 
-from tadq.cli.common import Labels, NullClass, class_conditions_for, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, Labels, NullClass, class_conditions_for, console, fail_cleanly, setup
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
            "Threads", "Device", "Dtype", "Verbose",
@@ -104,7 +104,7 @@ def _grid(images: list, columns: int):
 def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | None, guidance_scale: float | None,
                     num_samples: int, seed: int, kind: str | None, steps: int | None, eta: float | None,
                     batch_size: int, out: Path, tensor_out: Path | None, device, dtype,
-                    text_encoder_bits: int | None = None) -> list[Path]:
+                    text_encoder_bits: int | None = None, force_foreign: bool = False) -> list[Path]:
     """Decoded images of a pipeline folder or artefact (``tadq.load_pipeline``) written to the folder ``out``:
     ``sample_NNNN.png``, ``grid.png``, ``prompts.json`` (sample → prompt, and the settings). Every input and path
     is checked before the pipeline is loaded; returns the files written."""
@@ -124,9 +124,10 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                          "grid.png and prompts.json go there), e.g. --out samples")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num-samples and --batch-size must be >= 1, got {num_samples}, {batch_size}")
-    check_output_dir(out, what="--out", resume=True, inputs=[path])
+    check_output_dir(out, what="--out", resume=True, inputs=[path], force_foreign=force_foreign)
     if tensor_out is not None:
-        check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path])
+        check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path],
+                          force_foreign=force_foreign)
     check_prompt_lengths(path, [*prompts, *([negative_prompt] if negative_prompt else [])])  # tokenizers only
     pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
@@ -224,6 +225,7 @@ def sample_command(
     tensor_out: Annotated[Path | None, typer.Option(
         help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle).")
     ] = None,
+    force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
@@ -262,7 +264,7 @@ def sample_command(
                 model_dir, prompts=prompt or [], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                 num_samples=num_samples, seed=seed, kind=sampler, steps=steps, eta=eta, batch_size=batch_size,
                 out=Path("samples") if out is None else out, tensor_out=tensor_out, device=torch_device,
-                dtype=torch_dtype, text_encoder_bits=text_encoder_bits)
+                dtype=torch_dtype, text_encoder_bits=text_encoder_bits, force_foreign=force_foreign)
             console.print(f"wrote {len(written) - 2} images, grid.png and prompts.json to {written[0].parent}")
             return
         if prompt:
@@ -273,9 +275,11 @@ def sample_command(
             raise ValueError(f"--negative-prompt/--text-encoder-bits given, but {source} is not a text-to-image "
                              "pipeline")
         out = Path("samples.png") if out is None else out
-        check_output_file(out, what="--out", suffixes=(".png",), inputs=[source])  # before sampling, not after
+        check_output_file(out, what="--out", suffixes=(".png",), inputs=[source],  # before sampling, not after
+                          force_foreign=force_foreign)
         if tensor_out is not None:
-            check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source])
+            check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source],
+                              force_foreign=force_foreign)
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         denoiser, scheduler, label = load_denoiser(model_dir, backend)
         conditions, scale, decoder = class_conditioning(denoiser, source, num_samples, class_label=class_label,

@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
+from tadq.fsguard import PNG_MARK  # noqa: E402
+
 __all__ = ["image_grid", "save_comparison_grid", "save_error_curves"]
 
 PANEL_TITLE_CHARS = 40  # a 3.2-inch panel holds about this many characters at font size 10; longer titles wrap
@@ -43,7 +45,7 @@ def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: i
         ax.set_title(textwrap.fill(title, PANEL_TITLE_CHARS), fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
+    fig.savefig(path, dpi=130, metadata=PNG_MARK)  # marked: a later run may replace it, nothing else is replaced
     plt.close(fig)
     return path
 
