@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -11,33 +10,19 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tests.io.tiny_artefacts import save_tiny_artefact
 from typer.testing import CliRunner
 
-import tadq
 from tadq.cli.app import app
-from tadq.config import CalibrationConfig, QuantConfig
-from tadq.io import WEIGHTS_FILE, save_quantized
+from tadq.io import WEIGHTS_FILE
 from tadq.io.manifest import write_manifest
-from tadq.sampling import SamplerConfig
 
 runner = CliRunner()
-CALIB = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=4, num_steps_kept=2,
-                          samples_per_step=4, batch_size=8)
 
 
 @pytest.fixture(scope="module")
 def artefact(tmp_path_factory) -> Path:
-    from diffusers import DDPMScheduler
-    from tests.conftest import build_tiny_unet
-
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    config = QuantConfig.from_preset("W4A8", calibration=CALIB)
-    config = dataclasses.replace(config, weights=dataclasses.replace(config.weights, range_method="minmax"),
-                                 activations=dataclasses.replace(config.activations, range_method="minmax"))
-    qmodel = tadq.quantize(build_tiny_unet(), scheduler, config, progress=False)
-    path = tmp_path_factory.mktemp("probe-cli") / "q"
-    save_quantized(qmodel, path, scheduler)
-    return path
+    return save_tiny_artefact(tmp_path_factory.mktemp("probe-cli") / "q", "W4A8")
 
 
 @pytest.fixture

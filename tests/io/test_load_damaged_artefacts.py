@@ -7,7 +7,6 @@ artefact built once per module.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -18,35 +17,21 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tests.io.tiny_artefacts import save_tiny_artefact
 
-import tadq
-from tadq.config import CalibrationConfig, QuantConfig
-from tadq.io import WEIGHTS_FILE, load_quantized, save_quantized
+from tadq.io import WEIGHTS_FILE, load_quantized
 from tadq.io.manifest import MANIFEST_FILE, ArtefactDamaged, verify_manifest, write_manifest
 from tadq.models import load_pipeline_parts
 from tadq.safefiles import read_json_file
-from tadq.sampling import SamplerConfig
 
-CALIB = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=4, num_steps_kept=2,
-                          samples_per_step=4, batch_size=8)
 LAYER = "model.down_blocks.0.resnets.0.conv1"  # a quantized conv, 4·4·3·3 = 144 weights: 72 packed bytes
 THREE_BIT = "model.down_blocks.0.resnets.0.conv2"  # given 3-bit weights (layer_bits)
 
 
 @pytest.fixture(scope="module")
 def artefact(tmp_path_factory) -> Path:
-    from diffusers import DDPMScheduler
-    from tests.conftest import build_tiny_unet
-
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    config = QuantConfig.from_preset("W4A8", calibration=CALIB, layer_bits=((THREE_BIT.removeprefix("model."), 3, 8),))
-    minmax = {name: dataclasses.replace(getattr(config, name), range_method="minmax")  # 10x faster than mse
-              for name in ("weights", "activations")}
-    config = dataclasses.replace(config, **minmax)
-    qmodel = tadq.quantize(build_tiny_unet(), scheduler, config, progress=False)
-    path = tmp_path_factory.mktemp("probe") / "q"
-    save_quantized(qmodel, path, scheduler)
-    return path
+    return save_tiny_artefact(tmp_path_factory.mktemp("probe") / "q", "W4A8",
+                              layer_bits=((THREE_BIT.removeprefix("model."), 3, 8),))
 
 
 @pytest.fixture
@@ -288,21 +273,10 @@ def test_a_pickled_bin_model_is_refused_and_never_unpickled(tiny_model_dir, monk
 
 @pytest.fixture(scope="module")
 def corrected(tmp_path_factory) -> Path:
-    from diffusers import DDPMScheduler
-    from tests.conftest import build_tiny_unet
-
     from tadq.corrections import PTQDConfig
-    from tadq.recipe import Recipe
 
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
-    config = QuantConfig.from_preset("W8A8", calibration=CALIB)
-    config = dataclasses.replace(config, weights=dataclasses.replace(config.weights, range_method="minmax"),
-                                 activations=dataclasses.replace(config.activations, range_method="minmax"))
-    recipe = dataclasses.replace(Recipe.from_quant_config(config), corrections=(PTQDConfig(num_samples=8, seed=1),))
-    qmodel = tadq.quantize(build_tiny_unet(), scheduler, recipe, progress=False)
-    path = tmp_path_factory.mktemp("probe-corrections") / "q"
-    save_quantized(qmodel, path, scheduler)
-    return path
+    return save_tiny_artefact(tmp_path_factory.mktemp("probe-corrections") / "q", "W8A8",
+                              corrections=(PTQDConfig(num_samples=8, seed=1),))
 
 
 def _edit_tables(folder: Path, edit) -> None:
