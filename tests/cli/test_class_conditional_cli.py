@@ -136,3 +136,16 @@ def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder,
     rows = settings["rows"]
     assert rows[1]["psnr"] is not None and rows[1]["final_mse"] > 0
     assert settings["settings"]["guidance_scale"] == 2.0 if "settings" in settings else True
+
+
+@pytest.mark.parametrize(("command", "hint"), [("quantize", "--calib-prompt"), ("sample", "--prompt"),
+                                               ("evaluate", "tadq run --model")])
+def test_a_text_conditioned_denoiser_alone_is_refused_naming_what_drives_it(tmp_path, command, hint):
+    from tests.conftest import build_tiny_sd_unet
+
+    from tadq.cli.common import class_conditions_for
+
+    with pytest.raises(ValueError, match="encoder_hidden_states") as error:
+        class_conditions_for(build_tiny_sd_unet(), tmp_path, command, labels=None, null_class=None,
+                             guidance_scale=None)
+    assert hint in str(error.value)
