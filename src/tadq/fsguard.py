@@ -99,9 +99,15 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_writable_dir(folder: str | Path, what: str) -> None:
-    """Raise unless ``folder`` (existing, or the nearest existing parent that will hold it) is a writable folder."""
+def check_writable_dir(folder: str | Path, what: str, *, inputs: Sequence[str | Path] = (),
+                       force_foreign: bool = False) -> None:
+    """Raise unless ``folder`` (existing, or the nearest existing parent that will hold it) is a writable folder;
+    with ``inputs`` (model folders the command reads), also when it is, holds or lies inside one (a cache would
+    write into the model), unless ``force_foreign``."""
     folder = Path(folder)
+    if inputs and not force_foreign and (relation := _overlap(folder, inputs)):
+        raise OutputRefused(f"{what} {folder} {relation}; tadq would write into the model folder it reads. Choose "
+                            f"another folder, or {FORCE_HINT}")
     existing = _nearest_existing(folder.absolute())
     if not existing.is_dir():
         raise OutputRefused(f"{what} {folder}: {existing} is a file, not a folder; choose another path")

@@ -39,6 +39,7 @@ def analyze_command(
     from tadq.analysis import analyze_propagation, save_propagation_plot
     from tadq.corrections.attach import as_denoiser
     from tadq.device import place_model
+    from tadq.evaluation import check_same_architecture
     from tadq.fsguard import check_output_dir, mark_output
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
@@ -56,6 +57,8 @@ def analyze_command(
         qmodel, _ = load_quantized(model_dir)
         qmodel = place_model(qmodel, torch_device, torch_dtype)
         fp, scheduler = load_pipeline_parts(fp_model)
+        # the default reference is the shipped model: another model's artefact is measured against it only if alike
+        check_same_architecture(qmodel, fp)
         fp = place_model(fp, torch_device, torch_dtype)
         # the network alone: the prediction explains the error the corrections then act on
         report = analyze_propagation(qmodel, as_denoiser(fp), scheduler, sampler_config, num_samples=num_samples,

@@ -18,6 +18,7 @@ from tadq.cli.common import (
     NegativePrompt,
     NullClass,
     console,
+    default_or_count,
     fail_cleanly,
     read_prompt_file,
     setup,
@@ -115,13 +116,15 @@ def run_command(
     with fail_cleanly():
         check_output_dir(out, resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
-        check_writable_dir(cache_dir, "--cache-dir")
+        check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
-        changes = {name: value for name, value in (("weight_iters", recon_iters),
-                                                   ("activation_iters", recon_activation_iters)) if value >= 0}
+        changes = {name: count for name, flag, value in (("weight_iters", "--recon-iters", recon_iters),
+                                                         ("activation_iters", "--recon-activation-iters",
+                                                          recon_activation_iters))
+                   if (count := default_or_count(flag, value)) is not None}
         if recon_gptq_target_damp != -1.0:
             changes["gptq_target_damp"] = recon_gptq_target_damp  # ReconstructionConfig refuses values <= 0
         reconstruction = ReconstructionConfig(rounding=recon_rounding, **changes)

@@ -76,14 +76,19 @@ def bench_command(
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
     from tadq.config import CalibrationConfig
     from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
-    from tadq.fsguard import check_output_dir, check_writable_dir, mark_output
+    from tadq.fsguard import check_output_dir, check_writable_dir, is_tadq_output
     from tadq.models import shipped_model_path
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
-        check_output_dir(out, resume=True, force_foreign=force_foreign,
-                         inputs=[model if model is not None else shipped_model_path()])
-        check_writable_dir(cache_dir, "--cache-dir")
+        source = model if model is not None else shipped_model_path()
+        check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
+        check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
+        if models_dir is not None:
+            # base models are saved into it and reused from it: tadq's own (marked, or <run>/models of a folder tadq
+            # marked, as runs/main/models), never the input model's folder or a foreign one
+            check_output_dir(models_dir, what="--models-dir", resume=True, inputs=[source],
+                             force_foreign=force_foreign or is_tadq_output(models_dir.parent))
         fields = matrix("quick" if quick else "default")
         if samplers is not None:
             fields["samplers"] = tuple(parse_sampler(name, steps) for name in _split(samplers))
@@ -106,9 +111,7 @@ def bench_command(
                              batch_size=batch_size, out_dir=str(out),
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),
                              threads=threads, device=device, dtype=dtype, **fields)
-        out.mkdir(parents=True, exist_ok=True)
-        mark_output(out, "bench")
-        report = run_bench(config)
+        report = run_bench(config)  # creates and marks --out once the model has loaded
     _print(report)
     console.print(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")
     console.print(report["command"], markup=False, soft_wrap=True)

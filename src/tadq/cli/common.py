@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from tadq.experiments.workload import ClassLabelSetting
 
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "GuidanceScale",
-           "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass", "class_conditions_for"]
+           "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass", "class_conditions_for",
+           "default_or_count"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into (or with --overwrite replace) a folder tadq did not write, or one that "
@@ -80,6 +81,14 @@ def fail_cleanly() -> Iterator[None]:
             message = f"{Path(error.filename)}: {message}"
         console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from error
+
+
+def default_or_count(flag: str, value: int) -> int | None:
+    """A count flag whose -1 means "the config's default": ``None`` for -1, the count for 0 or more, a clear error
+    naming the flag for anything below -1 (it used to fall back to the default silently)."""
+    if value < -1:
+        raise ValueError(f"{flag} must be >= 0, or -1 for the default; got {value}")
+    return None if value == -1 else value
 
 
 def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ from tadq.cli.common import (
     NegativePrompt,
     NullClass,
     console,
+    default_or_count,
     fail_cleanly,
     read_prompt_file,
     setup,
@@ -134,15 +135,17 @@ def recipe_command(
         from tadq.search.space import gbitops_per_sample
 
         kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
-        for name, number in (("--heldout", heldout), ("--evaluate", evaluate + 1), ("--batch-size", batch_size)):
+        for name, number in (("--heldout", heldout), ("--batch-size", batch_size)):
             if number < 1:
                 raise ValueError(f"{name} must be >= 1, got {number}")
+        if evaluate < 0:
+            raise ValueError(f"--evaluate must be >= 0 (0: no evaluation), got {evaluate}")
         sampler = SamplerConfig(kind="ddim", num_steps=steps, eta=eta)
         reconstruction = ReconstructionConfig(rounding=recon_rounding.strip().lower())
-        if recon_iters >= 0:
-            reconstruction = dataclasses.replace(reconstruction, weight_iters=recon_iters)
-        if recon_activation_iters >= 0:
-            reconstruction = dataclasses.replace(reconstruction, activation_iters=recon_activation_iters)
+        if (iters := default_or_count("--recon-iters", recon_iters)) is not None:
+            reconstruction = dataclasses.replace(reconstruction, weight_iters=iters)
+        if (iters := default_or_count("--recon-activation-iters", recon_activation_iters)) is not None:
+            reconstruction = dataclasses.replace(reconstruction, activation_iters=iters)
         if recon_gptq_target_damp != -1.0:  # ReconstructionConfig refuses values <= 0
             reconstruction = dataclasses.replace(reconstruction, gptq_target_damp=recon_gptq_target_damp)
         calibration = CalibrationConfig(sampler=sampler, num_trajectories=calib_trajectories,

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
-from tadq.cli.sample import Eta, SamplerKind, Steps, Threads, Verbose, load_denoiser
+from tadq.cli.sample import Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler, load_denoiser
 
 __all__ = ["sample_sharded_command"]
 
@@ -38,9 +38,9 @@ def sample_sharded_command(
         help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
     num_samples: Annotated[int, typer.Option(help="Number of samples (indices 0..N-1).")] = 1000,
     seed: Annotated[int, typer.Option(help="Noise seed (sample i's noise depends only on the seed and i).")] = 1000,
-    sampler: SamplerKind = "ddim",
-    steps: Steps = 50,
-    eta: Eta = 0.0,
+    sampler: SamplerKind = None,
+    steps: Steps = None,
+    eta: Eta = None,
     batch_size: Annotated[int, typer.Option(help="Samples per denoiser call inside a chunk.")] = 128,
     chunk_size: Annotated[int, typer.Option(
         help="Samples per chunk file, the unit of work and resume (0: the batch size).")] = 0,
@@ -66,7 +66,6 @@ def sample_sharded_command(
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
     from tadq.fsguard import check_output_dir
     from tadq.models import shipped_model_path
-    from tadq.sampling import SamplerConfig
     from tadq.utils import atomic_write_json
 
     setup(verbose, threads, "cpu")  # logging and threads; the device is resolved per rank below
@@ -75,7 +74,10 @@ def sample_sharded_command(
     with fail_cleanly(), distributed_world(device) as world:
         if not world.is_main:
             logging.getLogger("tadq").setLevel(logging.WARNING)
-        sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        # an artefact's own deployment sampler unless flags change it; fitted tables for another grid refused here
+        sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
+        if metrics and num_samples < 2:
+            raise ValueError(f"--num-samples {num_samples}: FD-digits needs at least 2 samples; pass --no-metrics")
         check_output_dir(out_dir, resume=True, force_foreign=force_foreign,
                          inputs=[model_dir if model_dir is not None else shipped_model_path()])
         reference = ShardedRun.open(reference_dir) if reference_dir is not None else None

@@ -111,6 +111,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device torch lacks fails here, named
         resolve_dtype(self.dtype)
+        if not self.presets or not self.methods:
+            raise ValueError("a run needs at least one preset and one method (--presets, --methods); FP alone is "
+                             "every run's first row")
         for name in self.presets:
             preset(name)  # raises ValueError on an unknown preset
         unknown = [m for m in self.methods if m not in method_names()]
@@ -120,6 +123,8 @@ class RunConfig:
         job_rows(self)  # ``best`` at a preset without a measured best fails here, before any work
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
+        if self.batch_size < 1:  # checked here: sampling would refuse it only after calibration
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.calibration.seed == self.eval_seed:
             raise ValueError(
                 "calibration.seed must differ from eval_seed: a fit scored on its own noise proves nothing"

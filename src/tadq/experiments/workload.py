@@ -170,9 +170,9 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
     if is_text_to_image_folder(path):
         return _text_to_image_workload(path, name, guidance_scale, calibration_prompts, evaluation_prompts,
                                        negative_prompt, device, dtype)
-    if calibration_prompts or evaluation_prompts:
+    if calibration_prompts or evaluation_prompts or negative_prompt:
         raise ValueError(f"{path} is not a text-to-image pipeline (no text_encoder in model_index.json): it takes no "
-                         "prompts")
+                         "prompts (--calib-prompts, --eval-prompts, --negative-prompt)")
     if labels is not None and labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     fp, scheduler = load_pipeline_parts(path)

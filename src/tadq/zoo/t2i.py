@@ -37,7 +37,7 @@ from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
 from tadq.zoo.t2i_text import build_text_encoder, build_tokenizer
-from tadq.zoo.train import CHECKPOINT_NAME, _learning_rate, load_checkpoint, save_checkpoint
+from tadq.zoo.train import CHECKPOINT_NAME, _learning_rate, check_learning_rates, load_checkpoint, save_checkpoint
 from tadq.zoo.unet import build_training_scheduler
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "T2ITrainConfig", "build_t2i_unet", "build_t2i_vae", "load_t2i_pipeline",
@@ -108,6 +108,7 @@ class T2ITrainConfig:
             raise ValueError(f"prompt_dropout must be in (0, 1), got {self.prompt_dropout}")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
+        check_learning_rates(self, ("vae_learning_rate", "learning_rate"))
         if self.text_hidden % 2 or self.text_hidden < 8:
             raise ValueError(f"text_hidden must be even and >= 8, got {self.text_hidden}")
 

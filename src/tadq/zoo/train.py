@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -71,8 +72,18 @@ def check_training_fields(config: Any, extra_counts: tuple[str, ...] = (), dropo
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
     if not 0.0 < config.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in (0, 1), got {config.ema_decay}")
+    check_learning_rates(config)
     if dropout is not None and not 0.0 < getattr(config, dropout) < 1.0:
         raise ValueError(f"{dropout} must be in (0, 1), got {getattr(config, dropout)}")
+
+
+def check_learning_rates(config: Any, names: tuple[str, ...] = ("learning_rate",)) -> None:
+    """ValueError for a learning rate that is not a finite number > 0 (AdamW would refuse it only once training
+    starts, after data loading and any earlier stage)."""
+    for name in names:
+        value = getattr(config, name)
+        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def _learning_rate(config: TrainConfig | Any, step: int) -> float:

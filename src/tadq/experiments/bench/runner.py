@@ -21,6 +21,7 @@ from tadq.experiments.bench.measure import measured
 from tadq.experiments.bench.report import write_bench_report
 from tadq.experiments.rows import BaseModels, Variant, row_for
 from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, prepare_job, run_cell, write_report
+from tadq.fsguard import mark_output
 from tadq.sampling import SamplerConfig
 
 __all__ = ["Unsupported", "UNSUPPORTED_ERRORS", "run_bench", "run_sampler"]
@@ -74,6 +75,7 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
     job = prepare_job(bench.run_config(sampler), bench.models_folder)  # fails before anything is written
     config, workload, bases = job.config, job.workload, job.bases
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    mark_output(bench.out_dir, "bench")  # a later bench may refill it (the CLI refuses folders without the marker)
     cells: list[dict[str, Any]] = []
     entries: list[tuple[str, str, int | Unsupported]] = []
     planned = _variants(config, bases)

@@ -22,6 +22,7 @@ from tadq.api import quantize
 from tadq.config import QuantConfig, config_to_dict
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
+from tadq.fsguard import mark_output
 from tadq.io import load_quantized, save_quantized
 from tadq.recipe import Recipe
 from tadq.sampling import ConditionSource
@@ -88,6 +89,8 @@ class BaseModels:
         else:
             qmodel = build()
         elapsed = time.perf_counter() - t0
+        self.folder.mkdir(parents=True, exist_ok=True)
+        mark_output(self.folder, "base-models")  # so `tadq bench --models-dir` may fill it again
         save_quantized(qmodel, path, self.scheduler, overwrite=True)
         atomic_write_json({"quantize_s": elapsed}, timing)
         (self.folder / f"recon-{key}.pt").unlink(missing_ok=True)
