@@ -45,6 +45,8 @@ def calibration_on(calibration: CalibrationSet, device: torch.device,
         return calibration
     moved = {name: getattr(calibration, name).to(device) for name in ("t", "step_index")}
     moved |= {name: getattr(calibration, name).to(device=device, dtype=dtype) for name in ("x", "eps")}
+    if calibration.cond is not None:  # prompt embeddings (floating) follow the states; labels stay integers
+        moved["cond"] = calibration.cond.to(device, dtype)
     return dataclasses.replace(calibration, **moved)
 
 

@@ -217,6 +217,7 @@ def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: P
     pipeline, checked against its tokenizers; ``None`` for a denoiser folder. Refuses prompts for a model that
     takes none and a pipeline without prompts, before anything is loaded."""
     from tadq.pipelines import is_pipeline_folder
+    from tadq.pipelines.components import unsupported_pipeline_note
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.pipelines.quantized import check_drivable_scheduler
 
@@ -234,7 +235,7 @@ def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: P
         if prompts or file is not None:
             raise ValueError(f"--calib-prompt/--calib-prompts given, but {model_dir or 'the shipped model'} is not a "
                              "text-to-image pipeline (model_index.json of a StableDiffusionPipeline or "
-                             "StableDiffusionXLPipeline): it takes no prompts")
+                             f"StableDiffusionXLPipeline): {unsupported_pipeline_note(model_dir)}")
         return None
     if not prompts:
         raise ValueError(f"{model_dir} is a text-to-image pipeline: give calibration prompts with --calib-prompt "
@@ -351,6 +352,15 @@ def quantize_command(
         if prompts is not None and (labels is not None or null_class is not None):
             raise ValueError(f"--labels/--null-class are for class-conditional models; {model_dir} is a "
                              "text-to-image pipeline, conditioned by --calib-prompt")
+        if prompts is not None:
+            from tadq.pipelines.quantized import check_pipeline_guidance
+
+            check_pipeline_guidance(recipe.guidance_scale)  # [0, 1): not what diffusers means by it
+            unused = len(prompts) - recipe.calibration.num_trajectories
+            if unused > 0:
+                logger.warning("%d calibration prompts for %d calibration trajectories (trajectory i gets prompt i "
+                               "mod the count): the last %d prompts are not used; raise --calib-trajectories to "
+                               "use them", len(prompts), recipe.calibration.num_trajectories, unused)
         torch.manual_seed(seed)
         if prompts is None:
             model, scheduler = load_pipeline_parts(model_dir)

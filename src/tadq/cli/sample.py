@@ -124,6 +124,10 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                          "grid.png and prompts.json go there), e.g. --out samples")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num-samples and --batch-size must be >= 1, got {num_samples}, {batch_size}")
+    if num_samples < len(prompts):
+        raise ValueError(f"--num-samples {num_samples} for {len(prompts)} prompts: sample i gets prompt i mod the "
+                         f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
+                         f"--num-samples {len(prompts)} or more")
     check_output_dir(out, what="--out", resume=True, inputs=[path], force_foreign=force_foreign)
     if tensor_out is not None:
         check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path],
@@ -268,9 +272,11 @@ def sample_command(
             console.print(f"wrote {len(written) - 2} images, grid.png and prompts.json to {written[0].parent}")
             return
         if prompt:
+            from tadq.pipelines.components import unsupported_pipeline_note
+
             raise ValueError(f"--prompt given, but {source} is not a text-to-image pipeline (a folder whose "
-                             "model_index.json names a StableDiffusionPipeline or StableDiffusionXLPipeline): this "
-                             "model takes no prompts")
+                             "model_index.json names a StableDiffusionPipeline or StableDiffusionXLPipeline): "
+                             f"{unsupported_pipeline_note(model_dir)}")
         if negative_prompt is not None or text_encoder_bits is not None:
             raise ValueError(f"--negative-prompt/--text-encoder-bits given, but {source} is not a text-to-image "
                              "pipeline")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,22 @@ def is_pipeline_folder(path: str | Path) -> bool:
         return False
 
 
+def unsupported_pipeline_note(path: str | Path | None) -> str:
+    """For a refusal message: why a folder is not a pipeline tadq takes prompts for. A folder whose
+    ``model_index.json`` names another pipeline class with a text encoder (img2img, inpainting...) is named by that
+    class, since such a pipeline does take prompts (just not as text-to-image); otherwise it takes none."""
+    try:
+        index = read_model_index(path) if path is not None else {}
+    except (PipelineFolderError, DamagedFileError, OSError):
+        index = {}
+    class_name = index.get("_class_name")
+    encodes = any(name.startswith("text_encoder") for name in _components(index))
+    if not encodes or class_name in PIPELINE_COMPONENTS:  # DDPM, DiT...: no text encoder
+        return "it takes no prompts"
+    return (f"its model_index.json names a {class_name}, which tadq does not drive (it samples text-to-image only, "
+            f"{' or '.join(sorted(PIPELINE_COMPONENTS))})")
+
+
 def _components(index: dict[str, Any]) -> dict[str, tuple[str, str]]:
     present = {}
     for name, value in index.items():
@@ -139,8 +156,22 @@ def _check_model(folder: Path, weights: bool) -> None:
 
 
 def _check_tokenizer(folder: Path) -> None:
+    for name, what in (("special_tokens_map.json", "special tokens"), ("added_tokens.json", "added tokens")):
+        if (folder / name).is_file():
+            _check_json(folder / name, what)
+    _check_json(folder / "tokenizer_config.json", "tokenizer config")
+    length = json.loads((folder / "tokenizer_config.json").read_text())
+    length = length.get("model_max_length") if isinstance(length, dict) else None
+    if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 1 << 20:
+        raise PipelineFolderError(f"{folder / 'tokenizer_config.json'} sets no model_max_length (got {length!r}): "
+                                  "prompts are padded to it (CLIP's is 77)")
     if (folder / "tokenizer.json").is_file():
         _check_json(folder / "tokenizer.json", "tokenizer")
+        content = json.loads((folder / "tokenizer.json").read_text())
+        if not isinstance(content, dict) or not isinstance(content.get("model"), dict) \
+                or not isinstance(content.get("added_tokens", []), list):
+            raise PipelineFolderError(f"{folder / 'tokenizer.json'} is damaged: not a tokenizers file (no \"model\" "
+                                      "object)")
         return
     _check_json(folder / "vocab.json", "tokenizer vocabulary")
     if not (folder / "merges.txt").is_file():
@@ -182,7 +213,47 @@ def check_pipeline_folder(path: str | Path, *, denoiser_weights: bool = True) ->
             _check_json(folder / "preprocessor_config.json", "feature extractor config")
         else:
             _check_model(folder, weights=denoiser_weights or name != "unet")
+    _check_consistency(path, index, components)
     return PipelineLayout(path, class_name, components, index)
+
+
+def _config_value(path: Path, component: str, key: str) -> Any:
+    config = read_json_file(path / component / "config.json", f"{component} config")
+    return config.get(key) if isinstance(config, dict) else None
+
+
+def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, tuple[str, str]]) -> None:
+    """What ``from_pretrained`` would only find deep in transformers or at the first UNet call, or never (a wrong
+    flag type read as true, a zero VAE scale decoding to NaN), from the configs alone."""
+    flag = index.get("force_zeros_for_empty_prompt")
+    if flag is not None and not isinstance(flag, bool):
+        raise PipelineFolderError(f"{path}/model_index.json: force_zeros_for_empty_prompt must be true or false "
+                                  f"(JSON), got {flag!r}")
+    scale = _config_value(path, "vae", "scaling_factor")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale <= 0):
+        raise PipelineFolderError(f"{path}/vae/config.json: scaling_factor must be a positive number (latents are "
+                                  f"divided by it before decoding), got {scale!r}")
+    encoders = [name for name in ("text_encoder", "text_encoder_2") if name in components]
+    widths = [_config_value(path, name, "hidden_size") for name in encoders]
+    expected = _config_value(path, "unet", "cross_attention_dim")
+    if encoders and isinstance(expected, int) and all(isinstance(w, int) and not isinstance(w, bool) for w in widths) \
+            and sum(widths) != expected:
+        given = " + ".join(f"{name} {width}" for name, width in zip(encoders, widths, strict=True))
+        raise PipelineFolderError(f"{path}: the text encoders' hidden_size ({given}) does not match the UNet's "
+                                  f"cross_attention_dim {expected} (unet/config.json); the components are not from "
+                                  "one model")
+    projection = _config_value(path, "text_encoder_2", "projection_dim") if "text_encoder_2" in components else None
+    time_dim = _config_value(path, "unet", "addition_time_embed_dim")
+    added = _config_value(path, "unet", "projection_class_embeddings_input_dim")
+    if _config_value(path, "unet", "addition_embed_type") == "text_time" and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in (projection, time_dim, added)) \
+            and added != projection + 6 * time_dim:
+        raise PipelineFolderError(
+            f"{path}/unet/config.json: projection_class_embeddings_input_dim {added} is not text_encoder_2's "
+            f"projection_dim {projection} + 6 time ids x addition_time_embed_dim {time_dim} = "
+            f"{projection + 6 * time_dim}; a refiner UNet (5 time ids with an aesthetic score) belongs to a "
+            "StableDiffusionXLImg2ImgPipeline, which tadq does not drive")
 
 
 def pipeline_class(class_name: str) -> type:

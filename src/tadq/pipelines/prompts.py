@@ -28,6 +28,9 @@ from tadq.sampling.conditioning import Conditioning
 __all__ = ["PromptEncoder", "PromptConditions", "check_prompt_lengths"]
 
 
+MAX_TOKENIZER_LENGTH = 1 << 20  # above: transformers' "no limit" placeholder (int(1e30)), not a real length
+
+
 def _short(prompt: str) -> str:
     return prompt if len(prompt) <= 60 else prompt[:57] + "..."
 
@@ -57,6 +60,11 @@ class PromptEncoder:
             raise ValueError("PromptEncoder needs one tokenizer per text encoder (at least one)")
         if self.sdxl and (self.time_ids is None or len(self.time_ids) != 6):
             raise ValueError("SDXL needs time_ids = original size (2) + crop corner (2) + target size (2)")
+        for tokenizer in self.tokenizers:
+            if not isinstance(tokenizer.model_max_length, int) or tokenizer.model_max_length > MAX_TOKENIZER_LENGTH:
+                where = getattr(tokenizer, "name_or_path", "") or "this pipeline"
+                raise ValueError(f"the tokenizer of {where} has no model_max_length (tokenizer_config.json missing, "
+                                 "or without it): prompts are padded to it (CLIP's is 77)")
 
     @classmethod
     def from_pipeline(cls, pipe: Any, *, original_size: tuple[int, int] | None = None,

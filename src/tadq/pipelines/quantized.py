@@ -32,8 +32,8 @@ from tadq.pipelines.text_weights import TEXT_ENCODER_BITS
 from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
 
-__all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "resolve_deployment",
-           "tadq_pipeline_class"]
+__all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "check_pipeline_guidance",
+           "resolve_deployment", "tadq_pipeline_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,13 +84,26 @@ def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: in
     return sampler, scale
 
 
-def _prompt_list(prompt: str | Sequence[str] | None) -> list[str]:
+def _prompt_list(prompt: str | Sequence[str] | None, what: str = "prompt") -> list[str]:
     if prompt is None:
-        raise ValueError("prompt is required: tadq's pipeline encodes prompts itself (prompt_embeds is not taken)")
+        raise ValueError(f"{what} is required: tadq's pipeline encodes prompts itself (prompt_embeds is not taken)")
+    if not isinstance(prompt, (str, list, tuple)):
+        raise TypeError(f"{what} must be a str or a list of str, got {type(prompt).__name__}: {prompt!r}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
-        raise ValueError("prompt is an empty list")
+        raise ValueError(f"{what} is an empty list")
     return prompts
+
+
+def check_pipeline_guidance(scale: float) -> float:
+    """``scale`` unless it lies in [0, 1): diffusers' pipelines read any scale <= 1 as "no guidance" (the prompt
+    alone), tadq's mix ε_u + w(ε_c − ε_u) at w < 1 leans toward the unconditional branch (w = 0: the prompt is
+    ignored), so such a scale would silently give other images than the diffusers call it imitates."""
+    if 0 <= scale < 1:
+        raise ValueError(f"guidance_scale={scale:g}: diffusers reads a scale <= 1 as no guidance (the prompt alone), "
+                         f"tadq's guidance at {scale:g} < 1 leans toward the unconditional branch (0: the prompt is "
+                         "ignored); give 1 for no guidance, or a scale > 1")
+    return scale
 
 
 class TadqPipelineMixin:
@@ -106,7 +119,7 @@ class TadqPipelineMixin:
     tadq_recipe: Any = None
 
     def __call__(  # noqa: PLR0913 -- the diffusers call signature
-        self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None, *,
+        self, prompt: str | Sequence[str] | None = None, *, negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int | None = None, guidance_scale: float | None = None, num_images_per_prompt: int = 1,
         eta: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
         height: int | None = None, width: int | None = None, output_type: str = "pil", return_dict: bool = True,
@@ -117,6 +130,8 @@ class TadqPipelineMixin:
         ``seed`` (or ``generator``'s initial seed; default 0) fixes every sample's noise: sample i (prompts
         repeated ``num_images_per_prompt`` times, prompt-major) draws it from (seed, i), whatever the batch.
         ``num_inference_steps``, ``guidance_scale`` and ``eta`` default to the artefact recipe's deployment.
+        Everything but ``prompt`` is keyword-only: diffusers' second positional parameter is ``height`` (SD) or
+        ``prompt_2`` (SDXL), so a positional value would silently mean something else here.
         """
         given = sorted(name for name, value in unsupported.items() if value is not None)
         if given:
@@ -137,7 +152,8 @@ class TadqPipelineMixin:
         prompts = [p for p in _prompt_list(prompt) for _ in range(num_images_per_prompt)]
         negatives = negative_prompt
         if negative_prompt is not None and not isinstance(negative_prompt, str):
-            negatives = [n for n in negative_prompt for _ in range(num_images_per_prompt)]
+            negatives = [n for n in _prompt_list(negative_prompt, "negative_prompt")
+                         for _ in range(num_images_per_prompt)]
         sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
         conditions = PromptConditions(self, prompts, negatives)  # checks the prompts' length before any work
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
@@ -149,8 +165,9 @@ class TadqPipelineMixin:
         """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others. Defaults:
         the recipe's deployment, else DDIM 50 η 0 at the diffusers pipeline's default guidance scale."""
         default = inspect.signature(self.tadq_base.__call__).parameters["guidance_scale"].default
-        return resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps, guidance_scale, eta,
-                                  float(default), kind)
+        sampler, scale = resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps,
+                                            guidance_scale, eta, float(default), kind)
+        return sampler, check_pipeline_guidance(scale)
 
     def _check_size(self, height: int | None, width: int | None) -> None:
         size = self.unet.config.sample_size

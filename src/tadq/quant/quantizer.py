@@ -114,12 +114,12 @@ class Quantizer(nn.Module):
 
     def _fused(self, x: Tensor) -> Tensor:
         """torch's fused fake-quant kernels: the same grid and round-half-even, about 2x faster than the composed
-        ops; used whenever no gradient is needed (sampling, calibration forwards)."""
-        zero_point = self.zero_point.to(torch.int32)
+        ops; used whenever no gradient is needed (sampling, calibration forwards). The kernels take a float32 scale
+        only (a model loaded in bfloat16/float16 has its Δ cast too: widened back here, exactly)."""
+        zero_point, scale = self.zero_point.to(torch.int32), self.scale.float()
         if self.scheme.granularity == "per_channel":
-            return torch.fake_quantize_per_channel_affine(x, self.scale, zero_point, 0, self.scheme.qmin,
-                                                          self.scheme.qmax)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale.reshape(()), zero_point.reshape(()),
+            return torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, self.scheme.qmin, self.scheme.qmax)
+        return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
                                                      self.scheme.qmin, self.scheme.qmax)
 
     def extra_repr(self) -> str:
