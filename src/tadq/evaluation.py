@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +140,15 @@ def check_same_architecture(candidate: nn.Module, reference: nn.Module) -> None:
                          "pass the FP model it was quantized from")
 
 
+def decoded_shape(shape: Sequence[int], decoder: Callable[[Tensor], Tensor] | None) -> tuple[int, ...]:
+    """(C, H, W) of one image made from a sample of ``shape``: the sample itself without a decoder, else what the
+    decoder (a latent model's VAE, which moves its input to its own device and dtype) returns for one."""
+    if decoder is None:
+        return tuple(shape)
+    with torch.no_grad():
+        return tuple(decoder(torch.zeros(1, *shape)).shape[1:])
+
+
 def evaluate_against_reference(
     candidate: nn.Module, reference: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
     batch_size: int = 128, features: FeatureSpace | None = None, progress: bool = True,
@@ -168,11 +177,8 @@ def evaluate_against_reference(
 
     check_same_architecture(candidate, reference)
     if features is not None:
-        shape = tuple(getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate))
-        if decoder is not None:  # the features read the decoded images
-            with torch.no_grad():
-                shape = tuple(decoder(torch.zeros(1, *shape)).shape[1:])
-        features.check_fits(shape, "the model's samples")
+        shape = getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate)
+        features.check_fits(decoded_shape(shape, decoder), "the model's samples")  # the features read images
     runs = {}
     for name, model in (("FP", reference), ("quantized", candidate)):
         logger.info("sampling the %s model (%d samples, %s, seed %d)", name, num_samples, sampler.key, seed)

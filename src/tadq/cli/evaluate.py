@@ -117,12 +117,10 @@ def evaluate_command(
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections) and its FP reference (in --dtype) from the same
     noise; print FD, agreement, PSNR/SSIM, MSE."""
-    import torch
-
     from tadq.cli.sample import class_conditioning
     from tadq.config import config_to_dict
     from tadq.device import place_model
-    from tadq.evaluation import evaluate_against_reference
+    from tadq.evaluation import decoded_shape, evaluate_against_reference
     from tadq.fsguard import check_output_dir
     from tadq.io import load_quantized
     from tadq.methods import check_sampler
@@ -144,9 +142,7 @@ def evaluate_command(
                                                          device=torch_device, dtype=torch_dtype)
         fp_model, fp_scheduler = load_pipeline_parts(reference)
         fp_model = place_model(fp_model, torch_device, torch_dtype)
-        resolution = qmodel.sample_shape[-1]
-        if decoder is not None:
-            resolution = decoder(torch.zeros(1, *qmodel.sample_shape, device=torch_device)).shape[-1]
+        resolution = decoded_shape(qmodel.sample_shape, decoder)[-1]
         space = _feature_space(features, reference, reference_images, resolution)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tadq.evaluation import decoded_shape
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
 from tadq.models import load_pipeline_parts, shipped_model_path
 from tadq.registry import adapter_for
@@ -115,13 +116,7 @@ class Workload:
 
     def image_shape(self) -> tuple[int, ...]:
         """(C, H, W) of one image (after decoding)."""
-        shape = adapter_for(self.model).sample_shape(self.model)
-        if self.decoder is None:
-            return tuple(shape)
-        parameter = next(self.model.parameters())
-        zeros = torch.zeros(1, *shape, dtype=parameter.dtype, device=parameter.device)
-        with torch.no_grad():
-            return tuple(self.decoder(zeros).shape[1:])
+        return decoded_shape(adapter_for(self.model).sample_shape(self.model), self.decoder)
 
 
 def _vae_decoder(vae: nn.Module, batch_size: int = 64) -> Callable[[Tensor], Tensor]:
