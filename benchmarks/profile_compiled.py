@@ -7,6 +7,7 @@ otherwise idle machine, and compare shares rather than absolute times across run
 
     python benchmarks/profile_compiled.py --variant bf16 --threads 1
     python benchmarks/profile_compiled.py --variant W8A8-WSYM --threads 1    # any preset: naive PTQ, int8-compiled
+    python benchmarks/profile_compiled.py --variant W8A8-WSYM --threads 1 --per-kernel 20   # the 20 costliest ops
 
 The integer variants are naive PTQ (``QuantConfig.from_preset``), as in ``benchmarks/speed.py``.
 """
@@ -30,6 +31,8 @@ from tadq.models import load_pipeline_parts
 from tadq.registry import adapter_for
 
 GROUPS = (  # (group, op-name fragments), first match wins
+    ("Inductor-generated kernels", ("cpp_fused",)),  # with --per-kernel each kernel is its own event, named by the
+    # aten ops it fuses (which may include "qconv"): matched before the op groups
     ("convolutions", ("convolution", "qconv")),
     ("linears and matmuls", ("linear", "aten::bmm", "aten::mm", "aten::addmm")),
     ("attention core (SDPA)", ("scaled_dot_product",)),
@@ -73,6 +76,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
+    parser.add_argument("--per-kernel", type=int, default=0, metavar="N",
+                        help="also list the N ops with the most self time, each Inductor-generated kernel on its own "
+                             "(Inductor's per-kernel profiling, named by the aten ops it fuses)")
     args = parser.parse_args()
     if args.variant not in FP_DTYPES:
         tadq.QuantConfig.from_preset(args.variant)  # an unknown preset is refused before any work
@@ -81,6 +87,9 @@ def main() -> None:
     import torch._inductor.config as inductor_config
 
     inductor_config.freezing = True  # the FP variants compile as int8-compiled does
+    if args.per_kernel:
+        inductor_config.cpp.enable_kernel_profile = True
+        inductor_config.cpp.descriptive_names = "original_aten"
     call, shape = _build(args.variant, args.cache_dir)
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, *shape, generator=generator)
@@ -100,6 +109,10 @@ def main() -> None:
         groups[group_of(event.key)] += event.self_cpu_time_total / 1000 / args.profiled
     report = {"variant": args.variant, "batch": args.batch, "threads": args.threads, "timed_ms_per_call": per_call_ms,
               "profiled_ms_per_call": sum(groups.values()), "groups_ms_per_call": dict(groups)}
+    if args.per_kernel:
+        events = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)[:args.per_kernel]
+        report["top_ops_ms_per_call"] = [(event.key, event.self_cpu_time_total / 1000 / args.profiled)
+                                         for event in events]
     print(json.dumps(report, indent=1))
 
 

@@ -87,7 +87,9 @@ class _ConvKernel(nn.Module):
         _check_float_input(x, self.name)
         grid = self.grid(quantizer)
         if torch.compiler.is_compiling():  # pure ops: Inductor fuses them into the op that produced x
-            values = traced_codes(x, grid)
+            # channels-last, the layout oneDNN's int8 conv reads: left to Inductor, an upsample feeding a conv wrote
+            # NCHW codes by scalar gathers and oneDNN reordered them (docs/backends.md, int8-compiled)
+            values = traced_codes(x, grid).contiguous(memory_format=torch.channels_last)
             codes = values.to(torch.uint8)
         else:
             values = activation_codes(x, grid, SCRATCH.get("codes", x.shape, torch.float32, x.device, True))
