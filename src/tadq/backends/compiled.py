@@ -30,6 +30,8 @@ cannot trace, and by design it only skips recomputing values it would return bit
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -138,6 +140,10 @@ def compile_integer_model(qmodel) -> None:
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
     qmodel.step_states = step_states(qmodel.model)
+    # torch 2.13's oneDNN lowering copy-constructs the weight zero point with torch.tensor(tensor) and warns about it
+    # at every compile; it is torch's own code, nothing a user can act on, so that one message is silenced there
+    warnings.filterwarnings("ignore", message="To copy construct from a tensor", category=UserWarning,
+                            module=r"torch\._inductor\.mkldnn_lowerings")
     options = {} if GUARD_FILTER is None else {"options": {"guard_filter_fn": GUARD_FILTER}}
     # per-step grids: static shapes, one graph per batch size (a sampling run has at most two). With a dynamic batch
     # Inductor's lowering of the per-step conv (qconv_pointwise.tensor) expected a contiguous output where oneDNN

@@ -101,10 +101,18 @@ def _grid(images: list, columns: int):
     return grid
 
 
+def announce_compile(backend: str) -> None:
+    """Say why the first step of an ``int8-compiled`` run takes long (Inductor compiles there, minutes on 2 cores)."""
+    if backend == "int8-compiled":
+        console.print("int8-compiled: the first sampling step compiles the network (Inductor; about a minute on a "
+                      "2-core CPU, again for a second batch size), later steps run the compiled graph")
+
+
 def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | None, guidance_scale: float | None,
                     num_samples: int, seed: int, kind: str | None, steps: int | None, eta: float | None,
                     batch_size: int, out: Path, tensor_out: Path | None, device, dtype,
-                    text_encoder_bits: int | None = None, force_foreign: bool = False) -> list[Path]:
+                    text_encoder_bits: int | None = None, force_foreign: bool = False,
+                    backend: str = "fake") -> list[Path]:
     """Decoded images of a pipeline folder or artefact (``tadq.load_pipeline``) written to the folder ``out``:
     ``sample_NNNN.png``, ``grid.png``, ``prompts.json`` (sample → prompt, and the settings). Every input and path
     is checked before the pipeline is loaded; returns the files written."""
@@ -133,7 +141,8 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
         check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path],
                           force_foreign=force_foreign)
     check_prompt_lengths(path, [*prompts, *([negative_prompt] if negative_prompt else [])])  # tokenizers only
-    pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits)
+    pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits, backend=backend)
+    announce_compile(backend)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
     conditions = PromptConditions(pipe, prompts, negative_prompt)
     latents = pipe.tadq_latents(conditions, num_samples, sampler, scale, seed, batch_size, progress=True)
@@ -149,7 +158,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     grid = _grid(images, math.ceil(math.sqrt(len(images))))
     _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     settings = {"model": str(path), "seed": seed, "sampler": config_to_dict(sampler), "guidance_scale": scale,
-                "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits}
+                "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits, "backend": backend}
     atomic_write_json({**settings, "samples": {f"sample_{i:04d}.png": conditions.prompt_of(i)
                                                for i in range(num_samples)}}, out / "prompts.json")
     written += [out / "grid.png", out / "prompts.json"]
@@ -262,13 +271,12 @@ def sample_command(
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
         if model_dir is not None and is_prompt_pipeline(model_dir):
-            if backend != "fake":
-                raise ValueError(f"--backend {backend}: a text-to-image pipeline samples with the fake backend only")
             written = sample_pipeline(
                 model_dir, prompts=prompt or [], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                 num_samples=num_samples, seed=seed, kind=sampler, steps=steps, eta=eta, batch_size=batch_size,
                 out=Path("samples") if out is None else out, tensor_out=tensor_out, device=torch_device,
-                dtype=torch_dtype, text_encoder_bits=text_encoder_bits, force_foreign=force_foreign)
+                dtype=torch_dtype, text_encoder_bits=text_encoder_bits, force_foreign=force_foreign,
+                backend=backend)
             console.print(f"wrote {len(written) - 2} images, grid.png and prompts.json to {written[0].parent}")
             return
         if prompt:
@@ -294,6 +302,7 @@ def sample_command(
                                                          dtype=torch_dtype)
         check_sampler(denoiser, sampler_config, str(model_dir))
         denoiser = place_model(denoiser, torch_device, torch_dtype)
+        announce_compile(backend)
         result = sample(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
                         batch_size=batch_size, conditions=conditions, guidance_scale=scale)
         require_finite(result.images, f"the samples of {model_dir or 'the shipped model'}")

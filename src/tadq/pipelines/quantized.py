@@ -257,18 +257,23 @@ def check_drivable_scheduler(path: str | Path) -> None:
 
 
 def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, text_encoder_bits: int | None = None) -> Any:
+                  dtype: str | torch.dtype | None = None, text_encoder_bits: int | None = None,
+                  backend: str = "fake") -> Any:
     """A diffusers pipeline object for a tadq pipeline artefact (quantized UNet, corrections active) or for an FP
     pipeline folder (the FP UNet in tadq's loop, for same-noise comparisons); call it as usual:
     ``pipe(prompt, negative_prompt=..., guidance_scale=..., num_inference_steps=...).images``.
 
     Every component folder is checked before any weights are read. ``text_encoder_bits`` (8 or 4; off by default):
     weight-only quantization of the text encoders' Linear layers, as ``load_fp_pipeline`` does it (use the value
-    the UNet was calibrated with).
+    the UNet was calibrated with). ``backend`` (``tadq.backends``, an artefact only): ``"fake"`` simulates the
+    quantized UNet in float; ``"int8"`` / ``"int8-compiled"`` / ``"int8-cuda"`` run it with integer kernels (float32
+    only, on the backend's device; the text encoders and the VAE stay float), refused before anything is read when
+    the machine cannot run it.
 
     Raises:
         PipelineFolderError (a ValueError): not a supported pipeline folder, a component missing or damaged.
         NotImplementedError: a scheduler tadq's DDIM/DDPM steps cannot drive.
+        BackendUnavailableError (a ValueError): ``backend`` cannot run on this machine.
     """
     from tadq.api import load
     from tadq.device import resolve_device, resolve_dtype
@@ -282,11 +287,25 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     if text_encoder_bits is not None and text_encoder_bits not in TEXT_ENCODER_BITS:
         raise ValueError(f"text_encoder_bits must be one of {TEXT_ENCODER_BITS} or None, got {text_encoder_bits!r}")
     quantized = is_quantized_artefact(path)
+    if backend != "fake":
+        from tadq.backends import check_backend, check_placement
+
+        check_backend(backend)
+        check_placement(backend, target_device or torch.device("cpu"), target_dtype or torch.float32)
+        if not quantized:
+            raise ValueError(f"backend {backend!r}: {path} is an FP pipeline folder, not a tadq artefact; there is no "
+                             "quantized UNet to run in integers (quantize it first, or use backend='fake')")
     layout = check_pipeline_folder(path, denoiser_weights=not quantized)
     check_drivable_scheduler(path)
     klass = tadq_pipeline_class(pipeline_class(layout.class_name))
     options = pipeline_load_options(klass, target_dtype)
-    if quantized:
+    if quantized and backend != "fake":
+        from tadq.io import load_quantized
+
+        qmodel, _scheduler = load_quantized(path, backend=backend)  # converted while loading, on its device
+        pipe = klass.from_pretrained(str(path), unet=qmodel.model, **options)
+        denoiser, recipe = qmodel, getattr(qmodel, "recipe", None)
+    elif quantized:
         qmodel, _scheduler = load(path, device=target_device, dtype=target_dtype)
         pipe = klass.from_pretrained(str(path), unet=qmodel.model, **options)
         denoiser, recipe = qmodel, getattr(qmodel, "recipe", None)
