@@ -202,13 +202,6 @@ def _edit_manifest(folder: Path, edit) -> None:
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 
-def test_a_manifest_that_is_not_a_file_is_damage_not_an_older_artefact(copy):
-    (copy / MANIFEST_FILE).unlink()
-    (copy / MANIFEST_FILE).mkdir()
-    with pytest.raises(ArtefactDamaged, match=f"{MANIFEST_FILE} is not a regular file"):
-        load_quantized(copy)
-
-
 @pytest.mark.parametrize("name", ["/etc/hostname", "../../../etc/hostname", "unet/../../x"])
 def test_a_manifest_entry_outside_the_artefact_is_refused_unread(copy, name):
     _edit_manifest(copy, lambda m: m["files"].__setitem__(name, {"sha256": "0" * 64, "bytes": 3}))
@@ -229,10 +222,13 @@ def test_a_file_the_loader_reads_must_be_listed_in_the_manifest(copy, name):
         load_quantized(copy)
 
 
-def test_a_listed_file_replaced_by_a_folder_is_named_as_such(copy):
-    (copy / WEIGHTS_FILE).unlink()
-    (copy / WEIGHTS_FILE).mkdir()
-    with pytest.raises(ArtefactDamaged, match=f"{WEIGHTS_FILE} is not a regular file"):
+@pytest.mark.parametrize("name", [MANIFEST_FILE, WEIGHTS_FILE])
+def test_the_manifest_or_a_listed_file_replaced_by_a_folder_is_named_as_damage(copy, name):
+    """A folder where the manifest should be is damage, not an older artefact without one; a folder where a listed
+    file should be is named as such, not reported as a hash mismatch."""
+    (copy / name).unlink()
+    (copy / name).mkdir()
+    with pytest.raises(ArtefactDamaged, match=f"{name} is not a regular file"):
         load_quantized(copy)
 
 
