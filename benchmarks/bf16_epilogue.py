@@ -34,7 +34,7 @@ from torch import Tensor
 import tadq
 from tadq.backends import check_backend
 from tadq.backends.activations import traced_codes
-from tadq.backends.compiled import compile_integer_model
+from tadq.backends.compiled import compile_integer_model, compile_like_integer_models
 from tadq.backends.cpu_int8 import OneDNNLinear, _ConvKernel
 from tadq.io import load_quantized
 from tadq.models import load_pipeline_parts
@@ -92,9 +92,7 @@ def main() -> None:
     config = tadq.QuantConfig.from_preset(args.preset)  # an unknown preset is refused before any work
     check_backend("int8-compiled")
     torch.set_num_threads(args.threads)
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
+    compile_like_integer_models()
     fp32, scheduler = load_pipeline_parts(None)
     shape = adapter_for(fp32).sample_shape(fp32)
     qmodel = tadq.quantize(fp32, scheduler, config, cache_dir=args.cache_dir, progress=False)

@@ -26,6 +26,7 @@ import torch
 
 import tadq
 from tadq.backends import check_backend
+from tadq.backends.compiled import compile_like_integer_models
 from tadq.io import load_quantized
 from tadq.models import load_pipeline_parts
 from tadq.registry import adapter_for
@@ -84,10 +85,10 @@ def main() -> None:
         tadq.QuantConfig.from_preset(args.variant)  # an unknown preset is refused before any work
         check_backend("int8-compiled")
     torch.set_num_threads(args.threads)
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True  # the FP variants compile as int8-compiled does
+    compile_like_integer_models()  # the FP variants compile as int8-compiled does
     if args.per_kernel:
+        import torch._inductor.config as inductor_config
+
         inductor_config.cpp.enable_kernel_profile = True
         inductor_config.cpp.descriptive_names = "original_aten"
     call, shape = _build(args.variant, args.cache_dir)

@@ -37,6 +37,7 @@ from speed_kernels import BATCHES, REPEATS, call_of, compiled_table, kernel_tabl
 import tadq
 from tadq.backends import check_backend, cpu_summary, held_weight_bytes
 from tadq.backends.capability import int8_cpu_weight_bound, weight_bound_reason
+from tadq.backends.compiled import compile_like_integer_models
 from tadq.backends.weights import weight_code_peak
 from tadq.experiments.workload import load_workload, resolve_model_path
 from tadq.io import load_quantized
@@ -212,10 +213,9 @@ def main() -> None:
         print(compiled_table(*load_pipeline_parts(None), args.cache_dir))
         return None
 
-    if args.compile:  # the FP rows compile with the freezing the int8-compiled backend uses (it sets it itself)
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
+    if args.compile:  # the FP rows compile with the Inductor settings the int8-compiled backend uses (freezing, the
+        # C++ wrapper; the backend sets them around its own calls), so the comparison is kernel against kernel
+        compile_like_integer_models()
         import torch._dynamo.config as dynamo_config
 
         dynamo_config.recompile_limit = 64  # every compiled UNet2DModel shares its forward's graph limit (8)

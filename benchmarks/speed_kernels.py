@@ -16,6 +16,7 @@ from torch import nn
 import tadq
 from tadq.backends import to_backend
 from tadq.backends.activations import activation_codes, activation_grid
+from tadq.backends.compiled import compile_like_integer_models
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear
 from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear
 from tadq.quant import preset as preset_schemes
@@ -102,9 +103,7 @@ def kernel_table(model: nn.Module) -> str:
 def compiled_table(model: nn.Module, scheduler, cache_dir: str) -> str:
     """Batch-64 latency of eager vs ``torch.compile`` (Inductor, freezing on: it needs the prepacked weights as
     constants) for FP fp32 and W8A8 int8, interleaved; compile seconds included (minutes on these CPUs)."""
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True
+    compile_like_integer_models()
     qmodel = tadq.quantize(model, scheduler, tadq.QuantConfig.from_preset("W8A8"), cache_dir=cache_dir,
                            progress=False)
     eager_int8, compiled_int8 = to_backend(qmodel, "int8"), to_backend(qmodel, "int8")
