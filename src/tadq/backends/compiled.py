@@ -64,8 +64,7 @@ def keep_identity_guards(entries) -> list[bool]:
 GUARD_FILTER = keep_identity_guards
 
 __all__ = ["INDUCTOR_SETTINGS", "CompiledIntegerDenoiser", "check_compilable", "compile_integer_model",
-           "compile_like_integer_models", "frozen",
-           "keep_identity_guards", "prime_grids", "step_states"]
+           "compile_like_integer_models", "frozen", "keep_identity_guards", "prime_grids", "step_states"]
 
 
 INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True}
@@ -74,11 +73,12 @@ INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True}
 def frozen():
     """The Inductor settings every call of a compiled integer model runs under (``INDUCTOR_SETTINGS``).
 
-    Freezing: Inductor needs it to take the prepacked oneDNN weights as constants. The C++ wrapper: the code that
-    calls the generated kernels and the oneDNN ops is compiled C++ instead of Python, which saves ≈ 20 µs of Python
-    per call on the shipped model's ≈ 140 calls per forward (batch 64: 39.0 → 32.9 ms, batch 1: 4.8 → 4.3 ms,
-    W8A8-WSYM; docs/backends.md). Set around the call, not as ``torch.compile`` options: passed as an option,
-    freezing did not reach the ``qlinear_pointwise`` lowering (its weight was not a constant; measured)."""
+    Freezing: Inductor needs it to take the prepacked oneDNN weights as constants. Set around the call, not as a
+    ``torch.compile`` option: passed as an option it did not reach the ``qlinear_pointwise`` lowering (its weight
+    was not a constant; measured). The C++ wrapper: the code that calls the ≈ 140 generated kernels and oneDNN ops
+    of a forward is compiled C++ instead of Python. Measured on AMX (``benchmarks/inductor_settings.py``,
+    W8A8-WSYM, one model per process, fresh Inductor cache): per call 4.20 → 3.99 ms at batch 1, 12.2 → 10.3 ms at
+    16, 35.6 → 32.1 ms at 64, for 97 → 135 s of compiling three batch sizes (docs/backends.md)."""
     import torch._inductor.config as inductor_config
 
     return inductor_config.patch(**INDUCTOR_SETTINGS)
