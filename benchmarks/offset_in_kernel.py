@@ -1,11 +1,11 @@
-"""Probe: W8A8's asymmetric-weight offset correction computed inside the int8 convolution, against tadq's sum-pool.
+"""Probe: W8A8's asymmetric-weight offset correction inside the int8 convolution (tadq's way) against a sum-pool.
 
-With asymmetric 8-bit weights every integer conv adds ``−o_c·Δw_c·Δx·Σ_window Σ_c (codes − z)``; ``int8-compiled``
-computes the window sum from the channel sum of the codes and a sum-pool, which Inductor fuses into the kernels
-around the conv (the W8A8 generated kernels cost ≈ 12 ms more than W8A8-WSYM's at batch 64 on AMX). The probe's
-alternative: one more output channel of int8 ones (Δw = 1, bias 0) in the prepacked weight, so oneDNN returns
-``Δx·Σ_window (codes − z)`` from its exact int32 sums, and the correction is a broadcast multiply-add on the output.
-Optionally the extra channel is padded with zero channels to a multiple of 16 (``ones16``), the tile width.
+With asymmetric 8-bit weights every integer conv adds ``−o_c·Δw_c·Δx·Σ_window Σ_c (codes − z)``. tadq computes the
+window sum in the conv itself: one more output channel of int8 ones (Δw = 1, bias 0) in the prepacked weight, so
+oneDNN returns ``Δx·Σ_window (codes − z)`` from its exact int32 sums and the correction is a broadcast multiply-add
+on the output (``ones``). The alternatives: the same channel padded with zero channels to a multiple of 16, the tile
+width (``ones16``), and what tadq did before, a channel sum of the codes and a sum pool over each window, fused by
+Inductor into the kernels around the conv (``sum-pool``).
 
 Each variant runs in a fresh process (its own compile), the variants alternate over ``--rounds`` rounds; per call
 latency at batch 16 and 64 after warm-up, and the relative L2 distance of ε from the fake-quant model's (the
@@ -25,17 +25,20 @@ import tempfile
 import time
 from pathlib import Path
 
-VARIANTS = ("sum-pool", "ones", "ones16")
+VARIANTS = ("ones", "sum-pool", "ones16")
 BATCHES = (16, 64)
 
 
 def _install(variant: str) -> None:
-    """Patch ``_ConvKernel`` so that kernels with an offset carry the ones channel (before any model is converted)."""
+    """Patch ``_ConvKernel`` before any model is converted: ``ones`` is the library as it is (one ones channel);
+    ``ones16`` pads that channel with zero channels to a multiple of 16; ``sum-pool`` is the correction tadq used
+    before (no extra channel: a channel sum of the codes, a sum pool over each window, a multiply-add)."""
     import torch
+    import torch.nn.functional as F
 
     from tadq.backends import cpu_int8
 
-    if variant == "sum-pool":
+    if variant == "ones":
         return
     original_init, original_forward = cpu_int8._ConvKernel.__init__, cpu_int8._ConvKernel.forward
 
@@ -43,30 +46,35 @@ def _install(variant: str) -> None:
         original_init(self, codes, bias, conv, name)
         if not self.has_offset:
             return
-        extra = 16 - codes.codes.shape[0] % 16 if variant == "ones16" else 1
+        extra = 16 - codes.codes.shape[0] % 16 if variant == "ones16" else 0
         rows = torch.zeros((extra, *codes.codes.shape[1:]), dtype=torch.int8)
-        rows[0] = 1
+        if extra:
+            rows[0] = 1
         scale = torch.cat([codes.scale, codes.scale.new_ones(extra)])
         stride, padding, dilation = self.geometry
         self.packed = torch.ops.onednn.qconv_prepack(torch.cat([codes.codes, rows]), scale, 1.0, 0, stride, padding,
                                                      dilation, 1, None)
         self.w_scale, self.w_zero = scale, torch.zeros(scale.numel(), dtype=torch.int64)
-        if self.bias is not None:
-            self.bias = torch.cat([self.bias, self.bias.new_zeros(extra)])
-        self.out_channels = codes.codes.shape[0]
+        if bias is not None:
+            self.bias = torch.cat([bias.detach().float(), bias.new_zeros(extra)])
+        self.kernel_size, self.in_channels = tuple(conv.kernel_size), codes.codes.shape[1]
 
     def forward(self, x, quantizer):
         if not self.has_offset:
             return original_forward(self, x, quantizer)
         grid = self.grid(quantizer)
         # the model is only run compiled; traced_codes is made of pure ops, so this also holds run eagerly
-        codes = cpu_int8.traced_codes(x, grid).contiguous(memory_format=torch.channels_last).to(torch.uint8)
+        values = cpu_int8.traced_codes(x, grid).contiguous(memory_format=torch.channels_last)
         stride, padding, dilation = self.geometry
-        y = torch.ops.onednn.qconv2d_pointwise.default(codes, grid.scale, cpu_int8._zero(grid), self.packed,
-                                                       self.w_scale, self.w_zero, self.bias, stride, padding,
-                                                       dilation, 1, 1.0, 0, torch.float32, "none", [], "")
+        y = torch.ops.onednn.qconv2d_pointwise.default(values.to(torch.uint8), grid.scale, cpu_int8._zero(grid),
+                                                       self.packed, self.w_scale, self.w_zero, self.bias, stride,
+                                                       padding, dilation, 1, 1.0, 0, torch.float32, "none", [], "")
         channels = self.out_channels
-        return y[:, :channels] + y[:, channels:channels + 1] * self.neg_offset_scale
+        if variant == "ones16":
+            return y[:, :channels] + y[:, channels:channels + 1] * self.neg_offset_scale
+        centred = values.sum(dim=1, keepdim=True) - self.in_channels * grid.zero_point  # exact integers
+        sums = F.avg_pool2d(centred, self.kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
+        return y + sums * (self.neg_offset_scale * grid.scale)
 
     cpu_int8._ConvKernel.__init__, cpu_int8._ConvKernel.forward = init, forward
 

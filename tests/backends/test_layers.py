@@ -32,7 +32,8 @@ WEIGHTS = {
 ACTIVATIONS = {"a8": QScheme(bits=8), "a4": QScheme(bits=4), "a8-sym": QScheme(bits=8, symmetric=True)}
 CPU = {"conv": OneDNNConv2d, "linear": OneDNNLinear, "split": OneDNNSplitConv2d}
 INT_MM = {"conv": IntMMConv2d, "linear": IntMMLinear, "split": IntMMSplitConv2d}
-CONVS = [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1)]
+CONVS = [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2, padding=1), dict(kernel_size=1),
+         dict(kernel_size=3, padding=2, dilation=2)]  # dilated: the offset's window sum must follow the kernel's taps
 
 
 def _set_input_range(quantizer, x: torch.Tensor) -> None:

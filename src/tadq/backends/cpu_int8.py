@@ -5,8 +5,8 @@ ops PyTorch 2's x86 Inductor quantization lowers to) on weights prepacked once b
 ``qlinear_prepack``. With ``output_dtype=float32`` the kernel returns ``Δx·Δw_c·Σ a·B + bias`` from an exact int32
 accumulation, so no output requantization is added to the arithmetic the fake-quant model simulates. oneDNN has no
 weight zero point (a non-zero one is silently ignored, measured), so asymmetric 8-bit weights are corrected with an
-exact window sum of the activation codes (``tadq.backends.weights``). Why these ops and not the alternatives:
-docs/backends.md.
+exact sum of the activation codes (``tadq.backends.weights``): for a conv, the window sum comes out of the same
+kernel as one more output channel of int8 ones. Why these ops and not the alternatives: docs/backends.md.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from tadq.backends.activations import (
     check_activation_quantizer,
     traced_codes,
 )
-from tadq.backends.weights import WeightCodes, weight_codes, window_sum
+from tadq.backends.weights import WeightCodes, weight_codes
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
 from tadq.quant.split import SplitQuantConv2d
@@ -69,18 +69,21 @@ class _ConvKernel(nn.Module):
         _check_weight_bound(codes, name)
         self.name = name
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
-        self.kernel_size = tuple(conv.kernel_size)
-        self.in_channels = codes.codes.shape[1]
+        self.out_channels = codes.codes.shape[0]
         stride, padding, dilation = self.geometry
-        # not a buffer: an opaque oneDNN-layout tensor that state_dict/deepcopy must not touch
-        self.packed = torch.ops.onednn.qconv_prepack(codes.codes, codes.scale, 1.0, 0, stride, padding, dilation,
-                                                     1, None)
-        self.register_buffer("w_scale", codes.scale)
-        self.register_buffer("w_zero", torch.zeros(codes.scale.numel(), dtype=torch.int64))
-        self.register_buffer("bias", bias)
         self.has_offset = codes.has_offset
+        weight, scale = codes.codes, codes.scale
+        if self.has_offset:  # one more output channel of int8 ones: the kernel returns Δx·Σ_window (codes − z)
+            ones = torch.ones((1, *weight.shape[1:]), dtype=torch.int8)
+            weight, scale = torch.cat([weight, ones]), torch.cat([scale, scale.new_ones(1)])
+            bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
+        # not a buffer: an opaque oneDNN-layout tensor that state_dict/deepcopy must not touch
+        self.packed = torch.ops.onednn.qconv_prepack(weight, scale, 1.0, 0, stride, padding, dilation, 1, None)
+        self.register_buffer("w_scale", scale)
+        self.register_buffer("w_zero", torch.zeros(scale.numel(), dtype=torch.int64))
+        self.register_buffer("bias", bias)
         self.register_buffer("neg_offset_scale", (-codes.offset * codes.scale).reshape(1, -1, 1, 1))
-        self.packed_bytes = codes.codes.numel()  # int8: one byte per weight
+        self.packed_bytes = weight.numel()  # int8: one byte per weight
         self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
@@ -89,8 +92,7 @@ class _ConvKernel(nn.Module):
         if torch.compiler.is_compiling():  # pure ops: Inductor fuses them into the op that produced x
             # channels-last, the layout oneDNN's int8 conv reads: left to Inductor, an upsample feeding a conv wrote
             # NCHW codes by scalar gathers and oneDNN reordered them (docs/backends.md, int8-compiled)
-            values = traced_codes(x, grid).contiguous(memory_format=torch.channels_last)
-            codes = values.to(torch.uint8)
+            codes = traced_codes(x, grid).contiguous(memory_format=torch.channels_last).to(torch.uint8)
         else:
             values = activation_codes(x, grid, SCRATCH.get("codes", x.shape, torch.float32, x.device, True))
             codes = SCRATCH.get("uint8", x.shape, torch.uint8, x.device, True).copy_(values)  # oneDNN's layout
@@ -103,11 +105,15 @@ class _ConvKernel(nn.Module):
         op = torch.ops.onednn.qconv_pointwise.tensor if per_step else torch.ops.onednn.qconv2d_pointwise.default
         y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, stride, padding,
                dilation, 1, 1.0, 0, torch.float32, "none", [], "")
-        if self.has_offset:  # − o_c·Δw_c·Δx·Σ_window Σ_c (codes − z): exact integers until the last multiply
-            centred = values.sum(dim=1, keepdim=True) - self.in_channels * grid.zero_point
-            sums = window_sum(centred, self.kernel_size, stride, padding, dilation)
-            y.addcmul_(sums, self.neg_offset_scale * grid.scale)
-        return y
+        if not self.has_offset:
+            return y
+        # − o_c·Δw_c · Δx·Σ_window (codes − z): the last channel is the kernel's exact int32 window sum times Δx.
+        # Compiled, Inductor fuses the multiply-add into the op that reads y; eagerly it runs in place on y's view (a
+        # new tensor per call was slower than the old channel-sum + sum-pool, measured: docs/backends.md)
+        main, window = y[:, : self.out_channels], y[:, self.out_channels:]
+        if torch.compiler.is_compiling():
+            return main + window * self.neg_offset_scale
+        return main.addcmul_(window, self.neg_offset_scale)
 
 
 class OneDNNConv2d(nn.Module):

@@ -7,8 +7,8 @@ shifted to ``B = C − s_c`` with ``B`` in [−128, 127] and the leftover offset
     Σ_k a_k (C_ck − z_c) = Σ_k a_k B_ck − o_c Σ_k a_k          (a = activation codes − their zero point)
 
 When ``C − z`` itself fits in int8 (every ≤ 7-bit grid, symmetric 8-bit grids) s = z and o = 0: no correction.
-Otherwise (asymmetric 8-bit, C ∈ [0, 255]) s = 128 and the kernel output is corrected with o_c times the window
-sum of ``a``, computed exactly in integers (see ``window_sum``).
+Otherwise (asymmetric 8-bit, C ∈ [0, 255]) s = 128 and the kernel output is corrected with o_c times the sum of
+``a`` over each output's inputs, computed exactly in integers (by the kernel itself: see the backends).
 """
 
 from __future__ import annotations
@@ -16,14 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.qscheme import QScheme
 from tadq.quant.quantizer import Quantizer
 
-__all__ = ["WeightCodes", "weight_code_peak", "weight_codes", "window_sum"]
+__all__ = ["WeightCodes", "weight_code_peak", "weight_codes"]
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -90,17 +89,3 @@ def weight_code_peak(scheme: QScheme) -> int:
     """
     peak = max(-scheme.qmin, scheme.qmax) if scheme.symmetric else scheme.qmax - scheme.qmin
     return peak if peak <= INT8_MAX else -INT8_MIN
-
-
-def window_sum(centred_sum: Tensor, kernel_size: tuple[int, int], stride: tuple[int, ...],
-               padding: tuple[int, ...], dilation: tuple[int, ...]) -> Tensor:
-    """Σ over each conv window of a per-pixel channel sum (B, 1, H, W) → (B, 1, H_out, W_out), exact in float32.
-
-    The input holds integers (Σ_c of activation codes minus zero point); zero padding is right because a padded
-    activation equals its zero point. Every partial sum stays below 2^24 for the layer sizes checked at conversion
-    (``C_in·kh·kw·255``), so float32 represents it exactly.
-    """
-    if all(d == 1 for d in dilation):  # a sum pool: measured several times faster than a 1-channel conv
-        return F.avg_pool2d(centred_sum, kernel_size, stride, padding, count_include_pad=True, divisor_override=1)
-    ones = centred_sum.new_ones(1, 1, *kernel_size)
-    return F.conv2d(centred_sum, ones, None, stride, padding, dilation)
