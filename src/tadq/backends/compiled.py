@@ -156,6 +156,14 @@ def compile_integer_model(qmodel) -> None:
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+    # A prepacked weight is a plain tensor attribute of its layer (not a parameter or buffer, whose shapes Dynamo keeps
+    # static), so when a second model of the same class recompiles the shared forward with another size at the same
+    # place (W8A8-WSYM after W8A8, whose convs carry one more channel), automatic dynamic shapes made its channel count
+    # a symbol, which Inductor's C++ wrapper then failed to declare (compile error on the shipped t2i UNet, torch 2.13)
+    for module in qmodel.model.modules():
+        packed = getattr(module, "packed", None)
+        if isinstance(packed, Tensor):
+            torch._dynamo.mark_static(packed)
     qmodel.step_states = step_states(qmodel.model)
     # torch 2.13's oneDNN lowering copy-constructs the weight zero point with torch.tensor(tensor) and warns about it
     # at every compile; it is torch's own code, nothing a user can act on, so that one message is silenced there

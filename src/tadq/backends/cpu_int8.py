@@ -110,7 +110,7 @@ class _ConvKernel(nn.Module):
         # − o_c·Δw_c · Δx·Σ_window (codes − z): the last channel is the kernel's exact int32 window sum times Δx.
         # Compiled, Inductor fuses the multiply-add into the op that reads y; eagerly it runs in place on y's view (a
         # new tensor per call was slower than the old channel-sum + sum-pool, measured: docs/backends.md)
-        main, window = y[:, : self.out_channels], y[:, self.out_channels:]
+        main, window = y[:, :-1], y[:, -1:]  # constant indices: an int attribute could be traced as a symbol
         if torch.compiler.is_compiling():
             return main + window * self.neg_offset_scale
         return main.addcmul_(window, self.neg_offset_scale)
