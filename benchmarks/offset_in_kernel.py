@@ -58,6 +58,7 @@ def _install(variant: str) -> None:
         if bias is not None:
             self.bias = torch.cat([bias.detach().float(), bias.new_zeros(extra)])
         self.kernel_size, self.in_channels = tuple(conv.kernel_size), codes.codes.shape[1]
+        self.out_channels = codes.codes.shape[0]
 
     def forward(self, x, quantizer):
         if not self.has_offset:

@@ -315,7 +315,6 @@ def test_compiled_transformers_agree_with_fake_quant(family):
     assert _agree(tests._sample(compiled, scheduler, source), tests._sample(fake, scheduler, source))
 
 
-
 @needs_compiled_w8
 @pytest.mark.slow
 def test_a_second_model_with_other_layer_widths_compiles_in_the_same_process():

@@ -69,7 +69,6 @@ class _ConvKernel(nn.Module):
         _check_weight_bound(codes, name)
         self.name = name
         self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
-        self.out_channels = codes.codes.shape[0]
         stride, padding, dilation = self.geometry
         self.has_offset = codes.has_offset
         weight, scale = codes.codes, codes.scale
