@@ -32,7 +32,7 @@ from tadq.backends import (
     to_backend,
 )
 from tadq.backends.activations import activation_grid, traced_codes
-from tadq.backends.compiled import CompiledIntegerDenoiser, frozen, keep_identity_guards, prime_grids
+from tadq.backends.compiled import INT8_CONV_OPS, CompiledIntegerDenoiser, frozen, keep_identity_guards, prime_grids
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.quant import QuantLinear
 
@@ -159,6 +159,24 @@ def test_conversion_is_lazy_and_lifts_the_recompile_limit(tiny_unet, ddpm_schedu
     compiled = to_backend(fake, "int8-compiled")
     assert isinstance(compiled, CompiledIntegerDenoiser) and compiled.model._compiled_call_impl is not None
     assert torch._dynamo.config.recompile_limit >= 64
+
+
+@needs_compiled
+@pytest.mark.parametrize("op", INT8_CONV_OPS)
+def test_inductor_counts_the_int8_convs_as_convs_while_compiling(op):
+    """Inductor's channels-last layout choice sees only the convs its ``is_mkldnn_conv`` recognises: under
+    ``frozen()`` that includes each int8 conv op the layers call, and only there (fails if torch renames it)."""
+    import torch._inductor.graph as inductor_graph
+
+    name, overload = op.split(".")
+    int8_conv = torch.fx.Graph().call_function(getattr(getattr(torch.ops.onednn, name), overload), ())
+    float_op = torch.fx.Graph().call_function(torch.ops.aten.add.Tensor, ())
+    assert not inductor_graph.is_mkldnn_conv(int8_conv)
+    with frozen():
+        assert torch._inductor.config.force_layout_optimization
+        assert inductor_graph.is_mkldnn_conv(int8_conv)
+        assert not inductor_graph.is_mkldnn_conv(float_op)
+    assert not inductor_graph.is_mkldnn_conv(int8_conv)
 
 
 def test_compiled_is_a_registered_backend():

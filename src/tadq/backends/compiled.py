@@ -30,6 +30,8 @@ cannot trace, and by design it only skips recomputing values it would return bit
 
 from __future__ import annotations
 
+import contextlib
+import unittest.mock
 import warnings
 
 import torch
@@ -64,10 +66,11 @@ def keep_identity_guards(entries) -> list[bool]:
 GUARD_FILTER = keep_identity_guards
 
 __all__ = ["INDUCTOR_SETTINGS", "CompiledIntegerDenoiser", "check_compilable", "compile_integer_model",
-           "compile_like_integer_models", "frozen", "keep_identity_guards", "prime_grids", "step_states"]
+           "compile_like_integer_models", "frozen", "int8_convs_prefer_channels_last", "keep_identity_guards",
+           "prime_grids", "step_states"]
 
 
-INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True}
+INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True, "force_layout_optimization": True}
 
 
 def frozen():
@@ -78,10 +81,44 @@ def frozen():
     was not a constant; measured). The C++ wrapper: the code that calls the ≈ 140 generated kernels and oneDNN ops
     of a forward is compiled C++ instead of Python. Measured on AMX (``benchmarks/inductor_settings.py``,
     W8A8-WSYM, one model per process, fresh Inductor cache): per call 4.20 → 3.99 ms at batch 1, 12.2 → 10.3 ms at
-    16, 35.6 → 32.1 ms at 64, for 97 → 135 s of compiling three batch sizes (docs/backends.md)."""
+    16, 35.6 → 32.1 ms at 64, for 97 → 135 s of compiling three batch sizes (docs/backends.md). Forced layout
+    optimisation, with the int8 convs counted as convs: ``int8_convs_prefer_channels_last``."""
     import torch._inductor.config as inductor_config
 
-    return inductor_config.patch(**INDUCTOR_SETTINGS)
+    stack = contextlib.ExitStack()
+    stack.enter_context(inductor_config.patch(**INDUCTOR_SETTINGS))
+    stack.enter_context(int8_convs_prefer_channels_last())
+    return stack
+
+
+INT8_CONV_OPS = ("qconv2d_pointwise.default", "qconv_pointwise.tensor")  # the ops ``_ConvKernel`` calls
+
+
+def int8_convs_prefer_channels_last():
+    """Let Inductor's layout optimisation count the oneDNN int8 convs as convs (a context for compiling).
+
+    Inductor lays out in channels-last the tensors that feed a conv, directly or through float ops, when they are
+    stored (``GraphLowering.find_nodes_prefer_channels_last``), but it recognises only float convs there, by the
+    function ``torch._inductor.graph.is_mkldnn_conv``. Without this, a tensor stored between int8 convs took
+    Inductor's default NCHW layout, and each int8 conv's channels-last codes were written through 16×16 transposes
+    — most of all the up blocks' skip concatenations after a W8A8 conv's offset correction (its output is a
+    multiply-add, not the conv's own channels-last buffer). Measured on AMX, batch 64, one thread (two fresh
+    processes each, ``benchmarks/profile_compiled.py``): W8A8 41.6 → 36.6 ms per forward, W8A8-WSYM 31.6 → 31.2 ms
+    (docs/backends.md). ``INDUCTOR_SETTINGS`` forces the optimisation on: Inductor's own decision reads float convs'
+    arguments and would not see the int8 ones. Layout moves float rounding only where a reduction's order follows
+    it (GroupNorm), as between eager and compiled. A torch without the function compiles as before (NCHW)."""
+    import torch._inductor.graph as inductor_graph
+
+    recognised = getattr(inductor_graph, "is_mkldnn_conv", None)
+    if recognised is None:
+        return contextlib.nullcontext()
+    targets = {getattr(getattr(torch.ops.onednn, op), overload)
+               for op, overload in (name.split(".") for name in INT8_CONV_OPS)}
+
+    def is_conv(node) -> bool:
+        return node.target in targets or recognised(node)
+
+    return unittest.mock.patch.object(inductor_graph, "is_mkldnn_conv", is_conv)
 
 
 def compile_like_integer_models() -> None:
