@@ -110,10 +110,10 @@ def int8_convs_prefer_channels_last():
     import torch._inductor.graph as inductor_graph
 
     recognised = getattr(inductor_graph, "is_mkldnn_conv", None)
-    if recognised is None:
+    targets = {getattr(getattr(torch.ops.onednn, op, None), overload, None)
+               for op, overload in (name.split(".") for name in INT8_CONV_OPS)} - {None}
+    if recognised is None or not targets:  # nothing to extend, or a torch without oneDNN's int8 convs
         return contextlib.nullcontext()
-    targets = {getattr(getattr(torch.ops.onednn, op), overload)
-               for op, overload in (name.split(".") for name in INT8_CONV_OPS)}
 
     def is_conv(node) -> bool:
         return node.target in targets or recognised(node)
