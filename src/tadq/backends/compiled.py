@@ -106,7 +106,8 @@ def int8_convs_prefer_channels_last():
     processes each, ``benchmarks/profile_compiled.py``): W8A8 41.6 → 36.6 ms per forward, W8A8-WSYM 31.6 → 31.2 ms
     (docs/backends.md). ``INDUCTOR_SETTINGS`` forces the optimisation on: Inductor's own decision reads float convs'
     arguments and would not see the int8 ones. Layout moves float rounding only where a reduction's order follows
-    it (GroupNorm), as between eager and compiled. A torch without the function compiles as before (NCHW)."""
+    it (GroupNorm), as between eager and compiled. A torch without the function or the ops compiles as before
+    (NCHW)."""
     import torch._inductor.graph as inductor_graph
 
     recognised = getattr(inductor_graph, "is_mkldnn_conv", None)
