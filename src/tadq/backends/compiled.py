@@ -73,6 +73,7 @@ __all__ = ["INDUCTOR_SETTINGS", "CompiledIntegerDenoiser", "check_compilable", "
 INDUCTOR_SETTINGS = {"freezing": True, "cpp_wrapper": True, "force_layout_optimization": True}
 
 
+@contextlib.contextmanager
 def frozen():
     """The Inductor settings every call of a compiled integer model runs under (``INDUCTOR_SETTINGS``).
 
@@ -85,10 +86,8 @@ def frozen():
     optimisation, with the int8 convs counted as convs: ``int8_convs_prefer_channels_last``."""
     import torch._inductor.config as inductor_config
 
-    stack = contextlib.ExitStack()
-    stack.enter_context(inductor_config.patch(**INDUCTOR_SETTINGS))
-    stack.enter_context(int8_convs_prefer_channels_last())
-    return stack
+    with inductor_config.patch(**INDUCTOR_SETTINGS), int8_convs_prefer_channels_last():
+        yield
 
 
 INT8_CONV_OPS = ("qconv2d_pointwise.default", "qconv_pointwise.tensor")  # the ops ``_ConvKernel`` calls
