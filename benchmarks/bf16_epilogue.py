@@ -3,12 +3,14 @@
 The integer backends keep the float work between integer layers (GroupNorm, SiLU, residual adds, attention) in
 float32, the arithmetic the model was calibrated in. On a CPU with AMX that work is most of an ``int8-compiled``
 forward (docs/backends.md, the AMX profile), and the compiled bf16 FP model moves half the bytes. This probe builds
-the same naive-PTQ model three ways in one process and times them interleaved at batch 1 and 64 (median of the
-calls), after Inductor compiled each:
+the same naive-PTQ model four ways (three integer, one FP) in one process and times them interleaved at batch 1 and
+64 (median of the calls), after Inductor compiled each:
 
 * ``int8-compiled`` as shipped (float32 float work);
 * the same integer kernels returning bfloat16 (``output_dtype``) with every float module of the network in
   bfloat16 (the integer layers quantize a bf16 input; their scales and int32 sums are unchanged);
+* the same integer kernels returning bfloat16, converted back to float32 for float32 float work (only the layer
+  outputs' storage moves to bf16);
 * the FP model in bfloat16, compiled with freezing (the baseline the issue names).
 
 It also reports how far the bf16-epilogue model's ε moves from the float32-epilogue one (relative L2 over the
@@ -46,35 +48,37 @@ BATCHES = (1, 64)
 def _conv_forward(self: _ConvKernel, x: Tensor, quantizer) -> Tensor:
     """``_ConvKernel.forward`` under ``torch.compile`` for a fixed grid, returning ``x``'s dtype (bf16)."""
     grid = self.grid(quantizer)
-    codes = traced_codes(x.float(), grid).to(torch.uint8)
+    codes = traced_codes(x.float(), grid).contiguous(memory_format=torch.channels_last).to(torch.uint8)
     stride, padding, dilation = self.geometry
     y = torch.ops.onednn.qconv2d_pointwise.default(codes, grid.scale, int(grid.zero_point), self.packed,
                                                    self.w_scale, self.w_zero, self.bias, stride, padding, dilation,
-                                                   1, 1.0, 0, x.dtype, "none", [], "")
+                                                   1, 1.0, 0, torch.bfloat16, "none", [], "")
     if self.has_offset:
         raise ValueError("the probe covers symmetric weights only (W8A8-WSYM, W4A8): drop the offset correction")
-    return y
+    return y.to(x.dtype)
 
 
 def _linear_forward(self: OneDNNLinear, x: Tensor) -> Tensor:
     grid = self.grid(self.input_quantizer)
     rows = traced_codes(x.reshape(-1, self.in_features).float(), grid).to(torch.uint8)
     y = torch.ops.onednn.qlinear_pointwise.default(rows, grid.scale, int(grid.zero_point), self.packed, self.w_scale,
-                                                   self.w_zero, self.bias, 1.0, 0, x.dtype, "none", [], "")
+                                                   self.w_zero, self.bias, 1.0, 0, torch.bfloat16, "none", [], "")
     if self.has_offset:
         raise ValueError("the probe covers symmetric weights only (W8A8-WSYM, W4A8): drop the offset correction")
-    return y.reshape(*x.shape[:-1], self.out_features)
+    return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
 
-def bf16_epilogue_model(folder: Path):
-    """The artefact at ``folder`` on ``int8`` with bf16 float work, then compiled as ``int8-compiled`` is."""
+def bf16_epilogue_model(folder: Path, float_work: torch.dtype = torch.bfloat16):
+    """The artefact at ``folder`` on ``int8`` with bf16 integer-layer outputs and ``float_work`` float modules, then
+    compiled as ``int8-compiled`` is."""
     model, _ = load_quantized(folder, backend="int8")
     for module in model.model.modules():
         if isinstance(module, _ConvKernel):
             module.forward = types.MethodType(_conv_forward, module)
         elif isinstance(module, OneDNNLinear):
             module.forward = types.MethodType(_linear_forward, module)
-        else:  # integer layers keep their float32 scales and bias: only float modules' own parameters move
+        elif float_work == torch.bfloat16:  # integer layers keep their float32 scales and bias: only float
+            # modules' own parameters move
             for parameter in module.parameters(recurse=False):
                 parameter.data = parameter.data.to(torch.bfloat16)
     compile_integer_model(model)
@@ -100,10 +104,12 @@ def main() -> None:
     qmodel.save_pretrained(folder, scheduler)
     shipped, _ = load_quantized(folder, backend="int8-compiled")
     bf16_epilogue = bf16_epilogue_model(folder)
+    bf16_outputs = bf16_epilogue_model(folder, torch.float32)
     fp_bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     fp_bf16.compile()
     calls = {"int8-compiled (fp32 float work)": lambda x, t: shipped(x, t),
              "int8-compiled, bf16 float work": lambda x, t: bf16_epilogue(x.to(torch.bfloat16), t).float(),
+             "int8-compiled, bf16 layer outputs, fp32 float work": lambda x, t: bf16_outputs(x, t),
              "FP bf16 compiled": lambda x, t: fp_bf16(x.to(torch.bfloat16), t).sample.float()}
     generator = torch.Generator().manual_seed(args.seed)
     report: dict = {"preset": args.preset, "threads": args.threads, "calls": args.calls, "ms": {}}
