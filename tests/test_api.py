@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests.backends.machine import needs_int8_cpu
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -101,3 +102,48 @@ def test_a_shared_fp_trajectory_cache_changes_no_table_and_walks_the_fp_side_onc
     for preset, got in zip(("W8A8", "W4A8"), shared, strict=True):
         alone = tables(preset)
         assert got.keys() == alone.keys() and all(torch.equal(got[k], alone[k]) for k in alone)
+
+
+def test_a_model_left_in_training_mode_samples_and_quantizes_reproducibly(ddpm_scheduler):
+    """nn.Module starts in training mode: a model built with dropout and not put in eval mode sampled and calibrated
+    with dropout on, so the same seed gave other samples and the same call another quantized model."""
+    from tests.conftest import build_tiny_unet
+
+    model = build_tiny_unet()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.5
+    model.train()
+    model.down_blocks[0].eval()  # a mixed state, given back as it was
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    calib = CalibrationConfig(sampler=sampler, num_trajectories=4, num_steps_kept=2, samples_per_step=4, batch_size=4)
+    config = QuantConfig.from_preset("W8A8", calibration=calib)
+    first, second = (api.quantize(model, ddpm_scheduler, config, progress=False) for _ in range(2))
+    for denoiser in (model, first, second):
+        a, b = (api.sample(denoiser, ddpm_scheduler, sampler, num_samples=2, seed=3, progress=False).images
+                for _ in range(2))
+        assert torch.equal(a, b)
+    assert torch.equal(api.sample(first, ddpm_scheduler, sampler, num_samples=2, seed=3, progress=False).images,
+                       api.sample(second, ddpm_scheduler, sampler, num_samples=2, seed=3, progress=False).images)
+    assert model.training and not model.down_blocks[0].training and model.down_blocks[1].training
+
+
+@needs_int8_cpu
+def test_load_takes_the_backend_the_docs_name(tiny_unet, ddpm_scheduler, tmp_path):
+    """docs/architecture.md and backends.md name ``tadq.load(dir, backend=...)``; it raised a TypeError."""
+    from tadq.backends import IntegerDenoiser
+    from tadq.io import load_quantized
+
+    calib = CalibrationConfig(sampler=SAMPLER, num_trajectories=4, num_steps_kept=2, samples_per_step=4, batch_size=4)
+    api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W4A8", calibration=calib),
+                 progress=False).save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, scheduler = api.load(tmp_path / "q", backend="int8")
+    reference, _ = load_quantized(tmp_path / "q", backend="int8")
+    assert isinstance(loaded, IntegerDenoiser) and loaded.backend == "int8" and loaded.recipe is not None
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    assert torch.equal(api.sample(loaded, scheduler, sampler, num_samples=2, seed=1, progress=False).images,
+                       api.sample(reference, scheduler, sampler, num_samples=2, seed=1, progress=False).images)
+    with pytest.raises(ValueError, match="float32"):
+        api.load(tmp_path / "q", backend="int8", dtype="bfloat16")
+    with pytest.raises(ValueError, match="no-such-backend"):
+        api.load(tmp_path / "q", backend="no-such-backend")

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -65,6 +66,21 @@ def quantize(
             without it; not used when the FP reference is a moved or cast copy of ``model``.
     """
     expect(model, nn.Module, "model", "tadq.quantize")
+    # dropout off for every FP call (calibration trajectories, fits): a model left in training mode made them
+    # random, so two identical calls gave different models; the caller's modes are restored afterwards
+    with eval_mode(model):
+        return _quantize(model, scheduler, recipe, calibration=calibration, cache_dir=cache_dir,
+                         checkpoint=checkpoint, progress=progress, base=base, device=device, dtype=dtype,
+                         fit_batch_size=fit_batch_size, conditions=conditions, fp_trajectories=fp_trajectories)
+
+
+def _quantize(
+    model: nn.Module, scheduler, recipe: Recipe | QuantConfig, *, calibration: CalibrationSet | None,
+    cache_dir: str | Path | None, checkpoint: str | Path | None, progress: bool, base: QuantizedDenoiser | None,
+    device: str | torch.device | None, dtype: str | torch.dtype | None, fit_batch_size: int,
+    conditions: ConditionSource | None, fp_trajectories: FPTrajectoryCache | None,
+) -> QuantizedDenoiser:
+    """``quantize`` with ``model`` in eval mode."""
     if fp_trajectories is not None:
         expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
     expect_scheduler(scheduler, "tadq.quantize")
@@ -114,6 +130,19 @@ def quantize(
     plans = qmodel.plans
     logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)
     return qmodel
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` and every submodule in eval mode inside the block, each given back its own mode after it (dropout
+    in a model built or left in training mode would make sampling and calibration random)."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training
 
 
 def check_conditions(model: nn.Module, conditions: ConditionSource | None, guidance_scale: float,
@@ -200,11 +229,12 @@ def sample(
         shape = adapter.sample_shape(denoiser)
     _check_prediction(denoiser, plan)
     parameter = next(denoiser.parameters(), None)
-    return _sample_loop(
-        call, plan, num_samples=num_samples, seed=seed, sample_shape=shape, batch_size=batch_size, hooks=hooks,
-        conditions=conditions, record_trajectory=record_trajectory, progress=progress,
-        device="cpu" if parameter is None else parameter.device, dtype=None if parameter is None else parameter.dtype,
-    )
+    with eval_mode(denoiser):  # dropout off: a model left in training mode sampled differently on every call
+        return _sample_loop(
+            call, plan, num_samples=num_samples, seed=seed, sample_shape=shape, batch_size=batch_size, hooks=hooks,
+            conditions=conditions, record_trajectory=record_trajectory, progress=progress, device="cpu"
+            if parameter is None else parameter.device, dtype=None if parameter is None else parameter.dtype,
+        )
 
 
 def _check_prediction(denoiser: nn.Module, plan: SamplingPlan) -> None:
@@ -221,15 +251,24 @@ def _check_prediction(denoiser: nn.Module, plan: SamplingPlan) -> None:
 
 def load(
     directory: str | Path, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+    backend: str = "fake",
 ) -> tuple[QuantizedDenoiser, object]:
     """(quantized denoiser with its ``.recipe``, training scheduler) from an artefact, on ``device`` in ``dtype``.
 
     The device and dtype are checked before the files are read; float32 (the default) samples bit-identically to
-    the saved model, another dtype rounds Δ·(codes − z) to it.
+    the saved model, another dtype rounds Δ·(codes − z) to it. ``backend`` (``tadq.backends``): ``"fake"``
+    simulates the integer arithmetic in float; an integer backend (``"int8"``...) converts the model while loading,
+    on its backend's device in float32 (another placement is refused before anything is read).
     """
     from tadq.io import load_quantized
 
     target_device, target_dtype = resolve_device(device), resolve_dtype(dtype)
+    if backend != "fake":  # as load_pipeline(backend=...): the docs name tadq.load(dir, backend=...)
+        from tadq.backends import check_backend, check_placement
+
+        check_backend(backend)
+        check_placement(backend, target_device, target_dtype)
+        return load_quantized(directory, backend=backend)
     qmodel, scheduler = load_quantized(directory)
     if (target_device, target_dtype) != (torch.device("cpu"), torch.float32):
         recipe = getattr(qmodel, "recipe", None)

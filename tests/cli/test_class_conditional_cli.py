@@ -149,3 +149,20 @@ def test_a_text_conditioned_denoiser_alone_is_refused_naming_what_drives_it(tmp_
         class_conditions_for(build_tiny_sd_unet(), tmp_path, command, labels=None, null_class=None,
                              guidance_scale=None)
     assert hint in str(error.value)
+
+
+def test_analyze_refuses_a_class_conditional_artefact_by_name_before_sampling(guided_artefact, unet_folder, tmp_path,
+                                                                            monkeypatch):
+    """tadq analyze has no conditioning flags: it failed after loading and starting the FP sampling, telling the
+    user to pass a ``cond=`` argument the command does not have."""
+    import tadq.analysis
+
+    def never(*args, **kwargs):
+        raise AssertionError("sampling started")
+
+    monkeypatch.setattr(tadq.analysis, "collect_trajectory_pair", never)
+    result, text = _invoke("analyze", str(guided_artefact), "--fp-model", str(unet_folder), "--num-samples", "2",
+                           "--out", str(tmp_path / "analysis"))
+    assert result.exit_code == 2, result.output
+    assert "conditional UNet2DModel" in text and "['class_labels']" in text and "tadq evaluate" in text
+    assert not (tmp_path / "analysis").exists()

@@ -32,3 +32,17 @@ def test_a_long_panel_title_wraps_inside_the_figure(tmp_path, monkeypatch):
     assert edge_ink(tmp_path / "wrapped.png") == 1.0
     monkeypatch.setattr(figures, "PANEL_TITLE_CHARS", 1000)  # unwrapped, the title runs off both sides
     assert edge_ink(tmp_path / "cut.png") < 1.0
+
+
+def test_a_grid_of_other_channel_counts_shows_the_channels_side_by_side_in_grey(tmp_path):
+    from tadq.report import figures
+
+    for channels in (2, 4, 5):  # 2 and 5 made matplotlib raise after sampling; 4 was drawn as RGBA
+        images = torch.zeros(3, channels, 6, 10)
+        images[:, -1] = 1.0  # the last channel white: with RGBA it was alpha, drawing nothing visible
+        grid = figures.image_grid(images, columns=8)
+        assert grid.ndim == 2 and grid.shape == (6 + 2, 8 * (channels * 10 + 1) + 1)
+        assert grid[1:7, 1 + (channels - 1) * 10: 1 + channels * 10].min() == 1.0  # sample 0's last channel
+        assert grid[1:7, 1: 1 + 10].max() == 0.5  # sample 0's first channel, zero in [-1, 1]
+        pixels = mpimg.imread(figures.save_comparison_grid({f"{channels} channels": images}, tmp_path / "g.png"))
+        assert pixels.shape[-1] == 4 and pixels[..., 3].min() == 1.0  # an opaque figure

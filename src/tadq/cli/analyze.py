@@ -55,6 +55,11 @@ def analyze_command(
         check_output_dir(out, resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
         qmodel, _ = load_quantized(model_dir)
+        wanted = qmodel.adapter.conditioning_inputs(qmodel.model)
+        if wanted:  # refused here, not by the first network call after the FP model is loaded and sampling began
+            raise ValueError(f"{model_dir} holds a conditional {type(qmodel.model).__name__} (it takes "
+                             f"{list(wanted)}); tadq analyze measures unconditional models only and has no "
+                             "conditioning flags: use tadq evaluate for it")
         qmodel = place_model(qmodel, torch_device, torch_dtype)
         fp, scheduler = load_pipeline_parts(fp_model)
         # the default reference is the shipped model: another model's artefact is measured against it only if alike

@@ -20,9 +20,17 @@ PANEL_TITLE_CHARS = 40  # a 3.2-inch panel holds about this many characters at f
 
 
 def image_grid(images: Tensor, columns: int = 8) -> np.ndarray:
-    """Tile (N, C, H, W) images in [-1, 1] into one (rows·H, columns·W[, C]) array in [0, 1]."""
+    """Tile (N, C, H, W) images in [-1, 1] into one (rows·H, columns·W[, C]) array in [0, 1].
+
+    Only grey (C = 1) and RGB (C = 3) are colour images; any other channel count (a 2- or 5-channel pixel model,
+    4 channels that are not RGBA) shows each sample's channels side by side in grey, so nothing is read as alpha
+    and matplotlib is never handed a shape it cannot draw.
+    """
     x = ((images.detach().float().clamp(-1, 1) + 1) / 2).cpu().numpy()
     n, c, h, w = x.shape
+    if c not in (1, 3):
+        x = x.transpose(0, 2, 1, 3).reshape(n, 1, h, c * w)
+        n, c, h, w = x.shape
     rows = int(np.ceil(n / columns))
     grid = np.ones((rows * (h + 1) + 1, columns * (w + 1) + 1, c), dtype=np.float32)
     for i in range(n):
