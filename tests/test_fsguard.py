@@ -71,6 +71,26 @@ def test_rules(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign", "model"]  # no probe left behind
 
 
+def test_overwrite_refuses_an_artefact_holding_files_added_after_its_save(tmp_path):
+    """A marked artefact was replaced whole by --overwrite, deleting a user's file put in it after the save."""
+    from tadq.io.manifest import MANIFEST_FILE, write_manifest
+
+    artefact = tmp_path / "artefact"
+    artefact.mkdir()
+    (artefact / "tadq_weights.safetensors").write_bytes(b"weights")
+    mark_output(artefact, "artefact")
+    write_manifest(artefact)
+    check_output_dir(artefact, overwrite=True)  # only what tadq wrote: replaced
+    (artefact / "notes.txt").write_text("mine")
+    with pytest.raises(OutputRefused, match=r"notes\.txt.*--overwrite would delete"):
+        check_output_dir(artefact, overwrite=True)
+    check_output_dir(artefact, resume=True)  # adding to it deletes nothing
+    check_output_dir(artefact, overwrite=True, force_foreign=True)  # named explicitly
+    (artefact / MANIFEST_FILE).write_text("damaged")  # a damaged artefact is replaceable: the marker decides
+    check_output_dir(artefact, overwrite=True)
+    assert (artefact / "notes.txt").read_text() == "mine"
+
+
 def test_file_rules(tmp_path):
     with pytest.raises(OutputRefused, match=r"must end in \.png"):
         check_output_file(tmp_path / "grid", what="--out", suffixes=(".png",))

@@ -159,9 +159,24 @@ def check_output_dir(out: str | Path, *, what: str = "--out", overwrite: bool = 
         if not force_foreign and not is_tadq_output(out):
             raise OutputRefused(f"{what} {out} holds files tadq did not write (no {MARKER_FILE}); it is left alone. "
                                 f"Choose another folder, or {FORCE_HINT}")
+        if overwrite and not force_foreign and (added := _added_to_artefact(out)):
+            raise OutputRefused(f"{what} {out} is a tadq artefact, but {len(added)} file(s) in it were put there "
+                                f"after tadq saved it ({', '.join(added[:3])}); --overwrite would delete them. Move "
+                                f"them out, or {FORCE_HINT}")
     check_writable_dir(out, what)
     if out.is_dir() and overwrite:
         check_writable_dir(out.absolute().parent, f"{what} {out}: its parent")  # replacing renames inside it
+
+
+def _added_to_artefact(folder: Path) -> list[str]:
+    """Files in an artefact folder that its manifest does not list: someone else's, which replacing the folder would
+    delete. An unreadable manifest (a damaged artefact, the usual reason to overwrite) falls back to the marker."""
+    from tadq.io.manifest import ArtefactDamaged, unlisted_files
+
+    try:
+        return unlisted_files(folder)
+    except ArtefactDamaged:
+        return []
 
 
 def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = (),

@@ -13,7 +13,8 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "file_sha256", "write_manifest", "verify_manifest", "check_listed"]
+__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "check_listed", "file_sha256", "unlisted_files", "verify_manifest",
+           "write_manifest"]
 
 MANIFEST_FILE = "tadq_manifest.json"
 MANIFEST_FORMAT = "tadq-manifest"
@@ -97,6 +98,14 @@ def check_listed(folder: str | Path, names: Iterable[str]) -> None:
                                   "or replaced after saving, or the manifest was edited); save the artefact again")
 
 
+def unlisted_files(folder: str | Path) -> list[str]:
+    """Files under ``folder`` its manifest does not list (put there after tadq saved it), sorted; ``[]`` without a
+    manifest. Raises ``ArtefactDamaged`` for an unreadable manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    return [] if manifest is None else sorted(set(_files(folder)) - set(manifest["files"]))
+
+
 def verify_manifest(folder: str | Path, *, allow_extra: bool = True, required: Iterable[str] = ()) -> bool:
     """Raise ``ArtefactDamaged`` naming the first file that is missing, resized or changed; ``False`` if there is
     no manifest (an older artefact), ``True`` if every file matches.
@@ -124,7 +133,7 @@ def verify_manifest(folder: str | Path, *, allow_extra: bool = True, required: I
                                   "again")
     check_listed(folder, required)
     if not allow_extra:
-        extra = sorted(set(_files(folder)) - set(manifest["files"]))
+        extra = unlisted_files(folder)
         if extra:
             raise ArtefactDamaged(f"{folder} holds files the manifest does not list: {extra[:3]}")
     return True
