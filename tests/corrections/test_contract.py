@@ -139,6 +139,28 @@ class TestCorrectionContract:
         with pytest.raises(ValueError, match="guidance"):
             fitted.check_model(BITS, guidance_scale=3.0)
 
+    def test_use_under_another_training_schedule_raises(self, config_type, tmp_path):
+        """The sampler key (kind, S, η) does not hold the training schedule: tables fitted under linear betas over
+        1000 steps were used under cosine betas or 500 steps without a word."""
+        from diffusers import DDPMScheduler
+
+        config = _config(config_type)
+        if not correction_for(config).keyed:
+            pytest.skip("a correction without per-step tables has no key to mismatch")
+        fitted = _fit(config)
+        assert _all_equal(_outputs(fitted), _outputs(fitted))  # the fitting schedule itself passes at every step
+        configs = save_corrections(CorrectionStack([fitted]), tmp_path)
+        loaded = load_corrections(tmp_path, json.loads(json.dumps(configs)))[0]
+        assert loaded.table_key == fitted.table_key and loaded.table_key.schedule is not None
+        others = (DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False),
+                  DDPMScheduler(num_train_timesteps=500, beta_schedule="linear", clip_sample=False))
+        for scheduler in others:
+            step = list(SamplingPlan.build(scheduler, SAMPLER).steps)[1]
+            x, eps, std = _inputs(step)
+            for correction in (fitted, loaded):
+                with pytest.raises(ValueError, match="another training schedule"):
+                    correction.after_model(eps, x, step)
+
     def test_stacking_order_survives_save_and_load(self, config_type, tmp_path):
         scheduler = analytic_scheduler()
         fp = AnalyticDenoiser(scheduler)

@@ -19,7 +19,9 @@ one on another grid, raises ``ValueError`` instead of silently returning zeros (
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -54,6 +56,9 @@ class TableKey:
             comes from the scheduler config), yet clipping changes every step after the first clipped one.
         clip_recorded: Whether ``clip_sample_range`` was recorded; tables saved by an older tadq did not record it
             and cannot be checked.
+        schedule: (t, A_t, B_t) of every step of the fitting sampler: the denoiser's timestep and the update's
+            coefficients on x_t and ε, which the training schedule (betas, ``num_train_timesteps``, spacing) fixes
+            and the sampler key does not hold. ``None`` in tables saved before it was recorded (not checked).
     """
 
     sampler_key: str
@@ -62,12 +67,19 @@ class TableKey:
     bits: str
     clip_sample_range: float | None = None
     clip_recorded: bool = False
+    schedule: tuple[tuple[float, float, float], ...] | None = None
 
     @classmethod
     def from_pair(cls, pair: TrajectoryPair) -> TableKey:
         """The key of tables fitted on ``pair``."""
-        return cls(pair.sampler_key, pair.num_steps, float(pair.guidance_scale), pair.bits,
-                   pair.steps[0].clip_sample_range, True)
+        return cls.from_steps(pair.steps, pair.bits)
+
+    @classmethod
+    def from_steps(cls, steps: Sequence[StepContext], bits: str) -> TableKey:
+        """The key of tables fitted along ``steps`` (one sampler grid, noisiest first) on a ``bits`` model."""
+        first = steps[0]
+        return cls(first.sampler_key, first.num_steps, float(first.guidance_scale), bits, first.clip_sample_range,
+                   True, tuple(schedule_point(step) for step in steps))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -78,7 +90,29 @@ class TableKey:
         if not isinstance(fields, dict) or set(fields) - set(cls.__dataclass_fields__):
             raise ValueError(f"correction table key {text[:80]!r} has unknown fields; the tables are damaged or "
                              "were written by a newer tadq")
+        if fields.get("schedule") is not None:  # JSON lists back to the tuples a frozen key compares and hashes
+            try:
+                fields["schedule"] = tuple((float(t), float(a), float(b)) for t, a, b in fields["schedule"])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"correction table key {text[:80]!r} has a damaged schedule") from error
+            if len(fields["schedule"]) != fields.get("num_steps"):
+                raise ValueError(f"correction table key {text[:80]!r} records a schedule of "
+                                 f"{len(fields['schedule'])} steps for {fields.get('num_steps')}: it is damaged")
         return cls(**fields)
+
+
+SCHEDULE_RTOL = 1e-3
+"""Relative tolerance of the schedule check: float32 ᾱ tables rebuilt by another torch or CPU differ by at most a
+few hundred ulps after a 1000-term cumulative product (≈ 1e-5), another beta schedule or step count by percents."""
+
+
+def schedule_point(step: StepContext) -> tuple[float, float, float]:
+    """(t, A_t, B_t) of one step: what a table key records of the training schedule (``TableKey.schedule``)."""
+    return float(step.t), float(step.coef_x), float(step.coef_eps)
+
+
+def _points(values: tuple[float, float, float]) -> str:
+    return "(" + ", ".join(f"{value:.6g}" for value in values) + ")"
 
 
 @dataclass(frozen=True)
@@ -214,6 +248,14 @@ class Correction(nn.Module, IdentityHooks, ABC):
             raise ValueError(f"{name} was fitted at guidance scale {key.guidance_scale} but is used at "
                              f"{step.guidance_scale}; guided ε (and its quantization error) changes with the scale: "
                              "refit it at this scale")
+        if key.schedule is not None:
+            fitted, used = key.schedule[step.index], schedule_point(step)
+            if not all(math.isclose(a, b, rel_tol=SCHEDULE_RTOL, abs_tol=1e-12) for a, b in zip(fitted, used,
+                                                                                             strict=True)):
+                raise ValueError(f"{name} was fitted on another training schedule: at step {step.index} of "
+                                 f"{key.sampler_key} (t, A_t, B_t) = {_points(fitted)} when fitted, {_points(used)} "
+                                 "now (another beta schedule, num_train_timesteps or timestep spacing). Sample with "
+                                 "the scheduler the model was quantized with, or refit it")
         if key.clip_recorded and step.clip_sample_range != key.clip_sample_range:
             def clipping(value: float | None) -> str:
                 return "without x̂₀ clipping" if value is None else f"with x̂₀ clipped to ±{value}"

@@ -253,7 +253,7 @@ def fit_sequentially(
     hooks = tuple(hooks)
     check_hooks(hooks)
     walker = ctx.walker()
-    key = TableKey(ctx.plan.key, ctx.plan.num_steps, ctx.plan.guidance_scale, ctx.bits)
+    key = TableKey.from_steps(ctx.plan.steps, ctx.bits)
     start = _all_samples(ctx, walker, seed, num_samples)
     candidates = correction.candidates()
     _check_selection(candidates, seed, selection_seed)
