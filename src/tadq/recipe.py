@@ -102,11 +102,15 @@ def method_handler(method: object) -> MethodHandler:
 class Deployment:
     """A sampler the model is deployed with: its grid (kind, steps, η) and the classifier-free guidance scale.
 
-    Correction and TFMQ tables are fitted for exactly this (sampler, guidance scale).
+    Correction and TFMQ tables are fitted for exactly this (sampler, guidance scale). ``null_class``: the label of
+    the unconditional branch a class-conditional model was calibrated with (``tadq quantize --null-class``, or the
+    shipped model's), recorded so that sampling the artefact needs no flag to find it again; ``None`` for other
+    models and for recipes written before it was recorded.
     """
 
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
     guidance_scale: float = 1.0
+    null_class: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampler, SamplerConfig):
@@ -115,6 +119,9 @@ class Deployment:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
             raise ValueError(f"Deployment.guidance_scale must be a finite float >= 0 (1.0: none), got {scale!r}")
         object.__setattr__(self, "guidance_scale", float(scale))
+        label = self.null_class
+        if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
+            raise ValueError(f"Deployment.null_class must be a class label (an int >= 0) or None, got {label!r}")
 
 
 @register_config_type

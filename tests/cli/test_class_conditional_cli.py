@@ -51,7 +51,24 @@ def guided_artefact(unet_folder, tmp_path_factory):
 def test_quantize_records_the_guidance_its_corrections_were_fitted_at(guided_artefact):
     recipe = json.loads((guided_artefact / "tadq_recipe.json").read_text())
     deployment = recipe["data"]["deployments"][0]["data"]
-    assert deployment["guidance_scale"] == 2.5
+    assert deployment["guidance_scale"] == 2.5 and deployment["null_class"] == NULL
+
+
+def test_sample_and_evaluate_take_the_recorded_null_class(guided_artefact, unet_folder, tmp_path):
+    """The null class was not recorded: sampling a guided artefact needed --null-class again (refused without)."""
+    tensors = []
+    for name, flags in (("given", ["--null-class", str(NULL)]), ("recorded", [])):
+        result, _ = _invoke("sample", str(guided_artefact), "--num-samples", "4", "--class-label", "1", *flags,
+                            "--tensor-out", str(tmp_path / f"{name}.safetensors"))
+        assert result.exit_code == 0, result.output
+        tensors.append(load_file(tmp_path / f"{name}.safetensors")["images"])
+    assert torch.equal(*tensors)
+    unguided, _ = _invoke("sample", str(guided_artefact), "--num-samples", "4", "--class-label", "1",
+                          "--guidance-scale", "1", "--tensor-out", str(tmp_path / "unguided.safetensors"))
+    assert unguided.exit_code == 2  # TAC is fitted at 2.5: the recorded scale is what made the run above guided
+    result, text = _invoke("evaluate", str(guided_artefact), "--reference", str(unet_folder), "--num-samples", "2",
+                           "--steps", "4")
+    assert result.exit_code == 0, result.output
 
 
 def test_sample_draws_the_given_labels_at_the_fitted_guidance(guided_artefact, tmp_path):

@@ -371,11 +371,12 @@ def quantize_command(
             conditions = None
             if setting is not None:  # calibrated and fitted on labels from the calibration seed, at its guidance
                 conditions = setting.source
-                deployment = dataclasses.replace(recipe.deployments[0], guidance_scale=setting.guidance_scale)
+                deployment = dataclasses.replace(recipe.deployments[0], guidance_scale=setting.guidance_scale,
+                                                 null_class=setting.null_class)
                 recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
                 console.print(f"class-conditional {type(model).__name__}: labels {setting.labels} of "
                               f"{setting.num_classes}, null class {setting.null_class}, guidance "
-                              f"{setting.guidance_scale:g} (sample with the same --null-class)")
+                              f"{setting.guidance_scale:g} (recorded in the artefact's recipe)")
             qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
                               device=torch_device, dtype=torch_dtype, conditions=conditions)
             # a latent pipeline (DiT + VAE) keeps its other components, so the artefact's samples can be decoded

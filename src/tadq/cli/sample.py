@@ -172,8 +172,9 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
     """(conditions, guidance scale, VAE decoder or ``None``) of ``tadq sample``, all checked before sampling.
 
     An unconditional model takes no labels and no guidance. A class-conditional one samples explicit labels
-    (``--class-label``) or the ``--labels`` mode; its guidance defaults to the artefact recipe's (the scale its
-    corrections were fitted at; another one is refused for a model carrying fitted tables). A latent model's
+    (``--class-label``) or the ``--labels`` mode; its guidance and null class default to the artefact recipe's (the
+    scale its corrections were fitted at, another one refused for a model carrying fitted tables; the null class
+    it was calibrated with). A latent model's
     samples are decoded by the folder's VAE."""
     from tadq.experiments.workload import folder_vae_decoder
     from tadq.pipelines.quantized import resolve_deployment
@@ -181,6 +182,8 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
 
     recipe = getattr(denoiser, "recipe", None)
     fitted = recipe.guidance_scale if recipe is not None and recipe.guidance_scale != 1.0 else None
+    if null_class is None and recipe is not None:  # the null class the artefact was calibrated with, if recorded
+        null_class = recipe.deployments[0].null_class
     network = getattr(denoiser, "model", denoiser)
     if class_label and labels is not None:
         raise ValueError("give --class-label or --labels, not both")
