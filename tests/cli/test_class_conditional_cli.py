@@ -59,12 +59,13 @@ def test_sample_and_evaluate_take_the_recorded_null_class(guided_artefact, unet_
     tensors = []
     for name, flags in (("given", ["--null-class", str(NULL)]), ("recorded", [])):
         result, _ = _invoke("sample", str(guided_artefact), "--num-samples", "4", "--class-label", "1", *flags,
+                            "--out", str(tmp_path / f"{name}.png"),
                             "--tensor-out", str(tmp_path / f"{name}.safetensors"))
         assert result.exit_code == 0, result.output
         tensors.append(load_file(tmp_path / f"{name}.safetensors")["images"])
     assert torch.equal(*tensors)
     unguided, _ = _invoke("sample", str(guided_artefact), "--num-samples", "4", "--class-label", "1",
-                          "--guidance-scale", "1", "--tensor-out", str(tmp_path / "unguided.safetensors"))
+                          "--guidance-scale", "1", "--out", str(tmp_path / "unguided.png"))
     assert unguided.exit_code == 2  # TAC is fitted at 2.5: the recorded scale is what made the run above guided
     result, text = _invoke("evaluate", str(guided_artefact), "--reference", str(unet_folder), "--num-samples", "2",
                            "--steps", "4")
