@@ -103,7 +103,11 @@ def unlisted_files(folder: str | Path) -> list[str]:
     manifest. Raises ``ArtefactDamaged`` for an unreadable manifest."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    return [] if manifest is None else sorted(set(_files(folder)) - set(manifest["files"]))
+    return [] if manifest is None else _unlisted(folder, manifest)
+
+
+def _unlisted(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    return sorted(set(_files(folder)) - set(manifest["files"]))
 
 
 def verify_manifest(folder: str | Path, *, allow_extra: bool = True, required: Iterable[str] = ()) -> bool:
@@ -133,7 +137,7 @@ def verify_manifest(folder: str | Path, *, allow_extra: bool = True, required: I
                                   "again")
     check_listed(folder, required)
     if not allow_extra:
-        extra = unlisted_files(folder)
+        extra = _unlisted(folder, manifest)  # the manifest read above, not a second read
         if extra:
             raise ArtefactDamaged(f"{folder} holds files the manifest does not list: {extra[:3]}")
     return True

@@ -299,13 +299,8 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     check_drivable_scheduler(path)
     klass = tadq_pipeline_class(pipeline_class(layout.class_name))
     options = pipeline_load_options(klass, target_dtype)
-    if quantized:
-        if backend == "fake":
-            qmodel, _scheduler = load(path, device=target_device, dtype=target_dtype)
-        else:
-            from tadq.io import load_quantized
-
-            qmodel, _scheduler = load_quantized(path, backend=backend)  # converted while loading, on its device
+    if quantized:  # an integer backend converts while loading, on its device
+        qmodel, _scheduler = load(path, device=target_device, dtype=target_dtype, backend=backend)
         pipe = klass.from_pretrained(str(path), unet=qmodel.model, **options)
         denoiser, recipe = qmodel, getattr(qmodel, "recipe", None)
     else:
