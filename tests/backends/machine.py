@@ -6,7 +6,10 @@ weights run there and are tested; tests of 8-bit weights are skipped with the re
 
 from __future__ import annotations
 
+import functools
+
 import pytest
+import torch
 
 from tadq.backends import capability
 
@@ -35,3 +38,22 @@ needs_int8_w8 = pytest.mark.skipif(int8_reason(True) is not None, reason=f"int8 
 needs_compiled = pytest.mark.skipif(compiled_reason() is not None, reason=f"int8-compiled: {compiled_reason()}")
 needs_compiled_w8 = pytest.mark.skipif(compiled_reason(True) is not None,
                                        reason=f"int8-compiled: {compiled_reason(True)}")
+
+
+@functools.cache
+def cpu_int_mm_is_exact() -> bool:
+    """Whether ``torch._int_mm`` on this CPU sums int8 products exactly. It runs oneDNN's s8·s8 GEMM, which
+    without VNNI/AMX saturates pairs of products to 16 bits like the conv kernels (measured with oneDNN capped at
+    AVX2 and at AVX-512 without VNNI: full-range codes off by 10⁶). The int8-cuda backend only runs on CUDA; the
+    CPU stands in for it in the tests of its arithmetic."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (32, 64), generator=generator, dtype=torch.int8)
+    b = torch.randint(-128, 128, (64, 32), generator=generator, dtype=torch.int8)
+    a[0], b[:, 0] = 127, 127  # the worst case: every pair of products at its largest
+    return torch.equal(torch._int_mm(a, b).long(), a.long() @ b.long())
+
+
+def exact_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm``'s contract (int8 × int8 → int32) computed exactly, in int64."""
+    return (a.long() @ b.long()).to(torch.int32)
+

@@ -108,6 +108,7 @@ def test_onednn_layers_match_fake_quant(weights, activations):
 
 @pytest.mark.parametrize("activations", ["a8", "a4"])
 @pytest.mark.parametrize("weights", list(WEIGHTS))
+@pytest.mark.usefixtures("int_mm_on_cpu")
 def test_int_mm_layers_match_fake_quant(weights, activations):
     """The int8-cuda arithmetic (exact int32 zero-point algebra, im2col) checked on CPU."""
     for kind, layer, x in _layers(WEIGHTS[weights], ACTIVATIONS[activations]):
@@ -126,6 +127,7 @@ def test_activation_codes_are_the_fake_quant_codes():
 
 
 @pytest.mark.parametrize("integer_class", [pytest.param(OneDNNConv2d, marks=needs_int8_w8), IntMMConv2d])
+@pytest.mark.usefixtures("int_mm_on_cpu")
 def test_per_step_activation_ranges(integer_class):
     """A TFMQ StepQuantizer: each step's (Δ, z) is used by the integer layer, as by the fake-quant one."""
     layer, x = _conv(WEIGHTS["w8-asym"], ACTIVATIONS["a8"], CONVS[0])

@@ -71,6 +71,8 @@ def test_weights_beyond_the_bound_are_refused_naming_the_layer(monkeypatch, kind
 
     monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
     monkeypatch.setattr(capability, "_has_dot_product_instructions", lambda: False)
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):  # the CPU's own lack, not a user's cap
+        monkeypatch.delenv(name, raising=False)
     build = (lambda w: _conv(w, ACTIVATIONS["a8"], {"kernel_size": 3, "padding": 1})) if kind == "conv" \
         else (lambda w: _linear(w, ACTIVATIONS["a8"]))
     layer, _ = build(WEIGHTS["w8-sym"])
@@ -215,3 +217,21 @@ def test_the_weight_grid_is_checked_before_loading(monkeypatch):
         check_weight_grid("int8", QScheme(bits=bits, symmetric=symmetric))
     check_weight_grid("fake", QScheme(bits=8))
     check_weight_grid("int8-cuda", QScheme(bits=8))
+
+
+@pytest.mark.parametrize(("cap", "dot_products"), [("AVX2", False), ("avx512_core", False), ("AVX512_CORE_VNNI", None),
+                                                   ("ALL", None)])
+def test_a_onednn_isa_cap_below_vnni_is_named_as_the_reason(monkeypatch, cap, dot_products):
+    """``ONEDNN_MAX_CPU_ISA`` below VNNI makes a VNNI/AMX CPU's int8 kernels saturate: the refusal names the cap, not
+    the CPU (found by running the suite with the cap, to stand in for an AVX2 machine)."""
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    if dot_products is False:
+        assert capability.onednn_isa_cap() == cap.upper() and not capability._has_dot_product_instructions()
+        assert f"oneDNN is capped at {cap.upper()} (ONEDNN_MAX_CPU_ISA)" in capability.weight_bound_reason(64)
+    else:  # a cap with VNNI, or none: the CPU's flags decide, as without the variable
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        uncapped = capability._has_dot_product_instructions()
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert capability._has_dot_product_instructions() == uncapped
+        assert "capped" not in capability.weight_bound_reason(64)

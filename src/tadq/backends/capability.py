@@ -7,6 +7,7 @@ float simulation.
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -14,12 +15,13 @@ from pathlib import Path
 import torch
 
 __all__ = ["cpu_flags", "cpu_summary", "has_onednn", "int8_compiled_missing", "int8_cpu_missing",
-           "int8_cpu_weight_bound", "int8_cuda_missing", "unit_scale_int8_conv", "unit_scale_int8_linear",
-           "weight_bound_reason"]
+           "int8_cpu_weight_bound", "int8_cuda_missing", "onednn_isa_cap", "unit_scale_int8_conv",
+           "unit_scale_int8_linear", "weight_bound_reason"]
 
 INT8_CPU_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # u8·s8 dot-product instructions oneDNN uses
 FULL_INT8_RANGE = 128  # |B| ≤ 128 covers every signed int8 weight code
 PAIR_SATURATION_BOUND = 64  # 2·255·64 = 32640 ≤ 32767: two u8·s8 products fit a saturating int16 lane
+ONEDNN_ISA_WITHOUT_DOT_PRODUCTS = ("SSE41", "AVX", "AVX2", "AVX512_CORE")  # oneDNN's names below any VNNI ISA
 
 
 def cpu_flags() -> set[str]:
@@ -44,6 +46,7 @@ def cpu_summary() -> dict[str, object]:
         "vnni": _torch_cpu_probe("_is_vnni_supported"),
         "amx": _torch_cpu_probe("_is_amx_tile_supported"),
         "int8_exact_weight_codes": _bound_summary(),
+        "onednn_max_isa": onednn_isa_cap(),
         "threads": torch.get_num_threads(),
     }
 
@@ -71,9 +74,29 @@ def has_onednn() -> bool:
             and hasattr(torch.ops.onednn, "qconv_prepack"))
 
 
+def onednn_isa_cap() -> str | None:
+    """The instruction set oneDNN is capped at by the user (``ONEDNN_MAX_CPU_ISA``, or its older name
+    ``DNNL_MAX_CPU_ISA``), or ``None``: a cap below VNNI makes a VNNI/AMX CPU's int8 kernels saturate like an
+    AVX2 CPU's, which the refusal must say rather than blame the CPU."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip().upper()
+        if value and value not in ("ALL", "DEFAULT"):
+            return value
+    return None
+
+
 def _has_dot_product_instructions() -> bool:
+    if onednn_isa_cap() in ONEDNN_ISA_WITHOUT_DOT_PRODUCTS:
+        return False
     return bool(_torch_cpu_probe("_is_vnni_supported") or _torch_cpu_probe("_is_amx_tile_supported")
                 or cpu_flags() & set(INT8_CPU_FLAGS))
+
+
+def _no_dot_products_clause() -> str:
+    cap = onednn_isa_cap()
+    if cap in ONEDNN_ISA_WITHOUT_DOT_PRODUCTS:
+        return f"oneDNN is capped at {cap} (ONEDNN_MAX_CPU_ISA), below its int8 dot-product instructions, so "
+    return f"this CPU has no int8 dot-product instructions ({', '.join(INT8_CPU_FLAGS)}), so "
 
 
 def unit_scale_int8_conv(weights: torch.Tensor, padding: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -144,8 +167,7 @@ def int8_cpu_missing() -> str | None:
 
 def weight_bound_reason(bound: int) -> str:
     """Why weight codes beyond ``bound`` cannot run here: one sentence for a refusal."""
-    instructions = ("" if _has_dot_product_instructions() else
-                    f"this CPU has no int8 dot-product instructions ({', '.join(INT8_CPU_FLAGS)}), so ")
+    instructions = "" if _has_dot_product_instructions() else _no_dot_products_clause()
     return (f"{instructions}oneDNN's u8·s8 kernels add products in pairs saturated to 16 bits and are exact only for "
             f"weight codes within ±{bound} (measured): ≤ 7-bit weight grids within that range (W4A8) run here; "
             "8-bit weights need a CPU with one of those instructions, or the 'fake' backend")
