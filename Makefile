@@ -43,6 +43,16 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow $(PARALLEL)
 
+# The backend and CLI tests as on CPUs this one stands in for (docs/backends.md#cpus-without-vnni-or-amx-avx2):
+# oneDNN capped at AVX2 (torch's kernels too) and at AVX-512 without VNNI, each with its own Inductor cache (the
+# cache does not key on ATEN_CPU_CAPABILITY)
+.PHONY: test-cpu-kinds
+test-cpu-kinds: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor-avx2 \
+		$(BIN)/python -m pytest -q $(PARALLEL) tests/backends tests/cli
+	ONEDNN_MAX_CPU_ISA=AVX512_CORE TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor-avx512-core \
+		$(BIN)/python -m pytest -q $(PARALLEL) tests/backends tests/cli
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/reconstruction_budget.py
 

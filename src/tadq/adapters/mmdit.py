@@ -72,7 +72,12 @@ Prediction: both models output the flow velocity v = ε − x₀; their folders 
 ``flow-euler`` drives them and every ε sampler (DDIM, DPM-Solver++, ...) is refused by ``check_drivable``.
 ``predict_eps`` returns the velocity (the name is the adapter protocol's). ``check_prediction`` (called by
 ``tadq.sample`` and calibration with the plan's prediction type) refuses an ε-family scheduler given with one of
-these models, so a velocity is never sampled as ε.
+these models, so a velocity is never sampled as ε. The velocity has the latent's channels: an SD3 whose
+``out_channels`` differ from ``in_channels`` is refused by ``sample_shape`` (before any work) and ``predict_eps``,
+never split like DiT/PixArt's learned-variance output.
+
+Latent size: ``sample_shape`` refuses, before any work, an SD3 ``sample_size`` that is not a multiple of
+``patch_size`` (its patch embedding would drop the remainder) and a Flux latent side that is odd (no 2×2 packing).
 
 TFMQ-DM is refused (no ``temporal_embedding``: the adaLN embedding also depends on the pooled text).
 """
@@ -347,17 +352,39 @@ class SD3Adapter(_MMDiTAdapter):
     def _claim_model(self, claims: RoleClaims, model: nn.Module) -> None:
         claims.claim(model.pos_embed.proj, "input_conv", "pos_embed.proj")
 
+    @staticmethod
+    def _check_velocity_channels(model: nn.Module) -> None:
+        """A flow velocity has the latent's channels: no learned-variance half to split off (DiT/PixArt's ε half
+        would take the first ``in_channels`` of a 2·C output and sample them as the velocity).
+
+        Raises:
+            NotImplementedError: ``out_channels`` ≠ ``in_channels``, named.
+        """
+        config = model.config
+        out = config.out_channels if config.out_channels is not None else config.in_channels
+        if out != config.in_channels:
+            raise NotImplementedError(f"SD3Transformer2DModel with out_channels={out} for in_channels="
+                                      f"{config.in_channels}: a flow-matching model predicts a velocity of the "
+                                      "latent's shape (out = in channels); tadq does not sample other outputs")
+
+    def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) of the latent; refuses, before any work, a sample size that is not a multiple of the patch
+        size and an output that is not a velocity of the latent's channels."""
+        self._check_velocity_channels(model)
+        return super().sample_shape(model)
+
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """SD3's velocity at (x, t, cond); t as the flow scheduler's timesteps (σ·1000).
 
         Raises:
             ValueError: ``cond`` lacks a field, carries one SD3 does not take, or a shape that does not fit.
+            NotImplementedError: ``out_channels`` ≠ ``in_channels`` (no velocity of the latent's shape).
         """
         self._check_fields(model, cond, ())
         self._check_shapes(model, x, cond)
-        output = model(x, encoder_hidden_states=cond.encoder_hidden_states, pooled_projections=cond.pooled_embeds,
-                       timestep=self._timesteps(x, t)).sample
-        return self._eps_half(model, output)
+        self._check_velocity_channels(model)
+        return model(x, encoder_hidden_states=cond.encoder_hidden_states, pooled_projections=cond.pooled_embeds,
+                     timestep=self._timesteps(x, t)).sample
 
 
 def pack_latents(x: Tensor) -> Tensor:
@@ -403,6 +430,7 @@ class FluxAdapter(_MMDiTAdapter):
 
         Raises:
             NotImplementedError: ``in_channels`` not a multiple of 4, or ``out_channels`` ≠ ``in_channels``.
+            ValueError: an odd latent side (no 2×2 packing).
         """
         config = model.config
         channels = config.in_channels
@@ -413,6 +441,9 @@ class FluxAdapter(_MMDiTAdapter):
                                       "FluxPipeline does (in = out channels, a multiple of 4, patch_size 1)")
         size = config.get("sample_size") or FLUX_DEFAULT_LATENT
         height, width = (size, size) if isinstance(size, int) else tuple(size)
+        if height % 2 or width % 2:
+            raise ValueError(f"FluxTransformer2DModel with sample_size {height}×{width}: Flux packs 2×2 latent "
+                             "patches, so both latent sides must be even (fix the registered sample_size)")
         return (channels // 4, height, width)
 
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:

@@ -36,6 +36,10 @@ Learned variance: DiT and PixArt-α checkpoints predict (ε, Σ) with ``out_chan
 ``predict_eps`` returns only the ε half (the first ``in_channels`` channels, as diffusers' DiT and PixArt pipelines
 split it), so samplers, calibration and reconstruction see ε. ``out_channels = in_channels`` is returned whole.
 
+Latent size: ``sample_shape`` (asked before any sampling or calibration) refuses a ``sample_size`` side that is not
+a multiple of ``patch_size``: the stride-p patch embedding would drop the remainder and the model would return a
+smaller prediction than the latent it was given.
+
 Conditioning:
 
 - DiT: ``class_labels`` (N,) in [0, K], K = ``num_embeds_ada_norm`` real classes; K itself is the null class
@@ -134,6 +138,22 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
         """None: a transformer has no decoder convs reading ``[deep | skip]`` concatenations (split_shortcut is a
         no-op)."""
         return {}
+
+    def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
+        """(C, H, W) from the config, as the traced adapter reads it; asked before any sampling or calibration.
+
+        Raises:
+            ValueError: a side of ``sample_size`` that is not a multiple of ``patch_size``: the patch embedding
+                (a stride-p conv) drops the remainder, and the model returns a smaller prediction than its input.
+        """
+        channels, height, width = super().sample_shape(model)
+        patch = model.config.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"this {type(model).__name__} has sample_size {height}×{width}, not a multiple of its "
+                             f"patch_size {patch}: its patch embedding drops the last rows/columns and it returns a "
+                             f"{height // patch * patch}×{width // patch * patch} prediction; tadq samples latents "
+                             "whose sides are multiples of the patch size (fix config.sample_size)")
+        return channels, height, width
 
     @staticmethod
     def _out_channels(model: nn.Module) -> int:

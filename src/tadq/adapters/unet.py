@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import torch
 from diffusers import UNet2DModel
+from diffusers.models.unets.unet_2d_blocks import (
+    AttnSkipDownBlock2D,
+    AttnSkipUpBlock2D,
+    SkipDownBlock2D,
+    SkipUpBlock2D,
+)
 from torch import Tensor, nn
 
 from tadq.adapters._unet_common import (
@@ -33,8 +39,23 @@ def _named_roles(model: UNet2DModel) -> dict[int, tuple[LayerRole, str]]:
     claims.claim(model.time_embedding, "time_embedding", "time_embedding")
     claims.claim(getattr(model, "class_embedding", None), "class_embedding", "class_embedding")
     for module in model.modules():
+        _claim_skip_conv(claims, module)
         claim_unet_parts(claims, module, claims.names[id(module)])
     return claims.roles
+
+
+def _claim_skip_conv(claims: RoleClaims, block: nn.Module) -> None:
+    """The progressive input/output path of the score-SDE skip blocks (NCSN++ layout): a down block's
+    ``skip_conv`` reads the FIR-downsampled input sample x_t itself, as ``conv_in`` does; an up block's writes
+    image channels that ``UNet2DModel.forward`` adds to the prediction after ``conv_out``. So they are the input
+    and output convs of their resolution (kept in float by ``fp_layers="first_last"``), each its own unit."""
+    skip_conv = getattr(block, "skip_conv", None)
+    if skip_conv is None:
+        return
+    if isinstance(block, (SkipDownBlock2D, AttnSkipDownBlock2D)):
+        claims.claim(skip_conv, "input_conv", claims.names[id(skip_conv)])
+    elif isinstance(block, (SkipUpBlock2D, AttnSkipUpBlock2D)):
+        claims.claim(skip_conv, "output_conv", claims.names[id(skip_conv)])
 
 
 def _timesteps_for(model: UNet2DModel, t: Tensor) -> Tensor:

@@ -259,6 +259,11 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
     architecture_null = adapter.null_class(fp) if hasattr(adapter, "null_class") else None
     num_embeddings = (int(architecture_null) + 1 if architecture_null is not None
                       else int(getattr(fp.config, "num_class_embeds", None) or 0))
+    embed_type = getattr(fp.config, "class_embed_type", None)
+    if architecture_null is None and embed_type is not None:  # label vectors, or timestep-embedded label values
+        raise ValueError(f"{path}: this {type(fp).__name__}'s class embedding (class_embed_type={embed_type!r}) is "
+                         "not a table of classes to draw labels from; quantize and sample it from Python, giving "
+                         "its class_labels as conditions= (tadq.quantize, tadq.sample)")
     if shipped and null_class is None:
         from tadq.zoo.photos_model import null_label
 

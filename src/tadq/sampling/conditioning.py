@@ -146,7 +146,9 @@ class Conditioning:
         for part in parts[1:]:
             if [(name, getattr(part, name) is None) for name in _BATCHED] != layout or \
                     set(part.added_cond_kwargs) != set(first.added_cond_kwargs):
-                raise ValueError("cannot concatenate conditionings with different fields")
+                fields = [sorted(p._tensors()) for p in (first, part)]
+                raise ValueError(f"cannot concatenate conditionings with different fields: {fields[0]} and "
+                                 f"{fields[1]} (the guidance branches too must carry the same fields)")
         changes: dict[str, Any] = {name: torch.cat([getattr(p, name) for p in parts]) for name, absent in layout
                                    if not absent}
         changes["added_cond_kwargs"] = {k: torch.cat([p.added_cond_kwargs[k] for p in parts])

@@ -21,11 +21,12 @@ from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.denoiser import QuantizedDenoiser
 from tadq.methods import check_base, model_device, quantize_svdquant
 from tadq.recipe import register_quant_method
+from tadq.registry import adapter_for
 from tadq.sampling.conditioning import ConditionSource
 from tadq.svdquant import SVDQuantMethod
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
-from tadq.tfmq.pipeline import apply_tfmq, quantize_tfmq
+from tadq.tfmq.pipeline import apply_tfmq, check_temporal_path, quantize_tfmq
 
 if TYPE_CHECKING:
     from tadq.recipe import Recipe
@@ -78,6 +79,7 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
     if calibration is not None and calibration.x.device != model_device(model):
         raise ValueError(f"the calibration set is on {calibration.x.device}, the model on {model_device(model)}")
     if recipe.method.base == "svdquant":
+        check_temporal_path(model, adapter_for(model))  # before SVDQuant's calibration
         svdquant_recipe = dataclasses.replace(recipe, method=recipe.method.svdquant)
         qmodel = quantize_svdquant(model, reference, scheduler, svdquant_recipe, config, calibration=calibration,
                                    cache_dir=cache_dir, progress=progress, conditions=conditions,

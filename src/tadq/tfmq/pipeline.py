@@ -71,6 +71,7 @@ def quantize_tfmq(
         ``save_quantized``/``load_quantized``); ``corrections[0].report`` has the TIAR and disturbance results.
     """
     adapter = adapter_for(model)
+    check_temporal_path(model, adapter)
     qmodel = build_quantized_structure(model, quant_config)
     if calibration is None:
         calibration = collect_calibration_set(model, adapter, scheduler.config, quant_config.calibration,
@@ -93,6 +94,16 @@ def quantize_tfmq(
             progress=progress, frozen_layers=sorted(frozen))
     return apply_tfmq(qmodel, model, scheduler, tfmq_config, sampler, cache_dir=cache_dir, progress=progress,
                       report=report, conditions=conditions, guidance_scale=guidance_scale)
+
+
+def check_temporal_path(model: nn.Module, adapter) -> None:
+    """Refuse, before any calibration, a model whose temporal path TFMQ-DM cannot tabulate over (t, y): the TIB's
+    own errors (continuous class labels, SDXL's added embedding of the text) raised by one dry call at t = 0."""
+    tib = TemporalInformationBlock(model, adapter)
+    device = next(model.parameters()).device
+    labels = torch.zeros(1, dtype=torch.long, device=device) if tib.num_labels else None
+    with torch.no_grad():
+        tib(torch.zeros(1, dtype=torch.long, device=device), labels)
 
 
 def apply_tfmq(
