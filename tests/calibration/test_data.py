@@ -55,3 +55,22 @@ def test_cache_is_reused_and_mismatch_raises(tmp_path, tiny_unet, ddpm_scheduler
 def test_bad_calibration_config_raises(kw):
     with pytest.raises(ValueError):
         _config(**kw)
+
+
+def test_conditions_beyond_the_trajectories_are_named_as_unused(ddpm_scheduler, caplog):
+    """Trajectory i takes condition i: a list longer than num_trajectories leaves its tail unseen, with a warning
+    that says how many; a list of exactly num_trajectories rows says nothing."""
+    from tests.conftest import build_tiny_unet
+
+    from tadq.sampling import Conditioning, ConditioningList
+
+    model = build_tiny_unet(num_class_embeds=3)
+    for rows, warned in ((12, True), (8, False)):
+        conditions = ConditioningList(Conditioning(class_labels=torch.arange(rows) % 3))
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tadq.calibration.data"):
+            calib = collect_calibration_set(model, adapter_for(model), ddpm_scheduler.config,
+                                            _config(num_steps_kept=2), progress=False, conditions=conditions)
+        messages = [r.getMessage() for r in caplog.records]
+        assert any("4 of the 12 calibration conditions are not used" in m for m in messages) == warned, messages
+        assert len(calib) == 2 * 4

@@ -153,3 +153,22 @@ def test_condition_source_keys_tell_different_lists_apart() -> None:
     assert ConditioningList(rows).key != ConditioningList(changed).key
     assert ClassLabels((1, 2)).key != ClassLabels((2, 1)).key
     assert RandomClassLabels(3, null_class=3).key != RandomClassLabels(3).key
+
+
+def test_a_condition_list_shorter_than_the_run_is_refused_before_the_first_call() -> None:
+    """A list of 4 rows for 6 samples in batches of 2 used to fail at the third batch, after two batches of work."""
+    rows = ConditioningList(Conditioning(class_labels=torch.tensor([0, 1, 2, 0])))
+    calls = []
+
+    def counting(x, t, cond):
+        calls.append(1)
+        return label_denoiser(x, t, cond)
+
+    plan = SamplingPlan.build(DDPMScheduler(), SAMPLER, 1.0)
+    with pytest.raises(ValueError, match=r"up to index 5, but the condition list holds 4 rows.*at least 6"):
+        sample(counting, plan, num_samples=6, seed=4, sample_shape=SHAPE, progress=False, conditions=rows,
+               batch_size=2)
+    assert calls == []
+    assert len(rows) == 4
+    assert sample(counting, plan, indices=[3, 1], seed=4, sample_shape=SHAPE, progress=False,
+                  conditions=rows).images.shape == (2, *SHAPE)  # indices within the list run

@@ -120,6 +120,16 @@ def kept_steps(num_steps: int, num_kept: int) -> list[int]:
     return sorted({round(i * (num_steps - 1) / (num_kept - 1)) for i in range(num_kept)})
 
 
+def _warn_unused_conditions(conditions: ConditionSource | None, num_trajectories: int) -> None:
+    """Trajectory i takes condition i: a list of more conditions than trajectories leaves its tail unseen by
+    calibration, which a user who passed them would not expect without a word."""
+    count = len(conditions) if hasattr(conditions, "__len__") else None
+    if count is not None and count > num_trajectories:
+        logger.warning("calibration samples %d trajectories, one per condition: %d of the %d calibration conditions "
+                       "are not used (raise CalibrationConfig.num_trajectories to %d to use them all)",
+                       num_trajectories, count - num_trajectories, count, count)
+
+
 def collect_calibration_set(
     model: nn.Module, adapter, scheduler_config: dict, config: CalibrationConfig,
     cache_dir: str | Path | None = None, progress: bool = True, *,
@@ -141,6 +151,7 @@ def collect_calibration_set(
     if path is not None and path.exists():
         logger.info("using cached calibration data %s", path)
         return CalibrationSet.load(path, key, fields)
+    _warn_unused_conditions(conditions, config.num_trajectories)
     plan = SamplingPlan.build(scheduler if isinstance(scheduler, ConfigMixin) else scheduler_config, config.sampler,
                               guidance_scale)
     check = getattr(adapter, "check_prediction", None)  # e.g. a flow-matching model refuses an ε scheduler

@@ -197,6 +197,10 @@ class PromptConditions:
             return torch.zeros_like(hidden), None if pooled is None else torch.zeros_like(pooled)
         return self._encoded(negative or "")
 
+    def __len__(self) -> int:
+        """The number of prompts (sample i takes prompt i mod len)."""
+        return len(self.prompts)
+
     def prompt_of(self, index: int) -> str:
         """The prompt of sample ``index``."""
         return self.prompts[int(index) % len(self.prompts)]

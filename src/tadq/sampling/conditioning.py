@@ -272,6 +272,16 @@ class ConditioningList:
     def __call__(self, seed: int, indices: Sequence[int]) -> Conditioning:
         return self.rows.rows([_checked(i, self.rows.batch_size) for i in indices])
 
+    def __len__(self) -> int:
+        """The number of rows: sample indices 0..len-1 have a condition, no other does."""
+        return self.rows.batch_size
+
+    def check_indices(self, indices: Sequence[int]) -> None:
+        """Refuse, before any sampling, indices beyond the list (a run would fail at its first batch past them)."""
+        if indices and max(indices) >= len(self):
+            raise ValueError(f"{len(indices)} samples up to index {max(indices)}, but the condition list holds "
+                             f"{len(self)} rows (one per sample): give at least {max(indices) + 1}, or sample fewer")
+
     @property
     def key(self) -> str:
         """Name, shapes and a SHA-256 of the rows' bytes: two lists differing in any value have different keys."""

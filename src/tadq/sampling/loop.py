@@ -169,6 +169,9 @@ def sample(
     """
     sample_indices = _resolve_indices(num_samples, indices)
     _check_shapes(sample_shape, batch_size)
+    check_indices = getattr(conditions, "check_indices", None)  # a finite list: every sample has its row
+    if check_indices is not None:
+        check_indices(sample_indices)
     hooks = tuple(hooks)
     check_hooks(hooks)
     walker = Walker(plan, device, dtype)
