@@ -235,3 +235,26 @@ def test_a_onednn_isa_cap_below_vnni_is_named_as_the_reason(monkeypatch, cap, do
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
         assert capability._has_dot_product_instructions() == uncapped
         assert "capped" not in capability.weight_bound_reason(64)
+
+
+def test_int8_kernels_that_raise_are_a_refusal_not_a_crash(monkeypatch):
+    """A torch build listing oneDNN's int8 engine on a CPU whose kernels are not implemented (another architecture):
+    the probe's error becomes the backend's refusal, and capability checks (the tests' skip markers, the speed
+    benchmark's capability line) still return instead of raising."""
+    def failing(*args, **kwargs):
+        raise RuntimeError("qconv2d_pointwise: not implemented for this CPU\nsecond line")
+
+    monkeypatch.setattr(capability, "unit_scale_int8_conv", failing)
+    capability._kernel_failure.cache_clear()
+    capability.int8_cpu_weight_bound.cache_clear()
+    try:
+        if not capability.has_onednn():
+            pytest.skip("this torch build has no oneDNN quantized engine: the probe never runs")
+        assert capability.int8_cpu_weight_bound() == 0
+        assert capability.cpu_summary()["int8_exact_weight_codes"] == "none"
+        with pytest.raises(BackendUnavailableError, match=r"int8'.*do not run \(RuntimeError: qconv2d_pointwise: "
+                                                          r"not implemented for this CPU; CPU capability"):
+            check_backend("int8")
+    finally:
+        capability._kernel_failure.cache_clear()
+        capability.int8_cpu_weight_bound.cache_clear()

@@ -142,7 +142,7 @@ def int8_cpu_weight_bound() -> int:
     measured with the worst case through the kernels themselves rather than inferred from CPU flags; layers whose
     weight codes exceed it are refused at conversion (4-bit weights, ±15, run everywhere).
     """
-    if not has_onednn():
+    if not has_onednn() or _kernel_failure() is not None:
         return 0
     with torch.no_grad():
         if _kernel_is_exact(127) and _kernel_is_exact(-128):
@@ -152,6 +152,19 @@ def int8_cpu_weight_bound() -> int:
     return 0
 
 
+@functools.cache
+def _kernel_failure() -> str | None:
+    """The error of oneDNN's int8 kernels on a first small call, or ``None`` when they run: a build can list the
+    engine and the ops on a CPU whose kernels are not implemented (e.g. another architecture), and the backend is
+    then refused with that error instead of the probe raising out of a capability check."""
+    try:
+        with torch.no_grad():
+            _kernel_is_exact(1)
+    except (RuntimeError, NotImplementedError) as error:
+        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return None
+
+
 def int8_cpu_missing() -> str | None:
     """Why the oneDNN int8 CPU backend cannot run here, or ``None`` when it can (for some weight codes at least:
     ``int8_cpu_weight_bound`` says which, and conversion refuses a layer beyond it)."""
@@ -159,6 +172,10 @@ def int8_cpu_missing() -> str | None:
         return "this torch build has no oneDNN (mkldnn)"
     if not has_onednn():
         return f"this torch build has no oneDNN quantized engine (engines: {quantized_engines()})"
+    failure = _kernel_failure()
+    if failure is not None:
+        return f"this CPU's oneDNN int8 kernels do not run ({failure}; CPU capability " \
+               f"{torch.backends.cpu.get_cpu_capability()})"
     if int8_cpu_weight_bound() == 0:
         return ("this CPU's oneDNN int8 kernels gave wrong sums even for weight codes within "
                 f"±{PAIR_SATURATION_BOUND} (measured; CPU capability {torch.backends.cpu.get_cpu_capability()})")
