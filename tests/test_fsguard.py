@@ -145,3 +145,14 @@ def test_sample_refuses_to_overwrite_a_foreign_png_before_sampling(tmp_path, tin
     assert result.exit_code == 0, result.output
     assert is_tadq_file(target)
     assert CliRunner().invoke(app, args).exit_code == 0  # its own grid is replaced without the flag
+
+
+def test_a_foreign_folder_is_named_foreign_at_once_not_after_a_first_overwrite(tmp_path):
+    """It used to say "pass --overwrite", and only with --overwrite that --force-foreign was needed too."""
+    from tadq.fsguard import OutputRefused, check_output_dir
+
+    (tmp_path / "notes.txt").write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(OutputRefused, match="holds files tadq did not write.*--force-foreign") as refused:
+            check_output_dir(tmp_path, overwrite=overwrite)
+        assert ("with --overwrite" in str(refused.value)) is not overwrite

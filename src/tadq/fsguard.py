@@ -153,12 +153,13 @@ def check_output_dir(out: str | Path, *, what: str = "--out", overwrite: bool = 
         raise OutputRefused(f"{what} {out} is a file, not a folder; tadq writes a folder there: choose a folder path "
                             "(the file is left alone)")
     if out.is_dir() and any(out.iterdir()):
+        if not force_foreign and not is_tadq_output(out):  # first: --overwrite alone would not be enough
+            also = "" if (overwrite or resume) else " (with --overwrite, overwrite=True)"
+            raise OutputRefused(f"{what} {out} holds files tadq did not write (no {MARKER_FILE}); it is left alone. "
+                                f"Choose another folder, or {FORCE_HINT}{also}")
         if not (overwrite or resume):
             raise OutputRefused(f"{what} {out} already exists and is not empty; choose a new folder or pass "
                                 "--overwrite")
-        if not force_foreign and not is_tadq_output(out):
-            raise OutputRefused(f"{what} {out} holds files tadq did not write (no {MARKER_FILE}); it is left alone. "
-                                f"Choose another folder, or {FORCE_HINT}")
         if overwrite and not force_foreign and (added := _added_to_artefact(out)):
             raise OutputRefused(f"{what} {out} is a tadq artefact, but {len(added)} file(s) in it were put there "
                                 f"after tadq saved it ({', '.join(added[:3])}); --overwrite would delete them. Move "

@@ -170,3 +170,32 @@ def test_zoo_refuses_a_learning_rate_before_training(tmp_path, command, extra):
     result = runner.invoke(app, ["zoo", command, "--steps", "1", "--out", str(tmp_path / "out"), *extra])
     _refused(result, "learning_rate must be a finite number > 0")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "train-classifier", "train-photos", "train-photo-classifier",
+                                     "train-t2i", "train-dit"])
+def test_zoo_refuses_to_train_over_a_finished_model_without_overwrite(tmp_path, command):
+    """A second ``tadq zoo train`` into a folder holding a finished model (its default --out is the shipped model's
+    own folder) replaced it without a word; now only with --overwrite. A folder with an unfinished run's
+    checkpoint is resumed as before."""
+    from tadq.cli.zoo import check_not_finished
+    from tadq.zoo.train import CHECKPOINT_NAME
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "training_info.json").write_text(json.dumps({"versions": {"tadq": "0"}, "command": "tadq zoo ..."}))
+    before = sorted(p.name for p in out.iterdir())
+    result = runner.invoke(app, ["zoo", command, "--out", str(out)])
+    _refused(result, "already holds a trained model", "--overwrite")
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written, nothing trained
+    check_not_finished(out, overwrite=True)  # allowed with --overwrite
+    (out / CHECKPOINT_NAME).write_bytes(b"")
+    check_not_finished(out, overwrite=False)  # an unfinished run's checkpoint: resumed
+
+
+def test_the_shipped_model_folder_is_named_as_such_when_retraining_is_refused():
+    from tadq.cli.zoo import SHIPPED, check_not_finished
+    from tadq.fsguard import OutputRefused
+
+    with pytest.raises(OutputRefused, match="already holds the model tadq ships .every number measured on it"):
+        check_not_finished(SHIPPED / "digits-ddpm", overwrite=False)

@@ -22,8 +22,8 @@ __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "r
            "default_or_count"]
 
 ForceForeign = Annotated[bool, typer.Option(
-    "--force-foreign", help="Also write into (or with --overwrite replace) a folder tadq did not write, or one that "
-                            "is, holds or lies inside the input model; without it such paths are refused.")]
+    "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
+                            "input model; without it such paths are refused.")]
 # what conditions a workload (tadq.experiments.workload.load_workload): tadq run and tadq recipe take the same
 GuidanceScale = Annotated[float | None, typer.Option(help="Classifier-free guidance of calibration, fits and "
                                                           "evaluation (conditional models; default: the model's own, "

@@ -7,7 +7,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -19,14 +19,37 @@ zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digi
 SHIPPED = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 
 
+Overwrite = Annotated[bool, typer.Option(
+    "--overwrite", help="Train again into a folder that already holds a finished model (the default --out is the "
+                        "shipped model's own folder: retraining it changes every number measured on it).")]
+
+INFO_FILE = "training_info.json"  # written by every trainer when it finishes
+
+
+def check_not_finished(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding a finished model unless ``--overwrite``: a resumable run leaves a checkpoint (it is
+    resumed), a finished one only its weights and ``training_info.json``, which a second run would replace."""
+    from tadq.fsguard import OutputRefused
+    from tadq.zoo.train import CHECKPOINT_NAME
+
+    if overwrite or not (out / INFO_FILE).is_file() or (out / CHECKPOINT_NAME).is_file():
+        return
+    shipped = out.resolve().parent == SHIPPED.resolve()
+    what = "the model tadq ships (every number measured on it would change)" if shipped else "a trained model"
+    raise OutputRefused(f"--out {out} already holds {what}: {INFO_FILE} records a finished run. Choose another "
+                        "--out, or pass --overwrite to train again into it")
+
+
 def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
-                train: Callable[..., Any], *, mark: bool = True) -> Any:
-    """Validate the config and check ``--out`` before any training, mark the folder as tadq's (so a resume finds a
-    folder tadq wrote, not only a checkpoint), then train with the exact command line recorded."""
+                train: Callable[..., Any], *, mark: bool = True, overwrite: bool = False) -> Any:
+    """Validate the config and check ``--out`` before any training (a finished model is replaced only with
+    ``--overwrite``), mark the folder as tadq's (so a resume finds a folder tadq wrote, not only a checkpoint), then
+    train with the exact command line recorded."""
     from tadq.fsguard import check_output_dir, mark_output
 
     config = build_config()
     check_output_dir(out, resume=True, force_foreign=force_foreign)
+    check_not_finished(out, overwrite)
     if mark:
         mark_output(out, "training")
     return train(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -43,6 +66,7 @@ def train_command(
     threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     force_foreign: ForceForeign = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train the digits DDPM; resumes from the checkpoint in --out if interrupted."""
     from tadq.zoo.train import TrainConfig, train_digits_ddpm
@@ -51,7 +75,7 @@ def train_command(
     with fail_cleanly():
         path = _train_into(out, force_foreign, lambda: TrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, resolution=resolution),
-            train_digits_ddpm, mark=False)
+            train_digits_ddpm, mark=False, overwrite=overwrite)
     console.print(f"saved {path}")
 
 
@@ -64,6 +88,7 @@ def train_classifier_command(
     threads: int = typer.Option(1, help="torch CPU threads."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     force_foreign: ForceForeign = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train the digit classifier whose penultimate features define FD-digits."""
     from tadq.metrics.classifier import ClassifierTrainConfig, train_digit_classifier
@@ -72,7 +97,7 @@ def train_classifier_command(
     with fail_cleanly():
         info = _train_into(out, force_foreign, lambda: ClassifierTrainConfig(epochs=epochs, seed=seed,
                                                                              resolution=resolution),
-                           train_digit_classifier, mark=False)
+                           train_digit_classifier, mark=False, overwrite=overwrite)
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')}")
 
 
@@ -88,6 +113,7 @@ def train_photos_command(
     threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     force_foreign: ForceForeign = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train the class-conditional photos DDPM; resumes from the checkpoint in --out if interrupted."""
     from tadq.zoo.photos_model import PhotosTrainConfig, train_photos_ddpm
@@ -96,7 +122,7 @@ def train_photos_command(
     with fail_cleanly():
         path = _train_into(out, force_foreign, lambda: PhotosTrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-            checkpoint_every=checkpoint_every), train_photos_ddpm)
+            checkpoint_every=checkpoint_every), train_photos_ddpm, overwrite=overwrite)
     console.print(f"saved {path}")
 
 
@@ -108,6 +134,7 @@ def train_photo_classifier_command(
     threads: int = typer.Option(1, help="torch CPU threads."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     force_foreign: ForceForeign = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train the photo classifier whose penultimate features define FD-photos."""
     from tadq.metrics.photo_classifier import PhotoClassifierTrainConfig, train_photo_classifier
@@ -115,7 +142,7 @@ def train_photo_classifier_command(
     setup(verbose, threads, "cpu")
     with fail_cleanly():
         info = _train_into(out, force_foreign, lambda: PhotoClassifierTrainConfig(epochs=epochs, seed=seed),
-                           train_photo_classifier, mark=False)
+                           train_photo_classifier, mark=False, overwrite=overwrite)
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')} "
                   f"(chance {info.get('chance_accuracy'):.3f})")
 
@@ -135,6 +162,7 @@ def train_t2i_command(
     threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     force_foreign: ForceForeign = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train the text-to-image digits model (VAE, then UNet + text encoder); an interrupted run resumes."""
     from tadq.zoo.t2i import T2ITrainConfig, train_t2i
@@ -144,7 +172,7 @@ def train_t2i_command(
         path = _train_into(out, force_foreign, lambda: T2ITrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, vae_steps=vae_steps,
             prompt_dropout=prompt_dropout, train_text_encoder=not freeze_text_encoder,
-            checkpoint_every=checkpoint_every), train_t2i)
+            checkpoint_every=checkpoint_every), train_t2i, overwrite=overwrite)
     console.print(f"saved {path}")
 
 
@@ -160,6 +188,7 @@ def train_dit_command(
     threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     force_foreign: ForceForeign = False,
+    overwrite: Overwrite = False,
 ) -> None:
     """Train the class-conditional digits DiT in the shipped VAE's latent space; resumes if interrupted."""
     from tadq.zoo.dit import DiTTrainConfig, train_digits_dit
@@ -168,5 +197,5 @@ def train_dit_command(
     with fail_cleanly():
         path = _train_into(out, force_foreign, lambda: DiTTrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-            checkpoint_every=checkpoint_every), train_digits_dit)
+            checkpoint_every=checkpoint_every), train_digits_dit, overwrite=overwrite)
     console.print(f"saved {path}")
