@@ -199,3 +199,14 @@ def test_the_shipped_model_folder_is_named_as_such_when_retraining_is_refused():
 
     with pytest.raises(OutputRefused, match="already holds the model tadq ships .every number measured on it"):
         check_not_finished(SHIPPED / "digits-ddpm", overwrite=False)
+
+
+def test_run_refuses_a_peer_method_whose_tool_is_missing_before_calibrating(tmp_path, monkeypatch):
+    """It sampled the calibration trajectories, then died with a 62-line traceback (PeerNotInstalled)."""
+    import tadq.experiments.rows.peers as peer_rows
+
+    monkeypatch.setattr(peer_rows, "_missing", lambda module: True)
+    result = runner.invoke(app, ["run", "--presets", "W8A8", "--methods", "naive,quanto", "--num-samples", "4",
+                                 "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")])
+    _refused(result, "method 'quanto' needs optimum-quanto, which is not installed", "pip install")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

@@ -54,7 +54,8 @@ def _parse_presets(text: str) -> tuple[str, ...]:
 @app.command("run")
 def run_command(
     model: str | None = typer.Option(None, help="Local diffusers folder, or a shipped model: digits (default), t2i "
-                                     "(the text-to-image digits pipeline) or photos (natural-image patches)."),
+                                     "(the text-to-image digits pipeline), photos (natural-image patches) or dit "
+                                     "(the class-conditional digits DiT)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16, "
                                   "W8A8-WSYM (symmetric 8-bit weights, faster on the integer backends)."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
@@ -138,6 +139,11 @@ def run_command(
                            evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
                            negative_prompt=negative_prompt, labels=labels, null_class=null_class,
                            fp_layers=fp_layers.strip().lower())
+        from tadq.experiments.rows import missing_peer
+
+        for method in config.methods:  # before calibrating: the row would fail only after the FP work
+            if (reason := missing_peer(method)) is not None:
+                raise ValueError(reason)
         results = run_main_job(config)
     from rich.table import Table
 

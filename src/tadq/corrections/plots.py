@@ -42,8 +42,11 @@ def save_correction_tables_plot(rows: Mapping[str, Mapping[str, Any]], path: str
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("sampler step (0 = noisiest)")
         ax.axhline(1.0 if field == "scale" else 0.0, color="grey", linewidth=0.6)
-        if ax.lines:
+        if ax.get_legend_handles_labels()[0]:  # the reference line has no label
             ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "not fitted in these rows", ha="center", va="center", transform=ax.transAxes,
+                    fontsize=8, color="grey")
     fig.suptitle("fitted sampler-level correction tables", fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

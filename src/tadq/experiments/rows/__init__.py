@@ -19,7 +19,8 @@ from tadq.experiments.rows.base import (
 )
 from tadq.experiments.rows.best import BEST_ROWS, best_row, resolve_row
 from tadq.experiments.rows.builtin import method_config
+from tadq.experiments.rows.peers import missing_peer
 from tadq.experiments.rows.recipes import recipes_for_row, shipped_recipes
 
 __all__ = ["BEST_ROWS", "BaseModels", "MethodBuilder", "Variant", "best_row", "method_config", "method_label",
-    "method_names", "recipes_for_row", "register_method", "resolve_row", "row_for", "shipped_recipes"]
+    "method_names", "missing_peer", "recipes_for_row", "register_method", "resolve_row", "row_for", "shipped_recipes"]

@@ -62,6 +62,15 @@ def supported_presets(method: str) -> tuple[str, ...]:
     return PEERS[method].presets
 
 
+def missing_peer(method: str) -> str | None:
+    """Why the row ``method`` cannot run here (its peer tool is not installed), or ``None``: what ``tadq run`` checks
+    before calibrating (``tadq bench`` turns the same into a "not supported" row)."""
+    peer = PEERS.get(method)
+    if peer is None or not _missing(peer.module):
+        return None
+    return f"method {method!r} needs {peer.distribution}, which is not installed: {INSTALL_HINT}"
+
+
 def _missing(module: str) -> bool:
     """True when ``module`` cannot be found (checked without importing it; a parent package may be imported)."""
     try:
