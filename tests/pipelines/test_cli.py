@@ -82,6 +82,15 @@ def test_prompt_errors_are_clean(cli_artefact, tiny_model_dir, sd_folder, tmp_pa
     assert result.exit_code == 2 and "calibration prompt" in text and "tokens long" in text
 
 
+def test_evaluate_names_itself_and_tadq_run_for_a_text_to_image_artefact(cli_artefact, sd_folder, tmp_path):
+    """It said "`tadq sample` drives such a model only as a pipeline", for an artefact that is one."""
+    result, text = _invoke(["evaluate", cli_artefact, "--reference", sd_folder, "--num-samples", 2,
+                            "--out", tmp_path / "report"])
+    assert result.exit_code == 2, text
+    assert "`tadq evaluate` compares unconditional and class-conditional models" in text
+    assert "tadq run --model" in text and "tadq sample" not in text and not (tmp_path / "report").exists()
+
+
 def test_missing_component_is_named_by_the_cli(cli_artefact, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cli_artefact, broken)

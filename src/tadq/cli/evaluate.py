@@ -85,7 +85,8 @@ def _inception_fids(evaluation, weights: Path, resolution: int) -> list[float]:
 
 
 def evaluate_command(
-    model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`).")],
+    model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`) of an unconditional or "
+                                                   "class-conditional model (text-to-image: `tadq run --model`).")],
     reference: Annotated[Path | None, typer.Option(
         help="FP model folder it was quantized from (default: the shipped digits DDPM).")] = None,
     num_samples: Annotated[int, typer.Option(help="Samples per model (FD-digits needs about 1000).")] = 1000,
@@ -139,7 +140,7 @@ def evaluate_command(
         # guidance; a latent model's samples are scored after its VAE decodes them
         conditions, scale, decoder = class_conditioning(qmodel, model_dir, num_samples, class_label=None,
                                                          labels=labels, null_class=null_class, guidance_scale=None,
-                                                         device=torch_device, dtype=torch_dtype)
+                                                         device=torch_device, dtype=torch_dtype, command="evaluate")
         fp_model, fp_scheduler = load_pipeline_parts(reference)
         fp_model = place_model(fp_model, torch_device, torch_dtype)
         resolution = decoded_shape(qmodel.sample_shape, decoder)[-1]

@@ -168,7 +168,8 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
 
 
 def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, class_label: list[int] | None,
-                        labels: str | None, null_class: int | None, guidance_scale: float | None, device, dtype):
+                        labels: str | None, null_class: int | None, guidance_scale: float | None, device, dtype,
+                        command: str = "sample"):
     """(conditions, guidance scale, VAE decoder or ``None``) of ``tadq sample``, all checked before sampling.
 
     An unconditional model takes no labels and no guidance. A class-conditional one samples explicit labels
@@ -188,7 +189,7 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
     if class_label and labels is not None:
         raise ValueError("give --class-label or --labels, not both")
     mode = "random" if class_label else labels  # explicit labels are guided like random ones
-    setting = class_conditions_for(network, source, "sample", labels=mode, null_class=null_class,
+    setting = class_conditions_for(network, source, command, labels=mode, null_class=null_class,
                                    guidance_scale=guidance_scale if guidance_scale is not None else fitted)
     if setting is None:
         if class_label:
