@@ -125,7 +125,7 @@ def _quantize(
             logger.info("fp_trajectories not used: the FP reference is a moved or cast copy of the cache's model")
         qmodel = fit_corrections(qmodel, reference, scheduler, recipe.sampler, recipe.corrections,
                                  batch_size=fit_batch_size, conditions=conditions, guidance_scale=guidance_scale,
-                                 fp_trajectories=shared)
+                                 fp_trajectories=shared, progress=progress)
     qmodel.recipe = recipe
     plans = qmodel.plans
     logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)

@@ -128,3 +128,15 @@ def _quantized_stub():
     from tadq.denoiser import QuantizedDenoiser
 
     return QuantizedDenoiser.__new__(QuantizedDenoiser)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_a_fit_shows_its_progress_only_when_asked(progress, capsys):
+    """A TAC fit ran 75 s without a line on the digits model; the walk's steps now have a bar (stderr), and
+    ``progress=False`` keeps it quiet. The tables do not depend on it."""
+    scheduler = analytic_scheduler()
+    fp = FPNetwork(scheduler)
+    stack = CorrectionStack([correction_for(TACConfig(num_samples=4))])
+    with torch.no_grad():
+        fit_stack(stack, fit_context(fp, Biased(fp), scheduler, SAMPLERS[0], progress=progress))
+    assert ("fitting TACCorrection" in capsys.readouterr().err) is progress

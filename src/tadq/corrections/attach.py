@@ -52,6 +52,7 @@ def fit_corrections(
     conditions: ConditionSource | None = None,
     guidance_scale: float = 1.0,
     fp_trajectories: FPTrajectoryCache | None = None,
+    progress: bool = True,
 ) -> QuantizedDenoiser:
     """``qmodel`` with the corrections of ``configs`` appended to its own and fitted in application order.
 
@@ -70,6 +71,7 @@ def fit_corrections(
         guidance_scale: Classifier-free guidance scale of the deployment; the tables are keyed by it.
         fp_trajectories: FP trajectories shared with other fits on ``fp_model`` (the cache's network must be
             ``fp_model``); the tables are the same with or without it, only the FP walks are skipped.
+        progress: Show a tqdm bar over each walk's steps (no effect on the tables).
     """
     if not isinstance(qmodel, QuantizedDenoiser):
         raise TypeError(f"fit_corrections takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
@@ -79,6 +81,6 @@ def fit_corrections(
     stack = CorrectionStack([*existing, *(correction_for(config) for config in configs)])
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size,
-                        fp_trajectories=fp_trajectories)
+                        fp_trajectories=fp_trajectories, progress=progress)
     fit_stack(stack, ctx, start=len(existing))
     return with_corrections(qmodel, stack)

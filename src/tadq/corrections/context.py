@@ -49,6 +49,7 @@ class FitContext:
         device: Where the networks and states live.
         fp_trajectories: FP trajectories kept between fits on the same FP network (``fp_denoiser`` must be that
             cache's network); ``None``: every fit walks its own.
+        progress: Show a tqdm bar over the steps of each walk (a fit takes minutes at the default sizes).
     """
 
     fp_denoiser: Denoiser
@@ -60,6 +61,7 @@ class FitContext:
     batch_size: int = 128
     device: str | torch.device = "cpu"
     fp_trajectories: FPTrajectoryCache | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, SamplingPlan):
@@ -71,10 +73,11 @@ class FitContext:
     def of(cls, fp_denoiser: Denoiser, q_denoiser: Denoiser, plan: SamplingPlan, *,
            sample_shape: tuple[int, int, int] | None = None, bits: str | None = None,
            conditions: ConditionSource | None = None, batch_size: int = 128,
-           device: str | torch.device = "cpu", fp_trajectories: FPTrajectoryCache | None = None) -> FitContext:
+           device: str | torch.device = "cpu", fp_trajectories: FPTrajectoryCache | None = None,
+           progress: bool = True) -> FitContext:
         """A context whose shape and bit label default to the quantized denoiser's own."""
         return cls(fp_denoiser, q_denoiser, plan, shape_of(q_denoiser, sample_shape), bits_of(q_denoiser, bits),
-                   conditions, batch_size, device, fp_trajectories)
+                   conditions, batch_size, device, fp_trajectories, progress)
 
     def walker(self) -> Walker:
         """The walker of this context's plan on its device."""

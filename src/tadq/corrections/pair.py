@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tadq.corrections.context import FitContext, bits_of, shape_of
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
@@ -172,8 +173,11 @@ def collect_trajectory_pair(
     check_hooks(hooks)
     walker = ctx.walker()
     logger.info("collecting a %s trajectory pair: %d samples, %s, %s", mode, num_samples, ctx.plan.key, ctx.bits)
+    counted = isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples > 0
+    batches = tqdm(ctx.batches(seed, num_samples), total=-(-num_samples // ctx.batch_size) if counted else None,
+                   desc=f"trajectory pair ({mode})", leave=False, disable=not ctx.progress)  # drawn one at a time
     with torch.no_grad():
-        per_batch = [_run_batch(ctx, walker, hooks, batch, mode) for batch in ctx.batches(seed, num_samples)]
+        per_batch = [_run_batch(ctx, walker, hooks, batch, mode) for batch in batches]
 
     def gather(position: int) -> Tensor:  # per batch a list over steps -> (steps, N, ...)
         return torch.cat([torch.stack(batch[position]) for batch in per_batch], dim=1)

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from tadq.corrections.base import Correction, TableKey
 from tadq.corrections.context import FitContext
@@ -113,7 +114,8 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
     predictions: list[Tensor] = []
     x_fp, x_hat = start.x, start.x
     carried_hat = carried_fp = None  # each track's previous x̂_0 on a multistep sampler (Walker.carry)
-    for position, step in enumerate(walker.steps):
+    what = f"fitting {type(fitting).__name__}" if fitting is not None else "scoring corrections"
+    for position, step in enumerate(tqdm(walker.steps, desc=what, leave=False, disable=not ctx.progress)):
         if cached is not None:
             x_fp = cached.states[position]
         x_in = apply_before_model(earlier, x_hat, step)
