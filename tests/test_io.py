@@ -153,6 +153,9 @@ def test_not_an_artefact_and_missing_folder_are_clear_errors(tmp_path, tiny_mode
         load_quantized(tiny_model_dir)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_quantized(tmp_path / "nope")
+    (tmp_path / "samples.png").write_bytes(b"png")  # an existing file was reported as missing
+    with pytest.raises(NotADirectoryError, match="samples.png is a file; a tadq artefact is a folder"):
+        load_quantized(tmp_path / "samples.png")
 
 
 def test_newer_format_is_refused(tmp_path, tiny_unet, ddpm_scheduler, calibration):

@@ -136,3 +136,14 @@ def test_layer_bits_travel_through_the_recipe_and_a_version_2_recipe_has_none():
     assert recipe_from_dict(old) == _recipe()
     with pytest.raises(ValueError, match="more than once"):
         _recipe(layer_bits=(("conv_in", 8, 8), ("conv_in", 8, 8)))
+
+
+def test_a_search_folder_is_read_through_its_recipe_json(tmp_path):
+    """`tadq quantize --recipe FOLDER` on a `tadq recipe --out` folder said "recipe FOLDER does not exist"."""
+    recipe = Recipe.from_quant_config(QuantConfig.from_preset("W8A8"))
+    (tmp_path / "search").mkdir()
+    (tmp_path / "search" / "recipe.json").write_text(json.dumps(config_to_dict(recipe)))
+    assert load_recipe(tmp_path / "search") == recipe
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="is a folder without a recipe.json"):
+        load_recipe(tmp_path / "empty")

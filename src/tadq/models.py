@@ -110,7 +110,8 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
         class_name = _LEGACY_TRANSFORMER_CLASSES.get(model_config.get("norm_type"), class_name)
     family = model_family(str(class_name), where=str(model_dir))
     if (path / "tadq_config.json").exists():
-        raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: load it with tadq.load(path)")
+        raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: sample or evaluate it (`tadq "
+                         "sample`, `tadq evaluate`; tadq.load(path) in Python), and quantize from its FP model folder")
     if not any(model_dir.glob("*.safetensors")):
         found = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != "config.json")
         raise ValueError(f"{model_dir} holds no safetensors weights (found {found or 'no weight file'}); tadq reads "

@@ -263,8 +263,13 @@ def recipe_from_dict(payload: Mapping[str, Any], where: str = "recipe") -> Recip
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe JSON file (``tadq quantize --recipe``)."""
+    """Read a recipe JSON file (``tadq quantize --recipe``), or the ``recipe.json`` of a folder that holds one (a
+    ``tadq recipe --out`` search folder)."""
     path = Path(path)
+    if path.is_dir() and (path / "recipe.json").is_file():
+        path = path / "recipe.json"
+    if path.is_dir():
+        raise FileNotFoundError(f"recipe {path} is a folder without a recipe.json; give the recipe's JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:

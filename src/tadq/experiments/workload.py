@@ -161,7 +161,8 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
     path = resolve_model_path(model)
     name = model if model is not None else "digits"
     if not path.exists():
-        raise FileNotFoundError(f"model folder {path} does not exist")
+        raise FileNotFoundError(f"model folder {path} does not exist (the shipped models are named "
+                                f"{', '.join(SHIPPED_MODELS)})")
     if is_text_to_image_folder(path):
         return _text_to_image_workload(path, name, guidance_scale, calibration_prompts, evaluation_prompts,
                                        negative_prompt, device, dtype)

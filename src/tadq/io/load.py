@@ -56,6 +56,8 @@ LOADED_FILES = (CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE, RECIPE_FILE, CORRECTI
 
 
 def _read_meta(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        raise NotADirectoryError(f"{path} is a file; a tadq artefact is a folder (the --out of `tadq quantize`)")
     if not path.is_dir():
         raise FileNotFoundError(f"quantized model folder {path} does not exist")
     if not is_quantized_artefact(path):
