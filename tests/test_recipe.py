@@ -147,3 +147,12 @@ def test_a_search_folder_is_read_through_its_recipe_json(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="is a folder without a recipe.json"):
         load_recipe(tmp_path / "empty")
+
+
+def test_describe_names_bits_method_and_the_correction_stack():
+    """The CLI's one name for an artefact (`tadq quantize`, `tadq sample`, `tadq evaluate`): sample and evaluate
+    dropped the corrections ("W8A8 Naive" for a TAC artefact)."""
+    base = Recipe.from_quant_config(QuantConfig.from_preset("W8A8"))
+    assert base.describe() == f"W8A8 {type(base.method).__name__.removesuffix('Method')}"
+    stacked = dataclasses.replace(base, corrections=(TACConfig(), TCECConfig()))
+    assert stacked.describe() == base.describe() + " + TAC + TCEC"

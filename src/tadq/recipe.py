@@ -215,6 +215,12 @@ class Recipe:
     def label(self) -> str:
         return self.quant_config().label
 
+    def describe(self) -> str:
+        """"W8A8 QDiffusion + TAC": bits, method and correction stack, as the CLI names an artefact everywhere."""
+        method = type(self.method).__name__.removesuffix("Method")
+        stack = " + ".join(type(c).__name__.removesuffix("Config") for c in self.corrections)
+        return f"{self.label} {method}" + (f" + {stack}" if stack else "")
+
     def quant_config(self) -> QuantConfig:
         """The ``QuantConfig`` of the network (what ``tadq_config.json`` records and loading rebuilds)."""
         return QuantConfig(

@@ -33,10 +33,13 @@ def _feature_space(features: str, reference: Path | None, reference_images: Path
     return TorchScriptFeatureSpace(features, reference_images, name=Path(features).stem.replace("-", "_"))
 
 
-def _rows(evaluation, config) -> list[dict[str, Any]]:
+def _rows(evaluation, qmodel) -> list[dict[str, Any]]:
+    """The FP row and the artefact's, named with its correction stack (a TAC artefact was "tadq qdiffusion")."""
+    config, recipe = qmodel.config, getattr(qmodel, "recipe", None)
+    method = recipe.describe().removeprefix(f"{recipe.label} ") if recipe is not None else config.method
     return [
         {"method": "FP", "bits": "W32A32", **evaluation.reference_metrics.to_dict()},
-        {"method": f"tadq {config.method}", "bits": config.label, **evaluation.candidate_metrics.to_dict()},
+        {"method": f"tadq {method}", "bits": config.label, **evaluation.candidate_metrics.to_dict()},
     ]
 
 
@@ -152,7 +155,7 @@ def evaluate_command(
         inception = None
         if inception_weights is not None:
             inception = _inception_fids(evaluation, inception_weights, resolution)
-    rows = _rows(evaluation, qmodel.config)
+    rows = _rows(evaluation, qmodel)
     if inception is not None:
         for row, value in zip(rows, inception, strict=True):
             row["inception_fid"] = value

@@ -395,8 +395,8 @@ def quantize_command(
                               device=torch_device, dtype=torch_dtype, conditions=PromptConditions(pipe, prompts))
             size = save_pipeline(qmodel.to("cpu"), model_dir, out, overwrite=overwrite, force_foreign=force_foreign)
     quantized = sum(plan.quantized for plan in qmodel.plans)
-    stack = " + ".join(type(c).__name__.removesuffix("Config") for c in recipe.corrections) or "no corrections"
-    console.print(f"saved {out}: {recipe.label} {type(recipe.method).__name__.removesuffix('Method')}, {stack} "
-                  f"({recipe.sampler.key}), {quantized} of {len(qmodel.plans)} layers quantized")
+    stack = "" if recipe.corrections else ", no corrections"
+    console.print(f"saved {out}: {recipe.describe()}{stack} ({recipe.sampler.key}), {quantized} of "
+                  f"{len(qmodel.plans)} layers quantized")
     console.print(f"artefact {_kib(size.weights_bytes)} (header {_kib(size.header_bytes)}) vs FP "
                   f"{_kib(size.fp_bytes)}: {size.ratio:.3f}x")

@@ -71,8 +71,8 @@ def load_denoiser(path: Path | None, backend: str = "fake") -> tuple[nn.Module, 
         recipe = getattr(qmodel, "recipe", None)
         if recipe is not None and recipe.name:
             name = recipe.name
-        elif recipe is not None:  # the method as `tadq quantize` reports it (a TFMQ artefact's config says its base)
-            name = f"{recipe.label} {type(recipe.method).__name__.removesuffix('Method')}"
+        elif recipe is not None:  # as `tadq quantize` reports it (a TFMQ artefact's config says its base)
+            name = recipe.describe()
         else:
             name = f"{qmodel.config.label} {qmodel.config.method}"
         return qmodel, scheduler, name
