@@ -11,6 +11,17 @@ def test_help_lists_commands():
     assert "run" in result.output and "zoo" in result.output
 
 
+def test_help_in_an_80_column_terminal_keeps_every_flag_name_whole():
+    """Rich's boxed help cut "--calib-trajectories" to "--calib-traject…" at 80 columns; the plain help wraps."""
+    cases = ((["quantize"], ["--calib-trajectories", "--recon-activation-iters", "--quantize-attention"]),
+             (["zoo", "train"], ["--overwrite", "--force-foreign"]))
+    for command, flags in cases:
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0
+        assert all(flag in result.output for flag in flags), result.output
+        assert max(len(line) for line in result.output.splitlines()) <= 80
+
+
 def test_unknown_preset_is_a_clean_error(tmp_path):
     out = tmp_path / "out"
     result = runner.invoke(app, ["run", "--presets", "W3A9", "--out", str(out)])

@@ -32,7 +32,8 @@ from tadq.cli.verify import verify_command
 from tadq.cli.zoo import zoo_app
 from tadq.config import DEFAULT_FP_LAYERS
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# plain help text: rich's boxed tables cut long flag names to "--calib-traject…" in an 80-column terminal
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="tadq: timestep-aware post-training quantization of diffusion models.")
 app.add_typer(zoo_app, name="zoo")
 app.command("quantize")(quantize_command)

@@ -13,8 +13,9 @@ import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
 
-zoo_app = typer.Typer(no_args_is_help=True, help="Train the shipped models (digits and photos DDPMs, the "
-                                                "text-to-image digits model, classifiers).")
+zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                      help="Train the shipped models (digits and photos DDPMs, the text-to-image digits model, "
+                           "classifiers).")
 
 SHIPPED = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 
