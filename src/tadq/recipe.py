@@ -217,9 +217,13 @@ class Recipe:
 
     def describe(self) -> str:
         """"W8A8 QDiffusion + TAC": bits, method and correction stack, as the CLI names an artefact everywhere."""
-        method = type(self.method).__name__.removesuffix("Method")
-        stack = " + ".join(type(c).__name__.removesuffix("Config") for c in self.corrections)
-        return f"{self.label} {method}" + (f" + {stack}" if stack else "")
+        return f"{self.label} {self.describe_method()}"
+
+    def describe_method(self) -> str:
+        """"QDiffusion + TAC": the base method and the correction stack in application order."""
+        names = [type(self.method).__name__.removesuffix("Method"),
+                 *(type(c).__name__.removesuffix("Config") for c in self.corrections)]
+        return " + ".join(names)
 
     def quant_config(self) -> QuantConfig:
         """The ``QuantConfig`` of the network (what ``tadq_config.json`` records and loading rebuilds)."""

@@ -161,7 +161,8 @@ def _kernel_failure() -> str | None:
         with torch.no_grad():
             _kernel_is_exact(1)
     except (RuntimeError, NotImplementedError) as error:
-        return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        return f"{type(error).__name__}: {first_line}"
     return None
 
 

@@ -36,7 +36,7 @@ def _feature_space(features: str, reference: Path | None, reference_images: Path
 def _rows(evaluation, qmodel) -> list[dict[str, Any]]:
     """The FP row and the artefact's, named with its correction stack (a TAC artefact was "tadq qdiffusion")."""
     config, recipe = qmodel.config, getattr(qmodel, "recipe", None)
-    method = recipe.describe().removeprefix(f"{recipe.label} ") if recipe is not None else config.method
+    method = recipe.describe_method() if recipe is not None else config.method
     return [
         {"method": "FP", "bits": "W32A32", **evaluation.reference_metrics.to_dict()},
         {"method": f"tadq {method}", "bits": config.label, **evaluation.candidate_metrics.to_dict()},

@@ -98,8 +98,8 @@ def _peer_row(method: str, peer: PeerMethod) -> None:
         if preset not in peer.presets:
             raise UnsupportedPreset(f"method {method!r} ({peer.distribution} {peer.setting}) has no setting for "
                                     f"{preset_name!r}; supported presets: {list(peer.presets)}")
-        if _missing(peer.module):  # fail before the FP row is sampled
-            raise PeerNotInstalled(f"method {method!r} needs {peer.distribution}: {INSTALL_HINT}")
+        if (reason := missing_peer(method)) is not None:  # fail before the FP row is sampled
+            raise PeerNotInstalled(reason)
         batch_size = config.calibration.batch_size
         keep_fp = kept_fp_layers(bases.model, fp_layer_roles(config.fp_layers))  # what tadq's rows keep in float
         quantize = _builder(method, peer, keep_fp)
