@@ -212,12 +212,38 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
     return override_recipe(recipe, settings or {})
 
 
+def with_pipeline_flow_shift(recipe: Recipe, pipe: Any) -> Recipe:
+    """``recipe`` with the resolution-dependent flow shift of a pipeline whose scheduler has one (Flux's
+    ``use_dynamic_shifting``) written into its calibration and deployment sampler, as the pipeline would use it;
+    unchanged otherwise (another sampler, or a shift already given)."""
+    from tadq.pipelines.quantized import pipeline_flow_shift
+
+    sampler = pipeline_flow_shift(pipe, recipe.sampler)
+    if sampler == recipe.sampler:
+        return recipe
+    logger.info("flow shift %.4f from the pipeline's image size (use_dynamic_shifting)", sampler.shift)
+    calibration = dataclasses.replace(recipe.calibration, sampler=sampler)
+    deployments = (dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:])
+    return dataclasses.replace(recipe, calibration=calibration, deployments=deployments)
+
+
+def guidance_distilled(model_dir: Path) -> bool:
+    """Whether the pipeline folder's class embeds a distilled guidance scale and samples without classifier-free
+    guidance by default (Flux: its ``__call__`` takes ``true_cfg_scale`` beside ``guidance_scale``)."""
+    import inspect
+
+    from tadq.pipelines.components import pipeline_class, read_model_index
+
+    klass = pipeline_class(read_model_index(model_dir)["_class_name"])
+    return "true_cfg_scale" in inspect.signature(klass.__call__).parameters
+
+
 def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: Path | None) -> list[str] | None:
     """The calibration prompts (``--calib-prompt`` then the lines of ``--calib-prompts``) of a text-to-image
     pipeline, checked against its tokenizers; ``None`` for a denoiser folder. Refuses prompts for a model that
     takes none and a pipeline without prompts, before anything is loaded."""
     from tadq.pipelines import is_pipeline_folder
-    from tadq.pipelines.components import unsupported_pipeline_note
+    from tadq.pipelines.components import PIPELINE_COMPONENTS, unsupported_pipeline_note
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.pipelines.quantized import check_drivable_scheduler
 
@@ -234,8 +260,8 @@ def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: P
     if not pipeline:
         if prompts or file is not None:
             raise ValueError(f"--calib-prompt/--calib-prompts given, but {model_dir or 'the shipped model'} is not a "
-                             "text-to-image pipeline (model_index.json of a StableDiffusionPipeline or "
-                             f"StableDiffusionXLPipeline): {unsupported_pipeline_note(model_dir)}")
+                             "text-to-image pipeline (model_index.json of a "
+                             f"{' or '.join(sorted(PIPELINE_COMPONENTS))}): {unsupported_pipeline_note(model_dir)}")
         return None
     if not prompts:
         raise ValueError(f"{model_dir} is a text-to-image pipeline: give calibration prompts with --calib-prompt "
@@ -385,14 +411,17 @@ def quantize_command(
                                   pipeline_source=model_dir if pipeline else None)
         else:
             from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
+            from tadq.pipelines.components import pipeline_denoiser
 
-            if recipe.guidance_scale == 1.0:
+            if recipe.guidance_scale == 1.0 and not guidance_distilled(model_dir):
                 logger.warning("calibrating %s without classifier-free guidance (the recipe's deployment guidance "
                                "is 1.0); text-to-image pipelines are usually sampled at 5-8: --set "
                                "deployments.0.guidance_scale=7.5", model_dir)
             pipe = load_fp_pipeline(model_dir)
-            qmodel = quantize(pipe.unet, pipe.scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
-                              device=torch_device, dtype=torch_dtype, conditions=PromptConditions(pipe, prompts))
+            recipe = with_pipeline_flow_shift(recipe, pipe)
+            qmodel = quantize(pipeline_denoiser(pipe), pipe.scheduler, recipe, cache_dir=cache_dir,
+                              checkpoint=checkpoint, device=torch_device, dtype=torch_dtype,
+                              conditions=PromptConditions(pipe, prompts))
             size = save_pipeline(qmodel.to("cpu"), model_dir, out, overwrite=overwrite, force_foreign=force_foreign)
     quantized = sum(plan.quantized for plan in qmodel.plans)
     stack = "" if recipe.corrections else ", no corrections"

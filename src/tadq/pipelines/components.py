@@ -21,17 +21,36 @@ import torch
 from tadq.safefiles import DamagedFileError, read_json_file
 
 __all__ = ["PIPELINE_COMPONENTS", "PipelineFolderError", "PipelineLayout", "check_pipeline_folder",
-           "is_pipeline_folder", "load_fp_pipeline", "read_model_index"]
+           "denoiser_component", "is_pipeline_folder", "load_fp_pipeline", "pipeline_denoiser", "read_model_index"]
 
 logger = logging.getLogger(__name__)
 
-# pipeline class → components that must be present (non-null in model_index.json) for tadq to run it
+# pipeline class → components that must be present (non-null in model_index.json) for tadq to run it. SD3's T5
+# (text_encoder_3) may be null: its encode_prompt then gives zeros for that part, as diffusers documents.
 PIPELINE_COMPONENTS: dict[str, tuple[str, ...]] = {
     "StableDiffusionPipeline": ("vae", "text_encoder", "tokenizer", "unet", "scheduler"),
     "StableDiffusionXLPipeline": ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "unet",
                                   "scheduler"),
+    "PixArtAlphaPipeline": ("vae", "text_encoder", "tokenizer", "transformer", "scheduler"),
+    "PixArtSigmaPipeline": ("vae", "text_encoder", "tokenizer", "transformer", "scheduler"),
+    "StableDiffusion3Pipeline": ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer",
+                                 "scheduler"),
+    "FluxPipeline": ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "scheduler"),
 }
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+
+
+def denoiser_component(class_name: str) -> str:
+    """The component that holds a supported pipeline's denoiser: ``unet`` (Stable Diffusion, SDXL) or
+    ``transformer`` (PixArt, SD3, Flux)."""
+    return "unet" if "unet" in PIPELINE_COMPONENTS.get(class_name, ("unet",)) else "transformer"
+
+
+def pipeline_denoiser(pipe: Any) -> Any:
+    """The FP denoiser module of a pipeline object (its UNet or its transformer)."""
+    unet = getattr(pipe, "unet", None)
+    return unet if unet is not None else pipe.transformer
 
 
 class PipelineFolderError(ValueError):
@@ -165,6 +184,10 @@ def _check_tokenizer(folder: Path) -> None:
     if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 1 << 20:
         raise PipelineFolderError(f"{folder / 'tokenizer_config.json'} sets no model_max_length (got {length!r}): "
                                   "prompts are padded to it (CLIP's is 77)")
+    if not (folder / "tokenizer.json").is_file() and (folder / "spiece.model").is_file():  # T5's sentencepiece
+        if (folder / "spiece.model").stat().st_size == 0:
+            raise PipelineFolderError(f"{folder / 'spiece.model'} is damaged: an empty file")
+        return
     if (folder / "tokenizer.json").is_file():
         _check_json(folder / "tokenizer.json", "tokenizer")
         content = json.loads((folder / "tokenizer.json").read_text())
@@ -181,8 +204,9 @@ def _check_tokenizer(folder: Path) -> None:
 def check_pipeline_folder(path: str | Path, *, denoiser_weights: bool = True) -> PipelineLayout:
     """Check every component folder a supported pipeline needs; returns the layout.
 
-    ``denoiser_weights=False`` accepts a ``unet`` folder with a config only (a tadq artefact, whose UNet weights
-    are tadq's integer codes). Reads configs and safetensors headers only, so it is cheap on a real model.
+    ``denoiser_weights=False`` accepts a ``unet`` / ``transformer`` folder with a config only (a tadq artefact,
+    whose denoiser weights are tadq's integer codes). Reads configs and safetensors headers only, so it is cheap on
+    a real model.
 
     Raises:
         PipelineFolderError: not a pipeline folder, an unsupported pipeline class, a component missing (named),
@@ -212,7 +236,7 @@ def check_pipeline_folder(path: str | Path, *, denoiser_weights: bool = True) ->
         elif name == "feature_extractor":
             _check_json(folder / "preprocessor_config.json", "feature extractor config")
         else:
-            _check_model(folder, weights=denoiser_weights or name != "unet")
+            _check_model(folder, weights=denoiser_weights or name != denoiser_component(class_name))
     _check_consistency(path, index, components)
     return PipelineLayout(path, class_name, components, index)
 
@@ -234,6 +258,8 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
                               or not math.isfinite(scale) or scale <= 0):
         raise PipelineFolderError(f"{path}/vae/config.json: scaling_factor must be a positive number (latents are "
                                   f"divided by it before decoding), got {scale!r}")
+    if "unet" not in components:  # a transformer pipeline: its encode_prompt pads and projects the text itself
+        return
     encoders = [name for name in ("text_encoder", "text_encoder_2") if name in components]
     widths = [_config_value(path, name, "hidden_size") for name in encoders]
     expected = _config_value(path, "unet", "cross_attention_dim")
@@ -295,7 +321,7 @@ def quantize_text_encoders(pipe: Any, bits: int | None) -> None:
     from tadq.pipelines.text_weights import quantize_linear_weights
 
     if bits is not None:
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in TEXT_ENCODERS:
             encoder = getattr(pipe, name, None)
             if encoder is not None:
                 layers = quantize_linear_weights(encoder, bits)

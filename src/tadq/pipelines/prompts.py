@@ -7,7 +7,9 @@ prompts share a batch), and cached.
 
 Contract with the ``UNet2DConditionModel`` adapter: ``encoder_hidden_states`` (N, L, D); ``pooled_embeds`` (N, D')
 is SDXL's ``text_embeds``; ``added_cond_kwargs["time_ids"]`` (N, 6) is SDXL's (original size, crop corner, target
-size).
+size). The transformer pipelines (PixArt, SD3, Flux) encode through their own ``encode_prompt``
+(``tadq.pipelines.encode_prompt``): PixArt's caption mask becomes ``attention_mask``, SD3's and Flux's pooled text
+``pooled_embeds``, Flux's distilled guidance ``added_cond_kwargs["guidance"]``.
 """
 
 from __future__ import annotations
@@ -22,17 +24,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tadq.pipelines.encode_prompt import (
+    ENCODE_PROMPT_PIPELINES,
+    EncodedPrompt,
+    PipelinePromptEncoder,
+    base_pipeline_class,
+    check_token_counts,
+)
 from tadq.safefiles import tensors_digest
 from tadq.sampling.conditioning import Conditioning
 
-__all__ = ["PromptEncoder", "PromptConditions", "check_prompt_lengths"]
+__all__ = ["PromptEncoder", "PromptConditions", "check_prompt_lengths", "prompt_encoder_for"]
 
 
 MAX_TOKENIZER_LENGTH = 1 << 20  # above: transformers' "no limit" placeholder (int(1e30)), not a real length
-
-
-def _short(prompt: str) -> str:
-    return prompt if len(prompt) <= 60 else prompt[:57] + "..."
 
 
 @dataclass(eq=False)
@@ -94,15 +99,7 @@ class PromptEncoder:
     def check(self, prompts: Sequence[str], what: str = "prompt") -> None:
         """``ValueError`` for a non-string or a prompt longer than a tokenizer takes (diffusers only warns and
         truncates it, so the image would silently ignore its end)."""
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise TypeError(f"a {what} must be a str, got {type(prompt).__name__}: {prompt!r}")
-            for tokenizer in self.tokenizers:
-                count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
-                if count > tokenizer.model_max_length:
-                    raise ValueError(f"{what} {_short(prompt)!r} is {count} tokens long (start and end included); "
-                                     f"this pipeline's tokenizer takes at most {tokenizer.model_max_length}. "
-                                     "Shorten it (diffusers would silently drop the rest)")
+        check_token_counts(self.tokenizers, [t.model_max_length for t in self.tokenizers], prompts, what)
 
     @torch.no_grad()
     def encode(self, prompt: str) -> tuple[Tensor, Tensor | None]:
@@ -124,6 +121,21 @@ class PromptEncoder:
             hidden.append(output.hidden_states[-2])
         states = torch.cat([h.to(hidden[-1].dtype) for h in hidden], dim=-1)
         return states.cpu(), None if pooled is None else pooled.cpu()
+
+    def encode_text(self, prompt: str) -> EncodedPrompt:
+        """``encode`` as an ``EncodedPrompt`` (no caption mask), the interface ``PromptConditions`` reads."""
+        return EncodedPrompt(*self.encode(prompt), None)
+
+    def added_conditions(self, rows: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """SDXL's time ids (N, 6); nothing for Stable Diffusion."""
+        if not self.sdxl:
+            return {}
+        return {"time_ids": torch.tensor([self.time_ids], dtype=dtype).expand(rows, -1).clone()}
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What besides the prompts changes the conditioning (part of ``PromptConditions.key``)."""
+        return {"time_ids": self.time_ids, "sdxl": self.sdxl, "zeros": self.force_zeros_for_empty_prompt}
 
     @property
     def fingerprint(self) -> str:
@@ -159,14 +171,16 @@ class PromptConditions:
     ``force_zeros_for_empty_prompt``: zeros), as diffusers does. The seed is not used: prompts are assigned by index.
 
     Args:
-        source: a pipeline object (``load_fp_pipeline``, ``tadq.load_pipeline``) or a ``PromptEncoder``.
+        source: a pipeline object (``load_fp_pipeline``, ``tadq.load_pipeline``), a ``PromptEncoder`` or a
+            ``PipelinePromptEncoder``.
         prompts: the prompt set, non-empty; every prompt is checked against the tokenizers' limit here.
         negative_prompt: ``None``, one string, or one per prompt.
     """
 
     def __init__(self, source: Any, prompts: Sequence[str], negative_prompt: str | Sequence[str] | None = None
                  ) -> None:
-        self.encoder = source if isinstance(source, PromptEncoder) else PromptEncoder.from_pipeline(source)
+        self.encoder = source if isinstance(source, (PromptEncoder, PipelinePromptEncoder)) \
+            else prompt_encoder_for(source)
         if isinstance(prompts, str):
             prompts = [prompts]
         self.prompts = tuple(prompts)
@@ -181,20 +195,20 @@ class PromptConditions:
                                  "give one for all or one per prompt")
         self.encoder.check(self.prompts)
         self.encoder.check([n for n in self.negative_prompts if n is not None], "negative prompt")
-        self._cache: dict[str, tuple[Tensor, Tensor | None]] = {}
+        self._cache: dict[str, EncodedPrompt] = {}
         self.encoder_calls = 0  # distinct texts encoded so far (each once)
 
-    def _encoded(self, text: str) -> tuple[Tensor, Tensor | None]:
+    def _encoded(self, text: str) -> EncodedPrompt:
         if text not in self._cache:
-            self._cache[text] = self.encoder.encode(text)
+            self._cache[text] = self.encoder.encode_text(text)
             self.encoder_calls += 1
         return self._cache[text]
 
-    def _negative(self, index: int) -> tuple[Tensor, Tensor | None]:
+    def _negative(self, index: int) -> EncodedPrompt:
         negative = self.negative_prompts[index % len(self.negative_prompts)]
         if negative is None and self.encoder.force_zeros_for_empty_prompt:
-            hidden, pooled = self._encoded("")
-            return torch.zeros_like(hidden), None if pooled is None else torch.zeros_like(pooled)
+            hidden, pooled, mask = self._encoded("")
+            return EncodedPrompt(torch.zeros_like(hidden), None if pooled is None else torch.zeros_like(pooled), mask)
         return self._encoded(negative or "")
 
     def __len__(self) -> int:
@@ -205,14 +219,12 @@ class PromptConditions:
         """The prompt of sample ``index``."""
         return self.prompts[int(index) % len(self.prompts)]
 
-    def _branch(self, parts: list[tuple[Tensor, Tensor | None]]) -> Conditioning:
-        hidden = torch.cat([p[0] for p in parts])  # (N, L, D)
-        pooled = None if parts[0][1] is None else torch.cat([p[1] for p in parts])  # (N, D')
-        added = {}
-        if self.encoder.sdxl:
-            row = torch.tensor([self.encoder.time_ids], dtype=hidden.dtype)
-            added["time_ids"] = row.expand(len(parts), -1).clone()  # (N, 6)
-        return Conditioning(encoder_hidden_states=hidden, pooled_embeds=pooled, added_cond_kwargs=added)
+    def _branch(self, parts: list[EncodedPrompt]) -> Conditioning:
+        hidden = torch.cat([p.hidden for p in parts])  # (N, L, D)
+        pooled = None if parts[0].pooled is None else torch.cat([p.pooled for p in parts])  # (N, D')
+        mask = None if parts[0].mask is None else torch.cat([p.mask for p in parts])  # (N, L)
+        return Conditioning(encoder_hidden_states=hidden, pooled_embeds=pooled, attention_mask=mask,
+                            added_cond_kwargs=self.encoder.added_conditions(len(parts), hidden.dtype))
 
     def __call__(self, seed: int, indices: Sequence[int]) -> Conditioning:
         indices = [int(i) for i in indices]
@@ -221,34 +233,51 @@ class PromptConditions:
         conditional = self._branch([self._encoded(self.prompt_of(i)) for i in indices])
         unconditional = self._branch([self._negative(i) for i in indices])
         return Conditioning(encoder_hidden_states=conditional.encoder_hidden_states,
-                            pooled_embeds=conditional.pooled_embeds,
+                            pooled_embeds=conditional.pooled_embeds, attention_mask=conditional.attention_mask,
                             added_cond_kwargs=dict(conditional.added_cond_kwargs), unconditional=unconditional)
 
     @property
     def key(self) -> str:
-        """Names the prompt set: a hash of the prompts, negatives, SDXL time ids and the encoders' weights (run and
-        calibration-cache keys change whenever any of them does)."""
-        payload = json.dumps({"prompts": self.prompts, "negative": self.negative_prompts,
-                              "time_ids": self.encoder.time_ids, "sdxl": self.encoder.sdxl,
-                              "zeros": self.encoder.force_zeros_for_empty_prompt})
+        """Names the prompt set: a hash of the prompts, negatives, the encoder's settings (SDXL time ids, T5 length,
+        Flux's distilled guidance) and the encoders' weights (run and calibration-cache keys change whenever any of
+        them does)."""
+        payload = json.dumps({"prompts": self.prompts, "negative": self.negative_prompts, **self.encoder.settings})
         digest = hashlib.sha256(payload.encode() + self.encoder.fingerprint.encode()).hexdigest()
         return f"prompts-{len(self.prompts)}-{digest[:16]}"
 
 
-def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "prompt") -> None:
-    """Check ``prompts`` against the tokenizers of the pipeline folder ``path`` alone (no encoder, VAE or UNet is
-    loaded), so a prompt that is too long fails before the expensive part of a command."""
+def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "prompt", *,
+                         max_sequence_length: int | None = None) -> None:
+    """Check ``prompts`` against the tokenizers of the pipeline folder ``path`` alone (no encoder, VAE or denoiser
+    is loaded), so a prompt that is too long fails before the expensive part of a command. A T5 tokenizer of a
+    transformer pipeline is held to ``max_sequence_length`` (default: the pipeline's own), a CLIP one to its
+    ``model_max_length``."""
     import transformers
 
-    from tadq.pipelines.components import check_pipeline_folder
+    from tadq.pipelines.components import check_pipeline_folder, pipeline_class
+    from tadq.pipelines.encode_prompt import default_max_sequence_length, t5_tokenizers
 
     layout = check_pipeline_folder(path, denoiser_weights=False)
-    tokenizers = []
+    t5 = t5_tokenizers(layout.class_name)
+    if t5 and max_sequence_length is None:
+        max_sequence_length = default_max_sequence_length(pipeline_class(layout.class_name))
+    tokenizers, limits = [], []
     for name, (_library, class_name) in sorted(layout.components.items()):
         if name.startswith("tokenizer"):
             klass = getattr(transformers, class_name, None)
             if klass is None:
                 raise ValueError(f"{layout.path / name}: unknown tokenizer class {class_name!r}")
-            tokenizers.append(klass.from_pretrained(str(layout.path / name), local_files_only=True))
-    probe = PromptEncoder(tuple(tokenizers), tuple(nn.Identity() for _ in tokenizers))
-    probe.check(list(prompts), what)
+            tokenizer = klass.from_pretrained(str(layout.path / name), local_files_only=True)
+            tokenizers.append(tokenizer)
+            limits.append(max_sequence_length if name in t5 else tokenizer.model_max_length)
+    if not t5:  # the CLIP pipelines: the same checks as their PromptEncoder (a real model_max_length first)
+        PromptEncoder(tuple(tokenizers), tuple(nn.Identity() for _ in tokenizers))
+    check_token_counts(tokenizers, limits, list(prompts), what)
+
+
+def prompt_encoder_for(pipe: Any) -> PromptEncoder | PipelinePromptEncoder:
+    """The prompt encoder of a pipeline object: ``PromptEncoder`` for Stable Diffusion / SDXL,
+    ``PipelinePromptEncoder`` (its own ``encode_prompt``) for PixArt, SD3 and Flux."""
+    if base_pipeline_class(pipe).__name__ in ENCODE_PROMPT_PIPELINES:
+        return PipelinePromptEncoder(pipe)
+    return PromptEncoder.from_pipeline(pipe)

@@ -23,17 +23,20 @@ from torch import Tensor, nn
 
 from tadq.pipelines.components import (
     check_pipeline_folder,
+    denoiser_component,
     pipeline_class,
+    pipeline_denoiser,
     pipeline_load_options,
     quantize_text_encoders,
 )
-from tadq.pipelines.prompts import PromptConditions
+from tadq.pipelines.encode_prompt import ENCODE_PROMPT_PIPELINES, PipelinePromptEncoder
+from tadq.pipelines.prompts import PromptConditions, prompt_encoder_for
 from tadq.pipelines.text_weights import TEXT_ENCODER_BITS
 from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
 
 __all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "check_pipeline_guidance",
-           "resolve_deployment", "tadq_pipeline_class"]
+           "latent_shape", "pipeline_flow_shift", "resolve_deployment", "tadq_pipeline_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,14 +57,16 @@ def _fitted_keys(denoiser: nn.Module) -> list[tuple[str, str, float]]:
 
 
 def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: int | None, guidance_scale: float | None,
-                       eta: float | None, default_guidance: float, kind: str | None = None
-                       ) -> tuple[SamplerConfig, float]:
-    """(sampler, guidance scale) for a call: the recipe's deployment with the given values applied.
+                       eta: float | None, default_guidance: float, kind: str | None = None,
+                       default_sampler: SamplerConfig | None = None) -> tuple[SamplerConfig, float]:
+    """(sampler, guidance scale) for a call: the recipe's deployment with the given values applied; without a
+    recipe ``default_sampler`` (default DDIM 50, η 0).
 
     Raises ``ValueError`` before any work when the model carries per-step tables fitted for another grid or
     guidance scale (they are keyed; a model without corrections takes any).
     """
-    sampler = recipe.sampler if recipe is not None else SamplerConfig("ddim", num_steps=50, eta=0.0)
+    fallback = default_sampler if default_sampler is not None else SamplerConfig("ddim", num_steps=50, eta=0.0)
+    sampler = recipe.sampler if recipe is not None else fallback
     if num_inference_steps is not None:
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
                 or num_inference_steps < 1:
@@ -110,8 +115,13 @@ class TadqPipelineMixin:
     """Put before the pipeline class: ``__call__`` runs tadq's loop (module docstring).
 
     Attributes (set by ``load_pipeline``):
-        tadq_denoiser: the ``QuantizedDenoiser`` (its ``model`` is ``self.unet``), or the FP UNet itself.
+        tadq_denoiser: the ``QuantizedDenoiser`` (its ``model`` is ``self.unet`` / ``self.transformer``), or the FP
+            denoiser itself.
         tadq_recipe: the artefact's ``Recipe`` (deployment sampler and guidance scale), ``None`` for FP.
+
+    Guidance: ``guidance_scale`` is classifier-free guidance, except for Flux, whose ``guidance_scale`` is the
+    distilled scale its transformer embeds (FluxPipeline's meaning) and whose classifier-free guidance is
+    ``true_cfg_scale`` (default 1: none), as in diffusers.
     """
 
     tadq_base: type  # the diffusers pipeline class this one extends
@@ -123,13 +133,15 @@ class TadqPipelineMixin:
         num_inference_steps: int | None = None, guidance_scale: float | None = None, num_images_per_prompt: int = 1,
         eta: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
         height: int | None = None, width: int | None = None, output_type: str = "pil", return_dict: bool = True,
-        batch_size: int = 8, progress: bool = True, **unsupported: Any,
+        batch_size: int = 8, progress: bool = True, true_cfg_scale: float | None = None,
+        max_sequence_length: int | None = None, **unsupported: Any,
     ) -> Any:
         """Images for ``prompt`` as the diffusers pipeline returns them (``.images``), sampled by tadq.
 
         ``seed`` (or ``generator``'s initial seed; default 0) fixes every sample's noise: sample i (prompts
         repeated ``num_images_per_prompt`` times, prompt-major) draws it from (seed, i), whatever the batch.
         ``num_inference_steps``, ``guidance_scale`` and ``eta`` default to the artefact recipe's deployment.
+        ``max_sequence_length`` (T5 tokens; PixArt, SD3, Flux) defaults to the pipeline's own.
         Everything but ``prompt`` is keyword-only: diffusers' second positional parameter is ``height`` (SD) or
         ``prompt_2`` (SDXL), so a positional value would silently mean something else here.
         """
@@ -137,7 +149,8 @@ class TadqPipelineMixin:
         if given:
             raise TypeError(f"{type(self).__name__} runs tadq's sampling loop and does not take {given}; supported: "
                             "prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, "
-                            "eta, seed, generator, height, width, output_type, return_dict, batch_size, progress")
+                            "eta, seed, generator, height, width, output_type, return_dict, batch_size, progress "
+                            "(true_cfg_scale: Flux; max_sequence_length: PixArt, SD3, Flux)")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; accepted: {OUTPUT_TYPES}")
         if generator is not None and seed is not None:
@@ -154,27 +167,58 @@ class TadqPipelineMixin:
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             negatives = [n for n in _prompt_list(negative_prompt, "negative_prompt")
                          for _ in range(num_images_per_prompt)]
+        distilled = None
+        if self.tadq_distilled_guidance:  # Flux: guidance_scale is embedded, true_cfg_scale is CFG
+            distilled, guidance_scale = guidance_scale, true_cfg_scale
+        elif true_cfg_scale is not None:
+            raise TypeError(f"true_cfg_scale is Flux's classifier-free guidance; {type(self).__name__} takes "
+                            "guidance_scale for it")
         sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
-        conditions = PromptConditions(self, prompts, negatives)  # checks the prompts' length before any work
+        encoder = self.tadq_prompt_encoder(max_sequence_length, distilled)
+        conditions = PromptConditions(encoder, prompts, negatives)  # checks the prompts' length before any work
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
         images = latents if output_type == "latent" else self.tadq_decode(latents, output_type, batch_size)
         return self._tadq_output(images, return_dict)
 
+    @property
+    def tadq_distilled_guidance(self) -> bool:
+        """Whether ``guidance_scale`` is a distilled scale the model embeds (Flux) rather than CFG's."""
+        return "true_cfg_scale" in inspect.signature(self.tadq_base.__call__).parameters
+
+    def tadq_prompt_encoder(self, max_sequence_length: int | None = None, distilled_guidance: float | None = None
+                            ) -> Any:
+        """The prompt encoder of this pipeline: its own ``encode_prompt`` for PixArt, SD3 and Flux (with these
+        settings), CLIP's rules for Stable Diffusion / SDXL (which take neither setting)."""
+        if self.tadq_base.__name__ in ENCODE_PROMPT_PIPELINES:
+            return PipelinePromptEncoder(self, max_sequence_length=max_sequence_length,
+                                         distilled_guidance=distilled_guidance)
+        if max_sequence_length is not None:
+            raise TypeError(f"max_sequence_length is for T5-encoded prompts; {self.tadq_base.__name__} pads prompts "
+                            "to its CLIP tokenizer's length")
+        return prompt_encoder_for(self)
+
     def tadq_deployment(self, num_inference_steps: int | None, guidance_scale: float | None, eta: float | None,
                         kind: str | None = None) -> tuple[SamplerConfig, float]:
         """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others. Defaults:
-        the recipe's deployment, else DDIM 50 η 0 at the diffusers pipeline's default guidance scale."""
-        default = inspect.signature(self.tadq_base.__call__).parameters["guidance_scale"].default
+        the recipe's deployment, else the diffusers pipeline's default guidance scale (Flux: ``true_cfg_scale``'s)
+        and DDIM 50 η 0 for a UNet, the folder scheduler's own sampler at the pipeline's default step count for a
+        transformer (flow matching, DPM-Solver++); a resolution-dependent flow shift (Flux) is the pipeline's."""
+        parameters = inspect.signature(self.tadq_base.__call__).parameters
+        default = parameters["true_cfg_scale" if self.tadq_distilled_guidance else "guidance_scale"].default
+        fallback = None
+        if getattr(self, "unet", None) is None:
+            from tadq.sampling import default_sampler
+
+            fallback = default_sampler(self.scheduler, int(parameters["num_inference_steps"].default))
         sampler, scale = resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps,
-                                            guidance_scale, eta, float(default), kind)
-        return sampler, check_pipeline_guidance(scale)
+                                            guidance_scale, eta, float(default), kind, fallback)
+        return pipeline_flow_shift(self, sampler), check_pipeline_guidance(scale)
 
     def _check_size(self, height: int | None, width: int | None) -> None:
-        size = self.unet.config.sample_size
-        native = (size * self.vae_scale_factor,) * 2 if isinstance(size, int) else \
-            tuple(s * self.vae_scale_factor for s in size)
+        _, latent_height, latent_width = latent_shape(self)
+        native = (latent_height * self.vae_scale_factor, latent_width * self.vae_scale_factor)
         if (height or native[0], width or native[1]) != tuple(native):
-            raise ValueError(f"height/width {height}x{width}: tadq samples at the UNet's own size "
+            raise ValueError(f"height/width {height}x{width}: tadq samples at the denoiser's own size "
                              f"{native[0]}x{native[1]} (the one it was calibrated and fitted at)")
 
     def tadq_latents(self, conditions: PromptConditions, num_samples: int, sampler: SamplerConfig, scale: float,
@@ -189,8 +233,8 @@ class TadqPipelineMixin:
     @torch.no_grad()
     def tadq_decode(self, latents: Tensor, output_type: str = "pil", batch_size: int = 8) -> Any:
         """Latents → images as the pipeline decodes them (scaling factor, SDXL's latent mean/std and fp16 upcast,
-        its watermark when installed), ``batch_size`` latents per VAE call, post-processed by its image
-        processor."""
+        SD3's and Flux's shift factor, its watermark when installed), ``batch_size`` latents per VAE call,
+        post-processed by its image processor. Flux's latents are unpacked here already (tadq samples (C, h, w))."""
         vae = self.vae
         upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         if upcast:
@@ -204,6 +248,9 @@ class TadqPipelineMixin:
             latents = latents * std_t / vae.config.scaling_factor + mean_t
         else:
             latents = latents / vae.config.scaling_factor
+        shift = getattr(vae.config, "shift_factor", None)
+        if shift is not None and (mean is None or std is None):
+            latents = latents + shift
         image = torch.cat([vae.decode(latents[start: start + batch_size], return_dict=False)[0]
                            for start in range(0, latents.shape[0], max(1, batch_size))])
         if upcast:
@@ -218,19 +265,65 @@ class TadqPipelineMixin:
 
             return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None) if return_dict \
                 else (images, None)
-        from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
-
-        return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
+        return _output_class(self.tadq_base.__name__)(images=images) if return_dict else (images,)
 
     def to(self, *args: Any, **kwargs: Any) -> Any:
-        """The pipeline's ``to``; the quantized denoiser (quantizer state, correction tables) follows the UNet."""
+        """The pipeline's ``to``; the quantized denoiser (quantizer state, correction tables) follows the FP one."""
         result = super().to(*args, **kwargs)  # type: ignore[misc]
-        if self.tadq_denoiser is not self.unet:
-            parameter = next(self.unet.parameters())
+        model = pipeline_denoiser(self)
+        if self.tadq_denoiser is not model:
+            parameter = next(model.parameters())
             recipe = getattr(self.tadq_denoiser, "recipe", None)
             self.tadq_denoiser.to(device=parameter.device, dtype=parameter.dtype)
             self.tadq_denoiser.recipe = recipe
         return result
+
+
+def _output_class(class_name: str) -> type:
+    """The output dataclass diffusers' pipeline ``class_name`` returns (all take ``images=``)."""
+    if class_name == "StableDiffusion3Pipeline":
+        from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+
+        return StableDiffusion3PipelineOutput
+    if class_name == "FluxPipeline":
+        from diffusers.pipelines.flux import FluxPipelineOutput
+
+        return FluxPipelineOutput
+    if class_name.startswith("PixArt"):
+        from diffusers import ImagePipelineOutput
+
+        return ImagePipelineOutput
+    from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
+
+    return StableDiffusionXLPipelineOutput
+
+
+def latent_shape(pipe: Any) -> tuple[int, int, int]:
+    """(C, h, w) of the latents a pipeline's denoiser is sampled at (its adapter's, from the model's config)."""
+    from tadq.registry import adapter_for
+
+    model = pipeline_denoiser(pipe)
+    channels, height, width = adapter_for(model).sample_shape(model)
+    return int(channels), int(height), int(width)
+
+
+def pipeline_flow_shift(pipe: Any, sampler: SamplerConfig) -> SamplerConfig:
+    """``sampler`` with the shift a resolution-dependent flow scheduler (``use_dynamic_shifting``, Flux) gives the
+    pipeline's image: shift = exp(μ), μ linear in the number of 2×2 latent patches between the scheduler's
+    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as FluxPipeline computes it. Any other
+    sampler, or one with its shift given, is returned unchanged."""
+    import math
+
+    config = pipe.scheduler.config
+    if sampler.kind != "flow-euler" or sampler.shift is not None or not config.get("use_dynamic_shifting", False):
+        return sampler
+    _, height, width = latent_shape(pipe)
+    tokens = (height // 2) * (width // 2)
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    mu = tokens * slope + base_shift - slope * base_len
+    return dataclasses.replace(sampler, shift=math.exp(mu))
 
 
 def tadq_pipeline_class(base: type) -> type:
@@ -301,11 +394,11 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     options = pipeline_load_options(klass, target_dtype)
     if quantized:  # an integer backend converts while loading, on its device
         qmodel, _scheduler = load(path, device=target_device, dtype=target_dtype, backend=backend)
-        pipe = klass.from_pretrained(str(path), unet=qmodel.model, **options)
+        pipe = klass.from_pretrained(str(path), **{denoiser_component(layout.class_name): qmodel.model}, **options)
         denoiser, recipe = qmodel, getattr(qmodel, "recipe", None)
     else:
         pipe = klass.from_pretrained(str(path), **options)
-        denoiser, recipe = pipe.unet, None
+        denoiser, recipe = pipeline_denoiser(pipe), None
     pipe.tadq_denoiser, pipe.tadq_recipe = denoiser, recipe
     quantize_text_encoders(pipe, text_encoder_bits)
     if target_device is not None:

@@ -1,0 +1,183 @@
+"""The prompt side of the transformer pipelines (PixArt-α/Σ, SD3, Flux), through each pipeline's own
+``encode_prompt``.
+
+Stable Diffusion and SDXL encode with ``PromptEncoder`` (``tadq.pipelines.prompts``), a re-statement of their CLIP
+rules that needs only tokenizers and encoders. The transformer pipelines mix T5 and CLIP encoders with rules that
+differ per class (PixArt's caption mask, SD3's CLIP-L + CLIP-G + T5 padding, Flux's pooled CLIP beside T5 states),
+so tadq calls the pipeline's ``encode_prompt`` itself: what the model sees is what diffusers gives it, by
+construction. Each prompt is encoded alone (batch 1) with guidance off, so its embedding does not depend on the
+other prompts; the unconditional branch is the negative (or empty) prompt encoded the same way, as the pipelines do.
+
+Length: a T5 encoder reads at most ``max_sequence_length`` tokens (the pipeline's ``__call__`` default: PixArt-α
+120, PixArt-Σ 300, SD3 256, Flux 512) and a CLIP one its tokenizer's ``model_max_length``; diffusers truncates a
+longer prompt with a warning, tadq refuses it (``check``). PixArt's caption cleaning (``clean_caption``, which needs
+``bs4`` and ``ftfy``) is not applied: prompts are encoded as given.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from tadq.safefiles import tensors_digest
+
+__all__ = ["ENCODE_PROMPT_PIPELINES", "EncodedPrompt", "PipelinePromptEncoder", "t5_tokenizers"]
+
+# pipeline class → the tokenizers that feed a T5 encoder (their limit is max_sequence_length)
+ENCODE_PROMPT_PIPELINES: dict[str, tuple[str, ...]] = {
+    "PixArtAlphaPipeline": ("tokenizer",),
+    "PixArtSigmaPipeline": ("tokenizer",),
+    "StableDiffusion3Pipeline": ("tokenizer_3",),
+    "FluxPipeline": ("tokenizer_2",),
+}
+_TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+class EncodedPrompt(NamedTuple):
+    """One prompt's embeddings, batch 1, on the CPU: states (1, L, D), pooled (1, D') or ``None``, the caption
+    mask (1, L) or ``None``."""
+
+    hidden: Tensor
+    pooled: Tensor | None
+    mask: Tensor | None
+
+
+def t5_tokenizers(class_name: str) -> tuple[str, ...]:
+    """The tokenizer components of ``class_name`` whose limit is ``max_sequence_length``."""
+    return ENCODE_PROMPT_PIPELINES.get(class_name, ())
+
+
+def default_max_sequence_length(pipeline_class: type) -> int:
+    """The ``max_sequence_length`` default of the pipeline's ``__call__`` (what a diffusers call would use)."""
+    parameter = inspect.signature(pipeline_class.__call__).parameters.get("max_sequence_length")
+    if parameter is None or not isinstance(parameter.default, int):
+        raise ValueError(f"{pipeline_class.__name__}.__call__ has no integer max_sequence_length default")
+    return parameter.default
+
+
+def base_pipeline_class(pipe: Any) -> type:
+    """The diffusers class a (possibly ``Tadq``-subclassed) pipeline object was made from."""
+    return getattr(type(pipe), "tadq_base", type(pipe))
+
+
+class PipelinePromptEncoder:
+    """Prompts → embeddings for a PixArt, SD3 or Flux pipeline object (module docstring).
+
+    Args:
+        pipe: the pipeline object (``load_fp_pipeline``, ``tadq.load_pipeline``).
+        max_sequence_length: T5 tokens per prompt (default: the pipeline's own default).
+        distilled_guidance: Flux with ``guidance_embeds`` only: the guidance scale the model embeds (FluxPipeline's
+            ``guidance_scale``; default its 3.5). Refused for any other model.
+    """
+
+    force_zeros_for_empty_prompt = False
+    sdxl = False
+    time_ids = None
+
+    def __init__(self, pipe: Any, *, max_sequence_length: int | None = None,
+                 distilled_guidance: float | None = None) -> None:
+        base = base_pipeline_class(pipe)
+        self.class_name = base.__name__
+        if self.class_name not in ENCODE_PROMPT_PIPELINES:
+            raise ValueError(f"{self.class_name} does not encode prompts through encode_prompt in tadq; supported: "
+                             f"{sorted(ENCODE_PROMPT_PIPELINES)}")
+        self.pipe = pipe
+        if max_sequence_length is None:
+            max_sequence_length = default_max_sequence_length(base)
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
+                or max_sequence_length < 1:
+            raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
+        self.max_sequence_length = max_sequence_length
+        embeds_guidance = bool(getattr(getattr(pipe, "transformer", None), "config", {}).get("guidance_embeds", False))
+        if distilled_guidance is not None and not embeds_guidance:
+            raise ValueError(f"distilled_guidance={distilled_guidance:g}: this {self.class_name}'s transformer embeds "
+                             "no guidance scale (guidance_embeds is false); use classifier-free guidance instead")
+        if embeds_guidance and distilled_guidance is None:
+            distilled_guidance = float(inspect.signature(base.__call__).parameters["guidance_scale"].default)
+        self.distilled_guidance = None if distilled_guidance is None else float(distilled_guidance)
+        names = [name for name in _TOKENIZERS if getattr(pipe, name, None) is not None]
+        self.tokenizers = tuple(getattr(pipe, name) for name in names)
+        t5 = t5_tokenizers(self.class_name)
+        self.limits = tuple(max_sequence_length if name in t5 else int(getattr(pipe, name).model_max_length)
+                            for name in names)
+        self._fingerprint: str | None = None
+
+    def check(self, prompts: Sequence[str], what: str = "prompt") -> None:
+        """Refuse a non-string or a prompt longer than an encoder reads (diffusers would cut its end off)."""
+        check_token_counts(self.tokenizers, self.limits, prompts, what)
+
+    @torch.no_grad()
+    def encode_text(self, prompt: str) -> EncodedPrompt:
+        """The pipeline's ``encode_prompt`` on one prompt, guidance off, on the text encoders' device."""
+        pipe, length = self.pipe, self.max_sequence_length
+        device = next(pipe.text_encoder.parameters()).device
+        if self.class_name.startswith("PixArt"):
+            hidden, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device,
+                                                    clean_caption=False, max_sequence_length=length)
+            return EncodedPrompt(hidden.cpu(), None, mask.cpu())
+        if self.class_name == "StableDiffusion3Pipeline":
+            hidden, _, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, prompt_3=None, device=device,
+                                                      do_classifier_free_guidance=False, max_sequence_length=length)
+            return EncodedPrompt(hidden.cpu(), pooled.cpu(), None)
+        hidden, pooled, _text_ids = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device,
+                                                       max_sequence_length=length)
+        return EncodedPrompt(hidden.cpu(), pooled.cpu(), None)
+
+    def added_conditions(self, rows: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Per-sample model inputs besides the text: Flux's distilled guidance (N,); PixArt-α's size conditions
+        at 1024 px (``use_additional_conditions``): resolution (N, 2) = (height, width), aspect ratio (N, 1)."""
+        added: dict[str, Tensor] = {}
+        if self.distilled_guidance is not None:
+            added["guidance"] = torch.full((rows,), self.distilled_guidance, dtype=dtype)
+        transformer = self.pipe.transformer
+        if self.class_name.startswith("PixArt") and getattr(transformer, "use_additional_conditions", False):
+            size = transformer.config.sample_size * self.pipe.vae_scale_factor
+            added["resolution"] = torch.tensor([[float(size), float(size)]], dtype=dtype).expand(rows, -1).clone()
+            added["aspect_ratio"] = torch.ones(rows, 1, dtype=dtype)
+        return added
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """What besides the prompts changes the conditioning (part of ``PromptConditions.key``)."""
+        return {"pipeline": self.class_name, "max_sequence_length": self.max_sequence_length,
+                "distilled_guidance": self.distilled_guidance}
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the text encoders' tensors and the tokenizers' vocabularies (computed once)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for tokenizer, limit in zip(self.tokenizers, self.limits, strict=True):
+                digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+                digest.update(str(limit).encode())
+            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+                encoder = getattr(self.pipe, name, None)
+                if encoder is not None:
+                    digest.update(name.encode() + tensors_digest(dict(encoder.state_dict())).encode())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
+
+
+def _short(prompt: str) -> str:
+    return prompt if len(prompt) <= 60 else prompt[:57] + "..."
+
+
+def check_token_counts(tokenizers: Sequence[Any], limits: Sequence[int], prompts: Sequence[str],
+                       what: str = "prompt") -> None:
+    """``TypeError`` for a non-string, ``ValueError`` for a prompt with more tokens (special tokens included) than a
+    tokenizer's limit: diffusers only warns and truncates it, so the image would silently ignore its end."""
+    for prompt in prompts:
+        if not isinstance(prompt, str):
+            raise TypeError(f"a {what} must be a str, got {type(prompt).__name__}: {prompt!r}")
+        for tokenizer, limit in zip(tokenizers, limits, strict=True):
+            count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
+            if count > limit:
+                raise ValueError(f"{what} {_short(prompt)!r} is {count} tokens long (special tokens included); "
+                                 f"this pipeline's {type(tokenizer).__name__} reads at most {limit}. Shorten it "
+                                 "(diffusers would silently drop the rest)")
