@@ -165,3 +165,22 @@ def test_a_pipeline_whose_vae_is_missing_is_refused(dit_folder, tmp_path):
     shutil.rmtree(broken / "vae")
     with pytest.raises(ValueError, match="holds none"):
         load_workload(str(broken))
+
+
+def test_main_job_on_a_flow_matching_transformer_pipeline(tmp_path):
+    """An SD3 pipeline folder: its transformer is the denoiser, prompts through its own encode_prompt, flow-euler,
+    images decoded with the VAE's scale and shift."""
+    from tests.pipelines.builders_transformer import IMAGE_SIZE, build_sd3
+
+    folder = build_sd3(tmp_path / "sd3")
+    flow = SamplerConfig(kind="flow-euler", num_steps=3)
+    config = _config(folder, tmp_path / "run", methods=("naive",), sampler=flow,
+                     calibration=CalibrationConfig(sampler=flow, num_trajectories=4, num_steps_kept=2,
+                                                   samples_per_step=4, seed=0, batch_size=4))
+    results = run_main_job(config)
+    rows = {row["method"]: row for row in results["rows"]}
+    assert set(rows) == {"FP", "naive PTQ"} and rows["naive PTQ"]["psnr"] is not None
+    workload = load_workload(str(folder), guidance_scale=2.0, calibration_prompts=CALIBRATION_PROMPTS,
+                             evaluation_prompts=EVALUATION_PROMPTS)
+    assert type(workload.model).__name__ == "SD3Transformer2DModel"
+    assert workload.image_shape() == (3, IMAGE_SIZE, IMAGE_SIZE)

@@ -202,3 +202,17 @@ def test_cli_quantizes_and_samples_a_transformer_pipeline(folders, tmp_path):
     settings = json.loads((out / "prompts.json").read_text())
     assert settings["sampler"]["data"]["kind"] == "flow-euler" and settings["guidance_scale"] == GUIDANCE
     assert sorted(p.name for p in out.glob("sample_*.png")) == ["sample_0000.png", "sample_0001.png"]
+
+
+def test_cli_quantize_of_a_dynamic_shift_flux_folder_records_the_pipelines_shift(tmp_path):
+    runner = CliRunner()
+    folder = build_flux(tmp_path / "flux-dynamic", dynamic_shifting=True)
+    art = tmp_path / "flux-w8a8"
+    result = runner.invoke(app, ["quantize", str(folder), "--out", str(art), "--preset", "W8A8", "--method", "naive",
+                                 "--sampler", "flow-euler", "--steps", "2", "--calib-trajectories", "2",
+                                 "--calib-prompt", "a cat", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    recipe = tadq.load_pipeline(art).tadq_recipe
+    expected = pipeline_flow_shift(load_fp_pipeline(folder), SamplerConfig("flow-euler", num_steps=2))
+    assert recipe.sampler == expected and recipe.calibration.sampler == expected and expected.shift is not None
+    assert recipe.guidance_scale == 1.0  # Flux samples without classifier-free guidance by default

@@ -71,7 +71,8 @@ def resolve_model_path(model: str | None) -> Path:
 
 
 def is_text_to_image_folder(path: Path) -> bool:
-    """Whether ``path`` is a diffusers pipeline folder with a text encoder (Stable Diffusion / SDXL layout)."""
+    """Whether ``path`` is a diffusers pipeline folder with a text encoder (Stable Diffusion / SDXL / PixArt / SD3 /
+    Flux layout)."""
     index_file = path / "model_index.json"
     if not index_file.exists():
         return False
@@ -341,6 +342,7 @@ class _NullLabels:
 def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None, calibration_prompts: Sequence[str],
                             evaluation_prompts: Sequence[str], negative_prompt: str, device, dtype) -> Workload:
     from tadq.pipelines import PromptConditions, load_fp_pipeline
+    from tadq.pipelines.components import pipeline_denoiser
 
     shipped = path.resolve() == _shipped_t2i_path().resolve()
     expected_labels = None
@@ -368,10 +370,10 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
     calibration = PromptConditions(pipeline, list(calibration_prompts), negative_prompt=negative_prompt)
     evaluation = PromptConditions(pipeline, list(evaluation_prompts), negative_prompt=negative_prompt)
     decoder = _vae_decoder(pipeline.vae)
-    unet = pipeline.unet.eval().requires_grad_(False)
+    denoiser = pipeline_denoiser(pipeline).eval().requires_grad_(False)  # the UNet, or PixArt/SD3/Flux's transformer
     scheduler = load_pipeline_parts(path)[1]
     workload = Workload(
-        name=name, model=unet, scheduler=scheduler, calibration_conditions=calibration,
+        name=name, model=denoiser, scheduler=scheduler, calibration_conditions=calibration,
         evaluation_conditions=evaluation, guidance_scale=guidance_scale, decoder=decoder,
         expected_labels=expected_labels,
         settings={"calibration_prompts": _prompt_key(calibration_prompts, negative_prompt),

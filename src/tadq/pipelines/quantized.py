@@ -3,7 +3,7 @@
 diffusers' own loop cannot apply tadq's corrections: they are per-step hooks of tadq's walker, keyed to the sampler
 grid and the guidance scale they were fitted for (docs/sampling.md). So the loaded pipeline is an instance of a
 subclass of its own class, made at load time, whose ``__call__`` encodes the prompts with the pipeline's encoders
-(``PromptConditions``), samples latents with ``tadq.sample`` (the quantized UNet and its correction hooks, the
+(``PromptConditions``), samples latents with ``tadq.sample`` (the quantized denoiser and its correction hooks, the
 noise of sample i a function of (seed, i) only), decodes them with the VAE and post-processes them with the
 pipeline's image processor. Everything else (components, ``.to``, ``save_pretrained`` of the FP parts) is the
 pipeline's own.
@@ -223,7 +223,7 @@ class TadqPipelineMixin:
 
     def tadq_latents(self, conditions: PromptConditions, num_samples: int, sampler: SamplerConfig, scale: float,
                      seed: int, batch_size: int = 8, progress: bool = True) -> Tensor:
-        """Final latents (N, C, h, w) on the CPU from tadq's loop (the corrections of a quantized UNet active)."""
+        """Final latents (N, C, h, w) on the CPU from tadq's loop (the corrections of a quantized denoiser active)."""
         from tadq.api import sample
 
         result = sample(self.tadq_denoiser, self.scheduler, sampler, num_samples=num_samples, seed=seed,
@@ -352,16 +352,16 @@ def check_drivable_scheduler(path: str | Path) -> None:
 def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, text_encoder_bits: int | None = None,
                   backend: str = "fake") -> Any:
-    """A diffusers pipeline object for a tadq pipeline artefact (quantized UNet, corrections active) or for an FP
-    pipeline folder (the FP UNet in tadq's loop, for same-noise comparisons); call it as usual:
+    """A diffusers pipeline object for a tadq pipeline artefact (quantized UNet or transformer, corrections active)
+    or for an FP pipeline folder (the FP denoiser in tadq's loop, for same-noise comparisons); call it as usual:
     ``pipe(prompt, negative_prompt=..., guidance_scale=..., num_inference_steps=...).images``.
 
     Every component folder is checked before any weights are read. ``text_encoder_bits`` (8 or 4; off by default):
     weight-only quantization of the text encoders' Linear layers, as ``load_fp_pipeline`` does it (use the value
-    the UNet was calibrated with). ``backend`` (``tadq.backends``, an artefact only): ``"fake"`` simulates the
-    quantized UNet in float; ``"int8"`` / ``"int8-compiled"`` / ``"int8-cuda"`` run it with integer kernels (float32
-    only, on the backend's device; the text encoders and the VAE stay float), refused before anything is read when
-    the machine cannot run it.
+    the denoiser was calibrated with). ``backend`` (``tadq.backends``, an artefact only): ``"fake"`` simulates
+    the quantized denoiser in float; ``"int8"`` / ``"int8-compiled"`` / ``"int8-cuda"`` run it with integer kernels
+    (float32 only, on the backend's device; the text encoders and the VAE stay float), refused before anything is
+    read when the machine cannot run it.
 
     Raises:
         PipelineFolderError (a ValueError): not a supported pipeline folder, a component missing or damaged.
@@ -387,7 +387,7 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
         check_placement(backend, target_device or torch.device("cpu"), target_dtype or torch.float32)
         if not quantized:
             raise ValueError(f"backend {backend!r}: {path} is an FP pipeline folder, not a tadq artefact; there is no "
-                             "quantized UNet to run in integers (quantize it first, or use backend='fake')")
+                             "quantized denoiser to run in integers (quantize it first, or use backend='fake')")
     layout = check_pipeline_folder(path, denoiser_weights=not quantized)
     check_drivable_scheduler(path)
     klass = tadq_pipeline_class(pipeline_class(layout.class_name))

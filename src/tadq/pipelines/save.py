@@ -1,4 +1,5 @@
-"""A quantized UNet saved with the rest of its pipeline: every FP component copied byte for byte."""
+"""A quantized denoiser (UNet or transformer) saved with the rest of its pipeline: every FP component copied byte
+for byte."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ __all__ = ["save_pipeline"]
 
 def save_pipeline(qmodel: QuantizedDenoiser, source: str | Path, directory: str | Path, *, overwrite: bool = False,
                   force_foreign: bool = False) -> ArtefactSize:
-    """Write the artefact of ``qmodel`` (quantized from ``source``'s UNet) into ``directory`` with ``source``'s
-    ``model_index.json``, text encoders, tokenizers, VAE and scheduler unchanged, so ``tadq.load_pipeline`` (and
-    diffusers' ``from_pretrained`` for each FP component) reads it. ``source`` is checked whole first."""
+    """Write the artefact of ``qmodel`` (quantized from ``source``'s UNet or transformer) into ``directory`` with
+    ``source``'s ``model_index.json``, text encoders, tokenizers, VAE and scheduler unchanged, so
+    ``tadq.load_pipeline`` (and diffusers' ``from_pretrained`` for each FP component) reads it. ``source`` is
+    checked whole first."""
     from tadq.io.save import save_quantized
 
     layout = check_pipeline_folder(source)
