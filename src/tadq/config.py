@@ -356,7 +356,9 @@ def config_to_dict(config: Any) -> dict[str, Any]:
     name = type(config).__name__
     if name not in _CONFIG_TYPES:
         raise TypeError(f"{name} is not a registered tadq config")
-    data = {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    optional = getattr(config, "written_when_set", ())  # fields added later, left out while at their default
+    data = {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)
+            if f.name not in optional or getattr(config, f.name) != f.default}
     return {"type": name, "version": config_version(type(config)), "data": data}
 
 

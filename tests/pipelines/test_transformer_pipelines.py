@@ -20,7 +20,7 @@ import tadq
 from tadq.cli.app import app
 from tadq.pipelines import PromptConditions, check_pipeline_folder, is_pipeline_folder, load_fp_pipeline, save_pipeline
 from tadq.pipelines.components import PipelineFolderError, pipeline_denoiser
-from tadq.pipelines.quantized import pipeline_flow_shift
+from tadq.pipelines.quantized import pipeline_flow_shift, pipeline_sampler
 from tadq.recipe import Deployment, Recipe
 from tadq.sampling import SamplerConfig
 from tadq.sampling.noise import initial_noise
@@ -81,13 +81,10 @@ def _diffusers_latents(which: str, pipe, noise: torch.Tensor, sampler: SamplerCo
                              use_resolution_binning=False, clean_caption=False, **common)[0]
     if which == "sd3":
         return base.__call__(pipe, PROMPTS, guidance_scale=GUIDANCE, latents=noise, **common)[0]
-    # FluxPipeline passes its own grid linspace(1, 1/N, N); tadq's flow-euler walks the scheduler's own
-    # set_timesteps(N) grid, so the comparison hands diffusers that grid (before the shift it applies itself)
-    scheduler = pipe.scheduler
-    start, end = scheduler._sigma_to_t(scheduler.sigma_max), scheduler._sigma_to_t(scheduler.sigma_min)
-    sigmas = np.linspace(start, end, STEPS) / scheduler.config.num_train_timesteps
+    # FluxPipeline's own grid, linspace(1, 1/N, N): tadq's Flux pipeline samples flow-euler on it (flow_sigmas)
+    assert sampler.flow_sigmas == "uniform"
     packed = base._pack_latents(noise, *noise.shape)
-    out = base.__call__(pipe, PROMPTS, guidance_scale=3.5, latents=packed, sigmas=list(sigmas), **common)[0]
+    out = base.__call__(pipe, PROMPTS, guidance_scale=3.5, latents=packed, **common)[0]
     return base._unpack_latents(out, IMAGE_SIZE, IMAGE_SIZE, pipe.vae_scale_factor)
 
 
@@ -213,6 +210,7 @@ def test_cli_quantize_of_a_dynamic_shift_flux_folder_records_the_pipelines_shift
                                  "--calib-prompt", "a cat", "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
     assert result.exit_code == 0, result.output
     recipe = tadq.load_pipeline(art).tadq_recipe
-    expected = pipeline_flow_shift(load_fp_pipeline(folder), SamplerConfig("flow-euler", num_steps=2))
-    assert recipe.sampler == expected and recipe.calibration.sampler == expected and expected.shift is not None
+    expected = pipeline_sampler(load_fp_pipeline(folder), SamplerConfig("flow-euler", num_steps=2))
+    assert recipe.sampler == expected and recipe.calibration.sampler == expected
+    assert expected.shift is not None and expected.flow_sigmas == "uniform"  # as FluxPipeline samples
     assert recipe.guidance_scale == 1.0  # Flux samples without classifier-free guidance by default

@@ -11,6 +11,7 @@ What is compared (docs/sampling.md#what-is-tested):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -120,6 +121,39 @@ def test_flow_euler_takes_an_explicit_shift_for_a_dynamic_shifting_config() -> N
     plan = SamplingPlan.build(train, SamplerConfig("flow-euler", num_steps=4, shift=3.0))
     static = SamplingPlan.build(FlowMatchEulerDiscreteScheduler(shift=3.0), SamplerConfig("flow-euler", 4, shift=3.0))
     assert [s.sigma_t for s in plan.steps] == [s.sigma_t for s in static.steps]
+
+
+@pytest.mark.parametrize("shift", [None, 3.0])
+def test_flow_euler_on_the_uniform_grid_is_the_flux_pipelines_scheduler_run(shift: float | None) -> None:
+    """flow_sigmas="uniform": FluxPipeline's set_timesteps(sigmas=linspace(1, 1/S, S)), shifted by the scheduler;
+    another grid than the scheduler's own (which ends near σ_min), with its own key."""
+    import numpy as np
+
+    train = FlowMatchEulerDiscreteScheduler(shift=2.0)
+    sampler = SamplerConfig("flow-euler", num_steps=6, shift=shift, flow_sigmas="uniform")
+    reference = make_scheduler(train, SamplerConfig("flow-euler", num_steps=6, shift=shift))
+    reference.set_timesteps(sigmas=np.linspace(1.0, 1 / 6, 6))  # what FluxPipeline passes
+    net = TinyNet()
+    images = _tadq_run(train, sampler, net)
+    assert torch.equal(images, _diffusers_run(reference, net, _z()))
+    own = dataclasses.replace(sampler, flow_sigmas=None)
+    assert not torch.equal(images, _tadq_run(train, own, net))
+    assert sampler.key == own.key + "-uniform"
+
+
+def test_flow_sigmas_is_written_only_when_set_and_checked() -> None:
+    """A sampler without the grid serialises as before the field existed (so keys and recipes do not move); one
+    with it round-trips; another kind or an unknown grid is refused."""
+    from tadq.config import config_from_dict, config_to_dict
+
+    assert "flow_sigmas" not in config_to_dict(SamplerConfig("flow-euler", 4))["data"]
+    uniform = SamplerConfig("flow-euler", 4, flow_sigmas="uniform")
+    assert config_to_dict(uniform)["data"]["flow_sigmas"] == "uniform"
+    assert config_from_dict(config_to_dict(uniform)) == uniform
+    with pytest.raises(ValueError, match="only applies to"):
+        SamplerConfig("euler", 4, flow_sigmas="uniform")
+    with pytest.raises(ValueError, match="flow_sigmas='linear'"):
+        SamplerConfig("flow-euler", 4, flow_sigmas="linear")
 
 
 # -- euler: bit-identical kernel, derived tolerance on a full run --------------------------------------------------
@@ -269,7 +303,8 @@ def test_keys_are_distinct_per_kind_order_steps_and_shift() -> None:
                SamplerConfig("euler", 20), SamplerConfig("euler", 30), SamplerConfig("euler-ancestral", 20),
                SamplerConfig("dpmsolver++", 20),
                SamplerConfig("dpmsolver++", 20, order=1), SamplerConfig("dpmsolver++", 30),
-               SamplerConfig("flow-euler", 20), SamplerConfig("flow-euler", 20, shift=3.0)]
+               SamplerConfig("flow-euler", 20), SamplerConfig("flow-euler", 20, shift=3.0),
+               SamplerConfig("flow-euler", 20, flow_sigmas="uniform")]
     keys = [config.key for config in configs]
     assert len(set(keys)) == len(keys)
     assert SamplerConfig("ddim", 50).key == "ddim-50-eta0.0" and SamplerConfig("ddpm", 1000).key == "ddpm-1000"

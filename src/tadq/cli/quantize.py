@@ -212,16 +212,16 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
     return override_recipe(recipe, settings or {})
 
 
-def with_pipeline_flow_shift(recipe: Recipe, pipe: Any) -> Recipe:
-    """``recipe`` with the resolution-dependent flow shift of a pipeline whose scheduler has one (Flux's
-    ``use_dynamic_shifting``) written into its calibration and deployment sampler, as the pipeline would use it;
-    unchanged otherwise (another sampler, or a shift already given)."""
-    from tadq.pipelines.quantized import pipeline_flow_shift
+def with_pipeline_sampler(recipe: Recipe, pipe: Any) -> Recipe:
+    """``recipe`` with its calibration and deployment sampler as the pipeline's own call runs it (Flux: its uniform
+    σ grid, and the resolution-dependent shift of a ``use_dynamic_shifting`` scheduler); unchanged otherwise
+    (another pipeline or sampler, or the grid and shift already given)."""
+    from tadq.pipelines.quantized import pipeline_sampler
 
-    sampler = pipeline_flow_shift(pipe, recipe.sampler)
+    sampler = pipeline_sampler(pipe, recipe.sampler)
     if sampler == recipe.sampler:
         return recipe
-    logger.info("flow shift %.4f from the pipeline's image size (use_dynamic_shifting)", sampler.shift)
+    console.print(f"sampler {sampler.key}: the pipeline's own flow grid and shift (recorded in the recipe)")
     calibration = dataclasses.replace(recipe.calibration, sampler=sampler)
     deployments = (dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:])
     return dataclasses.replace(recipe, calibration=calibration, deployments=deployments)
@@ -418,7 +418,7 @@ def quantize_command(
                                "is 1.0); text-to-image pipelines are usually sampled at 5-8: --set "
                                "deployments.0.guidance_scale=7.5", model_dir)
             pipe = load_fp_pipeline(model_dir)
-            recipe = with_pipeline_flow_shift(recipe, pipe)
+            recipe = with_pipeline_sampler(recipe, pipe)
             qmodel = quantize(pipeline_denoiser(pipe), pipe.scheduler, recipe, cache_dir=cache_dir,
                               checkpoint=checkpoint, device=torch_device, dtype=torch_dtype,
                               conditions=PromptConditions(pipe, prompts))

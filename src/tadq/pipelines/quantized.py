@@ -36,7 +36,7 @@ from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
 
 __all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "check_pipeline_guidance",
-           "latent_shape", "pipeline_flow_shift", "resolve_deployment", "tadq_pipeline_class"]
+           "latent_shape", "pipeline_flow_shift", "pipeline_sampler", "resolve_deployment", "tadq_pipeline_class"]
 
 logger = logging.getLogger(__name__)
 
@@ -202,14 +202,16 @@ class TadqPipelineMixin:
         """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others. Defaults:
         the recipe's deployment, else the diffusers pipeline's default guidance scale (Flux: ``true_cfg_scale``'s)
         and DDIM 50 η 0 for a UNet, the folder scheduler's own sampler at the pipeline's default step count for a
-        transformer (flow matching, DPM-Solver++); a resolution-dependent flow shift (Flux) is the pipeline's."""
+        transformer (flow matching, DPM-Solver++; Flux on its uniform σ grid); a resolution-dependent flow shift
+        (Flux) is the pipeline's."""
         parameters = inspect.signature(self.tadq_base.__call__).parameters
         default = parameters["true_cfg_scale" if self.tadq_distilled_guidance else "guidance_scale"].default
         fallback = None
         if getattr(self, "unet", None) is None:
             from tadq.sampling import default_sampler
 
-            fallback = default_sampler(self.scheduler, int(parameters["num_inference_steps"].default))
+            fallback = pipeline_sampler(self, default_sampler(self.scheduler,
+                                                              int(parameters["num_inference_steps"].default)))
         sampler, scale = resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps,
                                             guidance_scale, eta, float(default), kind, fallback)
         return pipeline_flow_shift(self, sampler), check_pipeline_guidance(scale)
@@ -305,6 +307,21 @@ def latent_shape(pipe: Any) -> tuple[int, int, int]:
     model = pipeline_denoiser(pipe)
     channels, height, width = adapter_for(model).sample_shape(model)
     return int(channels), int(height), int(width)
+
+
+# pipelines whose __call__ walks flow-euler on σ = linspace(1, 1/S, S) instead of the scheduler's own grid
+UNIFORM_FLOW_GRID_PIPELINES = ("FluxPipeline",)
+
+
+def pipeline_sampler(pipe: Any, sampler: SamplerConfig) -> SamplerConfig:
+    """``sampler`` as the pipeline's own ``__call__`` would run it: on a ``FluxPipeline``, flow-euler on its uniform
+    σ grid (``flow_sigmas="uniform"`` unless given) and, with a resolution-dependent flow scheduler
+    (``use_dynamic_shifting``), the shift it computes for the image (``pipeline_flow_shift``). Anything else is
+    returned unchanged."""
+    base = getattr(type(pipe), "tadq_base", type(pipe)).__name__
+    if sampler.kind == "flow-euler" and sampler.flow_sigmas is None and base in UNIFORM_FLOW_GRID_PIPELINES:
+        sampler = dataclasses.replace(sampler, flow_sigmas="uniform")
+    return pipeline_flow_shift(pipe, sampler)
 
 
 def pipeline_flow_shift(pipe: Any, sampler: SamplerConfig) -> SamplerConfig:

@@ -31,6 +31,8 @@ SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "euler-ancestral", "d
 # Kinds that integrate the flow-matching ODE x_t = (1-σ) x_0 + σ ε on a velocity v = ε - x_0; every other kind
 # works on the discrete ᾱ_t (variance-preserving) schedule with ε.
 FLOW_KINDS: tuple[str, ...] = ("flow-euler",)
+# flow-euler grids besides the scheduler's own (SamplerConfig.flow_sigmas)
+FLOW_SIGMA_GRIDS: tuple[str, ...] = ("uniform",)
 FLOW_PREDICTION = "flow_prediction"
 
 _SCHEDULER_CLASSES: dict[str, type[ConfigMixin]] = {
@@ -125,6 +127,9 @@ class SamplerConfig:
         order: DPM-Solver++'s order, 1 (≡ DDIM on its grid) or 2 (2M, uses the previous step's x̂_0);
             ``None``: 2 for ``"dpmsolver++"``. Other kinds are first order and take ``None`` (or 1).
         shift: flow-euler's timestep shift σ ↦ sσ/(1 + (s-1)σ); ``None`` keeps the model's scheduler config.
+        flow_sigmas: flow-euler's grid before the shift: ``None``, the scheduler's own ``set_timesteps(S)``
+            (σ from 1 to the scheduler's σ_min, the grid ``StableDiffusion3Pipeline`` uses); ``"uniform"``,
+            σ = 1, 1 − 1/S, ..., 1/S (``FluxPipeline``'s ``np.linspace(1, 1/S, S)``).
     """
 
     kind: SamplerKind
@@ -133,6 +138,11 @@ class SamplerConfig:
     clip_sample: bool | None = None
     order: int | None = None
     shift: float | None = None
+    flow_sigmas: str | None = None
+
+    # written to JSON only when set, so every payload and key of a sampler without it is what it was before it
+    # existed (tadq.config.config_to_dict)
+    written_when_set = ("flow_sigmas",)
 
     def __post_init__(self) -> None:
         if self.kind not in SAMPLER_KINDS:
@@ -157,6 +167,12 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.clip_sample=True only applies to ddim/ddpm; {self.kind} never clips x_0.")
         self._check_order()
         self._check_shift()
+        if self.flow_sigmas is not None:
+            if self.flow_sigmas not in FLOW_SIGMA_GRIDS:
+                raise ValueError(f"SamplerConfig.flow_sigmas={self.flow_sigmas!r}; accepted: None (the scheduler's "
+                                 f"grid) or one of {FLOW_SIGMA_GRIDS}.")
+            if self.kind not in FLOW_KINDS:
+                raise ValueError(f"SamplerConfig.flow_sigmas only applies to {FLOW_KINDS}, not {self.kind!r}.")
         object.__setattr__(self, "eta", float(self.eta))
 
     def _check_order(self) -> None:
@@ -197,7 +213,8 @@ class SamplerConfig:
         if self.kind == "dpmsolver++":
             return f"dpmsolver++{self.order}-{self.num_steps}"
         if self.kind == "flow-euler":
-            return f"flow-euler-{self.num_steps}" + ("" if self.shift is None else f"-shift{self.shift}")
+            return (f"flow-euler-{self.num_steps}" + ("" if self.shift is None else f"-shift{self.shift}")
+                    + ("" if self.flow_sigmas is None else f"-{self.flow_sigmas}"))
         return f"{self.kind}-{self.num_steps}"
 
     @property
@@ -249,7 +266,10 @@ def make_scheduler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], s
     if sampler.kind == "flow-euler" and sampler.shift is not None:
         overrides.update(shift=sampler.shift, use_dynamic_shifting=False)
     scheduler = _SCHEDULER_CLASSES[sampler.kind].from_config(dict(config), **overrides)
-    scheduler.set_timesteps(sampler.num_steps)
+    if sampler.flow_sigmas == "uniform":  # FluxPipeline's grid; the scheduler shifts it as it shifts its own
+        scheduler.set_timesteps(sigmas=[1.0 - i / sampler.num_steps for i in range(sampler.num_steps)])
+    else:
+        scheduler.set_timesteps(sampler.num_steps)
     return scheduler
 
 

@@ -28,15 +28,18 @@ BEST_STACK = "tac+tcec"
 _TADQ_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec", BEST_STACK)
 _QUICK_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec")
 _SAMPLER = re.compile(r"^(?P<kind>ddim|ddpm|euler-ancestral|euler|dpmsolver\+\+|flow-euler)(?P<order>(?<=\+\+)[12])?"
-                      r"(?:-eta(?P<eta>[0-9.]+))?(?:-shift(?P<shift>[0-9.]+))?(?:@(?P<steps>[0-9]+))?$")
+                      r"(?:-eta(?P<eta>[0-9.]+))?(?:-shift(?P<shift>[0-9.]+))?(?P<uniform>-uniform)?"
+                      r"(?:@(?P<steps>[0-9]+))?$")
 _SAMPLER_NAMES = ("ddim-eta<η> (ddim-eta0, ddim-eta1), ddpm, euler, euler-ancestral, dpmsolver++ (2M; dpmsolver++1 "
-                  "for first order), flow-euler (flow-euler-shift<s> to set the shift)")
+                  "for first order), flow-euler (flow-euler-shift<s> to set the shift, -uniform for FluxPipeline's "
+                  "σ grid)")
 
 
 def parse_sampler(text: str, steps: int = 50) -> SamplerConfig:
     """A sampler from its bench name: ``ddim-eta0``, ``ddim-eta1``, ``ddim-eta0.5``, ``ddpm``, ``euler``,
     ``euler-ancestral``, ``dpmsolver++`` (2M; ``dpmsolver++1`` first order), ``flow-euler`` (``flow-euler-shift3``
-    sets the shift); ``@N`` sets the step count (``ddim-eta0@20``, ``euler@30``), otherwise ``steps``."""
+    sets the shift, a ``-uniform`` suffix FluxPipeline's σ grid); ``@N`` sets the step count (``ddim-eta0@20``,
+    ``euler@30``), otherwise ``steps``."""
     match = _SAMPLER.match(text.strip().lower())
     if match is None:
         raise ValueError(f"unknown sampler {text!r}; use {_SAMPLER_NAMES}, optionally with @<steps> "
@@ -44,12 +47,12 @@ def parse_sampler(text: str, steps: int = 50) -> SamplerConfig:
     kind = match["kind"]
     if match["eta"] is not None and kind != "ddim":
         raise ValueError(f"sampler {text!r}: only ddim takes an eta ({kind}'s noise is fixed by its update rule)")
-    if match["shift"] is not None and kind != "flow-euler":
-        raise ValueError(f"sampler {text!r}: only flow-euler takes a shift")
+    if (match["shift"] is not None or match["uniform"] is not None) and kind != "flow-euler":
+        raise ValueError(f"sampler {text!r}: only flow-euler takes a shift or a σ grid")
     order = None if match["order"] is None else int(match["order"])
     shift = None if match["shift"] is None else float(match["shift"])
     return SamplerConfig(kind=kind, num_steps=int(match["steps"] or steps), eta=float(match["eta"] or 0.0),
-                         order=order, shift=shift)
+                         order=order, shift=shift, flow_sigmas="uniform" if match["uniform"] else None)
 
 
 def sampler_name(sampler: SamplerConfig, with_steps: bool = False) -> str:
@@ -58,8 +61,9 @@ def sampler_name(sampler: SamplerConfig, with_steps: bool = False) -> str:
         name = f"ddim-eta{sampler.eta:g}"
     elif sampler.kind == "dpmsolver++":
         name = "dpmsolver++" if sampler.order == 2 else f"dpmsolver++{sampler.order}"
-    elif sampler.kind == "flow-euler" and sampler.shift is not None:
-        name = f"flow-euler-shift{sampler.shift:g}"
+    elif sampler.kind == "flow-euler":
+        name = "flow-euler" + ("" if sampler.shift is None else f"-shift{sampler.shift:g}") \
+            + ("" if sampler.flow_sigmas is None else f"-{sampler.flow_sigmas}")
     else:
         name = sampler.kind
     return f"{name}@{sampler.num_steps}" if with_steps else name
