@@ -105,12 +105,18 @@ class Deployment:
     Correction and TFMQ tables are fitted for exactly this (sampler, guidance scale). ``null_class``: the label of
     the unconditional branch a class-conditional model was calibrated with (``tadq quantize --null-class``, or the
     shipped model's), recorded so that sampling the artefact needs no flag to find it again; ``None`` for other
-    models and for recipes written before it was recorded.
+    models and for recipes written before it was recorded. ``distilled_guidance``: the guidance scale a
+    guidance-distilled model (Flux) embedded while it was calibrated and fitted (FluxPipeline's ``guidance_scale``),
+    a model input the tables depend on like the classifier-free scale; ``None`` for every other model.
     """
 
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
     guidance_scale: float = 1.0
     null_class: int | None = None
+    distilled_guidance: float | None = None
+
+    # written to JSON only when set: recipes of every other model read and hash as before it existed
+    written_when_set = ("distilled_guidance",)
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampler, SamplerConfig):
@@ -122,6 +128,17 @@ class Deployment:
         label = self.null_class
         if label is not None and (isinstance(label, bool) or not isinstance(label, int) or label < 0):
             raise ValueError(f"Deployment.null_class must be a class label (an int >= 0) or None, got {label!r}")
+        if self.distilled_guidance is not None:
+            object.__setattr__(self, "distilled_guidance",
+                               check_distilled_guidance(self.distilled_guidance, "Deployment.distilled_guidance"))
+
+
+def check_distilled_guidance(value: Any, what: str = "guidance_scale") -> float:
+    """``value`` as a float when it is a finite number (the scale a guidance-distilled model embeds; NaN or inf
+    would make every image NaN), else ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number (the guidance scale the model embeds), got {value!r}")
+    return float(value)
 
 
 @register_config_type

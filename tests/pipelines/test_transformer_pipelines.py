@@ -149,9 +149,11 @@ def test_flux_guidance_is_distilled_and_cfg_is_true_cfg_scale(folders):
     default = inspect.signature(type(pipe).tadq_base.__call__).parameters["guidance_scale"].default
     assert torch.equal(pipe(PROMPTS[:1], seed=1, num_inference_steps=2, output_type="latent",
                             progress=False).images, latents[default])
-    cfg = pipe(PROMPTS[:1], seed=1, guidance_scale=3.5, true_cfg_scale=2.0, num_inference_steps=2,
-               output_type="latent", progress=False).images
+    cfg = pipe(PROMPTS[:1], seed=1, guidance_scale=3.5, true_cfg_scale=2.0, negative_prompt="",
+               num_inference_steps=2, output_type="latent", progress=False).images
     assert not torch.equal(cfg, latents[3.5])  # a second, unconditional branch
+    with pytest.raises(ValueError, match="without a negative_prompt"):  # FluxPipeline would not guide at all
+        pipe(PROMPTS[:1], true_cfg_scale=2.0, progress=False)
     sd3 = tadq.load_pipeline(folders["sd3"])
     with pytest.raises(TypeError, match="true_cfg_scale is Flux's"):
         sd3(PROMPTS, true_cfg_scale=2.0)

@@ -114,13 +114,20 @@ def test_flow_euler_full_run_is_bit_identical_to_diffusers(shift: float | None, 
     assert torch.equal(_tadq_run(train, sampler, net), _diffusers_run(scheduler, net, _z()))
 
 
-def test_flow_euler_takes_an_explicit_shift_for_a_dynamic_shifting_config() -> None:
-    train = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)
+@pytest.mark.parametrize("shift_type", ["exponential", "linear"])
+def test_flow_euler_takes_an_explicit_shift_for_a_dynamic_shifting_config(shift_type: str) -> None:
+    """A resolution-dependent scheduler walks the grid the pipelines give it, set_timesteps(S, mu=μ): its σ range
+    unshifted, the grid shifted once, by exp(μ) or (linear) μ; the sampler's shift s is that factor."""
+    train = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=shift_type)
     with pytest.raises(NotImplementedError, match="shift"):
         SamplingPlan.build(train, SamplerConfig("flow-euler", num_steps=4))
-    plan = SamplingPlan.build(train, SamplerConfig("flow-euler", num_steps=4, shift=3.0))
-    static = SamplingPlan.build(FlowMatchEulerDiscreteScheduler(shift=3.0), SamplerConfig("flow-euler", 4, shift=3.0))
-    assert [s.sigma_t for s in plan.steps] == [s.sigma_t for s in static.steps]
+    sampler = SamplerConfig("flow-euler", num_steps=4, shift=3.0)
+    reference = FlowMatchEulerDiscreteScheduler.from_config(train.config)
+    reference.set_timesteps(4, mu=3.0 if shift_type == "linear" else math.log(3.0))
+    net = TinyNet()
+    assert torch.equal(_tadq_run(train, sampler, net), _diffusers_run(reference, net, _z()))
+    static = SamplingPlan.build(FlowMatchEulerDiscreteScheduler(shift=3.0), sampler)  # shifts σ_min too
+    assert [s.sigma_t for s in SamplingPlan.build(train, sampler).steps] != [s.sigma_t for s in static.steps]
 
 
 @pytest.mark.parametrize("shift", [None, 3.0])

@@ -57,9 +57,13 @@ def analyze_command(
         qmodel, _ = load_quantized(model_dir)
         wanted = qmodel.adapter.conditioning_inputs(qmodel.model)
         if wanted:  # refused here, not by the first network call after the FP model is loaded and sampling began
+            from tadq.pipelines import is_pipeline_folder
+
+            other = ("tadq run --model FP_PIPELINE_FOLDER (prompts, guidance and VAE decoding)"
+                     if is_pipeline_folder(model_dir) else "tadq evaluate")
             raise ValueError(f"{model_dir} holds a conditional {type(qmodel.model).__name__} (it takes "
                              f"{list(wanted)}); tadq analyze measures unconditional models only and has no "
-                             "conditioning flags: use tadq evaluate for it")
+                             f"conditioning flags: use {other} for it")
         qmodel = place_model(qmodel, torch_device, torch_dtype)
         fp, scheduler = load_pipeline_parts(fp_model)
         # the default reference is the shipped model: another model's artefact is measured against it only if alike

@@ -148,7 +148,10 @@ def run_command(
         results = run_main_job(config)
     from rich.table import Table
 
-    table = Table(title=f"tadq run: {sampler_config.key}, {num_samples} samples, seed {seed}")
+    from tadq.config import config_from_dict
+
+    ran = config_from_dict(results["config"]["sampler"])  # a pipeline may walk its own grid (Flux)
+    table = Table(title=f"tadq run: {ran.key}, {num_samples} samples, seed {seed}")
     columns = columns_for(results["rows"])
     for _, title in columns:
         table.add_column(title, justify="right")

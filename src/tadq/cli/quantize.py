@@ -227,17 +227,6 @@ def with_pipeline_sampler(recipe: Recipe, pipe: Any) -> Recipe:
     return dataclasses.replace(recipe, calibration=calibration, deployments=deployments)
 
 
-def guidance_distilled(model_dir: Path) -> bool:
-    """Whether the pipeline folder's class embeds a distilled guidance scale and samples without classifier-free
-    guidance by default (Flux: its ``__call__`` takes ``true_cfg_scale`` beside ``guidance_scale``)."""
-    import inspect
-
-    from tadq.pipelines.components import pipeline_class, read_model_index
-
-    klass = pipeline_class(read_model_index(model_dir)["_class_name"])
-    return "true_cfg_scale" in inspect.signature(klass.__call__).parameters
-
-
 def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: Path | None) -> list[str] | None:
     """The calibration prompts (``--calib-prompt`` then the lines of ``--calib-prompts``) of a text-to-image
     pipeline, checked against its tokenizers; ``None`` for a denoiser folder. Refuses prompts for a model that
@@ -411,17 +400,22 @@ def quantize_command(
                                   pipeline_source=model_dir if pipeline else None)
         else:
             from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
-            from tadq.pipelines.components import pipeline_denoiser
+            from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, pipeline_denoiser, read_model_index
 
-            if recipe.guidance_scale == 1.0 and not guidance_distilled(model_dir):
+            if recipe.guidance_scale == 1.0 and read_model_index(model_dir)["_class_name"] not in \
+                    DISTILLED_GUIDANCE_PIPELINES:  # Flux samples without classifier-free guidance by default
                 logger.warning("calibrating %s without classifier-free guidance (the recipe's deployment guidance "
                                "is 1.0); text-to-image pipelines are usually sampled at 5-8: --set "
                                "deployments.0.guidance_scale=7.5", model_dir)
             pipe = load_fp_pipeline(model_dir)
             recipe = with_pipeline_sampler(recipe, pipe)
+            conditions = PromptConditions(pipe, prompts)
+            distilled = getattr(conditions.encoder, "distilled_guidance", None)
+            if distilled is not None:  # Flux: the embedded scale the tables are fitted at, kept with them
+                deployment = dataclasses.replace(recipe.deployments[0], distilled_guidance=distilled)
+                recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
             qmodel = quantize(pipeline_denoiser(pipe), pipe.scheduler, recipe, cache_dir=cache_dir,
-                              checkpoint=checkpoint, device=torch_device, dtype=torch_dtype,
-                              conditions=PromptConditions(pipe, prompts))
+                              checkpoint=checkpoint, device=torch_device, dtype=torch_dtype, conditions=conditions)
             size = save_pipeline(qmodel.to("cpu"), model_dir, out, overwrite=overwrite, force_foreign=force_foreign)
     quantized = sum(plan.quantized for plan in qmodel.plans)
     stack = "" if recipe.corrections else ", no corrections"

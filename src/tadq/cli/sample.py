@@ -44,7 +44,8 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
     if given.get("kind", "ddim") != "ddim" and eta is None:
         given["eta"] = 0.0  # η is DDIM's alone
     if given.get("kind", base.kind) != base.kind:
-        given.update(order=None, shift=None)  # dpmsolver++'s order and flow-euler's shift belong to their kind
+        given.update(order=None, shift=None, flow_sigmas=None)  # dpmsolver++'s order, flow-euler's shift and
+        # grid belong to their kind
     sampler = dataclasses.replace(base, **given)
     fitted = recipe is not None and (recipe.corrections or type(recipe.method).__name__ == "TFMQMethod")
     if fitted and sampler.key != recipe.sampler.key:

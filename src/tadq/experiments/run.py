@@ -237,6 +237,10 @@ def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
                              labels=config.labels, null_class=config.null_class, device=device, dtype=dtype)
     model = place_model(workload.model, device, dtype)
     workload = dataclasses.replace(workload, model=model)
+    if workload.sampler_for is not None and (sampler := workload.sampler_for(config.sampler)) != config.sampler:
+        logger.info("sampler %s: the pipeline's own flow grid and shift", sampler.key)
+        config = dataclasses.replace(config, sampler=sampler,
+                                     calibration=dataclasses.replace(config.calibration, sampler=sampler))
     if workload.features is not None:
         workload.features.check_fits(workload.image_shape(), "the model's images")
     config = dataclasses.replace(config, guidance_scale=workload.guidance_scale)

@@ -9,6 +9,7 @@ text-to-image model) the digit each evaluation prompt asks for, which the digit 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,7 @@ from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatur
 from tadq.models import load_pipeline_parts, shipped_model_path
 from tadq.registry import adapter_for
 from tadq.safefiles import read_json_file
-from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels
+from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels, SamplerConfig
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
            "ClassLabelSetting", "class_label_setting", "folder_vae_decoder", "LABEL_MODES"]
@@ -98,6 +99,8 @@ class Workload:
             (prompt agreement); ``None`` when there is no label to read back.
         features: the feature space of FD and agreement on the (decoded) images; ``None``: PSNR/SSIM/trajectory only.
         settings: what identifies the workload in cell keys (prompt sets, guidance).
+        sampler_for: the run's sampler → the one the model's pipeline would walk (Flux: its σ grid and
+            resolution-dependent shift); ``None``: the run's sampler as given.
     """
 
     name: str
@@ -110,6 +113,7 @@ class Workload:
     expected_labels: Callable[[int, int], Tensor] | None = None
     features: FeatureSpace | None = None
     settings: dict[str, Any] = field(default_factory=dict)
+    sampler_for: Callable[[SamplerConfig], SamplerConfig] | None = None
 
     def images(self, samples: Tensor) -> Tensor:
         """The images of final samples: decoded by the VAE for a latent model, the samples themselves otherwise."""
@@ -342,7 +346,8 @@ class _NullLabels:
 def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None, calibration_prompts: Sequence[str],
                             evaluation_prompts: Sequence[str], negative_prompt: str, device, dtype) -> Workload:
     from tadq.pipelines import PromptConditions, load_fp_pipeline
-    from tadq.pipelines.components import pipeline_denoiser
+    from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, pipeline_denoiser, read_model_index
+    from tadq.pipelines.quantized import pipeline_sampler
 
     shipped = path.resolve() == _shipped_t2i_path().resolve()
     expected_labels = None
@@ -365,6 +370,9 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
     if shared:
         raise ValueError(f"calibration and evaluation prompts must be disjoint (a fit scored on its own prompts "
                          f"proves nothing); both hold {shared[:3]}")
+    if guidance_scale is None and read_model_index(path)["_class_name"] not in DISTILLED_GUIDANCE_PIPELINES:
+        logger.warning("%s: no --guidance-scale, so calibration, fits and evaluation run without classifier-free "
+                       "guidance (1.0); text-to-image pipelines are usually sampled at 3-8", path)
     guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
     pipeline = load_fp_pipeline(path, device=device, dtype=dtype)
     calibration = PromptConditions(pipeline, list(calibration_prompts), negative_prompt=negative_prompt)
@@ -375,7 +383,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
     workload = Workload(
         name=name, model=denoiser, scheduler=scheduler, calibration_conditions=calibration,
         evaluation_conditions=evaluation, guidance_scale=guidance_scale, decoder=decoder,
-        expected_labels=expected_labels,
+        expected_labels=expected_labels, sampler_for=functools.partial(pipeline_sampler, pipeline),
         settings={"calibration_prompts": _prompt_key(calibration_prompts, negative_prompt),
                   "evaluation_prompts": _prompt_key(evaluation_prompts, negative_prompt),
                   "guidance_scale": guidance_scale},

@@ -8,6 +8,7 @@ first (a missing config, no safetensors weights, a weights file shorter than its
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import json
 import logging
@@ -38,7 +39,17 @@ PIPELINE_COMPONENTS: dict[str, tuple[str, ...]] = {
     "FluxPipeline": ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "transformer", "scheduler"),
 }
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
+# pipeline class → its tokenizers that feed a T5 encoder: they read the call's max_sequence_length tokens, so their
+# model_max_length is not used (transformers may even write its "no limit" placeholder there)
+T5_TOKENIZERS: dict[str, tuple[str, ...]] = {
+    "PixArtAlphaPipeline": ("tokenizer",),
+    "PixArtSigmaPipeline": ("tokenizer",),
+    "StableDiffusion3Pipeline": ("tokenizer_3",),
+    "FluxPipeline": ("tokenizer_2",),
+}
 MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# the pipelines whose guidance_scale is a scale the transformer embeds (classifier-free guidance: true_cfg_scale)
+DISTILLED_GUIDANCE_PIPELINES = ("FluxPipeline",)
 
 
 def denoiser_component(class_name: str) -> str:
@@ -129,9 +140,11 @@ def _check_json(file: Path, what: str) -> None:
     if not file.is_file():
         raise PipelineFolderError(f"{file.parent} is incomplete: {file.name} ({what}) is missing")
     try:
-        json.loads(file.read_text())
+        content = json.loads(file.read_text())
     except (ValueError, UnicodeDecodeError) as error:
         raise PipelineFolderError(f"{file} ({what}) is damaged: not JSON ({error})") from error
+    if not isinstance(content, dict):  # diffusers would read a list as a path and try the hub
+        raise PipelineFolderError(f"{file} ({what}) is damaged: a JSON {type(content).__name__}, not an object")
 
 
 def _check_safetensors(file: Path) -> None:
@@ -174,27 +187,46 @@ def _check_model(folder: Path, weights: bool) -> None:
         _check_safetensors(file)
 
 
-def _check_tokenizer(folder: Path) -> None:
+def _check_t5_tokenizer(folder: Path) -> None:
+    """A T5 tokenizer is ``tokenizer.json`` (read by the tokenizers library) or ``spiece.model`` (read with the
+    sentencepiece package, which tadq does not depend on)."""
+    if (folder / "tokenizer.json").is_file():
+        _check_tokenizers_file(folder / "tokenizer.json")
+        return
+    model = folder / "spiece.model"
+    if not model.is_file():
+        raise PipelineFolderError(f"{folder} is incomplete: a T5 tokenizer needs tokenizer.json or spiece.model, "
+                                  "and it has neither")
+    if model.stat().st_size == 0:
+        raise PipelineFolderError(f"{model} is damaged: an empty file")
+    if importlib.util.find_spec("sentencepiece") is None:
+        raise PipelineFolderError(f"{folder} holds its T5 tokenizer as spiece.model only, which transformers reads "
+                                  "with the sentencepiece package (not installed): pip install sentencepiece, or "
+                                  "save the tokenizer with tokenizer.json (save_pretrained of a fast tokenizer)")
+
+
+def _check_tokenizers_file(file: Path) -> None:
+    _check_json(file, "tokenizer")
+    content = json.loads(file.read_text())
+    if not isinstance(content.get("model"), dict) or not isinstance(content.get("added_tokens", []), list):
+        raise PipelineFolderError(f"{file} is damaged: not a tokenizers file (no \"model\" object)")
+
+
+def _check_tokenizer(folder: Path, t5: bool = False) -> None:
     for name, what in (("special_tokens_map.json", "special tokens"), ("added_tokens.json", "added tokens")):
         if (folder / name).is_file():
             _check_json(folder / name, what)
     _check_json(folder / "tokenizer_config.json", "tokenizer config")
+    if t5:
+        _check_t5_tokenizer(folder)
+        return
     length = json.loads((folder / "tokenizer_config.json").read_text())
     length = length.get("model_max_length") if isinstance(length, dict) else None
     if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 1 << 20:
         raise PipelineFolderError(f"{folder / 'tokenizer_config.json'} sets no model_max_length (got {length!r}): "
                                   "prompts are padded to it (CLIP's is 77)")
-    if not (folder / "tokenizer.json").is_file() and (folder / "spiece.model").is_file():  # T5's sentencepiece
-        if (folder / "spiece.model").stat().st_size == 0:
-            raise PipelineFolderError(f"{folder / 'spiece.model'} is damaged: an empty file")
-        return
     if (folder / "tokenizer.json").is_file():
-        _check_json(folder / "tokenizer.json", "tokenizer")
-        content = json.loads((folder / "tokenizer.json").read_text())
-        if not isinstance(content, dict) or not isinstance(content.get("model"), dict) \
-                or not isinstance(content.get("added_tokens", []), list):
-            raise PipelineFolderError(f"{folder / 'tokenizer.json'} is damaged: not a tokenizers file (no \"model\" "
-                                      "object)")
+        _check_tokenizers_file(folder / "tokenizer.json")
         return
     _check_json(folder / "vocab.json", "tokenizer vocabulary")
     if not (folder / "merges.txt").is_file():
@@ -230,7 +262,7 @@ def check_pipeline_folder(path: str | Path, *, denoiser_weights: bool = True) ->
             raise PipelineFolderError(f"{path} is incomplete: the component folder {name}/ ({component_class}) named "
                                       "in model_index.json is missing")
         if name.startswith("tokenizer"):
-            _check_tokenizer(folder)
+            _check_tokenizer(folder, t5=name in T5_TOKENIZERS.get(class_name, ()))
         elif name == "scheduler":
             _check_json(folder / "scheduler_config.json", "scheduler config")
         elif name == "feature_extractor":
@@ -258,6 +290,11 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
                               or not math.isfinite(scale) or scale <= 0):
         raise PipelineFolderError(f"{path}/vae/config.json: scaling_factor must be a positive number (latents are "
                                   f"divided by it before decoding), got {scale!r}")
+    shift = _config_value(path, "vae", "shift_factor")
+    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
+                              or not math.isfinite(shift)):
+        raise PipelineFolderError(f"{path}/vae/config.json: shift_factor must be a finite number (added to the "
+                                  f"latents before decoding, SD3 and Flux), got {shift!r}")
     if "unet" not in components:  # a transformer pipeline: its encode_prompt pads and projects the text itself
         return
     encoders = [name for name in ("text_encoder", "text_encoder_2") if name in components]
@@ -301,10 +338,16 @@ def _dtype_keyword() -> str:
     return "dtype"
 
 
-def pipeline_load_options(klass: type, dtype: torch.dtype | None) -> dict[str, Any]:
+def pipeline_load_options(klass: type, dtype: torch.dtype | None, layout: PipelineLayout | None = None
+                          ) -> dict[str, Any]:
     """``from_pretrained`` options: local files only, safetensors only, no safety checker (tadq measures images,
-    a checker blacking some out would corrupt every comparison)."""
+    a checker blacking some out would corrupt every comparison), and ``None`` for every component the folder's
+    ``model_index.json`` leaves null on purpose (SD3 without its T5: diffusers only takes that as an argument)."""
     options: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
+    if layout is not None:
+        accepted = inspect.signature(klass.__init__).parameters
+        options.update({name: None for name, value in layout.index.items()
+                        if name in accepted and value in ([None, None], None) and name not in layout.components})
     if dtype is not None:
         options[_dtype_keyword()] = dtype
     parameters = inspect.signature(klass.__init__).parameters
@@ -313,6 +356,20 @@ def pipeline_load_options(klass: type, dtype: torch.dtype | None) -> dict[str, A
     if "requires_safety_checker" in parameters:
         options["requires_safety_checker"] = False
     return options
+
+
+def load_components(klass: type, layout: PipelineLayout, **options: Any) -> Any:
+    """``klass.from_pretrained`` on the checked folder; a component whose config does not describe its weights
+    (an edited config, config and weights from two downloads) raises ``PipelineFolderError`` naming it, not
+    diffusers' traceback."""
+    try:
+        return klass.from_pretrained(str(layout.path), **options)
+    except (RuntimeError, OSError) as error:
+        first = " ".join(str(error).split())[:300] or type(error).__name__
+        named = [name for name, (_library, class_name) in sorted(layout.components.items()) if class_name in first]
+        where = f"{layout.path / named[0]}" if named else str(layout.path)
+        raise PipelineFolderError(f"{where}: diffusers could not load it ({first}); its config.json does not "
+                                  "describe its weights (an edited config, or files from two models)") from error
 
 
 def quantize_text_encoders(pipe: Any, bits: int | None) -> None:
@@ -347,7 +404,7 @@ def load_fp_pipeline(path: str | Path, *, device: str | torch.device | None = No
     target_dtype = resolve_dtype(dtype) if dtype is not None else None
     layout = check_pipeline_folder(path)
     klass = pipeline_class(layout.class_name)
-    pipe = klass.from_pretrained(str(layout.path), **pipeline_load_options(klass, target_dtype))
+    pipe = load_components(klass, layout, **pipeline_load_options(klass, target_dtype, layout))
     quantize_text_encoders(pipe, text_encoder_bits)
     if target_device is not None:
         pipe = pipe.to(target_device)

@@ -19,23 +19,27 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, T5_TOKENIZERS, TEXT_ENCODERS
+from tadq.recipe import check_distilled_guidance
 from tadq.safefiles import tensors_digest
 
-__all__ = ["ENCODE_PROMPT_PIPELINES", "EncodedPrompt", "PipelinePromptEncoder", "t5_tokenizers"]
+__all__ = ["DISTILLED_GUIDANCE_PIPELINES", "ENCODE_PROMPT_PIPELINES", "EncodedPrompt", "PipelinePromptEncoder",
+           "t5_tokenizers"]
 
-# pipeline class → the tokenizers that feed a T5 encoder (their limit is max_sequence_length)
-ENCODE_PROMPT_PIPELINES: dict[str, tuple[str, ...]] = {
-    "PixArtAlphaPipeline": ("tokenizer",),
-    "PixArtSigmaPipeline": ("tokenizer",),
-    "StableDiffusion3Pipeline": ("tokenizer_3",),
-    "FluxPipeline": ("tokenizer_2",),
-}
+logger = logging.getLogger(__name__)
+
+# the pipelines encoded through their own encode_prompt: those with a T5 encoder
+ENCODE_PROMPT_PIPELINES: tuple[str, ...] = tuple(T5_TOKENIZERS)
+# the pipelines that read a prompt with CLIP and T5 side by side and cap T5 at MAX_T5_TOKENS
+CAPPED_SEQUENCE_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+MAX_T5_TOKENS = 512
 _TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 
 
@@ -50,7 +54,7 @@ class EncodedPrompt(NamedTuple):
 
 def t5_tokenizers(class_name: str) -> tuple[str, ...]:
     """The tokenizer components of ``class_name`` whose limit is ``max_sequence_length``."""
-    return ENCODE_PROMPT_PIPELINES.get(class_name, ())
+    return T5_TOKENIZERS.get(class_name, ())
 
 
 def default_max_sequence_length(pipeline_class: type) -> int:
@@ -72,8 +76,9 @@ class PipelinePromptEncoder:
     Args:
         pipe: the pipeline object (``load_fp_pipeline``, ``tadq.load_pipeline``).
         max_sequence_length: T5 tokens per prompt (default: the pipeline's own default).
-        distilled_guidance: Flux with ``guidance_embeds`` only: the guidance scale the model embeds (FluxPipeline's
-            ``guidance_scale``; default its 3.5). Refused for any other model.
+        distilled_guidance: Flux with ``guidance_embeds``: the guidance scale the model embeds (FluxPipeline's
+            ``guidance_scale``; default its 3.5), a finite number. A Flux transformer without a guidance embedding
+            (FLUX.1-schnell) ignores it, as FluxPipeline does (logged); any other pipeline refuses it.
     """
 
     force_zeros_for_empty_prompt = False
@@ -93,11 +98,21 @@ class PipelinePromptEncoder:
         if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) \
                 or max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be a positive int, got {max_sequence_length!r}")
+        if self.class_name in CAPPED_SEQUENCE_PIPELINES and max_sequence_length > MAX_T5_TOKENS:
+            raise ValueError(f"max_sequence_length={max_sequence_length}: {self.class_name} takes at most "
+                             f"{MAX_T5_TOKENS} T5 tokens (diffusers refuses more)")
         self.max_sequence_length = max_sequence_length
         embeds_guidance = bool(getattr(getattr(pipe, "transformer", None), "config", {}).get("guidance_embeds", False))
-        if distilled_guidance is not None and not embeds_guidance:
-            raise ValueError(f"distilled_guidance={distilled_guidance:g}: this {self.class_name}'s transformer embeds "
-                             "no guidance scale (guidance_embeds is false); use classifier-free guidance instead")
+        if distilled_guidance is not None:
+            distilled_guidance = check_distilled_guidance(distilled_guidance)
+            if self.class_name not in DISTILLED_GUIDANCE_PIPELINES:
+                raise ValueError(f"distilled_guidance: a {self.class_name} embeds no guidance scale; use "
+                                 "classifier-free guidance (guidance_scale) instead")
+            if not embeds_guidance:
+                logger.warning("this %s's transformer embeds no guidance scale (guidance_embeds is false, as in "
+                               "FLUX.1-schnell): guidance_scale=%g is ignored, as FluxPipeline ignores it",
+                               self.class_name, distilled_guidance)
+                distilled_guidance = None
         if embeds_guidance and distilled_guidance is None:
             distilled_guidance = float(inspect.signature(base.__call__).parameters["guidance_scale"].default)
         self.distilled_guidance = None if distilled_guidance is None else float(distilled_guidance)
@@ -106,11 +121,15 @@ class PipelinePromptEncoder:
         t5 = t5_tokenizers(self.class_name)
         self.limits = tuple(max_sequence_length if name in t5 else int(getattr(pipe, name).model_max_length)
                             for name in names)
+        # SD3's and Flux's CLIP encoders see a prompt cut at their length while T5 reads it whole (the pipelines
+        # truncate CLIP, as the models were trained): a longer prompt is warned about, not refused
+        self.truncated = tuple(name not in t5 and bool(t5) and self.class_name in CAPPED_SEQUENCE_PIPELINES
+                               for name in names)
         self._fingerprint: str | None = None
 
     def check(self, prompts: Sequence[str], what: str = "prompt") -> None:
         """Refuse a non-string or a prompt longer than an encoder reads (diffusers would cut its end off)."""
-        check_token_counts(self.tokenizers, self.limits, prompts, what)
+        check_token_counts(self.tokenizers, self.limits, prompts, what, self.truncated)
 
     @torch.no_grad()
     def encode_text(self, prompt: str) -> EncodedPrompt:
@@ -156,7 +175,7 @@ class PipelinePromptEncoder:
             for tokenizer, limit in zip(self.tokenizers, self.limits, strict=True):
                 digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
                 digest.update(str(limit).encode())
-            for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            for name in TEXT_ENCODERS:
                 encoder = getattr(self.pipe, name, None)
                 if encoder is not None:
                     digest.update(name.encode() + tensors_digest(dict(encoder.state_dict())).encode())
@@ -169,15 +188,22 @@ def _short(prompt: str) -> str:
 
 
 def check_token_counts(tokenizers: Sequence[Any], limits: Sequence[int], prompts: Sequence[str],
-                       what: str = "prompt") -> None:
+                       what: str = "prompt", truncated: Sequence[bool] | None = None) -> None:
     """``TypeError`` for a non-string, ``ValueError`` for a prompt with more tokens (special tokens included) than a
-    tokenizer's limit: diffusers only warns and truncates it, so the image would silently ignore its end."""
+    tokenizer's limit: diffusers only warns and truncates it, so the image would silently ignore its end. A
+    tokenizer marked ``truncated`` (SD3's and Flux's CLIP beside their T5) only warns: the pipeline cuts that
+    encoder's copy of the prompt by design while T5 reads all of it."""
+    marks = tuple(truncated) if truncated is not None else (False,) * len(tokenizers)
     for prompt in prompts:
         if not isinstance(prompt, str):
             raise TypeError(f"a {what} must be a str, got {type(prompt).__name__}: {prompt!r}")
-        for tokenizer, limit in zip(tokenizers, limits, strict=True):
+        for tokenizer, limit, cut in zip(tokenizers, limits, marks, strict=True):
             count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
-            if count > limit:
+            if count > limit and cut:
+                logger.warning("%s %r is %d tokens long: its %s copy is cut at %d tokens, as the pipeline does "
+                               "(the T5 encoder reads all of it)", what, _short(prompt), count,
+                               type(tokenizer).__name__, limit)
+            elif count > limit:
                 raise ValueError(f"{what} {_short(prompt)!r} is {count} tokens long (special tokens included); "
                                  f"this pipeline's {type(tokenizer).__name__} reads at most {limit}. Shorten it "
                                  "(diffusers would silently drop the rest)")

@@ -255,13 +255,13 @@ def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "
     import transformers
 
     from tadq.pipelines.components import check_pipeline_folder, pipeline_class
-    from tadq.pipelines.encode_prompt import default_max_sequence_length, t5_tokenizers
+    from tadq.pipelines.encode_prompt import CAPPED_SEQUENCE_PIPELINES, default_max_sequence_length, t5_tokenizers
 
     layout = check_pipeline_folder(path, denoiser_weights=False)
     t5 = t5_tokenizers(layout.class_name)
     if t5 and max_sequence_length is None:
         max_sequence_length = default_max_sequence_length(pipeline_class(layout.class_name))
-    tokenizers, limits = [], []
+    tokenizers, limits, truncated = [], [], []
     for name, (_library, class_name) in sorted(layout.components.items()):
         if name.startswith("tokenizer"):
             klass = getattr(transformers, class_name, None)
@@ -270,14 +270,18 @@ def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "
             tokenizer = klass.from_pretrained(str(layout.path / name), local_files_only=True)
             tokenizers.append(tokenizer)
             limits.append(max_sequence_length if name in t5 else tokenizer.model_max_length)
+            truncated.append(name not in t5 and layout.class_name in CAPPED_SEQUENCE_PIPELINES)
     if not t5:  # the CLIP pipelines: the same checks as their PromptEncoder (a real model_max_length first)
         PromptEncoder(tuple(tokenizers), tuple(nn.Identity() for _ in tokenizers))
-    check_token_counts(tokenizers, limits, list(prompts), what)
+    check_token_counts(tokenizers, limits, list(prompts), what, truncated)
 
 
 def prompt_encoder_for(pipe: Any) -> PromptEncoder | PipelinePromptEncoder:
     """The prompt encoder of a pipeline object: ``PromptEncoder`` for Stable Diffusion / SDXL,
-    ``PipelinePromptEncoder`` (its own ``encode_prompt``) for PixArt, SD3 and Flux."""
+    ``PipelinePromptEncoder`` (its own ``encode_prompt``) for PixArt, SD3 and Flux; a tadq pipeline's own
+    (``tadq_prompt_encoder``: a Flux artefact's recorded distilled guidance)."""
+    if callable(getattr(pipe, "tadq_prompt_encoder", None)):
+        return pipe.tadq_prompt_encoder()
     if base_pipeline_class(pipe).__name__ in ENCODE_PROMPT_PIPELINES:
         return PipelinePromptEncoder(pipe)
     return PromptEncoder.from_pipeline(pipe)

@@ -22,15 +22,17 @@ import torch
 from torch import Tensor, nn
 
 from tadq.pipelines.components import (
+    DISTILLED_GUIDANCE_PIPELINES,
     check_pipeline_folder,
     denoiser_component,
+    load_components,
     pipeline_class,
     pipeline_denoiser,
     pipeline_load_options,
     quantize_text_encoders,
 )
 from tadq.pipelines.encode_prompt import ENCODE_PROMPT_PIPELINES, PipelinePromptEncoder
-from tadq.pipelines.prompts import PromptConditions, prompt_encoder_for
+from tadq.pipelines.prompts import PromptConditions, PromptEncoder
 from tadq.pipelines.text_weights import TEXT_ENCODER_BITS
 from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
@@ -72,8 +74,9 @@ def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: in
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         sampler = dataclasses.replace(sampler, num_steps=num_inference_steps)
-    if kind is not None:
-        sampler = dataclasses.replace(sampler, kind=kind, eta=0.0 if kind == "ddpm" and eta is None else sampler.eta)
+    if kind is not None and kind != sampler.kind:  # dpmsolver++'s order, flow-euler's shift and grid are theirs
+        sampler = dataclasses.replace(sampler, kind=kind, eta=0.0 if eta is None else sampler.eta, order=None,
+                                      shift=None, flow_sigmas=None)
     if eta is not None:
         sampler = dataclasses.replace(sampler, eta=float(eta))
     default = recipe.guidance_scale if recipe is not None else default_guidance
@@ -145,6 +148,10 @@ class TadqPipelineMixin:
         Everything but ``prompt`` is keyword-only: diffusers' second positional parameter is ``height`` (SD) or
         ``prompt_2`` (SDXL), so a positional value would silently mean something else here.
         """
+        if self.tadq_base.__name__.startswith("PixArt"):  # False asks for what tadq does: prompts as given, and
+            for name in ("clean_caption", "use_resolution_binning"):  # the transformer's own size
+                if unsupported.get(name) is False:
+                    unsupported.pop(name)
         given = sorted(name for name, value in unsupported.items() if value is not None)
         if given:
             raise TypeError(f"{type(self).__name__} runs tadq's sampling loop and does not take {given}; supported: "
@@ -170,11 +177,16 @@ class TadqPipelineMixin:
         distilled = None
         if self.tadq_distilled_guidance:  # Flux: guidance_scale is embedded, true_cfg_scale is CFG
             distilled, guidance_scale = guidance_scale, true_cfg_scale
+            if true_cfg_scale is not None and true_cfg_scale > 1 and negative_prompt is None:
+                raise ValueError(f"true_cfg_scale={true_cfg_scale:g} without a negative_prompt: FluxPipeline then "
+                                 "samples without guidance; give the negative prompt to guide against (\"\" for the "
+                                 "empty prompt), or drop true_cfg_scale")
         elif true_cfg_scale is not None:
             raise TypeError(f"true_cfg_scale is Flux's classifier-free guidance; {type(self).__name__} takes "
                             "guidance_scale for it")
         sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
         encoder = self.tadq_prompt_encoder(max_sequence_length, distilled)
+        self._check_distilled_guidance(getattr(encoder, "distilled_guidance", None))
         conditions = PromptConditions(encoder, prompts, negatives)  # checks the prompts' length before any work
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
         images = latents if output_type == "latent" else self.tadq_decode(latents, output_type, batch_size)
@@ -183,19 +195,38 @@ class TadqPipelineMixin:
     @property
     def tadq_distilled_guidance(self) -> bool:
         """Whether ``guidance_scale`` is a distilled scale the model embeds (Flux) rather than CFG's."""
-        return "true_cfg_scale" in inspect.signature(self.tadq_base.__call__).parameters
+        return self.tadq_base.__name__ in DISTILLED_GUIDANCE_PIPELINES
+
+    @property
+    def tadq_recorded_distilled_guidance(self) -> float | None:
+        """The distilled guidance scale the artefact was calibrated and fitted at (its recipe), ``None`` if none
+        was recorded (an FP folder, a model without one)."""
+        recipe = self.tadq_recipe
+        return None if recipe is None else recipe.deployments[0].distilled_guidance
 
     def tadq_prompt_encoder(self, max_sequence_length: int | None = None, distilled_guidance: float | None = None
                             ) -> Any:
         """The prompt encoder of this pipeline: its own ``encode_prompt`` for PixArt, SD3 and Flux (with these
-        settings), CLIP's rules for Stable Diffusion / SDXL (which take neither setting)."""
+        settings; Flux's distilled guidance defaults to the artefact's recorded one, else the pipeline's), CLIP's
+        rules for Stable Diffusion / SDXL (which take neither setting)."""
         if self.tadq_base.__name__ in ENCODE_PROMPT_PIPELINES:
+            if distilled_guidance is None:
+                distilled_guidance = self.tadq_recorded_distilled_guidance
             return PipelinePromptEncoder(self, max_sequence_length=max_sequence_length,
                                          distilled_guidance=distilled_guidance)
         if max_sequence_length is not None:
             raise TypeError(f"max_sequence_length is for T5-encoded prompts; {self.tadq_base.__name__} pads prompts "
                             "to its CLIP tokenizer's length")
-        return prompt_encoder_for(self)
+        return PromptEncoder.from_pipeline(self)
+
+    def _check_distilled_guidance(self, used: float | None) -> None:
+        """Refuse another distilled guidance than the one a model's correction tables were fitted at (recorded in
+        its recipe), as ``resolve_deployment`` refuses another classifier-free scale."""
+        recorded = self.tadq_recorded_distilled_guidance
+        if recorded is None or used is None or used == recorded or not _fitted_keys(self.tadq_denoiser):
+            return
+        raise ValueError(f"this model's per-step tables were fitted at the distilled guidance_scale={recorded:g}, "
+                         f"not {used:g}: call it at the fitted scale, or quantize again for this one")
 
     def tadq_deployment(self, num_inference_steps: int | None, guidance_scale: float | None, eta: float | None,
                         kind: str | None = None) -> tuple[SamplerConfig, float]:
@@ -325,22 +356,26 @@ def pipeline_sampler(pipe: Any, sampler: SamplerConfig) -> SamplerConfig:
 
 
 def pipeline_flow_shift(pipe: Any, sampler: SamplerConfig) -> SamplerConfig:
-    """``sampler`` with the shift a resolution-dependent flow scheduler (``use_dynamic_shifting``, Flux) gives the
-    pipeline's image: shift = exp(μ), μ linear in the number of 2×2 latent patches between the scheduler's
-    (base_image_seq_len, base_shift) and (max_image_seq_len, max_shift), as FluxPipeline computes it. Any other
-    sampler, or one with its shift given, is returned unchanged."""
+    """``sampler`` with the shift a resolution-dependent flow scheduler (``use_dynamic_shifting``: FLUX.1-dev, some
+    SD3 folders) gives the pipeline's image, as FluxPipeline / StableDiffusion3Pipeline compute it: μ linear in the
+    number of image tokens (2×2 latent patches) between the scheduler's (base_image_seq_len, base_shift) and
+    (max_image_seq_len, max_shift), shift = exp(μ) (μ with ``time_shift_type`` "linear"). Any other sampler, or one
+    with its shift given, is returned unchanged."""
     import math
 
     config = pipe.scheduler.config
     if sampler.kind != "flow-euler" or sampler.shift is not None or not config.get("use_dynamic_shifting", False):
         return sampler
+    flux = getattr(type(pipe), "tadq_base", type(pipe)).__name__ == "FluxPipeline"
+    patch = 2 if flux else int(pipeline_denoiser(pipe).config.patch_size)  # Flux packs 2×2 patches itself
     _, height, width = latent_shape(pipe)
-    tokens = (height // 2) * (width // 2)
+    tokens = (height // patch) * (width // patch)
     base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15 if flux else 1.16)
     slope = (max_shift - base_shift) / (max_len - base_len)
     mu = tokens * slope + base_shift - slope * base_len
-    return dataclasses.replace(sampler, shift=math.exp(mu))
+    linear = config.get("time_shift_type", "exponential") == "linear"
+    return dataclasses.replace(sampler, shift=mu if linear else math.exp(mu))
 
 
 def tadq_pipeline_class(base: type) -> type:
@@ -352,7 +387,7 @@ def tadq_pipeline_class(base: type) -> type:
 
 
 def check_drivable_scheduler(path: str | Path) -> None:
-    """``NotImplementedError`` (with the fix) when the pipeline folder's scheduler is not DDIM/DDPM-driven by tadq."""
+    """``NotImplementedError`` (with the fix) when tadq's samplers cannot drive the pipeline folder's scheduler."""
     config_file = Path(path) / "scheduler" / "scheduler_config.json"
     config = read_json_file(config_file, "scheduler config")
     if not isinstance(config, dict):
@@ -360,10 +395,14 @@ def check_drivable_scheduler(path: str | Path) -> None:
     try:
         check_drivable(config.get("_class_name"), config)
     except NotImplementedError as error:
-        raise NotImplementedError(
-            f"{config_file}: {error} To use this pipeline, save DDIMScheduler.from_config(pipe.scheduler.config) "
-            "(with the clip_sample and steps_offset the model was trained with) into its scheduler/ folder."
-        ) from error
+        if "FlowMatch" in str(config.get("_class_name")) or config.get("prediction_type") == "flow_prediction":
+            fix = ("FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config) (with the shift the model was "
+                   "trained with)")
+        else:
+            fix = ("DDIMScheduler.from_config(pipe.scheduler.config) (with the clip_sample and steps_offset the model "
+                   "was trained with)")
+        raise NotImplementedError(f"{config_file}: {error} To use this pipeline, save {fix} into its scheduler/ "
+                                  "folder.") from error
 
 
 def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
@@ -408,13 +447,13 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     layout = check_pipeline_folder(path, denoiser_weights=not quantized)
     check_drivable_scheduler(path)
     klass = tadq_pipeline_class(pipeline_class(layout.class_name))
-    options = pipeline_load_options(klass, target_dtype)
+    options = pipeline_load_options(klass, target_dtype, layout)
     if quantized:  # an integer backend converts while loading, on its device
         qmodel, _scheduler = load(path, device=target_device, dtype=target_dtype, backend=backend)
-        pipe = klass.from_pretrained(str(path), **{denoiser_component(layout.class_name): qmodel.model}, **options)
+        pipe = load_components(klass, layout, **{denoiser_component(layout.class_name): qmodel.model}, **options)
         denoiser, recipe = qmodel, getattr(qmodel, "recipe", None)
     else:
-        pipe = klass.from_pretrained(str(path), **options)
+        pipe = load_components(klass, layout, **options)
         denoiser, recipe = pipeline_denoiser(pipe), None
     pipe.tadq_denoiser, pipe.tadq_recipe = denoiser, recipe
     quantize_text_encoders(pipe, text_encoder_bits)

@@ -263,13 +263,20 @@ def make_scheduler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], s
         overrides["clip_sample"] = sampler.clip_sample
     if sampler.kind == "dpmsolver++":
         overrides.update(algorithm_type="dpmsolver++", solver_order=sampler.order)
-    if sampler.kind == "flow-euler" and sampler.shift is not None:
-        overrides.update(shift=sampler.shift, use_dynamic_shifting=False)
+    dynamic = sampler.kind == "flow-euler" and bool(config.get("use_dynamic_shifting"))
+    if sampler.kind == "flow-euler" and sampler.shift is not None and not dynamic:
+        overrides.update(shift=sampler.shift)
     scheduler = _SCHEDULER_CLASSES[sampler.kind].from_config(dict(config), **overrides)
+    # a resolution-dependent scheduler keeps its unshifted σ range and shifts the grid once by μ, as the pipelines
+    # call it: the sampler's shift s is exp(μ) ("exponential" time_shift_type) or μ itself ("linear")
+    options: dict[str, Any] = {}
+    if dynamic:
+        linear = config.get("time_shift_type", "exponential") == "linear"
+        options["mu"] = sampler.shift if linear else math.log(sampler.shift)
     if sampler.flow_sigmas == "uniform":  # FluxPipeline's grid; the scheduler shifts it as it shifts its own
-        scheduler.set_timesteps(sigmas=[1.0 - i / sampler.num_steps for i in range(sampler.num_steps)])
+        scheduler.set_timesteps(sigmas=[1.0 - i / sampler.num_steps for i in range(sampler.num_steps)], **options)
     else:
-        scheduler.set_timesteps(sampler.num_steps)
+        scheduler.set_timesteps(sampler.num_steps, **options)
     return scheduler
 
 
@@ -316,6 +323,11 @@ def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: S
     if prediction not in PREDICTION_TYPES + (FLOW_PREDICTION,):
         raise NotImplementedError(f"prediction_type={prediction!r} is not supported; tadq converts "
                                   f"{PREDICTION_TYPES} to ε and drives {FLOW_PREDICTION!r} with flow-euler.")
+    shift = config.get("shift", 1.0)
+    if flow and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift)
+                 or shift <= 0):  # 0 gives NaN latents, a negative shift a grid outside [0, 1]
+        raise ValueError(f"{class_name} shift={shift!r}: the timestep shift σ ↦ sσ/(1 + (s-1)σ) needs a finite "
+                         "s > 0; fix scheduler_config.json")
     if sampler is None:
         return
     if flow != sampler.is_flow:
@@ -343,7 +355,8 @@ def _check_sampler_options(sampler: SamplerConfig, config: Mapping[str, Any]) ->
         if config.get("use_dynamic_shifting") and sampler.shift is None:
             raise NotImplementedError(
                 "the flow scheduler uses a resolution-dependent shift (use_dynamic_shifting=True, e.g. Flux): pass "
-                "it explicitly, SamplerConfig('flow-euler', shift=exp(mu)) for the image's mu.")
+                "it explicitly, SamplerConfig('flow-euler', shift=exp(mu)) for the image's mu (shift=mu with "
+                "time_shift_type 'linear'); a pipeline folder computes it as its pipeline does.")
 
 
 def default_sampler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], num_steps: int = 50) -> SamplerConfig:
