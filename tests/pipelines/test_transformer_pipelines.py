@@ -216,3 +216,25 @@ def test_cli_quantize_of_a_dynamic_shift_flux_folder_records_the_pipelines_shift
     assert recipe.sampler == expected and recipe.calibration.sampler == expected
     assert expected.shift is not None and expected.flow_sigmas == "uniform"  # as FluxPipeline samples
     assert recipe.guidance_scale == 1.0  # Flux samples without classifier-free guidance by default
+
+
+def test_cli_distilled_guidance_is_recorded_and_is_the_artefacts_default(folders, tmp_path):
+    runner = CliRunner()
+    art = tmp_path / "flux-w8a8"
+    result = runner.invoke(app, ["quantize", str(folders["flux"]), "--out", str(art), "--preset", "W8A8",
+                                 "--method", "naive", "--sampler", "flow-euler", "--steps", "2",
+                                 "--calib-trajectories", "2", "--calib-prompt", "a cat", "--distilled-guidance", "2.5",
+                                 "--cache-dir", str(tmp_path / "cache"), "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    pipe = tadq.load_pipeline(art)
+    assert pipe.tadq_recipe.deployments[0].distilled_guidance == 2.5
+    assert PromptConditions(pipe, ["a cat"])(0, [0]).added_cond_kwargs["guidance"].tolist() == [2.5]
+    for flag, expected in (([], 2.5), (["--distilled-guidance", "4"], 4.0)):  # no fitted tables: any scale
+        out = tmp_path / f"samples-{expected}"
+        result = runner.invoke(app, ["sample", str(art), "--prompt", "a cat", "--num-samples", "1", "--out", str(out),
+                                     "--threads", "1", *flag])
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "prompts.json").read_text())["distilled_guidance"] == expected
+    result = runner.invoke(app, ["sample", str(folders["sd3"]), "--prompt", "a cat", "--distilled-guidance", "2",
+                                 "--out", str(tmp_path / "sd3"), "--threads", "1"])
+    assert result.exit_code == 2 and "embeds no guidance" in " ".join(result.output.split())

@@ -25,6 +25,9 @@ ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
                             "input model; without it such paths are refused.")]
 # what conditions a workload (tadq.experiments.workload.load_workload): tadq run and tadq recipe take the same
+DistilledGuidance = Annotated[float | None, typer.Option(
+    help="Flux only: the guidance scale its transformer embeds (FluxPipeline's guidance_scale; default: the "
+         "artefact's recorded one, else 3.5). --guidance-scale stays classifier-free guidance.")]
 GuidanceScale = Annotated[float | None, typer.Option(help="Classifier-free guidance of calibration, fits and "
                                                           "evaluation (conditional models; default: the model's own, "
                                                           "1 for unconditional ones).")]

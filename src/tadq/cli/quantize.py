@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 import torch
 import typer
 
-from tadq.cli.common import ForceForeign, Labels, NullClass, class_conditions_for, console, fail_cleanly, setup
+from tadq.cli.common import (
+    DistilledGuidance,
+    ForceForeign,
+    Labels,
+    NullClass,
+    class_conditions_for,
+    console,
+    fail_cleanly,
+    setup,
+)
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.config import DEFAULT_FP_LAYERS, QuantConfig, config_from_dict, fp_layer_roles
 from tadq.quant.qscheme import preset
@@ -291,6 +300,7 @@ def quantize_command(
     guidance_scale: Annotated[float | None, typer.Option(
         help="Classifier-free guidance of the deployment: calibration trajectories are sampled and corrections "
              "fitted at it (text-to-image pipelines; same as --set deployments.0.guidance_scale=G).")] = None,
+    distilled_guidance: DistilledGuidance = None,
     calib_prompt: Annotated[list[str] | None, typer.Option(
         "--calib-prompt", help="Calibration prompt of a text-to-image pipeline (repeat; trajectory i gets prompt i "
                                "mod the count). Keep them apart from the prompts you evaluate with.")] = None,
@@ -340,6 +350,7 @@ def quantize_command(
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
     from tadq.io import save_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
+    from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
@@ -364,6 +375,10 @@ def quantize_command(
         check_writable_dir(cache_dir, "--cache-dir")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
+        if distilled_guidance is not None and (prompts is None or read_model_index(model_dir)["_class_name"]
+                                               not in DISTILLED_GUIDANCE_PIPELINES):
+            raise ValueError(f"--distilled-guidance is the scale a Flux transformer embeds; {source} is not a "
+                             "FluxPipeline folder (use --guidance-scale, classifier-free guidance)")
         if prompts is not None and (labels is not None or null_class is not None):
             raise ValueError(f"--labels/--null-class are for class-conditional models; {model_dir} is a "
                              "text-to-image pipeline, conditioned by --calib-prompt")
@@ -400,7 +415,8 @@ def quantize_command(
                                   pipeline_source=model_dir if pipeline else None)
         else:
             from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
-            from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, pipeline_denoiser, read_model_index
+            from tadq.pipelines.components import pipeline_denoiser
+            from tadq.pipelines.encode_prompt import PipelinePromptEncoder
 
             if recipe.guidance_scale == 1.0 and read_model_index(model_dir)["_class_name"] not in \
                     DISTILLED_GUIDANCE_PIPELINES:  # Flux samples without classifier-free guidance by default
@@ -409,7 +425,8 @@ def quantize_command(
                                "deployments.0.guidance_scale=7.5", model_dir)
             pipe = load_fp_pipeline(model_dir)
             recipe = with_pipeline_sampler(recipe, pipe)
-            conditions = PromptConditions(pipe, prompts)
+            conditions = PromptConditions(PipelinePromptEncoder(pipe, distilled_guidance=distilled_guidance)
+                                          if distilled_guidance is not None else pipe, prompts)
             distilled = getattr(conditions.encoder, "distilled_guidance", None)
             if distilled is not None:  # Flux: the embedded scale the tables are fitted at, kept with them
                 deployment = dataclasses.replace(recipe.deployments[0], distilled_guidance=distilled)

@@ -10,7 +10,16 @@ import typer
 from diffusers import SchedulerMixin
 from torch import nn
 
-from tadq.cli.common import ForceForeign, Labels, NullClass, class_conditions_for, console, fail_cleanly, setup
+from tadq.cli.common import (
+    DistilledGuidance,
+    ForceForeign,
+    Labels,
+    NullClass,
+    class_conditions_for,
+    console,
+    fail_cleanly,
+    setup,
+)
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
            "Threads", "Device", "Dtype", "Verbose",
@@ -113,7 +122,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                     num_samples: int, seed: int, kind: str | None, steps: int | None, eta: float | None,
                     batch_size: int, out: Path, tensor_out: Path | None, device, dtype,
                     text_encoder_bits: int | None = None, force_foreign: bool = False,
-                    backend: str = "fake") -> list[Path]:
+                    backend: str = "fake", distilled_guidance: float | None = None) -> list[Path]:
     """Decoded images of a pipeline folder or artefact (``tadq.load_pipeline``) written to the folder ``out``:
     ``sample_NNNN.png``, ``grid.png``, ``prompts.json`` (sample → prompt, and the settings). Every input and path
     is checked before the pipeline is loaded; returns the files written."""
@@ -145,7 +154,12 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits, backend=backend)
     announce_compile(backend)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
-    conditions = PromptConditions(pipe, prompts, negative_prompt)
+    if distilled_guidance is not None and not pipe.tadq_distilled_guidance:
+        raise ValueError(f"--distilled-guidance: {path} is a {pipe.tadq_base.__name__}, which embeds no guidance "
+                         "scale; use --guidance-scale (classifier-free guidance)")
+    encoder = pipe.tadq_prompt_encoder(distilled_guidance=distilled_guidance)
+    pipe.tadq_check_distilled_guidance(getattr(encoder, "distilled_guidance", None))
+    conditions = PromptConditions(encoder, prompts, negative_prompt)
     latents = pipe.tadq_latents(conditions, num_samples, sampler, scale, seed, batch_size, progress=True)
     require_finite(latents, f"the latents of {path}")
     images = pipe.tadq_decode(latents, "pil", batch_size)
@@ -159,6 +173,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     grid = _grid(images, math.ceil(math.sqrt(len(images))))
     _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
     settings = {"model": str(path), "seed": seed, "sampler": config_to_dict(sampler), "guidance_scale": scale,
+                "distilled_guidance": getattr(encoder, "distilled_guidance", None),
                 "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits, "backend": backend}
     atomic_write_json({**settings, "samples": {f"sample_{i:04d}.png": conditions.prompt_of(i)
                                                for i in range(num_samples)}}, out / "prompts.json")
@@ -232,6 +247,7 @@ def sample_command(
     guidance_scale: Annotated[float | None, typer.Option(
         help="Classifier-free guidance scale (default: the artefact recipe's, else the pipeline's default).")
     ] = None,
+    distilled_guidance: DistilledGuidance = None,
     text_encoder_bits: Annotated[int | None, typer.Option(
         help="Weight-only quantization of a pipeline's text encoders (8 or 4 bits, per output channel; default "
              "off).")] = None,
@@ -281,7 +297,7 @@ def sample_command(
                 num_samples=num_samples, seed=seed, kind=sampler, steps=steps, eta=eta, batch_size=batch_size,
                 out=Path("samples") if out is None else out, tensor_out=tensor_out, device=torch_device,
                 dtype=torch_dtype, text_encoder_bits=text_encoder_bits, force_foreign=force_foreign,
-                backend=backend)
+                backend=backend, distilled_guidance=distilled_guidance)
             console.print(f"wrote {len(written) - 2} images, grid.png and prompts.json to {written[0].parent}")
             return
         if prompt:
@@ -290,9 +306,9 @@ def sample_command(
             raise ValueError(f"--prompt given, but {source} is not a text-to-image pipeline (a folder whose "
                              "model_index.json names a StableDiffusionPipeline or StableDiffusionXLPipeline): "
                              f"{unsupported_pipeline_note(model_dir)}")
-        if negative_prompt is not None or text_encoder_bits is not None:
-            raise ValueError(f"--negative-prompt/--text-encoder-bits given, but {source} is not a text-to-image "
-                             "pipeline")
+        if negative_prompt is not None or text_encoder_bits is not None or distilled_guidance is not None:
+            raise ValueError(f"--negative-prompt/--text-encoder-bits/--distilled-guidance given, but {source} is not "
+                             "a text-to-image pipeline")
         out = Path("samples.png") if out is None else out
         check_output_file(out, what="--out", suffixes=(".png",), inputs=[source],  # before sampling, not after
                           force_foreign=force_foreign)

@@ -186,7 +186,7 @@ class TadqPipelineMixin:
                             "guidance_scale for it")
         sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
         encoder = self.tadq_prompt_encoder(max_sequence_length, distilled)
-        self._check_distilled_guidance(getattr(encoder, "distilled_guidance", None))
+        self.tadq_check_distilled_guidance(getattr(encoder, "distilled_guidance", None))
         conditions = PromptConditions(encoder, prompts, negatives)  # checks the prompts' length before any work
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
         images = latents if output_type == "latent" else self.tadq_decode(latents, output_type, batch_size)
@@ -219,7 +219,7 @@ class TadqPipelineMixin:
                             "to its CLIP tokenizer's length")
         return PromptEncoder.from_pipeline(self)
 
-    def _check_distilled_guidance(self, used: float | None) -> None:
+    def tadq_check_distilled_guidance(self, used: float | None) -> None:
         """Refuse another distilled guidance than the one a model's correction tables were fitted at (recorded in
         its recipe), as ``resolve_deployment`` refuses another classifier-free scale."""
         recorded = self.tadq_recorded_distilled_guidance
