@@ -150,8 +150,9 @@ def run_command(
 
     from tadq.config import config_from_dict
 
-    ran = config_from_dict(results["config"]["sampler"])  # a pipeline may walk its own grid (Flux)
-    table = Table(title=f"tadq run: {ran.key}, {num_samples} samples, seed {seed}")
+    ran = results.get("config", {}).get("sampler")  # a pipeline may walk its own grid (Flux)
+    key = sampler_config.key if ran is None else config_from_dict(ran).key
+    table = Table(title=f"tadq run: {key}, {num_samples} samples, seed {seed}")
     columns = columns_for(results["rows"])
     for _, title in columns:
         table.add_column(title, justify="right")

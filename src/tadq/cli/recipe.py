@@ -166,6 +166,10 @@ def recipe_command(
                                  negative_prompt=negative_prompt, labels=labels, null_class=null_class)
         model, scheduler = workload.model, workload.scheduler
         space = dataclasses.replace(space, guidance_scale=workload.guidance_scale)
+        if workload.sampler_for is not None and (walked := workload.sampler_for(sampler)) != sampler:
+            console.print(f"sampler {walked.key}: the pipeline's own flow grid and shift")
+            space = dataclasses.replace(space, sampler=walked,
+                                        calibration=dataclasses.replace(space.calibration, sampler=walked))
         decoder_key = None if workload.decoder is None else _folder_digest(source / "vae")
         searched, evaluated = (SearchConditions(conditions, workload.decoder, decoder_key) for conditions in
                                (workload.calibration_conditions, workload.evaluation_conditions))

@@ -301,10 +301,10 @@ def sample_command(
             console.print(f"wrote {len(written) - 2} images, grid.png and prompts.json to {written[0].parent}")
             return
         if prompt:
-            from tadq.pipelines.components import unsupported_pipeline_note
+            from tadq.pipelines.components import PIPELINE_COMPONENTS, unsupported_pipeline_note
 
             raise ValueError(f"--prompt given, but {source} is not a text-to-image pipeline (a folder whose "
-                             "model_index.json names a StableDiffusionPipeline or StableDiffusionXLPipeline): "
+                             f"model_index.json names a {' or '.join(sorted(PIPELINE_COMPONENTS))}): "
                              f"{unsupported_pipeline_note(model_dir)}")
         if negative_prompt is not None or text_encoder_bits is not None or distilled_guidance is not None:
             raise ValueError(f"--negative-prompt/--text-encoder-bits/--distilled-guidance given, but {source} is not "
