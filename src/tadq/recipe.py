@@ -290,13 +290,16 @@ def recipe_from_dict(payload: Mapping[str, Any], where: str = "recipe") -> Recip
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a recipe JSON file (``tadq quantize --recipe``), or the ``recipe.json`` of a folder that holds one (a
-    ``tadq recipe --out`` search folder)."""
+    """Read a recipe JSON file (``tadq quantize --recipe``), or the recipe of a folder that holds one: the
+    ``recipe.json`` of a ``tadq recipe --out`` search folder, the ``tadq_recipe.json`` of an artefact."""
     path = Path(path)
-    if path.is_dir() and (path / "recipe.json").is_file():
-        path = path / "recipe.json"
+    for name in ("recipe.json", "tadq_recipe.json"):
+        if path.is_dir() and (path / name).is_file():
+            path = path / name
+            break
     if path.is_dir():
-        raise FileNotFoundError(f"recipe {path} is a folder without a recipe.json; give the recipe's JSON file")
+        raise FileNotFoundError(f"recipe {path} is a folder without a recipe.json (a tadq recipe search) or "
+                                "tadq_recipe.json (an artefact); give the recipe's JSON file")
     if not path.is_file():
         raise FileNotFoundError(f"recipe {path} does not exist")
     try:
@@ -315,9 +318,20 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 
 def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:
     """``recipe`` with dotted fields replaced, e.g. ``{"method.reconstruction.weight_iters": 2,
-    "corrections.0.num_samples": 8}`` (``tadq quantize --set``); a wrong path raises naming it."""
+    "corrections.0.num_samples": 8}`` (``tadq quantize --set``); a wrong path raises naming it. ``sampler.<field>``
+    sets the deployment sampler and the calibration sampler together (they must be one sampler)."""
     for path, value in changes.items():
-        recipe = _replace_at(recipe, path.split("."), value, path)
+        parts = path.split(".")
+        if parts[0] == "sampler" and len(parts) > 1:
+            sampler = _replace_at(recipe.sampler, parts[1:], value, path)
+            try:
+                recipe = dataclasses.replace(
+                    recipe, calibration=dataclasses.replace(recipe.calibration, sampler=sampler),
+                    deployments=(dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:]))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"--set {path}: {error}") from error
+            continue
+        recipe = _replace_at(recipe, parts, value, path)
     return recipe
 
 

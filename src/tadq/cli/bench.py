@@ -39,7 +39,8 @@ def bench_command(
         help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16 (or W8A16, W8A8-WSYM).")] = None,
     samplers: Annotated[str | None, typer.Option(
         help="Comma-separated samplers: ddim-eta0, ddim-eta1, ddim-eta<η>, ddpm, euler, euler-ancestral, "
-             "dpmsolver++ (2M), dpmsolver++1, flow-euler, flow-euler-shift<s>; @N sets steps (ddim-eta0@20).")
+             "dpmsolver++ (2M), dpmsolver++1, flow-euler, flow-euler-shift<s>, flow-euler-uniform (FluxPipeline's "
+             "σ grid); @N sets steps (ddim-eta0@20).")
                         ] = None,
     steps: Annotated[int, typer.Option(help="Sampler steps (for samplers without @N).")] = 50,
     num_samples: Annotated[int | None, typer.Option(help="Samples per row (default 1000; --quick 256).")] = None,
@@ -82,6 +83,7 @@ def bench_command(
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         source = model if model is not None else shipped_model_path()
+        refuse_prompt_folder(str(model) if model is not None else None)
         check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
         if models_dir is not None:
@@ -115,6 +117,19 @@ def bench_command(
     _print(report)
     console.print(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")
     console.print(report["command"], markup=False, soft_wrap=True)
+
+
+def refuse_prompt_folder(model: str | None) -> None:
+    """The bench matrix takes no prompts: a text-to-image pipeline folder other than the shipped t2i model (whose
+    prompt sets are built in) is refused before anything is written, naming the command that takes prompts."""
+    from tadq.experiments.workload import is_text_to_image_folder, resolve_model_path
+
+    if model is None:
+        return
+    path = resolve_model_path(model)
+    if path.is_dir() and is_text_to_image_folder(path) and path.resolve() != resolve_model_path("t2i").resolve():
+        raise ValueError(f"{model} is a text-to-image pipeline: tadq bench takes no prompts; run its methods with "
+                         "tadq run --model FOLDER --calib-prompts FILE --eval-prompts FILE --guidance-scale G")
 
 
 def _print(report: dict) -> None:

@@ -375,10 +375,13 @@ def quantize_command(
         check_writable_dir(cache_dir, "--cache-dir")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
+        if distilled_guidance is None:  # the recipe's (--recipe of a Flux artefact, --set deployments.0...)
+            distilled_guidance = recipe.deployments[0].distilled_guidance
         if distilled_guidance is not None and (prompts is None or read_model_index(model_dir)["_class_name"]
                                                not in DISTILLED_GUIDANCE_PIPELINES):
-            raise ValueError(f"--distilled-guidance is the scale a Flux transformer embeds; {source} is not a "
-                             "FluxPipeline folder (use --guidance-scale, classifier-free guidance)")
+            raise ValueError(f"--distilled-guidance (or the recipe's deployments.0.distilled_guidance) is the scale "
+                             f"a Flux transformer embeds; {source} is not a FluxPipeline folder (use "
+                             "--guidance-scale, classifier-free guidance)")
         if prompts is not None and (labels is not None or null_class is not None):
             raise ValueError(f"--labels/--null-class are for class-conditional models; {model_dir} is a "
                              "text-to-image pipeline, conditioned by --calib-prompt")

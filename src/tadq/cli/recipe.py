@@ -91,8 +91,11 @@ def recipe_command(
                                                 "first_last_time (also the timestep MLP); each key tried with every "
                                                 "other choice, its FP layers costed at 32x32 bits. The default is "
                                                 "tadq run's.")] = DEFAULT_FP_LAYERS,
-    steps: Annotated[int, typer.Option(help="DDIM steps of the deployment sampler.")] = 50,
-    eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler.")] = 0.0,
+    sampler_kind: Annotated[str | None, typer.Option(
+        "--sampler", help="Deployment sampler: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
+                          "(default: ddim; flow-euler for a flow-matching model: SD3, Flux).")] = None,
+    steps: Annotated[int, typer.Option(help="Steps of the deployment sampler.")] = 50,
+    eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler (ddim only).")] = 0.0,
     calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
     recon_iters: Annotated[int, typer.Option(help="AdaRound iterations per unit (-1: the default, 1000).")] = -1,
     recon_activation_iters: Annotated[int, typer.Option(
@@ -130,7 +133,7 @@ def recipe_command(
         from tadq.config import CalibrationConfig, ReconstructionConfig
         from tadq.experiments.workload import load_workload, resolve_model_path
         from tadq.fsguard import check_output_dir, mark_output
-        from tadq.sampling import SamplerConfig
+        from tadq.sampling import FLOW_SCHEDULERS, SamplerConfig
         from tadq.search import Budget, Candidate, SearchConditions, SearchSpace, check_seeds, heldout_seed
         from tadq.search.space import gbitops_per_sample
 
@@ -140,7 +143,8 @@ def recipe_command(
                 raise ValueError(f"{name} must be >= 1, got {number}")
         if evaluate < 0:
             raise ValueError(f"--evaluate must be >= 0 (0: no evaluation), got {evaluate}")
-        sampler = SamplerConfig(kind="ddim", num_steps=steps, eta=eta)
+        sampler = SamplerConfig(kind="ddim" if sampler_kind is None else sampler_kind.strip().lower(),
+                                num_steps=steps, eta=eta)
         reconstruction = ReconstructionConfig(rounding=recon_rounding.strip().lower())
         if (iters := default_or_count("--recon-iters", recon_iters)) is not None:
             reconstruction = dataclasses.replace(reconstruction, weight_iters=iters)
@@ -165,7 +169,12 @@ def recipe_command(
                                  evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
                                  negative_prompt=negative_prompt, labels=labels, null_class=null_class)
         model, scheduler = workload.model, workload.scheduler
-        space = dataclasses.replace(space, guidance_scale=workload.guidance_scale)
+        space = dataclasses.replace(space, guidance_scale=workload.guidance_scale,
+                                    distilled_guidance=workload.distilled_guidance)
+        if sampler_kind is None and type(scheduler).__name__ in FLOW_SCHEDULERS:  # DDIM cannot drive it
+            sampler = SamplerConfig(kind="flow-euler", num_steps=steps)
+            space = dataclasses.replace(space, sampler=sampler,
+                                        calibration=dataclasses.replace(space.calibration, sampler=sampler))
         if workload.sampler_for is not None and (walked := workload.sampler_for(sampler)) != sampler:
             console.print(f"sampler {walked.key}: the pipeline's own flow grid and shift")
             space = dataclasses.replace(space, sampler=walked,
@@ -197,7 +206,8 @@ def recipe_command(
         result = run_search(model, scheduler, space, budget, out, heldout_trajectories=heldout, eval_seed=eval_seed,
                             batch_size=batch_size, plan=plan, conditioning=searched)
         result.settings["search_seconds"] = round(time.perf_counter() - start, 1)
-        export_winner(result, out, scheduler)
+        # a latent model's artefact keeps its pipeline (VAE, text encoders), as tadq quantize writes it
+        export_winner(result, out, scheduler, pipeline_source=source if workload.decoder is not None else None)
         evaluation = None
         if evaluate:
             from tadq.search.evaluate import evaluate_candidates

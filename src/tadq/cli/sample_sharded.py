@@ -14,7 +14,16 @@ from typing import Annotated
 import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
-from tadq.cli.sample import Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler, load_denoiser
+from tadq.cli.sample import (
+    Eta,
+    SamplerKind,
+    Steps,
+    Threads,
+    Verbose,
+    deployment_sampler,
+    is_prompt_pipeline,
+    load_denoiser,
+)
 
 __all__ = ["sample_sharded_command"]
 
@@ -74,6 +83,9 @@ def sample_sharded_command(
     with fail_cleanly(), distributed_world(device) as world:
         if not world.is_main:
             logging.getLogger("tadq").setLevel(logging.WARNING)
+        if model_dir is not None and is_prompt_pipeline(model_dir):  # before anything is written or sampled
+            raise ValueError(f"{model_dir} is a text-to-image pipeline: sample-sharded takes no prompts; use tadq "
+                             "sample --prompt (or tadq run --model with --calib-prompts/--eval-prompts)")
         # an artefact's own deployment sampler unless flags change it; fitted tables for another grid refused here
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         if metrics and num_samples < 2:

@@ -101,8 +101,8 @@ def run_key(
         "scheduler_fingerprint": scheduler,
         "sampler": {"kind": sampler.kind, "num_steps": sampler.num_steps, "eta": sampler.eta,
                     "clip_sample": sampler.clip_sample,
-                    # dpmsolver++'s order and flow-euler's shift; absent (None) keeps every older run's key
-                    **{name: getattr(sampler, name) for name in ("order", "shift")
+                    # dpmsolver++'s order, flow-euler's shift and grid; absent (None) keeps every older run's key
+                    **{name: getattr(sampler, name) for name in ("order", "shift", "flow_sigmas")
                        if getattr(sampler, name) is not None}},
         "seed": int(seed),
         "sample_shape": [int(d) for d in sample_shape],

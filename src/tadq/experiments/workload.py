@@ -101,6 +101,8 @@ class Workload:
         settings: what identifies the workload in cell keys (prompt sets, guidance).
         sampler_for: the run's sampler → the one the model's pipeline would walk (Flux: its σ grid and
             resolution-dependent shift); ``None``: the run's sampler as given.
+        distilled_guidance: the guidance scale a guidance-distilled model (Flux) embeds in every run (its
+            conditions carry it; recorded in recipes); ``None`` for every other model.
     """
 
     name: str
@@ -114,6 +116,7 @@ class Workload:
     features: FeatureSpace | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     sampler_for: Callable[[SamplerConfig], SamplerConfig] | None = None
+    distilled_guidance: float | None = None
 
     def images(self, samples: Tensor) -> Tensor:
         """The images of final samples: decoded by the VAE for a latent model, the samples themselves otherwise."""
@@ -384,6 +387,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
         name=name, model=denoiser, scheduler=scheduler, calibration_conditions=calibration,
         evaluation_conditions=evaluation, guidance_scale=guidance_scale, decoder=decoder,
         expected_labels=expected_labels, sampler_for=functools.partial(pipeline_sampler, pipeline),
+        distilled_guidance=getattr(calibration.encoder, "distilled_guidance", None),
         settings={"calibration_prompts": _prompt_key(calibration_prompts, negative_prompt),
                   "evaluation_prompts": _prompt_key(evaluation_prompts, negative_prompt),
                   "guidance_scale": guidance_scale},

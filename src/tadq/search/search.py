@@ -447,9 +447,12 @@ def pareto_front(records: list[dict[str, Any]], budget: Budget) -> list[str]:
     return [r["name"] for r in sorted(front, key=lambda r: _cost(r, budget))]
 
 
-def export_winner(result: SearchResult, out_dir: str | Path, scheduler) -> Path:
+def export_winner(result: SearchResult, out_dir: str | Path, scheduler,
+                  pipeline_source: str | Path | None = None) -> Path:
     """Write ``recipe.json`` (the winner's recipe) and ``model/`` (its artefact, ``tadq.load``-able) into
-    ``out_dir``; returns the artefact folder."""
+    ``out_dir``; returns the artefact folder. ``pipeline_source``: the FP pipeline folder of a latent or
+    text-to-image model, whose other components (VAE, text encoders...) the artefact keeps, so ``tadq sample`` and
+    ``tadq.load_pipeline`` take it."""
     out_dir = Path(out_dir)
     record = result.record(result.winner)
     from tadq.recipe import recipe_from_dict
@@ -460,7 +463,7 @@ def export_winner(result: SearchResult, out_dir: str | Path, scheduler) -> Path:
     staging.replace(out_dir / "recipe.json")
     target = out_dir / "model"
     qmodel, _ = load(out_dir / record["artefact"])
-    save_quantized(qmodel, target, copy.deepcopy(scheduler), overwrite=True)
+    save_quantized(qmodel, target, copy.deepcopy(scheduler), overwrite=True, pipeline_source=pipeline_source)
     return target
 
 

@@ -231,6 +231,8 @@ class SearchSpace:
         sampler: the deployment sampler (calibration, fits and scoring run with it).
         guidance_scale: the deployment's classifier-free guidance scale (1: none); calibration, fits and scoring run
             with it, and every candidate's recipe records it (``Deployment.guidance_scale``).
+        distilled_guidance: the scale a guidance-distilled model (Flux) embeds in every run of the search, recorded
+            in every candidate's recipe (``Deployment.distilled_guidance``); ``None`` for every other model.
         calibration: calibration trajectories (its seed is the calibration seed every fit uses).
         reconstruction: Q-Diffusion's block reconstruction settings (``rounding``: AdaRound, GPTQ or both; the
             SVDQuant-family and naive bases do not reconstruct).
@@ -244,6 +246,7 @@ class SearchSpace:
     fp_layers: tuple[str, ...] = (DEFAULT_FP_LAYERS,)
     sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(kind="ddim", num_steps=50, eta=0.0))
     guidance_scale: float = 1.0
+    distilled_guidance: float | None = None
     calibration: CalibrationConfig | None = None
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
     fit_trajectories: int = 256
@@ -291,7 +294,8 @@ class SearchSpace:
 
     def recipe(self, candidate: Candidate) -> Recipe:
         """The candidate's full recipe (what ``recipe.json`` holds and ``tadq quantize --recipe`` rebuilds)."""
-        fields = {"calibration": self.calibration, "deployments": (Deployment(self.sampler, self.guidance_scale),),
+        deployment = Deployment(self.sampler, self.guidance_scale, distilled_guidance=self.distilled_guidance)
+        fields = {"calibration": self.calibration, "deployments": (deployment,),
                   "keep_fp_roles": candidate.keep_fp_roles, "name": candidate.name}
         corrections = tuple(self._fit_settings(c) for c in correction_configs(candidate.stack, self.calibration_seed))
         if candidate.base == "naive":
