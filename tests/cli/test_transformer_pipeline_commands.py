@@ -4,8 +4,8 @@ int8-compiled``, ``tadq verify``, ``tadq quantize --recipe/--set/--correct`` and
 
 ``tests/pipelines/test_transformer_pipelines.py`` and ``test_transformer_pipeline_inputs.py`` cover quantize →
 sample, ``load_pipeline`` and ``tadq run`` basics; nothing here repeats them. Each test says in its docstring what
-a user expects: the first group fails until the problem it names is fixed, the last pins behaviour that is right
-and could silently regress. Everything is tiny (8×8 latents, 1–2 steps, 2 samples, one thread) and written inside
+a user expects: the first group was found failing and fixed, the last pins behaviour that could silently
+regress. Everything is tiny (8×8 latents, 1–2 steps, 2 samples, one thread) and written inside
 ``tmp_path``.
 """
 
@@ -16,10 +16,10 @@ import re
 import shutil
 
 import pytest
-import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tests.backends.machine import needs_compiled_w8
 from tests.conftest import build_tiny_unet
 from tests.pipelines.builders_transformer import build_flux, build_pixart, build_sd3
 from typer.testing import CliRunner
@@ -301,16 +301,14 @@ def test_verify_checks_pipeline_artefacts_text_encoders_too(artefacts, tmp_path)
     assert result.exit_code == 1 and "FAILED" in output and "text_encoder_3/model.safetensors" in output, output
 
 
+@pytest.mark.slow
+@needs_compiled_w8
 def test_int8_compiled_backend_gives_the_fake_quant_latents_on_sd3(artefacts, tmp_path):
     """Pins: ``tadq sample SD3_ART --backend int8-compiled`` (integer kernels under torch.compile; the first step
-    compiles, ~15 s on one thread) writes the latents of ``--backend fake`` to float32 rounding (measured 1.2e-6 of
-    ~3.7) and records the backend in the tensor file's settings."""
-    from tadq.backends import check_backend
+    compiles, ~15 s on one thread) writes latents that agree with ``--backend fake``'s (PSNR ≥ 40 dB, the integer
+    issue's agreement goal) and records the backend in the tensor file's settings."""
+    from tadq.metrics.image import psnr_per_sample
 
-    try:
-        check_backend("int8-compiled")
-    except ValueError as error:
-        pytest.skip(str(error))
     latents = {}
     for backend in ("fake", "int8-compiled"):
         tensors = tmp_path / f"{backend}.safetensors"
@@ -321,8 +319,7 @@ def test_int8_compiled_backend_gives_the_fake_quant_latents_on_sd3(artefacts, tm
         latents[backend] = load_file(tensors)["latents"]
         with safe_open(tensors, "pt") as handle:
             assert json.loads(handle.metadata()["tadq"])["meta"]["backend"] == backend
-    fake = latents["fake"]
-    torch.testing.assert_close(latents["int8-compiled"], fake, rtol=0, atol=1e-4 * float(fake.abs().max()))
+    assert psnr_per_sample(latents["int8-compiled"], latents["fake"]).min() >= 40.0
 
 
 @pytest.mark.parametrize("correction", ["ptqd", "tac", "tcec"])
