@@ -119,6 +119,23 @@ def test_bench_refusal_of_a_pipeline_folder_names_only_flags_bench_has(folders, 
     assert named <= set(re.findall(r"--[a-z][a-z-]*", help_text)), f"flags no named command has: {output}"
 
 
+def test_bench_takes_a_pipeline_folders_prompts_and_regenerates_with_them(folders, prompts, tmp_path):
+    """``tadq bench`` on an SD3 folder with ``tadq run``'s prompt options runs its rows on decoded images, and the
+    report's regenerating command names the prompt files and the guidance scale it ran with."""
+    out = tmp_path / "bench"
+    result, output = _invoke(["bench", "--model", folders["sd3"], "--methods", "naive", "--presets", "W8A8",
+                              "--samplers", "flow-euler", "--steps", 1, "--num-samples", 2, "--calib-trajectories", 2,
+                              "--batch-size", 2, "--out", out, "--cache-dir", tmp_path / "cache", "--threads", 1,
+                              "--calib-prompts", prompts["calib"], "--eval-prompts", prompts["eval"],
+                              "--guidance-scale", 2])
+    assert result.exit_code == 0, output
+    report = json.loads((out / "report.json").read_text())
+    command = report["command"]
+    assert f"--calib-prompts {prompts['calib']}" in command and f"--eval-prompts {prompts['eval']}" in command
+    assert "--guidance-scale 2.0" in command
+    assert any(row.get("psnr") is not None for row in report["rows"])
+
+
 def test_bench_help_names_the_flux_grid_sampler():
     """docs/pipelines.md gives FluxPipeline's σ grid the bench name ``flow-euler-uniform`` and ``parse_sampler``
     takes it, but ``tadq bench --help`` lists "flow-euler, flow-euler-shift<s>" only: a user reading the help cannot

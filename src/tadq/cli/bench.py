@@ -8,7 +8,17 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.common import (
+    CalibPrompts,
+    EvalPrompts,
+    ForceForeign,
+    GuidanceScale,
+    NegativePrompt,
+    console,
+    fail_cleanly,
+    read_prompt_file,
+    setup,
+)
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.config import DEFAULT_FP_LAYERS
 
@@ -68,6 +78,10 @@ def bench_command(
         help="Folder of saved base models to reuse and fill (default <out>/models; runs/main/models reuses tadq "
              "run's).")] = None,
     cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
+    guidance_scale: GuidanceScale = None,
+    calib_prompts: CalibPrompts = None,
+    eval_prompts: EvalPrompts = None,
+    negative_prompt: NegativePrompt = "",
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
@@ -83,7 +97,6 @@ def bench_command(
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         source = model if model is not None else shipped_model_path()
-        refuse_prompt_folder(str(model) if model is not None else None)
         check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
         if models_dir is not None:
@@ -112,24 +125,16 @@ def bench_command(
                              fp_layers=fp_layers.strip().lower(),
                              batch_size=batch_size, out_dir=str(out),
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),
-                             threads=threads, device=device, dtype=dtype, **fields)
+                             threads=threads, device=device, dtype=dtype, guidance_scale=guidance_scale,
+                             calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
+                             evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
+                             negative_prompt=negative_prompt,
+                             prompt_files=tuple(None if f is None else str(f) for f in (calib_prompts, eval_prompts)),
+                             **fields)
         report = run_bench(config)  # creates and marks --out once the model has loaded
     _print(report)
     console.print(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")
     console.print(report["command"], markup=False, soft_wrap=True)
-
-
-def refuse_prompt_folder(model: str | None) -> None:
-    """The bench matrix takes no prompts: a text-to-image pipeline folder other than the shipped t2i model (whose
-    prompt sets are built in) is refused before anything is written, naming the command that takes prompts."""
-    from tadq.experiments.workload import is_text_to_image_folder, resolve_model_path
-
-    if model is None:
-        return
-    path = resolve_model_path(model)
-    if path.is_dir() and is_text_to_image_folder(path) and path.resolve() != resolve_model_path("t2i").resolve():
-        raise ValueError(f"{model} is a text-to-image pipeline: tadq bench takes no prompts; run its methods with "
-                         "tadq run --model FOLDER --calib-prompts FILE --eval-prompts FILE --guidance-scale G")
 
 
 def _print(report: dict) -> None:

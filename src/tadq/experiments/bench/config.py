@@ -113,6 +113,12 @@ class BenchConfig:
         quick: whether this is the ``--quick`` matrix (said in the report; the command spells every flag out).
         device: where every model runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``).
         dtype: compute dtype of the FP model (float32, bfloat16, float16).
+        guidance_scale: classifier-free guidance of a conditional model (``None``: the model's default, as
+            ``tadq run``).
+        calibration_prompts, evaluation_prompts, negative_prompt: a text-to-image folder's disjoint prompt sets and
+            unconditional branch (``tadq run``'s; the shipped t2i model brings its own).
+        prompt_files: the files the two prompt sets were read from (calibration, evaluation), named in the
+            regenerating command.
     """
 
     model: str | None = None
@@ -134,6 +140,11 @@ class BenchConfig:
     quick: bool = False
     device: str = "cpu"
     dtype: str = "float32"
+    guidance_scale: float | None = None
+    calibration_prompts: tuple[str, ...] = ()
+    evaluation_prompts: tuple[str, ...] = ()
+    negative_prompt: str = ""
+    prompt_files: tuple[str | None, str | None] = (None, None)
 
     def __post_init__(self) -> None:
         if not self.methods or not self.presets or not self.samplers:
@@ -167,7 +178,9 @@ class BenchConfig:
                          eval_seed=self.eval_seed, calibration=calibration, batch_size=self.batch_size,
                          out_dir=str(self.sampler_dir(sampler)), cache_dir=self.cache_dir,
                          grid_samples=self.grid_samples, device=self.device, dtype=self.dtype,
-                         fp_layers=self.fp_layers)
+                         fp_layers=self.fp_layers, guidance_scale=self.guidance_scale,
+                         calibration_prompts=self.calibration_prompts, evaluation_prompts=self.evaluation_prompts,
+                         negative_prompt=self.negative_prompt)
 
     def command(self) -> str:
         """The ``tadq bench`` command line that reproduces this config (and so regenerates its report)."""
@@ -205,6 +218,13 @@ class BenchConfig:
             args += ["--threads", str(self.threads)]
         if self.device != "cpu" or self.dtype != "float32":
             args += ["--device", self.device, "--dtype", self.dtype]
+        if self.guidance_scale is not None:
+            args += ["--guidance-scale", repr(self.guidance_scale)]
+        for flag, file in zip(("--calib-prompts", "--eval-prompts"), self.prompt_files, strict=True):
+            if file is not None:
+                args += [flag, file]
+        if self.negative_prompt:
+            args += ["--negative-prompt", self.negative_prompt]
         return shlex.join(args)
 
 
