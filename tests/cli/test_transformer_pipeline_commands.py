@@ -369,3 +369,21 @@ def test_run_on_pixart_with_dpmsolver_and_corrections(folders, prompts, tmp_path
     assert report["config"]["workload"]["guidance_scale"] == 3.0
     methods = [row["method"] for row in report["rows"]]
     assert methods[0] == "FP" and any("PTQD" in m for m in methods) and any("TAC" in m for m in methods), methods
+
+
+def test_run_takes_flux_distilled_guidance_and_refuses_it_elsewhere(folders, prompts, tmp_path):
+    """``tadq run --distilled-guidance G`` on a Flux folder calibrates and evaluates with the model embedding G (a
+    model input, so it keys the cells); on SD3 the flag is refused before any work."""
+    from tadq.experiments.workload import load_workload
+
+    workload = load_workload(str(folders["flux"]), calibration_prompts=CALIB_PROMPTS,
+                             evaluation_prompts=EVAL_PROMPTS, distilled_guidance=2.0)
+    assert workload.distilled_guidance == 2.0 and workload.settings["distilled_guidance"] == 2.0
+    assert workload.calibration_conditions(0, [0]).added_cond_kwargs["guidance"].tolist() == [2.0]
+    common = ["--sampler", "flow-euler", "--steps", 1, "--presets", "W8A8", "--methods", "naive", "--num-samples", 2,
+              "--calib-trajectories", 2, "--batch-size", 2, "--calib-prompts", prompts["calib"], "--eval-prompts",
+              prompts["eval"], "--cache-dir", tmp_path / "cache", "--threads", 1, "--distilled-guidance", 2]
+    result, output = _invoke(["run", "--model", folders["flux"], "--out", tmp_path / "flux", *common])
+    assert result.exit_code == 0, output
+    result, output = _invoke(["run", "--model", folders["sd3"], "--out", tmp_path / "sd3", *common])
+    assert result.exit_code == 2 and "not a FluxPipeline folder" in output and not (tmp_path / "sd3").exists()

@@ -12,6 +12,7 @@ from tadq.cli.analyze import analyze_command
 from tadq.cli.bench import bench_command
 from tadq.cli.common import (
     CalibPrompts,
+    DistilledGuidance,
     EvalPrompts,
     GuidanceScale,
     Labels,
@@ -102,6 +103,7 @@ def run_command(
     calib_prompts: CalibPrompts = None,
     eval_prompts: EvalPrompts = None,
     negative_prompt: NegativePrompt = "",
+    distilled_guidance: DistilledGuidance = None,
     labels: Labels = None,
     null_class: NullClass = None,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
@@ -139,7 +141,7 @@ def run_command(
                            calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                            evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
                            negative_prompt=negative_prompt, labels=labels, null_class=null_class,
-                           fp_layers=fp_layers.strip().lower())
+                           fp_layers=fp_layers.strip().lower(), distilled_guidance=distilled_guidance)
         from tadq.experiments.rows import missing_peer
 
         for method in config.methods:  # before calibrating: the row would fail only after the FP work

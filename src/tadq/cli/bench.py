@@ -10,6 +10,7 @@ import typer
 
 from tadq.cli.common import (
     CalibPrompts,
+    DistilledGuidance,
     EvalPrompts,
     ForceForeign,
     GuidanceScale,
@@ -82,6 +83,7 @@ def bench_command(
     calib_prompts: CalibPrompts = None,
     eval_prompts: EvalPrompts = None,
     negative_prompt: NegativePrompt = "",
+    distilled_guidance: DistilledGuidance = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
@@ -128,7 +130,7 @@ def bench_command(
                              threads=threads, device=device, dtype=dtype, guidance_scale=guidance_scale,
                              calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                              evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
-                             negative_prompt=negative_prompt,
+                             negative_prompt=negative_prompt, distilled_guidance=distilled_guidance,
                              prompt_files=tuple(None if f is None else str(f) for f in (calib_prompts, eval_prompts)),
                              **fields)
         report = run_bench(config)  # creates and marks --out once the model has loaded

@@ -12,6 +12,7 @@ import typer
 
 from tadq.cli.common import (
     CalibPrompts,
+    DistilledGuidance,
     EvalPrompts,
     ForceForeign,
     GuidanceScale,
@@ -118,6 +119,7 @@ def recipe_command(
     calib_prompts: CalibPrompts = None,
     eval_prompts: EvalPrompts = None,
     negative_prompt: NegativePrompt = "",
+    distilled_guidance: DistilledGuidance = None,
     labels: Labels = None,
     null_class: NullClass = None,
     force_foreign: ForceForeign = False,
@@ -167,7 +169,8 @@ def recipe_command(
         workload = load_workload(model_dir, guidance_scale=guidance_scale,
                                  calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                                  evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
-                                 negative_prompt=negative_prompt, labels=labels, null_class=null_class)
+                                 negative_prompt=negative_prompt, labels=labels, null_class=null_class,
+                                 distilled_guidance=distilled_guidance)
         model, scheduler = workload.model, workload.scheduler
         space = dataclasses.replace(space, guidance_scale=workload.guidance_scale,
                                     distilled_guidance=workload.distilled_guidance)

@@ -76,6 +76,7 @@ class RunConfig:
             brings its own).
         evaluation_prompts: prompts of the evaluation samples, disjoint from ``calibration_prompts``.
         negative_prompt: the unconditional branch's prompt.
+        distilled_guidance: the scale a Flux transformer embeds (``None``: the pipeline's default, 3.5).
         labels: class-conditional models: ``"null"`` (every sample unconditional, with the null class) or
             ``"random"`` (labels drawn from (seed, i)); ``None``: the model's default (the shipped photos model:
             ``"null"``; a user's: ``"random"``).
@@ -107,6 +108,7 @@ class RunConfig:
     labels: str | None = None
     null_class: int | None = None
     fp_layers: str = DEFAULT_FP_LAYERS
+    distilled_guidance: float | None = None
 
     def __post_init__(self) -> None:
         resolve_device(self.device)  # a device torch lacks fails here, named
@@ -234,6 +236,7 @@ def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
     workload = load_workload(config.model, guidance_scale=config.guidance_scale,
                              calibration_prompts=config.calibration_prompts,
                              evaluation_prompts=config.evaluation_prompts, negative_prompt=config.negative_prompt,
+                             distilled_guidance=config.distilled_guidance,
                              labels=config.labels, null_class=config.null_class, device=device, dtype=dtype)
     model = place_model(workload.model, device, dtype)
     workload = dataclasses.replace(workload, model=model)

@@ -155,7 +155,8 @@ def _prompt_key(prompts: Sequence[str], negative: str) -> str:
 def load_workload(model: str | None, *, guidance_scale: float | None = None,
                   calibration_prompts: Sequence[str] = (), evaluation_prompts: Sequence[str] = (),
                   negative_prompt: str = "", labels: str | None = None, null_class: int | None = None,
-                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> Workload:
+                  device: torch.device | None = None, dtype: torch.dtype | None = None,
+                  distilled_guidance: float | None = None) -> Workload:
     """The workload of ``model`` (a shipped name or a folder), checked before any sampling.
 
     Text-to-image folders take prompts for calibration and evaluation (the shipped ``t2i`` model brings its own
@@ -165,6 +166,8 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
     sample i a class drawn from (seed, i) — calibration and evaluation seeds differ, so do their labels — with
     guidance against the null class when ``guidance_scale`` > 1. ``null_class`` is the model's "no class" label
     (the shipped photos model's is known; a user's must be given for ``"null"`` or guidance).
+    ``distilled_guidance``: the scale a Flux transformer embeds (``None``: the pipeline's default); refused for
+    every other model.
     """
     path = resolve_model_path(model)
     name = model if model is not None else "digits"
@@ -173,7 +176,10 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
                                 f"{', '.join(SHIPPED_MODELS)})")
     if is_text_to_image_folder(path):
         return _text_to_image_workload(path, name, guidance_scale, calibration_prompts, evaluation_prompts,
-                                       negative_prompt, device, dtype)
+                                       negative_prompt, device, dtype, distilled_guidance)
+    if distilled_guidance is not None:
+        raise ValueError(f"{path} is not a FluxPipeline folder: it embeds no distilled guidance scale "
+                         "(--distilled-guidance); use --guidance-scale")
     if calibration_prompts or evaluation_prompts or negative_prompt:
         raise ValueError(f"{path} is not a text-to-image pipeline (no text_encoder in model_index.json): it takes no "
                          "prompts (--calib-prompts, --eval-prompts, --negative-prompt)")
@@ -347,9 +353,11 @@ class _NullLabels:
 
 
 def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None, calibration_prompts: Sequence[str],
-                            evaluation_prompts: Sequence[str], negative_prompt: str, device, dtype) -> Workload:
+                            evaluation_prompts: Sequence[str], negative_prompt: str, device, dtype,
+                            distilled_guidance: float | None = None) -> Workload:
     from tadq.pipelines import PromptConditions, load_fp_pipeline
     from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, pipeline_denoiser, read_model_index
+    from tadq.pipelines.encode_prompt import PipelinePromptEncoder
     from tadq.pipelines.quantized import pipeline_sampler
 
     shipped = path.resolve() == _shipped_t2i_path().resolve()
@@ -377,9 +385,14 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
         logger.warning("%s: no --guidance-scale, so calibration, fits and evaluation run without classifier-free "
                        "guidance (1.0); text-to-image pipelines are usually sampled at 3-8", path)
     guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
+    if distilled_guidance is not None and read_model_index(path)["_class_name"] not in DISTILLED_GUIDANCE_PIPELINES:
+        raise ValueError(f"{path} is not a FluxPipeline folder: it embeds no distilled guidance scale "
+                         "(--distilled-guidance); use --guidance-scale")
     pipeline = load_fp_pipeline(path, device=device, dtype=dtype)
-    calibration = PromptConditions(pipeline, list(calibration_prompts), negative_prompt=negative_prompt)
-    evaluation = PromptConditions(pipeline, list(evaluation_prompts), negative_prompt=negative_prompt)
+    encoder = pipeline if distilled_guidance is None else PipelinePromptEncoder(
+        pipeline, distilled_guidance=distilled_guidance)
+    calibration = PromptConditions(encoder, list(calibration_prompts), negative_prompt=negative_prompt)
+    evaluation = PromptConditions(encoder, list(evaluation_prompts), negative_prompt=negative_prompt)
     decoder = _vae_decoder(pipeline.vae)
     denoiser = pipeline_denoiser(pipeline).eval().requires_grad_(False)  # the UNet, or PixArt/SD3/Flux's transformer
     scheduler = load_pipeline_parts(path)[1]
@@ -392,6 +405,9 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
                   "evaluation_prompts": _prompt_key(evaluation_prompts, negative_prompt),
                   "guidance_scale": guidance_scale},
     )
+    if workload.distilled_guidance is not None:  # Flux: a model input, so cells at another scale are other cells
+        workload = dataclasses.replace(
+            workload, settings={**workload.settings, "distilled_guidance": workload.distilled_guidance})
     if shipped:
         features = DigitsFeatureSpace(workload.image_shape()[-1])
         workload = dataclasses.replace(workload, features=features)

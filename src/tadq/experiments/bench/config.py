@@ -119,6 +119,7 @@ class BenchConfig:
             unconditional branch (``tadq run``'s; the shipped t2i model brings its own).
         prompt_files: the files the two prompt sets were read from (calibration, evaluation), named in the
             regenerating command.
+        distilled_guidance: the scale a Flux transformer embeds (``None``: the pipeline's default).
     """
 
     model: str | None = None
@@ -145,6 +146,7 @@ class BenchConfig:
     evaluation_prompts: tuple[str, ...] = ()
     negative_prompt: str = ""
     prompt_files: tuple[str | None, str | None] = (None, None)
+    distilled_guidance: float | None = None
 
     def __post_init__(self) -> None:
         if not self.methods or not self.presets or not self.samplers:
@@ -180,7 +182,7 @@ class BenchConfig:
                          grid_samples=self.grid_samples, device=self.device, dtype=self.dtype,
                          fp_layers=self.fp_layers, guidance_scale=self.guidance_scale,
                          calibration_prompts=self.calibration_prompts, evaluation_prompts=self.evaluation_prompts,
-                         negative_prompt=self.negative_prompt)
+                         negative_prompt=self.negative_prompt, distilled_guidance=self.distilled_guidance)
 
     def command(self) -> str:
         """The ``tadq bench`` command line that reproduces this config (and so regenerates its report)."""
@@ -225,6 +227,8 @@ class BenchConfig:
                 args += [flag, file]
         if self.negative_prompt:
             args += ["--negative-prompt", self.negative_prompt]
+        if self.distilled_guidance is not None:
+            args += ["--distilled-guidance", repr(self.distilled_guidance)]
         return shlex.join(args)
 
 
