@@ -377,8 +377,9 @@ def quantize_command(
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
         if distilled_guidance is None:  # the recipe's (--recipe of a Flux artefact, --set deployments.0...)
             distilled_guidance = recipe.deployments[0].distilled_guidance
-        if distilled_guidance is not None and (prompts is None or read_model_index(model_dir)["_class_name"]
-                                               not in DISTILLED_GUIDANCE_PIPELINES):
+        distilled_model = prompts is not None and read_model_index(model_dir)["_class_name"] in \
+            DISTILLED_GUIDANCE_PIPELINES  # Flux: samples without classifier-free guidance, embeds its own scale
+        if distilled_guidance is not None and not distilled_model:
             raise ValueError(f"--distilled-guidance (or the recipe's deployments.0.distilled_guidance) is the scale "
                              f"a Flux transformer embeds; {source} is not a FluxPipeline folder (use "
                              "--guidance-scale, classifier-free guidance)")
@@ -419,17 +420,15 @@ def quantize_command(
         else:
             from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
             from tadq.pipelines.components import pipeline_denoiser
-            from tadq.pipelines.encode_prompt import PipelinePromptEncoder
+            from tadq.pipelines.prompts import prompt_encoder_for
 
-            if recipe.guidance_scale == 1.0 and read_model_index(model_dir)["_class_name"] not in \
-                    DISTILLED_GUIDANCE_PIPELINES:  # Flux samples without classifier-free guidance by default
+            if recipe.guidance_scale == 1.0 and not distilled_model:
                 logger.warning("calibrating %s without classifier-free guidance (the recipe's deployment guidance "
                                "is 1.0); text-to-image pipelines are usually sampled at 5-8: --set "
                                "deployments.0.guidance_scale=7.5", model_dir)
             pipe = load_fp_pipeline(model_dir)
             recipe = with_pipeline_sampler(recipe, pipe)
-            conditions = PromptConditions(PipelinePromptEncoder(pipe, distilled_guidance=distilled_guidance)
-                                          if distilled_guidance is not None else pipe, prompts)
+            conditions = PromptConditions(prompt_encoder_for(pipe, distilled_guidance=distilled_guidance), prompts)
             distilled = getattr(conditions.encoder, "distilled_guidance", None)
             if distilled is not None:  # Flux: the embedded scale the tables are fitted at, kept with them
                 deployment = dataclasses.replace(recipe.deployments[0], distilled_guidance=distilled)

@@ -357,7 +357,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
                             distilled_guidance: float | None = None) -> Workload:
     from tadq.pipelines import PromptConditions, load_fp_pipeline
     from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, pipeline_denoiser, read_model_index
-    from tadq.pipelines.encode_prompt import PipelinePromptEncoder
+    from tadq.pipelines.prompts import prompt_encoder_for
     from tadq.pipelines.quantized import pipeline_sampler
 
     shipped = path.resolve() == _shipped_t2i_path().resolve()
@@ -389,8 +389,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
         raise ValueError(f"{path} is not a FluxPipeline folder: it embeds no distilled guidance scale "
                          "(--distilled-guidance); use --guidance-scale")
     pipeline = load_fp_pipeline(path, device=device, dtype=dtype)
-    encoder = pipeline if distilled_guidance is None else PipelinePromptEncoder(
-        pipeline, distilled_guidance=distilled_guidance)
+    encoder = prompt_encoder_for(pipeline, distilled_guidance=distilled_guidance)
     calibration = PromptConditions(encoder, list(calibration_prompts), negative_prompt=negative_prompt)
     evaluation = PromptConditions(encoder, list(evaluation_prompts), negative_prompt=negative_prompt)
     decoder = _vae_decoder(pipeline.vae)

@@ -65,6 +65,19 @@ def default_max_sequence_length(pipeline_class: type) -> int:
     return parameter.default
 
 
+def token_limits(class_name: str, tokenizers: dict[str, Any], max_sequence_length: int | None
+                 ) -> tuple[tuple[int, ...], tuple[bool, ...]]:
+    """Per tokenizer component (in the order given): the tokens its encoder reads (a T5 one: the call's
+    ``max_sequence_length``; a CLIP one: its ``model_max_length``) and whether a longer prompt is cut by design
+    rather than refused (SD3's and Flux's CLIP copy beside a T5 that reads the prompt whole, as the pipelines and
+    models do)."""
+    t5 = t5_tokenizers(class_name)
+    limits = tuple(int(max_sequence_length) if name in t5 else int(tokenizer.model_max_length)
+                   for name, tokenizer in tokenizers.items())
+    truncated = tuple(name not in t5 and class_name in CAPPED_SEQUENCE_PIPELINES for name in tokenizers)
+    return limits, truncated
+
+
 def base_pipeline_class(pipe: Any) -> type:
     """The diffusers class a (possibly ``Tadq``-subclassed) pipeline object was made from."""
     return getattr(type(pipe), "tadq_base", type(pipe))
@@ -116,15 +129,9 @@ class PipelinePromptEncoder:
         if embeds_guidance and distilled_guidance is None:
             distilled_guidance = float(inspect.signature(base.__call__).parameters["guidance_scale"].default)
         self.distilled_guidance = None if distilled_guidance is None else float(distilled_guidance)
-        names = [name for name in _TOKENIZERS if getattr(pipe, name, None) is not None]
-        self.tokenizers = tuple(getattr(pipe, name) for name in names)
-        t5 = t5_tokenizers(self.class_name)
-        self.limits = tuple(max_sequence_length if name in t5 else int(getattr(pipe, name).model_max_length)
-                            for name in names)
-        # SD3's and Flux's CLIP encoders see a prompt cut at their length while T5 reads it whole (the pipelines
-        # truncate CLIP, as the models were trained): a longer prompt is warned about, not refused
-        self.truncated = tuple(name not in t5 and bool(t5) and self.class_name in CAPPED_SEQUENCE_PIPELINES
-                               for name in names)
+        named = {name: getattr(pipe, name) for name in _TOKENIZERS if getattr(pipe, name, None) is not None}
+        self.tokenizers = tuple(named.values())
+        self.limits, self.truncated = token_limits(self.class_name, named, max_sequence_length)
         self._fingerprint: str | None = None
 
     def check(self, prompts: Sequence[str], what: str = "prompt") -> None:

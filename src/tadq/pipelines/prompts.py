@@ -255,33 +255,48 @@ def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "
     import transformers
 
     from tadq.pipelines.components import check_pipeline_folder, pipeline_class
-    from tadq.pipelines.encode_prompt import CAPPED_SEQUENCE_PIPELINES, default_max_sequence_length, t5_tokenizers
+    from tadq.pipelines.encode_prompt import default_max_sequence_length, t5_tokenizers, token_limits
 
     layout = check_pipeline_folder(path, denoiser_weights=False)
     t5 = t5_tokenizers(layout.class_name)
     if t5 and max_sequence_length is None:
         max_sequence_length = default_max_sequence_length(pipeline_class(layout.class_name))
-    tokenizers, limits, truncated = [], [], []
+    tokenizers = {}
     for name, (_library, class_name) in sorted(layout.components.items()):
         if name.startswith("tokenizer"):
             klass = getattr(transformers, class_name, None)
             if klass is None:
                 raise ValueError(f"{layout.path / name}: unknown tokenizer class {class_name!r}")
-            tokenizer = klass.from_pretrained(str(layout.path / name), local_files_only=True)
-            tokenizers.append(tokenizer)
-            limits.append(max_sequence_length if name in t5 else tokenizer.model_max_length)
-            truncated.append(name not in t5 and layout.class_name in CAPPED_SEQUENCE_PIPELINES)
+            tokenizers[name] = klass.from_pretrained(str(layout.path / name), local_files_only=True)
     if not t5:  # the CLIP pipelines: the same checks as their PromptEncoder (a real model_max_length first)
-        PromptEncoder(tuple(tokenizers), tuple(nn.Identity() for _ in tokenizers))
-    check_token_counts(tokenizers, limits, list(prompts), what, truncated)
+        PromptEncoder(tuple(tokenizers.values()), tuple(nn.Identity() for _ in tokenizers))
+    limits, truncated = token_limits(layout.class_name, tokenizers, max_sequence_length)
+    check_token_counts(list(tokenizers.values()), limits, list(prompts), what, truncated)
 
 
-def prompt_encoder_for(pipe: Any) -> PromptEncoder | PipelinePromptEncoder:
+def prompt_encoder_for(pipe: Any, *, max_sequence_length: int | None = None,
+                       distilled_guidance: float | None = None) -> PromptEncoder | PipelinePromptEncoder:
     """The prompt encoder of a pipeline object: ``PromptEncoder`` for Stable Diffusion / SDXL,
-    ``PipelinePromptEncoder`` (its own ``encode_prompt``) for PixArt, SD3 and Flux; a tadq pipeline's own
-    (``tadq_prompt_encoder``: a Flux artefact's recorded distilled guidance)."""
+    ``PipelinePromptEncoder`` (its own ``encode_prompt``, with these settings) for PixArt, SD3 and Flux; a tadq
+    pipeline's own (``tadq_prompt_encoder``: a Flux artefact's recorded distilled guidance, checked against its
+    fitted tables). Stable Diffusion / SDXL refuse both settings (CLIP pads to its own length, no scale is
+    embedded)."""
     if callable(getattr(pipe, "tadq_prompt_encoder", None)):
-        return pipe.tadq_prompt_encoder()
-    if base_pipeline_class(pipe).__name__ in ENCODE_PROMPT_PIPELINES:
-        return PipelinePromptEncoder(pipe)
+        return pipe.tadq_prompt_encoder(max_sequence_length, distilled_guidance)
+    return build_prompt_encoder(pipe, max_sequence_length, distilled_guidance)
+
+
+def build_prompt_encoder(pipe: Any, max_sequence_length: int | None = None, distilled_guidance: float | None = None
+                         ) -> PromptEncoder | PipelinePromptEncoder:
+    """``prompt_encoder_for`` without a tadq pipeline's defaults and checks (which call it)."""
+    name = base_pipeline_class(pipe).__name__
+    if name in ENCODE_PROMPT_PIPELINES:
+        return PipelinePromptEncoder(pipe, max_sequence_length=max_sequence_length,
+                                     distilled_guidance=distilled_guidance)
+    if max_sequence_length is not None:
+        raise TypeError(f"max_sequence_length is for T5-encoded prompts; {name} pads prompts to its CLIP "
+                        "tokenizer's length")
+    if distilled_guidance is not None:
+        raise ValueError(f"distilled_guidance: a {name} embeds no guidance scale; use classifier-free guidance "
+                         "(guidance_scale) instead")
     return PromptEncoder.from_pipeline(pipe)

@@ -31,8 +31,7 @@ from tadq.pipelines.components import (
     pipeline_load_options,
     quantize_text_encoders,
 )
-from tadq.pipelines.encode_prompt import ENCODE_PROMPT_PIPELINES, PipelinePromptEncoder
-from tadq.pipelines.prompts import PromptConditions, PromptEncoder
+from tadq.pipelines.prompts import PromptConditions, build_prompt_encoder
 from tadq.pipelines.text_weights import TEXT_ENCODER_BITS
 from tadq.safefiles import read_json_file
 from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
@@ -186,7 +185,6 @@ class TadqPipelineMixin:
                             "guidance_scale for it")
         sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
         encoder = self.tadq_prompt_encoder(max_sequence_length, distilled)
-        self.tadq_check_distilled_guidance(getattr(encoder, "distilled_guidance", None))
         conditions = PromptConditions(encoder, prompts, negatives)  # checks the prompts' length before any work
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
         images = latents if output_type == "latent" else self.tadq_decode(latents, output_type, batch_size)
@@ -206,18 +204,14 @@ class TadqPipelineMixin:
 
     def tadq_prompt_encoder(self, max_sequence_length: int | None = None, distilled_guidance: float | None = None
                             ) -> Any:
-        """The prompt encoder of this pipeline: its own ``encode_prompt`` for PixArt, SD3 and Flux (with these
-        settings; Flux's distilled guidance defaults to the artefact's recorded one, else the pipeline's), CLIP's
-        rules for Stable Diffusion / SDXL (which take neither setting)."""
-        if self.tadq_base.__name__ in ENCODE_PROMPT_PIPELINES:
-            if distilled_guidance is None:
-                distilled_guidance = self.tadq_recorded_distilled_guidance
-            return PipelinePromptEncoder(self, max_sequence_length=max_sequence_length,
-                                         distilled_guidance=distilled_guidance)
-        if max_sequence_length is not None:
-            raise TypeError(f"max_sequence_length is for T5-encoded prompts; {self.tadq_base.__name__} pads prompts "
-                            "to its CLIP tokenizer's length")
-        return PromptEncoder.from_pipeline(self)
+        """The prompt encoder of this pipeline (``build_prompt_encoder``): Flux's distilled guidance defaults to the
+        artefact's recorded one, else the pipeline's, and another one than the recorded is refused when the model
+        carries tables fitted at it (``tadq_check_distilled_guidance``)."""
+        if distilled_guidance is None:
+            distilled_guidance = self.tadq_recorded_distilled_guidance
+        encoder = build_prompt_encoder(self, max_sequence_length, distilled_guidance)
+        self.tadq_check_distilled_guidance(getattr(encoder, "distilled_guidance", None))
+        return encoder
 
     def tadq_check_distilled_guidance(self, used: float | None) -> None:
         """Refuse another distilled guidance than the one a model's correction tables were fitted at (recorded in
