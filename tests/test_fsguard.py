@@ -48,26 +48,26 @@ def test_rules(tmp_path):
     (model / "config.json").write_text("{}")
     for out, relation in ((model, "is the input"), (model / "q", "lies inside"), (tmp_path, "contains the input")):
         with pytest.raises(OutputRefused, match=relation):
-            check_output_dir(out, overwrite=True, inputs=[model])
-    check_output_dir(model / "q", inputs=[model], force_foreign=True)  # named explicitly
+            check_output_dir(out, kind="report", overwrite=True, inputs=[model])
+    check_output_dir(model / "q", kind="report", inputs=[model], force_foreign=True)  # named explicitly
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "x").write_text("x")
     with pytest.raises(OutputRefused, match="--overwrite"):
-        check_output_dir(foreign)
+        check_output_dir(foreign, kind="report")
     with pytest.raises(OutputRefused, match="did not write"):
-        check_output_dir(foreign, overwrite=True)
+        check_output_dir(foreign, kind="report", overwrite=True)
     with pytest.raises(OutputRefused, match="did not write"):
-        check_output_dir(foreign, resume=True)
-    check_output_dir(foreign, overwrite=True, force_foreign=True)
+        check_output_dir(foreign, kind="report", resume=True)
+    check_output_dir(foreign, kind="report", overwrite=True, force_foreign=True)
     mark_output(foreign, "report")
-    check_output_dir(foreign, resume=True)
+    check_output_dir(foreign, kind="report", resume=True)
     (tmp_path / "empty").mkdir()
-    check_output_dir(tmp_path / "empty")
+    check_output_dir(tmp_path / "empty", kind="report")
     with pytest.raises(OutputRefused, match="is a file"):
-        check_output_dir(foreign / "x", overwrite=True, force_foreign=True)
+        check_output_dir(foreign / "x", kind="report", overwrite=True, force_foreign=True)
     with pytest.raises(OutputRefused, match="not writable"):
-        check_output_dir("/sys/tadq-fsguard-test")
+        check_output_dir("/sys/tadq-fsguard-test", kind="report")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "foreign", "model"]  # no probe left behind
 
 
@@ -80,15 +80,37 @@ def test_overwrite_refuses_an_artefact_holding_files_added_after_its_save(tmp_pa
     (artefact / "tadq_weights.safetensors").write_bytes(b"weights")
     mark_output(artefact, "artefact")
     write_manifest(artefact)
-    check_output_dir(artefact, overwrite=True)  # only what tadq wrote: replaced
+    check_output_dir(artefact, kind="artefact", overwrite=True)  # only what tadq wrote: replaced
     (artefact / "notes.txt").write_text("mine")
     with pytest.raises(OutputRefused, match=r"notes\.txt.*--overwrite would delete"):
-        check_output_dir(artefact, overwrite=True)
-    check_output_dir(artefact, resume=True)  # adding to it deletes nothing
-    check_output_dir(artefact, overwrite=True, force_foreign=True)  # named explicitly
+        check_output_dir(artefact, kind="artefact", overwrite=True)
+    check_output_dir(artefact, kind="artefact", resume=True)  # adding to it deletes nothing
+    check_output_dir(artefact, kind="artefact", overwrite=True, force_foreign=True)  # named explicitly
     (artefact / MANIFEST_FILE).write_text("damaged")  # a damaged artefact is replaceable: the marker decides
-    check_output_dir(artefact, overwrite=True)
+    check_output_dir(artefact, kind="artefact", overwrite=True)
     assert (artefact / "notes.txt").read_text() == "mine"
+
+
+def test_a_folder_marked_as_another_kind_of_output_is_refused_and_keeps_its_marker(tmp_path):
+    """tadq run --out ARTEFACT rewrote the artefact's marker (hashed by its manifest: the artefact no longer loaded),
+    and quantize --overwrite --out RUN_FOLDER replaced a run folder, the user's notes in it included."""
+    from tadq.fsguard import MARKER_FILE, output_kind
+
+    run = tmp_path / "run"
+    run.mkdir()
+    mark_output(run, "run")
+    (run / "notes.txt").write_text("mine")
+    marker = (run / MARKER_FILE).read_bytes()
+    for overwrite, force_foreign in ((True, False), (True, True), (False, False)):
+        with pytest.raises(OutputRefused, match="is a tadq 'run' folder, not a 'artefact' one"):
+            check_output_dir(run, kind="artefact", overwrite=overwrite, resume=not overwrite,
+                             force_foreign=force_foreign)
+    check_output_dir(run, kind="run", resume=True)  # its own kind may refill it
+    with pytest.raises(OutputRefused, match="tadq run folder"):
+        mark_output(run, "artefact")
+    assert (run / MARKER_FILE).read_bytes() == marker and output_kind(run) == "run"
+    assert (run / "notes.txt").read_text() == "mine"
+    assert output_kind(tmp_path / "missing") is None
 
 
 def test_file_rules(tmp_path):
@@ -154,5 +176,5 @@ def test_a_foreign_folder_is_named_foreign_at_once_not_after_a_first_overwrite(t
     (tmp_path / "notes.txt").write_text("mine")
     for overwrite in (False, True):
         with pytest.raises(OutputRefused, match="holds files tadq did not write.*--force-foreign") as refused:
-            check_output_dir(tmp_path, overwrite=overwrite)
+            check_output_dir(tmp_path, kind="artefact", overwrite=overwrite)
         assert ("with --overwrite" in str(refused.value)) is not overwrite

@@ -34,6 +34,7 @@ from tadq.corrections.tcec.propagation import (  # noqa: E402
     predict_recursive,
 )
 from tadq.sampling import Denoiser, SamplerConfig, SamplingPlan, StepContext, to_epsilon  # noqa: E402
+from tadq.utils import save_figure  # noqa: E402
 
 __all__ = ["PropagationReport", "analyze_propagation", "save_propagation_plot"]
 
@@ -175,7 +176,4 @@ def save_propagation_plot(report: PropagationReport, path: str | Path, title: st
     right.grid(True, which="both", alpha=0.3)
     fig.suptitle(title or f"error propagation, {report.sampler}, {report.num_samples} samples")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -16,12 +16,12 @@ from tadq.corrections.attach import fit_corrections
 from tadq.corrections.base import HookedDenoiser
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
-from tadq.device import place_model, resolve_device, resolve_dtype
+from tadq.device import check_weights_loaded, place_model, resolve_device, resolve_dtype
 from tadq.methods import quantize_base
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for
-from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult
+from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult, check_seed
 from tadq.sampling import sample as _sample_loop
 from tadq.typecheck import expect, expect_scheduler
 
@@ -84,6 +84,7 @@ def _quantize(
     if fp_trajectories is not None:
         expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
     expect_scheduler(scheduler, "tadq.quantize")
+    check_weights_loaded(model, "tadq.quantize")
     if calibration is not None:
         expect(calibration, CalibrationSet, "calibration", "tadq.quantize")
     if isinstance(recipe, QuantConfig):
@@ -100,6 +101,11 @@ def _quantize(
     # the fake-quant network computes in float32 (its Δ, z and rounding are float32); the FP reference in ``dtype``
     network = fp if parameter is None or dtype == torch.float32 else place_model(model, device, torch.float32)
     guidance_scale = recipe.guidance_scale if recipe is not None else 1.0
+    # every sampler the model will be calibrated or deployed with must drive this scheduler: refused here, before
+    # calibration or reconstruction, not when a correction is fitted or the model is first sampled
+    for deployment in recipe.deployments if recipe is not None else ():
+        SamplingPlan.build(scheduler, deployment.sampler, deployment.guidance_scale)
+    SamplingPlan.build(scheduler, config.calibration.sampler, guidance_scale)
     if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
         check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before sampling anything
     if network is not fp and config.method == "qdiffusion":
@@ -197,13 +203,13 @@ def sample(
     """
     expect(denoiser, nn.Module, "denoiser", "tadq.sample")
     expect_scheduler(scheduler, "tadq.sample")
+    check_weights_loaded(denoiser, "tadq.sample")
     expect(sampler, SamplerConfig, "sampler", "tadq.sample")
     for name, value in (("num_samples", num_samples), ("seed", seed), ("batch_size", batch_size)):
         expect(value, int, name, "tadq.sample")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
-    if seed < 0:  # refused here, not by the first noise draw after the progress bar has started
-        raise ValueError(f"tadq.sample: seed must be >= 0, got {seed}")
+    check_seed("tadq.sample: seed", seed)  # refused here, not by the first noise draw after the progress bar started
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     from tadq.backends.integer_denoiser import IntegerDenoiser
 

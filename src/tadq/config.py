@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import MAX_BITS, MIN_BITS, QScheme, preset
 from tadq.registry import register_config_type, registered_config_types
-from tadq.sampling import SamplerConfig
+from tadq.sampling import SamplerConfig, check_seed
 
 __all__ = [
     "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "DEFAULT_FP_LAYERS",
@@ -68,6 +68,7 @@ class CalibrationConfig:
         for name in ("num_trajectories", "num_steps_kept", "samples_per_step", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_seed("CalibrationConfig.seed", self.seed)
         if self.samples_per_step > self.num_trajectories:
             raise ValueError(
                 f"samples_per_step ({self.samples_per_step}) cannot exceed num_trajectories ({self.num_trajectories})"
@@ -159,6 +160,7 @@ class ReconstructionConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_seed("ReconstructionConfig.seed", self.seed)
         if not 0.0 <= self.warmup < 1.0:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup}")
         if self.beta_start < self.beta_end or self.beta_end <= 0:

@@ -8,9 +8,20 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "resolve_device", "resolve_dtype", "place_model"]
+__all__ = ["DTYPES", "check_weights_loaded", "resolve_device", "resolve_dtype", "place_model"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_weights_loaded(model: nn.Module, where: str) -> None:
+    """Refuse a model whose weights are on the ``meta`` device (built under ``torch.device("meta")`` or with
+    ``init_empty_weights`` and never loaded): it holds no values, and its first forward would fail deep in a
+    sampler step rather than here."""
+    empty = [name for name, tensor in (*model.named_parameters(), *model.named_buffers()) if tensor.is_meta]
+    if empty:
+        raise ValueError(f"{where}: {len(empty)} weight(s) of this {type(model).__name__} are on the 'meta' device "
+                         f"(e.g. {empty[0]}), i.e. not loaded; load its weights (from_pretrained, or to_empty() then "
+                         "load_state_dict) before quantizing or sampling it")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -16,15 +16,15 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from tadq.utils import PNG_MARK, atomic_write_text  # PNG_MARK re-exported: by it a PNG is known as tadq's own
+
 __all__ = ["MARKER_FILE", "PNG_MARK", "OutputRefused", "check_output_dir", "check_output_file", "check_writable_dir",
-           "is_tadq_file", "is_tadq_output", "mark_output"]
+           "is_tadq_file", "is_tadq_output", "mark_output", "output_kind"]
 
 MARKER_FILE = "tadq_output.json"
 # JSON files by which folders written before the marker existed are still recognised as tadq's
 _LEGACY_FILES = ("tadq_config.json", "results.json", "report.json", "manifest.json", "training_info.json")
 FORCE_HINT = "pass --force-foreign (force_foreign=True) to write there anyway"
-# the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
-PNG_MARK = {"tadq": "tadq-output"}
 
 
 class OutputRefused(ValueError):
@@ -41,6 +41,20 @@ def is_tadq_output(folder: str | Path) -> bool:
         except (ValueError, AttributeError, OSError, UnicodeDecodeError):
             return False
     return any(_written_by_tadq(folder / name) for name in _LEGACY_FILES)
+
+
+def output_kind(folder: str | Path) -> str | None:
+    """The kind of output (``artefact``, ``run``, ``samples``...) ``folder``'s marker records; ``None`` without a
+    readable marker (no folder, a foreign one, or one written before the marker existed)."""
+    marker = Path(folder) / MARKER_FILE
+    try:
+        document = json.loads(marker.read_text()) if marker.is_file() else None
+    except (ValueError, OSError, UnicodeDecodeError):
+        return None
+    if isinstance(document, dict) and document.get("format") == "tadq-output":
+        kind = document.get("kind")
+        return kind if isinstance(kind, str) else None
+    return None
 
 
 def _written_by_tadq(path: Path) -> bool:
@@ -84,9 +98,14 @@ def is_tadq_file(path: str | Path) -> bool:
 
 
 def mark_output(folder: str | Path, kind: str) -> None:
-    """Write the marker (deterministic bytes: no time, no host) so a later ``--overwrite`` may replace ``folder``."""
-    from tadq.utils import atomic_write_text
+    """Write the marker (deterministic bytes: no time, no host) so a later ``--overwrite`` may replace ``folder``.
 
+    A folder already marked as another kind keeps its marker and this raises: rewriting it would turn e.g. an
+    artefact (whose manifest hashes the marker) into a damaged one (``check_output_dir(kind=)`` refuses such a
+    folder before any work; this is the last guard)."""
+    existing = output_kind(folder)
+    if existing is not None and existing != kind:
+        raise OutputRefused(f"{folder} is a tadq {existing} folder; not marking it as a {kind} folder")
     text = json.dumps({"format": "tadq-output", "version": 1, "kind": kind}, indent=2, sort_keys=True) + "\n"
     path = Path(folder) / MARKER_FILE
     if not path.is_file() or path.read_text() != text:
@@ -133,12 +152,15 @@ def _overlap(out: Path, inputs: Sequence[str | Path]) -> str | None:
     return None
 
 
-def check_output_dir(out: str | Path, *, what: str = "--out", overwrite: bool = False, resume: bool = False,
-                     force_foreign: bool = False, inputs: Sequence[str | Path] = ()) -> None:
+def check_output_dir(out: str | Path, *, kind: str, what: str = "--out", overwrite: bool = False,
+                     resume: bool = False, force_foreign: bool = False, inputs: Sequence[str | Path] = ()) -> None:
     """Refuse, before any work, an output folder tadq must not write; raises ``OutputRefused`` (a ``ValueError``).
 
     Args:
         out: the folder tadq will create (or replace, or fill).
+        kind: the kind of output the caller writes (its ``mark_output`` kind); a folder marked as another kind is
+            refused even with ``force_foreign``: filling a run report with an artefact's files, or replacing a
+            run folder (and the user's notes in it) by an artefact, is never what was meant.
         what: the flag or argument naming it, for messages.
         overwrite: the caller will replace an existing folder (artefacts).
         resume: the caller adds to an existing folder (run folders, reports).
@@ -152,6 +174,10 @@ def check_output_dir(out: str | Path, *, what: str = "--out", overwrite: bool = 
     if out.exists() and not out.is_dir():
         raise OutputRefused(f"{what} {out} is a file, not a folder; tadq writes a folder there: choose a folder path "
                             "(the file is left alone)")
+    existing = output_kind(out) if out.is_dir() else None
+    if existing is not None and existing != kind:
+        raise OutputRefused(f"{what} {out} is a tadq '{existing}' folder, not a '{kind}' one; writing there would "
+                            f"{'replace' if overwrite else 'mix files into'} it. Choose another folder")
     if out.is_dir() and any(out.iterdir()):
         if not force_foreign and not is_tadq_output(out):  # first: --overwrite alone would not be enough
             also = "" if (overwrite or resume) else " (with --overwrite, overwrite=True)"

@@ -11,7 +11,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["atomic_torch_save", "atomic_write_text", "atomic_write_json", "library_versions"]
+__all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "library_versions",
+           "save_figure"]
+
+# the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
+PNG_MARK = {"tadq": "tadq-output"}
 
 
 def _atomic(path: Path, write) -> None:
@@ -40,6 +44,20 @@ def atomic_write_text(text: str, path: str | Path) -> None:
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     """Write JSON atomically, indented for people to read."""
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False), path)
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 130) -> Path:
+    """Save a matplotlib figure as a PNG carrying tadq's mark (``fsguard.PNG_MARK``: a later run may replace it,
+    nothing else is replaced) through a temp file and a rename, so an interrupt never leaves a truncated PNG in
+    place of a finished one; the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, metadata=PNG_MARK))
+    finally:
+        plt.close(fig)
+    return path
 
 
 def library_versions() -> dict[str, str]:

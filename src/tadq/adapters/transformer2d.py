@@ -250,8 +250,13 @@ class DiTAdapter(_PatchTransformerAdapter):
         business.
 
         Raises:
-            ValueError: no labels, other fields, or a label outside [0, K] (K = the null class).
+            ValueError: no labels, other fields, a label outside [0, K] (K = the null class), or a non-square
+                latent: diffusers' DiT unpatchifies with side √tokens, so a (N, C, 8, 12) input came back as a
+                prediction of another batch size and shape, without an error.
         """
+        if x.shape[-2] != x.shape[-1]:
+            raise ValueError(f"a {type(model).__name__} takes square latents (its unpatchify assumes a square token "
+                             f"grid), got {x.shape[-2]}×{x.shape[-1]}")
         self._check_fields(model, cond, ())
         labels = cond.class_labels
         table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings

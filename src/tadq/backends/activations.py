@@ -123,13 +123,17 @@ class GridCache:
     """A layer's memo of its input quantizer's fixed grid, so a forward reads no tensor values on the host.
 
     Taken from the quantizer object the layer is called with; a different object (TFMQ swapping quantizers in or
-    out) is read afresh, and per-step quantizers are always read at the current step. Ranges are meant to be final
-    when a model is converted: a ``set_range`` on the same object afterwards is not seen.
+    out) is read afresh, and per-step quantizers are always read at the current step. Eager calls also read it
+    afresh when the range was written in place since (the tensors' version counters, host metadata: no sync):
+    guidance branch ranges (``QuantConfig.branch_ranges``) swap the unconditional branch's Δ and z into the same
+    quantizers for half of every guided call, which a memo by object alone served with the conditional grid. A
+    compiled graph keeps the grid it was traced with (``int8-compiled`` refuses models whose ranges move).
     """
 
     def __init__(self) -> None:
         self.source: Quantizer | None = None
         self.grid: ActivationGrid | None = None
+        self.versions: tuple[int, int] | None = None
 
     def fill(self, quantizer: Quantizer) -> None:
         """Read a fixed grid now (when the layer is built), so no forward reads it on the host, compiled or not;
@@ -143,6 +147,11 @@ class GridCache:
         if quantizer.bypass or quantizer._observer is not None:
             raise RuntimeError("an integer layer's input quantizer is bypassed or observing: calibrate on the "
                                "'fake' backend, then convert")
-        if self.source is not quantizer or self.grid is None:
-            self.grid, self.source = activation_grid(quantizer), quantizer
+        if torch.compiler.is_compiling():  # traced once: the grid is a constant of the graph
+            if self.source is not quantizer or self.grid is None:
+                self.grid, self.source = activation_grid(quantizer), quantizer
+            return self.grid
+        versions = (quantizer.scale._version, quantizer.zero_point._version)
+        if self.source is not quantizer or self.grid is None or self.versions != versions:
+            self.grid, self.source, self.versions = activation_grid(quantizer), quantizer, versions
         return self.grid

@@ -56,7 +56,18 @@ def _zero(grid: ActivationGrid) -> int | Tensor:
     return grid.zero_point.to(torch.int32) if isinstance(grid.zero_point, Tensor) else int(grid.zero_point)
 
 
-class _ConvKernel(nn.Module):
+class _Prepacked(nn.Module):
+    """A layer holding an opaque oneDNN prepacked weight (``packed``), which torch cannot copy: ``copy.deepcopy``
+    of an integer model failed deep inside torch ("Cannot access storage of OpaqueTensorImpl")."""
+
+    name: str
+
+    def __deepcopy__(self, memo: dict) -> None:
+        raise TypeError(f"{self.name}: an int8 model holds prepacked oneDNN weights, which cannot be copied; copy "
+                        "the fake-quant model and convert the copy (to_backend(copy.deepcopy(qmodel), backend))")
+
+
+class _ConvKernel(_Prepacked):
     """One prepacked int8 conv; the input quantizer is passed per call (a split conv has one per half)."""
 
     def __init__(self, codes: WeightCodes, bias: Tensor | None, conv: nn.Conv2d, name: str) -> None:
@@ -153,7 +164,7 @@ class OneDNNSplitConv2d(nn.Module):
         return y.add_(self.skip(x[:, self.split:], self.input_quantizer_skip))
 
 
-class OneDNNLinear(nn.Module):
+class OneDNNLinear(_Prepacked):
     """Integer replacement of a ``QuantLinear``: rows of any leading shape through one 2-D int8 GEMM."""
 
     def __init__(self, layer: QuantLinear, name: str) -> None:

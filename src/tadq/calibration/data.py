@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from tadq.config import CalibrationConfig, config_to_dict
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
-from tadq.sampling import Conditioning, ConditionSource, SamplingPlan, sample
+from tadq.sampling import Conditioning, ConditionSource, SamplingPlan, sample, scheduler_config_key
 
 __all__ = ["CalibrationSet", "collect_calibration_set", "calibration_key", "model_fingerprint", "kept_steps"]
 
@@ -99,7 +99,8 @@ def calibration_fields(model: nn.Module, scheduler_config: dict, config: Calibra
                        conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> dict:
     """What the calibration data depends on: model weights, scheduler, the config (sampler incl. clipping), and
     for a conditional model its conditions and guidance scale (absent when unconditional, so old keys hold)."""
-    fields = {"model": model_fingerprint(model), "scheduler": dict(scheduler_config), "config": config_to_dict(config)}
+    fields = {"model": model_fingerprint(model), "scheduler": scheduler_config_key(scheduler_config),
+              "config": config_to_dict(config)}
     if conditions is not None or guidance_scale != 1.0:
         fields["conditioning"] = {"conditions": None if conditions is None else conditions.key,
                                   "guidance_scale": float(guidance_scale)}
@@ -145,6 +146,13 @@ def collect_calibration_set(
     scheduler = scheduler_config
     if hasattr(scheduler_config, "config"):
         scheduler_config = scheduler_config.config
+    # the scheduler's class and the sampler are checked before the cache is read: a cached set (keyed by the
+    # config's values) must not let a scheduler through that the FP run would have refused
+    plan = SamplingPlan.build(scheduler if isinstance(scheduler, ConfigMixin) else scheduler_config, config.sampler,
+                              guidance_scale)
+    check = getattr(adapter, "check_prediction", None)  # e.g. a flow-matching model refuses an ε scheduler
+    if check is not None:
+        check(model, plan.steps[0].prediction_type)
     fields = calibration_fields(model, scheduler_config, config, conditions, guidance_scale)
     key = calibration_key(model, scheduler_config, config, conditions, guidance_scale)
     path = Path(cache_dir) / f"calibration-{key}.safetensors" if cache_dir is not None else None
@@ -152,11 +160,6 @@ def collect_calibration_set(
         logger.info("using cached calibration data %s", path)
         return CalibrationSet.load(path, key, fields)
     _warn_unused_conditions(conditions, config.num_trajectories)
-    plan = SamplingPlan.build(scheduler if isinstance(scheduler, ConfigMixin) else scheduler_config, config.sampler,
-                              guidance_scale)
-    check = getattr(adapter, "check_prediction", None)  # e.g. a flow-matching model refuses an ε scheduler
-    if check is not None:
-        check(model, plan.steps[0].prediction_type)
     parameter = next(model.parameters())
     result = sample(
         lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond), plan,

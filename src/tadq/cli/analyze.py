@@ -52,7 +52,7 @@ def analyze_command(
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
-        check_output_dir(out, resume=True, force_foreign=force_foreign,
+        check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
         qmodel, _ = load_quantized(model_dir)
         wanted = qmodel.adapter.conditioning_inputs(qmodel.model)

@@ -118,7 +118,7 @@ def run_command(
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
-        check_output_dir(out, resume=True, force_foreign=force_foreign,
+        check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)

@@ -99,12 +99,12 @@ def bench_command(
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         source = model if model is not None else shipped_model_path()
-        check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
+        check_output_dir(out, kind="bench", resume=True, force_foreign=force_foreign, inputs=[source])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
         if models_dir is not None:
             # base models are saved into it and reused from it: tadq's own (marked, or <run>/models of a folder tadq
             # marked, as runs/main/models), never the input model's folder or a foreign one
-            check_output_dir(models_dir, what="--models-dir", resume=True, inputs=[source],
+            check_output_dir(models_dir, kind="base-models", what="--models-dir", resume=True, inputs=[source],
                              force_foreign=force_foreign or is_tadq_output(models_dir.parent))
         fields = matrix("quick" if quick else "default")
         if samplers is not None:

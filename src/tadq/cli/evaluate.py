@@ -133,7 +133,7 @@ def evaluate_command(
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
-            check_output_dir(out, resume=True, force_foreign=force_foreign,
+            check_output_dir(out, kind="evaluate-report", resume=True, force_foreign=force_foreign,
                              inputs=[model_dir, reference if reference is not None else shipped_model_path()])
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         qmodel, scheduler = load_quantized(model_dir)

@@ -371,8 +371,12 @@ def quantize_command(
         source = model_dir if model_dir is not None else shipped_model_path()
         prompts = calibration_prompts(model_dir, calib_prompt, calib_prompts)
         # every path first: a refused --out or an unwritable cache must not cost a whole quantization
-        check_output_dir(out, overwrite=overwrite, force_foreign=force_foreign, inputs=[source])
-        check_writable_dir(cache_dir, "--cache-dir")
+        check_output_dir(out, kind="artefact", overwrite=overwrite, force_foreign=force_foreign, inputs=[source])
+        check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
+        if cache_dir.resolve() == out.resolve() or out.resolve() in cache_dir.resolve().parents:
+            # the cache would create --out before the save, which then finds a folder without tadq's marker
+            raise ValueError(f"--cache-dir {cache_dir} lies in --out {out}, which the artefact replaces whole; "
+                             "choose a cache folder outside it")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
         if distilled_guidance is None:  # the recipe's (--recipe of a Flux artefact, --set deployments.0...)

@@ -165,7 +165,7 @@ def recipe_command(
         check_seeds(calibration_seed=seed, heldout=heldout_seed(seed), eval_seed=eval_seed,
                     fit_seeds={"correction fit": fit_seeds["fit"], "TCEC selection": fit_seeds["tcec_selection"]})
         source = resolve_model_path(model_dir)  # load_workload refuses a folder that does not exist
-        check_output_dir(out, resume=True, force_foreign=force_foreign, inputs=[source])
+        check_output_dir(out, kind="recipe-search", resume=True, force_foreign=force_foreign, inputs=[source])
         workload = load_workload(model_dir, guidance_scale=guidance_scale,
                                  calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                                  evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),

@@ -128,8 +128,10 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     is checked before the pipeline is loaded; returns the files written."""
     import math
 
+    from PIL.PngImagePlugin import PngInfo
+
     from tadq.config import config_to_dict
-    from tadq.fsguard import check_output_dir, check_output_file, mark_output
+    from tadq.fsguard import PNG_MARK, check_output_dir, check_output_file, is_tadq_file, mark_output
     from tadq.pipelines import PromptConditions, load_pipeline
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.safefiles import require_finite, save_checked
@@ -146,7 +148,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
         raise ValueError(f"--num-samples {num_samples} for {len(prompts)} prompts: sample i gets prompt i mod the "
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
                          f"--num-samples {len(prompts)} or more")
-    check_output_dir(out, what="--out", resume=True, inputs=[path], force_foreign=force_foreign)
+    check_output_dir(out, kind="samples", what="--out", resume=True, inputs=[path], force_foreign=force_foreign)
     if tensor_out is not None:
         check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path],
                           force_foreign=force_foreign)
@@ -162,13 +164,19 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     images = pipe.tadq_decode(latents, "pil", batch_size)
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "samples")
+    mark = PngInfo()  # tadq's mark: a rerun may replace or remove these files, and nothing else
+    for key, value in PNG_MARK.items():
+        mark.add_text(key, value)
     written = []
     for i, image in enumerate(images):
         file = out / f"sample_{i:04d}.png"
-        _atomic(file, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        _atomic(file, lambda tmp, image=image: image.save(tmp, format="PNG", pnginfo=mark))
         written.append(file)
+    for stale in sorted(set(out.glob("sample_*.png")) - set(written)):  # an earlier run's extra samples
+        if is_tadq_file(stale):
+            stale.unlink()
     grid = _grid(images, math.ceil(math.sqrt(len(images))))
-    _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG"))
+    _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG", pnginfo=mark))
     settings = {"model": str(path), "seed": seed, "sampler": config_to_dict(sampler), "guidance_scale": scale,
                 "distilled_guidance": getattr(encoder, "distilled_guidance", None),
                 "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits, "backend": backend}

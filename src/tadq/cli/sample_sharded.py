@@ -90,10 +90,12 @@ def sample_sharded_command(
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         if metrics and num_samples < 2:
             raise ValueError(f"--num-samples {num_samples}: FD-digits needs at least 2 samples; pass --no-metrics")
-        check_output_dir(out_dir, resume=True, force_foreign=force_foreign,
+        check_output_dir(out_dir, kind="sample-sharded", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir if model_dir is not None else shipped_model_path()])
         reference = ShardedRun.open(reference_dir) if reference_dir is not None else None
         denoiser, scheduler, label = load_denoiser(model_dir)
+        if world.is_main:  # an earlier run's metrics (another N) must not outlive it: rewritten below if asked
+            (out_dir / METRICS_NAME).unlink(missing_ok=True)
         report = sample_sharded(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
                                 out_dir=out_dir, batch_size=batch_size, chunk_size=chunk_size or batch_size,
                                 record_trajectory=record_trajectory, world=world, label=label, assemble=assemble)

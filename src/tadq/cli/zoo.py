@@ -49,7 +49,7 @@ def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
     from tadq.fsguard import check_output_dir, mark_output
 
     config = build_config()
-    check_output_dir(out, resume=True, force_foreign=force_foreign)
+    check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign)
     check_not_finished(out, overwrite)
     if mark:
         mark_output(out, "training")

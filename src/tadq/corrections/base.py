@@ -35,11 +35,11 @@ from tadq.corrections.pair import (
     TrajectoryPair,
     collect_trajectory_pair,
 )
-from tadq.sampling import Conditioning, IdentityHooks, SamplingHooks, StepContext
+from tadq.sampling import Conditioning, IdentityHooks, SamplingHooks, StepContext, check_seed
 
 __all__ = [
     "Correction", "CorrectionConfig", "FitContext", "HookedDenoiser", "PairRequest", "TableKey", "TrajectoryPair",
-    "collect_trajectory_pair",
+    "check_selection_seed", "collect_trajectory_pair",
 ]
 
 
@@ -148,8 +148,18 @@ class CorrectionConfig:
             raise ValueError(f"trajectory={self.trajectory!r}; accepted values: {TRAJECTORY_MODES}")
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be a non-negative int (a calibration seed), got {self.seed!r}")
+        check_seed("seed (a calibration seed)", self.seed)
+
+
+def check_selection_seed(config_name: str, seed: int, selection_seed: int | None, held_out_seed: int) -> None:
+    """A correction's held-out selection seed: a calibration seed other than its fitting seed (a choice scored on
+    the noise it was fitted on proves nothing), within the noise draws' seed range (``selection_seed=None`` takes
+    ``seed + SELECTION_SEED_OFFSET``, which must fit too)."""
+    if selection_seed is not None:
+        check_seed(f"{config_name}.selection_seed", selection_seed)
+        if selection_seed == seed:
+            raise ValueError(f"{config_name}.selection_seed must be a calibration seed other than seed ({seed})")
+    check_seed(f"{config_name}'s held-out seed (selection_seed, or seed + 100000 when it is None)", held_out_seed)
 
 
 @runtime_checkable

@@ -14,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tadq.utils import save_figure  # noqa: E402
+
 __all__ = ["save_correction_tables_plot"]
 
 PANELS = (("TAC", "input_bias", "TAC IBC: input bias b_t (channel mean)"),
@@ -49,7 +51,4 @@ def save_correction_tables_plot(rows: Mapping[str, Mapping[str, Any]], path: str
                     fontsize=8, color="grey")
     fig.suptitle("fitted sampler-level correction tables", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tadq.sampling import SamplerConfig
+from tadq.sampling import DEFAULTED_KEYS, SamplerConfig, scheduler_config_key
 
 __all__ = ["KEY_VERSION", "key_differences", "model_fingerprint", "run_key", "scheduler_fingerprint"]
 
@@ -73,8 +73,11 @@ def model_fingerprint(module: nn.Module) -> str:
 
 
 def scheduler_fingerprint(scheduler: Any) -> str:
-    """SHA-256 of a diffusers scheduler's public config (betas, prediction type, clipping, ...)."""
-    config = {key: value for key, value in dict(scheduler.config).items() if not key.startswith("_")}
+    """SHA-256 of a diffusers scheduler's public config (betas, prediction type, clipping, ...) and of the keys it
+    left at its class defaults (``DEFAULTED_KEYS``, sorted; absent when there are none, as for a loaded folder whose
+    config names every key), which decide the sampler another class builds from it."""
+    config = {key: value for key, value in scheduler_config_key(scheduler.config).items()
+              if not key.startswith("_") or (key == DEFAULTED_KEYS and value)}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -186,6 +186,8 @@ def sample_sharded(
     settings = {"model_label": label or type(denoiser).__name__, "sampler_key": sampler.key,
                 "world_size": world.world_size, "device": str(world.device), "threads": torch.get_num_threads()}
     if world.is_main:
+        # the assembled file of an earlier run (another N) would sit beside a manifest of this one until _finish
+        (out_dir / SAMPLES_NAME).unlink(missing_ok=True)
         write_manifest(out_dir, key, num_samples, complete=False, settings=settings)
     mine = assign_chunks(pending, world.rank, world.world_size)
     logger.info("%d of %d chunks to sample (%d on this rank of %d); %d reused from %s", len(pending), len(chunks),

@@ -26,14 +26,14 @@ from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
 from tadq.experiments.workload import Workload, load_workload
-from tadq.fsguard import mark_output
+from tadq.fsguard import is_tadq_file, mark_output
 from tadq.metrics import per_step_mse
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
 from tadq.safefiles import DamagedFileError, load_checked, save_checked
-from tadq.sampling import SamplerConfig
+from tadq.sampling import SamplerConfig, check_seed
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 
 __all__ = ["RunConfig", "CELL_SUFFIX", "HEADLINE_METHODS", "HEADLINE_SAMPLES", "PreparedJob", "cell_key", "load_cell",
@@ -127,6 +127,7 @@ class RunConfig:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
         if self.batch_size < 1:  # checked here: sampling would refuse it only after calibration
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        check_seed("eval_seed", self.eval_seed)
         if self.calibration.seed == self.eval_seed:
             raise ValueError(
                 "calibration.seed must differ from eval_seed: a fit scored on its own noise proves nothing"
@@ -323,6 +324,16 @@ def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
             f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
 
 
+def _remove_stale_figures(out: Path, keep: list[Path]) -> None:
+    """Delete the optional figures an earlier report in ``out`` drew and this one does not (a rerun with fewer
+    presets left ``per_step_error_W4A8.png`` beside a table without W4A8); only PNGs tadq marked as its own."""
+    names = {path.name for path in keep}
+    for pattern in ("per_step_error_*.png", "ptqd_tables.png", "correction_tables.png"):
+        for path in out.glob(pattern):
+            if path.name not in names and is_tadq_file(path):
+                path.unlink()
+
+
 def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> dict[str, Any]:
     """Metrics table, JSON, grids and the per-step error plot (image metrics on decoded images, the per-step error
     in the space the sampler walks in)."""
@@ -343,20 +354,24 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
     }
     save_error_curves(curves, out / "per_step_error.png", title=f"{config.sampler.key}: MSE(x_t FP, x_t quantized)")
     presets = sorted({c["bits"] for c in cells if c is not fp})
+    optional: list[Path] = []  # the figures only some reports draw, written by this one
     if len(presets) > 1:  # one readable figure per bit-width as well: how each method bends the curve
         for bits in presets:
             subset = {label: curve for label, curve in curves.items() if label.endswith(f" {bits}")}
-            save_error_curves(subset, out / f"per_step_error_{bits}.png",
-                              title=f"{bits}, {config.sampler.key}: MSE(x_t FP, x_t quantized)",
+            optional.append(out / f"per_step_error_{bits}.png")
+            save_error_curves(subset, optional[-1], title=f"{bits}, {config.sampler.key}: MSE(x_t FP, x_t quantized)",
                               reference=f"Q-Diffusion {bits}")
     ptqd = {label: c["extras"]["ptqd_tables"] for label, c in zip(labels, cells, strict=True)
             if "ptqd_tables" in c.get("extras", {})}
     if ptqd:
-        save_ptqd_tables_plot(ptqd, out / "ptqd_tables.png")
+        optional.append(out / "ptqd_tables.png")
+        save_ptqd_tables_plot(ptqd, optional[-1])
     corrections = {label: c["extras"]["correction_tables"] for label, c in zip(labels, cells, strict=True)
                    if c.get("extras", {}).get("correction_tables")}
     if corrections:
-        save_correction_tables_plot(corrections, out / "correction_tables.png")
+        optional.append(out / "correction_tables.png")
+        save_correction_tables_plot(corrections, optional[-1])
+    _remove_stale_figures(out, keep=optional)
     results = {
         "rows": rows,
         "per_step_mse": {label: curve.tolist() for label, curve in curves.items()},

@@ -41,6 +41,7 @@ from tadq.corrections.io import save_corrections
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import model_family
+from tadq.sampling import DEFAULTED_KEYS
 from tadq.utils import library_versions
 
 if TYPE_CHECKING:
@@ -189,13 +190,27 @@ def _diffusers_layout(model: nn.Module) -> tuple[str, str]:
     return family.subfolder, family.pipeline_for(model.config)
 
 
+def _save_scheduler(scheduler: SchedulerMixin, folder: Path) -> None:
+    """The scheduler's config as diffusers writes it, less the keys its constructor was never given
+    (``DEFAULTED_KEYS``): loading it then lists them again, so a sampler of another class built from the loaded
+    scheduler takes the same defaults as the one the model was calibrated with (diffusers' own save names every key,
+    which would turn e.g. a default DDPM spacing into an explicit one and move an Euler grid)."""
+    scheduler.save_pretrained(folder)
+    defaulted = set(scheduler.config.get(DEFAULTED_KEYS) or ())
+    if defaulted:
+        path = folder / "scheduler_config.json"
+        config = json.loads(path.read_text())
+        path.write_text(json.dumps({key: value for key, value in config.items() if key not in defaulted},
+                                   indent=2, sort_keys=True) + "\n")
+
+
 def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin | None, folder: Path) -> str:
     subfolder, pipeline = _diffusers_layout(qmodel.model)
     qmodel.model.save_config(folder / subfolder)  # the FP config, exactly as the model's save_pretrained writes it
     index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
                              subfolder: ["diffusers", type(qmodel.model).__name__]}
     if scheduler is not None:
-        scheduler.save_pretrained(folder / "scheduler")
+        _save_scheduler(scheduler, folder / "scheduler")
         index["scheduler"] = ["diffusers", type(scheduler).__name__]
     else:
         logger.warning("saving without a scheduler: pass the model's training scheduler to sample from the artefact")
@@ -262,7 +277,13 @@ def _publish(staging: Path, target: Path) -> None:
     if target.exists():
         retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
         os.replace(target, retired / target.name)
-        os.replace(staging, target)
+        try:
+            os.replace(staging, target)
+        except BaseException:  # an interrupt between the two renames: the old artefact goes back, whole
+            if not target.exists():
+                os.replace(retired / target.name, target)
+                retired.rmdir()
+            raise
         shutil.rmtree(retired)
     else:
         os.replace(staging, target)
@@ -297,7 +318,7 @@ def save_quantized(
     source = None if pipeline_source is None else Path(pipeline_source)
     if source is not None and not (source / "model_index.json").is_file():
         raise ValueError(f"pipeline_source {source} is not a pipeline folder (no model_index.json)")
-    check_output_dir(target, what="artefact folder", overwrite=overwrite, force_foreign=force_foreign,
+    check_output_dir(target, kind="artefact", what="artefact folder", overwrite=overwrite, force_foreign=force_foreign,
                      inputs=[] if source is None else [source])
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))

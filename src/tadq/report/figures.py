@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from tadq.fsguard import PNG_MARK  # noqa: E402
+from tadq.utils import save_figure  # noqa: E402
 
 __all__ = ["image_grid", "save_comparison_grid", "save_error_curves"]
 
@@ -52,10 +52,7 @@ def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: i
         ax.imshow(image_grid(images, columns), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
         ax.set_title(textwrap.fill(title, PANEL_TITLE_CHARS), fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130, metadata=PNG_MARK)  # marked: a later run may replace it, nothing else is replaced
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def save_error_curves(
@@ -97,7 +94,4 @@ def save_error_curves(
         ax.set_title(f"relative to {reference}", fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -11,6 +11,7 @@ from tadq.sampling.conditioning import (
     conditions_for,
 )
 from tadq.sampling.config import (
+    DEFAULTED_KEYS,
     DISCRETE_SCHEDULERS,
     FLOW_KINDS,
     FLOW_PREDICTION,
@@ -22,11 +23,12 @@ from tadq.sampling.config import (
     check_drivable,
     default_sampler,
     make_scheduler,
+    scheduler_config_key,
 )
 from tadq.sampling.context import GuidanceBranches, StepContext, require_one_step, step_contexts
 from tadq.sampling.hooks import IdentityHooks, NoiseStd, SamplingHooks
 from tadq.sampling.loop import SamplingResult, Trajectory, sample
-from tadq.sampling.noise import initial_noise, sample_generator, step_noise
+from tadq.sampling.noise import MAX_SEED, check_seed, initial_noise, sample_generator, step_noise
 from tadq.sampling.plan import SamplingPlan, check_guidance_scale
 from tadq.sampling.prediction import to_epsilon
 from tadq.sampling.steps import (
@@ -80,8 +82,12 @@ __all__ = [
     "euler_step",
     "flow_euler_step",
     "hooked_step",
+    "MAX_SEED",
+    "check_seed",
     "initial_noise",
     "make_scheduler",
+    "scheduler_config_key",
+    "DEFAULTED_KEYS",
     "predict_x0",
     "require_one_step",
     "sample",

@@ -24,7 +24,8 @@ from diffusers.configuration_utils import ConfigMixin
 
 __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
            "PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
-           "default_sampler", "make_scheduler"]
+           "default_sampler", "make_scheduler", "scheduler_config_key",
+           "DEFAULTED_KEYS"]
 
 SamplerKind = Literal["ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler"]
 SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler")
@@ -221,6 +222,23 @@ class SamplerConfig:
     def is_flow(self) -> bool:
         """Whether this kind integrates a flow-matching ODE on a velocity (not ε on a ᾱ_t schedule)."""
         return self.kind in FLOW_KINDS
+
+
+DEFAULTED_KEYS = "_use_default_values"
+"""diffusers' list of the config keys a scheduler's constructor was not given (left at its class defaults). It
+changes the sampler: ``from_config`` into another class gives those keys that class's defaults (``DDPMScheduler()``
+sampled as Euler takes Euler's "linspace" spacing, not DDPM's "leading"), as a user's
+``EulerDiscreteScheduler.from_config(pipe.scheduler.config)`` does. diffusers drops the list when it saves a config,
+so tadq saves schedulers without the defaulted keys instead (``tadq.io``), and the list comes back on loading."""
+
+
+def scheduler_config_key(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A scheduler config as cache and run keys hold it: ``DEFAULTED_KEYS`` sorted, since diffusers builds that list
+    in set order, which differs between processes (the key of the same scheduler would change from run to run)."""
+    values = dict(config)
+    if DEFAULTED_KEYS in values:
+        values[DEFAULTED_KEYS] = sorted(values[DEFAULTED_KEYS])
+    return values
 
 
 def _config_of(train_scheduler_or_config: ConfigMixin | Mapping[str, Any]) -> tuple[str | None, Mapping[str, Any]]:

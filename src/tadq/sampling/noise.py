@@ -16,16 +16,25 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["INITIAL_STREAM", "LABEL_STREAM", "STEP_STREAM", "initial_noise", "sample_generator", "step_noise"]
+__all__ = ["INITIAL_STREAM", "LABEL_STREAM", "MAX_SEED", "STEP_STREAM", "check_seed", "initial_noise",
+           "sample_generator", "step_noise"]
 
 INITIAL_STREAM = 0  # x_T
 STEP_STREAM = 1  # z_1..z_S of the sampler steps
 LABEL_STREAM = 2  # per-sample conditions drawn at random (class labels); never shifts the noise streams
 
 
-def _check_non_negative(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {value!r}.")
+MAX_SEED = 2**32 - 1
+"""The largest seed (and sample index): ``SeedSequence`` splits a larger int into 32-bit words, so seed s + k·2³²
+at sample 0 would hash like seed s at sample k and replay its noise (calibration and evaluation seeds would no
+longer be disjoint)."""
+
+
+def check_seed(name: str, value: object) -> None:
+    """Refuse anything but an int in [0, ``MAX_SEED``], naming ``name``: seeds are checked where a config or call
+    takes them, before any work, with the same bound the noise draws hold."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be an int in [0, 2**32 - 1], got {value!r}.")
 
 
 def sample_generator(seed: int, index: int, stream: int = INITIAL_STREAM) -> torch.Generator:
@@ -35,8 +44,8 @@ def sample_generator(seed: int, index: int, stream: int = INITIAL_STREAM) -> tor
     indices give unrelated streams (unlike ``seed + index``, where seed 0 / index 1 would equal seed 1 / index 0).
 
     Args:
-        seed: Run seed, >= 0.
-        index: Sample index, >= 0.
+        seed: Run seed, in [0, ``MAX_SEED``].
+        index: Sample index, in [0, ``MAX_SEED``].
         stream: Which noise of the sample: ``INITIAL_STREAM`` (x_T), ``STEP_STREAM`` (step noises) or
             ``LABEL_STREAM`` (random per-sample conditions).
 
@@ -44,7 +53,7 @@ def sample_generator(seed: int, index: int, stream: int = INITIAL_STREAM) -> tor
         A freshly seeded ``torch.Generator`` on the CPU.
     """
     for name, value in (("seed", seed), ("index", index), ("stream", stream)):
-        _check_non_negative(name, value)
+        check_seed(name, value)
     state = np.random.SeedSequence([int(seed), int(index), int(stream)]).generate_state(1, dtype=np.uint64)
     generator = torch.Generator(device="cpu")
     generator.manual_seed(int(state[0]) >> 1)  # 63 bits: a non-negative int64

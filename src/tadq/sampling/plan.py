@@ -8,6 +8,7 @@ disagree about a timestep, a coefficient or the guidance scale the per-step tabl
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,18 @@ def check_guidance_scale(guidance_scale: float) -> float:
             or not math.isfinite(guidance_scale) or guidance_scale < 0:
         raise ValueError(f"guidance_scale must be a finite float >= 0 (1.0: no guidance), got {guidance_scale!r}")
     return float(guidance_scale)
+
+
+def _check_distinct_timesteps(timesteps: Tensor, sampler: SamplerConfig) -> None:
+    """Refuse a grid that visits a timestep twice: at as many steps as training timesteps diffusers' spacing
+    repeats one, and a step between equal times has zero length (DPM-Solver++ divides by it; diffusers' own loop
+    turns the sample to NaN there)."""
+    repeated = sorted(t for t, count in Counter(timesteps.tolist()).items() if count > 1)
+    if repeated:
+        shown = ", ".join(f"{t:g}" for t in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
+        raise ValueError(f"the {sampler.kind} grid of {sampler.num_steps} steps visits timestep(s) {shown} twice "
+                         "(more steps than the training schedule has distinct times at this spacing): use fewer "
+                         "steps")
 
 
 @dataclass(frozen=True)
@@ -66,6 +79,7 @@ class SamplingPlan:
         """
         scale = check_guidance_scale(guidance_scale)
         diffusers_scheduler = make_scheduler(scheduler, sampler)
+        _check_distinct_timesteps(diffusers_scheduler.timesteps, sampler)
         steps = tuple(step_contexts(diffusers_scheduler, sampler, scale))
         check_supported(steps[0])
         euler = sampler.kind in ("euler", "euler-ancestral")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tadq.search.search import SearchResult
-from tadq.utils import atomic_write_json, atomic_write_text
+from tadq.utils import atomic_write_json, atomic_write_text, save_figure
 
 __all__ = ["write_report", "report_payload", "plot_pareto", "markdown_report"]
 
@@ -114,10 +114,7 @@ def plot_pareto(result: SearchResult, path: str | Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = Path(path).with_name(f".{Path(path).name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)
 
 
 def write_report(result: SearchResult, out_dir: str | Path, evaluation: dict[str, Any] | None = None) -> None:

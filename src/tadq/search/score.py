@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from tadq.api import sample
 from tadq.metrics.image import psnr_per_sample
-from tadq.sampling import ConditionSource, SamplerConfig
+from tadq.sampling import ConditionSource, SamplerConfig, check_seed
 
 __all__ = ["HELDOUT_SEED_OFFSET", "HeldOutScore", "heldout_seed", "check_seeds", "robust_score", "final_samples",
            "score_samples", "trimmed_mean"]
@@ -49,6 +49,8 @@ def check_seeds(*, calibration_seed: int, heldout: int, eval_seed: int, fit_seed
     """Raise ``ValueError`` unless the evaluation seed is apart from every seed the search fits or scores on, and
     the held-out seed is apart from every fit seed (a candidate scored on its own fitting noise proves nothing)."""
     used = {"calibration": calibration_seed, **(fit_seeds or {})}
+    for role, seed in {**used, "held-out scoring": heldout, "evaluation": eval_seed}.items():
+        check_seed(f"the {role} seed", seed)
     for role, seed in {**used, "held-out scoring": heldout}.items():
         if seed == eval_seed:
             raise ValueError(f"the {role} seed {seed} equals the evaluation seed {eval_seed}: the search must never "

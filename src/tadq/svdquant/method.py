@@ -33,6 +33,7 @@ from tadq.quant.ranges import estimate_range
 from tadq.quant.rotation import fold_rotation, rotate_channels
 from tadq.quant.smoothing import channel_absmax, smooth_input, smooth_weight, smoothing_factors, weight_input_absmax
 from tadq.quant.transformed import TransformedQuantConv2d, TransformedQuantLayer
+from tadq.sampling import check_seed
 
 __all__ = ["SVDQuantMethod", "LayerFit", "apply_svdquant", "transformed_layers"]
 
@@ -61,6 +62,7 @@ class SVDQuantMethod:
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
         if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"SVDQuantMethod.alpha_grid values must be in [0, 1], got {self.alpha_grid}")
+        check_seed("SVDQuantMethod.seed", self.seed)
         for name in ("search_samples", "svd_niter", "svd_oversample"):
             if getattr(self, name) < (1 if name == "search_samples" else 0):
                 raise ValueError(f"SVDQuantMethod.{name} must be >= {1 if name == 'search_samples' else 0}")

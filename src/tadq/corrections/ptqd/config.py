@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.base import CorrectionConfig, check_selection_seed
 from tadq.corrections.sequential import check_selection_score
 from tadq.corrections.tcec.config import SELECTION_SEED_OFFSET
 
@@ -63,9 +63,7 @@ class PTQDConfig(CorrectionConfig):
                 raise ValueError(f"PTQDConfig.{name} must be True or False, got {getattr(self, name)!r}")
         if self.vsc_form not in ("noise_only", "full_code"):
             raise ValueError(f"PTQDConfig.vsc_form must be 'noise_only' or 'full_code', got {self.vsc_form!r}")
-        if self.selection_seed is not None and (isinstance(self.selection_seed, bool) or self.selection_seed < 0
-                                                or self.selection_seed == self.seed):
-            raise ValueError("PTQDConfig.selection_seed must be a non-negative calibration seed other than seed")
+        check_selection_seed("PTQDConfig", self.seed, self.selection_seed, self.held_out_seed)
         if isinstance(self.selection_samples, bool) or not isinstance(self.selection_samples, int) \
                 or self.selection_samples < 1:
             raise ValueError(f"PTQDConfig.selection_samples must be a positive int, got {self.selection_samples!r}")

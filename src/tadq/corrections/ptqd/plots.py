@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tadq.utils import save_figure  # noqa: E402
+
 __all__ = ["save_ptqd_tables_plot"]
 
 
@@ -46,7 +48,4 @@ def save_ptqd_tables_plot(tables: Mapping[str, Any] | Mapping[str, Mapping[str, 
     first = next(iter(series.values()))
     fig.suptitle(f"PTQD statistics, {first.get('sampler', '')}", fontsize=11)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.base import CorrectionConfig, check_selection_seed
 from tadq.corrections.pair import TrajectoryMode
 from tadq.corrections.tcec.config import SELECTION_SEED_OFFSET
 
@@ -76,8 +76,7 @@ class TACConfig(CorrectionConfig):
             raise ValueError(f"TACConfig.relative_weight must lie in [0, 1], got {self.relative_weight}")
         if self.mask_threshold < 0 or self.ridge < 0:
             raise ValueError("TACConfig.mask_threshold and ridge must be >= 0")
-        if self.selection_seed is not None and (self.selection_seed == self.seed or self.selection_seed < 0):
-            raise ValueError("TACConfig.selection_seed must be a non-negative calibration seed other than seed")
+        check_selection_seed("TACConfig", self.seed, self.selection_seed, self.held_out_seed)
         if self.selection_samples < 1:
             raise ValueError("TACConfig.selection_samples must be >= 1")
         if self.select_ner and not (self.ner and self.sequential):

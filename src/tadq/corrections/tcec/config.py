@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.base import CorrectionConfig, check_selection_seed
 from tadq.corrections.pair import TrajectoryMode
 
 __all__ = ["SELECTION_SEED_OFFSET", "TCECConfig"]
@@ -118,8 +118,7 @@ class TCECConfig(CorrectionConfig):
         if self.target not in ("same_input", "fp_trajectory", "next_state"):
             raise ValueError(f"TCECConfig.target={self.target!r}; accepted: ('same_input', 'fp_trajectory', "
                              "'next_state')")
-        if self.selection_seed is not None and (self.selection_seed == self.seed or self.selection_seed < 0):
-            raise ValueError("TCECConfig.selection_seed must be a non-negative calibration seed other than seed")
+        check_selection_seed("TCECConfig", self.seed, self.selection_seed, self.held_out_seed)
         if self.selection_samples < 1:
             raise ValueError("TCECConfig.selection_samples must be >= 1")
 

@@ -76,11 +76,14 @@ class BaseModels:
         payload = json.dumps(fields, sort_keys=True)
         key = hashlib.sha256(payload.encode()).hexdigest()[:16]
         path = self.folder / f"{quant_config.method}-{quant_config.label}-{key}"
-        timing = path / "tadq_run_timing.json"
+        # beside the artefact, not in it: a file added after its manifest would make `tadq verify` call it damaged
+        timing = self.folder / f"timing-{path.name}.json"
         if (path / "tadq_config.json").exists():
             qmodel = load_quantized(path)[0]
+            older = path / "tadq_run_timing.json"  # where a tadq before this one wrote it
+            recorded = timing if timing.exists() else older if older.exists() else None
             # reported, not re-spent (NaN: saved by an older tadq that did not record it)
-            qmodel.recorded_quantize_s = json.loads(timing.read_text())["quantize_s"] if timing.exists() else math.nan
+            qmodel.recorded_quantize_s = json.loads(recorded.read_text())["quantize_s"] if recorded else math.nan
             return qmodel
         t0 = time.perf_counter()
         if build is None:
