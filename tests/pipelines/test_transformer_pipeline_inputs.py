@@ -257,6 +257,23 @@ def test_another_sampler_kind_on_pixart_drops_dpmsolvers_order(folders, tmp_path
     assert result.exit_code == 0, output
 
 
+def test_ddim_on_pixart_says_it_clips_latents_unless_clip_sample_is_given(folders, caplog):
+    """PixArt's DPM-Solver config names no clip_sample, so a DDIM built from it clips x̂₀ to ±1 (DDIM's default, as
+    diffusers' from_config does) on latents that are not bounded to [-1, 1]: said with the fix; silent when the
+    user chose the clipping either way."""
+    import logging
+
+    pipe = tadq.load_pipeline(folders["pixart"])
+    with caplog.at_level(logging.WARNING, logger="tadq.pipelines.quantized"):
+        sampler, _ = pipe.tadq_deployment(2, None, None, "ddim")
+    assert "ddim on this latent pipeline clips x̂₀ to ±1" in caplog.text and "clip_sample=False" in caplog.text
+    assert tadq.sampling.make_scheduler(pipe.scheduler, sampler).config.clip_sample  # what the warning says
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tadq.pipelines.quantized"):
+        pipe.tadq_deployment(2, None, None, None)  # its own DPM-Solver never clips
+    assert "clips" not in caplog.text
+
+
 _DYNAMIC = {"use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15, "base_image_seq_len": 256,
             "max_image_seq_len": 4096}
 

@@ -102,6 +102,23 @@ def _prompt_list(prompt: str | Sequence[str] | None, what: str = "prompt") -> li
     return prompts
 
 
+def _warn_latent_clipping(scheduler: Any, sampler: SamplerConfig) -> None:
+    """Say so when a DDIM/DDPM sampler would clip x̂₀ to ±clip_sample_range on latents only because the folder's
+    config (another scheduler class, e.g. PixArt's DPM-Solver) names no ``clip_sample`` and DDIM's default is on:
+    latents are not bounded to [-1, 1], and diffusers' ``from_config`` would clip them the same way, silently."""
+    if sampler.kind not in ("ddim", "ddpm") or sampler.clip_sample is not None or "clip_sample" in scheduler.config:
+        return
+    from tadq.sampling import make_scheduler
+
+    built = make_scheduler(scheduler, sampler)
+    if built.config.get("clip_sample"):
+        logger.warning("%s on this latent pipeline clips x̂₀ to ±%g: the folder's %s config names no clip_sample, so "
+                       "%s's default (on) applies, as diffusers' from_config does; latents are not bounded to "
+                       "[-1, 1]. Pass SamplerConfig(..., clip_sample=False) (tadq quantize: --set "
+                       "sampler.clip_sample=false) unless the clipping is meant", sampler.kind,
+                       built.config.get("clip_sample_range", 1.0), type(scheduler).__name__, type(built).__name__)
+
+
 def check_pipeline_guidance(scale: float) -> float:
     """``scale`` unless it lies in [0, 1): diffusers' pipelines read any scale <= 1 as "no guidance" (the prompt
     alone), tadq's mix ε_u + w(ε_c − ε_u) at w < 1 leans toward the unconditional branch (w = 0: the prompt is
@@ -239,6 +256,7 @@ class TadqPipelineMixin:
                                                               int(parameters["num_inference_steps"].default)))
         sampler, scale = resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps,
                                             guidance_scale, eta, float(default), kind, fallback)
+        _warn_latent_clipping(self.scheduler, sampler)
         return pipeline_flow_shift(self, sampler), check_pipeline_guidance(scale)
 
     def _check_size(self, height: int | None, width: int | None) -> None:
