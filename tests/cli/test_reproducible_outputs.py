@@ -127,6 +127,27 @@ def test_verify_accepts_the_base_models_that_tadq_run_saved(run_folder):
         assert result.exit_code == 0, result.output
 
 
+def test_a_base_model_timing_left_inside_by_an_older_tadq_moves_beside_it(run_folder, model_dir, root, tmp_path):
+    """Base models saved before the fix hold tadq_run_timing.json: the next run that loads one moves it out (its
+    recorded quantize time kept), after which the artefact verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(run_folder, run)
+    models = sorted(p for p in (run / "models").iterdir() if p.is_dir())
+    recorded = {}
+    for folder in models:  # as an older tadq left them
+        timing = run / "models" / f"timing-{folder.name}.json"
+        recorded[folder.name] = json.loads(timing.read_text())["quantize_s"]
+        timing.rename(folder / "tadq_run_timing.json")
+        assert _cli("verify", folder).exit_code != 0
+    shutil.rmtree(run / "cells")  # the cells are rebuilt from the saved base models
+    _ok("run", "--model", model_dir, "--presets", "W8A8,W4A8", *RUN, "--out", run, "--cache-dir", root / "cache")
+    for folder in models:
+        assert not (folder / "tadq_run_timing.json").exists()
+        moved = json.loads((run / "models" / f"timing-{folder.name}.json").read_text())["quantize_s"]
+        assert moved == recorded[folder.name]  # moved, not re-measured (the base model was loaded, not rebuilt)
+        assert _cli("verify", folder).exit_code == 0
+
+
 def test_quantize_refuses_a_cache_dir_inside_the_input_model(model_dir, tmp_path):
     """run and bench refuse a --cache-dir in the input model (tests/cli/test_harness_commands_input.py); quantize
     wrote its calibration cache into the model folder it reads."""

@@ -80,8 +80,11 @@ class BaseModels:
         timing = self.folder / f"timing-{path.name}.json"
         if (path / "tadq_config.json").exists():
             qmodel = load_quantized(path)[0]
-            older = path / "tadq_run_timing.json"  # where a tadq before this one wrote it
-            recorded = timing if timing.exists() else older if older.exists() else None
+            older = path / "tadq_run_timing.json"  # where a tadq before this one wrote it: moved beside the artefact
+            if older.exists() and not timing.exists():
+                atomic_write_json(json.loads(older.read_text()), timing)
+            older.unlink(missing_ok=True)
+            recorded = timing if timing.exists() else None
             # reported, not re-spent (NaN: saved by an older tadq that did not record it)
             qmodel.recorded_quantize_s = json.loads(recorded.read_text())["quantize_s"] if recorded else math.nan
             return qmodel
