@@ -20,7 +20,7 @@ from tadq.device import check_weights_loaded, place_model, resolve_device, resol
 from tadq.methods import quantize_base
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.recipe import Recipe, method_handler
-from tadq.registry import adapter_for
+from tadq.registry import adapter_for, correction_for
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult, check_seed
 from tadq.sampling import sample as _sample_loop
 from tadq.typecheck import expect, expect_scheduler
@@ -103,9 +103,11 @@ def _quantize(
     guidance_scale = recipe.guidance_scale if recipe is not None else 1.0
     # every sampler the model will be calibrated or deployed with must drive this scheduler: refused here, before
     # calibration or reconstruction, not when a correction is fitted or the model is first sampled
-    for deployment in recipe.deployments if recipe is not None else ():
-        SamplingPlan.build(scheduler, deployment.sampler, deployment.guidance_scale)
+    plans = [SamplingPlan.build(scheduler, deployment.sampler, deployment.guidance_scale)
+             for deployment in (recipe.deployments if recipe is not None else ())]
     SamplingPlan.build(scheduler, config.calibration.sampler, guidance_scale)
+    for correction in recipe.corrections if recipe is not None else ():  # fitted along the first deployment
+        correction_for(correction).check_fittable(plans[0].steps)
     if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
         check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before sampling anything
     if network is not fp and config.method == "qdiffusion":

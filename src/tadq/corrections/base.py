@@ -39,7 +39,7 @@ from tadq.sampling import Conditioning, IdentityHooks, SamplingHooks, StepContex
 
 __all__ = [
     "Correction", "CorrectionConfig", "FitContext", "HookedDenoiser", "PairRequest", "TableKey", "TrajectoryPair",
-    "check_selection_seed", "collect_trajectory_pair",
+    "check_count", "check_number", "check_selection_seed", "collect_trajectory_pair",
 ]
 
 
@@ -59,6 +59,8 @@ class TableKey:
         schedule: (t, A_t, B_t) of every step of the fitting sampler: the denoiser's timestep and the update's
             coefficients on x_t and ε, which the training schedule (betas, ``num_train_timesteps``, spacing) fixes
             and the sampler key does not hold. ``None`` in tables saved before it was recorded (not checked).
+        noise: σ_t of every step, the sampler's noise std (DDIM's η, DDPM's ``variance_type``, which the sampler
+            key does not hold either). ``None`` in tables saved before it was recorded (not checked).
     """
 
     sampler_key: str
@@ -68,6 +70,7 @@ class TableKey:
     clip_sample_range: float | None = None
     clip_recorded: bool = False
     schedule: tuple[tuple[float, float, float], ...] | None = None
+    noise: tuple[float, ...] | None = None
 
     @classmethod
     def from_pair(cls, pair: TrajectoryPair) -> TableKey:
@@ -79,7 +82,7 @@ class TableKey:
         """The key of tables fitted along ``steps`` (one sampler grid, noisiest first) on a ``bits`` model."""
         first = steps[0]
         return cls(first.sampler_key, first.num_steps, float(first.guidance_scale), bits, first.clip_sample_range,
-                   True, tuple(schedule_point(step) for step in steps))
+                   True, tuple(schedule_point(step) for step in steps), tuple(float(step.std_dev_t) for step in steps))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -98,6 +101,14 @@ class TableKey:
             if len(fields["schedule"]) != fields.get("num_steps"):
                 raise ValueError(f"correction table key {text[:80]!r} records a schedule of "
                                  f"{len(fields['schedule'])} steps for {fields.get('num_steps')}: it is damaged")
+        if fields.get("noise") is not None:
+            try:
+                fields["noise"] = tuple(float(value) for value in fields["noise"])
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"correction table key {text[:80]!r} has a damaged noise schedule") from error
+            if len(fields["noise"]) != fields.get("num_steps"):
+                raise ValueError(f"correction table key {text[:80]!r} records σ_t of {len(fields['noise'])} steps "
+                                 f"for {fields.get('num_steps')}: it is damaged")
         return cls(**fields)
 
 
@@ -149,6 +160,21 @@ class CorrectionConfig:
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             raise ValueError(f"num_samples must be a positive int, got {self.num_samples!r}")
         check_seed("seed (a calibration seed)", self.seed)
+
+
+def check_number(where: str, value: object, low: float = 0.0, high: float = math.inf) -> None:
+    """A real, finite number in [low, high], else ``ValueError`` naming ``where`` (``Config.field``): ``x < 0`` is
+    False for NaN, so range checks alone let NaN through, and a string failed later with a bare ``TypeError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+        raise ValueError(f"{where} must be a finite number {span}, got {value!r}")
+
+
+def check_count(where: str, value: object) -> None:
+    """A positive int, else ``ValueError`` naming ``where`` (``selection_samples=2.5`` failed only at fit time)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be a positive int, got {value!r}")
 
 
 def check_selection_seed(config_name: str, seed: int, selection_seed: int | None, held_out_seed: int) -> None:
@@ -266,6 +292,12 @@ class Correction(nn.Module, IdentityHooks, ABC):
                                  f"{key.sampler_key} (t, A_t, B_t) = {_points(fitted)} when fitted, {_points(used)} "
                                  "now (another beta schedule, num_train_timesteps or timestep spacing). Sample with "
                                  "the scheduler the model was quantized with, or refit it")
+        if key.noise is not None and not math.isclose(key.noise[step.index], float(step.std_dev_t),
+                                                      rel_tol=SCHEDULE_RTOL, abs_tol=1e-12):
+            raise ValueError(f"{name} was fitted with the sampler's noise σ_t = {key.noise[step.index]:.6g} at step "
+                             f"{step.index} of {key.sampler_key}, but it is {float(step.std_dev_t):.6g} now (another "
+                             "DDPM variance_type or η); sample with the scheduler the model was quantized with, or "
+                             "refit it")
         if key.clip_recorded and step.clip_sample_range != key.clip_sample_range:
             def clipping(value: float | None) -> str:
                 return "without x̂₀ clipping" if value is None else f"with x̂₀ clipped to ±{value}"
@@ -273,6 +305,16 @@ class Correction(nn.Module, IdentityHooks, ABC):
             raise ValueError(f"{name} was fitted {clipping(key.clip_sample_range)} but is used "
                              f"{clipping(step.clip_sample_range)} (clip_sample); sample with the same clipping "
                              "or refit it")
+
+    def check_plan(self, steps: Sequence[StepContext]) -> None:
+        """``check_step`` for every step of a plan, before the sampling loop starts: a schedule that differs only
+        at a late step was refused there, after the steps before it had run."""
+        for step in steps:
+            self.check_step(step)
+
+    def check_fittable(self, steps: Sequence[StepContext]) -> None:
+        """Raise before any fitting work when this correction cannot be fitted along ``steps`` (every plan by
+        default; e.g. TCEC's next-state target refuses a multistep sampler)."""
 
     def check_model(self, bits: str, guidance_scale: float | None = None) -> None:
         """Raise ``ValueError`` unless the tables were fitted for this bit label (and ``guidance_scale`` when given;

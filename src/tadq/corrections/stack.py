@@ -68,6 +68,11 @@ class CorrectionStack(nn.Module, IdentityHooks):
         """Fresh, unfitted members rebuilt through the registries; load a ``state_dict`` next."""
         return cls([correction_for(config_from_dict(payload)) for payload in payloads])
 
+    def check_plan(self, steps: Sequence[StepContext]) -> None:
+        """Every member's ``check_plan``: the whole grid checked before the first step runs."""
+        for member in self:
+            member.check_plan(steps)
+
     def check_model(self, bits: str, guidance_scale: float | None = None) -> None:
         """Raise ``ValueError`` if a member was fitted for another bit label or guidance scale."""
         for member in self:
@@ -118,6 +123,8 @@ def fit_stack(
     """
     if not 0 <= start <= len(stack):
         raise ValueError(f"start={start} must lie in [0, {len(stack)}]")
+    for member in tuple(stack)[start:]:  # every member refuses an unfittable plan before any member's fit runs
+        member.check_fittable(ctx.plan.steps)
     for index in range(start, len(stack)):
         member = stack[index]
         request = member.pair_request()

@@ -174,6 +174,10 @@ def sample(
         check_indices(sample_indices)
     hooks = tuple(hooks)
     check_hooks(hooks)
+    for hook in hooks:  # hooks with per-step tables refuse a grid they were not fitted for before any step runs
+        check_plan = getattr(hook, "check_plan", None)
+        if callable(check_plan):
+            check_plan(plan.steps)
     walker = Walker(plan, device, dtype)
     steps = plan.steps
     num_batches = -(-len(sample_indices) // batch_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tadq.corrections.base import CorrectionConfig, check_selection_seed
+from tadq.corrections.base import CorrectionConfig, check_count, check_number, check_selection_seed
 from tadq.corrections.pair import TrajectoryMode
 from tadq.corrections.tcec.config import SELECTION_SEED_OFFSET
 
@@ -72,13 +72,11 @@ class TACConfig(CorrectionConfig):
                 raise ValueError(f"TACConfig.{name}={getattr(self, name)!r}; accepted values: {accepted}")
         if not self.ibc and not self.ner:
             raise ValueError("TACConfig with ibc=False and ner=False corrects nothing; turn one of them on")
-        if not 0.0 <= self.relative_weight <= 1.0:
-            raise ValueError(f"TACConfig.relative_weight must lie in [0, 1], got {self.relative_weight}")
-        if self.mask_threshold < 0 or self.ridge < 0:
-            raise ValueError("TACConfig.mask_threshold and ridge must be >= 0")
+        check_number("TACConfig.relative_weight", self.relative_weight, 0.0, 1.0)
+        check_number("TACConfig.mask_threshold", self.mask_threshold)
+        check_number("TACConfig.ridge", self.ridge)
         check_selection_seed("TACConfig", self.seed, self.selection_seed, self.held_out_seed)
-        if self.selection_samples < 1:
-            raise ValueError("TACConfig.selection_samples must be >= 1")
+        check_count("TACConfig.selection_samples", self.selection_samples)
         if self.select_ner and not (self.ner and self.sequential):
             raise ValueError("TACConfig.select_ner chooses whether NER stays on: it needs ner=True and the "
                              "sequential fit")

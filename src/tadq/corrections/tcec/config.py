@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from tadq.corrections.base import CorrectionConfig, check_selection_seed
+from tadq.corrections.base import CorrectionConfig, check_count, check_number, check_selection_seed
 from tadq.corrections.pair import TrajectoryMode
 
 __all__ = ["SELECTION_SEED_OFFSET", "TCECConfig"]
@@ -105,10 +105,8 @@ class TCECConfig(CorrectionConfig):
         _unit_floats("damping_candidates", self.damping_candidates)
         _unit_floats("start_candidates", self.start_candidates)
         for name in ("mix", "damping", "relative_weight", "start"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"TCECConfig.{name} must lie in [0, 1], got {getattr(self, name)}")
-        if self.mask_threshold < 0:
-            raise ValueError("TCECConfig.mask_threshold must be >= 0")
+            check_number(f"TCECConfig.{name}", getattr(self, name), 0.0, 1.0)
+        check_number("TCECConfig.mask_threshold", self.mask_threshold)
         if self.error_model not in ("on_estimate", "on_target"):
             raise ValueError(f"TCECConfig.error_model={self.error_model!r}; accepted: ('on_estimate', 'on_target')")
         if self.error_space not in ("eps", "state"):
@@ -119,8 +117,7 @@ class TCECConfig(CorrectionConfig):
             raise ValueError(f"TCECConfig.target={self.target!r}; accepted: ('same_input', 'fp_trajectory', "
                              "'next_state')")
         check_selection_seed("TCECConfig", self.seed, self.selection_seed, self.held_out_seed)
-        if self.selection_samples < 1:
-            raise ValueError("TCECConfig.selection_samples must be >= 1")
+        check_count("TCECConfig.selection_samples", self.selection_samples)
 
     @property
     def held_out_seed(self) -> int:

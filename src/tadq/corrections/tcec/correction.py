@@ -77,7 +77,7 @@ class TCECCorrection(SequentialCorrection):
         self._history: _History | None = None  # the previous call's pieces of the delayed term
 
     # -- fitting ----------------------------------------------------------------------------------------------------
-    def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
+    def check_fittable(self, steps: Sequence[StepContext]) -> None:
         multistep = [step.index for step in steps if step.order > 1]
         if multistep and self.config.target == "next_state":
             raise NotImplementedError(
@@ -86,6 +86,9 @@ class TCECCorrection(SequentialCorrection):
                 "track's previous prediction, which the per-step fit targets (StepTargets) do not carry. Use "
                 "target='same_input' or 'fp_trajectory' (both work on multistep samplers), or dpmsolver++ with "
                 "order=1.")
+
+    def reset_tables(self, steps: Sequence[StepContext], sample_shape: tuple[int, ...]) -> None:
+        self.check_fittable(steps)
         shape = (len(steps), sample_shape[0]) if self.config.resolution == "channel" else (len(steps), *sample_shape)
         self.k = torch.zeros(shape, dtype=torch.float64)
         self.b = torch.zeros(shape, dtype=torch.float64)

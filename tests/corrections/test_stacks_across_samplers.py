@@ -1,4 +1,4 @@
-"""Red-team checks of the sampler-level correction stacks (PTQD, TAC, TCEC and stacks of them) on tiny real UNets,
+"""The sampler-level correction stacks (PTQD, TAC, TCEC and stacks of them) on tiny real UNets,
 across every sampler kind and with classifier-free guidance (docs/methods/composition.md, docs/sampling.md
 "Corrections on each sampler", src/tadq/corrections/README.md).
 
@@ -196,7 +196,10 @@ def test_guided_stack_fits_acts_round_trips_and_refuses_other_scales(which, samp
     recipe = tadq.Recipe.from_preset("W4A4", calibration=_calibration(sampler),
                                      deployments=(tadq.Deployment(sampler, guidance_scale=GUIDANCE),))
     qmodel = api.quantize(model, scheduler, recipe, conditions=cond, progress=False)
-    corrected = fit_corrections(qmodel, model, scheduler, sampler, _stacks()["tac+tcec+ptqd"], batch_size=8,
+    # PTQD's VSC off here: under guidance at W4A4 its σ' is clamped to 0 at the large steps (vsc_report), so the
+    # stochastic samples leave the FP noise by design (ptqd.md: W4A4 η = 1 loses PSNR) and MSE says nothing
+    stack = [*_stacks()["tac+tcec"], PTQDConfig(num_samples=N, seed=SEED, variance=False)]
+    corrected = fit_corrections(qmodel, model, scheduler, sampler, stack, batch_size=8,
                                 conditions=cond, guidance_scale=GUIDANCE, progress=False)
     assert [m.table_key.guidance_scale for m in corrected.corrections] == [GUIDANCE] * 3
     kwargs = {"num_samples": N, "seed": SEED, "progress": False, "conditions": cond, "guidance_scale": GUIDANCE}
