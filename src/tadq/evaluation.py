@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from tadq.metrics import per_step_mse, psnr_per_sample, ssim_per_sample
-from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace
+from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, MetricMismatchError
 from tadq.registry import adapter_for
 from tadq.safefiles import require_finite
 from tadq.sampling import ConditionSource, SamplerConfig, SamplingResult
@@ -179,6 +179,9 @@ def evaluate_against_reference(
     if features is not None:
         shape = getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate)
         features.check_fits(decoded_shape(shape, decoder), "the model's samples")  # the features read images
+        if num_samples < 2:  # refused now, not after both models have sampled
+            raise MetricMismatchError(f"FD-{features.name} needs at least 2 samples for a covariance, got "
+                                      f"num_samples={num_samples}; sample more or measure without features")
     runs = {}
     for name, model in (("FP", reference), ("quantized", candidate)):
         logger.info("sampling the %s model (%d samples, %s, seed %d)", name, num_samples, sampler.key, seed)
@@ -189,6 +192,8 @@ def evaluate_against_reference(
         require_finite(run.images, f"the {name} model's samples")
     if decoder is not None:
         runs = {name: dataclasses.replace(run, images=decoder(run.images)) for name, run in runs.items()}
+        for name, run in runs.items():  # a VAE overflowing to Inf scored 100 dB after clamping
+            require_finite(run.images, f"the {name} model's decoded images")
     fp, quantized = runs["FP"], runs["quantized"]
     if fp.images.shape != quantized.images.shape:
         raise ValueError(f"the reference samples {tuple(fp.images.shape[1:])} but the quantized model "

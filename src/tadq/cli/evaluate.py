@@ -13,12 +13,16 @@ from tadq.cli.sample import Device, Dtype, Eta, SamplerKind, Steps, Threads, Ver
 __all__ = ["evaluate_command"]
 
 METRIC_COLUMNS = ("method", "bits", "fd_digits", "agreement", "psnr", "ssim", "final_mse")
+SHIPPED_FEATURE_NAMES = ("digits", "photos")  # FD-<name> of the shipped classifiers
 
 
 def _feature_space(features: str, reference: Path | None, reference_images: Path | None, resolution: int):
     """The feature space the user chose; ``auto`` is FD-digits for the shipped model and none for any other."""
     from tadq.metrics.features import DigitsFeatureSpace, TorchScriptFeatureSpace
 
+    if reference_images is not None and features in ("auto", "digits", "none"):  # it was silently not read
+        raise typer.BadParameter(f"--reference-images is read by a feature extractor file (--features FILE.pt); "
+                                 f"with --features {features} it would be ignored")
     if features == "auto":
         features = "digits" if reference is None else "none"
         if features == "none":
@@ -30,7 +34,10 @@ def _feature_space(features: str, reference: Path | None, reference_images: Path
         return DigitsFeatureSpace(resolution)
     if reference_images is None:
         raise typer.BadParameter("a feature extractor file needs --reference-images (real images, safetensors)")
-    return TorchScriptFeatureSpace(features, reference_images, name=Path(features).stem.replace("-", "_"))
+    name = Path(features).stem.replace("-", "_")
+    if name in SHIPPED_FEATURE_NAMES:  # "FD-digits" is the shipped classifier's; a user's file is not reported as it
+        name = f"{name}_custom"
+    return TorchScriptFeatureSpace(features, reference_images, name=name)
 
 
 def _rows(evaluation, qmodel) -> list[dict[str, Any]]:
@@ -82,6 +89,10 @@ def _inception_fids(evaluation, weights: Path, resolution: int) -> list[float]:
     from tadq.metrics import inception_fid
     from tadq.zoo.data import DigitsConfig, load_digits_split
 
+    channels = evaluation.candidate.images.shape[1]
+    if channels != 1:  # the command refuses this before sampling; the distance itself never compares them
+        raise ValueError(f"Inception FID here is measured against the real grey digits, not {channels}-channel "
+                         "samples")
     real = load_digits_split(DigitsConfig(resolution=resolution)).train_images
     return [inception_fid(real, evaluation.reference.images.clamp(-1, 1), weights),
             inception_fid(real, evaluation.candidate.images.clamp(-1, 1), weights)]
@@ -146,8 +157,17 @@ def evaluate_command(
                                                          device=torch_device, dtype=torch_dtype, command="evaluate")
         fp_model, fp_scheduler = load_pipeline_parts(reference)
         fp_model = place_model(fp_model, torch_device, torch_dtype)
-        resolution = decoded_shape(qmodel.sample_shape, decoder)[-1]
+        image_shape = decoded_shape(qmodel.sample_shape, decoder)
+        resolution = image_shape[-1]
         space = _feature_space(features, reference, reference_images, resolution)
+        if inception_weights is not None:  # checked before sampling twice, not after
+            from tadq.metrics.inception import InceptionFeatures
+
+            if image_shape[0] != 1:
+                raise ValueError(f"--inception-weights scores the samples against the real grey digits, but this "
+                                 f"model's images are {tuple(image_shape)} (C, H, W); the distance would compare "
+                                 "different data")
+            InceptionFeatures(inception_weights)  # a missing or damaged file is named now
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
                                                 features=space, conditions=conditions, guidance_scale=scale,

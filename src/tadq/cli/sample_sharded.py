@@ -75,6 +75,7 @@ def sample_sharded_command(
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
     from tadq.fsguard import check_output_dir
     from tadq.models import shipped_model_path
+    from tadq.registry import adapter_for
     from tadq.utils import atomic_write_json
 
     setup(verbose, threads, "cpu")  # logging and threads; the device is resolved per rank below
@@ -94,6 +95,10 @@ def sample_sharded_command(
                          inputs=[model_dir if model_dir is not None else shipped_model_path()])
         reference = ShardedRun.open(reference_dir) if reference_dir is not None else None
         denoiser, scheduler, label = load_denoiser(model_dir)
+        shape = getattr(denoiser, "sample_shape", None) or adapter_for(denoiser).sample_shape(denoiser)
+        if metrics and shape[0] != 1:  # refused before any chunk is sampled, as sharded_metrics would after
+            raise ValueError(f"FD-digits and agreement read grey (1-channel) digits, but this model samples "
+                             f"{tuple(shape)} (C, H, W); sample without metrics (--no-metrics)")
         if world.is_main:  # an earlier run's metrics (another N) must not outlive it: rewritten below if asked
             (out_dir / METRICS_NAME).unlink(missing_ok=True)
         report = sample_sharded(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,

@@ -17,7 +17,13 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from tadq.metrics.classifier import DigitClassifier, load_digit_classifier
-from tadq.metrics.frechet import digit_features, fd_digits_reference, frechet_distance, gaussian_statistics
+from tadq.metrics.frechet import (
+    check_distance_inputs,
+    digit_features,
+    fd_digits_reference,
+    frechet_distance,
+    gaussian_statistics,
+)
 from tadq.metrics.image import classifier_agreement, predicted_labels
 from tadq.metrics.photo_classifier import PhotoClassifier, load_photo_classifier, photo_features
 from tadq.zoo.data import DigitsConfig, load_digits_split
@@ -79,6 +85,7 @@ class FeatureSpace(ABC):
         self.check_fits(tuple(images.shape[1:]))
         if len(images) < 2:
             raise MetricMismatchError(f"FD-{self.name} needs at least 2 samples for a covariance, got {len(images)}")
+        check_distance_inputs(images, f"FD-{self.name}")
         mu_r, sigma_r = gaussian_statistics(self.features(self.real))
         mu_f, sigma_f = gaussian_statistics(self.features(images))
         return frechet_distance(mu_r, sigma_r, mu_f, sigma_f)

@@ -69,6 +69,12 @@ class DigitFeatures(nn.Module):
 def _check_images(images: Tensor, name: str) -> None:
     if images.ndim != 4 or images.shape[1] != 1:
         raise ValueError(f"{name} must be grey images (N, 1, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+    check_distance_inputs(images, name)
+
+
+def check_distance_inputs(images: Tensor, name: str) -> None:
+    """At least two images, every one finite: any feature space's Fréchet distance needs a covariance, and
+    scipy's sqrtm spins for minutes on a NaN one before it fails with an internal error."""
     if len(images) < 2:
         raise ValueError(f"{name} needs at least 2 images for a covariance, got {len(images)}")
     finite = torch.isfinite(images.flatten(1)).all(dim=1)
@@ -114,6 +120,9 @@ def frechet_distance(
         raise ValueError(f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
+    for name, value in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
+        if not np.all(np.isfinite(value)):  # a NaN mean gave NaN, a NaN covariance "try a larger eps"
+            raise ValueError(f"{name} holds NaN or Inf: the features (or the images they came from) are not finite")
     ridge = eps * np.eye(len(mu1))
     sigma1, sigma2 = sigma1 + ridge, sigma2 + ridge
     # One BLAS thread: multi-threaded OpenBLAS made a 128x128 sqrtm take ~1 s instead of ~5 ms on a busy 2-core

@@ -27,6 +27,8 @@ PSNR_CAP_DB = 100.0
 """Upper bound on reported PSNR. Identical images have infinite PSNR, which would make any mean infinite; capping
 at 100 dB equals flooring the MSE at 1e-10 (on [0, 1] images), far below one 8-bit grey level (MSE ~1.5e-5)."""
 
+SSIM_WINDOW = 11  # torchmetrics' window for sigma 1.5
+SSIM_MIN_SIDE = SSIM_WINDOW // 2 + 1  # reflect padding needs a side larger than the pad
 SSIM_SIGMA = 1.5
 """Gaussian window std of SSIM (Wang et al. 2004's value; the window is 11x11, reflect-padded, fine at 16x16)."""
 
@@ -35,6 +37,9 @@ def _paired_unit(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     if x.shape != ref.shape or x.ndim != 4:
         raise ValueError(f"x and ref must be image batches (N, C, H, W) of equal shape, got {tuple(x.shape)} "
                          f"and {tuple(ref.shape)}")
+    for name, images in (("x", x), ("ref", ref)):  # clamping to [0, 1] would turn an Inf pixel into a score
+        if not bool(torch.isfinite(images).all()):
+            raise ValueError(f"{name} holds NaN or Inf pixels: a PSNR/SSIM of non-finite images means nothing")
     return to_unit_range(x.detach().float()), to_unit_range(ref.detach().float())
 
 
@@ -48,6 +53,10 @@ def psnr_per_sample(x: Tensor, ref: Tensor) -> Tensor:
 def ssim_per_sample(x: Tensor, ref: Tensor) -> Tensor:
     """SSIM (N,) of each image against its reference; 1 means identical."""
     x, ref = _paired_unit(x, ref)
+    if min(x.shape[-2:]) < SSIM_MIN_SIDE:
+        raise ValueError(f"SSIM needs images of at least {SSIM_MIN_SIDE}×{SSIM_MIN_SIDE} (its {SSIM_WINDOW}×"
+                         f"{SSIM_WINDOW} window is reflect-padded by {SSIM_WINDOW // 2}), got "
+                         f"{x.shape[-2]}×{x.shape[-1]}")
     return structural_similarity_index_measure(x, ref, data_range=1.0, sigma=SSIM_SIGMA, reduction="none")
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tadq.metrics.frechet import DEFAULT_RIDGE, frechet_distance, gaussian_statistics
+from tadq.metrics.frechet import DEFAULT_RIDGE, check_distance_inputs, frechet_distance, gaussian_statistics
 from tadq.zoo.data import to_unit_range
 
 __all__ = ["INCEPTION_INPUT_SIZE", "InceptionFeatures", "inception_fid"]
@@ -120,8 +120,7 @@ def inception_fid(
     The distance is computed as in ``tadq.metrics.frechet.frechet_distance`` (float64, ridge ``eps``).
     """
     for name, images in (("real", real), ("fake", fake)):
-        if len(images) < 2:
-            raise ValueError(f"{name} needs at least 2 images for a covariance, got {len(images)}")
+        check_distance_inputs(images, name)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     extractor = InceptionFeatures(weights_path, device=device)

@@ -12,29 +12,35 @@ COLUMNS: tuple[tuple[str, str], ...] = (
     ("setup_s", "quantize (s)"), ("sampling_s", "sample (s)"),
 )
 # shown only when some row measured them (conditional models: the label the prompt asked for)
-OPTIONAL_COLUMNS: tuple[tuple[str, str], ...] = (("prompt_accuracy", "prompt agree ↑"),)
+OPTIONAL_COLUMNS: tuple[tuple[str, str], ...] = (("prompt_accuracy", "prompt agree ↑"),
+                                                  ("inception_fid", "Inception FID ↓"))
+NOT_RECORDED_AS_NAN = ("setup_s", "sampling_s")  # NaN there means "not recorded" (an older cell), shown as –
 
 
-def _fd_column(rows: list[dict[str, Any]]) -> tuple[str, str]:
-    """The Fréchet-distance column the rows carry (``fd_<features>``, e.g. FD-photos); FD-digits when none."""
-    keys = sorted({key for row in rows for key in row if key.startswith("fd_") and row[key] is not None})
-    key = next((k for k in keys if k != "fd_digits"), "fd_digits")
-    return key, f"FD-{key.removeprefix('fd_')} ↓"
+def _fd_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """Every Fréchet-distance column the rows carry a value in (``fd_<features>``, e.g. FD-digits and FD-photos
+    side by side when rows measured both; one was dropped before); FD-digits when none."""
+    keys = sorted({key for row in rows for key in row if key.startswith("fd_") and row[key] is not None},
+                  key=lambda key: (key != "fd_digits", key))
+    return tuple((key, f"FD-{key.removeprefix('fd_')} ↓") for key in keys or ("fd_digits",))
 
 
 def columns_for(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
-    """``COLUMNS`` (with the rows' own FD column) plus every optional column some row has a value for (after the
+    """``COLUMNS`` (with the rows' own FD columns) plus every optional column some row has a value for (after the
     agreement column)."""
-    fd = _fd_column(rows)
-    base = tuple(fd if key == "fd_digits" else (key, title) for key, title in COLUMNS)
+    base: tuple[tuple[str, str], ...] = ()
+    for key, title in COLUMNS:
+        base += _fd_columns(rows) if key == "fd_digits" else ((key, title),)
     extra = tuple(c for c in OPTIONAL_COLUMNS if any(row.get(c[0]) is not None for row in rows))
     at = [key for key, _ in base].index("agreement") + 1
     return base[:at] + extra + base[at:]
 
 
 def format_cell(key: str, value: Any) -> str:
-    if value is None or (isinstance(value, float) and value != value):  # None or NaN: not measured
-        return "–"
+    if value is None or (key in NOT_RECORDED_AS_NAN and isinstance(value, float) and value != value):
+        return "–"  # not measured (a timing: not recorded)
+    if isinstance(value, float) and value != value:  # a metric that was measured and came out NaN: said
+        return "NaN"
     if isinstance(value, str):
         return value
     if key == "final_mse":
