@@ -239,3 +239,30 @@ def test_the_cli_writes_recipe_artefact_report_and_evaluation(tmp_path, tiny_mod
         assert "itself" not in summary and f"best README row within the budget, {plain}" in summary
     assert set(report["evaluation"]["rows"]) == {plain, tac}
     assert load_recipe(out / "recipe.json").name == report["winner"]
+
+
+def test_a_candidate_whose_samples_diverge_is_recorded_as_diverged_and_never_wins(tmp_path, monkeypatch):
+    """Its NaN median PSNR compared as neither better nor worse than the others (max() could pick it); PSNR now
+    refuses non-finite images, so the search records such a candidate as diverged, with why, and reuses that."""
+    import tadq.search.search as search_module
+
+    model, scheduler = build_tiny_unet(), tiny_scheduler()
+    space = _space(presets=("W4A8",), bases=("naive",), stacks=("none", "tac"))
+    real = search_module.final_samples
+
+    def diverging(denoiser, *args, **kwargs):  # the TAC candidate blows up
+        images = real(denoiser, *args, **kwargs)
+        recipe = getattr(denoiser, "recipe", None)
+        return images.fill_(float("nan")) if recipe is not None and recipe.corrections else images
+
+    monkeypatch.setattr(search_module, "final_samples", diverging)
+    result = run_search(model, scheduler, space, Budget("gbitops", 1.0), tmp_path, heldout_trajectories=4,
+                        progress=False)
+    status = {r["name"]: (r["status"], r.get("why")) for r in result.records}
+    assert status["naive+tac-W4A8"] == ("diverged", "4 of 4 held-out samples are NaN or Inf")
+    assert status["naive-W4A8"][0] == "scored" and result.winner == "naive-W4A8"
+    again = run_search(model, scheduler, space, Budget("gbitops", 1.0), tmp_path, heldout_trajectories=4,
+                       progress=False)
+    assert again.stats["candidates_reused"] == 2 and again.winner == "naive-W4A8"
+    write_report(again, tmp_path)  # the report shows the status and why of a diverged candidate
+    assert "diverged: 4 of 4 held-out samples are NaN or Inf" in (tmp_path / "report.md").read_text()

@@ -37,9 +37,11 @@ def _paired_unit(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
     if x.shape != ref.shape or x.ndim != 4:
         raise ValueError(f"x and ref must be image batches (N, C, H, W) of equal shape, got {tuple(x.shape)} "
                          f"and {tuple(ref.shape)}")
-    for name, images in (("x", x), ("ref", ref)):  # clamping to [0, 1] would turn an Inf pixel into a score
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError(f"{name} holds NaN or Inf pixels: a PSNR/SSIM of non-finite images means nothing")
+    for name, images in (("the images", x), ("the reference images", ref)):  # clamping would score an Inf pixel
+        finite = torch.isfinite(images.flatten(1)).all(dim=1)
+        if not bool(finite.all()):
+            raise ValueError(f"{int((~finite).sum())} of {len(images)} of {name} hold NaN or Inf pixels: a "
+                             "PSNR/SSIM of non-finite images means nothing")
     return to_unit_range(x.detach().float()), to_unit_range(ref.detach().float())
 
 

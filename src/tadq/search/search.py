@@ -357,10 +357,16 @@ def run_search(
             images = final_samples(qmodel, scheduler, space.sampler, num_samples=heldout_trajectories,
                                    seed=seeds["heldout"], batch_size=batch_size,
                                    **conditioning.options(space.guidance_scale))
-            score = score_samples(images, reference, seeds["heldout"])
-            stats["candidates_scored"] += 1
-            record.update(status="scored", in_budget=True, score=score.to_json(),
-                          score_seconds=time.perf_counter() - start)
+            finite = torch.isfinite(images.flatten(1)).all(dim=1)
+            if not bool(finite.all()):  # a NaN score compared as neither better nor worse, and could have won
+                record.update(status="diverged", in_budget=True, score=None,
+                              why=f"{int((~finite).sum())} of {len(images)} held-out samples are NaN or Inf",
+                              score_seconds=time.perf_counter() - start)
+            else:
+                score = score_samples(images, reference, seeds["heldout"])
+                stats["candidates_scored"] += 1
+                record.update(status="scored", in_budget=True, score=score.to_json(),
+                              score_seconds=time.perf_counter() - start)
         atomic_write_json(record, path)
         records.append({**record, "reused": False})
         if on_candidate is not None:
@@ -392,6 +398,8 @@ def _reusable(path: Path, score_key: str, budget: Budget) -> dict[str, Any] | No
     if not isinstance(saved, dict) or saved.get("score_key") != score_key:
         return None
     fits = budget.fits(saved["gbitops"], saved.get("bytes"))
+    if fits and saved.get("status") == "diverged":  # its samples were not finite: not sampled again
+        return {**saved, "reused": True}
     if fits and saved.get("score") is not None:
         return {**saved, "status": "scored", "in_budget": True, "why": None, "reused": True}
     if fits is False:  # over this budget: its score (from a larger budget) is not used
@@ -412,8 +420,9 @@ def choose_winner(records: list[dict[str, Any]], budget: Budget, tie_db: float =
     tie, and the cheapest of the tied wins (budget measure first, then the other measure, then the name)."""
     scored = [r for r in records if r.get("status") == "scored"]
     if not scored:
+        diverged = sum(r.get("status") == "diverged" for r in records)
         raise ValueError(f"no candidate was scored within the budget {budget.describe()}: every built candidate "
-                         "was over it")
+                         "was over it" + (f" or diverged ({diverged} gave NaN/Inf samples)" if diverged else ""))
     best = max(scored, key=lambda r: r["score"]["median_psnr"])
     top = best["score"]["median_psnr"]
     tied = [r for r in scored if r["score"]["median_psnr"] >= top - tie_db]
