@@ -63,9 +63,10 @@ class SVDQuantMethod:
         if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"SVDQuantMethod.alpha_grid values must be in [0, 1], got {self.alpha_grid}")
         check_seed("SVDQuantMethod.seed", self.seed)
-        for name in ("search_samples", "svd_niter", "svd_oversample"):
-            if getattr(self, name) < (1 if name == "search_samples" else 0):
-                raise ValueError(f"SVDQuantMethod.{name} must be >= {1 if name == 'search_samples' else 0}")
+        for name in ("search_samples", "svd_niter", "svd_oversample"):  # 2.5 failed deep inside quantize before
+            least, value = (1 if name == "search_samples" else 0), getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"SVDQuantMethod.{name} must be an int >= {least}, got {value!r}")
 
     @property
     def reconstruction(self) -> ReconstructionConfig:

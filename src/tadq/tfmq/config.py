@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Literal
 
-from tadq.corrections.base import CorrectionConfig
+from tadq.corrections.base import CorrectionConfig, check_number
 
 __all__ = ["TFMQConfig", "FSCMode", "Maintenance", "tfmq_tag"]
 
@@ -76,8 +76,9 @@ class TFMQConfig(CorrectionConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"TFMQConfig.{name} must be an int >= {least}, got {value!r}")
-        if not self.tiar_lr > 0:
-            raise ValueError(f"TFMQConfig.tiar_lr must be > 0, got {self.tiar_lr!r}")
+        check_number("TFMQConfig.tiar_lr", self.tiar_lr)  # finite, a number (inf and True were taken)
+        if self.tiar_lr == 0:
+            raise ValueError("TFMQConfig.tiar_lr must be > 0, got 0")
         choices = {"fsc": FSC_MODES, "fsc_range": ("minmax", "scheme"), "maintenance": MAINTENANCE,
                    "select_metric": ("cosine", "l2")}
         for name, accepted in choices.items():

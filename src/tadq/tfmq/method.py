@@ -26,7 +26,7 @@ from tadq.sampling.conditioning import ConditionSource
 from tadq.svdquant import SVDQuantMethod
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
-from tadq.tfmq.pipeline import apply_tfmq, check_temporal_path, quantize_tfmq
+from tadq.tfmq.pipeline import apply_tfmq, check_temporal_path, deployment_grid, quantize_tfmq
 
 if TYPE_CHECKING:
     from tadq.recipe import Recipe
@@ -55,6 +55,10 @@ class TFMQMethod:
     svdquant: SVDQuantMethod = field(default_factory=SVDQuantMethod)
 
     def __post_init__(self) -> None:
+        parts = (("reconstruction", ReconstructionConfig), ("tfmq", TFMQConfig), ("svdquant", SVDQuantMethod))
+        for name, kind in parts:
+            if not isinstance(getattr(self, name), kind):  # tfmq=None failed after the FP calibration run
+                raise ValueError(f"TFMQMethod.{name} must be a {kind.__name__}, got {getattr(self, name)!r:.60}")
         if self.base not in ("naive", "qdiffusion", "svdquant"):
             raise ValueError(f"TFMQMethod.base must be 'naive', 'qdiffusion' or 'svdquant', got {self.base!r}")
         if self.base == "svdquant" and (self.tfmq.tiar or self.tfmq.freeze_time_projections):
@@ -80,6 +84,7 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
         raise ValueError(f"the calibration set is on {calibration.x.device}, the model on {model_device(model)}")
     if recipe.method.base == "svdquant":
         check_temporal_path(model, adapter_for(model))  # before SVDQuant's calibration
+        deployment_grid(scheduler, recipe.sampler)
         svdquant_recipe = dataclasses.replace(recipe, method=recipe.method.svdquant)
         qmodel = quantize_svdquant(model, reference, scheduler, svdquant_recipe, config, calibration=calibration,
                                    cache_dir=cache_dir, progress=progress, conditions=conditions,

@@ -41,8 +41,17 @@ logger = logging.getLogger(__name__)
 
 
 def deployment_grid(scheduler, sampler: SamplerConfig) -> Tensor:
-    """The training timestep of every sampler step, (S,) long (step 0 = noisiest)."""
-    return SamplingPlan.build(scheduler, sampler).timesteps()
+    """The training timestep of every sampler step, (S,) (step 0 = noisiest): long, refused when a step falls
+    between training timesteps."""
+    timesteps = SamplingPlan.build(scheduler, sampler).timesteps()
+    fractional = [float(t) for t in timesteps if float(t) != round(float(t))]
+    if fractional:
+        raise NotImplementedError(
+            f"TFMQ-DM builds its per-step tables at integer training timesteps, but the {sampler.key} grid of this "
+            f"scheduler visits fractional ones (e.g. {fractional[0]:g}; euler and dpmsolver++ grids with linspace "
+            "spacing do): its tables would be built at the rounded timesteps and refused when sampled. Use a grid "
+            "on integer timesteps (ddim or ddpm, or timestep_spacing 'leading' / 'trailing')")
+    return timesteps.long()
 
 
 def quantize_tfmq(
@@ -72,6 +81,7 @@ def quantize_tfmq(
     """
     adapter = adapter_for(model)
     check_temporal_path(model, adapter)
+    deployment_grid(scheduler, sampler)  # a fractional grid is refused before calibration
     qmodel = build_quantized_structure(model, quant_config)
     if calibration is None:
         calibration = collect_calibration_set(model, adapter, scheduler.config, quant_config.calibration,
