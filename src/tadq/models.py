@@ -13,7 +13,7 @@ from tadq.registry import model_family, registered_families
 from tadq.safefiles import read_json_file, require_finite
 from tadq.sampling.config import check_drivable
 
-__all__ = ["load_pipeline_parts", "shipped_model_path"]
+__all__ = ["load_pipeline_parts", "load_scheduler", "shipped_model_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,15 @@ def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
                          "prediction type) cannot be guessed; restore the scheduler folder")
     logger.warning("no scheduler_config.json under %s; using DDPM defaults (1000 steps, linear betas)", path)
     return DDPMScheduler()
+
+
+def load_scheduler(path: str | Path | None = None) -> SchedulerMixin:
+    """The training scheduler of a diffusers folder (``None``: the shipped model) without loading the denoiser:
+    what commands check every requested sampler against before any work."""
+    path = Path(path) if path is not None else shipped_model_path()
+    if not path.exists():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    return _load_scheduler(path, _model_dir(path))
 
 
 def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, SchedulerMixin]:

@@ -54,7 +54,7 @@ def analyze_command(
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
-        qmodel, _ = load_quantized(model_dir)
+        qmodel, artefact_scheduler = load_quantized(model_dir)
         wanted = qmodel.adapter.conditioning_inputs(qmodel.model)
         if wanted:  # refused here, not by the first network call after the FP model is loaded and sampling began
             from tadq.pipelines import is_pipeline_folder
@@ -65,7 +65,9 @@ def analyze_command(
                              f"{list(wanted)}); tadq analyze measures unconditional models only and has no "
                              f"conditioning flags: use {other} for it")
         qmodel = place_model(qmodel, torch_device, torch_dtype)
-        fp, scheduler = load_pipeline_parts(fp_model)
+        fp, fp_scheduler = load_pipeline_parts(fp_model)
+        # the schedule the artefact was calibrated under (saved with it); the FP folder's only when it has none
+        scheduler = artefact_scheduler or fp_scheduler
         # the default reference is the shipped model: another model's artefact is measured against it only if alike
         check_same_architecture(qmodel, fp)
         fp = place_model(fp, torch_device, torch_dtype)

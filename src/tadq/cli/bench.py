@@ -14,7 +14,9 @@ from tadq.cli.common import (
     EvalPrompts,
     ForceForeign,
     GuidanceScale,
+    Labels,
     NegativePrompt,
+    NullClass,
     console,
     fail_cleanly,
     read_prompt_file,
@@ -84,6 +86,8 @@ def bench_command(
     eval_prompts: EvalPrompts = None,
     negative_prompt: NegativePrompt = "",
     distilled_guidance: DistilledGuidance = None,
+    labels: Labels = None,
+    null_class: NullClass = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
@@ -131,6 +135,7 @@ def bench_command(
                              calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                              evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
                              negative_prompt=negative_prompt, distilled_guidance=distilled_guidance,
+                             labels=labels, null_class=null_class,
                              prompt_files=tuple(None if f is None else str(f) for f in (calib_prompts, eval_prompts)),
                              **fields)
         report = run_bench(config)  # creates and marks --out once the model has loaded

@@ -135,7 +135,7 @@ def recipe_command(
         from tadq.config import CalibrationConfig, ReconstructionConfig
         from tadq.experiments.workload import load_workload, resolve_model_path
         from tadq.fsguard import check_output_dir, mark_output
-        from tadq.sampling import FLOW_SCHEDULERS, SamplerConfig
+        from tadq.sampling import FLOW_SCHEDULERS, SamplerConfig, SamplingPlan
         from tadq.search import Budget, Candidate, SearchConditions, SearchSpace, check_seeds, heldout_seed
         from tadq.search.space import gbitops_per_sample
 
@@ -182,6 +182,7 @@ def recipe_command(
             console.print(f"sampler {walked.key}: the pipeline's own flow grid and shift")
             space = dataclasses.replace(space, sampler=walked,
                                         calibration=dataclasses.replace(space.calibration, sampler=walked))
+        SamplingPlan.build(scheduler, space.sampler, space.guidance_scale)  # before --out is created
         decoder_key = None if workload.decoder is None else _folder_digest(source / "vae")
         searched, evaluated = (SearchConditions(conditions, workload.decoder, decoder_key) for conditions in
                                (workload.calibration_conditions, workload.evaluation_conditions))

@@ -168,15 +168,23 @@ def load_cell(path: Path) -> dict[str, Any]:
     return {**meta, **tensors}
 
 
-def run_cell(workload: Workload, config: RunConfig, variant: Variant, path: Path, key: str) -> dict[str, Any]:
+def run_cell(workload: Workload, config: RunConfig, variant: Variant, path: Path, key: str,
+             components: dict[str, str] | None = None) -> dict[str, Any]:
     """Sample one variant from the evaluation seed (and prompts), or reuse its finished cell; a latent model's
-    cell keeps the decoded images and the latent trajectory."""
+    cell keeps the decoded images and the latent trajectory.
+
+    ``components`` (``Workload.components``) are recorded in the cell; a cell recording others (the folder's
+    scheduler or VAE was replaced since) is recomputed. Cells written before they were recorded are reused on
+    their key alone."""
+    components = workload.components() if components is None else components
     if path.exists():
         cell = load_cell(path)
-        if cell.get("key") == key:
+        recorded = cell.get("components")
+        if cell.get("key") == key and recorded in (None, components):
             logger.info("reusing finished cell %s", path.name)
             return cell
-        logger.info("cell %s was written for other settings (key %s); recomputing it", path.name, cell.get("key"))
+        logger.info("cell %s was written for other settings (key %s%s); recomputing it", path.name, cell.get("key"),
+                    "" if recorded in (None, components) else f", components {recorded}")
     t0 = time.perf_counter()
     denoiser = variant.build() if variant.build is not None else workload.model
     setup_s = time.perf_counter() - t0 + getattr(denoiser, "recorded_quantize_s", 0.0)
@@ -189,6 +197,7 @@ def run_cell(workload: Workload, config: RunConfig, variant: Variant, path: Path
         "images": workload.images(result.images), "states": result.trajectory.states, "setup_s": setup_s,
         "sampling_s": time.perf_counter() - t1,
         "extras": variant.describe(denoiser) if variant.describe is not None else {},
+        "components": components,
     }
     save_cell(cell, path)
     return cell
@@ -228,6 +237,7 @@ class PreparedJob:
     workload: Workload
     fingerprint: str
     bases: BaseModels
+    components: dict[str, str]
 
 
 def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
@@ -255,7 +265,7 @@ def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
                                           guidance_scale=workload.guidance_scale)
     bases = BaseModels(model, workload.scheduler, calibration, fingerprint, models_folder,
                        conditions=workload.calibration_conditions)
-    return PreparedJob(config, workload, fingerprint, bases)
+    return PreparedJob(config, workload, fingerprint, bases, workload.components())
 
 
 def run_main_job(config: RunConfig) -> dict[str, Any]:
@@ -273,7 +283,7 @@ def run_main_job(config: RunConfig) -> dict[str, Any]:
         # a finished cell is found by its key alone, so reordering or adding methods reuses it
         done = sorted((out / "cells").glob(f"*-{key}{CELL_SUFFIX}"))
         path = done[0] if done else out / "cells" / f"{index:02d}-{key}{CELL_SUFFIX}"
-        cells.append(run_cell(workload, config, variant, path, key))
+        cells.append(run_cell(workload, config, variant, path, key, job.components))
     return write_report(config, cells, workload)
 
 

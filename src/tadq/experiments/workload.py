@@ -118,6 +118,25 @@ class Workload:
     sampler_for: Callable[[SamplerConfig], SamplerConfig] | None = None
     distilled_guidance: float | None = None
 
+    def components(self) -> dict[str, str]:
+        """Fingerprints of what a cell depends on besides the denoiser and the run settings: the training
+        scheduler's config, the VAE's weights (a latent model) and the evaluation conditions (their key covers a
+        text encoder's weights). A finished cell is reused only when they match: a folder whose scheduler or VAE
+        was replaced reused its old cells before."""
+        from tadq.calibration import model_fingerprint
+        from tadq.sampling import scheduler_config_key
+
+        config = {k: v for k, v in scheduler_config_key(self.scheduler.config).items() if k != "_diffusers_version"}
+        payload = json.dumps(config, sort_keys=True, default=str).encode()
+        parts = {"scheduler": hashlib.sha256(payload).hexdigest()[:16]}
+        vae = getattr(self.decoder, "module", None)
+        if isinstance(vae, nn.Module):
+            parts["vae"] = model_fingerprint(vae)[:16]
+        key = getattr(self.evaluation_conditions, "key", None)
+        if isinstance(key, str):
+            parts["evaluation_conditions"] = key
+        return parts
+
     def images(self, samples: Tensor) -> Tensor:
         """The images of final samples: decoded by the VAE for a latent model, the samples themselves otherwise."""
         return samples if self.decoder is None else self.decoder(samples)
@@ -143,6 +162,8 @@ def _vae_decoder(vae: nn.Module, batch_size: int = 64) -> Callable[[Tensor], Ten
                     chunk = chunk + shift
                 parts.append(vae.decode(chunk).sample.float().clamp(-1, 1).to(latents.device))
         return torch.cat(parts)
+
+    decode.module = vae  # what the decoded images depend on (``Workload.components``)
 
     return decode
 
@@ -175,6 +196,9 @@ def load_workload(model: str | None, *, guidance_scale: float | None = None,
         raise FileNotFoundError(f"model folder {path} does not exist (the shipped models are named "
                                 f"{', '.join(SHIPPED_MODELS)})")
     if is_text_to_image_folder(path):
+        if labels is not None or null_class is not None:  # they were ignored without a word
+            raise ValueError(f"{path} is a text-to-image pipeline, conditioned by prompts: it takes no labels or "
+                             "null class (--labels, --null-class); its unconditional branch is the negative prompt")
         return _text_to_image_workload(path, name, guidance_scale, calibration_prompts, evaluation_prompts,
                                        negative_prompt, device, dtype, distilled_guidance)
     if distilled_guidance is not None:

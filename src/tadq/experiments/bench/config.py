@@ -120,6 +120,8 @@ class BenchConfig:
         prompt_files: the files the two prompt sets were read from (calibration, evaluation), named in the
             regenerating command.
         distilled_guidance: the scale a Flux transformer embeds (``None``: the pipeline's default).
+        labels, null_class: a class-conditional model's label mode and "no class" label (``tadq run``'s
+            ``--labels``/``--null-class``; ``None``: the model's default).
     """
 
     model: str | None = None
@@ -147,6 +149,8 @@ class BenchConfig:
     negative_prompt: str = ""
     prompt_files: tuple[str | None, str | None] = (None, None)
     distilled_guidance: float | None = None
+    labels: str | None = None
+    null_class: int | None = None
 
     def __post_init__(self) -> None:
         if not self.methods or not self.presets or not self.samplers:
@@ -182,7 +186,8 @@ class BenchConfig:
                          grid_samples=self.grid_samples, device=self.device, dtype=self.dtype,
                          fp_layers=self.fp_layers, guidance_scale=self.guidance_scale,
                          calibration_prompts=self.calibration_prompts, evaluation_prompts=self.evaluation_prompts,
-                         negative_prompt=self.negative_prompt, distilled_guidance=self.distilled_guidance)
+                         negative_prompt=self.negative_prompt, distilled_guidance=self.distilled_guidance,
+                         labels=self.labels, null_class=self.null_class)
 
     def command(self) -> str:
         """The ``tadq bench`` command line that reproduces this config (and so regenerates its report)."""
@@ -229,6 +234,10 @@ class BenchConfig:
             args += ["--negative-prompt", self.negative_prompt]
         if self.distilled_guidance is not None:
             args += ["--distilled-guidance", repr(self.distilled_guidance)]
+        if self.labels is not None:
+            args += ["--labels", self.labels]
+        if self.null_class is not None:
+            args += ["--null-class", str(self.null_class)]
         return shlex.join(args)
 
 

@@ -21,8 +21,10 @@ from tadq.experiments.bench.measure import measured
 from tadq.experiments.bench.report import write_bench_report
 from tadq.experiments.rows import BaseModels, Variant, row_for
 from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, prepare_job, run_cell, write_report
+from tadq.experiments.workload import resolve_model_path
 from tadq.fsguard import mark_output
-from tadq.sampling import SamplerConfig
+from tadq.models import load_scheduler
+from tadq.sampling import SamplerConfig, SamplingPlan
 
 __all__ = ["Unsupported", "UNSUPPORTED_ERRORS", "run_bench", "run_sampler"]
 
@@ -88,7 +90,7 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
         path = out / "cells" / f"{_slug(method)}-{preset}-{key}{CELL_SUFFIX}"
         logger.info("%s [%d/%d] %s %s", sampler.key, number, len(planned), variant.name, variant.bits)
         try:
-            cell = run_cell(workload, config, variant, path, key)
+            cell = run_cell(workload, config, variant, path, key, job.components)
         except UNSUPPORTED_ERRORS as error:  # raised while building (e.g. a tool rejects the model): keep going
             if method == "fp":
                 raise
@@ -105,5 +107,8 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
 def run_bench(bench: BenchConfig) -> dict[str, Any]:
     """Every sampler of the matrix, then the bench report (``report.html``, ``report.md``, ``report.json``)."""
     t0 = time.perf_counter()
+    scheduler = load_scheduler(resolve_model_path(bench.model))  # every sampler drives it, checked before any work
+    for sampler in bench.samplers:  # (a later one was refused only after the earlier tables had run)
+        SamplingPlan.build(scheduler, sampler)
     tables = [run_sampler(bench, sampler) for sampler in bench.samplers]
     return write_bench_report(bench, tables, time.perf_counter() - t0)
