@@ -73,6 +73,7 @@ def sample_sharded_command(
 ) -> None:
     """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics."""
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
+    from tadq.distributed.metrics import check_reference_noise
     from tadq.fsguard import check_output_dir
     from tadq.models import shipped_model_path
     from tadq.registry import adapter_for
@@ -99,12 +100,14 @@ def sample_sharded_command(
         if metrics and shape[0] != 1:  # refused before any chunk is sampled, as sharded_metrics would after
             raise ValueError(f"FD-digits and agreement read grey (1-channel) digits, but this model samples "
                              f"{tuple(shape)} (C, H, W); sample without metrics (--no-metrics)")
-        if world.is_main:  # an earlier run's metrics (another N) must not outlive it: rewritten below if asked
-            (out_dir / METRICS_NAME).unlink(missing_ok=True)
+        if metrics and reference is not None:  # another noise is refused now, not after the whole run
+            check_reference_noise(reference, seed=seed, sampler=sampler_config, sample_shape=shape,
+                                  num_samples=num_samples)
         report = sample_sharded(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
                                 out_dir=out_dir, batch_size=batch_size, chunk_size=chunk_size or batch_size,
                                 record_trajectory=record_trajectory, world=world, label=label, assemble=assemble)
-        if world.is_main:
+        if world.is_main:  # this run's checks passed: an earlier run's metrics (another N) must not outlive it
+            (out_dir / METRICS_NAME).unlink(missing_ok=True)
             console.print(f"{out_dir}: {num_samples} samples of {label} ({len(report.reused)} chunks reused, "
                           f"{world.world_size} process{'es' if world.world_size > 1 else ''})")
         if metrics:

@@ -81,6 +81,15 @@ def scheduler_fingerprint(scheduler: Any) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def sampler_fields(sampler: SamplerConfig) -> dict[str, Any]:
+    """The sampler as a run key holds it (all fields, ``clip_sample`` included)."""
+    return {"kind": sampler.kind, "num_steps": sampler.num_steps, "eta": sampler.eta,
+            "clip_sample": sampler.clip_sample,
+            # dpmsolver++'s order, flow-euler's shift and grid; absent (None) keeps every older run's key
+            **{name: getattr(sampler, name) for name in ("order", "shift", "flow_sigmas")
+               if getattr(sampler, name) is not None}}
+
+
 def run_key(
     model: str, scheduler: str, sampler: SamplerConfig, *, seed: int, sample_shape: tuple[int, int, int],
     batch_size: int, chunk_size: int, record_trajectory: bool, device_type: str,
@@ -102,11 +111,7 @@ def run_key(
         "key_version": KEY_VERSION,
         "model_fingerprint": model,
         "scheduler_fingerprint": scheduler,
-        "sampler": {"kind": sampler.kind, "num_steps": sampler.num_steps, "eta": sampler.eta,
-                    "clip_sample": sampler.clip_sample,
-                    # dpmsolver++'s order, flow-euler's shift and grid; absent (None) keeps every older run's key
-                    **{name: getattr(sampler, name) for name in ("order", "shift", "flow_sigmas")
-                       if getattr(sampler, name) is not None}},
+        "sampler": sampler_fields(sampler),
         "seed": int(seed),
         "sample_shape": [int(d) for d in sample_shape],
         "batch_size": int(batch_size),

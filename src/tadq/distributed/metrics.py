@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tadq.distributed.key import sampler_fields
 from tadq.distributed.shards import ChunkRange, assign_chunks
 from tadq.distributed.store import ShardedRun
 from tadq.distributed.world import World
@@ -31,8 +32,10 @@ from tadq.metrics import (
     psnr_per_sample,
     ssim_per_sample,
 )
+from tadq.sampling import SamplerConfig
 
-__all__ = ["ChunkStatistics", "ShardedMetrics", "check_reference", "chunk_statistics", "sharded_metrics"]
+__all__ = ["ChunkStatistics", "ShardedMetrics", "check_reference", "check_reference_noise", "chunk_statistics",
+           "sharded_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +122,29 @@ def chunk_statistics(
                            step_mse=step_mse)
 
 
+def check_reference_noise(reference: ShardedRun, *, seed: int, sampler: SamplerConfig,
+                          sample_shape: tuple[int, ...], num_samples: int) -> None:
+    """``check_reference``'s noise fields against the run about to be sampled, so a reference of other noise is
+    refused before any chunk (it was refused only once the whole run had been sampled)."""
+    planned = {"seed": int(seed), "sampler": sampler_fields(sampler), "sample_shape": [int(d) for d in sample_shape]}
+    for field, value in planned.items():
+        if reference.key[field] != value:
+            raise ValueError(f"paired metrics compare samples from the same noise, but the reference run "
+                             f"{reference.out_dir} has {field}={reference.key[field]!r} and this run {value!r}; "
+                             "sample the FP model with the same --seed/--sampler/--steps/--eta")
+    if reference.num_samples < num_samples:
+        raise ValueError(f"the reference run {reference.out_dir} has {reference.num_samples} samples, this run "
+                         f"{num_samples}; sample the reference with at least as many")
+
+
 def check_reference(run: ShardedRun, reference: ShardedRun) -> None:
     """Raise unless ``reference`` sampled the same noise (seed, sampler, shape) for at least ``run``'s indices."""
-    for field in ("seed", "sampler", "sample_shape"):
-        if run.key[field] != reference.key[field]:
+    for field in ("seed", "sampler", "sample_shape", "conditioning"):  # labels and guidance pair the samples too
+        if run.key.get(field) != reference.key.get(field):
             raise ValueError(f"paired metrics compare samples from the same noise, but the reference run "
-                             f"{reference.out_dir} has {field}={reference.key[field]!r} and this run "
-                             f"{run.key[field]!r}; sample the FP model with the same --seed/--sampler/--steps/--eta")
+                             f"{reference.out_dir} has {field}={reference.key.get(field)!r} and this run "
+                             f"{run.key.get(field)!r}; sample the FP model with the same --seed/--sampler/--steps/"
+                             "--eta (and labels and guidance)")
     if reference.num_samples < run.num_samples:
         raise ValueError(f"the reference run {reference.out_dir} has {reference.num_samples} samples, this run "
                          f"{run.num_samples}; sample the reference with at least as many")

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tadq.api import check_conditions, eval_mode
 from tadq.corrections.base import HookedDenoiser
 from tadq.distributed.key import key_differences, model_fingerprint, run_key, scheduler_fingerprint
 from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, assign_chunks, chunk_ranges
@@ -34,7 +35,7 @@ from tadq.distributed.store import (
 from tadq.distributed.world import World
 from tadq.registry import adapter_for
 from tadq.safefiles import save_checked
-from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan
+from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, check_seed
 from tadq.sampling import sample as sample_loop
 
 __all__ = ["ShardedSamplingReport", "sample_sharded"]
@@ -67,13 +68,14 @@ class _ChunkJob:
     key: dict[str, Any]
     out_dir: Path
     device: torch.device
+    dtype: torch.dtype | None = None
 
     def run(self, chunk: ChunkRange) -> None:
         key = self.key
         result = sample_loop(self.denoiser, self.plan, indices=chunk.indices, seed=key["seed"],
                              sample_shape=tuple(key["sample_shape"]), batch_size=key["batch_size"], hooks=self.hooks,
                              conditions=self.conditions, record_trajectory=key["record_trajectory"], progress=False,
-                             device=self.device)
+                             device=self.device, dtype=self.dtype)
         states = result.trajectory.states if result.trajectory is not None else None
         save_chunk(self.out_dir, chunk, key, result.images, states)
 
@@ -171,6 +173,9 @@ def sample_sharded(
     """
     chunk_size = batch_size if chunk_size is None else chunk_size
     _check_arguments(num_samples, seed, batch_size, chunk_size)
+    check_seed("seed", seed)  # every check before the manifest is written: a failed first try must not lock the folder
+    check_conditions(getattr(denoiser, "model", denoiser) if isinstance(denoiser, HookedDenoiser) else denoiser,
+                     conditions, guidance_scale, "sample_sharded")
     world = world or World.current()
     out_dir = Path(out_dir)
     call, shape, hooks = _bind(denoiser)
@@ -193,10 +198,13 @@ def sample_sharded(
     logger.info("%d of %d chunks to sample (%d on this rank of %d); %d reused from %s", len(pending), len(chunks),
                 len(mine), world.world_size, len(chunks) - len(pending), out_dir)
     denoiser.to(world.device)
-    job = _ChunkJob(call, plan, conditions, hooks, key, out_dir, world.device)
-    with tqdm(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk",
-              desc=f"sampling ({world.world_size} ranks)", disable=not (progress and world.is_main)) as bar:
-        for chunk in mine:
+    parameter = next(denoiser.parameters(), None)
+    job = _ChunkJob(call, plan, conditions, hooks, key, out_dir, world.device,
+                    None if parameter is None else parameter.dtype)  # states in the model's dtype, as tadq.sample
+    with eval_mode(denoiser), tqdm(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk",
+                                   desc=f"sampling ({world.world_size} ranks)",
+                                   disable=not (progress and world.is_main)) as bar:
+        for chunk in mine:  # in eval mode: dropout left on made a sample depend on more than (seed, index)
             job.run(chunk)
             if on_chunk_written is not None:
                 on_chunk_written(chunk)

@@ -9,7 +9,6 @@ All ranks must see the same ``out_dir`` (a shared filesystem when the job spans 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from torch import Tensor
 
 from tadq.distributed.key import key_differences
 from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, chunk_ranges
-from tadq.safefiles import load_checked, save_checked
+from tadq.safefiles import load_checked, read_json_file, save_checked
 from tadq.utils import atomic_write_json
 
 __all__ = [
@@ -57,9 +56,15 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
     path = Path(out_dir) / MANIFEST_NAME
     if not path.is_file():
         return None
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise StaleRunError(f"{path} is not a tadq sharded-sampling manifest (format {manifest.get('format')!r})")
+    manifest = read_json_file(path, "sharded-sampling manifest")  # names the file when it is not JSON
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise StaleRunError(f"{path} is not a tadq sharded-sampling manifest (format {found!r})")
+    fields = {"key": dict, "num_samples": int, "complete": bool}
+    wrong = [name for name, kind in fields.items() if not isinstance(manifest.get(name), kind)]
+    if wrong:  # a hand-edited manifest: named, not a bare KeyError from deep inside
+        raise StaleRunError(f"{path} is damaged: its {wrong} field(s) are missing or of the wrong type; delete it "
+                            "(the chunks are checked against the run's key on their own) or the whole run folder")
     return manifest
 
 
@@ -144,6 +149,9 @@ def pending_chunks(out_dir: str | Path, chunks: Iterable[ChunkRange], key: Mappi
         chunk = ChunkRange.from_filename(path.name)
         if chunk is None:
             continue
+        if path.name != chunk.filename:  # "0-2.safetensors" counted as chunk 0..1 done, which open() never finds
+            raise StaleRunError(f"{path} is not a chunk file name tadq writes (that range is {chunk.filename}); "
+                                "move it out of the chunks folder")
         try:
             payload = _read_chunk_file(path)
         except (OSError, ValueError) as error:  # any unreadable file is simply sampled again
