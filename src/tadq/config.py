@@ -432,10 +432,12 @@ def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
         raise ValueError(f"{at}expected a config object {{\"type\": ..., \"version\": ..., \"data\": {{...}}}}, "
                          f"got {str(payload)[:80]!r}")
     kind, version = payload.get("type"), payload.get("version")
-    if kind not in _CONFIG_TYPES:
+    if not isinstance(kind, str) or kind not in _CONFIG_TYPES:
         raise ValueError(f"{at}unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
     klass = _CONFIG_TYPES[kind]
-    if not isinstance(version, int) or version > config_version(klass):
+    if isinstance(version, bool) or not isinstance(version, int):  # true read as 1, a missing one as "newer"
+        raise ValueError(f"{at}{kind} version must be an int (1..{config_version(klass)}), got {version!r}")
+    if version > config_version(klass):
         raise ValueError(f"{at}{kind} version {version!r} is newer than this tadq understands "
                          f"({config_version(klass)}); upgrade tadq or write version {config_version(klass)}")
     data = _migrate(kind, version, payload["data"], config_version(klass), at)

@@ -116,7 +116,7 @@ class Deployment:
     distilled_guidance: float | None = None
 
     # written to JSON only when set: recipes of every other model read and hash as before it existed
-    written_when_set = ("distilled_guidance",)
+    written_when_set = ("distilled_guidance", "null_class")
 
     def __post_init__(self) -> None:
         if not isinstance(self.sampler, SamplerConfig):
@@ -320,35 +320,62 @@ def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:
     """``recipe`` with dotted fields replaced, e.g. ``{"method.reconstruction.weight_iters": 2,
     "corrections.0.num_samples": 8}`` (``tadq quantize --set``); a wrong path raises naming it. ``sampler.<field>``
     sets the deployment sampler and the calibration sampler together (they must be one sampler)."""
+    # fields of one config are set together (sibling fields that constrain each other, e.g. calibration's
+    # num_trajectories and samples_per_step, were refused or accepted by their order on the command line)
+    groups: dict[tuple[str, ...], dict[str, Any]] = {}
     for path, value in changes.items():
-        parts = path.split(".")
-        if parts[0] == "sampler" and len(parts) > 1:
-            sampler = _replace_at(recipe.sampler, parts[1:], value, path)
+        parts = tuple(path.split("."))
+        groups.setdefault(parts[:-1], {})[parts[-1]] = value
+    for parent, leaves in groups.items():
+        where = ".".join((*parent, *leaves)) if len(leaves) == 1 else \
+            f"{'.'.join(parent) or '(recipe)'}.{{{', '.join(leaves)}}}"
+        if parent and parent[0] == "sampler":
+            sampler = _replace_at(recipe.sampler, list(parent[1:]), leaves, where)
             try:
                 recipe = dataclasses.replace(
                     recipe, calibration=dataclasses.replace(recipe.calibration, sampler=sampler),
                     deployments=(dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:]))
             except (TypeError, ValueError) as error:
-                raise ValueError(f"--set {path}: {error}") from error
+                raise ValueError(f"--set {where}: {error}") from error
             continue
-        recipe = _replace_at(recipe, parts, value, path)
+        recipe = _replace_at(recipe, list(parent), leaves, where)
     return recipe
 
 
-def _replace_at(node: Any, parts: list[str], value: Any, path: str) -> Any:
+def _replace_at(node: Any, parts: list[str], leaves: dict[str, Any], path: str) -> Any:
+    """``node`` with the fields ``leaves`` of the config at ``parts`` below it replaced (list items by index)."""
+    if not parts:
+        if isinstance(node, tuple):
+            items = list(node)
+            for head, value in leaves.items():
+                if not head.isdigit() or int(head) >= len(node):
+                    raise ValueError(f"--set {path}: {head!r} is not an index of a {len(node)}-item list")
+                items[int(head)] = _coerce(items[int(head)], value)  # a config object replaces a config item
+            return tuple(items)
+        if not dataclasses.is_dataclass(node):
+            raise ValueError(f"--set {path}: {type(node).__name__} has no field {next(iter(leaves))!r}")
+        names = [f.name for f in dataclasses.fields(node)]
+        for head in leaves:
+            if head not in names:
+                raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}; its fields are {names}")
+        try:
+            return dataclasses.replace(node, **{head: _coerce(getattr(node, head), value)
+                                                for head, value in leaves.items()})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"--set {path}: {error}") from error
     head, rest = parts[0], parts[1:]
     if isinstance(node, tuple):
         if not head.isdigit() or int(head) >= len(node):
             raise ValueError(f"--set {path}: {head!r} is not an index of a {len(node)}-item list")
         items = list(node)
-        items[int(head)] = _replace_at(items[int(head)], rest, value, path) if rest else value
+        items[int(head)] = _replace_at(items[int(head)], rest, leaves, path)
         return tuple(items)
     if not dataclasses.is_dataclass(node):
         raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}")
     names = [f.name for f in dataclasses.fields(node)]
     if head not in names:
         raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}; its fields are {names}")
-    new = _replace_at(getattr(node, head), rest, value, path) if rest else _coerce(getattr(node, head), value)
+    new = _replace_at(getattr(node, head), rest, leaves, path)
     try:
         return dataclasses.replace(node, **{head: new})
     except (TypeError, ValueError) as error:

@@ -74,7 +74,41 @@ def register_config_type(cls: type) -> type:
         raise ValueError(f"a different config class is already registered as {cls.__name__!r} ({known.__module__}); "
                          "rename one of them")
     _CONFIG_TYPES[cls.__name__] = cls
+    _check_fields_first(cls)
     return cls
+
+
+def _check_fields_first(cls: type) -> None:
+    """Run ``check_config_fields`` before the class's own ``__post_init__`` (or instead of a missing one), so every
+    registered config refuses a wrong kind of value naming the field, on the values as given (the class may
+    normalise them: ``tuple("conv_in")`` splits a string into letters). When a field is refused, the class still
+    runs: its own ``ValueError`` (which names the fix) wins over the generic one; a ``TypeError`` or
+    ``AttributeError`` it raises on the bad value does not."""
+    from tadq.config_fields import check_config_fields
+
+    own = cls.__dict__.get("__post_init__")
+
+    def run_own(self) -> None:
+        if own is not None:
+            own(self)
+        elif (inherited := getattr(super(cls, self), "__post_init__", None)) is not None:
+            inherited()
+
+    def __post_init__(self) -> None:
+        try:
+            check_config_fields(self)
+        except ValueError as generic:
+            try:
+                run_own(self)
+            except ValueError:
+                raise
+            except (TypeError, AttributeError):
+                raise generic from None
+            raise
+        run_own(self)
+
+    __post_init__.__doc__ = getattr(own, "__doc__", None)
+    cls.__post_init__ = __post_init__
 
 
 def registered_config_types() -> dict[str, type]:

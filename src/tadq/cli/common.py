@@ -101,7 +101,8 @@ def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
         return ()
     if not path.is_file():
         raise ValueError(f"{flag} {path}: no such file (one prompt per line)")
-    prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    # utf-8-sig: a byte-order mark (Windows editors write one) would otherwise become part of the first prompt
+    prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
     if not prompts:
         raise ValueError(f"{flag} {path} holds no prompt (one prompt per line)")
     return prompts

@@ -251,7 +251,7 @@ def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: P
     if file is not None:
         if not file.is_file():
             raise FileNotFoundError(f"--calib-prompts {file} does not exist")
-        prompts += [line.strip() for line in file.read_text().splitlines() if line.strip()]
+        prompts += [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--calib-prompts {file} holds no prompts")
     pipeline = model_dir is not None and is_pipeline_folder(model_dir)

@@ -127,6 +127,9 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     ``sample_NNNN.png``, ``grid.png``, ``prompts.json`` (sample → prompt, and the settings). Every input and path
     is checked before the pipeline is loaded; returns the files written."""
     import math
+    import os
+    import shutil
+    import tempfile
 
     from PIL.PngImagePlugin import PngInfo
 
@@ -135,7 +138,8 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     from tadq.pipelines import PromptConditions, load_pipeline
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.safefiles import require_finite, save_checked
-    from tadq.utils import _atomic, atomic_write_json
+    from tadq.sampling import check_seed
+    from tadq.utils import atomic_write_json
 
     if not prompts:
         raise ValueError(f"{path} is a text-to-image pipeline: give at least one --prompt")
@@ -144,6 +148,16 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                          "grid.png and prompts.json go there), e.g. --out samples")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"--num-samples and --batch-size must be >= 1, got {num_samples}, {batch_size}")
+    # the sampling inputs are checked here, before the pipeline (encoders, VAE, denoiser) is loaded
+    check_seed("--seed", seed)
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"--eta must lie in [0, 1], got {eta}")
+    if guidance_scale is not None:
+        from tadq.pipelines.quantized import check_pipeline_guidance
+
+        check_pipeline_guidance(guidance_scale)
     if num_samples < len(prompts):
         raise ValueError(f"--num-samples {num_samples} for {len(prompts)} prompts: sample i gets prompt i mod the "
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
@@ -162,26 +176,33 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     latents = pipe.tadq_latents(conditions, num_samples, sampler, scale, seed, batch_size, progress=True)
     require_finite(latents, f"the latents of {path}")
     images = pipe.tadq_decode(latents, "pil", batch_size)
-    out.mkdir(parents=True, exist_ok=True)
-    mark_output(out, "samples")
     mark = PngInfo()  # tadq's mark: a rerun may replace or remove these files, and nothing else
     for key, value in PNG_MARK.items():
         mark.add_text(key, value)
-    written = []
-    for i, image in enumerate(images):
-        file = out / f"sample_{i:04d}.png"
-        _atomic(file, lambda tmp, image=image: image.save(tmp, format="PNG", pnginfo=mark))
-        written.append(file)
-    for stale in sorted(set(out.glob("sample_*.png")) - set(written)):  # an earlier run's extra samples
-        if is_tadq_file(stale):
-            stale.unlink()
-    grid = _grid(images, math.ceil(math.sqrt(len(images))))
-    _atomic(out / "grid.png", lambda tmp: grid.save(tmp, format="PNG", pnginfo=mark))
     settings = {"model": str(path), "seed": seed, "sampler": config_to_dict(sampler), "guidance_scale": scale,
                 "distilled_guidance": getattr(encoder, "distilled_guidance", None),
                 "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits, "backend": backend}
-    atomic_write_json({**settings, "samples": {f"sample_{i:04d}.png": conditions.prompt_of(i)
-                                               for i in range(num_samples)}}, out / "prompts.json")
+    # every file is written into a hidden sibling folder first and moved in only when all exist: a failed write
+    # (a full disk) left the folder half new, half the previous run's, its prompts.json describing neither
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.tmp-"))
+    try:
+        names = [f"sample_{i:04d}.png" for i in range(len(images))]
+        for name, image in zip(names, images, strict=True):
+            image.save(staging / name, format="PNG", pnginfo=mark)
+        _grid(images, math.ceil(math.sqrt(len(images)))).save(staging / "grid.png", format="PNG", pnginfo=mark)
+        atomic_write_json({**settings, "samples": {name: conditions.prompt_of(i) for i, name in enumerate(names)}},
+                          staging / "prompts.json")
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, "samples")
+        for name in [*names, "grid.png", "prompts.json"]:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    written = [out / name for name in names]
+    for stale in sorted(set(out.glob("sample_*.png")) - set(written)):  # an earlier run's extra samples
+        if is_tadq_file(stale):
+            stale.unlink()
     written += [out / "grid.png", out / "prompts.json"]
     if tensor_out is not None:
         save_checked({"latents": latents, "indices": torch.arange(num_samples)}, settings, tensor_out)
@@ -297,6 +318,10 @@ def sample_command(
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
         if model_dir is not None and is_prompt_pipeline(model_dir):
+            if class_label or labels is not None or null_class is not None:  # ignored before, without a word
+                raise ValueError(f"--class-label/--labels/--null-class are for class-conditional models; {model_dir} "
+                                 "is a text-to-image pipeline, conditioned by --prompt (its unconditional branch is "
+                                 "--negative-prompt)")
             written = sample_pipeline(
                 model_dir, prompts=prompt or [], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                 num_samples=num_samples, seed=seed, kind=sampler, steps=steps, eta=eta, batch_size=batch_size,

@@ -34,7 +34,7 @@ from tadq.pipelines.components import (
 from tadq.pipelines.prompts import PromptConditions, build_prompt_encoder
 from tadq.pipelines.text_weights import TEXT_ENCODER_BITS
 from tadq.safefiles import read_json_file
-from tadq.sampling import SamplerConfig, check_drivable, check_guidance_scale
+from tadq.sampling import MAX_SEED, SamplerConfig, check_drivable, check_guidance_scale
 
 __all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "check_pipeline_guidance",
            "latent_shape", "pipeline_flow_shift", "pipeline_sampler", "resolve_deployment", "tadq_pipeline_class"]
@@ -180,6 +180,10 @@ class TadqPipelineMixin:
             raise ValueError("give seed or generator, not both")
         if not isinstance(generator, (torch.Generator, type(None))):
             raise TypeError("generator must be one torch.Generator (tadq keys every sample's noise by (seed, index))")
+        if generator is not None and not 0 <= generator.initial_seed() <= MAX_SEED:
+            raise ValueError(f"generator: its initial seed {generator.initial_seed()} is above 2**32 - 1 (an unseeded "
+                             "torch.Generator has a 64-bit one); tadq keys every sample's noise by a 32-bit seed and "
+                             "the sample index, so seed it with manual_seed(s), s < 2**32, or pass seed=s")
         seed = int(generator.initial_seed()) if generator is not None else (0 if seed is None else seed)
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
@@ -262,7 +266,8 @@ class TadqPipelineMixin:
     def _check_size(self, height: int | None, width: int | None) -> None:
         _, latent_height, latent_width = latent_shape(self)
         native = (latent_height * self.vae_scale_factor, latent_width * self.vae_scale_factor)
-        if (height or native[0], width or native[1]) != tuple(native):
+        wanted = (native[0] if height is None else height, native[1] if width is None else width)
+        if wanted != tuple(native):  # 0 is a size (refused), not "not given"
             raise ValueError(f"height/width {height}x{width}: tadq samples at the denoiser's own size "
                              f"{native[0]}x{native[1]} (the one it was calibrated and fitted at)")
 

@@ -60,7 +60,7 @@ class SVDQuantMethod:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
-        if any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
+        if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"SVDQuantMethod.alpha_grid values must be in [0, 1], got {self.alpha_grid}")
         check_seed("SVDQuantMethod.seed", self.seed)
         for name in ("search_samples", "svd_niter", "svd_oversample"):  # 2.5 failed deep inside quantize before
