@@ -102,6 +102,19 @@ def test_height_and_width_zero_are_refused(pipe):
         pipe("a cat", height=0, width=0, output_type="latent", **CALL)
 
 
+def _fail_the_second_png_save(monkeypatch) -> None:
+    """A full disk while the second image is written."""
+    original, calls = Image.Image.save, []
+
+    def failing_save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", failing_save)
+
+
 def test_a_failed_sample_run_does_not_leave_pngs_that_prompts_json_does_not_describe(art, tmp_path, monkeypatch):
     """A first run writes cat/dog samples to OUT. A second run into OUT with other prompts fails while writing its
     second PNG (disk full): sample_0000.png was already replaced by the new prompt's image, while prompts.json (and
@@ -113,15 +126,7 @@ def test_a_failed_sample_run_does_not_leave_pngs_that_prompts_json_does_not_desc
     assert result.exit_code == 0, text
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
-    original, calls = Image.Image.save, []
-
-    def failing_save(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    _fail_the_second_png_save(monkeypatch)
     result, text = _invoke(["sample", art, "--prompt", "a red car", "--prompt", "un café", "--num-samples", 2,
                             "--seed", 2, "--out", out, "--threads", 1])
     monkeypatch.undo()
@@ -136,15 +141,7 @@ def test_a_failed_sample_run_does_not_leave_pngs_that_prompts_json_does_not_desc
 def test_a_fresh_out_folder_is_not_left_half_written(art, tmp_path, monkeypatch):
     """The same failure into a new --out left a marked folder with sample_0000.png and no prompts.json/grid.png."""
     out = tmp_path / "fresh"
-    original, calls = Image.Image.save, []
-
-    def failing_save(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise OSError(28, "No space left on device")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Image.Image, "save", failing_save)
+    _fail_the_second_png_save(monkeypatch)
     result, _ = _invoke(["sample", art, "--prompt", "a cat", "--num-samples", 2, "--out", out, "--threads", 1])
     monkeypatch.undo()
     assert result.exit_code != 0
