@@ -86,9 +86,12 @@ def test_overwrite_refuses_an_artefact_holding_files_added_after_its_save(tmp_pa
         check_output_dir(artefact, kind="artefact", overwrite=True)
     check_output_dir(artefact, kind="artefact", resume=True)  # adding to it deletes nothing
     check_output_dir(artefact, kind="artefact", overwrite=True, force_foreign=True)  # named explicitly
-    (artefact / MANIFEST_FILE).write_text("damaged")  # a damaged artefact is replaceable: the marker decides
-    check_output_dir(artefact, kind="artefact", overwrite=True)
-    assert (artefact / "notes.txt").read_text() == "mine"
+    (artefact / MANIFEST_FILE).write_text("damaged")  # unreadable manifest: the names tadq writes decide
+    with pytest.raises(OutputRefused, match=r"notes\.txt.*--overwrite would delete"):
+        check_output_dir(artefact, kind="artefact", overwrite=True)
+    (artefact / "notes.txt").rename(tmp_path / "notes.txt")
+    check_output_dir(artefact, kind="artefact", overwrite=True)  # a damaged artefact of tadq's own files: replaceable
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_a_folder_marked_as_another_kind_of_output_is_refused_and_keeps_its_marker(tmp_path):

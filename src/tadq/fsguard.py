@@ -197,13 +197,24 @@ def check_output_dir(out: str | Path, *, kind: str, what: str = "--out", overwri
 
 def _added_to_artefact(folder: Path) -> list[str]:
     """Files in an artefact folder that its manifest does not list: someone else's, which replacing the folder would
-    delete. An unreadable manifest (a damaged artefact, the usual reason to overwrite) falls back to the marker."""
+    delete. An unreadable manifest (a damaged artefact, the usual reason to overwrite) falls back to the names tadq
+    writes: its own top-level files and the component folders ``model_index.json`` names (a user's
+    ``my-eval/results.csv`` beside them was deleted with the rest)."""
     from tadq.io.manifest import ArtefactDamaged, unlisted_files
 
     try:
         return unlisted_files(folder)
     except ArtefactDamaged:
-        return []
+        pass
+    index = folder / "model_index.json"
+    try:
+        components = {name for name in json.loads(index.read_text()) if not name.startswith("_")}
+    except (ValueError, OSError, UnicodeDecodeError, AttributeError, TypeError):
+        components = set()
+    ours = {"model_index.json", "corrections.safetensors", MARKER_FILE}
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()
+                  and not (path.name.startswith("tadq_") and path.parent == folder) and path.name not in ours
+                  and path.relative_to(folder).parts[0] not in components)
 
 
 def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = (),

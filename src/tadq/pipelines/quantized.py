@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from tadq.pipelines.components import (
     DISTILLED_GUIDANCE_PIPELINES,
+    PipelineFolderError,
     check_pipeline_folder,
     denoiser_component,
     load_components,
@@ -422,6 +423,24 @@ def check_drivable_scheduler(path: str | Path) -> None:
                                   "folder.") from error
 
 
+def _check_components_listed(path: Path, layout: Any) -> None:
+    """Every file in an artefact's component folders (text encoders, tokenizers, VAE, scheduler) must be one its
+    manifest lists: diffusers and transformers read whatever is there (an ``added_tokens.json`` put into
+    ``tokenizer/`` after the save changed how prompts tokenize, silently; a text encoder whose manifest entry was
+    removed loaded unchecked). ``tadq verify`` reports such files; loading refuses them."""
+    from tadq.io.manifest import ArtefactDamaged, unlisted_files
+
+    try:
+        unlisted = [name for name in unlisted_files(path) if name.split("/")[0] in layout.components]
+    except ArtefactDamaged as error:
+        raise PipelineFolderError(str(error)) from error
+    if unlisted:
+        raise PipelineFolderError(f"{path}: {', '.join(unlisted[:3])} {'is' if len(unlisted) == 1 else 'are'} not "
+                                  "listed in its manifest (added or replaced after tadq saved it, or the manifest was "
+                                  "edited); the pipeline would read it unchecked. Remove it, or save the artefact "
+                                  "again")
+
+
 def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
                   dtype: str | torch.dtype | None = None, text_encoder_bits: int | None = None,
                   backend: str = "fake") -> Any:
@@ -466,6 +485,7 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     klass = tadq_pipeline_class(pipeline_class(layout.class_name))
     options = pipeline_load_options(klass, target_dtype, layout)
     if quantized:  # an integer backend converts while loading, on its device
+        _check_components_listed(path, layout)
         qmodel, _scheduler = load(path, device=target_device, dtype=target_dtype, backend=backend)
         pipe = load_components(klass, layout, **{denoiser_component(layout.class_name): qmodel.model}, **options)
         denoiser, recipe = qmodel, getattr(qmodel, "recipe", None)
