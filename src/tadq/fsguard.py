@@ -24,6 +24,8 @@ __all__ = ["MARKER_FILE", "PNG_MARK", "OutputRefused", "check_output_dir", "chec
 MARKER_FILE = "tadq_output.json"
 # JSON files by which folders written before the marker existed are still recognised as tadq's
 _LEGACY_FILES = ("tadq_config.json", "results.json", "report.json", "manifest.json", "training_info.json")
+# tadq's own files in a folder that is not marked (a shipped model's, kept free of the marker) while training runs
+_UNMARKED_TADQ_FILES = ("train_checkpoint.safetensors",)
 FORCE_HINT = "pass --force-foreign (force_foreign=True) to write there anyway"
 
 
@@ -40,7 +42,8 @@ def is_tadq_output(folder: str | Path) -> bool:
             return json.loads(marker.read_text()).get("format") == "tadq-output"
         except (ValueError, AttributeError, OSError, UnicodeDecodeError):
             return False
-    return any(_written_by_tadq(folder / name) for name in _LEGACY_FILES)
+    return any(_written_by_tadq(folder / name) for name in _LEGACY_FILES) \
+        or any(is_tadq_file(folder / name) for name in _UNMARKED_TADQ_FILES)
 
 
 def output_kind(folder: str | Path) -> str | None:

@@ -42,16 +42,19 @@ def check_not_finished(out: Path, overwrite: bool) -> None:
 
 
 def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
-                train: Callable[..., Any], *, mark: bool = True, overwrite: bool = False) -> Any:
+                train: Callable[..., Any], *, mark: bool = True, overwrite: bool = False,
+                inputs: tuple[Path, ...] = ()) -> Any:
     """Validate the config and check ``--out`` before any training (a finished model is replaced only with
     ``--overwrite``), mark the folder as tadq's (so a resume finds a folder tadq wrote, not only a checkpoint), then
     train with the exact command line recorded."""
     from tadq.fsguard import check_output_dir, mark_output
 
     config = build_config()
-    check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign)
+    check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
     check_not_finished(out, overwrite)
-    if mark:
+    # a folder outside the package is always marked: a run interrupted before training_info.json (or with only its
+    # checkpoint) was refused as foreign on the rerun its help promises; the shipped folders keep their bytes
+    if mark or out.resolve().parent != SHIPPED.resolve():
         mark_output(out, "training")
     return train(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
@@ -193,10 +196,11 @@ def train_dit_command(
 ) -> None:
     """Train the class-conditional digits DiT in the shipped VAE's latent space; resumes if interrupted."""
     from tadq.zoo.dit import DiTTrainConfig, train_digits_dit
+    from tadq.zoo.t2i import shipped_t2i_path
 
     setup(verbose, threads, "cpu")
-    with fail_cleanly():
+    with fail_cleanly():  # it reads the text-to-image model's VAE: --out may not be, hold or lie inside that folder
         path = _train_into(out, force_foreign, lambda: DiTTrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-            checkpoint_every=checkpoint_every), train_digits_dit, overwrite=overwrite)
+            checkpoint_every=checkpoint_every), train_digits_dit, overwrite=overwrite, inputs=(shipped_t2i_path(),))
     console.print(f"saved {path}")

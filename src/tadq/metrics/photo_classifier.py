@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -116,6 +117,9 @@ class PhotoClassifierTrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 2:
             raise ValueError(f"epochs must be >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
+        for name in ("lr", "weight_decay", "noise_std"):  # lr=inf trained and saved a NaN classifier
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
         if self.lr <= 0 or self.weight_decay < 0 or self.noise_std < 0:
             raise ValueError("lr must be > 0, weight_decay and noise_std >= 0")
 

@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
@@ -109,6 +110,7 @@ class T2ITrainConfig:
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
         check_learning_rates(self, ("vae_learning_rate", "learning_rate"))
+        check_seed("seed", self.seed)  # seed + 2 seeds stage 2: a 64-bit one overflowed there, after stage 1
         if self.text_hidden % 2 or self.text_hidden < 8:
             raise ValueError(f"text_hidden must be even and >= 8, got {self.text_hidden}")
 
@@ -221,6 +223,12 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / CHECKPOINT_NAME
+    # a resume with other settings is refused before stage 1 could retrain (and overwrite) the finished VAE
+    state = load_checkpoint(checkpoint, config) if checkpoint.exists() else None
+    if state is None:  # a retrain (--overwrite) of a finished model: interrupted, it must not leave a folder that
+        for name in ("model_index.json", "training_info.json"):  # loads with a new VAE and the old UNet
+            (out_dir / name).unlink(missing_ok=True)
     split = load_digits_split(DigitsConfig(resolution=config.resolution))
     vae, vae_stage = _train_vae(config, split.train_images, split.heldout_images, out_dir)
     vae.requires_grad_(False)
@@ -243,9 +251,7 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
     table, empty = _prompt_table(tokenizer, config.max_length)
     labels = split.train_labels
     start, elapsed, recent, curve = 0, 0.0, [], []
-    checkpoint = out_dir / CHECKPOINT_NAME
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint, config)
+    if state is not None:
         unet.load_state_dict(state["unet"])
         text_encoder.load_state_dict(state["text_encoder"])
         optimizer.load_state_dict(state["optimizer"])

@@ -23,8 +23,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
+from tadq.sampling import check_seed
 from tadq.utils import library_versions
-from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
 __all__ = ["TrainConfig", "check_training_fields", "load_checkpoint", "save_checkpoint", "train_ddpm",
@@ -61,6 +62,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_training_fields(self)
+        if self.resolution not in SUPPORTED_RESOLUTIONS:  # refused here, not after --out was created
+            raise ValueError(f"resolution must be one of {SUPPORTED_RESOLUTIONS}, got {self.resolution}")
 
 
 def check_training_fields(config: Any, extra_counts: tuple[str, ...] = (), dropout: str | None = None) -> None:
@@ -70,6 +73,7 @@ def check_training_fields(config: Any, extra_counts: tuple[str, ...] = (), dropo
     for name in ("steps", "batch_size", "checkpoint_every", *extra_counts):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+    check_seed("seed", config.seed)  # seed + 2 seeds the later stages: a 64-bit one overflowed after stage 1
     if not 0.0 < config.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in (0, 1), got {config.ema_decay}")
     check_learning_rates(config)
