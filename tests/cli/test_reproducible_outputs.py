@@ -287,7 +287,9 @@ def test_run_killed_by_a_real_signal_resumes_to_the_uninterrupted_numbers(sig, m
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 90
     while time.time() < deadline and process.poll() is None:
-        if len(list((out / "cells").glob("*.safetensors")) if (out / "cells").is_dir() else []) >= 2:
+        # after the FP cell: two quantized rows (calibration, quantization, sampling) and the report still to go,
+        # so the signal lands mid-run (waiting for a second cell raced the end of the run on a fast machine)
+        if len(list((out / "cells").glob("*.safetensors")) if (out / "cells").is_dir() else []) >= 1:
             break
         time.sleep(0.01)
     process.send_signal(sig)
