@@ -23,6 +23,7 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     UNet2DModel,
 )
+from tests.cli.test_harness_commands_input import _refused, _text
 from typer.testing import CliRunner
 
 import tadq.experiments.run as run_module
@@ -88,22 +89,9 @@ def sample_calls(monkeypatch) -> list[int]:
     return calls
 
 
-def _text(result) -> str:
-    return " ".join(result.output.split())
-
-
 def _ok(result):
     assert result.exit_code == 0, result.output
     return result
-
-
-def _refused(result, *needles: str) -> str:
-    text = _text(result)
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    for needle in needles:
-        assert needle in text, text
-    return text
 
 
 def _copy(src: Path, dst: Path) -> Path:

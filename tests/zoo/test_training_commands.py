@@ -89,12 +89,8 @@ def test_digits_cli_same_seed_same_bytes_and_loads_with_diffusers_and_tadq(tmp_p
     assert scheduler.config.num_train_timesteps == 1000 and not model.training
 
 
-def test_digits_cli_interrupted_after_a_checkpoint_resumes_to_the_uninterrupted_bytes(
-        tmp_path, monkeypatch, tiny_digits_cli):
-    """Ctrl-C after the step-2 checkpoint of `tadq zoo train`; the help says the rerun resumes from it."""
-    result, out = _invoke([*tiny_digits_cli, "--out", str(tmp_path / "straight")])
-    assert result.exit_code == 0, out
-
+def _interrupt_after_the_second_checkpoint(monkeypatch):
+    """Ctrl-C right after the second checkpoint is saved; returns the real ``save_checkpoint``."""
     real_save, calls = zoo_train.save_checkpoint, [0]
 
     def save_then_interrupt(path, state):
@@ -104,6 +100,16 @@ def test_digits_cli_interrupted_after_a_checkpoint_resumes_to_the_uninterrupted_
             raise _Interrupt
 
     monkeypatch.setattr(zoo_train, "save_checkpoint", save_then_interrupt)
+    return real_save
+
+
+def test_digits_cli_interrupted_after_a_checkpoint_resumes_to_the_uninterrupted_bytes(
+        tmp_path, monkeypatch, tiny_digits_cli):
+    """Ctrl-C after the step-2 checkpoint of `tadq zoo train`; the help says the rerun resumes from it."""
+    result, out = _invoke([*tiny_digits_cli, "--out", str(tmp_path / "straight")])
+    assert result.exit_code == 0, out
+
+    real_save = _interrupt_after_the_second_checkpoint(monkeypatch)
     resumed = tmp_path / "resumed"
     _invoke([*tiny_digits_cli, "--out", str(resumed)])
     assert (resumed / CHECKPOINT_NAME).is_file()
@@ -119,15 +125,7 @@ def test_digits_python_interrupted_run_resumes_to_the_uninterrupted_bytes(tmp_pa
     monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits())
     config = TrainConfig(steps=4, batch_size=4, warmup_steps=1, checkpoint_every=1, resolution=8, seed=5)
     zoo_train.train_digits_ddpm(config, tmp_path / "straight")
-    real_save, calls = zoo_train.save_checkpoint, [0]
-
-    def save_then_interrupt(path, state):
-        real_save(path, state)
-        calls[0] += 1
-        if calls[0] == 2:
-            raise _Interrupt
-
-    monkeypatch.setattr(zoo_train, "save_checkpoint", save_then_interrupt)
+    real_save = _interrupt_after_the_second_checkpoint(monkeypatch)
     with pytest.raises(_Interrupt):
         zoo_train.train_digits_ddpm(TrainConfig(**{**vars(config), "steps": 9}), tmp_path / "resumed")
     monkeypatch.setattr(zoo_train, "save_checkpoint", real_save)
