@@ -105,7 +105,8 @@ def _quantize(
     # calibration or reconstruction, not when a correction is fitted or the model is first sampled
     plans = [SamplingPlan.build(scheduler, deployment.sampler, deployment.guidance_scale)
              for deployment in (recipe.deployments if recipe is not None else ())]
-    SamplingPlan.build(scheduler, config.calibration.sampler, guidance_scale)
+    if recipe is None:  # a Recipe's calibration sampler is its first deployment's (Recipe checks it)
+        SamplingPlan.build(scheduler, config.calibration.sampler, guidance_scale)
     for correction in recipe.corrections if recipe is not None else ():  # fitted along the first deployment
         correction_for(correction).check_fittable(plans[0].steps)
     if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:

@@ -203,6 +203,7 @@ def _added_to_artefact(folder: Path) -> list[str]:
     delete. An unreadable manifest (a damaged artefact, the usual reason to overwrite) falls back to the names tadq
     writes: its own top-level files and the component folders ``model_index.json`` names (a user's
     ``my-eval/results.csv`` beside them was deleted with the rest)."""
+    from tadq.corrections.io import CORRECTIONS_FILE
     from tadq.io.manifest import ArtefactDamaged, unlisted_files
 
     try:
@@ -214,7 +215,7 @@ def _added_to_artefact(folder: Path) -> list[str]:
         components = {name for name in json.loads(index.read_text()) if not name.startswith("_")}
     except (ValueError, OSError, UnicodeDecodeError, AttributeError, TypeError):
         components = set()
-    ours = {"model_index.json", "corrections.safetensors", MARKER_FILE}
+    ours = {"model_index.json", CORRECTIONS_FILE, MARKER_FILE}
     return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()
                   and not (path.name.startswith("tadq_") and path.parent == folder) and path.name not in ours
                   and path.relative_to(folder).parts[0] not in components)

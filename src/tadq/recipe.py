@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from tadq.config import (
 from tadq.corrections.base import CorrectionConfig
 from tadq.quant.qscheme import QScheme, preset
 from tadq.registry import registered_corrections
+from tadq.safefiles import finite_float
 from tadq.sampling import SamplerConfig
 
 __all__ = [
@@ -122,7 +122,7 @@ class Deployment:
         if not isinstance(self.sampler, SamplerConfig):
             raise ValueError(f"Deployment.sampler must be a SamplerConfig, got {type(self.sampler).__name__}")
         scale = self.guidance_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale < 0:
+        if not finite_float(scale) or scale < 0:
             raise ValueError(f"Deployment.guidance_scale must be a finite float >= 0 (1.0: none), got {scale!r}")
         object.__setattr__(self, "guidance_scale", float(scale))
         label = self.null_class
@@ -136,7 +136,7 @@ class Deployment:
 def check_distilled_guidance(value: Any, what: str = "guidance_scale") -> float:
     """``value`` as a float when it is a finite number (the scale a guidance-distilled model embeds; NaN or inf
     would make every image NaN), else ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not finite_float(value):
         raise ValueError(f"{what} must be a finite number (the guidance scale the model embeds), got {value!r}")
     return float(value)
 

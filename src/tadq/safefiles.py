@@ -24,7 +24,7 @@ from torch import Tensor
 from tadq.utils import _atomic
 
 __all__ = ["DamagedFileError", "save_checked", "load_checked", "tensors_digest", "read_json_file",
-           "require_finite", "split_tensors", "join_tensors"]
+           "require_finite", "nonfinite_count", "finite_float", "split_tensors", "join_tensors"]
 
 META_KEY, DIGEST_KEY = "tadq", "tadq_sha256"
 MAX_JSON_BYTES = 256 << 20  # configs, recipes, quantization maps: a few MiB for the largest models
@@ -158,6 +158,11 @@ def require_finite(tensors: dict[str, Tensor] | Tensor, where: str) -> None:
             kind = "NaN" if bool(torch.isnan(tensor).any()) else "Inf"
             label = f"{where} {name}".strip()
             raise ValueError(f"{label} holds {kind} values; tadq cannot quantize or compare non-finite numbers")
+
+
+def nonfinite_count(batch: Tensor) -> int:
+    """How many items of a batch (N, ...) hold a NaN or Inf anywhere (metrics and scores refuse or flag them)."""
+    return int((~torch.isfinite(batch.flatten(1)).all(dim=1)).sum())
 
 
 def finite_float(value: Any) -> bool:

@@ -35,6 +35,7 @@ from tadq.corrections.pair import (
     TrajectoryPair,
     collect_trajectory_pair,
 )
+from tadq.safefiles import finite_float
 from tadq.sampling import Conditioning, IdentityHooks, SamplingHooks, StepContext, check_seed
 
 __all__ = [
@@ -165,7 +166,7 @@ class CorrectionConfig:
 def check_number(where: str, value: object, low: float = 0.0, high: float = math.inf) -> None:
     """A real, finite number in [low, high], else ``ValueError`` naming ``where`` (``Config.field``): ``x < 0`` is
     False for NaN, so range checks alone let NaN through, and a string failed later with a bare ``TypeError``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+    if not finite_float(value) \
             or not low <= value <= high:
         span = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
         raise ValueError(f"{where} must be a finite number {span}, got {value!r}")

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tadq.metrics.classifier import DigitClassifier
+from tadq.safefiles import nonfinite_count
 from tadq.zoo.data import DigitsConfig, load_digits_split
 
 __all__ = [
@@ -77,9 +78,8 @@ def check_distance_inputs(images: Tensor, name: str) -> None:
     scipy's sqrtm spins for minutes on a NaN one before it fails with an internal error."""
     if len(images) < 2:
         raise ValueError(f"{name} needs at least 2 images for a covariance, got {len(images)}")
-    finite = torch.isfinite(images.flatten(1)).all(dim=1)
-    if not bool(finite.all()):  # scipy's sqrtm spins for minutes on NaN covariances before it fails
-        raise ValueError(f"{name}: {int((~finite).sum())} of {len(images)} images hold NaN or Inf; the model "
+    if nonfinite := nonfinite_count(images):  # scipy's sqrtm spins for minutes on NaN covariances before it fails
+        raise ValueError(f"{name}: {nonfinite} of {len(images)} images hold NaN or Inf; the model "
                          "produced non-finite samples, so no distance can be computed")
 
 

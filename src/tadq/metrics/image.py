@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from tadq.metrics.classifier import DigitClassifier
+from tadq.safefiles import nonfinite_count
 from tadq.zoo.data import to_unit_range
 
 __all__ = [
@@ -38,9 +39,8 @@ def _paired_unit(x: Tensor, ref: Tensor) -> tuple[Tensor, Tensor]:
         raise ValueError(f"x and ref must be image batches (N, C, H, W) of equal shape, got {tuple(x.shape)} "
                          f"and {tuple(ref.shape)}")
     for name, images in (("the images", x), ("the reference images", ref)):  # clamping would score an Inf pixel
-        finite = torch.isfinite(images.flatten(1)).all(dim=1)
-        if not bool(finite.all()):
-            raise ValueError(f"{int((~finite).sum())} of {len(images)} of {name} hold NaN or Inf pixels: a "
+        if nonfinite := nonfinite_count(images):
+            raise ValueError(f"{nonfinite} of {len(images)} of {name} hold NaN or Inf pixels: a "
                              "PSNR/SSIM of non-finite images means nothing")
     return to_unit_range(x.detach().float()), to_unit_range(ref.detach().float())
 

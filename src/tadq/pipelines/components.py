@@ -12,14 +12,13 @@ import importlib.util
 import inspect
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tadq.safefiles import DamagedFileError, read_json_file
+from tadq.safefiles import DamagedFileError, finite_float, read_json_file
 
 __all__ = ["PIPELINE_COMPONENTS", "PipelineFolderError", "PipelineLayout", "check_pipeline_folder",
            "denoiser_component", "is_pipeline_folder", "load_fp_pipeline", "pipeline_denoiser", "read_model_index"]
@@ -286,13 +285,11 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
         raise PipelineFolderError(f"{path}/model_index.json: force_zeros_for_empty_prompt must be true or false "
                                   f"(JSON), got {flag!r}")
     scale = _config_value(path, "vae", "scaling_factor")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale) or scale <= 0):
+    if scale is not None and (not finite_float(scale) or scale <= 0):
         raise PipelineFolderError(f"{path}/vae/config.json: scaling_factor must be a positive number (latents are "
                                   f"divided by it before decoding), got {scale!r}")
     shift = _config_value(path, "vae", "shift_factor")
-    if shift is not None and (isinstance(shift, bool) or not isinstance(shift, (int, float))
-                              or not math.isfinite(shift)):
+    if shift is not None and not finite_float(shift):
         raise PipelineFolderError(f"{path}/vae/config.json: shift_factor must be a finite number (added to the "
                                   f"latents before decoding, SD3 and Flux), got {shift!r}")
     if "unet" not in components:  # a transformer pipeline: its encode_prompt pads and projects the text itself

@@ -22,6 +22,8 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin
 
+from tadq.safefiles import finite_float
+
 __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
            "PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
            "default_sampler", "make_scheduler", "scheduler_config_key",
@@ -150,7 +152,7 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.kind={self.kind!r} is not supported; accepted values: {SAMPLER_KINDS}.")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"SamplerConfig.num_steps must be a positive int, got {self.num_steps!r}.")
-        if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta):
+        if not finite_float(self.eta):
             raise ValueError(f"SamplerConfig.eta must be a finite float in [0, 1], got {self.eta!r}.")
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"SamplerConfig.eta must lie in [0, 1] (0 = deterministic DDIM), got {self.eta}.")
@@ -195,7 +197,7 @@ class SamplerConfig:
             return
         if self.kind not in FLOW_KINDS:
             raise ValueError(f"SamplerConfig.shift only applies to {FLOW_KINDS}, not {self.kind!r}.")
-        if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not math.isfinite(self.shift) \
+        if not finite_float(self.shift) \
                 or self.shift <= 0:
             raise ValueError(f"SamplerConfig.shift must be a finite float > 0, got {self.shift!r}.")
         object.__setattr__(self, "shift", float(self.shift))
@@ -342,7 +344,7 @@ def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: S
         raise NotImplementedError(f"prediction_type={prediction!r} is not supported; tadq converts "
                                   f"{PREDICTION_TYPES} to ε and drives {FLOW_PREDICTION!r} with flow-euler.")
     shift = config.get("shift", 1.0)
-    if flow and (isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift)
+    if flow and (not finite_float(shift)
                  or shift <= 0):  # 0 gives NaN latents, a negative shift a grid outside [0, 1]
         raise ValueError(f"{class_name} shift={shift!r}: the timestep shift σ ↦ sσ/(1 + (s-1)σ) needs a finite "
                          "s > 0; fix scheduler_config.json")

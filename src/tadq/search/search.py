@@ -44,7 +44,7 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.io import save_quantized
 from tadq.recipe import Recipe, save_recipe
 from tadq.registry import adapter_for
-from tadq.safefiles import DamagedFileError, load_checked, read_json_file, save_checked
+from tadq.safefiles import DamagedFileError, load_checked, nonfinite_count, read_json_file, save_checked
 from tadq.sampling import ConditionSource
 from tadq.search.score import check_seeds, final_samples, heldout_seed, score_samples
 from tadq.search.space import (
@@ -357,10 +357,9 @@ def run_search(
             images = final_samples(qmodel, scheduler, space.sampler, num_samples=heldout_trajectories,
                                    seed=seeds["heldout"], batch_size=batch_size,
                                    **conditioning.options(space.guidance_scale))
-            finite = torch.isfinite(images.flatten(1)).all(dim=1)
-            if not bool(finite.all()):  # a NaN score compared as neither better nor worse, and could have won
+            if nonfinite := nonfinite_count(images):  # a NaN score compared as neither better nor worse: it could win
                 record.update(status="diverged", in_budget=True, score=None,
-                              why=f"{int((~finite).sum())} of {len(images)} held-out samples are NaN or Inf",
+                              why=f"{nonfinite} of {len(images)} held-out samples are NaN or Inf",
                               score_seconds=time.perf_counter() - start)
             else:
                 score = score_samples(images, reference, seeds["heldout"])

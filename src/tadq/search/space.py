@@ -28,7 +28,6 @@ Cost, in the units the budget is given in:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -43,6 +42,7 @@ from tadq.quant.qscheme import PRESETS
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.registry import adapter_for
+from tadq.safefiles import finite_float
 from tadq.sampling import SamplerConfig
 from tadq.svdquant import SVDQUANT_RANK, SVDQuantMethod, svdquant_schemes
 
@@ -139,7 +139,7 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in ("gbitops", "bytes"):
             raise ValueError(f"Budget.kind={self.kind!r}; accepted: gbitops, bytes")
-        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value) \
+        if not finite_float(self.value) \
                 or self.value <= 0:
             raise ValueError(f"the budget must be a finite number > 0, got {self.value!r}")
 

@@ -20,7 +20,6 @@ switch rules differ exactly there; ``TradeoffPoint.low_steps_per_step_rule`` sho
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,6 +31,7 @@ from tadq.config import register_config_type
 from tadq.corrections.ptqd.bitops import bit_operations
 from tadq.corrections.ptqd.correction import PTQDCorrection
 from tadq.denoiser import QuantizedDenoiser
+from tadq.safefiles import finite_float
 from tadq.sampling import Conditioning, IdentityHooks, SamplerConfig, SamplingPlan, StepContext
 
 SwitchRule = Literal["first_failure", "final_failures"]
@@ -61,7 +61,7 @@ class MixedPrecisionConfig:
     switch_rule: SwitchRule = "first_failure"
 
     def __post_init__(self) -> None:
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma):
+        if not finite_float(self.gamma):
             raise ValueError(f"MixedPrecisionConfig.gamma must be a finite float > 0, got {self.gamma!r}")
         if self.gamma <= 0:
             raise ValueError(f"MixedPrecisionConfig.gamma must be > 0 (≈ 0.9-1), got {self.gamma}")
