@@ -119,6 +119,25 @@ def test_bench_refusal_of_a_pipeline_folder_names_only_flags_bench_has(folders, 
     assert named <= set(re.findall(r"--[a-z][a-z-]*", help_text)), f"flags no named command has: {output}"
 
 
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_run_and_bench_sample_a_flow_model_with_flow_euler_when_no_sampler_is_named(folders, prompts, tmp_path,
+                                                                                      command):
+    """``tadq run`` and ``tadq bench`` on an SD3 folder without ``--sampler(s)`` stopped with "sampler 'ddim' cannot
+    drive a flow-matching model ... use flow-euler": their default (DDIM, every table's sampler) was applied to a
+    model DDIM cannot drive, while ``tadq recipe`` on the same folder picks flow-euler. A user expects the commands
+    to agree and to run the folder's flow sampler, naming it in the report."""
+    out = tmp_path / command
+    result, output = _invoke([command, "--model", folders["sd3"], "--methods", "naive", "--presets", "W8A8",
+                              "--steps", 1, "--num-samples", 2, "--calib-trajectories", 2, "--batch-size", 2,
+                              "--out", out, "--cache-dir", tmp_path / "cache", "--threads", 1,
+                              "--calib-prompts", prompts["calib"], "--eval-prompts", prompts["eval"]])
+    assert result.exit_code == 0, output
+    if command == "run":
+        assert json.loads((out / "results.json").read_text())["config"]["sampler"]["data"]["kind"] == "flow-euler"
+    else:
+        assert "--samplers flow-euler" in json.loads((out / "report.json").read_text())["command"]
+
+
 def test_bench_takes_a_pipeline_folders_prompts_and_regenerates_with_them(folders, prompts, tmp_path):
     """``tadq bench`` on an SD3 folder with ``tadq run``'s prompt options runs its rows on decoded images, and the
     report's regenerating command names the prompt files and the guidance scale it ran with."""

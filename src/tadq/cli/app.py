@@ -84,8 +84,9 @@ def run_command(
                                   "first_last_time (+ the time-embedding MLP)."),
     num_samples: int = typer.Option(1000, help="Samples per variant (FD needs about 1000; PSNR/SSIM vs FP hold at "
                                     "256, make run's headline)."),
-    sampler: str = typer.Option("ddim", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) "
-                                "or flow-euler."),
+    sampler: str | None = typer.Option(None, help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ "
+                                       "(2M) or flow-euler (default: ddim; flow-euler for a flow-matching model: "
+                                       "SD3, Flux)."),
     steps: int = typer.Option(50, help="Sampler steps."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
     seed: int = typer.Option(1000, help="Evaluation noise seed (shared by FP and every variant)."),
@@ -113,14 +114,17 @@ def run_command(
     from tadq.experiments.run import RunConfig, run_main_job
     from tadq.experiments.workload import resolve_model_path
     from tadq.fsguard import check_output_dir, check_writable_dir
+    from tadq.models import load_scheduler
     from tadq.report.tables import columns_for, format_cell
-    from tadq.sampling import SamplerConfig
+    from tadq.sampling import SamplerConfig, command_sampler_kind
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)
+        if sampler is None:  # the model's scheduler decides: DDIM cannot drive a flow-matching model
+            sampler = command_sampler_kind(load_scheduler(resolve_model_path(model)))
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),

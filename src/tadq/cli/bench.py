@@ -53,7 +53,8 @@ def bench_command(
     samplers: Annotated[str | None, typer.Option(
         help="Comma-separated samplers: ddim-eta0, ddim-eta1, ddim-eta<η>, ddpm, euler, euler-ancestral, "
              "dpmsolver++ (2M), dpmsolver++1, flow-euler, flow-euler-shift<s>, flow-euler-uniform (FluxPipeline's "
-             "σ grid); @N sets steps (ddim-eta0@20).")
+             "σ grid); @N sets steps (ddim-eta0@20). Default: the matrix's DDIM samplers; flow-euler for a "
+             "flow-matching model (SD3, Flux).")
                         ] = None,
     steps: Annotated[int, typer.Option(help="Sampler steps (for samplers without @N).")] = 50,
     num_samples: Annotated[int | None, typer.Option(help="Samples per row (default 1000; --quick 256).")] = None,
@@ -97,8 +98,10 @@ def bench_command(
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
     from tadq.config import CalibrationConfig
     from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
+    from tadq.experiments.workload import resolve_model_path
     from tadq.fsguard import check_output_dir, check_writable_dir, is_tadq_output
-    from tadq.models import shipped_model_path
+    from tadq.models import load_scheduler, shipped_model_path
+    from tadq.sampling import SamplerConfig, command_sampler_kind
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
@@ -113,8 +116,10 @@ def bench_command(
         fields = matrix("quick" if quick else "default")
         if samplers is not None:
             fields["samplers"] = tuple(parse_sampler(name, steps) for name in _split(samplers))
-        else:
+        elif command_sampler_kind(scheduler := load_scheduler(resolve_model_path(model and str(model)))) == "ddim":
             fields["samplers"] = tuple(dataclasses.replace(s, num_steps=steps) for s in fields["samplers"])
+        else:  # the matrix's DDIM samplers cannot drive a flow-matching model
+            fields["samplers"] = (SamplerConfig(kind=command_sampler_kind(scheduler), num_steps=steps),)
         if methods is not None:
             fields["methods"] = tuple(m.lower() for m in _split(methods))
         if presets is not None:

@@ -135,7 +135,7 @@ def recipe_command(
         from tadq.config import CalibrationConfig, ReconstructionConfig
         from tadq.experiments.workload import load_workload, resolve_model_path
         from tadq.fsguard import check_output_dir, mark_output
-        from tadq.sampling import FLOW_SCHEDULERS, SamplerConfig, SamplingPlan
+        from tadq.sampling import SamplerConfig, SamplingPlan, command_sampler_kind
         from tadq.search import Budget, Candidate, SearchConditions, SearchSpace, check_seeds, heldout_seed
         from tadq.search.space import gbitops_per_sample
 
@@ -174,8 +174,8 @@ def recipe_command(
         model, scheduler = workload.model, workload.scheduler
         space = dataclasses.replace(space, guidance_scale=workload.guidance_scale,
                                     distilled_guidance=workload.distilled_guidance)
-        if sampler_kind is None and type(scheduler).__name__ in FLOW_SCHEDULERS:  # DDIM cannot drive it
-            sampler = SamplerConfig(kind="flow-euler", num_steps=steps)
+        if sampler_kind is None and command_sampler_kind(scheduler) != sampler.kind:  # DDIM cannot drive it
+            sampler = SamplerConfig(kind=command_sampler_kind(scheduler), num_steps=steps)
             space = dataclasses.replace(space, sampler=sampler,
                                         calibration=dataclasses.replace(space.calibration, sampler=sampler))
         if workload.sampler_for is not None and (walked := workload.sampler_for(sampler)) != sampler:

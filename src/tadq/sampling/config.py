@@ -26,7 +26,7 @@ from tadq.safefiles import finite_float
 
 __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
            "PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
-           "default_sampler", "make_scheduler", "scheduler_config_key",
+           "command_sampler_kind", "default_sampler", "make_scheduler", "scheduler_config_key",
            "DEFAULTED_KEYS"]
 
 SamplerKind = Literal["ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler"]
@@ -377,6 +377,13 @@ def _check_sampler_options(sampler: SamplerConfig, config: Mapping[str, Any]) ->
                 "the flow scheduler uses a resolution-dependent shift (use_dynamic_shifting=True, e.g. Flux): pass "
                 "it explicitly, SamplerConfig('flow-euler', shift=exp(mu)) for the image's mu (shift=mu with "
                 "time_shift_type 'linear'); a pipeline folder computes it as its pipeline does.")
+
+
+def command_sampler_kind(train_scheduler: ConfigMixin) -> str:
+    """The sampler kind tadq's commands use when none is named: ``ddim`` (every table's sampler) on a discrete ᾱ_t
+    schedule, ``flow-euler`` on a flow-matching one, which DDIM cannot drive. Unlike ``default_sampler`` it does
+    not follow the folder's own class (the shipped DDPM-trained models are tabulated with DDIM)."""
+    return "flow-euler" if type(train_scheduler).__name__ in FLOW_SCHEDULERS else "ddim"
 
 
 def default_sampler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], num_steps: int = 50) -> SamplerConfig:
