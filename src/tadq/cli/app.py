@@ -167,6 +167,8 @@ def run_command(
     console.print(table)
     console.print(results["notes"]["fd"])
     console.print(results["notes"]["fake_quant"])
+    if results["notes"].get("diverged"):
+        console.print(results["notes"]["diverged"], style="bold red")
     console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")
 
 

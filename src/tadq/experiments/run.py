@@ -23,7 +23,7 @@ from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConf
 from tadq.corrections.plots import save_correction_tables_plot
 from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
-from tadq.evaluation import quality_metrics
+from tadq.evaluation import QualityMetrics, quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
 from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import is_tadq_file, mark_output
@@ -32,7 +32,7 @@ from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatur
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
 from tadq.report import markdown_table, save_comparison_grid, save_error_curves
-from tadq.safefiles import DamagedFileError, load_checked, save_checked
+from tadq.safefiles import DamagedFileError, load_checked, nonfinite_count, save_checked
 from tadq.sampling import SamplerConfig, check_seed
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 
@@ -203,14 +203,36 @@ def run_cell(workload: Workload, config: RunConfig, variant: Variant, path: Path
     return cell
 
 
+def _diverged_metrics(features: FeatureSpace | None, expected_labels) -> QualityMetrics:
+    """A variant whose samples hold NaN or Inf: every quality number it would have is NaN (shown as "NaN"), so one
+    diverged row does not cost the rest of the table; ``diverged`` in its row says how many samples."""
+    nan = float("nan")
+    labelled = nan if features is not None else None
+    return QualityMetrics(fd=labelled, agreement=labelled, psnr=nan, ssim=nan, final_mse=nan,
+                          fd_key=features.metric_key if features is not None else "fd",
+                          prompt_accuracy=nan if expected_labels is not None else None)
+
+
 def _metrics(cell: dict, fp: dict, features: FeatureSpace | None, expected_labels=None) -> dict[str, Any]:
-    quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], features, expected_labels)
+    if bad := nonfinite_count(cell["images"]):
+        if cell is fp:
+            raise ValueError(f"the FP model produced {bad} non-finite samples of {len(cell['images'])}: nothing can "
+                             "be measured against it (check the model's weights, dtype and sampler)")
+        logger.warning("%s %s diverged: %d of %d samples hold NaN or Inf", cell["name"], cell["bits"], bad,
+                       len(cell["images"]))
+        quality = _diverged_metrics(features, expected_labels)
+        diverged = {"diverged": f"{bad} of {len(cell['images'])} samples hold NaN or Inf"}
+    else:
+        quality = quality_metrics(cell["images"], cell["states"], fp["images"], fp["states"], features,
+                                  expected_labels)
+        diverged = {}
     metrics = quality.to_dict()
     fd = metrics.pop(quality.fd_key)
     metrics["fd_digits" if features is None else quality.fd_key] = fd  # its column; "–" when not computed
     return {
         "method": cell["name"], "bits": cell["bits"], **metrics,
         "wall_s": cell["setup_s"] + cell["sampling_s"], "setup_s": cell["setup_s"], "sampling_s": cell["sampling_s"],
+        **diverged,
     }
 
 
@@ -318,6 +340,12 @@ def _peer_coverage_note(labels: list[str], cells: list[dict]) -> str:
     return "Peer coverage (measured):\n" + "\n".join(lines) if lines else ""
 
 
+def _diverged_note(rows: list[dict[str, Any]]) -> str:
+    """Which rows diverged (their quality numbers are NaN), or "" when none did."""
+    diverged = [f"{row['method']} {row['bits']} ({row['diverged']})" for row in rows if row.get("diverged")]
+    return f"Diverged, their quality numbers NaN: {'; '.join(diverged)}." if diverged else ""
+
+
 def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
     if fd is None:
         return ("FD and class agreement are not computed: the shipped classifiers only read the shipped models' "
@@ -395,6 +423,7 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
             "reconstruction": _reconstruction_note(config.reconstruction),
             "fp_layers": _fp_layers_note(config.fp_layers),
             "peers": _peer_coverage_note(labels, cells),
+            "diverged": _diverged_note(rows),
         },
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
                    "num_samples": config.num_samples, "eval_seed": config.eval_seed, "fp_layers": config.fp_layers,
@@ -405,6 +434,7 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
     table = markdown_table(rows)
     notes = results["notes"]
     atomic_write_text(f"{table}\n\n{notes['fd']}\n{notes['fake_quant']}\n{notes['reconstruction']}\n"
-                      f"{notes['fp_layers']}\n" + (f"{notes['peers']}\n" if notes["peers"] else ""),
+                      f"{notes['fp_layers']}\n" + "".join(f"{notes[key]}\n" for key in ("peers", "diverged")
+                                                          if notes[key]),
                       out / "results.md")
     return results

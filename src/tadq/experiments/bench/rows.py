@@ -56,7 +56,8 @@ def _measured_row(sampler: SamplerConfig, method: str, preset: str, metrics: dic
     bitops = cost.get("bitops")
     return {
         "sampler": sampler.key, "method": method, "label": metrics["method"], "preset": preset,
-        "bits": metrics["bits"], "status": "ok", "peer": "peer" in settings,
+        "bits": metrics["bits"], "status": f"diverged: {metrics['diverged']}" if metrics.get("diverged") else "ok",
+        "peer": "peer" in settings,
         **{key: metrics.get(key) for key in ("fd_digits", "agreement", "psnr", "ssim", "final_mse", "setup_s",
                                              "sampling_s")},
         "bitops": bitops, "gbitops": bitops * sampler.num_steps / 1e9 if bitops is not None else None,
