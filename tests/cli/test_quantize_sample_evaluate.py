@@ -134,6 +134,15 @@ def test_sample_and_evaluate_reject_bad_folders(tmp_path, tiny_model_dir):
     assert result.exit_code == 2
 
 
+@pytest.mark.parametrize("flag", ["--num-samples", "--batch-size"])
+def test_evaluate_refuses_a_zero_count_by_its_flag_before_loading(tmp_path, flag):
+    """``tadq evaluate --batch-size 0`` loaded both models and started sampling the FP one before
+    ``tadq.sample`` refused "num_samples and batch_size must be >= 1": the flag is named now, before any work
+    (the artefact folder does not even exist here)."""
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "not-yet"), flag, "0"])
+    assert result.exit_code == 2 and f"{flag} must be >= 1" in result.output, result.output
+
+
 def test_evaluate_reports_inception_fid_from_a_local_file(tmp_path, tiny_model_dir):
     from torch import nn
 

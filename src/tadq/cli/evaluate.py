@@ -143,6 +143,9 @@ def evaluate_command(
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+            if count < 1:  # tadq.sample would refuse it only after the models were loaded and placed
+                raise ValueError(f"{flag} must be >= 1, got {count}")
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
             check_output_dir(out, kind="evaluate-report", resume=True, force_foreign=force_foreign,
                              inputs=[model_dir, reference if reference is not None else shipped_model_path()])
