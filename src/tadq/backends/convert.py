@@ -28,11 +28,16 @@ def _move_hooks(old: nn.Module, new: nn.Module) -> None:
 def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dict[str, dict[str, str]]:
     """Replace in place every layer ``factory`` converts; returns {"integer": {name: kind}, "float": {name: why}}.
 
+    Every replacement is built before the first one is swapped in, so a refused layer leaves ``model`` as it was
+    (``to_backend(..., inplace=True)`` on a model with a layer the backend refuses keeps a usable fake-quant model).
+
     Raises:
-        ValueError: a fake-quant layer the backend does not know (it would otherwise stay simulated unnoticed).
+        ValueError: a fake-quant layer the backend does not know (it would otherwise stay simulated unnoticed), or
+            one its factory refuses (the message names it).
     """
     integer: dict[str, str] = {}
     floating: dict[str, str] = {}
+    replacements: list[tuple[str, nn.Module, nn.Module]] = []
     for name, module in list(model.named_modules()):
         if not name:
             continue
@@ -46,6 +51,8 @@ def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dic
             elif isinstance(module, (nn.Conv2d, nn.Linear)):
                 floating[name] = "kept in floating point by the quantization plan"
             continue
+        replacements.append((name, module, replacement))
+    for name, module, replacement in replacements:
         _move_hooks(module, replacement)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)

@@ -6,12 +6,15 @@ ops PyTorch 2's x86 Inductor quantization lowers to) on weights prepacked once b
 accumulation, so no output requantization is added to the arithmetic the fake-quant model simulates. oneDNN has no
 weight zero point (a non-zero one is silently ignored, measured), so asymmetric 8-bit weights are corrected with an
 exact sum of the activation codes (``tadq.backends.weights``): for a conv, the window sum comes out of the same
-kernel as one more output channel of int8 ones. Why these ops and not the alternatives: docs/backends.md.
+kernel as one more output channel of int8 ones (one per group of a grouped or depthwise conv). Every padding a
+``nn.Conv2d`` takes runs: oneDNN's symmetric zero padding, or the float input padded first (``_padding``).
+Why these ops and not the alternatives: docs/backends.md.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tadq.backends import capability
@@ -51,6 +54,38 @@ def _check_weight_bound(codes: WeightCodes, name: str) -> None:
         raise ValueError(f"{name}: its int8 weight codes reach ±{peak}, but {capability.weight_bound_reason(bound)}")
 
 
+def _padding(conv: nn.Conv2d) -> tuple[list[int], tuple[int, ...] | None, str]:
+    """(padding oneDNN applies, padding applied to the float input first or ``None``, that padding's mode).
+
+    oneDNN pads symmetrically with the zero point. ``padding='same'`` with an even kernel (one more row/column on
+    the bottom/right) and the reflect/replicate/circular modes are padded on the float input instead, as
+    ``nn.Conv2d`` pads its (fake-quantized) input: quantization is elementwise and 0 has code z, so padding before
+    quantizing gives the codes the fake-quant layer pads with.
+    """
+    if conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+        return list(conv.padding), None, "constant"
+    left, right, top, bottom = conv._reversed_padding_repeated_twice  # how nn.Conv2d pads: (W left, right, H ...)
+    if conv.padding_mode == "zeros" and left == right and top == bottom:
+        return [top, left], None, "constant"
+    mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
+    return [0, 0], (left, right, top, bottom), mode
+
+
+def _with_window_channels(weight: Tensor, scale: Tensor, bias: Tensor | None, groups: int
+                          ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Append one output channel of int8 ones (scale 1, bias 0) to each group's outputs.
+
+    The kernel then returns Δx·Σ_window (codes − z) over that group's input channels beside its outputs, which the
+    offset correction needs; grouped, each group's outputs and its window sum are contiguous in the output.
+    """
+    def per_group(t: Tensor, extra: Tensor) -> Tensor:
+        return torch.cat([t.unflatten(0, (groups, -1)), extra.expand(groups, 1, *t.shape[1:])], dim=1).flatten(0, 1)
+
+    weight = per_group(weight, torch.ones((1, 1, *weight.shape[1:]), dtype=torch.int8))
+    scale = per_group(scale, scale.new_ones(1, 1))
+    return weight.contiguous(), scale.contiguous(), None if bias is None else per_group(bias, bias.new_zeros(1, 1))
+
+
 def _zero(grid: ActivationGrid) -> int | Tensor:
     """The zero point as the kernel takes it: an int, or an int32 tensor for a per-step grid."""
     return grid.zero_point.to(torch.int32) if isinstance(grid.zero_point, Tensor) else int(grid.zero_point)
@@ -72,33 +107,37 @@ class _ConvKernel(_Prepacked):
 
     def __init__(self, codes: WeightCodes, bias: Tensor | None, conv: nn.Conv2d, name: str) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"{name}: the int8 backend supports groups=1 and zero padding, got groups={conv.groups}"
-                             f", padding_mode={conv.padding_mode!r}")
         if codes.codes.shape[1] * conv.kernel_size[0] * conv.kernel_size[1] * 255 >= MAX_EXACT_FLOAT:
             raise ValueError(f"{name}: window sums could exceed 2^24 and lose exactness in float32")
         _check_weight_bound(codes, name)
         self.name = name
-        self.geometry = (list(conv.stride), list(conv.padding), list(conv.dilation))
+        self.in_channels, self.groups = codes.codes.shape[1] * conv.groups, conv.groups  # a split half: its own
+        padding, self.pre_pad, self.pad_mode = _padding(conv)
+        self.geometry = (list(conv.stride), padding, list(conv.dilation))
         stride, padding, dilation = self.geometry
         self.has_offset = codes.has_offset
         weight, scale = codes.codes, codes.scale
-        if self.has_offset:  # one more output channel of int8 ones: the kernel returns Δx·Σ_window (codes − z)
-            ones = torch.ones((1, *weight.shape[1:]), dtype=torch.int8)
-            weight, scale = torch.cat([weight, ones]), torch.cat([scale, scale.new_ones(1)])
-            bias = None if bias is None else torch.cat([bias, bias.new_zeros(1)])
+        if self.has_offset:  # one more int8-ones output channel per group: the kernel returns Δx·Σ_window (codes − z)
+            weight, scale, bias = _with_window_channels(weight, scale, bias, self.groups)
         # not a buffer: an opaque oneDNN-layout tensor that state_dict/deepcopy must not touch
-        self.packed = torch.ops.onednn.qconv_prepack(weight, scale, 1.0, 0, stride, padding, dilation, 1, None)
+        self.packed = torch.ops.onednn.qconv_prepack(weight, scale, 1.0, 0, stride, padding, dilation, self.groups,
+                                                     None)
         self.register_buffer("w_scale", scale)
         self.register_buffer("w_zero", torch.zeros(scale.numel(), dtype=torch.int64))
         self.register_buffer("bias", bias)
-        self.register_buffer("neg_offset_scale", (-codes.offset * codes.scale).reshape(1, -1, 1, 1))
+        offset_shape = (1, -1, 1, 1) if self.groups == 1 else (1, self.groups, -1, 1, 1)
+        self.register_buffer("neg_offset_scale", (-codes.offset * codes.scale).reshape(offset_shape))
         self.packed_bytes = weight.numel()  # int8: one byte per weight
         self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
         _check_float_input(x, self.name)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self.name}: expects a (batch, {self.in_channels}, height, width) input, got shape "
+                             f"{tuple(x.shape)}")
         grid = self.grid(quantizer)
+        if self.pre_pad is not None:  # padding the float input is exact: codes copy values, and 0 has code z
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
         if torch.compiler.is_compiling():  # pure ops: Inductor fuses them into the op that produced x
             # channels-last, the layout oneDNN's int8 conv reads: left to Inductor, an upsample feeding a conv wrote
             # NCHW codes by scalar gathers and oneDNN reordered them (docs/backends.md, int8-compiled)
@@ -114,9 +153,12 @@ class _ConvKernel(_Prepacked):
         per_step = isinstance(grid.scale, Tensor)
         op = torch.ops.onednn.qconv_pointwise.tensor if per_step else torch.ops.onednn.qconv2d_pointwise.default
         y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, stride, padding,
-               dilation, 1, 1.0, 0, torch.float32, "none", [], "")
+               dilation, self.groups, 1.0, 0, torch.float32, "none", [], "")
         if not self.has_offset:
             return y
+        if self.groups != 1:  # each group's window-sum channel follows its outputs (_with_window_channels)
+            per_group = y.unflatten(1, (self.groups, -1))
+            return (per_group[:, :, :-1] + per_group[:, :, -1:] * self.neg_offset_scale).flatten(1, 2)
         # − o_c·Δw_c · Δx·Σ_window (codes − z): the last channel is the kernel's exact int32 window sum times Δx.
         # Compiled, Inductor fuses the multiply-add into the op that reads y; eagerly it runs in place on y's view (a
         # new tensor per call was slower than the old channel-sum + sum-pool, measured: docs/backends.md)
@@ -138,6 +180,8 @@ class OneDNNConv2d(nn.Module):
         self.out_channels = layer.out_channels
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it
+            return self.kernel(x.unsqueeze(0), self.input_quantizer).squeeze(0)
         return self.kernel(x, self.input_quantizer)
 
 
@@ -188,6 +232,9 @@ class OneDNNLinear(_Prepacked):
 
     def forward(self, x: Tensor) -> Tensor:
         _check_float_input(x, self.name)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.name}: expects inputs of {self.in_features} features (last dimension), got shape "
+                             f"{tuple(x.shape)}")
         grid = self.grid(self.input_quantizer)
         shape = torch.Size((x.numel() // self.in_features, self.in_features))
         op = torch.ops.onednn.qlinear_pointwise

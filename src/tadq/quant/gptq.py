@@ -32,11 +32,12 @@ def matmul_columns(layer: nn.Module, x: Tensor) -> Tensor:
     caller (their groups have separate Hessians).
     """
     if isinstance(layer, nn.Conv2d):
-        if isinstance(layer.padding, str):
-            raise ValueError(f"GPTQ rounding needs numeric conv padding, got {layer.padding!r}")
         padding = layer.padding
-        if layer.padding_mode != "zeros":  # reflect/replicate/circular: pad as the layer does, then no padding
-            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
+        # reflect/replicate/circular, or padding='same' (one more row/column bottom/right for an even kernel):
+        # pad as nn.Conv2d does, then unfold without padding
+        if layer.padding_mode != "zeros" or isinstance(padding, str):
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
             padding = 0
         patches = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=padding, stride=layer.stride)
         return patches.transpose(1, 2).reshape(-1, patches.shape[1])  # (B·L, C·kh·kw)

@@ -75,6 +75,14 @@ class Quantizer(nn.Module):
         if not self.enabled or self.scheme.dynamic:
             return
         scale, zero_point = scale_and_zero_point(low.float(), high.float(), self.scheme.bits, self.scheme.symmetric)
+        bad = ~torch.isfinite(scale.reshape(-1))
+        if bool(bad.any()):  # an inf/NaN Δ fake-quantizes every value to NaN or 0, silently
+            first = int(bad.nonzero()[0])
+            where = f"channel {first} of {scale.numel()}" if scale.numel() > 1 else "the tensor"
+            raise ValueError(f"{self.kind} range [{float(low.reshape(-1)[first]):.6g}, "
+                             f"{float(high.reshape(-1)[first]):.6g}] "
+                             f"of {where} has no finite {self.scheme.bits}-bit step (inf/NaN values, or a span beyond "
+                             "float32): check the model's weights and calibration inputs, or exclude the layer")
         if scale.numel() != self.scale.numel():
             raise ValueError(f"range has {scale.numel()} entries, quantizer expects {self.scale.numel()}")
         self.scale.copy_(scale.reshape(self.scale.shape))

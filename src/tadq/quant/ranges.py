@@ -25,11 +25,28 @@ def minmax_range(x: Tensor, per_channel: bool = False) -> tuple[Tensor, Tensor]:
     return flat.min(dim=1).values, flat.max(dim=1).values
 
 
+QUANTILE_MAX = 2**24  # torch.quantile refuses longer reductions ("quantile() input tensor is too large")
+
+
+def _quantiles(flat: Tensor, q: Tensor) -> Tensor:
+    """``torch.quantile(flat, q, dim=1)`` (linear interpolation, NaN if a row has one), shape (len(q), C), for rows
+    of any length: a long calibration's kept activation samples (16384 per forward) pass 2^24 after 1024 forwards,
+    where torch.quantile raised at the very end of the run."""
+    if flat.shape[1] <= QUANTILE_MAX:
+        return torch.quantile(flat, q, dim=1)
+    ordered = flat.sort(dim=1).values
+    ranks = q.double() * (flat.shape[1] - 1)  # float64: a float32 rank is not exact beyond 2^24
+    below = ranks.floor()
+    lower, upper = ordered[:, below.long()], ordered[:, ranks.ceil().long()]  # (C, len(q))
+    values = torch.lerp(lower, upper, (ranks - below).to(flat.dtype)).T
+    return torch.where(flat.isnan().any(dim=1), torch.full_like(values, float("nan")), values)
+
+
 def percentile_range(x: Tensor, percentile: float, per_channel: bool = False) -> tuple[Tensor, Tensor]:
     """Clip the (100 − p) % tails on each side."""
     flat = _flatten(x, per_channel).float()
     q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=flat.dtype)
-    bounds = torch.quantile(flat, q, dim=1)  # (2, C)
+    bounds = _quantiles(flat, q)  # (2, C)
     return bounds[0], bounds[1]
 
 
