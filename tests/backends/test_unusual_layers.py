@@ -21,6 +21,7 @@ from tadq.backends import to_backend
 from tadq.backends.compiled import frozen, prime_grids
 from tadq.backends.convert import convert_layers
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d, cpu_int8_layer
+from tadq.backends.cuda_int8 import IntMMConv2d
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.metrics.image import psnr_per_sample
 from tadq.quant import QScheme, QuantConv2d, QuantLinear, ranges
@@ -122,6 +123,26 @@ def test_conv_geometries_match_fake_quant(preset_name, geometry):
     integer = OneDNNConv2d(layer, "block.conv")
     _assert_conv_agrees(layer, integer, x)
     _assert_conv_agrees(layer, integer, _data((5, 8, 6, 11), 2))  # a batch and size never seen in calibration
+
+
+@pytest.mark.usefixtures("int_mm_on_cpu")
+@pytest.mark.parametrize("preset_name", PRESETS)
+@pytest.mark.parametrize("geometry", [name for name, spec in GEOMETRIES.items() if spec.get("groups", 1) == 1])
+def test_int8_cuda_im2col_convs_take_every_padding(preset_name, geometry):
+    """int8-cuda's im2col conv (checked on CPU through ``torch._int_mm``): ``padding='same'`` converted and then
+    failed in the first forward ("too many values to unpack": the string became the padding tuple), and the
+    reflect/replicate/circular modes were refused; the centred codes are now padded as ``nn.Conv2d`` pads."""
+    x = _data((2, 8, 9, 9), 1)
+    layer = _conv_layer(preset_name, GEOMETRIES[geometry], x)
+    _assert_conv_agrees(layer, IntMMConv2d(layer, "block.conv"), x)
+
+
+def test_int8_cuda_refuses_grouped_convs_by_name():
+    """The im2col GEMM has no groups: refused naming the layer and the backends that run it."""
+    x = _data((2, 8, 9, 9), 1)
+    layer = _conv_layer("W4A8", GEOMETRIES["depthwise"], x)
+    with pytest.raises(ValueError, match="block.conv: int8-cuda.*groups=8.*int8-compiled"):
+        IntMMConv2d(layer, "block.conv")
 
 
 @needs_int8_cpu

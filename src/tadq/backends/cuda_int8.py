@@ -104,18 +104,22 @@ class _Im2ColConv(nn.Module):
 
     def __init__(self, codes: WeightCodes, bias: Tensor | None, conv: nn.Conv2d, name: str) -> None:
         super().__init__()
-        if conv.groups != 1 or conv.padding_mode != "zeros":
-            raise ValueError(f"{name}: im2col supports groups=1 and zero padding only")
+        if conv.groups != 1:
+            raise ValueError(f"{name}: int8-cuda's im2col GEMM supports groups=1 only, got groups={conv.groups} (the "
+                             "int8 and int8-compiled CPU backends run grouped and depthwise convs)")
         self.kernel = IntMMKernel(codes, bias, name)
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
-        self.padding, self.dilation = tuple(conv.padding), tuple(conv.dilation)
+        self.dilation = tuple(conv.dilation)
+        # (left, right, top, bottom) as nn.Conv2d pads, numeric or 'same'/'valid'; padding the codes copies values
+        # as padding the float input would (quantization is elementwise), and a padded 0 has code z
+        self.padding = tuple(conv._reversed_padding_repeated_twice)
+        self.pad_mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
         self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
         grid = self.grid(quantizer)
         a, z = _signed_codes(x, grid)
-        ph, pw = self.padding
-        a = F.pad(a - z, (pw, pw, ph, ph)) + z  # pad in the centred domain (0 = the zero point), then move back
+        a = F.pad(a - z, self.padding, mode=self.pad_mode) + z  # in the centred domain (0 = the zero point)
         batch, _, height, width = a.shape
         kh, kw = self.kernel_size
         h_out = (height - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
