@@ -379,7 +379,8 @@ def test_overflowing_activations_are_refused_after_calibration(tiny_unet, ddpm_s
     calib = collect_calibration_set(tiny_unet, adapter_for(tiny_unet), ddpm_scheduler.config, CALIB, progress=False)
     with torch.no_grad():
         tiny_unet.conv_in.weight.mul_(1e37)  # finite weights whose outputs overflow float32 downstream
-    with pytest.raises(ValueError, match="activation range after calibration: .* holds (NaN|Inf)"):
+    # named by the quantizer that saw the overflow, before any range is used
+    with pytest.raises(ValueError, match=r"activation range after calibration: [\w.]+quantizer: .*no finite 8-bit"):
         tadq.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=CALIB),
                       calibration=calib, progress=False)
 

@@ -10,7 +10,13 @@ from safetensors import SafetensorError
 from torch import nn
 
 from tadq.registry import model_family, registered_families
-from tadq.safefiles import read_json_file, require_finite
+from tadq.safefiles import (
+    DamagedFileError,
+    find_weight_files,
+    read_json_file,
+    require_finite,
+    require_stored_parameters,
+)
 from tadq.sampling.config import check_drivable
 
 __all__ = ["load_pipeline_parts", "load_scheduler", "shipped_model_path"]
@@ -28,14 +34,24 @@ def shipped_model_path() -> Path:
     return Path(__file__).parent / "zoo" / "weights" / "digits-ddpm"
 
 
+def _present(path: Path) -> bool:
+    """A file, or a link to one that is gone (a hub-cache blob): reading it then says which."""
+    return path.exists() or path.is_symlink()
+
+
 def _model_dir(path: Path) -> Path:
-    if (path / "model_index.json").exists():
+    if path.is_file():
+        raise ValueError(f"{path} is a file; tadq reads diffusers model folders (config.json and weights, as "
+                         "save_pretrained writes them). A single-file checkpoint converts with diffusers' "
+                         "from_single_file(...).save_pretrained(folder)")
+    if _present(path / "model_index.json"):
         index = read_json_file(path / "model_index.json", "pipeline index")
         if not isinstance(index, dict):
             raise ValueError(f"{path / 'model_index.json'} holds a JSON {type(index).__name__}, not an object")
         subfolders = sorted({family.subfolder for family in registered_families().values()})
         for name in subfolders:
-            if name in index and (path / name / "config.json").exists():
+            if name in index and _present(path / name / "config.json"):
+                _check_components_present(path, index, name)
                 if isinstance(index.get("text_encoder"), list) and None not in index["text_encoder"]:
                     logger.info("%s is a %s: loading its %s and scheduler only; tadq.pipelines.load_fp_pipeline "
                                 "loads the whole pipeline and PromptConditions encodes prompts for it", path,
@@ -46,12 +62,50 @@ def _model_dir(path: Path) -> Path:
                 raise ValueError(f"{path / name / 'config.json'} is missing: {path}/model_index.json names the "
                                  f"denoiser folder {name!r}, but its config is not there (restore the folder)")
         raise ValueError(f"{path}/model_index.json names no denoiser folder (looked for {subfolders})")
-    if (path / "config.json").exists():
+    if _present(path / "config.json"):
         return path
     raise ValueError(
         f"{path} is not a diffusers model folder: expected model_index.json (a pipeline) or config.json "
-        "with weights (a model saved by save_pretrained)"
+        f"with weights (a model saved by save_pretrained){_hub_cache_hint(path)}"
     )
+
+
+def _hub_cache_hint(path: Path) -> str:
+    """For a refusal: the snapshot to pass when ``path`` is a hub-cache repository folder
+    (``models--org--name``, whose files live in ``snapshots/<revision>/``)."""
+    snapshots = path / "snapshots"
+    if not snapshots.is_dir():
+        return ""
+    revisions = sorted(entry.name for entry in snapshots.iterdir() if entry.is_dir())
+    main = path / "refs" / "main"
+    try:
+        ref = main.read_text(encoding="utf-8").strip() if main.is_file() and main.stat().st_size < 4096 else ""
+    except (OSError, UnicodeDecodeError):
+        ref = ""
+    chosen = ref if ref in revisions else (revisions[0] if len(revisions) == 1 else None)
+    if chosen is not None:
+        return f". It is a Hugging Face hub-cache folder: pass its snapshot {snapshots / chosen}"
+    choices = ", ".join(str(snapshots / revision) for revision in revisions) or "(none: the download is missing)"
+    return f". It is a Hugging Face hub-cache folder: pass one of its snapshots {choices}"
+
+
+def _check_components_present(path: Path, index: dict, denoiser: str) -> None:
+    """Every component ``model_index.json`` names has its folder, and every other diffusers model among them (a
+    VAE) whole safetensors weights: a DiT whose ``vae/`` was gone or truncated used to be loaded, calibrated and
+    quantized, and refused only when its artefact was written (the other components are copied into it).
+    Components tadq loads as ``None`` (a safety checker) may be absent."""
+    from tadq.pipelines.components import UNUSED_COMPONENTS
+
+    for name, value in sorted(index.items()):
+        if name.startswith("_") or name in (*UNUSED_COMPONENTS, "scheduler") or not isinstance(value, list) \
+                or len(value) != 2 or None in value:  # the scheduler's own check names what it holds
+            continue
+        folder = path / name
+        if not folder.is_dir():
+            raise ValueError(f"{path} is incomplete: the component folder {name}/ ({value[1]}) named in "
+                             "model_index.json is missing (restore it from the model's download)")
+        if name != denoiser and value[0] == "diffusers" and (folder / "config.json").is_file():
+            find_weight_files(folder)  # names the empty, truncated or dangling file, or the pickle
 
 
 def _scheduler_classes() -> dict[str, type[SchedulerMixin]]:
@@ -64,12 +118,27 @@ def _scheduler_classes() -> dict[str, type[SchedulerMixin]]:
     return {name: getattr(diffusers, name) for name in SUPPORTED_SCHEDULERS}
 
 
+def _sibling_scheduler(path: Path) -> list[Path]:
+    """``[pipeline/scheduler]`` when ``path`` is a component folder of a pipeline (``sd/unet``, named by its
+    ``model_index.json``): its training schedule is the pipeline's, not DDPM defaults (an SD UNet was trained on
+    scaled-linear betas, DDPM's default is linear)."""
+    index_file = path.absolute().parent / "model_index.json"
+    if not index_file.is_file():
+        return []
+    index = read_json_file(index_file, "pipeline index")
+    if isinstance(index, dict) and isinstance(index.get(path.absolute().name), list):
+        logger.info("%s is the %s folder of the pipeline %s: using its scheduler", path, path.absolute().name,
+                    index_file.parent)
+        return [index_file.parent / "scheduler"]
+    return []
+
+
 def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
     """The folder's own scheduler, as its class: it records the *training* schedule (betas, or a flow shift) and the
     sampler the model ships with (``tadq.sampling.default_sampler``); the sampler tadq runs is the user's choice,
     and ``make_scheduler`` builds it on this schedule. A class tadq cannot honour (score SDE, UniPC, Heun...) is
     refused by name instead of being read as a DDPM config."""
-    for candidate in (path / "scheduler", model_dir / "scheduler", path):
+    for candidate in (path / "scheduler", model_dir / "scheduler", path, *_sibling_scheduler(path)):
         config_file = candidate / "scheduler_config.json"
         if config_file.exists():
             config = read_json_file(config_file, "scheduler config")
@@ -114,24 +183,34 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
         raise FileNotFoundError(f"model folder {path} does not exist{hint}")
     model_dir = _model_dir(path)
     model_config = read_json_file(model_dir / "config.json", "model config")
-    class_name = model_config.get("_class_name") if isinstance(model_config, dict) else None
+    if not isinstance(model_config, dict):
+        raise ValueError(f"{model_dir / 'config.json'} holds a JSON {type(model_config).__name__}, not an object; "
+                         "it is not a diffusers model config")
+    class_name = model_config.get("_class_name")
+    if not isinstance(class_name, str) or not class_name:
+        raise ValueError(f"{model_dir / 'config.json'} names no model class (_class_name is {class_name!r}); tadq "
+                         f"will not guess one. Supported: {sorted(registered_families())}")
     if class_name == "Transformer2DModel":  # the legacy name of released DiT / PixArt-α folders, as diffusers reads it
         class_name = _LEGACY_TRANSFORMER_CLASSES.get(model_config.get("norm_type"), class_name)
     family = model_family(str(class_name), where=str(model_dir))
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: sample or evaluate it (`tadq "
                          "sample`, `tadq evaluate`; tadq.load(path) in Python), and quantize from its FP model folder")
-    if not any(model_dir.glob("*.safetensors")):
-        found = sorted(p.name for p in model_dir.iterdir() if p.is_file() and p.name != "config.json")
-        raise ValueError(f"{model_dir} holds no safetensors weights (found {found or 'no weight file'}); tadq reads "
-                         "safetensors only, never a pickle (.bin, .pt, .ckpt): re-save the model with "
-                         "save_pretrained(..., safe_serialization=True)")
+    # every weight file checked whole first (an interrupted download, a dangling hub-cache link), and the variant
+    # of a folder saved with save_pretrained(variant="fp16") only, which from_pretrained finds only when told
+    try:
+        weights = find_weight_files(model_dir)
+    except DamagedFileError as error:
+        raise DamagedFileError(f"could not load weights from {model_dir}: {error}") from error
+    if weights.variant is not None:
+        logger.info("%s holds its weights as the %r variant only; loading that", model_dir, weights.variant)
     try:  # use_safetensors: diffusers would otherwise fall back to unpickling a .bin
         model = family.model_class.from_pretrained(model_dir, low_cpu_mem_usage=False,  # no accelerate needed
-                                                   use_safetensors=True)
+                                                   use_safetensors=True, variant=weights.variant)
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # truncated or foreign weight files
         first = " ".join(str(error).split())[:300] or type(error).__name__  # torch puts the cause on line 2
         raise ValueError(f"could not load weights from {model_dir}: {first}") from error
+    require_stored_parameters(model, weights.files, str(model_dir))
     model.eval().requires_grad_(False)
     require_finite(model.state_dict(), f"model {model_dir}: weight")  # NaN used to fail late, as a zero_point error
     return model, _load_scheduler(path, model_dir)

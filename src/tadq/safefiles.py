@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -24,7 +26,9 @@ from torch import Tensor
 from tadq.utils import _atomic
 
 __all__ = ["DamagedFileError", "save_checked", "load_checked", "tensors_digest", "read_json_file",
-           "require_finite", "nonfinite_count", "finite_float", "split_tensors", "join_tensors"]
+           "require_finite", "nonfinite_count", "finite_float", "split_tensors", "join_tensors", "WeightFiles",
+           "find_weight_files", "check_safetensors_file", "require_stored_parameters", "DIFFUSERS_WEIGHTS",
+           "TRANSFORMERS_WEIGHTS"]
 
 META_KEY, DIGEST_KEY = "tadq", "tadq_sha256"
 MAX_JSON_BYTES = 256 << 20  # configs, recipes, quantization maps: a few MiB for the largest models
@@ -134,6 +138,9 @@ def read_json_file(path: str | Path, what: str = "file") -> Any:
     would otherwise be read forever (or block), filling the memory before any error.
     """
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"{what} {path} is a link to {path.readlink()}, which does not exist (a hub-cache blob that "
+                         "was deleted, or a download that did not finish); download the model again")
     if path.exists() and not path.is_file():
         raise ValueError(f"{what} {path} is not a regular file (a folder, device or pipe); replace it with the file")
     if path.is_file() and path.stat().st_size > MAX_JSON_BYTES:
@@ -143,6 +150,9 @@ def read_json_file(path: str | Path, what: str = "file") -> Any:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(f"{what} {path} is not UTF-8 text (damaged?): {error.reason}") from error
+    if not text.strip():
+        raise ValueError(f"{what} {path} is empty ({len(text.encode())} bytes; an interrupted download or copy?); "
+                         "restore the file")
     try:
         return json.loads(text)
     except json.JSONDecodeError as error:
@@ -168,3 +178,154 @@ def nonfinite_count(batch: Tensor) -> int:
 def finite_float(value: Any) -> bool:
     """Whether ``value`` is a real, finite number (JSON loads may give anything)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# -- weights of a diffusers / transformers model folder, as save_pretrained writes them ------------------------------
+
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"  # the stem of a diffusers model's weight files
+TRANSFORMERS_WEIGHTS = "model"  # ... and of a transformers model's (text encoders)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_VARIANT = r"([A-Za-z0-9_]+)"  # "fp16", "bf16", "ema"...; a shard's "-00001-of-00002" is not one
+
+
+class WeightFiles(NamedTuple):
+    """The safetensors files ``from_pretrained`` reads for a model folder, and the variant to pass it (``None``:
+    the plain files; ``"fp16"`` for a folder that holds ``diffusion_pytorch_model.fp16.safetensors`` only)."""
+
+    files: tuple[Path, ...]
+    variant: str | None
+
+
+def _weight_sets(folder: Path, stem: str) -> dict[str | None, list[Path]]:
+    """variant (``None``: plain) → the single file or the shard index present for it."""
+    found: dict[str | None, list[Path]] = {}
+    single = re.compile(rf"{re.escape(stem)}(?:\.{_VARIANT})?\.safetensors")
+    index = re.compile(rf"{re.escape(stem)}\.safetensors\.index(?:\.{_VARIANT})?\.json")
+    for entry in sorted(folder.iterdir()):
+        match = single.fullmatch(entry.name) or index.fullmatch(entry.name)
+        if match:
+            found.setdefault(match.group(1), []).append(entry)
+    return found
+
+
+def find_weight_files(folder: str | Path, stems: Sequence[str] = (DIFFUSERS_WEIGHTS,), *,
+                      prefer: str | None = None) -> WeightFiles:
+    """The safetensors weights of a model folder, each checked whole (``check_safetensors_file``) before any is
+    loaded: one file, or the shards a ``*.safetensors.index.json`` lists (``save_pretrained(max_shard_size=)``),
+    plain or of one variant only (``save_pretrained(variant="fp16")``, which ``from_pretrained`` finds only when
+    told the variant). Plain files are preferred to a variant, as ``from_pretrained`` does without one; ``prefer``
+    names the variant a pipeline loads, which ``from_pretrained`` takes where present.
+
+    Raises:
+        ValueError: no safetensors weights under ``stems`` (a pickle is named: tadq never unpickles), several
+            variants and no plain files (which one is meant cannot be guessed), or an index listing a path outside
+            the folder or no shard.
+        DamagedFileError: a weight file is empty, truncated, a dangling link, or not safetensors.
+    """
+    folder = Path(folder)
+    sets: dict[str | None, list[Path]] = {}
+    for stem in stems:
+        for variant, entries in _weight_sets(folder, stem).items():
+            sets.setdefault(variant, []).extend(entries)
+    variant: str | None = None
+    if prefer is not None and prefer in sets:
+        variant = prefer
+    elif None not in sets:
+        if not sets:
+            raise ValueError(_no_weights_message(folder, stems))
+        if len(sets) > 1:
+            names = sorted(entry.name for entries in sets.values() for entry in entries)
+            raise ValueError(f"{folder} holds weights of several variants ({', '.join(names)}) and no plain "
+                             f"{stems[0]}.safetensors: which one is meant cannot be guessed; keep one variant")
+        (variant,) = sets
+    files: list[Path] = []
+    for entry in sets[variant]:
+        files.extend(_index_shards(entry) if entry.name.endswith(".json") else [entry])
+    for file in files:
+        check_safetensors_file(file)
+    return WeightFiles(tuple(files), variant)
+
+
+def _no_weights_message(folder: Path, stems: Sequence[str]) -> str:
+    expected = " or ".join(f"{stem}.safetensors" for stem in stems)
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name != "config.json") if folder.is_dir() else []
+    pickles = [name for name in names if name.endswith(PICKLE_SUFFIXES) or ".bin.index" in name]
+    message = (f"{folder} holds no safetensors weights ({expected}, or a sharded *.safetensors.index.json); found "
+               f"{names or 'no weight file'}")
+    if pickles:
+        kind = "is a pickle, which runs" if len(pickles) == 1 else "are pickles, which run"
+        message += (f": {', '.join(pickles[:3])} {kind} code when loaded, and tadq reads safetensors only, never a "
+                    "pickle. Re-save the model with save_pretrained(..., safe_serialization=True)")
+    return message
+
+
+def _index_shards(index_file: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names, each a plain file name inside its folder."""
+    index = read_json_file(index_file, "weights index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(name, str) for name in weight_map.values()):
+        raise DamagedFileError(f"{index_file} is damaged: no weight_map object of tensor → shard file names")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            raise DamagedFileError(f"{index_file} lists the shard {name!r}, which is not a file name inside "
+                                   f"{index_file.parent}; it is not a save_pretrained index")
+        shard = index_file.parent / name
+        if not shard.is_file() and not shard.is_symlink():
+            raise DamagedFileError(f"{shard} is missing: {index_file.name} lists it as one of {len(names)} shards "
+                                   "(an interrupted download or copy?)")
+    return [index_file.parent / name for name in names]
+
+
+def check_safetensors_file(file: str | Path) -> None:
+    """Raise ``DamagedFileError`` unless ``file`` is a whole safetensors file: its header readable and the file as
+    long as the header's offsets say. Reads the header only, so it is cheap on gigabytes; it catches what an
+    interrupted download leaves (an empty or truncated file, a hub-cache link to a blob that is gone)."""
+    file = Path(file)
+    if file.is_symlink() and not file.exists():
+        raise DamagedFileError(f"{file} is a link to {file.readlink()}, which does not exist (a hub-cache blob that "
+                               "was deleted, or a download that did not finish); download the model again")
+    if not file.is_file():
+        raise DamagedFileError(f"{file} is not a regular file (a folder, device or pipe)")
+    size = file.stat().st_size
+    if size == 0:
+        raise DamagedFileError(f"{file} is damaged: an empty file (0 bytes); download or save it again")
+    try:
+        with open(file, "rb") as handle:
+            header_length = int.from_bytes(handle.read(8), "little")
+            if size < 8 or header_length <= 0 or 8 + header_length > size:
+                raise ValueError(f"header length {header_length} does not fit a {size}-byte file")
+            header = json.loads(handle.read(header_length))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        if not all(isinstance(end, int) and not isinstance(end, bool) for end in ends):
+            raise ValueError("data offsets are not integers")
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as error:
+        raise DamagedFileError(f"{file} is damaged: not a safetensors file ({error})") from error
+    expected = 8 + header_length + max(ends, default=0)
+    if expected != size:
+        raise DamagedFileError(f"{file} is damaged: {size} bytes, its header describes {expected} (truncated or "
+                               "replaced); download or save it again")
+
+
+def require_stored_parameters(model: torch.nn.Module, files: Sequence[Path], where: str) -> None:
+    """Raise ``DamagedFileError`` when a parameter of ``model`` is in none of its weight ``files``: diffusers
+    fills such a parameter with its random initialization and only logs a warning, so a file missing tensors (an
+    incomplete conversion, an edited config) gave a partly random model that tadq then quantized. Buffers are not
+    required (diffusers recomputes positional tables that some checkpoints leave out). Old attention key names are
+    renamed first, as diffusers renames them while loading (google/ddpm-* checkpoints use them)."""
+    stored: dict[str, None] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as handle:
+            stored.update(dict.fromkeys(handle.keys()))
+    rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' renaming of old attention keys
+    if callable(rename):  # (query/key/value/proj_attn → to_q/to_k/to_v/to_out.0), as it does when loading
+        stored = rename(stored) or stored
+    aliases: dict[int, list[str]] = {}  # a tied parameter is stored once, under any one of its names
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(parameter), []).append(name)
+    missing = [names[0] for names in aliases.values() if not any(name in stored for name in names)]
+    if missing:
+        raise DamagedFileError(f"{where}: its weights lack {len(missing)} of the {type(model).__name__}'s parameters "
+                               f"(e.g. {', '.join(missing[:3])}), which diffusers would fill with random values; "
+                               "the weight files are incomplete or belong to another config.json")

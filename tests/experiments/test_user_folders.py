@@ -158,12 +158,15 @@ def test_run_rerun_reuses_cells_and_a_changed_flag_recomputes(folders, tmp_path,
 
 
 def test_run_flow_matching_folder_needs_flow_euler(folders, tmp_path, sample_calls):
-    _refused(runner.invoke(app, _run(folders["flow"], tmp_path / "ddim")), "'ddim'", "flow-euler")
+    """A flow-matching folder runs on flow-euler, the sampler tadq run picks for it when none is named; DDIM named
+    explicitly is refused before any sampling, as flow-euler is on a discrete-schedule folder."""
+    _refused(runner.invoke(app, _run(folders["flow"], tmp_path / "ddim", "--sampler", "ddim")), "'ddim'",
+             "flow-euler")
     assert not (tmp_path / "ddim").exists() and not sample_calls
     _refused(runner.invoke(app, _run(folders["rgb16"], tmp_path / "fe", "--sampler", "flow-euler")), "'flow-euler'")
     assert not (tmp_path / "fe").exists()
-    _ok(runner.invoke(app, _run(folders["flow"], tmp_path / "out", "--sampler", "flow-euler")))
-    _check_run_report(tmp_path / "out")
+    _ok(runner.invoke(app, _run(folders["flow"], tmp_path / "out")))
+    assert _check_run_report(tmp_path / "out")["config"]["sampler"]["data"]["kind"] == "flow-euler"
 
 
 def test_run_class_conditional_folder_labels_and_guidance(folders, tmp_path):

@@ -95,4 +95,7 @@ class Calibrate:
                 except RuntimeError as error:
                     raise RuntimeError(f"{name}: {error} (an input the model adapter does not pass, or a branch "
                                        "its calibration runs never take)") from error
-                quantizers[name].set_range(low, high)
+                try:
+                    quantizers[name].set_range(low, high)
+                except ValueError as error:  # overflowing activations: named by the layer that saw them
+                    raise ValueError(f"activation range after calibration: {name}: {error}") from error

@@ -221,7 +221,10 @@ def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin
 def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path) -> str:
     """A pipeline source (text encoders, tokenizers, VAE...): ``model_index.json`` and every component folder but
     the denoiser's copied byte for byte, so diffusers' own ``from_pretrained`` loads them from the artefact; the
-    denoiser folder gets its FP config only (its weights are tadq's codes)."""
+    denoiser folder gets its FP config only (its weights are tadq's codes). A safety checker or feature extractor
+    the source lacks is left out (tadq loads them as None)."""
+    from tadq.pipelines.components import UNUSED_COMPONENTS
+
     subfolder, _pipeline = _diffusers_layout(qmodel.model)
     index = json.loads((source / "model_index.json").read_text())
     if not isinstance(index.get(subfolder), list):
@@ -229,6 +232,8 @@ def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path)
     shutil.copyfile(source / "model_index.json", folder / "model_index.json")
     for name, value in sorted(index.items()):
         if name.startswith("_") or name == subfolder or not isinstance(value, list) or None in value:
+            continue
+        if name in UNUSED_COMPONENTS and not (source / name).is_dir():  # loaded as None: a folder without is whole
             continue
         if not (source / name).is_dir():
             raise FileNotFoundError(f"{source / name} ({value[1]}) is missing; the pipeline folder is incomplete")

@@ -18,7 +18,15 @@ from typing import Any
 
 import torch
 
-from tadq.safefiles import DamagedFileError, finite_float, read_json_file
+from tadq.safefiles import (
+    DIFFUSERS_WEIGHTS,
+    TRANSFORMERS_WEIGHTS,
+    DamagedFileError,
+    find_weight_files,
+    finite_float,
+    read_json_file,
+    require_stored_parameters,
+)
 
 __all__ = ["PIPELINE_COMPONENTS", "PipelineFolderError", "PipelineLayout", "check_pipeline_folder",
            "denoiser_component", "is_pipeline_folder", "load_fp_pipeline", "pipeline_denoiser", "read_model_index"]
@@ -46,7 +54,9 @@ T5_TOKENIZERS: dict[str, tuple[str, ...]] = {
     "StableDiffusion3Pipeline": ("tokenizer_3",),
     "FluxPipeline": ("tokenizer_2",),
 }
-MODEL_WEIGHTS = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+# components a pipeline accepts but tadq never uses: loaded as None (a safety checker blacking out images would
+# corrupt every comparison; its feature extractor only feeds it), so a folder without them is complete
+UNUSED_COMPONENTS = ("safety_checker", "feature_extractor")
 # the pipelines whose guidance_scale is a scale the transformer embeds (classifier-free guidance: true_cfg_scale)
 DISTILLED_GUIDANCE_PIPELINES = ("FluxPipeline",)
 
@@ -76,12 +86,15 @@ class PipelineLayout:
         class_name: the diffusers pipeline class (``StableDiffusionPipeline``...).
         components: component name → (library, class name), null entries left out.
         index: the whole ``model_index.json`` (flags such as ``force_zeros_for_empty_prompt``).
+        variant: the weights variant to load (``"fp16"``: some component holds ``*.fp16.safetensors`` only, as
+            ``save_pretrained(variant="fp16")`` writes); ``None``: every component has plain weights.
     """
 
     path: Path
     class_name: str
     components: dict[str, tuple[str, str]]
     index: dict[str, Any]
+    variant: str | None = None
 
     @property
     def text_conditioned(self) -> bool:
@@ -146,44 +159,18 @@ def _check_json(file: Path, what: str) -> None:
         raise PipelineFolderError(f"{file} ({what}) is damaged: a JSON {type(content).__name__}, not an object")
 
 
-def _check_safetensors(file: Path) -> None:
-    """Header readable and the file as long as the header's offsets say (a truncated download fails here)."""
-    size = file.stat().st_size
-    try:
-        with open(file, "rb") as handle:
-            header_length = int.from_bytes(handle.read(8), "little")
-            if header_length <= 0 or 8 + header_length > size:
-                raise ValueError(f"header length {header_length} does not fit a {size}-byte file")
-            header = json.loads(handle.read(header_length))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as error:
-        raise PipelineFolderError(f"{file} is damaged: not a safetensors file ({error})") from error
-    if 8 + header_length + max(ends, default=0) != size:
-        raise PipelineFolderError(f"{file} is damaged: {size} bytes, its header describes "
-                                  f"{8 + header_length + max(ends, default=0)} (truncated or replaced)")
-
-
-def _check_model(folder: Path, weights: bool) -> None:
+def _check_model(folder: Path, weights: bool, library: str) -> str | None:
+    """Config readable and (``weights``) the safetensors files ``from_pretrained`` reads whole; returns their
+    variant (``None``: plain files; ``"fp16"`` for a component saved with ``variant="fp16"`` only)."""
     _check_json(folder / "config.json", "model config")
     if not weights:
-        return
-    files = [folder / name for name in MODEL_WEIGHTS if (folder / name).is_file()]
-    shards = sorted(folder.glob("*.safetensors.index.json"))
-    if shards:
-        index = read_json_file(shards[0], "weights index")
-        names = sorted(set(index.get("weight_map", {}).values())) if isinstance(index, dict) else []
-        missing = [name for name in names if not (folder / name).is_file()]
-        if not names or missing:
-            raise PipelineFolderError(f"{folder} is incomplete: shard {missing[0] if missing else '(none listed)'} "
-                                      f"of {shards[0].name} is missing")
-        files += [folder / name for name in names]
-    if not files:
-        found = sorted(p.name for p in folder.iterdir() if p.is_file())
-        raise PipelineFolderError(f"{folder} holds no safetensors weights ({' or '.join(MODEL_WEIGHTS)}); found "
-                                  f"{found}. tadq reads safetensors only (no pickle): re-save the component with "
-                                  "save_pretrained(..., safe_serialization=True)")
-    for file in files:
-        _check_safetensors(file)
+        return None
+    stems = {"diffusers": (DIFFUSERS_WEIGHTS,), "transformers": (TRANSFORMERS_WEIGHTS,)}.get(
+        library, (DIFFUSERS_WEIGHTS, TRANSFORMERS_WEIGHTS))
+    try:
+        return find_weight_files(folder, stems).variant
+    except ValueError as error:
+        raise PipelineFolderError(str(error)) from error
 
 
 def _check_t5_tokenizer(folder: Path) -> None:
@@ -255,8 +242,11 @@ def check_pipeline_folder(path: str | Path, *, denoiser_weights: bool = True) ->
     absent = [name for name in PIPELINE_COMPONENTS[class_name] if name not in components]
     if absent:
         raise PipelineFolderError(f"{path}/model_index.json lists no {absent[0]!r}, which a {class_name} needs")
-    for name, (_library, component_class) in sorted(components.items()):
+    variants: dict[str, str] = {}
+    for name, (library, component_class) in sorted(components.items()):
         folder = path / name
+        if name in UNUSED_COMPONENTS:  # loaded as None: not read, so neither needed nor checked
+            continue
         if not folder.is_dir():
             raise PipelineFolderError(f"{path} is incomplete: the component folder {name}/ ({component_class}) named "
                                       "in model_index.json is missing")
@@ -264,12 +254,20 @@ def check_pipeline_folder(path: str | Path, *, denoiser_weights: bool = True) ->
             _check_tokenizer(folder, t5=name in T5_TOKENIZERS.get(class_name, ()))
         elif name == "scheduler":
             _check_json(folder / "scheduler_config.json", "scheduler config")
-        elif name == "feature_extractor":
-            _check_json(folder / "preprocessor_config.json", "feature extractor config")
         else:
-            _check_model(folder, weights=denoiser_weights or name != denoiser_component(class_name))
+            variant = _check_model(folder, denoiser_weights or name != denoiser_component(class_name), library)
+            if variant is not None:
+                variants[name] = variant
     _check_consistency(path, index, components)
-    return PipelineLayout(path, class_name, components, index)
+    if len(set(variants.values())) > 1:  # from_pretrained takes one variant for the whole pipeline
+        given = ", ".join(f"{name} {variant}" for name, variant in sorted(variants.items()))
+        raise PipelineFolderError(f"{path}: components hold weights of different variants only ({given}); diffusers "
+                                  "loads one variant per pipeline: re-save the components with one variant")
+    variant = next(iter(variants.values()), None)
+    if variant is not None:  # components with plain weights as well load the variant too (one argument for all)
+        logger.info("%s: %s hold %r weights only; loading the pipeline's %r variant", path, sorted(variants),
+                    variant, variant)
+    return PipelineLayout(path, class_name, components, index, variant)
 
 
 def _config_value(path: Path, component: str, key: str) -> Any:
@@ -337,19 +335,21 @@ def _dtype_keyword() -> str:
 
 def pipeline_load_options(klass: type, dtype: torch.dtype | None, layout: PipelineLayout | None = None
                           ) -> dict[str, Any]:
-    """``from_pretrained`` options: local files only, safetensors only, no safety checker (tadq measures images,
-    a checker blacking some out would corrupt every comparison), and ``None`` for every component the folder's
-    ``model_index.json`` leaves null on purpose (SD3 without its T5: diffusers only takes that as an argument)."""
+    """``from_pretrained`` options: local files only, safetensors only, no safety checker nor its feature extractor
+    (tadq measures images, a checker blacking some out would corrupt every comparison), ``None`` for every
+    component the folder's ``model_index.json`` leaves null on purpose (SD3 without its T5: diffusers only takes
+    that as an argument), and the layout's weights variant (a folder saved with ``variant="fp16"`` only)."""
     options: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
     if layout is not None:
         accepted = inspect.signature(klass.__init__).parameters
         options.update({name: None for name, value in layout.index.items()
                         if name in accepted and value in ([None, None], None) and name not in layout.components})
+    if layout is not None and layout.variant is not None:
+        options["variant"] = layout.variant
     if dtype is not None:
         options[_dtype_keyword()] = dtype
     parameters = inspect.signature(klass.__init__).parameters
-    if "safety_checker" in parameters:
-        options["safety_checker"] = None
+    options.update({name: None for name in UNUSED_COMPONENTS if name in parameters})
     if "requires_safety_checker" in parameters:
         options["requires_safety_checker"] = False
     return options
@@ -358,15 +358,27 @@ def pipeline_load_options(klass: type, dtype: torch.dtype | None, layout: Pipeli
 def load_components(klass: type, layout: PipelineLayout, **options: Any) -> Any:
     """``klass.from_pretrained`` on the checked folder; a component whose config does not describe its weights
     (an edited config, config and weights from two downloads) raises ``PipelineFolderError`` naming it, not
-    diffusers' traceback."""
+    diffusers' traceback; so does a diffusers model (UNet, transformer, VAE) whose files lack one of its parameters,
+    which diffusers would have filled with random values and only logged."""
     try:
-        return klass.from_pretrained(str(layout.path), **options)
+        pipe = klass.from_pretrained(str(layout.path), **options)
     except (RuntimeError, OSError) as error:
         first = " ".join(str(error).split())[:300] or type(error).__name__
         named = [name for name, (_library, class_name) in sorted(layout.components.items()) if class_name in first]
         where = f"{layout.path / named[0]}" if named else str(layout.path)
         raise PipelineFolderError(f"{where}: diffusers could not load it ({first}); its config.json does not "
                                   "describe its weights (an edited config, or files from two models)") from error
+    for name, (library, _class_name) in sorted(layout.components.items()):
+        module = getattr(pipe, name, None)
+        if library != "diffusers" or name in options or name in UNUSED_COMPONENTS \
+                or not isinstance(module, torch.nn.Module):
+            continue  # given by the caller (a quantized denoiser), or not a diffusers model (ties in transformers')
+        files = find_weight_files(layout.path / name, (DIFFUSERS_WEIGHTS,), prefer=layout.variant).files
+        try:
+            require_stored_parameters(module, files, str(layout.path / name))
+        except DamagedFileError as error:
+            raise PipelineFolderError(str(error)) from error
+    return pipe
 
 
 def quantize_text_encoders(pipe: Any, bits: int | None) -> None:
