@@ -396,3 +396,29 @@ def test_an_empty_or_dangling_config_is_named_as_such(tmp_path):
     (snapshot / "model_index.json").resolve().unlink()
     with pytest.raises(ValueError, match=r"model_index\.json is a link to .*blobs/.*which does not exist"):
         load_pipeline_parts(snapshot)
+
+
+def test_a_variant_only_vae_decodes_as_diffusers_loads_it(tmp_path):
+    """``folder_vae_decoder`` (the VAE ``tadq run`` / ``tadq sample`` decode a DiT or LDM folder's latents with)
+    loaded ``vae/`` without a variant, so a folder saved with ``variant="fp16"`` failed with "could not load the VAE
+    ... no file named diffusion_pytorch_model.safetensors"; its weights are checked whole and complete too."""
+    from diffusers import AutoencoderKL
+
+    from tadq.experiments.workload import folder_vae_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1,
+                        latent_channels=4, norm_num_groups=4, sample_size=8)
+    vae.half().save_pretrained(tmp_path / "vae", variant="fp16")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline",
+                                                           "vae": ["diffusers", "AutoencoderKL"]}))
+    latents = torch.randn(2, 4, 4, 4)
+    reference = AutoencoderKL.from_pretrained(tmp_path / "vae", variant="fp16").float().eval()
+    with torch.no_grad():
+        expected = reference.decode(latents / reference.config.scaling_factor).sample
+        got = folder_vae_decoder(tmp_path, dtype=torch.float32)(latents)
+    torch.testing.assert_close(got, expected.clamp(-1, 1), rtol=0, atol=0)
+    (tmp_path / "vae" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="could not load the VAE.*empty file"):
+        folder_vae_decoder(tmp_path)

@@ -25,7 +25,7 @@ from tadq.evaluation import decoded_shape
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
 from tadq.models import load_pipeline_parts, shipped_model_path
 from tadq.registry import adapter_for
-from tadq.safefiles import read_json_file
+from tadq.safefiles import find_weight_files, read_json_file, require_stored_parameters
 from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels, SamplerConfig
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
@@ -255,9 +255,11 @@ def folder_vae_decoder(path: Path, device: torch.device | None = None,
 
     options = pipeline_load_options(AutoencoderKL, dtype)  # the dtype at load time, as diffusers asks
     try:
-        vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False, **options)
+        weights = find_weight_files(path / "vae")  # whole files, and the variant of a variant-only folder
+        vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False, variant=weights.variant, **options)
+        require_stored_parameters(vae, weights.files, f"the VAE of {path}")
     except (OSError, RuntimeError, ValueError) as error:
-        raise ValueError(f"could not load the VAE of {path}: {str(error).splitlines()[0][:160]}") from error
+        raise ValueError(f"could not load the VAE of {path}: {str(error).splitlines()[0][:300]}") from error
     vae = vae.eval().requires_grad_(False)
     if device is not None:
         vae = vae.to(device)
