@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -49,8 +50,9 @@ def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | 
         value = str(value).strip().upper()
         if value not in PRESETS:
             raise ValueError(f"--budget-bits {value!r} is not a preset; choose one of {sorted(PRESETS)}")
-    elif isinstance(value, (int, float)) and value <= 0:
-        raise ValueError(f"--budget-{kind} must be > 0, got {value}")
+    elif isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+        # nan and inf passed `value <= 0` and were refused only after the model was loaded
+        raise ValueError(f"--budget-{kind} must be a finite number > 0, got {value}")
     return kind, value
 
 

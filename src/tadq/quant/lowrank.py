@@ -8,6 +8,8 @@ kernel, stride, padding and dilation, U a 1×1 conv. ``torch.svd_lowrank`` (Halk
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -28,8 +30,8 @@ def lowrank_split(weight: Tensor, rank: int, *, niter: int = 4, oversample: int 
     test matrix), so the split is reproducible; the residual is ``weight − up·down`` in the weight's dtype.
     """
     matrix = weight.reshape(weight.shape[0], -1)
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:  # 2.5 failed slicing the SVD
+        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
     if rank > min(matrix.shape):
         raise ValueError(f"rank {rank} exceeds min(out, K) = {min(matrix.shape)}")
     sketch = min(rank + oversample, min(matrix.shape))

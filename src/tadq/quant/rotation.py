@@ -42,7 +42,9 @@ def hadamard_matrix(size: int, dtype: torch.dtype = torch.float32, device: torch
     """The normalised Sylvester–Hadamard matrix of a power-of-two ``size`` (symmetric and orthogonal)."""
     if size < 1 or size & (size - 1):
         raise ValueError(f"a Sylvester-Hadamard matrix needs a power-of-two size, got {size}")
-    return _sylvester(size).to(dtype=dtype, device=device)
+    # a copy: in float64 on the CPU ``to`` returned the cached tensor itself, and a caller's in-place edit changed
+    # every later rotation of the process
+    return _sylvester(size).to(dtype=dtype, device=device, copy=True)
 
 
 def rotate_channels(x: Tensor, dim: int) -> Tensor:

@@ -44,7 +44,14 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.io import save_quantized
 from tadq.recipe import Recipe, save_recipe
 from tadq.registry import adapter_for
-from tadq.safefiles import DamagedFileError, load_checked, nonfinite_count, read_json_file, save_checked
+from tadq.safefiles import (
+    DamagedFileError,
+    finite_float,
+    load_checked,
+    nonfinite_count,
+    read_json_file,
+    save_checked,
+)
 from tadq.sampling import ConditionSource
 from tadq.search.score import check_seeds, final_samples, heldout_seed, score_samples
 from tadq.search.space import (
@@ -97,6 +104,7 @@ def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchP
     recipes = {c.name: space.recipe(c) for c in candidates}
     per_structure: dict[tuple[str, str, str], tuple[float, int]] = {}  # (base, preset, fp_layers) → costs
     gbitops: dict[str, float] = {}
+    floors: dict[str, int] = {}
     ruled_out: dict[str, str] = {}
     for candidate in candidates:
         key = (candidate.base, candidate.preset, candidate.fp_layers)
@@ -106,17 +114,21 @@ def plan_search(model: nn.Module, space: SearchSpace, budget: Budget) -> SearchP
             per_structure[key] = (gbitops_per_sample(model, recipe, macs, quantized),
                                   codes_lower_bound_bytes(model, recipe, quantized))
         cost, floor = per_structure[key]
-        gbitops[candidate.name] = cost
+        gbitops[candidate.name], floors[candidate.name] = cost, floor
         if budget.kind == "gbitops" and not budget.fits(cost, None):
             ruled_out[candidate.name] = f"{cost:.4g} Gbit-ops/sample > budget {budget.value:.4g}"
         elif budget.kind == "bytes" and floor > budget.value:
             ruled_out[candidate.name] = f"its weight codes alone take {floor} bytes > budget {int(budget.value)}"
     plan = SearchPlan(space, budget, candidates, recipes, gbitops, ruled_out)
-    if not plan.feasible:
-        cheapest = min(candidates, key=lambda c: gbitops[c.name])
+    if not plan.feasible:  # the cheapest in the budget's own measure (fewest bits per MAC ≠ fewest weight bytes)
+        if budget.kind == "bytes":
+            cheapest = min(candidates, key=lambda c: (floors[c.name], gbitops[c.name]))
+            why = ruled_out[cheapest.name]
+        else:
+            cheapest = min(candidates, key=lambda c: gbitops[c.name])
+            why = f"costs {gbitops[cheapest.name]:.4g} Gbit-ops/sample ({ruled_out[cheapest.name]})"
         raise ValueError(f"the budget {budget.describe()} is too small for every candidate; the cheapest, "
-                         f"{cheapest.name}, costs {gbitops[cheapest.name]:.4g} Gbit-ops/sample "
-                         f"({ruled_out[cheapest.name]})")
+                         f"{cheapest.name}: {why}")
     return plan
 
 
@@ -209,7 +221,12 @@ class _Builder:
         return self._calibration
 
     def cached(self, candidate: Candidate) -> bool:
-        sidecar = self.folder(candidate).with_suffix(".json")
+        """Whether the candidate's model is in the cache: its sidecar names this build and its weights are there
+        (a folder deleted by hand left a sidecar whose reused record failed only when the winner was exported)."""
+        folder = self.folder(candidate)
+        sidecar = folder.with_suffix(".json")
+        if not (folder / ARTEFACT_FILES[0]).is_file():
+            return False
         try:
             return sidecar.is_file() and read_json_file(sidecar, "model record")["build_key"] == \
                 self.build_key(candidate)
@@ -243,6 +260,9 @@ class _Builder:
             self.stats["corrections_fitted"] += 1
         qmodel.recipe = recipe
         self.timings[candidate.name] = time.perf_counter() - start
+        # the sidecar names what the folder holds: drop the old one first, so that a run stopped while the folder
+        # is rewritten leaves no sidecar vouching for a model of other settings
+        folder.with_suffix(".json").unlink(missing_ok=True)
         save_quantized(qmodel, folder, self.saving_scheduler, overwrite=True)
         atomic_write_json({"build_key": self.build_key(candidate), "name": candidate.name,
                            "seconds": self.timings[candidate.name]}, folder.with_suffix(".json"))
@@ -297,8 +317,11 @@ def run_search(
         conditioning: a conditional model's calibration/held-out conditions, a latent model's decoder (``None``:
             an unconditional pixel model); checked against the model and ``space.guidance_scale`` before any work.
     """
-    if heldout_trajectories < 1:
-        raise ValueError(f"heldout_trajectories must be >= 1, got {heldout_trajectories}")
+    for name, count in (("heldout_trajectories", heldout_trajectories), ("batch_size", batch_size)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {count!r}")
+    if not finite_float(tie_db) or tie_db < 0:  # NaN tied nothing and failed choosing the winner, after all the work
+        raise ValueError(f"tie_db must be a finite number of dB >= 0, got {tie_db!r}")
     conditioning = conditioning or SearchConditions()
     check_conditions(model, conditioning.conditions, space.guidance_scale, "tadq recipe")
     plan = plan or plan_search(model, space, budget)
@@ -364,7 +387,8 @@ def run_search(
             else:
                 score = score_samples(images, reference, seeds["heldout"])
                 stats["candidates_scored"] += 1
-                record.update(status="scored", in_budget=True, score=score.to_json(),
+                # "why" as a reused record has it: a resumed run's report holds the same keys as a fresh one's
+                record.update(status="scored", in_budget=True, score=score.to_json(), why=None,
                               score_seconds=time.perf_counter() - start)
         atomic_write_json(record, path)
         records.append({**record, "reused": False})

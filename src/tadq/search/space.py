@@ -253,12 +253,14 @@ class SearchSpace:
     selection_samples: int = 64
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "presets", tuple(p.strip().upper() for p in self.presets))
-        object.__setattr__(self, "bases", tuple(b.strip().lower() for b in self.bases))
-        object.__setattr__(self, "stacks", tuple(s.strip().lower() for s in self.stacks))
-        if isinstance(self.fp_layers, str):
-            raise ValueError(f"SearchSpace.fp_layers must be a tuple of FP_LAYER_PRESETS keys, got the string "
-                             f"{self.fp_layers!r}")
+        for axis in ("presets", "bases", "stacks", "fp_layers"):  # a string would be searched letter by letter
+            if isinstance(getattr(self, axis), str):
+                raise ValueError(f"SearchSpace.{axis} must be a tuple of names, got the string "
+                                 f"{getattr(self, axis)!r}")
+        # a name given twice (W4A4,w4a4) would be built once and reported, reused and counted once per copy
+        object.__setattr__(self, "presets", tuple(dict.fromkeys(p.strip().upper() for p in self.presets)))
+        object.__setattr__(self, "bases", tuple(dict.fromkeys(b.strip().lower() for b in self.bases)))
+        object.__setattr__(self, "stacks", tuple(dict.fromkeys(s.strip().lower() for s in self.stacks)))
         object.__setattr__(self, "fp_layers", tuple(dict.fromkeys(parse_fp_layers(f) for f in self.fp_layers)))
         # Deployment checks the scale (finite, >= 0) and makes it a float
         object.__setattr__(self, "guidance_scale", Deployment(self.sampler, self.guidance_scale).guidance_scale)

@@ -81,6 +81,8 @@ def layer_costs(qmodel: QuantizedDenoiser) -> dict[str, dict[str, object]]:
 def cost_summary(qmodel: QuantizedDenoiser, steps: int = 1) -> dict[str, object]:
     """Totals per sample over ``steps`` denoiser forwards: bit-operations (GEMMs at the recipe's bits, branch in
     floating point), overhead element operations, and how many layers each kernel class can run."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:  # 0 or -3 reported zero/negative costs
+        raise ValueError(f"steps must be an integer >= 1 (denoiser forwards per sample), got {steps!r}")
     costs = layer_costs(qmodel)
     main = bit_operations(qmodel)
     branch = sum(int(c["branch_macs"]) for c in costs.values())

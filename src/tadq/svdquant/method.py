@@ -14,6 +14,7 @@ state tensors saved with the artefact. docs/methods/svdquant.md has the ablation
 
 from __future__ import annotations
 
+import numbers
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -59,7 +60,11 @@ class SVDQuantMethod:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
+        grid = self.alpha_grid
+        # a string was split into characters ("0.5" -> float(".") failed); None or a bool is no strength either
+        if isinstance(grid, str) or not all(isinstance(a, numbers.Real) and not isinstance(a, bool) for a in grid):
+            raise ValueError(f"SVDQuantMethod.alpha_grid must be a sequence of numbers in [0, 1], got {grid!r}")
+        object.__setattr__(self, "alpha_grid", tuple(float(a) for a in grid))
         if not self.alpha_grid or any(not 0.0 <= a <= 1.0 for a in self.alpha_grid):
             raise ValueError(f"SVDQuantMethod.alpha_grid values must be in [0, 1], got {self.alpha_grid}")
         check_seed("SVDQuantMethod.seed", self.seed)
@@ -94,19 +99,30 @@ def transformed_layers(qmodel: QuantizedDenoiser) -> dict[str, TransformedQuantL
     return {name: m for name, m in qmodel.model.named_modules() if isinstance(m, TransformedQuantLayer)}
 
 
+RECORD_BYTES = 1 << 31
+"""At most about this many bytes of recorded layer inputs are held at once. All layers' inputs on 128 search
+samples at once is tens of GB on a DiT-XL or an SD UNet, so the layers are recorded and fitted in groups that fit
+this size, one pass over the search samples per group. The bypassed forward does not depend on the fits and the
+fits are written into the layers only after every group is recorded, so any grouping gives the same network."""
+
+
+def _search_rows(calibration: CalibrationSet, settings: SVDQuantMethod) -> Tensor:
+    """The ``search_samples`` calibration rows the search runs on, spread over the set."""
+    count = min(settings.search_samples, len(calibration))
+    return torch.linspace(0, len(calibration) - 1, count).round().long()
+
+
 @torch.no_grad()
 def _record_inputs(qmodel: QuantizedDenoiser, layers: dict[str, TransformedQuantLayer], calibration: CalibrationSet,
-                   settings: SVDQuantMethod, batch_size: int) -> dict[str, Tensor]:
-    """Each layer's FP input (before its transform) on ``search_samples`` calibration rows spread over the set."""
-    count = min(settings.search_samples, len(calibration))
-    rows = torch.linspace(0, len(calibration) - 1, count).round().long()
+                   rows: Tensor, batch_size: int) -> dict[str, Tensor]:
+    """Each layer's FP input (before its transform) on the calibration ``rows``."""
     seen: dict[str, list[Tensor]] = {name: [] for name in layers}
     handles = [layer.register_forward_pre_hook(lambda m, args, name=name: seen[name].append(args[0].detach()))
                for name, layer in layers.items()]
     device = calibration.x.device
     try:
         with quantizers_bypassed(qmodel.model):
-            for start in range(0, count, batch_size):
+            for start in range(0, len(rows), batch_size):
                 index = rows[start:start + batch_size].to(device)
                 cond = None if calibration.cond is None else calibration.cond.rows(index)
                 qmodel(calibration.x[index], calibration.t[index], cond)
@@ -114,6 +130,25 @@ def _record_inputs(qmodel: QuantizedDenoiser, layers: dict[str, TransformedQuant
         for handle in handles:
             handle.remove()
     return {name: torch.cat(chunks) for name, chunks in seen.items() if chunks}
+
+
+def _record_groups(qmodel: QuantizedDenoiser, layers: dict[str, TransformedQuantLayer], calibration: CalibrationSet,
+                   rows: Tensor, limit: int) -> list[dict[str, TransformedQuantLayer]]:
+    """The reached layers in groups whose inputs on ``rows`` take at most ``limit`` bytes (a layer over it alone
+    is a group of its own), sized from the inputs of one row."""
+    sizes = {name: x.numel() * x.element_size() * len(rows)
+             for name, x in _record_inputs(qmodel, layers, calibration, rows[:1], 1).items()}
+    groups: list[dict[str, TransformedQuantLayer]] = []
+    used = 0
+    for name, layer in layers.items():
+        if name not in sizes:  # never called in the forward: nothing to fit it on
+            continue
+        if not groups or used + sizes[name] > limit:
+            groups.append({})
+            used = 0
+        groups[-1][name] = layer
+        used += sizes[name]
+    return groups
 
 
 def _apply(layer: TransformedQuantLayer, x: Tensor, weight: Tensor) -> Tensor:
@@ -159,8 +194,20 @@ def _candidate(layer: TransformedQuantLayer, x: Tensor, weight: Tensor, factors:
     return residual, up, down, transformed_x
 
 
+@dataclass(frozen=True)
+class _Choice:
+    """A layer's fitted state, written into it by ``_write`` once every layer is fitted."""
+
+    fit: LayerFit
+    factors: Tensor
+    residual: Tensor
+    up: Tensor | None
+    down: Tensor | None
+
+
 @torch.no_grad()
-def _fit_layer(name: str, layer: TransformedQuantLayer, x: Tensor, settings: SVDQuantMethod) -> LayerFit:
+def _fit_layer(name: str, layer: TransformedQuantLayer, x: Tensor, settings: SVDQuantMethod) -> _Choice:
+    """The best smoothing of one layer on its inputs ``x``, and its split; the layer itself is left unchanged."""
     current = layer.weight.detach()
     weight = fold_rotation(current) if layer.rotate else current  # the rotation is its own inverse
     reference = _apply(layer, x, weight)
@@ -182,14 +229,19 @@ def _fit_layer(name: str, layer: TransformedQuantLayer, x: Tensor, settings: SVD
             best = (error, alpha, factors, (residual, up, down))
     assert best is not None
     error, alpha, factors, (residual, up, down) = best
+    return _Choice(LayerFit(name, alpha, layer.rank, plain, error), factors, residual, up, down)
+
+
+@torch.no_grad()
+def _write(layer: TransformedQuantLayer, choice: _Choice) -> None:
+    """Smoothing, residual, branch and the residual's weight range into the layer."""
     if layer.smooth is not None:
-        layer.smooth.copy_(factors)
-    layer.weight.data.copy_(residual)
-    if up is not None:
-        layer.lowrank_up.copy_(up)
-        layer.lowrank_down.copy_(down)
+        layer.smooth.copy_(choice.factors)
+    layer.weight.data.copy_(choice.residual)
+    if choice.up is not None:
+        layer.lowrank_up.copy_(choice.up)
+        layer.lowrank_down.copy_(choice.down)
     layer.init_weight_range()
-    return LayerFit(name, alpha, layer.rank, plain, error)
 
 
 def _branch(layer: TransformedQuantLayer, x: Tensor, up: Tensor, down: Tensor) -> Tensor:
@@ -207,6 +259,12 @@ def apply_svdquant(qmodel: QuantizedDenoiser, calibration: CalibrationSet, setti
     """
     start = time.perf_counter()
     layers = transformed_layers(qmodel)
-    inputs = _record_inputs(qmodel, layers, calibration, settings, batch_size)
-    fits = [_fit_layer(name, layer, inputs[name], settings) for name, layer in layers.items() if name in inputs]
-    return fits, time.perf_counter() - start
+    rows = _search_rows(calibration, settings)
+    choices: dict[str, _Choice] = {}
+    for group in _record_groups(qmodel, layers, calibration, rows, RECORD_BYTES):
+        inputs = _record_inputs(qmodel, group, calibration, rows, batch_size)
+        choices |= {name: _fit_layer(name, layer, inputs[name], settings) for name, layer in group.items()}
+        del inputs  # before the next group's are recorded
+    for name, choice in choices.items():  # after every recording: the fits never see each other
+        _write(layers[name], choice)
+    return [choice.fit for choice in choices.values()], time.perf_counter() - start

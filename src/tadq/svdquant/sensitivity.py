@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -38,7 +40,9 @@ from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
 from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.convert import LayerPlan
 from tadq.quant.modules import QuantLayer
+from tadq.quant.qscheme import MAX_BITS, MIN_BITS
 from tadq.quant.quantizer import Quantizer, bypassing, quantizers_bypassed
+from tadq.safefiles import finite_float
 from tadq.sampling import SamplerConfig, SamplingPlan
 from tadq.sampling import sample as sample_loop
 
@@ -134,6 +138,17 @@ def layer_sensitivities(qmodel: QuantizedDenoiser, scheduler, sampler: SamplerCo
         raise ValueError("measure sensitivities on the network without corrections (they are fitted on top after)")
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     parameter = next(qmodel.model.parameters())
+    # the layers are checked before the reference run: a misspelt name used to fail after a whole sampling run
+    candidates = _quantized_layers(qmodel)
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a sequence of layer names, got the string {layers!r}")
+    names = list(candidates) if layers is None else list(layers)
+    unknown = [name for name in names if name not in candidates]
+    if unknown:
+        raise ValueError(f"not quantized layers of this model: {unknown}")
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"each layer is measured once; named more than once: {repeated}")
 
     def run() -> Tensor:
         return sample_loop(qmodel, plan, num_samples=num_samples, seed=seed, sample_shape=qmodel.sample_shape,
@@ -142,11 +157,6 @@ def layer_sensitivities(qmodel: QuantizedDenoiser, scheduler, sampler: SamplerCo
 
     with quantizers_bypassed(qmodel.model):
         reference = run()
-    candidates = _quantized_layers(qmodel)
-    names = list(candidates) if layers is None else list(layers)
-    unknown = [name for name in names if name not in candidates]
-    if unknown:
-        raise ValueError(f"not quantized layers of this model: {unknown}")
     macs = network_macs(qmodel)
     results = []
     for name in names:
@@ -161,8 +171,26 @@ def choose_high_precision(qmodel: QuantizedDenoiser, sensitivities: Sequence[Lay
     """The layers to raise to ``high_bits`` within ``budget_bitops`` per forward (greedy, module docstring).
 
     ``ValueError`` when the budget is below the base's own bit-operations (nothing can be raised, and the base
-    itself does not fit).
+    itself does not fit), is not a finite number, or when ``high_bits`` or the sensitivities cannot make a plan
+    (a layer named twice, or a name that is not a quantized layer of ``qmodel``). A layer already at
+    ``high_bits`` or above is never listed: raising it would add no precision (or lower it).
     """
+    if isinstance(high_bits, bool) or not isinstance(high_bits, int) or not MIN_BITS <= high_bits <= MAX_BITS:
+        raise ValueError(f"high_bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {high_bits!r}")
+    if not finite_float(budget_bitops):  # NaN passed every comparison and inf failed in int() after the greedy loop
+        raise ValueError(f"budget_bitops must be a finite number of bit-operations per forward, got {budget_bitops!r}")
+    names = [item.name for item in sensitivities]
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise ValueError(f"each layer's sensitivity must be given once; named more than once: {repeated}")
+    quantized = _quantized_layers(qmodel)
+    unknown = [name for name in names if name not in quantized]
+    if unknown:
+        raise ValueError(f"sensitivities of layers that are not quantized layers of this model: {unknown}")
+    undefined = [item.name for item in sensitivities if math.isnan(item.error) or item.error < 0]
+    if undefined:  # a NaN ranks neither above nor below anything: the greedy order would be arbitrary
+        raise ValueError(f"sensitivities must be final-image MSEs >= 0; NaN or negative for {undefined} (a layer "
+                         "whose samples diverge when quantized alone: measure it again, or keep it in floating point)")
     macs, bits = network_macs(qmodel), layer_bits(qmodel)
     base = plan_bitops(macs, bits)
     if budget_bitops < base:
@@ -170,12 +198,17 @@ def choose_high_precision(qmodel: QuantizedDenoiser, sensitivities: Sequence[Lay
     chosen: list[str] = []
     used = base
 
+    def raises(name: str) -> bool:
+        """Whether ``high_bits`` adds precision to the layer (its weights, or its quantized activations)."""
+        b_w, b_a = bits[name]
+        return b_w < high_bits or (b_a < FP_BITS and b_a < high_bits)
+
     def density(item: LayerSensitivity) -> float:
         extra = plan_bitops(macs, bits, [item.name], high_bits) - base
         return item.error / extra if extra > 0 else float("inf")
 
     for item in sorted(sensitivities, key=density, reverse=True):
-        if item.error <= 0:
+        if item.error <= 0 or not raises(item.name):
             continue
         cost = plan_bitops(macs, bits, [*chosen, item.name], high_bits)
         if cost <= budget_bitops:
