@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -16,7 +17,15 @@ from tadq.corrections.attach import fit_corrections
 from tadq.corrections.base import HookedDenoiser
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
-from tadq.device import check_weights_loaded, place_model, resolve_device, resolve_dtype
+from tadq.device import (
+    check_weights_loaded,
+    float32_default,
+    model_placement,
+    place_model,
+    resolve_device,
+    resolve_dtype,
+    same_device,
+)
 from tadq.methods import quantize_base
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.recipe import Recipe, method_handler
@@ -25,7 +34,7 @@ from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, Sampling
 from tadq.sampling import sample as _sample_loop
 from tadq.typecheck import expect, expect_scheduler
 
-__all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample", "load"]
+__all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample", "load", "check_method_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,8 +76,9 @@ def quantize(
     """
     expect(model, nn.Module, "model", "tadq.quantize")
     # dropout off for every FP call (calibration trajectories, fits): a model left in training mode made them
-    # random, so two identical calls gave different models; the caller's modes are restored afterwards
-    with eval_mode(model):
+    # random, so two identical calls gave different models; the caller's modes are restored afterwards. tadq's
+    # own tensors float32 whatever default dtype the caller set (float32_default)
+    with eval_mode(model), float32_default():
         return _quantize(model, scheduler, recipe, calibration=calibration, cache_dir=cache_dir,
                          checkpoint=checkpoint, progress=progress, base=base, device=device, dtype=dtype,
                          fit_batch_size=fit_batch_size, conditions=conditions, fp_trajectories=fp_trajectories)
@@ -85,6 +95,9 @@ def _quantize(
         expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
     expect_scheduler(scheduler, "tadq.quantize")
     check_weights_loaded(model, "tadq.quantize")
+    if base is not None:  # its weights are reused as they are: refused here, not by its first forward
+        expect(base, QuantizedDenoiser, "base", "tadq.quantize")
+        check_weights_loaded(base, "tadq.quantize: base")
     if calibration is not None:
         expect(calibration, CalibrationSet, "calibration", "tadq.quantize")
     if isinstance(recipe, QuantConfig):
@@ -94,9 +107,15 @@ def _quantize(
         config = recipe.quant_config()
     else:
         raise TypeError(f"quantize takes a Recipe or a QuantConfig, got {type(recipe).__name__}")
+    # the model's own placement, when device=/dtype= leave it, must be one (refused for a split model, before work)
+    own = model_placement(model, "tadq.quantize", device=device is None, dtype=dtype is None)
     parameter = next(model.parameters(), None)
-    device = resolve_device(device) if device is not None else (parameter.device if parameter is not None else None)
-    dtype = resolve_dtype(dtype) if dtype is not None else (parameter.dtype if parameter is not None else None)
+    if own is None and parameter is not None:
+        own = parameter.device, parameter.dtype
+    device = resolve_device(device) if device is not None else (own[0] if own is not None else None)
+    dtype = resolve_dtype(dtype) if dtype is not None else (own[1] if own is not None else None)
+    if parameter is not None:
+        check_method_dtype(config, dtype, recipe)  # before the model is copied and cast
     fp = place_model(model, device, dtype) if parameter is not None else model
     # the fake-quant network computes in float32 (its Δ, z and rounding are float32); the FP reference in ``dtype``
     network = fp if parameter is None or dtype == torch.float32 else place_model(model, device, torch.float32)
@@ -111,9 +130,6 @@ def _quantize(
         correction_for(correction).check_fittable(plans[0].steps)
     if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
         check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before sampling anything
-    if network is not fp and config.method == "qdiffusion":
-        raise NotImplementedError(f"block reconstruction compares FP and quantized blocks in one dtype: quantize "
-                                  f"with dtype=float32, not {dtype} (sampling, evaluation and naive PTQ take it)")
     handler = method_handler(recipe.method) if recipe is not None else None
     options = {"cache_dir": cache_dir, "progress": progress, "conditions": conditions,
                "guidance_scale": guidance_scale}
@@ -139,6 +155,23 @@ def _quantize(
     plans = qmodel.plans
     logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)
     return qmodel
+
+
+def check_method_dtype(config: QuantConfig, dtype: torch.dtype, recipe: Recipe | None = None) -> None:
+    """Refuse an FP reference in another dtype than float32 for the methods that compare FP and quantized blocks
+    in one dtype (Q-Diffusion's block reconstruction; TFMQ-DM, except on an SVDQuant base), before the model is
+    copied and cast (``tadq quantize`` asks before loading it): TFMQ on a naive base was refused only once both
+    copies of the model existed."""
+    if dtype == torch.float32:
+        return
+    name = str(dtype).removeprefix("torch.")
+    if config.method == "qdiffusion":
+        raise NotImplementedError(f"block reconstruction compares FP and quantized blocks in one dtype: quantize "
+                                  f"with dtype=float32, not {name} (sampling, evaluation and naive PTQ take it)")
+    method = getattr(recipe, "method", None)
+    if type(method).__name__ == "TFMQMethod" and getattr(method, "base", None) != "svdquant":
+        raise NotImplementedError(f"TFMQ-DM reconstructs against the FP model itself: quantize with dtype=float32, "
+                                  f"not {name}")
 
 
 @contextmanager
@@ -218,14 +251,21 @@ def sample(
 
     first = next(denoiser.parameters(), None)
     integer = isinstance(denoiser, IntegerDenoiser)
+    # where and as it is, when device=/dtype= leave it: one place (a split model is refused here, not mid-step)
+    placement = model_placement(denoiser, "tadq.sample", device=device is None, dtype=dtype is None)
+    if placement is None and first is not None:
+        placement = first.device, first.dtype
     if (device is not None or dtype is not None or integer) and first is not None:
-        target_device = resolve_device(device) if device is not None else first.device
-        target_dtype = resolve_dtype(dtype) if dtype is not None else first.dtype
+        target_device = resolve_device(device) if device is not None else placement[0]
+        target_dtype = resolve_dtype(dtype) if dtype is not None else placement[1]
         if integer:  # its kernels' device type and float32, checked before it is moved or run
             from tadq.backends import check_placement
 
             check_placement(denoiser.backend, target_device, target_dtype)
+        elif placement[1] != target_dtype and _fake_quantized(denoiser):
+            denoiser = _cast_on_grid(denoiser, target_dtype)
         denoiser = place_model(denoiser, target_device, target_dtype)
+        placement = target_device, target_dtype
     if isinstance(denoiser, HookedDenoiser):
         call, shape = denoiser, denoiser.sample_shape
         hooks = (*denoiser.correction_hooks(), *hooks)
@@ -237,13 +277,36 @@ def sample(
 
         shape = adapter.sample_shape(denoiser)
     _check_prediction(denoiser, plan)
-    parameter = next(denoiser.parameters(), None)
-    with eval_mode(denoiser):  # dropout off: a model left in training mode sampled differently on every call
+    # dropout off: a model left in training mode sampled differently on every call; tadq's noise and step constants
+    # float32 whatever default dtype the caller set (the same samples under torch.set_default_dtype(float64))
+    with eval_mode(denoiser), float32_default():
         return _sample_loop(
             call, plan, num_samples=num_samples, seed=seed, sample_shape=shape, batch_size=batch_size, hooks=hooks,
             conditions=conditions, record_trajectory=record_trajectory, progress=progress, device="cpu"
-            if parameter is None else parameter.device, dtype=None if parameter is None else parameter.dtype,
+            if placement is None else placement[0], dtype=None if placement is None else placement[1],
         )
+
+
+def _fake_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` holds fake-quant layers (a ``QuantizedDenoiser``, a mixed-precision pair of them...)."""
+    return any(callable(getattr(child, "quantized_weights", None)) for child in module.modules())
+
+
+@torch.no_grad()
+def _cast_on_grid(qmodel: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of ``qmodel`` in ``dtype`` whose quantized weights are its codes' values Δ·(q − z) rounded to it,
+    as ``tadq.load(..., dtype=)`` builds them. Casting the FP weights kept beside the quantizers and quantizing them
+    again in the lower precision moved codes across rounding boundaries: the in-memory model sampled in bfloat16
+    other bytes than the same model saved and loaded in bfloat16."""
+    copy = deepcopy(qmodel)
+    for module in copy.modules():
+        declared = getattr(module, "quantized_weights", None)
+        if not callable(declared):
+            continue
+        for quantizer, tensor in declared().values():
+            if quantizer.enabled and bool(quantizer.initialized):
+                tensor.copy_(quantizer(tensor))  # float32, on the grid the artefact stores
+    return copy.to(dtype=dtype)
 
 
 def _check_prediction(denoiser: nn.Module, plan: SamplingPlan) -> None:
@@ -267,18 +330,30 @@ def load(
     The device and dtype are checked before the files are read; float32 (the default) samples bit-identically to
     the saved model, another dtype rounds Δ·(codes − z) to it. ``backend`` (``tadq.backends``): ``"fake"``
     simulates the integer arithmetic in float; an integer backend (``"int8"``...) converts the model while loading,
-    on its backend's device in float32 (another placement is refused before anything is read).
+    on its backend's device type in float32 (``device=None``: ``cpu`` for ``int8``, the current GPU for
+    ``int8-cuda``; another placement is refused before anything is read).
     """
     from tadq.io import load_quantized
 
-    target_device, target_dtype = resolve_device(device), resolve_dtype(dtype)
+    target_dtype = resolve_dtype(dtype)
     if backend != "fake":  # as load_pipeline(backend=...): the docs name tadq.load(dir, backend=...)
         from tadq.backends import check_backend, check_placement
 
-        check_backend(backend)
+        kernels = check_backend(backend).device_type
+        # device=None: where its kernels run (int8-cuda: the current GPU), as the backend itself places it
+        target_device = resolve_device(device if device is not None else (kernels or "cpu"))
         check_placement(backend, target_device, target_dtype)
-        return load_quantized(directory, backend=backend)
-    qmodel, scheduler = load_quantized(directory)
+        with float32_default():
+            qmodel, scheduler = load_quantized(directory, backend=backend)
+        placed = next((p.device for p in qmodel.parameters()), target_device)
+        if not same_device(placed, target_device):  # int8-cuda lands on the current GPU: device="cuda:1" moves it
+            qmodel.to(target_device)
+        return qmodel, scheduler
+    target_device = resolve_device(device)
+    # the rebuilt model's weights float32 as saved, whatever default dtype the caller set: under float64 every
+    # stored tensor was refused as "altered"
+    with float32_default():
+        qmodel, scheduler = load_quantized(directory)
     if (target_device, target_dtype) != (torch.device("cpu"), torch.float32):
         recipe = getattr(qmodel, "recipe", None)
         qmodel = qmodel.to(device=target_device, dtype=target_dtype)

@@ -3,12 +3,15 @@ torch cannot provide them (never replaced by a default)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["DTYPES", "check_weights_loaded", "resolve_device", "resolve_dtype", "place_model"]
+__all__ = ["DTYPES", "check_weights_loaded", "float32_default", "model_placement", "resolve_device", "resolve_dtype",
+           "place_model", "same_device"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,7 +37,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     except (RuntimeError, TypeError) as error:
         raise ValueError(f"device {device!r} is not a device name; use cpu, cuda, cuda:N or mps") from error
     if resolved.type == "cpu":
-        return resolved
+        if resolved.index not in (None, 0):  # torch accepts "cpu:1" and runs on the one CPU device anyway
+            raise ValueError(f"device {str(device)!r}: the CPU has no device index; use cpu")
+        return torch.device("cpu")
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) sees no CUDA device "
@@ -42,7 +47,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:
             raise ValueError(f"device {str(device)!r}: only {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
-        return resolved
+        # "cuda" is the current device: named by its index, as the tensors placed there report theirs (a model
+        # already on cuda:0 compared unequal to "cuda" and was copied whole on every call)
+        return resolved if resolved.index is not None else torch.device("cuda", torch.cuda.current_device())
     if resolved.type == "mps":
         backend = getattr(torch.backends, "mps", None)
         if backend is None or not backend.is_available():
@@ -64,10 +71,59 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """Whether two devices are one: an index-less ``cuda``/``mps`` is the current one of its type (tensors always
+    report an index there), ``cpu:0`` is ``cpu``."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type == "cpu" or a.index == b.index:
+        return True
+    if a.type == "cuda" and torch.cuda.is_available():
+        current = torch.cuda.current_device()
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.type == "mps"  # one MPS device
+
+
+def model_placement(model: nn.Module, where: str, *, device: bool = True, dtype: bool = True
+                    ) -> tuple[torch.device, torch.dtype] | None:
+    """(device, dtype) of ``model``'s first floating parameter (``None`` without any), refused when the parameters
+    disagree on the device (``device``: the caller follows the model's) or the dtype (``dtype``): a model split
+    over devices or dtypes has no one place for the sampler's states, and which part ``device=None``/``dtype=None``
+    should follow is not ours to guess."""
+    floating = [p for p in model.parameters() if p.is_floating_point()]
+    if not floating:
+        return None
+    devices = sorted({str(p.device) for p in floating})
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in floating})
+    if device and len(devices) > 1:
+        raise ValueError(f"{where}: the parameters of this {type(model).__name__} are on several devices "
+                         f"({', '.join(devices)}); pass device= to run all of it on one")
+    if dtype and len(dtypes) > 1:
+        raise ValueError(f"{where}: the parameters of this {type(model).__name__} have several dtypes "
+                         f"({', '.join(dtypes)}); pass dtype= to run all of it in one")
+    return floating[0].device, floating[0].dtype
+
+
 def place_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """``model`` itself when its parameters are on ``device`` in ``dtype``, else a moved copy (the caller's model
-    is never changed)."""
+    """``model`` itself when its parameters are on ``device`` and the floating ones in ``dtype`` (integer ones
+    keep theirs under ``.to``, so they asked for a copy on every call), else a moved copy (the caller's model is
+    never changed)."""
     parameters = list(model.parameters())
-    if all(p.device == device and p.dtype == dtype for p in parameters):
+    if all(same_device(p.device, device) and (p.dtype == dtype or not p.is_floating_point()) for p in parameters):
         return model
     return copy.deepcopy(model).to(device=device, dtype=dtype)
+
+
+@contextlib.contextmanager
+def float32_default() -> Iterator[None]:
+    """torch's default dtype float32 inside the block, the caller's back after it. tadq's own tensors (noise,
+    quantizer ranges, step coefficients, a rebuilt model's weights) are float32 by design; under a caller's
+    ``torch.set_default_dtype(torch.float64)`` they were drawn or built in float64: other samples from the same
+    seed, quantizers whose float64 ranges could not be saved, an artefact that would not load."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -346,7 +346,7 @@ def quantize_command(
 ) -> None:
     """Quantize a model as a recipe says (calibrated on its own FP trajectories, corrections fitted for the
     deployment sampler) and save the artefact with its recipe; prints artefact vs FP size."""
-    from tadq.api import quantize
+    from tadq.api import check_method_dtype, quantize
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
     from tadq.io import save_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
@@ -368,6 +368,8 @@ def quantize_command(
         if guidance_scale is not None:
             deployment = dataclasses.replace(recipe.deployments[0], guidance_scale=guidance_scale)
             recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
+        check_method_dtype(recipe.quant_config(), torch_dtype, recipe)  # --dtype bfloat16 --method qdiffusion:
+        # refused before the model is loaded
         source = model_dir if model_dir is not None else shipped_model_path()
         prompts = calibration_prompts(model_dir, calib_prompt, calib_prompts)
         # every path first: a refused --out or an unwritable cache must not cost a whole quantization

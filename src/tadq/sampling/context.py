@@ -365,7 +365,7 @@ def step_contexts(scheduler: Any, sampler: SamplerConfig, guidance_scale: float 
         final_alpha_cumprod = scheduler.final_alpha_cumprod.to(torch.float32)
         _warn_off_grid(scheduler, timesteps)
     else:
-        final_alpha_cumprod = torch.tensor(1.0)  # DDPMScheduler.one: DDPM has no set_alpha_to_one
+        final_alpha_cumprod = torch.tensor(1.0, dtype=torch.float32)  # DDPMScheduler.one: DDPM has no set_alpha_to_one
     clip_range = float(scheduler.config.clip_sample_range) if scheduler.config.clip_sample else None
 
     contexts = []

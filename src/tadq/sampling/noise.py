@@ -72,8 +72,10 @@ def initial_noise(seed: int, indices: Sequence[int], shape: Sequence[int]) -> Te
         Standard normal noise, (N, C, H, W), float32 on the CPU.
     """
     shape = tuple(shape)
-    draws = [torch.randn(shape, generator=sample_generator(seed, i, INITIAL_STREAM)) for i in indices]
-    return torch.stack(draws) if draws else torch.empty((0, *shape))
+    # float32 explicitly: under torch.set_default_dtype(torch.float64) randn draws other values (every sample changed)
+    draws = [torch.randn(shape, generator=sample_generator(seed, i, INITIAL_STREAM), dtype=torch.float32)
+             for i in indices]
+    return torch.stack(draws) if draws else torch.empty((0, *shape), dtype=torch.float32)
 
 
 def step_noise(seed: int, indices: Sequence[int], num_steps: int, shape: Sequence[int]) -> Tensor:
@@ -92,7 +94,8 @@ def step_noise(seed: int, indices: Sequence[int], num_steps: int, shape: Sequenc
         Standard normal noise, (S, N, C, H, W), float32 on the CPU; [s] is the z of step index s.
     """
     shape = tuple(shape)
-    draws = [torch.randn((num_steps, *shape), generator=sample_generator(seed, i, STEP_STREAM)) for i in indices]
+    draws = [torch.randn((num_steps, *shape), generator=sample_generator(seed, i, STEP_STREAM), dtype=torch.float32)
+             for i in indices]
     if not draws:
-        return torch.empty((num_steps, 0, *shape))
+        return torch.empty((num_steps, 0, *shape), dtype=torch.float32)
     return torch.stack(draws, dim=1)  # (S, N, C, H, W)
