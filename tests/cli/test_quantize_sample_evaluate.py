@@ -143,6 +143,14 @@ def test_evaluate_refuses_a_zero_count_by_its_flag_before_loading(tmp_path, flag
     assert result.exit_code == 2 and f"{flag} must be >= 1" in result.output, result.output
 
 
+def test_quantize_refuses_two_disagreeing_guidance_scales(tmp_path):
+    """``--guidance-scale 2 --set deployments.0.guidance_scale=3``: the flag silently won over the --set; now they
+    must agree (or only one is given)."""
+    result = runner.invoke(app, ["quantize", "--guidance-scale", "2", "--set", "deployments.0.guidance_scale=3",
+                                 "--out", str(tmp_path / "q")])
+    assert result.exit_code == 2 and "disagree" in result.output and not (tmp_path / "q").exists(), result.output
+
+
 def test_evaluate_reports_inception_fid_from_a_local_file(tmp_path, tiny_model_dir):
     from torch import nn
 

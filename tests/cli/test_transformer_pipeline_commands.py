@@ -138,6 +138,18 @@ def test_run_and_bench_sample_a_flow_model_with_flow_euler_when_no_sampler_is_na
         assert "--samplers flow-euler" in json.loads((out / "report.json").read_text())["command"]
 
 
+def test_quantize_calibrates_a_flow_model_on_flow_euler_when_no_sampler_is_named(folders, tmp_path):
+    """``tadq quantize SD3_FOLDER`` without ``--sampler`` took the preset's DDIM and stopped with "use flow-euler";
+    like run, bench and recipe it now calibrates on (and records) the folder's flow sampler. A sampler the user
+    names (here through --set) is kept, and refused where it cannot drive the model."""
+    out = tmp_path / "q"
+    result, output = _invoke(_quantize(folders["sd3"], out, tmp_path))
+    assert result.exit_code == 0, output
+    assert _sampler(out)["kind"] == _sampler(out, "calibration")["kind"] == "flow-euler"
+    result, output = _invoke(_quantize(folders["sd3"], tmp_path / "ddim", tmp_path, "--set", "sampler.kind=ddim"))
+    assert result.exit_code == 2 and "flow-euler" in output and not (tmp_path / "ddim").exists(), output
+
+
 def test_bench_takes_a_pipeline_folders_prompts_and_regenerates_with_them(folders, prompts, tmp_path):
     """``tadq bench`` on an SD3 folder with ``tadq run``'s prompt options runs its rows on decoded images, and the
     report's regenerating command names the prompt files and the guidance scale it ran with."""

@@ -349,8 +349,9 @@ def quantize_command(
     from tadq.api import check_method_dtype, quantize
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
     from tadq.io import save_quantized
-    from tadq.models import load_pipeline_parts, shipped_model_path
+    from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
     from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
+    from tadq.sampling import command_sampler_kind
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
@@ -364,13 +365,25 @@ def quantize_command(
                            recon_rounding=None if recon_rounding is None else recon_rounding.strip().lower(),
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
-        recipe = resolve_recipe(recipe_file, config_file, flags, parse_settings(set_fields))
+        settings = parse_settings(set_fields)
+        recipe = resolve_recipe(recipe_file, config_file, flags, settings)
+        source = model_dir if model_dir is not None else shipped_model_path()
+        if sampler is None and recipe_file is None and config_file is None and not any(
+                "sampler" in path for path in settings):  # the preset's DDIM cannot drive a flow-matching model
+            kind = command_sampler_kind(load_scheduler(source))
+            if kind != recipe.sampler.kind:
+                console.print(f"sampler {kind}: {source} is a flow-matching model (--sampler to choose another)")
+                flags = dataclasses.replace(flags, sampler=kind)
+                recipe = resolve_recipe(recipe_file, config_file, flags, settings)
+        given_scale = settings.get("deployments.0.guidance_scale")  # the flag would silently win over it
+        if guidance_scale is not None and given_scale is not None and given_scale != guidance_scale:
+            raise ValueError(f"--guidance-scale {guidance_scale:g} and --set deployments.0.guidance_scale="
+                             f"{given_scale} disagree; give one")
         if guidance_scale is not None:
             deployment = dataclasses.replace(recipe.deployments[0], guidance_scale=guidance_scale)
             recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
         check_method_dtype(recipe.quant_config(), torch_dtype, recipe)  # --dtype bfloat16 --method qdiffusion:
         # refused before the model is loaded
-        source = model_dir if model_dir is not None else shipped_model_path()
         prompts = calibration_prompts(model_dir, calib_prompt, calib_prompts)
         # every path first: a refused --out or an unwritable cache must not cost a whole quantization
         check_output_dir(out, kind="artefact", overwrite=overwrite, force_foreign=force_foreign, inputs=[source])
