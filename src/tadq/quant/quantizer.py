@@ -53,8 +53,8 @@ class Quantizer(nn.Module):
         self.kind = kind
         self.channel_dim = channel_dim
         channels = num_channels if scheme.granularity == "per_channel" else 1
-        self.register_buffer("scale", torch.ones(channels))
-        self.register_buffer("zero_point", torch.zeros(channels))
+        self.register_buffer("scale", torch.ones(channels, dtype=torch.float32))  # whatever default dtype is set
+        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.float32))
         self.register_buffer("initialized", torch.tensor(scheme.dynamic))
         self._observer: Observer | None = None
         self.bypass = False  # set only by the ``quantizers_bypassed`` context (reconstruction's weight phase)
