@@ -314,3 +314,21 @@ def test_int8_backends_on_sd_and_sdxl_artefacts_agree_with_fake(folders, art, tm
                                 "--out", tmp_path / f"w-{backend}", "--threads", 1])
         assert result.exit_code == 2 and "weight-only" in text, text
         assert not (tmp_path / f"w-{backend}").exists()
+
+
+def test_sample_reads_prompts_from_a_file_after_the_flags(art, tmp_path):
+    """``tadq sample --prompts FILE`` (as run/recipe take --calib-prompts/--eval-prompts): one prompt per line,
+    blank lines skipped, after any --prompt, in order; the images equal the same prompts given as flags."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes("\ufeffa dog\r\n\r\n  un café  \n".encode())
+    runs = {"file": ["--prompt", "a cat", "--prompts", prompts],
+            "flags": ["--prompt", "a cat", "--prompt", "a dog", "--prompt", "un café"]}
+    for name, flags in runs.items():
+        result, text = _invoke(["sample", art, *flags, "--num-samples", 3, "--out", tmp_path / name, "--threads", 1])
+        assert result.exit_code == 0, text
+    record = json.loads((tmp_path / "file" / "prompts.json").read_text())
+    assert list(record["samples"].values()) == ["a cat", "a dog", "un café"]
+    for image in ("sample_0000.png", "sample_0001.png", "sample_0002.png"):
+        assert (tmp_path / "file" / image).read_bytes() == (tmp_path / "flags" / image).read_bytes()
+    result, text = _invoke(["sample", art, "--prompts", tmp_path / "missing.txt", "--out", tmp_path / "m"])
+    assert result.exit_code == 2 and "--prompts" in text and not (tmp_path / "m").exists()

@@ -18,6 +18,7 @@ from tadq.cli.common import (
     class_conditions_for,
     console,
     fail_cleanly,
+    read_prompt_file,
     setup,
 )
 
@@ -142,7 +143,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     from tadq.utils import atomic_write_json
 
     if not prompts:
-        raise ValueError(f"{path} is a text-to-image pipeline: give at least one --prompt")
+        raise ValueError(f"{path} is a text-to-image pipeline: give at least one --prompt (or a --prompts file)")
     if out.suffix.lower() == ".png":
         raise ValueError(f"--out {out}: for a text-to-image pipeline --out names a folder (one PNG per sample, "
                          "grid.png and prompts.json go there), e.g. --out samples")
@@ -267,6 +268,8 @@ def sample_command(
              "folder (default samples/) for one PNG per sample, grid.png and prompts.json.")] = None,
     prompt: Annotated[list[str] | None, typer.Option(
         "--prompt", help="Prompt of a text-to-image pipeline (repeat; sample i gets prompt i mod the count).")] = None,
+    prompts_file: Annotated[Path | None, typer.Option(
+        "--prompts", help="Text file, one prompt per line (UTF-8; blank lines skipped), after any --prompt.")] = None,
     negative_prompt: Annotated[str | None, typer.Option(
         help="Negative prompt, the unconditional branch of guidance (default: the empty prompt, as diffusers).")
     ] = None,
@@ -309,6 +312,7 @@ def sample_command(
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        prompt = [*(prompt or []), *read_prompt_file(prompts_file, "--prompts")]
         if backend != "fake":  # before anything is loaded: available here, its device type, float32
             from tadq.backends import check_backend, check_placement
 
@@ -323,7 +327,7 @@ def sample_command(
                                  "is a text-to-image pipeline, conditioned by --prompt (its unconditional branch is "
                                  "--negative-prompt)")
             written = sample_pipeline(
-                model_dir, prompts=prompt or [], negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                model_dir, prompts=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                 num_samples=num_samples, seed=seed, kind=sampler, steps=steps, eta=eta, batch_size=batch_size,
                 out=Path("samples") if out is None else out, tensor_out=tensor_out, device=torch_device,
                 dtype=torch_dtype, text_encoder_bits=text_encoder_bits, force_foreign=force_foreign,
@@ -333,7 +337,7 @@ def sample_command(
         if prompt:
             from tadq.pipelines.components import PIPELINE_COMPONENTS, unsupported_pipeline_note
 
-            raise ValueError(f"--prompt given, but {source} is not a text-to-image pipeline (a folder whose "
+            raise ValueError(f"--prompt/--prompts given, but {source} is not a text-to-image pipeline (a folder whose "
                              f"model_index.json names a {' or '.join(sorted(PIPELINE_COMPONENTS))}): "
                              f"{unsupported_pipeline_note(model_dir)}")
         if negative_prompt is not None or text_encoder_bits is not None or distilled_guidance is not None:
