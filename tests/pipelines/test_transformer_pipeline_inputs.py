@@ -496,13 +496,14 @@ def test_images_per_prompt_and_output_types(folders, which):
 @pytest.mark.parametrize("command", ["sample-fp", "quantize"])
 def test_ddim_on_a_flow_model_is_a_clean_refusal(folders, tmp_path, command):
     """Pins: ``--sampler ddim`` on SD3 (a flow-matching model) exits with code 2 and names flow-euler, writing
-    nothing; so does ``tadq quantize`` without ``--sampler`` (the recipe's DDIM)."""
+    nothing, in ``tadq sample`` and ``tadq quantize`` (without ``--sampler`` quantize picks flow-euler itself:
+    tests/cli/test_transformer_pipeline_commands.py)."""
     if command == "sample-fp":
         args = ["sample", folders["sd3"], "--sampler", "ddim", "--prompt", "a cat", "--num-samples", 1, "--steps", 2,
                 "--out", tmp_path / "samples"]
     else:
         args = ["quantize", folders["sd3"], "--out", tmp_path / "art", "--steps", 2, "--calib-trajectories", 1,
-                "--calib-prompt", "a cat", "--cache-dir", tmp_path / "cache"]
+                "--calib-prompt", "a cat", "--cache-dir", tmp_path / "cache", "--sampler", "ddim"]
     result, output = _invoke([*args, "--threads", 1])
     assert result.exit_code == 2 and "flow-euler" in output, output
     assert not (tmp_path / "art").exists() and not (tmp_path / "samples").exists()

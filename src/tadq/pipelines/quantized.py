@@ -14,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import math
+import numbers
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,7 +103,85 @@ def _prompt_list(prompt: str | Sequence[str] | None, what: str = "prompt") -> li
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts:
         raise ValueError(f"{what} is an empty list")
+    for text in prompts:  # a None inside a negative list would silently become the empty prompt (SDXL: zeros)
+        if not isinstance(text, str):
+            raise TypeError(f"a {what.replace('_', ' ')} must be a str, got {type(text).__name__}: {text!r}")
     return prompts
+
+
+def _integer(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum``: Python and NumPy integers (``operator.index``, as diffusers takes them),
+    not bools or floats."""
+    try:
+        number = None if isinstance(value, bool) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}: {value!r}")
+    if number < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return number
+
+
+def _real(value: Any, name: str) -> float | None:
+    """``value`` as a float (Python and NumPy reals, as diffusers takes them), ``None`` kept; anything else, a
+    bool or a string included, is a ``TypeError`` naming the argument (a string was converted, silently)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    return float(value)
+
+
+# diffusers' Stable Diffusion pipelines take these deprecated arguments through **kwargs (and pop them)
+_DEPRECATED_KWARGS = ("callback", "callback_steps")
+
+
+def _check_unsupported(pipe: Any, unsupported: dict[str, Any]) -> None:
+    """``TypeError`` for every extra keyword: a name the diffusers class does not take at all (a typo: refused
+    whatever its value, as Python refuses an unexpected keyword; diffusers' SD, SDXL and PixArt would swallow it
+    into ``**kwargs``), and a diffusers argument tadq does not implement unless it is ``None``."""
+    base = pipe.tadq_base
+    known = {name for name, parameter in inspect.signature(base.__call__).parameters.items()
+             if parameter.kind is not inspect.Parameter.VAR_KEYWORD} | set(_DEPRECATED_KWARGS)
+    unknown = sorted(name for name in unsupported if name not in known)
+    if unknown:
+        raise TypeError(f"{type(pipe).__name__}.__call__() got unexpected keyword argument(s) {unknown}: neither "
+                        f"tadq nor {base.__name__} takes them")
+    given = sorted(name for name, value in unsupported.items() if value is not None)
+    if given:
+        raise TypeError(f"{type(pipe).__name__} runs tadq's sampling loop and does not take {given}; supported: "
+                        "prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, "
+                        "eta, seed, generator, height, width, output_type, return_dict, batch_size, progress "
+                        "(true_cfg_scale: Flux; max_sequence_length: PixArt, SD3, Flux)")
+
+
+def _generator_seed(generator: torch.Generator) -> int:
+    """The run seed of a call given ``generator``: its initial seed, which keys every sample's noise (tadq draws
+    nothing from the generator itself). Refused when the generator is not in the state ``manual_seed`` left it in:
+    diffusers draws from the generator's current state, so a generator used before (by an earlier call: each call
+    consumes it, ``_consume``) would give the images of its first use again here, silently."""
+    if not isinstance(generator, torch.Generator):
+        raise TypeError("generator must be one torch.Generator (tadq keys every sample's noise by (seed, index))")
+    seed = generator.initial_seed()
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"generator: its initial seed {seed} is above 2**32 - 1 (an unseeded "
+                         "torch.Generator has a 64-bit one); tadq keys every sample's noise by a 32-bit seed and "
+                         "the sample index, so seed it with manual_seed(s), s < 2**32, or pass seed=s")
+    fresh = torch.Generator(device=generator.device).manual_seed(seed)
+    if not torch.equal(fresh.get_state(), generator.get_state()):
+        raise ValueError(f"generator: it has been drawn from since manual_seed({seed}) (by torch, or by an earlier "
+                         "call of this pipeline); tadq draws every sample's noise from the initial seed and the "
+                         "sample index, so this call would repeat the images of its first use instead of new ones as "
+                         "in diffusers. Seed it again (manual_seed) for each call, or pass seed=")
+    return int(seed)
+
+
+def _consume(generator: torch.Generator | None) -> None:
+    """Advance ``generator`` once, so that passing it to another call is refused (``_generator_seed``) instead of
+    repeating this call's images."""
+    if generator is not None:
+        torch.randint(0, 2, (1,), generator=generator, device=generator.device)
 
 
 def _warn_latent_clipping(scheduler: Any, sampler: SamplerConfig) -> None:
@@ -153,13 +234,16 @@ class TadqPipelineMixin:
         num_inference_steps: int | None = None, guidance_scale: float | None = None, num_images_per_prompt: int = 1,
         eta: float | None = None, seed: int | None = None, generator: torch.Generator | None = None,
         height: int | None = None, width: int | None = None, output_type: str = "pil", return_dict: bool = True,
-        batch_size: int = 8, progress: bool = True, true_cfg_scale: float | None = None,
+        batch_size: int = 8, progress: bool | None = None, true_cfg_scale: float | None = None,
         max_sequence_length: int | None = None, **unsupported: Any,
     ) -> Any:
         """Images for ``prompt`` as the diffusers pipeline returns them (``.images``), sampled by tadq.
 
         ``seed`` (or ``generator``'s initial seed; default 0) fixes every sample's noise: sample i (prompts
-        repeated ``num_images_per_prompt`` times, prompt-major) draws it from (seed, i), whatever the batch.
+        repeated ``num_images_per_prompt`` times, prompt-major) draws it from (seed, i), whatever the batch. A
+        generator must be freshly seeded (``manual_seed``) and is consumed by the call: passing it again is refused,
+        where diffusers would draw new noise from it and tadq would repeat the images.
+        ``progress`` (default: on unless ``set_progress_bar_config(disable=True)``) shows tadq's sampling bar.
         ``num_inference_steps``, ``guidance_scale`` and ``eta`` default to the artefact recipe's deployment.
         ``max_sequence_length`` (T5 tokens; PixArt, SD3, Flux) defaults to the pipeline's own.
         Everything but ``prompt`` is keyword-only: diffusers' second positional parameter is ``height`` (SD) or
@@ -169,35 +253,40 @@ class TadqPipelineMixin:
             for name in ("clean_caption", "use_resolution_binning"):  # the transformer's own size
                 if unsupported.get(name) is False:
                     unsupported.pop(name)
-        given = sorted(name for name, value in unsupported.items() if value is not None)
-        if given:
-            raise TypeError(f"{type(self).__name__} runs tadq's sampling loop and does not take {given}; supported: "
-                            "prompt, negative_prompt, num_inference_steps, guidance_scale, num_images_per_prompt, "
-                            "eta, seed, generator, height, width, output_type, return_dict, batch_size, progress "
-                            "(true_cfg_scale: Flux; max_sequence_length: PixArt, SD3, Flux)")
+        _check_unsupported(self, unsupported)
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}; accepted: {OUTPUT_TYPES}")
         if generator is not None and seed is not None:
             raise ValueError("give seed or generator, not both")
-        if not isinstance(generator, (torch.Generator, type(None))):
-            raise TypeError("generator must be one torch.Generator (tadq keys every sample's noise by (seed, index))")
-        if generator is not None and not 0 <= generator.initial_seed() <= MAX_SEED:
-            raise ValueError(f"generator: its initial seed {generator.initial_seed()} is above 2**32 - 1 (an unseeded "
-                             "torch.Generator has a 64-bit one); tadq keys every sample's noise by a 32-bit seed and "
-                             "the sample index, so seed it with manual_seed(s), s < 2**32, or pass seed=s")
-        seed = int(generator.initial_seed()) if generator is not None else (0 if seed is None else seed)
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
-                or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be a positive int, got {num_images_per_prompt!r}")
+        if generator is not None:
+            seed = _generator_seed(generator)
+        else:
+            seed = _integer(0 if seed is None else seed, "seed", 0)
+        num_images_per_prompt = _integer(num_images_per_prompt, "num_images_per_prompt")
+        batch_size = _integer(batch_size, "batch_size")
+        if num_inference_steps is not None:
+            num_inference_steps = _integer(num_inference_steps, "num_inference_steps")
+        if progress is None:  # diffusers' pipe.set_progress_bar_config(disable=True) silences tadq's bar too
+            progress = not getattr(self, "_progress_bar_config", {}).get("disable", False)
         self._check_size(height, width)
-        prompts = [p for p in _prompt_list(prompt) for _ in range(num_images_per_prompt)]
+        given_prompts = _prompt_list(prompt)
+        prompts = [p for p in given_prompts for _ in range(num_images_per_prompt)]
         negatives = negative_prompt
         if negative_prompt is not None and not isinstance(negative_prompt, str):
-            negatives = [n for n in _prompt_list(negative_prompt, "negative_prompt")
-                         for _ in range(num_images_per_prompt)]
+            given_negatives = _prompt_list(negative_prompt, "negative_prompt")
+            if len(given_negatives) != len(given_prompts):  # before the repetition, in the caller's counts
+                raise ValueError(f"{len(given_negatives)} negative prompts for {len(given_prompts)} prompts; give "
+                                 "one str for all, or a list with one per prompt (as diffusers)")
+            negatives = [n for n in given_negatives for _ in range(num_images_per_prompt)]
+        guidance_scale, eta = _real(guidance_scale, "guidance_scale"), _real(eta, "eta")
+        true_cfg_scale = _real(true_cfg_scale, "true_cfg_scale")
         distilled = None
         if self.tadq_distilled_guidance:  # Flux: guidance_scale is embedded, true_cfg_scale is CFG
             distilled, guidance_scale = guidance_scale, true_cfg_scale
+            if true_cfg_scale is not None and not 1 <= true_cfg_scale < math.inf:  # named as the caller gave it
+                raise ValueError(f"true_cfg_scale={true_cfg_scale:g}: give 1 (the default: no classifier-free "
+                                 "guidance; FluxPipeline reads any scale <= 1 so) or a finite scale > 1; tadq's "
+                                 "guidance below 1 would lean toward the negative prompt")
             if true_cfg_scale is not None and true_cfg_scale > 1 and negative_prompt is None:
                 raise ValueError(f"true_cfg_scale={true_cfg_scale:g} without a negative_prompt: FluxPipeline then "
                                  "samples without guidance; give the negative prompt to guide against (\"\" for the "
@@ -206,8 +295,13 @@ class TadqPipelineMixin:
             raise TypeError(f"true_cfg_scale is Flux's classifier-free guidance; {type(self).__name__} takes "
                             "guidance_scale for it")
         sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
+        if negative_prompt is not None and scale == 1:
+            logger.warning("negative_prompt is not used: %s=1 samples the prompt alone (no classifier-free "
+                           "guidance), as %s does", "true_cfg_scale" if self.tadq_distilled_guidance
+                           else "guidance_scale", self.tadq_base.__name__)
         encoder = self.tadq_prompt_encoder(max_sequence_length, distilled)
         conditions = PromptConditions(encoder, prompts, negatives)  # checks the prompts' length before any work
+        _consume(generator)
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
         images = latents if output_type == "latent" else self.tadq_decode(latents, output_type, batch_size)
         return self._tadq_output(images, return_dict)
@@ -290,6 +384,18 @@ class TadqPipelineMixin:
         upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         if upcast:
             vae.to(torch.float32)
+        try:  # an fp16 VAE goes back to fp16 even when decoding fails (out of memory...)
+            image = self._tadq_vae_decode(latents, batch_size)
+        finally:
+            if upcast:
+                vae.to(torch.float16)
+        if getattr(self, "watermark", None) is not None:
+            image = self.watermark.apply_watermark(image)
+        return self.image_processor.postprocess(image, output_type=output_type)
+
+    def _tadq_vae_decode(self, latents: Tensor, batch_size: int) -> Tensor:
+        """Latents → the VAE's images in [-1, 1], ``batch_size`` at a time (scaling, mean/std, shift applied)."""
+        vae = self.vae
         parameter = next(vae.parameters())
         latents = latents.to(parameter.device, parameter.dtype)
         mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -304,11 +410,7 @@ class TadqPipelineMixin:
             latents = latents + shift
         image = torch.cat([vae.decode(latents[start: start + batch_size], return_dict=False)[0]
                            for start in range(0, latents.shape[0], max(1, batch_size))])
-        if upcast:
-            vae.to(torch.float16)
-        if getattr(self, "watermark", None) is not None:
-            image = self.watermark.apply_watermark(image)
-        return self.image_processor.postprocess(image, output_type=output_type)
+        return image
 
     def _tadq_output(self, images: Any, return_dict: bool) -> Any:
         if "safety_checker" in inspect.signature(self.tadq_base.__init__).parameters:  # SD's output type
@@ -379,8 +481,6 @@ def pipeline_flow_shift(pipe: Any, sampler: SamplerConfig) -> SamplerConfig:
     number of image tokens (2×2 latent patches) between the scheduler's (base_image_seq_len, base_shift) and
     (max_image_seq_len, max_shift), shift = exp(μ) (μ with ``time_shift_type`` "linear"). Any other sampler, or one
     with its shift given, is returned unchanged."""
-    import math
-
     config = pipe.scheduler.config
     if sampler.kind != "flow-euler" or sampler.shift is not None or not config.get("use_dynamic_shifting", False):
         return sampler
