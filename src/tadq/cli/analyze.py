@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -43,12 +42,16 @@ def analyze_command(
     from tadq.fsguard import check_output_dir, mark_output
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
+    from tadq.report import dumps_json
+    from tadq.sampling.noise import check_seed
     from tadq.utils import atomic_write_text
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
-        if num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {num_samples}")
+        for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+            if count < 1:  # refused now, not after both models were loaded
+                raise ValueError(f"{flag} must be >= 1, got {count}")
+        check_seed("--seed", seed)
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
@@ -74,9 +77,15 @@ def analyze_command(
         # the network alone: the prediction explains the error the corrections then act on
         report = analyze_propagation(qmodel, as_denoiser(fp), scheduler, sampler_config, num_samples=num_samples,
                                      seed=seed, measure_jacobian=jacobian, batch_size=batch_size)
+    ignored = [type(member).__name__.removesuffix("Correction") for member in getattr(qmodel, "corrections", ())]
+    if ignored:
+        console.print(f"the network alone is analysed: the artefact's corrections ({', '.join(ignored)}) are not "
+                      "applied here (tadq evaluate measures the deployed model with them)")
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "analysis")
-    atomic_write_text(json.dumps(report.to_dict(), indent=2), out / "analysis.json")
+    settings = {"model": str(model_dir), "fp_model": str(fp_model) if fp_model is not None else "shipped",
+                "corrections_not_applied": ignored, "measure_jacobian": jacobian, "batch_size": batch_size}
+    atomic_write_text(dumps_json({**report.to_dict(), "settings": settings}), out / "analysis.json")
     save_propagation_plot(report, out / "propagation.png",
                           title=f"{qmodel.config.label} {qmodel.config.method}: error propagation, {report.sampler}")
     share = report.final_share

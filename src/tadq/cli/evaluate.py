@@ -68,8 +68,8 @@ def _print_table(rows: list[dict[str, Any]], title: str, fd_key: str) -> None:
 def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: dict[str, Any]) -> None:
     """results.json, results.md, samples.png and per_step_error.png, written only after every metric exists."""
     from tadq.fsguard import mark_output
-    from tadq.report import markdown_table, save_comparison_grid, save_error_curves
-    from tadq.utils import atomic_write_json, atomic_write_text, library_versions
+    from tadq.report import dumps_json, markdown_table, save_comparison_grid, save_error_curves
+    from tadq.utils import atomic_write_text, library_versions
 
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "evaluate-report")
@@ -80,7 +80,7 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: d
                       title=f"{settings['sampler_key']}: MSE(x_t FP, x_t quantized)")
     results = {"rows": rows, "per_step_mse": evaluation.per_step_mse.tolist(),
                "fd_real_vs_real": evaluation.fd_floor, "settings": settings, "versions": library_versions()}
-    atomic_write_json(results, out / "results.json")
+    atomic_write_text(dumps_json(results), out / "results.json")  # strict JSON: a NaN is written as null
     atomic_write_text(markdown_table(rows) + "\n", out / "results.md")
 
 
@@ -140,12 +140,14 @@ def evaluate_command(
     from tadq.io import load_quantized
     from tadq.methods import check_sampler
     from tadq.models import load_pipeline_parts, shipped_model_path
+    from tadq.sampling.noise import check_seed
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
             if count < 1:  # tadq.sample would refuse it only after the models were loaded and placed
                 raise ValueError(f"{flag} must be >= 1, got {count}")
+        check_seed("--seed", seed)  # tadq.sample refused it too, but only after both models were loaded
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
             check_output_dir(out, kind="evaluate-report", resume=True, force_foreign=force_foreign,
                              inputs=[model_dir, reference if reference is not None else shipped_model_path()])

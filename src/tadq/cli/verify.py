@@ -8,6 +8,7 @@ is damaged or inconsistent, 2 for a path that is not an artefact.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -49,6 +50,25 @@ def check_tables(qmodel) -> list[str]:
     return lines
 
 
+_STAGING = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # tadq.io.save's staging folder: mkdtemp(prefix=".NAME.tmp-")
+
+
+def _interrupted_overwrite(artefact: Path) -> str:
+    """A hint naming the previous artefact an interrupted ``--overwrite`` left beside ``artefact``
+    (``tadq.io.save``: the old folder is moved to ``.NAME.old-*/NAME`` before the new one is renamed into place, so
+    a kill between the two renames leaves no folder at ``artefact``), or ``""``."""
+    from tadq.io import is_quantized_artefact
+
+    if not artefact.name or not artefact.parent.is_dir():
+        return ""
+    left = sorted(str(old / artefact.name) for old in artefact.parent.glob(f".{artefact.name}.old-*")
+                  if is_quantized_artefact(old / artefact.name))
+    if not left:
+        return ""
+    return (f"; a save with --overwrite was interrupted and left the previous artefact at {left[0]}: verify it and "
+            f"move it back (mv {left[0]} {artefact}), or save again")
+
+
 def verify_command(
     artefact: Annotated[Path, typer.Argument(help="A tadq artefact folder (`tadq quantize --out`).")],
     verbose: Verbose = False,
@@ -60,10 +80,14 @@ def verify_command(
     setup(verbose, 0, "cpu")
     with fail_cleanly():
         if not artefact.is_dir():
-            raise FileNotFoundError(f"{artefact} is not a folder")
+            raise FileNotFoundError(f"{artefact} is not a folder{_interrupted_overwrite(artefact)}")
         if not is_quantized_artefact(artefact):
             raise ValueError(f"{artefact} is not a tadq artefact (no tadq_config.json)")
     try:
+        if _STAGING.match(artefact.resolve().name):  # checked first: it may hold a config but never a manifest
+            raise ValueError(f"{artefact} is the staging folder of a save that did not finish (tadq writes an "
+                             "artefact there and renames it into place at the end); it is not an artefact: delete "
+                             "it and save again")
         manifest = verify_manifest(artefact, allow_extra=False)
         qmodel, _ = load_quantized(artefact)
         tables = check_tables(qmodel)

@@ -42,9 +42,27 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
     folder = Path(folder)
     files = {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
              for name in _files(folder)}
-    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files}
+    manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files, "digest": _digest(files)}
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
+
+
+def _digest(files: dict[str, Any]) -> str:
+    """SHA-256 of the file list itself: a byte changed in the manifest (a hash or a name) is then named as the
+    manifest's damage, not blamed on an intact file it no longer describes."""
+    return hashlib.sha256(json.dumps(files, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _self_check(folder: Path, manifest: dict[str, Any], error: ArtefactDamaged) -> ArtefactDamaged:
+    """The manifest's own damage instead of ``error`` when its file list no longer matches its digest (manifests
+    written before the digest existed have none and are taken as they are)."""
+    recorded = manifest.get("digest")
+    if recorded is None or recorded == _digest(manifest["files"]):
+        return error
+    claim = str(error).split("; ")[0]  # what the damaged list says, without its advice (given once below)
+    return ArtefactDamaged(f"{folder / MANIFEST_FILE} itself was changed after saving (its file list no longer "
+                           f"matches its digest), so its claim that {claim} cannot be trusted; save the artefact "
+                           "again")
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -122,22 +140,29 @@ def verify_manifest(folder: str | Path, *, allow_extra: bool = True, required: I
     if manifest is None:
         return False
     for name, entry in sorted(manifest["files"].items()):
-        path = folder / name
-        if path.exists() and not path.is_file():
-            raise ArtefactDamaged(f"{path} is not a regular file (a folder or a device; listed in {MANIFEST_FILE} as "
-                                  "a file); save the artefact again")
-        if not path.is_file():
-            raise ArtefactDamaged(f"{path} is missing (listed in {MANIFEST_FILE}); the artefact is incomplete: "
-                                  "save it again")
-        if path.stat().st_size != entry["bytes"]:
-            raise ArtefactDamaged(f"{path} has {path.stat().st_size} bytes, {entry['bytes']} when saved (truncated "
-                                  "or replaced); save the artefact again")
-        if file_sha256(path) != entry["sha256"]:
-            raise ArtefactDamaged(f"{path} fails its SHA-256 check (bytes changed after saving); save the artefact "
-                                  "again")
+        try:
+            _check_file(folder / name, entry)
+        except ArtefactDamaged as error:
+            raise _self_check(folder, manifest, error) from None
     check_listed(folder, required)
     if not allow_extra:
         extra = _unlisted(folder, manifest)  # the manifest read above, not a second read
         if extra:
             raise ArtefactDamaged(f"{folder} holds files the manifest does not list: {extra[:3]}")
     return True
+
+
+def _check_file(path: Path, entry: dict[str, Any]) -> None:
+    """Raise ``ArtefactDamaged`` unless ``path`` is a regular file of the recorded size and SHA-256."""
+    if path.exists() and not path.is_file():
+        raise ArtefactDamaged(f"{path} is not a regular file (a folder or a device; listed in {MANIFEST_FILE} as "
+                              "a file); save the artefact again")
+    if not path.is_file():
+        raise ArtefactDamaged(f"{path} is missing (listed in {MANIFEST_FILE}); the artefact is incomplete: "
+                              "save it again")
+    if path.stat().st_size != entry["bytes"]:
+        raise ArtefactDamaged(f"{path} has {path.stat().st_size} bytes, {entry['bytes']} when saved (truncated "
+                              "or replaced); save the artefact again")
+    if file_sha256(path) != entry["sha256"]:
+        raise ArtefactDamaged(f"{path} fails its SHA-256 check (bytes changed after saving); save the artefact "
+                              "again")

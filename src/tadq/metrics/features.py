@@ -175,11 +175,21 @@ def load_reference_images(path: str | Path) -> Tensor:
         raise ValueError(f"{path} is not a readable safetensors file: {error}") from error
     if keys != ["images"]:
         raise ValueError(f"{path} must hold exactly one tensor named 'images' (M, C, H, W) in [-1, 1]; found {keys}")
-    images = load_file(str(path))["images"].float()
+    images = load_file(str(path))["images"]
+    if not images.is_floating_point():  # uint8 0..255 (a PNG's pixels) passed the range test only when all dark
+        raise ValueError(f"{path}: 'images' is {images.dtype}, not floating point; store them as floats in [-1, 1] "
+                         "(uint8 pixels p: p / 127.5 - 1)")
+    images = images.float()
     if images.ndim != 4 or len(images) < 2:
         raise ValueError(f"{path}: 'images' must be (M ≥ 2, C, H, W), got {tuple(images.shape)}")
-    if not torch.isfinite(images).all() or images.abs().max() > 1.0 + 1e-6:
-        raise ValueError(f"{path}: 'images' must be finite and in [-1, 1]")
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{path}: 'images' must be finite and in [-1, 1]; it holds NaN or Inf")
+    low, high = float(images.min()), float(images.max())
+    if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
+        raise ValueError(f"{path}: 'images' must be in [-1, 1], got values in [{low:.4g}, {high:.4g}]")
+    if low >= 0.0:  # [0, 1] images: every real image would sit in the upper half of the samples' range
+        raise ValueError(f"{path}: 'images' has no value below 0 (range [{low:.4g}, {high:.4g}]): images in [0, 1], "
+                         "not [-1, 1]; the distance to [-1, 1] samples would be wrong. Store x * 2 - 1")
     return images
 
 
@@ -204,15 +214,33 @@ class TorchScriptFeatureSpace(FeatureSpace):
             self.extractor = torch.jit.load(str(extractor_path), map_location="cpu").eval()
         except Exception as error:  # TorchScript raises RuntimeError subclasses for any damaged archive
             raise ValueError(f"{extractor_path} is not a TorchScript module: {error}") from error
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.name, self.batch_size = name, batch_size
+        self.extractor_path = extractor_path
         self.real = load_reference_images(reference_path)
         self.input_shape = tuple(self.real.shape[1:])
+        # the real images' features now: an extractor that cannot read this shape, or returns no (N, D) features,
+        # is named before any model samples (the samples must have the real images' shape, ``check_fits``)
+        self._real_features = self.features(self.real)
+        if not torch.isfinite(self._real_features).all():
+            raise MetricMismatchError(f"the feature extractor {extractor_path} returned NaN or Inf features for the "
+                                      f"real images {tuple(self.real.shape)}")
 
     @torch.no_grad()
     def features(self, images: Tensor) -> Tensor:
-        chunks = [self.extractor(images[i: i + self.batch_size].float()).double().cpu()
-                  for i in range(0, len(images), self.batch_size)]
+        if images is self.real and hasattr(self, "_real_features"):
+            return self._real_features
+        try:
+            chunks = [self.extractor(images[i: i + self.batch_size].float()).double().cpu()
+                      for i in range(0, len(images), self.batch_size)]
+        except Exception as error:  # TorchScript re-raises a shape error as a long interpreter traceback
+            lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+            message = lines[-1] if lines else type(error).__name__  # the cause, after the TorchScript source
+            raise MetricMismatchError(f"the feature extractor {self.extractor_path} cannot read images of shape "
+                                      f"{tuple(images.shape[1:])} (C, H, W): {message}") from error
         features = torch.cat(chunks)
-        if features.ndim != 2 or len(features) != len(images):
-            raise ValueError(f"the feature extractor returned shape {tuple(features.shape)}; it must return (N, D)")
+        if features.ndim != 2 or len(features) != len(images) or features.shape[1] < 1:
+            raise MetricMismatchError(f"the feature extractor {self.extractor_path} returned shape "
+                                      f"{tuple(features.shape)} for {len(images)} images; it must return (N, D)")
         return features

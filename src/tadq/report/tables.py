@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Any
 
-__all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "columns_for", "markdown_table", "format_cell"]
+__all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "columns_for", "markdown_table", "format_cell", "json_ready", "dumps_json"]
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("method", "method"), ("bits", "bits"), ("fd_digits", "FD-digits ↓"), ("agreement", "class agree ↑"),
@@ -58,3 +60,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(format_cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
     return "\n".join([header, rule, *body])
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by ``None``, through dicts, lists and tuples.
+
+    ``json.dumps`` writes them as the bare tokens ``NaN`` and ``Infinity``, which are not JSON: jq, JavaScript and
+    most JSON readers other than Python's refuse the whole report. A value that could not be measured (an undefined
+    ratio) becomes ``null``, which every reader takes.
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_ready(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(item) for item in value]
+    return value
+
+
+def dumps_json(value: Any) -> str:
+    """Strict JSON text of a report (``json_ready``; ``allow_nan=False`` so nothing non-standard slips through)."""
+    return json.dumps(json_ready(value), indent=2, allow_nan=False) + "\n"
