@@ -28,7 +28,8 @@ class ModelFamily:
     """One registration per model family: what loaders, artefacts and methods need to know about it.
 
     Args:
-        model_class: the diffusers denoiser class (its subclasses share the registration).
+        model_class: the diffusers denoiser class; exactly this class (a subclass, e.g. diffusers'
+            ``DreamLiteUNetModel`` of ``UNet2DConditionModel``, builds other blocks and needs its own).
         adapter_class: the ``ModelAdapter`` that names every layer's role for this class.
         subfolder: the denoiser's folder inside a diffusers pipeline (``unet``, ``transformer``).
         pipeline_class: the diffusers pipeline class an artefact's ``model_index.json`` names (the family's
@@ -120,7 +121,8 @@ def register_adapter(
     model_class: type[nn.Module], *, subfolder: str, pipeline_class: str,
     pipeline_class_for: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> Callable[[type[T]], type[T]]:
-    """Class decorator: use the decorated adapter for ``model_class`` (and its subclasses).
+    """Class decorator: use the decorated adapter for ``model_class`` (exactly that class: an unregistered subclass is
+    refused by ``adapter_for``, as ``model_family`` refuses its name when an artefact is saved or loaded).
 
     ``subfolder`` and ``pipeline_class`` describe the family's diffusers layout; model loading and artefacts read
     them from here (``model_family``), so adding a family means writing one adapter. ``pipeline_class_for``
@@ -160,13 +162,39 @@ def registered_adapters() -> dict[type[nn.Module], type]:
 
 
 def adapter_for(model: nn.Module):
-    """The adapter instance for ``model``; raises ``TypeError`` listing supported classes otherwise."""
-    for klass in type(model).__mro__:
-        if klass in _ADAPTERS:
-            return _ADAPTERS[klass]()
+    """The adapter instance for ``model``'s class.
+
+    Only a registered class is adapted. A subclass of one is refused too, naming its registered ancestor: diffusers'
+    own subclasses replace the parent's blocks (``DreamLiteUNetModel`` builds depthwise-separable resnets and
+    grouped-query attention inside a ``UNet2DConditionModel``), so the parent's adapter would give most layers the
+    role ``other`` and install an attention processor that drops the subclass's; and an artefact names the class
+    itself (``model_family``), so a quantized subclass could not be saved after all the calibration work. Register
+    the subclass (with the parent's adapter where its layout is the parent's) to adapt it.
+
+    Raises:
+        TypeError: ``model``'s class is not registered; the message lists the supported classes.
+    """
+    klass = type(model)
+    if klass in _ADAPTERS:
+        return _ADAPTERS[klass]()
     supported = ", ".join(sorted(k.__name__ for k in _ADAPTERS))
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule wraps the module it compiles
+    if isinstance(inner, nn.Module) and type(inner) in _ADAPTERS:
+        raise TypeError(f"no tadq adapter for {klass.__name__}, torch.compile's wrapper of a "
+                        f"{type(inner).__name__}: quantize the module itself (model._orig_mod); tadq replaces its "
+                        "layers, so compile the quantized model instead (backend 'int8-compiled')")
+    parent = next((k for k in klass.__mro__[1:] if k in _ADAPTERS), None)
+    if parent is not None:
+        family = _FAMILIES[parent.__name__]
+        raise TypeError(
+            f"no tadq adapter for {klass.__name__}, a subclass of {parent.__name__}: a subclass may build other "
+            f"blocks or call them otherwise, so tadq does not adapt it as a {parent.__name__}; supported: "
+            f"{supported}. If its layers and forward are {parent.__name__}'s, register it: "
+            f"tadq.registry.register_adapter({klass.__name__}, subfolder={family.subfolder!r}, "
+            f"pipeline_class=...)({_ADAPTERS[parent].__name__})."
+        )
     raise TypeError(
-        f"no tadq adapter for {type(model).__name__}; supported: {supported}. "
+        f"no tadq adapter for {klass.__name__}; supported: {supported}. "
         "Add one with @tadq.registry.register_adapter(YourModelClass)."
     )
 

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel, PixArtTransformer2DModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from tests.adapters.snr import eps_snr_db
 from torch import nn
@@ -345,6 +345,9 @@ def test_a_dit_pipeline_folder_loads_through_its_transformer_subfolder(tmp_path)
     model, scheduler = build_tiny_dit(), DDIMScheduler(num_train_timesteps=1000)
     model.save_pretrained(tmp_path / "dit" / "transformer")
     scheduler.save_pretrained(tmp_path / "dit" / "scheduler")
+    # the VAE the index names must be there: a pipeline folder missing a component is refused before loading
+    AutoencoderKL(latent_channels=4, block_out_channels=(8,), norm_num_groups=4, sample_size=16).save_pretrained(
+        tmp_path / "dit" / "vae")
     (tmp_path / "dit" / "model_index.json").write_text(json.dumps({
         "_class_name": "DiTPipeline", "transformer": ["diffusers", "DiTTransformer2DModel"],
         "scheduler": ["diffusers", "DDIMScheduler"], "vae": ["diffusers", "AutoencoderKL"]}))

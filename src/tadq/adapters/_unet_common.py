@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from tadq.adapters.base import LayerInfo, LayerRole
 from tadq.sampling.conditioning import Conditioning
 
-__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels", "claim_attention",
-           "claim_resnet", "class_label_width", "dummy_class_labels"]
+__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels", "check_unfused",
+           "claim_attention", "claim_resnet", "class_label_width", "dummy_class_labels"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,24 @@ def claim_attention(claims: RoleClaims, attn: Attention, block: str) -> None:
     claims.claim(getattr(attn, "add_v_proj", None), "cross_attention_kv", block)
     claims.claim(attn.to_out, "attention_out", block)
     claims.claim(getattr(attn, "to_add_out", None), "attention_out", block)
+
+
+def check_unfused(model: nn.Module) -> None:
+    """Refuse attention modules whose q/k/v projections were fused (``model.fuse_qkv_projections()``), before the
+    layers are planned: the fused ``to_qkv``/``to_kv`` computes what ``to_q``/``to_k``/``to_v`` would, so those are
+    never called and their input quantizers never see calibration data (the run used to fail only after the FP
+    calibration trajectories had been sampled), and the fused processor is not one tadq's quantized processors
+    reproduce.
+
+    Raises:
+        NotImplementedError: naming the fused modules and the call that undoes it.
+    """
+    fused = [name for name, module in model.named_modules() if getattr(module, "fused_projections", False) is True]
+    if fused:
+        shown = fused[:3] + (["..."] if len(fused) > 3 else [])
+        raise NotImplementedError(f"{type(model).__name__} has fused q/k/v projections in {len(fused)} attention "
+                                  f"modules ({', '.join(shown)}): tadq quantizes the separate to_q/to_k/to_v. Call "
+                                  "model.unfuse_qkv_projections() before quantizing")
 
 
 def claim_unet_parts(claims: RoleClaims, module: nn.Module, block: str) -> None:
@@ -157,6 +175,12 @@ class TracedUNetAdapter:
                              (f" (and optionally {list(optional)})" if optional else "") + f", not {extra}")
 
     def layers(self, model: nn.Module) -> list[LayerInfo]:
+        """Every ``Linear``/``Conv2d`` with its role and unit, in module order.
+
+        Raises:
+            NotImplementedError: fused q/k/v projections (``check_unfused``).
+        """
+        check_unfused(model)
         roles = self._roles(model)
         infos = []
         for name, module in model.named_modules():
@@ -213,10 +237,15 @@ class TracedUNetAdapter:
         """(C, H, W) of one sample; asked at the start of every sampling and calibration run, so a UNet tadq cannot
         drive is refused here, before any work."""
         if getattr(model.config, "time_embedding_type", "positional") == "fourier":
-            raise ValueError(f"this {type(model).__name__} has a Gaussian-Fourier time embedding: it takes continuous "
-                             "noise levels σ (score-SDE / NCSN++ models), and tadq drives discrete timesteps (at "
-                             "t = 0 the embedding's log t is −inf and every output NaN); score-SDE models are not "
-                             "supported")
+            if getattr(model.time_proj, "log", True):  # UNet2DModel's: log t
+                raise ValueError(f"this {type(model).__name__} has a Gaussian-Fourier time embedding: it takes "
+                                 "continuous noise levels σ (score-SDE / NCSN++ models), and tadq drives discrete "
+                                 "timesteps (at t = 0 the embedding's log t is −inf and every output NaN); score-SDE "
+                                 "models are not supported")
+            # UNet2DConditionModel's embeds its input as is (no log): the latent upscaler's pipeline feeds log σ / 4
+            raise ValueError(f"this {type(model).__name__} has a Gaussian-Fourier time embedding: it takes a "
+                             "continuous noise input (StableDiffusionLatentUpscalePipeline feeds it log σ / 4), not "
+                             "the discrete timesteps tadq's samplers pass; such UNets are not supported")
         channels_in, channels_out = model.config.in_channels, getattr(model.config, "out_channels", None)
         if not self.splits_learned_variance and channels_out is not None and channels_out != channels_in:
             raise ValueError(f"this {type(model).__name__} returns {channels_out} channels for {channels_in} input "

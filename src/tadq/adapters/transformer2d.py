@@ -67,7 +67,7 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from tadq.adapters._unet_common import QUANTIZABLE, RoleClaims, TracedUNetAdapter, claim_attention
+from tadq.adapters._unet_common import QUANTIZABLE, RoleClaims, TracedUNetAdapter, check_unfused, claim_attention
 from tadq.adapters.base import LayerInfo, LayerRole
 from tadq.adapters.unet_condition import UNet2DConditionAdapter
 from tadq.registry import register_adapter
@@ -118,8 +118,10 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
         """Every ``Linear``/``Conv2d`` with its role and unit, in module order.
 
         Raises:
-            NotImplementedError: a layer no rule claims (an unfamiliar block layout), named.
+            NotImplementedError: a layer no rule claims (an unfamiliar block layout), named; fused q/k/v
+                projections (``check_unfused``), with the call that undoes them.
         """
+        check_unfused(model)
         roles = self._roles(model)
         infos, unclaimed = [], []
         for name, module in model.named_modules():

@@ -44,7 +44,7 @@ from tadq.quant.attention import CrossAttentionKVCache, cross_attention_cache
 from tadq.registry import register_adapter
 from tadq.sampling.conditioning import Conditioning
 
-__all__ = ["UNet2DConditionAdapter", "sd_pipeline_class"]
+__all__ = ["UNet2DConditionAdapter", "sd_pipeline_class", "text_width"]
 
 TEXT_TIME = "text_time"  # SDXL's addition_embed_type: pooled text + time ids added to the timestep embedding
 OPTIONAL_INPUTS = ("attention_mask",)
@@ -82,6 +82,32 @@ def _named_roles(model: UNet2DConditionModel) -> dict[int, tuple[LayerRole, str]
         else:
             claim_unet_parts(claims, module, block)
     return claims.roles
+
+
+def text_width(model: nn.Module) -> int:
+    """D of the (N, L, D) text embedding the cross-attentions of ``model`` read, from the attention modules
+    themselves (``cross_attention_dim`` may list one value per block, unused by blocks without cross-attention).
+    Cross-attentions of different widths cannot all read the one ``encoder_hidden_states`` the UNet passes to every
+    block (the first of another width failed in a matmul deep inside), so such a UNet is refused.
+
+    Raises:
+        NotImplementedError: the cross-attentions read different widths, named.
+    """
+    widths: dict[int, str] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, Attention) and module.is_cross_attention:
+            # from the module's own settings, not its layers' shapes (the integer backends replace the layers)
+            width = getattr(module, "added_kv_proj_dim", None) or module.cross_attention_dim
+            widths.setdefault(int(width), name)
+    if len(widths) > 1:
+        raise NotImplementedError(f"cross_attention_dim={model.config.cross_attention_dim!r}: the cross-attentions "
+                                  f"read text of widths {sorted(widths)} (e.g. {sorted(widths.values())[:2]}), but "
+                                  "UNet2DConditionModel passes one encoder_hidden_states to every block: no "
+                                  "conditioning fits them all")
+    if widths:
+        return next(iter(widths))
+    width = model.config.cross_attention_dim  # no cross-attention: any width passes through unread
+    return width if isinstance(width, int) else int(width[0])
 
 
 _CACHES: weakref.WeakKeyDictionary[nn.Module, CrossAttentionKVCache] = weakref.WeakKeyDictionary()
@@ -123,6 +149,7 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
         if getattr(config, "dual_cross_attention", False):
             raise NotImplementedError("dual_cross_attention=True (DualTransformer2DModel, Versatile Diffusion) is not "
                                       "supported")
+        text_width(model)  # one width for every block's cross-attention, or refused by name
         fields = ["encoder_hidden_states"]
         if config.addition_embed_type == TEXT_TIME:
             fields += ["pooled_embeds", "added_cond_kwargs.time_ids"]
@@ -156,8 +183,8 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
         config, states = model.config, cond.encoder_hidden_states
         if cond.batch_size != x.shape[0]:
             raise ValueError(f"the conditioning has {cond.batch_size} rows for {x.shape[0]} samples")
-        width = config.cross_attention_dim
-        if states.ndim != 3 or (isinstance(width, int) and states.shape[-1] != width):
+        width = text_width(model)
+        if states.ndim != 3 or states.shape[-1] != width:
             raise ValueError(f"encoder_hidden_states must be (N, L, {width}), got {list(states.shape)}")
         if cond.class_labels is not None:
             check_class_labels(model, cond.class_labels)
@@ -179,8 +206,7 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
         D' = P − 6·a pooled + 6 time ids (only their concatenation enters the UNet)."""
         parameter = next(model.parameters())
         device, dtype, config = parameter.device, parameter.dtype, model.config
-        width = config.cross_attention_dim if isinstance(config.cross_attention_dim, int) \
-            else config.cross_attention_dim[0]
+        width = text_width(model)
         fields: dict[str, Any] = {"encoder_hidden_states": torch.zeros(batch_size, DUMMY_TOKENS, width, device=device,
                                                                        dtype=dtype)}
         inputs = self.conditioning_inputs(model)
