@@ -430,3 +430,14 @@ def test_flow_scheduler_variants_match_diffusers_bit_for_bit(unet) -> None:
             with torch.no_grad():
                 x = scheduler.step(unet(x, t.expand(N)).sample, t, x).prev_sample
         assert torch.equal(_tadq(unet, train, SamplerConfig("flow-euler", num_steps=5, shift=shift)), x), options
+
+
+def test_a_conditioning_list_takes_only_a_conditioning():
+    """``ConditioningList(ConditioningList(...))`` was accepted and failed later, inside the calibration cache key
+    ("'ConditioningList' object has no attribute 'to_tensors'"): refused when it is built."""
+    from tadq.sampling import Conditioning, ConditioningList
+
+    rows = ConditioningList(Conditioning(class_labels=torch.tensor([1, 2])))
+    with pytest.raises(TypeError, match="takes a Conditioning.*got ConditioningList"):
+        ConditioningList(rows)
+    assert len(rows) == 2

@@ -269,6 +269,13 @@ class ConditioningList:
     rows: Conditioning
     name: str = "explicit"
 
+    def __post_init__(self) -> None:  # a ConditioningList of a ConditioningList failed later, inside a cache key
+        if not isinstance(self.rows, Conditioning):
+            raise TypeError(f"ConditioningList takes a Conditioning (one row per sample), got "
+                            f"{type(self.rows).__name__}")
+        if not isinstance(self.name, str):
+            raise TypeError(f"ConditioningList.name must be a str, got {type(self.name).__name__}")
+
     def __call__(self, seed: int, indices: Sequence[int]) -> Conditioning:
         return self.rows.rows([_checked(i, self.rows.batch_size) for i in indices])
 
