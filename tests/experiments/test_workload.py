@@ -163,7 +163,7 @@ def test_a_pipeline_whose_vae_is_missing_is_refused(dit_folder, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(dit_folder, broken)
     shutil.rmtree(broken / "vae")
-    with pytest.raises(ValueError, match="holds none"):
+    with pytest.raises(ValueError, match="component folder vae/ .*is missing"):
         load_workload(str(broken))
 
 

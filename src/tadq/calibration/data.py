@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,22 +86,47 @@ class CalibrationSet:
         return cls(tensors["x"], tensors["t"], tensors["step_index"], tensors["eps"], key, cond)
 
 
+# what a calibration file holds and how it was recorded: bumped when that changes, so older files are not reused
+CACHE_FORMAT = 2
+
+
+def _public_config(model: nn.Module) -> dict:
+    """A diffusers/transformers model's config without its ``_``-keys (where it was loaded from, the library
+    version): the settings its forward reads besides the weights (``sample_size``, ``norm_eps``,
+    ``flip_sin_to_cos``, a VAE's ``scaling_factor``...). Empty for a plain module."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config) if isinstance(config, Mapping) else {}
+    return {key: value for key, value in items.items() if not str(key).startswith("_")}
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over parameter names, shapes and bytes: changes whenever the weights do."""
+    """SHA-256 over the model's class, its public config and its tensors (names, dtypes, shapes, bytes).
+
+    The config counts as much as the weights: a folder whose ``config.json`` was edited (another ``sample_size`` or
+    ``norm_eps``) with the same weights samples something else, and must not reuse the old calibration data, cells
+    or quantized models.
+    """
     digest = hashlib.sha256()
+    digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
+    digest.update(json.dumps(_public_config(model), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return digest.hexdigest()
 
 
 def calibration_fields(model: nn.Module, scheduler_config: dict, config: CalibrationConfig,
                        conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> dict:
-    """What the calibration data depends on: model weights, scheduler, the config (sampler incl. clipping), and
-    for a conditional model its conditions and guidance scale (absent when unconditional, so old keys hold)."""
-    fields = {"model": model_fingerprint(model), "scheduler": scheduler_config_key(scheduler_config),
-              "config": config_to_dict(config)}
+    """What the calibration data depends on: the model (weights and config), the device type it runs on (kernels
+    differ in the last bits), the scheduler, the config (sampler incl. clipping), the cache format, and for a
+    conditional model its conditions and guidance scale (absent when unconditional)."""
+    parameter = next(model.parameters(), None)
+    fields = {"format": CACHE_FORMAT, "model": model_fingerprint(model),
+              "device": parameter.device.type if parameter is not None else "cpu",
+              "scheduler": scheduler_config_key(scheduler_config), "config": config_to_dict(config)}
     if conditions is not None or guidance_scale != 1.0:
         fields["conditioning"] = {"conditions": None if conditions is None else conditions.key,
                                   "guidance_scale": float(guidance_scale)}
@@ -109,8 +135,11 @@ def calibration_fields(model: nn.Module, scheduler_config: dict, config: Calibra
 
 def calibration_key(model: nn.Module, scheduler_config: dict, config: CalibrationConfig,
                     conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> str:
-    payload = json.dumps(calibration_fields(model, scheduler_config, config, conditions, guidance_scale),
-                         sort_keys=True, default=str)
+    return _key_of(calibration_fields(model, scheduler_config, config, conditions, guidance_scale))
+
+
+def _key_of(fields: dict) -> str:
+    payload = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
@@ -154,13 +183,14 @@ def collect_calibration_set(
     if check is not None:
         check(model, plan.steps[0].prediction_type)
     fields = calibration_fields(model, scheduler_config, config, conditions, guidance_scale)
-    key = calibration_key(model, scheduler_config, config, conditions, guidance_scale)
+    key = _key_of(fields)  # not calibration_key: the model is hashed once (seconds for a large one)
     path = Path(cache_dir) / f"calibration-{key}.safetensors" if cache_dir is not None else None
+    parameter = next(model.parameters())
     if path is not None and path.exists():
         logger.info("using cached calibration data %s", path)
-        return CalibrationSet.load(path, key, fields)
+        # where a fresh collection puts it (the model's device): a cached run must not differ from the first one
+        return _on_device(CalibrationSet.load(path, key, fields), parameter.device)
     _warn_unused_conditions(conditions, config.num_trajectories)
-    parameter = next(model.parameters())
     result = sample(
         lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond), plan,
         num_samples=config.num_trajectories, seed=config.seed, sample_shape=adapter.sample_shape(model),
@@ -170,8 +200,21 @@ def collect_calibration_set(
     calib = _subsample(result.trajectory, config, key, guided=plan.guided)
     require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
     if path is not None:
-        calib.save(path, json.loads(json.dumps(fields, default=str)))
+        try:
+            calib.save(path, json.loads(json.dumps(fields, default=str)))
+        except OSError as error:  # a read-only or full cache: the data is right, only the next run will redo it
+            logger.warning("could not write the calibration cache %s (%s: %s); continuing without caching it",
+                           path, type(error).__name__, error)
     return calib
+
+
+def _on_device(calib: CalibrationSet, device: torch.device) -> CalibrationSet:
+    """``calib`` with every tensor on ``device`` (dtypes kept: the file holds the model's)."""
+    if calib.x.device == device:
+        return calib
+    cond = None if calib.cond is None else calib.cond.to(device)
+    return CalibrationSet(calib.x.to(device), calib.t.to(device), calib.step_index.to(device), calib.eps.to(device),
+                          calib.key, cond)
 
 
 def _subsample(trajectory, config: CalibrationConfig, key: str, guided: bool) -> CalibrationSet:

@@ -4,12 +4,14 @@ A sequential fit (TAC, TCEC; ``tadq.corrections.sequential``) walks the FP traje
 FP side depends on nothing the fit changes — the FP network, the plan, the noise seed, the number of trajectories,
 the batching and the conditions — so every preset and every correction of a run that fits on the same calibration
 noise recomputes the very same FP states and predictions (a third of a TAC fit's network calls). The cache keeps
-them, keyed by all of those, and drops everything when the FP network's parameters change in place. Values are
+them, keyed by all of those, and drops everything when the FP network's parameters or buffers change (their
+contents are checked at every read and write; ``network_fingerprint``). Values are
 the tensors the walk computed, so a fit with the cache gives the same tables, bit for bit, as one without.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -17,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from tadq.sampling import SamplingPlan
 
 __all__ = ["FPTrajectory", "FPTrajectoryCache", "network_fingerprint", "trajectory_key"]
 
@@ -42,10 +46,52 @@ class FPTrajectory:
         return sum(t.numel() * t.element_size() for t in (*self.states, *self.predictions))
 
 
+_INTEGER_VIEWS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_CHUNK = 1 << 22  # elements widened to int64 at a time: bounded scratch memory on the largest layers
+
+
+def _device_checksum(flat: Tensor) -> Tensor:
+    """(sum, position-weighted sum) of a 1-D tensor's bit patterns as int64, computed where the tensor lives (no
+    copy of a GPU model's weights to the host at every check).
+
+    Integer sums wrap modulo 2⁶⁴ whatever the reduction order, so the result is exact and repeatable; the weighted
+    sum also changes when values only move (a permutation of channels)."""
+    integer = _INTEGER_VIEWS.get(flat.element_size())
+    ints = flat.view(integer) if integer is not None else flat.view(torch.uint8)
+    if ints.device.type != "cuda":  # integer reductions are not on every backend (mps): those go through the host
+        ints = ints.cpu()
+    total = torch.zeros(2, dtype=torch.int64, device=ints.device)
+    for start in range(0, ints.numel(), _CHUNK):
+        part = ints[start:start + _CHUNK].to(torch.int64)
+        position = torch.arange(start + 1, start + 1 + part.numel(), dtype=torch.int64, device=part.device)
+        total += torch.stack([part.sum(), (part * position).sum()])
+    return total
+
+
 def network_fingerprint(model: nn.Module) -> tuple:
-    """What changes when a parameter or buffer is replaced or modified in place (its storage and version counter)."""
-    return tuple((name, t.data_ptr(), t._version, t.dtype, str(t.device))
-                 for name, t in (*model.named_parameters(), *model.named_buffers()))
+    """What the network computes with: every parameter's and buffer's name, dtype, device, shape and contents.
+
+    Contents, not storage addresses and version counters: ``param.data.copy_(...)`` (diffusers' ``EMAModel.copy_to``)
+    writes new values without moving the version counter, and ``param.data = new`` twice can land on the first
+    storage's address again; the trajectories of the old weights were reused in both cases. Equal values give equal
+    fingerprints, so a copy of the same weights keeps the entries (they are still right). A CPU tensor is hashed
+    (SHA-256 over its bytes, no copy), a GPU tensor checksummed on the GPU.
+    """
+    entries: list[tuple] = []
+    pending: list[tuple[int, Tensor]] = []
+    with torch.no_grad():
+        for name, tensor in (*model.named_parameters(), *model.named_buffers()):
+            flat = tensor.detach().reshape(-1).contiguous()
+            entries.append((name, tensor.dtype, str(tensor.device), tuple(tensor.shape)))
+            if flat.device.type == "cpu":
+                entries[-1] += (hashlib.sha256(flat.view(torch.uint8).numpy()).hexdigest(),)
+            else:
+                pending.append((len(entries) - 1, _device_checksum(flat)))
+        if pending:  # one transfer for all of them (a model on one device), not one synchronisation per tensor
+            sums = torch.stack([value.to(pending[0][1].device) for _, value in pending]).tolist()
+            for (index, _), checksum in zip(pending, sums, strict=True):
+                entries[index] += tuple(checksum)
+    return tuple(entries)
 
 
 class FPTrajectoryCache:
@@ -111,10 +157,18 @@ class FPTrajectoryCache:
         self._entries.clear()
 
 
-def trajectory_key(plan_key: str, num_steps: int, guidance_scale: float, seed: int, num_samples: int,
+def trajectory_key(plan: str | SamplingPlan, num_steps: int, guidance_scale: float, seed: int, num_samples: int,
                    batch_size: int, sample_shape: tuple[int, ...], device: str | torch.device, dtype: torch.dtype,
                    conditions: object) -> tuple:
     """Everything an FP walk's values depend on besides the network (``conditions`` by identity: the caller keeps
-    the object alive while the entry lives)."""
-    return (plan_key, num_steps, float(guidance_scale), seed, num_samples, batch_size, tuple(sample_shape),
+    the object alive while the entry lives).
+
+    ``plan`` is best the ``SamplingPlan`` itself: its steps hold every coefficient, the clipping range and the
+    prediction type, so walks under another training schedule (betas, timestep spacing) or ``clip_sample`` are
+    other entries. Its ``key`` (a string, ``"ddim-50-eta0.0"``) names only the grid, not those."""
+    if isinstance(plan, SamplingPlan):
+        plan_part: Hashable = (plan.key, plan.steps, plan.init_noise_sigma)
+    else:
+        plan_part = plan
+    return (plan_part, num_steps, float(guidance_scale), seed, num_samples, batch_size, tuple(sample_shape),
             str(torch.device(device)), str(dtype), id(conditions) if conditions is not None else None)

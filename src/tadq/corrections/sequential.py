@@ -107,7 +107,7 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
     cond, size, wants = start.cond, ctx.batch_size, walker.wants_branches(hooks)
     cache, key = ctx.fp_trajectories, None
     if cache is not None:
-        key = trajectory_key(ctx.plan.key, ctx.plan.num_steps, ctx.plan.guidance_scale, seed, len(start.indices),
+        key = trajectory_key(ctx.plan, ctx.plan.num_steps, ctx.plan.guidance_scale, seed, len(start.indices),
                              size, tuple(ctx.sample_shape), walker.device, walker.dtype, ctx.conditions)
     cached = cache.get(key) if cache is not None else None
     states: list[Tensor] = []

@@ -20,7 +20,9 @@ from tadq.sampling import DEFAULTED_KEYS, SamplerConfig, scheduler_config_key
 
 __all__ = ["KEY_VERSION", "key_differences", "model_fingerprint", "run_key", "scheduler_fingerprint"]
 
-KEY_VERSION = 1
+# 2: the model fingerprint holds each diffusers/transformers module's public config (version 1 missed settings
+# its forward reads from the config alone, e.g. a UNet's ``center_input_sample``)
+KEY_VERSION = 2
 _SCALARS = (bool, int, float, str, type(None))
 
 
@@ -49,12 +51,22 @@ def _plain_attributes(module: nn.Module) -> dict[str, Any]:
     return found
 
 
+def _public_config(module: nn.Module) -> dict[str, Any]:
+    """A diffusers/transformers module's config without its ``_``-keys (load path, library version): settings such
+    as ``center_input_sample`` live there alone, read by ``forward`` and held by no attribute."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config) if isinstance(config, Mapping) else {}
+    return {str(key): value for key, value in items.items() if not str(key).startswith("_")}
+
+
 def model_fingerprint(module: nn.Module) -> str:
     """SHA-256 over a denoiser's tensors (names, dtypes, shapes, bytes), module classes and plain settings.
 
     Tensors alone miss settings such as bit-widths or a mixed-precision switch that live in Python attributes, so
-    each submodule's class, scalar attributes and tadq configs are hashed too. Computed on the CPU copy, so it does
-    not depend on the device.
+    each submodule's class, scalar attributes, tadq configs and diffusers/transformers config are hashed too.
+    Computed on the CPU copy, so it does not depend on the device.
     """
     digest = hashlib.sha256()
     for name, value in sorted(module.state_dict().items()):
@@ -67,6 +79,9 @@ def model_fingerprint(module: nn.Module) -> str:
     for name, submodule in module.named_modules():
         description = {"class": f"{type(submodule).__module__}.{type(submodule).__qualname__}",
                        "attributes": _plain_attributes(submodule)}
+        config = _public_config(submodule)
+        if config:  # absent for plain modules (their descriptions are as before)
+            description["config"] = config
         digest.update(name.encode())
         digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()

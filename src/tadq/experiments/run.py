@@ -137,12 +137,16 @@ class RunConfig:
 
 
 def cell_key(fingerprint: str, config: RunConfig, variant: Variant, workload: Workload | None = None) -> str:
+    """What a cell's samples are a function of (``fingerprint``: ``model_fingerprint`` of the placed FP model, so
+    its weights, config and dtype); a finished cell is reused only under the same key."""
     payload = {
         "model": fingerprint, "variant": variant.settings, "num_samples": config.num_samples,
         "sampler": config_to_dict(config.sampler), "eval_seed": config.eval_seed,
         "calibration": config_to_dict(config.calibration),
         # the sampling batch moves quantized samples (float re-association flips fake-quant roundings; README)
         "batch_size": config.batch_size,
+        # so do the device's kernels: a CUDA run's cells are not a CPU run's (its FP row would not be a reference)
+        "device": resolve_device(config.device).type,
     }
     if workload is not None and workload.settings:  # prompts and guidance (absent for unconditional models)
         payload["workload"] = workload.settings

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -24,13 +25,18 @@ from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
 from tadq.fsguard import mark_output
 from tadq.io import load_quantized, save_quantized
-from tadq.recipe import Recipe
+from tadq.recipe import NaiveMethod, QDiffusionMethod, Recipe
+from tadq.safefiles import finite_float
 from tadq.sampling import ConditionSource
 from tadq.tfmq import TFMQMethod, tfmq_tag
 from tadq.utils import atomic_write_json
 
 if TYPE_CHECKING:
     from tadq.experiments.run import RunConfig
+
+logger = logging.getLogger(__name__)
+# the methods whose every setting is in the QuantConfig: the base-model key needs nothing more of them
+_QUANT_CONFIG_METHODS = (NaiveMethod, QDiffusionMethod)
 
 __all__ = ["BaseModels", "MethodBuilder", "Variant", "method_label", "method_names", "register_method", "row_for"]
 
@@ -73,21 +79,19 @@ class BaseModels:
                   "calibration": self.calibration.key}
         if tag:
             fields["tag"] = tag
+        if isinstance(spec, Recipe) and not isinstance(spec.method, _QUANT_CONFIG_METHODS):
+            # settings the QuantConfig does not hold (SVDQuant's α grid and seed, a TFMQ base's SVDQuant settings):
+            # another value builds another network, which must not be read back from the old one's folder
+            fields["method"] = config_to_dict(spec.method)
         payload = json.dumps(fields, sort_keys=True)
         key = hashlib.sha256(payload.encode()).hexdigest()[:16]
         path = self.folder / f"{quant_config.method}-{quant_config.label}-{key}"
         # beside the artefact, not in it: a file added after its manifest would make `tadq verify` call it damaged
         timing = self.folder / f"timing-{path.name}.json"
         if (path / "tadq_config.json").exists():
-            qmodel = load_quantized(path)[0]
-            older = path / "tadq_run_timing.json"  # where a tadq before this one wrote it: moved beside the artefact
-            if older.exists() and not timing.exists():
-                atomic_write_json(json.loads(older.read_text()), timing)
-            older.unlink(missing_ok=True)
-            recorded = timing if timing.exists() else None
-            # reported, not re-spent (NaN: saved by an older tadq that did not record it)
-            qmodel.recorded_quantize_s = json.loads(recorded.read_text())["quantize_s"] if recorded else math.nan
-            return qmodel
+            qmodel = self._load_kept(path, timing)
+            if qmodel is not None:
+                return qmodel
         t0 = time.perf_counter()
         if build is None:
             qmodel = quantize(self.model, self.scheduler, spec, calibration=self.calibration, cache_dir=cache_dir,
@@ -101,6 +105,33 @@ class BaseModels:
         atomic_write_json({"quantize_s": elapsed}, timing)
         (self.folder / f"recon-{key}.pt").unlink(missing_ok=True)
         return qmodel
+
+    @staticmethod
+    def _load_kept(path: Path, timing: Path) -> QuantizedDenoiser | None:
+        """The model an earlier run kept at ``path``, or ``None`` (a warning said why) when it is damaged or
+        incomplete: it is rebuilt then, never used."""
+        try:
+            qmodel = load_quantized(path)[0]
+        except (ValueError, OSError) as error:  # ArtefactDamaged, DamagedFileError, a missing file, a bad config
+            logger.warning("the base model %s kept by an earlier run cannot be used (%s); building it again", path,
+                           str(error).splitlines()[0][:300])
+            return None
+        older = path / "tadq_run_timing.json"  # where a tadq before this one wrote it: moved beside the artefact
+        if older.exists() and not timing.exists():
+            atomic_write_json({"quantize_s": _recorded_seconds(older)}, timing)
+        older.unlink(missing_ok=True)
+        # reported, not re-spent (NaN: saved by an older tadq that did not record it, or an unreadable record)
+        qmodel.recorded_quantize_s = _recorded_seconds(timing) if timing.exists() else math.nan
+        return qmodel
+
+
+def _recorded_seconds(path: Path) -> float:
+    """``quantize_s`` of a timing record; NaN when it is not a finite number (a damaged or foreign file)."""
+    try:
+        value = json.loads(path.read_text()).get("quantize_s")
+    except (OSError, ValueError, AttributeError):
+        return math.nan
+    return float(value) if finite_float(value) else math.nan
 
 
 MethodBuilder = Callable[[BaseModels, "RunConfig", str], Variant]
