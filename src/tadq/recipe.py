@@ -319,67 +319,95 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
 def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:
     """``recipe`` with dotted fields replaced, e.g. ``{"method.reconstruction.weight_iters": 2,
     "corrections.0.num_samples": 8}`` (``tadq quantize --set``); a wrong path raises naming it. ``sampler.<field>``
-    sets the deployment sampler and the calibration sampler together (they must be one sampler)."""
-    # fields of one config are set together (sibling fields that constrain each other, e.g. calibration's
-    # num_trajectories and samples_per_step, were refused or accepted by their order on the command line)
-    groups: dict[tuple[str, ...], dict[str, Any]] = {}
+    sets the deployment sampler and the calibration sampler together (they must be one sampler).
+
+    The result does not depend on the order of ``changes``: every config is rebuilt once, bottom-up, with all of its
+    changed fields at the same time, so fields that constrain each other are checked together even across configs
+    (``sampler.num_steps`` with ``calibration.num_steps_kept``). Two paths of which one lies inside the other
+    (``calibration`` and ``calibration.seed``), or that set one field to two values (``sampler.num_steps`` and
+    ``calibration.sampler.num_steps``), would make the order decide and are refused naming both."""
+    tree: dict[str, Any] = {}
     for path, value in changes.items():
         parts = tuple(path.split("."))
-        groups.setdefault(parts[:-1], {})[parts[-1]] = value
-    for parent, leaves in groups.items():
-        where = ".".join((*parent, *leaves)) if len(leaves) == 1 else \
-            f"{'.'.join(parent) or '(recipe)'}.{{{', '.join(leaves)}}}"
-        if parent and parent[0] == "sampler":
-            sampler = _replace_at(recipe.sampler, list(parent[1:]), leaves, where)
-            try:
-                recipe = dataclasses.replace(
-                    recipe, calibration=dataclasses.replace(recipe.calibration, sampler=sampler),
-                    deployments=(dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:]))
-            except (TypeError, ValueError) as error:
-                raise ValueError(f"--set {where}: {error}") from error
-            continue
-        recipe = _replace_at(recipe, list(parent), leaves, where)
-    return recipe
+        if parts[0] == "sampler":  # one sampler: the calibration's and the first deployment's
+            targets = [("calibration", "sampler", *parts[1:]), ("deployments", "0", "sampler", *parts[1:])]
+        else:
+            targets = [parts]
+        for target in targets:
+            _insert(tree, target, _Setting(value, path))
+    return _apply(recipe, tree)
 
 
-def _replace_at(node: Any, parts: list[str], leaves: dict[str, Any], path: str) -> Any:
-    """``node`` with the fields ``leaves`` of the config at ``parts`` below it replaced (list items by index)."""
-    if not parts:
-        if isinstance(node, tuple):
-            items = list(node)
-            for head, value in leaves.items():
-                if not head.isdigit() or int(head) >= len(node):
-                    raise ValueError(f"--set {path}: {head!r} is not an index of a {len(node)}-item list")
-                items[int(head)] = _coerce(items[int(head)], value)  # a config object replaces a config item
-            return tuple(items)
-        if not dataclasses.is_dataclass(node):
-            raise ValueError(f"--set {path}: {type(node).__name__} has no field {next(iter(leaves))!r}")
-        names = [f.name for f in dataclasses.fields(node)]
-        for head in leaves:
-            if head not in names:
-                raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}; its fields are {names}")
-        try:
-            return dataclasses.replace(node, **{head: _coerce(getattr(node, head), value)
-                                                for head, value in leaves.items()})
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"--set {path}: {error}") from error
-    head, rest = parts[0], parts[1:]
+@dataclass(frozen=True)
+class _Setting:
+    """One ``--set`` value at the end of a path of ``override_recipe``'s tree, with the path the user wrote."""
+
+    value: Any
+    path: str
+
+
+def _insert(tree: dict[str, Any], parts: tuple[str, ...], setting: _Setting) -> None:
+    """Put ``setting`` at ``parts`` in ``tree``; refuse a path inside or around another one (their order would
+    decide which wins) and one field set to two different values."""
+    node = tree
+    for depth, head in enumerate(parts):
+        below = node.get(head)
+        if isinstance(below, _Setting) and depth < len(parts) - 1:
+            raise ValueError(f"--set {below.path} and --set {setting.path} overlap: the second lies inside the first, "
+                             "so their order would decide the result; give one")
+        if depth == len(parts) - 1:
+            if isinstance(below, dict):
+                inner = next(iter(_settings(below)))
+                raise ValueError(f"--set {setting.path} and --set {inner.path} overlap: the second lies inside the "
+                                 "first, so their order would decide the result; give one")
+            if isinstance(below, _Setting) and below.value != setting.value:
+                raise ValueError(f"--set {below.path}={below.value!r} and --set {setting.path}={setting.value!r} "
+                                 "set the same field to different values; give one")
+            if below is None:
+                node[head] = setting
+            return
+        node = node.setdefault(head, {})
+
+
+def _settings(tree: dict[str, Any]) -> list[_Setting]:
+    """Every setting in ``tree``, depth first."""
+    found: list[_Setting] = []
+    for below in tree.values():
+        found.extend(_settings(below) if isinstance(below, dict) else [below])
+    return found
+
+
+def _where(tree: dict[str, Any]) -> str:
+    """The ``--set`` paths a failure at ``tree`` comes from, as the user wrote them."""
+    return ", ".join(dict.fromkeys(setting.path for setting in _settings(tree)))
+
+
+def _apply(node: Any, tree: dict[str, Any]) -> Any:
+    """``node`` rebuilt once with every field of ``tree`` replaced (list items by index), each changed child first."""
+    def new_value(old: Any, below: Any) -> Any:
+        return _coerce(old, below.value) if isinstance(below, _Setting) else _apply(old, below)
+
     if isinstance(node, tuple):
-        if not head.isdigit() or int(head) >= len(node):
-            raise ValueError(f"--set {path}: {head!r} is not an index of a {len(node)}-item list")
         items = list(node)
-        items[int(head)] = _replace_at(items[int(head)], rest, leaves, path)
+        for head, below in tree.items():
+            if not head.isdigit() or int(head) >= len(node):
+                raise ValueError(f"--set {_where({head: below})}: {head!r} is not an index of a {len(node)}-item "
+                                 "list")
+            items[int(head)] = new_value(items[int(head)], below)  # a config object replaces a config item
         return tuple(items)
     if not dataclasses.is_dataclass(node):
-        raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}")
+        head = next(iter(tree))
+        raise ValueError(f"--set {_where(tree)}: {type(node).__name__} has no field {head!r}")
     names = [f.name for f in dataclasses.fields(node)]
-    if head not in names:
-        raise ValueError(f"--set {path}: {type(node).__name__} has no field {head!r}; its fields are {names}")
-    new = _replace_at(getattr(node, head), rest, leaves, path)
+    for head, below in tree.items():
+        if head not in names:
+            raise ValueError(f"--set {_where({head: below})}: {type(node).__name__} has no field {head!r}; its "
+                             f"fields are {names}")
+    fields = {head: new_value(getattr(node, head), below) for head, below in tree.items()}
     try:
-        return dataclasses.replace(node, **{head: new})
+        return dataclasses.replace(node, **fields)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"--set {path}: {error}") from error
+        raise ValueError(f"--set {_where(tree)}: {error}") from error
 
 
 def _coerce(old: Any, value: Any) -> Any:

@@ -6,7 +6,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import torch
 import typer
@@ -45,7 +45,7 @@ NullClass = Annotated[int | None, typer.Option(help="The class-conditional model
 # bad input, bad paths, damaged files: one line and exit code 2 (a traceback only with --verbose)
 USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FileExistsError, IsADirectoryError,
                NotADirectoryError, PermissionError)
-_state = {"verbose": False}
+_state: dict[str, Any] = {"verbose": False, "threads": None}
 
 console = Console()
 if not console.is_terminal:
@@ -61,14 +61,30 @@ def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> t
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads < 0:
         raise typer.BadParameter("--threads must be >= 0")
-    if threads:
-        torch.set_num_threads(threads)
+    _set_threads(threads)
     from tadq.device import resolve_device, resolve_dtype
 
     try:
         return resolve_device(device), resolve_dtype(dtype)
     except ValueError as error:
         raise typer.BadParameter(f"--device/--dtype: {error}") from error
+
+
+def _set_threads(threads: int) -> None:
+    """``--threads N`` sets torch's thread count; ``--threads 0`` ("torch's default") undoes what an earlier command
+    of this process set, so that one command run after another in one process (the CLI invoked from Python, a
+    notebook, tests) runs on the threads it would have had in a fresh process: the thread count moves float sums
+    and, through them, quantized results (README, What tadq guarantees). A count the caller set with
+    ``torch.set_num_threads`` after tadq's is theirs and is kept."""
+    earlier = _state["threads"]  # (count tadq set, count before it) or None
+    if threads:
+        before = torch.get_num_threads() if earlier is None or torch.get_num_threads() != earlier[0] else earlier[1]
+        torch.set_num_threads(threads)
+        _state["threads"] = (threads, before)
+    elif earlier is not None:
+        if torch.get_num_threads() == earlier[0]:
+            torch.set_num_threads(earlier[1])
+        _state["threads"] = None
 
 
 @contextlib.contextmanager

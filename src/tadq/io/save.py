@@ -3,7 +3,7 @@
 Folder layout (docs/architecture.md#artefact)::
 
     model_index.json                 diffusers pipeline index (denoiser + scheduler classes)
-    unet/config.json                 the FP model's config, exactly as diffusers writes it (no quantization key)
+    unet/config.json                 the FP model's config as diffusers writes it (no quantization key, no path)
     scheduler/scheduler_config.json  the training scheduler
     tadq_config.json                 QuantConfig, adapter, model class, format version, library versions, sizes
     tadq_quant_map.json              layer name → role, schemes, reason a layer stayed in FP
@@ -204,9 +204,25 @@ def _save_scheduler(scheduler: SchedulerMixin, folder: Path) -> None:
                                    indent=2, sort_keys=True) + "\n")
 
 
+# what diffusers' save_config writes that says where the model was read from, not what it is: ``_name_or_path`` is
+# the folder as the user spelled it (relative, absolute, through a link), so one model saved from one folder typed
+# two ways gave two artefacts with different bytes, and the user's paths travelled with every artefact
+_WHERE_LOADED_KEYS = ("_name_or_path",)
+
+
+def _save_denoiser_config(model: nn.Module, folder: Path) -> None:
+    """The FP config as the model's ``save_config`` writes it (same keys, order and layout), less where the model
+    was loaded from (``_WHERE_LOADED_KEYS``): an artefact's bytes depend on the model, never on a path."""
+    config = json.loads(model.to_json_string())
+    for key in _WHERE_LOADED_KEYS:
+        config.pop(key, None)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / model.config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin | None, folder: Path) -> str:
     subfolder, pipeline = _diffusers_layout(qmodel.model)
-    qmodel.model.save_config(folder / subfolder)  # the FP config, exactly as the model's save_pretrained writes it
+    _save_denoiser_config(qmodel.model, folder / subfolder)
     index: dict[str, Any] = {"_class_name": pipeline, "_diffusers_version": diffusers.__version__,
                              subfolder: ["diffusers", type(qmodel.model).__name__]}
     if scheduler is not None:
@@ -238,7 +254,7 @@ def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path)
         if not (source / name).is_dir():
             raise FileNotFoundError(f"{source / name} ({value[1]}) is missing; the pipeline folder is incomplete")
         shutil.copytree(source / name, folder / name, copy_function=shutil.copyfile)
-    qmodel.model.save_config(folder / subfolder)
+    _save_denoiser_config(qmodel.model, folder / subfolder)
     return subfolder
 
 
