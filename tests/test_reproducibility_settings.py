@@ -181,3 +181,13 @@ def test_run_gives_the_same_numbers_and_cells_with_methods_in_any_order(tmp_path
     assert cells["ab"] == cells["ba"]
     assert sorted(models["ab"]) == sorted(models["ba"]) and len(models["ab"]) == 2  # the artefacts, byte for byte
     assert {k: _differing(v, models["ba"][k]) for k, v in models["ab"].items()} == {k: [] for k in models["ab"]}
+
+
+def test_one_set_path_given_twice_with_two_values_is_refused():
+    """``--set a=1 --set a=2`` kept the last value silently (the settings dict dropped the first before the recipe
+    saw it); the same value twice is harmless."""
+    from tadq.cli.quantize import parse_settings
+
+    assert parse_settings(["calibration.seed=3", "calibration.seed=3"]) == {"calibration.seed": 3}
+    with pytest.raises(ValueError, match="calibration.seed given twice with different values"):
+        parse_settings(["calibration.seed=3", "calibration.seed=4"])

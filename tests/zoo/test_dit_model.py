@@ -48,6 +48,9 @@ def test_training_writes_a_ditpipeline_that_diffusers_loads_and_repeats_byte_for
     weights = Path("transformer") / "diffusion_pytorch_model.safetensors"
     a, b = load_file(str(first / weights)), load_file(str(second / weights))
     assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # the VAE read from the t2i folder: its config names no path of the training machine
+    assert (first / "vae" / "config.json").read_bytes() == (second / "vae" / "config.json").read_bytes()
+    assert "_name_or_path" not in json.loads((first / "vae" / "config.json").read_text())
     pipe = DiTPipeline.from_pretrained(first, low_cpu_mem_usage=False)
     pipe.set_progress_bar_config(disable=True)
     images = pipe(class_labels=[3], guidance_scale=1.0, num_inference_steps=2, output_type="np").images

@@ -170,9 +170,14 @@ def parse_settings(items: list[str] | None) -> dict[str, Any]:
         if not sep or not path:
             raise ValueError(f"--set {item!r}: write FIELD.PATH=VALUE, e.g. method.reconstruction.weight_iters=20")
         try:
-            settings[path.strip()] = json.loads(text)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            settings[path.strip()] = text
+            value = text
+        path = path.strip()
+        if path in settings and settings[path] != value:  # the last would silently win
+            raise ValueError(f"--set {path} given twice with different values ({settings[path]!r}, {value!r}); "
+                             "give it once")
+        settings[path] = value
     return settings
 
 

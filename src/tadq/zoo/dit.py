@@ -15,6 +15,7 @@ Reproduce the shipped weights with ``tadq zoo train-dit --out src/tadq/zoo/weigh
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, DiTTransformer2DModel
 from torch import Tensor, nn
 
+from tadq.utils import atomic_write_text
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.train import check_training_fields, train_ddpm
 
@@ -102,6 +104,12 @@ def _save_pipeline(vae: AutoencoderKL) -> Callable[[nn.Module, DDPMScheduler, Pa
     def save(model: nn.Module, scheduler: DDPMScheduler, out_dir: Path) -> None:
         sampler = DDIMScheduler.from_config(scheduler.config, clip_sample=False)  # latents are not in [-1, 1]
         DiTPipeline(transformer=model, vae=vae, scheduler=sampler).save_pretrained(out_dir, safe_serialization=True)
+        # the VAE was read from the t2i folder: diffusers writes that path into its config, which would ship the
+        # training machine's folder layout in a file that says nothing about the model
+        config_file = Path(out_dir) / "vae" / "config.json"
+        config = json.loads(config_file.read_text())
+        if config.pop("_name_or_path", None) is not None:
+            atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", config_file)
 
     return save
 
