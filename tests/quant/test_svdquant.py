@@ -186,6 +186,9 @@ def test_svdquant_saves_and_loads_bit_identically(tmp_path, tiny_unet, ddpm_sche
                                                                                TransformedQuantLinear))}
     assert layers and any(m.rank for m in layers.values())
     assert any(not torch.equal(m.smooth, torch.ones_like(m.smooth)) for m in layers.values())
+    # the fitted residual was written through the parameter, so caches keyed on version counters (the
+    # cross-attention K/V memo) see the new weights; ``.data.copy_`` wrote them without moving the counter
+    assert all(m.weight._version > 0 for m in layers.values())
     assert qmodel.svdquant_report["layers"]
     x = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([10, 500, 990])

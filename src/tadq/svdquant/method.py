@@ -237,7 +237,9 @@ def _write(layer: TransformedQuantLayer, choice: _Choice) -> None:
     """Smoothing, residual, branch and the residual's weight range into the layer."""
     if layer.smooth is not None:
         layer.smooth.copy_(choice.factors)
-    layer.weight.data.copy_(choice.residual)
+    # through the parameter (no_grad), not ``.data``: its version counter moves, which the caches keyed on it (the
+    # cross-attention K/V memo) need to see; ``.data.copy_`` writes without moving it
+    layer.weight.copy_(choice.residual)
     if choice.up is not None:
         layer.lowrank_up.copy_(choice.up)
         layer.lowrank_down.copy_(choice.down)
