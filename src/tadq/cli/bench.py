@@ -140,28 +140,35 @@ def bench_command(
                              calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                              evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
                              negative_prompt=negative_prompt, distilled_guidance=distilled_guidance,
-                             labels=labels, null_class=null_class,
+                             labels=labels, null_class=null_class, force_foreign=force_foreign,
                              prompt_files=tuple(None if f is None else str(f) for f in (calib_prompts, eval_prompts)),
                              **fields)
         report = run_bench(config)  # creates and marks --out once the model has loaded
     _print(report)
-    console.print(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")
-    console.print(report["command"], markup=False, soft_wrap=True)
+    # printed as it is, never read as rich markup or emoji codes: an --out of 'runs/[/x]' crashed here after the
+    # whole bench had run, and ':rocket:' in a path printed a command that names another folder
+    _literal(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")
+    _literal(report["command"])
+
+
+def _literal(text: str) -> None:
+    console.print(text, markup=False, emoji=False, highlight=False, soft_wrap=True)
 
 
 def _print(report: dict) -> None:
     from rich.table import Table
+    from rich.text import Text
 
     from tadq.experiments.bench.rows import HEADLINE_COLUMNS, TERMINAL_KEYS, format_value
 
     columns = [(key, title) for key, title in HEADLINE_COLUMNS if key in TERMINAL_KEYS]
     for key, part in report["samplers"].items():
-        table = Table(title=f"tadq bench: {part['title']}, {report['config']['num_samples']} samples")
+        table = Table(title=Text(f"tadq bench: {part['title']}, {report['config']['num_samples']} samples"))
         for _, title in columns:
             table.add_column(title, justify="right")
-        for row in (r for r in report["rows"] if r["sampler"] == key):
-            table.add_row(*(format_value(k, row.get(k)) for k, _ in columns))
-        console.print(table)
+        for row in (r for r in report["rows"] if r["sampler"] == key):  # Text: a status quotes error messages
+            table.add_row(*(Text(format_value(k, row.get(k))) for k, _ in columns))
+        console.print(table, emoji=False)
         for verdict in part["peer_verdicts"]:
-            console.print(verdict, markup=False)
+            _literal(verdict)
     console.print(f"bench wall time: {report['wall_s']:.0f} s")

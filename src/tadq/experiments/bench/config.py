@@ -12,6 +12,7 @@ import dataclasses
 import re
 import shlex
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig
@@ -55,14 +56,21 @@ def parse_sampler(text: str, steps: int = 50) -> SamplerConfig:
                          order=order, shift=shift, flow_sigmas="uniform" if match["uniform"] else None)
 
 
+def _number(value: float) -> str:
+    """``value`` as ``parse_sampler`` reads it back exactly: every digit of its shortest repr, never an exponent
+    (``:g`` rounds to six digits, and ``1e-05`` is not a sampler name), no trailing ``.0``."""
+    text = format(Decimal(repr(float(value))), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
+
+
 def sampler_name(sampler: SamplerConfig, with_steps: bool = False) -> str:
-    """The bench name of ``sampler`` (inverse of ``parse_sampler``)."""
+    """The bench name of ``sampler`` (inverse of ``parse_sampler``: the name parses back to an equal config)."""
     if sampler.kind == "ddim":
-        name = f"ddim-eta{sampler.eta:g}"
+        name = f"ddim-eta{_number(sampler.eta)}"
     elif sampler.kind == "dpmsolver++":
         name = "dpmsolver++" if sampler.order == 2 else f"dpmsolver++{sampler.order}"
     elif sampler.kind == "flow-euler":
-        name = "flow-euler" + ("" if sampler.shift is None else f"-shift{sampler.shift:g}") \
+        name = "flow-euler" + ("" if sampler.shift is None else f"-shift{_number(sampler.shift)}") \
             + ("" if sampler.flow_sigmas is None else f"-{sampler.flow_sigmas}")
     else:
         name = sampler.kind
@@ -122,6 +130,8 @@ class BenchConfig:
         distilled_guidance: the scale a Flux transformer embeds (``None``: the pipeline's default).
         labels, null_class: a class-conditional model's label mode and "no class" label (``tadq run``'s
             ``--labels``/``--null-class``; ``None``: the model's default).
+        force_foreign: whether the bench was told to write into folders tadq did not write (``--force-foreign``);
+            the regenerating command repeats it, or its rerun would be refused where the first run was allowed.
     """
 
     model: str | None = None
@@ -151,6 +161,7 @@ class BenchConfig:
     distilled_guidance: float | None = None
     labels: str | None = None
     null_class: int | None = None
+    force_foreign: bool = False
 
     def __post_init__(self) -> None:
         if not self.methods or not self.presets or not self.samplers:
@@ -193,7 +204,8 @@ class BenchConfig:
         """The ``tadq bench`` command line that reproduces this config (and so regenerates its report)."""
         steps = {s.num_steps for s in self.samplers}
         same_steps = len(steps) == 1
-        args = ["tadq", "bench"]
+        # --quick only sets defaults, all spelled out below, but the report says which matrix it is: keep saying it
+        args = ["tadq", "bench", *(["--quick"] if self.quick else [])]
         if self.model:
             args += ["--model", self.model]
         args += ["--methods", ",".join(self.methods), "--presets", ",".join(self.presets),
@@ -238,6 +250,8 @@ class BenchConfig:
             args += ["--labels", self.labels]
         if self.null_class is not None:
             args += ["--null-class", str(self.null_class)]
+        if self.force_foreign:
+            args.append("--force-foreign")
         return shlex.join(args)
 
 

@@ -4,6 +4,7 @@ fitted correction tables, costs, and the command that regenerates it)."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -95,16 +96,37 @@ def _cells(row: dict[str, Any]) -> list[str]:
     return [format_value(key, row.get(key)) for key, _ in HEADLINE_COLUMNS]
 
 
+# what Markdown (CommonMark + GitHub tables) would read as markup or raw HTML in text tadq did not write (a model
+# path, an error message in a status cell): each is backslash-escaped, which CommonMark allows for any of them
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_\[\]<>|~&])")
+
+
+def markdown_text(text: object) -> str:
+    """``text`` as literal Markdown on one line: a ``<script>`` or a ``|`` in a model path or a status cannot open
+    an HTML tag, a link or a table column, and a newline cannot end the line, a heading or a table row."""
+    one_line = " ".join(str(text).splitlines())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", one_line)
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run in ``text``, so the command cannot close its own block."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    return "`" * max(3, longest + 1)
+
+
 def _markdown(bench: BenchConfig, sections: list[dict[str, Any]], header: list[str]) -> str:
-    out = [f"# tadq bench: {bench.model or 'shipped digits DDPM'}", "", *header, "", "```bash", bench.command(),
-           "```", ""]
+    command = bench.command()
+    fence = _fence(command)
+    out = [f"# tadq bench: {markdown_text(bench.model or 'shipped digits DDPM')}", "",
+           *(markdown_text(line) for line in header), "", f"{fence}bash", command, fence, ""]
     out += [f"- {note}" for note in NOTES] + [""]
     for part in sections:
-        out += [f"## {part['title']} (`{part['sampler'].key}`)", "", *part["description"], ""]
+        out += [f"## {markdown_text(part['title'])} (`{part['sampler'].key}`)", "",
+                *(markdown_text(line) for line in part["description"]), ""]
         out.append("| " + " | ".join(title for _, title in HEADLINE_COLUMNS) + " |")
         out.append("|" + "|".join("---" for _ in HEADLINE_COLUMNS) + "|")
-        out += ["| " + " | ".join(_cells(row)) + " |" for row in part["rows"]]
-        out += [""] + [f"- {v}" for v in part["verdicts"]] + ([""] if part["verdicts"] else [])
+        out += ["| " + " | ".join(markdown_text(cell) for cell in _cells(row)) + " |" for row in part["rows"]]
+        out += [""] + [f"- {markdown_text(v)}" for v in part["verdicts"]] + ([""] if part["verdicts"] else [])
         root = Path(bench.out_dir)
         out += [f"![{caption}]({path.relative_to(root).as_posix()})" for path, caption in part["figures"]]
         out.append("")

@@ -29,11 +29,14 @@ TERMINAL_KEYS = ("label", "bits", "fd_digits", "agreement", "psnr", "ssim", "set
 
 
 def format_value(key: str, value: Any) -> str:
-    """One table cell: ``–`` for what was not measured, otherwise a fixed number of digits per column."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    """One table cell: ``–`` for what was not measured, ``NaN`` for a quality number of a row that diverged (as
+    ``tadq run``'s report shows it: measured, and not a number), otherwise a fixed number of digits per column."""
+    if value is None:
         return "–"
     if isinstance(value, str):
         return value
+    if math.isnan(value):
+        return "NaN"
     if key == "final_mse":
         return f"{value:.2e}"
     if key in ("agreement", "ssim", "artefact_ratio"):
