@@ -136,3 +136,11 @@ def test_the_printed_command_regenerates_the_report_and_hostile_text_stays_liter
     assert again.exit_code == 0, again.output
     assert _untimed(out) == before
     assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["ddim-2-eta0.123456789", "models"]
+
+
+@pytest.mark.parametrize("name", ["ddim-eta1.2.3", "ddim-eta.", "flow-euler-shift..", "flow-euler-shift1.5.2"])
+def test_a_malformed_sampler_number_is_named_as_an_unknown_sampler(name):
+    """``ddim-eta1.2.3`` matched the name pattern and then failed in float() with Python's own message ("could not
+    convert string to float"); a malformed number is now an unknown sampler, with the names that exist."""
+    with pytest.raises(ValueError, match=f"unknown sampler '{re.escape(name)}'"):
+        parse_sampler(name)

@@ -29,7 +29,8 @@ BEST_STACK = "tac+tcec"
 _TADQ_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec", BEST_STACK)
 _QUICK_METHODS = ("naive", "qdiffusion", "ptqd", "tac", "tcec")
 _SAMPLER = re.compile(r"^(?P<kind>ddim|ddpm|euler-ancestral|euler|dpmsolver\+\+|flow-euler)(?P<order>(?<=\+\+)[12])?"
-                      r"(?:-eta(?P<eta>[0-9.]+))?(?:-shift(?P<shift>[0-9.]+))?(?P<uniform>-uniform)?"
+                      r"(?:-eta(?P<eta>[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?"
+                      r"(?:-shift(?P<shift>[0-9]+(?:\.[0-9]*)?|\.[0-9]+))?(?P<uniform>-uniform)?"
                       r"(?:@(?P<steps>[0-9]+))?$")
 _SAMPLER_NAMES = ("ddim-eta<η> (ddim-eta0, ddim-eta1), ddpm, euler, euler-ancestral, dpmsolver++ (2M; dpmsolver++1 "
                   "for first order), flow-euler (flow-euler-shift<s> to set the shift, -uniform for FluxPipeline's "
