@@ -147,6 +147,19 @@ def check_weight_grid(name: str, scheme: QScheme) -> None:
                          f"{capability.weight_bound_reason(bound)}")
 
 
+def _refuse_shared_network(qmodel: QuantizedDenoiser) -> None:
+    """``inplace=True`` on a model whose network another live model runs too (``fit_corrections`` returns a view on
+    the base's network) would silently turn that model's layers into integer kernels as well."""
+    from tadq.corrections.attach import models_sharing
+
+    others = [model for model in models_sharing(qmodel.model) if model is not qmodel]
+    if others:
+        raise ValueError(f"inplace=True: this model shares its network with {len(others)} other live model(s) "
+                         "(fit_corrections / with_corrections share the base model's layers), which would run the "
+                         "integer kernels too while still claiming the fake backend; convert a copy (inplace=False) "
+                         "or drop the other models first")
+
+
 def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -> QuantizedDenoiser:
     """``qmodel`` executed by backend ``name``: ``fake`` returns it as is; integer backends convert its layers.
 
@@ -158,7 +171,8 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
 
     Raises:
         BackendUnavailableError: the backend cannot run on this machine.
-        ValueError: a layer the backend cannot run in integers (the message names it), or an unknown backend.
+        ValueError: a layer the backend cannot run in integers (the message names it), an unknown backend, or
+            ``inplace=True`` on a network another live model shares (``fit_corrections``' result and its base).
     """
     backend = check_backend(name)
     if not isinstance(qmodel, QuantizedDenoiser):
@@ -167,6 +181,8 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
         raise ValueError(f"the model already runs on backend {qmodel.backend!r}; convert its fake-quant original")
     if backend.factory is None:
         return qmodel
+    if inplace:
+        _refuse_shared_network(qmodel)
     if backend.check is not None:
         backend.check(qmodel)
     target = qmodel if inplace else copy.deepcopy(qmodel)

@@ -7,6 +7,7 @@ Imported explicitly (it depends on ``tadq.denoiser``, which imports ``tadq.corre
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 
 from torch import nn
@@ -19,9 +20,18 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.registry import adapter_for, correction_for
 from tadq.sampling import ConditionSource, Denoiser, SamplerConfig, SamplingPlan
 
-__all__ = ["as_denoiser", "fit_corrections", "with_corrections"]
+__all__ = ["as_denoiser", "fit_corrections", "models_sharing", "with_corrections"]
 
 logger = logging.getLogger(__name__)
+
+# network → the models that ``with_corrections`` made share it (weak both ways: tracking keeps nothing alive), so an
+# in-place conversion of one of them can refuse to change the others' layers under them (``to_backend``)
+_SHARING: weakref.WeakKeyDictionary[nn.Module, weakref.WeakSet] = weakref.WeakKeyDictionary()
+
+
+def models_sharing(network: nn.Module) -> list[QuantizedDenoiser]:
+    """The live models that ``with_corrections`` built on ``network`` (and their sources) that still run it."""
+    return [model for model in _SHARING.get(network, ()) if model.model is network]
 
 
 def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
@@ -34,10 +44,22 @@ def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
 
 
 def with_corrections(qmodel: QuantizedDenoiser, stack: CorrectionStack) -> QuantizedDenoiser:
-    """A new ``QuantizedDenoiser`` sharing ``qmodel``'s network (no weights copied) with ``stack`` as corrections."""
+    """A new model of ``qmodel``'s class sharing its network (no weights copied) with ``stack`` as corrections.
+
+    Everything but the corrections is ``qmodel``'s own: its calibrated guidance branch ranges (a fresh
+    ``BranchRanges`` would quantize the unconditional rows with Δ = 1, z = 0), its recipe, and on an integer backend
+    its class and backend attributes (an ``IntegerDenoiser`` rebuilt as a plain ``QuantizedDenoiser`` lost its
+    placement and ``save_pretrained`` refusals and, compiled, the frozen no-grad call its graph needs).
+    """
     view = QuantizedDenoiser(qmodel.model, qmodel.adapter, qmodel.config, qmodel.plans)
-    view.reconstruction_report = qmodel.reconstruction_report
+    view.__class__ = type(qmodel)
+    for name, value in vars(qmodel).items():  # plain attributes: recipe, reconstruction report, backend, layers, ...
+        if not name.startswith("_"):
+            object.__setattr__(view, name, value)
+    view.branch_ranges = qmodel.branch_ranges  # the calibrated buffers, shared like the network they belong to
     view.corrections = stack
+    sharing = _SHARING.setdefault(qmodel.model, weakref.WeakSet())
+    sharing.update((qmodel, view))
     return view
 
 

@@ -66,7 +66,16 @@ def bit_operations(model: nn.Module, bits_w: int | None = None, bits_a: int | No
 
     Returns:
         Σ MACs × b_w × b_a.
+
+    Raises:
+        ValueError: ``model`` runs on an integer backend: its layers are prepacked kernels, not ``nn.Conv2d`` /
+            ``nn.Linear``, so none would be counted (it returned 0); the count is the fake-quant model's.
     """
+    backend = getattr(model, "backend", None)  # an IntegerDenoiser (tadq.backends) names its backend
+    if isinstance(model, QuantizedDenoiser) and backend is not None:
+        raise ValueError(f"bit_operations counts nn.Conv2d/nn.Linear MACs, and a model on backend {backend!r} runs "
+                         "prepacked integer kernels instead: count the fake-quant model it was converted from (the "
+                         "same layers, bits and MACs)")
     if isinstance(model, QuantizedDenoiser):
         network, shape = model.model, sample_shape or model.sample_shape
         cond = dummy_conditioning(model.adapter, network)
