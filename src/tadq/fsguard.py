@@ -6,10 +6,16 @@ own folder. Now every folder tadq creates gets ``tadq_output.json`` (artefacts: 
 folder that is, holds or lies inside an input model, unless the caller passes ``force_foreign`` (the CLI's
 ``--force-foreign``). It also checks that the folder can be written, so a read-only target fails first, not after
 an hour of quantization.
+
+``check_path_shape`` (run by each check) refuses paths nothing can be written at, or that would surprise: a name
+past the file system's limit, a ``~`` the shell did not expand, a symlink that points nowhere; outputs may not
+lie inside another artefact either (its manifest would no longer match), and a symlink at a path tadq replaces
+whole (an artefact folder, any output file) is refused rather than replaced.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -18,8 +24,8 @@ from pathlib import Path
 
 from tadq.utils import PNG_MARK, atomic_write_text  # PNG_MARK re-exported: by it a PNG is known as tadq's own
 
-__all__ = ["MARKER_FILE", "PNG_MARK", "OutputRefused", "check_output_dir", "check_output_file", "check_writable_dir",
-           "is_tadq_file", "is_tadq_output", "mark_output", "output_kind"]
+__all__ = ["MARKER_FILE", "PNG_MARK", "OutputRefused", "check_output_dir", "check_output_file", "check_path_shape",
+           "check_writable_dir", "is_tadq_file", "is_tadq_output", "mark_output", "output_kind"]
 
 MARKER_FILE = "tadq_output.json"
 # JSON files by which folders written before the marker existed are still recognised as tadq's
@@ -116,9 +122,60 @@ def mark_output(folder: str | Path, kind: str) -> None:
 
 
 def _nearest_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
+    """The path itself or its nearest parent that is there (a symlink counts, dangling or not: its own check)."""
+    while not os.path.lexists(path) and path != path.parent:
         path = path.parent
     return path
+
+
+def _name_limit(path: Path) -> int:
+    """The longest name, in bytes, the file system holding ``path`` takes (255 where it will not say)."""
+    try:
+        return os.pathconf(path.absolute().anchor or os.sep, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_path_shape(path: str | Path, what: str) -> None:
+    """Refuse, before any work, a path no file can be written at, or one the user almost surely did not mean:
+    a name longer than the file system takes (it used to surface as a traceback from ``stat``), a ``~`` the
+    shell did not expand (a quoted ``"~/runs"`` became a folder literally named ``~`` in the working folder),
+    and a symlink, on the way or at the path itself, that points nowhere (the write failed after the work, or
+    replaced the user's link by a file)."""
+    path = Path(path)
+    limit = _name_limit(path)
+    for part in path.parts:
+        size = len(os.fsencode(part))
+        if size > limit:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            raise OutputRefused(f"{what} {shown!r}: that name is {size} bytes; the file system takes at most {limit} "
+                                "bytes per name. Choose a shorter name")
+    if len(os.fsencode(str(path.absolute()))) >= 4096:
+        raise OutputRefused(f"{what}: the path is {len(os.fsencode(str(path.absolute())))} bytes long; the "
+                            "system takes paths shorter than 4096 bytes. Choose a shorter path")
+    first = path.parts[0] if path.parts else ""
+    if first.startswith("~") and not os.path.lexists(first):
+        try:
+            meant = f"{Path(first).expanduser().joinpath(*path.parts[1:])} or another absolute path"
+        except RuntimeError:  # no home folder known (or no such user)
+            meant = "an absolute path"
+        raise OutputRefused(f"{what} {path}: '{first}' was not expanded to a home folder (the shell leaves a quoted "
+                            f"~ alone, and tadq does not guess); write {meant} (to mean a folder literally named "
+                            f"{first}, create it first)")
+    try:
+        at = _nearest_existing(path.absolute())
+    except OSError as error:  # a symlink loop on the way, a name the file system refuses
+        raise OutputRefused(f"{what} {path}: {error.strerror}") from error
+    if at.is_symlink() and not at.exists():
+        at_path = "" if at == path.absolute() else f": {at} on the way"
+        reason = "which does not exist"
+        try:
+            os.stat(at)
+        except OSError as error:  # ELOOP: links that point at each other
+            if error.errno != errno.ENOENT:
+                reason = f"which cannot be followed ({error.strerror})"
+        raise OutputRefused(f"{what} {path}{at_path} is a symlink to {os.readlink(at)}, {reason}; create its target "
+                            "or choose another path (the link is left alone)")
 
 
 def check_writable_dir(folder: str | Path, what: str, *, inputs: Sequence[str | Path] = (),
@@ -127,9 +184,12 @@ def check_writable_dir(folder: str | Path, what: str, *, inputs: Sequence[str | 
     with ``inputs`` (model folders the command reads), also when it is, holds or lies inside one (a cache would
     write into the model), unless ``force_foreign``."""
     folder = Path(folder)
+    check_path_shape(folder, what)
     if inputs and not force_foreign and (relation := _overlap(folder, inputs)):
         raise OutputRefused(f"{what} {folder} {relation}; tadq would write into the model folder it reads. Choose "
                             f"another folder, or {FORCE_HINT}")
+    if inputs and not force_foreign:  # a cache folder (callers that name no inputs check the folder themselves)
+        _refuse_inside_artefact(folder, what, itself=True)
     existing = _nearest_existing(folder.absolute())
     if not existing.is_dir():
         raise OutputRefused(f"{what} {folder}: {existing} is a file, not a folder; choose another path")
@@ -140,6 +200,24 @@ def check_writable_dir(folder: str | Path, what: str, *, inputs: Sequence[str | 
                             "can write to") from error
     os.close(fd)
     os.unlink(probe)
+
+
+def _enclosing_artefact(path: Path, *, itself: bool) -> Path | None:
+    """The tadq artefact ``path`` lies inside (or is, with ``itself``), if any: a file added there makes its
+    manifest incomplete, so ``tadq verify`` fails it and ``--overwrite`` refuses to replace it."""
+    start = path.resolve()  # resolved: "art/../x" is not inside art, and a link may lead into one
+    for folder in ([start] if itself else []) + list(start.parents):
+        if (folder / "tadq_manifest.json").is_file() and output_kind(folder) == "artefact":
+            return folder
+    return None
+
+
+def _refuse_inside_artefact(path: Path, what: str, *, itself: bool) -> None:
+    if (artefact := _enclosing_artefact(path, itself=itself)) is not None:
+        where = "is" if artefact == path.resolve() else "lies inside"
+        raise OutputRefused(f"{what} {path} {where} the tadq artefact {artefact}; a file written there would make "
+                            f"`tadq verify` fail it (its manifest does not list it). Choose another path, or "
+                            f"{FORCE_HINT}")
 
 
 def _overlap(out: Path, inputs: Sequence[str | Path]) -> str | None:
@@ -171,12 +249,19 @@ def check_output_dir(out: str | Path, *, kind: str, what: str = "--out", overwri
         inputs: folders the command reads (model folders); ``out`` may not be, hold or lie inside one.
     """
     out = Path(out)
+    check_path_shape(out, what)
     if not force_foreign and (relation := _overlap(out, inputs)):
         raise OutputRefused(f"{what} {out} {relation}; writing there could destroy what it reads. Choose another "
                             f"folder, or {FORCE_HINT}")
+    if not force_foreign:
+        _refuse_inside_artefact(out, what, itself=False)
     if out.exists() and not out.is_dir():
         raise OutputRefused(f"{what} {out} is a file, not a folder; tadq writes a folder there: choose a folder path "
                             "(the file is left alone)")
+    if out.is_symlink() and (overwrite or kind == "artefact"):
+        # an artefact is renamed into place whole: it took the link's place, and the target kept its old files
+        raise OutputRefused(f"{what} {out} is a symlink to {os.readlink(out)}; replacing a folder whole would replace "
+                            f"the link, not its target. Give the target itself ({out.resolve()})")
     existing = output_kind(out) if out.is_dir() else None
     if existing is not None and existing != kind:
         raise OutputRefused(f"{what} {out} is a tadq '{existing}' folder, not a '{kind}' one; writing there would "
@@ -226,14 +311,20 @@ def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = 
     """Refuse a file path that names a folder, has the wrong suffix, lies inside an input, cannot be written, or
     holds a file tadq did not write (``is_tadq_file``; ``force_foreign`` replaces it anyway)."""
     path = Path(path)
+    check_path_shape(path, what)
     if suffixes and path.suffix.lower() not in suffixes:
         raise OutputRefused(f"{what} {path} must end in {' or '.join(suffixes)} (e.g. {path.with_suffix(suffixes[0])}"
                             f" or {path / ('samples' + suffixes[0])})")
     if path.is_dir():
         example = path / ("samples" + (suffixes[0] if suffixes else ""))
         raise OutputRefused(f"{what} {path} is a folder; name a file, e.g. {example}")
+    if path.is_symlink():  # files are written whole to a temp file and renamed: the link, not its target, is replaced
+        raise OutputRefused(f"{what} {path} is a symlink to {os.readlink(path)}; tadq would replace the link, not its "
+                            f"target. Give the target itself ({path.resolve()}) or another path")
     if not force_foreign and (relation := _overlap(path, inputs)):
         raise OutputRefused(f"{what} {path} {relation}; choose another path, or {FORCE_HINT}")
+    if not force_foreign:
+        _refuse_inside_artefact(path, what, itself=False)
     if path.exists() and not force_foreign and not is_tadq_file(path):
         raise OutputRefused(f"{what} {path} exists and tadq did not write it; choose another path, or {FORCE_HINT}")
     if path.exists() and not os.access(path, os.W_OK):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,9 +19,9 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from tadq.experiments.workload import ClassLabelSetting
 
-__all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "GuidanceScale",
-           "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass", "class_conditions_for",
-           "default_or_count"]
+__all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
+           "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
+           "class_conditions_for", "default_or_count"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -45,6 +47,10 @@ NullClass = Annotated[int | None, typer.Option(help="The class-conditional model
 # bad input, bad paths, damaged files: one line and exit code 2 (a traceback only with --verbose)
 USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, FileExistsError, IsADirectoryError,
                NotADirectoryError, PermissionError)
+# the OSErrors that are about the path the user gave or the disk under it, not a bug: also one line, exit code 2
+# (a name too long for the file system used to end `tadq sample`/`verify` in a traceback from stat)
+PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
+                         errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOENT})
 _state: dict[str, Any] = {"verbose": False, "threads": None}
 
 console = Console()
@@ -92,14 +98,28 @@ def fail_cleanly() -> Iterator[None]:
     """Print a one-line error for bad input (``USER_ERRORS``) and exit with code 2; the traceback with --verbose."""
     try:
         yield
-    except USER_ERRORS as error:
+    except (*USER_ERRORS, OSError) as error:
+        if not isinstance(error, USER_ERRORS) and error.errno not in PATH_ERRNOS:
+            raise  # an OSError tadq does not know as the user's: a bug, with its traceback
         if _state["verbose"]:
             console.print_exception()
         message = " ".join(str(error).split()) or type(error).__name__
-        if isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
-            message = f"{Path(error.filename)}: {message}"
+        if isinstance(error, OSError) and error.filename is not None and error.strerror:  # "[Errno 36] ...: '...'"
+            message = f"{_shorten(str(error.filename))}: {error.strerror}"
+            if error.filename2 is not None:  # a rename: both ends
+                message = f"{_shorten(str(error.filename))} -> {_shorten(str(error.filename2))}: {error.strerror}"
+        elif isinstance(error, OSError) and error.filename is not None and str(error.filename) not in message:
+            message = f"{_shorten(str(error.filename))}: {message}"
+        if isinstance(error, FileNotFoundError | NotADirectoryError) and any(
+                word.startswith("~") for word in message.split()):  # outputs: fsguard.check_path_shape says it
+            message += " (a quoted ~ is not expanded to a home folder; write the full path)"
         console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from error
+
+
+def _shorten(name: str) -> str:
+    """A path for a one-line message: whole, unless it is too long to read (a name past the file system's limit)."""
+    return name if len(name) <= 160 else f"{name[:80]}...{name[-60:]}"
 
 
 def default_or_count(flag: str, value: int) -> int | None:
@@ -110,13 +130,27 @@ def default_or_count(flag: str, value: int) -> int | None:
     return None if value == -1 else value
 
 
+def require_file(path: Path, flag: str, expected: str = "") -> None:
+    """Raise unless ``path`` is a regular file, saying what it is instead: a folder, a device such as /dev/null,
+    or nothing (every one of these used to read "does not exist")."""
+    if path.is_file():
+        return
+    hint = f" ({expected})" if expected else ""
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder; name a file{hint}")
+    if path.is_symlink() and not path.exists():
+        raise FileNotFoundError(f"{flag} {path} is a symlink to {os.readlink(path)}, which does not exist{hint}")
+    if path.exists():
+        raise ValueError(f"{flag} {path} is not a regular file (a device, pipe or socket); name a file{hint}")
+    raise FileNotFoundError(f"{flag} {path} does not exist{hint}")
+
+
 def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
     """Non-empty lines of a prompt file (UTF-8), in order; ``()`` without a file; a clear error for a missing or
     empty file."""
     if path is None:
         return ()
-    if not path.is_file():
-        raise ValueError(f"{flag} {path}: no such file (one prompt per line)")
+    require_file(path, flag, "one prompt per line")
     # utf-8-sig: a byte-order mark (Windows editors write one) would otherwise become part of the first prompt
     prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
     if not prompts:

@@ -20,6 +20,7 @@ from tadq.cli.common import (
     class_conditions_for,
     console,
     fail_cleanly,
+    require_file,
     setup,
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
@@ -97,8 +98,7 @@ def _kept_roles(flags: QuantFlags, from_file: bool) -> tuple[str, ...] | None:
 def _read_config(path: Path) -> QuantConfig:
     from tadq.safefiles import read_json_file
 
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {path} does not exist")
+    require_file(path, "--config", "a QuantConfig JSON file")
     payload = read_json_file(path, "--config")
     if not (isinstance(payload, dict) and isinstance(payload.get("type"), str)
             and isinstance(payload.get("data"), dict)):
@@ -254,8 +254,7 @@ def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: P
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
     prompts = list(given or [])
     if file is not None:
-        if not file.is_file():
-            raise FileNotFoundError(f"--calib-prompts {file} does not exist")
+        require_file(file, "--calib-prompts", "one prompt per line")
         prompts += [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
         if not prompts:
             raise ValueError(f"--calib-prompts {file} holds no prompts")

@@ -92,8 +92,17 @@ def sample_sharded_command(
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         if metrics and num_samples < 2:
             raise ValueError(f"--num-samples {num_samples}: FD-digits needs at least 2 samples; pass --no-metrics")
-        check_output_dir(out_dir, kind="sample-sharded", resume=True, force_foreign=force_foreign,
+        check_output_dir(out_dir, kind="sample-sharded", what="--out-dir", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir if model_dir is not None else shipped_model_path()])
+        if reference_dir is not None:  # its own words for a wrong path, not "has no manifest.json"
+            if not reference_dir.exists():
+                raise FileNotFoundError(f"--reference-dir {reference_dir} does not exist")
+            if not reference_dir.is_dir():
+                raise NotADirectoryError(f"--reference-dir {reference_dir} is a file; give a sample-sharded run "
+                                         "folder")
+            if reference_dir.resolve() == out_dir.resolve():  # compared with itself: PSNR 100, agreement 1
+                raise ValueError(f"--reference-dir {reference_dir} is the --out-dir itself; the run would be compared "
+                                 "with its own samples. Give the FP model's run folder")
         reference = ShardedRun.open(reference_dir) if reference_dir is not None else None
         denoiser, scheduler, label = load_denoiser(model_dir)
         shape = getattr(denoiser, "sample_shape", None) or adapter_for(denoiser).sample_shape(denoiser)

@@ -80,7 +80,8 @@ def verify_command(
     setup(verbose, 0, "cpu")
     with fail_cleanly():
         if not artefact.is_dir():
-            raise FileNotFoundError(f"{artefact} is not a folder{_interrupted_overwrite(artefact)}")
+            what = "is not a folder" if artefact.exists() else "does not exist"  # a typo read "is not a folder"
+            raise FileNotFoundError(f"{artefact} {what}{_interrupted_overwrite(artefact)}")
         if not is_quantized_artefact(artefact):
             raise ValueError(f"{artefact} is not a tadq artefact (no tadq_config.json)")
     try:
