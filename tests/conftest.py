@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
@@ -69,3 +71,14 @@ def build_tiny_sdxl_unet(seed: int = 0, **overrides) -> UNet2DConditionModel:
         projection_class_embeddings_input_dim=SDXL_POOLED_DIM + 6 * SDXL_TIME_EMBED_DIM,
     )
     return UNet2DConditionModel(**(config | overrides)).eval()
+
+
+@contextlib.contextmanager
+def counting_forwards(module: torch.nn.Module):
+    """Counts ``module``'s forwards inside the block (a refusal that must come before any network call)."""
+    calls = [0]
+    handle = module.register_forward_pre_hook(lambda _m, _a: calls.__setitem__(0, calls[0] + 1))
+    try:
+        yield calls
+    finally:
+        handle.remove()

@@ -10,14 +10,13 @@ branch ranges must keep that model's calibrated unconditional ranges.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
 import torch
 from diffusers import DDPMScheduler
 from tests.backends.machine import int8_reason, needs_compiled, needs_int8_w8
-from tests.conftest import build_tiny_unet
+from tests.conftest import build_tiny_unet, counting_forwards
 from typer.testing import CliRunner
 
 import tadq
@@ -61,17 +60,6 @@ def _same_tables(a: dict, b: dict) -> bool:
                                         for k in a)
 
 
-@contextlib.contextmanager
-def _counting(module: torch.nn.Module):
-    """Counts the network's forwards inside the block."""
-    calls = [0]
-    handle = module.register_forward_pre_hook(lambda _m, _a: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
-
-
 @pytest.fixture(scope="module")
 def setup():
     """(FP UNet, scheduler, W4A8 naive fake-quant model): W4A8 runs on every int8 CPU, with or without VNNI."""
@@ -112,7 +100,7 @@ def _check_loaded(setup, corrected, path, backend: str) -> None:
     assert not torch.equal(with_stack, _images(to_backend(base, "int8"), scheduler))
     assert _agree(with_stack, _images(corrected, scheduler))
     for other in (SamplerConfig("ddim", 5, eta=1.0), SamplerConfig("ddim", 4, eta=0.0)):
-        with _counting(loaded.model) as calls, pytest.raises(ValueError, match="fitted for|refit"):
+        with counting_forwards(loaded.model) as calls, pytest.raises(ValueError, match="fitted for|refit"):
             _images(loaded, loaded_scheduler, other)
         assert calls[0] == 0, f"{other.key}: {calls[0]} network calls before the refusal"
 
@@ -191,7 +179,7 @@ def test_a_guided_stack_keeps_the_branch_ranges_and_agrees_on_int8(tmp_path):
     fake_images = _images(corrected, scheduler, GUIDED, **kwargs)
     assert not torch.equal(fake_images, _images(base, scheduler, GUIDED, **kwargs))
     assert _agree(_images(loaded, loaded_scheduler, GUIDED, **kwargs), fake_images)
-    with _counting(loaded.model) as calls, pytest.raises(ValueError, match="guidance scale"):
+    with counting_forwards(loaded.model) as calls, pytest.raises(ValueError, match="guidance scale"):
         _images(loaded, loaded_scheduler, GUIDED, conditions=LABELS, guidance_scale=3.0)
     assert calls[0] == 0
 

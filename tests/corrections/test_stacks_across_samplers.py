@@ -11,13 +11,12 @@ when built, naming the field.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteScheduler
-from tests.conftest import build_tiny_sd_unet, build_tiny_unet
+from tests.conftest import build_tiny_sd_unet, build_tiny_unet, counting_forwards
 
 import tadq
 from tadq import api
@@ -53,17 +52,6 @@ def _calibration(sampler: SamplerConfig) -> CalibrationConfig:
 
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).square().mean())
-
-
-@contextlib.contextmanager
-def _counting(module: torch.nn.Module):
-    """Counts the network's forwards inside the block."""
-    calls = [0]
-    handle = module.register_forward_pre_hook(lambda _m, _a: calls.__setitem__(0, calls[0] + 1))
-    try:
-        yield calls
-    finally:
-        handle.remove()
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +123,7 @@ def test_saved_stack_samples_bit_identically_and_refuses_other_grids_before_any_
         again = api.sample(loaded, loaded_scheduler, sampler, num_samples=N, seed=SEED, progress=False).images
         assert torch.equal(again, images), loader.__name__
     for what, (other, other_scheduler) in _others(sampler).items():
-        with _counting(loaded.model) as calls, pytest.raises(ValueError, match="TACCorrection was fitted"):
+        with counting_forwards(loaded.model) as calls, pytest.raises(ValueError, match="TACCorrection was fitted"):
             api.sample(loaded, other_scheduler or loaded_scheduler, other, num_samples=2, seed=SEED, progress=False)
         assert calls[0] == 0, f"{what}: {calls[0]} network forwards before the refusal"
 
@@ -152,7 +140,7 @@ def test_a_schedule_that_differs_after_the_first_step_is_refused_before_any_forw
     long run)."""
     qmodel, scheduler, _, _ = _base(fp_model, sampler)
     corrected = fit_corrections(qmodel, fp_model, scheduler, sampler, _stacks()["tac"], batch_size=8, progress=False)
-    with _counting(corrected.model) as calls, pytest.raises(ValueError, match="another training schedule"):
+    with counting_forwards(corrected.model) as calls, pytest.raises(ValueError, match="another training schedule"):
         api.sample(corrected, other_scheduler, sampler, num_samples=2, seed=SEED, progress=False)
     assert calls[0] == 0, f"{calls[0]} network forwards before the refusal"
 
@@ -212,7 +200,7 @@ def test_guided_stack_fits_acts_round_trips_and_refuses_other_scales(which, samp
     loaded, loaded_scheduler = tadq.load(tmp_path / "artefact")
     assert torch.equal(api.sample(loaded, loaded_scheduler, sampler, **kwargs).images, images)
     for scale in (1.0, 3.0, 0.0):
-        with _counting(loaded.model) as calls, pytest.raises(ValueError, match="guidance scale"):
+        with counting_forwards(loaded.model) as calls, pytest.raises(ValueError, match="guidance scale"):
             api.sample(loaded, loaded_scheduler, sampler, **(kwargs | {"guidance_scale": scale, "num_samples": 2}))
         assert calls[0] == 0
 
@@ -227,7 +215,7 @@ def test_next_state_tcec_in_a_stack_on_dpmsolver_2m_is_refused_before_any_forwar
     sequential fit had run (its FP and quantized walks)."""
     sampler = SamplerConfig("dpmsolver++", STEPS)
     qmodel, scheduler, _, _ = _base(fp_model, sampler)
-    with _counting(qmodel.model) as quantized, _counting(fp_model) as fp, \
+    with counting_forwards(qmodel.model) as quantized, counting_forwards(fp_model) as fp, \
             pytest.raises(NotImplementedError, match="next_state"):
         fit_corrections(qmodel, fp_model, scheduler, sampler, _next_state_stack(), batch_size=8, progress=False)
     assert (quantized[0], fp[0]) == (0, 0), f"{quantized[0]} quantized / {fp[0]} FP forwards before the refusal"
@@ -239,7 +227,7 @@ def test_a_recipe_with_next_state_tcec_on_dpmsolver_2m_is_refused_before_calibra
     sampler = SamplerConfig("dpmsolver++", STEPS)
     recipe = tadq.Recipe.from_preset("W4A4", calibration=_calibration(sampler), corrections=tuple(_next_state_stack()),
                                      deployments=(tadq.Deployment(sampler),))
-    with _counting(fp_model) as fp, pytest.raises(NotImplementedError, match="next_state"):
+    with counting_forwards(fp_model) as fp, pytest.raises(NotImplementedError, match="next_state"):
         api.quantize(fp_model, _scheduler(sampler), recipe, progress=False, fit_batch_size=8)
     assert fp[0] == 0, f"{fp[0]} FP forwards before the refusal"
 
