@@ -23,6 +23,7 @@ from tadq.metrics.image import SSIM_MIN_SIDE, SSIM_WINDOW
 from tadq.registry import adapter_for
 from tadq.safefiles import require_finite
 from tadq.sampling import ConditionSource, SamplerConfig, SamplingResult
+from tadq.utils import public_config
 
 __all__ = [
     "QualityMetrics", "quality_metrics", "FDReference", "fd_reference", "Evaluation", "evaluate_against_reference",
@@ -136,10 +137,12 @@ class Evaluation:
 
 
 def _public_config(model: nn.Module) -> dict | None:
-    config = getattr(getattr(model, "model", model), "config", None)  # a QuantizedDenoiser wraps its model
-    if config is None:
+    """``public_config`` of the denoiser (a ``QuantizedDenoiser`` wraps its model) as JSON reads it back, or ``None``
+    for a model without a config (nothing to compare)."""
+    model = getattr(model, "model", model)
+    if getattr(model, "config", None) is None:
         return None
-    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
+    return json.loads(json.dumps(public_config(model), default=str))
 
 
 def check_same_architecture(candidate: nn.Module, reference: nn.Module) -> None:

@@ -6,13 +6,14 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 __all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "library_versions",
-           "save_figure"]
+           "public_config", "save_figure"]
 
 # the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
 PNG_MARK = {"tadq": "tadq-output"}
@@ -70,3 +71,14 @@ def library_versions() -> dict[str, str]:
         "tadq": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
         "python": platform.python_version(),
     }
+
+
+def public_config(module: Any) -> dict[str, Any]:
+    """A diffusers/transformers module's config without its ``_``-keys (where it was loaded from, the library
+    version): the settings its forward reads besides the weights (``sample_size``, ``norm_eps``,
+    ``center_input_sample``, a VAE's ``scaling_factor``...), which no attribute may hold. Empty for a plain module."""
+    config = getattr(module, "config", None)
+    if config is None:
+        return {}
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config) if isinstance(config, Mapping) else {}
+    return {str(key): value for key, value in items.items() if not str(key).startswith("_")}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from tadq.config import CalibrationConfig, config_to_dict
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning, ConditionSource, SamplingPlan, sample, scheduler_config_key
+from tadq.utils import public_config
 
 __all__ = ["CalibrationSet", "collect_calibration_set", "calibration_key", "model_fingerprint", "kept_steps"]
 
@@ -90,17 +90,6 @@ class CalibrationSet:
 CACHE_FORMAT = 2
 
 
-def _public_config(model: nn.Module) -> dict:
-    """A diffusers/transformers model's config without its ``_``-keys (where it was loaded from, the library
-    version): the settings its forward reads besides the weights (``sample_size``, ``norm_eps``,
-    ``flip_sin_to_cos``, a VAE's ``scaling_factor``...). Empty for a plain module."""
-    config = getattr(model, "config", None)
-    if config is None:
-        return {}
-    items = config.to_dict() if hasattr(config, "to_dict") else dict(config) if isinstance(config, Mapping) else {}
-    return {key: value for key, value in items.items() if not str(key).startswith("_")}
-
-
 def model_fingerprint(model: nn.Module) -> str:
     """SHA-256 over the model's class, its public config and its tensors (names, dtypes, shapes, bytes).
 
@@ -110,7 +99,7 @@ def model_fingerprint(model: nn.Module) -> str:
     """
     digest = hashlib.sha256()
     digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
-    digest.update(json.dumps(_public_config(model), sort_keys=True, default=str).encode())
+    digest.update(json.dumps(public_config(model), sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from tadq.sampling import DEFAULTED_KEYS, SamplerConfig, scheduler_config_key
+from tadq.utils import public_config
 
 __all__ = ["KEY_VERSION", "key_differences", "model_fingerprint", "run_key", "scheduler_fingerprint"]
 
@@ -51,16 +52,6 @@ def _plain_attributes(module: nn.Module) -> dict[str, Any]:
     return found
 
 
-def _public_config(module: nn.Module) -> dict[str, Any]:
-    """A diffusers/transformers module's config without its ``_``-keys (load path, library version): settings such
-    as ``center_input_sample`` live there alone, read by ``forward`` and held by no attribute."""
-    config = getattr(module, "config", None)
-    if config is None:
-        return {}
-    items = config.to_dict() if hasattr(config, "to_dict") else dict(config) if isinstance(config, Mapping) else {}
-    return {str(key): value for key, value in items.items() if not str(key).startswith("_")}
-
-
 def model_fingerprint(module: nn.Module) -> str:
     """SHA-256 over a denoiser's tensors (names, dtypes, shapes, bytes), module classes and plain settings.
 
@@ -79,7 +70,7 @@ def model_fingerprint(module: nn.Module) -> str:
     for name, submodule in module.named_modules():
         description = {"class": f"{type(submodule).__module__}.{type(submodule).__qualname__}",
                        "attributes": _plain_attributes(submodule)}
-        config = _public_config(submodule)
+        config = public_config(submodule)
         if config:  # absent for plain modules (their descriptions are as before)
             description["config"] = config
         digest.update(name.encode())
