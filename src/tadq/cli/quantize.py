@@ -370,15 +370,14 @@ def quantize_command(
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
         settings = parse_settings(set_fields)
-        recipe = resolve_recipe(recipe_file, config_file, flags, settings)
         source = model_dir if model_dir is not None else shipped_model_path()
         if sampler is None and recipe_file is None and config_file is None and not any(
                 "sampler" in path for path in settings):  # the preset's DDIM cannot drive a flow-matching model
             kind = command_sampler_kind(load_scheduler(source))
-            if kind != recipe.sampler.kind:
+            if kind != "ddim":  # the presets' sampler, which command_sampler_kind keeps for a discrete schedule
                 console.print(f"sampler {kind}: {source} is a flow-matching model (--sampler to choose another)")
                 flags = dataclasses.replace(flags, sampler=kind)
-                recipe = resolve_recipe(recipe_file, config_file, flags, settings)
+        recipe = resolve_recipe(recipe_file, config_file, flags, settings)
         given_scale = settings.get("deployments.0.guidance_scale")  # the flag would silently win over it
         if guidance_scale is not None and given_scale is not None and given_scale != guidance_scale:
             raise ValueError(f"--guidance-scale {guidance_scale:g} and --set deployments.0.guidance_scale="
