@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +27,7 @@ from tadq.cli.common import (
 )
 from tadq.cli.sample import Threads, Verbose
 from tadq.config import DEFAULT_FP_LAYERS
+from tadq.safefiles import finite_float
 
 __all__ = ["recipe_command", "resolve_budget_flags"]
 
@@ -50,7 +50,7 @@ def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | 
         value = str(value).strip().upper()
         if value not in PRESETS:
             raise ValueError(f"--budget-bits {value!r} is not a preset; choose one of {sorted(PRESETS)}")
-    elif isinstance(value, (int, float)) and not (math.isfinite(value) and value > 0):
+    elif isinstance(value, (int, float)) and not (finite_float(value) and value > 0):
         # nan and inf passed `value <= 0` and were refused only after the model was loaded
         raise ValueError(f"--budget-{kind} must be a finite number > 0, got {value}")
     return kind, value
