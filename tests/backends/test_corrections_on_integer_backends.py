@@ -141,12 +141,14 @@ def test_a_stack_fitted_on_an_integer_model_stays_an_integer_model(setup, tmp_pa
     with pytest.raises(TypeError, match="save the 'fake' model"):
         corrected.save_pretrained(tmp_path / "never", scheduler)
     assert not (tmp_path / "never").exists()
-    # fitted against integer arithmetic, the tables are the fake fit's up to the backends' float rounding
+    # fitted against integer arithmetic, the stack is the fake fit's up to accumulation order, judged as every
+    # agreement here is: by the median sample. (Its tables are not compared element-wise: a few activation codes at a
+    # rounding boundary flip between the backends on this random UNet, and on an AVX2 CPU, whose float kernels
+    # reduce in another order, a TAC table entry moved by 0.0096 where rtol 1e-2 / atol 1e-3 had held on AVX-512.)
     on_fake = fit_corrections(base, fp, scheduler, SAMPLER, [TACConfig(num_samples=N, seed=1)], batch_size=N,
                               progress=False)
-    for key, value in _tables(on_fake).items():
-        if isinstance(value, torch.Tensor):
-            torch.testing.assert_close(_tables(corrected)[key], value, rtol=1e-2, atol=1e-3)
+    assert _tables(on_fake).keys() == _tables(corrected).keys()
+    assert _agree(_images(corrected, scheduler), _images(on_fake, scheduler))
 
 
 GUIDANCE = 2.0

@@ -46,7 +46,7 @@ def test_reconstructed_weights_are_on_the_grid(setup):
     assert torch.equal(layer.quantized_weight(), layer.weight)
 
 
-@pytest.mark.parametrize("rounding", ["adaround", "gptq"])
+@pytest.mark.parametrize("rounding", ["adaround", pytest.param("gptq", marks=pytest.mark.slow)])  # one resume path
 def test_interrupted_reconstruction_resumes_to_the_same_model(setup, tmp_path, monkeypatch, rounding):
     import tadq.calibration.reconstruction as recon
 
@@ -120,7 +120,7 @@ def test_checkpoint_is_safetensors_not_pickle(setup, tmp_path):
         assert "tadq" in handle.metadata()
 
 
-@pytest.mark.parametrize("rounding", ["adaround", "gptq"])
+@pytest.mark.parametrize("rounding", [pytest.param("adaround", marks=pytest.mark.slow), "gptq"])  # one capture path
 def test_fp_targets_captured_several_units_at_a_time_change_nothing(setup, rounding):
     """A capture budget of one byte (one unit per pass) and of a gigabyte (every unit in one pass) give the same
     model bit for bit: grouping only saves the FP prefix passes."""

@@ -277,7 +277,8 @@ def test_interrupt_while_replacing_an_artefact_never_leaves_out_without_one(arte
     assert _cli("verify", target).exit_code == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM],
+                         ids=["SIGINT", "SIGTERM"])  # the same cleanup path: one in the default suite
 def test_run_killed_by_a_real_signal_resumes_to_the_uninterrupted_numbers(sig, model_dir, tmp_path):
     args = ["run", "--model", str(model_dir), "--presets", "W8A8,W4A8", "--methods", "naive", "--num-samples", "32",
             "--steps", "20", "--calib-trajectories", "4", "--batch-size", "32", "--threads", "1",

@@ -34,6 +34,17 @@ WORSE_AT_MOST = 3.0  # "not dramatically worse": final-x0 MSE vs FP at most this
 SAMPLERS = [SamplerConfig("ddim", STEPS, eta=0.0), SamplerConfig("ddim", STEPS, eta=1.0), SamplerConfig("ddpm", STEPS),
             SamplerConfig("euler", STEPS), SamplerConfig("euler-ancestral", STEPS),
             SamplerConfig("dpmsolver++", STEPS), SamplerConfig("flow-euler", STEPS)]
+# the default suite runs a deterministic, a stochastic, a multistep and a flow sampler of each test; the rest run with
+# `make test-slow` (the default suite stays well under CI's 15 minutes on a 2-core AVX2 CPU)
+EVERY_DEFAULT = {"ddim-4-eta0.0", "ddpm-4", "dpmsolver++2-4", "flow-euler-4"}
+SAVED_DEFAULT = {"ddim-4-eta0.0", "dpmsolver++2-4", "flow-euler-4"}
+GUIDED_DEFAULT = {"labels-ddpm-4", "labels-flow-euler-4", "text-dpmsolver++2-4"}
+
+
+def _split(cases: list, key, default: set[str]) -> list:
+    """``cases`` as pytest params, those whose ``key`` is not in ``default`` marked slow."""
+    return [case if key(case) in default else pytest.param(*(case if isinstance(case, tuple) else (case,)),
+                                                            marks=pytest.mark.slow) for case in cases]
 
 
 def _stacks(seed: int = SEED) -> dict[str, list]:
@@ -75,7 +86,7 @@ def _base(fp_model, sampler: SamplerConfig):
 
 
 # -- every stack on every sampler -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.key)
+@pytest.mark.parametrize("sampler", _split(SAMPLERS, lambda s: s.key, EVERY_DEFAULT), ids=lambda s: s.key)
 def test_every_stack_fits_finite_tables_acts_and_keeps_the_error_in_bounds(fp_model, sampler):
     qmodel, scheduler, fp, base = _base(fp_model, sampler)
     base_mse = _mse(base, fp)
@@ -110,7 +121,7 @@ def _others(sampler: SamplerConfig) -> dict[str, tuple[SamplerConfig, object | N
     return others
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS, ids=lambda s: s.key)
+@pytest.mark.parametrize("sampler", _split(SAMPLERS, lambda s: s.key, SAVED_DEFAULT), ids=lambda s: s.key)
 def test_saved_stack_samples_bit_identically_and_refuses_other_grids_before_any_forward(fp_model, sampler, tmp_path):
     qmodel, scheduler, _, _ = _base(fp_model, sampler)
     corrected = fit_corrections(qmodel, fp_model, scheduler, sampler, _stacks()["tac+tcec+ptqd"], batch_size=8,
@@ -173,7 +184,8 @@ GUIDED = [("labels", SamplerConfig("ddpm", STEPS)), ("labels", SamplerConfig("eu
           ("text", SamplerConfig("dpmsolver++", STEPS))]
 
 
-@pytest.mark.parametrize("which, sampler", GUIDED, ids=lambda v: v if isinstance(v, str) else v.key)
+@pytest.mark.parametrize("which, sampler", _split(GUIDED, lambda case: f"{case[0]}-{case[1].key}", GUIDED_DEFAULT),
+                         ids=lambda v: v if isinstance(v, str) else v.key)
 def test_guided_stack_fits_acts_round_trips_and_refuses_other_scales(which, sampler, tmp_path):
     if which == "labels":
         model, cond = build_tiny_unet(num_class_embeds=4), LABELS

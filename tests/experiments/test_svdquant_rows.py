@@ -71,7 +71,8 @@ def test_svdquant_rows_run_on_one_base_network(tmp_path, tiny_model_dir, monkeyp
     assert "ptqd_tables" in extras["SVDQuant + PTQD W4A4"]
 
 
-@pytest.mark.parametrize("row", ["svdquant+tac", "svdquant+tcec", "svdquant+ptqd"])
+@pytest.mark.parametrize("row", ["svdquant+tac", pytest.param("svdquant+tcec", marks=pytest.mark.slow),  # 42 s
+                                 "svdquant+ptqd"])
 def test_corrections_on_the_svdquant_base_change_it_and_reload_bit_identically(tmp_path, tiny_model_dir, tiny_unet,
                                                                               ddpm_scheduler, row):
     config = _config(tiny_model_dir, tmp_path / "r")

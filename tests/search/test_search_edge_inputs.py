@@ -148,6 +148,7 @@ def test_a_model_folder_deleted_from_the_cache_is_rebuilt_not_reused(tmp_path):
     assert again.record("naive-W8A8")["score"] == first.record("naive-W8A8")["score"]
 
 
+@pytest.mark.slow  # 16 s on a 2-core AVX2 CPU; test_recipe_search.py interrupts a search in the default suite
 def test_an_interrupted_svdquant_search_ends_as_an_uninterrupted_one(tmp_path):
     """Same seed, same space: the resumed search chooses the same winner with the same scores, recipe.json and
     weights (bytes), and its report differs from the uninterrupted one's only in timings and work counters."""

@@ -220,8 +220,13 @@ UNET_CASES = {
 }
 
 
-@pytest.mark.parametrize("base", ["naive", "svdquant"])
-@pytest.mark.parametrize("case", list(UNET_CASES))
+# one SVDQuant case in the default suite, the others (10 s each on a 2-core AVX2 CPU) with `make test-slow`
+@pytest.mark.parametrize("case, base", [
+    *((case, "naive") for case in UNET_CASES),
+    ("pixel-scale_shift-classes", "svdquant"),
+    *(pytest.param(case, "svdquant", marks=pytest.mark.slow) for case in UNET_CASES
+      if case != "pixel-scale_shift-classes"),
+], ids=lambda value: value)
 def test_unet_variants_cache_follows_the_step_and_reloads(case, base, tmp_path):
     build, conditions, guidance = UNET_CASES[case]
     model, scheduler, source = build(), DDIMScheduler(num_train_timesteps=1000), conditions()

@@ -8,7 +8,19 @@ from typing import Annotated, Any
 import typer
 
 from tadq.cli.common import ForceForeign, Labels, NullClass, console, fail_cleanly, setup
-from tadq.cli.sample import Device, Dtype, Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler
+from tadq.cli.sample import (
+    Backend,
+    Device,
+    Dtype,
+    Eta,
+    SamplerKind,
+    Steps,
+    Threads,
+    Verbose,
+    announce_compile,
+    check_backend_here,
+    deployment_sampler,
+)
 
 __all__ = ["evaluate_command"]
 
@@ -41,9 +53,12 @@ def _feature_space(features: str, reference: Path | None, reference_images: Path
 
 
 def _rows(evaluation, qmodel) -> list[dict[str, Any]]:
-    """The FP row and the artefact's, named with its correction stack (a TAC artefact was "tadq qdiffusion")."""
+    """The FP row and the artefact's, named with its correction stack (a TAC artefact was "tadq qdiffusion") and,
+    when it is not the float simulation, the backend that ran it."""
     config, recipe = qmodel.config, getattr(qmodel, "recipe", None)
     method = recipe.describe_method() if recipe is not None else config.method
+    backend = getattr(qmodel, "backend", "fake")
+    method += "" if backend == "fake" else f" [{backend}]"
     return [
         {"method": "FP", "bits": "W32A32", **evaluation.reference_metrics.to_dict()},
         {"method": f"tadq {method}", "bits": config.label, **evaluation.candidate_metrics.to_dict()},
@@ -128,10 +143,11 @@ def evaluate_command(
     threads: Threads = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    backend: Backend = "fake",
     verbose: Verbose = False,
 ) -> None:
-    """Sample the artefact (its recipe's sampler and corrections) and its FP reference (in --dtype) from the same
-    noise; print FD, agreement, PSNR/SSIM, MSE."""
+    """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
+    from the same noise; print FD, agreement, PSNR/SSIM, MSE."""
     from tadq.cli.sample import class_conditioning
     from tadq.config import config_to_dict
     from tadq.device import place_model
@@ -148,11 +164,12 @@ def evaluate_command(
             if count < 1:  # tadq.sample would refuse it only after the models were loaded and placed
                 raise ValueError(f"{flag} must be >= 1, got {count}")
         check_seed("--seed", seed)  # tadq.sample refused it too, but only after both models were loaded
+        check_backend_here(backend, torch_device, torch_dtype)
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
             check_output_dir(out, kind="evaluate-report", resume=True, force_foreign=force_foreign,
                              inputs=[model_dir, reference if reference is not None else shipped_model_path()])
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
-        qmodel, scheduler = load_quantized(model_dir)
+        qmodel, scheduler = load_quantized(model_dir, backend=backend)
         check_sampler(qmodel, sampler_config, str(model_dir))
         qmodel = place_model(qmodel, torch_device, torch_dtype)  # float32: bit-identical to the saved model
         # a class-conditional model: labels from the evaluation seed (never the calibration one), the recipe's
@@ -173,6 +190,7 @@ def evaluate_command(
                                  f"model's images are {tuple(image_shape)} (C, H, W); the distance would compare "
                                  "different data")
             InceptionFeatures(inception_weights)  # a missing or damaged file is named now
+        announce_compile(backend)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
                                                 features=space, conditions=conditions, guidance_scale=scale,
@@ -192,7 +210,7 @@ def evaluate_command(
     if out is not None:
         settings = {"model": str(model_dir), "reference": str(reference) if reference else "shipped",
                     "sampler": config_to_dict(sampler_config), "sampler_key": sampler_config.key,
-                    "num_samples": num_samples, "seed": seed, "guidance_scale": scale,
+                    "num_samples": num_samples, "seed": seed, "guidance_scale": scale, "backend": backend,
                     "labels": None if conditions is None else conditions.key}
         _write_report(out, rows, evaluation, settings)
         console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")

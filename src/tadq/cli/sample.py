@@ -23,7 +23,7 @@ from tadq.cli.common import (
 )
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
-           "Threads", "Device", "Dtype", "Verbose",
+           "Threads", "Device", "Dtype", "Verbose", "Backend", "check_backend_here", "announce_compile",
            "deployment_sampler", "class_conditioning"]
 
 SamplerKind = Annotated[str | None, typer.Option(
@@ -36,6 +36,21 @@ Threads = Annotated[int, typer.Option(help="torch CPU threads (0 = torch's defau
 Device = Annotated[str, typer.Option(help="Device: cpu, cuda, cuda:N or mps (refused when torch lacks it).")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype of the FP model: float32, bfloat16 or float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+Backend = Annotated[str, typer.Option(help="Execution backend of a quantized artefact: fake (float simulation), int8 "
+                                           "(oneDNN integer kernels, x86 CPUs; without VNNI/AMX only weight codes "
+                                           "within ±64, e.g. W4A8), int8-compiled (int8 + torch.compile; compiles on "
+                                           "the first call) or int8-cuda.")]
+
+
+def check_backend_here(backend: str, device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse an execution backend this machine, ``device`` or ``dtype`` cannot run, before anything is loaded:
+    never replaced by the float simulation (``tadq.backends.check_backend``, ``check_placement``)."""
+    if backend == "fake":
+        return
+    from tadq.backends import check_backend, check_placement
+
+    check_backend(backend)
+    check_placement(backend, device, dtype)
 
 
 def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, eta: float | None):
@@ -292,11 +307,7 @@ def sample_command(
     threads: Threads = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
-    backend: Annotated[str, typer.Option(help="Execution backend of a quantized artefact: fake (float simulation), "
-                                              "int8 (oneDNN integer kernels, x86 CPUs; without VNNI/AMX only "
-                                              "weight codes within ±64, e.g. W4A8), int8-compiled "
-                                              "(int8 + torch.compile; compiles on the first call) or int8-cuda."
-                                         )] = "fake",
+    backend: Backend = "fake",
     verbose: Verbose = False,
 ) -> None:
     """Sample a quantized artefact with its recipe's sampler and corrections (or an FP model folder) with tadq's
@@ -313,11 +324,7 @@ def sample_command(
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         prompt = [*(prompt or []), *read_prompt_file(prompts_file, "--prompts")]
-        if backend != "fake":  # before anything is loaded: available here, its device type, float32
-            from tadq.backends import check_backend, check_placement
-
-            check_backend(backend)
-            check_placement(backend, torch_device, torch_dtype)
+        check_backend_here(backend, torch_device, torch_dtype)
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")

@@ -1,0 +1,67 @@
+"""``tadq evaluate --backend``: the quality numbers of an artefact as the integer kernels run it, not only as the
+float simulation does (the integer issue: "the integer model keeps the quality numbers of its recipe")."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from tests.backends.machine import needs_int8_cpu
+from typer.testing import CliRunner
+
+import tadq.evaluation
+from tadq.backends import IntegerDenoiser
+from tadq.cli.app import app
+
+runner = CliRunner()
+SMALL_FLAGS = ("--steps", "4", "--calib-trajectories", "8")
+
+
+@needs_int8_cpu
+def test_evaluate_samples_the_artefact_on_the_chosen_backend(tmp_path, tiny_model_dir, monkeypatch):
+    """W4A8 (codes within ±15: exact on every oneDNN CPU, AVX2 included) evaluated with ``--backend int8``: the model
+    sampled is the integer one, the report names the backend, and the FP reference is the same as with ``fake``."""
+    artefact = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--preset", "W4A8", "--out", str(artefact),
+                                 "--cache-dir", str(tmp_path / "cache"), *SMALL_FLAGS])
+    assert result.exit_code == 0, result.output
+    sampled = []
+    original = tadq.evaluation.evaluate_against_reference
+
+    def spy(qmodel, *args, **kwargs):
+        sampled.append(qmodel)
+        return original(qmodel, *args, **kwargs)
+
+    monkeypatch.setattr(tadq.evaluation, "evaluate_against_reference", spy)
+    reports = {}
+    for backend in ("fake", "int8"):
+        out = tmp_path / f"report-{backend}"
+        result = runner.invoke(app, ["evaluate", str(artefact), "--reference", str(tiny_model_dir), "--num-samples",
+                                     "6", "--steps", "3", "--backend", backend, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        reports[backend] = json.loads((out / "results.json").read_text())
+    assert not isinstance(sampled[0], IntegerDenoiser)
+    assert isinstance(sampled[1], IntegerDenoiser) and sampled[1].backend == "int8"
+    fake, integer = reports["fake"], reports["int8"]
+    assert fake["settings"]["backend"] == "fake" and integer["settings"]["backend"] == "int8"
+    assert integer["rows"][1]["method"].endswith("[int8]") and "[" not in fake["rows"][1]["method"]
+    assert integer["rows"][0] == fake["rows"][0]  # the FP reference: same model, same noise
+    assert math.isfinite(integer["rows"][1]["psnr"]) and integer["rows"][1]["final_mse"] > 0.0
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--backend", "int4"), "int4"),  # unknown: named with the known ones
+    (("--backend", "int8-cuda"), "int8-cuda"),  # no CUDA in the test machines' torch, or not placed on it
+])
+def test_evaluate_refuses_a_backend_it_cannot_run_before_reading_the_artefact(tmp_path, args, message):
+    """The folder does not even exist: the refusal comes first, before any model is read."""
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), *args])
+    assert result.exit_code == 2 and message in result.output and "does not exist" not in result.output, \
+        result.output
+
+
+def test_evaluate_refuses_an_integer_backend_in_bfloat16(tmp_path):
+    result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--backend", "int8", "--dtype", "bfloat16"])
+    assert result.exit_code == 2, result.output
+    assert "float32" in result.output or "not available" in result.output  # no oneDNN: refused as unavailable
