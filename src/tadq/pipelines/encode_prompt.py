@@ -29,9 +29,10 @@ from torch import Tensor
 from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, T5_TOKENIZERS, TEXT_ENCODERS
 from tadq.recipe import check_distilled_guidance
 from tadq.safefiles import tensors_digest
+from tadq.utils import public_config
 
 __all__ = ["DISTILLED_GUIDANCE_PIPELINES", "ENCODE_PROMPT_PIPELINES", "EncodedPrompt", "PipelinePromptEncoder",
-           "t5_tokenizers"]
+           "t5_tokenizers", "text_encoder_digest", "token_ids_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,18 +177,40 @@ class PipelinePromptEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 over the text encoders' tensors and the tokenizers' vocabularies (computed once)."""
+        """SHA-256 over the text encoders (tensors and config) and the token limits (computed once); what the
+        tokenizers do is keyed per prompt set (``token_digest``)."""
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            for tokenizer, limit in zip(self.tokenizers, self.limits, strict=True):
-                digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-                digest.update(str(limit).encode())
+            digest = hashlib.sha256(json.dumps(list(self.limits)).encode())
             for name in TEXT_ENCODERS:
                 encoder = getattr(self.pipe, name, None)
                 if encoder is not None:
-                    digest.update(name.encode() + tensors_digest(dict(encoder.state_dict())).encode())
+                    digest.update(name.encode() + text_encoder_digest(encoder).encode())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    def token_digest(self, texts: Sequence[str]) -> str:
+        """``token_ids_digest`` of ``texts`` through this pipeline's tokenizers."""
+        return token_ids_digest(self.tokenizers, self.limits, texts)
+
+
+def text_encoder_digest(encoder: Any) -> str:
+    """SHA-256 over a text encoder's tensors and the config its forward reads besides them (``layer_norm_eps``,
+    ``hidden_act``, ``projection_dim``...; ``public_config`` without the transformers version): a config edited on
+    disk changes the encodings without changing a tensor."""
+    config = {key: value for key, value in public_config(encoder).items() if key != "transformers_version"}
+    payload = tensors_digest(dict(encoder.state_dict())) + json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def token_ids_digest(tokenizers: Sequence[Any], limits: Sequence[int], texts: Sequence[str]) -> str:
+    """SHA-256 of the token ids every tokenizer gives ``texts``, padded to its limit: all a tokenizer contributes to
+    those texts' encodings, whatever its files hold (vocabulary, BPE merges, normaliser, special tokens); hashing
+    the vocabulary alone missed an edited merges file."""
+    digest = hashlib.sha256()
+    for tokenizer, limit in zip(tokenizers, limits, strict=True):
+        ids = tokenizer(list(texts), padding="max_length", max_length=limit, truncation=True)["input_ids"]
+        digest.update(json.dumps([list(map(int, row)) for row in ids]).encode())
+    return digest.hexdigest()
 
 
 def _short(prompt: str) -> str:

@@ -30,8 +30,9 @@ from tadq.pipelines.encode_prompt import (
     PipelinePromptEncoder,
     base_pipeline_class,
     check_token_counts,
+    text_encoder_digest,
+    token_ids_digest,
 )
-from tadq.safefiles import tensors_digest
 from tadq.sampling.conditioning import Conditioning
 
 __all__ = ["PromptEncoder", "PromptConditions", "check_prompt_lengths", "prompt_encoder_for"]
@@ -139,15 +140,19 @@ class PromptEncoder:
 
     @property
     def fingerprint(self) -> str:
-        """SHA-256 over the encoders' tensors and the tokenizers' vocabularies (computed once)."""
+        """SHA-256 over the encoders (tensors and config) and the tokenizers' limits (computed once); what the
+        tokenizers do is keyed per prompt set (``token_digest``)."""
         if self._fingerprint is None:
             digest = hashlib.sha256()
             for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
-                digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
                 digest.update(str(tokenizer.model_max_length).encode())
-                digest.update(tensors_digest(dict(encoder.state_dict())).encode())
+                digest.update(text_encoder_digest(encoder).encode())
             self._fingerprint = digest.hexdigest()
         return self._fingerprint
+
+    def token_digest(self, texts: Sequence[str]) -> str:
+        """``token_ids_digest`` of ``texts`` through the tokenizers, padded as ``encode`` pads them."""
+        return token_ids_digest(self.tokenizers, [t.model_max_length for t in self.tokenizers], texts)
 
 
 def _check_time_embedding(pipe: Any, num_time_ids: int) -> None:
@@ -196,6 +201,7 @@ class PromptConditions:
         self.encoder.check(self.prompts)
         self.encoder.check([n for n in self.negative_prompts if n is not None], "negative prompt")
         self._cache: dict[str, EncodedPrompt] = {}
+        self._key: str | None = None
         self.encoder_calls = 0  # distinct texts encoded so far (each once)
 
     def _encoded(self, text: str) -> EncodedPrompt:
@@ -241,9 +247,14 @@ class PromptConditions:
         """Names the prompt set: a hash of the prompts, negatives, the encoder's settings (SDXL time ids, T5 length,
         Flux's distilled guidance) and the encoders' weights (run and calibration-cache keys change whenever any of
         them does)."""
-        payload = json.dumps({"prompts": self.prompts, "negative": self.negative_prompts, **self.encoder.settings})
-        digest = hashlib.sha256(payload.encode() + self.encoder.fingerprint.encode()).hexdigest()
-        return f"prompts-{len(self.prompts)}-{digest[:16]}"
+        if self._key is None:
+            payload = json.dumps({"prompts": self.prompts, "negative": self.negative_prompts,
+                                  **self.encoder.settings})
+            texts = [*self.prompts, *(n for n in self.negative_prompts if n is not None), ""]  # "": a missing negative
+            tokens = self.encoder.token_digest(texts)
+            digest = hashlib.sha256(payload.encode() + self.encoder.fingerprint.encode() + tokens.encode())
+            self._key = f"prompts-{len(self.prompts)}-{digest.hexdigest()[:16]}"
+        return self._key
 
 
 def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "prompt", *,
