@@ -79,8 +79,28 @@ def folders(tmp_path_factory):
 
 
 def _tadq_latents(pipe, prompts=PROMPTS, **call) -> torch.Tensor:
-    return pipe(list(prompts), seed=5, num_inference_steps=STEPS, output_type="latent", progress=False,
-                **call).images
+    """The pipeline's latent output as (N, C, h, w): Flux's packed sequence unpacked as FluxPipeline unpacks it."""
+    latents = pipe(list(prompts), seed=5, num_inference_steps=STEPS, output_type="latent", progress=False,
+                   **call).images
+    base = type(pipe).tadq_base
+    if base.__name__ != "FluxPipeline":
+        return latents
+    return base._unpack_latents(latents, IMAGE_SIZE, IMAGE_SIZE, pipe.vae_scale_factor)
+
+
+def test_flux_latent_output_is_fluxpipelines_packed_sequence(folders):
+    """``output_type="latent"`` gives what FluxPipeline gives: the packed (N, (h/2)(w/2), 4C) token sequence, which
+    diffusers code unpacks with ``_unpack_latents`` before decoding (tadq returned the unpacked (N, C, h, w))."""
+    torch.set_num_threads(1)
+    pipe = tadq.load_pipeline(folders["flux"])
+    packed = pipe(list(PROMPTS), seed=5, num_inference_steps=STEPS, output_type="latent", progress=False).images
+    sampler, scale = pipe.tadq_deployment(STEPS, None, None)
+    latents = pipe.tadq_latents(PromptConditions(pipe.tadq_prompt_encoder(None, None), list(PROMPTS)),
+                                len(PROMPTS), sampler, scale, seed=5, progress=False)
+    channels, height, width = latents.shape[1:]
+    assert packed.shape == (len(PROMPTS), (height // 2) * (width // 2), 4 * channels)
+    unpacked = type(pipe).tadq_base._unpack_latents(packed, IMAGE_SIZE, IMAGE_SIZE, pipe.vae_scale_factor)
+    assert torch.equal(unpacked, latents)
 
 
 def _diffusers_latents(which: str, pipe, prompts, noise: torch.Tensor, **call) -> torch.Tensor:

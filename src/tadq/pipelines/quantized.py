@@ -303,8 +303,18 @@ class TadqPipelineMixin:
         conditions = PromptConditions(encoder, prompts, negatives)  # checks the prompts' length before any work
         _consume(generator)
         latents = self.tadq_latents(conditions, len(prompts), sampler, scale, seed, batch_size, progress)
-        images = latents if output_type == "latent" else self.tadq_decode(latents, output_type, batch_size)
+        images = self.tadq_latent_output(latents) if output_type == "latent" \
+            else self.tadq_decode(latents, output_type, batch_size)
         return self._tadq_output(images, return_dict)
+
+    def tadq_latent_output(self, latents: Tensor) -> Tensor:
+        """``output_type="latent"`` as the diffusers class returns it: Flux's packed token sequence
+        (N, (h/2)(w/2), 4C), which ``FluxPipeline._unpack_latents`` takes back; the (N, C, h, w) latents otherwise."""
+        if self.tadq_base.__name__ != "FluxPipeline":
+            return latents
+        from tadq.adapters.mmdit import pack_latents
+
+        return pack_latents(latents)
 
     @property
     def tadq_distilled_guidance(self) -> bool:
