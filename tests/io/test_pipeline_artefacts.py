@@ -343,3 +343,21 @@ def test_load_pipeline_refuses_text_encoder_weights_dropped_from_the_manifest(ar
     assert code == 1 and "text_encoder/model.safetensors" in text, text
     with pytest.raises(ValueError, match=r"text_encoder/model\.safetensors"):
         tadq.load_pipeline(art)
+
+
+def test_save_quantized_refuses_a_pipeline_source_the_model_was_not_quantized_from(sources, tmp_path):
+    """``save_quantized(..., pipeline_source=FOLDER)`` copied FOLDER's VAE and encoders beside any denoiser: a DiT
+    saved with the folder of another DiT (another depth) was written without a word, and sampled with a VAE it was
+    never calibrated for. ``save_pipeline`` checked the denoiser config; the writer now does, before writing."""
+    other = _build_dit(tmp_path / "other-dit")
+    _edit_json(other / "transformer" / "config.json", lambda config: config.update(num_layers=3))
+    dit = DiTPipeline.from_pretrained(sources["dit"])
+    qmodel = tadq.quantize(dit.transformer, dit.scheduler, _recipe("ddim", null_class=DIT_CLASSES),
+                           conditions=RandomClassLabels(DIT_CLASSES, null_class=DIT_CLASSES), progress=False)
+    with pytest.raises(ValueError, match=r"not the folder this model was quantized from.*num_layers"):
+        save_quantized(qmodel, tmp_path / "art", dit.scheduler, pipeline_source=other)
+    assert not (tmp_path / "art").exists()
+    shutil.rmtree(other / "transformer")
+    with pytest.raises(ValueError, match="config.json is missing"):
+        save_quantized(qmodel, tmp_path / "art", dit.scheduler, pipeline_source=other)
+    save_quantized(qmodel, tmp_path / "art", dit.scheduler, pipeline_source=sources["dit"])  # its own folder: taken

@@ -234,6 +234,32 @@ def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin
     return subfolder
 
 
+def _plain(value: Any) -> Any:
+    """A config value as JSON reads it back (tuples become lists), so an in-memory config compares with a file's."""
+    return json.loads(json.dumps(value))
+
+
+def config_mismatch(model: nn.Module, config_file: Path) -> str | None:
+    """Why ``config_file`` does not describe ``model`` (another class, or a config value that differs), or ``None``.
+    Keys the model's config does not carry (ones diffusers ignores) are not compared, nor weights (an artefact holds
+    only the quantized ones)."""
+    from tadq.safefiles import read_json_file
+
+    saved = read_json_file(config_file, "denoiser config")
+    config = getattr(model, "config", None)
+    if not isinstance(saved, dict) or config is None:
+        return None  # a config that is not an object is the folder check's to name; a model without one, save's
+    if saved.get("_class_name") not in (None, type(model).__name__):
+        return f"{config_file} is a {saved.get('_class_name')}, but the quantized model is a {type(model).__name__}"
+    differing = [key for key, value in sorted(saved.items())
+                 if not key.startswith("_") and key in config and _plain(config[key]) != _plain(value)]
+    if differing:
+        key = differing[0]
+        return (f"{config_file} does not describe the quantized model ({len(differing)} config value(s) differ, "
+                f"e.g. {key}: {saved[key]!r} in the folder, {config[key]!r} in the model)")
+    return None
+
+
 def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path) -> str:
     """A pipeline source (text encoders, tokenizers, VAE...): ``model_index.json`` and every component folder but
     the denoiser's copied byte for byte, so diffusers' own ``from_pretrained`` loads them from the artefact; the
@@ -339,6 +365,12 @@ def save_quantized(
     source = None if pipeline_source is None else Path(pipeline_source)
     if source is not None and not (source / "model_index.json").is_file():
         raise ValueError(f"pipeline_source {source} is not a pipeline folder (no model_index.json)")
+    if source is not None:  # its encoders and VAE would be paired with a denoiser they were not quantized with
+        subfolder, _pipeline = _diffusers_layout(qmodel.model)
+        config_file = source / subfolder / "config.json"
+        reason = config_mismatch(qmodel.model, config_file) if config_file.is_file() else f"{config_file} is missing"
+        if reason is not None:
+            raise ValueError(f"pipeline_source {source} is not the folder this model was quantized from: {reason}")
     check_output_dir(target, kind="artefact", what="artefact folder", overwrite=overwrite, force_foreign=force_foreign,
                      inputs=[] if source is None else [source])
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -3,12 +3,10 @@ for byte."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from tadq.pipelines.components import PipelineFolderError, check_pipeline_folder, denoiser_component
-from tadq.safefiles import read_json_file
 
 if TYPE_CHECKING:
     from tadq.denoiser import QuantizedDenoiser
@@ -18,33 +16,18 @@ if TYPE_CHECKING:
 __all__ = ["save_pipeline"]
 
 
-def _plain(value: Any) -> Any:
-    """A config value as JSON reads it back (tuples become lists), so an in-memory config compares with a file's."""
-    return json.loads(json.dumps(value))
-
-
 def check_denoiser_matches(qmodel: QuantizedDenoiser, layout: PipelineLayout) -> None:
     """``PipelineFolderError`` when ``qmodel``'s denoiser is not the one ``layout``'s folder holds (another class,
-    or a config value that differs): the artefact would pair it with text encoders and a VAE it was not quantized
-    with, written first and refused (or, worse, loaded) only later. Keys the model's config does not carry (ones
-    diffusers ignores) are not compared; weights are not (the artefact holds only the quantized ones)."""
-    component = denoiser_component(layout.class_name)
-    config_file = layout.path / component / "config.json"
-    saved = read_json_file(config_file, f"{component} config")
+    or a config value that differs: ``tadq.io.save.config_mismatch``): the artefact would pair it with text
+    encoders and a VAE it was not quantized with, written first and refused (or, worse, loaded) only later."""
+    from tadq.io.save import config_mismatch
+
     model = getattr(qmodel, "model", None)
-    config = getattr(model, "config", None)
-    if not isinstance(saved, dict) or config is None:
-        return  # check_pipeline_folder names a config that is not an object; a model without one is save's to refuse
-    if saved.get("_class_name") not in (None, type(model).__name__):
-        raise PipelineFolderError(f"{config_file} is a {saved.get('_class_name')}, but the quantized model is a "
-                                  f"{type(model).__name__}: save it with the pipeline folder it was quantized from")
-    differing = [key for key, value in sorted(saved.items())
-                 if not key.startswith("_") and key in config and _plain(config[key]) != _plain(value)]
-    if differing:
-        key = differing[0]
-        raise PipelineFolderError(f"{config_file} does not describe the quantized model ({len(differing)} config "
-                                  f"value(s) differ, e.g. {key}: {saved[key]!r} in the folder, {config[key]!r} in the "
-                                  "model): save it with the pipeline folder it was quantized from")
+    if model is None:
+        return  # not a quantized denoiser: save's to refuse
+    reason = config_mismatch(model, layout.path / denoiser_component(layout.class_name) / "config.json")
+    if reason is not None:
+        raise PipelineFolderError(f"{reason}: save it with the pipeline folder it was quantized from")
 
 
 def save_pipeline(qmodel: QuantizedDenoiser, source: str | Path, directory: str | Path, *, overwrite: bool = False,
