@@ -65,3 +65,25 @@ def test_evaluate_refuses_an_integer_backend_in_bfloat16(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path / "missing"), "--backend", "int8", "--dtype", "bfloat16"])
     assert result.exit_code == 2, result.output
     assert "float32" in result.output or "not available" in result.output  # no oneDNN: refused as unavailable
+
+
+@needs_int8_cpu
+def test_evaluate_refuses_8_bit_weights_where_the_kernels_saturate_before_sampling(tmp_path, tiny_model_dir,
+                                                                                  monkeypatch):
+    """As on an AVX2 CPU (the measured bound patched to ±64 here, so every machine runs the refusal): a W8A8
+    artefact on ``--backend int8`` is refused by its weight codes before any model is sampled or a report written,
+    never evaluated as the simulation."""
+    from tadq.backends import capability
+
+    artefact = tmp_path / "q"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--preset", "W8A8", "--out", str(artefact),
+                                 "--cache-dir", str(tmp_path / "cache"), *SMALL_FLAGS])
+    assert result.exit_code == 0, result.output
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
+    monkeypatch.setattr(tadq.evaluation, "evaluate_against_reference", lambda *a, **k: pytest.fail("sampled"))
+    out = tmp_path / "report"
+    result = runner.invoke(app, ["evaluate", str(artefact), "--reference", str(tiny_model_dir), "--num-samples", "4",
+                                 "--steps", "3", "--backend", "int8", "--out", str(out)])
+    assert result.exit_code == 2 and "8-bit weights have codes" in result.output and "±64" in result.output, \
+        result.output
+    assert not out.exists()
