@@ -87,3 +87,54 @@ def test_evaluate_refuses_8_bit_weights_where_the_kernels_saturate_before_sampli
     assert result.exit_code == 2 and "8-bit weights have codes" in result.output and "±64" in result.output, \
         result.output
     assert not out.exists()
+
+
+@needs_int8_cpu
+def test_a_class_conditional_artefact_on_int8_is_printed_under_its_backend(tmp_path):
+    """A class-conditional W4A8 artefact with guidance on ``--backend int8``: the printed table names the backend as
+    results.json does (rich read ``[int8]`` as a markup tag and printed the row as the float simulation's)."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from tests.conftest import build_tiny_unet
+
+    source, artefact, out = tmp_path / "fp", tmp_path / "q", tmp_path / "report"
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    DDPMPipeline(unet=build_tiny_unet(num_class_embeds=4), scheduler=scheduler).save_pretrained(source)
+    result = runner.invoke(app, ["quantize", str(source), "--preset", "W4A8", "--out", str(artefact), "--cache-dir",
+                                 str(tmp_path / "cache"), "--guidance-scale", "2", "--null-class", "3", *SMALL_FLAGS])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(artefact), "--reference", str(source), "--num-samples", "3",
+                                 "--batch-size", "2", "--backend", "int8", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())
+    assert report["settings"]["guidance_scale"] == 2.0 and report["settings"]["labels"] is not None
+    method = report["rows"][1]["method"]
+    assert method.endswith("[int8]") and method in result.output, result.output
+
+
+@pytest.fixture(scope="module")
+def pipeline_artefact(tmp_path_factory):
+    from tests.pipelines.builders import build_sd
+
+    root = tmp_path_factory.mktemp("t2i")
+    artefact = root / "q"
+    result = runner.invoke(app, ["quantize", str(build_sd(root / "sd")), "--preset", "W4A8", "--out", str(artefact),
+                                 "--cache-dir", str(root / "cache"), "--steps", "2", "--calib-trajectories", "2",
+                                 "--calib-prompt", "a cat"])
+    assert result.exit_code == 0, result.output
+    return artefact
+
+
+@pytest.mark.parametrize("backend", ["fake", pytest.param("int8", marks=needs_int8_cpu)])
+def test_a_text_to_image_pipeline_is_refused_before_it_is_loaded(tmp_path, pipeline_artefact, backend, monkeypatch):
+    """Pointed to ``tadq run`` before the denoiser is loaded (and converted to the integer kernels), not once its
+    conditioning is read; with an integer backend, also to ``tadq sample --backend``, since ``tadq run`` measures
+    the float simulation."""
+    import tadq.io
+
+    monkeypatch.setattr(tadq.io, "load_quantized", lambda *a, **k: pytest.fail("loaded"))
+    result = runner.invoke(app, ["evaluate", str(pipeline_artefact), "--backend", backend, "--out",
+                                 str(tmp_path / "report")])
+    assert result.exit_code == 2 and "text-to-image pipeline" in result.output and "tadq run" in result.output, \
+        result.output
+    assert ("tadq sample" in result.output) == (backend != "fake"), result.output
+    assert not (tmp_path / "report").exists()

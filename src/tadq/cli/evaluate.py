@@ -66,17 +66,18 @@ def _rows(evaluation, qmodel) -> list[dict[str, Any]]:
 
 
 def _print_table(rows: list[dict[str, Any]], title: str, fd_key: str) -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from tadq.report.tables import COLUMNS, format_cell
 
     titles = {**dict(COLUMNS), fd_key: f"FD-{fd_key.removeprefix('fd_')} ↓" if fd_key != "fd" else "FD ↓"}
     columns = [fd_key if key == "fd_digits" else key for key in METRIC_COLUMNS]
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for key in columns:
-        table.add_column(titles[key], justify="right")
-    for row in rows:
-        table.add_row(*(format_cell(key, row.get(key)) for key in columns))
+        table.add_column(escape(titles[key]), justify="right")
+    for row in rows:  # escaped: rich read "tadq Naive [int8]" as markup and printed "tadq Naive"
+        table.add_row(*(escape(format_cell(key, row.get(key))) for key in columns))
     console.print(table)
 
 
@@ -148,7 +149,7 @@ def evaluate_command(
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
     from the same noise; print FD, agreement, PSNR/SSIM, MSE."""
-    from tadq.cli.sample import class_conditioning
+    from tadq.cli.sample import class_conditioning, is_prompt_pipeline
     from tadq.config import config_to_dict
     from tadq.device import place_model
     from tadq.evaluation import decoded_shape, evaluate_against_reference
@@ -165,6 +166,13 @@ def evaluate_command(
                 raise ValueError(f"{flag} must be >= 1, got {count}")
         check_seed("--seed", seed)  # tadq.sample refused it too, but only after both models were loaded
         check_backend_here(backend, torch_device, torch_dtype)
+        if is_prompt_pipeline(model_dir):  # refused by its denoiser's conditioning only once loaded and converted
+            raise ValueError(
+                f"{model_dir} is a text-to-image pipeline: `tadq evaluate` compares unconditional and "
+                "class-conditional models; a pipeline is evaluated by `tadq run --model FP_FOLDER` (FP and quantized "
+                "from the same noise and prompts)" + ("" if backend == "fake" else
+                f", which runs the float simulation: `tadq sample {model_dir} --backend {backend} --prompt ...` "
+                "samples it on the integer kernels"))
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
             check_output_dir(out, kind="evaluate-report", resume=True, force_foreign=force_foreign,
                              inputs=[model_dir, reference if reference is not None else shipped_model_path()])
@@ -202,7 +210,7 @@ def evaluate_command(
     if inception is not None:
         for row, value in zip(rows, inception, strict=True):
             row["inception_fid"] = value
-            console.print(f"Inception FID ({row['method']} {row['bits']}) vs real digits: {value:.2f}")
+            console.print(f"Inception FID ({row['method']} {row['bits']}) vs real digits: {value:.2f}", markup=False)
     fd_key = space.metric_key if space is not None else "fd"
     _print_table(rows, f"tadq evaluate: {sampler_config.key}, {num_samples} samples, seed {seed}", fd_key)
     if evaluation.fd_floor is not None:
