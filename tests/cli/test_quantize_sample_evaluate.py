@@ -72,6 +72,8 @@ def test_quantize_sample_evaluate_end_to_end(tmp_path, tiny_model_dir):
     assert result.exit_code == 0 and "not computed" in result.output, result.output
     rows = json.loads((tmp_path / "plain" / "results.json").read_text())["rows"]
     assert rows[1]["fd"] is None and rows[1]["agreement"] is None and rows[1]["psnr"] is not None
+    header = (tmp_path / "plain" / "results.md").read_text().splitlines()[0]  # the printed table's columns
+    assert "FD ↓" in header and "FD-digits" not in header and "sample (s)" not in header
     assert (report / "samples.png").exists() and (report / "per_step_error.png").exists()
 
     analysis = tmp_path / "analysis"
@@ -168,9 +170,11 @@ def test_evaluate_reports_inception_fid_from_a_local_file(tmp_path, tiny_model_d
     result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "W8A8", *SMALL_FLAGS)
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "6",
-                                 "--steps", "3", "--inception-weights", str(weights)])
+                                 "--steps", "3", "--inception-weights", str(weights), "--out", str(tmp_path / "r")])
     assert result.exit_code == 0, result.output
-    assert result.output.count("Inception FID") == 2
+    assert result.output.count("vs real digits") == 2  # FP and quantized, each on its own line
+    header = (tmp_path / "r" / "results.md").read_text().splitlines()[0]
+    assert "Inception FID" in header and "quantize (s)" not in header
     missing = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "6",
                                   "--steps", "3", "--inception-weights", str(tmp_path / "nope.pt")])
     assert missing.exit_code == 2

@@ -65,23 +65,35 @@ def _rows(evaluation, qmodel) -> list[dict[str, Any]]:
     ]
 
 
+def _columns(rows: list[dict[str, Any]], fd_key: str) -> tuple[tuple[str, str], ...]:
+    """(key, title) of the metrics evaluate measures, its Fréchet distance under ``fd_key``, and the optional ones
+    (Inception FID) the rows have: the printed table and results.md show the same columns (results.md showed an
+    empty "FD-digits" with no feature space, and timings evaluate does not take)."""
+    from tadq.report.tables import COLUMNS, OPTIONAL_COLUMNS
+
+    titles = {**dict(COLUMNS), fd_key: f"FD-{fd_key.removeprefix('fd_')} ↓" if fd_key != "fd" else "FD ↓"}
+    keys = [fd_key if key == "fd_digits" else key for key in METRIC_COLUMNS]
+    extra = [column for column in OPTIONAL_COLUMNS if any(row.get(column[0]) is not None for row in rows)]
+    at = keys.index("agreement") + 1
+    return (*((key, titles[key]) for key in keys[:at]), *extra, *((key, titles[key]) for key in keys[at:]))
+
+
 def _print_table(rows: list[dict[str, Any]], title: str, fd_key: str) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    from tadq.report.tables import COLUMNS, format_cell
+    from tadq.report.tables import format_cell
 
-    titles = {**dict(COLUMNS), fd_key: f"FD-{fd_key.removeprefix('fd_')} ↓" if fd_key != "fd" else "FD ↓"}
-    columns = [fd_key if key == "fd_digits" else key for key in METRIC_COLUMNS]
+    columns = _columns(rows, fd_key)
     table = Table(title=escape(title))
-    for key in columns:
-        table.add_column(escape(titles[key]), justify="right")
+    for _, heading in columns:
+        table.add_column(escape(heading), justify="right")
     for row in rows:  # escaped: rich read "tadq Naive [int8]" as markup and printed "tadq Naive"
-        table.add_row(*(escape(format_cell(key, row.get(key))) for key in columns))
+        table.add_row(*(escape(format_cell(key, row.get(key))) for key, _ in columns))
     console.print(table)
 
 
-def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: dict[str, Any]) -> None:
+def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: dict[str, Any], fd_key: str) -> None:
     """results.json, results.md, samples.png and per_step_error.png, written only after every metric exists."""
     from tadq.fsguard import mark_output
     from tadq.report import dumps_json, markdown_table, save_comparison_grid, save_error_curves
@@ -97,7 +109,7 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: d
     results = {"rows": rows, "per_step_mse": evaluation.per_step_mse.tolist(),
                "fd_real_vs_real": evaluation.fd_floor, "settings": settings, "versions": library_versions()}
     atomic_write_text(dumps_json(results), out / "results.json")  # strict JSON: a NaN is written as null
-    atomic_write_text(markdown_table(rows) + "\n", out / "results.md")
+    atomic_write_text(markdown_table(rows, _columns(rows, fd_key)) + "\n", out / "results.md")
 
 
 def _inception_fids(evaluation, weights: Path, resolution: int) -> list[float]:
@@ -220,5 +232,5 @@ def evaluate_command(
                     "sampler": config_to_dict(sampler_config), "sampler_key": sampler_config.key,
                     "num_samples": num_samples, "seed": seed, "guidance_scale": scale, "backend": backend,
                     "labels": None if conditions is None else conditions.key}
-        _write_report(out, rows, evaluation, settings)
+        _write_report(out, rows, evaluation, settings, fd_key)
         console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")

@@ -54,8 +54,9 @@ def format_cell(key: str, value: Any) -> str:
     return f"{value:.2f}"
 
 
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    columns = columns_for(rows)
+def markdown_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...] | None = None) -> str:
+    """``rows`` as a Markdown table of ``columns`` ((key, title) pairs; default ``columns_for(rows)``)."""
+    columns = columns_for(rows) if columns is None else columns
     header = "| " + " | ".join(title for _, title in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
     body = ["| " + " | ".join(format_cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
