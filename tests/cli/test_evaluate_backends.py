@@ -138,3 +138,11 @@ def test_a_text_to_image_pipeline_is_refused_before_it_is_loaded(tmp_path, pipel
         result.output
     assert ("tadq sample" in result.output) == (backend != "fake"), result.output
     assert not (tmp_path / "report").exists()
+
+
+def test_a_missing_reference_is_named_before_the_artefact_is_loaded(tmp_path, monkeypatch):
+    import tadq.io
+
+    monkeypatch.setattr(tadq.io, "load_quantized", lambda *a, **k: pytest.fail("loaded"))
+    result = runner.invoke(app, ["evaluate", str(tmp_path), "--reference", str(tmp_path / "gone")])
+    assert result.exit_code == 2 and "--reference" in result.output and "gone" in result.output, result.output

@@ -178,6 +178,9 @@ def evaluate_command(
                 raise ValueError(f"{flag} must be >= 1, got {count}")
         check_seed("--seed", seed)  # tadq.sample refused it too, but only after both models were loaded
         check_backend_here(backend, torch_device, torch_dtype)
+        if reference is not None and not reference.is_dir():  # named now, not after the artefact is loaded
+            raise FileNotFoundError(f"--reference {reference} is not a folder (the FP model the artefact was "
+                                    "quantized from)")
         if is_prompt_pipeline(model_dir):  # refused by its denoiser's conditioning only once loaded and converted
             raise ValueError(
                 f"{model_dir} is a text-to-image pipeline: `tadq evaluate` compares unconditional and "
