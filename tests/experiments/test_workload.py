@@ -184,3 +184,16 @@ def test_main_job_on_a_flow_matching_transformer_pipeline(tmp_path):
                              evaluation_prompts=EVALUATION_PROMPTS)
     assert type(workload.model).__name__ == "SD3Transformer2DModel"
     assert workload.image_shape() == (3, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def test_guidance_with_null_labels_names_the_scale_and_both_ways_out(tmp_path):
+    """A guided setting with labels='null' (e.g. ``tadq evaluate --labels null`` on an artefact whose recipe guides)
+    is refused naming the scale, with labels='random' + null_class or no guidance as the ways out (evaluate takes no
+    guidance flag, so the old advice alone could not be followed there)."""
+    from tests.conftest import build_tiny_unet
+
+    from tadq.experiments.workload import class_label_setting
+
+    with pytest.raises(ValueError, match=r"guidance \(scale 2\).*--labels random --null-class N.*without guidance"):
+        class_label_setting(tmp_path, build_tiny_unet(num_class_embeds=4), guidance_scale=2.0, labels="null",
+                            null_class=3)

@@ -323,8 +323,9 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
                          f"{path}")
     guidance_scale = 1.0 if guidance_scale is None else float(guidance_scale)
     if guidance_scale != 1.0 and (labels != "random" or null_class is None):
-        raise ValueError("guidance needs a conditional branch and an unconditional one: use labels='random' and give "
-                         "null_class (--labels random --null-class N)")
+        raise ValueError(f"guidance (scale {guidance_scale:g}) needs a conditional branch and an unconditional one: "
+                         "use labels='random' and give null_class (--labels random --null-class N), or sample "
+                         "without guidance (guidance scale 1, where the command takes one)")
     num_classes = null_class if null_class is not None else num_embeddings
     if labels == "null":
         source: ConditionSource = _NullLabels(null_class)
