@@ -287,3 +287,20 @@ def test_a_path_that_only_passes_through_an_artefact_is_not_inside_it(artefact, 
     check_output_dir(artefact / ".." / "beside", kind="run", resume=True)  # resolved: a sibling of the artefact
     check_output_file(artefact / ".." / "beside.png", what="--out", suffixes=(".png",))
     assert not (artefact.parent / "beside").exists()
+
+
+def test_every_command_prints_paths_as_written_not_as_rich_markup(tmp_path):
+    """rich read a path as markup: ``tadq sample --out 'runs/[/x]/s.png'`` wrote the grid and then ended in a
+    MarkupError traceback on its last line (only ``tadq bench`` printed literally). The shared console reads no
+    markup or emoji codes; its error line keeps its style."""
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+
+    folder = tmp_path / "[/x] :rocket:"  # a folder "[" holding "x] :rocket:"
+    folder.mkdir(parents=True)
+    result = CliRunner().invoke(app, ["sample", "--num-samples", "2", "--steps", "2", "--out", str(folder / "s.png")])
+    assert result.exit_code == 0, result.output
+    assert (folder / "s.png").is_file() and str(folder / "s.png") in " ".join(result.output.split())
+    result = CliRunner().invoke(app, ["verify", str(folder / "none")])
+    assert result.exit_code == 2 and "error: " in result.output and "[/x] :rocket:" in result.output, result.output

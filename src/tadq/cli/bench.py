@@ -145,14 +145,14 @@ def bench_command(
                              **fields)
         report = run_bench(config)  # creates and marks --out once the model has loaded
     _print(report)
-    # printed as it is, never read as rich markup or emoji codes: an --out of 'runs/[/x]' crashed here after the
-    # whole bench had run, and ':rocket:' in a path printed a command that names another folder
+    # printed as it is (the console reads no markup or emoji codes: an --out of 'runs/[/x]' crashed here after the
+    # whole bench had run, and ':rocket:' in a path printed a command that names another folder), unhighlighted
     _literal(f"report: {out}/report.html (self-contained), report.md, report.json; regenerate with:")
     _literal(report["command"])
 
 
 def _literal(text: str) -> None:
-    console.print(text, markup=False, emoji=False, highlight=False, soft_wrap=True)
+    console.print(text, highlight=False, soft_wrap=True)
 
 
 def _print(report: dict) -> None:
@@ -168,7 +168,7 @@ def _print(report: dict) -> None:
             table.add_column(title, justify="right")
         for row in (r for r in report["rows"] if r["sampler"] == key):  # Text: a status quotes error messages
             table.add_row(*(Text(format_value(k, row.get(k))) for k, _ in columns))
-        console.print(table, emoji=False)
+        console.print(table)
         for verdict in part["peer_verdicts"]:
             _literal(verdict)
     console.print(f"bench wall time: {report['wall_s']:.0f} s")

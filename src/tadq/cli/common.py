@@ -53,9 +53,12 @@ PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.ENO
                          errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOENT})
 _state: dict[str, Any] = {"verbose": False, "threads": None}
 
-console = Console()
+# markup and emoji codes off: what tadq prints holds the user's paths, prompts and error messages, and rich read
+# "runs/[/x]" as a closing tag (a MarkupError after the whole command had run), "[int8]" as a style (dropped from
+# evaluate's table) and ":rocket:" as an emoji (another folder name); the one styled line, fail_cleanly's, asks
+console = Console(markup=False, emoji=False)
 if not console.is_terminal:
-    console = Console(width=160)  # logs and CI: keep the results table on one line per row
+    console = Console(markup=False, emoji=False, width=160)  # logs and CI: the results table on one line per row
 
 
 def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
@@ -113,7 +116,7 @@ def fail_cleanly() -> Iterator[None]:
         if isinstance(error, FileNotFoundError | NotADirectoryError) and any(
                 word.startswith("~") for word in message.split()):  # outputs: fsguard.check_path_shape says it
             message += " (a quoted ~ is not expanded to a home folder; write the full path)"
-        console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+        console.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from error
 
 

@@ -79,17 +79,16 @@ def _columns(rows: list[dict[str, Any]], fd_key: str) -> tuple[tuple[str, str], 
 
 
 def _print_table(rows: list[dict[str, Any]], title: str, fd_key: str) -> None:
-    from rich.markup import escape
     from rich.table import Table
 
     from tadq.report.tables import format_cell
 
     columns = _columns(rows, fd_key)
-    table = Table(title=escape(title))
+    table = Table(title=title)
     for _, heading in columns:
-        table.add_column(escape(heading), justify="right")
-    for row in rows:  # escaped: rich read "tadq Naive [int8]" as markup and printed "tadq Naive"
-        table.add_row(*(escape(format_cell(key, row.get(key))) for key, _ in columns))
+        table.add_column(heading, justify="right")
+    for row in rows:  # as written: the console reads no markup ("tadq Naive [int8]" was printed "tadq Naive")
+        table.add_row(*(format_cell(key, row.get(key)) for key, _ in columns))
     console.print(table)
 
 
@@ -225,7 +224,7 @@ def evaluate_command(
     if inception is not None:
         for row, value in zip(rows, inception, strict=True):
             row["inception_fid"] = value
-            console.print(f"Inception FID ({row['method']} {row['bits']}) vs real digits: {value:.2f}", markup=False)
+            console.print(f"Inception FID ({row['method']} {row['bits']}) vs real digits: {value:.2f}")
     fd_key = space.metric_key if space is not None else "fd"
     _print_table(rows, f"tadq evaluate: {sampler_config.key}, {num_samples} samples, seed {seed}", fd_key)
     if evaluation.fd_floor is not None:

@@ -95,13 +95,13 @@ def verify_command(
     except USER_ERRORS as error:  # damage of any kind: one FAILED line, exit 1
         if verbose:
             console.print_exception()
-        console.print(f"FAILED {artefact}: {' '.join(str(error).split())}", markup=False, soft_wrap=True)
+        console.print(f"FAILED {artefact}: {' '.join(str(error).split())}", soft_wrap=True)
         raise typer.Exit(code=1) from error
     verdict, files = ("OK", "files match the manifest") if manifest else (
         "UNCHECKED", f"no {MANIFEST_FILE} (saved by an older tadq), so its files cannot be checked; save it again")
     console.print(f"{verdict} {artefact}: {files}; structure and finite weights load; "
-                  f"{qmodel.config.label} {qmodel.config.method}", markup=False, soft_wrap=True)
+                  f"{qmodel.config.label} {qmodel.config.method}", soft_wrap=True)
     for line in tables:
-        console.print(f"  {line}", markup=False, soft_wrap=True)
+        console.print(f"  {line}", soft_wrap=True)
     if not manifest:
         raise typer.Exit(code=1)
