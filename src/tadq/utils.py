@@ -73,12 +73,19 @@ def library_versions() -> dict[str, str]:
     }
 
 
+# what a config records about where it came from, not how the module computes: diffusers writes its version and
+# source under ``_`` keys, transformers its version as ``transformers_version``
+_PROVENANCE_KEYS = frozenset({"transformers_version"})
+
+
 def public_config(module: Any) -> dict[str, Any]:
-    """A diffusers/transformers module's config without its ``_``-keys (where it was loaded from, the library
-    version): the settings its forward reads besides the weights (``sample_size``, ``norm_eps``,
-    ``center_input_sample``, a VAE's ``scaling_factor``...), which no attribute may hold. Empty for a plain module."""
+    """A diffusers/transformers module's config without where it was loaded from or by which library version (the
+    ``_``-keys, ``transformers_version``): the settings its forward reads besides the weights (``sample_size``,
+    ``norm_eps``, ``center_input_sample``, a VAE's ``scaling_factor``, a text encoder's ``layer_norm_eps``...),
+    which no attribute may hold. Empty for a plain module."""
     config = getattr(module, "config", None)
     if config is None:
         return {}
     items = config.to_dict() if hasattr(config, "to_dict") else dict(config) if isinstance(config, Mapping) else {}
-    return {str(key): value for key, value in items.items() if not str(key).startswith("_")}
+    return {str(key): value for key, value in items.items()
+            if not str(key).startswith("_") and str(key) not in _PROVENANCE_KEYS}

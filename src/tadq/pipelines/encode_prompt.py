@@ -195,10 +195,10 @@ class PipelinePromptEncoder:
 
 def text_encoder_digest(encoder: Any) -> str:
     """SHA-256 over a text encoder's tensors and the config its forward reads besides them (``layer_norm_eps``,
-    ``hidden_act``, ``projection_dim``...; ``public_config`` without the transformers version): a config edited on
-    disk changes the encodings without changing a tensor."""
-    config = {key: value for key, value in public_config(encoder).items() if key != "transformers_version"}
-    payload = tensors_digest(dict(encoder.state_dict())) + json.dumps(config, sort_keys=True, default=str)
+    ``hidden_act``, ``projection_dim``...; ``public_config``): a config edited on disk changes the encodings without
+    changing a tensor."""
+    payload = tensors_digest(dict(encoder.state_dict())) + json.dumps(public_config(encoder), sort_keys=True,
+                                                                     default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
