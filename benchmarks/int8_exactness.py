@@ -5,7 +5,10 @@ so a sum can be wrong without a word. This script measures, through the very ops
 (``torch.ops.onednn.qconv2d_pointwise`` / ``qlinear_pointwise``), the largest error against the exact integer sum
 for weight codes within ±b (random codes and the worst case: every activation 255, every weight +b or −b), and
 times one 3×3 convolution per shape of the shipped digits UNet in fp32, bf16 and int8 (median of the repeats, one
-thread). docs/backends.md ("CPUs without VNNI or AMX") has the numbers.
+thread). Float convolutions are timed in both layouts: oneDNN's fp32 kernels are up to 2× faster on channels-last
+inputs (the layout Inductor gives a compiled model) than on the NCHW tensors an eager diffusers model passes, and the
+int8 kernel is fed channels-last codes, as both integer backends feed it; the ratios are against the faster float
+layout. docs/backends.md ("CPUs without VNNI or AMX") has the numbers.
 
     python benchmarks/int8_exactness.py [--threads 1] [--repeats 20]
 """
@@ -54,16 +57,26 @@ def _median_ms(call, repeats: int) -> float:
     return 1000 * median_time(call, repeats)
 
 
-def conv_times(repeats: int, generator: torch.Generator) -> list[tuple[tuple[int, ...], float, float, float]]:
-    """(shape, fp32 ms, bf16 ms, int8 ms) per shape; int8 with 4-bit-range weights (exact on every CPU)."""
+def _float_ms(x: torch.Tensor, w: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(NCHW ms, channels-last ms) of one float conv."""
+    last = torch.channels_last
+    return (_median_ms(_float_conv(x, w), repeats),
+            _median_ms(_float_conv(x.contiguous(memory_format=last), w.contiguous(memory_format=last)), repeats))
+
+
+def conv_times(repeats: int, generator: torch.Generator) -> list[tuple[tuple[int, ...], tuple[float, float],
+                                                                       tuple[float, float], float]]:
+    """(shape, fp32 ms (NCHW, NHWC), bf16 ms (NCHW, NHWC), int8 ms) per shape; int8 on channels-last codes with
+    4-bit-range weights (exact on every CPU)."""
     rows = []
     for batch, channels, side, out in SHAPES:
         x = torch.randn(batch, channels, side, side, generator=generator)
         w = torch.randn(out, channels, 3, 3, generator=generator)
         codes = torch.randint(0, 256, x.shape, generator=generator, dtype=torch.uint8)
+        codes = codes.contiguous(memory_format=torch.channels_last)
         weights = torch.randint(-8, 8, w.shape, generator=generator, dtype=torch.int8)
-        rows.append(((batch, channels, side, out), _median_ms(_float_conv(x, w), repeats),
-                     _median_ms(_float_conv(x.bfloat16(), w.bfloat16()), max(3, repeats // 5)),
+        rows.append(((batch, channels, side, out), _float_ms(x, w, repeats),
+                     _float_ms(x.bfloat16(), w.bfloat16(), max(3, repeats // 5)),
                      _median_ms(functools.partial(unit_scale_int8_conv(weights, 1), codes), repeats)))
     return rows
 
@@ -83,10 +96,12 @@ def main() -> None:
     with torch.no_grad():
         for bound in BOUNDS:
             print(f"| ±{bound} | {worst_error(bound, generator):.0f} |")
-        print("\n| conv 3×3 (batch, C_in, side, C_out) | fp32 ms | bf16 ms | int8 ms | int8 vs fp32 | int8 vs bf16 |")
+        print("\n| conv 3×3 (batch, C_in, side, C_out) | fp32 ms NCHW / NHWC | bf16 ms NCHW / NHWC | int8 ms NHWC "
+              "| int8 vs best fp32 | int8 vs best bf16 |")
         print("|---|---|---|---|---|---|")
         for shape, fp32, bf16, int8 in conv_times(args.repeats, generator):
-            print(f"| {shape} | {fp32:.2f} | {bf16:.2f} | {int8:.2f} | {fp32 / int8:.2f}× | {bf16 / int8:.2f}× |")
+            print(f"| {shape} | {fp32[0]:.2f} / {fp32[1]:.2f} | {bf16[0]:.2f} / {bf16[1]:.2f} | {int8:.2f} "
+                  f"| {min(fp32) / int8:.2f}× | {min(bf16) / int8:.2f}× |")
 
 
 if __name__ == "__main__":
