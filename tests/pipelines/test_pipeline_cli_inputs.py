@@ -187,6 +187,20 @@ def test_a_byte_order_mark_is_not_part_of_the_first_calibration_prompt(folders, 
     assert not differ, f"the BOM changed the calibration: {differ[:3]}"
 
 
+def test_an_empty_calibration_prompt_file_beside_a_flag_is_refused_before_loading(folders, tmp_path):
+    """``--calib-prompt "a dog" --calib-prompts empty.txt``: the file read like every other prompt file, so a
+    file without a prompt (a wrong path to a freshly created file, a file not yet written) is refused, as it is
+    alone, not silently dropped because the flag gave a prompt."""
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n", encoding="utf-8")
+    result, text = _invoke(["quantize", folders["sd"], "--out", tmp_path / "art", "--preset", "W8A8", "--method",
+                            "naive", "--steps", STEPS, "--calib-trajectories", 2, "--cache-dir", tmp_path / "cache",
+                            "--calib-prompt", "a dog", "--calib-prompts", empty])
+    assert result.exit_code != 0
+    assert f"--calib-prompts {empty} holds no prompt" in text
+    assert not (tmp_path / "art").exists() and not (tmp_path / "cache").exists()
+
+
 # ------------------------------------------------------------------------------------------ what works (pass)
 
 

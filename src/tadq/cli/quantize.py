@@ -20,6 +20,7 @@ from tadq.cli.common import (
     class_conditions_for,
     console,
     fail_cleanly,
+    read_prompt_file,
     require_file,
     setup,
 )
@@ -252,12 +253,8 @@ def calibration_prompts(model_dir: Path | None, given: list[str] | None, file: P
 
     if model_dir is not None and not model_dir.exists():
         raise FileNotFoundError(f"model folder {model_dir} does not exist")
-    prompts = list(given or [])
-    if file is not None:
-        require_file(file, "--calib-prompts", "one prompt per line")
-        prompts += [line.strip() for line in file.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"--calib-prompts {file} holds no prompts")
+    # a prompt file without a prompt is refused even beside --calib-prompt: it is a mistake, not an empty addition
+    prompts = list(given or []) + list(read_prompt_file(file, "--calib-prompts"))
     pipeline = model_dir is not None and is_pipeline_folder(model_dir)
     if not pipeline:
         if prompts or file is not None:
