@@ -8,7 +8,19 @@ from typing import Annotated
 import typer
 
 from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
-from tadq.cli.sample import Device, Dtype, Eta, SamplerKind, Steps, Threads, Verbose, deployment_sampler
+from tadq.cli.sample import (
+    Backend,
+    Device,
+    Dtype,
+    Eta,
+    SamplerKind,
+    Steps,
+    Threads,
+    Verbose,
+    announce_compile,
+    check_backend_here,
+    deployment_sampler,
+)
 
 __all__ = ["analyze_command"]
 
@@ -32,9 +44,11 @@ def analyze_command(
     threads: Threads = 0,
     device: Device = "cpu",
     dtype: Dtype = "float32",
+    backend: Backend = "fake",
     verbose: Verbose = False,
 ) -> None:
-    """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction."""
+    """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction (the
+    network run by --backend: the integer model's error is the one a deployment propagates)."""
     from tadq.analysis import analyze_propagation, save_propagation_plot
     from tadq.corrections.attach import as_denoiser
     from tadq.device import place_model
@@ -52,12 +66,13 @@ def analyze_command(
             if count < 1:  # refused now, not after both models were loaded
                 raise ValueError(f"{flag} must be >= 1, got {count}")
         check_seed("--seed", seed)
+        check_backend_here(backend, torch_device, torch_dtype)  # refused before anything is loaded
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
-        qmodel, artefact_scheduler = load_quantized(model_dir)
+        qmodel, artefact_scheduler = load_quantized(model_dir, backend=backend)
         wanted = qmodel.adapter.conditioning_inputs(qmodel.model)
         if wanted:  # refused here, not by the first network call after the FP model is loaded and sampling began
             from tadq.pipelines import is_pipeline_folder
@@ -74,6 +89,7 @@ def analyze_command(
         # the default reference is the shipped model: another model's artefact is measured against it only if alike
         check_same_architecture(qmodel, fp)
         fp = place_model(fp, torch_device, torch_dtype)
+        announce_compile(backend)
         # the network alone: the prediction explains the error the corrections then act on
         report = analyze_propagation(qmodel, as_denoiser(fp), scheduler, sampler_config, num_samples=num_samples,
                                      seed=seed, measure_jacobian=jacobian, batch_size=batch_size)
@@ -84,10 +100,12 @@ def analyze_command(
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "analysis")
     settings = {"model": str(model_dir), "fp_model": str(fp_model) if fp_model is not None else "shipped",
-                "corrections_not_applied": ignored, "measure_jacobian": jacobian, "batch_size": batch_size}
+                "corrections_not_applied": ignored, "measure_jacobian": jacobian, "batch_size": batch_size,
+                "backend": backend}
     atomic_write_text(dumps_json({**report.to_dict(), "settings": settings}), out / "analysis.json")
     save_propagation_plot(report, out / "propagation.png",
-                          title=f"{qmodel.config.label} {qmodel.config.method}: error propagation, {report.sampler}")
+                          title=f"{qmodel.config.label} {qmodel.config.method}"
+                          f"{'' if backend == 'fake' else f' [{backend}]'}: error propagation, {report.sampler}")
     share = report.final_share
     top = sorted(range(len(share)), key=lambda s: -share[s])[:3]
     with_jvp = f", with measured Jδ {report.predicted_jvp[-1]:.3e}" if report.predicted_jvp else ""
