@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 
@@ -14,6 +15,7 @@ from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig
 from tadq.fsguard import OutputRefused
 from tadq.io import CONFIG_FILE, WEIGHTS_FILE, ArtefactSize, load_quantized, pack_codes, save_quantized, unpack_codes
 from tadq.io.manifest import write_manifest
+from tadq.io.save import CODES_SUFFIX
 from tadq.quant import QScheme, Quantizer, QuantLayer, quantize_to_int
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
@@ -61,6 +63,24 @@ def test_round_trip_is_bit_identical(tmp_path, tiny_unet, ddpm_scheduler, calibr
     assert _public(scheduler.config) == _public(ddpm_scheduler.config)
     runs = [api.sample(m, scheduler, SAMPLER, num_samples=2, seed=5, progress=False).images for m in (qmodel, loaded)]
     assert torch.equal(runs[0], runs[1])
+
+
+
+@pytest.mark.parametrize("name", ["W8A8", "W4A8"])
+def test_a_channels_last_model_saves_and_loads(tmp_path, tiny_unet, ddpm_scheduler, calibration, name):
+    """``model.to(memory_format=torch.channels_last)`` (a common speed setting) quantized and sampled, then
+    ``save_pretrained`` failed inside safetensors on the 8-bit codes, which kept the weights' strides. The layout
+    is not part of the model: the weight codes are the contiguous twin's, and the loaded model is the saved one
+    (compared in one layout: channels-last float convolutions round differently)."""
+    channels_last = copy.deepcopy(tiny_unet).to(memory_format=torch.channels_last)
+    assert not channels_last.down_blocks[0].resnets[0].conv1.weight.is_contiguous()
+    qmodel = _quantize(channels_last, ddpm_scheduler, calibration, name)
+    qmodel.save_pretrained(tmp_path / "last", ddpm_scheduler)
+    _quantize(tiny_unet, ddpm_scheduler, calibration, name).save_pretrained(tmp_path / "plain", ddpm_scheduler)
+    stored = {label: load_file(str(tmp_path / label / WEIGHTS_FILE)) for label in ("last", "plain")}
+    codes = [key for key in stored["plain"] if key.endswith(CODES_SUFFIX)]
+    assert codes and all(torch.equal(stored["last"][key], stored["plain"][key]) for key in codes)
+    _assert_same_model(qmodel.to(memory_format=torch.contiguous_format), tadq.load(tmp_path / "last")[0])
 
 
 def test_round_trip_with_exclusions_reconstruction_and_structural_features(

@@ -296,7 +296,9 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
     tensors = {key: value.detach().contiguous() for key, value in state.items() if key not in covered}
     codes_info = {}
     for key, entry in entries.items():
-        tensors[key + CODES_SUFFIX], codes_info[key] = _encode_weight(key, entry)
+        codes, codes_info[key] = _encode_weight(key, entry)
+        # contiguous: a channels-last model's 8-bit codes (stored unpacked) keep its strides, which safetensors refuses
+        tensors[key + CODES_SUFFIX] = codes.contiguous()
     # one metadata key with sorted JSON: safetensors keeps metadata in a hash map, so two keys came out in a
     # different order in every process and identical models had different bytes
     save_file(tensors, str(folder / WEIGHTS_FILE), metadata={"tadq_codes": json.dumps(codes_info, sort_keys=True)})
