@@ -166,6 +166,7 @@ def evaluate_command(
     from tadq.evaluation import decoded_shape, evaluate_against_reference
     from tadq.fsguard import check_output_dir
     from tadq.io import load_quantized
+    from tadq.io.freeu import match_freeu
     from tadq.methods import check_sampler
     from tadq.models import load_pipeline_parts, shipped_model_path
     from tadq.sampling.noise import check_seed
@@ -200,6 +201,8 @@ def evaluate_command(
                                                          labels=labels, null_class=null_class, guidance_scale=None,
                                                          device=torch_device, dtype=torch_dtype, command="evaluate")
         fp_model, fp_scheduler = load_pipeline_parts(reference)
+        if match_freeu(fp_model, qmodel.model) is not None:
+            console.print("the artefact runs with FreeU: the FP reference runs with the same factors")
         fp_model = place_model(fp_model, torch_device, torch_dtype)
         image_shape = decoded_shape(qmodel.sample_shape, decoder)
         resolution = image_shape[-1]

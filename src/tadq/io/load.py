@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from tadq.config import QuantConfig, config_from_dict, config_version
 from tadq.corrections.io import CORRECTIONS_FILE, load_corrections
 from tadq.denoiser import QuantizedDenoiser
+from tadq.io.freeu import apply_freeu
 from tadq.io.manifest import MANIFEST_FILE, check_listed, verify_manifest
 from tadq.io.save import (
     CODES_SUFFIX,
@@ -264,6 +265,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
                          "the artefact again") from error
     check_weight_grid(backend, config.weights)  # before building anything: 8-bit weights on a CPU without VNNI
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"), meta.get("model_class"))
+    apply_freeu(model, meta.get("freeu"), str(path / CONFIG_FILE))  # a runtime setting its config does not hold
     qmodel = build_quantized_structure(model, config, init_weight_range=False)
     for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from tadq.config import config_to_dict
 from tadq.corrections.io import save_corrections
+from tadq.io.freeu import freeu_settings
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import model_family
@@ -312,6 +313,9 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
         "versions": library_versions(), "sizes": size.to_json(),
         "corrections": save_corrections(qmodel.corrections, folder),
     }
+    freeu = freeu_settings(qmodel.model)
+    if freeu is not None:  # only when on: an artefact without FreeU keeps its bytes
+        meta["freeu"] = freeu
     (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     recipe = getattr(qmodel, "recipe", None)  # set by tadq.quantize: everything that made this model
     if recipe is not None:
