@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 import torch
 from diffusers import DDPMScheduler
@@ -154,6 +156,22 @@ def test_condition_source_keys_tell_different_lists_apart() -> None:
     assert ClassLabels((1, 2)).key != ClassLabels((2, 1)).key
     assert RandomClassLabels(3, null_class=3).key != RandomClassLabels(3).key
 
+
+
+def test_bfloat16_rows_have_a_key_that_tells_values_apart() -> None:
+    """A bf16 pipeline's ``encode_prompt`` returns bf16 embeddings; the key hashed ``tensor.numpy()``, which has no
+    bfloat16, so ``tadq.sample``/``tadq.quantize`` failed with numpy's TypeError before the model ran."""
+    rows = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    same, other = ConditioningList(Conditioning(encoder_hidden_states=rows.clone())), ConditioningList(
+        Conditioning(encoder_hidden_states=rows + 1))
+    key = ConditioningList(Conditioning(encoder_hidden_states=rows)).key
+    assert key == same.key and key != other.key
+    # the hashed bytes are the values' own: a float32 list keeps the key it had (calibration caches stay valid)
+    plain = Conditioning(encoder_hidden_states=torch.arange(6, dtype=torch.float32).reshape(2, 1, 3))
+    digest = hashlib.sha256()
+    for name, value in sorted(plain.to_tensors().items()):
+        digest.update(name.encode() + value.numpy().tobytes())
+    assert ConditioningList(plain).key.endswith(digest.hexdigest()[:16])
 
 def test_a_condition_list_shorter_than_the_run_is_refused_before_the_first_call() -> None:
     """A list of 4 rows for 6 samples in batches of 2 used to fail at the third batch, after two batches of work."""

@@ -295,7 +295,8 @@ class ConditioningList:
         digest = hashlib.sha256()
         for name, value in sorted(self.rows.to_tensors().items()):
             digest.update(name.encode())
-            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+            # raw bytes through uint8 (numpy's bytes for every dtype it has): bfloat16, which numpy lacks, too
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return f"{self.name}-{self.rows.describe()}-{digest.hexdigest()[:16]}"
 
 
