@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DModel
+from diffusers import UNet2DConditionModel, UNet2DModel
 from tests.conftest import build_tiny_sd_unet
 
 from tadq.config import QuantConfig
@@ -72,6 +72,22 @@ def test_an_identity_class_embedding_takes_label_vectors_and_refuses_indices():
     with pytest.raises(ValueError, match=r"takes a float label vector per sample, \(N, 16\)"):
         adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([0, 1])))
 
+
+
+@pytest.mark.parametrize("build", [lambda: _unet(num_class_embeds=5),
+                                   lambda: build_tiny_sd_unet(num_class_embeds=5)], ids=["unet2d", "unet2d-condition"])
+@pytest.mark.parametrize("labels", [[7, 1], [0, -1], [5, 5]])
+def test_labels_past_the_class_table_are_refused_by_range(build, labels):
+    """A label (or guidance's null class) past ``num_class_embeds`` failed inside torch's embedding with
+    'index out of range in self'; it is named with the table's range."""
+    model = build()
+    adapter = adapter_for(model)
+    x, t = torch.zeros(2, model.config.in_channels, 8, 8), torch.tensor([10, 10])
+    fields = {"encoder_hidden_states": torch.zeros(2, 3, 16)} if isinstance(model, UNet2DConditionModel) else {}
+    with pytest.raises(ValueError, match=r"holds labels 0\.\.4 \(num_class_embeds=5\)"):
+        adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor(labels), **fields))
+    with torch.no_grad():  # labels inside the table still run
+        adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([0, 4]), **fields))
 
 def test_a_conditional_unet_with_an_identity_class_embedding_traces():
     model = build_tiny_sd_unet(class_embed_type="identity")

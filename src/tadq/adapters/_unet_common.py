@@ -134,6 +134,13 @@ def check_class_labels(model: nn.Module, labels: Tensor) -> None:
         raise ValueError(f"this {kind}'s class embedding (class_embed_type={model.config.class_embed_type!r}) takes "
                          f"a float label vector per sample, (N, {width}); got {labels.dtype} of shape "
                          f"{list(labels.shape)}")
+    table = getattr(model, "class_embedding", None)
+    if width is None and isinstance(table, nn.Embedding) and labels.numel():
+        low, high = int(labels.min()), int(labels.max())  # an index past the table failed inside torch's embedding
+        if low < 0 or high >= table.num_embeddings:
+            raise ValueError(f"this {kind}'s class embedding holds labels 0..{table.num_embeddings - 1} "
+                             f"(num_class_embeds={table.num_embeddings}); got labels in [{low}, {high}] (a null "
+                             "class for guidance must be one of its rows too)")
 
 
 _CONDITIONING_HINT = "pass cond=Conditioning(...) (when sampling, conditions= a condition source)"
