@@ -173,6 +173,15 @@ def test_bfloat16_rows_have_a_key_that_tells_values_apart() -> None:
         digest.update(name.encode() + value.numpy().tobytes())
     assert ConditioningList(plain).key.endswith(digest.hexdigest()[:16])
 
+
+@pytest.mark.parametrize("shape", [(2, 5, 16), (2, 3, 12)])
+def test_guidance_branches_of_other_shapes_are_refused_when_built(shape) -> None:
+    """A negative prompt encoded to another token count or width failed inside torch.cat at the first guided call,
+    without naming either branch."""
+    with pytest.raises(ValueError, match=r"encoder_hidden_states.*\(3, 16\)"):
+        Conditioning(encoder_hidden_states=torch.zeros(2, 3, 16),
+                     unconditional=Conditioning(encoder_hidden_states=torch.zeros(shape)))
+
 def test_a_condition_list_shorter_than_the_run_is_refused_before_the_first_call() -> None:
     """A list of 4 rows for 6 samples in batches of 2 used to fail at the third batch, after two batches of work."""
     rows = ConditioningList(Conditioning(class_labels=torch.tensor([0, 1, 2, 0])))

@@ -76,6 +76,15 @@ class Conditioning:
             if self.unconditional.batch_size != self.batch_size:
                 raise ValueError(f"the unconditional branch has {self.unconditional.batch_size} rows, the "
                                  f"conditional one {self.batch_size}")
+            # both branches go through the network in one batch (as diffusers' pipelines require, a negative
+            # prompt's embeddings must have the prompt's token count and width): refused here, not in torch.cat
+            mine, theirs = self._tensors(), self.unconditional._tensors()
+            differing = {name: (tuple(mine[name].shape[1:]), tuple(theirs[name].shape[1:])) for name in
+                         sorted(set(mine) & set(theirs)) if mine[name].shape[1:] != theirs[name].shape[1:]}
+            if differing:
+                raise ValueError("the guidance branches must have equal shapes per sample, but (conditional, "
+                                 f"unconditional) differ: {differing}; encode the negative prompt padded to the "
+                                 "prompt's length")
 
     def _tensors(self) -> dict[str, Tensor]:
         named = {name: getattr(self, name) for name in _BATCHED if getattr(self, name) is not None}
