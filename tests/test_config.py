@@ -43,6 +43,19 @@ def test_fp_layer_presets():
         QuantConfig.from_preset("W4A8", fp_layers="everything")
 
 
+def test_fp_layers_and_keep_fp_roles_given_together_are_merged_and_checked():
+    """fp_layers used to replace keep_fp_roles given beside it: the roles were dropped (every layer quantized) and an
+    unknown role name was never checked."""
+    both = QuantConfig.from_preset("W8A8", fp_layers="first_last", keep_fp_roles=("attention_qkv", "input_conv"))
+    assert both.keep_fp_roles == ("input_conv", "output_conv", "attention_qkv")
+    assert QuantConfig.from_preset("W8A8", fp_layers="none", keep_fp_roles=("attention_qkv",)).keep_fp_roles == (
+        "attention_qkv",)
+    with pytest.raises(ValueError, match="no_such_role"):
+        QuantConfig.from_preset("W8A8", fp_layers="none", keep_fp_roles=("no_such_role",))
+    with pytest.raises(TypeError, match="tuple of role names"):
+        QuantConfig.from_preset("W8A8", fp_layers="none", keep_fp_roles="attention_qkv")
+
+
 def test_layer_bits_survive_json_and_a_version_2_payload_means_none():
     config = QuantConfig.from_preset("W4A8", layer_bits=(("conv_in", 8, 8), ("conv_out", 6, 4)))
     payload = json.loads(json.dumps(config_to_dict(config)))

@@ -324,11 +324,15 @@ class QuantConfig:
 
         Args:
             name: W8A8, W4A8, W4A4, W4A16, W8A16 or W8A8-WSYM (symmetric weights).
-            fp_layers: a key of ``FP_LAYER_PRESETS`` (sets ``keep_fp_roles``); ``None`` keeps the default (none).
+            fp_layers: a key of ``FP_LAYER_PRESETS`` (its roles are kept in floating point, with any
+                ``keep_fp_roles`` given beside it); ``None`` keeps the default (none).
         """
         weights, activations = preset(name)
-        if fp_layers is not None:
-            overrides["keep_fp_roles"] = fp_layer_roles(fp_layers)
+        if fp_layers is not None:  # merged, not replaced: the given roles used to be dropped without a word
+            given = overrides.get("keep_fp_roles", ())
+            if isinstance(given, str):
+                raise TypeError(f"keep_fp_roles takes a tuple of role names, got the string {given!r}")
+            overrides["keep_fp_roles"] = tuple(dict.fromkeys((*fp_layer_roles(fp_layers), *given)))
         return cls(weights=weights, activations=activations, preset_name=name.upper(), **overrides)
 
     @property
