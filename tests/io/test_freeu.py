@@ -11,9 +11,9 @@ from diffusers import DDIMScheduler
 from tests.conftest import build_tiny_sd_unet
 
 import tadq
+from tadq.adapters.freeu import freeu_settings, match_freeu
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.io import CONFIG_FILE
-from tadq.io.freeu import freeu_settings, match_freeu
 from tadq.io.manifest import write_manifest
 from tadq.sampling import Conditioning, ConditioningList, SamplerConfig
 

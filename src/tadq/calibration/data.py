@@ -17,6 +17,7 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from torch import Tensor, nn
 
+from tadq.adapters.freeu import freeu_settings
 from tadq.config import CalibrationConfig, config_to_dict
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning, ConditionSource, SamplingPlan, sample, scheduler_config_key
@@ -91,7 +92,7 @@ CACHE_FORMAT = 2
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the model's class, its public config and its tensors (names, dtypes, shapes, bytes).
+    """SHA-256 over the model's class, its public config, FreeU when on and its tensors (names, dtypes, shapes, bytes).
 
     The config counts as much as the weights: a folder whose ``config.json`` was edited (another ``sample_size`` or
     ``norm_eps``) with the same weights samples something else, and must not reuse the old calibration data, cells
@@ -100,6 +101,9 @@ def model_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     digest.update(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     digest.update(json.dumps(public_config(model), sort_keys=True, default=str).encode())
+    freeu = freeu_settings(model)  # a runtime setting no config records; only when on, so other keys stay
+    if freeu is not None:
+        digest.update(json.dumps({"freeu": freeu}, sort_keys=True).encode())
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())

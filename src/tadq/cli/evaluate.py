@@ -160,13 +160,13 @@ def evaluate_command(
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
     from the same noise; print FD, agreement, PSNR/SSIM, MSE."""
+    from tadq.adapters.freeu import match_freeu
     from tadq.cli.sample import class_conditioning, is_prompt_pipeline
     from tadq.config import config_to_dict
     from tadq.device import place_model
     from tadq.evaluation import decoded_shape, evaluate_against_reference
     from tadq.fsguard import check_output_dir
     from tadq.io import load_quantized
-    from tadq.io.freeu import match_freeu
     from tadq.methods import check_sampler
     from tadq.models import load_pipeline_parts, shipped_model_path
     from tadq.sampling.noise import check_seed

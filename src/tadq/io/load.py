@@ -15,10 +15,10 @@ from diffusers import SchedulerMixin
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from tadq.adapters.freeu import apply_freeu
 from tadq.config import QuantConfig, config_from_dict, config_version
 from tadq.corrections.io import CORRECTIONS_FILE, load_corrections
 from tadq.denoiser import QuantizedDenoiser
-from tadq.io.freeu import apply_freeu
 from tadq.io.manifest import MANIFEST_FILE, check_listed, verify_manifest
 from tadq.io.save import (
     CODES_SUFFIX,

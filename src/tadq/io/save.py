@@ -36,9 +36,9 @@ from diffusers import SchedulerMixin
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from tadq.adapters.freeu import freeu_settings
 from tadq.config import config_to_dict
 from tadq.corrections.io import save_corrections
-from tadq.io.freeu import freeu_settings
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import model_family
