@@ -193,3 +193,19 @@ def test_a_base_on_the_meta_device_is_refused_before_any_fit(tiny_unet, ddpm_sch
         api.quantize(tiny_unet, ddpm_scheduler, recipe, base=empty, progress=False)
     with pytest.raises(TypeError, match="base must be a QuantizedDenoiser"):
         api.quantize(tiny_unet, ddpm_scheduler, recipe, base=tiny_unet, progress=False)
+
+
+def test_a_base_quantized_from_another_model_is_refused_before_any_fit(tiny_unet, ddpm_scheduler):
+    """``quantize(B, ..., base=quantize(A))`` with A another training of B's config returned A's network with
+    corrections fitted against B's trajectories, without a word."""
+    from tests.conftest import build_tiny_unet
+
+    from tadq.corrections import TACConfig
+
+    recipe = Recipe.from_preset("W8A8", method=NaiveMethod(), calibration=CALIB, deployments=(Deployment(SAMPLER),),
+                                corrections=(TACConfig(num_samples=4),))
+    base = api.quantize(build_tiny_unet(seed=1), ddpm_scheduler, RECIPE, progress=False)
+    with pytest.raises(ValueError, match="base= was not quantized from this model: .* tensors differ"):
+        api.quantize(tiny_unet, ddpm_scheduler, recipe, base=base, progress=False)
+    own = api.quantize(tiny_unet, ddpm_scheduler, RECIPE, progress=False)  # its own base is taken
+    assert api.quantize(tiny_unet, ddpm_scheduler, recipe, base=own, progress=False).model is own.model

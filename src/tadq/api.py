@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from tadq.calibration import CalibrationSet
+from tadq.calibration.data import check_calibration_matches
 from tadq.config import QuantConfig
 from tadq.corrections.attach import fit_corrections
 from tadq.corrections.base import HookedDenoiser
@@ -27,7 +28,8 @@ from tadq.device import (
     same_device,
 )
 from tadq.methods import quantize_base
-from tadq.prepare import build_quantized_structure, calibrate_activations
+from tadq.prepare import build_quantized_structure, calibrate_activations, check_plain_weights
+from tadq.provenance import check_same_architecture
 from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for, correction_for
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult, check_seed
@@ -75,6 +77,9 @@ def quantize(
             without it; not used when the FP reference is a moved or cast copy of ``model``.
     """
     expect(model, nn.Module, "model", "tadq.quantize")
+    if isinstance(model, (QuantizedDenoiser, HookedDenoiser)):  # was: "no tadq adapter ... add one"
+        raise TypeError(f"tadq.quantize: model is already quantized ({type(model).__name__}); quantize the FP model "
+                        "it was made from, or pass it as base= with that FP model to fit a recipe's corrections on it")
     # dropout off for every FP call (calibration trajectories, fits): a model left in training mode made them
     # random, so two identical calls gave different models; the caller's modes are restored afterwards. tadq's
     # own tensors float32 whatever default dtype the caller set (float32_default)
@@ -95,9 +100,14 @@ def _quantize(
         expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
     expect_scheduler(scheduler, "tadq.quantize")
     check_weights_loaded(model, "tadq.quantize")
+    check_plain_weights(model, "tadq.quantize")
     if base is not None:  # its weights are reused as they are: refused here, not by its first forward
         expect(base, QuantizedDenoiser, "base", "tadq.quantize")
         check_weights_loaded(base, "tadq.quantize: base")
+        try:  # its network is reused and the recipe's corrections fitted against ``model``: the same model only
+            check_same_architecture(base, model)
+        except ValueError as error:
+            raise ValueError(f"base= was not quantized from this model: {error}") from error
     if calibration is not None:
         expect(calibration, CalibrationSet, "calibration", "tadq.quantize")
     if isinstance(recipe, QuantConfig):
@@ -130,6 +140,8 @@ def _quantize(
         correction_for(correction).check_fittable(plans[0].steps)
     if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
         check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before sampling anything
+    if calibration is not None:  # made for this call's model, scheduler, config and conditioning, or refused
+        check_calibration_matches(calibration, model, scheduler, config.calibration, conditions, guidance_scale)
     handler = method_handler(recipe.method) if recipe is not None else None
     options = {"cache_dir": cache_dir, "progress": progress, "conditions": conditions,
                "guidance_scale": guidance_scale}

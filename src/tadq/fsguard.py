@@ -273,7 +273,7 @@ def check_output_dir(out: str | Path, *, kind: str, what: str = "--out", overwri
                                 f"Choose another folder, or {FORCE_HINT}{also}")
         if not (overwrite or resume):
             raise OutputRefused(f"{what} {out} already exists and is not empty; choose a new folder or pass "
-                                "--overwrite")
+                                "--overwrite (overwrite=True from Python)")
         if overwrite and not force_foreign and (added := _added_to_artefact(out)):
             raise OutputRefused(f"{what} {out} is a tadq artefact, but {len(added)} file(s) in it were put there "
                                 f"after tadq saved it ({', '.join(added[:3])}); --overwrite would delete them. Move "

@@ -19,7 +19,23 @@ from tadq.quant.split import apply_shortcut_split
 from tadq.registry import adapter_for
 from tadq.safefiles import require_finite
 
-__all__ = ["build_quantized_structure", "calibrate_activations"]
+__all__ = ["build_quantized_structure", "calibrate_activations", "check_plain_weights"]
+
+
+def check_plain_weights(model: nn.Module, where: str) -> None:
+    """Refuse layers whose weight is recomputed from other tensors at every call (``torch.nn.utils.weight_norm``'s
+    pre-hook, ``torch.nn.utils.parametrize``), naming the layer and the call that folds it into a plain weight:
+    the legacy form failed deep in ``copy.deepcopy`` and the parametrized one as an unsupported layer class."""
+    for name, module in model.named_modules():
+        label = name or type(model).__name__
+        if any(type(hook).__name__ == "WeightNorm" for hook in module._forward_pre_hooks.values()):
+            raise ValueError(f"{where}: layer {label} uses torch.nn.utils.weight_norm; fold it into a plain weight "
+                             "with torch.nn.utils.remove_weight_norm(layer) before quantizing")
+        if getattr(module, "parametrizations", None) is not None:
+            tensors = ", ".join(sorted(module.parametrizations.keys()))
+            raise ValueError(f"{where}: layer {label} is parametrized ({tensors}, torch.nn.utils.parametrize); fold "
+                             "it into a plain tensor with torch.nn.utils.parametrize.remove_parametrizations(layer, "
+                             "name) before quantizing")
 
 
 @torch.no_grad()

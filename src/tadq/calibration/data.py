@@ -131,6 +131,19 @@ def calibration_key(model: nn.Module, scheduler_config: dict, config: Calibratio
     return _key_of(calibration_fields(model, scheduler_config, config, conditions, guidance_scale))
 
 
+
+def check_calibration_matches(calibration: CalibrationSet, model: nn.Module, scheduler, config: CalibrationConfig,
+                              conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> None:
+    """Refuse a precomputed calibration set made for another model, scheduler, calibration config or conditioning
+    than the call it is handed to: its inputs would calibrate the ranges silently (and the artefact record a sampler
+    the data did not come from), or fail deep in the first layer with another sample shape."""
+    scheduler_config = scheduler.config if hasattr(scheduler, "config") else scheduler
+    if calibration.key != calibration_key(model, scheduler_config, config, conditions, guidance_scale):
+        raise ValueError("calibration= was collected for another model, scheduler, calibration config, device type "
+                         "or conditioning than this call: collect it with tadq.calibration.collect_calibration_set("
+                         "model, adapter, scheduler, config.calibration, conditions=..., guidance_scale=...) as "
+                         "quantize would, or pass calibration=None")
+
 def _key_of(fields: dict) -> str:
     payload = json.dumps(fields, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
