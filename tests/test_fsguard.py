@@ -94,6 +94,36 @@ def test_overwrite_refuses_an_artefact_holding_files_added_after_its_save(tmp_pa
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("manifest", ["deleted", "damaged"])
+def test_overwrite_without_a_readable_manifest_still_spares_a_users_files(tmp_path, manifest):
+    """With its manifest deleted, an artefact's added files went unseen (no manifest listed nothing as added) and
+    --overwrite deleted them; with it damaged, a user's file inside a component folder (``vae/notes.txt``) counted
+    as tadq's. Without a manifest, the files diffusers and transformers write in component folders are tadq's, any
+    other file is a user's."""
+    from tadq.io.manifest import MANIFEST_FILE, write_manifest
+
+    artefact = tmp_path / "artefact"
+    for name, text in {"tadq_config.json": "{}", "model_index.json": json.dumps({"_class_name": "X", "vae": [
+            "diffusers", "AutoencoderKL"], "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder": ["transformers", "CLIPTextModel"]}),
+            "vae/config.json": "{}", "vae/diffusion_pytorch_model.safetensors": "w", "tokenizer/merges.txt": "m",
+            "tokenizer/vocab.json": "{}", "text_encoder/model.safetensors": "w"}.items():
+        (artefact / name).parent.mkdir(parents=True, exist_ok=True)
+        (artefact / name).write_text(text)
+    mark_output(artefact, "artefact")
+    write_manifest(artefact)
+    if manifest == "deleted":
+        (artefact / MANIFEST_FILE).unlink()
+    else:
+        (artefact / MANIFEST_FILE).write_text("{")
+    check_output_dir(artefact, kind="artefact", overwrite=True)  # tadq's and the components' own files only
+    for mine in ("notes.txt", "vae/my_vae_notes.txt", "text_encoder/results.csv"):
+        (artefact / mine).write_text("mine")
+        with pytest.raises(OutputRefused, match=rf"{mine.replace('.', '[.]')}.*--overwrite would delete"):
+            check_output_dir(artefact, kind="artefact", overwrite=True)
+        (artefact / mine).unlink()
+
+
 def test_a_folder_marked_as_another_kind_of_output_is_refused_and_keeps_its_marker(tmp_path):
     """tadq run --out ARTEFACT rewrote the artefact's marker (hashed by its manifest: the artefact no longer loaded),
     and quantize --overwrite --out RUN_FOLDER replaced a run folder, the user's notes in it included."""

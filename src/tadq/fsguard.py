@@ -283,16 +283,34 @@ def check_output_dir(out: str | Path, *, kind: str, what: str = "--out", overwri
         check_writable_dir(out.absolute().parent, f"{what} {out}: its parent")  # replacing renames inside it
 
 
+# what diffusers and transformers write into a pipeline's component folders (weights, configs, tokenizer files): in
+# an artefact without a readable manifest, any other file in a component folder is taken to be a user's
+_COMPONENT_FILE_NAMES = frozenset({
+    "config.json", "scheduler_config.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json",
+    "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "spiece.model", "tokenizer.model",
+    "sentencepiece.bpe.model", "generation_config.json", "preprocessor_config.json", "chat_template.jinja"})
+_COMPONENT_WEIGHT_PREFIXES = ("diffusion_pytorch_model", "model", "pytorch_model")
+_COMPONENT_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def _component_file(name: str) -> bool:
+    return name in _COMPONENT_FILE_NAMES or (name.startswith(_COMPONENT_WEIGHT_PREFIXES)
+                                             and name.endswith(_COMPONENT_WEIGHT_SUFFIXES))
+
+
 def _added_to_artefact(folder: Path) -> list[str]:
     """Files in an artefact folder that its manifest does not list: someone else's, which replacing the folder would
-    delete. An unreadable manifest (a damaged artefact, the usual reason to overwrite) falls back to the names tadq
-    writes: its own top-level files and the component folders ``model_index.json`` names (a user's
-    ``my-eval/results.csv`` beside them was deleted with the rest)."""
+    delete. Without a readable manifest (damaged, deleted, or an artefact older than manifests: the usual reasons to
+    overwrite) it falls back to the names tadq writes: its own top-level files, and in the component folders
+    ``model_index.json`` names the files diffusers and transformers write there (a user's ``my-eval/results.csv``
+    beside them, or ``vae/notes.txt`` inside one, was deleted with the rest)."""
     from tadq.corrections.io import CORRECTIONS_FILE
     from tadq.io.manifest import ArtefactDamaged, unlisted_files
+    from tadq.io.manifest import read_manifest as read
 
     try:
-        return unlisted_files(folder)
+        if read(folder) is not None:
+            return unlisted_files(folder)
     except ArtefactDamaged:
         pass
     index = folder / "model_index.json"
@@ -301,9 +319,14 @@ def _added_to_artefact(folder: Path) -> list[str]:
     except (ValueError, OSError, UnicodeDecodeError, AttributeError, TypeError):
         components = set()
     ours = {"model_index.json", CORRECTIONS_FILE, MARKER_FILE}
-    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file()
-                  and not (path.name.startswith("tadq_") and path.parent == folder) and path.name not in ours
-                  and path.relative_to(folder).parts[0] not in components)
+
+    def tadq_wrote(relative: Path) -> bool:
+        if len(relative.parts) == 1:
+            return relative.name.startswith("tadq_") or relative.name in ours
+        return relative.parts[0] in components and _component_file(relative.name)
+
+    return sorted(str(relative) for relative in (path.relative_to(folder) for path in folder.rglob("*")
+                                                 if path.is_file() or path.is_symlink()) if not tadq_wrote(relative))
 
 
 def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = (),
