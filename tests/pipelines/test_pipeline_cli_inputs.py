@@ -201,6 +201,24 @@ def test_an_empty_calibration_prompt_file_beside_a_flag_is_refused_before_loadin
     assert not (tmp_path / "art").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_broken_link_in_a_copied_component_is_refused_before_any_work(folders, tmp_path):
+    """A hub snapshot whose unused ``vae/diffusion_pytorch_model.bin`` blob was deleted: diffusers never reads the
+    link, so sampling works, but the artefact copies component folders whole and ``shutil.copytree`` failed with a
+    traceback after calibration and quantization. Refused first, naming the link; the denoiser's own folder (not
+    copied) may hold one."""
+    import shutil
+
+    source = shutil.copytree(folders["sd"], tmp_path / "sd")
+    (source / "unet" / "diffusion_pytorch_model.bin").symlink_to(tmp_path / "gone-unet")  # never copied
+    (source / "vae" / "diffusion_pytorch_model.bin").symlink_to(tmp_path / "gone")
+    result, text = _invoke(["quantize", source, "--out", tmp_path / "art", "--preset", "W8A8", "--method", "naive",
+                            "--steps", STEPS, "--calib-trajectories", 2, "--cache-dir", tmp_path / "cache",
+                            "--calib-prompt", "a dog"])
+    assert result.exit_code == 2, text
+    assert "vae/diffusion_pytorch_model.bin is not a file" in text and "unet/" not in text
+    assert not (tmp_path / "art").exists() and not (tmp_path / "cache").exists()
+
+
 # ------------------------------------------------------------------------------------------ what works (pass)
 
 

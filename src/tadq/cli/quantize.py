@@ -350,6 +350,7 @@ def quantize_command(
     from tadq.api import check_method_dtype, quantize
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
     from tadq.io import save_quantized
+    from tadq.io.save import check_copyable_components
     from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
     from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
     from tadq.sampling import command_sampler_kind
@@ -394,6 +395,8 @@ def quantize_command(
                              "choose a cache folder outside it")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
+        if model_dir is not None and (model_dir / "model_index.json").is_file():  # its components are copied
+            check_copyable_components(model_dir)
         if distilled_guidance is None:  # the recipe's (--recipe of a Flux artefact, --set deployments.0...)
             distilled_guidance = recipe.deployments[0].distilled_guidance
         distilled_model = prompts is not None and read_model_index(model_dir)["_class_name"] in \

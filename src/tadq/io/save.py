@@ -41,7 +41,7 @@ from tadq.config import config_to_dict
 from tadq.corrections.io import save_corrections
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
-from tadq.registry import model_family
+from tadq.registry import model_family, registered_families
 from tadq.sampling import DEFAULTED_KEYS
 from tadq.utils import library_versions
 
@@ -261,6 +261,32 @@ def config_mismatch(model: nn.Module, config_file: Path) -> str | None:
     return None
 
 
+
+def check_copyable_components(source: str | Path) -> None:
+    """Refuse, before any work, a pipeline folder whose component folders (the ones an artefact copies: every one
+    but the denoiser's) hold broken links or other entries that are not files or folders: ``shutil.copytree`` failed
+    on them after the whole quantization (e.g. a hub snapshot whose unused ``.bin`` blob was deleted, which
+    diffusers itself never reads)."""
+    source = Path(source)
+    try:
+        index = json.loads((source / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # not a readable pipeline folder: the pipeline checks name that
+    denoisers = {family.subfolder for family in registered_families().values()}
+    bad = []
+    for name, value in sorted(index.items() if isinstance(index, dict) else ()):
+        folder = source / name
+        if name.startswith("_") or name in denoisers or not isinstance(value, list) or not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            if not (path.is_file() or path.is_dir()):  # a dangling link (is_file follows links), a socket, a fifo
+                bad.append(str(path.relative_to(source)))
+    if bad:
+        listed = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise FileNotFoundError(f"{source}: {listed} {'is' if len(bad) == 1 else 'are'} not a file (a broken link?), "
+                                "and an artefact copies its component folders whole; remove it or restore its "
+                                "target")
+
 def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path) -> str:
     """A pipeline source (text encoders, tokenizers, VAE...): ``model_index.json`` and every component folder but
     the denoiser's copied byte for byte, so diffusers' own ``from_pretrained`` loads them from the artefact; the
@@ -272,6 +298,7 @@ def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path)
     index = json.loads((source / "model_index.json").read_text())
     if not isinstance(index.get(subfolder), list):
         raise ValueError(f"{source}/model_index.json names no {subfolder!r}: it is not the source of this model")
+    check_copyable_components(source)
     shutil.copyfile(source / "model_index.json", folder / "model_index.json")
     for name, value in sorted(index.items()):
         if name.startswith("_") or name == subfolder or not isinstance(value, list) or None in value:
