@@ -219,6 +219,32 @@ def test_a_broken_link_in_a_copied_component_is_refused_before_any_work(folders,
     assert not (tmp_path / "art").exists() and not (tmp_path / "cache").exists()
 
 
+def test_a_token_past_the_text_encoders_vocabulary_is_refused_before_loading(folders, tmp_path):
+    """A token added to the tokenizer only (textual inversion before its embedding is trained) failed inside the
+    text encoder's embedding ('index out of range in self') after the pipeline was loaded. Refused from the
+    tokenizer and the encoder's config, as the prompt lengths are; a too-long negative prompt is named as such."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    source = shutil.copytree(folders["sd"], tmp_path / "sd")
+    tokenizer = AutoTokenizer.from_pretrained(source / "tokenizer")
+    tokenizer.add_tokens(["<cat-toy>"])
+    tokenizer.save_pretrained(source / "tokenizer")
+    vocab = json.loads((source / "text_encoder" / "config.json").read_text())["vocab_size"]
+    quantized = ["quantize", source, "--out", tmp_path / "art", "--preset", "W8A8", "--method", "naive", "--steps",
+                 STEPS, "--calib-trajectories", 2, "--cache-dir", tmp_path / "cache", "--calib-prompt", "a <cat-toy>"]
+    sampled = ["sample", source, "--prompt", "a <cat-toy>", "--steps", STEPS, "--out", tmp_path / "s"]
+    for args in (quantized, sampled):
+        result, text = _invoke(args)
+        assert result.exit_code == 2, text
+        assert f"'<cat-toy>' id {vocab}, past the {vocab}-token vocabulary of text_encoder" in text
+    assert not (tmp_path / "art").exists() and not (tmp_path / "s").exists()
+    result, text = _invoke(["sample", source, "--prompt", "a cat", "--negative-prompt", "a dog " * 60, "--steps",
+                            STEPS, "--out", tmp_path / "s"])
+    assert result.exit_code == 2 and "negative prompt 'a dog" in text, text
+
+
 # ------------------------------------------------------------------------------------------ what works (pass)
 
 

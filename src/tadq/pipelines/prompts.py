@@ -283,6 +283,29 @@ def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "
         PromptEncoder(tuple(tokenizers.values()), tuple(nn.Identity() for _ in tokenizers))
     limits, truncated = token_limits(layout.class_name, tokenizers, max_sequence_length)
     check_token_counts(list(tokenizers.values()), limits, list(prompts), what, truncated)
+    _check_token_ids(layout.path, tokenizers, list(prompts), what)
+
+
+def _check_token_ids(path: Path, tokenizers: dict[str, Any], prompts: list[str], what: str) -> None:
+    """Refuse a prompt with a token id past its text encoder's vocabulary (a token added to the tokenizer only, as
+    textual inversion does before training): it failed inside the encoder's embedding ("index out of range in
+    self"), after the denoiser was loaded. Reads each encoder's ``config.json`` only."""
+    for name, tokenizer in tokenizers.items():
+        encoder = "text_encoder" + name.removeprefix("tokenizer")
+        try:
+            vocab = int(json.loads((path / encoder / "config.json").read_text())["vocab_size"])
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # no such encoder or no vocabulary size: the pipeline checks name a damaged config
+        pad = getattr(tokenizer, "pad_token_id", None)
+        for prompt in prompts:
+            ids = [*tokenizer(prompt)["input_ids"], *([pad] if isinstance(pad, int) else [])]
+            past = [index for index in ids if index >= vocab]
+            if past:
+                token = tokenizer.convert_ids_to_tokens(past[0])
+                raise ValueError(f"{what} {prompt!r}: {name} gives token {token!r} id {past[0]}, past the "
+                                 f"{vocab}-token vocabulary of {encoder} ({path / encoder / 'config.json'}); a token "
+                                 "added to the tokenizer (textual inversion) needs the text encoder's embeddings "
+                                 "resized and trained with it")
 
 
 def prompt_encoder_for(pipe: Any, *, max_sequence_length: int | None = None,
