@@ -245,6 +245,25 @@ def test_a_token_past_the_text_encoders_vocabulary_is_refused_before_loading(fol
     assert result.exit_code == 2 and "negative prompt 'a dog" in text, text
 
 
+@pytest.mark.parametrize("name", ["grid.png", "prompts.json", "sample_0000.png"])
+def test_a_users_file_under_a_name_a_rerun_writes_is_refused_before_loading(folders, tmp_path, name):
+    """The samples folder's mark let a rerun replace a user's own grid.png or prompts.json put beside the samples
+    (stale sample PNGs were already removed only when tadq wrote them)."""
+    out = tmp_path / "s"
+    args = ["sample", folders["sd"], "--prompt", "a cat", "--steps", STEPS, "--out", out]
+    assert _invoke(args)[0].exit_code == 0
+    if name.endswith(".png"):
+        Image.new("RGB", (5, 5), (255, 0, 0)).save(out / name)
+    else:
+        (out / name).write_text('{"my": "notes"}')
+    mine = (out / name).read_bytes()
+    result, text = _invoke(args)
+    assert result.exit_code == 2 and f"holds {name}, which tadq did not write" in text, text
+    assert (out / name).read_bytes() == mine
+    assert _invoke([*args, "--force-foreign"])[0].exit_code == 0  # named explicitly: replaced
+    assert (out / name).read_bytes() != mine
+
+
 # ------------------------------------------------------------------------------------------ what works (pass)
 
 

@@ -179,6 +179,8 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
                          f"--num-samples {len(prompts)} or more")
     check_output_dir(out, kind="samples", what="--out", resume=True, inputs=[path], force_foreign=force_foreign)
+    if not force_foreign:
+        _refuse_foreign_sample_files(out, num_samples)
     if tensor_out is not None:
         check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path],
                           force_foreign=force_foreign)
@@ -226,6 +228,30 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
         save_checked({"latents": latents, "indices": torch.arange(num_samples)}, settings, tensor_out)
     return written
 
+
+
+def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
+    """Refuse, before loading, to replace a file in a tadq samples folder that tadq did not write under one of the
+    names a run writes (``sample_NNNN.png``, ``grid.png``, ``prompts.json``): the folder's mark let a rerun replace
+    a user's own ``grid.png`` or ``prompts.json`` put beside the samples."""
+    import json
+
+    from tadq.fsguard import FORCE_HINT, OutputRefused, is_tadq_file
+
+    names = [f"sample_{i:04d}.png" for i in range(num_samples)] + ["grid.png"]
+    foreign = [name for name in names if (out / name).exists() and not is_tadq_file(out / name)]
+    listing = out / "prompts.json"
+    if listing.exists() or listing.is_symlink():
+        try:
+            written = json.loads(listing.read_text())
+            ours = isinstance(written, dict) and {"samples", "seed", "model"} <= set(written)
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            foreign.append(listing.name)
+    if foreign:
+        raise OutputRefused(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
+                            f"tadq did not write and this run would replace; move them, or {FORCE_HINT}")
 
 def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, class_label: list[int] | None,
                         labels: str | None, null_class: int | None, guidance_scale: float | None, device, dtype,
