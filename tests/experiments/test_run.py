@@ -161,3 +161,11 @@ def test_results_note_names_the_gptq_targets_ridge_damping():
     assert "target ridge damping 0.0001" in _reconstruction_note(ReconstructionConfig(gptq_target_damp=1e-4))
     assert "target ridge damping 0.01" in _reconstruction_note(ReconstructionConfig(gptq_target_damp=None))
     assert "ridge" not in _reconstruction_note(ReconstructionConfig(gptq_target="own_inputs"))
+
+
+def test_evaluation_prompts_beyond_the_samples_are_refused():
+    """``tadq run --eval-prompts`` with 4 prompts and --num-samples 2 evaluated 2 of them without a word; tadq sample
+    refuses the same thing."""
+    with pytest.raises(ValueError, match="num_samples 2 for 4 evaluation prompts: .*'c'"):
+        RunConfig(num_samples=2, evaluation_prompts=("a", "b", "c", "d"), calibration_prompts=("e",))
+    assert RunConfig(num_samples=4, evaluation_prompts=("a", "b", "c", "d"), calibration_prompts=("e",))

@@ -125,6 +125,11 @@ class RunConfig:
         job_rows(self)  # ``best`` at a preset without a measured best fails here, before any work
         if self.num_samples < 2:
             raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
+        if self.num_samples < len(self.evaluation_prompts):  # as tadq sample refuses it: they were dropped silently
+            raise ValueError(f"num_samples {self.num_samples} for {len(self.evaluation_prompts)} evaluation prompts: "
+                             f"sample i gets prompt i mod the count, so {self.evaluation_prompts[self.num_samples]!r} "
+                             f"and any after it would never be evaluated; give --num-samples "
+                             f"{len(self.evaluation_prompts)} or more, or fewer prompts")
         if self.batch_size < 1:  # checked here: sampling would refuse it only after calibration
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         check_seed("eval_seed", self.eval_seed)
