@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from tadq.calibration import CalibrationSet
 from tadq.calibration.data import check_calibration_matches
+from tadq.calibration.reconstruction import check_checkpoint_settings
 from tadq.config import QuantConfig
 from tadq.corrections.attach import fit_corrections
 from tadq.corrections.base import HookedDenoiser
@@ -117,6 +118,12 @@ def _quantize(
         config = recipe.quant_config()
     else:
         raise TypeError(f"quantize takes a Recipe or a QuantConfig, got {type(recipe).__name__}")
+    if checkpoint is not None:  # it was ignored without a word where nothing is reconstructed
+        if base is not None or config.method != "qdiffusion":
+            runs = "a base= model is reused as it is" if base is not None else f"method {config.method!r} runs none"
+            raise ValueError(f"checkpoint= (--checkpoint) resumes a block reconstruction, and {runs}: drop it (or "
+                             "quantize with method 'qdiffusion')")
+        check_checkpoint_settings(checkpoint, config.reconstruction)  # before calibration, not after it
     # the model's own placement, when device=/dtype= leave it, must be one (refused for a split model, before work)
     own = model_placement(model, "tadq.quantize", device=device is None, dtype=dtype is None)
     parameter = next(model.parameters(), None)

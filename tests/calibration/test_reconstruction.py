@@ -77,7 +77,7 @@ def test_interrupted_reconstruction_resumes_to_the_same_model(setup, tmp_path, m
     assert all(torch.equal(ref_state[k], state[k]) for k in ref_state)
 
 
-def test_checkpoint_of_another_run_raises(setup, tmp_path):
+def test_checkpoint_of_another_run_raises(setup, tmp_path, monkeypatch):
     model, scheduler, calib = setup
     qmodel = _naive(model, scheduler, calib)
     checkpoint = tmp_path / "recon.pt"
@@ -86,6 +86,19 @@ def test_checkpoint_of_another_run_raises(setup, tmp_path):
                 progress=False)
     with pytest.raises(ValueError, match="another run"):
         reconstruct(qmodel.model, model, qmodel.adapter, calib, RECON, checkpoint=checkpoint, progress=False)
+
+    # through tadq.quantize the settings are compared before calibration (it used to sample the calibration
+    # trajectories first); a method that reconstructs nothing refuses the checkpoint instead of ignoring it
+    import tadq.methods
+
+    config = QuantConfig.from_preset("W4A4", method="qdiffusion", calibration=CALIB, reconstruction=RECON)
+    monkeypatch.setattr(tadq.methods, "collect_calibration_set", None)  # calibrating first would fail otherwise
+    with pytest.raises(ValueError, match="another run: config .*weight_iters 2, this run 60"):
+        api.quantize(model, scheduler, config, checkpoint=checkpoint, progress=False)
+    naive = QuantConfig.from_preset("W4A4", calibration=CALIB)
+    with pytest.raises(ValueError, match="method 'naive' runs none"):
+        api.quantize(model, scheduler, naive, checkpoint=tmp_path / "new.pt", progress=False)
+    assert not (tmp_path / "new.pt").exists()
 
 
 @pytest.mark.parametrize("kw", [{"weight_iters": -1}, {"batch_size": 0}, {"warmup": 1.0}, {"beta_start": 1.0},

@@ -475,6 +475,31 @@ def _first_difference(saved: dict, expected: dict) -> str:
     return "unknown field"
 
 
+
+def check_checkpoint_settings(checkpoint: str | Path, config: ReconstructionConfig) -> None:
+    """Refuse, before calibration, a checkpoint written with other reconstruction settings (read from its
+    metadata alone): it was refused only after the calibration trajectories had been sampled. The fields known
+    later (calibration data, model, layers) are still checked when it is loaded; an unreadable file is left to that
+    load, which names the damage."""
+    from safetensors import safe_open
+
+    from tadq.safefiles import META_KEY
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        return
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = json.loads((handle.metadata() or {})[META_KEY])["meta"]
+        saved = meta["fields"]["config"]
+    except Exception:  # noqa: BLE001 - any damage: the full load later raises DamagedFileError naming it
+        return
+    expected = json.loads(json.dumps(config_to_dict(config)))
+    if saved != expected:
+        raise ValueError(f"reconstruction checkpoint {path} belongs to another run: "
+                         f"{_first_difference({'config': saved}, {'config': expected})} differs; delete it to "
+                         "restart or pass another --checkpoint")
+
 def _load_checkpoint(
     checkpoint: Path, fields: dict, plan_length: int,
 ) -> tuple[dict[str, Tensor], int, list[UnitReport]]:

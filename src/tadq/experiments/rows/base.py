@@ -94,8 +94,10 @@ class BaseModels:
                 return qmodel
         t0 = time.perf_counter()
         if build is None:
+            reconstructs = quant_config.method == "qdiffusion"  # the only method with a checkpoint to resume
             qmodel = quantize(self.model, self.scheduler, spec, calibration=self.calibration, cache_dir=cache_dir,
-                              checkpoint=self.folder / f"recon-{key}.pt", conditions=self.conditions)
+                              checkpoint=self.folder / f"recon-{key}.pt" if reconstructs else None,
+                              conditions=self.conditions)
         else:
             qmodel = build()
         elapsed = time.perf_counter() - t0
