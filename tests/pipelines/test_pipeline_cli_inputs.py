@@ -264,6 +264,37 @@ def test_a_users_file_under_a_name_a_rerun_writes_is_refused_before_loading(fold
     assert (out / name).read_bytes() != mine
 
 
+def test_images_the_vae_decodes_to_nan_are_refused_not_written(folders, tmp_path, monkeypatch):
+    """Finite latents whose decoding overflowed (a huge guidance scale) were written as PNGs of noise with exit 0:
+    the float to uint8 cast turns NaN into arbitrary bytes."""
+    from tadq.pipelines import TadqPipelineMixin
+
+    monkeypatch.setattr(TadqPipelineMixin, "_tadq_vae_decode",
+                        lambda self, latents, batch_size: torch.full((latents.shape[0], 3, 16, 16), float("nan")))
+    result, text = _invoke(["sample", folders["sd"], "--prompt", "a cat", "--steps", STEPS, "--out", tmp_path / "s"])
+    assert result.exit_code == 2 and "decoded from finite latents holds NaN" in text, text
+    assert not list(tmp_path.glob("s/*.png"))
+
+
+def test_inputs_named_for_what_they_are(folders, art, tmp_path):
+    """A prompt file that is not UTF-8 ("'utf-8' codec can't decode byte 0xff", naming neither file nor flag), a
+    scheduler config diffusers cannot build (blamed on "weights" its config does not describe), and an artefact
+    given to quantize ("unet holds no safetensors weights")."""
+    import shutil
+
+    bad = tmp_path / "prompts.txt"
+    bad.write_bytes(b"\xff\xfe bad\n")
+    result, text = _invoke(["sample", art, "--prompts", bad, "--out", tmp_path / "s"])
+    assert result.exit_code == 2 and f"--prompts {bad} is not UTF-8 text" in text, text
+    source = shutil.copytree(folders["sd"], tmp_path / "sd")
+    config = source / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "beta_schedule": "foo"}))
+    result, text = _invoke(["sample", source, "--prompt", "a cat", "--steps", STEPS, "--out", tmp_path / "s"])
+    assert result.exit_code == 2 and "scheduler" in text and "weights" not in text, text
+    result, text = _invoke(["quantize", art, "--calib-prompt", "a cat", "--out", tmp_path / "q"])
+    assert result.exit_code == 2 and "is a tadq artefact (already quantized" in text, text
+
+
 # ------------------------------------------------------------------------------------------ what works (pass)
 
 

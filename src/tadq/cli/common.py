@@ -155,7 +155,12 @@ def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
         return ()
     require_file(path, flag, "one prompt per line")
     # utf-8-sig: a byte-order mark (Windows editors write one) would otherwise become part of the first prompt
-    prompts = tuple(line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip())
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:  # numpy-style "'utf-8' codec can't decode byte 0xff" named neither
+        raise ValueError(f"{flag} {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8, "
+                         "one prompt per line") from error
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not prompts:
         raise ValueError(f"{flag} {path} holds no prompt (one prompt per line)")
     return prompts

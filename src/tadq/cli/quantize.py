@@ -349,7 +349,7 @@ def quantize_command(
     deployment sampler) and save the artefact with its recipe; prints artefact vs FP size."""
     from tadq.api import check_method_dtype, quantize
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
-    from tadq.io import save_quantized
+    from tadq.io import is_quantized_artefact, save_quantized
     from tadq.io.save import check_copyable_components
     from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
     from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
@@ -369,6 +369,9 @@ def quantize_command(
                                                                       if c.strip()))
         settings = parse_settings(set_fields)
         source = model_dir if model_dir is not None else shipped_model_path()
+        if model_dir is not None and is_quantized_artefact(model_dir):  # it said "unet holds no safetensors weights"
+            raise ValueError(f"{model_dir} is a tadq artefact (already quantized: tadq_config.json); quantize the FP "
+                             "model folder it was made from (--recipe ARTEFACT/tadq_recipe.json repeats its recipe)")
         if sampler is None and recipe_file is None and config_file is None and not any(
                 "sampler" in path for path in settings):  # the preset's DDIM cannot drive a flow-matching model
             kind = command_sampler_kind(load_scheduler(source))

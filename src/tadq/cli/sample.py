@@ -195,7 +195,9 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     conditions = PromptConditions(encoder, prompts, negative_prompt)
     latents = pipe.tadq_latents(conditions, num_samples, sampler, scale, seed, batch_size, progress=True)
     require_finite(latents, f"the latents of {path}")
-    images = pipe.tadq_decode(latents, "pil", batch_size)
+    decoded = pipe.tadq_decode(latents, "pt", batch_size)  # checked before PNG conversion casts NaN to noise
+    require_finite(decoded, f"the images the VAE of {path} decoded from finite latents")
+    images = pipe.image_processor.numpy_to_pil(pipe.image_processor.pt_to_numpy(decoded))  # postprocess's "pil"
     mark = PngInfo()  # tadq's mark: a rerun may replace or remove these files, and nothing else
     for key, value in PNG_MARK.items():
         mark.add_text(key, value)

@@ -366,8 +366,11 @@ def load_components(klass: type, layout: PipelineLayout, **options: Any) -> Any:
         first = " ".join(str(error).split())[:300] or type(error).__name__
         named = [name for name, (_library, class_name) in sorted(layout.components.items()) if class_name in first]
         where = f"{layout.path / named[0]}" if named else str(layout.path)
-        raise PipelineFolderError(f"{where}: diffusers could not load it ({first}); its config.json does not "
-                                  "describe its weights (an edited config, or files from two models)") from error
+        if named and not named[0].startswith(("scheduler", "tokenizer")):
+            why = "its config.json does not describe its weights (an edited config, or files from two models)"
+        else:  # a scheduler or tokenizer holds no weights: its config is what diffusers could not build from
+            why = "its config holds a value diffusers does not take (an edited config?)"
+        raise PipelineFolderError(f"{where}: diffusers could not load it ({first}); {why}") from error
     for name, (library, _class_name) in sorted(layout.components.items()):
         module = getattr(pipe, name, None)
         if library != "diffusers" or name in options or name in UNUSED_COMPONENTS \
