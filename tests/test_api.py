@@ -168,8 +168,8 @@ def test_a_calibration_set_made_for_another_call_is_refused_before_any_work(tiny
     five_steps = dataclasses.replace(small, sampler=SamplerConfig("ddim", num_steps=5))
     other_sampler = collect_calibration_set(tiny_unet, adapter, ddpm_scheduler.config, five_steps, progress=False)
     monkeypatch.setattr(tadq.methods, "build_quantized_structure", None)  # nothing may be built before the refusal
-    for wrong in (other_model, other_sampler):
-        with pytest.raises(ValueError, match="calibration= was collected for another model"):
+    for wrong, field in ((other_model, "model"), (other_sampler, "config")):
+        with pytest.raises(ValueError, match=f"calibration= was collected for another {field} than this call"):
             api.quantize(tiny_unet, ddpm_scheduler, config, calibration=wrong, progress=False)
     monkeypatch.undo()
     assert api.quantize(tiny_unet, ddpm_scheduler, config, calibration=own, progress=False) is not None

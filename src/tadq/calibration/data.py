@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,8 @@ class CalibrationSet:
         step_index: (M,) sampler step index (0 = noisiest).
         eps: (M, C, H, W) the ε the FP sampler stepped with at (x_t, t) (the guided ε under guidance).
         key: hash of everything the data depends on.
+        fields: what ``key`` hashes, as JSON reads it back (set by ``collect_calibration_set``; ``None`` for a set
+            built by hand), so ``tadq.quantize`` can refuse a set made for another call by the field that differs.
         cond: (M rows) what the network was told with each input (``None``: unconditional model). Under guidance
             every kept input appears twice, with the conditional and with the unconditional branch, as the network
             sees both in deployment.
@@ -49,6 +51,7 @@ class CalibrationSet:
     eps: Tensor
     key: str
     cond: Conditioning | None = None
+    fields: dict | None = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -135,14 +138,36 @@ def calibration_key(model: nn.Module, scheduler_config: dict, config: Calibratio
 def check_calibration_matches(calibration: CalibrationSet, model: nn.Module, scheduler, config: CalibrationConfig,
                               conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> None:
     """Refuse a precomputed calibration set made for another model, scheduler, calibration config or conditioning
-    than the call it is handed to: its inputs would calibrate the ranges silently (and the artefact record a sampler
-    the data did not come from), or fail deep in the first layer with another sample shape."""
+    than the call it is handed to, naming what differs: its inputs would calibrate the ranges silently (and the
+    artefact record a sampler the data did not come from), or fail deep in the first layer with another sample
+    shape. The device type and the scheduler's provenance keys (``_class_name``, ``_diffusers_version``, which
+    diffusers adds when it saves the scheduler) are not compared; a set built by hand (no ``fields``) is taken."""
+    if calibration.fields is None:
+        return
     scheduler_config = scheduler.config if hasattr(scheduler, "config") else scheduler
-    if calibration.key != calibration_key(model, scheduler_config, config, conditions, guidance_scale):
-        raise ValueError("calibration= was collected for another model, scheduler, calibration config, device type "
-                         "or conditioning than this call: collect it with tadq.calibration.collect_calibration_set("
-                         "model, adapter, scheduler, config.calibration, conditions=..., guidance_scale=...) as "
-                         "quantize would, or pass calibration=None")
+    expected = _comparable(_as_json(calibration_fields(model, scheduler_config, config, conditions, guidance_scale)))
+    recorded = _comparable(calibration.fields)
+    if conditions is None:  # the set carries its own conditions and guidance (a call without corrections needs
+        # none, and a plain QuantConfig has no guidance of its own): its model, scheduler and config still count
+        recorded.pop("conditioning", None)
+        expected.pop("conditioning", None)
+    differing = sorted(name for name in set(expected) | set(recorded) if expected.get(name) != recorded.get(name))
+    if differing:
+        raise ValueError(f"calibration= was collected for another {' and '.join(differing)} than this call (the "
+                         "model, scheduler, calibration config and conditioning must be this call's): collect it with "
+                         "tadq.calibration.collect_calibration_set(model, adapter, scheduler, config.calibration, "
+                         "conditions=..., guidance_scale=...) as quantize would, or pass calibration=None")
+
+
+def _as_json(fields: dict) -> dict:
+    return json.loads(json.dumps(fields, sort_keys=True, default=str))
+
+
+def _comparable(fields: dict) -> dict:
+    kept = {name: value for name, value in fields.items() if name != "device"}
+    if isinstance(kept.get("scheduler"), dict):
+        kept["scheduler"] = {k: v for k, v in kept["scheduler"].items() if not k.startswith("_")}
+    return kept
 
 def _key_of(fields: dict) -> str:
     payload = json.dumps(fields, sort_keys=True, default=str)
@@ -195,7 +220,8 @@ def collect_calibration_set(
     if path is not None and path.exists():
         logger.info("using cached calibration data %s", path)
         # where a fresh collection puts it (the model's device): a cached run must not differ from the first one
-        return _on_device(CalibrationSet.load(path, key, fields), parameter.device)
+        loaded = replace(CalibrationSet.load(path, key, fields), fields=_as_json(fields))
+        return _on_device(loaded, parameter.device)
     _warn_unused_conditions(conditions, config.num_trajectories)
     result = sample(
         lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond), plan,
@@ -203,7 +229,7 @@ def collect_calibration_set(
         batch_size=config.batch_size, conditions=conditions, record_trajectory=True, progress=progress,
         device=parameter.device, dtype=parameter.dtype,
     )
-    calib = _subsample(result.trajectory, config, key, guided=plan.guided)
+    calib = replace(_subsample(result.trajectory, config, key, guided=plan.guided), fields=_as_json(fields))
     require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
     if path is not None:
         try:
@@ -220,7 +246,7 @@ def _on_device(calib: CalibrationSet, device: torch.device) -> CalibrationSet:
         return calib
     cond = None if calib.cond is None else calib.cond.to(device)
     return CalibrationSet(calib.x.to(device), calib.t.to(device), calib.step_index.to(device), calib.eps.to(device),
-                          calib.key, cond)
+                          calib.key, cond, calib.fields)
 
 
 def _subsample(trajectory, config: CalibrationConfig, key: str, guided: bool) -> CalibrationSet:
