@@ -61,11 +61,14 @@ def quantize(
         scheduler: its training scheduler (its config builds the calibration sampler).
         recipe: a ``tadq.recipe.Recipe`` (or a ``QuantConfig``: no corrections, deployed with its calibration
             sampler).
-        calibration: precomputed calibration data (skips the FP sampling run).
+        calibration: precomputed calibration data (skips the FP sampling run); a set ``collect_calibration_set``
+            made for another model, scheduler, calibration config or conditioning is refused, naming what differs.
         cache_dir: where calibration data is cached between runs.
-        checkpoint: reconstruction checkpoint file: written after every unit, resumed from if present.
+        checkpoint: reconstruction checkpoint file: written after every unit, resumed from if present (method
+            ``qdiffusion`` only; one of other reconstruction settings is refused before calibration).
         base: a network already built for ``recipe.base()`` (e.g. loaded from disk): the method is not run again,
-            only what the recipe adds to it (the corrections; TFMQ's per-step tables); raises if it does not fit.
+            only what the recipe adds to it (the corrections; TFMQ's per-step tables); raises if it does not fit
+            or was quantized from another model than ``model``.
         device: where every phase runs (``cpu``, ``cuda``, ``cuda:N``, ``mps``); ``None``: the model's device.
         dtype: compute dtype of the FP reference (float32, bfloat16, float16); ``None``: the model's dtype.
         fit_batch_size: trajectories per network call while fitting corrections.
