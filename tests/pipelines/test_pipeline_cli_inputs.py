@@ -240,6 +240,12 @@ def test_a_token_past_the_text_encoders_vocabulary_is_refused_before_loading(fol
         assert result.exit_code == 2, text
         assert f"'<cat-toy>' id {vocab}, past the {vocab}-token vocabulary of text_encoder" in text
     assert not (tmp_path / "art").exists() and not (tmp_path / "s").exists()
+    from tadq.pipelines import load_fp_pipeline
+    from tadq.pipelines.prompts import prompt_encoder_for
+
+    encoder = prompt_encoder_for(load_fp_pipeline(source))  # the Python path: named by the encoder itself
+    with pytest.raises(ValueError, match=f"'<cat-toy>' id {vocab}, past the {vocab}-token vocabulary"):
+        encoder.encode("a <cat-toy>")
     result, text = _invoke(["sample", source, "--prompt", "a cat", "--negative-prompt", "a dog " * 60, "--steps",
                             STEPS, "--out", tmp_path / "s"])
     assert result.exit_code == 2 and "negative prompt 'a dog" in text, text
