@@ -607,3 +607,21 @@ def test_calls_and_configs_diffusers_users_write(folders, tmp_path):
         _edit_json(folder / "scheduler" / "scheduler_config.json", shift=shift)
         with pytest.raises(ValueError, match="shift"):
             tadq.load_pipeline(folder)("a cat", progress=False)
+
+
+@pytest.mark.parametrize("family", ["pixart", "sd3"])
+def test_a_token_past_a_text_encoders_vocabulary_is_named_on_the_python_path(folders, tmp_path, family):
+    """A token added to a T5 (PixArt) or CLIP (SD3) tokenizer only failed inside the pipeline's own encode_prompt
+    ('index out of range in self'); the CLI refuses it from the folder, the Python path from the loaded encoders."""
+    from transformers import AutoTokenizer
+
+    from tadq.pipelines.prompts import prompt_encoder_for
+
+    folder = _copy(folders[family], tmp_path / "copy")
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer.add_tokens(["<cat-toy>"])
+    tokenizer.save_pretrained(folder / "tokenizer")
+    encoder = prompt_encoder_for(load_fp_pipeline(folder))
+    with pytest.raises(ValueError, match="'<cat-toy>' id \\d+, past the \\d+-token vocabulary"):
+        encoder.encode_text("a <cat-toy>")
+    assert encoder.encode_text("a cat").hidden is not None

@@ -32,7 +32,7 @@ from tadq.safefiles import tensors_digest
 from tadq.utils import public_config
 
 __all__ = ["DISTILLED_GUIDANCE_PIPELINES", "ENCODE_PROMPT_PIPELINES", "EncodedPrompt", "PipelinePromptEncoder",
-           "t5_tokenizers", "text_encoder_digest", "token_ids_digest"]
+           "check_vocabulary", "t5_tokenizers", "text_encoder_digest", "token_ids_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +143,10 @@ class PipelinePromptEncoder:
     def encode_text(self, prompt: str) -> EncodedPrompt:
         """The pipeline's ``encode_prompt`` on one prompt, guidance off, on the text encoders' device."""
         pipe, length = self.pipe, self.max_sequence_length
+        for tokenizer_name, encoder_name in zip(_TOKENIZERS, TEXT_ENCODERS, strict=True):
+            tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
+            if tokenizer is not None and encoder is not None:
+                check_vocabulary(tokenizer, encoder, prompt)
         device = next(pipe.text_encoder.parameters()).device
         if self.class_name.startswith("PixArt"):
             hidden, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device,
@@ -192,6 +196,22 @@ class PipelinePromptEncoder:
         """``token_ids_digest`` of ``texts`` through this pipeline's tokenizers."""
         return token_ids_digest(self.tokenizers, self.limits, texts)
 
+
+
+def check_vocabulary(tokenizer: Any, encoder: Any, prompt: str) -> None:
+    """Refuse ``prompt`` when ``tokenizer`` gives a token id past ``encoder``'s embedding table (a token added to
+    the tokenizer only, as textual inversion does before training): it failed inside the embedding ("index out of
+    range in self"), without naming the token."""
+    embeddings = encoder.get_input_embeddings() if callable(getattr(encoder, "get_input_embeddings", None)) else None
+    vocab = getattr(embeddings, "num_embeddings", None)
+    if not isinstance(vocab, int):
+        return
+    ids = tokenizer(prompt)["input_ids"]
+    past = max(ids, default=-1)
+    if past >= vocab:
+        raise ValueError(f"prompt {prompt!r}: the tokenizer gives token {tokenizer.convert_ids_to_tokens(past)!r} id "
+                         f"{past}, past the {vocab}-token vocabulary of its text encoder; a token added to the "
+                         "tokenizer (textual inversion) needs the encoder's embeddings resized and trained with it")
 
 def text_encoder_digest(encoder: Any) -> str:
     """SHA-256 over a text encoder's tensors and the config its forward reads besides them (``layer_norm_eps``,

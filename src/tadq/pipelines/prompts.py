@@ -30,6 +30,7 @@ from tadq.pipelines.encode_prompt import (
     PipelinePromptEncoder,
     base_pipeline_class,
     check_token_counts,
+    check_vocabulary,
     text_encoder_digest,
     token_ids_digest,
 )
@@ -110,13 +111,7 @@ class PromptEncoder:
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             tokens = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
-            vocab = encoder.get_input_embeddings().num_embeddings  # a token added to the tokenizer only failed
-            if int(tokens.input_ids.max()) >= vocab:  # inside the embedding ("index out of range in self")
-                past = int(tokens.input_ids.max())
-                raise ValueError(f"prompt {prompt!r}: the tokenizer gives token "
-                                 f"{tokenizer.convert_ids_to_tokens(past)!r} id {past}, past the {vocab}-token "
-                                 "vocabulary of its text encoder; a token added to the tokenizer (textual inversion) "
-                                 "needs the encoder's embeddings resized and trained with it")
+            check_vocabulary(tokenizer, encoder, prompt)
             device = next(encoder.parameters()).device
             if not self.sdxl:
                 use_mask = getattr(encoder.config, "use_attention_mask", False)
