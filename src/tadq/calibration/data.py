@@ -233,7 +233,7 @@ def collect_calibration_set(
     require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
     if path is not None:
         try:
-            calib.save(path, json.loads(json.dumps(fields, default=str)))
+            calib.save(path, _as_json(fields))
         except OSError as error:  # a read-only or full cache: the data is right, only the next run will redo it
             logger.warning("could not write the calibration cache %s (%s: %s); continuing without caching it",
                            path, type(error).__name__, error)

@@ -184,9 +184,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     if tensor_out is not None:
         check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path],
                           force_foreign=force_foreign)
-    check_prompt_lengths(path, prompts)  # tokenizers only
-    if negative_prompt:  # named as what it is in the refusal
-        check_prompt_lengths(path, [negative_prompt], "negative prompt")
+    check_prompt_lengths(path, prompts, negative_prompt=negative_prompt)  # tokenizers only
     pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits, backend=backend)
     announce_compile(backend)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)

@@ -32,7 +32,7 @@ from tadq.safefiles import tensors_digest
 from tadq.utils import public_config
 
 __all__ = ["DISTILLED_GUIDANCE_PIPELINES", "ENCODE_PROMPT_PIPELINES", "EncodedPrompt", "PipelinePromptEncoder",
-           "check_vocabulary", "t5_tokenizers", "text_encoder_digest", "token_ids_digest"]
+           "check_vocabulary", "embedding_rows", "t5_tokenizers", "text_encoder_digest", "token_ids_digest"]
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class PipelinePromptEncoder:
         for tokenizer_name, encoder_name in zip(_TOKENIZERS, TEXT_ENCODERS, strict=True):
             tokenizer, encoder = getattr(pipe, tokenizer_name, None), getattr(pipe, encoder_name, None)
             if tokenizer is not None and encoder is not None:
-                check_vocabulary(tokenizer, encoder, prompt)
+                check_vocabulary(tokenizer, embedding_rows(encoder), [prompt])
         device = next(pipe.text_encoder.parameters()).device
         if self.class_name.startswith("PixArt"):
             hidden, mask, _, _ = pipe.encode_prompt(prompt, do_classifier_free_guidance=False, device=device,
@@ -198,20 +198,30 @@ class PipelinePromptEncoder:
 
 
 
-def check_vocabulary(tokenizer: Any, encoder: Any, prompt: str) -> None:
-    """Refuse ``prompt`` when ``tokenizer`` gives a token id past ``encoder``'s embedding table (a token added to
-    the tokenizer only, as textual inversion does before training): it failed inside the embedding ("index out of
-    range in self"), without naming the token."""
-    embeddings = encoder.get_input_embeddings() if callable(getattr(encoder, "get_input_embeddings", None)) else None
-    vocab = getattr(embeddings, "num_embeddings", None)
-    if not isinstance(vocab, int):
+def check_vocabulary(tokenizer: Any, vocab: int | None, prompts: Sequence[str], what: str = "prompt",
+                     names: tuple[str, str] = ("the tokenizer", "its text encoder")) -> None:
+    """Refuse a prompt for which ``tokenizer`` gives a token id (or pads with one) past the ``vocab``-token
+    embedding table of its text encoder (a token added to the tokenizer only, as textual inversion does before
+    training): it failed inside the embedding ("index out of range in self"), without naming the token. ``names``:
+    (tokenizer, encoder) as the message calls them; ``vocab`` ``None``: nothing to check against."""
+    if vocab is None:
         return
-    ids = tokenizer(prompt)["input_ids"]
-    past = max(ids, default=-1)
-    if past >= vocab:
-        raise ValueError(f"prompt {prompt!r}: the tokenizer gives token {tokenizer.convert_ids_to_tokens(past)!r} id "
-                         f"{past}, past the {vocab}-token vocabulary of its text encoder; a token added to the "
-                         "tokenizer (textual inversion) needs the encoder's embeddings resized and trained with it")
+    pad = getattr(tokenizer, "pad_token_id", None)
+    for prompt in prompts:
+        ids = [*tokenizer(prompt)["input_ids"], *([pad] if isinstance(pad, int) else [])]
+        past = [index for index in ids if index >= vocab]
+        if past:
+            raise ValueError(f"{what} {prompt!r}: {names[0]} gives token "
+                             f"{tokenizer.convert_ids_to_tokens(past[0])!r} id {past[0]}, past the {vocab}-token "
+                             f"vocabulary of {names[1]}; a token added to the tokenizer (textual inversion) needs the "
+                             "text encoder's embeddings resized and trained with it")
+
+
+def embedding_rows(encoder: Any) -> int | None:
+    """The number of rows of a loaded text encoder's token embedding table (``None`` if it has none to ask)."""
+    embeddings = encoder.get_input_embeddings() if callable(getattr(encoder, "get_input_embeddings", None)) else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
 
 def text_encoder_digest(encoder: Any) -> str:
     """SHA-256 over a text encoder's tensors and the config its forward reads besides them (``layer_norm_eps``,

@@ -31,6 +31,7 @@ from tadq.pipelines.encode_prompt import (
     base_pipeline_class,
     check_token_counts,
     check_vocabulary,
+    embedding_rows,
     text_encoder_digest,
     token_ids_digest,
 )
@@ -111,7 +112,7 @@ class PromptEncoder:
         for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
             tokens = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length,
                                truncation=True, return_tensors="pt")
-            check_vocabulary(tokenizer, encoder, prompt)
+            check_vocabulary(tokenizer, embedding_rows(encoder), [prompt])
             device = next(encoder.parameters()).device
             if not self.sdxl:
                 use_mask = getattr(encoder.config, "use_attention_mask", False)
@@ -260,11 +261,11 @@ class PromptConditions:
 
 
 def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "prompt", *,
-                         max_sequence_length: int | None = None) -> None:
+                         max_sequence_length: int | None = None, negative_prompt: str | None = None) -> None:
     """Check ``prompts`` against the tokenizers of the pipeline folder ``path`` alone (no encoder, VAE or denoiser
     is loaded), so a prompt that is too long fails before the expensive part of a command. A T5 tokenizer of a
     transformer pipeline is held to ``max_sequence_length`` (default: the pipeline's own), a CLIP one to its
-    ``model_max_length``."""
+    ``model_max_length``. ``negative_prompt`` is checked too, named as such (the tokenizers are read once)."""
     import transformers
 
     from tadq.pipelines.components import check_pipeline_folder, pipeline_class
@@ -284,30 +285,24 @@ def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "
     if not t5:  # the CLIP pipelines: the same checks as their PromptEncoder (a real model_max_length first)
         PromptEncoder(tuple(tokenizers.values()), tuple(nn.Identity() for _ in tokenizers))
     limits, truncated = token_limits(layout.class_name, tokenizers, max_sequence_length)
-    check_token_counts(list(tokenizers.values()), limits, list(prompts), what, truncated)
-    _check_token_ids(layout.path, tokenizers, list(prompts), what)
-
-
-def _check_token_ids(path: Path, tokenizers: dict[str, Any], prompts: list[str], what: str) -> None:
-    """Refuse a prompt with a token id past its text encoder's vocabulary (a token added to the tokenizer only, as
-    textual inversion does before training): it failed inside the encoder's embedding ("index out of range in
-    self"), after the denoiser was loaded. Reads each encoder's ``config.json`` only."""
-    for name, tokenizer in tokenizers.items():
+    groups = [(list(prompts), what), *([([negative_prompt], "negative prompt")] if negative_prompt else [])]
+    for texts, label in groups:
+        check_token_counts(list(tokenizers.values()), limits, texts, label, truncated)
+    for name, tokenizer in tokenizers.items():  # against each encoder's config.json: nothing else is loaded
         encoder = "text_encoder" + name.removeprefix("tokenizer")
-        try:
-            vocab = int(json.loads((path / encoder / "config.json").read_text())["vocab_size"])
-        except (OSError, ValueError, TypeError, KeyError):
-            continue  # no such encoder or no vocabulary size: the pipeline checks name a damaged config
-        pad = getattr(tokenizer, "pad_token_id", None)
-        for prompt in prompts:
-            ids = [*tokenizer(prompt)["input_ids"], *([pad] if isinstance(pad, int) else [])]
-            past = [index for index in ids if index >= vocab]
-            if past:
-                token = tokenizer.convert_ids_to_tokens(past[0])
-                raise ValueError(f"{what} {prompt!r}: {name} gives token {token!r} id {past[0]}, past the "
-                                 f"{vocab}-token vocabulary of {encoder} ({path / encoder / 'config.json'}); a token "
-                                 "added to the tokenizer (textual inversion) needs the text encoder's embeddings "
-                                 "resized and trained with it")
+        config = layout.path / encoder / "config.json"
+        vocab = _vocab_size(config)
+        for texts, label in groups:
+            check_vocabulary(tokenizer, vocab, texts, label, (name, f"{encoder} ({config})"))
+
+
+def _vocab_size(config: Path) -> int | None:
+    """``vocab_size`` of a text encoder's config; ``None`` without one (the pipeline checks name a damaged
+    config)."""
+    try:
+        return int(json.loads(config.read_text())["vocab_size"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
 
 
 def prompt_encoder_for(pipe: Any, *, max_sequence_length: int | None = None,
