@@ -96,11 +96,13 @@ def test_corrections_on_the_svdquant_base_change_it_and_reload_bit_identically(t
                        first)
 
 
-def test_variant_rows_rotate_or_cache_on_their_own_shared_bases(tmp_path, tiny_model_dir):
-    rows = ("svdquant", "svdquant+tfmq", "svdquant+tfmq+tac", "svdquant-rot", "svdquant-rot+tac",
-            "svdquant-rot+tfmq")
-    config = _config(tiny_model_dir, tmp_path / "run", methods=rows)
-    for row in rows[1:]:
+VARIANT_ROWS = ("svdquant", "svdquant+tfmq", "svdquant+tfmq+tac", "svdquant-rot", "svdquant-rot+tac",
+                "svdquant-rot+tfmq")
+
+
+def test_variant_row_recipes_rotate_or_cache_on_a_plain_svdquant_base(tmp_path):
+    config = _config(tmp_path, tmp_path / "r", methods=VARIANT_ROWS)
+    for row in VARIANT_ROWS[1:]:
         recipe = recipes_for_row(row, "W4A4", config)
         rotated, cached, corrections = SVDQUANT_VARIANT_ROWS[row]
         assert (recipe.activations.rotation == "hadamard") == rotated
@@ -108,7 +110,12 @@ def test_variant_rows_rotate_or_cache_on_their_own_shared_bases(tmp_path, tiny_m
         assert recipe.corrections == correction_configs(corrections, CALIB.seed)
         base = base_recipe(recipe, row)
         assert isinstance(base.method, SVDQuantMethod) and not base.corrections
-    results = run_main_job(config)
+
+
+@pytest.mark.slow  # ≈ 25 s; the rows' recipes are checked in the default suite (above)
+def test_variant_rows_rotate_or_cache_on_their_own_shared_bases(tmp_path, tiny_model_dir):
+    rows = VARIANT_ROWS
+    results = run_main_job(_config(tiny_model_dir, tmp_path / "run", methods=rows))
     by_name = {row["method"]: row for row in results["rows"]}
     errors = [by_name[LABELS[row]]["final_mse"] for row in rows]
     assert len(set(errors)) == len(rows)  # rotation, the cache and TAC each change what is sampled

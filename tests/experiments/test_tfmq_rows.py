@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from tests.tfmq.common import CALIB, SAMPLER, tfmq_config
 
 import tadq.experiments.rows.tfmq as tfmq_rows
@@ -9,6 +10,7 @@ from tadq.config import ReconstructionConfig
 from tadq.experiments.run import RunConfig, run_main_job
 
 
+@pytest.mark.slow  # ≈ 45 s; the TFMQ method itself is tested in tests/tfmq, the run harness's rows in test_run.py
 def test_tfmq_rows_run_end_to_end_on_one_reconstruction(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(tfmq_rows, "tfmq_config", lambda config: tfmq_config(seed=config.calibration.seed))
     methods = ("tfmq", "tfmq-model", "tfmq-select", "tfmq+ptqd", "qdiffusion+cache", "tfmq+tac+tcec", "tfmq-model+tac")

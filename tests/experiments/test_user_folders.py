@@ -191,6 +191,7 @@ def test_run_dit_and_sd_pipeline_folders(folders, tmp_path):
     _check_run_report(tmp_path / "sd")
 
 
+@pytest.mark.slow  # ≈ 25 s; bench reports and reruns on the shipped layout: tests/experiments/bench
 def test_bench_rgb_folder_report_and_rerun_reuses_every_cell(folders, tmp_path, sample_calls):
     out = tmp_path / "bench"
     args = _bench(folders["rgb16"], out, "--methods", "naive,ptqd", samplers="ddim-eta0,euler")

@@ -146,6 +146,7 @@ def test_dit_pipeline_workload_takes_the_architectures_null_class_and_decodes_wi
     assert workload.features is None and workload.expected_labels is None  # nothing reads a user's classes
 
 
+@pytest.mark.slow  # ≈ 35 s; DiT folders through tadq run: test_user_folders.py, stacks on labels: tests/corrections
 def test_dit_main_job_runs_every_correction_family_on_dpm_solver(dit_folder, tmp_path):
     sampler = SamplerConfig(kind="dpmsolver++", num_steps=4)
     config = _config(dit_folder, tmp_path / "run", methods=("naive", "tac", "tfmq"), sampler=sampler,
