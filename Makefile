@@ -53,6 +53,20 @@ test-cpu-kinds: $(STAMP)
 	ONEDNN_MAX_CPU_ISA=AVX512_CORE TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.cache/inductor-avx512-core \
 		$(BIN)/python -m pytest -q $(PARALLEL) tests/backends tests/cli
 
+# The whole default suite on the oldest release of each dependency that pyproject.toml accepts (its floors), in a venv
+# of its own: what the floors are measured with (README, "Two commands"). PyPI's torch 2.8.0 is its CUDA build (it
+# runs on a CPU; with its nvidia-* wheels it is a few GB).
+FLOORS = torch==2.8.0 diffusers==0.35.2 transformers==5.0.0 safetensors==0.4.3 scikit-learn==1.3.0 \
+	scikit-image==0.22.0 torchmetrics==1.4.2 scipy==1.10.0 typer==0.16.0 tqdm==4.66.0 matplotlib==3.7.0 numpy==1.24.0 \
+	threadpoolctl==3.0.0
+.PHONY: test-floors
+test-floors:
+	$(PYTHON) -m venv .venv-floors
+	.venv-floors/bin/python -m pip install -q $(FLOORS) "pytest>=8" "pytest-xdist>=3"
+	.venv-floors/bin/python -m pip install -q --no-deps -e .
+	.venv-floors/bin/python -m pip check
+	.venv-floors/bin/python -m pytest -q $(PARALLEL)
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/reconstruction_budget.py
 

@@ -26,6 +26,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from packaging.version import Version
 from tests.adapters.test_transformer_configs import _flux, _pixart, _sd3, prompts
 from tests.backends.machine import int8_reason
 from tests.backends.test_families import LayerAudit
@@ -159,6 +160,8 @@ def _counting(model: nn.Module) -> list[int]:
 
 
 def _dreamlite() -> nn.Module:
+    if Version(diffusers.__version__) < Version("0.39"):
+        pytest.skip(f"diffusers {diffusers.__version__} has no DreamLiteUNetModel (0.39 and later)")
     return diffusers.DreamLiteUNetModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(8, 16),
         norm_num_groups=4, cross_attention_dim=WIDTH, attention_head_dim=2,

@@ -22,6 +22,7 @@ from tests.backends.machine import needs_compiled, needs_compiled_w8
 from tests.backends.test_layers import ACTIVATIONS, CONVS, WEIGHTS, _conv, _linear, _split
 from tests.backends.test_model import _agree, _images, _quantize
 from torch import nn
+from torch.torch_version import TorchVersion
 
 from tadq.backends import (
     BACKENDS,
@@ -168,6 +169,8 @@ def test_inductor_counts_the_int8_convs_as_convs_while_compiling(op):
     ``frozen()`` that includes each int8 conv op the layers call, and only there (fails if torch renames it)."""
     import torch._inductor.graph as inductor_graph
 
+    if TorchVersion(torch.__version__) < "2.11":  # the hook it extends came in 2.11; compiled convs stay NCHW before
+        pytest.skip(f"torch {torch.__version__}'s Inductor has no is_mkldnn_conv (2.11 and later)")
     name, overload = op.split(".")
     int8_conv = torch.fx.Graph().call_function(getattr(getattr(torch.ops.onednn, name), overload), ())
     float_op = torch.fx.Graph().call_function(torch.ops.aten.add.Tensor, ())
