@@ -1,7 +1,9 @@
 """tadq: Timestep-Aware Diffusion Quantization."""
 
+# First: an old torch/diffusers is named (ImportError) before the adapters import diffusers' classes and fail on it.
+import tadq._requirements  # noqa: F401,I001
 # The built-in adapters, corrections and TFMQ register themselves in tadq.registry (a leaf) when imported.
-import tadq.adapters  # noqa: F401,I001
+import tadq.adapters  # noqa: F401
 import tadq.corrections  # noqa: F401
 import tadq.tfmq  # noqa: F401
 from tadq._version import __version__
