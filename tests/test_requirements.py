@@ -58,3 +58,10 @@ def test_import_tadq_names_an_old_torch_before_importing_diffusers():
     assert done.returncode == 0, done.stderr
     assert "refused: tadq cannot run with torch 2.7.1 (tadq needs >= 2.8)" in done.stdout
     assert "diffusers imported: False" in done.stdout
+
+
+def test_the_floors_are_pyprojects():
+    """The check and the package metadata say the same floor (pip reads one, ``import tadq`` the other)."""
+    text = (SRC.parent / "pyproject.toml").read_text(encoding="utf-8")
+    for name, floor in FLOORS.items():
+        assert f'"{name}>={".".join(map(str, floor))}"' in text, name
