@@ -197,7 +197,6 @@ class PipelinePromptEncoder:
         return token_ids_digest(self.tokenizers, self.limits, texts)
 
 
-
 def check_vocabulary(tokenizer: Any, vocab: int | None, prompts: Sequence[str], what: str = "prompt",
                      names: tuple[str, str] = ("the tokenizer", "its text encoder")) -> None:
     """Refuse a prompt for which ``tokenizer`` gives a token id (or pads with one) past the ``vocab``-token
@@ -222,6 +221,7 @@ def embedding_rows(encoder: Any) -> int | None:
     embeddings = encoder.get_input_embeddings() if callable(getattr(encoder, "get_input_embeddings", None)) else None
     rows = getattr(embeddings, "num_embeddings", None)
     return rows if isinstance(rows, int) else None
+
 
 def text_encoder_digest(encoder: Any) -> str:
     """SHA-256 over a text encoder's tensors and the config its forward reads besides them (``layer_norm_eps``,
