@@ -125,7 +125,9 @@ def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, a
     for preset in presets:
         if announce is not None:
             announce(preset)
+        # no conditions=: the set carries the workload's conditions and guidance, and naive PTQ fits nothing else
+        # (a QuantConfig has no guidance scale, so passing the conditions would compare a guided set against 1.0)
         qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), calibration=calibration,
-                               conditions=workload.calibration_conditions, progress=False)
+                               progress=False)
         sizes[preset] = qmodel.save_pretrained(folder / preset, scheduler).weights_bytes
     return sizes
