@@ -97,5 +97,6 @@ def main() -> None:
                          f"{r['final_mse']:.2e} | {r['quantize_s']:.0f} | "
                          f"{r['quantize_cpu_s']:.0f} |")
 
+
 if __name__ == "__main__":
     main()

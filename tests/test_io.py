@@ -65,7 +65,6 @@ def test_round_trip_is_bit_identical(tmp_path, tiny_unet, ddpm_scheduler, calibr
     assert torch.equal(runs[0], runs[1])
 
 
-
 @pytest.mark.parametrize("name", ["W8A8", "W4A8"])
 def test_a_channels_last_model_saves_and_loads(tmp_path, tiny_unet, ddpm_scheduler, calibration, name):
     """``model.to(memory_format=torch.channels_last)`` (a common speed setting) quantized and sampled, then

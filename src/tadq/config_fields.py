@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = ["check_config_fields"]
 
+
 def _resolved_hints(cls: type) -> dict[str, Any]:
     """Field name → evaluated type hint, each in the module of the class that declared it; unresolvable ones
     (names imported only for type checking) are skipped."""

@@ -96,7 +96,6 @@ class QuantizedDenoiser(nn.Module):
         self.corrections.check_model(self.config.label)
         return tuple(self.corrections)
 
-
     def quantization_map(self) -> dict[str, dict]:
         """Layer name → role, schemes, and the reason a layer stayed in FP."""
         return {plan.name: plan.to_json() for plan in self.plans}

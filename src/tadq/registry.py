@@ -53,6 +53,7 @@ class ModelFamily:
         """The diffusers pipeline class of the model with this config (what writers of ``model_index.json`` use)."""
         return self.pipeline_class if self.pipeline_class_for is None else self.pipeline_class_for(config)
 
+
 _ADAPTERS: dict[type[nn.Module], type] = {}
 _FAMILIES: dict[str, ModelFamily] = {}
 _CORRECTIONS: dict[type, type] = {}

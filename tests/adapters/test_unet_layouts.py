@@ -73,7 +73,6 @@ def test_an_identity_class_embedding_takes_label_vectors_and_refuses_indices():
         adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([0, 1])))
 
 
-
 @pytest.mark.parametrize("build", [lambda: _unet(num_class_embeds=5),
                                    lambda: build_tiny_sd_unet(num_class_embeds=5)], ids=["unet2d", "unet2d-condition"])
 @pytest.mark.parametrize("labels", [[7, 1], [0, -1], [5, 5]])
@@ -88,6 +87,7 @@ def test_labels_past_the_class_table_are_refused_by_range(build, labels):
         adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor(labels), **fields))
     with torch.no_grad():  # labels inside the table still run
         adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([0, 4]), **fields))
+
 
 def test_a_conditional_unet_with_an_identity_class_embedding_traces():
     model = build_tiny_sd_unet(class_embed_type="identity")

@@ -70,7 +70,6 @@ def test_sharded_run_key_follows_a_setting_only_the_config_holds(tiny_unet):
     assert run_fingerprint(_with_config(tiny_unet)) == run_fingerprint(tiny_unet)
 
 
-
 def test_model_fingerprint_follows_freeu():
     """FreeU changes the forward without touching weights or config: a UNet with FreeU on reused the calibration
     data cached for the same UNet without it (a cached quantize differed from a fresh one by 0.08)."""
@@ -84,6 +83,7 @@ def test_model_fingerprint_follows_freeu():
     assert len({model_fingerprint(plain), model_fingerprint(freeu), model_fingerprint(other)}) == 3
     freeu.disable_freeu()  # off again: the key of the model that never had it (existing caches stay valid)
     assert model_fingerprint(freeu) == model_fingerprint(plain)
+
 
 def test_model_fingerprint_does_not_depend_on_where_the_model_was_loaded_from(tmp_path, tiny_unet):
     """Only the public config counts (not ``_name_or_path`` or the diffusers version): the same model from two

@@ -21,6 +21,7 @@ def load_samples(path):
     tensors, meta = load_checked(path, "samples")
     return {**meta, **tensors}
 
+
 SAMPLER = SamplerConfig("ddim", num_steps=2)
 
 

@@ -385,7 +385,6 @@ def test_a_vae_shift_factor_that_is_not_a_number_is_refused_before_sampling(fold
         check_pipeline_folder(folder)
 
 
-
 def test_a_transformer_config_that_does_not_fit_its_weights_is_a_clean_error(folders, tmp_path):
     """A ``transformer/config.json`` that no longer describes its safetensors (here ``num_layers`` 3 for 2 layers
     of weights: an edited config, or a config and weights from two downloads) makes diffusers raise
@@ -586,7 +585,6 @@ def test_pixart_alpha_size_conditions_are_diffusers(tmp_path):
                                           use_resolution_binning=False, clean_caption=False, output_type="latent",
                                           return_dict=False)[0]
     torch.testing.assert_close(ours, theirs, rtol=0, atol=_tolerance(theirs, 2))
-
 
 
 def test_calls_and_configs_diffusers_users_write(folders, tmp_path):

@@ -157,7 +157,6 @@ def test_condition_source_keys_tell_different_lists_apart() -> None:
     assert RandomClassLabels(3, null_class=3).key != RandomClassLabels(3).key
 
 
-
 def test_bfloat16_rows_have_a_key_that_tells_values_apart() -> None:
     """A bf16 pipeline's ``encode_prompt`` returns bf16 embeddings; the key hashed ``tensor.numpy()``, which has no
     bfloat16, so ``tadq.sample``/``tadq.quantize`` failed with numpy's TypeError before the model ran."""
@@ -181,6 +180,7 @@ def test_guidance_branches_of_other_shapes_are_refused_when_built(shape) -> None
     with pytest.raises(ValueError, match=r"encoder_hidden_states.*\(3, 16\)"):
         Conditioning(encoder_hidden_states=torch.zeros(2, 3, 16),
                      unconditional=Conditioning(encoder_hidden_states=torch.zeros(shape)))
+
 
 def test_a_condition_list_shorter_than_the_run_is_refused_before_the_first_call() -> None:
     """A list of 4 rows for 6 samples in batches of 2 used to fail at the third batch, after two batches of work."""

@@ -134,7 +134,6 @@ def calibration_key(model: nn.Module, scheduler_config: dict, config: Calibratio
     return _key_of(calibration_fields(model, scheduler_config, config, conditions, guidance_scale))
 
 
-
 def check_calibration_matches(calibration: CalibrationSet, model: nn.Module, scheduler, config: CalibrationConfig,
                               conditions: ConditionSource | None = None, guidance_scale: float = 1.0) -> None:
     """Refuse a precomputed calibration set made for another model, scheduler, calibration config or conditioning
@@ -168,6 +167,7 @@ def _comparable(fields: dict) -> dict:
     if isinstance(kept.get("scheduler"), dict):
         kept["scheduler"] = {k: v for k, v in kept["scheduler"].items() if not k.startswith("_")}
     return kept
+
 
 def _key_of(fields: dict) -> str:
     payload = json.dumps(fields, sort_keys=True, default=str)

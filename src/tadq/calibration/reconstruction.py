@@ -475,7 +475,6 @@ def _first_difference(saved: dict, expected: dict) -> str:
     return "unknown field"
 
 
-
 def check_checkpoint_settings(checkpoint: str | Path, config: ReconstructionConfig) -> None:
     """Refuse, before calibration, a checkpoint written with other reconstruction settings (read from its
     metadata alone): it was refused only after the calibration trajectories had been sampled. The fields known
@@ -499,6 +498,7 @@ def check_checkpoint_settings(checkpoint: str | Path, config: ReconstructionConf
         raise ValueError(f"reconstruction checkpoint {path} belongs to another run: "
                          f"{_first_difference({'config': saved}, {'config': expected})} differs; delete it to "
                          "restart or pass another --checkpoint")
+
 
 def _load_checkpoint(
     checkpoint: Path, fields: dict, plan_length: int,

@@ -229,7 +229,6 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     return written
 
 
-
 def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
     """Refuse, before loading, to replace a file in a tadq samples folder that tadq did not write under one of the
     names a run writes (``sample_NNNN.png``, ``grid.png``, ``prompts.json``): the folder's mark let a rerun replace
@@ -252,6 +251,7 @@ def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
     if foreign:
         raise OutputRefused(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
                             f"tadq did not write and this run would replace; move them, or {FORCE_HINT}")
+
 
 def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, class_label: list[int] | None,
                         labels: str | None, null_class: int | None, guidance_scale: float | None, device, dtype,

@@ -42,6 +42,7 @@ __all__ = ["ShardedSamplingReport", "sample_sharded"]
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class ShardedSamplingReport:
     """What ``sample_sharded`` did on this rank, and the finished run.

@@ -261,7 +261,6 @@ def config_mismatch(model: nn.Module, config_file: Path) -> str | None:
     return None
 
 
-
 def check_copyable_components(source: str | Path) -> None:
     """Refuse, before any work, a pipeline folder whose component folders (the ones an artefact copies: every one
     but the denoiser's) hold broken links or other entries that are not files or folders: ``shutil.copytree`` failed
@@ -286,6 +285,7 @@ def check_copyable_components(source: str | Path) -> None:
         raise FileNotFoundError(f"{source}: {listed} {'is' if len(bad) == 1 else 'are'} not a file (a broken link?), "
                                 "and an artefact copies its component folders whole; remove it or restore its "
                                 "target")
+
 
 def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path) -> str:
     """A pipeline source (text encoders, tokenizers, VAE...): ``model_index.json`` and every component folder but

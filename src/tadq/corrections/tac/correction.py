@@ -103,7 +103,6 @@ class TACCorrection(SequentialCorrection):
         return restored
 
 
-
 def tac_tables(correction: TACCorrection) -> dict:
     """The fitted rows as JSON-ready lists, step 0 (noisiest) first, for reports and plots."""
     if not correction.fitted:
