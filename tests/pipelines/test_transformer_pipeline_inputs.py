@@ -82,6 +82,11 @@ def _tadq_latents(pipe, prompts=PROMPTS, **call) -> torch.Tensor:
     """The pipeline's latent output as (N, C, h, w): Flux's packed sequence unpacked as FluxPipeline unpacks it."""
     latents = pipe(list(prompts), seed=5, num_inference_steps=STEPS, output_type="latent", progress=False,
                    **call).images
+    return _unpacked(pipe, latents)
+
+
+def _unpacked(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """A pipeline's ``output_type="latent"`` output as (N, C, h, w) (Flux's packed sequence unpacked)."""
     base = type(pipe).tadq_base
     if base.__name__ != "FluxPipeline":
         return latents
@@ -447,8 +452,9 @@ def test_the_int8_backend_agrees_with_fake_quant_on_transformer_artefacts(artefa
     integer = tadq.load_pipeline(artefacts[which], backend="int8")
     assert type(integer.tadq_denoiser).__name__ == "IntegerDenoiser"
     call = {"seed": 2, "output_type": "latent", "progress": False}
-    got = integer(PROMPTS, **call).images
-    fake = tadq.load_pipeline(artefacts[which])(PROMPTS, **call).images
+    got = _unpacked(integer, integer(PROMPTS, **call).images)  # images for the PSNR: Flux's tokens unpacked
+    simulated = tadq.load_pipeline(artefacts[which])
+    fake = _unpacked(simulated, simulated(PROMPTS, **call).images)
     recipe, fp_pipe = integer.tadq_recipe, load_fp_pipeline(folders[which])
     fp = tadq.sample(pipeline_denoiser(fp_pipe), fp_pipe.scheduler, recipe.sampler, num_samples=len(PROMPTS), seed=2,
                      conditions=PromptConditions(fp_pipe, PROMPTS), guidance_scale=recipe.guidance_scale,
