@@ -13,10 +13,9 @@ channel can be set against a second, tiny kernel. Not part of the library: a mea
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from speed_kernels import median_time
 
 from tadq.backends import cpu_summary
 from tadq.backends.capability import unit_scale_int8_conv
@@ -26,14 +25,9 @@ SHAPES = ((32, 32, 16), (64, 32, 16), (32, 64, 8), (64, 64, 8), (128, 64, 8), (6
 
 
 def _median_ms(call, codes: torch.Tensor, calls: int) -> float:
-    for _ in range(3):
+    for _ in range(2):  # three warm-ups with median_time's own: oneDNN builds its primitive on the first call
         call(codes)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        call(codes)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_time(lambda: call(codes), calls)
 
 
 def main() -> None:
