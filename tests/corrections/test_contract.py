@@ -161,6 +161,33 @@ class TestCorrectionContract:
                 with pytest.raises(ValueError, match="another training schedule"):
                     correction.after_model(eps, x, step)
 
+    def test_use_under_another_prediction_type_raises_and_old_keys_still_load(self, config_type, tmp_path):
+        """(t, A_t, B_t), σ_t and clipping are those of the fitting schedule under v- or x₀-prediction too, yet the
+        tables correct the ε the scheduler's prediction type reads from the output: a scheduler of another type
+        was accepted. Keys saved before the type was recorded load and are not checked for it."""
+        from diffusers import DDPMScheduler
+
+        config = _config(config_type)
+        if not correction_for(config).keyed:
+            pytest.skip("a correction without per-step tables has no key to mismatch")
+        fitted = _fit(config)
+        assert fitted.table_key.prediction_type == analytic_scheduler().config.prediction_type
+        configs = save_corrections(CorrectionStack([fitted]), tmp_path)
+        loaded = load_corrections(tmp_path, json.loads(json.dumps(configs)))[0]
+        assert loaded.table_key == fitted.table_key
+        old = correction_for(config)
+        old_key = {k: v for k, v in json.loads(fitted.table_key.to_json()).items() if k != "prediction_type"}
+        old.load_state_dict({**fitted.state_dict(), "_extra_state": {"table_key": json.dumps(old_key)}})
+        assert old.table_key.prediction_type is None
+        for prediction_type in ("v_prediction", "sample"):
+            scheduler = DDPMScheduler.from_config(analytic_scheduler().config, prediction_type=prediction_type)
+            steps = list(SamplingPlan.build(scheduler, SAMPLER).steps)
+            x, eps, std = _inputs(steps[1])
+            for correction in (fitted, loaded):
+                with pytest.raises(ValueError, match=f"'epsilon' but is used with '{prediction_type}'"):
+                    correction.after_model(eps, x, steps[1])
+            assert _all_equal(_outputs(old, steps), _outputs(fitted))  # unrecorded: not checked, as before
+
     def test_stacking_order_survives_save_and_load(self, config_type, tmp_path):
         scheduler = analytic_scheduler()
         fp = AnalyticDenoiser(scheduler)

@@ -62,6 +62,9 @@ class TableKey:
             and the sampler key does not hold. ``None`` in tables saved before it was recorded (not checked).
         noise: σ_t of every step, the sampler's noise std (DDIM's η, DDPM's ``variance_type``, which the sampler
             key does not hold either). ``None`` in tables saved before it was recorded (not checked).
+        prediction_type: The fitting scheduler's ``prediction_type``: the tables act on ε converted from the model's
+            output with it, and the schedule points do not hold it (a v-prediction model's tables were used on its
+            output read as ε). ``None`` in tables saved before it was recorded (not checked).
     """
 
     sampler_key: str
@@ -72,6 +75,7 @@ class TableKey:
     clip_recorded: bool = False
     schedule: tuple[tuple[float, float, float], ...] | None = None
     noise: tuple[float, ...] | None = None
+    prediction_type: str | None = None
 
     @classmethod
     def from_pair(cls, pair: TrajectoryPair) -> TableKey:
@@ -83,7 +87,8 @@ class TableKey:
         """The key of tables fitted along ``steps`` (one sampler grid, noisiest first) on a ``bits`` model."""
         first = steps[0]
         return cls(first.sampler_key, first.num_steps, float(first.guidance_scale), bits, first.clip_sample_range,
-                   True, tuple(schedule_point(step) for step in steps), tuple(float(step.std_dev_t) for step in steps))
+                   True, tuple(schedule_point(step) for step in steps), tuple(float(step.std_dev_t) for step in steps),
+                   str(first.prediction_type))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -299,6 +304,11 @@ class Correction(nn.Module, IdentityHooks, ABC):
                              f"{step.index} of {key.sampler_key}, but it is {float(step.std_dev_t):.6g} now (another "
                              "DDPM variance_type or η); sample with the scheduler the model was quantized with, or "
                              "refit it")
+        if key.prediction_type is not None and step.prediction_type != key.prediction_type:
+            raise ValueError(f"{name} was fitted with a scheduler of prediction_type={key.prediction_type!r} but is "
+                             f"used with {step.prediction_type!r}: its tables correct ε converted from the model's "
+                             "output as the fitting scheduler read it. Sample with the scheduler the model was "
+                             "quantized with (tadq.load returns it), or refit it")
         if key.clip_recorded and step.clip_sample_range != key.clip_sample_range:
             def clipping(value: float | None) -> str:
                 return "without x̂₀ clipping" if value is None else f"with x̂₀ clipped to ±{value}"
