@@ -10,8 +10,10 @@ import re
 import diffusers
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
+from tests.conftest import build_tiny_unet, counting_forwards
 
+import tadq
 from tadq.models import load_pipeline_parts
 from tadq.sampling import SamplerConfig, SamplingPlan, default_sampler
 from tadq.sampling.config import SUPPORTED_SCHEDULERS, check_drivable
@@ -71,3 +73,49 @@ def test_a_folder_with_a_mistyped_scheduler_value_is_refused_on_load(tiny_model_
     path.write_text(json.dumps(config | {"clip_sample": "yes"}))  # read as True by diffusers, silently
     with pytest.raises(ValueError, match="clip_sample='yes'"):
         load_pipeline_parts(tiny_model_dir)
+
+
+# a grid option of the folder's config, the kinds whose diffusers class drops it (refused) and those that honour it
+GRID_OPTIONS = [
+    (EulerDiscreteScheduler, {"use_karras_sigmas": True}, ("ddim", "ddpm", "euler-ancestral"),
+     ("euler", "dpmsolver++")),
+    (DPMSolverMultistepScheduler, {"use_exponential_sigmas": True}, ("ddim", "euler-ancestral"),
+     ("euler", "dpmsolver++")),
+    (LMSDiscreteScheduler, {"use_beta_sigmas": True}, ("ddpm", "euler-ancestral"), ("euler", "dpmsolver++")),
+    (DPMSolverMultistepScheduler, {"use_lu_lambdas": True}, ("ddim", "euler", "euler-ancestral"), ("dpmsolver++",)),
+    (EulerDiscreteScheduler, {"final_sigmas_type": "sigma_min"}, ("ddim", "ddpm", "euler-ancestral"),
+     ("euler", "dpmsolver++")),
+    (EulerDiscreteScheduler, {"interpolation_type": "log_linear"}, ("ddim", "euler-ancestral", "dpmsolver++"),
+     ("euler",)),
+    (EulerDiscreteScheduler, {"timestep_type": "continuous", "prediction_type": "v_prediction"},
+     ("ddim", "ddpm", "euler-ancestral", "dpmsolver++"), ("euler",)),
+]
+
+
+@pytest.mark.parametrize(("cls", "option", "dropped", "honoured"), GRID_OPTIONS,
+                         ids=[next(iter(option)) for _, option, _, _ in GRID_OPTIONS])
+def test_a_grid_option_the_samplers_class_would_drop_is_refused_before_any_forward(cls, option, dropped, honoured):
+    """diffusers' from_config drops a key the sampler's class does not take: an Euler-Karras folder sampled with
+    euler-ancestral or ddim walked the uniform grid, a continuous-time v-model sampled with ddim was fed integer
+    timesteps, without a word. Refused naming the option and the kinds that honour it; those still build it."""
+    unet, steps = build_tiny_unet(), 6
+    key = next(iter(option))
+    for kind in dropped:
+        named = rf"{key}=.*\({re.escape(kind)}\).*" + re.escape(f"({', '.join(honoured)})")
+        with counting_forwards(unet) as calls, pytest.raises(NotImplementedError, match=named):
+            tadq.sample(unet, cls(**option), SamplerConfig(kind, steps), num_samples=1, seed=0, progress=False)
+        assert calls[0] == 0
+    plain = {k: v for k, v in option.items() if k == "prediction_type"}
+    for kind in honoured:  # built, on another grid (or timestep input) than without the option
+        with_option, without = (SamplingPlan.build(cls(**config), SamplerConfig(kind, steps))
+                                for config in (option, plain))
+        assert [(s.t, s.sigma_t, s.sigma_prev) for s in with_option.steps] \
+            != [(s.t, s.sigma_t, s.sigma_prev) for s in without.steps]
+
+
+def test_grid_options_at_values_that_change_nothing_are_not_refused():
+    for scheduler in (EulerDiscreteScheduler(timestep_type="continuous"),  # ε-prediction: discrete timesteps anyway
+                      EulerDiscreteScheduler(final_sigmas_type="zero", interpolation_type="linear"),
+                      DPMSolverMultistepScheduler(use_karras_sigmas=False, use_lu_lambdas=False)):
+        for kind in ("ddim", "ddpm", "euler-ancestral"):
+            assert SamplingPlan.build(scheduler, SamplerConfig(kind, 4)).num_steps == 4

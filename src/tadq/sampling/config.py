@@ -7,8 +7,9 @@ that those tables are stored under.
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -358,8 +359,45 @@ def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: S
     _check_sampler_options(sampler, config)
 
 
+# Config options that change the grid (σ's, timesteps) or the timestep the network is fed, with the values that do:
+# diffusers' from_config drops a key the sampler's class has no parameter for, so the sampler would walk another
+# grid (a continuous-time v-model would get integer timesteps) without a word; such a pairing is refused.
+_GRID_OPTIONS: dict[str, Callable[[Any, Mapping[str, Any]], bool]] = {
+    "use_karras_sigmas": lambda value, config: value is True,
+    "use_exponential_sigmas": lambda value, config: value is True,
+    "use_beta_sigmas": lambda value, config: value is True,
+    "use_lu_lambdas": lambda value, config: value is True,
+    "final_sigmas_type": lambda value, config: value == "sigma_min",
+    "interpolation_type": lambda value, config: value == "log_linear",
+    "timestep_type": lambda value, config: value == "continuous" and config.get("prediction_type") == "v_prediction",
+}
+
+
+def _takes(kind: str, key: str) -> bool:
+    """Whether the diffusers class of ``kind`` has a constructor parameter ``key`` (else from_config drops it)."""
+    return key in inspect.signature(_SCHEDULER_CLASSES[kind].__init__).parameters
+
+
+def _check_grid_options(sampler: SamplerConfig, config: Mapping[str, Any]) -> None:
+    """Refuse a grid option of the folder's config that the sampler's diffusers class cannot honour."""
+    for key, changes in _GRID_OPTIONS.items():
+        value = config.get(key)
+        if value is None or not changes(value, config) or _takes(sampler.kind, key):
+            continue
+        family = FLOW_KINDS if sampler.is_flow else tuple(kind for kind in SAMPLER_KINDS if kind not in FLOW_KINDS)
+        honour = [kind for kind in family if _takes(kind, key)]
+        use = f"sample with a kind that honours it ({', '.join(honour)}), or" if honour else "no tadq kind honours it:"
+        raise NotImplementedError(
+            f"the scheduler config sets {key}={value!r}, which {_SCHEDULER_CLASSES[sampler.kind].__name__} "
+            f"({sampler.kind}) does not have: {sampler.kind} would " + ("feed the network other timesteps" if key
+                                                                       == "timestep_type" else "walk another grid")
+            + f" than the config asks for, without a word; {use} set {key} to its default in the config.")
+
+
 def _check_sampler_options(sampler: SamplerConfig, config: Mapping[str, Any]) -> None:
-    """Options of the training config that would change the update tadq's steps implement are refused."""
+    """Options of the training config that would change the update tadq's steps implement are refused, and grid
+    options the sampler's class would drop (``_check_grid_options``)."""
+    _check_grid_options(sampler, config)
     if sampler.kind == "dpmsolver++":
         if config.get("thresholding"):
             raise NotImplementedError("DPM-Solver++ with thresholding=True (dynamic thresholding of x̂_0) is not "
