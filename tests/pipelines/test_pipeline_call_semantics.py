@@ -103,6 +103,33 @@ def test_a_used_generator_is_refused_instead_of_repeating_the_images(pipe):
     assert torch.equal(again, first)  # seeded again: the same images, as diffusers gives
 
 
+@pytest.mark.parametrize(("name", "sampler"), [
+    ("EulerAncestralDiscreteScheduler", SamplerConfig("euler-ancestral", STEPS)),
+    ("DPMSolverMultistepScheduler", SamplerConfig("dpmsolver++", STEPS)),
+])
+def test_a_replaced_scheduler_chooses_the_sampler_as_in_diffusers(pipe, sd_art, name, sampler):
+    """``pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)`` (diffusers' way to
+    choose a sampler) was ignored: the call sampled the recipe's DDIM, without a word. The replacement's sampler
+    now runs (as tadq.sample with it); one tadq has no sampler for is refused by name before sampling."""
+    import diffusers
+
+    loaded = pipe.scheduler
+    ddim = pipe("a cat", seed=1, output_type="latent", **CALL).images
+    try:
+        pipe.scheduler = getattr(diffusers, name).from_config(loaded.config)
+        got = pipe("a cat", seed=1, output_type="latent", **CALL).images
+        expected = tadq.sample(sd_art[0], pipe.scheduler, sampler, num_samples=1, seed=1, progress=False,
+                               conditions=PromptConditions(pipe, ["a cat"]), guidance_scale=GUIDANCE).images
+        assert torch.equal(got, expected) and not torch.equal(got, ddim)
+        for refused in ("UniPCMultistepScheduler", "PNDMScheduler"):
+            pipe.scheduler = getattr(diffusers, refused).from_config(loaded.config)
+            with pytest.raises(NotImplementedError, match=f"pipe.scheduler was replaced by a {refused}"):
+                pipe("a cat", **CALL)
+    finally:
+        pipe.scheduler = loaded
+    assert torch.equal(pipe("a cat", seed=1, output_type="latent", **CALL).images, ddim)
+
+
 def test_numpy_integers_are_taken_and_floats_refused(pipe):
     """Counts and seeds from NumPy (``np.int64`` out of a config or a sweep) were refused as "not a positive int"
     / "must be a int"; diffusers takes them. They now sample as the Python ints; floats and bools are refused as

@@ -63,9 +63,10 @@ def _fitted_keys(denoiser: nn.Module) -> list[tuple[str, str, float]]:
 
 def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: int | None, guidance_scale: float | None,
                        eta: float | None, default_guidance: float, kind: str | None = None,
-                       default_sampler: SamplerConfig | None = None) -> tuple[SamplerConfig, float]:
+                       default_sampler: SamplerConfig | None = None, order: int | None = None
+                       ) -> tuple[SamplerConfig, float]:
     """(sampler, guidance scale) for a call: the recipe's deployment with the given values applied; without a
-    recipe ``default_sampler`` (default DDIM 50, η 0).
+    recipe ``default_sampler`` (default DDIM 50, η 0). ``order``: dpmsolver++'s, with ``kind``.
 
     Raises ``ValueError`` before any work when the model carries per-step tables fitted for another grid or
     guidance scale (they are keyed; a model without corrections takes any).
@@ -77,8 +78,9 @@ def resolve_deployment(denoiser: nn.Module, recipe: Any, num_inference_steps: in
                 or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
         sampler = dataclasses.replace(sampler, num_steps=num_inference_steps)
-    if kind is not None and kind != sampler.kind:  # dpmsolver++'s order, flow-euler's shift and grid are theirs
-        sampler = dataclasses.replace(sampler, kind=kind, eta=0.0 if eta is None else sampler.eta, order=None,
+    if kind is not None and (kind != sampler.kind or order not in (None, sampler.order)):
+        # dpmsolver++'s order, flow-euler's shift and grid are theirs
+        sampler = dataclasses.replace(sampler, kind=kind, eta=0.0 if eta is None else sampler.eta, order=order,
                                       shift=None, flow_sigmas=None)
     if eta is not None:
         sampler = dataclasses.replace(sampler, eta=float(eta))
@@ -228,6 +230,7 @@ class TadqPipelineMixin:
     tadq_base: type  # the diffusers pipeline class this one extends
     tadq_denoiser: nn.Module
     tadq_recipe: Any = None
+    tadq_scheduler_class: type | None = None  # pipe.scheduler's class when loaded (tadq_swapped_sampler)
 
     def __call__(  # noqa: PLR0913 -- the diffusers call signature
         self, prompt: str | Sequence[str] | None = None, *, negative_prompt: str | Sequence[str] | None = None,
@@ -294,7 +297,10 @@ class TadqPipelineMixin:
         elif true_cfg_scale is not None:
             raise TypeError(f"true_cfg_scale is Flux's classifier-free guidance; {type(self).__name__} takes "
                             "guidance_scale for it")
-        sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta)
+        swapped = self.tadq_swapped_sampler()
+        sampler, scale = self.tadq_deployment(num_inference_steps, guidance_scale, eta,
+                                              None if swapped is None else swapped.kind,
+                                              None if swapped is None else swapped.order)
         if negative_prompt is not None and scale == 1:
             logger.warning("negative_prompt is not used: %s=1 samples the prompt alone (no classifier-free "
                            "guidance), as %s does", "true_cfg_scale" if self.tadq_distilled_guidance
@@ -348,8 +354,26 @@ class TadqPipelineMixin:
         raise ValueError(f"this model's per-step tables were fitted at the distilled guidance_scale={recorded:g}, "
                          f"not {used:g}: call it at the fitted scale, or quantize again for this one")
 
+    def tadq_swapped_sampler(self) -> SamplerConfig | None:
+        """The sampler of ``pipe.scheduler`` when the caller replaced it by another class after loading (diffusers'
+        way to choose a sampler: ``pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(...)``), else
+        ``None``. It was ignored: the call sampled the recipe's sampler without a word. A class without a tadq
+        sampler of its own (PNDM, LMS, UniPC...) is refused by name."""
+        loaded = getattr(self, "tadq_scheduler_class", None)
+        if loaded is None or type(self.scheduler) is loaded:
+            return None
+        from tadq.sampling import default_sampler
+
+        try:
+            return default_sampler(self.scheduler)
+        except NotImplementedError as error:
+            raise NotImplementedError(f"pipe.scheduler was replaced by a {type(self.scheduler).__name__} (loaded: "
+                                      f"{loaded.__name__}), which tadq's pipeline cannot sample as it is: {error} "
+                                      "Restore the loaded scheduler, or call tadq.sample with a SamplerConfig"
+                                      ) from error
+
     def tadq_deployment(self, num_inference_steps: int | None, guidance_scale: float | None, eta: float | None,
-                        kind: str | None = None) -> tuple[SamplerConfig, float]:
+                        kind: str | None = None, order: int | None = None) -> tuple[SamplerConfig, float]:
         """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others. Defaults:
         the recipe's deployment, else the diffusers pipeline's default guidance scale (Flux: ``true_cfg_scale``'s)
         and DDIM 50 η 0 for a UNet, the folder scheduler's own sampler at the pipeline's default step count for a
@@ -364,7 +388,7 @@ class TadqPipelineMixin:
             fallback = pipeline_sampler(self, default_sampler(self.scheduler,
                                                               int(parameters["num_inference_steps"].default)))
         sampler, scale = resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps,
-                                            guidance_scale, eta, float(default), kind, fallback)
+                                            guidance_scale, eta, float(default), kind, fallback, order)
         _warn_latent_clipping(self.scheduler, sampler)
         return pipeline_flow_shift(self, sampler), check_pipeline_guidance(scale)
 
@@ -603,6 +627,7 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
         pipe = load_components(klass, layout, **options)
         denoiser, recipe = pipeline_denoiser(pipe), None
     pipe.tadq_denoiser, pipe.tadq_recipe = denoiser, recipe
+    pipe.tadq_scheduler_class = type(pipe.scheduler)  # a caller's replacement chooses the sampler (diffusers' way)
     quantize_text_encoders(pipe, text_encoder_bits)
     if target_device is not None:
         pipe.to(target_device)
