@@ -173,8 +173,11 @@ def run_command(
 
 
 def main() -> None:
+    from tadq.cli.interrupts import unwind_on_termination
+
     torch.set_grad_enabled(True)
-    app()
+    with unwind_on_termination():  # SIGTERM/SIGHUP clean up as Ctrl-C does (no staging folder left behind)
+        app()
 
 
 if __name__ == "__main__":

@@ -100,6 +100,8 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: d
 
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "evaluate-report")
+    for name in ("results.json", "results.md"):  # written last: an interrupt while drawing the figures left an
+        (out / name).unlink(missing_ok=True)  # earlier evaluation's numbers beside this one's figures
     labels = [f"{row['method']} {row['bits']}" for row in rows]
     save_comparison_grid({labels[0]: evaluation.reference.images[:64], labels[1]: evaluation.candidate.images[:64]},
                          out / "samples.png")

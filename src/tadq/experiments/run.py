@@ -36,8 +36,9 @@ from tadq.safefiles import DamagedFileError, load_checked, nonfinite_count, save
 from tadq.sampling import SamplerConfig, check_seed
 from tadq.utils import atomic_write_json, atomic_write_text, library_versions
 
-__all__ = ["RunConfig", "CELL_SUFFIX", "HEADLINE_METHODS", "HEADLINE_SAMPLES", "PreparedJob", "cell_key", "load_cell",
-           "save_cell", "default_variants", "job_rows", "prepare_job", "run_cell", "run_main_job", "write_report"]
+__all__ = ["RunConfig", "CELL_SUFFIX", "REPORT_FILES", "HEADLINE_METHODS", "HEADLINE_SAMPLES", "PreparedJob",
+           "cell_key", "load_cell", "save_cell", "default_variants", "job_rows", "prepare_job", "run_cell",
+           "run_main_job", "write_report"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def cell_key(fingerprint: str, config: RunConfig, variant: Variant, workload: Wo
 
 
 CELL_SUFFIX = ".safetensors"
+REPORT_FILES = ("results.json", "results.md")  # written last by write_report: a folder with them is whole
 _CELL_TENSORS = ("images", "states")
 
 
@@ -385,6 +387,8 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
     """Metrics table, JSON, grids and the per-step error plot (image metrics on decoded images, the per-step error
     in the space the sampler walks in)."""
     out = Path(config.out_dir)
+    for name in REPORT_FILES:  # an earlier run's table would otherwise sit beside this run's figures until the end:
+        (out / name).unlink(missing_ok=True)  # an interrupt while drawing them mixed two runs' results, unsaid
     # FD-digits and agreement only for the shipped digits models: a user's model gets PSNR/SSIM/trajectory error
     # (digit features on another model's samples would be a number without a meaning)
     fd = workload.features

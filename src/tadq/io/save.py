@@ -26,6 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -352,8 +353,27 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
     return size
 
 
-def _publish(staging: Path, target: Path) -> None:
-    """Move a finished staging folder to ``target``, replacing an existing artefact only once the new one is whole."""
+def _publish(staging: Path, target: Path, recheck: Callable[[], None], overwrite: bool) -> None:
+    """Move a finished staging folder to ``target``, replacing an existing artefact only once the new one is whole.
+
+    ``target`` was checked before the staging folder was written, which for a pipeline copy takes minutes: what is
+    there now is checked again (``recheck``, the same ``check_output_dir``), and without ``overwrite`` the rename
+    itself refuses to land on anything but an empty folder. A folder that appeared meanwhile (a user's files, another
+    run's artefact) used to be moved aside and deleted, ``overwrite`` or not."""
+    if not overwrite:
+        try:
+            os.rename(staging, target)  # POSIX: fails on a non-empty folder or a file, replaces only an empty folder
+        except OSError as error:
+            if not os.path.lexists(target):
+                raise
+            from tadq.fsguard import OutputRefused
+
+            raise OutputRefused(f"artefact folder {target} was created or filled by another process while this model "
+                                f"was being saved ({error.strerror}); it is left as it is and this save was "
+                                "discarded. Save again to another folder, or with --overwrite (overwrite=True)") \
+                from error
+        return
+    recheck()
     if target.exists():
         retired = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
         os.replace(target, retired / target.name)
@@ -384,7 +404,8 @@ def save_quantized(
 
     Raises:
         OutputRefused (a ValueError): ``directory`` exists and is not empty and ``overwrite`` is false; or it is a
-            file, or a folder tadq did not write (unless ``force_foreign``), or it cannot be written.
+            file, or a folder tadq did not write (unless ``force_foreign``), or it cannot be written; checked again
+            when the new artefact is ready, so files put there while it was written are never deleted.
         ValueError: a quantized weight is off its grid or has no range.
     """
     from tadq.fsguard import check_output_dir, mark_output
@@ -404,8 +425,11 @@ def save_quantized(
         reason = config_mismatch(qmodel.model, config_file) if config_file.is_file() else f"{config_file} is missing"
         if reason is not None:
             raise ValueError(f"pipeline_source {source} is not the folder this model was quantized from: {reason}")
-    check_output_dir(target, kind="artefact", what="artefact folder", overwrite=overwrite, force_foreign=force_foreign,
-                     inputs=[] if source is None else [source])
+    def check() -> None:
+        check_output_dir(target, kind="artefact", what="artefact folder", overwrite=overwrite,
+                         force_foreign=force_foreign, inputs=[] if source is None else [source])
+
+    check()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
     try:
@@ -419,7 +443,7 @@ def save_quantized(
         for item in staging.rglob("*"):  # mkdtemp and safetensors create owner-only files; artefacts are shared
             item.chmod(0o755 if item.is_dir() else 0o644)
         staging.chmod(0o755)
-        _publish(staging, target)
+        _publish(staging, target, check, overwrite)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tadq.search.search import SearchResult
+from tadq.search.search import REPORT_FILES, SearchResult
 from tadq.utils import atomic_write_json, atomic_write_text, save_figure
 
 __all__ = ["write_report", "report_payload", "plot_pareto", "markdown_report"]
@@ -120,6 +120,7 @@ def plot_pareto(result: SearchResult, path: str | Path) -> None:
 def write_report(result: SearchResult, out_dir: str | Path, evaluation: dict[str, Any] | None = None) -> None:
     """``report.json``, ``report.md`` and ``pareto.png`` in ``out_dir`` (each written atomically)."""
     out_dir = Path(out_dir)
-    atomic_write_json(report_payload(result, evaluation), out_dir / "report.json")
-    atomic_write_text(markdown_report(result, evaluation), out_dir / "report.md")
-    plot_pareto(result, out_dir / "pareto.png")
+    json_name, markdown_name, pareto_name = REPORT_FILES  # export_winner removes them first
+    atomic_write_json(report_payload(result, evaluation), out_dir / json_name)
+    atomic_write_text(markdown_report(result, evaluation), out_dir / markdown_name)
+    plot_pareto(result, out_dir / pareto_name)

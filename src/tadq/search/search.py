@@ -66,11 +66,12 @@ from tadq.search.space import (
 from tadq.utils import atomic_write_json
 
 __all__ = ["SearchConditions", "SearchPlan", "SearchResult", "plan_search", "run_search", "choose_winner",
-           "pareto_front", "export_winner", "TIE_DB"]
+           "pareto_front", "export_winner", "REPORT_FILES", "TIE_DB"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT = 1  # of the cache records; bump when what a record means changes
+REPORT_FILES = ("report.json", "report.md", "pareto.png")  # what ``tadq.search.report.write_report`` writes
 TIE_DB = 0.05
 """Scores within this many dB of the best count as a tie; the cheaper candidate wins it."""
 ARTEFACT_FILES = ("tadq_weights.safetensors", "corrections.safetensors")
@@ -484,18 +485,25 @@ def export_winner(result: SearchResult, out_dir: str | Path, scheduler,
     """Write ``recipe.json`` (the winner's recipe) and ``model/`` (its artefact, ``tadq.load``-able) into
     ``out_dir``; returns the artefact folder. ``pipeline_source``: the FP pipeline folder of a latent or
     text-to-image model, whose other components (VAE, text encoders...) the artefact keeps, so ``tadq sample`` and
-    ``tadq.load_pipeline`` take it."""
+    ``tadq.load_pipeline`` take it.
+
+    A rerun's winner may differ from the one an earlier search left in ``out_dir``: that search's ``recipe.json``
+    and report (``REPORT_FILES``, rewritten by ``write_report`` once the evaluation is done) are removed first, and
+    ``recipe.json`` is written after ``model/``, so an interrupt during the export or the evaluation (minutes) never
+    leaves one search's report or recipe beside another search's winner."""
     out_dir = Path(out_dir)
     record = result.record(result.winner)
     from tadq.recipe import recipe_from_dict
 
     recipe = recipe_from_dict(record["recipe"])
-    staging = out_dir / ".recipe.json.tmp"
-    save_recipe(recipe, staging)
-    staging.replace(out_dir / "recipe.json")
+    for name in ("recipe.json", *REPORT_FILES):
+        (out_dir / name).unlink(missing_ok=True)
     target = out_dir / "model"
     qmodel, _ = load(out_dir / record["artefact"])
     save_quantized(qmodel, target, copy.deepcopy(scheduler), overwrite=True, pipeline_source=pipeline_source)
+    staging = out_dir / ".recipe.json.tmp"
+    save_recipe(recipe, staging)
+    staging.replace(out_dir / "recipe.json")
     return target
 
 
