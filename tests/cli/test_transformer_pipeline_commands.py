@@ -247,6 +247,24 @@ def test_sharded_run_key_tells_flux_grid_from_the_schedulers_grid(tmp_path):
                        out_dir=tmp_path / "run", **options)
 
 
+def test_sample_walks_an_fp_flow_folder_on_flow_euler_when_no_sampler_is_named(tmp_path):
+    """``tadq quantize`` calibrates a flow-matching model folder on flow-euler when no sampler is named (DDIM cannot
+    drive it), but ``tadq sample`` of the same FP folder took the presets' DDIM and refused it ("use flow-euler").
+    A user expects both commands to pick the same sampler for the same folder."""
+    from diffusers import DDPMPipeline
+
+    from tadq.safefiles import load_checked
+
+    folder = tmp_path / "flow-unet"
+    DDPMPipeline(unet=build_tiny_unet(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0)).save_pretrained(folder)
+    tensors = tmp_path / "s.safetensors"
+    result, output = _invoke(["sample", folder, "--num-samples", 2, "--steps", 2, "--out", tmp_path / "s.png",
+                              "--tensor-out", tensors])
+    assert result.exit_code == 0, output
+    sampler = load_checked(tensors, "samples")[1]["sampler"]["data"]
+    assert (sampler["kind"], sampler["num_steps"]) == ("flow-euler", 2)
+
+
 @pytest.mark.parametrize("how", ["recipe-file", "set"])
 def test_quantize_keeps_the_distilled_guidance_the_recipe_gives(artefacts, folders, tmp_path, how):
     """Flux: ``tadq quantize FLUX --recipe FLUX_ART/tadq_recipe.json`` (recorded distilled guidance 2.5) and ``tadq

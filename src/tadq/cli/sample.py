@@ -28,7 +28,8 @@ __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipe
 
 SamplerKind = Annotated[str | None, typer.Option(
     "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
-                      "(flow-matching models) (default: the artefact's recipe, else ddim).")]
+                      "(flow-matching models) (default: the artefact's recipe, else ddim, or flow-euler for a "
+                      "flow-matching model).")]
 Steps = Annotated[int | None, typer.Option(help="Sampler steps (default: the artefact's recipe, else 50).")]
 Eta = Annotated[float | None, typer.Option(
     help="DDIM eta, 0 = deterministic, 0 for ddpm (default: the artefact's recipe, else 0).")]
@@ -54,17 +55,22 @@ def check_backend_here(backend: str, device: torch.device, dtype: torch.dtype) -
 
 
 def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, eta: float | None):
-    """The sampler to use: the artefact recipe's deployment sampler (ddim, 50, η 0 for an FP folder or an artefact
-    without a recipe) with the given flags applied. Refused before any work when the artefact's fitted tables
-    (corrections, TFMQ) are for another grid."""
+    """The sampler to use: the artefact recipe's deployment sampler (for an FP folder or an artefact without a
+    recipe: 50 steps of ddim, η 0, or of flow-euler on a flow-matching schedule, as ``tadq quantize`` picks) with the
+    given flags applied. Refused before any work when the artefact's fitted tables (corrections, TFMQ) are for
+    another grid."""
     import dataclasses
 
     from tadq.io import is_quantized_artefact
     from tadq.io.load import read_recipe
-    from tadq.sampling import SamplerConfig
+    from tadq.models import load_scheduler
+    from tadq.sampling import SamplerConfig, command_sampler_kind
 
     recipe = read_recipe(path) if path is not None and is_quantized_artefact(path) else None
-    base = recipe.sampler if recipe is not None else SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
+    if recipe is not None:
+        base = recipe.sampler
+    else:  # DDIM cannot drive a flow-matching model: tadq quantize calibrates it on flow-euler, and so samples it
+        base = SamplerConfig(kind=command_sampler_kind(load_scheduler(path)), num_steps=50, eta=0.0)
     given = {k: v for k, v in (("kind", kind), ("num_steps", steps), ("eta", eta)) if v is not None}
     if given.get("kind", "ddim") != "ddim" and eta is None:
         given["eta"] = 0.0  # η is DDIM's alone
