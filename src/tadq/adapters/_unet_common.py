@@ -15,7 +15,8 @@ from contextlib import contextmanager
 
 import torch
 from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, ResnetBlockCondNorm2D, Upsample2D
+from diffusers.models.unets.unet_2d_blocks import KAttentionBlock
 from torch import Tensor, nn
 
 from tadq.adapters.base import LayerInfo, LayerRole
@@ -90,10 +91,35 @@ def check_unfused(model: nn.Module) -> None:
                                   "model.unfuse_qkv_projections() before quantizing")
 
 
+def claim_cond_norm_resnet(claims: RoleClaims, resnet: ResnetBlockCondNorm2D, block: str) -> None:
+    """A residual block of the K-diffusion blocks (``KDownBlock2D``...): no ``time_emb_proj``, each of its two norms
+    (``AdaGroupNorm``) projects the time embedding into a per-channel scale and shift through its ``linear``, which
+    is that block's time projection; shortcut and convolutions as in ``ResnetBlock2D``."""
+    for norm in (resnet.norm1, resnet.norm2):
+        claims.claim(getattr(norm, "linear", None), "time_projection", block)
+    claims.claim(resnet.conv_shortcut, "shortcut", block)
+    claims.claim(resnet.conv1, "block_conv", block)
+    claims.claim(resnet.conv2, "block_conv", block)
+
+
+def claim_k_attention(claims: RoleClaims, module: KAttentionBlock, block: str) -> None:
+    """A K-diffusion attention block, one unit: the ``AdaGroupNorm`` before each attention projects the time
+    embedding (time projection), then the attentions."""
+    for part in ("norm1", "norm2"):
+        claims.claim(getattr(getattr(module, part, None), "linear", None), "time_projection", block)
+    for attention in (getattr(module, "attn1", None), module.attn2):
+        if attention is not None:
+            claim_attention(claims, attention, block)
+
+
 def claim_unet_parts(claims: RoleClaims, module: nn.Module, block: str) -> None:
     """The parts both UNet classes share, claimed with ``block`` = the part's own name."""
     if isinstance(module, ResnetBlock2D):
         claim_resnet(claims, module, block)
+    elif isinstance(module, ResnetBlockCondNorm2D):
+        claim_cond_norm_resnet(claims, module, block)
+    elif isinstance(module, KAttentionBlock):
+        claim_k_attention(claims, module, block)
     elif isinstance(module, Attention):
         claim_attention(claims, module, block)
     elif isinstance(module, (Downsample2D, Upsample2D)):
