@@ -19,7 +19,7 @@ from tadq.safefiles import (
 )
 from tadq.sampling.config import check_drivable
 
-__all__ = ["load_pipeline_parts", "load_scheduler", "shipped_model_path"]
+__all__ = ["load_pipeline_parts", "load_scheduler", "loaded_class_name", "shipped_model_path"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 # Released DiT (facebook/DiT-XL-2-*) and PixArt-α folders name their denoiser ``Transformer2DModel``;
 # ``Transformer2DModel.from_pretrained`` loads them as these classes, chosen by ``norm_type``.
 _LEGACY_TRANSFORMER_CLASSES = {"ada_norm_zero": "DiTTransformer2DModel", "ada_norm_single": "PixArtTransformer2DModel"}
+
+
+def loaded_class_name(config: dict) -> object:
+    """The model class a diffusers ``config.json`` loads as: its ``_class_name``, except the legacy
+    ``Transformer2DModel`` name of released DiT and PixArt-α folders, which loads as the class its ``norm_type``
+    picks."""
+    class_name = config.get("_class_name")
+    if class_name == "Transformer2DModel":
+        return _LEGACY_TRANSFORMER_CLASSES.get(config.get("norm_type"), class_name)
+    return class_name
 
 
 def shipped_model_path() -> Path:
@@ -190,8 +200,7 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
     if not isinstance(class_name, str) or not class_name:
         raise ValueError(f"{model_dir / 'config.json'} names no model class (_class_name is {class_name!r}); tadq "
                          f"will not guess one. Supported: {sorted(registered_families())}")
-    if class_name == "Transformer2DModel":  # the legacy name of released DiT / PixArt-α folders, as diffusers reads it
-        class_name = _LEGACY_TRANSFORMER_CLASSES.get(model_config.get("norm_type"), class_name)
+    class_name = loaded_class_name(model_config)  # the legacy name of released DiT / PixArt-α folders
     family = model_family(str(class_name), where=str(model_dir))
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: sample or evaluate it (`tadq "

@@ -8,9 +8,10 @@ model is the diffusers model; the int8 backend runs every quantized layer as its
 
 Refused by name before the model runs: diffusers classes tadq has no adapter for, a subclass of a supported class
 (diffusers' ``DreamLiteUNetModel`` builds other blocks inside a ``UNet2DConditionModel``; it used to be quantized
-with most layers of role ``other`` and then refused when saved), fused q/k/v projections (used to fail after the
-calibration trajectories), cross-attentions of different text widths, a Fourier-embedded conditional UNet, and
-a ``torch.compile`` wrapper (named with the module inside).
+with most layers of role ``other`` and then refused when saved), fused q/k/v projections and attention processors
+with layers of their own (Custom Diffusion; both used to fail after the calibration trajectories), cross-attentions
+of different text widths, a Fourier-embedded conditional UNet, and a ``torch.compile`` wrapper (named with the
+module inside).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 from packaging.version import Version
 from tests.adapters.test_transformer_configs import _flux, _pixart, _sd3, prompts
 from tests.backends.machine import int8_reason
@@ -330,4 +332,43 @@ def test_a_compiled_model_is_refused_naming_the_module_inside():
         api.quantize(compiled, _ddim(), _config(DDIM, True), progress=False)
     with pytest.raises(TypeError, match=message):
         api.sample(compiled, _ddim(), DDIM, num_samples=1, seed=0, progress=False)
+    assert calls == []
+
+
+def _custom_diffusion(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """Custom Diffusion's processor on every cross-attention (``unet.load_attn_procs`` of its weights does this):
+    keys and values from its own ``to_k_custom_diffusion``/``to_v_custom_diffusion`` (``train_kv``)."""
+    def adapted() -> nn.Module:
+        model = build()
+        processors = {}
+        for name, processor in model.attn_processors.items():
+            attn = model.get_submodule(name.removesuffix(".processor"))
+            processors[name] = CustomDiffusionAttnProcessor2_0(
+                train_kv=True, hidden_size=attn.inner_dim, cross_attention_dim=attn.cross_attention_dim
+            ) if attn.is_cross_attention else processor
+        model.set_attn_processor(processors)
+        return model
+    return adapted
+
+
+CUSTOM = {
+    "sd": (_custom_diffusion(build_tiny_sd_unet), _text),
+    "pixart": (_custom_diffusion(_pixart), lambda: _text(width=8)),
+}
+
+
+@pytest.mark.parametrize("quantize_attention", [True, False])
+@pytest.mark.parametrize("name", list(CUSTOM))
+def test_an_attention_processor_with_its_own_layers_is_refused_by_name_before_calibration(name, quantize_attention):
+    """Custom Diffusion's processor computes the cross-attention keys and values with its own layers: a UNet with
+    it was planned (those layers of role ``other``), its FP calibration trajectories sampled, and calibration then
+    failed on ``attn2.to_k``'s observer, which saw no data; PixArt's refusal named only the layers."""
+    build, source = CUSTOM[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    calls = _counting(model)
+    message = (r"runs attention processors with layers of their own: CustomDiffusionAttnProcessor2_0 \(e\.g\. "
+               r".*attn2\.processor\)\. .*model\.set_default_attn_processor\(\)")
+    with pytest.raises(NotImplementedError, match=message):
+        api.quantize(model, _ddim(), _config(DDIM, quantize_attention), conditions=source(), progress=False)
     assert calls == []

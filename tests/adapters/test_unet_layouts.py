@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
-from tests.conftest import build_tiny_sd_unet
+from tests.conftest import build_tiny_sd_unet, counting_forwards
 
 from tadq.config import QuantConfig
 from tadq.prepare import build_quantized_structure
@@ -121,3 +121,57 @@ def test_a_learned_time_embedding_takes_integral_timesteps_and_refuses_fractiona
         assert torch.equal(adapter.predict_eps(model, x, torch.tensor([999.0, 3.0])), expected)
         with pytest.raises(ValueError, match=r"learned time embedding .* fractional timestep 799\.2"):
             adapter.predict_eps(model, x, torch.tensor([999.0, 799.2]))
+
+
+def _k_diffusion_unet():
+    """The K-diffusion blocks (the latent upscaler's layout) with a positional time embedding: residual blocks with
+    ``AdaGroupNorm`` norms (``ResnetBlockCondNorm2D``) instead of ``time_emb_proj``, cross-attention blocks that
+    modulate their norm by the time embedding too (``KAttentionBlock``); their group size is 32 channels."""
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 32),
+        cross_attention_dim=16, attention_head_dim=8, mid_block_type=None, resnet_time_scale_shift="ada_group",
+        down_block_types=("KCrossAttnDownBlock2D", "KDownBlock2D"), up_block_types=("KUpBlock2D",
+                                                                                    "KCrossAttnUpBlock2D")).eval()
+
+
+def test_the_time_projections_of_k_diffusion_blocks_have_their_role_and_their_block():
+    """Their norms' ``linear`` layers (time embedding → per-channel scale and shift) and the block convs were role
+    ``other``, each its own unit: a ``time_projection`` role kept in float, or TFMQ's temporal path, missed them."""
+    model = _k_diffusion_unet()
+    adapter = adapter_for(model)
+    infos = {info.name: info for info in adapter.layers(model)}
+    assert [name for name, info in infos.items() if info.role == "other"] == []
+    for resnet in ("down_blocks.0.resnets.0", "up_blocks.1.resnets.0"):
+        assert {infos[f"{resnet}.{norm}.linear"].role for norm in ("norm1", "norm2")} == {"time_projection"}
+        assert {infos[f"{resnet}.{conv}"].role for conv in ("conv1", "conv2")} == {"block_conv"}
+        assert {infos[f"{resnet}.{layer}"].block for layer in ("norm1.linear", "conv1", "conv2")} == {resnet}
+    attention = "down_blocks.0.attentions.0"
+    assert infos[f"{attention}.norm2.linear"].role == "time_projection"
+    assert infos[f"{attention}.attn2.to_k"].role == "cross_attention_kv"
+    assert {infos[f"{attention}.{layer}"].block for layer in ("norm2.linear", "attn2.to_q")} == {attention}
+    assert adapter.blocks(model) == ["time_embedding", "conv_in", "down_blocks.0.resnets.0", attention,
+                                     "down_blocks.1.resnets.0", "up_blocks.0.resnets.0", "up_blocks.1.resnets.0",
+                                     "up_blocks.1.attentions.0", "conv_out"]
+    structure = build_quantized_structure(model, QuantConfig.from_preset("W8A8", keep_fp_roles=("time_projection",)))
+    in_float = {plan.name for plan in structure.plans if not plan.quantized}
+    assert in_float == {name for name, info in infos.items() if info.role == "time_projection"}
+    assert f"{attention}.norm2.linear" in in_float
+
+
+def test_tfmq_refuses_the_k_diffusion_time_projections_before_any_call():
+    from diffusers import DDIMScheduler
+
+    from tadq.config import CalibrationConfig
+    from tadq.sampling import ConditioningList, SamplerConfig
+    from tadq.tfmq import TFMQConfig, quantize_tfmq
+
+    model = _k_diffusion_unet()
+    sampler = SamplerConfig("ddim", num_steps=2, eta=0.0)
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2)
+    config = QuantConfig.from_preset("W8A8", calibration=calibration)
+    conditions = ConditioningList(Conditioning(encoder_hidden_states=torch.randn(2, 3, 16)))
+    named = r"norm1\.linear belongs to a ResnetBlockCondNorm2D, not a ResnetBlock2D"
+    with counting_forwards(model) as calls, pytest.raises(TypeError, match=named):
+        quantize_tfmq(model, DDIMScheduler(), config, TFMQConfig(), sampler, conditions=conditions, progress=False)
+    assert calls[0] == 0

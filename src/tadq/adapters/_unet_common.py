@@ -15,13 +15,15 @@ from contextlib import contextmanager
 
 import torch
 from diffusers.models.attention_processor import Attention
-from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from diffusers.models.resnet import Downsample2D, ResnetBlock2D, ResnetBlockCondNorm2D, Upsample2D
+from diffusers.models.unets.unet_2d_blocks import KAttentionBlock
 from torch import Tensor, nn
 
 from tadq.adapters.base import LayerInfo, LayerRole
 from tadq.sampling.conditioning import Conditioning
 
-__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels", "check_unfused",
+__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels",
+           "check_processor_layers", "check_unfused",
            "claim_attention", "claim_resnet", "class_label_width", "dummy_class_labels"]
 
 logger = logging.getLogger(__name__)
@@ -90,10 +92,60 @@ def check_unfused(model: nn.Module) -> None:
                                   "model.unfuse_qkv_projections() before quantizing")
 
 
+def claim_cond_norm_resnet(claims: RoleClaims, resnet: ResnetBlockCondNorm2D, block: str) -> None:
+    """A residual block of the K-diffusion blocks (``KDownBlock2D``...): no ``time_emb_proj``, each of its two norms
+    (``AdaGroupNorm``) projects the time embedding into a per-channel scale and shift through its ``linear``, which
+    is that block's time projection; shortcut and convolutions as in ``ResnetBlock2D``."""
+    for norm in (resnet.norm1, resnet.norm2):
+        claims.claim(getattr(norm, "linear", None), "time_projection", block)
+    claims.claim(resnet.conv_shortcut, "shortcut", block)
+    claims.claim(resnet.conv1, "block_conv", block)
+    claims.claim(resnet.conv2, "block_conv", block)
+
+
+def claim_k_attention(claims: RoleClaims, module: KAttentionBlock, block: str) -> None:
+    """A K-diffusion attention block, one unit: the ``AdaGroupNorm`` before each attention projects the time
+    embedding (time projection), then the attentions."""
+    for part in ("norm1", "norm2"):
+        claims.claim(getattr(getattr(module, part, None), "linear", None), "time_projection", block)
+    for attention in (getattr(module, "attn1", None), module.attn2):
+        if attention is not None:
+            claim_attention(claims, attention, block)
+
+
+def check_processor_layers(model: nn.Module) -> None:
+    """Refuse attention modules whose processor holds layers of its own (Custom Diffusion's
+    ``to_k_custom_diffusion``/``to_v_custom_diffusion``, an IP-Adapter's ``to_k_ip``...), before the layers are
+    planned: such a processor computes keys and values with its layers instead of, or besides, the attention's
+    ``to_k``/``to_v``, so those never saw calibration data (the run failed only after the FP calibration
+    trajectories had been sampled, naming an observer), and an artefact rebuilds the model from its config, which
+    has no processor to load those layers into.
+
+    Raises:
+        NotImplementedError: naming the processor classes and one module running each.
+    """
+    found: dict[str, str] = {}
+    for name, module in model.named_modules():
+        processor = getattr(module, "processor", None)
+        if isinstance(processor, nn.Module) and any(isinstance(sub, QUANTIZABLE) for sub in processor.modules()):
+            found.setdefault(type(processor).__name__, f"{name}.processor")
+    if found:
+        shown = ", ".join(f"{kind} (e.g. {where})" for kind, where in sorted(found.items()))
+        raise NotImplementedError(f"{type(model).__name__} runs attention processors with layers of their own: "
+                                  f"{shown}. tadq quantizes and saves an attention's own projections (to_q, to_k, "
+                                  "to_v, to_out) and rebuilds the model from its config; copy such weights into "
+                                  "them (Custom Diffusion's train_kv layers replace to_k/to_v), or restore the "
+                                  "default processors (model.set_default_attn_processor()), before quantizing")
+
+
 def claim_unet_parts(claims: RoleClaims, module: nn.Module, block: str) -> None:
     """The parts both UNet classes share, claimed with ``block`` = the part's own name."""
     if isinstance(module, ResnetBlock2D):
         claim_resnet(claims, module, block)
+    elif isinstance(module, ResnetBlockCondNorm2D):
+        claim_cond_norm_resnet(claims, module, block)
+    elif isinstance(module, KAttentionBlock):
+        claim_k_attention(claims, module, block)
     elif isinstance(module, Attention):
         claim_attention(claims, module, block)
     elif isinstance(module, (Downsample2D, Upsample2D)):
@@ -185,9 +237,11 @@ class TracedUNetAdapter:
         """Every ``Linear``/``Conv2d`` with its role and unit, in module order.
 
         Raises:
-            NotImplementedError: fused q/k/v projections (``check_unfused``).
+            NotImplementedError: fused q/k/v projections (``check_unfused``), an attention processor holding
+                layers (``check_processor_layers``).
         """
         check_unfused(model)
+        check_processor_layers(model)
         roles = self._roles(model)
         infos = []
         for name, module in model.named_modules():

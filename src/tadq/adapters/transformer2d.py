@@ -67,7 +67,14 @@ from diffusers.models.attention import BasicTransformerBlock, FeedForward
 from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
-from tadq.adapters._unet_common import QUANTIZABLE, RoleClaims, TracedUNetAdapter, check_unfused, claim_attention
+from tadq.adapters._unet_common import (
+    QUANTIZABLE,
+    RoleClaims,
+    TracedUNetAdapter,
+    check_processor_layers,
+    check_unfused,
+    claim_attention,
+)
 from tadq.adapters.base import LayerInfo, LayerRole
 from tadq.adapters.unet_condition import UNet2DConditionAdapter
 from tadq.registry import register_adapter
@@ -119,9 +126,11 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
 
         Raises:
             NotImplementedError: a layer no rule claims (an unfamiliar block layout), named; fused q/k/v
-                projections (``check_unfused``), with the call that undoes them.
+                projections (``check_unfused``), with the call that undoes them; an attention processor holding
+                layers (``check_processor_layers``).
         """
         check_unfused(model)
+        check_processor_layers(model)
         roles = self._roles(model)
         infos, unclaimed = [], []
         for name, module in model.named_modules():

@@ -348,6 +348,7 @@ def quantize_command(
     """Quantize a model as a recipe says (calibrated on its own FP trajectories, corrections fitted for the
     deployment sampler) and save the artefact with its recipe; prints artefact vs FP size."""
     from tadq.api import check_method_dtype, quantize
+    from tadq.experiments.workload import decoder_component
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
     from tadq.io import is_quantized_artefact, save_quantized
     from tadq.io.save import check_copyable_components
@@ -438,8 +439,11 @@ def quantize_command(
                               f"{setting.guidance_scale:g} (recorded in the artefact's recipe)")
             qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
                               device=torch_device, dtype=torch_dtype, conditions=conditions)
-            # a latent pipeline (DiT + VAE) keeps its other components, so the artefact's samples can be decoded
-            pipeline = setting is not None and model_dir is not None and (model_dir / "model_index.json").is_file()
+            # a class-conditional or latent pipeline (DiT + VAE, LDM + VQ-VAE) keeps its other components, so the
+            # artefact's samples can be decoded (an unconditional latent model's decoder was left behind, and its
+            # artefact's latents were written as images)
+            pipeline = model_dir is not None and (model_dir / "model_index.json").is_file() and (
+                setting is not None or decoder_component(model_dir) is not None)
             size = save_quantized(qmodel.to("cpu"), out, scheduler, overwrite=overwrite, force_foreign=force_foreign,
                                   pipeline_source=model_dir if pipeline else None)
         else:

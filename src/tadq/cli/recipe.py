@@ -135,7 +135,7 @@ def recipe_command(
         import dataclasses
 
         from tadq.config import CalibrationConfig, ReconstructionConfig
-        from tadq.experiments.workload import load_workload, resolve_model_path
+        from tadq.experiments.workload import decoder_component, load_workload, resolve_model_path
         from tadq.fsguard import check_output_dir, mark_output
         from tadq.sampling import SamplerConfig, SamplingPlan, command_sampler_kind
         from tadq.search import Budget, Candidate, SearchConditions, SearchSpace, check_seeds, heldout_seed
@@ -185,7 +185,7 @@ def recipe_command(
             space = dataclasses.replace(space, sampler=walked,
                                         calibration=dataclasses.replace(space.calibration, sampler=walked))
         SamplingPlan.build(scheduler, space.sampler, space.guidance_scale)  # before --out is created
-        decoder_key = None if workload.decoder is None else _folder_digest(source / "vae")
+        decoder_key = None if workload.decoder is None else _folder_digest(source / decoder_component(source))
         searched, evaluated = (SearchConditions(conditions, workload.decoder, decoder_key) for conditions in
                                (workload.calibration_conditions, workload.evaluation_conditions))
         if kind == "bits":

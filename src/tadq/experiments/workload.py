@@ -29,7 +29,8 @@ from tadq.safefiles import find_weight_files, read_json_file, require_stored_par
 from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels, SamplerConfig
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
-           "ClassLabelSetting", "class_label_setting", "folder_vae_decoder", "LABEL_MODES"]
+           "ClassLabelSetting", "class_label_setting", "decoder_component", "folder_vae_decoder",
+           "LATENT_DECODERS", "LABEL_MODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -236,27 +237,43 @@ def _with_folder_vae(workload: Workload, path: Path, device: torch.device | None
     return workload if decoder is None else dataclasses.replace(workload, decoder=decoder)
 
 
-def folder_vae_decoder(path: Path, device: torch.device | None = None,
-                       dtype: torch.dtype | None = None) -> Callable[[Tensor], Tensor] | None:
-    """Latents → images with the folder's own ``vae/`` (a ``DiTPipeline``, an LDM folder, an artefact saved from
-    one); ``None`` when ``model_index.json`` names no VAE (the samples are images). A folder whose index names a
-    VAE that is not there is refused, not sampled as pixels."""
+# the component that turns a latent model's samples into images, by the name its pipeline gives it: a KL VAE
+# (``DiTPipeline``, tadq's latent folders) or the VQ-VAE of ``LDMPipeline`` (CompVis/ldm-celebahq-256); both decode
+# ``latents / scaling_factor`` as those pipelines do
+LATENT_DECODERS = {"vae": "AutoencoderKL", "vqvae": "VQModel"}
+
+
+def decoder_component(path: Path) -> str | None:
+    """The component of ``path``'s ``model_index.json`` that decodes its latents (``vae`` or ``vqvae``), ``None``
+    when it names neither (the samples are images)."""
     index_file = path / "model_index.json"
     index = read_json_file(index_file, "pipeline index") if index_file.exists() else {}
-    entry = index.get("vae") if isinstance(index, dict) else None
-    if entry is None or entry == [None, None]:
+    if not isinstance(index, dict):
         return None
-    from diffusers import AutoencoderKL
+    return next((name for name in LATENT_DECODERS if index.get(name) not in (None, [None, None])), None)
 
-    if not (path / "vae" / "config.json").exists():
-        raise ValueError(f"{index_file} names a VAE but {path / 'vae'} holds none: the samples are latents and "
-                         "cannot be turned into images")
+
+def folder_vae_decoder(path: Path, device: torch.device | None = None,
+                       dtype: torch.dtype | None = None) -> Callable[[Tensor], Tensor] | None:
+    """Latents → images with the folder's own decoder (``decoder_component``: the ``vae/`` of a ``DiTPipeline``, the
+    ``vqvae/`` of an ``LDMPipeline``, an artefact saved from one); ``None`` when ``model_index.json`` names none
+    (the samples are images). A folder whose index names a decoder that is not there is refused, not sampled as
+    pixels (an LDM folder's ``vqvae`` was not looked for, and its latents were written as images)."""
+    name = decoder_component(path)
+    if name is None:
+        return None
+    import diffusers
+
+    klass = getattr(diffusers, LATENT_DECODERS[name])
+    if not (path / name / "config.json").exists():
+        raise ValueError(f"{path / 'model_index.json'} names a VAE ({name}) but {path / name} holds none: the "
+                         "samples are latents and cannot be turned into images")
     from tadq.pipelines.components import pipeline_load_options
 
-    options = pipeline_load_options(AutoencoderKL, dtype)  # the dtype at load time, as diffusers asks
+    options = pipeline_load_options(klass, dtype)  # the dtype at load time, as diffusers asks
     try:
-        weights = find_weight_files(path / "vae")  # whole files, and the variant of a variant-only folder
-        vae = AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False, variant=weights.variant, **options)
+        weights = find_weight_files(path / name)  # whole files, and the variant of a variant-only folder
+        vae = klass.from_pretrained(path / name, low_cpu_mem_usage=False, variant=weights.variant, **options)
         require_stored_parameters(vae, weights.files, f"the VAE of {path}")
     except (OSError, RuntimeError, ValueError) as error:
         raise ValueError(f"could not load the VAE of {path}: {str(error).splitlines()[0][:300]}") from error
