@@ -79,3 +79,12 @@ def test_evaluate_refuses_inception_fid_at_a_size_without_real_digits_before_sam
                                  "--inception-weights", str(inception_weights)])
     assert not sampled, "both models were sampled before the real digits' sizes were checked"
     assert result.exit_code == 2 and f"{side}×{side}" in result.output, result.output
+
+
+def test_digit_features_at_a_size_without_real_digits_name_the_way_out() -> None:
+    """``--features digits`` on a 12x12 grey model said only "resolution must be one of (8, 16, 32), got 12"."""
+    from tadq.metrics.features import DigitsFeatureSpace, MetricMismatchError
+
+    side = min(SUPPORTED_RESOLUTIONS) + 4
+    with pytest.raises(MetricMismatchError, match=f"not {side}.*--features none"):
+        DigitsFeatureSpace(side)
