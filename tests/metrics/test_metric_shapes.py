@@ -88,3 +88,42 @@ def test_digit_features_at_a_size_without_real_digits_name_the_way_out() -> None
     side = min(SUPPORTED_RESOLUTIONS) + 4
     with pytest.raises(MetricMismatchError, match=f"not {side}.*--features none"):
         DigitsFeatureSpace(side)
+
+
+class _Brightness(nn.Module):
+    """A user's extractor with one feature: each image's mean pixel (B, 1)."""
+
+    def forward(self, images: Tensor) -> Tensor:
+        return images.flatten(1).mean(dim=1, keepdim=True)
+
+
+def test_one_feature_gives_the_closed_form_distance(tmp_path) -> None:
+    """``np.cov`` of one feature is a 0-d array: every one-feature Fréchet distance (a user's extractor returning
+    (N, 1)) failed with "shape mismatch: mu (1,) / (1,), sigma () / ()". In one dimension the distance is
+    (m1 - m2)² + (s1 - s2)² of the means and standard deviations (each variance plus the ridge)."""
+    from safetensors.torch import save_file
+
+    from tadq.metrics.features import TorchScriptFeatureSpace
+    from tadq.metrics.frechet import DEFAULT_RIDGE, frechet_distance, gaussian_statistics
+
+    g = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 1, 8, 8, generator=g) * 2 - 1
+    fake = (torch.rand(30, 1, 8, 8, generator=g) * 1.5 - 0.5).clamp(-1, 1)
+    a, b = (_Brightness()(x).double() for x in (real, fake))
+
+    def closed_form() -> float:
+        deviation = [float((x.var(unbiased=True) + DEFAULT_RIDGE).sqrt()) for x in (a, b)]
+        return float((a.mean() - b.mean()) ** 2) + (deviation[0] - deviation[1]) ** 2
+
+    mu1, sigma1 = gaussian_statistics(a)
+    mu2, sigma2 = gaussian_statistics(b)
+    assert sigma1.shape == (1, 1)
+    tolerance = 64 * torch.finfo(torch.float64).eps * max(1.0, closed_form())  # a handful of float64 operations
+    assert frechet_distance(mu1, sigma1, mu2, sigma2) == pytest.approx(closed_form(), abs=tolerance)
+    torch.jit.script(_Brightness()).save(str(tmp_path / "brightness.pt"))
+    save_file({"images": real}, str(tmp_path / "real.safetensors"))
+    space = TorchScriptFeatureSpace(tmp_path / "brightness.pt", tmp_path / "real.safetensors", name="brightness")
+    # the extractor runs in float32 here, so the space's value is compared at float32 precision
+    assert space.fd(fake) == pytest.approx(closed_form(), rel=1e3 * torch.finfo(torch.float32).eps)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        gaussian_statistics(a.flatten())
