@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 from tests.conftest import build_tiny_unet
-from tests.distributed.tiny_runs import TinySetup
+from tests.distributed.tiny_runs import RUN_FLAGS, TinySetup, run_cli
 
 from tadq.distributed import ChunkRange, ShardedRun, chunk_statistics, sample_sharded, sharded_metrics
 from tadq.distributed.metrics import _reduce
@@ -76,3 +76,60 @@ def test_chunk_statistics_shapes() -> None:
                              torch.stack([reference, reference]))
     assert stats.features.dtype == torch.float64 and stats.features.shape[0] == 3
     assert stats.step_mse.shape == (3, 2) and stats.psnr.shape == (3,) and stats.reference_labels.shape == (3,)
+
+
+def _save_grey_model(path: Path, sample_size: int | tuple[int, int], seed: int) -> Path:
+    """A tiny grey DDPM of another sample size than the shipped digits' (``build_tiny_unet``'s 8x8)."""
+    from diffusers import DDPMPipeline, UNet2DModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DModel(sample_size=sample_size, in_channels=1, out_channels=1, layers_per_block=1,
+                       block_out_channels=(4, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4).eval()
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+                 ).save_pretrained(path)
+    return path
+
+
+def test_a_size_without_real_digits_is_refused_before_sampling(tmp_path: Path) -> None:
+    """A 4x4 grey model with metrics on sampled every chunk, then failed with "resolution must be one of (8, 16,
+    32), got 4" (the real digits FD-digits compares with exist only at those sizes)."""
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+    from tadq.zoo.data import SUPPORTED_RESOLUTIONS
+
+    side = min(SUPPORTED_RESOLUTIONS) // 2
+    model, run_dir = _save_grey_model(tmp_path / "model", side, 0), tmp_path / "run"
+    result = CliRunner().invoke(app, ["sample-sharded", str(model), "--num-samples", "4", "--steps", "2",
+                                      "--batch-size", "2", "--threads", "1", "--out-dir", str(run_dir)])
+    assert result.exit_code == 2 and "--no-metrics" in result.output, result.output
+    chunks = sorted(p.name for p in run_dir.rglob("*.safetensors")) if run_dir.exists() else []
+    assert not chunks, f"samples were written before the refusal: {chunks}"
+
+
+def test_images_below_the_ssim_window_report_ssim_as_not_measured(tmp_path: Path) -> None:
+    """4x8 grey samples (real digits exist at width 8): the sharded paired metrics failed with "SSIM needs images
+    of at least 6x6" after the whole run; ``quality_metrics`` reports SSIM as not measured and the rest as usual."""
+    from tadq.metrics.image import SSIM_MIN_SIDE
+    from tadq.zoo.data import SUPPORTED_RESOLUTIONS
+
+    width = min(SUPPORTED_RESOLUTIONS)
+    height = width // 2
+    assert height < SSIM_MIN_SIDE  # the case under test
+    runs = {}
+    for name, seed in (("reference", 1), ("candidate", 0)):
+        model = _save_grey_model(tmp_path / name, (height, width), seed)
+        extra = ["--no-metrics"] if name == "reference" else ["--reference-dir", str(runs["reference"])]
+        runs[name] = tmp_path / f"{name}-run"
+        run_cli(["sample-sharded", str(model), *RUN_FLAGS, "--out-dir", str(runs[name]), *extra])
+    run, reference = ShardedRun.open(runs["candidate"]), ShardedRun.open(runs["reference"])
+    sharded = sharded_metrics(run, reference=reference)
+    states, reference_states = run.read(states=True), reference.read(states=True)
+    whole = quality_metrics(run.read(), states, reference.read(), reference_states, fd_reference(width))
+    assert sharded.ssim is None and whole.ssim is None
+    assert sharded.fd_digits == pytest.approx(whole.fd, rel=1e-6) and sharded.agreement == whole.agreement
+    assert sharded.psnr == pytest.approx(whole.psnr, rel=1e-6)
+    assert sharded.final_mse == pytest.approx(whole.final_mse, rel=1e-9)
+    assert json.loads((runs["candidate"] / "metrics.json").read_text())["metrics"] == sharded.to_dict()

@@ -24,6 +24,10 @@ def _cell(name: str, bits: str, images: torch.Tensor) -> dict:
     return {"name": name, "bits": bits, "images": images, "states": states, "setup_s": 1.0, "sampling_s": 2.0}
 
 
+def _refuse_constant(name: str):
+    raise AssertionError(f"{name} is not JSON")
+
+
 def _report(tmp_path, cells):
     sampler = SamplerConfig("ddim", num_steps=STEPS)
     config = RunConfig(presets=("W8A8", "W4A4"), methods=("naive",), num_samples=N, sampler=sampler,
@@ -49,8 +53,10 @@ def test_a_diverged_row_is_reported_and_the_others_are_measured(tmp_path):
     assert "naive PTQ W4A4" in results["notes"]["diverged"] and not fp_row.get("diverged")
     markdown = (tmp_path / "results.md").read_text()
     assert "NaN" in markdown and "Diverged" in markdown
-    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=lambda name: name)
-    assert saved["rows"][2]["psnr"] == "NaN"
+    # strict JSON (jq and JavaScript refuse the bare NaN token json.dumps writes): NaN is null, and the row says why
+    saved = json.loads((tmp_path / "results.json").read_text(), parse_constant=_refuse_constant)
+    assert saved["rows"][2]["psnr"] is None and saved["rows"][2]["diverged"] == bad_row["diverged"]
+    assert saved["rows"][1]["psnr"] == good_row["psnr"]
     row = _measured_row(SamplerConfig("ddim", num_steps=STEPS), "naive", "W4A4", bad_row, {}, {})
     assert row["status"].startswith("diverged: 2 of")
 
@@ -66,3 +72,22 @@ def test_a_non_finite_fp_reference_is_refused_by_name(tmp_path):
     fp[0, 0, 0, 0] = float("nan")
     with pytest.raises(ValueError, match="FP model produced 1 non-finite samples"):
         _report(tmp_path, [_cell("FP", "W32A32", fp), _cell("naive PTQ", "W8A8", torch.zeros(N, 1, 8, 8))])
+
+
+def test_the_bench_report_json_is_strict_with_a_diverged_row(tmp_path, monkeypatch):
+    """report.json held a diverged row's NaN as the bare token ``NaN``, which jq and JavaScript refuse."""
+    import tadq.experiments.bench.report as bench_report
+    from tadq.experiments.bench.config import BenchConfig
+
+    sampler = SamplerConfig("ddim", num_steps=STEPS)
+    row = {"method": "naive", "bits": "W4A4", "psnr": math.nan, "final_mse": math.inf, "status": "diverged: 2 of 4"}
+    section = {"sampler": sampler, "title": "DDIM", "rows": [row], "description": [], "verdicts": [], "figures": [],
+               "fd_floor": None, "wall_s": 1.0}
+    monkeypatch.setattr(bench_report, "_section", lambda bench, table: section)
+    monkeypatch.setattr(bench_report, "_markdown", lambda *args: "")
+    monkeypatch.setattr(bench_report, "_html", lambda *args: "")
+    bench = BenchConfig(methods=("naive",), presets=("W4A4",), samplers=(sampler,), out_dir=str(tmp_path))
+    bench_report.write_bench_report(bench, [{}], wall_s=1.0)
+    saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=_refuse_constant)
+    assert saved["rows"][0]["psnr"] is None and saved["rows"][0]["final_mse"] is None
+    assert saved["rows"][0]["status"] == row["status"]

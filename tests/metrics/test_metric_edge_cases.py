@@ -438,7 +438,7 @@ def test_inception_fid_of_rgb_samples_is_refused_not_scored_against_grey_digits(
     images = torch.rand(6, 3, 32, 32, generator=g) * 2 - 1
     evaluation = SimpleNamespace(reference=SimpleNamespace(images=images), candidate=SimpleNamespace(images=images))
     with pytest.raises(ValueError):
-        values = _inception_fids(evaluation, inception_weights, resolution=32)
+        values = _inception_fids(evaluation, inception_weights)
         pytest.fail(f"RGB samples were scored against grey digits: {values}")
 
 

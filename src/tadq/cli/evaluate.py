@@ -113,16 +113,28 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: d
     atomic_write_text(markdown_table(rows, _columns(rows, fd_key)) + "\n", out / "results.md")
 
 
-def _inception_fids(evaluation, weights: Path, resolution: int) -> list[float]:
+def _inception_digits(image_shape: tuple[int, ...]):
+    """The ``DigitsConfig`` of the real digits Inception FID compares images of ``image_shape`` (C, H, W) with;
+    raises unless they are grey, square and of a size the digits exist at (checked before sampling)."""
+    from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig
+
+    channels, height, width = image_shape[-3:]
+    if channels != 1:
+        raise ValueError(f"--inception-weights scores the samples against the real grey digits, but this model's "
+                         f"images are {tuple(image_shape)} (C, H, W); the distance would compare different data")
+    if height != width or width not in SUPPORTED_RESOLUTIONS:  # a 12x12 model failed after sampling twice
+        raise ValueError(f"--inception-weights scores the samples against the real digits, which exist as square "
+                         f"images of {SUPPORTED_RESOLUTIONS} pixels, but this model's images are {height}×{width}")
+    return DigitsConfig(resolution=width)
+
+
+def _inception_fids(evaluation, weights: Path) -> list[float]:
     """Real Inception FID (a user-supplied TorchScript file) of the FP and the quantized samples vs real digits."""
     from tadq.metrics import inception_fid
-    from tadq.zoo.data import DigitsConfig, load_digits_split
+    from tadq.zoo.data import load_digits_split
 
-    channels = evaluation.candidate.images.shape[1]
-    if channels != 1:  # the command refuses this before sampling; the distance itself never compares them
-        raise ValueError(f"Inception FID here is measured against the real grey digits, not {channels}-channel "
-                         "samples")
-    real = load_digits_split(DigitsConfig(resolution=resolution)).train_images
+    digits = _inception_digits(tuple(evaluation.candidate.images.shape[1:]))  # refused before sampling too
+    real = load_digits_split(digits).train_images
     return [inception_fid(real, evaluation.reference.images.clamp(-1, 1), weights),
             inception_fid(real, evaluation.candidate.images.clamp(-1, 1), weights)]
 
@@ -212,10 +224,7 @@ def evaluate_command(
         if inception_weights is not None:  # checked before sampling twice, not after
             from tadq.metrics.inception import InceptionFeatures
 
-            if image_shape[0] != 1:
-                raise ValueError(f"--inception-weights scores the samples against the real grey digits, but this "
-                                 f"model's images are {tuple(image_shape)} (C, H, W); the distance would compare "
-                                 "different data")
+            _inception_digits(image_shape)  # grey digits of this size exist
             InceptionFeatures(inception_weights)  # a missing or damaged file is named now
         announce_compile(backend)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
@@ -224,7 +233,7 @@ def evaluate_command(
                                                 decoder=decoder)
         inception = None
         if inception_weights is not None:
-            inception = _inception_fids(evaluation, inception_weights, resolution)
+            inception = _inception_fids(evaluation, inception_weights)
     rows = _rows(evaluation, qmodel)
     if inception is not None:
         for row, value in zip(rows, inception, strict=True):

@@ -73,7 +73,7 @@ def sample_sharded_command(
 ) -> None:
     """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics."""
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
-    from tadq.distributed.metrics import check_reference_noise
+    from tadq.distributed.metrics import check_metrics_fit, check_reference_noise
     from tadq.fsguard import check_output_dir
     from tadq.models import shipped_model_path
     from tadq.registry import adapter_for
@@ -106,9 +106,8 @@ def sample_sharded_command(
         reference = ShardedRun.open(reference_dir) if reference_dir is not None else None
         denoiser, scheduler, label = load_denoiser(model_dir)
         shape = getattr(denoiser, "sample_shape", None) or adapter_for(denoiser).sample_shape(denoiser)
-        if metrics and shape[0] != 1:  # refused before any chunk is sampled, as sharded_metrics would after
-            raise ValueError(f"FD-digits and agreement read grey (1-channel) digits, but this model samples "
-                             f"{tuple(shape)} (C, H, W); sample without metrics (--no-metrics)")
+        if metrics:  # colour, or a size without real digits: refused before any chunk, as sharded_metrics would after
+            check_metrics_fit(shape)
         if metrics and reference is not None:  # another noise is refused now, not after the whole run
             check_reference_noise(reference, seed=seed, sampler=sampler_config, sample_shape=shape,
                                   num_samples=num_samples)

@@ -32,10 +32,11 @@ from tadq.metrics import (
     psnr_per_sample,
     ssim_per_sample,
 )
+from tadq.metrics.image import SSIM_MIN_SIDE
 from tadq.sampling import SamplerConfig
 
-__all__ = ["ChunkStatistics", "ShardedMetrics", "check_reference", "check_reference_noise", "chunk_statistics",
-           "sharded_metrics"]
+__all__ = ["ChunkStatistics", "ShardedMetrics", "check_metrics_fit", "check_reference", "check_reference_noise",
+           "chunk_statistics", "sharded_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class ChunkStatistics:
         labels: Predicted digits (n,).
         reference_labels: Predicted digits of the reference samples (n,), or ``None`` without a reference.
         psnr: PSNR (n,) in dB against the reference sample from the same noise.
-        ssim: SSIM (n,) against the reference sample.
+        ssim: SSIM (n,) against the reference sample; ``None`` for images smaller than its window.
         step_mse: Per-sample MSE against the reference (n, K), float64: K = S+1 states when both runs recorded
             their trajectories, else K = 1 (the final state only).
     """
@@ -74,7 +75,8 @@ class ShardedMetrics:
         fd_floor: Real-vs-real FD-digits (what a perfect generator scores), when the shipped classifier is used.
         agreement: Share of samples whose predicted digit matches the reference sample's.
         psnr: Mean PSNR (dB) against the reference samples.
-        ssim: Mean SSIM against the reference samples.
+        ssim: Mean SSIM against the reference samples; ``None`` for images smaller than its window (as
+            ``tadq.evaluation.quality_metrics`` reports it).
         final_mse: MSE between the final states of the two runs.
         per_step_mse: MSE at every state x_T .. x_0 (S+1 values) when both runs recorded trajectories.
     """
@@ -113,13 +115,34 @@ def chunk_statistics(
     if reference_images is None:
         return ChunkStatistics(chunk, features, labels)
     reference = reference_images.clamp(-1, 1)
+    # below SSIM's window: not measured, as in quality_metrics (it raised once the whole run had been sampled)
+    ssim = ssim_per_sample(clamped, reference) if min(images.shape[-2:]) >= SSIM_MIN_SIDE else None
     if states is not None and reference_states is not None:
         step_mse = _per_sample_mse(states, reference_states)
     else:
         step_mse = _per_sample_mse(images[None], reference_images[None])
     return ChunkStatistics(chunk, features, labels, reference_labels=predicted_labels(reference, classifier),
-                           psnr=psnr_per_sample(clamped, reference), ssim=ssim_per_sample(clamped, reference),
+                           psnr=psnr_per_sample(clamped, reference), ssim=ssim,
                            step_mse=step_mse)
+
+
+def check_metrics_fit(sample_shape: tuple[int, ...] | list[int], real_given: bool = False) -> None:
+    """Raise unless sharded metrics can measure samples of ``sample_shape`` (C, H, W), so ``sample-sharded`` refuses
+    them before any chunk is sampled (a size without real digits was refused only after the whole run).
+
+    Args:
+        sample_shape: the model's (C, H, W).
+        real_given: the caller passes its own real images (no real digits are loaded for the run's size).
+    """
+    from tadq.zoo.data import SUPPORTED_RESOLUTIONS
+
+    if sample_shape[0] != 1:
+        raise ValueError(f"FD-digits and agreement read grey (1-channel) digits, but the samples are "
+                         f"{tuple(sample_shape)} (C, H, W); sample without metrics (--no-metrics)")
+    if not real_given and sample_shape[-1] not in SUPPORTED_RESOLUTIONS:
+        raise ValueError(f"FD-digits compares the samples with the real digits at their size, which exist at "
+                         f"{SUPPORTED_RESOLUTIONS} pixels, but the samples are {tuple(sample_shape)} (C, H, W); "
+                         "sample without metrics (--no-metrics)")
 
 
 def check_reference_noise(reference: ShardedRun, *, seed: int, sampler: SamplerConfig,
@@ -179,7 +202,8 @@ def _reduce(parts: list[ChunkStatistics], chunks: tuple[ChunkRange, ...], real_s
         step_mse = torch.cat([part.step_mse for part in parts]).mean(dim=0)  # (K,)
         metrics.update(agreement=float(same.float().mean()),
                        psnr=float(torch.cat([part.psnr for part in parts]).mean()),
-                       ssim=float(torch.cat([part.ssim for part in parts]).mean()), final_mse=float(step_mse[-1]),
+                       ssim=None if parts[0].ssim is None else float(torch.cat([part.ssim for part in parts]).mean()),
+                       final_mse=float(step_mse[-1]),
                        per_step_mse=step_mse.tolist() if len(step_mse) > 1 else None)
     return ShardedMetrics(**metrics)
 
@@ -222,13 +246,14 @@ def sharded_metrics(
         real: Real images (M, 1, H, W) in [-1, 1] for FD (default: the training digits at the run's resolution).
     """
     world = world or World.current()
-    if run.key["sample_shape"][0] != 1:
-        raise ValueError(f"FD-digits and agreement read grey (1-channel) digits, but {run.out_dir} holds "
-                         f"{run.key['sample_shape'][0]}-channel samples; sample without metrics (--no-metrics)")
+    check_metrics_fit(run.key["sample_shape"], real_given=real is not None)
     if run.num_samples < 2:
         raise ValueError("FD-digits needs at least 2 samples for a covariance")
     if reference is not None:
         check_reference(run, reference)
+        if min(run.key["sample_shape"][-2:]) < SSIM_MIN_SIDE:
+            logger.warning("SSIM not measured: %s images are smaller than its window (at least %d×%d)",
+                           "×".join(map(str, run.key["sample_shape"][-2:])), SSIM_MIN_SIDE, SSIM_MIN_SIDE)
     extractor = (classifier or load_digit_classifier()).to(world.device)
     mine = assign_chunks(run.chunks, world.rank, world.world_size)
     gathered = world.gather([_statistics(run, reference, chunk, extractor) for chunk in mine])

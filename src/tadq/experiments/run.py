@@ -31,10 +31,10 @@ from tadq.metrics import per_step_mse
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
 from tadq.quant.qscheme import preset
 from tadq.registry import adapter_for
-from tadq.report import markdown_table, save_comparison_grid, save_error_curves
+from tadq.report import dumps_json, markdown_table, save_comparison_grid, save_error_curves
 from tadq.safefiles import DamagedFileError, load_checked, nonfinite_count, save_checked
 from tadq.sampling import SamplerConfig, check_seed
-from tadq.utils import atomic_write_json, atomic_write_text, library_versions
+from tadq.utils import atomic_write_text, library_versions
 
 __all__ = ["RunConfig", "CELL_SUFFIX", "REPORT_FILES", "HEADLINE_METHODS", "HEADLINE_SAMPLES", "PreparedJob",
            "cell_key", "load_cell", "save_cell", "default_variants", "job_rows", "prepare_job", "run_cell",
@@ -443,7 +443,7 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
                    "model": workload.name, "workload": workload.settings},
         "versions": library_versions(),
     }
-    atomic_write_json(results, out / "results.json")
+    atomic_write_text(dumps_json(results), out / "results.json")  # strict JSON: a diverged row's NaN is null
     table = markdown_table(rows)
     notes = results["notes"]
     atomic_write_text(f"{table}\n\n{notes['fd']}\n{notes['fake_quant']}\n{notes['reconstruction']}\n"

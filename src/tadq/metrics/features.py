@@ -26,7 +26,7 @@ from tadq.metrics.frechet import (
 )
 from tadq.metrics.image import classifier_agreement, predicted_labels
 from tadq.metrics.photo_classifier import PhotoClassifier, load_photo_classifier, photo_features
-from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
 from tadq.zoo.photos import PhotosConfig, load_photos_split
 
 __all__ = ["FeatureSpace", "MetricMismatchError", "DigitsFeatureSpace", "PhotosFeatureSpace",
@@ -97,6 +97,12 @@ class DigitsFeatureSpace(FeatureSpace):
     name = "digits"
 
     def __init__(self, resolution: int, classifier: DigitClassifier | None = None) -> None:
+        if resolution not in SUPPORTED_RESOLUTIONS:  # DigitsConfig said only "resolution must be one of ..."
+            raise MetricMismatchError(
+                f"FD-digits compares samples with the real digits at their size, which exist at "
+                f"{SUPPORTED_RESOLUTIONS} pixels, not {resolution}; choose features that fit the data (tadq evaluate "
+                "--features FILE.pt --reference-images FILE) or none (--features none: PSNR, SSIM and trajectory "
+                "error only)")
         self.classifier = classifier if classifier is not None else load_digit_classifier()
         digits_config = DigitsConfig(resolution=resolution)
         digits = load_digits_split(digits_config)

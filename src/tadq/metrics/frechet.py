@@ -99,8 +99,11 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
 
 def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Float64 mean (D,) and unbiased covariance (D, D) of features (N, D)."""
+    if features.ndim != 2:
+        raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
     array = features.detach().double().cpu().numpy()
-    return array.mean(axis=0), np.cov(array, rowvar=False)
+    # np.cov returns a 0-d array for one feature, which frechet_distance refused as a "shape mismatch"
+    return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
 
 
 def frechet_distance(

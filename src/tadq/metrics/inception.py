@@ -115,12 +115,17 @@ def inception_fid(
     eps: float = DEFAULT_RIDGE,
     device: str | torch.device = "cpu",
 ) -> float:
-    """FID between real and generated grey images (N, 1, H, W) in [-1, 1] with a local TorchScript Inception.
+    """FID between real and generated images (N, C, H, W) in [-1, 1] (C = 1 or 3, the same in both) with a local
+    TorchScript Inception.
 
     The distance is computed as in ``tadq.metrics.frechet.frechet_distance`` (float64, ridge ``eps``).
     """
     for name, images in (("real", real), ("fake", fake)):
         check_distance_inputs(images, name)
+    if real.ndim != 4 or fake.ndim != 4 or real.shape[1] != fake.shape[1]:  # prepare() makes both 3-channel
+        raise ValueError(f"real images {tuple(real.shape[1:])} and generated images {tuple(fake.shape[1:])} "
+                         "(C, H, W) must be image batches with the same channels: grey digits copied to three "
+                         "channels and colour samples are different data, not a distance between generators")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     extractor = InceptionFeatures(weights_path, device=device)

@@ -13,8 +13,9 @@ from tadq.config import config_to_dict
 from tadq.experiments.bench import html
 from tadq.experiments.bench.config import BenchConfig
 from tadq.experiments.bench.rows import HEADLINE_COLUMNS, bench_rows, format_value, peer_verdicts
+from tadq.report import dumps_json
 from tadq.sampling import SamplerConfig
-from tadq.utils import atomic_write_json, atomic_write_text, library_versions
+from tadq.utils import atomic_write_text, library_versions
 
 __all__ = ["write_bench_report"]
 
@@ -184,7 +185,7 @@ def write_bench_report(bench: BenchConfig, tables: list[dict[str, Any]], wall_s:
     document = _json(bench, sections, wall_s)
     out = Path(bench.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(document, out / "report.json")
+    atomic_write_text(dumps_json(document), out / "report.json")  # strict JSON: a diverged row's NaN is null
     atomic_write_text(_markdown(bench, sections, header), out / "report.md")
     atomic_write_text(_html(bench, sections, header), out / "report.html")
     return document
