@@ -149,11 +149,16 @@ def test_a_fresh_out_folder_is_not_left_half_written(art, tmp_path, monkeypatch)
     assert not any(name.startswith("sample_") for name in left) or "prompts.json" in left, left
 
 
-@pytest.mark.parametrize("flag", [["--seed", -1], ["--steps", 0], ["--guidance-scale", 0.5], ["--eta", 2]])
+@pytest.mark.parametrize("flag", [
+    ["--seed", -1], ["--steps", 0], ["--guidance-scale", 0.5], ["--eta", 2],
+    ["--guidance-scale", -1], ["--guidance-scale", "nan"], ["--sampler", "foo"], ["--sampler", "euler", "--eta", 0.5],
+    ["--sampler", "flow-euler"]])
 def test_sample_checks_its_inputs_before_loading_the_pipeline(art, tmp_path, monkeypatch, flag):
     """``sample_pipeline``'s docstring: "Every input and path is checked before the pipeline is loaded". A seed
     outside [0, 2**32), --steps 0, a guidance in [0, 1) and an η outside [0, 1] are only refused after every
-    component (text encoder, VAE, UNet) has been read; on a real SD/SDXL folder that is many seconds to minutes."""
+    component (text encoder, VAE, UNet) has been read; on a real SD/SDXL folder that is many seconds to minutes.
+    So were a negative or NaN guidance scale, an unknown sampler kind, η with Euler and flow-euler on an ε
+    model (the sampler and the scale were resolved only by the loaded pipeline)."""
     import tadq.pipelines
 
     def must_not_load(*args, **kwargs):

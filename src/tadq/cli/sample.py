@@ -170,10 +170,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise ValueError(f"--eta must lie in [0, 1], got {eta}")
-    if guidance_scale is not None:
-        from tadq.pipelines.quantized import check_pipeline_guidance
-
-        check_pipeline_guidance(guidance_scale)
+    _check_pipeline_sampling_flags(path, kind, steps, eta, guidance_scale)
     if num_samples < len(prompts):
         raise ValueError(f"--num-samples {num_samples} for {len(prompts)} prompts: sample i gets prompt i mod the "
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
@@ -227,6 +224,31 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     if tensor_out is not None:
         save_checked({"latents": latents, "indices": torch.arange(num_samples)}, settings, tensor_out)
     return written
+
+
+def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | None, eta: float | None,
+                                   guidance_scale: float | None) -> None:
+    """Refuse, before the pipeline is loaded, the sampling flags that were refused only after every component had
+    been read (``tadq_deployment``, the sampler): a negative or non-finite guidance scale, an unknown --sampler,
+    η with a kind other than DDIM, a kind of the other family than the folder's schedule (flow-euler on an ε
+    model, DDIM on a flow-matching one), an artefact's fitted tables for another grid (its recipe is read)."""
+    from tadq.pipelines.quantized import check_pipeline_guidance
+    from tadq.safefiles import read_json_file
+    from tadq.sampling import check_guidance_scale
+    from tadq.sampling.config import FLOW_SCHEDULERS
+
+    if guidance_scale is not None:
+        check_pipeline_guidance(check_guidance_scale(guidance_scale))
+    sampler = deployment_sampler(path, kind, steps, eta)
+    config_file = path / "scheduler" / "scheduler_config.json"
+    if kind is None or not config_file.is_file():  # a missing config: the folder checks name it
+        return
+    config = read_json_file(config_file, "scheduler config")
+    flow = isinstance(config, dict) and config.get("_class_name") in FLOW_SCHEDULERS
+    if flow != sampler.is_flow:
+        use = "flow-euler" if flow else "ddim, ddpm, euler, euler-ancestral or dpmsolver++"
+        raise ValueError(f"--sampler {kind}: {path} has a {'flow-matching' if flow else 'discrete ᾱ_t (ε-family)'} "
+                         f"schedule ({config.get('_class_name')}), which {kind} cannot drive; use {use}")
 
 
 def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
