@@ -275,6 +275,21 @@ def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
                             f"tadq did not write and this run would replace; move them, or {FORCE_HINT}")
 
 
+def _check_class_label_flags(class_label: list[int] | None, num_samples: int) -> None:
+    """Refuse, before any model is loaded, --class-label values no model takes (negative) and more labels than
+    samples: sample i gets label i mod the count, so the labels after the first --num-samples were never sampled,
+    without a word (as --prompt refuses it)."""
+    if not class_label:
+        return
+    negative = [label for label in class_label if label < 0]
+    if negative:
+        raise ValueError(f"--class-label {negative[0]}: a class label is an index >= 0")
+    if num_samples < len(class_label):
+        raise ValueError(f"--num-samples {num_samples} for {len(class_label)} --class-label values: sample i gets "
+                         f"label i mod the count, so label {class_label[num_samples]} and any after it would not be "
+                         f"sampled; give --num-samples {len(class_label)} or more")
+
+
 def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, class_label: list[int] | None,
                         labels: str | None, null_class: int | None, guidance_scale: float | None, device, dtype,
                         command: str = "sample"):
@@ -311,9 +326,10 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
     conditions = setting.source
     if class_label:
         wanted = tuple(class_label[i % len(class_label)] for i in range(num_samples))
-        if max(wanted) >= setting.num_classes or min(wanted) < 0:
-            raise ValueError(f"--class-label {max(wanted) if max(wanted) >= 0 else min(wanted)} is not a class of "
-                             f"{source}: its classes are 0..{setting.num_classes - 1}")
+        outside = [label for label in class_label if not 0 <= label < setting.num_classes]
+        if outside:  # the first one outside, whichever end (a negative one was named by the largest label)
+            raise ValueError(f"--class-label {outside[0]} is not a class of {source}: its classes are "
+                             f"0..{setting.num_classes - 1}")
         conditions = ClassLabels(wanted, setting.null_class if scale != 1.0 else None)
     return conditions, scale, folder_vae_decoder(source, device, dtype)
 
@@ -378,6 +394,7 @@ def sample_command(
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
+        _check_class_label_flags(class_label, num_samples)
         if model_dir is not None and is_prompt_pipeline(model_dir):
             if class_label or labels is not None or null_class is not None:  # ignored before, without a word
                 raise ValueError(f"--class-label/--labels/--null-class are for class-conditional models; {model_dir} "
