@@ -173,6 +173,19 @@ def test_sample_checks_its_inputs_before_loading_the_pipeline(art, tmp_path, mon
     assert not (tmp_path / "s").exists()
 
 
+def test_a_prompt_file_line_ends_only_at_a_line_break(tmp_path):
+    """``read_prompt_file`` (--prompts, --calib-prompts, --eval-prompts) split lines with ``str.splitlines``, which
+    also breaks at U+2028, form feeds, NEL and the ASCII separators \\x1c-\\x1e: a prompt pasted with one became
+    two, and every later sample was paired with another prompt than the file's line. CRLF, CR, a BOM, blank and
+    whitespace-only lines are read as before."""
+    from tadq.cli.common import read_prompt_file
+
+    inside = ["a cat\u2028sitting", "a dog\x0cbarking", "a red\x85car", "a\x1cb\x1dc\x1ed", "x\x0by"]
+    file = tmp_path / "prompts.txt"
+    file.write_bytes(("\ufeff" + "\r\n".join(inside) + "\r\n\r\n  \rlast\n\n").encode())
+    assert read_prompt_file(file, "--prompts") == (*inside, "last")
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_calibration_prompt(folders, tmp_path):
     """A prompt file saved by Windows Notepad starts with a UTF-8 BOM. ``--calib-prompts`` reads it with
     ``read_text()``, so the first prompt becomes '\\ufeffa dog' (three extra tokens for CLIP) and the artefact is
