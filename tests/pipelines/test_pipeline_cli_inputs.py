@@ -186,6 +186,16 @@ def test_a_prompt_file_line_ends_only_at_a_line_break(tmp_path):
     assert read_prompt_file(file, "--prompts") == (*inside, "last")
 
 
+def test_sample_says_a_negative_prompt_is_not_used_without_guidance(art, tmp_path):
+    """``--negative-prompt`` at guidance 1 (given, or a Flux folder's default) was dropped without a word, where the
+    pipeline call warns; at a scale above 1 nothing is said."""
+    for scale, warned in (("1", True), (str(GUIDANCE), False)):
+        result, text = _invoke(["sample", art, "--prompt", "a cat", "--negative-prompt", "a dog", "--num-samples", 1,
+                                "--guidance-scale", scale, "--out", tmp_path / scale, "--threads", 1])
+        assert result.exit_code == 0, text
+        assert ("--negative-prompt is not used" in text) is warned, text
+
+
 def test_a_byte_order_mark_is_not_part_of_the_first_calibration_prompt(folders, tmp_path):
     """A prompt file saved by Windows Notepad starts with a UTF-8 BOM. ``--calib-prompts`` reads it with
     ``read_text()``, so the first prompt becomes '\\ufeffa dog' (three extra tokens for CLIP) and the artefact is

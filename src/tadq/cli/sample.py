@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -185,6 +186,12 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits, backend=backend)
     announce_compile(backend)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
+    if negative_prompt is not None and scale == 1:  # as the pipeline call says it; prompts.json still lists it
+        origin = "given" if guidance_scale is not None else \
+            "the artefact recipe's" if pipe.tadq_recipe is not None else "the pipeline's default"
+        logging.getLogger(__name__).warning(
+            "--negative-prompt is not used: the classifier-free guidance scale is 1 (%s), which samples the prompt "
+            "alone, as %s does; give --guidance-scale above 1 to guide against it", origin, pipe.tadq_base.__name__)
     encoder = pipe.tadq_prompt_encoder(distilled_guidance=distilled_guidance)  # refused off Flux, and against
     # tables fitted at another scale
     conditions = PromptConditions(encoder, prompts, negative_prompt)
