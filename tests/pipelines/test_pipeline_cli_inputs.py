@@ -173,6 +173,21 @@ def test_sample_checks_its_inputs_before_loading_the_pipeline(art, tmp_path, mon
     assert not (tmp_path / "s").exists()
 
 
+def test_quantize_refuses_a_sampler_of_the_other_family_before_loading(folders, tmp_path, monkeypatch):
+    """``tadq quantize SD --sampler flow-euler`` read every component of the pipeline before the sampler refused
+    the discrete schedule."""
+    import tadq.pipelines
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("LOADED-BEFORE-CHECKING")
+
+    monkeypatch.setattr(tadq.pipelines, "load_fp_pipeline", must_not_load)
+    result, text = _invoke(["quantize", folders["sd"], "--calib-prompt", "a cat", "--sampler", "flow-euler",
+                            "--out", tmp_path / "q", "--cache-dir", tmp_path / "cache", "--threads", 1])
+    assert result.exit_code == 2 and "sampler 'flow-euler' cannot drive" in text, text
+    assert not (tmp_path / "q").exists()
+
+
 def test_a_prompt_file_line_ends_only_at_a_line_break(tmp_path):
     """``read_prompt_file`` (--prompts, --calib-prompts, --eval-prompts) split lines with ``str.splitlines``, which
     also breaks at U+2028, form feeds, NEL and the ASCII separators \\x1c-\\x1e: a prompt pasted with one became

@@ -239,23 +239,14 @@ def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | No
     been read (``tadq_deployment``, the sampler): a negative or non-finite guidance scale, an unknown --sampler,
     η with a kind other than DDIM, a kind of the other family than the folder's schedule (flow-euler on an ε
     model, DDIM on a flow-matching one), an artefact's fitted tables for another grid (its recipe is read)."""
-    from tadq.pipelines.quantized import check_pipeline_guidance
-    from tadq.safefiles import read_json_file
+    from tadq.pipelines.quantized import check_pipeline_guidance, check_sampler_family
     from tadq.sampling import check_guidance_scale
-    from tadq.sampling.config import FLOW_SCHEDULERS
 
     if guidance_scale is not None:
         check_pipeline_guidance(check_guidance_scale(guidance_scale))
     sampler = deployment_sampler(path, kind, steps, eta)
-    config_file = path / "scheduler" / "scheduler_config.json"
-    if kind is None or not config_file.is_file():  # a missing config: the folder checks name it
-        return
-    config = read_json_file(config_file, "scheduler config")
-    flow = isinstance(config, dict) and config.get("_class_name") in FLOW_SCHEDULERS
-    if flow != sampler.is_flow:
-        use = "flow-euler" if flow else "ddim, ddpm, euler, euler-ancestral or dpmsolver++"
-        raise ValueError(f"--sampler {kind}: {path} has a {'flow-matching' if flow else 'discrete ᾱ_t (ε-family)'} "
-                         f"schedule ({config.get('_class_name')}), which {kind} cannot drive; use {use}")
+    if kind is not None:  # without --sampler: the recipe's, else the folder's own (deployment_sampler says DDIM)
+        check_sampler_family(path, sampler)
 
 
 def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
