@@ -97,6 +97,7 @@ def test_sample_draws_the_given_labels_at_the_fitted_guidance(guided_artefact, t
     (["--null-class", "9"], "is not a label of this model"),
     (["--labels", "some"], "labels must be one of"),
     (["--labels", "random", "--class-label", "1"], "not both"),
+    (["--null-class", "1"], "is not the last of this model's"),  # a real class as "no class": refused
 ])
 def test_sample_refuses_bad_labels_before_sampling(guided_artefact, tmp_path, args, message):
     result, text = _invoke("sample", str(guided_artefact), "--num-samples", "2", *args,
@@ -184,3 +185,33 @@ def test_analyze_refuses_a_class_conditional_artefact_by_name_before_sampling(gu
     assert result.exit_code == 2, result.output
     assert "conditional UNet2DModel" in text and "['class_labels']" in text and "tadq evaluate" in text
     assert not (tmp_path / "analysis").exists()
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (["1", "-1"], "--class-label -1: a class label is an index >= 0"),  # it named the largest label, 1
+    (["0", "1", "2"], "--num-samples 2 for 3 --class-label values"),  # label 2 was never sampled, silently
+])
+def test_sample_refuses_class_labels_it_would_not_sample_before_loading(unet_folder, tmp_path, monkeypatch, labels,
+                                                                        message):
+    import tadq.cli.sample
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("LOADED-BEFORE-CHECKING")
+
+    monkeypatch.setattr(tadq.cli.sample, "load_denoiser", must_not_load)
+    flags = [part for label in labels for part in ("--class-label", label)]
+    result, text = _invoke("sample", str(unet_folder), "--num-samples", "2", *flags, "--out", str(tmp_path / "s.png"))
+    assert result.exit_code == 2 and message in text, result.output
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_class_conditioning_names_the_label_outside_the_classes(unet_folder):
+    """``class_conditioning`` (the library side of --class-label) named the largest label when a smaller one was
+    outside the classes: "--class-label 2 is not a class" for labels [2, -1]."""
+    from tadq.cli.sample import class_conditioning, load_denoiser
+
+    denoiser, _, _ = load_denoiser(unet_folder)
+    for labels, bad in (([2, -1], -1), ([0, NULL], NULL)):
+        with pytest.raises(ValueError, match=rf"--class-label {bad} is not a class .*0\.\.{NUM_CLASSES - 1}"):
+            class_conditioning(denoiser, unet_folder, 2, class_label=labels, labels=None, null_class=NULL,
+                               guidance_scale=None, device="cpu", dtype=torch.float32)

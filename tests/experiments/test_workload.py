@@ -198,3 +198,25 @@ def test_guidance_with_null_labels_names_the_scale_and_both_ways_out(tmp_path):
     with pytest.raises(ValueError, match=r"guidance \(scale 2\).*--labels random --null-class N.*without guidance"):
         class_label_setting(tmp_path, build_tiny_unet(num_class_embeds=4), guidance_scale=2.0, labels="null",
                             null_class=3)
+
+
+def test_a_null_class_inside_the_label_table_is_refused(tmp_path):
+    """Labels are drawn from [0, null_class): a null class that is not the table's last row (``--null-class 3`` on
+    the digits DiT, whose null class is 10) made a real class the unconditional branch and sampled only the
+    classes below it, without a word. The last row is taken; a DiT names its architecture's null class."""
+    from tests.adapters.test_transformer2d import build_tiny_dit
+    from tests.conftest import build_tiny_unet
+
+    from tadq.experiments.workload import class_label_setting
+
+    unet = build_tiny_unet(num_class_embeds=4)
+    for labels in ("random", "null"):
+        with pytest.raises(ValueError, match=r"null_class=1 is not the last of this model's 4 .*null_class=3"):
+            class_label_setting(tmp_path, unet, labels=labels, null_class=1)
+    setting = class_label_setting(tmp_path, unet, guidance_scale=2.0, labels="random", null_class=3)
+    assert setting.num_classes == 3 and setting.null_class == 3
+    dit = build_tiny_dit()
+    null = dit.config.num_embeds_ada_norm
+    with pytest.raises(ValueError, match=rf"DiTTransformer2DModel's null class is its label {null}"):
+        class_label_setting(tmp_path, dit, guidance_scale=2.0, labels="random", null_class=null - 1)
+    assert class_label_setting(tmp_path, dit, guidance_scale=2.0, labels="random").null_class == null

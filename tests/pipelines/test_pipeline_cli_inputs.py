@@ -149,11 +149,16 @@ def test_a_fresh_out_folder_is_not_left_half_written(art, tmp_path, monkeypatch)
     assert not any(name.startswith("sample_") for name in left) or "prompts.json" in left, left
 
 
-@pytest.mark.parametrize("flag", [["--seed", -1], ["--steps", 0], ["--guidance-scale", 0.5], ["--eta", 2]])
+@pytest.mark.parametrize("flag", [
+    ["--seed", -1], ["--steps", 0], ["--guidance-scale", 0.5], ["--eta", 2],
+    ["--guidance-scale", -1], ["--guidance-scale", "nan"], ["--sampler", "foo"], ["--sampler", "euler", "--eta", 0.5],
+    ["--sampler", "flow-euler"]])
 def test_sample_checks_its_inputs_before_loading_the_pipeline(art, tmp_path, monkeypatch, flag):
     """``sample_pipeline``'s docstring: "Every input and path is checked before the pipeline is loaded". A seed
     outside [0, 2**32), --steps 0, a guidance in [0, 1) and an η outside [0, 1] are only refused after every
-    component (text encoder, VAE, UNet) has been read; on a real SD/SDXL folder that is many seconds to minutes."""
+    component (text encoder, VAE, UNet) has been read; on a real SD/SDXL folder that is many seconds to minutes.
+    So were a negative or NaN guidance scale, an unknown sampler kind, η with Euler and flow-euler on an ε
+    model (the sampler and the scale were resolved only by the loaded pipeline)."""
     import tadq.pipelines
 
     def must_not_load(*args, **kwargs):
@@ -166,6 +171,44 @@ def test_sample_checks_its_inputs_before_loading_the_pipeline(art, tmp_path, mon
     assert "LOADED-BEFORE-CHECKING" not in text and not isinstance(result.exception, AssertionError), (
         f"{flag} was checked only after loading the pipeline")
     assert not (tmp_path / "s").exists()
+
+
+def test_quantize_refuses_a_sampler_of_the_other_family_before_loading(folders, tmp_path, monkeypatch):
+    """``tadq quantize SD --sampler flow-euler`` read every component of the pipeline before the sampler refused
+    the discrete schedule."""
+    import tadq.pipelines
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("LOADED-BEFORE-CHECKING")
+
+    monkeypatch.setattr(tadq.pipelines, "load_fp_pipeline", must_not_load)
+    result, text = _invoke(["quantize", folders["sd"], "--calib-prompt", "a cat", "--sampler", "flow-euler",
+                            "--out", tmp_path / "q", "--cache-dir", tmp_path / "cache", "--threads", 1])
+    assert result.exit_code == 2 and "sampler 'flow-euler' cannot drive" in text, text
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_prompt_file_line_ends_only_at_a_line_break(tmp_path):
+    """``read_prompt_file`` (--prompts, --calib-prompts, --eval-prompts) split lines with ``str.splitlines``, which
+    also breaks at U+2028, form feeds, NEL and the ASCII separators \\x1c-\\x1e: a prompt pasted with one became
+    two, and every later sample was paired with another prompt than the file's line. CRLF, CR, a BOM, blank and
+    whitespace-only lines are read as before."""
+    from tadq.cli.common import read_prompt_file
+
+    inside = ["a cat\u2028sitting", "a dog\x0cbarking", "a red\x85car", "a\x1cb\x1dc\x1ed", "x\x0by"]
+    file = tmp_path / "prompts.txt"
+    file.write_bytes(("\ufeff" + "\r\n".join(inside) + "\r\n\r\n  \rlast\n\n").encode())
+    assert read_prompt_file(file, "--prompts") == (*inside, "last")
+
+
+def test_sample_says_a_negative_prompt_is_not_used_without_guidance(art, tmp_path):
+    """``--negative-prompt`` at guidance 1 (given, or a Flux folder's default) was dropped without a word, where the
+    pipeline call warns; at a scale above 1 nothing is said."""
+    for scale, warned in (("1", True), (str(GUIDANCE), False)):
+        result, text = _invoke(["sample", art, "--prompt", "a cat", "--negative-prompt", "a dog", "--num-samples", 1,
+                                "--guidance-scale", scale, "--out", tmp_path / scale, "--threads", 1])
+        assert result.exit_code == 0, text
+        assert ("--negative-prompt is not used" in text) is warned, text
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_calibration_prompt(folders, tmp_path):

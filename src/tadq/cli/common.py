@@ -160,7 +160,10 @@ def read_prompt_file(path: Path | None, flag: str) -> tuple[str, ...]:
     except UnicodeDecodeError as error:  # numpy-style "'utf-8' codec can't decode byte 0xff" named neither
         raise ValueError(f"{flag} {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8, "
                          "one prompt per line") from error
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    # lines end at "\n" only (read_text turned "\r\n" and "\r" into it): str.splitlines also splits at U+2028, form
+    # feeds, NEL and the ASCII separators \x1c-\x1e, which an editor shows inside a line (text pasted from the web
+    # or JSON), so one prompt became two and every later sample took another prompt than the file's line
+    prompts = tuple(line.strip() for line in text.split("\n") if line.strip())
     if not prompts:
         raise ValueError(f"{flag} {path} holds no prompt (one prompt per line)")
     return prompts

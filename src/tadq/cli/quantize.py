@@ -390,6 +390,10 @@ def quantize_command(
         check_method_dtype(recipe.quant_config(), torch_dtype, recipe)  # --dtype bfloat16 --method qdiffusion:
         # refused before the model is loaded
         prompts = calibration_prompts(model_dir, calib_prompt, calib_prompts)
+        if prompts is not None:  # before the pipeline's components are read
+            from tadq.pipelines.quantized import check_sampler_family
+
+            check_sampler_family(model_dir, recipe.sampler)
         # every path first: a refused --out or an unwritable cache must not cost a whole quantization
         check_output_dir(out, kind="artefact", overwrite=overwrite, force_foreign=force_foreign, inputs=[source])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)

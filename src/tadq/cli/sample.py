@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -176,10 +177,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
         raise ValueError(f"--steps must be >= 1, got {steps}")
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise ValueError(f"--eta must lie in [0, 1], got {eta}")
-    if guidance_scale is not None:
-        from tadq.pipelines.quantized import check_pipeline_guidance
-
-        check_pipeline_guidance(guidance_scale)
+    _check_pipeline_sampling_flags(path, kind, steps, eta, guidance_scale)
     if num_samples < len(prompts):
         raise ValueError(f"--num-samples {num_samples} for {len(prompts)} prompts: sample i gets prompt i mod the "
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
@@ -194,6 +192,12 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits, backend=backend)
     announce_compile(backend)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
+    if negative_prompt is not None and scale == 1:  # as the pipeline call says it; prompts.json still lists it
+        origin = "given" if guidance_scale is not None else \
+            "the artefact recipe's" if pipe.tadq_recipe is not None else "the pipeline's default"
+        logging.getLogger(__name__).warning(
+            "--negative-prompt is not used: the classifier-free guidance scale is 1 (%s), which samples the prompt "
+            "alone, as %s does; give --guidance-scale above 1 to guide against it", origin, pipe.tadq_base.__name__)
     encoder = pipe.tadq_prompt_encoder(distilled_guidance=distilled_guidance)  # refused off Flux, and against
     # tables fitted at another scale
     conditions = PromptConditions(encoder, prompts, negative_prompt)
@@ -235,6 +239,22 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     return written
 
 
+def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | None, eta: float | None,
+                                   guidance_scale: float | None) -> None:
+    """Refuse, before the pipeline is loaded, the sampling flags that were refused only after every component had
+    been read (``tadq_deployment``, the sampler): a negative or non-finite guidance scale, an unknown --sampler,
+    η with a kind other than DDIM, a kind of the other family than the folder's schedule (flow-euler on an ε
+    model, DDIM on a flow-matching one), an artefact's fitted tables for another grid (its recipe is read)."""
+    from tadq.pipelines.quantized import check_pipeline_guidance, check_sampler_family
+    from tadq.sampling import check_guidance_scale
+
+    if guidance_scale is not None:
+        check_pipeline_guidance(check_guidance_scale(guidance_scale))
+    sampler = deployment_sampler(path, kind, steps, eta)
+    if kind is not None:  # without --sampler: the recipe's, else the folder's own (deployment_sampler says DDIM)
+        check_sampler_family(path, sampler)
+
+
 def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
     """Refuse, before loading, to replace a file in a tadq samples folder that tadq did not write under one of the
     names a run writes (``sample_NNNN.png``, ``grid.png``, ``prompts.json``): the folder's mark let a rerun replace
@@ -257,6 +277,21 @@ def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
     if foreign:
         raise OutputRefused(f"--out {out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which "
                             f"tadq did not write and this run would replace; move them, or {FORCE_HINT}")
+
+
+def _check_class_label_flags(class_label: list[int] | None, num_samples: int) -> None:
+    """Refuse, before any model is loaded, --class-label values no model takes (negative) and more labels than
+    samples: sample i gets label i mod the count, so the labels after the first --num-samples were never sampled,
+    without a word (as --prompt refuses it)."""
+    if not class_label:
+        return
+    negative = [label for label in class_label if label < 0]
+    if negative:
+        raise ValueError(f"--class-label {negative[0]}: a class label is an index >= 0")
+    if num_samples < len(class_label):
+        raise ValueError(f"--num-samples {num_samples} for {len(class_label)} --class-label values: sample i gets "
+                         f"label i mod the count, so label {class_label[num_samples]} and any after it would not be "
+                         f"sampled; give --num-samples {len(class_label)} or more")
 
 
 def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, class_label: list[int] | None,
@@ -295,9 +330,10 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
     conditions = setting.source
     if class_label:
         wanted = tuple(class_label[i % len(class_label)] for i in range(num_samples))
-        if max(wanted) >= setting.num_classes or min(wanted) < 0:
-            raise ValueError(f"--class-label {max(wanted) if max(wanted) >= 0 else min(wanted)} is not a class of "
-                             f"{source}: its classes are 0..{setting.num_classes - 1}")
+        outside = [label for label in class_label if not 0 <= label < setting.num_classes]
+        if outside:  # the first one outside, whichever end (a negative one was named by the largest label)
+            raise ValueError(f"--class-label {outside[0]} is not a class of {source}: its classes are "
+                             f"0..{setting.num_classes - 1}")
         conditions = ClassLabels(wanted, setting.null_class if scale != 1.0 else None)
     return conditions, scale, folder_vae_decoder(source, device, dtype)
 
@@ -362,6 +398,7 @@ def sample_command(
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
+        _check_class_label_flags(class_label, num_samples)
         if model_dir is not None and is_prompt_pipeline(model_dir):
             if class_label or labels is not None or null_class is not None:  # ignored before, without a word
                 raise ValueError(f"--class-label/--labels/--null-class are for class-conditional models; {model_dir} "

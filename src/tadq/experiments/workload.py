@@ -335,6 +335,15 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
     if null_class is not None and not 0 <= null_class < max(num_embeddings, 1):
         raise ValueError(f"null_class={null_class} is not a label of this model (it has {num_embeddings} class "
                          "embeddings)")
+    if null_class is not None and num_embeddings and null_class != num_embeddings - 1:
+        # labels are drawn from [0, null_class): a null class inside the table made a real class the unconditional
+        # branch and dropped every class above it from the labels, silently
+        whose = (f"a {type(fp).__name__}'s null class is its label {architecture_null}, the row trained by label "
+                 "dropout" if architecture_null is not None else "tadq draws labels from the classes below it")
+        raise ValueError(f"null_class={null_class} is not the last of this model's {num_embeddings} class embeddings "
+                         f"({num_embeddings - 1}): {whose}; class {null_class} would stand for 'no class' (the "
+                         "unconditional branch) and the classes above it would never be sampled. Give "
+                         f"null_class={num_embeddings - 1} (--null-class), or none where the architecture defines it")
     if labels == "null" and null_class is None:
         raise ValueError(f"labels='null' samples with the model's null class: give null_class (--null-class) for "
                          f"{path}")

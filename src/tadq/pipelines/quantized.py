@@ -41,6 +41,7 @@ from tadq.safefiles import read_json_file
 from tadq.sampling import MAX_SEED, SamplerConfig, check_drivable, check_guidance_scale
 
 __all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "check_pipeline_guidance",
+           "check_sampler_family",
            "latent_shape", "pipeline_flow_shift", "pipeline_sampler", "resolve_deployment", "tadq_pipeline_class"]
 
 logger = logging.getLogger(__name__)
@@ -555,6 +556,25 @@ def check_drivable_scheduler(path: str | Path) -> None:
                    "was trained with)")
         raise NotImplementedError(f"{config_file}: {error} To use this pipeline, save {fix} into its scheduler/ "
                                   "folder.") from error
+
+
+def check_sampler_family(path: str | Path, sampler: SamplerConfig) -> None:
+    """``NotImplementedError`` when ``sampler`` is of the other family than the pipeline folder's training schedule
+    (flow-euler on a discrete ᾱ_t one, an ε kind on a flow-matching one), read from its scheduler config alone, so
+    commands refuse it before any component is loaded (sampling refuses it too, after). A folder without the
+    config passes: the folder checks name it."""
+    from tadq.sampling.config import FLOW_SCHEDULERS
+
+    config_file = Path(path) / "scheduler" / "scheduler_config.json"
+    if not config_file.is_file():
+        return
+    config = read_json_file(config_file, "scheduler config")
+    flow = isinstance(config, dict) and config.get("_class_name") in FLOW_SCHEDULERS
+    if flow != sampler.is_flow:
+        use = "flow-euler" if flow else "ddim, ddpm, euler, euler-ancestral or dpmsolver++"
+        raise NotImplementedError(f"sampler {sampler.kind!r} cannot drive {path}: its schedule is "
+                                  f"{'flow matching' if flow else 'a discrete ᾱ_t (ε-family) one'} "
+                                  f"({config.get('_class_name')}); use {use}")
 
 
 def _check_components_listed(path: Path, layout: Any) -> None:
