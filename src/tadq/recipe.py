@@ -32,7 +32,7 @@ from tadq.config import (
 from tadq.corrections.base import CorrectionConfig
 from tadq.quant.qscheme import QScheme, preset
 from tadq.registry import registered_corrections
-from tadq.safefiles import finite_float
+from tadq.safefiles import finite_float, read_json_file
 from tadq.sampling import SamplerConfig
 
 __all__ = [
@@ -300,12 +300,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if path.is_dir():
         raise FileNotFoundError(f"recipe {path} is a folder without a recipe.json (a tadq recipe search) or "
                                 "tadq_recipe.json (an artefact); give the recipe's JSON file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"recipe {path} is not valid JSON: {error}") from error
+    # UTF-8 named, devices and pipes refused, a key given twice refused (json.loads kept the last one silently)
+    payload = read_json_file(path, "recipe", strict_keys=True)
     try:
         return recipe_from_dict(payload, str(path))
     except ValueError as error:

@@ -100,7 +100,7 @@ def _read_config(path: Path) -> QuantConfig:
     from tadq.safefiles import read_json_file
 
     require_file(path, "--config", "a QuantConfig JSON file")
-    payload = read_json_file(path, "--config")
+    payload = read_json_file(path, "--config", strict_keys=True)
     if not (isinstance(payload, dict) and isinstance(payload.get("type"), str)
             and isinstance(payload.get("data"), dict)):
         raise ValueError(f"--config {path} is not a tadq config: expected an object with \"type\", \"version\" and "
@@ -165,15 +165,19 @@ def _method(current: Any, name: str) -> Any:
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
     """``--set path=value`` items → {dotted path: JSON value (a bare word stays a string)}."""
+    from tadq.safefiles import unique_keys
+
     settings: dict[str, Any] = {}
     for item in items or ():
         path, sep, text = item.partition("=")
         if not sep or not path:
             raise ValueError(f"--set {item!r}: write FIELD.PATH=VALUE, e.g. method.reconstruction.weight_iters=20")
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError:
             value = text
+        except ValueError as error:  # a key given twice in one object: the last would silently win
+            raise ValueError(f"--set {item!r}: {error}") from error
         path = path.strip()
         if path in settings and settings[path] != value:  # the last would silently win
             raise ValueError(f"--set {path} given twice with different values ({settings[path]!r}, {value!r}); "

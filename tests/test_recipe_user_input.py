@@ -1,0 +1,78 @@
+"""Recipes and configs as a user writes them by hand: what a JSON reader would otherwise take silently or refuse
+without naming the file (a key given twice, a field beside ``data``, a file in another encoding)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tadq.cli.quantize import QuantFlags, parse_settings, resolve_recipe
+from tadq.config import QuantConfig, config_from_dict, config_to_dict
+from tadq.recipe import Recipe, load_recipe, recipe_from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "recipes" / "qdiffusion+tac+tcec-W4A8.json"
+
+
+def test_recipe_key_given_twice_is_refused_naming_the_key(tmp_path):
+    """json.loads keeps the last of two equal keys: the hand-added ``"bits": 4`` above the file's own
+    ``"bits": 8`` was dropped and the recipe quantized at 8 bits without a word."""
+    text = SHIPPED.read_text()
+    assert text.count('"bits": 4,') == 1
+    edited = text.replace('"bits": 4,', '"bits": 4, "bits": 8,', 1)
+    (tmp_path / "r.json").write_text(edited)
+    with pytest.raises(ValueError, match=r"'bits' appears twice") as error:
+        load_recipe(tmp_path / "r.json")
+    assert str(tmp_path / "r.json") in str(error.value)
+
+
+def test_config_file_key_given_twice_is_refused(tmp_path):
+    body = json.dumps(config_to_dict(QuantConfig()))
+    (tmp_path / "c.json").write_text(body.replace('"split_shortcut": false', '"split_shortcut": true, '
+                                                  '"split_shortcut": false', 1))
+    with pytest.raises(ValueError, match=r"'split_shortcut' appears twice"):
+        resolve_recipe(None, tmp_path / "c.json", QuantFlags())
+
+
+def test_set_value_with_a_key_given_twice_is_refused():
+    value = '{"type": "QScheme", "version": 1, "data": {"bits": 4, "bits": 8}}'
+    with pytest.raises(ValueError, match=r"--set .*'bits' appears twice"):
+        parse_settings([f"weights={value}"])
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_field_beside_data_is_refused_not_ignored(where):
+    """A field written next to ``data`` (``{"type": "QScheme", "version": 1, "data": {...}, "bits": 4}``) was
+    ignored: the scheme kept its 8 bits."""
+    payload = config_to_dict(Recipe.from_preset("W8A8"))
+    if where == "top":
+        payload["name"] = "mine"
+        expected = r"Recipe has keys \['name'\] beside"
+    else:
+        payload["data"]["weights"]["bits"] = 4
+        expected = r"Recipe.weights: QScheme has keys \['bits'\] beside"
+    with pytest.raises(ValueError, match=expected):
+        recipe_from_dict(payload)
+
+
+def test_written_configs_have_nothing_beside_data():
+    """What tadq writes reads back (the check refuses only hand-written keys)."""
+    recipe = load_recipe(SHIPPED)
+    assert config_from_dict(config_to_dict(recipe)) == recipe
+
+
+def test_recipe_not_utf8_names_the_file(tmp_path):
+    """A recipe saved as UTF-16 (a Windows editor) raised a bare UnicodeDecodeError naming neither file nor fix."""
+    (tmp_path / "r.json").write_bytes(SHIPPED.read_text().encode("utf-16"))
+    with pytest.raises(ValueError, match="not UTF-8") as error:
+        load_recipe(tmp_path / "r.json")
+    assert str(tmp_path / "r.json") in str(error.value)
+
+
+def test_recipe_that_is_a_device_is_refused(tmp_path):
+    if not Path("/dev/null").exists():
+        pytest.skip("no /dev/null")
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_recipe("/dev/null")
