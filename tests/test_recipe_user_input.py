@@ -76,3 +76,19 @@ def test_recipe_that_is_a_device_is_refused(tmp_path):
         pytest.skip("no /dev/null")
     with pytest.raises(ValueError, match="not a regular file"):
         load_recipe("/dev/null")
+
+
+def test_tfmq_recipe_with_two_deployments_is_refused():
+    """TFMQ's per-step tables are built for the first deployment's sampler and tadq sample refuses any other: a
+    second deployment could never be used, yet the recipe was accepted (a correction stack was already refused)."""
+    from tadq.recipe import Deployment
+    from tadq.sampling import SamplerConfig
+    from tadq.tfmq import TFMQMethod
+
+    two = (Deployment(), Deployment(SamplerConfig(kind="ddim", num_steps=20, eta=0.0)))
+    with pytest.raises(ValueError, match="2 deployments and method TFMQMethod"):
+        Recipe.from_preset("W4A8", method=TFMQMethod(), deployments=two)
+    with pytest.raises(ValueError, match="2 deployments and method TFMQMethod"):
+        resolve_recipe(SHIPPED, None, QuantFlags(method="tfmq", correct=()),
+                       {"deployments": [config_to_dict(d) for d in two]})
+    assert len(Recipe.from_preset("W4A8", deployments=two).deployments) == 2  # a plain method: both kept

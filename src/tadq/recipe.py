@@ -216,6 +216,11 @@ class Recipe:
         if self.corrections and len(self.deployments) > 1:
             raise ValueError(f"Recipe has {len(self.deployments)} deployments and a correction stack: correction "
                              "tables are fitted for one (sampler, guidance scale); write one recipe per deployment")
+        if getattr(type(self.method), "per_step_tables", False) and len(self.deployments) > 1:
+            # the later deployments could never be sampled: tadq sample refuses any other sampler than the tables'
+            raise ValueError(f"Recipe has {len(self.deployments)} deployments and method "
+                             f"{type(self.method).__name__}, whose per-step tables are built for one (the first "
+                             "deployment's sampler); write one recipe per deployment")
         self.quant_config()  # the structural fields validate there (roles, granularity, softmax bits)
 
     # -- derived views ------------------------------------------------------------------------------------------
