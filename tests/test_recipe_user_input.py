@@ -92,3 +92,32 @@ def test_tfmq_recipe_with_two_deployments_is_refused():
         resolve_recipe(SHIPPED, None, QuantFlags(method="tfmq", correct=()),
                        {"deployments": [config_to_dict(d) for d in two]})
     assert len(Recipe.from_preset("W4A8", deployments=two).deployments) == 2  # a plain method: both kept
+
+
+def _quantize_cli(tmp_path, model_dir, *args):
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+
+    result = CliRunner().invoke(app, ["quantize", str(model_dir), "--out", str(tmp_path / "q"), "--cache-dir",
+                                      str(tmp_path / "cache"), "--steps", "2", "--calib-trajectories", "2", *args])
+    return result, " ".join((result.output + " " + repr(result.exception)).split())
+
+
+def test_keep_fp_role_no_layer_has_is_refused_before_calibration(tmp_path, tiny_model_dir, monkeypatch):
+    """``--keep-fp-role class_embedding`` on an unconditional UNet kept nothing in floating point and quantized the
+    whole model without a word."""
+    import tadq.methods
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("CALIBRATION STARTED")
+
+    monkeypatch.setattr(tadq.methods, "collect_calibration_set", refuse)
+    result, text = _quantize_cli(tmp_path, tiny_model_dir, "--keep-fp-role", "input_conv", "--keep-fp-role",
+                                 "class_embedding")
+    assert "CALIBRATION STARTED" not in text
+    assert result.exit_code == 2, text
+    assert "--keep-fp-role ['class_embedding']" in text and "input_conv" in text  # its roles are listed
+    assert not (tmp_path / "q").exists()
+    result, text = _quantize_cli(tmp_path, tiny_model_dir, "--keep-fp-role", "input_conv")
+    assert "CALIBRATION STARTED" in text  # a role the model has passes the check
