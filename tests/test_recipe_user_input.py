@@ -121,3 +121,30 @@ def test_keep_fp_role_no_layer_has_is_refused_before_calibration(tmp_path, tiny_
     assert not (tmp_path / "q").exists()
     result, text = _quantize_cli(tmp_path, tiny_model_dir, "--keep-fp-role", "input_conv")
     assert "CALIBRATION STARTED" in text  # a role the model has passes the check
+
+
+def test_config_without_post_init_checks_its_fields():
+    """A dataclass's generated __init__ calls __post_init__ only if the class had one when it was made: the field
+    checks registration installs never ran for QDiffusionMethod or a user's method config (docs/recipes.md says
+    every registered config's fields are checked)."""
+    import dataclasses
+
+    from tadq.config import register_config_type
+    from tadq.recipe import QDiffusionMethod
+    from tadq.registry import registered_config_types
+
+    with pytest.raises(ValueError, match=r"QDiffusionMethod\.reconstruction must be a config object"):
+        QDiffusionMethod(reconstruction={"weight_iters": 5})
+
+    @dataclasses.dataclass(frozen=True)
+    class UserHuntMethodConfig:
+        iters: int = 3
+
+    register_config_type(UserHuntMethodConfig)
+    try:
+        with pytest.raises(ValueError, match=r"UserHuntMethodConfig\.iters must be an int"):
+            UserHuntMethodConfig(iters=2.5)
+        assert UserHuntMethodConfig(iters=4).iters == 4
+        assert dataclasses.replace(UserHuntMethodConfig(), iters=5).iters == 5
+    finally:  # the table is process-wide: other tests list it
+        registered_config_types().pop("UserHuntMethodConfig")
