@@ -439,6 +439,10 @@ def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
     if not isinstance(kind, str) or kind not in _CONFIG_TYPES:
         raise ValueError(f"{at}unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
     klass = _CONFIG_TYPES[kind]
+    beside = sorted(set(payload) - {"type", "version", "data"})
+    if beside:  # a field written next to "data" instead of inside it was ignored without a word
+        raise ValueError(f"{at}{kind} has keys {beside} beside \"type\", \"version\" and \"data\"; a config's "
+                         "fields go inside \"data\"")
     if isinstance(version, bool) or not isinstance(version, int):  # true read as 1, a missing one as "newer"
         raise ValueError(f"{at}{kind} version must be an int (1..{config_version(klass)}), got {version!r}")
     if version > config_version(klass):

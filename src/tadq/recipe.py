@@ -32,7 +32,7 @@ from tadq.config import (
 from tadq.corrections.base import CorrectionConfig
 from tadq.quant.qscheme import QScheme, preset
 from tadq.registry import registered_corrections
-from tadq.safefiles import finite_float
+from tadq.safefiles import finite_float, read_json_file
 from tadq.sampling import SamplerConfig
 
 __all__ = [
@@ -216,6 +216,11 @@ class Recipe:
         if self.corrections and len(self.deployments) > 1:
             raise ValueError(f"Recipe has {len(self.deployments)} deployments and a correction stack: correction "
                              "tables are fitted for one (sampler, guidance scale); write one recipe per deployment")
+        if getattr(type(self.method), "per_step_tables", False) and len(self.deployments) > 1:
+            # the later deployments could never be sampled: tadq sample refuses any other sampler than the tables'
+            raise ValueError(f"Recipe has {len(self.deployments)} deployments and method "
+                             f"{type(self.method).__name__}, whose per-step tables are built for one (the first "
+                             "deployment's sampler); write one recipe per deployment")
         self.quant_config()  # the structural fields validate there (roles, granularity, softmax bits)
 
     # -- derived views ------------------------------------------------------------------------------------------
@@ -300,12 +305,10 @@ def load_recipe(path: str | Path) -> Recipe:
     if path.is_dir():
         raise FileNotFoundError(f"recipe {path} is a folder without a recipe.json (a tadq recipe search) or "
                                 "tadq_recipe.json (an artefact); give the recipe's JSON file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"recipe {path} does not exist")
-    try:
-        payload = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ValueError(f"recipe {path} is not valid JSON: {error}") from error
+    # UTF-8 named, devices and pipes refused, a key given twice refused (json.loads kept the last one silently)
+    payload = read_json_file(path, "recipe", strict_keys=True)
     try:
         return recipe_from_dict(payload, str(path))
     except ValueError as error:

@@ -8,6 +8,7 @@ import cycle. The built-in adapters, corrections and configs register when ``tad
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -89,6 +90,7 @@ def _check_fields_first(cls: type) -> None:
     from tadq.config_fields import check_config_fields
 
     own = cls.__dict__.get("__post_init__")
+    hooked = hasattr(cls, "__post_init__")  # the dataclass's generated __init__ calls it only if it existed then
 
     def run_own(self) -> None:
         if own is not None:
@@ -111,6 +113,15 @@ def _check_fields_first(cls: type) -> None:
 
     __post_init__.__doc__ = getattr(own, "__doc__", None)
     cls.__post_init__ = __post_init__
+    if not hooked:  # QDiffusionMethod, a user's method config: no check ran, reconstruction=0 was taken
+        generated = cls.__init__
+
+        @functools.wraps(generated)
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            generated(self, *args, **kwargs)
+            self.__post_init__()
+
+        cls.__init__ = __init__
 
 
 def registered_config_types() -> dict[str, type]:

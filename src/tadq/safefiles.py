@@ -25,7 +25,7 @@ from torch import Tensor
 
 from tadq.utils import _atomic
 
-__all__ = ["DamagedFileError", "save_checked", "load_checked", "tensors_digest", "read_json_file",
+__all__ = ["DamagedFileError", "save_checked", "load_checked", "tensors_digest", "read_json_file", "unique_keys",
            "require_finite", "nonfinite_count", "finite_float", "split_tensors", "join_tensors", "WeightFiles",
            "find_weight_files", "check_safetensors_file", "require_stored_parameters", "DIFFUSERS_WEIGHTS",
            "TRANSFORMERS_WEIGHTS"]
@@ -131,11 +131,24 @@ def join_tensors(tree: Any, tensors: dict[str, Tensor]) -> Any:
     return walk(tree)
 
 
-def read_json_file(path: str | Path, what: str = "file") -> Any:
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of ``json.loads`` refusing an object that names one key twice: plain ``json.loads``
+    keeps the last silently, so a hand-edited recipe's second ``"bits"`` replaced the first without a word."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice in one object (values {result[key]!r:.60} and "
+                             f"{value!r:.60}); keep one")
+        result[key] = value
+    return result
+
+
+def read_json_file(path: str | Path, what: str = "file", *, strict_keys: bool = False) -> Any:
     """``json.load`` whose errors name the file and the line, as one ``ValueError``.
 
     Only a regular file of at most ``MAX_JSON_BYTES`` is read: a config that is a link to ``/dev/zero`` or a FIFO
-    would otherwise be read forever (or block), filling the memory before any error.
+    would otherwise be read forever (or block), filling the memory before any error. ``strict_keys``: an object
+    naming a key twice is refused (``unique_keys``) instead of keeping the last value (files a user writes).
     """
     path = Path(path)
     if path.is_symlink() and not path.exists():
@@ -154,10 +167,12 @@ def read_json_file(path: str | Path, what: str = "file") -> Any:
         raise ValueError(f"{what} {path} is empty ({len(text.encode())} bytes; an interrupted download or copy?); "
                          "restore the file")
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique_keys if strict_keys else None)
     except json.JSONDecodeError as error:
         raise ValueError(f"{what} {path} is not valid JSON (line {error.lineno}, column {error.colno}: "
                          f"{error.msg}); fix or replace the file") from error
+    except ValueError as error:  # unique_keys
+        raise ValueError(f"{what} {path}: {error}") from error
 
 
 def require_finite(tensors: dict[str, Tensor] | Tensor, where: str) -> None:

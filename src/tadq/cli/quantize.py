@@ -96,11 +96,20 @@ def _kept_roles(flags: QuantFlags, from_file: bool) -> tuple[str, ...] | None:
     return None if from_file else fp_layer_roles(DEFAULT_FP_LAYERS)
 
 
+def _check_kept_roles(model: Any, flags: QuantFlags) -> None:
+    """``--keep-fp-role`` roles that ``model`` has no layer of are refused before calibration (they kept nothing)."""
+    from tadq.quant.convert import check_roles_present
+    from tadq.registry import adapter_for
+
+    if flags.keep_fp_roles:
+        check_roles_present(adapter_for(model).layers(model), flags.keep_fp_roles, "--keep-fp-role")
+
+
 def _read_config(path: Path) -> QuantConfig:
     from tadq.safefiles import read_json_file
 
     require_file(path, "--config", "a QuantConfig JSON file")
-    payload = read_json_file(path, "--config")
+    payload = read_json_file(path, "--config", strict_keys=True)
     if not (isinstance(payload, dict) and isinstance(payload.get("type"), str)
             and isinstance(payload.get("data"), dict)):
         raise ValueError(f"--config {path} is not a tadq config: expected an object with \"type\", \"version\" and "
@@ -165,15 +174,19 @@ def _method(current: Any, name: str) -> Any:
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
     """``--set path=value`` items → {dotted path: JSON value (a bare word stays a string)}."""
+    from tadq.safefiles import unique_keys
+
     settings: dict[str, Any] = {}
     for item in items or ():
         path, sep, text = item.partition("=")
         if not sep or not path:
             raise ValueError(f"--set {item!r}: write FIELD.PATH=VALUE, e.g. method.reconstruction.weight_iters=20")
         try:
-            value = json.loads(text)
+            value = json.loads(text, object_pairs_hook=unique_keys)
         except json.JSONDecodeError:
             value = text
+        except ValueError as error:  # a key given twice in one object: the last would silently win
+            raise ValueError(f"--set {item!r}: {error}") from error
         path = path.strip()
         if path in settings and settings[path] != value:  # the last would silently win
             raise ValueError(f"--set {path} given twice with different values ({settings[path]!r}, {value!r}); "
@@ -428,6 +441,7 @@ def quantize_command(
         torch.manual_seed(seed)
         if prompts is None:
             model, scheduler = load_pipeline_parts(model_dir)
+            _check_kept_roles(model, flags)
             given_scale = guidance_scale if guidance_scale is not None else (
                 recipe.guidance_scale if recipe.guidance_scale != 1.0 else None)  # None: the model's default
             setting = class_conditions_for(model, source, "quantize", labels=labels, null_class=null_class,
@@ -460,6 +474,7 @@ def quantize_command(
                                "is 1.0); text-to-image pipelines are usually sampled at 5-8: --set "
                                "deployments.0.guidance_scale=7.5", model_dir)
             pipe = load_fp_pipeline(model_dir)
+            _check_kept_roles(pipeline_denoiser(pipe), flags)
             recipe = with_pipeline_sampler(recipe, pipe)
             conditions = PromptConditions(prompt_encoder_for(pipe, distilled_guidance=distilled_guidance), prompts)
             distilled = getattr(conditions.encoder, "distilled_guidance", None)

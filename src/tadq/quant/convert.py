@@ -11,7 +11,7 @@ from tadq.adapters.base import LayerInfo
 from tadq.quant.qscheme import QScheme
 from tadq.quant.transformed import quantize_layer
 
-__all__ = ["LayerPlan", "plan_layers", "convert_layers"]
+__all__ = ["LayerPlan", "plan_layers", "convert_layers", "check_roles_present"]
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,17 @@ def plan_layers(
         raise ValueError(f"layer_bits names {sorted(overrides)}, which are not quantized layers of this model "
                          f"(kept in FP or absent; quantized layers look like: {', '.join(quantized[:4])}, ...)")
     return plans
+
+
+def check_roles_present(layers: list[LayerInfo], roles: tuple[str, ...], what: str = "keep_fp_roles") -> None:
+    """Refuse ``roles`` (asked for by name, e.g. ``--keep-fp-role``) that no quantizable layer has: keeping an
+    absent role in floating point keeps nothing, and the model was quantized whole without a word. Not applied to
+    ``FP_LAYER_PRESETS`` keys, which name a convention across model families."""
+    present = {info.role for info in layers}
+    missing = [role for role in roles if role not in present]
+    if missing:
+        raise ValueError(f"{what} {missing}: no quantizable layer of this model has that role, so nothing would be "
+                         f"kept in floating point; its roles are {sorted(present)} (or --exclude layer names)")
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:

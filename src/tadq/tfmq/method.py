@@ -12,7 +12,7 @@ import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from torch import nn
 
@@ -48,6 +48,8 @@ class TFMQMethod:
         tfmq: TIAR, FSC and maintenance settings.
         svdquant: SVDQuant's fitting settings (``base="svdquant"`` only).
     """
+
+    per_step_tables: ClassVar[bool] = True  # built for one deployment (Recipe refuses several)
 
     base: Literal["naive", "qdiffusion", "svdquant"] = "qdiffusion"
     reconstruction: ReconstructionConfig = field(default_factory=ReconstructionConfig)
