@@ -1,4 +1,4 @@
-"""A rerun of `tadq run` / `tadq evaluate` into its own report folder with other settings, interrupted while it
+"""A rerun of `tadq run` / `tadq evaluate` / `tadq analyze` into its own report folder with other settings, interrupted while it
 draws the new figures: the folder must not hold the earlier run's results.json/.md beside this run's samples.png
 (they were replaced last, so an interrupt there left two runs' results mixed, with nothing saying so)."""
 
@@ -58,3 +58,31 @@ def test_an_interrupted_report_never_keeps_the_earlier_runs_numbers(command, mod
         assert not (out / name).exists(), f"the earlier run's {name} is left beside the new samples.png"
     _ok(*args(22))  # the rerun finishes the report
     assert json.loads((out / "results.json").read_text()) and (out / "results.md").exists()
+
+
+def test_an_interrupted_analyze_rerun_never_keeps_the_earlier_numbers(model_dir, tmp_path, monkeypatch):
+    """``tadq analyze`` wrote analysis.json before drawing propagation.png: a rerun with another seed cut while
+    drawing left the earlier analysis's numbers in the folder as if they were this run's."""
+    import tadq.analysis
+
+    artefact, out = tmp_path / "artefact", tmp_path / "analysis"
+    _ok("quantize", model_dir, "--out", artefact, "--cache-dir", tmp_path / "cache", "--steps", "3",
+        "--calib-trajectories", "4", "--threads", "1")
+
+    def args(seed: int) -> list:
+        return ["analyze", artefact, "--fp-model", model_dir, "--num-samples", "4", "--steps", "3", "--threads", "1",
+                "--seed", seed, "--out", out]
+
+    _ok(*args(11))
+    assert json.loads((out / "analysis.json").read_text())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tadq.analysis, "save_propagation_plot", interrupted)  # analyze imports it at call time
+    interrupted_run = CliRunner().invoke(app, [str(a) for a in args(22)])
+    assert interrupted_run.exit_code == 130, interrupted_run.output
+    monkeypatch.undo()
+    assert not (out / "analysis.json").exists(), "the earlier analysis.json is left as if it were this run's"
+    _ok(*args(22))
+    assert json.loads((out / "analysis.json").read_text())["settings"]

@@ -102,10 +102,12 @@ def analyze_command(
     settings = {"model": str(model_dir), "fp_model": str(fp_model) if fp_model is not None else "shipped",
                 "corrections_not_applied": ignored, "measure_jacobian": jacobian, "batch_size": batch_size,
                 "backend": backend}
-    atomic_write_text(dumps_json({**report.to_dict(), "settings": settings}), out / "analysis.json")
+    (out / "analysis.json").unlink(missing_ok=True)  # written last: an interrupt while drawing left an earlier
+    # analysis's numbers beside this one's figure (as tadq evaluate's results files)
     save_propagation_plot(report, out / "propagation.png",
                           title=f"{qmodel.config.label} {qmodel.config.method}"
                           f"{'' if backend == 'fake' else f' [{backend}]'}: error propagation, {report.sampler}")
+    atomic_write_text(dumps_json({**report.to_dict(), "settings": settings}), out / "analysis.json")
     share = report.final_share
     top = sorted(range(len(share)), key=lambda s: -share[s])[:3]
     with_jvp = f", with measured Jδ {report.predicted_jvp[-1]:.3e}" if report.predicted_jvp else ""
