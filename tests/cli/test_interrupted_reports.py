@@ -1,6 +1,7 @@
-"""A rerun of `tadq run` / `tadq evaluate` / `tadq analyze` into its own report folder with other settings, interrupted while it
-draws the new figures: the folder must not hold the earlier run's results.json/.md beside this run's samples.png
-(they were replaced last, so an interrupt there left two runs' results mixed, with nothing saying so)."""
+"""A rerun of `tadq run` / `tadq evaluate` / `tadq analyze` into its own report folder with other settings,
+interrupted while it draws the new figures: the folder must not hold the earlier run's results.json/.md (analysis.json)
+beside this run's figures (they were replaced last, so an interrupt there left two runs' results mixed, with nothing
+saying so)."""
 
 from __future__ import annotations
 
