@@ -223,18 +223,40 @@ def test_the_weight_grid_is_checked_before_loading(monkeypatch):
                                                    ("ALL", None)])
 def test_a_onednn_isa_cap_below_vnni_is_named_as_the_reason(monkeypatch, cap, dot_products):
     """``ONEDNN_MAX_CPU_ISA`` below VNNI makes a VNNI/AMX CPU's int8 kernels saturate: the refusal names the cap, not
-    the CPU (found by running the suite with the cap, to stand in for an AVX2 machine)."""
+    the CPU (found by running the suite with the cap, to stand in for an AVX2 machine). Stood in for by a CPU with
+    the instructions, so the test means the same on every machine."""
+    monkeypatch.setattr(capability, "_cpu_has_dot_products", lambda: True)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     if dot_products is False:
         assert capability.onednn_isa_cap() == cap.upper() and not capability._has_dot_product_instructions()
         assert f"oneDNN is capped at {cap.upper()} (ONEDNN_MAX_CPU_ISA)" in capability.weight_bound_reason(64)
     else:  # a cap with VNNI, or none: the CPU's flags decide, as without the variable
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-        uncapped = capability._has_dot_product_instructions()
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        assert capability._has_dot_product_instructions() == uncapped
+        assert capability._has_dot_product_instructions()
         assert "capped" not in capability.weight_bound_reason(64)
+
+
+def test_a_cap_on_a_cpu_without_dot_products_is_not_blamed(monkeypatch):
+    """On a CPU without VNNI/AMX (this AVX2 EPYC) lifting ``ONEDNN_MAX_CPU_ISA=AVX2`` would not help: the refusal
+    named the cap as the reason; it names the CPU, as without the variable."""
+    monkeypatch.setattr(capability, "_cpu_has_dot_products", lambda: False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    reason = capability.weight_bound_reason(capability.PAIR_SATURATION_BOUND)
+    assert "capped" not in reason and reason.startswith("this CPU has no int8 dot-product instructions")
+
+
+@pytest.mark.parametrize(("onednn", "dnnl", "cap"), [("ALL", "AVX2", None), ("", "AVX2", "AVX2"),
+                                                     ("avx512_core", "ALL", "AVX512_CORE"), (None, "sse41", "SSE41")])
+def test_the_isa_cap_is_read_as_onednn_reads_it(monkeypatch, onednn, dnnl, cap):
+    """oneDNN takes the first of ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA that is set (not empty), any case:
+    ``ONEDNN_MAX_CPU_ISA=ALL`` lifts a ``DNNL_MAX_CPU_ISA`` cap, which the report used to name as the cap."""
+    for name, value in (("ONEDNN_MAX_CPU_ISA", onednn), ("DNNL_MAX_CPU_ISA", dnnl)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert capability.onednn_isa_cap() == cap
 
 
 def test_int8_kernels_that_raise_are_a_refusal_not_a_crash(monkeypatch):
