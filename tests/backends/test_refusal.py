@@ -280,3 +280,18 @@ def test_int8_kernels_that_raise_are_a_refusal_not_a_crash(monkeypatch):
     finally:
         capability._kernel_failure.cache_clear()
         capability.int8_cpu_weight_bound.cache_clear()
+
+
+@needs_int8_cpu
+@pytest.mark.parametrize(("cast", "message"), [
+    (lambda model: model.to(torch.bfloat16), r"torch\.bfloat16 on cpu: backend 'int8' computes in float32"),
+    (lambda model: model.double(), r"torch\.float64 on cpu: backend 'int8' computes in float32"),
+    (lambda model: model.to("meta"), r"torch\.float32 on meta: backend 'int8' runs on cpu devices only"),
+])
+def test_to_backend_refuses_a_model_cast_or_moved_where_its_kernels_do_not_run(tiny_artefact, cast, message):
+    """``tadq.load(..., dtype=torch.bfloat16)`` then ``to_backend``: the conversion went through on bf16 weight grids
+    and the first forward raised a TypeError deep in the network (float64: "values off its grid"); it is refused
+    before anything is copied, as ``check_placement`` refuses it before loading."""
+    fake = cast(api.load(tiny_artefact)[0])
+    with pytest.raises(ValueError, match=rf"^to_backend: the model's parameters are {message}"):
+        to_backend(fake, "int8")

@@ -55,6 +55,7 @@ class Backend:
     check: Callable[[QuantizedDenoiser], None] | None = None
     finish: Callable[[QuantizedDenoiser], None] | None = None
     device_type: str | None = None
+    moves_model: bool = False  # ``finish`` moves the converted model to ``device_type`` (int8-cuda), from any device
 
 
 def _cpu_factory() -> LayerFactory:
@@ -96,7 +97,7 @@ BACKENDS: dict[str, Backend] = {
                              _compile, device_type="cpu"),
     "int8-cuda": Backend("int8-cuda", "torch._int_mm linears and im2col convolutions on CUDA (measured on an "
                          "H200: agrees with fake-quant, slower than bf16 on small models)", int8_cuda_missing,
-                         _cuda_factory(), finish=_to_gpu, device_type="cuda"),
+                         _cuda_factory(), finish=_to_gpu, device_type="cuda", moves_model=True),
 }
 
 
@@ -147,6 +148,20 @@ def check_weight_grid(name: str, scheme: QScheme) -> None:
                          f"{capability.weight_bound_reason(bound)}")
 
 
+def _refuse_model_placement(qmodel: QuantizedDenoiser, backend: Backend) -> None:
+    """``to_backend`` on a model already cast or moved where the kernels do not run (``tadq.load(..., dtype=
+    torch.bfloat16)`` then ``to_backend``): its weight grids were rounded to that dtype and its float layers would
+    feed the integer ones bf16, so the conversion is refused as ``check_placement`` refuses it before loading."""
+    parameter = next((p for p in qmodel.parameters() if p.is_floating_point() and p.dtype != torch.float32), None)
+    first = next(qmodel.parameters(), None)
+    device = torch.device("cpu") if first is None else first.device
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    try:
+        refuse_placement(backend.name, None if backend.moves_model else backend.device_type, True, device, dtype)
+    except ValueError as error:
+        raise ValueError(f"to_backend: the model's parameters are {dtype} on {device}: {error}") from error
+
+
 def _refuse_shared_network(qmodel: QuantizedDenoiser) -> None:
     """``inplace=True`` on a model whose network another live model runs too (``fit_corrections`` returns a view on
     the base's network) would silently turn that model's layers into integer kernels as well."""
@@ -171,7 +186,8 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
 
     Raises:
         BackendUnavailableError: the backend cannot run on this machine.
-        ValueError: a layer the backend cannot run in integers (the message names it), an unknown backend, or
+        ValueError: a layer the backend cannot run in integers (the message names it), an unknown backend, a model
+            cast to a dtype other than float32 or on a device the kernels do not run on (``check_placement``), or
             ``inplace=True`` on a network another live model shares (``fit_corrections``' result and its base).
     """
     backend = check_backend(name)
@@ -181,6 +197,7 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
         raise ValueError(f"the model already runs on backend {qmodel.backend!r}; convert its fake-quant original")
     if backend.factory is None:
         return qmodel
+    _refuse_model_placement(qmodel, backend)
     if inplace:
         _refuse_shared_network(qmodel)
     if backend.check is not None:
