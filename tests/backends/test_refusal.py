@@ -295,3 +295,28 @@ def test_to_backend_refuses_a_model_cast_or_moved_where_its_kernels_do_not_run(t
     fake = cast(api.load(tiny_artefact)[0])
     with pytest.raises(ValueError, match=rf"^to_backend: the model's parameters are {message}"):
         to_backend(fake, "int8")
+
+
+@needs_int8_cpu
+def test_a_mixed_precision_layer_beyond_the_bound_is_refused_before_loading(monkeypatch, tiny_unet, ddpm_scheduler,
+                                                                            tmp_path):
+    """A W4A8 artefact with one layer raised to 8 bits (``layer_bits``, as mixed precision chooses them) passed the
+    pre-load check of the model's 4-bit grid and was only refused once the whole model was built and converted; the
+    layer is now named from the config, before anything is built. Weights off have no codes to bound."""
+    from tadq.backends import check_weight_grid
+    from tadq.io import load as load_module
+    from tadq.quant import QScheme
+
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    calib = CalibrationConfig(sampler=sampler, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
+    config = QuantConfig.from_preset("W4A8", calibration=calib, layer_bits=(("conv_in", 8, 8),))
+    api.quantize(tiny_unet, ddpm_scheduler, config, progress=False).save_pretrained(tmp_path / "q", ddpm_scheduler)
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(load_module, "_build_fp_model", built)
+    with pytest.raises(ValueError, match=r"'int8': layer conv_in's 8-bit weights have codes up to ±128.*within ±64"):
+        api.load(tmp_path / "q", backend="int8")
+    check_weight_grid("int8", QScheme.off())

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -131,21 +131,29 @@ def check_placement(name: str, device: torch.device, dtype: torch.dtype) -> None
     refuse_placement(name, backend.device_type, backend.factory is not None, device, dtype)
 
 
-def check_weight_grid(name: str, scheme: QScheme) -> None:
+def check_weight_grid(name: str, scheme: QScheme, layer_bits: tuple[tuple[str, int, int | None], ...] = ()) -> None:
     """Refuse, before anything is loaded, a weight grid whose codes backend ``name``'s kernels do not sum exactly here.
 
-    Only the oneDNN CPU kernels have such a limit (±64 without VNNI/AMX, ``capability.int8_cpu_weight_bound``); each
-    layer is checked again when it is converted, which also covers layers with their own bits.
+    Only the oneDNN CPU kernels have such a limit (±64 without VNNI/AMX, ``capability.int8_cpu_weight_bound``).
+    ``layer_bits`` (``QuantConfig.layer_bits``) gives layers their own weight bits on the same grid kind (mixed
+    precision raises chosen layers to 8 bits), so each is checked too, by name; each layer is checked again when it
+    is converted.
     """
     backend = _known(name)
     if backend.factory is None or backend.device_type != "cpu" or backend.missing() is not None:
         return  # the simulation, the CUDA kernels (exact int32 GEMMs), or refused by check_backend anyway
     from tadq.backends.weights import weight_code_peak
 
-    bound, peak = capability.int8_cpu_weight_bound(), weight_code_peak(scheme)
-    if peak > bound:
-        raise ValueError(f"backend {name!r}: the model's {scheme.bits}-bit weights have codes up to ±{peak}, but "
-                         f"{capability.weight_bound_reason(bound)}")
+    bound = capability.int8_cpu_weight_bound()
+    for layer, bits in (("", scheme.bits), *((entry[0], entry[1]) for entry in layer_bits)):
+        if bits is None:
+            continue  # weights off: no codes to bound (conversion refuses such a layer by name)
+        layer_scheme = scheme if bits == scheme.bits else replace(scheme, bits=bits)
+        peak = weight_code_peak(layer_scheme)
+        if peak > bound:
+            whose = f"layer {layer}'s" if layer else "the model's"
+            raise ValueError(f"backend {name!r}: {whose} {bits}-bit weights have codes up to ±{peak}, but "
+                             f"{capability.weight_bound_reason(bound)}")
 
 
 def _refuse_model_placement(qmodel: QuantizedDenoiser, backend: Backend) -> None:
