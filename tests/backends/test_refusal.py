@@ -320,3 +320,19 @@ def test_a_mixed_precision_layer_beyond_the_bound_is_refused_before_loading(monk
     with pytest.raises(ValueError, match=r"'int8': layer conv_in's 8-bit weights have codes up to ±128.*within ±64"):
         api.load(tmp_path / "q", backend="int8")
     check_weight_grid("int8", QScheme.off())
+
+
+def test_load_pipeline_places_int8_cuda_on_its_gpu_when_no_device_is_given(monkeypatch, tmp_path):
+    """``tadq.load(ART, backend="int8-cuda")`` defaults to the kernels' device; ``tadq.load_pipeline`` checked the
+    placement against the CPU instead and refused it ("runs on cuda devices only, not on cpu") on a CUDA machine.
+    Stood in for on any machine: int8-cuda made available and 'cuda' resolvable, on a folder that then fails later,
+    for not being an artefact (the placement passed)."""
+    import dataclasses
+
+    import tadq
+    from tadq import device as device_module
+
+    monkeypatch.setitem(BACKENDS, "int8-cuda", dataclasses.replace(BACKENDS["int8-cuda"], missing=lambda: None))
+    monkeypatch.setattr(device_module, "resolve_device", lambda name: torch.device(name))
+    with pytest.raises(ValueError, match="'int8-cuda': .* is an FP pipeline folder, not a tadq artefact"):
+        tadq.load_pipeline(tmp_path, backend="int8-cuda")
