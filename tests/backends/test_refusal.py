@@ -223,18 +223,40 @@ def test_the_weight_grid_is_checked_before_loading(monkeypatch):
                                                    ("ALL", None)])
 def test_a_onednn_isa_cap_below_vnni_is_named_as_the_reason(monkeypatch, cap, dot_products):
     """``ONEDNN_MAX_CPU_ISA`` below VNNI makes a VNNI/AMX CPU's int8 kernels saturate: the refusal names the cap, not
-    the CPU (found by running the suite with the cap, to stand in for an AVX2 machine)."""
+    the CPU (found by running the suite with the cap, to stand in for an AVX2 machine). Stood in for by a CPU with
+    the instructions, so the test means the same on every machine."""
+    monkeypatch.setattr(capability, "_cpu_has_dot_products", lambda: True)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
     if dot_products is False:
         assert capability.onednn_isa_cap() == cap.upper() and not capability._has_dot_product_instructions()
         assert f"oneDNN is capped at {cap.upper()} (ONEDNN_MAX_CPU_ISA)" in capability.weight_bound_reason(64)
     else:  # a cap with VNNI, or none: the CPU's flags decide, as without the variable
-        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
-        uncapped = capability._has_dot_product_instructions()
-        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-        assert capability._has_dot_product_instructions() == uncapped
+        assert capability._has_dot_product_instructions()
         assert "capped" not in capability.weight_bound_reason(64)
+
+
+def test_a_cap_on_a_cpu_without_dot_products_is_not_blamed(monkeypatch):
+    """On a CPU without VNNI/AMX (this AVX2 EPYC) lifting ``ONEDNN_MAX_CPU_ISA=AVX2`` would not help: the refusal
+    named the cap as the reason; it names the CPU, as without the variable."""
+    monkeypatch.setattr(capability, "_cpu_has_dot_products", lambda: False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    reason = capability.weight_bound_reason(capability.PAIR_SATURATION_BOUND)
+    assert "capped" not in reason and reason.startswith("this CPU has no int8 dot-product instructions")
+
+
+@pytest.mark.parametrize(("onednn", "dnnl", "cap"), [("ALL", "AVX2", None), ("", "AVX2", "AVX2"),
+                                                     ("avx512_core", "ALL", "AVX512_CORE"), (None, "sse41", "SSE41")])
+def test_the_isa_cap_is_read_as_onednn_reads_it(monkeypatch, onednn, dnnl, cap):
+    """oneDNN takes the first of ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA that is set (not empty), any case:
+    ``ONEDNN_MAX_CPU_ISA=ALL`` lifts a ``DNNL_MAX_CPU_ISA`` cap, which the report used to name as the cap."""
+    for name, value in (("ONEDNN_MAX_CPU_ISA", onednn), ("DNNL_MAX_CPU_ISA", dnnl)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    assert capability.onednn_isa_cap() == cap
 
 
 def test_int8_kernels_that_raise_are_a_refusal_not_a_crash(monkeypatch):
@@ -258,3 +280,59 @@ def test_int8_kernels_that_raise_are_a_refusal_not_a_crash(monkeypatch):
     finally:
         capability._kernel_failure.cache_clear()
         capability.int8_cpu_weight_bound.cache_clear()
+
+
+@needs_int8_cpu
+@pytest.mark.parametrize(("cast", "message"), [
+    (lambda model: model.to(torch.bfloat16), r"torch\.bfloat16 on cpu: backend 'int8' computes in float32"),
+    (lambda model: model.double(), r"torch\.float64 on cpu: backend 'int8' computes in float32"),
+    (lambda model: model.to("meta"), r"torch\.float32 on meta: backend 'int8' runs on cpu devices only"),
+])
+def test_to_backend_refuses_a_model_cast_or_moved_where_its_kernels_do_not_run(tiny_artefact, cast, message):
+    """``tadq.load(..., dtype=torch.bfloat16)`` then ``to_backend``: the conversion went through on bf16 weight grids
+    and the first forward raised a TypeError deep in the network (float64: "values off its grid"); it is refused
+    before anything is copied, as ``check_placement`` refuses it before loading."""
+    fake = cast(api.load(tiny_artefact)[0])
+    with pytest.raises(ValueError, match=rf"^to_backend: the model's parameters are {message}"):
+        to_backend(fake, "int8")
+
+
+@needs_int8_cpu
+def test_a_mixed_precision_layer_beyond_the_bound_is_refused_before_loading(monkeypatch, tiny_unet, ddpm_scheduler,
+                                                                            tmp_path):
+    """A W4A8 artefact with one layer raised to 8 bits (``layer_bits``, as mixed precision chooses them) passed the
+    pre-load check of the model's 4-bit grid and was only refused once the whole model was built and converted; the
+    layer is now named from the config, before anything is built. Weights off have no codes to bound."""
+    from tadq.backends import check_weight_grid
+    from tadq.io import load as load_module
+    from tadq.quant import QScheme
+
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    calib = CalibrationConfig(sampler=sampler, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
+    config = QuantConfig.from_preset("W4A8", calibration=calib, layer_bits=(("conv_in", 8, 8),))
+    api.quantize(tiny_unet, ddpm_scheduler, config, progress=False).save_pretrained(tmp_path / "q", ddpm_scheduler)
+
+    def built(*args, **kwargs):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(load_module, "_build_fp_model", built)
+    with pytest.raises(ValueError, match=r"'int8': layer conv_in's 8-bit weights have codes up to ±128.*within ±64"):
+        api.load(tmp_path / "q", backend="int8")
+    check_weight_grid("int8", QScheme.off())
+
+
+def test_load_pipeline_places_int8_cuda_on_its_gpu_when_no_device_is_given(monkeypatch, tmp_path):
+    """``tadq.load(ART, backend="int8-cuda")`` defaults to the kernels' device; ``tadq.load_pipeline`` checked the
+    placement against the CPU instead and refused it ("runs on cuda devices only, not on cpu") on a CUDA machine.
+    Stood in for on any machine: int8-cuda made available and 'cuda' resolvable, on a folder that then fails later,
+    for not being an artefact (the placement passed)."""
+    import dataclasses
+
+    import tadq
+    from tadq import device as device_module
+
+    monkeypatch.setitem(BACKENDS, "int8-cuda", dataclasses.replace(BACKENDS["int8-cuda"], missing=lambda: None))
+    monkeypatch.setattr(device_module, "resolve_device", lambda name: torch.device(name))
+    with pytest.raises(ValueError, match="'int8-cuda': .* is an FP pipeline folder, not a tadq artefact"):
+        tadq.load_pipeline(tmp_path, backend="int8-cuda")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 from tests.backends.bounds import conv_bound, linear_bound
-from tests.backends.machine import needs_compiled_w8, needs_int8_w8
+from tests.backends.machine import needs_compiled_w8, needs_int8_cpu, needs_int8_w8
 from tests.tfmq.common import CALIB, SAMPLER, scheduler, tfmq_config
 
 from tadq import api
@@ -23,12 +23,14 @@ from tadq.quant import QuantConv2d, QuantLinear
 from tadq.tfmq import quantize_tfmq
 from tadq.tfmq.fsc import StepQuantizer
 
-pytestmark = needs_int8_w8  # the TFMQ models here have 8-bit weights
 
-
-def test_per_step_ranges_run_in_integers(tiny_unet):
+@pytest.mark.parametrize("preset", [pytest.param("W8A8", marks=needs_int8_w8),
+                                    pytest.param("W4A4", marks=needs_int8_cpu)])
+def test_per_step_ranges_run_in_integers(tiny_unet, preset):
+    """Every preset whose weights this CPU sums exactly: 4-bit weights run the per-step kernels on AVX2 too (the
+    8-bit case alone left them untested there)."""
     sched = scheduler()
-    fake = quantize_tfmq(tiny_unet, sched, QuantConfig.from_preset("W8A8", calibration=CALIB),
+    fake = quantize_tfmq(tiny_unet, sched, QuantConfig.from_preset(preset, calibration=CALIB),
                          tfmq_config(fsc="model", tiar_iters=0), SAMPLER, progress=False)
     integer = to_backend(fake, "int8")
     assert sum(isinstance(m, StepQuantizer) for m in integer.model.modules()) > 20

@@ -21,7 +21,7 @@ from tadq.backends import to_backend
 from tadq.backends.compiled import frozen, prime_grids
 from tadq.backends.convert import convert_layers
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d, cpu_int8_layer
-from tadq.backends.cuda_int8 import IntMMConv2d
+from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.metrics.image import psnr_per_sample
 from tadq.quant import QScheme, QuantConv2d, QuantLinear, ranges
@@ -203,6 +203,30 @@ def test_inputs_of_the_wrong_width_are_refused_by_name():
     integer = OneDNNLinear(linear, "attn.to_q")
     with pytest.raises(ValueError, match=r"^attn\.to_q: expects inputs of 16 features.*\(2, 32\)"):
         integer(torch.randn(2, 32))
+
+
+@pytest.mark.usefixtures("int_mm_on_cpu")
+def test_int8_cuda_layers_take_and_refuse_inputs_as_the_int8_layers_do():
+    """int8-cuda's layers (on CPU through ``torch._int_mm``): an unbatched conv input failed to unpack its shape, a
+    wrong width failed inside the GEMM without the layer's name, and a bf16 or float64 input, which the fake-quant
+    layer refuses, ran silently on codes computed in that dtype; they now behave as the int8 layers."""
+    x = _data((1, 8, 7, 7), 3)
+    conv = IntMMConv2d(_conv_layer("W4A8", GEOMETRIES["stride2"], x), "down.conv")
+    with torch.no_grad():
+        assert torch.equal(conv(x[0]), conv(x)[0])
+    with pytest.raises(ValueError, match=r"^down\.conv: expects a \(batch, 8, height, width\) input, got .*6, 7, 7"):
+        conv(x[:, :6])
+    weights, activations = preset("W4A8")
+    linear = QuantLinear.from_module(nn.Linear(16, 4), weights, activations)
+    linear.input_quantizer.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
+    integer = IntMMLinear(linear, "attn.to_q")
+    with pytest.raises(ValueError, match=r"^attn\.to_q: expects inputs of 16 features.*\(2, 32\)"):
+        integer(torch.randn(2, 32))
+    for dtype in (torch.bfloat16, torch.float64):
+        with pytest.raises(TypeError, match=rf"^down\.conv: integer layers take float32 inputs.*{dtype}"):
+            conv(x.to(dtype))
+        with pytest.raises(TypeError, match=rf"^attn\.to_q: integer layers take float32 inputs.*{dtype}"):
+            integer(torch.randn(2, 16, dtype=dtype))
 
 
 def _zero_and_constant_channels(weight: torch.Tensor) -> None:

@@ -22,7 +22,7 @@ from tadq.quant.quantizer import Quantizer
 from tadq.tfmq.fsc import StepQuantizer
 
 __all__ = ["ActivationGrid", "GridCache", "SCRATCH", "Scratch", "activation_codes", "activation_grid",
-           "check_activation_quantizer", "is_per_step", "traced_codes"]
+           "check_activation_quantizer", "check_float_input", "is_per_step", "traced_codes"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,14 @@ def check_activation_quantizer(quantizer: Quantizer, name: str) -> None:
                          f"{quantizer.scheme.describe()}")
     if not bool(quantizer.initialized):
         raise ValueError(f"{name}: its input quantizer has no range; calibrate the model before converting")
+
+
+def check_float_input(x: Tensor, name: str) -> None:
+    """Refuse a layer input in another dtype than float32: its codes would be computed in that dtype's arithmetic,
+    not the calibrated one (the fake-quant layer refuses it too, with a dtype mismatch inside torch)."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name}: integer layers take float32 inputs (the dtype the quantizer was calibrated in), "
+                        f"got {x.dtype}")
 
 
 def is_per_step(quantizer: Quantizer) -> bool:

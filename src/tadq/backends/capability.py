@@ -80,21 +80,28 @@ def onednn_isa_cap() -> str | None:
     AVX2 CPU's, which the refusal must say rather than blame the CPU."""
     for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
         value = os.environ.get(name, "").strip().upper()
-        if value and value not in ("ALL", "DEFAULT"):
-            return value
+        if value:  # oneDNN reads the first one set: ONEDNN_MAX_CPU_ISA=ALL overrides any DNNL_MAX_CPU_ISA
+            return None if value in ("ALL", "DEFAULT") else value
     return None
+
+
+def _cpu_has_dot_products() -> bool:
+    """Whether the CPU itself has int8 dot-product instructions, whatever oneDNN is capped at."""
+    return bool(_torch_cpu_probe("_is_vnni_supported") or _torch_cpu_probe("_is_amx_tile_supported")
+                or cpu_flags() & set(INT8_CPU_FLAGS))
 
 
 def _has_dot_product_instructions() -> bool:
     if onednn_isa_cap() in ONEDNN_ISA_WITHOUT_DOT_PRODUCTS:
         return False
-    return bool(_torch_cpu_probe("_is_vnni_supported") or _torch_cpu_probe("_is_amx_tile_supported")
-                or cpu_flags() & set(INT8_CPU_FLAGS))
+    return _cpu_has_dot_products()
 
 
 def _no_dot_products_clause() -> str:
+    """The cap is named only where it is what hides the instructions: on a CPU without them, lifting it would not
+    help, so the CPU is named (as without the variable)."""
     cap = onednn_isa_cap()
-    if cap in ONEDNN_ISA_WITHOUT_DOT_PRODUCTS:
+    if cap in ONEDNN_ISA_WITHOUT_DOT_PRODUCTS and _cpu_has_dot_products():
         return f"oneDNN is capped at {cap} (ONEDNN_MAX_CPU_ISA), below its int8 dot-product instructions, so "
     return f"this CPU has no int8 dot-product instructions ({', '.join(INT8_CPU_FLAGS)}), so "
 

@@ -24,6 +24,7 @@ from tadq.backends.activations import (
     GridCache,
     activation_codes,
     check_activation_quantizer,
+    check_float_input,
     traced_codes,
 )
 from tadq.backends.weights import WeightCodes, weight_codes
@@ -38,12 +39,6 @@ MAX_EXACT_FLOAT = 2**24  # every integer below this is exact in float32
 
 def _bias(module: nn.Conv2d | nn.Linear) -> Tensor | None:
     return None if module.bias is None else module.bias.detach().float().clone()
-
-
-def _check_float_input(x: Tensor, name: str) -> None:
-    if x.dtype != torch.float32:
-        raise TypeError(f"{name}: integer layers take float32 inputs (the dtype the quantizer was calibrated in), "
-                        f"got {x.dtype}")
 
 
 def _check_weight_bound(codes: WeightCodes, name: str) -> None:
@@ -131,7 +126,7 @@ class _ConvKernel(_Prepacked):
         self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
-        _check_float_input(x, self.name)
+        check_float_input(x, self.name)
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{self.name}: expects a (batch, {self.in_channels}, height, width) input, got shape "
                              f"{tuple(x.shape)}")
@@ -231,7 +226,7 @@ class OneDNNLinear(_Prepacked):
         self.grid = GridCache()
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_float_input(x, self.name)
+        check_float_input(x, self.name)
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"{self.name}: expects inputs of {self.in_features} features (last dimension), got shape "
                              f"{tuple(x.shape)}")

@@ -19,7 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tadq.backends.activations import ActivationGrid, GridCache, activation_codes, check_activation_quantizer
+from tadq.backends.activations import (
+    ActivationGrid,
+    GridCache,
+    activation_codes,
+    check_activation_quantizer,
+    check_float_input,
+)
 from tadq.backends.weights import WeightCodes, weight_codes
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
@@ -88,11 +94,15 @@ class IntMMLinear(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
         self.kernel = IntMMKernel(weight_codes(layer.weight_quantizer, layer.weight, name), bias, name)
         self.input_quantizer = layer.input_quantizer
-        self.out_features = layer.out_features
+        self.in_features, self.out_features = layer.in_features, layer.out_features
         self.grid = GridCache()
         self.grid.fill(self.input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
+        check_float_input(x, self.kernel.name)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"{self.kernel.name}: expects inputs of {self.in_features} features (last dimension), "
+                             f"got shape {tuple(x.shape)}")
         grid = self.grid(self.input_quantizer)
         a, z = _signed_codes(x, grid)
         y = self.kernel(a.reshape(-1, a.shape[-1]).to(torch.int8), z, grid.scale)
@@ -108,6 +118,7 @@ class _Im2ColConv(nn.Module):
             raise ValueError(f"{name}: int8-cuda's im2col GEMM supports groups=1 only, got groups={conv.groups} (the "
                              "int8 and int8-compiled CPU backends run grouped and depthwise convs)")
         self.kernel = IntMMKernel(codes, bias, name)
+        self.name, self.in_channels = name, codes.codes.shape[1]  # a split half: its own channels
         self.kernel_size, self.stride = tuple(conv.kernel_size), tuple(conv.stride)
         self.dilation = tuple(conv.dilation)
         # (left, right, top, bottom) as nn.Conv2d pads, numeric or 'same'/'valid'; padding the codes copies values
@@ -117,6 +128,10 @@ class _Im2ColConv(nn.Module):
         self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
+        check_float_input(x, self.name)
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{self.name}: expects a (batch, {self.in_channels}, height, width) input, got shape "
+                             f"{tuple(x.shape)}")
         grid = self.grid(quantizer)
         a, z = _signed_codes(x, grid)
         a = F.pad(a - z, self.padding, mode=self.pad_mode) + z  # in the centred domain (0 = the zero point)
@@ -142,6 +157,8 @@ class IntMMConv2d(nn.Module):
         self.conv.grid.fill(self.input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it
+            return self.conv(x.unsqueeze(0), self.input_quantizer).squeeze(0)
         return self.conv(x, self.input_quantizer)
 
 
@@ -155,8 +172,8 @@ class IntMMSplitConv2d(nn.Module):
         bias = None if layer.bias is None else layer.bias.detach().float().clone()
         for part in ("deep", "skip"):
             check_activation_quantizer(getattr(layer, f"input_quantizer_{part}"), f"{name} ({part} half)")
-        self.deep = _Im2ColConv(weight_codes(*views["weight_deep"], f"{name} (deep)"), bias, layer, name)
-        self.skip = _Im2ColConv(weight_codes(*views["weight_skip"], f"{name} (skip)"), None, layer, name)
+        self.deep = _Im2ColConv(weight_codes(*views["weight_deep"], f"{name} (deep)"), bias, layer, f"{name} (deep)")
+        self.skip = _Im2ColConv(weight_codes(*views["weight_skip"], f"{name} (skip)"), None, layer, f"{name} (skip)")
         self.input_quantizer_deep = layer.input_quantizer_deep
         self.input_quantizer_skip = layer.input_quantizer_skip
         self.deep.grid.fill(self.input_quantizer_deep)

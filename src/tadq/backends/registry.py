@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -55,6 +55,7 @@ class Backend:
     check: Callable[[QuantizedDenoiser], None] | None = None
     finish: Callable[[QuantizedDenoiser], None] | None = None
     device_type: str | None = None
+    moves_model: bool = False  # ``finish`` moves the converted model to ``device_type`` (int8-cuda), from any device
 
 
 def _cpu_factory() -> LayerFactory:
@@ -96,7 +97,7 @@ BACKENDS: dict[str, Backend] = {
                              _compile, device_type="cpu"),
     "int8-cuda": Backend("int8-cuda", "torch._int_mm linears and im2col convolutions on CUDA (measured on an "
                          "H200: agrees with fake-quant, slower than bf16 on small models)", int8_cuda_missing,
-                         _cuda_factory(), finish=_to_gpu, device_type="cuda"),
+                         _cuda_factory(), finish=_to_gpu, device_type="cuda", moves_model=True),
 }
 
 
@@ -130,21 +131,43 @@ def check_placement(name: str, device: torch.device, dtype: torch.dtype) -> None
     refuse_placement(name, backend.device_type, backend.factory is not None, device, dtype)
 
 
-def check_weight_grid(name: str, scheme: QScheme) -> None:
+def check_weight_grid(name: str, scheme: QScheme, layer_bits: tuple[tuple[str, int, int | None], ...] = ()) -> None:
     """Refuse, before anything is loaded, a weight grid whose codes backend ``name``'s kernels do not sum exactly here.
 
-    Only the oneDNN CPU kernels have such a limit (±64 without VNNI/AMX, ``capability.int8_cpu_weight_bound``); each
-    layer is checked again when it is converted, which also covers layers with their own bits.
+    Only the oneDNN CPU kernels have such a limit (±64 without VNNI/AMX, ``capability.int8_cpu_weight_bound``).
+    ``layer_bits`` (``QuantConfig.layer_bits``) gives layers their own weight bits on the same grid kind (mixed
+    precision raises chosen layers to 8 bits), so each is checked too, by name; each layer is checked again when it
+    is converted.
     """
     backend = _known(name)
     if backend.factory is None or backend.device_type != "cpu" or backend.missing() is not None:
         return  # the simulation, the CUDA kernels (exact int32 GEMMs), or refused by check_backend anyway
     from tadq.backends.weights import weight_code_peak
 
-    bound, peak = capability.int8_cpu_weight_bound(), weight_code_peak(scheme)
-    if peak > bound:
-        raise ValueError(f"backend {name!r}: the model's {scheme.bits}-bit weights have codes up to ±{peak}, but "
-                         f"{capability.weight_bound_reason(bound)}")
+    bound = capability.int8_cpu_weight_bound()
+    for layer, bits in (("", scheme.bits), *((entry[0], entry[1]) for entry in layer_bits)):
+        if bits is None:
+            continue  # weights off: no codes to bound (conversion refuses such a layer by name)
+        layer_scheme = scheme if bits == scheme.bits else replace(scheme, bits=bits)
+        peak = weight_code_peak(layer_scheme)
+        if peak > bound:
+            whose = f"layer {layer}'s" if layer else "the model's"
+            raise ValueError(f"backend {name!r}: {whose} {bits}-bit weights have codes up to ±{peak}, but "
+                             f"{capability.weight_bound_reason(bound)}")
+
+
+def _refuse_model_placement(qmodel: QuantizedDenoiser, backend: Backend) -> None:
+    """``to_backend`` on a model already cast or moved where the kernels do not run (``tadq.load(..., dtype=
+    torch.bfloat16)`` then ``to_backend``): its weight grids were rounded to that dtype and its float layers would
+    feed the integer ones bf16, so the conversion is refused as ``check_placement`` refuses it before loading."""
+    parameter = next((p for p in qmodel.parameters() if p.is_floating_point() and p.dtype != torch.float32), None)
+    first = next(qmodel.parameters(), None)
+    device = torch.device("cpu") if first is None else first.device
+    dtype = torch.float32 if parameter is None else parameter.dtype
+    try:
+        refuse_placement(backend.name, None if backend.moves_model else backend.device_type, True, device, dtype)
+    except ValueError as error:
+        raise ValueError(f"to_backend: the model's parameters are {dtype} on {device}: {error}") from error
 
 
 def _refuse_shared_network(qmodel: QuantizedDenoiser) -> None:
@@ -171,7 +194,8 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
 
     Raises:
         BackendUnavailableError: the backend cannot run on this machine.
-        ValueError: a layer the backend cannot run in integers (the message names it), an unknown backend, or
+        ValueError: a layer the backend cannot run in integers (the message names it), an unknown backend, a model
+            cast to a dtype other than float32 or on a device the kernels do not run on (``check_placement``), or
             ``inplace=True`` on a network another live model shares (``fit_corrections``' result and its base).
     """
     backend = check_backend(name)
@@ -181,6 +205,7 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
         raise ValueError(f"the model already runs on backend {qmodel.backend!r}; convert its fake-quant original")
     if backend.factory is None:
         return qmodel
+    _refuse_model_placement(qmodel, backend)
     if inplace:
         _refuse_shared_network(qmodel)
     if backend.check is not None:

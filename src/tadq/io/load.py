@@ -263,7 +263,8 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path / CONFIG_FILE}: quant_config is malformed ({type(error).__name__}: {error}); save "
                          "the artefact again") from error
-    check_weight_grid(backend, config.weights)  # before building anything: 8-bit weights on a CPU without VNNI
+    # before building anything: 8-bit weights (the model's, or mixed-precision layers') on a CPU without VNNI
+    check_weight_grid(backend, config.weights, config.layer_bits)
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"), meta.get("model_class"))
     apply_freeu(model, meta.get("freeu"), str(path / CONFIG_FILE))  # a runtime setting its config does not hold
     qmodel = build_quantized_structure(model, config, init_weight_range=False)

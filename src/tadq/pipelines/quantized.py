@@ -629,7 +629,11 @@ def load_pipeline(path: str | Path, *, device: str | torch.device | None = None,
     if backend != "fake":
         from tadq.backends import check_backend, check_placement
 
-        check_backend(backend)
+        kernels = check_backend(backend).device_type
+        # device=None: where its kernels run (int8-cuda: the current GPU), as tadq.load places it, and the text
+        # encoders and the VAE follow (pipe.to below); defaulting to the CPU refused int8-cuda without a device
+        if target_device is None and kernels not in (None, "cpu"):
+            target_device = resolve_device(kernels)
         check_placement(backend, target_device or torch.device("cpu"), target_dtype or torch.float32)
         if not quantized:
             raise ValueError(f"backend {backend!r}: {path} is an FP pipeline folder, not a tadq artefact; there is no "
