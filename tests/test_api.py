@@ -209,3 +209,16 @@ def test_a_reparametrized_weight_is_refused_with_the_call_that_folds_it(tiny_une
         parametrize.remove_parametrizations(tiny_unet.conv_out, "weight")
     assert api.quantize(tiny_unet, ddpm_scheduler, config, calibration=_calibration(tiny_unet, ddpm_scheduler),
                         progress=False) is not None
+
+
+def test_the_state_of_another_preset_is_refused_by_load_state_dict(tiny_unet, ddpm_scheduler):
+    """A W8A8 model's state has the keys and shapes of a W4A8 one: ``load_state_dict`` took it without a word and
+    the first forward failed inside torch's kernel (``zero_point must be between quant_min and quant_max``)."""
+    calibration = _calibration(tiny_unet, ddpm_scheduler)
+    models = {name: api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset(name, calibration=CALIB),
+                                 calibration=calibration, progress=False) for name in ("W4A8", "W8A8")}
+    before = {key: value.clone() for key, value in models["W4A8"].state_dict().items()}
+    with pytest.raises(ValueError, match=r"quantizer model\..*zero point z = .*another QuantConfig"):
+        models["W4A8"].load_state_dict(models["W8A8"].state_dict())
+    models["W4A8"].load_state_dict(before)  # its own state loads
+    assert all(torch.equal(value, before[key]) for key, value in models["W4A8"].state_dict().items())
