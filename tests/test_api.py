@@ -222,3 +222,26 @@ def test_the_state_of_another_preset_is_refused_by_load_state_dict(tiny_unet, dd
         models["W4A8"].load_state_dict(models["W8A8"].state_dict())
     models["W4A8"].load_state_dict(before)  # its own state loads
     assert all(torch.equal(value, before[key]) for key, value in models["W4A8"].state_dict().items())
+
+
+def test_diffusers_runtime_hooks_are_refused_naming_the_hook_before_any_work(ddpm_scheduler):
+    """diffusers' ``enable_layerwise_casting`` (float8 storage) was refused as "several dtypes: pass dtype=", and
+    with dtype= crashed in a matmul; ``enable_group_offload`` failed inside ``copy.deepcopy`` ("cannot pickle
+    'module' object")."""
+    from tests.conftest import build_tiny_unet, counting_forwards
+
+    config = QuantConfig.from_preset("W8A8", calibration=CALIB)
+    cast = build_tiny_unet()
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    offloaded = build_tiny_unet()
+    offloaded.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level",
+                                   num_blocks_per_group=1)
+    with counting_forwards(cast) as calls:
+        for dtype in (None, "float32"):
+            with pytest.raises(ValueError, match=r"tadq.quantize: layer \S+ carries diffusers' 'layerwise_casting'"):
+                api.quantize(cast, ddpm_scheduler, config, dtype=dtype, progress=False)
+            with pytest.raises(ValueError, match=r"tadq.sample: layer \S+ carries .*load the model without it"):
+                api.sample(cast, ddpm_scheduler, SAMPLER, num_samples=2, seed=0, dtype=dtype, progress=False)
+    assert calls == [0]
+    with pytest.raises(ValueError, match="carries diffusers' 'group_offloading' hook; load the model without"):
+        api.quantize(offloaded, ddpm_scheduler, config, progress=False)

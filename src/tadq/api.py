@@ -28,7 +28,12 @@ from tadq.device import (
     same_device,
 )
 from tadq.methods import quantize_base
-from tadq.prepare import build_quantized_structure, calibrate_activations, check_plain_weights
+from tadq.prepare import (
+    build_quantized_structure,
+    calibrate_activations,
+    check_no_runtime_hooks,
+    check_plain_weights,
+)
 from tadq.provenance import check_same_architecture
 from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for, correction_for
@@ -104,6 +109,7 @@ def _quantize(
     expect_scheduler(scheduler, "tadq.quantize")
     check_weights_loaded(model, "tadq.quantize")
     check_plain_weights(model, "tadq.quantize")
+    check_no_runtime_hooks(model, "tadq.quantize")
     if base is not None:  # its weights are reused as they are: refused here, not by its first forward
         expect(base, QuantizedDenoiser, "base", "tadq.quantize")
         check_weights_loaded(base, "tadq.quantize: base")
@@ -267,6 +273,7 @@ def sample(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     check_seed("tadq.sample: seed", seed)  # refused here, not by the first noise draw after the progress bar started
+    check_no_runtime_hooks(denoiser, "tadq.sample", only=("layerwise_casting",))  # not "several dtypes: dtype="
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     from tadq.backends.integer_denoiser import IntegerDenoiser
 
