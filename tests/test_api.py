@@ -245,3 +245,22 @@ def test_diffusers_runtime_hooks_are_refused_naming_the_hook_before_any_work(ddp
     assert calls == [0]
     with pytest.raises(ValueError, match="carries diffusers' 'group_offloading' hook; load the model without"):
         api.quantize(offloaded, ddpm_scheduler, config, progress=False)
+
+
+def test_save_pretrained_refuses_a_wrong_scheduler_or_flag_before_touching_the_folder(tiny_unet, ddpm_scheduler,
+                                                                                     tmp_path):
+    """A str or a scheduler class failed with an AttributeError / a missing-argument TypeError from inside the
+    writer; ``overwrite="no"`` is truthy and replaced the artefact already there."""
+    from diffusers import DDPMScheduler
+
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=CALIB),
+                          progress=False)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()}
+    for scheduler in ("ddpm", DDPMScheduler):
+        with pytest.raises(TypeError, match="save_pretrained: scheduler must be a diffusers scheduler"):
+            qmodel.save_pretrained(tmp_path / "other", scheduler)
+    with pytest.raises(TypeError, match=r"save_pretrained: overwrite must be True or False, got str \('no'\)"):
+        qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler, overwrite="no")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()} == before

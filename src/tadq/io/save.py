@@ -428,6 +428,13 @@ def save_quantized(
         raise TypeError(f"save_quantized takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
     if not isinstance(directory, (str, Path)):
         raise TypeError(f"save_quantized: directory must be a str or Path, got {type(directory).__name__}")
+    if scheduler is not None:  # a str or a scheduler class failed after the staging folder was made
+        from tadq.typecheck import expect_scheduler
+
+        expect_scheduler(scheduler, "save_pretrained")
+    for name, flag in (("overwrite", overwrite), ("force_foreign", force_foreign)):
+        if not isinstance(flag, bool):  # overwrite="no" is truthy: it replaced the artefact there
+            raise TypeError(f"save_pretrained: {name} must be True or False, got {type(flag).__name__} ({flag!r})")
     _check_float32(qmodel)
     target = Path(directory)
     source = None if pipeline_source is None else Path(pipeline_source)
