@@ -264,3 +264,20 @@ def test_save_pretrained_refuses_a_wrong_scheduler_or_flag_before_touching_the_f
         qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler, overwrite="no")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
     assert {p.name: p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-1, ValueError), (True, TypeError),
+                                              (2.5, TypeError)])
+def test_a_bad_fit_batch_size_is_refused_by_name_before_calibration(value, error, tiny_unet, ddpm_scheduler):
+    """It was refused as "batch_size must be a positive int" by the first correction fit, after calibration and
+    quantization had run."""
+    from tests.conftest import counting_forwards
+
+    from tadq.corrections import TACConfig
+    from tadq.recipe import Deployment, NaiveMethod, Recipe
+
+    recipe = Recipe.from_preset("W8A8", method=NaiveMethod(), calibration=CALIB, deployments=(Deployment(SAMPLER),),
+                                corrections=(TACConfig(num_samples=4),))
+    with counting_forwards(tiny_unet) as calls, pytest.raises(error, match="tadq.quantize: fit_batch_size must be"):
+        api.quantize(tiny_unet, ddpm_scheduler, recipe, fit_batch_size=value, progress=False)
+    assert calls == [0]

@@ -106,6 +106,9 @@ def _quantize(
     """``quantize`` with ``model`` in eval mode."""
     if fp_trajectories is not None:
         expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
+    expect(fit_batch_size, int, "fit_batch_size", "tadq.quantize")  # refused by the first fit, after calibration
+    if fit_batch_size < 1:
+        raise ValueError(f"tadq.quantize: fit_batch_size must be >= 1, got {fit_batch_size}")
     expect_scheduler(scheduler, "tadq.quantize")
     check_weights_loaded(model, "tadq.quantize")
     check_plain_weights(model, "tadq.quantize")
