@@ -209,3 +209,75 @@ def test_a_reparametrized_weight_is_refused_with_the_call_that_folds_it(tiny_une
         parametrize.remove_parametrizations(tiny_unet.conv_out, "weight")
     assert api.quantize(tiny_unet, ddpm_scheduler, config, calibration=_calibration(tiny_unet, ddpm_scheduler),
                         progress=False) is not None
+
+
+def test_the_state_of_another_preset_is_refused_by_load_state_dict(tiny_unet, ddpm_scheduler):
+    """A W8A8 model's state has the keys and shapes of a W4A8 one: ``load_state_dict`` took it without a word and
+    the first forward failed inside torch's kernel (``zero_point must be between quant_min and quant_max``)."""
+    calibration = _calibration(tiny_unet, ddpm_scheduler)
+    models = {name: api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset(name, calibration=CALIB),
+                                 calibration=calibration, progress=False) for name in ("W4A8", "W8A8")}
+    before = {key: value.clone() for key, value in models["W4A8"].state_dict().items()}
+    with pytest.raises(ValueError, match=r"quantizer model\..*zero point z = .*another QuantConfig"):
+        models["W4A8"].load_state_dict(models["W8A8"].state_dict())
+    models["W4A8"].load_state_dict(before)  # its own state loads
+    assert all(torch.equal(value, before[key]) for key, value in models["W4A8"].state_dict().items())
+
+
+def test_diffusers_runtime_hooks_are_refused_naming_the_hook_before_any_work(ddpm_scheduler):
+    """diffusers' ``enable_layerwise_casting`` (float8 storage) was refused as "several dtypes: pass dtype=", and
+    with dtype= crashed in a matmul; ``enable_group_offload`` failed inside ``copy.deepcopy`` ("cannot pickle
+    'module' object")."""
+    from tests.conftest import build_tiny_unet, counting_forwards
+
+    config = QuantConfig.from_preset("W8A8", calibration=CALIB)
+    cast = build_tiny_unet()
+    cast.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    offloaded = build_tiny_unet()
+    offloaded.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level",
+                                   num_blocks_per_group=1)
+    with counting_forwards(cast) as calls:
+        for dtype in (None, "float32"):
+            with pytest.raises(ValueError, match=r"tadq.quantize: layer \S+ carries diffusers' 'layerwise_casting'"):
+                api.quantize(cast, ddpm_scheduler, config, dtype=dtype, progress=False)
+            with pytest.raises(ValueError, match=r"tadq.sample: layer \S+ carries .*load the model without it"):
+                api.sample(cast, ddpm_scheduler, SAMPLER, num_samples=2, seed=0, dtype=dtype, progress=False)
+    assert calls == [0]
+    with pytest.raises(ValueError, match="carries diffusers' 'group_offloading' hook; load the model without"):
+        api.quantize(offloaded, ddpm_scheduler, config, progress=False)
+
+
+def test_save_pretrained_refuses_a_wrong_scheduler_or_flag_before_touching_the_folder(tiny_unet, ddpm_scheduler,
+                                                                                     tmp_path):
+    """A str or a scheduler class failed with an AttributeError / a missing-argument TypeError from inside the
+    writer; ``overwrite="no"`` is truthy and replaced the artefact already there."""
+    from diffusers import DDPMScheduler
+
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=CALIB),
+                          progress=False)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()}
+    for scheduler in ("ddpm", DDPMScheduler):
+        with pytest.raises(TypeError, match="save_pretrained: scheduler must be a diffusers scheduler"):
+            qmodel.save_pretrained(tmp_path / "other", scheduler)
+    with pytest.raises(TypeError, match=r"save_pretrained: overwrite must be True or False, got str \('no'\)"):
+        qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler, overwrite="no")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "q").rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize(("value", "error"), [(0, ValueError), (-1, ValueError), (True, TypeError),
+                                              (2.5, TypeError)])
+def test_a_bad_fit_batch_size_is_refused_by_name_before_calibration(value, error, tiny_unet, ddpm_scheduler):
+    """It was refused as "batch_size must be a positive int" by the first correction fit, after calibration and
+    quantization had run."""
+    from tests.conftest import counting_forwards
+
+    from tadq.corrections import TACConfig
+    from tadq.recipe import Deployment, NaiveMethod, Recipe
+
+    recipe = Recipe.from_preset("W8A8", method=NaiveMethod(), calibration=CALIB, deployments=(Deployment(SAMPLER),),
+                                corrections=(TACConfig(num_samples=4),))
+    with counting_forwards(tiny_unet) as calls, pytest.raises(error, match="tadq.quantize: fit_batch_size must be"):
+        api.quantize(tiny_unet, ddpm_scheduler, recipe, fit_batch_size=value, progress=False)
+    assert calls == [0]

@@ -4,6 +4,8 @@ that must come before the model is copied, cast or loaded."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from tests.adapters.test_mmdit import build_tiny_sd3, prompts
@@ -209,3 +211,57 @@ def test_a_base_quantized_from_another_model_is_refused_before_any_fit(tiny_unet
         api.quantize(tiny_unet, ddpm_scheduler, recipe, base=base, progress=False)
     own = api.quantize(tiny_unet, ddpm_scheduler, RECIPE, progress=False)  # its own base is taken
     assert api.quantize(tiny_unet, ddpm_scheduler, recipe, base=own, progress=False).model is own.model
+
+
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                                  lambda m: m.to("cpu", torch.float16)], ids=["to-bfloat16", "half", "to-cpu-float16"])
+def test_a_quantized_model_cast_by_torch_samples_its_artefact_loaded_in_that_dtype(cast, tiny_unet, ddpm_scheduler,
+                                                                                   tmp_path):
+    """``qmodel.to(torch.bfloat16)`` cast the FP weights kept beside the quantizers and quantized them again in the
+    lower precision (codes moved across rounding boundaries): other samples than ``sample(qmodel, dtype=)`` and than
+    its artefact loaded in that dtype. The weights now go on their float32 grid before the cast."""
+    import copy
+
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, RECIPE, progress=False)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    cast_copy = cast(copy.deepcopy(qmodel))
+    dtype = next(cast_copy.parameters()).dtype
+    loaded, scheduler = tadq.load(tmp_path / "q", dtype=dtype)
+    expected = _sample(loaded, scheduler)
+    assert torch.equal(_sample(cast_copy, ddpm_scheduler), expected)
+    assert torch.equal(_sample(qmodel, ddpm_scheduler, dtype=dtype), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
+def test_saving_a_cast_quantized_model_is_refused_before_anything_is_written(dtype, tiny_unet, ddpm_scheduler,
+                                                                            tmp_path):
+    """A ``.half()`` model was saved with its float16 ranges and biases; ``tadq.load`` then refused every stored
+    tensor as "altered": an artefact that could never be loaded."""
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, RECIPE, progress=False).to(dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(ValueError, match=rf"this model is in {name} .*save the float32 model.*\.float\(\)"):
+        qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    assert not any(tmp_path.iterdir())
+    qmodel.float().save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, scheduler = tadq.load(tmp_path / "q")
+    assert torch.equal(_sample(loaded, scheduler), _sample(qmodel, ddpm_scheduler))
+
+
+@pytest.mark.parametrize("correction", ["ptqd", "tcec"])
+def test_a_float32_cast_keeps_the_float64_correction_tables(correction, tiny_unet, ddpm_scheduler, tmp_path):
+    """``.float()`` (and ``tadq.load(dir, device="cuda")``, which casts to float32) cast PTQD's k and TCEC's settings
+    to float32 (their precision lost), and saving it wrote tables its loader refused as altered."""
+    import copy
+
+    from tadq.corrections import PTQDConfig, TCECConfig
+
+    config = {"ptqd": PTQDConfig, "tcec": TCECConfig}[correction](num_samples=4)
+    recipe = dataclasses.replace(RECIPE, corrections=(config,))
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, recipe, progress=False)
+    tables = {key: value.dtype for key, value in qmodel.corrections.state_dict().items() if torch.is_tensor(value)}
+    cast = copy.deepcopy(qmodel).to(torch.float32)
+    assert {key: value.dtype for key, value in cast.corrections.state_dict().items() if key in tables} == tables
+    assert torch.equal(_sample(cast, ddpm_scheduler), _sample(qmodel, ddpm_scheduler))
+    cast.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, scheduler = tadq.load(tmp_path / "q")
+    assert torch.equal(_sample(loaded, scheduler), _sample(qmodel, ddpm_scheduler))

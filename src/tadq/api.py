@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -29,7 +28,12 @@ from tadq.device import (
     same_device,
 )
 from tadq.methods import quantize_base
-from tadq.prepare import build_quantized_structure, calibrate_activations, check_plain_weights
+from tadq.prepare import (
+    build_quantized_structure,
+    calibrate_activations,
+    check_no_runtime_hooks,
+    check_plain_weights,
+)
 from tadq.provenance import check_same_architecture
 from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for, correction_for
@@ -102,9 +106,13 @@ def _quantize(
     """``quantize`` with ``model`` in eval mode."""
     if fp_trajectories is not None:
         expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
+    expect(fit_batch_size, int, "fit_batch_size", "tadq.quantize")  # refused by the first fit, after calibration
+    if fit_batch_size < 1:
+        raise ValueError(f"tadq.quantize: fit_batch_size must be >= 1, got {fit_batch_size}")
     expect_scheduler(scheduler, "tadq.quantize")
     check_weights_loaded(model, "tadq.quantize")
     check_plain_weights(model, "tadq.quantize")
+    check_no_runtime_hooks(model, "tadq.quantize")
     if base is not None:  # its weights are reused as they are: refused here, not by its first forward
         expect(base, QuantizedDenoiser, "base", "tadq.quantize")
         check_weights_loaded(base, "tadq.quantize: base")
@@ -268,6 +276,7 @@ def sample(
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     check_seed("tadq.sample: seed", seed)  # refused here, not by the first noise draw after the progress bar started
+    check_no_runtime_hooks(denoiser, "tadq.sample", only=("layerwise_casting",))  # not "several dtypes: dtype="
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     from tadq.backends.integer_denoiser import IntegerDenoiser
 
@@ -284,8 +293,8 @@ def sample(
             from tadq.backends import check_placement
 
             check_placement(denoiser.backend, target_device, target_dtype)
-        elif placement[1] != target_dtype and _fake_quantized(denoiser):
-            denoiser = _cast_on_grid(denoiser, target_dtype)
+        # a fake-quant layer cast to another dtype puts its weights on their grid first (QuantLayer._apply): the
+        # bytes its artefact loaded in that dtype gives
         denoiser = place_model(denoiser, target_device, target_dtype)
         placement = target_device, target_dtype
     if isinstance(denoiser, HookedDenoiser):
@@ -307,28 +316,6 @@ def sample(
             conditions=conditions, record_trajectory=record_trajectory, progress=progress, device="cpu"
             if placement is None else placement[0], dtype=None if placement is None else placement[1],
         )
-
-
-def _fake_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` holds fake-quant layers (a ``QuantizedDenoiser``, a mixed-precision pair of them...)."""
-    return any(callable(getattr(child, "quantized_weights", None)) for child in module.modules())
-
-
-@torch.no_grad()
-def _cast_on_grid(qmodel: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """A copy of ``qmodel`` in ``dtype`` whose quantized weights are its codes' values Δ·(q − z) rounded to it,
-    as ``tadq.load(..., dtype=)`` builds them. Casting the FP weights kept beside the quantizers and quantizing them
-    again in the lower precision moved codes across rounding boundaries: the in-memory model sampled in bfloat16
-    other bytes than the same model saved and loaded in bfloat16."""
-    copy = deepcopy(qmodel)
-    for module in copy.modules():
-        declared = getattr(module, "quantized_weights", None)
-        if not callable(declared):
-            continue
-        for quantizer, tensor in declared().values():
-            if quantizer.enabled and bool(quantizer.initialized):
-                tensor.copy_(quantizer(tensor))  # float32, on the grid the artefact stores
-    return copy.to(dtype=dtype)
 
 
 def _check_prediction(denoiser: nn.Module, plan: SamplingPlan) -> None:

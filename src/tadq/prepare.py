@@ -19,7 +19,14 @@ from tadq.quant.split import apply_shortcut_split
 from tadq.registry import adapter_for
 from tadq.safefiles import require_finite
 
-__all__ = ["build_quantized_structure", "calibrate_activations", "check_plain_weights"]
+__all__ = ["build_quantized_structure", "calibrate_activations", "check_plain_weights", "check_no_runtime_hooks"]
+
+# what to do about a diffusers hook (diffusers.hooks.HookRegistry, in ``module._diffusers_hook``), by hook name
+_HOOK_ADVICE = {
+    "layerwise_casting": "enable_layerwise_casting stores the weights in a low-precision dtype and casts them layer "
+                         "by layer: load the model without it (tadq runs a model in one dtype, device=/dtype=)",
+    "group_offloading": "load the model without enable_group_offload; tadq places the model itself (device=)",
+}
 
 
 def check_plain_weights(model: nn.Module, where: str) -> None:
@@ -36,6 +43,25 @@ def check_plain_weights(model: nn.Module, where: str) -> None:
             raise ValueError(f"{where}: layer {label} is parametrized ({tensors}, torch.nn.utils.parametrize); fold "
                              "it into a plain tensor with torch.nn.utils.parametrize.remove_parametrizations(layer, "
                              "name) before quantizing")
+
+
+def check_no_runtime_hooks(model: nn.Module, where: str, only: tuple[str, ...] | None = None) -> None:
+    """Refuse a model carrying diffusers' runtime hooks (layerwise casting, group offloading, caches) or accelerate's
+    (``_hf_hook``: cpu offload, device maps), naming the layer and the hook (``only``: just those diffusers hooks).
+    Quantizing one failed inside ``copy.deepcopy`` ("cannot pickle 'module' object"), and a layerwise-cast model
+    was refused for its float8 weights with the advice to pass ``dtype=``, which then crashed in a matmul."""
+    for name, module in model.named_modules():
+        label = name or type(model).__name__
+        registry = getattr(module, "_diffusers_hook", None)
+        hooks = [hook for hook in getattr(registry, "hooks", None) or {} if only is None or hook in only]
+        if hooks:
+            advice = next((_HOOK_ADVICE[hook] for hook in hooks if hook in _HOOK_ADVICE),
+                          "remove it first (model.disable_cache() for a cache)")
+            raise ValueError(f"{where}: layer {label} carries diffusers' {hooks[0]!r} hook; {advice}")
+        if only is None and getattr(module, "_hf_hook", None) is not None:
+            raise ValueError(f"{where}: layer {label} carries an accelerate hook (cpu offload or a device_map); load "
+                             "the model without it (accelerate.hooks.remove_hook_from_module(model, recurse=True)); "
+                             "tadq places the model itself (device=)")
 
 
 @torch.no_grad()

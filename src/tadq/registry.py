@@ -195,6 +195,11 @@ def adapter_for(model: nn.Module):
         raise TypeError(f"no tadq adapter for {klass.__name__}, torch.compile's wrapper of a "
                         f"{type(inner).__name__}: quantize the module itself (model._orig_mod); tadq replaces its "
                         "layers, so compile the quantized model instead (backend 'int8-compiled')")
+    inner = getattr(model, "module", None)  # nn.DataParallel / DistributedDataParallel wrap theirs as .module
+    if isinstance(inner, nn.Module) and type(inner) in _ADAPTERS:
+        raise TypeError(f"no tadq adapter for {klass.__name__}, a wrapper of a {type(inner).__name__}: pass the "
+                        "module itself (model.module); tadq runs one device per call (quantize or sample with "
+                        "device=)")
     parent = next((k for k in klass.__mro__[1:] if k in _ADAPTERS), None)
     if parent is not None:
         family = _FAMILIES[parent.__name__]

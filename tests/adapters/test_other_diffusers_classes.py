@@ -372,3 +372,17 @@ def test_an_attention_processor_with_its_own_layers_is_refused_by_name_before_ca
     with pytest.raises(NotImplementedError, match=message):
         api.quantize(model, _ddim(), _config(DDIM, quantize_attention), conditions=source(), progress=False)
     assert calls == []
+
+
+def test_a_data_parallel_model_is_refused_naming_the_module_inside():
+    """``nn.DataParallel(unet)`` was refused as an unknown class with the list of supported ones, not naming the
+    UNet it wraps nor ``model.module``."""
+    model = _pixel_unet().eval()
+    calls = _counting(model)
+    wrapped = torch.nn.DataParallel(model)
+    message = r"^no tadq adapter for DataParallel, a wrapper of a UNet2DModel: pass the module itself \(model\.module"
+    with pytest.raises(TypeError, match=message):
+        api.quantize(wrapped, _ddim(), _config(DDIM, True), progress=False)
+    with pytest.raises(TypeError, match=message):
+        api.sample(wrapped, _ddim(), DDIM, num_samples=1, seed=0, progress=False)
+    assert calls == []

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
@@ -245,6 +245,19 @@ class Correction(nn.Module, IdentityHooks, ABC):
     @property
     def table_names(self) -> tuple[str, ...]:
         return tuple(self._table_names)
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
+        """``.to``/``.float()``/``.half()`` move the float64 tables and settings but keep them float64: cast with the
+        network, PTQD's k (read as a Python float) lost its precision in float32 (``tadq.load(dir, device="cuda")``)
+        or bfloat16, and a model saved after ``.float()`` wrote float32 tables its loader refused."""
+        kept = {name: buffer for name, buffer in self._buffers.items()
+                if buffer is not None and buffer.dtype == torch.float64}
+        result = super()._apply(fn, recurse)
+        for name, buffer in kept.items():
+            moved = self._buffers[name]
+            if moved is not None and moved.dtype != buffer.dtype:
+                self._buffers[name] = buffer.to(device=moved.device)
+        return result
 
     @property
     def fitted(self) -> bool:

@@ -222,6 +222,8 @@ def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
             qmodel.load_state_dict(tensors, strict=False)
         except RuntimeError as error:
             raise ValueError(f"{file.name} does not fit the rebuilt model: {error}") from error
+        except ValueError as error:  # a quantizer's own check of its state (an off-grid zero point)
+            raise ValueError(f"{file}: {error}; save the artefact again") from error
         _check_quantizer_state(qmodel, file)
         for key, entry in entries.items():
             scheme, shape = entry.quantizer.scheme, tuple(entry.tensor.shape)

@@ -391,6 +391,17 @@ def _publish(staging: Path, target: Path, recheck: Callable[[], None], overwrite
         os.replace(staging, target)
 
 
+def _check_float32(qmodel: QuantizedDenoiser) -> None:
+    """Refuse a network cast to another floating dtype before anything is written: its float16 ranges and biases
+    were written as they were, and the artefact could never be loaded ("the file was altered")."""
+    for key, value in _network_state(qmodel).items():
+        if value.is_floating_point() and value.dtype != torch.float32:
+            name = str(value.dtype).removeprefix("torch.")
+            raise ValueError(f"save_pretrained: this model is in {name} (e.g. {key!r}); an artefact stores float32 "
+                             f"ranges and weights: save the float32 model and load it with tadq.load(dir, "
+                             f"dtype=torch.{name}), or cast this one back with .float() first")
+
+
 def save_quantized(
     qmodel: QuantizedDenoiser, directory: str | Path, scheduler: SchedulerMixin | None, *, overwrite: bool = False,
     force_foreign: bool = False, pipeline_source: str | Path | None = None,
@@ -417,6 +428,14 @@ def save_quantized(
         raise TypeError(f"save_quantized takes a QuantizedDenoiser (from tadq.quantize), got {type(qmodel).__name__}")
     if not isinstance(directory, (str, Path)):
         raise TypeError(f"save_quantized: directory must be a str or Path, got {type(directory).__name__}")
+    if scheduler is not None:  # a str or a scheduler class failed after the staging folder was made
+        from tadq.typecheck import expect_scheduler
+
+        expect_scheduler(scheduler, "save_pretrained")
+    for name, flag in (("overwrite", overwrite), ("force_foreign", force_foreign)):
+        if not isinstance(flag, bool):  # overwrite="no" is truthy: it replaced the artefact there
+            raise TypeError(f"save_pretrained: {name} must be True or False, got {type(flag).__name__} ({flag!r})")
+    _check_float32(qmodel)
     target = Path(directory)
     source = None if pipeline_source is None else Path(pipeline_source)
     if source is not None and not (source / "model_index.json").is_file():

@@ -7,6 +7,9 @@ range is set at construction, from the weight itself; the input range needs cali
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -48,6 +51,24 @@ class QuantLayer:
         view of a parameter; loading writes the dequantized values through it.
         """
         return {"weight": (self.weight_quantizer, self.weight)}
+
+    @torch.no_grad()
+    def snap_weights_to_grid(self) -> None:
+        """Replace each quantized weight by its fake-quant value Δ·(q − z), the values its artefact stores (a
+        no-op on weights already on their grid, as loaded ones are)."""
+        for quantizer, tensor in self.quantized_weights().values():
+            if quantizer.enabled and bool(quantizer.initialized):
+                tensor.copy_(quantizer(tensor))
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
+        """``nn.Module``'s ``.to``/``.half()``/``.bfloat16()``, with the weights put on their grid first when the
+        floating dtype changes: casting the FP weights kept beside the quantizers and quantizing them again in the
+        lower precision moved codes across rounding boundaries, so ``qmodel.to(torch.bfloat16)`` sampled other
+        bytes than the same model saved and loaded in bfloat16 (or sampled with ``dtype=``)."""
+        probe = self.weight.new_empty(0)
+        if fn(probe).dtype != probe.dtype:
+            self.snap_weights_to_grid()
+        return super()._apply(fn, recurse)
 
 
 class QuantConv2d(QuantLayer, nn.Conv2d):

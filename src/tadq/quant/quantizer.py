@@ -59,6 +59,7 @@ class Quantizer(nn.Module):
         self._observer: Observer | None = None
         self.bypass = False  # set only by the ``quantizers_bypassed`` context (reconstruction's weight phase)
         self.rounding: nn.Module | None = None  # learned rounding (AdaRound) while a weight is being reconstructed
+        self._register_load_state_dict_pre_hook(_refuse_off_grid_state, with_module=True)
 
     @property
     def enabled(self) -> bool:
@@ -132,6 +133,27 @@ class Quantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.kind}: {self.scheme.describe()}"
+
+
+def _refuse_off_grid_state(quantizer: Quantizer, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` hook: a calibrated zero point off this quantizer's grid (an integer in [qmin, qmax], 0
+    when symmetric) is refused naming the quantizer, before anything is copied. The state of another preset's model
+    (W8A8 into W4A8: same keys and shapes) loaded without a word and failed at the first forward inside torch's
+    fake-quant kernel (``zero_point must be between quant_min and quant_max``)."""
+    zero_point, initialized = state_dict.get(prefix + "zero_point"), state_dict.get(prefix + "initialized")
+    scheme = quantizer.scheme
+    if zero_point is None or not quantizer.enabled or scheme.dynamic or (initialized is not None
+                                                                        and not bool(initialized)):
+        return
+    low, high = (0, 0) if scheme.symmetric else (scheme.qmin, scheme.qmax)
+    on_grid = torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= low) & (
+        zero_point <= high)
+    if not bool(on_grid.all()):
+        bad = zero_point[~on_grid].reshape(-1)[0].item()
+        raise ValueError(f"quantizer {prefix.rstrip('.') or '(root)'} ({scheme.describe()}): the state's zero point "
+                         f"z = {bad}; z must be an integer in [{low}, {high}]: the state is damaged, or was taken "
+                         "from a model quantized with another QuantConfig (bit width, symmetry) that this model "
+                         "cannot hold")
 
 
 @contextlib.contextmanager
