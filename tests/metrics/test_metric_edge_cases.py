@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 from tests.conftest import build_tiny_unet
+from tests.metrics.tiny_inception import save_tiny_inception
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
@@ -106,18 +107,6 @@ class _MeanStd(nn.Module):
         return torch.cat([flat.mean(-1), flat.std(-1)], dim=1)
 
 
-class _TinyInception(nn.Module):
-    """The call signature of inception-2015-12-05.pt with 16 features."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(3 * 8 * 8, 16)
-
-    def forward(self, x: Tensor, return_features: bool = False) -> Tensor:
-        features = self.proj(F.adaptive_avg_pool2d(x / 255.0, 8).flatten(1))
-        return features if return_features else features.softmax(dim=1)
-
-
 @pytest.fixture(scope="module")
 def classifier():
     return load_digit_classifier()
@@ -135,10 +124,7 @@ def digits_space(classifier) -> DigitsFeatureSpace:
 
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "tiny-inception.pt"
-    torch.jit.script(_TinyInception()).save(str(path))
-    return path
+    return save_tiny_inception(tmp_path_factory.mktemp("inception"), pool=8, features=16)
 
 
 def _pair(n: int = 6, c: int = 1, size: int = 16, noise: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:

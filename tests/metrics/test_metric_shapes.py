@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from tests.metrics.tiny_inception import save_tiny_inception
 from torch import Tensor, nn
 from typer.testing import CliRunner
 
@@ -17,24 +17,9 @@ from tadq.zoo.data import SUPPORTED_RESOLUTIONS
 runner = CliRunner()
 
 
-class _TinyInception(nn.Module):
-    """The call signature of inception-2015-12-05.pt, with a few features."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Linear(3 * 4 * 4, 8)
-
-    def forward(self, x: Tensor, return_features: bool = False) -> Tensor:
-        features = self.proj(F.adaptive_avg_pool2d(x / 255.0, 4).flatten(1))
-        return features if return_features else features.softmax(dim=1)
-
-
 @pytest.fixture(scope="module")
 def inception_weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("inception") / "tiny-inception.pt"
-    torch.jit.script(_TinyInception()).save(str(path))
-    return path
+    return save_tiny_inception(tmp_path_factory.mktemp("inception"), pool=4, features=8)
 
 
 def test_inception_fid_refuses_grey_real_images_against_colour_samples(inception_weights) -> None:
