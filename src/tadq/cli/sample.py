@@ -251,7 +251,7 @@ def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | No
     if guidance_scale is not None:
         check_pipeline_guidance(check_guidance_scale(guidance_scale))
     sampler = deployment_sampler(path, kind, steps, eta)
-    if kind is not None:  # without --sampler: the recipe's, else the folder's own (deployment_sampler says DDIM)
+    if kind is not None:  # without --sampler: the recipe's, else ddim or flow-euler by the folder's schedule
         check_sampler_family(path, sampler)
 
 
