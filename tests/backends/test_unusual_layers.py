@@ -189,6 +189,14 @@ def test_an_unbatched_conv_input_runs_as_nn_conv2d_runs_it():
         assert integer(x[0]).shape == layer(x[0]).shape == (8, 7, 7)
 
 
+def _w4a8_linear_of_width_16() -> QuantLinear:
+    """A W4A8 linear taking 16 features, its input range set to [-1, 1] (the width refusals' layer)."""
+    weights, activations = preset("W4A8")
+    linear = QuantLinear.from_module(nn.Linear(16, 4), weights, activations)
+    linear.input_quantizer.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
+    return linear
+
+
 @needs_int8_cpu
 def test_inputs_of_the_wrong_width_are_refused_by_name():
     """A channel mismatch failed inside oneDNN ("could not create a primitive descriptor"), a feature mismatch in a
@@ -197,9 +205,7 @@ def test_inputs_of_the_wrong_width_are_refused_by_name():
     conv = OneDNNConv2d(_conv_layer("W4A8", GEOMETRIES["groups2"], x), "down.conv")
     with pytest.raises(ValueError, match=r"^down\.conv: expects a \(batch, 8, height, width\) input, got .*6, 5, 5"):
         conv(x[:, :6])
-    weights, activations = preset("W4A8")
-    linear = QuantLinear.from_module(nn.Linear(16, 4), weights, activations)
-    linear.input_quantizer.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
+    linear = _w4a8_linear_of_width_16()
     integer = OneDNNLinear(linear, "attn.to_q")
     with pytest.raises(ValueError, match=r"^attn\.to_q: expects inputs of 16 features.*\(2, 32\)"):
         integer(torch.randn(2, 32))
@@ -216,9 +222,7 @@ def test_int8_cuda_layers_take_and_refuse_inputs_as_the_int8_layers_do():
         assert torch.equal(conv(x[0]), conv(x)[0])
     with pytest.raises(ValueError, match=r"^down\.conv: expects a \(batch, 8, height, width\) input, got .*6, 7, 7"):
         conv(x[:, :6])
-    weights, activations = preset("W4A8")
-    linear = QuantLinear.from_module(nn.Linear(16, 4), weights, activations)
-    linear.input_quantizer.set_range(torch.tensor([-1.0]), torch.tensor([1.0]))
+    linear = _w4a8_linear_of_width_16()
     integer = IntMMLinear(linear, "attn.to_q")
     with pytest.raises(ValueError, match=r"^attn\.to_q: expects inputs of 16 features.*\(2, 32\)"):
         integer(torch.randn(2, 32))

@@ -34,7 +34,7 @@ from tadq.io.save import (
     unpack_codes,
 )
 from tadq.prepare import build_quantized_structure
-from tadq.quant.quantizer import Quantizer
+from tadq.quant.quantizer import Quantizer, off_grid_zero_point, zero_point_bounds
 from tadq.recipe import Recipe, recipe_from_dict
 from tadq.registry import model_family
 from tadq.safefiles import DamagedFileError, read_json_file, require_finite
@@ -180,11 +180,9 @@ def _check_quantizer_state(qmodel: QuantizedDenoiser, file: Path) -> None:
         if not bool((torch.isfinite(scale) & (scale > 0)).all()):
             bad = scale[~(torch.isfinite(scale) & (scale > 0))].reshape(-1)[0].item()
             raise ValueError(f"{where} has step size Δ = {bad}; Δ must be finite and > 0: save the artefact again")
-        low, high = (0, 0) if scheme.symmetric else (scheme.qmin, scheme.qmax)
-        on_grid = torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= low) & (
-            zero_point <= high)
-        if not bool(on_grid.all()):
-            bad = zero_point[~on_grid].reshape(-1)[0].item()
+        bad = off_grid_zero_point(zero_point, scheme)
+        if bad is not None:
+            low, high = zero_point_bounds(scheme)
             raise ValueError(f"{where} has zero point z = {bad}; z must be an integer in [{low}, {high}]: save the "
                              "artefact again")
 

@@ -135,6 +135,20 @@ class Quantizer(nn.Module):
         return f"{self.kind}: {self.scheme.describe()}"
 
 
+def zero_point_bounds(scheme: QScheme) -> tuple[int, int]:
+    """[low, high] of a calibrated zero point: 0 when symmetric, the code range otherwise."""
+    return (0, 0) if scheme.symmetric else (scheme.qmin, scheme.qmax)
+
+
+def off_grid_zero_point(zero_point: Tensor, scheme: QScheme) -> float | None:
+    """The first zero point that is not an integer in ``zero_point_bounds(scheme)`` (``None`` if all are): what
+    loading an artefact and ``load_state_dict`` refuse."""
+    low, high = zero_point_bounds(scheme)
+    on_grid = torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= low) & (
+        zero_point <= high)
+    return None if bool(on_grid.all()) else zero_point[~on_grid].reshape(-1)[0].item()
+
+
 def _refuse_off_grid_state(quantizer: Quantizer, state_dict: dict, prefix: str, *args) -> None:
     """``load_state_dict`` hook: a calibrated zero point off this quantizer's grid (an integer in [qmin, qmax], 0
     when symmetric) is refused naming the quantizer, before anything is copied. The state of another preset's model
@@ -145,11 +159,9 @@ def _refuse_off_grid_state(quantizer: Quantizer, state_dict: dict, prefix: str, 
     if zero_point is None or not quantizer.enabled or scheme.dynamic or (initialized is not None
                                                                         and not bool(initialized)):
         return
-    low, high = (0, 0) if scheme.symmetric else (scheme.qmin, scheme.qmax)
-    on_grid = torch.isfinite(zero_point) & (zero_point == zero_point.round()) & (zero_point >= low) & (
-        zero_point <= high)
-    if not bool(on_grid.all()):
-        bad = zero_point[~on_grid].reshape(-1)[0].item()
+    bad = off_grid_zero_point(zero_point, scheme)
+    if bad is not None:
+        low, high = zero_point_bounds(scheme)
         raise ValueError(f"quantizer {prefix.rstrip('.') or '(root)'} ({scheme.describe()}): the state's zero point "
                          f"z = {bad}; z must be an integer in [{low}, {high}]: the state is damaged, or was taken "
                          "from a model quantized with another QuantConfig (bit width, symmetry) that this model "
