@@ -22,7 +22,8 @@ from tadq.quant.quantizer import Quantizer
 from tadq.tfmq.fsc import StepQuantizer
 
 __all__ = ["ActivationGrid", "GridCache", "SCRATCH", "Scratch", "activation_codes", "activation_grid",
-           "check_activation_quantizer", "check_float_input", "is_per_step", "traced_codes"]
+           "check_activation_quantizer", "check_conv_input", "check_float_input", "check_linear_input", "is_per_step",
+           "traced_codes"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,23 @@ def check_float_input(x: Tensor, name: str) -> None:
     if x.dtype != torch.float32:
         raise TypeError(f"{name}: integer layers take float32 inputs (the dtype the quantizer was calibrated in), "
                         f"got {x.dtype}")
+
+
+def check_conv_input(x: Tensor, name: str, in_channels: int) -> None:
+    """Refuse what an integer conv kernel cannot take, naming the layer: another dtype than float32
+    (``check_float_input``), or not a (batch, ``in_channels``, height, width) tensor (oneDNN failed with "could not
+    create a primitive descriptor", the im2col GEMM without the layer's name)."""
+    check_float_input(x, name)
+    if x.dim() != 4 or x.shape[1] != in_channels:
+        raise ValueError(f"{name}: expects a (batch, {in_channels}, height, width) input, got shape {tuple(x.shape)}")
+
+
+def check_linear_input(x: Tensor, name: str, in_features: int) -> None:
+    """As ``check_conv_input`` for an integer linear: float32, ``in_features`` in the last dimension."""
+    check_float_input(x, name)
+    if x.dim() == 0 or x.shape[-1] != in_features:
+        raise ValueError(f"{name}: expects inputs of {in_features} features (last dimension), got shape "
+                         f"{tuple(x.shape)}")
 
 
 def is_per_step(quantizer: Quantizer) -> bool:

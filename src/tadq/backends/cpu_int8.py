@@ -24,7 +24,8 @@ from tadq.backends.activations import (
     GridCache,
     activation_codes,
     check_activation_quantizer,
-    check_float_input,
+    check_conv_input,
+    check_linear_input,
     traced_codes,
 )
 from tadq.backends.weights import WeightCodes, weight_codes
@@ -126,10 +127,7 @@ class _ConvKernel(_Prepacked):
         self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
-        check_float_input(x, self.name)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name}: expects a (batch, {self.in_channels}, height, width) input, got shape "
-                             f"{tuple(x.shape)}")
+        check_conv_input(x, self.name, self.in_channels)
         grid = self.grid(quantizer)
         if self.pre_pad is not None:  # padding the float input is exact: codes copy values, and 0 has code z
             x = F.pad(x, self.pre_pad, mode=self.pad_mode)
@@ -226,10 +224,7 @@ class OneDNNLinear(_Prepacked):
         self.grid = GridCache()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_float_input(x, self.name)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.name}: expects inputs of {self.in_features} features (last dimension), got shape "
-                             f"{tuple(x.shape)}")
+        check_linear_input(x, self.name, self.in_features)
         grid = self.grid(self.input_quantizer)
         shape = torch.Size((x.numel() // self.in_features, self.in_features))
         op = torch.ops.onednn.qlinear_pointwise

@@ -24,7 +24,8 @@ from tadq.backends.activations import (
     GridCache,
     activation_codes,
     check_activation_quantizer,
-    check_float_input,
+    check_conv_input,
+    check_linear_input,
 )
 from tadq.backends.weights import WeightCodes, weight_codes
 from tadq.quant.modules import QuantConv2d, QuantLinear
@@ -99,10 +100,7 @@ class IntMMLinear(nn.Module):
         self.grid.fill(self.input_quantizer)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_float_input(x, self.kernel.name)
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"{self.kernel.name}: expects inputs of {self.in_features} features (last dimension), "
-                             f"got shape {tuple(x.shape)}")
+        check_linear_input(x, self.kernel.name, self.in_features)
         grid = self.grid(self.input_quantizer)
         a, z = _signed_codes(x, grid)
         y = self.kernel(a.reshape(-1, a.shape[-1]).to(torch.int8), z, grid.scale)
@@ -128,10 +126,7 @@ class _Im2ColConv(nn.Module):
         self.grid = GridCache()
 
     def forward(self, x: Tensor, quantizer: Quantizer) -> Tensor:
-        check_float_input(x, self.name)
-        if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"{self.name}: expects a (batch, {self.in_channels}, height, width) input, got shape "
-                             f"{tuple(x.shape)}")
+        check_conv_input(x, self.name, self.in_channels)
         grid = self.grid(quantizer)
         a, z = _signed_codes(x, grid)
         a = F.pad(a - z, self.padding, mode=self.pad_mode) + z  # in the centred domain (0 = the zero point)
