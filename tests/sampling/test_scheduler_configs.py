@@ -10,7 +10,13 @@ import re
 import diffusers
 import pytest
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+)
 from tests.conftest import build_tiny_unet, counting_forwards
 
 import tadq
@@ -73,6 +79,25 @@ def test_a_folder_with_a_mistyped_scheduler_value_is_refused_on_load(tiny_model_
     path.write_text(json.dumps(config | {"clip_sample": "yes"}))  # read as True by diffusers, silently
     with pytest.raises(ValueError, match="clip_sample='yes'"):
         load_pipeline_parts(tiny_model_dir)
+
+
+@pytest.mark.parametrize(("betas", "needle"), [
+    ("x", "must be a list of numbers in \\(0, 1\\)"),  # failed inside torch.tensor while building the scheduler
+    ([0.01, "0.02"], "must be a list of numbers"),
+    ([0.01, -0.01], "must be a list of numbers"),
+    ([0.01] * 10, "holds 10 betas, but num_train_timesteps is 1000"),  # indexed past its end at t >= 10
+])
+def test_trained_betas_that_are_not_one_beta_per_step_are_refused_on_load(tiny_model_dir, betas, needle):
+    path = tiny_model_dir / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"trained_betas": betas}))
+    with pytest.raises(ValueError, match=f"trained_betas {needle}"):
+        load_pipeline_parts(tiny_model_dir)
+
+
+def test_trained_betas_of_every_step_are_accepted_as_a_list_or_an_array():
+    betas = torch.linspace(1e-4, 0.02, 1000, dtype=torch.float64)
+    check_drivable("DDPMScheduler", {"trained_betas": betas.tolist(), "num_train_timesteps": 1000})
+    check_drivable("DDPMScheduler", DDPMScheduler(trained_betas=betas.numpy()).config)  # built in Python: numpy
 
 
 # a grid option of the folder's config, the kinds whose diffusers class drops it (refused) and those that honour it

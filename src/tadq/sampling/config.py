@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
@@ -110,6 +111,27 @@ def _check_config_types(config: Mapping[str, Any]) -> None:
         raise ValueError(f"the scheduler config has values of the wrong type: {', '.join(wrong)} (num_train_timesteps "
                          "and steps_offset are ints, flags true/false, betas and ranges numbers, the others strings); "
                          "fix scheduler_config.json")
+    _check_trained_betas(config)
+
+
+def _check_trained_betas(config: Mapping[str, Any]) -> None:
+    """``trained_betas`` (the schedule itself, replacing beta_start/beta_end) is a list of one β in (0, 1) per
+    training step: a string failed inside ``torch.tensor`` while building the scheduler, and a list shorter than
+    ``num_train_timesteps`` was indexed past its end at the first late timestep."""
+    betas = config.get("trained_betas")
+    if betas is None:
+        return
+    steps = config.get("num_train_timesteps", 1000)
+    try:  # a JSON list, or the numpy array of a scheduler built in Python
+        values = None if isinstance(betas, (str, bytes, bool)) else torch.as_tensor(betas, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        values = None
+    if values is None or values.ndim != 1 or not len(values) or not bool(((values > 0) & (values < 1)).all()):
+        raise ValueError(f"the scheduler config's trained_betas must be a list of numbers in (0, 1), one per training "
+                         f"step, or null; got {str(betas)[:80]}: fix scheduler_config.json")
+    if len(values) != steps:
+        raise ValueError(f"the scheduler config's trained_betas holds {len(values)} betas, but num_train_timesteps "
+                         f"is {steps}: one beta per training step; fix scheduler_config.json")
 
 
 @dataclass(frozen=True)
