@@ -360,6 +360,32 @@ def test_weights_missing_a_parameter_are_refused_not_filled_at_random(tmp_path):
         load_pipeline_parts(folder)
 
 
+@pytest.mark.parametrize(("dtype", "name"), [(torch.int64, "I64"), (torch.int8, "I8"), (torch.uint8, "U8")])
+def test_a_float_weight_stored_as_integers_is_refused_not_cast(tmp_path, dtype, name):
+    """``load_state_dict`` copies int64 values into a float32 weight without a word: integer codes (a quantized
+    file) were loaded as the model's weights and quantized again."""
+    folder = _ddpm_folder(tmp_path / "model")
+    file = folder / "unet" / WEIGHTS
+    tensors = load_file(file)
+    tensors["conv_in.weight"] = tensors["conv_in.weight"].mul(100).to(dtype)
+    save_file(tensors, file)
+    with pytest.raises(DamagedFileError, match=rf"unet: its weights store the float parameter conv_in\.weight as "
+                                               rf"{name} \(integers or booleans\)"):
+        load_pipeline_parts(folder)
+
+
+@pytest.mark.parametrize(("key", "value"), [("layers_per_block", "2"), ("block_out_channels", 32),
+                                            ("norm_num_groups", None)])
+def test_a_config_value_of_the_wrong_type_names_the_config(tmp_path, key, value):
+    """diffusers fails inside a block with a TypeError naming no file ("'str' object cannot be interpreted as an
+    integer"): the CLI printed that one line, and Python callers got a TypeError from deep in diffusers."""
+    folder = _ddpm_folder(tmp_path / "model")
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {key: value}))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(config))} does not build a UNet2DModel \(TypeError: "):
+        load_pipeline_parts(folder)
+
+
 def test_old_attention_key_names_load_as_diffusers_renames_them(tmp_path):
     """google/ddpm-* checkpoints name attention weights query/key/value/proj_attn; diffusers renames them while
     loading, so the parameter check must not refuse them."""

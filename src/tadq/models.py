@@ -219,6 +219,11 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # truncated or foreign weight files
         first = " ".join(str(error).split())[:300] or type(error).__name__  # torch puts the cause on line 2
         raise ValueError(f"could not load weights from {model_dir}: {first}") from error
+    except (TypeError, KeyError, IndexError, AttributeError) as error:  # a config value of the wrong type
+        first = " ".join(str(error).split())[:200]  # ("layers_per_block": "2") fails inside a diffusers block
+        raise ValueError(f"{model_dir / 'config.json'} does not build a {class_name} ({type(error).__name__}: "
+                         f"{first}): a value of the wrong type or shape; fix it or restore the file from the "
+                         "model's download") from error
     require_stored_parameters(model, weights.files, str(model_dir))
     model.eval().requires_grad_(False)
     require_finite(model.state_dict(), f"model {model_dir}: weight")  # NaN used to fail late, as a zero_point error

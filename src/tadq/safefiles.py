@@ -323,16 +323,24 @@ def check_safetensors_file(file: str | Path) -> None:
                                "replaced); download or save it again")
 
 
+def _integer_dtype(kind: str) -> bool:
+    """Whether a safetensors dtype name is an integer or boolean one (I8..I64, U8..U64, BOOL; not BF16 or F8_*)."""
+    return kind == "BOOL" or re.fullmatch(r"[IU]\d+", kind) is not None
+
+
 def require_stored_parameters(model: torch.nn.Module, files: Sequence[Path], where: str) -> None:
     """Raise ``DamagedFileError`` when a parameter of ``model`` is in none of its weight ``files``: diffusers
     fills such a parameter with its random initialization and only logs a warning, so a file missing tensors (an
     incomplete conversion, an edited config) gave a partly random model that tadq then quantized. Buffers are not
     required (diffusers recomputes positional tables that some checkpoints leave out). Old attention key names are
-    renamed first, as diffusers renames them while loading (google/ddpm-* checkpoints use them)."""
-    stored: dict[str, None] = {}
+    renamed first, as diffusers renames them while loading (google/ddpm-* checkpoints use them).
+
+    A float parameter stored as integers or booleans is refused too: ``load_state_dict`` casts int64 values into a
+    float32 weight without a word (tadq's own codes, or another program's quantized file, read as weights)."""
+    stored: dict[str, str] = {}  # name → safetensors dtype ("F32", "I64"...), from the headers
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
-            stored.update(dict.fromkeys(handle.keys()))
+            stored.update({name: handle.get_slice(name).get_dtype() for name in handle.keys()})
     rename = getattr(model, "_fix_state_dict_keys_on_load", None)  # diffusers' renaming of old attention keys
     if callable(rename):  # (query/key/value/proj_attn → to_q/to_k/to_v/to_out.0), as it does when loading
         stored = rename(stored) or stored
@@ -344,3 +352,9 @@ def require_stored_parameters(model: torch.nn.Module, files: Sequence[Path], whe
         raise DamagedFileError(f"{where}: its weights lack {len(missing)} of the {type(model).__name__}'s parameters "
                                f"(e.g. {', '.join(missing[:3])}), which diffusers would fill with random values; "
                                "the weight files are incomplete or belong to another config.json")
+    for name, parameter in model.named_parameters():
+        kind = stored.get(name)
+        if parameter.is_floating_point() and kind is not None and _integer_dtype(kind):
+            raise DamagedFileError(f"{where}: its weights store the float parameter {name} as {kind} (integers or "
+                                   "booleans), which loading would cast to floats without a word; these are not the "
+                                   "model's float weights (a quantized or converted file?): restore them")
