@@ -3,11 +3,14 @@ as diffusers encodes them, deterministically and once per distinct prompt."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+from safetensors.torch import load_file, save_file
 from tests.pipelines.builders import MAX_TOKENS
 
 from tadq.pipelines import PipelineFolderError, PromptConditions, check_pipeline_folder, load_fp_pipeline
@@ -65,6 +68,54 @@ def test_unparsable_config_and_pickle_only_weights_are_refused(sd_folder, tmp_pa
     (broken / "unet" / "diffusion_pytorch_model.safetensors").rename(broken / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(PipelineFolderError, match="no safetensors weights"):
         check_pipeline_folder(broken)
+
+
+def _edit_tensors(file, edit) -> None:
+    tensors = load_file(file)
+    edit(tensors)
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def test_text_encoder_weights_missing_a_tensor_are_refused_not_filled_at_random(sd_folder, tmp_path):
+    """transformers fills a parameter its file lacks with random values and only prints a load report: every prompt
+    was then encoded by a partly random text encoder (diffusers' own models were already checked)."""
+    broken = _copy(sd_folder, tmp_path)
+    key = "encoder.layers.0.mlp.fc1.weight"
+    _edit_tensors(broken / "text_encoder" / "model.safetensors", lambda tensors: tensors.pop(key))
+    with pytest.raises(PipelineFolderError, match=rf"text_encoder: its weights lack 1 of the CLIPTextModel's "
+                                                  rf"parameters \(e\.g\. {re.escape(key)}\)"):
+        load_fp_pipeline(broken)
+
+
+@pytest.mark.parametrize(("file", "key"), [("text_encoder/model.safetensors", "encoder.layers.0.mlp.fc1.weight"),
+                                           ("vae/diffusion_pytorch_model.safetensors", "decoder.conv_in.bias")])
+def test_non_finite_weights_of_a_text_encoder_or_vae_are_refused_on_load(sd_folder, tmp_path, file, key):
+    """Only the denoiser's weights were checked for NaN: a NaN in the VAE decoded every sample to NaN (black
+    images), one in the text encoder made every condition NaN."""
+    broken = _copy(sd_folder, tmp_path)
+
+    def poison(tensors):
+        tensors[key] = tensors[key].clone()
+        tensors[key].view(-1)[0] = float("nan")
+
+    _edit_tensors(broken / file, poison)
+    with pytest.raises(PipelineFolderError, match=rf"{file.split('/')[0]}: weight {re.escape(key)} holds NaN"):
+        load_fp_pipeline(broken)
+
+
+@pytest.mark.parametrize(("component", "key", "value"), [("vae", "block_out_channels", 8),
+                                                         ("text_encoder", "num_hidden_layers", "2"),
+                                                         ("scheduler", "trained_betas", "x")])
+def test_a_component_config_value_of_the_wrong_type_names_the_component(sd_folder, tmp_path, component, key,
+                                                                         value):
+    """diffusers (a TypeError inside a block, or torch.tensor) and transformers (its config validation error,
+    which the CLI did not take for an input error: a traceback) named no file."""
+    broken = _copy(sd_folder, tmp_path)
+    config = broken / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+    config.write_text(json.dumps(json.loads(config.read_text()) | {key: value}))
+    with pytest.raises(PipelineFolderError, match=rf"{re.escape(str(broken / component))}: diffusers could not load "
+                                                  "it .*its config holds a value diffusers does not take"):
+        load_fp_pipeline(broken)
 
 
 def test_a_component_the_class_needs_but_the_index_lacks(sd_folder, tmp_path):

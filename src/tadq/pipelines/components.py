@@ -12,6 +12,7 @@ import importlib.util
 import inspect
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tadq.safefiles import (
     find_weight_files,
     finite_float,
     read_json_file,
+    require_finite,
     require_stored_parameters,
 )
 
@@ -355,6 +357,19 @@ def pipeline_load_options(klass: type, dtype: torch.dtype | None, layout: Pipeli
     return options
 
 
+def _failed_component(error: BaseException) -> str | None:
+    """The component diffusers was loading when ``error`` was raised: the ``name`` of its ``load_sub_model`` frame
+    (a wrong-typed config value fails deep in a diffusers block or in transformers' config validation, with a
+    message that names no file). ``None`` when the error came from elsewhere."""
+    component, trace = None, error.__traceback__
+    while trace is not None:
+        if trace.tb_frame.f_code.co_name == "load_sub_model":
+            name = trace.tb_frame.f_locals.get("name")
+            component = name if isinstance(name, str) else component
+        trace = trace.tb_next
+    return component
+
+
 def load_components(klass: type, layout: PipelineLayout, **options: Any) -> Any:
     """``klass.from_pretrained`` on the checked folder; a component whose config does not describe its weights
     (an edited config, config and weights from two downloads) raises ``PipelineFolderError`` naming it, not
@@ -362,26 +377,52 @@ def load_components(klass: type, layout: PipelineLayout, **options: Any) -> Any:
     which diffusers would have filled with random values and only logged."""
     try:
         pipe = klass.from_pretrained(str(layout.path), **options)
-    except (RuntimeError, OSError) as error:
+    except Exception as error:  # re-raised below unless it came from loading one component
+        component = _failed_component(error)
+        if component is None and not isinstance(error, (RuntimeError, OSError)):
+            raise
         first = " ".join(str(error).split())[:300] or type(error).__name__
-        named = [name for name, (_library, class_name) in sorted(layout.components.items()) if class_name in first]
+        named = [component] if component is not None else [
+            name for name, (_library, class_name) in sorted(layout.components.items()) if class_name in first]
         where = f"{layout.path / named[0]}" if named else str(layout.path)
-        if named and not named[0].startswith(("scheduler", "tokenizer")):
+        if named and not named[0].startswith(("scheduler", "tokenizer")) and isinstance(error, (RuntimeError,
+                                                                                             OSError)):
             why = "its config.json does not describe its weights (an edited config, or files from two models)"
         else:  # a scheduler or tokenizer holds no weights: its config is what diffusers could not build from
             why = "its config holds a value diffusers does not take (an edited config?)"
-        raise PipelineFolderError(f"{where}: diffusers could not load it ({first}); {why}") from error
+        raise PipelineFolderError(f"{where}: diffusers could not load it ({type(error).__name__}: {first}); "
+                                  f"{why}") from error
     for name, (library, _class_name) in sorted(layout.components.items()):
         module = getattr(pipe, name, None)
-        if library != "diffusers" or name in options or name in UNUSED_COMPONENTS \
-                or not isinstance(module, torch.nn.Module):
-            continue  # given by the caller (a quantized denoiser), or not a diffusers model (ties in transformers')
-        files = find_weight_files(layout.path / name, (DIFFUSERS_WEIGHTS,), prefer=layout.variant).files
+        if name in options or name in UNUSED_COMPONENTS or not isinstance(module, torch.nn.Module):
+            continue  # given by the caller (a quantized denoiser), or not a model
         try:
-            require_stored_parameters(module, files, str(layout.path / name))
-        except DamagedFileError as error:
+            if library == "transformers":  # transformers renames old checkpoint keys: it says itself what it read
+                _require_loaded_transformers_weights(module, str(layout.path / name))
+            elif library == "diffusers":
+                files = find_weight_files(layout.path / name, (DIFFUSERS_WEIGHTS,), prefer=layout.variant).files
+                require_stored_parameters(module, files, str(layout.path / name))
+            require_finite(dict(module.named_parameters()), f"{layout.path / name}: weight")
+        except (DamagedFileError, ValueError) as error:
             raise PipelineFolderError(str(error)) from error
     return pipe
+
+
+def _require_loaded_transformers_weights(module: torch.nn.Module, where: str) -> None:
+    """Raise ``DamagedFileError`` naming a parameter of a transformers model (a text encoder) that its weight files
+    did not hold: transformers fills it with random values and only prints a load report, so a text encoder file
+    missing a tensor encoded every prompt with a partly random network. Transformers marks each tensor it loaded
+    (``_is_hf_initialized``) after renaming old checkpoint keys; a version that marks none is not checked."""
+    marks = {name: getattr(parameter, "_is_hf_initialized", False) for name, parameter in module.named_parameters()}
+    if not any(marks.values()):
+        return
+    optional = [re.compile(pattern) for pattern in getattr(module, "_keys_to_ignore_on_load_missing", None) or ()]
+    missing = [name for name, loaded in marks.items()
+               if not loaded and not any(pattern.search(name) for pattern in optional)]
+    if missing:
+        raise DamagedFileError(f"{where}: its weights lack {len(missing)} of the {type(module).__name__}'s "
+                               f"parameters (e.g. {', '.join(missing[:3])}), which transformers filled with random "
+                               "values; the weight files are incomplete or belong to another config.json")
 
 
 def quantize_text_encoders(pipe: Any, bits: int | None) -> None:
