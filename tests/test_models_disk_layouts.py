@@ -132,6 +132,45 @@ def test_an_empty_or_truncated_shard_is_named_before_loading(tmp_path, monkeypat
         load_pipeline_parts(folder)
 
 
+def _rewrite_header(file: Path, edit) -> None:
+    """``edit(header text) -> header text`` on a safetensors file, its data bytes kept."""
+    data = file.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = edit(data[8:8 + length].decode()).encode()
+    file.write_bytes(len(header).to_bytes(8, "little") + header + data[8 + length:])
+
+
+def _edit_entry(key: str, **fields):
+    def edit(text: str) -> str:
+        header = json.loads(text)
+        header[key] |= fields
+        return json.dumps(header)
+    return edit
+
+
+def _name_twice(text: str) -> str:  # a second "conv_in.bias" entry, over conv_in.weight's bytes
+    header = json.loads(text)
+    return text.rstrip()[:-1] + ', "conv_in.bias": ' + json.dumps(header["conv_in.weight"]) + "}"
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (_edit_entry("conv_in.bias", dtype="F16"), r"tensor 'conv_in\.bias' is F16 \[4\], 8 bytes, but its offsets span "
+                                               r"16 bytes"),
+    (_edit_entry("conv_in.bias", shape=[8]), r"tensor 'conv_in\.bias' is F32 \[8\], 32 bytes, but its offsets span"),
+    (_edit_entry("conv_in.bias", data_offsets=[-4, 12]), r"tensor 'conv_in\.bias' is not described by a dtype"),
+    (_name_twice, r"key 'conv_in\.bias' appears twice"),
+    (lambda text: text.replace('"format":"pt"', '"format":5'), r"its __metadata__ is not an object of strings"),
+])
+def test_a_safetensors_header_that_contradicts_itself_is_named_before_loading(tmp_path, monkeypatch, edit, needle):
+    """diffusers reported each of these only as "Unable to load weights from checkpoint file", which says neither
+    what is wrong nor that it was known from the header alone."""
+    folder = _ddpm_folder(tmp_path / "model")
+    _rewrite_header(folder / "unet" / WEIGHTS, edit)
+    _no_from_pretrained(monkeypatch)
+    with pytest.raises(DamagedFileError, match=rf"{WEIGHTS} is damaged: .*{needle}"):
+        load_pipeline_parts(folder)
+
+
 def _drop_a_shard(index: Path) -> str:
     shard = sorted(index.parent.glob("*-of-*.safetensors"))[0]
     shard.unlink()

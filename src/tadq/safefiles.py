@@ -293,10 +293,57 @@ def _index_shards(index_file: Path) -> list[Path]:
     return [index_file.parent / name for name in names]
 
 
+# bits per element of the safetensors dtypes (a dtype not listed here is left to safetensors to judge)
+_DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "I16": 16, "U16": 16,
+               "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+               "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
+
+
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_header(header: Any) -> None:
+    """Raise ``ValueError`` saying how a safetensors header contradicts itself: a tensor whose dtype and shape
+    take another number of bytes than its offsets span, offsets that overlap or leave a gap, a key named twice
+    (``unique_keys``), metadata that is not strings. safetensors refuses such a file too, but diffusers reports
+    that only as "Unable to load weights from checkpoint file", after the other files were read."""
+    if not isinstance(header, dict):
+        raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(value, str) for value in metadata.values())):
+        raise ValueError("its __metadata__ is not an object of strings")
+    spans = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(entry, dict) and isinstance(entry.get("dtype"), str) and isinstance(shape, list)
+                and all(_integer(size) and size >= 0 for size in shape) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(_integer(offset) for offset in offsets)
+                and 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor {name!r} is not described by a dtype, a shape of sizes >= 0 and two data "
+                             f"offsets (got {str(entry)[:120]})")
+        bits = _DTYPE_BITS.get(entry["dtype"])
+        span = offsets[1] - offsets[0]
+        if bits is not None and math.prod(shape) * bits != span * 8:
+            raise ValueError(f"tensor {name!r} is {entry['dtype']} {shape}, {math.prod(shape) * bits / 8:g} bytes, "
+                             f"but its offsets span {span} bytes")
+        spans.append((offsets[0], offsets[1], name))
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:
+            raise ValueError(f"tensor {name!r} starts at data byte {start}, not {end}: tensors overlap or leave a gap")
+        end = stop
+
+
 def check_safetensors_file(file: str | Path) -> None:
-    """Raise ``DamagedFileError`` unless ``file`` is a whole safetensors file: its header readable and the file as
-    long as the header's offsets say. Reads the header only, so it is cheap on gigabytes; it catches what an
-    interrupted download leaves (an empty or truncated file, a hub-cache link to a blob that is gone)."""
+    """Raise ``DamagedFileError`` unless ``file`` is a whole safetensors file: its header readable and consistent
+    (``_check_header``), and the file as long as the header's offsets say. Reads the header only, so it is cheap
+    on gigabytes; it catches what an interrupted download leaves (an empty or truncated file, a hub-cache link to
+    a blob that is gone) and a header edited by hand or by a broken converter."""
     file = Path(file)
     if file.is_symlink() and not file.exists():
         raise DamagedFileError(f"{file} is a link to {file.readlink()}, which does not exist (a hub-cache blob that "
@@ -311,10 +358,9 @@ def check_safetensors_file(file: str | Path) -> None:
             header_length = int.from_bytes(handle.read(8), "little")
             if size < 8 or header_length <= 0 or 8 + header_length > size:
                 raise ValueError(f"header length {header_length} does not fit a {size}-byte file")
-            header = json.loads(handle.read(header_length))
+            header = json.loads(handle.read(header_length), object_pairs_hook=unique_keys)
+        _check_header(header)
         ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-        if not all(isinstance(end, int) and not isinstance(end, bool) for end in ends):
-            raise ValueError("data offsets are not integers")
     except (ValueError, KeyError, TypeError, IndexError, AttributeError, UnicodeDecodeError) as error:
         raise DamagedFileError(f"{file} is damaged: not a safetensors file ({error})") from error
     expected = 8 + header_length + max(ends, default=0)
