@@ -425,6 +425,25 @@ def test_a_config_value_of_the_wrong_type_names_the_config(tmp_path, key, value)
         load_pipeline_parts(folder)
 
 
+def test_shards_missing_a_parameter_are_refused_beside_a_single_file_that_holds_it(tmp_path):
+    """diffusers reads the shards an index lists even when a single weight file lies beside them; the parameter
+    check used to read both, so a parameter only the unread single file held passed while diffusers filled it at
+    random."""
+    unet = build_tiny_unet()
+    folder = _ddpm_folder(tmp_path / "model", unet, max_shard_size="20KB")
+    save_file({name: value.contiguous() for name, value in unet.state_dict().items()}, folder / "unet" / WEIGHTS)
+    index_file = folder / "unet" / f"{WEIGHTS}.index.json"
+    index = json.loads(index_file.read_text())
+    shard = folder / "unet" / index["weight_map"].pop("conv_out.weight")
+    index_file.write_text(json.dumps(index))
+    tensors = load_file(shard)
+    del tensors["conv_out.weight"]
+    save_file(tensors, shard)
+    with pytest.raises(DamagedFileError, match=r"lack 1 of the UNet2DModel's parameters \(e\.g\. conv_out\.weight\)"):
+        load_pipeline_parts(folder)
+    assert find_weight_files(folder / "unet").files == tuple(sorted((folder / "unet").glob("*-of-*.safetensors")))
+
+
 def test_old_attention_key_names_load_as_diffusers_renames_them(tmp_path):
     """google/ddpm-* checkpoints name attention weights query/key/value/proj_attn; diffusers renames them while
     loading, so the parameter check must not refuse them."""

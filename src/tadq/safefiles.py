@@ -241,7 +241,7 @@ def find_weight_files(folder: str | Path, stems: Sequence[str] = (DIFFUSERS_WEIG
     sets: dict[str | None, list[Path]] = {}
     for stem in stems:
         for variant, entries in _weight_sets(folder, stem).items():
-            sets.setdefault(variant, []).extend(entries)
+            sets.setdefault(variant, []).extend(_read_by_from_pretrained(entries, stem))
     variant: str | None = None
     if prefer is not None and prefer in sets:
         variant = prefer
@@ -259,6 +259,17 @@ def find_weight_files(folder: str | Path, stems: Sequence[str] = (DIFFUSERS_WEIG
     for file in files:
         check_safetensors_file(file)
     return WeightFiles(tuple(files), variant)
+
+
+def _read_by_from_pretrained(entries: list[Path], stem: str) -> list[Path]:
+    """Of a single weight file and a shard index of one stem and variant, the one ``from_pretrained`` reads:
+    diffusers the shards, transformers the single file. Checking both let a parameter missing from the shards
+    pass, since the unread single file held it, and diffusers then filled it with random values."""
+    index = [entry for entry in entries if entry.name.endswith(".json")]
+    single = [entry for entry in entries if not entry.name.endswith(".json")]
+    if not (index and single):
+        return entries
+    return index if stem == DIFFUSERS_WEIGHTS else single
 
 
 def _no_weights_message(folder: Path, stems: Sequence[str]) -> str:
