@@ -73,3 +73,20 @@ def test_a_partial_last_batch_weighs_as_much_as_its_rows():
     for batch in full:
         equal.observe(batch)
     assert [len(s) for s in equal.samples] == [1000] * 4  # equal batches: a full count each, as before
+
+
+def test_an_infinite_activation_is_refused_naming_the_layer_whatever_the_range_method():
+    """One overflowed activation among many: minmax and MSE ranges refused it, a percentile range accepted or
+    refused it depending on whether the seeded subsample drew it (the observer's kept extreme alone sits above the
+    interpolated quantile)."""
+    import pytest
+
+    x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(0))
+    x[7, 3] = float("inf")
+    for method in ("minmax", "mse", "percentile"):
+        for seed in range(4):
+            layer = QuantLinear.from_module(nn.Linear(64, 4), QScheme(bits=8, granularity="per_channel"),
+                                            QScheme(bits=8, range_method=method))
+            with pytest.raises(ValueError, match=r"^activation range after calibration: input_quantizer: .*inf\]"):
+                with Calibrate(layer, seed=seed):
+                    layer(x)

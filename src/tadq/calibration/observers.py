@@ -54,7 +54,10 @@ class RangeObserver:
     def range(self) -> tuple[Tensor, Tensor]:
         if self.low is None or self.high is None:
             raise RuntimeError("observer saw no data: the calibration forward never reached this layer")
-        if self.scheme.range_method == "minmax":
+        finite = bool(torch.isfinite(self.low) & torch.isfinite(self.high))
+        if self.scheme.range_method == "minmax" or not finite:
+            # an inf/NaN seen is refused by ``Quantizer.set_range`` whatever the method: a percentile of the
+            # subsample cut a lone inf off whenever the draw missed it (silently, depending on the seed)
             return self.low.reshape(1), self.high.reshape(1)
         values = torch.cat([*self.samples, self.low.reshape(1), self.high.reshape(1)])  # keep the true extremes
         return estimate_range(values, self.scheme)
