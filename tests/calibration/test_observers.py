@@ -53,3 +53,40 @@ def test_a_layer_the_calibration_never_reached_is_named():
     with pytest.raises(RuntimeError, match=r"^1\.input_quantizer: observer saw no data"):
         with Calibrate(model):
             model[0](torch.randn(3, 4))
+
+
+def test_a_partial_last_batch_weighs_as_much_as_its_rows():
+    """Calibration rows that batch_size does not divide end in a short batch. Its values must count in proportion
+    to its size: kept at a full batch's count, 100 outliers (0.5 % of the data) made up 2.4 % of the samples and
+    set the 99th-percentile range to the outlier."""
+    from tadq.calibration.observers import RangeObserver
+
+    generator = torch.Generator().manual_seed(0)
+    observer = RangeObserver(QScheme(bits=8, range_method="percentile", percentile=99.0), values_per_batch=1000)
+    full = [torch.randn(5000, generator=generator) for _ in range(4)]
+    tail = torch.full((100,), 100.0)
+    for batch in (*full, tail):
+        observer.observe(batch)
+    _, high = observer.range()
+    assert float(high) < float(torch.cat(full).max())  # the 1 % tail cut removes the outliers
+    equal = RangeObserver(QScheme(bits=8, range_method="percentile"), values_per_batch=1000)
+    for batch in full:
+        equal.observe(batch)
+    assert [len(s) for s in equal.samples] == [1000] * 4  # equal batches: a full count each, as before
+
+
+def test_an_infinite_activation_is_refused_naming_the_layer_whatever_the_range_method():
+    """One overflowed activation among many: minmax and MSE ranges refused it, a percentile range accepted or
+    refused it depending on whether the seeded subsample drew it (the observer's kept extreme alone sits above the
+    interpolated quantile)."""
+    import pytest
+
+    x = torch.randn(1024, 64, generator=torch.Generator().manual_seed(0))
+    x[7, 3] = float("inf")
+    for method in ("minmax", "mse", "percentile"):
+        for seed in range(4):
+            layer = QuantLinear.from_module(nn.Linear(64, 4), QScheme(bits=8, granularity="per_channel"),
+                                            QScheme(bits=8, range_method=method))
+            with pytest.raises(ValueError, match=r"^activation range after calibration: input_quantizer: .*inf\]"):
+                with Calibrate(layer, seed=seed):
+                    layer(x)

@@ -217,3 +217,30 @@ def test_gptq_target_damping_decides_whether_8bit_gptq_beats_nearest():
         with torch.no_grad():
             errors[damp] = float((layer(x) - target).pow(2).mean()) / nearest
     assert errors[None] > 1.0 and errors[1e-6] < 0.1 * errors[None], errors
+
+
+def test_gptq_onto_fp_outputs_keeps_the_weights_of_a_dead_input():
+    """An input channel that is zero on every calibration vector gives W* no data: the ridge solve set its column
+    to 0, deleting those weights for any input calibration did not cover (the loss on the calibration set cannot
+    see it). The column keeps W's nearest rounding, as GPTQ's own handling of a dead column does."""
+    import copy
+
+    from tadq.calibration.capture import UnitIO
+    from tadq.calibration.reconstruction import _gptq_weights
+    from tadq.quant.modules import QuantLinear
+    from tadq.quant.qscheme import preset
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 6)
+    x = torch.randn(512, 12) @ (torch.eye(12) + 0.2 * torch.randn(12, 12))
+    x[:, 5] = 0.0  # dead in calibration
+    with torch.no_grad():
+        target = linear(x)
+    layer = QuantLinear.from_module(copy.deepcopy(linear), *preset("W4A16"))
+    with torch.no_grad():
+        nearest = layer.quantized_weight()[:, 5].clone()
+    io = UnitIO(args=[x], output=target)
+    _gptq_weights(layer, io, ReconstructionConfig(rounding="gptq", batch_size=64, gptq_inputs=0), seed=0,
+                  fp_unit=linear, fp_io=io)
+    assert bool((nearest != 0).any())
+    assert torch.equal(layer.weight[:, 5], nearest)

@@ -54,3 +54,27 @@ def test_plain_forward_does_not_change_state():
 def test_unsupported_layer_raises():
     with pytest.raises(TypeError, match="Conv2d"):
         quantize_module(nn.Conv1d(2, 2, 1), QScheme(), QScheme())
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_all_zero_channel_stays_zero_when_cast_to_float16(grad):
+    """A fake-quant model cast to float16 (``.half()``, ``tadq.sample(dtype=torch.float16)``): the Δ = 1e-8 of an
+    all-zero output channel, and of an input that was all zero at calibration, flush to 0 in float16. A forward
+    with gradients (the composed ops) divided by that 0 and made the channel, then every output, NaN; the fused
+    no-grad kernel zeroed whatever the channel held. Both must quantize on the float32 grid: zeros stay exactly
+    zero, everything else finite."""
+    conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+    with torch.no_grad():
+        conv.weight[1] = 0.0
+    layer = _calibrated(QuantConv2d.from_module(conv, *preset("W8A8")), torch.zeros(2, 3, 6, 6))
+    assert float(layer.weight_quantizer.scale[1]) < torch.finfo(torch.float16).tiny  # flushes in float16
+    half = layer.to(torch.float16).requires_grad_(grad)
+    with torch.set_grad_enabled(grad):
+        weight = half.quantized_weight()
+        zeros, out = half(torch.zeros(1, 3, 6, 6, dtype=torch.float16)), half(torch.rand(1, 3, 6, 6).half() * 1e-6)
+    assert weight.dtype == out.dtype == torch.float16
+    assert torch.isfinite(weight).all() and torch.equal(weight[1], torch.zeros_like(weight[1]))
+    assert torch.equal(zeros, torch.zeros_like(zeros))
+    assert torch.isfinite(out).all() and torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
+    # an input within the calibrated range [0, 255·1e-8] keeps its codes: not all flushed to 0
+    assert bool((out != 0).any())

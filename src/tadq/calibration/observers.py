@@ -22,7 +22,10 @@ class RangeObserver:
 
     Args:
         scheme: the quantizer's scheme (decides how the range is estimated at the end).
-        values_per_batch: values kept from each observed tensor (uniform random subset).
+        values_per_batch: values kept from each observed tensor (uniform random subset); a tensor smaller than the
+            first one (the last, partial calibration batch) keeps a proportional share, so that every input row
+            weighs the same whatever the batch size. A fixed count gave a 2-row tail batch as many samples as a
+            full batch of 128, and its rows dominated the percentile / MSE range.
         seed: seeds the subsampling, so calibration is reproducible.
     """
 
@@ -33,6 +36,7 @@ class RangeObserver:
         self.low: Tensor | None = None
         self.high: Tensor | None = None
         self.samples: list[Tensor] = []
+        self._reference: int | None = None  # values of the first observed tensor (a full batch)
 
     def observe(self, x: Tensor) -> None:
         flat = x.detach().float().reshape(-1).cpu()
@@ -40,14 +44,20 @@ class RangeObserver:
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
         if self.scheme.range_method != "minmax":
-            if flat.numel() > self.values_per_batch:
-                flat = flat[torch.randint(0, flat.numel(), (self.values_per_batch,), generator=self.generator)]
+            if self._reference is None:
+                self._reference = max(flat.numel(), 1)
+            keep = min(self.values_per_batch, -(-self.values_per_batch * flat.numel() // self._reference))
+            if flat.numel() > keep:
+                flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.generator)]
             self.samples.append(flat.clone())
 
     def range(self) -> tuple[Tensor, Tensor]:
         if self.low is None or self.high is None:
             raise RuntimeError("observer saw no data: the calibration forward never reached this layer")
-        if self.scheme.range_method == "minmax":
+        finite = bool(torch.isfinite(self.low) & torch.isfinite(self.high))
+        if self.scheme.range_method == "minmax" or not finite:
+            # an inf/NaN seen is refused by ``Quantizer.set_range`` whatever the method: a percentile of the
+            # subsample cut a lone inf off whenever the draw missed it (silently, depending on the seed)
             return self.low.reshape(1), self.high.reshape(1)
         values = torch.cat([*self.samples, self.low.reshape(1), self.high.reshape(1)])  # keep the true extremes
         return estimate_range(values, self.scheme)

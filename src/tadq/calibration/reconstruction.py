@@ -319,12 +319,18 @@ def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO
 
 def _fp_output_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: float) -> Tensor:
     """W* = W E[x x̂ᵀ] (E[x̂ x̂ᵀ] + λI)⁻¹: the float weight whose output on the quantized path's inputs x̂ best
-    reproduces the FP layer's output W x (least squares); GPTQ then rounds W* instead of W."""
+    reproduces the FP layer's output W x (least squares); GPTQ then rounds W* instead of W.
+
+    A column whose input is zero on every calibration vector (a dead channel) has no data to fit: the ridge set it to
+    0, deleting that input's weights for every input the calibration did not cover. It keeps W's column, as GPTQ's
+    own rounding keeps a dead column's nearest rounding."""
     flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
     h = hessian.to(torch.float64).clone()
+    dead = torch.diagonal(h) <= 0
     h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
-    solved = torch.linalg.solve(h, cross.to(torch.float64).T @ flat.T)  # H⁻¹ Cᵀ Wᵀ = (W C H⁻¹)ᵀ
-    return solved.T.to(weight.dtype).reshape(weight.shape)
+    solved = torch.linalg.solve(h, cross.to(torch.float64).T @ flat.T).T  # (H⁻¹ Cᵀ Wᵀ)ᵀ = W C H⁻¹
+    solved[:, dead] = flat[:, dead]
+    return solved.to(weight.dtype).reshape(weight.shape)
 
 
 def _group_rows(quantize_column, offset: int, rows: int, total: int):

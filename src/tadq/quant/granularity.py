@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -44,10 +45,15 @@ def dynamic_fake_quantize(x: Tensor, scheme: QScheme, channel_dim: int) -> Tenso
         channel_dim: the dimension reduced by the layer (the groups' dimension).
 
     The range of each group is its min/max widened to include 0 (as every tadq range), so a shorter last group is
-    padded with zeros without changing its (Δ, z).
+    padded with zeros without changing its (Δ, z). A float16/bfloat16 input is quantized in float32 and cast back,
+    as the static quantizers' fused kernels do: in float16 the step of an all-zero or tiny group (Δ < 6e-8, the
+    1e-8 floor included) flushed to 0 and ``x / Δ`` made the group NaN, a group spanning over 65504 overflowed,
+    and ``x / Δ`` rounded in 8 or 11 bits picked neighbouring codes.
     """
     if not scheme.dynamic or scheme.bits is None:
         raise ValueError(f"dynamic_fake_quantize needs a per_token or per_group scheme, got {scheme.describe()}")
+    if x.dtype in (torch.float16, torch.bfloat16):
+        return dynamic_fake_quantize(x.float(), scheme, channel_dim).to(x.dtype)
     moved = x.movedim(channel_dim, -1)
     channels = moved.shape[-1]
     size = channels if scheme.granularity == "per_token" else min(scheme.group_size, channels)

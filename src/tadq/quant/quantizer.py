@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from tadq.quant.fake_quant import fake_quantize, scale_and_zero_point
+from tadq.quant.fake_quant import MIN_SCALE, fake_quantize, scale_and_zero_point
 from tadq.quant.granularity import dynamic_fake_quantize
 from tadq.quant.qscheme import QScheme
 
@@ -116,16 +116,23 @@ class Quantizer(nn.Module):
             return dynamic_fake_quantize(x, self.scheme, self.channel_dim)
         if self.rounding is None and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
             return self._fused(x)
-        scale, zero_point = self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+        # a Δ cast to float16 may have flushed to 0 (see _fused): widened and floored, the result cast back
+        cast = self.scale.dtype in (torch.float16, torch.bfloat16)
+        step = self.scale.float().clamp_min(MIN_SCALE) if cast else self.scale
+        scale, zero_point = self._broadcast(step, x), self._broadcast(self.zero_point, x)
         if self.rounding is not None:
-            return self.rounding(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
-        return fake_quantize(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
+            quantized = self.rounding(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
+        else:
+            quantized = fake_quantize(x, scale, zero_point, self.scheme.qmin, self.scheme.qmax)
+        return quantized.to(x.dtype) if cast else quantized
 
     def _fused(self, x: Tensor) -> Tensor:
         """torch's fused fake-quant kernels: the same grid and round-half-even, about 2x faster than the composed
         ops; used whenever no gradient is needed (sampling, calibration forwards). The kernels take a float32 scale
-        only (a model loaded in bfloat16/float16 has its Δ cast too: widened back here, exactly)."""
-        zero_point, scale = self.zero_point.to(torch.int32), self.scale.float()
+        only (a model cast to bfloat16/float16 has its Δ cast too: widened back here). float16 flushes a Δ below
+        6e-8 to 0 (an all-zero weight channel or input has Δ = MIN_SCALE = 1e-8), and the kernel turned that
+        channel into NaN: the floor set_range applies is applied again."""
+        zero_point, scale = self.zero_point.to(torch.int32), self.scale.float().clamp_min(MIN_SCALE)
         if self.scheme.granularity == "per_channel":
             return torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, self.scheme.qmin, self.scheme.qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
