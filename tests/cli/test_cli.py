@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
@@ -9,6 +12,13 @@ def test_help_lists_commands():
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0
     assert "run" in result.output and "zoo" in result.output
+
+
+def test_python_dash_m_tadq_runs_the_same_commands():
+    """``python -m tadq`` works where the ``tadq`` script is not on PATH (a venv not activated)."""
+    done = subprocess.run([sys.executable, "-m", "tadq", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "quantize" in done.stdout and "sample" in done.stdout
 
 
 def test_help_in_an_80_column_terminal_keeps_every_flag_name_whole():
