@@ -54,3 +54,36 @@ def test_plain_forward_does_not_change_state():
 def test_unsupported_layer_raises():
     with pytest.raises(TypeError, match="Conv2d"):
         quantize_module(nn.Conv1d(2, 2, 1), QScheme(), QScheme())
+
+
+def _unbatched_cases():
+    """(name, layer built from a fresh float layer, batched input) for every fake-quant layer kind."""
+    from tadq.quant.split import SplitQuantConv2d
+    from tadq.quant.transformed import quantize_layer
+
+    weights, activations = preset("W8A8")
+    conv = nn.Conv2d(12, 8, 3, padding=1)
+    yield "conv", QuantConv2d.from_module(conv, weights, activations), (2, 12, 5, 5)
+    yield "split", SplitQuantConv2d.from_module(conv, 8, weights, activations), (2, 12, 5, 5)
+    for granularity in ("per_token", "per_group"):
+        dynamic = QScheme(bits=8, granularity=granularity, group_size=4)
+        yield f"conv-{granularity}", QuantConv2d.from_module(conv, weights, dynamic), (2, 12, 5, 5)
+    for field in ("smoothing", "rotation"):
+        transform = QScheme(bits=8, **({field: True} if field == "smoothing" else {field: "hadamard"}))
+        yield f"conv-{field}", quantize_layer(conv, weights, transform), (2, 12, 5, 5)
+        yield f"linear-{field}", quantize_layer(nn.Linear(12, 8), weights, transform), (2, 12)
+    yield "linear", QuantLinear.from_module(nn.Linear(12, 8), weights, activations), (2, 12)
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in _unbatched_cases()])
+def test_unbatched_input_runs_as_the_float_layer_runs_it(name):
+    """nn.Conv2d takes a (C, H, W) input as a batch of one; the split conv cut it at H instead of the channels and
+    the dynamic, smoothed and rotated convs grouped or scaled dim 1 (H), so the result differed or raised."""
+    layer, shape = next((layer, shape) for case, layer, shape in _unbatched_cases() if case == name)
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    _calibrated(layer, x)
+    with torch.no_grad():
+        batched, unbatched = layer(x[:1])[0], layer(x[0])
+    assert unbatched.shape == batched.shape
+    assert torch.equal(unbatched, batched)

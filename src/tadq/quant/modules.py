@@ -91,6 +91,8 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it (channels are dim 1 below)
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 

@@ -102,6 +102,8 @@ class SplitQuantConv2d(QuantLayer, nn.Conv2d):
         return torch.cat([quantizer(weight) for quantizer, weight in self.quantized_weights().values()], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C_in, H, W) input, as nn.Conv2d takes it: x[:, :C1] would cut H
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         # x: (B, C_in, H, W) = cat[deep (B, C1, H, W), skip (B, C_in − C1, H, W)]
         x = torch.cat([self.input_quantizer_deep(x[:, : self.split]), self.input_quantizer_skip(x[:, self.split:])],
                       dim=1)
