@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -87,3 +89,22 @@ def test_unbatched_input_runs_as_the_float_layer_runs_it(name):
         batched, unbatched = layer(x[:1])[0], layer(x[0])
     assert unbatched.shape == batched.shape
     assert torch.equal(unbatched, batched)
+
+
+def _symmetric_linear(bits: int, range_method: str = "mse") -> QuantLinear:
+    torch.manual_seed(0)
+    weights = QScheme(bits=bits, symmetric=True, granularity="per_channel", range_method=range_method)
+    return _calibrated(QuantLinear.from_module(nn.Linear(16, 8), weights, QScheme(bits=8)), torch.randn(4, 16))
+
+
+def test_a_state_saved_on_another_grid_is_refused_by_load_state_dict():
+    """A symmetric 8-bit state has z = 0 like a symmetric 4-bit one, so it loaded silently into the 4-bit layer and
+    clipped every weight to 7/127 of its range; the state now records each quantizer's grid (kept by torch.save)."""
+    buffer = io.BytesIO()
+    torch.save(_symmetric_linear(8).state_dict(), buffer)
+    buffer.seek(0)
+    four_bit = _symmetric_linear(4)
+    with pytest.raises(ValueError, match=r"weight_quantizer is int4-sym-per_channel, .* int8-sym-per_channel"):
+        four_bit.load_state_dict(torch.load(buffer))
+    # the same grid loads, whatever range method chose its ranges
+    four_bit.load_state_dict(_symmetric_linear(4, range_method="minmax").state_dict())
