@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tadq.quant.convert import LayerPlan
-from tadq.quant.modules import QuantLayer
+from tadq.quant.modules import QuantLayer, carry_forward_hooks
 from tadq.quant.qscheme import QScheme
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.quant.ranges import estimate_range
@@ -146,6 +146,7 @@ def apply_shortcut_split(
         if not (isinstance(module, SplitQuantConv2d) and module.split == split):
             layer = SplitQuantConv2d.from_module(module, split, plan.weights, plan.activations,
                                                  init_weight_range=init_weight_range)
+            carry_forward_hooks(module, layer)
             model.set_submodule(name, layer)
         applied[name] = split
     return applied
