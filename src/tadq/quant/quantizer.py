@@ -184,23 +184,22 @@ def _refuse_off_grid_state(quantizer: Quantizer, state_dict: dict, prefix: str, 
     (``_record_grid``) is refused for any other grid: a symmetric 8-bit state (z = 0) loaded into a symmetric 4-bit
     model silently clipped every weight to 7/127 of its range."""
     where = f"quantizer {prefix.rstrip('.') or '(root)'}"
-    recorded, expected = local_metadata.get(GRID_METADATA), state_grid(quantizer.scheme)
-    if recorded is not None and recorded != expected:
-        raise ValueError(f"{where} is {expected}, but the state was saved from one that is {recorded}: it was taken "
-                         "from a model quantized with another QuantConfig (bit width, symmetry, granularity); load "
-                         "it into a model built with that config")
     zero_point, initialized = state_dict.get(prefix + "zero_point"), state_dict.get(prefix + "initialized")
     scheme = quantizer.scheme
-    if zero_point is None or not quantizer.enabled or scheme.dynamic or (initialized is not None
-                                                                        and not bool(initialized)):
-        return
-    bad = off_grid_zero_point(zero_point, scheme)
+    calibrated = zero_point is not None and quantizer.enabled and not scheme.dynamic and (
+        initialized is None or bool(initialized))
+    bad = off_grid_zero_point(zero_point, scheme) if calibrated else None
     if bad is not None:
         low, high = zero_point_bounds(scheme)
         raise ValueError(f"{where} ({scheme.describe()}): the state's zero point "
                          f"z = {bad}; z must be an integer in [{low}, {high}]: the state is damaged, or was taken "
                          "from a model quantized with another QuantConfig (bit width, symmetry) that this model "
                          "cannot hold")
+    recorded, expected = local_metadata.get(GRID_METADATA), state_grid(scheme)
+    if recorded is not None and recorded != expected:
+        raise ValueError(f"{where} is {expected}, but the state was saved from one that is {recorded}: it was taken "
+                         "from a model quantized with another QuantConfig (bit width, symmetry, granularity); load "
+                         "it into a model built with that config")
 
 
 @contextlib.contextmanager
