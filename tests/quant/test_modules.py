@@ -108,3 +108,16 @@ def test_a_state_saved_on_another_grid_is_refused_by_load_state_dict():
         four_bit.load_state_dict(torch.load(buffer))
     # the same grid loads, whatever range method chose its ranges
     four_bit.load_state_dict(_symmetric_linear(4, range_method="minmax").state_dict())
+
+
+def test_a_rotated_layer_state_is_refused_by_a_plain_layer():
+    """A Hadamard-rotated layer stores W·Hᵀ under the same keys and shapes as a plain layer (the rotation has no
+    buffer), so its state loaded into a plain layer and every output was wrong without a word."""
+    from tadq.quant.transformed import quantize_layer
+
+    weights, activations = preset("W8A8")
+    linear, x = nn.Linear(16, 8), torch.randn(4, 16)
+    rotated = _calibrated(quantize_layer(linear, weights, QScheme(bits=8, rotation="hadamard")), x)
+    plain = _calibrated(QuantLinear.from_module(linear, weights, activations), x)
+    with pytest.raises(ValueError, match=r"input_quantizer is int8-asym-per_tensor, .* int8-asym-per_tensor-hadamard"):
+        plain.load_state_dict(rotated.state_dict())
