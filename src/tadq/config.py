@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from tadq.adapters.base import LAYER_ROLES
-from tadq.quant.qscheme import MAX_BITS, MIN_BITS, QScheme, preset
+from tadq.quant.qscheme import MAX_BITS, MIN_BITS, QScheme, preset, preset_key
 from tadq.registry import register_config_type, registered_config_types
 from tadq.sampling import SamplerConfig, check_seed
 
@@ -333,7 +333,7 @@ class QuantConfig:
             if isinstance(given, str):
                 raise TypeError(f"keep_fp_roles takes a tuple of role names, got the string {given!r}")
             overrides["keep_fp_roles"] = tuple(dict.fromkeys((*fp_layer_roles(fp_layers), *given)))
-        return cls(weights=weights, activations=activations, preset_name=name.upper(), **overrides)
+        return cls(weights=weights, activations=activations, preset_name=preset_key(name), **overrides)
 
     @property
     def label(self) -> str:

@@ -30,7 +30,7 @@ from tadq.config import (
     register_migration,
 )
 from tadq.corrections.base import CorrectionConfig
-from tadq.quant.qscheme import QScheme, preset
+from tadq.quant.qscheme import QScheme, preset, preset_key
 from tadq.registry import registered_corrections
 from tadq.safefiles import finite_float, read_json_file
 from tadq.sampling import SamplerConfig
@@ -281,7 +281,8 @@ class Recipe:
     def from_preset(cls, preset_name: str, /, **fields: Any) -> Recipe:
         """``Recipe.from_preset("W4A8", method=QDiffusionMethod(), corrections=(TACConfig(),))``."""
         weights, activations = preset(preset_name)
-        return cls(**{"weights": weights, "activations": activations, "preset_name": preset_name.upper(), **fields})
+        key = preset_key(preset_name)
+        return cls(**{"weights": weights, "activations": activations, "preset_name": key, **fields})
 
 
 # -- JSON -------------------------------------------------------------------------------------------------------------

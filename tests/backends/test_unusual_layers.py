@@ -21,7 +21,7 @@ from tadq.backends import to_backend
 from tadq.backends.compiled import frozen, prime_grids
 from tadq.backends.convert import convert_layers
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d, cpu_int8_layer
-from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear
+from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear, IntMMSplitConv2d
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.metrics.image import psnr_per_sample
 from tadq.quant import QScheme, QuantConv2d, QuantLinear, ranges
@@ -187,6 +187,21 @@ def test_an_unbatched_conv_input_runs_as_nn_conv2d_runs_it():
     with torch.no_grad():
         assert torch.equal(integer(x[0]), integer(x)[0])
         assert integer(x[0]).shape == layer(x[0]).shape == (8, 7, 7)
+
+
+@pytest.mark.usefixtures("int_mm_on_cpu")
+@pytest.mark.parametrize("integer_class", [pytest.param(OneDNNSplitConv2d, marks=needs_int8_cpu), IntMMSplitConv2d])
+def test_an_unbatched_input_of_a_split_conv_runs_as_nn_conv2d_runs_it(integer_class):
+    """The split integer convs cut an unbatched (C, H, W) input at H instead of the channels (and then refused
+    the slice as a wrong shape); they now run it as a batch of one, as the fake-quant split conv does."""
+    x = _data((1, 12, 7, 7), 3)
+    weights, activations = preset("W4A8")
+    layer = SplitQuantConv2d.from_module(nn.Conv2d(12, 8, 3, padding=1), 8, weights, activations)
+    for quantizer, half in ((layer.input_quantizer_deep, x[:, :8]), (layer.input_quantizer_skip, x[:, 8:])):
+        quantizer.set_range(half.min().reshape(1), half.max().reshape(1))
+    integer = integer_class(layer, "up.conv")
+    with torch.no_grad():
+        assert torch.equal(integer(x[0]), integer(x)[0])
 
 
 def _w4a8_linear_of_width_16() -> QuantLinear:

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
-from tadq.cli.quantize import QuantFlags, resolve_config
+from tadq.cli.quantize import QuantFlags, resolve_config, resolve_recipe
 from tadq.config import CalibrationConfig, QuantConfig, config_to_dict
 from tadq.sampling import SamplerConfig
 
@@ -97,6 +97,14 @@ def test_flags_override_the_config_file(tmp_path):
     assert (calib.sampler.num_steps, calib.seed, calib.num_trajectories) == (2, 7, 2)
     assert (calib.num_steps_kept, calib.samples_per_step) == (2, 2)  # capped to what the flags allow
     assert resolve_config(None, QuantFlags()).label == "W8A8"
+
+
+def test_a_preset_name_with_surrounding_blanks_is_read_as_the_comma_lists_read_it():
+    """``tadq run --presets " w4a8"`` and recipe files strip and upper-case a preset name; ``tadq quantize --preset
+    " W4A8"`` refused it as an unknown preset."""
+    flags = QuantFlags(preset=" w4a8\n")
+    assert resolve_config(None, flags).preset_name == resolve_recipe(None, None, flags).preset_name == "W4A8"
+    assert resolve_config(None, flags).weights == resolve_config(None, QuantFlags(preset="W4A8")).weights
 
 
 @pytest.mark.parametrize(("args", "message"), [

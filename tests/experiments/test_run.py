@@ -169,3 +169,12 @@ def test_evaluation_prompts_beyond_the_samples_are_refused():
     with pytest.raises(ValueError, match="num_samples 2 for 4 evaluation prompts: .*'c'"):
         RunConfig(num_samples=2, evaluation_prompts=("a", "b", "c", "d"), calibration_prompts=("e",))
     assert RunConfig(num_samples=4, evaluation_prompts=("a", "b", "c", "d"), calibration_prompts=("e",))
+
+
+def test_preset_names_are_stored_as_the_preset_table_spells_them():
+    """A preset name in another case or with blanks passed the check of ``RunConfig`` and ``BenchConfig`` and was
+    stored as given, so the rows, files and measured best rows keyed by the name did not find it."""
+    from tadq.experiments.bench.config import BenchConfig
+
+    assert RunConfig(presets=(" w4a8", "W8A8")).presets == ("W4A8", "W8A8")
+    assert BenchConfig(methods=("naive",), presets=("w4a4\n",)).presets == ("W4A4",)

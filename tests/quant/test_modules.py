@@ -1,3 +1,5 @@
+import io
+
 import pytest
 import torch
 from torch import nn
@@ -78,3 +80,68 @@ def test_all_zero_channel_stays_zero_when_cast_to_float16(grad):
     assert torch.isfinite(out).all() and torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
     # an input within the calibrated range [0, 255·1e-8] keeps its codes: not all flushed to 0
     assert bool((out != 0).any())
+
+
+def _unbatched_cases():
+    """(name, layer built from a fresh float layer, batched input) for every fake-quant layer kind."""
+    from tadq.quant.split import SplitQuantConv2d
+    from tadq.quant.transformed import quantize_layer
+
+    weights, activations = preset("W8A8")
+    conv = nn.Conv2d(12, 8, 3, padding=1)
+    yield "conv", QuantConv2d.from_module(conv, weights, activations), (2, 12, 5, 5)
+    yield "split", SplitQuantConv2d.from_module(conv, 8, weights, activations), (2, 12, 5, 5)
+    for granularity in ("per_token", "per_group"):
+        dynamic = QScheme(bits=8, granularity=granularity, group_size=4)
+        yield f"conv-{granularity}", QuantConv2d.from_module(conv, weights, dynamic), (2, 12, 5, 5)
+    for field in ("smoothing", "rotation"):
+        transform = QScheme(bits=8, **({field: True} if field == "smoothing" else {field: "hadamard"}))
+        yield f"conv-{field}", quantize_layer(conv, weights, transform), (2, 12, 5, 5)
+        yield f"linear-{field}", quantize_layer(nn.Linear(12, 8), weights, transform), (2, 12)
+    yield "linear", QuantLinear.from_module(nn.Linear(12, 8), weights, activations), (2, 12)
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in _unbatched_cases()])
+def test_unbatched_input_runs_as_the_float_layer_runs_it(name):
+    """nn.Conv2d takes a (C, H, W) input as a batch of one; the split conv cut it at H instead of the channels and
+    the dynamic, smoothed and rotated convs grouped or scaled dim 1 (H), so the result differed or raised."""
+    layer, shape = next((layer, shape) for case, layer, shape in _unbatched_cases() if case == name)
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    _calibrated(layer, x)
+    with torch.no_grad():
+        batched, unbatched = layer(x[:1])[0], layer(x[0])
+    assert unbatched.shape == batched.shape
+    assert torch.equal(unbatched, batched)
+
+
+def _symmetric_linear(bits: int, range_method: str = "mse") -> QuantLinear:
+    torch.manual_seed(0)
+    weights = QScheme(bits=bits, symmetric=True, granularity="per_channel", range_method=range_method)
+    return _calibrated(QuantLinear.from_module(nn.Linear(16, 8), weights, QScheme(bits=8)), torch.randn(4, 16))
+
+
+def test_a_state_saved_on_another_grid_is_refused_by_load_state_dict():
+    """A symmetric 8-bit state has z = 0 like a symmetric 4-bit one, so it loaded silently into the 4-bit layer and
+    clipped every weight to 7/127 of its range; the state now records each quantizer's grid (kept by torch.save)."""
+    buffer = io.BytesIO()
+    torch.save(_symmetric_linear(8).state_dict(), buffer)
+    buffer.seek(0)
+    four_bit = _symmetric_linear(4)
+    with pytest.raises(ValueError, match=r"weight_quantizer is int4-sym-per_channel, .* int8-sym-per_channel"):
+        four_bit.load_state_dict(torch.load(buffer))
+    # the same grid loads, whatever range method chose its ranges
+    four_bit.load_state_dict(_symmetric_linear(4, range_method="minmax").state_dict())
+
+
+def test_a_rotated_layer_state_is_refused_by_a_plain_layer():
+    """A Hadamard-rotated layer stores W·Hᵀ under the same keys and shapes as a plain layer (the rotation has no
+    buffer), so its state loaded into a plain layer and every output was wrong without a word."""
+    from tadq.quant.transformed import quantize_layer
+
+    weights, activations = preset("W8A8")
+    linear, x = nn.Linear(16, 8), torch.randn(4, 16)
+    rotated = _calibrated(quantize_layer(linear, weights, QScheme(bits=8, rotation="hadamard")), x)
+    plain = _calibrated(QuantLinear.from_module(linear, weights, activations), x)
+    with pytest.raises(ValueError, match=r"input_quantizer is int8-asym-per_tensor, .* int8-asym-per_tensor-hadamard"):
+        plain.load_state_dict(rotated.state_dict())

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from torch import nn
 
 from tadq.quant.attention import QuantAttnProcessor
-from tadq.quant.modules import QuantLayer
+from tadq.quant.modules import QuantLayer, carry_forward_hooks
 
 __all__ = ["LayerFactory", "convert_layers"]
 
@@ -16,13 +16,6 @@ LayerFactory = Callable[[nn.Module, str], "nn.Module | None"]
 ATTENTION_NOTE = ("attention matmuls q·kᵀ and P·v: fake-quant operands multiplied in float32 (no int8 batched "
                   "matmul with a float output on this backend; at the shipped model's 16-64 tokens the matmuls are "
                   "a small share of the time)")
-
-
-def _move_hooks(old: nn.Module, new: nn.Module) -> None:
-    """Give ``new`` the hook dicts of ``old``, so hooks (TFMQ feature caches) and their handles keep working."""
-    for attribute in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
-        setattr(new, attribute, getattr(old, attribute))
 
 
 def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dict[str, dict[str, str]]:
@@ -53,7 +46,7 @@ def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dic
             continue
         replacements.append((name, module, replacement))
     for name, module, replacement in replacements:
-        _move_hooks(module, replacement)
+        carry_forward_hooks(module, replacement)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
         integer[name] = type(replacement).__name__

@@ -175,6 +175,8 @@ class IntMMSplitConv2d(nn.Module):
         self.skip.grid.fill(self.input_quantizer_skip)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C_in, H, W) input, as nn.Conv2d takes it: x[:, :C1] would cut H
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         y = self.deep(x[:, : self.split], self.input_quantizer_deep)
         return y + self.skip(x[:, self.split:], self.input_quantizer_skip)
 

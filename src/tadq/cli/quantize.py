@@ -26,7 +26,7 @@ from tadq.cli.common import (
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.config import DEFAULT_FP_LAYERS, QuantConfig, config_from_dict, fp_layer_roles
-from tadq.quant.qscheme import preset
+from tadq.quant.qscheme import preset, preset_key
 
 if TYPE_CHECKING:
     from tadq.recipe import Recipe
@@ -152,7 +152,7 @@ def resolve_config(config_file: Path | None, flags: QuantFlags) -> QuantConfig:
         overrides["reconstruction"] = dataclasses.replace(config.reconstruction, **recon)
     if flags.preset is not None:
         weights, activations = preset(flags.preset)
-        overrides.update(weights=weights, activations=activations, preset_name=flags.preset.upper())
+        overrides.update(weights=weights, activations=activations, preset_name=preset_key(flags.preset))
     return dataclasses.replace(config, calibration=calibration, **overrides)
 
 
@@ -232,7 +232,7 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
         method = dataclasses.replace(method, reconstruction=dataclasses.replace(method.reconstruction, **recon))
     if flags.preset is not None:
         weights, activations = preset(flags.preset)
-        changes.update(weights=weights, activations=activations, preset_name=flags.preset.upper())
+        changes.update(weights=weights, activations=activations, preset_name=preset_key(flags.preset))
     if flags.correct is not None:
         changes["corrections"] = correction_configs(flags.correct, calibration.seed)
     recipe = dataclasses.replace(recipe, method=method, calibration=calibration, deployments=deployments,

@@ -29,7 +29,7 @@ from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import is_tadq_file, mark_output
 from tadq.metrics import per_step_mse
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
-from tadq.quant.qscheme import preset
+from tadq.quant.qscheme import preset_key
 from tadq.registry import adapter_for
 from tadq.report import dumps_json, markdown_table, save_comparison_grid, save_error_curves
 from tadq.safefiles import DamagedFileError, load_checked, nonfinite_count, save_checked
@@ -117,8 +117,9 @@ class RunConfig:
         if not self.presets or not self.methods:
             raise ValueError("a run needs at least one preset and one method (--presets, --methods); FP alone is "
                              "every run's first row")
-        for name in self.presets:
-            preset(name)  # raises ValueError on an unknown preset
+        # each name as the preset table spells it (ValueError naming the presets): rows, files and the measured best
+        # rows are keyed by it, and " w4a8" passed the check, stored as given
+        object.__setattr__(self, "presets", tuple(preset_key(name) for name in self.presets))
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")

@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 from torch import nn
 
 from tadq.adapters.base import LayerInfo
+from tadq.quant.modules import carry_forward_hooks
 from tadq.quant.qscheme import QScheme
 from tadq.quant.transformed import quantize_layer
 
@@ -97,10 +98,12 @@ def convert_layers(model: nn.Module, plans: list[LayerPlan], *, init_weight_rang
     """Replace every planned-quantized layer in place (weights are shared, not copied); returns ``model``.
 
     ``init_weight_range=False`` skips the weight-range search, which loading a saved artefact overwrites anyway.
+    Forward hooks registered on a layer move to its replacement (they were dropped without a word).
     """
     for plan in plans:
         if plan.quantized:
-            layer = quantize_layer(model.get_submodule(plan.name), plan.weights, plan.activations,
-                                   init_weight_range=init_weight_range)
+            module = model.get_submodule(plan.name)
+            layer = quantize_layer(module, plan.weights, plan.activations, init_weight_range=init_weight_range)
+            carry_forward_hooks(module, layer)
             _set_submodule(model, plan.name, layer)
     return model

@@ -17,7 +17,18 @@ from tadq.quant.qscheme import QScheme
 from tadq.quant.quantizer import Quantizer
 from tadq.quant.ranges import estimate_range
 
-__all__ = ["QuantConv2d", "QuantLinear", "QuantLayer", "quantize_module", "QUANT_LAYER_TYPES"]
+__all__ = ["QuantConv2d", "QuantLinear", "QuantLayer", "quantize_module", "QUANT_LAYER_TYPES", "carry_forward_hooks"]
+
+FORWARD_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                      "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs")
+
+
+def carry_forward_hooks(old: nn.Module, new: nn.Module) -> None:
+    """Give ``new``, the replacement of ``old`` in a model, the hook dicts of ``old`` (shared, so hooks and their
+    handles keep working): forward hooks a user or tadq (TFMQ feature caches) registered on a layer must survive
+    its swap for a quantized or integer layer, as they survive on every module that is not swapped."""
+    for attribute in FORWARD_HOOK_DICTS:
+        setattr(new, attribute, getattr(old, attribute))
 
 
 class QuantLayer:
@@ -91,6 +102,8 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) input, as nn.Conv2d takes it (channels are dim 1 below)
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         return self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
 
 

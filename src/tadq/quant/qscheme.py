@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["QScheme", "PRESETS", "preset", "RangeMethod", "Granularity"]
+__all__ = ["QScheme", "PRESETS", "preset", "preset_key", "RangeMethod", "Granularity"]
 
 RangeMethod = Literal["minmax", "percentile", "mse"]
 Granularity = Literal["per_tensor", "per_channel", "per_token", "per_group"]
@@ -152,10 +152,18 @@ PRESETS: dict[str, tuple[QScheme, QScheme]] = {
 }
 
 
+def preset_key(name: str) -> str:
+    """The key of a preset name in ``PRESETS``: case and surrounding blanks ignored, as the comma lists of ``tadq run``
+    / ``tadq bench`` and recipe files read them (``--preset " w4a8"`` was refused by ``tadq quantize`` alone)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a preset name is a string such as 'W4A8', got {type(name).__name__} {name!r}")
+    key = name.strip().upper()
+    if key not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    return key
+
+
 def preset(name: str) -> tuple[QScheme, QScheme]:
     """(weight scheme, activation scheme) of a named preset; ``W4A16`` means weight-only (activations in FP),
     ``-WSYM`` symmetric weights (activations keep their asymmetric grid)."""
-    key = name.upper()
-    if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    return PRESETS[key]
+    return PRESETS[preset_key(name)]

@@ -59,6 +59,7 @@ class Quantizer(nn.Module):
         self._observer: Observer | None = None
         self.bypass = False  # set only by the ``quantizers_bypassed`` context (reconstruction's weight phase)
         self.rounding: nn.Module | None = None  # learned rounding (AdaRound) while a weight is being reconstructed
+        self.register_state_dict_post_hook(_record_grid)
         self._register_load_state_dict_pre_hook(_refuse_off_grid_state, with_module=True)
 
     @property
@@ -156,23 +157,56 @@ def off_grid_zero_point(zero_point: Tensor, scheme: QScheme) -> float | None:
     return None if bool(on_grid.all()) else zero_point[~on_grid].reshape(-1)[0].item()
 
 
-def _refuse_off_grid_state(quantizer: Quantizer, state_dict: dict, prefix: str, *args) -> None:
+GRID_METADATA = "tadq_grid"
+"""Key of a quantizer's grid (``state_grid``) in its ``state_dict`` metadata (``state_dict._metadata[name]``)."""
+
+
+def state_grid(scheme: QScheme) -> str:
+    """What a quantizer's calibrated state is only valid for: bits, symmetry, granularity (group size) and the
+    input transform its layer folds into the weight (not the range method, whose ranges any grid can hold)."""
+    if not scheme.enabled:
+        return "off"
+    parts = [f"int{scheme.bits}", "sym" if scheme.symmetric else "asym", scheme.granularity]
+    if scheme.granularity == "per_group":
+        parts.append(str(scheme.group_size))
+    if scheme.smoothing:
+        parts.append("smooth")
+    if scheme.rotation != "none":
+        parts.append(scheme.rotation)
+    return "-".join(parts)
+
+
+def _record_grid(quantizer: Quantizer, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` hook: record the quantizer's grid in the state's metadata (kept by ``torch.save``; not a
+    tensor, so the keys, the values and what hashes them are unchanged), for ``_refuse_off_grid_state``."""
+    local_metadata[GRID_METADATA] = state_grid(quantizer.scheme)
+
+
+def _refuse_off_grid_state(quantizer: Quantizer, state_dict: dict, prefix: str, local_metadata: dict,
+                           *args) -> None:
     """``load_state_dict`` hook: a calibrated zero point off this quantizer's grid (an integer in [qmin, qmax], 0
     when symmetric) is refused naming the quantizer, before anything is copied. The state of another preset's model
     (W8A8 into W4A8: same keys and shapes) loaded without a word and failed at the first forward inside torch's
-    fake-quant kernel (``zero_point must be between quant_min and quant_max``)."""
+    fake-quant kernel (``zero_point must be between quant_min and quant_max``). A state that records its grid
+    (``_record_grid``) is refused for any other grid: a symmetric 8-bit state (z = 0) loaded into a symmetric 4-bit
+    model silently clipped every weight to 7/127 of its range."""
+    where = f"quantizer {prefix.rstrip('.') or '(root)'}"
     zero_point, initialized = state_dict.get(prefix + "zero_point"), state_dict.get(prefix + "initialized")
     scheme = quantizer.scheme
-    if zero_point is None or not quantizer.enabled or scheme.dynamic or (initialized is not None
-                                                                        and not bool(initialized)):
-        return
-    bad = off_grid_zero_point(zero_point, scheme)
+    calibrated = zero_point is not None and quantizer.enabled and not scheme.dynamic and (
+        initialized is None or bool(initialized))
+    bad = off_grid_zero_point(zero_point, scheme) if calibrated else None
     if bad is not None:
         low, high = zero_point_bounds(scheme)
-        raise ValueError(f"quantizer {prefix.rstrip('.') or '(root)'} ({scheme.describe()}): the state's zero point "
+        raise ValueError(f"{where} ({scheme.describe()}): the state's zero point "
                          f"z = {bad}; z must be an integer in [{low}, {high}]: the state is damaged, or was taken "
                          "from a model quantized with another QuantConfig (bit width, symmetry) that this model "
                          "cannot hold")
+    recorded, expected = local_metadata.get(GRID_METADATA), state_grid(scheme)
+    if recorded is not None and recorded != expected:
+        raise ValueError(f"{where} is {expected}, but the state was saved from one that is {recorded}: it was taken "
+                         "from a model quantized with another QuantConfig (bit width, symmetry, granularity); load "
+                         "it into a model built with that config")
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from tadq.quant.convert import LayerPlan
-from tadq.quant.modules import QuantLayer
+from tadq.quant.modules import QuantLayer, carry_forward_hooks
 from tadq.quant.qscheme import QScheme
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.quant.ranges import estimate_range
@@ -102,6 +102,8 @@ class SplitQuantConv2d(QuantLayer, nn.Conv2d):
         return torch.cat([quantizer(weight) for quantizer, weight in self.quantized_weights().values()], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C_in, H, W) input, as nn.Conv2d takes it: x[:, :C1] would cut H
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         # x: (B, C_in, H, W) = cat[deep (B, C1, H, W), skip (B, C_in − C1, H, W)]
         x = torch.cat([self.input_quantizer_deep(x[:, : self.split]), self.input_quantizer_skip(x[:, self.split:])],
                       dim=1)
@@ -144,6 +146,7 @@ def apply_shortcut_split(
         if not (isinstance(module, SplitQuantConv2d) and module.split == split):
             layer = SplitQuantConv2d.from_module(module, split, plan.weights, plan.activations,
                                                  init_weight_range=init_weight_range)
+            carry_forward_hooks(module, layer)
             model.set_submodule(name, layer)
         applied[name] = split
     return applied

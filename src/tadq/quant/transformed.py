@@ -108,6 +108,8 @@ class TransformedQuantConv2d(TransformedQuantLayer, QuantConv2d):
         return F.conv2d(down, self.lowrank_up[:, :, None, None])
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 3:  # an unbatched (C, H, W) input: smoothing and rotation run along dim 1, the channels
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         x = self.transform_input(x)
         y = self._conv_forward(self.input_quantizer(x), self.quantized_weight(), self.bias)
         return y + self.lowrank_branch(x) if self.rank else y

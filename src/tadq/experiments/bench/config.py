@@ -18,7 +18,7 @@ from pathlib import Path
 from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig
 from tadq.experiments.rows import method_names
 from tadq.experiments.run import RunConfig
-from tadq.quant.qscheme import preset
+from tadq.quant.qscheme import preset_key
 from tadq.sampling import SamplerConfig
 
 __all__ = ["BEST_STACK", "BenchConfig", "default_methods", "matrix", "parse_sampler", "quick_methods",
@@ -167,8 +167,9 @@ class BenchConfig:
     def __post_init__(self) -> None:
         if not self.methods or not self.presets or not self.samplers:
             raise ValueError("the bench matrix needs at least one method, one preset and one sampler")
-        for name in self.presets:
-            preset(name)  # raises ValueError naming the presets
+        # each name as the preset table spells it (ValueError naming the presets): rows, files and the measured best
+        # rows are keyed by it, and " w4a8" passed the check, stored as given
+        object.__setattr__(self, "presets", tuple(preset_key(name) for name in self.presets))
         unknown = [m for m in self.methods if m not in method_names()]
         if unknown:
             raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
