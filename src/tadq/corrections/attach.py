@@ -10,15 +10,16 @@ import logging
 import weakref
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from tadq.corrections.base import CorrectionConfig
 from tadq.corrections.context import FitContext
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
+from tadq.device import model_placement
 from tadq.registry import adapter_for, correction_for
-from tadq.sampling import ConditionSource, Denoiser, SamplerConfig, SamplingPlan
+from tadq.sampling import Conditioning, ConditionSource, Denoiser, SamplerConfig, SamplingPlan
 
 __all__ = ["as_denoiser", "fit_corrections", "models_sharing", "with_corrections"]
 
@@ -36,11 +37,25 @@ def models_sharing(network: nn.Module) -> list[QuantizedDenoiser]:
 
 def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
     """``(x, t, cond) -> prediction`` of a diffusers model through its adapter; a ``QuantizedDenoiser`` or callable
-    as is."""
+    as is.
+
+    The model runs where and as it is: the states (placed as the quantized model's) and the conditions are moved
+    to its device and dtype, its prediction back to theirs, so an FP reference kept in another dtype or on another
+    device than the quantized model still serves the fit (it failed inside its first layer).
+    """
     if isinstance(model, QuantizedDenoiser) or not isinstance(model, nn.Module):
         return model
     adapter = adapter_for(model)
-    return lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond)
+    placement = model_placement(model, "the FP reference of a correction fit")
+    if placement is None:
+        return lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond)
+    device, dtype = placement
+
+    def call(x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:  # each .to a no-op when placed
+        cond = None if cond is None else cond.to(device, dtype)
+        return adapter.predict_eps(model, x.to(device=device, dtype=dtype), t.to(device), cond).to(x.device, x.dtype)
+
+    return call
 
 
 def with_corrections(qmodel: QuantizedDenoiser, stack: CorrectionStack) -> QuantizedDenoiser:
