@@ -98,14 +98,13 @@ class TCECCorrection(SequentialCorrection):
         per_element, offset = self.config.resolution == "full", self.config.offset
         if self.config.target == "next_state":
             # the whole cumulative error the step would leave against the FP trajectory's next state
-            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_fp, targets.fp_trajectory, step))
+            self._fit_in_state(index, eps_hat, targets, step, _mean_step(targets.x_fp, targets.fp_trajectory, step))
             return
         target = targets.same_input if self.config.target == "same_input" else targets.fp_trajectory
         if self.config.error_space == "state":
             # the step's own error as it enters the state, clipping included
             previous = _shared_previous(targets.x_in, step)
-            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_in, target, step,
-                                                                           previous=previous))
+            self._fit_in_state(index, eps_hat, targets, step, _mean_step(targets.x_in, target, step, previous))
             return
         if self.config.error_model == "on_target":
             # ε̂ ≈ s ε + d regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink s;
@@ -124,8 +123,7 @@ class TCECCorrection(SequentialCorrection):
         """B ⊙ E_t ≈ r with r = step(x̃_t, ε̂) − ``reference_next`` (the state the step should reach; the shared noise
         cancels) and the clip-aware per-element B of ``propagation.step_coefficients``: removing E_t from ε̂ then
         removes r from the next state, to first order."""
-        residual = sampler_step(targets.x_in, eps_hat, step, previous=_shared_previous(targets.x_in, step)) \
-            - reference_next
+        residual = _mean_step(targets.x_in, eps_hat, step, _shared_previous(targets.x_in, step)) - reference_next
         _, coefficient = step_coefficients(step, targets.x_in, eps_hat)
         fit = fit_through_coefficient(eps_hat, coefficient, residual, offset=self.config.offset,
                                       per_element=self.config.resolution == "full")
@@ -206,6 +204,13 @@ class TCECCorrection(SequentialCorrection):
             term = term + (leftover * damping * step.coef_prev_x / step.coef_eps) * history.state_before
         residual = leftover * history.own if history.delayed is None else leftover * history.own - history.delayed
         return term + (damping * step.coef_prev_eps / step.coef_eps) * residual
+
+
+def _mean_step(x: Tensor, eps: Tensor, step: StepContext, previous: Tensor | None = None) -> Tensor:
+    """The update without its noise term (z = 0, the sampler's own σ_t elsewhere, e.g. in DDIM's direction term):
+    the state-space fits subtract two updates that share z in deployment, so its σ_t z cancels. Without a z the
+    stochastic samplers (DDIM η > 0, DDPM, euler-ancestral) refused the step and the fit failed at its first row."""
+    return sampler_step(x, eps, step, noise=torch.zeros_like(x), previous=previous)
 
 
 def _shared_previous(x: Tensor, step: StepContext) -> Tensor | None:
