@@ -1,0 +1,44 @@
+"""``fit_stack`` refuses inputs it cannot finish with before any network call."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tests.corrections.analytic import analytic_scheduler, fit_context
+from tests.corrections.test_tac_tcec import TimeOnly
+from tests.corrections.test_tcec_samplers import Scaled
+
+from tadq.corrections import CorrectionStack, PTQDConfig, TACConfig, fit_stack
+from tadq.registry import correction_for
+from tadq.sampling import Conditioning, ConditioningList, SamplerConfig
+
+ROWS = 6
+
+
+class Counting:
+    """A denoiser that counts its calls."""
+
+    def __init__(self, denoiser) -> None:
+        self.denoiser, self.calls = denoiser, 0
+
+    def __call__(self, x, t, cond=None):
+        self.calls += 1
+        return self.denoiser(x, t)
+
+
+@pytest.mark.parametrize("configs", [[PTQDConfig(num_samples=ROWS + 2)],
+                                     [PTQDConfig(num_samples=ROWS, select=True, selection_samples=ROWS + 1)],
+                                     [TACConfig(num_samples=ROWS), PTQDConfig(num_samples=ROWS + 2)]],
+                         ids=["pair", "held-out", "second-member"])
+def test_a_condition_list_shorter_than_the_fits_is_refused_before_any_network_call(configs):
+    """A ``ConditioningList`` has one row per sample; a fit walking more samples failed with an IndexError at the
+    first batch past its end, after the walks (and the earlier members' fits) before it had run."""
+    fp = TimeOnly()
+    fp_calls, q_calls = Counting(fp), Counting(Scaled(fp))
+    conditions = ConditioningList(Conditioning(class_labels=torch.zeros(ROWS, dtype=torch.long)))
+    ctx = fit_context(fp_calls, q_calls, analytic_scheduler(), SamplerConfig("ddim", 4), conditions=conditions,
+                      batch_size=4)
+    stack = CorrectionStack([correction_for(config) for config in configs])
+    with pytest.raises(ValueError, match=f"condition list holds {ROWS} rows"):
+        fit_stack(stack, ctx)
+    assert fp_calls.calls == q_calls.calls == 0
