@@ -106,17 +106,22 @@ class TCECCorrection(SequentialCorrection):
             previous = _shared_previous(targets.x_in, step)
             self._fit_in_state(index, eps_hat, targets, step, _mean_step(targets.x_in, target, step, previous))
             return
-        if self.config.error_model == "on_target":
-            # ε̂ ≈ s ε + d regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink s;
-            # then ε ≈ (ε̂ − d)/s, so e = ε̂ − ε ≈ (1 − 1/s) ε̂ + d/s
-            fit = fit_channel_affine(target, eps_hat, relative_weight=0.0, offset=offset, per_element=per_element)
-            slope = fit.scale.clamp(min=1e-6)
-            self.k[index], self.b[index] = 1.0 - 1.0 / slope, fit.offset / slope
-            return
         # ε ≈ s ε̂ + d by least squares of the target on ε̂ (docs/methods/tcec.md): e = ε̂ − ε ≈ (1 − s) ε̂ − d
         fit = fit_channel_affine(eps_hat, target, relative_weight=self.config.relative_weight,
                                  mask_threshold=self.config.mask_threshold, offset=offset, per_element=per_element)
-        self.k[index], self.b[index] = 1.0 - fit.scale, -fit.offset
+        k, b = 1.0 - fit.scale, -fit.offset
+        if self.config.error_model == "on_target":
+            # ε̂ ≈ s ε + d regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink s;
+            # then ε ≈ (ε̂ − d)/s, so e = ε̂ − ε ≈ (1 − 1/s) ε̂ + d/s. Where s ≤ 0 (ε̂ does not follow ε, e.g. a last
+            # step whose ε is below the quantization noise) that map does not exist: the estimate's fit stays there
+            # (a clamp to s = 1e-6 made K = −10⁶, and the samples diverged)
+            on_target = fit_channel_affine(target, eps_hat, relative_weight=0.0, offset=offset,
+                                           per_element=per_element)
+            invertible = on_target.scale > 0
+            slope = torch.where(invertible, on_target.scale, torch.ones_like(on_target.scale))
+            k = torch.where(invertible, 1.0 - 1.0 / slope, k)
+            b = torch.where(invertible, on_target.offset / slope, b)
+        self.k[index], self.b[index] = k, b
 
     def _fit_in_state(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext,
                       reference_next: Tensor) -> None:
