@@ -13,11 +13,10 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from tadq.corrections.base import CorrectionConfig
-from tadq.corrections.context import FitContext
+from tadq.corrections.context import FitContext, single_placement
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
-from tadq.device import model_placement
 from tadq.registry import adapter_for, correction_for
 from tadq.sampling import Conditioning, ConditionSource, Denoiser, SamplerConfig, SamplingPlan
 
@@ -46,10 +45,9 @@ def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
     if isinstance(model, QuantizedDenoiser) or not isinstance(model, nn.Module):
         return model
     adapter = adapter_for(model)
-    placement = model_placement(model, "the FP reference of a correction fit")
-    if placement is None:
+    device, dtype = single_placement(model)
+    if device is None or dtype is None:  # no parameters, or split over devices or dtypes: called as it is
         return lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond)
-    device, dtype = placement
 
     def call(x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:  # each .to a no-op when placed
         cond = None if cond is None else cond.to(device, dtype)

@@ -10,10 +10,17 @@ import torch
 from torch import nn
 
 from tadq.corrections.fp_cache import FPTrajectoryCache
-from tadq.device import model_placement
 from tadq.sampling import ConditionSource, Denoiser, SamplingPlan, WalkBatch, Walker
 
-__all__ = ["FitContext", "bits_of", "shape_of"]
+__all__ = ["FitContext", "bits_of", "shape_of", "single_placement"]
+
+
+def single_placement(model: object) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype) of a module's floating parameters, each ``None`` unless they all share one (a callable, a
+    model split over devices or dtypes: the caller keeps its default there)."""
+    floating = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
+    devices, dtypes = {p.device for p in floating}, {p.dtype for p in floating}
+    return (next(iter(devices)) if len(devices) == 1 else None), (next(iter(dtypes)) if len(dtypes) == 1 else None)
 
 
 def bits_of(q_denoiser: Denoiser, bits: str | None) -> str:
@@ -83,11 +90,11 @@ class FitContext:
         """A context whose shape, bit label, device and dtype default to the quantized denoiser's own: the states
         the fit walks are placed as ``tadq.sample`` places them (a float64 or CUDA model was fed float32 CPU states
         and failed inside its first layer)."""
-        placement = model_placement(q_denoiser, "a correction fit") if isinstance(q_denoiser, nn.Module) else None
+        own_device, own_dtype = single_placement(q_denoiser)
         if device is None:
-            device = placement[0] if placement is not None else "cpu"
-        if dtype is None and placement is not None:
-            dtype = placement[1]
+            device = own_device if own_device is not None else "cpu"
+        if dtype is None:
+            dtype = own_dtype
         return cls(fp_denoiser, q_denoiser, plan, shape_of(q_denoiser, sample_shape), bits_of(q_denoiser, bits),
                    conditions, batch_size, device, fp_trajectories, progress, dtype)
 
