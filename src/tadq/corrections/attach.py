@@ -6,6 +6,7 @@ Imported explicitly (it depends on ``tadq.denoiser``, which imports ``tadq.corre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from tadq.corrections.context import FitContext, single_placement
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
+from tadq.recipe import Recipe
 from tadq.registry import adapter_for, correction_for
 from tadq.sampling import Conditioning, ConditionSource, Denoiser, SamplerConfig, SamplingPlan
 
@@ -118,4 +120,21 @@ def fit_corrections(
     ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size,
                         fp_trajectories=fp_trajectories, progress=progress)
     fit_stack(stack, ctx, start=len(existing))
-    return with_corrections(qmodel, stack)
+    corrected = with_corrections(qmodel, stack)
+    corrected.recipe = _recipe_with(getattr(qmodel, "recipe", None), configs, sampler, plan.guidance_scale)
+    return corrected
+
+
+def _recipe_with(recipe: Recipe | None, configs: Sequence[CorrectionConfig], sampler: SamplerConfig,
+                 guidance_scale: float) -> Recipe | None:
+    """The recipe of the corrected model: ``recipe`` with ``configs`` appended to its corrections when they were
+    fitted for its (one) deployment, so the artefact records the stack it carries (it recorded the base's recipe:
+    ``tadq sample`` named the model without its corrections and did not check the sampler flags against their
+    tables). A recipe that cannot hold them (another sampler or scale than its deployment's) is kept as it is."""
+    if not isinstance(recipe, Recipe) or not configs:
+        return recipe
+    if len(recipe.deployments) != 1 or recipe.sampler != sampler or recipe.guidance_scale != guidance_scale:
+        logger.info("the model's recipe (deployed with %s at guidance %g) does not record corrections fitted for %s "
+                    "at guidance %g", recipe.sampler.key, recipe.guidance_scale, sampler.key, guidance_scale)
+        return recipe
+    return dataclasses.replace(recipe, corrections=(*recipe.corrections, *configs), name="")
