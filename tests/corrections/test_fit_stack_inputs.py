@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 from tests.corrections.analytic import analytic_scheduler, fit_context
 from tests.corrections.test_tac_tcec import TimeOnly
 from tests.corrections.test_tcec_samplers import Scaled
@@ -41,4 +42,20 @@ def test_a_condition_list_shorter_than_the_fits_is_refused_before_any_network_ca
     stack = CorrectionStack([correction_for(config) for config in configs])
     with pytest.raises(ValueError, match=f"condition list holds {ROWS} rows"):
         fit_stack(stack, ctx)
+    assert fp_calls.calls == q_calls.calls == 0
+
+
+def test_earlier_members_fitted_for_another_schedule_are_refused_before_any_network_call():
+    """PTQD fitted with set_alpha_to_one=True differs from the new fit's schedule at the last step only: the stack
+    was refused there, after the walks of every earlier step."""
+    sampler = SamplerConfig("ddim", 4)
+    fitted_with, fitting_with = (DDIMScheduler(num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=value)
+                                 for value in (True, False))
+    fp = TimeOnly()
+    stack = CorrectionStack([correction_for(PTQDConfig(num_samples=4))])
+    fit_stack(stack, fit_context(fp, Scaled(fp), fitted_with, sampler))
+    stack.append(correction_for(TACConfig(num_samples=4)))
+    fp_calls, q_calls = Counting(fp), Counting(Scaled(fp))
+    with pytest.raises(ValueError, match="PTQDCorrection was fitted on another training schedule: at step 3"):
+        fit_stack(stack, fit_context(fp_calls, q_calls, fitting_with, sampler), start=1)
     assert fp_calls.calls == q_calls.calls == 0

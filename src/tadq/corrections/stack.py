@@ -145,6 +145,8 @@ def fit_stack(
     """
     if not 0 <= start <= len(stack):
         raise ValueError(f"start={start} must lie in [0, {len(stack)}]")
+    for member in tuple(stack)[:start]:  # the fitted members act in every walk: their tables must fit the whole plan
+        member.check_plan(ctx.plan.steps)  # (a grid that differs at a late step was refused there, mid-walk)
     for member in tuple(stack)[start:]:  # every member refuses an unfittable plan before any member's fit runs
         member.check_fittable(ctx.plan.steps)
     _check_condition_rows(stack, ctx, num_samples, start)
