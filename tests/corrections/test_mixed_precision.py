@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
-from tests.conftest import build_tiny_unet
+from diffusers import DDIMScheduler, DDPMScheduler
+from tests.conftest import build_tiny_unet, counting_forwards
 
 from tadq import api
 from tadq.config import CalibrationConfig, QuantConfig, config_from_dict, config_to_dict
@@ -163,3 +163,15 @@ def test_mixed_denoiser_follows_a_fractional_timestep_grid(low_and_high):
     assert torch.isfinite(run(mixed)).all()
     with pytest.raises(ValueError, match="not on the grid"):
         mixed(torch.zeros(1, 1, 8, 8), torch.tensor([832.0]))  # between grid points
+
+
+def test_mixed_denoiser_refuses_a_schedule_that_differs_at_a_late_step_before_any_forward(low_and_high):
+    """Sampled with set_alpha_to_one=False (its PTQD tables were fitted with True), only the last step differs: the
+    run was refused there, after the network had run every earlier step."""
+    _, scheduler, low, high = low_and_high
+    other = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False)
+    mixed = MixedPrecisionDenoiser(low, high, scheduler, SAMPLER, switch=2)
+    with counting_forwards(low.model) as low_calls, counting_forwards(high.model) as high_calls, \
+            pytest.raises(ValueError, match=f"at step {SAMPLER.num_steps - 1} of"):
+        api.sample(mixed, other, SAMPLER, num_samples=2, seed=21, progress=False)
+    assert low_calls[0] == high_calls[0] == 0

@@ -172,10 +172,21 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
         self.high.corrections.check_model(self.high.config.label)
         return (self,)
 
-    def _stack(self, step: StepContext):
+    def _check_sampler(self, step: StepContext) -> None:
         if step.sampler_key != self.sampler.key:
             raise ValueError(f"MixedPrecisionDenoiser is configured for {self.sampler.key}, sampled with "
                              f"{step.sampler_key}; build it for the sampler you use")
+
+    def check_plan(self, steps: Sequence[StepContext]) -> None:
+        """Both members' tables checked against the whole plan before the sampling loop starts (as a correction
+        stack passed as hooks is): a schedule that differs at a late step only was refused there, mid-run."""
+        for step in steps[:1]:
+            self._check_sampler(step)
+        self.low.corrections.check_plan(steps)
+        self.high.corrections.check_plan(steps)
+
+    def _stack(self, step: StepContext):
+        self._check_sampler(step)
         return self._member(step.index).corrections
 
     def before_model(self, x: Tensor, step: StepContext) -> Tensor:
