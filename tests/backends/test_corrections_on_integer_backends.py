@@ -133,11 +133,13 @@ def test_a_stack_fitted_on_an_integer_model_stays_an_integer_model(setup, tmp_pa
     which dropped the backend's attributes and let ``save_pretrained`` write the integer model as an artefact."""
     fp, scheduler, base = setup
     integer = to_backend(base, "int8")
-    corrected = fit_corrections(integer, fp, scheduler, SAMPLER, [TACConfig(num_samples=N, seed=1)], batch_size=N,
-                                progress=False)
+    tac = TACConfig(num_samples=N, seed=1)
+    corrected = fit_corrections(integer, fp, scheduler, SAMPLER, [tac], batch_size=N, progress=False)
     assert type(corrected) is type(integer) and corrected.backend == "int8" and corrected.layers == integer.layers
     assert corrected.model is integer.model and len(integer.corrections) == 0  # shared network, stack not touched
-    assert corrected.recipe is integer.recipe and corrected.training == integer.training
+    # its recipe is the integer model's, with the stack it now carries (tests/corrections/test_attach.py)
+    assert corrected.recipe == dataclasses.replace(integer.recipe, corrections=(tac,))
+    assert integer.recipe.corrections == () and corrected.training == integer.training
     with pytest.raises(TypeError, match="save the 'fake' model"):
         corrected.save_pretrained(tmp_path / "never", scheduler)
     assert not (tmp_path / "never").exists()

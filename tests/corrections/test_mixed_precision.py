@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
-from tests.conftest import build_tiny_unet
+from diffusers import DDIMScheduler, DDPMScheduler
+from tests.conftest import build_tiny_unet, counting_forwards
 
 from tadq import api
 from tadq.config import CalibrationConfig, QuantConfig, config_from_dict, config_to_dict
-from tadq.corrections import PTQDConfig, PTQDCorrection, TableKey
+from tadq.corrections import CorrectionStack, PTQDConfig, PTQDCorrection, TableKey
+from tadq.corrections.attach import with_corrections
 from tadq.corrections.ptqd.bitops import bit_operations, layer_macs
 from tadq.corrections.ptqd.experiment import fit_ptqd
 from tadq.corrections.ptqd.mixed_precision import (
@@ -142,3 +143,35 @@ def test_tradeoff_curve_trades_bit_operations_for_steps(low_and_high):
                    for a, b in zip(points, points[1:], strict=False))
     built = build_mixed_precision(low, high, scheduler, SAMPLER, MixedPrecisionConfig(gamma=2.0))
     assert built.switch == 0
+
+
+def test_mixed_denoiser_follows_a_fractional_timestep_grid(low_and_high):
+    """euler's linspace grid feeds fractional timesteps (832.5, ...) as float32; they were truncated to ints that
+    matched no step, and every euler (or flow-euler) run was refused as off the grid."""
+    model, scheduler, low, high = low_and_high
+    sampler = SamplerConfig(kind="euler", num_steps=7)
+    assert any(isinstance(step.t, float) for step in SamplingPlan.build(scheduler, sampler).steps)
+    low, high = (fit_ptqd(with_corrections(base, CorrectionStack()), model, scheduler, sampler,
+                          PTQDConfig(num_samples=4, seed=3)) for base in (low, high))
+
+    def run(denoiser):
+        return api.sample(denoiser, scheduler, sampler, num_samples=2, seed=21, progress=False).images
+
+    assert torch.equal(run(MixedPrecisionDenoiser(low, high, scheduler, sampler, switch=sampler.num_steps)), run(low))
+    assert torch.equal(run(MixedPrecisionDenoiser(low, high, scheduler, sampler, switch=0)), run(high))
+    mixed = MixedPrecisionDenoiser(low, high, scheduler, sampler, switch=3)
+    assert torch.isfinite(run(mixed)).all()
+    with pytest.raises(ValueError, match="not on the grid"):
+        mixed(torch.zeros(1, 1, 8, 8), torch.tensor([832.0]))  # between grid points
+
+
+def test_mixed_denoiser_refuses_a_schedule_that_differs_at_a_late_step_before_any_forward(low_and_high):
+    """Sampled with set_alpha_to_one=False (its PTQD tables were fitted with True), only the last step differs: the
+    run was refused there, after the network had run every earlier step."""
+    _, scheduler, low, high = low_and_high
+    other = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=False)
+    mixed = MixedPrecisionDenoiser(low, high, scheduler, SAMPLER, switch=2)
+    with counting_forwards(low.model) as low_calls, counting_forwards(high.model) as high_calls, \
+            pytest.raises(ValueError, match=f"at step {SAMPLER.num_steps - 1} of"):
+        api.sample(mixed, other, SAMPLER, num_samples=2, seed=21, progress=False)
+    assert low_calls[0] == high_calls[0] == 0

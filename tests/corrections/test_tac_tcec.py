@@ -14,7 +14,7 @@ from tests.corrections.analytic import (
 
 from tadq.corrections import CorrectionStack, TACConfig, TCECConfig, fit_stack
 from tadq.corrections.scaling import fit_channel_affine, fit_through_coefficient
-from tadq.corrections.sequential import paired_final_error
+from tadq.corrections.sequential import StepTargets, paired_final_error
 from tadq.registry import correction_for
 from tadq.sampling import SamplerConfig, SamplingPlan
 
@@ -236,3 +236,36 @@ def test_when_ner_off_wins_the_held_out_score_the_rescale_is_identity(monkeypatc
     assert tac.input_bias.abs().sum() > 0  # IBC stays fitted
     with pytest.raises(ValueError, match="select_ner"):
         TACConfig(ner=False, select_ner=True)
+
+
+def test_tcec_on_target_keeps_the_estimate_fit_where_the_estimate_does_not_follow_the_target():
+    """error_model="on_target" inverts ε̂ ≈ s ε + d; where s ≤ 0 there is no inverse. The slope was clamped to 1e-6,
+    so K = 1 − 10⁶ and the samples diverged. There the on-estimate fit (the default error model) is kept."""
+    generator = torch.Generator().manual_seed(0)
+    target = torch.randn(64, 2, 4, 4, generator=generator, dtype=torch.float64)
+    noise = 0.1 * torch.randn(target.shape, generator=generator, dtype=torch.float64)
+    eps_hat = torch.stack([1.25 * target[:, 0] + 0.1, -0.5 * target[:, 1]], dim=1) + noise  # channel 1: s < 0
+    correction = correction_for(TCECConfig(select=False, error_model="on_target", resolution="channel"))
+    steps = SamplingPlan.build(analytic_scheduler(), SAMPLER).steps
+    correction.reset_tables(steps, tuple(target.shape[1:]))
+    correction.fit_output_row(0, eps_hat, StepTargets(target, target, target, target), steps[0])
+    on_target = fit_channel_affine(target, eps_hat, relative_weight=0.0, offset=True)
+    on_estimate = fit_channel_affine(eps_hat, target, relative_weight=0.0, offset=True)
+    assert float(on_target.scale[0]) > 0 > float(on_target.scale[1])
+    assert torch.allclose(correction.k[0], torch.stack([1 - 1 / on_target.scale[0], 1 - on_estimate.scale[1]]))
+    assert torch.allclose(correction.b[0], torch.stack([on_target.offset[0] / on_target.scale[0],
+                                                        -on_estimate.offset[1]]))
+
+
+def test_tcec_on_target_does_not_diverge_where_the_last_steps_noise_hides_the_target():
+    """At DDIM's last step the analytic ε (≈ 0.02) is below the injected quantization noise (0.05): fitted through
+    the origin the on-target slope of that step is ≤ 0 and the samples diverged (final MSE ~10⁵ × the uncorrected)."""
+    scheduler = analytic_scheduler()
+    fp = AnalyticDenoiser(scheduler)
+    ctx = fit_context(fp, InjectedError(fp), scheduler, SamplerConfig("ddim", 5), batch_size=16)
+    stack = CorrectionStack([correction_for(TCECConfig(num_samples=16, select=False, error_model="on_target",
+                                                       resolution="channel", offset=False))])
+    fit_stack(stack, ctx)
+    options = {"num_samples": 16, "seed": 9}
+    assert paired_final_error(ctx, tuple(stack), **options) < paired_final_error(ctx, (), **options)
+

@@ -266,3 +266,22 @@ def test_tcec_next_state_target_is_refused_on_dpmsolver_2m_by_name():
     stack = CorrectionStack([correction_for(TCECConfig(select=False, target="next_state", num_samples=8))])
     with pytest.raises(NotImplementedError, match=r"next_state.*dpmsolver\+\+2-10.*previous step's x̂_0"):
         fit_stack(stack, fit_context(fp, InjectedError(fp), scheduler, MULTISTEP))
+
+
+STOCHASTIC = [SamplerConfig("ddim", 6, eta=1.0), SamplerConfig("ddpm", 6), SamplerConfig("euler-ancestral", 6)]
+
+
+@pytest.mark.parametrize("fit", [{"error_space": "state"}, {"target": "next_state"}], ids=["state", "next_state"])
+@pytest.mark.parametrize("sampler", STOCHASTIC, ids=lambda s: s.key)
+def test_tcec_state_space_fits_cancel_the_error_on_stochastic_samplers(sampler, fit):
+    """The state-space fits compare two updates of one step that share its noise z in deployment; they took the
+    step without a z, which a sampler with σ_t > 0 refused at the first row. With J = 0 the fit is exact, so the
+    final error cancels down to float32 rounding (as on the deterministic kinds above)."""
+    scheduler = _scheduler(sampler)
+    fp = TimeOnly()
+    ctx = fit_context(fp, Scaled(fp), scheduler, sampler)
+    stack = CorrectionStack([correction_for(TCECConfig(select=False, num_samples=8, **fit))])
+    fit_stack(stack, ctx)
+    plain = paired_final_error(ctx, (), num_samples=4, seed=9)
+    corrected = paired_final_error(ctx, tuple(stack), num_samples=4, seed=9)
+    assert plain > 1e-4 and corrected < 1e-9 * plain

@@ -6,19 +6,21 @@ Imported explicitly (it depends on ``tadq.denoiser``, which imports ``tadq.corre
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import weakref
 from collections.abc import Sequence
 
-from torch import nn
+from torch import Tensor, nn
 
 from tadq.corrections.base import CorrectionConfig
-from tadq.corrections.context import FitContext
+from tadq.corrections.context import FitContext, single_placement
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.corrections.stack import CorrectionStack, fit_stack
 from tadq.denoiser import QuantizedDenoiser
+from tadq.recipe import Recipe
 from tadq.registry import adapter_for, correction_for
-from tadq.sampling import ConditionSource, Denoiser, SamplerConfig, SamplingPlan
+from tadq.sampling import Conditioning, ConditionSource, Denoiser, SamplerConfig, SamplingPlan
 
 __all__ = ["as_denoiser", "fit_corrections", "models_sharing", "with_corrections"]
 
@@ -36,11 +38,24 @@ def models_sharing(network: nn.Module) -> list[QuantizedDenoiser]:
 
 def as_denoiser(model: nn.Module | Denoiser) -> Denoiser:
     """``(x, t, cond) -> prediction`` of a diffusers model through its adapter; a ``QuantizedDenoiser`` or callable
-    as is."""
+    as is.
+
+    The model runs where and as it is: the states (placed as the quantized model's) and the conditions are moved
+    to its device and dtype, its prediction back to theirs, so an FP reference kept in another dtype or on another
+    device than the quantized model still serves the fit (it failed inside its first layer).
+    """
     if isinstance(model, QuantizedDenoiser) or not isinstance(model, nn.Module):
         return model
     adapter = adapter_for(model)
-    return lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond)
+    device, dtype = single_placement(model)
+    if device is None or dtype is None:  # no parameters, or split over devices or dtypes: called as it is
+        return lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond)
+
+    def call(x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:  # each .to a no-op when placed
+        cond = None if cond is None else cond.to(device, dtype)
+        return adapter.predict_eps(model, x.to(device=device, dtype=dtype), t.to(device), cond).to(x.device, x.dtype)
+
+    return call
 
 
 def with_corrections(qmodel: QuantizedDenoiser, stack: CorrectionStack) -> QuantizedDenoiser:
@@ -105,4 +120,21 @@ def fit_corrections(
     ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size,
                         fp_trajectories=fp_trajectories, progress=progress)
     fit_stack(stack, ctx, start=len(existing))
-    return with_corrections(qmodel, stack)
+    corrected = with_corrections(qmodel, stack)
+    corrected.recipe = _recipe_with(getattr(qmodel, "recipe", None), configs, sampler, plan.guidance_scale)
+    return corrected
+
+
+def _recipe_with(recipe: Recipe | None, configs: Sequence[CorrectionConfig], sampler: SamplerConfig,
+                 guidance_scale: float) -> Recipe | None:
+    """The recipe of the corrected model: ``recipe`` with ``configs`` appended to its corrections when they were
+    fitted for its (one) deployment, so the artefact records the stack it carries (it recorded the base's recipe:
+    ``tadq sample`` named the model without its corrections and did not check the sampler flags against their
+    tables). A recipe that cannot hold them (another sampler or scale than its deployment's) is kept as it is."""
+    if not isinstance(recipe, Recipe) or not configs:
+        return recipe
+    if len(recipe.deployments) != 1 or recipe.sampler != sampler or recipe.guidance_scale != guidance_scale:
+        logger.info("the model's recipe (deployed with %s at guidance %g) does not record corrections fitted for %s "
+                    "at guidance %g", recipe.sampler.key, recipe.guidance_scale, sampler.key, guidance_scale)
+        return recipe
+    return dataclasses.replace(recipe, corrections=(*recipe.corrections, *configs), name="")

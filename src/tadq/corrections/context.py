@@ -7,11 +7,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.sampling import ConditionSource, Denoiser, SamplingPlan, WalkBatch, Walker
 
-__all__ = ["FitContext", "bits_of", "shape_of"]
+__all__ = ["FitContext", "bits_of", "shape_of", "single_placement"]
+
+
+def single_placement(model: object) -> tuple[torch.device | None, torch.dtype | None]:
+    """(device, dtype) of a module's floating parameters, each ``None`` unless they all share one (a callable, a
+    model split over devices or dtypes: the caller keeps its default there)."""
+    floating = [p for p in model.parameters() if p.is_floating_point()] if isinstance(model, nn.Module) else []
+    devices, dtypes = {p.device for p in floating}, {p.dtype for p in floating}
+    return (next(iter(devices)) if len(devices) == 1 else None), (next(iter(dtypes)) if len(dtypes) == 1 else None)
 
 
 def bits_of(q_denoiser: Denoiser, bits: str | None) -> str:
@@ -50,6 +59,8 @@ class FitContext:
         fp_trajectories: FP trajectories kept between fits on the same FP network (``fp_denoiser`` must be that
             cache's network); ``None``: every fit walks its own.
         progress: Show a tqdm bar over the steps of each walk (a fit takes minutes at the default sizes).
+        dtype: Floating dtype of the states (the quantized network's, as ``tadq.sample`` walks them); ``None``
+            keeps the noise's float32.
     """
 
     fp_denoiser: Denoiser
@@ -62,6 +73,7 @@ class FitContext:
     device: str | torch.device = "cpu"
     fp_trajectories: FPTrajectoryCache | None = None
     progress: bool = True
+    dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.plan, SamplingPlan):
@@ -73,15 +85,22 @@ class FitContext:
     def of(cls, fp_denoiser: Denoiser, q_denoiser: Denoiser, plan: SamplingPlan, *,
            sample_shape: tuple[int, int, int] | None = None, bits: str | None = None,
            conditions: ConditionSource | None = None, batch_size: int = 128,
-           device: str | torch.device = "cpu", fp_trajectories: FPTrajectoryCache | None = None,
-           progress: bool = True) -> FitContext:
-        """A context whose shape and bit label default to the quantized denoiser's own."""
+           device: str | torch.device | None = None, fp_trajectories: FPTrajectoryCache | None = None,
+           progress: bool = True, dtype: torch.dtype | None = None) -> FitContext:
+        """A context whose shape, bit label, device and dtype default to the quantized denoiser's own: the states
+        the fit walks are placed as ``tadq.sample`` places them (a float64 or CUDA model was fed float32 CPU states
+        and failed inside its first layer)."""
+        own_device, own_dtype = single_placement(q_denoiser)
+        if device is None:
+            device = own_device if own_device is not None else "cpu"
+        if dtype is None:
+            dtype = own_dtype
         return cls(fp_denoiser, q_denoiser, plan, shape_of(q_denoiser, sample_shape), bits_of(q_denoiser, bits),
-                   conditions, batch_size, device, fp_trajectories, progress)
+                   conditions, batch_size, device, fp_trajectories, progress, dtype)
 
     def walker(self) -> Walker:
         """The walker of this context's plan on its device."""
-        return Walker(self.plan, self.device)
+        return Walker(self.plan, self.device, self.dtype)
 
     def batches(self, seed: int, num_samples: int, batch_size: int | None = None) -> Iterator[WalkBatch]:
         """Samples 0..N-1 of ``seed`` in batches of ``batch_size`` (default: the context's)."""

@@ -127,7 +127,15 @@ def _shaped(fit: ChannelFit, like: Tensor, per_element: bool) -> ChannelFit:
 
 
 def broadcast_row(values: Tensor, like: Tensor) -> Tensor:
-    """A per-step row, (C,) or (C, H, W), shaped to broadcast over a (B, C, H, W) batch like ``like``."""
+    """A per-step row, (C,) or (C, H, W), shaped to broadcast over a (B, C, H, W) batch like ``like``.
+
+    Raises ``ValueError`` unless the row matches the batch's channels (and resolution): a one-channel row was
+    broadcast over every channel of another model's batch without a word, a full-resolution one failed inside torch.
+    """
+    if tuple(values.shape) != tuple(like.shape[1:1 + values.ndim]):
+        raise ValueError(f"a per-step correction table row of shape {tuple(values.shape)} cannot act on a batch of "
+                         f"shape {tuple(like.shape)}: the correction was fitted on a model with other samples "
+                         "(channels or resolution); refit it for this model")
     values = values.to(dtype=like.dtype, device=like.device)
     return values.view(1, -1, *([1] * (like.ndim - 2))) if values.ndim == 1 else values.unsqueeze(0)
 

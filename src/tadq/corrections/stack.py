@@ -100,6 +100,28 @@ class CorrectionStack(nn.Module, IdentityHooks):
         return apply_after_step(list(self), x_prev, step)
 
 
+def _check_condition_rows(stack: CorrectionStack, ctx: FitContext, num_samples: int | None, start: int) -> None:
+    """Refuse, before any fit, a finite condition list (``ConditioningList``) with fewer rows than the fits and
+    their held-out scores sample: it failed at the first batch past its end, after the walks before it had run."""
+    check_indices = getattr(ctx.conditions, "check_indices", None)
+    if check_indices is None:
+        return
+    needed = 0
+    for member in tuple(stack)[start:]:
+        request = member.pair_request()
+        if request is None:
+            continue
+        needed = max(needed, request.num_samples if num_samples is None else num_samples)
+        if len(member.candidates()) > 1:
+            needed = max(needed, member.selection_noise()[1])
+    if needed:
+        try:
+            check_indices(range(needed))
+        except ValueError as error:
+            raise ValueError(f"the correction fits walk {needed} samples (the configs' num_samples and "
+                             f"selection_samples): {error}") from error
+
+
 def fit_stack(
     stack: CorrectionStack,
     ctx: FitContext,
@@ -123,8 +145,11 @@ def fit_stack(
     """
     if not 0 <= start <= len(stack):
         raise ValueError(f"start={start} must lie in [0, {len(stack)}]")
+    for member in tuple(stack)[:start]:  # the fitted members act in every walk: their tables must fit the whole plan
+        member.check_plan(ctx.plan.steps)  # (a grid that differs at a late step was refused there, mid-walk)
     for member in tuple(stack)[start:]:  # every member refuses an unfittable plan before any member's fit runs
         member.check_fittable(ctx.plan.steps)
+    _check_condition_rows(stack, ctx, num_samples, start)
     for index in range(start, len(stack)):
         member = stack[index]
         request = member.pair_request()

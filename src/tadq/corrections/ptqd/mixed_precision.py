@@ -98,6 +98,13 @@ def switch_index(low: PTQDCorrection, gamma: float, rule: SwitchRule = "first_fa
     raise ValueError(f"switch_rule={rule!r}; accepted values: {SWITCH_RULES}")
 
 
+def _time_key(t: float) -> float:
+    """A timestep as the walker feeds it to the network (float32; exact for the integer grids): fractional grids
+    (euler's linspace or Karras σ's, flow-euler) reach the network rounded to float32, and were truncated to ints
+    that matched no step of the grid."""
+    return float(torch.tensor(float(t), dtype=torch.float32))
+
+
 class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
     """``denoiser(x, t)`` running ``low`` for step indices < ``switch`` and ``high`` after, with their corrections.
 
@@ -123,7 +130,7 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
         if isinstance(switch, bool) or not isinstance(switch, int) or not 0 <= switch <= len(self.steps):
             raise ValueError(f"switch must be an int in [0, {len(self.steps)}], got {switch!r}")
         self.switch = switch
-        self._index_of_t = {step.t: step.index for step in self.steps}
+        self._index_of_t = {_time_key(step.t): step.index for step in self.steps}
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -138,11 +145,12 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
 
     def forward(self, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """ε̂ (B, C, H, W) of the network chosen for each sample's step (t (B,) must lie on the sampler grid)."""
-        off_grid = sorted({int(v) for v in t.tolist()} - set(self._index_of_t))
+        times = [_time_key(v) for v in t.tolist()]
+        off_grid = sorted(set(times) - set(self._index_of_t))
         if off_grid:
-            raise ValueError(f"t={off_grid[:3]} is not on the grid of {self.sampler.key}; the mixed-precision switch "
-                             "is defined per step of that sampler only")
-        low_mask = torch.tensor([self._index_of_t[int(v)] < self.switch for v in t.tolist()], device=x.device)
+            raise ValueError(f"t={[f'{v:g}' for v in off_grid[:3]]} is not on the grid of {self.sampler.key}; the "
+                             "mixed-precision switch is defined per step of that sampler only")
+        low_mask = torch.tensor([self._index_of_t[v] < self.switch for v in times], device=x.device)
         if bool(low_mask.all()):
             return self.low(x, t, cond)
         if not bool(low_mask.any()):
@@ -164,10 +172,21 @@ class MixedPrecisionDenoiser(nn.Module, IdentityHooks):
         self.high.corrections.check_model(self.high.config.label)
         return (self,)
 
-    def _stack(self, step: StepContext):
+    def _check_sampler(self, step: StepContext) -> None:
         if step.sampler_key != self.sampler.key:
             raise ValueError(f"MixedPrecisionDenoiser is configured for {self.sampler.key}, sampled with "
                              f"{step.sampler_key}; build it for the sampler you use")
+
+    def check_plan(self, steps: Sequence[StepContext]) -> None:
+        """Both members' tables checked against the whole plan before the sampling loop starts (as a correction
+        stack passed as hooks is): a schedule that differs at a late step only was refused there, mid-run."""
+        for step in steps[:1]:
+            self._check_sampler(step)
+        self.low.corrections.check_plan(steps)
+        self.high.corrections.check_plan(steps)
+
+    def _stack(self, step: StepContext):
+        self._check_sampler(step)
         return self._member(step.index).corrections
 
     def before_model(self, x: Tensor, step: StepContext) -> Tensor:

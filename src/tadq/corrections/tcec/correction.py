@@ -98,34 +98,37 @@ class TCECCorrection(SequentialCorrection):
         per_element, offset = self.config.resolution == "full", self.config.offset
         if self.config.target == "next_state":
             # the whole cumulative error the step would leave against the FP trajectory's next state
-            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_fp, targets.fp_trajectory, step))
+            self._fit_in_state(index, eps_hat, targets, step, _mean_step(targets.x_fp, targets.fp_trajectory, step))
             return
         target = targets.same_input if self.config.target == "same_input" else targets.fp_trajectory
         if self.config.error_space == "state":
             # the step's own error as it enters the state, clipping included
             previous = _shared_previous(targets.x_in, step)
-            self._fit_in_state(index, eps_hat, targets, step, sampler_step(targets.x_in, target, step,
-                                                                           previous=previous))
-            return
-        if self.config.error_model == "on_target":
-            # ε̂ ≈ s ε + d regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink s;
-            # then ε ≈ (ε̂ − d)/s, so e = ε̂ − ε ≈ (1 − 1/s) ε̂ + d/s
-            fit = fit_channel_affine(target, eps_hat, relative_weight=0.0, offset=offset, per_element=per_element)
-            slope = fit.scale.clamp(min=1e-6)
-            self.k[index], self.b[index] = 1.0 - 1.0 / slope, fit.offset / slope
+            self._fit_in_state(index, eps_hat, targets, step, _mean_step(targets.x_in, target, step, previous))
             return
         # ε ≈ s ε̂ + d by least squares of the target on ε̂ (docs/methods/tcec.md): e = ε̂ − ε ≈ (1 − s) ε̂ − d
         fit = fit_channel_affine(eps_hat, target, relative_weight=self.config.relative_weight,
                                  mask_threshold=self.config.mask_threshold, offset=offset, per_element=per_element)
-        self.k[index], self.b[index] = 1.0 - fit.scale, -fit.offset
+        k, b = 1.0 - fit.scale, -fit.offset
+        if self.config.error_model == "on_target":
+            # ε̂ ≈ s ε + d regressed on the clean ε (PTQD's direction): noise in ε̂ does not shrink s;
+            # then ε ≈ (ε̂ − d)/s, so e = ε̂ − ε ≈ (1 − 1/s) ε̂ + d/s. Where s ≤ 0 (ε̂ does not follow ε, e.g. a last
+            # step whose ε is below the quantization noise) that map does not exist: the estimate's fit stays there
+            # (a clamp to s = 1e-6 made K = −10⁶, and the samples diverged)
+            on_target = fit_channel_affine(target, eps_hat, relative_weight=0.0, offset=offset,
+                                           per_element=per_element)
+            invertible = on_target.scale > 0
+            slope = torch.where(invertible, on_target.scale, torch.ones_like(on_target.scale))
+            k = torch.where(invertible, 1.0 - 1.0 / slope, k)
+            b = torch.where(invertible, on_target.offset / slope, b)
+        self.k[index], self.b[index] = k, b
 
     def _fit_in_state(self, index: int, eps_hat: Tensor, targets: StepTargets, step: StepContext,
                       reference_next: Tensor) -> None:
         """B ⊙ E_t ≈ r with r = step(x̃_t, ε̂) − ``reference_next`` (the state the step should reach; the shared noise
         cancels) and the clip-aware per-element B of ``propagation.step_coefficients``: removing E_t from ε̂ then
         removes r from the next state, to first order."""
-        residual = sampler_step(targets.x_in, eps_hat, step, previous=_shared_previous(targets.x_in, step)) \
-            - reference_next
+        residual = _mean_step(targets.x_in, eps_hat, step, _shared_previous(targets.x_in, step)) - reference_next
         _, coefficient = step_coefficients(step, targets.x_in, eps_hat)
         fit = fit_through_coefficient(eps_hat, coefficient, residual, offset=self.config.offset,
                                       per_element=self.config.resolution == "full")
@@ -206,6 +209,13 @@ class TCECCorrection(SequentialCorrection):
             term = term + (leftover * damping * step.coef_prev_x / step.coef_eps) * history.state_before
         residual = leftover * history.own if history.delayed is None else leftover * history.own - history.delayed
         return term + (damping * step.coef_prev_eps / step.coef_eps) * residual
+
+
+def _mean_step(x: Tensor, eps: Tensor, step: StepContext, previous: Tensor | None = None) -> Tensor:
+    """The update without its noise term (z = 0, the sampler's own σ_t elsewhere, e.g. in DDIM's direction term):
+    the state-space fits subtract two updates that share z in deployment, so its σ_t z cancels. Without a z the
+    stochastic samplers (DDIM η > 0, DDPM, euler-ancestral) refused the step and the fit failed at its first row."""
+    return sampler_step(x, eps, step, noise=torch.zeros_like(x), previous=previous)
 
 
 def _shared_previous(x: Tensor, step: StepContext) -> Tensor | None:
