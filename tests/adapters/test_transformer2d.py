@@ -263,6 +263,9 @@ def test_conditioning_mismatches_are_refused_in_the_conditioning_terms():
         adapter_for(dit).predict_eps(dit, x, t)
     with pytest.raises(ValueError, match=r"\[0, 10\]"):
         adapter_for(dit).predict_eps(dit, x, t, Conditioning(class_labels=torch.tensor([1, NUM_CLASSES + 1])))
+    for dtype in (torch.float32, torch.bool, torch.int16):  # torch's embedding refused them inside the first block
+        with pytest.raises(ValueError, match=rf"int64 or int32 indices into the label table, got {dtype}"):
+            adapter_for(dit).predict_eps(dit, x, t, Conditioning(class_labels=torch.tensor([1, 0], dtype=dtype)))
     with pytest.raises(ValueError, match=r"not \['encoder_hidden_states'\]"):
         adapter_for(dit).predict_eps(dit, x, t, Conditioning(class_labels=torch.tensor([1, 2]),
                                                              encoder_hidden_states=text))

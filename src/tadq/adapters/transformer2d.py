@@ -69,6 +69,7 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from tadq.adapters._unet_common import (
+    INDEX_DTYPES,
     QUANTIZABLE,
     RoleClaims,
     TracedUNetAdapter,
@@ -272,6 +273,9 @@ class DiTAdapter(_PatchTransformerAdapter):
         self._check_fields(model, cond, ())
         labels = cond.class_labels
         table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+        if labels.dtype not in INDEX_DTYPES:  # torch's embedding refused it deep inside the first block
+            raise ValueError(f"class_labels must be int64 or int32 indices into the label table, got {labels.dtype} "
+                             "(pass .long() labels)")
         if labels.ndim != 1 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= table)):
             raise ValueError(f"class_labels must be (N,) indices in [0, {table - 1}] (the null class is "
                              f"{self.null_class(model)}), got shape {list(labels.shape)}")
