@@ -233,6 +233,28 @@ def test_pixart_forward_is_the_eps_half_with_mask_and_size_conditions():
         assert torch.equal(adapter.predict_eps(plain, x, t, Conditioning(encoder_hidden_states=text)), direct[:, :4])
 
 
+def test_pixart_without_caption_projection_reads_captions_of_its_cross_attention_width(tmp_path):
+    """Without ``caption_channels`` the captions go straight into the cross-attentions, which read
+    ``cross_attention_dim``; the adapter asked for the inner width (heads × head dim) instead, so when the two
+    differ the right captions were refused and captions of the inner width failed in the first matmul."""
+    model = build_tiny_pixart(caption_channels=None, cross_attention_dim=CAPTION, out_channels=4)
+    adapter = adapter_for(model)
+    assert model.caption_projection is None and model.inner_dim != CAPTION
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 700])
+    cond = captions(2).conditional_only()
+    with torch.no_grad():
+        direct = model(x, encoder_hidden_states=cond.encoder_hidden_states, timestep=t,
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+        assert torch.equal(adapter.predict_eps(model, x, t, cond), direct)
+    assert adapter.dummy_conditioning(model).encoder_hidden_states.shape[-1] == CAPTION
+    with pytest.raises(ValueError, match=rf"encoder_hidden_states must be \(N, L, {CAPTION}\)"):
+        adapter.predict_eps(model, x, t, Conditioning(encoder_hidden_states=torch.randn(2, TOKENS, model.inner_dim)))
+    source = ConditioningList(captions(4))
+    qmodel = api.quantize(model, DDIMScheduler(num_train_timesteps=1000), _quant_config("W8A8"), conditions=source,
+                          progress=False)
+    assert torch.isfinite(_sample(qmodel, DDIMScheduler(num_train_timesteps=1000), source)).all()
+
+
 def test_conditioning_mismatches_are_refused_in_the_conditioning_terms():
     dit, pixart, sized = build_tiny_dit(), build_tiny_pixart(), build_tiny_pixart(use_additional_conditions=True)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([5, 5])
@@ -241,6 +263,9 @@ def test_conditioning_mismatches_are_refused_in_the_conditioning_terms():
         adapter_for(dit).predict_eps(dit, x, t)
     with pytest.raises(ValueError, match=r"\[0, 10\]"):
         adapter_for(dit).predict_eps(dit, x, t, Conditioning(class_labels=torch.tensor([1, NUM_CLASSES + 1])))
+    for dtype in (torch.float32, torch.bool, torch.int16):  # torch's embedding refused them inside the first block
+        with pytest.raises(ValueError, match=rf"int64 or int32 indices into the label table, got {dtype}"):
+            adapter_for(dit).predict_eps(dit, x, t, Conditioning(class_labels=torch.tensor([1, 0], dtype=dtype)))
     with pytest.raises(ValueError, match=r"not \['encoder_hidden_states'\]"):
         adapter_for(dit).predict_eps(dit, x, t, Conditioning(class_labels=torch.tensor([1, 2]),
                                                              encoder_hidden_states=text))

@@ -278,6 +278,9 @@ REFUSED = [
      ValueError, r"PixArtTransformer2DModel has sample_size 10×10, not a multiple of its patch_size 4"),
     ("sd3-odd-sample-size", lambda: _sd3(sample_size=7), FLOW, lambda: prompts(6), ValueError,
      r"SD3Transformer2DModel has sample_size 7×7, not a multiple of its patch_size 2"),
+    # more patches per side than SD3's position table: diffusers refused it inside the first calibration call
+    ("sd3-beyond-position-table", lambda: _sd3(sample_size=16, pos_embed_max_size=4), FLOW, lambda: prompts(6),
+     ValueError, r"8×8 patches of 2, but its position table \(pos_embed_max_size=4\) covers at most 4 per side"),
     ("flux-odd-latent", lambda: _flux(sample_size=6 + 1), FLOW, lambda: prompts(6, 3.5), ValueError,
      r"Flux packs 2×2 latent patches, so both latent sides must be even"),
     ("flux-fill-channels", lambda: _flux(in_channels=32, out_channels=16), FLOW, lambda: prompts(6, 3.5),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import AttnProcessor2_0
-from tests.conftest import SDXL_POOLED_DIM, build_tiny_sd_unet, build_tiny_sdxl_unet
+from tests.conftest import SDXL_POOLED_DIM, SDXL_TIME_EMBED_DIM, build_tiny_sd_unet, build_tiny_sdxl_unet
 from torch import nn
 
 import tadq
@@ -153,6 +153,22 @@ def test_blocks_follow_the_forward_order_of_a_conditioned_call(build):
         assert blocks.index("down_blocks.0.resnets.0") < blocks.index("down_blocks.0.attentions.0.proj_in")
     assert blocks.index("mid_block.resnets.0") < blocks.index("mid_block.attentions.0.transformer_blocks.0") < \
         blocks.index("mid_block.resnets.1") < blocks.index("up_blocks.0.resnets.0")
+
+
+@pytest.mark.parametrize("pooled, time_ids", [(2, 5), (3, 0)], ids=["refiner-narrow-pooled", "no-time-ids"])
+def test_a_narrow_added_embedding_input_is_traced(pooled, time_ids):
+    """The tracing forward split SDXL's added input P as P − 6·a pooled + 6 time ids: a UNet whose P is below 6·a
+    (a narrow refiner-style D' + 5·a) asked torch for a pooled width below zero, so block order, shortcut splits
+    and cost counting failed with "Dimension size must be non-negative"."""
+    total = pooled + time_ids * SDXL_TIME_EMBED_DIM
+    model = build_tiny_sdxl_unet(projection_class_embeddings_input_dim=total)
+    adapter = adapter_for(model)
+    dummy = adapter.dummy_conditioning(model, batch_size=2)
+    width = dummy.pooled_embeds.shape[-1] + dummy.added_cond_kwargs["time_ids"].shape[-1] * SDXL_TIME_EMBED_DIM
+    assert width == total and dummy.pooled_embeds.shape[-1] >= 0
+    blocks = adapter.blocks(model)
+    assert blocks.index("add_embedding") < blocks.index("conv_in") and blocks[-1] == "conv_out"
+    assert adapter.concat_splits(model) == adapter.concat_splits(build_tiny_sdxl_unet())  # P does not move them
 
 
 @pytest.mark.parametrize("build", [build_tiny_sd_unet, build_tiny_sdxl_unet])

@@ -89,6 +89,27 @@ def test_labels_past_the_class_table_are_refused_by_range(build, labels):
         adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([0, 4]), **fields))
 
 
+@pytest.mark.parametrize("build", [lambda: _unet(num_class_embeds=5),
+                                   lambda: build_tiny_sd_unet(num_class_embeds=5)], ids=["unet2d", "unet2d-condition"])
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int8, torch.uint8, torch.int16])
+def test_label_indices_of_a_dtype_the_class_table_cannot_take_are_named(build, dtype):
+    """torch's embedding takes int64 or int32 indices only: bool or narrow integer labels passed the (N,) integer
+    check and failed inside the UNet with "Expected tensor for argument #1 'indices' to have one of the following
+    scalar types"."""
+    model = build()
+    adapter = adapter_for(model)
+    x, t = torch.zeros(2, model.config.in_channels, 8, 8), torch.tensor([10, 10])
+    fields = {"encoder_hidden_states": torch.zeros(2, 3, 16)} if isinstance(model, UNet2DConditionModel) else {}
+    with counting_forwards(model) as calls, pytest.raises(ValueError, match=rf"int64 or int32 labels; got {dtype}"):
+        adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([1, 0], dtype=dtype), **fields))
+    assert calls == [0]
+    with torch.no_grad():  # int32 labels run, as the model's own call does
+        got = adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([1, 0], dtype=torch.int32),
+                                                            **fields))
+        assert torch.equal(got, adapter.predict_eps(model, x, t, Conditioning(class_labels=torch.tensor([1, 0]),
+                                                                              **fields)))
+
+
 def test_a_conditional_unet_with_an_identity_class_embedding_traces():
     model = build_tiny_sd_unet(class_embed_type="identity")
     assert len(adapter_for(model).blocks(model)) > 5  # its dummy labels are (1, time_embed_dim) vectors

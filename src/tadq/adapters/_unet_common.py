@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tadq.adapters.base import LayerInfo, LayerRole
 from tadq.sampling.conditioning import Conditioning
 
-__all__ = ["QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels",
+__all__ = ["INDEX_DTYPES", "QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels",
            "check_processor_layers", "check_unfused",
            "claim_attention", "claim_resnet", "class_label_width", "dummy_class_labels"]
 
@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 SKIP_ARGUMENT = "res_hidden_states_tuple"  # how diffusers' decoder blocks receive the encoder's skip features
+INDEX_DTYPES = (torch.int64, torch.int32)  # the index dtypes torch's nn.Embedding takes (not bool, int8, int16)
 
 
 class RoleClaims:
@@ -187,6 +188,9 @@ def check_class_labels(model: nn.Module, labels: Tensor) -> None:
                          f"a float label vector per sample, (N, {width}); got {labels.dtype} of shape "
                          f"{list(labels.shape)}")
     table = getattr(model, "class_embedding", None)
+    if width is None and isinstance(table, nn.Embedding) and labels.dtype not in INDEX_DTYPES:
+        raise ValueError(f"this {kind}'s class embedding is a table indexed by int64 or int32 labels; got "
+                         f"{labels.dtype} (torch's embedding refuses it deep inside the model): pass .long() labels")
     if width is None and isinstance(table, nn.Embedding) and labels.numel():
         low, high = int(labels.min()), int(labels.max())  # an index past the table failed inside torch's embedding
         if low < 0 or high >= table.num_embeddings:

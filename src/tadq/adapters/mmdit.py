@@ -369,9 +369,20 @@ class SD3Adapter(_MMDiTAdapter):
 
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
         """(C, H, W) of the latent; refuses, before any work, a sample size that is not a multiple of the patch
-        size and an output that is not a velocity of the latent's channels."""
+        size, more patches per side than the position table holds (``pos_embed_max_size``: diffusers refused it at
+        the first call, after the calibration had started) and an output that is not a velocity of the latent's
+        channels."""
         self._check_velocity_channels(model)
-        return super().sample_shape(model)
+        channels, height, width = super().sample_shape(model)
+        config = model.config
+        table = config.get("pos_embed_max_size")
+        if table is not None and max(height, width) // config.patch_size > table:
+            raise ValueError(f"this SD3Transformer2DModel has sample_size {height}×{width}: "
+                             f"{height // config.patch_size}×{width // config.patch_size} patches of "
+                             f"{config.patch_size}, but its position table (pos_embed_max_size={table}) covers at "
+                             f"most {table} per side; sample at most {table * config.patch_size} latent pixels per "
+                             "side (fix config.sample_size)")
+        return channels, height, width
 
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """SD3's velocity at (x, t, cond); t as the flow scheduler's timesteps (σ·1000).

@@ -46,11 +46,12 @@ Conditioning:
   (the last row of the label table, ``DiTAdapter.null_class``) used for the unconditional guidance branch, e.g.
   ``RandomClassLabels(K, null_class=K)``.
 - PixArt: ``encoder_hidden_states`` (N, L, D_caption), D_caption = ``caption_channels`` (the T5 width, projected
-  by ``caption_projection``) or the inner width when the model has no caption projection; ``attention_mask``
-  (N, L), 1 = keep, optional, passed as ``encoder_attention_mask``; with ``use_additional_conditions`` (PixArt-α
-  at 1024 px) also ``added_cond_kwargs.resolution`` (N, 2) and ``added_cond_kwargs.aspect_ratio`` (N, 1), otherwise
-  both are passed as ``None`` as diffusers' pipeline does. The cross-attention K/V of the caption are memoised
-  during inference as in the cross-attention UNet (``tadq.quant.attention.CrossAttentionKVCache``).
+  by ``caption_projection``) or, when the model has no caption projection, ``cross_attention_dim`` (what its
+  cross-attentions read); ``attention_mask`` (N, L), 1 = keep, optional, passed as ``encoder_attention_mask``;
+  with ``use_additional_conditions`` (PixArt-α at 1024 px) also ``added_cond_kwargs.resolution`` (N, 2) and
+  ``added_cond_kwargs.aspect_ratio`` (N, 1), otherwise both are passed as ``None`` as diffusers' pipeline does.
+  The cross-attention K/V of the caption are memoised during inference as in the cross-attention UNet
+  (``tadq.quant.attention.CrossAttentionKVCache``).
 
 Attention matmuls (``quantize_attention=True``): both models use diffusers' ``Attention`` with the default
 processor, which ``QuantAttnProcessor`` reproduces (PixArt's caption mask arrives as the additive bias it handles),
@@ -68,6 +69,7 @@ from diffusers.models.attention_processor import Attention
 from torch import Tensor, nn
 
 from tadq.adapters._unet_common import (
+    INDEX_DTYPES,
     QUANTIZABLE,
     RoleClaims,
     TracedUNetAdapter,
@@ -271,6 +273,9 @@ class DiTAdapter(_PatchTransformerAdapter):
         self._check_fields(model, cond, ())
         labels = cond.class_labels
         table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
+        if labels.dtype not in INDEX_DTYPES:  # torch's embedding refused it deep inside the first block
+            raise ValueError(f"class_labels must be int64 or int32 indices into the label table, got {labels.dtype} "
+                             "(pass .long() labels)")
         if labels.ndim != 1 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= table)):
             raise ValueError(f"class_labels must be (N,) indices in [0, {table - 1}] (the null class is "
                              f"{self.null_class(model)}), got shape {list(labels.shape)}")
@@ -307,11 +312,15 @@ class PixArtAdapter(_PatchTransformerAdapter):
 
     @staticmethod
     def caption_width(model: nn.Module) -> int:
-        """D of the caption embedding the model reads: ``caption_channels`` (projected), else the inner width."""
+        """D of the caption embedding the model reads: ``caption_channels`` (projected to the inner width), else
+        what the cross-attentions read, ``cross_attention_dim`` (the inner width was asked for, so a model whose
+        cross-attentions read another width refused the right captions and let the wrong ones fail in a matmul)."""
         config = model.config
         if model.caption_projection is not None:
             return int(config.caption_channels)
-        return int(config.num_attention_heads * config.attention_head_dim)
+        if config.cross_attention_dim is not None:
+            return int(config.cross_attention_dim)
+        return int(config.num_attention_heads * config.attention_head_dim)  # no cross-attention reads it
 
     def dummy_conditioning(self, model: nn.Module, batch_size: int = 1) -> Conditioning:
         parameter = next(model.parameters())

@@ -203,7 +203,8 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
 
     def dummy_conditioning(self, model: nn.Module, batch_size: int = 1) -> Conditioning:
         """Zeros of the shapes the config implies (for tracing): L = ``DUMMY_TOKENS``; SDXL's added input split as
-        D' = P − 6·a pooled + 6 time ids (only their concatenation enters the UNet)."""
+        D' = P − k·a pooled + k time ids, k = 6 or fewer when 6·a > P (only their concatenation enters the UNet: a
+        refiner-style P = D' + 5·a with D' < a used to ask for a pooled width below zero)."""
         parameter = next(model.parameters())
         device, dtype, config = parameter.device, parameter.dtype, model.config
         width = text_width(model)
@@ -211,10 +212,10 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
                                                                        dtype=dtype)}
         inputs = self.conditioning_inputs(model)
         if "pooled_embeds" in inputs:
-            pooled = config.projection_class_embeddings_input_dim - DUMMY_TIME_IDS * config.addition_time_embed_dim
-            fields["pooled_embeds"] = torch.zeros(batch_size, pooled, device=device, dtype=dtype)
-            fields["added_cond_kwargs"] = {"time_ids": torch.zeros(batch_size, DUMMY_TIME_IDS, device=device,
-                                                                   dtype=dtype)}
+            total, per_id = config.projection_class_embeddings_input_dim, config.addition_time_embed_dim
+            count = min(DUMMY_TIME_IDS, total // per_id)  # fewer ids when 6 would not fit (a narrow added input)
+            fields["pooled_embeds"] = torch.zeros(batch_size, total - count * per_id, device=device, dtype=dtype)
+            fields["added_cond_kwargs"] = {"time_ids": torch.zeros(batch_size, count, device=device, dtype=dtype)}
         if "class_labels" in inputs:  # a label table (or "timestep") takes indices, the others vectors
             fields["class_labels"] = dummy_class_labels(model, batch_size)
         return Conditioning(**fields)
