@@ -169,3 +169,14 @@ def test_evaluation_prompts_beyond_the_samples_are_refused():
     with pytest.raises(ValueError, match="num_samples 2 for 4 evaluation prompts: .*'c'"):
         RunConfig(num_samples=2, evaluation_prompts=("a", "b", "c", "d"), calibration_prompts=("e",))
     assert RunConfig(num_samples=4, evaluation_prompts=("a", "b", "c", "d"), calibration_prompts=("e",))
+
+
+def test_an_eval_seed_a_row_chose_its_settings_on_is_refused(tmp_path):
+    """TCEC chooses (a, κ) on held-out seed calibration seed + 100000: `tadq run --seed 100000` scored the TCEC row
+    on the very noise its choice was made on; only calibration.seed == eval_seed was refused."""
+    config = dict(model="digits", presets=("W8A8",), methods=("naive", "tcec"), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"eval_seed 100000 is the corrections\[0\]'s held-out selection seed "
+                                         r"\(TCECConfig\) of row tcec at W8A8"):
+        RunConfig(eval_seed=100_000, **config)
+    assert RunConfig(eval_seed=100_001, **config)  # apart from every seed the rows fit or choose on
+    assert RunConfig(eval_seed=100_000, **(config | {"methods": ("naive", "ptqd")}))  # PTQD alone chooses nothing
