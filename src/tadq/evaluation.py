@@ -140,7 +140,9 @@ def check_evaluation_seed(model: nn.Module, seed: int, flag: str = "seed") -> No
     sample i of that seed is calibration trajectory i, so the scores would measure the model on its own noise. A
     model without a recipe (an FP model, a hand-built network) has none to compare."""
     recipe = getattr(model, "recipe", None)
-    seeds = recipe.noise_seeds() if hasattr(recipe, "noise_seeds") else {}
+    calibration = getattr(getattr(model, "config", None), "calibration", None)  # a QuantConfig without a recipe
+    seeds = recipe.noise_seeds() if hasattr(recipe, "noise_seeds") else \
+        {"calibration.seed": calibration.seed} if isinstance(getattr(calibration, "seed", None), int) else {}
     used = [where for where, value in seeds.items() if value == seed]
     if used:
         raise ValueError(f"{flag} {seed} is the seed of the model's {', '.join(used)}: evaluated on it, the model is "

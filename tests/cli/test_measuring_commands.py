@@ -90,6 +90,10 @@ def test_an_evaluation_seed_the_artefact_was_calibrated_or_fitted_on_is_refused_
     with pytest.raises(ValueError, match=r"seed 1 is the seed of the model's corrections\[0\]"):
         evaluate_against_reference(qmodel, build_tiny_unet(seed=0), scheduler, SamplerConfig("ddim", 2),
                                    num_samples=2, seed=1, progress=False)
+    qmodel.recipe = None  # a model quantized from a bare QuantConfig: its calibration seed still counts
+    with pytest.raises(ValueError, match=r"seed 0 is the seed of the model's calibration\.seed"):
+        evaluate_against_reference(qmodel, build_tiny_unet(seed=0), scheduler, SamplerConfig("ddim", 2),
+                                   num_samples=2, seed=0, progress=False)
 
 
 def test_the_source_passes_and_psnr_matches_an_independent_computation(folders) -> None:
