@@ -61,6 +61,25 @@ def test_same_seed_gives_bit_identical_samples(tiny_unet, ddpm_scheduler):
     assert not torch.equal(runs[0], other)
 
 
+def test_quantize_save_load_and_sample_leave_the_callers_torch_rng_stream_alone(tiny_unet, ddpm_scheduler,
+                                                                                  tmp_path):
+    """tadq draws its noise from its own generators; the fake-quant layers built around the model's weights (and
+    the architecture ``load`` builds before reading the artefact's) used to run torch's random init, so a script's
+    own torch.manual_seed stream moved by every tadq.quantize and tadq.load."""
+    from tadq.io import save_quantized
+
+    calibration = dataclasses.replace(CALIB, num_trajectories=4, num_steps_kept=2, samples_per_step=4)
+    config = QuantConfig.from_preset("W8A8", calibration=calibration, split_shortcut=True, quantize_attention=True)
+    torch.manual_seed(3)
+    expected = torch.randn(8)
+    torch.manual_seed(3)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
+    save_quantized(qmodel, tmp_path / "q", ddpm_scheduler)
+    loaded, _ = api.load(tmp_path / "q")
+    api.sample(loaded, ddpm_scheduler, calibration.sampler, num_samples=2, seed=5, progress=False)
+    assert torch.equal(torch.randn(8), expected)
+
+
 def test_a_negative_seed_is_refused_before_any_denoiser_call(tiny_unet, ddpm_scheduler, monkeypatch):
     calls = []
     monkeypatch.setattr(tiny_unet, "forward", lambda *args, **kwargs: calls.append(1))

@@ -26,7 +26,7 @@ from tadq.sampling import ConditionSource, SamplerConfig, SamplingResult
 
 __all__ = [
     "QualityMetrics", "quality_metrics", "FDReference", "fd_reference", "Evaluation", "evaluate_against_reference",
-    "check_same_architecture", "check_same_weights",
+    "check_same_architecture", "check_same_weights", "check_evaluation_seed",
 ]
 
 logger = logging.getLogger(__name__)
@@ -135,6 +135,21 @@ class Evaluation:
     fd_floor: float | None
 
 
+def check_evaluation_seed(model: nn.Module, seed: int, flag: str = "seed") -> None:
+    """Refuse an evaluation seed the model was calibrated, fitted or chosen on (its recipe's ``noise_seeds``):
+    sample i of that seed is calibration trajectory i, so the scores would measure the model on its own noise. A
+    model without a recipe (an FP model, a hand-built network) has none to compare."""
+    recipe = getattr(model, "recipe", None)
+    calibration = getattr(getattr(model, "config", None), "calibration", None)  # a QuantConfig without a recipe
+    seeds = recipe.noise_seeds() if hasattr(recipe, "noise_seeds") else \
+        {"calibration.seed": calibration.seed} if isinstance(getattr(calibration, "seed", None), int) else {}
+    used = [where for where, value in seeds.items() if value == seed]
+    if used:
+        raise ValueError(f"{flag} {seed} is the seed of the model's {', '.join(used)}: evaluated on it, the model is "
+                         "scored on the noise it was calibrated on; evaluate on another seed (the README's tables use "
+                         "1000)")
+
+
 def decoded_shape(shape: Sequence[int], decoder: Callable[[Tensor], Tensor] | None) -> tuple[int, ...]:
     """(C, H, W) of one image made from a sample of ``shape``: the sample itself without a decoder, else what the
     decoder (a latent model's VAE, which moves its input to its own device and dtype) returns for one."""
@@ -171,6 +186,7 @@ def evaluate_against_reference(
     from tadq.api import sample
 
     check_same_architecture(candidate, reference)
+    check_evaluation_seed(candidate, seed)
     if features is not None:
         shape = getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate)
         features.check_fits(decoded_shape(shape, decoder), "the model's samples")  # the features read images

@@ -258,6 +258,25 @@ class Recipe:
             preset_name=self.preset_name, branch_ranges=self.branch_ranges, layer_bits=self.layer_bits,
         )
 
+    def noise_seeds(self) -> dict[str, int]:
+        """Where → seed of every noise the model was calibrated, fitted or chosen on: the calibration trajectories,
+        TFMQ's FP trajectories, each correction's fitting pair and held-out selection (only when it chooses). An
+        evaluation on one of them scores the model on its own noise."""
+        from tadq.registry import correction_for
+
+        seeds = {"calibration.seed": self.calibration.seed}
+        tfmq = getattr(self.method, "tfmq", None)
+        if isinstance(tfmq, CorrectionConfig):
+            seeds["method.tfmq.seed"] = tfmq.seed
+        for index, config in enumerate(self.corrections):
+            name = type(config).__name__
+            seeds[f"corrections[{index}].seed ({name})"] = config.seed
+            member = correction_for(config)
+            held_out, _ = member.selection_noise()
+            if held_out is not None and len(member.candidates()) > 1:
+                seeds[f"corrections[{index}]'s held-out selection seed ({name})"] = held_out
+        return seeds
+
     def base(self) -> Recipe:
         """This recipe without its correction stack: the network the corrections are fitted on."""
         return dataclasses.replace(self, corrections=(), name="")

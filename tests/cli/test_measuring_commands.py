@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -71,6 +72,28 @@ def test_a_reference_of_another_training_is_refused_before_sampling(folders, tmp
         assert "not the ones the artefact was quantized from" in result.output, result.output
         assert "sampling" not in result.output and not (out / "results.json").exists()
         assert not (out / "analysis.json").exists()
+
+
+def test_an_evaluation_seed_the_artefact_was_calibrated_or_fitted_on_is_refused_before_sampling(folders, tmp_path):
+    """Sample i of the calibration (or a correction's fitting) seed is that run's trajectory i: scored on it, the
+    model was measured on its own noise. Both commands named the seed only after sampling; the API refuses it too."""
+    cases = [("artefact", "0", "calibration.seed"), ("stacked", "3", r"corrections\[1\]\.seed \(TCECConfig\)")]
+    for (name, seed, where), (command, flag) in zip(cases * 2, [("evaluate", "--reference")] * 2
+                                                     + [("analyze", "--fp-model")] * 2, strict=True):
+        out = tmp_path / f"{command}-{name}"
+        result = runner.invoke(app, [command, str(folders[name]), flag, str(folders["fp"]), "--num-samples", "2",
+                                     "--steps", "2", "--seed", seed, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        assert re.search(rf"--seed {seed} is the seed of the model's {where}", " ".join(result.output.split()))
+        assert not (out / "results.json").exists() and not (out / "analysis.json").exists()
+    qmodel, scheduler = load_quantized(folders["stacked"])
+    with pytest.raises(ValueError, match=r"seed 1 is the seed of the model's corrections\[0\]"):
+        evaluate_against_reference(qmodel, build_tiny_unet(seed=0), scheduler, SamplerConfig("ddim", 2),
+                                   num_samples=2, seed=1, progress=False)
+    qmodel.recipe = None  # a model quantized from a bare QuantConfig: its calibration seed still counts
+    with pytest.raises(ValueError, match=r"seed 0 is the seed of the model's calibration\.seed"):
+        evaluate_against_reference(qmodel, build_tiny_unet(seed=0), scheduler, SamplerConfig("ddim", 2),
+                                   num_samples=2, seed=0, progress=False)
 
 
 def test_the_source_passes_and_psnr_matches_an_independent_computation(folders) -> None:

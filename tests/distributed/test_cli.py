@@ -46,3 +46,15 @@ def test_unknown_device_is_a_clean_error(tiny_setup: TinySetup, tmp_path: Path) 
     result = runner.invoke(app, ["sample-sharded", str(tiny_setup.candidate_dir), "--device", "tpu", "--out-dir",
                                  str(tmp_path / "out")])
     assert result.exit_code == 2 and "device must be one of" in result.output
+
+
+def test_metrics_on_the_seed_an_artefact_was_calibrated_on_are_refused_before_any_chunk(tmp_path: Path) -> None:
+    from tests.io.tiny_artefacts import save_tiny_artefact
+
+    artefact = save_tiny_artefact(tmp_path / "q", "W8A8")  # calibration seed 0
+    flags = ["sample-sharded", str(artefact), "--num-samples", "2", "--steps", "2", "--batch-size", "2", "--seed", "0"]
+    result = runner.invoke(app, [*flags, "--out-dir", str(tmp_path / "measured")])
+    assert result.exit_code == 2 and "calibration.seed" in result.output, result.output
+    assert not (tmp_path / "measured" / "chunks").exists()
+    result = runner.invoke(app, [*flags, "--out-dir", str(tmp_path / "sampled"), "--no-metrics"])  # samples only
+    assert result.exit_code == 0, result.output

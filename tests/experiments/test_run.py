@@ -178,3 +178,14 @@ def test_preset_names_are_stored_as_the_preset_table_spells_them():
 
     assert RunConfig(presets=(" w4a8", "W8A8")).presets == ("W4A8", "W8A8")
     assert BenchConfig(methods=("naive",), presets=("w4a4\n",)).presets == ("W4A4",)
+
+
+def test_an_eval_seed_a_row_chose_its_settings_on_is_refused(tmp_path):
+    """TCEC chooses (a, κ) on held-out seed calibration seed + 100000: `tadq run --seed 100000` scored the TCEC row
+    on the very noise its choice was made on; only calibration.seed == eval_seed was refused."""
+    config = dict(model="digits", presets=("W8A8",), methods=("naive", "tcec"), out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"eval_seed 100000 is the corrections\[0\]'s held-out selection seed "
+                                         r"\(TCECConfig\) of row tcec at W8A8"):
+        RunConfig(eval_seed=100_000, **config)
+    assert RunConfig(eval_seed=100_001, **config)  # apart from every seed the rows fit or choose on
+    assert RunConfig(eval_seed=100_000, **(config | {"methods": ("naive", "ptqd")}))  # PTQD alone chooses nothing

@@ -65,6 +65,13 @@ def test_text_to_image_workload_refuses_bad_prompt_sets_before_sampling(sd_folde
         load_workload(str(sd_folder), calibration_prompts=("cat " * 40,), evaluation_prompts=("a dog",))
 
 
+def test_prompts_that_differ_only_in_case_or_spacing_are_one_prompt_to_the_encoder(sd_folder):
+    # CLIP's tokenizer lower-cases and collapses spaces: these strings differ, the token ids the encoder reads do not
+    with pytest.raises(ValueError, match="disjoint.*'A  Cat'.*'a cat'"):
+        load_workload(str(sd_folder), calibration_prompts=("A  Cat", "a dog"), evaluation_prompts=("a cat",))
+    load_workload(str(sd_folder), calibration_prompts=("a dog",), evaluation_prompts=("a cat",))  # apart: taken
+
+
 def test_unconditional_model_takes_no_prompts_or_guidance(tiny_model_dir):
     with pytest.raises(ValueError, match="takes no prompts"):
         load_workload(str(tiny_model_dir), calibration_prompts=("a cat",), evaluation_prompts=("a dog",))

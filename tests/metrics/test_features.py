@@ -93,3 +93,17 @@ def test_evaluation_refuses_misfit_features_before_sampling(tmp_path, tiny_unet,
         evaluate_against_reference(tiny_unet, tiny_unet, ddpm_scheduler, SamplerConfig("ddim", num_steps=2),
                                    num_samples=2, seed=1, features=space, progress=False)
     assert not calls
+
+
+def test_loading_the_shipped_classifiers_leaves_the_callers_torch_rng_stream_alone() -> None:
+    """Building the classifier ran torch's random init before its weights were read: a feature space made inside a
+    user's seeded script (tadq evaluate's, tadq.evaluation's) moved the script's later torch.randn draws."""
+    from tadq.metrics.classifier import load_digit_classifier
+    from tadq.metrics.photo_classifier import load_photo_classifier
+
+    torch.manual_seed(4)
+    expected = torch.randn(8)
+    torch.manual_seed(4)
+    load_digit_classifier()
+    load_photo_classifier()
+    assert torch.equal(torch.randn(8), expected)

@@ -52,7 +52,7 @@ def analyze_command(
     from tadq.analysis import analyze_propagation, save_propagation_plot
     from tadq.corrections.attach import as_denoiser
     from tadq.device import place_model
-    from tadq.evaluation import check_same_architecture
+    from tadq.evaluation import check_evaluation_seed, check_same_architecture
     from tadq.fsguard import check_output_dir, mark_output
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
@@ -73,6 +73,7 @@ def analyze_command(
         check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
         qmodel, artefact_scheduler = load_quantized(model_dir, backend=backend)
+        check_evaluation_seed(qmodel, seed, "--seed")  # the measured error would be on its calibration noise
         wanted = qmodel.adapter.conditioning_inputs(qmodel.model)
         if wanted:  # refused here, not by the first network call after the FP model is loaded and sampling began
             from tadq.pipelines import is_pipeline_folder

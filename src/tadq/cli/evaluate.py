@@ -178,7 +178,7 @@ def evaluate_command(
     from tadq.cli.sample import class_conditioning, is_prompt_pipeline
     from tadq.config import config_to_dict
     from tadq.device import place_model
-    from tadq.evaluation import decoded_shape, evaluate_against_reference
+    from tadq.evaluation import check_evaluation_seed, decoded_shape, evaluate_against_reference
     from tadq.fsguard import check_output_dir
     from tadq.io import load_quantized
     from tadq.methods import check_sampler
@@ -207,6 +207,7 @@ def evaluate_command(
                              inputs=[model_dir, reference if reference is not None else shipped_model_path()])
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         qmodel, scheduler = load_quantized(model_dir, backend=backend)
+        check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
         check_sampler(qmodel, sampler_config, str(model_dir))
         qmodel = place_model(qmodel, torch_device, torch_dtype)  # float32: bit-identical to the saved model
         # a class-conditional model: labels from the evaluation seed (never the calibration one), the recipe's

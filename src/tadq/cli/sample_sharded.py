@@ -74,6 +74,7 @@ def sample_sharded_command(
     """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics."""
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
     from tadq.distributed.metrics import check_metrics_fit, check_reference_noise
+    from tadq.evaluation import check_evaluation_seed
     from tadq.fsguard import check_output_dir
     from tadq.models import shipped_model_path
     from tadq.registry import adapter_for
@@ -108,6 +109,7 @@ def sample_sharded_command(
         shape = getattr(denoiser, "sample_shape", None) or adapter_for(denoiser).sample_shape(denoiser)
         if metrics:  # colour, or a size without real digits: refused before any chunk, as sharded_metrics would after
             check_metrics_fit(shape)
+            check_evaluation_seed(denoiser, seed, "--seed")  # measured on its calibration noise (--no-metrics: taken)
         if metrics and reference is not None:  # another noise is refused now, not after the whole run
             check_reference_noise(reference, seed=seed, sampler=sampler_config, sample_shape=shape,
                                   num_samples=num_samples)

@@ -141,6 +141,21 @@ class RunConfig:
             )
         if self.calibration.sampler != self.sampler:
             raise ValueError("calibration.sampler must be the deployment sampler (set both to the same SamplerConfig)")
+        self._check_rows_apart_from_eval_seed()
+
+    def _check_rows_apart_from_eval_seed(self) -> None:
+        """A row's held-out selection seed (calibration seed + 100000 for PTQD/TAC/TCEC choices) must not be the
+        evaluation seed either: the row's settings were then chosen on the noise it is scored on."""
+        from tadq.experiments.rows.recipes import RECIPE_ROWS, recipes_for_row
+
+        for row, name in job_rows(self):
+            if row not in RECIPE_ROWS:
+                continue
+            seeds = recipes_for_row(row, name, self).noise_seeds()
+            used = [where for where, seed in seeds.items() if seed == self.eval_seed]
+            if used:
+                raise ValueError(f"eval_seed {self.eval_seed} is the {', '.join(used)} of row {row} at {name}: its "
+                                 "fit or choice would be scored on its own noise; choose another eval seed")
 
 
 def cell_key(fingerprint: str, config: RunConfig, variant: Variant, workload: Workload | None = None) -> str:

@@ -174,6 +174,19 @@ def _prompt_key(prompts: Sequence[str], negative: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def _check_prompts_apart(encoder: Any, calibration: Sequence[str], evaluation: Sequence[str]) -> None:
+    """Refuse a calibration prompt the text encoders read as an evaluation prompt: they see token ids, not strings,
+    and CLIP's tokenizer lower-cases and collapses spaces, so "A  Cat" passed the string check against "a cat"
+    and the fits were scored on their own prompt."""
+    evaluated = {encoder.token_digest([prompt]): prompt for prompt in evaluation}
+    shared = [(prompt, evaluated[digest]) for prompt in calibration
+              if (digest := encoder.token_digest([prompt])) in evaluated]
+    if shared:
+        pairs = ", ".join(f"{c!r} (calibration) = {e!r} (evaluation)" for c, e in shared[:3])
+        raise ValueError(f"calibration and evaluation prompts must be disjoint (a fit scored on its own prompts "
+                         f"proves nothing); the tokenizers read these as one prompt: {pairs}")
+
+
 def load_workload(model: str | None, *, guidance_scale: float | None = None,
                   calibration_prompts: Sequence[str] = (), evaluation_prompts: Sequence[str] = (),
                   negative_prompt: str = "", labels: str | None = None, null_class: int | None = None,
@@ -445,6 +458,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
     encoder = prompt_encoder_for(pipeline, distilled_guidance=distilled_guidance)
     calibration = PromptConditions(encoder, list(calibration_prompts), negative_prompt=negative_prompt)
     evaluation = PromptConditions(encoder, list(evaluation_prompts), negative_prompt=negative_prompt)
+    _check_prompts_apart(encoder, calibration_prompts, evaluation_prompts)
     decoder = _vae_decoder(pipeline.vae)
     denoiser = pipeline_denoiser(pipeline).eval().requires_grad_(False)  # the UNet, or PixArt/SD3/Flux's transformer
     scheduler = load_pipeline_parts(path)[1]

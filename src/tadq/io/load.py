@@ -103,7 +103,10 @@ def _build_fp_model(folder: Path, model_class: Any) -> nn.Module:
                          "artefact's files belong to different models; save it again")
     klass = model_family(str(class_name), where=str(folder)).model_class
     try:
-        return klass.from_config(klass.load_config(folder)).eval()
+        # its random init is overwritten by the artefact's weights: drawn from a forked generator, so loading leaves
+        # the caller's torch.manual_seed stream where it was
+        with torch.random.fork_rng(devices=[]):
+            return klass.from_config(klass.load_config(folder)).eval()
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:  # diffusers' own
         raise ValueError(f"{file} does not build a {class_name} ({type(error).__name__}: "
                          f"{' '.join(str(error).split())[:200]}); save the artefact again") from error

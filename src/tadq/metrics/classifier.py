@@ -269,7 +269,8 @@ def load_digit_classifier(path: str | Path | None = None) -> DigitClassifier:
         )
     architecture = json.loads((folder / CONFIG_NAME).read_text())
     architecture["channels"] = tuple(architecture["channels"])
-    model = DigitClassifier(**architecture)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stream stays
+        model = DigitClassifier(**architecture)
     model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
     model.eval()
     model.requires_grad_(False)

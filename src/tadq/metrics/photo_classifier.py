@@ -223,7 +223,8 @@ def load_photo_classifier(path: str | Path | None = None) -> PhotoClassifier:
                                 f"`tadq zoo train-photo-classifier --out {folder}`")
     architecture = json.loads((folder / CONFIG_NAME).read_text())
     architecture["channels"] = tuple(architecture["channels"])
-    model = PhotoClassifier(**architecture)
+    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stream stays
+        model = PhotoClassifier(**architecture)
     model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
     model.eval()
     model.requires_grad_(False)

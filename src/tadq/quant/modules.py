@@ -92,10 +92,10 @@ class QuantConv2d(QuantLayer, nn.Conv2d):
         cls, module: nn.Conv2d, weight_scheme: QScheme, activation_scheme: QScheme, *, init_weight_range: bool = True,
     ) -> QuantConv2d:
         """Wrap ``module`` (weights shared); ``init_weight_range=False`` skips the range search (loading sets it)."""
-        layer = cls(
+        layer = cls(  # on the meta device: the weights are the module's, and no random init draws from torch's RNG
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
             padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
-            padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype,
+            padding_mode=module.padding_mode, device="meta", dtype=module.weight.dtype,
         )
         layer.weight, layer.bias = module.weight, module.bias
         layer._init_quantizers(weight_scheme, activation_scheme, init_weight_range)
@@ -116,7 +116,7 @@ class QuantLinear(QuantLayer, nn.Linear):
     ) -> QuantLinear:
         """Wrap ``module`` (weights shared); ``init_weight_range=False`` skips the range search (loading sets it)."""
         layer = cls(module.in_features, module.out_features, bias=module.bias is not None,
-                    device=module.weight.device, dtype=module.weight.dtype)
+                    device="meta", dtype=module.weight.dtype)  # as QuantConv2d: no draw from torch's RNG
         layer.weight, layer.bias = module.weight, module.bias
         layer._init_quantizers(weight_scheme, activation_scheme, init_weight_range)
         return layer

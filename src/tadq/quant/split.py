@@ -67,10 +67,10 @@ class SplitQuantConv2d(QuantLayer, nn.Conv2d):
             raise ValueError(f"shortcut splitting needs groups=1 (input channels are split), got {module.groups}")
         if not 0 < split < module.in_channels:
             raise ValueError(f"split must be in 1..{module.in_channels - 1} (the deep channels C1), got {split}")
-        layer = cls(
+        layer = cls(  # on the meta device, as QuantConv2d: the weights are the module's, no draw from torch's RNG
             module.in_channels, module.out_channels, module.kernel_size, stride=module.stride,
             padding=module.padding, dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
-            padding_mode=module.padding_mode, device=module.weight.device, dtype=module.weight.dtype,
+            padding_mode=module.padding_mode, device="meta", dtype=module.weight.dtype,
         )
         layer.weight, layer.bias = module.weight, module.bias
         layer.split = split
