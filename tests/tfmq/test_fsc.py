@@ -89,3 +89,30 @@ def test_a_mismatched_timestep_raises(models):
     correction.check_grid(step)
     with pytest.raises(ValueError, match="timestep"):
         correction.check_grid(dataclasses.replace(step, t=step.t + 1))
+
+
+def test_a_grid_that_differs_only_after_its_first_step_is_refused_before_any_forward(tiny_setup):
+    """'trailing' and 'linspace' DDIM grids share their first timestep (999) and part ways at step 1: sampling
+    with the other spacing ran step 0 on tables built for another grid before the walker refused step 1."""
+    from diffusers import DDIMScheduler
+    from tests.conftest import counting_forwards
+
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    model, _, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    built_for, other = (DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+                        for spacing in ("trailing", "linspace"))
+    grids = [SamplingPlan.build(s, sampler).timesteps() for s in (built_for, other)]
+    assert grids[0][0] == grids[1][0] and not torch.equal(*grids)
+    method = TFMQMethod(base="naive", tfmq=TFMQConfig(tiar_iters=2, maintenance="cache_fp"))
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2,
+                                    batch_size=2)
+    qmodel = api.quantize(model, built_for, Recipe.from_preset("W8A8", method=method, calibration=calibration,
+                                                               deployments=(Deployment(sampler),)), progress=False)
+    with counting_forwards(qmodel.model) as calls, pytest.raises(ValueError, match="built for timestep"):
+        api.sample(qmodel, other, sampler, num_samples=1, seed=1, progress=False)
+    assert calls[0] == 0
+    api.sample(qmodel, built_for, sampler, num_samples=1, seed=1, progress=False)  # its own grid still samples

@@ -15,7 +15,7 @@ uniform spacing, docs/methods/tfmq.md). They are not fitted on a ``TrajectoryPai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -176,6 +176,14 @@ class TFMQCorrection(Correction):
         if step.t != expected:
             raise ValueError(f"step {step.index} has timestep {step.t}, but TFMQ's tables were built for timestep "
                              f"{expected} there (another timestep spacing); rebuild them for this scheduler")
+
+    def check_plan(self, steps: Sequence[StepContext]) -> None:
+        """``check_grid`` for every step of a plan before the loop starts (the base class checks keyed tables
+        only): a grid that agrees at its first steps (DDIM 50 'trailing' vs 'linspace': 999, 979, then 959 vs 958)
+        was refused mid-walk, after the steps before had run."""
+        if self.active:
+            for step in steps:
+                self.check_grid(step)
 
     # -- the step, from the walker; hooks stay identity on the sampler's tensors ---------------------------------
     def set_step(self, step: StepContext | None) -> None:
