@@ -116,3 +116,33 @@ def test_a_grid_that_differs_only_after_its_first_step_is_refused_before_any_for
         api.sample(qmodel, other, sampler, num_samples=1, seed=1, progress=False)
     assert calls[0] == 0
     api.sample(qmodel, built_for, sampler, num_samples=1, seed=1, progress=False)  # its own grid still samples
+
+
+def test_a_base_reused_with_another_spacing_gets_tables_for_that_grid(tiny_setup):
+    """``quantize(..., base=)`` returned a TFMQ base unchanged when its sampler key matched the recipe's, but the
+    key names no timestep spacing: the base's tables, built on a 'leading' grid, were handed back for a 'trailing'
+    scheduler, whose very first sampling step was then refused. Tables rebuilt for another grid are built on a
+    copy: they were rebuilt inside the caller's base, which then refused its own grid."""
+    from diffusers import DDIMScheduler
+
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    model, _, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    leading, trailing = (DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+                         for spacing in ("leading", "trailing"))
+    method = TFMQMethod(base="naive", tfmq=TFMQConfig(tiar_iters=2, maintenance="cache_fp"))
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2,
+                                    batch_size=2)
+    recipe = Recipe.from_preset("W8A8", method=method, calibration=calibration, deployments=(Deployment(sampler),))
+    base = api.quantize(model, leading, recipe, progress=False)
+    before = api.sample(base, leading, sampler, num_samples=1, seed=1, progress=False).images
+    assert api.quantize(model, leading, recipe, base=base, progress=False) is base  # its own grid: reused as is
+    reused = api.quantize(model, trailing, recipe, base=base, progress=False)
+    assert torch.equal(reused.corrections[0].grid_timesteps, deployment_grid(trailing, sampler))
+    assert torch.isfinite(api.sample(reused, trailing, sampler, num_samples=1, seed=1, progress=False).images).all()
+    assert torch.equal(base.corrections[0].grid_timesteps, deployment_grid(leading, sampler))
+    assert torch.equal(api.sample(base, leading, sampler, num_samples=1, seed=1, progress=False).images, before)
+
