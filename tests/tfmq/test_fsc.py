@@ -146,3 +146,30 @@ def test_a_base_reused_with_another_spacing_gets_tables_for_that_grid(tiny_setup
     assert torch.equal(base.corrections[0].grid_timesteps, deployment_grid(leading, sampler))
     assert torch.equal(api.sample(base, leading, sampler, num_samples=1, seed=1, progress=False).images, before)
 
+
+def test_model_wide_fsc_with_more_inputs_per_step_than_trajectories_is_refused_before_calibration(tiny_setup):
+    """Model-wide FSC keeps ``fsc_samples_per_step`` inputs of ``num_samples`` FP trajectories at each step; more
+    inputs than trajectories was accepted by ``TFMQConfig`` and failed in ``apply_tfmq``, after the calibration
+    run, TIAR and the block reconstruction."""
+    from tests.conftest import counting_forwards
+
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    with pytest.raises(ValueError, match=r"fsc_samples_per_step \(8\).*num_samples \(4\)"):
+        TFMQConfig(fsc="model", num_samples=4, fsc_samples_per_step=8)
+    TFMQConfig(fsc="tib", num_samples=4, fsc_samples_per_step=8)  # unused without model-wide FSC
+    settings = TFMQConfig(tiar_iters=2, num_samples=4, fsc_samples_per_step=4)
+    with pytest.raises(ValueError, match="fsc_samples_per_step"):  # a replace goes through the same check
+        dataclasses.replace(settings, fsc="model", num_samples=2)
+    model, _, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    method = TFMQMethod(base="naive", tfmq=dataclasses.replace(settings, fsc="model"))
+    recipe = Recipe.from_preset("W8A8", method=method,
+                                calibration=CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2,
+                                                              samples_per_step=2, batch_size=2),
+                                deployments=(Deployment(sampler),))
+    with counting_forwards(model) as calls:
+        qmodel = api.quantize(model, scheduler(), recipe, progress=False)  # the limit itself is accepted
+    assert calls[0] > 0 and len(qmodel.corrections[0].fsc_quantizers) > 0
