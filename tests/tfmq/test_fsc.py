@@ -173,3 +173,23 @@ def test_model_wide_fsc_with_more_inputs_per_step_than_trajectories_is_refused_b
     with counting_forwards(model) as calls:
         qmodel = api.quantize(model, scheduler(), recipe, progress=False)  # the limit itself is accepted
     assert calls[0] > 0 and len(qmodel.corrections[0].fsc_quantizers) > 0
+
+
+def test_model_wide_fsc_reads_a_lower_precision_reference_in_the_networks_dtype(tiny_setup, build_tfmq):
+    """An SVDQuant base quantized with ``dtype=bfloat16`` hands ``apply_tfmq`` its bfloat16 reference; model-wide
+    FSC fed that reference's bfloat16 trajectory states to the float32 network ("Input type (c10::BFloat16) and
+    bias type (float) should be the same"), after the whole base quantization had run."""
+    import copy
+
+    from tests.tfmq.common import tfmq_config
+
+    from tadq.tfmq import apply_tfmq
+
+    model, sched, _ = tiny_setup
+    config = tfmq_config(fsc="model")
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    qmodel = apply_tfmq(copy.deepcopy(build_tfmq()), reference, sched, config, SAMPLER, progress=False)
+    correction = qmodel.corrections[0]
+    assert len(correction.fsc_quantizers) > 20 and next(qmodel.model.parameters()).dtype is torch.float32
+    assert bool(torch.isfinite(correction.fsc_scale).all()) and bool((correction.fsc_scale > 0).all())
+    assert torch.isfinite(api.sample(qmodel, sched, SAMPLER, num_samples=2, seed=1, progress=False).images).all()

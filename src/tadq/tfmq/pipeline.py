@@ -24,6 +24,7 @@ from tadq.calibration.reconstruction import reconstruct
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.corrections.stack import CorrectionStack
 from tadq.denoiser import QuantizedDenoiser
+from tadq.methods import calibration_on
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig, SamplingPlan
@@ -187,6 +188,10 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
         sampler=sampler, num_trajectories=config.num_samples, num_steps_kept=sampler.num_steps,
         samples_per_step=config.fsc_samples_per_step, seed=config.seed), cache_dir=cache_dir, progress=progress,
         conditions=conditions, guidance_scale=guidance_scale)
+    # recorded by the FP reference, which may be another dtype (an SVDQuant base quantized with dtype=bfloat16):
+    # the network takes its states in its own dtype and device, as its single ranges were calibrated
+    parameter = next(qmodel.model.parameters())
+    fsc_set = calibration_on(fsc_set, parameter.device, parameter.dtype)
 
     def run_model(step: int) -> None:
         chosen = fsc_set.step_index == step
