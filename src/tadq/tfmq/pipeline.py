@@ -12,6 +12,7 @@ Order (docs/methods/composition.md#calibration-order, step 1):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -164,10 +165,26 @@ def apply_tfmq(
                          num_labels)
     qmodel.corrections = CorrectionStack([correction])
     qmodel.model = qmodel.corrections.prepare(qmodel.model, adapter)
+    if getattr(qmodel, "recipe", None) is not None:  # saved as the artefact's tadq_recipe.json: it must still hold
+        qmodel.recipe = _recipe_after(qmodel.recipe, tfmq_config, sampler, guidance_scale)
     logger.info("TFMQ: FSC %s on %d quantizers, %d of %d temporal features cached (%d bytes)", tfmq_config.fsc,
                 len(correction.fsc_quantizers), len(choices["cached"]), len(fp_features),
                 correction.cache_size_bytes())
     return qmodel
+
+
+def _recipe_after(recipe: Any, config: TFMQConfig, sampler: SamplerConfig, guidance_scale: float) -> Any:
+    """The recipe of a TFMQ model after ``apply_tfmq``: its TFMQ settings replaced when it deploys this sampler (at
+    this guidance scale, which model-wide FSC's trajectories were sampled at), else ``None``: no recipe says
+    "calibrated on one grid, tables for another" (its calibration sampler is its deployment's), and the old one
+    would name the tables' sampler and settings wrongly."""
+    method = recipe.method
+    if (isinstance(getattr(method, "tfmq", None), TFMQConfig) and not recipe.corrections
+            and recipe.sampler == sampler and (config.fsc != "model" or recipe.guidance_scale == guidance_scale)):
+        return dataclasses.replace(recipe, method=dataclasses.replace(method, tfmq=config))
+    logger.info("apply_tfmq: the model's recipe (%s, %s) no longer describes it; it is dropped",
+                type(method).__name__, recipe.sampler.key)
+    return None
 
 
 def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, config: TFMQConfig,
