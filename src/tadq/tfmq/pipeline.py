@@ -81,6 +81,10 @@ def quantize_tfmq(
         A ``QuantizedDenoiser`` whose ``corrections`` hold the ``TFMQCorrection`` (saved and restored by
         ``save_quantized``/``load_quantized``); ``corrections[0].report`` has the TIAR and disturbance results.
     """
+    if quant_config.method not in ("naive", "qdiffusion"):  # before calibration: svdquant's fit is not run here
+        raise ValueError(f"quantize_tfmq builds TFMQ-DM on the 'naive' or 'qdiffusion' base, not "
+                         f"{quant_config.method!r}: its smoothing and low-rank branches would stay identity and "
+                         "empty. For TFMQ-DM on SVDQuant use tadq.quantize with TFMQMethod(base='svdquant', ...)")
     adapter = adapter_for(model)
     check_temporal_path(model, adapter)
     deployment_grid(scheduler, sampler)  # a fractional grid is refused before calibration
