@@ -79,7 +79,7 @@ def test_steps_select_their_own_ranges(models):
 @pytest.mark.parametrize("sampler", [SamplerConfig(kind="ddim", num_steps=6), SamplerConfig(kind="ddim", num_steps=8,
                                                                                            eta=1.0)])
 def test_a_mismatched_grid_raises(models, sampler):
-    with pytest.raises(ValueError, match="calibrated for ddim-8-eta0.0"):
+    with pytest.raises(ValueError, match="calibrated for ddim-8-eta0.0.*tadq.tfmq.apply_tfmq"):  # a real function
         api.sample(models["tib"], scheduler(), sampler, num_samples=2, seed=1, progress=False)
 
 

@@ -170,8 +170,9 @@ class TFMQCorrection(Correction):
         """Raise ``ValueError`` unless ``step`` lies on the grid the tables were built for."""
         if step.sampler_key != self.sampler_key or step.num_steps != self.num_steps:
             raise ValueError(f"TFMQ's per-step tables were calibrated for {self.sampler_key} ({self.num_steps} steps) "
-                             f"but are used with {step.sampler_key} ({step.num_steps} steps); run "
-                             "tadq.tfmq.quantize_tfmq (or with_tfmq) for this sampler")
+                             f"but are used with {step.sampler_key} ({step.num_steps} steps); rebuild them for "
+                             "this sampler with tadq.tfmq.apply_tfmq (same weights, seconds), or sample with "
+                             f"{self.sampler_key}")
         expected = int(self.grid_timesteps[step.index])
         if step.t != expected:
             raise ValueError(f"step {step.index} has timestep {step.t}, but TFMQ's tables were built for timestep "
