@@ -114,7 +114,7 @@ def _reuse(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe: Rec
     if any(not isinstance(m, TFMQCorrection) for m in members):
         raise ValueError("the base model carries sampler-level corrections; pass the network without them")
     if members and members[0].config == settings and members[0].sampler_key == recipe.sampler.key and torch.equal(
-            members[0].grid_timesteps, deployment_grid(scheduler, recipe.sampler)):  # the key names no spacing
+            members[0].grid_timesteps.cpu(), deployment_grid(scheduler, recipe.sampler)):  # the key names no spacing
         return base
     if not members and (settings.tiar or settings.freeze_time_projections):
         raise ValueError("a base without TFMQ weights only serves TFMQ settings with tiar=False and "
