@@ -66,3 +66,28 @@ def test_selection_reports_both_strategies_and_follows_the_metric(build_tfmq):
         better = entry["cache_quantized"]["cosine_distance"] < entry["tib"]["cosine_distance"]
         assert entry["choice"] == ("cache" if better else "tib")
         assert (layer in {name for name, _, _ in correction.cache_layers}) == better
+
+
+def test_the_per_label_cache_reads_the_labels_of_a_positional_call_by_name():
+    """``UNet2DConditionModel.forward(sample, timestep, encoder_hidden_states, class_labels)``: the label capture took
+    the third positional argument as the labels (right for ``UNet2DModel`` only), so a positional call served rows
+    picked by the text embedding's values instead of the class labels."""
+    from tests.conftest import build_tiny_sd_unet
+
+    model = build_tiny_sd_unet(num_class_embeds=3)
+    adapter = adapter_for(model)
+    timesteps = deployment_grid(scheduler(), SAMPLER)
+    features = temporal_features_per_step(TemporalInformationBlock(model, adapter), timesteps)
+    correction = TFMQCorrection(tfmq_config(maintenance="cache_fp"))
+    correction.set_grid(SAMPLER.key, timesteps)
+    correction.set_cache(features, "fp", 8, 3)
+    served = copy.deepcopy(model)
+    correction.prepare(served, adapter)
+    generator = torch.Generator().manual_seed(0)
+    x, text = torch.randn(3, 4, 8, 8, generator=generator), torch.rand(3, 2, 16, generator=generator)
+    labels, step = torch.arange(3), 2  # the cache's own batch shape (all K labels), so float kernels match
+    t = torch.full((3,), int(timesteps[step]))
+    with torch.no_grad(), correction.at_step(step):
+        expected = model(x, t, text, labels).sample
+        assert torch.equal(served(x, t, text, labels).sample, expected)
+        assert torch.equal(served(x, t, text, class_labels=labels).sample, expected)

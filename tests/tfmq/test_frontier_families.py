@@ -332,3 +332,19 @@ def test_bad_method_fields_never_reach_calibration(method):
     with pytest.raises(ValueError):
         api.quantize(model, DDPMScheduler(num_train_timesteps=1000), _recipe(built), progress=False)
     assert calls[0] == 0
+
+
+def test_quantize_tfmq_refuses_an_svdquant_config_before_any_forward():
+    """``quantize_tfmq`` runs TIAR and block reconstruction, never SVDQuant's fit: an svdquant ``QuantConfig``
+    returned a model labelled svdquant whose smoothing stayed identity and whose low-rank branches stayed empty."""
+    from tadq.config import QuantConfig
+    from tadq.tfmq import quantize_tfmq
+
+    config = QuantConfig(weights=QScheme(bits=4, granularity="per_channel", lowrank_rank=1),
+                         activations=QScheme(bits=8, granularity="per_group", group_size=4, smoothing=True),
+                         method="svdquant", calibration=_calib(SAMPLER))
+    model, calls = _counted(build_tiny_unet())
+    with pytest.raises(ValueError, match="TFMQMethod\\(base='svdquant'"):
+        quantize_tfmq(model, DDPMScheduler(num_train_timesteps=1000), config, TFMQConfig(tiar_iters=2), SAMPLER,
+                      progress=False)
+    assert calls[0] == 0

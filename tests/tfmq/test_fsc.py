@@ -79,7 +79,7 @@ def test_steps_select_their_own_ranges(models):
 @pytest.mark.parametrize("sampler", [SamplerConfig(kind="ddim", num_steps=6), SamplerConfig(kind="ddim", num_steps=8,
                                                                                            eta=1.0)])
 def test_a_mismatched_grid_raises(models, sampler):
-    with pytest.raises(ValueError, match="calibrated for ddim-8-eta0.0"):
+    with pytest.raises(ValueError, match="calibrated for ddim-8-eta0.0.*tadq.tfmq.apply_tfmq"):  # a real function
         api.sample(models["tib"], scheduler(), sampler, num_samples=2, seed=1, progress=False)
 
 
@@ -89,3 +89,107 @@ def test_a_mismatched_timestep_raises(models):
     correction.check_grid(step)
     with pytest.raises(ValueError, match="timestep"):
         correction.check_grid(dataclasses.replace(step, t=step.t + 1))
+
+
+def test_a_grid_that_differs_only_after_its_first_step_is_refused_before_any_forward(tiny_setup):
+    """'trailing' and 'linspace' DDIM grids share their first timestep (999) and part ways at step 1: sampling
+    with the other spacing ran step 0 on tables built for another grid before the walker refused step 1."""
+    from diffusers import DDIMScheduler
+    from tests.conftest import counting_forwards
+
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    model, _, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    built_for, other = (DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+                        for spacing in ("trailing", "linspace"))
+    grids = [SamplingPlan.build(s, sampler).timesteps() for s in (built_for, other)]
+    assert grids[0][0] == grids[1][0] and not torch.equal(*grids)
+    method = TFMQMethod(base="naive", tfmq=TFMQConfig(tiar_iters=2, maintenance="cache_fp"))
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2,
+                                    batch_size=2)
+    qmodel = api.quantize(model, built_for, Recipe.from_preset("W8A8", method=method, calibration=calibration,
+                                                               deployments=(Deployment(sampler),)), progress=False)
+    with counting_forwards(qmodel.model) as calls, pytest.raises(ValueError, match="built for timestep"):
+        api.sample(qmodel, other, sampler, num_samples=1, seed=1, progress=False)
+    assert calls[0] == 0
+    api.sample(qmodel, built_for, sampler, num_samples=1, seed=1, progress=False)  # its own grid still samples
+
+
+def test_a_base_reused_with_another_spacing_gets_tables_for_that_grid(tiny_setup):
+    """``quantize(..., base=)`` returned a TFMQ base unchanged when its sampler key matched the recipe's, but the
+    key names no timestep spacing: the base's tables, built on a 'leading' grid, were handed back for a 'trailing'
+    scheduler, whose very first sampling step was then refused. Tables rebuilt for another grid are built on a
+    copy: they were rebuilt inside the caller's base, which then refused its own grid."""
+    from diffusers import DDIMScheduler
+
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    model, _, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    leading, trailing = (DDIMScheduler(num_train_timesteps=1000, timestep_spacing=spacing)
+                         for spacing in ("leading", "trailing"))
+    method = TFMQMethod(base="naive", tfmq=TFMQConfig(tiar_iters=2, maintenance="cache_fp"))
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2,
+                                    batch_size=2)
+    recipe = Recipe.from_preset("W8A8", method=method, calibration=calibration, deployments=(Deployment(sampler),))
+    base = api.quantize(model, leading, recipe, progress=False)
+    before = api.sample(base, leading, sampler, num_samples=1, seed=1, progress=False).images
+    assert api.quantize(model, leading, recipe, base=base, progress=False) is base  # its own grid: reused as is
+    reused = api.quantize(model, trailing, recipe, base=base, progress=False)
+    assert torch.equal(reused.corrections[0].grid_timesteps, deployment_grid(trailing, sampler))
+    assert torch.isfinite(api.sample(reused, trailing, sampler, num_samples=1, seed=1, progress=False).images).all()
+    assert torch.equal(base.corrections[0].grid_timesteps, deployment_grid(leading, sampler))
+    assert torch.equal(api.sample(base, leading, sampler, num_samples=1, seed=1, progress=False).images, before)
+
+
+def test_model_wide_fsc_with_more_inputs_per_step_than_trajectories_is_refused_before_calibration(tiny_setup):
+    """Model-wide FSC keeps ``fsc_samples_per_step`` inputs of ``num_samples`` FP trajectories at each step; more
+    inputs than trajectories was accepted by ``TFMQConfig`` and failed in ``apply_tfmq``, after the calibration
+    run, TIAR and the block reconstruction."""
+    from tests.conftest import counting_forwards
+
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    with pytest.raises(ValueError, match=r"fsc_samples_per_step \(8\).*num_samples \(4\)"):
+        TFMQConfig(fsc="model", num_samples=4, fsc_samples_per_step=8)
+    TFMQConfig(fsc="tib", num_samples=4, fsc_samples_per_step=8)  # unused without model-wide FSC
+    settings = TFMQConfig(tiar_iters=2, num_samples=4, fsc_samples_per_step=4)
+    with pytest.raises(ValueError, match="fsc_samples_per_step"):  # a replace goes through the same check
+        dataclasses.replace(settings, fsc="model", num_samples=2)
+    model, _, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    method = TFMQMethod(base="naive", tfmq=dataclasses.replace(settings, fsc="model"))
+    recipe = Recipe.from_preset("W8A8", method=method,
+                                calibration=CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2,
+                                                              samples_per_step=2, batch_size=2),
+                                deployments=(Deployment(sampler),))
+    with counting_forwards(model) as calls:
+        qmodel = api.quantize(model, scheduler(), recipe, progress=False)  # the limit itself is accepted
+    assert calls[0] > 0 and len(qmodel.corrections[0].fsc_quantizers) > 0
+
+
+def test_model_wide_fsc_reads_a_lower_precision_reference_in_the_networks_dtype(tiny_setup, build_tfmq):
+    """An SVDQuant base quantized with ``dtype=bfloat16`` hands ``apply_tfmq`` its bfloat16 reference; model-wide
+    FSC fed that reference's bfloat16 trajectory states to the float32 network ("Input type (c10::BFloat16) and
+    bias type (float) should be the same"), after the whole base quantization had run."""
+    import copy
+
+    from tests.tfmq.common import tfmq_config
+
+    from tadq.tfmq import apply_tfmq
+
+    model, sched, _ = tiny_setup
+    config = tfmq_config(fsc="model")
+    reference = copy.deepcopy(model).to(torch.bfloat16)
+    qmodel = apply_tfmq(copy.deepcopy(build_tfmq()), reference, sched, config, SAMPLER, progress=False)
+    correction = qmodel.corrections[0]
+    assert len(correction.fsc_quantizers) > 20 and next(qmodel.model.parameters()).dtype is torch.float32
+    assert bool(torch.isfinite(correction.fsc_scale).all()) and bool((correction.fsc_scale > 0).all())
+    assert torch.isfinite(api.sample(qmodel, sched, SAMPLER, num_samples=2, seed=1, progress=False).images).all()

@@ -40,3 +40,35 @@ def test_a_deep_copy_samples_identically_and_independently(build_tfmq):
     twin = copy.deepcopy(qmodel)
     assert twin.corrections[0].state is not qmodel.corrections[0].state
     assert torch.equal(_images(twin), _images(qmodel))
+
+
+def test_apply_tfmq_leaves_no_recipe_that_describes_other_tables(tiny_setup, tmp_path):
+    """``apply_tfmq`` on a model from ``tadq.quantize`` (or ``tadq.load``) rebuilt its tables but kept its recipe,
+    which the artefact saves as "the Recipe that made the model": it named the old sampler and TFMQ settings, so
+    ``tadq sample`` refused the artefact with either grid (the recipe's default: not the tables'; the tables' own
+    with --steps: not the recipe's)."""
+    import dataclasses
+
+    import tadq
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.sampling import SamplerConfig
+    from tadq.tfmq import TFMQConfig, TFMQMethod, apply_tfmq
+
+    model, sched, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    settings = TFMQConfig(tiar_iters=2, maintenance="cache_fp")
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2,
+                                    batch_size=2)
+    recipe = Recipe.from_preset("W8A8", method=TFMQMethod(base="naive", tfmq=settings), calibration=calibration,
+                                deployments=(Deployment(sampler),))
+    qmodel = api.quantize(model, sched, recipe, progress=False)
+    other = dataclasses.replace(settings, maintenance="tib", fsc="off")
+    apply_tfmq(qmodel, model, sched, other, sampler, progress=False)  # same sampler: the recipe says the new settings
+    assert qmodel.recipe == dataclasses.replace(recipe, method=dataclasses.replace(recipe.method, tfmq=other))
+    assert qmodel.recipe.quant_config() == qmodel.config
+    apply_tfmq(qmodel, model, sched, settings, SamplerConfig(kind="ddim", num_steps=4), progress=False)
+    assert qmodel.recipe is None  # no recipe calibrates on one grid and tabulates another
+    qmodel.save_pretrained(tmp_path / "q", sched)
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert loaded.recipe is None and loaded.corrections[0].sampler_key == "ddim-4-eta0.0"

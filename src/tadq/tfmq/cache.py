@@ -18,6 +18,7 @@ projection still runs and its result is discarded; the numbers are those of a de
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -53,13 +54,22 @@ class CachedFeature:
 
 
 class LabelCapture:
-    """Forward pre-hook on the UNet: remember the class labels of each call for per-label caches."""
+    """Forward pre-hook on the network: remember the class labels of each call for per-label caches.
+
+    The labels are found by name in the call bound to the network's ``forward`` signature: their position differs
+    between families (third in ``UNet2DModel`` and the DiT, fourth in ``UNet2DConditionModel``, after the text).
+    """
 
     def __init__(self, state: StepState) -> None:
         self.state = state
 
-    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        labels = kwargs.get("class_labels", args[2] if len(args) > 2 else None)
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        labels = kwargs.get("class_labels")
+        if labels is None and args:
+            try:
+                labels = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments.get("class_labels")
+            except TypeError:  # arguments forward itself refuses: it raises next
+                labels = None
         self.state.labels = None if labels is None else labels.detach()
 
 

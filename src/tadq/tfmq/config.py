@@ -86,6 +86,10 @@ class TFMQConfig(CorrectionConfig):
                 raise ValueError(f"TFMQConfig.{name}={getattr(self, name)!r}; accepted values: {accepted}")
         if isinstance(self.cache_bits, bool) or not isinstance(self.cache_bits, int) or not 2 <= self.cache_bits <= 8:
             raise ValueError(f"TFMQConfig.cache_bits must be an int in 2..8, got {self.cache_bits!r}")
+        if self.fsc == "model" and self.fsc_samples_per_step > self.num_samples:  # refused here, not after TIAR
+            raise ValueError(f"TFMQConfig.fsc_samples_per_step ({self.fsc_samples_per_step}) cannot exceed "
+                             f"num_samples ({self.num_samples}): model-wide FSC keeps that many inputs of the "
+                             "num_samples FP trajectories at every step")
 
     @property
     def weight_fields(self) -> dict[str, object]:

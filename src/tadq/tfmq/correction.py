@@ -15,7 +15,7 @@ uniform spacing, docs/methods/tfmq.md). They are not fitted on a ``TrajectoryPai
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -170,12 +170,21 @@ class TFMQCorrection(Correction):
         """Raise ``ValueError`` unless ``step`` lies on the grid the tables were built for."""
         if step.sampler_key != self.sampler_key or step.num_steps != self.num_steps:
             raise ValueError(f"TFMQ's per-step tables were calibrated for {self.sampler_key} ({self.num_steps} steps) "
-                             f"but are used with {step.sampler_key} ({step.num_steps} steps); run "
-                             "tadq.tfmq.quantize_tfmq (or with_tfmq) for this sampler")
+                             f"but are used with {step.sampler_key} ({step.num_steps} steps); rebuild them for "
+                             "this sampler with tadq.tfmq.apply_tfmq (same weights, seconds), or sample with "
+                             f"{self.sampler_key}")
         expected = int(self.grid_timesteps[step.index])
         if step.t != expected:
             raise ValueError(f"step {step.index} has timestep {step.t}, but TFMQ's tables were built for timestep "
                              f"{expected} there (another timestep spacing); rebuild them for this scheduler")
+
+    def check_plan(self, steps: Sequence[StepContext]) -> None:
+        """``check_grid`` for every step of a plan before the loop starts (the base class checks keyed tables
+        only): a grid that agrees at its first steps (DDIM 50 'trailing' vs 'linspace': 999, 979, then 959 vs 958)
+        was refused mid-walk, after the steps before had run."""
+        if self.active:
+            for step in steps:
+                self.check_grid(step)
 
     # -- the step, from the walker; hooks stay identity on the sampler's tensors ---------------------------------
     def set_step(self, step: StepContext | None) -> None:

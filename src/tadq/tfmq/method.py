@@ -8,12 +8,14 @@ smoothed, branch-split layers; docs/methods/tfmq.md#on-the-svdquant-base).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal
 
+import torch
 from torch import nn
 
 from tadq.calibration import CalibrationSet
@@ -104,18 +106,22 @@ def _reuse(base: QuantizedDenoiser, reference: nn.Module, scheduler, recipe: Rec
            cache_dir: str | Path | None = None, progress: bool = True, conditions: ConditionSource | None = None,
            guidance_scale: float = 1.0, **_: object) -> QuantizedDenoiser:
     """A saved TFMQ model (same TIAR settings) or, without TIAR and freezing, the Q-Diffusion network: FSC and
-    maintenance are rebuilt for the recipe (seconds); the weights are the base's."""
+    maintenance are rebuilt for the recipe (seconds) on a copy of ``base``, which is left as it was; the weights
+    are the base's (copied)."""
     check_base(base, config)
     settings: TFMQConfig = recipe.method.tfmq
     members = list(base.corrections)
     if any(not isinstance(m, TFMQCorrection) for m in members):
         raise ValueError("the base model carries sampler-level corrections; pass the network without them")
-    if members and members[0].config == settings and members[0].sampler_key == recipe.sampler.key:
+    if members and members[0].config == settings and members[0].sampler_key == recipe.sampler.key and torch.equal(
+            members[0].grid_timesteps.cpu(), deployment_grid(scheduler, recipe.sampler)):  # the key names no spacing
         return base
     if not members and (settings.tiar or settings.freeze_time_projections):
         raise ValueError("a base without TFMQ weights only serves TFMQ settings with tiar=False and "
                          "freeze_time_projections=False; quantize this recipe without base=")
-    return apply_tfmq(base, reference, scheduler, settings, recipe.sampler,
+    # on a copy: ``apply_tfmq`` rebuilds the tables inside the network, and the caller's base (its own sampler's
+    # tables, or a Q-Diffusion network without any) sampled with the new ones afterwards
+    return apply_tfmq(copy.deepcopy(base), reference, scheduler, settings, recipe.sampler,
                       cache_dir=None if cache_dir is None else str(cache_dir), progress=progress,
                       conditions=conditions, guidance_scale=guidance_scale)
 

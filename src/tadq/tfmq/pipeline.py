@@ -12,6 +12,7 @@ Order (docs/methods/composition.md#calibration-order, step 1):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from tadq.calibration.reconstruction import reconstruct
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.corrections.stack import CorrectionStack
 from tadq.denoiser import QuantizedDenoiser
+from tadq.methods import calibration_on
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig, SamplingPlan
@@ -79,6 +81,10 @@ def quantize_tfmq(
         A ``QuantizedDenoiser`` whose ``corrections`` hold the ``TFMQCorrection`` (saved and restored by
         ``save_quantized``/``load_quantized``); ``corrections[0].report`` has the TIAR and disturbance results.
     """
+    if quant_config.method not in ("naive", "qdiffusion"):  # before calibration: svdquant's fit is not run here
+        raise ValueError(f"quantize_tfmq builds TFMQ-DM on the 'naive' or 'qdiffusion' base, not "
+                         f"{quant_config.method!r}: its smoothing and low-rank branches would stay identity and "
+                         "empty. For TFMQ-DM on SVDQuant use tadq.quantize with TFMQMethod(base='svdquant', ...)")
     adapter = adapter_for(model)
     check_temporal_path(model, adapter)
     deployment_grid(scheduler, sampler)  # a fractional grid is refused before calibration
@@ -163,10 +169,26 @@ def apply_tfmq(
                          num_labels)
     qmodel.corrections = CorrectionStack([correction])
     qmodel.model = qmodel.corrections.prepare(qmodel.model, adapter)
+    if getattr(qmodel, "recipe", None) is not None:  # saved as the artefact's tadq_recipe.json: it must still hold
+        qmodel.recipe = _recipe_after(qmodel.recipe, tfmq_config, sampler, guidance_scale)
     logger.info("TFMQ: FSC %s on %d quantizers, %d of %d temporal features cached (%d bytes)", tfmq_config.fsc,
                 len(correction.fsc_quantizers), len(choices["cached"]), len(fp_features),
                 correction.cache_size_bytes())
     return qmodel
+
+
+def _recipe_after(recipe: Any, config: TFMQConfig, sampler: SamplerConfig, guidance_scale: float) -> Any:
+    """The recipe of a TFMQ model after ``apply_tfmq``: its TFMQ settings replaced when it deploys this sampler (at
+    this guidance scale, which model-wide FSC's trajectories were sampled at), else ``None``: no recipe says
+    "calibrated on one grid, tables for another" (its calibration sampler is its deployment's), and the old one
+    would name the tables' sampler and settings wrongly."""
+    method = recipe.method
+    if (isinstance(getattr(method, "tfmq", None), TFMQConfig) and not recipe.corrections
+            and recipe.sampler == sampler and (config.fsc != "model" or recipe.guidance_scale == guidance_scale)):
+        return dataclasses.replace(recipe, method=dataclasses.replace(method, tfmq=config))
+    logger.info("apply_tfmq: the model's recipe (%s, %s) no longer describes it; it is dropped",
+                type(method).__name__, recipe.sampler.key)
+    return None
 
 
 def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, config: TFMQConfig,
@@ -187,6 +209,10 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
         sampler=sampler, num_trajectories=config.num_samples, num_steps_kept=sampler.num_steps,
         samples_per_step=config.fsc_samples_per_step, seed=config.seed), cache_dir=cache_dir, progress=progress,
         conditions=conditions, guidance_scale=guidance_scale)
+    # recorded by the FP reference, which may be another dtype (an SVDQuant base quantized with dtype=bfloat16):
+    # the network takes its states in its own dtype and device, as its single ranges were calibrated
+    parameter = next(qmodel.model.parameters())
+    fsc_set = calibration_on(fsc_set, parameter.device, parameter.dtype)
 
     def run_model(step: int) -> None:
         chosen = fsc_set.step_index == step
