@@ -65,3 +65,19 @@ def test_grid_inputs_cover_every_step_and_label():
     assert len(t) == 3 * SAMPLER.num_steps
     assert torch.equal(t[steps == 2], timesteps[2].repeat(3)) and torch.equal(labels[steps == 2], torch.arange(3))
     assert grid_inputs(timesteps, 0)[1] is None
+
+
+def test_tib_feeds_the_grid_made_on_the_cpu_to_a_network_on_another_device():
+    """The grid's timesteps (the scheduler's) and label ranges are CPU tensors; the sinusoidal projection computes
+    on its input's device, so a network on another device (CUDA; here the meta device stands in) got CPU features
+    and failed in its first linear."""
+    for labels in (None, torch.tensor([0, 2])):
+        model = build_tiny_unet(num_class_embeds=3 if labels is not None else None)
+        expected = [tuple(f.shape) for f in TemporalInformationBlock(model, adapter_for(model))(
+            torch.tensor([999, 3]), labels)]
+        model.to("meta")
+        tib = TemporalInformationBlock(model, adapter_for(model))
+        features = tib(torch.tensor([999, 3]), labels)
+        assert [f.device.type for f in features] == ["meta"] * len(features)
+        assert [tuple(f.shape) for f in features] == expected
+        assert tib.embedding(torch.tensor([999, 3]), labels).device.type == "meta"

@@ -85,12 +85,23 @@ class TemporalInformationBlock:
         """Every module the TIB runs: time projection (sinusoidal), h, the label embedding, and each g_i."""
         return self.adapter.temporal_modules(self.model) + [self.model.get_submodule(f.layer) for f in self.features]
 
+    def _on_model(self, t: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``t`` and ``labels`` on the network's device: the grid's timesteps (the scheduler's) and label ranges are
+        made on the CPU, and the sinusoidal projection computes on its input's device, so a CUDA network was fed
+        CPU features."""
+        parameter = next(self.model.parameters(), None)
+        if parameter is None:
+            return t, labels
+        return t.to(parameter.device), None if labels is None else labels.to(parameter.device)
+
     def embedding(self, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """emb = h(t) [+ e(y)], (B, D), as the model's forward computes it (the adapter's temporal path)."""
+        t, labels = self._on_model(t, labels)
         return self.adapter.temporal_embedding(self.model, t, labels)
 
     def __call__(self, t: Tensor, labels: Tensor | None = None) -> list[Tensor]:
         """The temporal features [f_{t,1}, ..., f_{t,n}], each (B, C_i), in ``self.features`` order."""
+        t, labels = self._on_model(t, labels)
         if callable(self._projection_inputs):
             inputs = self._projection_inputs(self.model, t, labels)
             return [self.model.get_submodule(feature.layer)(inputs[feature.layer]) for feature in self.features]
