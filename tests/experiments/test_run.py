@@ -178,3 +178,20 @@ def test_preset_names_are_stored_as_the_preset_table_spells_them():
 
     assert RunConfig(presets=(" w4a8", "W8A8")).presets == ("W4A8", "W8A8")
     assert BenchConfig(methods=("naive",), presets=("w4a4\n",)).presets == ("W4A4",)
+
+
+def test_a_rerun_with_another_seed_names_its_own_cells_for_readers_of_the_folder(tmp_path, tiny_model_dir):
+    """results.json lists its cells' keys: the first run's cells stay in cells/ (reused when its settings come
+    back), and ``tfmq_measure paired`` read both runs' cells as one."""
+    from tadq.experiments.tfmq_measure import paired_psnr, report_cells
+
+    out = tmp_path / "same"
+    run_main_job(_config(tiny_model_dir, out, presets=("W4A4",), eval_seed=1, num_samples=2))
+    second = run_main_job(_config(tiny_model_dir, out, presets=("W4A4",), eval_seed=2, num_samples=2))
+    assert len(list((out / "cells").glob("*.safetensors"))) == 4
+    saved = json.loads((out / "results.json").read_text())
+    cells = report_cells(str(out))
+    assert sorted(cell["key"] for cell in cells) == sorted(saved["cell_keys"]) and len(cells) == 2
+    paired = paired_psnr(str(out), "naive PTQ")
+    eps = torch.finfo(torch.float32).eps
+    assert paired["naive PTQ"]["psnr"] == pytest.approx(second["rows"][1]["psnr"], rel=4 * eps)

@@ -439,6 +439,9 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
             "peers": _peer_coverage_note(labels, cells),
             "diverged": _diverged_note(rows),
         },
+        # which cells of ``cells/`` are this report's: a rerun with other settings keeps the earlier run's cells
+        # beside them (reused when the settings come back), and readers of the folder must not mix the two
+        "cell_keys": [cell["key"] for cell in cells],
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
                    "num_samples": config.num_samples, "eval_seed": config.eval_seed, "fp_layers": config.fp_layers,
                    "model": workload.name, "workload": workload.settings},
