@@ -419,3 +419,22 @@ def test_a_candidate_diverging_on_the_evaluation_seed_is_reported_not_a_crash(mo
     assert "naive-W8A8 (diverged: 2 of 2 samples hold NaN or Inf)" in markdown
     evaluation, _ = _evaluated(monkeypatch, diverging="qdiffusion-W8A8")
     assert evaluation["summary"].startswith("the winner qdiffusion-W8A8 diverged on the evaluation seed 1000")
+
+
+def test_a_rerun_with_another_batch_size_rescores_instead_of_reusing(tmp_path):
+    """The sampling batch moves quantized samples (README: What the batch size changes) and keys tadq run's cells;
+    the search's records were keyed without it, so a rerun with another --batch-size reported scores drawn at the
+    old one beside candidates scored at the new one."""
+    torch.manual_seed(0)
+    model, scheduler = build_tiny_unet(), tiny_scheduler()
+    space = tiny_space(bases=("naive",), presets=("W8A8",), stacks=("none",))
+
+    def search(batch_size: int):
+        return run_search(model, scheduler, space, Budget("gbitops", 1e6), tmp_path, heldout_trajectories=4,
+                          batch_size=batch_size, progress=False)
+
+    assert search(4).stats["candidates_scored"] == 1
+    same = search(8)  # a batch over the 4 held-out trajectories samples them in the same one batch
+    assert same.stats["candidates_scored"] == 0 and same.stats["candidates_reused"] == 1
+    assert search(2).stats["candidates_scored"] == 1  # was reused: scored at batch 4
+    assert len(list(tmp_path.glob("cache/reference-*.safetensors"))) == 2  # the FP reference of each batch
