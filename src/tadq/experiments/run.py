@@ -250,8 +250,11 @@ def _metrics(cell: dict, fp: dict, features: FeatureSpace | None, expected_label
 
 def job_rows(config: RunConfig) -> list[tuple[str, str]]:
     """The (row, preset) pairs the job builds after FP, in table order (method-major), with ``best`` resolved to
-    the row it stands for at each preset; ``ValueError`` where ``best`` has no measured row."""
-    return [(resolve_row(method, name), name) for method in config.methods for name in config.presets]
+    the row it stands for at each preset, each pair once (``--methods tac,best`` at W8A8, or a name given twice,
+    put the very same cell in the table, the figures and the per-preset plots once per copy); ``ValueError`` where
+    ``best`` has no measured row."""
+    pairs = [(resolve_row(method, name), name) for method in config.methods for name in config.presets]
+    return list(dict.fromkeys(pairs))
 
 
 def default_variants(config: RunConfig, bases: BaseModels) -> list[Variant]:
