@@ -444,7 +444,7 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
         },
         # which cells of ``cells/`` are this report's: a rerun with other settings keeps the earlier run's cells
         # beside them (reused when the settings come back), and readers of the folder must not mix the two
-        "cell_keys": [cell["key"] for cell in cells],
+        "cell_keys": keys if None not in (keys := [cell.get("key") for cell in cells]) else None,
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
                    "num_samples": config.num_samples, "eval_seed": config.eval_seed, "fp_layers": config.fp_layers,
                    "model": workload.name, "workload": workload.settings},
