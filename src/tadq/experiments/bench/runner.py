@@ -22,7 +22,7 @@ from tadq.experiments.bench.report import write_bench_report
 from tadq.experiments.rows import BaseModels, Variant, resolve_row, row_for
 from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, prepare_job, run_cell, write_report
 from tadq.experiments.workload import resolve_model_path
-from tadq.fsguard import mark_output
+from tadq.fsguard import OutputRefused, mark_output
 from tadq.models import load_scheduler
 from tadq.safefiles import DamagedFileError
 from tadq.sampling import SamplerConfig, SamplingPlan
@@ -97,7 +97,7 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
         logger.info("%s [%d/%d] %s %s", sampler.key, number, len(planned), variant.name, variant.bits)
         try:
             cell = run_cell(workload, config, variant, path, key, job.components)
-        except DamagedFileError:  # a ValueError too, but about the cell file, not the method: said as tadq run says it
+        except (DamagedFileError, OutputRefused):  # ValueErrors too, about files, not the method: said as they are
             raise
         except UNSUPPORTED_ERRORS as error:  # raised while building (e.g. a tool rejects the model): keep going
             if method == "fp":
