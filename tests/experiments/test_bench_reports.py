@@ -58,6 +58,16 @@ def test_a_diverged_row_s_nan_is_not_shown_as_unmeasured():
     assert format_value("psnr", np.float64(38.123)) == "38.12"
 
 
+def test_a_build_time_that_was_not_recorded_shows_as_unmeasured_as_the_notes_say():
+    """A base model kept without its timing record has a NaN build time: the bench printed "NaN" where its notes
+    (and tadq run's table) say "–"."""
+    from tadq.experiments.bench.report import NOTES
+
+    assert any("– when it was saved without one" in note for note in NOTES)
+    assert format_value("setup_s", float("nan")) == "–"
+    assert format_value("setup_s", 12.0) == "12"
+
+
 class _Balance(HTMLParser):
     """Open elements in order; fails on a closing tag that does not close the innermost open one."""
 

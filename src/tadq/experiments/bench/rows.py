@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from tadq.experiments.rows import method_label
-from tadq.report.tables import fd_columns
+from tadq.report.tables import NOT_RECORDED_AS_NAN, fd_columns
 from tadq.sampling import SamplerConfig
 
 __all__ = ["HEADLINE_COLUMNS", "TERMINAL_KEYS", "bench_rows", "format_value", "headline_columns", "peer_verdicts"]
@@ -44,9 +44,10 @@ def _fd_key(row: dict[str, Any]) -> str | None:
 
 
 def format_value(key: str, value: Any) -> str:
-    """One table cell: ``–`` for what was not measured, ``NaN`` for a quality number of a row that diverged (as
-    ``tadq run``'s report shows it: measured, and not a number), otherwise a fixed number of digits per column."""
-    if value is None:
+    """One table cell: ``–`` for what was not measured (a NaN timing: a base model saved without its build time,
+    as the notes say), ``NaN`` for a quality number of a row that diverged (as ``tadq run``'s report shows both:
+    measured, and not a number), otherwise a fixed number of digits per column."""
+    if value is None or (key in NOT_RECORDED_AS_NAN and isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, str):
         return value
