@@ -58,6 +58,16 @@ def test_a_diverged_row_s_nan_is_not_shown_as_unmeasured():
     assert format_value("psnr", np.float64(38.123)) == "38.12"
 
 
+def test_a_build_time_that_was_not_recorded_shows_as_unmeasured_as_the_notes_say():
+    """A base model kept without its timing record has a NaN build time: the bench printed "NaN" where its notes
+    (and tadq run's table) say "–"."""
+    from tadq.experiments.bench.report import NOTES
+
+    assert any("– when it was saved without one" in note for note in NOTES)
+    assert format_value("setup_s", float("nan")) == "–"
+    assert format_value("setup_s", 12.0) == "12"
+
+
 class _Balance(HTMLParser):
     """Open elements in order; fails on a closing tag that does not close the innermost open one."""
 
@@ -144,3 +154,49 @@ def test_a_malformed_sampler_number_is_named_as_an_unknown_sampler(name):
     convert string to float"); a malformed number is now an unknown sampler, with the names that exist."""
     with pytest.raises(ValueError, match=f"unknown sampler '{re.escape(name)}'"):
         parse_sampler(name)
+
+
+def _measured(method: str, bits: str, psnr: float, **fd: float | None) -> dict:
+    """One ``tadq run`` metrics row as ``write_report`` returns it (``fd``: its Fréchet-distance key and value)."""
+    return {"method": method, "bits": bits, "agreement": None, "psnr": psnr, "ssim": 0.9, "final_mse": 1e-3,
+            "setup_s": 1.0, "sampling_s": 2.0, **fd}
+
+
+def _table(rows: list[dict], settings: list[dict]) -> dict:
+    entries = [("fp" if row["method"] == "FP" else row["method"], row["bits"], index)
+               for index, row in enumerate(rows)]
+    return {"sampler": parse_sampler("ddim-eta0", steps=4), "entries": entries, "settings": settings,
+            "results": {"rows": rows, "extras": {}}}
+
+
+def test_the_bench_table_keeps_the_fd_of_the_features_its_rows_were_measured_on():
+    """The photos model's rows carry ``fd_photos``: the bench copied ``fd_digits`` alone, so its FD column was empty
+    and report.json lost the number ``tadq run``'s table shows."""
+    from tadq.experiments.bench.rows import bench_rows, headline_columns
+
+    rows = [_measured("FP", "W32A32", float("nan"), fd_photos=3.5), _measured("naive", "W8A8", 30.0, fd_photos=4.25)]
+    table = bench_rows(_table(rows, [{"method": "fp"}, {"method": "naive"}]))
+    assert [row["fd_photos"] for row in table] == [3.5, 4.25]
+    columns = dict(headline_columns(table))
+    assert columns.get("fd_photos") == "FD-photos ↓" and "fd_digits" not in columns
+    digits = bench_rows(_table([_measured("FP", "W32A32", float("nan"), fd_digits=1.5)], [{"method": "fp"}]))
+    assert dict(headline_columns(digits)).get("fd_digits") == "FD-digits ↓"
+
+
+def test_peer_verdicts_on_a_model_without_fd_compare_psnr_and_do_not_crash():
+    """A user's model has no FD (``None`` in every row): ``min`` over two tadq rows' ``None`` raised TypeError, after
+    the whole bench had run, and no report was written."""
+    from tadq.experiments.bench.rows import bench_rows, peer_verdicts
+
+    rows = [_measured("FP", "W32A32", float("nan"), fd_digits=None),
+            _measured("naive", "W8A8", 30.0, fd_digits=None), _measured("qdiffusion", "W8A8", 35.0, fd_digits=None),
+            _measured("quanto", "W8A8", 32.0, fd_digits=None)]
+    settings = [{"method": "fp"}, {"method": "naive"}, {"method": "qdiffusion"}, {"method": "quanto", "peer": {}}]
+    verdicts = peer_verdicts(bench_rows(_table(rows, settings)))
+    assert len(verdicts) == 1 and "beats quanto" in verdicts[0] and "35.00 vs 32.00" in verdicts[0]
+    rows[3] = _measured("quanto", "W8A8", 32.0, fd_photos=2.0)
+    for row, fd in zip(rows[:3], (1.0, 3.0, 2.5), strict=True):
+        row.pop("fd_digits")
+        row["fd_photos"] = fd
+    verdicts = peer_verdicts(bench_rows(_table(rows, settings)))
+    assert any("on FD-photos: 2.00 vs 2.50" in verdict for verdict in verdicts)

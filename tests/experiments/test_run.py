@@ -189,3 +189,41 @@ def test_an_eval_seed_a_row_chose_its_settings_on_is_refused(tmp_path):
         RunConfig(eval_seed=100_000, **config)
     assert RunConfig(eval_seed=100_001, **config)  # apart from every seed the rows fit or choose on
     assert RunConfig(eval_seed=100_000, **(config | {"methods": ("naive", "ptqd")}))  # PTQD alone chooses nothing
+
+
+def test_a_rerun_with_another_seed_names_its_own_cells_for_readers_of_the_folder(tmp_path, tiny_model_dir):
+    """results.json lists its cells' keys: the first run's cells stay in cells/ (reused when its settings come
+    back), and ``tfmq_measure paired`` read both runs' cells as one."""
+    from tadq.experiments.tfmq_measure import paired_psnr, report_cells
+
+    out = tmp_path / "same"
+    run_main_job(_config(tiny_model_dir, out, presets=("W4A4",), eval_seed=1, num_samples=2))
+    second = run_main_job(_config(tiny_model_dir, out, presets=("W4A4",), eval_seed=2, num_samples=2))
+    assert len(list((out / "cells").glob("*.safetensors"))) == 4
+    saved = json.loads((out / "results.json").read_text())
+    cells = report_cells(str(out))
+    assert sorted(cell["key"] for cell in cells) == sorted(saved["cell_keys"]) and len(cells) == 2
+    paired = paired_psnr(str(out), "naive PTQ")
+    eps = torch.finfo(torch.float32).eps
+    assert paired["naive PTQ"]["psnr"] == pytest.approx(second["rows"][1]["psnr"], rel=4 * eps)
+
+
+def test_each_row_is_built_and_shown_once_however_often_it_is_named():
+    """``--presets W8A8,w8a8 --methods naive,naive`` showed one cell four times; ``--methods tac,best`` at W8A8 (best
+    is tac there) twice, in the table and every figure."""
+    from tadq.experiments.run import job_rows
+
+    assert job_rows(RunConfig(presets=("W8A8", "w8a8"), methods=("naive", "naive"))) == [("naive", "W8A8")]
+    assert job_rows(RunConfig(presets=("W8A8", "W4A4"), methods=("tac", "best"))) == [
+        ("tac", "W8A8"), ("tac", "W4A4"), ("svdquant+tac", "W4A4")]
+
+
+def test_the_bench_measures_a_row_named_twice_through_best_once():
+    from tadq.experiments.bench import BenchConfig
+    from tadq.experiments.bench.runner import _variants
+
+    bench = BenchConfig(methods=("tac", "best"), presets=("W8A8", "W4A4"), samplers=(SAMPLER,))
+    entries = _variants(bench.run_config(SAMPLER), None)
+    assert [(method, preset) for method, preset, _ in entries] == [
+        ("fp", "W32A32"), ("tac", "W8A8"), ("tac", "W4A4"), ("best", "W4A4")]
+    assert entries[-1][2].name == "SVDQuant + TAC"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -54,3 +56,64 @@ def test_a_name_at_bits_reference_pairs_every_row_with_that_one_row():
     assert results["ref W8A8-WSYM"]["difference"] < 0  # coarser noise than the W8A8 row it is paired with
     with pytest.raises(ValueError, match="no row 'ref' at W4A8"):
         paired_rows(cells, "ref@W4A8")
+
+
+def _save_run(folder, cells: list[dict], key_prefix: str, report: bool) -> None:
+    """``cells`` saved as a ``tadq run`` folder's cells (keys ``<prefix><index>``), with its results.json naming them
+    when ``report``."""
+    import json
+
+    from tadq.experiments.run import CELL_SUFFIX, save_cell
+
+    (folder / "cells").mkdir(parents=True, exist_ok=True)
+    keys = []
+    for index, cell in enumerate(cells):
+        key = f"{key_prefix}{index}"
+        keys.append(key)
+        save_cell({**cell, "key": key, "states": torch.zeros(1), "setup_s": 0.0, "sampling_s": 0.0, "settings": {},
+                   "extras": {}, "components": None}, folder / "cells" / f"{index:02d}-{key}{CELL_SUFFIX}")
+    if report:
+        (folder / "results.json").write_text(json.dumps({"rows": [], "cell_keys": keys}))
+
+
+def test_a_folder_rerun_with_other_settings_pairs_only_its_report_s_cells(tmp_path):
+    """A rerun into the same folder (another evaluation seed) keeps the first run's cells beside its own: every file
+    in cells/ was paired, the first run's FP stood for both and each row came from whichever file was read last."""
+    from tadq.experiments.tfmq_measure import paired_psnr
+
+    generator = torch.Generator().manual_seed(3)
+    old_fp, new_fp = (torch.rand(8, 1, 4, 4, generator=generator) * 2 - 1 for _ in range(2))
+    first = [_cell("FP", "W32A32", old_fp), _cell("ref", "W8A8", old_fp + 0.3), _cell("peer", "W8A8", old_fp)]
+    second = [_cell("FP", "W32A32", new_fp), _cell("ref", "W8A8", new_fp + 0.01), _cell("peer", "W8A8", new_fp + 0.02)]
+    _save_run(tmp_path, first, "a", report=False)
+    _save_run(tmp_path, second, "b", report=True)  # written later: results.json is the second run's
+    results = paired_psnr(str(tmp_path), "ref")
+    expected = paired_rows(second, "ref")
+    assert results == expected and results["peer"]["difference"] < 0  # the second run's rows alone
+    (tmp_path / "results.json").unlink()  # a folder whose report does not say which cells are its own
+    with pytest.raises(ValueError, match="holds the FP W32A32 row twice"):
+        paired_psnr(str(tmp_path), "ref")
+
+
+def test_no_fp_cell_is_refused_by_name():
+    with pytest.raises(ValueError, match="no FP cell"):
+        paired_rows([_cell("ref", "W8A8", torch.zeros(2, 1, 4, 4))], "ref")
+
+
+def test_one_sample_has_an_undefined_interval_and_identical_samples_a_zero_one(capsys, tmp_path):
+    """n = 1: torch's std warned and gave NaN, printed as the non-JSON token NaN; identical rows: 0 ± 0."""
+    import json
+    import warnings
+
+    from tadq.experiments.tfmq_measure import main, paired_difference
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        difference, interval = paired_difference(torch.tensor([30.0]), torch.tensor([29.0]))
+    assert difference == 1.0 and math.isnan(interval)
+    assert paired_difference(torch.full((4,), 30.0), torch.full((4,), 30.0)) == (0.0, 0.0)
+    fp = torch.zeros(1, 1, 4, 4)
+    _save_run(tmp_path, [_cell("FP", "W32A32", fp), _cell("ref", "W8A8", fp + 0.1)], "k", report=True)
+    main(["paired", str(tmp_path), "ref"])
+    printed = json.loads(capsys.readouterr().out, parse_constant=lambda token: pytest.fail(f"{token} in the JSON"))
+    assert printed["ref"]["interval"] is None and printed["ref"]["difference"] == 0.0

@@ -372,3 +372,69 @@ def test_an_edited_hadamard_matrix_never_changes_later_rotations():
     assert torch.equal(hadamard_matrix(4, torch.float64).abs(), torch.full((4, 4), 0.5, dtype=torch.float64))
     assert torch.equal(hadamard_matrix(4, torch.float64) @ hadamard_matrix(4, torch.float64),
                        torch.eye(4, dtype=torch.float64))
+
+
+# --- the evaluation after the search -----------------------------------------------------------------------------
+
+
+def _evaluated(monkeypatch, diverging: str) -> tuple[dict, str]:
+    """``evaluate_candidates`` over two scored candidates (both README rows) whose artefacts stand in by name: the
+    ``diverging`` one samples NaN on the evaluation seed, the other one FP plus a small offset. Returns the
+    evaluation and the Markdown report."""
+    from tadq.config import config_to_dict
+    from tadq.search import Candidate
+    from tadq.search import evaluate as evaluate_module
+    from tadq.search.report import markdown_report
+    from tadq.search.search import SearchResult
+
+    space = tiny_space(bases=("naive", "qdiffusion"), presets=("W8A8",), stacks=("none",))
+    records = [{"name": c.name, "base": c.base, "preset": c.preset, "stack": c.stack_name, "fp_layers": c.fp_layers,
+                "gbitops": 1.0, "bytes": 10, "status": "scored", "recipe": config_to_dict(space.recipe(c)),
+                "artefact": f"cache/models/{c.name}", "score": {"median_psnr": 30.0}}
+               for c in (Candidate("naive", "W8A8"), Candidate("qdiffusion", "W8A8"))]
+    result = SearchResult(records, "qdiffusion-W8A8", "best", ["qdiffusion-W8A8"],
+                          {"calibration": 0, "heldout": 200_000, "evaluation": 1000}, {}, Budget("gbitops", 2.0))
+
+    def samples(denoiser, *args, num_samples, **kwargs):
+        images = torch.zeros(num_samples, 1, 16, 16)
+        if denoiser == diverging:
+            return images.fill_(float("nan"))
+        return images if denoiser == "fp" else images + 0.1
+
+    monkeypatch.setattr(evaluate_module, "load", lambda folder: (folder.name, None))
+    monkeypatch.setattr(evaluate_module, "final_samples", samples)
+    evaluation = evaluate_module.evaluate_candidates(result, "fp", None, "out", num_samples=2)
+    json.dumps(evaluation, allow_nan=False)  # report.json stays strict JSON
+    return evaluation, markdown_report(result, evaluation)
+
+
+def test_a_candidate_diverging_on_the_evaluation_seed_is_reported_not_a_crash(monkeypatch):
+    """Finite on the held-out noise, NaN on the evaluation seed: PSNR of its samples raised after the whole search
+    and export, and --evaluate never wrote a report; now its row says so and the rest are compared."""
+    evaluation, markdown = _evaluated(monkeypatch, diverging="naive-W8A8")
+    row = evaluation["rows"]["naive-W8A8"]
+    assert row["diverged"] == "2 of 2 samples hold NaN or Inf" and row["mean_psnr"] is None
+    assert evaluation["rows"]["qdiffusion-W8A8"]["mean_psnr"] > 0
+    assert "no README row other than the winner" in evaluation["summary"]  # the diverged row is not compared
+    assert "naive-W8A8 (diverged: 2 of 2 samples hold NaN or Inf)" in markdown
+    evaluation, _ = _evaluated(monkeypatch, diverging="qdiffusion-W8A8")
+    assert evaluation["summary"].startswith("the winner qdiffusion-W8A8 diverged on the evaluation seed 1000")
+
+
+def test_a_rerun_with_another_batch_size_rescores_instead_of_reusing(tmp_path):
+    """The sampling batch moves quantized samples (README: What the batch size changes) and keys tadq run's cells;
+    the search's records were keyed without it, so a rerun with another --batch-size reported scores drawn at the
+    old one beside candidates scored at the new one."""
+    torch.manual_seed(0)
+    model, scheduler = build_tiny_unet(), tiny_scheduler()
+    space = tiny_space(bases=("naive",), presets=("W8A8",), stacks=("none",))
+
+    def search(batch_size: int):
+        return run_search(model, scheduler, space, Budget("gbitops", 1e6), tmp_path, heldout_trajectories=4,
+                          batch_size=batch_size, progress=False)
+
+    assert search(4).stats["candidates_scored"] == 1
+    same = search(8)  # a batch over the 4 held-out trajectories samples them in the same one batch
+    assert same.stats["candidates_scored"] == 0 and same.stats["candidates_reused"] == 1
+    assert search(2).stats["candidates_scored"] == 1  # was reused: scored at batch 4
+    assert len(list(tmp_path.glob("cache/reference-*.safetensors"))) == 2  # the FP reference of each batch

@@ -159,14 +159,16 @@ def _print(report: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from tadq.experiments.bench.rows import HEADLINE_COLUMNS, TERMINAL_KEYS, format_value
+    from tadq.experiments.bench.rows import TERMINAL_KEYS, format_value, headline_columns
 
-    columns = [(key, title) for key, title in HEADLINE_COLUMNS if key in TERMINAL_KEYS]
     for key, part in report["samplers"].items():
+        rows = [r for r in report["rows"] if r["sampler"] == key]
+        # the FD column of the features these rows were measured on (FD-photos, not an empty FD-digits)
+        columns = [(k, title) for k, title in headline_columns(rows) if k in TERMINAL_KEYS or k.startswith("fd_")]
         table = Table(title=Text(f"tadq bench: {part['title']}, {report['config']['num_samples']} samples"))
         for _, title in columns:
             table.add_column(title, justify="right")
-        for row in (r for r in report["rows"] if r["sampler"] == key):  # Text: a status quotes error messages
+        for row in rows:  # Text: a status quotes error messages
             table.add_row(*(Text(format_value(k, row.get(k))) for k, _ in columns))
         console.print(table)
         for verdict in part["peer_verdicts"]:

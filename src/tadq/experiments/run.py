@@ -265,8 +265,11 @@ def _metrics(cell: dict, fp: dict, features: FeatureSpace | None, expected_label
 
 def job_rows(config: RunConfig) -> list[tuple[str, str]]:
     """The (row, preset) pairs the job builds after FP, in table order (method-major), with ``best`` resolved to
-    the row it stands for at each preset; ``ValueError`` where ``best`` has no measured row."""
-    return [(resolve_row(method, name), name) for method in config.methods for name in config.presets]
+    the row it stands for at each preset, each pair once (``--methods tac,best`` at W8A8, or a name given twice,
+    put the very same cell in the table, the figures and the per-preset plots once per copy); ``ValueError`` where
+    ``best`` has no measured row."""
+    pairs = [(resolve_row(method, name), name) for method in config.methods for name in config.presets]
+    return list(dict.fromkeys(pairs))
 
 
 def default_variants(config: RunConfig, bases: BaseModels) -> list[Variant]:
@@ -454,6 +457,9 @@ def write_report(config: RunConfig, cells: list[dict], workload: Workload) -> di
             "peers": _peer_coverage_note(labels, cells),
             "diverged": _diverged_note(rows),
         },
+        # which cells of ``cells/`` are this report's: a rerun with other settings keeps the earlier run's cells
+        # beside them (reused when the settings come back), and readers of the folder must not mix the two
+        "cell_keys": keys if None not in (keys := [cell.get("key") for cell in cells]) else None,
         "config": {"sampler": config_to_dict(config.sampler), "calibration": config_to_dict(config.calibration),
                    "num_samples": config.num_samples, "eval_seed": config.eval_seed, "fp_layers": config.fp_layers,
                    "model": workload.name, "workload": workload.settings},

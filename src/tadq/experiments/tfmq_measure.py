@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["temporal_cosines", "calibration_times", "paired_psnr", "paired_rows", "paired_difference"]
+__all__ = ["temporal_cosines", "calibration_times", "paired_psnr", "paired_rows", "paired_difference",
+           "report_cells"]
 
 
 def temporal_cosines(model_dirs: list[str]) -> dict[str, dict[str, float]]:
@@ -92,13 +93,40 @@ def paired_psnr(run_dir: str, reference: str = "Q-Diffusion") -> dict[str, dict[
     """Per row of a ``tadq run`` folder: mean PSNR vs FP, and its mean per-sample difference from ``reference`` on
     the same noise with a 95 % interval (1.96 standard errors), from the saved cells. ``run_dir`` may name several
     folders, comma-separated, whose FP samples must be identical (runs of the same model, noise and sampler)."""
+    folders = [part for part in run_dir.split(",") if part]
+    return paired_rows(merged_cells([report_cells(folder) for folder in folders]), reference)
+
+
+def report_cells(folder: str) -> list[dict]:
+    """The cells of the run whose report ``folder`` holds (``results.json``'s ``cell_keys``): a rerun with other
+    settings (seed, sample count, sampler) leaves the earlier run's cells in ``cells/``, and pairing every file there
+    mixed two runs' rows, each (name, bits) silently taken from whichever came last. A folder whose report does not
+    name its cells (tadq before it did) is read whole, and refused when it holds one row twice."""
     from pathlib import Path
 
     from tadq.experiments.run import CELL_SUFFIX, load_cell
 
-    folders = [part for part in run_dir.split(",") if part]
-    cells = [[load_cell(path) for path in sorted(Path(folder, "cells").glob(f"*{CELL_SUFFIX}"))] for folder in folders]
-    return paired_rows(merged_cells(cells), reference)
+    paths = sorted(Path(folder, "cells").glob(f"*{CELL_SUFFIX}"))
+    if not paths:
+        raise ValueError(f"{folder} holds no run cells ({folder}/cells/*{CELL_SUFFIX}); give a tadq run folder")
+    keys = None
+    try:
+        keys = json.loads(Path(folder, "results.json").read_text()).get("cell_keys")
+    except (OSError, ValueError, AttributeError):  # no report yet (interrupted), or one of an older tadq
+        pass
+    cells = {path: load_cell(path) for path in paths}
+    if isinstance(keys, list):
+        cells = {path: cell for path, cell in cells.items() if cell.get("key") in keys}
+    seen: dict[tuple[str, str], Path] = {}
+    for path, cell in cells.items():
+        row = (cell["name"], cell["bits"])
+        if row in seen:
+            raise ValueError(f"{folder} holds the {row[0]} {row[1]} row twice ({seen[row].name} and {path.name}): "
+                             "cells of runs with different settings, and its results.json does not say which are "
+                             "its own; rerun tadq run into the folder (finished cells are reused) or move the "
+                             "other run's cells out")
+        seen[row] = path
+    return list(cells.values())
 
 
 def merged_cells(folders: list[list[dict]]) -> list[dict]:
@@ -126,7 +154,10 @@ def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]
     "name bits" (one name per row would let one preset's row overwrite another's)."""
     from tadq.metrics import psnr_per_sample
 
-    fp = next(cell for cell in cells if cell["name"] == "FP")
+    fp = next((cell for cell in cells if cell["name"] == "FP"), None)
+    if fp is None:  # was a bare StopIteration
+        rows = sorted({(cell["name"], cell["bits"]) for cell in cells})
+        raise ValueError(f"no FP cell to measure PSNR against; rows: {rows}")
     rows = [cell for cell in cells if cell is not fp and cell["images"].shape == fp["images"].shape]
     several = len({cell["bits"] for cell in rows}) > 1
     psnr = {(cell["name"], cell["bits"]): psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1))
@@ -149,6 +180,8 @@ def paired_difference(values: torch.Tensor, reference: torch.Tensor) -> tuple[fl
     """Mean of ``values - reference`` (per-sample scores on the same noise) and its 95 % interval, 1.96 standard
     errors; in the tensors' dtype."""
     difference = values - reference
+    if len(difference) < 2:  # one sample has no spread: the interval is undefined (NaN, null in the JSON printed)
+        return float(difference.mean()), float("nan")
     return float(difference.mean()), float(1.96 * difference.std() / len(difference) ** 0.5)
 
 
@@ -159,7 +192,9 @@ def main(argv: list[str]) -> None:
     elif argv[:1] == ["timing"]:
         print(json.dumps(calibration_times(*argv[1:2]), indent=1))
     elif argv[:1] == ["paired"] and len(argv) > 1:
-        print(json.dumps(paired_psnr(*argv[1:3]), indent=1))
+        from tadq.report import dumps_json
+
+        print(dumps_json(paired_psnr(*argv[1:3])), end="")  # strict JSON: an undefined interval is null, not NaN
     else:
         raise SystemExit(__doc__)
 

@@ -6,7 +6,8 @@ import json
 import math
 from typing import Any
 
-__all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "columns_for", "markdown_table", "format_cell", "json_ready", "dumps_json"]
+__all__ = ["COLUMNS", "OPTIONAL_COLUMNS", "columns_for", "fd_columns", "markdown_table", "format_cell", "json_ready",
+           "dumps_json"]
 
 COLUMNS: tuple[tuple[str, str], ...] = (
     ("method", "method"), ("bits", "bits"), ("fd_digits", "FD-digits ↓"), ("agreement", "class agree ↑"),
@@ -19,7 +20,7 @@ OPTIONAL_COLUMNS: tuple[tuple[str, str], ...] = (("prompt_accuracy", "prompt agr
 NOT_RECORDED_AS_NAN = ("setup_s", "sampling_s")  # NaN there means "not recorded" (an older cell), shown as –
 
 
-def _fd_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+def fd_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
     """Every Fréchet-distance column the rows carry a value in (``fd_<features>``, e.g. FD-digits and FD-photos
     side by side when rows measured both; one was dropped before); FD-digits when none."""
     keys = sorted({key for row in rows for key in row if key.startswith("fd_") and row[key] is not None},
@@ -32,7 +33,7 @@ def columns_for(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
     agreement column)."""
     base: tuple[tuple[str, str], ...] = ()
     for key, title in COLUMNS:
-        base += _fd_columns(rows) if key == "fd_digits" else ((key, title),)
+        base += fd_columns(rows) if key == "fd_digits" else ((key, title),)
     extra = tuple(c for c in OPTIONAL_COLUMNS if any(row.get(c[0]) is not None for row in rows))
     at = [key for key, _ in base].index("agreement") + 1
     return base[:at] + extra + base[at:]

@@ -18,6 +18,7 @@ from torch import nn
 from tadq.api import load
 from tadq.config import DEFAULT_FP_LAYERS
 from tadq.metrics.image import psnr_per_sample, ssim_per_sample
+from tadq.safefiles import nonfinite_count
 from tadq.search.score import final_samples
 from tadq.search.search import SearchConditions, SearchResult
 
@@ -47,7 +48,10 @@ def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_d
     """Sample the FP model and every in-budget candidate on the evaluation seed; mean and median PSNR, SSIM and
     final MSE vs FP per candidate (on the decoded images of a latent model), and a summary saying whether the winner
     beats every README row. ``conditioning`` carries the *evaluation* conditions (labels from the evaluation seed,
-    the evaluation prompts, disjoint from the search's) and the decoder; the guidance scale is the recipes'."""
+    the evaluation prompts, disjoint from the search's) and the decoder; the guidance scale is the recipes'.
+
+    A candidate whose samples hold NaN or Inf here gets ``None`` metrics and a ``diverged`` note, and is left out of
+    the comparison."""
     seed = result.seeds["evaluation"]
     if seed in {v for k, v in result.seeds.items() if k != "evaluation"}:
         raise ValueError(f"evaluation seed {seed} is one the search used; refusing to evaluate on it")
@@ -63,17 +67,27 @@ def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_d
         qmodel, _ = load(Path(out_dir) / record["artefact"])
         images = final_samples(qmodel, scheduler, first.sampler, num_samples=num_samples, seed=seed,
                                batch_size=batch_size, **options)
+        row = {"readme_row": _is_readme_row(record), "gbitops": record["gbitops"], "bytes": record["bytes"],
+               "heldout_median_psnr": record["score"]["median_psnr"]}
+        if nonfinite := nonfinite_count(images):
+            # scored finite on the held-out noise, not on this one: its numbers are unmeasurable (null), the row
+            # says why, and the other candidates are still compared (PSNR of NaN images raised, after the search)
+            rows[record["name"]] = {**row, "mean_psnr": None, "median_psnr": None, "ssim": None, "final_mse": None,
+                                    "diverged": f"{nonfinite} of {len(images)} samples hold NaN or Inf"}
+            continue
         psnr = psnr_per_sample(images, reference).double()
         rows[record["name"]] = {
-            "readme_row": _is_readme_row(record), "mean_psnr": float(psnr.mean()), "median_psnr": float(psnr.median()),
+            **row, "mean_psnr": float(psnr.mean()), "median_psnr": float(psnr.median()),
             "ssim": float(ssim_per_sample(images, reference).mean()),
             "final_mse": float((images.clamp(-1, 1) - reference.clamp(-1, 1)).double().square().mean()),
-            "gbitops": record["gbitops"], "bytes": record["bytes"],
-            "heldout_median_psnr": record["score"]["median_psnr"],
         }
     winner = rows[result.winner]
-    fixed = {name: row for name, row in rows.items() if row["readme_row"] and name != result.winner}
-    if not fixed:
+    fixed = {name: row for name, row in rows.items()
+             if row["readme_row"] and name != result.winner and "diverged" not in row}
+    if "diverged" in winner:
+        summary = (f"the winner {result.winner} diverged on the evaluation seed {seed} ({winner['diverged']}): it "
+                   "is not compared with the README rows")
+    elif not fixed:
         summary = "no README row other than the winner fits the budget; nothing to compare with"
     else:
         best_name = max(fixed, key=lambda n: fixed[n]["mean_psnr"])

@@ -72,9 +72,12 @@ def markdown_report(result: SearchResult, evaluation: dict[str, Any] | None = No
                   "|---|---|---|---|---|---|"]
         for name, row in evaluation["rows"].items():
             label = f"**{name}**" if name == result.winner else name
+            if row.get("diverged"):
+                label += f" (diverged: {row['diverged']})"
+            mse = "–" if row["final_mse"] is None else f"{row['final_mse']:.2e}"
             lines.append(f"| {label} | {'yes' if row['readme_row'] else '(not a README row)'} | "
                          f"{_fmt(row['mean_psnr'])} | {_fmt(row['median_psnr'])} | {_fmt(row['ssim'], 3)} | "
-                         f"{row['final_mse']:.2e} |")
+                         f"{mse} |")
     return "\n".join(lines) + "\n"
 
 

@@ -13,8 +13,8 @@ Reuse, from the most expensive piece down:
 
 Every finished model is saved as an artefact and every finished candidate as a JSON record under
 ``DIR/cache/``, each keyed by everything that changes it (model weights, scheduler, the candidate's recipe; for
-the record also the held-out seed and count): an interrupted run resumes from them, and a rerun with the same
-settings neither builds, fits nor scores anything. Nothing is pickled (artefacts are safetensors + JSON).
+the record also the held-out seed, count and sampling batch): an interrupted run resumes from them, and a rerun
+with the same settings neither builds, fits nor scores anything. Nothing is pickled (artefacts are safetensors + JSON).
 """
 
 from __future__ import annotations
@@ -278,7 +278,7 @@ def _reference(model: nn.Module, scheduler, space: SearchSpace, seed: int, count
     """FP final images of the held-out seed (cached)."""
     guidance = {} if space.guidance_scale == 1.0 else {"guidance_scale": space.guidance_scale}
     key = _digest({"model": model_key, "sampler": config_to_dict(space.sampler), "seed": seed, "count": count,
-                   **guidance})
+                   "batch": min(batch_size, count), **guidance})
     path = cache / f"reference-{key}.safetensors"
     if path.is_file():
         try:
@@ -340,6 +340,9 @@ def run_search(
              "models_loaded": 0}
     builder = _Builder(model, scheduler, plan, cache, model_key, stats, progress, conditioning.conditions)
     reference = None
+    # the batch the held-out samples are drawn in moves quantized samples (README: What the batch size changes), so
+    # it keys the records and the reference as it keys tadq run's cells; a batch over the count is the same batch
+    scoring_batch = min(batch_size, heldout_trajectories)
     records: list[dict[str, Any]] = []
     bar = tqdm(plan.candidates, desc="tadq recipe", disable=not progress, unit="candidate")
     current_base = None
@@ -359,7 +362,7 @@ def run_search(
                             "why": plan.ruled_out[candidate.name], "reused": False})
             continue
         score_key = _digest({"build": builder.build_key(candidate), "seed": seeds["heldout"],
-                             "count": heldout_trajectories})
+                             "count": heldout_trajectories, "batch": scoring_batch})
         path = cache / "candidates" / f"{candidate.name}.json"
         reused = _reusable(path, score_key, budget) if builder.cached(candidate) else None
         if reused is not None:

@@ -98,3 +98,11 @@ def test_cli_bad_sampler_is_a_clean_error(tmp_path):
     result = runner.invoke(app, ["bench", "--samplers", "heun", "--out", str(tmp_path / "out")])
     assert result.exit_code == 2 and "unknown sampler" in result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_models_dir_equal_to_the_bench_folder_is_refused_before_any_work(tmp_path):
+    """The bench marked --out as its own first; each base model was then quantized and refused when saved into it,
+    and every row read "not supported: OutputRefused"."""
+    with pytest.raises(ValueError, match="is the bench folder itself"):
+        BenchConfig(methods=("naive",), presets=("W8A8",), out_dir=str(tmp_path / "b"),
+                    models_dir=str(tmp_path / "b" / "."))

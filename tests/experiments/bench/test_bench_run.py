@@ -185,3 +185,15 @@ def test_the_report_renders_in_headless_chromium_with_every_image_decoded(bench,
     assert found, "the load handler did not run"
     widths = [int(w) for w in found.group(1).split(",")]
     assert len(widths) == page.count("<img") and all(w > 0 for w in widths)
+
+
+def test_a_damaged_cell_is_refused_not_reported_as_an_unsupported_method(tiny_dir, tmp_path):
+    """A finished cell truncated on disk raised DamagedFileError, a ValueError, which the bench took for "this method
+    cannot do this preset": the naive row read "not supported" in every report, the damage unsaid."""
+    config = bench_config(tiny_dir, tmp_path / "out", methods=("naive",), presets=("W8A8",), samplers=(ETA0,),
+                          num_samples=2, grid_samples=2)
+    run_bench(config)
+    (cell,) = (tmp_path / "out" / ETA0.key / "cells").glob("naive-*.safetensors")
+    cell.write_bytes(cell.read_bytes()[: cell.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{cell.name}.*delete it"):
+        run_bench(config)

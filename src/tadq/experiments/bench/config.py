@@ -178,6 +178,11 @@ class BenchConfig:
             raise ValueError(f"samplers repeat: {keys}")
         if len(set(self.methods)) != len(self.methods) or len(set(self.presets)) != len(self.presets):
             raise ValueError("methods and presets must not repeat")
+        if self.models_dir and Path(self.models_dir).resolve() == Path(self.out_dir).resolve():
+            # the bench marks the folder as its own first: each base model was quantized, then refused when saved
+            # into a 'bench' folder, and its rows reported as "not supported"
+            raise ValueError(f"models_dir {self.models_dir!r} is the bench folder itself; leave it unset (the "
+                             f"default, {Path(self.out_dir) / 'models'}) or give a folder of its own")
         for sampler in self.samplers:
             self.run_config(sampler)  # every per-sampler RunConfig must be valid before anything runs
 

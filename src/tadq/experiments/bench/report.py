@@ -12,7 +12,7 @@ from typing import Any
 from tadq.config import config_to_dict
 from tadq.experiments.bench import html
 from tadq.experiments.bench.config import BenchConfig
-from tadq.experiments.bench.rows import HEADLINE_COLUMNS, bench_rows, format_value, peer_verdicts
+from tadq.experiments.bench.rows import bench_rows, format_value, headline_columns, peer_verdicts
 from tadq.report import dumps_json
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_write_text, library_versions
@@ -89,12 +89,13 @@ def _section(bench: BenchConfig, table: dict[str, Any]) -> dict[str, Any]:
     if any(r["peer"] for r in rows) and not any(r["peer"] and r["status"] == "ok" for r in rows):
         verdicts.append("No peer tool could be measured at this sampler (see the status column).")
     return {"sampler": table["sampler"], "title": sampler_title(table["sampler"]), "rows": rows,
+            "columns": headline_columns(rows),
             "description": _describe(bench, table), "verdicts": verdicts, "figures": _figures(folder, presets),
             "fd_floor": table["results"]["fd_digits_real_vs_real"], "wall_s": table["wall_s"]}
 
 
-def _cells(row: dict[str, Any]) -> list[str]:
-    return [format_value(key, row.get(key)) for key, _ in HEADLINE_COLUMNS]
+def _cells(row: dict[str, Any], columns: tuple[tuple[str, str], ...]) -> list[str]:
+    return [format_value(key, row.get(key)) for key, _ in columns]
 
 
 # what Markdown (CommonMark + GitHub tables) would read as markup or raw HTML in text tadq did not write (a model
@@ -124,9 +125,11 @@ def _markdown(bench: BenchConfig, sections: list[dict[str, Any]], header: list[s
     for part in sections:
         out += [f"## {markdown_text(part['title'])} (`{part['sampler'].key}`)", "",
                 *(markdown_text(line) for line in part["description"]), ""]
-        out.append("| " + " | ".join(title for _, title in HEADLINE_COLUMNS) + " |")
-        out.append("|" + "|".join("---" for _ in HEADLINE_COLUMNS) + "|")
-        out += ["| " + " | ".join(markdown_text(cell) for cell in _cells(row)) + " |" for row in part["rows"]]
+        columns = part["columns"]
+        out.append("| " + " | ".join(title for _, title in columns) + " |")
+        out.append("|" + "|".join("---" for _ in columns) + "|")
+        out += ["| " + " | ".join(markdown_text(cell) for cell in _cells(row, columns)) + " |"
+                for row in part["rows"]]
         out += [""] + [f"- {markdown_text(v)}" for v in part["verdicts"]] + ([""] if part["verdicts"] else [])
         root = Path(bench.out_dir)
         out += [f"![{caption}]({path.relative_to(root).as_posix()})" for path, caption in part["figures"]]
@@ -140,7 +143,8 @@ def _html(bench: BenchConfig, sections: list[dict[str, Any]], header: list[str])
     for part in sections:
         body = [html.paragraph(line) for line in part["description"]]
         classes = ["fp" if r["method"] == "fp" else "" if r["status"] == "ok" else "unsupported" for r in part["rows"]]
-        body.append(html.table([title for _, title in HEADLINE_COLUMNS], [_cells(r) for r in part["rows"]], classes))
+        body.append(html.table([title for _, title in part["columns"]],
+                               [_cells(r, part["columns"]) for r in part["rows"]], classes))
         body += [html.paragraph(v) for v in part["verdicts"]]
         body += [html.figure(path, caption) for path, caption in part["figures"]]
         parts.append(html.section(f"{part['title']} ({part['sampler'].key})", body))

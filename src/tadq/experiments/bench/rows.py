@@ -9,9 +9,10 @@ import math
 from typing import Any
 
 from tadq.experiments.rows import method_label
+from tadq.report.tables import NOT_RECORDED_AS_NAN, fd_columns
 from tadq.sampling import SamplerConfig
 
-__all__ = ["HEADLINE_COLUMNS", "TERMINAL_KEYS", "bench_rows", "format_value", "peer_verdicts"]
+__all__ = ["HEADLINE_COLUMNS", "TERMINAL_KEYS", "bench_rows", "format_value", "headline_columns", "peer_verdicts"]
 
 BASE_METHODS = ("naive", "qdiffusion")  # rows without corrections: what a correction's overhead is measured against
 
@@ -28,10 +29,25 @@ TERMINAL_KEYS = ("label", "bits", "fd_digits", "agreement", "psnr", "ssim", "set
                  "hook_share", "gbitops", "artefact_kib", "status")
 
 
+def headline_columns(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """``HEADLINE_COLUMNS`` with the Fréchet-distance column of the features the rows were measured on (FD-photos
+    for the shipped photos model, FD-digits otherwise), as ``tadq run``'s table names it."""
+    columns: tuple[tuple[str, str], ...] = ()
+    for key, title in HEADLINE_COLUMNS:
+        columns += fd_columns(rows) if key == "fd_digits" else ((key, title),)
+    return columns
+
+
+def _fd_key(row: dict[str, Any]) -> str | None:
+    """The row's Fréchet-distance key with a value (``fd_digits``, ``fd_photos``...), or ``None``."""
+    return next((key for key in row if key.startswith("fd_") and row[key] is not None), None)
+
+
 def format_value(key: str, value: Any) -> str:
-    """One table cell: ``–`` for what was not measured, ``NaN`` for a quality number of a row that diverged (as
-    ``tadq run``'s report shows it: measured, and not a number), otherwise a fixed number of digits per column."""
-    if value is None:
+    """One table cell: ``–`` for what was not measured (a NaN timing: a base model saved without its build time,
+    as the notes say), ``NaN`` for a quality number of a row that diverged (as ``tadq run``'s report shows both:
+    measured, and not a number), otherwise a fixed number of digits per column."""
+    if value is None or (key in NOT_RECORDED_AS_NAN and isinstance(value, float) and math.isnan(value)):
         return "–"
     if isinstance(value, str):
         return value
@@ -61,8 +77,9 @@ def _measured_row(sampler: SamplerConfig, method: str, preset: str, metrics: dic
         "sampler": sampler.key, "method": method, "label": metrics["method"], "preset": preset,
         "bits": metrics["bits"], "status": f"diverged: {metrics['diverged']}" if metrics.get("diverged") else "ok",
         "peer": "peer" in settings,
-        **{key: metrics.get(key) for key in ("fd_digits", "agreement", "psnr", "ssim", "final_mse", "setup_s",
-                                             "sampling_s")},
+        # every FD the row measured under its own key (FD-photos was dropped: only fd_digits was copied)
+        "fd_digits": None, **{key: value for key, value in metrics.items() if key.startswith("fd_")},
+        **{key: metrics.get(key) for key in ("agreement", "psnr", "ssim", "final_mse", "setup_s", "sampling_s")},
         "bitops": bitops, "gbitops": bitops * sampler.num_steps / 1e9 if bitops is not None else None,
         "artefact_bytes": artefact.get("weights_bytes"),
         "artefact_kib": artefact["weights_bytes"] / 1024 if artefact else None,
@@ -120,12 +137,13 @@ def _is_peer(method: str) -> bool:
 def _better(metric: str, a: float | None, b: float | None) -> bool:
     if a is None or b is None or math.isnan(a) or math.isnan(b):
         return False
-    return a < b if metric == "fd_digits" else a > b
+    return a < b if metric.startswith("fd_") else a > b
 
 
 def peer_verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """Plain-words comparison of every measured peer row with tadq's best row of the same preset (by PSNR vs FP),
-    on PSNR and on FD-digits: says so whenever the peer wins."""
+    on PSNR and on the Fréchet distance the rows were measured with (none for a user's model): says so whenever the
+    peer wins."""
     sentences = []
     measured = [r for r in rows if r["status"] == "ok" and r["method"] != "fp"]
     for peer in (r for r in measured if r["peer"]):
@@ -134,15 +152,19 @@ def peer_verdicts(rows: list[dict[str, Any]]) -> list[str]:
             sentences.append(f"{peer['label']} {peer['bits']}: no tadq row at {peer['preset']} to compare with.")
             continue
         best = max(ours, key=lambda r: r["psnr"])
-        best_fd = min(ours, key=lambda r: r["fd_digits"])
         if _better("psnr", peer["psnr"], best["psnr"]):
             sentences.append(f"{peer['label']} beats every tadq row at {peer['preset']} on PSNR vs FP: "
                              f"{peer['psnr']:.2f} dB vs {best['psnr']:.2f} dB for tadq's best ({best['label']}).")
         else:
             sentences.append(f"At {peer['preset']}, tadq's {best['label']} beats {peer['label']} on PSNR vs FP: "
                              f"{best['psnr']:.2f} vs {peer['psnr']:.2f} dB.")
-        if _better("fd_digits", peer["fd_digits"], best_fd["fd_digits"]):
-            sentences.append(f"{peer['label']} beats every tadq row at {peer['preset']} on FD-digits: "
-                             f"{peer['fd_digits']:.2f} vs {best_fd['fd_digits']:.2f} for tadq's best "
+        fd = _fd_key(peer)  # a user's model has none: min() compared None with None and crashed the report
+        with_fd = [r for r in ours if fd is not None and r.get(fd) is not None and not math.isnan(r[fd])]
+        if not with_fd:
+            continue
+        best_fd = min(with_fd, key=lambda r: r[fd])
+        if _better(fd, peer[fd], best_fd[fd]):
+            sentences.append(f"{peer['label']} beats every tadq row at {peer['preset']} on FD-"
+                             f"{fd.removeprefix('fd_')}: {peer[fd]:.2f} vs {best_fd[fd]:.2f} for tadq's best "
                              f"({best_fd['label']}).")
     return sentences

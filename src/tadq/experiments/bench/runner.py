@@ -19,11 +19,12 @@ from typing import Any
 from tadq.experiments.bench.config import BenchConfig
 from tadq.experiments.bench.measure import measured
 from tadq.experiments.bench.report import write_bench_report
-from tadq.experiments.rows import BaseModels, Variant, row_for
+from tadq.experiments.rows import BaseModels, Variant, resolve_row, row_for
 from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, prepare_job, run_cell, write_report
 from tadq.experiments.workload import resolve_model_path
-from tadq.fsguard import mark_output
+from tadq.fsguard import OutputRefused, mark_output
 from tadq.models import load_scheduler
+from tadq.safefiles import DamagedFileError
 from tadq.sampling import SamplerConfig, SamplingPlan
 
 __all__ = ["Unsupported", "UNSUPPORTED_ERRORS", "run_bench", "run_sampler"]
@@ -56,8 +57,13 @@ def _variants(config: RunConfig, bases: BaseModels) -> list[tuple[str, str, Vari
     """(method, preset, variant or why not) for FP and every (method, preset), in matrix order."""
     entries: list[tuple[str, str, Variant | Unsupported]] = [
         ("fp", "W32A32", Variant("FP", "W32A32", None, {"method": "fp"}))]
+    built: set[tuple[str, str]] = set()
     for method in config.methods:
         for preset in config.presets:
+            row = (resolve_row(method, preset), preset)  # RunConfig refused a `best` without a measured row
+            if row in built:  # `best` is the row it stands for: `tac,best` at W8A8 measured one cell as two rows
+                continue
+            built.add(row)
             try:
                 entries.append((method, preset, row_for(method, bases, config, preset)))
             except UNSUPPORTED_ERRORS as error:
@@ -91,6 +97,8 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
         logger.info("%s [%d/%d] %s %s", sampler.key, number, len(planned), variant.name, variant.bits)
         try:
             cell = run_cell(workload, config, variant, path, key, job.components)
+        except (DamagedFileError, OutputRefused):  # ValueErrors too, about files, not the method: said as they are
+            raise
         except UNSUPPORTED_ERRORS as error:  # raised while building (e.g. a tool rejects the model): keep going
             if method == "fp":
                 raise
