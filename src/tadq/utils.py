@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import re
+import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -13,18 +16,101 @@ from typing import Any
 import torch
 
 __all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "library_versions",
-           "public_config", "save_figure"]
+           "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
+           "write_error"]
 
 # the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
 PNG_MARK = {"tadq": "tadq-output"}
 
 
+# a temp file tadq writes beside its final file: ".NAME.PID-HOST-RANDOM.tmp", the writer's process id and host tag in
+# its name, so a later run deletes only the ones whose writer provably died (on this host) and never another live
+# process's (a second run into the same folder, another node of a torchrun job on a shared file system)
+_TEMP_NAME = re.compile(r"^\..*\.(\d+)-([0-9a-f]{8})-[A-Za-z0-9_]+\.tmp$")
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this machine (a hash of its host name) in temp file names: process ids are per host."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one of another user's counts as alive)."""
+    if pid <= 0:
+        return True  # not a process id tadq writes: never taken for a dead writer
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, under another user
+        return True
+    return True
+
+
+def stale_temp_file(path: str | Path) -> bool:
+    """Whether ``path`` is a temp file ``_atomic`` wrote in a process of this host that has since ended (killed in
+    the middle of a write: SIGKILL, a crash, a node lost). A temp file of a live process, of another host, of this
+    process, or of any other name is not stale: it may still be renamed into place."""
+    match = _TEMP_NAME.match(Path(path).name)
+    if match is None or match.group(2) != _host_tag():
+        return False
+    pid = int(match.group(1))
+    return pid != os.getpid() and not _process_alive(pid)
+
+
+def remove_stale_temp_files(folder: str | Path) -> int:
+    """Delete the temp files killed writers left in ``folder`` (``stale_temp_file``); returns how many. The temp
+    files of live processes, and of other hosts (whose processes cannot be seen from here), are left alone."""
+    folder = Path(folder)
+    removed = 0
+    for path in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:
+        if stale_temp_file(path):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.NAME.PID-HOST-``, with NAME shortened where the temp name would pass the 255 bytes a file name may take
+    (a final name near that limit was accepted, then its temp file failed after the work)."""
+    tag = f".{os.getpid()}-{_host_tag()}-"
+    name = path.name
+    while name and len(os.fsencode(f".{name}{tag}")) + len("12345678.tmp") > 255:
+        name = name[:-1]
+    return f".{name}{tag}"
+
+
+_OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports a failed write
+
+
+def write_error(error: BaseException, path: str | Path, *, written: str | Path | None = None) -> OSError | None:
+    """The ``OSError`` naming ``path`` that a failed write of it was, or ``None`` for an error of another kind.
+
+    safetensors raises its own ``SafetensorError`` for a full disk ("... (os error 28)"), which the CLI took for a
+    bug (a traceback) and callers that go on without a cache on an ``OSError`` did not catch; Python's own writes
+    raise ``OSError(ENOSPC)`` naming no file. ``written``: the temp file the error may name instead of ``path``."""
+    if isinstance(error, OSError):
+        if error.errno is None or error.filename not in (None, str(written) if written is not None else None):
+            return None
+        return OSError(error.errno, error.strerror or os.strerror(error.errno), str(path))  # subclass by errno
+    match = _OS_ERROR_IN_MESSAGE.search(str(error))
+    if match is None:
+        return None
+    code = int(match.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        try:
+            write(tmp)
+        except Exception as error:
+            if (converted := write_error(error, path, written=tmp)) is not None:
+                raise converted from error
+            raise
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; artefacts are meant to be shared
         os.replace(tmp, path)
     finally:

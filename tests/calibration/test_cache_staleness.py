@@ -110,6 +110,22 @@ def test_cache_that_cannot_be_written_leaves_the_data_right(tmp_path, tiny_unet,
     assert "could not write the calibration cache" in caplog.text and "Permission denied" in caplog.text
 
 
+def test_cache_on_a_full_disk_leaves_the_data_right(tmp_path, tiny_unet, ddpm_scheduler, monkeypatch, caplog):
+    """safetensors reports a full disk with its own SafetensorError, not an OSError: the cache's fallback (go on
+    without caching) did not catch it, and the run died after the whole FP run."""
+    from tests.full_disk import full_disk_save_file
+
+    import tadq.safefiles as safefiles
+
+    reference = _collect(tiny_unet, ddpm_scheduler, None)
+    monkeypatch.setattr(safefiles, "save_file", full_disk_save_file)
+    with caplog.at_level(logging.WARNING, logger="tadq.calibration.data"):
+        calib = _collect(tiny_unet, ddpm_scheduler, tmp_path)
+    assert torch.equal(calib.x, reference.x) and torch.equal(calib.eps, reference.eps)
+    assert "could not write the calibration cache" in caplog.text and "No space left" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # neither a cache file nor a half-written temp file
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_calibration_cache_is_refused_not_loaded(tmp_path, tiny_unet, ddpm_scheduler, damage):
     _collect(tiny_unet, ddpm_scheduler, tmp_path)

@@ -83,3 +83,20 @@ def test_an_empty_folder_is_still_filled_and_overwrite_still_replaces(artefact, 
     save_quantized(qmodel, empty, scheduler, overwrite=True)
     assert verify_manifest(empty, allow_extra=False)
     assert _hidden(tmp_path) == []
+
+
+def test_a_full_disk_while_saving_is_an_oserror_naming_the_folder(artefact, tmp_path, monkeypatch):
+    """safetensors' own error type for a full disk reached the CLI as a traceback; now an ``OSError`` naming the
+    artefact folder (one line from the CLI), and the earlier artefact there is left whole, no staging folder beside."""
+    import errno
+
+    from tests.full_disk import full_disk_save_file
+
+    qmodel, scheduler = tadq.load(artefact)
+    target = tmp_path / "q"
+    save_quantized(qmodel, target, scheduler)
+    monkeypatch.setattr(save_module, "save_file", full_disk_save_file)
+    with pytest.raises(OSError) as caught:
+        save_quantized(qmodel, target, scheduler, overwrite=True)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert verify_manifest(target) is True and _hidden(tmp_path) == []
