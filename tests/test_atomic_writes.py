@@ -98,3 +98,36 @@ def test_only_temp_files_of_ended_processes_are_stale(tmp_path: Path) -> None:
     finally:
         live.kill()
         live.wait()
+
+
+def _write_recipe(path: Path, variant: int) -> None:
+    from tadq.recipe import Recipe, save_recipe
+
+    save_recipe(Recipe(exclude=(f"layer.{variant}",)), path)
+
+
+def _write_unit_report(path: Path, variant: int) -> None:
+    from tadq.calibration.reconstruction import UnitReport, write_unit_report
+
+    write_unit_report([UnitReport(unit=f"down.{variant}", phase="weights", loss_before=1.0, loss_after=0.5)], path)
+
+
+@pytest.mark.parametrize("write", [_write_recipe, _write_unit_report], ids=["recipe", "unit-report"])
+def test_json_writers_never_leave_a_half_file_under_the_final_name(tmp_path: Path, monkeypatch, write) -> None:
+    """``save_recipe`` (the search's exported ``recipe.json``, through a fixed ``.recipe.json.tmp`` there) and the
+    reconstruction report wrote the final file in place: a full disk left half a JSON document instead of the
+    earlier one."""
+    path = tmp_path / "out.json"
+    write(path, 1)
+    before = path.read_text()
+
+    def write_half(self, text, *args, **kwargs):
+        with open(self, "w") as handle:
+            handle.write(text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write_half)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        write(path, 2)
+    monkeypatch.undo()
+    assert path.read_text() == before and _leftovers(tmp_path) == []
