@@ -225,15 +225,19 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                           staging / "prompts.json")
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "samples")
-        for name in [*names, "grid.png", "prompts.json"]:
+        # prompts.json says what the folder holds: the earlier run's goes first and this run's comes last, so a
+        # kill or an interrupt between the renames leaves a folder without one, never one whose prompts.json
+        # describes samples of which only some are still there (the others this run's, unsaid)
+        (out / "prompts.json").unlink(missing_ok=True)
+        for name in [*names, "grid.png"]:
             os.replace(staging / name, out / name)
+        for stale in sorted(set(out.glob("sample_*.png")) - {out / name for name in names}):  # an earlier run's
+            if is_tadq_file(stale):  # extra samples
+                stale.unlink()
+        os.replace(staging / "prompts.json", out / "prompts.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    written = [out / name for name in names]
-    for stale in sorted(set(out.glob("sample_*.png")) - set(written)):  # an earlier run's extra samples
-        if is_tadq_file(stale):
-            stale.unlink()
-    written += [out / "grid.png", out / "prompts.json"]
+    written = [out / name for name in names] + [out / "grid.png", out / "prompts.json"]
     if tensor_out is not None:
         save_checked({"latents": latents, "indices": torch.arange(num_samples)}, settings, tensor_out)
     return written
