@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,13 @@ from tests.full_disk import full_disk_save_file
 
 import tadq.safefiles as safefiles
 from tadq.safefiles import load_checked, save_checked
-from tadq.utils import atomic_write_json, atomic_write_text, remove_stale_temp_files, stale_temp_file
+from tadq.utils import (
+    STALE_AFTER_S,
+    atomic_write_json,
+    atomic_write_text,
+    remove_stale_temp_files,
+    stale_temp_file,
+)
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -92,8 +99,18 @@ def test_only_temp_files_of_ended_processes_are_stale(tmp_path: Path) -> None:
         own = _temp_file_of(os.getpid(), tmp_path, "other.json")
         foreign = tmp_path / ".notes.tmp"  # not a name tadq writes: never tadq's to delete
         foreign.write_text("user's")
+        other_host = tmp_path / f".chunk.safetensors.{live.pid}-{'0' * 8}-k3x9q2zw.tmp"
+        older_tadq = tmp_path / ".chunk.safetensors.k3x9q2zw.tmp"  # mkstemp's name, without pid and host
+        for path in (other_host, older_tadq):
+            path.write_text("half")
         assert stale_temp_file(dead_file) and not stale_temp_file(live_file) and not stale_temp_file(own)
+        assert not stale_temp_file(other_host) and not stale_temp_file(older_tadq)  # may be written right now
         assert remove_stale_temp_files(tmp_path) == 1
+        assert _leftovers(tmp_path) == sorted(path.name for path in (live_file, own, foreign, other_host, older_tadq))
+        untouched = time.time() - STALE_AFTER_S - 60  # no write takes that long: their writers are gone
+        for path in (other_host, older_tadq, foreign, live_file):
+            os.utime(path, (untouched, untouched))
+        assert remove_stale_temp_files(tmp_path) == 2
         assert _leftovers(tmp_path) == sorted(path.name for path in (live_file, own, foreign))
     finally:
         live.kill()

@@ -9,6 +9,7 @@ import platform
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ PNG_MARK = {"tadq": "tadq-output"}
 # its name, so a later run deletes only the ones whose writer provably died (on this host) and never another live
 # process's (a second run into the same folder, another node of a torchrun job on a shared file system)
 _TEMP_NAME = re.compile(r"^\..*\.(\d+)-([0-9a-f]{8})-[A-Za-z0-9_]+\.tmp$")
+_OLDER_TEMP_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")  # tadq before the pid and host were in the name
+# a temp file left untouched this long has no writer: every write tadq makes takes minutes at most (and the file
+# changes all along), so one of another host, or of a tadq that did not name its writer, is stale after it
+STALE_AFTER_S = 24 * 3600
 
 
 def _host_tag() -> str:
@@ -48,19 +53,27 @@ def _process_alive(pid: int) -> bool:
 
 
 def stale_temp_file(path: str | Path) -> bool:
-    """Whether ``path`` is a temp file ``_atomic`` wrote in a process of this host that has since ended (killed in
-    the middle of a write: SIGKILL, a crash, a node lost). A temp file of a live process, of another host, of this
-    process, or of any other name is not stale: it may still be renamed into place."""
-    match = _TEMP_NAME.match(Path(path).name)
-    if match is None or match.group(2) != _host_tag():
+    """Whether ``path`` is a temp file of tadq's atomic writes whose writer is gone: one of an ended process of this
+    host (killed in the middle of a write: SIGKILL, a crash, a lost node), or one untouched for ``STALE_AFTER_S``
+    (another host's, whose processes cannot be seen from here, or an older tadq's). A temp file of a live process,
+    of this process, or of any other name is not stale: it may still be renamed into place."""
+    path = Path(path)
+    match = _TEMP_NAME.match(path.name)
+    if match is None and _OLDER_TEMP_NAME.match(path.name) is None:
         return False
-    pid = int(match.group(1))
-    return pid != os.getpid() and not _process_alive(pid)
+    if match is not None and match.group(2) == _host_tag():
+        pid = int(match.group(1))
+        return pid != os.getpid() and not _process_alive(pid)
+    try:
+        return time.time() - path.lstat().st_mtime > STALE_AFTER_S
+    except OSError:  # gone meanwhile: its writer renamed it
+        return False
 
 
 def remove_stale_temp_files(folder: str | Path) -> int:
     """Delete the temp files killed writers left in ``folder`` (``stale_temp_file``); returns how many. The temp
-    files of live processes, and of other hosts (whose processes cannot be seen from here), are left alone."""
+    files of live processes, and recent ones of other hosts (whose processes cannot be seen from here), are left
+    alone."""
     folder = Path(folder)
     removed = 0
     for path in sorted(folder.glob(".*.tmp")) if folder.is_dir() else []:

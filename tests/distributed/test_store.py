@@ -91,9 +91,10 @@ def test_unreadable_chunk_and_temp_files_are_redone(tmp_path: Path) -> None:
     first = _sample(tmp_path)
     (tmp_path / "chunks" / "0000002-0000004.safetensors").write_bytes(b"not a torch file")
     (tmp_path / "chunks" / _temp_name("0000004-0000006.safetensors", _ended_pid())).write_bytes(b"half written")
+    (tmp_path / _temp_name("samples.safetensors", _ended_pid())).write_bytes(b"half written")
     second = _sample(tmp_path)
     assert second.computed == (ChunkRange(2, 4),)
-    assert not list((tmp_path / "chunks").glob("*.tmp"))
+    assert not list((tmp_path / "chunks").glob("*.tmp")) and not list(tmp_path.glob("*.tmp"))
     assert torch.equal(second.run.read(), first.run.read())
 
 

@@ -127,10 +127,11 @@ def load_chunk(out_dir: str | Path, chunk: ChunkRange, key: Mapping[str, Any]) -
 
 
 def remove_partial_files(out_dir: str | Path) -> int:
-    """Delete the temp files killed writers left in ``chunks/``; returns how many. Only those whose writing process
-    provably ended (``tadq.utils.stale_temp_file``): a second run into the same folder, or a rank of another node,
-    may be writing its chunk right now, and deleting its temp file failed that run when it renamed it into place."""
-    return remove_stale_temp_files(Path(out_dir) / CHUNK_DIR)
+    """Delete the temp files killed writers left in ``out_dir`` and ``chunks/``; returns how many. Only those whose
+    writer is provably gone (``tadq.utils.stale_temp_file``): a second run into the same folder, or a rank of
+    another node, may be writing its chunk right now, and deleting its temp file failed that run when it renamed
+    it into place."""
+    return remove_stale_temp_files(out_dir) + remove_stale_temp_files(Path(out_dir) / CHUNK_DIR)
 
 
 def pending_chunks(out_dir: str | Path, chunks: Iterable[ChunkRange], key: Mapping[str, Any]) -> list[ChunkRange]:
