@@ -178,3 +178,22 @@ def test_sample_interrupted_while_moving_its_files_leaves_no_prompts_json_descri
     result, text = _invoke([*args, "--seed", 2])  # the rerun finishes the folder
     assert result.exit_code == 0, text
     assert json.loads((out / "prompts.json").read_text())["seed"] == 2
+
+
+def test_sample_on_a_full_disk_names_the_folder_and_leaves_nothing(sd_folder, condition_adapter, tmp_path,
+                                                                    monkeypatch):
+    """PIL's OSError for a full disk names no file: the one-line error said "No space left on device" alone."""
+    import errno
+    import os
+
+    def disk_full(self, fp, *args, **kwargs):
+        with open(fp, "wb") as handle:
+            handle.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    out = tmp_path / "images"
+    result, text = _invoke(["sample", sd_folder, "--prompt", "a cat", "--num-samples", 2, "--steps", 2, "--out", out,
+                            "--threads", 1])
+    assert result.exit_code == 2 and f"{out}: {os.strerror(errno.ENOSPC)}" in text, text
+    assert [path.name for path in tmp_path.iterdir()] == []  # no staging folder, no half-written PNG

@@ -162,7 +162,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.safefiles import require_finite, save_checked
     from tadq.sampling import check_seed
-    from tadq.utils import atomic_write_json
+    from tadq.utils import atomic_write_json, write_error
 
     if not prompts:
         raise ValueError(f"{path} is a text-to-image pipeline: give at least one --prompt (or a --prompts file)")
@@ -235,6 +235,10 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
             if is_tadq_file(stale):  # extra samples
                 stale.unlink()
         os.replace(staging / "prompts.json", out / "prompts.json")
+    except Exception as error:  # a full disk: PIL's OSError named no file, only "No space left on device"
+        if (converted := write_error(error, out)) is not None:
+            raise converted from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     written = [out / name for name in names] + [out / "grid.png", out / "prompts.json"]
