@@ -126,6 +126,22 @@ def test_cache_on_a_full_disk_leaves_the_data_right(tmp_path, tiny_unet, ddpm_sc
     assert list(tmp_path.iterdir()) == []  # neither a cache file nor a half-written temp file
 
 
+def test_temp_file_of_a_killed_cache_write_is_removed_by_the_next_one(tmp_path, tiny_unet, ddpm_scheduler):
+    """A run killed while writing a calibration cache left its temp file (the size of the cache) for good."""
+    import subprocess
+    import sys
+
+    from tadq.utils import _host_tag
+
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    tmp_path.mkdir(exist_ok=True)
+    left = tmp_path / f".calibration-0123abcd.safetensors.{ended.pid}-{_host_tag()}-k3x9q2zw.tmp"
+    left.write_bytes(b"half written")
+    _collect(tiny_unet, ddpm_scheduler, tmp_path)
+    assert not left.exists() and len(list(tmp_path.glob("calibration-*.safetensors"))) == 1
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_calibration_cache_is_refused_not_loaded(tmp_path, tiny_unet, ddpm_scheduler, damage):
     _collect(tiny_unet, ddpm_scheduler, tmp_path)
