@@ -7,6 +7,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import socket
 import tempfile
 import time
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 __all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "library_versions",
-           "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
+           "make_staging_dir", "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
            "write_error"]
 
 # the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
@@ -83,14 +84,41 @@ def remove_stale_temp_files(folder: str | Path) -> int:
     return removed
 
 
-def _temp_prefix(path: Path) -> str:
-    """``.NAME.PID-HOST-``, with NAME shortened where the temp name would pass the 255 bytes a file name may take
-    (a final name near that limit was accepted, then its temp file failed after the work)."""
-    tag = f".{os.getpid()}-{_host_tag()}-"
-    name = path.name
-    while name and len(os.fsencode(f".{name}{tag}")) + len("12345678.tmp") > 255:
+def _fitting(name: str, before: str, after: str, reserve: int) -> str:
+    """``before + name + after``, with ``name`` shortened where that and ``reserve`` more bytes (what ``tempfile``
+    appends) would pass the 255 bytes a file name may take: a final name near the limit was accepted by the output
+    checks, then its temp name failed with "File name too long" after the work."""
+    while name and len(os.fsencode(f"{before}{name}{after}")) + reserve > 255:
         name = name[:-1]
-    return f".{name}{tag}"
+    return f"{before}{name}{after}"
+
+
+def _staging_prefix(target: Path) -> str:
+    return _fitting(target.name, ".", f".tmp-{os.getpid()}-{_host_tag()}-", len("12345678"))
+
+
+def make_staging_dir(target: str | Path) -> Path:
+    """A new hidden folder beside ``target``, ``.NAME.tmp-PID-HOST-RANDOM``, in which a whole output (an artefact, a
+    samples folder) is written before it is renamed into place. Staging folders of ``target`` that a killed save left
+    (SIGKILL, the OOM killer: an artefact's size each, kept for good) are removed first when their writer provably
+    ended on this host; a live save's, or another host's, is left alone."""
+    target = Path(target).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = _staging_prefix(target)
+    own = re.compile(re.escape(prefix[:prefix.rindex(".tmp-")]) + r"\.tmp-(\d+)-([0-9a-f]{8})-[A-Za-z0-9_]+$")
+    for entry in sorted(target.parent.iterdir()):
+        match = own.match(entry.name)
+        if match is None or match.group(2) != _host_tag() or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and not _process_alive(pid):
+            shutil.rmtree(entry, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.NAME.PID-HOST-`` (``_TEMP_NAME``), NAME shortened where needed (``_fitting``)."""
+    return _fitting(path.name, ".", f".{os.getpid()}-{_host_tag()}-", len("12345678.tmp"))
 
 
 _OS_ERROR_IN_MESSAGE = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports a failed write

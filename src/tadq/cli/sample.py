@@ -152,7 +152,6 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     import math
     import os
     import shutil
-    import tempfile
 
     from PIL.PngImagePlugin import PngInfo
 
@@ -162,7 +161,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.safefiles import require_finite, save_checked
     from tadq.sampling import check_seed
-    from tadq.utils import atomic_write_json, write_error
+    from tadq.utils import atomic_write_json, make_staging_dir, write_error
 
     if not prompts:
         raise ValueError(f"{path} is a text-to-image pipeline: give at least one --prompt (or a --prompts file)")
@@ -214,8 +213,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                 "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits, "backend": backend}
     # every file is written into a hidden sibling folder first and moved in only when all exist: a failed write
     # (a full disk) left the folder half new, half the previous run's, its prompts.json describing neither
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.tmp-"))
+    staging = make_staging_dir(out)  # and removes the staging folders a killed run into out left
     try:
         names = [f"sample_{i:04d}.png" for i in range(len(images))]
         for name, image in zip(names, images, strict=True):

@@ -44,7 +44,7 @@ from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import model_family, registered_families
 from tadq.sampling import DEFAULTED_KEYS
-from tadq.utils import library_versions, write_error
+from tadq.utils import library_versions, make_staging_dir, write_error
 
 if TYPE_CHECKING:
     from tadq.denoiser import QuantizedDenoiser
@@ -451,8 +451,7 @@ def save_quantized(
                          force_foreign=force_foreign, inputs=[] if source is None else [source])
 
     check()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    staging = make_staging_dir(target)  # and removes the staging folders a killed save of target left
     try:
         if source is None:
             subfolder = _write_diffusers_layout(qmodel, scheduler, staging)
