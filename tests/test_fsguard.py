@@ -211,3 +211,23 @@ def test_a_foreign_folder_is_named_foreign_at_once_not_after_a_first_overwrite(t
         with pytest.raises(OutputRefused, match="holds files tadq did not write.*--force-foreign") as refused:
             check_output_dir(tmp_path, kind="artefact", overwrite=overwrite)
         assert ("with --overwrite" in str(refused.value)) is not overwrite
+
+
+@pytest.mark.parametrize("kind", ["samples", "sample-sharded", "run"])
+def test_a_new_folder_holding_only_a_killed_runs_temp_file_is_not_refused(tmp_path, kind):
+    """A run killed during its first write into a new folder (its marker, a sharded run's manifest) left only a
+    hidden temp file there: the next run refused the folder as holding files tadq did not write."""
+    import subprocess
+    import sys
+
+    from tadq.utils import _host_tag
+
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / f".{MARKER_FILE}.{ended.pid}-{_host_tag()}-k3x9q2zw.tmp").write_text("{")
+    check_output_dir(out, kind=kind, resume=True)
+    (out / "notes.txt").write_text("mine")  # a file of someone else's still is one
+    with pytest.raises(OutputRefused, match="did not write"):
+        check_output_dir(out, kind=kind, resume=True)

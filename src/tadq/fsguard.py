@@ -22,7 +22,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from tadq.utils import PNG_MARK, atomic_write_text  # PNG_MARK re-exported: by it a PNG is known as tadq's own
+# PNG_MARK re-exported: by it a PNG is known as tadq's own
+from tadq.utils import PNG_MARK, atomic_write_text, stale_temp_file
 
 __all__ = ["MARKER_FILE", "PNG_MARK", "OutputRefused", "check_output_dir", "check_output_file", "check_path_shape",
            "check_writable_dir", "is_tadq_file", "is_tadq_output", "mark_output", "output_kind"]
@@ -266,7 +267,8 @@ def check_output_dir(out: str | Path, *, kind: str, what: str = "--out", overwri
     if existing is not None and existing != kind:
         raise OutputRefused(f"{what} {out} is a tadq '{existing}' folder, not a '{kind}' one; writing there would "
                             f"{'replace' if overwrite else 'mix files into'} it. Choose another folder")
-    if out.is_dir() and any(out.iterdir()):
+    # a temp file a killed tadq left (its first write into a new folder) is not a file of someone else's
+    if out.is_dir() and any(not stale_temp_file(entry) for entry in out.iterdir()):
         if not force_foreign and not is_tadq_output(out):  # first: --overwrite alone would not be enough
             also = "" if (overwrite or resume) else " (with --overwrite, overwrite=True)"
             raise OutputRefused(f"{what} {out} holds files tadq did not write (no {MARKER_FILE}); it is left alone. "

@@ -336,7 +336,11 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config_to_dict(recipe), indent=2) + "\n")
+    """Write ``recipe`` as JSON through a temp file of this process and a rename: a failed or killed write (a full
+    disk) left a truncated recipe under ``path``, in place of the one that was there."""
+    from tadq.utils import atomic_write_text
+
+    atomic_write_text(json.dumps(config_to_dict(recipe), indent=2) + "\n", path)
 
 
 def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:

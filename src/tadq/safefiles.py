@@ -25,10 +25,10 @@ from torch import Tensor
 
 from tadq.utils import _atomic
 
-__all__ = ["DamagedFileError", "save_checked", "load_checked", "tensors_digest", "read_json_file", "unique_keys",
-           "require_finite", "nonfinite_count", "finite_float", "split_tensors", "join_tensors", "WeightFiles",
-           "find_weight_files", "check_safetensors_file", "require_stored_parameters", "DIFFUSERS_WEIGHTS",
-           "TRANSFORMERS_WEIGHTS"]
+__all__ = ["DamagedFileError", "save_checked", "save_safetensors", "load_checked", "tensors_digest", "read_json_file",
+           "unique_keys", "require_finite", "nonfinite_count", "finite_float", "split_tensors", "join_tensors",
+           "WeightFiles", "find_weight_files", "check_safetensors_file", "require_stored_parameters",
+           "DIFFUSERS_WEIGHTS", "TRANSFORMERS_WEIGHTS"]
 
 META_KEY, DIGEST_KEY = "tadq", "tadq_sha256"
 MAX_JSON_BYTES = 256 << 20  # configs, recipes, quantization maps: a few MiB for the largest models
@@ -58,6 +58,13 @@ def save_checked(tensors: dict[str, Tensor], meta: dict[str, Any], path: str | P
     # come out in a different order in every process
     header = json.dumps({"meta": meta, "sha256": tensors_digest(plain)}, sort_keys=True)
     _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata={META_KEY: header}))
+
+
+def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file`` through a temp file of this process and a rename: a write that fails (a full disk)
+    or is killed never leaves a half file under ``path``, nor one another process's write can rename away; a disk
+    error is an ``OSError`` naming ``path``. For plain files other programs read (no checksum: ``save_checked``)."""
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_checked(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:

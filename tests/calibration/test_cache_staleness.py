@@ -110,6 +110,38 @@ def test_cache_that_cannot_be_written_leaves_the_data_right(tmp_path, tiny_unet,
     assert "could not write the calibration cache" in caplog.text and "Permission denied" in caplog.text
 
 
+def test_cache_on_a_full_disk_leaves_the_data_right(tmp_path, tiny_unet, ddpm_scheduler, monkeypatch, caplog):
+    """safetensors reports a full disk with its own SafetensorError, not an OSError: the cache's fallback (go on
+    without caching) did not catch it, and the run died after the whole FP run."""
+    from tests.full_disk import full_disk_save_file
+
+    import tadq.safefiles as safefiles
+
+    reference = _collect(tiny_unet, ddpm_scheduler, None)
+    monkeypatch.setattr(safefiles, "save_file", full_disk_save_file)
+    with caplog.at_level(logging.WARNING, logger="tadq.calibration.data"):
+        calib = _collect(tiny_unet, ddpm_scheduler, tmp_path)
+    assert torch.equal(calib.x, reference.x) and torch.equal(calib.eps, reference.eps)
+    assert "could not write the calibration cache" in caplog.text and "No space left" in caplog.text
+    assert list(tmp_path.iterdir()) == []  # neither a cache file nor a half-written temp file
+
+
+def test_temp_file_of_a_killed_cache_write_is_removed_by_the_next_one(tmp_path, tiny_unet, ddpm_scheduler):
+    """A run killed while writing a calibration cache left its temp file (the size of the cache) for good."""
+    import subprocess
+    import sys
+
+    from tadq.utils import _host_tag
+
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    tmp_path.mkdir(exist_ok=True)
+    left = tmp_path / f".calibration-0123abcd.safetensors.{ended.pid}-{_host_tag()}-k3x9q2zw.tmp"
+    left.write_bytes(b"half written")
+    _collect(tiny_unet, ddpm_scheduler, tmp_path)
+    assert not left.exists() and len(list(tmp_path.glob("calibration-*.safetensors"))) == 1
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_damaged_calibration_cache_is_refused_not_loaded(tmp_path, tiny_unet, ddpm_scheduler, damage):
     _collect(tiny_unet, ddpm_scheduler, tmp_path)

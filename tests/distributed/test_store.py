@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from tests.conftest import build_tiny_unet
 from tadq.distributed import ChunkRange, ShardedRun, StaleRunError, model_fingerprint, sample_sharded
 from tadq.safefiles import load_checked
 from tadq.sampling import SamplerConfig
+from tadq.utils import _host_tag
 
 
 def load_samples(path):
@@ -87,11 +90,41 @@ def test_more_samples_reuse_the_finished_chunks(tmp_path: Path) -> None:
 def test_unreadable_chunk_and_temp_files_are_redone(tmp_path: Path) -> None:
     first = _sample(tmp_path)
     (tmp_path / "chunks" / "0000002-0000004.safetensors").write_bytes(b"not a torch file")
-    (tmp_path / "chunks" / ".0000004-0000006.pt.x1.tmp").write_bytes(b"half written")
+    (tmp_path / "chunks" / _temp_name("0000004-0000006.safetensors", _ended_pid())).write_bytes(b"half written")
+    (tmp_path / _temp_name("samples.safetensors", _ended_pid())).write_bytes(b"half written")
     second = _sample(tmp_path)
     assert second.computed == (ChunkRange(2, 4),)
-    assert not list((tmp_path / "chunks").glob("*.tmp"))
+    assert not list((tmp_path / "chunks").glob("*.tmp")) and not list(tmp_path.glob("*.tmp"))
     assert torch.equal(second.run.read(), first.run.read())
+
+
+def _temp_name(final: str, pid: int) -> str:
+    """The name ``tadq.utils``' atomic writes give the temp file of ``final`` in process ``pid`` of this host."""
+    return f".{final}.{pid}-{_host_tag()}-k3x9q2zw.tmp"
+
+
+def _ended_pid() -> int:
+    """The id of a process that has ended (a writer killed in the middle of a chunk)."""
+    process = subprocess.Popen([sys.executable, "-c", ""])
+    process.wait()
+    return process.pid
+
+
+def test_temp_file_of_a_live_writer_is_left_alone(tmp_path: Path) -> None:
+    """A second run into the same folder (or a rank of another node) may be writing a chunk: its temp file used to
+    be deleted by the first run's cleanup, and its rename into place then failed."""
+    _sample(tmp_path)
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = [_temp_name("0000000-0000002.safetensors", writer.pid),
+                 f".0000002-0000004.safetensors.{writer.pid}-{'0' * 8}-k3x9q2zw.tmp"]  # another host's: unknowable
+        for name in names:
+            (tmp_path / "chunks" / name).write_bytes(b"being written")
+        _sample(tmp_path)
+        assert sorted(path.name for path in (tmp_path / "chunks").glob("*.tmp")) == sorted(names)
+    finally:
+        writer.kill()
+        writer.wait()
 
 
 def test_read_crosses_chunk_boundaries(tmp_path: Path) -> None:

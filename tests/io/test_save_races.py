@@ -83,3 +83,48 @@ def test_an_empty_folder_is_still_filled_and_overwrite_still_replaces(artefact, 
     save_quantized(qmodel, empty, scheduler, overwrite=True)
     assert verify_manifest(empty, allow_extra=False)
     assert _hidden(tmp_path) == []
+
+
+def test_a_full_disk_while_saving_is_an_oserror_naming_the_folder(artefact, tmp_path, monkeypatch):
+    """safetensors' own error type for a full disk reached the CLI as a traceback; now an ``OSError`` naming the
+    artefact folder (one line from the CLI), and the earlier artefact there is left whole, no staging folder beside."""
+    import errno
+
+    from tests.full_disk import full_disk_save_file
+
+    qmodel, scheduler = tadq.load(artefact)
+    target = tmp_path / "q"
+    save_quantized(qmodel, target, scheduler)
+    monkeypatch.setattr(save_module, "save_file", full_disk_save_file)
+    with pytest.raises(OSError) as caught:
+        save_quantized(qmodel, target, scheduler, overwrite=True)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(target)
+    assert verify_manifest(target) is True and _hidden(tmp_path) == []
+
+
+def test_staging_folders_of_killed_saves_are_removed_and_a_live_saves_kept(artefact, tmp_path):
+    """A save killed by SIGKILL (the OOM killer) left its whole staging folder, an artefact's size, beside the
+    target for good, one more at every killed retry; the next save of that target now removes those whose writer
+    ended, never one a live save is writing."""
+    import subprocess
+    import sys
+
+    from tadq.utils import _host_tag
+
+    qmodel, scheduler = tadq.load(artefact)
+    target = tmp_path / "q"
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        killed = tmp_path / f".q.tmp-{ended.pid}-{_host_tag()}-ab12cd34"
+        writing = tmp_path / f".q.tmp-{live.pid}-{_host_tag()}-ef56gh78"
+        other = tmp_path / f".qq.tmp-{ended.pid}-{_host_tag()}-ab12cd34"  # another target's
+        for folder in (killed, writing, other):
+            shutil.copytree(artefact, folder)
+        save_quantized(qmodel, target, scheduler)
+        assert _hidden(tmp_path) == sorted([writing.name, other.name])
+        assert verify_manifest(target) is True
+    finally:
+        live.kill()
+        live.wait()

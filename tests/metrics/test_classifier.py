@@ -86,3 +86,38 @@ def test_shipped_classifier_is_accurate_on_heldout_digits() -> None:
     split = load_digits_split(DigitsConfig(resolution=model.resolution))
     accuracy = (predicted_labels(split.heldout_images, model) == split.heldout_labels).float().mean().item()
     assert accuracy >= 0.95
+
+
+@pytest.mark.parametrize("kind", ["digits", "photos"])
+def test_two_saves_into_one_folder_do_not_share_a_temp_file(tmp_path, monkeypatch, kind) -> None:
+    """Both classifiers wrote their weights to a fixed ``.model.safetensors.tmp``: a second training saving into the
+    same folder meanwhile rewrote it and renamed it away, so the first save failed (or renamed the other's
+    half-written file into place)."""
+    import safetensors.torch
+
+    import tadq.metrics.classifier as digits
+    import tadq.metrics.photo_classifier as photos
+    import tadq.safefiles as safefiles
+
+    if kind == "digits":
+        build, save, load = (lambda: digits.DigitClassifier(channels=(4, 8), num_features=8).eval(),
+                             digits.save_digit_classifier, digits.load_digit_classifier)
+    else:
+        build, save, load = (lambda: photos.PhotoClassifier(channels=(4, 4, 8), num_features=8).eval(),
+                             photos.save_photo_classifier, photos.load_photo_classifier)
+    torch.manual_seed(0)
+    first, second = build(), build()
+    real_save_file, calls = safetensors.torch.save_file, []
+
+    def save_file_meanwhile(tensors, filename, metadata=None) -> None:
+        real_save_file(tensors, filename, metadata=metadata)
+        calls.append(filename)
+        if len(calls) == 1:  # the other process saves while this one's file is written, not yet renamed
+            save(second, tmp_path)
+
+    for module in (digits, photos, safefiles):
+        monkeypatch.setattr(module, "save_file", save_file_meanwhile, raising=False)
+    save(first, tmp_path)
+    loaded = load(tmp_path)
+    assert all(torch.equal(loaded.state_dict()[name], value) for name, value in first.state_dict().items())
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]

@@ -146,3 +146,54 @@ def test_pipeline_backend_refusals_are_clean(cli_artefact, sd_folder, tmp_path):
                             "--out", tmp_path / "b"])
     assert result.exit_code == 2 and "float32" in text, text
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_sample_interrupted_while_moving_its_files_leaves_no_prompts_json_describing_them(
+        sd_folder, condition_adapter, tmp_path, monkeypatch):
+    """A rerun into a samples folder moves its files in one by one: an interrupt (or a kill) between two renames
+    left the earlier run's prompts.json describing a folder that held this run's first samples and the earlier
+    run's others. Now prompts.json goes first and comes last: a folder holding one is whole."""
+    import os
+
+    out = tmp_path / "images"
+    args = ["sample", sd_folder, "--prompt", "a cat", "--num-samples", 2, "--steps", 2, "--out", out,
+            "--threads", 1]
+    result, text = _invoke([*args, "--seed", 1])
+    assert result.exit_code == 0, text
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    real_replace = os.replace
+
+    def interrupted(source, target, *rest, **kwargs):
+        if os.path.basename(source) == "sample_0001.png":
+            raise KeyboardInterrupt
+        return real_replace(source, target, *rest, **kwargs)
+
+    monkeypatch.setattr(os, "replace", interrupted)
+    result, text = _invoke([*args, "--seed", 2])
+    monkeypatch.undo()
+    assert result.exit_code not in (0, None), text  # the interrupt ended the command
+    assert (out / "sample_0000.png").read_bytes() != before["sample_0000.png"]  # the interrupt came in the middle
+    assert (out / "sample_0001.png").read_bytes() == before["sample_0001.png"]
+    assert not (out / "prompts.json").exists()
+    result, text = _invoke([*args, "--seed", 2])  # the rerun finishes the folder
+    assert result.exit_code == 0, text
+    assert json.loads((out / "prompts.json").read_text())["seed"] == 2
+
+
+def test_sample_on_a_full_disk_names_the_folder_and_leaves_nothing(sd_folder, condition_adapter, tmp_path,
+                                                                    monkeypatch):
+    """PIL's OSError for a full disk names no file: the one-line error said "No space left on device" alone."""
+    import errno
+    import os
+
+    def disk_full(self, fp, *args, **kwargs):
+        with open(fp, "wb") as handle:
+            handle.write(b"\x89PNG")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    out = tmp_path / "images"
+    result, text = _invoke(["sample", sd_folder, "--prompt", "a cat", "--num-samples", 2, "--steps", 2, "--out", out,
+                            "--threads", 1])
+    assert result.exit_code == 2 and f"{out}: {os.strerror(errno.ENOSPC)}" in text, text
+    assert [path.name for path in tmp_path.iterdir()] == []  # no staging folder, no half-written PNG

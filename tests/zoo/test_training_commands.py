@@ -426,3 +426,27 @@ def test_train_dit_refuses_out_that_is_or_lies_inside_its_input_model(t2i_copy, 
                             "--batch-size", "2"])
     assert result.exit_code == 2, f"training into the input model's folder was accepted: {text}"
     assert _weights(t2i_copy) == before
+
+
+def test_a_full_disk_while_writing_training_info_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """training_info.json was written in place: a full disk (or a kill) left half a JSON document where the earlier
+    run's was, a folder no tool could read its provenance from."""
+    import errno
+    import json
+    import os
+
+    monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits())
+    config = TrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1, resolution=8, seed=5)
+    zoo_train.train_digits_ddpm(config, tmp_path)
+    before = (tmp_path / "training_info.json").read_text()
+
+    def write_half(self, text, *args, **kwargs):
+        with open(self, "w") as handle:
+            handle.write(text[: len(text) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", write_half)
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        zoo_train.train_digits_ddpm(config, tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "training_info.json").read_text() == before and json.loads(before)["config"]

@@ -21,7 +21,7 @@ from tadq.adapters.freeu import freeu_settings
 from tadq.config import CalibrationConfig, config_to_dict
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning, ConditionSource, SamplingPlan, sample, scheduler_config_key
-from tadq.utils import public_config
+from tadq.utils import public_config, remove_stale_temp_files
 
 __all__ = ["CalibrationSet", "collect_calibration_set", "calibration_key", "model_fingerprint", "kept_steps"]
 
@@ -232,6 +232,10 @@ def collect_calibration_set(
     calib = replace(_subsample(result.trajectory, config, key, guided=plan.guided), fields=_as_json(fields))
     require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
     if path is not None:
+        # a run killed while writing a cache left its temp file (hundreds of MB for a large model) there for good
+        removed = remove_stale_temp_files(path.parent)
+        if removed:
+            logger.info("removed %d temp file(s) a killed run left in %s", removed, path.parent)
         try:
             calib.save(path, _as_json(fields))
         except OSError as error:  # a read-only or full cache: the data is right, only the next run will redo it

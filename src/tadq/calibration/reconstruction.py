@@ -48,6 +48,7 @@ from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning
+from tadq.utils import atomic_write_text
 
 __all__ = ["UnitReport", "attach_adaround", "bake_adaround", "quantizers_bypassed", "reconstruct", "weight_pairs",
            "with_rounding_penalty", "write_unit_report"]
@@ -84,8 +85,7 @@ class UnitReport:
 
 def write_unit_report(reports: Sequence[UnitReport], path: str | Path) -> None:
     """Write the per-unit records as JSON (the opt-in reconstruction report; one object per unit and phase)."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2))
+    atomic_write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=2), path)  # never a half file
 
 
 def weight_pairs(module: nn.Module) -> list[tuple[Quantizer, Tensor]]:

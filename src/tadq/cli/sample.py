@@ -152,7 +152,6 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     import math
     import os
     import shutil
-    import tempfile
 
     from PIL.PngImagePlugin import PngInfo
 
@@ -162,7 +161,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     from tadq.pipelines.prompts import check_prompt_lengths
     from tadq.safefiles import require_finite, save_checked
     from tadq.sampling import check_seed
-    from tadq.utils import atomic_write_json
+    from tadq.utils import atomic_write_json, make_staging_dir, write_error
 
     if not prompts:
         raise ValueError(f"{path} is a text-to-image pipeline: give at least one --prompt (or a --prompts file)")
@@ -214,8 +213,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                 "negative_prompt": negative_prompt, "text_encoder_bits": text_encoder_bits, "backend": backend}
     # every file is written into a hidden sibling folder first and moved in only when all exist: a failed write
     # (a full disk) left the folder half new, half the previous run's, its prompts.json describing neither
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.absolute().parent, prefix=f".{out.name}.tmp-"))
+    staging = make_staging_dir(out)  # and removes the staging folders a killed run into out left
     try:
         names = [f"sample_{i:04d}.png" for i in range(len(images))]
         for name, image in zip(names, images, strict=True):
@@ -225,15 +223,23 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                           staging / "prompts.json")
         out.mkdir(parents=True, exist_ok=True)
         mark_output(out, "samples")
-        for name in [*names, "grid.png", "prompts.json"]:
+        # prompts.json says what the folder holds: the earlier run's goes first and this run's comes last, so a
+        # kill or an interrupt between the renames leaves a folder without one, never one whose prompts.json
+        # describes samples of which only some are still there (the others this run's, unsaid)
+        (out / "prompts.json").unlink(missing_ok=True)
+        for name in [*names, "grid.png"]:
             os.replace(staging / name, out / name)
+        for stale in sorted(set(out.glob("sample_*.png")) - {out / name for name in names}):  # an earlier run's
+            if is_tadq_file(stale):  # extra samples
+                stale.unlink()
+        os.replace(staging / "prompts.json", out / "prompts.json")
+    except Exception as error:  # a full disk: PIL's OSError named no file, only "No space left on device"
+        if (converted := write_error(error, out)) is not None:
+            raise converted from error
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    written = [out / name for name in names]
-    for stale in sorted(set(out.glob("sample_*.png")) - set(written)):  # an earlier run's extra samples
-        if is_tadq_file(stale):
-            stale.unlink()
-    written += [out / "grid.png", out / "prompts.json"]
+    written = [out / name for name in names] + [out / "grid.png", out / "prompts.json"]
     if tensor_out is not None:
         save_checked({"latents": latents, "indices": torch.arange(num_samples)}, settings, tensor_out)
     return written

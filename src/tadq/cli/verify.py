@@ -50,7 +50,8 @@ def check_tables(qmodel) -> list[str]:
     return lines
 
 
-_STAGING = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")  # tadq.io.save's staging folder: mkdtemp(prefix=".NAME.tmp-")
+# tadq.io.save's staging folder (tadq.utils.make_staging_dir): ".NAME.tmp-PID-HOST-RANDOM", or ".NAME.tmp-RANDOM"
+_STAGING = re.compile(r"^\..+\.tmp-[A-Za-z0-9_-]+$")
 
 
 def _interrupted_overwrite(artefact: Path) -> str:

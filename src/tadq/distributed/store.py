@@ -21,7 +21,7 @@ from torch import Tensor
 from tadq.distributed.key import key_differences
 from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, chunk_ranges
 from tadq.safefiles import load_checked, read_json_file, save_checked
-from tadq.utils import atomic_write_json
+from tadq.utils import atomic_write_json, remove_stale_temp_files
 
 __all__ = [
     "CHUNK_DIR", "MANIFEST_FORMAT", "MANIFEST_NAME", "SAMPLES_NAME", "ShardedRun", "StaleRunError", "check_manifest",
@@ -127,12 +127,11 @@ def load_chunk(out_dir: str | Path, chunk: ChunkRange, key: Mapping[str, Any]) -
 
 
 def remove_partial_files(out_dir: str | Path) -> int:
-    """Delete the temp files a killed writer left in ``chunks/`` (call only while no rank is writing)."""
-    folder = Path(out_dir) / CHUNK_DIR
-    partial = list(folder.glob(".*.tmp")) if folder.is_dir() else []
-    for path in partial:
-        path.unlink(missing_ok=True)
-    return len(partial)
+    """Delete the temp files killed writers left in ``out_dir`` and ``chunks/``; returns how many. Only those whose
+    writer is provably gone (``tadq.utils.stale_temp_file``): a second run into the same folder, or a rank of
+    another node, may be writing its chunk right now, and deleting its temp file failed that run when it renamed
+    it into place."""
+    return remove_stale_temp_files(out_dir) + remove_stale_temp_files(Path(out_dir) / CHUNK_DIR)
 
 
 def pending_chunks(out_dir: str | Path, chunks: Iterable[ChunkRange], key: Mapping[str, Any]) -> list[ChunkRange]:

@@ -44,7 +44,7 @@ from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import model_family, registered_families
 from tadq.sampling import DEFAULTED_KEYS
-from tadq.utils import library_versions
+from tadq.utils import library_versions, make_staging_dir, write_error
 
 if TYPE_CHECKING:
     from tadq.denoiser import QuantizedDenoiser
@@ -451,8 +451,7 @@ def save_quantized(
                          force_foreign=force_foreign, inputs=[] if source is None else [source])
 
     check()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    staging = make_staging_dir(target)  # and removes the staging folders a killed save of target left
     try:
         if source is None:
             subfolder = _write_diffusers_layout(qmodel, scheduler, staging)
@@ -465,6 +464,10 @@ def save_quantized(
             item.chmod(0o755 if item.is_dir() else 0o644)
         staging.chmod(0o755)
         _publish(staging, target, check, overwrite)
+    except Exception as error:  # a full disk: safetensors' own error type was a traceback, naming no folder
+        if (converted := write_error(error, target)) is not None:
+            raise converted from error
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -14,17 +14,17 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tadq.safefiles import save_safetensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
 
@@ -206,9 +206,9 @@ def save_photo_classifier(model: PhotoClassifier, out_dir: str | Path) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    tmp = out_dir / f".{WEIGHTS_NAME}.tmp"
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, out_dir / WEIGHTS_NAME)
+    # a temp file of this process: a fixed ".model.safetensors.tmp" was shared by two trainings saving into one
+    # folder (one renamed the other's half-written file into place) and left behind by a failed write
+    save_safetensors(state, out_dir / WEIGHTS_NAME, metadata={"format": "pt"})
     atomic_write_json(model.architecture(), out_dir / CONFIG_NAME)
     for name in (WEIGHTS_NAME, CONFIG_NAME):
         (out_dir / name).chmod(0o644)

@@ -504,9 +504,7 @@ def export_winner(result: SearchResult, out_dir: str | Path, scheduler,
     target = out_dir / "model"
     qmodel, _ = load(out_dir / record["artefact"])
     save_quantized(qmodel, target, copy.deepcopy(scheduler), overwrite=True, pipeline_source=pipeline_source)
-    staging = out_dir / ".recipe.json.tmp"
-    save_recipe(recipe, staging)
-    staging.replace(out_dir / "recipe.json")
+    save_recipe(recipe, out_dir / "recipe.json")  # atomic, through a temp file of this process (not a fixed name)
     return target
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
 from tadq.sampling import check_seed
-from tadq.utils import library_versions
+from tadq.utils import atomic_write_text, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
@@ -204,6 +204,6 @@ def train_ddpm(
         "torch_num_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in unet.parameters()),
     }
-    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+    atomic_write_text(json.dumps(info, indent=2), out_dir / "training_info.json")  # never half a file
     checkpoint.unlink(missing_ok=True)
     return out_dir
