@@ -197,6 +197,8 @@ def train_digit_classifier(
     config, seed, wall time, held-out accuracy, library versions) into ``out_dir`` and returns the training info.
     The same seed gives the same weights on the same machine and thread count.
     """
+    from tadq.zoo.train import check_finite_loss
+
     out_dir = Path(out_dir)
     split = load_digits_split(DigitsConfig(resolution=config.resolution))
     torch.manual_seed(config.seed)  # initialisation and dropout
@@ -207,7 +209,7 @@ def train_digit_classifier(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     model.train()
     t0 = time.perf_counter()
-    loss_value = float("nan")
+    loss_value, step = float("nan"), 0
     bar = tqdm(range(config.epochs), desc="train digits classifier")
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
@@ -217,11 +219,13 @@ def train_digit_classifier(
                 continue
             images = _augment(split.train_images[index], config, generator)
             loss = F.cross_entropy(model(images), split.train_labels[index])
+            loss_value = loss.item()
+            check_finite_loss(loss_value, step, "train digits classifier")
+            step += 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}")
     wall = time.perf_counter() - t0
     model.eval()

@@ -157,6 +157,8 @@ def photo_features(images: Tensor, classifier: PhotoClassifier, batch_size: int 
 def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Path,
                            command: str = DEFAULT_PHOTO_CLASSIFIER_COMMAND) -> dict:
     """Train on the training regions, measure held-out-region accuracy, save weights, architecture and provenance."""
+    from tadq.zoo.train import check_finite_loss
+
     out_dir = Path(out_dir)
     split = load_photos_split(PhotosConfig())
     torch.manual_seed(config.seed)
@@ -167,7 +169,7 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     model.train()
     t0 = time.perf_counter()
-    loss_value = float("nan")
+    loss_value, step = float("nan"), 0
     bar = tqdm(range(config.epochs), desc="train photo classifier")
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
@@ -177,11 +179,13 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
                 continue
             loss = F.cross_entropy(model(_augment(split.train_images[index], config, generator)),
                                    split.train_labels[index])
+            loss_value = loss.item()
+            check_finite_loss(loss_value, step, "train photo classifier")
+            step += 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}")
     wall = time.perf_counter() - t0
     model.eval()

@@ -38,7 +38,15 @@ from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
 from tadq.zoo.t2i_text import build_text_encoder, build_tokenizer
-from tadq.zoo.train import CHECKPOINT_NAME, _learning_rate, check_learning_rates, load_checkpoint, save_checkpoint
+from tadq.zoo.train import (
+    CHECKPOINT_NAME,
+    RESUME_HINT,
+    _learning_rate,
+    check_finite_loss,
+    check_learning_rates,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tadq.zoo.unet import build_training_scheduler
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "T2ITrainConfig", "build_t2i_unet", "build_t2i_vae", "load_t2i_pipeline",
@@ -179,6 +187,7 @@ def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: 
         recon = vae.decode(posterior.sample(generator=generator)).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = F.mse_loss(recon, x) + config.kl_weight * kl
+        check_finite_loss(loss.item(), step, "train t2i VAE", " (vae_learning_rate)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -279,6 +288,8 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
             context = text_encoder(ids)[0]
         prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
         loss = F.mse_loss(prediction, noise)
+        loss_value = loss.item()
+        check_finite_loss(loss_value, step, "train t2i UNet + text", RESUME_HINT)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
@@ -286,7 +297,6 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         ema.step(trained)
-        loss_value = loss.item()
         recent = (recent + [loss_value])[-100:]
         if (step + 1) % 100 == 0:
             curve.append(round(sum(recent) / len(recent), 6))
