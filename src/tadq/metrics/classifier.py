@@ -19,12 +19,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
+from tadq.zoo.shipped import error_line, how_to_make
 
 __all__ = [
     "ClassifierTrainConfig",
@@ -265,17 +267,18 @@ def load_digit_classifier(path: str | Path | None = None) -> DigitClassifier:
         path: folder holding ``model.safetensors`` and ``config.json``; ``None`` means the shipped classifier.
     """
     folder = Path(path) if path is not None else default_classifier_path()
+    how = how_to_make(folder, "train-classifier")
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
     if missing:
-        command = DEFAULT_CLASSIFIER_COMMAND if path is None else f"tadq zoo train-classifier --out {folder}"
-        raise FileNotFoundError(
-            f"no digits classifier at {folder} (missing {', '.join(missing)}); create it with `{command}`"
-        )
-    architecture = json.loads((folder / CONFIG_NAME).read_text())
-    architecture["channels"] = tuple(architecture["channels"])
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stream stays
-        model = DigitClassifier(**architecture)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        raise FileNotFoundError(f"no digits classifier at {folder} (missing {', '.join(missing)}){how}")
+    try:  # a damaged file used to end in a bare JSONDecodeError or SafetensorError naming neither file nor fix
+        architecture = json.loads((folder / CONFIG_NAME).read_text())
+        architecture["channels"] = tuple(architecture["channels"])
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stays
+            model = DigitClassifier(**architecture)
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as error:
+        raise ValueError(f"the digits classifier at {folder} is damaged ({error_line(error)}){how}") from error
     model.eval()
     model.requires_grad_(False)
     return model

@@ -45,9 +45,11 @@ def shipped_dit_path() -> Path:
 
 def load_shipped_vae() -> AutoencoderKL:
     """The shipped text-to-image model's VAE (frozen, eval mode): the DiT's latent space."""
-    from tadq.zoo.t2i import shipped_t2i_path
+    from tadq.zoo.t2i import _load_with_hint, shipped_t2i_path
 
-    vae = AutoencoderKL.from_pretrained(shipped_t2i_path() / "vae", local_files_only=True, low_cpu_mem_usage=False)
+    folder = shipped_t2i_path() / "vae"  # missing, diffusers' error spoke of connecting to huggingface.co
+    vae = _load_with_hint(folder, "VAE of the shipped text-to-image model", lambda: AutoencoderKL.from_pretrained(
+        folder, local_files_only=True, low_cpu_mem_usage=False), index="config.json", model=shipped_t2i_path())
     return vae.eval().requires_grad_(False)
 
 

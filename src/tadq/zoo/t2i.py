@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -36,6 +38,7 @@ from tqdm.auto import tqdm
 from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.shipped import error_line, regenerate_hint
 from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
 from tadq.zoo.t2i_text import build_text_encoder, build_tokenizer
 from tadq.zoo.train import (
@@ -66,10 +69,27 @@ def shipped_t2i_path() -> Path:
 
 
 def load_t2i_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
-    """Load the model with diffusers alone (no safety checker: it draws digits), offline, on the CPU."""
-    return StableDiffusionPipeline.from_pretrained(
-        str(path if path is not None else shipped_t2i_path()), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True)
+    """Load the model with diffusers alone (no safety checker: it draws digits), offline, on the CPU.
+
+    A missing or damaged folder is a FileNotFoundError / ValueError that names it and, for the shipped one, how to
+    get it back (diffusers' own errors spoke of a hub repo id or of connecting to huggingface.co).
+    """
+    folder = Path(path) if path is not None else shipped_t2i_path()
+    return _load_with_hint(folder, "text-to-image model", lambda: StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        local_files_only=True), index="model_index.json", model=folder)
+
+
+def _load_with_hint(folder: Path, what: str, load: Callable[[], Any], index: str, model: Path) -> Any:
+    """``load()``, or a clear error naming ``folder`` (and how to regenerate ``model`` if tadq ships it) when it is
+    missing (no ``index`` file) or fails to load."""
+    if not (folder / index).is_file():
+        raise FileNotFoundError(f"no {what} at {folder} ({index} is missing){regenerate_hint(model)}")
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"could not load the {what} at {folder} ({error_line(error)}){regenerate_hint(model)}"
+                         ) from error
 
 
 @dataclass(frozen=True)
