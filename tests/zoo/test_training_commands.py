@@ -426,3 +426,37 @@ def test_train_dit_refuses_out_that_is_or_lies_inside_its_input_model(t2i_copy, 
                             "--batch-size", "2"])
     assert result.exit_code == 2, f"training into the input model's folder was accepted: {text}"
     assert _weights(t2i_copy) == before
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --overwrite retrains a model in its own folder, not another kind of model into it
+# --------------------------------------------------------------------------------------------------------------
+
+FINISHED_LAYOUTS = {  # a finished folder's files (beside its training_info.json) and the commands that wrote it
+    "DDPMPipeline": ({"model_index.json": '{"_class_name": "DDPMPipeline"}'}, {"train", "train-photos"}),
+    "StableDiffusionPipeline": ({"model_index.json": '{"_class_name": "StableDiffusionPipeline"}'}, {"train-t2i"}),
+    "classifier": ({"model.safetensors": "", "config.json": "{}"}, {"train-classifier", "train-photo-classifier"}),
+}
+
+
+@pytest.mark.parametrize("held", sorted(FINISHED_LAYOUTS))
+def test_overwrite_refuses_a_finished_folder_of_another_kind_of_model(tmp_path, no_training, held):
+    """`tadq zoo train --out <the text-to-image folder> --overwrite` replaced its model_index.json, unet/ and
+    training_info.json and kept its vae/, text_encoder/ and tokenizer/: a folder mixing two models."""
+    from tadq.fsguard import mark_output
+
+    files, own_commands = FINISHED_LAYOUTS[held]
+    for command in COMMANDS:
+        out = tmp_path / f"{held}-{command}"
+        out.mkdir()
+        mark_output(out, "training")
+        for name, text in {**files, "training_info.json": '{"command": "earlier"}'}.items():
+            (out / name).write_text(text)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        result, text = _invoke(["zoo", command, "--out", str(out), "--overwrite"])
+        if command in own_commands:
+            assert isinstance(result.exception, _TrainingStarted), f"{command} into its own kind: {text}"
+            continue
+        assert result.exit_code == 2, f"{command} --overwrite into a finished {held}: {text}"
+        assert held in text and "--out" in text, text
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
