@@ -106,3 +106,4 @@ def test_train_dit_without_the_text_to_image_vae_fails_in_one_line(weights, monk
     text = " ".join(result.output.split())
     assert result.exit_code == 2, text
     assert "tadq zoo train-t2i" in text, text
+    assert not (tmp_path / "dit").exists(), "the output folder was created before the missing input was found"

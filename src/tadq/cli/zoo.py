@@ -220,13 +220,16 @@ def train_dit_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the class-conditional digits DiT in the shipped VAE's latent space; resumes if interrupted."""
-    from tadq.zoo.dit import DiTTrainConfig, train_digits_dit
+    from tadq.zoo.dit import DiTTrainConfig, check_shipped_vae, train_digits_dit
     from tadq.zoo.t2i import shipped_t2i_path
+
+    def config() -> DiTTrainConfig:
+        check_shipped_vae()  # before --out is created
+        return DiTTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                              label_dropout=label_dropout, checkpoint_every=checkpoint_every)
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():  # it reads the text-to-image model's VAE: --out may not be, hold or lie inside that folder
-        path = _train_into(out, force_foreign, lambda: DiTTrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-            checkpoint_every=checkpoint_every), train_digits_dit, overwrite=overwrite, inputs=(shipped_t2i_path(),),
-            layout="DiTPipeline")
+        path = _train_into(out, force_foreign, config, train_digits_dit, overwrite=overwrite,
+                           inputs=(shipped_t2i_path(),), layout="DiTPipeline")
     console.print(f"saved {path}")
