@@ -460,3 +460,17 @@ def test_overwrite_refuses_a_finished_folder_of_another_kind_of_model(tmp_path, 
         assert result.exit_code == 2, f"{command} --overwrite into a finished {held}: {text}"
         assert held in text and "--out" in text, text
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("field", ["unet_channels", "vae_channels"])
+def test_t2i_widths_the_group_norm_cannot_split_are_refused_before_stage_one(tmp_path, monkeypatch, field):
+    """unet_channels=(12, 24) trained and saved the VAE (stage 1, minutes at the defaults) before the UNet's
+    group norm refused 12 channels."""
+    import tadq.zoo.t2i as t2i
+
+    def boom(*args, **kwargs):
+        raise _TrainingStarted("stage 1 started")
+
+    monkeypatch.setattr(t2i, "_train_vae", boom)
+    with pytest.raises(ValueError, match=field):
+        t2i.train_t2i(_tiny_t2i(**{field: (12, 24)}), tmp_path)

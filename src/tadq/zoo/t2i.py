@@ -141,6 +141,11 @@ class T2ITrainConfig:
         check_seed("seed", self.seed)  # seed + 2 seeds stage 2: a 64-bit one overflowed there, after stage 1
         if self.text_hidden % 2 or self.text_hidden < 8:
             raise ValueError(f"text_hidden must be even and >= 8, got {self.text_hidden}")
+        for name in ("vae_channels", "unet_channels"):  # the UNet's were refused by its group norm after stage 1
+            widths = getattr(self, name)
+            if not widths or any(not isinstance(w, int) or w < 8 or w % 8 for w in widths):
+                raise ValueError(f"{name} must be one or more positive multiples of 8 (group norm with 8 groups), "
+                                 f"got {widths}")
 
     def vae_part(self) -> dict[str, Any]:
         """The fields stage 1 depends on (a saved VAE is reused only when these match)."""
