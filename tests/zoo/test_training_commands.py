@@ -474,3 +474,24 @@ def test_t2i_widths_the_group_norm_cannot_split_are_refused_before_stage_one(tmp
     monkeypatch.setattr(t2i, "_train_vae", boom)
     with pytest.raises(ValueError, match=field):
         t2i.train_t2i(_tiny_t2i(**{field: (12, 24)}), tmp_path)
+
+
+def test_digits_run_interrupted_while_writing_its_record_leaves_no_half_record(tmp_path, monkeypatch):
+    """training_info.json was written in place: Ctrl-C in the middle left a truncated record, which marks the
+    folder as a finished run (and, in the shipped folder without a marker, makes it unreadable as tadq's)."""
+    monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits())
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1, resolution=8)
+    real_write = Path.write_text
+
+    def half_then_interrupt(self, text, *args, **kwargs):
+        if text.lstrip().startswith("{") and '"final_batch_loss"' in text:  # the training record
+            real_write(self, text[: len(text) // 2], *args, **kwargs)
+            raise _Interrupt
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupt)
+    with pytest.raises(_Interrupt):
+        zoo_train.train_digits_ddpm(config, tmp_path)
+    monkeypatch.setattr(Path, "write_text", real_write)
+    record = tmp_path / "training_info.json"
+    assert not record.exists() or json.loads(record.read_text())["final_batch_loss"] is not None

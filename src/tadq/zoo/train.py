@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
 from tadq.sampling import check_seed
-from tadq.utils import library_versions
+from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
@@ -217,6 +217,8 @@ def train_ddpm(
         "torch_num_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in unet.parameters()),
     }
-    (out_dir / "training_info.json").write_text(json.dumps(info, indent=2))
+    # atomic: a half-written record read as a finished run (refused without --overwrite) or, in the shipped folder
+    # that carries no marker, as a folder tadq did not write
+    atomic_write_json(info, out_dir / "training_info.json")
     checkpoint.unlink(missing_ok=True)
     return out_dir
