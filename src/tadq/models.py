@@ -188,9 +188,19 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
     if path is not None and not isinstance(path, (str, Path)):
         raise TypeError(f"load_pipeline_parts takes a folder path (str or Path) or None, got {type(path).__name__}")
     path = Path(path) if path is not None else shipped_model_path()
+    try:
+        return _load_pipeline_parts(path)
+    except (ValueError, FileNotFoundError) as error:  # a shipped folder missing or damaged: say how to get it back
+        from tadq.zoo.shipped import regenerate_hint
+
+        if (hint := regenerate_hint(path)) and hint not in str(error):
+            error.args = (f"{error}{hint}",)
+        raise
+
+
+def _load_pipeline_parts(path: Path) -> tuple[nn.Module, SchedulerMixin]:
     if not path.exists():
-        hint = " (train it with `tadq zoo train`)" if path == shipped_model_path() else ""
-        raise FileNotFoundError(f"model folder {path} does not exist{hint}")
+        raise FileNotFoundError(f"model folder {path} does not exist")
     model_dir = _model_dir(path)
     model_config = read_json_file(model_dir / "config.json", "model config")
     if not isinstance(model_config, dict):

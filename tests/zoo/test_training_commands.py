@@ -450,3 +450,72 @@ def test_a_full_disk_while_writing_training_info_keeps_the_earlier_one(tmp_path,
         zoo_train.train_digits_ddpm(config, tmp_path)
     monkeypatch.undo()
     assert (tmp_path / "training_info.json").read_text() == before and json.loads(before)["config"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# --overwrite retrains a model in its own folder, not another kind of model into it
+# --------------------------------------------------------------------------------------------------------------
+
+FINISHED_LAYOUTS = {  # a finished folder's files (beside its training_info.json) and the commands that wrote it
+    "DDPMPipeline": ({"model_index.json": '{"_class_name": "DDPMPipeline"}'}, {"train", "train-photos"}),
+    "StableDiffusionPipeline": ({"model_index.json": '{"_class_name": "StableDiffusionPipeline"}'}, {"train-t2i"}),
+    "classifier": ({"model.safetensors": "", "config.json": "{}"}, {"train-classifier", "train-photo-classifier"}),
+}
+
+
+@pytest.mark.parametrize("held", sorted(FINISHED_LAYOUTS))
+def test_overwrite_refuses_a_finished_folder_of_another_kind_of_model(tmp_path, no_training, held):
+    """`tadq zoo train --out <the text-to-image folder> --overwrite` replaced its model_index.json, unet/ and
+    training_info.json and kept its vae/, text_encoder/ and tokenizer/: a folder mixing two models."""
+    from tadq.fsguard import mark_output
+
+    files, own_commands = FINISHED_LAYOUTS[held]
+    for command in COMMANDS:
+        out = tmp_path / f"{held}-{command}"
+        out.mkdir()
+        mark_output(out, "training")
+        for name, text in {**files, "training_info.json": '{"command": "earlier"}'}.items():
+            (out / name).write_text(text)
+        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        result, text = _invoke(["zoo", command, "--out", str(out), "--overwrite"])
+        if command in own_commands:
+            assert isinstance(result.exception, _TrainingStarted), f"{command} into its own kind: {text}"
+            continue
+        assert result.exit_code == 2, f"{command} --overwrite into a finished {held}: {text}"
+        assert held in text and "--out" in text, text
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+@pytest.mark.parametrize("field", ["unet_channels", "vae_channels"])
+def test_t2i_widths_the_group_norm_cannot_split_are_refused_before_stage_one(tmp_path, monkeypatch, field):
+    """unet_channels=(12, 24) trained and saved the VAE (stage 1, minutes at the defaults) before the UNet's
+    group norm refused 12 channels."""
+    import tadq.zoo.t2i as t2i
+
+    def boom(*args, **kwargs):
+        raise _TrainingStarted("stage 1 started")
+
+    monkeypatch.setattr(t2i, "_train_vae", boom)
+    with pytest.raises(ValueError, match=field):
+        t2i.train_t2i(_tiny_t2i(**{field: (12, 24)}), tmp_path)
+
+
+def test_digits_run_interrupted_while_writing_its_record_leaves_no_half_record(tmp_path, monkeypatch):
+    """training_info.json was written in place: Ctrl-C in the middle left a truncated record, which marks the
+    folder as a finished run (and, in the shipped folder without a marker, makes it unreadable as tadq's)."""
+    monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits())
+    config = TrainConfig(steps=2, batch_size=2, warmup_steps=1, checkpoint_every=1, resolution=8)
+    real_write = Path.write_text
+
+    def half_then_interrupt(self, text, *args, **kwargs):
+        if text.lstrip().startswith("{") and '"final_batch_loss"' in text:  # the training record
+            real_write(self, text[: len(text) // 2], *args, **kwargs)
+            raise _Interrupt
+        return real_write(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", half_then_interrupt)
+    with pytest.raises(_Interrupt):
+        zoo_train.train_digits_ddpm(config, tmp_path)
+    monkeypatch.setattr(Path, "write_text", real_write)
+    record = tmp_path / "training_info.json"
+    assert not record.exists() or json.loads(record.read_text())["final_batch_loss"] is not None

@@ -21,20 +21,45 @@ SHIPPED = Path(__file__).resolve().parents[1] / "zoo" / "weights"
 
 
 Overwrite = Annotated[bool, typer.Option(
-    "--overwrite", help="Train again into a folder that already holds a finished model (the default --out is the "
-                        "shipped model's own folder: retraining it changes every number measured on it).")]
+    "--overwrite", help="Train again into a folder that already holds a finished model of the same kind (the "
+                        "default --out is the shipped model's own folder: retraining it changes every number "
+                        "measured on it).")]
 
 INFO_FILE = "training_info.json"  # written by every trainer when it finishes
 
 
-def check_not_finished(out: Path, overwrite: bool) -> None:
+def held_layout(folder: Path) -> str | None:
+    """The kind of model a trained folder holds: its pipeline class (``model_index.json``), ``classifier`` for a
+    classifier's ``model.safetensors``, ``None`` when neither is readable."""
+    import json
+
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+        return str(index["_class_name"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return "classifier" if (folder / "model.safetensors").is_file() else None
+
+
+def check_not_finished(out: Path, overwrite: bool, layout: str | None = None) -> None:
     """Refuse a folder holding a finished model unless ``--overwrite``: a resumable run leaves a checkpoint (it is
-    resumed), a finished one only its weights and ``training_info.json``, which a second run would replace."""
+    resumed), a finished one only its weights and ``training_info.json``, which a second run would replace.
+
+    ``--overwrite`` retrains a model of the same ``layout`` (pipeline class, or ``classifier``): writing another
+    kind of model into a finished folder replaced its record and some of its files and left the rest (e.g. a
+    digits DDPM trained into the text-to-image folder kept its VAE and text encoder beside the new UNet).
+    """
     from tadq.fsguard import OutputRefused
     from tadq.zoo.train import CHECKPOINT_NAME
 
-    if overwrite or not (out / INFO_FILE).is_file() or (out / CHECKPOINT_NAME).is_file():
+    if not (out / INFO_FILE).is_file() or (out / CHECKPOINT_NAME).is_file():
         return
+    if overwrite:
+        held = held_layout(out)
+        if layout is None or held is None or held == layout:
+            return
+        raise OutputRefused(f"--out {out} holds a trained {held}, not a {layout}; --overwrite retrains a model in "
+                            f"its own folder, and this one would be left mixing both. Choose another --out")
     shipped = out.resolve().parent == SHIPPED.resolve()
     what = "the model tadq ships (every number measured on it would change)" if shipped else "a trained model"
     raise OutputRefused(f"--out {out} already holds {what}: {INFO_FILE} records a finished run. Choose another "
@@ -43,7 +68,7 @@ def check_not_finished(out: Path, overwrite: bool) -> None:
 
 def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
                 train: Callable[..., Any], *, mark: bool = True, overwrite: bool = False,
-                inputs: tuple[Path, ...] = ()) -> Any:
+                inputs: tuple[Path, ...] = (), layout: str | None = None) -> Any:
     """Validate the config and check ``--out`` before any training (a finished model is replaced only with
     ``--overwrite``), mark the folder as tadq's (so a resume finds a folder tadq wrote, not only a checkpoint), then
     train with the exact command line recorded."""
@@ -51,7 +76,7 @@ def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
 
     config = build_config()
     check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
-    check_not_finished(out, overwrite)
+    check_not_finished(out, overwrite, layout)
     # a folder outside the package is always marked: a run interrupted before training_info.json (or with only its
     # checkpoint) was refused as foreign on the rerun its help promises; the shipped folders keep their bytes
     if mark or out.resolve().parent != SHIPPED.resolve():
@@ -79,7 +104,7 @@ def train_command(
     with fail_cleanly():
         path = _train_into(out, force_foreign, lambda: TrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, resolution=resolution),
-            train_digits_ddpm, mark=False, overwrite=overwrite)
+            train_digits_ddpm, mark=False, overwrite=overwrite, layout="DDPMPipeline")
     console.print(f"saved {path}")
 
 
@@ -101,7 +126,7 @@ def train_classifier_command(
     with fail_cleanly():
         info = _train_into(out, force_foreign, lambda: ClassifierTrainConfig(epochs=epochs, seed=seed,
                                                                              resolution=resolution),
-                           train_digit_classifier, mark=False, overwrite=overwrite)
+                           train_digit_classifier, mark=False, overwrite=overwrite, layout="classifier")
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')}")
 
 
@@ -126,7 +151,7 @@ def train_photos_command(
     with fail_cleanly():
         path = _train_into(out, force_foreign, lambda: PhotosTrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-            checkpoint_every=checkpoint_every), train_photos_ddpm, overwrite=overwrite)
+            checkpoint_every=checkpoint_every), train_photos_ddpm, overwrite=overwrite, layout="DDPMPipeline")
     console.print(f"saved {path}")
 
 
@@ -146,7 +171,7 @@ def train_photo_classifier_command(
     setup(verbose, threads, "cpu")
     with fail_cleanly():
         info = _train_into(out, force_foreign, lambda: PhotoClassifierTrainConfig(epochs=epochs, seed=seed),
-                           train_photo_classifier, mark=False, overwrite=overwrite)
+                           train_photo_classifier, mark=False, overwrite=overwrite, layout="classifier")
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')} "
                   f"(chance {info.get('chance_accuracy'):.3f})")
 
@@ -176,7 +201,7 @@ def train_t2i_command(
         path = _train_into(out, force_foreign, lambda: T2ITrainConfig(
             steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, vae_steps=vae_steps,
             prompt_dropout=prompt_dropout, train_text_encoder=not freeze_text_encoder,
-            checkpoint_every=checkpoint_every), train_t2i, overwrite=overwrite)
+            checkpoint_every=checkpoint_every), train_t2i, overwrite=overwrite, layout="StableDiffusionPipeline")
     console.print(f"saved {path}")
 
 
@@ -195,12 +220,16 @@ def train_dit_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the class-conditional digits DiT in the shipped VAE's latent space; resumes if interrupted."""
-    from tadq.zoo.dit import DiTTrainConfig, train_digits_dit
+    from tadq.zoo.dit import DiTTrainConfig, check_shipped_vae, train_digits_dit
     from tadq.zoo.t2i import shipped_t2i_path
+
+    def config() -> DiTTrainConfig:
+        check_shipped_vae()  # before --out is created
+        return DiTTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                              label_dropout=label_dropout, checkpoint_every=checkpoint_every)
 
     setup(verbose, threads, "cpu")
     with fail_cleanly():  # it reads the text-to-image model's VAE: --out may not be, hold or lie inside that folder
-        path = _train_into(out, force_foreign, lambda: DiTTrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-            checkpoint_every=checkpoint_every), train_digits_dit, overwrite=overwrite, inputs=(shipped_t2i_path(),))
+        path = _train_into(out, force_foreign, config, train_digits_dit, overwrite=overwrite,
+                           inputs=(shipped_t2i_path(),), layout="DiTPipeline")
     console.print(f"saved {path}")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 from tadq.safefiles import save_safetensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
+from tadq.zoo.shipped import error_line, how_to_make
 
 __all__ = [
     "ClassifierTrainConfig",
@@ -197,6 +199,8 @@ def train_digit_classifier(
     config, seed, wall time, held-out accuracy, library versions) into ``out_dir`` and returns the training info.
     The same seed gives the same weights on the same machine and thread count.
     """
+    from tadq.zoo.train import check_finite_loss
+
     out_dir = Path(out_dir)
     split = load_digits_split(DigitsConfig(resolution=config.resolution))
     torch.manual_seed(config.seed)  # initialisation and dropout
@@ -207,7 +211,7 @@ def train_digit_classifier(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     model.train()
     t0 = time.perf_counter()
-    loss_value = float("nan")
+    loss_value, step = float("nan"), 0
     bar = tqdm(range(config.epochs), desc="train digits classifier")
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
@@ -217,11 +221,13 @@ def train_digit_classifier(
                 continue
             images = _augment(split.train_images[index], config, generator)
             loss = F.cross_entropy(model(images), split.train_labels[index])
+            loss_value = loss.item()
+            check_finite_loss(loss_value, step, "train digits classifier")
+            step += 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}")
     wall = time.perf_counter() - t0
     model.eval()
@@ -261,17 +267,18 @@ def load_digit_classifier(path: str | Path | None = None) -> DigitClassifier:
         path: folder holding ``model.safetensors`` and ``config.json``; ``None`` means the shipped classifier.
     """
     folder = Path(path) if path is not None else default_classifier_path()
+    how = how_to_make(folder, "train-classifier")
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
     if missing:
-        command = DEFAULT_CLASSIFIER_COMMAND if path is None else f"tadq zoo train-classifier --out {folder}"
-        raise FileNotFoundError(
-            f"no digits classifier at {folder} (missing {', '.join(missing)}); create it with `{command}`"
-        )
-    architecture = json.loads((folder / CONFIG_NAME).read_text())
-    architecture["channels"] = tuple(architecture["channels"])
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stream stays
-        model = DigitClassifier(**architecture)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        raise FileNotFoundError(f"no digits classifier at {folder} (missing {', '.join(missing)}){how}")
+    try:  # a damaged file used to end in a bare JSONDecodeError or SafetensorError naming neither file nor fix
+        architecture = json.loads((folder / CONFIG_NAME).read_text())
+        architecture["channels"] = tuple(architecture["channels"])
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stays
+            model = DigitClassifier(**architecture)
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as error:
+        raise ValueError(f"the digits classifier at {folder} is damaged ({error_line(error)}){how}") from error
     model.eval()
     model.requires_grad_(False)
     return model

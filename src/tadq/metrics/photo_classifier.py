@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 from tadq.safefiles import save_safetensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
+from tadq.zoo.shipped import error_line, how_to_make
 
 __all__ = ["DEFAULT_PHOTO_CLASSIFIER_COMMAND", "PhotoClassifier", "PhotoClassifierTrainConfig",
            "default_photo_classifier_path", "load_photo_classifier", "photo_accuracy", "photo_features",
@@ -157,6 +159,8 @@ def photo_features(images: Tensor, classifier: PhotoClassifier, batch_size: int 
 def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Path,
                            command: str = DEFAULT_PHOTO_CLASSIFIER_COMMAND) -> dict:
     """Train on the training regions, measure held-out-region accuracy, save weights, architecture and provenance."""
+    from tadq.zoo.train import check_finite_loss
+
     out_dir = Path(out_dir)
     split = load_photos_split(PhotosConfig())
     torch.manual_seed(config.seed)
@@ -167,7 +171,7 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
     model.train()
     t0 = time.perf_counter()
-    loss_value = float("nan")
+    loss_value, step = float("nan"), 0
     bar = tqdm(range(config.epochs), desc="train photo classifier")
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
@@ -177,11 +181,13 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
                 continue
             loss = F.cross_entropy(model(_augment(split.train_images[index], config, generator)),
                                    split.train_labels[index])
+            loss_value = loss.item()
+            check_finite_loss(loss_value, step, "train photo classifier")
+            step += 1
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            loss_value = loss.item()
         bar.set_postfix(loss=f"{loss_value:.4f}")
     wall = time.perf_counter() - t0
     model.eval()
@@ -217,15 +223,18 @@ def save_photo_classifier(model: PhotoClassifier, out_dir: str | Path) -> None:
 def load_photo_classifier(path: str | Path | None = None) -> PhotoClassifier:
     """Load a saved photo classifier in eval mode with gradients off; ``None`` is the shipped one."""
     folder = Path(path) if path is not None else default_photo_classifier_path()
+    how = how_to_make(folder, "train-photo-classifier")
     missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"no photo classifier at {folder} (missing {', '.join(missing)}); create it with "
-                                f"`tadq zoo train-photo-classifier --out {folder}`")
-    architecture = json.loads((folder / CONFIG_NAME).read_text())
-    architecture["channels"] = tuple(architecture["channels"])
-    with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stream stays
-        model = PhotoClassifier(**architecture)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+        raise FileNotFoundError(f"no photo classifier at {folder} (missing {', '.join(missing)}){how}")
+    try:  # a damaged file used to end in a bare JSONDecodeError or SafetensorError naming neither file nor fix
+        architecture = json.loads((folder / CONFIG_NAME).read_text())
+        architecture["channels"] = tuple(architecture["channels"])
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stays
+            model = PhotoClassifier(**architecture)
+        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as error:
+        raise ValueError(f"the photo classifier at {folder} is damaged ({error_line(error)}){how}") from error
     model.eval()
     model.requires_grad_(False)
     return model

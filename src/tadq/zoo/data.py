@@ -72,5 +72,9 @@ def load_digits_split(config: DigitsConfig | None = None) -> DigitsSplit:
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(config.split_seed))
     n_heldout = int(round(len(labels) * config.heldout_fraction))
+    if not 0 < n_heldout < len(labels):  # an empty part failed only after training (accuracy of no images)
+        raise ValueError(f"heldout_fraction={config.heldout_fraction} of {len(labels)} digits leaves "
+                         f"{'no held-out' if n_heldout == 0 else 'no training'} image; choose a fraction that keeps "
+                         "at least one image in each part")
     heldout, train = order[:n_heldout], order[n_heldout:]
     return DigitsSplit(images[train], labels[train], images[heldout], labels[heldout])

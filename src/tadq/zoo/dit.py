@@ -26,10 +26,11 @@ from torch import Tensor, nn
 
 from tadq.utils import atomic_write_text
 from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.shipped import regenerate_hint
 from tadq.zoo.train import check_training_fields, train_ddpm
 
-__all__ = ["DEFAULT_GUIDANCE_SCALE", "DiTTrainConfig", "NUM_CLASSES", "build_digits_dit", "digit_latents",
-           "load_shipped_vae", "shipped_dit_path", "train_digits_dit"]
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "DiTTrainConfig", "NUM_CLASSES", "build_digits_dit", "check_shipped_vae",
+           "digit_latents", "load_shipped_vae", "shipped_dit_path", "train_digits_dit"]
 
 NUM_CLASSES = 10  # the digits; label NUM_CLASSES is the null class
 # Measured on the shipped weights (benchmarks/dit_fp_quality.py, 200 samples, DDIM 50; docs/models.md): class
@@ -43,11 +44,26 @@ def shipped_dit_path() -> Path:
     return Path(__file__).resolve().parent / "weights" / "digits-dit"
 
 
-def load_shipped_vae() -> AutoencoderKL:
-    """The shipped text-to-image model's VAE (frozen, eval mode): the DiT's latent space."""
+def check_shipped_vae() -> None:
+    """FileNotFoundError, naming how to get it back, unless the shipped text-to-image model's VAE is there: what
+    ``tadq zoo train-dit`` checks before it creates --out (diffusers' own error spoke of connecting to
+    huggingface.co, after the output folder was made)."""
     from tadq.zoo.t2i import shipped_t2i_path
 
-    vae = AutoencoderKL.from_pretrained(shipped_t2i_path() / "vae", local_files_only=True, low_cpu_mem_usage=False)
+    folder = shipped_t2i_path() / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no VAE of the shipped text-to-image model at {folder} (config.json is missing)"
+                                f"{regenerate_hint(shipped_t2i_path())}")
+
+
+def load_shipped_vae() -> AutoencoderKL:
+    """The shipped text-to-image model's VAE (frozen, eval mode): the DiT's latent space."""
+    from tadq.zoo.t2i import _load_with_hint, shipped_t2i_path
+
+    check_shipped_vae()
+    folder = shipped_t2i_path() / "vae"
+    vae = _load_with_hint(folder, "VAE of the shipped text-to-image model", lambda: AutoencoderKL.from_pretrained(
+        folder, local_files_only=True, low_cpu_mem_usage=False), index="config.json", model=shipped_t2i_path())
     return vae.eval().requires_grad_(False)
 
 

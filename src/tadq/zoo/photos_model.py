@@ -16,6 +16,7 @@ from diffusers import UNet2DModel
 
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
 from tadq.zoo.train import check_training_fields, train_ddpm
+from tadq.zoo.unet import check_unet_channels
 
 __all__ = ["PhotosTrainConfig", "build_photos_unet", "null_label", "train_photos_ddpm"]
 
@@ -31,8 +32,7 @@ def build_photos_unet(num_classes: int | None = None, channels: tuple[int, ...] 
     The class embedding is added to the time embedding (diffusers' ``num_class_embeds``); label K is the null
     class, trained by label dropout, so one network samples unconditionally and with classifier-free guidance.
     """
-    if len(channels) != 3:
-        raise ValueError(f"channels must have 3 entries (one per resolution level), got {channels}")
+    check_unet_channels(channels)
     k = num_photo_classes() if num_classes is None else num_classes
     return UNet2DModel(
         sample_size=32,

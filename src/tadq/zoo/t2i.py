@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -36,9 +38,18 @@ from tqdm.auto import tqdm
 from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.shipped import error_line, regenerate_hint
 from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
 from tadq.zoo.t2i_text import build_text_encoder, build_tokenizer
-from tadq.zoo.train import CHECKPOINT_NAME, _learning_rate, check_learning_rates, load_checkpoint, save_checkpoint
+from tadq.zoo.train import (
+    CHECKPOINT_NAME,
+    RESUME_HINT,
+    _learning_rate,
+    check_finite_loss,
+    check_learning_rates,
+    load_checkpoint,
+    save_checkpoint,
+)
 from tadq.zoo.unet import build_training_scheduler
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "T2ITrainConfig", "build_t2i_unet", "build_t2i_vae", "load_t2i_pipeline",
@@ -58,10 +69,27 @@ def shipped_t2i_path() -> Path:
 
 
 def load_t2i_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
-    """Load the model with diffusers alone (no safety checker: it draws digits), offline, on the CPU."""
-    return StableDiffusionPipeline.from_pretrained(
-        str(path if path is not None else shipped_t2i_path()), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False, local_files_only=True)
+    """Load the model with diffusers alone (no safety checker: it draws digits), offline, on the CPU.
+
+    A missing or damaged folder is a FileNotFoundError / ValueError that names it and, for the shipped one, how to
+    get it back (diffusers' own errors spoke of a hub repo id or of connecting to huggingface.co).
+    """
+    folder = Path(path) if path is not None else shipped_t2i_path()
+    return _load_with_hint(folder, "text-to-image model", lambda: StableDiffusionPipeline.from_pretrained(
+        str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        local_files_only=True), index="model_index.json", model=folder)
+
+
+def _load_with_hint(folder: Path, what: str, load: Callable[[], Any], index: str, model: Path) -> Any:
+    """``load()``, or a clear error naming ``folder`` (and how to regenerate ``model`` if tadq ships it) when it is
+    missing (no ``index`` file) or fails to load."""
+    if not (folder / index).is_file():
+        raise FileNotFoundError(f"no {what} at {folder} ({index} is missing){regenerate_hint(model)}")
+    try:
+        return load()
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        raise ValueError(f"could not load the {what} at {folder} ({error_line(error)}){regenerate_hint(model)}"
+                         ) from error
 
 
 @dataclass(frozen=True)
@@ -113,6 +141,11 @@ class T2ITrainConfig:
         check_seed("seed", self.seed)  # seed + 2 seeds stage 2: a 64-bit one overflowed there, after stage 1
         if self.text_hidden % 2 or self.text_hidden < 8:
             raise ValueError(f"text_hidden must be even and >= 8, got {self.text_hidden}")
+        for name in ("vae_channels", "unet_channels"):  # the UNet's were refused by its group norm after stage 1
+            widths = getattr(self, name)
+            if not widths or any(not isinstance(w, int) or w < 8 or w % 8 for w in widths):
+                raise ValueError(f"{name} must be one or more positive multiples of 8 (group norm with 8 groups), "
+                                 f"got {widths}")
 
     def vae_part(self) -> dict[str, Any]:
         """The fields stage 1 depends on (a saved VAE is reused only when these match)."""
@@ -179,6 +212,7 @@ def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: 
         recon = vae.decode(posterior.sample(generator=generator)).sample
         kl = posterior.kl().mean() / posterior.mean[0].numel()
         loss = F.mse_loss(recon, x) + config.kl_weight * kl
+        check_finite_loss(loss.item(), step, "train t2i VAE", " (vae_learning_rate)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -279,6 +313,8 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
             context = text_encoder(ids)[0]
         prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
         loss = F.mse_loss(prediction, noise)
+        loss_value = loss.item()
+        check_finite_loss(loss_value, step, "train t2i UNet + text", RESUME_HINT)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
@@ -286,7 +322,6 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
         torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         ema.step(trained)
-        loss_value = loss.item()
         recent = (recent + [loss_value])[-100:]
         if (step + 1) % 100 == 0:
             curve.append(round(sum(recent) / len(recent), 6))

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
 from tadq.sampling import check_seed
-from tadq.utils import atomic_write_text, library_versions
+from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
-__all__ = ["TrainConfig", "check_training_fields", "load_checkpoint", "save_checkpoint", "train_ddpm",
-           "train_digits_ddpm"]
+__all__ = ["TrainConfig", "check_finite_loss", "check_training_fields", "load_checkpoint", "save_checkpoint",
+           "train_ddpm", "train_digits_ddpm"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "train_checkpoint.safetensors"
@@ -88,6 +88,18 @@ def check_learning_rates(config: Any, names: tuple[str, ...] = ("learning_rate",
         value = getattr(config, name)
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
             raise ValueError(f"{name} must be a finite number > 0, got {value}")
+
+
+def check_finite_loss(loss: float, step: int, what: str, hint: str = "") -> None:
+    """ValueError at the first NaN or infinite training loss: the run diverged (typically a learning rate too high
+    for the model), and every later step would only carry NaN into the weights saved as a finished model."""
+    if not math.isfinite(loss):
+        raise ValueError(f"{what}: the training loss became {loss} at step {step + 1}; training diverged and no model "
+                         f"was saved. Train again with a lower learning rate{hint}")
+
+
+RESUME_HINT = (f" (a resumable {CHECKPOINT_NAME} in --out keeps the old settings: choose another --out or delete "
+               "that file)")
 
 
 def _learning_rate(config: TrainConfig | Any, step: int) -> float:
@@ -174,6 +186,8 @@ def train_ddpm(
             class_labels = torch.where(dropped, torch.full_like(labels[index], null_label), labels[index])
         prediction = unet(scheduler.add_noise(x0, noise, t), t, class_labels=class_labels).sample
         loss = torch.nn.functional.mse_loss(prediction, noise)
+        loss_value = loss.item()
+        check_finite_loss(loss_value, step, desc, RESUME_HINT)
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(config, step)
         optimizer.zero_grad(set_to_none=True)
@@ -181,7 +195,6 @@ def train_ddpm(
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         ema.step(unet.parameters())
-        loss_value = loss.item()
         recent = (recent + [loss_value])[-100:]
         bar.set_postfix(loss=f"{loss_value:.4f}")
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
@@ -204,6 +217,8 @@ def train_ddpm(
         "torch_num_threads": torch.get_num_threads(),
         "parameters": sum(p.numel() for p in unet.parameters()),
     }
-    atomic_write_text(json.dumps(info, indent=2), out_dir / "training_info.json")  # never half a file
+    # atomic: a half-written record read as a finished run (refused without --overwrite) or, in the shipped folder
+    # that carries no marker, as a folder tadq did not write
+    atomic_write_json(info, out_dir / "training_info.json")
     checkpoint.unlink(missing_ok=True)
     return out_dir

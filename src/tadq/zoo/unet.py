@@ -4,7 +4,24 @@ from __future__ import annotations
 
 from diffusers import DDPMScheduler, UNet2DModel
 
-__all__ = ["build_digits_unet", "build_training_scheduler"]
+__all__ = ["build_digits_unet", "build_training_scheduler", "check_unet_channels"]
+
+NORM_GROUPS, ATTENTION_HEAD_DIM = 8, 16
+
+
+def check_unet_channels(channels: tuple[int, ...]) -> None:
+    """ValueError unless ``channels`` fit the shipped UNet layout: 3 levels, each a multiple of the group norm's 8
+    groups, and at least one 16-wide attention head at the attention level (the second) and in the middle block
+    (the last): a narrower width built a model with zero heads that died in a ZeroDivisionError at its first
+    forward pass, after the training data was loaded."""
+    if len(channels) != 3:
+        raise ValueError(f"channels must have 3 entries (one per resolution level), got {channels}")
+    if any(not isinstance(c, int) or c < NORM_GROUPS or c % NORM_GROUPS for c in channels):
+        raise ValueError(f"every width in channels must be a positive multiple of {NORM_GROUPS} (group norm), got "
+                         f"{channels}")
+    if min(channels[1], channels[-1]) < ATTENTION_HEAD_DIM:
+        raise ValueError(f"channels[1] and channels[-1] carry self-attention with {ATTENTION_HEAD_DIM}-wide heads: "
+                         f"each must be >= {ATTENTION_HEAD_DIM}, got {channels}")
 
 
 def build_digits_unet(resolution: int = 16, channels: tuple[int, ...] = (32, 64, 64)) -> UNet2DModel:
@@ -12,8 +29,7 @@ def build_digits_unet(resolution: int = 16, channels: tuple[int, ...] = (32, 64,
 
     1.06 M parameters with the default channels; the attention level sits at half resolution.
     """
-    if len(channels) != 3:
-        raise ValueError(f"channels must have 3 entries (one per resolution level), got {channels}")
+    check_unet_channels(channels)
     return UNet2DModel(
         sample_size=resolution,
         in_channels=1,
@@ -22,8 +38,8 @@ def build_digits_unet(resolution: int = 16, channels: tuple[int, ...] = (32, 64,
         block_out_channels=channels,
         down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=16,
+        norm_num_groups=NORM_GROUPS,
+        attention_head_dim=ATTENTION_HEAD_DIM,
     )
 
 
