@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
            "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
-           "class_conditions_for", "default_or_count"]
+           "class_conditions_for", "default_or_count", "check_sampling_flags"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -131,6 +132,23 @@ def default_or_count(flag: str, value: int) -> int | None:
     if value < -1:
         raise ValueError(f"{flag} must be >= 0, or -1 for the default; got {value}")
     return None if value == -1 else value
+
+
+def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | None = None, seed: int | None = None,
+                         guidance_scale: float | None = None) -> None:
+    """Refuse, by the flag's name and before any model is read, the sampling flags every command checks the same
+    way: --num-samples and --batch-size >= 1, --seed in [0, 2**32 - 1], --guidance-scale finite and >= 0
+    (``None``: not given, or not a flag of the command). The library checks them again, but only after the model
+    was loaded (minutes for a large one), and names its own parameter rather than the flag."""
+    from tadq.sampling import check_seed
+
+    for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+        if count is not None and count < 1:
+            raise ValueError(f"{flag} must be >= 1, got {count}")
+    if seed is not None:
+        check_seed("--seed", seed)
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
 
 
 def require_file(path: Path, flag: str, expected: str = "") -> None:

@@ -17,6 +17,7 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_sampling_flags,
     class_conditions_for,
     console,
     fail_cleanly,
@@ -382,6 +383,9 @@ def quantize_command(
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
         settings = parse_settings(set_fields)
+        # the range every --seed takes: -1 went to torch.manual_seed as is, 2**64 failed there in "Overflow when
+        # unpacking long long" after the recipe was resolved
+        check_sampling_flags(seed=seed)
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and is_quantized_artefact(model_dir):  # it said "unet holds no safetensors weights"
             raise ValueError(f"{model_dir} is a tadq artefact (already quantized: tadq_config.json); quantize the FP "

@@ -19,6 +19,7 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_sampling_flags,
     console,
     default_or_count,
     fail_cleanly,
@@ -142,6 +143,8 @@ def recipe_command(
         from tadq.search.space import gbitops_per_sample
 
         kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
+        # nan read "guidance_scale=nan needs a conditional model" once the model was loaded
+        check_sampling_flags(guidance_scale=guidance_scale)
         for name, number in (("--heldout", heldout), ("--batch-size", batch_size)):
             if number < 1:
                 raise ValueError(f"{name} must be >= 1, got {number}")

@@ -16,6 +16,7 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_sampling_flags,
     class_conditions_for,
     console,
     fail_cleanly,
@@ -393,6 +394,8 @@ def sample_command(
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        # both branches, before any model is read (the FP/artefact one checked them only inside tadq.sample)
+        check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed, guidance_scale=guidance_scale)
         prompt = [*(prompt or []), *read_prompt_file(prompts_file, "--prompts")]
         check_backend_here(backend, torch_device, torch_dtype)
         source = model_dir if model_dir is not None else shipped_model_path()

@@ -1,0 +1,90 @@
+"""The sampling flags the commands share (--num-samples, --batch-size, --seed, --guidance-scale, --chunk-size):
+a bad value is refused in one line naming the flag (exit code 2), before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import tadq.models
+from tadq.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail any attempt to read a model's weights: the refusal must come before them."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad flag was refused")
+
+    monkeypatch.setattr(tadq.models, "load_pipeline_parts", loaded)
+
+
+def _refused(result, *needles: str) -> None:
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (("--num-samples", "0"), ("--num-samples must be >= 1, got 0",)),
+    (("--batch-size", "0"), ("--batch-size must be >= 1, got 0",)),
+    (("--batch-size", "-3"), ("--batch-size must be >= 1, got -3",)),
+    (("--seed", "-1"), ("--seed must be an int in [0, 2**32 - 1], got -1",)),
+    (("--seed", str(2**32)), ("--seed must be an int in [0, 2**32 - 1]",)),
+    # on an unconditional model nan read "--guidance-scale nan needs an unconditional branch", after loading it
+    (("--guidance-scale", "nan"), ("--guidance-scale must be a finite number >= 0", "nan")),
+    (("--guidance-scale", "inf"), ("--guidance-scale must be a finite number >= 0", "inf")),
+    (("--guidance-scale", "-1"), ("--guidance-scale must be a finite number >= 0", "-1")),
+])
+def test_sample_refuses_a_bad_sampling_flag_by_name_before_loading(tmp_path, tiny_model_dir, no_model_loads, extra,
+                                                                   needles):
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["sample", str(tiny_model_dir), "--num-samples", "2", "--batch-size", "2",
+                                 "--steps", "2", "--out", str(out), *extra])
+    _refused(result, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (("--batch-size", "0"), ("--batch-size must be >= 1, got 0",)),
+    (("--seed", "-1"), ("--seed must be an int in [0, 2**32 - 1], got -1",)),
+    (("--seed", str(2**32)), ("--seed must be an int in [0, 2**32 - 1]",)),
+    (("--chunk-size", "-1"), ("--chunk-size must be >= 0 (0: the batch size), got -1",)),
+    (("--num-samples", "0", "--no-metrics"), ("--num-samples must be >= 1, got 0",)),
+])
+def test_sample_sharded_refuses_a_bad_sampling_flag_by_name_before_loading(tmp_path, tiny_model_dir, no_model_loads,
+                                                                           extra, needles):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["sample-sharded", str(tiny_model_dir), "--num-samples", "2", "--batch-size", "2",
+                                 "--steps", "2", "--device", "cpu", "--out-dir", str(out), *extra])
+    _refused(result, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_quantize_refuses_a_seed_outside_the_range_every_command_takes(tmp_path, tiny_model_dir, no_model_loads,
+                                                                       seed):
+    # -1 went to torch.manual_seed as is (every other --seed refuses it); 2**64 read "Overflow when unpacking long"
+    out = tmp_path / "artefact"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--preset", "W8A8", "--method", "naive",
+                                 "--steps", "2", "--calib-trajectories", "2", "--out", str(out),
+                                 "--cache-dir", str(tmp_path / "cache"), "--seed", seed])
+    _refused(result, f"--seed must be an int in [0, 2**32 - 1], got {seed}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-1"])
+def test_recipe_refuses_a_bad_guidance_scale_by_name_before_loading(tmp_path, tiny_model_dir, no_model_loads, scale):
+    # it read "guidance_scale=nan needs a conditional model" after the model was loaded
+    out = tmp_path / "search"
+    result = runner.invoke(app, ["recipe", str(tiny_model_dir), "--budget-bits", "W8A8", "--steps", "2",
+                                 "--calib-trajectories", "2", "--batch-size", "2", "--out", str(out),
+                                 "--guidance-scale", scale])
+    _refused(result, "--guidance-scale must be a finite number >= 0", scale)
+    assert not Path(out).exists()
