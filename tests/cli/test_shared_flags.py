@@ -88,3 +88,33 @@ def test_recipe_refuses_a_bad_guidance_scale_by_name_before_loading(tmp_path, ti
                                  "--guidance-scale", scale])
     _refused(result, "--guidance-scale must be a finite number >= 0", scale)
     assert not Path(out).exists()
+
+
+def _steps_command(command: str, model: Path, tmp_path: Path) -> list[str]:
+    out = str(tmp_path / "out")
+    return {
+        "quantize": ["quantize", str(model), "--preset", "W8A8", "--method", "naive", "--calib-trajectories", "2",
+                     "--out", out, "--cache-dir", str(tmp_path / "cache")],
+        "sample": ["sample", str(model), "--num-samples", "2", "--batch-size", "2", "--out", f"{out}.png"],
+        "sample-sharded": ["sample-sharded", str(model), "--num-samples", "2", "--batch-size", "2", "--device", "cpu",
+                           "--out-dir", out],
+        "run": ["run", "--model", str(model), "--presets", "W8A8", "--methods", "naive", "--num-samples", "2",
+                "--calib-trajectories", "2", "--batch-size", "2", "--out", out, "--cache-dir", str(tmp_path / "c")],
+        "bench": ["bench", "--model", str(model), "--presets", "W8A8", "--methods", "naive", "--num-samples", "2",
+                  "--calib-trajectories", "2", "--batch-size", "2", "--out", out, "--cache-dir", str(tmp_path / "c")],
+        "recipe": ["recipe", str(model), "--budget-bits", "W8A8", "--calib-trajectories", "2", "--batch-size", "2",
+                   "--out", out],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "bench", "recipe"])
+def test_more_steps_than_training_timesteps_are_refused_by_the_flag_before_loading(tmp_path, tiny_model_dir,
+                                                                                   no_model_loads, command):
+    """diffusers refused them when the sampling plan was built, after the model was loaded (and calibrated, for
+    run and bench), naming ``num_inference_steps``; the schedule's size is in its config."""
+    import json
+
+    train = json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), "--steps", str(train + 1)])
+    _refused(result, f"--steps {train + 1}", f"trained on {train} timesteps", f"at most {train} steps")
+    assert not (tmp_path / "out").exists()

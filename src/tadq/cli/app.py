@@ -18,6 +18,7 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_steps_fit,
     console,
     default_or_count,
     fail_cleanly,
@@ -126,6 +127,7 @@ def run_command(
         if sampler is None:  # the model's scheduler decides: DDIM cannot drive a flow-matching model
             sampler = command_sampler_kind(load_scheduler(resolve_model_path(model)))
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        check_steps_fit(resolve_model_path(model), steps)  # before the FP model is loaded and calibrated
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)

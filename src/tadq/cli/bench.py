@@ -17,6 +17,7 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_steps_fit,
     console,
     fail_cleanly,
     read_prompt_file,
@@ -120,6 +121,9 @@ def bench_command(
             fields["samplers"] = tuple(dataclasses.replace(s, num_steps=steps) for s in fields["samplers"])
         else:  # the matrix's DDIM samplers cannot drive a flow-matching model
             fields["samplers"] = (SamplerConfig(kind=command_sampler_kind(scheduler), num_steps=steps),)
+        for sampler in fields["samplers"]:  # refused by the plan only after the base model was calibrated
+            check_steps_fit(resolve_model_path(model and str(model)), sampler.num_steps,
+                            "--steps" if samplers is None else f"--samplers {sampler.key} (or --steps)")
         if methods is not None:
             fields["methods"] = tuple(m.lower() for m in _split(methods))
         if presets is not None:

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
            "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
-           "class_conditions_for", "default_or_count", "check_sampling_flags"]
+           "class_conditions_for", "default_or_count", "check_sampling_flags",
+           "check_steps_fit"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -149,6 +150,21 @@ def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | No
         check_seed("--seed", seed)
     if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"--guidance-scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+
+
+def check_steps_fit(source: Path | None, steps: int, flag: str = "--steps") -> None:
+    """Refuse more sampler steps than the discrete schedule of the model at ``source`` (``None``: the shipped one)
+    has training timesteps, from its scheduler config alone: diffusers refused them only when the sampling plan was
+    built, after the model was loaded (``tadq evaluate`` had started sampling the FP model), in words naming
+    ``num_inference_steps``. A flow-matching schedule is continuous and takes any count."""
+    from tadq.models import load_scheduler
+    from tadq.sampling import command_sampler_kind
+
+    scheduler = load_scheduler(source)
+    train = scheduler.config.get("num_train_timesteps")
+    if command_sampler_kind(scheduler) == "ddim" and isinstance(train, int) and steps > train:
+        raise ValueError(f"{flag} {steps}: {source if source is not None else 'the shipped model'} was trained on "
+                         f"{train} timesteps, so a sampler takes at most {train} steps")
 
 
 def require_file(path: Path, flag: str, expected: str = "") -> None:

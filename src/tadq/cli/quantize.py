@@ -18,6 +18,7 @@ from tadq.cli.common import (
     Labels,
     NullClass,
     check_sampling_flags,
+    check_steps_fit,
     class_conditions_for,
     console,
     fail_cleanly,
@@ -397,6 +398,9 @@ def quantize_command(
                 console.print(f"sampler {kind}: {source} is a flow-matching model (--sampler to choose another)")
                 flags = dataclasses.replace(flags, sampler=kind)
         recipe = resolve_recipe(recipe_file, config_file, flags, settings)
+        if source.exists():  # the folder's own error otherwise, from the loader
+            check_steps_fit(source, recipe.sampler.num_steps,
+                            "--steps" if steps is not None else "the recipe's sampler steps")
         given_scale = settings.get("deployments.0.guidance_scale")  # the flag would silently win over it
         if guidance_scale is not None and given_scale is not None and given_scale != guidance_scale:
             raise ValueError(f"--guidance-scale {guidance_scale:g} and --set deployments.0.guidance_scale="

@@ -20,6 +20,7 @@ from tadq.cli.common import (
     NegativePrompt,
     NullClass,
     check_sampling_flags,
+    check_steps_fit,
     console,
     default_or_count,
     fail_cleanly,
@@ -170,6 +171,8 @@ def recipe_command(
         check_seeds(calibration_seed=seed, heldout=heldout_seed(seed), eval_seed=eval_seed,
                     fit_seeds={"correction fit": fit_seeds["fit"], "TCEC selection": fit_seeds["tcec_selection"]})
         source = resolve_model_path(model_dir)  # load_workload refuses a folder that does not exist
+        if source.exists():
+            check_steps_fit(source, steps)  # the plan refused it only after the model was loaded
         check_output_dir(out, kind="recipe-search", resume=True, force_foreign=force_foreign, inputs=[source])
         workload = load_workload(model_dir, guidance_scale=guidance_scale,
                                  calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),

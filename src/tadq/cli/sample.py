@@ -17,6 +17,7 @@ from tadq.cli.common import (
     Labels,
     NullClass,
     check_sampling_flags,
+    check_steps_fit,
     class_conditions_for,
     console,
     fail_cleanly,
@@ -80,6 +81,8 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
         given.update(order=None, shift=None, flow_sigmas=None)  # dpmsolver++'s order, flow-euler's shift and
         # grid belong to their kind
     sampler = dataclasses.replace(base, **given)
+    if steps is not None:  # the recipe's own steps fit its model
+        check_steps_fit(path, sampler.num_steps)
     fitted = recipe is not None and (recipe.corrections or type(recipe.method).__name__ == "TFMQMethod")
     if fitted and sampler.key != recipe.sampler.key:
         raise ValueError(f"{path}'s corrections were fitted for {recipe.sampler.key}, not {sampler.key} "
