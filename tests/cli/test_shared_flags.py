@@ -118,3 +118,31 @@ def test_more_steps_than_training_timesteps_are_refused_by_the_flag_before_loadi
     result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), "--steps", str(train + 1)])
     _refused(result, f"--steps {train + 1}", f"trained on {train} timesteps", f"at most {train} steps")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("methods", ["qdiffusion", "naive,ptqd", "best"])
+def test_run_refuses_a_dtype_a_rows_method_cannot_take_before_any_work(tmp_path, tiny_model_dir, monkeypatch,
+                                                                       methods):
+    """``tadq run --dtype bfloat16 --methods qdiffusion`` sampled the FP reference and calibrated before the row's
+    block reconstruction refused the dtype; ``tadq quantize`` refuses it before loading."""
+    import tadq.experiments.run
+
+    def job(*args, **kwargs):
+        raise AssertionError("the job started before the dtype was refused")
+
+    monkeypatch.setattr(tadq.experiments.run, "run_main_job", job)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*_steps_command("run", tiny_model_dir, tmp_path), "--methods", methods,
+                                 "--dtype", "bfloat16"])
+    _refused(result, "--dtype bfloat16", "quantize with dtype=float32")
+    assert not out.exists()
+
+
+def test_run_takes_a_dtype_every_row_can_take(tmp_path, tiny_model_dir, monkeypatch):
+    import tadq.experiments.run
+
+    started = []
+    monkeypatch.setattr(tadq.experiments.run, "run_main_job", lambda config: started.append(config) or {})
+    runner.invoke(app, [*_steps_command("run", tiny_model_dir, tmp_path), "--methods", "naive", "--dtype",
+                        "bfloat16"])
+    assert [config.dtype for config in started] == ["bfloat16"]

@@ -54,6 +54,29 @@ def _parse_presets(text: str) -> tuple[str, ...]:
     return tuple(p.strip().upper() for p in text.split(",") if p.strip())
 
 
+def _check_rows_dtype(config) -> None:
+    """Refuse ``--dtype`` for a row whose method compares FP and quantized blocks in one dtype (Q-Diffusion's
+    reconstruction and the rows on it, TFMQ-DM) before any work: ``--dtype bfloat16 --methods qdiffusion`` failed
+    only after the FP reference had been sampled and the model calibrated, as ``tadq quantize`` refuses it at once."""
+    import torch
+
+    from tadq.api import check_method_dtype
+    from tadq.device import resolve_dtype
+    from tadq.experiments.rows.recipes import RECIPE_ROWS, recipes_for_row
+    from tadq.experiments.run import job_rows
+
+    dtype = resolve_dtype(config.dtype)
+    if dtype == torch.float32:
+        return
+    for row, preset in job_rows(config):
+        if row in RECIPE_ROWS:
+            recipe = recipes_for_row(row, preset, config)
+            try:
+                check_method_dtype(recipe.quant_config(), dtype, recipe)
+            except NotImplementedError as error:
+                raise NotImplementedError(f"--methods {row} with --dtype {config.dtype}: {error}") from error
+
+
 @app.command("run")
 def run_command(
     model: str | None = typer.Option(None, help="Local diffusers folder, or a shipped model: digits (default), t2i "
@@ -153,6 +176,7 @@ def run_command(
         for method in config.methods:  # before calibrating: the row would fail only after the FP work
             if (reason := missing_peer(method)) is not None:
                 raise ValueError(reason)
+        _check_rows_dtype(config)
         results = run_main_job(config)
     from rich.table import Table
 
