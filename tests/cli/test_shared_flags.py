@@ -146,3 +146,16 @@ def test_run_takes_a_dtype_every_row_can_take(tmp_path, tiny_model_dir, monkeypa
     runner.invoke(app, [*_steps_command("run", tiny_model_dir, tmp_path), "--methods", "naive", "--dtype",
                         "bfloat16"])
     assert [config.dtype for config in started] == ["bfloat16"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "bench", "recipe"])
+def test_a_thread_count_torch_cannot_take_is_a_one_line_refusal(tmp_path, tiny_model_dir, no_model_loads, command):
+    # torch.set_num_threads raised "Overflow when unpacking long" out of setup, a traceback with exit code 1
+    import torch
+
+    before = torch.get_num_threads()
+    threads = str(2**40)
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), "--threads", threads])
+    _refused(result, f"--threads {threads}", "torch cannot use that many threads")
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert torch.get_num_threads() == before

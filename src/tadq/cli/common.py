@@ -72,7 +72,13 @@ def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> t
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads < 0:
         raise typer.BadParameter("--threads must be >= 0")
-    _set_threads(threads)
+    try:
+        _set_threads(threads)
+    except (ValueError, RuntimeError, OverflowError) as error:  # torch's bare "Overflow when unpacking long", a
+        # traceback: setup runs before fail_cleanly
+        raise typer.BadParameter(f"--threads {threads}: torch cannot use that many threads ({error}); give a count "
+                                 f"such as this machine's {os.cpu_count()} cores, or 0 for torch's default"
+                                 ) from error
     from tadq.device import resolve_device, resolve_dtype
 
     try:
