@@ -159,3 +159,16 @@ def test_a_thread_count_torch_cannot_take_is_a_one_line_refusal(tmp_path, tiny_m
     _refused(result, f"--threads {threads}", "torch cannot use that many threads")
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("command", ["sample", "sample-sharded", "run", "bench", "evaluate", "analyze"])
+def test_more_samples_than_noise_indices_are_refused_in_one_line(tmp_path, tiny_model_dir, no_model_loads, command):
+    # 10**20 samples ended sample and evaluate in an OverflowError traceback once the models were loaded
+    count = str(10**20)
+    if command in ("evaluate", "analyze"):  # refused before the (here absent) artefact is looked at
+        args = [command, str(tmp_path / "artefact"), "--out", str(tmp_path / "out")]
+    else:
+        args = _steps_command(command, tiny_model_dir, tmp_path)
+    result = runner.invoke(app, [*args, "--num-samples", count])
+    _refused(result, "--num-samples must be at most 2**32", count)
+    assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_sampling_flags,
     check_steps_fit,
     console,
     default_or_count,
@@ -151,6 +152,8 @@ def run_command(
             sampler = command_sampler_kind(load_scheduler(resolve_model_path(model)))
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
         check_steps_fit(resolve_model_path(model), steps)  # before the FP model is loaded and calibrated
+        if num_samples > 1:  # the upper bound (RunConfig names the lower one, 2)
+            check_sampling_flags(num_samples=num_samples)
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)

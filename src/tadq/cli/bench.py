@@ -17,6 +17,7 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_sampling_flags,
     check_steps_fit,
     console,
     fail_cleanly,
@@ -129,6 +130,8 @@ def bench_command(
         if presets is not None:
             fields["presets"] = tuple(p.upper() for p in _split(presets))
         if num_samples is not None:
+            if num_samples > 1:  # the upper bound (the config names the lower one, 2)
+                check_sampling_flags(num_samples=num_samples)
             fields["num_samples"] = num_samples
         calibration = CalibrationConfig(num_trajectories=calib_trajectories,
                                         samples_per_step=min(64, calib_trajectories), seed=calib_seed)

@@ -144,14 +144,18 @@ def default_or_count(flag: str, value: int) -> int | None:
 def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | None = None, seed: int | None = None,
                          guidance_scale: float | None = None) -> None:
     """Refuse, by the flag's name and before any model is read, the sampling flags every command checks the same
-    way: --num-samples and --batch-size >= 1, --seed in [0, 2**32 - 1], --guidance-scale finite and >= 0
-    (``None``: not given, or not a flag of the command). The library checks them again, but only after the model
-    was loaded (minutes for a large one), and names its own parameter rather than the flag."""
-    from tadq.sampling import check_seed
+    way: --num-samples and --batch-size >= 1 (--num-samples at most 2**32, the noise's sample indices), --seed in
+    [0, 2**32 - 1], --guidance-scale finite and >= 0 (``None``: not given, or not a flag of the command). The
+    library checks them again, but only after the model was loaded (minutes for a large one), and names its own
+    parameter rather than the flag."""
+    from tadq.sampling.noise import MAX_SEED, check_seed
 
     for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if count is not None and count < 1:
             raise ValueError(f"{flag} must be >= 1, got {count}")
+    if num_samples is not None and num_samples > MAX_SEED + 1:  # an OverflowError traceback from the loop
+        raise ValueError(f"--num-samples must be at most 2**32 (sample i's noise is drawn from (seed, i), i in "
+                         f"[0, 2**32 - 1]), got {num_samples}")
     if seed is not None:
         check_seed("--seed", seed)
     if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
