@@ -172,3 +172,13 @@ def test_more_samples_than_noise_indices_are_refused_in_one_line(tmp_path, tiny_
     result = runner.invoke(app, [*args, "--num-samples", count])
     _refused(result, "--num-samples must be at most 2**32", count)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, flag", [("run", "--seed"), ("run", "--calib-seed"), ("bench", "--seed"),
+                                           ("bench", "--calib-seed"), ("recipe", "--seed"), ("recipe", "--eval-seed"),
+                                           ("quantize", "--calib-seed")])
+def test_a_seed_flag_out_of_range_is_named_as_the_flag(tmp_path, tiny_model_dir, no_model_loads, command, flag):
+    # run's --seed -1 read "eval_seed must be ...", recipe's "CalibrationConfig.seed must be ..."
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), flag, "-1"])
+    _refused(result, f"{flag} must be an int in [0, 2**32 - 1], got -1")
+    assert not (tmp_path / "out").exists()

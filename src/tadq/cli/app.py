@@ -19,6 +19,7 @@ from tadq.cli.common import (
     NegativePrompt,
     NullClass,
     check_sampling_flags,
+    check_seed_flags,
     check_steps_fit,
     console,
     default_or_count,
@@ -145,6 +146,7 @@ def run_command(
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        check_seed_flags(seed=seed, calib_seed=calib_seed)
         check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)

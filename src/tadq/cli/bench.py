@@ -18,6 +18,7 @@ from tadq.cli.common import (
     NegativePrompt,
     NullClass,
     check_sampling_flags,
+    check_seed_flags,
     check_steps_fit,
     console,
     fail_cleanly,
@@ -107,6 +108,7 @@ def bench_command(
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        check_seed_flags(seed=seed, calib_seed=calib_seed)
         source = model if model is not None else shipped_model_path()
         check_output_dir(out, kind="bench", resume=True, force_foreign=force_foreign, inputs=[source])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)

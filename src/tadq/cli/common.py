@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
            "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
            "class_conditions_for", "default_or_count", "check_sampling_flags",
-           "check_steps_fit"]
+           "check_steps_fit", "check_seed_flags"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -160,6 +160,16 @@ def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | No
         check_seed("--seed", seed)
     if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"--guidance-scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+
+
+def check_seed_flags(**seeds: int | None) -> None:
+    """Refuse each given seed flag (``calib_seed=...`` is ``--calib-seed``; ``None``: not given) outside
+    [0, 2**32 - 1] by its flag's name: the configs refused them as ``eval_seed`` or ``CalibrationConfig.seed``."""
+    from tadq.sampling.noise import check_seed
+
+    for name, value in seeds.items():
+        if value is not None:
+            check_seed(f"--{name.replace('_', '-')}", value)
 
 
 def check_steps_fit(source: Path | None, steps: int, flag: str = "--steps") -> None:

@@ -17,7 +17,7 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
-    check_sampling_flags,
+    check_seed_flags,
     check_steps_fit,
     class_conditions_for,
     console,
@@ -386,7 +386,7 @@ def quantize_command(
         settings = parse_settings(set_fields)
         # the range every --seed takes: -1 went to torch.manual_seed as is, 2**64 failed there in "Overflow when
         # unpacking long long" after the recipe was resolved
-        check_sampling_flags(seed=seed)
+        check_seed_flags(seed=seed, calib_seed=calib_seed)
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and is_quantized_artefact(model_dir):  # it said "unet holds no safetensors weights"
             raise ValueError(f"{model_dir} is a tadq artefact (already quantized: tadq_config.json); quantize the FP "

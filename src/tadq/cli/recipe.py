@@ -20,6 +20,7 @@ from tadq.cli.common import (
     NegativePrompt,
     NullClass,
     check_sampling_flags,
+    check_seed_flags,
     check_steps_fit,
     console,
     default_or_count,
@@ -146,6 +147,7 @@ def recipe_command(
         kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
         # nan read "guidance_scale=nan needs a conditional model" once the model was loaded
         check_sampling_flags(guidance_scale=guidance_scale)
+        check_seed_flags(seed=seed, eval_seed=eval_seed)
         for name, number in (("--heldout", heldout), ("--batch-size", batch_size)):
             if number < 1:
                 raise ValueError(f"{name} must be >= 1, got {number}")
