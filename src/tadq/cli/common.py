@@ -180,7 +180,10 @@ def check_steps_fit(source: Path | None, steps: int, flag: str = "--steps") -> N
     from tadq.models import load_scheduler
     from tadq.sampling import command_sampler_kind
 
-    scheduler = load_scheduler(source)
+    try:
+        scheduler = load_scheduler(source)
+    except (*USER_ERRORS, OSError):  # not a readable model folder: its loader says why, in the command's own words
+        return
     train = scheduler.config.get("num_train_timesteps")
     if command_sampler_kind(scheduler) == "ddim" and isinstance(train, int) and steps > train:
         raise ValueError(f"{flag} {steps}: {source if source is not None else 'the shipped model'} was trained on "
