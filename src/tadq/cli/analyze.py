@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, setup
 from tadq.cli.sample import (
     Backend,
     Device,
@@ -57,15 +57,12 @@ def analyze_command(
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
     from tadq.report import dumps_json
-    from tadq.sampling.noise import check_seed
     from tadq.utils import atomic_write_text
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
-        for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
-            if count < 1:  # refused now, not after both models were loaded
-                raise ValueError(f"{flag} must be >= 1, got {count}")
-        check_seed("--seed", seed)
+        # refused now, not after both models were loaded
+        check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
         check_backend_here(backend, torch_device, torch_dtype)  # refused before anything is loaded
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")

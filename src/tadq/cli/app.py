@@ -18,6 +18,9 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_sampling_flags,
+    check_seed_flags,
+    check_steps_fit,
     console,
     default_or_count,
     fail_cleanly,
@@ -51,6 +54,29 @@ logger = logging.getLogger("tadq")
 
 def _parse_presets(text: str) -> tuple[str, ...]:
     return tuple(p.strip().upper() for p in text.split(",") if p.strip())
+
+
+def _check_rows_dtype(config) -> None:
+    """Refuse ``--dtype`` for a row whose method compares FP and quantized blocks in one dtype (Q-Diffusion's
+    reconstruction and the rows on it, TFMQ-DM) before any work: ``--dtype bfloat16 --methods qdiffusion`` failed
+    only after the FP reference had been sampled and the model calibrated, as ``tadq quantize`` refuses it at once."""
+    import torch
+
+    from tadq.api import check_method_dtype
+    from tadq.device import resolve_dtype
+    from tadq.experiments.rows.recipes import RECIPE_ROWS, recipes_for_row
+    from tadq.experiments.run import job_rows
+
+    dtype = resolve_dtype(config.dtype)
+    if dtype == torch.float32:
+        return
+    for row, preset in job_rows(config):
+        if row in RECIPE_ROWS:
+            recipe = recipes_for_row(row, preset, config)
+            try:
+                check_method_dtype(recipe.quant_config(), dtype, recipe)
+            except NotImplementedError as error:
+                raise NotImplementedError(f"--methods {row} with --dtype {config.dtype}: {error}") from error
 
 
 @app.command("run")
@@ -120,12 +146,16 @@ def run_command(
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        check_seed_flags(seed=seed, calib_seed=calib_seed)
         check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)
         if sampler is None:  # the model's scheduler decides: DDIM cannot drive a flow-matching model
             sampler = command_sampler_kind(load_scheduler(resolve_model_path(model)))
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
+        check_steps_fit(resolve_model_path(model), steps)  # before the FP model is loaded and calibrated
+        if num_samples > 1:  # the upper bound (RunConfig names the lower one, 2)
+            check_sampling_flags(num_samples=num_samples)
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
@@ -151,6 +181,7 @@ def run_command(
         for method in config.methods:  # before calibrating: the row would fail only after the FP work
             if (reason := missing_peer(method)) is not None:
                 raise ValueError(reason)
+        _check_rows_dtype(config)
         results = run_main_job(config)
     from rich.table import Table
 

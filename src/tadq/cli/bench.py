@@ -17,6 +17,9 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_sampling_flags,
+    check_seed_flags,
+    check_steps_fit,
     console,
     fail_cleanly,
     read_prompt_file,
@@ -105,6 +108,7 @@ def bench_command(
 
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        check_seed_flags(seed=seed, calib_seed=calib_seed)
         source = model if model is not None else shipped_model_path()
         check_output_dir(out, kind="bench", resume=True, force_foreign=force_foreign, inputs=[source])
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
@@ -120,11 +124,16 @@ def bench_command(
             fields["samplers"] = tuple(dataclasses.replace(s, num_steps=steps) for s in fields["samplers"])
         else:  # the matrix's DDIM samplers cannot drive a flow-matching model
             fields["samplers"] = (SamplerConfig(kind=command_sampler_kind(scheduler), num_steps=steps),)
+        for sampler in fields["samplers"]:  # refused by the plan only after the base model was calibrated
+            check_steps_fit(resolve_model_path(model and str(model)), sampler.num_steps,
+                            "--steps" if samplers is None else f"--samplers {sampler.key} (or --steps)")
         if methods is not None:
             fields["methods"] = tuple(m.lower() for m in _split(methods))
         if presets is not None:
             fields["presets"] = tuple(p.upper() for p in _split(presets))
         if num_samples is not None:
+            if num_samples > 1:  # the upper bound (the config names the lower one, 2)
+                check_sampling_flags(num_samples=num_samples)
             fields["num_samples"] = num_samples
         calibration = CalibrationConfig(num_trajectories=calib_trajectories,
                                         samples_per_step=min(64, calib_trajectories), seed=calib_seed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,8 @@ if TYPE_CHECKING:
 
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
            "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
-           "class_conditions_for", "default_or_count"]
+           "class_conditions_for", "default_or_count", "check_sampling_flags",
+           "check_steps_fit", "check_seed_flags"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -70,7 +72,13 @@ def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> t
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads < 0:
         raise typer.BadParameter("--threads must be >= 0")
-    _set_threads(threads)
+    try:
+        _set_threads(threads)
+    except (ValueError, RuntimeError, OverflowError) as error:  # torch's bare "Overflow when unpacking long", a
+        # traceback: setup runs before fail_cleanly
+        raise typer.BadParameter(f"--threads {threads}: torch cannot use that many threads ({error}); give a count "
+                                 f"such as this machine's {os.cpu_count()} cores, or 0 for torch's default"
+                                 ) from error
     from tadq.device import resolve_device, resolve_dtype
 
     try:
@@ -131,6 +139,55 @@ def default_or_count(flag: str, value: int) -> int | None:
     if value < -1:
         raise ValueError(f"{flag} must be >= 0, or -1 for the default; got {value}")
     return None if value == -1 else value
+
+
+def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | None = None, seed: int | None = None,
+                         guidance_scale: float | None = None) -> None:
+    """Refuse, by the flag's name and before any model is read, the sampling flags every command checks the same
+    way: --num-samples and --batch-size >= 1 (--num-samples at most 2**32, the noise's sample indices), --seed in
+    [0, 2**32 - 1], --guidance-scale finite and >= 0 (``None``: not given, or not a flag of the command). The
+    library checks them again, but only after the model was loaded (minutes for a large one), and names its own
+    parameter rather than the flag."""
+    from tadq.sampling.noise import MAX_SEED, check_seed
+
+    for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
+        if count is not None and count < 1:
+            raise ValueError(f"{flag} must be >= 1, got {count}")
+    if num_samples is not None and num_samples > MAX_SEED + 1:  # an OverflowError traceback from the loop
+        raise ValueError(f"--num-samples must be at most 2**32 (sample i's noise is drawn from (seed, i), i in "
+                         f"[0, 2**32 - 1]), got {num_samples}")
+    if seed is not None:
+        check_seed("--seed", seed)
+    if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
+        raise ValueError(f"--guidance-scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+
+
+def check_seed_flags(**seeds: int | None) -> None:
+    """Refuse each given seed flag (``calib_seed=...`` is ``--calib-seed``; ``None``: not given) outside
+    [0, 2**32 - 1] by its flag's name: the configs refused them as ``eval_seed`` or ``CalibrationConfig.seed``."""
+    from tadq.sampling.noise import check_seed
+
+    for name, value in seeds.items():
+        if value is not None:
+            check_seed(f"--{name.replace('_', '-')}", value)
+
+
+def check_steps_fit(source: Path | None, steps: int, flag: str = "--steps") -> None:
+    """Refuse more sampler steps than the discrete schedule of the model at ``source`` (``None``: the shipped one)
+    has training timesteps, from its scheduler config alone: diffusers refused them only when the sampling plan was
+    built, after the model was loaded (``tadq evaluate`` had started sampling the FP model), in words naming
+    ``num_inference_steps``. A flow-matching schedule is continuous and takes any count."""
+    from tadq.models import load_scheduler
+    from tadq.sampling import command_sampler_kind
+
+    try:
+        scheduler = load_scheduler(source)
+    except (*USER_ERRORS, OSError):  # not a readable model folder: its loader says why, in the command's own words
+        return
+    train = scheduler.config.get("num_train_timesteps")
+    if command_sampler_kind(scheduler) == "ddim" and isinstance(train, int) and steps > train:
+        raise ValueError(f"{flag} {steps}: {source if source is not None else 'the shipped model'} was trained on "
+                         f"{train} timesteps, so a sampler takes at most {train} steps")
 
 
 def require_file(path: Path, flag: str, expected: str = "") -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tadq.cli.common import ForceForeign, Labels, NullClass, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, Labels, NullClass, check_sampling_flags, console, fail_cleanly, setup
 from tadq.cli.sample import (
     Backend,
     Device,
@@ -183,14 +183,11 @@ def evaluate_command(
     from tadq.io import load_quantized
     from tadq.methods import check_sampler
     from tadq.models import load_pipeline_parts, shipped_model_path
-    from tadq.sampling.noise import check_seed
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
-        for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
-            if count < 1:  # tadq.sample would refuse it only after the models were loaded and placed
-                raise ValueError(f"{flag} must be >= 1, got {count}")
-        check_seed("--seed", seed)  # tadq.sample refused it too, but only after both models were loaded
+        # tadq.sample would refuse them only after both models were loaded
+        check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
         check_backend_here(backend, torch_device, torch_dtype)
         if reference is not None and not reference.is_dir():  # named now, not after the artefact is loaded
             raise FileNotFoundError(f"--reference {reference} is not a folder (the FP model the artefact was "

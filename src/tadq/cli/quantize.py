@@ -17,6 +17,8 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_seed_flags,
+    check_steps_fit,
     class_conditions_for,
     console,
     fail_cleanly,
@@ -382,6 +384,9 @@ def quantize_command(
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
         settings = parse_settings(set_fields)
+        # the range every --seed takes: -1 went to torch.manual_seed as is, 2**64 failed there in "Overflow when
+        # unpacking long long" after the recipe was resolved
+        check_seed_flags(seed=seed, calib_seed=calib_seed)
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and is_quantized_artefact(model_dir):  # it said "unet holds no safetensors weights"
             raise ValueError(f"{model_dir} is a tadq artefact (already quantized: tadq_config.json); quantize the FP "
@@ -393,6 +398,9 @@ def quantize_command(
                 console.print(f"sampler {kind}: {source} is a flow-matching model (--sampler to choose another)")
                 flags = dataclasses.replace(flags, sampler=kind)
         recipe = resolve_recipe(recipe_file, config_file, flags, settings)
+        if source.exists():  # the folder's own error otherwise, from the loader
+            check_steps_fit(source, recipe.sampler.num_steps,
+                            "--steps" if steps is not None else "the recipe's sampler steps")
         given_scale = settings.get("deployments.0.guidance_scale")  # the flag would silently win over it
         if guidance_scale is not None and given_scale is not None and given_scale != guidance_scale:
             raise ValueError(f"--guidance-scale {guidance_scale:g} and --set deployments.0.guidance_scale="

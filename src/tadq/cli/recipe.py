@@ -19,6 +19,9 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_sampling_flags,
+    check_seed_flags,
+    check_steps_fit,
     console,
     default_or_count,
     fail_cleanly,
@@ -142,6 +145,9 @@ def recipe_command(
         from tadq.search.space import gbitops_per_sample
 
         kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
+        # nan read "guidance_scale=nan needs a conditional model" once the model was loaded
+        check_sampling_flags(guidance_scale=guidance_scale)
+        check_seed_flags(seed=seed, eval_seed=eval_seed)
         for name, number in (("--heldout", heldout), ("--batch-size", batch_size)):
             if number < 1:
                 raise ValueError(f"{name} must be >= 1, got {number}")
@@ -167,6 +173,8 @@ def recipe_command(
         check_seeds(calibration_seed=seed, heldout=heldout_seed(seed), eval_seed=eval_seed,
                     fit_seeds={"correction fit": fit_seeds["fit"], "TCEC selection": fit_seeds["tcec_selection"]})
         source = resolve_model_path(model_dir)  # load_workload refuses a folder that does not exist
+        if source.exists():
+            check_steps_fit(source, steps)  # the plan refused it only after the model was loaded
         check_output_dir(out, kind="recipe-search", resume=True, force_foreign=force_foreign, inputs=[source])
         workload = load_workload(model_dir, guidance_scale=guidance_scale,
                                  calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),

@@ -16,6 +16,8 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_sampling_flags,
+    check_steps_fit,
     class_conditions_for,
     console,
     fail_cleanly,
@@ -79,6 +81,8 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
         given.update(order=None, shift=None, flow_sigmas=None)  # dpmsolver++'s order, flow-euler's shift and
         # grid belong to their kind
     sampler = dataclasses.replace(base, **given)
+    if steps is not None:  # the recipe's own steps fit its model
+        check_steps_fit(path, sampler.num_steps)
     fitted = recipe is not None and (recipe.corrections or type(recipe.method).__name__ == "TFMQMethod")
     if fitted and sampler.key != recipe.sampler.key:
         raise ValueError(f"{path}'s corrections were fitted for {recipe.sampler.key}, not {sampler.key} "
@@ -399,6 +403,8 @@ def sample_command(
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        # both branches, before any model is read (the FP/artefact one checked them only inside tadq.sample)
+        check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed, guidance_scale=guidance_scale)
         prompt = [*(prompt or []), *read_prompt_file(prompts_file, "--prompts")]
         check_backend_here(backend, torch_device, torch_dtype)
         source = model_dir if model_dir is not None else shipped_model_path()

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, setup
 from tadq.cli.sample import (
     Eta,
     SamplerKind,
@@ -91,6 +91,10 @@ def sample_sharded_command(
                              "sample --prompt (or tadq run --model with --calib-prompts/--eval-prompts)")
         # an artefact's own deployment sampler unless flags change it; fitted tables for another grid refused here
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
+        # before the model is loaded (sample_sharded checked them after it, by its parameters' names)
+        check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
+        if chunk_size < 0:
+            raise ValueError(f"--chunk-size must be >= 0 (0: the batch size), got {chunk_size}")
         if metrics and num_samples < 2:
             raise ValueError(f"--num-samples {num_samples}: FD-digits needs at least 2 samples; pass --no-metrics")
         check_output_dir(out_dir, kind="sample-sharded", what="--out-dir", resume=True, force_foreign=force_foreign,

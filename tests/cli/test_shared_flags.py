@@ -1,0 +1,184 @@
+"""The sampling flags the commands share (--num-samples, --batch-size, --seed, --guidance-scale, --chunk-size):
+a bad value is refused in one line naming the flag (exit code 2), before any model is loaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import tadq.models
+from tadq.cli.app import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Fail any attempt to read a model's weights: the refusal must come before them."""
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad flag was refused")
+
+    monkeypatch.setattr(tadq.models, "load_pipeline_parts", loaded)
+
+
+def _refused(result, *needles: str) -> None:
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert "Traceback" not in result.output
+    for needle in needles:
+        assert needle in text, text
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (("--num-samples", "0"), ("--num-samples must be >= 1, got 0",)),
+    (("--batch-size", "0"), ("--batch-size must be >= 1, got 0",)),
+    (("--batch-size", "-3"), ("--batch-size must be >= 1, got -3",)),
+    (("--seed", "-1"), ("--seed must be an int in [0, 2**32 - 1], got -1",)),
+    (("--seed", str(2**32)), ("--seed must be an int in [0, 2**32 - 1]",)),
+    # on an unconditional model nan read "--guidance-scale nan needs an unconditional branch", after loading it
+    (("--guidance-scale", "nan"), ("--guidance-scale must be a finite number >= 0", "nan")),
+    (("--guidance-scale", "inf"), ("--guidance-scale must be a finite number >= 0", "inf")),
+    (("--guidance-scale", "-1"), ("--guidance-scale must be a finite number >= 0", "-1")),
+])
+def test_sample_refuses_a_bad_sampling_flag_by_name_before_loading(tmp_path, tiny_model_dir, no_model_loads, extra,
+                                                                   needles):
+    out = tmp_path / "grid.png"
+    result = runner.invoke(app, ["sample", str(tiny_model_dir), "--num-samples", "2", "--batch-size", "2",
+                                 "--steps", "2", "--out", str(out), *extra])
+    _refused(result, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (("--batch-size", "0"), ("--batch-size must be >= 1, got 0",)),
+    (("--seed", "-1"), ("--seed must be an int in [0, 2**32 - 1], got -1",)),
+    (("--seed", str(2**32)), ("--seed must be an int in [0, 2**32 - 1]",)),
+    (("--chunk-size", "-1"), ("--chunk-size must be >= 0 (0: the batch size), got -1",)),
+    (("--num-samples", "0", "--no-metrics"), ("--num-samples must be >= 1, got 0",)),
+])
+def test_sample_sharded_refuses_a_bad_sampling_flag_by_name_before_loading(tmp_path, tiny_model_dir, no_model_loads,
+                                                                           extra, needles):
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["sample-sharded", str(tiny_model_dir), "--num-samples", "2", "--batch-size", "2",
+                                 "--steps", "2", "--device", "cpu", "--out-dir", str(out), *extra])
+    _refused(result, *needles)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_quantize_refuses_a_seed_outside_the_range_every_command_takes(tmp_path, tiny_model_dir, no_model_loads,
+                                                                       seed):
+    # -1 went to torch.manual_seed as is (every other --seed refuses it); 2**64 read "Overflow when unpacking long"
+    out = tmp_path / "artefact"
+    result = runner.invoke(app, ["quantize", str(tiny_model_dir), "--preset", "W8A8", "--method", "naive",
+                                 "--steps", "2", "--calib-trajectories", "2", "--out", str(out),
+                                 "--cache-dir", str(tmp_path / "cache"), "--seed", seed])
+    _refused(result, f"--seed must be an int in [0, 2**32 - 1], got {seed}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("scale", ["nan", "inf", "-1"])
+def test_recipe_refuses_a_bad_guidance_scale_by_name_before_loading(tmp_path, tiny_model_dir, no_model_loads, scale):
+    # it read "guidance_scale=nan needs a conditional model" after the model was loaded
+    out = tmp_path / "search"
+    result = runner.invoke(app, ["recipe", str(tiny_model_dir), "--budget-bits", "W8A8", "--steps", "2",
+                                 "--calib-trajectories", "2", "--batch-size", "2", "--out", str(out),
+                                 "--guidance-scale", scale])
+    _refused(result, "--guidance-scale must be a finite number >= 0", scale)
+    assert not Path(out).exists()
+
+
+def _steps_command(command: str, model: Path, tmp_path: Path) -> list[str]:
+    out = str(tmp_path / "out")
+    return {
+        "quantize": ["quantize", str(model), "--preset", "W8A8", "--method", "naive", "--calib-trajectories", "2",
+                     "--out", out, "--cache-dir", str(tmp_path / "cache")],
+        "sample": ["sample", str(model), "--num-samples", "2", "--batch-size", "2", "--out", f"{out}.png"],
+        "sample-sharded": ["sample-sharded", str(model), "--num-samples", "2", "--batch-size", "2", "--device", "cpu",
+                           "--out-dir", out],
+        "run": ["run", "--model", str(model), "--presets", "W8A8", "--methods", "naive", "--num-samples", "2",
+                "--calib-trajectories", "2", "--batch-size", "2", "--out", out, "--cache-dir", str(tmp_path / "c")],
+        "bench": ["bench", "--model", str(model), "--presets", "W8A8", "--methods", "naive", "--num-samples", "2",
+                  "--calib-trajectories", "2", "--batch-size", "2", "--out", out, "--cache-dir", str(tmp_path / "c")],
+        "recipe": ["recipe", str(model), "--budget-bits", "W8A8", "--calib-trajectories", "2", "--batch-size", "2",
+                   "--out", out],
+    }[command]
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "bench", "recipe"])
+def test_more_steps_than_training_timesteps_are_refused_by_the_flag_before_loading(tmp_path, tiny_model_dir,
+                                                                                   no_model_loads, command):
+    """diffusers refused them when the sampling plan was built, after the model was loaded (and calibrated, for
+    run and bench), naming ``num_inference_steps``; the schedule's size is in its config."""
+    import json
+
+    train = json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), "--steps", str(train + 1)])
+    _refused(result, f"--steps {train + 1}", f"trained on {train} timesteps", f"at most {train} steps")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("methods", ["qdiffusion", "naive,ptqd", "best"])
+def test_run_refuses_a_dtype_a_rows_method_cannot_take_before_any_work(tmp_path, tiny_model_dir, monkeypatch,
+                                                                       methods):
+    """``tadq run --dtype bfloat16 --methods qdiffusion`` sampled the FP reference and calibrated before the row's
+    block reconstruction refused the dtype; ``tadq quantize`` refuses it before loading."""
+    import tadq.experiments.run
+
+    def job(*args, **kwargs):
+        raise AssertionError("the job started before the dtype was refused")
+
+    monkeypatch.setattr(tadq.experiments.run, "run_main_job", job)
+    out = tmp_path / "out"
+    result = runner.invoke(app, [*_steps_command("run", tiny_model_dir, tmp_path), "--methods", methods,
+                                 "--dtype", "bfloat16"])
+    _refused(result, "--dtype bfloat16", "quantize with dtype=float32")
+    assert not out.exists()
+
+
+def test_run_takes_a_dtype_every_row_can_take(tmp_path, tiny_model_dir, monkeypatch):
+    import tadq.experiments.run
+
+    started = []
+    monkeypatch.setattr(tadq.experiments.run, "run_main_job", lambda config: started.append(config) or {})
+    runner.invoke(app, [*_steps_command("run", tiny_model_dir, tmp_path), "--methods", "naive", "--dtype",
+                        "bfloat16"])
+    assert [config.dtype for config in started] == ["bfloat16"]
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "bench", "recipe"])
+def test_a_thread_count_torch_cannot_take_is_a_one_line_refusal(tmp_path, tiny_model_dir, no_model_loads, command):
+    # torch.set_num_threads raised "Overflow when unpacking long" out of setup, a traceback with exit code 1
+    import torch
+
+    before = torch.get_num_threads()
+    threads = str(2**40)
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), "--threads", threads])
+    _refused(result, f"--threads {threads}", "torch cannot use that many threads")
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("command", ["sample", "sample-sharded", "run", "bench", "evaluate", "analyze"])
+def test_more_samples_than_noise_indices_are_refused_in_one_line(tmp_path, tiny_model_dir, no_model_loads, command):
+    # 10**20 samples ended sample and evaluate in an OverflowError traceback once the models were loaded
+    count = str(10**20)
+    if command in ("evaluate", "analyze"):  # refused before the (here absent) artefact is looked at
+        args = [command, str(tmp_path / "artefact"), "--out", str(tmp_path / "out")]
+    else:
+        args = _steps_command(command, tiny_model_dir, tmp_path)
+    result = runner.invoke(app, [*args, "--num-samples", count])
+    _refused(result, "--num-samples must be at most 2**32", count)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, flag", [("run", "--seed"), ("run", "--calib-seed"), ("bench", "--seed"),
+                                           ("bench", "--calib-seed"), ("recipe", "--seed"), ("recipe", "--eval-seed"),
+                                           ("quantize", "--calib-seed")])
+def test_a_seed_flag_out_of_range_is_named_as_the_flag(tmp_path, tiny_model_dir, no_model_loads, command, flag):
+    # run's --seed -1 read "eval_seed must be ...", recipe's "CalibrationConfig.seed must be ..."
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), flag, "-1"])
+    _refused(result, f"{flag} must be an int in [0, 2**32 - 1], got -1")
+    assert not (tmp_path / "out").exists()
