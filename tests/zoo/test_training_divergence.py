@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.zoo.test_training_commands import _few_digits
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
@@ -19,17 +20,6 @@ from tadq.zoo.train import TrainConfig
 # a finite, positive rate (the configs accept it) whose first AdamW step moves every weight by about itself: the
 # square of such a weight overflows float32 in the next forward pass, so the loss is non-finite by step 2
 DIVERGING_LR = float(torch.finfo(torch.float32).max) ** 0.5 * 10
-
-
-def _few_digits(count: int):
-    real = zoo_train.load_digits_split
-
-    def load(config=None):
-        split = real(config)
-        split.train_images, split.train_labels = split.train_images[:count], split.train_labels[:count]
-        return split
-
-    return load
 
 
 def _finished_files(folder: Path) -> list[str]:

@@ -9,7 +9,6 @@ Reproduce the shipped weights with ``tadq zoo train-classifier --out src/tadq/zo
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -18,15 +17,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tadq.safefiles import save_safetensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
-from tadq.zoo.shipped import error_line, how_to_make
+from tadq.zoo.shipped import load_classifier_folder
 
 __all__ = [
     "ClassifierTrainConfig",
@@ -267,18 +264,4 @@ def load_digit_classifier(path: str | Path | None = None) -> DigitClassifier:
         path: folder holding ``model.safetensors`` and ``config.json``; ``None`` means the shipped classifier.
     """
     folder = Path(path) if path is not None else default_classifier_path()
-    how = how_to_make(folder, "train-classifier")
-    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no digits classifier at {folder} (missing {', '.join(missing)}){how}")
-    try:  # a damaged file used to end in a bare JSONDecodeError or SafetensorError naming neither file nor fix
-        architecture = json.loads((folder / CONFIG_NAME).read_text())
-        architecture["channels"] = tuple(architecture["channels"])
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stays
-            model = DigitClassifier(**architecture)
-        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as error:
-        raise ValueError(f"the digits classifier at {folder} is damaged ({error_line(error)}){how}") from error
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return load_classifier_folder(folder, DigitClassifier, "digits classifier", "train-classifier")  # type: ignore[return-value]

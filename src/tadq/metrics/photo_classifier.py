@@ -11,7 +11,6 @@ measured on the held-out region of every photograph (``tadq.zoo.photos``), never
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -20,15 +19,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from tadq.safefiles import save_safetensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
-from tadq.zoo.shipped import error_line, how_to_make
+from tadq.zoo.shipped import load_classifier_folder
 
 __all__ = ["DEFAULT_PHOTO_CLASSIFIER_COMMAND", "PhotoClassifier", "PhotoClassifierTrainConfig",
            "default_photo_classifier_path", "load_photo_classifier", "photo_accuracy", "photo_features",
@@ -223,18 +220,4 @@ def save_photo_classifier(model: PhotoClassifier, out_dir: str | Path) -> None:
 def load_photo_classifier(path: str | Path | None = None) -> PhotoClassifier:
     """Load a saved photo classifier in eval mode with gradients off; ``None`` is the shipped one."""
     folder = Path(path) if path is not None else default_photo_classifier_path()
-    how = how_to_make(folder, "train-photo-classifier")
-    missing = [name for name in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"no photo classifier at {folder} (missing {', '.join(missing)}){how}")
-    try:  # a damaged file used to end in a bare JSONDecodeError or SafetensorError naming neither file nor fix
-        architecture = json.loads((folder / CONFIG_NAME).read_text())
-        architecture["channels"] = tuple(architecture["channels"])
-        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stays
-            model = PhotoClassifier(**architecture)
-        model.load_state_dict(load_file(str(folder / WEIGHTS_NAME)))
-    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as error:
-        raise ValueError(f"the photo classifier at {folder} is damaged ({error_line(error)}){how}") from error
-    model.eval()
-    model.requires_grad_(False)
-    return model
+    return load_classifier_folder(folder, PhotoClassifier, "photo classifier", "train-photo-classifier")  # type: ignore[return-value]

@@ -6,9 +6,17 @@ from a source checkout's root, and from anywhere else ``tadq zoo train --out src
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["SHIPPED_WEIGHTS", "TRAIN_COMMANDS", "error_line", "how_to_make", "regenerate_hint"]
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+__all__ = ["SHIPPED_WEIGHTS", "TRAIN_COMMANDS", "error_line", "how_to_make", "load_classifier_folder",
+           "regenerate_hint"]
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
 # shipped folder -> the `tadq zoo` command that trains it (docs/models.md gives each run's exact settings)
@@ -48,3 +56,24 @@ def error_line(error: BaseException) -> str:
     """``Type: message`` on one line, for an error wrapped into a message of tadq's own."""
     text = " ".join(str(error).split())[:200]
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_classifier_folder(folder: Path, build: Callable[..., nn.Module], what: str, command: str) -> nn.Module:
+    """A classifier saved as ``config.json`` (its architecture) and ``model.safetensors``, in eval mode with
+    gradients off (a fixed measuring instrument); a missing or damaged folder is one error naming it and how to
+    make it again (``tadq zoo COMMAND``), not a bare JSONDecodeError or SafetensorError naming neither."""
+    how = how_to_make(folder, command)
+    missing = [name for name in ("model.safetensors", "config.json") if not (folder / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"no {what} at {folder} (missing {', '.join(missing)}){how}")
+    try:
+        architecture = json.loads((folder / "config.json").read_text())
+        architecture["channels"] = tuple(architecture["channels"])
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stays
+            model = build(**architecture)
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+    except (ValueError, TypeError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as error:
+        raise ValueError(f"the {what} at {folder} is damaged ({error_line(error)}){how}") from error
+    model.eval()
+    model.requires_grad_(False)
+    return model
