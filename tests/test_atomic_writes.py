@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.full_disk import full_disk_save_file
+from tests.full_disk import full_disk_save_file, full_disk_write_text
 
 import tadq.safefiles as safefiles
 from tadq.safefiles import load_checked, save_checked
@@ -48,12 +48,7 @@ def test_python_write_disk_full_names_the_final_file(tmp_path: Path, monkeypatch
     path = tmp_path / "results.json"
     atomic_write_json({"old": True}, path)
 
-    def write_half(self, text, *args, **kwargs):
-        with open(self, "w") as handle:
-            handle.write(text[: len(text) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what a full disk raises: no file name
-
-    monkeypatch.setattr(Path, "write_text", write_half)
+    monkeypatch.setattr(Path, "write_text", full_disk_write_text)
     with pytest.raises(OSError) as caught:
         atomic_write_json({"new": True}, path)
     monkeypatch.undo()
@@ -138,12 +133,7 @@ def test_json_writers_never_leave_a_half_file_under_the_final_name(tmp_path: Pat
     write(path, 1)
     before = path.read_text()
 
-    def write_half(self, text, *args, **kwargs):
-        with open(self, "w") as handle:
-            handle.write(text[: len(text) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(Path, "write_text", write_half)
+    monkeypatch.setattr(Path, "write_text", full_disk_write_text)
     with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
         write(path, 2)
     monkeypatch.undo()

@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
-from diffusers import DDPMScheduler
-from tests.conftest import build_tiny_unet
+from tests.corrections.conftest import TINY_SAMPLER
 
-from tadq import api
-from tadq.config import CalibrationConfig, QuantConfig
 from tadq.corrections import PTQDConfig, TCECConfig
 from tadq.corrections.attach import fit_corrections
 from tadq.io.load import read_recipe
-from tadq.sampling import SamplerConfig
 
-SAMPLER = SamplerConfig("ddim", 3, eta=0.0)
+SAMPLER = TINY_SAMPLER
 N = 4
 
 
-@pytest.fixture(scope="module")
-def models():
-    fp = build_tiny_unet()
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    calibration = CalibrationConfig(sampler=SAMPLER, num_trajectories=4, num_steps_kept=2, samples_per_step=4,
-                                    batch_size=8)
-    return fp, scheduler, api.quantize(fp, scheduler, QuantConfig.from_preset("W4A8", calibration=calibration),
-                                       progress=False)
-
-
-def test_the_saved_recipe_of_a_corrected_model_lists_its_corrections(models, tmp_path):
+def test_the_saved_recipe_of_a_corrected_model_lists_its_corrections(tiny_w4a8, tmp_path):
     """The view shared the base's recipe: the artefact carried PTQD and TCEC tables under a recipe without
     corrections, so ``tadq sample`` named it as the base and did not check its sampler flags against the tables."""
-    fp, scheduler, qmodel = models
+    fp, scheduler, qmodel = tiny_w4a8
     base_recipe = qmodel.recipe
     assert base_recipe is not None and base_recipe.corrections == ()
     ptqd = PTQDConfig(num_samples=N)
@@ -44,9 +29,8 @@ def test_the_saved_recipe_of_a_corrected_model_lists_its_corrections(models, tmp
     twice.save_pretrained(tmp_path / "artefact", scheduler)
     assert read_recipe(tmp_path / "artefact").corrections == (ptqd, tcec)
 
-
-def test_a_recipe_deployed_elsewhere_is_kept_as_it_is(models):
-    fp, scheduler, qmodel = models
+def test_a_recipe_deployed_elsewhere_is_kept_as_it_is(tiny_w4a8):
+    fp, scheduler, qmodel = tiny_w4a8
     other = dataclasses.replace(SAMPLER, num_steps=SAMPLER.num_steps + 1)
     corrected = fit_corrections(qmodel, fp, scheduler, other, [PTQDConfig(num_samples=N)], batch_size=N,
                                 progress=False)

@@ -7,27 +7,14 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
-from tests.conftest import build_tiny_unet
+from tests.corrections.conftest import TINY_SAMPLER
 
 from tadq import api
-from tadq.config import CalibrationConfig, QuantConfig
 from tadq.corrections import PTQDConfig, TACConfig
 from tadq.corrections.attach import fit_corrections
-from tadq.sampling import SamplerConfig
 
-SAMPLER = SamplerConfig("ddim", 3, eta=0.0)
+SAMPLER = TINY_SAMPLER
 N = 4
-
-
-@pytest.fixture(scope="module")
-def models():
-    fp = build_tiny_unet()
-    scheduler = DDPMScheduler(num_train_timesteps=1000)
-    calibration = CalibrationConfig(sampler=SAMPLER, num_trajectories=4, num_steps_kept=2, samples_per_step=4,
-                                    batch_size=8)
-    qmodel = api.quantize(fp, scheduler, QuantConfig.from_preset("W4A8", calibration=calibration), progress=False)
-    return fp, scheduler, qmodel
 
 
 def _input_dtypes(module: torch.nn.Module) -> tuple[set[torch.dtype], torch.utils.hooks.RemovableHandle]:
@@ -35,11 +22,10 @@ def _input_dtypes(module: torch.nn.Module) -> tuple[set[torch.dtype], torch.util
     handle = module.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
     return seen, handle
 
-
 @pytest.mark.parametrize("configs", [[PTQDConfig(num_samples=N)], [TACConfig(num_samples=N)]],
                          ids=["pair", "sequential"])
-def test_a_float64_model_is_fitted_on_float64_states_beside_a_float32_reference(models, configs):
-    fp, scheduler, qmodel = models
+def test_a_float64_model_is_fitted_on_float64_states_beside_a_float32_reference(tiny_w4a8, configs):
+    fp, scheduler, qmodel = tiny_w4a8
     wide = copy.deepcopy(qmodel).to(torch.float64)
     seen_q, handle_q = _input_dtypes(wide.model)
     seen_fp, handle_fp = _input_dtypes(fp)

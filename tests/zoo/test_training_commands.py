@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.full_disk import full_disk_write_text
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
@@ -440,12 +441,7 @@ def test_a_full_disk_while_writing_training_info_keeps_the_earlier_one(tmp_path,
     zoo_train.train_digits_ddpm(config, tmp_path)
     before = (tmp_path / "training_info.json").read_text()
 
-    def write_half(self, text, *args, **kwargs):
-        with open(self, "w") as handle:
-            handle.write(text[: len(text) // 2])
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(Path, "write_text", write_half)
+    monkeypatch.setattr(Path, "write_text", full_disk_write_text)
     with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
         zoo_train.train_digits_ddpm(config, tmp_path)
     monkeypatch.undo()
