@@ -90,3 +90,26 @@ def test_an_infinite_activation_is_refused_naming_the_layer_whatever_the_range_m
             with pytest.raises(ValueError, match=r"^activation range after calibration: input_quantizer: .*inf\]"):
                 with Calibrate(layer, seed=seed):
                     layer(x)
+
+
+def test_a_refused_layer_leaves_no_range_set_and_a_retry_recalibrates_every_layer():
+    """An overflow in the second layer was refused after the first layer's range had been set from the failed pass;
+    a plain ``Calibrate`` retry (which observes only uncalibrated layers) kept that stale range."""
+    import pytest
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    for index in range(2):
+        model[index] = QuantLinear.from_module(model[index], QScheme(bits=8, granularity="per_channel"),
+                                               QScheme(bits=8, range_method="minmax"))
+    bad = torch.full((3, 4), 50.0)
+    with pytest.raises(ValueError, match=r"^activation range after calibration: 1\.input_quantizer"):
+        with Calibrate(model):
+            model[0](bad)
+            model[1](torch.tensor([[float("inf"), 0.0, 0.0, 0.0]]))
+    assert [bool(model[i].input_quantizer.initialized) for i in range(2)] == [False, False]
+    good = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    with Calibrate(model):
+        model[0](good)
+        model[1](good)
+    expected = (good.max().clamp_min(0) - good.min().clamp_max(0)) / 255
+    assert torch.allclose(model[0].input_quantizer.scale, expected.reshape(model[0].input_quantizer.scale.shape))

@@ -1,8 +1,9 @@
 """Activation-range calibration: the explicit ``Calibrate`` phase.
 
 Inside ``with Calibrate(model):`` every enabled, not-yet-calibrated input quantizer passes values through
-unquantized and records them; on a clean exit each one's range is set from what it saw. Nothing else ever
-writes a range, so a plain forward cannot change calibration state.
+unquantized and records them; on a clean exit each one's range is set from what it saw (all of them or, when one is
+refused, none). Nothing else
+ever writes a range, so a plain forward cannot change calibration state.
 """
 
 from __future__ import annotations
@@ -99,13 +100,28 @@ class Calibrate:
         for name in self.observers:
             quantizers[name].attach_observer(None)
         if exc_type is None:
-            for name, observer in self.observers.items():
-                try:
-                    low, high = observer.range()
-                except RuntimeError as error:
-                    raise RuntimeError(f"{name}: {error} (an input the model adapter does not pass, or a branch "
-                                       "its calibration runs never take)") from error
-                try:
-                    quantizers[name].set_range(low, high)
-                except ValueError as error:  # overflowing activations: named by the layer that saw them
-                    raise ValueError(f"activation range after calibration: {name}: {error}") from error
+            # all or nothing: a layer refused after others were set left a half-calibrated model, whose set ranges
+            # (from the failed pass) a plain ``Calibrate`` retry then kept, as it only observes uncalibrated layers
+            saved = {name: [t.clone() for t in (q.scale, q.zero_point, q.initialized)]
+                     for name, q in quantizers.items() if name in self.observers}
+            try:
+                self._set_ranges(quantizers)
+            except BaseException:
+                with torch.no_grad():
+                    for name, tensors in saved.items():
+                        q = quantizers[name]
+                        for target, value in zip((q.scale, q.zero_point, q.initialized), tensors, strict=True):
+                            target.copy_(value)
+                raise
+
+    def _set_ranges(self, quantizers: dict[str, Quantizer]) -> None:
+        for name, observer in self.observers.items():
+            try:
+                low, high = observer.range()
+            except RuntimeError as error:
+                raise RuntimeError(f"{name}: {error} (an input the model adapter does not pass, or a branch "
+                                   "its calibration runs never take)") from error
+            try:
+                quantizers[name].set_range(low, high)
+            except ValueError as error:  # overflowing activations: named by the layer that saw them
+                raise ValueError(f"activation range after calibration: {name}: {error}") from error
