@@ -281,3 +281,23 @@ def test_an_interrupted_unit_is_left_as_it_was_and_the_run_resumes_in_place(setu
     assert state.keys() == saved.keys()
     assert all(torch.equal(state[name], saved[name]) for name in saved)  # as the last finished step left it
     reconstruct(qmodel.model, model, qmodel.adapter, calib, config, checkpoint=checkpoint, progress=False)
+
+
+def test_a_reference_left_in_training_mode_reconstructs_as_in_eval_mode(ddpm_scheduler):
+    """Block reconstruction called directly with an FP model in training mode took its dropout's random draws as
+    the targets; it now runs both models in eval mode and gives each its mode back."""
+    from tests.conftest import build_tiny_unet
+
+    model = build_tiny_unet(dropout=0.5)
+    small = dataclasses.replace(CALIB, num_trajectories=4, num_steps_kept=2, samples_per_step=4)
+    calib = collect_calibration_set(model, adapter_for(model), ddpm_scheduler.config, small, progress=False)
+    config = dataclasses.replace(RECON, weight_iters=4, activation_iters=0, batch_size=4)
+    states = []
+    for training in (False, True):
+        qmodel = api.quantize(model, ddpm_scheduler, QuantConfig.from_preset("W4A16", calibration=small),
+                              calibration=calib, progress=False)
+        model.train(training)
+        reconstruct(qmodel.model, model, qmodel.adapter, calib, config, progress=False)
+        assert model.training == training and not qmodel.model.training
+        states.append(qmodel.model.state_dict())
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])

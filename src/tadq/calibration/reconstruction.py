@@ -48,7 +48,7 @@ from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning
-from tadq.utils import atomic_write_text
+from tadq.utils import atomic_write_text, eval_mode
 
 __all__ = ["UnitReport", "attach_adaround", "bake_adaround", "quantizers_bypassed", "reconstruct", "weight_pairs",
            "with_rounding_penalty", "write_unit_report"]
@@ -569,7 +569,9 @@ def reconstruct(
         capture_budget_bytes: memory for FP targets captured ahead: the FP network's prefix runs once for as many
             consecutive units as fit (at least one), instead of once per unit. Changes no result, only time.
     """
-    with _frozen(qmodel, frozen_layers):
+    # both in eval mode (each given back its own mode): dropout left on in either made the FP targets and the
+    # learned rounding depend on the global RNG instead of the calibration data
+    with _frozen(qmodel, frozen_layers), eval_mode(qmodel), eval_mode(fp_model):
         return _reconstruct_units(qmodel, fp_model, adapter, calib, config, checkpoint, progress, tuple(frozen_layers),
                                   capture_budget_bytes)
 
