@@ -113,3 +113,32 @@ def test_a_refused_layer_leaves_no_range_set_and_a_retry_recalibrates_every_laye
         model[1](good)
     expected = (good.max().clamp_min(0) - good.min().clamp_max(0)) / 255
     assert torch.allclose(model[0].input_quantizer.scale, expected.reshape(model[0].input_quantizer.scale.shape))
+
+
+def test_a_small_first_batch_weighs_as_much_as_its_rows():
+    """The mirror of the partial last batch: in a ``Calibrate`` loop whose first batch is the small one, that batch
+    was the reference and kept all its values, while every later, larger batch was capped at the same count."""
+    from tadq.calibration.observers import RangeObserver
+
+    generator = torch.Generator().manual_seed(0)
+    full = [torch.randn(5000, generator=generator) for _ in range(4)]
+    head = torch.full((100,), 100.0)
+    observer = RangeObserver(QScheme(bits=8, range_method="percentile", percentile=99.0), values_per_batch=1000)
+    for batch in (head, *full):
+        observer.observe(batch)
+    _, high = observer.range()
+    assert float(high) < float(torch.cat(full).max())  # 100 outliers in 20 100 values: the 1 % tail cut removes them
+    assert observer.range()[1] == high  # reading the range twice gives the same range
+
+
+def test_batches_in_tadqs_order_keep_the_samples_they_kept_before():
+    """Largest batch first (tadq's own passes): no sample is cut again, so ranges are those of before."""
+    from tadq.calibration.observers import RangeObserver
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(3000, generator=generator) for _ in range(3)] + [torch.randn(700, generator=generator)]
+    observer = RangeObserver(QScheme(bits=4, range_method="mse"), values_per_batch=1000)
+    for batch in batches:
+        observer.observe(batch)
+    assert [len(s) for s in observer._weighted_samples()] == [1000, 1000, 1000, 234]
+    assert [s.data_ptr() for s in observer._weighted_samples()] == [s.data_ptr() for s in observer.samples]
