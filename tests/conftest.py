@@ -9,12 +9,13 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 
 
-def build_tiny_unet(seed: int = 0, num_class_embeds: int | None = None) -> UNet2DModel:
+def build_tiny_unet(seed: int = 0, num_class_embeds: int | None = None, dropout: float = 0.0) -> UNet2DModel:
     torch.manual_seed(seed)
     return UNet2DModel(
         sample_size=8, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
         norm_num_groups=4, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4, num_class_embeds=num_class_embeds,
+        dropout=dropout,
     ).eval()
 
 

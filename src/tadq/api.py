@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,6 +39,7 @@ from tadq.registry import adapter_for, correction_for
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult, check_seed
 from tadq.sampling import sample as _sample_loop
 from tadq.typecheck import expect, expect_scheduler
+from tadq.utils import eval_mode
 
 __all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample", "load", "check_method_dtype"]
 
@@ -202,19 +202,6 @@ def check_method_dtype(config: QuantConfig, dtype: torch.dtype, recipe: Recipe |
     if type(method).__name__ == "TFMQMethod" and getattr(method, "base", None) != "svdquant":
         raise NotImplementedError(f"TFMQ-DM reconstructs against the FP model itself: quantize with dtype=float32, "
                                   f"not {name}")
-
-
-@contextmanager
-def eval_mode(module: nn.Module) -> Iterator[None]:
-    """``module`` and every submodule in eval mode inside the block, each given back its own mode after it (dropout
-    in a model built or left in training mode would make sampling and calibration random)."""
-    modes = [(child, child.training) for child in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for child, training in modes:
-            child.training = training
 
 
 def check_conditions(model: nn.Module, conditions: ConditionSource | None, guidance_scale: float,

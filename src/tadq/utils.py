@@ -11,13 +11,14 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "library_versions",
+__all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "eval_mode", "library_versions",
            "make_staging_dir", "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
            "write_error"]
 
@@ -216,3 +217,16 @@ def public_config(module: Any) -> dict[str, Any]:
     items = config.to_dict() if hasattr(config, "to_dict") else dict(config) if isinstance(config, Mapping) else {}
     return {str(key): value for key, value in items.items()
             if not str(key).startswith("_") and str(key) not in _PROVENANCE_KEYS}
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """``module`` and every submodule in eval mode inside the block, each given back its own mode after it (dropout
+    in a model built or left in training mode would make sampling and calibration random)."""
+    modes = [(child, child.training) for child in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for child, training in modes:
+            child.training = training

@@ -42,3 +42,21 @@ def test_a_pass_stops_after_the_last_unit_and_an_unused_unit_raises():
     assert not stopped  # c comes after the last captured unit: never run
     with pytest.raises(RuntimeError, match="never fired"):
         capture_units_io(model, [model.a, nn.Linear(2, 2)], x, t, batch_size=4)
+
+
+def test_a_failing_forward_leaves_no_hook_attached():
+    """A forward that raises part-way (the second batch here) must not leave the capture hooks on the modules: a
+    later plain forward would still record into, or stop at, a capture that is over."""
+    model = _Chain()
+    x, t = torch.randn(8, 4), torch.zeros(8)
+
+    def failing(x, t, cond):
+        if model.calls == 1:
+            model.calls += 1
+            raise ValueError("out of memory")
+        return model(x, t, cond)
+
+    with pytest.raises(ValueError, match="out of memory"):
+        capture_units_io(failing, [model.a, model.b], x, t, batch_size=4)
+    assert not model.a._forward_hooks and not model.b._forward_hooks
+    assert torch.equal(model(x, t, None), model(x, t, None))  # runs to its end: no _StopForward raised

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests.conftest import build_tiny_unet
 
 from tadq.calibration import CalibrationSet, collect_calibration_set, kept_steps
 from tadq.config import CalibrationConfig
@@ -74,3 +75,16 @@ def test_conditions_beyond_the_trajectories_are_named_as_unused(ddpm_scheduler, 
         messages = [r.getMessage() for r in caplog.records]
         assert any("4 of the 12 calibration conditions are not used" in m for m in messages) == warned, messages
         assert len(calib) == 2 * 4
+
+
+def test_a_model_left_in_training_mode_records_what_eval_mode_does(tmp_path, ddpm_scheduler):
+    """nn.Module starts in training mode. Its dropout made the recorded trajectories depend on the global RNG, and
+    the cache (keyed by the weights, not the mode) handed that random data to later eval-mode runs."""
+    model = build_tiny_unet(dropout=0.5).train()
+    config = _config(num_steps_kept=2)
+    cached = collect_calibration_set(model, adapter_for(model), ddpm_scheduler.config, config, cache_dir=tmp_path,
+                                     progress=False)
+    assert model.training and model.down_blocks[0].resnets[0].dropout.training  # each module's mode given back
+    model.eval()
+    fresh = collect_calibration_set(model, adapter_for(model), ddpm_scheduler.config, config, progress=False)
+    assert torch.equal(cached.x, fresh.x) and torch.equal(cached.eps, fresh.eps)

@@ -90,3 +90,55 @@ def test_an_infinite_activation_is_refused_naming_the_layer_whatever_the_range_m
             with pytest.raises(ValueError, match=r"^activation range after calibration: input_quantizer: .*inf\]"):
                 with Calibrate(layer, seed=seed):
                     layer(x)
+
+
+def test_a_refused_layer_leaves_no_range_set_and_a_retry_recalibrates_every_layer():
+    """An overflow in the second layer was refused after the first layer's range had been set from the failed pass;
+    a plain ``Calibrate`` retry (which observes only uncalibrated layers) kept that stale range."""
+    import pytest
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    for index in range(2):
+        model[index] = QuantLinear.from_module(model[index], QScheme(bits=8, granularity="per_channel"),
+                                               QScheme(bits=8, range_method="minmax"))
+    bad = torch.full((3, 4), 50.0)
+    with pytest.raises(ValueError, match=r"^activation range after calibration: 1\.input_quantizer"):
+        with Calibrate(model):
+            model[0](bad)
+            model[1](torch.tensor([[float("inf"), 0.0, 0.0, 0.0]]))
+    assert [bool(model[i].input_quantizer.initialized) for i in range(2)] == [False, False]
+    good = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    with Calibrate(model):
+        model[0](good)
+        model[1](good)
+    expected = (good.max().clamp_min(0) - good.min().clamp_max(0)) / 255
+    assert torch.allclose(model[0].input_quantizer.scale, expected.reshape(model[0].input_quantizer.scale.shape))
+
+
+def test_a_small_first_batch_weighs_as_much_as_its_rows():
+    """The mirror of the partial last batch: in a ``Calibrate`` loop whose first batch is the small one, that batch
+    was the reference and kept all its values, while every later, larger batch was capped at the same count."""
+    from tadq.calibration.observers import RangeObserver
+
+    generator = torch.Generator().manual_seed(0)
+    full = [torch.randn(5000, generator=generator) for _ in range(4)]
+    head = torch.full((100,), 100.0)
+    observer = RangeObserver(QScheme(bits=8, range_method="percentile", percentile=99.0), values_per_batch=1000)
+    for batch in (head, *full):
+        observer.observe(batch)
+    _, high = observer.range()
+    assert float(high) < float(torch.cat(full).max())  # 100 outliers in 20 100 values: the 1 % tail cut removes them
+    assert observer.range()[1] == high  # reading the range twice gives the same range
+
+
+def test_batches_in_tadqs_order_keep_the_samples_they_kept_before():
+    """Largest batch first (tadq's own passes): no sample is cut again, so ranges are those of before."""
+    from tadq.calibration.observers import RangeObserver
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randn(3000, generator=generator) for _ in range(3)] + [torch.randn(700, generator=generator)]
+    observer = RangeObserver(QScheme(bits=4, range_method="mse"), values_per_batch=1000)
+    for batch in batches:
+        observer.observe(batch)
+    assert [len(s) for s in observer._weighted_samples()] == [1000, 1000, 1000, 234]
+    assert [s.data_ptr() for s in observer._weighted_samples()] == [s.data_ptr() for s in observer.samples]

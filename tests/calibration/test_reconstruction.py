@@ -244,3 +244,60 @@ def test_gptq_onto_fp_outputs_keeps_the_weights_of_a_dead_input():
                   fp_unit=linear, fp_io=io)
     assert bool((nearest != 0).any())
     assert torch.equal(layer.weight[:, 5], nearest)
+
+
+@pytest.mark.parametrize("phase", ["weights", "activations"])
+def test_an_interrupted_unit_is_left_as_it_was_and_the_run_resumes_in_place(setup, tmp_path, monkeypatch, phase):
+    """Ctrl-C in the middle of a unit (a notebook, or out of memory) used to leave AdaRound's soft rounding attached to
+    its quantizers: the model sampled with a half-rounded unit, and resuming on it refused the checkpoint just written
+    as one that "does not fit this model" (its state held the AdaRound variables). The unit now keeps what it had."""
+    import tadq.calibration.reconstruction as recon
+    from tadq.quant.quantizer import Quantizer
+    from tadq.safefiles import load_checked
+
+    model, scheduler, calib = setup
+    config = dataclasses.replace(RECON, weight_iters=8, activation_iters=8)
+    qmodel = _naive(model, scheduler, calib)
+    target = recon.with_rounding_penalty if phase == "weights" else torch.optim.lr_scheduler.CosineAnnealingLR.step
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == config.weight_iters + 3:  # inside the phase of the second unit that has one
+            raise KeyboardInterrupt
+        return target(*args, **kwargs)
+
+    if phase == "weights":
+        monkeypatch.setattr(recon, "with_rounding_penalty", interrupted)
+    else:
+        monkeypatch.setattr(torch.optim.lr_scheduler.CosineAnnealingLR, "step", interrupted)
+    checkpoint = tmp_path / "recon.safetensors"
+    with pytest.raises(KeyboardInterrupt):
+        reconstruct(qmodel.model, model, qmodel.adapter, calib, config, checkpoint=checkpoint, progress=False)
+    monkeypatch.undo()
+    assert not [name for name, q in qmodel.model.named_modules() if isinstance(q, Quantizer) and q.rounding]
+    saved, _ = load_checked(checkpoint, "reconstruction checkpoint")
+    state = qmodel.model.state_dict()
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[name], saved[name]) for name in saved)  # as the last finished step left it
+    reconstruct(qmodel.model, model, qmodel.adapter, calib, config, checkpoint=checkpoint, progress=False)
+
+
+def test_a_reference_left_in_training_mode_reconstructs_as_in_eval_mode(ddpm_scheduler):
+    """Block reconstruction called directly with an FP model in training mode took its dropout's random draws as
+    the targets; it now runs both models in eval mode and gives each its mode back."""
+    from tests.conftest import build_tiny_unet
+
+    model = build_tiny_unet(dropout=0.5)
+    small = dataclasses.replace(CALIB, num_trajectories=4, num_steps_kept=2, samples_per_step=4)
+    calib = collect_calibration_set(model, adapter_for(model), ddpm_scheduler.config, small, progress=False)
+    config = dataclasses.replace(RECON, weight_iters=4, activation_iters=0, batch_size=4)
+    states = []
+    for training in (False, True):
+        qmodel = api.quantize(model, ddpm_scheduler, QuantConfig.from_preset("W4A16", calibration=small),
+                              calibration=calib, progress=False)
+        model.train(training)
+        reconstruct(qmodel.model, model, qmodel.adapter, calib, config, progress=False)
+        assert model.training == training and not qmodel.model.training
+        states.append(qmodel.model.state_dict())
+    assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])

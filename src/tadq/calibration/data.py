@@ -21,7 +21,7 @@ from tadq.adapters.freeu import freeu_settings
 from tadq.config import CalibrationConfig, config_to_dict
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning, ConditionSource, SamplingPlan, sample, scheduler_config_key
-from tadq.utils import public_config, remove_stale_temp_files
+from tadq.utils import eval_mode, public_config, remove_stale_temp_files
 
 __all__ = ["CalibrationSet", "collect_calibration_set", "calibration_key", "model_fingerprint", "kept_steps"]
 
@@ -223,12 +223,15 @@ def collect_calibration_set(
         loaded = replace(CalibrationSet.load(path, key, fields), fields=_as_json(fields))
         return _on_device(loaded, parameter.device)
     _warn_unused_conditions(conditions, config.num_trajectories)
-    result = sample(
-        lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond), plan,
-        num_samples=config.num_trajectories, seed=config.seed, sample_shape=adapter.sample_shape(model),
-        batch_size=config.batch_size, conditions=conditions, record_trajectory=True, progress=progress,
-        device=parameter.device, dtype=parameter.dtype,
-    )
+    # in eval mode, as tadq.quantize runs it: a model built or left in training mode would record its dropout's
+    # random draws, under the key (and into the cache file) of the same model in eval mode
+    with eval_mode(model):
+        result = sample(
+            lambda x, t, cond=None: adapter.predict_eps(model, x, t, cond), plan,
+            num_samples=config.num_trajectories, seed=config.seed, sample_shape=adapter.sample_shape(model),
+            batch_size=config.batch_size, conditions=conditions, record_trajectory=True, progress=progress,
+            device=parameter.device, dtype=parameter.dtype,
+        )
     calib = replace(_subsample(result.trajectory, config, key, guided=plan.guided), fields=_as_json(fields))
     require_finite({"x": calib.x, "eps": calib.eps}, "calibration data recorded from the FP model:")
     if path is not None:

@@ -1,8 +1,9 @@
 """Activation-range calibration: the explicit ``Calibrate`` phase.
 
 Inside ``with Calibrate(model):`` every enabled, not-yet-calibrated input quantizer passes values through
-unquantized and records them; on a clean exit each one's range is set from what it saw. Nothing else ever
-writes a range, so a plain forward cannot change calibration state.
+unquantized and records them; on a clean exit each one's range is set from what it saw (all of them or, when one is
+refused, none). Nothing else
+ever writes a range, so a plain forward cannot change calibration state.
 """
 
 from __future__ import annotations
@@ -22,21 +23,24 @@ class RangeObserver:
 
     Args:
         scheme: the quantizer's scheme (decides how the range is estimated at the end).
-        values_per_batch: values kept from each observed tensor (uniform random subset); a tensor smaller than the
-            first one (the last, partial calibration batch) keeps a proportional share, so that every input row
-            weighs the same whatever the batch size. A fixed count gave a 2-row tail batch as many samples as a
-            full batch of 128, and its rows dominated the percentile / MSE range.
+        values_per_batch: values kept from the largest observed tensor (uniform random subset); a smaller one
+            (the last, partial calibration batch) keeps a proportional share, so that every input row weighs the
+            same whatever the batch size. A fixed count gave a 2-row tail batch as many samples as a full batch of
+            128, and its rows dominated the percentile / MSE range. The share is that of the largest tensor seen by
+            the end: a small first batch (a user's own ``Calibrate`` loop) is cut down once larger ones follow.
         seed: seeds the subsampling, so calibration is reproducible.
     """
 
     def __init__(self, scheme: QScheme, values_per_batch: int = 16384, seed: int = 0) -> None:
         self.scheme = scheme
         self.values_per_batch = values_per_batch
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.low: Tensor | None = None
         self.high: Tensor | None = None
         self.samples: list[Tensor] = []
-        self._reference: int | None = None  # values of the first observed tensor (a full batch)
+        self._sizes: list[int] = []  # values of each observed tensor, beside its kept sample
+        self._reference: int | None = None  # values of the largest tensor observed so far (a full batch)
 
     def observe(self, x: Tensor) -> None:
         flat = x.detach().float().reshape(-1).cpu()
@@ -44,12 +48,28 @@ class RangeObserver:
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
         if self.scheme.range_method != "minmax":
-            if self._reference is None:
-                self._reference = max(flat.numel(), 1)
-            keep = min(self.values_per_batch, -(-self.values_per_batch * flat.numel() // self._reference))
+            self._reference = max(self._reference or 1, flat.numel())
+            keep = self._share(flat.numel())
+            self._sizes.append(flat.numel())
             if flat.numel() > keep:
                 flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.generator)]
             self.samples.append(flat.clone())
+
+    def _share(self, numel: int) -> int:
+        """Values kept of a tensor of ``numel`` values: in proportion to the largest tensor seen so far."""
+        return min(self.values_per_batch, -(-self.values_per_batch * numel // self._reference))
+
+    def _weighted_samples(self) -> list[Tensor]:
+        """The kept samples, each cut to its share of the largest tensor seen (a random subset of it): unchanged
+        when the first tensor was the largest, as in tadq's own calibration passes. Its own generator: reading
+        the range twice gives the same range."""
+        generator, samples = torch.Generator().manual_seed(self.seed), []
+        for sample, numel in zip(self.samples, self._sizes, strict=True):
+            share = self._share(numel)
+            if sample.numel() > share:
+                sample = sample[torch.randperm(sample.numel(), generator=generator)[:share]]
+            samples.append(sample)
+        return samples
 
     def range(self) -> tuple[Tensor, Tensor]:
         if self.low is None or self.high is None:
@@ -59,7 +79,7 @@ class RangeObserver:
             # an inf/NaN seen is refused by ``Quantizer.set_range`` whatever the method: a percentile of the
             # subsample cut a lone inf off whenever the draw missed it (silently, depending on the seed)
             return self.low.reshape(1), self.high.reshape(1)
-        values = torch.cat([*self.samples, self.low.reshape(1), self.high.reshape(1)])  # keep the true extremes
+        values = torch.cat([*self._weighted_samples(), self.low.reshape(1), self.high.reshape(1)])  # true extremes
         return estimate_range(values, self.scheme)
 
 
@@ -99,13 +119,28 @@ class Calibrate:
         for name in self.observers:
             quantizers[name].attach_observer(None)
         if exc_type is None:
-            for name, observer in self.observers.items():
-                try:
-                    low, high = observer.range()
-                except RuntimeError as error:
-                    raise RuntimeError(f"{name}: {error} (an input the model adapter does not pass, or a branch "
-                                       "its calibration runs never take)") from error
-                try:
-                    quantizers[name].set_range(low, high)
-                except ValueError as error:  # overflowing activations: named by the layer that saw them
-                    raise ValueError(f"activation range after calibration: {name}: {error}") from error
+            # all or nothing: a layer refused after others were set left a half-calibrated model, whose set ranges
+            # (from the failed pass) a plain ``Calibrate`` retry then kept, as it only observes uncalibrated layers
+            saved = {name: [t.clone() for t in (q.scale, q.zero_point, q.initialized)]
+                     for name, q in quantizers.items() if name in self.observers}
+            try:
+                self._set_ranges(quantizers)
+            except BaseException:
+                with torch.no_grad():
+                    for name, tensors in saved.items():
+                        q = quantizers[name]
+                        for target, value in zip((q.scale, q.zero_point, q.initialized), tensors, strict=True):
+                            target.copy_(value)
+                raise
+
+    def _set_ranges(self, quantizers: dict[str, Quantizer]) -> None:
+        for name, observer in self.observers.items():
+            try:
+                low, high = observer.range()
+            except RuntimeError as error:
+                raise RuntimeError(f"{name}: {error} (an input the model adapter does not pass, or a branch "
+                                   "its calibration runs never take)") from error
+            try:
+                quantizers[name].set_range(low, high)
+            except ValueError as error:  # overflowing activations: named by the layer that saw them
+                raise ValueError(f"activation range after calibration: {name}: {error}") from error

@@ -48,7 +48,7 @@ from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning
-from tadq.utils import atomic_write_text
+from tadq.utils import atomic_write_text, eval_mode
 
 __all__ = ["UnitReport", "attach_adaround", "bake_adaround", "quantizers_bypassed", "reconstruct", "weight_pairs",
            "with_rounding_penalty", "write_unit_report"]
@@ -354,32 +354,49 @@ def _round_unit_weights(module: nn.Module, io: UnitIO, config: ReconstructionCon
 
     Of the candidates — nearest rounding (``before``), GPTQ's result when AdaRound starts from it, and the final
     learned rounding — the unit keeps the one with the lowest loss over the inputs it was fitted on (the learned
-    one unless it is worse: too few iterations to beat its starting point)."""
+    one unless it is worse: too few iterations to beat its starting point).
+
+    An error or interrupt part-way (Ctrl-C in a notebook, out of memory) leaves the unit as it found it: GPTQ rewrote
+    weights layer by layer and AdaRound's soft rounding stayed attached to the quantizers, so the model sampled with
+    a half-rounded unit and no longer loaded the checkpoint it had just written (its state held the AdaRound
+    variables)."""
     pairs = weight_pairs(module)
     if not pairs:
         return {}, 0, before, before
-    best_loss, best = before, [weight.detach().clone() for _, weight in pairs]  # nearest rounds these at run time
-    stats: dict[str, float] = {}
-    iters = 0
-    if config.rounding in ("gptq", "gptq_adaround"):
-        fp = (fp_unit, fp_io) if config.gptq_target == "fp_output" else (None, None)
-        stats = _gptq_weights(module, io, config, seed, config.rounding == "gptq_adaround", *fp)
-        if config.rounding == "gptq_adaround":
-            gptq_loss = _eval_loss(module, io, 2 * config.batch_size, 2.0)
-            stats["gptq_flipped"] = stats.pop("flipped")
-            if gptq_loss < best_loss:
-                with torch.no_grad():
-                    best_loss, best = gptq_loss, [quantizer(weight).detach().clone() for quantizer, weight in pairs]
-    if config.rounding in ("adaround", "gptq_adaround") and config.weight_iters > 0:
-        stats.update(_reconstruct_weights(module, io, config, seed) or {})
-        iters = config.weight_iters
-    learned = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+    original = [weight.detach().clone() for _, weight in pairs]  # nearest rounds these at run time
+    try:
+        best_loss, best = before, original
+        stats: dict[str, float] = {}
+        iters = 0
+        if config.rounding in ("gptq", "gptq_adaround"):
+            fp = (fp_unit, fp_io) if config.gptq_target == "fp_output" else (None, None)
+            stats = _gptq_weights(module, io, config, seed, config.rounding == "gptq_adaround", *fp)
+            if config.rounding == "gptq_adaround":
+                gptq_loss = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+                stats["gptq_flipped"] = stats.pop("flipped")
+                if gptq_loss < best_loss:
+                    with torch.no_grad():
+                        best_loss, best = gptq_loss, [quantizer(weight).detach().clone()
+                                                      for quantizer, weight in pairs]
+        if config.rounding in ("adaround", "gptq_adaround") and config.weight_iters > 0:
+            stats.update(_reconstruct_weights(module, io, config, seed) or {})
+            iters = config.weight_iters
+        learned = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+    except BaseException:
+        _restore_weights(pairs, original)
+        raise
     if learned <= best_loss:
         return stats, iters, learned, learned
-    with torch.no_grad():
-        for (_, weight), saved in zip(pairs, best, strict=True):
-            weight.copy_(saved)
+    _restore_weights(pairs, best)
     return stats, iters, learned, best_loss
+
+
+@torch.no_grad()
+def _restore_weights(pairs: Sequence[tuple[Quantizer, Tensor]], saved: Sequence[Tensor]) -> None:
+    """Put ``saved`` back into the weights, with no AdaRound left attached to their quantizers."""
+    for (quantizer, weight), value in zip(pairs, saved, strict=True):
+        quantizer.rounding = None
+        weight.copy_(value)
 
 
 def _weight_loss(diff: Tensor, config: ReconstructionConfig) -> Tensor:
@@ -437,6 +454,13 @@ def _reconstruct_activations(module: nn.Module, io: UnitIO, config: Reconstructi
         for scale in scales:
             scale.requires_grad_(False)
             scale.grad = None
+
+
+@torch.no_grad()
+def _restore_scales(module: nn.Module, initial: Sequence[Tensor]) -> None:
+    """Put back the unit's activation steps saved before its activation phase."""
+    for quantizer, scale in zip(_unit_activation_quantizers(module), initial, strict=True):
+        quantizer.scale.copy_(scale)
 
 
 def _quantizer_schemes(qmodel: nn.Module) -> dict[str, dict]:
@@ -545,7 +569,9 @@ def reconstruct(
         capture_budget_bytes: memory for FP targets captured ahead: the FP network's prefix runs once for as many
             consecutive units as fit (at least one), instead of once per unit. Changes no result, only time.
     """
-    with _frozen(qmodel, frozen_layers):
+    # both in eval mode (each given back its own mode): dropout left on in either made the FP targets and the
+    # learned rounding depend on the global RNG instead of the calibration data
+    with _frozen(qmodel, frozen_layers), eval_mode(qmodel), eval_mode(fp_model):
         return _reconstruct_units(qmodel, fp_model, adapter, calib, config, checkpoint, progress, tuple(frozen_layers),
                                   capture_budget_bytes)
 
@@ -661,13 +687,15 @@ def _reconstruct_units(
             io = target
             before = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
             initial = [q.scale.clone() for q in _unit_activation_quantizers(module)]
-            _reconstruct_activations(module, io, config, seed)
+            try:
+                _reconstruct_activations(module, io, config, seed)
+            except BaseException:  # interrupted: the unit keeps its calibrated steps, as the checkpoint has them
+                _restore_scales(module, initial)
+                raise
             iters = config.activation_iters if initial else 0
             after = learned = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
             if after > before:  # learned steps generalise worse over the whole set: keep the calibrated ones
-                with torch.no_grad():
-                    for quantizer, scale in zip(_unit_activation_quantizers(module), initial, strict=True):
-                        quantizer.scale.copy_(scale)
+                _restore_scales(module, initial)
                 after = before
         reports.append(UnitReport(unit, phase, before, after, loss_learned=learned, guard_rejected=learned > after,
                                   flipped=stats.get("flipped"), moved=stats.get("moved"),

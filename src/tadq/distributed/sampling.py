@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from tadq.api import check_conditions, eval_mode
+from tadq.api import check_conditions
 from tadq.corrections.base import HookedDenoiser
 from tadq.distributed.key import key_differences, model_fingerprint, run_key, scheduler_fingerprint
 from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, assign_chunks, chunk_ranges
@@ -37,6 +37,7 @@ from tadq.registry import adapter_for
 from tadq.safefiles import save_checked
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, check_seed
 from tadq.sampling import sample as sample_loop
+from tadq.utils import eval_mode
 
 __all__ = ["ShardedSamplingReport", "sample_sharded"]
 
