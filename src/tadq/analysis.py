@@ -14,6 +14,7 @@ and the final error is split into each step's share, so users see which steps ma
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,7 @@ class PropagationReport:
         predicted_jvp: MSE of the recursion with the measured J δ (``None`` when not measured).
         step_error: MSE of e_n per step (S values).
         final_share: ‖(Π A) B_s e_s‖² / numel per step s (S values), the J ≈ 0 terms of the final error.
-        relative_error_j0: ‖δ̂ − δ‖ / ‖δ‖ at the final state, J ≈ 0.
+        relative_error_j0: ‖δ̂ − δ‖ / ‖δ‖ at the final state, J ≈ 0 (0 when both are 0; inf when only δ is).
         relative_error_jvp: The same with the measured J δ term.
         sampler: ``SamplerConfig.key``.
         clip_sample: Whether x_0 clipping made the update non-linear (predictions then approximate).
@@ -80,8 +81,18 @@ def _mse_per_state(delta: Tensor) -> list[float]:
 
 
 def _relative(predicted: Tensor, measured: Tensor) -> float:
+    """‖predicted − measured‖ / ‖measured‖; with no measured error, 0 when the prediction is exact too (it was
+    0/0 = nan, drawn as "nan" in the figure's legend), else inf (no finite ratio; null in analysis.json)."""
     norm = float(measured.double().norm())
-    return float((predicted.double() - measured.double()).norm()) / norm if norm > 0 else float("nan")
+    difference = float((predicted.double() - measured.double()).norm())
+    if norm > 0:
+        return difference / norm
+    return 0.0 if difference == 0 else math.inf
+
+
+def _relative_label(value: float) -> str:
+    """The legend's final relative error: two decimals, or what an infinite one means."""
+    return f"{value:.2f}" if math.isfinite(value) else "∞: none measured, some predicted"
 
 
 def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, steps: list[StepContext],
@@ -156,10 +167,10 @@ def save_propagation_plot(report: PropagationReport, path: str | Path, title: st
     states = np.arange(len(report.measured))
     left.plot(states, np.maximum(report.measured, 1e-14), "k-", lw=2, label="measured")
     left.plot(states, np.maximum(report.predicted_j0, 1e-14), "--", label=f"closed form, J≈0 "
-              f"(final rel. err {report.relative_error_j0:.2f})")
+              f"(final rel. err {_relative_label(report.relative_error_j0)})")
     if report.predicted_jvp is not None:
         left.plot(states, np.maximum(report.predicted_jvp, 1e-14), ":", lw=2,
-                  label=f"recursion with measured Jδ (final rel. err {report.relative_error_jvp:.2f})")
+                  label=f"recursion with measured Jδ (final rel. err {_relative_label(report.relative_error_jvp)})")
     left.set_yscale("log")
     left.set_xlabel("state (0 = x_T)")
     left.set_ylabel("MSE(x̂_n − x_n)")

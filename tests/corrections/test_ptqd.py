@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tests.corrections.analytic import (
     BIAS,
@@ -223,6 +224,22 @@ def test_saved_ptqd_model_samples_bit_identically(corrected_unet, ddpm_scheduler
     write_manifest(tmp_path / "q")  # a consistent artefact whose tables lack one: the message names the owner
     with pytest.raises(ValueError, match="PTQDCorrection"):
         tadq.load(tmp_path / "q")
+
+
+def test_an_int64_timesteps_table_saved_before_loads_as_float64(corrected_unet, ddpm_scheduler, tmp_path):
+    """Older tadq saved PTQD's ``timesteps`` as int64 (which truncated fractional grids); such a table still loads,
+    exactly, into the float64 table."""
+    _, corrected = corrected_unet
+    corrected.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    tables = load_file(tmp_path / "q" / CORRECTIONS_FILE)
+    tables["members.0.timesteps"] = tables["members.0.timesteps"].long()
+    with safe_open(tmp_path / "q" / CORRECTIONS_FILE, framework="pt") as handle:
+        metadata = handle.metadata()
+    save_file(tables, tmp_path / "q" / CORRECTIONS_FILE, metadata=metadata)
+    write_manifest(tmp_path / "q")
+    loaded, _ = tadq.load(tmp_path / "q")
+    timesteps = loaded.corrections[0].timesteps
+    assert timesteps.dtype == torch.float64 and torch.equal(timesteps, corrected.corrections[0].timesteps)
 
 
 def test_step_contexts_of_the_fit_are_the_sampler_steps(corrected_unet, ddpm_scheduler):

@@ -15,7 +15,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from tests.corrections.analytic import AnalyticDenoiser, InjectedError, analytic_scheduler, fit_context
 
 from tadq.corrections import PTQDConfig, PTQDCorrection, collect_trajectory_pair
-from tadq.corrections.ptqd import vsc_report
+from tadq.corrections.ptqd import ptqd_tables, vsc_report
 from tadq.sampling import SamplerConfig, sampler_step
 
 torch.set_num_threads(1)
@@ -79,3 +79,13 @@ def test_vsc_lowers_sigma_where_the_sampler_injects_noise(sampler):
         lowered = getattr(lowered, "noise", lowered)  # the noise-only form returns a NoiseStd
         assert correction.vsc_active(step) and float(lowered) < step.std_dev_t
     assert "VSC active" in vsc_report(correction)
+
+
+@pytest.mark.parametrize("sampler", [SamplerConfig("flow-euler", 10, shift=3.0), SamplerConfig("euler", 10)],
+                         ids=lambda s: s.key)
+def test_reported_timesteps_are_the_ones_the_sampler_fed(sampler):
+    """flow-euler feeds fractional t (σ·1000 in float32): the int64 table truncated 960.13 to 960 in the report."""
+    correction, pair = _fit(sampler)
+    fed = [step.t for step in pair.steps]
+    assert ptqd_tables(correction)["t"] == fed
+    assert correction.timesteps.tolist() == [float(t) for t in fed]

@@ -116,3 +116,16 @@ def test_rejects_single_images_and_colour(classifier, split) -> None:
         fd_digits(split.heldout_images[:1], split.train_images[:5], classifier)
     with pytest.raises(ValueError, match="grey"):
         fd_digits(torch.zeros(4, 3, 16, 16), split.train_images[:5], classifier)
+
+
+def test_fewer_samples_than_features_is_logged_as_a_rank_deficient_covariance(caplog):
+    """N ≤ D samples give a covariance of rank ≤ N − 1 < D, and the distance rests on the ridge: this was silent."""
+    from tadq.metrics.frechet import gaussian_statistics
+
+    features = torch.randn(9, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING", logger="tadq.metrics.frechet"):
+        gaussian_statistics(features)  # 9 > 8: full rank possible, nothing to say
+        assert not caplog.records
+        gaussian_statistics(features[:8])
+    assert len(caplog.records) == 1
+    assert "8 samples of 8 features" in caplog.text and "rank at most 7 < 8" in caplog.text

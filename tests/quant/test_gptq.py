@@ -103,3 +103,16 @@ def test_dead_inputs_keep_nearest_rounding_of_their_column():
     assert torch.equal(rounded[:, 3], nearest(weight)[:, 3])  # H decouples it: no error flows in or out
     assert F.mse_loss(rounded @ inputs.T, weight @ inputs.T) <= F.mse_loss(nearest(weight) @ inputs.T,
                                                                            weight @ inputs.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hessian_of_half_precision_inputs_is_their_float32_hessian(dtype):
+    """Half-precision inputs are widened before the product: a float16 Σ x² overflowed to inf (1024 rows of 16:
+    262144 > 65504) and a bfloat16 one kept 8 bits. Widening is exact, so the result equals float32's."""
+    torch.manual_seed(5)
+    inputs = (torch.randn(1024, 6) + 16).to(dtype)
+    half, wide = HessianAccumulator(6), HessianAccumulator(6)
+    half.add(inputs)
+    wide.add(inputs.float())
+    assert torch.isfinite(half.hessian()).all()
+    assert torch.equal(half.hessian(), wide.hessian())

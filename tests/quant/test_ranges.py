@@ -24,3 +24,18 @@ def test_percentile_range_inside_minmax():
     low, high = percentile_range(x, 99.0)
     mlow, mhigh = minmax_range(x)
     assert mlow <= low < high <= mhigh
+
+
+def test_mse_range_of_huge_values_is_the_scaled_range_of_ordinary_ones():
+    """|x − Q(x)|^2.4 overflowed float32 past ~1e16, every shrink factor's error was inf and min/max was kept.
+    Scaling by a power of two is exact, so 2^k·x must choose exactly 2^k times x's range (channels' |x| in
+    [1, 2), where the search divides huge values back down to them)."""
+    torch.manual_seed(1)
+    x = torch.randn(6, 300) * 0.3
+    x[:, 0] = 1.5  # an outlier per channel: mse shrinks below it
+    scheme = QScheme(bits=4, granularity="per_channel", range_method="mse")
+    low, high = mse_range(x, scheme, per_channel=True)
+    assert torch.all(high < 1.5)
+    factor = 2.0 ** 70  # ~1.2e21
+    huge_low, huge_high = mse_range(x * factor, scheme, per_channel=True)
+    assert torch.equal(huge_low, low * factor) and torch.equal(huge_high, high * factor)

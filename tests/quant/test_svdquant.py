@@ -164,6 +164,26 @@ def test_lowrank_branch_plus_residual_equals_the_weight(shape):
     assert all(torch.equal(a, b) for a, b in zip((up, down, residual), again, strict=True))
 
 
+
+def test_lowrank_split_leaves_every_global_rng_alone(monkeypatch):
+    """The sketch comes from a local generator: torch.manual_seed (which reseeds every CUDA device's generator,
+    beyond what fork_rng(devices=[]) restores) is never called, and the caller's CPU stream is where it was."""
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("lowrank_split seeded a global torch RNG")
+
+    weight = torch.randn(12, 20, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    for name in ("manual_seed", "seed"):
+        monkeypatch.setattr(torch, name, refuse)
+        monkeypatch.setattr(torch.random, name, refuse)
+    for name in ("manual_seed", "manual_seed_all", "seed", "seed_all"):
+        monkeypatch.setattr(torch.cuda, name, refuse)
+    first = lowrank_split(weight, 3, seed=3)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(first, lowrank_split(weight, 3, seed=3), strict=True))
+
+
 # -- SVDQuant end to end -----------------------------------------------------------------------------------------
 @pytest.fixture
 def calibration(tiny_unet, ddpm_scheduler):

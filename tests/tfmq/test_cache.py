@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from tests.conftest import build_tiny_unet
 from tests.tfmq.common import SAMPLER, scheduler, tfmq_config
@@ -91,3 +92,43 @@ def test_the_per_label_cache_reads_the_labels_of_a_positional_call_by_name():
         expected = model(x, t, text, labels).sample
         assert torch.equal(served(x, t, text, labels).sample, expected)
         assert torch.equal(served(x, t, text, class_labels=labels).sample, expected)
+
+
+@pytest.mark.parametrize("maintenance", ["select", "cache_fp"])
+def test_apply_tfmq_holds_a_few_steps_of_features_and_builds_the_whole_grids_tables(monkeypatch, maintenance):
+    """apply_tfmq held every step's FP and quantized temporal features at once (≈ 39 GB each for DiT-XL/2); it
+    now computes them a chunk of steps at a time, with the tables and report of the whole grid at once."""
+    import tadq.tfmq.pipeline as pipeline
+    from tadq import api
+    from tadq.config import CalibrationConfig, QuantConfig
+    from tadq.sampling import RandomClassLabels, SamplerConfig
+
+    torch.set_num_threads(1)
+    model, sched, sampler = build_tiny_unet(num_class_embeds=3), scheduler(), SamplerConfig(kind="ddim", num_steps=5)
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2,
+                                    batch_size=2)
+    qmodel = api.quantize(model, sched, QuantConfig.from_preset("W4A8", calibration=calibration),
+                          conditions=RandomClassLabels(3), progress=False)
+    config = tfmq_config(maintenance=maintenance, cache_bits=8, fsc="off")
+    held = []
+    whole = pipeline.temporal_features_per_step
+
+    def counted(tib, timesteps, correction=None, steps=None):
+        features = whole(tib, timesteps, correction, **({} if steps is None else {"steps": steps}))
+        held.append(next(iter(features.values())).shape[0])
+        return features
+
+    monkeypatch.setattr(pipeline, "temporal_features_per_step", counted)
+    tables = {}
+    for chunk in (2, sampler.num_steps):  # 2, 2, 1 steps; the whole grid at once
+        monkeypatch.setattr(pipeline, "FEATURE_CHUNK_STEPS", chunk)
+        held.clear()
+        built = pipeline.apply_tfmq(copy.deepcopy(qmodel), model, sched, config, sampler, progress=False)
+        assert max(held) == chunk
+        correction = built.corrections[0]
+        tables[chunk] = (correction.report, correction.cache_layers,
+                         {name: buffer for name, buffer in correction.named_buffers()})
+    (report, layers, buffers), (whole_report, whole_layers, whole_buffers) = tables.values()
+    assert report == whole_report and layers == whole_layers and layers  # something is cached
+    assert buffers.keys() == whole_buffers.keys()
+    assert all(torch.equal(buffers[name], whole_buffers[name]) for name in buffers)

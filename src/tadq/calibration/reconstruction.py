@@ -43,7 +43,7 @@ from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
 from tadq.quant.adaround import AdaRound
 from tadq.quant.fake_quant import quantize_to_int
-from tadq.quant.gptq import HessianAccumulator, gptq_round, matmul_columns
+from tadq.quant.gptq import HessianAccumulator, gptq_round, matmul_columns, moment
 from tadq.quant.modules import QuantLayer
 from tadq.quant.quantizer import Quantizer, quantizers_bypassed
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
@@ -308,7 +308,7 @@ def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO
             if fp_layer is not None:
                 _run_unit(fp_unit, fp_io, index)
                 for total, fp_part, part in zip(cross, columns(seen.pop("fp")), quantized, strict=True):
-                    total += (fp_part.T @ part).to(torch.float64)
+                    total += moment(fp_part, part)
     finally:
         for handle in handles:
             handle.remove()

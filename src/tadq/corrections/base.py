@@ -226,6 +226,8 @@ class Correction(nn.Module, IdentityHooks, ABC):
     config_type: ClassVar[type[CorrectionConfig]]
     keyed: ClassVar[bool] = True
     wants_guidance_branches: ClassVar[bool] = False
+    # tables an older tadq saved in another dtype, converted exactly on load: {table: (old dtypes)}
+    earlier_table_dtypes: ClassVar[dict[str, tuple[torch.dtype, ...]]] = {}
 
     def __init__(self, config: CorrectionConfig) -> None:
         super().__init__()

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
@@ -50,6 +51,14 @@ def _owner(stack: CorrectionStack, key: str) -> str:
         member = stack[int(parts[1])]
         return f"correction {parts[1]} ({type(member).__name__}, {type(member.config).__name__})"
     return "the correction stack"
+
+
+def _earlier_dtypes(stack: CorrectionStack, key: str) -> tuple[torch.dtype, ...]:
+    """The dtypes an older tadq saved the table ``members.<i>.<table>`` in (``Correction.earlier_table_dtypes``)."""
+    parts = key.split(".")
+    if len(parts) == 3 and parts[0] == "members" and parts[1].isdigit() and int(parts[1]) < len(stack):
+        return type(stack[int(parts[1])]).earlier_table_dtypes.get(parts[2], ())
+    return ()
 
 
 def save_corrections(stack: CorrectionStack, folder: str | Path) -> list[dict[str, Any]]:
@@ -105,6 +114,8 @@ def load_corrections(folder: str | Path, configs: list[dict[str, Any]]) -> Corre
         stored = {key: handle.get_tensor(key) for key in handle.keys()}
     for key, value in sorted(stored.items()):  # load_state_dict would cast a float32 or int table silently
         wanted = template.get(key)
+        if isinstance(wanted, Tensor) and value.dtype in _earlier_dtypes(stack, key):
+            stored[key] = value = value.to(wanted.dtype)
         if isinstance(wanted, Tensor) and value.dtype != wanted.dtype:
             raise ValueError(f"{file}: table {key!r} is {str(value.dtype).removeprefix('torch.')}, but "
                              f"{_owner(stack, key)} stores {str(wanted.dtype).removeprefix('torch.')}; save the "

@@ -98,9 +98,17 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
 
 
 def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Float64 mean (D,) and unbiased covariance (D, D) of features (N, D)."""
+    """Float64 mean (D,) and unbiased covariance (D, D) of features (N, D).
+
+    N ≤ D samples give a covariance of rank ≤ N − 1 < D: a Fréchet distance from it rests on the ridge along the
+    missing directions and on round-off, which is logged as a warning (it was silent)."""
     if features.ndim != 2:
         raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
+    count, width = features.shape
+    if count <= width:
+        logger.warning("Fréchet statistics of %d samples of %d features: their covariance has rank at most %d < %d, "
+                       "so the distance depends on the ridge and on the sample count; use more than %d samples, and "
+                       "compare values only at equal counts", count, width, max(count - 1, 0), width, width)
     array = features.detach().double().cpu().numpy()
     # np.cov returns a 0-d array for one feature, which frechet_distance refused as a "shape mismatch"
     return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))

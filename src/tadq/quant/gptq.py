@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["HessianAccumulator", "gptq_round", "matmul_columns"]
+__all__ = ["HessianAccumulator", "gptq_round", "matmul_columns", "moment"]
 
 ColumnQuantizer = Callable[[Tensor, int], Tensor]  # (column (R,), its index) → on-grid column (R,)
 
@@ -46,17 +46,24 @@ def matmul_columns(layer: nn.Module, x: Tensor) -> Tensor:
     raise TypeError(f"GPTQ rounding handles Conv2d and Linear layers, not {type(layer).__name__}")
 
 
+def moment(left: Tensor, right: Tensor) -> Tensor:
+    """``leftᵀ right`` in float64, the product computed in float32 or wider: a float16 sum of squares overflows
+    to inf once inputs reach ~250 over a thousand rows, and bfloat16 keeps only 8 bits of each sum."""
+    wide = torch.promote_types(torch.promote_types(left.dtype, right.dtype), torch.float32)
+    return (left.detach().to(wide).T @ right.detach().to(wide)).to(torch.float64)
+
+
 class HessianAccumulator:
-    """Σ x xᵀ over every vector the layer's weight multiplies, and the count: each batch's product in the inputs'
-    dtype (fast), the running sum in float64 (so a long sum over batches loses nothing)."""
+    """Σ x xᵀ over every vector the layer's weight multiplies, and the count: each batch's product in float32 or
+    the inputs' wider dtype (fast; half-precision inputs are widened, see ``moment``), the running sum in float64
+    (so a long sum over batches loses nothing)."""
 
     def __init__(self, dim: int, device: torch.device | None = None) -> None:
         self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
         self.count = 0
 
     def add(self, columns: Tensor) -> None:
-        columns = columns.detach()
-        self.sum += (columns.T @ columns).to(torch.float64)
+        self.sum += moment(columns, columns)
         self.count += columns.shape[0]
 
     def hessian(self) -> Tensor:

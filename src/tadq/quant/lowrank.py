@@ -3,7 +3,7 @@
 The branch keeps the weight's largest singular directions (where smoothing has moved the activation outliers)
 in floating point, and only the residual R is quantized: its range is set by what is left, not by the outliers.
 For a convolution the weight is flattened to (out, in·kh·kw): D becomes a conv with r outputs and the layer's
-kernel, stride, padding and dilation, U a 1×1 conv. ``torch.svd_lowrank`` (Halko et al.) takes milliseconds.
+kernel, stride, padding and dilation, U a 1×1 conv. A randomized truncated SVD (Halko et al.) takes milliseconds.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ def lowrank_split(weight: Tensor, rank: int, *, niter: int = 4, oversample: int 
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """(up (O, r), down (r, *weight.shape[1:]), residual) with up·down + residual = weight (in float arithmetic).
 
-    The SVD runs in float64 on the flattened weight with a seeded RNG (``torch.svd_lowrank`` draws a random
-    test matrix), so the split is reproducible; the residual is ``weight − up·down`` in the weight's dtype.
+    The SVD runs in float64 on the flattened weight with its random test matrix drawn from a local generator
+    seeded with ``seed`` on the weight's device, so the split is reproducible and the caller's torch RNG (CPU and
+    CUDA) is untouched; the residual is ``weight − up·down`` in the weight's dtype.
     """
     matrix = weight.reshape(weight.shape[0], -1)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:  # 2.5 failed slicing the SVD
@@ -35,13 +36,31 @@ def lowrank_split(weight: Tensor, rank: int, *, niter: int = 4, oversample: int 
     if rank > min(matrix.shape):
         raise ValueError(f"rank {rank} exceeds min(out, K) = {min(matrix.shape)}")
     sketch = min(rank + oversample, min(matrix.shape))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        left, values, right = torch.svd_lowrank(matrix.double(), q=sketch, niter=niter)
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    left, values, right = _randomized_svd(matrix.double(), sketch, niter, generator)
     up = (left[:, :rank] * values[:rank]).to(weight.dtype)
     down = right[:, :rank].T.contiguous().to(weight.dtype)
     residual = (matrix - up @ down).reshape(weight.shape)
     return up, down.reshape(rank, *weight.shape[1:]), residual
+
+
+def _randomized_svd(matrix: Tensor, sketch: int, niter: int, generator: torch.Generator
+                    ) -> tuple[Tensor, Tensor, Tensor]:
+    """(U, S, V) of a rank-``sketch`` approximation of ``matrix`` (Halko et al. 2009, Alg. 4.4: range finder with
+    ``niter`` QR-stabilised power iterations, then an exact SVD of the small projection), the steps of
+    ``torch.svd_lowrank`` in its order (the same split on CPU as before) but with the test matrix drawn from
+    ``generator``: svd_lowrank draws from the global RNG, and seeding that with ``torch.manual_seed`` reseeded every
+    CUDA device's generator for good (``fork_rng(devices=[])`` restores only the CPU one)."""
+    wide = matrix.shape[0] < matrix.shape[1]
+    a = matrix.mH if wide else matrix
+    test = torch.randn(a.shape[-1], sketch, dtype=a.dtype, device=a.device, generator=generator)
+    basis = torch.linalg.qr(a @ test).Q
+    for _ in range(niter):
+        basis = torch.linalg.qr(a.mH @ basis).Q
+        basis = torch.linalg.qr(a @ basis).Q
+    u, values, vh = torch.linalg.svd(basis.mH @ a, full_matrices=False)
+    left, right = basis @ u, vh.mH
+    return (right, values, left) if wide else (left, values, right)
 
 
 def lowrank_macs(rank: int, reduction: int, out_features: int) -> int:

@@ -50,6 +50,20 @@ def percentile_range(x: Tensor, percentile: float, per_channel: bool = False) ->
     return bounds[0], bounds[1]
 
 
+ERROR_HEADROOM_BITS = 64  # |x − Q(x)|^p kept below 2^64, so a mean over up to 2^64 values stays finite in float32
+
+
+def _error_unit(amax: Tensor, p: float) -> Tensor:
+    """Per channel, the power of two the MSE search divides errors by before ``|·|^p``: 1 where the errors
+    cannot overflow float32 (every ordinary tensor: its errors are bit-for-bit unchanged), else 2^(e−1) with
+    amax in [2^(e−1), 2^e) (finite even for the largest float32). In float32 ``|x − Q(x)|^2.4`` was inf past
+    ~1e16 for every shrink factor, so the search kept min/max; a power of two divides exactly and scales each
+    channel's errors alike, so the choice is the one the unscaled values get."""
+    _, exponent = torch.frexp(amax)  # amax = m·2^e, m in [0.5, 1); |x − Q(x)| ≤ 2·amax < 2^(e+1)
+    overflows = torch.isfinite(amax) & ((exponent + 1).double() * p > ERROR_HEADROOM_BITS)
+    return torch.where(overflows, torch.ldexp(torch.ones_like(amax), exponent - 1), torch.ones_like(amax))
+
+
 def mse_range(x: Tensor, scheme: QScheme, per_channel: bool = False) -> tuple[Tensor, Tensor]:
     """Shrink [min, max] by 1 − 0.01·i and keep, per channel, the range with the lowest mean |x − Q(x)|^p.
 
@@ -57,6 +71,8 @@ def mse_range(x: Tensor, scheme: QScheme, per_channel: bool = False) -> tuple[Te
     """
     flat = _flatten(x, per_channel).float()  # (C, n)
     low0, high0 = flat.min(dim=1).values, flat.max(dim=1).values
+    unit = _error_unit(torch.maximum(low0.abs(), high0.abs()), scheme.mse_p)[:, None]
+    scaled = flat / unit
     best_err = torch.full_like(low0, float("inf"))
     best_low, best_high = low0.clone(), high0.clone()
     for i in range(scheme.mse_grid):
@@ -64,7 +80,7 @@ def mse_range(x: Tensor, scheme: QScheme, per_channel: bool = False) -> tuple[Te
         low, high = low0 * shrink, high0 * shrink
         scale, zp = scale_and_zero_point(low, high, scheme.bits, scheme.symmetric)
         q = fake_quantize(flat, scale[:, None], zp[:, None], scheme.qmin, scheme.qmax)
-        err = (flat - q).abs().pow(scheme.mse_p).mean(dim=1)
+        err = (scaled - q / unit).abs().pow(scheme.mse_p).mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_low = torch.where(better, low, best_low)

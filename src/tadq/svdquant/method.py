@@ -47,7 +47,7 @@ class SVDQuantMethod:
         alpha_grid: migration strengths tried per layer (plus "no smoothing"); [RECON] SVDQuant searches α per
             layer, the grid is ours.
         search_samples: calibration inputs (spread over the kept steps) the per-layer search runs on.
-        svd_niter: power iterations of ``torch.svd_lowrank``.
+        svd_niter: power iterations of the randomized SVD (``tadq.quant.lowrank``).
         svd_oversample: extra columns of its random sketch.
         seed: seeds the SVD sketch and the search's activation subsampling.
     """

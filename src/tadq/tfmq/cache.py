@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from tadq.quant.fake_quant import scale_and_zero_point
 from tadq.tfmq.fsc import StepState
 
-__all__ = ["CachedFeature", "LabelCapture", "quantize_cache", "dequantize_cache", "disturbance", "cache_bytes"]
+__all__ = ["CachedFeature", "LabelCapture", "quantize_cache", "dequantize_cache", "disturbance", "disturbance_rows",
+           "cache_bytes"]
 
 
 class CachedFeature:
@@ -99,10 +100,17 @@ def disturbance(estimate: Tensor, reference: Tensor) -> dict[str, float]:
         estimate: features (N, C) served by one strategy.
         reference: FP features (N, C).
     """
+    cosine, relative = disturbance_rows(estimate, reference)
+    return {"cosine_distance": float(cosine.mean()), "relative_l2": float(relative.mean())}
+
+
+def disturbance_rows(estimate: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """1 − cos and relative L2 of each row (N,), float64: ``disturbance``'s terms, which a caller holding the
+    features a few rows at a time concatenates before taking the means (the same numbers)."""
     estimate, reference = estimate.double(), reference.double()
     cosine = torch.nn.functional.cosine_similarity(estimate, reference, dim=1, eps=1e-12)
     relative = (estimate - reference).norm(dim=1) / reference.norm(dim=1).clamp_min(1e-12)
-    return {"cosine_distance": float((1 - cosine).mean()), "relative_l2": float(relative.mean())}
+    return 1 - cosine, relative
 
 
 def cache_bytes(num_values: int, bits: int | None, num_tables: int) -> int:

@@ -94,6 +94,29 @@ class TFMQCorrection(Correction):
 
     def set_cache(self, features: dict[str, Tensor], storage: str | None, bits: int, num_labels: int) -> None:
         """Cache ``features`` (time projection → (S, [K,] C)) as ``storage`` (``"fp"``/``"quantized"``)."""
+        if features and storage == "quantized":
+            self.set_quantized_cache({layer: quantize_cache(values, bits) for layer, values in features.items()},
+                                     num_labels)
+            return
+        if features and storage != "fp":
+            raise ValueError(f"cache storage must be 'fp' or 'quantized', got {storage!r}")
+        self._clear_cache(features, "fp", num_labels)
+        if features:
+            self.cache_values = torch.cat([v.float() for v in features.values()], dim=-1)
+            self.report["cache_bytes"] = self.cache_size_bytes()
+
+    def set_quantized_cache(self, parts: dict[str, tuple[Tensor, Tensor, Tensor]], num_labels: int) -> None:
+        """Cache features already quantized per step: time projection → ``quantize_cache``'s (codes, Δ, z), which
+        ``apply_tfmq`` builds a few steps at a time rather than from every step's float features at once."""
+        self._clear_cache({layer: codes for layer, (codes, _, _) in parts.items()}, "quantized", num_labels)
+        if parts:
+            self.cache_codes = torch.cat([codes for codes, _, _ in parts.values()], dim=-1)
+            self.cache_scale = torch.stack([scale for _, scale, _ in parts.values()], dim=1)
+            self.cache_zero_point = torch.stack([zero_point for _, _, zero_point in parts.values()], dim=1)
+            self.report["cache_bytes"] = self.cache_size_bytes()
+
+    def _clear_cache(self, features: dict[str, Tensor], storage: str, num_labels: int) -> None:
+        """Empty cache tables, and the layout (layer, offset, channels) of ``features`` stored as ``storage``."""
         self.cache_layers, offset = [], 0
         for layer, values in features.items():
             self.cache_layers.append((layer, offset, int(values.shape[-1])))
@@ -102,18 +125,6 @@ class TFMQCorrection(Correction):
         self.num_labels = num_labels
         for name in ("cache_values", "cache_codes", "cache_scale", "cache_zero_point"):
             setattr(self, name, torch.zeros(0, dtype=TABLES[name]))
-        if not features:
-            return
-        if storage == "fp":
-            self.cache_values = torch.cat([v.float() for v in features.values()], dim=-1)
-        elif storage == "quantized":
-            parts = [quantize_cache(values, bits) for values in features.values()]
-            self.cache_codes = torch.cat([codes for codes, _, _ in parts], dim=-1)
-            self.cache_scale = torch.stack([scale for _, scale, _ in parts], dim=1)
-            self.cache_zero_point = torch.stack([zero_point for _, _, zero_point in parts], dim=1)
-        else:
-            raise ValueError(f"cache storage must be 'fp' or 'quantized', got {storage!r}")
-        self.report["cache_bytes"] = self.cache_size_bytes()
 
     def cached_features(self) -> dict[str, Tensor]:
         """Time projection → the feature the cache serves, (S, [K,] C) (dequantized for quantized storage)."""

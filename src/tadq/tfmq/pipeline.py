@@ -30,7 +30,7 @@ from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig, SamplingPlan
 from tadq.sampling.conditioning import ConditionSource
-from tadq.tfmq.cache import dequantize_cache, disturbance, quantize_cache
+from tadq.tfmq.cache import dequantize_cache, disturbance_rows, quantize_cache
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
 from tadq.tfmq.fsc import calibrate_per_step
@@ -159,20 +159,19 @@ def apply_tfmq(
         correction.set_fsc(list(quantizers), *calibrate_per_step(quantizers, len(timesteps), run_step,
                                                                  tfmq_config.fsc_range))
     correction.prepare(qmodel.model, adapter)
-    fp_features = temporal_features_per_step(TemporalInformationBlock(fp_model, adapter), timesteps)
-    q_features = temporal_features_per_step(TemporalInformationBlock(qmodel.model, adapter), timesteps, correction)
-    choices = _choose(fp_features, q_features, tfmq_config)
-    storage = "fp" if tfmq_config.maintenance == "cache_fp" else "quantized"
-    num_labels = TemporalInformationBlock(fp_model, adapter).num_labels
+    fp_tib = TemporalInformationBlock(fp_model, adapter)
+    choices = _choose(fp_tib, TemporalInformationBlock(qmodel.model, adapter), timesteps, correction, tfmq_config)
     correction.report = {**report, "disturbance": choices["report"]}
-    correction.set_cache({layer: fp_features[layer] for layer in choices["cached"]}, storage, tfmq_config.cache_bits,
-                         num_labels)
+    if tfmq_config.maintenance == "cache_fp":
+        correction.set_cache(choices["cached"], "fp", tfmq_config.cache_bits, fp_tib.num_labels)
+    else:
+        correction.set_quantized_cache(choices["cached"], fp_tib.num_labels)
     qmodel.corrections = CorrectionStack([correction])
     qmodel.model = qmodel.corrections.prepare(qmodel.model, adapter)
     if getattr(qmodel, "recipe", None) is not None:  # saved as the artefact's tadq_recipe.json: it must still hold
         qmodel.recipe = _recipe_after(qmodel.recipe, tfmq_config, sampler, guidance_scale)
     logger.info("TFMQ: FSC %s on %d quantizers, %d of %d temporal features cached (%d bytes)", tfmq_config.fsc,
-                len(correction.fsc_quantizers), len(choices["cached"]), len(fp_features),
+                len(correction.fsc_quantizers), len(choices["cached"]), len(choices["report"]),
                 correction.cache_size_bytes())
     return qmodel
 
@@ -223,15 +222,17 @@ def _fsc_inputs(qmodel: QuantizedDenoiser, fp_model: nn.Module, scheduler, confi
 
 @torch.no_grad()
 def temporal_features_per_step(tib: TemporalInformationBlock, timesteps: Tensor,
-                               correction: TFMQCorrection | None = None) -> dict[str, Tensor]:
+                               correction: TFMQCorrection | None = None,
+                               steps: range | None = None) -> dict[str, Tensor]:
     """Time projection → its feature at every grid step, (S, C) or (S, K, C) for K class labels.
 
     With a prepared ``correction``, each step is evaluated at its own step index (FSC ranges, cache).
+    ``steps``: only these grid steps, one row each in that order (all by default).
     """
-    t, labels, steps = grid_inputs(timesteps, tib.num_labels)
+    t, labels, step_of = grid_inputs(timesteps, tib.num_labels)
     rows: list[list[Tensor]] = []
-    for step in range(len(timesteps)):
-        chosen = steps == step
+    for step in range(len(timesteps)) if steps is None else steps:
+        chosen = step_of == step
         prepared = correction is not None and correction.state is not None
         with correction.at_step(step) if prepared else contextlib.nullcontext():
             rows.append(tib(t[chosen], None if labels is None else labels[chosen]))
@@ -242,21 +243,51 @@ def temporal_features_per_step(tib: TemporalInformationBlock, timesteps: Tensor,
     return features
 
 
-def _choose(fp_features: dict[str, Tensor], q_features: dict[str, Tensor], config: TFMQConfig) -> dict[str, Any]:
-    """Per feature: disturbance of each strategy against FP and the maintenance choice (docs/methods/tfmq.md)."""
+FEATURE_CHUNK_STEPS = 1  # grid steps whose FP and quantized temporal features ``_choose`` holds at once
+
+
+def _choose(fp_tib: TemporalInformationBlock, q_tib: TemporalInformationBlock, timesteps: Tensor,
+            correction: TFMQCorrection, config: TFMQConfig) -> dict[str, Any]:
+    """Per feature: disturbance of each strategy against FP and the maintenance choice (docs/methods/tfmq.md), and
+    ``cached``: time projection → what the cache stores of each chosen feature (its FP features (S, [K,] C) for
+    ``cache_fp``, else ``quantize_cache``'s (codes, Δ, z)).
+
+    The features are computed ``FEATURE_CHUNK_STEPS`` grid steps at a time: every step's FP and quantized
+    features at once were ≈ 39 GB each for DiT-XL/2 (1001 labels × 50 steps × 28 blocks of 6912 channels). The
+    quantized cache has one (Δ, z) per step and the disturbances are means of per-row terms, so the numbers are
+    those of the whole grid at once; what stays is one chunk of features and the cache being built (codes, or
+    float32 for ``cache_fp``)."""
     metric = "cosine_distance" if config.select_metric == "cosine" else "relative_l2"
-    report, cached = {}, []
-    for layer, reference in fp_features.items():
-        channels = reference.shape[-1]
-        flat = reference.reshape(-1, channels)
-        quantized_cache = dequantize_cache(*quantize_cache(reference, config.cache_bits))
-        scores = {"tib": disturbance(q_features[layer].reshape(-1, channels), flat),
-                  "cache_quantized": disturbance(quantized_cache.reshape(-1, channels), flat)}
+    terms: dict[str, dict[str, list[tuple[Tensor, Tensor]]]] = {}
+    kept: dict[str, list] = {}  # time projection → its cache chunks (nothing with maintenance "tib")
+    chunk_steps = FEATURE_CHUNK_STEPS
+    for start in range(0, len(timesteps), chunk_steps):
+        steps = range(start, min(start + chunk_steps, len(timesteps)))
+        q_features = temporal_features_per_step(q_tib, timesteps, correction, steps)
+        for layer, reference in temporal_features_per_step(fp_tib, timesteps, steps=steps).items():
+            channels = reference.shape[-1]
+            flat = reference.reshape(-1, channels)
+            codes = quantize_cache(reference, config.cache_bits)
+            layer_terms = terms.setdefault(layer, {"tib": [], "cache_quantized": []})
+            layer_terms["tib"].append(disturbance_rows(q_features[layer].reshape(-1, channels), flat))
+            layer_terms["cache_quantized"].append(
+                disturbance_rows(dequantize_cache(*codes).reshape(-1, channels), flat))
+            if config.maintenance != "tib":
+                kept.setdefault(layer, []).append(reference if config.maintenance == "cache_fp" else codes)
+        del q_features
+    report, cached = {}, {}
+    for layer, layer_terms in terms.items():
+        scores = {name: {"cosine_distance": float(torch.cat([c for c, _ in rows]).mean()),
+                         "relative_l2": float(torch.cat([r for _, r in rows]).mean())}
+                  for name, rows in layer_terms.items()}
         if config.maintenance == "select":
             choice = "cache" if scores["cache_quantized"][metric] < scores["tib"][metric] else "tib"
         else:
             choice = "tib" if config.maintenance == "tib" else "cache"
+        chunks = kept.pop(layer, [])
         if choice == "cache":
-            cached.append(layer)
+            cached[layer] = (torch.cat(chunks) if config.maintenance == "cache_fp"
+                             else tuple(torch.cat(part) for part in zip(*chunks, strict=True)))
+        del chunks
         report[layer] = {**scores, "choice": choice}
     return {"report": report, "cached": cached}

@@ -64,14 +64,18 @@ class PTQDCorrection(Correction):
 
     Tables (buffers, one row per sampler step): ``k`` (S,) the fitted slope (before clamping), ``mu`` (S, C),
     ``sigma_q`` (S,), and for reports and the mixed-precision rule ``timesteps`` (S,), ``alpha_prod`` ᾱ_t (S,),
-    ``std_dev`` σ_t (S,) and ``coef_eps`` c_t (S,) of the fitted sampler.
+    ``std_dev`` σ_t (S,) and ``coef_eps`` c_t (S,) of the fitted sampler. ``timesteps`` is float64 (exact for the
+    float32 t of fractional grids: euler on Karras σ's, flow-euler's σ·1000); int64 truncated those, and an int64
+    table saved before is read as float64.
     """
+
+    earlier_table_dtypes = {"timesteps": (torch.int64,)}
 
     def __init__(self, config: PTQDConfig) -> None:
         super().__init__(config)
         for name in ("k", "mu", "sigma_q", "alpha_prod", "std_dev", "coef_eps"):
             self.register_table(name)
-        self.register_table("timesteps", dtype=torch.long)
+        self.register_table("timesteps")
         self._fitted: tuple[Tensor, Tensor] | None = None  # (k, μ) as fitted, while the guard switches them
 
     # -- the held-out guard (``PTQDConfig.select``) -------------------------------------------------------------------
@@ -107,7 +111,7 @@ class PTQDCorrection(Correction):
         self.k = torch.tensor([row[0] for row in rows], dtype=torch.float64)
         self.mu = torch.stack([row[1] for row in rows])  # (S, C)
         self.sigma_q = torch.tensor([row[2] for row in rows], dtype=torch.float64)
-        self.timesteps = torch.tensor([step.t for step in pair.steps], dtype=torch.long)
+        self.timesteps = torch.tensor([float(step.t) for step in pair.steps], dtype=torch.float64)
         self.alpha_prod = torch.tensor([step.alpha_prod_t for step in pair.steps], dtype=torch.float64)
         self.std_dev = torch.tensor([step.std_dev_t for step in pair.steps], dtype=torch.float64)
         self.coef_eps = torch.tensor([step.coef_eps for step in pair.steps], dtype=torch.float64)
@@ -177,6 +181,11 @@ def vsc_report(correction: PTQDCorrection) -> str:
             f"{float(ratio.max()):.4f}.")
 
 
+def timestep_value(t: float) -> int | float:
+    """A ``timesteps`` entry as the sampler fed it: an int on integer grids, the float otherwise."""
+    return int(t) if float(t).is_integer() else float(t)
+
+
 def ptqd_tables(correction: PTQDCorrection) -> dict[str, Any]:
     """The fitted per-step statistics as JSON-ready lists, step 0 (noisiest) first, for reports and plots."""
     if not correction.fitted:
@@ -185,7 +194,8 @@ def ptqd_tables(correction: PTQDCorrection) -> dict[str, Any]:
     return {
         "sampler": key.sampler_key, "bits": key.bits, "guidance_scale": key.guidance_scale,
         "config": {name: getattr(correction.config, name) for name in correction.config.__dataclass_fields__},
-        "t": correction.timesteps.tolist(), "k": correction.k.tolist(), "k_applied": correction.k_applied.tolist(),
+        "t": [timestep_value(t) for t in correction.timesteps.tolist()], "k": correction.k.tolist(),
+        "k_applied": correction.k_applied.tolist(),
         "mu": correction.mu.tolist(), "sigma_q": correction.sigma_q.tolist(),
         "sigma_tilde": correction.sigma_tilde.tolist(), "std_dev": correction.std_dev.tolist(),
         "vsc": vsc_report(correction),

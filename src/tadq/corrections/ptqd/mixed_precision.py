@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from tadq.config import register_config_type
 from tadq.corrections.ptqd.bitops import bit_operations
-from tadq.corrections.ptqd.correction import PTQDCorrection
+from tadq.corrections.ptqd.correction import PTQDCorrection, timestep_value
 from tadq.denoiser import QuantizedDenoiser
 from tadq.safefiles import finite_float
 from tadq.sampling import Conditioning, IdentityHooks, SamplerConfig, SamplingPlan, StepContext
@@ -222,7 +222,8 @@ class TradeoffPoint:
     Args:
         gamma: γ of the SNR rule.
         switch: First step index on high bits (S: all low).
-        switch_t: Training timestep of that step (``None`` when all steps are low).
+        switch_t: Timestep of that step as the sampler fed it (a float on fractional grids; ``None`` when all
+            steps are low).
         low_steps_per_step_rule: Steps where low bits pass the per-step rule (equals ``switch`` when the pass/fail
             pattern is a single switch, as docs/methods/ptqd.md#mixed-precision expects).
         bit_operations: Bit-operations per sample over all steps.
@@ -230,7 +231,7 @@ class TradeoffPoint:
 
     gamma: float
     switch: int
-    switch_t: int | None
+    switch_t: int | float | None
     low_steps_per_step_rule: int
     bit_operations: int
 
@@ -252,7 +253,7 @@ def tradeoff_curve(low: QuantizedDenoiser, high: QuantizedDenoiser, scheduler, s
         switch = switch_index(low_ptqd, gamma, switch_rule)
         points.append(TradeoffPoint(
             gamma=float(gamma), switch=switch,
-            switch_t=int(low_ptqd.timesteps[switch]) if switch < steps else None,
+            switch_t=timestep_value(float(low_ptqd.timesteps[switch])) if switch < steps else None,
             low_steps_per_step_rule=int((ratio >= gamma).sum()),
             bit_operations=switch * per_forward["low"] + (steps - switch) * per_forward["high"],
         ))

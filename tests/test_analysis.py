@@ -1,0 +1,45 @@
+"""``tadq.analysis``: the propagation report and its figure."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import torch
+from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, analytic_scheduler
+
+from tadq.analysis import analyze_propagation, save_propagation_plot
+from tadq.sampling import SamplerConfig
+
+
+def test_an_exact_network_reports_zero_relative_error_not_nan(tmp_path, monkeypatch):
+    """A quantized network equal to the FP one has zero measured and predicted error: the relative error is 0 (it
+    was 0/0 = nan, written as null and drawn as "final rel. err nan" in the legend)."""
+    torch.set_num_threads(1)
+    scheduler = analytic_scheduler()
+    fp = AnalyticDenoiser(scheduler)
+    report = analyze_propagation(fp, fp, scheduler, SamplerConfig("ddim", 4), num_samples=4, seed=1000,
+                                 sample_shape=tuple(SAMPLE_SHAPE), bits="W4A8")
+    assert max(report.measured) == 0.0
+    assert report.relative_error_j0 == 0.0 and report.relative_error_jvp == 0.0
+    legends = []
+    original = plt.Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        legends.extend(text.get_text() for axis in figure.axes if axis.get_legend()
+                       for text in axis.get_legend().get_texts())
+        return original(figure, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    save_propagation_plot(report, tmp_path / "propagation.png")
+    assert legends and not any("nan" in text for text in legends)
+    assert any("final rel. err 0.00" in text for text in legends)
+    assert not math.isnan(report.relative_error_j0)
+
+
+def test_a_predicted_error_where_none_was_measured_is_infinite_and_labelled():
+    from tadq.analysis import _relative, _relative_label
+
+    zero = torch.zeros(3)
+    assert _relative(torch.ones(3), zero) == math.inf and _relative(zero, zero) == 0.0
+    assert "nan" not in _relative_label(math.inf) and _relative_label(0.0) == "0.00"
