@@ -182,3 +182,29 @@ def test_a_seed_flag_out_of_range_is_named_as_the_flag(tmp_path, tiny_model_dir,
     result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), flag, "-1"])
     _refused(result, f"{flag} must be an int in [0, 2**32 - 1], got -1")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "recipe"])
+def test_sampler_names_are_taken_in_any_case_by_every_command(tmp_path, tiny_model_dir, no_model_loads, command):
+    """``tadq recipe --sampler DDIM`` searched with ddim while sample, quantize and run refused ``DDIM``
+    ("SamplerConfig.kind='DDIM' is not supported"); every name flag (--methods, --preset, --fp-layers, bench's
+    --samplers) takes any case, and now --sampler does too: the command goes on to read the model."""
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), "--steps", "2",
+                                 "--sampler", " DDIM "])
+    assert "not supported" not in result.output and "not a sampler" not in result.output, result.output
+    assert isinstance(result.exception, AssertionError), (result.output, result.exception)
+    assert "the model was loaded" in str(result.exception)
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "recipe", "evaluate", "analyze"])
+def test_an_unknown_sampler_is_refused_by_the_flag_with_the_choices(tmp_path, tiny_model_dir, no_model_loads,
+                                                                    command):
+    from tadq.sampling import SAMPLER_KINDS
+
+    if command in ("evaluate", "analyze"):
+        args = [command, str(tmp_path / "artefact"), "--out", str(tmp_path / "out")]
+    else:
+        args = [*_steps_command(command, tiny_model_dir, tmp_path), "--steps", "2"]
+    result = runner.invoke(app, [*args, "--sampler", "dim"])
+    _refused(result, "--sampler", "'dim' is not a sampler", ", ".join(SAMPLER_KINDS))
+    assert not (tmp_path / "out").exists()

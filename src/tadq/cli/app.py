@@ -25,6 +25,7 @@ from tadq.cli.common import (
     default_or_count,
     fail_cleanly,
     read_prompt_file,
+    sampler_kind_flag,
     setup,
 )
 from tadq.cli.evaluate import evaluate_command
@@ -112,7 +113,7 @@ def run_command(
                                     "256, make run's headline)."),
     sampler: str | None = typer.Option(None, help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ "
                                        "(2M) or flow-euler (default: ddim; flow-euler for a flow-matching model: "
-                                       "SD3, Flux)."),
+                                       "SD3, Flux).", callback=sampler_kind_flag),
     steps: int = typer.Option(50, help="Sampler steps."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
     seed: int = typer.Option(1000, help="Evaluation noise seed (shared by FP and every variant)."),

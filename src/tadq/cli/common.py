@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
            "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
            "class_conditions_for", "default_or_count", "check_sampling_flags",
-           "check_steps_fit", "check_seed_flags"]
+           "check_steps_fit", "check_seed_flags", "sampler_kind_flag"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -160,6 +160,20 @@ def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | No
         check_seed("--seed", seed)
     if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"--guidance-scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+
+
+def sampler_kind_flag(value: str | None) -> str | None:
+    """The ``--sampler`` of every command, as typer's callback: case and surrounding spaces dropped, as every other
+    name flag takes them (--methods, --preset, --fp-layers; `tadq bench --samplers`), or a usage error naming the
+    kinds before anything is read. `tadq recipe` lower-cased it while sample, quantize and run refused ``DDIM``."""
+    if value is None:
+        return None
+    from tadq.sampling import SAMPLER_KINDS
+
+    kind = value.strip().lower()
+    if kind not in SAMPLER_KINDS:
+        raise typer.BadParameter(f"{value!r} is not a sampler; choose one of {', '.join(SAMPLER_KINDS)}")
+    return kind
 
 
 def check_seed_flags(**seeds: int | None) -> None:

@@ -24,6 +24,7 @@ from tadq.cli.common import (
     fail_cleanly,
     read_prompt_file,
     require_file,
+    sampler_kind_flag,
     setup,
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
@@ -308,7 +309,7 @@ def quantize_command(
                       "corrections.0.num_samples=64); repeat. Applied last.")] = None,
     sampler: Annotated[str | None, typer.Option(
         help="Deployment sampler (calibrated on and corrections fitted for): ddim, ddpm, euler, euler-ancestral, "
-             "dpmsolver++ (2M) or flow-euler (flow-matching models).")] = None,
+             "dpmsolver++ (2M) or flow-euler (flow-matching models).", callback=sampler_kind_flag)] = None,
     steps: Annotated[int | None, typer.Option(help="Deployment sampler steps (recipe's, else 50).")] = None,
     eta: Annotated[float | None, typer.Option(help="Deployment DDIM eta (recipe's, else 0).")] = None,
     calib_seed: Annotated[int | None, typer.Option(help="Calibration noise seed (0).")] = None,

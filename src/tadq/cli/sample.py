@@ -22,6 +22,7 @@ from tadq.cli.common import (
     console,
     fail_cleanly,
     read_prompt_file,
+    sampler_kind_flag,
     setup,
 )
 
@@ -32,7 +33,7 @@ __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipe
 SamplerKind = Annotated[str | None, typer.Option(
     "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
                       "(flow-matching models) (default: the artefact's recipe, else ddim, or flow-euler for a "
-                      "flow-matching model).")]
+                      "flow-matching model).", callback=sampler_kind_flag)]
 Steps = Annotated[int | None, typer.Option(help="Sampler steps (default: the artefact's recipe, else 50).")]
 Eta = Annotated[float | None, typer.Option(
     help="DDIM eta, 0 = deterministic, 0 for ddpm (default: the artefact's recipe, else 0).")]
