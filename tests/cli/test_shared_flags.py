@@ -232,3 +232,47 @@ def test_run_and_bench_name_the_flags_not_the_config_fields(tmp_path, tiny_model
     text = " ".join(result.output.split())
     assert "num_samples" not in text and "batch_size" not in text and "eval_seed" not in text, text
     assert not (tmp_path / "out").exists()
+
+
+def _lock_out(out: Path, pid: int) -> Path:
+    import json
+
+    from tadq.fsguard import lock_path
+    from tadq.utils import _host_tag
+
+    lock = lock_path(out)
+    lock.write_text(json.dumps({"pid": pid, "host": _host_tag(), "token": "theirs", "since": 0}))
+    return lock
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "bench", "recipe"])
+def test_an_out_folder_another_live_command_writes_is_refused_before_any_work(tmp_path, tiny_model_dir,
+                                                                              no_model_loads, command):
+    """Two commands writing one --out interleaved their files (cells, chunks, reports): a folder lock now, held
+    by the test's own (live) pid here."""
+    import os
+
+    out = tmp_path / ("out.png" if command == "sample" else "out")
+    lock = _lock_out(out, os.getpid())
+    before = lock.read_bytes()
+    result = runner.invoke(app, _steps_command(command, tiny_model_dir, tmp_path))
+    flag = "--out-dir" if command == "sample-sharded" else "--out"
+    _refused(result, f"{flag} {out} is being written by another tadq process (pid {os.getpid()},", f"delete {lock}")
+    assert not out.exists() and lock.read_bytes() == before
+
+
+def test_a_lock_left_by_an_ended_command_is_taken_over(tmp_path, tiny_model_dir, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import tadq.experiments.run
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    lock = _lock_out(tmp_path / "out", child.pid)
+    started = []
+    monkeypatch.setattr(tadq.experiments.run, "run_main_job", lambda config: started.append(lock.read_text()) or {})
+    runner.invoke(app, _steps_command("run", tiny_model_dir, tmp_path))
+    assert len(started) == 1 and f'"pid": {os.getpid()}' in started[0]  # held by this run while it worked
+    assert not lock.exists()  # and released

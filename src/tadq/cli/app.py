@@ -24,6 +24,7 @@ from tadq.cli.common import (
     console,
     default_or_count,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
     sampler_kind_flag,
     setup,
@@ -155,6 +156,7 @@ def run_command(
         check_sampling_flags(num_samples=num_samples)  # the upper bound
         check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
+        hold_output(out)
         check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)
         if sampler is None:  # the model's scheduler decides: DDIM cannot drive a flow-matching model
             sampler = command_sampler_kind(load_scheduler(resolve_model_path(model)))

@@ -22,6 +22,7 @@ from tadq.cli.common import (
     check_steps_fit,
     console,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
     setup,
 )
@@ -120,6 +121,7 @@ def bench_command(
         check_sampling_flags(num_samples=fields["num_samples"])  # the upper bound
         source = model if model is not None else shipped_model_path()
         check_output_dir(out, kind="bench", resume=True, force_foreign=force_foreign, inputs=[source])
+        hold_output(out)
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
         if models_dir is not None:
             # base models are saved into it and reused from it: tadq's own (marked, or <run>/models of a folder tadq

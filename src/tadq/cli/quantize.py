@@ -22,6 +22,7 @@ from tadq.cli.common import (
     class_conditions_for,
     console,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
     require_file,
     sampler_kind_flag,
@@ -425,6 +426,7 @@ def quantize_command(
                              "choose a cache folder outside it")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
+        hold_output(out)
         if model_dir is not None and (model_dir / "model_index.json").is_file():  # its components are copied
             check_copyable_components(model_dir)
         if distilled_guidance is None:  # the recipe's (--recipe of a Flux artefact, --set deployments.0...)

@@ -25,6 +25,7 @@ from tadq.cli.common import (
     console,
     default_or_count,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
     sampler_kind_flag,
     setup,
@@ -178,6 +179,7 @@ def recipe_command(
         if source.exists():
             check_steps_fit(source, steps)  # the plan refused it only after the model was loaded
         check_output_dir(out, kind="recipe-search", resume=True, force_foreign=force_foreign, inputs=[source])
+        hold_output(out)
         workload = load_workload(model_dir, guidance_scale=guidance_scale,
                                  calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                                  evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),

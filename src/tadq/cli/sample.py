@@ -21,6 +21,7 @@ from tadq.cli.common import (
     class_conditions_for,
     console,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
     sampler_kind_flag,
     setup,
@@ -187,6 +188,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
                          f"--num-samples {len(prompts)} or more")
     check_output_dir(out, kind="samples", what="--out", resume=True, inputs=[path], force_foreign=force_foreign)
+    hold_output(out)
     if not force_foreign:
         _refuse_foreign_sample_files(out, num_samples)
     if tensor_out is not None:
@@ -437,6 +439,7 @@ def sample_command(
         out = Path("samples.png") if out is None else out
         check_output_file(out, what="--out", suffixes=(".png",), inputs=[source],  # before sampling, not after
                           force_foreign=force_foreign)
+        hold_output(out)
         if tensor_out is not None:
             check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source],
                               force_foreign=force_foreign)
