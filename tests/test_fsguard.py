@@ -231,3 +231,72 @@ def test_a_new_folder_holding_only_a_killed_runs_temp_file_is_not_refused(tmp_pa
     (out / "notes.txt").write_text("mine")  # a file of someone else's still is one
     with pytest.raises(OutputRefused, match="did not write"):
         check_output_dir(out, kind=kind, resume=True)
+
+
+# -- output_lock: one command at a time writes an output ---------------------------------------------------------
+def _dead_pid() -> int:
+    """The id of a process of this host that has ended (a child, waited for)."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def _write_lock(out, pid: int) -> None:
+    from tadq.fsguard import lock_path
+    from tadq.utils import _host_tag
+
+    lock_path(out).write_text(json.dumps({"pid": pid, "host": _host_tag(), "token": "theirs", "since": 0}))
+
+
+def test_an_output_held_by_a_live_process_is_refused_naming_it_and_its_pid(tmp_path):
+    import os
+
+    from tadq.fsguard import lock_path, output_lock
+
+    out = tmp_path / "run"
+    _write_lock(out, os.getpid())
+    before = lock_path(out).read_bytes()
+    with pytest.raises(OutputRefused, match=f"--out {out} is being written by another tadq process "
+                                            f"\\(pid {os.getpid()}, "):
+        with output_lock(out):
+            pytest.fail("the lock was taken")
+    assert lock_path(out).read_bytes() == before  # the holder's lock is left alone
+    assert not out.exists()
+
+
+def test_a_lock_of_an_ended_process_is_taken_over_and_released(tmp_path):
+    import os
+
+    from tadq.fsguard import lock_path, output_lock
+
+    out = tmp_path / "run"
+    _write_lock(out, _dead_pid())
+    with output_lock(out) as lock:
+        assert lock == lock_path(out) and json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(OutputRefused, match=f"pid {os.getpid()}"):  # held: a second writer in this process too
+            with output_lock(out):
+                pass
+    assert not lock_path(out).exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_lock_lies_beside_the_output_and_its_made_parents_go_with_it(tmp_path):
+    from tadq.fsguard import lock_path, output_lock
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert lock_path(tmp_path / "link" / "out") == tmp_path / "real" / ".out.tadq-lock"  # one lock for both names
+    with output_lock(tmp_path / "new" / "deeper" / "out.png"):
+        assert (tmp_path / "new" / "deeper" / ".out.png.tadq-lock").is_file()
+    assert not (tmp_path / "new").exists()  # made for the lock, empty again: removed
+
+
+def test_an_output_name_at_the_file_system_limit_gets_a_lock_name_that_fits(tmp_path):
+    from tadq.fsguard import _name_limit, lock_path, output_lock
+
+    long, other = tmp_path / ("a" * _name_limit(tmp_path)), tmp_path / ("a" * (_name_limit(tmp_path) - 1))
+    assert len(lock_path(long).name.encode()) <= _name_limit(tmp_path) and lock_path(long) != lock_path(other)
+    with output_lock(long):
+        assert lock_path(long).is_file()

@@ -15,18 +15,23 @@ whole (an artefact folder, any output file) is refused rather than replaced.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import hashlib
 import json
 import os
+import secrets
 import tempfile
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # PNG_MARK re-exported: by it a PNG is known as tadq's own
-from tadq.utils import PNG_MARK, atomic_write_text, stale_temp_file
+from tadq.utils import PNG_MARK, _host_tag, _process_alive, atomic_write_text, stale_temp_file
 
 __all__ = ["MARKER_FILE", "PNG_MARK", "OutputRefused", "check_output_dir", "check_output_file", "check_path_shape",
-           "check_writable_dir", "is_tadq_file", "is_tadq_output", "mark_output", "output_kind"]
+           "check_writable_dir", "is_tadq_file", "is_tadq_output", "lock_path", "mark_output", "output_kind",
+           "output_lock"]
 
 MARKER_FILE = "tadq_output.json"
 # JSON files by which folders written before the marker existed are still recognised as tadq's
@@ -34,6 +39,9 @@ _LEGACY_FILES = ("tadq_config.json", "results.json", "report.json", "manifest.js
 # tadq's own files in a folder that is not marked (a shipped model's, kept free of the marker) while training runs
 _UNMARKED_TADQ_FILES = ("train_checkpoint.safetensors",)
 FORCE_HINT = "pass --force-foreign (force_foreign=True) to write there anyway"
+LOCK_SUFFIX = ".tadq-lock"
+# a lock file with no readable holder this long after it was made is a leftover: its maker writes the holder at once
+_UNREADABLE_LOCK_STALE_S = 60.0
 
 
 class OutputRefused(ValueError):
@@ -355,3 +363,101 @@ def check_output_file(path: str | Path, *, what: str, suffixes: Sequence[str] = 
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputRefused(f"{what} {path} is not writable; choose another path")
     check_writable_dir(path.absolute().parent, what)
+
+
+def lock_path(out: str | Path) -> Path:
+    """The lock file of output ``out`` (a folder or a file): ``.NAME.tadq-lock`` beside it, not inside, since an
+    artefact folder is replaced whole; symlinks resolved, so two names of one folder share one lock."""
+    target = Path(os.path.realpath(out))
+    name = f".{target.name}{LOCK_SUFFIX}"
+    if len(name.encode()) > _name_limit(target):  # an output name near the limit: a shortened, still unique one
+        digest = hashlib.sha256(target.name.encode()).hexdigest()[:16]
+        name = f".{target.name[:32]}-{digest}{LOCK_SUFFIX}"
+    return target.parent / name
+
+
+def _lock_holder(lock: Path) -> dict | None:
+    """The holder a lock file records (pid, host, token, since); ``None`` when it cannot be read (being written)."""
+    try:
+        holder = json.loads(lock.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None
+
+
+def _lock_is_stale(lock: Path, holder: dict | None) -> bool:
+    """Whether the lock's holder has provably ended: a process of this host that no longer runs (one of another
+    host cannot be seen from here), or an unreadable lock file older than its maker needs to write it."""
+    if holder is None:
+        try:
+            return time.time() - lock.stat().st_mtime > _UNREADABLE_LOCK_STALE_S
+        except OSError:
+            return True  # gone meanwhile
+    return holder.get("host") == _host_tag() and not _process_alive(holder["pid"])
+
+
+def _held_message(out: Path, what: str, lock: Path, holder: dict | None) -> str:
+    if holder is None:
+        who = "another tadq process (its lock file is being written)"
+    else:
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+        where = "" if holder.get("host") == _host_tag() else f" on another host ({holder.get('host')})"
+        who = f"another tadq process (pid {holder['pid']}{where}, since {since})"
+    return (f"{what} {out} is being written by {who}; two commands writing one folder would interleave their files. "
+            f"Wait for it to end, or choose another path. If no such process runs, delete {lock}")
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, what: str = "--out") -> Iterator[Path]:
+    """Hold ``out`` for this process while a command writes it: a lock file beside it (``lock_path``) made with
+    ``O_EXCL``, recording this process's pid and host; removed on exit. ``OutputRefused`` naming the folder and the
+    holder's pid while a live process holds it. A lock whose holder has ended (killed: SIGKILL, a crash) is taken
+    over: it is moved aside under a name of this process's own first, and put back if it turns out to be another
+    process's new lock, so two processes taking over one stale lock cannot both go on. Folders above ``out`` that
+    do not exist yet are made (the command makes them anyway) and removed again if they are still empty."""
+    out = Path(out)
+    lock = lock_path(out)
+    made = [parent for parent in (lock.parent, *lock.parent.parents) if not parent.exists()]
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(8)
+    holder = {"pid": os.getpid(), "host": _host_tag(), "token": token, "since": time.time()}
+    try:
+        for _ in range(8):  # each pass either takes the lock, refuses, or clears one stale lock
+            try:
+                descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                found = _lock_holder(lock)
+                if not _lock_is_stale(lock, found):
+                    raise OutputRefused(_held_message(out, what, lock, found)) from None
+                aside = lock.with_name(f"{lock.name}.{os.getpid()}-{token}.stale")
+                try:
+                    os.rename(lock, aside)
+                except FileNotFoundError:  # another process moved it first
+                    continue
+                if _lock_holder(aside) != found:  # a new lock made meanwhile, not the stale one: put it back
+                    with contextlib.suppress(FileExistsError, FileNotFoundError):
+                        os.link(aside, lock)
+                aside.unlink(missing_ok=True)
+                continue
+            with os.fdopen(descriptor, "w") as handle:
+                json.dump(holder, handle)
+            break
+        else:
+            raise OutputRefused(f"{what} {out}: its lock {lock} keeps changing hands; another tadq process is "
+                                "starting to write there. Wait for it to end, or choose another path")
+    except BaseException:
+        _remove_made(made)
+        raise
+    try:
+        yield lock
+    finally:
+        if (_lock_holder(lock) or {}).get("token") == token:
+            lock.unlink(missing_ok=True)
+        _remove_made(made)
+
+
+def _remove_made(folders: Sequence[Path]) -> None:
+    """Remove the folders ``output_lock`` made (deepest first) that are still empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()

@@ -54,7 +54,7 @@ def _snapshot(folder: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (("--batch-size", "0"), "batch_size must be >= 1"),  # sampling refused it only after calibration
+    (("--batch-size", "0"), "--batch-size must be >= 1"),  # sampling refused it only after calibration
     (("--recon-iters", "-5"), "--recon-iters must be >= 0, or -1"),  # was silently the default
     (("--recon-activation-iters", "-2"), "--recon-activation-iters must be >= 0, or -1"),
     (("--methods", ","), "at least one preset and one method"),  # ran FP alone

@@ -182,3 +182,97 @@ def test_a_seed_flag_out_of_range_is_named_as_the_flag(tmp_path, tiny_model_dir,
     result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), flag, "-1"])
     _refused(result, f"{flag} must be an int in [0, 2**32 - 1], got -1")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "recipe"])
+def test_sampler_names_are_taken_in_any_case_by_every_command(tmp_path, tiny_model_dir, no_model_loads, command):
+    """``tadq recipe --sampler DDIM`` searched with ddim while sample, quantize and run refused ``DDIM``
+    ("SamplerConfig.kind='DDIM' is not supported"); every name flag (--methods, --preset, --fp-layers, bench's
+    --samplers) takes any case, and now --sampler does too. Each command builds its sampler before it checks
+    --steps against the schedule, so the --steps refusal shows the sampler was taken."""
+    import json
+
+    train = json.loads((tiny_model_dir / "scheduler" / "scheduler_config.json").read_text())["num_train_timesteps"]
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), "--steps", str(train + 1),
+                                 "--sampler", " DDIM "])
+    _refused(result, f"--steps {train + 1}", f"trained on {train} timesteps")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "recipe", "evaluate", "analyze"])
+def test_an_unknown_sampler_is_refused_by_the_flag_with_the_choices(tmp_path, tiny_model_dir, no_model_loads,
+                                                                    command):
+    from tadq.sampling import SAMPLER_KINDS
+
+    if command in ("evaluate", "analyze"):
+        args = [command, str(tmp_path / "artefact"), "--out", str(tmp_path / "out")]
+    else:
+        args = [*_steps_command(command, tiny_model_dir, tmp_path), "--steps", "2"]
+    result = runner.invoke(app, [*args, "--sampler", "dim"])
+    _refused(result, "--sampler", "'dim' is not a sampler", ", ".join(SAMPLER_KINDS))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+@pytest.mark.parametrize("extra, needle", [
+    (("--num-samples", "1"), "--num-samples must be >= 2, got 1"),
+    (("--batch-size", "0"), "--batch-size must be >= 1, got 0"),
+    (("--seed", "7", "--calib-seed", "7"), "--calib-seed must differ from --seed"),
+    (("--num-samples", "2", "--eval-prompts", "PROMPTS"), "--num-samples 2 for 3 evaluation prompts"),
+])
+def test_run_and_bench_name_the_flags_not_the_config_fields(tmp_path, tiny_model_dir, no_model_loads, command,
+                                                            extra, needle):
+    """``tadq run --num-samples 1`` read "num_samples must be >= 2", ``--seed 7 --calib-seed 7`` "calibration.seed
+    must differ from eval_seed": RunConfig's field names, not the flags typed."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\n")
+    extra = [str(prompts) if word == "PROMPTS" else word for word in extra]
+    result = runner.invoke(app, [*_steps_command(command, tiny_model_dir, tmp_path), *extra])
+    _refused(result, needle)
+    text = " ".join(result.output.split())
+    assert "num_samples" not in text and "batch_size" not in text and "eval_seed" not in text, text
+    assert not (tmp_path / "out").exists()
+
+
+def _lock_out(out: Path, pid: int) -> Path:
+    import json
+
+    from tadq.fsguard import lock_path
+    from tadq.utils import _host_tag
+
+    lock = lock_path(out)
+    lock.write_text(json.dumps({"pid": pid, "host": _host_tag(), "token": "theirs", "since": 0}))
+    return lock
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "run", "bench", "recipe"])
+def test_an_out_folder_another_live_command_writes_is_refused_before_any_work(tmp_path, tiny_model_dir,
+                                                                              no_model_loads, command):
+    """Two commands writing one --out interleaved their files (cells, chunks, reports): a folder lock now, held
+    by the test's own (live) pid here."""
+    import os
+
+    out = tmp_path / ("out.png" if command == "sample" else "out")
+    lock = _lock_out(out, os.getpid())
+    before = lock.read_bytes()
+    result = runner.invoke(app, _steps_command(command, tiny_model_dir, tmp_path))
+    flag = "--out-dir" if command == "sample-sharded" else "--out"
+    _refused(result, f"{flag} {out} is being written by another tadq process (pid {os.getpid()},", f"delete {lock}")
+    assert not out.exists() and lock.read_bytes() == before
+
+
+def test_a_lock_left_by_an_ended_command_is_taken_over(tmp_path, tiny_model_dir, monkeypatch):
+    import os
+    import subprocess
+    import sys
+
+    import tadq.experiments.run
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    lock = _lock_out(tmp_path / "out", child.pid)
+    started = []
+    monkeypatch.setattr(tadq.experiments.run, "run_main_job", lambda config: started.append(lock.read_text()) or {})
+    runner.invoke(app, _steps_command("run", tiny_model_dir, tmp_path))
+    assert len(started) == 1 and f'"pid": {os.getpid()}' in started[0]  # held by this run while it worked
+    assert not lock.exists()  # and released

@@ -289,6 +289,31 @@ def test_resume_with_other_settings_is_refused_untouched(tmp_path: Path, change:
     assert _stat(tmp_path) == before
 
 
+def test_resume_with_another_thread_count_is_refused_and_the_record_kept(tmp_path: Path) -> None:
+    """The thread count is not in the run key (README: --threads is in no cache key), and the manifest's record of
+    it was overwritten by each attempt: a CPU run resumed with another count mixed chunks whose last bits differ."""
+    own = torch.get_num_threads()
+    other = 1 if own != 1 else 2
+    _small(tmp_path, num_samples=4)
+
+    def manifest_threads() -> int:
+        return json.loads((tmp_path / "manifest.json").read_text())["settings"]["threads"]
+
+    assert manifest_threads() == own
+    before = _stat(tmp_path)
+    torch.set_num_threads(other)
+    try:
+        with pytest.raises(StaleRunError, match=f"2 finished chunk.*sampled with {own} torch threads, this run has "
+                                                f"{other}"):
+            _small(tmp_path, num_samples=6)  # would sample chunk 4..5 beside the two of the first attempt
+        assert _stat(tmp_path) == before
+        assert _small(tmp_path, num_samples=4).computed == ()  # finished: read, nothing sampled
+        assert manifest_threads() == own  # and the record stays that of its chunks
+    finally:
+        torch.set_num_threads(own)
+    assert _small(tmp_path, num_samples=6).computed == (ChunkRange(4, 6),)
+
+
 # -- defects found and fixed ------------------------------------------------------------------------------------------
 CLI_FLAGS = ["--num-samples", "4", "--steps", "2", "--batch-size", "2", "--threads", "1"]
 

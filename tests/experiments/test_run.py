@@ -171,6 +171,21 @@ def test_evaluation_prompts_beyond_the_samples_are_refused():
     assert RunConfig(num_samples=4, evaluation_prompts=("a", "b", "c", "d"), calibration_prompts=("e",))
 
 
+@pytest.mark.parametrize("fields, needle", [
+    ({"num_samples": 1}, "num_samples must be >= 2, got 1"),
+    ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    ({"eval_seed": 0}, "calibration.seed must differ from eval_seed"),
+    ({"num_samples": 2, "evaluation_prompts": ("a", "b", "c"), "calibration_prompts": ("e",)},
+     "give num_samples 3 or more"),
+])
+def test_run_config_names_its_own_fields_not_the_cli_flags(fields, needle):
+    """From Python the checks name RunConfig's fields (``tadq run`` names its flags, tests/cli/test_shared_flags.py);
+    the prompt-count message told a library caller to "give --num-samples"."""
+    with pytest.raises(ValueError) as error:
+        RunConfig(**fields)
+    assert needle in str(error.value) and "--" not in str(error.value)
+
+
 def test_preset_names_are_stored_as_the_preset_table_spells_them():
     """A preset name in another case or with blanks passed the check of ``RunConfig`` and ``BenchConfig`` and was
     stored as given, so the rows, files and measured best rows keyed by the name did not find it."""

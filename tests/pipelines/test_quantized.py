@@ -226,3 +226,24 @@ def test_a_changed_fp_component_of_the_artefact_is_caught_by_its_manifest(sd_art
     weights.write_bytes(bytes(data))
     with pytest.raises(ArtefactDamaged, match="vae/diffusion_pytorch_model.safetensors"):
         tadq.load_pipeline(copy)
+
+
+@pytest.mark.parametrize("class_name, kind", [("DDPMScheduler", "flow-euler"), ("PNDMScheduler", "flow-euler"),
+                                              ("FlowMatchEulerDiscreteScheduler", "ddim"),
+                                              ("FlowMatchEulerDiscreteScheduler", "dpmsolver++")])
+def test_the_folder_pairing_check_is_check_drivables_own(tmp_path, class_name, kind):
+    """``check_sampler_family`` (the commands' check before loading) carried its own copy of ``check_drivable``'s
+    family rule, in its own words: the two could drift apart. One rule now, one message, the folder named."""
+    from tadq.pipelines.quantized import check_sampler_family
+    from tadq.sampling.config import check_drivable
+
+    (tmp_path / "scheduler").mkdir()
+    config = {"_class_name": class_name, "num_train_timesteps": 1000}
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(config))
+    sampler = SamplerConfig(kind, num_steps=4)
+    with pytest.raises(NotImplementedError) as at_sampling:
+        check_drivable(class_name, config, sampler)
+    with pytest.raises(NotImplementedError) as before_loading:
+        check_sampler_family(tmp_path, sampler)
+    assert str(before_loading.value) == str(at_sampling.value).replace(" cannot drive ", f" cannot drive {tmp_path}, ")
+    check_sampler_family(tmp_path, SamplerConfig("flow-euler" if "FlowMatch" in class_name else "ddim", num_steps=4))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, hold_output, setup
 from tadq.cli.sample import (
     Backend,
     Device,
@@ -69,6 +69,7 @@ def analyze_command(
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
+        hold_output(out)
         qmodel, artefact_scheduler = load_quantized(model_dir, backend=backend)
         check_evaluation_seed(qmodel, seed, "--seed")  # the measured error would be on its calibration noise
         wanted = qmodel.adapter.conditioning_inputs(qmodel.model)

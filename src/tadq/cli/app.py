@@ -24,7 +24,9 @@ from tadq.cli.common import (
     console,
     default_or_count,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
+    sampler_kind_flag,
     setup,
 )
 from tadq.cli.evaluate import evaluate_command
@@ -112,7 +114,7 @@ def run_command(
                                     "256, make run's headline)."),
     sampler: str | None = typer.Option(None, help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ "
                                        "(2M) or flow-euler (default: ddim; flow-euler for a flow-matching model: "
-                                       "SD3, Flux)."),
+                                       "SD3, Flux).", callback=sampler_kind_flag),
     steps: int = typer.Option(50, help="Sampler steps."),
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
     seed: int = typer.Option(1000, help="Evaluation noise seed (shared by FP and every variant)."),
@@ -137,7 +139,7 @@ def run_command(
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
     from tadq.config import CalibrationConfig, ReconstructionConfig
-    from tadq.experiments.run import RunConfig, run_main_job
+    from tadq.experiments.run import RUN_FLAGS, RunConfig, check_run_numbers, run_main_job
     from tadq.experiments.workload import resolve_model_path
     from tadq.fsguard import check_output_dir, check_writable_dir
     from tadq.models import load_scheduler
@@ -147,15 +149,19 @@ def run_command(
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         check_seed_flags(seed=seed, calib_seed=calib_seed)
+        evaluation_prompts = read_prompt_file(eval_prompts, "--eval-prompts")
+        # RunConfig checks them again, named as its fields
+        check_run_numbers(num_samples=num_samples, batch_size=batch_size, eval_seed=seed, calibration_seed=calib_seed,
+                          evaluation_prompts=evaluation_prompts, names=RUN_FLAGS)
+        check_sampling_flags(num_samples=num_samples)  # the upper bound
         check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
+        hold_output(out)
         check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)
         if sampler is None:  # the model's scheduler decides: DDIM cannot drive a flow-matching model
             sampler = command_sampler_kind(load_scheduler(resolve_model_path(model)))
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
         check_steps_fit(resolve_model_path(model), steps)  # before the FP model is loaded and calibrated
-        if num_samples > 1:  # the upper bound (RunConfig names the lower one, 2)
-            check_sampling_flags(num_samples=num_samples)
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
@@ -173,7 +179,7 @@ def run_command(
                            batch_size=batch_size, out_dir=str(out), cache_dir=str(cache_dir), device=device,
                            dtype=dtype, guidance_scale=guidance_scale,
                            calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
-                           evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
+                           evaluation_prompts=evaluation_prompts,
                            negative_prompt=negative_prompt, labels=labels, null_class=null_class,
                            fp_layers=fp_layers.strip().lower(), distilled_guidance=distilled_guidance)
         from tadq.experiments.rows import missing_peer

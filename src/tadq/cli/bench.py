@@ -22,6 +22,7 @@ from tadq.cli.common import (
     check_steps_fit,
     console,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
     setup,
 )
@@ -101,6 +102,7 @@ def bench_command(
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
     from tadq.config import CalibrationConfig
     from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
+    from tadq.experiments.run import RUN_FLAGS, check_run_numbers
     from tadq.experiments.workload import resolve_model_path
     from tadq.fsguard import check_output_dir, check_writable_dir, is_tadq_output
     from tadq.models import load_scheduler, shipped_model_path
@@ -109,15 +111,23 @@ def bench_command(
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         check_seed_flags(seed=seed, calib_seed=calib_seed)
+        evaluation_prompts = read_prompt_file(eval_prompts, "--eval-prompts")
+        fields = matrix("quick" if quick else "default")
+        if num_samples is not None:
+            fields["num_samples"] = num_samples
+        # each sampler's RunConfig checks them again, named as its fields
+        check_run_numbers(num_samples=fields["num_samples"], batch_size=batch_size, eval_seed=seed,
+                          calibration_seed=calib_seed, evaluation_prompts=evaluation_prompts, names=RUN_FLAGS)
+        check_sampling_flags(num_samples=fields["num_samples"])  # the upper bound
         source = model if model is not None else shipped_model_path()
         check_output_dir(out, kind="bench", resume=True, force_foreign=force_foreign, inputs=[source])
+        hold_output(out)
         check_writable_dir(cache_dir, "--cache-dir", inputs=[source], force_foreign=force_foreign)
         if models_dir is not None:
             # base models are saved into it and reused from it: tadq's own (marked, or <run>/models of a folder tadq
             # marked, as runs/main/models), never the input model's folder or a foreign one
             check_output_dir(models_dir, kind="base-models", what="--models-dir", resume=True, inputs=[source],
                              force_foreign=force_foreign or is_tadq_output(models_dir.parent))
-        fields = matrix("quick" if quick else "default")
         if samplers is not None:
             fields["samplers"] = tuple(parse_sampler(name, steps) for name in _split(samplers))
         elif command_sampler_kind(scheduler := load_scheduler(resolve_model_path(model and str(model)))) == "ddim":
@@ -131,10 +141,6 @@ def bench_command(
             fields["methods"] = tuple(m.lower() for m in _split(methods))
         if presets is not None:
             fields["presets"] = tuple(p.upper() for p in _split(presets))
-        if num_samples is not None:
-            if num_samples > 1:  # the upper bound (the config names the lower one, 2)
-                check_sampling_flags(num_samples=num_samples)
-            fields["num_samples"] = num_samples
         calibration = CalibrationConfig(num_trajectories=calib_trajectories,
                                         samples_per_step=min(64, calib_trajectories), seed=calib_seed)
         config = BenchConfig(model=str(model) if model else None, eval_seed=seed, calibration=calibration,
@@ -147,7 +153,7 @@ def bench_command(
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),
                              threads=threads, device=device, dtype=dtype, guidance_scale=guidance_scale,
                              calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
-                             evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),
+                             evaluation_prompts=evaluation_prompts,
                              negative_prompt=negative_prompt, distilled_guidance=distilled_guidance,
                              labels=labels, null_class=null_class, force_foreign=force_foreign,
                              prompt_files=tuple(None if f is None else str(f) for f in (calib_prompts, eval_prompts)),

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
            "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
            "class_conditions_for", "default_or_count", "check_sampling_flags",
-           "check_steps_fit", "check_seed_flags"]
+           "check_steps_fit", "check_seed_flags", "sampler_kind_flag", "hold_output"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -106,9 +106,13 @@ def _set_threads(threads: int) -> None:
 
 @contextlib.contextmanager
 def fail_cleanly() -> Iterator[None]:
-    """Print a one-line error for bad input (``USER_ERRORS``) and exit with code 2; the traceback with --verbose."""
+    """Print a one-line error for bad input (``USER_ERRORS``) and exit with code 2; the traceback with --verbose.
+    The outputs ``hold_output`` locked in the block are released when it ends, however it ends."""
+    outer = _state.get("held")
     try:
-        yield
+        with contextlib.ExitStack() as held:
+            _state["held"] = held
+            yield
     except (*USER_ERRORS, OSError) as error:
         if not isinstance(error, USER_ERRORS) and error.errno not in PATH_ERRNOS:
             raise  # an OSError tadq does not know as the user's: a bug, with its traceback
@@ -126,6 +130,20 @@ def fail_cleanly() -> Iterator[None]:
             message += " (a quoted ~ is not expanded to a home folder; write the full path)"
         console.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from error
+    finally:
+        _state["held"] = outer
+
+
+def hold_output(out: Path, what: str = "--out") -> None:
+    """Lock ``out`` (``tadq.fsguard.output_lock``) until the enclosing ``fail_cleanly`` block ends: a second
+    command writing the same folder or file is refused, naming the pid that holds it, before its expensive work.
+    Call it right after the output's own checks (``check_output_dir``/``check_output_file``)."""
+    from tadq.fsguard import output_lock
+
+    held = _state.get("held")
+    if held is None:
+        raise RuntimeError("hold_output is called inside a fail_cleanly block, which releases the lock")
+    held.enter_context(output_lock(out, what))
 
 
 def _shorten(name: str) -> str:
@@ -160,6 +178,20 @@ def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | No
         check_seed("--seed", seed)
     if guidance_scale is not None and not (math.isfinite(guidance_scale) and guidance_scale >= 0):
         raise ValueError(f"--guidance-scale must be a finite number >= 0 (1: no guidance), got {guidance_scale}")
+
+
+def sampler_kind_flag(value: str | None) -> str | None:
+    """The ``--sampler`` of every command, as typer's callback: case and surrounding spaces dropped, as every other
+    name flag takes them (--methods, --preset, --fp-layers; `tadq bench --samplers`), or a usage error naming the
+    kinds before anything is read. `tadq recipe` lower-cased it while sample, quantize and run refused ``DDIM``."""
+    if value is None:
+        return None
+    from tadq.sampling import SAMPLER_KINDS
+
+    kind = value.strip().lower()
+    if kind not in SAMPLER_KINDS:
+        raise typer.BadParameter(f"{value!r} is not a sampler; choose one of {', '.join(SAMPLER_KINDS)}")
+    return kind
 
 
 def check_seed_flags(**seeds: int | None) -> None:

@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from tadq.cli.common import ForceForeign, Labels, NullClass, check_sampling_flags, console, fail_cleanly, setup
+from tadq.cli.common import (
+    ForceForeign,
+    Labels,
+    NullClass,
+    check_sampling_flags,
+    console,
+    fail_cleanly,
+    hold_output,
+    setup,
+)
 from tadq.cli.sample import (
     Backend,
     Device,
@@ -202,6 +211,7 @@ def evaluate_command(
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
             check_output_dir(out, kind="evaluate-report", resume=True, force_foreign=force_foreign,
                              inputs=[model_dir, reference if reference is not None else shipped_model_path()])
+            hold_output(out)
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         qmodel, scheduler = load_quantized(model_dir, backend=backend)
         check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled

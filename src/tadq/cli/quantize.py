@@ -22,8 +22,10 @@ from tadq.cli.common import (
     class_conditions_for,
     console,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
     require_file,
+    sampler_kind_flag,
     setup,
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
@@ -308,7 +310,7 @@ def quantize_command(
                       "corrections.0.num_samples=64); repeat. Applied last.")] = None,
     sampler: Annotated[str | None, typer.Option(
         help="Deployment sampler (calibrated on and corrections fitted for): ddim, ddpm, euler, euler-ancestral, "
-             "dpmsolver++ (2M) or flow-euler (flow-matching models).")] = None,
+             "dpmsolver++ (2M) or flow-euler (flow-matching models).", callback=sampler_kind_flag)] = None,
     steps: Annotated[int | None, typer.Option(help="Deployment sampler steps (recipe's, else 50).")] = None,
     eta: Annotated[float | None, typer.Option(help="Deployment DDIM eta (recipe's, else 0).")] = None,
     calib_seed: Annotated[int | None, typer.Option(help="Calibration noise seed (0).")] = None,
@@ -424,6 +426,7 @@ def quantize_command(
                              "choose a cache folder outside it")
         if checkpoint is not None:
             check_output_file(checkpoint, what="--checkpoint", inputs=[source, out], force_foreign=force_foreign)
+        hold_output(out)
         if model_dir is not None and (model_dir / "model_index.json").is_file():  # its components are copied
             check_copyable_components(model_dir)
         if distilled_guidance is None:  # the recipe's (--recipe of a Flux artefact, --set deployments.0...)

@@ -25,7 +25,9 @@ from tadq.cli.common import (
     console,
     default_or_count,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
+    sampler_kind_flag,
     setup,
 )
 from tadq.cli.sample import Threads, Verbose
@@ -99,7 +101,8 @@ def recipe_command(
                                                 "tadq run's.")] = DEFAULT_FP_LAYERS,
     sampler_kind: Annotated[str | None, typer.Option(
         "--sampler", help="Deployment sampler: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
-                          "(default: ddim; flow-euler for a flow-matching model: SD3, Flux).")] = None,
+                          "(default: ddim; flow-euler for a flow-matching model: SD3, Flux).",
+        callback=sampler_kind_flag)] = None,
     steps: Annotated[int, typer.Option(help="Steps of the deployment sampler.")] = 50,
     eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler (ddim only).")] = 0.0,
     calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
@@ -153,7 +156,7 @@ def recipe_command(
                 raise ValueError(f"{name} must be >= 1, got {number}")
         if evaluate < 0:
             raise ValueError(f"--evaluate must be >= 0 (0: no evaluation), got {evaluate}")
-        sampler = SamplerConfig(kind="ddim" if sampler_kind is None else sampler_kind.strip().lower(),
+        sampler = SamplerConfig(kind="ddim" if sampler_kind is None else sampler_kind,
                                 num_steps=steps, eta=eta)
         reconstruction = ReconstructionConfig(rounding=recon_rounding.strip().lower())
         if (iters := default_or_count("--recon-iters", recon_iters)) is not None:
@@ -176,6 +179,7 @@ def recipe_command(
         if source.exists():
             check_steps_fit(source, steps)  # the plan refused it only after the model was loaded
         check_output_dir(out, kind="recipe-search", resume=True, force_foreign=force_foreign, inputs=[source])
+        hold_output(out)
         workload = load_workload(model_dir, guidance_scale=guidance_scale,
                                  calibration_prompts=read_prompt_file(calib_prompts, "--calib-prompts"),
                                  evaluation_prompts=read_prompt_file(eval_prompts, "--eval-prompts"),

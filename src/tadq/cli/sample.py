@@ -21,7 +21,9 @@ from tadq.cli.common import (
     class_conditions_for,
     console,
     fail_cleanly,
+    hold_output,
     read_prompt_file,
+    sampler_kind_flag,
     setup,
 )
 
@@ -32,7 +34,7 @@ __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipe
 SamplerKind = Annotated[str | None, typer.Option(
     "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
                       "(flow-matching models) (default: the artefact's recipe, else ddim, or flow-euler for a "
-                      "flow-matching model).")]
+                      "flow-matching model).", callback=sampler_kind_flag)]
 Steps = Annotated[int | None, typer.Option(help="Sampler steps (default: the artefact's recipe, else 50).")]
 Eta = Annotated[float | None, typer.Option(
     help="DDIM eta, 0 = deterministic, 0 for ddpm (default: the artefact's recipe, else 0).")]
@@ -186,6 +188,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
                          f"--num-samples {len(prompts)} or more")
     check_output_dir(out, kind="samples", what="--out", resume=True, inputs=[path], force_foreign=force_foreign)
+    hold_output(out)
     if not force_foreign:
         _refuse_foreign_sample_files(out, num_samples)
     if tensor_out is not None:
@@ -436,6 +439,7 @@ def sample_command(
         out = Path("samples.png") if out is None else out
         check_output_file(out, what="--out", suffixes=(".png",), inputs=[source],  # before sampling, not after
                           force_foreign=force_foreign)
+        hold_output(out)
         if tensor_out is not None:
             check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source],
                               force_foreign=force_foreign)

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, hold_output, setup
 from tadq.cli.sample import (
     Eta,
     SamplerKind,
@@ -99,6 +99,8 @@ def sample_sharded_command(
             raise ValueError(f"--num-samples {num_samples}: FD-digits needs at least 2 samples; pass --no-metrics")
         check_output_dir(out_dir, kind="sample-sharded", what="--out-dir", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir if model_dir is not None else shipped_model_path()])
+        if world.is_main:  # the ranks of one job write the folder together: one lock, the job's
+            hold_output(out_dir, "--out-dir")
         if reference_dir is not None:  # its own words for a wrong path, not "has no manifest.json"
             if not reference_dir.exists():
                 raise FileNotFoundError(f"--reference-dir {reference_dir} does not exist")

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, hold_output, setup
 
 zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                       help="Train the shipped models (digits and photos DDPMs, the text-to-image digits model, "
@@ -76,6 +76,7 @@ def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
 
     config = build_config()
     check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
+    hold_output(out)
     check_not_finished(out, overwrite, layout)
     # a folder outside the package is always marked: a run interrupted before training_info.json (or with only its
     # checkpoint) was refused as foreign on the rerun its help promises; the shipped folders keep their bytes

@@ -26,8 +26,10 @@ from tadq.distributed.store import (
     CHUNK_DIR,
     SAMPLES_NAME,
     ShardedRun,
+    StaleRunError,
     check_manifest,
     pending_chunks,
+    read_manifest,
     remove_partial_files,
     save_chunk,
     write_manifest,
@@ -101,17 +103,34 @@ def _check_arguments(num_samples: int, seed: int, batch_size: int, chunk_size: i
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
-def _plan(world: World, out_dir: Path, chunks: tuple[ChunkRange, ...], key: dict[str, Any]) -> list[ChunkRange]:
-    keys = world.gather(key)
+def _plan(world: World, out_dir: Path, chunks: tuple[ChunkRange, ...], key: dict[str, Any],
+          threads: int) -> tuple[list[ChunkRange], int]:
+    """(chunks still to sample, the torch thread count the run's chunks are made with: ``threads``, or the one the
+    manifest records when every chunk is already there and nothing is sampled now)."""
+    keys, counts = world.gather(key), world.gather(threads)
 
-    def plan() -> list[ChunkRange]:
+    def plan() -> tuple[list[ChunkRange], int]:
         for rank, other in enumerate(keys or []):
             if differences := key_differences(key, other):
                 raise ValueError(f"rank {rank} loaded another model or scheduler than rank 0 ({differences[0]}); "
                                  "every node must read the same model files")
+        cpu = key["device_type"] == "cpu"
+        if cpu and len(set(counts or [threads])) > 1:
+            raise ValueError(f"the ranks run with different torch thread counts ({counts}); on the CPU the count "
+                             "changes the last bits of a sample, so give every rank the same one")
         check_manifest(out_dir, key)
+        recorded = ((read_manifest(out_dir) or {}).get("settings") or {}).get("threads")
         remove_partial_files(out_dir)
-        return pending_chunks(out_dir, chunks, key)
+        pending = pending_chunks(out_dir, chunks, key)
+        if not (cpu and isinstance(recorded, int) and recorded != threads and len(pending) < len(chunks)):
+            return pending, threads
+        if pending:  # --threads is not in the run key (README): the record is checked here instead
+            raise StaleRunError(f"{out_dir}'s {len(chunks) - len(pending)} finished chunk(s) were sampled with "
+                                f"{recorded} torch threads, this run has {threads}: on the CPU the thread count "
+                                "changes how float sums are split, and so the last bits of a sample, and the run "
+                                f"would mix the two. Resume with {recorded} threads (torch.set_num_threads; "
+                                f"--threads {recorded} on the command line), or sample into a new folder")
+        return pending, recorded  # nothing is sampled now: the record stays that of the chunks
 
     return world.on_main(plan)
 
@@ -189,9 +208,9 @@ def sample_sharded(
         key["conditioning"] = {"conditions": None if conditions is None else conditions.key,
                                "guidance_scale": plan.guidance_scale}
     chunks = chunk_ranges(num_samples, chunk_size)
-    pending = _plan(world, out_dir, chunks, key)
+    pending, threads = _plan(world, out_dir, chunks, key, torch.get_num_threads())
     settings = {"model_label": label or type(denoiser).__name__, "sampler_key": sampler.key,
-                "world_size": world.world_size, "device": str(world.device), "threads": torch.get_num_threads()}
+                "world_size": world.world_size, "device": str(world.device), "threads": threads}
     if world.is_main:
         # the assembled file of an earlier run (another N) would sit beside a manifest of this one until _finish
         (out_dir / SAMPLES_NAME).unlink(missing_ok=True)

@@ -36,7 +36,8 @@ from tadq.safefiles import DamagedFileError, load_checked, nonfinite_count, save
 from tadq.sampling import SamplerConfig, check_seed
 from tadq.utils import atomic_write_text, library_versions
 
-__all__ = ["RunConfig", "CELL_SUFFIX", "REPORT_FILES", "HEADLINE_METHODS", "HEADLINE_SAMPLES", "PreparedJob",
+__all__ = ["RunConfig", "RUN_FIELDS", "RUN_FLAGS", "check_run_numbers", "CELL_SUFFIX", "REPORT_FILES",
+           "HEADLINE_METHODS", "HEADLINE_SAMPLES", "PreparedJob",
            "cell_key", "load_cell", "save_cell", "default_variants", "job_rows", "prepare_job", "run_cell",
            "run_main_job", "write_report"]
 
@@ -47,6 +48,34 @@ logger = logging.getLogger(__name__)
 # reads high for every row, FP included). The complete matrix is ``make bench-full``.
 HEADLINE_METHODS: tuple[str, ...] = ("naive", "best")
 HEADLINE_SAMPLES = 256
+
+# how ``check_run_numbers`` names its inputs: RunConfig's fields when called from Python, the flags the user typed
+# when `tadq run`/`tadq bench` check them first (they read "num_samples must be >= 2" for --num-samples 1)
+RUN_FIELDS: dict[str, str] = {"num_samples": "num_samples", "batch_size": "batch_size", "eval_seed": "eval_seed",
+                              "calibration_seed": "calibration.seed"}
+RUN_FLAGS: dict[str, str] = {"num_samples": "--num-samples", "batch_size": "--batch-size", "eval_seed": "--seed",
+                             "calibration_seed": "--calib-seed"}
+
+
+def check_run_numbers(*, num_samples: int, batch_size: int, eval_seed: int, calibration_seed: int,
+                      evaluation_prompts: tuple[str, ...] = (), names: dict[str, str] = RUN_FIELDS) -> None:
+    """RunConfig's checks of its counts and seeds, each input named by ``names`` (``RUN_FIELDS`` or ``RUN_FLAGS``):
+    at least 2 samples (FD needs two), at least as many as evaluation prompts, a batch of at least 1 (sampling
+    refused it only after calibration), seeds in range and the calibration seed apart from the evaluation one."""
+    samples = names["num_samples"]
+    if num_samples < 2:
+        raise ValueError(f"{samples} must be >= 2, got {num_samples}")
+    if num_samples < len(evaluation_prompts):  # as tadq sample refuses it: they were dropped silently
+        raise ValueError(f"{samples} {num_samples} for {len(evaluation_prompts)} evaluation prompts: sample i gets "
+                         f"prompt i mod the count, so {evaluation_prompts[num_samples]!r} and any after it would "
+                         f"never be evaluated; give {samples} {len(evaluation_prompts)} or more, or fewer prompts")
+    if batch_size < 1:
+        raise ValueError(f"{names['batch_size']} must be >= 1, got {batch_size}")
+    check_seed(names["eval_seed"], eval_seed)
+    check_seed(names["calibration_seed"], calibration_seed)
+    if calibration_seed == eval_seed:
+        raise ValueError(f"{names['calibration_seed']} must differ from {names['eval_seed']}: a fit scored on its "
+                         "own noise proves nothing")
 
 
 @dataclass(frozen=True)
@@ -125,20 +154,8 @@ class RunConfig:
             raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
         fp_layer_roles(self.fp_layers)  # an unknown key fails here, named (the peer rows keep the same layers)
         job_rows(self)  # ``best`` at a preset without a measured best fails here, before any work
-        if self.num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2, got {self.num_samples}")
-        if self.num_samples < len(self.evaluation_prompts):  # as tadq sample refuses it: they were dropped silently
-            raise ValueError(f"num_samples {self.num_samples} for {len(self.evaluation_prompts)} evaluation prompts: "
-                             f"sample i gets prompt i mod the count, so {self.evaluation_prompts[self.num_samples]!r} "
-                             f"and any after it would never be evaluated; give --num-samples "
-                             f"{len(self.evaluation_prompts)} or more, or fewer prompts")
-        if self.batch_size < 1:  # checked here: sampling would refuse it only after calibration
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        check_seed("eval_seed", self.eval_seed)
-        if self.calibration.seed == self.eval_seed:
-            raise ValueError(
-                "calibration.seed must differ from eval_seed: a fit scored on its own noise proves nothing"
-            )
+        check_run_numbers(num_samples=self.num_samples, batch_size=self.batch_size, eval_seed=self.eval_seed,
+                          calibration_seed=self.calibration.seed, evaluation_prompts=self.evaluation_prompts)
         if self.calibration.sampler != self.sampler:
             raise ValueError("calibration.sampler must be the deployment sampler (set both to the same SamplerConfig)")
         self._check_rows_apart_from_eval_seed()

@@ -402,6 +402,31 @@ def _check_float32(qmodel: QuantizedDenoiser) -> None:
                              f"dtype=torch.{name}), or cast this one back with .float() first")
 
 
+def _check_tables_fit(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin) -> None:
+    """Refuse, before anything is written, a scheduler the per-step tables (PTQD/TAC/TCEC corrections, TFMQ) were
+    not fitted on: the artefact keeps it as its own (``tadq.load`` returns it, ``tadq sample`` walks it) and the
+    tables refused it at every sampling, while the scheduler they were fitted on was no longer in the folder. The
+    grids are rebuilt on ``scheduler`` from the recipe's samplers; tables of a grid the recipe does not hold cannot be
+    rebuilt here and are checked when sampled, as before."""
+    from tadq.sampling import SamplingPlan
+
+    recipe = getattr(qmodel, "recipe", None)  # a model made by tadq.quantize has one; a hand-built may not
+    samplers = {} if recipe is None else {s.key: s for s in (recipe.sampler, *(d.sampler for d in recipe.deployments))}
+    for member in qmodel.corrections:
+        key = getattr(member, "table_key", None)
+        grid, scale = (key.sampler_key, key.guidance_scale) if key is not None else (
+            getattr(member, "sampler_key", None), 1.0)
+        if grid not in samplers:
+            continue
+        try:
+            member.check_plan(SamplingPlan.build(scheduler, samplers[grid], scale).steps)
+        except (ValueError, NotImplementedError) as error:
+            raise ValueError(f"save_pretrained: the {type(scheduler).__name__} given is not the scheduler "
+                             f"{type(member).__name__}'s per-step tables were fitted on ({error}); the artefact would "
+                             "keep it as its own and refuse to sample with it. Pass the scheduler the model was "
+                             "quantized and fitted with, or refit the tables on this one") from error
+
+
 def save_quantized(
     qmodel: QuantizedDenoiser, directory: str | Path, scheduler: SchedulerMixin | None, *, overwrite: bool = False,
     force_foreign: bool = False, pipeline_source: str | Path | None = None,
@@ -446,6 +471,9 @@ def save_quantized(
         reason = config_mismatch(qmodel.model, config_file) if config_file.is_file() else f"{config_file} is missing"
         if reason is not None:
             raise ValueError(f"pipeline_source {source} is not the folder this model was quantized from: {reason}")
+    if scheduler is not None and source is None:  # a pipeline folder's artefact keeps the folder's own scheduler
+        _check_tables_fit(qmodel, scheduler)
+
     def check() -> None:
         check_output_dir(target, kind="artefact", what="artefact folder", overwrite=overwrite,
                          force_foreign=force_foreign, inputs=[] if source is None else [source])

@@ -561,20 +561,15 @@ def check_drivable_scheduler(path: str | Path) -> None:
 def check_sampler_family(path: str | Path, sampler: SamplerConfig) -> None:
     """``NotImplementedError`` when ``sampler`` is of the other family than the pipeline folder's training schedule
     (flow-euler on a discrete ᾱ_t one, an ε kind on a flow-matching one), read from its scheduler config alone, so
-    commands refuse it before any component is loaded (sampling refuses it too, after). A folder without the
-    config passes: the folder checks name it."""
-    from tadq.sampling.config import FLOW_SCHEDULERS
+    commands refuse it before any component is loaded (sampling refuses it too, after, by the same rule:
+    ``check_sampler_pairing``). A folder without the config passes: the folder checks name it."""
+    from tadq.sampling.config import check_sampler_pairing
 
     config_file = Path(path) / "scheduler" / "scheduler_config.json"
     if not config_file.is_file():
         return
     config = read_json_file(config_file, "scheduler config")
-    flow = isinstance(config, dict) and config.get("_class_name") in FLOW_SCHEDULERS
-    if flow != sampler.is_flow:
-        use = "flow-euler" if flow else "ddim, ddpm, euler, euler-ancestral or dpmsolver++"
-        raise NotImplementedError(f"sampler {sampler.kind!r} cannot drive {path}: its schedule is "
-                                  f"{'flow matching' if flow else 'a discrete ᾱ_t (ε-family) one'} "
-                                  f"({config.get('_class_name')}); use {use}")
+    check_sampler_pairing(config.get("_class_name") if isinstance(config, dict) else None, sampler, str(path))
 
 
 def _check_components_listed(path: Path, layout: Any) -> None:

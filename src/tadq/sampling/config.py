@@ -28,6 +28,7 @@ from tadq.safefiles import finite_float
 
 __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
            "PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
+           "check_sampler_pairing",
            "command_sampler_kind", "default_sampler", "make_scheduler", "scheduler_config_key",
            "DEFAULTED_KEYS"]
 
@@ -373,12 +374,22 @@ def check_drivable(class_name: str | None, config: Mapping[str, Any], sampler: S
                          "s > 0; fix scheduler_config.json")
     if sampler is None:
         return
+    check_sampler_pairing(class_name, sampler)
+    _check_sampler_options(sampler, config)
+
+
+def check_sampler_pairing(class_name: str | None, sampler: SamplerConfig, where: str | None = None) -> None:
+    """Raise ``NotImplementedError`` when ``sampler`` is of the other family than the training schedule of class
+    ``class_name``: a flow kind on a discrete ᾱ_t (ε-family) one, an ε kind on a flow-matching one. The one pairing
+    rule: ``check_drivable`` applies it, and the commands apply it to a folder's scheduler config before loading
+    (``where``: the folder, named in the message)."""
+    flow = class_name in FLOW_SCHEDULERS
     if flow != sampler.is_flow:
         what = "a flow-matching model (velocity prediction)" if flow else "a discrete ᾱ_t (ε-family) model"
         use = "flow-euler" if flow else "ddim, ddpm, euler, euler-ancestral or dpmsolver++"
-        raise NotImplementedError(f"sampler {sampler.kind!r} cannot drive {what} ({class_name or 'bare config'}): "
-                                  f"its update assumes the other parametrisation; use {use}.")
-    _check_sampler_options(sampler, config)
+        raise NotImplementedError(f"sampler {sampler.kind!r} cannot drive {'' if where is None else f'{where}, '}"
+                                  f"{what} ({class_name or 'bare config'}): its update assumes the other "
+                                  f"parametrisation; use {use}.")
 
 
 # Config options that change the grid (σ's, timesteps) or the timestep the network is fed, with the values that do:
