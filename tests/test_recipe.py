@@ -109,6 +109,16 @@ def test_load_recipe_errors_name_the_file(tmp_path):
         load_recipe(tmp_path / "bad.json")
 
 
+def test_docs_fields_table_has_a_row_for_every_recipe_field():
+    """docs/recipes.md "Fields" is where a hand-written recipe's fields are looked up; softmax_granularity,
+    branch_ranges and layer_bits had no row."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
+    table = page.split("\n## Fields\n", 1)[1].split("\n#", 1)[0]
+    rows = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE))
+    assert "method" in rows and "name" in rows  # the table was found
+    assert rows == {field.name for field in dataclasses.fields(Recipe)}
+
+
 def test_the_skeleton_the_not_a_recipe_error_shows_is_todays_recipe(tmp_path):
     """The error showed ``"version": 1``: a recipe written from it was migrated as a version-1 one (per-tensor
     softmax steps where today's default is per row), not the recipe docs/recipes.md describes."""

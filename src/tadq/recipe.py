@@ -150,7 +150,8 @@ class Recipe:
         method: the quantization method, a registered method config (``NaiveMethod``, ``QDiffusionMethod``,
             ``TFMQMethod``...).
         weights: scheme of every quantized weight (bits, symmetry, per-channel or per-tensor, range estimator).
-        activations: scheme of every quantized input activation; its ``granularity`` must be ``per_tensor``.
+        activations: scheme of every quantized input activation: ``per_tensor`` (calibrated) or dynamic
+            ``per_token``/``per_group`` ranges, smoothing, rotation (``QScheme``).
         keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
         exclude: fnmatch patterns of layer names kept in floating point.
         split_shortcut: Q-Diffusion shortcut splitting of the decoder's skip convolutions.
