@@ -3,7 +3,8 @@
 Docstrings, comments and READMEs cite the documentation under ``docs/`` (``docs/methods/ptqd.md#pitfalls``). These
 tests fail when a reference points outside the repository (the old ``methods.md`` / ``facts.md`` /
 ``architecture.md`` design notes, ``shared/design``), when a cited ``docs/`` page or ``#anchor`` does not exist,
-or when a relative Markdown link (in ``docs/``, the top-level README or any README under ``src/``) is broken.
+or when a relative Markdown link (in ``docs/``, the top-level README or any README under ``src/``) is broken, or
+when a ``tadq COMMAND --flag`` they show names a flag the command does not have.
 """
 
 from __future__ import annotations
@@ -141,3 +142,98 @@ def test_relative_markdown_links_resolve(markdown: Path):
             elif anchor and page.suffix == ".md" and anchor not in anchors(page):
                 bad.append(f"{_where(markdown, n)}: {link} (no such heading)")
     assert not bad, "broken links:\n" + "\n".join(bad)
+
+
+# -- CLI flags named in the docs ------------------------------------------------------------------------------------
+INVOCATION = re.compile(r"(?:^|[\s(])(?:python -m tadq|-m tadq|tadq)(?:\.cli(?:\.app)?)?\s+([a-z][\w-]*)(.*)")
+SHELL_END = re.compile(r"[;|&`]|\$\(|\s#\s|\s\s#")
+
+
+def _shell_snippets(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every fenced line (backslash continuations joined) and every inline code span (spans broken
+    over lines joined within their paragraph) of a Markdown file."""
+    snippets: list[tuple[int, str]] = []
+    paragraph: list[tuple[int, str]] = []
+    pending: tuple[int, str] | None = None
+    in_fence = False
+
+    def end_paragraph() -> None:
+        text = " ".join(line for _, line in paragraph)
+        snippets.extend((paragraph[0][0], match.group(1)) for match in re.finditer(r"`([^`]+)`", text))
+        paragraph.clear()
+
+    for n, line in enumerate(_lines(path), 1):
+        if FENCE.match(line):
+            end_paragraph()
+            in_fence = not in_fence
+        elif in_fence:
+            pending = (pending[0], f"{pending[1]} {line.strip()}") if pending else (n, line)
+            if pending[1].rstrip().endswith("\\"):
+                pending = (pending[0], pending[1].rstrip()[:-1])
+            else:
+                snippets.append(pending)
+                pending = None
+        elif line.strip():
+            paragraph.append((n, line.strip()))
+        else:
+            end_paragraph()
+    end_paragraph()
+    return snippets
+
+
+def documented_flags() -> list[tuple[str, str, str, bool]]:
+    """(where, command, flag, is_prefix) for every ``--flag`` after ``tadq COMMAND`` in the Markdown files; a flag
+    followed by ``…`` stands for every flag it begins (``--budget …``)."""
+    from typer.main import get_command
+
+    from tadq.cli.app import app
+
+    commands = get_command(app).commands
+    found = []
+    for path in _markdown_files():
+        for n, snippet in _shell_snippets(path):
+            for match in INVOCATION.finditer(snippet):
+                name, command = match.group(1), commands.get(match.group(1))
+                words = SHELL_END.split(match.group(2))[0].split()
+                if command is not None and hasattr(command, "commands"):  # tadq zoo train …
+                    command = command.commands.get(words[0]) if words else None
+                    name = f"{name} {words[0]}" if command is not None else name
+                if command is None:
+                    continue
+                for i, word in enumerate(words):
+                    if word.startswith("--"):
+                        prefix = i + 1 < len(words) and words[i + 1].startswith("…")
+                        found.append((_where(path, n), name, word.split("=")[0].rstrip(",.:)"), prefix))
+    return found
+
+
+def _command_flags() -> dict[str, set[str]]:
+    from typer.main import get_command
+
+    from tadq.cli.app import app
+
+    flags: dict[str, set[str]] = {}
+
+    def walk(command, name: str) -> None:
+        flags[name] = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+        for sub_name, sub in getattr(command, "commands", {}).items():
+            walk(sub, f"{name} {sub_name}".strip())
+
+    walk(get_command(app), "")
+    return flags
+
+
+def test_the_flag_scan_sees_the_quick_start():
+    # toothless if the scan missed fenced blocks, continuations or inline spans broken over lines
+    seen = {(name, flag) for _, name, flag, _ in documented_flags()}
+    assert {("quantize", "--split-shortcut"), ("quantize", "--recon-rounding"), ("sample", "--backend"),
+            ("recipe", "--budget-bits"), ("run", "--recon-activation-iters")} <= seen
+
+
+def test_every_documented_flag_exists_on_its_command():
+    """A flag the docs give a ``tadq`` command (``tadq run --fp-layers none``) is one of that command's options: a
+    renamed or misspelt flag in README.md, docs/ or a README under src/ fails here, not in a user's terminal."""
+    flags = _command_flags()
+    bad = [f"{where}: tadq {name} {flag}" for where, name, flag, prefix in documented_flags()
+           if not (any(known.startswith(flag) for known in flags[name]) if prefix else flag in flags[name])]
+    assert not bad, "flags the docs give that the command does not have:\n" + "\n".join(bad)

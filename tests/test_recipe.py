@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -106,6 +107,27 @@ def test_load_recipe_errors_name_the_file(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(config_to_dict(QuantConfig())))
     with pytest.raises(ValueError, match="bad.json holds a 'QuantConfig', not a Recipe"):
         load_recipe(tmp_path / "bad.json")
+
+
+def test_docs_fields_table_has_a_row_for_every_recipe_field():
+    """docs/recipes.md "Fields" is where a hand-written recipe's fields are looked up; softmax_granularity,
+    branch_ranges and layer_bits had no row."""
+    page = (Path(__file__).resolve().parents[1] / "docs" / "recipes.md").read_text(encoding="utf-8")
+    table = page.split("\n## Fields\n", 1)[1].split("\n#", 1)[0]
+    rows = set(re.findall(r"^\| `(\w+)` \|", table, flags=re.MULTILINE))
+    assert "method" in rows and "name" in rows  # the table was found
+    assert rows == {field.name for field in dataclasses.fields(Recipe)}
+
+
+def test_the_skeleton_the_not_a_recipe_error_shows_is_todays_recipe(tmp_path):
+    """The error showed ``"version": 1``: a recipe written from it was migrated as a version-1 one (per-tensor
+    softmax steps where today's default is per row), not the recipe docs/recipes.md describes."""
+    (tmp_path / "bad.json").write_text(json.dumps({"type": "QuantConfig", "version": 1, "data": {}}))
+    with pytest.raises(ValueError, match="not a Recipe") as caught:
+        load_recipe(tmp_path / "bad.json")
+    version = int(re.search(r'"version": (\d+)', str(caught.value)).group(1))
+    skeleton = {"type": "Recipe", "version": version, "data": {"quantize_attention": True}}
+    assert recipe_from_dict(skeleton) == Recipe(quantize_attention=True)
 
 
 def test_a_version_1_recipe_and_config_mean_the_per_tensor_softmax_they_were_written_with():

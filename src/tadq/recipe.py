@@ -6,7 +6,7 @@ the layers kept in floating point, the calibration data, the deployment sampler(
 application order. ``tadq.quantize(model, scheduler, recipe)`` runs it, the artefact stores it
 (``tadq_recipe.json``) and ``tadq sample`` / ``tadq evaluate`` apply it.
 
-JSON form: ``config_to_dict`` (``{"type": "Recipe", "version": 1, "data": {...}}``, nested configs the same way);
+JSON form: ``config_to_dict`` (``{"type": "Recipe", "version": 3, "data": {...}}``, nested configs the same way);
 omitted fields take their defaults; an unknown field, type or a newer version raises naming where it is.
 """
 
@@ -150,7 +150,8 @@ class Recipe:
         method: the quantization method, a registered method config (``NaiveMethod``, ``QDiffusionMethod``,
             ``TFMQMethod``...).
         weights: scheme of every quantized weight (bits, symmetry, per-channel or per-tensor, range estimator).
-        activations: scheme of every quantized input activation; its ``granularity`` must be ``per_tensor``.
+        activations: scheme of every quantized input activation: ``per_tensor`` (calibrated) or dynamic
+            ``per_token``/``per_group`` ranges, smoothing, rotation (``QScheme``).
         keep_fp_roles: adapter roles kept in floating point (e.g. ``("input_conv", "output_conv")``).
         exclude: fnmatch patterns of layer names kept in floating point.
         split_shortcut: Q-Diffusion shortcut splitting of the decoder's skip convolutions.
@@ -309,8 +310,9 @@ def recipe_from_dict(payload: Mapping[str, Any], where: str = "recipe") -> Recip
     """A ``Recipe`` from its ``config_to_dict`` form; ``ValueError`` naming the field for anything unknown."""
     if not isinstance(payload, Mapping) or payload.get("type") != "Recipe":
         kind = payload.get("type") if isinstance(payload, Mapping) else type(payload).__name__
-        raise ValueError(f"{where} holds a {kind!r}, not a Recipe ({{\"type\": \"Recipe\", \"version\": 1, "
-                         "\"data\": {...}}; see docs/recipes.md)")
+        # the current version: a recipe written as an older one is migrated (version 1: per-tensor softmax steps)
+        raise ValueError(f"{where} holds a {kind!r}, not a Recipe ({{\"type\": \"Recipe\", \"version\": "
+                         f"{Recipe.config_version}, \"data\": {{...}}}}; see docs/recipes.md)")
     return config_from_dict(dict(payload))
 
 

@@ -14,11 +14,26 @@ def test_help_lists_commands():
     assert "run" in result.output and "zoo" in result.output
 
 
+# left to the commands that use them: plotting, the feature-space metrics, the harness and the model zoo cost
+# seconds to import, which `import tadq` and `tadq --help` would pay for nothing
+LAZY_AT_START = ("matplotlib", "sklearn", "skimage", "torchmetrics", "tadq.experiments", "tadq.report", "tadq.search",
+                 "tadq.metrics", "tadq.zoo")
+
+
 def test_python_dash_m_tadq_runs_the_same_commands():
-    """``python -m tadq`` works where the ``tadq`` script is not on PATH (a venv not activated)."""
-    done = subprocess.run([sys.executable, "-m", "tadq", "--help"], capture_output=True, text=True, timeout=120)
+    """``python -m tadq`` works where the ``tadq`` script is not on PATH (a venv not activated), and its start
+    (``import tadq`` and the CLI) imports none of ``LAZY_AT_START`` and prints no warnings."""
+    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "tadq", "--help"], capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "quantize" in done.stdout and "sample" in done.stdout
+    lines = done.stderr.splitlines()
+    imported = {line.rpartition("|")[2].strip() for line in lines if line.startswith("import time:")}
+    assert {"tadq", "tadq.cli.app", "torch"} <= imported  # the -X importtime listing was read
+    eager = sorted({lazy for lazy in LAZY_AT_START for name in imported if f"{name}.".startswith(f"{lazy}.")})
+    assert not eager, f"imported at start: {eager}"
+    stray = [line for line in lines if not line.startswith("import time:")]
+    assert not stray, "tadq --help printed warnings:\n" + "\n".join(stray)
 
 
 def test_help_in_an_80_column_terminal_keeps_every_flag_name_whole():

@@ -3,6 +3,7 @@ in another process, and sample/evaluate refusing a sampler its tables were not f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -131,3 +132,46 @@ def test_recipe_file_with_an_unknown_field_is_refused(tmp_path, tiny_model_dir):
                                  str(tmp_path / "q")])
     assert result.exit_code == 2
     assert "Recipe.calibration: CalibrationConfig has no fields ['trajectories']" in _flat(result.output)
+
+
+class _Resolved(Exception):
+    """Stops ``tadq quantize`` right after it resolved the recipe (before the model is loaded)."""
+
+
+def _resolved_recipe(monkeypatch, args: list[str]):
+    """The recipe ``tadq quantize ARGS`` would build, from the real flag parsing."""
+    import tadq.cli.quantize as quantize_module
+
+    seen = []
+
+    def capture(*given, **options):
+        seen.append(resolve_recipe(*given, **options))
+        raise _Resolved
+
+    monkeypatch.setattr(quantize_module, "resolve_recipe", capture)
+    runner.invoke(app, ["quantize", *args])
+    assert seen, f"tadq quantize {' '.join(args)} stopped before resolving its recipe"
+    return seen[0]
+
+
+def test_docs_flags_build_the_same_recipe_as_the_shipped_file(monkeypatch, tmp_path):
+    """docs/recipes.md shows a recipes/ file and "the same recipe from flags": the flags must build it (its name
+    aside); they named another correction stack, the default layers in float and the default rounding."""
+    import shlex
+
+    from tadq.models import shipped_model_path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "recipes.md").read_text(encoding="utf-8")
+    block = page.split("## From the command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = block.replace("\\\n", " ").splitlines()
+    from_flags = next(line for line in lines if "the same recipe from flags" in line)
+    from_file = lines[lines.index(from_flags) - 1]
+    recipes = []
+    for line in (from_file, from_flags):
+        words = shlex.split(line.split("#", 1)[0])[2:]  # past "tadq quantize"
+        words = [str(shipped_model_path()) if w == "MODEL" else w for w in words]
+        words[words.index("--out") + 1] = str(tmp_path / "out")
+        words = [str(RECIPES.parent / w) if w.startswith("recipes/") else w for w in words]
+        recipes.append(_resolved_recipe(monkeypatch, words))
+    file_recipe, flag_recipe = recipes
+    assert dataclasses.replace(flag_recipe, name=file_recipe.name) == file_recipe

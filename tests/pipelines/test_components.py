@@ -37,6 +37,26 @@ def test_loads_both_pipelines_without_safety_checker(sd_pipe, sdxl_pipe):
     assert set(layout.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler"}
 
 
+def test_loading_without_accelerate_prints_no_install_advice(sd_folder):
+    """Without accelerate diffusers loads the plain way anyway, after telling to ``pip install accelerate`` on
+    every load (five lines in every text-to-image command's output); tadq asks for the plain way itself."""
+    import importlib.util
+    import logging
+
+    if importlib.util.find_spec("accelerate") is not None:
+        pytest.skip("accelerate is installed: diffusers loads with low_cpu_mem_usage and says nothing")
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    diffusers_logger = logging.getLogger("diffusers")  # its own stderr handler, not propagated to pytest's
+    diffusers_logger.addHandler(handler)
+    try:
+        load_fp_pipeline(sd_folder)
+    finally:
+        diffusers_logger.removeHandler(handler)
+    assert not [r.getMessage() for r in records if "accelerate" in r.getMessage()]
+
+
 def _copy(folder, tmp_path):
     target = tmp_path / folder.name
     shutil.copytree(folder, target)
