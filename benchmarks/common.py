@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from arguments import count, count_or_zero
 
 from tadq.calibration import CalibrationSet, collect_calibration_set
 from tadq.config import CalibrationConfig
@@ -18,9 +19,9 @@ from tadq.sampling import SamplerConfig
 
 
 def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) -> None:
-    parser.add_argument("--samples", type=int, default=samples, help="samples per point (same noise for all)")
+    parser.add_argument("--samples", type=count, default=samples, help="samples per point (same noise for all)")
     parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=out)
 
 

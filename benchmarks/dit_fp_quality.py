@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count
 from torch import Tensor
 
 from tadq.api import sample
@@ -52,11 +53,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=shipped_dit_path())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--num-samples", type=count, default=200)
     parser.add_argument("--guidance", default="1,2,3,5")
     parser.add_argument("--samplers", default="ddim@50,dpmsolver++@20")
-    parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=count, default=200)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--cross-check", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/dit/fp_quality.json"))
     args = parser.parse_args()

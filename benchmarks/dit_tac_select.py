@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, preset_names
 
 from tadq.api import load, sample
 from tadq.corrections import TACConfig
@@ -49,12 +50,12 @@ def main() -> None:
     parser.add_argument("--model", default="dit")
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--sampler", default="dpmsolver++")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--presets", default="W4A8,W4A4")
+    parser.add_argument("--steps", type=count, default=20)
+    parser.add_argument("--presets", type=preset_names, default="W4A8,W4A4")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--num-samples", type=count, default=256)
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

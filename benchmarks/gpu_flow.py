@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count
 
 from tadq.device import resolve_device, resolve_dtype
 
@@ -43,8 +44,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="diffusers model folder (default: the shipped DDPM)")
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="compute dtype of the FP model")
-    parser.add_argument("--samples", type=int, default=1000, help="samples for evaluate and sample-sharded")
-    parser.add_argument("--procs", type=int, default=max(1, torch.cuda.device_count()), help="torchrun processes")
+    parser.add_argument("--samples", type=count, default=1000, help="samples for evaluate and sample-sharded")
+    parser.add_argument("--procs", type=count, default=max(1, torch.cuda.device_count()), help="torchrun processes")
     parser.add_argument("--quick", action="store_true", help="tiny calibration/reconstruction/fit budgets")
     parser.add_argument("--out", default="runs/gpu_flow")
     args = parser.parse_args()

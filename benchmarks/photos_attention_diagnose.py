@@ -34,6 +34,7 @@ import json
 import time
 
 import torch
+from arguments import count, preset_name
 from common import probe_calibration
 from torch import Tensor, nn
 
@@ -164,9 +165,9 @@ def parse_row(row: str) -> tuple[dict, tuple[str, ...] | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="photos")
-    parser.add_argument("--preset", default="W8A8")
+    parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,attn:per_tensor,attn:per_row")
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--num-samples", type=count, default=32)
     parser.add_argument("--eval-seed", type=int, default=1000)
     parser.add_argument("--stats", action="store_true", help="record P's distribution in every row quantizing P")
     args = parser.parse_args()

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, count_or_zero, preset_name
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -86,19 +87,19 @@ def unit_sensitivity(qmodel, fp_images: torch.Tensor, scheduler, sampler: Sample
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="digits")
-    parser.add_argument("--preset", default="W4A8")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (deployment and calibration)")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--preset", type=preset_name, default="W4A8")
+    parser.add_argument("--steps", type=count, default=20, help="DDIM steps (deployment and calibration)")
+    parser.add_argument("--samples", type=count, default=32)
     parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
-    parser.add_argument("--trajectories", type=int, default=64)
-    parser.add_argument("--kept", type=int, default=10, help="calibration steps kept")
-    parser.add_argument("--per-step", type=int, default=32, help="calibration inputs per kept step")
-    parser.add_argument("--weight-iters", type=int, default=200)
-    parser.add_argument("--activation-iters", type=int, default=80)
+    parser.add_argument("--trajectories", type=count, default=64)
+    parser.add_argument("--kept", type=count, default=10, help="calibration steps kept")
+    parser.add_argument("--per-step", type=count, default=32, help="calibration inputs per kept step")
+    parser.add_argument("--weight-iters", type=count_or_zero, default=200)
+    parser.add_argument("--activation-iters", type=count_or_zero, default=80)
     parser.add_argument("--configs", default="base:")
     parser.add_argument("--sensitivity", action="store_true", help="also quantize one unit at a time (naive)")
     parser.add_argument("--profile", action="store_true", help="cProfile the first configuration's quantize")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", default="runs/recon_diagnose")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

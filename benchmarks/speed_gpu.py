@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, preset_names
 from common import save_naive_ptq
 from torch import nn
 
@@ -314,11 +315,11 @@ def _report(rows: list[dict], batches: list[int], gpu: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a shipped model (digits, photos, dit, t2i) or a folder")
-    parser.add_argument("--presets", default="W8A8,W4A8")
+    parser.add_argument("--presets", type=preset_names, default="W8A8,W4A8")
     parser.add_argument("--artefacts", type=Path, required=True, help="one artefact per preset (made by --prepare)")
     parser.add_argument("--prepare", action="store_true", help="quantize and save the artefacts (CPU), then stop")
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache (--prepare)")
-    parser.add_argument("--samples", type=int, default=256, help="samples in the DDIM-50 run (one batch)")
+    parser.add_argument("--samples", type=count, default=256, help="samples in the DDIM-50 run (one batch)")
     parser.add_argument("--batches", default="1,16,64,256", help="latency batch sizes (unconditional models)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],

@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 
+from arguments import count, preset_name
 from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq import api
@@ -36,8 +37,8 @@ def main() -> None:
     add_common_flags(parser, samples=256, out="runs/bench/svdquant-mp")
     add_setting_flag(parser)
     parser.add_argument("--models", default="runs/svdquant-main/models", help="tadq run's base-model folder")
-    parser.add_argument("--preset", default="W4A4")
-    parser.add_argument("--sens-samples", type=int, default=8, help="samples of each sensitivity run")
+    parser.add_argument("--preset", type=preset_name, default="W4A4")
+    parser.add_argument("--sens-samples", type=count, default=8, help="samples of each sensitivity run")
     parser.add_argument("--sens-seed", type=int, default=0, help="noise seed of the sensitivity runs (calibration)")
     parser.add_argument("--budgets", default="0,0.1,0.25,0.5", help="fractions of the all-8-bit extra bit-ops")
     parser.add_argument("--tac-budgets", default="", help="budgets (same units) also measured with TAC fitted on top")

@@ -30,6 +30,7 @@ import json
 import time
 
 import torch
+from arguments import count, preset_name
 from common import probe_calibration
 from torch import nn
 
@@ -54,14 +55,14 @@ def switch_off(layer: QuantLayer, which: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="photos")
-    parser.add_argument("--preset", default="W8A8")
+    parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,weights,acts")
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--num-samples", type=count, default=32)
     parser.add_argument("--eval-seed", type=int, default=1000)
     parser.add_argument("--leave-one-out", action="store_true")
     parser.add_argument("--top", default="1,3,10")
-    parser.add_argument("--probe-inputs", type=int, default=64, help="held-out calibration inputs per probe")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--probe-inputs", type=count, default=64, help="held-out calibration inputs per probe")
+    parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)

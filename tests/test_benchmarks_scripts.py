@@ -1,0 +1,110 @@
+"""Every script in benchmarks/ imports against today's library and parses its flags, and a count below its floor or
+an unknown preset is refused by the parser: a refactor that breaks one fails here rather than at the start of a
+benchmark run (the GPU scripts included: they must import on a CPU). In-process, one import each; ``parse_args``
+never returns into the script, so no model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+HELPERS = {"common", "arguments", "speed_kernels"}  # modules the scripts import; no command line of their own
+SCRIPTS = sorted(path.stem for path in BENCHMARKS.glob("*.py") if path.stem not in HELPERS)
+AT_LEAST_ONE = ("--samples", "--num-samples", "--steps", "--calls", "--rounds", "--repeats", "--batch",
+                "--batch-size", "--trajectories", "--kept", "--per-step", "--probe-inputs", "--sens-samples",
+                "--procs", "--calib-trajectories", "--per-class", "--profiled", "--width")
+PARSE_ARGS = argparse.ArgumentParser.parse_args
+
+
+class Parsed(Exception):
+    """Raised instead of returning the parsed flags: the test stops the script before it does any work."""
+
+
+@pytest.fixture
+def load(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def stop(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    original = PARSE_ARGS
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while defined
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+def _main(module, monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *args])
+    module.main()
+
+
+def _help(module, monkeypatch, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, "--help")
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_script_is_covered():
+    shipped = {path.stem for path in BENCHMARKS.glob("*.py")}
+    assert HELPERS <= shipped, "a helper module listed here no longer exists"
+    assert len(SCRIPTS) >= 30
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_script_imports_and_prints_its_help(name, load, monkeypatch, capsys):
+    module = load(name)
+    assert callable(getattr(module, "main", None)), f"benchmarks/{name}.py has no main()"
+    # a main() that parses no flags would start its work on --help (minutes of sampling) instead of printing usage
+    assert "parse_args(" in inspect.getsource(module.main), f"benchmarks/{name}.py's main() parses no flags"
+    assert _help(module, monkeypatch, capsys).startswith("usage:")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_counts_below_one_and_unknown_presets_are_refused_while_parsing(name, load, monkeypatch, capsys):
+    module = load(name)
+    options = _help(module, monkeypatch, capsys).partition("\noptions:\n")[2]  # not the description's mentions
+    flags = set(re.findall(r"^ {2}(?:-\w, )?(--[a-z][a-z-]*)", options, re.MULTILINE))
+    assert "--help" in flags
+    bad = [(flag, value, "must be at least 1") for flag in AT_LEAST_ONE if flag in flags for value in ("0", "-3")]
+    bad += [("--threads", "-1", "must be")] if "--threads" in flags else []
+    bad += [(flag, "W9A9", "unknown preset") for flag in ("--preset", "--presets") if flag in flags]
+    for flag, value, message in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            _main(module, monkeypatch, flag, value)
+        assert exit_info.value.code == 2, f"{name} {flag} {value}"
+        assert message in capsys.readouterr().err, f"{name} {flag} {value}"
+
+
+@pytest.mark.parametrize("flags, message", [(("--budgets", "1000"), "weight_iters:activation_iters"),
+                                            (("--budgets", "500:-1"), "weight_iters:activation_iters"),
+                                            (("--roundings", "nearest"), "rounding must be"),
+                                            (("--loss-reductions", "mean"), "loss_reduction must be"),
+                                            (("--fp-layers", "everything"), "unknown fp_layers")])
+def test_reconstruction_budget_refuses_a_malformed_list_before_loading_the_model(flags, message, load, monkeypatch,
+                                                                                 capsys):
+    module = load("reconstruction_budget")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)  # parse for real: the lists come after
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded and calibrated before the flags were checked")
+
+    monkeypatch.setattr(module, "shipped_setup", loaded)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
