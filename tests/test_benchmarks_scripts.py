@@ -8,11 +8,16 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+import tadq.models
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 HELPERS = {"common", "arguments", "speed_kernels"}  # modules the scripts import; no command line of their own
@@ -108,3 +113,46 @@ def test_reconstruction_budget_refuses_a_malformed_list_before_loading_the_model
         _main(module, monkeypatch, *flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_gpu_flow_without_cuda_is_a_usage_error_not_a_traceback(load, monkeypatch, capsys):
+    module = load("gpu_flow")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, "--quick")
+    assert exit_info.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_flow_refuses_an_artefact_folder_tadq_did_not_write_instead_of_deleting_it(load, monkeypatch, capsys,
+                                                                                      tmp_path):
+    module = load("gpu_flow")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    monkeypatch.setattr(module, "resolve_device", lambda device: torch.device("cuda"))  # past the CUDA check
+    monkeypatch.setattr(module.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(tadq.models, "load_pipeline_parts", loaded)
+    notes = tmp_path / "out" / "artefact" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    recipe = BENCHMARKS.parent / "recipes" / "qdiffusion+tac-W4A8.json"
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, "--quick", "--recipe", str(recipe), "--out", str(tmp_path / "out"))
+    assert exit_info.value.code == 2
+    assert "artefact folder" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_stops_at_once_without_cuda(tmp_path):
+    for folder in ("digits", "dit"):
+        (tmp_path / "gpu-artefacts" / folder).mkdir(parents=True)
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no CUDA device" in done.stderr
+    assert "== CUDA tests" not in done.stderr  # no step ran
