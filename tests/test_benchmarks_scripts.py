@@ -156,3 +156,32 @@ def test_gpu_check_stops_at_once_without_cuda(tmp_path):
     assert done.returncode == 2
     assert "no CUDA device" in done.stderr
     assert "== CUDA tests" not in done.stderr  # no step ran
+
+
+LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to fail only after its FP samples
+    ("dit_tac_select", "load_workload", ("--models", "{tmp}/missing", "--out", "{tmp}/o.json"), "no Q-Diffusion base"),
+    ("dit_tac_select", "load_workload", ("--models", "{tmp}", "--out", "{tmp}/o.json", "--variants", "tac,nope"),
+     "unknown variants"),
+    ("svdquant_ablation", "shipped_setup", ("--rows", "naive per-token,nope"), "unknown rows"),
+    ("photos_attention_diagnose", "load_workload", ("--rows", "naive,attn-nope"), "unknown row"),
+    ("photos_attention_diagnose", "load_workload", ("--rows", "attn:per_nothing",), "softmax_granularity"),
+    ("w8a8_diagnose", "load_workload", ("--rows", "naive,fp=everything"), "unknown fp_layers"),
+    ("w8a8_diagnose", "load_workload", ("--rows", "act_range=mse:x",), "could not convert"),
+    ("w8a8_diagnose", "load_workload", ("--rows", "nope",), "unknown row part"),
+]
+
+
+@pytest.mark.parametrize("name, loader, flags, message", LATE_CHECKS)
+def test_row_and_folder_flags_are_checked_before_the_model_is_loaded(name, loader, flags, message, load, monkeypatch,
+                                                                     capsys, tmp_path):
+    module = load(name)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(module, loader, loaded)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, *(flag.format(tmp=tmp_path) for flag in flags))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
