@@ -49,3 +49,25 @@ def preset_names(text: str) -> str:
     for name in names:
         preset_name(name)
     return text
+
+
+def _numbers(text: str, kind: type, what: str) -> list:
+    values = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(kind(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not {what}") from None
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    """A comma-separated list of numbers (empty entries skipped), as floats."""
+    return _numbers(text, float, "a number")
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of whole numbers (empty entries skipped)."""
+    return _numbers(text, int, "a whole number")

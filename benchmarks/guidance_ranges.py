@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/guidance_ranges.json"))
     args = parser.parse_args()
+    unknown = [method for method in args.methods.split(",") if method not in ("naive", "qdiffusion")]
+    if unknown:  # any other name ran naive PTQ under that label
+        parser.error(f"--methods: unknown {unknown}; choose naive and/or qdiffusion")
     torch.set_num_threads(args.threads)
 
     workload = load_workload("t2i", guidance_scale=args.guidance)

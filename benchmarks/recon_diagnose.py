@@ -102,6 +102,13 @@ def main() -> None:
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", default="runs/recon_diagnose")
     args = parser.parse_args()
+    # the diagnosis' base is AdaRound at the reduced budget (the docs' "base:" rows); GPTQ is a --configs entry
+    base = ReconstructionConfig(weight_iters=args.weight_iters, activation_iters=args.activation_iters,
+                                rounding="adaround")
+    try:  # before the calibration data, the FP samples and the naive row (a typo failed after all three)
+        configs = parse_configs(args.configs, base)
+    except (AttributeError, TypeError, ValueError) as error:
+        parser.error(f"--configs {args.configs!r}: {error}")
     torch.set_num_threads(args.threads)
     out = Path(args.out) / args.model
     out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +125,6 @@ def main() -> None:
                     conditions=conditions)
     params = sum(p.numel() for p in model.parameters())
     pixels = int(torch.tensor(calib.x.shape[2:]).prod())
-    # the diagnosis' base is AdaRound at the reduced budget (the docs' "base:" rows); GPTQ is a --configs entry
-    base = ReconstructionConfig(weight_iters=args.weight_iters, activation_iters=args.activation_iters,
-                                rounding="adaround")
     rows = []
     naive = api.quantize(model, scheduler, QuantConfig.from_preset(args.preset, calibration=calibration),
                          calibration=calib, progress=False)
@@ -132,7 +136,7 @@ def main() -> None:
     if args.sensitivity:
         sens = unit_sensitivity(naive, fp.images, scheduler, sampler, args, conditions)
         (out / f"sensitivity-{args.preset}.json").write_text(json.dumps(sens, indent=2))
-    for index, (name, recon) in enumerate(parse_configs(args.configs, base)):
+    for index, (name, recon) in enumerate(configs):
         config = QuantConfig.from_preset(args.preset, method="qdiffusion", calibration=calibration,
                                          reconstruction=recon)
         profiler = cProfile.Profile() if args.profile and index == 0 else None

@@ -168,6 +168,14 @@ LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to 
     ("w8a8_diagnose", "load_workload", ("--rows", "naive,fp=everything"), "unknown fp_layers"),
     ("w8a8_diagnose", "load_workload", ("--rows", "act_range=mse:x",), "could not convert"),
     ("w8a8_diagnose", "load_workload", ("--rows", "nope",), "unknown row part"),
+    ("guidance_ranges", "load_workload", ("--methods", "naive,qdifusion"), "unknown ['qdifusion']"),  # ran naive
+    ("dit_fp_quality", "load_workload", ("--samplers", "ddim@50,nope@20"), "--samplers"),
+    ("dit_fp_quality", "load_workload", ("--guidance", "1,x"), "not a number"),
+    ("recon_diagnose", "load_pipeline_parts", ("--configs", "a:weight_itres=5"), "weight_itres"),
+    ("svdquant_mixed_precision", "main_run_setup", ("--sensitivities", "{tmp}/missing.json"), "no such file"),
+    ("svdquant_mixed_precision", "main_run_setup", ("--budgets", "0,0.x"), "not a number"),
+    ("mixed_precision", "shipped_setup", ("--gammas", "0.99,0.99x"), "not a number"),
+    ("selection_check", "main_run_setup", ("--seeds", "1000,1e5"), "not a whole number"),
 ]
 
 
