@@ -71,3 +71,11 @@ def float_list(text: str) -> list[float]:
 def int_list(text: str) -> list[int]:
     """A comma-separated list of whole numbers (empty entries skipped)."""
     return _numbers(text, int, "a whole number")
+
+
+def count_list(text: str) -> list[int]:
+    """A comma-separated list of counts, each at least 1 (batch sizes); at least one."""
+    values = int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of at least 1, comma-separated")
+    return values

@@ -111,10 +111,12 @@ def probe_calibration(workload) -> tuple[SamplerConfig, CalibrationConfig, Calib
     return sampler, calibration, data
 
 
-def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, announce=None) -> dict[str, int]:
+def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, announce=None,
+                   overwrite: bool = False) -> dict[str, int]:
     """Each preset quantized by naive PTQ from one calibration set (the W8A8 preset's calibration config, which every
     preset shares today) and saved as ``folder/PRESET``: the speed benchmarks' models. Returns the weight bytes of
-    each artefact; ``announce(preset)`` is called before each quantization (progress lines)."""
+    each artefact; ``announce(preset)`` is called before each quantization (progress lines); ``overwrite`` replaces
+    an earlier artefact there (never a folder tadq did not write: ``save_pretrained`` refuses it)."""
     import tadq
 
     fp32, scheduler = workload.model, workload.scheduler
@@ -130,5 +132,5 @@ def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, a
         # (a QuantConfig has no guidance scale, so passing the conditions would compare a guided set against 1.0)
         qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), calibration=calibration,
                                progress=False)
-        sizes[preset] = qmodel.save_pretrained(folder / preset, scheduler).weights_bytes
+        sizes[preset] = qmodel.save_pretrained(folder / preset, scheduler, overwrite=overwrite).weights_bytes
     return sizes
