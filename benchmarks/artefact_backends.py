@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count
 
 import tadq
 from tadq.backends import check_backend
@@ -35,10 +36,10 @@ BACKENDS = ("fake", "int8", "int8-compiled")
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("artefact", type=Path)
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (a TFMQ artefact needs its own grid)")
-    parser.add_argument("--samples", type=int, default=64, help="samples, in one batch")
+    parser.add_argument("--steps", type=count, default=50, help="DDIM steps (a TFMQ artefact needs its own grid)")
+    parser.add_argument("--samples", type=count, default=64, help="samples, in one batch")
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=None, help="folder for results.json (optional)")
     parser.add_argument("--fp", type=Path, default=None,
                         help="the FP diffusers folder the artefact was quantized from: adds PSNR vs FP")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from arguments import count
 
 import tadq
 from tadq.config import CalibrationConfig, QuantConfig
@@ -49,7 +50,7 @@ def _first_flip(qmodel) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--samples", type=count, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, scheduler = load_pipeline_parts(None)

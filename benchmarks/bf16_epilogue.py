@@ -31,6 +31,7 @@ import types
 from pathlib import Path
 
 import torch
+from arguments import count, preset_name
 from torch import Tensor
 
 import tadq
@@ -87,9 +88,10 @@ def bf16_epilogue_model(folder: Path, float_work: torch.dtype = torch.bfloat16):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="W8A8-WSYM", help="a preset with symmetric weights (naive PTQ)")
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--preset", type=preset_name, default="W8A8-WSYM",
+                        help="a preset with symmetric weights (naive PTQ)")
+    parser.add_argument("--calls", type=count, default=20)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
     args = parser.parse_args()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from arguments import count, count_or_zero
 
 from tadq.calibration import CalibrationSet, collect_calibration_set
 from tadq.config import CalibrationConfig
@@ -18,9 +19,9 @@ from tadq.sampling import SamplerConfig
 
 
 def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) -> None:
-    parser.add_argument("--samples", type=int, default=samples, help="samples per point (same noise for all)")
+    parser.add_argument("--samples", type=count, default=samples, help="samples per point (same noise for all)")
     parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=out)
 
 
@@ -110,10 +111,12 @@ def probe_calibration(workload) -> tuple[SamplerConfig, CalibrationConfig, Calib
     return sampler, calibration, data
 
 
-def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, announce=None) -> dict[str, int]:
+def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, announce=None,
+                   overwrite: bool = False) -> dict[str, int]:
     """Each preset quantized by naive PTQ from one calibration set (the W8A8 preset's calibration config, which every
     preset shares today) and saved as ``folder/PRESET``: the speed benchmarks' models. Returns the weight bytes of
-    each artefact; ``announce(preset)`` is called before each quantization (progress lines)."""
+    each artefact; ``announce(preset)`` is called before each quantization (progress lines); ``overwrite`` replaces
+    an earlier artefact there (never a folder tadq did not write: ``save_pretrained`` refuses it)."""
     import tadq
 
     fp32, scheduler = workload.model, workload.scheduler
@@ -129,5 +132,5 @@ def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, a
         # (a QuantConfig has no guidance scale, so passing the conditions would compare a guided set against 1.0)
         qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(preset), calibration=calibration,
                                progress=False)
-        sizes[preset] = qmodel.save_pretrained(folder / preset, scheduler).weights_bytes
+        sizes[preset] = qmodel.save_pretrained(folder / preset, scheduler, overwrite=overwrite).weights_bytes
     return sizes

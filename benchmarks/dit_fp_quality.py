@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, float_list
 from torch import Tensor
 
 from tadq.api import sample
@@ -52,14 +53,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=shipped_dit_path())
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--num-samples", type=count, default=200)
     parser.add_argument("--guidance", default="1,2,3,5")
     parser.add_argument("--samplers", default="ddim@50,dpmsolver++@20")
-    parser.add_argument("--batch-size", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=count, default=200)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--cross-check", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/dit/fp_quality.json"))
     args = parser.parse_args()
+    try:  # before the model and the digits are loaded (--guidance stays text: the recorded command repeats it)
+        scales = float_list(args.guidance)
+        for text in args.samplers.split(","):
+            parse_sampler(text)
+    except (ValueError, argparse.ArgumentTypeError) as error:
+        parser.error(f"--guidance {args.guidance!r} / --samplers {args.samplers!r}: {error}")
     torch.set_num_threads(args.threads)
 
     workload = load_workload(str(args.model), labels="random", guidance_scale=1.0)
@@ -96,7 +103,7 @@ def main() -> None:
                          batch_size=args.batch_size, conditions=null, progress=False).images
         rows["unconditional"] = {**score(workload.images(latents), labels, classifier, heldout),
                                  "sample_s": round(time.perf_counter() - t0, 1)}
-        for g in [float(v) for v in args.guidance.split(",")]:
+        for g in scales:
             t0 = time.perf_counter()
             source = ClassLabels(tuple(labels.tolist()), null_class=None if g == 1.0 else NUM_CLASSES)
             latents = sample(workload.model, workload.scheduler, sampler, num_samples=args.num_samples,

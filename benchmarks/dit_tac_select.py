@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, preset_names
 
 from tadq.api import load, sample
 from tadq.corrections import TACConfig
@@ -41,7 +42,8 @@ def base_folder(models: Path, preset: str) -> Path:
         plain = not (folder / "corrections.safetensors").exists()
         if recipe["data"]["method"]["type"] == "QDiffusionMethod" and plain:
             return folder
-    raise FileNotFoundError(f"no Q-Diffusion base for {preset} under {models}")
+    raise FileNotFoundError(f"no Q-Diffusion base for {preset} under {models} (qdiffusion-{preset}-* without "
+                            "corrections; --models is the models/ folder of a tadq run of the same model)")
 
 
 def main() -> None:
@@ -49,14 +51,22 @@ def main() -> None:
     parser.add_argument("--model", default="dit")
     parser.add_argument("--models", type=Path, required=True)
     parser.add_argument("--sampler", default="dpmsolver++")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--presets", default="W4A8,W4A4")
+    parser.add_argument("--steps", type=count, default=20)
+    parser.add_argument("--presets", type=preset_names, default="W4A8,W4A4")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--num-samples", type=int, default=256)
+    parser.add_argument("--num-samples", type=count, default=256)
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    names = args.variants.split(",")
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    try:  # before the FP samples: a wrong --models used to surface after them
+        folders = {preset: base_folder(args.models, preset) for preset in args.presets.split(",")}
+    except FileNotFoundError as error:
+        parser.error(str(error))
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
     sampler = SamplerConfig(kind=args.sampler, num_steps=args.steps)
@@ -70,9 +80,8 @@ def main() -> None:
     fp = draw(workload.model)
     results: dict = {"command": "python benchmarks/dit_tac_select.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": []}
-    for preset in args.presets.split(","):
-        folder = base_folder(args.models, preset)
-        for name in args.variants.split(","):
+    for preset, folder in folders.items():
+        for name in names:
             t0 = time.perf_counter()
             base, _ = load(folder)
             model = base if not VARIANTS[name] else fit_corrections(

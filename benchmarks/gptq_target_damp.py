@@ -24,6 +24,7 @@ import json
 import time
 
 import torch
+from arguments import count
 from common import probe_calibration
 
 from tadq import api
@@ -43,8 +44,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits")
     parser.add_argument("--rows", default="W8A8:gptq,W8A8:1e-4,W4A8:gptq,W4A8:1e-4")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--num-samples", type=count, default=128)
+    parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
     rows = [parse_row(row) for row in args.rows.split(",")]
     for _, damp in rows:  # refuse a bad value before any calibration

@@ -13,6 +13,10 @@ mkdir -p "$out"
 for folder in gpu-artefacts/digits gpu-artefacts/dit; do
   [ -d "$folder" ] || { echo "$folder is missing: run 'make gpu-prepare' on the CPU first" >&2; exit 2; }
 done
+"$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
+  echo "no CUDA device visible to $py (torch.cuda.is_available() is False): gpu_check.sh runs on a GPU machine" >&2
+  exit 2
+}
 work=$(mktemp -d)
 table() {  # table NAME LIMIT_S ARGS...: one speed_gpu.py table, its JSON kept as OUT/NAME.json
   local name=$1 limit=$2

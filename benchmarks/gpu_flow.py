@@ -26,8 +26,10 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count
 
 from tadq.device import resolve_device, resolve_dtype
+from tadq.fsguard import check_output_dir
 
 
 def _run(command: list[str], timings: dict[str, float], name: str) -> None:
@@ -43,16 +45,21 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="diffusers model folder (default: the shipped DDPM)")
     parser.add_argument("--device", default="cuda", help="cuda or cuda:N")
     parser.add_argument("--dtype", default="float32", help="compute dtype of the FP model")
-    parser.add_argument("--samples", type=int, default=1000, help="samples for evaluate and sample-sharded")
-    parser.add_argument("--procs", type=int, default=max(1, torch.cuda.device_count()), help="torchrun processes")
+    parser.add_argument("--samples", type=count, default=1000, help="samples for evaluate and sample-sharded")
+    parser.add_argument("--procs", type=count, default=max(1, torch.cuda.device_count()), help="torchrun processes")
     parser.add_argument("--quick", action="store_true", help="tiny calibration/reconstruction/fit budgets")
     parser.add_argument("--out", default="runs/gpu_flow")
     args = parser.parse_args()
 
-    device = resolve_device(args.device)  # no CUDA: a ValueError naming the device, before any work
+    try:  # no CUDA: a ValueError naming the device, before any work (a usage error, not a traceback)
+        device, dtype = resolve_device(args.device), resolve_dtype(args.dtype)
+    except ValueError as error:
+        parser.error(str(error))
     if device.type != "cuda":
-        raise SystemExit(f"gpu_flow measures the CUDA path; --device {args.device} is not a CUDA device")
-    dtype = resolve_dtype(args.dtype)
+        parser.error(f"gpu_flow measures the CUDA path; --device {args.device} is not a CUDA device")
+    torchrun = shutil.which("torchrun")  # the last step needs it: refused now, not after quantize and evaluate
+    if torchrun is None:
+        parser.error("torchrun is not on PATH; install torch's launcher to run the sharded step")
 
     import tadq
     from tadq.models import load_pipeline_parts
@@ -68,8 +75,10 @@ def main() -> None:
         recipe = override_recipe(recipe, changes)
     out = Path(args.out)
     artefact = out / "artefact"
-    if artefact.exists():
-        shutil.rmtree(artefact)
+    try:  # an earlier run's artefact is replaced; a folder tadq did not write is refused before any work, not deleted
+        check_output_dir(artefact, kind="artefact", what="--out's artefact folder", overwrite=True)
+    except ValueError as error:
+        parser.error(str(error))
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 
@@ -79,7 +88,7 @@ def main() -> None:
     qmodel = tadq.quantize(model, scheduler, recipe, device=device, dtype=dtype, cache_dir=out / "cache")
     torch.cuda.synchronize(device)
     timings["quantize_s"] = round(time.perf_counter() - t0, 2)
-    qmodel.to("cpu").save_pretrained(artefact, scheduler)
+    qmodel.to("cpu").save_pretrained(artefact, scheduler, overwrite=True)
     del qmodel
     torch.cuda.empty_cache()
 
@@ -91,10 +100,7 @@ def main() -> None:
     reference = ["--reference", args.model] if args.model else []
     _run([*cli, "evaluate", str(artefact), *reference, "--num-samples", str(args.samples), "--device", args.device,
           "--dtype", args.dtype, "--out", str(out / "evaluate")], timings, "evaluate_s")
-    torchrun = shutil.which("torchrun")
     sharded = out / "sharded"
-    if torchrun is None:
-        raise SystemExit("torchrun is not on PATH; install torch's launcher to run the sharded step")
     env_note = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
     _run([torchrun, "--standalone", f"--nproc-per-node={args.procs}", "-m", "tadq.cli", "sample-sharded",
           str(artefact), *steps, "--num-samples", str(args.samples), "--out-dir", str(sharded), "--device", "auto"],

@@ -23,6 +23,7 @@ import argparse
 import time
 
 import torch
+from arguments import count
 
 GROUPS, CHANNELS, SIDE = 8, 96, 16  # the digits UNet's widest up-block input at full resolution
 INVERSE_STEP, ZERO_POINT = 33.7, 9.0  # a typical activation grid (codes = round(x / Δ) + z, clamped to uint8)
@@ -35,9 +36,9 @@ def _codes(y: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds of 10 calls (the minimum is reported)")
+    parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--batch", type=count, default=64)
+    parser.add_argument("--repeats", type=count, default=5, help="timed rounds of 10 calls (the minimum is reported)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, preset_names
 
 import tadq
 from tadq.calibration import collect_calibration_set
@@ -29,17 +30,20 @@ from tadq.sampling import SamplerConfig
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", default="W8A8,W4A8,W4A4")
+    parser.add_argument("--presets", type=preset_names, default="W8A8,W4A8,W4A4")
     parser.add_argument("--methods", default="naive", help="naive and/or qdiffusion")
-    parser.add_argument("--num-samples", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--num-samples", type=count, default=128)
+    parser.add_argument("--steps", type=count, default=50)
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's (2)")
     parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
     parser.add_argument("--calib-seed", type=int, default=0)
-    parser.add_argument("--calib-trajectories", type=int, default=128)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--calib-trajectories", type=count, default=128)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/guidance_ranges.json"))
     args = parser.parse_args()
+    unknown = [method for method in args.methods.split(",") if method not in ("naive", "qdiffusion")]
+    if unknown:  # any other name ran naive PTQ under that label
+        parser.error(f"--methods: unknown {unknown}; choose naive and/or qdiffusion")
     torch.set_num_threads(args.threads)
 
     workload = load_workload("t2i", guidance_scale=args.guidance)

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from arguments import count, preset_name
+
 BATCHES = (1, 16, 64)
 
 
@@ -63,10 +65,10 @@ def measure(preset: str, cpp_wrapper: bool, calls: int, threads: int, cache_dir:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="W8A8-WSYM")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=20)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--preset", type=preset_name, default="W8A8-WSYM")
+    parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--calls", type=count, default=20)
+    parser.add_argument("--rounds", type=count, default=2)
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
     parser.add_argument("--child", choices=("on", "off"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -21,6 +21,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from arguments import count
 from speed_kernels import median_time
 
 from tadq.backends import cpu_summary, int8_cpu_missing
@@ -83,8 +84,8 @@ def conv_times(repeats: int, generator: torch.Generator) -> list[tuple[tuple[int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--repeats", type=count, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if not has_onednn():  # kernels that exist but are not exact are what this script is for: only no oneDNN stops it

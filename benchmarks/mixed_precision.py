@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from arguments import float_list  # noqa: E402
 from common import add_common_flags, shipped_setup, write_rows  # noqa: E402
 
 from tadq import api  # noqa: E402
@@ -41,7 +42,7 @@ def _base(model, scheduler, calib, calibration, preset: str, models_dir: Path):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=1000, out="runs/bench/mixed")
-    parser.add_argument("--gammas", default="0.99,0.995,0.998,0.999,0.9995,0.9999")
+    parser.add_argument("--gammas", type=float_list, default="0.99,0.995,0.998,0.999,0.9995,0.9999")
     parser.add_argument("--models-dir", default="runs/main/models")
     args = parser.parse_args()
     setup = shipped_setup(args)
@@ -53,7 +54,7 @@ def main() -> None:
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed).images.clamp(-1, 1)
     steps = sampler.num_steps
     per_forward = {"W4A4": bit_operations(low), "W4A8": bit_operations(high)}
-    points = tradeoff_curve(low, high, scheduler, sampler, [float(g) for g in args.gammas.split(",")])
+    points = tradeoff_curve(low, high, scheduler, sampler, args.gammas)
     schedules = {"W4A4 + PTQD": steps, "W4A8 + PTQD": 0}
     for point in points:
         schedules.setdefault(f"mixed γ={point.gamma:g}", point.switch)

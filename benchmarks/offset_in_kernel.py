@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from arguments import count
+
 VARIANTS = ("ones", "sum-pool", "ones16")
 BATCHES = (16, 64)
 
@@ -109,9 +111,9 @@ def measure(variant: str, folder: str, calls: int, threads: int) -> dict[str, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=30)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--calls", type=count, default=30)
+    parser.add_argument("--rounds", type=count, default=3)
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
     parser.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)

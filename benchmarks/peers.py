@@ -22,6 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from arguments import preset_names
 from common import add_common_flags, add_setting_flag, run_config_for
 
 from tadq.experiments.rows.peers import PEERS, supported_presets
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=500, out="runs/peers")
     add_setting_flag(parser)
-    parser.add_argument("--presets", default="W8A8,W4A8", help="comma-separated tadq presets")
+    parser.add_argument("--presets", type=preset_names, default="W8A8,W4A8", help="comma-separated tadq presets")
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated registered methods")
     parser.add_argument("--reuse-models", default="runs/main/models", help="saved tadq models to copy in ('' = no)")
     args = parser.parse_args(argv)

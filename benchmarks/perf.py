@@ -17,6 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
+from arguments import count, preset_name
 from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq.api import sample
@@ -50,8 +51,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=64, out="runs/bench/perf")
     add_setting_flag(parser)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--preset", default="W4A8")
+    parser.add_argument("--repeats", type=count, default=5)
+    parser.add_argument("--preset", type=preset_name, default="W4A8")
     parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")
     args = parser.parse_args()
     out, config, model, scheduler, bases = main_run_setup(args)

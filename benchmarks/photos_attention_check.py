@@ -6,10 +6,12 @@ attention row is shown with both P granularities (docs/methods/qdiffusion.md#att
 Run: python benchmarks/photos_attention_check.py (one thread, a few minutes).
 """
 
+import argparse
 import json
 import time
 
 import torch
+from arguments import count
 from common import probe_calibration
 
 from tadq import api
@@ -23,8 +25,14 @@ ROWS = [("naive", {}),
         ("naive+split", {"split_shortcut": True})]
 
 
-def main(num_samples: int = 32, eval_seed: int = 1000) -> None:
-    torch.set_num_threads(1)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-samples", type=count, default=32)
+    parser.add_argument("--eval-seed", type=int, default=1000)
+    parser.add_argument("--threads", type=count, default=1)
+    args = parser.parse_args()
+    num_samples, eval_seed = args.num_samples, args.eval_seed
+    torch.set_num_threads(args.threads)
     workload = load_workload("photos")
     sampler, calibration, data = probe_calibration(workload)
 

@@ -34,6 +34,7 @@ import json
 import time
 
 import torch
+from arguments import count, preset_name
 from common import probe_calibration
 from torch import Tensor, nn
 
@@ -164,12 +165,18 @@ def parse_row(row: str) -> tuple[dict, tuple[str, ...] | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="photos")
-    parser.add_argument("--preset", default="W8A8")
+    parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,attn:per_tensor,attn:per_row")
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--num-samples", type=count, default=32)
     parser.add_argument("--eval-seed", type=int, default=1000)
     parser.add_argument("--stats", action="store_true", help="record P's distribution in every row quantizing P")
     args = parser.parse_args()
+    try:  # every row checked before the calibration data and the FP samples
+        parsed = [(row, *parse_row(row)) for row in args.rows.split(",")]
+        for _, changes, _ in parsed:
+            QuantConfig.from_preset(args.preset, **changes)
+    except ValueError as error:
+        parser.error(str(error))
 
     torch.set_num_threads(1)
     workload = load_workload(args.model)
@@ -180,8 +187,7 @@ def main() -> None:
                           conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
 
     fp = draw(workload.model)
-    for row in args.rows.split(","):
-        changes, kept = parse_row(row)
+    for row, changes, kept in parsed:
         start = time.process_time()
         config = QuantConfig.from_preset(args.preset, calibration=calibration, **changes)
         qmodel = api.quantize(workload.model, workload.scheduler, config, calibration=data,

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -77,13 +78,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=SHIPPED)
     parser.add_argument("--part", choices=("uncond", "cond", "all"), default="all")
-    parser.add_argument("--num-samples", type=int, default=1000)
-    parser.add_argument("--per-class", type=int, default=32)
+    parser.add_argument("--num-samples", type=count, default=1000)
+    parser.add_argument("--per-class", type=count, default=32)
     parser.add_argument("--guidance", default="1,3")
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--steps", type=count, default=50)
     parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch-size", type=count, default=100)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--sampler", choices=("tadq", "diffusers"), default="tadq")
     parser.add_argument("--kind", choices=("ddim", "ddpm"), default="ddim",
                         help="tadq's sampler kind (ddpm: ancestral, use --steps 1000)")

@@ -23,6 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from arguments import count, count_or_zero
 
 import tadq
 from tadq.backends import check_backend
@@ -71,13 +72,13 @@ def _build(variant: str, cache_dir: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", required=True, help="fp32, bf16 (FP, compiled) or a preset (int8-compiled)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--calls", type=int, default=10, help="timed calls (after three warm-up calls)")
-    parser.add_argument("--profiled", type=int, default=5, help="profiled calls")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--batch", type=count, default=64)
+    parser.add_argument("--calls", type=count, default=10, help="timed calls (after three warm-up calls)")
+    parser.add_argument("--profiled", type=count, default=5, help="profiled calls")
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
-    parser.add_argument("--per-kernel", type=int, default=0, metavar="N",
+    parser.add_argument("--per-kernel", type=count_or_zero, default=0, metavar="N",
                         help="also list the N ops with the most self time, each Inductor-generated kernel on its own "
                              "(Inductor's per-kernel profiling, named by the aten ops it fuses)")
     args = parser.parse_args()

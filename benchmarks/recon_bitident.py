@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, count_or_zero
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -46,10 +47,10 @@ def load_revision(rev: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rev", required=True)
-    parser.add_argument("--weight-iters", type=int, default=100)
-    parser.add_argument("--activation-iters", type=int, default=40)
+    parser.add_argument("--weight-iters", type=count_or_zero, default=100)
+    parser.add_argument("--activation-iters", type=count_or_zero, default=40)
     parser.add_argument("--loss-reduction", default="sum")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     old = load_revision(args.rev)

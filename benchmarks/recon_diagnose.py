@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, count_or_zero, preset_name
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -86,21 +87,28 @@ def unit_sensitivity(qmodel, fp_images: torch.Tensor, scheduler, sampler: Sample
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="digits")
-    parser.add_argument("--preset", default="W4A8")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (deployment and calibration)")
-    parser.add_argument("--samples", type=int, default=32)
+    parser.add_argument("--preset", type=preset_name, default="W4A8")
+    parser.add_argument("--steps", type=count, default=20, help="DDIM steps (deployment and calibration)")
+    parser.add_argument("--samples", type=count, default=32)
     parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
-    parser.add_argument("--trajectories", type=int, default=64)
-    parser.add_argument("--kept", type=int, default=10, help="calibration steps kept")
-    parser.add_argument("--per-step", type=int, default=32, help="calibration inputs per kept step")
-    parser.add_argument("--weight-iters", type=int, default=200)
-    parser.add_argument("--activation-iters", type=int, default=80)
+    parser.add_argument("--trajectories", type=count, default=64)
+    parser.add_argument("--kept", type=count, default=10, help="calibration steps kept")
+    parser.add_argument("--per-step", type=count, default=32, help="calibration inputs per kept step")
+    parser.add_argument("--weight-iters", type=count_or_zero, default=200)
+    parser.add_argument("--activation-iters", type=count_or_zero, default=80)
     parser.add_argument("--configs", default="base:")
     parser.add_argument("--sensitivity", action="store_true", help="also quantize one unit at a time (naive)")
     parser.add_argument("--profile", action="store_true", help="cProfile the first configuration's quantize")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", default="runs/recon_diagnose")
     args = parser.parse_args()
+    # the diagnosis' base is AdaRound at the reduced budget (the docs' "base:" rows); GPTQ is a --configs entry
+    base = ReconstructionConfig(weight_iters=args.weight_iters, activation_iters=args.activation_iters,
+                                rounding="adaround")
+    try:  # before the calibration data, the FP samples and the naive row (a typo failed after all three)
+        configs = parse_configs(args.configs, base)
+    except (AttributeError, TypeError, ValueError) as error:
+        parser.error(f"--configs {args.configs!r}: {error}")
     torch.set_num_threads(args.threads)
     out = Path(args.out) / args.model
     out.mkdir(parents=True, exist_ok=True)
@@ -117,9 +125,6 @@ def main() -> None:
                     conditions=conditions)
     params = sum(p.numel() for p in model.parameters())
     pixels = int(torch.tensor(calib.x.shape[2:]).prod())
-    # the diagnosis' base is AdaRound at the reduced budget (the docs' "base:" rows); GPTQ is a --configs entry
-    base = ReconstructionConfig(weight_iters=args.weight_iters, activation_iters=args.activation_iters,
-                                rounding="adaround")
     rows = []
     naive = api.quantize(model, scheduler, QuantConfig.from_preset(args.preset, calibration=calibration),
                          calibration=calib, progress=False)
@@ -131,7 +136,7 @@ def main() -> None:
     if args.sensitivity:
         sens = unit_sensitivity(naive, fp.images, scheduler, sampler, args, conditions)
         (out / f"sensitivity-{args.preset}.json").write_text(json.dumps(sens, indent=2))
-    for index, (name, recon) in enumerate(parse_configs(args.configs, base)):
+    for index, (name, recon) in enumerate(configs):
         config = QuantConfig.from_preset(args.preset, method="qdiffusion", calibration=calibration,
                                          reconstruction=recon)
         profiler = cProfile.Profile() if args.profile and index == 0 else None

@@ -20,10 +20,11 @@ import json
 import time
 
 import torch
+from arguments import preset_name
 from common import add_common_flags, shipped_setup, write_rows
 
 from tadq import api
-from tadq.config import QuantConfig, ReconstructionConfig
+from tadq.config import QuantConfig, ReconstructionConfig, fp_layer_roles
 from tadq.experiments.tfmq_measure import paired_difference
 from tadq.metrics import per_step_mse, psnr_per_sample
 
@@ -35,10 +36,18 @@ def paired_with_first(first: dict, row: dict) -> dict[str, float]:
     return {"vs_first": round(difference, 4), "vs_first_interval": round(interval, 4)}
 
 
+def budget_pair(text: str) -> tuple[int, int]:
+    """``weight_iters:activation_iters`` of ``--budgets`` as two counts of 0 or more."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"--budgets: {text!r} is not weight_iters:activation_iters (two whole numbers >= 0)")
+    return int(parts[0]), int(parts[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=256, out="runs/bench/reconstruction")
-    parser.add_argument("--preset", default="W4A8")
+    parser.add_argument("--preset", type=preset_name, default="W4A8")
     parser.add_argument("--budgets", default="0:0,500:200,1000:400,2000:800",
                         help="comma list of weight_iters:activation_iters")
     parser.add_argument("--lrs", default="3e-2", help="comma list of rounding learning rates")
@@ -50,15 +59,22 @@ def main() -> None:
     parser.add_argument("--fp-layers", default=None,
                         help="a key of tadq.config.FP_LAYER_PRESETS kept in float in every row (default: none)")
     args = parser.parse_args()
+    try:  # before the calibration data and the FP samples: a typo in a list used to surface after both
+        grid = [(lr, reduction, rounding) for lr in (float(v) for v in args.lrs.split(","))
+                for reduction in args.loss_reductions.split(",") for rounding in args.roundings.split(",")]
+        budgets = [budget_pair(budget) for budget in args.budgets.split(",")]
+        for _, reduction, rounding in grid:
+            ReconstructionConfig(loss_reduction=reduction, rounding=rounding)
+        if args.fp_layers is not None:
+            fp_layer_roles(args.fp_layers)
+    except ValueError as error:
+        parser.error(str(error))
     setup = shipped_setup(args, args.model)
     model, scheduler, sampler, calibration, calib = (setup.model, setup.scheduler, setup.sampler, setup.calibration,
                                                      setup.calib)
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, record_trajectory=True,
                     progress=False)
     rows = []
-    grid = [(lr, reduction, rounding) for lr in (float(v) for v in args.lrs.split(","))
-            for reduction in args.loss_reductions.split(",") for rounding in args.roundings.split(",")]
-    budgets = [tuple(int(v) for v in budget.split(":")) for budget in args.budgets.split(",")]
     for lr, reduction, rounding in grid:
         gptq_budgets = list(dict.fromkeys((0, a) for _, a in budgets))  # GPTQ has no rounding iterations
         for w_iters, a_iters in (gptq_budgets if rounding == "gptq" else budgets):

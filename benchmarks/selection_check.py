@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from arguments import int_list, preset_name
 from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq.api import sample
@@ -30,8 +31,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=128, out="runs/bench/selection_check")
     add_setting_flag(parser)
-    parser.add_argument("--preset", default="W4A8")
-    parser.add_argument("--seeds", default="1000,100000", help="evaluation seed, held-out selection seed, ...")
+    parser.add_argument("--preset", type=preset_name, default="W4A8")
+    parser.add_argument("--seeds", type=int_list, default="1000,100000",
+                        help="evaluation seed, held-out selection seed, ...")
     parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")
     args = parser.parse_args()
     out, config, model, scheduler, bases = main_run_setup(args)
@@ -41,7 +43,7 @@ def main() -> None:
     ctx = FitContext.of(fp, base, SamplingPlan.build(scheduler, config.sampler))
     fit_stack(tac, ctx)
     rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in args.seeds:
         reference = sample(model, scheduler, config.sampler, num_samples=args.samples, seed=seed,
                            record_trajectory=True, progress=False)
         for name, hooks, denoiser in (("Q-Diffusion", (), base), ("+ TAC", tuple(tac), with_corrections(base, tac))):

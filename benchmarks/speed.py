@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, preset_names
 from common import save_naive_ptq
 from speed_kernels import BATCHES, REPEATS, call_of, compiled_table, kernel_table
 
@@ -173,9 +174,9 @@ def _refuse_what_cannot_run(parser: argparse.ArgumentParser, args: argparse.Name
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--presets", default="W8A8,W8A8-WSYM,W4A8")
-    parser.add_argument("--samples", type=int, default=64, help="samples in the DDIM-50 throughput run (one batch)")
+    parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--presets", type=preset_names, default="W8A8,W8A8-WSYM,W4A8")
+    parser.add_argument("--samples", type=count, default=64, help="samples in the DDIM-50 throughput run (one batch)")
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed"))
     parser.add_argument("--kernels", action="store_true", help="only the per-layer kernel comparison")

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count, count_list, preset_names
 from common import save_naive_ptq
 from torch import nn
 
@@ -39,6 +40,7 @@ from tadq.backends import check_backend, held_weight_bytes
 from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear
 from tadq.device import resolve_device
 from tadq.experiments.workload import load_workload
+from tadq.fsguard import check_output_dir
 from tadq.io import load_quantized
 from tadq.metrics.image import psnr_per_sample
 from tadq.quant import preset as preset_schemes
@@ -58,7 +60,7 @@ def _progress(message: str) -> None:
 def prepare(model: str | None, presets: list[str], folder: Path, cache_dir: str) -> None:
     """Quantize each preset (naive PTQ, speed.py's calibration) and save it as ``folder/PRESET``."""
     save_naive_ptq(load_workload(model), presets, folder, cache_dir,
-                   announce=lambda preset: _progress(f"quantizing {preset}"))
+                   announce=lambda preset: _progress(f"quantizing {preset}"), overwrite=True)
 
 
 def _timed(fn, repeats: int) -> float:
@@ -228,7 +230,7 @@ def measure(args) -> None:
             calls[f"{name} compiled"] = (_fp_call(compiled, torch.bfloat16) if name == "FP bf16"
                                          else (lambda x, t, model=compiled: model(x, t)))
     first: dict[str, float] = {}
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = args.batches
     latency = {} if conditional else _latency(calls, batches, shape, device, first)
     for name, call in calls.items():
         info[name]["held_bytes"] = held_weight_bytes(models[name])
@@ -314,12 +316,13 @@ def _report(rows: list[dict], batches: list[int], gpu: dict, args) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a shipped model (digits, photos, dit, t2i) or a folder")
-    parser.add_argument("--presets", default="W8A8,W4A8")
+    parser.add_argument("--presets", type=preset_names, default="W8A8,W4A8")
     parser.add_argument("--artefacts", type=Path, required=True, help="one artefact per preset (made by --prepare)")
     parser.add_argument("--prepare", action="store_true", help="quantize and save the artefacts (CPU), then stop")
     parser.add_argument("--cache-dir", default=".cache/bench-speed", help="calibration data cache (--prepare)")
-    parser.add_argument("--samples", type=int, default=256, help="samples in the DDIM-50 run (one batch)")
-    parser.add_argument("--batches", default="1,16,64,256", help="latency batch sizes (unconditional models)")
+    parser.add_argument("--samples", type=count, default=256, help="samples in the DDIM-50 run (one batch)")
+    parser.add_argument("--batches", type=count_list, default="1,16,64,256",
+                        help="latency batch sizes (unconditional models)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False)
     parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
                         help="torch.compile mode of the compiled rows (reduce-overhead: CUDA graphs, which remove "
@@ -328,7 +331,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed-gpu"))
     args = parser.parse_args()
     if args.prepare:
-        return prepare(args.model, args.presets.split(","), args.artefacts, args.cache_dir)
+        presets = args.presets.split(",")
+        try:  # a re-run replaces its own artefacts; a folder tadq did not write is refused before quantizing
+            for preset in presets:
+                check_output_dir(args.artefacts / preset, kind="artefact", what="--artefacts", overwrite=True)
+        except ValueError as error:
+            parser.error(str(error))
+        return prepare(args.model, presets, args.artefacts, args.cache_dir)
     try:
         resolve_device("cuda")
         check_backend("int8-cuda")

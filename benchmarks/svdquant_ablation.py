@@ -71,6 +71,9 @@ def main() -> None:
     parser.add_argument("--eps-only", action="store_true",
                         help="no sampling: one-step noise-prediction MSE vs FP on 128 calibration inputs per row")
     args = parser.parse_args()
+    unknown = [label for label in args.rows.split(",") if label not in ROWS]
+    if unknown:  # before the calibration data and the FP samples (a KeyError after them before)
+        parser.error(f"unknown rows {unknown}; known: {list(ROWS)}")
     setup = shipped_setup(args)
     if args.eps_only:
         eps_only(args, setup)

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
+from arguments import count, float_list, preset_name
 from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq import api
@@ -36,13 +38,17 @@ def main() -> None:
     add_common_flags(parser, samples=256, out="runs/bench/svdquant-mp")
     add_setting_flag(parser)
     parser.add_argument("--models", default="runs/svdquant-main/models", help="tadq run's base-model folder")
-    parser.add_argument("--preset", default="W4A4")
-    parser.add_argument("--sens-samples", type=int, default=8, help="samples of each sensitivity run")
+    parser.add_argument("--preset", type=preset_name, default="W4A4")
+    parser.add_argument("--sens-samples", type=count, default=8, help="samples of each sensitivity run")
     parser.add_argument("--sens-seed", type=int, default=0, help="noise seed of the sensitivity runs (calibration)")
-    parser.add_argument("--budgets", default="0,0.1,0.25,0.5", help="fractions of the all-8-bit extra bit-ops")
-    parser.add_argument("--tac-budgets", default="", help="budgets (same units) also measured with TAC fitted on top")
+    parser.add_argument("--budgets", type=float_list, default="0,0.1,0.25,0.5",
+                        help="fractions of the all-8-bit extra bit-ops")
+    parser.add_argument("--tac-budgets", type=float_list, default="",
+                        help="budgets (same units) also measured with TAC fitted on top")
     parser.add_argument("--sensitivities", default="", help="reuse a sensitivities.json of an earlier run")
     args = parser.parse_args()
+    if args.sensitivities and not Path(args.sensitivities).is_file():
+        parser.error(f"--sensitivities {args.sensitivities}: no such file (a sensitivities.json of an earlier run)")
     out, config, model, scheduler, bases = main_run_setup(args)
     sampler = config.sampler
     base = recipes_for_row("svdquant", args.preset, config).base()
@@ -58,8 +64,7 @@ def main() -> None:
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, batch_size=args.samples,
                     progress=False).images.clamp(-1, 1)
     rows = []
-    runs = [(float(f), False) for f in args.budgets.split(",") if f]
-    runs += [(float(f), True) for f in args.tac_budgets.split(",") if f]
+    runs = [(f, False) for f in args.budgets] + [(f, True) for f in args.tac_budgets]
     for fraction, tac in runs:
         probe = choose_high_precision(qmodel, sensitivities, 10**30)
         budget = int(probe.base_bitops + fraction * (probe.all_high_bitops - probe.base_bitops))

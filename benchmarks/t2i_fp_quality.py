@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import count
 from torch import Tensor
 
 from tadq.metrics.classifier import load_digit_classifier
@@ -61,11 +62,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=shipped_t2i_path())
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial latents")
-    parser.add_argument("--num-samples", type=int, default=200)
+    parser.add_argument("--num-samples", type=count, default=200)
     parser.add_argument("--guidance", default="1,2,3,5", help="comma-separated guidance scales")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=count, default=50, help="DDIM steps")
+    parser.add_argument("--batch-size", type=count, default=100)
+    parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/t2i/fp_quality.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from arguments import preset_names
 from common import add_common_flags, add_setting_flag, main_run_setup, write_rows
 
 from tadq.api import sample
@@ -74,7 +75,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_flags(parser, samples=256, out="runs/bench/tac_tcec")
     add_setting_flag(parser)
-    parser.add_argument("--presets", default="W4A4,W4A8")
+    parser.add_argument("--presets", type=preset_names, default="W4A4,W4A8")
     parser.add_argument("--variants", default=None, help="comma-separated names of VARIANTS (names without commas)")
     parser.add_argument("--variant", action="append", default=[], help="one name of VARIANTS (repeatable; any name)")
     parser.add_argument("--models", default="runs/main/models", help="where tadq run keeps its base models")

@@ -30,6 +30,7 @@ import json
 
 import torch
 import torch.nn.functional as F
+from arguments import count
 from common import probe_calibration
 from torch import nn
 
@@ -87,12 +88,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits")
     parser.add_argument("--rows", default="W8A8:asym_mse:wonly,W8A8:sym_minmax:wonly,W8A8:asym_mse:wonly+bc")
-    parser.add_argument("--num-samples", type=int, default=128)
+    parser.add_argument("--num-samples", type=count, default=128)
     parser.add_argument("--gptq", action="store_true", help="also count the GPTQ base's rejected units per preset")
     parser.add_argument("--gptq-target-damp", default=None,
                         help="ReconstructionConfig.gptq_target_damp of the gptq rows: a number, or gptq (solve with "
                              "gptq_damp, tadq before 2026-12-03; the README's numbers); default: the library's")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
     reconstruction = ReconstructionConfig() if args.gptq_target_damp is None else ReconstructionConfig(
         gptq_target_damp=None if args.gptq_target_damp == "gptq" else float(args.gptq_target_damp))

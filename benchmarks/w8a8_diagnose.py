@@ -30,11 +30,12 @@ import json
 import time
 
 import torch
+from arguments import count, preset_name
 from common import probe_calibration
 from torch import nn
 
 from tadq import api
-from tadq.config import FP_LAYER_PRESETS, QuantConfig
+from tadq.config import QuantConfig, fp_layer_roles
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
 from tadq.quant import QScheme, preset
@@ -51,18 +52,46 @@ def switch_off(layer: QuantLayer, which: str) -> None:
     setattr(layer, which, Quantizer(QScheme.off(), kind="weight" if which == "weight_quantizer" else "activation"))
 
 
+NAMED_ROWS = ("naive", "weights", "acts")
+
+
+def row_changes(row: str, preset_label: str) -> dict:
+    """The QuantConfig changes of a ``+``-joined row (``act_range=METHOD[:PCT]``, ``fp=KEY``, ``roles=A|B``)."""
+    changes: dict = {}
+    for part in row.split("+"):
+        key, _, value = part.partition("=")
+        if key == "act_range":
+            method, _, pct = value.partition(":")
+            changes["activations"] = dataclasses.replace(preset(preset_label)[1], range_method=method,
+                                                         **({"percentile": float(pct)} if pct else {}))
+        elif key == "fp":
+            changes["keep_fp_roles"] = fp_layer_roles(value)
+        elif key == "roles":
+            changes["keep_fp_roles"] = tuple(value.split("|"))
+        else:
+            raise ValueError(f"unknown row part {part!r} in --rows {row!r}; rows are {', '.join(NAMED_ROWS)} or "
+                             "parts act_range=METHOD[:PCT], fp=KEY, roles=A|B joined by +")
+    return changes
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="photos")
-    parser.add_argument("--preset", default="W8A8")
+    parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,weights,acts")
-    parser.add_argument("--num-samples", type=int, default=32)
+    parser.add_argument("--num-samples", type=count, default=32)
     parser.add_argument("--eval-seed", type=int, default=1000)
     parser.add_argument("--leave-one-out", action="store_true")
     parser.add_argument("--top", default="1,3,10")
-    parser.add_argument("--probe-inputs", type=int, default=64, help="held-out calibration inputs per probe")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--probe-inputs", type=count, default=64, help="held-out calibration inputs per probe")
+    parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
+    try:  # every row checked before the calibration data and the FP samples (a bad one failed after them)
+        for row in args.rows.split(","):
+            if row not in NAMED_ROWS:
+                row_changes(row, args.preset)
+    except ValueError as error:
+        parser.error(str(error))
 
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
@@ -86,28 +115,14 @@ def main() -> None:
     fp = draw(workload.model)
     for row in args.rows.split(","):
         start = time.process_time()
-        if row in ("naive", "weights", "acts"):
+        if row in NAMED_ROWS:
             qmodel = build()
             if row != "naive":
                 for layer in layers(qmodel.model).values():
                     switch_off(layer, "input_quantizer" if row == "weights" else "weight_quantizer")
             report(row, qmodel, start)
             continue
-        changes: dict = {}
-        for part in row.split("+"):
-            key, _, value = part.partition("=")
-            if key == "act_range":
-                method, _, pct = value.partition(":")
-                scheme = dataclasses.replace(preset(args.preset)[1], range_method=method,
-                                             **({"percentile": float(pct)} if pct else {}))
-                changes["activations"] = scheme
-            elif key == "fp":
-                changes["keep_fp_roles"] = FP_LAYER_PRESETS[value]
-            elif key == "roles":
-                changes["keep_fp_roles"] = tuple(value.split("|"))
-            else:
-                raise ValueError(f"unknown row part {part!r}")
-        report(row, build(**changes), start)
+        report(row, build(**row_changes(row, args.preset)), start)
 
     if not args.leave_one_out:
         return

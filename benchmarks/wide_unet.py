@@ -36,6 +36,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from arguments import count
 from diffusers import UNet2DModel
 from torch import Tensor
 
@@ -104,7 +105,7 @@ def check_same_function(narrow: UNet2DModel, wide: UNet2DModel, seed: int) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, required=True, help="channel multiplier over the digits UNet")
+    parser.add_argument("--width", type=count, required=True, help="channel multiplier over the digits UNet")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init", choices=("widen", "random"), default="widen",
                         help="widen the trained digits model (same function) or initialise at random (speed only)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+from arguments import count
 from speed_kernels import median_time
 
 from tadq.backends import cpu_summary
@@ -32,9 +33,9 @@ def _median_ms(call, codes: torch.Tensor, calls: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=50)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--calls", type=count, default=50)
+    parser.add_argument("--batch", type=count, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)

@@ -47,8 +47,16 @@ def _run(module, monkeypatch, *args: str) -> None:
 def test_the_gpu_speed_script_writes_every_row_and_the_kernel_table(speed_gpu, monkeypatch, tiny_model_dir,
                                                                     tmp_path):
     artefacts, out = tmp_path / "artefacts", tmp_path / "out"
-    _run(speed_gpu, monkeypatch, "--prepare", "--model", str(tiny_model_dir), "--presets", "W8A8",
-         "--artefacts", str(artefacts), "--cache-dir", str(tmp_path / "cache"))
+    prepare = ("--prepare", "--model", str(tiny_model_dir), "--artefacts", str(artefacts), "--cache-dir",
+               str(tmp_path / "cache"))
+    _run(speed_gpu, monkeypatch, *prepare, "--presets", "W8A8")
+    _run(speed_gpu, monkeypatch, *prepare, "--presets", "W8A8")  # again: was refused after quantizing
+    notes = artefacts / "W4A8" / "notes.txt"  # a folder tadq did not write: refused before quantizing, kept
+    notes.parent.mkdir()
+    notes.write_text("mine")
+    with pytest.raises(SystemExit) as exit_info:
+        _run(speed_gpu, monkeypatch, *prepare, "--presets", "W8A8,W4A8")
+    assert exit_info.value.code == 2 and notes.read_text() == "mine"
     original = tadq.sample
 
     def failing_for_integer_models(model, *args, **kwargs):  # the row of a variant that cannot sample

@@ -1,0 +1,81 @@
+"""argparse types the benchmark scripts share, so a bad value is refused when the flags are parsed: before any model
+is loaded, calibrated, quantized or sampled (``--samples 0`` used to surface as a library traceback after minutes of
+calibration and FP sampling). Light on purpose: no torch or tadq import at module level, so ``--help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _whole_number(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def count(text: str) -> int:
+    """A count that must be at least 1 (samples, steps, calls, batch sizes, threads where 0 has no meaning)."""
+    value = _whole_number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def count_or_zero(text: str) -> int:
+    """A count where 0 is meaningful (``--threads 0``: torch's default; no iterations; no per-kernel listing)."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def preset_name(text: str) -> str:
+    """One tadq preset name (W8A8, W4A8, ...), checked against ``tadq.quant.qscheme.PRESETS``; returned as given."""
+    from tadq.quant.qscheme import preset_key
+
+    try:
+        preset_key(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def preset_names(text: str) -> str:
+    """A comma-separated list of tadq preset names, each checked (``preset_name``); returned as given."""
+    names = [part for part in text.split(",") if part.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"{text!r} names no preset")
+    for name in names:
+        preset_name(name)
+    return text
+
+
+def _numbers(text: str, kind: type, what: str) -> list:
+    values = []
+    for part in (part.strip() for part in text.split(",")):
+        if not part:
+            continue
+        try:
+            values.append(kind(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} in {text!r} is not {what}") from None
+    return values
+
+
+def float_list(text: str) -> list[float]:
+    """A comma-separated list of numbers (empty entries skipped), as floats."""
+    return _numbers(text, float, "a number")
+
+
+def int_list(text: str) -> list[int]:
+    """A comma-separated list of whole numbers (empty entries skipped)."""
+    return _numbers(text, int, "a whole number")
+
+
+def count_list(text: str) -> list[int]:
+    """A comma-separated list of counts, each at least 1 (batch sizes); at least one."""
+    values = int_list(text)
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of at least 1, comma-separated")
+    return values

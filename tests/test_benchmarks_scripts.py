@@ -1,0 +1,195 @@
+"""Every script in benchmarks/ imports against today's library and parses its flags, and a count below its floor or
+an unknown preset is refused by the parser: a refactor that breaks one fails here rather than at the start of a
+benchmark run (the GPU scripts included: they must import on a CPU). In-process, one import each; ``parse_args``
+never returns into the script, so no model is loaded."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tadq.models
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+HELPERS = {"common", "arguments", "speed_kernels"}  # modules the scripts import; no command line of their own
+SCRIPTS = sorted(path.stem for path in BENCHMARKS.glob("*.py") if path.stem not in HELPERS)
+AT_LEAST_ONE = ("--samples", "--num-samples", "--steps", "--calls", "--rounds", "--repeats", "--batch",
+                "--batch-size", "--trajectories", "--kept", "--per-step", "--probe-inputs", "--sens-samples",
+                "--procs", "--calib-trajectories", "--per-class", "--profiled", "--width")
+PARSE_ARGS = argparse.ArgumentParser.parse_args
+
+
+class Parsed(Exception):
+    """Raised instead of returning the parsed flags: the test stops the script before it does any work."""
+
+
+@pytest.fixture
+def load(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+
+    def stop(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    original = PARSE_ARGS
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", stop)
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up while defined
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
+def _main(module, monkeypatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *args])
+    module.main()
+
+
+def _help(module, monkeypatch, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, "--help")
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_every_script_is_covered():
+    shipped = {path.stem for path in BENCHMARKS.glob("*.py")}
+    assert HELPERS <= shipped, "a helper module listed here no longer exists"
+    assert len(SCRIPTS) >= 30
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_the_script_imports_and_prints_its_help(name, load, monkeypatch, capsys):
+    module = load(name)
+    assert callable(getattr(module, "main", None)), f"benchmarks/{name}.py has no main()"
+    # a main() that parses no flags would start its work on --help (minutes of sampling) instead of printing usage
+    assert "parse_args(" in inspect.getsource(module.main), f"benchmarks/{name}.py's main() parses no flags"
+    assert _help(module, monkeypatch, capsys).startswith("usage:")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_counts_below_one_and_unknown_presets_are_refused_while_parsing(name, load, monkeypatch, capsys):
+    module = load(name)
+    options = _help(module, monkeypatch, capsys).partition("\noptions:\n")[2]  # not the description's mentions
+    flags = set(re.findall(r"^ {2}(?:-\w, )?(--[a-z][a-z-]*)", options, re.MULTILINE))
+    assert "--help" in flags
+    bad = [(flag, value, "must be at least 1") for flag in AT_LEAST_ONE if flag in flags for value in ("0", "-3")]
+    bad += [("--threads", "-1", "must be")] if "--threads" in flags else []
+    bad += [(flag, "W9A9", "unknown preset") for flag in ("--preset", "--presets") if flag in flags]
+    for flag, value, message in bad:
+        with pytest.raises(SystemExit) as exit_info:
+            _main(module, monkeypatch, flag, value)
+        assert exit_info.value.code == 2, f"{name} {flag} {value}"
+        assert message in capsys.readouterr().err, f"{name} {flag} {value}"
+
+
+@pytest.mark.parametrize("flags, message", [(("--budgets", "1000"), "weight_iters:activation_iters"),
+                                            (("--budgets", "500:-1"), "weight_iters:activation_iters"),
+                                            (("--roundings", "nearest"), "rounding must be"),
+                                            (("--loss-reductions", "mean"), "loss_reduction must be"),
+                                            (("--fp-layers", "everything"), "unknown fp_layers")])
+def test_reconstruction_budget_refuses_a_malformed_list_before_loading_the_model(flags, message, load, monkeypatch,
+                                                                                 capsys):
+    module = load("reconstruction_budget")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)  # parse for real: the lists come after
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded and calibrated before the flags were checked")
+
+    monkeypatch.setattr(module, "shipped_setup", loaded)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, *flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_gpu_flow_without_cuda_is_a_usage_error_not_a_traceback(load, monkeypatch, capsys):
+    module = load("gpu_flow")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, "--quick")
+    assert exit_info.value.code == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_gpu_flow_refuses_an_artefact_folder_tadq_did_not_write_instead_of_deleting_it(load, monkeypatch, capsys,
+                                                                                      tmp_path):
+    module = load("gpu_flow")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    monkeypatch.setattr(module, "resolve_device", lambda device: torch.device("cuda"))  # past the CUDA check
+    monkeypatch.setattr(module.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(tadq.models, "load_pipeline_parts", loaded)
+    notes = tmp_path / "out" / "artefact" / "notes.txt"
+    notes.parent.mkdir(parents=True)
+    notes.write_text("mine")
+    recipe = BENCHMARKS.parent / "recipes" / "qdiffusion+tac-W4A8.json"
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, "--quick", "--recipe", str(recipe), "--out", str(tmp_path / "out"))
+    assert exit_info.value.code == 2
+    assert "artefact folder" in capsys.readouterr().err
+    assert notes.read_text() == "mine"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_gpu_check_stops_at_once_without_cuda(tmp_path):
+    for folder in ("digits", "dit"):
+        (tmp_path / "gpu-artefacts" / folder).mkdir(parents=True)
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), str(tmp_path / "out")], cwd=tmp_path,
+                          env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "no CUDA device" in done.stderr
+    assert "== CUDA tests" not in done.stderr  # no step ran
+
+
+LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to fail only after its FP samples
+    ("dit_tac_select", "load_workload", ("--models", "{tmp}/missing", "--out", "{tmp}/o.json"), "no Q-Diffusion base"),
+    ("dit_tac_select", "load_workload", ("--models", "{tmp}", "--out", "{tmp}/o.json", "--variants", "tac,nope"),
+     "unknown variants"),
+    ("svdquant_ablation", "shipped_setup", ("--rows", "naive per-token,nope"), "unknown rows"),
+    ("photos_attention_diagnose", "load_workload", ("--rows", "naive,attn-nope"), "unknown row"),
+    ("photos_attention_diagnose", "load_workload", ("--rows", "attn:per_nothing",), "softmax_granularity"),
+    ("w8a8_diagnose", "load_workload", ("--rows", "naive,fp=everything"), "unknown fp_layers"),
+    ("w8a8_diagnose", "load_workload", ("--rows", "act_range=mse:x",), "could not convert"),
+    ("w8a8_diagnose", "load_workload", ("--rows", "nope",), "unknown row part"),
+    ("guidance_ranges", "load_workload", ("--methods", "naive,qdifusion"), "unknown ['qdifusion']"),  # ran naive
+    ("dit_fp_quality", "load_workload", ("--samplers", "ddim@50,nope@20"), "--samplers"),
+    ("dit_fp_quality", "load_workload", ("--guidance", "1,x"), "not a number"),
+    ("recon_diagnose", "load_pipeline_parts", ("--configs", "a:weight_itres=5"), "weight_itres"),
+    ("svdquant_mixed_precision", "main_run_setup", ("--sensitivities", "{tmp}/missing.json"), "no such file"),
+    ("svdquant_mixed_precision", "main_run_setup", ("--budgets", "0,0.x"), "not a number"),
+    ("mixed_precision", "shipped_setup", ("--gammas", "0.99,0.99x"), "not a number"),
+    ("selection_check", "main_run_setup", ("--seeds", "1000,1e5"), "not a whole number"),
+]
+
+
+@pytest.mark.parametrize("name, loader, flags, message", LATE_CHECKS)
+def test_row_and_folder_flags_are_checked_before_the_model_is_loaded(name, loader, flags, message, load, monkeypatch,
+                                                                     capsys, tmp_path):
+    module = load(name)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before the flags were checked")
+
+    monkeypatch.setattr(module, loader, loaded)
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, *(flag.format(tmp=tmp_path) for flag in flags))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
