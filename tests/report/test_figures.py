@@ -46,3 +46,65 @@ def test_a_grid_of_other_channel_counts_shows_the_channels_side_by_side_in_grey(
         assert grid[1:7, 1: 1 + 10].max() == 0.5  # sample 0's first channel, zero in [-1, 1]
         pixels = mpimg.imread(figures.save_comparison_grid({f"{channels} channels": images}, tmp_path / "g.png"))
         assert pixels.shape[-1] == 4 and pixels[..., 3].min() == 1.0  # an opaque figure
+
+
+def _drawn_in_axes(monkeypatch, draw) -> tuple[list[str], int]:
+    """The legend texts of the figure ``draw`` saves, and how many pixels of the first curve's colour its first
+    axes show once the legend (which holds a sample of every colour) is removed."""
+    import matplotlib.colors as mcolors
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from tadq.report import figures
+
+    kept = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: kept.setdefault("fig", fig))
+    draw()
+    fig = kept["fig"]
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+    texts = [text.get_text() for text in legend.get_texts()] if legend is not None else []
+    if legend is not None:
+        legend.remove()
+    fig.canvas.draw()
+    pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float) / 255
+    plt.close(fig)
+    colour = np.array(mcolors.to_rgb(ax.get_lines()[0].get_color()))
+    return texts, int((np.abs(pixels - colour).max(-1) < 0.1).sum())
+
+
+def test_an_error_curve_with_one_positive_step_is_drawn(tmp_path, monkeypatch):
+    # a one-step sampler: x_T (zero error) and one state; a line through one point drew nothing at all
+    one_step = {"naive W4A4": torch.tensor([0.0, 1e-3])}
+    _, ink = _drawn_in_axes(monkeypatch, lambda: save_error_curves(one_step, tmp_path / "one.png"))
+    assert ink > 0
+
+
+def test_error_curves_say_what_the_log_axis_cannot_draw(tmp_path, monkeypatch):
+    curves = {"identical W8A8": torch.zeros(4), "diverged W4A4": torch.tensor([0.0, 1e-2, float("nan"), float("inf")]),
+              "fine W4A8": torch.tensor([0.0, 1e-3, 2e-3, 3e-3])}
+    texts, _ = _drawn_in_axes(monkeypatch, lambda: save_error_curves(curves, tmp_path / "c.png"))
+    assert texts[0].startswith("identical W8A8") and "0 at every step" in texts[0]
+    assert texts[1].startswith("diverged W4A4") and "not finite at 2 of 4 steps from step 2" in texts[1]
+    assert texts[2] == "fine W4A8"
+
+
+def test_non_finite_samples_are_shown_and_counted_in_the_grid(tmp_path, monkeypatch):
+    import numpy as np
+
+    from tadq.report import figures
+
+    images = torch.zeros(4, 1, 6, 6)
+    images[1] = float("nan")
+    images[2, 0, 0, 0] = float("inf")  # was clipped to a plausible white pixel
+    grid = figures.image_grid(images, columns=4)
+    assert np.isnan(grid).sum() == 6 * 6 + 1
+    for values in (images, images.expand(-1, 3, -1, -1).clone()):
+        path = figures.save_comparison_grid({"diverged": values}, tmp_path / f"{values.shape[1]}.png")
+        pixels = mpimg.imread(path)[..., :3]
+        red = (pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.1) & (pixels[..., 2] < 0.1)
+        assert red.any()  # a NaN sample was drawn as the white background: a blank cell
+    kept = {}
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path: kept.setdefault("fig", fig))
+    figures.save_comparison_grid({"diverged": images}, tmp_path / "t.png")
+    assert kept["fig"].axes[0].get_title().replace("\n", " ") == "diverged (2 of 4 not finite: red)"
