@@ -15,7 +15,7 @@ from torch import Tensor  # noqa: E402
 
 from tadq.utils import save_figure  # noqa: E402
 
-__all__ = ["image_grid", "save_comparison_grid", "save_error_curves"]
+__all__ = ["gap_note", "image_grid", "plot_positive", "save_comparison_grid", "save_error_curves"]
 
 PANEL_TITLE_CHARS = 40  # a 3.2-inch panel holds about this many characters at font size 10; longer titles wrap
 NOT_FINITE_RGB = (1.0, 0.0, 0.0)  # how a NaN or infinite pixel is drawn: a colour no grey or clipped pixel has
@@ -69,20 +69,20 @@ def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: i
     return save_figure(fig, path)
 
 
-def _gap_note(values: np.ndarray) -> str:
-    """What a log axis cannot draw of a curve, for its legend entry: a variant whose trajectory is the FP one at
-    every step (no positive error) and the steps whose error is not finite (a diverged row) were left out without
-    a word, the legend naming a curve the axes did not show."""
+def gap_note(values: np.ndarray, zero: str = "0 at every step") -> str:
+    """What a log axis cannot draw of a curve, for its legend entry: a curve with no positive value (a variant
+    whose trajectory is the FP one at every step) and the steps whose value is not finite (a diverged row) were
+    left out without a word, the legend naming a curve the axes did not show. ``zero``: what says the former."""
     finite = np.isfinite(values)
     if not finite.all():
         bad = np.flatnonzero(~finite)
         return f" (not finite at {len(bad)} of {len(values)} steps from step {bad[0]}, not drawn)"
     if len(values) and not (values > 0).any():
-        return " (0 at every step: the FP trajectory, not drawn)"
+        return f" ({zero}, not drawn)"
     return ""
 
 
-def _plot_positive(ax, values: np.ndarray, label: str, look: dict) -> None:
+def plot_positive(ax, values: np.ndarray, label: str, look: dict) -> None:
     """The positive finite values of ``values`` against the step; a value with no drawn neighbour (a one-step
     sampler's only error, a step between two zeros or NaNs) gets a marker, as a line through one point is
     invisible."""
@@ -115,11 +115,11 @@ def save_error_curves(
     for position, (label, curve) in enumerate(curves.items()):
         values = curve.detach().cpu().double().numpy()
         look = {"color": colors(position % colors.N), "linestyle": styles[(position // 10) % len(styles)]}
-        _plot_positive(axes[0, 0], values, label + _gap_note(values), look)
+        plot_positive(axes[0, 0], values, label + gap_note(values, "0 at every step: the FP trajectory"), look)
         if ratio:
             with np.errstate(divide="ignore", invalid="ignore"):
                 relative = np.where(base > 0, values / base, np.nan)
-            _plot_positive(axes[0, 1], relative, label, look)
+            plot_positive(axes[0, 1], relative, label, look)
     ax = axes[0, 0]
     ax.set_yscale("log")
     ax.set_xlabel("sampler step (0 = initial noise)")
