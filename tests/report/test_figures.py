@@ -48,19 +48,22 @@ def test_a_grid_of_other_channel_counts_shows_the_channels_side_by_side_in_grey(
         assert pixels.shape[-1] == 4 and pixels[..., 3].min() == 1.0  # an opaque figure
 
 
-def _drawn_in_axes(monkeypatch, draw) -> tuple[list[str], int]:
-    """The legend texts of the figure ``draw`` saves, and how many pixels of the first curve's colour its first
-    axes show once the legend (which holds a sample of every colour) is removed."""
+def _saved_figure(monkeypatch, module, draw):
+    """The figure ``draw()`` hands to ``module.save_figure`` (not written)."""
+    kept = []
+    monkeypatch.setattr(module, "save_figure", lambda fig, path: kept.append(fig))
+    draw()
+    return kept[0]
+
+
+def _drawn_in_axes(fig) -> tuple[list[str], int]:
+    """The legend texts of ``fig``'s first axes, and how many pixels of its first line's colour those axes (only:
+    other panels restart the colour cycle) show once the legend (which holds a sample of every colour) is
+    removed."""
     import matplotlib.colors as mcolors
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from tadq.report import figures
-
-    kept = {}
-    monkeypatch.setattr(figures, "save_figure", lambda fig, path: kept.setdefault("fig", fig))
-    draw()
-    fig = kept["fig"]
     ax = fig.axes[0]
     legend = ax.get_legend()
     texts = [text.get_text() for text in legend.get_texts()] if legend is not None else []
@@ -68,6 +71,9 @@ def _drawn_in_axes(monkeypatch, draw) -> tuple[list[str], int]:
         legend.remove()
     fig.canvas.draw()
     pixels = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float) / 255
+    box = ax.get_window_extent()  # display pixels from the bottom left; the buffer's rows start at the top
+    height = pixels.shape[0]
+    pixels = pixels[height - int(box.y1): height - int(box.y0), int(box.x0): int(box.x1)]
     plt.close(fig)
     colour = np.array(mcolors.to_rgb(ax.get_lines()[0].get_color()))
     return texts, int((np.abs(pixels - colour).max(-1) < 0.1).sum())
@@ -75,15 +81,19 @@ def _drawn_in_axes(monkeypatch, draw) -> tuple[list[str], int]:
 
 def test_an_error_curve_with_one_positive_step_is_drawn(tmp_path, monkeypatch):
     # a one-step sampler: x_T (zero error) and one state; a line through one point drew nothing at all
+    from tadq.report import figures
+
     one_step = {"naive W4A4": torch.tensor([0.0, 1e-3])}
-    _, ink = _drawn_in_axes(monkeypatch, lambda: save_error_curves(one_step, tmp_path / "one.png"))
+    _, ink = _drawn_in_axes(_saved_figure(monkeypatch, figures, lambda: save_error_curves(one_step, tmp_path / "o")))
     assert ink > 0
 
 
 def test_error_curves_say_what_the_log_axis_cannot_draw(tmp_path, monkeypatch):
     curves = {"identical W8A8": torch.zeros(4), "diverged W4A4": torch.tensor([0.0, 1e-2, float("nan"), float("inf")]),
               "fine W4A8": torch.tensor([0.0, 1e-3, 2e-3, 3e-3])}
-    texts, _ = _drawn_in_axes(monkeypatch, lambda: save_error_curves(curves, tmp_path / "c.png"))
+    from tadq.report import figures
+
+    texts, _ = _drawn_in_axes(_saved_figure(monkeypatch, figures, lambda: save_error_curves(curves, tmp_path / "c")))
     assert texts[0].startswith("identical W8A8") and "0 at every step" in texts[0]
     assert texts[1].startswith("diverged W4A4") and "not finite at 2 of 4 steps from step 2" in texts[1]
     assert texts[2] == "fine W4A8"
@@ -108,3 +118,17 @@ def test_non_finite_samples_are_shown_and_counted_in_the_grid(tmp_path, monkeypa
     monkeypatch.setattr(figures, "save_figure", lambda fig, path: kept.setdefault("fig", fig))
     figures.save_comparison_grid({"diverged": images}, tmp_path / "t.png")
     assert kept["fig"].axes[0].get_title().replace("\n", " ") == "diverged (2 of 4 not finite: red)"
+
+
+def test_one_step_correction_tables_are_drawn(tmp_path, monkeypatch):
+    """A one-step sampler's fitted tables hold one value each: ptqd_tables.png and correction_tables.png drew each
+    as a line through one point, which shows nothing."""
+    from tadq.corrections import plots
+    from tadq.corrections.ptqd import plots as ptqd_plots
+
+    ptqd = {"k": [0.9], "mu": [[0.1]], "sigma_q": [0.05], "sampler": "ddim-1"}
+    tac = {"W4A8": {"0:TAC": {"ibc": True, "ner": True, "input_bias": [[0.2, 0.4]], "scale": [[1.1, 1.3]]}}}
+    for module, draw in ((ptqd_plots, lambda: ptqd_plots.save_ptqd_tables_plot(ptqd, tmp_path / "p.png")),
+                         (plots, lambda: plots.save_correction_tables_plot(tac, tmp_path / "c.png"))):
+        _, ink = _drawn_in_axes(_saved_figure(monkeypatch, module, draw))
+        assert ink > 0, module.__name__

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -15,7 +16,7 @@ from torch import Tensor  # noqa: E402
 
 from tadq.utils import save_figure  # noqa: E402
 
-__all__ = ["gap_note", "image_grid", "plot_positive", "save_comparison_grid", "save_error_curves"]
+__all__ = ["gap_note", "image_grid", "plot_positive", "plot_steps", "save_comparison_grid", "save_error_curves"]
 
 PANEL_TITLE_CHARS = 40  # a 3.2-inch panel holds about this many characters at font size 10; longer titles wrap
 NOT_FINITE_RGB = (1.0, 0.0, 0.0)  # how a NaN or infinite pixel is drawn: a colour no grey or clipped pixel has
@@ -82,18 +83,26 @@ def gap_note(values: np.ndarray, zero: str = "0 at every step") -> str:
     return ""
 
 
-def plot_positive(ax, values: np.ndarray, label: str, look: dict) -> None:
-    """The positive finite values of ``values`` against the step; a value with no drawn neighbour (a one-step
-    sampler's only error, a step between two zeros or NaNs) gets a marker, as a line through one point is
-    invisible."""
-    drawn = np.isfinite(values) & (values > 0)
+def plot_steps(ax, values: np.ndarray, label: str, **look: Any):
+    """``values`` against the step as a line (non-finite values left as gaps); a value with no drawn neighbour (a
+    one-step sampler's only value, a step between two gaps) gets a marker, as a line through one point is
+    invisible. Returns the line."""
+    values = np.asarray(values, dtype=np.float64)
+    drawn = np.isfinite(values)
     neighbour = np.zeros_like(drawn)
     neighbour[1:] |= drawn[:-1]
     neighbour[:-1] |= drawn[1:]
     alone = drawn & ~neighbour
     markers = {"marker": "o", "markersize": 3, "markevery": alone.tolist()} if alone.any() else {}
+    (line,) = ax.plot(np.arange(len(values)), np.where(drawn, values, np.nan), label=label, **markers, **look)
+    return line
+
+
+def plot_positive(ax, values: np.ndarray, label: str, look: dict) -> None:
+    """``plot_steps`` of the positive finite values only (a log axis): the others are gaps."""
+    values = np.asarray(values, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        ax.plot(np.arange(len(values)), np.where(drawn, values, np.nan), label=label, **markers, **look)
+        plot_steps(ax, np.where(np.isfinite(values) & (values > 0), values, np.nan), label, **look)
 
 
 def save_error_curves(
