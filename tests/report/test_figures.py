@@ -24,13 +24,17 @@ def test_a_long_panel_title_wraps_inside_the_figure(tmp_path, monkeypatch):
     title = "W8A8-WSYM qdiffusion · ddim-50-eta0.0 · seed 1000 · 64 samples · int8-compiled"
     images = torch.zeros(16, 1, 8, 8)
 
-    def edge_ink(path) -> float:
+    def edge_ink(path, text: str = title) -> float:
         """Darkest value in the image's outer columns (1.0 = white: nothing drawn there)."""
-        pixels = mpimg.imread(figures.save_comparison_grid({title: images}, path))[..., :3]
+        pixels = mpimg.imread(figures.save_comparison_grid({text: images}, path))[..., :3]
         return float(min(pixels[:, 0].min(), pixels[:, -1].min()))
 
     assert edge_ink(tmp_path / "wrapped.png") == 1.0
+    # wide characters: 40 of them (the wrap width in characters) ran off both sides, the label cut unsaid
+    for wide in ("W" * 60, "/MODELS/WWWW-MMMM-QUANTIZED/W4A8-WSYM-QDIFFUSION-TAC-TCEC"):
+        assert edge_ink(tmp_path / "wide.png", wide) == 1.0, wide
     monkeypatch.setattr(figures, "PANEL_TITLE_CHARS", 1000)  # unwrapped, the title runs off both sides
+    monkeypatch.setattr(figures, "_fit_title", lambda ax, text, width_px: ax.set_title(text, fontsize=10))
     assert edge_ink(tmp_path / "cut.png") < 1.0
 
 

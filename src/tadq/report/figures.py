@@ -45,6 +45,19 @@ def image_grid(images: Tensor, columns: int = 8) -> np.ndarray:
     return grid[..., 0] if c == 1 else grid
 
 
+def _fit_title(ax, text: str, width_px: float, fontsize: int = 10) -> None:
+    """``text`` as ``ax``'s title, wrapped at ``PANEL_TITLE_CHARS`` characters or fewer until it fits ``width_px``:
+    a count of characters alone let wide ones (a model folder in capitals, "WWW...") run off the figure, the label
+    cut with nothing said."""
+    renderer = ax.figure.canvas.get_renderer()
+    chars = PANEL_TITLE_CHARS
+    while True:
+        title = ax.set_title(textwrap.fill(text, chars), fontsize=fontsize)
+        if chars <= 4 or title.get_window_extent(renderer).width <= width_px:
+            return
+        chars -= 4
+
+
 def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: int = 8, panels_per_row: int = 4
                          ) -> Path:
     """One PNG with a titled grid per variant (FP first, ``panels_per_row`` per row), same noise in the same cell.
@@ -65,7 +78,7 @@ def save_comparison_grid(panels: dict[str, Tensor], path: str | Path, columns: i
         note = f" ({bad} of {len(images)} not finite: red)" if bad else ""
         cmap = plt.get_cmap("gray").with_extremes(bad=NOT_FINITE_RGB)
         ax.imshow(grid, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(textwrap.fill(title + note, PANEL_TITLE_CHARS), fontsize=10)
+        _fit_title(ax, title + note, 0.9 * fig.get_figwidth() * fig.dpi / per_row)  # a margin between panels
     fig.tight_layout()
     return save_figure(fig, path)
 
