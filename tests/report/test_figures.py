@@ -55,7 +55,7 @@ def test_a_grid_of_other_channel_counts_shows_the_channels_side_by_side_in_grey(
 def _saved_figure(monkeypatch, module, draw):
     """The figure ``draw()`` hands to ``module.save_figure`` (not written)."""
     kept = []
-    monkeypatch.setattr(module, "save_figure", lambda fig, path: kept.append(fig))
+    monkeypatch.setattr(module, "save_figure", lambda fig, path, **options: kept.append(fig))
     draw()
     return kept[0]
 
@@ -119,7 +119,7 @@ def test_non_finite_samples_are_shown_and_counted_in_the_grid(tmp_path, monkeypa
         red = (pixels[..., 0] > 0.9) & (pixels[..., 1] < 0.1) & (pixels[..., 2] < 0.1)
         assert red.any()  # a NaN sample was drawn as the white background: a blank cell
     kept = {}
-    monkeypatch.setattr(figures, "save_figure", lambda fig, path: kept.setdefault("fig", fig))
+    monkeypatch.setattr(figures, "save_figure", lambda fig, path, **options: kept.setdefault("fig", fig))
     figures.save_comparison_grid({"diverged": images}, tmp_path / "t.png")
     assert kept["fig"].axes[0].get_title().replace("\n", " ") == "diverged (2 of 4 not finite: red)"
 
@@ -136,3 +136,19 @@ def test_one_step_correction_tables_are_drawn(tmp_path, monkeypatch):
                          (plots, lambda: plots.save_correction_tables_plot(tac, tmp_path / "c.png"))):
         _, ink = _drawn_in_axes(_saved_figure(monkeypatch, module, draw))
         assert ink > 0, module.__name__
+
+
+def test_a_large_grid_gets_a_png_pixel_per_image_pixel(tmp_path, monkeypatch):
+    """256 samples of 16×16 (tadq sample --num-samples 256) were squeezed into a 3.2-inch panel: the 2177-pixel
+    tall grid drawn into about 400 PNG rows by nearest-neighbour sampling, four of every five pixel rows dropped."""
+    from tadq.report import figures
+
+    images = torch.rand(256, 1, 16, 16) * 2 - 1
+    grid = figures.image_grid(images, columns=8)
+    fig = _saved_figure(monkeypatch, figures, lambda: figures.save_comparison_grid({"many": images}, tmp_path / "g"))
+    fig.canvas.draw()
+    box = fig.axes[0].get_window_extent()
+    scale = figures.GRID_DPI / fig.dpi  # the extent is in the figure's pixels; the PNG is saved at GRID_DPI
+    assert box.height * scale >= grid.shape[0] and box.width * scale >= grid.shape[1]
+    small = _saved_figure(monkeypatch, figures, lambda: figures.save_comparison_grid({"few": images[:64]}, tmp_path))
+    assert tuple(small.get_size_inches()) == (3.2, 3.6)  # a grid that fitted keeps the figure it had
