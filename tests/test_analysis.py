@@ -43,3 +43,30 @@ def test_a_predicted_error_where_none_was_measured_is_infinite_and_labelled():
     zero = torch.zeros(3)
     assert _relative(torch.ones(3), zero) == math.inf and _relative(zero, zero) == 0.0
     assert "nan" not in _relative_label(math.inf) and _relative_label(0.0) == "0.00"
+
+
+def test_zero_errors_are_left_out_of_the_log_axes_and_said(tmp_path, monkeypatch):
+    """Every zero (x_T, shared by both runs; a step adding nothing) was drawn at 1e-14: a value nobody measured,
+    which stretched the left axis over ten decades below the curves and drew a bar for a step with no share."""
+    from tadq.analysis import PropagationReport
+
+    measured = [0.0, 1e-5, 3e-5, 1e-4]
+    report = PropagationReport(measured=measured, predicted_j0=[0.0, 1.1e-5, 2.9e-5, 1.2e-4], predicted_jvp=None,
+                               step_error=[1e-3] * 3, final_share=[1e-6, 0.0, 3e-5], relative_error_j0=0.1,
+                               relative_error_jvp=None, sampler="ddim-3", clip_sample=False, num_samples=4,
+                               seed=1000)
+    figures = []
+    original = plt.Figure.savefig
+
+    def spy(figure, *args, **kwargs):
+        figures.append(figure)
+        return original(figure, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", spy)
+    save_propagation_plot(report, tmp_path / "propagation.png")
+    left, right = figures[0].axes
+    smallest = min(value for value in measured if value > 0)
+    assert left.get_ylim()[0] > smallest / 10  # the axis spans the curves, not 1e-14
+    heights = [bar.get_height() for bar in right.patches]
+    assert sorted(heights) == sorted(value for value in report.final_share if value > 0)
+    assert "1 of 3 steps 0" in right.get_title()

@@ -34,6 +34,7 @@ from tadq.corrections.tcec.propagation import (  # noqa: E402
     predict_j0,
     predict_recursive,
 )
+from tadq.report.figures import gap_note, plot_positive  # noqa: E402
 from tadq.sampling import Denoiser, SamplerConfig, SamplingPlan, StepContext, to_epsilon  # noqa: E402
 from tadq.utils import save_figure  # noqa: E402
 
@@ -161,16 +162,23 @@ def analyze_propagation(
 
 
 def save_propagation_plot(report: PropagationReport, path: str | Path, title: str = "") -> Path:
-    """Left: measured vs predicted MSE(δ_n) per state; right: each step's share of the final error."""
+    """Left: measured vs predicted MSE(δ_n) per state; right: each step's share of the final error.
+
+    Zeros (x_T, which the FP and quantized runs share, or a step that adds nothing) are left out of the log axes
+    and said: they were drawn at 1e-14, a value nobody measured, which also stretched the axis over ten decades
+    below the curves."""
     path = Path(path)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    states = np.arange(len(report.measured))
-    left.plot(states, np.maximum(report.measured, 1e-14), "k-", lw=2, label="measured")
-    left.plot(states, np.maximum(report.predicted_j0, 1e-14), "--", label=f"closed form, J≈0 "
-              f"(final rel. err {_relative_label(report.relative_error_j0)})")
+    curves = [(report.measured, "measured", {"color": "k", "linestyle": "-", "linewidth": 2}),
+              (report.predicted_j0, f"closed form, J≈0 (final rel. err {_relative_label(report.relative_error_j0)})",
+               {"color": "tab:blue", "linestyle": "--"})]
     if report.predicted_jvp is not None:
-        left.plot(states, np.maximum(report.predicted_jvp, 1e-14), ":", lw=2,
-                  label=f"recursion with measured Jδ (final rel. err {_relative_label(report.relative_error_jvp)})")
+        curves.append((report.predicted_jvp, f"recursion with measured Jδ (final rel. err "
+                                             f"{_relative_label(report.relative_error_jvp)})",
+                       {"color": "tab:orange", "linestyle": ":", "linewidth": 2}))
+    for values, label, look in curves:
+        values = np.asarray(values, dtype=np.float64)
+        plot_positive(left, values, label + gap_note(values, "0 at every state"), look)
     left.set_yscale("log")
     left.set_xlabel("state (0 = x_T)")
     left.set_ylabel("MSE(x̂_n − x_n)")
@@ -178,12 +186,17 @@ def save_propagation_plot(report: PropagationReport, path: str | Path, title: st
                                                 else ""), fontsize=9)
     left.grid(True, which="both", alpha=0.3)
     left.legend(fontsize=8)
-    steps = np.arange(len(report.final_share))
-    right.bar(steps, np.maximum(report.final_share, 1e-14), color="tab:orange")
+    share = np.asarray(report.final_share, dtype=np.float64)
+    drawn = np.isfinite(share) & (share > 0)
+    if drawn.any():  # matplotlib refuses a log axis over bars of height 0 only
+        right.bar(np.flatnonzero(drawn), share[drawn], color="tab:orange")
+    right.set_xlim(-0.6, max(len(share), 1) - 0.4)
     right.set_yscale("log")
     right.set_xlabel("step s (0 = noisiest)")
     right.set_ylabel("‖(Π A) B_s e_s‖² / numel")
-    right.set_title("each step's share of the final error (J≈0)", fontsize=9)
+    missing = len(share) - int(drawn.sum())
+    right.set_title("each step's share of the final error (J≈0)"
+                    + (f"; {missing} of {len(share)} steps 0 or not finite: no bar" if missing else ""), fontsize=9)
     right.grid(True, which="both", alpha=0.3)
     fig.suptitle(title or f"error propagation, {report.sampler}, {report.num_samples} samples")
     fig.tight_layout()

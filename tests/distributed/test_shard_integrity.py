@@ -415,6 +415,24 @@ def test_reference_of_other_noise_is_refused_before_any_chunk(tmp_path: Path, sa
     assert not list(out.glob("chunks/*.safetensors")), "the whole run was sampled before the reference was refused"
 
 
+def test_reference_with_labels_is_refused_before_any_chunk(tmp_path: Path, saved_model: Path) -> None:
+    """check_reference_noise compared seed, sampler and shape but not the run key's conditioning: a reference drawn
+    with class labels and guidance (tadq.distributed.sample_sharded) passed it, and the unconditional run was
+    refused by check_reference only once every chunk had been sampled."""
+    from tadq.cli.sample import deployment_sampler
+
+    sampler = deployment_sampler(saved_model, None, 2, None)  # what CLI_FLAGS sample with
+    reference = tmp_path / "reference"
+    sample_sharded(build_tiny_unet(1, num_class_embeds=4), _scheduler(), sampler, num_samples=4, seed=7,
+                   out_dir=reference, batch_size=2, progress=False, conditions=ClassLabels((0, 1, 2, 0), null_class=3),
+                   guidance_scale=2.0)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["sample-sharded", str(saved_model), *CLI_FLAGS, "--seed", "7", "--out-dir", str(out),
+                                 "--reference-dir", str(reference)])
+    assert result.exit_code == 2 and "conditioning" in result.output, result.output
+    assert not list(out.glob("chunks/*.safetensors")), "the whole run was sampled before the reference was refused"
+
+
 def test_chunk_file_under_a_non_canonical_name_does_not_block_the_resume(tmp_path: Path) -> None:
     """pending_chunks parses any ``\\d+-\\d+.safetensors`` name, so 0-2.safetensors (a copy of chunk 0..1 under
     another spelling, the canonical file missing) counts chunk 0..1 as done; nobody samples it, ShardedRun.open

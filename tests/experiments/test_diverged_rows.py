@@ -91,3 +91,25 @@ def test_the_bench_report_json_is_strict_with_a_diverged_row(tmp_path, monkeypat
     saved = json.loads((tmp_path / "report.json").read_text(), parse_constant=_refuse_constant)
     assert saved["rows"][0]["psnr"] is None and saved["rows"][0]["final_mse"] is None
     assert saved["rows"][0]["status"] == row["status"]
+
+
+def test_the_bench_report_json_names_figures_from_the_bench_folder(tmp_path, monkeypatch):
+    """report.json listed each figure by the path --out was given as (relative to the working directory, or
+    absolute): wrong once the folder was moved or read from another directory; report.md links them from the
+    folder."""
+    import tadq.experiments.bench.report as bench_report
+    from tadq.experiments.bench.config import BenchConfig
+
+    sampler = SamplerConfig("ddim", num_steps=STEPS)
+    monkeypatch.chdir(tmp_path)
+    bench = BenchConfig(methods=("naive",), presets=("W4A4",), samplers=(sampler,), out_dir="runs/b")
+    figure = bench.sampler_dir(sampler) / "samples.png"
+    section = {"sampler": sampler, "title": "DDIM", "rows": [], "columns": (("method", "method"),), "description": [],
+               "verdicts": [], "figures": [(figure, "samples")], "fd_floor": None, "wall_s": 1.0}
+    monkeypatch.setattr(bench_report, "_section", lambda bench, table: section)
+    monkeypatch.setattr(bench_report, "_html", lambda *args: "")
+    bench_report.write_bench_report(bench, [{}], wall_s=1.0)
+    saved = json.loads((tmp_path / "runs" / "b" / "report.json").read_text())
+    listed = saved["samplers"][sampler.key]["figures"]
+    assert listed == [f"{sampler.key}/samples.png"]
+    assert f"]({listed[0]})" in (tmp_path / "runs" / "b" / "report.md").read_text()  # as report.md links it

@@ -438,3 +438,25 @@ def test_a_rerun_with_another_batch_size_rescores_instead_of_reusing(tmp_path):
     assert same.stats["candidates_scored"] == 0 and same.stats["candidates_reused"] == 1
     assert search(2).stats["candidates_scored"] == 1  # was reused: scored at batch 4
     assert len(list(tmp_path.glob("cache/reference-*.safetensors"))) == 2  # the FP reference of each batch
+
+
+def test_the_pareto_figure_names_why_each_candidate_was_not_drawn(monkeypatch, tmp_path):
+    """pareto.png said "N candidates over budget, not scored" for every unscored candidate: one that diverged on
+    the held-out noise (within the budget) was reported as over it."""
+    from tadq.search import report as report_module
+    from tadq.search.search import SearchResult
+
+    def record(name: str, status: str, score: float | None) -> dict:
+        return {"name": name, "base": "naive", "gbitops": 1.0, "bytes": 10, "status": status,
+                "score": None if score is None else {"median_psnr": score}}
+
+    records = [record("a", "scored", 30.0), record("b", "diverged", None), record("c", "over budget", None),
+               record("d", "over budget", None)]
+    result = SearchResult(records, "a", "best", ["a"], {"calibration": 0, "heldout": 1, "evaluation": 2}, {},
+                          Budget("gbitops", 2.0))
+    kept = []
+    monkeypatch.setattr(report_module, "save_figure", lambda fig, path, **options: kept.append(fig))
+    report_module.plot_pareto(result, tmp_path / "pareto.png")
+    texts = [text.get_text() for text in kept[0].axes[0].texts]
+    assert "1 diverged" in " ".join(texts) and "2 over budget" in " ".join(texts)
+    assert "3 candidates over budget" not in " ".join(texts)

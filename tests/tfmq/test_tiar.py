@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers import DDPMScheduler
 from tests.tfmq.common import CALIB, RECON, SAMPLER, quant_config
 
 from tadq import api
@@ -59,3 +60,49 @@ def test_frozen_layers_change_the_checkpoint_key(tiny_setup):
     plain = _run_fields(qmodel.model, model, RECON, calib, ["a", "b"])
     assert plain == _run_fields(qmodel.model, model, RECON, calib, ["a", "b"], ())
     assert _run_key(plain) != _run_key(_run_fields(qmodel.model, model, RECON, calib, ["a", "b"], ("a.x",)))
+
+
+def test_tiar_holds_features_of_a_bounded_number_of_pairs(monkeypatch):
+    """reconstruct_tib computed the FP targets (and the quantized features it scores) for every (step, label) pair
+    at once: ≈ 39 GB each for DiT-XL/2's 50 steps × 1001 labels. Every TIB call now takes at most one training
+    batch or one TARGET_CHUNK, and the result is the one of a chunk holding the whole set."""
+    from tests.conftest import build_tiny_unet
+
+    from tadq.config import ReconstructionConfig
+    from tadq.prepare import build_quantized_structure
+    from tadq.sampling import SamplerConfig
+    from tadq.tfmq import TFMQConfig, tiar
+    from tadq.tfmq.tib import grid_inputs
+
+    torch.set_num_threads(1)
+    model = build_tiny_unet(0, num_class_embeds=6)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    config = TFMQConfig(tiar_iters=20, tiar_batch_size=8)
+    rows: list[int] = []
+    original = TemporalInformationBlock.__call__
+
+    def counted(self, t, labels=None):
+        rows.append(t.shape[0])
+        return original(self, t, labels)
+
+    def run(chunk: int):
+        monkeypatch.setattr(tiar, "TARGET_CHUNK", chunk, raising=False)
+        qmodel = build_quantized_structure(model, QuantConfig.from_preset("W4A8", method="naive"))
+        fp_tib = TemporalInformationBlock(model, adapter_for(model))
+        q_tib = TemporalInformationBlock(qmodel.model, adapter_for(model))
+        t, labels, _ = grid_inputs(deployment_grid(sched, SamplerConfig("ddim", num_steps=20)), fp_tib.num_labels)
+        report = tiar.reconstruct_tib(q_tib, fp_tib, t, labels, ReconstructionConfig(), config)
+        return report, [weight.detach().clone() for _, weight in q_tib.weight_pairs()], len(t)
+
+    monkeypatch.setattr(TemporalInformationBlock, "__call__", counted)
+    chunked, weights, pairs = run(16)
+    assert pairs == 120 and max(rows) <= 16  # the whole set (120 pairs) was one call
+    whole, whole_weights, _ = run(pairs)
+    assert all(torch.equal(a, b) for a, b in zip(weights, whole_weights, strict=True))  # batches do not depend on it
+    # a GEMM of 16 rows may round a feature otherwise than one of 120: float32 ulps, accumulated over the widest
+    # TIB input and summed over the features' channels
+    width = max(module.in_features for module in model.modules() if isinstance(module, torch.nn.Linear))
+    tolerance = 4 * width * torch.finfo(torch.float32).eps
+    for name in ("loss_before", "loss_after", "cosine_before", "cosine_after"):
+        assert abs(getattr(chunked, name) - getattr(whole, name)) <= tolerance * abs(getattr(whole, name)), name
+    assert chunked.kept_learned == whole.kept_learned

@@ -111,6 +111,9 @@ def bench_command(
     setup(verbose, threads, device, dtype)
     with fail_cleanly():
         check_seed_flags(seed=seed, calib_seed=calib_seed)
+        if models_dir is not None and models_dir.resolve() == out.resolve():  # BenchConfig's check names its field
+            raise ValueError(f"--models-dir {models_dir} is the bench folder itself (--out {out}); leave it out "
+                             f"(the default, {out / 'models'}) or give a folder of its own")
         evaluation_prompts = read_prompt_file(eval_prompts, "--eval-prompts")
         fields = matrix("quick" if quick else "default")
         if num_samples is not None:

@@ -14,6 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tadq.report.figures import plot_steps  # noqa: E402
 from tadq.utils import save_figure  # noqa: E402
 
 __all__ = ["save_correction_tables_plot"]
@@ -38,7 +39,7 @@ def save_correction_tables_plot(rows: Mapping[str, Mapping[str, Any]], path: str
                 if field not in table:
                     continue  # saved before that table existed
                 values = np.asarray(table[field], dtype=float)
-                (line,) = ax.plot(np.arange(len(values)), values.reshape(len(values), -1).mean(1), label=label)
+                line = plot_steps(ax, values.reshape(len(values), -1).mean(1), label)  # one step: a marker
                 if kind == "TCEC" and table.get("start", 0.0) > 0:
                     ax.axvline(round(table["start"] * len(values)), color=line.get_color(), linestyle=":")
         ax.set_title(title, fontsize=10)

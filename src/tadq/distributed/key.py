@@ -19,7 +19,8 @@ from torch import nn
 from tadq.sampling import DEFAULTED_KEYS, SamplerConfig, scheduler_config_key
 from tadq.utils import public_config
 
-__all__ = ["KEY_VERSION", "key_differences", "model_fingerprint", "run_key", "scheduler_fingerprint"]
+__all__ = ["KEY_VERSION", "conditioning_key", "key_differences", "model_fingerprint", "run_key",
+           "scheduler_fingerprint"]
 
 # 2: the model fingerprint holds each diffusers/transformers module's public config (version 1 missed settings
 # its forward reads from the config alone, e.g. a UNet's ``center_input_sample``)
@@ -94,6 +95,15 @@ def sampler_fields(sampler: SamplerConfig) -> dict[str, Any]:
             # dpmsolver++'s order, flow-euler's shift and grid; absent (None) keeps every older run's key
             **{name: getattr(sampler, name) for name in ("order", "shift", "flow_sigmas")
                if getattr(sampler, name) is not None}}
+
+
+def conditioning_key(conditions: Any, guidance_scale: float) -> dict[str, Any] | None:
+    """The run key's ``conditioning`` entry: the conditions' ``key`` and the guidance scale, or ``None`` (no entry)
+    for an unconditional, unguided run, so their keys and resumes hold. ``conditions`` is a ``ConditionSource`` or
+    ``None``; ``guidance_scale`` as ``SamplingPlan`` checked it."""
+    if conditions is None and guidance_scale == 1.0:
+        return None
+    return {"conditions": None if conditions is None else conditions.key, "guidance_scale": guidance_scale}
 
 
 def run_key(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tadq.distributed.key import sampler_fields
+from tadq.distributed.key import conditioning_key, sampler_fields
 from tadq.distributed.shards import ChunkRange, assign_chunks
 from tadq.distributed.store import ShardedRun
 from tadq.distributed.world import World
@@ -33,7 +34,7 @@ from tadq.metrics import (
     ssim_per_sample,
 )
 from tadq.metrics.image import SSIM_MIN_SIDE
-from tadq.sampling import SamplerConfig
+from tadq.sampling import SamplerConfig, check_guidance_scale
 
 __all__ = ["ChunkStatistics", "ShardedMetrics", "check_metrics_fit", "check_reference", "check_reference_noise",
            "chunk_statistics", "sharded_metrics"]
@@ -146,15 +147,21 @@ def check_metrics_fit(sample_shape: tuple[int, ...] | list[int], real_given: boo
 
 
 def check_reference_noise(reference: ShardedRun, *, seed: int, sampler: SamplerConfig,
-                          sample_shape: tuple[int, ...], num_samples: int) -> None:
-    """``check_reference``'s noise fields against the run about to be sampled, so a reference of other noise is
-    refused before any chunk (it was refused only once the whole run had been sampled)."""
-    planned = {"seed": int(seed), "sampler": sampler_fields(sampler), "sample_shape": [int(d) for d in sample_shape]}
+                          sample_shape: tuple[int, ...], num_samples: int, conditions: Any = None,
+                          guidance_scale: float = 1.0) -> None:
+    """``check_reference``'s fields against the run about to be sampled, so a reference of other noise, labels or
+    guidance is refused before any chunk (it was refused only once the whole run had been sampled; the labels and
+    guidance were not compared here at all). ``conditions`` and ``guidance_scale`` as ``sample_sharded`` takes
+    them (a ``ConditionSource`` or ``None``)."""
+    planned = {"seed": int(seed), "sampler": sampler_fields(sampler), "sample_shape": [int(d) for d in sample_shape],
+               "conditioning": conditioning_key(conditions, check_guidance_scale(guidance_scale))}
+    planned = json.loads(json.dumps(planned))  # as the manifest reads back: tuples as lists
     for field, value in planned.items():
-        if reference.key[field] != value:
+        if reference.key.get(field) != value:
             raise ValueError(f"paired metrics compare samples from the same noise, but the reference run "
-                             f"{reference.out_dir} has {field}={reference.key[field]!r} and this run {value!r}; "
-                             "sample the FP model with the same --seed/--sampler/--steps/--eta")
+                             f"{reference.out_dir} has {field}={reference.key.get(field)!r} and this run {value!r}; "
+                             "sample the FP model with the same --seed/--sampler/--steps/--eta (and labels and "
+                             "guidance)")
     if reference.num_samples < num_samples:
         raise ValueError(f"the reference run {reference.out_dir} has {reference.num_samples} samples, this run "
                          f"{num_samples}; sample the reference with at least as many")

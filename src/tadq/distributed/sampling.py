@@ -20,7 +20,13 @@ from tqdm.auto import tqdm
 
 from tadq.api import check_conditions
 from tadq.corrections.base import HookedDenoiser
-from tadq.distributed.key import key_differences, model_fingerprint, run_key, scheduler_fingerprint
+from tadq.distributed.key import (
+    conditioning_key,
+    key_differences,
+    model_fingerprint,
+    run_key,
+    scheduler_fingerprint,
+)
 from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, assign_chunks, chunk_ranges
 from tadq.distributed.store import (
     CHUNK_DIR,
@@ -204,9 +210,8 @@ def sample_sharded(
                   sample_shape=shape, batch_size=min(batch_size, chunk_size), chunk_size=chunk_size,
                   record_trajectory=record_trajectory, device_type=world.device.type)
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
-    if conditions is not None or plan.guided:  # absent for unconditional runs, so their keys (and resumes) hold
-        key["conditioning"] = {"conditions": None if conditions is None else conditions.key,
-                               "guidance_scale": plan.guidance_scale}
+    if (conditioning := conditioning_key(conditions, plan.guidance_scale)) is not None:
+        key["conditioning"] = conditioning
     chunks = chunk_ranges(num_samples, chunk_size)
     pending, threads = _plan(world, out_dir, chunks, key, torch.get_num_threads())
     settings = {"model_label": label or type(denoiser).__name__, "sampler_key": sampler.key,

@@ -4,6 +4,7 @@ candidate, the Pareto front highlighted, the winner marked, the budget drawn).""
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -108,9 +109,11 @@ def plot_pareto(result: SearchResult, path: str | Path) -> None:
     ax.scatter([cost(winner)], [winner["score"]["median_psnr"]], marker="*", s=260, color="tab:red", zorder=4,
                label=f"winner: {winner['name']}")
     ax.axvline(result.budget.value, linestyle="--", color="tab:red", linewidth=1, label="budget")
-    over = [r for r in result.records if r["status"] != "scored"]
-    if over:
-        ax.text(0.01, 0.01, f"{len(over)} candidates over budget, not scored", transform=ax.transAxes, fontsize=7)
+    # by status: a candidate that diverged on the held-out noise was counted as "over budget"
+    unscored = Counter(r["status"] for r in result.records if r["status"] != "scored")
+    if unscored:
+        ax.text(0.01, 0.01, ", ".join(f"{count} {status}" for status, count in unscored.items()) + ": not drawn",
+                transform=ax.transAxes, fontsize=7)
     ax.set_xlabel("Gbit-ops per sample" if gbitops else "artefact bytes (weights + correction tables)")
     ax.set_ylabel("held-out median PSNR vs FP (dB)")
     ax.set_title(f"tadq recipe: {result.budget.describe()}")

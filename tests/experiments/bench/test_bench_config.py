@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -106,3 +107,14 @@ def test_models_dir_equal_to_the_bench_folder_is_refused_before_any_work(tmp_pat
     with pytest.raises(ValueError, match="is the bench folder itself"):
         BenchConfig(methods=("naive",), presets=("W8A8",), out_dir=str(tmp_path / "b"),
                     models_dir=str(tmp_path / "b" / "."))
+
+
+def test_cli_models_dir_equal_to_out_is_refused_naming_the_flags(tmp_path):
+    """The command's error named BenchConfig's field, models_dir, where the user had typed --models-dir."""
+    out = tmp_path / "b"
+    result = runner.invoke(app, ["bench", "--out", str(out), "--models-dir", str(out / "."), "--methods", "naive",
+                                 "--presets", "W8A8"])
+    assert result.exit_code != 0 and "is the bench folder itself" in result.output
+    assert "--models-dir" in result.output and "--out" in result.output
+    assert not re.search(r"(?<![-\w])models_dir\b", result.output)  # the field's name (the tmp path holds it too)
+    assert not out.exists()

@@ -12,6 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tadq.report.figures import plot_steps  # noqa: E402
 from tadq.utils import save_figure  # noqa: E402
 
 __all__ = ["save_ptqd_tables_plot"]
@@ -32,13 +33,12 @@ def save_ptqd_tables_plot(tables: Mapping[str, Any] | Mapping[str, Mapping[str, 
     path = Path(path)
     fig, axes = plt.subplots(1, 3, figsize=(13.5, 3.8))
     for label, table in series.items():
-        steps = np.arange(len(table["k"]))
-        prefix = f"{label} " if label else ""
-        axes[0].plot(steps, table["k"], label=f"{prefix}k_t")
-        mu = np.asarray(table["mu"], dtype=float).reshape(len(steps), -1)  # (S, C)
+        prefix = f"{label} " if label else ""  # plot_steps: a one-step sampler's single value gets a marker
+        plot_steps(axes[0], table["k"], f"{prefix}k_t")
+        mu = np.asarray(table["mu"], dtype=float).reshape(len(table["k"]), -1)  # (S, C)
         for channel in range(mu.shape[1]):
-            axes[1].plot(steps, mu[:, channel], label=f"{prefix}μ_t[c={channel}]")
-        axes[2].plot(steps, table["sigma_q"], label=f"{prefix}σ_q,t")
+            plot_steps(axes[1], mu[:, channel], f"{prefix}μ_t[c={channel}]")
+        plot_steps(axes[2], table["sigma_q"], f"{prefix}σ_q,t")
     titles = ("correlation coefficient k_t", "bias μ_t (per channel)", "residual std σ_q,t")
     for ax, title in zip(axes, titles, strict=True):
         ax.set_title(title, fontsize=10)

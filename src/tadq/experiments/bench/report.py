@@ -152,6 +152,9 @@ def _html(bench: BenchConfig, sections: list[dict[str, Any]], header: list[str])
 
 
 def _json(bench: BenchConfig, sections: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    """The report document; each figure by its path from the bench folder, as report.md links it (the path as
+    given, relative to the working directory or absolute, broke when the folder was moved or read from elsewhere)."""
+    root = Path(bench.out_dir)
     return {
         "command": bench.command(), "wall_s": wall_s,
         "config": {"model": bench.model or "shipped", "methods": list(bench.methods), "presets": list(bench.presets),
@@ -163,7 +166,8 @@ def _json(bench: BenchConfig, sections: list[dict[str, Any]], wall_s: float) -> 
         "samplers": {part["sampler"].key: {"title": part["title"], "description": part["description"],
                                            "peer_verdicts": part["verdicts"], "fd_digits_real_vs_real":
                                                part["fd_floor"], "wall_s": part["wall_s"],
-                                           "figures": [str(path) for path, _ in part["figures"]]}
+                                           "figures": [path.relative_to(root).as_posix()
+                                                       for path, _ in part["figures"]]}
                      for part in sections},
         "notes": list(NOTES), "versions": library_versions(),
     }
