@@ -32,6 +32,7 @@ from tadq.prepare import (
     calibrate_activations,
     check_no_runtime_hooks,
     check_plain_weights,
+    check_unshared_weights,
 )
 from tadq.provenance import check_same_architecture
 from tadq.recipe import Recipe, method_handler
@@ -112,6 +113,7 @@ def _quantize(
     expect_scheduler(scheduler, "tadq.quantize")
     check_weights_loaded(model, "tadq.quantize")
     check_plain_weights(model, "tadq.quantize")
+    check_unshared_weights(model, "tadq.quantize")  # before any sampling, not when the artefact is written
     check_no_runtime_hooks(model, "tadq.quantize")
     if base is not None:  # its weights are reused as they are: refused here, not by its first forward
         expect(base, QuantizedDenoiser, "base", "tadq.quantize")
