@@ -266,6 +266,38 @@ def test_diffusers_runtime_hooks_are_refused_naming_the_hook_before_any_work(ddp
         api.quantize(offloaded, ddpm_scheduler, config, progress=False)
 
 
+@pytest.mark.parametrize("sharing", ["layer placed twice", "tied weight"])
+def test_a_weight_shared_between_layers_is_refused_naming_both_before_any_work(sharing, ddpm_scheduler, tmp_path):
+    """One ``nn.Linear`` placed twice in the tree was quantized under its first name only (the other place ran in
+    full precision), and either sharing made ``save_pretrained`` fail inside safetensors ("Some tensors share
+    memory") after the whole calibration."""
+    import copy
+
+    from tests.conftest import build_tiny_unet, counting_forwards
+
+    model = build_tiny_unet()
+    first, second = model.down_blocks[1].attentions[0], model.up_blocks[0].attentions[0]
+    if sharing == "layer placed twice":
+        second.to_q = first.to_q
+    else:
+        second.to_q.weight = first.to_q.weight
+    small = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=2, num_steps_kept=1,
+                              samples_per_step=2, batch_size=2)
+    config = QuantConfig.from_preset("W8A8", calibration=small)
+    with counting_forwards(model) as calls, pytest.raises(
+            ValueError, match=r"tadq.quantize: .* shares one tensor between down_blocks\.1\.attentions\.0\.to_q\."
+                              r"weight and up_blocks\.0\.attentions\.0\.to_q\.weight .*copy"):
+        api.quantize(model, ddpm_scheduler, config, progress=False)
+    assert calls == [0]
+    if sharing == "layer placed twice":  # the advice: each place its own copy, then both are quantized and saved
+        second.to_q = copy.deepcopy(first.to_q)
+    else:
+        second.to_q.weight = torch.nn.Parameter(first.to_q.weight.detach().clone())
+    qmodel = api.quantize(model, ddpm_scheduler, config, progress=False)
+    assert isinstance(qmodel.model.up_blocks[0].attentions[0].to_q, QuantLayer)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+
+
 def test_save_pretrained_refuses_a_wrong_scheduler_or_flag_before_touching_the_folder(tiny_unet, ddpm_scheduler,
                                                                                      tmp_path):
     """A str or a scheduler class failed with an AttributeError / a missing-argument TypeError from inside the

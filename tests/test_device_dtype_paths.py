@@ -197,6 +197,26 @@ def test_a_base_on_the_meta_device_is_refused_before_any_fit(tiny_unet, ddpm_sch
         api.quantize(tiny_unet, ddpm_scheduler, recipe, base=tiny_unet, progress=False)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_a_base_loaded_in_a_lower_dtype_is_refused_before_any_fit(dtype, tiny_unet, ddpm_scheduler, tmp_path):
+    """``base=tadq.load(dir, dtype=torch.bfloat16)[0]`` had its corrections fitted against the bfloat16 network; the
+    result was refused by ``save_pretrained`` until ``.float()``, which then saved tables fitted for another network
+    than the float32 one stored beside them."""
+    from tests.conftest import counting_forwards
+
+    from tadq.corrections import TACConfig
+
+    recipe = dataclasses.replace(RECIPE, corrections=(TACConfig(num_samples=4),))
+    api.quantize(tiny_unet, ddpm_scheduler, RECIPE, progress=False).save_pretrained(tmp_path / "q", ddpm_scheduler)
+    lowered, _ = tadq.load(tmp_path / "q", dtype=dtype)
+    with counting_forwards(tiny_unet) as calls, counting_forwards(lowered.model) as network_calls:
+        with pytest.raises(ValueError, match=rf"tadq.quantize: base is in {dtype}; .*tadq.load\(dir\) without dtype="):
+            api.quantize(tiny_unet, ddpm_scheduler, recipe, base=lowered, progress=False)
+    assert calls == network_calls == [0]
+    base, _ = tadq.load(tmp_path / "q")  # the float32 network is taken
+    assert api.quantize(tiny_unet, ddpm_scheduler, recipe, base=base, progress=False).model is base.model
+
+
 def test_a_base_quantized_from_another_model_is_refused_before_any_fit(tiny_unet, ddpm_scheduler):
     """``quantize(B, ..., base=quantize(A))`` with A another training of B's config returned A's network with
     corrections fitted against B's trajectories, without a word."""

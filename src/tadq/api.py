@@ -32,6 +32,7 @@ from tadq.prepare import (
     calibrate_activations,
     check_no_runtime_hooks,
     check_plain_weights,
+    check_unshared_weights,
 )
 from tadq.provenance import check_same_architecture
 from tadq.recipe import Recipe, method_handler
@@ -112,10 +113,12 @@ def _quantize(
     expect_scheduler(scheduler, "tadq.quantize")
     check_weights_loaded(model, "tadq.quantize")
     check_plain_weights(model, "tadq.quantize")
+    check_unshared_weights(model, "tadq.quantize")  # before any sampling, not when the artefact is written
     check_no_runtime_hooks(model, "tadq.quantize")
     if base is not None:  # its weights are reused as they are: refused here, not by its first forward
         expect(base, QuantizedDenoiser, "base", "tadq.quantize")
         check_weights_loaded(base, "tadq.quantize: base")
+        check_float32_base(base)
         try:  # its network is reused and the recipe's corrections fitted against ``model``: the same model only
             check_same_architecture(base, model)
         except ValueError as error:
@@ -202,6 +205,19 @@ def check_method_dtype(config: QuantConfig, dtype: torch.dtype, recipe: Recipe |
     if type(method).__name__ == "TFMQMethod" and getattr(method, "base", None) != "svdquant":
         raise NotImplementedError(f"TFMQ-DM reconstructs against the FP model itself: quantize with dtype=float32, "
                                   f"not {name}")
+
+
+def check_float32_base(base: QuantizedDenoiser) -> None:
+    """Refuse a ``base=`` network in another dtype than float32 (``tadq.load(dir, dtype=torch.bfloat16)``, a
+    ``.half()`` copy): the corrections were fitted against its low-precision outputs, and the result could be saved
+    only after ``.float()``, as an artefact whose tables belong to another network than the one it stores."""
+    lowered = next((p for p in base.model.parameters() if p.is_floating_point() and p.dtype != torch.float32), None)
+    if lowered is not None:
+        name = str(lowered.dtype).removeprefix("torch.")
+        raise ValueError(f"tadq.quantize: base is in {name}; the fake-quant network computes in float32 and the "
+                         "recipe's corrections are fitted against it: pass it in float32 (tadq.load(dir) without "
+                         "dtype=; dtype= of quantize sets the FP reference's dtype), and sample the result in "
+                         f"{name} with tadq.sample(..., dtype=) or load its artefact with tadq.load(dir, dtype=)")
 
 
 def check_conditions(model: nn.Module, conditions: ConditionSource | None, guidance_scale: float,

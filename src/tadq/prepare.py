@@ -19,7 +19,8 @@ from tadq.quant.split import apply_shortcut_split
 from tadq.registry import adapter_for
 from tadq.safefiles import require_finite
 
-__all__ = ["build_quantized_structure", "calibrate_activations", "check_plain_weights", "check_no_runtime_hooks"]
+__all__ = ["build_quantized_structure", "calibrate_activations", "check_plain_weights", "check_no_runtime_hooks",
+           "check_unshared_weights"]
 
 # what to do about a diffusers hook (diffusers.hooks.HookRegistry, in ``module._diffusers_hook``), by hook name
 _HOOK_ADVICE = {
@@ -43,6 +44,24 @@ def check_plain_weights(model: nn.Module, where: str) -> None:
             raise ValueError(f"{where}: layer {label} is parametrized ({tensors}, torch.nn.utils.parametrize); fold "
                              "it into a plain tensor with torch.nn.utils.parametrize.remove_parametrizations(layer, "
                              "name) before quantizing")
+
+
+def check_unshared_weights(model: nn.Module, where: str) -> None:
+    """Refuse a model in which one weight tensor is reachable under several names (the same layer placed twice in
+    the module tree, or two layers given one ``Parameter``), naming both. tadq swaps and saves every layer under
+    its own name: a layer placed twice was quantized under its first name only and ran in full precision under the
+    other, and either kind made ``save_pretrained`` fail inside safetensors ("Some tensors share memory") after
+    all the calibration work."""
+    seen: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        first = seen.setdefault(id(tensor), name)
+        if first != name:
+            raise ValueError(f"{where}: this {type(model).__name__} shares one tensor between {first} and {name} "
+                             "(a layer placed twice, or tied weights); tadq quantizes and saves each layer on its "
+                             "own: give each place its own copy first (copy.deepcopy(layer) for a layer used twice, "
+                             "layer.weight = nn.Parameter(layer.weight.detach().clone()) for a tied weight)")
 
 
 def check_no_runtime_hooks(model: nn.Module, where: str, only: tuple[str, ...] | None = None) -> None:
@@ -118,6 +137,7 @@ def build_quantized_structure(
         init_weight_range: set weight ranges from the weights; ``False`` when saved ranges are loaded next.
     """
     adapter = adapter_for(model)
+    check_unshared_weights(model, "build_quantized_structure")  # one name per layer: each is swapped and saved once
     if init_weight_range:  # a NaN weight used to fail late, as a zero_point error that never said NaN
         require_finite(model.state_dict(), "model weight")
     qmodel_inner = copy.deepcopy(model).eval().requires_grad_(False)
