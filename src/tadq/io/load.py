@@ -270,7 +270,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     check_weight_grid(backend, config.weights, config.layer_bits)
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"), meta.get("model_class"))
     apply_freeu(model, meta.get("freeu"), str(path / CONFIG_FILE))  # a runtime setting its config does not hold
-    qmodel = build_quantized_structure(model, config, init_weight_range=False)
+    qmodel = build_quantized_structure(model, config, init_weight_range=False, copy_model=False)  # built for it
     for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: the artefact is incomplete, save it again")
