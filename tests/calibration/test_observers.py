@@ -142,3 +142,41 @@ def test_batches_in_tadqs_order_keep_the_samples_they_kept_before():
         observer.observe(batch)
     assert [len(s) for s in observer._weighted_samples()] == [1000, 1000, 1000, 234]
     assert [s.data_ptr() for s in observer._weighted_samples()] == [s.data_ptr() for s in observer.samples]
+
+
+def test_an_observer_moves_to_the_cpu_only_the_values_it_keeps(monkeypatch):
+    """Each observed tensor was copied whole to the CPU before its 16384 kept values were drawn: on a GPU model,
+    every layer's full input on every calibration forward. Only the extremes and the kept share may move now, and
+    what is kept, and the range, are those of the whole tensor moved first."""
+    from tadq.calibration.observers import RangeObserver
+
+    moved = []
+    cpu = torch.Tensor.cpu
+
+    def spy(tensor, *args, **kwargs):
+        moved.append(tensor.numel())
+        return cpu(tensor, *args, **kwargs)
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randn(8, 500, generator=generator) for _ in range(3)] + [torch.randn(2, 500, generator=generator)]
+    for method in ("mse", "percentile", "minmax"):
+        scheme = QScheme(bits=8, range_method=method)
+        observer, expected = RangeObserver(scheme, values_per_batch=300), RangeObserver(scheme, values_per_batch=300)
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.Tensor, "cpu", spy)
+            for batch in batches:
+                observer.observe(batch)
+        assert moved and max(moved) <= observer.values_per_batch, (method, max(moved))
+        moved.clear()
+        generator = expected.generator  # the same draws from indices made where the whole tensor was
+        for batch in batches:
+            flat = batch.reshape(-1)
+            expected.low = flat.min() if expected.low is None else torch.minimum(expected.low, flat.min())
+            expected.high = flat.max() if expected.high is None else torch.maximum(expected.high, flat.max())
+            if method != "minmax":
+                expected._reference = max(expected._reference or 1, flat.numel())
+                keep = expected._share(flat.numel())
+                expected._sizes.append(flat.numel())
+                expected.samples.append(flat[torch.randint(0, flat.numel(), (keep,), generator=generator)])
+        assert all(torch.equal(a, b) for a, b in zip(observer.samples, expected.samples, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(observer.range(), expected.range(), strict=True))

@@ -2,6 +2,7 @@ import dataclasses
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -301,3 +302,36 @@ def test_a_reference_left_in_training_mode_reconstructs_as_in_eval_mode(ddpm_sch
         assert model.training == training and not qmodel.model.training
         states.append(qmodel.model.state_dict())
     assert all(torch.equal(states[0][name], states[1][name]) for name in states[0])
+
+
+def test_reconstruction_walks_the_network_a_fixed_number_of_times_whatever_its_depth(monkeypatch):
+    """Each unit's weight phase walked every module of the network to bypass the activation quantizers: the
+    bookkeeping grew with units × modules. The whole-network walks must not grow with the number of units."""
+    from tests.adapters.test_transformer2d import build_tiny_dit
+
+    from tadq.sampling import ClassLabels
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    small = CalibrationConfig(sampler=SamplerConfig("ddim", num_steps=4), num_trajectories=2, num_steps_kept=2,
+                              samples_per_step=2, batch_size=4)
+    config = ReconstructionConfig(batch_size=4, gptq_inputs=8)
+    named_modules = torch.nn.Module.named_modules
+    walks = {}
+    for depth in (1, 3):
+        model = build_tiny_dit(num_layers=depth)
+        labels = ClassLabels(tuple(range(4)), null_class=10)
+        calib = collect_calibration_set(model, adapter_for(model), scheduler.config, small, progress=False,
+                                        conditions=labels)
+        qmodel = api.quantize(model, scheduler, QuantConfig.from_preset("W8A8", calibration=small),
+                              calibration=calib, progress=False, conditions=labels)
+        root, count = qmodel.model, [0]
+
+        def spy(self, *args, root=root, count=count, **kwargs):
+            count[0] += self is root
+            return named_modules(self, *args, **kwargs)
+
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.nn.Module, "named_modules", spy)
+            reports = reconstruct(root, model, qmodel.adapter, calib, config, progress=False)
+        walks[len(reports)] = count[0]
+    assert len(set(walks)) == 2 and len(set(walks.values())) == 1, walks

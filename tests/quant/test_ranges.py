@@ -1,4 +1,6 @@
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tadq.quant import QScheme, fake_quantize, minmax_range, mse_range, percentile_range, scale_and_zero_point
 
@@ -39,3 +41,51 @@ def test_mse_range_of_huge_values_is_the_scaled_range_of_ordinary_ones():
     factor = 2.0 ** 70  # ~1.2e21
     huge_low, huge_high = mse_range(x * factor, scheme, per_channel=True)
     assert torch.equal(huge_low, low * factor) and torch.equal(huge_high, high * factor)
+
+
+class _NewTensorsOfSize(TorchDispatchMode):
+    """Counts the ops that return a new tensor of ``numel`` elements (not an in-place or ``out=`` write)."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        writes = func._schema.name.endswith("_") or "out" in kwargs
+        if not writes and isinstance(result, torch.Tensor) and result.numel() == self.numel:
+            self.count += 1
+        return result
+
+
+@pytest.mark.parametrize("per_channel, scale", [(False, 1.0), (True, 1.0), (True, 2.0**70)])
+def test_mse_range_allocates_no_whole_tensor_per_candidate(per_channel, scale):
+    """Each of the 80 candidates allocated a dozen temporaries the size of the observed values (the search was most
+    of a naive quantization's time): the whole-tensor allocations must not grow with the grid, and the range must be
+    the composed expression's, bit for bit."""
+    torch.manual_seed(2)
+    x = torch.randn(4, 257) * scale
+    x[:, 0] = 3.0 * scale
+
+    def reference(scheme):
+        flat = x.reshape(x.shape[0], -1) if per_channel else x.reshape(1, -1)
+        low0, high0 = flat.min(dim=1).values, flat.max(dim=1).values
+        best = (torch.full_like(low0, float("inf")), low0, high0)
+        for i in range(scheme.mse_grid):
+            low, high = low0 * (1.0 - 0.01 * i), high0 * (1.0 - 0.01 * i)
+            err = _error(flat, low, high, scheme, scheme.mse_p)
+            better = err < best[0]
+            best = tuple(torch.where(better, new, old) for new, old in zip((err, low, high), best, strict=True))
+        return best[1:]
+
+    counts = []
+    for grid in (10, 80):
+        scheme = QScheme(bits=4, granularity="per_channel" if per_channel else "per_tensor", range_method="mse",
+                         mse_grid=grid)
+        with _NewTensorsOfSize(x.numel()) as counter:
+            got = mse_range(x, scheme, per_channel=per_channel)
+        counts.append(counter.count)
+        if scale == 1.0:  # (huge values: the search's error unit, test above)
+            assert all(torch.equal(a, b) for a, b in zip(got, reference(scheme), strict=True))
+    assert counts[0] == counts[1] <= 3, counts

@@ -43,8 +43,11 @@ class RangeObserver:
         self._reference: int | None = None  # values of the largest tensor observed so far (a full batch)
 
     def observe(self, x: Tensor) -> None:
-        flat = x.detach().float().reshape(-1).cpu()
-        low, high = flat.min(), flat.max()
+        """Record ``x``'s extremes and its share of values. Only those leave ``x``'s device: the whole tensor was
+        copied to the CPU first, every layer's full input on every calibration forward of a GPU model, to keep
+        16384 values of it (the same values: the draw is on the CPU generator, the indexing where ``x`` is)."""
+        flat = x.detach().float().reshape(-1)
+        low, high = flat.min().cpu(), flat.max().cpu()
         self.low = low if self.low is None else torch.minimum(self.low, low)
         self.high = high if self.high is None else torch.maximum(self.high, high)
         if self.scheme.range_method != "minmax":
@@ -52,8 +55,8 @@ class RangeObserver:
             keep = self._share(flat.numel())
             self._sizes.append(flat.numel())
             if flat.numel() > keep:
-                flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.generator)]
-            self.samples.append(flat.clone())
+                flat = flat[torch.randint(0, flat.numel(), (keep,), generator=self.generator).to(flat.device)]
+            self.samples.append(flat.cpu().clone())
 
     def _share(self, numel: int) -> int:
         """Values kept of a tensor of ``numel`` values: in proportion to the largest tensor seen so far."""

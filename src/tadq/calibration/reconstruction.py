@@ -45,7 +45,7 @@ from tadq.quant.adaround import AdaRound
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.gptq import HessianAccumulator, gptq_round, matmul_columns, moment
 from tadq.quant.modules import QuantLayer
-from tadq.quant.quantizer import Quantizer, quantizers_bypassed
+from tadq.quant.quantizer import Quantizer, bypassing, quantizers_bypassed
 from tadq.safefiles import DamagedFileError, load_checked, require_finite, save_checked
 from tadq.sampling import Conditioning
 from tadq.utils import atomic_write_text, eval_mode
@@ -659,6 +659,9 @@ def _reconstruct_units(
     fp_inputs = config.rounding != "adaround" and config.gptq_target == "fp_output"  # GPTQ reads the FP layers
     fp_targets = _FPTargets(fp_call, fp_model, units, calib, 2 * config.batch_size, has_activations or fp_inputs,
                             capture_budget_bytes)
+    # the network's activation quantizers, collected once: walking every module of the network for each unit's
+    # weight phase made the bookkeeping grow with units × modules (quadratic in the depth)
+    activation_quantizers = [m for m in qmodel.modules() if isinstance(m, Quantizer) and m.kind == "activation"]
     bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
     shared: tuple[str, UnitIO] | None = None  # (unit, FP capture with inputs) kept from the weight phase
     for position, (phase, unit, offset) in enumerate(plan):
@@ -676,7 +679,7 @@ def _reconstruct_units(
             target = fp_targets.take(unit)
         shared = (unit, target) if phase == "weights" and has_activations else None
         if phase == "weights":
-            with quantizers_bypassed(qmodel, "activation"):
+            with bypassing(activation_quantizers):
                 io = capture_unit_io(q_call, module, calib.x, calib.t, 2 * config.batch_size, keep_output=False,
                                      cond=calib.cond)
                 io.output = target.output

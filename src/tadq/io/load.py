@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,8 +162,11 @@ def _codes_storage(bits: int, qmin: int, shape: tuple[int, ...]) -> tuple[torch.
 
 
 def _check_stored(file: Path, key: str, stored: Tensor, dtype: torch.dtype, shape: tuple[int, ...],
-                  owner: str) -> None:
+                  owner: str | Callable[[], str]) -> None:
+    """Refuse a stored tensor of another dtype or shape than the rebuilt model's, naming ``owner`` (a callable is
+    only called for the error: looking up every key's module took a get_submodule walk per tensor of every load)."""
     if stored.dtype != dtype or tuple(stored.shape) != tuple(shape):
+        owner = owner() if callable(owner) else owner
         raise ValueError(f"{file}: {key!r} is {str(stored.dtype).removeprefix('torch.')} {list(stored.shape)}, but "
                          f"{owner} expects {str(dtype).removeprefix('torch.')} {list(shape)}; the file was altered "
                          "or saved with another structure: save the artefact again")
@@ -218,7 +222,7 @@ def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
         tensors = {key: handle.get_tensor(key) for key in float_keys}
         for key in sorted(float_keys):
             _check_stored(file, key, tensors[key], state[key].dtype, tuple(state[key].shape),
-                          _owner(qmodel, key, entries))
+                          lambda key=key: _owner(qmodel, key, entries))
         try:
             qmodel.load_state_dict(tensors, strict=False)
         except RuntimeError as error:
@@ -270,7 +274,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     check_weight_grid(backend, config.weights, config.layer_bits)
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"), meta.get("model_class"))
     apply_freeu(model, meta.get("freeu"), str(path / CONFIG_FILE))  # a runtime setting its config does not hold
-    qmodel = build_quantized_structure(model, config, init_weight_range=False)
+    qmodel = build_quantized_structure(model, config, init_weight_range=False, copy_model=False)  # built for it
     for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: the artefact is incomplete, save it again")
