@@ -16,11 +16,12 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from tadq.adapters.freeu import apply_freeu
-from tadq.config import QuantConfig, config_from_dict, config_version
+from tadq.config import NewerVersionError, QuantConfig, config_from_dict, config_version
 from tadq.corrections.io import CORRECTIONS_FILE, load_corrections
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io.manifest import MANIFEST_FILE, check_listed, verify_manifest
 from tadq.io.save import (
+    ARTEFACT_FORMAT,
     CODES_SUFFIX,
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -56,6 +57,17 @@ LOADED_FILES = (CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE, RECIPE_FILE, CORRECTI
                 "scheduler/scheduler_config.json")
 
 
+# every key a tadq_config.json has held: the loader reads or ignores each knowingly ("sizes": reports only)
+META_KEYS = frozenset({"format", "format_version", "model_class", "denoiser_folder", "adapter", "quant_config",
+                       "versions", "sizes", "corrections", "freeu"})
+
+
+def _writer(meta: dict[str, Any]) -> str:
+    """The tadq version that wrote ``meta`` as recorded, or "unknown"."""
+    versions = meta.get("versions")
+    return str(versions.get("tadq", "unknown")) if isinstance(versions, dict) else "unknown"
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     if path.is_file():
         raise NotADirectoryError(f"{path} is a file; a tadq artefact is a folder (the --out of `tadq quantize`)")
@@ -78,6 +90,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} uses artefact format {version!r}, newer than this tadq reads ({FORMAT_VERSION}); "
                          "upgrade tadq to load it")
+    if meta.get("format") != ARTEFACT_FORMAT:
+        raise ValueError(f"{path / CONFIG_FILE}: format is {meta.get('format')!r}, not {ARTEFACT_FORMAT!r}: it is not "
+                         "a tadq artefact config; save the artefact again")
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:  # a setting added later (as "freeu" was, format unchanged) would be dropped without a word
+        raise ValueError(f"{path / CONFIG_FILE} has keys {unknown} this tadq ({library_versions()['tadq']}) does not "
+                         f"know (written by tadq {_writer(meta)}): a newer tadq records settings there that change "
+                         "the model; upgrade tadq to load it")
     folder = meta.get("denoiser_folder", "unet")
     if not (isinstance(folder, str) and folder and folder.isprintable() and "/" not in folder and "\\" not in folder
             and folder not in (".", "..")):
@@ -263,6 +283,8 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     meta = _read_meta(path)
     try:
         config = config_from_dict(meta["quant_config"])
+    except NewerVersionError as error:  # not damage: saving again with this tadq cannot help
+        raise NewerVersionError(f"{path / CONFIG_FILE}: quant_config: {error}") from error
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path / CONFIG_FILE}: quant_config is malformed ({type(error).__name__}: {error}); save "
                          "the artefact again") from error
