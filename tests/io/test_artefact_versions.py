@@ -12,14 +12,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from tests.io.tiny_artefacts import save_tiny_artefact
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
 from tadq.config import NewerVersionError
-from tadq.io import load_quantized
+from tadq.io import load_quantized, save_quantized
 from tadq.io.manifest import write_manifest
-from tadq.io.save import CONFIG_FILE
+from tadq.io.save import CONFIG_FILE, RECIPE_FILE
 
 
 @pytest.fixture(scope="module")
@@ -87,3 +88,41 @@ def test_verify_fails_a_newer_artefact_naming_the_upgrade(copy):
     assert result.exit_code == 1, result.output
     flat = " ".join(result.output.split())
     assert "FAILED" in flat and "future_guidance" in flat and "upgrade tadq" in flat, flat
+
+
+# what tadq wrote as the (unused) reconstruction settings of a naive model: version 1 before GPTQ rounding existed,
+# version 2 before gptq_target_damp; the recipe (NaiveMethod) records none, so its network carries today's defaults
+OLDER_RECONSTRUCTION = {
+    1: ("rounding", "gptq_damp", "gptq_target_damp", "gptq_act_order", "gptq_target", "gptq_inputs"),
+    2: ("gptq_target_damp",),
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER_RECONSTRUCTION))
+def test_a_naive_artefact_of_an_older_tadq_loads_and_saves_again(artefact, copy, tmp_path, version):
+    """It was refused: "tadq_recipe.json and tadq_config.json describe different networks" (the recipe's naive
+    method reports today's ReconstructionConfig(), the config the migrated older one), though nothing differs that
+    the model uses."""
+    def edit(meta):
+        reconstruction = meta["quant_config"]["data"]["reconstruction"]
+        reconstruction["version"] = version
+        for name in OLDER_RECONSTRUCTION[version]:
+            reconstruction["data"].pop(name)
+    _edit_meta(copy, edit)
+    today, scheduler = load_quantized(artefact)
+    older, _ = load_quantized(copy)
+    assert older.recipe == today.recipe and older.config == today.config
+    assert older.state_dict().keys() == today.state_dict().keys()
+    assert all(torch.equal(older.state_dict()[key], value) for key, value in today.state_dict().items()
+               if isinstance(value, torch.Tensor))
+    save_quantized(older, tmp_path / "again", scheduler)
+    assert load_quantized(tmp_path / "again")[0].config == today.config
+
+
+def test_a_recipe_of_another_network_is_still_refused(copy):
+    recipe = json.loads((copy / RECIPE_FILE).read_text())
+    recipe["data"]["split_shortcut"] = True
+    (copy / RECIPE_FILE).write_text(json.dumps(recipe))
+    write_manifest(copy)
+    with pytest.raises(ValueError, match="tadq_recipe.json and tadq_config.json describe different networks"):
+        load_quantized(copy)

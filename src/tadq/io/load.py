@@ -327,6 +327,8 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
     qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
     qmodel.recipe = read_recipe(path, config)
+    if qmodel.recipe is not None:  # the same network; for an older naive artefact, today's unused reconstruction
+        qmodel.config = qmodel.recipe.quant_config()  # defaults, so that saving it again matches its recipe
     if backend != "fake":
         qmodel = to_backend(qmodel, backend, inplace=True)
     return qmodel, _load_scheduler(path)
@@ -355,6 +357,15 @@ def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Rec
         # a recipe older than a network field (softmax_granularity, layer_bits) could not record it: the network's
         # config, written beside it, is what the artefact was built with
         recipe = dataclasses.replace(recipe, **{name: getattr(config, name) for name in LATER_NETWORK_FIELDS})
-    if config is not None and recipe.quant_config() != config:
+    if config is not None and recipe.quant_config() != config and not _unused_reconstruction_differs(recipe, config):
         raise ValueError(f"{file} and {CONFIG_FILE} describe different networks; save the artefact again")
     return recipe
+
+
+def _unused_reconstruction_differs(recipe: Recipe, config: QuantConfig) -> bool:
+    """Whether ``config`` is ``recipe``'s network but for reconstruction settings the method never runs and the
+    recipe cannot record (naive, SVDQuant): the config holds the defaults of the tadq that wrote it, and those
+    changed (ReconstructionConfig versions 2 and 3), so every such artefact of an older tadq was refused."""
+    records = dataclasses.is_dataclass(recipe.method) and any(
+        f.name == "reconstruction" for f in dataclasses.fields(recipe.method))
+    return not records and dataclasses.replace(recipe.quant_config(), reconstruction=config.reconstruction) == config
