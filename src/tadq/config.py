@@ -16,7 +16,7 @@ from tadq.sampling import SamplerConfig, check_seed
 __all__ = [
     "CalibrationConfig", "ReconstructionConfig", "QuantConfig", "FP_LAYER_PRESETS", "DEFAULT_FP_LAYERS",
     "fp_layer_roles", "config_to_dict", "config_from_dict", "config_version", "QuantMethod", "register_config_type",
-    "register_migration", "field_added",
+    "register_migration", "field_added", "NewerVersionError",
 ]
 
 QuantMethod = Literal["naive", "qdiffusion", "svdquant"]
@@ -428,6 +428,10 @@ def _decode(value: Any, annotation_is_tuple: bool, where: str) -> Any:
     return value
 
 
+class NewerVersionError(ValueError):
+    """A config written with a version newer than this tadq reads: upgrading tadq, not saving again, is the fix."""
+
+
 def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
     """Inverse of ``config_to_dict``; ``ValueError`` naming the place (``where``, e.g. ``Recipe.method``) of an
     unknown type, an unknown field or a version newer than this tadq reads."""
@@ -437,7 +441,8 @@ def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
                          f"got {str(payload)[:80]!r}")
     kind, version = payload.get("type"), payload.get("version")
     if not isinstance(kind, str) or kind not in _CONFIG_TYPES:
-        raise ValueError(f"{at}unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)}")
+        raise ValueError(f"{at}unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)} (a type of a newer tadq "
+                         "or of a plugin: upgrade tadq, or import the plugin that registers it)")
     klass = _CONFIG_TYPES[kind]
     beside = sorted(set(payload) - {"type", "version", "data"})
     if beside:  # a field written next to "data" instead of inside it was ignored without a word
@@ -446,13 +451,14 @@ def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
     if isinstance(version, bool) or not isinstance(version, int):  # true read as 1, a missing one as "newer"
         raise ValueError(f"{at}{kind} version must be an int (1..{config_version(klass)}), got {version!r}")
     if version > config_version(klass):
-        raise ValueError(f"{at}{kind} version {version!r} is newer than this tadq understands "
+        raise NewerVersionError(f"{at}{kind} version {version!r} is newer than this tadq understands "
                          f"({config_version(klass)}); upgrade tadq or write version {config_version(klass)}")
     data = _migrate(kind, version, payload["data"], config_version(klass), at)
     fields = {f.name: f for f in dataclasses.fields(klass)}
     unknown = set(data) - set(fields)
     if unknown:
-        raise ValueError(f"{at}{kind} has no fields {sorted(unknown)}; its fields are {sorted(fields)}")
+        raise ValueError(f"{at}{kind} has no fields {sorted(unknown)}; its fields are {sorted(fields)} (fields of a "
+                         "newer tadq? upgrade tadq)")
     prefix = f"{where}." if where else f"{kind}."
     kwargs = {k: _decode(v, "tuple" in str(fields[k].type), prefix + k) for k, v in data.items()}
     try:

@@ -95,10 +95,18 @@ class TableKey:
 
     @classmethod
     def from_json(cls, text: str) -> TableKey:
-        fields = json.loads(text)
+        if not isinstance(text, str):  # json.loads raised a TypeError on a dict or a number
+            raise ValueError(f"correction table key is a {type(text).__name__}, not the JSON text tadq writes; the "
+                             "tables are damaged: save the artefact again")
+        try:
+            fields = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"correction table key {text[:80]!r} is not valid JSON; the tables are damaged: save the "
+                             "artefact again") from error
         if not isinstance(fields, dict) or set(fields) - set(cls.__dataclass_fields__):
             raise ValueError(f"correction table key {text[:80]!r} has unknown fields; the tables are damaged or "
                              "were written by a newer tadq")
+        _check_key_fields(fields, text)
         if fields.get("schedule") is not None:  # JSON lists back to the tuples a frozen key compares and hashes
             try:
                 fields["schedule"] = tuple((float(t), float(a), float(b)) for t, a, b in fields["schedule"])
@@ -116,6 +124,29 @@ class TableKey:
                 raise ValueError(f"correction table key {text[:80]!r} records σ_t of {len(fields['noise'])} steps "
                                  f"for {fields.get('num_steps')}: it is damaged")
         return cls(**fields)
+
+
+def _check_key_fields(fields: dict[str, Any], text: str) -> None:
+    """``ValueError`` for a key field every tadq wrote that is missing or of the wrong type: the key built anyway
+    (a string guidance scale, a string step count) and failed later, or a missing one raised a ``TypeError``."""
+    where = f"correction table key {text[:80]!r}"
+    missing = [name for name in ("sampler_key", "num_steps", "guidance_scale", "bits") if name not in fields]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; the tables are damaged: save the artefact again")
+    steps = fields["num_steps"]
+    checks = {
+        "sampler_key": isinstance(fields["sampler_key"], str),
+        "bits": isinstance(fields["bits"], str),
+        "num_steps": isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1,
+        "guidance_scale": finite_float(fields["guidance_scale"]),
+        "clip_sample_range": fields.get("clip_sample_range") is None or finite_float(fields["clip_sample_range"]),
+        "clip_recorded": isinstance(fields.get("clip_recorded", False), bool),
+        "prediction_type": fields.get("prediction_type") is None or isinstance(fields["prediction_type"], str),
+    }
+    wrong = [name for name, ok in checks.items() if not ok]
+    if wrong:
+        raise ValueError(f"{where} has {wrong[0]} = {fields.get(wrong[0])!r}, not what tadq writes; the tables are "
+                         "damaged: save the artefact again")
 
 
 SCHEDULE_RTOL = 1e-3
@@ -401,7 +432,11 @@ class Correction(nn.Module, IdentityHooks, ABC):
         return {"table_key": None if self.table_key is None else self.table_key.to_json()}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        text = state.get("table_key") if isinstance(state, dict) else None
+        if not isinstance(state, dict):  # was read as "no key": a keyed correction loaded unfitted
+            raise ValueError(f"{type(self).__name__}'s saved state is a {type(state).__name__}, not the "
+                             "{\"table_key\": ...} object tadq writes; the tables are damaged: save the artefact "
+                             "again")
+        text = state.get("table_key")
         self.table_key = None if text is None else TableKey.from_json(text)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

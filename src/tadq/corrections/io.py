@@ -130,7 +130,15 @@ def load_corrections(folder: str | Path, configs: list[dict[str, Any]]) -> Corre
     if unexpected:
         raise ValueError(f"{file.name} has keys the configured corrections do not expect, e.g. {unexpected[:3]}; "
                          "tadq_config.json and the tables disagree: save the artefact again")
-    stack.load_state_dict(stored)
+    try:
+        stack.load_state_dict(stored)
+    except (ValueError, TypeError) as error:  # a member's own reading of its saved state (its table key)
+        raise ValueError(f"{file}: {error}") from error
+    # save_corrections refuses unfitted keyed members: one without its key here lost it after saving
+    unfitted = [f"{i} ({type(m).__name__})" for i, m in enumerate(stack) if m.keyed and not m.fitted]
+    if unfitted:
+        raise ValueError(f"{file}: corrections {unfitted} have tables but no table key (which sampler, guidance and "
+                         "bits they were fitted for); the file is damaged: save the artefact again")
     _check_rows(stack, file)
     logger.info("loaded %d corrections from %s", len(stack), file)
     return stack

@@ -17,11 +17,12 @@ from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
 from tadq.adapters.freeu import apply_freeu
-from tadq.config import QuantConfig, config_from_dict, config_version
+from tadq.config import NewerVersionError, QuantConfig, config_from_dict, config_version
 from tadq.corrections.io import CORRECTIONS_FILE, load_corrections
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io.manifest import MANIFEST_FILE, check_listed, verify_manifest
 from tadq.io.save import (
+    ARTEFACT_FORMAT,
     CODES_SUFFIX,
     CONFIG_FILE,
     FORMAT_VERSION,
@@ -57,6 +58,17 @@ LOADED_FILES = (CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE, RECIPE_FILE, CORRECTI
                 "scheduler/scheduler_config.json")
 
 
+# every key a tadq_config.json has held: the loader reads or ignores each knowingly ("sizes": reports only)
+META_KEYS = frozenset({"format", "format_version", "model_class", "denoiser_folder", "adapter", "quant_config",
+                       "versions", "sizes", "corrections", "freeu"})
+
+
+def _writer(meta: dict[str, Any]) -> str:
+    """The tadq version that wrote ``meta`` as recorded, or "unknown"."""
+    versions = meta.get("versions")
+    return str(versions.get("tadq", "unknown")) if isinstance(versions, dict) else "unknown"
+
+
 def _read_meta(path: Path) -> dict[str, Any]:
     if path.is_file():
         raise NotADirectoryError(f"{path} is a file; a tadq artefact is a folder (the --out of `tadq quantize`)")
@@ -79,6 +91,14 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} uses artefact format {version!r}, newer than this tadq reads ({FORMAT_VERSION}); "
                          "upgrade tadq to load it")
+    if meta.get("format") != ARTEFACT_FORMAT:
+        raise ValueError(f"{path / CONFIG_FILE}: format is {meta.get('format')!r}, not {ARTEFACT_FORMAT!r}: it is not "
+                         "a tadq artefact config; save the artefact again")
+    unknown = sorted(set(meta) - META_KEYS)
+    if unknown:  # a setting added later (as "freeu" was, format unchanged) would be dropped without a word
+        raise ValueError(f"{path / CONFIG_FILE} has keys {unknown} this tadq ({library_versions()['tadq']}) does not "
+                         f"know (written by tadq {_writer(meta)}): a newer tadq records settings there that change "
+                         "the model; upgrade tadq to load it")
     folder = meta.get("denoiser_folder", "unet")
     if not (isinstance(folder, str) and folder and folder.isprintable() and "/" not in folder and "\\" not in folder
             and folder not in (".", "..")):
@@ -267,6 +287,8 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     meta = _read_meta(path)
     try:
         config = config_from_dict(meta["quant_config"])
+    except NewerVersionError as error:  # not damage: saving again with this tadq cannot help
+        raise NewerVersionError(f"{path / CONFIG_FILE}: quant_config: {error}") from error
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path / CONFIG_FILE}: quant_config is malformed ({type(error).__name__}: {error}); save "
                          "the artefact again") from error
@@ -309,6 +331,8 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
     qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
     qmodel.recipe = read_recipe(path, config)
+    if qmodel.recipe is not None:  # the same network; for an older naive artefact, today's unused reconstruction
+        qmodel.config = qmodel.recipe.quant_config()  # defaults, so that saving it again matches its recipe
     if backend != "fake":
         qmodel = to_backend(qmodel, backend, inplace=True)
     return qmodel, _load_scheduler(path)
@@ -337,6 +361,15 @@ def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Rec
         # a recipe older than a network field (softmax_granularity, layer_bits) could not record it: the network's
         # config, written beside it, is what the artefact was built with
         recipe = dataclasses.replace(recipe, **{name: getattr(config, name) for name in LATER_NETWORK_FIELDS})
-    if config is not None and recipe.quant_config() != config:
+    if config is not None and recipe.quant_config() != config and not _unused_reconstruction_differs(recipe, config):
         raise ValueError(f"{file} and {CONFIG_FILE} describe different networks; save the artefact again")
     return recipe
+
+
+def _unused_reconstruction_differs(recipe: Recipe, config: QuantConfig) -> bool:
+    """Whether ``config`` is ``recipe``'s network but for reconstruction settings the method never runs and the
+    recipe cannot record (naive, SVDQuant): the config holds the defaults of the tadq that wrote it, and those
+    changed (ReconstructionConfig versions 2 and 3), so every such artefact of an older tadq was refused."""
+    records = dataclasses.is_dataclass(recipe.method) and any(
+        f.name == "reconstruction" for f in dataclasses.fields(recipe.method))
+    return not records and dataclasses.replace(recipe.quant_config(), reconstruction=config.reconstruction) == config

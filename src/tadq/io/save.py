@@ -57,6 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+ARTEFACT_FORMAT = "tadq-quantized"  # tadq_config.json's "format"
 CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE = "tadq_config.json", "tadq_quant_map.json", "tadq_weights.safetensors"
 RECIPE_FILE = "tadq_recipe.json"  # the Recipe (tadq.recipe) of a model made by tadq.quantize
 CODES_SUFFIX = ".codes"
@@ -338,7 +339,7 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
     size = ArtefactSize((folder / WEIGHTS_FILE).stat().st_size, 4 * _fp_parameter_count(qmodel.model), header_bytes)
     (folder / QUANT_MAP_FILE).write_text(json.dumps(qmodel.quantization_map(), indent=2) + "\n")
     meta = {
-        "format": "tadq-quantized", "format_version": FORMAT_VERSION, "model_class": type(qmodel.model).__name__,
+        "format": ARTEFACT_FORMAT, "format_version": FORMAT_VERSION, "model_class": type(qmodel.model).__name__,
         "denoiser_folder": subfolder, "adapter": qmodel.adapter.name, "quant_config": config_to_dict(qmodel.config),
         "versions": library_versions(), "sizes": size.to_json(),
         "corrections": save_corrections(qmodel.corrections, folder),

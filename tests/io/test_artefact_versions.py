@@ -1,0 +1,128 @@
+"""Artefacts written by another tadq: what a newer one adds is refused with "upgrade", never dropped while loading.
+
+``tadq_config.json`` gained a key without a new format version once already ("freeu"): a tadq from before it loaded
+a FreeU artefact without FreeU and sampled other images. Each case edits one tiny artefact by hand and rewrites its
+manifest (a consistent artefact, as the other tadq would have written it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tests.io.tiny_artefacts import save_tiny_artefact
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+from tadq.config import NewerVersionError
+from tadq.io import load_quantized, save_quantized
+from tadq.io.manifest import write_manifest
+from tadq.io.save import CONFIG_FILE, RECIPE_FILE
+
+
+@pytest.fixture(scope="module")
+def artefact(tmp_path_factory) -> Path:
+    return save_tiny_artefact(tmp_path_factory.mktemp("versions") / "q", "W8A8")
+
+
+@pytest.fixture
+def copy(artefact, tmp_path) -> Path:
+    return Path(shutil.copytree(artefact, tmp_path / "q"))
+
+
+def _edit_meta(folder: Path, edit) -> None:
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    edit(meta)
+    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    write_manifest(folder)
+
+
+def test_a_setting_this_tadq_does_not_know_is_refused_not_dropped(copy):
+    """A newer tadq's runtime setting beside quant_config (as "freeu" was added) loaded without it, silently."""
+    _edit_meta(copy, lambda meta: meta.update(future_guidance={"strength": 0.5}))
+    with pytest.raises(ValueError, match=r"tadq_config.json has keys \['future_guidance'\].*upgrade tadq"):
+        load_quantized(copy)
+
+
+def test_a_config_of_another_format_is_refused(copy):
+    _edit_meta(copy, lambda meta: meta.update(format="someone-elses-format"))
+    with pytest.raises(ValueError, match="format is 'someone-elses-format', not 'tadq-quantized'"):
+        load_quantized(copy)
+
+
+def test_todays_keys_all_load(artefact):
+    """Every key today's writer puts in tadq_config.json is one the loader knows (FreeU: tests/io/test_freeu.py)."""
+    from tadq.io.load import META_KEYS
+
+    assert set(json.loads((artefact / CONFIG_FILE).read_text())) <= META_KEYS
+    load_quantized(artefact)
+
+
+@pytest.mark.parametrize("place", ["quant_config", "quant_config.weights"])
+def test_a_newer_network_config_says_upgrade_not_save_again(copy, place):
+    """It said "quant_config is malformed (...newer...); save the artefact again": no save by this tadq can help."""
+    def edit(meta):
+        node = meta
+        for name in place.split("."):
+            node = node[name] if name == "quant_config" else node["data"][name]
+        node["version"] += 1
+    _edit_meta(copy, edit)
+    with pytest.raises(NewerVersionError, match="is newer than this tadq understands") as caught:
+        load_quantized(copy)
+    assert "upgrade tadq" in str(caught.value) and "save the artefact again" not in str(caught.value)
+    assert "malformed" not in str(caught.value)
+
+
+def test_an_unknown_correction_kind_names_a_newer_tadq_or_plugin(copy):
+    _edit_meta(copy, lambda meta: meta.update(corrections=[{"type": "FutureConfig", "version": 1, "data": {}}]))
+    with pytest.raises(ValueError, match="corrections: unknown config type 'FutureConfig'.*upgrade tadq"):
+        load_quantized(copy)
+
+
+def test_verify_fails_a_newer_artefact_naming_the_upgrade(copy):
+    _edit_meta(copy, lambda meta: meta.update(future_guidance=1.5))
+    result = CliRunner().invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1, result.output
+    flat = " ".join(result.output.split())
+    assert "FAILED" in flat and "future_guidance" in flat and "upgrade tadq" in flat, flat
+
+
+# what tadq wrote as the (unused) reconstruction settings of a naive model: version 1 before GPTQ rounding existed,
+# version 2 before gptq_target_damp; the recipe (NaiveMethod) records none, so its network carries today's defaults
+OLDER_RECONSTRUCTION = {
+    1: ("rounding", "gptq_damp", "gptq_target_damp", "gptq_act_order", "gptq_target", "gptq_inputs"),
+    2: ("gptq_target_damp",),
+}
+
+
+@pytest.mark.parametrize("version", sorted(OLDER_RECONSTRUCTION))
+def test_a_naive_artefact_of_an_older_tadq_loads_and_saves_again(artefact, copy, tmp_path, version):
+    """It was refused: "tadq_recipe.json and tadq_config.json describe different networks" (the recipe's naive
+    method reports today's ReconstructionConfig(), the config the migrated older one), though nothing differs that
+    the model uses."""
+    def edit(meta):
+        reconstruction = meta["quant_config"]["data"]["reconstruction"]
+        reconstruction["version"] = version
+        for name in OLDER_RECONSTRUCTION[version]:
+            reconstruction["data"].pop(name)
+    _edit_meta(copy, edit)
+    today, scheduler = load_quantized(artefact)
+    older, _ = load_quantized(copy)
+    assert older.recipe == today.recipe and older.config == today.config
+    assert older.state_dict().keys() == today.state_dict().keys()
+    assert all(torch.equal(older.state_dict()[key], value) for key, value in today.state_dict().items()
+               if isinstance(value, torch.Tensor))
+    save_quantized(older, tmp_path / "again", scheduler)
+    assert load_quantized(tmp_path / "again")[0].config == today.config
+
+
+def test_a_recipe_of_another_network_is_still_refused(copy):
+    recipe = json.loads((copy / RECIPE_FILE).read_text())
+    recipe["data"]["split_shortcut"] = True
+    (copy / RECIPE_FILE).write_text(json.dumps(recipe))
+    write_manifest(copy)
+    with pytest.raises(ValueError, match="tadq_recipe.json and tadq_config.json describe different networks"):
+        load_quantized(copy)
