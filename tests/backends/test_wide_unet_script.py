@@ -19,9 +19,11 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "wide_unet.py"
 
 @pytest.fixture(scope="module")
 def wide_unet():
-    spec = importlib.util.spec_from_file_location("wide_unet", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with pytest.MonkeyPatch.context() as patch:  # the script imports benchmarks/arguments.py as its neighbour
+        patch.syspath_prepend(str(SCRIPT.parent))
+        spec = importlib.util.spec_from_file_location("wide_unet", SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     return module
 
 

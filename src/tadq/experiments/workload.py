@@ -283,10 +283,11 @@ def folder_vae_decoder(path: Path, device: torch.device | None = None,
                          "samples are latents and cannot be turned into images")
     from tadq.pipelines.components import pipeline_load_options
 
-    options = pipeline_load_options(klass, dtype)  # the dtype at load time, as diffusers asks
+    # the dtype at load time, as diffusers asks; plain loading (no accelerate needed) whether or not it is installed
+    options = pipeline_load_options(klass, dtype) | {"low_cpu_mem_usage": False}
     try:
         weights = find_weight_files(path / name)  # whole files, and the variant of a variant-only folder
-        vae = klass.from_pretrained(path / name, low_cpu_mem_usage=False, variant=weights.variant, **options)
+        vae = klass.from_pretrained(path / name, variant=weights.variant, **options)
         require_stored_parameters(vae, weights.files, f"the VAE of {path}")
     except (OSError, RuntimeError, ValueError) as error:
         raise ValueError(f"could not load the VAE of {path}: {str(error).splitlines()[0][:300]}") from error
