@@ -44,6 +44,7 @@ def _run(module, monkeypatch, *args: str) -> None:
     module.main()
 
 
+@pytest.mark.slow  # ≈ 25 s (three prepares and the speed table): `make test-slow`
 def test_the_gpu_speed_script_writes_every_row_and_the_kernel_table(speed_gpu, monkeypatch, tiny_model_dir,
                                                                     tmp_path):
     artefacts, out = tmp_path / "artefacts", tmp_path / "out"

@@ -34,6 +34,7 @@ def guided_class_model_dir(tmp_path, ddpm_scheduler):
     return path
 
 
+@pytest.mark.slow  # ≈ 30 s (a guided workload calibrated twice): `make test-slow`
 def test_naive_ptq_models_of_a_guided_conditional_workload_are_saved(common, guided_class_model_dir, tmp_path):
     workload = load_workload(str(guided_class_model_dir), labels="random", null_class=3, guidance_scale=2.0)
     sizes = common.save_naive_ptq(workload, ["W8A8", "W4A8"], tmp_path / "models", str(tmp_path / "cache"))

@@ -96,6 +96,7 @@ def test_learned_rounding_does_not_depend_on_the_resolution():
     assert differs > 1 - same  # the old reduction moves more roundings than float noise does
 
 
+@pytest.mark.slow  # ≈ 15 s (two seeds × two roundings on RGB): `make test-slow`
 def test_gptq_rounding_beats_naive_on_rgb_by_more_than_the_seed_spread(ddpm_scheduler):
     """GPTQ rounding (no iterations) must also beat naive on the RGB model, with split shortcuts and attention
     matmuls quantized (the preset's full Q-Diffusion structure), and leave every weight on its quantizer's grid."""

@@ -161,6 +161,7 @@ def test_quantize_refuses_two_disagreeing_guidance_scales(tmp_path):
     assert result.exit_code == 2 and "disagree" in result.output and not (tmp_path / "q").exists(), result.output
 
 
+@pytest.mark.slow  # ≈ 15 s (an Inception network built and run): `make test-slow`
 def test_evaluate_reports_inception_fid_from_a_local_file(tmp_path, tiny_model_dir):
     from torch import nn
 

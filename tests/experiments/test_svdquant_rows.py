@@ -51,6 +51,7 @@ def test_svdquant_row_recipe_is_the_ablations_best_setting(tmp_path):
     assert recipes_for_row("svdquant", "W8A8", config).activations.bits == 8  # the preset's bits
 
 
+@pytest.mark.slow  # ≈ 18 s; the SVDQuant row tests below keep its path in the default suite
 def test_svdquant_rows_run_on_one_base_network(tmp_path, tiny_model_dir, monkeypatch):
     built = []
     real_quantize = rows_base.quantize

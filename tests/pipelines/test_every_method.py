@@ -33,7 +33,7 @@ def _recipe() -> Recipe:
                                corrections=corrections, deployments=(Deployment(SAMPLER, GUIDANCE),))
 
 
-@pytest.mark.parametrize("which", ["sd", "sdxl"])
+@pytest.mark.parametrize("which", ["sd", pytest.param("sdxl", marks=pytest.mark.slow)])  # SDXL: `make test-slow`
 def test_qdiffusion_with_every_correction_round_trips(which, sd_folder, sdxl_folder, condition_adapter, tmp_path):
     folder = sd_folder if which == "sd" else sdxl_folder
     pipe = load_fp_pipeline(folder)
