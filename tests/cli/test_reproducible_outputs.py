@@ -316,6 +316,7 @@ def test_run_killed_by_a_real_signal_resumes_to_the_uninterrupted_numbers(sig, m
 # (a) determinism
 
 
+@pytest.mark.slow  # ≈ 16 s; test_reproducibility_settings keeps a fresh-process byte check in the default suite
 def test_quantize_with_reconstruction_and_corrections_is_byte_identical_in_another_process(model_dir, tmp_path):
     """The existing check runs two naive quantizations in one process; here Q-Diffusion (split shortcuts, attention)
     with PTQD + TAC + TCEC, once in this process and once in a subprocess with another hash seed."""

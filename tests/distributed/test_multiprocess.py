@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tests.distributed._interrupted_worker import EXIT_CODE, run_interrupted
 from tests.distributed.tiny_runs import BATCH, NUM_SAMPLES, RUN_FLAGS, SEED, STEPS, TinySetup, run_cli, torchrun
@@ -35,6 +36,7 @@ def _assert_same_run(run_dir: Path, expected_dir: Path) -> None:
     assert torch.equal(samples, load_samples(expected_dir / "samples.safetensors")["images"])
 
 
+@pytest.mark.slow  # ≈ 25 s (two processes start torch and gloo); the sharding tests keep the single-process path
 def test_two_gloo_processes_match_one_process(tiny_setup: TinySetup, tmp_path: Path) -> None:
     out = tmp_path / "two-ranks"
     result = torchrun(["-m", "tadq.cli.app", "sample-sharded", str(tiny_setup.candidate_dir), *RUN_FLAGS,
