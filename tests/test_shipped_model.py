@@ -12,10 +12,10 @@ from tadq.sampling import SamplerConfig
 
 def test_shipped_model_quantized_end_to_end(tmp_path):
     sampler = SamplerConfig(kind="ddim", num_steps=10)
-    config = RunConfig(presets=("W8A8", "W4A4"), methods=("naive",), num_samples=32, sampler=sampler,
-                       calibration=CalibrationConfig(sampler=sampler, num_trajectories=32, num_steps_kept=5,
-                                                     samples_per_step=32),
-                       batch_size=32, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
+    config = RunConfig(presets=("W8A8", "W4A4"), methods=("naive",), num_samples=16, sampler=sampler,
+                       calibration=CalibrationConfig(sampler=sampler, num_trajectories=16, num_steps_kept=5,
+                                                     samples_per_step=16),
+                       batch_size=16, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"))
     rows = {row["bits"]: row for row in run_main_job(config)["rows"]}
     assert rows["W8A8"]["psnr"] > rows["W4A4"]["psnr"]
     assert rows["W8A8"]["final_mse"] < rows["W4A4"]["final_mse"]

@@ -52,8 +52,10 @@ def _sample_in_subprocess(artefact: Path, out: Path) -> torch.Tensor:
 @pytest.mark.parametrize(("recipe", "extra"), [
     ("qdiffusion+tac+tcec-W4A8.json", [*TINY_RECON, *_tiny_corrections(2),
                                        "--set", "corrections.1.selection_samples=4"]),
-    ("tfmq+ptqd-W4A8.json", [*TINY_RECON, *_tiny_corrections(1), "--set", "method.tfmq.tiar_iters=2",
-                             "--set", "method.tfmq.num_samples=8", "--set", "method.tfmq.fsc_samples_per_step=4"]),
+    pytest.param("tfmq+ptqd-W4A8.json", [*TINY_RECON, *_tiny_corrections(1), "--set", "method.tfmq.tiar_iters=2",
+                                         "--set", "method.tfmq.num_samples=8",
+                                         "--set", "method.tfmq.fsc_samples_per_step=4"],
+                 marks=pytest.mark.slow),  # ≈ 10 s; the TFMQ artefact round trip stays in tests/tfmq/test_io.py
 ])
 def test_shipped_recipe_quantizes_to_an_artefact_that_samples_identically_elsewhere(tmp_path, tiny_model_dir,
                                                                                      recipe, extra):

@@ -107,7 +107,7 @@ def test_tac_and_tcec_rows_run_end_to_end(tmp_path, tiny_model_dir):
 
     methods = ("qdiffusion", "ibc", "ner", "tac", "tcec", "tac+tcec")
     config = _config(tiny_model_dir, tmp_path / "t", presets=("W4A4",), methods=methods,
-                     reconstruction=ReconstructionConfig(weight_iters=20, activation_iters=10, batch_size=8))
+                     reconstruction=ReconstructionConfig(weight_iters=2, activation_iters=2, batch_size=8))
     results = run_main_job(config)
     rows = {row["method"]: row for row in results["rows"]}
     assert {"Q-Diffusion + TAC", "Q-Diffusion + TCEC", "Q-Diffusion + TAC + TCEC"} <= set(rows)
