@@ -133,3 +133,9 @@ def test_run_refuses_a_missing_peer_tool_before_calibrating(tmp_path, tiny_model
     with pytest.raises(PeerNotInstalled, match="torchao"):
         run_main_job(config)
     assert not (tmp_path / "out").exists()
+
+
+def test_modelopt_without_calibration_data_is_refused_by_name(tiny_unet):
+    # the forward loop failed inside ModelOpt's calibration (len(None)); refused before the tool is even imported
+    with pytest.raises(ValueError, match="pass a calibration set"):
+        quantize_modelopt(tiny_unet, None, "INT8_DEFAULT_CFG", preset="W8A16")

@@ -111,6 +111,9 @@ def quantize_modelopt(model: nn.Module, calibration_set: CalibrationSet, config:
     ``keep_fp``: qualified layer names whose quantizers are switched off (entries after the recipe's)."""
     from tadq.registry import adapter_for
 
+    if calibration_set is None:  # its forward loop failed inside ModelOpt with "NoneType has no len()"
+        raise ValueError(f"ModelOpt {config} calibrates with a forward loop over data (weight-only presets too): "
+                         "pass a calibration set")
     check_kept_fp(model, keep_fp)
     mtq = require("modelopt.torch.quantization", DISTRIBUTION)
     cfg, described = modelopt_config(config, preset, mtq)
