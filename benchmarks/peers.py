@@ -76,12 +76,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    methods = tuple(m for m in args.methods.split(",") if m)
+    methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
+    plan = {preset: methods_at(preset, methods) for preset in (p.strip().upper() for p in args.presets.split(","))
+            if preset}
+    empty = [preset for preset, chosen in plan.items() if not chosen]
+    if empty:  # the job of such a preset was refused only after every earlier preset's job had run
+        parser.error(f"no method of --methods {','.join(methods)} has a row at {', '.join(empty)} (the peers there "
+                     "have no setting for it); add a tadq method or leave the preset out")
     rows: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
     notes: dict[str, str] = {}
-    for preset in (p.strip().upper() for p in args.presets.split(",") if p.strip()):
-        chosen = methods_at(preset, methods)
+    for preset, chosen in plan.items():
         skipped = sorted(set(methods) - set(chosen))
         if skipped:
             logging.info("%s: no row for %s (the tool has no setting for this preset)", preset, skipped)

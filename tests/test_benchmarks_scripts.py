@@ -176,6 +176,9 @@ LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to 
     ("svdquant_mixed_precision", "main_run_setup", ("--budgets", "0,0.x"), "not a number"),
     ("mixed_precision", "shipped_setup", ("--gammas", "0.99,0.99x"), "not a number"),
     ("selection_check", "main_run_setup", ("--seeds", "1000,1e5"), "not a whole number"),
+    # the W4A8 job (no row: SmoothQuant is W8A8 only) was refused only after the whole W8A8 job had run
+    ("peers", "run_main_job", ("--methods", "modelopt-smoothquant", "--presets", "W8A8,W4A8", "--out", "{tmp}/o"),
+     "has a row at W4A8"),
 ]
 
 

@@ -25,6 +25,7 @@ from tadq.corrections.ptqd.plots import save_ptqd_tables_plot
 from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import QualityMetrics, quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
+from tadq.experiments.rows.peers import check_peer_row
 from tadq.experiments.workload import Workload, load_workload
 from tadq.fsguard import is_tadq_file, mark_output
 from tadq.metrics import per_step_mse
@@ -340,6 +341,8 @@ def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
 def run_main_job(config: RunConfig) -> dict[str, Any]:
     """Sample, measure and report every variant; returns the results dictionary (also written as JSON)."""
     out = Path(config.out_dir)
+    for row, name in job_rows(config):  # a peer row its tool cannot do fails before the model is calibrated
+        check_peer_row(row, name)
     job = prepare_job(config, out / "models")
     config, workload = job.config, job.workload
     (out / "cells").mkdir(parents=True, exist_ok=True)

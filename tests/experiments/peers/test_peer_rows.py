@@ -23,7 +23,7 @@ from tadq.experiments.peers.quanto import quanto_setting
 from tadq.experiments.peers.torchao import torchao_config
 from tadq.experiments.rows import method_names, row_for
 from tadq.experiments.rows.peers import PEERS
-from tadq.experiments.run import RunConfig
+from tadq.experiments.run import RunConfig, run_main_job
 
 PEER_MODULES = ("optimum.quanto", "modelopt", "torchao")
 _SCRIPT = """
@@ -104,3 +104,38 @@ def test_report_summary_says_what_was_left_out():
     assert report.total == 64 and report.scope == "Linear only"
     assert report.summary.startswith("torchao 0.18.0 (int8 dynamic): 29 of 64 layers (Linear only)")
     assert report.to_dict()["scope"] == "Linear only"
+
+
+@pytest.fixture
+def never_calibrate(monkeypatch):
+    """Fail the test if the main job gets as far as recording calibration data."""
+    import tadq.experiments.run as run_module
+
+    def calibrate(*args, **kwargs):
+        raise AssertionError("the model was calibrated before the peer row was refused")
+
+    monkeypatch.setattr(run_module, "collect_calibration_set", calibrate)
+
+
+def test_run_refuses_a_peer_preset_before_calibrating(tmp_path, tiny_model_dir, never_calibrate):
+    # tadq run's default presets include W4A4, which quanto has no setting for: refused at once, nothing written
+    config = RunConfig(model=str(tiny_model_dir), presets=("W4A4",), methods=("naive", "quanto"), num_samples=2,
+                       batch_size=2,
+                       out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(UnsupportedPreset, match="'W4A4'"):
+        run_main_job(config)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+
+
+def test_run_refuses_a_missing_peer_tool_before_calibrating(tmp_path, tiny_model_dir, never_calibrate, no_peers):
+    config = RunConfig(model=str(tiny_model_dir), presets=("W8A8",), methods=("torchao-int8-dynamic",),
+                       num_samples=2, batch_size=2, out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(PeerNotInstalled, match="torchao"):
+        run_main_job(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_modelopt_without_calibration_data_is_refused_by_name(tiny_unet):
+    # the forward loop failed inside ModelOpt's calibration (len(None)); refused before the tool is even imported
+    with pytest.raises(ValueError, match="pass a calibration set"):
+        quantize_modelopt(tiny_unet, None, "INT8_DEFAULT_CFG", preset="W8A16")

@@ -1,7 +1,9 @@
 """NVIDIA ModelOpt: ``mtq.quantize(model, cfg, forward_loop)`` with a forward loop over tadq's FP-trajectory inputs.
 
-What ModelOpt does here (0.47.0, CPU, pure-PyTorch fake quant): it wraps every Conv2d and Linear (none of its
-default exclusions, which name LLM parts, match a diffusers UNet). ``INT8_DEFAULT_CFG``: int8 weights symmetric
+What ModelOpt does here (0.47.0, CPU, pure-PyTorch fake quant): it wraps every Conv2d and Linear, and its default
+exclusions (LLM parts) leave those of the digits UNet alone; but ``*proj_out.*`` (Whisper's output head) matches the
+``proj_out`` of every diffusers ``Transformer2DModel`` (the 4 in the text-to-image UNet): those keep float weights
+and inputs, and the report counts them. ``INT8_DEFAULT_CFG``: int8 weights symmetric
 per output channel, int8 inputs one symmetric per-tensor scale, both from the maximum ("max" calibration).
 ``INT8_SMOOTHQUANT_CFG``: the same after SmoothQuant moves activation outliers into the weights; ModelOpt smooths
 Linear layers only (the convs get plain INT8) and only at int8 (at other widths it warns and skips smoothing,
@@ -109,6 +111,9 @@ def quantize_modelopt(model: nn.Module, calibration_set: CalibrationSet, config:
     ``keep_fp``: qualified layer names whose quantizers are switched off (entries after the recipe's)."""
     from tadq.registry import adapter_for
 
+    if calibration_set is None:  # its forward loop failed inside ModelOpt with "NoneType has no len()"
+        raise ValueError(f"ModelOpt {config} calibrates with a forward loop over data (weight-only presets too): "
+                         "pass a calibration set")
     check_kept_fp(model, keep_fp)
     mtq = require("modelopt.torch.quantization", DISTRIBUTION)
     cfg, described = modelopt_config(config, preset, mtq)

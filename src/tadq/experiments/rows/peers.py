@@ -28,7 +28,7 @@ from tadq.experiments.rows.base import BaseModels, Variant, method_label, regist
 if TYPE_CHECKING:
     from tadq.experiments.run import RunConfig
 
-__all__ = ["PEERS", "PeerMethod", "supported_presets"]
+__all__ = ["PEERS", "PeerMethod", "check_peer_row", "supported_presets"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,22 @@ def missing_peer(method: str) -> str | None:
     return f"method {method!r} needs {peer.distribution}, which is not installed: {INSTALL_HINT}"
 
 
+def check_peer_row(method: str, preset_name: str) -> None:
+    """``UnsupportedPreset`` when peer ``method`` has no setting for ``preset_name``, ``PeerNotInstalled`` when its
+    tool is missing; nothing for a row that is not a peer's. ``tadq.experiments.run.run_main_job`` asks before the
+    model is loaded and calibrated: the row itself is built only after that work (``tadq run``'s default presets
+    include W4A4, which no peer but ``modelopt-int8`` can do)."""
+    peer = PEERS.get(method)
+    if peer is None:
+        return
+    if preset_name.strip().upper() not in peer.presets:
+        raise UnsupportedPreset(f"method {method!r} ({peer.distribution} {peer.setting}) has no setting for "
+                                f"{preset_name!r}; supported presets: {list(peer.presets)} (run the other presets "
+                                "in a separate job, or leave this method out)")
+    if (reason := missing_peer(method)) is not None:
+        raise PeerNotInstalled(reason)
+
+
 def _missing(module: str) -> bool:
     """True when ``module`` cannot be found (checked without importing it; a parent package may be imported)."""
     try:
@@ -94,12 +110,8 @@ def _builder(method: str, peer: PeerMethod, keep_fp: tuple[str, ...]
 def _peer_row(method: str, peer: PeerMethod) -> None:
     @register_method(method, peer.label)
     def build_row(bases: BaseModels, config: RunConfig, preset_name: str) -> Variant:
-        preset = preset_name.upper()
-        if preset not in peer.presets:
-            raise UnsupportedPreset(f"method {method!r} ({peer.distribution} {peer.setting}) has no setting for "
-                                    f"{preset_name!r}; supported presets: {list(peer.presets)}")
-        if (reason := missing_peer(method)) is not None:  # fail before the FP row is sampled
-            raise PeerNotInstalled(reason)
+        check_peer_row(method, preset_name)  # fail before the FP row is sampled
+        preset = preset_name.strip().upper()
         batch_size = config.calibration.batch_size
         keep_fp = kept_fp_layers(bases.model, fp_layer_roles(config.fp_layers))  # what tadq's rows keep in float
         quantize = _builder(method, peer, keep_fp)
