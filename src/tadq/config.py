@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import MAX_BITS, MIN_BITS, QScheme, preset, preset_key
 from tadq.registry import register_config_type, registered_config_types
+from tadq.safefiles import NewerVersionError
 from tadq.sampling import SamplerConfig, check_seed
 
 __all__ = [
@@ -442,10 +443,6 @@ def _decode(value: Any, annotation_is_tuple: bool, where: str) -> Any:
         items = [_decode(v, False, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if annotation_is_tuple else items
     return value
-
-
-class NewerVersionError(ValueError):
-    """A config written with a version newer than this tadq reads: upgrading tadq, not saving again, is the fix."""
 
 
 def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
