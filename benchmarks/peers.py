@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from arguments import preset_names
+from arguments import output_folder, preset_names
 from common import add_common_flags, add_setting_flag, run_config_for
 
 from tadq.experiments.rows.peers import PEERS, supported_presets
@@ -70,12 +70,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated registered methods")
     parser.add_argument("--reuse-models", default="runs/main/models", help="saved tadq models to copy in ('' = no)")
     args = parser.parse_args(argv)
+    out = output_folder(args.out, force_foreign=args.force_foreign)  # before any work
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
     methods = tuple(m for m in args.methods.split(",") if m)
     rows: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
