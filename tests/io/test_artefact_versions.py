@@ -8,7 +8,6 @@ manifest (a consistent artefact, as the other tadq would have written it).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -26,11 +25,6 @@ from tadq.io.save import CONFIG_FILE, RECIPE_FILE
 @pytest.fixture(scope="module")
 def artefact(tmp_path_factory) -> Path:
     return save_tiny_artefact(tmp_path_factory.mktemp("versions") / "q", "W8A8")
-
-
-@pytest.fixture
-def copy(artefact, tmp_path) -> Path:
-    return Path(shutil.copytree(artefact, tmp_path / "q"))
 
 
 def _edit_meta(folder: Path, edit) -> None:
