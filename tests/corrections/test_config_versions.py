@@ -70,12 +70,12 @@ def test_a_short_hand_written_payload_takes_todays_defaults(kind, data):
     assert config_from_dict({"type": kind, "version": 1, "data": data}) == klass(**data)
 
 
-def _as_written_before_vsc_form(folder: Path) -> None:
-    """Remove the fields f8df7ec and later added from every PTQD config of the artefact, as that tadq wrote it."""
+def _as_written_before(folder: Path, kind: str, fields: dict) -> None:
+    """Keep only ``fields`` of every ``kind`` correction config of the artefact, as the older tadq wrote it."""
     def strip(payloads):
         for payload in payloads:
-            if payload["type"] == "PTQDConfig":
-                payload["data"] = {k: v for k, v in payload["data"].items() if k in PTQD_BEFORE_F8DF7EC}
+            if payload["type"] == kind:
+                payload["data"] = {k: v for k, v in payload["data"].items() if k in fields}
 
     meta = json.loads((folder / CONFIG_FILE).read_text())
     strip(meta["corrections"])
@@ -90,8 +90,50 @@ def _as_written_before_vsc_form(folder: Path) -> None:
 def test_a_ptqd_artefact_written_before_vsc_form_samples_with_the_full_code_vsc(tmp_path):
     folder = save_tiny_artefact(tmp_path / "q", "W8A8", corrections=(PTQDConfig(num_samples=4, seed=1),))
     old = Path(shutil.copytree(folder, tmp_path / "old"))
-    _as_written_before_vsc_form(old)
+    _as_written_before(old, "PTQDConfig", PTQD_BEFORE_F8DF7EC)
     today, before = load_quantized(folder)[0].corrections[0], load_quantized(old)[0].corrections[0]
     assert (today.config.vsc_form, before.config.vsc_form) == ("noise_only", "full_code")
     for name, table in today.named_buffers():  # same tables: only the config's reading differs
         assert torch.equal(table, dict(before.named_buffers())[name])
+
+
+def test_a_tcec_artefact_written_before_the_per_element_model_loads_and_samples_as_it_did(tmp_path):
+    """It was refused ("corrections.safetensors lacks 'members.0.b' ... save it again"), and its config would have
+    read as today's per-element model with an offset: the channel-wise K_t it holds, every step compensated."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tadq import api
+    from tadq.sampling import SamplerConfig
+
+    fields = {k: v for k, v in TCEC_BEFORE_0391638.items() if k not in ("num_samples", "selection_samples")}
+    then = TCECConfig(**{**fields, "num_samples": 4, "selection_samples": 4, "mix_candidates": (1.0, 0.0),
+                         "damping_candidates": (1.0,)}, resolution="channel", offset=False, include_off=False,
+                      start_candidates=(0.0,))
+    folder = save_tiny_artefact(tmp_path / "q", "W8A8", corrections=(then,))
+    old = Path(shutil.copytree(folder, tmp_path / "old"))
+    _as_written_before(old, "TCECConfig", TCEC_BEFORE_0391638)
+    def drop(artefact: Path, names: tuple[str, ...]) -> None:
+        tables = artefact / "corrections.safetensors"
+        with safe_open(str(tables), framework="pt") as handle:
+            metadata = handle.metadata()
+            kept = {key: handle.get_tensor(key) for key in handle.keys() if key.split(".")[-1] not in names}
+        save_file(kept, str(tables), metadata=metadata)
+        write_manifest(artefact)
+
+    drop(old, ("b", "strength", "start"))
+    damaged = Path(shutil.copytree(folder, tmp_path / "damaged"))
+    drop(damaged, ("b",))  # one of them lost from today's file: damage, still refused
+    with pytest.raises(ValueError, match="lacks 'members.0.b'"):
+        load_quantized(damaged)
+
+    today, scheduler = load_quantized(folder)
+    before, _ = load_quantized(old)
+    assert before.corrections[0].config == then  # read as written: the channel model, no offset
+    for name, value in today.corrections[0].state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(before.corrections[0].state_dict()[name], value), name
+    sampler = SamplerConfig(kind="ddim", num_steps=2)
+    images = [api.sample(model, scheduler, sampler, num_samples=2, seed=1000, progress=False)
+              for model in (today, before)]
+    assert torch.equal(images[0].images, images[1].images)
