@@ -79,3 +79,35 @@ def count_list(text: str) -> list[int]:
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give whole numbers of at least 1, comma-separated")
     return values
+
+
+OUTPUT_KIND = "benchmark"
+"""The ``tadq.fsguard`` marker kind of a benchmark script's ``--out`` folder."""
+
+
+def add_force_foreign_flag(parser: argparse.ArgumentParser) -> None:
+    """``--force-foreign``: write into an ``--out`` folder tadq did not write (the CLI's flag of the same name)."""
+    parser.add_argument("--force-foreign", action="store_true",
+                        help="write into an --out folder tadq did not write (refused by default: nothing there that "
+                             "tadq did not write is overwritten)")
+
+
+def output_folder(out, *, force_foreign: bool = False, what: str = "--out"):
+    """``out`` as a ``Path``, checked as the CLI checks its outputs (``tadq.fsguard.check_output_dir``), created and
+    marked, before any work: a folder tadq did not write (a user's, an input model's, one inside an artefact) or one
+    of another kind (an artefact, a ``tadq run`` folder) is refused with exit code 2 instead of having results
+    written into it; a benchmark's own earlier folder is filled again (its results replaced, as before)."""
+    import sys
+    from pathlib import Path
+
+    from tadq.fsguard import check_output_dir, mark_output
+
+    out = Path(out)
+    try:
+        check_output_dir(out, kind=OUTPUT_KIND, what=what, resume=True, force_foreign=force_foreign)
+        out.mkdir(parents=True, exist_ok=True)
+        mark_output(out, OUTPUT_KIND)  # so a rerun may fill it again
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    return out

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count
+from arguments import add_force_foreign_flag, count, output_folder
 
 import tadq
 from tadq.backends import check_backend
@@ -45,9 +45,12 @@ def main() -> None:
                         help="the FP diffusers folder the artefact was quantized from: adds PSNR vs FP")
     parser.add_argument("--fd-digits", action="store_true",
                         help="FD-digits of each backend's samples (grey digit models; compare at equal --samples)")
+    add_force_foreign_flag(parser)
     args = parser.parse_args()
     if not (args.artefact / "tadq_config.json").is_file():
         parser.error(f"{args.artefact} is not a tadq artefact (no tadq_config.json)")
+    if args.out is not None:
+        output_folder(args.out, force_foreign=args.force_foreign)
     fp_model = None
     if args.fp is not None:
         fp_model, _ = load_pipeline_parts(args.fp)  # refused here if it is not an FP diffusers folder
@@ -92,7 +95,6 @@ def main() -> None:
               "threads": args.threads, "rows": rows}
     print(json.dumps(report, indent=1))
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from arguments import count, count_or_zero
+from arguments import add_force_foreign_flag, count, count_or_zero, output_folder
 
 from tadq.calibration import CalibrationSet, collect_calibration_set
 from tadq.config import CalibrationConfig
@@ -23,6 +23,7 @@ def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) ->
     parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
     parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=out)
+    add_force_foreign_flag(parser)
 
 
 SETTINGS = ("main-table", "defaults")
@@ -60,10 +61,9 @@ class Setup:
 
 def shipped_setup(args: argparse.Namespace, model_path: str | None = None) -> Setup:
     """The model (shipped unless ``model_path``), DDIM 50 η = 0, and its calibration data (cached in .cache/tadq)."""
+    out = output_folder(args.out, force_foreign=args.force_foreign)  # before any work
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     model, scheduler = load_pipeline_parts(model_path)
     sampler = SamplerConfig(kind="ddim", num_steps=50)
     calibration = CalibrationConfig(sampler=sampler)
@@ -88,10 +88,9 @@ def main_run_setup(args: argparse.Namespace):
     from tadq.calibration import model_fingerprint
     from tadq.experiments.rows import BaseModels
 
+    out = output_folder(args.out, force_foreign=args.force_foreign)  # before any work
     if args.threads:
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     config = run_config_for(getattr(args, "setting", "main-table"))
     model, scheduler = load_pipeline_parts(None)
     calib = collect_calibration_set(model, adapter_for(model), scheduler.config, config.calibration,

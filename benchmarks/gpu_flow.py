@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count
+from arguments import add_force_foreign_flag, count, output_folder
 
 from tadq.device import resolve_device, resolve_dtype
 from tadq.fsguard import check_output_dir
@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--procs", type=count, default=max(1, torch.cuda.device_count()), help="torchrun processes")
     parser.add_argument("--quick", action="store_true", help="tiny calibration/reconstruction/fit budgets")
     parser.add_argument("--out", default="runs/gpu_flow")
+    add_force_foreign_flag(parser)
     args = parser.parse_args()
 
     try:  # no CUDA: a ValueError naming the device, before any work (a usage error, not a traceback)
@@ -79,7 +80,7 @@ def main() -> None:
         check_output_dir(artefact, kind="artefact", what="--out's artefact folder", overwrite=True)
     except ValueError as error:
         parser.error(str(error))
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, force_foreign=args.force_foreign)
     timings: dict[str, float] = {}
 
     model, scheduler = load_pipeline_parts(args.model)

@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from arguments import preset_names
+from arguments import output_folder, preset_names
 from common import add_common_flags, add_setting_flag, run_config_for
 
 from tadq.experiments.rows.peers import PEERS, supported_presets
@@ -75,7 +75,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(args.threads)
-    out = Path(args.out)
     methods = tuple(m.strip().lower() for m in args.methods.split(",") if m.strip())
     plan = {preset: methods_at(preset, methods) for preset in (p.strip().upper() for p in args.presets.split(","))
             if preset}
@@ -83,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if empty:  # the job of such a preset was refused only after every earlier preset's job had run
         parser.error(f"no method of --methods {','.join(methods)} has a row at {', '.join(empty)} (the peers there "
                      "have no setting for it); add a tadq method or leave the preset out")
+    out = output_folder(args.out, force_foreign=args.force_foreign)  # before any work, after the usage checks
     rows: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
     notes: dict[str, str] = {}

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count, count_or_zero, preset_name
+from arguments import add_force_foreign_flag, count, count_or_zero, output_folder, preset_name
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the first configuration's quantize")
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", default="runs/recon_diagnose")
+    add_force_foreign_flag(parser)
     args = parser.parse_args()
     # the diagnosis' base is AdaRound at the reduced budget (the docs' "base:" rows); GPTQ is a --configs entry
     base = ReconstructionConfig(weight_iters=args.weight_iters, activation_iters=args.activation_iters,
@@ -110,8 +111,7 @@ def main() -> None:
     except (AttributeError, TypeError, ValueError) as error:
         parser.error(f"--configs {args.configs!r}: {error}")
     torch.set_num_threads(args.threads)
-    out = Path(args.out) / args.model
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(Path(args.out) / args.model, force_foreign=args.force_foreign)
 
     model, scheduler = load_pipeline_parts(MODELS[args.model])
     sampler = SamplerConfig(kind="ddim", num_steps=args.steps)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count, preset_names
+from arguments import add_force_foreign_flag, count, output_folder, preset_names
 from common import save_naive_ptq
 from speed_kernels import BATCHES, REPEATS, call_of, compiled_table, kernel_table
 
@@ -190,6 +190,7 @@ def main() -> None:
                              "(default: digits); a conditional model needs --sampling-only; not with --kernels / "
                              "--compiled, which use the shipped digits model")
     parser.add_argument("--probe", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    add_force_foreign_flag(parser)
     args = parser.parse_args()
     if args.probe:
         return _memory_probe(*args.probe, args.threads)
@@ -198,6 +199,8 @@ def main() -> None:
         parser.error("--kernels and --compiled measure the shipped digits model; drop --model")
     _refuse_what_cannot_run(parser, args)
     model_path = resolve_model_path(args.model)
+    if not (args.kernels or args.compiled):  # they print their tables only
+        output_folder(args.out, force_foreign=args.force_foreign)
     workload = load_workload(args.model)  # refused here: a missing folder, an unsupported model
     conditional = workload.evaluation_conditions is not None
     if conditional and not args.sampling_only:
@@ -280,7 +283,7 @@ def main() -> None:
             fake = f"{name.split()[0]} fake"
             row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[fake]).mean())
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)  # the raw rows first: a failure while formatting loses nothing
+    # the raw rows first (a failure while formatting loses nothing), into the folder checked before any work
     (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "model": _model_name(args), "rows": rows},
                                                     indent=2) + "\n")
     _report(rows, capability, args)

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count, count_list, preset_names
+from arguments import add_force_foreign_flag, count, count_list, output_folder, preset_names
 from common import save_naive_ptq
 from torch import nn
 
@@ -269,7 +269,6 @@ def measure(args) -> None:
     gpu = {"name": torch.cuda.get_device_name(device), "capability": list(torch.cuda.get_device_capability(device)),
            "torch": torch.__version__, "cuda": torch.version.cuda, "tf32": False,
            "compile_mode": args.compile_mode if args.compile else None}
-    args.out.mkdir(parents=True, exist_ok=True)
     report = {"gpu": gpu, "model": args.model or "digits", "samples": args.samples, "rows": rows, "kernels": kernels}
     (args.out / "speed_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
     text = _report(rows, batches, gpu, args) + ("\n\n" + kernel_text if kernel_text else "")
@@ -329,6 +328,7 @@ def main() -> None:
                              "the per-kernel launch cost that dominates small models)")
     parser.add_argument("--kernels", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-speed-gpu"))
+    add_force_foreign_flag(parser)
     args = parser.parse_args()
     if args.prepare:
         presets = args.presets.split(",")
@@ -343,6 +343,7 @@ def main() -> None:
         check_backend("int8-cuda")
     except ValueError as error:  # no CUDA, or a GPU without int8 GEMMs: one line, before any loading
         parser.error(str(error))
+    output_folder(args.out, force_foreign=args.force_foreign)
     return measure(args)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -33,6 +35,13 @@ def tiny_unet() -> UNet2DModel:
 @pytest.fixture
 def ddpm_scheduler() -> DDPMScheduler:
     return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+
+
+@pytest.fixture
+def copy(artefact, tmp_path) -> Path:
+    """A copy, for one test to damage or edit, of the ``artefact`` fixture of the requesting module (a tiny saved
+    artefact built once per module, of the preset and corrections that module needs)."""
+    return Path(shutil.copytree(artefact, tmp_path / "q"))
 
 
 @pytest.fixture

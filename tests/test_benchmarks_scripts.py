@@ -196,3 +196,61 @@ def test_row_and_folder_flags_are_checked_before_the_model_is_loaded(name, loade
         _main(module, monkeypatch, *(flag.format(tmp=tmp_path) for flag in flags))
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+FOREIGN_OUT = [  # (script, its loader (on the script, or on common for the shared setups), flags, folder written)
+    ("svdquant_ablation", "common.load_pipeline_parts", (), "."),  # shipped_setup
+    ("selection_check", "common.load_pipeline_parts", (), "."),  # main_run_setup
+    ("peers", "run_main_job", ("--reuse-models", ""), "."),
+    ("recon_diagnose", "load_pipeline_parts", ("--model", "digits"), "digits"),
+    ("speed", "load_workload", ("--presets", "W4A8", "--no-compile"), "."),
+]
+
+
+@pytest.mark.parametrize("name, loader, flags, folder", FOREIGN_OUT)
+def test_an_out_folder_tadq_did_not_write_is_refused_before_any_work(name, loader, flags, folder, load, monkeypatch,
+                                                                     capsys, tmp_path):
+    """Benchmark scripts wrote results.json and their tables into any --out folder, a user's included; they now
+    check it as the CLI does (tadq.fsguard), before the model is loaded."""
+    module = load(name)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    owner, _, attribute = loader.rpartition(".")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(sys.modules[owner] if owner else module, attribute, loaded)
+    mine = tmp_path / "mine" / folder
+    mine.mkdir(parents=True)
+    (mine / "results.json").write_text("[1]")  # a user's file by the name a benchmark writes
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, "--out", str(tmp_path / "mine"), *flags)
+    assert exit_info.value.code == 2
+    assert "tadq did not write" in capsys.readouterr().err
+    assert [path.name for path in mine.iterdir()] == ["results.json"] and (mine / "results.json").read_text() == "[1]"
+
+
+def test_a_benchmark_fills_its_own_folder_again_and_writes_elsewhere_only_when_forced(load, monkeypatch, tmp_path,
+                                                                                      capsys):
+    load("peers")  # puts benchmarks/ on sys.path
+    from arguments import output_folder
+
+    from tadq.fsguard import is_tadq_output, mark_output
+
+    out = output_folder(tmp_path / "bench")
+    assert is_tadq_output(out)
+    (out / "results.json").write_text("[]")
+    assert output_folder(out) == out  # a rerun replaces its results
+    run = tmp_path / "run"
+    run.mkdir()
+    mark_output(run, "run")
+    (run / "notes.txt").write_text("x")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("x")
+    for folder, message in ((run, "tadq 'run' folder"), (foreign, "tadq did not write")):
+        with pytest.raises(SystemExit) as exit_info:
+            output_folder(folder)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert output_folder(foreign, force_foreign=True) == foreign  # --force-foreign, as the CLI's
+    assert (foreign / "notes.txt").read_text() == "x"

@@ -61,13 +61,6 @@ def artefact(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def copy(artefact, tmp_path) -> Path:
-    target = tmp_path / "q"
-    shutil.copytree(artefact, target)
-    return target
-
-
 # -- artefacts -------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "random", "empty"])

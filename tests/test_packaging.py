@@ -110,3 +110,37 @@ def test_the_console_script_names_a_callable():
     target = _pyproject()["project"]["scripts"]["tadq"]
     module, _, attribute = target.partition(":")
     assert callable(getattr(importlib.import_module(module), attribute))
+
+
+# what setuptools puts into an sdist without being told: the packages (and their package-data), README,
+# pyproject.toml, MANIFEST.in
+SDIST_BY_DEFAULT = {"src", "README.md", "pyproject.toml", "MANIFEST.in"}
+
+
+def _manifest_top_level() -> set[str]:
+    """The top-level names MANIFEST.in's ``graft``/``include`` lines add to the sdist."""
+    added = set()
+    for line in (ROOT / "MANIFEST.in").read_text(encoding="utf-8").splitlines():
+        words = line.split("#")[0].split()
+        if len(words) >= 2 and words[0] in ("graft", "include"):
+            added.update(word.split("/")[0] for word in words[1:])
+    return added
+
+
+def test_the_sdist_carries_the_tests_and_every_file_they_read_from_the_checkout():
+    """It carried src/ and tests/test*.py alone: no conftest, no test subfolder, none of the docs, recipes and
+    benchmark scripts the tests check, so the suite could not run from an sdist."""
+    read = set()
+    for path in (ROOT / "tests").rglob("*.py"):
+        read.update(re.findall(r"(?:ROOT|parents\[\d\])\s*/\s*\"([^\"/]+)", path.read_text(encoding="utf-8")))
+    assert read, "found no file the tests read from the checkout (the pattern no longer matches)"
+    carried = SDIST_BY_DEFAULT | _manifest_top_level()
+    assert "tests" in carried
+    assert not read - carried, f"the tests read {sorted(read - carried)} from the checkout, not in MANIFEST.in"
+    assert all((ROOT / name).exists() for name in _manifest_top_level()), "MANIFEST.in names a path that is gone"
+
+
+def test_manifest_in_leaves_the_wheel_as_package_data_makes_it():
+    """MANIFEST.in would also put every file it adds under src/tadq (the package READMEs) into the wheel unless
+    include-package-data is off: the wheel keeps the package-data globs alone."""
+    assert _pyproject()["tool"]["setuptools"]["include-package-data"] is False

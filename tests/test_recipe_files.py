@@ -534,7 +534,8 @@ def test_recipe_with_two_deployments_refuses_correct_flag(tmp_path):
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Fail loudly if quantize gets as far as loading the model."""
-    import tadq.models
+    import tadq.experiments.workload  # noqa: F401  imported first: importing it under the patch bound the refusal
+    import tadq.models  # into it for the rest of the session (a later test_cli run then failed 'MODEL LOADED')
 
     def refuse(*args, **kwargs):
         raise RuntimeError("MODEL LOADED: the recipe was not validated first")

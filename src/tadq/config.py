@@ -11,6 +11,7 @@ from typing import Any, ClassVar, Literal
 from tadq.adapters.base import LAYER_ROLES
 from tadq.quant.qscheme import MAX_BITS, MIN_BITS, QScheme, preset, preset_key
 from tadq.registry import register_config_type, registered_config_types
+from tadq.safefiles import NewerVersionError
 from tadq.sampling import SamplerConfig, check_seed
 
 __all__ = [
@@ -410,6 +411,22 @@ register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_tar
 register_migration("ReconstructionConfig", 2, field_added("gptq_target_damp", None))
 
 
+def _fields_as_written(klass: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the fields its class added without a version bump (``fields_added``: name → what a payload
+    written before the field meant) filled in with that earlier value, when ``data`` was written by a tadq.
+
+    tadq writes every field, so a payload holding every field the class had before the first of them was written by
+    a tadq older than each one it lacks: it gets the value it was fitted with, not today's default (an old TCEC recipe
+    refitted per element with an offset, an old PTQD artefact sampled with the noise-only VSC). A payload lacking one
+    of those first fields is hand-written and short (docs/recipes.md): what it leaves out takes today's default.
+    """
+    added: dict[str, Any] = getattr(klass, "fields_added", {})
+    first = {f.name for f in dataclasses.fields(klass)} - set(added) - set(getattr(klass, "written_when_set", ()))
+    if not added or not first <= set(data):
+        return data
+    return {**{name: copy.deepcopy(value) for name, value in added.items() if name not in data}, **data}
+
+
 def _valid_bits(bits: Any) -> bool:
     return isinstance(bits, int) and not isinstance(bits, bool) and MIN_BITS <= bits <= MAX_BITS
 
@@ -426,10 +443,6 @@ def _decode(value: Any, annotation_is_tuple: bool, where: str) -> Any:
         items = [_decode(v, False, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if annotation_is_tuple else items
     return value
-
-
-class NewerVersionError(ValueError):
-    """A config written with a version newer than this tadq reads: upgrading tadq, not saving again, is the fix."""
 
 
 def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
@@ -453,7 +466,7 @@ def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
     if version > config_version(klass):
         raise NewerVersionError(f"{at}{kind} version {version!r} is newer than this tadq understands "
                          f"({config_version(klass)}); upgrade tadq or write version {config_version(klass)}")
-    data = _migrate(kind, version, payload["data"], config_version(klass), at)
+    data = _fields_as_written(klass, _migrate(kind, version, payload["data"], config_version(klass), at))
     fields = {f.name: f for f in dataclasses.fields(klass)}
     unknown = set(data) - set(fields)
     if unknown:

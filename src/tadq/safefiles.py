@@ -25,8 +25,9 @@ from torch import Tensor
 
 from tadq.utils import _atomic
 
-__all__ = ["DamagedFileError", "save_checked", "save_safetensors", "load_checked", "tensors_digest", "read_json_file",
-           "unique_keys", "require_finite", "nonfinite_count", "finite_float", "split_tensors", "join_tensors",
+__all__ = ["DamagedFileError", "NewerVersionError", "save_checked", "save_safetensors", "load_checked",
+           "tensors_digest", "read_json_file", "unique_keys", "require_finite", "nonfinite_count", "finite_float",
+           "split_tensors", "join_tensors",
            "WeightFiles", "find_weight_files", "check_safetensors_file", "require_stored_parameters",
            "DIFFUSERS_WEIGHTS", "TRANSFORMERS_WEIGHTS"]
 
@@ -36,6 +37,11 @@ MAX_JSON_BYTES = 256 << 20  # configs, recipes, quantization maps: a few MiB for
 
 class DamagedFileError(ValueError):
     """A file tadq wrote (or was told to read) is truncated, altered or of another kind."""
+
+
+class NewerVersionError(ValueError):
+    """A config, artefact or manifest written in a format newer than this tadq reads: upgrading tadq, not saving
+    again, is the fix (``tadq verify`` exits with its own code for it)."""
 
 
 def tensors_digest(tensors: dict[str, Tensor]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -23,11 +22,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def artefact(tmp_path_factory) -> Path:
     return save_tiny_artefact(tmp_path_factory.mktemp("probe-cli") / "q", "W4A8")
-
-
-@pytest.fixture
-def copy(artefact, tmp_path) -> Path:
-    return Path(shutil.copytree(artefact, tmp_path / "q"))
 
 
 def test_verify_reports_a_scheduler_diffusers_cannot_build_as_failed_not_a_traceback(copy):

@@ -155,6 +155,21 @@ def test_model_fingerprint_follows_weights_and_settings() -> None:
     assert model_fingerprint(copy.deepcopy(model).train()) != model_fingerprint(model)
 
 
+def test_a_run_resumes_across_the_models_training_mode(tmp_path: Path) -> None:
+    """The key fingerprinted each module's training flag, so a run started with a model left in training mode was
+    refused with the same model in eval mode (and back), though sampling always runs in eval mode. The key now holds
+    the model as it samples: an eval-mode model's key is what it was, so existing eval-mode runs still resume."""
+    model = build_tiny_unet().train()
+    first = _sample(tmp_path, model=model)
+    assert all(module.training for module in model.modules())  # given back in its own mode
+    key = json.loads((tmp_path / "manifest.json").read_text())["key"]
+    assert key["model_fingerprint"] == model_fingerprint(copy.deepcopy(model).eval())
+    second = _sample(tmp_path, model=copy.deepcopy(model).eval())
+    assert second.computed == () and second.reused == first.run.chunks
+    third = _sample(tmp_path, model=model)
+    assert third.computed == () and third.reused == first.run.chunks
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"num_samples": 0}, "num_samples"), ({"seed": -1}, "seed"), ({"batch_size": 0}, "batch_size"),
     ({"chunk_size": 0}, "chunk_size"),

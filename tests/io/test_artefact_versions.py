@@ -8,7 +8,6 @@ manifest (a consistent artefact, as the other tadq would have written it).
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,13 @@ from typer.testing import CliRunner
 from tadq.cli.app import app
 from tadq.config import NewerVersionError
 from tadq.io import load_quantized, save_quantized
-from tadq.io.manifest import write_manifest
+from tadq.io.manifest import MANIFEST_FILE, write_manifest
 from tadq.io.save import CONFIG_FILE, RECIPE_FILE
 
 
 @pytest.fixture(scope="module")
 def artefact(tmp_path_factory) -> Path:
     return save_tiny_artefact(tmp_path_factory.mktemp("versions") / "q", "W8A8")
-
-
-@pytest.fixture
-def copy(artefact, tmp_path) -> Path:
-    return Path(shutil.copytree(artefact, tmp_path / "q"))
 
 
 def _edit_meta(folder: Path, edit) -> None:
@@ -82,12 +76,51 @@ def test_an_unknown_correction_kind_names_a_newer_tadq_or_plugin(copy):
         load_quantized(copy)
 
 
-def test_verify_fails_a_newer_artefact_naming_the_upgrade(copy):
-    _edit_meta(copy, lambda meta: meta.update(future_guidance=1.5))
+def _newer_manifest(folder: Path) -> None:
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    manifest["version"] += 1
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _newer_recipe(folder: Path) -> None:
+    recipe = json.loads((folder / RECIPE_FILE).read_text())
+    recipe["version"] += 1
+    (folder / RECIPE_FILE).write_text(json.dumps(recipe))
+    write_manifest(folder)
+
+
+def _newer_correction(meta: dict) -> None:
+    meta["corrections"] = [{"type": "PTQDConfig", "version": 2, "data": {}}]
+
+
+NEWER = {
+    "a setting": (lambda folder: _edit_meta(folder, lambda meta: meta.update(future_guidance=1.5)), "future_guidance"),
+    "the format": (lambda folder: _edit_meta(folder, lambda meta: meta.update(format_version=99)), "format 99"),
+    "the network config": (lambda folder: _edit_meta(folder, lambda meta: meta["quant_config"].update(version=99)),
+                           "version 99"),
+    "a correction config": (lambda folder: _edit_meta(folder, _newer_correction), "PTQDConfig version 2"),
+    "the recipe": (_newer_recipe, "Recipe version"),
+    "the manifest": (_newer_manifest, "manifest version 2"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(NEWER))
+def test_verify_says_newer_with_its_own_exit_code_not_damaged(copy, what):
+    """It exited 1 with FAILED, as for a damaged artefact, though saving again cannot help: upgrading tadq does."""
+    from tadq.cli.verify import EXIT_NEWER
+
+    edit, needle = NEWER[what]
+    edit(copy)
     result = CliRunner().invoke(app, ["verify", str(copy)])
-    assert result.exit_code == 1, result.output
+    assert result.exit_code == EXIT_NEWER != 1, result.output
     flat = " ".join(result.output.split())
-    assert "FAILED" in flat and "future_guidance" in flat and "upgrade tadq" in flat, flat
+    assert flat.startswith(f"NEWER {copy}") and needle in flat and "upgrade tadq" in flat, flat
+
+
+def test_verify_still_fails_a_damaged_artefact_with_exit_1(copy):
+    _edit_meta(copy, lambda meta: meta.update(format_version="two"))
+    result = CliRunner().invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1 and "FAILED" in result.output, result.output
 
 
 # what tadq wrote as the (unused) reconstruction settings of a naive model: version 1 before GPTQ rounding existed,

@@ -34,11 +34,6 @@ def artefact(tmp_path_factory) -> Path:
                               layer_bits=((THREE_BIT.removeprefix("model."), 3, 8),))
 
 
-@pytest.fixture
-def copy(artefact, tmp_path) -> Path:
-    return Path(shutil.copytree(artefact, tmp_path / "q"))
-
-
 def _edit_weights(folder: Path, edit) -> None:
     """Apply ``edit(tensors, metadata)`` to the weights file and rewrite the manifest to match."""
     with safe_open(str(folder / WEIGHTS_FILE), framework="pt") as handle:

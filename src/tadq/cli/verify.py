@@ -3,7 +3,9 @@
 Checks, in order: every file against the SHA-256 manifest (nothing missing, changed or added), the structure
 rebuilt from the config against the saved weights, finite weights, and every correction table's key (fitted,
 for this model's bit label, tables as long as their sampler's steps). Exit 0 when all hold, 1 when the artefact
-is damaged or inconsistent, 2 for a path that is not an artefact.
+is damaged or inconsistent, 2 for a path that is not an artefact, 3 (``EXIT_NEWER``) for an artefact written in a
+format newer than this tadq reads (``NewerVersionError``: upgrade tadq; saving again cannot help, and nothing says it
+is damaged).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import typer
 from tadq.cli.common import USER_ERRORS, console, fail_cleanly, setup
 from tadq.cli.sample import Verbose
 
-__all__ = ["verify_command", "check_tables"]
+__all__ = ["EXIT_NEWER", "verify_command", "check_tables"]
+
+EXIT_NEWER = 3
+"""``tadq verify``'s exit code for an artefact of a newer tadq (1 is damage, 2 a path that is not an artefact)."""
 
 
 def check_tables(qmodel) -> list[str]:
@@ -74,9 +79,14 @@ def verify_command(
     artefact: Annotated[Path, typer.Argument(help="A tadq artefact folder (`tadq quantize --out`).")],
     verbose: Verbose = False,
 ) -> None:
-    """Check an artefact's files against its manifest, its weights against its config, its tables against both."""
+    """Check an artefact's files against its manifest, its weights against its config, its tables against both.
+
+    Exit codes: 0 all hold; 1 damaged or inconsistent (save it again); 2 not an artefact; 3 written by a newer tadq
+    (a newer format, manifest, config version or setting: upgrade tadq).
+    """
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.io.manifest import MANIFEST_FILE, verify_manifest
+    from tadq.safefiles import NewerVersionError
 
     setup(verbose, 0, "cpu")
     with fail_cleanly():
@@ -93,6 +103,11 @@ def verify_command(
         manifest = verify_manifest(artefact, allow_extra=False)
         qmodel, _ = load_quantized(artefact)
         tables = check_tables(qmodel)
+    except NewerVersionError as error:  # not damage: this tadq cannot read it, a newer one can
+        if verbose:
+            console.print_exception()
+        console.print(f"NEWER {artefact}: {' '.join(str(error).split())}", soft_wrap=True)
+        raise typer.Exit(code=EXIT_NEWER) from error
     except USER_ERRORS as error:  # damage of any kind: one FAILED line, exit 1
         if verbose:
             console.print_exception()

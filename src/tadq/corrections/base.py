@@ -279,6 +279,12 @@ class Correction(nn.Module, IdentityHooks, ABC):
     def table_names(self) -> tuple[str, ...]:
         return tuple(self._table_names)
 
+    def earlier_state(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The buffers an older tadq did not save, with the values that tadq used instead, given this member's
+        ``stored`` tensors (names without the ``members.<i>.`` prefix); ``load_corrections`` adds them where they
+        are missing. Empty by default: a missing buffer is damage."""
+        return {}
+
     def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True):
         """``.to``/``.float()``/``.half()`` move the float64 tables and settings but keep them float64: cast with the
         network, PTQD's k (read as a Python float) lost its precision in float32 (``tadq.load(dir, device="cuda")``)

@@ -122,6 +122,11 @@ def load_corrections(folder: str | Path, configs: list[dict[str, Any]]) -> Corre
                              "artefact again")
     require_finite(stored, f"{file}: table")
     stored.update(extra)
+    for position, member in enumerate(stack):  # buffers an older tadq did not write (Correction.earlier_state)
+        prefix = f"members.{position}."
+        own = {key[len(prefix):]: value for key, value in stored.items() if key.startswith(prefix)}
+        for name, value in member.earlier_state(own).items():
+            stored.setdefault(prefix + name, value)
     missing = sorted(expected - set(stored))
     if missing:
         raise ValueError(f"{file.name} lacks {missing[0]!r}, expected by {_owner(stack, missing[0])}; the artefact "

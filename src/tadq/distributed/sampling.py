@@ -206,7 +206,9 @@ def sample_sharded(
     world = world or World.current()
     out_dir = Path(out_dir)
     call, shape, hooks = _bind(denoiser)
-    key = run_key(model_fingerprint(denoiser), scheduler_fingerprint(scheduler), sampler, seed=seed,
+    with eval_mode(denoiser):  # the model as it samples: a resume from a model left in training mode was refused
+        fingerprint = model_fingerprint(denoiser)  # (its modules' training flags); eval-mode keys are unchanged
+    key = run_key(fingerprint, scheduler_fingerprint(scheduler), sampler, seed=seed,
                   sample_shape=shape, batch_size=min(batch_size, chunk_size), chunk_size=chunk_size,
                   record_trajectory=record_trajectory, device_type=world.device.type)
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)

@@ -89,16 +89,16 @@ def _read_meta(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path / CONFIG_FILE}: format_version is {version!r}, not an artefact format (an integer "
                          f">= 1); save the artefact again")
     if version > FORMAT_VERSION:
-        raise ValueError(f"{path} uses artefact format {version!r}, newer than this tadq reads ({FORMAT_VERSION}); "
-                         "upgrade tadq to load it")
+        raise NewerVersionError(f"{path} uses artefact format {version!r}, newer than this tadq reads "
+                                f"({FORMAT_VERSION}); upgrade tadq to load it")
     if meta.get("format") != ARTEFACT_FORMAT:
         raise ValueError(f"{path / CONFIG_FILE}: format is {meta.get('format')!r}, not {ARTEFACT_FORMAT!r}: it is not "
                          "a tadq artefact config; save the artefact again")
     unknown = sorted(set(meta) - META_KEYS)
     if unknown:  # a setting added later (as "freeu" was, format unchanged) would be dropped without a word
-        raise ValueError(f"{path / CONFIG_FILE} has keys {unknown} this tadq ({library_versions()['tadq']}) does not "
-                         f"know (written by tadq {_writer(meta)}): a newer tadq records settings there that change "
-                         "the model; upgrade tadq to load it")
+        raise NewerVersionError(f"{path / CONFIG_FILE} has keys {unknown} this tadq ({library_versions()['tadq']}) "
+                                f"does not know (written by tadq {_writer(meta)}): a newer tadq records settings "
+                                "there that change the model; upgrade tadq to load it")
     folder = meta.get("denoiser_folder", "unet")
     if not (isinstance(folder, str) and folder and folder.isprintable() and "/" not in folder and "\\" not in folder
             and folder not in (".", "..")):
@@ -324,7 +324,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     except ValueError as error:
         if str(path) in str(error):  # names its file already
             raise
-        raise ValueError(f"{path / CONFIG_FILE}: corrections: {error}") from error
+        raise _same_kind(error, f"{path / CONFIG_FILE}: corrections: {error}") from error
     except (OSError, RuntimeError, SafetensorError) as error:  # damage the manifest did not cover (older artefact)
         raise DamagedFileError(f"{path / 'corrections.safetensors'} cannot be read ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:120]}); save the artefact again") from error
@@ -336,6 +336,12 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     if backend != "fake":
         qmodel = to_backend(qmodel, backend, inplace=True)
     return qmodel, _load_scheduler(path)
+
+
+def _same_kind(error: ValueError, message: str) -> ValueError:
+    """``message`` as a ``ValueError``, a ``NewerVersionError`` when ``error`` was one: naming the file must not turn
+    "upgrade tadq" into damage (``tadq verify`` exits 3 for the one, 1 for the other)."""
+    return NewerVersionError(message) if isinstance(error, NewerVersionError) else ValueError(message)
 
 
 # network fields added to QuantConfig and Recipe after their version 1 (QuantConfig's migrations say how)
@@ -356,7 +362,7 @@ def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Rec
         recipe = recipe_from_dict(payload, str(file))
     except ValueError as error:
         message = str(error)
-        raise ValueError(message if str(file) in message else f"{file}: {message}") from error
+        raise _same_kind(error, message if str(file) in message else f"{file}: {message}") from error
     if config is not None and isinstance(payload, dict) and payload.get("version", 0) < config_version(Recipe):
         # a recipe older than a network field (softmax_granularity, layer_bits) could not record it: the network's
         # config, written beside it, is what the artefact was built with

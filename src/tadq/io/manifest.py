@@ -13,8 +13,10 @@ from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "check_listed", "file_sha256", "unlisted_files", "verify_manifest",
-           "write_manifest"]
+from tadq.safefiles import NewerVersionError
+
+__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "NewerManifestError", "check_listed", "file_sha256", "unlisted_files",
+           "verify_manifest", "write_manifest"]
 
 MANIFEST_FILE = "tadq_manifest.json"
 MANIFEST_FORMAT = "tadq-manifest"
@@ -23,6 +25,11 @@ MANIFEST_VERSION = 1
 
 class ArtefactDamaged(ValueError):
     """A file of an artefact differs from what its manifest recorded at save time."""
+
+
+class NewerManifestError(ArtefactDamaged, NewerVersionError):
+    """A manifest of a newer version than this tadq reads: its files cannot be checked here, yet nothing says they
+    are damaged (an ``ArtefactDamaged`` for the callers that refuse what they cannot check)."""
 
 
 def file_sha256(path: Path) -> str:
@@ -87,7 +94,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise ArtefactDamaged(f"{path} has version {version!r}, not a manifest version; save the artefact again")
     if version > MANIFEST_VERSION:
-        raise ArtefactDamaged(f"{path} is manifest version {version}, newer than this tadq reads "
+        raise NewerManifestError(f"{path} is manifest version {version}, newer than this tadq reads "
                               f"({MANIFEST_VERSION}); upgrade tadq to check and load the artefact")
     outside = [name for name in manifest["files"] if not _inside(name)]
     if outside:  # hashing /etc/... or ../../x would read files that are not the artefact's

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from tadq.corrections.base import CorrectionConfig, check_selection_seed
 from tadq.corrections.sequential import check_selection_score
@@ -45,6 +45,14 @@ class PTQDConfig(CorrectionConfig):
             (mean of each trajectory's log MSE: mean PSNR's ranking, robust to a few heavy-tailed trajectories;
             ``tadq.corrections.sequential.SELECTION_SCORES``).
     """
+
+    # fields added after PTQD's first JSON form (still version 1), with what a payload written before each meant
+    # (tadq.config: a tadq-written payload lacking one gets this value, not today's default): before f8df7ec VSC
+    # used σ' in both DDIM terms (full_code); the held-out guard came later, off
+    fields_added: ClassVar[dict[str, Any]] = {
+        "vsc_form": "full_code", "select": False, "selection_seed": None, "selection_samples": 64,
+        "selection_score": "final_mse",
+    }
 
     correlated: bool = True
     bias: bool = True

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 from tadq.corrections.base import CorrectionConfig, check_count, check_number, check_selection_seed
 from tadq.corrections.pair import TrajectoryMode
@@ -71,6 +71,15 @@ class TCECConfig(CorrectionConfig):
             candidate produces; one fit per candidate) instead of fitting K_t once with the first candidate
             (immediate, a = 1) and scoring the others with those tables (one fit in all).
     """
+
+    # fields added after TCEC's first JSON form (still version 1), with what a payload written before each meant
+    # (tadq.config: a tadq-written payload lacking one gets this value, not today's default): refit_candidates
+    # (ceebb1c: every candidate was refitted), error_model, and the per-element model with offset, state-space fit,
+    # window and "off" candidate of 0391638 (before: channel-wise K_t only, every step, no "off")
+    fields_added: ClassVar[dict[str, Any]] = {
+        "refit_candidates": True, "error_model": "on_estimate", "start": 0.0, "start_candidates": [0.0],
+        "resolution": "channel", "offset": False, "include_off": False, "error_space": "eps",
+    }
 
     trajectory: TrajectoryMode = "quantized"
     mix: float = 1.0

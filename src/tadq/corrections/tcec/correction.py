@@ -76,6 +76,18 @@ class TCECCorrection(SequentialCorrection):
         self.register_buffer("start", torch.tensor(float(config.start), dtype=torch.float64))
         self._history: _History | None = None  # the previous call's pieces of the delayed term
 
+    def earlier_state(self, stored: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A TCEC saved before the offset, window and "off" candidate (0391638) holds ``k`` (S, C), ``mix`` and
+        ``damping`` only: it compensated every step with K_t alone. Its config reads as that form (``resolution=
+        "channel"``, ``offset=False``: ``TCECConfig.fields_added``), so ``b`` is zeros, ``strength`` 1, ``start`` 0.
+        Any other config, or a file holding one of the three, is not that tadq's and gets nothing."""
+        later = ("b", "strength", "start")
+        if ("k" not in stored or self.config.offset or self.config.resolution != "channel"
+                or any(name in stored for name in later)):
+            return {}
+        return {"b": torch.zeros_like(stored["k"]), "strength": torch.tensor(1.0, dtype=torch.float64),
+                "start": torch.tensor(0.0, dtype=torch.float64)}
+
     # -- fitting ----------------------------------------------------------------------------------------------------
     def check_fittable(self, steps: Sequence[StepContext]) -> None:
         multistep = [step.index for step in steps if step.order > 1]
