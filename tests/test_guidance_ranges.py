@@ -15,7 +15,9 @@ import tadq
 from tadq import api
 from tadq.calibration import collect_calibration_set
 from tadq.config import CalibrationConfig
-from tadq.guidance_ranges import branch_quantizers
+from tadq.guidance_ranges import BranchRanges, branch_quantizers
+from tadq.quant import QScheme
+from tadq.quant.modules import QuantLinear
 from tadq.registry import adapter_for
 from tadq.sampling import Conditioning, RandomClassLabels, SamplerConfig
 
@@ -113,3 +115,39 @@ def test_reconstruction_moves_the_branch_ranges_with_the_main_ones(model):
         ratio = float(main_after[name].scale) / float(main_before[name].scale)
         expected = float(naive.branch_ranges.scale[index]) * ratio
         assert float(recon.branch_ranges.scale[index]) == pytest.approx(expected, rel=2 ** -22)
+
+
+HOST_READS = ("__bool__", "__float__", "__int__", "item", "tolist", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_switching_to_the_unconditional_ranges_reads_nothing_back_to_the_host(dtype, monkeypatch):
+    """``active`` runs around every guided call: it copies each range device-side (it read every value back to
+    the host, a device sync per quantizer and call on a GPU), with the values the host read gave, in the
+    quantizers' own dtype too."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*(QuantLinear.from_module(torch.nn.Linear(4, 4), QScheme(bits=4), QScheme(bits=8))
+                                   for _ in range(3))).to(dtype)
+    for index, layer in enumerate(layers):
+        layer.input_quantizer.set_range(torch.tensor([-1.0 - index]), torch.tensor([2.0]))
+    ranges = BranchRanges.for_model(layers)
+    ranges.scale.copy_(torch.tensor([0.013, 0.021, 0.034]))
+    ranges.zero_point.copy_(torch.tensor([3.0, -7.0, 0.0]))
+    quantizers = list(branch_quantizers(layers).values())
+    main = [(q.scale.clone(), q.zero_point.clone()) for q in quantizers]
+    reads = []
+    for method in HOST_READS:
+        original = getattr(torch.Tensor, method)
+        monkeypatch.setattr(torch.Tensor, method,
+                            lambda tensor, *args, _name=method, _original=original, **kwargs:
+                            reads.append(_name) or _original(tensor, *args, **kwargs))
+    with ranges.active(layers):
+        switched = [(q.scale.clone(), q.zero_point.clone()) for q in quantizers]
+    monkeypatch.undo()
+    assert reads == []
+    for index, (scale, zero_point) in enumerate(switched):
+        assert scale.dtype == dtype
+        assert torch.equal(scale, torch.full_like(scale, float(ranges.scale[index])))
+        assert torch.equal(zero_point, torch.full_like(zero_point, float(ranges.zero_point[index])))
+    for quantizer, (scale, zero_point) in zip(quantizers, main, strict=True):
+        assert torch.equal(quantizer.scale, scale) and torch.equal(quantizer.zero_point, zero_point)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from tadq.config import QuantConfig
@@ -52,13 +53,15 @@ class QuantizedDenoiser(nn.Module):
         if self.branch_ranges is None or marks is None:
             return self._predict(x, t, cond)
         cond = cond.without_markers()
-        if not bool(marks.any()):
+        flags = [bool(flag) for flag in marks.tolist()]  # one read back to the host (marks: on the model's device)
+        if not any(flags):
             return self._predict(x, t, cond)
-        if bool(marks.all()):
+        if all(flags):
             with self.branch_ranges.active(self.model):
                 return self._predict(x, t, cond)
         # a guided batch: each branch's rows with its own ranges (two calls, the same rows in all)
-        rows_u, rows_c = marks.nonzero().squeeze(1), (~marks).nonzero().squeeze(1)
+        rows_u, rows_c = (torch.tensor([i for i, flag in enumerate(flags) if flag == branch], dtype=torch.long,
+                                       device=marks.device) for branch in (True, False))
         with self.branch_ranges.active(self.model):
             out_u = self._predict(x[rows_u], t[rows_u], cond.rows(rows_u))
         out_c = self._predict(x[rows_c], t[rows_c], cond.rows(rows_c))

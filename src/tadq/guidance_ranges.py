@@ -78,13 +78,16 @@ class BranchRanges(nn.Module):
 
     @contextmanager
     def active(self, model: nn.Module) -> Iterator[None]:
-        """Within the block every branch quantizer quantizes with the unconditional ranges; restored on exit."""
+        """Within the block every branch quantizer quantizes with the unconditional ranges; restored on exit.
+        Copied device-side (``fill_(float(...))`` read every value back to the host: a device sync per quantizer
+        and call); the same values, as a float32 value converts to any dtype as its float does."""
         quantizers = self._quantizers(model)
         saved = [(q.scale.detach().clone(), q.zero_point.detach().clone()) for q in quantizers]
         with torch.no_grad():
-            for index, quantizer in enumerate(quantizers):
-                quantizer.scale.fill_(float(self.scale[index]))
-                quantizer.zero_point.fill_(float(self.zero_point[index]))
+            for quantizer, scale, zero_point in zip(quantizers, self.scale.unbind(), self.zero_point.unbind(),
+                                                    strict=True):
+                quantizer.scale.copy_(scale)
+                quantizer.zero_point.copy_(zero_point)
         try:
             yield
         finally:

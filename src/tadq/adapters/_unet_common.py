@@ -192,7 +192,8 @@ def check_class_labels(model: nn.Module, labels: Tensor) -> None:
         raise ValueError(f"this {kind}'s class embedding is a table indexed by int64 or int32 labels; got "
                          f"{labels.dtype} (torch's embedding refuses it deep inside the model): pass .long() labels")
     if width is None and isinstance(table, nn.Embedding) and labels.numel():
-        low, high = int(labels.min()), int(labels.max())  # an index past the table failed inside torch's embedding
+        # an index past the table failed inside torch's embedding; one read back to the host for both ends
+        low, high = torch.stack(torch.aminmax(labels)).tolist()
         if low < 0 or high >= table.num_embeddings:
             raise ValueError(f"this {kind}'s class embedding holds labels 0..{table.num_embeddings - 1} "
                              f"(num_class_embeds={table.num_embeddings}); got labels in [{low}, {high}] (a null "

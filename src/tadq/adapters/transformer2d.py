@@ -276,7 +276,9 @@ class DiTAdapter(_PatchTransformerAdapter):
         if labels.dtype not in INDEX_DTYPES:  # torch's embedding refused it deep inside the first block
             raise ValueError(f"class_labels must be int64 or int32 indices into the label table, got {labels.dtype} "
                              "(pass .long() labels)")
-        if labels.ndim != 1 or (labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= table)):
+        # both ends in one read back to the host (each is a device sync per forward)
+        low, high = torch.stack(torch.aminmax(labels)).tolist() if labels.ndim == 1 and labels.numel() else (0, 0)
+        if labels.ndim != 1 or low < 0 or high >= table:
             raise ValueError(f"class_labels must be (N,) indices in [0, {table - 1}] (the null class is "
                              f"{self.null_class(model)}), got shape {list(labels.shape)}")
         output = model(x, timestep=self._timesteps(x, t), class_labels=labels).sample

@@ -40,7 +40,7 @@ from tadq.adapters._unet_common import (
     dummy_class_labels,
 )
 from tadq.adapters.base import LayerRole
-from tadq.quant.attention import CrossAttentionKVCache, cross_attention_cache
+from tadq.quant.attention import CrossAttentionKVCache, cross_attention_cache, cross_attentions
 from tadq.registry import register_adapter
 from tadq.sampling.conditioning import Conditioning
 
@@ -94,11 +94,10 @@ def text_width(model: nn.Module) -> int:
         NotImplementedError: the cross-attentions read different widths, named.
     """
     widths: dict[int, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, Attention) and module.is_cross_attention:
-            # from the module's own settings, not its layers' shapes (the integer backends replace the layers)
-            width = getattr(module, "added_kv_proj_dim", None) or module.cross_attention_dim
-            widths.setdefault(int(width), name)
+    for name, module in cross_attentions(model):  # found once per model: this runs at every forward
+        # from the module's own settings, not its layers' shapes (the integer backends replace the layers)
+        width = getattr(module, "added_kv_proj_dim", None) or module.cross_attention_dim
+        widths.setdefault(int(width), name)
     if len(widths) > 1:
         raise NotImplementedError(f"cross_attention_dim={model.config.cross_attention_dim!r}: the cross-attentions "
                                   f"read text of widths {sorted(widths)} (e.g. {sorted(widths.values())[:2]}), but "

@@ -41,6 +41,10 @@ class Quantizer(nn.Module):
     it alone, and every forward quantizes with the min/max of each token or group.
     """
 
+    # what a forward derived from the buffers, kept with each buffer's identity and version counter (``_unchanged``)
+    _ready_seen: tuple | None = None  # (initialized, its version) when it last read true
+    _kernel_seen: tuple | None = None  # ((zero_point, version), (scale, version), (z, Δ) of the fused kernels)
+
     def __init__(self, scheme: QScheme, num_channels: int = 1, kind: Literal["weight", "activation"] = "activation",
                  channel_dim: int = -1) -> None:
         super().__init__()
@@ -91,6 +95,15 @@ class Quantizer(nn.Module):
         self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
         self.initialized.fill_(True)
 
+    def __getstate__(self) -> dict:
+        """The module's state without the memos of ``_check_ready``/``_kernel_range``: a copy's (deepcopy, pickle)
+        buffers are new tensors whose version counters start again, at 1, which a carried memo could match although
+        the buffer was written after it was taken; the copy reads its own buffers once instead."""
+        state = super().__getstate__()
+        state.pop("_ready_seen", None)
+        state.pop("_kernel_seen", None)
+        return state
+
     def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
         if self.scheme.granularity == "per_channel":
             return t.reshape(-1, *([1] * (x.dim() - 1)))  # (C, 1, ...)
@@ -108,11 +121,8 @@ class Quantizer(nn.Module):
         """Fake-quantize ``x`` on this quantizer's grid (``forward`` has handled bypass and observation)."""
         # a compiled graph cannot branch on a tensor's value (graph break); int8-compiled checks every quantizer of
         # the network before it compiles (tadq.backends.compiled.check_compilable)
-        if not torch.compiler.is_compiling() and not bool(self.initialized):
-            raise RuntimeError(
-                "quantizer used before its range was set: calibrate the model first "
-                "(tadq.quantize, or the tadq.calibration.Calibrate context)"
-            )
+        if not torch.compiler.is_compiling():
+            self._check_ready()
         if self.scheme.dynamic:
             return dynamic_fake_quantize(x, self.scheme, self.channel_dim)
         if self.rounding is None and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
@@ -133,14 +143,59 @@ class Quantizer(nn.Module):
         only (a model cast to bfloat16/float16 has its Δ cast too: widened back here). float16 flushes a Δ below
         6e-8 to 0 (an all-zero weight channel or input has Δ = MIN_SCALE = 1e-8), and the kernel turned that
         channel into NaN: the floor set_range applies is applied again."""
-        zero_point, scale = self.zero_point.to(torch.int32), self.scale.float().clamp_min(MIN_SCALE)
+        zero_point, scale = self._kernel_range()
         if self.scheme.granularity == "per_channel":
             return torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, self.scheme.qmin, self.scheme.qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
                                                      self.scheme.qmin, self.scheme.qmax)
 
+    def _check_ready(self) -> None:
+        """Raise unless a range is set. ``bool(initialized)`` is a read back to the host, on a GPU a device sync in
+        every layer of every forward; a true answer is remembered with the buffer's identity and version counter,
+        which every write moves (``set_range``, ``load_state_dict``, ``copy_``/``fill_``; ``.to()`` makes a new
+        tensor), so the next forward after any of them reads the buffer again. A write through ``.data`` moves no
+        counter; nothing in tadq writes the buffer that way."""
+        initialized = self.initialized
+        if _unchanged(self._ready_seen, initialized):
+            return
+        if not bool(initialized):
+            raise RuntimeError(
+                "quantizer used before its range was set: calibrate the model first "
+                "(tadq.quantize, or the tadq.calibration.Calibrate context)"
+            )
+        self.__dict__["_ready_seen"] = _version_of(initialized)  # not nn.Module.__setattr__: µs per call
+
+    def _kernel_range(self) -> tuple[Tensor, Tensor]:
+        """(z as int32, Δ as float32 floored at ``MIN_SCALE``) for the fused kernels: two small ops per call
+        otherwise, so kept while ``scale`` and ``zero_point`` are the same, unwritten tensors (as ``_check_ready``).
+        Not kept when compiling, nor in inference mode (what it makes there are inference tensors, which some uses
+        outside it refuse)."""
+        zero_point, scale = self.zero_point, self.scale
+        keep = not (torch.compiler.is_compiling() or torch.is_inference_mode_enabled())
+        seen = self._kernel_seen
+        if keep and seen is not None and _unchanged(seen[0], zero_point) and _unchanged(seen[1], scale):
+            return seen[2]
+        kernel = zero_point.to(torch.int32), scale.float().clamp_min(MIN_SCALE)
+        if keep:
+            snapshots = _version_of(zero_point), _version_of(scale)
+            self.__dict__["_kernel_seen"] = None if None in snapshots else (*snapshots, kernel)
+        return kernel
+
     def extra_repr(self) -> str:
         return f"{self.kind}: {self.scheme.describe()}"
+
+
+def _version_of(tensor: Tensor) -> tuple[Tensor, int] | None:
+    """``tensor`` with its version counter (``None`` for an inference tensor, which keeps none)."""
+    try:
+        return tensor, tensor._version
+    except RuntimeError:
+        return None
+
+
+def _unchanged(seen: tuple[Tensor, int] | None, buffer: Tensor) -> bool:
+    """Whether a ``_version_of`` snapshot still describes ``buffer``: the same tensor, not written since."""
+    return seen is not None and seen[0] is buffer and seen[1] == buffer._version
 
 
 def zero_point_bounds(scheme: QScheme) -> tuple[int, int]:
