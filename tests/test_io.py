@@ -162,6 +162,8 @@ def test_a_channels_last_model_saves_and_loads(tmp_path, tiny_unet, ddpm_schedul
     stored = {label: load_file(str(tmp_path / label / WEIGHTS_FILE)) for label in ("last", "plain")}
     codes = [key for key in stored["plain"] if key.endswith(CODES_SUFFIX)]
     assert codes and all(torch.equal(stored["last"][key], stored["plain"][key]) for key in codes)
+    # docs/architecture.md: the loaded model is contiguous; put in the saved one's layout it gives its bits back
+    _assert_same_model(qmodel, tadq.load(tmp_path / "last")[0].to(memory_format=torch.channels_last))
     _assert_same_model(qmodel.to(memory_format=torch.contiguous_format), tadq.load(tmp_path / "last")[0])
 
 
