@@ -285,3 +285,38 @@ def test_a_float32_cast_keeps_the_float64_correction_tables(correction, tiny_une
     cast.save_pretrained(tmp_path / "q", ddpm_scheduler)
     loaded, scheduler = tadq.load(tmp_path / "q")
     assert torch.equal(_sample(loaded, scheduler), _sample(qmodel, ddpm_scheduler))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_a_lower_precision_model_is_quantized_from_one_float32_copy(dtype, tiny_unet, ddpm_scheduler, monkeypatch):
+    """The fake-quant network of a float16 / bfloat16 model is a float32 cast made for the call, and building the
+    structure copied that cast again: two float32 networks alive through calibration and every fit (the FP
+    reference is the caller's model in its dtype). The cast is wrapped itself now, to the same numbers."""
+    import copy
+
+    from diffusers import UNet2DModel
+
+    from tadq.calibration import collect_calibration_set
+    from tadq.registry import adapter_for
+
+    model = tiny_unet.to(dtype)
+    calibration = collect_calibration_set(model, adapter_for(model), ddpm_scheduler.config, CALIB, progress=False)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    deepcopy, copied = copy.deepcopy, []
+
+    def spy(value, memo=None, *args):
+        if memo is None and isinstance(value, UNet2DModel):
+            copied.append(value)
+        return deepcopy(value, memo, *args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(copy, "deepcopy", spy)
+        qmodel = api.quantize(model, ddpm_scheduler, RECIPE, calibration=calibration, progress=False)
+    assert copied == [model]  # the one float32 cast
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    monkeypatch.setattr(api, "wrap_in_place", lambda network: network)  # the copy of the cast, as before
+    copied_twice = api.quantize(model, ddpm_scheduler, RECIPE, calibration=calibration, progress=False)
+    state, reference = qmodel.state_dict(), copied_twice.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[key], reference[key]) for key in state if isinstance(state[key], torch.Tensor))
+    assert torch.equal(_sample(qmodel, ddpm_scheduler), _sample(copied_twice, ddpm_scheduler))

@@ -86,6 +86,53 @@ def test_load_builds_the_network_once_without_copying_it(tmp_path, tiny_unet, dd
     _assert_same_model(qmodel, loaded)
 
 
+def test_load_runs_no_random_init(tmp_path, tiny_unet, ddpm_scheduler, calibration, monkeypatch):
+    """The architecture load builds from config.json was randomly initialised (a draw per weight: most of a large
+    model's build time) before the artefact overwrote every tensor. No ``torch.nn.init`` initializer runs during a
+    load now, and the loaded model is the saved one bit for bit."""
+    from tadq.io.load import WEIGHT_INITIALIZERS
+
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8")
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    ran: list[str] = []  # initializers run on real memory (the fake-quant wrappers' own are built on "meta")
+    for name in WEIGHT_INITIALIZERS:
+        initializer = getattr(torch.nn.init, name)
+        monkeypatch.setattr(torch.nn.init, name,
+                            lambda tensor, *args, name=name, initializer=initializer, **kwargs:
+                            (None if tensor.is_meta else ran.append(name)) or initializer(tensor, *args, **kwargs))
+    torch.nn.Linear(2, 2)  # the spies see a build outside a load
+    assert ran and set(ran) <= set(WEIGHT_INITIALIZERS)
+    ran.clear()
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert ran == []
+    _assert_same_model(qmodel, loaded)
+
+
+def test_every_tensor_the_init_would_set_is_loaded(tmp_path, tiny_unet, ddpm_scheduler, calibration, monkeypatch):
+    """Skipping the init is safe only because the artefact overwrites every tensor an initializer would have set:
+    built with NaN there instead of leaving memory as allocated, the loaded model is still the saved one."""
+    import contextlib
+
+    import tadq.io.load as loading
+
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8", split_shortcut=True, quantize_attention=True)
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    filled: list[torch.Tensor] = []
+
+    @contextlib.contextmanager
+    def nan_init():
+        with monkeypatch.context() as patch:
+            for name in loading.WEIGHT_INITIALIZERS:
+                patch.setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: filled.append(tensor)
+                              or tensor.detach().fill_(math.nan) if tensor.is_floating_point() else tensor)
+            yield
+
+    monkeypatch.setattr(loading, "skipped_weight_init", nan_init)
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert filled and all(bool(torch.isfinite(tensor).all()) for tensor in filled)
+    _assert_same_model(qmodel, loaded)
+
+
 def test_load_looks_up_no_layer_by_name_unless_a_tensor_is_refused(tmp_path, tiny_unet, ddpm_scheduler, calibration,
                                                                    monkeypatch):
     """Every stored tensor's owning module was looked up (a get_submodule walk) and formatted into the message of an
@@ -115,6 +162,8 @@ def test_a_channels_last_model_saves_and_loads(tmp_path, tiny_unet, ddpm_schedul
     stored = {label: load_file(str(tmp_path / label / WEIGHTS_FILE)) for label in ("last", "plain")}
     codes = [key for key in stored["plain"] if key.endswith(CODES_SUFFIX)]
     assert codes and all(torch.equal(stored["last"][key], stored["plain"][key]) for key in codes)
+    # docs/architecture.md: the loaded model is contiguous; put in the saved one's layout it gives its bits back
+    _assert_same_model(qmodel, tadq.load(tmp_path / "last")[0].to(memory_format=torch.channels_last))
     _assert_same_model(qmodel.to(memory_format=torch.contiguous_format), tadq.load(tmp_path / "last")[0])
 
 

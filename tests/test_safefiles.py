@@ -9,6 +9,7 @@ import torch
 
 from tadq.safefiles import (
     DamagedFileError,
+    diffusers_loading_options,
     join_tensors,
     load_checked,
     read_json_file,
@@ -96,3 +97,40 @@ def test_require_finite_names_the_tensor(value, kind):
     with pytest.raises(ValueError, match=f"layer conv.weight holds {kind}"):
         require_finite({"conv.weight": torch.tensor([1.0, value])}, "layer")
     require_finite({"ok": torch.ones(3), "ints": torch.arange(3)}, "layer")
+
+
+@pytest.mark.parametrize("accelerate", [True, False])
+def test_every_diffusers_load_follows_one_low_cpu_mem_usage_rule(tmp_path, tiny_model_dir, accelerate, monkeypatch):
+    """An FP model folder and a folder's VAE were loaded with ``low_cpu_mem_usage=False`` always, pipelines only
+    without accelerate: two rules for one choice. Every diffusers load asks ``diffusers_loading_options`` now
+    (with accelerate installed or not: the check is stubbed, diffusers falls back itself when it is absent)."""
+    import json
+
+    from diffusers import AutoencoderKL, ModelMixin
+
+    from tadq import safefiles
+    from tadq.experiments.workload import folder_vae_decoder
+    from tadq.models import load_pipeline_parts
+    from tadq.pipelines.components import pipeline_load_options
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1, latent_channels=4,
+                  norm_num_groups=4, sample_size=8).save_pretrained(tmp_path / "dit" / "vae")
+    (tmp_path / "dit" / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline",
+                                                                   "vae": ["diffusers", "AutoencoderKL"]}))
+    monkeypatch.setattr(safefiles, "_accelerate_installed", lambda: accelerate)
+    rule = diffusers_loading_options()
+    assert rule == ({} if accelerate else {"low_cpu_mem_usage": False})
+    original, asked = ModelMixin.__dict__["from_pretrained"].__func__, []
+
+    def spy(cls, *args, **kwargs):
+        asked.append((cls.__name__, {key: value for key, value in kwargs.items() if key == "low_cpu_mem_usage"}))
+        return original(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ModelMixin, "from_pretrained", classmethod(spy))
+    load_pipeline_parts(tiny_model_dir)
+    folder_vae_decoder(tmp_path / "dit")
+    assert asked == [("UNet2DModel", rule), ("AutoencoderKL", rule)]
+    assert {key: value for key, value in pipeline_load_options(ModelMixin, None).items()
+            if key == "low_cpu_mem_usage"} == rule

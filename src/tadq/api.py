@@ -33,6 +33,7 @@ from tadq.prepare import (
     check_no_runtime_hooks,
     check_plain_weights,
     check_unshared_weights,
+    wrap_in_place,
 )
 from tadq.provenance import check_same_architecture
 from tadq.recipe import Recipe, method_handler
@@ -150,6 +151,8 @@ def _quantize(
     fp = place_model(model, device, dtype) if parameter is not None else model
     # the fake-quant network computes in float32 (its Δ, z and rounding are float32); the FP reference in ``dtype``
     network = fp if parameter is None or dtype == torch.float32 else place_model(model, device, torch.float32)
+    if network is not fp and network is not model:  # cast here for this call: its layers are wrapped, not copied
+        wrap_in_place(network)
     guidance_scale = recipe.guidance_scale if recipe is not None else 1.0
     # every sampler the model will be calibrated or deployed with must drive this scheduler: refused here, before
     # calibration or reconstruction, not when a correction is fitted or the model is first sampled

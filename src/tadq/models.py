@@ -12,6 +12,7 @@ from torch import nn
 from tadq.registry import model_family, registered_families
 from tadq.safefiles import (
     DamagedFileError,
+    diffusers_loading_options,
     find_weight_files,
     read_json_file,
     require_finite,
@@ -224,8 +225,8 @@ def _load_pipeline_parts(path: Path) -> tuple[nn.Module, SchedulerMixin]:
     if weights.variant is not None:
         logger.info("%s holds its weights as the %r variant only; loading that", model_dir, weights.variant)
     try:  # use_safetensors: diffusers would otherwise fall back to unpickling a .bin
-        model = family.model_class.from_pretrained(model_dir, low_cpu_mem_usage=False,  # no accelerate needed
-                                                   use_safetensors=True, variant=weights.variant)
+        model = family.model_class.from_pretrained(model_dir, use_safetensors=True, variant=weights.variant,
+                                                   **diffusers_loading_options())
     except (OSError, RuntimeError, ValueError, SafetensorError) as error:  # truncated or foreign weight files
         first = " ".join(str(error).split())[:300] or type(error).__name__  # torch puts the cause on line 2
         raise ValueError(f"could not load weights from {model_dir}: {first}") from error

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import weakref
 
 import torch
 from torch import nn
@@ -20,7 +21,19 @@ from tadq.registry import adapter_for
 from tadq.safefiles import require_finite
 
 __all__ = ["build_quantized_structure", "calibrate_activations", "check_plain_weights", "check_no_runtime_hooks",
-           "check_unshared_weights"]
+           "check_unshared_weights", "wrap_in_place"]
+
+# float32 networks ``tadq.quantize`` cast from a caller's float16 / bfloat16 model for one call, held by nothing else
+_WRAP_IN_PLACE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def wrap_in_place(network: nn.Module) -> nn.Module:
+    """Mark ``network``, a copy made for one ``quantize`` call that nobody else holds, to be wrapped in place by the
+    next ``build_quantized_structure`` instead of copied: the copy of that copy kept two float32 networks alive
+    through calibration and every fit (the FP reference is the caller's model in its own dtype)."""
+    _WRAP_IN_PLACE.add(network)
+    return network
+
 
 # what to do about a diffusers hook (diffusers.hooks.HookRegistry, in ``module._diffusers_hook``), by hook name
 _HOOK_ADVICE = {
@@ -136,9 +149,13 @@ def build_quantized_structure(
         config: what to quantize and how.
         init_weight_range: set weight ranges from the weights; ``False`` when saved ranges are loaded next.
         copy_model: ``False`` wraps ``model`` itself, for a model built only to be wrapped (``tadq.load``'s, whose
-            weights the artefact overwrites): its copy doubled the memory and a fifth of the time of a load.
+            weights the artefact overwrites): its copy doubled the memory and a fifth of the time of a load. A model
+            marked by ``wrap_in_place`` is wrapped itself too (once).
     """
     adapter = adapter_for(model)
+    if copy_model and model in _WRAP_IN_PLACE:
+        _WRAP_IN_PLACE.discard(model)
+        copy_model = False
     check_unshared_weights(model, "build_quantized_structure")  # one name per layer: each is swapped and saved once
     if init_weight_range:  # a NaN weight used to fail late, as a zero_point error that never said NaN
         require_finite(model.state_dict(), "model weight")

@@ -11,6 +11,7 @@ the file.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import re
@@ -29,7 +30,7 @@ __all__ = ["DamagedFileError", "NewerVersionError", "save_checked", "save_safete
            "tensors_digest", "read_json_file", "unique_keys", "require_finite", "nonfinite_count", "finite_float",
            "split_tensors", "join_tensors",
            "WeightFiles", "find_weight_files", "check_safetensors_file", "require_stored_parameters",
-           "DIFFUSERS_WEIGHTS", "TRANSFORMERS_WEIGHTS"]
+           "DIFFUSERS_WEIGHTS", "TRANSFORMERS_WEIGHTS", "diffusers_loading_options"]
 
 META_KEY, DIGEST_KEY = "tadq", "tadq_sha256"
 MAX_JSON_BYTES = 256 << 20  # configs, recipes, quantization maps: a few MiB for the largest models
@@ -396,6 +397,19 @@ def check_safetensors_file(file: str | Path) -> None:
 def _integer_dtype(kind: str) -> bool:
     """Whether a safetensors dtype name is an integer or boolean one (I8..I64, U8..U64, BOOL; not BF16 or F8_*)."""
     return kind == "BOOL" or re.fullmatch(r"[IU]\d+", kind) is not None
+
+
+def _accelerate_installed() -> bool:
+    return importlib.util.find_spec("accelerate") is not None
+
+
+def diffusers_loading_options() -> dict[str, Any]:
+    """``low_cpu_mem_usage`` for every diffusers ``from_pretrained`` tadq makes (FP model folders, pipelines, VAEs),
+    one rule: with accelerate, diffusers' default (the model built on the meta device and handed the file's tensors,
+    no second copy of the weights); without it, the plain loading diffusers falls back to, asked for so that it does
+    not print its five-line "pip install accelerate" advice on every load. Either way each parameter holds the
+    file's values, and a parameter the files lack is refused by ``require_stored_parameters``."""
+    return {} if _accelerate_installed() else {"low_cpu_mem_usage": False}
 
 
 def require_stored_parameters(model: torch.nn.Module, files: Sequence[Path], where: str) -> None:

@@ -283,8 +283,7 @@ def folder_vae_decoder(path: Path, device: torch.device | None = None,
                          "samples are latents and cannot be turned into images")
     from tadq.pipelines.components import pipeline_load_options
 
-    # the dtype at load time, as diffusers asks; plain loading (no accelerate needed) whether or not it is installed
-    options = pipeline_load_options(klass, dtype) | {"low_cpu_mem_usage": False}
+    options = pipeline_load_options(klass, dtype)  # the dtype at load time, as diffusers asks
     try:
         weights = find_weight_files(path / name)  # whole files, and the variant of a variant-only folder
         vae = klass.from_pretrained(path / name, variant=weights.variant, **options)

@@ -3,10 +3,11 @@ quantized weight to Δ·(codes − z) (bit-identical outputs to the saved model)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,30 @@ def _read_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+# torch.nn.init's in-place initializers (uniform_, kaiming_uniform_, zeros_...), which modules' reset_parameters call
+WEIGHT_INITIALIZERS = tuple(name for name in dir(torch.nn.init) if name.endswith("_") and not name.startswith("_")
+                            and callable(getattr(torch.nn.init, name)))
+
+
+@contextlib.contextmanager
+def skipped_weight_init() -> Iterator[None]:
+    """``torch.nn.init``'s initializers leave their tensor as allocated inside the block (as diffusers'
+    ``from_pretrained`` builds a model): for an architecture whose every tensor is then loaded. Process-wide, like
+    diffusers' own: build nothing else in another thread meanwhile."""
+    saved = {name: getattr(torch.nn.init, name) for name in WEIGHT_INITIALIZERS}
+
+    def left_as_allocated(tensor: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return tensor
+
+    for name in saved:
+        setattr(torch.nn.init, name, left_as_allocated)
+    try:
+        yield
+    finally:
+        for name, initializer in saved.items():
+            setattr(torch.nn.init, name, initializer)
+
+
 def _build_fp_model(folder: Path, model_class: Any) -> nn.Module:
     """The FP architecture from ``folder/config.json`` (no weights: they are the artefact's codes)."""
     file = folder / "config.json"
@@ -124,9 +149,10 @@ def _build_fp_model(folder: Path, model_class: Any) -> nn.Module:
                          "artefact's files belong to different models; save it again")
     klass = model_family(str(class_name), where=str(folder)).model_class
     try:
-        # its random init is overwritten by the artefact's weights: drawn from a forked generator, so loading leaves
-        # the caller's torch.manual_seed stream where it was
-        with torch.random.fork_rng(devices=[]):
+        # every parameter and buffer is overwritten by the artefact's tensors: torch.nn.init is skipped (it cost a
+        # random draw per weight, most of a large model's build time); a module that draws without it does so from
+        # a forked generator, so loading leaves the caller's torch.manual_seed stream where it was
+        with torch.random.fork_rng(devices=[]), skipped_weight_init():
             return klass.from_config(klass.load_config(folder)).eval()
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError) as error:  # diffusers' own
         raise ValueError(f"{file} does not build a {class_name} ({type(error).__name__}: "

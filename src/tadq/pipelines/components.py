@@ -23,6 +23,7 @@ from tadq.safefiles import (
     DIFFUSERS_WEIGHTS,
     TRANSFORMERS_WEIGHTS,
     DamagedFileError,
+    diffusers_loading_options,
     find_weight_files,
     finite_float,
     read_json_file,
@@ -340,11 +341,9 @@ def pipeline_load_options(klass: type, dtype: torch.dtype | None, layout: Pipeli
     """``from_pretrained`` options: local files only, safetensors only, no safety checker nor its feature extractor
     (tadq measures images, a checker blacking some out would corrupt every comparison), ``None`` for every
     component the folder's ``model_index.json`` leaves null on purpose (SD3 without its T5: diffusers only takes
-    that as an argument), the layout's weights variant (a folder saved with ``variant="fp16"`` only), and without
-    accelerate, the plain loading diffusers would fall back to (said, so that it does not warn)."""
-    options: dict[str, Any] = {"local_files_only": True, "use_safetensors": True}
-    if importlib.util.find_spec("accelerate") is None:  # what diffusers falls back to then, after a five-line
-        options["low_cpu_mem_usage"] = False  # "pip install accelerate" warning on every pipeline tadq loaded
+    that as an argument), the layout's weights variant (a folder saved with ``variant="fp16"`` only), and
+    ``diffusers_loading_options`` (tadq's one rule for ``low_cpu_mem_usage``)."""
+    options: dict[str, Any] = {"local_files_only": True, "use_safetensors": True, **diffusers_loading_options()}
     if layout is not None:
         accepted = inspect.signature(klass.__init__).parameters
         options.update({name: None for name, value in layout.index.items()

@@ -58,12 +58,13 @@ def check_shipped_vae() -> None:
 
 def load_shipped_vae() -> AutoencoderKL:
     """The shipped text-to-image model's VAE (frozen, eval mode): the DiT's latent space."""
+    from tadq.safefiles import diffusers_loading_options
     from tadq.zoo.t2i import _load_with_hint, shipped_t2i_path
 
     check_shipped_vae()
     folder = shipped_t2i_path() / "vae"
     vae = _load_with_hint(folder, "VAE of the shipped text-to-image model", lambda: AutoencoderKL.from_pretrained(
-        folder, local_files_only=True, low_cpu_mem_usage=False), index="config.json", model=shipped_t2i_path())
+        folder, local_files_only=True, **diffusers_loading_options()), index="config.json", model=shipped_t2i_path())
     return vae.eval().requires_grad_(False)
 
 

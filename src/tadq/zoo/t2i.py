@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tadq.safefiles import diffusers_loading_options
 from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
@@ -77,7 +78,7 @@ def load_t2i_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline
     folder = Path(path) if path is not None else shipped_t2i_path()
     return _load_with_hint(folder, "text-to-image model", lambda: StableDiffusionPipeline.from_pretrained(
         str(folder), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        local_files_only=True), index="model_index.json", model=folder)
+        local_files_only=True, **diffusers_loading_options()), index="model_index.json", model=folder)
 
 
 def _load_with_hint(folder: Path, what: str, load: Callable[[], Any], index: str, model: Path) -> Any:
