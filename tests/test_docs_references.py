@@ -4,7 +4,8 @@ Docstrings, comments and READMEs cite the documentation under ``docs/`` (``docs/
 tests fail when a reference points outside the repository (the old ``methods.md`` / ``facts.md`` /
 ``architecture.md`` design notes, ``shared/design``), when a cited ``docs/`` page or ``#anchor`` does not exist,
 or when a relative Markdown link (in ``docs/``, the top-level README or any README under ``src/``) is broken, or
-when a ``tadq COMMAND --flag`` they show names a flag the command does not have.
+when a ``tadq COMMAND --flag`` they show names a flag the command does not have, or when a ``tadq.…`` Python
+name they show does not exist.
 """
 
 from __future__ import annotations
@@ -237,3 +238,50 @@ def test_every_documented_flag_exists_on_its_command():
     bad = [f"{where}: tadq {name} {flag}" for where, name, flag, prefix in documented_flags()
            if not (any(known.startswith(flag) for known in flags[name]) if prefix else flag in flags[name])]
     assert not bad, "flags the docs give that the command does not have:\n" + "\n".join(bad)
+
+
+# -- Python names the docs give -------------------------------------------------------------------------------------
+DOTTED_NAME = re.compile(r"(?<![\w./-])(tadq(?:\.[A-Za-z_]\w*)+)")
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``tadq.a.b.c`` is a module, or an attribute path under the longest importable module prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for part in parts[split:]:
+            if not hasattr(found, part):
+                return False
+            found = getattr(found, part)
+        return True
+    return False
+
+
+def test_the_name_scan_sees_the_api():
+    # toothless if the scan found nothing or the resolver accepted anything
+    names = {match.group(1) for path in _markdown_files() for _, snippet in _shell_snippets(path)
+             for match in DOTTED_NAME.finditer(snippet)}
+    assert {"tadq.load_pipeline", "tadq.experiments.rows.recipes.shipped_recipes"} <= names
+    assert _resolves("tadq.load_pipeline") and not _resolves("tadq.experiments.rows.tfmq.tfmq_base")
+
+
+def test_every_documented_python_name_exists():
+    """A dotted ``tadq.…`` name in a code span or block of the docs (``tadq.recipe.override_recipe``) is importable:
+    a renamed or removed function named in README.md, docs/ or a README under src/ fails here, not in a user's
+    script."""
+    seen: dict[str, bool] = {}
+    bad = []
+    for path in _markdown_files():
+        for n, snippet in _shell_snippets(path):
+            for match in DOTTED_NAME.finditer(snippet):
+                name = match.group(1)
+                if name not in seen:
+                    seen[name] = _resolves(name)
+                if not seen[name]:
+                    bad.append(f"{_where(path, n)}: {name}")
+    assert not bad, "names the docs give that tadq does not have:\n" + "\n".join(bad)
