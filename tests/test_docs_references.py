@@ -242,6 +242,7 @@ def test_every_documented_flag_exists_on_its_command():
 
 # -- Python names the docs give -------------------------------------------------------------------------------------
 DOTTED_NAME = re.compile(r"(?<![\w./-])(tadq(?:\.[A-Za-z_]\w*)+)")
+FROM_IMPORT = re.compile(r"\bfrom (tadq(?:\.\w+)*) import \(?([\w ,]+)")
 
 
 def _resolves(dotted: str) -> bool:
@@ -262,26 +263,36 @@ def _resolves(dotted: str) -> bool:
     return False
 
 
+def documented_names() -> list[tuple[str, str]]:
+    """(where, dotted name) of every ``tadq.…`` name in the Markdown files' code, ``from tadq.x import A, B`` as
+    ``tadq.x.A`` and ``tadq.x.B``."""
+    found = []
+    for path in _markdown_files():
+        for n, snippet in _shell_snippets(path):
+            found += [(_where(path, n), match.group(1)) for match in DOTTED_NAME.finditer(snippet)]
+            for match in FROM_IMPORT.finditer(snippet):
+                found += [(_where(path, n), f"{match.group(1)}.{name.split()[0]}")
+                          for name in match.group(2).split(",") if name.strip()]
+    return found
+
+
 def test_the_name_scan_sees_the_api():
     # toothless if the scan found nothing or the resolver accepted anything
-    names = {match.group(1) for path in _markdown_files() for _, snippet in _shell_snippets(path)
-             for match in DOTTED_NAME.finditer(snippet)}
-    assert {"tadq.load_pipeline", "tadq.experiments.rows.recipes.shipped_recipes"} <= names
+    names = {name for _, name in documented_names()}
+    assert {"tadq.load_pipeline", "tadq.experiments.rows.recipes.shipped_recipes",
+            "tadq.corrections.attach.fit_corrections"} <= names
     assert _resolves("tadq.load_pipeline") and not _resolves("tadq.experiments.rows.tfmq.tfmq_base")
 
 
 def test_every_documented_python_name_exists():
-    """A dotted ``tadq.…`` name in a code span or block of the docs (``tadq.recipe.override_recipe``) is importable:
-    a renamed or removed function named in README.md, docs/ or a README under src/ fails here, not in a user's
-    script."""
+    """A dotted ``tadq.…`` name in a code span or block of the docs (``tadq.recipe.override_recipe``, or imported with
+    ``from tadq.recipe import Recipe``) exists: a renamed or removed function named in README.md, docs/ or a README
+    under src/ fails here, not in a user's script."""
     seen: dict[str, bool] = {}
     bad = []
-    for path in _markdown_files():
-        for n, snippet in _shell_snippets(path):
-            for match in DOTTED_NAME.finditer(snippet):
-                name = match.group(1)
-                if name not in seen:
-                    seen[name] = _resolves(name)
-                if not seen[name]:
-                    bad.append(f"{_where(path, n)}: {name}")
+    for where, name in documented_names():
+        if name not in seen:
+            seen[name] = _resolves(name)
+        if not seen[name]:
+            bad.append(f"{where}: {name}")
     assert not bad, "names the docs give that tadq does not have:\n" + "\n".join(bad)
