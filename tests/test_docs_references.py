@@ -296,3 +296,68 @@ def test_every_documented_python_name_exists():
         if not seen[name]:
             bad.append(f"{where}: {name}")
     assert not bad, "names the docs give that tadq does not have:\n" + "\n".join(bad)
+
+
+# -- values the docs give to the list flags -------------------------------------------------------------------------
+def documented_values(flags: set[str]) -> list[tuple[str, str, str, str]]:
+    """(where, command, flag, value) for every ``tadq COMMAND … --flag VALUE`` in the Markdown files with ``--flag``
+    in ``flags``; a comma list broken over a continued line (``naive,\\`` then ``svdquant``) is one value."""
+    found = []
+    for path in _markdown_files():
+        for n, snippet in _shell_snippets(path):
+            for match in INVOCATION.finditer(snippet):
+                words = SHELL_END.split(match.group(2))[0].split()
+                for i, word in enumerate(words):
+                    flag, _, value = word.partition("=")
+                    if flag not in flags:
+                        continue
+                    if not value:
+                        rest = words[i + 1:]
+                        while rest and (not value or value.endswith(",")):
+                            value, rest = value + rest[0], rest[1:]
+                    if value and not value.startswith(("…", "-", "$")):
+                        found.append((_where(path, n), match.group(1), flag, value.rstrip(".,;:)`")))
+    return found
+
+
+def _refusal(command: str, flag: str, item: str) -> str | None:
+    """Why ``tadq command flag item`` would be refused before any work, or None."""
+    from tadq.config import FP_LAYER_PRESETS
+    from tadq.experiments import run  # noqa: F401  (registers the rows)
+    from tadq.experiments.rows.base import method_names
+    from tadq.quant.qscheme import preset_key
+    from tadq.search.space import BASES, parse_stack
+
+    try:
+        if flag in ("--preset", "--presets", "--budget-bits"):
+            preset_key(item)
+        elif flag == "--methods" and command in ("run", "bench") and item not in method_names():
+            return f"no row {item!r}"
+        elif flag == "--bases" and item not in BASES:
+            return f"no base {item!r}"
+        elif flag == "--stacks":
+            parse_stack(item)
+        elif flag == "--fp-layers" and item not in FP_LAYER_PRESETS:
+            return f"no fp-layers key {item!r}"
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+LIST_FLAGS = {"--preset", "--presets", "--budget-bits", "--methods", "--bases", "--stacks", "--fp-layers"}
+
+
+def test_the_value_scan_joins_continued_lists():
+    values = {(command, flag, value) for _, command, flag, value in documented_values(LIST_FLAGS)}
+    assert ("run", "--methods", "naive,best") in values and ("recipe", "--stacks", "none,tac") in values
+    assert any(value.endswith("svdquant+tcec") and "svdquant-rot," in value for _, flag, value in values)
+    assert _refusal("run", "--methods", "tfmq_base") and _refusal("recipe", "--presets", "W9A9")
+
+
+def test_every_documented_row_preset_and_axis_exists():
+    """The rows, presets, search axes and floating-point layer keys the docs give ``tadq run``, ``bench``,
+    ``recipe`` and ``quantize`` (``--methods naive,best``, ``--stacks none,tac``) are ones the command takes."""
+    bad = [f"{where}: tadq {command} {flag} {value}: {why}"
+           for where, command, flag, value in documented_values(LIST_FLAGS)
+           for item in value.split(",") if item and (why := _refusal(command, flag, item))]
+    assert not bad, "values the docs give that the command refuses:\n" + "\n".join(bad)
