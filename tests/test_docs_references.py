@@ -361,3 +361,36 @@ def test_every_documented_row_preset_and_axis_exists():
            for where, command, flag, value in documented_values(LIST_FLAGS)
            for item in value.split(",") if item and (why := _refusal(command, flag, item))]
     assert not bad, "values the docs give that the command refuses:\n" + "\n".join(bad)
+
+
+# -- tests the docs cite --------------------------------------------------------------------------------------------
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)|::(\w+)")
+
+
+def cited_tests() -> list[tuple[str, str, str]]:
+    """(where, test file, test name) for every ``tests/x.py::test_name`` in the Markdown files; a bare ``::name``
+    belongs to the test file named last before it in the same file (``tests/a.py::test_x``, ``::test_y``)."""
+    found = []
+    for path in _markdown_files():
+        last = None
+        for n, line in enumerate(_lines(path), 1):
+            for match in TEST_REFERENCE.finditer(line):
+                if match.group(1):
+                    last = match.group(1)
+                elif last is not None:
+                    found.append((_where(path, n), last, match.group(2)))
+    return found
+
+
+def test_the_cited_test_scan_reads_the_guarantees():
+    cited = {(file, name) for _, file, name in cited_tests()}
+    assert ("tests/test_io.py", "test_existing_folder_is_kept_unless_overwrite") in cited  # a bare ::name
+
+
+def test_every_cited_test_exists_in_its_file():
+    """README's "What tadq guarantees" names the test behind each line (``tests/test_io.py::test_…``, then ``::test_…``
+    for the same file): a renamed or moved test, or a bare name under the wrong file, fails here."""
+    bad = [f"{where}: {file}::{name}" for where, file, name in cited_tests()
+           if not (ROOT / file).is_file()
+           or not re.search(rf"^\s*(?:async )?(?:def|class) {name}\b", (ROOT / file).read_text(), re.MULTILINE)]
+    assert not bad, "cited tests that do not exist where the docs say:\n" + "\n".join(bad)
