@@ -4,8 +4,9 @@ Docstrings, comments and READMEs cite the documentation under ``docs/`` (``docs/
 tests fail when a reference points outside the repository (the old ``methods.md`` / ``facts.md`` /
 ``architecture.md`` design notes, ``shared/design``), when a cited ``docs/`` page or ``#anchor`` does not exist,
 or when a relative Markdown link (in ``docs/``, the top-level README or any README under ``src/``) is broken, or
-when a ``tadq COMMAND --flag`` they show names a flag the command does not have, or when a ``tadq.…`` Python
-name they show does not exist.
+when a ``tadq COMMAND --flag`` they show names a flag the command does not have (or a row, preset or search axis
+it refuses), when a ``tadq.…`` Python name they show does not exist, or when a ``tests/x.py::test_name`` they
+cite is not in that file.
 """
 
 from __future__ import annotations
