@@ -4,7 +4,9 @@ Docstrings, comments and READMEs cite the documentation under ``docs/`` (``docs/
 tests fail when a reference points outside the repository (the old ``methods.md`` / ``facts.md`` /
 ``architecture.md`` design notes, ``shared/design``), when a cited ``docs/`` page or ``#anchor`` does not exist,
 or when a relative Markdown link (in ``docs/``, the top-level README or any README under ``src/``) is broken, or
-when a ``tadq COMMAND --flag`` they show names a flag the command does not have.
+when a ``tadq COMMAND --flag`` they show names a flag the command does not have (or a row, preset or search axis
+it refuses), when a ``tadq.…`` Python name they show does not exist, or when a ``tests/x.py::test_name`` they
+cite is not in that file.
 """
 
 from __future__ import annotations
@@ -237,3 +239,159 @@ def test_every_documented_flag_exists_on_its_command():
     bad = [f"{where}: tadq {name} {flag}" for where, name, flag, prefix in documented_flags()
            if not (any(known.startswith(flag) for known in flags[name]) if prefix else flag in flags[name])]
     assert not bad, "flags the docs give that the command does not have:\n" + "\n".join(bad)
+
+
+# -- Python names the docs give -------------------------------------------------------------------------------------
+DOTTED_NAME = re.compile(r"(?<![\w./-])(tadq(?:\.[A-Za-z_]\w*)+)")
+FROM_IMPORT = re.compile(r"\bfrom (tadq(?:\.\w+)*) import \(?([\w ,]+)")
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``tadq.a.b.c`` is a module, or an attribute path under the longest importable module prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:split]))
+        except ImportError:
+            continue
+        for part in parts[split:]:
+            if not hasattr(found, part):
+                return False
+            found = getattr(found, part)
+        return True
+    return False
+
+
+def documented_names() -> list[tuple[str, str]]:
+    """(where, dotted name) of every ``tadq.…`` name in the Markdown files' code, ``from tadq.x import A, B`` as
+    ``tadq.x.A`` and ``tadq.x.B``."""
+    found = []
+    for path in _markdown_files():
+        for n, snippet in _shell_snippets(path):
+            found += [(_where(path, n), match.group(1)) for match in DOTTED_NAME.finditer(snippet)]
+            for match in FROM_IMPORT.finditer(snippet):
+                found += [(_where(path, n), f"{match.group(1)}.{name.split()[0]}")
+                          for name in match.group(2).split(",") if name.strip()]
+    return found
+
+
+def test_the_name_scan_sees_the_api():
+    # toothless if the scan found nothing or the resolver accepted anything
+    names = {name for _, name in documented_names()}
+    assert {"tadq.load_pipeline", "tadq.experiments.rows.recipes.shipped_recipes",
+            "tadq.corrections.attach.fit_corrections"} <= names
+    assert _resolves("tadq.load_pipeline") and not _resolves("tadq.experiments.rows.tfmq.tfmq_base")
+
+
+def test_every_documented_python_name_exists():
+    """A dotted ``tadq.…`` name in a code span or block of the docs (``tadq.recipe.override_recipe``, or imported with
+    ``from tadq.recipe import Recipe``) exists: a renamed or removed function named in README.md, docs/ or a README
+    under src/ fails here, not in a user's script."""
+    seen: dict[str, bool] = {}
+    bad = []
+    for where, name in documented_names():
+        if name not in seen:
+            seen[name] = _resolves(name)
+        if not seen[name]:
+            bad.append(f"{where}: {name}")
+    assert not bad, "names the docs give that tadq does not have:\n" + "\n".join(bad)
+
+
+# -- values the docs give to the list flags -------------------------------------------------------------------------
+def documented_values(flags: set[str]) -> list[tuple[str, str, str, str]]:
+    """(where, command, flag, value) for every ``tadq COMMAND … --flag VALUE`` in the Markdown files with ``--flag``
+    in ``flags``; a comma list broken over a continued line (``naive,\\`` then ``svdquant``) is one value."""
+    found = []
+    for path in _markdown_files():
+        for n, snippet in _shell_snippets(path):
+            for match in INVOCATION.finditer(snippet):
+                words = SHELL_END.split(match.group(2))[0].split()
+                for i, word in enumerate(words):
+                    flag, _, value = word.partition("=")
+                    if flag not in flags:
+                        continue
+                    if not value:
+                        rest = words[i + 1:]
+                        while rest and (not value or value.endswith(",")):
+                            value, rest = value + rest[0], rest[1:]
+                    if value and not value.startswith(("…", "-", "$")):
+                        found.append((_where(path, n), match.group(1), flag, value.rstrip(".,;:)`")))
+    return found
+
+
+def _refusal(command: str, flag: str, item: str) -> str | None:
+    """Why ``tadq command flag item`` would be refused before any work, or None."""
+    from tadq.config import FP_LAYER_PRESETS
+    from tadq.experiments import run  # noqa: F401  (registers the rows)
+    from tadq.experiments.rows.base import method_names
+    from tadq.quant.qscheme import preset_key
+    from tadq.search.space import BASES, parse_stack
+
+    try:
+        if flag in ("--preset", "--presets", "--budget-bits"):
+            preset_key(item)
+        elif flag == "--methods" and command in ("run", "bench") and item not in method_names():
+            return f"no row {item!r}"
+        elif flag == "--bases" and item not in BASES:
+            return f"no base {item!r}"
+        elif flag == "--stacks":
+            parse_stack(item)
+        elif flag == "--fp-layers" and item not in FP_LAYER_PRESETS:
+            return f"no fp-layers key {item!r}"
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+LIST_FLAGS = {"--preset", "--presets", "--budget-bits", "--methods", "--bases", "--stacks", "--fp-layers"}
+
+
+def test_the_value_scan_joins_continued_lists():
+    values = {(command, flag, value) for _, command, flag, value in documented_values(LIST_FLAGS)}
+    assert ("run", "--methods", "naive,best") in values and ("recipe", "--stacks", "none,tac") in values
+    assert any(value.endswith("svdquant+tcec") and "svdquant-rot," in value for _, flag, value in values)
+    assert _refusal("run", "--methods", "tfmq_base") and _refusal("recipe", "--presets", "W9A9")
+
+
+def test_every_documented_row_preset_and_axis_exists():
+    """The rows, presets, search axes and floating-point layer keys the docs give ``tadq run``, ``bench``,
+    ``recipe`` and ``quantize`` (``--methods naive,best``, ``--stacks none,tac``) are ones the command takes."""
+    bad = [f"{where}: tadq {command} {flag} {value}: {why}"
+           for where, command, flag, value in documented_values(LIST_FLAGS)
+           for item in value.split(",") if item and (why := _refusal(command, flag, item))]
+    assert not bad, "values the docs give that the command refuses:\n" + "\n".join(bad)
+
+
+# -- tests the docs cite --------------------------------------------------------------------------------------------
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)|::(\w+)")
+
+
+def cited_tests() -> list[tuple[str, str, str]]:
+    """(where, test file, test name) for every ``tests/x.py::test_name`` in the Markdown files; a bare ``::name``
+    belongs to the test file named last before it in the same file (``tests/a.py::test_x``, ``::test_y``)."""
+    found = []
+    for path in _markdown_files():
+        last = None
+        for n, line in enumerate(_lines(path), 1):
+            for match in TEST_REFERENCE.finditer(line):
+                if match.group(1):
+                    last = match.group(1)
+                elif last is not None:
+                    found.append((_where(path, n), last, match.group(2)))
+    return found
+
+
+def test_the_cited_test_scan_reads_the_guarantees():
+    cited = {(file, name) for _, file, name in cited_tests()}
+    assert ("tests/test_io.py", "test_existing_folder_is_kept_unless_overwrite") in cited  # a bare ::name
+
+
+def test_every_cited_test_exists_in_its_file():
+    """README's "What tadq guarantees" names the test behind each line (``tests/test_io.py::test_…``, then ``::test_…``
+    for the same file): a renamed or moved test, or a bare name under the wrong file, fails here."""
+    bad = [f"{where}: {file}::{name}" for where, file, name in cited_tests()
+           if not (ROOT / file).is_file()
+           or not re.search(rf"^\s*(?:async )?(?:def|class) {name}\b", (ROOT / file).read_text(), re.MULTILINE)]
+    assert not bad, "cited tests that do not exist where the docs say:\n" + "\n".join(bad)

@@ -117,3 +117,20 @@ def test_one_sample_has_an_undefined_interval_and_identical_samples_a_zero_one(c
     main(["paired", str(tmp_path), "ref"])
     printed = json.loads(capsys.readouterr().out, parse_constant=lambda token: pytest.fail(f"{token} in the JSON"))
     assert printed["ref"]["interval"] is None and printed["ref"]["difference"] == 0.0
+
+
+def test_the_command_line_refuses_a_bad_folder_in_one_line(tmp_path):
+    """``python -m tadq.experiments.tfmq_measure paired DIR`` on a folder without cells, or on folders drawn from
+    other noise, printed a ValueError traceback; it exits with the message alone."""
+    from tadq.experiments.tfmq_measure import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["paired", str(tmp_path)])
+    assert str(exit_info.value).startswith("error: ") and "holds no run cells" in str(exit_info.value)
+    first, second = tmp_path / "a", tmp_path / "b"
+    fp = torch.zeros(2, 1, 4, 4)
+    _save_run(first, [_cell("FP", "W32A32", fp), _cell("ref", "W8A8", fp + 0.1)], "k", report=True)
+    _save_run(second, [_cell("FP", "W32A32", fp + 1), _cell("ref", "W8A8", fp + 0.2)], "k", report=True)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["paired", f"{first},{second}", "ref"])
+    assert str(exit_info.value).startswith("error: ") and "FP samples differ" in str(exit_info.value)

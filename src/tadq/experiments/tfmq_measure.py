@@ -194,7 +194,11 @@ def main(argv: list[str]) -> None:
     elif argv[:1] == ["paired"] and len(argv) > 1:
         from tadq.report import dumps_json
 
-        print(dumps_json(paired_psnr(*argv[1:3])), end="")  # strict JSON: an undefined interval is null, not NaN
+        try:
+            paired = paired_psnr(*argv[1:3])
+        except ValueError as error:  # a folder, row or pairing the user named wrong: one line, not a traceback
+            raise SystemExit(f"error: {error}") from None
+        print(dumps_json(paired), end="")  # strict JSON: an undefined interval is null, not NaN
     else:
         raise SystemExit(__doc__)
 
