@@ -138,9 +138,13 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _name_limit(path: Path) -> int:
-    """The longest name, in bytes, the file system holding ``path`` takes (255 where it will not say)."""
+    """The longest name, in bytes, the file system holding ``path`` takes (255 where it will not say, and on
+    Windows, which has no ``os.pathconf``: every check of an output path raised ``AttributeError`` there)."""
+    pathconf = getattr(os, "pathconf", None)
+    if pathconf is None:
+        return 255
     try:
-        return os.pathconf(path.absolute().anchor or os.sep, "PC_NAME_MAX")
+        return pathconf(path.absolute().anchor or os.sep, "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
 
