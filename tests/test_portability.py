@@ -5,13 +5,33 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import sys
+from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
 import tadq.utils as utils
 from tadq.fsguard import check_output_dir, check_output_file, lock_path, output_lock
-from tadq.utils import stale_temp_file
+from tadq.io.manifest import relative_name
+from tadq.pipelines.components import _check_tokenizers_file
+from tadq.utils import atomic_write_json, atomic_write_text, stale_temp_file
+
+
+def windows_text_defaults(monkeypatch) -> None:
+    """``Path.write_text``/``read_text`` as on Windows when no encoding or newline is named: the locale's code page
+    (cp1252) and ``\\r\\n`` line ends."""
+    write, read = Path.write_text, Path.read_text
+
+    def write_text(self, data, encoding=None, errors=None, newline=None):
+        return write(self, data, encoding=encoding or "cp1252", errors=errors,
+                     newline="\r\n" if newline is None else newline)
+
+    def read_text(self, encoding=None, errors=None):
+        return read(self, encoding=encoding or "cp1252", errors=errors)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    monkeypatch.setattr(Path, "read_text", read_text)
 
 
 def _fake_kernel32(running: dict[int, int]) -> SimpleNamespace:
@@ -66,3 +86,33 @@ def test_output_checks_run_where_os_has_no_pathconf(tmp_path, monkeypatch):
     check_output_file(tmp_path / "samples.png", what="--out", suffixes=(".png",))
     with output_lock(tmp_path / "run") as lock:
         assert lock == lock_path(tmp_path / "run") and lock.is_file()
+
+
+def test_text_files_are_utf8_with_lf_whatever_the_os_writes_by_default(tmp_path, monkeypatch):
+    """Reports hold "↓" and "×": under cp1252 (Windows) or ASCII (``LC_ALL=C``) their write raised
+    ``UnicodeEncodeError`` after the whole run, and JSON came out with ``\\r\\n`` on Windows."""
+    windows_text_defaults(monkeypatch)
+    text = "| FD-digits ↓ | 8×8 |\n|---|---|\n"
+    atomic_write_text(text, tmp_path / "results.md")
+    assert (tmp_path / "results.md").read_bytes() == text.encode("utf-8")
+    atomic_write_json({"size": "8×8", "n": [1, 2]}, tmp_path / "results.json")
+    written = (tmp_path / "results.json").read_bytes()
+    assert b"\r\n" not in written and json.loads(written.decode("utf-8")) == {"size": "8×8", "n": [1, 2]}
+
+
+def test_a_tokenizer_file_holding_non_ascii_tokens_is_read_as_utf8(tmp_path, monkeypatch):
+    """tokenizers writes its files as UTF-8 ("▁" in every SentencePiece vocabulary): read with the locale's code
+    page, a whole T5 tokenizer was refused as "damaged: not JSON" on Windows."""
+    windows_text_defaults(monkeypatch)
+    file = tmp_path / "tokenizer.json"
+    file.write_bytes(json.dumps({"model": {"vocab": {"▁the": 0, "▁": 1}}, "added_tokens": []},
+                                ensure_ascii=False).encode("utf-8"))
+    _check_tokenizers_file(file)
+
+
+def test_manifest_names_use_slashes_on_every_os():
+    """``str()`` of a relative path is ``unet\\config.json`` on Windows, which ``read_manifest`` refuses as a path
+    outside the artefact: an artefact saved on Windows could not be loaded anywhere."""
+    folder = PureWindowsPath(r"C:\runs\artefact")
+    assert relative_name(folder / "unet" / "config.json", folder) == "unet/config.json"
+    assert relative_name(folder / "tadq_config.json", folder) == "tadq_config.json"

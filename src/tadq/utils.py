@@ -21,7 +21,7 @@ import torch
 
 __all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "eval_mode", "library_versions",
            "make_staging_dir", "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
-           "write_error"]
+           "write_error", "write_utf8"]
 
 # the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
 PNG_MARK = {"tadq": "tadq-output"}
@@ -194,9 +194,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
+def write_utf8(text: str, path: str | Path) -> None:
+    """Write ``text`` as UTF-8 with ``\\n`` line ends: the same bytes on every OS and locale. ``Path.write_text``
+    encodes with the locale's encoding (cp1252 on Windows, ASCII under ``LC_ALL=C``: a report's "↓" raised
+    ``UnicodeEncodeError`` after the whole run) and writes ``\\r\\n`` on Windows (an artefact's bytes, and so its
+    hashes, depended on the OS that saved it)."""
+    Path(path).write_text(text, encoding="utf-8", newline="\n")
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write text atomically."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    """Write text atomically, as UTF-8 with ``\\n`` line ends (``write_utf8``)."""
+    _atomic(Path(path), lambda tmp: write_utf8(text, tmp))
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
