@@ -1,7 +1,10 @@
-"""An artefact saved on Windows has the same bytes as on Linux (Linux given Windows' text-file defaults)."""
+"""An artefact saved on Windows: the same bytes as on Linux, and saved into an empty folder the user made, with
+Linux given Windows' text-file defaults and its ``os.rename`` (which refuses any existing target)."""
 
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ from tests.test_portability import windows_text_defaults
 
 import tadq
 from tadq.io import save_quantized
+from tadq.io.manifest import verify_manifest
 
 
 @pytest.fixture(scope="module")
@@ -31,3 +35,23 @@ def test_an_artefact_has_the_same_bytes_whatever_the_os_writes_text_files_with(a
     here, windows = _files(tmp_path / "here"), _files(tmp_path / "windows")
     assert sorted(windows) == sorted(here)
     assert [name for name in here if windows[name] != here[name]] == []
+
+
+def test_a_save_into_an_empty_folder_works_where_rename_refuses_any_existing_target(artefact, tmp_path,
+                                                                                   monkeypatch):
+    """POSIX ``rename`` replaces an empty folder, Windows' refuses it: a save into the empty folder the user made
+    (accepted by the output checks) was discarded there after all the work, as "filled by another process"."""
+    qmodel, scheduler = tadq.load(artefact)
+    real_rename = os.rename
+
+    def windows_rename(source, target):
+        if os.path.lexists(target):
+            raise FileExistsError(errno.EEXIST, "Cannot create a file when that file already exists", str(target))
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", windows_rename)
+    empty = tmp_path / "q"
+    empty.mkdir()
+    save_quantized(qmodel, empty, scheduler)
+    assert verify_manifest(empty, allow_extra=False)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["q"]  # no staging folder left beside it

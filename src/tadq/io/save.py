@@ -365,7 +365,7 @@ def _publish(staging: Path, target: Path, recheck: Callable[[], None], overwrite
     run's artefact) used to be moved aside and deleted, ``overwrite`` or not."""
     if not overwrite:
         try:
-            os.rename(staging, target)  # POSIX: fails on a non-empty folder or a file, replaces only an empty folder
+            _rename_onto_empty(staging, target)  # fails on a non-empty folder or a file
         except OSError as error:
             if not os.path.lexists(target):
                 raise
@@ -390,6 +390,19 @@ def _publish(staging: Path, target: Path, recheck: Callable[[], None], overwrite
         shutil.rmtree(retired)
     else:
         os.replace(staging, target)
+
+
+def _rename_onto_empty(staging: Path, target: Path) -> None:
+    """``os.rename`` that replaces an empty folder at ``target`` on every OS and nothing else: POSIX does that
+    itself, Windows refuses any existing ``target``, so a save into the empty folder the user made (which the output
+    checks accept) failed there after all the work, taken for "another process filled it"."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if target.is_symlink() or not target.is_dir() or any(target.iterdir()):
+            raise
+        target.rmdir()  # empty: nothing of anyone's is lost; a folder made again meanwhile fails the rename below
+        os.rename(staging, target)
 
 
 def _check_float32(qmodel: QuantizedDenoiser) -> None:
