@@ -4,7 +4,9 @@
 
 from __future__ import annotations
 
+import builtins
 import ctypes
+import io
 import json
 import os
 import sys
@@ -19,9 +21,15 @@ from tadq.utils import atomic_write_json, atomic_write_text, stale_temp_file
 
 
 def windows_text_defaults(monkeypatch) -> None:
-    """``Path.write_text``/``read_text`` as on Windows when no encoding or newline is named: the locale's code page
-    (cp1252) and ``\\r\\n`` line ends."""
-    write, read = Path.write_text, Path.read_text
+    """Text files opened as on Windows when no encoding or newline is named: the locale's code page (cp1252) and
+    ``\\r\\n`` line ends written, for ``open`` (what diffusers and transformers call) and ``Path``'s methods."""
+    real_open, write, read = builtins.open, Path.write_text, Path.read_text
+
+    def windows_open(file, mode="r", buffering=-1, encoding=None, errors=None, newline=None, *args, **kwargs):
+        if "b" not in mode:
+            encoding = "cp1252" if encoding in (None, "locale") else encoding
+            newline = "\r\n" if newline is None and any(flag in mode for flag in "wax+") else newline
+        return real_open(file, mode, buffering, encoding, errors, newline, *args, **kwargs)
 
     def write_text(self, data, encoding=None, errors=None, newline=None):
         return write(self, data, encoding=encoding or "cp1252", errors=errors,
@@ -30,6 +38,8 @@ def windows_text_defaults(monkeypatch) -> None:
     def read_text(self, encoding=None, errors=None):
         return read(self, encoding=encoding or "cp1252", errors=errors)
 
+    monkeypatch.setattr(builtins, "open", windows_open)
+    monkeypatch.setattr(io, "open", windows_open)
     monkeypatch.setattr(Path, "write_text", write_text)
     monkeypatch.setattr(Path, "read_text", read_text)
 

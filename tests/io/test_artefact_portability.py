@@ -37,6 +37,20 @@ def test_an_artefact_has_the_same_bytes_whatever_the_os_writes_text_files_with(a
     assert [name for name in here if windows[name] != here[name]] == []
 
 
+def test_a_scheduler_config_has_the_same_bytes_whatever_the_os_writes_text_files_with(artefact, tmp_path,
+                                                                                      monkeypatch):
+    """diffusers writes ``scheduler_config.json`` in text mode (``\\r\\n`` on Windows); tadq rewrote it only when
+    the scheduler had defaulted keys, so one built with every setting given kept the OS's line ends."""
+    qmodel, scheduler = tadq.load(artefact)
+    explicit = type(scheduler)(**{key: value for key, value in scheduler.config.items() if not key.startswith("_")})
+    save_quantized(qmodel, tmp_path / "here", explicit)
+    windows_text_defaults(monkeypatch)
+    save_quantized(qmodel, tmp_path / "windows", explicit)
+    name = "scheduler/scheduler_config.json"
+    assert (tmp_path / "windows" / name).read_bytes() == (tmp_path / "here" / name).read_bytes()
+    assert _files(tmp_path / "windows") == _files(tmp_path / "here")
+
+
 def test_a_save_into_an_empty_folder_works_where_rename_refuses_any_existing_target(artefact, tmp_path,
                                                                                    monkeypatch):
     """POSIX ``rename`` replaces an empty folder, Windows' refuses it: a save into the empty folder the user made

@@ -197,14 +197,15 @@ def _save_scheduler(scheduler: SchedulerMixin, folder: Path) -> None:
     """The scheduler's config as diffusers writes it, less the keys its constructor was never given
     (``DEFAULTED_KEYS``): loading it then lists them again, so a sampler of another class built from the loaded
     scheduler takes the same defaults as the one the model was calibrated with (diffusers' own save names every key,
-    which would turn e.g. a default DDPM spacing into an explicit one and move an Euler grid)."""
+    which would turn e.g. a default DDPM spacing into an explicit one and move an Euler grid). Written again in
+    any case: diffusers writes it in text mode, with ``\\r\\n`` on Windows, and an artefact's bytes must not depend
+    on the OS that saved it."""
     scheduler.save_pretrained(folder)
     defaulted = set(scheduler.config.get(DEFAULTED_KEYS) or ())
-    if defaulted:
-        path = folder / "scheduler_config.json"
-        config = json.loads(path.read_text(encoding="utf-8"))
-        write_utf8(json.dumps({key: value for key, value in config.items() if key not in defaulted},
-                              indent=2, sort_keys=True) + "\n", path)
+    path = folder / "scheduler_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    write_utf8(json.dumps({key: value for key, value in config.items() if key not in defaulted},
+                          indent=2, sort_keys=True) + "\n", path)
 
 
 # what diffusers' save_config writes that says where the model was read from, not what it is: ``_name_or_path`` is
