@@ -13,8 +13,10 @@ import sys
 from pathlib import Path, PureWindowsPath
 from types import SimpleNamespace
 
+import pytest
+
 import tadq.utils as utils
-from tadq.fsguard import check_output_dir, check_output_file, lock_path, output_lock
+from tadq.fsguard import OutputRefused, check_output_dir, check_output_file, lock_path, output_lock
 from tadq.io.manifest import relative_name
 from tadq.pipelines.components import _check_tokenizers_file
 from tadq.utils import atomic_write_json, atomic_write_text, stale_temp_file
@@ -126,3 +128,20 @@ def test_manifest_names_use_slashes_on_every_os():
     folder = PureWindowsPath(r"C:\runs\artefact")
     assert relative_name(folder / "unet" / "config.json", folder) == "unet/config.json"
     assert relative_name(folder / "tadq_config.json", folder) == "tadq_config.json"
+
+
+def test_a_path_past_the_systems_path_limit_is_refused_before_work(tmp_path, monkeypatch):
+    """macOS takes paths below 1024 bytes (its PATH_MAX), not Linux's 4096: a longer path passed the check and
+    the write failed after the work; a file system that reports no fixed limit (-1) refused every path."""
+    real = os.pathconf
+    limits = {"PC_PATH_MAX": 1024}
+    monkeypatch.setattr(os, "pathconf", lambda path, name: limits.get(name) or real(path, name))
+    deep = tmp_path.joinpath(*["d" * 100] * 12, "run")
+    assert 1024 <= len(os.fsencode(str(deep))) < 4096
+    with pytest.raises(OutputRefused, match=r"bytes long; the system takes paths shorter than 1024 bytes"):
+        check_output_dir(deep, kind="run")
+    check_output_dir(tmp_path / "run", kind="run")
+    limits.update(PC_PATH_MAX=-1, PC_NAME_MAX=-1)
+    check_output_dir(tmp_path / "run", kind="run")
+    with pytest.raises(OutputRefused, match="255 bytes per name"):
+        check_output_dir(tmp_path / ("n" * 256), kind="run")

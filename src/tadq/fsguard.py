@@ -140,13 +140,26 @@ def _nearest_existing(path: Path) -> Path:
 def _name_limit(path: Path) -> int:
     """The longest name, in bytes, the file system holding ``path`` takes (255 where it will not say, and on
     Windows, which has no ``os.pathconf``: every check of an output path raised ``AttributeError`` there)."""
+    return _pathconf(path, "PC_NAME_MAX", 255)
+
+
+def _path_limit(path: Path) -> int:
+    """The length, in bytes, a whole path must stay below: 4096 on Linux, 1024 on macOS (its ``PATH_MAX``: a path
+    between the two passed the check and failed after the work); 4096 where the system will not say."""
+    return _pathconf(path, "PC_PATH_MAX", 4096)
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    """``os.pathconf`` of the file system holding ``path``; ``default`` where there is none (Windows), where it
+    fails, or where it says -1 (no fixed limit)."""
     pathconf = getattr(os, "pathconf", None)
     if pathconf is None:
-        return 255
+        return default
     try:
-        return pathconf(path.absolute().anchor or os.sep, "PC_NAME_MAX")
+        value = pathconf(path.absolute().anchor or os.sep, name)
     except (OSError, ValueError):
-        return 255
+        return default
+    return value if value > 0 else default
 
 
 def check_path_shape(path: str | Path, what: str) -> None:
@@ -163,9 +176,10 @@ def check_path_shape(path: str | Path, what: str) -> None:
             shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
             raise OutputRefused(f"{what} {shown!r}: that name is {size} bytes; the file system takes at most {limit} "
                                 "bytes per name. Choose a shorter name")
-    if len(os.fsencode(str(path.absolute()))) >= 4096:
-        raise OutputRefused(f"{what}: the path is {len(os.fsencode(str(path.absolute())))} bytes long; the "
-                            "system takes paths shorter than 4096 bytes. Choose a shorter path")
+    size, longest = len(os.fsencode(str(path.absolute()))), _path_limit(path)
+    if size >= longest:
+        raise OutputRefused(f"{what}: the path is {size} bytes long; the system takes paths shorter than {longest} "
+                            "bytes. Choose a shorter path")
     first = path.parts[0] if path.parts else ""
     if first.startswith("~") and not os.path.lexists(first):
         try:
