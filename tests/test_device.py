@@ -32,6 +32,14 @@ def test_names_resolve_and_missing_devices_are_named():
             resolve_device("mps")
 
 
+def test_an_mps_device_index_other_than_0_is_refused_before_work(monkeypatch):
+    """A Mac has one MPS device: "mps:1" was accepted and failed at the first tensor moved there, after loading."""
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("mps") == torch.device("mps") and resolve_device("mps:0") == torch.device("mps:0")
+    with pytest.raises(ValueError, match="'mps:1'.*one MPS device"):
+        resolve_device("mps:1")
+
+
 def test_place_model_copies_only_when_needed(tiny_unet):
     assert place_model(tiny_unet, torch.device("cpu"), torch.float32) is tiny_unet
     moved = place_model(tiny_unet, torch.device("cpu"), torch.bfloat16)

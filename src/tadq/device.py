@@ -54,6 +54,8 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         backend = getattr(torch.backends, "mps", None)
         if backend is None or not backend.is_available():
             raise ValueError(f"device {str(device)!r}: this torch ({torch.__version__}) has no MPS backend here")
+        if resolved.index not in (None, 0):  # torch accepts "mps:1" and fails at the first tensor moved there
+            raise ValueError(f"device {str(device)!r}: a Mac has one MPS device; use mps")
         return resolved
     raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or mps")
 

@@ -54,7 +54,7 @@ def is_tadq_output(folder: str | Path) -> bool:
     marker = folder / MARKER_FILE
     if marker.is_file():
         try:
-            return json.loads(marker.read_text()).get("format") == "tadq-output"
+            return json.loads(marker.read_text(encoding="utf-8")).get("format") == "tadq-output"
         except (ValueError, AttributeError, OSError, UnicodeDecodeError):
             return False
     return any(_written_by_tadq(folder / name) for name in _LEGACY_FILES) \
@@ -66,7 +66,7 @@ def output_kind(folder: str | Path) -> str | None:
     readable marker (no folder, a foreign one, or one written before the marker existed)."""
     marker = Path(folder) / MARKER_FILE
     try:
-        document = json.loads(marker.read_text()) if marker.is_file() else None
+        document = json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
     except (ValueError, OSError, UnicodeDecodeError):
         return None
     if isinstance(document, dict) and document.get("format") == "tadq-output":
@@ -80,7 +80,7 @@ def _written_by_tadq(path: Path) -> bool:
     if not path.is_file() or path.stat().st_size > 1 << 24:
         return False
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError, UnicodeDecodeError):
         return False
     if not isinstance(document, dict):
@@ -126,7 +126,7 @@ def mark_output(folder: str | Path, kind: str) -> None:
         raise OutputRefused(f"{folder} is a tadq {existing} folder; not marking it as a {kind} folder")
     text = json.dumps({"format": "tadq-output", "version": 1, "kind": kind}, indent=2, sort_keys=True) + "\n"
     path = Path(folder) / MARKER_FILE
-    if not path.is_file() or path.read_text() != text:
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
         atomic_write_text(text, path)
 
 
@@ -138,11 +138,28 @@ def _nearest_existing(path: Path) -> Path:
 
 
 def _name_limit(path: Path) -> int:
-    """The longest name, in bytes, the file system holding ``path`` takes (255 where it will not say)."""
+    """The longest name, in bytes, the file system holding ``path`` takes (255 where it will not say, and on
+    Windows, which has no ``os.pathconf``: every check of an output path raised ``AttributeError`` there)."""
+    return _pathconf(path, "PC_NAME_MAX", 255)
+
+
+def _path_limit(path: Path) -> int:
+    """The length, in bytes, a whole path must stay below: 4096 on Linux, 1024 on macOS (its ``PATH_MAX``: a path
+    between the two passed the check and failed after the work); 4096 where the system will not say."""
+    return _pathconf(path, "PC_PATH_MAX", 4096)
+
+
+def _pathconf(path: Path, name: str, default: int) -> int:
+    """``os.pathconf`` of the file system holding ``path``; ``default`` where there is none (Windows), where it
+    fails, or where it says -1 (no fixed limit)."""
+    pathconf = getattr(os, "pathconf", None)
+    if pathconf is None:
+        return default
     try:
-        return os.pathconf(path.absolute().anchor or os.sep, "PC_NAME_MAX")
+        value = pathconf(path.absolute().anchor or os.sep, name)
     except (OSError, ValueError):
-        return 255
+        return default
+    return value if value > 0 else default
 
 
 def check_path_shape(path: str | Path, what: str) -> None:
@@ -159,9 +176,10 @@ def check_path_shape(path: str | Path, what: str) -> None:
             shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
             raise OutputRefused(f"{what} {shown!r}: that name is {size} bytes; the file system takes at most {limit} "
                                 "bytes per name. Choose a shorter name")
-    if len(os.fsencode(str(path.absolute()))) >= 4096:
-        raise OutputRefused(f"{what}: the path is {len(os.fsencode(str(path.absolute())))} bytes long; the "
-                            "system takes paths shorter than 4096 bytes. Choose a shorter path")
+    size, longest = len(os.fsencode(str(path.absolute()))), _path_limit(path)
+    if size >= longest:
+        raise OutputRefused(f"{what}: the path is {size} bytes long; the system takes paths shorter than {longest} "
+                            "bytes. Choose a shorter path")
     first = path.parts[0] if path.parts else ""
     if first.startswith("~") and not os.path.lexists(first):
         try:
@@ -325,7 +343,7 @@ def _added_to_artefact(folder: Path) -> list[str]:
         pass
     index = folder / "model_index.json"
     try:
-        components = {name for name in json.loads(index.read_text()) if not name.startswith("_")}
+        components = {name for name in json.loads(index.read_text(encoding="utf-8")) if not name.startswith("_")}
     except (ValueError, OSError, UnicodeDecodeError, AttributeError, TypeError):
         components = set()
     ours = {"model_index.json", CORRECTIONS_FILE, MARKER_FILE}
@@ -335,7 +353,7 @@ def _added_to_artefact(folder: Path) -> list[str]:
             return relative.name.startswith("tadq_") or relative.name in ours
         return relative.parts[0] in components and _component_file(relative.name)
 
-    return sorted(str(relative) for relative in (path.relative_to(folder) for path in folder.rglob("*")
+    return sorted(relative.as_posix() for relative in (path.relative_to(folder) for path in folder.rglob("*")
                                                  if path.is_file() or path.is_symlink()) if not tadq_wrote(relative))
 
 
@@ -379,7 +397,7 @@ def lock_path(out: str | Path) -> Path:
 def _lock_holder(lock: Path) -> dict | None:
     """The holder a lock file records (pid, host, token, since); ``None`` when it cannot be read (being written)."""
     try:
-        holder = json.loads(lock.read_text())
+        holder = json.loads(lock.read_text(encoding="utf-8"))
     except (OSError, ValueError, UnicodeDecodeError):
         return None
     return holder if isinstance(holder, dict) and isinstance(holder.get("pid"), int) else None

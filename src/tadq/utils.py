@@ -9,6 +9,7 @@ import platform
 import re
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -20,7 +21,7 @@ import torch
 
 __all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "eval_mode", "library_versions",
            "make_staging_dir", "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
-           "write_error"]
+           "write_error", "write_utf8"]
 
 # the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
 PNG_MARK = {"tadq": "tadq-output"}
@@ -45,6 +46,8 @@ def _process_alive(pid: int) -> bool:
     """Whether a process with this id runs on this host (one of another user's counts as alive)."""
     if pid <= 0:
         return True  # not a process id tadq writes: never taken for a dead writer
+    if sys.platform == "win32":  # os.kill(pid, 0) there is TerminateProcess: it ended the process it asked about
+        return _windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -52,6 +55,32 @@ def _process_alive(pid: int) -> bool:
     except OSError:  # EPERM: it exists, under another user
         return True
     return True
+
+
+def _windows_process_alive(pid: int) -> bool:
+    """``_process_alive`` on Windows, asked of the process table without touching the process: one that cannot be
+    opened for another reason than "no such process", or any failure of the query, counts as alive."""
+    try:
+        import ctypes
+
+        kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    except (ImportError, AttributeError, OSError):
+        return True
+    query_limited_information, still_active, invalid_parameter = 0x1000, 259, 87
+    kernel32.OpenProcess.restype = ctypes.c_void_p  # a HANDLE is pointer-sized: not ctypes' default int
+    kernel32.OpenProcess.argtypes = (ctypes.c_ulong, ctypes.c_int, ctypes.c_ulong)
+    kernel32.GetExitCodeProcess.argtypes = (ctypes.c_void_p, ctypes.POINTER(ctypes.c_ulong))
+    kernel32.CloseHandle.argtypes = (ctypes.c_void_p,)
+    handle = kernel32.OpenProcess(query_limited_information, False, pid)
+    if not handle:
+        return ctypes.get_last_error() != invalid_parameter  # ERROR_INVALID_PARAMETER: no process has this id
+    try:
+        code = ctypes.c_ulong()
+        if not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)):
+            return True
+        return code.value == still_active
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def stale_temp_file(path: str | Path) -> bool:
@@ -165,9 +194,17 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
+def write_utf8(text: str, path: str | Path) -> None:
+    """Write ``text`` as UTF-8 with ``\\n`` line ends: the same bytes on every OS and locale. ``Path.write_text``
+    encodes with the locale's encoding (cp1252 on Windows, ASCII under ``LC_ALL=C``: a report's "↓" raised
+    ``UnicodeEncodeError`` after the whole run) and writes ``\\r\\n`` on Windows (an artefact's bytes, and so its
+    hashes, depended on the OS that saved it)."""
+    Path(path).write_text(text, encoding="utf-8", newline="\n")
+
+
 def atomic_write_text(text: str, path: str | Path) -> None:
-    """Write text atomically."""
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    """Write text atomically, as UTF-8 with ``\\n`` line ends (``write_utf8``)."""
+    _atomic(Path(path), lambda tmp: write_utf8(text, tmp))
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:

@@ -105,3 +105,16 @@ def test_a_real_sigterm_unwinds_with_the_shells_exit_code(monkeypatch):
             cleaned.append(True)
     assert raised.value.code == 128 + signal.SIGTERM and cleaned == [True]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_sigbreak_unwinds_where_there_is_no_sighup(monkeypatch):
+    """Windows has no SIGHUP: its closed console window and Ctrl-Break are SIGBREAK, which ended the command at once
+    (no cleanup). SIGBREAK is played here by SIGUSR1, which Linux leaves to its default."""
+    monkeypatch.delattr(signal, "SIGHUP")
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)
+    with pytest.raises(SystemExit) as exited, unwind_on_termination():
+        assert signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL  # else the signal below ends pytest
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(5)  # the handler runs between bytecodes: at once
+    assert exited.value.code == 128 + signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL

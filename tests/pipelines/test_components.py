@@ -161,6 +161,13 @@ def test_too_long_prompt_is_refused_before_encoding(sd_pipe, sd_folder):
     check_prompt_lengths(sd_folder, ["a dog"])  # a prompt within the limit passes
 
 
+def test_a_prompt_holding_undecoded_bytes_is_refused_by_name(sd_folder):
+    """A prompt typed under a non-UTF-8 locale (``LC_ALL=C``) reaches Python with its bytes as lone surrogates; the
+    tokenizers refused it with "TextEncodeInput must be Union[...]", which named neither the prompt nor the cause."""
+    with pytest.raises(ValueError, match=r"'caf\\udcc3\\udca9 au lait' holds bytes that are not text.*UTF-8"):
+        check_prompt_lengths(sd_folder, ["a dog", "caf\udcc3\udca9 au lait"])
+
+
 def test_sd_prompts_equal_diffusers_encode_prompt(sd_pipe):
     conditions = PromptConditions(sd_pipe, ["a cat", "a dog"], negative_prompt="blurry")
     cond = conditions(0, [0, 1])

@@ -29,7 +29,7 @@ def cpu_flags() -> set[str]:
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file():
         return set()
-    for line in cpuinfo.read_text().splitlines():
+    for line in cpuinfo.read_text(encoding="utf-8").splitlines():
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -209,9 +211,22 @@ def run_command(
     console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")
 
 
+def _replace_unencodable_output() -> None:
+    """Print a character the console or pipe cannot encode as ``?`` instead of raising: Windows writes a redirected
+    stdout in its code page (cp1252 has no "↓", "≈" or "σ"), ``LC_ALL=C`` in ASCII, and rich's
+    ``UnicodeEncodeError`` turned a one-line error, or the results table at the end of a whole run, into a
+    traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if getattr(stream, "errors", None) == "strict" and callable(reconfigure):
+            with contextlib.suppress(ValueError, OSError):  # a stream already written to in another way
+                reconfigure(errors="replace")
+
+
 def main() -> None:
     from tadq.cli.interrupts import unwind_on_termination
 
+    _replace_unencodable_output()
     torch.set_grad_enabled(True)
     with unwind_on_termination():  # SIGTERM/SIGHUP clean up as Ctrl-C does (no staging folder left behind)
         app()

@@ -7,6 +7,8 @@ outputs for good, and a cut between ``--overwrite``'s two renames left ``--out``
 hidden ``.OUT.old-*`` folder. Ctrl-C (``KeyboardInterrupt``) already cleaned up on every one of these paths; here
 the other two signals raise ``SystemExit(128 + signal)`` (the shell's exit code for a killed process) instead.
 
+On Windows, which has no SIGHUP, SIGBREAK (Ctrl-Break, a console window closed) takes its place.
+
 A signal the parent process set to be ignored (``nohup`` ignores SIGHUP) stays ignored, and torchrun workers keep
 the default: a rank blocked in a collective cannot run a Python handler, and torchrun's SIGKILL after its grace
 period would then be the only way out (their chunks are atomic and a rerun deletes their temp files).
@@ -23,7 +25,12 @@ from types import FrameType
 __all__ = ["TORCHRUN_MARK", "unwind_on_termination"]
 
 TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
-_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+# SIGBREAK: Windows' SIGHUP (Ctrl-Break, and a console window closed), where SIGHUP does not exist
+_SIGNAL_NAMES = ("SIGTERM", "SIGHUP", "SIGBREAK")
+
+
+def _termination_signals() -> tuple[int, ...]:
+    return tuple(getattr(signal, name) for name in _SIGNAL_NAMES if hasattr(signal, name))
 
 
 def _unwind(signum: int, frame: FrameType | None) -> None:
@@ -33,12 +40,12 @@ def _unwind(signum: int, frame: FrameType | None) -> None:
 
 @contextlib.contextmanager
 def unwind_on_termination() -> Iterator[None]:
-    """While inside, SIGTERM and SIGHUP raise ``SystemExit(128 + signal)`` in the main thread; the handlers found
-    on entry are restored on exit. Does nothing outside the main thread, in a torchrun worker, or for a signal whose
-    handler is not the default."""
+    """While inside, SIGTERM and SIGHUP (SIGBREAK on Windows) raise ``SystemExit(128 + signal)`` in the main
+    thread; the handlers found on entry are restored on exit. Does nothing outside the main thread, in a torchrun
+    worker, or for a signal whose handler is not the default."""
     installed: dict[int, object] = {}
     if os.environ.get(TORCHRUN_MARK) is None:
-        for signum in _SIGNALS:
+        for signum in _termination_signals():
             try:
                 if signal.getsignal(signum) is signal.SIG_DFL:
                     installed[signum] = signal.signal(signum, _unwind)

@@ -65,7 +65,7 @@ def _folder_digest(folder: Path) -> str:
     """A digest of every file under ``folder`` (relative names and bytes): names a VAE in the search's cache keys."""
     digest = hashlib.sha256()
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        digest.update(path.relative_to(folder).as_posix().encode() + b"\0")  # one key on every OS
         with path.open("rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 20), b""):
                 digest.update(chunk)

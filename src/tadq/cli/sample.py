@@ -281,7 +281,7 @@ def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
     listing = out / "prompts.json"
     if listing.exists() or listing.is_symlink():
         try:
-            written = json.loads(listing.read_text())
+            written = json.loads(listing.read_text(encoding="utf-8"))
             ours = isinstance(written, dict) and {"samples", "seed", "model"} <= set(written)
         except (OSError, ValueError, TypeError):
             ours = False

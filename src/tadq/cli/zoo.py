@@ -34,7 +34,7 @@ def held_layout(folder: Path) -> str | None:
     import json
 
     try:
-        index = json.loads((folder / "model_index.json").read_text())
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
         return str(index["_class_name"])
     except (OSError, ValueError, KeyError, TypeError):
         pass

@@ -111,7 +111,7 @@ def report_cells(folder: str) -> list[dict]:
         raise ValueError(f"{folder} holds no run cells ({folder}/cells/*{CELL_SUFFIX}); give a tadq run folder")
     keys = None
     try:
-        keys = json.loads(Path(folder, "results.json").read_text()).get("cell_keys")
+        keys = json.loads(Path(folder, "results.json").read_text(encoding="utf-8")).get("cell_keys")
     except (OSError, ValueError, AttributeError):  # no report yet (interrupted), or one of an older tadq
         pass
     cells = {path: load_cell(path) for path in paths}

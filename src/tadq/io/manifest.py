@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterable
-from pathlib import Path, PurePosixPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import Any
 
 from tadq.safefiles import NewerVersionError
+from tadq.utils import write_utf8
 
-__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "NewerManifestError", "check_listed", "file_sha256", "unlisted_files",
-           "verify_manifest", "write_manifest"]
+__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "NewerManifestError", "check_listed", "file_sha256", "relative_name",
+           "unlisted_files", "verify_manifest", "write_manifest"]
 
 MANIFEST_FILE = "tadq_manifest.json"
 MANIFEST_FORMAT = "tadq-manifest"
@@ -40,8 +41,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def relative_name(path: PurePath, folder: PurePath) -> str:
+    """``path``'s name below ``folder`` with ``/`` between its parts, on every OS: ``str()`` gave ``unet\\config.json``
+    on Windows, a name ``read_manifest`` refuses (the artefact could not be loaded on the machine that saved it) and
+    one no other OS finds."""
+    return path.relative_to(folder).as_posix()
+
+
 def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    return sorted(relative_name(p, folder) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
 
 
 def write_manifest(folder: str | Path) -> dict[str, Any]:
@@ -50,7 +58,7 @@ def write_manifest(folder: str | Path) -> dict[str, Any]:
     files = {name: {"sha256": file_sha256(folder / name), "bytes": (folder / name).stat().st_size}
              for name in _files(folder)}
     manifest = {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "files": files, "digest": _digest(files)}
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_utf8(json.dumps(manifest, indent=2, sort_keys=True) + "\n", folder / MANIFEST_FILE)
     return manifest
 
 
@@ -80,7 +88,7 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     if not path.is_file():  # a folder, a device or a dangling link is damage, not "an older artefact"
         raise ArtefactDamaged(f"{path} is not a regular file, so the artefact cannot be checked: save it again")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_text(encoding="utf-8"))
         files = manifest["files"]
         ok = manifest.get("format") == MANIFEST_FORMAT and isinstance(files, dict) and all(
             isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)

@@ -44,7 +44,7 @@ from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import model_family, registered_families
 from tadq.sampling import DEFAULTED_KEYS
-from tadq.utils import library_versions, make_staging_dir, write_error
+from tadq.utils import library_versions, make_staging_dir, write_error, write_utf8
 
 if TYPE_CHECKING:
     from tadq.denoiser import QuantizedDenoiser
@@ -197,14 +197,15 @@ def _save_scheduler(scheduler: SchedulerMixin, folder: Path) -> None:
     """The scheduler's config as diffusers writes it, less the keys its constructor was never given
     (``DEFAULTED_KEYS``): loading it then lists them again, so a sampler of another class built from the loaded
     scheduler takes the same defaults as the one the model was calibrated with (diffusers' own save names every key,
-    which would turn e.g. a default DDPM spacing into an explicit one and move an Euler grid)."""
+    which would turn e.g. a default DDPM spacing into an explicit one and move an Euler grid). Written again in
+    any case: diffusers writes it in text mode, with ``\\r\\n`` on Windows, and an artefact's bytes must not depend
+    on the OS that saved it."""
     scheduler.save_pretrained(folder)
     defaulted = set(scheduler.config.get(DEFAULTED_KEYS) or ())
-    if defaulted:
-        path = folder / "scheduler_config.json"
-        config = json.loads(path.read_text())
-        path.write_text(json.dumps({key: value for key, value in config.items() if key not in defaulted},
-                                   indent=2, sort_keys=True) + "\n")
+    path = folder / "scheduler_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    write_utf8(json.dumps({key: value for key, value in config.items() if key not in defaulted},
+                          indent=2, sort_keys=True) + "\n", path)
 
 
 # what diffusers' save_config writes that says where the model was read from, not what it is: ``_name_or_path`` is
@@ -220,7 +221,7 @@ def _save_denoiser_config(model: nn.Module, folder: Path) -> None:
     for key in _WHERE_LOADED_KEYS:
         config.pop(key, None)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / model.config_name).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_utf8(json.dumps(config, indent=2, sort_keys=True) + "\n", folder / model.config_name)
 
 
 def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin | None, folder: Path) -> str:
@@ -233,7 +234,7 @@ def _write_diffusers_layout(qmodel: QuantizedDenoiser, scheduler: SchedulerMixin
         index["scheduler"] = ["diffusers", type(scheduler).__name__]
     else:
         logger.warning("saving without a scheduler: pass the model's training scheduler to sample from the artefact")
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_utf8(json.dumps(index, indent=2) + "\n", folder / "model_index.json")
     return subfolder
 
 
@@ -272,7 +273,7 @@ def check_copyable_components(source: str | Path) -> None:
     diffusers itself never reads)."""
     source = Path(source)
     try:
-        index = json.loads((source / "model_index.json").read_text())
+        index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # not a readable pipeline folder: the pipeline checks name that
     denoisers = {family.subfolder for family in registered_families().values()}
@@ -299,7 +300,7 @@ def _copy_pipeline_layout(qmodel: QuantizedDenoiser, source: Path, folder: Path)
     from tadq.pipelines.components import UNUSED_COMPONENTS
 
     subfolder, _pipeline = _diffusers_layout(qmodel.model)
-    index = json.loads((source / "model_index.json").read_text())
+    index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
     if not isinstance(index.get(subfolder), list):
         raise ValueError(f"{source}/model_index.json names no {subfolder!r}: it is not the source of this model")
     check_copyable_components(source)
@@ -337,7 +338,7 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
     with open(folder / WEIGHTS_FILE, "rb") as handle:
         header_bytes = 8 + int.from_bytes(handle.read(8), "little")  # safetensors: u64 length, then the JSON header
     size = ArtefactSize((folder / WEIGHTS_FILE).stat().st_size, 4 * _fp_parameter_count(qmodel.model), header_bytes)
-    (folder / QUANT_MAP_FILE).write_text(json.dumps(qmodel.quantization_map(), indent=2) + "\n")
+    write_utf8(json.dumps(qmodel.quantization_map(), indent=2) + "\n", folder / QUANT_MAP_FILE)
     meta = {
         "format": ARTEFACT_FORMAT, "format_version": FORMAT_VERSION, "model_class": type(qmodel.model).__name__,
         "denoiser_folder": subfolder, "adapter": qmodel.adapter.name, "quant_config": config_to_dict(qmodel.config),
@@ -347,12 +348,12 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
     freeu = freeu_settings(qmodel.model)
     if freeu is not None:  # only when on: an artefact without FreeU keeps its bytes
         meta["freeu"] = freeu
-    (folder / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_utf8(json.dumps(meta, indent=2) + "\n", folder / CONFIG_FILE)
     recipe = getattr(qmodel, "recipe", None)  # set by tadq.quantize: everything that made this model
     if recipe is not None:
         if recipe.quant_config() != qmodel.config:
             raise ValueError("the model's recipe does not match its QuantConfig; quantize it with tadq.quantize")
-        (folder / RECIPE_FILE).write_text(json.dumps(config_to_dict(recipe), indent=2) + "\n")
+        write_utf8(json.dumps(config_to_dict(recipe), indent=2) + "\n", folder / RECIPE_FILE)
     return size
 
 
@@ -365,7 +366,7 @@ def _publish(staging: Path, target: Path, recheck: Callable[[], None], overwrite
     run's artefact) used to be moved aside and deleted, ``overwrite`` or not."""
     if not overwrite:
         try:
-            os.rename(staging, target)  # POSIX: fails on a non-empty folder or a file, replaces only an empty folder
+            _rename_onto_empty(staging, target)  # fails on a non-empty folder or a file
         except OSError as error:
             if not os.path.lexists(target):
                 raise
@@ -390,6 +391,19 @@ def _publish(staging: Path, target: Path, recheck: Callable[[], None], overwrite
         shutil.rmtree(retired)
     else:
         os.replace(staging, target)
+
+
+def _rename_onto_empty(staging: Path, target: Path) -> None:
+    """``os.rename`` that replaces an empty folder at ``target`` on every OS and nothing else: POSIX does that
+    itself, Windows refuses any existing ``target``, so a save into the empty folder the user made (which the output
+    checks accept) failed there after all the work, taken for "another process filled it"."""
+    try:
+        os.rename(staging, target)
+    except OSError:
+        if target.is_symlink() or not target.is_dir() or any(target.iterdir()):
+            raise
+        target.rmdir()  # empty: nothing of anyone's is lost; a folder made again meanwhile fails the rename below
+        os.rename(staging, target)
 
 
 def _check_float32(qmodel: QuantizedDenoiser) -> None:

@@ -155,7 +155,7 @@ def _check_json(file: Path, what: str) -> None:
     if not file.is_file():
         raise PipelineFolderError(f"{file.parent} is incomplete: {file.name} ({what}) is missing")
     try:
-        content = json.loads(file.read_text())
+        content = json.loads(file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as error:
         raise PipelineFolderError(f"{file} ({what}) is damaged: not JSON ({error})") from error
     if not isinstance(content, dict):  # diffusers would read a list as a path and try the hub
@@ -196,7 +196,7 @@ def _check_t5_tokenizer(folder: Path) -> None:
 
 def _check_tokenizers_file(file: Path) -> None:
     _check_json(file, "tokenizer")
-    content = json.loads(file.read_text())
+    content = json.loads(file.read_text(encoding="utf-8"))
     if not isinstance(content.get("model"), dict) or not isinstance(content.get("added_tokens", []), list):
         raise PipelineFolderError(f"{file} is damaged: not a tokenizers file (no \"model\" object)")
 
@@ -209,7 +209,7 @@ def _check_tokenizer(folder: Path, t5: bool = False) -> None:
     if t5:
         _check_t5_tokenizer(folder)
         return
-    length = json.loads((folder / "tokenizer_config.json").read_text())
+    length = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
     length = length.get("model_max_length") if isinstance(length, dict) else None
     if isinstance(length, bool) or not isinstance(length, int) or not 0 < length <= 1 << 20:
         raise PipelineFolderError(f"{folder / 'tokenizer_config.json'} sets no model_max_length (got {length!r}): "

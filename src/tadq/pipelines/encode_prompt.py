@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import json
 import logging
+import re
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -243,6 +244,10 @@ def token_ids_digest(tokenizers: Sequence[Any], limits: Sequence[int], texts: Se
     return digest.hexdigest()
 
 
+# lone surrogates: what Python makes of bytes that do not decode (surrogateescape: argv, file names)
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _short(prompt: str) -> str:
     return prompt if len(prompt) <= 60 else prompt[:57] + "..."
 
@@ -257,6 +262,10 @@ def check_token_counts(tokenizers: Sequence[Any], limits: Sequence[int], prompts
     for prompt in prompts:
         if not isinstance(prompt, str):
             raise TypeError(f"a {what} must be a str, got {type(prompt).__name__}: {prompt!r}")
+        if _SURROGATE.search(prompt):  # the tokenizers refused it with "TextEncodeInput must be Union[...]"
+            raise ValueError(f"{what} {_short(prompt)!r} holds bytes that are not text: it was decoded with another "
+                             "encoding than it was written in (a command line under a non-UTF-8 locale such as "
+                             "LC_ALL=C). Run under a UTF-8 locale (LANG=C.UTF-8), or give the prompts in a UTF-8 file")
         for tokenizer, limit, cut in zip(tokenizers, limits, marks, strict=True):
             count = len(tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids)
             if count > limit and cut:

@@ -300,7 +300,7 @@ def _vocab_size(config: Path) -> int | None:
     """``vocab_size`` of a text encoder's config; ``None`` without one (the pipeline checks name a damaged
     config)."""
     try:
-        return int(json.loads(config.read_text())["vocab_size"])
+        return int(json.loads(config.read_text(encoding="utf-8"))["vocab_size"])
     except (OSError, ValueError, TypeError, KeyError):
         return None
 

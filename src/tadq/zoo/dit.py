@@ -124,7 +124,7 @@ def _save_pipeline(vae: AutoencoderKL) -> Callable[[nn.Module, DDPMScheduler, Pa
         # the VAE was read from the t2i folder: diffusers writes that path into its config, which would ship the
         # training machine's folder layout in a file that says nothing about the model
         config_file = Path(out_dir) / "vae" / "config.json"
-        config = json.loads(config_file.read_text())
+        config = json.loads(config_file.read_text(encoding="utf-8"))
         if config.pop("_name_or_path", None) is not None:
             atomic_write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", config_file)
 

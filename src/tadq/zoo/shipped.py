@@ -67,7 +67,7 @@ def load_classifier_folder(folder: Path, build: Callable[..., nn.Module], what: 
     if missing:
         raise FileNotFoundError(f"no {what} at {folder} (missing {', '.join(missing)}){how}")
     try:
-        architecture = json.loads((folder / "config.json").read_text())
+        architecture = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         architecture["channels"] = tuple(architecture["channels"])
         with torch.random.fork_rng(devices=[]):  # its random init is overwritten: the caller's torch RNG stays
             model = build(**architecture)

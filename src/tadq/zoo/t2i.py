@@ -192,7 +192,7 @@ def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: 
     """Stage 1, or the saved stage-1 VAE when ``out_dir`` holds one trained with the same settings."""
     stage_file = out_dir / VAE_STAGE_NAME
     if stage_file.is_file() and (out_dir / "vae").is_dir():
-        stage = json.loads(stage_file.read_text())
+        stage = json.loads(stage_file.read_text(encoding="utf-8"))
         if stage.get("config") == config.vae_part():
             logger.info("reusing the VAE of %s (stage 1 done)", out_dir)
             # rebuilt and filled, not from_pretrained: that would add its load path to the saved config's bytes

@@ -130,7 +130,7 @@ class BaseModels:
 def _recorded_seconds(path: Path) -> float:
     """``quantize_s`` of a timing record; NaN when it is not a finite number (a damaged or foreign file)."""
     try:
-        value = json.loads(path.read_text()).get("quantize_s")
+        value = json.loads(path.read_text(encoding="utf-8")).get("quantize_s")
     except (OSError, ValueError, AttributeError):
         return math.nan
     return float(value) if finite_float(value) else math.nan
