@@ -70,3 +70,30 @@ def test_zero_errors_are_left_out_of_the_log_axes_and_said(tmp_path, monkeypatch
     heights = [bar.get_height() for bar in right.patches]
     assert sorted(heights) == sorted(value for value in report.final_share if value > 0)
     assert "1 of 3 steps 0" in right.get_title()
+
+
+def test_the_measured_jacobian_calls_the_network_at_the_samplers_own_timesteps():
+    """On a fractional grid (euler with 3 steps over 1000: t = 999, 499.5, 0) the forward difference called the FP
+    network with a long t (499 instead of 499.5), so J δ measured the change of t as well as the one of δ."""
+    from diffusers import DDPMScheduler
+    from tests.conftest import build_tiny_unet
+
+    from tadq.corrections.attach import as_denoiser
+    from tadq.sampling import SamplingPlan
+
+    torch.set_num_threads(1)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+    sampler = SamplerConfig("euler", 3)
+    grid = {step.t for step in SamplingPlan.build(scheduler, sampler).steps}
+    assert any(not float(t).is_integer() for t in grid)  # the case: a timestep between two integers
+    fp, seen = as_denoiser(build_tiny_unet()), []
+
+    def recording(x, t, cond=None):
+        seen.append((t.dtype, t.device == x.device, *t.tolist()))
+        return fp(x, t, cond)
+
+    analyze_propagation(as_denoiser(build_tiny_unet(1)), recording, scheduler, sampler, num_samples=2, seed=1000,
+                        sample_shape=(1, 8, 8), bits="W4A8", batch_size=2)
+    assert len(seen) > len(grid)  # the sampled pair's calls and the Jacobian's
+    assert all(dtype == torch.float32 and same_device for dtype, same_device, *_ in seen)
+    assert {t for _, _, *times in seen for t in times} == grid

@@ -97,9 +97,13 @@ def _relative_label(value: float) -> str:
 
 
 def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, steps: list[StepContext],
-                  batch_size: int):
+                  batch_size: int, device: torch.device):
     """J_n δ by a forward difference of the FP network at the FP state x_n; ε_θ(x_n) is the pair's recorded
-    ``eps_fp_trajectory``, so each step costs one FP call, not two."""
+    ``eps_fp_trajectory``, so each step costs one FP call, not two.
+
+    The pair's states are on the CPU: each shifted batch goes to the networks' ``device`` and its ε comes back. The
+    timestep is the one the sampler fed (``Walker.predict``): on a fractional grid (euler, flow) a long ``t`` called
+    the network at another time than ε_θ(x_n) was recorded at, and the difference quotient measured that instead."""
 
     def jvp(n: int, delta: Tensor) -> Tensor:
         x = fp_states[n]
@@ -111,11 +115,12 @@ def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, step
         with torch.no_grad():
             for start in range(0, x.shape[0], batch_size):
                 base = x[start: start + batch_size]
-                shifted = (base.double() + h * delta[start: start + batch_size]).to(base.dtype)
-                t = torch.full((base.shape[0],), steps[n].t, dtype=torch.long, device=base.device)
+                shifted = (base.double() + h * delta[start: start + batch_size]).to(device=device, dtype=base.dtype)
+                time_dtype = torch.long if isinstance(steps[n].t, int) else torch.float32  # as the walker feeds it
+                t = torch.full((base.shape[0],), steps[n].t, dtype=time_dtype, device=device)
                 at_x = fp_eps[n][start: start + batch_size].double()
                 eps = to_epsilon(fp_denoiser(shifted, t, None), shifted, steps[n])
-                outputs.append((eps.double() - at_x) / h)
+                outputs.append((eps.double().to(at_x.device) - at_x) / h)
         return torch.cat(outputs)
 
     return jvp
@@ -148,7 +153,7 @@ def analyze_propagation(
     jvp = None
     if measure_jacobian:
         jvp = predict_recursive(errors, steps, _measured_jvp(fp_denoiser, pair.fp_states, pair.eps_fp_trajectory,
-                                                              steps, batch_size),
+                                                              steps, batch_size, torch.device(ctx.device)),
                                 coefficients=pairs)
     return PropagationReport(
         measured=_mse_per_state(measured), predicted_j0=_mse_per_state(j0),

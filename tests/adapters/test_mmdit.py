@@ -347,3 +347,21 @@ def test_short_qdiffusion_reconstructs_the_blocks(which, tmp_path):
     qmodel.save_pretrained(tmp_path / "artefact", scheduler)
     loaded, loaded_scheduler = tadq.load(tmp_path / "artefact")
     assert torch.equal(_sample(loaded, loaded_scheduler, source), images)
+
+
+def test_float16_joint_attention_scores_that_overflow_before_the_scale_stay_finite():
+    """The MMDiT processors' Q·Kᵀ was formed in float16 before the 1/√d scale: an SD3 model without qk norms in
+    float16 got inf scores and NaN where SDPA stays finite. A float16 model's scores are computed in float32."""
+    from tadq.adapters.mmdit import _quantized_attention
+
+    attn = nn.Module()
+    attn.q_quantizer, attn.k_quantizer, attn.v_quantizer = nn.Identity(), nn.Identity(), nn.Identity()
+    attn.softmax_quantizer = nn.Identity()
+    generator = torch.Generator().manual_seed(0)
+    query, key, value = (torch.randn(1, 2, 6, 4, generator=generator) * 200 for _ in range(3))
+    assert (query @ key.transpose(-1, -2)).abs().max() > torch.finfo(torch.float16).max
+    reference = torch.nn.functional.scaled_dot_product_attention(query, key, value)
+    out = _quantized_attention(attn, query.half(), key.half(), value.half())
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    bound = 16 * torch.finfo(torch.float16).eps * float(reference.abs().max())
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=bound)

@@ -52,6 +52,31 @@ def test_cache_is_reused_and_mismatch_raises(tmp_path, tiny_unet, ddpm_scheduler
     assert len(list(tmp_path.glob("calibration-*.safetensors"))) == 2
 
 
+def test_a_fresh_set_is_placed_on_the_models_device_as_a_cached_one_is(tmp_path, tiny_unet, ddpm_scheduler,
+                                                                      monkeypatch):
+    """The trajectory is recorded on the CPU: a fresh set stayed there while a cached one came back on the model's
+    device, so on a GPU the first run fed CPU inputs to the model (quantize_tfmq's reconstruction raised) and
+    TFMQMethod refused the fresh set as "on cpu, the model on cuda". Both are now placed on the model's device."""
+    import tadq.calibration.data as data
+
+    placed = []
+
+    def on_device(calib, device):
+        placed.append((calib.x.device, device))
+        return real(calib, device)
+
+    real = data._on_device
+    monkeypatch.setattr(data, "_on_device", on_device)
+    adapter = adapter_for(tiny_unet)
+    fresh = collect_calibration_set(tiny_unet, adapter, ddpm_scheduler.config, _config(), cache_dir=tmp_path,
+                                    progress=False)
+    cached = collect_calibration_set(tiny_unet, adapter, ddpm_scheduler.config, _config(), cache_dir=tmp_path,
+                                     progress=False)
+    model = next(tiny_unet.parameters()).device
+    assert [target for _, target in placed] == [model, model]  # the fresh set, then the cached one
+    assert fresh.x.device == cached.x.device == model and torch.equal(fresh.x, cached.x)
+
+
 @pytest.mark.parametrize("kw", [{"samples_per_step": 9}, {"num_steps_kept": 11}, {"num_trajectories": 0}])
 def test_bad_calibration_config_raises(kw):
     with pytest.raises(ValueError):

@@ -247,6 +247,23 @@ def test_gptq_onto_fp_outputs_keeps_the_weights_of_a_dead_input():
     assert torch.equal(layer.weight[:, 5], nearest)
 
 
+def test_the_fp_output_cross_moments_are_summed_on_the_layers_device():
+    """gptq_target="fp_output" summed E[x x̂ᵀ] into CPU tensors beside Hessians on the layer's device: on a GPU the
+    first batch's moment could not be added. On the meta device (which the sums silently let through on the CPU)
+    the cross moments must come back where the Hessians are."""
+    import copy
+
+    from tadq.calibration.capture import UnitIO
+    from tadq.calibration.reconstruction import _layer_hessians
+
+    fp = torch.nn.Linear(12, 6).to("meta")
+    layer = copy.deepcopy(fp)
+    io = UnitIO(args=[torch.randn(64, 12).to("meta")])
+    accumulators, cross = _layer_hessians(layer, layer, 1, io, torch.arange(64), 32, fp, fp, io)
+    assert [a.sum.device.type for a in accumulators] == ["meta"]
+    assert [c.device.type for c in cross] == ["meta"] and cross[0].shape == (12, 12)
+
+
 @pytest.mark.parametrize("phase", ["weights", "activations"])
 def test_an_interrupted_unit_is_left_as_it_was_and_the_run_resumes_in_place(setup, tmp_path, monkeypatch, phase):
     """Ctrl-C in the middle of a unit (a notebook, or out of memory) used to leave AdaRound's soft rounding attached to

@@ -346,3 +346,24 @@ def test_an_artefact_saved_before_the_field_loads_per_tensor_and_a_mismatched_on
     write_manifest(tmp_path / "q")
     with pytest.raises(ValueError, match="softmax_granularity"):
         tadq.load(tmp_path / "q")
+
+
+@pytest.mark.parametrize("upcast_attention", [False, True])
+def test_float16_scores_that_overflow_before_the_scale_stay_finite(upcast_attention):
+    """Q·Kᵀ was formed in float16 and scaled by 1/√d after: inputs whose unscaled product passes float16's range
+    (SD 2.x sets upcast_attention for this) gave inf scores and a NaN sample where the default processor (SDPA,
+    which scales first) stays finite. The scores are now computed in float32 for a float16 model."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=8, heads=2, dim_head=4, upcast_attention=upcast_attention).eval()
+    x = torch.randn(2, 5, 8) * 200
+    with torch.no_grad():
+        reference = attn(x)  # float32, the default processor
+        query, key = attn.to_q(x).unflatten(-1, (2, 4)), attn.to_k(x).unflatten(-1, (2, 4))
+        assert (query.transpose(1, 2) @ key.permute(0, 2, 3, 1)).abs().max() > torch.finfo(torch.float16).max
+        attn.half()
+        install_attention_quantizers(attn, QScheme.off(), 8)
+        out = attn(x.half())
+    assert torch.isfinite(out).all()
+    # float16 rounding of the projections, P and the output: a few units of its epsilon on the output's scale
+    bound = 16 * torch.finfo(torch.float16).eps * float(reference.abs().max())
+    torch.testing.assert_close(out.float(), reference, rtol=0, atol=bound)

@@ -89,3 +89,17 @@ def test_mse_range_allocates_no_whole_tensor_per_candidate(per_channel, scale):
         if scale == 1.0:  # (huge values: the search's error unit, test above)
             assert all(torch.equal(a, b) for a, b in zip(got, reference(scheme), strict=True))
     assert counts[0] == counts[1] <= 3, counts
+
+
+@pytest.mark.parametrize("long_rows", [False, True])
+def test_percentile_range_stays_on_the_tensors_device(long_rows, monkeypatch):
+    """The quantile levels were built on the CPU: a weight on a GPU with range_method="percentile" raised in
+    torch.quantile ("q tensor must be on the same device"), and the long-row path mixed devices in its lerp. A
+    tensor on the meta device refuses a CPU operand the same way."""
+    if long_rows:  # rows longer than torch.quantile takes: the sort-and-interpolate path
+        monkeypatch.setattr("tadq.quant.ranges.QUANTILE_MAX", 8)
+    x = torch.randn(3, 40)
+    expected = percentile_range(x, 99.0, per_channel=True)
+    low, high = percentile_range(x.to("meta"), 99.0, per_channel=True)
+    assert low.device.type == high.device.type == "meta"
+    assert low.shape == expected[0].shape and high.shape == expected[1].shape

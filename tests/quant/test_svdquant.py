@@ -184,6 +184,25 @@ def test_lowrank_split_leaves_every_global_rng_alone(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(first, lowrank_split(weight, 3, seed=3), strict=True))
 
 
+def test_lowrank_split_draws_its_sketch_on_the_cpu_whatever_the_weights_device(monkeypatch):
+    """The test matrix came from a generator on the weight's device: a GPU drew another sketch than the CPU for the
+    same seed (another split, other codes), and a device without generators (meta here) could not split at all.
+    It is drawn on the CPU and moved, as sampler noise is."""
+    drawn = []
+    randn = torch.randn
+
+    def spy(*args, generator=None, **kwargs):
+        drawn.append(None if generator is None else generator.device)
+        return randn(*args, generator=generator, **kwargs)
+
+    weight = torch.randn(12, 20, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(torch, "randn", spy)
+    up, down, residual = lowrank_split(weight.to("meta"), 3, seed=3)
+    assert drawn == [torch.device("cpu")]
+    assert {up.device.type, down.device.type, residual.device.type} == {"meta"}
+    assert up.shape == (12, 3) and down.shape == (3, 20) and residual.shape == weight.shape
+
+
 # -- SVDQuant end to end -----------------------------------------------------------------------------------------
 @pytest.fixture
 def calibration(tiny_unet, ddpm_scheduler):

@@ -193,3 +193,22 @@ def test_model_wide_fsc_reads_a_lower_precision_reference_in_the_networks_dtype(
     assert len(correction.fsc_quantizers) > 20 and next(qmodel.model.parameters()).dtype is torch.float32
     assert bool(torch.isfinite(correction.fsc_scale).all()) and bool((correction.fsc_scale > 0).all())
     assert torch.isfinite(api.sample(qmodel, sched, SAMPLER, num_samples=2, seed=1, progress=False).images).all()
+
+
+def test_per_step_quantizers_are_installed_and_removed_on_the_networks_device(models):
+    """``apply_tfmq`` builds the FSC tables on the CPU and installs them into the network where it runs: on a GPU the
+    StepQuantizers (their tables and their single range, loaded into a fresh CPU quantizer) stayed on the CPU, and so
+    did the plain quantizers ``release`` put back. The meta device stands for the GPU here."""
+    import copy
+
+    qmodel = copy.deepcopy(models["model"])
+    correction = qmodel.corrections[0]
+    assert correction.fsc_scale.device.type == "cpu"  # as apply_tfmq leaves them
+    network = correction.release(qmodel.model).to("meta")
+    correction.prepare(network, qmodel.adapter)
+    installed = [m for m in network.modules() if isinstance(m, StepQuantizer)]
+    assert len(installed) == len(correction.fsc_quantizers)
+    assert {b.device.type for m in installed for b in m.buffers()} == {"meta"}
+    correction.release(network)
+    assert not any(isinstance(m, StepQuantizer) for m in network.modules())
+    assert {b.device.type for b in network.buffers()} == {"meta"}

@@ -124,10 +124,16 @@ def _check_quantizers(attn: nn.Module) -> None:
 
 
 def _quantized_attention(attn: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
-    """``Q_P(softmax(Q_q(q) Q_k(k)ᵀ / √d)) · Q_v(v)`` on (B, h, L, d) operands; the scale is SDPA's default."""
+    """``Q_P(softmax(Q_q(q) Q_k(k)ᵀ / √d)) · Q_v(v)`` on (B, h, L, d) operands; the scale is SDPA's default.
+
+    A float16 model's scores are computed in float32 (``QuantAttnProcessor._attention``): the product before the
+    scale overflowed float16 where SDPA stays finite. Other dtypes compute as before."""
     scale = query.shape[-1] ** -0.5
     query, key = attn.q_quantizer(query), attn.k_quantizer(key)
-    probs = (query @ key.transpose(-1, -2) * scale).softmax(dim=-1)  # (B, h, L, L)
+    if query.dtype == torch.float16:
+        probs = (query.float() @ key.float().transpose(-1, -2) * scale).softmax(dim=-1).to(query.dtype)
+    else:
+        probs = (query @ key.transpose(-1, -2) * scale).softmax(dim=-1)  # (B, h, L, L)
     probs = attn.softmax_quantizer(probs)  # P ∈ [0, 1], unsigned grid
     return probs @ attn.v_quantizer(value)
 

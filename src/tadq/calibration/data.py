@@ -219,7 +219,7 @@ def collect_calibration_set(
     parameter = next(model.parameters())
     if path is not None and path.exists():
         logger.info("using cached calibration data %s", path)
-        # where a fresh collection puts it (the model's device): a cached run must not differ from the first one
+        # where a fresh collection puts it too (the model's device): a cached run must not differ from the first one
         loaded = replace(CalibrationSet.load(path, key, fields), fields=_as_json(fields))
         return _on_device(loaded, parameter.device)
     _warn_unused_conditions(conditions, config.num_trajectories)
@@ -244,7 +244,9 @@ def collect_calibration_set(
         except OSError as error:  # a read-only or full cache: the data is right, only the next run will redo it
             logger.warning("could not write the calibration cache %s (%s: %s); continuing without caching it",
                            path, type(error).__name__, error)
-    return calib
+    # on the model's device, as a cached set comes back: the trajectory is recorded on the CPU, and a GPU model was
+    # fed CPU inputs by the callers that take the set as it is (quantize_tfmq's reconstruction raised)
+    return _on_device(calib, parameter.device)
 
 
 def _on_device(calib: CalibrationSet, device: torch.device) -> CalibrationSet:

@@ -282,7 +282,9 @@ def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO
     same rows of ``fp_io``; both in the quantized layer's input basis)."""
     width = layer.weight[0].numel()
     accumulators = [HessianAccumulator(width, layer.weight.device) for _ in range(groups)]
-    cross = None if fp_layer is None else [torch.zeros(width, width, dtype=torch.float64) for _ in range(groups)]
+    # beside the Hessians, on the layer's device: a CPU sum could not add a GPU layer's moments
+    cross = None if fp_layer is None else [torch.zeros(width, width, dtype=torch.float64, device=layer.weight.device)
+                                           for _ in range(groups)]
     seen: dict[str, Tensor] = {}
 
     def columns(x: Tensor) -> list[Tensor]:

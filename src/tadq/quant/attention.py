@@ -206,12 +206,19 @@ class QuantAttnProcessor:
 
     @staticmethod
     def _attention(attn: Attention, query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None) -> Tensor:
-        """``Q_P(softmax(Q_q(q) Q_k(k)ᵀ · s + mask)) · Q_v(v)``, each operand fake-quantized (B1.3)."""
+        """``Q_P(softmax(Q_q(q) Q_k(k)ᵀ · s + mask)) · Q_v(v)``, each operand fake-quantized (B1.3).
+
+        The scores are computed in float32 for a float16 model and wherever the module asks (``upcast_attention``,
+        as diffusers' ``get_attention_scores``): the product before the 1/√d scale overflowed float16 where the
+        default processor (SDPA, which scales first) stays finite, and the whole sample became NaN. A float32
+        model computes exactly as before."""
         query, key = attn.q_quantizer(query), attn.k_quantizer(key)  # before the 1/√d scale
-        scores = query @ key.transpose(-1, -2) * attn.scale  # (B, h, N, M)
+        wide = attn.upcast_attention or query.dtype == torch.float16
+        scores = (query.float() @ key.float().transpose(-1, -2) if wide else query @ key.transpose(-1, -2))
+        scores = scores * attn.scale  # (B, h, N, M)
         if mask is not None:
             scores = scores + mask
-        probs = scores.float().softmax(dim=-1) if attn.upcast_softmax else scores.softmax(dim=-1)
+        probs = scores.float().softmax(dim=-1) if attn.upcast_softmax or wide else scores.softmax(dim=-1)
         probs = attn.softmax_quantizer(probs.to(query.dtype))  # P ∈ [0, 1], unsigned grid (per tensor or per row)
         return probs @ attn.v_quantizer(value)
 

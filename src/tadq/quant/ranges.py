@@ -45,7 +45,8 @@ def _quantiles(flat: Tensor, q: Tensor) -> Tensor:
 def percentile_range(x: Tensor, percentile: float, per_channel: bool = False) -> tuple[Tensor, Tensor]:
     """Clip the (100 − p) % tails on each side."""
     flat = _flatten(x, per_channel).float()
-    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=flat.dtype)
+    # on x's device: torch.quantile refuses a q on another device (a CUDA weight with a CPU q raised)
+    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=flat.dtype, device=flat.device)
     bounds = _quantiles(flat, q)  # (2, C)
     return bounds[0], bounds[1]
 

@@ -126,9 +126,12 @@ class StepQuantizer(Quantizer):
 
     def __init__(self, base: Quantizer, scales: Tensor, zero_points: Tensor, state: StepState) -> None:
         super().__init__(base.scheme, kind="activation")
-        self.load_state_dict(base.state_dict())
-        self.register_buffer("step_scale", scales.detach().clone().float(), persistent=False)
-        self.register_buffer("step_zero_point", zero_points.detach().clone().float(), persistent=False)
+        _take_range(self, base)
+        # on the network's device: apply_tfmq builds the tables on the CPU, and a GPU network is not moved after
+        device = base.scale.device
+        self.register_buffer("step_scale", scales.detach().to(device, torch.float32, copy=True), persistent=False)
+        self.register_buffer("step_zero_point", zero_points.detach().to(device, torch.float32, copy=True),
+                             persistent=False)
         self.state = state
 
     def _quantize(self, x: Tensor) -> Tensor:
@@ -140,11 +143,19 @@ class StepQuantizer(Quantizer):
     def plain(self) -> Quantizer:
         """The single-range quantizer this one replaced (same scheme and persistent state)."""
         quantizer = Quantizer(self.scheme, kind="activation")
-        quantizer.load_state_dict(self.state_dict())
+        _take_range(quantizer, self)
         return quantizer
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.step_scale.numel()} steps"
+
+
+def _take_range(quantizer: Quantizer, source: Quantizer) -> None:
+    """Give ``quantizer`` copies of ``source``'s persistent state (its single range), on ``source``'s device and in
+    its dtype: loading it into a fresh quantizer kept the values on the CPU, under a network on a GPU."""
+    with torch.no_grad():
+        for name in ("scale", "zero_point", "initialized"):
+            quantizer._buffers[name] = source._buffers[name].detach().clone()
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
