@@ -1,0 +1,48 @@
+"""What a command prints goes where a user piping it expects: its results (the lines naming what it wrote, its
+tables) on stdout, and everything about the work under way (log lines, notes, error lines, progress bars) on
+stderr. The log handler wrote to stdout, so `tadq quantize ... > out.txt` got every INFO line mixed into the
+results."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+
+SMALL = ["--steps", "2", "--calib-trajectories", "2", "--threads", "1"]
+
+
+@pytest.fixture
+def artefact(tiny_model_dir, tmp_path):
+    """``tadq quantize`` of the tiny model, with the result of the command."""
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", str(tiny_model_dir), "--out", str(out), "--cache-dir",
+                                      str(tmp_path / "cache"), *SMALL])
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+def test_quantize_prints_only_its_results_on_stdout_and_its_logs_on_stderr(artefact):
+    out, result = artefact
+    lines = result.stdout.splitlines()
+    assert lines and lines[0].startswith(f"saved {out}"), result.stdout
+    assert all(line.startswith(("saved ", "artefact ")) for line in lines), result.stdout  # no log line
+    assert "INFO" in result.stderr and "quantized" in result.stderr, result.stderr  # the logs, on stderr
+
+
+def test_sample_stdout_names_only_what_it_wrote(artefact, tmp_path):
+    out, _ = artefact
+    png = tmp_path / "s.png"
+    result = CliRunner().invoke(app, ["sample", str(out), "--out", str(png), "--num-samples", "2", "--steps", "2",
+                                      "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines() == [line for line in result.stdout.splitlines() if line.startswith("wrote ")]
+    assert str(png) in result.stdout
+
+
+def test_an_error_line_goes_to_stderr(tmp_path):
+    result = CliRunner().invoke(app, ["quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "q"), *SMALL])
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert result.stderr.startswith("error:") and "missing" in result.stderr, result.stderr
