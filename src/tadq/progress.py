@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["NON_TERMINAL_INTERVAL_S", "progress_bar", "show_next"]
+__all__ = ["NON_TERMINAL_INTERVAL_S", "bars_cleared", "progress_bar", "show_next"]
 
 NON_TERMINAL_INTERVAL_S = 30.0
 
@@ -54,3 +55,9 @@ def show_next(bar: tqdm, text: str) -> None:
     if not bar.disable and bar._time() - bar.last_print_t >= bar.mininterval:
         bar.refresh()
         bar.last_print_t = bar._time()
+
+
+def bars_cleared() -> AbstractContextManager:
+    """Around a write to stderr (a log record): the bars drawn there are cleared first and redrawn after, so the
+    line starts on a line of its own instead of after a bar's text (tqdm's ``external_write_mode``)."""
+    return tqdm.external_write_mode(file=sys.stderr)

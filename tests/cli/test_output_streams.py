@@ -5,10 +5,16 @@ results."""
 
 from __future__ import annotations
 
+import logging
+import re
+import sys
+
 import pytest
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
+from tadq.cli.common import setup
+from tadq.progress import progress_bar
 
 SMALL = ["--steps", "2", "--calib-trajectories", "2", "--threads", "1"]
 
@@ -46,3 +52,16 @@ def test_an_error_line_goes_to_stderr(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.stdout == ""
     assert result.stderr.startswith("error:") and "missing" in result.stderr, result.stderr
+
+
+def test_a_log_record_starts_on_a_line_of_its_own_below_a_bar(capsys):
+    """A record logged while a bar was drawn (the recipe search logs inside its candidate bar) was printed right
+    after the bar's text; the bars are now cleared around it and drawn again after."""
+    setup(False, 0, "cpu")
+    with progress_bar(total=3, desc="the bar", file=sys.stderr) as bar:
+        bar.update(1)
+        logging.getLogger("tadq.test").info("a record")
+    err = capsys.readouterr().err
+    line = next(segment for segment in re.split("[\r\n]", err) if "a record" in segment)
+    assert "the bar" not in line, err
+    assert "the bar" in err.rsplit("a record", 1)[1]  # drawn again below the record

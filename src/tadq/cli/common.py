@@ -68,11 +68,22 @@ if not err_console.is_terminal:
     err_console = Console(stderr=True, markup=False, emoji=False, width=160)
 
 
+class _BarSafeHandler(RichHandler):
+    """Rich's log handler, writing each record with the progress bars cleared and redrawn after it: the record was
+    printed right after a bar's text ("tadq recipe:   0%|  | 0/2 [...][12/06/26 17:28:52] INFO ...")."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tadq.progress import bars_cleared
+
+        with bars_cleared():
+            super().emit(record)
+
+
 def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
     """Logging and threads; the device and dtype resolved (``BadParameter`` naming one torch does not have)."""
     _state["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+                        handlers=[_BarSafeHandler(console=err_console, show_path=False)], force=True)
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads < 0:
