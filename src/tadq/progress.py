@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["NON_TERMINAL_INTERVAL_S", "bars_cleared", "progress_bar", "show_next"]
+__all__ = ["NON_TERMINAL_INTERVAL_S", "bars_cleared", "close_bars", "progress_bar", "show_next"]
 
 NON_TERMINAL_INTERVAL_S = 30.0
 
@@ -61,3 +61,10 @@ def bars_cleared() -> AbstractContextManager:
     """Around a write to stderr (a log record): the bars drawn there are cleared first and redrawn after, so the
     line starts on a line of its own instead of after a bar's text (tqdm's ``external_write_mode``)."""
     return tqdm.external_write_mode(file=sys.stderr)
+
+
+def close_bars() -> None:
+    """Close every bar still open: an interrupted loop's stays open (its generator lives on in the traceback) and
+    would otherwise be drawn again, at exit, below whatever is printed last."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import logging
 import re
+import signal
 import sys
 
 import pytest
+import tqdm.std
+import typer
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
@@ -65,3 +68,30 @@ def test_a_log_record_starts_on_a_line_of_its_own_below_a_bar(capsys):
     line = next(segment for segment in re.split("[\r\n]", err) if "a record" in segment)
     assert "the bar" not in line, err
     assert "the bar" in err.rsplit("a record", 1)[1]  # drawn again below the record
+
+
+@pytest.mark.parametrize(("stop", "code", "word"), [(KeyboardInterrupt, 130, "Ctrl-C"),
+                                                    (SystemExit(128 + signal.SIGTERM), 128 + signal.SIGTERM,
+                                                     "SIGTERM")])
+def test_a_stopped_command_ends_with_one_line_below_its_closed_bar(stop, code, word, monkeypatch, capsys):
+    """Ctrl-C ended a command with exit code 130 and not a word (typer's way), and the interrupted loop's bar was
+    drawn again at exit: now the bar is closed and one line says what stopped the command."""
+    import tadq.cli.app as cli
+
+    command = typer.Typer()
+
+    @command.command()
+    def work() -> None:  # a bar updated by hand, as the reconstruction's: its frame, kept by the traceback, holds it
+        bar = progress_bar(total=10, desc="the bar", file=sys.stderr)
+        bar.update(3)
+        raise stop
+
+    monkeypatch.setattr(cli, "app", command)
+    monkeypatch.setattr(sys, "argv", ["tadq"])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    assert exited.value.code == code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [segment for segment in re.split("[\r\n]", err) if segment.strip()][-1] == f"tadq: stopped by {word}", err
+    assert not [bar for bar in tqdm.std.tqdm._instances if not bar.disable]  # closed, not left for the exit

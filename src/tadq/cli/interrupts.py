@@ -20,10 +20,18 @@ import signal
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["TORCHRUN_MARK", "unwind_on_termination"]
+__all__ = ["TORCHRUN_MARK", "stopped_by", "unwind_on_termination"]
 
 TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def stopped_by(code: object) -> str | None:
+    """The signal a command's exit code says stopped it: "Ctrl-C" for 130 (typer's code for ``KeyboardInterrupt``),
+    "SIGTERM"/"SIGHUP" for ``128 + signal`` as ``_unwind`` raises it; ``None`` for any other exit."""
+    if code == 128 + signal.SIGINT:
+        return "Ctrl-C"
+    return next((signal.Signals(signum).name for signum in _SIGNALS if code == 128 + signum), None)
 
 
 def _unwind(signum: int, frame: FrameType | None) -> None:
