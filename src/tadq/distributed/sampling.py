@@ -230,8 +230,8 @@ def sample_sharded(
     job = _ChunkJob(call, plan, conditions, hooks, key, out_dir, world.device,
                     None if parameter is None else parameter.dtype)  # states in the model's dtype, as tadq.sample
     with eval_mode(denoiser), progress_bar(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk",
-                                   desc=f"sampling ({world.world_size} ranks)",
-                                   disable=not (progress and world.is_main)) as bar:
+                                           desc=f"sampling ({world.world_size} ranks)",
+                                           disable=not (progress and world.is_main)) as bar:
         for chunk in mine:  # in eval mode: dropout left on made a sample depend on more than (seed, index)
             job.run(chunk)
             if on_chunk_written is not None:
