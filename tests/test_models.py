@@ -1,9 +1,10 @@
 import json
+import logging
 
 import pytest
 import torch
 
-from tadq.models import load_pipeline_parts, shipped_model_path
+from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
 
 
 def test_loads_pipeline_and_bare_model_folders(tmp_path, tiny_model_dir, tiny_unet):
@@ -61,3 +62,16 @@ def test_a_denoiser_folder_without_its_config_is_named(tiny_model_dir):
     (tiny_model_dir / "unet" / "config.json").unlink()
     with pytest.raises(ValueError, match=r"unet/config\.json is missing: .*names the denoiser folder 'unet'"):
         load_pipeline_parts(tiny_model_dir)
+
+
+def test_reading_a_prompt_pipelines_scheduler_does_not_announce_a_denoiser_loaded_alone(caplog):
+    """``load_scheduler`` logged "loading its unet and scheduler only" for a text-to-image folder: `tadq sample`
+    printed it twice (its sampler checks) and then loaded the whole pipeline."""
+    t2i = shipped_model_path().parent / "digits-t2i"
+    note = "and scheduler only"
+    with caplog.at_level(logging.INFO, logger="tadq"):
+        load_scheduler(t2i)
+    assert note not in caplog.text
+    with caplog.at_level(logging.INFO, logger="tadq"):
+        load_pipeline_parts(t2i)  # the denoiser without its text encoder: still said
+    assert caplog.text.count(note) == 1, caplog.text

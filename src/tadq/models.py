@@ -50,7 +50,11 @@ def _present(path: Path) -> bool:
     return path.exists() or path.is_symlink()
 
 
-def _model_dir(path: Path) -> Path:
+def _model_dir(path: Path, *, denoiser_only: bool = False) -> Path:
+    """The folder of the denoiser in ``path``. ``denoiser_only``: it is loaded without the rest of a prompt
+    pipeline, which is logged (not when only the scheduler is read: every command checks its sampler against it
+    first, and the whole pipeline may be loaded later, so the note misled `tadq sample` on a text-to-image
+    folder, twice)."""
     if path.is_file():
         raise ValueError(f"{path} is a file; tadq reads diffusers model folders (config.json and weights, as "
                          "save_pretrained writes them). A single-file checkpoint converts with diffusers' "
@@ -63,7 +67,7 @@ def _model_dir(path: Path) -> Path:
         for name in subfolders:
             if name in index and _present(path / name / "config.json"):
                 _check_components_present(path, index, name)
-                if isinstance(index.get("text_encoder"), list) and None not in index["text_encoder"]:
+                if denoiser_only and isinstance(index.get("text_encoder"), list) and None not in index["text_encoder"]:
                     logger.info("%s is a %s: loading its %s and scheduler only; tadq.pipelines.load_fp_pipeline "
                                 "loads the whole pipeline and PromptConditions encodes prompts for it", path,
                                 index.get("_class_name"), name)
@@ -202,7 +206,7 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
 def _load_pipeline_parts(path: Path) -> tuple[nn.Module, SchedulerMixin]:
     if not path.exists():
         raise FileNotFoundError(f"model folder {path} does not exist")
-    model_dir = _model_dir(path)
+    model_dir = _model_dir(path, denoiser_only=True)
     model_config = read_json_file(model_dir / "config.json", "model config")
     if not isinstance(model_config, dict):
         raise ValueError(f"{model_dir / 'config.json'} holds a JSON {type(model_config).__name__}, not an object; "

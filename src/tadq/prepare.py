@@ -9,11 +9,11 @@ import weakref
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from tadq.calibration import Calibrate, CalibrationSet
 from tadq.config import QuantConfig
 from tadq.denoiser import QuantizedDenoiser
+from tadq.progress import progress_bar
 from tadq.quant.attention import apply_attention_quantization
 from tadq.quant.convert import convert_layers, plan_layers
 from tadq.quant.split import apply_shortcut_split
@@ -129,8 +129,8 @@ def _observe(qmodel: QuantizedDenoiser, calib: CalibrationSet, rows: torch.Tenso
              device: torch.device, progress: bool, recalibrate: bool) -> None:
     """One ``Calibrate`` pass over the selected rows of ``calib`` (markers dropped: ranges are set directly)."""
     with Calibrate(qmodel.model, seed=seed, recalibrate=recalibrate):
-        for start in tqdm(range(0, len(rows), batch_size), desc="calibrate activation ranges", disable=not progress,
-                          leave=False):
+        for start in progress_bar(range(0, len(rows), batch_size), desc="calibrate activation ranges",
+                                  disable=not progress, leave=False):
             chosen = rows[start:start + batch_size]
             cond = None if calib.cond is None else calib.cond.rows(chosen).without_markers().to(device)
             qmodel(calib.x[chosen].to(device), calib.t[chosen].to(device), cond)

@@ -36,11 +36,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tadq.calibration.capture import UnitIO, capture_unit_io, capture_units_io, unit_output
 from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
+from tadq.progress import progress_bar, show_next
 from tadq.quant.adaround import AdaRound
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.gptq import HessianAccumulator, gptq_round, matmul_columns, moment
@@ -664,12 +664,12 @@ def _reconstruct_units(
     # the network's activation quantizers, collected once: walking every module of the network for each unit's
     # weight phase made the bookkeeping grow with units × modules (quadratic in the depth)
     activation_quantizers = [m for m in qmodel.modules() if isinstance(m, Quantizer) and m.kind == "activation"]
-    bar = tqdm(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
+    bar = progress_bar(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
     shared: tuple[str, UnitIO] | None = None  # (unit, FP capture with inputs) kept from the weight phase
     for position, (phase, unit, offset) in enumerate(plan):
         if position < done:
             continue
-        bar.set_postfix_str(f"{phase}: {unit}")
+        show_next(bar, f"{phase}: {unit}")
         module = qmodel.get_submodule(unit)
         seed = config.seed + offset
         started = time.perf_counter()

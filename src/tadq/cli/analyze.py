@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, hold_output, setup
+from tadq.cli.common import ForceForeign, check_sampling_flags, console, err_console, fail_cleanly, hold_output, setup
 from tadq.cli.sample import (
     Backend,
     Device,
@@ -94,8 +94,8 @@ def analyze_command(
                                      seed=seed, measure_jacobian=jacobian, batch_size=batch_size)
     ignored = [type(member).__name__.removesuffix("Correction") for member in getattr(qmodel, "corrections", ())]
     if ignored:
-        console.print(f"the network alone is analysed: the artefact's corrections ({', '.join(ignored)}) are not "
-                      "applied here (tadq evaluate measures the deployed model with them)")
+        err_console.print(f"the network alone is analysed: the artefact's corrections ({', '.join(ignored)}) are not "
+                          "applied here (tadq evaluate measures the deployed model with them)")
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "analysis")
     settings = {"model": str(model_dir), "fp_model": str(fp_model) if fp_model is not None else "shipped",

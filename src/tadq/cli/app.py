@@ -25,6 +25,7 @@ from tadq.cli.common import (
     check_steps_fit,
     console,
     default_or_count,
+    err_console,
     fail_cleanly,
     hold_output,
     read_prompt_file,
@@ -224,12 +225,20 @@ def _replace_unencodable_output() -> None:
 
 
 def main() -> None:
-    from tadq.cli.interrupts import unwind_on_termination
+    from tadq.cli.interrupts import stopped_by, unwind_on_termination
 
     _replace_unencodable_output()
     torch.set_grad_enabled(True)
-    with unwind_on_termination():  # SIGTERM/SIGHUP clean up as Ctrl-C does (no staging folder left behind)
-        app()
+    try:
+        with unwind_on_termination():  # SIGTERM/SIGHUP clean up as Ctrl-C does (no staging folder left behind)
+            app()
+    except SystemExit as exit_:  # the command's cleanup has run; typer ends a Ctrl-C with 130 and no word
+        if (signal_name := stopped_by(exit_.code)) is not None:
+            from tadq.progress import close_bars
+
+            close_bars()  # an interrupted loop's bar, closed now rather than redrawn below the line at exit
+            err_console.print(f"tadq: stopped by {signal_name}", highlight=False)
+        raise
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ from rich.markup import escape
 if TYPE_CHECKING:
     from tadq.experiments.workload import ClassLabelSetting
 
-__all__ = ["console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file", "require_file",
-           "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
+__all__ = ["console", "err_console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file",
+           "require_file", "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
            "class_conditions_for", "default_or_count", "check_sampling_flags",
            "check_steps_fit", "check_seed_flags", "sampler_kind_flag", "hold_output"]
 
@@ -61,13 +61,29 @@ _state: dict[str, Any] = {"verbose": False, "threads": None}
 console = Console(markup=False, emoji=False)
 if not console.is_terminal:
     console = Console(markup=False, emoji=False, width=160)  # logs and CI: the results table on one line per row
+# logs, notes on the work under way and error lines go to stderr, as the progress bars do: stdout holds only a
+# command's results (tables, paths written), so `tadq ... > results.txt` or a pipe gets no log lines in between
+err_console = Console(stderr=True, markup=False, emoji=False)
+if not err_console.is_terminal:
+    err_console = Console(stderr=True, markup=False, emoji=False, width=160)
+
+
+class _BarSafeHandler(RichHandler):
+    """Rich's log handler, writing each record with the progress bars cleared and redrawn after it: the record was
+    printed right after a bar's text ("tadq recipe:   0%|  | 0/2 [...][12/06/26 17:28:52] INFO ...")."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tadq.progress import bars_cleared
+
+        with bars_cleared():
+            super().emit(record)
 
 
 def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
     """Logging and threads; the device and dtype resolved (``BadParameter`` naming one torch does not have)."""
     _state["verbose"] = verbose
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+                        handlers=[_BarSafeHandler(console=err_console, show_path=False)], force=True)
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads < 0:
@@ -117,7 +133,7 @@ def fail_cleanly() -> Iterator[None]:
         if not isinstance(error, USER_ERRORS) and error.errno not in PATH_ERRNOS:
             raise  # an OSError tadq does not know as the user's: a bug, with its traceback
         if _state["verbose"]:
-            console.print_exception()
+            err_console.print_exception()
         message = " ".join(str(error).split()) or type(error).__name__
         if isinstance(error, OSError) and error.filename is not None and error.strerror:  # "[Errno 36] ...: '...'"
             message = f"{_shorten(str(error.filename))}: {error.strerror}"
@@ -128,7 +144,7 @@ def fail_cleanly() -> Iterator[None]:
         if isinstance(error, FileNotFoundError | NotADirectoryError) and any(
                 word.startswith("~") for word in message.split()):  # outputs: fsguard.check_path_shape says it
             message += " (a quoted ~ is not expanded to a home folder; write the full path)"
-        console.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from error
     finally:
         _state["held"] = outer

@@ -13,6 +13,7 @@ from tadq.cli.common import (
     NullClass,
     check_sampling_flags,
     console,
+    err_console,
     fail_cleanly,
     hold_output,
     setup,
@@ -47,8 +48,8 @@ def _feature_space(features: str, reference: Path | None, reference_images: Path
     if features == "auto":
         features = "digits" if reference is None else "none"
         if features == "none":
-            console.print("FD and label agreement not computed: the digit classifier reads only the shipped "
-                          "model's digits (pass --features digits, or --features FILE.pt --reference-images FILE)")
+            err_console.print("FD and label agreement not computed: the digit classifier reads only the shipped "
+                              "model's digits (pass --features digits, or --features FILE.pt --reference-images FILE)")
     if features == "none":
         return None
     if features == "digits":
@@ -224,7 +225,7 @@ def evaluate_command(
                                                          device=torch_device, dtype=torch_dtype, command="evaluate")
         fp_model, fp_scheduler = load_pipeline_parts(reference)
         if match_freeu(fp_model, qmodel.model) is not None:
-            console.print("the artefact runs with FreeU: the FP reference runs with the same factors")
+            err_console.print("the artefact runs with FreeU: the FP reference runs with the same factors")
         fp_model = place_model(fp_model, torch_device, torch_dtype)
         image_shape = decoded_shape(qmodel.sample_shape, decoder)
         resolution = image_shape[-1]

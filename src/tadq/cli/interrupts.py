@@ -22,7 +22,7 @@ import signal
 from collections.abc import Iterator
 from types import FrameType
 
-__all__ = ["TORCHRUN_MARK", "unwind_on_termination"]
+__all__ = ["TORCHRUN_MARK", "stopped_by", "unwind_on_termination"]
 
 TORCHRUN_MARK = "TORCHELASTIC_RUN_ID"  # set by torchrun in every worker it starts
 # SIGBREAK: Windows' SIGHUP (Ctrl-Break, and a console window closed), where SIGHUP does not exist
@@ -31,6 +31,14 @@ _SIGNAL_NAMES = ("SIGTERM", "SIGHUP", "SIGBREAK")
 
 def _termination_signals() -> tuple[int, ...]:
     return tuple(getattr(signal, name) for name in _SIGNAL_NAMES if hasattr(signal, name))
+
+
+def stopped_by(code: object) -> str | None:
+    """The signal a command's exit code says stopped it: "Ctrl-C" for 130 (typer's code for ``KeyboardInterrupt``),
+    "SIGTERM"/"SIGHUP" for ``128 + signal`` as ``_unwind`` raises it; ``None`` for any other exit."""
+    if code == 128 + signal.SIGINT:
+        return "Ctrl-C"
+    return next((signal.Signals(signum).name for signum in _SIGNALS if code == 128 + signum), None)
 
 
 def _unwind(signum: int, frame: FrameType | None) -> None:

@@ -20,6 +20,7 @@ from tadq.cli.common import (
     check_steps_fit,
     class_conditions_for,
     console,
+    err_console,
     fail_cleanly,
     hold_output,
     read_prompt_file,
@@ -143,8 +144,8 @@ def _grid(images: list, columns: int):
 def announce_compile(backend: str) -> None:
     """Say why the first step of an ``int8-compiled`` run takes long (Inductor compiles there, minutes on 2 cores)."""
     if backend == "int8-compiled":
-        console.print("int8-compiled: the first sampling step compiles the network (Inductor; about a minute on a "
-                      "2-core CPU, again for a second batch size), later steps run the compiled graph")
+        err_console.print("int8-compiled: the first sampling step compiles the network (Inductor; about a minute on a "
+                          "2-core CPU, again for a second batch size), later steps run the compiled graph")
 
 
 def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | None, guidance_scale: float | None,

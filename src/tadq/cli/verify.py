@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import USER_ERRORS, console, fail_cleanly, setup
+from tadq.cli.common import USER_ERRORS, console, err_console, fail_cleanly, setup
 from tadq.cli.sample import Verbose
 
 __all__ = ["EXIT_NEWER", "verify_command", "check_tables"]
@@ -105,12 +105,12 @@ def verify_command(
         tables = check_tables(qmodel)
     except NewerVersionError as error:  # not damage: this tadq cannot read it, a newer one can
         if verbose:
-            console.print_exception()
+            err_console.print_exception()
         console.print(f"NEWER {artefact}: {' '.join(str(error).split())}", soft_wrap=True)
         raise typer.Exit(code=EXIT_NEWER) from error
     except USER_ERRORS as error:  # damage of any kind: one FAILED line, exit 1
         if verbose:
-            console.print_exception()
+            err_console.print_exception()
         console.print(f"FAILED {artefact}: {' '.join(str(error).split())}", soft_wrap=True)
         raise typer.Exit(code=1) from error
     verdict, files = ("OK", "files match the manifest") if manifest else (

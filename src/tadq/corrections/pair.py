@@ -25,9 +25,9 @@ from typing import Literal
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tadq.corrections.context import FitContext, bits_of, shape_of
+from tadq.progress import progress_bar
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
 from tadq.sampling.hooks import check_hooks
 
@@ -174,8 +174,9 @@ def collect_trajectory_pair(
     walker = ctx.walker()
     logger.info("collecting a %s trajectory pair: %d samples, %s, %s", mode, num_samples, ctx.plan.key, ctx.bits)
     counted = isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples > 0
-    batches = tqdm(ctx.batches(seed, num_samples), total=-(-num_samples // ctx.batch_size) if counted else None,
-                   desc=f"trajectory pair ({mode})", leave=False, disable=not ctx.progress)  # drawn one at a time
+    batches = progress_bar(ctx.batches(seed, num_samples),
+                           total=-(-num_samples // ctx.batch_size) if counted else None,
+                           desc=f"trajectory pair ({mode})", leave=False, disable=not ctx.progress)  # one at a time
     with torch.no_grad():
         per_batch = [_run_batch(ctx, walker, hooks, batch, mode) for batch in batches]
 

@@ -22,12 +22,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from tadq.corrections.base import Correction, TableKey
 from tadq.corrections.context import FitContext
 from tadq.corrections.fp_cache import FPTrajectory, trajectory_key
 from tadq.corrections.pair import TrajectoryPair
+from tadq.progress import progress_bar
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
 from tadq.sampling.hooks import apply_before_model, check_hooks
 
@@ -115,7 +115,7 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
     x_fp, x_hat = start.x, start.x
     carried_hat = carried_fp = None  # each track's previous x̂_0 on a multistep sampler (Walker.carry)
     what = f"fitting {type(fitting).__name__}" if fitting is not None else "scoring corrections"
-    for position, step in enumerate(tqdm(walker.steps, desc=what, leave=False, disable=not ctx.progress)):
+    for position, step in enumerate(progress_bar(walker.steps, desc=what, leave=False, disable=not ctx.progress)):
         if cached is not None:
             x_fp = cached.states[position]
         x_in = apply_before_model(earlier, x_hat, step)

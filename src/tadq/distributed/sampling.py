@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tadq.api import check_conditions
 from tadq.corrections.base import HookedDenoiser
@@ -41,6 +40,7 @@ from tadq.distributed.store import (
     write_manifest,
 )
 from tadq.distributed.world import World
+from tadq.progress import progress_bar
 from tadq.registry import adapter_for
 from tadq.safefiles import save_checked
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, check_seed
@@ -229,9 +229,9 @@ def sample_sharded(
     parameter = next(denoiser.parameters(), None)
     job = _ChunkJob(call, plan, conditions, hooks, key, out_dir, world.device,
                     None if parameter is None else parameter.dtype)  # states in the model's dtype, as tadq.sample
-    with eval_mode(denoiser), tqdm(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk",
-                                   desc=f"sampling ({world.world_size} ranks)",
-                                   disable=not (progress and world.is_main)) as bar:
+    with eval_mode(denoiser), progress_bar(total=len(chunks), initial=len(chunks) - len(pending), unit="chunk",
+                                           desc=f"sampling ({world.world_size} ranks)",
+                                           disable=not (progress and world.is_main)) as bar:
         for chunk in mine:  # in eval mode: dropout left on made a sample depend on more than (seed, index)
             job.run(chunk)
             if on_chunk_written is not None:

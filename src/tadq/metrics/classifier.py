@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from tadq.progress import progress_bar
 from tadq.safefiles import save_safetensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
@@ -209,7 +209,7 @@ def train_digit_classifier(
     model.train()
     t0 = time.perf_counter()
     loss_value, step = float("nan"), 0
-    bar = tqdm(range(config.epochs), desc="train digits classifier")
+    bar = progress_bar(range(config.epochs), desc="train digits classifier")
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
         for start in range(0, len(order), config.batch_size):
@@ -225,7 +225,7 @@ def train_digit_classifier(
             loss.backward()
             optimizer.step()
             schedule.step()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
     wall = time.perf_counter() - t0
     model.eval()
     heldout_accuracy = _accuracy(model, split.heldout_images, split.heldout_labels)

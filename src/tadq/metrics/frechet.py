@@ -21,9 +21,9 @@ import scipy.linalg
 import torch
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tadq.metrics.classifier import DigitClassifier
+from tadq.progress import progress_bar
 from tadq.safefiles import nonfinite_count
 from tadq.zoo.data import DigitsConfig, load_digits_split
 
@@ -92,7 +92,7 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
     starts = range(0, len(images), batch_size)
     chunks = [
         extractor(images[i : i + batch_size].to(device)).double().cpu()
-        for i in tqdm(starts, desc="FD-digits features", leave=False, disable=len(starts) < 20)
+        for i in progress_bar(starts, desc="FD-digits features", leave=False, disable=len(starts) < 20)
     ]
     return torch.cat(chunks)
 

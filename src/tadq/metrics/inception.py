@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from tadq.metrics.frechet import DEFAULT_RIDGE, check_distance_inputs, frechet_distance, gaussian_statistics
+from tadq.progress import progress_bar
 from tadq.zoo.data import to_unit_range
 
 __all__ = ["INCEPTION_INPUT_SIZE", "InceptionFeatures", "inception_fid"]
@@ -102,7 +102,7 @@ def _features(images: Tensor, extractor: InceptionFeatures, batch_size: int) -> 
     starts = range(0, len(images), batch_size)
     chunks = [
         extractor(images[i : i + batch_size]).double().cpu()
-        for i in tqdm(starts, desc="Inception features", leave=False, disable=len(starts) < 4)
+        for i in progress_bar(starts, desc="Inception features", leave=False, disable=len(starts) < 4)
     ]
     return torch.cat(chunks)
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from tadq.progress import progress_bar
 from tadq.safefiles import save_safetensors
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
@@ -169,7 +169,7 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
     model.train()
     t0 = time.perf_counter()
     loss_value, step = float("nan"), 0
-    bar = tqdm(range(config.epochs), desc="train photo classifier")
+    bar = progress_bar(range(config.epochs), desc="train photo classifier")
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
         for start in range(0, len(order), config.batch_size):
@@ -185,7 +185,7 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
             loss.backward()
             optimizer.step()
             schedule.step()
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
     wall = time.perf_counter() - t0
     model.eval()
     heldout = photo_accuracy(model, split.heldout_images, split.heldout_labels)

@@ -17,17 +17,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from tadq.progress import progress_bar
 from tadq.sampling.conditioning import Conditioning, ConditionSource
 from tadq.sampling.config import SamplerConfig
 from tadq.sampling.context import StepContext
 from tadq.sampling.hooks import SamplingHooks, check_hooks
 from tadq.sampling.plan import SamplingPlan
 from tadq.sampling.walker import Denoiser, WalkBatch, Walker, hooked_step
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
 
 __all__ = ["Denoiser", "SamplingResult", "Trajectory", "hooked_step", "sample"]
 
@@ -186,7 +190,7 @@ def sample(
 
     record = _BatchRecord(states=[], model_inputs=[], eps=[], cond=[]) if record_trajectory else None
     images = []
-    with torch.no_grad(), tqdm(total=num_batches * len(steps), disable=not progress, desc="sampling") as bar:
+    with torch.no_grad(), progress_bar(total=num_batches * len(steps), disable=not progress, desc="sampling") as bar:
         for start in range(0, len(sample_indices), batch_size):
             batch = walker.batch(seed, sample_indices[start: start + batch_size], sample_shape, conditions)
             images.append(_sample_batch(walker, denoiser, hooks, batch, record, bar).cpu())

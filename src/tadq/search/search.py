@@ -32,7 +32,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from tadq._version import __version__
 from tadq.api import check_conditions, load, quantize
@@ -42,6 +41,7 @@ from tadq.corrections.attach import fit_corrections
 from tadq.corrections.fp_cache import FPTrajectoryCache
 from tadq.denoiser import QuantizedDenoiser
 from tadq.io import save_quantized
+from tadq.progress import progress_bar, show_next
 from tadq.recipe import Recipe, save_recipe
 from tadq.registry import adapter_for
 from tadq.safefiles import (
@@ -344,10 +344,10 @@ def run_search(
     # it keys the records and the reference as it keys tadq run's cells; a batch over the count is the same batch
     scoring_batch = min(batch_size, heldout_trajectories)
     records: list[dict[str, Any]] = []
-    bar = tqdm(plan.candidates, desc="tadq recipe", disable=not progress, unit="candidate")
+    bar = progress_bar(plan.candidates, desc="tadq recipe", disable=not progress, unit="candidate")
     current_base = None
     for candidate in bar:
-        bar.set_postfix_str(candidate.name)
+        show_next(bar, candidate.name)
         if candidate.base_candidate != current_base:  # keep one base's models in memory at a time
             builder.memo.clear()
             current_base = candidate.base_candidate

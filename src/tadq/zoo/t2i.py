@@ -33,8 +33,8 @@ from diffusers.training_utils import EMAModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from tadq.progress import progress_bar
 from tadq.safefiles import diffusers_loading_options
 from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
@@ -206,7 +206,7 @@ def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: 
     generator = torch.Generator().manual_seed(config.seed)
     t0, curve, recent = time.perf_counter(), [], []
     vae.train()
-    bar = tqdm(range(config.vae_steps), desc="train t2i VAE")
+    bar = progress_bar(range(config.vae_steps), desc="train t2i VAE")
     for step in bar:
         x = train[torch.randint(0, len(train), (config.vae_batch_size,), generator=generator)]
         posterior = vae.encode(x).latent_dist
@@ -221,7 +221,7 @@ def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: 
         recent = (recent + [loss.item()])[-100:]
         if (step + 1) % 100 == 0:
             curve.append(round(sum(recent) / len(recent), 6))
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
         heldout_psnr = _psnr(vae.decode(vae.encode(heldout).latent_dist.mode()).sample, heldout)
@@ -299,7 +299,7 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
     unet.train()
     text_encoder.train(config.train_text_encoder)
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train t2i UNet + text")
+    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc="train t2i UNet + text")
     loss_value = recent[-1] if recent else float("nan")
     for step in bar:
         index = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
@@ -326,7 +326,7 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
         recent = (recent + [loss_value])[-100:]
         if (step + 1) % 100 == 0:
             curve.append(round(sum(recent) / len(recent), 6))
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(checkpoint, {
                 "config": asdict(config), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),

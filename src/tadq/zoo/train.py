@@ -20,8 +20,8 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from tadq.progress import progress_bar
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
 from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
@@ -173,7 +173,7 @@ def train_ddpm(
         logger.info("resuming from step %d", start)
     unet.train()
     t0 = time.perf_counter() - elapsed
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc=desc)
+    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc=desc)
     loss_value = recent[-1] if recent else float("nan")
     for step in bar:
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
@@ -196,7 +196,7 @@ def train_ddpm(
         optimizer.step()
         ema.step(unet.parameters())
         recent = (recent + [loss_value])[-100:]
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
             save_checkpoint(checkpoint, {
                 "config": asdict(config), "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),

@@ -1,0 +1,70 @@
+"""tadq's progress bars: ``tqdm.auto``'s, redrawn rarely where nobody watches them live.
+
+tqdm redraws a bar up to ten times a second, each redraw a carriage return and the whole bar again. On a
+terminal that is one line updating in place; in a CI log, a ``2> run.log`` file or a batch job's output it is
+tens of thousands of bar copies for an hour-long run. Where stderr is not a terminal (and not a notebook, whose
+widget updates in place) every bar here redraws at most every ``NON_TERMINAL_INTERVAL_S`` seconds, and still
+shows its start and its end. A ``mininterval`` given by the caller, or tqdm's own ``TQDM_MININTERVAL``
+environment variable, wins. A postfix set on every step (a training loss) is passed ``refresh=False`` for the
+same reason: tqdm's default redraws the bar at once, whatever its interval.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+from tqdm.auto import tqdm
+
+__all__ = ["NON_TERMINAL_INTERVAL_S", "bars_cleared", "close_bars", "progress_bar", "show_next"]
+
+NON_TERMINAL_INTERVAL_S = 30.0
+
+
+def _is_terminal(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):  # no isatty, or a closed stream
+        return False
+
+
+def _in_notebook() -> bool:
+    from tqdm.autonotebook import tqdm as chosen
+
+    return chosen.__module__ != "tqdm.std"
+
+
+def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
+    """``tqdm(iterable, **options)``, with ``mininterval`` (and ``maxinterval``, tqdm's forced redraw)
+    ``NON_TERMINAL_INTERVAL_S`` when its stream (``file``, default stderr) is not a terminal."""
+    stream = options.get("file") or sys.stderr
+    if ("mininterval" not in options and "TQDM_MININTERVAL" not in os.environ and not _is_terminal(stream)
+            and not _in_notebook()):
+        options["mininterval"] = NON_TERMINAL_INTERVAL_S
+        options.setdefault("maxinterval", NON_TERMINAL_INTERVAL_S)
+    return tqdm(iterable, **options)
+
+
+def show_next(bar: tqdm, text: str) -> None:
+    """Name the work a bar starts next (a unit, a candidate) in its postfix, redrawn now if the bar is due a redraw
+    (on a terminal: nearly always; on a log: every ``NON_TERMINAL_INTERVAL_S`` seconds), else at its next one."""
+    bar.set_postfix_str(text, refresh=False)
+    if not bar.disable and bar._time() - bar.last_print_t >= bar.mininterval:
+        bar.refresh()
+        bar.last_print_t = bar._time()
+
+
+def bars_cleared() -> AbstractContextManager:
+    """Around a write to stderr (a log record): the bars drawn there are cleared first and redrawn after, so the
+    line starts on a line of its own instead of after a bar's text (tqdm's ``external_write_mode``)."""
+    return tqdm.external_write_mode(file=sys.stderr)
+
+
+def close_bars() -> None:
+    """Close every bar still open: an interrupted loop's stays open (its generator lives on in the traceback) and
+    would otherwise be drawn again, at exit, below whatever is printed last."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()

@@ -1,0 +1,100 @@
+"""Progress bars where stderr is not a terminal (CI logs, ``2> run.log``): redrawn every
+``NON_TERMINAL_INTERVAL_S`` seconds, not ten times a second. tqdm's default wrote one carriage-return copy of the
+bar per 0.1 s of work, tens of thousands of copies over an hour-long calibration or sampling run."""
+
+from __future__ import annotations
+
+import ast
+import io
+from pathlib import Path
+
+import pytest
+import tqdm.std
+
+import tadq
+from tadq.progress import NON_TERMINAL_INTERVAL_S, progress_bar, show_next
+from tadq.sampling import SamplerConfig
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "tadq"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _default_mininterval() -> float:
+    with tqdm.std.tqdm(file=io.StringIO()) as bar:
+        return bar.mininterval
+
+
+def test_a_bar_on_a_stream_that_is_not_a_terminal_redraws_rarely(monkeypatch):
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    with progress_bar(range(3), file=io.StringIO()) as bar:
+        assert bar.mininterval == NON_TERMINAL_INTERVAL_S
+    with progress_bar(range(3), file=_Terminal()) as bar:  # a terminal keeps tqdm's live bar
+        assert bar.mininterval == _default_mininterval() < NON_TERMINAL_INTERVAL_S
+    with progress_bar(range(3), file=io.StringIO(), mininterval=1.5) as bar:  # the caller's own wins
+        assert bar.mininterval == 1.5
+    monkeypatch.setenv("TQDM_MININTERVAL", "2.5")  # so does tqdm's variable (which tqdm reads when imported)
+    with progress_bar(range(3), file=io.StringIO()) as bar:
+        assert bar.mininterval == _default_mininterval()
+
+
+def test_sampling_to_a_log_file_writes_a_few_bars_not_one_per_step(tiny_unet, ddpm_scheduler, monkeypatch):
+    """A fake clock (one second per reading): tqdm's 0.1 s interval redrew the bar at every step."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    clock = iter(range(10**6))
+    monkeypatch.setattr(tqdm.std, "time", lambda: float(next(clock)))
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    steps = 40
+    tadq.sample(tiny_unet, ddpm_scheduler, SamplerConfig("ddim", num_steps=steps), num_samples=1, seed=0)
+    elapsed = next(clock)
+    redraws = log.getvalue().count("\r")
+    assert 0 < redraws <= elapsed / NON_TERMINAL_INTERVAL_S + 2, log.getvalue()  # + the first and the last
+    assert redraws < steps
+
+
+def test_a_note_per_step_waits_for_the_bars_interval(monkeypatch):
+    """The reconstruction's unit names and the training loops' losses: ``set_postfix``'s default refresh redrew the
+    bar once per unit or step however long its interval. On a terminal the note is drawn at once."""
+    clock = iter(range(10**6))
+    monkeypatch.setattr(tqdm.std, "time", lambda: float(next(clock)))
+    steps = 60
+    log = io.StringIO()
+    for step in (bar := progress_bar(range(steps), file=log)):
+        show_next(bar, f"unit {step}")
+    elapsed = next(clock)
+    redraws = log.getvalue().count("\r")
+    assert redraws <= 2 * (elapsed / NON_TERMINAL_INTERVAL_S) + 2 < steps, log.getvalue()
+    assert "unit 59" in log.getvalue().rsplit("\r", 1)[-1]  # the closing bar names the last one
+    terminal = _Terminal()
+    with progress_bar(total=2, file=terminal) as bar:
+        show_next(bar, "the first unit")
+        assert "the first unit" in terminal.getvalue()
+
+
+def test_no_module_draws_a_bar_past_the_helper():
+    """Every bar of the library goes through ``tadq.progress.progress_bar`` (imports for annotations aside)."""
+    direct = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "progress.py" and path.parent == SRC:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        checked = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and getattr(block.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(block)}
+        direct += [f"{path.relative_to(SRC)}:{node.lineno}" for node in ast.walk(tree)
+                   if isinstance(node, ast.Import | ast.ImportFrom) and id(node) not in checked
+                   and any((getattr(node, "module", None) or alias.name).split(".")[0] == "tqdm"
+                           for alias in node.names)]
+    assert not direct, f"tqdm imported directly (use tadq.progress.progress_bar): {direct}"
+
+
+@pytest.mark.parametrize("stream", [None, io.StringIO()])
+def test_a_disabled_bar_writes_nothing(stream, monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    for _ in progress_bar(range(5), disable=True, file=stream):
+        pass
+    assert log.getvalue() == "" and (stream is None or stream.getvalue() == "")
