@@ -35,10 +35,10 @@ def _termination_signals() -> tuple[int, ...]:
 
 def stopped_by(code: object) -> str | None:
     """The signal a command's exit code says stopped it: "Ctrl-C" for 130 (typer's code for ``KeyboardInterrupt``),
-    "SIGTERM"/"SIGHUP" for ``128 + signal`` as ``_unwind`` raises it; ``None`` for any other exit."""
+    "SIGTERM"/"SIGHUP"/"SIGBREAK" for ``128 + signal`` as ``_unwind`` raises it; ``None`` for any other exit."""
     if code == 128 + signal.SIGINT:
         return "Ctrl-C"
-    return next((signal.Signals(signum).name for signum in _SIGNALS if code == 128 + signum), None)
+    return next((signal.Signals(signum).name for signum in _termination_signals() if code == 128 + signum), None)
 
 
 def _unwind(signum: int, frame: FrameType | None) -> None:
