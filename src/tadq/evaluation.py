@@ -73,7 +73,7 @@ def fd_reference(resolution: int) -> DigitsFeatureSpace:
 
 def quality_metrics(
     images: Tensor, states: Tensor, reference_images: Tensor, reference_states: Tensor,
-    features: FeatureSpace | None, expected_labels: Tensor | None = None,
+    features: FeatureSpace | None, expected_labels: Tensor | None = None, progress: bool = True,
 ) -> QualityMetrics:
     """Metrics of samples against reference samples drawn from the same noise.
 
@@ -87,13 +87,14 @@ def quality_metrics(
         reference_states: FP trajectory (S+1, N, C, H, W).
         features: the feature space of the Fréchet distance and agreement; ``None`` skips both.
         expected_labels: (N,) the label each sample was prompted with; measured by ``features.prompted_accuracy``.
+        progress: show the feature-extraction bars of a long Fréchet distance.
     """
     if expected_labels is not None and features is None:
         raise ValueError("prompt agreement needs a feature space that reads labels; got expected_labels without one")
     is_reference = images is reference_images
     images, reference = images.clamp(-1, 1), reference_images.clamp(-1, 1)
     return QualityMetrics(
-        fd=features.fd(images) if features is not None else None,
+        fd=features.fd(images, progress) if features is not None else None,
         agreement=features.agreement(images, reference) if features is not None else None,
         psnr=None if is_reference else float(psnr_per_sample(images, reference).mean()),
         ssim=None if is_reference or not ssim_measurable(images.shape[1:]) else float(
@@ -212,8 +213,10 @@ def evaluate_against_reference(
     fp_states, q_states = fp.trajectory.states, quantized.trajectory.states
     return Evaluation(
         reference=fp, candidate=quantized,
-        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, features),
-        candidate_metrics=quality_metrics(quantized.images, q_states, fp.images, fp_states, features),
+        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, features,
+                                          progress=progress),
+        candidate_metrics=quality_metrics(quantized.images, q_states, fp.images, fp_states, features,
+                                          progress=progress),
         per_step_mse=per_step_mse(fp_states, q_states),
         fd_floor=features.floor if features is not None else None,
     )

@@ -107,3 +107,17 @@ def test_loading_the_shipped_classifiers_leaves_the_callers_torch_rng_stream_alo
     load_digit_classifier()
     load_photo_classifier()
     assert torch.equal(torch.randn(8), expected)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_the_distance_shows_its_feature_bar_only_when_the_caller_shows_progress(digits_space, capsys,
+                                                                                 progress) -> None:
+    """``quality_metrics(progress=False)`` (as ``evaluate_against_reference`` passes it) printed the FD-digits
+    feature bar anyway: it turned on by sample count alone."""
+    heldout = load_digits_split().heldout_images
+    count = 20 * 256  # digit_features draws its bar from 20 batches of its default 256 on
+    images = heldout.repeat(-(-count // len(heldout)), 1, 1, 1)[:count]
+    capsys.readouterr()
+    quality_metrics(images, images[None], images, images[None], digits_space, progress=progress)
+    bar = capsys.readouterr().err
+    assert ("FD-digits features" in bar) is progress, bar

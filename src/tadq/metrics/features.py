@@ -53,8 +53,9 @@ class FeatureSpace(ABC):
     floor: float | None = None
 
     @abstractmethod
-    def features(self, images: Tensor) -> Tensor:
-        """Float64 features (N, D) of images (N, C, H, W) in [-1, 1]."""
+    def features(self, images: Tensor, progress: bool = True) -> Tensor:
+        """Float64 features (N, D) of images (N, C, H, W) in [-1, 1]; ``progress=False`` (the caller's setting)
+        hides any bar the extraction shows."""
 
     def agreement(self, images: Tensor, reference: Tensor) -> float | None:
         """Share of samples whose predicted label equals the reference sample's; ``None`` without a label reader."""
@@ -80,14 +81,15 @@ class FeatureSpace(ABC):
                 f"{tuple(sample_shape)}; choose features that fit the data (tadq evaluate --features PATH "
                 "--reference-images PATH) or none (--features none: PSNR, SSIM and trajectory error only)")
 
-    def fd(self, images: Tensor) -> float:
-        """Fréchet distance between the real images and ``images`` in this feature space (float64, ridge 1e-6)."""
+    def fd(self, images: Tensor, progress: bool = True) -> float:
+        """Fréchet distance between the real images and ``images`` in this feature space (float64, ridge 1e-6);
+        ``progress=False`` hides the feature-extraction bars."""
         self.check_fits(tuple(images.shape[1:]))
         if len(images) < 2:
             raise MetricMismatchError(f"FD-{self.name} needs at least 2 samples for a covariance, got {len(images)}")
         check_distance_inputs(images, f"FD-{self.name}")
-        mu_r, sigma_r = gaussian_statistics(self.features(self.real))
-        mu_f, sigma_f = gaussian_statistics(self.features(images))
+        mu_r, sigma_r = gaussian_statistics(self.features(self.real, progress))
+        mu_f, sigma_f = gaussian_statistics(self.features(images, progress))
         return frechet_distance(mu_r, sigma_r, mu_f, sigma_f)
 
 
@@ -120,8 +122,8 @@ class DigitsFeatureSpace(FeatureSpace):
                 "that fit the data (tadq evaluate --features FILE.pt --reference-images FILE) or none "
                 "(--features none: PSNR, SSIM and trajectory error only)")
 
-    def features(self, images: Tensor) -> Tensor:
-        return digit_features(images, self.classifier)
+    def features(self, images: Tensor, progress: bool = True) -> Tensor:
+        return digit_features(images, self.classifier, progress=progress)
 
     def agreement(self, images: Tensor, reference: Tensor) -> float | None:
         return classifier_agreement(images, reference, self.classifier)
@@ -153,7 +155,7 @@ class PhotosFeatureSpace(FeatureSpace):
         self.floor_samples = min(floor_samples, len(order))
         self.floor = self.fd(split.train_images[order[: self.floor_samples]])
 
-    def features(self, images: Tensor) -> Tensor:
+    def features(self, images: Tensor, progress: bool = True) -> Tensor:
         if images is self.real and hasattr(self, "_real_features"):
             return self._real_features
         return photo_features(images, self.classifier)
@@ -234,7 +236,7 @@ class TorchScriptFeatureSpace(FeatureSpace):
                                       f"real images {tuple(self.real.shape)}")
 
     @torch.no_grad()
-    def features(self, images: Tensor) -> Tensor:
+    def features(self, images: Tensor, progress: bool = True) -> Tensor:
         if images is self.real and hasattr(self, "_real_features"):
             return self._real_features
         try:

@@ -83,8 +83,10 @@ def check_distance_inputs(images: Tensor, name: str) -> None:
                          "produced non-finite samples, so no distance can be computed")
 
 
-def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int = 256) -> Tensor:
-    """Float64 features (N, num_features) of images (N, 1, H, W) in [-1, 1], computed in batches in eval mode."""
+def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int = 256,
+                   progress: bool = True) -> Tensor:
+    """Float64 features (N, num_features) of images (N, 1, H, W) in [-1, 1], computed in batches in eval mode;
+    ``progress=False`` (a caller's own setting) hides the bar a long extraction otherwise shows."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     extractor = DigitFeatures(classifier)
@@ -92,7 +94,8 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
     starts = range(0, len(images), batch_size)
     chunks = [
         extractor(images[i : i + batch_size].to(device)).double().cpu()
-        for i in progress_bar(starts, desc="FD-digits features", leave=False, disable=len(starts) < 20)
+        for i in progress_bar(starts, desc="FD-digits features", leave=False,
+                                  disable=not progress or len(starts) < 20)
     ]
     return torch.cat(chunks)
 

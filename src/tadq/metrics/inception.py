@@ -98,11 +98,12 @@ class InceptionFeatures(nn.Module):
         return self._call(self.prepare(images.to(self.device)))
 
 
-def _features(images: Tensor, extractor: InceptionFeatures, batch_size: int) -> Tensor:
+def _features(images: Tensor, extractor: InceptionFeatures, batch_size: int, progress: bool = True) -> Tensor:
     starts = range(0, len(images), batch_size)
     chunks = [
         extractor(images[i : i + batch_size]).double().cpu()
-        for i in progress_bar(starts, desc="Inception features", leave=False, disable=len(starts) < 4)
+        for i in progress_bar(starts, desc="Inception features", leave=False,
+                                  disable=not progress or len(starts) < 4)
     ]
     return torch.cat(chunks)
 
@@ -114,11 +115,13 @@ def inception_fid(
     batch_size: int = 50,
     eps: float = DEFAULT_RIDGE,
     device: str | torch.device = "cpu",
+    progress: bool = True,
 ) -> float:
     """FID between real and generated images (N, C, H, W) in [-1, 1] (C = 1 or 3, the same in both) with a local
     TorchScript Inception.
 
-    The distance is computed as in ``tadq.metrics.frechet.frechet_distance`` (float64, ridge ``eps``).
+    The distance is computed as in ``tadq.metrics.frechet.frechet_distance`` (float64, ridge ``eps``);
+    ``progress=False`` hides the feature-extraction bar.
     """
     for name, images in (("real", real), ("fake", fake)):
         check_distance_inputs(images, name)
@@ -129,6 +132,6 @@ def inception_fid(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     extractor = InceptionFeatures(weights_path, device=device)
-    mu_r, sigma_r = gaussian_statistics(_features(real, extractor, batch_size))
-    mu_f, sigma_f = gaussian_statistics(_features(fake, extractor, batch_size))
+    mu_r, sigma_r = gaussian_statistics(_features(real, extractor, batch_size, progress))
+    mu_f, sigma_f = gaussian_statistics(_features(fake, extractor, batch_size, progress))
     return frechet_distance(mu_r, sigma_r, mu_f, sigma_f, eps=eps)
