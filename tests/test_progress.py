@@ -98,3 +98,34 @@ def test_a_disabled_bar_writes_nothing(stream, monkeypatch):
     for _ in progress_bar(range(5), disable=True, file=stream):
         pass
     assert log.getvalue() == "" and (stream is None or stream.getvalue() == "")
+
+
+def test_a_bar_opened_under_another_is_erased_when_it_ends():
+    """``tadq recipe``'s candidates: each one's inner bars (sampling, reconstruction) stayed on screen after it."""
+    with progress_bar(range(3), file=io.StringIO()) as outer:
+        assert outer.leave is True
+        with progress_bar(range(3), file=io.StringIO()) as inner:
+            assert inner.leave is False
+        with progress_bar(range(3), file=io.StringIO(), leave=True) as kept:  # the caller's own wins
+            assert kept.leave is True
+    with progress_bar(range(3), file=io.StringIO(), disable=True):  # a hidden bar owns no line
+        with progress_bar(range(3), file=io.StringIO()) as alone:
+            assert alone.leave is True
+
+
+def test_the_sampling_bar_under_an_outer_bar_is_transient(tiny_unet, ddpm_scheduler, monkeypatch):
+    import tadq.sampling.loop as loop
+
+    bars = []
+
+    def recorded(*args, **options):
+        bars.append(progress_bar(*args, **options))
+        return bars[-1]
+
+    monkeypatch.setattr(loop, "progress_bar", recorded)
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    tadq.sample(tiny_unet, ddpm_scheduler, SamplerConfig("ddim", num_steps=2), num_samples=1, seed=0)
+    with progress_bar(range(1), desc="tadq recipe"):
+        tadq.sample(tiny_unet, ddpm_scheduler, SamplerConfig("ddim", num_steps=2), num_samples=1, seed=0)
+    assert [bar.desc for bar in bars] == ["sampling", "sampling"]
+    assert [bar.leave for bar in bars] == [True, False]

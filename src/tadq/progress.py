@@ -6,7 +6,9 @@ tens of thousands of bar copies for an hour-long run. Where stderr is not a term
 widget updates in place) every bar here redraws at most every ``NON_TERMINAL_INTERVAL_S`` seconds, and still
 shows its start and its end. A ``mininterval`` given by the caller, or tqdm's own ``TQDM_MININTERVAL``
 environment variable, wins. A postfix set on every step (a training loss) is passed ``refresh=False`` for the
-same reason: tqdm's default redraws the bar at once, whatever its interval.
+same reason: tqdm's default redraws the bar at once, whatever its interval. A bar opened while another is
+drawn (a candidate's sampling under ``tadq recipe``'s bar) is erased when it ends unless its caller says
+``leave``: left, every finished inner bar stayed on screen below the outer one.
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ def _in_notebook() -> bool:
 
 def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
     """``tqdm(iterable, **options)``, with ``mininterval`` (and ``maxinterval``, tqdm's forced redraw)
-    ``NON_TERMINAL_INTERVAL_S`` when its stream (``file``, default stderr) is not a terminal."""
+    ``NON_TERMINAL_INTERVAL_S`` when its stream (``file``, default stderr) is not a terminal, and ``leave=False``
+    when another bar is open (an outer bar owns the line; tqdm drops disabled and closed bars from the open ones)."""
+    options.setdefault("leave", not getattr(tqdm, "_instances", ()))
     stream = options.get("file") or sys.stderr
     if ("mininterval" not in options and "TQDM_MININTERVAL" not in os.environ and not _is_terminal(stream)
             and not _in_notebook()):
