@@ -320,3 +320,24 @@ def test_a_lower_precision_model_is_quantized_from_one_float32_copy(dtype, tiny_
     assert state.keys() == reference.keys()
     assert all(torch.equal(state[key], reference[key]) for key in state if isinstance(state[key], torch.Tensor))
     assert torch.equal(_sample(qmodel, ddpm_scheduler), _sample(copied_twice, ddpm_scheduler))
+
+
+@pytest.mark.parametrize("method", ["naive", "tfmq-naive"])
+def test_a_given_calibration_set_in_another_dtype_is_moved_to_the_models(method, tiny_unet, ddpm_scheduler):
+    """TFMQ fed a given set as it came (a float64 copy: "Input type (double) and bias type (float)"; one on another
+    device: refused), where the naive and Q-Diffusion bases move it to the model's device and dtype."""
+    from tadq.calibration import collect_calibration_set
+    from tadq.registry import adapter_for
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    settings = TFMQConfig(tiar=False, fsc="off", num_samples=4, fsc_samples_per_step=2)
+    chosen = NaiveMethod() if method == "naive" else TFMQMethod(base="naive", tfmq=settings)
+    recipe = Recipe.from_preset("W8A8", method=chosen, calibration=CALIB, deployments=(Deployment(SAMPLER),))
+    calibration = collect_calibration_set(tiny_unet, adapter_for(tiny_unet), ddpm_scheduler.config, CALIB,
+                                          progress=False)
+    wide = dataclasses.replace(calibration, x=calibration.x.double(), eps=calibration.eps.double())
+    built = [api.quantize(tiny_unet, ddpm_scheduler, recipe, calibration=given, progress=False).model.state_dict()
+             for given in (calibration, wide)]
+    assert built[0].keys() == built[1].keys()
+    for name, value in built[0].items():  # float32 → float64 → float32 is exact: the very same model
+        assert torch.equal(value, built[1][name]), name

@@ -50,6 +50,13 @@ def calibration_on(calibration: CalibrationSet, device: torch.device,
     return dataclasses.replace(calibration, **moved)
 
 
+def calibration_for(calibration: CalibrationSet, model: nn.Module) -> CalibrationSet:
+    """``calibration`` on ``model``'s device with its states in the model's dtype (float32 for a model without
+    parameters): a set collected elsewhere (another device, a float64 copy) feeds the network as its own would."""
+    first = next(model.parameters(), None)
+    return calibration_on(calibration, model_device(model), torch.float32 if first is None else first.dtype)
+
+
 def calibrated_structure(
     model: nn.Module, reference: nn.Module, scheduler, config: QuantConfig, *, calibration: CalibrationSet | None,
     cache_dir: str | Path | None, progress: bool, conditions: ConditionSource | None = None,
@@ -66,8 +73,7 @@ def calibrated_structure(
         calibration = collect_calibration_set(reference, adapter, scheduler, config.calibration,
                                               cache_dir=cache_dir, progress=progress, conditions=conditions,
                                               guidance_scale=guidance_scale)
-    first = next(model.parameters(), None)
-    calibration = calibration_on(calibration, model_device(model), torch.float32 if first is None else first.dtype)
+    calibration = calibration_for(calibration, model)
     if before_ranges is not None:
         before_ranges(qmodel, calibration)
     if config.activations.enabled:

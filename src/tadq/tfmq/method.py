@@ -21,7 +21,7 @@ from torch import nn
 from tadq.calibration import CalibrationSet
 from tadq.config import QuantConfig, ReconstructionConfig
 from tadq.denoiser import QuantizedDenoiser
-from tadq.methods import check_base, model_device, quantize_svdquant
+from tadq.methods import check_base, quantize_svdquant
 from tadq.recipe import register_quant_method
 from tadq.registry import adapter_for
 from tadq.sampling.conditioning import ConditionSource
@@ -84,8 +84,6 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
     if model is not reference and recipe.method.base != "svdquant":
         raise NotImplementedError("TFMQ-DM reconstructs against the FP model itself: run it with the reference in "
                                   "float32 (dtype=float32)")
-    if calibration is not None and calibration.x.device != model_device(model):
-        raise ValueError(f"the calibration set is on {calibration.x.device}, the model on {model_device(model)}")
     if recipe.method.base == "svdquant":
         check_temporal_path(model, adapter_for(model))  # before SVDQuant's calibration
         deployment_grid(scheduler, recipe.sampler)

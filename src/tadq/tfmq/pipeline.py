@@ -25,7 +25,7 @@ from tadq.calibration.reconstruction import reconstruct
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.corrections.stack import CorrectionStack
 from tadq.denoiser import QuantizedDenoiser
-from tadq.methods import calibration_on
+from tadq.methods import calibration_for, calibration_on
 from tadq.prepare import build_quantized_structure, calibrate_activations
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig, SamplingPlan
@@ -70,7 +70,8 @@ def quantize_tfmq(
             reconstruction after TIAR, ``"naive"`` none.
         tfmq_config: TIAR, FSC and maintenance settings.
         sampler: the deployment sampler: the finite set of timesteps every per-step table is built for.
-        calibration: the base calibration set (collected from ``quant_config.calibration`` when ``None``).
+        calibration: the base calibration set (collected from ``quant_config.calibration`` when ``None``; moved to
+            the model's device and dtype).
         cache_dir: where calibration sets are cached between runs.
         checkpoint: block-reconstruction checkpoint file.
         conditions: per-sample conditions of the FP trajectories (calibration set, model-wide FSC) of a conditional
@@ -93,6 +94,7 @@ def quantize_tfmq(
         calibration = collect_calibration_set(model, adapter, scheduler.config, quant_config.calibration,
                                               cache_dir=cache_dir, progress=progress, conditions=conditions,
                                               guidance_scale=guidance_scale)
+    calibration = calibration_for(calibration, model)  # as the naive and Q-Diffusion bases take a given set
     if quant_config.activations.enabled:
         calibrate_activations(qmodel, calibration, quant_config.calibration.batch_size, quant_config.calibration.seed,
                               progress)
