@@ -129,3 +129,29 @@ def test_the_sampling_bar_under_an_outer_bar_is_transient(tiny_unet, ddpm_schedu
         tadq.sample(tiny_unet, ddpm_scheduler, SamplerConfig("ddim", num_steps=2), num_samples=1, seed=0)
     assert [bar.desc for bar in bars] == ["sampling", "sampling"]
     assert [bar.leave for bar in bars] == [True, False]
+
+
+@pytest.fixture
+def bars_off():
+    from tadq.progress import set_progress
+
+    set_progress(False)
+    yield
+    set_progress(True)
+
+
+def test_the_process_switch_hides_bars_their_caller_asked_for(bars_off, monkeypatch):
+    """``tadq --quiet``: a bar with no switch of its own (training loops) or one its caller turned on still drew."""
+    from tadq.progress import set_progress
+
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    for _ in progress_bar(range(5), desc="no switch"):
+        pass
+    for _ in progress_bar(range(5), desc="asked for", disable=False):
+        pass
+    assert log.getvalue() == ""
+    set_progress(True)  # and the bars come back when it is turned on again
+    for _ in progress_bar(range(5), desc="shown"):
+        pass
+    assert "shown" in log.getvalue()

@@ -8,7 +8,9 @@ shows its start and its end. A ``mininterval`` given by the caller, or tqdm's ow
 environment variable, wins. A postfix set on every step (a training loss) is passed ``refresh=False`` for the
 same reason: tqdm's default redraws the bar at once, whatever its interval. A bar opened while another is
 drawn (a candidate's sampling under ``tadq recipe``'s bar) is erased when it ends unless its caller says
-``leave``: left, every finished inner bar stayed on screen below the outer one.
+``leave``: left, every finished inner bar stayed on screen below the outer one. ``set_progress(False)`` (the
+CLI's ``--quiet``) hides every bar of the process, those whose caller has no ``progress`` setting of its own
+(training loops, a sharded run's metrics) included.
 """
 
 from __future__ import annotations
@@ -21,9 +23,23 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-__all__ = ["NON_TERMINAL_INTERVAL_S", "bars_cleared", "close_bars", "progress_bar", "show_next"]
+__all__ = ["NON_TERMINAL_INTERVAL_S", "bars_cleared", "close_bars", "progress_bar", "progress_enabled",
+           "set_progress", "show_next"]
 
 NON_TERMINAL_INTERVAL_S = 30.0
+_enabled = True  # set_progress's switch: off, no bar of this process draws anything
+
+
+def set_progress(enabled: bool) -> None:
+    """Turn every tadq progress bar of this process on or off (``tadq --quiet``): a caller's ``progress=False``
+    hides one call's bars, this hides all of them, bars with no switch of their own included."""
+    global _enabled
+    _enabled = bool(enabled)
+
+
+def progress_enabled() -> bool:
+    """Whether ``set_progress`` lets bars draw (the default)."""
+    return _enabled
 
 
 def _is_terminal(stream: Any) -> bool:
@@ -42,7 +58,10 @@ def _in_notebook() -> bool:
 def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
     """``tqdm(iterable, **options)``, with ``mininterval`` (and ``maxinterval``, tqdm's forced redraw)
     ``NON_TERMINAL_INTERVAL_S`` when its stream (``file``, default stderr) is not a terminal, and ``leave=False``
-    when another bar is open (an outer bar owns the line; tqdm drops disabled and closed bars from the open ones)."""
+    when another bar is open (an outer bar owns the line; tqdm drops disabled and closed bars from the open ones);
+    disabled whatever the caller says while ``set_progress(False)`` holds."""
+    if not _enabled:
+        options["disable"] = True
     options.setdefault("leave", not getattr(tqdm, "_instances", ()))
     stream = options.get("file") or sys.stderr
     if ("mininterval" not in options and "TQDM_MININTERVAL" not in os.environ and not _is_terminal(stream)

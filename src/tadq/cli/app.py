@@ -30,6 +30,7 @@ from tadq.cli.common import (
     hold_output,
     read_prompt_file,
     sampler_kind_flag,
+    set_quiet,
     setup,
 )
 from tadq.cli.evaluate import evaluate_command
@@ -44,6 +45,20 @@ from tadq.config import DEFAULT_FP_LAYERS
 # plain help text: rich's boxed tables cut long flag names to "--calib-traject…" in an 80-column terminal
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="tadq: timestep-aware post-training quantization of diffusion models.")
+
+
+@app.callback()
+def _global_options(
+    ctx: typer.Context,
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars, info logs or notes on stderr "
+                               "(warnings and errors are still written); give it before the command: tadq -q "
+                               "sample ..."),
+) -> None:
+    """tadq: timestep-aware post-training quantization of diffusion models."""
+    before = set_quiet(quiet)
+    ctx.call_on_close(lambda: set_quiet(before))  # the CLI called from Python: the caller's bars come back after
+
+
 app.add_typer(zoo_app, name="zoo")
 app.command("quantize")(quantize_command)
 app.command("sample")(sample_command)

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 __all__ = ["console", "err_console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file",
            "require_file", "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
            "class_conditions_for", "default_or_count", "check_sampling_flags",
-           "check_steps_fit", "check_seed_flags", "sampler_kind_flag", "hold_output"]
+           "check_steps_fit", "check_seed_flags", "sampler_kind_flag", "hold_output", "set_quiet", "note"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -53,7 +53,7 @@ USER_ERRORS = (ValueError, TypeError, NotImplementedError, FileNotFoundError, Fi
 # (a name too long for the file system used to end `tadq sample`/`verify` in a traceback from stat)
 PATH_ERRNOS = frozenset({errno.ENAMETOOLONG, errno.ELOOP, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR,
                          errno.EISDIR, errno.EACCES, errno.EPERM, errno.EEXIST, errno.ENOENT})
-_state: dict[str, Any] = {"verbose": False, "threads": None}
+_state: dict[str, Any] = {"verbose": False, "quiet": False, "threads": None}
 
 # markup and emoji codes off: what tadq prints holds the user's paths, prompts and error messages, and rich read
 # "runs/[/x]" as a closing tag (a MarkupError after the whole command had run), "[int8]" as a style (dropped from
@@ -79,10 +79,30 @@ class _BarSafeHandler(RichHandler):
             super().emit(record)
 
 
+def set_quiet(quiet: bool) -> bool:
+    """``tadq --quiet``: no progress bar, no info log record or note, for the commands of this invocation (warnings
+    and errors are still written to stderr). Returns the setting it replaced, for the caller to restore."""
+    from tadq.progress import set_progress
+
+    before = _state["quiet"]
+    _state["quiet"] = quiet
+    set_progress(not quiet)
+    return before
+
+
+def note(text: str) -> None:
+    """A note on the work under way (the sampler chosen, a compile ahead) on stderr, left out under ``--quiet``."""
+    if not _state["quiet"]:
+        err_console.print(text)
+
+
 def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
     """Logging and threads; the device and dtype resolved (``BadParameter`` naming one torch does not have)."""
+    if verbose and _state["quiet"]:  # debug records or none: one of the two asks for the opposite of the other
+        raise typer.BadParameter("--verbose and tadq --quiet contradict each other; give one of them")
     _state["verbose"] = verbose
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+    level = logging.DEBUG if verbose else logging.WARNING if _state["quiet"] else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s",
                         handlers=[_BarSafeHandler(console=err_console, show_path=False)], force=True)
     for noisy in ("matplotlib", "PIL", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

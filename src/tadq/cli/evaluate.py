@@ -16,6 +16,7 @@ from tadq.cli.common import (
     err_console,
     fail_cleanly,
     hold_output,
+    note,
     setup,
 )
 from tadq.cli.sample import (
@@ -225,7 +226,7 @@ def evaluate_command(
                                                          device=torch_device, dtype=torch_dtype, command="evaluate")
         fp_model, fp_scheduler = load_pipeline_parts(reference)
         if match_freeu(fp_model, qmodel.model) is not None:
-            err_console.print("the artefact runs with FreeU: the FP reference runs with the same factors")
+            note("the artefact runs with FreeU: the FP reference runs with the same factors")
         fp_model = place_model(fp_model, torch_device, torch_dtype)
         image_shape = decoded_shape(qmodel.sample_shape, decoder)
         resolution = image_shape[-1]

@@ -21,9 +21,9 @@ from tadq.cli.common import (
     check_steps_fit,
     class_conditions_for,
     console,
-    err_console,
     fail_cleanly,
     hold_output,
+    note,
     read_prompt_file,
     require_file,
     sampler_kind_flag,
@@ -254,7 +254,7 @@ def with_pipeline_sampler(recipe: Recipe, pipe: Any) -> Recipe:
     sampler = pipeline_sampler(pipe, recipe.sampler)
     if sampler == recipe.sampler:
         return recipe
-    err_console.print(f"sampler {sampler.key}: the pipeline's own flow grid and shift (recorded in the recipe)")
+    note(f"sampler {sampler.key}: the pipeline's own flow grid and shift (recorded in the recipe)")
     calibration = dataclasses.replace(recipe.calibration, sampler=sampler)
     deployments = (dataclasses.replace(recipe.deployments[0], sampler=sampler), *recipe.deployments[1:])
     return dataclasses.replace(recipe, calibration=calibration, deployments=deployments)
@@ -398,7 +398,7 @@ def quantize_command(
                 "sampler" in path for path in settings):  # the preset's DDIM cannot drive a flow-matching model
             kind = command_sampler_kind(load_scheduler(source))
             if kind != "ddim":  # the presets' sampler, which command_sampler_kind keeps for a discrete schedule
-                err_console.print(f"sampler {kind}: {source} is a flow-matching model (--sampler to choose another)")
+                note(f"sampler {kind}: {source} is a flow-matching model (--sampler to choose another)")
                 flags = dataclasses.replace(flags, sampler=kind)
         recipe = resolve_recipe(recipe_file, config_file, flags, settings)
         if source.exists():  # the folder's own error otherwise, from the loader
@@ -464,7 +464,7 @@ def quantize_command(
                 deployment = dataclasses.replace(recipe.deployments[0], guidance_scale=setting.guidance_scale,
                                                  null_class=setting.null_class)
                 recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
-                err_console.print(f"class-conditional {type(model).__name__}: labels {setting.labels} of "
+                note(f"class-conditional {type(model).__name__}: labels {setting.labels} of "
                                   f"{setting.num_classes}, null class {setting.null_class}, guidance "
                                   f"{setting.guidance_scale:g} (recorded in the artefact's recipe)")
             qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,

@@ -24,9 +24,9 @@ from tadq.cli.common import (
     check_steps_fit,
     console,
     default_or_count,
-    err_console,
     fail_cleanly,
     hold_output,
+    note,
     read_prompt_file,
     sampler_kind_flag,
     setup,
@@ -194,7 +194,7 @@ def recipe_command(
             space = dataclasses.replace(space, sampler=sampler,
                                         calibration=dataclasses.replace(space.calibration, sampler=sampler))
         if workload.sampler_for is not None and (walked := workload.sampler_for(sampler)) != sampler:
-            err_console.print(f"sampler {walked.key}: the pipeline's own flow grid and shift")
+            note(f"sampler {walked.key}: the pipeline's own flow grid and shift")
             space = dataclasses.replace(space, sampler=walked,
                                         calibration=dataclasses.replace(space.calibration, sampler=walked))
         SamplingPlan.build(scheduler, space.sampler, space.guidance_scale)  # before --out is created
@@ -213,7 +213,7 @@ def recipe_command(
         from tadq.search import plan_search, run_search
 
         plan = plan_search(model, space, budget)  # refuses a budget no candidate fits, before any expensive work
-        err_console.print(f"budget {budget.describe()}: {len(plan.feasible)} of {len(plan.candidates)} candidates "
+        note(f"budget {budget.describe()}: {len(plan.feasible)} of {len(plan.candidates)} candidates "
                           f"within it; held-out seed {heldout_seed(seed)} ({heldout} trajectories), evaluation seed "
                           f"{eval_seed} never sampled by the search")
         out.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ from tadq.cli.common import (
     check_steps_fit,
     class_conditions_for,
     console,
-    err_console,
     fail_cleanly,
     hold_output,
+    note,
     read_prompt_file,
     sampler_kind_flag,
     setup,
@@ -144,7 +144,7 @@ def _grid(images: list, columns: int):
 def announce_compile(backend: str) -> None:
     """Say why the first step of an ``int8-compiled`` run takes long (Inductor compiles there, minutes on 2 cores)."""
     if backend == "int8-compiled":
-        err_console.print("int8-compiled: the first sampling step compiles the network (Inductor; about a minute on a "
+        note("int8-compiled: the first sampling step compiles the network (Inductor; about a minute on a "
                           "2-core CPU, again for a second batch size), later steps run the compiled graph")
 
 
