@@ -133,3 +133,21 @@ def test_images_below_the_ssim_window_report_ssim_as_not_measured(tmp_path: Path
     assert sharded.psnr == pytest.approx(whole.psnr, rel=1e-6)
     assert sharded.final_mse == pytest.approx(whole.final_mse, rel=1e-9)
     assert json.loads((runs["candidate"] / "metrics.json").read_text())["metrics"] == sharded.to_dict()
+
+
+def test_the_feature_bars_follow_the_callers_progress_setting(tiny_setup: TinySetup, monkeypatch) -> None:
+    """A chunk of 20 or more feature batches drew its bar whatever the caller (or ``tadq --quiet``) said."""
+    import tadq.distributed.metrics as metrics
+
+    asked: list[bool] = []
+
+    def recorded(images, classifier, *args, progress: bool = True, **options):
+        asked.append(progress)
+        return digit_features(images, classifier, *args, progress=progress, **options)
+
+    monkeypatch.setattr(metrics, "digit_features", recorded)
+    run = ShardedRun.open(tiny_setup.candidate_run)
+    hidden = sharded_metrics(run, progress=False)
+    assert asked and not any(asked)
+    asked.clear()
+    assert sharded_metrics(run) == hidden and asked and all(asked)

@@ -515,3 +515,27 @@ def test_digits_run_interrupted_while_writing_its_record_leaves_no_half_record(t
     monkeypatch.setattr(Path, "write_text", real_write)
     record = tmp_path / "training_info.json"
     assert not record.exists() or json.loads(record.read_text())["final_batch_loss"] is not None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# progress=False: the training bars had no switch (only the CLI's --quiet hides them now, and the caller's setting)
+# --------------------------------------------------------------------------------------------------------------
+
+def test_digits_training_bar_follows_the_callers_progress_setting(tmp_path, monkeypatch, capfd):
+    monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits())
+    config = TrainConfig(steps=2, batch_size=4, warmup_steps=1, checkpoint_every=1, resolution=8, seed=5)
+    zoo_train.train_digits_ddpm(config, tmp_path / "hidden", progress=False)
+    assert "train digits DDPM" not in capfd.readouterr().err
+    zoo_train.train_digits_ddpm(config, tmp_path / "shown")
+    assert "train digits DDPM" in capfd.readouterr().err
+
+
+def test_classifier_training_bar_follows_the_callers_progress_setting(tmp_path, monkeypatch, capfd):
+    import tadq.metrics.classifier as classifier
+
+    monkeypatch.setattr(classifier, "load_digits_split", _few_digits(16))
+    config = classifier.ClassifierTrainConfig(epochs=1, batch_size=8, resolution=8)
+    classifier.train_digit_classifier(config, tmp_path / "hidden", progress=False)
+    assert "train digits classifier" not in capfd.readouterr().err
+    classifier.train_digit_classifier(config, tmp_path / "shown")
+    assert "train digits classifier" in capfd.readouterr().err

@@ -103,15 +103,15 @@ def _per_sample_mse(states: Tensor, reference_states: Tensor) -> Tensor:
 
 def chunk_statistics(
     chunk: ChunkRange, images: Tensor, classifier: DigitClassifier, reference_images: Tensor | None = None,
-    states: Tensor | None = None, reference_states: Tensor | None = None,
+    states: Tensor | None = None, reference_states: Tensor | None = None, progress: bool = True,
 ) -> ChunkStatistics:
     """Per-sample quantities of one chunk of images (n, C, H, W), optionally against the reference's.
 
     ``states`` / ``reference_states`` (S+1, n, C, H, W) give per-step MSE when both are present; otherwise only the
-    final MSE is computed, from the unclamped images.
+    final MSE is computed, from the unclamped images. ``progress=False`` hides a large chunk's feature bar.
     """
     clamped = images.clamp(-1, 1)
-    features = digit_features(clamped, classifier)
+    features = digit_features(clamped, classifier, progress=progress)
     labels = predicted_labels(clamped, classifier)
     if reference_images is None:
         return ChunkStatistics(chunk, features, labels)
@@ -183,15 +183,15 @@ def check_reference(run: ShardedRun, reference: ShardedRun) -> None:
 
 
 def _statistics(run: ShardedRun, reference: ShardedRun | None, chunk: ChunkRange,
-                classifier: DigitClassifier) -> ChunkStatistics:
+                classifier: DigitClassifier, progress: bool) -> ChunkStatistics:
     payload = run.load_chunk(chunk)
     if reference is None:
-        return chunk_statistics(chunk, payload["images"], classifier)
+        return chunk_statistics(chunk, payload["images"], classifier, progress=progress)
     both_recorded = run.key["record_trajectory"] and reference.key["record_trajectory"]
     images, states = payload["images"], (payload["states"] if both_recorded else None)
     reference_states = reference.read(chunk.start, chunk.stop, states=True) if both_recorded else None
     return chunk_statistics(chunk, images, classifier, reference.read(chunk.start, chunk.stop), states,
-                            reference_states)
+                            reference_states, progress=progress)
 
 
 def _reduce(parts: list[ChunkStatistics], chunks: tuple[ChunkRange, ...], real_statistics: tuple,
@@ -238,7 +238,7 @@ def _real_and_floor(run: ShardedRun, real: Tensor | None, shipped_classifier: bo
 
 def sharded_metrics(
     run: ShardedRun, *, reference: ShardedRun | None = None, world: World | None = None,
-    classifier: DigitClassifier | None = None, real: Tensor | None = None,
+    classifier: DigitClassifier | None = None, real: Tensor | None = None, progress: bool = True,
 ) -> ShardedMetrics:
     """FD-digits of ``run`` (and agreement, PSNR, SSIM, MSE against ``reference``), computed by all ranks.
 
@@ -251,6 +251,7 @@ def sharded_metrics(
         world: This process's ``World`` (default: ``World.current()``).
         classifier: Feature extractor (default: the shipped digits classifier, which also gives ``fd_floor``).
         real: Real images (M, 1, H, W) in [-1, 1] for FD (default: the training digits at the run's resolution).
+        progress: the feature-extraction bars of large chunks and real sets, on rank 0 (as ``sample_sharded``'s).
     """
     world = world or World.current()
     check_metrics_fit(run.key["sample_shape"], real_given=real is not None)
@@ -263,11 +264,12 @@ def sharded_metrics(
                            "×".join(map(str, run.key["sample_shape"][-2:])), SSIM_MIN_SIDE, SSIM_MIN_SIDE)
     extractor = (classifier or load_digit_classifier()).to(world.device)
     mine = assign_chunks(run.chunks, world.rank, world.world_size)
-    gathered = world.gather([_statistics(run, reference, chunk, extractor) for chunk in mine])
+    progress = progress and world.is_main
+    gathered = world.gather([_statistics(run, reference, chunk, extractor, progress) for chunk in mine])
 
     def reduce() -> ShardedMetrics:
         real_images, floor = _real_and_floor(run, real, shipped_classifier=classifier is None)
-        real_statistics = gaussian_statistics(digit_features(real_images, extractor))
+        real_statistics = gaussian_statistics(digit_features(real_images, extractor, progress=progress))
         return _reduce([part for rank_parts in gathered for part in rank_parts], run.chunks, real_statistics, floor)
 
     return world.on_main(reduce)

@@ -188,13 +188,14 @@ def _accuracy(model: DigitClassifier, images: Tensor, labels: Tensor, batch_size
 
 
 def train_digit_classifier(
-    config: ClassifierTrainConfig, out_dir: str | Path, command: str = DEFAULT_CLASSIFIER_COMMAND
+    config: ClassifierTrainConfig, out_dir: str | Path, command: str = DEFAULT_CLASSIFIER_COMMAND,
+    progress: bool = True,
 ) -> dict:
     """Train on the digits train split, measure held-out accuracy, save weights, architecture and provenance.
 
     Writes ``model.safetensors``, ``config.json`` (constructor arguments) and ``training_info.json`` (command,
     config, seed, wall time, held-out accuracy, library versions) into ``out_dir`` and returns the training info.
-    The same seed gives the same weights on the same machine and thread count.
+    The same seed gives the same weights on the same machine and thread count. ``progress=False`` hides the bar.
     """
     from tadq.zoo.train import check_finite_loss
 
@@ -209,7 +210,7 @@ def train_digit_classifier(
     model.train()
     t0 = time.perf_counter()
     loss_value, step = float("nan"), 0
-    bar = progress_bar(range(config.epochs), desc="train digits classifier")
+    bar = progress_bar(range(config.epochs), desc="train digits classifier", disable=not progress)
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
         for start in range(0, len(order), config.batch_size):

@@ -154,7 +154,7 @@ def photo_features(images: Tensor, classifier: PhotoClassifier, batch_size: int 
 
 
 def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Path,
-                           command: str = DEFAULT_PHOTO_CLASSIFIER_COMMAND) -> dict:
+                           command: str = DEFAULT_PHOTO_CLASSIFIER_COMMAND, progress: bool = True) -> dict:
     """Train on the training regions, measure held-out-region accuracy, save weights, architecture and provenance."""
     from tadq.zoo.train import check_finite_loss
 
@@ -169,7 +169,7 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
     model.train()
     t0 = time.perf_counter()
     loss_value, step = float("nan"), 0
-    bar = progress_bar(range(config.epochs), desc="train photo classifier")
+    bar = progress_bar(range(config.epochs), desc="train photo classifier", disable=not progress)
     for _ in bar:
         order = torch.randperm(len(split.train_images), generator=generator)
         for start in range(0, len(order), config.batch_size):

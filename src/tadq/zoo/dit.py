@@ -131,8 +131,9 @@ def _save_pipeline(vae: AutoencoderKL) -> Callable[[nn.Module, DDPMScheduler, Pa
     return save
 
 
-def train_digits_dit(config: DiTTrainConfig, out_dir: str | Path, command: str = "") -> Path:
-    """Encode the training digits once with the frozen VAE, train, save the ``DiTPipeline`` layout."""
+def train_digits_dit(config: DiTTrainConfig, out_dir: str | Path, command: str = "", progress: bool = True) -> Path:
+    """Encode the training digits once with the frozen VAE, train, save the ``DiTPipeline`` layout;
+    ``progress=False`` hides the training bar."""
     vae = load_shipped_vae()
     split = load_digits_split(DigitsConfig(resolution=int(vae.config.sample_size)))
     latents = digit_latents(vae, split.train_images)
@@ -144,4 +145,4 @@ def train_digits_dit(config: DiTTrainConfig, out_dir: str | Path, command: str =
             module.class_embedder.dropout_prob = 0.0
     return train_ddpm(config, model, latents, out_dir, command=command, labels=split.train_labels,
                       null_label=NUM_CLASSES, label_dropout=config.label_dropout, desc="train digits DiT",
-                      save=_save_pipeline(vae))
+                      save=_save_pipeline(vae), progress=progress)

@@ -69,10 +69,11 @@ class PhotosTrainConfig:
         check_training_fields(self, dropout="label_dropout")
 
 
-def train_photos_ddpm(config: PhotosTrainConfig, out_dir: str | Path, command: str = "") -> Path:
+def train_photos_ddpm(config: PhotosTrainConfig, out_dir: str | Path, command: str = "",
+                      progress: bool = True) -> Path:
     """Train on the training region of every photograph and save a ``DDPMPipeline`` layout with EMA weights."""
     torch.manual_seed(config.seed)
     split = load_photos_split(PhotosConfig())
     return train_ddpm(config, build_photos_unet(), split.train_images, out_dir, command=command,
                       labels=split.train_labels, null_label=null_label(), label_dropout=config.label_dropout,
-                      desc="train photos DDPM")
+                      desc="train photos DDPM", progress=progress)

@@ -188,7 +188,8 @@ def _psnr(x: Tensor, y: Tensor) -> float:
     return float((10 * torch.log10(1.0 / mse)).mean())
 
 
-def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: Path) -> tuple[AutoencoderKL, dict]:
+def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: Path,
+               progress: bool = True) -> tuple[AutoencoderKL, dict]:
     """Stage 1, or the saved stage-1 VAE when ``out_dir`` holds one trained with the same settings."""
     stage_file = out_dir / VAE_STAGE_NAME
     if stage_file.is_file() and (out_dir / "vae").is_dir():
@@ -206,7 +207,7 @@ def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: 
     generator = torch.Generator().manual_seed(config.seed)
     t0, curve, recent = time.perf_counter(), [], []
     vae.train()
-    bar = progress_bar(range(config.vae_steps), desc="train t2i VAE")
+    bar = progress_bar(range(config.vae_steps), desc="train t2i VAE", disable=not progress)
     for step in bar:
         x = train[torch.randint(0, len(train), (config.vae_batch_size,), generator=generator)]
         posterior = vae.encode(x).latent_dist
@@ -250,11 +251,12 @@ def _prompt_table(tokenizer: Any, max_length: int) -> tuple[Tensor, Tensor]:
     return table, torch.tensor(ids(""))
 
 
-def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") -> Path:
+def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "", progress: bool = True) -> Path:
     """Train both stages and save the StableDiffusionPipeline layout plus ``training_info.json`` in ``out_dir``.
 
     Stage 2 checkpoints every ``checkpoint_every`` steps (safetensors + JSON); a rerun with the same settings
     resumes from the checkpoint (``steps`` may differ: nothing but the loop's end depends on it).
+    ``progress=False`` hides both stages' bars.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,7 +267,7 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
         for name in ("model_index.json", "training_info.json"):  # loads with a new VAE and the old UNet
             (out_dir / name).unlink(missing_ok=True)
     split = load_digits_split(DigitsConfig(resolution=config.resolution))
-    vae, vae_stage = _train_vae(config, split.train_images, split.heldout_images, out_dir)
+    vae, vae_stage = _train_vae(config, split.train_images, split.heldout_images, out_dir, progress)
     vae.requires_grad_(False)
     with torch.no_grad():  # the VAE is frozen: its posterior for every training digit is computed once
         posterior = vae.encode(split.train_images).latent_dist
@@ -299,7 +301,8 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "") ->
     unet.train()
     text_encoder.train(config.train_text_encoder)
     t0 = time.perf_counter() - elapsed
-    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc="train t2i UNet + text")
+    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc="train t2i UNet + text",
+                       disable=not progress)
     loss_value = recent[-1] if recent else float("nan")
     for step in bar:
         index = torch.randint(0, len(labels), (config.batch_size,), generator=generator)

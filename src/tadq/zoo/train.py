@@ -129,19 +129,22 @@ def load_checkpoint(path: Path, config: Any) -> dict[str, Any]:
     return state
 
 
-def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "") -> Path:
-    """Train, then save a diffusers ``DDPMPipeline`` layout (``unet/``, ``scheduler/``) with EMA weights."""
+def train_digits_ddpm(config: TrainConfig, out_dir: str | Path, command: str = "", progress: bool = True) -> Path:
+    """Train, then save a diffusers ``DDPMPipeline`` layout (``unet/``, ``scheduler/``) with EMA weights;
+    ``progress=False`` hides the training bar."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     images = load_digits_split(DigitsConfig(resolution=config.resolution)).train_images
-    return train_ddpm(config, build_digits_unet(config.resolution), images, out_dir, command=command)
+    return train_ddpm(config, build_digits_unet(config.resolution), images, out_dir, command=command,
+                      progress=progress)
 
 
 def train_ddpm(
     config: TrainConfig | Any, unet: UNet2DModel | nn.Module, images: Tensor, out_dir: str | Path, command: str = "",
     labels: Tensor | None = None, null_label: int | None = None, label_dropout: float = 0.0,
     desc: str = "train digits DDPM", save: Callable[[nn.Module, DDPMScheduler, Path], None] | None = None,
+    progress: bool = True,
 ) -> Path:
     """The DDPM loop shared by the shipped models (EMA, clipping, warm-up, resumable checkpoints).
 
@@ -150,7 +153,8 @@ def train_ddpm(
     each label is replaced by ``null_label`` with probability ``label_dropout`` (drawn after the timesteps, so an
     unconditional run draws exactly what it drew before), which trains the unconditional branch that
     classifier-free guidance needs. The caller seeds torch before building ``unet``. ``save(model, scheduler,
-    out_dir)`` writes the trained (EMA) model; by default a ``DDPMPipeline`` layout.
+    out_dir)`` writes the trained (EMA) model; by default a ``DDPMPipeline`` layout. ``progress=False`` hides the
+    step bar (a caller's setting, as the sampling and calibration functions take it).
     """
     if labels is not None and (null_label is None or not 0.0 <= label_dropout < 1.0):
         raise ValueError("a class-conditional run needs null_label and label_dropout in [0, 1)")
@@ -173,7 +177,8 @@ def train_ddpm(
         logger.info("resuming from step %d", start)
     unet.train()
     t0 = time.perf_counter() - elapsed
-    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc=desc)
+    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc=desc,
+                       disable=not progress)
     loss_value = recent[-1] if recent else float("nan")
     for step in bar:
         index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
