@@ -85,11 +85,60 @@ OUTPUT_KIND = "benchmark"
 """The ``tadq.fsguard`` marker kind of a benchmark script's ``--out`` folder."""
 
 
-def add_force_foreign_flag(parser: argparse.ArgumentParser) -> None:
-    """``--force-foreign``: write into an ``--out`` folder tadq did not write (the CLI's flag of the same name)."""
-    parser.add_argument("--force-foreign", action="store_true",
-                        help="write into an --out folder tadq did not write (refused by default: nothing there that "
-                             "tadq did not write is overwritten)")
+def add_force_foreign_flag(parser: argparse.ArgumentParser, what: str = "folder") -> None:
+    """``--force-foreign``: write into an ``--out`` folder (or over an ``--out`` file) tadq did not write (the CLI's
+    flag of the same name)."""
+    if what == "file":
+        text = "replace an --out file tadq did not write (refused by default: a user's file is never overwritten)"
+    else:
+        text = ("write into an --out folder tadq did not write (refused by default: nothing there that tadq did not "
+                "write is overwritten)")
+    parser.add_argument("--force-foreign", action="store_true", help=text)
+
+
+def _earlier_report(path) -> bool:
+    """A report these scripts wrote before they recorded tadq's version: a JSON object whose ``command`` runs one
+    of them."""
+    import json
+
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError, UnicodeDecodeError):
+        return False
+    return isinstance(document, dict) and str(document.get("command", "")).startswith("python benchmarks/")
+
+
+def output_file(out, *, force_foreign: bool = False, what: str = "--out"):
+    """``out`` as a ``Path``, checked before any work as the CLI checks its output files
+    (``tadq.fsguard.check_output_file``): a folder, a path without ``.json`` or a file tadq did not write (a user's
+    notes, another tool's JSON) is refused with exit code 2 unless ``force_foreign``; a report tadq wrote (it records
+    tadq's version, ``write_report``) is replaced. The scripts overwrote whatever the path held."""
+    import sys
+    from pathlib import Path
+
+    from tadq.fsguard import check_output_file
+
+    out = Path(out)
+    try:
+        check_output_file(out, what=what, suffixes=(".json",),
+                          force_foreign=force_foreign or (out.is_file() and _earlier_report(out)))
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from error
+    return out
+
+
+def write_report(document: dict, out) -> None:
+    """``document`` with tadq's versions (what makes the file recognisable as tadq's, for a rerun to replace) as
+    indented JSON at ``out`` (checked by ``output_file``), through a temp file and a rename: an interrupted write
+    leaves the earlier report whole."""
+    from pathlib import Path
+
+    from tadq.utils import atomic_write_json, library_versions
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json({**document, "versions": document.get("versions", library_versions())}, out)
 
 
 def output_folder(out, *, force_foreign: bool = False, what: str = "--out"):

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count, float_list
+from arguments import add_force_foreign_flag, count, float_list, output_file, write_report
 from torch import Tensor
 
 from tadq.api import sample
@@ -60,6 +60,7 @@ def main() -> None:
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--cross-check", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/dit/fp_quality.json"))
+    add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
     try:  # before the model and the digits are loaded (--guidance stays text: the recorded command repeats it)
         scales = float_list(args.guidance)
@@ -67,6 +68,7 @@ def main() -> None:
             parse_sampler(text)
     except (ValueError, argparse.ArgumentTypeError) as error:
         parser.error(f"--guidance {args.guidance!r} / --samplers {args.samplers!r}: {error}")
+    output_file(args.out, force_foreign=args.force_foreign)  # before any work: a user's file is not replaced
     torch.set_num_threads(args.threads)
 
     workload = load_workload(str(args.model), labels="random", guidance_scale=1.0)
@@ -126,8 +128,7 @@ def main() -> None:
         print("diffusers DiTPipeline g=1", json.dumps({k: v for k, v in
                                                        result["diffusers_ditpipeline_guidance_1_ddim50"].items()
                                                        if k != "per_digit"}))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_report(result, args.out)
     print(f"wrote {args.out}")
 
 

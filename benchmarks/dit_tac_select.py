@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count, preset_names
+from arguments import add_force_foreign_flag, count, output_file, preset_names, write_report
 
 from tadq.api import load, sample
 from tadq.corrections import TACConfig
@@ -58,6 +58,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, required=True)
+    add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
     names = args.variants.split(",")
     unknown = [name for name in names if name not in VARIANTS]
@@ -67,6 +68,7 @@ def main() -> None:
         folders = {preset: base_folder(args.models, preset) for preset in args.presets.split(",")}
     except FileNotFoundError as error:
         parser.error(str(error))
+    output_file(args.out, force_foreign=args.force_foreign)  # before any work: a user's file is not replaced
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
     sampler = SamplerConfig(kind=args.sampler, num_steps=args.steps)
@@ -94,8 +96,7 @@ def main() -> None:
                 row["selection"] = member.selection_records
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2))
+    write_report(results, args.out)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count, preset_names
+from arguments import add_force_foreign_flag, count, output_file, preset_names, write_report
 
 import tadq
 from tadq.calibration import collect_calibration_set
@@ -40,10 +40,12 @@ def main() -> None:
     parser.add_argument("--calib-trajectories", type=count, default=128)
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/guidance_ranges.json"))
+    add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
     unknown = [method for method in args.methods.split(",") if method not in ("naive", "qdiffusion")]
     if unknown:  # any other name ran naive PTQ under that label
         parser.error(f"--methods: unknown {unknown}; choose naive and/or qdiffusion")
+    output_file(args.out, force_foreign=args.force_foreign)  # before any work: a user's file is not replaced
     torch.set_num_threads(args.threads)
 
     workload = load_workload("t2i", guidance_scale=args.guidance)
@@ -91,11 +93,10 @@ def main() -> None:
                     row["min_cond_over_uncond_scale"] = min(ratios)
                 rows.append(row)
                 print(json.dumps(row))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"command": "python benchmarks/guidance_ranges.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "out"), "guidance_scale": scale,
         "sampler": sampler.key, "rows": rows}
-    args.out.write_text(json.dumps(payload, indent=2))
+    write_report(payload, args.out)
     for row in rows:
         print(" | ".join(str(row.get(k, "")) for k in ("method", "preset", "ranges", "psnr", "prompt_accuracy")))
 

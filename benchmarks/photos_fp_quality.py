@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count
+from arguments import add_force_foreign_flag, count, float_list, output_file, write_report
 from diffusers import DDIMScheduler
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -89,7 +89,13 @@ def main() -> None:
     parser.add_argument("--kind", choices=("ddim", "ddpm"), default="ddim",
                         help="tadq's sampler kind (ddpm: ancestral, use --steps 1000)")
     parser.add_argument("--out", type=Path, required=True)
+    add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
+    try:  # before the unconditional samples: a bad list surfaced only after them
+        scales = float_list(args.guidance)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--guidance {args.guidance!r}: {error}")
+    output_file(args.out, force_foreign=args.force_foreign)  # before any work: a user's file is not replaced
     torch.set_num_threads(args.threads)
     unet, training_scheduler = load_pipeline_parts(args.model)
     if args.sampler == "tadq":
@@ -131,7 +137,7 @@ def main() -> None:
         order = torch.randperm(len(split.train_images), generator=torch.Generator().manual_seed(0))
         result["cond"] = {"fd_photos_floor": space.fd(split.train_images[order[: len(labels)]]),
                           "floor_samples": len(labels)}
-        for guidance in (float(g) for g in args.guidance.split(",")):
+        for guidance in scales:
             t0 = time.perf_counter()
             images = generate(labels, guidance, args.seed + 1)
             predicted = space.classifier(images).argmax(1)
@@ -144,7 +150,7 @@ def main() -> None:
                 "sample_s": round(time.perf_counter() - t0, 1)}
             save_file({"images": images.contiguous(), "labels": labels},
                       str(samples_dir / f"cond_{args.kind}{args.steps}_g{guidance:g}_samples.safetensors"))
-    args.out.write_text(json.dumps(result, indent=2))
+    write_report(result, args.out)
     print(json.dumps(result, indent=2))
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import count
+from arguments import add_force_foreign_flag, count, float_list, output_file, write_report
 from torch import Tensor
 
 from tadq.metrics.classifier import load_digit_classifier
@@ -68,9 +68,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=count, default=100)
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/t2i/fp_quality.json"))
+    add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
+    try:  # before the pipeline is loaded (--guidance stays text: the recorded command repeats it)
+        scales = float_list(args.guidance)
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--guidance {args.guidance!r}: {error}")
+    output_file(args.out, force_foreign=args.force_foreign)  # before any work: a user's file is not replaced
     torch.set_num_threads(args.threads)
-    scales = [float(g) for g in args.guidance.split(",")]
 
     pipe = load_t2i_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
@@ -113,8 +118,7 @@ def main() -> None:
                                       "sample_s": round(time.perf_counter() - t0, 1)}
         print(f"guidance {g}", json.dumps({k: v for k, v in result["guidance"][str(g)].items()
                                            if k not in ("per_digit", "predicted_counts")}))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_report(result, args.out)
     print(f"wrote {args.out}")
 
 

@@ -171,6 +171,8 @@ LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to 
     ("guidance_ranges", "load_workload", ("--methods", "naive,qdifusion"), "unknown ['qdifusion']"),  # ran naive
     ("dit_fp_quality", "load_workload", ("--samplers", "ddim@50,nope@20"), "--samplers"),
     ("dit_fp_quality", "load_workload", ("--guidance", "1,x"), "not a number"),
+    ("t2i_fp_quality", "load_t2i_pipeline", ("--guidance", "1,x"), "not a number"),  # a ValueError traceback
+    ("photos_fp_quality", "load_pipeline_parts", ("--guidance", "1,x", "--out", "{tmp}/o.json"), "not a number"),
     ("recon_diagnose", "load_pipeline_parts", ("--configs", "a:weight_itres=5"), "weight_itres"),
     ("svdquant_mixed_precision", "main_run_setup", ("--sensitivities", "{tmp}/missing.json"), "no such file"),
     ("svdquant_mixed_precision", "main_run_setup", ("--budgets", "0,0.x"), "not a number"),
@@ -254,3 +256,74 @@ def test_a_benchmark_fills_its_own_folder_again_and_writes_elsewhere_only_when_f
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert output_folder(foreign, force_foreign=True) == foreign  # --force-foreign, as the CLI's
     assert (foreign / "notes.txt").read_text() == "x"
+
+
+REPORT_FILES = [  # (script, what it loads first, flags): the scripts that write one JSON report at --out
+    ("dit_fp_quality", "load_workload", ()),
+    ("t2i_fp_quality", "load_t2i_pipeline", ()),
+    ("dit_tac_select", "load_workload", ("--models", "{tmp}")),
+    ("guidance_ranges", "load_workload", ()),
+    ("photos_fp_quality", "load_pipeline_parts", ()),
+]
+
+
+class _Loaded(Exception):
+    """The model loader was reached: the --out check let the run go on."""
+
+
+@pytest.mark.parametrize("name, loader, flags", REPORT_FILES)
+def test_a_report_file_tadq_did_not_write_is_refused_before_any_work(name, loader, flags, load, monkeypatch, capsys,
+                                                                     tmp_path):
+    """The scripts wrote their report over whatever --out named (a user's notes, another tool's JSON), after the
+    whole run; they now refuse it before loading the model, unless --force-foreign, and replace their own reports."""
+    module = load(name)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    if name == "dit_tac_select":
+        monkeypatch.setattr(module, "base_folder", lambda models, preset: models)
+
+    def loaded(*args, **kwargs):
+        raise _Loaded
+
+    monkeypatch.setattr(module, loader, loaded)
+    out = tmp_path / "report.json"
+    mine = '{"my": "numbers"}'
+    out.write_text(mine)
+    args = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        _main(module, monkeypatch, *args, "--out", str(out))
+    assert exit_info.value.code == 2
+    assert "tadq did not write" in capsys.readouterr().err and out.read_text() == mine
+    with pytest.raises(_Loaded):  # forced: the run goes on (and would replace it)
+        _main(module, monkeypatch, *args, "--out", str(out), "--force-foreign")
+    module.write_report({"rows": []}, out)  # what the script writes at its end: recognisable as tadq's
+    with pytest.raises(_Loaded):
+        _main(module, monkeypatch, *args, "--out", str(out))
+    for earlier in ('{"command": "python benchmarks/x.py", "rows": []}',):  # written before versions were recorded
+        out.write_text(earlier)
+        with pytest.raises(_Loaded):
+            _main(module, monkeypatch, *args, "--out", str(out))
+    (tmp_path / "runs.json").mkdir()
+    with pytest.raises(SystemExit) as exit_info:  # a folder where the file goes
+        _main(module, monkeypatch, *args, "--out", str(tmp_path / "runs.json"))
+    assert exit_info.value.code == 2 and "is a folder" in capsys.readouterr().err
+
+
+def test_a_benchmark_report_is_replaced_whole_and_carries_tadqs_versions(load, tmp_path, monkeypatch):
+    load("peers")  # puts benchmarks/ on sys.path
+    from arguments import write_report
+
+    import tadq.utils
+    from tadq.fsguard import is_tadq_file
+
+    out = tmp_path / "new" / "report.json"
+    write_report({"rows": [1]}, out)
+    first = out.read_text()
+    assert is_tadq_file(out) and '"tadq"' in first
+
+    def interrupted(text, path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tadq.utils, "write_utf8", interrupted)  # the write into the temp file is cut short
+    with pytest.raises(KeyboardInterrupt):
+        write_report({"rows": [2]}, out)
+    assert out.read_text() == first and [path.name for path in out.parent.iterdir()] == ["report.json"]

@@ -90,11 +90,15 @@ def _written_by_tadq(path: Path) -> bool:
 
 
 def is_tadq_file(path: str | Path) -> bool:
-    """Whether the file at ``path`` is one tadq wrote (and may replace): a PNG carrying ``PNG_MARK``, or a
-    safetensors file with tadq's metadata (``safefiles.save_checked``: samples, checkpoints, caches)."""
+    """Whether the file at ``path`` is one tadq wrote (and may replace): a PNG carrying ``PNG_MARK``, a JSON
+    document whose format says tadq or that records tadq's version (``utils.library_versions``: results, benchmark
+    reports), or a safetensors file with tadq's metadata (``safefiles.save_checked``: samples, checkpoints,
+    caches)."""
     path = Path(path)
     if not path.is_file():
         return False
+    if path.suffix.lower() == ".json":
+        return _written_by_tadq(path)
     if path.suffix.lower() == ".png":
         from PIL import Image
 
