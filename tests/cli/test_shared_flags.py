@@ -276,3 +276,50 @@ def test_a_lock_left_by_an_ended_command_is_taken_over(tmp_path, tiny_model_dir,
     runner.invoke(app, _steps_command("run", tiny_model_dir, tmp_path))
     assert len(started) == 1 and f'"pid": {os.getpid()}' in started[0]  # held by this run while it worked
     assert not lock.exists()  # and released
+
+
+@pytest.mark.parametrize("command", ["quantize", "sample", "sample-sharded", "evaluate"])
+def test_zero_steps_are_refused_by_the_flag_not_the_config_field(tmp_path, tiny_model_dir, no_model_loads, command):
+    """``--steps 0`` read "SamplerConfig.num_steps must be a positive int", a name the command line does not have."""
+    if command == "evaluate":
+        args = [command, str(tiny_model_dir), "--out", str(tmp_path / "out")]
+    else:
+        args = _steps_command(command, tiny_model_dir, tmp_path)
+    result = runner.invoke(app, [*args, "--steps", "0"])
+    _refused(result, "--steps must be >= 1, got 0")
+    assert "SamplerConfig" not in result.output
+
+
+def test_quantize_names_the_calibration_trajectories_flag(tmp_path, tiny_model_dir, no_model_loads):
+    result = runner.invoke(app, [*_steps_command("quantize", tiny_model_dir, tmp_path), "--calib-trajectories", "0"])
+    _refused(result, "--calib-trajectories must be >= 1, got 0")
+
+
+@pytest.fixture
+def no_artefact_loads(monkeypatch):
+    import tadq.io
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the artefact was loaded before the bad flag was refused")
+
+    monkeypatch.setattr(tadq.io, "load_quantized", loaded)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    # a name that is no feature space: "a feature extractor file needs --reference-images", after both models loaded
+    (("--features", "digit"), ("--features digit is neither one of auto, digits, none nor an existing file",)),
+    (("--features", "{tmp}/f.pt"), ("--features", "f.pt", "needs --reference-images")),
+    (("--features", "{tmp}/f.pt", "--reference-images", "{tmp}/real.safetensors"),
+     ("--reference-images", "real.safetensors", "does not exist")),
+    (("--features", "none", "--reference-images", "{tmp}/real.safetensors"), ("would be ignored",)),
+    (("--inception-weights", "{tmp}/missing.pt"), ("missing.pt does not exist",)),
+    # a folder with no model was named only once the artefact had been loaded
+    (("--reference", "{tmp}/empty"), ("empty is not a diffusers model folder",)),
+])
+def test_evaluate_refuses_its_metric_inputs_before_loading_either_model(tmp_path, tiny_model_dir, no_model_loads,
+                                                                        no_artefact_loads, extra, needles):
+    (tmp_path / "f.pt").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["evaluate", str(tiny_model_dir), *(flag.format(tmp=tmp_path) for flag in extra)])
+    _refused(result, *needles)
+    assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr

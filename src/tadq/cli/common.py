@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["console", "err_console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file",
            "require_file", "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
            "class_conditions_for", "default_or_count", "check_sampling_flags",
-           "check_steps_fit", "check_seed_flags", "sampler_kind_flag", "hold_output", "set_quiet", "note"]
+           "check_steps_fit", "check_seed_flags", "check_count_flags", "sampler_kind_flag", "hold_output", "set_quiet",
+           "note"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -238,6 +239,15 @@ def check_seed_flags(**seeds: int | None) -> None:
     for name, value in seeds.items():
         if value is not None:
             check_seed(f"--{name.replace('_', '-')}", value)
+
+
+def check_count_flags(**counts: int | None) -> None:
+    """Refuse each given count flag (``calib_trajectories=...`` is ``--calib-trajectories``; ``None``: not given)
+    below 1 by its flag's name: the configs refused ``--steps 0`` as "SamplerConfig.num_steps" and
+    ``--calib-trajectories 0`` as "num_trajectories", names the command line does not have."""
+    for name, value in counts.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
 
 
 def check_steps_fit(source: Path | None, steps: int, flag: str = "--steps") -> None:

@@ -37,6 +37,26 @@ __all__ = ["evaluate_command"]
 
 METRIC_COLUMNS = ("method", "bits", "fd_digits", "agreement", "psnr", "ssim", "final_mse")
 SHIPPED_FEATURE_NAMES = ("digits", "photos")  # FD-<name> of the shipped classifiers
+FEATURE_SPACES = ("auto", "digits", "none")  # --features names; anything else is a file
+
+
+def _check_feature_flags(features: str, reference_images: Path | None) -> None:
+    """Refuse --features and --reference-images that cannot work before either model is loaded: a name that is
+    neither a feature space nor a file ("--features digit") was reported as "a feature extractor file needs
+    --reference-images" once both models had been read, and a missing file only when it was opened."""
+    if features in FEATURE_SPACES:
+        if reference_images is not None:  # it was silently not read
+            raise ValueError(f"--reference-images is read by a feature extractor file (--features FILE.pt); with "
+                             f"--features {features} it would be ignored")
+        return
+    if not Path(features).is_file():
+        raise FileNotFoundError(f"--features {features} is neither one of {', '.join(FEATURE_SPACES)} nor an existing "
+                                "file (a TorchScript feature extractor)")
+    if reference_images is None:
+        raise ValueError(f"--features {features} (a feature extractor file) needs --reference-images (real images, "
+                         "safetensors)")
+    if not reference_images.is_file():
+        raise FileNotFoundError(f"--reference-images {reference_images} does not exist or is not a file")
 
 
 def _feature_space(features: str, reference: Path | None, reference_images: Path | None, resolution: int):
@@ -193,16 +213,23 @@ def evaluate_command(
     from tadq.fsguard import check_output_dir
     from tadq.io import load_quantized
     from tadq.methods import check_sampler
-    from tadq.models import load_pipeline_parts, shipped_model_path
+    from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
         # tadq.sample would refuse them only after both models were loaded
         check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
         check_backend_here(backend, torch_device, torch_dtype)
+        _check_feature_flags(features, reference_images)
+        if inception_weights is not None:  # a missing or damaged file is named now, not after loading both models
+            from tadq.metrics.inception import InceptionFeatures
+
+            InceptionFeatures(inception_weights)
         if reference is not None and not reference.is_dir():  # named now, not after the artefact is loaded
             raise FileNotFoundError(f"--reference {reference} is not a folder (the FP model the artefact was "
                                     "quantized from)")
+        if reference is not None:  # its layout and scheduler read now: a folder with no model was named only once
+            load_scheduler(reference)  # the artefact had been loaded
         if is_prompt_pipeline(model_dir):  # refused by its denoiser's conditioning only once loaded and converted
             raise ValueError(
                 f"{model_dir} is a text-to-image pipeline: `tadq evaluate` compares unconditional and "
@@ -232,10 +259,7 @@ def evaluate_command(
         resolution = image_shape[-1]
         space = _feature_space(features, reference, reference_images, resolution)
         if inception_weights is not None:  # checked before sampling twice, not after
-            from tadq.metrics.inception import InceptionFeatures
-
             _inception_digits(image_shape)  # grey digits of this size exist
-            InceptionFeatures(inception_weights)  # a missing or damaged file is named now
         announce_compile(backend)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,

@@ -17,6 +17,7 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_count_flags,
     check_seed_flags,
     check_steps_fit,
     class_conditions_for,
@@ -376,6 +377,7 @@ def quantize_command(
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
+        check_count_flags(steps=steps, calib_trajectories=calib_trajectories)
         flags = QuantFlags(preset=preset_name, method=method, sampler=sampler, steps=steps, eta=eta,
                            calib_seed=calib_seed, calib_trajectories=calib_trajectories,
                            exclude=tuple(exclude) if exclude else None,

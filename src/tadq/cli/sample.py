@@ -16,6 +16,7 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_count_flags,
     check_sampling_flags,
     check_steps_fit,
     class_conditions_for,
@@ -72,6 +73,7 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
     from tadq.models import load_scheduler
     from tadq.sampling import SamplerConfig, command_sampler_kind
 
+    check_count_flags(steps=steps)
     recipe = read_recipe(path) if path is not None and is_quantized_artefact(path) else None
     if recipe is not None:
         base = recipe.sampler
@@ -260,6 +262,8 @@ def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | No
     η with a kind other than DDIM, a kind of the other family than the folder's schedule (flow-euler on an ε
     model, DDIM on a flow-matching one), an artefact's fitted tables for another grid (its recipe is read)."""
     from tadq.pipelines.quantized import check_pipeline_guidance, check_sampler_family
+
+    check_count_flags(steps=steps)
     from tadq.sampling import check_guidance_scale
 
     if guidance_scale is not None:
