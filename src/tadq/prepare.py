@@ -167,4 +167,6 @@ def build_quantized_structure(
     splits = apply_shortcut_split(qmodel_inner, adapter, config, plans, init_weight_range=init_weight_range)
     plans = [dataclasses.replace(plan, split=splits.get(plan.name)) for plan in plans]
     apply_attention_quantization(qmodel_inner, adapter, config)
-    return QuantizedDenoiser(qmodel_inner, adapter, config, plans)
+    # in eval mode throughout, as the model it copies: the wrappers conversion built and the denoiser itself were
+    # nn.Module's default, training (qmodel.training read True, half the quantized layers too)
+    return QuantizedDenoiser(qmodel_inner, adapter, config, plans).eval()

@@ -18,6 +18,7 @@ from torch import nn
 
 from tadq.backends import int8_cpu_missing
 from tadq.backends.activations import activation_codes, activation_grid
+from tadq.backends.convert import convert_layers
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear, IntMMSplitConv2d
 from tadq.quant import QScheme, QuantConv2d, QuantLinear
@@ -207,3 +208,13 @@ def test_an_input_range_of_inference_tensors_is_read_at_every_call():
         assert layer.input_quantizer.scale.is_inference()
         got, fresh = integer(x), IntMMLinear(layer, "layer")(x)
     assert torch.equal(got, fresh)
+
+
+@pytest.mark.usefixtures("int_mm_on_cpu")
+def test_an_integer_layer_takes_the_mode_of_the_layer_it_replaces():
+    """A converted eval-mode model stays in eval mode (each integer layer was built in training mode)."""
+    layer, _ = _linear(WEIGHTS["w8-asym"], ACTIVATIONS["a8"])
+    model = nn.Sequential(layer).eval()
+    convert_layers(model, lambda module, name: IntMMLinear(module, name) if module is layer else None, "int8-cuda")
+    assert isinstance(model[0], IntMMLinear)
+    assert not [name for name, module in model.named_modules() if module.training]
