@@ -4,6 +4,7 @@ import pytest
 import torch
 from tests.backends.machine import needs_int8_cpu
 
+import tadq
 import tadq.methods
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -332,3 +333,26 @@ def test_a_bad_fit_batch_size_is_refused_by_name_before_calibration(value, error
     with counting_forwards(tiny_unet) as calls, pytest.raises(error, match="tadq.quantize: fit_batch_size must be"):
         api.quantize(tiny_unet, ddpm_scheduler, recipe, fit_batch_size=value, progress=False)
     assert calls == [0]
+
+
+def _training_modules(model: torch.nn.Module) -> list[str]:
+    return [name or "(root)" for name, module in model.named_modules() if module.training]
+
+
+@pytest.mark.parametrize("method", [None, tadq.TFMQMethod()], ids=["naive", "tfmq"])
+def test_quantized_and_loaded_models_are_in_eval_mode(tiny_unet, ddpm_scheduler, tmp_path, method):
+    """The modules tadq builds (the denoiser, every fake-quant wrapper and quantizer, TFMQ's per-step quantizers,
+    loaded corrections) were in nn.Module's default training mode around the model's own eval-mode modules:
+    ``qmodel.training`` read True after quantize and load."""
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=4, num_steps_kept=2, samples_per_step=4,
+                                    batch_size=4)
+    recipe = tadq.Recipe.from_preset("W8A8", calibration=calibration, deployments=(tadq.Deployment(sampler),),
+                                     **({} if method is None else {"method": method}))
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, recipe, progress=False)
+    assert _training_modules(qmodel) == []
+    qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
+    loaded, _ = tadq.load(tmp_path / "q")
+    assert _training_modules(loaded) == []
+    loaded.train()  # a mode asked for still reaches every module
+    assert not [name for name, module in loaded.named_modules() if not module.training]

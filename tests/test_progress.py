@@ -9,9 +9,12 @@ import io
 from pathlib import Path
 
 import pytest
+import torch
+import tqdm.auto
 import tqdm.std
 
 import tadq
+from tadq.metrics.frechet import digit_features
 from tadq.progress import NON_TERMINAL_INTERVAL_S, progress_bar, show_next
 from tadq.sampling import SamplerConfig
 
@@ -155,3 +158,48 @@ def test_the_process_switch_hides_bars_their_caller_asked_for(bars_off, monkeypa
     for _ in progress_bar(range(5), desc="shown"):
         pass
     assert "shown" in log.getvalue()
+
+
+def test_every_bar_of_the_library_is_closed_by_a_with_block():
+    """A bar is closed when its loop ends, not when an error leaves it: its frame, kept by the traceback (a notebook
+    keeps the last one), held it open, so every later bar counted it as an outer bar and defaulted to leave=False."""
+    unclosed = []
+    for path in SRC.rglob("*.py"):
+        if path.name == "progress.py" and path.parent == SRC:
+            continue
+        tree = ast.parse(path.read_text(), filename=str(path))
+        managed = {id(item.context_expr) for node in ast.walk(tree) if isinstance(node, ast.With)
+                   for item in node.items}
+        unclosed += [f"{path.relative_to(SRC)}:{node.lineno}" for node in ast.walk(tree)
+                     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "progress_bar"
+                     and id(node) not in managed]
+    assert not unclosed, f"bars opened outside a with block (left open by an error): {unclosed}"
+
+
+class _FailingClassifier(torch.nn.Module):
+    """Features of the first images, then an error (the extraction stopped midway)."""
+
+    num_features = 2
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls, self.fail_at = 0, fail_at
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("stopped")
+        return images.flatten(1)[:, :self.num_features]
+
+
+def test_a_bar_stopped_by_an_error_leaves_later_bars_alone(monkeypatch):
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    kept = []
+    try:
+        digit_features(torch.zeros(40, 1, 4, 4), _FailingClassifier(fail_at=3), batch_size=1)
+    except RuntimeError as error:
+        kept.append(error)  # as a notebook keeps the last error (sys.last_exc), and its frames
+    assert kept and not [bar for bar in tqdm.auto.tqdm._instances if not bar.disable]
+    with progress_bar(range(2), file=io.StringIO()) as later:
+        assert later.leave is True

@@ -190,7 +190,7 @@ def _quantize(
     qmodel.recipe = recipe
     plans = qmodel.plans
     logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)
-    return qmodel
+    return qmodel.eval()  # modules a method installed (TFMQ's per-step quantizers) were built in training mode
 
 
 def check_method_dtype(config: QuantConfig, dtype: torch.dtype, recipe: Recipe | None = None) -> None:

@@ -128,9 +128,10 @@ def calibrate_activations(
 def _observe(qmodel: QuantizedDenoiser, calib: CalibrationSet, rows: torch.Tensor, batch_size: int, seed: int,
              device: torch.device, progress: bool, recalibrate: bool) -> None:
     """One ``Calibrate`` pass over the selected rows of ``calib`` (markers dropped: ranges are set directly)."""
-    with Calibrate(qmodel.model, seed=seed, recalibrate=recalibrate):
-        for start in progress_bar(range(0, len(rows), batch_size), desc="calibrate activation ranges",
-                                  disable=not progress, leave=False):
+    with Calibrate(qmodel.model, seed=seed, recalibrate=recalibrate), \
+            progress_bar(range(0, len(rows), batch_size), desc="calibrate activation ranges", disable=not progress,
+                         leave=False) as bar:
+        for start in bar:
             chosen = rows[start:start + batch_size]
             cond = None if calib.cond is None else calib.cond.rows(chosen).without_markers().to(device)
             qmodel(calib.x[chosen].to(device), calib.t[chosen].to(device), cond)
@@ -166,4 +167,6 @@ def build_quantized_structure(
     splits = apply_shortcut_split(qmodel_inner, adapter, config, plans, init_weight_range=init_weight_range)
     plans = [dataclasses.replace(plan, split=splits.get(plan.name)) for plan in plans]
     apply_attention_quantization(qmodel_inner, adapter, config)
-    return QuantizedDenoiser(qmodel_inner, adapter, config, plans)
+    # in eval mode throughout, as the model it copies: the wrappers conversion built and the denoiser itself were
+    # nn.Module's default, training (qmodel.training read True, half the quantized layers too)
+    return QuantizedDenoiser(qmodel_inner, adapter, config, plans).eval()

@@ -18,6 +18,7 @@ from torch import nn
 
 from tadq.backends import int8_cpu_missing
 from tadq.backends.activations import activation_codes, activation_grid
+from tadq.backends.convert import convert_layers
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.backends.cuda_int8 import IntMMConv2d, IntMMLinear, IntMMSplitConv2d
 from tadq.quant import QScheme, QuantConv2d, QuantLinear
@@ -169,3 +170,51 @@ def test_int_mm_layers_trace_to_one_graph_from_the_first_call(kind):
     with torch.no_grad():
         explanation = torch._dynamo.explain(integer)(x)
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+def _replaced_input_range(layer: QuantLinear, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Another quantizer's state, a quarter of ``layer``'s input range, whose tensors were written as often as
+    ``layer``'s (one ``set_range``: the same version counters)."""
+    other = QuantLinear.from_module(nn.Linear(40, 24), WEIGHTS["w8-asym"], ACTIVATIONS["a8"]).input_quantizer
+    other.set_range(x.min().reshape(1) * 0.25, x.max().reshape(1) * 0.25)
+    assert other.scale._version == layer.input_quantizer.scale._version
+    return other.state_dict()
+
+
+@pytest.mark.usefixtures("int_mm_on_cpu")
+def test_an_input_range_replaced_by_another_tensor_is_read_again():
+    """``load_state_dict(assign=True)`` puts new tensors in the quantizer; the grid memo, keyed on version counters
+    alone, served the old range when the new tensors' counters read the same."""
+    layer, x = _linear(WEIGHTS["w8-asym"], ACTIVATIONS["a8"])
+    integer = IntMMLinear(layer, "layer")
+    with torch.no_grad():
+        before = integer(x)
+        layer.input_quantizer.load_state_dict(_replaced_input_range(layer, x), assign=True)
+        after, fresh = integer(x), IntMMLinear(layer, "layer")(x)
+    assert not torch.equal(before, fresh)  # the replaced range really changes the output
+    assert torch.equal(after, fresh)
+
+
+@pytest.mark.usefixtures("int_mm_on_cpu")
+def test_an_input_range_of_inference_tensors_is_read_at_every_call():
+    """A state loaded under ``torch.inference_mode`` holds inference tensors, which keep no version counter: the
+    grid memo asked for it and every forward raised."""
+    layer, x = _linear(WEIGHTS["w8-asym"], ACTIVATIONS["a8"])
+    integer = IntMMLinear(layer, "layer")
+    replaced = _replaced_input_range(layer, x)
+    with torch.inference_mode():
+        state = {name: value.clone() for name, value in replaced.items()}
+        layer.input_quantizer.load_state_dict(state, assign=True)
+        assert layer.input_quantizer.scale.is_inference()
+        got, fresh = integer(x), IntMMLinear(layer, "layer")(x)
+    assert torch.equal(got, fresh)
+
+
+@pytest.mark.usefixtures("int_mm_on_cpu")
+def test_an_integer_layer_takes_the_mode_of_the_layer_it_replaces():
+    """A converted eval-mode model stays in eval mode (each integer layer was built in training mode)."""
+    layer, _ = _linear(WEIGHTS["w8-asym"], ACTIVATIONS["a8"])
+    model = nn.Sequential(layer).eval()
+    convert_layers(model, lambda module, name: IntMMLinear(module, name) if module is layer else None, "int8-cuda")
+    assert isinstance(model[0], IntMMLinear)
+    assert not [name for name, module in model.named_modules() if module.training]

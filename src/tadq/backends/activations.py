@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tadq.quant.quantizer import Quantizer
+from tadq.quant.quantizer import Quantizer, _unchanged, _version_of
 from tadq.tfmq.fsc import StepQuantizer
 
 __all__ = ["ActivationGrid", "GridCache", "SCRATCH", "Scratch", "activation_codes", "activation_grid",
@@ -152,14 +152,18 @@ class GridCache:
     out) is read afresh, and per-step quantizers are always read at the current step. Eager calls also read it
     afresh when the range was written in place since (the tensors' version counters, host metadata: no sync):
     guidance branch ranges (``QuantConfig.branch_ranges``) swap the unconditional branch's Δ and z into the same
-    quantizers for half of every guided call, which a memo by object alone served with the conditional grid. A
-    compiled graph keeps the grid it was traced with (``int8-compiled`` refuses models whose ranges move).
+    quantizers for half of every guided call, which a memo by object alone served with the conditional grid. The
+    buffers' identities are kept with their counters, as ``Quantizer``'s own memo does: a buffer replaced by another
+    tensor (``load_state_dict(assign=True)``, ``register_buffer``) whose counter happened to read the same was served
+    the old grid, and an inference tensor (a model built or loaded under ``torch.inference_mode``), which keeps no
+    counter, is read at every call (its counter raised). A compiled graph keeps the grid it was traced with
+    (``int8-compiled`` refuses models whose ranges move).
     """
 
     def __init__(self) -> None:
         self.source: Quantizer | None = None
         self.grid: ActivationGrid | None = None
-        self.versions: tuple[int, int] | None = None
+        self.seen: tuple | None = None  # the quantizer's (scale, zero_point) snapshots (``_version_of``)
 
     def fill(self, quantizer: Quantizer) -> None:
         """Read a fixed grid now (when the layer is built), so no forward reads it on the host, compiled or not;
@@ -177,7 +181,11 @@ class GridCache:
             if self.source is not quantizer or self.grid is None:
                 self.grid, self.source = activation_grid(quantizer), quantizer
             return self.grid
-        versions = (quantizer.scale._version, quantizer.zero_point._version)
-        if self.source is not quantizer or self.grid is None or self.versions != versions:
-            self.grid, self.source, self.versions = activation_grid(quantizer), quantizer, versions
+        seen = self.seen
+        if (self.source is quantizer and self.grid is not None and seen is not None
+                and _unchanged(seen[0], quantizer.scale) and _unchanged(seen[1], quantizer.zero_point)):
+            return self.grid
+        self.grid, self.source = activation_grid(quantizer), quantizer
+        snapshots = _version_of(quantizer.scale), _version_of(quantizer.zero_point)
+        self.seen = None if None in snapshots else snapshots
         return self.grid

@@ -47,6 +47,7 @@ def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dic
         replacements.append((name, module, replacement))
     for name, module, replacement in replacements:
         carry_forward_hooks(module, replacement)
+        replacement.train(module.training)  # an eval model stays one: a new module is built in training mode
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
         integer[name] = type(replacement).__name__

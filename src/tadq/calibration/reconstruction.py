@@ -664,53 +664,53 @@ def _reconstruct_units(
     # the network's activation quantizers, collected once: walking every module of the network for each unit's
     # weight phase made the bookkeeping grow with units × modules (quadratic in the depth)
     activation_quantizers = [m for m in qmodel.modules() if isinstance(m, Quantizer) and m.kind == "activation"]
-    bar = progress_bar(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress)
-    shared: tuple[str, UnitIO] | None = None  # (unit, FP capture with inputs) kept from the weight phase
-    for position, (phase, unit, offset) in enumerate(plan):
-        if position < done:
-            continue
-        show_next(bar, f"{phase}: {unit}")
-        module = qmodel.get_submodule(unit)
-        seed = config.seed + offset
-        started = time.perf_counter()
-        stats: dict[str, float] = {}
-        iters = 0
-        if shared is not None and shared[0] == unit:
-            target = shared[1]
-        else:
-            target = fp_targets.take(unit)
-        shared = (unit, target) if phase == "weights" and has_activations else None
-        if phase == "weights":
-            with bypassing(activation_quantizers):
-                io = capture_unit_io(q_call, module, calib.x, calib.t, 2 * config.batch_size, keep_output=False,
-                                     cond=calib.cond)
-                io.output = target.output
-                before = _eval_loss(module, io, 2 * config.batch_size, 2.0)
-                stats, iters, learned, after = _round_unit_weights(module, io, config, seed, before,
-                                                                   fp_model.get_submodule(unit), target)
-        else:
-            io = target
-            before = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
-            initial = [q.scale.clone() for q in _unit_activation_quantizers(module)]
-            try:
-                _reconstruct_activations(module, io, config, seed)
-            except BaseException:  # interrupted: the unit keeps its calibrated steps, as the checkpoint has them
-                _restore_scales(module, initial)
-                raise
-            iters = config.activation_iters if initial else 0
-            after = learned = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
-            if after > before:  # learned steps generalise worse over the whole set: keep the calibrated ones
-                _restore_scales(module, initial)
-                after = before
-        reports.append(UnitReport(unit, phase, before, after, loss_learned=learned, guard_rejected=learned > after,
-                                  flipped=stats.get("flipped"), moved=stats.get("moved"),
-                                  unsettled=stats.get("unsettled"), iters=iters,
-                                  seconds=round(time.perf_counter() - started, 3)))
-        del io, target
-        if checkpoint is not None:
-            save_checked(qmodel.state_dict(), {"kind": "tadq-reconstruction-checkpoint", "key": key, "fields": fields,
-                                               "done": position + 1, "reports": [r.__dict__ for r in reports]},
-                         checkpoint)
-        bar.update(1)
-    bar.close()
+    with progress_bar(plan, desc="reconstruct", initial=done, total=len(plan), disable=not progress) as bar:
+        shared: tuple[str, UnitIO] | None = None  # (unit, FP capture with inputs) kept from the weight phase
+        for position, (phase, unit, offset) in enumerate(plan):
+            if position < done:
+                continue
+            show_next(bar, f"{phase}: {unit}")
+            module = qmodel.get_submodule(unit)
+            seed = config.seed + offset
+            started = time.perf_counter()
+            stats: dict[str, float] = {}
+            iters = 0
+            if shared is not None and shared[0] == unit:
+                target = shared[1]
+            else:
+                target = fp_targets.take(unit)
+            shared = (unit, target) if phase == "weights" and has_activations else None
+            if phase == "weights":
+                with bypassing(activation_quantizers):
+                    io = capture_unit_io(q_call, module, calib.x, calib.t, 2 * config.batch_size, keep_output=False,
+                                         cond=calib.cond)
+                    io.output = target.output
+                    before = _eval_loss(module, io, 2 * config.batch_size, 2.0)
+                    stats, iters, learned, after = _round_unit_weights(module, io, config, seed, before,
+                                                                       fp_model.get_submodule(unit), target)
+            else:
+                io = target
+                before = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
+                initial = [q.scale.clone() for q in _unit_activation_quantizers(module)]
+                try:
+                    _reconstruct_activations(module, io, config, seed)
+                except BaseException:  # interrupted: the unit keeps its calibrated steps, as the checkpoint has them
+                    _restore_scales(module, initial)
+                    raise
+                iters = config.activation_iters if initial else 0
+                after = learned = _eval_loss(module, io, 2 * config.batch_size, config.activation_p)
+                if after > before:  # learned steps generalise worse over the whole set: keep the calibrated ones
+                    _restore_scales(module, initial)
+                    after = before
+            reports.append(UnitReport(unit, phase, before, after, loss_learned=learned, guard_rejected=learned > after,
+                                      flipped=stats.get("flipped"), moved=stats.get("moved"),
+                                      unsettled=stats.get("unsettled"), iters=iters,
+                                      seconds=round(time.perf_counter() - started, 3)))
+            del io, target
+            if checkpoint is not None:
+                save_checked(qmodel.state_dict(), {"kind": "tadq-reconstruction-checkpoint", "key": key,
+                                                   "fields": fields, "done": position + 1,
+                                                   "reports": [r.__dict__ for r in reports]},
+                             checkpoint)
+            bar.update(1)
     return reports

@@ -174,10 +174,10 @@ def collect_trajectory_pair(
     walker = ctx.walker()
     logger.info("collecting a %s trajectory pair: %d samples, %s, %s", mode, num_samples, ctx.plan.key, ctx.bits)
     counted = isinstance(num_samples, int) and not isinstance(num_samples, bool) and num_samples > 0
-    batches = progress_bar(ctx.batches(seed, num_samples),
-                           total=-(-num_samples // ctx.batch_size) if counted else None,
-                           desc=f"trajectory pair ({mode})", leave=False, disable=not ctx.progress)  # one at a time
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(ctx.batches(seed, num_samples),
+                                       total=-(-num_samples // ctx.batch_size) if counted else None,
+                                       desc=f"trajectory pair ({mode})", leave=False,
+                                       disable=not ctx.progress) as batches:  # one batch at a time
         per_batch = [_run_batch(ctx, walker, hooks, batch, mode) for batch in batches]
 
     def gather(position: int) -> Tensor:  # per batch a list over steps -> (steps, N, ...)

@@ -115,33 +115,34 @@ def _walk(ctx: FitContext, walker: Walker, hooks: Sequence[SamplingHooks], fitti
     x_fp, x_hat = start.x, start.x
     carried_hat = carried_fp = None  # each track's previous x̂_0 on a multistep sampler (Walker.carry)
     what = f"fitting {type(fitting).__name__}" if fitting is not None else "scoring corrections"
-    for position, step in enumerate(progress_bar(walker.steps, desc=what, leave=False, disable=not ctx.progress)):
-        if cached is not None:
-            x_fp = cached.states[position]
-        x_in = apply_before_model(earlier, x_hat, step)
-        if fitting is not None:
-            fitting.fit_input_row(step.index, x_in, x_fp)
-            x_in = fitting.before_model(x_in, step)
-        eps_hat, branches = walker.predict_batched(ctx.q_denoiser, x_in, step, cond, size, wants)
-        eps_hat = walker.after_model(earlier, eps_hat, x_in, step, branches)
-        if cached is not None:
-            eps_fp = cached.predictions[position]
-        else:
-            eps_fp, _ = walker.predict_batched(ctx.fp_denoiser, x_fp, step, cond, size)
-            if cache is not None:  # without a cache nothing holds on to the walk's states
-                states.append(x_fp)
-                predictions.append(eps_fp)
-        if fitting is not None:
-            targets = StepTargets(
-                same_input=lambda x=x_in, s=step: walker.predict_batched(ctx.fp_denoiser, x, s, cond, size)[0],
-                fp_trajectory=eps_fp, x_in=x_in, x_fp=x_fp)
-            fitting.fit_output_row(step.index, eps_hat, targets, step)
-            eps_hat = walker.after_model((fitting,), eps_hat, x_in, step, branches)
-        x_hat, carried_hat = (walker.advance(x_in, eps_hat, step, start.noise, hooks, carried_hat),
-                              walker.carry(x_in, eps_hat, step))
-        if cached is None:
-            x_fp, carried_fp = (walker.advance(x_fp, eps_fp, step, start.noise, previous=carried_fp),
-                                walker.carry(x_fp, eps_fp, step))
+    with progress_bar(walker.steps, desc=what, leave=False, disable=not ctx.progress) as bar:
+        for position, step in enumerate(bar):
+            if cached is not None:
+                x_fp = cached.states[position]
+            x_in = apply_before_model(earlier, x_hat, step)
+            if fitting is not None:
+                fitting.fit_input_row(step.index, x_in, x_fp)
+                x_in = fitting.before_model(x_in, step)
+            eps_hat, branches = walker.predict_batched(ctx.q_denoiser, x_in, step, cond, size, wants)
+            eps_hat = walker.after_model(earlier, eps_hat, x_in, step, branches)
+            if cached is not None:
+                eps_fp = cached.predictions[position]
+            else:
+                eps_fp, _ = walker.predict_batched(ctx.fp_denoiser, x_fp, step, cond, size)
+                if cache is not None:  # without a cache nothing holds on to the walk's states
+                    states.append(x_fp)
+                    predictions.append(eps_fp)
+            if fitting is not None:
+                targets = StepTargets(
+                    same_input=lambda x=x_in, s=step: walker.predict_batched(ctx.fp_denoiser, x, s, cond, size)[0],
+                    fp_trajectory=eps_fp, x_in=x_in, x_fp=x_fp)
+                fitting.fit_output_row(step.index, eps_hat, targets, step)
+                eps_hat = walker.after_model((fitting,), eps_hat, x_in, step, branches)
+            x_hat, carried_hat = (walker.advance(x_in, eps_hat, step, start.noise, hooks, carried_hat),
+                                  walker.carry(x_in, eps_hat, step))
+            if cached is None:
+                x_fp, carried_fp = (walker.advance(x_fp, eps_fp, step, start.noise, previous=carried_fp),
+                                    walker.carry(x_fp, eps_fp, step))
     if cached is not None:
         return cached.states[-1], x_hat
     if cache is not None:

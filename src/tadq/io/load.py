@@ -359,6 +359,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     qmodel.recipe = read_recipe(path, config)
     if qmodel.recipe is not None:  # the same network; for an older naive artefact, today's unused reconstruction
         qmodel.config = qmodel.recipe.quant_config()  # defaults, so that saving it again matches its recipe
+    qmodel.eval()  # the corrections loaded (and TFMQ's per-step quantizers) were built in training mode
     if backend != "fake":
         qmodel = to_backend(qmodel, backend, inplace=True)
     return qmodel, _load_scheduler(path)

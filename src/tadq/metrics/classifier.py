@@ -210,23 +210,23 @@ def train_digit_classifier(
     model.train()
     t0 = time.perf_counter()
     loss_value, step = float("nan"), 0
-    bar = progress_bar(range(config.epochs), desc="train digits classifier", disable=not progress)
-    for _ in bar:
-        order = torch.randperm(len(split.train_images), generator=generator)
-        for start in range(0, len(order), config.batch_size):
-            index = order[start : start + config.batch_size]
-            if len(index) < 2:  # BatchNorm cannot train on a single image
-                continue
-            images = _augment(split.train_images[index], config, generator)
-            loss = F.cross_entropy(model(images), split.train_labels[index])
-            loss_value = loss.item()
-            check_finite_loss(loss_value, step, "train digits classifier")
-            step += 1
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+    with progress_bar(range(config.epochs), desc="train digits classifier", disable=not progress) as bar:
+        for _ in bar:
+            order = torch.randperm(len(split.train_images), generator=generator)
+            for start in range(0, len(order), config.batch_size):
+                index = order[start : start + config.batch_size]
+                if len(index) < 2:  # BatchNorm cannot train on a single image
+                    continue
+                images = _augment(split.train_images[index], config, generator)
+                loss = F.cross_entropy(model(images), split.train_labels[index])
+                loss_value = loss.item()
+                check_finite_loss(loss_value, step, "train digits classifier")
+                step += 1
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
     wall = time.perf_counter() - t0
     model.eval()
     heldout_accuracy = _accuracy(model, split.heldout_images, split.heldout_labels)

@@ -92,11 +92,9 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
     extractor = DigitFeatures(classifier)
     device = next(classifier.parameters()).device
     starts = range(0, len(images), batch_size)
-    chunks = [
-        extractor(images[i : i + batch_size].to(device)).double().cpu()
-        for i in progress_bar(starts, desc="FD-digits features", leave=False,
-                                  disable=not progress or len(starts) < 20)
-    ]
+    with progress_bar(starts, desc="FD-digits features", leave=False,
+                      disable=not progress or len(starts) < 20) as bar:
+        chunks = [extractor(images[i : i + batch_size].to(device)).double().cpu() for i in bar]
     return torch.cat(chunks)
 
 

@@ -100,11 +100,9 @@ class InceptionFeatures(nn.Module):
 
 def _features(images: Tensor, extractor: InceptionFeatures, batch_size: int, progress: bool = True) -> Tensor:
     starts = range(0, len(images), batch_size)
-    chunks = [
-        extractor(images[i : i + batch_size]).double().cpu()
-        for i in progress_bar(starts, desc="Inception features", leave=False,
-                                  disable=not progress or len(starts) < 4)
-    ]
+    with progress_bar(starts, desc="Inception features", leave=False,
+                      disable=not progress or len(starts) < 4) as bar:
+        chunks = [extractor(images[i : i + batch_size]).double().cpu() for i in bar]
     return torch.cat(chunks)
 
 

@@ -344,61 +344,62 @@ def run_search(
     # it keys the records and the reference as it keys tadq run's cells; a batch over the count is the same batch
     scoring_batch = min(batch_size, heldout_trajectories)
     records: list[dict[str, Any]] = []
-    bar = progress_bar(plan.candidates, desc="tadq recipe", disable=not progress, unit="candidate")
-    current_base = None
-    for candidate in bar:
-        show_next(bar, candidate.name)
-        if candidate.base_candidate != current_base:  # keep one base's models in memory at a time
-            builder.memo.clear()
-            current_base = candidate.base_candidate
-        recipe = plan.recipes[candidate.name]
-        record: dict[str, Any] = {
-            "name": candidate.name, "base": candidate.base, "preset": candidate.preset,
-            "stack": candidate.stack_name, "fp_layers": candidate.fp_layers, "gbitops": plan.gbitops[candidate.name],
-            "bytes": None, "score": None, "recipe": config_to_dict(recipe),
-        }
-        if candidate.name in plan.ruled_out:
-            records.append({**record, "status": "over budget", "in_budget": False,
-                            "why": plan.ruled_out[candidate.name], "reused": False})
-            continue
-        score_key = _digest({"build": builder.build_key(candidate), "seed": seeds["heldout"],
-                             "count": heldout_trajectories, "batch": scoring_batch})
-        path = cache / "candidates" / f"{candidate.name}.json"
-        reused = _reusable(path, score_key, budget) if builder.cached(candidate) else None
-        if reused is not None:
-            stats["candidates_reused"] += 1
-            records.append({**reused, "fp_layers": candidate.fp_layers})  # records written before the axis lack it
-            continue
-        qmodel = builder.get(candidate)
-        nbytes = _artefact_bytes(builder.folder(candidate))
-        record.update(bytes=nbytes, build_seconds=builder.timings.get(candidate.name),
-                      artefact=str(builder.folder(candidate).relative_to(out_dir)), score_key=score_key)
-        if not budget.fits(record["gbitops"], nbytes):
-            record.update(status="over budget", in_budget=False,
-                          why=f"artefact {nbytes} bytes > budget {int(budget.value)}")
-        else:
-            if reference is None:
-                reference = _reference(model, scheduler, space, seeds["heldout"], heldout_trajectories, cache,
-                                       model_key, batch_size, conditioning)
-            start = time.perf_counter()
-            images = final_samples(qmodel, scheduler, space.sampler, num_samples=heldout_trajectories,
-                                   seed=seeds["heldout"], batch_size=batch_size,
-                                   **conditioning.options(space.guidance_scale))
-            if nonfinite := nonfinite_count(images):  # a NaN score compared as neither better nor worse: it could win
-                record.update(status="diverged", in_budget=True, score=None,
-                              why=f"{nonfinite} of {len(images)} held-out samples are NaN or Inf",
-                              score_seconds=time.perf_counter() - start)
+    with progress_bar(plan.candidates, desc="tadq recipe", disable=not progress, unit="candidate") as bar:
+        current_base = None
+        for candidate in bar:
+            show_next(bar, candidate.name)
+            if candidate.base_candidate != current_base:  # keep one base's models in memory at a time
+                builder.memo.clear()
+                current_base = candidate.base_candidate
+            recipe = plan.recipes[candidate.name]
+            record: dict[str, Any] = {
+                "name": candidate.name, "base": candidate.base, "preset": candidate.preset,
+                "stack": candidate.stack_name, "fp_layers": candidate.fp_layers,
+                "gbitops": plan.gbitops[candidate.name],
+                "bytes": None, "score": None, "recipe": config_to_dict(recipe),
+            }
+            if candidate.name in plan.ruled_out:
+                records.append({**record, "status": "over budget", "in_budget": False,
+                                "why": plan.ruled_out[candidate.name], "reused": False})
+                continue
+            score_key = _digest({"build": builder.build_key(candidate), "seed": seeds["heldout"],
+                                 "count": heldout_trajectories, "batch": scoring_batch})
+            path = cache / "candidates" / f"{candidate.name}.json"
+            reused = _reusable(path, score_key, budget) if builder.cached(candidate) else None
+            if reused is not None:
+                stats["candidates_reused"] += 1
+                records.append({**reused, "fp_layers": candidate.fp_layers})  # records written before the axis lack it
+                continue
+            qmodel = builder.get(candidate)
+            nbytes = _artefact_bytes(builder.folder(candidate))
+            record.update(bytes=nbytes, build_seconds=builder.timings.get(candidate.name),
+                          artefact=str(builder.folder(candidate).relative_to(out_dir)), score_key=score_key)
+            if not budget.fits(record["gbitops"], nbytes):
+                record.update(status="over budget", in_budget=False,
+                              why=f"artefact {nbytes} bytes > budget {int(budget.value)}")
             else:
-                score = score_samples(images, reference, seeds["heldout"])
-                stats["candidates_scored"] += 1
-                # "why" as a reused record has it: a resumed run's report holds the same keys as a fresh one's
-                record.update(status="scored", in_budget=True, score=score.to_json(), why=None,
-                              score_seconds=time.perf_counter() - start)
-        atomic_write_json(record, path)
-        records.append({**record, "reused": False})
-        if on_candidate is not None:
-            on_candidate(record)
-    bar.close()
+                if reference is None:
+                    reference = _reference(model, scheduler, space, seeds["heldout"], heldout_trajectories, cache,
+                                           model_key, batch_size, conditioning)
+                start = time.perf_counter()
+                images = final_samples(qmodel, scheduler, space.sampler, num_samples=heldout_trajectories,
+                                       seed=seeds["heldout"], batch_size=batch_size,
+                                       **conditioning.options(space.guidance_scale))
+                # a NaN score compared as neither better nor worse: it could win
+                if nonfinite := nonfinite_count(images):
+                    record.update(status="diverged", in_budget=True, score=None,
+                                  why=f"{nonfinite} of {len(images)} held-out samples are NaN or Inf",
+                                  score_seconds=time.perf_counter() - start)
+                else:
+                    score = score_samples(images, reference, seeds["heldout"])
+                    stats["candidates_scored"] += 1
+                    # "why" as a reused record has it: a resumed run's report holds the same keys as a fresh one's
+                    record.update(status="scored", in_budget=True, score=score.to_json(), why=None,
+                                  score_seconds=time.perf_counter() - start)
+            atomic_write_json(record, path)
+            records.append({**record, "reused": False})
+            if on_candidate is not None:
+                on_candidate(record)
     winner, reason = choose_winner(records, budget, tie_db)
     settings = {"heldout_trajectories": heldout_trajectories, "tie_db": tie_db, "batch_size": batch_size,
                 "space": {"presets": list(space.presets), "bases": list(space.bases), "stacks": list(space.stacks),

@@ -207,22 +207,22 @@ def _train_vae(config: T2ITrainConfig, train: Tensor, heldout: Tensor, out_dir: 
     generator = torch.Generator().manual_seed(config.seed)
     t0, curve, recent = time.perf_counter(), [], []
     vae.train()
-    bar = progress_bar(range(config.vae_steps), desc="train t2i VAE", disable=not progress)
-    for step in bar:
-        x = train[torch.randint(0, len(train), (config.vae_batch_size,), generator=generator)]
-        posterior = vae.encode(x).latent_dist
-        recon = vae.decode(posterior.sample(generator=generator)).sample
-        kl = posterior.kl().mean() / posterior.mean[0].numel()
-        loss = F.mse_loss(recon, x) + config.kl_weight * kl
-        check_finite_loss(loss.item(), step, "train t2i VAE", " (vae_learning_rate)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        recent = (recent + [loss.item()])[-100:]
-        if (step + 1) % 100 == 0:
-            curve.append(round(sum(recent) / len(recent), 6))
-        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    with progress_bar(range(config.vae_steps), desc="train t2i VAE", disable=not progress) as bar:
+        for step in bar:
+            x = train[torch.randint(0, len(train), (config.vae_batch_size,), generator=generator)]
+            posterior = vae.encode(x).latent_dist
+            recon = vae.decode(posterior.sample(generator=generator)).sample
+            kl = posterior.kl().mean() / posterior.mean[0].numel()
+            loss = F.mse_loss(recon, x) + config.kl_weight * kl
+            check_finite_loss(loss.item(), step, "train t2i VAE", " (vae_learning_rate)")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            recent = (recent + [loss.item()])[-100:]
+            if (step + 1) % 100 == 0:
+                curve.append(round(sum(recent) / len(recent), 6))
+            bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     vae.eval()
     with torch.no_grad():
         heldout_psnr = _psnr(vae.decode(vae.encode(heldout).latent_dist.mode()).sample, heldout)
@@ -301,42 +301,42 @@ def train_t2i(config: T2ITrainConfig, out_dir: str | Path, command: str = "", pr
     unet.train()
     text_encoder.train(config.train_text_encoder)
     t0 = time.perf_counter() - elapsed
-    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc="train t2i UNet + text",
-                       disable=not progress)
-    loss_value = recent[-1] if recent else float("nan")
-    for step in bar:
-        index = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
-        eps_latent = torch.randn(latent_mean[index].shape, generator=generator)
-        x0 = (latent_mean[index] + latent_std[index] * eps_latent) * scaling
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        template = torch.randint(0, table.shape[1], (config.batch_size,), generator=generator)
-        dropped = torch.rand(config.batch_size, generator=generator) < config.prompt_dropout
-        ids = torch.where(dropped[:, None], empty[None], table[labels[index], template])
-        with torch.set_grad_enabled(config.train_text_encoder):
-            context = text_encoder(ids)[0]
-        prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(prediction, noise)
-        loss_value = loss.item()
-        check_finite_loss(loss_value, step, "train t2i UNet + text", RESUME_HINT)
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trained, 1.0)
-        optimizer.step()
-        ema.step(trained)
-        recent = (recent + [loss_value])[-100:]
-        if (step + 1) % 100 == 0:
-            curve.append(round(sum(recent) / len(recent), 6))
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(checkpoint, {
-                "config": asdict(config), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
-                "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "generator": generator.get_state(),
-                "step": step + 1, "elapsed": time.perf_counter() - t0, "recent_losses": recent,
-                "loss_every_100": curve,
-            })
+    with progress_bar(range(start, config.steps), initial=start, total=config.steps,
+                      desc="train t2i UNet + text", disable=not progress) as bar:
+        loss_value = recent[-1] if recent else float("nan")
+        for step in bar:
+            index = torch.randint(0, len(labels), (config.batch_size,), generator=generator)
+            eps_latent = torch.randn(latent_mean[index].shape, generator=generator)
+            x0 = (latent_mean[index] + latent_std[index] * eps_latent) * scaling
+            noise = torch.randn(x0.shape, generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+            template = torch.randint(0, table.shape[1], (config.batch_size,), generator=generator)
+            dropped = torch.rand(config.batch_size, generator=generator) < config.prompt_dropout
+            ids = torch.where(dropped[:, None], empty[None], table[labels[index], template])
+            with torch.set_grad_enabled(config.train_text_encoder):
+                context = text_encoder(ids)[0]
+            prediction = unet(scheduler.add_noise(x0, noise, t), t, encoder_hidden_states=context).sample
+            loss = F.mse_loss(prediction, noise)
+            loss_value = loss.item()
+            check_finite_loss(loss_value, step, "train t2i UNet + text", RESUME_HINT)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trained, 1.0)
+            optimizer.step()
+            ema.step(trained)
+            recent = (recent + [loss_value])[-100:]
+            if (step + 1) % 100 == 0:
+                curve.append(round(sum(recent) / len(recent), 6))
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                save_checkpoint(checkpoint, {
+                    "config": asdict(config), "unet": unet.state_dict(), "text_encoder": text_encoder.state_dict(),
+                    "optimizer": optimizer.state_dict(), "ema": ema.state_dict(), "generator": generator.get_state(),
+                    "step": step + 1, "elapsed": time.perf_counter() - t0, "recent_losses": recent,
+                    "loss_every_100": curve,
+                })
     wall = time.perf_counter() - t0
     ema.copy_to(trained)
     unet.eval()

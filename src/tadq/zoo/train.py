@@ -177,37 +177,37 @@ def train_ddpm(
         logger.info("resuming from step %d", start)
     unet.train()
     t0 = time.perf_counter() - elapsed
-    bar = progress_bar(range(start, config.steps), initial=start, total=config.steps, desc=desc,
-                       disable=not progress)
-    loss_value = recent[-1] if recent else float("nan")
-    for step in bar:
-        index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
-        x0 = images[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        class_labels = None
-        if labels is not None:
-            dropped = torch.rand(config.batch_size, generator=generator) < label_dropout
-            class_labels = torch.where(dropped, torch.full_like(labels[index], null_label), labels[index])
-        prediction = unet(scheduler.add_noise(x0, noise, t), t, class_labels=class_labels).sample
-        loss = torch.nn.functional.mse_loss(prediction, noise)
-        loss_value = loss.item()
-        check_finite_loss(loss_value, step, desc, RESUME_HINT)
-        for group in optimizer.param_groups:
-            group["lr"] = _learning_rate(config, step)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        ema.step(unet.parameters())
-        recent = (recent + [loss_value])[-100:]
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save_checkpoint(checkpoint, {
-                "config": asdict(config), "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
-                "ema": ema.state_dict(), "generator": generator.get_state(), "step": step + 1,
-                "elapsed": time.perf_counter() - t0, "recent_losses": recent,
-            })
+    with progress_bar(range(start, config.steps), initial=start, total=config.steps, desc=desc,
+                      disable=not progress) as bar:
+        loss_value = recent[-1] if recent else float("nan")
+        for step in bar:
+            index = torch.randint(0, len(images), (config.batch_size,), generator=generator)
+            x0 = images[index]
+            noise = torch.randn(x0.shape, generator=generator)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+            class_labels = None
+            if labels is not None:
+                dropped = torch.rand(config.batch_size, generator=generator) < label_dropout
+                class_labels = torch.where(dropped, torch.full_like(labels[index], null_label), labels[index])
+            prediction = unet(scheduler.add_noise(x0, noise, t), t, class_labels=class_labels).sample
+            loss = torch.nn.functional.mse_loss(prediction, noise)
+            loss_value = loss.item()
+            check_finite_loss(loss_value, step, desc, RESUME_HINT)
+            for group in optimizer.param_groups:
+                group["lr"] = _learning_rate(config, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            ema.step(unet.parameters())
+            recent = (recent + [loss_value])[-100:]
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+            if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+                save_checkpoint(checkpoint, {
+                    "config": asdict(config), "unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
+                    "ema": ema.state_dict(), "generator": generator.get_state(), "step": step + 1,
+                    "elapsed": time.perf_counter() - t0, "recent_losses": recent,
+                })
     wall = time.perf_counter() - t0
     ema.copy_to(unet.parameters())
     unet.eval()
