@@ -32,10 +32,11 @@ from packaging.version import Version
 from tests.adapters.test_transformer_configs import _flux, _pixart, _sd3, prompts
 from tests.backends.machine import int8_reason
 from tests.backends.test_families import LayerAudit
-from tests.conftest import build_tiny_sd_unet
+from tests.conftest import build_tiny_sd_unet, build_tiny_sdxl_unet
 from torch import nn
 
 import tadq
+import tadq.methods
 from tadq import api, registry
 from tadq.adapters import UNet2DConditionAdapter
 from tadq.backends import to_backend
@@ -386,3 +387,29 @@ def test_a_data_parallel_model_is_refused_naming_the_module_inside():
     with pytest.raises(TypeError, match=message):
         api.sample(wrapped, _ddim(), DDIM, num_samples=1, seed=0, progress=False)
     assert calls == []
+
+
+MISSING_FIELDS = {
+    # an SD pipeline's prompts for an SDXL UNet: no pooled text, no time ids
+    "sdxl-without-pooled-text": (build_tiny_sdxl_unet, lambda: _text(),
+                                 r"lacks \['pooled_embeds', 'added_cond_kwargs\.time_ids'\]"),
+    # a text UNet with a class table given text alone
+    "class-table-without-labels": (lambda: build_tiny_sd_unet(num_class_embeds=5), lambda: _text(),
+                                   r"lacks \['class_labels'\]"),
+    # a text UNet given class labels alone
+    "text-unet-given-labels": (build_tiny_sd_unet, lambda: RandomClassLabels(5),
+                               r"lacks \['encoder_hidden_states'\]"),
+}
+
+
+@pytest.mark.parametrize("name", list(MISSING_FIELDS))
+def test_conditions_lacking_a_field_the_model_needs_are_refused_before_the_model_is_copied(name, monkeypatch):
+    """Refused by the first forward of the calibration run, after the model had been copied, planned and traced
+    (seconds on the tiny UNets, minutes for an SDXL): now named by ``tadq.quantize`` before any of that."""
+    build, source, missing = MISSING_FIELDS[name]
+    model = build().eval()
+    monkeypatch.setattr(api, "place_model", None)  # nothing may be copied (dtype=) before the refusal
+    monkeypatch.setattr(tadq.methods, "build_quantized_structure", None)  # nor planned and traced
+    with pytest.raises(ValueError, match=rf"^tadq\.quantize: this UNet2DConditionModel needs .*; the conditioning "
+                                         rf"{missing}"):
+        api.quantize(model, _ddim(), _config(DDIM, True), conditions=source(), progress=False, dtype=torch.float64)
