@@ -228,26 +228,36 @@ def check_conditions(model: nn.Module, conditions: ConditionSource | None, guida
     """Raise before any sampling when ``conditions`` does not fit ``model`` or the guidance scale: a conditional
     model without conditions or without a field it needs, conditions for an unconditional model, guidance without
     an unconditional branch."""
-    wanted = adapter_for(model).conditioning_inputs(model)
+    adapter = adapter_for(model)
+    wanted = adapter.conditioning_inputs(model)
     if wanted and conditions is None:
         raise ValueError(f"{where}: this {type(model).__name__} is conditional (takes {list(wanted)}): pass "
                          "conditions= (class labels or prompts for calibration, disjoint from the evaluation ones)")
     if not wanted and conditions is not None:
         raise ValueError(f"{where}: this {type(model).__name__} is unconditional but was given conditions")
     probe = conditions(0, [0]) if conditions is not None else None
-    if probe is not None:  # a field the model needs (SDXL's pooled text, a class embedding's labels) is named here,
-        # not by the first forward, after the model was copied and traced and calibration had started
+    if probe is not None:  # a field the model needs (SDXL's pooled text, a class embedding's labels) or does not take
+        # (a text mask for Flux) is named here, not by the first forward, after the model was copied and traced
         given = {name for name in probe.describe() if name != "unconditional"}
         missing = [name for name in wanted if name not in given]
         if missing:
             raise ValueError(f"{where}: this {type(model).__name__} needs {list(wanted)}; the conditioning lacks "
                              f"{missing} (it has {sorted(given)})")
+        optional = getattr(adapter, "optional_inputs", None)  # an adapter registered without it: its own check
+        extra = [] if optional is None else sorted(given - set(wanted) - set(optional))
+        if extra:
+            raise ValueError(f"{where}: this {type(model).__name__} takes {list(wanted)}"
+                             + (f" (and optionally {list(optional)})" if optional else "") + f", not {extra}")
     if guidance_scale != 1.0:
         if conditions is None:
             raise ValueError(f"{where}: guidance_scale={guidance_scale} needs a conditional model and conditions")
         if probe.unconditional is None:
             raise ValueError(f"{where}: guidance_scale={guidance_scale} needs an unconditional branch (a null class "
                              "or a negative/empty prompt) but the conditions have none")
+        try:  # both branches run in one call: a field only one of them carries failed that first guided call
+            probe.guidance_batch()
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
 
 
 def _reference(fp: nn.Module, network: nn.Module):
