@@ -139,6 +139,9 @@ def _quantize(
             raise ValueError(f"checkpoint= (--checkpoint) resumes a block reconstruction, and {runs}: drop it (or "
                              "quantize with method 'qdiffusion')")
         check_checkpoint_settings(checkpoint, config.reconstruction)  # before calibration, not after it
+    guidance_scale = recipe.guidance_scale if recipe is not None else 1.0
+    if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
+        check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before it is copied or sampled
     # the model's own placement, when device=/dtype= leave it, must be one (refused for a split model, before work)
     own = model_placement(model, "tadq.quantize", device=device is None, dtype=dtype is None)
     parameter = next(model.parameters(), None)
@@ -153,7 +156,6 @@ def _quantize(
     network = fp if parameter is None or dtype == torch.float32 else place_model(model, device, torch.float32)
     if network is not fp and network is not model:  # cast here for this call: its layers are wrapped, not copied
         wrap_in_place(network)
-    guidance_scale = recipe.guidance_scale if recipe is not None else 1.0
     # every sampler the model will be calibrated or deployed with must drive this scheduler: refused here, before
     # calibration or reconstruction, not when a correction is fitted or the model is first sampled
     plans = [SamplingPlan.build(scheduler, deployment.sampler, deployment.guidance_scale)
@@ -162,8 +164,6 @@ def _quantize(
         SamplingPlan.build(scheduler, config.calibration.sampler, guidance_scale)
     for correction in recipe.corrections if recipe is not None else ():  # fitted along the first deployment
         correction_for(correction).check_fittable(plans[0].steps)
-    if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
-        check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before sampling anything
     if calibration is not None:  # made for this call's model, scheduler, config and conditioning, or refused
         check_calibration_matches(calibration, model, scheduler, config.calibration, conditions, guidance_scale)
     handler = method_handler(recipe.method) if recipe is not None else None
@@ -226,20 +226,38 @@ def check_float32_base(base: QuantizedDenoiser) -> None:
 def check_conditions(model: nn.Module, conditions: ConditionSource | None, guidance_scale: float,
                      where: str) -> None:
     """Raise before any sampling when ``conditions`` does not fit ``model`` or the guidance scale: a conditional
-    model without conditions, conditions for an unconditional model, guidance without an unconditional branch."""
-    wanted = adapter_for(model).conditioning_inputs(model)
+    model without conditions or without a field it needs, conditions for an unconditional model, guidance without
+    an unconditional branch."""
+    adapter = adapter_for(model)
+    wanted = adapter.conditioning_inputs(model)
     if wanted and conditions is None:
         raise ValueError(f"{where}: this {type(model).__name__} is conditional (takes {list(wanted)}): pass "
                          "conditions= (class labels or prompts for calibration, disjoint from the evaluation ones)")
     if not wanted and conditions is not None:
         raise ValueError(f"{where}: this {type(model).__name__} is unconditional but was given conditions")
+    probe = conditions(0, [0]) if conditions is not None else None
+    if probe is not None:  # a field the model needs (SDXL's pooled text, a class embedding's labels) or does not take
+        # (a text mask for Flux) is named here, not by the first forward, after the model was copied and traced
+        given = {name for name in probe.describe() if name != "unconditional"}
+        missing = [name for name in wanted if name not in given]
+        if missing:
+            raise ValueError(f"{where}: this {type(model).__name__} needs {list(wanted)}; the conditioning lacks "
+                             f"{missing} (it has {sorted(given)})")
+        optional = getattr(adapter, "optional_inputs", None)  # an adapter registered without it: its own check
+        extra = [] if optional is None else sorted(given - set(wanted) - set(optional))
+        if extra:
+            raise ValueError(f"{where}: this {type(model).__name__} takes {list(wanted)}"
+                             + (f" (and optionally {list(optional)})" if optional else "") + f", not {extra}")
     if guidance_scale != 1.0:
         if conditions is None:
             raise ValueError(f"{where}: guidance_scale={guidance_scale} needs a conditional model and conditions")
-        probe = conditions(0, [0])
         if probe.unconditional is None:
             raise ValueError(f"{where}: guidance_scale={guidance_scale} needs an unconditional branch (a null class "
                              "or a negative/empty prompt) but the conditions have none")
+        try:  # both branches run in one call: a field only one of them carries failed that first guided call
+            probe.guidance_batch()
+        except ValueError as error:
+            raise ValueError(f"{where}: {error}") from error
 
 
 def _reference(fp: nn.Module, network: nn.Module):

@@ -29,13 +29,14 @@ from diffusers import (
 )
 from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 from packaging.version import Version
-from tests.adapters.test_transformer_configs import _flux, _pixart, _sd3, prompts
+from tests.adapters.test_transformer_configs import POOLED, TEXT, _flux, _pixart, _sd3, prompts
 from tests.backends.machine import int8_reason
 from tests.backends.test_families import LayerAudit
-from tests.conftest import build_tiny_sd_unet
+from tests.conftest import build_tiny_sd_unet, build_tiny_sdxl_unet
 from torch import nn
 
 import tadq
+import tadq.methods
 from tadq import api, registry
 from tadq.adapters import UNet2DConditionAdapter
 from tadq.backends import to_backend
@@ -386,3 +387,48 @@ def test_a_data_parallel_model_is_refused_naming_the_module_inside():
     with pytest.raises(TypeError, match=message):
         api.sample(wrapped, _ddim(), DDIM, num_samples=1, seed=0, progress=False)
     assert calls == []
+
+
+def _flux_text(n: int = 4, **extra) -> ConditioningList:
+    """Flux-schnell's text states and pooled embedding, with ``extra`` fields."""
+    generator = torch.Generator().manual_seed(0)
+    return ConditioningList(Conditioning(encoder_hidden_states=torch.randn(n, TOKENS, TEXT, generator=generator),
+                                         pooled_embeds=torch.randn(n, POOLED, generator=generator), **extra))
+
+
+# name → (builder, scheduler, sampler, conditions, the refusal after "this <class> ")
+UNFIT_FIELDS = {
+    # an SD pipeline's prompts for an SDXL UNet: no pooled text, no time ids
+    "sdxl-without-pooled-text": (
+        build_tiny_sdxl_unet, _ddim, DDIM, lambda: _text(),
+        r"needs .*; the conditioning lacks \['pooled_embeds', 'added_cond_kwargs\.time_ids'\]"),
+    # a text UNet with a class table given text alone
+    "class-table-without-labels": (lambda: build_tiny_sd_unet(num_class_embeds=5), _ddim, DDIM, lambda: _text(),
+                                   r"needs .*; the conditioning lacks \['class_labels'\]"),
+    # a text UNet given class labels alone
+    "text-unet-given-labels": (build_tiny_sd_unet, _ddim, DDIM, lambda: RandomClassLabels(5),
+                               r"needs .*; the conditioning lacks \['encoder_hidden_states'\]"),
+    # labels next to the text of a UNet without a class embedding
+    "text-unet-given-text-and-labels": (build_tiny_sd_unet, _ddim, DDIM,
+                                        lambda: _text(labels=lambda n, g: torch.randint(0, 5, (n,), generator=g)),
+                                        r"takes \['encoder_hidden_states'\] \(and optionally \['attention_mask'\]\), "
+                                        r"not \['class_labels'\]"),
+    # a T5 padding mask for Flux, whose attention takes none
+    "flux-given-a-text-mask": (lambda: _flux(guidance_embeds=False), _flow, FLOW,
+                               lambda: _flux_text(attention_mask=torch.ones(4, TOKENS)),
+                               r"takes \['encoder_hidden_states', 'pooled_embeds'\], not \['attention_mask'\]"),
+}
+
+
+@pytest.mark.parametrize("name", list(UNFIT_FIELDS))
+def test_conditions_lacking_a_field_or_carrying_another_are_refused_before_the_model_is_copied(name, monkeypatch):
+    """Refused by the first forward of the calibration run, after the model had been copied, planned and traced
+    (seconds on the tiny models, minutes for an SDXL or Flux): now named by ``tadq.quantize`` before any of that."""
+    build, scheduler_of, sampler, source, refusal = UNFIT_FIELDS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    monkeypatch.setattr(api, "place_model", None)  # nothing may be copied (dtype=) before the refusal
+    monkeypatch.setattr(tadq.methods, "build_quantized_structure", None)  # nor planned and traced
+    with pytest.raises(ValueError, match=rf"^tadq\.quantize: this {type(model).__name__} {refusal}"):
+        api.quantize(model, scheduler_of(), _config(sampler, True), conditions=source(), progress=False,
+                     dtype=torch.float64)

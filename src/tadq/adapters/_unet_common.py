@@ -210,6 +210,9 @@ class TracedUNetAdapter:
     # whether the adapter returns the ε half of a wider (learned-variance) output; the UNet adapters do not, so a
     # model whose output channels differ from its input's is refused in ``sample_shape``
     splits_learned_variance = False
+    # conditioning fields the model takes but does not require (``attention_mask``); any other field beyond
+    # ``conditioning_inputs`` is refused, by ``tadq.quantize`` before any work and by ``predict_eps`` at each call
+    optional_inputs: tuple[str, ...] = ()
 
     def _roles(self, model: nn.Module) -> dict[int, tuple[LayerRole, str]]:
         raise NotImplementedError

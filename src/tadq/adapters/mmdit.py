@@ -397,7 +397,7 @@ class SD3Adapter(_MMDiTAdapter):
             ValueError: ``cond`` lacks a field, carries one SD3 does not take, or a shape that does not fit.
             NotImplementedError: ``out_channels`` ≠ ``in_channels`` (no velocity of the latent's shape).
         """
-        self._check_fields(model, cond, ())
+        self._check_fields(model, cond, self.optional_inputs)
         self._check_shapes(model, x, cond)
         self._check_velocity_channels(model)
         return model(x, encoder_hidden_states=cond.encoder_hidden_states, pooled_projections=cond.pooled_embeds,
@@ -470,7 +470,7 @@ class FluxAdapter(_MMDiTAdapter):
             ValueError: ``cond`` lacks a field (``added_cond_kwargs.guidance`` with ``guidance_embeds``), carries
                 one Flux does not take, or a shape that does not fit.
         """
-        self._check_fields(model, cond, ())
+        self._check_fields(model, cond, self.optional_inputs)
         self._check_shapes(model, x, cond)
         self.sample_shape(model)  # the packing's preconditions
         height, width = x.shape[-2:]

@@ -270,7 +270,7 @@ class DiTAdapter(_PatchTransformerAdapter):
         if x.shape[-2] != x.shape[-1]:
             raise ValueError(f"a {type(model).__name__} takes square latents (its unpatchify assumes a square token "
                              f"grid), got {x.shape[-2]}×{x.shape[-1]}")
-        self._check_fields(model, cond, ())
+        self._check_fields(model, cond, self.optional_inputs)
         labels = cond.class_labels
         table = model.transformer_blocks[0].norm1.emb.class_embedder.embedding_table.num_embeddings
         if labels.dtype not in INDEX_DTYPES:  # torch's embedding refused it deep inside the first block
@@ -290,6 +290,7 @@ class PixArtAdapter(_PatchTransformerAdapter):
     """Roles and calls for ``PixArtTransformer2DModel`` (caption cross-attention, adaLN-single)."""
 
     name = "pixart_transformer2d"
+    optional_inputs = PIXART_OPTIONAL
 
     # the caption's cross-attention K/V memo, shared with the cross-attention UNet (same Attention modules)
     inference_cache = UNet2DConditionAdapter.inference_cache
@@ -341,7 +342,7 @@ class PixArtAdapter(_PatchTransformerAdapter):
             ValueError: ``cond`` lacks a required field, carries one PixArt does not take, or a shape that does not
                 fit the config.
         """
-        self._check_fields(model, cond, PIXART_OPTIONAL)
+        self._check_fields(model, cond, self.optional_inputs)
         self._check_shapes(model, x, cond)
         added: dict[str, Any] = {"resolution": None, "aspect_ratio": None}
         if model.use_additional_conditions:

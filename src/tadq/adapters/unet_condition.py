@@ -118,6 +118,7 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
     """Roles and calls for ``UNet2DConditionModel`` (SD 1.x/2.x cross-attention; SDXL ``text_time``)."""
 
     name = "unet2d_condition"
+    optional_inputs = OPTIONAL_INPUTS
 
     def _roles(self, model: nn.Module) -> dict[int, tuple[LayerRole, str]]:
         return _named_roles(model)
@@ -165,7 +166,7 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
                 not fit the config (text width ≠ ``cross_attention_dim``, pooled + time ids ≠ the added
                 embedding's input).
         """
-        self._check_fields(model, cond, OPTIONAL_INPUTS,
+        self._check_fields(model, cond, self.optional_inputs,
                            hint="pass cond=Conditioning(encoder_hidden_states=...) (when sampling, conditions= a "
                                 "ConditioningList or the pipeline's prompt conditions)")
         required = self.conditioning_inputs(model)
