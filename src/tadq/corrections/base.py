@@ -295,7 +295,7 @@ class Correction(nn.Module, IdentityHooks, ABC):
         or bfloat16, and a model saved after ``.float()`` wrote float32 tables its loader refused."""
         kept = {name: buffer for name, buffer in self._buffers.items()
                 if buffer is not None and buffer.dtype == torch.float64}
-        target = fn(torch.zeros(0)).device if kept else None  # where this call moves tensors
+        target = fn(torch.zeros(0, device="cpu")).device if kept else None  # where this call moves tensors
         # on the CPU: ``host_tables``, and every table on a device without float64 (MPS: moving them there raised,
         # tadq.load(dir, device="mps")), where each step moves the row it uses (broadcast_row)
         host = {name: buffer for name, buffer in kept.items()
