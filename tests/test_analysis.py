@@ -97,3 +97,33 @@ def test_the_measured_jacobian_calls_the_network_at_the_samplers_own_timesteps()
     assert len(seen) > len(grid)  # the sampled pair's calls and the Jacobian's
     assert all(dtype == torch.float32 and same_device for dtype, same_device, *_ in seen)
     assert {t for _, _, *times in seen for t in times} == grid
+
+
+class _OnDeviceWithoutFloat64(torch.Tensor):
+    """ε as an MPS network returns it: ``double()`` is refused there, ``to(...)`` the host gives a host tensor."""
+
+    def double(self, *args, **kwargs):
+        raise TypeError("this device has no float64")
+
+    def to(self, *args, **kwargs):
+        return torch.Tensor.to(self, *args, **kwargs).as_subclass(torch.Tensor)
+
+
+def test_the_measured_jacobian_widens_the_networks_output_on_the_host():
+    """J δ cast the network's ε to float64 before bringing it to the pair's CPU (``.double().to(...)``): on MPS,
+    which has no float64, ``tadq analyze`` raised at its first step. It is brought back first (the same values)."""
+    from diffusers import DDIMScheduler
+
+    from tadq.analysis import _measured_jvp
+    from tadq.sampling import SamplingPlan
+
+    steps = SamplingPlan.build(DDIMScheduler(num_train_timesteps=1000), SamplerConfig("ddim", 2)).steps
+    states, eps = torch.randn(3, 2, 1, 4, 4), torch.randn(2, 2, 1, 4, 4)
+
+    def network(x, t, cond=None):
+        return (2.0 * x).as_subclass(_OnDeviceWithoutFloat64)
+
+    jvp = _measured_jvp(network, states, eps, steps, 2, torch.device("cpu"))
+    delta = torch.randn(2, 1, 4, 4)
+    expected = _measured_jvp(lambda x, t, cond=None: 2.0 * x, states, eps, steps, 2, torch.device("cpu"))(0, delta)
+    assert torch.equal(jvp(0, delta), expected)

@@ -71,3 +71,16 @@ def test_bfloat16_reference_calibrates_and_fits(tiny_unet, ddpm_scheduler):
     qmodel = tadq.quantize(tiny_unet, ddpm_scheduler, recipe, dtype="bfloat16", progress=False)
     assert next(qmodel.model.parameters()).dtype is torch.float32 and qmodel.corrections[0].fitted
     assert next(tiny_unet.parameters()).dtype is torch.float32  # the caller's model is untouched
+
+
+def test_wide_dtype_is_float64_except_on_mps():
+    """MPS has no float64: the wide accumulations (and the float64 correction tables) need another dtype (and
+    place) there; every other device keeps float64, so its numbers are unchanged."""
+    from tadq.device import table_device, wide_dtype
+
+    for name in ("cpu", "cuda", "cuda:1", "meta"):
+        assert wide_dtype(torch.device(name)) == torch.float64 and wide_dtype(name) == torch.float64
+        assert table_device(name) == torch.device(name)
+    for name in ("mps", "mps:0"):
+        assert wide_dtype(torch.device(name)) == torch.float32
+        assert table_device(name) == torch.device("cpu")

@@ -120,7 +120,7 @@ def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, step
                 t = torch.full((base.shape[0],), steps[n].t, dtype=time_dtype, device=device)
                 at_x = fp_eps[n][start: start + batch_size].double()
                 eps = to_epsilon(fp_denoiser(shifted, t, None), shifted, steps[n])
-                outputs.append((eps.double().to(at_x.device) - at_x) / h)
+                outputs.append((eps.to(at_x.device).double() - at_x) / h)  # widened on the host: MPS has no float64
         return torch.cat(outputs)
 
     return jvp

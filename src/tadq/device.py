@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 __all__ = ["DTYPES", "check_weights_loaded", "float32_default", "model_placement", "resolve_device", "resolve_dtype",
-           "place_model", "same_device"]
+           "place_model", "same_device", "table_device", "wide_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -71,6 +71,21 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
     return DTYPES[dtype]
+
+
+def wide_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype of tadq's wide accumulations (Hessians, SVDs, least-squares solves, correction fits) for tensors
+    on ``device``: float64, except on MPS, which has no float64 (every float64 tensor there raised), where it is
+    float32. The one rule every such site follows, so CPU and CUDA numbers stay those of the float64 maths."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
+def table_device(device: torch.device | str) -> torch.device:
+    """Where a float64 table (a correction's saved per-step tables) lives when its module moves to ``device``:
+    there, or on the CPU where the device cannot hold float64 (``wide_dtype``); each step then moves the one row
+    it uses, cast to the sample's dtype."""
+    device = torch.device(device)
+    return device if wide_dtype(device) == torch.float64 else torch.device("cpu")
 
 
 def same_device(a: torch.device, b: torch.device) -> bool:

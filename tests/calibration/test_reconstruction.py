@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 from diffusers import DDIMScheduler
+from tests.dtype_probe import DtypeRecorder
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -187,6 +188,27 @@ def test_fp_output_weight_undoes_a_linear_drift_of_the_inputs():
     assert torch.allclose(x_hat @ corrected.T, x @ weight.T, atol=1e-8)
     same = _fp_output_weight(weight, x.T @ x / 4000, x.T @ x / 4000, damp=1e-12)
     assert torch.allclose(same, weight, atol=1e-9)
+
+
+def test_fp_output_weight_on_a_device_without_float64_solves_in_float32(monkeypatch):
+    """On MPS (no float64) the W* solve and the cross-moment sums made float64 tensors and raised; they follow
+    ``wide_dtype`` (float32 there). Switched to float32: no float64 tensor, and W* within float32 rounding of the
+    float64 solve (columns × ε × cond(H) of the weight's scale)."""
+    from tadq.calibration.reconstruction import _fp_output_weight
+
+    torch.manual_seed(0)
+    weight, x = torch.randn(5, 12), torch.randn(400, 12)
+    x_hat = x @ (torch.eye(12) + 0.1 * torch.randn(12, 12)).T
+    hessian, cross = x_hat.T @ x_hat / 400, x.T @ x_hat / 400
+    expected = _fp_output_weight(weight, hessian, cross, damp=0.01)
+    monkeypatch.setattr("tadq.calibration.reconstruction.wide_dtype", lambda device: torch.float32)
+    with DtypeRecorder() as recorder:
+        got = _fp_output_weight(weight, hessian, cross, damp=0.01)
+    assert not recorder.float64_ops()
+    damped = hessian.double() + 0.01 * torch.diagonal(hessian).double().mean() * torch.eye(12, dtype=torch.float64)
+    eps = torch.finfo(torch.float32).eps
+    tolerance = 12 * eps * float(torch.linalg.cond(damped)) * float(expected.abs().max())
+    assert torch.allclose(got, expected, rtol=0.0, atol=tolerance)
 
 
 def test_gptq_target_damping_decides_whether_8bit_gptq_beats_nearest():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.dtype_probe import DtypeRecorder
 
 from tadq.quant.gptq import HessianAccumulator, gptq_round, matmul_columns
 
@@ -116,3 +117,32 @@ def test_hessian_of_half_precision_inputs_is_their_float32_hessian(dtype):
     wide.add(inputs.float())
     assert torch.isfinite(half.hessian()).all()
     assert torch.equal(half.hessian(), wide.hessian())
+
+
+def test_a_device_without_float64_runs_hessians_and_gptq_in_float32(monkeypatch):
+    """On MPS (no float64) the Hessian sum and GPTQ's solve made float64 tensors and raised. They follow
+    ``wide_dtype`` (float32 there): with it switched to float32 no float64 tensor is made, and the results stay
+    within float32 rounding of the float64 ones (accumulation length × ε for the Hessian; the compensated columns
+    within columns × ε × cond(H) of the weight's scale, here where no column lies that close to a rounding tie)."""
+    torch.manual_seed(6)
+    inputs, weight = torch.randn(96, 12) @ torch.randn(12, 12) * 0.3, torch.randn(8, 12)
+    _, quantize_column, _ = _per_row_grid(weight)
+
+    def run():
+        accumulator = HessianAccumulator(12)
+        for batch in inputs.split(32):
+            accumulator.add(batch)
+        hessian = accumulator.hessian()
+        return hessian, gptq_round(weight, hessian, quantize_column, compensated=True, block_size=4)
+
+    hessian64, compensated64 = run()
+    monkeypatch.setattr("tadq.quant.gptq.wide_dtype", lambda device: torch.float32)
+    with DtypeRecorder() as recorder:
+        hessian32, compensated32 = run()
+    assert not recorder.float64_ops() and hessian32.dtype == torch.float32
+    eps = torch.finfo(torch.float32).eps
+    bound = inputs.shape[0] * eps * (inputs.abs().T @ inputs.abs()) / inputs.shape[0]
+    assert torch.all((hessian32.double() - hessian64).abs() <= bound)
+    damped = hessian64 + 0.01 * torch.diagonal(hessian64).mean() * torch.eye(12, dtype=torch.float64)
+    tolerance = 12 * eps * float(torch.linalg.cond(damped)) * float(weight.abs().max())
+    assert torch.allclose(compensated32, compensated64, rtol=0.0, atol=tolerance)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from tests.dtype_probe import DtypeRecorder
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tadq.quant import QScheme, fake_quantize, minmax_range, mse_range, percentile_range, scale_and_zero_point
@@ -103,3 +104,34 @@ def test_percentile_range_stays_on_the_tensors_device(long_rows, monkeypatch):
     low, high = percentile_range(x.to("meta"), 99.0, per_channel=True)
     assert low.device.type == high.device.type == "meta"
     assert low.shape == expected[0].shape and high.shape == expected[1].shape
+
+
+@pytest.mark.parametrize("p", [2.4, 2.0, 1.0, 0.5, 3.7, 64 / 27, 64 / 26.999999999, 1e-3, 100.0])
+def test_error_unit_needs_no_float64_and_keeps_its_choice(p):
+    """The error unit's overflow test was a float64 product on the amax's device: MPS has no float64, so every
+    mse range (the default weight range) raised there. It is an integer comparison now, with the float64
+    product's answer at every float32 exponent (checked here against that product)."""
+    from tadq.quant.ranges import ERROR_HEADROOM_BITS, _error_unit
+
+    exponents = torch.arange(-149, 129, dtype=torch.int32)
+    amax = torch.ldexp(torch.full(exponents.shape, 0.75), exponents)
+    amax = torch.cat([amax, torch.tensor([0.0, float("inf"), float("nan"), torch.finfo(torch.float32).max])])
+    _, exponent = torch.frexp(amax)
+    overflows = torch.isfinite(amax) & ((exponent + 1).double() * p > ERROR_HEADROOM_BITS)
+    expected = torch.where(overflows, torch.ldexp(torch.ones_like(amax), exponent - 1), torch.ones_like(amax))
+    assert torch.equal(_error_unit(amax, p), expected)
+    with DtypeRecorder() as recorder:
+        _error_unit(amax, p)
+    assert not recorder.float64_ops()
+
+
+@pytest.mark.parametrize("long_rows", [False, True])
+def test_percentile_range_makes_no_float64_tensor_on_the_device(long_rows, monkeypatch):
+    """The long-row quantile's ranks were float64 on the values' device, which MPS refuses; they are computed on the
+    CPU (a few numbers) and only the indices and weights move (meta stands in for the device here)."""
+    if long_rows:
+        monkeypatch.setattr("tadq.quant.ranges.QUANTILE_MAX", 8)
+    x = torch.randn(3, 40)
+    with DtypeRecorder() as recorder:
+        percentile_range(x.to("meta"), 99.0, per_channel=True)
+    assert not recorder.float64_ops("meta")

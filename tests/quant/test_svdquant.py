@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.dtype_probe import DtypeRecorder
 from torch import nn
 
 import tadq
@@ -163,6 +164,22 @@ def test_lowrank_branch_plus_residual_equals_the_weight(shape):
     again = lowrank_split(weight, rank, seed=3)
     assert all(torch.equal(a, b) for a, b in zip((up, down, residual), again, strict=True))
 
+
+
+def test_lowrank_split_on_a_device_without_float64_runs_in_float32(monkeypatch):
+    """On MPS (no float64) the SVD's float64 copy of the weight raised; it follows ``wide_dtype`` (float32 there).
+    Switched to float32: no float64 tensor, and a weight of clear rank r splits into a branch within float32
+    rounding of the float64 one (reduction length × ε of the weight's scale, the power iterations' products)."""
+    torch.manual_seed(3)
+    weight = torch.randn(24, 4) @ torch.randn(4, 40) + 1e-3 * torch.randn(24, 40)
+    up, down, _ = lowrank_split(weight, 4, seed=1)
+    monkeypatch.setattr("tadq.quant.lowrank.wide_dtype", lambda device: torch.float32)
+    with DtypeRecorder() as recorder:
+        up32, down32, _ = lowrank_split(weight, 4, seed=1)
+    # only the sketch is drawn in float64, by its CPU generator (on the host on every device), then cast
+    assert recorder.float64_ops() <= {"aten.randn.generator"}
+    tolerance = weight.shape[1] * torch.finfo(torch.float32).eps * float(weight.abs().max())
+    assert torch.allclose(up32 @ down32, up @ down, rtol=0.0, atol=tolerance)
 
 
 def test_lowrank_split_leaves_every_global_rng_alone(monkeypatch):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tests.conftest import build_tiny_unet
 from tests.tfmq.common import SAMPLER, scheduler, tfmq_config
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tadq.registry import adapter_for
 from tadq.tfmq import TemporalInformationBlock, TFMQCorrection, deployment_grid, temporal_features_per_step
@@ -132,3 +133,41 @@ def test_apply_tfmq_holds_a_few_steps_of_features_and_builds_the_whole_grids_tab
     assert report == whole_report and layers == whole_layers and layers  # something is cached
     assert buffers.keys() == whole_buffers.keys()
     assert all(torch.equal(buffers[name], whole_buffers[name]) for name in buffers)
+
+
+class _CopiesToMeta(TorchDispatchMode):
+    """Counts the copies of CPU tensors onto the meta device (stand-in for a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu" and result.is_meta:
+            self.count += 1
+        return result
+
+
+def test_a_cached_feature_crosses_to_the_networks_device_once():
+    """A network moved after ``prepare`` (quantize on a GPU, ``.to``) left the cache table on the CPU: every call
+    copied its row to the device, and a per-label cache copied the device's labels to the host (a sync each). The
+    table is copied to the output's device once (again after an in-place change of it), and rows are read there."""
+    from tadq.tfmq.cache import CachedFeature
+    from tadq.tfmq.fsc import StepState
+
+    state = StepState(4)
+    for values, labels in ((torch.randn(4, 5), None), (torch.randn(4, 3, 5), torch.tensor([2, 0]))):
+        hook = CachedFeature(values, state)
+        state.labels = None if labels is None else labels.to("meta")
+        output = torch.empty(2, 5, device="meta")
+        with _CopiesToMeta() as copies:
+            for step in (0, 1, 3, 1):
+                with state.at(step):
+                    served = hook(None, (), output)
+                assert served.is_meta and served.shape == output.shape
+        assert copies.count == 1
+        values.add_(1.0)  # a table changed in place (load_state_dict): copied again
+        with _CopiesToMeta() as copies, state.at(2):
+            hook(None, (), output)
+        assert copies.count == 1

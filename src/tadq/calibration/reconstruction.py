@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tadq.calibration.capture import UnitIO, capture_unit_io, capture_units_io, unit_output
 from tadq.calibration.data import CalibrationSet
 from tadq.config import ReconstructionConfig, config_to_dict
+from tadq.device import wide_dtype
 from tadq.progress import progress_bar, show_next
 from tadq.quant.adaround import AdaRound
 from tadq.quant.fake_quant import quantize_to_int
@@ -283,8 +284,8 @@ def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO
     width = layer.weight[0].numel()
     accumulators = [HessianAccumulator(width, layer.weight.device) for _ in range(groups)]
     # beside the Hessians, on the layer's device: a CPU sum could not add a GPU layer's moments
-    cross = None if fp_layer is None else [torch.zeros(width, width, dtype=torch.float64, device=layer.weight.device)
-                                           for _ in range(groups)]
+    cross = None if fp_layer is None else [torch.zeros(width, width, dtype=wide_dtype(layer.weight.device),
+                                                       device=layer.weight.device) for _ in range(groups)]
     seen: dict[str, Tensor] = {}
 
     def columns(x: Tensor) -> list[Tensor]:
@@ -326,11 +327,12 @@ def _fp_output_weight(weight: Tensor, hessian: Tensor, cross: Tensor, damp: floa
     A column whose input is zero on every calibration vector (a dead channel) has no data to fit: the ridge set it to
     0, deleting that input's weights for every input the calibration did not cover. It keeps W's column, as GPTQ's
     own rounding keeps a dead column's nearest rounding."""
-    flat = weight.detach().reshape(weight.shape[0], -1).to(torch.float64)
-    h = hessian.to(torch.float64).clone()
+    wide = wide_dtype(weight.device)  # float64 (float32 on MPS, which has no float64)
+    flat = weight.detach().reshape(weight.shape[0], -1).to(wide)
+    h = hessian.to(wide).clone()
     dead = torch.diagonal(h) <= 0
     h.diagonal().add_(damp * h.diagonal().mean().clamp_min(1e-12))
-    solved = torch.linalg.solve(h, cross.to(torch.float64).T @ flat.T).T  # (H⁻¹ Cᵀ Wᵀ)ᵀ = W C H⁻¹
+    solved = torch.linalg.solve(h, cross.to(wide).T @ flat.T).T  # (H⁻¹ Cᵀ Wᵀ)ᵀ = W C H⁻¹
     solved[:, dead] = flat[:, dead]
     return solved.to(weight.dtype).reshape(weight.shape)
 

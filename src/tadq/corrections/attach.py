@@ -120,6 +120,10 @@ def fit_corrections(
     ctx = FitContext.of(as_denoiser(fp_model), qmodel, plan, conditions=conditions, batch_size=batch_size,
                         fp_trajectories=fp_trajectories, progress=progress)
     fit_stack(stack, ctx, start=len(existing))
+    # the fitted tables (built on the CPU) beside the network, as tadq.load(dir, device=) places them: left on the
+    # CPU, a GPU model copied a row of each to the device at every step (a host sync each)
+    for member in tuple(stack)[len(existing):]:  # (the earlier members are qmodel's own: left where they are)
+        member.to(ctx.device)
     corrected = with_corrections(qmodel, stack)
     corrected.recipe = _recipe_with(getattr(qmodel, "recipe", None), configs, sampler, plan.guidance_scale)
     return corrected

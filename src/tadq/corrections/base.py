@@ -35,6 +35,7 @@ from tadq.corrections.pair import (
     TrajectoryPair,
     collect_trajectory_pair,
 )
+from tadq.device import table_device
 from tadq.safefiles import finite_float
 from tadq.sampling import Conditioning, IdentityHooks, SamplingHooks, StepContext, check_seed
 
@@ -259,6 +260,9 @@ class Correction(nn.Module, IdentityHooks, ABC):
     wants_guidance_branches: ClassVar[bool] = False
     # tables an older tadq saved in another dtype, converted exactly on load: {table: (old dtypes)}
     earlier_table_dtypes: ClassVar[dict[str, tuple[torch.dtype, ...]]] = {}
+    # float64 buffers each step reads as Python numbers (settings, per-step scalars): kept on the CPU wherever the
+    # module moves, so the reads are no device syncs (on a GPU, every float() of them waited for the queued work)
+    host_tables: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: CorrectionConfig) -> None:
         super().__init__()
@@ -291,8 +295,21 @@ class Correction(nn.Module, IdentityHooks, ABC):
         or bfloat16, and a model saved after ``.float()`` wrote float32 tables its loader refused."""
         kept = {name: buffer for name, buffer in self._buffers.items()
                 if buffer is not None and buffer.dtype == torch.float64}
-        result = super()._apply(fn, recurse)
+        target = fn(torch.zeros(0, device="cpu")).device if kept else None  # where this call moves tensors
+        # on the CPU: ``host_tables``, and every table on a device without float64 (MPS: moving them there raised,
+        # tadq.load(dir, device="mps")), where each step moves the row it uses (broadcast_row)
+        host = {name: buffer for name, buffer in kept.items()
+                if name in self.host_tables or table_device(target) != target}
+        for name in host:  # out of super()'s reach; the slots keep their order (state_dict)
+            self._buffers[name] = None
+        try:
+            result = super()._apply(fn, recurse)
+        finally:
+            for name, buffer in host.items():
+                self._buffers[name] = buffer.to(device="cpu")
         for name, buffer in kept.items():
+            if name in host:
+                continue
             moved = self._buffers[name]
             if moved is not None and moved.dtype != buffer.dtype:
                 self._buffers[name] = buffer.to(device=moved.device)

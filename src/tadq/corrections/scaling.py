@@ -18,15 +18,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tadq.device import wide_dtype
+
 __all__ = ["ChannelFit", "broadcast_row", "fit_channel_affine", "fit_through_coefficient", "pixel_means"]
 
 
 @dataclass(frozen=True)
 class ChannelFit:
-    """Per-channel scale K (C,) and offset d (C,) (zeros without an offset), float64."""
+    """Per-channel scale K (C,) and offset d (C,) (zeros without an offset), float64 (float32 on MPS)."""
 
     scale: Tensor
     offset: Tensor
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in the fits' dtype on its device: float64 (``wide_dtype``: float32 on MPS, which has no float64)."""
+    return x.to(wide_dtype(x.device))
 
 
 def _groups(x: Tensor, per_element: bool) -> Tensor:
@@ -66,11 +73,11 @@ def fit_channel_affine(
         raise ValueError(f"relative_weight must lie in [0, 1], got {relative_weight}")
     if mask_threshold < 0 or ridge < 0:
         raise ValueError(f"mask_threshold and ridge must be >= 0, got {mask_threshold}, {ridge}")
-    e_hat, e = _groups(estimate.double(), per_element), _groups(target.double(), per_element)  # (G, M)
+    e_hat, e = _groups(_wide(estimate), per_element), _groups(_wide(target), per_element)  # (G, M)
     count = e.shape[1]
     weights = torch.full_like(e, (1.0 - relative_weight) / count)  # w_j: the MSE part
     if relative_weight > 0:
-        mask = e.abs() > mask_threshold * float(target.double().std())
+        mask = e.abs() > mask_threshold * float(_wide(target).std())
         masked = mask.sum(dim=1, keepdim=True).clamp(min=1)  # N_M per channel
         weights = weights + torch.where(mask, relative_weight / (masked * e.square().clamp(min=1e-30)), 0.0)
     # Weighted least squares of e on [e_hat, 1]: normal equations per channel.
@@ -102,9 +109,9 @@ def fit_through_coefficient(
     """
     if not estimate.shape == coefficient.shape == residual.shape or estimate.ndim < 2:
         raise ValueError("estimate, coefficient and residual must share one (N, C, …) shape")
-    u = _groups((coefficient * estimate).double(), per_element)  # B ε̂
-    v = _groups(coefficient.double(), per_element)  # B
-    r = _groups(residual.double(), per_element)
+    u = _groups(_wide(coefficient * estimate), per_element)  # B ε̂
+    v = _groups(_wide(coefficient), per_element)  # B
+    r = _groups(_wide(residual), per_element)
     s_uu, s_uv, s_vv, s_ur, s_vr = (u * u).sum(1), (u * v).sum(1), (v * v).sum(1), (u * r).sum(1), (v * r).sum(1)
     if not offset:
         scale = torch.where(s_uu > 0, s_ur / s_uu.clamp(min=1e-300), torch.zeros_like(s_uu))

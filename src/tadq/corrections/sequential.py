@@ -27,6 +27,7 @@ from tadq.corrections.base import Correction, TableKey
 from tadq.corrections.context import FitContext
 from tadq.corrections.fp_cache import FPTrajectory, trajectory_key
 from tadq.corrections.pair import TrajectoryPair
+from tadq.device import wide_dtype
 from tadq.progress import progress_bar
 from tadq.sampling import SamplingHooks, StepContext, WalkBatch, Walker
 from tadq.sampling.hooks import apply_before_model, check_hooks
@@ -185,7 +186,8 @@ def paired_final_error(ctx: FitContext, hooks: Sequence[SamplingHooks], *, num_s
 def final_state_score(x_fp: Tensor, x_hat: Tensor, score: str) -> float:
     """``score`` (``SELECTION_SCORES``) of final states (N, ...) against FP from the same noise; lower is better."""
     check_selection_score(score)
-    squared = (x_hat.double() - x_fp.double()).square()
+    wide = wide_dtype(x_hat.device)  # float64 (float32 on MPS, which has no float64)
+    squared = (x_hat.to(wide) - x_fp.to(wide)).square()
     if score == "final_mse":
         return float(squared.mean())
     per_trajectory = squared.flatten(1).mean(dim=1)

@@ -240,7 +240,7 @@ class TorchScriptFeatureSpace(FeatureSpace):
         if images is self.real and hasattr(self, "_real_features"):
             return self._real_features
         try:
-            chunks = [self.extractor(images[i: i + self.batch_size].float()).double().cpu()
+            chunks = [self.extractor(images[i: i + self.batch_size].float()).cpu().double()
                       for i in range(0, len(images), self.batch_size)]
         except Exception as error:  # TorchScript re-raises a shape error as a long interpreter traceback
             lines = [line.strip() for line in str(error).splitlines() if line.strip()]

@@ -94,7 +94,7 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
     starts = range(0, len(images), batch_size)
     with progress_bar(starts, desc="FD-digits features", leave=False,
                       disable=not progress or len(starts) < 20) as bar:
-        chunks = [extractor(images[i : i + batch_size].to(device)).double().cpu() for i in bar]
+        chunks = [extractor(images[i : i + batch_size].to(device)).cpu().double() for i in bar]
     return torch.cat(chunks)
 
 
@@ -110,7 +110,7 @@ def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
         logger.warning("Fréchet statistics of %d samples of %d features: their covariance has rank at most %d < %d, "
                        "so the distance depends on the ridge and on the sample count; use more than %d samples, and "
                        "compare values only at equal counts", count, width, max(count - 1, 0), width, width)
-    array = features.detach().double().cpu().numpy()
+    array = features.detach().cpu().double().numpy()  # float64 on the host: MPS has none
     # np.cov returns a 0-d array for one feature, which frechet_distance refused as a "shape mismatch"
     return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
 

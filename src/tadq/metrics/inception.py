@@ -102,7 +102,7 @@ def _features(images: Tensor, extractor: InceptionFeatures, batch_size: int, pro
     starts = range(0, len(images), batch_size)
     with progress_bar(starts, desc="Inception features", leave=False,
                       disable=not progress or len(starts) < 4) as bar:
-        chunks = [extractor(images[i : i + batch_size]).double().cpu() for i in bar]
+        chunks = [extractor(images[i : i + batch_size]).cpu().double() for i in bar]
     return torch.cat(chunks)
 
 

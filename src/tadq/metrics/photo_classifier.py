@@ -148,7 +148,7 @@ def photo_features(images: Tensor, classifier: PhotoClassifier, batch_size: int 
     """Float64 features (N, num_features) of patches (N, 3, 32, 32) in [-1, 1], in eval mode (batch-independent)."""
     classifier.eval()
     device = next(classifier.parameters()).device
-    chunks = [classifier.features(images[i:i + batch_size].to(device)).double().cpu()
+    chunks = [classifier.features(images[i:i + batch_size].to(device)).cpu().double()
               for i in range(0, len(images), batch_size)]
     return torch.cat(chunks)
 

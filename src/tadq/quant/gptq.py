@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tadq.device import wide_dtype
+
 __all__ = ["HessianAccumulator", "gptq_round", "matmul_columns", "moment"]
 
 ColumnQuantizer = Callable[[Tensor, int], Tensor]  # (column (R,), its index) → on-grid column (R,)
@@ -47,19 +49,20 @@ def matmul_columns(layer: nn.Module, x: Tensor) -> Tensor:
 
 
 def moment(left: Tensor, right: Tensor) -> Tensor:
-    """``leftᵀ right`` in float64, the product computed in float32 or wider: a float16 sum of squares overflows
-    to inf once inputs reach ~250 over a thousand rows, and bfloat16 keeps only 8 bits of each sum."""
+    """``leftᵀ right`` in float64 (``wide_dtype``: float32 on MPS), the product computed in float32 or wider: a
+    float16 sum of squares overflows to inf once inputs reach ~250 over a thousand rows, and bfloat16 keeps only 8
+    bits of each sum."""
     wide = torch.promote_types(torch.promote_types(left.dtype, right.dtype), torch.float32)
-    return (left.detach().to(wide).T @ right.detach().to(wide)).to(torch.float64)
+    return (left.detach().to(wide).T @ right.detach().to(wide)).to(wide_dtype(left.device))
 
 
 class HessianAccumulator:
     """Σ x xᵀ over every vector the layer's weight multiplies, and the count: each batch's product in float32 or
     the inputs' wider dtype (fast; half-precision inputs are widened, see ``moment``), the running sum in float64
-    (so a long sum over batches loses nothing)."""
+    (so a long sum over batches loses nothing; ``wide_dtype``: float32 on MPS, which has no float64)."""
 
     def __init__(self, dim: int, device: torch.device | None = None) -> None:
-        self.sum = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+        self.sum = torch.zeros(dim, dim, dtype=wide_dtype(device or "cpu"), device=device)
         self.count = 0
 
     def add(self, columns: Tensor) -> None:
@@ -92,11 +95,12 @@ def gptq_round(weight: Tensor, hessian: Tensor, quantize_column: ColumnQuantizer
             a learned rounding can start from it.
     """
     shape = weight.shape
-    w = weight.detach().reshape(shape[0], -1).to(torch.float64).clone()
+    wide = wide_dtype(weight.device)  # float64 (float32 on MPS, which has no float64)
+    w = weight.detach().reshape(shape[0], -1).to(wide).clone()
     columns = w.shape[1]
     if hessian.shape != (columns, columns):
         raise ValueError(f"Hessian is {tuple(hessian.shape)}, the weight has {columns} columns")
-    h = hessian.to(torch.float64).clone()
+    h = hessian.to(wide).clone()
     dead = torch.diagonal(h) <= 0  # inputs that are always zero: no compensation flows through them
     h[dead, dead] = 1.0
     order = torch.argsort(torch.diagonal(h), descending=True, stable=True) if act_order else torch.arange(columns)
@@ -112,7 +116,7 @@ def gptq_round(weight: Tensor, hessian: Tensor, quantize_column: ColumnQuantizer
         errors = torch.empty_like(block)
         for j in range(stop - start):
             column = block[:, j]
-            q = quantize_column(column.to(weight.dtype), int(order[start + j])).to(torch.float64)
+            q = quantize_column(column.to(weight.dtype), int(order[start + j])).to(wide)
             quantized[:, start + j] = column if compensated else q
             error = (column - q) / upper[start + j, start + j]
             block[:, j:] -= error.unsqueeze(1) * upper[start + j, start + j:stop].unsqueeze(0)

@@ -13,6 +13,8 @@ import numbers
 import torch
 from torch import Tensor
 
+from tadq.device import wide_dtype
+
 __all__ = ["effective_rank", "lowrank_split", "lowrank_macs"]
 
 
@@ -26,10 +28,11 @@ def lowrank_split(weight: Tensor, rank: int, *, niter: int = 4, oversample: int 
                   ) -> tuple[Tensor, Tensor, Tensor]:
     """(up (O, r), down (r, *weight.shape[1:]), residual) with up·down + residual = weight (in float arithmetic).
 
-    The SVD runs in float64 on the flattened weight with its random test matrix drawn from a local CPU generator
-    seeded with ``seed`` and then moved to the weight's device, as sampler noise is: the same sketch on every device
-    (a generator on the weight's device drew another on a GPU), and the caller's torch RNG (CPU and CUDA) is
-    untouched; the residual is ``weight − up·down`` in the weight's dtype.
+    The SVD runs in float64 (``wide_dtype``: float32 on MPS, which has no float64) on the flattened weight with its
+    random test matrix drawn from a local CPU generator seeded with ``seed`` and then moved to the weight's device,
+    as sampler noise is: the same sketch on every device (a generator on the weight's device drew another on a GPU),
+    and the caller's torch RNG (CPU and CUDA) is untouched; the residual is ``weight − up·down`` in the weight's
+    dtype.
     """
     matrix = weight.reshape(weight.shape[0], -1)
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:  # 2.5 failed slicing the SVD
@@ -38,7 +41,7 @@ def lowrank_split(weight: Tensor, rank: int, *, niter: int = 4, oversample: int 
         raise ValueError(f"rank {rank} exceeds min(out, K) = {min(matrix.shape)}")
     sketch = min(rank + oversample, min(matrix.shape))
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    left, values, right = _randomized_svd(matrix.double(), sketch, niter, generator)
+    left, values, right = _randomized_svd(matrix.to(wide_dtype(matrix.device)), sketch, niter, generator)
     up = (left[:, :rank] * values[:rank]).to(weight.dtype)
     down = right[:, :rank].T.contiguous().to(weight.dtype)
     residual = (matrix - up @ down).reshape(weight.shape)
@@ -54,7 +57,8 @@ def _randomized_svd(matrix: Tensor, sketch: int, niter: int, generator: torch.Ge
     CUDA device's generator for good (``fork_rng(devices=[])`` restores only the CPU one)."""
     wide = matrix.shape[0] < matrix.shape[1]
     a = matrix.mH if wide else matrix
-    test = torch.randn(a.shape[-1], sketch, dtype=a.dtype, generator=generator).to(a.device)  # a CPU generator
+    # a CPU generator, drawn in float64 on every device (MPS takes it in float32: the same sketch, rounded)
+    test = torch.randn(a.shape[-1], sketch, dtype=torch.float64, generator=generator).to(a.device, a.dtype)
     basis = torch.linalg.qr(a @ test).Q
     for _ in range(niter):
         basis = torch.linalg.qr(a.mH @ basis).Q

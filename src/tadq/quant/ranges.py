@@ -6,6 +6,8 @@ otherwise every dimension except 0 is reduced (per output channel).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,30 +30,44 @@ def minmax_range(x: Tensor, per_channel: bool = False) -> tuple[Tensor, Tensor]:
 QUANTILE_MAX = 2**24  # torch.quantile refuses longer reductions ("quantile() input tensor is too large")
 
 
-def _quantiles(flat: Tensor, q: Tensor) -> Tensor:
-    """``torch.quantile(flat, q, dim=1)`` (linear interpolation, NaN if a row has one), shape (len(q), C), for rows
-    of any length: a long calibration's kept activation samples (16384 per forward) pass 2^24 after 1024 forwards,
-    where torch.quantile raised at the very end of the run."""
+def _quantiles(flat: Tensor, levels: tuple[float, ...]) -> Tensor:
+    """``torch.quantile(flat, q, dim=1)`` at ``levels`` (as ``flat.dtype`` numbers; linear interpolation, NaN if a
+    row has one), shape (len(levels), C), for rows of any length: a long calibration's kept activation samples
+    (16384 per forward) pass 2^24 after 1024 forwards, where torch.quantile raised at the very end of the run."""
     if flat.shape[1] <= QUANTILE_MAX:
-        return torch.quantile(flat, q, dim=1)
+        # on flat's device: torch.quantile refuses a q on another device (a CUDA weight with a CPU q raised)
+        return torch.quantile(flat, torch.tensor(levels, dtype=flat.dtype, device=flat.device), dim=1)
     ordered = flat.sort(dim=1).values
-    ranks = q.double() * (flat.shape[1] - 1)  # float64: a float32 rank is not exact beyond 2^24
+    # float64 (a float32 rank is not exact beyond 2^24), on the CPU: MPS has no float64, and these are a few numbers
+    ranks = torch.tensor(levels, dtype=flat.dtype).double() * (flat.shape[1] - 1)
     below = ranks.floor()
-    lower, upper = ordered[:, below.long()], ordered[:, ranks.ceil().long()]  # (C, len(q))
-    values = torch.lerp(lower, upper, (ranks - below).to(flat.dtype)).T
+    lower = ordered[:, below.long().to(flat.device)]  # (C, len(levels))
+    upper = ordered[:, ranks.ceil().long().to(flat.device)]
+    values = torch.lerp(lower, upper, (ranks - below).to(device=flat.device, dtype=flat.dtype)).T
     return torch.where(flat.isnan().any(dim=1), torch.full_like(values, float("nan")), values)
 
 
 def percentile_range(x: Tensor, percentile: float, per_channel: bool = False) -> tuple[Tensor, Tensor]:
     """Clip the (100 − p) % tails on each side."""
     flat = _flatten(x, per_channel).float()
-    # on x's device: torch.quantile refuses a q on another device (a CUDA weight with a CPU q raised)
-    q = torch.tensor([1.0 - percentile / 100.0, percentile / 100.0], dtype=flat.dtype, device=flat.device)
-    bounds = _quantiles(flat, q)  # (2, C)
+    bounds = _quantiles(flat, (1.0 - percentile / 100.0, percentile / 100.0))  # (2, C)
     return bounds[0], bounds[1]
 
 
 ERROR_HEADROOM_BITS = 64  # |x − Q(x)|^p kept below 2^64, so a mean over up to 2^64 values stays finite in float32
+
+
+def _least_overflowing(p: float) -> int:
+    """The least integer k > 0 with k·p > ``ERROR_HEADROOM_BITS`` in float64 (Python's float product, the one the
+    float64 tensor product gave), capped far beyond any float32 exponent; p > 0 (``QScheme`` refuses others)."""
+    if not p > 0:
+        return 2**20  # k·p > 64 holds for no k (NaN compares false)
+    k = max(1, math.floor(ERROR_HEADROOM_BITS / p) - 2) if math.isfinite(ERROR_HEADROOM_BITS / p) else 2**20
+    while k < 2**20 and not k * p > ERROR_HEADROOM_BITS:
+        k += 1
+    while k > 1 and (k - 1) * p > ERROR_HEADROOM_BITS:
+        k -= 1
+    return min(k, 2**20)
 
 
 def _error_unit(amax: Tensor, p: float) -> Tensor:
@@ -61,7 +77,8 @@ def _error_unit(amax: Tensor, p: float) -> Tensor:
     ~1e16 for every shrink factor, so the search kept min/max; a power of two divides exactly and scales each
     channel's errors alike, so the choice is the one the unscaled values get."""
     _, exponent = torch.frexp(amax)  # amax = m·2^e, m in [0.5, 1); |x − Q(x)| ≤ 2·amax < 2^(e+1)
-    overflows = torch.isfinite(amax) & ((exponent + 1).double() * p > ERROR_HEADROOM_BITS)
+    # (e + 1)·p > 64 as an integer comparison: the float64 product on the device failed on MPS (no float64)
+    overflows = torch.isfinite(amax) & (exponent + 1 >= _least_overflowing(p))
     return torch.where(overflows, torch.ldexp(torch.ones_like(amax), exponent - 1), torch.ones_like(amax))
 
 

@@ -42,9 +42,24 @@ class CachedFeature:
     def __init__(self, values: Tensor, state: StepState) -> None:
         self.values = values
         self.state = state
+        self._placed: tuple[torch.device, int, Tensor] | None = None  # (device, values' version, values there)
+
+    def values_on(self, device: torch.device) -> Tensor:
+        """``values`` on ``device``: copied once per device (again after an in-place change of the table). The
+        network moved after ``prepare`` (``tadq.quantize(..., device="cuda")``, ``.to``) left the table behind, and
+        a row crossed from the CPU at every call, with the class labels going the other way."""
+        if self.values.device == device:
+            return self.values
+        version = _version(self.values)
+        placed = self._placed
+        if placed is None or placed[0] != device or placed[1] != version or version < 0:
+            placed = self._placed = (device, version, self.values.to(device))
+        return placed[2]
 
     def __call__(self, _module: nn.Module, _args: tuple, output: Tensor) -> Tensor:
-        row = self.state.select(self.values)  # (C,) or (K, C)
+        # inside a compile trace the table is a graph constant: the row is moved in the graph, as before
+        values = self.values if torch.compiler.is_compiling() else self.values_on(output.device)
+        row = self.state.select(values)  # (C,) or (K, C)
         if row.dim() == 2:
             if self.state.labels is None:
                 raise RuntimeError("this cache is per class label, but the call gave no class_labels")
@@ -52,6 +67,14 @@ class CachedFeature:
         else:
             row = row.expand(output.shape[0], -1)  # (B, C)
         return row.to(dtype=output.dtype, device=output.device)
+
+
+def _version(tensor: Tensor) -> int:
+    """The in-place change counter of ``tensor``; -1 for an inference tensor, which keeps none (copied each call)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return -1
 
 
 class LabelCapture:

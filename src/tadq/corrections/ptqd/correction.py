@@ -70,6 +70,8 @@ class PTQDCorrection(Correction):
     """
 
     earlier_table_dtypes = {"timesteps": (torch.int64,)}
+    # read as Python floats at every step (k⁺, σ̃) or only by reports; μ acts on ε and moves with the module
+    host_tables = ("k", "sigma_q", "alpha_prod", "std_dev", "coef_eps", "timesteps")
 
     def __init__(self, config: PTQDConfig) -> None:
         super().__init__(config)

@@ -21,6 +21,7 @@ from torch import Tensor
 from tadq.corrections.scaling import broadcast_row, fit_channel_affine, pixel_means
 from tadq.corrections.sequential import SequentialCorrection, StepTargets
 from tadq.corrections.tac.config import TACConfig
+from tadq.device import wide_dtype
 from tadq.registry import register_correction
 from tadq.sampling import StepContext
 
@@ -61,7 +62,8 @@ class TACCorrection(SequentialCorrection):
     def fit_input_row(self, index: int, x_in: Tensor, x_fp: Tensor) -> None:
         if not self.config.ibc:
             return
-        difference = x_in.double() - x_fp.double()  # (N, C, H, W)
+        wide = wide_dtype(x_in.device)  # float64 (float32 on MPS, which has no float64)
+        difference = x_in.to(wide) - x_fp.to(wide)  # (N, C, H, W)
         dims = (0, 2, 3) if self.config.ibc_resolution == "channel" else (0,)
         self.input_bias[index] = difference.mean(dim=dims)
 

@@ -66,6 +66,8 @@ class TCECCorrection(SequentialCorrection):
     compensation off) hold the settings in use, so a saved correction reloads with them.
     """
 
+    host_tables = ("mix", "damping", "strength", "start")  # read as Python floats at every step
+
     def __init__(self, config: TCECConfig) -> None:
         super().__init__(config)
         self.register_table("k")

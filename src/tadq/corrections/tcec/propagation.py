@@ -36,6 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from tadq.device import wide_dtype
 from tadq.sampling import StepContext
 
 __all__ = ["Coefficients", "chain_factors", "clip_aware_coefficients", "error_weights", "final_contributions",
@@ -62,8 +63,10 @@ def clip_aware_coefficients(steps: Sequence[StepContext], states: Tensor, eps: T
 
 
 def step_coefficients(step: StepContext, x: Tensor, eps: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-element (A, B) of one update linearised at (x, ε), x_0 clipping included (float64, shaped like x)."""
-    x, e = x.double(), eps.double()
+    """Per-element (A, B) of one update linearised at (x, ε), x_0 clipping included (float64, or float32 on MPS
+    (``wide_dtype``), shaped like x)."""
+    wide = wide_dtype(x.device)
+    x, e = x.to(wide), eps.to(wide)
     a_t, a_prev = step.alpha_prod_t, step.alpha_prod_t_prev
     unclipped_a, unclipped_b = torch.full_like(x, step.coef_x), torch.full_like(x, step.coef_eps)
     if step.clip_sample_range is None:
