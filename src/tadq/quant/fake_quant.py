@@ -77,7 +77,8 @@ def fp8_fake_quantize(x: Tensor, scale: Tensor, fp8_dtype: torch.dtype, fp8_max:
     clamp, as ``fake_quantize`` treats rounding and clamping).
 
     Computed in float32 whatever ``x``'s dtype (the integer path's arithmetic): x/s is clamped to ±M before the
-    cast because torch's cast to an fp8 dtype does not saturate (E4M3 has no infinity: beyond M it gives NaN).
+    cast because torch does not promise a saturating cast (torch 2.13's CPU cast saturates to E4M3 but keeps E5M2's
+    infinities; E4M3 has no infinity, and an unsaturated cast gives NaN there).
 
     Args:
         x: any shape and floating dtype.
