@@ -227,3 +227,13 @@ def test_fsc_refuses_fp8_activations_before_calibrating(monkeypatch):
         pipeline.quantize_tfmq(torch.nn.Linear(1, 1), scheduler(), config, TFMQConfig(), SAMPLER)
     pipeline.check_fsc_format(config, TFMQConfig(fsc="off"))
     pipeline.check_fsc_format(QuantConfig.from_preset("W4A8"), TFMQConfig())
+
+
+def test_a_tfmq_recipe_with_fsc_on_fp8_activations_is_refused_when_made():
+    from tadq.recipe import Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    with pytest.raises(ValueError, match="FSC.*fp8_e4m3"):
+        Recipe.from_preset("W4A8-FP8", method=TFMQMethod(tfmq=TFMQConfig()))
+    recipe = Recipe.from_preset("W4A8-FP8", method=TFMQMethod(tfmq=TFMQConfig(fsc="off")))
+    assert recipe.label == "W4A8-FP8"

@@ -73,6 +73,11 @@ class TFMQMethod:
     def base_method(self) -> str:
         return self.base
 
+    def check_quant_config(self, config: QuantConfig) -> None:
+        """What ``Recipe`` asks of its method with the network's config, when the recipe is made: FSC's per-step
+        integer steps refuse fp8 activations there, not after calibration."""
+        check_fsc_format(config, self.tfmq)
+
 
 def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
               calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
