@@ -203,3 +203,11 @@ def test_a_reconstruction_checkpoint_key_of_an_integer_run_is_unchanged():
     assert list(_quantizer_schemes(network)["q"]) == ["kind", *FIELDS_BEFORE_FORMAT]
     network.q = Quantizer(preset("W4A8-FP8")[1])
     assert _quantizer_schemes(network)["q"]["format"] == "fp8_e4m3"
+
+
+def test_the_kernel_status_of_fp8_activations_is_an_fp8_gemm_tadq_does_not_run():
+    from tadq.quant.granularity import kernel_status
+
+    status = kernel_status(preset("W4A8-FP8")[1], kernel_size=(3, 3))
+    assert (status.runnable, status.in_tadq) == ("fp8-gemm", False) and "int8 only" in status.note
+    assert kernel_status(preset("W4A8")[1]).in_tadq  # the integer grid's status is unchanged
