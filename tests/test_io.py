@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 import json
 import math
 
@@ -53,7 +54,7 @@ def _assert_same_model(saved, loaded):
         assert torch.equal(layer.quantized_weight(), loaded_layers[name].quantized_weight()), name
 
 
-@pytest.mark.parametrize("name", ["W8A8", "W4A8", "W4A4", "W4A16"])
+@pytest.mark.parametrize("name", ["W8A8", "W4A8", "W4A4", "W4A16", "W4A8-FP8", "W8A8-FP8"])
 def test_round_trip_is_bit_identical(tmp_path, tiny_unet, ddpm_scheduler, calibration, name):
     qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, name)
     qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)
@@ -181,6 +182,26 @@ def test_round_trip_with_exclusions_reconstruction_and_structural_features(
     stored = load_file(tmp_path / "q" / WEIGHTS_FILE)
     assert stored["model.conv_in.weight"].dtype == torch.float32  # FP layers keep their float weights
     assert "model.conv_in.weight.codes" not in stored
+
+
+def test_fp8_activations_round_trip_with_reconstruction_and_structural_features(
+    tmp_path, tiny_unet, ddpm_scheduler, calibration,
+):
+    """FP8 activations through the learned activation steps, split shortcuts and attention operands (P keeps its
+    integer grid), saved and loaded bit for bit; an integer backend refuses the artefact before building it."""
+    reconstruction = ReconstructionConfig(weight_iters=2, activation_iters=2, batch_size=4, rounding="adaround")
+    config = QuantConfig.from_preset("W4A8-FP8", calibration=CALIB, split_shortcut=True, quantize_attention=True,
+                                     method="qdiffusion", reconstruction=reconstruction)
+    config = dataclasses.replace(config, activations=dataclasses.replace(config.activations, range_method="minmax"))
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, calibration=calibration, progress=False)
+    activations = [m for m in qmodel.modules() if isinstance(m, Quantizer) and m.kind == "activation" and m.enabled]
+    assert {m.scheme.format for m in activations} == {"fp8_e4m3", "int"}  # P's quantizers stay integer
+    save_quantized(qmodel, tmp_path / "q", ddpm_scheduler)
+    loaded, _ = load_quantized(tmp_path / "q")
+    assert loaded.config == qmodel.config and loaded.config.activations.format == "fp8_e4m3"
+    _assert_same_model(qmodel, loaded)
+    with pytest.raises(ValueError, match="fp8_e4m3.*backend='fake'"):
+        load_quantized(tmp_path / "q", backend="int8")
 
 
 def test_weights_are_stored_as_integer_codes(tmp_path, tiny_unet, ddpm_scheduler, calibration):

@@ -30,6 +30,8 @@ ACTIVATIONS = QScheme(bits=6, symmetric=True, granularity="per_group", range_met
                       mse_p=3.0, mse_grid=20, group_size=16, rotation="hadamard")
 STATIC = QScheme(bits=6, symmetric=True, range_method="percentile", percentile=99.0, mse_p=3.0, mse_grid=20,
                  group_size=16)  # block reconstruction takes calibrated per-tensor activations only
+FP8 = QScheme(bits=8, symmetric=True, range_method="percentile", percentile=99.0, mse_p=3.0, mse_grid=20,
+              group_size=16, format="fp8_e5m2")
 # smoothing and the low-rank branch: fitted by the svdquant method only
 SVD_WEIGHTS = dataclasses.replace(WEIGHTS, lowrank_rank=4)
 SVD_ACTIVATIONS = dataclasses.replace(ACTIVATIONS, smoothing=True)
@@ -56,7 +58,7 @@ COMMON = dict(keep_fp_roles=("input_conv",), exclude=("*.conv_out",),
               layer_bits=(("down_blocks.0.resnets.0.conv1", 8, 6), ("conv_in", 6, 8)),
               calibration=CALIBRATION, preset_name="W4A6", name="every-field")
 # one recipe cannot hold everything (a correction stack needs one deployment, smoothing the svdquant base, a split
-# shortcut and quantized attention static per-tensor activations): three of them
+# shortcut and quantized attention static per-tensor activations, fp8 activations 8 bits): four of them
 RECIPES = (
     Recipe(method=QDiffusionMethod(reconstruction=RECONSTRUCTION), weights=WEIGHTS, activations=STATIC,
            corrections=(PTQD, TAC, TCEC), split_shortcut=True, quantize_attention=True, softmax_bits=6,
@@ -70,6 +72,8 @@ RECIPES = (
                         Deployment(SamplerConfig(kind="ddim", num_steps=4, eta=0.5, clip_sample=True)),
                         Deployment(SamplerConfig(kind="flow-euler", num_steps=3, shift=3.0, flow_sigmas="uniform"))),
            **COMMON),
+    Recipe(weights=WEIGHTS, activations=FP8, deployments=(Deployment(DPM),),
+           **{**COMMON, "layer_bits": (("conv_in", 6, 8),)}),  # fp8 activations are 8 bits in every layer
 )
 
 
@@ -120,7 +124,7 @@ def _configs() -> dict[str, object]:
     return seen
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=["corrections", "tfmq", "deployments"])
+@pytest.mark.parametrize("recipe", RECIPES, ids=["corrections", "tfmq", "deployments", "fp8"])
 def test_every_field_survives_save_and_load_exactly(recipe, tmp_path):
     save_recipe(recipe, tmp_path / "recipe.json")
     loaded = load_recipe(tmp_path / "recipe.json")

@@ -295,10 +295,16 @@ class QuantConfig:
             elif not _valid_bits(activation_bits):
                 raise ValueError(f"layer_bits[{name!r}]: activation bits must be an integer in "
                                  f"{MIN_BITS}..{MAX_BITS}, got {activation_bits!r}")
+            elif self.activations.fp8 and activation_bits != 8:
+                raise ValueError(f"layer_bits[{name!r}]: the activations are {self.activations.format}, an 8-bit "
+                                 f"float; give activation bits 8, got {activation_bits!r}")
 
     def _check_layer_transforms(self) -> None:
         """Dynamic granularities, smoothing, rotation and low-rank branches: where each field belongs and which
         methods and structural options have been built and tested with them."""
+        if self.weights.fp8:
+            raise ValueError(f"weights in {self.weights.format} are not implemented (fp8 is an activation format "
+                             "here); quantize weights on the integer grid (format 'int')")
         if self.weights.dynamic:
             raise ValueError(f"weights cannot be quantized {self.weights.granularity} (an activation granularity); "
                              "use per_channel or per_tensor")
@@ -324,7 +330,8 @@ class QuantConfig:
         """``QuantConfig.from_preset("W4A8", fp_layers="first_last", calibration=...)``.
 
         Args:
-            name: W8A8, W4A8, W4A4, W4A16, W8A16 or W8A8-WSYM (symmetric weights).
+            name: W8A8, W4A8, W4A4, W4A16, W8A16, W8A8-WSYM (symmetric weights), W4A8-FP8 or W8A8-FP8 (FP8 E4M3
+                activations, ``QScheme.format``).
             fp_layers: a key of ``FP_LAYER_PRESETS`` (its roles are kept in floating point, with any
                 ``keep_fp_roles`` given beside it); ``None`` keeps the default (none).
         """
@@ -339,10 +346,12 @@ class QuantConfig:
     @property
     def label(self) -> str:
         """``W4A8``-style label (A16 when activations stay in floating point; ``-WSYM`` for symmetric weights, a
-        different model from the asymmetric one at the same widths)."""
+        different model from the asymmetric one at the same widths; ``-FP8`` for FP8 E4M3 activations, the preset's
+        name, ``-FP8E5M2`` for E5M2 ones)."""
         w = self.weights.bits if self.weights.bits is not None else 16
         a = self.activations.bits if self.activations.bits is not None else 16
-        return f"W{w}A{a}" + ("-WSYM" if self.weights.bits is not None and self.weights.symmetric else "")
+        suffix = {"int": "", "fp8_e4m3": "-FP8", "fp8_e5m2": "-FP8E5M2"}[self.activations.format]
+        return f"W{w}A{a}" + ("-WSYM" if self.weights.bits is not None and self.weights.symmetric else "") + suffix
 
 
 _CONFIG_TYPES = registered_config_types()

@@ -222,7 +222,10 @@ class Recipe:
             raise ValueError(f"Recipe has {len(self.deployments)} deployments and method "
                              f"{type(self.method).__name__}, whose per-step tables are built for one (the first "
                              "deployment's sampler); write one recipe per deployment")
-        self.quant_config()  # the structural fields validate there (roles, granularity, softmax bits)
+        config = self.quant_config()  # the structural fields validate there (roles, granularity, softmax bits)
+        check = getattr(self.method, "check_quant_config", None)  # a method's own limits (TFMQ's FSC: no fp8)
+        if check is not None:
+            check(config)
 
     # -- derived views ------------------------------------------------------------------------------------------
     @property

@@ -336,3 +336,24 @@ def test_load_pipeline_places_int8_cuda_on_its_gpu_when_no_device_is_given(monke
     monkeypatch.setattr(device_module, "resolve_device", lambda name: torch.device(name))
     with pytest.raises(ValueError, match="'int8-cuda': .* is an FP pipeline folder, not a tadq artefact"):
         tadq.load_pipeline(tmp_path, backend="int8-cuda")
+
+
+def test_fp8_activations_are_refused_by_every_integer_backend_before_any_copy(tiny_unet, ddpm_scheduler,
+                                                                              monkeypatch):
+    """fp8 activations have no int8 kernel: refused naming the format and the fake backend, before the model is
+    copied or converted (whether or not this machine has the backend), and layer by layer by the factories."""
+    from tadq.backends.activations import check_activation_quantizer
+    from tadq.quant import Quantizer
+
+    calibration = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=2,
+                                    num_steps_kept=1, samples_per_step=2, batch_size=2)
+    config = QuantConfig.from_preset("W8A8-FP8", calibration=calibration)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
+    monkeypatch.setattr("copy.deepcopy", lambda *args, **kwargs: pytest.fail("copied before refusing"))
+    for name in (name for name, backend in BACKENDS.items() if backend.factory is not None):
+        with pytest.raises(ValueError, match=f"backend '{name}'.*fp8_e4m3.*backend='fake'"):
+            to_backend(qmodel, name)
+    quantizer = next(m for m in qmodel.modules() if isinstance(m, Quantizer) and m.kind == "activation" and m.enabled)
+    with pytest.raises(ValueError, match="conv: its input is quantized to fp8_e4m3.*'fake' backend"):
+        check_activation_quantizer(quantizer, "conv")
+    assert to_backend(qmodel, "fake") is qmodel

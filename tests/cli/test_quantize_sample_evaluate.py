@@ -224,3 +224,18 @@ def test_fp_layers_default_to_first_last_for_a_preset_and_keep_a_files_own(tmp_p
         resolve_recipe(None, None, QuantFlags(fp_layers="none", keep_fp_roles=("output_conv",)), {})
     with pytest.raises(ValueError, match="unknown fp_layers"):
         resolve_recipe(None, None, QuantFlags(fp_layers="last"), {})
+
+
+def test_quantize_an_fp8_preset_then_sample_on_fake_and_refuse_int8(tmp_path, tiny_model_dir):
+    """``tadq quantize --preset w4a8-fp8`` writes an artefact whose config holds the fp8 activations (it loads
+    and samples on the fake backend: tests/test_io.py); an integer backend refuses it, naming the format."""
+    result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "w4a8-fp8", "--steps", "2",
+                            "--calib-trajectories", "2")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "tadq_config.json").read_text())["quant_config"]["data"]
+    assert config["preset_name"] == "W4A8-FP8" and config["activations"]["data"]["format"] == "fp8_e4m3"
+    assert "format" not in config["weights"]["data"]
+    result = runner.invoke(app, ["sample", str(out), "--num-samples", "2", "--steps", "3", "--backend", "int8",
+                                 "--out", str(tmp_path / "i.png")])
+    assert result.exit_code != 0 and "fp8_e4m3" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "i.png").exists()

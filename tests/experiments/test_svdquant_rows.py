@@ -154,3 +154,13 @@ def test_tfmq_cache_on_svdquant_serves_exact_fp_temporal_features(tiny_unet, ddp
 def test_tfmq_on_svdquant_refuses_tiar():
     with pytest.raises(ValueError, match="tiar=False"):
         TFMQMethod(base="svdquant", tfmq=TFMQConfig())
+
+
+@pytest.mark.parametrize("rows", [("svdquant",), ("tfmq",)])
+def test_rows_without_an_fp8_form_are_refused_when_the_run_is_configured(tmp_path, rows):
+    """SVDQuant's dynamic per-group activations and TFMQ's per-step integer steps (FSC) have no fp8 form: a run
+    asking for them at an FP8 preset is refused naming why, before the FP model is loaded."""
+    with pytest.raises(ValueError, match="fp8"):
+        _config(tmp_path, tmp_path / "r", presets=("W4A8-FP8",), methods=rows)
+    assert _config(tmp_path, tmp_path / "r", presets=("W4A8-FP8",), methods=("naive", "qdiffusion")).presets == (
+        "W4A8-FP8",)

@@ -205,3 +205,11 @@ def test_a_gptq_rounded_qdiffusion_base_builds_and_scores_through_the_search(tmp
     qmodel, _ = tadq.load(tmp_path / record["artefact"])
     assert qmodel.recipe.method.reconstruction.rounding == "gptq"
     assert qmodel.recipe == space.recipe(Candidate("qdiffusion", "W4A8"))
+
+
+def test_an_fp8_preset_is_refused_for_the_svdquant_bases_when_the_space_is_made():
+    with pytest.raises(ValueError, match="SVDQuant.*no fp8 form.*W4A8-FP8"):
+        SearchSpace(presets=("W4A8", "W4A8-FP8"), bases=("naive", "smoothquant"))
+    with pytest.raises(ValueError, match="no fp8 form"):
+        svdquant_schemes("W8A8-FP8")
+    assert SearchSpace(presets=("W4A8-FP8",), bases=("naive", "qdiffusion")).presets == ("W4A8-FP8",)

@@ -212,3 +212,28 @@ def test_per_step_quantizers_are_installed_and_removed_on_the_networks_device(mo
     correction.release(network)
     assert not any(isinstance(m, StepQuantizer) for m in network.modules())
     assert {b.device.type for b in network.buffers()} == {"meta"}
+
+
+def test_fsc_refuses_fp8_activations_before_calibrating(monkeypatch):
+    """FSC tabulates integer (Δ, z) per step; on fp8 activations it is refused before any calibration, and TIAR with
+    the feature cache alone (fsc='off') is accepted."""
+    from tadq.config import QuantConfig
+    from tadq.tfmq import pipeline
+    from tadq.tfmq.config import TFMQConfig
+
+    monkeypatch.setattr(pipeline, "adapter_for", lambda *_: pytest.fail("reached the model before refusing"))
+    config = QuantConfig.from_preset("W4A8-FP8")
+    with pytest.raises(ValueError, match="FSC.*fp8_e4m3.*fsc='off'"):
+        pipeline.quantize_tfmq(torch.nn.Linear(1, 1), scheduler(), config, TFMQConfig(), SAMPLER)
+    pipeline.check_fsc_format(config, TFMQConfig(fsc="off"))
+    pipeline.check_fsc_format(QuantConfig.from_preset("W4A8"), TFMQConfig())
+
+
+def test_a_tfmq_recipe_with_fsc_on_fp8_activations_is_refused_when_made():
+    from tadq.recipe import Recipe
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    with pytest.raises(ValueError, match="FSC.*fp8_e4m3"):
+        Recipe.from_preset("W4A8-FP8", method=TFMQMethod(tfmq=TFMQConfig()))
+    recipe = Recipe.from_preset("W4A8-FP8", method=TFMQMethod(tfmq=TFMQConfig(fsc="off")))
+    assert recipe.label == "W4A8-FP8"

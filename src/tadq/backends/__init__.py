@@ -11,6 +11,7 @@ from tadq.backends.registry import (
     Backend,
     BackendUnavailableError,
     IntegerDenoiser,
+    check_activation_format,
     check_backend,
     check_placement,
     check_weight_grid,
@@ -19,7 +20,7 @@ from tadq.backends.registry import (
 )
 
 __all__ = [
-    "BACKENDS", "Backend", "BackendUnavailableError", "IntegerDenoiser", "check_backend", "check_placement",
-    "check_weight_grid", "cpu_summary", "held_weight_bytes", "int8_compiled_missing", "int8_cpu_missing",
-    "int8_cuda_missing", "to_backend",
+    "BACKENDS", "Backend", "BackendUnavailableError", "IntegerDenoiser", "check_activation_format", "check_backend",
+    "check_placement", "check_weight_grid", "cpu_summary", "held_weight_bytes", "int8_compiled_missing",
+    "int8_cpu_missing", "int8_cuda_missing", "to_backend",
 ]

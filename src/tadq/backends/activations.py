@@ -42,10 +42,13 @@ class ActivationGrid:
 
 
 def check_activation_quantizer(quantizer: Quantizer, name: str) -> None:
-    """Refuse quantizers an integer kernel cannot reproduce (off, uncalibrated, not per tensor)."""
+    """Refuse quantizers an integer kernel cannot reproduce (off, fp8, uncalibrated, not per tensor)."""
     if not quantizer.enabled:
         raise ValueError(f"{name}: its input is not quantized (weight-only scheme), so there is no integer "
                          "activation for an int8 kernel; run this model on the 'fake' backend")
+    if quantizer.scheme.fp8:
+        raise ValueError(f"{name}: its input is quantized to {quantizer.scheme.format} (fp8 activations), which "
+                         "the int8 kernels cannot run; run this model on the 'fake' backend (the fp8 simulation)")
     if quantizer.scheme.granularity != "per_tensor" or quantizer.scale.numel() != 1:
         raise ValueError(f"{name}: integer kernels need a per-tensor activation scale, got "
                          f"{quantizer.scheme.describe()}")

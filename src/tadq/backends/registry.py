@@ -23,7 +23,7 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.qscheme import QScheme
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
-           "check_placement", "check_weight_grid", "held_weight_bytes"]
+           "check_placement", "check_weight_grid", "check_activation_format", "held_weight_bytes"]
 
 
 class BackendUnavailableError(RuntimeError, ValueError):
@@ -156,6 +156,16 @@ def check_weight_grid(name: str, scheme: QScheme, layer_bits: tuple[tuple[str, i
                              f"{capability.weight_bound_reason(bound)}")
 
 
+def check_activation_format(name: str, scheme: QScheme) -> None:
+    """Refuse, before anything is loaded or copied, fp8 activations (``QScheme.format``) on an integer backend: its
+    kernels take int8 codes, and no backend runs fp8 matmuls (they need a GPU with fp8 units; the ``fake`` backend
+    simulates the format). Each layer's input quantizer is checked again when it is converted."""
+    backend = _known(name)
+    if backend.factory is not None and scheme.enabled and scheme.fp8:
+        raise ValueError(f"backend {name!r} runs int8 kernels; this model's activations are {scheme.format} (fp8), "
+                         "which no tadq backend runs in hardware: use backend='fake' (the fp8 simulation)")
+
+
 def _refuse_model_placement(qmodel: QuantizedDenoiser, backend: Backend) -> None:
     """``to_backend`` on a model already cast or moved where the kernels do not run (``tadq.load(..., dtype=
     torch.bfloat16)`` then ``to_backend``): its weight grids were rounded to that dtype and its float layers would
@@ -198,6 +208,8 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
             cast to a dtype other than float32 or on a device the kernels do not run on (``check_placement``), or
             ``inplace=True`` on a network another live model shares (``fit_corrections``' result and its base).
     """
+    if isinstance(qmodel, QuantizedDenoiser):  # a format no backend runs, whether or not this machine has it
+        check_activation_format(name, qmodel.config.activations)
     backend = check_backend(name)
     if not isinstance(qmodel, QuantizedDenoiser):
         raise TypeError(f"to_backend takes a QuantizedDenoiser, got {type(qmodel).__name__}")

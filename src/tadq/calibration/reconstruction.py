@@ -468,9 +468,12 @@ def _restore_scales(module: nn.Module, initial: Sequence[Tensor]) -> None:
 
 
 def _quantizer_schemes(qmodel: nn.Module) -> dict[str, dict]:
-    """Every enabled quantizer's scheme (bits, granularity, symmetry, range method): what the run quantizes how."""
-    return {name: {"kind": module.kind, **dataclasses.asdict(module.scheme)} for name, module in qmodel.named_modules()
-            if isinstance(module, Quantizer) and module.enabled}
+    """Every enabled quantizer's scheme (bits, granularity, symmetry, range method): what the run quantizes how.
+
+    Its JSON data (``config_to_dict``), not ``dataclasses.asdict``: a field added later and written only when set
+    (``QScheme.format``) stays out of the key at its default, so a checkpoint of an integer run resumes as before."""
+    return {name: {"kind": module.kind, **config_to_dict(module.scheme)["data"]}
+            for name, module in qmodel.named_modules() if isinstance(module, Quantizer) and module.enabled}
 
 
 def _run_fields(qmodel: nn.Module, fp_model: nn.Module, config: ReconstructionConfig, calib: CalibrationSet,

@@ -49,7 +49,8 @@ class QuantFlags:
     """Command-line values that override a ``QuantConfig``; ``None`` means "not given, keep the config's value".
 
     Args:
-        preset: weight and activation schemes by preset name (W8A8, W4A8, W4A4, W4A16, W8A16, W8A8-WSYM).
+        preset: weight and activation schemes by preset name (W8A8, W4A8, W4A4, W4A16, W8A16, W8A8-WSYM,
+            W4A8-FP8, W8A8-FP8).
         method: ``naive``, ``qdiffusion`` or ``tfmq`` (TFMQ-DM on the Q-Diffusion base).
         correct: correction names in application order (``ptqd``, ``tac``, ``ibc``, ``ner``, ``tcec``); replaces
             the recipe's stack.
@@ -297,8 +298,9 @@ def quantize_command(
     out: Annotated[Path, typer.Option(help="Artefact folder to write (written whole, or not at all).")],
     model_dir: Annotated[Path | None, typer.Argument(help="Diffusers model folder (default: shipped DDPM).")] = None,
     preset_name: Annotated[str | None, typer.Option(
-        "--preset", help="W8A8, W4A8, W4A4, W4A16, W8A16 or W8A8-WSYM (symmetric 8-bit weights: no "
-        f"offset correction on the integer backends, docs/backends.md; default {DEFAULT_PRESET}).")] = None,
+        "--preset", help="W8A8, W4A8, W4A4, W4A16, W8A16, W8A8-WSYM (symmetric 8-bit weights: no "
+        "offset correction on the integer backends, docs/backends.md) or W4A8-FP8 / W8A8-FP8 (FP8 E4M3 activations, "
+        f"a simulation on the fake backend; docs/methods/notation.md); default {DEFAULT_PRESET}.")] = None,
     method: Annotated[str | None, typer.Option(help="naive, qdiffusion or tfmq (default: the recipe's, else naive).")
                       ] = None,
     correct: Annotated[str | None, typer.Option(

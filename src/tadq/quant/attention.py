@@ -74,7 +74,8 @@ def softmax_scheme(activation_scheme: QScheme, softmax_bits: int,
         raise ValueError(f"softmax granularity must be one of {SOFTMAX_GRANULARITIES}, got {granularity!r}")
     if not activation_scheme.enabled or softmax_bits > MAX_BITS:
         return QScheme.off()
-    scheme = dataclasses.replace(activation_scheme, bits=softmax_bits, symmetric=False)
+    # P keeps the unsigned integer grid under fp8 activations (q, k and v take the fp8 format)
+    scheme = dataclasses.replace(activation_scheme, bits=softmax_bits, symmetric=False, format="int")
     if granularity == "per_row":
         return dataclasses.replace(scheme, granularity="per_token")  # min/max of each row along channel_dim = -1
     return scheme

@@ -6,10 +6,16 @@ at floating-point speed: it measures quality, not speed.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor
 
-__all__ = ["round_ste", "fake_quantize", "quantize_to_int", "scale_and_zero_point"]
+if TYPE_CHECKING:
+    from tadq.quant.qscheme import QScheme
+
+__all__ = ["round_ste", "fake_quantize", "quantize_to_int", "scale_and_zero_point", "fp8_fake_quantize",
+           "fp8_scale", "grid_step"]
 
 MIN_SCALE = 1e-8
 
@@ -49,3 +55,38 @@ def scale_and_zero_point(low: Tensor, high: Tensor, bits: int, symmetric: bool) 
     scale = ((high - low) / (2**bits - 1)).clamp_min(MIN_SCALE)
     zero_point = torch.clamp(torch.round(-low / scale), 0, 2**bits - 1)
     return scale, zero_point
+
+
+def fp8_scale(low: Tensor, high: Tensor, fp8_max: float) -> Tensor:
+    """s = max(|low|, |high|) / M: the range's largest magnitude lands on the fp8 format's largest finite value M
+    (floored at ``MIN_SCALE`` as the integer step is, so an all-zero tensor keeps a finite scale)."""
+    return (torch.maximum(low.abs(), high.abs()) / fp8_max).clamp_min(MIN_SCALE)
+
+
+def grid_step(low: Tensor, high: Tensor, scheme: QScheme) -> tuple[Tensor, Tensor]:
+    """(Δ, z) that map [low, high] onto ``scheme``'s grid: ``scale_and_zero_point`` for the integer grid, the fp8
+    scale ``fp8_scale`` (and z = 0) for an fp8 format."""
+    if scheme.fp8:
+        scale = fp8_scale(low, high, scheme.fp8_max)
+        return scale, torch.zeros_like(scale)
+    return scale_and_zero_point(low, high, scheme.bits, scheme.symmetric)
+
+
+def fp8_fake_quantize(x: Tensor, scale: Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> Tensor:
+    """``s·fp8(clamp(x/s, −M, M))`` in ``x``'s dtype, with a straight-through gradient (through the cast, not the
+    clamp, as ``fake_quantize`` treats rounding and clamping).
+
+    Computed in float32 whatever ``x``'s dtype (the integer path's arithmetic): x/s is clamped to ±M before the
+    cast because torch does not promise a saturating cast (torch 2.13's CPU cast saturates to E4M3 but keeps E5M2's
+    infinities; E4M3 has no infinity, and an unsaturated cast gives NaN there).
+
+    Args:
+        x: any shape and floating dtype.
+        scale: s, broadcastable to ``x``.
+        fp8_dtype: ``torch.float8_e4m3fn`` or ``torch.float8_e5m2`` (``QScheme.fp8_dtype``).
+        fp8_max: M, the format's largest finite value (``QScheme.fp8_max``).
+    """
+    step = scale.float()
+    scaled = torch.clamp(x.float() / step, -fp8_max, fp8_max)
+    on_grid = scaled + (scaled.to(fp8_dtype).float() - scaled).detach()
+    return (on_grid * step).to(x.dtype)

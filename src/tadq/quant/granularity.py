@@ -73,8 +73,9 @@ class KernelStatus:
 
     Args:
         runnable: ``"int-gemm"`` (a plain integer GEMM/conv, scales in the epilogue), ``"group-wise"`` (needs a
-            kernel that rescales partial sums per K-group, e.g. Nunchaku's W4A4), or ``"simulation"`` (no kernel
-            form: only the fake-quant simulation measures it).
+            kernel that rescales partial sums per K-group, e.g. Nunchaku's W4A4), ``"fp8-gemm"`` (fp8 activations:
+            an FP8 GEMM on a GPU with fp8 units, e.g. H100), or ``"simulation"`` (no kernel form: only the
+            fake-quant simulation measures it).
         in_tadq: whether a tadq backend runs it today (``tadq.backends``: per-tensor static int8 only).
         note: why, in words.
     """
@@ -93,6 +94,9 @@ def kernel_status(scheme: QScheme, *, kernel_size: tuple[int, int] = (1, 1), in_
     pointwise = linear or tuple(kernel_size) == (1, 1)
     if not scheme.enabled:
         return KernelStatus("int-gemm", False, "activations in floating point (weight-only kernel)")
+    if scheme.fp8:
+        return KernelStatus("fp8-gemm", False, f"one static scale, {scheme.format} inputs: an FP8 GEMM/conv (a GPU "
+                            "with fp8 units, e.g. H100), rescale in the epilogue; tadq's backends run int8 only")
     if scheme.granularity == "per_tensor":
         return KernelStatus("int-gemm", scheme.bits == 8,
                             "one static scale: integer GEMM/conv, rescale in the epilogue"

@@ -2,19 +2,28 @@
 
 Notation (docs/methods/notation.md): a b-bit uniform affine fake-quantizer with step Δ and integer zero point z is
 ``Q(x) = Δ·(clamp(round(x/Δ) + z, qmin, qmax) − z)``; asymmetric uses [0, 2^b − 1], symmetric z = 0 and
-[−2^{b−1}, 2^{b−1} − 1].
+[−2^{b−1}, 2^{b−1} − 1]. An fp8 activation format (``QScheme.format``) replaces the integer grid by an 8-bit float's:
+``Q(x) = s·fp8(clamp(x/s, −M, M))`` with one static scale s per tensor and M the format's largest finite value.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
-__all__ = ["QScheme", "PRESETS", "preset", "preset_key", "RangeMethod", "Granularity"]
+import torch
+
+__all__ = ["QScheme", "PRESETS", "preset", "preset_key", "RangeMethod", "Granularity", "NumberFormat", "FP8_FORMATS"]
 
 RangeMethod = Literal["minmax", "percentile", "mse"]
 Granularity = Literal["per_tensor", "per_channel", "per_token", "per_group"]
 Rotation = Literal["none", "hadamard"]
+NumberFormat = Literal["int", "fp8_e4m3", "fp8_e5m2"]
+FP8_FORMATS: dict[str, tuple[str, float]] = {"fp8_e4m3": ("float8_e4m3fn", 448.0),
+                                             "fp8_e5m2": ("float8_e5m2", 57344.0)}
+"""fp8 format → (its ``torch`` dtype's name, its largest finite value M): E4M3 as OCP/NVIDIA define it (no
+infinities, M = 448), E5M2 (IEEE-like, M = 57344)."""
+FP8_TORCH = "2.1"  # the first torch release with torch.float8_e4m3fn / torch.float8_e5m2
 MIN_BITS, MAX_BITS = 2, 8
 DYNAMIC_GRANULARITIES = ("per_token", "per_group")
 """Granularities whose (Δ, z) are computed from each tensor at run time (activations only, min/max)."""
@@ -45,10 +54,22 @@ class QScheme:
             Hadamard matrix H, folded into the weight as W·Hᵀ; the activation side is applied online.
         lowrank_rank: (weight scheme) rank of a floating-point low-rank branch split off the weight before it is
             quantized (SVDQuant); 0 = none. Capped per layer at half of min(out, in·kh·kw).
+        format: (activation scheme) the number format of the quantized values: ``"int"`` (the b-bit integer grid
+            above) or an 8-bit float, ``"fp8_e4m3"`` (ModelOpt's FP8 activations) or ``"fp8_e5m2"``: one static
+            scale s per tensor, s = amax / M with amax the range method's largest magnitude (``minmax``: observed;
+            ``mse``/``percentile``: shrunk/clipped as for the integer grid) and M the format's largest finite
+            value (``FP8_FORMATS``), and ``Q(x) = s·fp8(clamp(x/s, −M, M))``. fp8 carries its own sign: it needs
+            ``bits=8``, ``symmetric=True`` and ``granularity="per_tensor"``; fp8 weights and dynamic fp8
+            granularities are not implemented. A simulation (cast to torch's fp8 dtype and back, in float32); no
+            backend runs fp8 matmuls.
 
-    The last four fields are structural: loading rebuilds the layers they describe, so they live in the schemes
-    the artefact records. Their defaults leave every existing layer as it was.
+    ``smoothing``, ``rotation``, ``lowrank_rank`` and ``format`` are structural: loading rebuilds the layers they
+    describe, so they live in the schemes the artefact records. Their defaults leave every existing layer as it was;
+    ``format`` is written only when it is not ``"int"`` (``written_when_set``), so every scheme without it serializes,
+    and keys caches and artefacts, exactly as before the field existed.
     """
+
+    written_when_set: ClassVar[tuple[str, ...]] = ("format",)
 
     bits: int | None = 8
     symmetric: bool = False
@@ -61,6 +82,7 @@ class QScheme:
     smoothing: bool = False
     rotation: Rotation = "none"
     lowrank_rank: int = 0
+    format: NumberFormat = "int"
 
     def __post_init__(self) -> None:
         if self.bits is not None and (
@@ -86,6 +108,28 @@ class QScheme:
             raise ValueError(f"mse_grid must be in 1..100 (shrink factors 1 - 0.01 i), got {self.mse_grid}")
         if self.mse_p <= 0:
             raise ValueError(f"mse_p must be > 0, got {self.mse_p}")
+        self._check_format()
+
+    def _check_format(self) -> None:
+        """An fp8 format: 8 bits, its own sign (symmetric), one static per-tensor scale, and a torch that has it."""
+        if self.format == "int":
+            return
+        if self.format not in FP8_FORMATS:
+            raise ValueError(f"format must be 'int' or one of {sorted(FP8_FORMATS)}, got {self.format!r}")
+        if self.bits != 8:
+            raise ValueError(f"format {self.format!r} is an 8-bit float: bits must be 8, got {self.bits!r} (an "
+                             "'off' scheme keeps format 'int')")
+        if not self.symmetric:
+            raise ValueError(f"format {self.format!r} carries its own sign bit: its grid is symmetric around 0 with "
+                             "no zero point; set symmetric=True")
+        if self.granularity != "per_tensor":
+            raise ValueError(f"format {self.format!r} is implemented with one static scale per tensor "
+                             f"(granularity='per_tensor'), got {self.granularity!r}: fp8 weights (per_channel) and "
+                             "dynamic fp8 activations are not implemented")
+        dtype_name = FP8_FORMATS[self.format][0]
+        if getattr(torch, dtype_name, None) is None:
+            raise ValueError(f"format {self.format!r} needs torch.{dtype_name}, which this torch "
+                             f"({torch.__version__}) lacks: install torch >= {FP8_TORCH}")
 
     @classmethod
     def off(cls) -> QScheme:
@@ -107,22 +151,48 @@ class QScheme:
         return self.smoothing or self.rotation != "none" or self.lowrank_rank > 0
 
     @property
-    def qmin(self) -> int:
+    def fp8(self) -> bool:
+        """Whether the values are quantized to an 8-bit float (``format``) instead of the integer grid."""
+        return self.format != "int"
+
+    @property
+    def fp8_dtype(self) -> torch.dtype:
+        """torch's dtype of the fp8 format (checked to exist when the scheme was made)."""
+        if not self.fp8:
+            raise ValueError(f"an integer scheme ({self.describe()}) has no fp8 format")
+        return getattr(torch, FP8_FORMATS[self.format][0])
+
+    @property
+    def fp8_max(self) -> float:
+        """M, the fp8 format's largest finite value (448 for E4M3): s = amax / M."""
+        if not self.fp8:
+            raise ValueError(f"an integer scheme ({self.describe()}) has no fp8 format")
+        return FP8_FORMATS[self.format][1]
+
+    def _integer_grid(self) -> None:
         if self.bits is None:
             raise ValueError("an 'off' scheme has no integer grid")
+        if self.fp8:
+            raise ValueError(f"an {self.format} scheme has no integer grid (its values are 8-bit floats times a "
+                             "scale); this operation supports integer schemes only")
+
+    @property
+    def qmin(self) -> int:
+        self._integer_grid()
         return -(2 ** (self.bits - 1)) if self.symmetric else 0
 
     @property
     def qmax(self) -> int:
-        if self.bits is None:
-            raise ValueError("an 'off' scheme has no integer grid")
+        self._integer_grid()
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def describe(self) -> str:
         if self.bits is None:
             return "off"
         kind = "sym" if self.symmetric else "asym"
-        if self.dynamic:  # min/max of each token or group at run time: the range method does not apply
+        if self.fp8:  # symmetric and static per tensor by construction
+            text = f"{self.format}-{self.granularity}-{self.range_method}"
+        elif self.dynamic:  # min/max of each token or group at run time: the range method does not apply
             size = f"{self.group_size}" if self.granularity == "per_group" else ""
             text = f"int{self.bits}-{kind}-{self.granularity}{size}-dynamic"
         else:
@@ -140,6 +210,10 @@ def _activations(bits: int | None) -> QScheme:
     return QScheme(bits=bits, symmetric=False, granularity="per_tensor", range_method="mse")
 
 
+def _fp8_activations() -> QScheme:
+    return QScheme(bits=8, symmetric=True, granularity="per_tensor", range_method="mse", format="fp8_e4m3")
+
+
 PRESETS: dict[str, tuple[QScheme, QScheme]] = {
     "W8A8": (_weights(8), _activations(8)),
     "W4A8": (_weights(4), _activations(8)),
@@ -149,6 +223,10 @@ PRESETS: dict[str, tuple[QScheme, QScheme]] = {
     # symmetric 8-bit weights: C − z fits int8, so integer kernels need no weight-offset correction (faster int8
     # execution at a measured quality cost, docs/backends.md#symmetric-8-bit-weights-w8a8-wsym)
     "W8A8-WSYM": (_weights(8, symmetric=True), _activations(8)),
+    # FP8 (E4M3) activations, one static MSE-searched scale per tensor (ModelOpt's W4A8_AWQ / FP8 activations);
+    # a fake-quant simulation only: no backend runs it (docs/methods/notation.md#fp8-activations)
+    "W4A8-FP8": (_weights(4), _fp8_activations()),
+    "W8A8-FP8": (_weights(8), _fp8_activations()),
 }
 
 
@@ -165,5 +243,5 @@ def preset_key(name: str) -> str:
 
 def preset(name: str) -> tuple[QScheme, QScheme]:
     """(weight scheme, activation scheme) of a named preset; ``W4A16`` means weight-only (activations in FP),
-    ``-WSYM`` symmetric weights (activations keep their asymmetric grid)."""
+    ``-WSYM`` symmetric weights (activations keep their asymmetric grid), ``-FP8`` FP8 E4M3 activations."""
     return PRESETS[preset_key(name)]

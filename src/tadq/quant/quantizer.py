@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from tadq.quant.fake_quant import MIN_SCALE, fake_quantize, scale_and_zero_point
+from tadq.quant.fake_quant import MIN_SCALE, fake_quantize, fp8_fake_quantize, grid_step
 from tadq.quant.granularity import dynamic_fake_quantize
 from tadq.quant.qscheme import QScheme
 
@@ -53,6 +53,9 @@ class Quantizer(nn.Module):
         if scheme.dynamic and kind != "activation":
             raise ValueError(f"{scheme.granularity} is an activation granularity; weights are per_channel or "
                              "per_tensor")
+        if scheme.fp8 and kind != "activation":
+            raise ValueError(f"{scheme.format} is an activation format: fp8 weights are not implemented; quantize "
+                             "weights on the integer grid (format 'int')")
         self.scheme = scheme
         self.kind = kind
         self.channel_dim = channel_dim
@@ -80,15 +83,16 @@ class Quantizer(nn.Module):
         scheme, whose ranges come from each tensor."""
         if not self.enabled or self.scheme.dynamic:
             return
-        scale, zero_point = scale_and_zero_point(low.float(), high.float(), self.scheme.bits, self.scheme.symmetric)
+        scale, zero_point = grid_step(low.float(), high.float(), self.scheme)
         bad = ~torch.isfinite(scale.reshape(-1))
         if bool(bad.any()):  # an inf/NaN Δ fake-quantizes every value to NaN or 0, silently
+            grid = f"{self.scheme.format} scale" if self.scheme.fp8 else f"{self.scheme.bits}-bit step"
             first = int(bad.nonzero()[0])
             where = f"channel {first} of {scale.numel()}" if scale.numel() > 1 else "the tensor"
             raise ValueError(f"{self.kind} range [{float(low.reshape(-1)[first]):.6g}, "
                              f"{float(high.reshape(-1)[first]):.6g}] "
-                             f"of {where} has no finite {self.scheme.bits}-bit step (inf/NaN values, or a span beyond "
-                             "float32): check the model's weights and calibration inputs, or exclude the layer")
+                             f"of {where} has no finite {grid} (inf/NaN values, or a span beyond float32): check "
+                             "the model's weights and calibration inputs, or exclude the layer")
         if scale.numel() != self.scale.numel():
             raise ValueError(f"range has {scale.numel()} entries, quantizer expects {self.scale.numel()}")
         self.scale.copy_(scale.reshape(self.scale.shape))
@@ -125,6 +129,8 @@ class Quantizer(nn.Module):
             self._check_ready()
         if self.scheme.dynamic:
             return dynamic_fake_quantize(x, self.scheme, self.channel_dim)
+        if self.scheme.fp8:  # no fused kernel: cast to the fp8 dtype and back, in float32 (its own dtype handling)
+            return fp8_fake_quantize(x, self._broadcast(self.scale, x), self.scheme.fp8_dtype, self.scheme.fp8_max)
         if self.rounding is None and not (torch.is_grad_enabled() and (x.requires_grad or self.scale.requires_grad)):
             return self._fused(x)
         # a Δ cast to float16 may have flushed to 0 (see _fused): widened and floored, the result cast back
@@ -223,7 +229,8 @@ def state_grid(scheme: QScheme) -> str:
     input transform its layer folds into the weight (not the range method, whose ranges any grid can hold)."""
     if not scheme.enabled:
         return "off"
-    parts = [f"int{scheme.bits}", "sym" if scheme.symmetric else "asym", scheme.granularity]
+    grid = scheme.format if scheme.fp8 else f"int{scheme.bits}"
+    parts = [grid, "sym" if scheme.symmetric else "asym", scheme.granularity]
     if scheme.granularity == "per_group":
         parts.append(str(scheme.group_size))
     if scheme.smoothing:

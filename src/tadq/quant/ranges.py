@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-from tadq.quant.fake_quant import scale_and_zero_point
+from tadq.quant.fake_quant import grid_step
 from tadq.quant.qscheme import QScheme
 
 __all__ = ["minmax_range", "percentile_range", "mse_range", "estimate_range"]
@@ -86,6 +86,7 @@ def mse_range(x: Tensor, scheme: QScheme, per_channel: bool = False) -> tuple[Te
     """Shrink [min, max] by 1 − 0.01·i and keep, per channel, the range with the lowest mean |x − Q(x)|^p.
 
     Q-Diffusion / BRECQ's ``scale_method='mse'`` (docs/methods/qdiffusion.md#ranges): p = 2.4, 80 shrink factors.
+    An fp8 scheme searches the same shrink factors of its range, whose largest magnitude sets s = amax / M.
     Each candidate's error is computed in one preallocated buffer (``_candidate_error``): the composed ops allocated
     a dozen temporaries of the whole tensor per candidate, and the search was most of a naive quantization's time.
     """
@@ -100,7 +101,7 @@ def mse_range(x: Tensor, scheme: QScheme, per_channel: bool = False) -> tuple[Te
     for i in range(scheme.mse_grid):
         shrink = 1.0 - 0.01 * i
         low, high = low0 * shrink, high0 * shrink
-        scale, zp = scale_and_zero_point(low, high, scheme.bits, scheme.symmetric)
+        scale, zp = grid_step(low, high, scheme)
         err = _candidate_error(flat, scaled, unit, scale[:, None], zp[:, None], scheme, buffer)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -115,9 +116,13 @@ def _candidate_error(flat: Tensor, scaled: Tensor | None, unit: Tensor, scale: T
     """Per channel, mean |x/u − Q(x)/u|^p with Q = ``fake_quantize`` (``scaled`` = x/u, ``None`` where u = 1), the
     same elementwise ops in the same order, written into ``buffer``: bit for bit the composed expression's error
     (``round`` in place of the straight-through ``x + (round(x) − x)`` changes at most the sign of a zero, which
-    ``abs`` drops)."""
+    ``abs`` drops). An fp8 scheme's Q is ``fp8_fake_quantize``'s: x/s clamped to ±M, cast to the format and back."""
     torch.div(flat, scale, out=buffer)
-    buffer.round_().add_(zero_point).clamp_(scheme.qmin, scheme.qmax).sub_(zero_point).mul_(scale)
+    if scheme.fp8:
+        buffer.clamp_(-scheme.fp8_max, scheme.fp8_max)
+        buffer.copy_(buffer.to(scheme.fp8_dtype)).mul_(scale)
+    else:
+        buffer.round_().add_(zero_point).clamp_(scheme.qmin, scheme.qmax).sub_(zero_point).mul_(scale)
     if scaled is None:
         torch.sub(flat, buffer, out=buffer)
     else:

@@ -270,6 +270,9 @@ class SearchSpace:
         for name in self.bases:
             if name not in BASES:
                 raise ValueError(f"unknown base method {name!r}; searched bases: {list(BASES)}")
+            if name in SVDQUANT_BASES:  # fp8 presets have no per-group activations: refused here, named
+                for preset_name in self.presets:
+                    svdquant_schemes(preset_name, rank=SVDQUANT_BASES[name])
         for name in self.stacks:
             parse_stack(name)
         if not (self.presets and self.bases and self.stacks and self.fp_layers):

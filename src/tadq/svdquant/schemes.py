@@ -31,6 +31,10 @@ def svdquant_schemes(preset_name: str, rank: int = SVDQUANT_RANK, group_size: in
     A weight-only preset (activations off) keeps its activations off, smoothing still on (it acts on the weights).
     """
     weights, activations = preset(preset_name)
+    if activations.fp8:
+        raise ValueError(f"SVDQuant quantizes activations dynamically per group of channels, which has no fp8 form "
+                         f"here; {preset_name}'s {activations.format} activations are static per tensor: use an "
+                         "integer preset (W4A8, W8A8) for SVDQuant")
     weights = dataclasses.replace(weights, lowrank_rank=rank)
     if activations.enabled:
         activations = dataclasses.replace(activations, granularity="per_group", group_size=group_size)

@@ -28,7 +28,7 @@ from tadq.sampling.conditioning import ConditionSource
 from tadq.svdquant import SVDQuantMethod
 from tadq.tfmq.config import TFMQConfig
 from tadq.tfmq.correction import TFMQCorrection
-from tadq.tfmq.pipeline import apply_tfmq, check_temporal_path, deployment_grid, quantize_tfmq
+from tadq.tfmq.pipeline import apply_tfmq, check_fsc_format, check_temporal_path, deployment_grid, quantize_tfmq
 
 if TYPE_CHECKING:
     from tadq.recipe import Recipe
@@ -73,6 +73,11 @@ class TFMQMethod:
     def base_method(self) -> str:
         return self.base
 
+    def check_quant_config(self, config: QuantConfig) -> None:
+        """What ``Recipe`` asks of its method with the network's config, when the recipe is made: FSC's per-step
+        integer steps refuse fp8 activations there, not after calibration."""
+        check_fsc_format(config, self.tfmq)
+
 
 def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe, config: QuantConfig, *,
               calibration: CalibrationSet | None = None, cache_dir: str | Path | None = None,
@@ -85,7 +90,8 @@ def _quantize(model: nn.Module, reference: nn.Module, scheduler, recipe: Recipe,
         raise NotImplementedError("TFMQ-DM reconstructs against the FP model itself: run it with the reference in "
                                   "float32 (dtype=float32)")
     if recipe.method.base == "svdquant":
-        check_temporal_path(model, adapter_for(model))  # before SVDQuant's calibration
+        check_fsc_format(config, recipe.method.tfmq)  # before SVDQuant's calibration, as the next checks
+        check_temporal_path(model, adapter_for(model))
         deployment_grid(scheduler, recipe.sampler)
         svdquant_recipe = dataclasses.replace(recipe, method=recipe.method.svdquant)
         qmodel = quantize_svdquant(model, reference, scheduler, svdquant_recipe, config, calibration=calibration,

@@ -37,9 +37,19 @@ from tadq.tfmq.fsc import calibrate_per_step
 from tadq.tfmq.tiar import reconstruct_tib
 from tadq.tfmq.tib import TemporalInformationBlock, grid_inputs
 
-__all__ = ["quantize_tfmq", "apply_tfmq", "deployment_grid", "temporal_features_per_step"]
+__all__ = ["quantize_tfmq", "apply_tfmq", "deployment_grid", "temporal_features_per_step", "check_fsc_format"]
 
 logger = logging.getLogger(__name__)
+
+
+def check_fsc_format(quant_config: QuantConfig, tfmq_config: TFMQConfig) -> None:
+    """Refuse FSC's per-step activation steps on fp8 activations (``QScheme.format``), before any calibration: FSC
+    tabulates integer (Δ, z) per step; per-step fp8 scales are not implemented (``fsc="off"`` keeps TIAR and the
+    feature cache, which do not touch the activation grid)."""
+    if tfmq_config.fsc != "off" and quant_config.activations.fp8:
+        raise ValueError(f"TFMQ's FSC (fsc={tfmq_config.fsc!r}) tabulates integer activation steps per sampler "
+                         f"step; activations in {quant_config.activations.format} are not supported by it: use "
+                         "TFMQConfig(fsc='off') or integer activations")
 
 
 def deployment_grid(scheduler, sampler: SamplerConfig) -> Tensor:
@@ -86,6 +96,7 @@ def quantize_tfmq(
         raise ValueError(f"quantize_tfmq builds TFMQ-DM on the 'naive' or 'qdiffusion' base, not "
                          f"{quant_config.method!r}: its smoothing and low-rank branches would stay identity and "
                          "empty. For TFMQ-DM on SVDQuant use tadq.quantize with TFMQMethod(base='svdquant', ...)")
+    check_fsc_format(quant_config, tfmq_config)
     adapter = adapter_for(model)
     check_temporal_path(model, adapter)
     deployment_grid(scheduler, sampler)  # a fractional grid is refused before calibration
@@ -138,6 +149,7 @@ def apply_tfmq(
         ValueError: ``qmodel`` carries other corrections (fit those after TFMQ), or its TFMQ weights were built
             with other TIAR/freeze settings than ``tfmq_config``'s.
     """
+    check_fsc_format(qmodel.config, tfmq_config)
     report = dict(report or {})
     members = list(qmodel.corrections)
     if any(not isinstance(m, TFMQCorrection) for m in members):
