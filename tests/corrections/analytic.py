@@ -6,7 +6,8 @@ For data x_0 ~ N(0, σ_d²) per element and x_t = √ᾱ_t x_0 + √(1−ᾱ_t) 
 
 so every element stays independent along any trajectory, which keeps the tolerances of the tests derivable.
 The injected "quantized" prediction is ε̂ = (1 + k(t)) ε_FP + b_c + s·n with n ~ N(0, 1) drawn fresh per call from
-the denoiser's own generator (a fresh instance replays the same draws).
+the denoiser's own generator (a fresh instance replays the same draws). ``Scaled`` and ``Shifted`` inject one
+exact, deterministic error each (a per-channel scale, a per-channel output bias) around any FP prediction.
 """
 
 from __future__ import annotations
@@ -60,6 +61,30 @@ class InjectedError:
         k = (self.k_scale * injected_k(t)).to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B, 1, 1, 1)
         noise = torch.randn(x.shape, generator=self.generator)
         return (1 + k) * self.fp(x, t) + self.bias.view(1, -1, 1, 1) + self.noise_std * noise
+
+
+SCALE = torch.tensor([1.25, 0.8])  # injected per-channel scale of the prediction
+SHIFT = torch.tensor([0.1, -0.05])  # injected per-channel output bias
+
+
+class Scaled:
+    """prediction = s_c × FP prediction: e = (1 − 1/s_c) ε̂ exactly, which TCEC's error model represents."""
+
+    def __init__(self, fp) -> None:
+        self.fp = fp
+
+    def __call__(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.fp(x, t) * SCALE.view(1, -1, 1, 1)
+
+
+class Shifted:
+    """prediction = FP prediction + c_c: a deterministic state bias builds up along the trajectory."""
+
+    def __init__(self, fp) -> None:
+        self.fp = fp
+
+    def __call__(self, x: Tensor, t: Tensor, cond=None) -> Tensor:
+        return self.fp(x, t) + SHIFT.view(1, -1, 1, 1)
 
 
 def fit_context(fp, quantized, scheduler, sampler: SamplerConfig, *, shape=SAMPLE_SHAPE, bits: str = "W4A8",

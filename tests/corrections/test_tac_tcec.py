@@ -6,8 +6,12 @@ import pytest
 import torch
 from tests.corrections.analytic import (
     SAMPLE_SHAPE,
+    SCALE,
+    SHIFT,
     AnalyticDenoiser,
     InjectedError,
+    Scaled,
+    Shifted,
     analytic_scheduler,
     fit_context,
 )
@@ -19,28 +23,6 @@ from tadq.registry import correction_for
 from tadq.sampling import SamplerConfig, SamplingPlan
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=10, eta=0.0)
-SCALE = torch.tensor([1.25, 0.8])  # injected per-channel scale of ε̂
-SHIFT = torch.tensor([0.1, -0.05])  # injected per-channel output bias
-
-
-class Scaled:
-    """ε̂ = s_c ε_FP."""
-
-    def __init__(self, fp) -> None:
-        self.fp = fp
-
-    def __call__(self, x, t, cond=None):
-        return self.fp(x, t) * SCALE.view(1, -1, 1, 1)
-
-
-class Shifted:
-    """ε̂ = ε_FP + c_c: a deterministic state bias builds up along the trajectory."""
-
-    def __init__(self, fp) -> None:
-        self.fp = fp
-
-    def __call__(self, x, t, cond=None):
-        return self.fp(x, t) + SHIFT.view(1, -1, 1, 1)
 
 
 def _fit(configs, quantized_factory, sampler=SAMPLER):

@@ -15,7 +15,14 @@ import math
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
-from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, InjectedError, analytic_scheduler, fit_context
+from tests.corrections.analytic import (
+    SAMPLE_SHAPE,
+    AnalyticDenoiser,
+    InjectedError,
+    Scaled,
+    analytic_scheduler,
+    fit_context,
+)
 
 from tadq.corrections import CorrectionStack, TCECConfig, collect_trajectory_pair, fit_stack
 from tadq.corrections.sequential import paired_final_error
@@ -205,18 +212,6 @@ def test_multistep_chain_factors_weights_and_shares_agree():
     assert torch.allclose(final_contributions(errors, steps, per_element), expected, rtol=1e-12)
     assert torch.allclose(predict_recursive(errors, steps, coefficients=per_element), predict_j0(errors, steps),
                           rtol=1e-12, atol=1e-12)
-
-
-class Scaled:
-    """prediction = s_c × FP prediction: e = (1 − 1/s_c) ε̂ exactly, which TCEC's error model represents."""
-
-    scale = torch.tensor([1.25, 0.8])
-
-    def __init__(self, fp) -> None:
-        self.fp = fp
-
-    def __call__(self, x, t, cond=None):
-        return self.fp(x, t) * self.scale.view(1, -1, 1, 1)
 
 
 MULTISTEP = SamplerConfig("dpmsolver++", 10)

@@ -9,8 +9,11 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tests.corrections.analytic import (
     SAMPLE_SHAPE,
+    SHIFT,
     AnalyticDenoiser,
     InjectedError,
+    Scaled,
+    Shifted,
     analytic_scheduler,
     fit_context,
 )
@@ -23,28 +26,6 @@ from tadq.registry import correction_for
 from tadq.sampling import SamplerConfig, SamplingPlan, sample
 
 EULER = SamplerConfig("euler", num_steps=10)
-SCALE = torch.tensor([1.25, 0.8])  # injected per-channel scale of the prediction
-SHIFT = torch.tensor([0.1, -0.05])  # injected per-channel output bias
-
-
-class Scaled:
-    """prediction = s_c × FP prediction."""
-
-    def __init__(self, fp) -> None:
-        self.fp = fp
-
-    def __call__(self, x, t, cond=None):
-        return self.fp(x, t) * SCALE.view(1, -1, 1, 1)
-
-
-class Shifted:
-    """prediction = FP prediction + c_c: a deterministic state bias builds up along the trajectory."""
-
-    def __init__(self, fp) -> None:
-        self.fp = fp
-
-    def __call__(self, x, t, cond=None):
-        return self.fp(x, t) + SHIFT.view(1, -1, 1, 1)
 
 
 class TimeOnly:

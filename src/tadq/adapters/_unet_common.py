@@ -3,7 +3,8 @@
 ``UNet2DModel`` and ``UNet2DConditionModel`` are built from the same parts (``ResnetBlock2D``, ``Attention``,
 ``Downsample2D``/``Upsample2D``, decoder blocks taking ``res_hidden_states_tuple``), so the role of a layer, the
 forward order of the reconstruction units and the ``[deep | skip]`` split points are found by the same code; each
-adapter only says which top-level modules it has and how it is called (``_roles``, ``_dummy_forward``).
+adapter only says which top-level modules it has and how it is called (``_roles``, ``predict_eps``,
+``dummy_conditioning``).
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ _CONDITIONING_HINT = "pass cond=Conditioning(...) (when sampling, conditions= a 
 
 
 class TracedUNetAdapter:
-    """Adapter methods common to the diffusers UNets; subclasses give ``_roles``, ``_dummy_forward`` and the calls."""
+    """Adapter methods common to the diffusers UNets; subclasses give ``_roles`` and the calls (``predict_eps``,
+    ``dummy_conditioning``)."""
 
     name = "unet"
     # whether the adapter returns the ε half of a wider (learned-variance) output; the UNet adapters do not, so a
@@ -218,7 +220,13 @@ class TracedUNetAdapter:
         raise NotImplementedError
 
     def _dummy_forward(self, model: nn.Module) -> None:
-        raise NotImplementedError
+        """One forward on zeros (batch 1, t = 0) with ``dummy_conditioning`` (label 0 for a class-conditional
+        ``UNet2DModel``), for tracing; every adapter traces the same way, through its own ``predict_eps``."""
+        parameter = next(model.parameters())
+        x = torch.zeros(1, *self.sample_shape(model), device=parameter.device, dtype=parameter.dtype)
+        t = torch.zeros(1, dtype=torch.long, device=parameter.device)
+        with torch.no_grad():
+            self.predict_eps(model, x, t, self.dummy_conditioning(model))  # type: ignore[attr-defined]
 
     def conditioning_inputs(self, model: nn.Module) -> tuple[str, ...]:
         raise NotImplementedError

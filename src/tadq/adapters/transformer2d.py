@@ -190,14 +190,6 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
         t = torch.as_tensor(t, device=x.device)
         return t.expand(x.shape[0]) if t.ndim == 0 else t
 
-    def _dummy_forward(self, model: nn.Module) -> None:
-        """One forward on zeros (batch 1, t = 0) with ``dummy_conditioning``, for tracing."""
-        parameter = next(model.parameters())
-        x = torch.zeros(1, *self.sample_shape(model), device=parameter.device, dtype=parameter.dtype)
-        t = torch.zeros(1, dtype=torch.long, device=parameter.device)
-        with torch.no_grad():
-            self.predict_eps(model, x, t, self.dummy_conditioning(model))
-
     def dummy_conditioning(self, model: nn.Module, batch_size: int = 1) -> Conditioning:
         raise NotImplementedError
 

@@ -7,7 +7,6 @@ decoder inputs are ``[deep | skip]`` concatenations) are traced with one dummy f
 
 from __future__ import annotations
 
-import torch
 from diffusers import UNet2DModel
 from diffusers.models.unets.unet_2d_blocks import (
     AttnSkipDownBlock2D,
@@ -81,14 +80,6 @@ class UNet2DAdapter(TracedUNetAdapter):
 
     def _roles(self, model: nn.Module) -> dict[int, tuple[LayerRole, str]]:
         return _named_roles(model)
-
-    def _dummy_forward(self, model: nn.Module) -> None:
-        """One forward on zeros (batch 1, t = 0), for tracing; class-conditional models get label 0."""
-        parameter = next(model.parameters())
-        x = torch.zeros(1, *self.sample_shape(model), device=parameter.device, dtype=parameter.dtype)
-        t = torch.zeros(1, dtype=torch.long, device=parameter.device)
-        with torch.no_grad():
-            self.predict_eps(model, x, t, self.dummy_conditioning(model))
 
     def sample_shape(self, model: nn.Module) -> tuple[int, int, int]:
         """(C, H, W); also refuses a size the UNet cannot take: ``UNet2DModel`` halves H and W in every downsampling

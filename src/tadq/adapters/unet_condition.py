@@ -220,14 +220,6 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
             fields["class_labels"] = dummy_class_labels(model, batch_size)
         return Conditioning(**fields)
 
-    def _dummy_forward(self, model: nn.Module) -> None:
-        """One forward on zeros (batch 1, t = 0) with ``dummy_conditioning``, for tracing."""
-        parameter = next(model.parameters())
-        x = torch.zeros(1, *self.sample_shape(model), device=parameter.device, dtype=parameter.dtype)
-        t = torch.zeros(1, dtype=torch.long, device=parameter.device)
-        with torch.no_grad():
-            self.predict_eps(model, x, t, self.dummy_conditioning(model))
-
     def temporal_embedding(self, model: nn.Module, t: Tensor, labels: Tensor | None = None,
                            cond: Conditioning | None = None) -> Tensor:
         """emb = h(t) [+ e(y)] [+ a(pooled, time ids)], (B, D), as ``UNet2DConditionModel.forward`` computes it

@@ -28,7 +28,7 @@ from tadq.backends.activations import (
     check_linear_input,
     traced_codes,
 )
-from tadq.backends.weights import WeightCodes, weight_codes
+from tadq.backends.weights import WeightCodes, float_bias, weight_codes
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
 from tadq.quant.split import SplitQuantConv2d
@@ -36,10 +36,6 @@ from tadq.quant.split import SplitQuantConv2d
 __all__ = ["OneDNNConv2d", "OneDNNLinear", "OneDNNSplitConv2d", "cpu_int8_layer"]
 
 MAX_EXACT_FLOAT = 2**24  # every integer below this is exact in float32
-
-
-def _bias(module: nn.Conv2d | nn.Linear) -> Tensor | None:
-    return None if module.bias is None else module.bias.detach().float().clone()
 
 
 def _check_weight_bound(codes: WeightCodes, name: str) -> None:
@@ -167,7 +163,7 @@ class OneDNNConv2d(nn.Module):
     def __init__(self, layer: QuantConv2d, name: str) -> None:
         super().__init__()
         check_activation_quantizer(layer.input_quantizer, name)
-        self.kernel = _ConvKernel(weight_codes(layer.weight_quantizer, layer.weight, name), _bias(layer), layer,
+        self.kernel = _ConvKernel(weight_codes(layer.weight_quantizer, layer.weight, name), float_bias(layer), layer,
                                   name)
         self.input_quantizer = layer.input_quantizer
         self.out_channels = layer.out_channels
@@ -189,7 +185,7 @@ class OneDNNSplitConv2d(nn.Module):
         views = layer.quantized_weights()
         quantizer_deep, weight_deep = views["weight_deep"]
         quantizer_skip, weight_skip = views["weight_skip"]
-        self.deep = _ConvKernel(weight_codes(quantizer_deep, weight_deep, f"{name} (deep)"), _bias(layer), layer,
+        self.deep = _ConvKernel(weight_codes(quantizer_deep, weight_deep, f"{name} (deep)"), float_bias(layer), layer,
                                 f"{name} (deep)")
         self.skip = _ConvKernel(weight_codes(quantizer_skip, weight_skip, f"{name} (skip)"), None, layer,
                                 f"{name} (skip)")
@@ -218,7 +214,7 @@ class OneDNNLinear(_Prepacked):
         self.packed = torch.ops.onednn.qlinear_prepack(codes.codes, None)  # opaque; not a buffer
         self.register_buffer("w_scale", codes.scale)
         self.register_buffer("w_zero", torch.zeros(codes.scale.numel(), dtype=torch.int64))
-        self.register_buffer("bias", _bias(layer))
+        self.register_buffer("bias", float_bias(layer))
         self.has_offset = codes.has_offset
         self.register_buffer("neg_offset_scale", -codes.offset * codes.scale)
         self.packed_bytes = codes.codes.numel()

@@ -27,7 +27,7 @@ from tadq.backends.activations import (
     check_conv_input,
     check_linear_input,
 )
-from tadq.backends.weights import WeightCodes, weight_codes
+from tadq.backends.weights import WeightCodes, float_bias, weight_codes
 from tadq.quant.modules import QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
 from tadq.quant.split import SplitQuantConv2d
@@ -92,7 +92,7 @@ class IntMMLinear(nn.Module):
     def __init__(self, layer: QuantLinear, name: str) -> None:
         super().__init__()
         check_activation_quantizer(layer.input_quantizer, name)
-        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        bias = float_bias(layer)
         self.kernel = IntMMKernel(weight_codes(layer.weight_quantizer, layer.weight, name), bias, name)
         self.input_quantizer = layer.input_quantizer
         self.in_features, self.out_features = layer.in_features, layer.out_features
@@ -146,7 +146,7 @@ class IntMMConv2d(nn.Module):
     def __init__(self, layer: QuantConv2d, name: str) -> None:
         super().__init__()
         check_activation_quantizer(layer.input_quantizer, name)
-        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        bias = float_bias(layer)
         self.conv = _Im2ColConv(weight_codes(layer.weight_quantizer, layer.weight, name), bias, layer, name)
         self.input_quantizer = layer.input_quantizer
         self.conv.grid.fill(self.input_quantizer)
@@ -164,7 +164,7 @@ class IntMMSplitConv2d(nn.Module):
         super().__init__()
         self.split = layer.split
         views = layer.quantized_weights()
-        bias = None if layer.bias is None else layer.bias.detach().float().clone()
+        bias = float_bias(layer)
         for part in ("deep", "skip"):
             check_activation_quantizer(getattr(layer, f"input_quantizer_{part}"), f"{name} ({part} half)")
         self.deep = _Im2ColConv(weight_codes(*views["weight_deep"], f"{name} (deep)"), bias, layer, f"{name} (deep)")

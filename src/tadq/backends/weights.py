@@ -16,15 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from tadq.quant.fake_quant import quantize_to_int
 from tadq.quant.qscheme import QScheme
 from tadq.quant.quantizer import Quantizer
 
-__all__ = ["WeightCodes", "weight_code_peak", "weight_codes"]
+__all__ = ["WeightCodes", "float_bias", "weight_code_peak", "weight_codes"]
 
 INT8_MIN, INT8_MAX = -128, 127
+
+
+def float_bias(module: nn.Module) -> Tensor | None:
+    """A layer's bias as the float32 copy every integer backend adds to its float32 output (``None`` without one):
+    a copy, so the integer layer never shares storage with the fake-quant model's parameter."""
+    return None if module.bias is None else module.bias.detach().float().clone()
 
 
 @dataclass(frozen=True)

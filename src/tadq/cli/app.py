@@ -13,7 +13,9 @@ import typer
 from tadq.cli.analyze import analyze_command
 from tadq.cli.bench import bench_command
 from tadq.cli.common import (
+    CacheDir,
     CalibPrompts,
+    CalibTrajectories,
     DistilledGuidance,
     EvalPrompts,
     GuidanceScale,
@@ -36,7 +38,7 @@ from tadq.cli.common import (
 from tadq.cli.evaluate import evaluate_command
 from tadq.cli.quantize import quantize_command
 from tadq.cli.recipe import recipe_command
-from tadq.cli.sample import sample_command
+from tadq.cli.sample import Device, Dtype, Threads, Verbose, sample_command
 from tadq.cli.sample_sharded import sample_sharded_command
 from tadq.cli.verify import verify_command
 from tadq.cli.zoo import zoo_app
@@ -138,15 +140,15 @@ def run_command(
     eta: float = typer.Option(0.0, help="DDIM eta (0 = deterministic)."),
     seed: int = typer.Option(1000, help="Evaluation noise seed (shared by FP and every variant)."),
     calib_seed: int = typer.Option(0, help="Calibration noise seed (must differ from --seed)."),
-    calib_trajectories: int = typer.Option(256, help="FP trajectories recorded for calibration."),
+    calib_trajectories: CalibTrajectories = 256,
     batch_size: int = typer.Option(250, help="Sampling batch size."),
     out: Path = typer.Option(Path("runs/main"), help="Report folder."),
-    cache_dir: Path = typer.Option(Path(".cache/tadq"), help="Calibration-data cache folder."),
+    cache_dir: CacheDir = Path(".cache/tadq"),
     force_foreign: bool = typer.Option(False, "--force-foreign", help="Also write into a non-empty --out folder "
                                        "tadq did not write (without it, such a folder is refused)."),
-    threads: int = typer.Option(0, help="torch CPU threads (0 = torch's default)."),
-    device: str = typer.Option("cpu", help="Device: cpu, cuda, cuda:N or mps (refused when torch lacks it)."),
-    dtype: str = typer.Option("float32", help="Compute dtype of the FP model: float32, bfloat16 or float16."),
+    threads: Threads = 0,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     guidance_scale: GuidanceScale = None,
     calib_prompts: CalibPrompts = None,
     eval_prompts: EvalPrompts = None,
@@ -154,7 +156,7 @@ def run_command(
     distilled_guidance: DistilledGuidance = None,
     labels: Labels = None,
     null_class: NullClass = None,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
+    verbose: Verbose = False,
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
     from tadq.config import CalibrationConfig, ReconstructionConfig

@@ -9,7 +9,9 @@ from typing import Annotated
 import typer
 
 from tadq.cli.common import (
+    CacheDir,
     CalibPrompts,
+    CalibTrajectories,
     DistilledGuidance,
     EvalPrompts,
     ForceForeign,
@@ -66,7 +68,7 @@ def bench_command(
                                                          "W8A8, W4A8 × ddim-eta0, 256 samples.")] = False,
     seed: Annotated[int, typer.Option(help="Evaluation noise seed (FP and every row).")] = 1000,
     calib_seed: Annotated[int, typer.Option(help="Calibration noise seed (must differ from --seed).")] = 0,
-    calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
+    calib_trajectories: CalibTrajectories = 256,
     recon_iters: Annotated[int | None, typer.Option(help="AdaRound iterations per unit (default: the config's).")
                            ] = None,
     recon_activation_iters: Annotated[int | None, typer.Option(help="Activation-step iterations per unit.")] = None,
@@ -85,7 +87,7 @@ def bench_command(
     models_dir: Annotated[Path | None, typer.Option(
         help="Folder of saved base models to reuse and fill (default <out>/models; runs/main/models reuses tadq "
              "run's).")] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
+    cache_dir: CacheDir = Path(".cache/tadq"),
     guidance_scale: GuidanceScale = None,
     calib_prompts: CalibPrompts = None,
     eval_prompts: EvalPrompts = None,

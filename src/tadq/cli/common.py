@@ -21,14 +21,17 @@ if TYPE_CHECKING:
     from tadq.experiments.workload import ClassLabelSetting
 
 __all__ = ["console", "err_console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file",
-           "require_file", "GuidanceScale", "CalibPrompts", "EvalPrompts", "NegativePrompt", "Labels", "NullClass",
-           "class_conditions_for", "default_or_count", "check_sampling_flags",
+           "require_file", "CacheDir", "CalibTrajectories", "GuidanceScale", "CalibPrompts", "EvalPrompts",
+           "NegativePrompt", "Labels", "NullClass", "class_conditions_for", "default_or_count", "check_sampling_flags",
            "check_steps_fit", "check_seed_flags", "check_count_flags", "sampler_kind_flag", "hold_output", "set_quiet",
            "note"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
                             "input model; without it such paths are refused.")]
+# the calibration flags of the commands that calibrate (tadq run, bench, quantize, recipe): one help text each
+CacheDir = Annotated[Path, typer.Option(help="Calibration-data cache folder.")]
+CalibTrajectories = Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")]
 # what conditions a workload (tadq.experiments.workload.load_workload): tadq run and tadq recipe take the same
 DistilledGuidance = Annotated[float | None, typer.Option(
     help="Flux only: the guidance scale its transformer embeds (FluxPipeline's guidance_scale; default: the "

@@ -13,6 +13,7 @@ import torch
 import typer
 
 from tadq.cli.common import (
+    CacheDir,
     DistilledGuidance,
     ForceForeign,
     Labels,
@@ -353,7 +354,7 @@ def quantize_command(
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="QuantConfig JSON (config_to_dict format; older form of --recipe); flags override it.")
     ] = None,
-    cache_dir: Annotated[Path, typer.Option(help="Calibration-data cache folder.")] = Path(".cache/tadq"),
+    cache_dir: CacheDir = Path(".cache/tadq"),
     checkpoint: Annotated[Path | None, typer.Option(
         help="Reconstruction checkpoint file (qdiffusion): written after every unit, resumed from.")] = None,
     overwrite: Annotated[bool, typer.Option(

@@ -12,6 +12,7 @@ import typer
 
 from tadq.cli.common import (
     CalibPrompts,
+    CalibTrajectories,
     DistilledGuidance,
     EvalPrompts,
     ForceForeign,
@@ -106,7 +107,7 @@ def recipe_command(
         callback=sampler_kind_flag)] = None,
     steps: Annotated[int, typer.Option(help="Steps of the deployment sampler.")] = 50,
     eta: Annotated[float, typer.Option(help="DDIM eta of the deployment sampler (ddim only).")] = 0.0,
-    calib_trajectories: Annotated[int, typer.Option(help="FP trajectories recorded for calibration.")] = 256,
+    calib_trajectories: CalibTrajectories = 256,
     recon_iters: Annotated[int, typer.Option(help="AdaRound iterations per unit (-1: the default, 1000).")] = -1,
     recon_activation_iters: Annotated[int, typer.Option(
         help="Activation-step iterations per unit (-1: the ReconstructionConfig default, 0).")] = -1,

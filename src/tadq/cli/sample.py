@@ -30,8 +30,8 @@ from tadq.cli.common import (
 )
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
-           "Threads", "Device", "Dtype", "Verbose", "Backend", "check_backend_here", "announce_compile",
-           "deployment_sampler", "class_conditioning"]
+           "SampledModel", "SampleSeed", "Threads", "Device", "Dtype", "Verbose", "Backend", "check_backend_here",
+           "announce_compile", "deployment_sampler", "class_conditioning"]
 
 SamplerKind = Annotated[str | None, typer.Option(
     "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
@@ -41,6 +41,10 @@ Steps = Annotated[int | None, typer.Option(help="Sampler steps (default: the art
 Eta = Annotated[float | None, typer.Option(
     help="DDIM eta, 0 = deterministic, 0 for ddpm (default: the artefact's recipe, else 0).")]
 Threads = Annotated[int, typer.Option(help="torch CPU threads (0 = torch's default).")]
+# tadq sample and tadq sample-sharded: the same model argument and the same per-sample noise
+SampledModel = Annotated[Path | None, typer.Argument(
+    help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")]
+SampleSeed = Annotated[int, typer.Option(help="Noise seed (sample i's noise depends only on the seed and i).")]
 Device = Annotated[str, typer.Option(help="Device: cpu, cuda, cuda:N or mps (refused when torch lacks it).")]
 Dtype = Annotated[str, typer.Option(help="Compute dtype of the FP model: float32, bfloat16 or float16.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
@@ -357,10 +361,9 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
 
 
 def sample_command(
-    model_dir: Annotated[Path | None, typer.Argument(
-        help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
+    model_dir: SampledModel = None,
     num_samples: Annotated[int, typer.Option(help="Number of samples.")] = 64,
-    seed: Annotated[int, typer.Option(help="Noise seed (sample i's noise depends only on the seed and i).")] = 1000,
+    seed: SampleSeed = 1000,
     sampler: SamplerKind = None,
     steps: Steps = None,
     eta: Eta = None,

@@ -16,7 +16,9 @@ import typer
 from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, hold_output, setup
 from tadq.cli.sample import (
     Eta,
+    SampledModel,
     SamplerKind,
+    SampleSeed,
     Steps,
     Threads,
     Verbose,
@@ -43,10 +45,9 @@ def _print_metrics(metrics, title: str) -> None:
 
 
 def sample_sharded_command(
-    model_dir: Annotated[Path | None, typer.Argument(
-        help="A tadq artefact (`tadq quantize --out`) or a diffusers folder (default: the shipped FP model).")] = None,
+    model_dir: SampledModel = None,
     num_samples: Annotated[int, typer.Option(help="Number of samples (indices 0..N-1).")] = 1000,
-    seed: Annotated[int, typer.Option(help="Noise seed (sample i's noise depends only on the seed and i).")] = 1000,
+    seed: SampleSeed = 1000,
     sampler: SamplerKind = None,
     steps: Steps = None,
     eta: Eta = None,

@@ -25,6 +25,14 @@ Overwrite = Annotated[bool, typer.Option(
                         "default --out is the shipped model's own folder: retraining it changes every number "
                         "measured on it).")]
 
+# flags several training commands take with the same meaning: one help text each
+Steps = Annotated[int, typer.Option(help="Optimiser steps.")]
+LearningRate = Annotated[float, typer.Option(help="AdamW peak learning rate.")]
+LabelDropout = Annotated[float, typer.Option(help="Probability of the null label (unconditional branch).")]
+CheckpointEvery = Annotated[int, typer.Option(help="Steps between resumable checkpoints.")]
+Threads = Annotated[int, typer.Option(help="torch CPU threads (the shipped weights used 1).")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v")]
+
 INFO_FILE = "training_info.json"  # written by every trainer when it finishes
 
 
@@ -67,45 +75,46 @@ def check_not_finished(out: Path, overwrite: bool, layout: str | None = None) ->
 
 
 def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
-                train: Callable[..., Any], *, mark: bool = True, overwrite: bool = False,
-                inputs: tuple[Path, ...] = (), layout: str | None = None) -> Any:
-    """Validate the config and check ``--out`` before any training (a finished model is replaced only with
-    ``--overwrite``), mark the folder as tadq's (so a resume finds a folder tadq wrote, not only a checkpoint), then
-    train with the exact command line recorded."""
+                train: Callable[..., Any], *, verbose: bool, threads: int, mark: bool = True,
+                overwrite: bool = False, inputs: tuple[Path, ...] = (), layout: str | None = None) -> Any:
+    """What every ``tadq zoo train*`` command does around its trainer: logging and threads (``setup``), then, with
+    bad input a one-line error (``fail_cleanly``), validate the config and check ``--out`` before any training (a
+    finished model is replaced only with ``--overwrite``), mark the folder as tadq's (so a resume finds a folder
+    tadq wrote, not only a checkpoint), and train with the exact command line recorded."""
     from tadq.fsguard import check_output_dir, mark_output
 
-    config = build_config()
-    check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
-    hold_output(out)
-    check_not_finished(out, overwrite, layout)
-    # a folder outside the package is always marked: a run interrupted before training_info.json (or with only its
-    # checkpoint) was refused as foreign on the rerun its help promises; the shipped folders keep their bytes
-    if mark or out.resolve().parent != SHIPPED.resolve():
-        mark_output(out, "training")
-    return train(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    setup(verbose, threads, "cpu")
+    with fail_cleanly():
+        config = build_config()
+        check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
+        hold_output(out)
+        check_not_finished(out, overwrite, layout)
+        # a folder outside the package is always marked: a run interrupted before training_info.json (or with only
+        # its checkpoint) was refused as foreign on the rerun its help promises; the shipped folders keep their bytes
+        if mark or out.resolve().parent != SHIPPED.resolve():
+            mark_output(out, "training")
+        return train(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
 @zoo_app.command("train")
 def train_command(
     out: Path = typer.Option(SHIPPED / "digits-ddpm", help="Output folder (diffusers DDPMPipeline layout)."),
-    steps: int = typer.Option(6000, help="Optimiser steps."),
+    steps: Steps = 6000,
     batch_size: int = typer.Option(128, help="Images per step."),
-    learning_rate: float = typer.Option(1e-3, help="AdamW peak learning rate."),
+    learning_rate: LearningRate = 1e-3,
     seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps and noise."),
     resolution: int = typer.Option(16, help="Image side: 8, 16 or 32."),
-    threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: Threads = 1,
+    verbose: Verbose = False,
     force_foreign: ForceForeign = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Train the digits DDPM; resumes from the checkpoint in --out if interrupted."""
     from tadq.zoo.train import TrainConfig, train_digits_ddpm
 
-    setup(verbose, threads, "cpu")
-    with fail_cleanly():
-        path = _train_into(out, force_foreign, lambda: TrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, resolution=resolution),
-            train_digits_ddpm, mark=False, overwrite=overwrite, layout="DDPMPipeline")
+    path = _train_into(out, force_foreign, lambda: TrainConfig(
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, resolution=resolution),
+        train_digits_ddpm, verbose=verbose, threads=threads, mark=False, overwrite=overwrite, layout="DDPMPipeline")
     console.print(f"saved {path}")
 
 
@@ -116,43 +125,40 @@ def train_classifier_command(
     seed: int = typer.Option(0, help="Seed."),
     resolution: int = typer.Option(16, help="Image side: 8, 16 or 32."),
     threads: int = typer.Option(1, help="torch CPU threads."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
     force_foreign: ForceForeign = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Train the digit classifier whose penultimate features define FD-digits."""
     from tadq.metrics.classifier import ClassifierTrainConfig, train_digit_classifier
 
-    setup(verbose, threads, "cpu")
-    with fail_cleanly():
-        info = _train_into(out, force_foreign, lambda: ClassifierTrainConfig(epochs=epochs, seed=seed,
-                                                                             resolution=resolution),
-                           train_digit_classifier, mark=False, overwrite=overwrite, layout="classifier")
+    info = _train_into(out, force_foreign, lambda: ClassifierTrainConfig(
+        epochs=epochs, seed=seed, resolution=resolution), train_digit_classifier, verbose=verbose, threads=threads,
+        mark=False, overwrite=overwrite, layout="classifier")
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')}")
 
 
 @zoo_app.command("train-photos")
 def train_photos_command(
     out: Path = typer.Option(SHIPPED / "photos-ddpm", help="Output folder (diffusers DDPMPipeline layout)."),
-    steps: int = typer.Option(2000, help="Optimiser steps."),
+    steps: Steps = 2000,
     batch_size: int = typer.Option(32, help="Patches per step."),
-    learning_rate: float = typer.Option(1e-3, help="AdamW peak learning rate."),
-    label_dropout: float = typer.Option(0.15, help="Probability of the null label (unconditional branch)."),
-    checkpoint_every: int = typer.Option(250, help="Steps between resumable checkpoints."),
+    learning_rate: LearningRate = 1e-3,
+    label_dropout: LabelDropout = 0.15,
+    checkpoint_every: CheckpointEvery = 250,
     seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps, noise and label dropout."),
-    threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: Threads = 1,
+    verbose: Verbose = False,
     force_foreign: ForceForeign = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Train the class-conditional photos DDPM; resumes from the checkpoint in --out if interrupted."""
     from tadq.zoo.photos_model import PhotosTrainConfig, train_photos_ddpm
 
-    setup(verbose, threads, "cpu")
-    with fail_cleanly():
-        path = _train_into(out, force_foreign, lambda: PhotosTrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-            checkpoint_every=checkpoint_every), train_photos_ddpm, overwrite=overwrite, layout="DDPMPipeline")
+    path = _train_into(out, force_foreign, lambda: PhotosTrainConfig(
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
+        checkpoint_every=checkpoint_every), train_photos_ddpm, verbose=verbose, threads=threads, overwrite=overwrite,
+        layout="DDPMPipeline")
     console.print(f"saved {path}")
 
 
@@ -162,17 +168,16 @@ def train_photo_classifier_command(
     epochs: int = typer.Option(12, help="Training epochs."),
     seed: int = typer.Option(0, help="Seed."),
     threads: int = typer.Option(1, help="torch CPU threads."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    verbose: Verbose = False,
     force_foreign: ForceForeign = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Train the photo classifier whose penultimate features define FD-photos."""
     from tadq.metrics.photo_classifier import PhotoClassifierTrainConfig, train_photo_classifier
 
-    setup(verbose, threads, "cpu")
-    with fail_cleanly():
-        info = _train_into(out, force_foreign, lambda: PhotoClassifierTrainConfig(epochs=epochs, seed=seed),
-                           train_photo_classifier, mark=False, overwrite=overwrite, layout="classifier")
+    info = _train_into(out, force_foreign, lambda: PhotoClassifierTrainConfig(epochs=epochs, seed=seed),
+                       train_photo_classifier, verbose=verbose, threads=threads, mark=False, overwrite=overwrite,
+                       layout="classifier")
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')} "
                   f"(chance {info.get('chance_accuracy'):.3f})")
 
@@ -189,34 +194,33 @@ def train_t2i_command(
                                              help="Keep the text encoder at its random initialisation."),
     checkpoint_every: int = typer.Option(500, help="Steps between resumable checkpoints of stage 2."),
     seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps, noise and prompt choice."),
-    threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: Threads = 1,
+    verbose: Verbose = False,
     force_foreign: ForceForeign = False,
     overwrite: Overwrite = False,
 ) -> None:
     """Train the text-to-image digits model (VAE, then UNet + text encoder); an interrupted run resumes."""
     from tadq.zoo.t2i import T2ITrainConfig, train_t2i
 
-    setup(verbose, threads, "cpu")
-    with fail_cleanly():
-        path = _train_into(out, force_foreign, lambda: T2ITrainConfig(
-            steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, vae_steps=vae_steps,
-            prompt_dropout=prompt_dropout, train_text_encoder=not freeze_text_encoder,
-            checkpoint_every=checkpoint_every), train_t2i, overwrite=overwrite, layout="StableDiffusionPipeline")
+    path = _train_into(out, force_foreign, lambda: T2ITrainConfig(
+        steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, vae_steps=vae_steps,
+        prompt_dropout=prompt_dropout, train_text_encoder=not freeze_text_encoder,
+        checkpoint_every=checkpoint_every), train_t2i, verbose=verbose, threads=threads, overwrite=overwrite,
+        layout="StableDiffusionPipeline")
     console.print(f"saved {path}")
 
 
 @zoo_app.command("train-dit")
 def train_dit_command(
     out: Path = typer.Option(SHIPPED / "digits-dit", help="Output folder (diffusers DiTPipeline layout)."),
-    steps: int = typer.Option(6000, help="Optimiser steps."),
+    steps: Steps = 6000,
     batch_size: int = typer.Option(128, help="Latents per step."),
-    learning_rate: float = typer.Option(5e-4, help="AdamW peak learning rate."),
-    label_dropout: float = typer.Option(0.1, help="Probability of the null label (unconditional branch)."),
-    checkpoint_every: int = typer.Option(500, help="Steps between resumable checkpoints."),
+    learning_rate: LearningRate = 5e-4,
+    label_dropout: LabelDropout = 0.1,
+    checkpoint_every: CheckpointEvery = 500,
     seed: int = typer.Option(0, help="Seed of initialisation, batches, timesteps, noise and label dropout."),
-    threads: int = typer.Option(1, help="torch CPU threads (the shipped weights used 1)."),
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    threads: Threads = 1,
+    verbose: Verbose = False,
     force_foreign: ForceForeign = False,
     overwrite: Overwrite = False,
 ) -> None:
@@ -229,8 +233,7 @@ def train_dit_command(
         return DiTTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
                               label_dropout=label_dropout, checkpoint_every=checkpoint_every)
 
-    setup(verbose, threads, "cpu")
-    with fail_cleanly():  # it reads the text-to-image model's VAE: --out may not be, hold or lie inside that folder
-        path = _train_into(out, force_foreign, config, train_digits_dit, overwrite=overwrite,
-                           inputs=(shipped_t2i_path(),), layout="DiTPipeline")
+    # it reads the text-to-image model's VAE: --out may not be, hold or lie inside that folder
+    path = _train_into(out, force_foreign, config, train_digits_dit, verbose=verbose, threads=threads,
+                       overwrite=overwrite, inputs=(shipped_t2i_path(),), layout="DiTPipeline")
     console.print(f"saved {path}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tadq.progress import progress_bar
-from tadq.safefiles import save_safetensors
+from tadq.metrics._classifier_training import classifier_accuracy, fit_classifier, save_classifier_folder
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
 from tadq.zoo.shipped import load_classifier_folder
@@ -38,8 +36,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_CLASSIFIER_COMMAND = "tadq zoo train-classifier --out src/tadq/zoo/weights/digits-classifier"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
 INFO_NAME = "training_info.json"
 NUM_CLASSES = 10
 
@@ -175,18 +171,6 @@ def _augment(images: Tensor, config: ClassifierTrainConfig, generator: torch.Gen
     return images
 
 
-@torch.no_grad()
-def _accuracy(model: DigitClassifier, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
-    was_training = model.training
-    model.eval()
-    correct = sum(
-        int((model(images[i : i + batch_size]).argmax(dim=1) == labels[i : i + batch_size]).sum())
-        for i in range(0, len(images), batch_size)
-    )
-    model.train(was_training)
-    return correct / len(images)
-
-
 def train_digit_classifier(
     config: ClassifierTrainConfig, out_dir: str | Path, command: str = DEFAULT_CLASSIFIER_COMMAND,
     progress: bool = True,
@@ -197,40 +181,15 @@ def train_digit_classifier(
     config, seed, wall time, held-out accuracy, library versions) into ``out_dir`` and returns the training info.
     The same seed gives the same weights on the same machine and thread count. ``progress=False`` hides the bar.
     """
-    from tadq.zoo.train import check_finite_loss
-
     out_dir = Path(out_dir)
     split = load_digits_split(DigitsConfig(resolution=config.resolution))
-    torch.manual_seed(config.seed)  # initialisation and dropout
-    generator = torch.Generator().manual_seed(config.seed)  # batch order and augmentation
-    model = DigitClassifier(resolution=config.resolution)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(split.train_images) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
-    model.train()
-    t0 = time.perf_counter()
-    loss_value, step = float("nan"), 0
-    with progress_bar(range(config.epochs), desc="train digits classifier", disable=not progress) as bar:
-        for _ in bar:
-            order = torch.randperm(len(split.train_images), generator=generator)
-            for start in range(0, len(order), config.batch_size):
-                index = order[start : start + config.batch_size]
-                if len(index) < 2:  # BatchNorm cannot train on a single image
-                    continue
-                images = _augment(split.train_images[index], config, generator)
-                loss = F.cross_entropy(model(images), split.train_labels[index])
-                loss_value = loss.item()
-                check_finite_loss(loss_value, step, "train digits classifier")
-                step += 1
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-    wall = time.perf_counter() - t0
-    model.eval()
-    heldout_accuracy = _accuracy(model, split.heldout_images, split.heldout_labels)
-    train_accuracy = _accuracy(model, split.train_images, split.train_labels)
+    model, loss_value, wall = fit_classifier(
+        lambda: DigitClassifier(resolution=config.resolution), split.train_images, split.train_labels,
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        seed=config.seed, augment=lambda images, generator: _augment(images, config, generator),
+        desc="train digits classifier", progress=progress)
+    heldout_accuracy = classifier_accuracy(model, split.heldout_images, split.heldout_labels)
+    train_accuracy = classifier_accuracy(model, split.train_images, split.train_labels)
     logger.info("digits classifier: held-out accuracy %.4f, train accuracy %.4f", heldout_accuracy, train_accuracy)
     save_digit_classifier(model, out_dir)
     info = {
@@ -247,15 +206,7 @@ def train_digit_classifier(
 
 def save_digit_classifier(model: DigitClassifier, out_dir: str | Path) -> None:
     """Write ``model.safetensors`` and ``config.json`` (constructor arguments), the layout the loader reads."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    # a temp file of this process: a fixed ".model.safetensors.tmp" was shared by two trainings saving into one
-    # folder (one renamed the other's half-written file into place) and left behind by a failed write
-    save_safetensors(state, out_dir / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_json(model.architecture(), out_dir / CONFIG_NAME)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        (out_dir / name).chmod(0o644)  # temp-file writes leave 0600; shipped package data must be world-readable
+    save_classifier_folder(model, out_dir)
 
 
 def load_digit_classifier(path: str | Path | None = None) -> DigitClassifier:

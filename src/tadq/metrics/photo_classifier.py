@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tadq.progress import progress_bar
-from tadq.safefiles import save_safetensors
+from tadq.metrics._classifier_training import classifier_accuracy, fit_classifier, save_classifier_folder
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
 from tadq.zoo.shipped import load_classifier_folder
@@ -34,7 +32,7 @@ __all__ = ["DEFAULT_PHOTO_CLASSIFIER_COMMAND", "PhotoClassifier", "PhotoClassifi
 logger = logging.getLogger(__name__)
 
 DEFAULT_PHOTO_CLASSIFIER_COMMAND = "tadq zoo train-photo-classifier --out src/tadq/zoo/weights/photo-classifier"
-WEIGHTS_NAME, CONFIG_NAME, INFO_NAME = "model.safetensors", "config.json", "training_info.json"
+INFO_NAME = "training_info.json"
 
 
 def default_photo_classifier_path() -> Path:
@@ -132,15 +130,9 @@ def _augment(images: Tensor, config: PhotoClassifierTrainConfig, generator: torc
     return images
 
 
-@torch.no_grad()
 def photo_accuracy(model: PhotoClassifier, images: Tensor, labels: Tensor, batch_size: int = 512) -> float:
     """Share of patches whose predicted photograph is ``labels`` (the model is put in eval mode and restored)."""
-    was_training = model.training
-    model.eval()
-    correct = sum(int((model(images[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum())
-                  for i in range(0, len(images), batch_size))
-    model.train(was_training)
-    return correct / len(images)
+    return classifier_accuracy(model, images, labels, batch_size)
 
 
 @torch.no_grad()
@@ -156,38 +148,13 @@ def photo_features(images: Tensor, classifier: PhotoClassifier, batch_size: int 
 def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Path,
                            command: str = DEFAULT_PHOTO_CLASSIFIER_COMMAND, progress: bool = True) -> dict:
     """Train on the training regions, measure held-out-region accuracy, save weights, architecture and provenance."""
-    from tadq.zoo.train import check_finite_loss
-
     out_dir = Path(out_dir)
     split = load_photos_split(PhotosConfig())
-    torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
-    model = PhotoClassifier(num_classes=len(split.class_names))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = -(-len(split.train_images) // config.batch_size)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs * steps_per_epoch)
-    model.train()
-    t0 = time.perf_counter()
-    loss_value, step = float("nan"), 0
-    with progress_bar(range(config.epochs), desc="train photo classifier", disable=not progress) as bar:
-        for _ in bar:
-            order = torch.randperm(len(split.train_images), generator=generator)
-            for start in range(0, len(order), config.batch_size):
-                index = order[start:start + config.batch_size]
-                if len(index) < 2:  # BatchNorm cannot train on one patch
-                    continue
-                loss = F.cross_entropy(model(_augment(split.train_images[index], config, generator)),
-                                       split.train_labels[index])
-                loss_value = loss.item()
-                check_finite_loss(loss_value, step, "train photo classifier")
-                step += 1
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-    wall = time.perf_counter() - t0
-    model.eval()
+    model, loss_value, wall = fit_classifier(
+        lambda: PhotoClassifier(num_classes=len(split.class_names)), split.train_images, split.train_labels,
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, weight_decay=config.weight_decay,
+        seed=config.seed, augment=lambda images, generator: _augment(images, config, generator),
+        desc="train photo classifier", progress=progress)
     heldout = photo_accuracy(model, split.heldout_images, split.heldout_labels)
     train = photo_accuracy(model, split.train_images, split.train_labels)
     logger.info("photo classifier: held-out accuracy %.4f, train accuracy %.4f", heldout, train)
@@ -206,15 +173,7 @@ def train_photo_classifier(config: PhotoClassifierTrainConfig, out_dir: str | Pa
 
 def save_photo_classifier(model: PhotoClassifier, out_dir: str | Path) -> None:
     """Write ``model.safetensors`` and ``config.json`` atomically (never a half-written weights file)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    # a temp file of this process: a fixed ".model.safetensors.tmp" was shared by two trainings saving into one
-    # folder (one renamed the other's half-written file into place) and left behind by a failed write
-    save_safetensors(state, out_dir / WEIGHTS_NAME, metadata={"format": "pt"})
-    atomic_write_json(model.architecture(), out_dir / CONFIG_NAME)
-    for name in (WEIGHTS_NAME, CONFIG_NAME):
-        (out_dir / name).chmod(0o644)
+    save_classifier_folder(model, out_dir)
 
 
 def load_photo_classifier(path: str | Path | None = None) -> PhotoClassifier:

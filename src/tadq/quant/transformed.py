@@ -32,6 +32,19 @@ class TransformedQuantLayer(QuantLayer):
     rotate: bool
     rank: int
 
+    @classmethod
+    def from_module(
+        cls, module: nn.Module, weight_scheme: QScheme, activation_scheme: QScheme, *, init_weight_range: bool = True,
+    ) -> TransformedQuantLayer:
+        """The plain layer's ``from_module`` (the next class in the MRO: ``QuantConv2d`` or ``QuantLinear``), then the
+        transforms registered and the rotation folded before the weight range is searched, so that range is the one
+        of the weight the layer quantizes (``init_weight_range=False`` skips the search: loading sets it)."""
+        layer = super().from_module(module, weight_scheme, activation_scheme, init_weight_range=False)
+        layer._init_transforms(weight_scheme, activation_scheme)
+        if init_weight_range:
+            layer.init_weight_range()
+        return layer
+
     def _init_transforms(self, weight_scheme: QScheme, activation_scheme: QScheme) -> None:
         """Register the (identity) smoothing vector and (zero) branch, and fold the rotation into the weight.
 
@@ -97,11 +110,8 @@ class TransformedQuantConv2d(TransformedQuantLayer, QuantConv2d):
         if module.groups != 1 or module.padding_mode != "zeros":
             raise ValueError(f"smoothing, rotation and low-rank branches need a dense zero-padded conv; this one has "
                              f"groups={module.groups}, padding_mode={module.padding_mode!r} (exclude it)")
-        layer = super().from_module(module, weight_scheme, activation_scheme, init_weight_range=False)
-        layer._init_transforms(weight_scheme, activation_scheme)
-        if init_weight_range:
-            layer.init_weight_range()
-        return layer
+        return super().from_module(module, weight_scheme, activation_scheme,
+                                   init_weight_range=init_weight_range)
 
     def lowrank_branch(self, x: Tensor) -> Tensor:
         down = F.conv2d(x, self.lowrank_down, None, self.stride, self.padding, self.dilation)
@@ -117,16 +127,6 @@ class TransformedQuantConv2d(TransformedQuantLayer, QuantConv2d):
 
 class TransformedQuantLinear(TransformedQuantLayer, QuantLinear):
     """``QuantLinear`` with smoothing / rotation of its input features and a low-rank FP branch."""
-
-    @classmethod
-    def from_module(
-        cls, module: nn.Linear, weight_scheme: QScheme, activation_scheme: QScheme, *, init_weight_range: bool = True,
-    ) -> TransformedQuantLinear:
-        layer = super().from_module(module, weight_scheme, activation_scheme, init_weight_range=False)
-        layer._init_transforms(weight_scheme, activation_scheme)
-        if init_weight_range:
-            layer.init_weight_range()
-        return layer
 
     def lowrank_branch(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.lowrank_down), self.lowrank_up)
