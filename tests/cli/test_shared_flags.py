@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+import tadq.experiments.workload
 import tadq.models
 from tadq.cli.app import app
 
@@ -21,6 +22,9 @@ def no_model_loads(monkeypatch):
         raise AssertionError("the model was loaded before the bad flag was refused")
 
     monkeypatch.setattr(tadq.models, "load_pipeline_parts", loaded)
+    # a module binding the name at import (the harness's workload) would otherwise keep this stand-in for good when
+    # a command first imports it here: every later test of the process then "loaded the model" (test order leak)
+    monkeypatch.setattr(tadq.experiments.workload, "load_pipeline_parts", loaded)
 
 
 def _refused(result, *needles: str) -> None:
