@@ -30,10 +30,18 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
 
 
+def _default_disposition(sig: signal.Signals):
+    """The child starts with ``sig`` at its default action, as a command started from a shell has it: a suite run
+    under ``nohup`` (SIGHUP ignored, inherited) would otherwise hand the command an ignored SIGHUP, which tadq
+    rightly leaves ignored, and the paused command would wait for good."""
+    return lambda: signal.signal(sig, signal.SIG_DFL)
+
+
 def _signalled_at(target: str, sig: signal.Signals, args: list, flag: Path) -> subprocess.CompletedProcess:
     """Run ``tadq ARGS`` paused before ``target``, send ``sig`` there, and return the finished process."""
     process = subprocess.Popen([sys.executable, str(HELPER), str(flag), target, *map(str, args)], env=_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               preexec_fn=_default_disposition(sig))
     deadline = time.time() + WAIT_S
     while not flag.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
