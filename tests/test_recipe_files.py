@@ -550,7 +550,7 @@ def no_model_load(monkeypatch):
     (["--set", "split_shortcut=\"yes\""], "split_shortcut"),
     (["--set", "calibration.seed=true"], "seed"),          # works: bool seed refused
     (["--set", "method.reconstruction.weight_iter=2", "--method", "qdiffusion"], "weight_iter"),  # works
-    (["--steps", "0"], "num_steps"),                         # works
+    (["--steps", "0"], "--steps must be >= 1"),              # named by its flag, not SamplerConfig.num_steps
 ])
 def test_cli_refuses_bad_recipe_before_loading_the_model(tmp_path, tiny_model_dir, no_model_load, args, field):
     out = tmp_path / "q"

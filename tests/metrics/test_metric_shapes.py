@@ -34,7 +34,8 @@ def test_inception_fid_refuses_grey_real_images_against_colour_samples(inception
     assert inception_fid(colour, colour, inception_weights) == pytest.approx(0.0, abs=1e-3)  # same data: allowed
 
 
-def test_evaluate_refuses_inception_fid_at_a_size_without_real_digits_before_sampling(tmp_path, monkeypatch) -> None:
+def test_evaluate_refuses_inception_fid_at_a_size_without_real_digits_before_sampling(tmp_path, monkeypatch,
+                                                                                   inception_weights) -> None:
     """A grey model of a size the real digits do not exist at (12x12) was sampled twice, then ``--inception-weights``
     failed with "resolution must be one of (8, 16, 32), got 12"."""
     import tadq.api
