@@ -7,6 +7,7 @@ import math
 import matplotlib.pyplot as plt
 import torch
 from tests.corrections.analytic import SAMPLE_SHAPE, AnalyticDenoiser, analytic_scheduler
+from tests.device_standins import OnDeviceWithoutFloat64
 
 from tadq.analysis import analyze_propagation, save_propagation_plot
 from tadq.sampling import SamplerConfig
@@ -99,16 +100,6 @@ def test_the_measured_jacobian_calls_the_network_at_the_samplers_own_timesteps()
     assert {t for _, _, *times in seen for t in times} == grid
 
 
-class _OnDeviceWithoutFloat64(torch.Tensor):
-    """ε as an MPS network returns it: ``double()`` is refused there, ``to(...)`` the host gives a host tensor."""
-
-    def double(self, *args, **kwargs):
-        raise TypeError("this device has no float64")
-
-    def to(self, *args, **kwargs):
-        return torch.Tensor.to(self, *args, **kwargs).as_subclass(torch.Tensor)
-
-
 def test_the_measured_jacobian_widens_the_networks_output_on_the_host():
     """J δ cast the network's ε to float64 before bringing it to the pair's CPU (``.double().to(...)``): on MPS,
     which has no float64, ``tadq analyze`` raised at its first step. It is brought back first (the same values)."""
@@ -121,7 +112,7 @@ def test_the_measured_jacobian_widens_the_networks_output_on_the_host():
     states, eps = torch.randn(3, 2, 1, 4, 4), torch.randn(2, 2, 1, 4, 4)
 
     def network(x, t, cond=None):
-        return (2.0 * x).as_subclass(_OnDeviceWithoutFloat64)
+        return (2.0 * x).as_subclass(OnDeviceWithoutFloat64)
 
     jvp = _measured_jvp(network, states, eps, steps, 2, torch.device("cpu"))
     delta = torch.randn(2, 1, 4, 4)

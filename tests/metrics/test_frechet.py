@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from tests.device_standins import OnDeviceWithoutFloat64
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from tadq.metrics import (
@@ -131,16 +132,6 @@ def test_fewer_samples_than_features_is_logged_as_a_rank_deficient_covariance(ca
     assert "8 samples of 8 features" in caplog.text and "rank at most 7 < 8" in caplog.text
 
 
-class _OnDeviceWithoutFloat64(torch.Tensor):
-    """Features as an MPS extractor returns them: ``double()`` is refused there, ``cpu()`` gives a host tensor."""
-
-    def double(self, *args, **kwargs):
-        raise TypeError("this device has no float64")
-
-    def cpu(self, *args, **kwargs):
-        return torch.Tensor.cpu(self, *args, **kwargs).as_subclass(torch.Tensor)
-
-
 def test_features_reach_float64_on_the_host_not_on_their_device():
     """Features were cast to float64 before leaving the device (``.double().cpu()``): on MPS, which has no float64,
     every Fréchet statistic raised. They move to the host first (the same float64 values: the cast is exact)."""
@@ -148,9 +139,9 @@ def test_features_reach_float64_on_the_host_not_on_their_device():
     from tadq.metrics.inception import _features
 
     features = torch.randn(6, 3)
-    mean, covariance = gaussian_statistics(features.as_subclass(_OnDeviceWithoutFloat64))
+    mean, covariance = gaussian_statistics(features.as_subclass(OnDeviceWithoutFloat64))
     expected = gaussian_statistics(features)
     assert np.array_equal(mean, expected[0]) and np.array_equal(covariance, expected[1])
-    extracted = _features(torch.randn(5, 3, 4, 4), lambda x: x.flatten(1).as_subclass(_OnDeviceWithoutFloat64), 2,
+    extracted = _features(torch.randn(5, 3, 4, 4), lambda x: x.flatten(1).as_subclass(OnDeviceWithoutFloat64), 2,
                           progress=False)
     assert extracted.dtype == torch.float64 and extracted.shape == (5, 48)
