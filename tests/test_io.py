@@ -54,7 +54,7 @@ def _assert_same_model(saved, loaded):
         assert torch.equal(layer.quantized_weight(), loaded_layers[name].quantized_weight()), name
 
 
-@pytest.mark.parametrize("name", ["W8A8", "W4A8", "W4A4", "W4A16", "W4A8-FP8", "W8A8-FP8"])
+@pytest.mark.parametrize("name", ["W8A8", "W4A8", "W4A4", "W4A16", "W4A8-FP8", "W8A8-FP8", "W4A8-G5", "W4A4-G16"])
 def test_round_trip_is_bit_identical(tmp_path, tiny_unet, ddpm_scheduler, calibration, name):
     qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, name)
     qmodel.save_pretrained(tmp_path / "q", ddpm_scheduler)

@@ -268,9 +268,10 @@ class QuantConfig:
             raise ValueError(f"unknown roles {unknown}; roles are {list(LAYER_ROLES)}")
         if self.weights.granularity == "per_channel" and self.activations.granularity == "per_channel":
             raise ValueError("per-channel activation quantization is not supported; use granularity='per_tensor'")
-        if self.activations.granularity == "per_channel":
+        if self.activations.granularity in ("per_channel", "per_block"):
             raise ValueError("activations must be quantized per tensor (granularity='per_tensor'), or dynamically "
-                             "per token / per group ('per_token', 'per_group')")
+                             f"per token / per group ('per_token', 'per_group'), got {self.activations.granularity!r} "
+                             "(a weight granularity)")
         self._check_layer_transforms()
 
     def _check_layer_bits(self) -> None:
@@ -307,7 +308,7 @@ class QuantConfig:
                              "here); quantize weights on the integer grid (format 'int')")
         if self.weights.dynamic:
             raise ValueError(f"weights cannot be quantized {self.weights.granularity} (an activation granularity); "
-                             "use per_channel or per_tensor")
+                             "use per_channel, per_block or per_tensor")
         if self.weights.smoothing or self.weights.rotation != "none":
             raise ValueError("smoothing and rotation transform the layer input: set them on the activation scheme")
         if self.activations.lowrank_rank:
@@ -347,11 +348,14 @@ class QuantConfig:
     def label(self) -> str:
         """``W4A8``-style label (A16 when activations stay in floating point; ``-WSYM`` for symmetric weights, a
         different model from the asymmetric one at the same widths; ``-FP8`` for FP8 E4M3 activations, the preset's
-        name, ``-FP8E5M2`` for E5M2 ones)."""
+        name, ``-FP8E5M2`` for E5M2 ones; ``-G<n>`` last for weights in blocks of n, as the preset names it)."""
         w = self.weights.bits if self.weights.bits is not None else 16
         a = self.activations.bits if self.activations.bits is not None else 16
         suffix = {"int": "", "fp8_e4m3": "-FP8", "fp8_e5m2": "-FP8E5M2"}[self.activations.format]
-        return f"W{w}A{a}" + ("-WSYM" if self.weights.bits is not None and self.weights.symmetric else "") + suffix
+        blocks = f"-G{self.weights.group_size}" if self.weights.enabled and self.weights.granularity == "per_block" \
+            else ""
+        return f"W{w}A{a}" + ("-WSYM" if self.weights.bits is not None and self.weights.symmetric else "") + suffix \
+            + blocks
 
 
 _CONFIG_TYPES = registered_config_types()

@@ -357,3 +357,29 @@ def test_fp8_activations_are_refused_by_every_integer_backend_before_any_copy(ti
     with pytest.raises(ValueError, match="conv: its input is quantized to fp8_e4m3.*'fake' backend"):
         check_activation_quantizer(quantizer, "conv")
     assert to_backend(qmodel, "fake") is qmodel
+
+
+def test_block_wise_weights_are_refused_by_every_integer_backend_before_any_copy(tiny_unet, ddpm_scheduler,
+                                                                                 monkeypatch, tmp_path):
+    """Weights with one step per block of a row (``-G<n>`` presets) need a group-wise kernel: refused naming the
+    block size and the fake backend, before the model is copied or an artefact's model is built, and layer by layer
+    when a layer is converted."""
+    from tadq.backends.weights import weight_codes
+    from tadq.io import load_quantized
+    from tadq.quant import QuantLayer
+
+    calibration = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=2,
+                                    num_steps_kept=1, samples_per_step=2, batch_size=2)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W4A8-G16", calibration=calibration),
+                          progress=False)
+    qmodel.save_pretrained(tmp_path / "art", ddpm_scheduler)
+    layer_name, layer = next((n, m) for n, m in qmodel.named_modules() if isinstance(m, QuantLayer))
+    monkeypatch.setattr("copy.deepcopy", lambda *args, **kwargs: pytest.fail("copied before refusing"))
+    for name in (name for name, backend in BACKENDS.items() if backend.factory is not None):
+        with pytest.raises(ValueError, match=f"backend '{name}'.*block of 16 weights.*backend='fake'"):
+            to_backend(qmodel, name)
+    with pytest.raises(ValueError, match="block of 16 weights.*backend='fake'"):
+        load_quantized(tmp_path / "art", backend="int8")
+    with pytest.raises(ValueError, match=f"{layer_name}: its weight has one step per block of 16 weights"):
+        weight_codes(layer.weight_quantizer, layer.weight, layer_name)
+    assert to_backend(qmodel, "fake") is qmodel

@@ -137,9 +137,14 @@ def check_weight_grid(name: str, scheme: QScheme, layer_bits: tuple[tuple[str, i
     Only the oneDNN CPU kernels have such a limit (±64 without VNNI/AMX, ``capability.int8_cpu_weight_bound``).
     ``layer_bits`` (``QuantConfig.layer_bits``) gives layers their own weight bits on the same grid kind (mixed
     precision raises chosen layers to 8 bits), so each is checked too, by name; each layer is checked again when it
-    is converted.
+    is converted. Block-wise weights (``per_block``) are refused on every integer backend: their kernels take one
+    weight step per output channel.
     """
     backend = _known(name)
+    if backend.factory is not None and scheme.enabled and scheme.granularity == "per_block":
+        raise ValueError(f"backend {name!r} runs int8 kernels with one weight step per output channel; this model's "
+                         f"weights have one per block of {scheme.group_size} weights ({scheme.describe()}), which "
+                         "needs a group-wise kernel tadq does not have: use backend='fake' (the simulation)")
     if backend.factory is None or backend.device_type != "cpu" or backend.missing() is not None:
         return  # the simulation, the CUDA kernels (exact int32 GEMMs), or refused by check_backend anyway
     from tadq.backends.weights import weight_code_peak
@@ -208,8 +213,10 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
             cast to a dtype other than float32 or on a device the kernels do not run on (``check_placement``), or
             ``inplace=True`` on a network another live model shares (``fit_corrections``' result and its base).
     """
-    if isinstance(qmodel, QuantizedDenoiser):  # a format no backend runs, whether or not this machine has it
+    if isinstance(qmodel, QuantizedDenoiser):  # formats no backend runs, whether or not this machine has it
         check_activation_format(name, qmodel.config.activations)
+        if qmodel.config.weights.granularity == "per_block":
+            check_weight_grid(name, qmodel.config.weights)
     backend = check_backend(name)
     if not isinstance(qmodel, QuantizedDenoiser):
         raise TypeError(f"to_backend takes a QuantizedDenoiser, got {type(qmodel).__name__}")

@@ -60,6 +60,11 @@ def weight_codes(quantizer: Quantizer, weight: Tensor, name: str) -> WeightCodes
     if not quantizer.enabled:
         raise ValueError(f"{name}: its weight is not quantized, so no integer kernel applies; keep it in the "
                          "'fake' backend or exclude the layer from quantization")
+    if scheme.granularity == "per_block":
+        raise ValueError(f"{name}: its weight has one step per block of {scheme.group_size} weights "
+                         f"({scheme.describe()}), which needs a group-wise kernel (partial sums rescaled per block); "
+                         "tadq's integer backends run per-channel and per-tensor weights only: sample it with the "
+                         "'fake' backend, or quantize with per-channel weights")
     if scheme.granularity != "per_channel" and quantizer.scale.numel() != 1:
         raise ValueError(f"{name}: unexpected weight quantizer layout {scheme.describe()}")
     if not bool(quantizer.initialized):

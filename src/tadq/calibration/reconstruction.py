@@ -226,7 +226,11 @@ def _column_quantizer(spans: list[tuple[int, int, Quantizer]]):
             if start <= index < stop:
                 if not quantizer.enabled:
                     return column
-                scale, zero_point = quantizer.scale.reshape(-1), quantizer.zero_point.reshape(-1)
+                scale, zero_point = quantizer.scale, quantizer.zero_point
+                if quantizer.scheme.granularity == "per_block":  # the block of the column within its view's row
+                    block = (index - start) // quantizer.scheme.group_size
+                    scale, zero_point = scale[:, block], zero_point[:, block]
+                scale, zero_point = scale.reshape(-1), zero_point.reshape(-1)
                 codes = quantize_to_int(column, scale, zero_point, quantizer.scheme.qmin, quantizer.scheme.qmax)
                 return (codes - zero_point) * scale
         raise IndexError(index)

@@ -108,7 +108,8 @@ def run_command(
                                      "(the class-conditional digits DiT)."),
     presets: str = typer.Option("W8A8,W4A8,W4A4", help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16, W8A16, "
                                   "W8A8-WSYM (symmetric 8-bit weights, faster on the integer backends), W4A8-FP8, "
-                                  "W8A8-FP8 (FP8 E4M3 activations, simulated)."),
+                                  "W8A8-FP8 (FP8 E4M3 activations, simulated); any with -G<n> (W4A8-G128): weights "
+                                  "in blocks of n per row, simulated."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
                                 help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …). "
                                 "'best' is each preset's best row as measured on the shipped digits model (W8A8, "

@@ -55,7 +55,8 @@ def bench_command(
     methods: Annotated[str | None, typer.Option(help="Comma-separated rows (default: the matrix's).")
                        ] = None,
     presets: Annotated[str | None, typer.Option(
-        help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16 (or W8A16, W8A8-WSYM, W4A8-FP8, W8A8-FP8).")] = None,
+        help="Comma-separated presets: W8A8, W4A8, W4A4, W4A16 (or W8A16, W8A8-WSYM, W4A8-FP8, W8A8-FP8; any with "
+        "-G<n>: weights in blocks of n).")] = None,
     samplers: Annotated[str | None, typer.Option(
         help="Comma-separated samplers: ddim-eta0, ddim-eta1, ddim-eta<η>, ddpm, euler, euler-ancestral, "
              "dpmsolver++ (2M), dpmsolver++1, flow-euler, flow-euler-shift<s>, flow-euler-uniform (FluxPipeline's "

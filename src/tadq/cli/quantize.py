@@ -51,7 +51,7 @@ class QuantFlags:
 
     Args:
         preset: weight and activation schemes by preset name (W8A8, W4A8, W4A4, W4A16, W8A16, W8A8-WSYM,
-            W4A8-FP8, W8A8-FP8).
+            W4A8-FP8, W8A8-FP8; any with -G<n>: weights in blocks of n).
         method: ``naive``, ``qdiffusion`` or ``tfmq`` (TFMQ-DM on the Q-Diffusion base).
         correct: correction names in application order (``ptqd``, ``tac``, ``ibc``, ``ner``, ``tcec``); replaces
             the recipe's stack.
@@ -301,7 +301,8 @@ def quantize_command(
     preset_name: Annotated[str | None, typer.Option(
         "--preset", help="W8A8, W4A8, W4A4, W4A16, W8A16, W8A8-WSYM (symmetric 8-bit weights: no "
         "offset correction on the integer backends, docs/backends.md) or W4A8-FP8 / W8A8-FP8 (FP8 E4M3 activations, "
-        f"a simulation on the fake backend; docs/methods/notation.md); default {DEFAULT_PRESET}.")] = None,
+        "a simulation on the fake backend; docs/methods/notation.md); any of them with -G<n> (W4A8-G128): one "
+        f"weight step per block of n weights of a row (fake backend only); default {DEFAULT_PRESET}.")] = None,
     method: Annotated[str | None, typer.Option(help="naive, qdiffusion or tfmq (default: the recipe's, else naive).")
                       ] = None,
     correct: Annotated[str | None, typer.Option(

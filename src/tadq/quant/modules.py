@@ -40,7 +40,8 @@ class QuantLayer:
     input_channel_dim: int = -1  # the input dimension the layer reduces over (dynamic activation groups run along it)
 
     def _init_quantizers(self, weight_scheme: QScheme, activation_scheme: QScheme, init_weight_range: bool) -> None:
-        self.weight_quantizer = Quantizer(weight_scheme, num_channels=self.weight.shape[0], kind="weight")
+        self.weight_quantizer = Quantizer(weight_scheme, num_channels=self.weight.shape[0], kind="weight",
+                                          row_size=self.weight[0].numel())
         self.input_quantizer = Quantizer(activation_scheme, kind="activation", channel_dim=self.input_channel_dim)
         if init_weight_range:
             self.init_weight_range()

@@ -8,15 +8,17 @@ Notation (docs/methods/notation.md): a b-bit uniform affine fake-quantizer with 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
 
-__all__ = ["QScheme", "PRESETS", "preset", "preset_key", "RangeMethod", "Granularity", "NumberFormat", "FP8_FORMATS"]
+__all__ = ["QScheme", "PRESETS", "BLOCK_SUFFIX", "preset", "preset_key", "RangeMethod", "Granularity", "NumberFormat",
+           "FP8_FORMATS"]
 
 RangeMethod = Literal["minmax", "percentile", "mse"]
-Granularity = Literal["per_tensor", "per_channel", "per_token", "per_group"]
+Granularity = Literal["per_tensor", "per_channel", "per_block", "per_token", "per_group"]
 Rotation = Literal["none", "hadamard"]
 NumberFormat = Literal["int", "fp8_e4m3", "fp8_e5m2"]
 FP8_FORMATS: dict[str, tuple[str, float]] = {"fp8_e4m3": ("float8_e4m3fn", 448.0),
@@ -36,7 +38,11 @@ class QScheme:
     Args:
         bits: integer bit-width, 2..8, or ``None`` for "off" (the tensor stays in floating point).
         symmetric: zero point fixed at 0 (signed grid) instead of a fitted zero point (unsigned grid).
-        granularity: one (Δ, z) per tensor (static); one per output channel (dim 0; weights only); or, for
+        granularity: one (Δ, z) per tensor (static); one per output channel (dim 0; weights only); one per block
+            of ``group_size`` consecutive weights of each output row in ``weight.flatten(1)`` order (``per_block``,
+            static, weights only: group-wise weights as GPTQ/AWQ use them; a 3×3 conv's row runs over input
+            channels, then kernel rows and columns, so a block of 3 is one kernel row of one input channel, a block
+            of 9·g is g input channels; a last, shorter block takes the rest of a row); or, for
             activations, dynamic (computed from the tensor itself at run time, min/max): ``per_token`` (one per
             token of a linear input, one per pixel of a conv input) or ``per_group`` (one per ``group_size``
             consecutive channels of a token/pixel: groups along the reduction dimension). What an integer kernel
@@ -47,7 +53,8 @@ class QScheme:
         percentile: tail cut for ``percentile`` (99.99: keep all but the most extreme 0.01 %).
         mse_p: exponent of the Lp error for ``mse`` (2.4: Q-Diffusion / BRECQ).
         mse_grid: number of shrink factors tried for ``mse``, 1 − 0.01·i for i < grid (80: Q-Diffusion).
-        group_size: channels per group of ``per_group`` (64: SVDQuant); a last, shorter group takes the rest.
+        group_size: channels per group of ``per_group`` (64: SVDQuant), weights per block of ``per_block``; a
+            last, shorter group takes the rest.
         smoothing: (activation scheme) divide the layer input by a per-channel factor folded into the weight
             (SmoothQuant/SVDQuant migration, strength searched per layer by ``SVDQuantMethod``).
         rotation: (activation scheme) ``hadamard``: rotate the layer input over its channels by a (block)
@@ -89,9 +96,9 @@ class QScheme:
             isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS
         ):
             raise ValueError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS} or None (off), got {self.bits!r}")
-        if self.granularity not in ("per_tensor", "per_channel", *DYNAMIC_GRANULARITIES):
-            raise ValueError("granularity must be 'per_tensor', 'per_channel', 'per_token' or 'per_group', got "
-                             f"{self.granularity!r}")
+        if self.granularity not in ("per_tensor", "per_channel", "per_block", *DYNAMIC_GRANULARITIES):
+            raise ValueError("granularity must be 'per_tensor', 'per_channel', 'per_block', 'per_token' or "
+                             f"'per_group', got {self.granularity!r}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size < 1:
             raise ValueError(f"group_size must be an integer >= 1, got {self.group_size!r}")
         if self.rotation not in ("none", "hadamard"):
@@ -145,6 +152,10 @@ class QScheme:
         """Whether (Δ, z) come from each tensor at run time (``per_token`` / ``per_group``) instead of calibration."""
         return self.granularity in DYNAMIC_GRANULARITIES
 
+    def block_count(self, row_size: int) -> int:
+        """Blocks of ``per_block`` in one output row of ``row_size`` weights: ⌈row_size / group_size⌉."""
+        return -(-row_size // self.group_size)
+
     @property
     def transforms(self) -> bool:
         """Whether this scheme asks for a layer-input transform or a low-rank branch (a transformed layer)."""
@@ -195,6 +206,8 @@ class QScheme:
         elif self.dynamic:  # min/max of each token or group at run time: the range method does not apply
             size = f"{self.group_size}" if self.granularity == "per_group" else ""
             text = f"int{self.bits}-{kind}-{self.granularity}{size}-dynamic"
+        elif self.granularity == "per_block":
+            text = f"int{self.bits}-{kind}-per_block{self.group_size}-{self.range_method}"
         else:
             text = f"int{self.bits}-{kind}-{self.granularity}-{self.range_method}"
         extras = [name for name, on in (("smooth", self.smoothing), (self.rotation, self.rotation != "none"),
@@ -230,18 +243,37 @@ PRESETS: dict[str, tuple[QScheme, QScheme]] = {
 }
 
 
+BLOCK_SUFFIX = re.compile(r"^(?P<base>.+)-G(?P<size>[1-9][0-9]{0,5})$")
+"""A preset name with block-wise weights: a key of ``PRESETS`` and ``-G<n>`` (``W4A8-G128``: one weight step per
+128 consecutive weights of each output row, ``per_block``)."""
+
+
 def preset_key(name: str) -> str:
-    """The key of a preset name in ``PRESETS``: case and surrounding blanks ignored, as the comma lists of ``tadq run``
-    / ``tadq bench`` and recipe files read them (``--preset " w4a8"`` was refused by ``tadq quantize`` alone)."""
+    """The key of a preset name: a key of ``PRESETS``, or one with a ``-G<n>`` block suffix (``BLOCK_SUFFIX``); case
+    and surrounding blanks ignored, as the comma lists of ``tadq run`` / ``tadq bench`` and recipe files read them
+    (``--preset " w4a8"`` was refused by ``tadq quantize`` alone)."""
     if not isinstance(name, str):
         raise TypeError(f"a preset name is a string such as 'W4A8', got {type(name).__name__} {name!r}")
     key = name.strip().upper()
-    if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    if key in PRESETS:
+        return key
+    blocked = BLOCK_SUFFIX.match(key)
+    if blocked is None or blocked["base"] not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, optionally with block-wise "
+                         "weights as a suffix -G<n> (W4A8-G128: one weight step per 128 weights of a row)")
+    if not PRESETS[blocked["base"]][0].enabled:
+        raise ValueError(f"preset {name!r}: {blocked['base']} quantizes no weights, so -G{blocked['size']} (weight "
+                         "blocks) does not apply")
     return key
 
 
 def preset(name: str) -> tuple[QScheme, QScheme]:
     """(weight scheme, activation scheme) of a named preset; ``W4A16`` means weight-only (activations in FP),
-    ``-WSYM`` symmetric weights (activations keep their asymmetric grid), ``-FP8`` FP8 E4M3 activations."""
-    return PRESETS[preset_key(name)]
+    ``-WSYM`` symmetric weights (activations keep their asymmetric grid), ``-FP8`` FP8 E4M3 activations, a final
+    ``-G<n>`` weights in blocks of n (``per_block``) instead of per output channel."""
+    key = preset_key(name)
+    if key in PRESETS:
+        return PRESETS[key]
+    blocked = BLOCK_SUFFIX.match(key)
+    weights, activations = PRESETS[blocked["base"]]
+    return replace(weights, granularity="per_block", group_size=int(blocked["size"])), activations

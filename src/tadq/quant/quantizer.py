@@ -31,11 +31,14 @@ class Quantizer(nn.Module):
 
     Args:
         scheme: bit-width, symmetry, granularity and range method.
-        num_channels: number of output channels for per-channel schemes (dim 0 of the tensor); 1 otherwise.
+        num_channels: number of output channels (dim 0 of the tensor) for per-channel and per-block schemes;
+            1 otherwise.
         kind: ``"weight"`` (range set from the weight itself) or ``"activation"`` (range set by calibration
             data, inside the ``Calibrate`` phase).
         channel_dim: the dimension a dynamic (``per_token`` / ``per_group``) activation scheme groups along: 1 for
             a conv input (B, C, H, W), -1 for a linear input (..., C). Unused by static schemes.
+        row_size: weights per output row (``weight[0].numel()``): a ``per_block`` weight scheme keeps
+            ``num_channels × block_count(row_size)`` steps, and needs it.
 
     A dynamic scheme has no range to calibrate: its quantizer is initialized at construction, ``set_range`` leaves
     it alone, and every forward quantizes with the min/max of each token or group.
@@ -46,7 +49,7 @@ class Quantizer(nn.Module):
     _kernel_seen: tuple | None = None  # ((zero_point, version), (scale, version), (z, Δ) of the fused kernels)
 
     def __init__(self, scheme: QScheme, num_channels: int = 1, kind: Literal["weight", "activation"] = "activation",
-                 channel_dim: int = -1) -> None:
+                 channel_dim: int = -1, row_size: int | None = None) -> None:
         super().__init__()
         if kind not in ("weight", "activation"):
             raise ValueError(f"kind must be 'weight' or 'activation', got {kind!r}")
@@ -56,12 +59,21 @@ class Quantizer(nn.Module):
         if scheme.fp8 and kind != "activation":
             raise ValueError(f"{scheme.format} is an activation format: fp8 weights are not implemented; quantize "
                              "weights on the integer grid (format 'int')")
+        blocked = scheme.granularity == "per_block"
+        if blocked and kind != "weight":
+            raise ValueError("per_block is a weight granularity (static blocks of each output row); an activation "
+                             "is quantized per_tensor, or dynamically per_token / per_group")
+        if blocked and (isinstance(row_size, bool) or not isinstance(row_size, int) or row_size < 1):
+            raise ValueError(f"a per_block weight quantizer needs row_size, the weights per output row, got "
+                             f"{row_size!r}")
         self.scheme = scheme
         self.kind = kind
         self.channel_dim = channel_dim
-        channels = num_channels if scheme.granularity == "per_channel" else 1
-        self.register_buffer("scale", torch.ones(channels, dtype=torch.float32))  # whatever default dtype is set
-        self.register_buffer("zero_point", torch.zeros(channels, dtype=torch.float32))
+        self.row_size = row_size if blocked else None
+        shape = (num_channels, scheme.block_count(row_size)) if blocked else (
+            num_channels if scheme.granularity == "per_channel" else 1,)
+        self.register_buffer("scale", torch.ones(shape, dtype=torch.float32))  # whatever default dtype is set
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.float32))
         self.register_buffer("initialized", torch.tensor(scheme.dynamic))
         self._observer: Observer | None = None
         self.bypass = False  # set only by the ``quantizers_bypassed`` context (reconstruction's weight phase)
@@ -111,7 +123,19 @@ class Quantizer(nn.Module):
     def _broadcast(self, t: Tensor, x: Tensor) -> Tensor:
         if self.scheme.granularity == "per_channel":
             return t.reshape(-1, *([1] * (x.dim() - 1)))  # (C, 1, ...)
+        if self.scheme.granularity == "per_block":  # each block's value repeated over its weights: x's shape
+            rows = self._block_rows(x)
+            return t.reshape(rows, -1).repeat_interleave(self.scheme.group_size, dim=1)[:, :self.row_size].reshape(
+                x.shape)
         return t.reshape(())
+
+    def _block_rows(self, x: Tensor) -> int:
+        """The output rows of a weight this ``per_block`` quantizer can quantize (refused: any other shape)."""
+        rows = self.scale.shape[0]
+        if x.dim() == 0 or x.shape[0] != rows or x[0].numel() != self.row_size:
+            raise ValueError(f"a per_block quantizer of {rows} rows × {self.row_size} weights cannot quantize a "
+                             f"tensor of shape {tuple(x.shape)}")
+        return rows
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.enabled or self.bypass:
@@ -150,6 +174,14 @@ class Quantizer(nn.Module):
         6e-8 to 0 (an all-zero weight channel or input has Δ = MIN_SCALE = 1e-8), and the kernel turned that
         channel into NaN: the floor set_range applies is applied again."""
         zero_point, scale = self._kernel_range()
+        if self.scheme.granularity == "per_block":  # rows of blocks, one per-channel row each (zero-padded tail)
+            rows, size = self._block_rows(x), self.scheme.group_size
+            flat = x.reshape(rows, self.row_size)
+            padding = scale.shape[1] * size - self.row_size
+            blocks = torch.nn.functional.pad(flat, (0, padding)).reshape(-1, size)
+            quantized = torch.fake_quantize_per_channel_affine(blocks, scale.reshape(-1), zero_point.reshape(-1), 0,
+                                                               self.scheme.qmin, self.scheme.qmax)
+            return quantized.reshape(rows, -1)[:, :self.row_size].reshape(x.shape)
         if self.scheme.granularity == "per_channel":
             return torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, self.scheme.qmin, self.scheme.qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale.reshape(()), zero_point.reshape(()),
@@ -231,7 +263,7 @@ def state_grid(scheme: QScheme) -> str:
         return "off"
     grid = scheme.format if scheme.fp8 else f"int{scheme.bits}"
     parts = [grid, "sym" if scheme.symmetric else "asym", scheme.granularity]
-    if scheme.granularity == "per_group":
+    if scheme.granularity in ("per_group", "per_block"):
         parts.append(str(scheme.group_size))
     if scheme.smoothing:
         parts.append("smooth")

@@ -1,7 +1,7 @@
 """Range estimators: choose the clipping range [low, high] of a quantizer from observed values.
 
-Pure functions of a tensor. ``reduce_dims`` selects granularity: ``None`` reduces everything (per tensor),
-otherwise every dimension except 0 is reduced (per output channel).
+Pure functions of a tensor. The granularity selects what is reduced: everything (per tensor), every dimension but 0
+(per output channel), or each block of consecutive weights of an output row (per block).
 """
 
 from __future__ import annotations
@@ -131,8 +131,30 @@ def _candidate_error(flat: Tensor, scaled: Tensor | None, unit: Tensor, scale: T
 
 
 def estimate_range(x: Tensor, scheme: QScheme) -> tuple[Tensor, Tensor]:
-    """The range of ``x`` under ``scheme.range_method`` and ``scheme.granularity``."""
-    per_channel = scheme.granularity == "per_channel"
+    """The range of ``x`` under ``scheme.range_method`` and ``scheme.granularity``: shape (1,) per tensor, (C,) per
+    channel, (C, blocks) per block."""
+    if scheme.granularity == "per_block":
+        return _block_ranges(x, scheme)
+    return _rows_range(x, scheme, per_channel=scheme.granularity == "per_channel")
+
+
+def _block_ranges(x: Tensor, scheme: QScheme) -> tuple[Tensor, Tensor]:
+    """Each output row's blocks of ``group_size`` consecutive weights as rows of their own; a last, shorter block
+    searched apart (zero padding would change its percentiles and the mean of its Lp error)."""
+    rows, size = x.shape[0], scheme.group_size
+    flat = x.reshape(rows, -1)
+    whole = flat.shape[1] // size * size
+    parts = []
+    if whole:
+        low, high = _rows_range(flat[:, :whole].reshape(-1, size), scheme, per_channel=True)
+        parts.append((low.reshape(rows, -1), high.reshape(rows, -1)))
+    if whole < flat.shape[1]:
+        low, high = _rows_range(flat[:, whole:], scheme, per_channel=True)
+        parts.append((low.reshape(rows, 1), high.reshape(rows, 1)))
+    return torch.cat([p[0] for p in parts], dim=1), torch.cat([p[1] for p in parts], dim=1)
+
+
+def _rows_range(x: Tensor, scheme: QScheme, per_channel: bool) -> tuple[Tensor, Tensor]:
     if scheme.range_method == "minmax":
         return minmax_range(x, per_channel)
     if scheme.range_method == "percentile":

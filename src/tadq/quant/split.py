@@ -74,9 +74,11 @@ class SplitQuantConv2d(QuantLayer, nn.Conv2d):
         )
         layer.weight, layer.bias = module.weight, module.bias
         layer.split = split
-        channels = module.out_channels
-        layer.weight_quantizer_deep = Quantizer(weight_scheme, num_channels=channels, kind="weight")
-        layer.weight_quantizer_skip = Quantizer(weight_scheme, num_channels=channels, kind="weight")
+        channels, taps = module.out_channels, module.weight[0, 0].numel()
+        layer.weight_quantizer_deep = Quantizer(weight_scheme, num_channels=channels, kind="weight",
+                                                row_size=split * taps)
+        layer.weight_quantizer_skip = Quantizer(weight_scheme, num_channels=channels, kind="weight",
+                                                row_size=(module.in_channels - split) * taps)
         layer.input_quantizer_deep = Quantizer(activation_scheme, kind="activation")
         layer.input_quantizer_skip = Quantizer(activation_scheme, kind="activation")
         if init_weight_range:

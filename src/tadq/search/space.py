@@ -38,7 +38,7 @@ from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConf
 from tadq.corrections.ptqd.bitops import FP_BITS, dummy_conditioning, layer_macs
 from tadq.prepare import build_quantized_structure
 from tadq.quant.lowrank import effective_rank, lowrank_macs
-from tadq.quant.qscheme import PRESETS
+from tadq.quant.qscheme import preset_key
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.registry import adapter_for
@@ -93,8 +93,7 @@ class Candidate:
     def __post_init__(self) -> None:
         if self.base not in BASES:
             raise ValueError(f"unknown base method {self.base!r}; searched bases: {list(BASES)}")
-        if self.preset not in PRESETS:
-            raise ValueError(f"unknown preset {self.preset!r}; choose from {sorted(PRESETS)}")
+        object.__setattr__(self, "preset", preset_key(self.preset))  # ValueError naming the presets
         object.__setattr__(self, "stack", tuple(self.stack))
         object.__setattr__(self, "fp_layers", parse_fp_layers(self.fp_layers))
 
@@ -265,8 +264,7 @@ class SearchSpace:
         # Deployment checks the scale (finite, >= 0) and makes it a float
         object.__setattr__(self, "guidance_scale", Deployment(self.sampler, self.guidance_scale).guidance_scale)
         for name in self.presets:
-            if name not in PRESETS:
-                raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+            preset_key(name)  # ValueError naming the presets
         for name in self.bases:
             if name not in BASES:
                 raise ValueError(f"unknown base method {name!r}; searched bases: {list(BASES)}")

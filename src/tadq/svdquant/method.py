@@ -174,7 +174,7 @@ def _quantize_weight(layer: TransformedQuantLayer, weight: Tensor) -> Tensor:
     scheme = layer.weight_quantizer.scheme
     if not scheme.enabled:
         return weight
-    probe = Quantizer(scheme, num_channels=weight.shape[0], kind="weight")
+    probe = Quantizer(scheme, num_channels=weight.shape[0], kind="weight", row_size=weight[0].numel())
     probe.set_range(*estimate_range(weight, scheme))
     return probe(weight)
 
