@@ -374,3 +374,66 @@ def test_reconstruction_walks_the_network_a_fixed_number_of_times_whatever_its_d
             reports = reconstruct(root, model, qmodel.adapter, calib, config, progress=False)
         walks[len(reports)] = count[0]
     assert len(set(walks)) == 2 and len(set(walks.values())) == 1, walks
+
+
+@pytest.mark.parametrize("granularity", ["per_block", "per_channel"])
+def test_gptq_onto_fp_outputs_searches_block_ranges_on_the_weight_it_rounds(monkeypatch, granularity):
+    """Block-wise weights hold a few weights per (Δ, z): W*, which GPTQ rounds, moves many of them outside the ranges
+    searched on W, so their ranges are searched again on W*; per-channel ranges keep W's (measured that way). W* is
+    stood in for by 1.5 W, so the ranges can be checked exactly."""
+    import copy
+
+    from tadq.calibration import reconstruction as recon
+    from tadq.calibration.capture import UnitIO
+    from tadq.quant import QScheme
+    from tadq.quant.modules import QuantLinear
+    from tadq.quant.ranges import estimate_range
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 6)
+    x = torch.randn(256, 12)
+    scheme = QScheme(bits=4, granularity=granularity, group_size=4)
+    layer = QuantLinear.from_module(copy.deepcopy(linear), scheme, QScheme.off())
+    before = layer.weight_quantizer.scale.clone()
+    monkeypatch.setattr(recon, "_fp_output_weight", lambda weight, *args: 1.5 * weight)
+    with torch.no_grad():
+        io = UnitIO(args=[x], output=linear(x))
+    recon._gptq_weights(layer, io, ReconstructionConfig(rounding="gptq", batch_size=64, gptq_inputs=0), seed=0,
+                        fp_unit=linear, fp_io=io)
+    expected = estimate_range(1.5 * linear.weight.detach(), scheme) if granularity == "per_block" else None
+    if expected is None:
+        assert torch.equal(layer.weight_quantizer.scale, before)
+    else:
+        probe = QuantLinear.from_module(copy.deepcopy(linear), scheme, QScheme.off())
+        probe.weight_quantizer.set_range(*expected)
+        assert torch.equal(layer.weight_quantizer.scale, probe.weight_quantizer.scale)
+        assert not torch.equal(layer.weight_quantizer.scale, before)
+
+
+def test_a_unit_that_keeps_nearest_rounding_keeps_the_ranges_it_was_scored_with(monkeypatch):
+    """When GPTQ's rounding loses to nearest rounding the unit's weights are put back, and with them the block ranges
+    GPTQ searched again: nearest rounding is the candidate scored with the original ranges."""
+    import copy
+
+    from tadq.calibration import reconstruction as recon
+    from tadq.calibration.capture import UnitIO
+    from tadq.quant import QScheme
+    from tadq.quant.modules import QuantLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(12, 6)
+    x = torch.randn(256, 12)
+    layer = QuantLinear.from_module(copy.deepcopy(linear), QScheme(bits=4, granularity="per_block", group_size=4),
+                                    QScheme.off())
+    unit = torch.nn.Sequential(layer)
+    scale, zero_point = layer.weight_quantizer.scale.clone(), layer.weight_quantizer.zero_point.clone()
+    weight = layer.weight.detach().clone()
+    monkeypatch.setattr(recon, "_fp_output_weight", lambda weight, *args: 1.5 * weight)
+    monkeypatch.setattr(recon, "_eval_loss", lambda *args: float("inf"))  # GPTQ's result loses
+    with torch.no_grad():
+        io = UnitIO(args=[x], output=linear(x))
+    config = ReconstructionConfig(rounding="gptq", batch_size=64, gptq_inputs=0)
+    recon._round_unit_weights(unit, io, config, seed=0, before=1.0, fp_unit=torch.nn.Sequential(linear), fp_io=io)
+    assert torch.equal(layer.weight, weight)
+    assert torch.equal(layer.weight_quantizer.scale, scale) and torch.equal(layer.weight_quantizer.zero_point,
+                                                                            zero_point)
