@@ -239,3 +239,21 @@ def test_quantize_an_fp8_preset_then_sample_on_fake_and_refuse_int8(tmp_path, ti
                                  "--out", str(tmp_path / "i.png")])
     assert result.exit_code != 0 and "fp8_e4m3" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "i.png").exists()
+
+
+def test_quantize_a_block_wise_preset_then_sample_on_fake_and_refuse_int8(tmp_path, tiny_model_dir):
+    """``tadq quantize --preset w4a8-g16`` writes weights with one step per block of 16 (steps shaped (rows,
+    blocks) in the artefact), samples on the fake backend, and an integer backend refuses it naming the blocks."""
+    result, out = _quantize(tmp_path, tiny_model_dir, "--preset", "w4a8-g16", "--steps", "2",
+                            "--calib-trajectories", "2")
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "tadq_config.json").read_text())["quant_config"]["data"]
+    assert config["preset_name"] == "W4A8-G16"
+    assert config["weights"]["data"]["granularity"] == "per_block" and config["weights"]["data"]["group_size"] == 16
+    result = runner.invoke(app, ["sample", str(out), "--num-samples", "2", "--steps", "3", "--out",
+                                 str(tmp_path / "f.png")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["sample", str(out), "--num-samples", "2", "--steps", "3", "--backend", "int8",
+                                 "--out", str(tmp_path / "i.png")])
+    assert result.exit_code != 0 and "block of 16 weights" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "i.png").exists()
