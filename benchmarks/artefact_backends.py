@@ -29,6 +29,7 @@ from tadq.io import load_quantized
 from tadq.metrics.image import psnr_per_sample
 from tadq.models import load_pipeline_parts
 from tadq.sampling import SamplerConfig
+from tadq.utils import atomic_write_text
 
 BACKENDS = ("fake", "int8", "int8-compiled")
 
@@ -95,7 +96,7 @@ def main() -> None:
               "threads": args.threads, "rows": rows}
     print(json.dumps(report, indent=1))
     if args.out is not None:
-        (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+        atomic_write_text(json.dumps(report, indent=1) + "\n", args.out / "results.json")
 
 
 if __name__ == "__main__":

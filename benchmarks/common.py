@@ -16,6 +16,7 @@ from tadq.config import CalibrationConfig
 from tadq.models import load_pipeline_parts
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
+from tadq.utils import atomic_write_text
 
 
 def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) -> None:
@@ -74,10 +75,10 @@ def shipped_setup(args: argparse.Namespace, model_path: str | None = None) -> Se
 
 def write_rows(rows: list[dict], out: Path, header: str, line) -> None:
     """``results.json`` (all fields) and ``results.md`` (``header`` + ``line(row)`` per row); printed too."""
-    (out / "results.json").write_text(json.dumps(rows, indent=2))
+    atomic_write_text(json.dumps(rows, indent=2), out / "results.json")
     columns = header.count("|") - 1
     lines = [header, "|" + "---|" * columns, *(line(r) for r in rows)]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text("\n".join(lines) + "\n", out / "results.md")
     print("\n".join(lines))
 
 

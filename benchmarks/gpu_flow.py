@@ -30,6 +30,7 @@ from arguments import add_force_foreign_flag, count, output_folder
 
 from tadq.device import resolve_device, resolve_dtype
 from tadq.fsguard import check_output_dir
+from tadq.utils import atomic_write_text
 
 
 def _run(command: list[str], timings: dict[str, float], name: str) -> None:
@@ -111,7 +112,7 @@ def main() -> None:
     report = {"recipe": recipe.name or args.recipe, "quick": args.quick, "device": torch.cuda.get_device_name(device),
               "visible_devices": env_note, "procs": args.procs, "dtype": args.dtype, "samples": args.samples,
               "timings": timings, "evaluate_rows": metrics, "recipe_json": dataclasses.asdict(recipe)}
-    (out / "gpu_flow.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(json.dumps(report, indent=2, default=str) + "\n", out / "gpu_flow.json")
     print("| step | seconds |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in timings.items()))
     for row in metrics:
         print(row)

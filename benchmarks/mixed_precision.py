@@ -27,6 +27,7 @@ from tadq.corrections.ptqd.experiment import fit_ptqd  # noqa: E402
 from tadq.corrections.ptqd.mixed_precision import MixedPrecisionDenoiser, bit_operations, tradeoff_curve  # noqa: E402
 from tadq.io import load_quantized  # noqa: E402
 from tadq.metrics import fd_digits, load_digit_classifier, psnr_per_sample  # noqa: E402
+from tadq.utils import atomic_write_text
 from tadq.zoo.data import load_digits_split  # noqa: E402
 
 
@@ -75,7 +76,7 @@ def main() -> None:
         seen[switch] = row
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        atomic_write_text(json.dumps(rows, indent=2), out / "results.json")
     _plot(rows, out / "tradeoff.png")
     write_rows(rows, out, "| schedule | low-bit steps | Gbit-ops / sample | FD-digits | PSNR vs FP (dB) |",
                lambda r: f"| {r['label']} | {r['low_bit_steps']} | {r['bit_operations'] / 1e9:.1f} | "

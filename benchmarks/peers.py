@@ -28,6 +28,7 @@ from common import add_common_flags, add_setting_flag, run_config_for
 from tadq.experiments.rows.peers import PEERS, supported_presets
 from tadq.experiments.run import run_main_job
 from tadq.report import markdown_table
+from tadq.utils import atomic_write_text
 
 DEFAULT_METHODS = ("qdiffusion", *PEERS, "naive")  # naive PTQ last: the like-for-like of the calibrate-only peers
 
@@ -104,9 +105,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     coverage = "\n".join(coverage_lines(extras))
     merged = {"rows": rows, "extras": extras, "notes": notes, "samples": args.samples, "eval_seed": args.seed,
               "presets": args.presets, "methods": list(methods)}
-    (out / "results.json").write_text(json.dumps(merged, indent=2, default=str))
+    atomic_write_text(json.dumps(merged, indent=2, default=str), out / "results.json")
     text = f"{table}\n\n{coverage}\n\n{notes.get('fd', '')}\n{notes.get('fake_quant', '')}\n"
-    (out / "results.md").write_text(text)
+    atomic_write_text(text, out / "results.md")
     print(text)
     return merged
 

@@ -25,6 +25,7 @@ from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
 from tadq.corrections.attach import fit_corrections
 from tadq.experiments.bench.measure import HookClock, TimedHook
 from tadq.experiments.rows import method_config
+from tadq.utils import atomic_write_text
 
 STACKS = {
     "PTQD": [PTQDConfig(num_samples=16)],
@@ -79,7 +80,7 @@ def main() -> None:
     calibration = {}
     for timing in sorted(Path(args.models).glob("*/tadq_run_timing.json")):
         calibration[timing.parent.name] = json.loads(timing.read_text())["quantize_s"]
-    (out / "calibration_times.json").write_text(json.dumps(calibration, indent=2))
+    atomic_write_text(json.dumps(calibration, indent=2), out / "calibration_times.json")
     write_rows(rows, out, "| variant | median s | ratio to uncorrected quantized | time inside the correction | "
                "ratio to FP |", _line)
     print(f"{args.samples} samples, DDIM 50, {args.repeats} interleaved repeats; calibration times (s): {calibration}")

@@ -35,6 +35,7 @@ from tadq.models import load_pipeline_parts
 from tadq.quant.quantizer import Quantizer
 from tadq.registry import adapter_for
 from tadq.sampling import ClassLabels, SamplerConfig
+from tadq.utils import atomic_write_text
 
 MODELS = {"digits": None, "photos": "src/tadq/zoo/weights/photos-ddpm"}
 PHOTOS_NULL_LABEL = 8
@@ -135,7 +136,7 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     if args.sensitivity:
         sens = unit_sensitivity(naive, fp.images, scheduler, sampler, args, conditions)
-        (out / f"sensitivity-{args.preset}.json").write_text(json.dumps(sens, indent=2))
+        atomic_write_text(json.dumps(sens, indent=2), out / f"sensitivity-{args.preset}.json")
     for index, (name, recon) in enumerate(configs):
         config = QuantConfig.from_preset(args.preset, method="qdiffusion", calibration=calibration,
                                          reconstruction=recon)
@@ -167,8 +168,8 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_unit_report(reports, out / f"units-{args.preset}-{name}.json")
-        (out / f"results-{args.preset}.json").write_text(json.dumps(rows, indent=2))
-    (out / f"results-{args.preset}.json").write_text(json.dumps(rows, indent=2))
+        atomic_write_text(json.dumps(rows, indent=2), out / f"results-{args.preset}.json")
+    atomic_write_text(json.dumps(rows, indent=2), out / f"results-{args.preset}.json")
 
 
 if __name__ == "__main__":

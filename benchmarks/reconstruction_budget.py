@@ -27,6 +27,7 @@ from tadq import api
 from tadq.config import QuantConfig, ReconstructionConfig, fp_layer_roles
 from tadq.experiments.tfmq_measure import paired_difference
 from tadq.metrics import per_step_mse, psnr_per_sample
+from tadq.utils import atomic_write_text
 
 
 def paired_with_first(first: dict, row: dict) -> dict[str, float]:
@@ -103,7 +104,7 @@ def main() -> None:
             row.update(paired_with_first(rows[0] if rows else row, row))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items() if k != "psnr_per_sample"}), flush=True)
-            (setup.out / "results.json").write_text(json.dumps(rows, indent=2))  # nothing lost if interrupted
+            atomic_write_text(json.dumps(rows, indent=2), setup.out / "results.json")  # nothing lost if interrupted
     write_rows(rows, setup.out,
                "| rounding | weight iters | act iters | rounding lr | loss | PSNR vs FP (dB) | vs first row (dB) "
                "| final MSE | quantize (s) | CPU (s) |",

@@ -46,6 +46,7 @@ from tadq.metrics.image import psnr_per_sample
 from tadq.models import load_pipeline_parts
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
+from tadq.utils import atomic_write_text
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
 
@@ -284,8 +285,8 @@ def main() -> None:
             row["psnr_vs_fake_db"] = float(psnr_per_sample(images[name], images[fake]).mean())
         rows.append(row)
     # the raw rows first (a failure while formatting loses nothing), into the folder checked before any work
-    (args.out / "speed.json").write_text(json.dumps({"cpu": capability, "model": _model_name(args), "rows": rows},
-                                                    indent=2) + "\n")
+    atomic_write_text(json.dumps({"cpu": capability, "model": _model_name(args), "rows": rows}, indent=2) + "\n",
+                      args.out / "speed.json")
     _report(rows, capability, args)
 
 
@@ -334,7 +335,7 @@ def _report(rows: list[dict], capability: dict, args) -> None:
                       f"{load}", "",
                       *lines, *ratios])
     print(text)
-    (args.out / "speed.md").write_text(text + "\n")  # main() has written speed.json and made the folder
+    atomic_write_text(text + "\n", args.out / "speed.md")  # main() has written speed.json and made the folder
 
 
 if __name__ == "__main__":

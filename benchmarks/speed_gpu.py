@@ -47,6 +47,7 @@ from tadq.quant import preset as preset_schemes
 from tadq.quant import quantize_module
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
+from tadq.utils import atomic_write_text
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
 REPEATS = 10
@@ -270,10 +271,10 @@ def measure(args) -> None:
            "torch": torch.__version__, "cuda": torch.version.cuda, "tf32": False,
            "compile_mode": args.compile_mode if args.compile else None}
     report = {"gpu": gpu, "model": args.model or "digits", "samples": args.samples, "rows": rows, "kernels": kernels}
-    (args.out / "speed_gpu.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(json.dumps(report, indent=2) + "\n", args.out / "speed_gpu.json")
     text = _report(rows, batches, gpu, args) + ("\n\n" + kernel_text if kernel_text else "")
     print(text)
-    (args.out / "speed_gpu.md").write_text(text + "\n")
+    atomic_write_text(text + "\n", args.out / "speed_gpu.md")
 
 
 def _cell(value, spec: str) -> str:

@@ -26,6 +26,7 @@ from tadq.quant import QScheme
 from tadq.recipe import Deployment, NaiveMethod, Recipe
 from tadq.svdquant import SVDQuantMethod
 from tadq.svdquant.cost import cost_summary
+from tadq.utils import atomic_write_text
 
 # label → (method, activation granularity, group size, smoothing, rotation, rank[, activation bits])
 ROWS: dict[str, tuple] = {
@@ -106,7 +107,7 @@ def main() -> None:
         }
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (setup.out / "results.json").write_text(json.dumps(rows, indent=2))
+        atomic_write_text(json.dumps(rows, indent=2), setup.out / "results.json")
     write_rows(rows, setup.out, "| row | PSNR vs FP (dB) | Gbit-ops/sample (branch FP32 / BF16) | branch MACs / "
                                 "quantized MACs | artefact (KiB) | kernel (layers) | quantize (s) | reload |",
                lambda r: f"| {r['label']} | {r['psnr']:.2f} | {r['bitops'] / 1e9:.0f} / "

@@ -31,6 +31,7 @@ from tadq.svdquant.sensitivity import (
     choose_high_precision,
     layer_sensitivities,
 )
+from tadq.utils import atomic_write_text
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
         sensitivities = layer_sensitivities(qmodel, scheduler, sampler, num_samples=args.sens_samples,
                                             seed=args.sens_seed, batch_size=args.sens_samples)
     sensitivity_s = time.perf_counter() - start
-    (out / "sensitivities.json").write_text(json.dumps([s.__dict__ for s in sensitivities], indent=2))
+    atomic_write_text(json.dumps([s.__dict__ for s in sensitivities], indent=2), out / "sensitivities.json")
     fp = api.sample(model, scheduler, sampler, num_samples=args.samples, seed=args.seed, batch_size=args.samples,
                     progress=False).images.clamp(-1, 1)
     rows = []
@@ -83,7 +84,7 @@ def main() -> None:
                "sensitivity_s": round(sensitivity_s, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        (out / "results.json").write_text(json.dumps(rows, indent=2))
+        atomic_write_text(json.dumps(rows, indent=2), out / "results.json")
     write_rows(rows, out, "| budget (share of all-8-bit extra) | layers at 8 bits | GEMM Gbit-ops / sample "
                           "| PSNR vs FP (dB) |",
                lambda r: f"| {r['budget_fraction']:g}{' + TAC' if r.get('tac') else ''} | {len(r['high_layers'])} | "
