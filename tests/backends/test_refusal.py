@@ -98,6 +98,26 @@ def test_cli_sample_refuses_8bit_weights_where_they_would_saturate_in_one_line(m
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "s.png").exists()
 
 
+@needs_int8_cpu
+def test_to_backend_refuses_8bit_weights_beyond_the_bound_before_copying(monkeypatch, tiny_unet, ddpm_scheduler):
+    """Without VNNI/AMX a W8A8 model is refused by its config's grid before the model is deep-copied (a large model's
+    copy would be wasted), with the same reason conversion gives."""
+    from tadq.backends import registry
+
+    sampler = SamplerConfig(kind="ddim", num_steps=4)
+    calib = CalibrationConfig(sampler=sampler, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, QuantConfig.from_preset("W8A8", calibration=calib),
+                          progress=False)
+    monkeypatch.setattr(capability, "int8_cpu_weight_bound", lambda: capability.PAIR_SATURATION_BOUND)
+
+    def no_copy(_):
+        raise AssertionError("the model was copied before the weight grid was checked")
+
+    monkeypatch.setattr(registry.copy, "deepcopy", no_copy)
+    with pytest.raises(ValueError, match=r"^backend 'int8': the model's 8-bit weights have codes up to .*within ±64"):
+        to_backend(qmodel, "int8")
+
+
 def test_int8_cpu_is_refused_without_the_onednn_engine(monkeypatch):
     monkeypatch.setattr(capability, "quantized_engines", lambda: ["qnnpack"])
     with pytest.raises(BackendUnavailableError, match="no oneDNN quantized engine"):

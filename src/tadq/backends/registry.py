@@ -224,6 +224,7 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
         raise ValueError(f"the model already runs on backend {qmodel.backend!r}; convert its fake-quant original")
     if backend.factory is None:
         return qmodel
+    check_weight_grid(name, qmodel.config.weights, qmodel.config.layer_bits)  # before the copy, not layer by layer
     _refuse_model_placement(qmodel, backend)
     if inplace:
         _refuse_shared_network(qmodel)
