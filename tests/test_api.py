@@ -12,6 +12,7 @@ from tadq.config import CalibrationConfig, QuantConfig
 from tadq.quant import QuantLayer
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
+from tadq.tfmq import TFMQConfig
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=10)
 CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=16, num_steps_kept=5, samples_per_step=8, batch_size=16)
@@ -339,7 +340,13 @@ def _training_modules(model: torch.nn.Module) -> list[str]:
     return [name or "(root)" for name, module in model.named_modules() if module.training]
 
 
-@pytest.mark.parametrize("method", [None, tadq.TFMQMethod()], ids=["naive", "tfmq"])
+# TFMQ with every stage on (Q-Diffusion base with AdaRound, TIAR, FSC) at a budget that builds each module kind
+_TFMQ_SMALL = tadq.TFMQMethod(
+    reconstruction=tadq.ReconstructionConfig(weight_iters=4, activation_iters=2, batch_size=4, rounding="adaround"),
+    tfmq=TFMQConfig(tiar_iters=4, tiar_batch_size=4, num_samples=4, fsc_samples_per_step=2))
+
+
+@pytest.mark.parametrize("method", [None, _TFMQ_SMALL], ids=["naive", "tfmq"])
 def test_quantized_and_loaded_models_are_in_eval_mode(tiny_unet, ddpm_scheduler, tmp_path, method):
     """The modules tadq builds (the denoiser, every fake-quant wrapper and quantizer, TFMQ's per-step quantizers,
     loaded corrections) were in nn.Module's default training mode around the model's own eval-mode modules:
