@@ -95,12 +95,49 @@ def test_a_step_size_that_is_not_finite_and_positive_is_refused(copy, quantizer,
         load_quantized(copy)
 
 
-@pytest.mark.parametrize(("quantizer", "value", "grid"), [
-    ("weight_quantizer", 16.0, "[0, 15]"), ("weight_quantizer", -1.0, "[0, 15]"),
-    ("weight_quantizer", 0.5, "[0, 15]"), ("input_quantizer", 300.0, "[0, 255]"),
-    ("input_quantizer", 2.5, "[0, 255]"),
+def _as_format_1(folder: Path) -> None:
+    """Rewrite a format-2 artefact as format 1 wrote it: every zero point float32 (format 2 stores integer dtypes)."""
+    _edit_weights(folder, lambda tensors, _metadata: tensors.update(
+        {key: value.float() for key, value in tensors.items() if key.endswith(".zero_point")}))
+    _edit_json(folder, "tadq_config.json", lambda document: document.update(format_version=1))
+
+
+def _outputs(folder: Path) -> torch.Tensor:
+    qmodel, _ = load_quantized(folder)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *qmodel.sample_shape, generator=generator)
+    return qmodel(x, torch.tensor([10, 500]))
+
+
+def test_zero_points_are_stored_as_integers_and_a_format_1_artefact_loads_to_the_same_model(artefact, copy):
+    """Format 2 stores each calibrated zero point in the smallest integer dtype of its grid (uint8 here), which
+    widens back to the same float32 values; format 1's float32 zero points still load, to the same outputs."""
+    stored = load_file(artefact / WEIGHTS_FILE)
+    assert stored[f"{LAYER}.weight_quantizer.zero_point"].dtype == torch.uint8
+    assert stored[f"{LAYER}.input_quantizer.zero_point"].dtype == torch.uint8
+    _as_format_1(copy)
+    assert load_file(copy / WEIGHTS_FILE)[f"{LAYER}.weight_quantizer.zero_point"].dtype == torch.float32
+    assert torch.equal(_outputs(copy), _outputs(artefact))
+
+
+def test_a_float_zero_point_in_a_format_2_artefact_is_named(copy):
+    key = f"{LAYER}.weight_quantizer.zero_point"
+    _edit_weights(copy, _replace(key, lambda t: t.float()))
+    with pytest.raises(ValueError, match=f"{WEIGHTS_FILE}: '{key}' is float32 \\[4\\], but .* expects uint8 \\[4\\]"):
+        load_quantized(copy)
+
+
+@pytest.mark.parametrize(("quantizer", "value", "grid", "format_version"), [
+    ("weight_quantizer", 16.0, "[0, 15]", 2), ("weight_quantizer", 255.0, "[0, 15]", 2),
+    ("weight_quantizer", 16.0, "[0, 15]", 1), ("weight_quantizer", -1.0, "[0, 15]", 1),
+    ("weight_quantizer", 0.5, "[0, 15]", 1), ("input_quantizer", 300.0, "[0, 255]", 1),
+    ("input_quantizer", 2.5, "[0, 255]", 1),
 ])
-def test_a_zero_point_off_the_grid_is_refused(copy, quantizer, value, grid):
+def test_a_zero_point_off_the_grid_is_refused(copy, quantizer, value, grid, format_version):
+    """Format 2's uint8 storage cannot hold a fraction or a value beyond 255, but can hold one beyond a 4-bit grid;
+    format 1's float32 could hold any."""
+    if format_version == 1:
+        _as_format_1(copy)
     _edit_weights(copy, _set(f"{LAYER}.{quantizer}.zero_point", value))
     with pytest.raises(ValueError, match=f"zero point z = {value}; z must be an integer in {re.escape(grid)}"):
         load_quantized(copy)

@@ -34,6 +34,7 @@ from tadq.io.save import (
     _network_state,
     _weight_entries,
     _WeightEntry,
+    integer_zero_points,
     unpack_codes,
 )
 from tadq.prepare import build_quantized_structure
@@ -241,12 +242,13 @@ def _check_quantizer_state(qmodel: QuantizedDenoiser, file: Path) -> None:
 
 
 @torch.no_grad()
-def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
+def _load_tensors(qmodel: QuantizedDenoiser, file: Path, version: int = FORMAT_VERSION) -> None:
     """Load FP tensors and quantizer state, then set every quantized weight to Δ·(codes − z).
 
     Every stored tensor must have exactly the dtype and shape the rebuilt model holds (``load_state_dict`` would
     cast int64 scales or float64 weights without a word), codes must lie on their grid and every quantizer's
-    (Δ, z) must be valid before any weight is decoded.
+    (Δ, z) must be valid before any weight is decoded. From format 2 on, calibrated zero points are stored in the
+    integer dtype ``integer_zero_points`` names (format 1: float32) and widened to float32 here, exactly.
     """
     entries = _weight_entries(qmodel)
     state = _network_state(qmodel)
@@ -266,9 +268,12 @@ def _load_tensors(qmodel: QuantizedDenoiser, file: Path) -> None:
                              "saved by a tadq with another layer structure: save it again with this version")
         codes_info = _codes_info(handle, file)
         tensors = {key: handle.get_tensor(key) for key in float_keys}
+        stored_as = integer_zero_points(qmodel) if version >= 2 else {}
         for key in sorted(float_keys):
-            _check_stored(file, key, tensors[key], state[key].dtype, tuple(state[key].shape),
+            _check_stored(file, key, tensors[key], stored_as.get(key, state[key].dtype), tuple(state[key].shape),
                           lambda key=key: _owner(qmodel, key, entries))
+            if key in stored_as:
+                tensors[key] = tensors[key].to(state[key].dtype)
         try:
             qmodel.load_state_dict(tensors, strict=False)
         except RuntimeError as error:
@@ -340,7 +345,7 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
         raise ValueError(f"{path} was saved with adapter {meta.get('adapter')!r}, this tadq uses "
                          f"{qmodel.adapter.name!r} for {type(model).__name__}")
     try:
-        _load_tensors(qmodel, path / WEIGHTS_FILE)
+        _load_tensors(qmodel, path / WEIGHTS_FILE, meta["format_version"])
     except (OSError, RuntimeError, SafetensorError) as error:  # damage the manifest did not cover (older artefact)
         raise DamagedFileError(f"{path / WEIGHTS_FILE} cannot be read ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:120]}); save the artefact again") from error

@@ -41,7 +41,7 @@ from tadq.adapters.freeu import freeu_settings
 from tadq.config import config_to_dict
 from tadq.corrections.io import save_corrections
 from tadq.quant.fake_quant import quantize_to_int
-from tadq.quant.quantizer import Quantizer
+from tadq.quant.quantizer import Quantizer, off_grid_zero_point, zero_point_bounds
 from tadq.registry import model_family, registered_families
 from tadq.sampling import DEFAULTED_KEYS
 from tadq.utils import library_versions, make_staging_dir, write_error, write_utf8
@@ -56,7 +56,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: calibrated zero points stored as the smallest integer dtype holding their grid (1: float32)
 ARTEFACT_FORMAT = "tadq-quantized"  # tadq_config.json's "format"
 CONFIG_FILE, QUANT_MAP_FILE, WEIGHTS_FILE = "tadq_config.json", "tadq_quant_map.json", "tadq_weights.safetensors"
 RECIPE_FILE = "tadq_recipe.json"  # the Recipe (tadq.recipe) of a model made by tadq.quantize
@@ -137,6 +137,45 @@ def _weight_entries(qmodel: nn.Module) -> dict[str, _WeightEntry]:
         raise ValueError(f"weight quantizers {orphans} belong to no layer declaring them; add a "
                          "quantized_weights() method to the owning layer class so their integer codes can be saved")
     return entries
+
+
+def _zero_point_dtype(low: int, high: int) -> torch.dtype:
+    """The smallest integer dtype holding every zero point in [low, high]."""
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        info = torch.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    raise ValueError(f"zero points on [{low}, {high}] fit no 32-bit integer")
+
+
+def integer_zero_points(qmodel: nn.Module) -> dict[str, torch.dtype]:
+    """State key → storage dtype of every calibrated integer-grid quantizer's zero point.
+
+    Such a zero point is an integer on ``zero_point_bounds`` (loading refuses anything else), held in a float32
+    buffer for the arithmetic; stored as float32 it cost 4 bytes per weight block, more than the block's 4-bit
+    codes. Stored as uint8/int8 it loads back to the same float32 values. The map depends on the schemes only, so
+    the rebuilt structure gives the loader the same keys and dtypes. Dynamic and fp8 quantizers keep float32.
+    """
+    keys: dict[str, torch.dtype] = {}
+    for name, module in qmodel.named_modules(remove_duplicate=False):  # state_dict lists a shared one at every name
+        if isinstance(module, Quantizer) and module.enabled and not module.scheme.dynamic and not module.scheme.fp8:
+            key = f"{name}.zero_point" if name else "zero_point"
+            keys[key] = _zero_point_dtype(*zero_point_bounds(module.scheme))
+    return keys
+
+
+def _stored_zero_points(qmodel: nn.Module, tensors: dict[str, Tensor]) -> None:
+    """Replace each calibrated zero point in ``tensors`` by its integer storage (``integer_zero_points``), refusing
+    one that is not an integer on its grid rather than rounding it."""
+    for key, dtype in integer_zero_points(qmodel).items():
+        if key not in tensors:
+            continue  # not part of the saved state (a correction's, say)
+        module = qmodel.get_submodule(key.rpartition(".")[0])
+        bad = off_grid_zero_point(tensors[key], module.scheme)
+        if bad is not None:
+            raise ValueError(f"{key}: zero point {bad} is not an integer on its grid "
+                             f"{list(zero_point_bounds(module.scheme))}; calibrate the model before saving")
+        tensors[key] = tensors[key].to(dtype)
 
 
 def _covered_keys(state: dict[str, Tensor], entries: dict[str, _WeightEntry]) -> set[str]:
@@ -327,6 +366,7 @@ def _write_tadq_files(qmodel: QuantizedDenoiser, folder: Path, subfolder: str) -
     state = _network_state(qmodel)
     covered = _covered_keys(state, entries)
     tensors = {key: value.detach().contiguous() for key, value in state.items() if key not in covered}
+    _stored_zero_points(qmodel, tensors)
     codes_info = {}
     for key, entry in entries.items():
         codes, codes_info[key] = _encode_weight(key, entry)
