@@ -75,3 +75,14 @@ def test_reading_a_prompt_pipelines_scheduler_does_not_announce_a_denoiser_loade
     with caplog.at_level(logging.INFO, logger="tadq"):
         load_pipeline_parts(t2i)  # the denoiser without its text encoder: still said
     assert caplog.text.count(note) == 1, caplog.text
+
+
+def test_a_folder_without_a_scheduler_is_warned_about_once(tmp_path, tiny_unet, caplog):
+    """A bare ``UNet2DModel.save_pretrained`` folder runs on DDPM's default schedule: `tadq quantize` said so three
+    times in a row (its sampler checks read the scheduler, then the model loaded)."""
+    tiny_unet.save_pretrained(tmp_path / "unet-only")
+    with caplog.at_level(logging.WARNING, logger="tadq"):
+        load_scheduler(tmp_path / "unet-only")
+        load_scheduler(tmp_path / "unet-only")
+        load_pipeline_parts(tmp_path / "unet-only")
+    assert caplog.text.count("using DDPM defaults") == 1, caplog.text

@@ -109,6 +109,16 @@ def test_load_recipe_errors_name_the_file(tmp_path):
         load_recipe(tmp_path / "bad.json")
 
 
+@pytest.mark.parametrize(("document", "said"), [
+    ({}, 'an object without a "type"'), ([], "a JSON list"), ({"type": "QuantConfig"}, "tadq quantize --config")])
+def test_a_file_that_is_not_a_recipe_says_what_it_holds(tmp_path, document, said):
+    """``{}`` was "holds a None, not a Recipe"; a QuantConfig file did not say which flag reads it."""
+    (tmp_path / "bad.json").write_text(json.dumps(document))
+    with pytest.raises(ValueError, match="not a Recipe") as caught:
+        load_recipe(tmp_path / "bad.json")
+    assert said in str(caught.value) and "None" not in str(caught.value), caught.value
+
+
 def test_docs_fields_table_has_a_row_for_every_recipe_field():
     """docs/recipes.md "Fields" is where a hand-written recipe's fields are looked up; softmax_granularity,
     branch_ranges and layer_bits had no row."""

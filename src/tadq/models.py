@@ -148,6 +148,9 @@ def _sibling_scheduler(path: Path) -> list[Path]:
     return []
 
 
+_DEFAULT_SCHEDULE_WARNED: set[Path] = set()  # folders this process has warned about running on DDPM's defaults
+
+
 def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
     """The folder's own scheduler, as its class: it records the *training* schedule (betas, or a flow shift) and the
     sampler the model ships with (``tadq.sampling.default_sampler``); the sampler tadq runs is the user's choice,
@@ -170,7 +173,9 @@ def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
         raise ValueError(f"{path / 'model_index.json'} names a scheduler ({index['scheduler']}), but "
                          f"{path / 'scheduler' / 'scheduler_config.json'} is missing: the training schedule (betas, "
                          "prediction type) cannot be guessed; restore the scheduler folder")
-    logger.warning("no scheduler_config.json under %s; using DDPM defaults (1000 steps, linear betas)", path)
+    if path.resolve() not in _DEFAULT_SCHEDULE_WARNED:  # a command reads the scheduler several times: said once
+        _DEFAULT_SCHEDULE_WARNED.add(path.resolve())
+        logger.warning("no scheduler_config.json under %s; using DDPM defaults (1000 steps, linear betas)", path)
     return DDPMScheduler()
 
 

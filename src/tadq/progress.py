@@ -15,6 +15,7 @@ CLI's ``--quiet``) hides every bar of the process, those whose caller has no ``p
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from collections.abc import Iterable
@@ -30,11 +31,31 @@ NON_TERMINAL_INTERVAL_S = 30.0
 _enabled = True  # set_progress's switch: off, no bar of this process draws anything
 
 
+# the libraries that draw bars of their own while tadq loads a pipeline folder ("Loading pipeline components...",
+# "Loading weights"): each has a process-wide switch, ``is_progress_bar_enabled`` / ``disable_progress_bar``
+LIBRARY_BAR_SWITCHES = ("diffusers.utils.logging", "transformers.utils.logging")
+_library_bars_before: dict[str, bool] = {}  # each library's switch as set_progress(False) found it
+
+
+def _set_library_bars(enabled: bool) -> None:
+    """Hide the libraries' own bars with tadq's, and give each its earlier setting back when tadq's come back on:
+    under ``tadq --quiet`` a text-to-image folder still drew diffusers' and transformers' loading bars."""
+    for name in LIBRARY_BAR_SWITCHES:
+        module = importlib.import_module(name)
+        if not enabled:
+            _library_bars_before.setdefault(name, bool(module.is_progress_bar_enabled()))
+            module.disable_progress_bar()
+        elif _library_bars_before.pop(name, False):
+            module.enable_progress_bar()
+
+
 def set_progress(enabled: bool) -> None:
     """Turn every tadq progress bar of this process on or off (``tadq --quiet``): a caller's ``progress=False``
-    hides one call's bars, this hides all of them, bars with no switch of their own included."""
+    hides one call's bars, this hides all of them, bars with no switch of their own included, and the loading bars
+    of diffusers and transformers (put back as they were when bars are turned on again)."""
     global _enabled
     _enabled = bool(enabled)
+    _set_library_bars(_enabled)
 
 
 def progress_enabled() -> bool:

@@ -309,13 +309,21 @@ class Recipe:
 
 
 # -- JSON -------------------------------------------------------------------------------------------------------------
+def _payload_kind(payload: Any) -> str:
+    """What a JSON document that is not a recipe holds, in words: an object without a "type" read "a None"."""
+    if not isinstance(payload, Mapping):
+        return f"a JSON {type(payload).__name__}"
+    return f"a {payload['type']!r}" if "type" in payload else "an object without a \"type\""
+
+
 def recipe_from_dict(payload: Mapping[str, Any], where: str = "recipe") -> Recipe:
     """A ``Recipe`` from its ``config_to_dict`` form; ``ValueError`` naming the field for anything unknown."""
     if not isinstance(payload, Mapping) or payload.get("type") != "Recipe":
-        kind = payload.get("type") if isinstance(payload, Mapping) else type(payload).__name__
         # the current version: a recipe written as an older one is migrated (version 1: per-tensor softmax steps)
-        raise ValueError(f"{where} holds a {kind!r}, not a Recipe ({{\"type\": \"Recipe\", \"version\": "
-                         f"{Recipe.config_version}, \"data\": {{...}}}}; see docs/recipes.md)")
+        hint = ("; a QuantConfig file is read by tadq quantize --config"
+                if isinstance(payload, Mapping) and payload.get("type") == "QuantConfig" else "")
+        raise ValueError(f"{where} holds {_payload_kind(payload)}, not a Recipe ({{\"type\": \"Recipe\", "
+                         f"\"version\": {Recipe.config_version}, \"data\": {{...}}}}; see docs/recipes.md{hint})")
     return config_from_dict(dict(payload))
 
 
@@ -336,8 +344,9 @@ def load_recipe(path: str | Path) -> Recipe:
     payload = read_json_file(path, "recipe", strict_keys=True)
     try:
         return recipe_from_dict(payload, str(path))
-    except ValueError as error:
-        raise ValueError(f"recipe {path}: {error}") from error
+    except ValueError as error:  # named once: "recipe X: X holds ..." said the path twice
+        message = str(error)
+        raise ValueError(message if message.startswith(str(path)) else f"recipe {path}: {message}") from error
 
 
 def save_recipe(recipe: Recipe, path: str | Path) -> None:

@@ -74,6 +74,20 @@ def test_a_reference_of_another_training_is_refused_before_sampling(folders, tmp
         assert not (out / "analysis.json").exists()
 
 
+def test_an_artefact_of_another_model_without_a_reference_flag_is_told_to_name_one(folders, tmp_path) -> None:
+    """Without --reference / --fp-model the shipped digits DDPM is the reference; an artefact of the user's own model
+    was refused with "pass the FP model it was quantized from", naming neither the flag nor the default it met."""
+    for command, flag in (("evaluate", "--reference"), ("analyze", "--fp-model")):
+        out = tmp_path / command
+        result = runner.invoke(app, [command, str(folders["artefact"]), "--num-samples", "2", "--steps", "2",
+                                     "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert "differs" in text and f"no {flag} given" in text and "shipped digits DDPM" in text, text
+        assert "sampling" not in result.output and not (out / "results.json").exists()
+        assert not (out / "analysis.json").exists()
+
+
 def test_an_evaluation_seed_the_artefact_was_calibrated_or_fitted_on_is_refused_before_sampling(folders, tmp_path):
     """Sample i of the calibration (or a correction's fitting) seed is that run's trajectory i: scored on it, the
     model was measured on its own noise. Both commands named the seed only after sampling; the API refuses it too."""

@@ -38,3 +38,20 @@ def test_quiet_and_verbose_together_are_refused(tmp_path):
     assert result.exit_code == 2
     text = " ".join(result.output.split())
     assert "--quiet" in text and "--verbose" in text, text
+
+
+def test_quiet_hides_the_bars_diffusers_and_transformers_draw_while_loading_a_pipeline(tmp_path):
+    """A text-to-image folder is loaded by diffusers and transformers, which drew their own "Loading pipeline
+    components..." and "Loading weights" bars under --quiet; their switches are restored when the command ends."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from tadq.zoo.t2i import shipped_t2i_path
+
+    folder = shipped_t2i_path()
+    before = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    result = CliRunner().invoke(app, ["-q", "sample", str(folder), "--prompt", "the digit 7", "--num-samples", "1",
+                                      "--steps", "2", "--threads", "1", "--out", str(tmp_path / "s")])
+    assert result.exit_code == 0, result.output
+    assert "Loading" not in result.stderr and "it/s" not in result.stderr, result.stderr
+    assert (diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()) == before

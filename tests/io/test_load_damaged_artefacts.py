@@ -329,3 +329,30 @@ def test_damaged_correction_tables_are_refused_at_load_naming_the_file(corrected
     _edit_tables(copy, edit)
     with pytest.raises(ValueError, match=f"corrections.safetensors: .*{needle}"):
         load_quantized(copy)
+
+
+@pytest.mark.parametrize("name", ["model_index.json", "tadq_recipe.json"])
+@pytest.mark.parametrize("damage", ["truncated", "edited"])
+def test_a_damaged_file_read_before_loading_is_named_as_damage(artefact, tmp_path, name, damage):
+    """``tadq sample`` and ``tadq evaluate`` read ``model_index.json`` (is it a text-to-image pipeline?) and
+    ``tadq_recipe.json`` (the deployment sampler) before the artefact loads and its manifest is checked: a truncated
+    one was "not valid JSON; fix or replace the file" and an edited one that still parsed "holds a None, not a
+    Recipe", where every other damaged file says what the manifest recorded and to save the artefact again."""
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+
+    folder = tmp_path / "q"
+    shutil.copytree(artefact, folder)
+    assert name in json.loads((folder / MANIFEST_FILE).read_text())["files"]
+    text = (folder / name).read_text()
+    (folder / name).write_text(text[:len(text) // 2] if damage == "truncated" else "{}")
+    for command in (["sample", str(folder), "--num-samples", "1", "--out", str(tmp_path / "s.png")],
+                    ["evaluate", str(folder), "--num-samples", "1", "--out", str(tmp_path / "report")]):
+        result = CliRunner().invoke(app, command)
+        message = " ".join(result.output.split())
+        assert result.exit_code == 2, result.output
+        assert str(folder / name) in message and "when saved (truncated or replaced); save the artefact again" in \
+            message, message
+    with pytest.raises(ArtefactDamaged, match="save the artefact again"):
+        verify_manifest(folder)

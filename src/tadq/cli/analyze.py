@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, check_sampling_flags, console, err_console, fail_cleanly, hold_output, setup
+from tadq.cli.common import (
+    ForceForeign,
+    check_reference_model,
+    check_sampling_flags,
+    console,
+    err_console,
+    fail_cleanly,
+    hold_output,
+    setup,
+)
 from tadq.cli.sample import (
     Backend,
     Device,
@@ -52,7 +61,7 @@ def analyze_command(
     from tadq.analysis import analyze_propagation, save_propagation_plot
     from tadq.corrections.attach import as_denoiser
     from tadq.device import place_model
-    from tadq.evaluation import check_evaluation_seed, check_same_architecture
+    from tadq.evaluation import check_evaluation_seed
     from tadq.fsguard import check_output_dir, mark_output
     from tadq.io import is_quantized_artefact, load_quantized
     from tadq.models import load_pipeline_parts, shipped_model_path
@@ -86,7 +95,7 @@ def analyze_command(
         # the schedule the artefact was calibrated under (saved with it); the FP folder's only when it has none
         scheduler = artefact_scheduler or fp_scheduler
         # the default reference is the shipped model: another model's artefact is measured against it only if alike
-        check_same_architecture(qmodel, fp)
+        check_reference_model(qmodel, fp, fp_model, "--fp-model")
         fp = place_model(fp, torch_device, torch_dtype)
         announce_compile(backend)
         # the network alone: the prediction explains the error the corrections then act on

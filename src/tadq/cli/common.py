@@ -24,7 +24,7 @@ __all__ = ["console", "err_console", "setup", "fail_cleanly", "ForceForeign", "U
            "require_file", "CacheDir", "CalibTrajectories", "GuidanceScale", "CalibPrompts", "EvalPrompts",
            "NegativePrompt", "Labels", "NullClass", "class_conditions_for", "default_or_count", "check_sampling_flags",
            "check_steps_fit", "check_seed_flags", "check_count_flags", "sampler_kind_flag", "hold_output", "set_quiet",
-           "note"]
+           "note", "check_reference_model"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -92,6 +92,21 @@ def set_quiet(quiet: bool) -> bool:
     _state["quiet"] = quiet
     set_progress(not quiet)
     return before
+
+
+def check_reference_model(qmodel: Any, reference: Any, given: Path | None, flag: str) -> None:
+    """Refuse an FP reference the artefact was not quantized from (``check_same_architecture``) before sampling;
+    when the user named none (``given`` is None) the reference is the shipped digits DDPM, and the refusal says so
+    and names ``flag``: "pass the FP model it was quantized from" left the user of another model guessing how."""
+    from tadq.provenance import check_same_architecture
+
+    try:
+        check_same_architecture(qmodel, reference)
+    except ValueError as error:
+        if given is not None:
+            raise
+        raise ValueError(f"{error} (no {flag} given, so the reference is the shipped digits DDPM: pass {flag} "
+                         "FP_FOLDER, the diffusers folder the artefact was quantized from)") from error
 
 
 def note(text: str) -> None:

@@ -11,6 +11,7 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_reference_model,
     check_sampling_flags,
     console,
     err_console,
@@ -252,6 +253,8 @@ def evaluate_command(
                                                          labels=labels, null_class=null_class, guidance_scale=None,
                                                          device=torch_device, dtype=torch_dtype, command="evaluate")
         fp_model, fp_scheduler = load_pipeline_parts(reference)
+        if reference is None:  # the shipped model stands in: refused naming --reference (evaluate checks a named one)
+            check_reference_model(qmodel, fp_model, reference, "--reference")
         if match_freeu(fp_model, qmodel.model) is not None:
             note("the artefact runs with FreeU: the FP reference runs with the same factors")
         fp_model = place_model(fp_model, torch_device, torch_dtype)

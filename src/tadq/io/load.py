@@ -21,7 +21,7 @@ from tadq.adapters.freeu import apply_freeu
 from tadq.config import NewerVersionError, QuantConfig, config_from_dict, config_version
 from tadq.corrections.io import CORRECTIONS_FILE, load_corrections
 from tadq.denoiser import QuantizedDenoiser
-from tadq.io.manifest import MANIFEST_FILE, check_listed, verify_manifest
+from tadq.io.manifest import MANIFEST_FILE, check_listed, check_saved_file, verify_manifest
 from tadq.io.save import (
     ARTEFACT_FORMAT,
     CODES_SUFFIX,
@@ -390,6 +390,7 @@ def read_recipe(directory: str | Path, config: QuantConfig | None = None) -> Rec
     file = Path(directory) / RECIPE_FILE
     if not file.is_file():
         return None
+    check_saved_file(directory, RECIPE_FILE)  # read before the artefact loads: damage is named as damage
     payload = read_json_file(file, "recipe")
     try:
         recipe = recipe_from_dict(payload, str(file))

@@ -16,8 +16,8 @@ from typing import Any
 from tadq.safefiles import NewerVersionError
 from tadq.utils import write_utf8
 
-__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "NewerManifestError", "check_listed", "file_sha256", "relative_name",
-           "unlisted_files", "verify_manifest", "write_manifest"]
+__all__ = ["MANIFEST_FILE", "ArtefactDamaged", "NewerManifestError", "check_listed", "check_saved_file", "file_sha256",
+           "relative_name", "unlisted_files", "verify_manifest", "write_manifest"]
 
 MANIFEST_FILE = "tadq_manifest.json"
 MANIFEST_FORMAT = "tadq-manifest"
@@ -129,6 +129,20 @@ def check_listed(folder: str | Path, names: Iterable[str]) -> None:
         if name not in manifest["files"] and ((folder / name).exists() or (folder / name).is_symlink()):
             raise ArtefactDamaged(f"{folder / name} is not listed in {MANIFEST_FILE}, so it cannot be checked (added "
                                   "or replaced after saving, or the manifest was edited); save the artefact again")
+
+
+def check_saved_file(folder: str | Path, name: str) -> None:
+    """Raise ``ArtefactDamaged`` if ``folder`` is an artefact whose manifest lists ``name`` and that file is missing,
+    resized or changed. For the small files a command reads before it loads the artefact (``model_index.json``,
+    ``tadq_recipe.json``): a truncated one was reported as invalid JSON to "fix or replace", not as damage to
+    save again, and an edited one that still parsed was read as it stood. No manifest, or ``name`` not in it:
+    nothing to check here (the loader's ``verify_manifest`` and ``check_listed`` still run)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_FILE).exists() and not (folder / MANIFEST_FILE).is_symlink():
+        return  # a plain diffusers folder, or an artefact saved before manifests
+    entry = read_manifest(folder)["files"].get(name)
+    if entry is not None:
+        _check_file(folder / name, entry)
 
 
 def unlisted_files(folder: str | Path) -> list[str]:

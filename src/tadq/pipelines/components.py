@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tadq.io.manifest import check_saved_file
 from tadq.safefiles import (
     DIFFUSERS_WEIGHTS,
     TRANSFORMERS_WEIGHTS,
@@ -110,6 +111,7 @@ def read_model_index(path: str | Path) -> dict[str, Any]:
     file = Path(path) / "model_index.json"
     if not file.is_file():
         raise PipelineFolderError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
+    check_saved_file(path, "model_index.json")  # an artefact's: damage named as damage, before it is parsed
     index = read_json_file(file, "pipeline index")
     if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
         raise PipelineFolderError(f"{file} is not a diffusers pipeline index (no _class_name)")
