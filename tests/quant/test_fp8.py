@@ -117,6 +117,24 @@ def test_gradients_pass_straight_through_the_cast_not_the_clamp():
     assert torch.equal(x.grad, torch.tensor([1.0, 1.0, 0.0]))
 
 
+def test_scale_gradient_is_lsq_of_the_fp8_grid():
+    """d/ds of s·fp8(clamp(x/s, −M, M)) with the cast passed straight through (LSQ, as the integer grid's
+    round(x/Δ) − x/Δ): fp8(x/s) − x/s inside the range, ±M where x/s is clipped. The learned activation steps of
+    reconstruction follow this gradient; derived here from the E4M3 grid without the function under test."""
+    s = 0.01
+    values = _finite_e4m3()
+    # in range: between two neighbouring grid points (each rounds to the nearer one); clipped: beyond ±M
+    inside = torch.tensor([0.30, -1.70, 101.0, -300.0, 440.0])  # none halfway between two points
+    x = torch.cat([inside, torch.tensor([500.0, -1000.0])]) * s
+    nearest = values[(inside[:, None] - values[None, :]).abs().argmin(1)]
+    expected = torch.cat([nearest - inside, torch.tensor([448.0, -448.0])])
+    scale = torch.tensor(s, requires_grad=True)
+    weights = torch.arange(1.0, 8.0)  # distinct per element, so each term's sign and size count
+    (fp8_fake_quantize(x, scale, torch.float8_e4m3fn, 448.0) * weights).sum().backward()
+    # float32 x/s of values ≤ 1000 is off by ≤ 1000·2⁻²⁴ each; 7 terms weighted ≤ 7
+    assert scale.grad.item() == pytest.approx(float((expected * weights).sum()), abs=7 * 7 * 1000 * 2**-24)
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"bits": 4, "symmetric": True}, "bits must be 8"),
     ({"bits": None}, "bits must be 8"),
