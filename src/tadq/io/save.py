@@ -10,7 +10,8 @@ Folder layout (docs/architecture.md#artefact)::
     tadq_recipe.json                 the Recipe that made the model (method, samplers, correction stack), when
                                      it came from tadq.quantize (docs/recipes.md)
     tadq_weights.safetensors         integer codes of every quantized weight (two 4-bit codes per byte) and
-                                     every other state tensor (FP layers, norms, biases, quantizer Δ and z)
+                                     every other state tensor (FP layers, norms, biases, quantizer Δ; since
+                                     format 2 each calibrated z as the smallest integer dtype of its grid)
     corrections.safetensors          per-step tables of the correction stack (only when it is not empty; the
                                      stack's configs are in tadq_config.json, see tadq.corrections.io)
 
