@@ -221,6 +221,22 @@ def test_weights_are_stored_as_integer_codes(tmp_path, tiny_unet, ddpm_scheduler
     assert stored["model.down_blocks.0.resnets.0.conv1.weight_quantizer.scale"].shape == (layer.out_channels,)
 
 
+def test_zero_points_are_stored_as_bytes_and_one_off_its_grid_is_refused_at_save(tmp_path, tiny_unet, ddpm_scheduler,
+                                                                                   calibration):
+    """Format 2 stores calibrated zero points as uint8 (a 4-bit or 8-bit unsigned grid); a zero point that is not an
+    integer on its grid is refused by name when saving rather than rounded into the file."""
+    qmodel = _quantize(tiny_unet, ddpm_scheduler, calibration, "W4A8")
+    save_quantized(qmodel, tmp_path / "q", ddpm_scheduler)
+    stored = load_file(tmp_path / "q" / WEIGHTS_FILE)
+    zero_points = {key: value for key, value in stored.items() if key.endswith("_quantizer.zero_point")}
+    assert zero_points and {value.dtype for value in zero_points.values()} == {torch.uint8}
+    key = "model.down_blocks.0.resnets.0.conv1.input_quantizer.zero_point"
+    qmodel.get_submodule(key.removesuffix(".zero_point")).zero_point.fill_(2.5)
+    with pytest.raises(ValueError, match=rf"^{key}: zero point 2.5 is not an integer on its grid \[0, 255\]"):
+        save_quantized(qmodel, tmp_path / "q2", ddpm_scheduler)
+    assert not (tmp_path / "q2").exists()
+
+
 @pytest.mark.parametrize(("bits", "symmetric"), [(2, False), (3, True), (4, False), (4, True), (6, True), (8, False),
                                                  (8, True)])
 def test_packing_round_trips_every_code(bits, symmetric):
