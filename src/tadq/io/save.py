@@ -140,9 +140,12 @@ def _weight_entries(qmodel: nn.Module) -> dict[str, _WeightEntry]:
     return entries
 
 
+ZERO_POINT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32)  # format 2's zero-point storage
+
+
 def _zero_point_dtype(low: int, high: int) -> torch.dtype:
     """The smallest integer dtype holding every zero point in [low, high]."""
-    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+    for dtype in ZERO_POINT_DTYPES:
         info = torch.iinfo(dtype)
         if info.min <= low and high <= info.max:
             return dtype
