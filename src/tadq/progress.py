@@ -40,13 +40,16 @@ _library_bars_before: dict[str, bool] = {}  # each library's switch as set_progr
 def _set_library_bars(enabled: bool) -> None:
     """Hide the libraries' own bars with tadq's, and give each its earlier setting back when tadq's come back on:
     under ``tadq --quiet`` a text-to-image folder still drew diffusers' and transformers' loading bars."""
+    if enabled:  # only the libraries set_progress(False) switched off: no import of transformers at every start
+        for name, was_enabled in list(_library_bars_before.items()):
+            del _library_bars_before[name]
+            if was_enabled:
+                importlib.import_module(name).enable_progress_bar()
+        return
     for name in LIBRARY_BAR_SWITCHES:
         module = importlib.import_module(name)
-        if not enabled:
-            _library_bars_before.setdefault(name, bool(module.is_progress_bar_enabled()))
-            module.disable_progress_bar()
-        elif _library_bars_before.pop(name, False):
-            module.enable_progress_bar()
+        _library_bars_before.setdefault(name, bool(module.is_progress_bar_enabled()))
+        module.disable_progress_bar()
 
 
 def set_progress(enabled: bool) -> None:

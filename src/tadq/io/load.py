@@ -271,15 +271,15 @@ def _load_tensors(qmodel: QuantizedDenoiser, file: Path, version: int = FORMAT_V
         tensors = {key: handle.get_tensor(key) for key in float_keys}
         stored_as = integer_zero_points(qmodel) if version >= 2 else {}
         for key in sorted(float_keys):
+            expected = stored_as.get(key, state[key].dtype)
             if (version >= 2 and key not in stored_as and key.endswith("zero_point")
                     and tensors[key].dtype in ZERO_POINT_DTYPES):
                 # saved by a calibrated quantizer that this structure rebuilds as another kind (a dynamic one, say):
                 # widened as format 1 held it, so that quantizer's own state checks say what differs
-                tensors[key] = tensors[key].to(state[key].dtype)
-            _check_stored(file, key, tensors[key], stored_as.get(key, state[key].dtype), tuple(state[key].shape),
+                expected = tensors[key].dtype
+            _check_stored(file, key, tensors[key], expected, tuple(state[key].shape),
                           lambda key=key: _owner(qmodel, key, entries))
-            if key in stored_as:
-                tensors[key] = tensors[key].to(state[key].dtype)
+            tensors[key] = tensors[key].to(state[key].dtype)  # an integer zero point widened exactly; else as it is
         try:
             qmodel.load_state_dict(tensors, strict=False)
         except RuntimeError as error:

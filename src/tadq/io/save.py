@@ -160,21 +160,26 @@ def integer_zero_points(qmodel: nn.Module) -> dict[str, torch.dtype]:
     codes. Stored as uint8/int8 it loads back to the same float32 values. The map depends on the schemes only, so
     the rebuilt structure gives the loader the same keys and dtypes. Dynamic and fp8 quantizers keep float32.
     """
-    keys: dict[str, torch.dtype] = {}
+    return {key: _zero_point_dtype(*zero_point_bounds(quantizer.scheme))
+            for key, quantizer in _integer_grid_quantizers(qmodel).items()}
+
+
+def _integer_grid_quantizers(qmodel: nn.Module) -> dict[str, Quantizer]:
+    """Zero-point state key → quantizer, for every calibrated integer-grid quantizer (``integer_zero_points``)."""
+    found: dict[str, Quantizer] = {}
     for name, module in qmodel.named_modules(remove_duplicate=False):  # state_dict lists a shared one at every name
         if isinstance(module, Quantizer) and module.enabled and not module.scheme.dynamic and not module.scheme.fp8:
-            key = f"{name}.zero_point" if name else "zero_point"
-            keys[key] = _zero_point_dtype(*zero_point_bounds(module.scheme))
-    return keys
+            found[f"{name}.zero_point" if name else "zero_point"] = module
+    return found
 
 
 def _stored_zero_points(qmodel: nn.Module, tensors: dict[str, Tensor]) -> None:
     """Replace each calibrated zero point in ``tensors`` by its integer storage (``integer_zero_points``), refusing
     one that is not an integer on its grid rather than rounding it."""
-    for key, dtype in integer_zero_points(qmodel).items():
+    for key, module in _integer_grid_quantizers(qmodel).items():
         if key not in tensors:
             continue  # not part of the saved state (a correction's, say)
-        module = qmodel.get_submodule(key.rpartition(".")[0])
+        dtype = _zero_point_dtype(*zero_point_bounds(module.scheme))
         bad = off_grid_zero_point(tensors[key], module.scheme)
         if bad is not None:
             raise ValueError(f"{key}: zero point {bad} is not an integer on its grid "
