@@ -397,9 +397,12 @@ CORRECTIONS = {
 }
 
 
-@pytest.mark.parametrize("name, correction", [("sd", "ptqd"), ("sdxl", "tac"), ("unet-class", "tac"),
-                                              ("dit", "ptqd"), ("pixart", "tac"), ("sd3", "tac"),
-                                              ("flux", "ptqd")])
+# SD and SDXL (≈ 7 s each on a 2-core AVX2 CPU) run with `make test-slow`: the default suite fits PTQD and TAC on the
+# integer models of the other families here, and the SD / SDXL integer layers are checked in the tests above
+@pytest.mark.parametrize("name, correction", [pytest.param("sd", "ptqd", marks=pytest.mark.slow),
+                                              pytest.param("sdxl", "tac", marks=pytest.mark.slow),
+                                              ("unet-class", "tac"), ("dit", "ptqd"), ("pixart", "tac"),
+                                              ("sd3", "tac"), ("flux", "ptqd")])
 def test_correction_stacks_act_on_the_integer_model_and_survive_loading(name, correction, tmp_path):
     model, scheduler, source, calibration = _setup(name)
     family = FAMILIES[name]

@@ -277,8 +277,10 @@ def test_interrupt_while_replacing_an_artefact_never_leaves_out_without_one(arte
     assert _cli("verify", target).exit_code == 0
 
 
-@pytest.mark.parametrize("sig", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM],
-                         ids=["SIGINT", "SIGTERM"])  # the same cleanup path: one in the default suite
+# ≈ 20 s each on a 2-core AVX2 CPU: both `make test-slow`; the default suite resumes an interrupted run in process
+# (tests/experiments/test_run.py) and unwinds a real SIGTERM (tests/cli/test_termination_signals.py)
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_run_killed_by_a_real_signal_resumes_to_the_uninterrupted_numbers(sig, model_dir, tmp_path):
     args = ["run", "--model", str(model_dir), "--presets", "W8A8,W4A8", "--methods", "naive", "--num-samples", "32",
             "--steps", "20", "--calib-trajectories", "4", "--batch-size", "32", "--threads", "1",

@@ -34,6 +34,9 @@ def _config(folder, out, **changes) -> RunConfig:
     return RunConfig(**(fields | changes))
 
 
+# ≈ 20 s on a 2-core AVX2 CPU (a Q-Diffusion + TAC row on an SD pipeline): `make test-slow`; the default suite runs the
+# main job on an SD pipeline folder through the CLI (tests/experiments/test_user_folders.py)
+@pytest.mark.slow
 def test_text_to_image_main_job_decodes_and_keys_by_prompts_and_guidance(sd_folder, tmp_path):
     results = run_main_job(_config(sd_folder, tmp_path / "run"))
     rows = {row["method"]: row for row in results["rows"]}

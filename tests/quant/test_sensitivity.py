@@ -3,10 +3,13 @@ raised layers."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
+from diffusers import DDPMScheduler
+from tests.conftest import build_tiny_unet
 
 import tadq
 from tadq import api
@@ -31,13 +34,23 @@ SAMPLER = SamplerConfig(kind="ddim", num_steps=4)
 CALIB = CalibrationConfig(sampler=SAMPLER, num_trajectories=8, num_steps_kept=2, samples_per_step=4, batch_size=8)
 
 
-@pytest.fixture
-def svdquant_model(tiny_unet, ddpm_scheduler):
+@pytest.fixture(scope="module")
+def _svdquant_built():
+    """Quantized once per module (≈ 3 s a build on a 2-core AVX2 CPU, and four tests take it)."""
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
     recipe = Recipe(method=SVDQuantMethod(alpha_grid=(0.5,), search_samples=8),
                     weights=QScheme(bits=4, granularity="per_channel", lowrank_rank=2),
                     activations=QScheme(bits=4, granularity="per_group", group_size=4, smoothing=True),
                     calibration=CALIB, deployments=(Deployment(SAMPLER),))
-    return api.quantize(tiny_unet, ddpm_scheduler, recipe, progress=False)
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon")
+    return api.quantize(build_tiny_unet(), scheduler, recipe, progress=False)
+
+
+@pytest.fixture
+def svdquant_model(_svdquant_built):
+    """A copy of its own for each test: tests raise its layers in place."""
+    return copy.deepcopy(_svdquant_built)
 
 
 def test_mixed_precision_respects_its_budget_and_raises_the_chosen_layers(svdquant_model, ddpm_scheduler):
