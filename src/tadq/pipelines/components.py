@@ -37,6 +37,30 @@ __all__ = ["PIPELINE_COMPONENTS", "PipelineFolderError", "PipelineLayout", "chec
 
 logger = logging.getLogger(__name__)
 
+# transformers' own note when a pipeline module names an image processor and torchvision is absent
+TORCHVISION_FALLBACK_NOTE = "requires torchvision (not installed); falling back to"
+
+
+class _TorchvisionFallbackFilter(logging.Filter):
+    """Drops transformers' note that an image processor falls back to its PIL class without torchvision.
+
+    Resolving a Stable Diffusion pipeline class imports its image processors (safety checker, IP-adapter inputs),
+    which tadq never runs; tadq's install leaves torchvision out on purpose, so the note asked every text-to-image
+    command's user to install a package that changes nothing here. Only that note is dropped: the logger's other
+    records pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return TORCHVISION_FALLBACK_NOTE not in record.getMessage()
+
+
+def _quiet_torchvision_fallback_note() -> None:
+    target = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(existing, _TorchvisionFallbackFilter) for existing in target.filters):
+        target.addFilter(_TorchvisionFallbackFilter())
+
+
+_quiet_torchvision_fallback_note()
+
 # pipeline class → components that must be present (non-null in model_index.json) for tadq to run it. SD3's T5
 # (text_encoder_3) may be null: its encode_prompt then gives zeros for that part, as diffusers documents.
 PIPELINE_COMPONENTS: dict[str, tuple[str, ...]] = {
