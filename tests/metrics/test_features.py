@@ -8,7 +8,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tadq.evaluation import evaluate_against_reference, quality_metrics
-from tadq.metrics import fd_digits
+from tadq.metrics import fd_digits, frechet
 from tadq.metrics.features import (
     DigitsFeatureSpace,
     MetricMismatchError,
@@ -110,12 +110,18 @@ def test_loading_the_shipped_classifiers_leaves_the_callers_torch_rng_stream_alo
 
 
 @pytest.mark.parametrize("progress", [False, True])
-def test_the_distance_shows_its_feature_bar_only_when_the_caller_shows_progress(digits_space, capsys,
+def test_the_distance_shows_its_feature_bar_only_when_the_caller_shows_progress(digits_space, capsys, monkeypatch,
                                                                                  progress) -> None:
     """``quality_metrics(progress=False)`` (as ``evaluate_against_reference`` passes it) printed the FD-digits
     feature bar anyway: it turned on by sample count alone."""
+    import tadq.metrics.features as features_module
+
+    def in_batches_of_one(images, classifier, batch_size=256, progress=True):  # 20 images are 20 batches: a bar
+        return frechet.digit_features(images, classifier, batch_size=1, progress=progress)
+
+    monkeypatch.setattr(features_module, "digit_features", in_batches_of_one)
     heldout = load_digits_split().heldout_images
-    count = 20 * 256  # digit_features draws its bar from 20 batches of its default 256 on
+    count = 20  # digit_features draws its bar from 20 batches on
     images = heldout.repeat(-(-count // len(heldout)), 1, 1, 1)[:count]
     capsys.readouterr()
     quality_metrics(images, images[None], images, images[None], digits_space, progress=progress)
