@@ -189,6 +189,17 @@ def test_run_dit_and_sd_pipeline_folders(folders, tmp_path):
     _ok(runner.invoke(app, _run(folders["sd"], tmp_path / "sd", "--calib-prompts", str(folders["calib"]),
                                 "--eval-prompts", str(folders["eval"]))))
     _check_run_report(tmp_path / "sd")
+    # the saved bases keep the pipeline's other components, as `tadq quantize` writes them: `tadq sample` runs them
+    # (a denoiser-only base named a StableDiffusionPipeline with no VAE, which sample refused)
+    (dit_base,) = (tmp_path / "dit" / "models").glob("naive-W8A8-*/")
+    (sd_base,) = (tmp_path / "sd" / "models").glob("naive-W8A8-*/")
+    assert (dit_base / "vae").is_dir() and (sd_base / "vae").is_dir() and (sd_base / "text_encoder").is_dir()
+    _ok(runner.invoke(app, ["verify", str(sd_base)]))
+    _ok(runner.invoke(app, ["sample", str(sd_base), "--prompt", "a cat", "--num-samples", "1", "--steps", "2",
+                            "--out", str(tmp_path / "sd-samples")]))
+    assert (tmp_path / "sd-samples" / "sample_0000.png").read_bytes()[:8] == PNG
+    _ok(runner.invoke(app, ["sample", str(dit_base), "--num-samples", "1", "--steps", "2",
+                            "--out", str(tmp_path / "dit-samples.png")]))
 
 
 @pytest.mark.slow  # ≈ 25 s; bench reports and reruns on the shipped layout: tests/experiments/bench

@@ -26,7 +26,7 @@ from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import QualityMetrics, quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
 from tadq.experiments.rows.peers import check_peer_row
-from tadq.experiments.workload import Workload, load_workload
+from tadq.experiments.workload import Workload, load_workload, resolve_model_path
 from tadq.fsguard import is_tadq_file, mark_output
 from tadq.metrics import per_step_mse
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
@@ -310,6 +310,29 @@ class PreparedJob:
     components: dict[str, str]
 
 
+def base_pipeline_source(folder: Path, workload: Workload) -> Path | None:
+    """The pipeline folder whose other components the saved base models keep: one with a ``model_index.json``
+    whose samples need more than the denoiser (a decoder, or prompts / labels), as ``tadq quantize`` keeps them;
+    ``None`` for a pixel-space unconditional model (a denoiser-only artefact samples as it is). Checked before any
+    calibration: a component ``save_quantized`` cannot copy is refused now; a denoiser config that differs from the
+    folder's (the model was changed after loading) keeps the bases denoiser-only, with a warning."""
+    from tadq.io.save import check_copyable_components, config_mismatch
+    from tadq.registry import model_family
+
+    if not (folder / "model_index.json").is_file():
+        return None
+    if workload.decoder is None and workload.calibration_conditions is None:
+        return None
+    check_copyable_components(folder)
+    config_file = folder / model_family(type(workload.model).__name__).subfolder / "config.json"
+    reason = config_mismatch(workload.model, config_file) if config_file.is_file() else f"{config_file} is missing"
+    if reason is not None:
+        logger.warning("the base models are saved without %s's other components (%s): sample them with the "
+                       "pipeline's VAE and encoders yourself", folder, reason)
+        return None
+    return folder
+
+
 def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
     """Load the workload (checked before anything is written), place the model, record calibration data with the
     calibration seed (and prompts, at the job's guidance scale)."""
@@ -334,7 +357,8 @@ def prepare_job(config: RunConfig, models_folder: Path) -> PreparedJob:
                                           cache_dir=config.cache_dir, conditions=workload.calibration_conditions,
                                           guidance_scale=workload.guidance_scale)
     bases = BaseModels(model, workload.scheduler, calibration, fingerprint, models_folder,
-                       conditions=workload.calibration_conditions)
+                       conditions=workload.calibration_conditions,
+                       pipeline_source=base_pipeline_source(resolve_model_path(config.model), workload))
     return PreparedJob(config, workload, fingerprint, bases, workload.components())
 
 

@@ -57,10 +57,13 @@ class BaseModels:
     reuse exactly the base row's weights, also after an interrupted run."""
 
     def __init__(self, model, scheduler, calibration, fingerprint: str, folder: Path, *,
-                 conditions: ConditionSource | None = None) -> None:
+                 conditions: ConditionSource | None = None, pipeline_source: Path | None = None) -> None:
         self.model, self.scheduler, self.calibration = model, scheduler, calibration
         self.fingerprint, self.folder = fingerprint, folder
         self.conditions = conditions  # of the correction fits (the calibration prompts or labels)
+        # the FP pipeline folder whose other components (VAE, text encoders) each saved base keeps, as `tadq
+        # quantize` writes it, so `tadq sample` runs the base; None: a denoiser-only artefact
+        self.pipeline_source = pipeline_source
         # every correction row of the run fits on the same calibration noise: its FP side is walked once
         self.fp_trajectories = FPTrajectoryCache(model)
 
@@ -103,7 +106,7 @@ class BaseModels:
         elapsed = time.perf_counter() - t0
         self.folder.mkdir(parents=True, exist_ok=True)
         mark_output(self.folder, "base-models")  # so `tadq bench --models-dir` may fill it again
-        save_quantized(qmodel, path, self.scheduler, overwrite=True)
+        save_quantized(qmodel, path, self.scheduler, overwrite=True, pipeline_source=self.pipeline_source)
         atomic_write_json({"quantize_s": elapsed}, timing)
         (self.folder / f"recon-{key}.pt").unlink(missing_ok=True)
         return qmodel
