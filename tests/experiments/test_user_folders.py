@@ -202,6 +202,21 @@ def test_run_dit_and_sd_pipeline_folders(folders, tmp_path):
                             "--out", str(tmp_path / "dit-samples.png")]))
 
 
+def test_bases_of_a_folder_whose_components_cannot_be_copied_stay_denoiser_only_with_a_warning(folders, tmp_path,
+                                                                                               caplog):
+    """The run needs neither the copy nor a matching config: such a folder still runs (a broken link in the VAE
+    folder made `save_quantized` refuse the base after its whole quantization), its bases denoiser-only, said."""
+    from tadq.experiments.workload import load_workload
+
+    model = _copy(folders["dit"], tmp_path / "dit")
+    workload = load_workload(str(model), labels="random")
+    assert run_module.base_pipeline_source(model, workload) == model
+    (model / "vae" / "unused.bin").symlink_to(tmp_path / "deleted-blob")
+    with caplog.at_level("WARNING", logger="tadq.experiments.run"):
+        assert run_module.base_pipeline_source(model, workload) is None
+    assert "saved without" in caplog.text and "unused.bin" in caplog.text
+
+
 @pytest.mark.slow  # ≈ 25 s; bench reports and reruns on the shipped layout: tests/experiments/bench
 def test_bench_rgb_folder_report_and_rerun_reuses_every_cell(folders, tmp_path, sample_calls):
     out = tmp_path / "bench"

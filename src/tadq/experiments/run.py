@@ -314,8 +314,8 @@ def base_pipeline_source(folder: Path, workload: Workload) -> Path | None:
     """The pipeline folder whose other components the saved base models keep: one with a ``model_index.json``
     whose samples need more than the denoiser (a decoder, or prompts / labels), as ``tadq quantize`` keeps them;
     ``None`` for a pixel-space unconditional model (a denoiser-only artefact samples as it is). Checked before any
-    calibration: a component ``save_quantized`` cannot copy is refused now; a denoiser config that differs from the
-    folder's (the model was changed after loading) keeps the bases denoiser-only, with a warning."""
+    calibration: a folder whose components cannot be copied (a broken link) or whose denoiser config differs from
+    the model's keeps the bases denoiser-only, with a warning (the run itself needs neither)."""
     from tadq.io.save import check_copyable_components, config_mismatch
     from tadq.registry import model_family
 
@@ -323,9 +323,12 @@ def base_pipeline_source(folder: Path, workload: Workload) -> Path | None:
         return None
     if workload.decoder is None and workload.calibration_conditions is None:
         return None
-    check_copyable_components(folder)
     config_file = folder / model_family(type(workload.model).__name__).subfolder / "config.json"
-    reason = config_mismatch(workload.model, config_file) if config_file.is_file() else f"{config_file} is missing"
+    try:
+        check_copyable_components(folder)
+        reason = config_mismatch(workload.model, config_file) if config_file.is_file() else f"{config_file} is missing"
+    except OSError as error:
+        reason = str(error).splitlines()[0]
     if reason is not None:
         logger.warning("the base models are saved without %s's other components (%s): sample them with the "
                        "pipeline's VAE and encoders yourself", folder, reason)
