@@ -30,6 +30,7 @@ from tadq.methods import quantize_base
 from tadq.prepare import (
     build_quantized_structure,
     calibrate_activations,
+    check_no_adapter_layers,
     check_no_runtime_hooks,
     check_plain_weights,
     check_unshared_weights,
@@ -116,6 +117,7 @@ def _quantize(
     check_plain_weights(model, "tadq.quantize")
     check_unshared_weights(model, "tadq.quantize")  # before any sampling, not when the artefact is written
     check_no_runtime_hooks(model, "tadq.quantize")
+    check_no_adapter_layers(model, "tadq.quantize")  # a LoRA not fused and unloaded, named before any sampling
     if base is not None:  # its weights are reused as they are: refused here, not by its first forward
         expect(base, QuantizedDenoiser, "base", "tadq.quantize")
         check_weights_loaded(base, "tadq.quantize: base")

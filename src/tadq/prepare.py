@@ -14,14 +14,14 @@ from tadq.calibration import Calibrate, CalibrationSet
 from tadq.config import QuantConfig
 from tadq.denoiser import QuantizedDenoiser
 from tadq.progress import progress_bar
-from tadq.quant.attention import apply_attention_quantization
+from tadq.quant.attention import apply_attention_quantization, drop_unused_fused_projections
 from tadq.quant.convert import convert_layers, plan_layers
 from tadq.quant.split import apply_shortcut_split
 from tadq.registry import adapter_for
 from tadq.safefiles import require_finite
 
-__all__ = ["build_quantized_structure", "calibrate_activations", "check_plain_weights", "check_no_runtime_hooks",
-           "check_unshared_weights", "wrap_in_place"]
+__all__ = ["build_quantized_structure", "calibrate_activations", "check_no_adapter_layers", "check_plain_weights",
+           "check_no_runtime_hooks", "check_unshared_weights", "wrap_in_place"]
 
 # float32 networks ``tadq.quantize`` cast from a caller's float16 / bfloat16 model for one call, held by nothing else
 _WRAP_IN_PLACE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
@@ -75,6 +75,34 @@ def check_unshared_weights(model: nn.Module, where: str) -> None:
                              "(a layer placed twice, or tied weights); tadq quantizes and saves each layer on its "
                              "own: give each place its own copy first (copy.deepcopy(layer) for a layer used twice, "
                              "layer.weight = nn.Parameter(layer.weight.detach().clone()) for a tied weight)")
+
+
+def _peft_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The PEFT tuner layers in ``model`` (LoRA and its kin, ``model.add_adapter``/``load_lora_adapter``): modules
+    whose class derives from PEFT's ``BaseTunerLayer``, found by name so that the check needs no PEFT install."""
+    return [(name, module) for name, module in model.named_modules()
+            if any(klass.__name__ == "BaseTunerLayer" and klass.__module__.split(".")[0] == "peft"
+                   for klass in type(module).__mro__)]
+
+
+def check_no_adapter_layers(model: nn.Module, where: str) -> None:
+    """Refuse a model carrying PEFT adapter layers (a LoRA loaded and not unloaded), naming the first and what to
+    call. A layer with an unmerged LoRA computes base(x) + B(A(x)) from three ``nn.Linear``: each was quantized on
+    its own (the LoRA's two matrices with their own activation quantizers), and the artefact, whose model is built
+    from the config, had nowhere to load them. A fused LoRA keeps the wrapper and its unused A/B layers: calibration
+    failed on their quantizers, which saw no data. After ``fuse_lora()`` and ``unload_lora()`` the model is plain."""
+    found = _peft_layers(model)
+    if not found:
+        return
+    name, layer = found[0]
+    merged = all(bool(getattr(module, "merged", False)) for _, module in found)
+    state = ("fused (merged) into their base layers, but the adapter layers are still in place: drop them with "
+             "model.unload_lora() (the fused weights stay)") if merged else (
+        "not fused: fuse the LoRA first, model.fuse_lora() (lora_scale= as you sample), then drop the adapter layers "
+        "with model.unload_lora() (the fused weights stay; unload_lora() alone removes the LoRA)")
+    raise ValueError(f"{where}: this {type(model).__name__} carries {len(found)} PEFT adapter layers (e.g. {name}, a "
+                     f"{type(layer).__module__}.{type(layer).__name__}); tadq quantizes and saves plain layers. Its "
+                     f"adapters are {state}, before quantizing")
 
 
 def check_no_runtime_hooks(model: nn.Module, where: str, only: tuple[str, ...] | None = None) -> None:
@@ -158,9 +186,11 @@ def build_quantized_structure(
         _WRAP_IN_PLACE.discard(model)
         copy_model = False
     check_unshared_weights(model, "build_quantized_structure")  # one name per layer: each is swapped and saved once
+    check_no_adapter_layers(model, "build_quantized_structure")  # plain layers only: a LoRA fused and unloaded
     if init_weight_range:  # a NaN weight used to fail late, as a zero_point error that never said NaN
         require_finite(model.state_dict(), "model weight")
     qmodel_inner = (copy.deepcopy(model) if copy_model else model).eval().requires_grad_(False)
+    drop_unused_fused_projections(qmodel_inner)  # left by unfuse_qkv_projections(), never called
     plans = plan_layers(adapter.layers(qmodel_inner), config.weights, config.activations,
                         exclude=config.exclude, keep_fp_roles=config.keep_fp_roles, layer_bits=config.layer_bits)
     convert_layers(qmodel_inner, plans, init_weight_range=init_weight_range)

@@ -437,3 +437,44 @@ def test_a_unit_that_keeps_nearest_rounding_keeps_the_ranges_it_was_scored_with(
     assert torch.equal(layer.weight, weight)
     assert torch.equal(layer.weight_quantizer.scale, scale) and torch.equal(layer.weight_quantizer.zero_point,
                                                                             zero_point)
+
+
+class _ChunkedFeedForward(torch.nn.Module):
+    """Calls its layer once per chunk of tokens, as diffusers' ``set_chunk_feed_forward`` /
+    ``enable_forward_chunking`` run a feed-forward."""
+
+    def __init__(self, layer: torch.nn.Module, chunks: int) -> None:
+        super().__init__()
+        self.layer, self.chunks = layer, chunks
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.layer(part) for part in x.chunk(self.chunks, dim=1)], dim=1)
+
+
+@pytest.mark.parametrize("fp_output", [False, True], ids=["hessian", "with-fp-cross-moment"])
+def test_gptq_hessian_of_a_layer_called_once_per_chunk_holds_every_chunk(fp_output):
+    """A feed-forward chunked along the tokens calls its layers once per chunk in one unit run: the Hessian (and
+    the FP cross moment) held the last chunk's rows only; now every row, as the unchunked unit gives them."""
+    from tadq.calibration.capture import UnitIO
+    from tadq.calibration.reconstruction import _layer_hessians
+    from tadq.quant.modules import QuantLinear
+    from tadq.quant.qscheme import preset
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_module(torch.nn.Linear(6, 5), *preset("W4A16"))
+    x = torch.randn(8, 12, 6)  # (N, tokens, width)
+    io = UnitIO(args=[x], output=torch.zeros(8))
+    rows = torch.arange(8)
+    results = {}
+    for chunks in (1, 4):
+        unit = _ChunkedFeedForward(layer, chunks)
+        fp = _ChunkedFeedForward(torch.nn.Linear(6, 5), chunks) if fp_output else None
+        results[chunks] = _layer_hessians(unit, layer, 1, io, rows, 4, None if fp is None else fp.layer, fp, io)
+    (whole, whole_cross), (chunked, chunked_cross) = results[1], results[4]
+    assert chunked[0].count == whole[0].count == 8 * 12
+    # the same float32 products summed in another order: |Σ x xᵀ| error ≤ n·eps·Σ|x||xᵀ| over the n = 96 rows
+    rows_x = x.reshape(-1, 6).double()
+    bound = rows_x.shape[0] * torch.finfo(torch.float32).eps * (rows_x.abs().T @ rows_x.abs())
+    assert ((chunked[0].sum - whole[0].sum).abs() <= bound).all()
+    if fp_output:
+        assert ((chunked_cross[0] - whole_cross[0]).abs() <= bound / rows_x.shape[0]).all()

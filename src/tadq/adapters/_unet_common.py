@@ -21,6 +21,7 @@ from diffusers.models.unets.unet_2d_blocks import KAttentionBlock
 from torch import Tensor, nn
 
 from tadq.adapters.base import LayerInfo, LayerRole
+from tadq.quant.attention import fused_projections_in_use
 from tadq.sampling.conditioning import Conditioning
 
 __all__ = ["INDEX_DTYPES", "QUANTIZABLE", "SKIP_ARGUMENT", "RoleClaims", "TracedUNetAdapter", "check_class_labels",
@@ -81,12 +82,13 @@ def check_unfused(model: nn.Module) -> None:
     layers are planned: the fused ``to_qkv``/``to_kv`` computes what ``to_q``/``to_k``/``to_v`` would, so those are
     never called and their input quantizers never see calibration data (the run used to fail only after the FP
     calibration trajectories had been sampled), and the fused processor is not one tadq's quantized processors
-    reproduce.
+    reproduce. The layers ``unfuse_qkv_projections()`` leaves behind, unused, are not refused: tadq's copy drops
+    them (``drop_unused_fused_projections``).
 
     Raises:
         NotImplementedError: naming the fused modules and the call that undoes it.
     """
-    fused = [name for name, module in model.named_modules() if getattr(module, "fused_projections", False) is True]
+    fused = [name for name, module in model.named_modules() if fused_projections_in_use(module)]
     if fused:
         shown = fused[:3] + (["..."] if len(fused) > 3 else [])
         raise NotImplementedError(f"{type(model).__name__} has fused q/k/v projections in {len(fused)} attention "

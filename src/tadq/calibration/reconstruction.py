@@ -297,17 +297,19 @@ def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO
     # beside the Hessians, on the layer's device: a CPU sum could not add a GPU layer's moments
     cross = None if fp_layer is None else [torch.zeros(width, width, dtype=wide_dtype(layer.weight.device),
                                                        device=layer.weight.device) for _ in range(groups)]
-    seen: dict[str, Tensor] = {}
+    # every call of the layer in one unit run: a feed-forward chunked along the tokens (``set_chunk_feed_forward``,
+    # ``enable_forward_chunking``) calls it once per chunk, and the Hessian used to hold the last chunk's rows only
+    seen: dict[str, list[Tensor]] = {"quantized": [], "fp": []}
 
     def columns(x: Tensor) -> list[Tensor]:
         x = layer.transform_input(x) if hasattr(layer, "transform_input") else x
         return [matmul_columns(layer, x if groups == 1 else x.chunk(groups, dim=1)[g]) for g in range(groups)]
 
     def hook(_layer: nn.Module, args: tuple) -> None:
-        seen["quantized"] = args[0]
+        seen["quantized"].append(args[0])
 
     def fp_hook(_layer: nn.Module, args: tuple) -> None:
-        seen["fp"] = args[0]
+        seen["fp"].append(args[0])
 
     handles = [layer.register_forward_pre_hook(hook)]
     if fp_layer is not None:
@@ -316,13 +318,18 @@ def _layer_hessians(module: nn.Module, layer: nn.Module, groups: int, io: UnitIO
         for start in range(0, len(rows), batch):
             index = rows[start:start + batch]
             _run_unit(module, io, index)
-            quantized = columns(seen.pop("quantized"))
-            for accumulator, part in zip(accumulators, quantized, strict=True):
-                accumulator.add(part)
-            if fp_layer is not None:
+            calls = [columns(x) for x in seen["quantized"]]
+            seen["quantized"].clear()
+            for quantized in calls:
+                for accumulator, part in zip(accumulators, quantized, strict=True):
+                    accumulator.add(part)
+            if fp_layer is not None:  # the FP unit calls its layer as often, on the same rows in the same order
                 _run_unit(fp_unit, fp_io, index)
-                for total, fp_part, part in zip(cross, columns(seen.pop("fp")), quantized, strict=True):
-                    total += moment(fp_part, part)
+                fp_calls = [columns(x) for x in seen["fp"]]
+                seen["fp"].clear()
+                for fp_columns, quantized in zip(fp_calls, calls, strict=True):
+                    for total, fp_part, part in zip(cross, fp_columns, quantized, strict=True):
+                        total += moment(fp_part, part)
     finally:
         for handle in handles:
             handle.remove()

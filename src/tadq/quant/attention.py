@@ -269,10 +269,48 @@ def _check_reproduced(name: str, attn: Attention) -> None:
         return
     raise NotImplementedError(
         f"{name} runs {type(current).__name__}, an attention processor tadq cannot quantize (QuantAttnProcessor "
-        f"reproduces {[c.__name__ for c in _REPRODUCED]} only); quantize with quantize_attention=False")
+        f"reproduces {[c.__name__ for c in _REPRODUCED]} only); quantize with quantize_attention=False"
+        + (", or restore diffusers' default processor first (model.set_default_attn_processor(): the same attention "
+           "computed at once; this one only saves memory)" if type(current).__name__ in _MEMORY_SAVING else ""))
 
 
 _REPRODUCED = (AttnProcessor, AttnProcessor2_0)  # the processors whose maths QuantAttnProcessor reproduces
+# processors computing the default's attention in slices or with another kernel (``set_attention_slice``,
+# ``enable_xformers_memory_efficient_attention``): the default processor is the same model
+_MEMORY_SAVING = ("SlicedAttnProcessor", "XFormersAttnProcessor", "AttnProcessorNPU")
+
+# the layers ``Attention.fuse_projections`` adds (q/k/v of a self-attention, k/v of a cross-attention, SD3's text
+# q/k/v); only the ``Fused*`` processors read them
+FUSED_PROJECTIONS = ("to_qkv", "to_kv", "to_added_qkv")
+
+
+def fused_projections_in_use(attn: nn.Module) -> bool:
+    """Whether ``attn`` computes q/k/v with its fused layers. An ``Attention`` keeps ``fused_projections=True`` and
+    its ``to_qkv`` after ``model.unfuse_qkv_projections()``, which only restores the processors (diffusers 0.42):
+    the fused layers are in use only while a ``Fused*`` processor runs; a processor of another library is assumed to
+    read them. Another attention class (Flux's) reads the flag itself, and its unfusing deletes them."""
+    if getattr(attn, "fused_projections", False) is not True:
+        return False
+    if not isinstance(attn, Attention):
+        return True
+    processor = type(getattr(attn, "processor", None))
+    return processor.__module__ != AttnProcessor.__module__ or processor.__name__.startswith("Fused")
+
+
+def drop_unused_fused_projections(model: nn.Module) -> list[str]:
+    """Delete the fused layers ``unfuse_qkv_projections()`` left on ``model``'s attentions (never called: their
+    processors read ``to_q``/``to_k``/``to_v``) and clear the flag, as ``fuse_projections`` found them, so that
+    they are neither planned as layers (their input quantizers never saw calibration data) nor saved (the
+    artefact's model, built from the config, has none). Call it on tadq's own copy; returns the modules changed."""
+    changed = []
+    for name, attn in model.named_modules():
+        if getattr(attn, "fused_projections", False) is True and not fused_projections_in_use(attn):
+            for part in FUSED_PROJECTIONS:
+                if hasattr(attn, part):
+                    delattr(attn, part)
+            attn.fused_projections = False
+            changed.append(name)
+    return changed
 
 
 def cross_attention_projections(model: nn.Module) -> dict[str, nn.Module]:
