@@ -163,6 +163,8 @@ def test_set_flags_whose_order_would_decide_are_refused_naming_both(items):
         assert first in str(caught.value) and second in str(caught.value)
 
 
+# ≈ 8 s on a 2-core AVX2 CPU (two runs): `make test-slow`
+@pytest.mark.slow
 def test_run_gives_the_same_numbers_and_cells_with_methods_in_any_order(tmp_path, tiny_model_dir):
     args = ["run", "--model", str(tiny_model_dir), "--presets", "W8A8", "--num-samples", "2", "--steps", "2",
             "--calib-trajectories", "2", "--batch-size", "2", "--threads", "1", "--recon-iters", "2"]

@@ -337,6 +337,9 @@ def test_quantize_with_reconstruction_and_corrections_is_byte_identical_in_anoth
     assert [name for name in a if a[name] != b[name]] == []
 
 
+# ≈ 10 s on a 2-core AVX2 CPU (two whole searches): `make test-slow`; the default suite checks an interrupted search
+# resumes to the same results (tests/search/test_recipe_search.py)
+@pytest.mark.slow
 def test_recipe_search_twice_gives_the_same_recipe_artefact_and_scores(model_dir, tmp_path):
     for name in ("one", "two"):
         _ok("recipe", model_dir, *RECIPE, "--out", tmp_path / name)

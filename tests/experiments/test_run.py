@@ -102,6 +102,9 @@ def test_cells_are_bit_identical_across_runs(tmp_path, tiny_model_dir):
     assert first["rows"][1]["psnr"] == second["rows"][1]["psnr"]
 
 
+# ≈ 14 s on a 2-core AVX2 CPU (six W4A4 rows): `make test-slow`; the default suite runs the Q-Diffusion and PTQD
+# rows end to end (above) and fits every TAC / TCEC stack on every sampler (tests/corrections)
+@pytest.mark.slow
 def test_tac_and_tcec_rows_run_end_to_end(tmp_path, tiny_model_dir):
     from tadq.config import ReconstructionConfig
 

@@ -143,6 +143,9 @@ def test_run_on_rgb_odd_size_and_v_prediction_folders(folders, tmp_path, name):
     _check_run_report(tmp_path / "out")
 
 
+# ≈ 7 s on a 2-core AVX2 CPU: `make test-slow`; the default suite keeps cell reuse (an interrupted run resumes from its
+# cells, tests/experiments/test_run.py) and recomputation after a folder change (below)
+@pytest.mark.slow
 def test_run_rerun_reuses_cells_and_a_changed_flag_recomputes(folders, tmp_path, sample_calls):
     out = tmp_path / "out"
     _ok(runner.invoke(app, _run(folders["rgb16"], out)))
@@ -258,6 +261,9 @@ def _analyze(artefact: Path, fp: Path, out: Path, *extra: str) -> list[str]:
             "--no-jacobian", "--threads", "1", "--out", str(out), *extra]
 
 
+# ≈ 8 s on a 2-core AVX2 CPU (three quantizations, two analyses): `make test-slow`; analyze on a user's folder stays in
+# the default suite (test_analyze_does_not_measure_under_another_schedule_than_the_artefact_s, tests/cli)
+@pytest.mark.slow
 def test_analyze_on_user_artefacts(folders, tmp_path):
     rgb = _quantize(folders["rgb16"], tmp_path / "q-rgb")
     _ok(runner.invoke(app, _analyze(rgb, folders["rgb16"], tmp_path / "a")))

@@ -301,6 +301,8 @@ def test_a_rank_beyond_every_layer_is_capped_and_branch_plus_residual_is_the_tra
         assert bool((error <= _gamma(layer.rank + 2) * magnitude).all()), name
 
 
+# ≈ 9 s on a 2-core AVX2 CPU (the network fitted twice): `make test-slow`
+@pytest.mark.slow
 def test_svdquant_fitted_in_groups_of_layers_is_the_network_fitted_from_one_recording(monkeypatch):
     """A record-size limit below every layer's inputs records and fits each layer in its own pass (what keeps a
     large model's recorded inputs bounded) and gives the same network, bit for bit, as recording every layer at
