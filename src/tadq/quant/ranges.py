@@ -30,16 +30,16 @@ def minmax_range(x: Tensor, per_channel: bool = False) -> tuple[Tensor, Tensor]:
 QUANTILE_MAX = 2**24  # torch.quantile refuses longer reductions ("quantile() input tensor is too large")
 
 
-def _quantiles(flat: Tensor, levels: tuple[float, ...]) -> Tensor:
+def _quantiles(flat: Tensor, levels: tuple[float, ...] | Tensor) -> Tensor:
     """``torch.quantile(flat, q, dim=1)`` at ``levels`` (as ``flat.dtype`` numbers; linear interpolation, NaN if a
     row has one), shape (len(levels), C), for rows of any length: a long calibration's kept activation samples
     (16384 per forward) pass 2^24 after 1024 forwards, where torch.quantile raised at the very end of the run."""
     if flat.shape[1] <= QUANTILE_MAX:
         # on flat's device: torch.quantile refuses a q on another device (a CUDA weight with a CPU q raised)
-        return torch.quantile(flat, torch.tensor(levels, dtype=flat.dtype, device=flat.device), dim=1)
+        return torch.quantile(flat, torch.as_tensor(levels, dtype=flat.dtype, device=flat.device), dim=1)
     ordered = flat.sort(dim=1).values
     # float64 (a float32 rank is not exact beyond 2^24), on the CPU: MPS has no float64, and these are a few numbers
-    ranks = torch.tensor(levels, dtype=flat.dtype).double() * (flat.shape[1] - 1)
+    ranks = torch.as_tensor(levels, dtype=flat.dtype).double() * (flat.shape[1] - 1)
     below = ranks.floor()
     lower = ordered[:, below.long().to(flat.device)]  # (C, len(levels))
     upper = ordered[:, ranks.ceil().long().to(flat.device)]
