@@ -316,17 +316,15 @@ def base_pipeline_source(folder: Path, workload: Workload) -> Path | None:
     ``None`` for a pixel-space unconditional model (a denoiser-only artefact samples as it is). Checked before any
     calibration: a folder whose components cannot be copied (a broken link) or whose denoiser config differs from
     the model's keeps the bases denoiser-only, with a warning (the run itself needs neither)."""
-    from tadq.io.save import check_copyable_components, config_mismatch
-    from tadq.registry import model_family
+    from tadq.io.save import check_copyable_components, source_mismatch
 
     if not (folder / "model_index.json").is_file():
         return None
     if workload.decoder is None and workload.calibration_conditions is None:
         return None
-    config_file = folder / model_family(type(workload.model).__name__).subfolder / "config.json"
     try:
         check_copyable_components(folder)
-        reason = config_mismatch(workload.model, config_file) if config_file.is_file() else f"{config_file} is missing"
+        reason = source_mismatch(workload.model, folder)
     except OSError as error:
         reason = str(error).splitlines()[0]
     if reason is not None:

@@ -314,6 +314,14 @@ def config_mismatch(model: nn.Module, config_file: Path) -> str | None:
     return None
 
 
+def source_mismatch(model: nn.Module, source: Path) -> str | None:
+    """Why the pipeline folder ``source`` is not the one ``model`` came from (its denoiser config is missing or
+    describes another model: ``config_mismatch``), or ``None``."""
+    subfolder, _pipeline = _diffusers_layout(model)
+    config_file = source / subfolder / "config.json"
+    return config_mismatch(model, config_file) if config_file.is_file() else f"{config_file} is missing"
+
+
 def check_copyable_components(source: str | Path) -> None:
     """Refuse, before any work, a pipeline folder whose component folders (the ones an artefact copies: every one
     but the denoiser's) hold broken links or other entries that are not files or folders: ``shutil.copytree`` failed
@@ -530,9 +538,7 @@ def save_quantized(
     if source is not None and not (source / "model_index.json").is_file():
         raise ValueError(f"pipeline_source {source} is not a pipeline folder (no model_index.json)")
     if source is not None:  # its encoders and VAE would be paired with a denoiser they were not quantized with
-        subfolder, _pipeline = _diffusers_layout(qmodel.model)
-        config_file = source / subfolder / "config.json"
-        reason = config_mismatch(qmodel.model, config_file) if config_file.is_file() else f"{config_file} is missing"
+        reason = source_mismatch(qmodel.model, source)
         if reason is not None:
             raise ValueError(f"pipeline_source {source} is not the folder this model was quantized from: {reason}")
     if scheduler is not None and source is None:  # a pipeline folder's artefact keeps the folder's own scheduler
