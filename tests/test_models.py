@@ -86,3 +86,13 @@ def test_a_folder_without_a_scheduler_is_warned_about_once(tmp_path, tiny_unet, 
         load_scheduler(tmp_path / "unet-only")
         load_pipeline_parts(tmp_path / "unet-only")
     assert caplog.text.count("using DDPM defaults") == 1, caplog.text
+
+
+def test_a_folder_of_an_unsupported_class_is_refused_before_its_missing_scheduler_is_warned_about(tmp_path, caplog):
+    """`tadq quantize` on a bare folder of a class without an adapter (a SanaTransformer2DModel) first warned "no
+    scheduler_config.json ...; using DDPM defaults" and only then refused the class: a warning about a model tadq
+    would not load at all. The scheduler check reaches the class refusal first now."""
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "SanaTransformer2DModel"}))
+    with caplog.at_level(logging.WARNING, logger="tadq"), pytest.raises(ValueError, match="SanaTransformer2DModel"):
+        load_scheduler(tmp_path)
+    assert "DDPM defaults" not in caplog.text

@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, SchedulerMixin
 from safetensors import SafetensorError
 from torch import nn
 
-from tadq.registry import model_family, registered_families
+from tadq.registry import ModelFamily, model_family, registered_families
 from tadq.safefiles import (
     DamagedFileError,
     diffusers_loading_options,
@@ -173,6 +173,7 @@ def _load_scheduler(path: Path, model_dir: Path) -> SchedulerMixin:
         raise ValueError(f"{path / 'model_index.json'} names a scheduler ({index['scheduler']}), but "
                          f"{path / 'scheduler' / 'scheduler_config.json'} is missing: the training schedule (betas, "
                          "prediction type) cannot be guessed; restore the scheduler folder")
+    _supported_family(model_dir)  # a model tadq cannot load is refused first, not warned about its schedule
     if path.resolve() not in _DEFAULT_SCHEDULE_WARNED:  # a command reads the scheduler several times: said once
         _DEFAULT_SCHEDULE_WARNED.add(path.resolve())
         logger.warning("no scheduler_config.json under %s; using DDPM defaults (1000 steps, linear betas)", path)
@@ -208,10 +209,9 @@ def load_pipeline_parts(path: str | Path | None = None) -> tuple[nn.Module, Sche
         raise
 
 
-def _load_pipeline_parts(path: Path) -> tuple[nn.Module, SchedulerMixin]:
-    if not path.exists():
-        raise FileNotFoundError(f"model folder {path} does not exist")
-    model_dir = _model_dir(path, denoiser_only=True)
+def _supported_family(model_dir: Path) -> tuple[str, ModelFamily]:
+    """(class name, registered family) of the denoiser in ``model_dir``; ``ValueError`` for a config that names no
+    class or one no adapter is registered for."""
     model_config = read_json_file(model_dir / "config.json", "model config")
     if not isinstance(model_config, dict):
         raise ValueError(f"{model_dir / 'config.json'} holds a JSON {type(model_config).__name__}, not an object; "
@@ -220,8 +220,15 @@ def _load_pipeline_parts(path: Path) -> tuple[nn.Module, SchedulerMixin]:
     if not isinstance(class_name, str) or not class_name:
         raise ValueError(f"{model_dir / 'config.json'} names no model class (_class_name is {class_name!r}); tadq "
                          f"will not guess one. Supported: {sorted(registered_families())}")
-    class_name = loaded_class_name(model_config)  # the legacy name of released DiT / PixArt-α folders
-    family = model_family(str(class_name), where=str(model_dir))
+    class_name = str(loaded_class_name(model_config))  # the legacy name of released DiT / PixArt-α folders
+    return class_name, model_family(class_name, where=str(model_dir))
+
+
+def _load_pipeline_parts(path: Path) -> tuple[nn.Module, SchedulerMixin]:
+    if not path.exists():
+        raise FileNotFoundError(f"model folder {path} does not exist")
+    model_dir = _model_dir(path, denoiser_only=True)
+    class_name, family = _supported_family(model_dir)
     if (path / "tadq_config.json").exists():
         raise ValueError(f"{path} is a tadq quantized artefact, not an FP model: sample or evaluate it (`tadq "
                          "sample`, `tadq evaluate`; tadq.load(path) in Python), and quantize from its FP model folder")
