@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The headline (runs/main): the shipped digits model at W8A8, W4A8 and W4A4, each preset's naive-PTQ baseline against
-# its best recipe as measured in the README (`best`: Q-Diffusion + TAC at W8A8/W4A8, SVDQuant + TAC at W4A4), with
+# its best recipe as measured in docs/results/digits.md (`best`: Q-Diffusion + TAC at W8A8/W4A8, SVDQuant + TAC at W4A4), with
 # tadq run's defaults: the Q-Diffusion bases rounded by GPTQ (no iterations; docs/methods/qdiffusion.md#gptq-rounding)
 # without the activation phase, the input and output convs kept in float in every row
 # (docs/methods/qdiffusion.md#what-limits-w8a8); samples.png and per_step_error.png. 256 samples: PSNR/SSIM vs FP
@@ -25,7 +25,7 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(BIN)/tadq run --methods naive,best --num-samples 256 --batch-size 256
 
-# The complete matrix of the README's main table (1000 samples) with the setting it was measured with (AdaRound
+# The complete matrix of the main table (docs/results/digits.md) (1000 samples) with the setting it was measured with (AdaRound
 # 1000 / 400 iterations per unit, every layer quantized; runs/main-full): naive/Q-Diffusion/PTQD at W8A8/W4A8/W4A4
 # (≈ 45 min here with --threads 1), then the correction rows at W4A8/W4A4 in the same folder (≈ 55 min): ≈ 100 min
 # from a fresh clone.

@@ -2,7 +2,7 @@
 codes that differ, and per activation quantizer the relative difference of the steps.
 
 Why: the same ``tadq run`` command gave the text-to-image UNet's Q-Diffusion W4A8 row 30.40 dB on an AVX-512 CPU and
-27.78 dB with the kernels capped at AVX2 (README, "The same command on another CPU kind"). Whether the two
+27.78 dB with the kernels capped at AVX2 (docs/results/t2i.md, "The same command on another CPU kind"). Whether the two
 reconstructions moved a few units or landed in different optima everywhere is read off the codes. With
 ``--reference`` (e.g. the naive-PTQ artefact of the same preset) each layer also shows how many codes each artefact
 changed from it. Reads the artefacts' ``tadq_weights.safetensors`` only (safetensors, no pickle). Run::

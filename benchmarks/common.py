@@ -33,9 +33,9 @@ SETTINGS = ("main-table", "defaults")
 def add_setting_flag(parser: argparse.ArgumentParser) -> None:
     """``--setting``: which ``tadq run`` setting a benchmark over the main job's models uses."""
     parser.add_argument("--setting", choices=SETTINGS, default="main-table",
-                        help="main-table: the README main table's setting these benchmarks were measured with "
-                             "(AdaRound 1000/400, every layer quantized); defaults: tadq run's defaults now (GPTQ, "
-                             "first and last layers in float)")
+                        help="main-table: the main table's setting (docs/results/digits.md) these benchmarks were "
+                             "measured with (AdaRound 1000/400, every layer quantized); defaults: tadq run's "
+                             "defaults now (GPTQ, first and last layers in float)")
 
 
 def run_config_for(setting: str, **fields):
@@ -85,7 +85,7 @@ def write_rows(rows: list[dict], out: Path, header: str, line) -> None:
 def main_run_setup(args: argparse.Namespace):
     """(out, RunConfig of ``args.setting``, model, scheduler, BaseModels over ``args.models``): the shipped model with
     the main job's calibration data and base models, so a benchmark measures exactly the models ``tadq run``
-    reports (``--setting main-table``, the default: the README main table's)."""
+    reports (``--setting main-table``, the default: the main table's, docs/results/digits.md)."""
     from tadq.calibration import model_fingerprint
     from tadq.experiments.rows import BaseModels
 

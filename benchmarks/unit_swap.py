@@ -1,10 +1,10 @@
 """Which reconstruction units make one Q-Diffusion artefact worse than another of the same model and config.
 
 Why: the t2i Q-Diffusion W4A8 row moves by 2.6 dB between two calibration sets that differ only in the last float
-bits (README, "The same command on another CPU kind"). Copying the second artefact's tensors of one unit (or a
-group of units) into the first and sampling again names the units that carry the difference; the guided ε error on
-a calibration set, split into its per-step per-channel mean (a bias that the DDIM steps sum coherently) and the
-rest, says what kind of error they carry. Run::
+bits (docs/results/t2i.md, "The same command on another CPU kind"). Copying the second artefact's tensors of one
+unit (or a group of units) into the first and sampling again names the units that carry the difference; the guided ε
+error on a calibration set, split into its per-step per-channel mean (a bias that the DDIM steps sum coherently) and
+the rest, says what kind of error they carry. Run::
 
     python benchmarks/unit_swap.py LOW_ARTEFACT HIGH_ARTEFACT --model t2i --num-samples 32 \\
         --calibration .cache/tadq/calibration-<key>.safetensors

@@ -1,8 +1,8 @@
 """Why tadq's 8-bit weights trail a symmetric abs-max quantizer over a sampling trajectory: per-channel mean error.
 
 Why: with the input/output convs in float, tadq's naive W8A16 is 3 dB below optimum-quanto's W8A16 on the digits
-(README, peers section). This script holds everything else fixed (calibration: 64 FP trajectories × 25 of 50 DDIM
-steps × 32 inputs, seed 0; evaluation seed 1000) and varies only the weight grid:
+(docs/results/digits.md, peers section). This script holds everything else fixed (calibration: 64 FP trajectories ×
+25 of 50 DDIM steps × 32 inputs, seed 0; evaluation seed 1000) and varies only the weight grid:
 
 * one-step error of the noise prediction on held-out calibration inputs (seed 12345): mean squared error, the
   per-output-channel mean error (what adds up over the steps), and each input's mean (DC) error;
@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--gptq", action="store_true", help="also count the GPTQ base's rejected units per preset")
     parser.add_argument("--gptq-target-damp", default=None,
                         help="ReconstructionConfig.gptq_target_damp of the gptq rows: a number, or gptq (solve with "
-                             "gptq_damp, tadq before 2026-12-03; the README's numbers); default: the library's")
+                             "gptq_damp, tadq before 2026-12-03; the numbers of docs/results/digits.md); "
+                             "default: the library's")
     parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
     reconstruction = ReconstructionConfig() if args.gptq_target_damp is None else ReconstructionConfig(

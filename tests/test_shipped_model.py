@@ -1,4 +1,5 @@
-"""One short end-to-end run on the shipped model (the full-size run is `tadq run`, measured in the README)."""
+"""One short end-to-end run on the shipped model (the full-size run is `tadq run`, measured in
+docs/results/digits.md)."""
 
 import pytest
 import torch
@@ -34,7 +35,8 @@ def test_shipped_model_makes_digits_of_every_class():
 
 @pytest.mark.slow
 def test_full_main_job_on_the_shipped_model(tmp_path):
-    """The README's `tadq run` at full size (about 15-20 minutes on 2 cores): Q-Diffusion beats naive at 4 bits."""
+    """The `tadq run` of docs/results/digits.md at full size (about 15-20 minutes on 2 cores): Q-Diffusion beats
+    naive at 4 bits."""
     results = run_main_job(RunConfig(out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache")))
     rows = {(row["method"], row["bits"]): row for row in results["rows"]}
     for bits in ("W4A8", "W4A4"):

@@ -103,7 +103,7 @@ class ReconstructionConfig:
         warmup: share of weight iterations without the regulariser, β held at ``beta_start`` (0.2: AdaRound).
         weight_lr: Adam learning rate of the rounding variables. Q-Diffusion uses 1e-3 for 20 000 iterations; with a
             CPU budget of about a thousand iterations V barely moves at 1e-3, and 3e-2 measured best of 1e-2/3e-2
-            (``benchmarks/reconstruction_budget.py``; table in the README).
+            (``benchmarks/reconstruction_budget.py``; table in docs/results/digits.md).
         activation_lr: Adam learning rate of the activation steps, cosine-decayed to 0 (4e-4: Q-Diffusion).
         activation_p: exponent of the activation-phase loss |ŷ − y|^p (2.4: Q-Diffusion ``cali_p``).
         loss_reduction: how the rounding phase's squared error is reduced: ``"channel_sum"`` (over channels, mean

@@ -118,8 +118,9 @@ def test_quantize_overwrite_never_deletes_a_users_file_in_a_run_folder(run_folde
 
 
 def test_verify_accepts_the_base_models_that_tadq_run_saved(run_folder):
-    """`tadq run` saves its base models as artefacts (README: `tadq analyze runs/main-full/models/...`), then adds
-    tadq_run_timing.json after the manifest: `tadq verify` called tadq's own artefact damaged."""
+    """`tadq run` saves its base models as artefacts (docs/results/digits.md: `tadq analyze
+    runs/main-full/models/...`), then adds tadq_run_timing.json after the manifest: `tadq verify` called tadq's own
+    artefact damaged."""
     models = [p for p in sorted((run_folder / "models").iterdir()) if p.is_dir()]
     assert models
     for folder in models:

@@ -76,7 +76,8 @@ def test_bench_full_is_the_former_main_job_and_the_corrections_table(tmp_path, m
                                                                ("W8A8", "W4A8", "W4A4"), 1000)
     assert set(corrections.methods) == {"naive", "qdiffusion", "ptqd", "tac", "tcec", "ibc", "ner", "tac+tcec"}
     assert corrections.presets == ("W4A4", "W4A8") and corrections.num_samples == 1000
-    # the README main table's own setting, not the defaults: AdaRound 1000 / 400, every layer quantized
+    # the main table's own setting (docs/results/digits.md), not the defaults: AdaRound 1000 / 400, every layer
+    # quantized
     for config in (full, corrections):
         assert config.reconstruction == README_TABLES_RECONSTRUCTION and config.fp_layers == "none"
     assert README_TABLES_RECONSTRUCTION == ReconstructionConfig(rounding="adaround", activation_iters=400)

@@ -1,4 +1,5 @@
-"""Measurements behind ``README.md`` that ``tadq run`` does not print: temporal-feature cosines and calibration time.
+"""Measurements behind ``docs/results/digits.md`` that ``tadq run`` does not print: temporal-feature cosines and
+calibration time.
 
     python -m tadq.experiments.tfmq_measure cosines MODEL_DIR [MODEL_DIR ...]
         mean/min cosine of the temporal features to FP

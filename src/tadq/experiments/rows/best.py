@@ -1,11 +1,12 @@
-"""The ``best`` row of ``tadq run``: at each preset, the row the README measured best on the shipped digits model.
+"""The ``best`` row of ``tadq run``: at each preset, the row measured best on the shipped digits model (README and
+docs/results/digits.md).
 
 ``tadq run --methods naive,best`` is the headline job (``make run``): the naive-PTQ baseline against the best recipe
 of every preset. ``best`` is not a method of its own: it delegates to the measured row, so its cell, label and
 settings are that row's (a ``best`` cell is reused by a run of the named row in the same folder, and vice versa).
 
-    W8A8, W4A8   tac            Q-Diffusion + TAC (README: W8A8 43.7 dB vs Q-Diffusion's 41.4, bench table;
-                                W4A8 37.5 vs 32.8 dB, main table)
+    W8A8, W4A8   tac            Q-Diffusion + TAC (W8A8 43.7 dB vs Q-Diffusion's 41.4, the README's bench table;
+                                W4A8 37.5 vs 32.8 dB, the main table in docs/results/digits.md)
     W4A4         svdquant+tac   SVDQuant + TAC (31.6 dB vs 21.0 for the best Q-Diffusion-based W4A4 row)
 
 Other presets have no measured best and are refused before any work (``RunConfig`` checks it).
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
 __all__ = ["BEST", "BEST_ROWS", "best_row", "resolve_row"]
 
 BEST = "best"
-# preset → the row measured best there on the shipped digits model (README "Results on the shipped model",
-# "Benchmarks" and "W4A4 that holds")
+# preset → the row measured best there on the shipped digits model (docs/results/digits.md "Results on the shipped
+# model" and "W4A4 that holds", README "Benchmarks")
 BEST_ROWS: dict[str, str] = {"W8A8": "tac", "W4A8": "tac", "W4A4": "svdquant+tac",
                              "W8A8-WSYM": "tac"}  # W8A8's row on the symmetric-weight grid (docs/backends.md)
 

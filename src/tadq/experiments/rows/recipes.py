@@ -140,7 +140,7 @@ def base_recipe(recipe: Recipe, name: str) -> Recipe:
     return recipe.base()
 
 
-# (rows, presets, η) of every table the README reports (main table, TFMQ table, stochastic-sampler table)
+# (rows, presets, η) of every table docs/results/digits.md reports (main table, TFMQ table, stochastic-sampler table)
 README_TABLES: tuple[tuple[tuple[str, ...], tuple[str, ...], float], ...] = (
     (("naive", "qdiffusion", "ptqd"), ("W8A8", "W4A8", "W4A4"), 0.0),
     (("tac", "tcec", "ibc", "ner", "tac+tcec"), ("W4A8", "W4A4"), 0.0),
