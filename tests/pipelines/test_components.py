@@ -228,3 +228,18 @@ def test_load_pipeline_parts_still_gives_the_unet_and_scheduler(sd_folder, sdxl_
         unet, scheduler = load_pipeline_parts(folder)
         assert isinstance(unet, UNet2DConditionModel) and isinstance(scheduler, DDIMScheduler)
         assert not unet.training
+
+
+def test_an_unreadable_tokenizer_file_is_named_not_a_traceback(sd_folder, tmp_path):
+    """A damaged ``tokenizer/tokenizer.json`` (whose parser raises a bare ``Exception``) ended `tadq sample` and
+    `tadq quantize` in a traceback from the prompt-length check, and ``load_fp_pipeline`` blamed an edited config."""
+    broken = _copy(sd_folder, tmp_path)
+    file = broken / "tokenizer" / "tokenizer.json"
+    tokenizer = json.loads(file.read_text())
+    tokenizer["truncation"] = {"max_length": 8}  # valid JSON the tokenizers library cannot build from (no strategy)
+    file.write_text(json.dumps(tokenizer))
+    folder = re.escape(str(broken / "tokenizer"))
+    with pytest.raises(PipelineFolderError, match=rf"{folder}: transformers could not read the tokenizer"):
+        check_prompt_lengths(broken, ["a seven"])
+    with pytest.raises(PipelineFolderError, match=rf"{folder}: diffusers could not load it .*damaged or edited"):
+        load_fp_pipeline(broken)

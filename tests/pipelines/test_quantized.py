@@ -247,3 +247,24 @@ def test_the_folder_pairing_check_is_check_drivables_own(tmp_path, class_name, k
         check_sampler_family(tmp_path, sampler)
     assert str(before_loading.value) == str(at_sampling.value).replace(" cannot drive ", f" cannot drive {tmp_path}, ")
     check_sampler_family(tmp_path, SamplerConfig("flow-euler" if "FlowMatch" in class_name else "ddim", num_steps=4))
+
+
+def test_an_artefacts_edited_tokenizer_file_is_refused_by_the_prompt_check(sd_artefact, tmp_path):
+    """The prompt-length check reads an artefact's tokenizers before the pipeline (and its manifest check) is
+    loaded: a vocabulary edited after the save (one token's spelling changed, still valid JSON) was read as it
+    stood, and a damaged one ended in the tokenizer library's traceback. Its files are held to the manifest."""
+    import shutil
+
+    from tadq.io.manifest import ArtefactDamaged
+    from tadq.pipelines.prompts import check_prompt_lengths
+
+    copy = tmp_path / "art"
+    shutil.copytree(sd_artefact, copy)
+    file = copy / "tokenizer" / "tokenizer.json"
+    tokenizer = json.loads(file.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    first = sorted(vocab)[0]
+    vocab[first + "x"] = vocab.pop(first)
+    file.write_text(json.dumps(tokenizer))
+    with pytest.raises(ArtefactDamaged, match=r"tokenizer/tokenizer\.json"):
+        check_prompt_lengths(copy, ["a seven"])

@@ -416,7 +416,9 @@ def load_components(klass: type, layout: PipelineLayout, **options: Any) -> Any:
         if named and not named[0].startswith(("scheduler", "tokenizer")) and isinstance(error, (RuntimeError,
                                                                                              OSError)):
             why = "its config.json does not describe its weights (an edited config, or files from two models)"
-        else:  # a scheduler or tokenizer holds no weights: its config is what diffusers could not build from
+        elif named and named[0].startswith("tokenizer"):  # tokenizer.json / vocab files, not only a config
+            why = "its files are damaged or edited (restore the folder from the model's download)"
+        else:  # a scheduler holds no weights: its config is what diffusers could not build from
             why = "its config holds a value diffusers does not take (an edited config?)"
         raise PipelineFolderError(f"{where}: diffusers could not load it ({type(error).__name__}: {first}); "
                                   f"{why}") from error

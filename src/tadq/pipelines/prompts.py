@@ -281,7 +281,7 @@ def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "
             klass = getattr(transformers, class_name, None)
             if klass is None:
                 raise ValueError(f"{layout.path / name}: unknown tokenizer class {class_name!r}")
-            tokenizers[name] = klass.from_pretrained(str(layout.path / name), local_files_only=True)
+            tokenizers[name] = _read_tokenizer(klass, layout.path, name)
     if not t5:  # the CLIP pipelines: the same checks as their PromptEncoder (a real model_max_length first)
         PromptEncoder(tuple(tokenizers.values()), tuple(nn.Identity() for _ in tokenizers))
     limits, truncated = token_limits(layout.class_name, tokenizers, max_sequence_length)
@@ -294,6 +294,26 @@ def check_prompt_lengths(path: str | Path, prompts: Sequence[str], what: str = "
         vocab = _vocab_size(config)
         for texts, label in groups:
             check_vocabulary(tokenizer, vocab, texts, label, (name, f"{encoder} ({config})"))
+
+
+def _read_tokenizer(klass: type, folder: Path, name: str) -> Any:
+    """The tokenizer in ``folder/name``, read alone. An artefact's tokenizer files are held to its manifest first
+    (they are small); a file the tokenizers library cannot parse (a flipped byte in ``tokenizer.json``) raises
+    ``PipelineFolderError`` naming the folder: it ended `tadq sample` and `tadq quantize` in a Rust traceback."""
+    from tadq.io.manifest import check_saved_file, read_manifest
+    from tadq.pipelines.components import PipelineFolderError
+
+    if (manifest := read_manifest(folder)) is not None:
+        for listed in sorted(manifest["files"]):
+            if listed.startswith(f"{name}/"):
+                check_saved_file(folder, listed)
+    try:
+        return klass.from_pretrained(str(folder / name), local_files_only=True)
+    except Exception as error:  # the tokenizers library raises a bare Exception for a malformed tokenizer.json
+        first = " ".join(str(error).split())[:300] or type(error).__name__
+        raise PipelineFolderError(f"{folder / name}: transformers could not read the tokenizer ({type(error).__name__}"
+                                  f": {first}); a damaged or edited file: restore the folder from the model's "
+                                  "download") from error
 
 
 def _vocab_size(config: Path) -> int | None:
