@@ -284,14 +284,14 @@ def test_cell_components_follow_the_vae_config(tiny_unet, ddpm_scheduler):
     decodes other images, so its cells must not be reused."""
     from diffusers import AutoencoderKL
 
-    from tadq.experiments.workload import Workload, _vae_decoder
+    from tadq.experiments.workload import Workload, vae_decoder
 
     def components(scaling_factor: float) -> dict[str, str]:
         torch.manual_seed(0)
         vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",),
                             up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), latent_channels=1,
                             norm_num_groups=4, sample_size=8, scaling_factor=scaling_factor).eval()
-        return Workload("vae", tiny_unet, ddpm_scheduler, decoder=_vae_decoder(vae)).components()
+        return Workload("vae", tiny_unet, ddpm_scheduler, decoder=vae_decoder(vae)).components()
 
     assert components(0.5) == components(0.5)
     assert components(0.5)["vae"] != components(0.25)["vae"]

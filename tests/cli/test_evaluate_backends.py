@@ -113,31 +113,41 @@ def test_a_class_conditional_artefact_on_int8_is_printed_under_its_backend(tmp_p
 
 @pytest.fixture(scope="module")
 def pipeline_artefact(tmp_path_factory):
+    """(a W4A8 text-to-image artefact, the FP pipeline folder it was quantized from)."""
     from tests.pipelines.builders import build_sd
 
     root = tmp_path_factory.mktemp("t2i")
-    artefact = root / "q"
-    result = runner.invoke(app, ["quantize", str(build_sd(root / "sd")), "--preset", "W4A8", "--out", str(artefact),
+    artefact, source = root / "q", build_sd(root / "sd")
+    result = runner.invoke(app, ["quantize", str(source), "--preset", "W4A8", "--out", str(artefact),
                                  "--cache-dir", str(root / "cache"), "--steps", "2", "--calib-trajectories", "2",
                                  "--calib-prompt", "a cat"])
     assert result.exit_code == 0, result.output
-    return artefact
+    return artefact, source
 
 
 @pytest.mark.parametrize("backend", ["fake", pytest.param("int8", marks=needs_int8_cpu)])
-def test_a_text_to_image_pipeline_is_refused_before_it_is_loaded(tmp_path, pipeline_artefact, backend, monkeypatch):
-    """Pointed to ``tadq run`` before the denoiser is loaded (and converted to the integer kernels), not once its
-    conditioning is read; with an integer backend, also to ``tadq sample --backend``, since ``tadq run`` measures
-    the float simulation."""
-    import tadq.io
+def test_a_text_to_image_artefact_is_evaluated_on_prompts_with_the_chosen_backend(tmp_path, pipeline_artefact,
+                                                                                   backend, monkeypatch):
+    """`tadq evaluate` refused text-to-image artefacts, pointing to `tadq run` (which quantizes again); it scores
+    one on evaluation prompts now, run by the chosen backend. Missing prompts for a user's reference are refused
+    before the pipeline is loaded (and converted to the integer kernels)."""
+    import tadq.pipelines
 
-    monkeypatch.setattr(tadq.io, "load_quantized", lambda *a, **k: pytest.fail("loaded"))
-    result = runner.invoke(app, ["evaluate", str(pipeline_artefact), "--backend", backend, "--out",
-                                 str(tmp_path / "report")])
-    assert result.exit_code == 2 and "text-to-image pipeline" in result.output and "tadq run" in result.output, \
-        result.output
-    assert ("tadq sample" in result.output) == (backend != "fake"), result.output
-    assert not (tmp_path / "report").exists()
+    artefact, source = pipeline_artefact
+    prompts, report = tmp_path / "eval.txt", tmp_path / "report"
+    prompts.write_text("a dog\n")
+    args = ["evaluate", str(artefact), "--reference", str(source), "--backend", backend, "--out", str(report)]
+    with monkeypatch.context() as patch:
+        patch.setattr(tadq.pipelines, "load_pipeline", lambda *a, **k: pytest.fail("loaded"))
+        result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "--eval-prompts" in result.output, result.output
+    assert not report.exists()
+    result = runner.invoke(app, [*args, "--eval-prompts", str(prompts), "--num-samples", "2"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((report / "results.json").read_text())
+    assert results["settings"]["prompts"] == ["a dog"] and results["settings"]["backend"] == backend
+    assert results["rows"][1]["method"].endswith("[int8]") == (backend == "int8")
+    assert math.isfinite(results["rows"][1]["psnr"]) and results["rows"][0]["final_mse"] == 0.0
 
 
 def test_a_missing_reference_is_named_before_the_artefact_is_loaded(tmp_path, monkeypatch):

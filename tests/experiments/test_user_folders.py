@@ -191,7 +191,7 @@ def test_run_dit_and_sd_pipeline_folders(folders, tmp_path):
     _refused(runner.invoke(app, _run(folders["sd"], tmp_path / "sd0")), "--calib-prompts")
     _ok(runner.invoke(app, _run(folders["sd"], tmp_path / "sd", "--calib-prompts", str(folders["calib"]),
                                 "--eval-prompts", str(folders["eval"]))))
-    _check_run_report(tmp_path / "sd")
+    run_rows = _check_run_report(tmp_path / "sd")["rows"]
     # the saved bases keep the pipeline's other components, as `tadq quantize` writes them: `tadq sample` runs them
     # (a denoiser-only base named a StableDiffusionPipeline with no VAE, which sample refused)
     (dit_base,) = (tmp_path / "dit" / "models").glob("naive-W8A8-*/")
@@ -201,6 +201,15 @@ def test_run_dit_and_sd_pipeline_folders(folders, tmp_path):
     _ok(runner.invoke(app, ["sample", str(sd_base), "--prompt", "a cat", "--num-samples", "1", "--steps", "2",
                             "--out", str(tmp_path / "sd-samples")]))
     assert (tmp_path / "sd-samples" / "sample_0000.png").read_bytes()[:8] == PNG
+    # `tadq evaluate` on the saved base, with the run's evaluation prompts, seed and batches, scores it as the run
+    # scored its row: the same FP and quantized samples, decoded by the same VAE (it refused text-to-image artefacts)
+    _ok(runner.invoke(app, ["evaluate", str(sd_base), "--reference", str(folders["sd"]), "--eval-prompts",
+                            str(folders["eval"]), "--num-samples", "4", "--batch-size", "4", "--threads", "1",
+                            "--out", str(tmp_path / "sd-evaluate")]))
+    evaluated = json.loads((tmp_path / "sd-evaluate" / "results.json").read_text())
+    assert evaluated["settings"]["prompts"] == [line for line in folders["eval"].read_text().splitlines() if line]
+    for key in ("psnr", "ssim", "final_mse"):
+        assert evaluated["rows"][1][key] == run_rows[1][key], key
     _ok(runner.invoke(app, ["sample", str(dit_base), "--num-samples", "1", "--steps", "2",
                             "--out", str(tmp_path / "dit-samples.png")]))
 

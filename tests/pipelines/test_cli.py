@@ -82,13 +82,29 @@ def test_prompt_errors_are_clean(cli_artefact, tiny_model_dir, sd_folder, tmp_pa
     assert result.exit_code == 2 and "calibration prompt" in text and "tokens long" in text
 
 
-def test_evaluate_names_itself_and_tadq_run_for_a_text_to_image_artefact(cli_artefact, sd_folder, tmp_path):
-    """It said "`tadq sample` drives such a model only as a pipeline", for an artefact that is one."""
-    result, text = _invoke(["evaluate", cli_artefact, "--reference", sd_folder, "--num-samples", 2,
-                            "--out", tmp_path / "report"])
-    assert result.exit_code == 2, text
-    assert "`tadq evaluate` compares unconditional and class-conditional models" in text
-    assert "tadq run --model" in text and "tadq sample" not in text and not (tmp_path / "report").exists()
+def test_evaluate_refuses_what_a_text_to_image_artefact_cannot_take_before_loading_it(cli_artefact, sd_folder,
+                                                                                     tiny_model_dir, tmp_path):
+    """`tadq evaluate` scores a text-to-image artefact on evaluation prompts (the equality with `tadq run`'s row:
+    tests/experiments/test_user_folders.py); without prompts for a user's reference, with class labels, an FP folder
+    in the artefact's place, or prompt flags for a pixel model, it is one line and nothing is written."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a bird\n")
+    report = tmp_path / "report"
+    cases = [
+        (["--reference", sd_folder], "give --eval-prompts FILE"),
+        (["--reference", sd_folder, "--eval-prompts", prompts, "--labels", "random"], "takes no --labels"),
+        (["--reference", sd_folder, "--eval-prompts", tmp_path / "none.txt"], "none.txt"),
+        (["--reference", sd_folder, "--eval-prompts", prompts, "--negative-prompt", LONG], "negative prompt"),
+    ]
+    for extra, needle in cases:
+        result, text = _invoke(["evaluate", cli_artefact, "--num-samples", 2, "--out", report, *extra])
+        assert result.exit_code == 2 and needle in text, text
+    result, text = _invoke(["evaluate", sd_folder, "--reference", sd_folder, "--eval-prompts", prompts,
+                            "--num-samples", 2, "--out", report])
+    assert result.exit_code == 2 and "not a tadq artefact" in text, text
+    result, text = _invoke(["evaluate", tiny_model_dir, "--eval-prompts", prompts, "--num-samples", 2])
+    assert result.exit_code == 2 and "are for text-to-image artefacts" in text, text
+    assert not report.exists()
 
 
 def test_missing_component_is_named_by_the_cli(cli_artefact, tmp_path):

@@ -94,10 +94,11 @@ def set_quiet(quiet: bool) -> bool:
     return before
 
 
-def check_reference_model(qmodel: Any, reference: Any, given: Path | None, flag: str) -> None:
+def check_reference_model(qmodel: Any, reference: Any, given: Path | None, flag: str,
+                          shipped: str = "the shipped digits DDPM") -> None:
     """Refuse an FP reference the artefact was not quantized from (``check_same_architecture``) before sampling;
-    when the user named none (``given`` is None) the reference is the shipped digits DDPM, and the refusal says so
-    and names ``flag``: "pass the FP model it was quantized from" left the user of another model guessing how."""
+    when the user named none (``given`` is None) the reference is a shipped model (``shipped``), and the refusal says
+    so and names ``flag``: "pass the FP model it was quantized from" left the user of another model guessing how."""
     from tadq.provenance import check_same_architecture
 
     try:
@@ -105,7 +106,7 @@ def check_reference_model(qmodel: Any, reference: Any, given: Path | None, flag:
     except ValueError as error:
         if given is not None:
             raise
-        raise ValueError(f"{error} (no {flag} given, so the reference is the shipped digits DDPM: pass {flag} "
+        raise ValueError(f"{error} (no {flag} given, so the reference is {shipped}: pass {flag} "
                          "FP_FOLDER, the diffusers folder the artefact was quantized from)") from error
 
 

@@ -10,6 +10,7 @@ import typer
 from tadq.cli.common import (
     ForceForeign,
     Labels,
+    NegativePrompt,
     NullClass,
     check_reference_model,
     check_sampling_flags,
@@ -18,6 +19,7 @@ from tadq.cli.common import (
     fail_cleanly,
     hold_output,
     note,
+    read_prompt_file,
     setup,
 )
 from tadq.cli.sample import (
@@ -171,11 +173,71 @@ def _inception_fids(evaluation, weights: Path) -> list[float]:
             inception_fid(real, evaluation.candidate.images.clamp(-1, 1), weights)]
 
 
+def _evaluation_prompts(model_dir: Path, prompt_pipeline: bool, reference: Path | None, eval_prompts: Path | None,
+                        negative_prompt: str, labels: str | None, null_class: int | None) -> tuple[str, ...]:
+    """The evaluation prompts of a text-to-image artefact (``--eval-prompts``, else the shipped text-to-image
+    model's own when it is the reference), checked against the artefact's tokenizers; ``()`` for any other
+    artefact, which takes no prompt flags. Everything refused here is refused before a model is loaded."""
+    from tadq.pipelines.prompts import check_prompt_lengths
+
+    if not prompt_pipeline:
+        if eval_prompts is not None or negative_prompt:
+            raise ValueError(f"--eval-prompts/--negative-prompt are for text-to-image artefacts; {model_dir} is "
+                             "not one (class-conditional models take --labels)")
+        return ()
+    if labels is not None or null_class is not None:
+        raise ValueError(f"{model_dir} is a text-to-image pipeline, conditioned by prompts: it takes no --labels or "
+                         "--null-class (give --eval-prompts; its unconditional branch is --negative-prompt)")
+    prompts = read_prompt_file(eval_prompts, "--eval-prompts")
+    if not prompts:
+        if reference is not None:
+            raise ValueError(f"{model_dir} is a text-to-image artefact: give --eval-prompts FILE (one prompt per "
+                             "line, apart from the prompts it was calibrated on)")
+        from tadq.zoo.t2i_prompts import EVALUATION_PROMPTS
+
+        prompts = tuple(EVALUATION_PROMPTS)
+    check_prompt_lengths(model_dir, prompts, "evaluation prompt", negative_prompt=negative_prompt or None)
+    return prompts
+
+
+def _prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple[str, ...], negative_prompt: str,
+                          guidance_scale: float | None, kind: str | None, steps: int | None, eta: float | None,
+                          seed: int, backend: str, device, dtype):
+    """(quantized denoiser, FP denoiser, scheduler, sampler, prompt conditions, guidance scale, VAE decoder) of a
+    text-to-image artefact and its FP reference: the artefact's own pipeline gives the sampler and guidance of its
+    recipe, the prompt encoder both models are conditioned with (the same embeddings for both) and the VAE both
+    are decoded with, as `tadq run` scores its rows; the reference gives only its denoiser."""
+    from tadq.device import place_model
+    from tadq.evaluation import check_evaluation_seed
+    from tadq.experiments.workload import vae_decoder
+    from tadq.io import is_quantized_artefact
+    from tadq.methods import check_sampler
+    from tadq.models import load_pipeline_parts
+    from tadq.pipelines import PromptConditions, load_pipeline
+    from tadq.zoo.t2i import shipped_t2i_path
+
+    if not is_quantized_artefact(model_dir):
+        raise ValueError(f"{model_dir} is an FP pipeline folder, not a tadq artefact: quantize it first (`tadq "
+                         "quantize`), or compare FP and quantized rows with `tadq run --model FOLDER`")
+    pipe = load_pipeline(model_dir, device=device, dtype=dtype, backend=backend)
+    qmodel = pipe.tadq_denoiser
+    check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
+    sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
+    check_sampler(qmodel, sampler, str(model_dir))
+    conditions = PromptConditions(pipe.tadq_prompt_encoder(), list(prompts), negative_prompt=negative_prompt)
+    fp_model, _ = load_pipeline_parts(reference if reference is not None else shipped_t2i_path())
+    check_reference_model(qmodel, fp_model, reference, "--reference",
+                          shipped="the shipped text-to-image pipeline")
+    fp_model = place_model(fp_model, device, dtype)
+    return qmodel, fp_model, pipe.scheduler, sampler, conditions, scale, vae_decoder(pipe.vae)
+
+
 def evaluate_command(
-    model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`) of an unconditional or "
-                                                   "class-conditional model (text-to-image: `tadq run --model`).")],
+    model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`) of an unconditional, "
+                                                   "class-conditional or text-to-image model.")],
     reference: Annotated[Path | None, typer.Option(
-        help="FP model folder it was quantized from (default: the shipped digits DDPM).")] = None,
+        help="FP model folder it was quantized from (default: the shipped digits DDPM; for a text-to-image "
+             "artefact the shipped text-to-image pipeline).")] = None,
     num_samples: Annotated[int, typer.Option(help="Samples per model (FD-digits needs about 1000).")] = 1000,
     seed: Annotated[int, typer.Option(help="Noise seed shared by the FP and quantized samples.")] = 1000,
     sampler: SamplerKind = None,
@@ -197,6 +259,14 @@ def evaluate_command(
              "[-1, 1].")] = None,
     labels: Labels = None,
     null_class: NullClass = None,
+    eval_prompts: Annotated[Path | None, typer.Option(
+        help="Text-to-image artefacts: text file, one evaluation prompt per line (sample i gets prompt i mod the "
+             "count); keep them apart from the calibration prompts, which the artefact does not record. Default "
+             "with the shipped text-to-image reference: its evaluation prompts.")] = None,
+    negative_prompt: NegativePrompt = "",
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance of both models (conditional artefacts; default: the artefact recipe's, the "
+             "scale its corrections were fitted at).")] = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
@@ -205,7 +275,7 @@ def evaluate_command(
     verbose: Verbose = False,
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
-    from the same noise; print FD, agreement, PSNR/SSIM, MSE."""
+    from the same noise (and labels or prompts); print FD, agreement, PSNR/SSIM, MSE."""
     from tadq.adapters.freeu import match_freeu
     from tadq.cli.sample import class_conditioning, is_prompt_pipeline
     from tadq.config import config_to_dict
@@ -215,6 +285,7 @@ def evaluate_command(
     from tadq.io import load_quantized
     from tadq.methods import check_sampler
     from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
+    from tadq.zoo.t2i import shipped_t2i_path
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
@@ -231,40 +302,44 @@ def evaluate_command(
                                     "quantized from)")
         if reference is not None:  # its layout and scheduler read now: a folder with no model was named only once
             load_scheduler(reference)  # the artefact had been loaded
-        if is_prompt_pipeline(model_dir):  # refused by its denoiser's conditioning only once loaded and converted
-            raise ValueError(
-                f"{model_dir} is a text-to-image pipeline: `tadq evaluate` compares unconditional and "
-                "class-conditional models; a pipeline is evaluated by `tadq run --model FP_FOLDER` (FP and quantized "
-                "from the same noise and prompts)" + ("" if backend == "fake" else
-                f", which runs the float simulation: `tadq sample {model_dir} --backend {backend} --prompt ...` "
-                "samples it on the integer kernels"))
+        prompt_pipeline = is_prompt_pipeline(model_dir)
+        prompts = _evaluation_prompts(model_dir, prompt_pipeline, reference, eval_prompts, negative_prompt,
+                                      labels, null_class)
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
+            default_reference = shipped_t2i_path() if prompt_pipeline else shipped_model_path()
             check_output_dir(out, kind="evaluate-report", resume=True, force_foreign=force_foreign,
-                             inputs=[model_dir, reference if reference is not None else shipped_model_path()])
+                             inputs=[model_dir, reference if reference is not None else default_reference])
             hold_output(out)
-        sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
-        qmodel, scheduler = load_quantized(model_dir, backend=backend)
-        check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
-        check_sampler(qmodel, sampler_config, str(model_dir))
-        qmodel = place_model(qmodel, torch_device, torch_dtype)  # float32: bit-identical to the saved model
-        # a class-conditional model: labels from the evaluation seed (never the calibration one), the recipe's
-        # guidance; a latent model's samples are scored after its VAE decodes them
-        conditions, scale, decoder = class_conditioning(qmodel, model_dir, num_samples, class_label=None,
-                                                         labels=labels, null_class=null_class, guidance_scale=None,
-                                                         device=torch_device, dtype=torch_dtype, command="evaluate")
-        fp_model, fp_scheduler = load_pipeline_parts(reference)
-        if reference is None:  # the shipped model stands in: refused naming --reference (evaluate checks a named one)
-            check_reference_model(qmodel, fp_model, reference, "--reference")
-        if match_freeu(fp_model, qmodel.model) is not None:
-            note("the artefact runs with FreeU: the FP reference runs with the same factors")
-        fp_model = place_model(fp_model, torch_device, torch_dtype)
+        if prompt_pipeline:
+            qmodel, fp_model, scheduler, sampler_config, conditions, scale, decoder = _prompt_pipeline_pair(
+                model_dir, reference, prompts, negative_prompt, guidance_scale, sampler, steps, eta, seed, backend,
+                torch_device, torch_dtype)
+        else:
+            sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
+            qmodel, scheduler = load_quantized(model_dir, backend=backend)
+            check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
+            check_sampler(qmodel, sampler_config, str(model_dir))
+            qmodel = place_model(qmodel, torch_device, torch_dtype)  # float32: bit-identical to the saved model
+            # a class-conditional model: labels from the evaluation seed (never the calibration one), the recipe's
+            # guidance; a latent model's samples are scored after its VAE decodes them
+            conditions, scale, decoder = class_conditioning(qmodel, model_dir, num_samples, class_label=None,
+                                                             labels=labels, null_class=null_class,
+                                                             guidance_scale=guidance_scale, device=torch_device,
+                                                             dtype=torch_dtype, command="evaluate")
+            fp_model, fp_scheduler = load_pipeline_parts(reference)
+            scheduler = scheduler or fp_scheduler
+            if reference is None:  # the shipped model stands in: refused naming --reference
+                check_reference_model(qmodel, fp_model, reference, "--reference")
+            if match_freeu(fp_model, qmodel.model) is not None:
+                note("the artefact runs with FreeU: the FP reference runs with the same factors")
+            fp_model = place_model(fp_model, torch_device, torch_dtype)
         image_shape = decoded_shape(qmodel.sample_shape, decoder)
         resolution = image_shape[-1]
         space = _feature_space(features, reference, reference_images, resolution)
         if inception_weights is not None:  # checked before sampling twice, not after
             _inception_digits(image_shape)  # grey digits of this size exist
         announce_compile(backend)
-        evaluation = evaluate_against_reference(qmodel, fp_model, scheduler or fp_scheduler, sampler_config,
+        evaluation = evaluate_against_reference(qmodel, fp_model, scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
                                                 features=space, conditions=conditions, guidance_scale=scale,
                                                 decoder=decoder)
@@ -284,6 +359,8 @@ def evaluate_command(
         settings = {"model": str(model_dir), "reference": str(reference) if reference else "shipped",
                     "sampler": config_to_dict(sampler_config), "sampler_key": sampler_config.key,
                     "num_samples": num_samples, "seed": seed, "guidance_scale": scale, "backend": backend,
-                    "labels": None if conditions is None else conditions.key}
+                    "labels": None if conditions is None or prompt_pipeline else conditions.key}
+        if prompt_pipeline:
+            settings.update(prompts=list(prompts), negative_prompt=negative_prompt, conditions=conditions.key)
         _write_report(out, rows, evaluation, settings, fd_key)
         console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")

@@ -29,7 +29,7 @@ from tadq.safefiles import find_weight_files, read_json_file, require_stored_par
 from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels, SamplerConfig
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
-           "ClassLabelSetting", "class_label_setting", "decoder_component", "folder_vae_decoder",
+           "ClassLabelSetting", "class_label_setting", "decoder_component", "folder_vae_decoder", "vae_decoder",
            "LATENT_DECODERS", "LABEL_MODES"]
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class Workload:
         return decoded_shape(adapter_for(self.model).sample_shape(self.model), self.decoder)
 
 
-def _vae_decoder(vae: nn.Module, batch_size: int = 64) -> Callable[[Tensor], Tensor]:
+def vae_decoder(vae: nn.Module, batch_size: int = 64) -> Callable[[Tensor], Tensor]:
     """Latents → images in [-1, 1], as diffusers' pipelines decode them (``latents / scaling_factor``, then the
     VAE decoder), in batches, in the VAE's dtype and on its device; returned on the latents' device as float32."""
     scaling = float(vae.config.scaling_factor)
@@ -293,7 +293,7 @@ def folder_vae_decoder(path: Path, device: torch.device | None = None,
     vae = vae.eval().requires_grad_(False)
     if device is not None:
         vae = vae.to(device)
-    return _vae_decoder(vae)
+    return vae_decoder(vae)
 
 
 @dataclass(frozen=True)
@@ -459,7 +459,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
     calibration = PromptConditions(encoder, list(calibration_prompts), negative_prompt=negative_prompt)
     evaluation = PromptConditions(encoder, list(evaluation_prompts), negative_prompt=negative_prompt)
     _check_prompts_apart(encoder, calibration_prompts, evaluation_prompts)
-    decoder = _vae_decoder(pipeline.vae)
+    decoder = vae_decoder(pipeline.vae)
     denoiser = pipeline_denoiser(pipeline).eval().requires_grad_(False)  # the UNet, or PixArt/SD3/Flux's transformer
     scheduler = load_pipeline_parts(path)[1]
     workload = Workload(
