@@ -29,3 +29,38 @@ def test_chunks_equal_what_a_lone_rank_samples_and_the_key_holds_the_conditions(
         assert torch.equal(alone.images, images[start: start + 2])
     with pytest.raises(ValueError):
         sample_sharded(model, scheduler, SAMPLER, out_dir=tmp_path / "run", **(options | {"guidance_scale": 3.0}))
+
+
+def test_the_cli_samples_and_measures_a_latent_class_conditional_artefact_as_tadq_evaluate_does(tmp_path):
+    """`tadq sample-sharded` refused every conditional model (the library took conditions, the command had no flag)
+    and measured latents as images. On the shipped DiT it now draws labels from (seed, index) with the artefact's
+    guidance, decodes both runs with the folder's VAE for the image metrics, and gives `tadq evaluate`'s numbers
+    for the same artefact, seed and batches."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+    from tadq.zoo.dit import shipped_dit_path
+
+    runner = CliRunner()
+    dit, artefact = shipped_dit_path(), tmp_path / "w8a8"
+    small = ["--num-samples", "4", "--batch-size", "2", "--threads", "1"]
+
+    def ok(args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+
+    ok(["quantize", dit, "--preset", "W8A8", "--steps", "4", "--calib-trajectories", "4", "--out", artefact,
+        "--cache-dir", tmp_path / "cache", "--threads", "1"])
+    ok(["sample-sharded", dit, "--steps", "4", *small, "--out-dir", tmp_path / "fp"])
+    ok(["sample-sharded", artefact, *small, "--out-dir", tmp_path / "q", "--reference-dir", tmp_path / "fp"])
+    ok(["evaluate", artefact, "--reference", dit, "--features", "digits", *small, "--out", tmp_path / "eval"])
+    sharded = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())["rows"][1]
+    assert sharded["labels"] == json.loads((tmp_path / "fp" / "metrics.json").read_text())["labels"] is not None
+    # the same samples and decoded images: only the classifier's batches and the reductions' order differ, float32
+    # round-off (a few eps relative), far inside 1e-4; one flipped label would move agreement by 1/4
+    for key in ("fd_digits", "psnr", "ssim", "final_mse"):
+        assert sharded["metrics"][key] == pytest.approx(evaluated[key], rel=1e-4), key
+    assert sharded["metrics"]["agreement"] == evaluated["agreement"]

@@ -13,7 +13,16 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import ForceForeign, check_sampling_flags, console, fail_cleanly, hold_output, setup
+from tadq.cli.common import (
+    ForceForeign,
+    Labels,
+    NullClass,
+    check_sampling_flags,
+    console,
+    fail_cleanly,
+    hold_output,
+    setup,
+)
 from tadq.cli.sample import (
     Eta,
     SampledModel,
@@ -66,16 +75,24 @@ def sample_sharded_command(
         help="Store every state in the chunks (per-step MSE against a reference that did the same).")] = False,
     assemble: Annotated[bool, typer.Option("--assemble/--no-assemble",
                                            help="Write samples.safetensors with all images (rank 0).")] = True,
+    labels: Labels = None,
+    null_class: NullClass = None,
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Class-conditional models: classifier-free guidance against the null class (default: the artefact "
+             "recipe's, the scale its corrections were fitted at; 1 for an FP folder).")] = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Annotated[str, typer.Option(help="auto (cuda:LOCAL_RANK when CUDA is available), cpu or cuda.")
                       ] = "auto",
     verbose: Verbose = False,
 ) -> None:
-    """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics."""
+    """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics.
+    A class-conditional model samples labels from (seed, index) (--labels), guided as --guidance-scale says; a
+    latent one (a DiT folder) stores latents in the chunks and is measured on the images its VAE decodes."""
+    from tadq.cli.sample import class_conditioning
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
     from tadq.distributed.metrics import check_metrics_fit, check_reference_noise
-    from tadq.evaluation import check_evaluation_seed
+    from tadq.evaluation import check_evaluation_seed, decoded_shape
     from tadq.fsguard import check_output_dir
     from tadq.models import shipped_model_path
     from tadq.registry import adapter_for
@@ -114,24 +131,32 @@ def sample_sharded_command(
         reference = ShardedRun.open(reference_dir) if reference_dir is not None else None
         denoiser, scheduler, label = load_denoiser(model_dir)
         shape = getattr(denoiser, "sample_shape", None) or adapter_for(denoiser).sample_shape(denoiser)
+        # labels from (seed, index) and the guidance of a class-conditional model (none for an unconditional one),
+        # the VAE of a latent one; every rank draws the same labels for an index
+        conditions, scale, decoder = class_conditioning(
+            denoiser, model_dir if model_dir is not None else shipped_model_path(), num_samples, class_label=None,
+            labels=labels, null_class=null_class, guidance_scale=guidance_scale, device=world.device, dtype=None,
+            command="sample-sharded")
         if metrics:  # colour, or a size without real digits: refused before any chunk, as sharded_metrics would after
-            check_metrics_fit(shape)
+            check_metrics_fit(decoded_shape(shape, decoder))
             check_evaluation_seed(denoiser, seed, "--seed")  # measured on its calibration noise (--no-metrics: taken)
         if metrics and reference is not None:  # another noise is refused now, not after the whole run
             check_reference_noise(reference, seed=seed, sampler=sampler_config, sample_shape=shape,
-                                  num_samples=num_samples)
+                                  num_samples=num_samples, conditions=conditions, guidance_scale=scale)
         report = sample_sharded(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
                                 out_dir=out_dir, batch_size=batch_size, chunk_size=chunk_size or batch_size,
-                                record_trajectory=record_trajectory, world=world, label=label, assemble=assemble)
+                                record_trajectory=record_trajectory, world=world, label=label, assemble=assemble,
+                                conditions=conditions, guidance_scale=scale)
         if world.is_main:  # this run's checks passed: an earlier run's metrics (another N) must not outlive it
             (out_dir / METRICS_NAME).unlink(missing_ok=True)
             console.print(f"{out_dir}: {num_samples} samples of {label} ({len(report.reused)} chunks reused, "
                           f"{world.world_size} process{'es' if world.world_size > 1 else ''})")
         if metrics:
-            result = sharded_metrics(report.run, reference=reference, world=world)
+            result = sharded_metrics(report.run, reference=reference, world=world, decoder=decoder)
             if world.is_main:
                 payload = {"metrics": result.to_dict(), "model": label, "sampler_key": sampler_config.key,
-                           "seed": seed, "reference": str(reference_dir) if reference_dir else None}
+                           "seed": seed, "reference": str(reference_dir) if reference_dir else None,
+                           "labels": None if conditions is None else conditions.key, "guidance_scale": scale}
                 atomic_write_json(payload, out_dir / METRICS_NAME)
                 _print_metrics(result, f"tadq sample-sharded: {label}, {sampler_config.key}, seed {seed}")
                 console.print(f"wrote {out_dir / METRICS_NAME}")

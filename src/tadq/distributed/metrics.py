@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from tadq.distributed.key import conditioning_key, sampler_fields
 from tadq.distributed.shards import ChunkRange, assign_chunks
 from tadq.distributed.store import ShardedRun
 from tadq.distributed.world import World
+from tadq.evaluation import decoded_shape
 from tadq.metrics import (
     DigitClassifier,
     digit_features,
@@ -183,15 +185,22 @@ def check_reference(run: ShardedRun, reference: ShardedRun) -> None:
 
 
 def _statistics(run: ShardedRun, reference: ShardedRun | None, chunk: ChunkRange,
-                classifier: DigitClassifier, progress: bool) -> ChunkStatistics:
+                classifier: DigitClassifier, progress: bool,
+                decoder: Callable[[Tensor], Tensor] | None = None) -> ChunkStatistics:
     payload = run.load_chunk(chunk)
+    images = payload["images"] if decoder is None else decoder(payload["images"])
     if reference is None:
-        return chunk_statistics(chunk, payload["images"], classifier, progress=progress)
+        return chunk_statistics(chunk, images, classifier, progress=progress)
     both_recorded = run.key["record_trajectory"] and reference.key["record_trajectory"]
-    images, states = payload["images"], (payload["states"] if both_recorded else None)
+    states = payload["states"] if both_recorded else None  # a latent model's per-step error stays in its latents
     reference_states = reference.read(chunk.start, chunk.stop, states=True) if both_recorded else None
-    return chunk_statistics(chunk, images, classifier, reference.read(chunk.start, chunk.stop), states,
-                            reference_states, progress=progress)
+    reference_images = reference.read(chunk.start, chunk.stop)
+    if decoder is not None:
+        reference_images = decoder(reference_images)
+        if states is None:  # the final error in the latents the sampler walked in, as tadq evaluate reports it
+            states, reference_states = payload["images"][None], reference.read(chunk.start, chunk.stop)[None]
+    return chunk_statistics(chunk, images, classifier, reference_images, states, reference_states,
+                            progress=progress)
 
 
 def _reduce(parts: list[ChunkStatistics], chunks: tuple[ChunkRange, ...], real_statistics: tuple,
@@ -224,11 +233,10 @@ def _shipped_reference(resolution: int) -> tuple[Tensor, float]:
     return reference.real, reference.floor
 
 
-def _real_and_floor(run: ShardedRun, real: Tensor | None, shipped_classifier: bool) -> tuple[Tensor, float | None]:
+def _real_and_floor(resolution: int, real: Tensor | None, shipped_classifier: bool) -> tuple[Tensor, float | None]:
     """The real images FD is measured against and, for the shipped classifier and digits, the real-vs-real floor."""
     from tadq.zoo.data import DigitsConfig, load_digits_split
 
-    resolution = run.key["sample_shape"][-1]
     if real is None and shipped_classifier:
         return _shipped_reference(resolution)
     if real is None:
@@ -239,6 +247,7 @@ def _real_and_floor(run: ShardedRun, real: Tensor | None, shipped_classifier: bo
 def sharded_metrics(
     run: ShardedRun, *, reference: ShardedRun | None = None, world: World | None = None,
     classifier: DigitClassifier | None = None, real: Tensor | None = None, progress: bool = True,
+    decoder: Callable[[Tensor], Tensor] | None = None,
 ) -> ShardedMetrics:
     """FD-digits of ``run`` (and agreement, PSNR, SSIM, MSE against ``reference``), computed by all ranks.
 
@@ -252,23 +261,27 @@ def sharded_metrics(
         classifier: Feature extractor (default: the shipped digits classifier, which also gives ``fd_floor``).
         real: Real images (M, 1, H, W) in [-1, 1] for FD (default: the training digits at the run's resolution).
         progress: the feature-extraction bars of large chunks and real sets, on rank 0 (as ``sample_sharded``'s).
+        decoder: latents → images in [-1, 1] (a latent model's VAE, ``tadq.experiments.workload.vae_decoder``):
+            the image metrics read the decoded images of both runs, the MSE stays in the latent space the
+            sampler walks in; ``None``: the samples are images.
     """
     world = world or World.current()
-    check_metrics_fit(run.key["sample_shape"], real_given=real is not None)
+    image_shape = decoded_shape(tuple(run.key["sample_shape"]), decoder)
+    check_metrics_fit(image_shape, real_given=real is not None)
     if run.num_samples < 2:
         raise ValueError("FD-digits needs at least 2 samples for a covariance")
     if reference is not None:
         check_reference(run, reference)
-        if min(run.key["sample_shape"][-2:]) < SSIM_MIN_SIDE:
+        if min(image_shape[-2:]) < SSIM_MIN_SIDE:
             logger.warning("SSIM not measured: %s images are smaller than its window (at least %d×%d)",
-                           "×".join(map(str, run.key["sample_shape"][-2:])), SSIM_MIN_SIDE, SSIM_MIN_SIDE)
+                           "×".join(map(str, image_shape[-2:])), SSIM_MIN_SIDE, SSIM_MIN_SIDE)
     extractor = (classifier or load_digit_classifier()).to(world.device)
     mine = assign_chunks(run.chunks, world.rank, world.world_size)
     progress = progress and world.is_main
-    gathered = world.gather([_statistics(run, reference, chunk, extractor, progress) for chunk in mine])
+    gathered = world.gather([_statistics(run, reference, chunk, extractor, progress, decoder) for chunk in mine])
 
     def reduce() -> ShardedMetrics:
-        real_images, floor = _real_and_floor(run, real, shipped_classifier=classifier is None)
+        real_images, floor = _real_and_floor(image_shape[-1], real, shipped_classifier=classifier is None)
         real_statistics = gaussian_statistics(digit_features(real_images, extractor, progress=progress))
         return _reduce([part for rank_parts in gathered for part in rank_parts], run.chunks, real_statistics, floor)
 
