@@ -35,7 +35,7 @@ from tadq.corrections.tcec.propagation import (  # noqa: E402
     predict_recursive,
 )
 from tadq.report.figures import gap_note, plot_positive  # noqa: E402
-from tadq.sampling import Denoiser, SamplerConfig, SamplingPlan, StepContext, to_epsilon  # noqa: E402
+from tadq.sampling import ConditionSource, Denoiser, SamplerConfig, SamplingPlan, StepContext  # noqa: E402
 from tadq.utils import save_figure  # noqa: E402
 
 __all__ = ["PropagationReport", "analyze_propagation", "save_propagation_plot"]
@@ -96,14 +96,18 @@ def _relative_label(value: float) -> str:
     return f"{value:.2f}" if math.isfinite(value) else "∞: none measured, some predicted"
 
 
-def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, steps: list[StepContext],
-                  batch_size: int, device: torch.device):
+def _measured_jvp(ctx: FitContext, fp_states: Tensor, fp_eps: Tensor, steps: list[StepContext], seed: int):
     """J_n δ by a forward difference of the FP network at the FP state x_n; ε_θ(x_n) is the pair's recorded
     ``eps_fp_trajectory``, so each step costs one FP call, not two.
 
-    The pair's states are on the CPU: each shifted batch goes to the networks' ``device`` and its ε comes back. The
-    timestep is the one the sampler fed (``Walker.predict``): on a fractional grid (euler, flow) a long ``t`` called
-    the network at another time than ε_θ(x_n) was recorded at, and the difference quotient measured that instead."""
+    The pair's states are on the CPU: each shifted batch goes to the networks' device and its ε comes back. The
+    network is called as the sampler calls it (``Walker.predict``): at the timestep it fed (on a fractional grid,
+    euler or flow, a long ``t`` called the network at another time than ε_θ(x_n) was recorded at, and the difference
+    quotient measured that instead), with each sample's conditions and, for a guided plan, both branches mixed at
+    the plan's scale, so J is the Jacobian of the guided ε the error propagates through."""
+    walker = ctx.walker()
+    conditions = [batch.cond for batch in ctx.batches(seed, fp_states.shape[1])]  # the pair's rows, in its batches
+    device = torch.device(ctx.device)
 
     def jvp(n: int, delta: Tensor) -> Tensor:
         x = fp_states[n]
@@ -113,13 +117,12 @@ def _measured_jvp(fp_denoiser: Denoiser, fp_states: Tensor, fp_eps: Tensor, step
         h = JVP_RELATIVE_STEP * float(x.double().square().mean().sqrt()) / scale
         outputs = []
         with torch.no_grad():
-            for start in range(0, x.shape[0], batch_size):
-                base = x[start: start + batch_size]
-                shifted = (base.double() + h * delta[start: start + batch_size]).to(device=device, dtype=base.dtype)
-                time_dtype = torch.long if isinstance(steps[n].t, int) else torch.float32  # as the walker feeds it
-                t = torch.full((base.shape[0],), steps[n].t, dtype=time_dtype, device=device)
-                at_x = fp_eps[n][start: start + batch_size].double()
-                eps = to_epsilon(fp_denoiser(shifted, t, None), shifted, steps[n])
+            for cond, start in zip(conditions, range(0, x.shape[0], ctx.batch_size), strict=True):
+                base = x[start: start + ctx.batch_size]
+                shifted = (base.double() + h * delta[start: start + ctx.batch_size]).to(device=device,
+                                                                                       dtype=base.dtype)
+                at_x = fp_eps[n][start: start + ctx.batch_size].double()
+                eps, _ = walker.predict(ctx.fp_denoiser, shifted, steps[n], cond)
                 outputs.append((eps.to(at_x.device).double() - at_x) / h)  # widened on the host: MPS has no float64
         return torch.cat(outputs)
 
@@ -138,10 +141,14 @@ def analyze_propagation(
     batch_size: int = 128,
     sample_shape: tuple[int, int, int] | None = None,
     bits: str | None = None,
+    conditions: ConditionSource | None = None,
+    guidance_scale: float = 1.0,
 ) -> PropagationReport:
-    """Measured vs predicted cumulative error of ``q_denoiser`` (the network without corrections) along ``sampler``."""
-    ctx = FitContext.of(fp_denoiser, q_denoiser, SamplingPlan.build(scheduler, sampler), sample_shape=sample_shape,
-                        bits=bits, batch_size=batch_size)
+    """Measured vs predicted cumulative error of ``q_denoiser`` (the network without corrections) along ``sampler``;
+    a conditional model with its per-sample ``conditions`` (labels or prompts, drawn from ``seed`` as ``tadq.sample``
+    draws them) and classifier-free guidance at ``guidance_scale``: the error is that of the guided ε."""
+    ctx = FitContext.of(fp_denoiser, q_denoiser, SamplingPlan.build(scheduler, sampler, guidance_scale),
+                        sample_shape=sample_shape, bits=bits, batch_size=batch_size, conditions=conditions)
     pair = collect_trajectory_pair(ctx, num_samples=num_samples, seed=seed, mode="quantized")
     steps = list(pair.steps)
     errors = pair.eps_q.double() - pair.eps_fp.double()  # e_n at the quantized state, (S, N, C, H, W)
@@ -152,9 +159,8 @@ def analyze_propagation(
         errors, steps, coefficients=pairs)
     jvp = None
     if measure_jacobian:
-        jvp = predict_recursive(errors, steps, _measured_jvp(fp_denoiser, pair.fp_states, pair.eps_fp_trajectory,
-                                                              steps, batch_size, torch.device(ctx.device)),
-                                coefficients=pairs)
+        jvp = predict_recursive(errors, steps, _measured_jvp(ctx, pair.fp_states, pair.eps_fp_trajectory, steps,
+                                                              seed), coefficients=pairs)
     return PropagationReport(
         measured=_mse_per_state(measured), predicted_j0=_mse_per_state(j0),
         predicted_jvp=None if jvp is None else _mse_per_state(jvp),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -170,21 +171,30 @@ def test_a_text_conditioned_denoiser_alone_is_refused_naming_what_drives_it(tmp_
     assert hint in str(error.value)
 
 
-def test_analyze_refuses_a_class_conditional_artefact_by_name_before_sampling(guided_artefact, unet_folder, tmp_path,
-                                                                            monkeypatch):
-    """tadq analyze has no conditioning flags: it failed after loading and starting the FP sampling, telling the
-    user to pass a ``cond=`` argument the command does not have."""
-    import tadq.analysis
-
-    def never(*args, **kwargs):
-        raise AssertionError("sampling started")
-
-    monkeypatch.setattr(tadq.analysis, "collect_trajectory_pair", never)
-    result, text = _invoke("analyze", str(guided_artefact), "--fp-model", str(unet_folder), "--num-samples", "2",
+def test_analyze_measures_a_class_conditional_artefact_as_evaluate_samples_it(unet_folder, tmp_path):
+    """tadq analyze refused conditional artefacts (it had no conditioning flags). It now draws the labels from
+    --seed and guides at the recipe's scale, as tadq evaluate does, so for an artefact without corrections (analyze
+    measures the network alone) its measured final error is evaluate's final MSE of the same trajectories; the
+    Jacobian term is that of the guided ε (both branches per FP call)."""
+    guided_artefact = tmp_path / "guided"
+    result, text = _invoke("quantize", str(unet_folder), "--out", str(guided_artefact), "--preset", "W8A8",
+                           "--method", "naive", "--labels", "random", "--null-class", str(NULL), "--guidance-scale",
+                           "2.5", *SMALL, "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    common = ("--num-samples", "4", "--batch-size", "2")
+    result, text = _invoke("analyze", str(guided_artefact), "--fp-model", str(unet_folder), *common,
                            "--out", str(tmp_path / "analysis"))
-    assert result.exit_code == 2, result.output
-    assert "conditional UNet2DModel" in text and "['class_labels']" in text and "tadq evaluate" in text
-    assert not (tmp_path / "analysis").exists()
+    assert result.exit_code == 0, result.output
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    result, text = _invoke("evaluate", str(guided_artefact), "--reference", str(unet_folder), *common,
+                           "--out", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert analysis["settings"]["guidance_scale"] == evaluated["settings"]["guidance_scale"] == 2.5  # recorded
+    assert analysis["settings"]["conditions"] == evaluated["settings"]["labels"]
+    # the same states, one MSE over the same float32 values: only the float64 reduction order may differ
+    assert analysis["measured"][-1] == pytest.approx(evaluated["rows"][1]["final_mse"], rel=1e-9)
+    assert math.isfinite(analysis["predicted_jvp"][-1]) and analysis["predicted_jvp"][-1] > 0
 
 
 @pytest.mark.parametrize(("labels", "message"), [

@@ -156,3 +156,24 @@ def test_a_missing_reference_is_named_before_the_artefact_is_loaded(tmp_path, mo
     monkeypatch.setattr(tadq.io, "load_quantized", lambda *a, **k: pytest.fail("loaded"))
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--reference", str(tmp_path / "gone")])
     assert result.exit_code == 2 and "--reference" in result.output and "gone" in result.output, result.output
+
+
+def test_analyze_measures_a_text_to_image_artefact_on_the_prompts_evaluate_samples(tmp_path, pipeline_artefact):
+    """tadq analyze refused text-to-image artefacts; on evaluation prompts (the same embeddings, guidance and
+    sampler as tadq evaluate) its measured final latent error equals evaluate's final MSE for an artefact without
+    corrections, and the report names the prompts' conditions."""
+    artefact, source = pipeline_artefact
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a dog\nthe cat\n")
+    common = ["--eval-prompts", str(prompts), "--num-samples", "3", "--batch-size", "2"]
+    result = runner.invoke(app, ["analyze", str(artefact), "--fp-model", str(source), *common,
+                                 "--out", str(tmp_path / "analysis")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["evaluate", str(artefact), "--reference", str(source), *common,
+                                 "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    analysis = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    evaluated = json.loads((tmp_path / "report" / "results.json").read_text())
+    assert analysis["settings"]["conditions"] == evaluated["settings"]["conditions"] is not None
+    # the same latents, one MSE over the same float32 values: only the float64 reduction order may differ
+    assert analysis["measured"][-1] == pytest.approx(evaluated["rows"][1]["final_mse"], rel=1e-9)

@@ -9,6 +9,9 @@ import typer
 
 from tadq.cli.common import (
     ForceForeign,
+    Labels,
+    NegativePrompt,
+    NullClass,
     check_reference_model,
     check_sampling_flags,
     console,
@@ -37,7 +40,8 @@ __all__ = ["analyze_command"]
 def analyze_command(
     model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`).")],
     fp_model: Annotated[Path | None, typer.Option(
-        help="The FP diffusers folder the artefact was quantized from (default: the shipped model).")] = None,
+        help="The FP diffusers folder the artefact was quantized from (default: the shipped digits DDPM; for a "
+             "text-to-image artefact the shipped text-to-image pipeline).")] = None,
     num_samples: Annotated[int, typer.Option(help="Trajectories (PSNR-scale numbers need few).")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 1000,
     sampler: SamplerKind = None,
@@ -49,6 +53,15 @@ def analyze_command(
                                                  "slightly (README: What tadq guarantees).")] = 128,
     out: Annotated[Path, typer.Option(help="Report folder: analysis.json and propagation.png.")] = Path(
         "runs/analyze"),
+    labels: Labels = None,
+    null_class: NullClass = None,
+    eval_prompts: Annotated[Path | None, typer.Option(
+        help="Text-to-image artefacts: text file, one prompt per line (trajectory i gets prompt i mod the count); "
+             "default with the shipped text-to-image reference: its evaluation prompts.")] = None,
+    negative_prompt: NegativePrompt = "",
+    guidance_scale: Annotated[float | None, typer.Option(
+        help="Classifier-free guidance of both models (conditional artefacts; default: the artefact recipe's).")
+                              ] = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Device = "cpu",
@@ -59,6 +72,7 @@ def analyze_command(
     """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction (the
     network run by --backend: the integer model's error is the one a deployment propagates)."""
     from tadq.analysis import analyze_propagation, save_propagation_plot
+    from tadq.cli.sample import class_conditioning, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
     from tadq.corrections.attach import as_denoiser
     from tadq.device import place_model
     from tadq.evaluation import check_evaluation_seed
@@ -67,6 +81,7 @@ def analyze_command(
     from tadq.models import load_pipeline_parts, shipped_model_path
     from tadq.report import dumps_json
     from tadq.utils import atomic_write_text
+    from tadq.zoo.t2i import shipped_t2i_path
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
     with fail_cleanly():
@@ -75,32 +90,38 @@ def analyze_command(
         check_backend_here(backend, torch_device, torch_dtype)  # refused before anything is loaded
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
-        sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
+        prompt_pipeline = is_prompt_pipeline(model_dir)
+        prompts = evaluation_prompts(model_dir, prompt_pipeline, fp_model, eval_prompts, negative_prompt, labels,
+                                     null_class)
+        default_reference = shipped_t2i_path() if prompt_pipeline else shipped_model_path()
         check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
-                         inputs=[model_dir, fp_model if fp_model is not None else shipped_model_path()])
+                         inputs=[model_dir, fp_model if fp_model is not None else default_reference])
         hold_output(out)
-        qmodel, artefact_scheduler = load_quantized(model_dir, backend=backend)
-        check_evaluation_seed(qmodel, seed, "--seed")  # the measured error would be on its calibration noise
-        wanted = qmodel.adapter.conditioning_inputs(qmodel.model)
-        if wanted:  # refused here, not by the first network call after the FP model is loaded and sampling began
-            from tadq.pipelines import is_pipeline_folder
-
-            other = ("tadq run --model FP_PIPELINE_FOLDER (prompts, guidance and VAE decoding)"
-                     if is_pipeline_folder(model_dir) else "tadq evaluate")
-            raise ValueError(f"{model_dir} holds a conditional {type(qmodel.model).__name__} (it takes "
-                             f"{list(wanted)}); tadq analyze measures unconditional models only and has no "
-                             f"conditioning flags: use {other} for it")
-        qmodel = place_model(qmodel, torch_device, torch_dtype)
-        fp, fp_scheduler = load_pipeline_parts(fp_model)
-        # the schedule the artefact was calibrated under (saved with it); the FP folder's only when it has none
-        scheduler = artefact_scheduler or fp_scheduler
-        # the default reference is the shipped model: another model's artefact is measured against it only if alike
-        check_reference_model(qmodel, fp, fp_model, "--fp-model")
-        fp = place_model(fp, torch_device, torch_dtype)
+        if prompt_pipeline:  # the prompts' embeddings and the recipe's guidance and sampler, as tadq evaluate
+            qmodel, fp, scheduler, sampler_config, conditions, scale, _ = prompt_pipeline_pair(
+                model_dir, fp_model, prompts, negative_prompt, guidance_scale, sampler, steps, eta, seed, backend,
+                torch_device, torch_dtype, "--fp-model")
+        else:
+            sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
+            qmodel, artefact_scheduler = load_quantized(model_dir, backend=backend)
+            check_evaluation_seed(qmodel, seed, "--seed")  # the measured error would be on its calibration noise
+            qmodel = place_model(qmodel, torch_device, torch_dtype)
+            # a class-conditional model: labels from --seed and the recipe's guidance, as tadq evaluate draws them
+            conditions, scale, _ = class_conditioning(qmodel, model_dir, num_samples, class_label=None, labels=labels,
+                                                      null_class=null_class, guidance_scale=guidance_scale,
+                                                      device=torch_device, dtype=torch_dtype, command="analyze")
+            fp, fp_scheduler = load_pipeline_parts(fp_model)
+            # the schedule the artefact was calibrated under (saved with it); the FP folder's only when it has none
+            scheduler = artefact_scheduler or fp_scheduler
+            # the default reference is the shipped model: another model's artefact is measured against it if alike
+            check_reference_model(qmodel, fp, fp_model, "--fp-model")
+            fp = place_model(fp, torch_device, torch_dtype)
         announce_compile(backend)
-        # the network alone: the prediction explains the error the corrections then act on
+        # the network alone: the prediction explains the error the corrections then act on; a latent model's error
+        # is analysed in the latents its sampler walks in
         report = analyze_propagation(qmodel, as_denoiser(fp), scheduler, sampler_config, num_samples=num_samples,
-                                     seed=seed, measure_jacobian=jacobian, batch_size=batch_size)
+                                     seed=seed, measure_jacobian=jacobian, batch_size=batch_size,
+                                     conditions=conditions, guidance_scale=scale)
     ignored = [type(member).__name__.removesuffix("Correction") for member in getattr(qmodel, "corrections", ())]
     if ignored:
         err_console.print(f"the network alone is analysed: the artefact's corrections ({', '.join(ignored)}) are not "
@@ -109,7 +130,8 @@ def analyze_command(
     mark_output(out, "analysis")
     settings = {"model": str(model_dir), "fp_model": str(fp_model) if fp_model is not None else "shipped",
                 "corrections_not_applied": ignored, "measure_jacobian": jacobian, "batch_size": batch_size,
-                "backend": backend}
+                "backend": backend, "guidance_scale": scale,
+                "conditions": None if conditions is None else conditions.key}
     (out / "analysis.json").unlink(missing_ok=True)  # written last: an interrupt while drawing left an earlier
     # analysis's numbers beside this one's figure (as tadq evaluate's results files)
     save_propagation_plot(report, out / "propagation.png",

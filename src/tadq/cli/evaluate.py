@@ -19,7 +19,6 @@ from tadq.cli.common import (
     fail_cleanly,
     hold_output,
     note,
-    read_prompt_file,
     setup,
 )
 from tadq.cli.sample import (
@@ -173,65 +172,6 @@ def _inception_fids(evaluation, weights: Path) -> list[float]:
             inception_fid(real, evaluation.candidate.images.clamp(-1, 1), weights)]
 
 
-def _evaluation_prompts(model_dir: Path, prompt_pipeline: bool, reference: Path | None, eval_prompts: Path | None,
-                        negative_prompt: str, labels: str | None, null_class: int | None) -> tuple[str, ...]:
-    """The evaluation prompts of a text-to-image artefact (``--eval-prompts``, else the shipped text-to-image
-    model's own when it is the reference), checked against the artefact's tokenizers; ``()`` for any other
-    artefact, which takes no prompt flags. Everything refused here is refused before a model is loaded."""
-    from tadq.pipelines.prompts import check_prompt_lengths
-
-    if not prompt_pipeline:
-        if eval_prompts is not None or negative_prompt:
-            raise ValueError(f"--eval-prompts/--negative-prompt are for text-to-image artefacts; {model_dir} is "
-                             "not one (class-conditional models take --labels)")
-        return ()
-    if labels is not None or null_class is not None:
-        raise ValueError(f"{model_dir} is a text-to-image pipeline, conditioned by prompts: it takes no --labels or "
-                         "--null-class (give --eval-prompts; its unconditional branch is --negative-prompt)")
-    prompts = read_prompt_file(eval_prompts, "--eval-prompts")
-    if not prompts:
-        if reference is not None:
-            raise ValueError(f"{model_dir} is a text-to-image artefact: give --eval-prompts FILE (one prompt per "
-                             "line, apart from the prompts it was calibrated on)")
-        from tadq.zoo.t2i_prompts import EVALUATION_PROMPTS
-
-        prompts = tuple(EVALUATION_PROMPTS)
-    check_prompt_lengths(model_dir, prompts, "evaluation prompt", negative_prompt=negative_prompt or None)
-    return prompts
-
-
-def _prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple[str, ...], negative_prompt: str,
-                          guidance_scale: float | None, kind: str | None, steps: int | None, eta: float | None,
-                          seed: int, backend: str, device, dtype):
-    """(quantized denoiser, FP denoiser, scheduler, sampler, prompt conditions, guidance scale, VAE decoder) of a
-    text-to-image artefact and its FP reference: the artefact's own pipeline gives the sampler and guidance of its
-    recipe, the prompt encoder both models are conditioned with (the same embeddings for both) and the VAE both
-    are decoded with, as `tadq run` scores its rows; the reference gives only its denoiser."""
-    from tadq.device import place_model
-    from tadq.evaluation import check_evaluation_seed
-    from tadq.experiments.workload import vae_decoder
-    from tadq.io import is_quantized_artefact
-    from tadq.methods import check_sampler
-    from tadq.models import load_pipeline_parts
-    from tadq.pipelines import PromptConditions, load_pipeline
-    from tadq.zoo.t2i import shipped_t2i_path
-
-    if not is_quantized_artefact(model_dir):
-        raise ValueError(f"{model_dir} is an FP pipeline folder, not a tadq artefact: quantize it first (`tadq "
-                         "quantize`), or compare FP and quantized rows with `tadq run --model FOLDER`")
-    pipe = load_pipeline(model_dir, device=device, dtype=dtype, backend=backend)
-    qmodel = pipe.tadq_denoiser
-    check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
-    sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
-    check_sampler(qmodel, sampler, str(model_dir))
-    conditions = PromptConditions(pipe.tadq_prompt_encoder(), list(prompts), negative_prompt=negative_prompt)
-    fp_model, _ = load_pipeline_parts(reference if reference is not None else shipped_t2i_path())
-    check_reference_model(qmodel, fp_model, reference, "--reference",
-                          shipped="the shipped text-to-image pipeline")
-    fp_model = place_model(fp_model, device, dtype)
-    return qmodel, fp_model, pipe.scheduler, sampler, conditions, scale, vae_decoder(pipe.vae)
-
-
 def evaluate_command(
     model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`) of an unconditional, "
                                                    "class-conditional or text-to-image model.")],
@@ -277,7 +217,7 @@ def evaluate_command(
     """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
     from the same noise (and labels or prompts); print FD, agreement, PSNR/SSIM, MSE."""
     from tadq.adapters.freeu import match_freeu
-    from tadq.cli.sample import class_conditioning, is_prompt_pipeline
+    from tadq.cli.sample import class_conditioning, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
     from tadq.config import config_to_dict
     from tadq.device import place_model
     from tadq.evaluation import check_evaluation_seed, decoded_shape, evaluate_against_reference
@@ -303,7 +243,7 @@ def evaluate_command(
         if reference is not None:  # its layout and scheduler read now: a folder with no model was named only once
             load_scheduler(reference)  # the artefact had been loaded
         prompt_pipeline = is_prompt_pipeline(model_dir)
-        prompts = _evaluation_prompts(model_dir, prompt_pipeline, reference, eval_prompts, negative_prompt,
+        prompts = evaluation_prompts(model_dir, prompt_pipeline, reference, eval_prompts, negative_prompt,
                                       labels, null_class)
         if out is not None:  # refused or unwritable report folders fail now, not after sampling twice
             default_reference = shipped_t2i_path() if prompt_pipeline else shipped_model_path()
@@ -311,9 +251,9 @@ def evaluate_command(
                              inputs=[model_dir, reference if reference is not None else default_reference])
             hold_output(out)
         if prompt_pipeline:
-            qmodel, fp_model, scheduler, sampler_config, conditions, scale, decoder = _prompt_pipeline_pair(
+            qmodel, fp_model, scheduler, sampler_config, conditions, scale, decoder = prompt_pipeline_pair(
                 model_dir, reference, prompts, negative_prompt, guidance_scale, sampler, steps, eta, seed, backend,
-                torch_device, torch_dtype)
+                torch_device, torch_dtype, "--reference")
         else:
             sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
             qmodel, scheduler = load_quantized(model_dir, backend=backend)

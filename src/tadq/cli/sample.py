@@ -17,6 +17,7 @@ from tadq.cli.common import (
     Labels,
     NullClass,
     check_count_flags,
+    check_reference_model,
     check_sampling_flags,
     check_steps_fit,
     class_conditions_for,
@@ -358,6 +359,65 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
                              f"0..{setting.num_classes - 1}")
         conditions = ClassLabels(wanted, setting.null_class if scale != 1.0 else None)
     return conditions, scale, folder_vae_decoder(source, device, dtype)
+
+
+def evaluation_prompts(model_dir: Path, prompt_pipeline: bool, reference: Path | None, eval_prompts: Path | None,
+                        negative_prompt: str, labels: str | None, null_class: int | None) -> tuple[str, ...]:
+    """The evaluation prompts of a text-to-image artefact (``--eval-prompts``, else the shipped text-to-image
+    model's own when it is the reference), checked against the artefact's tokenizers; ``()`` for any other
+    artefact, which takes no prompt flags. Everything refused here is refused before a model is loaded."""
+    from tadq.pipelines.prompts import check_prompt_lengths
+
+    if not prompt_pipeline:
+        if eval_prompts is not None or negative_prompt:
+            raise ValueError(f"--eval-prompts/--negative-prompt are for text-to-image artefacts; {model_dir} is "
+                             "not one (class-conditional models take --labels)")
+        return ()
+    if labels is not None or null_class is not None:
+        raise ValueError(f"{model_dir} is a text-to-image pipeline, conditioned by prompts: it takes no --labels or "
+                         "--null-class (give --eval-prompts; its unconditional branch is --negative-prompt)")
+    prompts = read_prompt_file(eval_prompts, "--eval-prompts")
+    if not prompts:
+        if reference is not None:
+            raise ValueError(f"{model_dir} is a text-to-image artefact: give --eval-prompts FILE (one prompt per "
+                             "line, apart from the prompts it was calibrated on)")
+        from tadq.zoo.t2i_prompts import EVALUATION_PROMPTS
+
+        prompts = tuple(EVALUATION_PROMPTS)
+    check_prompt_lengths(model_dir, prompts, "evaluation prompt", negative_prompt=negative_prompt or None)
+    return prompts
+
+
+def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple[str, ...], negative_prompt: str,
+                          guidance_scale: float | None, kind: str | None, steps: int | None, eta: float | None,
+                          seed: int, backend: str, device, dtype, flag: str):
+    """(quantized denoiser, FP denoiser, scheduler, sampler, prompt conditions, guidance scale, VAE decoder) of a
+    text-to-image artefact and its FP reference: the artefact's own pipeline gives the sampler and guidance of its
+    recipe, the prompt encoder both models are conditioned with (the same embeddings for both) and the VAE both
+    are decoded with, as `tadq run` scores its rows; the reference gives only its denoiser."""
+    from tadq.device import place_model
+    from tadq.evaluation import check_evaluation_seed
+    from tadq.experiments.workload import vae_decoder
+    from tadq.io import is_quantized_artefact
+    from tadq.methods import check_sampler
+    from tadq.models import load_pipeline_parts
+    from tadq.pipelines import PromptConditions, load_pipeline
+    from tadq.zoo.t2i import shipped_t2i_path
+
+    if not is_quantized_artefact(model_dir):
+        raise ValueError(f"{model_dir} is an FP pipeline folder, not a tadq artefact: quantize it first (`tadq "
+                         "quantize`), or compare FP and quantized rows with `tadq run --model FOLDER`")
+    pipe = load_pipeline(model_dir, device=device, dtype=dtype, backend=backend)
+    qmodel = pipe.tadq_denoiser
+    check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
+    sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
+    check_sampler(qmodel, sampler, str(model_dir))
+    conditions = PromptConditions(pipe.tadq_prompt_encoder(), list(prompts), negative_prompt=negative_prompt)
+    fp_model, _ = load_pipeline_parts(reference if reference is not None else shipped_t2i_path())
+    check_reference_model(qmodel, fp_model, reference, flag,
+                          shipped="the shipped text-to-image pipeline")
+    fp_model = place_model(fp_model, device, dtype)
+    return qmodel, fp_model, pipe.scheduler, sampler, conditions, scale, vae_decoder(pipe.vae)
 
 
 def sample_command(
