@@ -106,15 +106,18 @@ def test_the_measured_jacobian_widens_the_networks_output_on_the_host():
     from diffusers import DDIMScheduler
 
     from tadq.analysis import _measured_jvp
+    from tadq.corrections.pair import FitContext
     from tadq.sampling import SamplingPlan
 
-    steps = SamplingPlan.build(DDIMScheduler(num_train_timesteps=1000), SamplerConfig("ddim", 2)).steps
+    plan = SamplingPlan.build(DDIMScheduler(num_train_timesteps=1000), SamplerConfig("ddim", 2))
     states, eps = torch.randn(3, 2, 1, 4, 4), torch.randn(2, 2, 1, 4, 4)
 
     def network(x, t, cond=None):
         return (2.0 * x).as_subclass(OnDeviceWithoutFloat64)
 
-    jvp = _measured_jvp(network, states, eps, steps, 2, torch.device("cpu"))
+    def jvp_of(denoiser):
+        ctx = FitContext.of(denoiser, denoiser, plan, sample_shape=(1, 4, 4), bits="W8A8", batch_size=2)
+        return _measured_jvp(ctx, states, eps, list(plan.steps), seed=0)
+
     delta = torch.randn(2, 1, 4, 4)
-    expected = _measured_jvp(lambda x, t, cond=None: 2.0 * x, states, eps, steps, 2, torch.device("cpu"))(0, delta)
-    assert torch.equal(jvp(0, delta), expected)
+    assert torch.equal(jvp_of(network)(0, delta), jvp_of(lambda x, t, cond=None: 2.0 * x)(0, delta))
