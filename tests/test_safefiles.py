@@ -85,6 +85,56 @@ def test_damage_is_one_clear_error_naming_the_file(tmp_path, damage):
     assert "\n" not in str(error.value)
 
 
+def _rewrite_header(path, edit) -> None:
+    """Rewrite the tadq metadata of a checked file in place, keeping the tensors' bytes (and checksum) as they are."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from tadq.safefiles import META_KEY
+
+    with safe_open(str(path), framework="pt") as handle:
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        header = handle.metadata()[META_KEY]
+    save_file(tensors, str(path), metadata={META_KEY: edit(header) if callable(edit) else json.dumps(edit)})
+
+
+def test_a_changed_byte_in_the_metadata_is_damage_not_another_value(tmp_path):
+    """The checksum covered the tensors only: a flipped digit in the metadata loaded as another value (a training
+    checkpoint's step 2 read as 3 resumed a step late, silently)."""
+    import json
+
+    path = tmp_path / "f.safetensors"
+    save_checked({"w": torch.arange(4.0)}, {"step": 2, "lr": 0.001}, path)
+    data = bytearray(path.read_bytes())
+    at = data.index(b'\\"step\\": 2') + len(b'\\"step\\": ')
+    data[at] ^= 0x01  # "2" -> "3": the header stays valid JSON of the same length
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match="f.safetensors fails its metadata checksum"):
+        load_checked(path, "thing")
+
+    save_checked({"w": torch.arange(4.0)}, {"step": 2}, path)  # the digest's own name changed: not an older file
+    _rewrite_header(path, lambda header: header.replace('"meta_sha256"', '"meta_sha257"'))
+    with pytest.raises(DamagedFileError, match="f.safetensors has unreadable tadq metadata"):
+        load_checked(path, "thing")
+
+    save_checked({"w": torch.arange(4.0)}, {"step": 2}, path)  # written before the metadata digest: still read
+    _rewrite_header(path, lambda header: json.dumps({k: v for k, v in json.loads(header).items()
+                                                     if k != "meta_sha256"}, sort_keys=True))
+    assert load_checked(path, "thing")[1] == {"step": 2}
+
+
+def test_metadata_that_json_round_trips_loads_back(tmp_path):
+    """The metadata digest is taken before saving and checked after loading: every value JSON stores must give
+    the same digest both times (tuples read back as lists, floats exactly, non-finite floats, non-ASCII text)."""
+    meta = {"t": (1, 2), "f": [0.1, 1e-300, 2.0**60, -0.0], "nan": float("inf"), "text": "größe ✓", "n": None,
+            "nested": {"b": [True, False], "a": {"z": 1}}}
+    save_checked({"w": torch.zeros(1)}, meta, tmp_path / "f.safetensors")
+    loaded = load_checked(tmp_path / "f.safetensors", "thing")[1]
+    assert loaded == {**meta, "t": [1, 2]}
+
+
 def test_broken_json_names_file_and_line(tmp_path):
     path = tmp_path / "config.json"
     path.write_text('{"a": 1,\n "b": }')

@@ -4,8 +4,8 @@ Checkpoints, run cells and sample tensors used to be pickles (loaded with torch'
 crafted file ran code when loaded. A safetensors file holds raw tensor bytes and a JSON header; nothing in it is
 executed.
 ``save_checked`` adds the caller's JSON metadata and a SHA-256 over the tensors (names, dtypes, shapes, bytes), so
-flipped bytes are detected too; ``load_checked`` turns every kind of damage into a one-line ``ValueError`` naming
-the file.
+flipped bytes are detected too, and one over the metadata (files written before it was recorded are read on the
+tensors' alone); ``load_checked`` turns every kind of damage into a one-line ``ValueError`` naming the file.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ def save_checked(tensors: dict[str, Tensor], meta: dict[str, Any], path: str | P
     plain = {name: value.detach().cpu().contiguous().clone() for name, value in tensors.items()}
     # one metadata key per value and sorted JSON: safetensors stores metadata in a hash map, so several keys would
     # come out in a different order in every process
-    header = json.dumps({"meta": meta, "sha256": tensors_digest(plain)}, sort_keys=True)
+    header = json.dumps({"meta": meta, "meta_sha256": _meta_digest(meta), "sha256": tensors_digest(plain)},
+                        sort_keys=True)
     _atomic(Path(path), lambda tmp: save_file(plain, tmp, metadata={META_KEY: header}))
 
 
@@ -74,12 +75,20 @@ def save_safetensors(tensors: dict[str, Tensor], path: str | Path, metadata: dic
     _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
+def _meta_digest(meta: Any) -> str:
+    """SHA-256 of the metadata's sorted JSON: the same before saving and after loading (JSON round-trips floats
+    exactly), so a changed byte inside it is found; the tensors' digest alone let a flipped digit through, e.g. a
+    training checkpoint's step 2 read as 3, and the resumed run silently skipped a step."""
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
 def load_checked(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """(tensors, meta) from a file written by ``save_checked``; ``what`` names the file's role in errors.
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        DamagedFileError: not a safetensors file (e.g. an old pickle), truncated, or its tensors fail the checksum.
+        DamagedFileError: not a safetensors file (e.g. an old pickle), truncated, or its tensors or metadata fail
+            their checksums.
     """
     path = Path(path)
     if not path.is_file():
@@ -98,10 +107,16 @@ def load_checked(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[s
     try:
         payload = json.loads(header)
         meta, expected = payload["meta"], payload["sha256"]
+        # a changed byte in a field name must not pass as an older file without the metadata digest
+        if not set(payload) <= {"meta", "meta_sha256", "sha256"}:
+            raise KeyError(sorted(payload))
     except (ValueError, KeyError, TypeError) as error:
         raise DamagedFileError(f"{what} {path} has unreadable tadq metadata; delete it") from error
     if tensors_digest(tensors) != expected:
         raise DamagedFileError(f"{what} {path} fails its checksum (bytes changed after it was written); delete it")
+    if "meta_sha256" in payload and payload["meta_sha256"] != _meta_digest(meta):
+        raise DamagedFileError(f"{what} {path} fails its metadata checksum (bytes changed after it was written); "
+                               "delete it")
     return tensors, meta
 
 

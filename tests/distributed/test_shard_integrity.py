@@ -415,6 +415,47 @@ def test_reference_of_other_noise_is_refused_before_any_chunk(tmp_path: Path, sa
     assert not list(out.glob("chunks/*.safetensors")), "the whole run was sampled before the reference was refused"
 
 
+def _damaged_reference_copies(tmp_path: Path, reference: Path) -> dict[str, Path]:
+    """Copies of a finished run: a flipped byte in a chunk, a chunk of another seed, manifest key fields edited."""
+    foreign = tmp_path / "foreign-seed"
+    sample_sharded(build_tiny_unet(0), _scheduler(), SamplerConfig("ddim", num_steps=2, eta=0.0), num_samples=4,
+                   seed=8, out_dir=foreign, batch_size=2, progress=False)
+    name = "0000002-0000004.safetensors"
+    copies = {}
+    for tag in ("flipped", "foreign", "no-chunk-size", "no-record-trajectory", "no-model-fingerprint"):
+        copies[tag] = shutil.copytree(reference, tmp_path / tag)
+    chunk = copies["flipped"] / "chunks" / name
+    data = bytearray(chunk.read_bytes())
+    data[-5] ^= 0xFF  # inside the image bytes: the header still parses
+    chunk.write_bytes(bytes(data))
+    shutil.copy(foreign / "chunks" / name, copies["foreign"] / "chunks" / name)
+    for tag, field in (("no-chunk-size", "chunk_size"), ("no-record-trajectory", "record_trajectory"),
+                       ("no-model-fingerprint", "model_fingerprint")):
+        manifest = json.loads((copies[tag] / "manifest.json").read_text())
+        del manifest["key"][field]
+        (copies[tag] / "manifest.json").write_text(json.dumps(manifest))
+    return copies
+
+
+def test_damaged_reference_is_refused_before_any_chunk(tmp_path: Path, saved_model: Path) -> None:
+    """A --reference-dir whose chunk was damaged or replaced by another run's was only read by the metrics, after
+    the whole new run had been sampled; a manifest whose key lost chunk_size or model_fingerprint crashed with a
+    KeyError traceback (exit 1), one without record_trajectory was refused only after sampling. Expected: one
+    error line naming the file (exit 2) before any chunk is written."""
+    reference = tmp_path / "reference"
+    result = runner.invoke(app, ["sample-sharded", str(saved_model), *CLI_FLAGS, "--seed", "7", "--out-dir",
+                                 str(reference), "--no-metrics"])
+    assert result.exit_code == 0, result.output
+    named = {"flipped": "0000002-0000004", "foreign": "0000002-0000004", "no-chunk-size": "manifest.json",
+             "no-record-trajectory": "manifest.json", "no-model-fingerprint": "manifest.json"}
+    for tag, damaged in _damaged_reference_copies(tmp_path, reference).items():
+        out = tmp_path / f"out-{tag}"
+        result = runner.invoke(app, ["sample-sharded", str(saved_model), *CLI_FLAGS, "--seed", "7", "--out-dir",
+                                     str(out), "--reference-dir", str(damaged)])
+        assert result.exit_code == 2 and named[tag] in result.output, (tag, result.output, result.exception)
+        assert not list(out.glob("chunks/*.safetensors")), f"{tag}: the run was sampled before the refusal"
+
+
 def test_reference_with_labels_is_refused_before_any_chunk(tmp_path: Path, saved_model: Path) -> None:
     """check_reference_noise compared seed, sampler and shape but not the run key's conditioning: a reference drawn
     with class labels and guidance (tadq.distributed.sample_sharded) passed it, and the unconditional run was

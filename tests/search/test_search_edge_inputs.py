@@ -1,9 +1,10 @@
 """Red-team inputs of ``tadq recipe`` and of the SVDQuant pieces it searches: duplicate and string axes of the space,
 bad counts, tie margins and non-finite budgets, a byte budget no candidate fits, a stale model sidecar after an
-interrupted rebuild, a model folder deleted from the cache, an interrupted SVDQuant search against an uninterrupted
-one, mixed-precision budgets, bits and sensitivities no plan can have, low-rank ranks beyond a layer's dims, layer
-inputs recorded in groups, rotation of channel counts that are no power of two, and the cached Hadamard matrix.
-Each refusal is checked to come before any work (no folder written, no sampling). Tiny model, tiny settings."""
+interrupted rebuild, a model folder deleted from the cache, an edited or damaged candidate record, an interrupted
+SVDQuant search against an uninterrupted one, mixed-precision budgets, bits and sensitivities no plan can have,
+low-rank ranks beyond a layer's dims, layer inputs recorded in groups, rotation of channel counts that are no power
+of two, and the cached Hadamard matrix. Each refusal is checked to come before any work (no folder written, no
+sampling). Tiny model, tiny settings."""
 
 from __future__ import annotations
 
@@ -146,6 +147,41 @@ def test_a_model_folder_deleted_from_the_cache_is_rebuilt_not_reused(tmp_path):
     assert again.stats["bases_built"] == 1 and again.stats["candidates_reused"] == 0
     export_winner(again, tmp_path, scheduler)  # used to fail here, after the whole search: no model to export
     assert again.record("naive-W8A8")["score"] == first.record("naive-W8A8")["score"]
+
+
+def test_an_edited_or_damaged_candidate_record_is_scored_again_not_trusted(tmp_path):
+    """A record's score key vouches for its settings, not for the rest of the file: a record whose recipe was
+    edited exported that recipe beside the candidate's model, one whose artefact named another candidate exported
+    that one's model, and a score or cost of the wrong type ended the rerun in a TypeError or KeyError traceback.
+    Expected: such a record is scored again, and the rerun ends as the first run did."""
+    model, scheduler = build_tiny_unet(), tiny_scheduler()
+    space = tiny_space(presets=("W8A8",), bases=("naive",), stacks=("none", "ptqd"))
+    budget = Budget("gbitops", 1e6)
+    first = run_search(model, scheduler, space, budget, tmp_path / "first", heldout_trajectories=2, progress=False)
+    export_winner(first, tmp_path / "first", scheduler)
+    name = first.winner
+    other = next(r["name"] for r in first.records if r["name"] != name)
+    edits = {
+        "recipe": lambda r: r["recipe"]["data"]["weights"]["data"].update(bits=4),
+        "artefact": lambda r: r.update(artefact=f"cache/models/{other}"),
+        "score-type": lambda r: r["score"].update(median_psnr="high"),
+        "score-nan": lambda r: r["score"].update(median_psnr=math.nan),
+        "no-gbitops": lambda r: r.pop("gbitops"),
+        "status": lambda r: r.update(status="diverged"),
+    }
+    for tag, edit in edits.items():
+        out = shutil.copytree(tmp_path / "first", tmp_path / tag)
+        path = out / "cache" / "candidates" / f"{name}.json"
+        record = json.loads(path.read_text())
+        edit(record)
+        path.write_text(json.dumps(record))
+        again = run_search(model, scheduler, space, budget, out, heldout_trajectories=2, progress=False)
+        assert again.stats["candidates_scored"] == 1 and again.stats["candidates_reused"] == 1, tag
+        assert again.winner == name and again.record(name)["score"] == first.record(name)["score"], tag
+        export_winner(again, out, scheduler)
+        for exported in ("recipe.json", "model/tadq_weights.safetensors", "model/corrections.safetensors"):
+            if (tmp_path / "first" / exported).is_file() or (out / exported).is_file():
+                assert _digest(out / exported) == _digest(tmp_path / "first" / exported), (tag, exported)
 
 
 @pytest.mark.slow  # 16 s on a 2-core AVX2 CPU; test_recipe_search.py interrupts a search in the default suite

@@ -143,6 +143,7 @@ def sample_sharded_command(
         if metrics and reference is not None:  # another noise is refused now, not after the whole run
             check_reference_noise(reference, seed=seed, sampler=sampler_config, sample_shape=shape,
                                   num_samples=num_samples, conditions=conditions, guidance_scale=scale)
+            world.on_main(lambda: reference.check_chunks(num_samples))  # a damaged chunk: now, not after sampling
         report = sample_sharded(denoiser, scheduler, sampler_config, num_samples=num_samples, seed=seed,
                                 out_dir=out_dir, batch_size=batch_size, chunk_size=chunk_size or batch_size,
                                 record_trajectory=record_trajectory, world=world, label=label, assemble=assemble,

@@ -62,10 +62,29 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
         raise StaleRunError(f"{path} is not a tadq sharded-sampling manifest (format {found!r})")
     fields = {"key": dict, "num_samples": int, "complete": bool}
     wrong = [name for name, kind in fields.items() if not isinstance(manifest.get(name), kind)]
+    if not wrong:
+        wrong = [f"key.{name}" for name in _damaged_key_fields(manifest["key"])]
     if wrong:  # a hand-edited manifest: named, not a bare KeyError from deep inside
         raise StaleRunError(f"{path} is damaged: its {wrong} field(s) are missing or of the wrong type; delete it "
                             "(the chunks are checked against the run's key on their own) or the whole run folder")
     return manifest
+
+
+def _damaged_key_fields(key: Mapping[str, Any]) -> list[str]:
+    """The run-key fields (every key since the first holds them) that are missing or of the wrong type: a manifest
+    opened as a finished run (``--reference-dir``) is indexed by them, and an edited one crashed with a bare
+    KeyError, or was refused by its own chunks only after the whole new run had been sampled."""
+    def integer(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    checks = {
+        "model_fingerprint": lambda v: isinstance(v, str), "scheduler_fingerprint": lambda v: isinstance(v, str),
+        "sampler": lambda v: isinstance(v, dict) and integer(v.get("num_steps")), "seed": integer,
+        "sample_shape": lambda v: isinstance(v, list) and bool(v) and all(integer(d) and d > 0 for d in v),
+        "batch_size": integer, "chunk_size": integer, "record_trajectory": lambda v: isinstance(v, bool),
+        "device_type": lambda v: isinstance(v, str),
+    }
+    return [name for name, check in checks.items() if not check(key.get(name))]
 
 
 def check_manifest(out_dir: str | Path, key: Mapping[str, Any]) -> None:
@@ -197,6 +216,22 @@ class ShardedRun:
 
     def load_chunk(self, chunk: ChunkRange) -> dict[str, Any]:
         return load_chunk(self.out_dir, chunk, self.key)
+
+    def check_chunks(self, stop: int | None = None) -> None:
+        """Read back every chunk holding samples 0 .. stop - 1 (checksum, key, range, shapes), raising
+        ``StaleRunError`` naming the first bad one: a reference run's chunk that was damaged or replaced was only
+        found by the metrics, after the whole new run had been sampled (and on a rank other than 0, with rank 0
+        waiting for it)."""
+        stop = self.num_samples if stop is None else stop
+        for chunk in self.chunks:
+            if chunk.start >= stop:
+                break
+            try:
+                self.load_chunk(chunk)
+            except (OSError, ValueError) as error:
+                raise StaleRunError(f"the run {self.out_dir} has a chunk that cannot be used: {error} [to repair "
+                                    "that run: delete the chunk and rerun the command that sampled it; only missing "
+                                    "chunks are redone]") from error
 
     def read(self, start: int = 0, stop: int | None = None, *, states: bool = False) -> Tensor:
         """Images (stop - start, C, H, W), or with ``states=True`` trajectories (S+1, stop - start, C, H, W)."""

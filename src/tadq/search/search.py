@@ -20,6 +20,7 @@ with the same settings neither builds, fits nor scores anything. Nothing is pick
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -53,7 +54,7 @@ from tadq.safefiles import (
     save_checked,
 )
 from tadq.sampling import ConditionSource
-from tadq.search.score import check_seeds, final_samples, heldout_seed, score_samples
+from tadq.search.score import HeldOutScore, check_seeds, final_samples, heldout_seed, score_samples
 from tadq.search.space import (
     Budget,
     Candidate,
@@ -365,7 +366,9 @@ def run_search(
             score_key = _digest({"build": builder.build_key(candidate), "seed": seeds["heldout"],
                                  "count": heldout_trajectories, "batch": scoring_batch})
             path = cache / "candidates" / f"{candidate.name}.json"
-            reused = _reusable(path, score_key, budget) if builder.cached(candidate) else None
+            artefact = str(builder.folder(candidate).relative_to(out_dir))
+            reused = _reusable(path, score_key, budget, {**record, "artefact": artefact}) \
+                if builder.cached(candidate) else None
             if reused is not None:
                 stats["candidates_reused"] += 1
                 records.append({**reused, "fp_layers": candidate.fp_layers})  # records written before the axis lack it
@@ -373,7 +376,7 @@ def run_search(
             qmodel = builder.get(candidate)
             nbytes = _artefact_bytes(builder.folder(candidate))
             record.update(bytes=nbytes, build_seconds=builder.timings.get(candidate.name),
-                          artefact=str(builder.folder(candidate).relative_to(out_dir)), score_key=score_key)
+                          artefact=artefact, score_key=score_key)
             if not budget.fits(record["gbitops"], nbytes):
                 record.update(status="over budget", in_budget=False,
                               why=f"artefact {nbytes} bytes > budget {int(budget.value)}")
@@ -414,9 +417,42 @@ def run_search(
     return SearchResult(records, winner, reason, pareto_front(records, budget), seeds, stats, budget, settings)
 
 
-def _reusable(path: Path, score_key: str, budget: Budget) -> dict[str, Any] | None:
+_RECORD_STATUSES = ("scored", "diverged", "over budget")
+
+
+def _record_problem(saved: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """Why a saved record whose score key matches still cannot be reused, or ``None``.
+
+    The score key vouches for the settings, not for the rest of the file: an edited or damaged record's recipe
+    or artefact path was exported as the winner's (recipe.json of one candidate beside another's model), and
+    a score or cost of the wrong type ended the search in a TypeError or KeyError traceback."""
+    for name in ("name", "base", "preset", "stack", "fp_layers", "gbitops", "recipe", "artefact"):
+        if name == "fp_layers" and name not in saved:
+            continue  # records written before the floating-point layers axis lack it
+        if json.loads(json.dumps(expected[name])) != saved.get(name):
+            return f"its {name!r} is not this candidate's"
+    if saved.get("status") not in _RECORD_STATUSES:
+        return f"its status {saved.get('status')!r} is none of {_RECORD_STATUSES}"
+    if not (finite_float(saved.get("bytes")) and isinstance(saved["bytes"], int) and saved["bytes"] >= 0):
+        return f"its bytes {saved.get('bytes')!r} is no byte count"
+    score = saved.get("score")
+    if (saved["status"] == "scored") != (score is not None):  # a diverged or over-budget candidate has no score
+        return f"its status {saved['status']!r} does not go with its score {score!r}"
+    if score is None:
+        return None
+    if not isinstance(score, dict):
+        return f"its score {score!r} is not a score"
+    for field_ in dataclasses.fields(HeldOutScore):
+        value = score.get(field_.name)
+        if not (finite_float(value) and (field_.type != "int" or isinstance(value, int))):
+            return f"its score's {field_.name} {value!r} is no finite {field_.type}"
+    return None
+
+
+def _reusable(path: Path, score_key: str, budget: Budget, expected: dict[str, Any]) -> dict[str, Any] | None:
     """A finished candidate's record re-judged against this run's budget (another budget may have written it),
-    or ``None`` when it must be (re)scored: no record, other settings, or scored nowhere yet but within budget."""
+    or ``None`` when it must be (re)scored: no record, other settings, scored nowhere yet but within budget, or
+    a record that contradicts ``expected`` (the record this run makes for the candidate) or is damaged."""
     if not path.is_file():
         return None
     try:
@@ -424,6 +460,9 @@ def _reusable(path: Path, score_key: str, budget: Budget) -> dict[str, Any] | No
     except ValueError:
         return None
     if not isinstance(saved, dict) or saved.get("score_key") != score_key:
+        return None
+    if problem := _record_problem(saved, expected):
+        logger.warning("%s is damaged or was edited (%s); the candidate is scored again", path, problem)
         return None
     fits = budget.fits(saved["gbitops"], saved.get("bytes"))
     if fits and saved.get("status") == "diverged":  # its samples were not finite: not sampled again
