@@ -184,3 +184,11 @@ def test_every_diffusers_load_follows_one_low_cpu_mem_usage_rule(tmp_path, tiny_
     assert asked == [("UNet2DModel", rule), ("AutoencoderKL", rule)]
     assert {key: value for key, value in pipeline_load_options(ModelMixin, None).items()
             if key == "low_cpu_mem_usage"} == rule
+
+
+def test_metadata_with_integer_keys_and_tuples_reads_back_under_its_checksum(tmp_path):
+    """JSON turns int keys into strings (which then sort as strings: 1, 10, 2) and tuples into lists: the metadata
+    checksum is of the metadata as read back, so such a file is not taken for a damaged one."""
+    path = tmp_path / "x.safetensors"
+    save_checked({"a": torch.ones(2)}, {"per_step": {1: 0.5, 10: 0.25, 2: 1.0}, "shape": (1, 2)}, path)
+    assert load_checked(path, "test")[1] == {"per_step": {"1": 0.5, "10": 0.25, "2": 1.0}, "shape": [1, 2]}

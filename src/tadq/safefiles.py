@@ -79,7 +79,9 @@ def _meta_digest(meta: Any) -> str:
     """SHA-256 of the metadata's sorted JSON: the same before saving and after loading (JSON round-trips floats
     exactly), so a changed byte inside it is found; the tensors' digest alone let a flipped digit through, e.g. a
     training checkpoint's step 2 read as 3, and the resumed run silently skipped a step."""
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    # through one JSON round trip first: what load_checked hashes is the metadata as read back (int keys become
+    # strings and then sort as strings, tuples become lists)
+    return hashlib.sha256(json.dumps(json.loads(json.dumps(meta)), sort_keys=True).encode()).hexdigest()
 
 
 def load_checked(path: str | Path, what: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
