@@ -107,6 +107,21 @@ def test_evaluate_refuses_what_a_text_to_image_artefact_cannot_take_before_loadi
     assert not report.exists()
 
 
+def test_evaluate_and_analyze_say_a_negative_prompt_is_not_used_without_guidance(cli_artefact, sd_folder, tmp_path):
+    """``--negative-prompt`` at guidance 1 enters no branch: `tadq sample` said so, `tadq evaluate` and `tadq analyze`
+    scored the prompts alone without a word (and recorded the negative prompt in the report as if it had been
+    used); at the recipe's scale (2.5) nothing is said."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a bird\n")
+    common = ["--eval-prompts", prompts, "--negative-prompt", "blurry", "--num-samples", 1, "--threads", 1]
+    for command, flag in (("evaluate", "--reference"), ("analyze", "--fp-model")):
+        for scale, warned in ((["--guidance-scale", 1], True), ([], False)):
+            result, text = _invoke([command, cli_artefact, flag, sd_folder, *common, *scale,
+                                    "--out", tmp_path / f"{command}{len(scale)}"])
+            assert result.exit_code == 0, text
+            assert ("--negative-prompt is not used" in text) is warned, (command, text)
+
+
 def test_missing_component_is_named_by_the_cli(cli_artefact, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(cli_artefact, broken)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import typer
@@ -206,12 +206,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits, backend=backend)
     announce_compile(backend)
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
-    if negative_prompt is not None and scale == 1:  # as the pipeline call says it; prompts.json still lists it
-        origin = "given" if guidance_scale is not None else \
-            "the artefact recipe's" if pipe.tadq_recipe is not None else "the pipeline's default"
-        logging.getLogger(__name__).warning(
-            "--negative-prompt is not used: the classifier-free guidance scale is 1 (%s), which samples the prompt "
-            "alone, as %s does; give --guidance-scale above 1 to guide against it", origin, pipe.tadq_base.__name__)
+    warn_unused_negative_prompt(pipe, negative_prompt, guidance_scale, scale)  # prompts.json still lists it
     encoder = pipe.tadq_prompt_encoder(distilled_guidance=distilled_guidance)  # refused off Flux, and against
     # tables fitted at another scale
     conditions = PromptConditions(encoder, prompts, negative_prompt)
@@ -258,6 +253,18 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     if tensor_out is not None:
         save_checked({"latents": latents, "indices": torch.arange(num_samples)}, settings, tensor_out)
     return written
+
+
+def warn_unused_negative_prompt(pipe: Any, negative_prompt: str | None, given: float | None, scale: float) -> None:
+    """Say, as the pipeline call does, that ``--negative-prompt`` is not used at the guidance scale 1 (``given`` by
+    the user, else the recipe's or the pipeline's default): it only enters the unconditional branch."""
+    if negative_prompt is None or scale != 1:
+        return
+    origin = "given" if given is not None else \
+        "the artefact recipe's" if pipe.tadq_recipe is not None else "the pipeline's default"
+    logging.getLogger(__name__).warning(
+        "--negative-prompt is not used: the classifier-free guidance scale is 1 (%s), which samples the prompt "
+        "alone, as %s does; give --guidance-scale above 1 to guide against it", origin, pipe.tadq_base.__name__)
 
 
 def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | None, eta: float | None,
@@ -411,6 +418,7 @@ def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple
     qmodel = pipe.tadq_denoiser
     check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
     sampler, scale = pipe.tadq_deployment(steps, guidance_scale, eta, kind)
+    warn_unused_negative_prompt(pipe, negative_prompt or None, guidance_scale, scale)  # was dropped without a word
     check_sampler(qmodel, sampler, str(model_dir))
     conditions = PromptConditions(pipe.tadq_prompt_encoder(), list(prompts), negative_prompt=negative_prompt)
     fp_model, _ = load_pipeline_parts(reference if reference is not None else shipped_t2i_path())
