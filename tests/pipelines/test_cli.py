@@ -107,6 +107,17 @@ def test_evaluate_refuses_what_a_text_to_image_artefact_cannot_take_before_loadi
     assert not report.exists()
 
 
+def test_the_shipped_prompts_refused_by_another_models_artefact_name_the_flags_that_fix_it(cli_artefact, tmp_path):
+    """Without a reference or prompts, `tadq evaluate` / `tadq analyze` take the shipped text-to-image model and its
+    evaluation prompts; the tiny SD artefact's tokenizer (16 tokens) refuses them, and the refusal only told the
+    user to shorten a prompt they never wrote. It names the flags now, before any model is loaded."""
+    for command, flag in (("evaluate", "--reference"), ("analyze", "--fp-model")):
+        result, text = _invoke([command, cli_artefact, "--num-samples", 2, "--out", tmp_path / command])
+        assert result.exit_code == 2 and "tokens long" in text, text
+        assert f"no {flag} or --eval-prompts given" in text and "shipped text-to-image pipeline" in text, text
+        assert not (tmp_path / command / "analysis.json").exists()
+
+
 def test_evaluate_and_analyze_say_a_negative_prompt_is_not_used_without_guidance(cli_artefact, sd_folder, tmp_path):
     """``--negative-prompt`` at guidance 1 enters no branch: `tadq sample` said so, `tadq evaluate` and `tadq analyze`
     scored the prompts alone without a word (and recorded the negative prompt in the report as if it had been

@@ -92,7 +92,7 @@ def analyze_command(
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
         prompt_pipeline = is_prompt_pipeline(model_dir)
         prompts = evaluation_prompts(model_dir, prompt_pipeline, fp_model, eval_prompts, negative_prompt, labels,
-                                     null_class)
+                                     null_class, flag="--fp-model")
         default_reference = shipped_t2i_path() if prompt_pipeline else shipped_model_path()
         check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else default_reference])

@@ -369,10 +369,12 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
 
 
 def evaluation_prompts(model_dir: Path, prompt_pipeline: bool, reference: Path | None, eval_prompts: Path | None,
-                        negative_prompt: str, labels: str | None, null_class: int | None) -> tuple[str, ...]:
+                        negative_prompt: str, labels: str | None, null_class: int | None,
+                        flag: str = "--reference") -> tuple[str, ...]:
     """The evaluation prompts of a text-to-image artefact (``--eval-prompts``, else the shipped text-to-image
-    model's own when it is the reference), checked against the artefact's tokenizers; ``()`` for any other
-    artefact, which takes no prompt flags. Everything refused here is refused before a model is loaded."""
+    model's own when it is the reference, ``flag`` not given), checked against the artefact's tokenizers; ``()``
+    for any other artefact, which takes no prompt flags. Everything refused here is refused before a model is
+    loaded."""
     from tadq.pipelines.prompts import check_prompt_lengths
 
     if not prompt_pipeline:
@@ -391,7 +393,19 @@ def evaluation_prompts(model_dir: Path, prompt_pipeline: bool, reference: Path |
         from tadq.zoo.t2i_prompts import EVALUATION_PROMPTS
 
         prompts = tuple(EVALUATION_PROMPTS)
-    check_prompt_lengths(model_dir, prompts, "evaluation prompt", negative_prompt=negative_prompt or None)
+    if eval_prompts is not None:
+        check_prompt_lengths(model_dir, prompts, "evaluation prompt", negative_prompt=negative_prompt or None)
+        return prompts
+    # the user wrote none of the shipped model's prompts: its folder and the user's negative prompt are checked
+    # first, then a prompt the artefact's tokenizers refuse is one of another model's artefact, which says so
+    check_prompt_lengths(model_dir, (), "evaluation prompt", negative_prompt=negative_prompt or None)
+    try:
+        check_prompt_lengths(model_dir, prompts, "evaluation prompt")
+    except ValueError as error:
+        raise ValueError(f"{error} [no {flag} or --eval-prompts given, so the reference is the shipped "
+                         f"text-to-image pipeline and these are its evaluation prompts: for an artefact of another "
+                         f"model pass {flag} FP_FOLDER (the pipeline it was quantized from) and --eval-prompts "
+                         "FILE]") from error
     return prompts
 
 
