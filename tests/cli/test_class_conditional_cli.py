@@ -159,8 +159,11 @@ def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder,
 
 
 @pytest.mark.parametrize(("command", "hint"), [("quantize", "--calib-prompt"), ("sample", "--prompt"),
-                                               ("evaluate", "tadq run --model")])
+                                               ("evaluate", "pipeline artefact"), ("analyze", "--eval-prompts"),
+                                               ("sample-sharded", "tadq evaluate --eval-prompts")])
 def test_a_text_conditioned_denoiser_alone_is_refused_naming_what_drives_it(tmp_path, command, hint):
+    """tadq evaluate and analyze take text-to-image pipeline artefacts now: a bare text-conditioned denoiser is sent
+    to its pipeline artefact, no longer to `tadq run` (and sample-sharded did not "compare" models)."""
     from tests.conftest import build_tiny_sd_unet
 
     from tadq.cli.common import class_conditions_for
@@ -168,7 +171,7 @@ def test_a_text_conditioned_denoiser_alone_is_refused_naming_what_drives_it(tmp_
     with pytest.raises(ValueError, match="encoder_hidden_states") as error:
         class_conditions_for(build_tiny_sd_unet(), tmp_path, command, labels=None, null_class=None,
                              guidance_scale=None)
-    assert hint in str(error.value)
+    assert hint in str(error.value) and "tadq run" not in str(error.value)
 
 
 def test_analyze_measures_a_class_conditional_artefact_as_evaluate_samples_it(unet_folder, tmp_path):

@@ -341,11 +341,12 @@ def class_conditions_for(model: torch.nn.Module, source: Path, command: str, *, 
         how = {"quantize": "as a text-to-image pipeline folder (model_index.json, its text encoder and tokenizer; "
                            "--calib-prompt)",
                "sample": "as a text-to-image pipeline folder or artefact (its text encoder and tokenizer; --prompt)"}
+        for scoring in ("evaluate", "analyze"):
+            how[scoring] = ("as a text-to-image pipeline artefact (its text encoder and tokenizer; --eval-prompts)")
         raise ValueError(f"{source} holds a {type(model).__name__} conditioned on {list(wanted)}: `tadq {command}` "
                          + (f"drives such a model only {how[command]}" if command in how else
-                            "compares unconditional and class-conditional models; a text-to-image pipeline is "
-                            "evaluated by `tadq run --model FP_FOLDER` (FP and quantized from the same noise and "
-                            "prompts)"))
+                            "takes unconditional and class-conditional models; a text-to-image pipeline is "
+                            "sampled by `tadq sample --prompt` and scored by `tadq evaluate --eval-prompts`"))
     from tadq.experiments.workload import class_label_setting
 
     return class_label_setting(source, model, guidance_scale=guidance_scale, labels=labels, null_class=null_class)
