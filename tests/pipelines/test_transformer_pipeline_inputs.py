@@ -429,15 +429,16 @@ def artefacts(folders, tmp_path_factory):
     return made
 
 
-def test_analyze_does_not_send_a_text_to_image_artefact_to_evaluate(artefacts):
-    """``tadq analyze`` refuses a transformer-pipeline artefact with "use tadq evaluate for it", and ``tadq
-    evaluate`` refuses the same artefact ("a text-to-image pipeline is evaluated by `tadq run --model FP_FOLDER`").
-    A user expects the refusal to point at the command that takes it."""
-    result, output = _invoke(["analyze", artefacts["sd3"], "--threads", 1])
-    assert result.exit_code == 2, output
-    evaluated, evaluate_output = _invoke(["evaluate", artefacts["sd3"], "--num-samples", 2, "--threads", 1])
-    assert evaluated.exit_code == 2 and "tadq run" in evaluate_output, evaluate_output
-    assert "use tadq evaluate" not in output, output
+def test_analyze_and_evaluate_ask_a_text_to_image_artefact_for_its_own_reference(artefacts, tmp_path):
+    """``tadq analyze`` refused a transformer-pipeline artefact ("use tadq evaluate for it") and ``tadq evaluate``
+    sent it to ``tadq run``; both measure it now. Without ``--fp-model`` / ``--reference`` the reference is the
+    shipped digits pipeline, another architecture than the SD3 artefact's: refused naming the flag, before any
+    sampling, and neither points at another command."""
+    for command, flag in (("analyze", "--fp-model"), ("evaluate", "--reference")):
+        result, output = _invoke([command, artefacts["sd3"], "--num-samples", 2, "--threads", 1,
+                                  "--out", tmp_path / command])
+        assert result.exit_code == 2 and f"pass {flag} FP_FOLDER" in output, output
+        assert "tadq run" not in output and "use tadq evaluate" not in output, output
 
 
 @needs_int8_w8
