@@ -441,6 +441,28 @@ def test_analyze_and_evaluate_ask_a_text_to_image_artefact_for_its_own_reference
         assert "tadq run" not in output and "use tadq evaluate" not in output, output
 
 
+def test_evaluate_and_analyze_record_the_distilled_guidance_a_flux_artefact_was_sampled_with(artefacts, folders,
+                                                                                               tmp_path):
+    """Flux embeds a distilled guidance scale the model reads (a model input, not classifier-free guidance):
+    `tadq sample` and `tadq run` record it, `tadq evaluate` and `tadq analyze` reported only the true-CFG scale
+    (1: "unguided") and a hash. Their reports name it, and analyze's the prompts too, as evaluate's does."""
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a bird\n")
+    common = ["--eval-prompts", prompts, "--num-samples", 1, "--threads", 1]
+    result, output = _invoke(["evaluate", artefacts["flux"], "--reference", folders["flux"], *common,
+                              "--out", tmp_path / "evaluate"])
+    assert result.exit_code == 0, output
+    result, output = _invoke(["analyze", artefacts["flux"], "--fp-model", folders["flux"], *common,
+                              "--out", tmp_path / "analyze"])
+    assert result.exit_code == 0, output
+    evaluated = json.loads((tmp_path / "evaluate" / "results.json").read_text())["settings"]
+    analysed = json.loads((tmp_path / "analyze" / "analysis.json").read_text())["settings"]
+    recorded = tadq.load_pipeline(artefacts["flux"]).tadq_prompt_encoder().distilled_guidance
+    assert recorded is not None
+    assert evaluated["distilled_guidance"] == analysed["distilled_guidance"] == recorded
+    assert analysed["prompts"] == evaluated["prompts"] == ["a bird"]
+
+
 @needs_int8_w8
 @pytest.mark.parametrize("which", list(SAMPLERS))
 def test_the_int8_backend_agrees_with_fake_quant_on_transformer_artefacts(artefacts, folders, which):

@@ -132,6 +132,9 @@ def analyze_command(
                 "corrections_not_applied": ignored, "measure_jacobian": jacobian, "batch_size": batch_size,
                 "backend": backend, "guidance_scale": scale,
                 "conditions": None if conditions is None else conditions.key}
+    if prompt_pipeline:  # what the conditions key hashes, readable (as tadq evaluate's report has it)
+        settings.update(prompts=list(prompts), negative_prompt=negative_prompt,
+                        distilled_guidance=getattr(conditions.encoder, "distilled_guidance", None))
     (out / "analysis.json").unlink(missing_ok=True)  # written last: an interrupt while drawing left an earlier
     # analysis's numbers beside this one's figure (as tadq evaluate's results files)
     save_propagation_plot(report, out / "propagation.png",

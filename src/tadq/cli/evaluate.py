@@ -301,6 +301,7 @@ def evaluate_command(
                     "num_samples": num_samples, "seed": seed, "guidance_scale": scale, "backend": backend,
                     "labels": None if conditions is None or prompt_pipeline else conditions.key}
         if prompt_pipeline:
-            settings.update(prompts=list(prompts), negative_prompt=negative_prompt, conditions=conditions.key)
+            settings.update(prompts=list(prompts), negative_prompt=negative_prompt, conditions=conditions.key,
+                            distilled_guidance=getattr(conditions.encoder, "distilled_guidance", None))
         _write_report(out, rows, evaluation, settings, fd_key)
         console.print(f"report: {out}/results.md, results.json, samples.png, per_step_error.png")
