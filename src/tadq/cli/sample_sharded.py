@@ -79,7 +79,8 @@ def sample_sharded_command(
     null_class: NullClass = None,
     guidance_scale: Annotated[float | None, typer.Option(
         help="Class-conditional models: classifier-free guidance against the null class (default: the artefact "
-             "recipe's, the scale its corrections were fitted at; 1 for an FP folder).")] = None,
+             "recipe's, the scale its corrections were fitted at; for an FP folder 1, the shipped DiT's own).")
+    ] = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
     device: Annotated[str, typer.Option(help="auto (cuda:LOCAL_RANK when CUDA is available), cpu or cuda.")
