@@ -155,7 +155,7 @@ def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder,
     settings = json.loads((report / "results.json").read_text())
     rows = settings["rows"]
     assert rows[1]["psnr"] is not None and rows[1]["final_mse"] > 0
-    assert settings["settings"]["guidance_scale"] == 2.0 if "settings" in settings else True
+    assert settings["settings"]["guidance_scale"] == 2.0
 
 
 @pytest.mark.parametrize(("command", "hint"), [("quantize", "--calib-prompt"), ("sample", "--prompt"),
