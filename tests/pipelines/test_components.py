@@ -96,11 +96,18 @@ def _edit_tensors(file, edit) -> None:
     save_file(tensors, file, metadata={"format": "pt"})
 
 
+def _stored_key(file, suffix: str) -> str:
+    """The name ``file`` stores a tensor under: transformers 5.0 writes a CLIPTextModel's as
+    ``text_model.encoder...``, later releases as ``encoder...``."""
+    (key,) = [key for key in load_file(file) if key == suffix or key.endswith(f".{suffix}")]
+    return key
+
+
 def test_text_encoder_weights_missing_a_tensor_are_refused_not_filled_at_random(sd_folder, tmp_path):
     """transformers fills a parameter its file lacks with random values and only prints a load report: every prompt
     was then encoded by a partly random text encoder (diffusers' own models were already checked)."""
     broken = _copy(sd_folder, tmp_path)
-    key = "encoder.layers.0.mlp.fc1.weight"
+    key = _stored_key(broken / "text_encoder" / "model.safetensors", "encoder.layers.0.mlp.fc1.weight")
     _edit_tensors(broken / "text_encoder" / "model.safetensors", lambda tensors: tensors.pop(key))
     with pytest.raises(PipelineFolderError, match=rf"text_encoder: its weights lack 1 of the CLIPTextModel's "
                                                   rf"parameters \(e\.g\. {re.escape(key)}\)"):
@@ -113,6 +120,7 @@ def test_non_finite_weights_of_a_text_encoder_or_vae_are_refused_on_load(sd_fold
     """Only the denoiser's weights were checked for NaN: a NaN in the VAE decoded every sample to NaN (black
     images), one in the text encoder made every condition NaN."""
     broken = _copy(sd_folder, tmp_path)
+    key = _stored_key(broken / file, key)
 
     def poison(tensors):
         tensors[key] = tensors[key].clone()
