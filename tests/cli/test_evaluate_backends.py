@@ -177,3 +177,21 @@ def test_analyze_measures_a_text_to_image_artefact_on_the_prompts_evaluate_sampl
     assert analysis["settings"]["conditions"] == evaluated["settings"]["conditions"] is not None
     # the same latents, one MSE over the same float32 values: only the float64 reduction order may differ
     assert analysis["measured"][-1] == pytest.approx(evaluated["rows"][1]["final_mse"], rel=1e-9)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "analyze"])
+def test_sampling_flags_a_text_to_image_artefact_cannot_take_are_refused_before_it_is_loaded(
+        tmp_path, pipeline_artefact, monkeypatch, command):
+    """A sampler of the other family (flow-euler on this ε model) or a negative guidance scale was refused only
+    once the artefact's pipeline had been read (`tadq sample` refuses them before); now before it, too."""
+    import tadq.pipelines
+
+    artefact, source = pipeline_artefact
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a dog\n")
+    reference = "--reference" if command == "evaluate" else "--fp-model"
+    monkeypatch.setattr(tadq.pipelines, "load_pipeline", lambda *a, **k: pytest.fail("loaded"))
+    for flags, needle in ((["--sampler", "flow-euler"], "flow"), (["--guidance-scale", "-1"], "guidance")):
+        result = runner.invoke(app, [command, str(artefact), reference, str(source), "--eval-prompts", str(prompts),
+                                     "--num-samples", "2", *flags, "--out", str(tmp_path / "out")])
+        assert result.exit_code == 2 and needle in result.output, result.output

@@ -428,6 +428,7 @@ def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple
     if not is_quantized_artefact(model_dir):
         raise ValueError(f"{model_dir} is an FP pipeline folder, not a tadq artefact: quantize it first (`tadq "
                          "quantize`), or compare FP and quantized rows with `tadq run --model FOLDER`")
+    _check_pipeline_sampling_flags(model_dir, kind, steps, eta, guidance_scale)  # before any component is read
     pipe = load_pipeline(model_dir, device=device, dtype=dtype, backend=backend)
     qmodel = pipe.tadq_denoiser
     check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
