@@ -87,3 +87,13 @@ def test_factors_set_on_some_up_blocks_only_are_refused_when_saved(tmp_path):
 def test_the_fp_reference_gets_the_artefacts_factors(saved):
     reference = build_tiny_sd_unet()
     assert match_freeu(reference, saved[0].model) == FACTORS and freeu_settings(reference) == FACTORS
+
+
+def test_evaluate_and_analyze_give_their_fp_reference_the_artefacts_factors(saved):
+    """Both commands take their FP reference from one helper (``tadq.cli.sample._matched_reference``, behind
+    ``artefact_pair`` and ``prompt_pipeline_pair``); tadq analyze's own copy of the loading skipped FreeU, so the
+    FreeU difference counted as quantization error there."""
+    from tadq.cli.sample import _matched_reference
+
+    reference = _matched_reference(build_tiny_sd_unet(), saved[0], torch.device("cpu"), torch.float32)
+    assert freeu_settings(reference) == FACTORS

@@ -12,7 +12,6 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
-    check_reference_model,
     check_sampling_flags,
     console,
     err_console,
@@ -31,7 +30,6 @@ from tadq.cli.sample import (
     Verbose,
     announce_compile,
     check_backend_here,
-    deployment_sampler,
 )
 
 __all__ = ["analyze_command"]
@@ -72,13 +70,11 @@ def analyze_command(
     """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction (the
     network run by --backend: the integer model's error is the one a deployment propagates)."""
     from tadq.analysis import analyze_propagation, save_propagation_plot
-    from tadq.cli.sample import class_conditioning, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
+    from tadq.cli.sample import artefact_pair, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
     from tadq.corrections.attach import as_denoiser
-    from tadq.device import place_model
-    from tadq.evaluation import check_evaluation_seed
     from tadq.fsguard import check_output_dir, mark_output
-    from tadq.io import is_quantized_artefact, load_quantized
-    from tadq.models import load_pipeline_parts, shipped_model_path
+    from tadq.io import is_quantized_artefact
+    from tadq.models import shipped_model_path
     from tadq.report import dumps_json
     from tadq.utils import atomic_write_text
     from tadq.zoo.t2i import shipped_t2i_path
@@ -101,21 +97,10 @@ def analyze_command(
             qmodel, fp, scheduler, sampler_config, conditions, scale, _ = prompt_pipeline_pair(
                 model_dir, fp_model, prompts, negative_prompt, guidance_scale, sampler, steps, eta, seed, backend,
                 torch_device, torch_dtype, "--fp-model")
-        else:
-            sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
-            qmodel, artefact_scheduler = load_quantized(model_dir, backend=backend)
-            check_evaluation_seed(qmodel, seed, "--seed")  # the measured error would be on its calibration noise
-            qmodel = place_model(qmodel, torch_device, torch_dtype)
-            # a class-conditional model: labels from --seed and the recipe's guidance, as tadq evaluate draws them
-            conditions, scale, _ = class_conditioning(qmodel, model_dir, num_samples, class_label=None, labels=labels,
-                                                      null_class=null_class, guidance_scale=guidance_scale,
-                                                      device=torch_device, dtype=torch_dtype, command="analyze")
-            fp, fp_scheduler = load_pipeline_parts(fp_model)
-            # the schedule the artefact was calibrated under (saved with it); the FP folder's only when it has none
-            scheduler = artefact_scheduler or fp_scheduler
-            # the default reference is the shipped model: another model's artefact is measured against it if alike
-            check_reference_model(qmodel, fp, fp_model, "--fp-model")
-            fp = place_model(fp, torch_device, torch_dtype)
+        else:  # labels from --seed and the recipe's guidance, as tadq evaluate draws them
+            qmodel, fp, scheduler, sampler_config, conditions, scale, _ = artefact_pair(
+                model_dir, fp_model, num_samples, labels, null_class, guidance_scale, sampler, steps, eta, seed,
+                backend, torch_device, torch_dtype, "--fp-model", "analyze")
         announce_compile(backend)
         # the network alone: the prediction explains the error the corrections then act on; a latent model's error
         # is analysed in the latents its sampler walks in

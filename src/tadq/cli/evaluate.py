@@ -12,13 +12,11 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
-    check_reference_model,
     check_sampling_flags,
     console,
     err_console,
     fail_cleanly,
     hold_output,
-    note,
     setup,
 )
 from tadq.cli.sample import (
@@ -32,7 +30,6 @@ from tadq.cli.sample import (
     Verbose,
     announce_compile,
     check_backend_here,
-    deployment_sampler,
 )
 
 __all__ = ["evaluate_command"]
@@ -216,15 +213,11 @@ def evaluate_command(
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
     from the same noise (and labels or prompts); print FD, agreement, PSNR/SSIM, MSE."""
-    from tadq.adapters.freeu import match_freeu
-    from tadq.cli.sample import class_conditioning, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
+    from tadq.cli.sample import artefact_pair, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
     from tadq.config import config_to_dict
-    from tadq.device import place_model
-    from tadq.evaluation import check_evaluation_seed, decoded_shape, evaluate_against_reference
+    from tadq.evaluation import decoded_shape, evaluate_against_reference
     from tadq.fsguard import check_output_dir
-    from tadq.io import load_quantized
-    from tadq.methods import check_sampler
-    from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
+    from tadq.models import load_scheduler, shipped_model_path
     from tadq.zoo.t2i import shipped_t2i_path
 
     torch_device, torch_dtype = setup(verbose, threads, device, dtype)
@@ -255,24 +248,9 @@ def evaluate_command(
                 model_dir, reference, prompts, negative_prompt, guidance_scale, sampler, steps, eta, seed, backend,
                 torch_device, torch_dtype, "--reference")
         else:
-            sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
-            qmodel, scheduler = load_quantized(model_dir, backend=backend)
-            check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
-            check_sampler(qmodel, sampler_config, str(model_dir))
-            qmodel = place_model(qmodel, torch_device, torch_dtype)  # float32: bit-identical to the saved model
-            # a class-conditional model: labels from the evaluation seed (never the calibration one), the recipe's
-            # guidance; a latent model's samples are scored after its VAE decodes them
-            conditions, scale, decoder = class_conditioning(qmodel, model_dir, num_samples, class_label=None,
-                                                             labels=labels, null_class=null_class,
-                                                             guidance_scale=guidance_scale, device=torch_device,
-                                                             dtype=torch_dtype, command="evaluate")
-            fp_model, fp_scheduler = load_pipeline_parts(reference)
-            scheduler = scheduler or fp_scheduler
-            if reference is None:  # the shipped model stands in: refused naming --reference
-                check_reference_model(qmodel, fp_model, reference, "--reference")
-            if match_freeu(fp_model, qmodel.model) is not None:
-                note("the artefact runs with FreeU: the FP reference runs with the same factors")
-            fp_model = place_model(fp_model, torch_device, torch_dtype)
+            qmodel, fp_model, scheduler, sampler_config, conditions, scale, decoder = artefact_pair(
+                model_dir, reference, num_samples, labels, null_class, guidance_scale, sampler, steps, eta, seed,
+                backend, torch_device, torch_dtype, "--reference", "evaluate")
         image_shape = decoded_shape(qmodel.sample_shape, decoder)
         resolution = image_shape[-1]
         space = _feature_space(features, reference, reference_images, resolution)

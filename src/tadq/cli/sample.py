@@ -416,7 +416,6 @@ def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple
     text-to-image artefact and its FP reference: the artefact's own pipeline gives the sampler and guidance of its
     recipe, the prompt encoder both models are conditioned with (the same embeddings for both) and the VAE both
     are decoded with, as `tadq run` scores its rows; the reference gives only its denoiser."""
-    from tadq.device import place_model
     from tadq.evaluation import check_evaluation_seed
     from tadq.experiments.workload import vae_decoder
     from tadq.io import is_quantized_artefact
@@ -439,8 +438,47 @@ def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple
     fp_model, _ = load_pipeline_parts(reference if reference is not None else shipped_t2i_path())
     check_reference_model(qmodel, fp_model, reference, flag,
                           shipped="the shipped text-to-image pipeline")
-    fp_model = place_model(fp_model, device, dtype)
+    fp_model = _matched_reference(fp_model, qmodel, device, dtype)
     return qmodel, fp_model, pipe.scheduler, sampler, conditions, scale, vae_decoder(pipe.vae)
+
+
+def artefact_pair(model_dir: Path, reference: Path | None, num_samples: int, labels: str | None,
+                  null_class: int | None, guidance_scale: float | None, kind: str | None, steps: int | None,
+                  eta: float | None, seed: int, backend: str, device, dtype, flag: str, command: str):
+    """``prompt_pipeline_pair``'s tuple for an unconditional or class-conditional artefact: its recipe's sampler
+    (flags applied), labels drawn from the evaluation seed at the recipe's guidance, the folder's VAE for a latent
+    model, and the FP ``reference`` (default: the shipped digits DDPM) on the same placement and FreeU setting."""
+    from tadq.device import place_model
+    from tadq.evaluation import check_evaluation_seed
+    from tadq.io import load_quantized
+    from tadq.methods import check_sampler
+    from tadq.models import load_pipeline_parts
+
+    sampler = deployment_sampler(model_dir, kind, steps, eta)
+    qmodel, scheduler = load_quantized(model_dir, backend=backend)
+    check_evaluation_seed(qmodel, seed, "--seed")  # before the FP model is loaded and both are sampled
+    check_sampler(qmodel, sampler, str(model_dir))
+    qmodel = place_model(qmodel, device, dtype)  # float32: bit-identical to the saved model
+    conditions, scale, decoder = class_conditioning(qmodel, model_dir, num_samples, class_label=None, labels=labels,
+                                                    null_class=null_class, guidance_scale=guidance_scale,
+                                                    device=device, dtype=dtype, command=command)
+    fp_model, fp_scheduler = load_pipeline_parts(reference)
+    # the default reference is the shipped model: another model's artefact is measured against it only if alike
+    check_reference_model(qmodel, fp_model, reference, flag)
+    fp_model = _matched_reference(fp_model, qmodel, device, dtype)
+    # the schedule the artefact was calibrated under (saved with it); the FP folder's only when it has none
+    return qmodel, fp_model, scheduler or fp_scheduler, sampler, conditions, scale, decoder
+
+
+def _matched_reference(fp_model: nn.Module, qmodel: nn.Module, device, dtype) -> nn.Module:
+    """The FP reference with the FreeU setting the artefact runs with (a folder cannot record it, and the
+    difference would count as quantization error), placed as asked."""
+    from tadq.adapters.freeu import match_freeu
+    from tadq.device import place_model
+
+    if match_freeu(fp_model, getattr(qmodel, "model", qmodel)) is not None:
+        note("the artefact runs with FreeU: the FP reference runs with the same factors")
+    return place_model(fp_model, device, dtype)
 
 
 def sample_command(
