@@ -164,7 +164,7 @@ def evaluate_against_reference(
     candidate: nn.Module, reference: nn.Module, scheduler, sampler: SamplerConfig, *, num_samples: int, seed: int,
     batch_size: int = 128, features: FeatureSpace | None = None, progress: bool = True,
     conditions: ConditionSource | None = None, guidance_scale: float = 1.0,
-    decoder: Callable[[Tensor], Tensor] | None = None,
+    decoder: Callable[[Tensor], Tensor] | None = None, expected_labels: Tensor | None = None,
 ) -> Evaluation:
     """Sample ``candidate`` (a ``QuantizedDenoiser``) and its FP ``reference`` from the same noise and compare them.
 
@@ -183,10 +183,19 @@ def evaluate_against_reference(
             ``tadq.api.sample``); a sample gets the same conditions in both.
         decoder: latents → images (a latent model's VAE): the image metrics and the returned samples are the
             decoded images, the per-step error stays in the latent space the sampler walks in.
+        expected_labels: (num_samples,) the label each sample asks for (its prompt's digit, its class), read back
+            by ``features`` as prompt agreement in both rows; checked before anything is sampled.
     """
     from tadq.api import sample
 
     check_same_architecture(candidate, reference)
+    if expected_labels is not None:
+        if features is None or not features.reads_labels:
+            raise MetricMismatchError("prompt agreement needs a feature space that reads labels back (the shipped "
+                                      f"classifiers); got {'no features' if features is None else features.name}")
+        if tuple(expected_labels.shape) != (num_samples,):
+            raise ValueError(f"expected_labels holds {tuple(expected_labels.shape)} labels for {num_samples} samples; "
+                             "give one label per sample")
     check_evaluation_seed(candidate, seed)
     if features is not None:
         shape = getattr(candidate, "sample_shape", None) or adapter_for(candidate).sample_shape(candidate)
@@ -213,10 +222,10 @@ def evaluate_against_reference(
     fp_states, q_states = fp.trajectory.states, quantized.trajectory.states
     return Evaluation(
         reference=fp, candidate=quantized,
-        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, features,
+        reference_metrics=quality_metrics(fp.images, fp_states, fp.images, fp_states, features, expected_labels,
                                           progress=progress),
         candidate_metrics=quality_metrics(quantized.images, q_states, fp.images, fp_states, features,
-                                          progress=progress),
+                                          expected_labels, progress=progress),
         per_step_mse=per_step_mse(fp_states, q_states),
         fd_floor=features.floor if features is not None else None,
     )

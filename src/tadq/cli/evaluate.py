@@ -82,6 +82,35 @@ def _feature_space(features: str, reference: Path | None, reference_images: Path
     return TorchScriptFeatureSpace(features, reference_images, name=name)
 
 
+def _same_folder(path: Path | None, shipped: Path) -> bool:
+    return path is not None and path.resolve() == shipped.resolve()
+
+
+def _prompted_labels(space, conditions, prompts: tuple[str, ...], reference: Path | None, labels: str | None,
+                     num_samples: int, seed: int):
+    """The label each evaluation sample asks for, where a shipped classifier reads it back (prompt agreement, as
+    ``tadq run`` measures it): the shipped text-to-image model's digit prompts, the shipped DiT's random class
+    labels; ``None`` for every other model, whose prompts or classes mean nothing to the digit classifier."""
+    import torch
+
+    from tadq.zoo.dit import shipped_dit_path
+    from tadq.zoo.t2i import shipped_t2i_path
+    from tadq.zoo.t2i_prompts import digit_of
+
+    if space is None or not space.reads_labels or conditions is None:
+        return None
+    if prompts and (reference is None or _same_folder(reference, shipped_t2i_path())):
+        try:
+            digits = [digit_of(prompt) for prompt in prompts]
+        except ValueError as error:
+            err_console.print(f"prompt agreement not measured: {error}")
+            return None
+        return torch.tensor([digits[i % len(digits)] for i in range(num_samples)], dtype=torch.long)
+    if not prompts and _same_folder(reference, shipped_dit_path()) and labels in (None, "random"):
+        return conditions(seed, range(num_samples)).class_labels.cpu()
+    return None
+
+
 def _rows(evaluation, qmodel) -> list[dict[str, Any]]:
     """The FP row and the artefact's, named with its correction stack (a TAC artefact was "tadq qdiffusion") and,
     when it is not the float simulation, the backend that ran it."""
@@ -256,11 +285,12 @@ def evaluate_command(
         space = _feature_space(features, reference, reference_images, resolution)
         if inception_weights is not None:  # checked before sampling twice, not after
             _inception_digits(image_shape)  # grey digits of this size exist
+        expected = _prompted_labels(space, conditions, prompts, reference, labels, num_samples, seed)
         announce_compile(backend)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
                                                 features=space, conditions=conditions, guidance_scale=scale,
-                                                decoder=decoder)
+                                                decoder=decoder, expected_labels=expected)
         inception = None
         if inception_weights is not None:
             inception = _inception_fids(evaluation, inception_weights)

@@ -51,6 +51,7 @@ class FeatureSpace(ABC):
     real: Tensor
     input_shape: tuple[int, int, int] | None = None
     floor: float | None = None
+    reads_labels = False  # whether prompted_accuracy can read a sample's label back (a classifier's features)
 
     @abstractmethod
     def features(self, images: Tensor, progress: bool = True) -> Tensor:
@@ -97,6 +98,7 @@ class DigitsFeatureSpace(FeatureSpace):
     """The shipped digits classifier's penultimate features against the real training digits (FD-digits)."""
 
     name = "digits"
+    reads_labels = True
 
     def __init__(self, resolution: int, classifier: DigitClassifier | None = None) -> None:
         if resolution not in SUPPORTED_RESOLUTIONS:  # DigitsConfig said only "resolution must be one of ..."
@@ -143,6 +145,7 @@ class PhotosFeatureSpace(FeatureSpace):
     """
 
     name = "photos"
+    reads_labels = True
 
     def __init__(self, classifier: PhotoClassifier | None = None, floor_samples: int = 1000,
                  floor_seed: int = 0) -> None:

@@ -1,0 +1,76 @@
+"""``tadq evaluate`` measures prompt agreement where ``tadq run`` does: the shipped text-to-image model's digit
+prompts and the shipped DiT's random class labels, read back by the digit classifier; nowhere else."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from tadq.cli.app import app
+from tadq.cli.evaluate import _prompted_labels
+from tadq.metrics.features import DigitsFeatureSpace
+from tadq.sampling import ClassLabels
+from tadq.zoo.dit import shipped_dit_path
+from tadq.zoo.t2i import shipped_t2i_path
+
+runner = CliRunner()
+DIGITS = DigitsFeatureSpace(16)
+
+
+def test_the_shipped_text_to_image_prompts_give_their_digits_cyclically() -> None:
+    prompts = ("a handwritten seven", "the digit 2", "a drawing of zero")
+    expected = [7, 2, 0, 7, 2]
+    for reference in (None, shipped_t2i_path()):
+        labels = _prompted_labels(DIGITS, object(), prompts, reference, None, num_samples=5, seed=1000)
+        assert labels.tolist() == expected and labels.dtype == torch.long
+
+
+def test_no_prompt_agreement_for_a_user_pipeline_or_a_prompt_without_a_digit(tmp_path, capsys) -> None:
+    prompts = ("a handwritten seven",)
+    assert _prompted_labels(DIGITS, object(), prompts, tmp_path, None, num_samples=2, seed=0) is None
+    assert _prompted_labels(None, object(), prompts, None, None, num_samples=2, seed=0) is None
+    assert _prompted_labels(DIGITS, object(), ("a cat",), None, None, num_samples=2, seed=0) is None
+    assert "prompt agreement not measured" in capsys.readouterr().err
+
+
+def test_the_shipped_dit_scores_its_random_labels_and_not_its_null_class() -> None:
+    labels = ClassLabels((3, 1, 4, 1, 5), null_class=10)
+    got = _prompted_labels(DIGITS, labels, (), shipped_dit_path(), None, num_samples=5, seed=7)
+    assert got.tolist() == [3, 1, 4, 1, 5]
+    assert _prompted_labels(DIGITS, labels, (), shipped_dit_path(), "null", num_samples=5, seed=7) is None
+    assert _prompted_labels(DIGITS, labels, (), None, None, num_samples=5, seed=7) is None
+
+
+def test_evaluate_reports_the_shipped_dits_prompt_agreement(tmp_path: Path) -> None:
+    """The row `tadq run --model dit` has, from `tadq evaluate` of a DiT artefact against the shipped DiT."""
+    dit, artefact = shipped_dit_path(), tmp_path / "w8a8"
+
+    def ok(*args) -> None:
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.output
+
+    ok("quantize", dit, "--preset", "W8A8", "--steps", "4", "--calib-trajectories", "4", "--out", artefact,
+       "--cache-dir", tmp_path / "cache", "--threads", "1")
+    ok("evaluate", artefact, "--reference", dit, "--features", "digits", "--num-samples", "8", "--batch-size", "4",
+       "--threads", "1", "--out", tmp_path / "eval")
+    report = json.loads((tmp_path / "eval" / "results.json").read_text())
+    for row in report["rows"]:
+        assert 0 <= row["prompt_accuracy"] <= 1
+    assert "prompt agree" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_the_shipped_models_labels_are_those_tadq_run_scores() -> None:
+    """Same labels, so `tadq evaluate` of a shipped model's artefact reports `tadq run`'s prompt agreement."""
+    from tadq.experiments.workload import load_workload
+    from tadq.zoo.t2i_prompts import EVALUATION_PROMPTS
+
+    run = load_workload("t2i").expected_labels(1000, 45)
+    evaluate = _prompted_labels(DIGITS, object(), tuple(EVALUATION_PROMPTS), None, None, num_samples=45, seed=1000)
+    assert torch.equal(evaluate, run)
+    dit = load_workload("dit")
+    run = dit.expected_labels(1000, 12)
+    evaluate = _prompted_labels(DIGITS, dit.evaluation_conditions, (), shipped_dit_path(), None, 12, 1000)
+    assert torch.equal(evaluate, run)
