@@ -65,3 +65,23 @@ def test_quantize_keeps_the_vqvae_and_sample_writes_decoded_images(ldm_folder, t
                                           "--out", str(tmp_path / f"{source.name}.png")])
         assert result.exit_code == 0, result.output
     assert [tuple(images.shape) for images in shown] == [(2, 3, 2 * LATENT_SIDE, 2 * LATENT_SIDE)] * 2
+
+
+def test_analyze_reads_latents_and_does_not_load_the_decoder(ldm_folder, tmp_path, monkeypatch):
+    """`tadq analyze` measures the error in the latents the sampler walks in: it loaded the folder's decoder all the
+    same (a large VAE's time and memory, a damaged one refused), through the loading it shares with evaluate."""
+    import tadq.experiments.workload
+
+    out = tmp_path / "q"
+    result = CliRunner().invoke(app, ["quantize", str(ldm_folder), "--out", str(out), *SMALL,
+                                      "--cache-dir", str(tmp_path / "cache")])
+    assert result.exit_code == 0, result.output
+
+    def no_decoder(*args, **kwargs):
+        raise AssertionError("the decoder was loaded")
+
+    monkeypatch.setattr(tadq.experiments.workload, "folder_vae_decoder", no_decoder)
+    result = CliRunner().invoke(app, ["analyze", str(out), "--fp-model", str(ldm_folder), "--num-samples", "2",
+                                      "--out", str(tmp_path / "analysis")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "analysis" / "analysis.json").is_file()

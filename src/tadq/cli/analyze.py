@@ -100,7 +100,7 @@ def analyze_command(
         else:  # labels from --seed and the recipe's guidance, as tadq evaluate draws them
             qmodel, fp, scheduler, sampler_config, conditions, scale, _ = artefact_pair(
                 model_dir, fp_model, num_samples, labels, null_class, guidance_scale, sampler, steps, eta, seed,
-                backend, torch_device, torch_dtype, "--fp-model", "analyze")
+                backend, torch_device, torch_dtype, "--fp-model", "analyze", decode=False)  # latents only
         announce_compile(backend)
         # the network alone: the prediction explains the error the corrections then act on; a latent model's error
         # is analysed in the latents its sampler walks in

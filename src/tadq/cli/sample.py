@@ -326,14 +326,14 @@ def _check_class_label_flags(class_label: list[int] | None, num_samples: int) ->
 
 def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, class_label: list[int] | None,
                         labels: str | None, null_class: int | None, guidance_scale: float | None, device, dtype,
-                        command: str = "sample"):
+                        command: str = "sample", decode: bool = True):
     """(conditions, guidance scale, VAE decoder or ``None``) of ``tadq sample``, all checked before sampling.
 
     An unconditional model takes no labels and no guidance. A class-conditional one samples explicit labels
     (``--class-label``) or the ``--labels`` mode; its guidance and null class default to the artefact recipe's (the
     scale its corrections were fitted at, another one refused for a model carrying fitted tables; the null class
     it was calibrated with). A latent model's
-    samples are decoded by the folder's VAE."""
+    samples are decoded by the folder's VAE (not loaded with ``decode=False``: a command that reads latents only)."""
     from tadq.experiments.workload import folder_vae_decoder
     from tadq.pipelines.quantized import resolve_deployment
     from tadq.sampling import ClassLabels
@@ -354,7 +354,7 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
         if guidance_scale is not None and guidance_scale != 1.0:
             raise ValueError(f"--guidance-scale {guidance_scale:g} needs an unconditional branch (an empty or "
                              f"negative prompt, a null class), which {source} does not have; drop the flag")
-        return None, 1.0, folder_vae_decoder(source, device, dtype)
+        return None, 1.0, folder_vae_decoder(source, device, dtype) if decode else None
     scale = setting.guidance_scale
     resolve_deployment(denoiser, recipe, None, scale, None, 1.0)  # tables fitted at another scale: refused
     conditions = setting.source
@@ -365,7 +365,7 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
             raise ValueError(f"--class-label {outside[0]} is not a class of {source}: its classes are "
                              f"0..{setting.num_classes - 1}")
         conditions = ClassLabels(wanted, setting.null_class if scale != 1.0 else None)
-    return conditions, scale, folder_vae_decoder(source, device, dtype)
+    return conditions, scale, folder_vae_decoder(source, device, dtype) if decode else None
 
 
 def evaluation_prompts(model_dir: Path, prompt_pipeline: bool, reference: Path | None, eval_prompts: Path | None,
@@ -444,10 +444,12 @@ def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple
 
 def artefact_pair(model_dir: Path, reference: Path | None, num_samples: int, labels: str | None,
                   null_class: int | None, guidance_scale: float | None, kind: str | None, steps: int | None,
-                  eta: float | None, seed: int, backend: str, device, dtype, flag: str, command: str):
+                  eta: float | None, seed: int, backend: str, device, dtype, flag: str, command: str,
+                  decode: bool = True):
     """``prompt_pipeline_pair``'s tuple for an unconditional or class-conditional artefact: its recipe's sampler
     (flags applied), labels drawn from the evaluation seed at the recipe's guidance, the folder's VAE for a latent
-    model, and the FP ``reference`` (default: the shipped digits DDPM) on the same placement and FreeU setting."""
+    model (``decode=False``: none, for a command that reads latents only), and the FP ``reference`` (default: the
+    shipped digits DDPM) on the same placement and FreeU setting."""
     from tadq.device import place_model
     from tadq.evaluation import check_evaluation_seed
     from tadq.io import load_quantized
@@ -461,7 +463,7 @@ def artefact_pair(model_dir: Path, reference: Path | None, num_samples: int, lab
     qmodel = place_model(qmodel, device, dtype)  # float32: bit-identical to the saved model
     conditions, scale, decoder = class_conditioning(qmodel, model_dir, num_samples, class_label=None, labels=labels,
                                                     null_class=null_class, guidance_scale=guidance_scale,
-                                                    device=device, dtype=dtype, command=command)
+                                                    device=device, dtype=dtype, command=command, decode=decode)
     fp_model, fp_scheduler = load_pipeline_parts(reference)
     # the default reference is the shipped model: another model's artefact is measured against it only if alike
     check_reference_model(qmodel, fp_model, reference, flag)
