@@ -403,3 +403,58 @@ def test_block_wise_weights_are_refused_by_every_integer_backend_before_any_copy
     with pytest.raises(ValueError, match=f"{layer_name}: its weight has one step per block of 16 weights"):
         weight_codes(layer.weight_quantizer, layer.weight, layer_name)
     assert to_backend(qmodel, "fake") is qmodel
+
+
+def _transformed_recipe(kind: str, calibration: CalibrationConfig):
+    """A recipe whose every quantized layer the integer kernels cannot run: SVDQuant's smoothing and low-rank branch
+    (transformed layers), or activations quantized per token at run time."""
+    import tadq
+    from tadq.quant import QScheme
+    from tadq.svdquant import SVDQuantMethod
+
+    deployments = (tadq.Deployment(calibration.sampler),)
+    if kind == "svdquant":
+        return tadq.Recipe(method=SVDQuantMethod(alpha_grid=(0.5,), search_samples=4),
+                           weights=QScheme(bits=4, granularity="per_channel", lowrank_rank=2),
+                           activations=QScheme(bits=8, granularity="per_tensor", smoothing=True),
+                           calibration=calibration, deployments=deployments)
+    return tadq.Recipe(weights=QScheme(bits=4, granularity="per_channel"),
+                       activations=QScheme(bits=8, granularity="per_token"), calibration=calibration,
+                       deployments=deployments)
+
+
+@needs_int8_cpu
+@pytest.mark.parametrize("kind, message", [
+    ("svdquant", "this model's quantized layers have smoothing and a rank-2 low-rank branch"),
+    ("per-token", "this model's activations are quantized per_token at run time"),
+])
+def test_transformed_layers_and_dynamic_activations_are_refused_before_any_copy_or_load(
+        tiny_unet, ddpm_scheduler, monkeypatch, tmp_path, kind, message):
+    """SVDQuant's transformed layers and per-token activations have no integer kernel; they were refused only layer
+    by layer while converting, i.e. after ``to_backend`` had deep-copied the model and after ``load_quantized`` /
+    ``tadq sample --backend int8`` had built and read the whole artefact. Now from the config, as fp8 activations
+    and block-wise weights are, by every integer backend, and through the CLI in one line."""
+    from tadq.cli.app import app
+    from tadq.io import load as load_module
+    from tadq.io import load_quantized
+
+    calibration = CalibrationConfig(sampler=SamplerConfig(kind="ddim", num_steps=2), num_trajectories=2,
+                                    num_steps_kept=1, samples_per_step=2, batch_size=2)
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, _transformed_recipe(kind, calibration), progress=False)
+    qmodel.save_pretrained(tmp_path / "art", ddpm_scheduler)
+
+    def built(*args, **kwargs):
+        raise AssertionError("the artefact's model was built before the refusal")
+
+    monkeypatch.setattr("copy.deepcopy", lambda *args, **kwargs: pytest.fail("copied before refusing"))
+    monkeypatch.setattr(load_module, "_build_fp_model", built)
+    for name in (name for name, backend in BACKENDS.items() if backend.factory is not None):
+        with pytest.raises(ValueError, match=f"backend '{name}'.*{message}.*backend='fake'"):
+            to_backend(qmodel, name)
+    with pytest.raises(ValueError, match=f"backend 'int8'.*{message}"):
+        load_quantized(tmp_path / "art", backend="int8")
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "art"), "--backend", "int8", "--num-samples", "2",
+                                      "--out", str(tmp_path / "s.png"), "--threads", "1"])
+    assert result.exit_code == 2 and message in " ".join(result.output.split()), result.output
+    assert not (tmp_path / "s.png").exists()
+    assert to_backend(qmodel, "fake") is qmodel

@@ -122,15 +122,21 @@ def int8_convs_prefer_channels_last():
     return unittest.mock.patch.object(inductor_graph, "is_mkldnn_conv", is_conv)
 
 
+SIMULATED_OPS = ("aten._fake_quantize", "aten.fake_quantize")
+"""Name prefixes of the fake-quant ops an integer model keeps: the per-tensor ones of the attention operands
+(``aten._fake_quantize_per_tensor_affine_cachemask_tensor_qparams``) and the per-row softmax quantizer's
+``torch.fake_quantize_per_channel_affine`` (``aten.fake_quantize_per_channel_affine_cachemask``, no underscore)."""
+
+
 class _FakeQuantShimFilter(logging.Filter):
     """Drops Inductor's "aten._fake_quantize_… is missing a c-shim implementation" warning, one line per simulated
     op and compile (15 on a W4A8 model with quantized attention operands): those ops are the parts an integer model
-    keeps simulated by design (attention matmul operands, docs/backends.md), which the C++ wrapper calls through its
-    proxy executor. Every other Inductor warning passes."""
+    keeps simulated by design (attention matmul operands and the per-row softmax, docs/backends.md), which the C++
+    wrapper calls through its proxy executor. Every other Inductor warning passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not (isinstance(record.msg, str) and record.msg.startswith("%s is missing a c-shim") and record.args
-                    and str(record.args[0]).startswith("aten._fake_quantize"))
+                    and str(record.args[0]).startswith(SIMULATED_OPS))
 
 
 _SHIM_FILTER = _FakeQuantShimFilter()

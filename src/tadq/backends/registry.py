@@ -23,7 +23,8 @@ from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.qscheme import QScheme
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
-           "check_placement", "check_weight_grid", "check_activation_format", "held_weight_bytes"]
+           "check_placement", "check_weight_grid", "check_activation_format", "check_layer_transforms",
+           "held_weight_bytes"]
 
 
 class BackendUnavailableError(RuntimeError, ValueError):
@@ -162,13 +163,38 @@ def check_weight_grid(name: str, scheme: QScheme, layer_bits: tuple[tuple[str, i
 
 
 def check_activation_format(name: str, scheme: QScheme) -> None:
-    """Refuse, before anything is loaded or copied, fp8 activations (``QScheme.format``) on an integer backend: its
-    kernels take int8 codes, and no backend runs fp8 matmuls (they need a GPU with fp8 units; the ``fake`` backend
-    simulates the format). Each layer's input quantizer is checked again when it is converted."""
+    """Refuse, before anything is loaded or copied, activations an integer backend's kernels do not take: fp8
+    (``QScheme.format``: its kernels take int8 codes, and no backend runs fp8 matmuls, which need a GPU with fp8
+    units; the ``fake`` backend simulates the format), and dynamic ranges (``per_token`` / ``per_group``: one scale
+    per token or group measured at run time, where the kernels take one static scale per tensor). Each layer's input
+    quantizer is checked again when it is converted."""
     backend = _known(name)
-    if backend.factory is not None and scheme.enabled and scheme.fp8:
+    if backend.factory is None or not scheme.enabled:
+        return
+    if scheme.fp8:
         raise ValueError(f"backend {name!r} runs int8 kernels; this model's activations are {scheme.format} (fp8), "
                          "which no tadq backend runs in hardware: use backend='fake' (the fp8 simulation)")
+    if scheme.dynamic:
+        raise ValueError(f"backend {name!r} runs int8 kernels with one static activation scale per tensor; this "
+                         f"model's activations are quantized {scheme.granularity} at run time ({scheme.describe()}), "
+                         "which needs per-row or group-wise rescaling tadq's kernels do not have: use "
+                         "backend='fake' (the simulation)")
+
+
+def check_layer_transforms(name: str, weights: QScheme, activations: QScheme) -> None:
+    """Refuse, before anything is loaded or copied, schemes that make every quantized layer a transformed one
+    (``QScheme.transforms``: SVDQuant's smoothing, a Hadamard rotation, a low-rank FP branch): the integer backends
+    run plain convs and linears and refuse those layers by class when converting, rather than drop the branch or the
+    input transform. Found after the whole artefact had been built and read (or the model deep-copied)."""
+    backend = _known(name)
+    if backend.factory is None or not (weights.transforms or activations.transforms):
+        return
+    parts = [what for what, on in (("smoothing", activations.smoothing),
+                                   (f"a {activations.rotation} rotation", activations.rotation != "none"),
+                                   (f"a rank-{weights.lowrank_rank} low-rank branch", weights.lowrank_rank > 0)) if on]
+    raise ValueError(f"backend {name!r} runs plain int8 convs and linears; this model's quantized layers have "
+                     f"{' and '.join(parts)} (transformed layers, SVDQuant), which tadq's integer kernels do not run: "
+                     "use backend='fake' (the simulation)")
 
 
 def _refuse_model_placement(qmodel: QuantizedDenoiser, backend: Backend) -> None:
@@ -215,6 +241,7 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
     """
     if isinstance(qmodel, QuantizedDenoiser):  # formats no backend runs, whether or not this machine has it
         check_activation_format(name, qmodel.config.activations)
+        check_layer_transforms(name, qmodel.config.weights, qmodel.config.activations)
         if qmodel.config.weights.granularity == "per_block":
             check_weight_grid(name, qmodel.config.weights)
     backend = check_backend(name)
