@@ -20,7 +20,7 @@ import torch
 from tests.backends.bounds import conv_bound, linear_bound
 from tests.backends.machine import needs_compiled, needs_compiled_w8
 from tests.backends.test_layers import ACTIVATIONS, CONVS, WEIGHTS, _conv, _linear, _split
-from tests.backends.test_model import _agree, _images, _quantize
+from tests.backends.test_model import MIN_PSNR_DB, _agree, _images, _quantize
 from torch import nn
 from torch.torch_version import TorchVersion
 
@@ -36,6 +36,7 @@ from tadq.backends.activations import activation_grid, traced_codes
 from tadq.backends.compiled import INT8_CONV_OPS, CompiledIntegerDenoiser, frozen, keep_identity_guards, prime_grids
 from tadq.backends.cpu_int8 import OneDNNConv2d, OneDNNLinear, OneDNNSplitConv2d
 from tadq.quant import QuantLinear
+from tadq.quant.attention import RowSoftmaxQuantizer
 
 
 def _compiled(module: nn.Module):
@@ -62,6 +63,57 @@ def test_compiled_codes_are_the_fake_quant_codes():
     fake = torch.fake_quantize_per_tensor_affine(torch.nn.functional.silu(x), grid.scale, int(grid.zero_point), 0,
                                                  255)
     assert torch.equal((codes.float() - grid.zero_point) * grid.scale, fake)
+
+
+def _attention_operands(batch: int, scale: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (batch, 2, 16, 8) q-like operand (half of it at half steps of ``scale``) and a (batch, 2, 16, 16) softmax
+    P whose rows hold entries at half steps of their own per-row step max_j P_ij / 255 (near ties either way)."""
+    operand = torch.randn(batch, 2, 16, 8, generator=generator) * 2
+    ties = (torch.randint(-100, 100, operand.shape, generator=generator) + 0.5) * scale
+    operand = torch.where(torch.rand(operand.shape, generator=generator) < 0.5, ties, operand)
+    probs = (torch.randn(batch, 2, 16, 16, generator=generator) * 3).softmax(dim=-1)
+    row_step = probs.amax(dim=-1, keepdim=True) / 255
+    at_ties = (torch.randint(0, 255, probs.shape, generator=generator) + 0.5) * row_step
+    return operand, torch.where(torch.rand(probs.shape, generator=generator) < 0.5, at_ties, probs)
+
+
+@needs_compiled
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_row"])
+def test_attention_operand_quantizers_compile_once_for_every_batch_size(granularity):
+    """The attention operands' quantizers (q/k/v per tensor; P per tensor or per row) are what an int8-compiled model
+    keeps simulated. Their fused fake-quant ops have no fake-tensor implementation for a dynamic batch: the graph
+    broke there, Dynamo then skipped the whole UNet forward and compiled its sub-frames one by one at every new
+    batch size (graphs 1 → 2 → 11 → 33 over batches 3, 1, 5, 3). Compiled, they run the kernels' arithmetic as
+    pure ops instead: one graph, no break, with a batch dimension that changes, and the fused ops' bits exactly
+    (the inputs sit at half steps, where another rounding order lands one code away)."""
+    from torch._dynamo.utils import counters
+
+    from tadq.quant import Quantizer
+    from tadq.quant.attention import RowSoftmaxQuantizer, softmax_scheme
+
+    operand_quantizer = Quantizer(ACTIVATIONS["a8"], kind="activation")
+    operand_quantizer.set_range(torch.tensor([-3.0]), torch.tensor([5.0]))
+    scheme = softmax_scheme(ACTIVATIONS["a8"], 8, granularity)
+    softmax_quantizer = RowSoftmaxQuantizer(scheme) if granularity == "per_row" else Quantizer(scheme, "activation")
+    if granularity == "per_tensor":
+        softmax_quantizer.set_range(torch.tensor([0.0]), torch.tensor([0.6]))
+
+    def quantize(operand: torch.Tensor, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return operand_quantizer(operand), softmax_quantizer(probs)
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = [_attention_operands(batch, float(operand_quantizer.scale), generator) for batch in (3, 5, 2)]
+    with torch.no_grad():  # eager first (torch's fused fake-quant kernels): it memoises a quantizer's kernel range
+        expected = [quantize(*pair) for pair in inputs]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(quantize, dynamic=True)
+    for pair, reference in zip(inputs, expected, strict=True):
+        with torch.no_grad(), frozen():
+            got = compiled(*pair)
+        assert torch.equal(got[0], reference[0]) and torch.equal(got[1], reference[1]), pair[0].shape
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @needs_compiled
@@ -113,6 +165,37 @@ def test_compiled_sampling_agrees_with_fake_quant(tiny_unet, ddpm_scheduler, pre
     assert _agree(images, _images(fake, ddpm_scheduler))
     with torch.enable_grad():  # runs without autograd whatever the caller's mode (freezing needs it)
         assert torch.equal(_images(compiled, ddpm_scheduler), images)
+
+
+@needs_compiled
+@pytest.mark.slow
+def test_quantized_attention_keeps_two_graphs_when_the_batch_size_changes(tiny_unet, ddpm_scheduler):
+    """A model with quantized attention operands, called with batches of 3, 5 and 2 (a run whose last batch is
+    smaller): the first size compiles a static graph, the second one graph with a dynamic batch that serves every
+    later size, as for a model without quantized attention. The operands' fused fake-quant ops broke that dynamic
+    graph (no fake-tensor implementation), so Dynamo skipped the UNet forward and compiled its sub-frames one by
+    one, 11 graphs at the second size and more at each new one, towards the recompile limit and eager speed.
+    Outputs against the eager int8 model: the same integer kernels and attention arithmetic, Inductor reordering
+    float ops only, hence ``test_model``'s criterion (median PSNR ≥ 40 dB). Slow: two compiles of the tiny UNet."""
+    from torch._dynamo.utils import counters
+
+    from tadq.metrics.image import psnr_per_sample
+
+    fake = _quantize(tiny_unet, ddpm_scheduler, "W4A8", quantize_attention=True)
+    assert any(isinstance(m, RowSoftmaxQuantizer) for m in fake.model.modules())  # the default per-row P
+    eager = to_backend(fake, "int8")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = to_backend(fake, "int8-compiled")
+    generator = torch.Generator().manual_seed(0)
+    for batch in (3, 5, 2):
+        x = torch.randn(batch, *fake.sample_shape, generator=generator)
+        t = torch.randint(0, 1000, (batch,), generator=generator)
+        with torch.no_grad():
+            got, expected = compiled(x, t), eager(x, t)
+        assert psnr_per_sample(got, expected).median() >= MIN_PSNR_DB, batch
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 @needs_compiled_w8

@@ -65,3 +65,31 @@ def test_fused_inference_path_equals_the_composed_ops(granularity, bits):
     fused = q(x)  # no gradient needed: torch's fused kernel
     composed = q(x.clone().requires_grad_(True)).detach()  # gradient path: the composed straight-through ops
     assert torch.equal(fused, composed)
+
+
+def _near_half_steps(scale: torch.Tensor, count: int = 400) -> torch.Tensor:
+    """(k + ½)·Δ for k in [-count, count) per row of ``scale``: products × 1/Δ land within float rounding of a half
+    step, where round-half-even, × 1/Δ against ÷ Δ and any reordering pick different codes."""
+    return (torch.arange(-count, count) + 0.5) * scale.reshape(-1, 1)
+
+
+def test_kernel_fake_quantize_is_bit_identical_to_torchs_fused_kernels():
+    """``kernel_fake_quantize`` (what a compiled graph runs instead of the fused ops) gives the fused kernels'
+    bits, per tensor and per channel, on inputs at half steps and beyond the clamp; the division form
+    (``fake_quantize``) is not bit-identical on the same inputs, so the inputs do probe the rounding."""
+    from tadq.quant.fake_quant import kernel_fake_quantize
+
+    generator = torch.Generator().manual_seed(0)
+    scale = torch.tensor([0.0371, 0.013, 0.37, 1e-3])
+    zero_point = torch.tensor([131, 0, 255, 7], dtype=torch.int32)
+    rows = torch.cat([_near_half_steps(scale), torch.randn(4, 3000, generator=generator) * 3], dim=1)
+    per_channel = torch.fake_quantize_per_channel_affine(rows, scale, zero_point, 0, 0, 255)
+    got = kernel_fake_quantize(rows, scale[:, None], zero_point[:, None], 0, 255)
+    assert torch.equal(got, per_channel)
+    divided = fake_quantize(rows, scale[:, None], zero_point[:, None].float(), 0, 255)
+    assert not torch.equal(divided, per_channel)
+    for row in range(4):
+        fused = torch.fake_quantize_per_tensor_affine(rows[row], scale[row], zero_point[row], 0, 255)
+        assert torch.equal(kernel_fake_quantize(rows[row], scale[row], zero_point[row], 0, 255), fused)
+        signed = torch.fake_quantize_per_tensor_affine(rows[row], scale[row], zero_point[row] - 128, -128, 127)
+        assert torch.equal(kernel_fake_quantize(rows[row], scale[row], zero_point[row] - 128, -128, 127), signed)

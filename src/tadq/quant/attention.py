@@ -37,7 +37,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import Tensor, nn
 
-from tadq.quant.fake_quant import scale_and_zero_point
+from tadq.quant.fake_quant import kernel_fake_quantize, scale_and_zero_point
 from tadq.quant.qscheme import MAX_BITS, QScheme
 from tadq.quant.quantizer import Quantizer
 
@@ -119,6 +119,10 @@ class RowSoftmaxQuantizer(Quantizer):
         rows = x.reshape(-1, x.shape[-1])
         low, high = torch.aminmax(rows, dim=-1)
         scale, zero_point = scale_and_zero_point(low, high, self.scheme.bits, self.scheme.symmetric)
+        if torch.compiler.is_compiling():  # the fused op breaks a graph with a dynamic batch (Quantizer._fused)
+            quantized = kernel_fake_quantize(rows, scale[:, None], zero_point[:, None], self.scheme.qmin,
+                                             self.scheme.qmax)
+            return quantized.reshape(x.shape)
         quantized = torch.fake_quantize_per_channel_affine(rows, scale, zero_point.to(torch.int32), 0,
                                                            self.scheme.qmin, self.scheme.qmax)
         return quantized.reshape(x.shape)

@@ -14,8 +14,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from tadq.quant.qscheme import QScheme
 
-__all__ = ["round_ste", "fake_quantize", "quantize_to_int", "scale_and_zero_point", "fp8_fake_quantize",
-           "fp8_scale", "grid_step"]
+__all__ = ["round_ste", "fake_quantize", "kernel_fake_quantize", "quantize_to_int", "scale_and_zero_point",
+           "fp8_fake_quantize", "fp8_scale", "grid_step"]
 
 MIN_SCALE = 1e-8
 
@@ -39,6 +39,18 @@ def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax:
         zero_point: z, same shape as ``scale``, integer-valued.
     """
     codes = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (codes - zero_point) * scale
+
+
+def kernel_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """torch's fused fake-quant kernels (``torch.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``) as
+    out-of-place ops, for ``torch.compile``: with a dynamic batch those ops have no fake-tensor implementation and
+    broke the graph (``int8-compiled``'s attention operands, docs/backends.md). The kernels' float32 arithmetic in
+    their order: 1/Δ by one division, × 1/Δ (not ÷ Δ, which ``fake_quantize`` uses and which lands one code away
+    within float rounding of a half step), round half to even, + z, clamp, − z, × Δ; bit-identical to them for
+    finite inputs (a NaN or ±inf code is undefined in the kernels' integer cast). ``scale`` (float32) and
+    ``zero_point`` broadcast to ``x``."""
+    codes = torch.clamp(torch.round(x * torch.reciprocal(scale)) + zero_point, qmin, qmax)
     return (codes - zero_point) * scale
 
 

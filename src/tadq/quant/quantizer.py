@@ -13,7 +13,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor, nn
 
-from tadq.quant.fake_quant import MIN_SCALE, fake_quantize, fp8_fake_quantize, grid_step
+from tadq.quant.fake_quant import MIN_SCALE, fake_quantize, fp8_fake_quantize, grid_step, kernel_fake_quantize
 from tadq.quant.granularity import dynamic_fake_quantize
 from tadq.quant.qscheme import QScheme
 
@@ -172,8 +172,13 @@ class Quantizer(nn.Module):
         ops; used whenever no gradient is needed (sampling, calibration forwards). The kernels take a float32 scale
         only (a model cast to bfloat16/float16 has its Δ cast too: widened back here). float16 flushes a Δ below
         6e-8 to 0 (an all-zero weight channel or input has Δ = MIN_SCALE = 1e-8), and the kernel turned that
-        channel into NaN: the floor set_range applies is applied again."""
+        channel into NaN: the floor set_range applies is applied again. Compiled, a float32 input takes the
+        kernels' arithmetic as pure ops (``kernel_fake_quantize``, bit-identical): the ops have no fake-tensor
+        implementation for a dynamic batch, which broke ``int8-compiled``'s graph at the attention operands."""
         zero_point, scale = self._kernel_range()
+        if torch.compiler.is_compiling() and x.dtype == torch.float32:
+            return kernel_fake_quantize(x, self._broadcast(scale, x), self._broadcast(zero_point, x),
+                                        self.scheme.qmin, self.scheme.qmax)
         if self.scheme.granularity == "per_block":  # rows of blocks, one per-channel row each (zero-padded tail)
             rows, size = self._block_rows(x), self.scheme.group_size
             flat = x.reshape(rows, self.row_size)
