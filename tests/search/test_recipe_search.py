@@ -198,7 +198,7 @@ def _cli(tmp_path, model_dir, *flags):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--budget-bits", "W3A3"], "not a preset"),
+    (["--budget-bits", "W3A3"], "--budget-bits: unknown preset 'W3A3'"),
     ([], "exactly one budget"),
     (["--budget-bits", "W4A8", "--budget-bytes", "1000"], "exactly one budget"),
     (["--budget-gbitops", "1e-9"], "too small for every candidate"),
@@ -219,6 +219,28 @@ def test_the_cli_refuses_bad_input_before_any_expensive_work(tmp_path, tiny_mode
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not (tmp_path / "out" / "cache").exists()
+
+
+def test_a_block_wise_preset_is_a_bit_budget_as_it_is_a_searched_preset(tmp_path, tiny_model_dir, monkeypatch):
+    """`--presets W4A8-G16` is searched, but `--budget-bits W4A8-G16` was refused as "not a preset" (an exact match on
+    the plain preset names). Read as `--presets` reads it, a block-wise preset's budget is its widths' bit-operations:
+    block steps rescale partial sums, they add no MACs."""
+    import tadq.search
+
+    budgets = []
+
+    def planned(model, space, budget):
+        budgets.append(budget)
+        raise ValueError("planned")  # stop before the search
+
+    monkeypatch.setattr(tadq.search, "plan_search", planned)
+    for preset in (" w4a8-g16 ", "W4A8"):
+        result = _cli(tmp_path, tiny_model_dir, "--budget-bits", preset, "--presets", "W4A8-G16", "--bases", "naive",
+                      "--stacks", "none")
+        assert result.exit_code == 2 and "planned" in result.output, result.output
+    blocked, plain = budgets
+    assert blocked.kind == plain.kind == "gbitops" and blocked.value == plain.value > 0
+    assert blocked.source.startswith("the W4A8-G16 preset's bit-operations")
 
 
 def test_the_cli_writes_recipe_artefact_report_and_evaluation(tmp_path, tiny_model_dir):

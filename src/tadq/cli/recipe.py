@@ -44,8 +44,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | None) -> tuple[str, object]:
-    """(kind, value) of the one budget flag given; ``ValueError`` for none, several, or an unknown preset."""
-    from tadq.quant.qscheme import PRESETS
+    """(kind, value) of the one budget flag given; ``ValueError`` for none, several, or an unknown preset. A preset is
+    read as ``--presets`` reads it (``preset_key``: case and blanks ignored, a ``-G<n>`` block suffix allowed): its
+    bit-operations are its widths', so ``W4A8-G128`` costs what ``W4A8`` does (``gbitops_per_sample``)."""
+    from tadq.quant.qscheme import preset_key
 
     given = [(kind, value) for kind, value in (("gbitops", gbitops), ("bits", bits), ("bytes", nbytes))
              if value is not None]
@@ -54,9 +56,10 @@ def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | 
                          "(the bit-operations of that preset, e.g. W4A8) or --budget-bytes N (artefact bytes)")
     kind, value = given[0]
     if kind == "bits":
-        value = str(value).strip().upper()
-        if value not in PRESETS:
-            raise ValueError(f"--budget-bits {value!r} is not a preset; choose one of {sorted(PRESETS)}")
+        try:
+            value = preset_key(str(value))
+        except ValueError as error:
+            raise ValueError(f"--budget-bits: {error}") from error
     elif isinstance(value, (int, float)) and not (finite_float(value) and value > 0):
         # nan and inf passed `value <= 0` and were refused only after the model was loaded
         raise ValueError(f"--budget-{kind} must be a finite number > 0, got {value}")
