@@ -125,9 +125,14 @@ class Quantizer(nn.Module):
             return t.reshape(-1, *([1] * (x.dim() - 1)))  # (C, 1, ...)
         if self.scheme.granularity == "per_block":  # each block's value repeated over its weights: x's shape
             rows = self._block_rows(x)
-            return t.reshape(rows, -1).repeat_interleave(self.scheme.group_size, dim=1)[:, :self.row_size].reshape(
-                x.shape)
+            return t.reshape(rows, -1).repeat_interleave(self._block_size, dim=1)[:, :self.row_size].reshape(x.shape)
         return t.reshape(())
+
+    @property
+    def _block_size(self) -> int:
+        """Weights per block as laid out in memory: ``group_size``, or the row when one block holds it all (the same
+        blocks; a block of 4096 over a row of 36 weights was materialized at 4096, 114x the weight, per forward)."""
+        return min(self.scheme.group_size, self.row_size)
 
     def _block_rows(self, x: Tensor) -> int:
         """The output rows of a weight this ``per_block`` quantizer can quantize (refused: any other shape)."""
@@ -180,7 +185,7 @@ class Quantizer(nn.Module):
             return kernel_fake_quantize(x, self._broadcast(scale, x), self._broadcast(zero_point, x),
                                         self.scheme.qmin, self.scheme.qmax)
         if self.scheme.granularity == "per_block":  # rows of blocks, one per-channel row each (zero-padded tail)
-            rows, size = self._block_rows(x), self.scheme.group_size
+            rows, size = self._block_rows(x), self._block_size
             flat = x.reshape(rows, self.row_size)
             padding = scale.shape[1] * size - self.row_size
             blocks = torch.nn.functional.pad(flat, (0, padding)).reshape(-1, size)
