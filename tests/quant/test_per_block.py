@@ -179,3 +179,14 @@ def test_a_block_longer_than_the_row_costs_the_row_not_the_block_size():
             result = run(long)
         assert largest.numel <= 2 * weight.numel(), name  # a shorter last block pads a row by less than itself
         assert torch.equal(result, run(whole)), name
+
+
+def test_a_block_without_a_finite_step_is_named_by_its_row_and_weights():
+    """A block whose span passes float32 was reported as "channel 8 of 9" (its index among rows × blocks) in a layer
+    of 3 output channels: the refusal names the output row and the weights of its block."""
+    weight = torch.randn(3, 10, generator=torch.Generator().manual_seed(4))
+    weight[2, 8], weight[2, 9] = 3e38, -3e38
+    quantizer = Quantizer(_blocked(size=4), num_channels=3, kind="weight", row_size=10)
+    with pytest.raises(ValueError, match=r"^weight range \[-3e\+38, 3e\+38\] of the block of weights 8\.\.9 of output "
+                                         r"row 2 of 3 has no finite 4-bit step"):
+        quantizer.set_range(*estimate_range(weight, _blocked(size=4)))

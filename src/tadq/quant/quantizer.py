@@ -101,6 +101,11 @@ class Quantizer(nn.Module):
             grid = f"{self.scheme.format} scale" if self.scheme.fp8 else f"{self.scheme.bits}-bit step"
             first = int(bad.nonzero()[0])
             where = f"channel {first} of {scale.numel()}" if scale.numel() > 1 else "the tensor"
+            if self.scheme.granularity == "per_block":  # (rows, blocks) flattened: name the row and its weights
+                row, block = divmod(first, self.scale.shape[1])
+                start = block * self.scheme.group_size
+                stop = min(start + self.scheme.group_size, self.row_size)
+                where = f"the block of weights {start}..{stop - 1} of output row {row} of {self.scale.shape[0]}"
             raise ValueError(f"{self.kind} range [{float(low.reshape(-1)[first]):.6g}, "
                              f"{float(high.reshape(-1)[first]):.6g}] "
                              f"of {where} has no finite {grid} (inf/NaN values, or a span beyond float32): check "
