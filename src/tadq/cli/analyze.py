@@ -107,7 +107,12 @@ def analyze_command(
         report = analyze_propagation(qmodel, as_denoiser(fp), scheduler, sampler_config, num_samples=num_samples,
                                      seed=seed, measure_jacobian=jacobian, batch_size=batch_size,
                                      conditions=conditions, guidance_scale=scale)
-    ignored = [type(member).__name__.removesuffix("Correction") for member in getattr(qmodel, "corrections", ())]
+    from tadq.sampling.walker import StepAware
+
+    # a step-aware member (TFMQ's per-step ranges and feature cache) is part of the network: the sampling walker
+    # sets its step on every call, so the analysed network runs with it; sampler-level hooks are not applied
+    ignored = [type(member).__name__.removesuffix("Correction") for member in getattr(qmodel, "corrections", ())
+               if not isinstance(member, StepAware)]
     if ignored:
         err_console.print(f"the network alone is analysed: the artefact's corrections ({', '.join(ignored)}) are not "
                           "applied here (tadq evaluate measures the deployed model with them)")
