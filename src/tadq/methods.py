@@ -172,5 +172,6 @@ def check_sampler(qmodel: nn.Module, sampler, where: str = "") -> None:
     keys = fitted_sampler_keys(qmodel)
     if keys and keys != {sampler.key}:
         raise ValueError(f"{where or 'this model'} carries per-step tables fitted for {sorted(keys)}, not for "
-                         f"{sampler.key}; sample with that sampler (the artefact's recipe default) or quantize "
-                         "again with --steps/--eta for this one")
+                         f"{sampler.key}; sample with that sampler (--sampler/--steps/--eta; an artefact of tadq "
+                         "quantize defaults to it, one saved without a recipe to ddim-50) or quantize again with "
+                         "--steps/--eta for this one")
