@@ -47,8 +47,9 @@ def kernel_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int
     out-of-place ops, for ``torch.compile``: with a dynamic batch those ops have no fake-tensor implementation and
     broke the graph (``int8-compiled``'s attention operands, docs/backends.md). The kernels' float32 arithmetic in
     their order: 1/Δ by one division, × 1/Δ (not ÷ Δ, which ``fake_quantize`` uses and which lands one code away
-    within float rounding of a half step), round half to even, + z, clamp, − z, × Δ; bit-identical to them for
-    finite inputs (a NaN or ±inf code is undefined in the kernels' integer cast). ``scale`` (float32) and
+    within float rounding of a half step), round half to even, + z, clamp, − z, × Δ; bit-identical to them where
+    x/Δ fits an int64 (|x/Δ| < 2^63): beyond it, NaN and ±inf included, the kernels' integer cast is undefined (the
+    per-channel kernel gives q_min on x86 where these ops saturate at q_max). ``scale`` (float32) and
     ``zero_point`` broadcast to ``x``."""
     codes = torch.clamp(torch.round(x * torch.reciprocal(scale)) + zero_point, qmin, qmax)
     return (codes - zero_point) * scale
