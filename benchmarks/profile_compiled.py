@@ -8,6 +8,10 @@ otherwise idle machine, and compare shares rather than absolute times across run
     python benchmarks/profile_compiled.py --variant bf16 --threads 1
     python benchmarks/profile_compiled.py --variant W8A8-WSYM --threads 1    # any preset: naive PTQ, int8-compiled
     python benchmarks/profile_compiled.py --variant W8A8-WSYM --threads 1 --per-kernel 20   # the 20 costliest ops
+    python benchmarks/profile_compiled.py --model dit --batch 512 --variant W8A8 --threads 1 --per-kernel 20
+
+``--model`` takes a shipped name as ``tadq run --model`` does (default: the digits UNet); a class-conditional model
+is called with the workload's evaluation labels for the batch's rows (one denoiser call: no guidance doubling).
 
 The integer variants are naive PTQ (``QuantConfig.from_preset``), as in ``benchmarks/speed.py``.
 """
@@ -24,12 +28,13 @@ from pathlib import Path
 
 import torch
 from arguments import count, count_or_zero
+from common import save_naive_ptq
 
 import tadq
 from tadq.backends import check_backend
 from tadq.backends.compiled import compile_like_integer_models
+from tadq.experiments.workload import load_workload
 from tadq.io import load_quantized
-from tadq.models import load_pipeline_parts
 from tadq.registry import adapter_for
 
 GROUPS = (  # (group, op-name fragments), first match wins
@@ -52,26 +57,30 @@ def group_of(op_name: str) -> str:
     return "other"
 
 
-def _build(variant: str, cache_dir: str):
-    """(x, t) → ε of the compiled variant, and the shape of one input sample."""
-    fp32, scheduler = load_pipeline_parts(None)
+def _labels(cond) -> dict:
+    """The diffusers keyword of a class-conditional call (none for an unconditional model)."""
+    return {} if cond is None else {"class_labels": cond.class_labels}
+
+
+def _build(variant: str, cache_dir: str, workload):
+    """(x, t, cond) → ε of the compiled variant and the shape of one input sample."""
+    fp32 = workload.model
     shape = adapter_for(fp32).sample_shape(fp32)
     if variant in FP_DTYPES:
         dtype = FP_DTYPES[variant]
         model = copy.deepcopy(fp32).to(dtype)
         model.compile()
-        return (lambda x, t: model(x.to(dtype), t).sample), shape
-    qmodel = tadq.quantize(fp32, scheduler, tadq.QuantConfig.from_preset(variant), cache_dir=cache_dir,
-                           progress=False)
-    folder = Path(tempfile.mkdtemp(prefix="tadq-profile-")) / variant
-    qmodel.save_pretrained(folder, scheduler)
-    model, _ = load_quantized(folder, backend="int8-compiled")
-    return (lambda x, t: model(x, t)), shape
+        return (lambda x, t, cond: model(x.to(dtype), t, **_labels(cond)).sample), shape
+    folder = Path(tempfile.mkdtemp(prefix="tadq-profile-"))
+    save_naive_ptq(workload, [variant], folder, cache_dir)
+    model, _ = load_quantized(folder / variant, backend="int8-compiled")
+    return (lambda x, t, cond: model(x, t, cond)), shape
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", required=True, help="fp32, bf16 (FP, compiled) or a preset (int8-compiled)")
+    parser.add_argument("--model", default=None, help="a shipped model (digits, photos, dit, t2i); default: digits")
     parser.add_argument("--batch", type=count, default=64)
     parser.add_argument("--calls", type=count, default=10, help="timed calls (after three warm-up calls)")
     parser.add_argument("--profiled", type=count, default=5, help="profiled calls")
@@ -92,24 +101,31 @@ def main() -> None:
 
         inductor_config.cpp.enable_kernel_profile = True
         inductor_config.cpp.descriptive_names = "original_aten"
-    call, shape = _build(args.variant, args.cache_dir)
+    workload = load_workload(args.model)
+    conditions = workload.evaluation_conditions
+    cond = None if conditions is None else conditions(args.seed, range(args.batch))
+    if cond is not None and cond.class_labels is None:  # before quantizing and compiling
+        parser.error(f"{args.model} is conditioned by prompts, which this probe does not encode; profile an "
+                     "unconditional or class-conditional model (digits, photos, dit)")
+    call, shape = _build(args.variant, args.cache_dir, workload)
     generator = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.batch, *shape, generator=generator)
     t = torch.randint(0, 1000, (args.batch,), generator=generator)
     with torch.no_grad():
         for _ in range(3):
-            call(x, t)
+            call(x, t, cond)
         start = time.perf_counter()
         for _ in range(args.calls):
-            call(x, t)
+            call(x, t, cond)
         per_call_ms = 1000 * (time.perf_counter() - start) / args.calls
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
             for _ in range(args.profiled):
-                call(x, t)
+                call(x, t, cond)
     groups: dict[str, float] = defaultdict(float)
     for event in profiler.key_averages():
         groups[group_of(event.key)] += event.self_cpu_time_total / 1000 / args.profiled
-    report = {"variant": args.variant, "batch": args.batch, "threads": args.threads, "timed_ms_per_call": per_call_ms,
+    report = {"model": args.model or "digits", "variant": args.variant, "batch": args.batch, "threads": args.threads,
+              "timed_ms_per_call": per_call_ms,
               "profiled_ms_per_call": sum(groups.values()), "groups_ms_per_call": dict(groups)}
     if args.per_kernel:
         events = sorted(profiler.key_averages(), key=lambda event: -event.self_cpu_time_total)[:args.per_kernel]
