@@ -1,5 +1,6 @@
-"""``tadq evaluate`` measures prompt agreement where ``tadq run`` does: the shipped text-to-image model's digit
-prompts and the shipped DiT's random class labels, read back by the digit classifier; nowhere else."""
+"""``tadq evaluate`` measures what ``tadq run`` measures for a shipped model: its classifier's features by default
+(digits for the digits, text-to-image and DiT models, photos for the photos model) and prompt agreement on the
+shipped text-to-image model's digit prompts and the shipped DiT's and photos model's random class labels."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
-from tadq.cli.evaluate import _prompted_labels
+from tadq.cli.evaluate import _prompted_labels, _shipped_features
+from tadq.experiments.workload import SHIPPED_MODELS
 from tadq.metrics.features import DigitsFeatureSpace
 from tadq.sampling import ClassLabels
 from tadq.zoo.dit import shipped_dit_path
@@ -54,11 +56,11 @@ def test_evaluate_reports_the_shipped_dits_prompt_agreement(tmp_path: Path) -> N
 
     ok("quantize", dit, "--preset", "W8A8", "--steps", "4", "--calib-trajectories", "4", "--out", artefact,
        "--cache-dir", tmp_path / "cache", "--threads", "1")
-    ok("evaluate", artefact, "--reference", dit, "--features", "digits", "--num-samples", "8", "--batch-size", "4",
+    ok("evaluate", artefact, "--reference", dit, "--num-samples", "8", "--batch-size", "4",  # features: auto
        "--threads", "1", "--out", tmp_path / "eval")
     report = json.loads((tmp_path / "eval" / "results.json").read_text())
     for row in report["rows"]:
-        assert 0 <= row["prompt_accuracy"] <= 1
+        assert 0 <= row["prompt_accuracy"] <= 1 and row["fd_digits"] > 0
     assert "prompt agree" in (tmp_path / "eval" / "results.md").read_text()
 
 
@@ -74,3 +76,36 @@ def test_the_shipped_models_labels_are_those_tadq_run_scores() -> None:
     run = dit.expected_labels(1000, 12)
     evaluate = _prompted_labels(DIGITS, dit.evaluation_conditions, (), shipped_dit_path(), None, 12, 1000)
     assert torch.equal(evaluate, run)
+
+
+def test_auto_features_are_the_shipped_references_classifier(tmp_path) -> None:
+    assert _shipped_features(None) == "digits"  # the shipped digits DDPM, or the shipped t2i for a t2i artefact
+    assert _shipped_features(SHIPPED_MODELS["dit"]()) == "digits"
+    assert _shipped_features(SHIPPED_MODELS["photos"]()) == "photos"
+    assert _shipped_features(tmp_path) == "none"
+
+
+def test_the_shipped_photos_model_scores_random_labels_and_not_its_default_null_class() -> None:
+    from tadq.metrics.features import PhotosFeatureSpace
+
+    photos = PhotosFeatureSpace.__new__(PhotosFeatureSpace)  # reads_labels is all this asks of it
+    labels = ClassLabels((2, 0, 1), null_class=3)
+    got = _prompted_labels(photos, labels, (), SHIPPED_MODELS["photos"](), "random", num_samples=3, seed=0)
+    assert got.tolist() == [2, 0, 1]
+    assert _prompted_labels(photos, labels, (), SHIPPED_MODELS["photos"](), None, num_samples=3, seed=0) is None
+
+
+def test_evaluate_measures_the_shipped_photos_model_in_its_own_features(tmp_path: Path) -> None:
+    """`--features auto` against the shipped photos model: FD-photos and, with random labels, prompt agreement (it
+    offered digits, none or a file: the photos artefact got no Fréchet distance unless the user built one)."""
+    photos, artefact = SHIPPED_MODELS["photos"](), tmp_path / "w8a8"
+    result = runner.invoke(app, [str(a) for a in (
+        "quantize", photos, "--preset", "W8A8", "--method", "naive", "--steps", "2", "--calib-trajectories", "2",
+        "--out", artefact, "--cache-dir", tmp_path / "cache", "--threads", "1")])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, [str(a) for a in (
+        "evaluate", artefact, "--reference", photos, "--labels", "random", "--num-samples", "4", "--threads", "1",
+        "--out", tmp_path / "eval")])
+    assert result.exit_code == 0, result.output
+    for row in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]:
+        assert row["fd_photos"] > 0 and 0 <= row["prompt_accuracy"] <= 1

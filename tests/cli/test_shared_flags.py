@@ -311,7 +311,7 @@ def no_artefact_loads(monkeypatch):
 
 @pytest.mark.parametrize("extra, needles", [
     # a name that is no feature space: "a feature extractor file needs --reference-images", after both models loaded
-    (("--features", "digit"), ("--features digit is neither one of auto, digits, none nor an existing file",)),
+    (("--features", "digit"), ("--features digit is neither one of auto, digits, photos, none nor an existing file",)),
     (("--features", "{tmp}/f.pt"), ("--features", "f.pt", "needs --reference-images")),
     (("--features", "{tmp}/f.pt", "--reference-images", "{tmp}/real.safetensors"),
      ("--reference-images", "real.safetensors", "does not exist")),

@@ -36,7 +36,7 @@ __all__ = ["evaluate_command"]
 
 METRIC_COLUMNS = ("method", "bits", "fd_digits", "agreement", "psnr", "ssim", "final_mse")
 SHIPPED_FEATURE_NAMES = ("digits", "photos")  # FD-<name> of the shipped classifiers
-FEATURE_SPACES = ("auto", "digits", "none")  # --features names; anything else is a file
+FEATURE_SPACES = ("auto", "digits", "photos", "none")  # --features names; anything else is a file
 
 
 def _check_feature_flags(features: str, reference_images: Path | None) -> None:
@@ -58,22 +58,36 @@ def _check_feature_flags(features: str, reference_images: Path | None) -> None:
         raise FileNotFoundError(f"--reference-images {reference_images} does not exist or is not a file")
 
 
-def _feature_space(features: str, reference: Path | None, reference_images: Path | None, resolution: int):
-    """The feature space the user chose; ``auto`` is FD-digits for the shipped model and none for any other."""
-    from tadq.metrics.features import DigitsFeatureSpace, TorchScriptFeatureSpace
+def _shipped_features(reference: Path | None) -> str:
+    """The feature space ``tadq run`` measures a shipped model in: digits for the default references (the shipped
+    digits DDPM or text-to-image model) and the shipped DiT, photos for the shipped photos model; none otherwise."""
+    from tadq.experiments.workload import SHIPPED_MODELS
 
-    if reference_images is not None and features in ("auto", "digits", "none"):  # it was silently not read
+    if reference is None or _same_folder(reference, SHIPPED_MODELS["dit"]()):
+        return "digits"
+    return "photos" if _same_folder(reference, SHIPPED_MODELS["photos"]()) else "none"
+
+
+def _feature_space(features: str, reference: Path | None, reference_images: Path | None, resolution: int):
+    """The feature space the user chose; ``auto`` is the shipped classifier of a shipped reference (as ``tadq run``
+    measures it) and none for any other."""
+    from tadq.metrics.features import DigitsFeatureSpace, PhotosFeatureSpace, TorchScriptFeatureSpace
+
+    if reference_images is not None and features in FEATURE_SPACES:  # it was silently not read
         raise typer.BadParameter(f"--reference-images is read by a feature extractor file (--features FILE.pt); "
                                  f"with --features {features} it would be ignored")
     if features == "auto":
-        features = "digits" if reference is None else "none"
+        features = _shipped_features(reference)
         if features == "none":
-            err_console.print("FD and label agreement not computed: the digit classifier reads only the shipped "
-                              "model's digits (pass --features digits, or --features FILE.pt --reference-images FILE)")
+            err_console.print("FD and label agreement not computed: the shipped classifiers read only the shipped "
+                              "models' digits and photos (pass --features digits or photos, or --features FILE.pt "
+                              "--reference-images FILE)")
     if features == "none":
         return None
     if features == "digits":
         return DigitsFeatureSpace(resolution)
+    if features == "photos":
+        return PhotosFeatureSpace()
     if reference_images is None:
         raise typer.BadParameter("a feature extractor file needs --reference-images (real images, safetensors)")
     name = Path(features).stem.replace("-", "_")
@@ -90,9 +104,11 @@ def _prompted_labels(space, conditions, prompts: tuple[str, ...], reference: Pat
                      num_samples: int, seed: int):
     """The label each evaluation sample asks for, where a shipped classifier reads it back (prompt agreement, as
     ``tadq run`` measures it): the shipped text-to-image model's digit prompts, the shipped DiT's random class
-    labels; ``None`` for every other model, whose prompts or classes mean nothing to the digit classifier."""
+    labels, the shipped photos model's random labels; ``None`` for every other model, whose prompts or classes mean
+    nothing to the shipped classifiers."""
     import torch
 
+    from tadq.experiments.workload import SHIPPED_MODELS
     from tadq.zoo.dit import shipped_dit_path
     from tadq.zoo.t2i import shipped_t2i_path
     from tadq.zoo.t2i_prompts import digit_of
@@ -108,6 +124,8 @@ def _prompted_labels(space, conditions, prompts: tuple[str, ...], reference: Pat
         return torch.tensor([digits[i % len(digits)] for i in range(num_samples)], dtype=torch.long)
     if not prompts and _same_folder(reference, shipped_dit_path()) and labels in (None, "random"):
         return conditions(seed, range(num_samples)).class_labels.cpu()
+    if not prompts and _same_folder(reference, SHIPPED_MODELS["photos"]()) and labels == "random":
+        return conditions(seed, range(num_samples)).class_labels.cpu()  # its default labels are its null class
     return None
 
 
@@ -217,9 +235,10 @@ def evaluate_command(
         help="Local TorchScript Inception file (clean-fid / StyleGAN3 inception-2015-12-05.pt): also report real "
              "Inception FID of FP and quantized samples vs the real digits. Nothing is downloaded.")] = None,
     features: Annotated[str, typer.Option(
-        help="Feature space of the Fréchet distance: 'digits' (the shipped classifier; 1×16×16 grey only), 'none' "
-             "(PSNR, SSIM, trajectory error), or a TorchScript file (images in [-1, 1] → features) with "
-             "--reference-images. 'auto': digits for the shipped model, none otherwise.")] = "auto",
+        help="Feature space of the Fréchet distance: 'digits' (the shipped digit classifier; 1×16×16 grey only), "
+             "'photos' (the shipped photo classifier; 3×32×32), 'none' (PSNR, SSIM, trajectory error), or a "
+             "TorchScript file (images in [-1, 1] → features) with --reference-images. 'auto': the shipped classifier "
+             "of a shipped reference (digits, t2i, dit: digits; photos: photos), none otherwise.")] = "auto",
     reference_images: Annotated[Path | None, typer.Option(
         help="Real images for a custom feature space: a safetensors file with one tensor 'images' (M, C, H, W) in "
              "[-1, 1].")] = None,
