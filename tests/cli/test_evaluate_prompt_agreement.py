@@ -26,24 +26,26 @@ def test_the_shipped_text_to_image_prompts_give_their_digits_cyclically() -> Non
     prompts = ("a handwritten seven", "the digit 2", "a drawing of zero")
     expected = [7, 2, 0, 7, 2]
     for reference in (None, shipped_t2i_path()):
-        labels = _prompted_labels(DIGITS, object(), prompts, reference, None, num_samples=5, seed=1000)
+        labels = _prompted_labels(DIGITS, object(), prompts, reference, num_samples=5, seed=1000)
         assert labels.tolist() == expected and labels.dtype == torch.long
 
 
 def test_no_prompt_agreement_for_a_user_pipeline_or_a_prompt_without_a_digit(tmp_path, capsys) -> None:
     prompts = ("a handwritten seven",)
-    assert _prompted_labels(DIGITS, object(), prompts, tmp_path, None, num_samples=2, seed=0) is None
-    assert _prompted_labels(None, object(), prompts, None, None, num_samples=2, seed=0) is None
-    assert _prompted_labels(DIGITS, object(), ("a cat",), None, None, num_samples=2, seed=0) is None
+    assert _prompted_labels(DIGITS, object(), prompts, tmp_path, num_samples=2, seed=0) is None
+    assert _prompted_labels(None, object(), prompts, None, num_samples=2, seed=0) is None
+    assert _prompted_labels(DIGITS, object(), ("a cat",), None, num_samples=2, seed=0) is None
     assert "prompt agreement not measured" in capsys.readouterr().err
 
 
-def test_the_shipped_dit_scores_its_random_labels_and_not_its_null_class() -> None:
+def test_the_shipped_dit_scores_its_class_labels_and_not_its_null_class() -> None:
+    from tadq.experiments.workload import _NullLabels  # what --labels null samples with
+
     labels = ClassLabels((3, 1, 4, 1, 5), null_class=10)
-    got = _prompted_labels(DIGITS, labels, (), shipped_dit_path(), None, num_samples=5, seed=7)
+    got = _prompted_labels(DIGITS, labels, (), shipped_dit_path(), num_samples=5, seed=7)
     assert got.tolist() == [3, 1, 4, 1, 5]
-    assert _prompted_labels(DIGITS, labels, (), shipped_dit_path(), "null", num_samples=5, seed=7) is None
-    assert _prompted_labels(DIGITS, labels, (), None, None, num_samples=5, seed=7) is None
+    assert _prompted_labels(DIGITS, _NullLabels(10), (), shipped_dit_path(), num_samples=5, seed=7) is None
+    assert _prompted_labels(DIGITS, labels, (), None, num_samples=5, seed=7) is None
 
 
 def test_evaluate_reports_the_shipped_dits_prompt_agreement(tmp_path: Path) -> None:
@@ -70,11 +72,11 @@ def test_the_shipped_models_labels_are_those_tadq_run_scores() -> None:
     from tadq.zoo.t2i_prompts import EVALUATION_PROMPTS
 
     run = load_workload("t2i").expected_labels(1000, 45)
-    evaluate = _prompted_labels(DIGITS, object(), tuple(EVALUATION_PROMPTS), None, None, num_samples=45, seed=1000)
+    evaluate = _prompted_labels(DIGITS, object(), tuple(EVALUATION_PROMPTS), None, num_samples=45, seed=1000)
     assert torch.equal(evaluate, run)
     dit = load_workload("dit")
     run = dit.expected_labels(1000, 12)
-    evaluate = _prompted_labels(DIGITS, dit.evaluation_conditions, (), shipped_dit_path(), None, 12, 1000)
+    evaluate = _prompted_labels(DIGITS, dit.evaluation_conditions, (), shipped_dit_path(), 12, 1000)
     assert torch.equal(evaluate, run)
 
 
@@ -85,14 +87,19 @@ def test_auto_features_are_the_shipped_references_classifier(tmp_path) -> None:
     assert _shipped_features(tmp_path) == "none"
 
 
-def test_the_shipped_photos_model_scores_random_labels_and_not_its_default_null_class() -> None:
+def test_the_shipped_photos_model_scores_the_labels_its_samples_get_and_not_its_null_class() -> None:
+    """Read from the conditions evaluate samples with: a photos *artefact* without --labels samples random labels
+    (the shipped folder's null-class default is not the artefact's), which were left unscored."""
+    from tadq.experiments.workload import _NullLabels
     from tadq.metrics.features import PhotosFeatureSpace
+    from tadq.sampling import RandomClassLabels
 
     photos = PhotosFeatureSpace.__new__(PhotosFeatureSpace)  # reads_labels is all this asks of it
-    labels = ClassLabels((2, 0, 1), null_class=3)
-    got = _prompted_labels(photos, labels, (), SHIPPED_MODELS["photos"](), "random", num_samples=3, seed=0)
-    assert got.tolist() == [2, 0, 1]
-    assert _prompted_labels(photos, labels, (), SHIPPED_MODELS["photos"](), None, num_samples=3, seed=0) is None
+    folder = SHIPPED_MODELS["photos"]()
+    random = RandomClassLabels(8, None)
+    got = _prompted_labels(photos, random, (), folder, num_samples=3, seed=0)
+    assert torch.equal(got, random(0, range(3)).class_labels)
+    assert _prompted_labels(photos, _NullLabels(8), (), folder, num_samples=3, seed=0) is None
 
 
 def test_evaluate_measures_the_shipped_photos_model_in_its_own_features(tmp_path: Path) -> None:
@@ -103,8 +110,8 @@ def test_evaluate_measures_the_shipped_photos_model_in_its_own_features(tmp_path
         "quantize", photos, "--preset", "W8A8", "--method", "naive", "--steps", "2", "--calib-trajectories", "2",
         "--out", artefact, "--cache-dir", tmp_path / "cache", "--threads", "1")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, [str(a) for a in (
-        "evaluate", artefact, "--reference", photos, "--labels", "random", "--num-samples", "4", "--threads", "1",
+    result = runner.invoke(app, [str(a) for a in (  # an artefact samples random labels by default
+        "evaluate", artefact, "--reference", photos, "--num-samples", "4", "--threads", "1",
         "--out", tmp_path / "eval")])
     assert result.exit_code == 0, result.output
     for row in json.loads((tmp_path / "eval" / "results.json").read_text())["rows"]:

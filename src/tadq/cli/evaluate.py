@@ -100,32 +100,32 @@ def _same_folder(path: Path | None, shipped: Path) -> bool:
     return path is not None and path.resolve() == shipped.resolve()
 
 
-def _prompted_labels(space, conditions, prompts: tuple[str, ...], reference: Path | None, labels: str | None,
-                     num_samples: int, seed: int):
+def _prompted_labels(space, conditions, prompts: tuple[str, ...], reference: Path | None, num_samples: int,
+                     seed: int):
     """The label each evaluation sample asks for, where a shipped classifier reads it back (prompt agreement, as
-    ``tadq run`` measures it): the shipped text-to-image model's digit prompts, the shipped DiT's random class
-    labels, the shipped photos model's random labels; ``None`` for every other model, whose prompts or classes mean
-    nothing to the shipped classifiers."""
+    ``tadq run`` measures it): the shipped text-to-image model's digit prompts, the class labels (random or given) of
+    the shipped DiT and photos model; ``None`` for every other model, whose prompts or classes mean nothing to the
+    shipped classifiers, and for samples of the null class."""
     import torch
 
     from tadq.experiments.workload import SHIPPED_MODELS
-    from tadq.zoo.dit import shipped_dit_path
-    from tadq.zoo.t2i import shipped_t2i_path
+    from tadq.sampling import ClassLabels, RandomClassLabels
     from tadq.zoo.t2i_prompts import digit_of
 
     if space is None or not space.reads_labels or conditions is None:
         return None
-    if prompts and (reference is None or _same_folder(reference, shipped_t2i_path())):
+    if prompts:
+        if reference is not None and not _same_folder(reference, SHIPPED_MODELS["t2i"]()):
+            return None
         try:
             digits = [digit_of(prompt) for prompt in prompts]
         except ValueError as error:
             err_console.print(f"prompt agreement not measured: {error}")
             return None
         return torch.tensor([digits[i % len(digits)] for i in range(num_samples)], dtype=torch.long)
-    if not prompts and _same_folder(reference, shipped_dit_path()) and labels in (None, "random"):
+    shipped = any(_same_folder(reference, SHIPPED_MODELS[name]()) for name in ("dit", "photos"))
+    if shipped and isinstance(conditions, (RandomClassLabels, ClassLabels)):  # not the null class of --labels null
         return conditions(seed, range(num_samples)).class_labels.cpu()
-    if not prompts and _same_folder(reference, SHIPPED_MODELS["photos"]()) and labels == "random":
-        return conditions(seed, range(num_samples)).class_labels.cpu()  # its default labels are its null class
     return None
 
 
@@ -304,7 +304,7 @@ def evaluate_command(
         space = _feature_space(features, reference, reference_images, resolution)
         if inception_weights is not None:  # checked before sampling twice, not after
             _inception_digits(image_shape)  # grey digits of this size exist
-        expected = _prompted_labels(space, conditions, prompts, reference, labels, num_samples, seed)
+        expected = _prompted_labels(space, conditions, prompts, reference, num_samples, seed)
         announce_compile(backend)
         evaluation = evaluate_against_reference(qmodel, fp_model, scheduler, sampler_config,
                                                 num_samples=num_samples, seed=seed, batch_size=batch_size,
