@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tadq.quant.fake_quant import kernel_codes
 from tadq.quant.quantizer import Quantizer, _unchanged, _version_of
 from tadq.tfmq.fsc import StepQuantizer
 
@@ -116,7 +117,7 @@ def activation_codes(x: Tensor, grid: ActivationGrid, out: Tensor | None = None)
 def traced_codes(x: Tensor, grid: ActivationGrid) -> Tensor:
     """``activation_codes`` as out-of-place ops, for ``torch.compile``: the same float32 operations in the same
     order (multiply by 1/Δ, round half to even, add z, clamp), which Inductor fuses into one pass over ``x``."""
-    return torch.clamp(torch.round(x * grid.inverse) + grid.zero_point, grid.qmin, grid.qmax)
+    return kernel_codes(x, grid.inverse, grid.zero_point, grid.qmin, grid.qmax)
 
 
 class Scratch(threading.local):

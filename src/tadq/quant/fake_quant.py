@@ -14,8 +14,8 @@ from torch import Tensor
 if TYPE_CHECKING:
     from tadq.quant.qscheme import QScheme
 
-__all__ = ["round_ste", "fake_quantize", "kernel_fake_quantize", "quantize_to_int", "scale_and_zero_point",
-           "fp8_fake_quantize", "fp8_scale", "grid_step"]
+__all__ = ["round_ste", "fake_quantize", "kernel_codes", "kernel_fake_quantize", "quantize_to_int",
+           "scale_and_zero_point", "fp8_fake_quantize", "fp8_scale", "grid_step"]
 
 MIN_SCALE = 1e-8
 
@@ -51,8 +51,15 @@ def kernel_fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int
     x/Δ fits an int64 (|x/Δ| < 2^63): beyond it, NaN and ±inf included, the kernels' integer cast is undefined (the
     per-channel kernel gives q_min on x86 where these ops saturate at q_max). ``scale`` (float32) and
     ``zero_point`` broadcast to ``x``."""
-    codes = torch.clamp(torch.round(x * torch.reciprocal(scale)) + zero_point, qmin, qmax)
+    codes = kernel_codes(x, torch.reciprocal(scale), zero_point, qmin, qmax)
     return (codes - zero_point) * scale
+
+
+def kernel_codes(x: Tensor, inverse: Tensor | float, zero_point: Tensor | float, qmin: int, qmax: int) -> Tensor:
+    """The codes torch's fused fake-quant kernels compute, as out-of-place ops: × 1/Δ (``inverse``), round half to
+    even, + z, clamp (float32 holding integers). One definition for ``kernel_fake_quantize`` and the integer
+    backends' traced activation codes, which must give the simulation's codes bit for bit."""
+    return torch.clamp(torch.round(x * inverse) + zero_point, qmin, qmax)
 
 
 def scale_and_zero_point(low: Tensor, high: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
