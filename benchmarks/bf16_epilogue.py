@@ -62,8 +62,9 @@ def _conv_forward(self: _ConvKernel, x: Tensor, quantizer) -> Tensor:
 def _linear_forward(self: OneDNNLinear, x: Tensor) -> Tensor:
     grid = self.grid(self.input_quantizer)
     rows = traced_codes(x.reshape(-1, self.in_features).float(), grid).to(torch.uint8)
+    attr, algorithm = self.post_op  # a fused feed-forward GELU keeps its post-op
     y = torch.ops.onednn.qlinear_pointwise.default(rows, grid.scale, int(grid.zero_point), self.packed, self.w_scale,
-                                                   self.w_zero, self.bias, 1.0, 0, torch.bfloat16, "none", [], "")
+                                                   self.w_zero, self.bias, 1.0, 0, torch.bfloat16, attr, [], algorithm)
     if self.has_offset:
         raise ValueError("the probe covers symmetric weights only (W8A8-WSYM, W4A8): drop the offset correction")
     return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)

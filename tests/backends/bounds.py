@@ -12,6 +12,17 @@ the int8 weight and its offset, so |C − z| ≤ |B| + |o|):
 
 so |Y_int − Y_fake| ≤ (K + 10)·u·(M + |b|) for K·u ≪ 1 (a split conv adds one more float add: K + 11). The
 bound is computed per output element from the actual codes, in float64.
+
+A fused feed-forward GELU (``OneDNNGELU``) returns G(Y) with its own GELU implementation (oneDNN's post-op, or the
+exp form under compile) where the fake model applies torch's. GELU is Lipschitz with constant max|G'| = 1.129
+(both forms, at y ≈ 1.41), and each implementation is within 4u·|y| of the exact function: torch's tanh form
+0.5·y·(1 + tanh v) carries the 1-ulp error of its tanh (≤ 2u absolute, the cancellation at 1 + tanh v for y < 0),
+the rounding of the sum (≤ 2u·(1 + tanh v)/2 after the halving) and of two products (≤ 2u·|G| ≤ 2u·|y|); the exp
+form y / (1 + e^w) the same count. So
+
+    |G_int(Y_int) − G(Y_fake)| ≤ 1.13·B + 8u·(|Y_fake| + B)        (B: the linear bound above)
+
+Measured against torch's F.gelu over |y| ≤ 40: oneDNN tanh 2.1u·|y|, oneDNN erf bit-identical, exp form 3.3u·|y|.
 """
 
 from __future__ import annotations
@@ -24,6 +35,8 @@ from tadq.backends.weights import weight_codes
 from tadq.quant.quantizer import Quantizer
 
 U = 2.0**-24  # unit roundoff of float32
+GELU_LIPSCHITZ = 1.13  # max |dG/dy| of GELU, erf and tanh forms (1.1290 at y ≈ 1.414)
+GELU_FORMS = 8 * U  # two GELU implementations differ by ≤ 8u·|y| (each within 4u·|y| of exact; module docstring)
 
 
 def centred_activation(x: Tensor, quantizer: Quantizer) -> tuple[Tensor, float]:
@@ -56,3 +69,8 @@ def linear_bound(x: Tensor, act: Quantizer, wq: Quantizer, weight: Tensor, bias:
     m = a.abs() @ magnitude_weight(wq, weight).T * scale
     b = 0.0 if bias is None else bias.double().abs()
     return (weight.shape[1] + 10) * U * (m + b)
+
+
+def gelu_bound(fake_linear: Tensor, bound: Tensor) -> Tensor:
+    """Per-element |G_int(Y_int) − G(Y_fake)| bound of a fused GELU linear, from the linear's own bound."""
+    return GELU_LIPSCHITZ * bound + GELU_FORMS * (fake_linear.abs() + bound)

@@ -23,6 +23,9 @@ def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dic
 
     Every replacement is built before the first one is swapped in, so a refused layer leaves ``model`` as it was
     (``to_backend(..., inplace=True)`` on a model with a layer the backend refuses keeps a usable fake-quant model).
+    A factory may replace a module that holds fake-quant layers (a fused feed-forward GELU): its descendants are
+    not visited again, and each fake-quant layer inside is recorded under its own name, as the replacement's
+    module at the same path.
 
     Raises:
         ValueError: a fake-quant layer the backend does not know (it would otherwise stay simulated unnoticed), or
@@ -31,8 +34,9 @@ def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dic
     integer: dict[str, str] = {}
     floating: dict[str, str] = {}
     replacements: list[tuple[str, nn.Module, nn.Module]] = []
+    replaced: list[str] = []  # prefixes "name." of modules replaced whole
     for name, module in list(model.named_modules()):
-        if not name:
+        if not name or name.startswith(tuple(replaced)):
             continue
         replacement = factory(module, name)
         if replacement is None:
@@ -45,10 +49,15 @@ def convert_layers(model: nn.Module, factory: LayerFactory, backend: str) -> dic
                 floating[name] = "kept in floating point by the quantization plan"
             continue
         replacements.append((name, module, replacement))
+        replaced.append(f"{name}.")
     for name, module, replacement in replacements:
         carry_forward_hooks(module, replacement)
         replacement.train(module.training)  # an eval model stays one: a new module is built in training mode
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
-        integer[name] = type(replacement).__name__
+        inner = [path for path, layer in module.named_modules() if path and isinstance(layer, QuantLayer)]
+        if isinstance(module, QuantLayer) or not inner:
+            integer[name] = type(replacement).__name__
+        for path in inner:
+            integer[f"{name}.{path}"] = type(replacement.get_submodule(path)).__name__
     return {"integer": integer, "float": floating}

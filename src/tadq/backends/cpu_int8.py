@@ -8,6 +8,9 @@ weight zero point (a non-zero one is silently ignored, measured), so asymmetric 
 exact sum of the activation codes (``tadq.backends.weights``): for a conv, the window sum comes out of the same
 kernel as one more output channel of int8 ones (one per group of a grouped or depthwise conv). Every padding a
 ``nn.Conv2d`` takes runs: oneDNN's symmetric zero padding, or the float input padded first (``_padding``).
+A transformer feed-forward's ``GELU`` (diffusers: a linear ``proj``, then GELU) runs as one module,
+``OneDNNGELU``: the GELU is oneDNN's post-op of the int8 linear, applied to the float32 output in the same kernel
+call, instead of a separate pass over the widest activation of the block (``fused_gelu``).
 Why these ops and not the alternatives: docs/backends.md.
 """
 
@@ -29,13 +32,29 @@ from tadq.backends.activations import (
     traced_codes,
 )
 from tadq.backends.weights import WeightCodes, float_bias, weight_codes
-from tadq.quant.modules import QuantConv2d, QuantLinear
+from tadq.quant.modules import FORWARD_HOOK_DICTS, QuantConv2d, QuantLinear
 from tadq.quant.quantizer import Quantizer
 from tadq.quant.split import SplitQuantConv2d
 
-__all__ = ["OneDNNConv2d", "OneDNNLinear", "OneDNNSplitConv2d", "cpu_int8_layer"]
+__all__ = ["GELU_MODES", "OneDNNConv2d", "OneDNNGELU", "OneDNNLinear", "OneDNNSplitConv2d", "cpu_int8_layer",
+           "fused_gelu", "gelu_tanh_by_exp"]
 
 MAX_EXACT_FLOAT = 2**24  # every integer below this is exact in float32
+GELU_MODES = ("none", "tanh")  # F.gelu's ``approximate`` values, which are also oneDNN's GELU post-op algorithms
+TANH_GELU_SLOPE = 2 * (2 / torch.pi) ** 0.5  # 2·√(2/π): GELU_tanh(y) = y·σ(2·√(2/π)·(y + 0.044715·y³))
+TANH_GELU_CUBIC = 0.044715
+
+
+def gelu_tanh_by_exp(y: Tensor) -> Tensor:
+    """``F.gelu(y, approximate="tanh")`` written as y / (1 + exp(−2·√(2/π)·(y + 0.044715·y³))), the same function.
+
+    For ``torch.compile`` only: Inductor vectorises ``exp`` about twice as fast as ``tanh`` on x86, and the tanh
+    GELU after a W8A8 feed-forward's first linear was the single largest generated kernel of the compiled DiT
+    (benchmarks/qlinear_gelu.py: 5.2 against 10.8 ms per call with the next layer's quantization fused in, rows
+    8192 × 512, one thread). It is not torch's rounding: within 3.3·u·|y| of torch's (u = 2⁻²⁴, measured over
+    |y| ≤ 40), as oneDNN's post-op is (2.1·u·|y|); eagerly torch's own op is as fast, so eager keeps it.
+    """
+    return y / (1 + torch.exp((y + TANH_GELU_CUBIC * y * y * y) * -TANH_GELU_SLOPE))
 
 
 def _check_weight_bound(codes: WeightCodes, name: str) -> None:
@@ -200,11 +219,20 @@ class OneDNNSplitConv2d(nn.Module):
 
 
 class OneDNNLinear(_Prepacked):
-    """Integer replacement of a ``QuantLinear``: rows of any leading shape through one 2-D int8 GEMM."""
+    """Integer replacement of a ``QuantLinear``: rows of any leading shape through one 2-D int8 GEMM.
 
-    def __init__(self, layer: QuantLinear, name: str) -> None:
+    With ``gelu`` set (``"tanh"`` or ``"none"``, F.gelu's ``approximate``) it returns GELU of that output: the
+    ``proj`` of a fused feed-forward GELU (``OneDNNGELU``). Without a weight offset the GELU is oneDNN's post-op,
+    inside the kernel call; with one (asymmetric 8-bit weights) the offset must be added first and oneDNN takes no
+    GELU after an added tensor ("unsupported unary post op gelu with binary post op add", measured), so the GELU
+    follows the correction: torch's op eagerly, ``gelu_tanh_by_exp`` for the tanh form when compiled.
+    """
+
+    def __init__(self, layer: QuantLinear, name: str, gelu: str | None = None) -> None:
         super().__init__()
         check_activation_quantizer(layer.input_quantizer, name)
+        if gelu is not None and gelu not in GELU_MODES:
+            raise ValueError(f"{name}: GELU approximation {gelu!r} is not one of {GELU_MODES}")
         codes = weight_codes(layer.weight_quantizer, layer.weight, name)
         if layer.in_features * 255 >= MAX_EXACT_FLOAT:
             raise ValueError(f"{name}: row sums could exceed 2^24 and lose exactness in float32")
@@ -219,6 +247,8 @@ class OneDNNLinear(_Prepacked):
         self.register_buffer("neg_offset_scale", -codes.offset * codes.scale)
         self.packed_bytes = codes.codes.numel()
         self.input_quantizer = layer.input_quantizer
+        self.gelu = gelu
+        self.post_op = ("gelu", gelu) if gelu is not None and not self.has_offset else ("none", "")
         self.grid = GridCache()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -227,19 +257,54 @@ class OneDNNLinear(_Prepacked):
         shape = torch.Size((x.numel() // self.in_features, self.in_features))
         op = torch.ops.onednn.qlinear_pointwise
         op = op.tensor if isinstance(grid.scale, Tensor) else op.default
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if compiling:
             rows = traced_codes(x.reshape(shape), grid)
             codes = rows.to(torch.uint8)
         else:
             rows = activation_codes(x.reshape(shape), grid,
                                     SCRATCH.get("codes", shape, torch.float32, x.device, False))
             codes = SCRATCH.get("uint8", shape, torch.uint8, x.device, False).copy_(rows)
+        attr, algorithm = self.post_op
         y = op(codes, grid.scale, _zero(grid), self.packed, self.w_scale, self.w_zero, self.bias, 1.0, 0,
-               torch.float32, "none", [], "")
+               torch.float32, attr, [], algorithm)
         if self.has_offset:
             centred = rows.sum(dim=1, keepdim=True) - self.in_features * grid.zero_point
             y.addcmul_(centred, self.neg_offset_scale * grid.scale)
+            if self.gelu == "tanh" and compiling:
+                y = gelu_tanh_by_exp(y)
+            elif self.gelu is not None:
+                y = F.gelu(y, approximate=self.gelu)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class OneDNNGELU(nn.Module):
+    """Integer replacement of diffusers' feed-forward ``GELU`` (``proj``, then GELU): one int8 linear whose output
+    is GELU'd by the kernel (``OneDNNLinear(gelu=...)``), so the block's widest float tensor is written once.
+
+    ``proj`` keeps its name, so per-layer tables, the conversion record and ``held_weight_bytes`` see the same layer.
+    """
+
+    def __init__(self, module: nn.Module, name: str) -> None:
+        super().__init__()
+        self.approximate = module.approximate
+        self.proj = OneDNNLinear(module.proj, f"{name}.proj", gelu=module.approximate)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.proj(hidden_states)
+
+
+def fused_gelu(module: nn.Module) -> bool:
+    """Whether ``module`` is a diffusers ``GELU`` whose GELU can run inside its quantized ``proj``'s int8 kernel.
+
+    Only diffusers' own class (a subclass may change ``forward``), with a fake-quant ``proj`` and a GELU form oneDNN
+    has; not when ``proj`` carries hooks, which would see the GELU'd output instead of the linear's.
+    """
+    from diffusers.models.activations import GELU
+
+    if type(module) is not GELU or type(module.proj) is not QuantLinear or module.approximate not in GELU_MODES:
+        return False
+    return not any(getattr(module.proj, hooks) for hooks in FORWARD_HOOK_DICTS)
 
 
 def cpu_int8_layer(module: nn.Module, name: str) -> nn.Module | None:
@@ -251,4 +316,6 @@ def cpu_int8_layer(module: nn.Module, name: str) -> nn.Module | None:
         return OneDNNSplitConv2d(module, name)
     if kind is QuantLinear:
         return OneDNNLinear(module, name)
+    if fused_gelu(module):
+        return OneDNNGELU(module, name)
     return None
