@@ -57,6 +57,31 @@ def test_the_exp_form_is_torchs_tanh_gelu():
     assert ((got.double() - expected.double()).abs() <= GELU_FORMS * y.double().abs()).all()
 
 
+def _onednn_gelu(y: torch.Tensor, approximate: str) -> torch.Tensor:
+    """oneDNN's GELU post-op on the values ``y`` themselves: a linear of one zero weight per output, so its float32
+    output before the post-op is exactly the bias, ``y``."""
+    n = y.numel()
+    packed = torch.ops.onednn.qlinear_prepack(torch.zeros(n, 1, dtype=torch.int8), None)
+    return torch.ops.onednn.qlinear_pointwise.default(
+        torch.zeros(1, 1, dtype=torch.uint8), 1.0, 0, packed, torch.ones(n), torch.zeros(n, dtype=torch.int64), y,
+        1.0, 0, torch.float32, "gelu", [], approximate)[0]
+
+
+@pytest.mark.parametrize("form", ["onednn-none", "onednn-tanh", "torch-none", "torch-tanh", "exp-tanh"])
+def test_every_gelu_form_is_within_the_bounds_error(form):
+    """The premise of ``gelu_bound``: each GELU an integer layer applies is within ``GELU_FORMS``·|y| of the exact
+    GELU, the tests' reference. The erf forms come closest (6.4u at y ≈ ±2.98, bounds.py), hence the dense sweep
+    around there."""
+    where, approximate = form.split("-")
+    y = torch.cat([torch.linspace(-8, 8, 400_001), torch.linspace(2.9, 3.1, 200_001),
+                   torch.linspace(-3.1, -2.9, 200_001)])
+    apply = {"onednn": _onednn_gelu, "torch": lambda v, a: F.gelu(v, approximate=a),
+             "exp": lambda v, _: gelu_tanh_by_exp(v)}[where]
+    got = apply(y, approximate).double()
+    expected = F.gelu(y.double(), approximate=approximate)
+    assert ((got - expected).abs() <= GELU_FORMS * y.double().abs()).all()
+
+
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 @pytest.mark.parametrize("weights", _weights(["w8-asym", "w8-sym", "w4-asym"]))
 def test_a_fused_gelu_matches_fake_quant_then_gelu(weights, approximate):
