@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler
+from safetensors import safe_open
 from safetensors.torch import load_file
+from tests.backends.machine import needs_int8_cpu
 from tests.conftest import build_tiny_unet
 from typer.testing import CliRunner
 
@@ -156,6 +158,25 @@ def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder,
     rows = settings["rows"]
     assert rows[1]["psnr"] is not None and rows[1]["final_mse"] > 0
     assert settings["settings"]["guidance_scale"] == 2.0
+
+
+@needs_int8_cpu
+def test_dit_samples_record_the_backend_that_ran_them(dit_folder, tmp_path):
+    """``tadq sample DIT_ART --backend B --tensor-out T`` records B in T's settings and names it in the grid's
+    title, as a pipeline artefact's samples do (``prompts.json``): the file alone tells the integer model's latents
+    from the simulation's. W4A8: its weight codes run on every CPU the int8 backend takes, AVX2 included."""
+    out = tmp_path / "dit-q"
+    result, _ = _invoke("quantize", str(dit_folder), "--out", str(out), "--preset", "W4A8", "--method", "naive",
+                        *SMALL, "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    for backend in ("fake", "int8"):
+        tensors = tmp_path / f"{backend}.safetensors"
+        result, text = _invoke("sample", str(out), "--num-samples", "2", "--backend", backend, "--threads", "1",
+                               "--out", str(tmp_path / f"{backend}.png"), "--tensor-out", str(tensors))
+        assert result.exit_code == 0, result.output
+        with safe_open(tensors, "pt") as handle:
+            assert json.loads(handle.metadata()["tadq"])["meta"]["backend"] == backend
+        assert ("[int8]" in text) == (backend == "int8"), text
 
 
 @pytest.mark.parametrize(("command", "hint"), [("quantize", "--calib-prompt"), ("sample", "--prompt"),

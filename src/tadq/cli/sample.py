@@ -576,6 +576,8 @@ def sample_command(
                               force_foreign=force_foreign)
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         denoiser, scheduler, label = load_denoiser(model_dir, backend)
+        if backend != "fake":  # the grid and the 'wrote' line name what ran, as tadq evaluate's row does
+            label = f"{label} [{backend}]"
         conditions, scale, decoder = class_conditioning(denoiser, source, num_samples, class_label=class_label,
                                                          labels=labels, null_class=null_class,
                                                          guidance_scale=guidance_scale, device=torch_device,
@@ -598,5 +600,5 @@ def sample_command(
         if conditions is not None:  # the samples before decoding, with the label each was drawn for
             tensors["class_labels"] = conditions(seed, range(num_samples)).class_labels
         save_checked(tensors, {"seed": seed, "sampler": config_to_dict(sampler_config), "guidance_scale": scale,
-                               "model": str(model_dir or "shipped")}, tensor_out)
+                               "model": str(model_dir or "shipped"), "backend": backend}, tensor_out)
         console.print(f"wrote {tensor_out}")
