@@ -50,7 +50,7 @@ def gelu_tanh_by_exp(y: Tensor) -> Tensor:
 
     For ``torch.compile`` only: Inductor vectorises ``exp`` about twice as fast as ``tanh`` on x86, and the tanh
     GELU after a W8A8 feed-forward's first linear was the single largest generated kernel of the compiled DiT
-    (benchmarks/qlinear_gelu.py: 5.2 against 10.8 ms per call with the next layer's quantization fused in, rows
+    (benchmarks/qlinear_gelu.py: 5.6 against 9.5 ms per call with the next layer's quantization fused in, rows
     8192 × 512, one thread). It is not torch's rounding: within 3.3·u·|y| of torch's (u = 2⁻²⁴, measured over
     |y| ≤ 40), as oneDNN's post-op is (≤ 3.4·u·|y|); eagerly torch's own op is as fast, so eager keeps it.
     """
