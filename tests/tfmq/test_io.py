@@ -72,3 +72,29 @@ def test_apply_tfmq_leaves_no_recipe_that_describes_other_tables(tiny_setup, tmp
     qmodel.save_pretrained(tmp_path / "q", sched)
     loaded, _ = tadq.load(tmp_path / "q")
     assert loaded.recipe is None and loaded.corrections[0].sampler_key == "ddim-4-eta0.0"
+
+
+def test_sampling_a_tfmq_artefact_on_another_grid_names_its_per_step_ranges(tiny_setup, tmp_path):
+    """The refusal named "corrections" for a TFMQ artefact that has none: what it has is per-step ranges."""
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+    from tadq.config import CalibrationConfig
+    from tadq.recipe import Deployment, Recipe
+    from tadq.sampling import SamplerConfig
+    from tadq.tfmq import TFMQConfig, TFMQMethod
+
+    model, sched, _ = tiny_setup
+    sampler = SamplerConfig(kind="ddim", num_steps=3)
+    calibration = CalibrationConfig(sampler=sampler, num_trajectories=2, num_steps_kept=2, samples_per_step=2,
+                                    batch_size=2)
+    recipe = Recipe.from_preset("W8A8", method=TFMQMethod(base="naive", tfmq=TFMQConfig(tiar_iters=2)),
+                                calibration=calibration, deployments=(Deployment(sampler),))
+    api.quantize(model, sched, recipe, progress=False).save_pretrained(tmp_path / "q", sched)
+    result = CliRunner().invoke(app, ["sample", str(tmp_path / "q"), "--steps", "4", "--num-samples", "1",
+                                      "--out", str(tmp_path / "s.png")])
+    assert result.exit_code != 0
+    message = " ".join(result.output.split())
+    assert "per-step activation ranges (TFMQ) were fitted for ddim-3-eta0.0, not ddim-4-eta0.0" in message
+    assert "corrections" not in message.split("were fitted")[0]
+    assert not (tmp_path / "s.png").exists()

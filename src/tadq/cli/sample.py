@@ -93,9 +93,10 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
     sampler = dataclasses.replace(base, **given)
     if steps is not None:  # the recipe's own steps fit its model
         check_steps_fit(path, sampler.num_steps)
-    fitted = recipe is not None and (recipe.corrections or type(recipe.method).__name__ == "TFMQMethod")
-    if fitted and sampler.key != recipe.sampler.key:
-        raise ValueError(f"{path}'s corrections were fitted for {recipe.sampler.key}, not {sampler.key} "
+    tables = [] if recipe is None else (["corrections"] if recipe.corrections else []) + (
+        ["per-step activation ranges (TFMQ)"] if type(recipe.method).__name__ == "TFMQMethod" else [])
+    if tables and sampler.key != recipe.sampler.key:
+        raise ValueError(f"{path}'s {' and '.join(tables)} were fitted for {recipe.sampler.key}, not {sampler.key} "
                          "(--sampler/--steps/--eta); drop those flags to use the recipe's sampler, or quantize again "
                          "for this one (tadq quantize --recipe ... --steps N --eta E)")
     return sampler
