@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from tadq.adapters.base import LAYER_ROLES
+from tadq.fp_layers import DEFAULT_FP_LAYERS, FP_LAYER_PRESETS, fp_layer_roles
 from tadq.quant.qscheme import MAX_BITS, MIN_BITS, QScheme, preset, preset_key
 from tadq.registry import register_config_type, registered_config_types
 from tadq.safefiles import NewerVersionError
@@ -22,27 +23,7 @@ __all__ = [
 
 QuantMethod = Literal["naive", "qdiffusion", "svdquant"]
 
-FP_LAYER_PRESETS: dict[str, tuple[str, ...]] = {
-    # Q-Diffusion's released code quantizes every conv/linear at the same bits (docs/methods/qdiffusion.md).
-    "none": (),
-    # The common convention of later papers (PTQD, TFMQ-DM): first and last layers in higher precision.
-    "first_last": ("input_conv", "output_conv"),
-    # ... plus the timestep-embedding MLP (PTQD keeps time_embed.0 at 8 bits; TFMQ keeps it in FP).
-    "first_last_time": ("input_conv", "output_conv", "time_embedding"),
-}
-"""Named sets of adapter roles kept in floating point (``QuantConfig.keep_fp_roles``)."""
-DEFAULT_FP_LAYERS = "first_last"
-"""What ``tadq run``, ``tadq bench`` and ``tadq quantize`` (a recipe built from a preset) keep in floating point:
-the setting that holds on both shipped pixel models (docs/methods/qdiffusion.md#the-default-base)."""
 CONFIG_VERSION = 1
-
-
-def fp_layer_roles(key: str) -> tuple[str, ...]:
-    """The adapter roles ``FP_LAYER_PRESETS[key]`` keeps in floating point; ``ValueError`` naming the known keys."""
-    if key not in FP_LAYER_PRESETS:
-        raise ValueError(f"unknown fp_layers {key!r}; choose one of {list(FP_LAYER_PRESETS)} (tadq.config."
-                         "FP_LAYER_PRESETS: the adapter roles each keeps in floating point)")
-    return FP_LAYER_PRESETS[key]
 
 
 @dataclass(frozen=True)
@@ -358,7 +339,6 @@ class QuantConfig:
             + blocks
 
 
-_CONFIG_TYPES = registered_config_types()
 for _config_type in (QuantConfig, CalibrationConfig, QScheme, SamplerConfig, ReconstructionConfig):
     register_config_type(_config_type)
 
@@ -374,7 +354,7 @@ def _encode(value: Any) -> Any:
 def config_to_dict(config: Any) -> dict[str, Any]:
     """``{"type": ..., "version": ..., "data": {...}}``, nested configs included."""
     name = type(config).__name__
-    if name not in _CONFIG_TYPES:
+    if name not in registered_config_types():
         raise TypeError(f"{name} is not a registered tadq config")
     optional = getattr(config, "written_when_set", ())  # fields added later, left out while at their default
     data = {f.name: _encode(getattr(config, f.name)) for f in dataclasses.fields(config)
@@ -466,10 +446,11 @@ def config_from_dict(payload: dict[str, Any], *, where: str = "") -> Any:
         raise ValueError(f"{at}expected a config object {{\"type\": ..., \"version\": ..., \"data\": {{...}}}}, "
                          f"got {str(payload)[:80]!r}")
     kind, version = payload.get("type"), payload.get("version")
-    if not isinstance(kind, str) or kind not in _CONFIG_TYPES:
-        raise ValueError(f"{at}unknown config type {kind!r}; known: {sorted(_CONFIG_TYPES)} (a type of a newer tadq "
+    config_types = registered_config_types()  # the built-in ones included, whatever was imported before
+    if not isinstance(kind, str) or kind not in config_types:
+        raise ValueError(f"{at}unknown config type {kind!r}; known: {sorted(config_types)} (a type of a newer tadq "
                          "or of a plugin: upgrade tadq, or import the plugin that registers it)")
-    klass = _CONFIG_TYPES[kind]
+    klass = config_types[kind]
     beside = sorted(set(payload) - {"type", "version", "data"})
     if beside:  # a field written next to "data" instead of inside it was ignored without a word
         raise ValueError(f"{at}{kind} has keys {beside} beside \"type\", \"version\" and \"data\"; a config's "

@@ -31,7 +31,7 @@ from tadq.config import (
 )
 from tadq.corrections.base import CorrectionConfig
 from tadq.quant.qscheme import QScheme, preset, preset_key
-from tadq.registry import registered_corrections
+from tadq.registry import load_builtins, registered_corrections
 from tadq.safefiles import finite_float, read_json_file
 from tadq.sampling import SamplerConfig
 
@@ -85,11 +85,13 @@ def register_quant_method(config_type: type, quantize: Callable[..., Any], reuse
 
 
 def registered_quant_methods() -> dict[type, MethodHandler]:
+    load_builtins()  # tadq.methods and tadq.tfmq register theirs
     return dict(_METHODS)
 
 
 def method_handler(method: object) -> MethodHandler:
     """The handler of a method config; ``ValueError`` listing the registered ones otherwise."""
+    load_builtins()
     handler = _METHODS.get(type(method))
     if handler is None:
         raise ValueError(f"Recipe.method: {type(method).__name__} is not a registered quantization method; "

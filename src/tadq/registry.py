@@ -1,24 +1,28 @@
 """Registries: model class → adapter, correction config type → correction class, config name → config type.
 
 A leaf module: it imports nothing from tadq, so every part of the package can register itself here without an
-import cycle. The built-in adapters, corrections and configs register when ``tadq`` is imported
-(``tadq/__init__.py`` imports them).
+import cycle. The built-in adapters, corrections and configs register when their modules are imported; every lookup
+here first imports them all (``load_builtins``, with the loader ``tadq/__init__.py`` installs), so a lookup sees
+every built-in registration whatever was imported before it, while ``import tadq`` itself (and ``tadq --help``)
+imports none of diffusers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is looked up: ``import tadq`` (and ``tadq --help``) needs none
+    from torch import nn
 
 __all__ = [
     "ModelFamily", "model_family", "registered_families", "register_adapter", "adapter_for", "registered_adapters",
     "register_correction", "correction_for", "registered_corrections", "register_config_type",
-    "registered_config_types",
+    "registered_config_types", "load_builtins", "set_builtin_loader",
 ]
 
 T = TypeVar("T")
@@ -59,6 +63,36 @@ _ADAPTERS: dict[type[nn.Module], type] = {}
 _FAMILIES: dict[str, ModelFamily] = {}
 _CORRECTIONS: dict[type, type] = {}
 _CONFIG_TYPES: dict[str, type] = {}
+
+_builtin_loader: Callable[[], None] | None = None
+_builtins = "pending"  # "loading" while the loader runs (a lookup inside it reads the tables as they are), "loaded"
+_builtins_lock = threading.RLock()  # another thread's first lookup waits for the tables to be filled
+
+
+def set_builtin_loader(loader: Callable[[], None]) -> None:
+    """``loader`` imports the modules of the built-in registrations; ``tadq/__init__.py`` sets it, and since Python
+    runs a package's ``__init__`` before any of its modules, it is set before anything can look up."""
+    global _builtin_loader
+    _builtin_loader = loader
+
+
+def load_builtins() -> None:
+    """Import the built-in adapters, corrections, methods and configs (once), so the tables hold them all; every
+    lookup calls it first. An error of the loader (an old diffusers' ``ImportError``) is raised again by the next
+    lookup rather than leaving the tables half-filled without a word."""
+    global _builtins
+    if _builtins == "loaded" or _builtin_loader is None:
+        return
+    with _builtins_lock:
+        if _builtins != "pending":  # loaded by another thread meanwhile, or a lookup made by the loader's imports
+            return
+        _builtins = "loading"
+        try:
+            _builtin_loader()
+        except BaseException:
+            _builtins = "pending"
+            raise
+        _builtins = "loaded"
 
 
 def register_config_type(cls: type) -> type:
@@ -126,6 +160,7 @@ def _check_fields_first(cls: type) -> None:
 
 def registered_config_types() -> dict[str, type]:
     """Config name → config class, for every registered config (the live table: ``config_from_dict`` reads it)."""
+    load_builtins()
     return _CONFIG_TYPES
 
 
@@ -152,6 +187,7 @@ def register_adapter(
 
 def registered_families() -> dict[str, ModelFamily]:
     """Model class name → its registration, for every registered family."""
+    load_builtins()
     return dict(_FAMILIES)
 
 
@@ -161,6 +197,7 @@ def model_family(class_name: str, where: str = "") -> ModelFamily:
     Raises:
         ValueError: no family is registered under that name; the message lists the supported ones.
     """
+    load_builtins()
     family = _FAMILIES.get(class_name)
     if family is None:
         place = f"{where} holds a {class_name!r}" if where else f"{class_name!r} is not supported"
@@ -170,6 +207,7 @@ def model_family(class_name: str, where: str = "") -> ModelFamily:
 
 
 def registered_adapters() -> dict[type[nn.Module], type]:
+    load_builtins()
     return dict(_ADAPTERS)
 
 
@@ -186,6 +224,9 @@ def adapter_for(model: nn.Module):
     Raises:
         TypeError: ``model``'s class is not registered; the message lists the supported classes.
     """
+    from torch import nn
+
+    load_builtins()
     klass = type(model)
     if klass in _ADAPTERS:
         return _ADAPTERS[klass]()
@@ -237,6 +278,7 @@ def register_correction(config_type: type) -> Callable[[type[T]], type[T]]:
 
 def registered_corrections() -> dict[type, type]:
     """Config type → correction class for every registered correction (built-in ones included)."""
+    load_builtins()
     return dict(_CORRECTIONS)
 
 

@@ -14,10 +14,11 @@ def test_help_lists_commands():
     assert "run" in result.output and "zoo" in result.output
 
 
-# left to the commands that use them: plotting, the feature-space metrics, the harness and the model zoo cost
-# seconds to import, which `import tadq` and `tadq --help` would pay for nothing
-LAZY_AT_START = ("matplotlib", "sklearn", "skimage", "torchmetrics", "tadq.experiments", "tadq.report", "tadq.search",
-                 "tadq.metrics", "tadq.zoo")
+# left to the commands that use them: torch, diffusers (transformers, scipy under it), plotting, the feature-space
+# metrics, the harness and the model zoo cost seconds to import, which `import tadq` and `tadq --help` would pay for
+# nothing (tests/test_lazy_imports.py: also `tadq COMMAND --help` and a flag the parser refuses)
+LAZY_AT_START = ("torch", "diffusers", "transformers", "scipy", "matplotlib", "sklearn", "skimage", "torchmetrics",
+                 "tadq.experiments", "tadq.report", "tadq.search", "tadq.metrics", "tadq.zoo")
 
 
 def _importers(lines: list[str]) -> list[tuple[str, str | None]]:
@@ -42,7 +43,7 @@ def test_python_dash_m_tadq_runs_the_same_commands():
     assert "quantize" in done.stdout and "sample" in done.stdout
     lines = done.stderr.splitlines()
     imported = {line.rpartition("|")[2].strip() for line in lines if line.startswith("import time:")}
-    assert {"tadq", "tadq.cli.app", "torch"} <= imported  # the -X importtime listing was read
+    assert {"tadq", "tadq.cli.app", "typer"} <= imported  # the -X importtime listing was read
     eager = sorted({lazy for lazy in LAZY_AT_START for name, importer in _importers(lines)
                     if f"{name}.".startswith(f"{lazy}.") and (importer or "tadq").split(".")[0] == "tadq"})
     assert not eager, f"imported at start: {eager}"

@@ -7,7 +7,6 @@ import logging
 import sys
 from pathlib import Path
 
-import torch
 import typer
 
 from tadq.cli.analyze import analyze_command
@@ -42,7 +41,7 @@ from tadq.cli.sample import Device, Dtype, Threads, Verbose, sample_command
 from tadq.cli.sample_sharded import sample_sharded_command
 from tadq.cli.verify import verify_command
 from tadq.cli.zoo import zoo_app
-from tadq.config import DEFAULT_FP_LAYERS
+from tadq.fp_layers import DEFAULT_FP_LAYERS
 
 # plain help text: rich's boxed tables cut long flag names to "--calib-traject…" in an 80-column terminal
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -247,7 +246,10 @@ def main() -> None:
     from tadq.cli.interrupts import stopped_by, unwind_on_termination
 
     _replace_unencodable_output()
-    torch.set_grad_enabled(True)
+    # the commands import torch themselves (--help and a refused flag need none of it); a fresh import has gradients
+    # on, so only a torch the caller already imported (and may have put under no_grad) needs them switched back on
+    if (torch := sys.modules.get("torch")) is not None:
+        torch.set_grad_enabled(True)
     try:
         with unwind_on_termination():  # SIGTERM/SIGHUP clean up as Ctrl-C does (no staging folder left behind)
             app()

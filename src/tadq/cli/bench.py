@@ -29,7 +29,7 @@ from tadq.cli.common import (
     setup,
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
-from tadq.config import DEFAULT_FP_LAYERS
+from tadq.fp_layers import DEFAULT_FP_LAYERS
 
 __all__ = ["bench_command"]
 

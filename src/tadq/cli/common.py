@@ -11,13 +11,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch, diffusers and the library are imported by the commands: --help needs none of them
+    import torch
+
     from tadq.experiments.workload import ClassLabelSetting
 
 __all__ = ["console", "err_console", "setup", "fail_cleanly", "ForceForeign", "USER_ERRORS", "read_prompt_file",
@@ -149,6 +150,8 @@ def _set_threads(threads: int) -> None:
     notebook, tests) runs on the threads it would have had in a fresh process: the thread count moves float sums
     and, through them, quantized results (README, What tadq guarantees). A count the caller set with
     ``torch.set_num_threads`` after tadq's is theirs and is kept."""
+    import torch
+
     earlier = _state["threads"]  # (count tadq set, count before it) or None
     if threads:
         before = torch.get_num_threads() if earlier is None or torch.get_num_threads() != earlier[0] else earlier[1]

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from tadq.cli.common import (
@@ -32,10 +31,10 @@ from tadq.cli.common import (
     setup,
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
-from tadq.config import DEFAULT_FP_LAYERS, QuantConfig, config_from_dict, fp_layer_roles
-from tadq.quant.qscheme import preset, preset_key
+from tadq.fp_layers import DEFAULT_FP_LAYERS, fp_layer_roles
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the library (and diffusers, torch with it) is imported by the functions: not for --help
+    from tadq.config import QuantConfig
     from tadq.recipe import Recipe
 
 __all__ = ["quantize_command", "QuantFlags", "resolve_config", "resolve_recipe", "parse_settings",
@@ -114,6 +113,7 @@ def _check_kept_roles(model: Any, flags: QuantFlags) -> None:
 
 
 def _read_config(path: Path) -> QuantConfig:
+    from tadq.config import QuantConfig, config_from_dict
     from tadq.safefiles import read_json_file
 
     require_file(path, "--config", "a QuantConfig JSON file")
@@ -138,6 +138,9 @@ def resolve_config(config_file: Path | None, flags: QuantFlags) -> QuantConfig:
     Calibration counts that a flag makes impossible (more kept steps than steps, more samples per step than
     trajectories) are capped rather than rejected, so ``--steps 10`` alone is enough.
     """
+    from tadq.config import QuantConfig
+    from tadq.quant.qscheme import preset, preset_key
+
     if config_file is not None:
         config = _read_config(config_file)
     else:
@@ -207,6 +210,7 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
                    settings: dict[str, Any] | None = None) -> Recipe:
     """The recipe file (or a ``--config`` QuantConfig, or the default preset) with every flag, then every
     ``--set``, applied; the result validates as a whole (a flag that breaks it fails here, before any work)."""
+    from tadq.quant.qscheme import preset, preset_key
     from tadq.recipe import Recipe, load_recipe, override_recipe
     from tadq.recipe_presets import correction_configs
 
@@ -370,6 +374,8 @@ def quantize_command(
 ) -> None:
     """Quantize a model as a recipe says (calibrated on its own FP trajectories, corrections fitted for the
     deployment sampler) and save the artefact with its recipe; prints artefact vs FP size."""
+    import torch
+
     from tadq.api import check_method_dtype, quantize
     from tadq.experiments.workload import decoder_component
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir

@@ -33,8 +33,7 @@ from tadq.cli.common import (
     setup,
 )
 from tadq.cli.sample import Threads, Verbose
-from tadq.config import DEFAULT_FP_LAYERS
-from tadq.safefiles import finite_float
+from tadq.fp_layers import DEFAULT_FP_LAYERS
 
 __all__ = ["recipe_command", "resolve_budget_flags"]
 
@@ -48,6 +47,7 @@ def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | 
     read as ``--presets`` reads it (``preset_key``: case and blanks ignored, a ``-G<n>`` block suffix allowed): its
     bit-operations are its widths', so ``W4A8-G128`` costs what ``W4A8`` does (``gbitops_per_sample``)."""
     from tadq.quant.qscheme import preset_key
+    from tadq.safefiles import finite_float
 
     given = [(kind, value) for kind, value in (("gbitops", gbitops), ("bits", bits), ("bytes", nbytes))
              if value is not None]

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
-from diffusers import SchedulerMixin
-from torch import nn
 
 from tadq.cli.common import (
     DistilledGuidance,
@@ -29,6 +26,11 @@ from tadq.cli.common import (
     sampler_kind_flag,
     setup,
 )
+
+if TYPE_CHECKING:  # imported by the commands that use them: --help and a refused flag need neither
+    import torch
+    from diffusers import SchedulerMixin
+    from torch import nn
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
            "SampledModel", "SampleSeed", "Threads", "Device", "Dtype", "Verbose", "Backend", "check_backend_here",
@@ -168,6 +170,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     import os
     import shutil
 
+    import torch
     from PIL.PngImagePlugin import PngInfo
 
     from tadq.config import config_to_dict

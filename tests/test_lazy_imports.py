@@ -1,0 +1,123 @@
+"""``import tadq`` and the command line's help and usage errors import no diffusers; every registry lookup still sees
+every built-in registration, whatever was imported before it.
+
+Each check runs in a fresh interpreter: in the test process every module is long imported.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+# what made `tadq --help` take seconds: diffusers (and transformers, scipy.stats, torch._dynamo under it), and torch
+HEAVY = ("diffusers", "transformers", "scipy", "torch._dynamo", "torch")
+
+# the command line as `python -m tadq ARGS` runs it, then the heavy modules that were imported, as JSON
+RUN_CLI = """
+import json, runpy, sys
+heavy = json.loads(sys.argv[2])
+sys.argv = ["tadq", *json.loads(sys.argv[1])]
+try:
+    runpy.run_module("tadq", run_name="__main__", alter_sys=True)
+except SystemExit as exit_:
+    code = exit_.code
+else:
+    code = 0
+print(json.dumps({"code": code, "heavy": [m for m in heavy if m in sys.modules]}))
+"""
+
+
+def _python(code: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(SRC), "PATH": "", "COLUMNS": "100"})
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def _cli(*args: str) -> dict:
+    out = _python(RUN_CLI, json.dumps(list(args)), json.dumps(HEAVY))
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("args", [["--help"], ["quantize", "--help"], ["sample", "--help"], ["run", "--help"],
+                                  ["zoo", "--help"]])
+def test_help_imports_neither_diffusers_nor_torch(args):
+    ran = _cli(*args)
+    assert ran == {"code": 0, "heavy": []}
+
+
+@pytest.mark.parametrize("args", [["quantize", "--steps", "abc"], ["sample", "--no-such-flag"], ["verify"],
+                                  ["no-such-command"]])
+def test_a_refused_command_line_imports_neither_diffusers_nor_torch(args):
+    ran = _cli(*args)
+    assert ran == {"code": 2, "heavy": []}
+
+
+def test_import_tadq_imports_no_diffusers_and_has_every_public_name():
+    out = _python("import sys, tadq\n"
+                  "print(sorted(m for m in ('diffusers', 'transformers', 'scipy') if m in sys.modules))\n"
+                  "print(all(hasattr(tadq, name) for name in tadq.__all__), set(tadq.__all__) <= set(dir(tadq)))\n"
+                  "print(tadq.quantize.__module__, tadq.QuantConfig.__module__, tadq.TFMQMethod.__module__)\n"
+                  "print(tadq.adapters.UNet2DAdapter.__name__)\n")
+    assert out.splitlines() == ["[]", "True True", "tadq.api tadq.config tadq.tfmq.method", "UNet2DAdapter"]
+
+
+# every table a built-in module registers in, as {table: sorted names}
+TABLES = """
+import json
+from tadq import registry
+from tadq.recipe import registered_quant_methods
+print(json.dumps({
+    "families": sorted(registry.registered_families()),
+    "adapters": sorted(f"{k.__name__}:{v.__name__}" for k, v in registry.registered_adapters().items()),
+    "corrections": sorted(f"{k.__name__}:{v.__name__}" for k, v in registry.registered_corrections().items()),
+    "configs": sorted(registry.registered_config_types()),
+    "methods": sorted(k.__name__ for k in registered_quant_methods()),
+}))
+"""
+# what `import tadq` imported before its names were lazy, imported explicitly
+EAGER = ("import tadq.adapters, tadq.corrections, tadq.tfmq, tadq.api, tadq.config, tadq.denoiser, tadq.pipelines, "
+         "tadq.quant.qscheme, tadq.recipe, tadq.sampling\n")
+
+
+def test_a_first_lookup_sees_every_built_in_registration():
+    lazy = json.loads(_python(TABLES))
+    eager = json.loads(_python(EAGER + TABLES))
+    assert lazy == eager
+    assert set(lazy["families"]) == {"UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel",
+                                      "PixArtTransformer2DModel", "SD3Transformer2DModel", "FluxTransformer2DModel"}
+    assert {"PTQDConfig:PTQDCorrection", "TACConfig:TACCorrection", "TCECConfig:TCECCorrection",
+            "TFMQConfig:TFMQCorrection"} <= set(lazy["corrections"])
+    assert {"NaiveMethod", "QDiffusionMethod", "SVDQuantMethod", "TFMQMethod"} <= set(lazy["methods"])
+
+
+def test_adapter_for_finds_a_built_in_adapter_with_nothing_else_imported():
+    out = _python("from diffusers import UNet2DModel\n"
+                  "from tadq.registry import adapter_for\n"
+                  "model = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,\n"
+                  "                    block_out_channels=(4, 8), norm_num_groups=4,\n"
+                  "                    down_block_types=('DownBlock2D', 'DownBlock2D'),\n"
+                  "                    up_block_types=('UpBlock2D', 'UpBlock2D'))\n"
+                  "print(type(adapter_for(model)).__name__)\n")
+    assert out.strip() == "UNet2DAdapter"
+
+
+def test_a_recipe_file_loads_in_a_process_that_imported_only_tadq_recipe(tmp_path):
+    """A recipe names its method and correction configs by type: TFMQ's and TAC's are registered by modules that
+    ``tadq.recipe`` does not import."""
+    from tadq.recipe import Recipe, save_recipe
+    from tadq.recipe_presets import correction_configs
+    from tadq.tfmq import TFMQMethod
+
+    recipe = Recipe.from_preset("W8A8", method=TFMQMethod(), corrections=correction_configs(("tac",), 0))
+    path = tmp_path / "recipe.json"
+    save_recipe(recipe, path)
+    out = _python("from tadq.recipe import load_recipe\n"
+                  f"recipe = load_recipe({str(path)!r})\n"
+                  "print(type(recipe.method).__name__, [type(c).__name__ for c in recipe.corrections])\n")
+    assert out.strip() == "TFMQMethod ['TACConfig']"
