@@ -327,3 +327,18 @@ def test_evaluate_refuses_its_metric_inputs_before_loading_either_model(tmp_path
     result = runner.invoke(app, ["evaluate", str(tiny_model_dir), *(flag.format(tmp=tmp_path) for flag in extra)])
     _refused(result, *needles)
     assert result.stderr.startswith("error:") and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_tensor_out_file_another_live_command_writes_is_refused_before_any_work(tmp_path, tiny_model_dir,
+                                                                                  no_model_loads):
+    """``--out`` was locked but ``--tensor-out`` was not: two sampling runs could write the same tensor file."""
+    import os
+
+    tensors = tmp_path / "latents.safetensors"
+    lock = _lock_out(tensors, os.getpid())
+    before = lock.read_bytes()
+    result = runner.invoke(app, [*_steps_command("sample", tiny_model_dir, tmp_path), "--tensor-out", str(tensors)])
+    _refused(result, f"--tensor-out {tensors} is being written by another tadq process (pid {os.getpid()},",
+             f"delete {lock}")
+    assert not tensors.exists() and lock.read_bytes() == before
+    assert not (tmp_path / "out.png").exists()

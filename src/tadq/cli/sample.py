@@ -206,6 +206,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     if tensor_out is not None:
         check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[path],
                           force_foreign=force_foreign)
+        hold_output(tensor_out, "--tensor-out")
     check_prompt_lengths(path, prompts, negative_prompt=negative_prompt)  # tokenizers only
     pipe = load_pipeline(path, device=device, dtype=dtype, text_encoder_bits=text_encoder_bits, backend=backend)
     announce_compile(backend)
@@ -578,6 +579,7 @@ def sample_command(
         if tensor_out is not None:
             check_output_file(tensor_out, what="--tensor-out", suffixes=(".safetensors",), inputs=[source],
                               force_foreign=force_foreign)
+            hold_output(tensor_out, "--tensor-out")  # locked like --out: two runs would interleave their writes
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
         denoiser, scheduler, label = load_denoiser(model_dir, backend)
         if backend != "fake":  # the grid and the 'wrote' line name what ran, as tadq evaluate's row does
