@@ -95,8 +95,11 @@ def deployment_sampler(path: Path | None, kind: str | None, steps: int | None, e
     sampler = dataclasses.replace(base, **given)
     if steps is not None:  # the recipe's own steps fit its model
         check_steps_fit(path, sampler.num_steps)
-    tables = [] if recipe is None else (["corrections"] if recipe.corrections else []) + (
-        ["per-step activation ranges (TFMQ)"] if type(recipe.method).__name__ == "TFMQMethod" else [])
+    tables = []  # what the artefact fitted for its recipe's grid
+    if recipe is not None and recipe.corrections:
+        tables.append("corrections")
+    if recipe is not None and type(recipe.method).__name__ == "TFMQMethod":
+        tables.append("per-step activation ranges (TFMQ)")
     if tables and sampler.key != recipe.sampler.key:
         raise ValueError(f"{path}'s {' and '.join(tables)} were fitted for {recipe.sampler.key}, not {sampler.key} "
                          "(--sampler/--steps/--eta); drop those flags to use the recipe's sampler, or quantize again "
