@@ -19,6 +19,7 @@ from tadq.safefiles import (
     require_stored_parameters,
 )
 from tadq.sampling.config import check_drivable
+from tadq.zoo.paths import shipped_model_path
 
 __all__ = ["load_pipeline_parts", "load_scheduler", "loaded_class_name", "shipped_model_path"]
 
@@ -38,11 +39,6 @@ def loaded_class_name(config: dict) -> object:
     if class_name == "Transformer2DModel":
         return _LEGACY_TRANSFORMER_CLASSES.get(config.get("norm_type"), class_name)
     return class_name
-
-
-def shipped_model_path() -> Path:
-    """The digits DDPM that ships inside the package (trained by ``tadq zoo train``)."""
-    return Path(__file__).parent / "zoo" / "weights" / "digits-ddpm"
 
 
 def _present(path: Path) -> bool:

@@ -15,9 +15,10 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # imported where used: tadq.fsguard, which the command line checks paths with, needs no torch
+    import torch
 
 __all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "eval_mode", "library_versions",
            "make_staging_dir", "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
@@ -191,6 +192,8 @@ def _atomic(path: Path, write) -> None:
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` that never leaves a half-written file behind (write to a temp file, then rename)."""
+    import torch
+
     _atomic(Path(path), lambda tmp: torch.save(obj, tmp))
 
 
@@ -229,6 +232,7 @@ def save_figure(fig: Any, path: str | Path, dpi: int = 130) -> Path:
 def library_versions() -> dict[str, str]:
     """Versions that decide numerics, recorded beside every artefact tadq writes."""
     import diffusers
+    import torch
 
     from tadq._version import __version__
 

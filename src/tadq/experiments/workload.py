@@ -27,6 +27,7 @@ from tadq.models import load_pipeline_parts, shipped_model_path
 from tadq.registry import adapter_for
 from tadq.safefiles import find_weight_files, read_json_file, require_stored_parameters
 from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels, SamplerConfig
+from tadq.zoo.paths import SHIPPED_MODELS, resolve_model_path, shipped_photos_path
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
            "ClassLabelSetting", "class_label_setting", "decoder_component", "folder_vae_decoder", "vae_decoder",
@@ -41,35 +42,14 @@ def _shipped_t2i_path() -> Path:
     return shipped_t2i_path()
 
 
-def _shipped_photos_path() -> Path:
-    return Path(__file__).resolve().parents[1] / "zoo" / "weights" / "photos-ddpm"
-
-
 def _shipped_dit_path() -> Path:
     from tadq.zoo.dit import shipped_dit_path
 
     return shipped_dit_path()
 
 
-# names ``tadq run --model`` accepts besides a folder: the models that ship inside the package
-SHIPPED_MODELS: dict[str, Callable[[], Path]] = {
-    "digits": shipped_model_path, "t2i": _shipped_t2i_path, "photos": _shipped_photos_path, "dit": _shipped_dit_path,
-}
 # how the main job labels the samples of a class-conditional model
 LABEL_MODES = ("null", "random")
-
-
-def resolve_model_path(model: str | None) -> Path:
-    """The folder of ``model``: a shipped model's name (``digits``, ``t2i``, ``photos``, ``dit``; ``None`` =
-    ``digits``) or a path.
-
-    An existing folder of the same name wins over a shipped name, so a user's ``./t2i`` is never shadowed.
-    """
-    if model is None:
-        return shipped_model_path()
-    if model in SHIPPED_MODELS and not Path(model).exists():
-        return SHIPPED_MODELS[model]()
-    return Path(model)
 
 
 def is_text_to_image_folder(path: Path) -> bool:
@@ -324,7 +304,7 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
     ``"null"`` for the shipped photos model and ``"random"`` otherwise."""
     if labels is not None and labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
-    shipped = path.resolve() == _shipped_photos_path().resolve()
+    shipped = path.resolve() == shipped_photos_path().resolve()
     shipped_dit = path.resolve() == _shipped_dit_path().resolve()
     adapter = adapter_for(fp)
     architecture_null = adapter.null_class(fp) if hasattr(adapter, "null_class") else None
@@ -380,7 +360,7 @@ def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler:
                                 labels: str | None, null_class: int | None) -> Workload:
     """A class-conditional model: unconditional samples (its null class) or random labels, with guidance; the
     shipped models' classifiers read their classes back (nothing reads a user's classes)."""
-    shipped = path.resolve() == _shipped_photos_path().resolve()
+    shipped = path.resolve() == shipped_photos_path().resolve()
     shipped_dit = path.resolve() == _shipped_dit_path().resolve()
     setting = class_label_setting(path, fp, guidance_scale=guidance_scale, labels=labels, null_class=null_class)
     source = setting.source

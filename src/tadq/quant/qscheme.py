@@ -8,11 +8,12 @@ Notation (docs/methods/notation.md): a b-bit uniform affine fake-quantizer with 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import ClassVar, Literal
 
 import torch
+
+from tadq.names import BLOCK_SUFFIX, preset_key
 
 __all__ = ["QScheme", "PRESETS", "BLOCK_SUFFIX", "preset", "preset_key", "RangeMethod", "Granularity", "NumberFormat",
            "FP8_FORMATS"]
@@ -241,30 +242,6 @@ PRESETS: dict[str, tuple[QScheme, QScheme]] = {
     "W4A8-FP8": (_weights(4), _fp8_activations()),
     "W8A8-FP8": (_weights(8), _fp8_activations()),
 }
-
-
-BLOCK_SUFFIX = re.compile(r"^(?P<base>.+)-G(?P<size>[1-9][0-9]{0,5})$")
-"""A preset name with block-wise weights: a key of ``PRESETS`` and ``-G<n>`` (``W4A8-G128``: one weight step per
-128 consecutive weights of each output row, ``per_block``)."""
-
-
-def preset_key(name: str) -> str:
-    """The key of a preset name: a key of ``PRESETS``, or one with a ``-G<n>`` block suffix (``BLOCK_SUFFIX``); case
-    and surrounding blanks ignored, as the comma lists of ``tadq run`` / ``tadq bench`` and recipe files read them
-    (``--preset " w4a8"`` was refused by ``tadq quantize`` alone)."""
-    if not isinstance(name, str):
-        raise TypeError(f"a preset name is a string such as 'W4A8', got {type(name).__name__} {name!r}")
-    key = name.strip().upper()
-    if key in PRESETS:
-        return key
-    blocked = BLOCK_SUFFIX.match(key)
-    if blocked is None or blocked["base"] not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}, optionally with block-wise "
-                         "weights as a suffix -G<n> (W4A8-G128: one weight step per 128 weights of a row)")
-    if not PRESETS[blocked["base"]][0].enabled:
-        raise ValueError(f"preset {name!r}: {blocked['base']} quantizes no weights, so -G{blocked['size']} (weight "
-                         "blocks) does not apply")
-    return key
 
 
 def preset(name: str) -> tuple[QScheme, QScheme]:

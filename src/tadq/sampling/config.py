@@ -24,6 +24,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin
 
+from tadq.names import SAMPLER_KINDS
 from tadq.safefiles import finite_float
 
 __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
@@ -33,7 +34,6 @@ __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_P
            "DEFAULTED_KEYS"]
 
 SamplerKind = Literal["ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler"]
-SAMPLER_KINDS: tuple[str, ...] = ("ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler")
 # Kinds that integrate the flow-matching ODE x_t = (1-σ) x_0 + σ ε on a velocity v = ε - x_0; every other kind
 # works on the discrete ᾱ_t (variance-preserving) schedule with ε.
 FLOW_KINDS: tuple[str, ...] = ("flow-euler",)

@@ -16,25 +16,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from tadq.names import MAX_SEED, check_seed
+
 __all__ = ["INITIAL_STREAM", "LABEL_STREAM", "MAX_SEED", "STEP_STREAM", "check_seed", "initial_noise",
            "sample_generator", "step_noise"]
 
 INITIAL_STREAM = 0  # x_T
 STEP_STREAM = 1  # z_1..z_S of the sampler steps
 LABEL_STREAM = 2  # per-sample conditions drawn at random (class labels); never shifts the noise streams
-
-
-MAX_SEED = 2**32 - 1
-"""The largest seed (and sample index): ``SeedSequence`` splits a larger int into 32-bit words, so seed s + k·2³²
-at sample 0 would hash like seed s at sample k and replay its noise (calibration and evaluation seeds would no
-longer be disjoint)."""
-
-
-def check_seed(name: str, value: object) -> None:
-    """Refuse anything but an int in [0, ``MAX_SEED``], naming ``name``: seeds are checked where a config or call
-    takes them, before any work, with the same bound the noise draws hold."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_SEED:
-        raise ValueError(f"{name} must be an int in [0, 2**32 - 1], got {value!r}.")
 
 
 def sample_generator(seed: int, index: int, stream: int = INITIAL_STREAM) -> torch.Generator:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from tadq.utils import atomic_write_text
 from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.paths import shipped_dit_path
 from tadq.zoo.shipped import regenerate_hint
 from tadq.zoo.train import check_training_fields, train_ddpm
 
@@ -37,11 +38,6 @@ NUM_CLASSES = 10  # the digits; label NUM_CLASSES is the null class
 # agreement 0.905 / 0.985 / 1.0 / 1.0 at guidance 1 / 1.5 / 2 / 3 while FD-digits is 6.2 / 3.9 / 6.2 / 11.3; 1.5 has
 # the lowest FD with agreement within 1.5 % of perfect, so it is the model's default.
 DEFAULT_GUIDANCE_SCALE = 1.5
-
-
-def shipped_dit_path() -> Path:
-    """Folder of the shipped class-conditional DiT (DiTPipeline layout), beside the package."""
-    return Path(__file__).resolve().parent / "weights" / "digits-dit"
 
 
 def check_shipped_vae() -> None:

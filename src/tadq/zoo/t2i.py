@@ -39,6 +39,7 @@ from tadq.safefiles import diffusers_loading_options
 from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
 from tadq.zoo.data import DigitsConfig, load_digits_split
+from tadq.zoo.paths import shipped_t2i_path
 from tadq.zoo.shipped import error_line, regenerate_hint
 from tadq.zoo.t2i_prompts import DIGIT_WORDS, TEMPLATES
 from tadq.zoo.t2i_text import build_text_encoder, build_tokenizer
@@ -62,11 +63,6 @@ VAE_STAGE_NAME = "vae_stage.json"
 # agreement 0.86 / 0.995 / 0.995 / 0.995 at guidance 1 / 2 / 3 / 5 while FD-digits grows from 4.8 / 5.1 to 8.5 / 13.6;
 # 2 is the smallest scale at which the classifier reads the prompted digit, so it is the model's default.
 DEFAULT_GUIDANCE_SCALE = 2.0
-
-
-def shipped_t2i_path() -> Path:
-    """Folder of the shipped text-to-image digits model (StableDiffusionPipeline layout), beside the package."""
-    return Path(__file__).resolve().parent / "weights" / "digits-t2i"
 
 
 def load_t2i_pipeline(path: str | Path | None = None) -> StableDiffusionPipeline:
