@@ -121,3 +121,52 @@ def test_a_recipe_file_loads_in_a_process_that_imported_only_tadq_recipe(tmp_pat
                   f"recipe = load_recipe({str(path)!r})\n"
                   "print(type(recipe.method).__name__, [type(c).__name__ for c in recipe.corrections])\n")
     assert out.strip() == "TFMQMethod ['TACConfig']"
+
+
+# a bad flag that needs no model, and the start of the one-line refusal: given before torch is imported
+REFUSED_FLAGS = [
+    (["sample", "x", "--num-samples", "0"], "--num-samples must be >= 1, got 0"),
+    (["sample", "/nonexistent-tadq-folder"], "model folder /nonexistent-tadq-folder does not exist"),
+    (["sample", "x", "--seed", "-1"], "--seed must be an int in [0, 2**32 - 1]"),
+    (["sample", "x", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["sample", "x", "--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0"),
+    (["sample", "x", "--class-label", "-2"], "--class-label -2: a class label is an index >= 0"),
+    (["sample", "x", "--prompts", "/nonexistent-tadq-prompts"], "--prompts /nonexistent-tadq-prompts does not exist"),
+    (["evaluate", "x", "--num-samples", "-1"], "--num-samples must be >= 1, got -1"),
+    (["evaluate", "x", "--features", "digit"], "--features digit is neither one of"),
+    (["evaluate", "x", "--reference", "/nonexistent-tadq-folder"], "--reference /nonexistent-tadq-folder is not a"),
+    (["analyze", "x", "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["run", "--presets", "W9"], "unknown preset 'W9'"),
+    (["run", "--num-samples", "1"], "--num-samples must be >= 2, got 1"),
+    (["run", "--seed", "3", "--calib-seed", "3"], "--calib-seed must differ from --seed"),
+    (["run", "--fp-layers", "firstlast"], "firstlast"),
+    (["run", "--recon-iters", "-2"], "--recon-iters must be >= 0, or -1 for the default; got -2"),
+    (["bench", "--seed", "-5"], "--seed must be an int in [0, 2**32 - 1]"),
+    (["quantize", "--out", "q", "--steps", "0"], "--steps must be >= 1, got 0"),
+    (["quantize", "--out", "q", "--calib-seed", "-1"], "--calib-seed must be an int in [0, 2**32 - 1]"),
+    (["recipe", "--out", "r", "--budget-bits", "W8A8", "--heldout", "0"], "--heldout must be >= 1, got 0"),
+    (["sample-sharded", "--chunk-size", "-1"], "--chunk-size must be >= 0 (0: the batch size), got -1"),
+    (["verify", "/nonexistent-tadq-folder"], "/nonexistent-tadq-folder does not exist"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), REFUSED_FLAGS, ids=[" ".join(a) for a, _ in REFUSED_FLAGS])
+def test_a_flag_refused_without_a_model_is_refused_before_torch_is_imported(args, message, tmp_path):
+    """A typo cost the seconds of importing torch and diffusers (6 to 9) before its one-line error: every check
+    that needs no model now runs first, with the message and exit code it had."""
+    (tmp_path / "x").mkdir()  # the model folder the commands are given: there, so the flag is what is refused
+    done = subprocess.run([sys.executable, "-c", RUN_CLI, json.dumps(args), json.dumps(HEAVY)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path,
+                          env={"PYTHONPATH": str(SRC), "PATH": "", "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    ran = json.loads(done.stdout.strip().splitlines()[-1])
+    assert ran["code"] == 2, done.stderr
+    assert message in " ".join(done.stderr.split()), done.stderr
+    assert ran["heavy"] == [], done.stderr
+
+
+def test_the_preset_names_checked_without_torch_are_the_preset_table():
+    from tadq.names import PRESET_NAMES
+    from tadq.quant.qscheme import PRESETS
+
+    assert PRESET_NAMES == {name: weights.enabled for name, (weights, _) in PRESETS.items()}

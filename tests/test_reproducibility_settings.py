@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 import tadq
 from tadq.cli.app import app
-from tadq.cli.common import setup
+from tadq.cli.common import torch_setup
 from tadq.cli.quantize import QuantFlags, parse_settings, resolve_recipe
 from tadq.config import CalibrationConfig, QuantConfig
 from tadq.io import WEIGHTS_FILE
@@ -92,16 +92,16 @@ def test_threads_0_puts_back_the_count_an_earlier_command_set():
     """``--threads 0`` is "torch's default", but a command run after ``--threads 1`` in the same process (the CLI
     from Python, a notebook) kept one thread, so its artefact differed from the same command in a fresh process."""
     torch.set_num_threads(3)
-    setup(False, 1, "cpu")
+    torch_setup(1)
     assert torch.get_num_threads() == 1
-    setup(False, 2, "cpu")  # a second count: 0 still goes back to the one before tadq's first
-    setup(False, 0, "cpu")
+    torch_setup(2)  # a second count: 0 still goes back to the one before tadq's first
+    torch_setup(0)
     assert torch.get_num_threads() == 3
-    setup(False, 0, "cpu")  # nothing of tadq's left to undo
+    torch_setup(0)  # nothing of tadq's left to undo
     assert torch.get_num_threads() == 3
-    setup(False, 1, "cpu")
+    torch_setup(1)
     torch.set_num_threads(4)  # the caller's own count after tadq's: theirs, kept
-    setup(False, 0, "cpu")
+    torch_setup(0)
     assert torch.get_num_threads() == 4
 
 

@@ -60,7 +60,7 @@ def test_an_error_line_goes_to_stderr(tmp_path):
 def test_a_log_record_starts_on_a_line_of_its_own_below_a_bar(capsys):
     """A record logged while a bar was drawn (the recipe search logs inside its candidate bar) was printed right
     after the bar's text; the bars are now cleared around it and drawn again after."""
-    setup(False, 0, "cpu")
+    setup(False, 0)
     with progress_bar(total=3, desc="the bar", file=sys.stderr) as bar:
         bar.update(1)
         logging.getLogger("tadq.test").info("a record")

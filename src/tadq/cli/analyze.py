@@ -12,12 +12,14 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_count_flags,
     check_sampling_flags,
     console,
     err_console,
     fail_cleanly,
     hold_output,
     setup,
+    torch_setup,
 )
 from tadq.cli.sample import (
     Backend,
@@ -69,20 +71,22 @@ def analyze_command(
 ) -> None:
     """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction (the
     network run by --backend: the integer model's error is the one a deployment propagates)."""
-    from tadq.analysis import analyze_propagation, save_propagation_plot
-    from tadq.cli.sample import artefact_pair, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
-    from tadq.corrections.attach import as_denoiser
     from tadq.fsguard import check_output_dir, mark_output
-    from tadq.io import is_quantized_artefact
-    from tadq.models import shipped_model_path
-    from tadq.report import dumps_json
     from tadq.utils import atomic_write_text
-    from tadq.zoo.t2i import shipped_t2i_path
+    from tadq.zoo.paths import shipped_model_path, shipped_t2i_path
 
-    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
+    setup(verbose, threads)
     with fail_cleanly():
-        # refused now, not after both models were loaded
+        # refused now, not after both models were loaded, and before torch is imported
         check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
+        check_count_flags(steps=steps)
+        torch_device, torch_dtype = torch_setup(threads, device, dtype)
+        from tadq.analysis import analyze_propagation, save_propagation_plot
+        from tadq.cli.sample import artefact_pair, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
+        from tadq.corrections.attach import as_denoiser
+        from tadq.io import is_quantized_artefact
+        from tadq.report import dumps_json
+
         check_backend_here(backend, torch_device, torch_dtype)  # refused before anything is loaded
         if not is_quantized_artefact(model_dir):
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")

@@ -33,6 +33,7 @@ from tadq.cli.common import (
     sampler_kind_flag,
     set_quiet,
     setup,
+    torch_setup,
 )
 from tadq.cli.evaluate import evaluate_command
 from tadq.cli.quantize import quantize_command
@@ -159,26 +160,38 @@ def run_command(
     verbose: Verbose = False,
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
-    from tadq.config import CalibrationConfig, ReconstructionConfig
-    from tadq.experiments.run import RUN_FLAGS, RunConfig, check_run_numbers, run_main_job
-    from tadq.experiments.workload import resolve_model_path
+    from tadq.experiments.run_checks import RUN_FLAGS, check_run_numbers
+    from tadq.fp_layers import fp_layer_roles
     from tadq.fsguard import check_output_dir, check_writable_dir
-    from tadq.models import load_scheduler
-    from tadq.report.tables import columns_for, format_cell
-    from tadq.sampling import SamplerConfig, command_sampler_kind
+    from tadq.names import preset_key
+    from tadq.zoo.paths import resolve_model_path
 
-    setup(verbose, threads, device, dtype)
-    with fail_cleanly():
+    setup(verbose, threads)
+    with fail_cleanly():  # first the checks that need no torch (a typo is refused in a fraction of a second)
         check_seed_flags(seed=seed, calib_seed=calib_seed)
         evaluation_prompts = read_prompt_file(eval_prompts, "--eval-prompts")
         # RunConfig checks them again, named as its fields
         check_run_numbers(num_samples=num_samples, batch_size=batch_size, eval_seed=seed, calibration_seed=calib_seed,
                           evaluation_prompts=evaluation_prompts, names=RUN_FLAGS)
         check_sampling_flags(num_samples=num_samples)  # the upper bound
+        for name in _parse_presets(presets):  # RunConfig checks them again
+            preset_key(name)
+        fp_layer_roles(fp_layers.strip().lower())
         check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
         hold_output(out)
         check_writable_dir(cache_dir, "--cache-dir", inputs=[resolve_model_path(model)], force_foreign=force_foreign)
+        changes = {name: count for name, flag, value in (("weight_iters", "--recon-iters", recon_iters),
+                                                         ("activation_iters", "--recon-activation-iters",
+                                                          recon_activation_iters))
+                   if (count := default_or_count(flag, value)) is not None}
+        torch_setup(threads, device, dtype)
+        from tadq.config import CalibrationConfig, ReconstructionConfig
+        from tadq.experiments.run import RunConfig, run_main_job
+        from tadq.models import load_scheduler
+        from tadq.report.tables import columns_for, format_cell
+        from tadq.sampling import SamplerConfig, command_sampler_kind
+
         if sampler is None:  # the model's scheduler decides: DDIM cannot drive a flow-matching model
             sampler = command_sampler_kind(load_scheduler(resolve_model_path(model)))
         sampler_config = SamplerConfig(kind=sampler, num_steps=steps, eta=eta)
@@ -186,10 +199,6 @@ def run_command(
         calibration = CalibrationConfig(sampler=sampler_config, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps), samples_per_step=min(64, calib_trajectories),
                                         seed=calib_seed)
-        changes = {name: count for name, flag, value in (("weight_iters", "--recon-iters", recon_iters),
-                                                         ("activation_iters", "--recon-activation-iters",
-                                                          recon_activation_iters))
-                   if (count := default_or_count(flag, value)) is not None}
         if recon_gptq_target_damp != -1.0:
             changes["gptq_target_damp"] = recon_gptq_target_damp  # ReconstructionConfig refuses values <= 0
         reconstruction = ReconstructionConfig(rounding=recon_rounding, **changes)

@@ -27,6 +27,7 @@ from tadq.cli.common import (
     hold_output,
     read_prompt_file,
     setup,
+    torch_setup,
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.fp_layers import DEFAULT_FP_LAYERS
@@ -103,21 +104,23 @@ def bench_command(
     verbose: Verbose = False,
 ) -> None:
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
-    from tadq.config import CalibrationConfig
-    from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
-    from tadq.experiments.run import RUN_FLAGS, check_run_numbers
-    from tadq.experiments.workload import resolve_model_path
+    from tadq.experiments.run_checks import RUN_FLAGS, check_run_numbers
     from tadq.fsguard import check_output_dir, check_writable_dir, is_tadq_output
-    from tadq.models import load_scheduler, shipped_model_path
-    from tadq.sampling import SamplerConfig, command_sampler_kind
+    from tadq.zoo.paths import resolve_model_path, shipped_model_path
 
-    setup(verbose, threads, device, dtype)
-    with fail_cleanly():
+    setup(verbose, threads)
+    with fail_cleanly():  # first the checks that need no torch
         check_seed_flags(seed=seed, calib_seed=calib_seed)
         if models_dir is not None and models_dir.resolve() == out.resolve():  # BenchConfig's check names its field
             raise ValueError(f"--models-dir {models_dir} is the bench folder itself (--out {out}); leave it out "
                              f"(the default, {out / 'models'}) or give a folder of its own")
         evaluation_prompts = read_prompt_file(eval_prompts, "--eval-prompts")
+        torch_setup(threads, device, dtype)
+        from tadq.config import CalibrationConfig
+        from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
+        from tadq.models import load_scheduler
+        from tadq.sampling import SamplerConfig, command_sampler_kind
+
         fields = matrix("quick" if quick else "default")
         if num_samples is not None:
             fields["num_samples"] = num_samples

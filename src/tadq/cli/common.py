@@ -25,7 +25,7 @@ __all__ = ["console", "err_console", "setup", "fail_cleanly", "ForceForeign", "U
            "require_file", "CacheDir", "CalibTrajectories", "GuidanceScale", "CalibPrompts", "EvalPrompts",
            "NegativePrompt", "Labels", "NullClass", "class_conditions_for", "default_or_count", "check_sampling_flags",
            "check_steps_fit", "check_seed_flags", "check_count_flags", "sampler_kind_flag", "hold_output", "set_quiet",
-           "note", "check_reference_model"]
+           "note", "check_reference_model", "torch_setup"]
 
 ForceForeign = Annotated[bool, typer.Option(
     "--force-foreign", help="Also write into a folder tadq did not write, or one that is, holds or lies inside the "
@@ -117,8 +117,9 @@ def note(text: str) -> None:
         err_console.print(text)
 
 
-def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
-    """Logging and threads; the device and dtype resolved (``BadParameter`` naming one torch does not have)."""
+def setup(verbose: bool, threads: int) -> None:
+    """Logging, and the flags of it and of ``torch_setup`` that need no torch (``BadParameter``): a command calls it
+    first, then checks its other flags, then calls ``torch_setup``, so a typo is refused before torch is imported."""
     if verbose and _state["quiet"]:  # debug records or none: one of the two asks for the opposite of the other
         raise typer.BadParameter("--verbose and tadq --quiet contradict each other; give one of them")
     _state["verbose"] = verbose
@@ -129,6 +130,11 @@ def setup(verbose: bool, threads: int, device: str, dtype: str = "float32") -> t
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if threads < 0:
         raise typer.BadParameter("--threads must be >= 0")
+
+
+def torch_setup(threads: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
+    """Threads set, and the device and dtype resolved (``BadParameter`` naming one torch does not have): imports
+    torch, so a command calls it after ``setup`` and its checks that need no model (usage errors come first)."""
     try:
         _set_threads(threads)
     except (ValueError, RuntimeError, OverflowError) as error:  # torch's bare "Overflow when unpacking long", a
@@ -225,7 +231,7 @@ def check_sampling_flags(*, num_samples: int | None = None, batch_size: int | No
     [0, 2**32 - 1], --guidance-scale finite and >= 0 (``None``: not given, or not a flag of the command). The
     library checks them again, but only after the model was loaded (minutes for a large one), and names its own
     parameter rather than the flag."""
-    from tadq.sampling.noise import MAX_SEED, check_seed
+    from tadq.names import MAX_SEED, check_seed
 
     for flag, count in (("--num-samples", num_samples), ("--batch-size", batch_size)):
         if count is not None and count < 1:
@@ -245,7 +251,7 @@ def sampler_kind_flag(value: str | None) -> str | None:
     kinds before anything is read. `tadq recipe` lower-cased it while sample, quantize and run refused ``DDIM``."""
     if value is None:
         return None
-    from tadq.sampling import SAMPLER_KINDS
+    from tadq.names import SAMPLER_KINDS
 
     kind = value.strip().lower()
     if kind not in SAMPLER_KINDS:
@@ -256,7 +262,7 @@ def sampler_kind_flag(value: str | None) -> str | None:
 def check_seed_flags(**seeds: int | None) -> None:
     """Refuse each given seed flag (``calib_seed=...`` is ``--calib-seed``; ``None``: not given) outside
     [0, 2**32 - 1] by its flag's name: the configs refused them as ``eval_seed`` or ``CalibrationConfig.seed``."""
-    from tadq.sampling.noise import check_seed
+    from tadq.names import check_seed
 
     for name, value in seeds.items():
         if value is not None:

@@ -12,12 +12,14 @@ from tadq.cli.common import (
     Labels,
     NegativePrompt,
     NullClass,
+    check_count_flags,
     check_sampling_flags,
     console,
     err_console,
     fail_cleanly,
     hold_output,
     setup,
+    torch_setup,
 )
 from tadq.cli.sample import (
     Backend,
@@ -261,26 +263,29 @@ def evaluate_command(
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
     from the same noise (and labels or prompts); print FD, agreement, PSNR/SSIM, MSE."""
-    from tadq.cli.sample import artefact_pair, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
-    from tadq.config import config_to_dict
-    from tadq.evaluation import decoded_shape, evaluate_against_reference
-    from tadq.fsguard import check_output_dir
-    from tadq.models import load_scheduler, shipped_model_path
-    from tadq.zoo.t2i import shipped_t2i_path
+    from tadq.zoo.paths import shipped_model_path, shipped_t2i_path
 
-    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
+    setup(verbose, threads)
     with fail_cleanly():
-        # tadq.sample would refuse them only after both models were loaded
+        # tadq.sample would refuse them only after both models were loaded; these before torch is imported
         check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
-        check_backend_here(backend, torch_device, torch_dtype)
+        check_count_flags(steps=steps)
         _check_feature_flags(features, reference_images)
+        if reference is not None and not reference.is_dir():  # named now, not after the artefact is loaded
+            raise FileNotFoundError(f"--reference {reference} is not a folder (the FP model the artefact was "
+                                    "quantized from)")
+        torch_device, torch_dtype = torch_setup(threads, device, dtype)
+        from tadq.cli.sample import artefact_pair, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair
+        from tadq.config import config_to_dict
+        from tadq.evaluation import decoded_shape, evaluate_against_reference
+        from tadq.fsguard import check_output_dir
+        from tadq.models import load_scheduler
+
+        check_backend_here(backend, torch_device, torch_dtype)
         if inception_weights is not None:  # a missing or damaged file is named now, not after loading both models
             from tadq.metrics.inception import InceptionFeatures
 
             InceptionFeatures(inception_weights)
-        if reference is not None and not reference.is_dir():  # named now, not after the artefact is loaded
-            raise FileNotFoundError(f"--reference {reference} is not a folder (the FP model the artefact was "
-                                    "quantized from)")
         if reference is not None:  # its layout and scheduler read now: a folder with no model was named only once
             load_scheduler(reference)  # the artefact had been loaded
         prompt_pipeline = is_prompt_pipeline(model_dir)

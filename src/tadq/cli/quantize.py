@@ -29,6 +29,7 @@ from tadq.cli.common import (
     require_file,
     sampler_kind_flag,
     setup,
+    torch_setup,
 )
 from tadq.cli.sample import Device, Dtype, Threads, Verbose
 from tadq.fp_layers import DEFAULT_FP_LAYERS, fp_layer_roles
@@ -374,20 +375,26 @@ def quantize_command(
 ) -> None:
     """Quantize a model as a recipe says (calibrated on its own FP trajectories, corrections fitted for the
     deployment sampler) and save the artefact with its recipe; prints artefact vs FP size."""
-    import torch
-
-    from tadq.api import check_method_dtype, quantize
-    from tadq.experiments.workload import decoder_component
     from tadq.fsguard import check_output_dir, check_output_file, check_writable_dir
-    from tadq.io import is_quantized_artefact, save_quantized
-    from tadq.io.save import check_copyable_components
-    from tadq.models import load_pipeline_parts, load_scheduler, shipped_model_path
-    from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
-    from tadq.sampling import command_sampler_kind
+    from tadq.zoo.paths import shipped_model_path
 
-    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
+    setup(verbose, threads)
     with fail_cleanly():
         check_count_flags(steps=steps, calib_trajectories=calib_trajectories)
+        # the range every --seed takes: -1 went to torch.manual_seed as is, 2**64 failed there in "Overflow when
+        # unpacking long long" after the recipe was resolved; refused before torch is imported
+        check_seed_flags(seed=seed, calib_seed=calib_seed)
+        torch_device, torch_dtype = torch_setup(threads, device, dtype)
+        import torch
+
+        from tadq.api import check_method_dtype, quantize
+        from tadq.experiments.workload import decoder_component
+        from tadq.io import is_quantized_artefact, save_quantized
+        from tadq.io.save import check_copyable_components
+        from tadq.models import load_pipeline_parts, load_scheduler
+        from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
+        from tadq.sampling import command_sampler_kind
+
         flags = QuantFlags(preset=preset_name, method=method, sampler=sampler, steps=steps, eta=eta,
                            calib_seed=calib_seed, calib_trajectories=calib_trajectories,
                            exclude=tuple(exclude) if exclude else None,
@@ -399,9 +406,6 @@ def quantize_command(
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
         settings = parse_settings(set_fields)
-        # the range every --seed takes: -1 went to torch.manual_seed as is, 2**64 failed there in "Overflow when
-        # unpacking long long" after the recipe was resolved
-        check_seed_flags(seed=seed, calib_seed=calib_seed)
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and is_quantized_artefact(model_dir):  # it said "unet holds no safetensors weights"
             raise ValueError(f"{model_dir} is a tadq artefact (already quantized: tadq_config.json); quantize the FP "

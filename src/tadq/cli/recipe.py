@@ -31,6 +31,7 @@ from tadq.cli.common import (
     read_prompt_file,
     sampler_kind_flag,
     setup,
+    torch_setup,
 )
 from tadq.cli.sample import Threads, Verbose
 from tadq.fp_layers import DEFAULT_FP_LAYERS
@@ -46,7 +47,7 @@ def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | 
     """(kind, value) of the one budget flag given; ``ValueError`` for none, several, or an unknown preset. A preset is
     read as ``--presets`` reads it (``preset_key``: case and blanks ignored, a ``-G<n>`` block suffix allowed): its
     bit-operations are its widths', so ``W4A8-G128`` costs what ``W4A8`` does (``gbitops_per_sample``)."""
-    from tadq.quant.qscheme import preset_key
+    from tadq.names import preset_key
     from tadq.safefiles import finite_float
 
     given = [(kind, value) for kind, value in (("gbitops", gbitops), ("bits", bits), ("bytes", nbytes))
@@ -141,8 +142,17 @@ def recipe_command(
 ) -> None:
     """Search base method × preset × correction stack × floating-point layers under a budget, score on held-out
     calibration noise, write the winning recipe, its artefact and a report with the Pareto front."""
-    setup(verbose, threads, "cpu")
+    setup(verbose, threads)
     with fail_cleanly():
+        # nan read "guidance_scale=nan needs a conditional model" once the model was loaded; these need no torch
+        check_sampling_flags(guidance_scale=guidance_scale)
+        check_seed_flags(seed=seed, eval_seed=eval_seed)
+        for name, number in (("--heldout", heldout), ("--batch-size", batch_size)):
+            if number < 1:
+                raise ValueError(f"{name} must be >= 1, got {number}")
+        if evaluate < 0:
+            raise ValueError(f"--evaluate must be >= 0 (0: no evaluation), got {evaluate}")
+        torch_setup(threads)
         import dataclasses
 
         from tadq.config import CalibrationConfig, ReconstructionConfig
@@ -153,14 +163,6 @@ def recipe_command(
         from tadq.search.space import gbitops_per_sample
 
         kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
-        # nan read "guidance_scale=nan needs a conditional model" once the model was loaded
-        check_sampling_flags(guidance_scale=guidance_scale)
-        check_seed_flags(seed=seed, eval_seed=eval_seed)
-        for name, number in (("--heldout", heldout), ("--batch-size", batch_size)):
-            if number < 1:
-                raise ValueError(f"{name} must be >= 1, got {number}")
-        if evaluate < 0:
-            raise ValueError(f"--evaluate must be >= 0 (0: no evaluation), got {evaluate}")
         sampler = SamplerConfig(kind="ddim" if sampler_kind is None else sampler_kind,
                                 num_steps=steps, eta=eta)
         reconstruction = ReconstructionConfig(rounding=recon_rounding.strip().lower())

@@ -25,6 +25,7 @@ from tadq.cli.common import (
     read_prompt_file,
     sampler_kind_flag,
     setup,
+    torch_setup,
 )
 
 if TYPE_CHECKING:  # imported by the commands that use them: --help and a refused flag need neither
@@ -534,25 +535,29 @@ def sample_command(
 ) -> None:
     """Sample a quantized artefact with its recipe's sampler and corrections (or an FP model folder) with tadq's
     loop; writes a PNG grid."""
-    from tadq.api import sample
-    from tadq.config import config_to_dict
-    from tadq.device import place_model
-    from tadq.fsguard import check_output_file
-    from tadq.methods import check_sampler
-    from tadq.models import shipped_model_path
-    from tadq.report import save_comparison_grid
-    from tadq.safefiles import require_finite, save_checked
+    from tadq.zoo.paths import shipped_model_path
 
-    torch_device, torch_dtype = setup(verbose, threads, device, dtype)
+    setup(verbose, threads)
     with fail_cleanly():
-        # both branches, before any model is read (the FP/artefact one checked them only inside tadq.sample)
+        # both branches, before any model is read (the FP/artefact one checked them only inside tadq.sample), and
+        # before torch is imported (seconds)
         check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed, guidance_scale=guidance_scale)
+        check_count_flags(steps=steps)
         prompt = [*(prompt or []), *read_prompt_file(prompts_file, "--prompts")]
-        check_backend_here(backend, torch_device, torch_dtype)
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
         _check_class_label_flags(class_label, num_samples)
+        torch_device, torch_dtype = torch_setup(threads, device, dtype)
+        from tadq.api import sample
+        from tadq.config import config_to_dict
+        from tadq.device import place_model
+        from tadq.fsguard import check_output_file
+        from tadq.methods import check_sampler
+        from tadq.report import save_comparison_grid
+        from tadq.safefiles import require_finite, save_checked
+
+        check_backend_here(backend, torch_device, torch_dtype)
         if model_dir is not None and is_prompt_pipeline(model_dir):
             if class_label or labels is not None or null_class is not None:  # ignored before, without a word
                 raise ValueError(f"--class-label/--labels/--null-class are for class-conditional models; {model_dir} "

@@ -17,11 +17,13 @@ from tadq.cli.common import (
     ForceForeign,
     Labels,
     NullClass,
+    check_count_flags,
     check_sampling_flags,
     console,
     fail_cleanly,
     hold_output,
     setup,
+    torch_setup,
 )
 from tadq.cli.sample import (
     Eta,
@@ -90,16 +92,25 @@ def sample_sharded_command(
     """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics.
     A class-conditional model samples labels from (seed, index) (--labels), guided as --guidance-scale says; a
     latent one (a DiT folder) stores latents in the chunks and is measured on the images its VAE decodes."""
+    setup(verbose, threads)
+    with fail_cleanly():  # before the model is loaded (sample_sharded checked them after it, by its parameters'
+        # names), and before torch is imported
+        check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
+        check_count_flags(steps=steps)
+        if chunk_size < 0:
+            raise ValueError(f"--chunk-size must be >= 0 (0: the batch size), got {chunk_size}")
+        if metrics and num_samples < 2:
+            raise ValueError(f"--num-samples {num_samples}: FD-digits needs at least 2 samples; pass --no-metrics")
+    torch_setup(threads)  # threads; the device is resolved per rank below
     from tadq.cli.sample import class_conditioning
     from tadq.distributed import ShardedRun, distributed_world, sample_sharded, sharded_metrics
     from tadq.distributed.metrics import check_metrics_fit, check_reference_noise
     from tadq.evaluation import check_evaluation_seed, decoded_shape
     from tadq.fsguard import check_output_dir
-    from tadq.models import shipped_model_path
     from tadq.registry import adapter_for
     from tadq.utils import atomic_write_json
+    from tadq.zoo.paths import shipped_model_path
 
-    setup(verbose, threads, "cpu")  # logging and threads; the device is resolved per rank below
     if not verbose:
         logging.getLogger("tadq.sampling.loop").setLevel(logging.WARNING)  # one line per chunk would bury the bar
     with fail_cleanly(), distributed_world(device) as world:
@@ -110,12 +121,6 @@ def sample_sharded_command(
                              "sample --prompt (or tadq run --model with --calib-prompts/--eval-prompts)")
         # an artefact's own deployment sampler unless flags change it; fitted tables for another grid refused here
         sampler_config = deployment_sampler(model_dir, sampler, steps, eta)
-        # before the model is loaded (sample_sharded checked them after it, by its parameters' names)
-        check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
-        if chunk_size < 0:
-            raise ValueError(f"--chunk-size must be >= 0 (0: the batch size), got {chunk_size}")
-        if metrics and num_samples < 2:
-            raise ValueError(f"--num-samples {num_samples}: FD-digits needs at least 2 samples; pass --no-metrics")
         check_output_dir(out_dir, kind="sample-sharded", what="--out-dir", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir if model_dir is not None else shipped_model_path()])
         if world.is_main:  # the ranks of one job write the folder together: one lock, the job's

@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from tadq.cli.common import USER_ERRORS, console, err_console, fail_cleanly, setup
+from tadq.cli.common import USER_ERRORS, console, err_console, fail_cleanly, setup, torch_setup
 from tadq.cli.sample import Verbose
 
 __all__ = ["EXIT_NEWER", "verify_command", "check_tables"]
@@ -63,12 +63,14 @@ def _interrupted_overwrite(artefact: Path) -> str:
     """A hint naming the previous artefact an interrupted ``--overwrite`` left beside ``artefact``
     (``tadq.io.save``: the old folder is moved to ``.NAME.old-*/NAME`` before the new one is renamed into place, so
     a kill between the two renames leaves no folder at ``artefact``), or ``""``."""
-    from tadq.io import is_quantized_artefact
-
     if not artefact.name or not artefact.parent.is_dir():
         return ""
-    left = sorted(str(old / artefact.name) for old in artefact.parent.glob(f".{artefact.name}.old-*")
-                  if is_quantized_artefact(old / artefact.name))
+    olds = list(artefact.parent.glob(f".{artefact.name}.old-*"))
+    if not olds:  # the common case, a mistyped path: refused without importing tadq.io (torch)
+        return ""
+    from tadq.io import is_quantized_artefact
+
+    left = sorted(str(old / artefact.name) for old in olds if is_quantized_artefact(old / artefact.name))
     if not left:
         return ""
     return (f"; a save with --overwrite was interrupted and left the previous artefact at {left[0]}: verify it and "
@@ -84,15 +86,16 @@ def verify_command(
     Exit codes: 0 all hold; 1 damaged or inconsistent (save it again); 2 not an artefact; 3 written by a newer tadq
     (a newer format, manifest, config version or setting: upgrade tadq).
     """
-    from tadq.io import is_quantized_artefact, load_quantized
-    from tadq.io.manifest import MANIFEST_FILE, verify_manifest
-    from tadq.safefiles import NewerVersionError
-
-    setup(verbose, 0, "cpu")
+    setup(verbose, 0)
     with fail_cleanly():
         if not artefact.is_dir():
             what = "is not a folder" if artefact.exists() else "does not exist"  # a typo read "is not a folder"
             raise FileNotFoundError(f"{artefact} {what}{_interrupted_overwrite(artefact)}")
+        torch_setup(0)  # after the check above: a mistyped path is refused before torch is imported
+        from tadq.io import is_quantized_artefact, load_quantized
+        from tadq.io.manifest import MANIFEST_FILE, verify_manifest
+        from tadq.safefiles import NewerVersionError
+
         if not is_quantized_artefact(artefact):
             raise ValueError(f"{artefact} is not a tadq artefact (no tadq_config.json)")
     try:

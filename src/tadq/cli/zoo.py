@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tadq.cli.common import ForceForeign, console, fail_cleanly, hold_output, setup
+from tadq.cli.common import ForceForeign, console, fail_cleanly, hold_output, setup, torch_setup
 
 zoo_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                       help="Train the shipped models (digits and photos DDPMs, the text-to-image digits model, "
@@ -83,8 +83,9 @@ def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
     tadq wrote, not only a checkpoint), and train with the exact command line recorded."""
     from tadq.fsguard import check_output_dir, mark_output
 
-    setup(verbose, threads, "cpu")
+    setup(verbose, threads)
     with fail_cleanly():
+        torch_setup(threads)
         config = build_config()
         check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
         hold_output(out)
