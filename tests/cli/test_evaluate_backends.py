@@ -189,7 +189,7 @@ def test_sampling_flags_a_text_to_image_artefact_cannot_take_are_refused_before_
     artefact, source = pipeline_artefact
     prompts = tmp_path / "eval.txt"
     prompts.write_text("a dog\n")
-    reference = "--reference" if command == "evaluate" else "--fp-model"
+    reference = "--reference"  # both commands (analyze also reads its older name, --fp-model)
     monkeypatch.setattr(tadq.pipelines, "load_pipeline", lambda *a, **k: pytest.fail("loaded"))
     for flags, needle in ((["--sampler", "flow-euler"], "flow"), (["--guidance-scale", "-1"], "guidance")):
         result = runner.invoke(app, [command, str(artefact), reference, str(source), "--eval-prompts", str(prompts),

@@ -64,7 +64,7 @@ def _strict_json(path: Path):
 def test_a_reference_of_another_training_is_refused_before_sampling(folders, tmp_path) -> None:
     """Same config, other weights: the paired metrics were the distance between two models (21 dB reported as
     W8A8's quantization error). Refused by evaluate and analyze before either model samples or a report is written."""
-    for command, flag in (("evaluate", "--reference"), ("analyze", "--fp-model")):
+    for command, flag in (("evaluate", "--reference"), ("analyze", "--reference")):
         out = tmp_path / command
         result = runner.invoke(app, [command, str(folders["artefact"]), flag, str(folders["other"]),
                                      "--num-samples", "2", "--steps", "2", "--out", str(out)])
@@ -75,9 +75,9 @@ def test_a_reference_of_another_training_is_refused_before_sampling(folders, tmp
 
 
 def test_an_artefact_of_another_model_without_a_reference_flag_is_told_to_name_one(folders, tmp_path) -> None:
-    """Without --reference / --fp-model the shipped digits DDPM is the reference; an artefact of the user's own model
+    """Without --reference the shipped digits DDPM is the reference; an artefact of the user's own model
     was refused with "pass the FP model it was quantized from", naming neither the flag nor the default it met."""
-    for command, flag in (("evaluate", "--reference"), ("analyze", "--fp-model")):
+    for command, flag in (("evaluate", "--reference"), ("analyze", "--reference")):
         out = tmp_path / command
         result = runner.invoke(app, [command, str(folders["artefact"]), "--num-samples", "2", "--steps", "2",
                                      "--out", str(out)])
@@ -93,7 +93,7 @@ def test_an_evaluation_seed_the_artefact_was_calibrated_or_fitted_on_is_refused_
     model was measured on its own noise. Both commands named the seed only after sampling; the API refuses it too."""
     cases = [("artefact", "0", "calibration.seed"), ("stacked", "3", r"corrections\[1\]\.seed \(TCECConfig\)")]
     for (name, seed, where), (command, flag) in zip(cases * 2, [("evaluate", "--reference")] * 2
-                                                     + [("analyze", "--fp-model")] * 2, strict=True):
+                                                     + [("analyze", "--reference")] * 2, strict=True):
         out = tmp_path / f"{command}-{name}"
         result = runner.invoke(app, [command, str(folders[name]), flag, str(folders["fp"]), "--num-samples", "2",
                                      "--steps", "2", "--seed", seed, "--out", str(out)])
@@ -278,8 +278,8 @@ def test_verify_names_the_artefact_an_interrupted_overwrite_left_behind(folders,
 
 @pytest.mark.parametrize(("command", "flag", "args"), [
     ("evaluate", "--reference", ["--seed", "-1"]),
-    ("analyze", "--fp-model", ["--seed", "4294967296"]),
-    ("analyze", "--fp-model", ["--batch-size", "0"]),
+    ("analyze", "--reference", ["--seed", "4294967296"]),
+    ("analyze", "--reference", ["--batch-size", "0"]),
 ])
 def test_a_bad_seed_or_batch_is_refused_before_the_models_load(folders, tmp_path, command, flag, args) -> None:
     """Refused by the sampler only after both models were loaded and placed (minutes for a large model)."""
@@ -316,3 +316,12 @@ def test_verify_names_the_staging_folder_of_an_unfinished_save(folders, tmp_path
     (staging / MANIFEST_FILE).unlink()
     result = runner.invoke(app, ["verify", str(staging)])
     assert result.exit_code == 1 and "staging folder of a save that did not finish" in result.output, result.output
+
+
+def test_analyze_names_its_reference_flag_as_evaluate_does_and_keeps_the_older_name() -> None:
+    """`tadq evaluate --reference` and `tadq analyze --fp-model` took the same folder under two names; analyze reads
+    both now (``--reference`` first), and a typo in either refuses as before."""
+    help_text = " ".join(runner.invoke(app, ["analyze", "--help"], terminal_width=200).output.split())
+    assert "--reference" in help_text and "--fp-model" in help_text, help_text
+    result = runner.invoke(app, ["analyze", "x", "--fp-modle", "y"])
+    assert result.exit_code == 2 and "No such option" in result.output, result.output

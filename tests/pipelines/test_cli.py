@@ -111,7 +111,7 @@ def test_the_shipped_prompts_refused_by_another_models_artefact_name_the_flags_t
     """Without a reference or prompts, `tadq evaluate` / `tadq analyze` take the shipped text-to-image model and its
     evaluation prompts; the tiny SD artefact's tokenizer (16 tokens) refuses them, and the refusal only told the
     user to shorten a prompt they never wrote. It names the flags now, before any model is loaded."""
-    for command, flag in (("evaluate", "--reference"), ("analyze", "--fp-model")):
+    for command, flag in (("evaluate", "--reference"), ("analyze", "--reference")):
         result, text = _invoke([command, cli_artefact, "--num-samples", 2, "--out", tmp_path / command])
         assert result.exit_code == 2 and "tokens long" in text, text
         assert f"no {flag} or --eval-prompts given" in text and "shipped text-to-image pipeline" in text, text
@@ -125,7 +125,7 @@ def test_evaluate_and_analyze_say_a_negative_prompt_is_not_used_without_guidance
     prompts = tmp_path / "eval.txt"
     prompts.write_text("a bird\n")
     common = ["--eval-prompts", prompts, "--negative-prompt", "blurry", "--num-samples", 1, "--threads", 1]
-    for command, flag in (("evaluate", "--reference"), ("analyze", "--fp-model")):
+    for command, flag in (("evaluate", "--reference"), ("analyze", "--reference")):
         for scale, warned in ((["--guidance-scale", 1], True), ([], False)):
             result, text = _invoke([command, cli_artefact, flag, sd_folder, *common, *scale,
                                     "--out", tmp_path / f"{command}{len(scale)}"])

@@ -431,10 +431,10 @@ def artefacts(folders, tmp_path_factory):
 
 def test_analyze_and_evaluate_ask_a_text_to_image_artefact_for_its_own_reference(artefacts, tmp_path):
     """``tadq analyze`` refused a transformer-pipeline artefact ("use tadq evaluate for it") and ``tadq evaluate``
-    sent it to ``tadq run``; both measure it now. Without ``--fp-model`` / ``--reference`` the reference is the
+    sent it to ``tadq run``; both measure it now. Without ``--reference`` the reference is the
     shipped digits pipeline, another architecture than the SD3 artefact's: refused naming the flag, before any
     sampling, and neither points at another command."""
-    for command, flag in (("analyze", "--fp-model"), ("evaluate", "--reference")):
+    for command, flag in (("analyze", "--reference"), ("evaluate", "--reference")):
         result, output = _invoke([command, artefacts["sd3"], "--num-samples", 2, "--threads", 1,
                                   "--out", tmp_path / command])
         assert result.exit_code == 2 and f"pass {flag} FP_FOLDER" in output, output

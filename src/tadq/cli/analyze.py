@@ -40,8 +40,10 @@ __all__ = ["analyze_command"]
 def analyze_command(
     model_dir: Annotated[Path, typer.Argument(help="A tadq artefact (`tadq quantize --out`).")],
     fp_model: Annotated[Path | None, typer.Option(
+        "--reference", "--fp-model",
         help="The FP diffusers folder the artefact was quantized from (default: the shipped digits DDPM; for a "
-             "text-to-image artefact the shipped text-to-image pipeline).")] = None,
+             "text-to-image artefact the shipped text-to-image pipeline). Named as in tadq evaluate; --fp-model is "
+             "its older name.")] = None,
     num_samples: Annotated[int, typer.Option(help="Trajectories (PSNR-scale numbers need few).")] = 64,
     seed: Annotated[int, typer.Option(help="Noise seed.")] = 1000,
     sampler: SamplerKind = None,
@@ -92,7 +94,7 @@ def analyze_command(
             raise ValueError(f"{model_dir} is not a tadq artefact (no tadq_config.json); make one with tadq quantize")
         prompt_pipeline = is_prompt_pipeline(model_dir)
         prompts = evaluation_prompts(model_dir, prompt_pipeline, fp_model, eval_prompts, negative_prompt, labels,
-                                     null_class, flag="--fp-model")
+                                     null_class, flag="--reference")
         default_reference = shipped_t2i_path() if prompt_pipeline else shipped_model_path()
         check_output_dir(out, kind="analysis", resume=True, force_foreign=force_foreign,
                          inputs=[model_dir, fp_model if fp_model is not None else default_reference])
@@ -100,11 +102,11 @@ def analyze_command(
         if prompt_pipeline:  # the prompts' embeddings and the recipe's guidance and sampler, as tadq evaluate
             qmodel, fp, scheduler, sampler_config, conditions, scale, _ = prompt_pipeline_pair(
                 model_dir, fp_model, prompts, negative_prompt, guidance_scale, sampler, steps, eta, seed, backend,
-                torch_device, torch_dtype, "--fp-model")
+                torch_device, torch_dtype, "--reference")
         else:  # labels from --seed and the recipe's guidance, as tadq evaluate draws them
             qmodel, fp, scheduler, sampler_config, conditions, scale, _ = artefact_pair(
                 model_dir, fp_model, num_samples, labels, null_class, guidance_scale, sampler, steps, eta, seed,
-                backend, torch_device, torch_dtype, "--fp-model", "analyze", decode=False)  # latents only
+                backend, torch_device, torch_dtype, "--reference", "analyze", decode=False)  # latents only
         announce_compile(backend)
         # the network alone: the prediction explains the error the corrections then act on; a latent model's error
         # is analysed in the latents its sampler walks in
