@@ -80,6 +80,17 @@ def test_the_shipped_models_labels_are_those_tadq_run_scores() -> None:
     assert torch.equal(evaluate, run)
 
 
+def test_tadq_run_measures_the_shipped_t2i_without_prompt_agreement_for_prompts_without_a_digit(caplog) -> None:
+    """`tadq evaluate` dropped prompt agreement for evaluation prompts that name no digit and scored the rest;
+    `tadq run` refused the same prompts on the shipped text-to-image model. Both measure them now."""
+    from tadq.experiments.workload import load_workload
+
+    with caplog.at_level("WARNING"):
+        workload = load_workload("t2i", evaluation_prompts=("a cat", "the numeral 7 in ink"))
+    assert workload.expected_labels is None and workload.features is not None
+    assert "prompt agreement not measured" in caplog.text and "'a cat'" in caplog.text
+
+
 def test_auto_features_are_the_shipped_references_classifier(tmp_path) -> None:
     assert _shipped_features(None) == "digits"  # the shipped digits DDPM, or the shipped t2i for a t2i artefact
     assert _shipped_features(SHIPPED_MODELS["dit"]()) == "digits"

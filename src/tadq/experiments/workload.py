@@ -416,10 +416,13 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
         calibration_prompts = calibration_prompts or CALIBRATION_PROMPTS
         evaluation_prompts = evaluation_prompts or EVALUATION_PROMPTS
         guidance_scale = DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale
-        labels = [digit_of(prompt) for prompt in evaluation_prompts]
-
-        def expected_labels(seed: int, count: int) -> Tensor:  # prompts go to samples cyclically (PromptConditions)
-            return torch.tensor([labels[i % len(labels)] for i in range(count)], dtype=torch.long)
+        try:
+            labels = [digit_of(prompt) for prompt in evaluation_prompts]
+        except ValueError as error:  # measured without prompt agreement, as tadq evaluate does (it was refused)
+            logger.warning("prompt agreement not measured: %s", error)
+        else:
+            def expected_labels(seed: int, count: int) -> Tensor:  # prompts go to samples cyclically
+                return torch.tensor([labels[i % len(labels)] for i in range(count)], dtype=torch.long)
     if not calibration_prompts or not evaluation_prompts:
         raise ValueError(f"{path} is a text-to-image pipeline: give calibration and evaluation prompts (two disjoint "
                          "sets, e.g. --calib-prompts FILE --eval-prompts FILE)")
