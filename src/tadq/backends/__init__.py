@@ -13,6 +13,7 @@ from tadq.backends.registry import (
     IntegerDenoiser,
     check_activation_format,
     check_backend,
+    check_config,
     check_layer_transforms,
     check_placement,
     check_weight_grid,
@@ -22,6 +23,6 @@ from tadq.backends.registry import (
 
 __all__ = [
     "BACKENDS", "Backend", "BackendUnavailableError", "IntegerDenoiser", "check_activation_format", "check_backend",
-    "check_layer_transforms", "check_placement", "check_weight_grid", "cpu_summary", "held_weight_bytes",
-    "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing", "to_backend",
+    "check_config", "check_layer_transforms", "check_placement", "check_weight_grid", "cpu_summary",
+    "held_weight_bytes", "int8_compiled_missing", "int8_cpu_missing", "int8_cuda_missing", "to_backend",
 ]

@@ -19,10 +19,12 @@ from tadq.backends.capability import int8_compiled_missing, int8_cpu_missing, in
 from tadq.backends.convert import LayerFactory, convert_layers
 from tadq.backends.integer_denoiser import IntegerDenoiser
 from tadq.backends.placement import refuse_placement
+from tadq.config import QuantConfig
 from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.qscheme import QScheme
 
 __all__ = ["Backend", "BACKENDS", "BackendUnavailableError", "IntegerDenoiser", "to_backend", "check_backend",
+           "check_config",
            "check_placement", "check_weight_grid", "check_activation_format", "check_layer_transforms",
            "held_weight_bytes"]
 
@@ -224,6 +226,24 @@ def _refuse_shared_network(qmodel: QuantizedDenoiser) -> None:
                          "or drop the other models first")
 
 
+def check_config(name: str, config: QuantConfig) -> Backend:
+    """Backend ``name``, once a model quantized with ``config`` is known to run on it here; refused otherwise.
+
+    One list of checks for ``to_backend`` and ``load_quantized`` (they were spelled out in both, in two orders):
+    what no integer backend runs on any machine (the activation format, SVDQuant's transformed layers, block-wise
+    weights), then whether the backend runs on this machine, then the weight codes its kernels sum exactly here
+    (``check_weight_grid``, each mixed-precision layer by name). ``load_quantized`` asks for the backend once more
+    before it reads the folder, so an artefact is not opened for a backend this machine lacks.
+    """
+    check_activation_format(name, config.activations)
+    check_layer_transforms(name, config.weights, config.activations)
+    if config.weights.granularity == "per_block":
+        check_weight_grid(name, config.weights)
+    backend = check_backend(name)
+    check_weight_grid(name, config.weights, config.layer_bits)
+    return backend
+
+
 def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -> QuantizedDenoiser:
     """``qmodel`` executed by backend ``name``: ``fake`` returns it as is; integer backends convert its layers.
 
@@ -239,19 +259,14 @@ def to_backend(qmodel: QuantizedDenoiser, name: str, *, inplace: bool = False) -
             cast to a dtype other than float32 or on a device the kernels do not run on (``check_placement``), or
             ``inplace=True`` on a network another live model shares (``fit_corrections``' result and its base).
     """
-    if isinstance(qmodel, QuantizedDenoiser):  # formats no backend runs, whether or not this machine has it
-        check_activation_format(name, qmodel.config.activations)
-        check_layer_transforms(name, qmodel.config.weights, qmodel.config.activations)
-        if qmodel.config.weights.granularity == "per_block":
-            check_weight_grid(name, qmodel.config.weights)
-    backend = check_backend(name)
     if not isinstance(qmodel, QuantizedDenoiser):
+        check_backend(name)  # an unknown or unavailable backend is named first, whatever was passed
         raise TypeError(f"to_backend takes a QuantizedDenoiser, got {type(qmodel).__name__}")
+    backend = check_config(name, qmodel.config)  # before the copy, not layer by layer
     if isinstance(qmodel, IntegerDenoiser):
         raise ValueError(f"the model already runs on backend {qmodel.backend!r}; convert its fake-quant original")
     if backend.factory is None:
         return qmodel
-    check_weight_grid(name, qmodel.config.weights, qmodel.config.layer_bits)  # before the copy, not layer by layer
     _refuse_model_placement(qmodel, backend)
     if inplace:
         _refuse_shared_network(qmodel)

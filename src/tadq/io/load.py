@@ -317,15 +317,9 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     """
     if not isinstance(directory, (str, Path)):
         raise TypeError(f"load_quantized takes a folder path (str or Path), got {type(directory).__name__}")
-    from tadq.backends import (
-        check_activation_format,
-        check_backend,
-        check_layer_transforms,
-        check_weight_grid,
-        to_backend,
-    )
+    from tadq.backends import check_backend, check_config, to_backend
 
-    check_backend(backend)
+    check_backend(backend)  # an unknown or unavailable backend before the folder is read
     path = Path(directory)
     meta = _read_meta(path)
     try:
@@ -335,10 +329,9 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     except (KeyError, TypeError, ValueError) as error:
         raise ValueError(f"{path / CONFIG_FILE}: quant_config is malformed ({type(error).__name__}: {error}); save "
                          "the artefact again") from error
-    # before building anything: 8-bit weights (the model's, or mixed-precision layers') on a CPU without VNNI
-    check_weight_grid(backend, config.weights, config.layer_bits)
-    check_activation_format(backend, config.activations)  # fp8 or dynamic activations: no integer backend runs them
-    check_layer_transforms(backend, config.weights, config.activations)  # SVDQuant's transformed layers: neither
+    # before building anything, as to_backend would refuse it: fp8 or dynamic activations, SVDQuant's transformed
+    # layers, block-wise weights, 8-bit weights (the model's, or mixed-precision layers') on a CPU without VNNI
+    check_config(backend, config)
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"), meta.get("model_class"))
     apply_freeu(model, meta.get("freeu"), str(path / CONFIG_FILE))  # a runtime setting its config does not hold
     qmodel = build_quantized_structure(model, config, init_weight_range=False, copy_model=False)  # built for it
