@@ -147,6 +147,32 @@ REFUSED_FLAGS = [
     (["recipe", "--out", "r", "--budget-bits", "W8A8", "--heldout", "0"], "--heldout must be >= 1, got 0"),
     (["sample-sharded", "--chunk-size", "-1"], "--chunk-size must be >= 0 (0: the batch size), got -1"),
     (["verify", "/nonexistent-tadq-folder"], "/nonexistent-tadq-folder does not exist"),
+    # row names, bench's sample count, budgets, quantize's flag conflicts, dtype names, eta and the training configs
+    (["run", "--methods", "naive,nosuch"], "unknown methods ['nosuch']; choose from ['best', 'naive',"),
+    (["bench", "--num-samples", "1"], "--num-samples must be >= 2, got 1"),
+    (["bench", "--methods", "nosuch"], "unknown methods ['nosuch']; choose from ['best', 'naive',"),
+    (["recipe", "--out", "r", "--budget-gbitops", "nan"], "--budget-gbitops must be a finite number > 0, got nan"),
+    (["recipe", "--out", "r"], "give exactly one budget: --budget-gbitops X"),
+    (["recipe", "--out", "r", "--budget-bits", "W9"], "--budget-bits: unknown preset 'W9'"),
+    (["quantize", "--out", "q", "--preset", "W9"], "unknown preset 'W9'"),
+    (["quantize", "--out", "q", "--method", "nosuch"], "--method must be one of ['naive', 'qdiffusion', 'tfmq']"),
+    (["quantize", "--out", "q", "--recipe", "a.json", "--config", "b.json"], "give --recipe or --config, not both"),
+    (["quantize", "--out", "q", "--fp-layers", "none", "--keep-fp-role", "conv_in"],
+     "give --fp-layers or --keep-fp-role, not both"),
+    (["quantize", "--out", "q", "--set", "noequals"], "--set 'noequals': write FIELD.PATH=VALUE"),
+    *[([*command, "--dtype", "float64"], "--device/--dtype: dtype 'float64' is not supported")
+      for command in (["sample", "x"], ["evaluate", "x"], ["analyze", "x"], ["quantize", "--out", "q"], ["run"],
+                      ["bench"])],
+    *[([*command, "--eta", "2"], "SamplerConfig.eta must lie in [0, 1] (0 = deterministic DDIM), got 2.0.")
+      for command in (["sample", "x"], ["evaluate", "x"], ["analyze", "x"], ["quantize", "--out", "q"], ["run"],
+                      ["recipe", "--out", "r", "--budget-bits", "W8A8"], ["sample-sharded"])],
+    (["run", "--sampler", "ddpm", "--eta", "0.5"], "SamplerConfig.eta=0.5 only applies to kind='ddim'"),
+    (["zoo", "train", "--out", "z", "--resolution", "12"], "resolution must be one of (8, 16, 32), got 12"),
+    (["zoo", "train-classifier", "--out", "z", "--epochs", "0"], "epochs must be >= 1, got 0"),
+    (["zoo", "train-photos", "--out", "z", "--label-dropout", "1.5"], "label_dropout must be in (0, 1), got 1.5"),
+    (["zoo", "train-photo-classifier", "--out", "z", "--epochs", "0"], "epochs must be >= 1 and batch_size >= 2"),
+    (["zoo", "train-t2i", "--out", "z", "--prompt-dropout", "0"], "prompt_dropout must be in (0, 1), got 0.0"),
+    (["zoo", "train-dit", "--out", "z", "--steps", "0"], "steps must be >= 1, got 0"),
 ]
 
 
@@ -170,3 +196,26 @@ def test_the_preset_names_checked_without_torch_are_the_preset_table():
     from tadq.quant.qscheme import PRESETS
 
     assert PRESET_NAMES == {name: weights.enabled for name, (weights, _) in PRESETS.items()}
+
+
+def test_the_rows_checked_without_torch_are_the_registered_rows():
+    """``--methods`` is checked against ``BUILT_IN_ROWS`` before the registry is imported: the two name the same
+    rows in the same order (the refusal lists them), in a process that registered nothing of its own."""
+    out = _python("from tadq.experiments.rows import method_names\n"
+                  "from tadq.experiments.run_checks import BUILT_IN_ROWS\n"
+                  "print(method_names() == BUILT_IN_ROWS)\n")
+    assert out.strip() == "True"
+
+
+def test_the_dtype_names_checked_without_torch_are_the_dtype_table():
+    from tadq.device import DTYPES
+    from tadq.names import DTYPE_NAMES
+
+    assert DTYPE_NAMES == tuple(DTYPES)
+
+
+def test_the_bench_sample_counts_checked_without_torch_are_the_matrices():
+    from tadq.experiments.bench import matrix
+    from tadq.experiments.run_checks import BENCH_SAMPLES
+
+    assert BENCH_SAMPLES == {name: matrix(name)["num_samples"] for name in ("default", "quick")}

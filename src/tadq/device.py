@@ -10,6 +10,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from tadq.names import check_dtype_name
+
 __all__ = ["DTYPES", "check_weights_loaded", "float32_default", "model_placement", "resolve_device", "resolve_dtype",
            "place_model", "same_device", "table_device", "wide_dtype"]
 
@@ -68,8 +70,7 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; use one of {list(DTYPES)}")
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
+    check_dtype_name(dtype)
     return DTYPES[dtype]
 
 

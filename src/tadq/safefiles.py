@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tadq.utils import _atomic
+from tadq.names import finite_float
+from tadq.utils import _atomic, unique_keys
 
 __all__ = ["DamagedFileError", "NewerVersionError", "save_checked", "save_safetensors", "load_checked",
            "tensors_digest", "read_json_file", "unique_keys", "require_finite", "nonfinite_count", "finite_float",
@@ -162,18 +163,6 @@ def join_tensors(tree: Any, tensors: dict[str, Tensor]) -> Any:
     return walk(tree)
 
 
-def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` of ``json.loads`` refusing an object that names one key twice: plain ``json.loads``
-    keeps the last silently, so a hand-edited recipe's second ``"bits"`` replaced the first without a word."""
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise ValueError(f"key {key!r} appears twice in one object (values {result[key]!r:.60} and "
-                             f"{value!r:.60}); keep one")
-        result[key] = value
-    return result
-
-
 def read_json_file(path: str | Path, what: str = "file", *, strict_keys: bool = False) -> Any:
     """``json.load`` whose errors name the file and the line, as one ``ValueError``.
 
@@ -219,11 +208,6 @@ def require_finite(tensors: dict[str, Tensor] | Tensor, where: str) -> None:
 def nonfinite_count(batch: Tensor) -> int:
     """How many items of a batch (N, ...) hold a NaN or Inf anywhere (metrics and scores refuse or flag them)."""
     return int((~torch.isfinite(batch.flatten(1)).all(dim=1)).sum())
-
-
-def finite_float(value: Any) -> bool:
-    """Whether ``value`` is a real, finite number (JSON loads may give anything)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 # -- weights of a diffusers / transformers model folder, as save_pretrained writes them ------------------------------

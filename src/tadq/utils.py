@@ -22,7 +22,7 @@ if TYPE_CHECKING:  # imported where used: tadq.fsguard, which the command line c
 
 __all__ = ["PNG_MARK", "atomic_torch_save", "atomic_write_text", "atomic_write_json", "eval_mode", "library_versions",
            "make_staging_dir", "public_config", "remove_stale_temp_files", "save_figure", "stale_temp_file",
-           "write_error", "write_utf8"]
+           "write_error", "write_utf8", "unique_keys"]
 
 # the PNG text chunk tadq writes into every figure it saves, by which an existing PNG is known as its own
 PNG_MARK = {"tadq": "tadq-output"}
@@ -271,3 +271,15 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
     finally:
         for child, training in modes:
             child.training = training
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``object_pairs_hook`` of ``json.loads`` refusing an object that names one key twice: plain ``json.loads``
+    keeps the last silently, so a hand-edited recipe's second ``"bits"`` replaced the first without a word."""
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise ValueError(f"key {key!r} appears twice in one object (values {result[key]!r:.60} and "
+                             f"{value!r:.60}); keep one")
+        result[key] = value
+    return result

@@ -17,7 +17,9 @@ from tests.full_disk import full_disk_write_text
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
+from tadq.zoo import configs as zoo_configs
 from tadq.zoo import data as zoo_data
+from tadq.zoo import paths as zoo_paths
 from tadq.zoo import train as zoo_train
 from tadq.zoo.train import CHECKPOINT_NAME, TrainConfig
 
@@ -69,7 +71,7 @@ def _one_thread():
 def tiny_digits_cli(monkeypatch):
     """`tadq zoo train` with 48 digits and checkpoints every step (the CLI has no --checkpoint-every)."""
     monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits())
-    monkeypatch.setattr(zoo_train, "TrainConfig",
+    monkeypatch.setattr(zoo_configs, "TrainConfig",  # where the command reads it, before torch is imported
                         lambda **kw: TrainConfig(**{"checkpoint_every": 1, "warmup_steps": 1, **kw}))
     return ["zoo", "train", "--steps", "3", "--batch-size", "4", "--resolution", "8", "--seed", "3"]
 
@@ -395,8 +397,9 @@ def t2i_copy(tmp_path, monkeypatch):
     copy = tmp_path / "digits-t2i"
     shutil.copytree(shipped, copy)
     monkeypatch.setattr(t2i, "shipped_t2i_path", lambda: copy)
+    monkeypatch.setattr(zoo_paths, "shipped_t2i_path", lambda: copy)  # the command's, read before torch
     monkeypatch.setattr(dit, "load_digits_split", _few_digits(32))
-    monkeypatch.setattr(dit, "DiTTrainConfig", lambda **kw: DiTTrainConfig(
+    monkeypatch.setattr(zoo_configs, "DiTTrainConfig", lambda **kw: DiTTrainConfig(
         **{"warmup_steps": 1, "heads": 2, "head_dim": 8, "layers": 1, **kw}))
     return copy
 

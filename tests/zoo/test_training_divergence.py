@@ -14,6 +14,7 @@ from tests.zoo.test_training_commands import _few_digits
 from typer.testing import CliRunner
 
 from tadq.cli.app import app
+from tadq.zoo import configs as zoo_configs
 from tadq.zoo import train as zoo_train
 from tadq.zoo.train import TrainConfig
 
@@ -37,7 +38,7 @@ def _one_thread():
 
 def test_zoo_train_that_diverges_fails_cleanly_and_saves_no_model(tmp_path, monkeypatch):
     monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits(16))
-    monkeypatch.setattr(zoo_train, "TrainConfig", lambda **kw: TrainConfig(**{"warmup_steps": 1, **kw}))
+    monkeypatch.setattr(zoo_configs, "TrainConfig", lambda **kw: TrainConfig(**{"warmup_steps": 1, **kw}))
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["zoo", "train", "--steps", "4", "--batch-size", "2", "--resolution", "8",
                                       "--learning-rate", str(DIVERGING_LR), "--out", str(out)])

@@ -74,6 +74,7 @@ def analyze_command(
     """Where does the error come from? Measured state error per step beside TCEC's closed-form prediction (the
     network run by --backend: the integer model's error is the one a deployment propagates)."""
     from tadq.fsguard import check_output_dir, mark_output
+    from tadq.names import check_eta
     from tadq.utils import atomic_write_text
     from tadq.zoo.paths import shipped_model_path, shipped_t2i_path
 
@@ -82,6 +83,8 @@ def analyze_command(
         # refused now, not after both models were loaded, and before torch is imported
         check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
         check_count_flags(steps=steps)
+        if eta is not None:  # SamplerConfig checks it again, with the artefact's kind when --sampler is not given
+            check_eta(eta, sampler)
         torch_device, torch_dtype = torch_setup(threads, device, dtype)
         from tadq.analysis import analyze_propagation, save_propagation_plot
         from tadq.cli.sample import artefact_pair, evaluation_prompts, is_prompt_pipeline, prompt_pipeline_pair

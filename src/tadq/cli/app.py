@@ -78,6 +78,10 @@ def _parse_presets(text: str) -> tuple[str, ...]:
     return tuple(p.strip().upper() for p in text.split(",") if p.strip())
 
 
+def _parse_methods(text: str) -> tuple[str, ...]:
+    return tuple(m.strip().lower() for m in text.split(",") if m.strip())
+
+
 def _check_rows_dtype(config) -> None:
     """Refuse ``--dtype`` for a row whose method compares FP and quantized blocks in one dtype (Q-Diffusion's
     reconstruction and the rows on it, TFMQ-DM) before any work: ``--dtype bfloat16 --methods qdiffusion`` failed
@@ -160,10 +164,10 @@ def run_command(
     verbose: Verbose = False,
 ) -> None:
     """The main job: FP vs quantized variants from the same noise; prints the table, writes a report folder."""
-    from tadq.experiments.run_checks import RUN_FLAGS, check_run_numbers
+    from tadq.experiments.run_checks import RUN_FLAGS, check_method_names, check_run_numbers, known_rows
     from tadq.fp_layers import fp_layer_roles
     from tadq.fsguard import check_output_dir, check_writable_dir
-    from tadq.names import preset_key
+    from tadq.names import check_eta, preset_key
     from tadq.zoo.paths import resolve_model_path
 
     setup(verbose, threads)
@@ -176,6 +180,8 @@ def run_command(
         check_sampling_flags(num_samples=num_samples)  # the upper bound
         for name in _parse_presets(presets):  # RunConfig checks them again
             preset_key(name)
+        check_method_names(_parse_methods(methods), known_rows())  # RunConfig checks them again
+        check_eta(eta, sampler)  # SamplerConfig checks it again, with the model's kind when --sampler is not given
         fp_layer_roles(fp_layers.strip().lower())
         check_output_dir(out, kind="run", resume=True, force_foreign=force_foreign,
                          inputs=[resolve_model_path(model)])
@@ -203,7 +209,7 @@ def run_command(
             changes["gptq_target_damp"] = recon_gptq_target_damp  # ReconstructionConfig refuses values <= 0
         reconstruction = ReconstructionConfig(rounding=recon_rounding, **changes)
         config = RunConfig(model=model or None, presets=_parse_presets(presets),
-                           methods=tuple(m.strip().lower() for m in methods.split(",") if m.strip()),
+                           methods=_parse_methods(methods),
                            reconstruction=reconstruction,
                            num_samples=num_samples, sampler=sampler_config, eval_seed=seed, calibration=calibration,
                            batch_size=batch_size, out_dir=str(out), cache_dir=str(cache_dir), device=device,

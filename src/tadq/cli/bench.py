@@ -104,7 +104,7 @@ def bench_command(
     verbose: Verbose = False,
 ) -> None:
     """Every (method, preset, sampler) from the same noise as FP; unsupported pairs become rows saying why."""
-    from tadq.experiments.run_checks import RUN_FLAGS, check_run_numbers
+    from tadq.experiments.run_checks import BENCH_SAMPLES, RUN_FLAGS, check_method_names, check_run_numbers, known_rows
     from tadq.fsguard import check_output_dir, check_writable_dir, is_tadq_output
     from tadq.zoo.paths import resolve_model_path, shipped_model_path
 
@@ -115,6 +115,13 @@ def bench_command(
             raise ValueError(f"--models-dir {models_dir} is the bench folder itself (--out {out}); leave it out "
                              f"(the default, {out / 'models'}) or give a folder of its own")
         evaluation_prompts = read_prompt_file(eval_prompts, "--eval-prompts")
+        samples = num_samples if num_samples is not None else BENCH_SAMPLES["quick" if quick else "default"]
+        # each sampler's RunConfig checks them again, named as its fields
+        check_run_numbers(num_samples=samples, batch_size=batch_size, eval_seed=seed, calibration_seed=calib_seed,
+                          evaluation_prompts=evaluation_prompts, names=RUN_FLAGS)
+        check_sampling_flags(num_samples=samples)  # the upper bound
+        if methods is not None:  # BenchConfig checks them again
+            check_method_names(tuple(m.lower() for m in _split(methods)), known_rows())
         torch_setup(threads, device, dtype)
         from tadq.config import CalibrationConfig
         from tadq.experiments.bench import BenchConfig, matrix, parse_sampler, run_bench
@@ -122,12 +129,7 @@ def bench_command(
         from tadq.sampling import SamplerConfig, command_sampler_kind
 
         fields = matrix("quick" if quick else "default")
-        if num_samples is not None:
-            fields["num_samples"] = num_samples
-        # each sampler's RunConfig checks them again, named as its fields
-        check_run_numbers(num_samples=fields["num_samples"], batch_size=batch_size, eval_seed=seed,
-                          calibration_seed=calib_seed, evaluation_prompts=evaluation_prompts, names=RUN_FLAGS)
-        check_sampling_flags(num_samples=fields["num_samples"])  # the upper bound
+        fields["num_samples"] = samples
         source = model if model is not None else shipped_model_path()
         check_output_dir(out, kind="bench", resume=True, force_foreign=force_foreign, inputs=[source])
         hold_output(out)

@@ -134,7 +134,14 @@ def setup(verbose: bool, threads: int) -> None:
 
 def torch_setup(threads: int, device: str = "cpu", dtype: str = "float32") -> tuple[torch.device, torch.dtype]:
     """Threads set, and the device and dtype resolved (``BadParameter`` naming one torch does not have): imports
-    torch, so a command calls it after ``setup`` and its checks that need no model (usage errors come first)."""
+    torch, so a command calls it after ``setup`` and its checks that need no model (usage errors come first). A
+    dtype name torch does not have is refused before torch is imported."""
+    from tadq.names import check_dtype_name
+
+    try:
+        check_dtype_name(dtype)
+    except ValueError as error:
+        raise typer.BadParameter(f"--device/--dtype: {error}") from error
     try:
         _set_threads(threads)
     except (ValueError, RuntimeError, OverflowError) as error:  # torch's bare "Overflow when unpacking long", a

@@ -263,6 +263,7 @@ def evaluate_command(
 ) -> None:
     """Sample the artefact (its recipe's sampler and corrections, run by --backend) and its FP reference (in --dtype)
     from the same noise (and labels or prompts); print FD, agreement, PSNR/SSIM, MSE."""
+    from tadq.names import check_eta
     from tadq.zoo.paths import shipped_model_path, shipped_t2i_path
 
     setup(verbose, threads)
@@ -270,6 +271,8 @@ def evaluate_command(
         # tadq.sample would refuse them only after both models were loaded; these before torch is imported
         check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
         check_count_flags(steps=steps)
+        if eta is not None:  # SamplerConfig checks it again, with the artefact's kind when --sampler is not given
+            check_eta(eta, sampler)
         _check_feature_flags(features, reference_images)
         if reference is not None and not reference.is_dir():  # named now, not after the artefact is loaded
             raise FileNotFoundError(f"--reference {reference} is not a folder (the FP model the artefact was "

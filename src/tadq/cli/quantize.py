@@ -38,7 +38,7 @@ if TYPE_CHECKING:  # the library (and diffusers, torch with it) is imported by t
     from tadq.config import QuantConfig
     from tadq.recipe import Recipe
 
-__all__ = ["quantize_command", "QuantFlags", "resolve_config", "resolve_recipe", "parse_settings",
+__all__ = ["quantize_command", "QuantFlags", "resolve_config", "resolve_recipe", "check_flags", "parse_settings",
            "calibration_prompts"]
 
 logger = logging.getLogger(__name__)
@@ -171,13 +171,34 @@ def resolve_config(config_file: Path | None, flags: QuantFlags) -> QuantConfig:
 METHOD_NAMES = ("naive", "qdiffusion", "tfmq")
 
 
+def _check_method_name(name: str) -> None:
+    if name not in METHOD_NAMES:
+        raise ValueError(f"--method must be one of {list(METHOD_NAMES)}, got {name!r}")
+
+
+def check_flags(recipe_file: Path | None, config_file: Path | None, flags: QuantFlags) -> None:
+    """The checks of ``resolve_recipe`` that read no file and need no torch: --recipe with --config, --fp-layers
+    with --keep-fp-role or an unknown key, an unknown --method or --preset, --eta out of range (for the --sampler
+    when given). `tadq quantize` calls it before it imports torch; ``resolve_recipe`` calls it first."""
+    from tadq.names import check_eta, preset_key
+
+    if recipe_file is not None and config_file is not None:
+        raise ValueError("give --recipe or --config, not both (a recipe holds everything a QuantConfig does)")
+    _kept_roles(flags, from_file=recipe_file is not None or config_file is not None)
+    if flags.method is not None:
+        _check_method_name(flags.method)
+    if flags.preset is not None:
+        preset_key(flags.preset)
+    if flags.eta is not None:
+        check_eta(flags.eta, flags.sampler)
+
+
 def _method(current: Any, name: str) -> Any:
     """The method config named ``name``, keeping the current reconstruction settings where it has them."""
     from tadq.recipe import NaiveMethod, QDiffusionMethod
     from tadq.tfmq import TFMQMethod
 
-    if name not in METHOD_NAMES:
-        raise ValueError(f"--method must be one of {list(METHOD_NAMES)}, got {name!r}")
+    _check_method_name(name)
     kinds = {"naive": NaiveMethod, "qdiffusion": QDiffusionMethod, "tfmq": TFMQMethod}
     if isinstance(current, kinds[name]):
         return current
@@ -186,7 +207,7 @@ def _method(current: Any, name: str) -> Any:
 
 def parse_settings(items: list[str] | None) -> dict[str, Any]:
     """``--set path=value`` items → {dotted path: JSON value (a bare word stays a string)}."""
-    from tadq.safefiles import unique_keys
+    from tadq.utils import unique_keys
 
     settings: dict[str, Any] = {}
     for item in items or ():
@@ -215,8 +236,7 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
     from tadq.recipe import Recipe, load_recipe, override_recipe
     from tadq.recipe_presets import correction_configs
 
-    if recipe_file is not None and config_file is not None:
-        raise ValueError("give --recipe or --config, not both (a recipe holds everything a QuantConfig does)")
+    check_flags(recipe_file, config_file, flags)
     if recipe_file is not None:
         recipe = load_recipe(recipe_file)
     elif config_file is not None:
@@ -384,17 +404,6 @@ def quantize_command(
         # the range every --seed takes: -1 went to torch.manual_seed as is, 2**64 failed there in "Overflow when
         # unpacking long long" after the recipe was resolved; refused before torch is imported
         check_seed_flags(seed=seed, calib_seed=calib_seed)
-        torch_device, torch_dtype = torch_setup(threads, device, dtype)
-        import torch
-
-        from tadq.api import check_method_dtype, quantize
-        from tadq.experiments.workload import decoder_component
-        from tadq.io import is_quantized_artefact, save_quantized
-        from tadq.io.save import check_copyable_components
-        from tadq.models import load_pipeline_parts, load_scheduler
-        from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
-        from tadq.sampling import command_sampler_kind
-
         flags = QuantFlags(preset=preset_name, method=method, sampler=sampler, steps=steps, eta=eta,
                            calib_seed=calib_seed, calib_trajectories=calib_trajectories,
                            exclude=tuple(exclude) if exclude else None,
@@ -406,6 +415,18 @@ def quantize_command(
                            correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
                                                                       if c.strip()))
         settings = parse_settings(set_fields)
+        check_flags(recipe_file, config_file, flags)  # resolve_recipe checks them again, after reading the files
+        torch_device, torch_dtype = torch_setup(threads, device, dtype)
+        import torch
+
+        from tadq.api import check_method_dtype, quantize
+        from tadq.experiments.workload import decoder_component
+        from tadq.io import is_quantized_artefact, save_quantized
+        from tadq.io.save import check_copyable_components
+        from tadq.models import load_pipeline_parts, load_scheduler
+        from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
+        from tadq.sampling import command_sampler_kind
+
         source = model_dir if model_dir is not None else shipped_model_path()
         if model_dir is not None and is_quantized_artefact(model_dir):  # it said "unet holds no safetensors weights"
             raise ValueError(f"{model_dir} is a tadq artefact (already quantized: tadq_config.json); quantize the FP "

@@ -47,8 +47,7 @@ def resolve_budget_flags(gbitops: float | None, bits: str | None, nbytes: int | 
     """(kind, value) of the one budget flag given; ``ValueError`` for none, several, or an unknown preset. A preset is
     read as ``--presets`` reads it (``preset_key``: case and blanks ignored, a ``-G<n>`` block suffix allowed): its
     bit-operations are its widths', so ``W4A8-G128`` costs what ``W4A8`` does (``gbitops_per_sample``)."""
-    from tadq.names import preset_key
-    from tadq.safefiles import finite_float
+    from tadq.names import finite_float, preset_key
 
     given = [(kind, value) for kind, value in (("gbitops", gbitops), ("bits", bits), ("bytes", nbytes))
              if value is not None]
@@ -142,6 +141,8 @@ def recipe_command(
 ) -> None:
     """Search base method × preset × correction stack × floating-point layers under a budget, score on held-out
     calibration noise, write the winning recipe, its artefact and a report with the Pareto front."""
+    from tadq.names import check_eta
+
     setup(verbose, threads)
     with fail_cleanly():
         # nan read "guidance_scale=nan needs a conditional model" once the model was loaded; these need no torch
@@ -152,6 +153,8 @@ def recipe_command(
                 raise ValueError(f"{name} must be >= 1, got {number}")
         if evaluate < 0:
             raise ValueError(f"--evaluate must be >= 0 (0: no evaluation), got {evaluate}")
+        kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
+        check_eta(eta, "ddim" if sampler_kind is None else sampler_kind)  # SamplerConfig checks it again
         torch_setup(threads)
         import dataclasses
 
@@ -162,7 +165,6 @@ def recipe_command(
         from tadq.search import Budget, Candidate, SearchConditions, SearchSpace, check_seeds, heldout_seed
         from tadq.search.space import gbitops_per_sample
 
-        kind, value = resolve_budget_flags(budget_gbitops, budget_bits, budget_bytes)
         sampler = SamplerConfig(kind="ddim" if sampler_kind is None else sampler_kind,
                                 num_steps=steps, eta=eta)
         reconstruction = ReconstructionConfig(rounding=recon_rounding.strip().lower())

@@ -535,6 +535,7 @@ def sample_command(
 ) -> None:
     """Sample a quantized artefact with its recipe's sampler and corrections (or an FP model folder) with tadq's
     loop; writes a PNG grid."""
+    from tadq.names import check_eta
     from tadq.zoo.paths import shipped_model_path
 
     setup(verbose, threads)
@@ -548,6 +549,10 @@ def sample_command(
         if model_dir is not None and not model_dir.exists():
             raise FileNotFoundError(f"model folder {model_dir} does not exist")
         _check_class_label_flags(class_label, num_samples)
+        if eta is not None and (model_dir is None or not (model_dir / "model_index.json").is_file()):
+            # not a text-to-image pipeline (sample_pipeline names --eta itself): SamplerConfig's check, with the
+            # kind of --sampler when given (the artefact's or the model's decides otherwise, checked again then)
+            check_eta(eta, sampler)
         torch_device, torch_dtype = torch_setup(threads, device, dtype)
         from tadq.api import sample
         from tadq.config import config_to_dict

@@ -92,11 +92,15 @@ def sample_sharded_command(
     """Sample N images split over the torchrun processes (chunks written atomically, resumable), then metrics.
     A class-conditional model samples labels from (seed, index) (--labels), guided as --guidance-scale says; a
     latent one (a DiT folder) stores latents in the chunks and is measured on the images its VAE decodes."""
+    from tadq.names import check_eta
+
     setup(verbose, threads)
     with fail_cleanly():  # before the model is loaded (sample_sharded checked them after it, by its parameters'
         # names), and before torch is imported
         check_sampling_flags(num_samples=num_samples, batch_size=batch_size, seed=seed)
         check_count_flags(steps=steps)
+        if eta is not None:  # SamplerConfig checks it again, with the model's kind when --sampler is not given
+            check_eta(eta, sampler)
         if chunk_size < 0:
             raise ValueError(f"--chunk-size must be >= 0 (0: the batch size), got {chunk_size}")
         if metrics and num_samples < 2:

@@ -3,6 +3,7 @@ class-conditional DiT) and the classifiers behind FD-digits and FD-photos."""
 
 from __future__ import annotations
 
+import importlib
 import shlex
 import sys
 from collections.abc import Callable
@@ -75,18 +76,21 @@ def check_not_finished(out: Path, overwrite: bool, layout: str | None = None) ->
 
 
 def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
-                train: Callable[..., Any], *, verbose: bool, threads: int, mark: bool = True,
-                overwrite: bool = False, inputs: tuple[Path, ...] = (), layout: str | None = None) -> Any:
-    """What every ``tadq zoo train*`` command does around its trainer: logging and threads (``setup``), then, with
-    bad input a one-line error (``fail_cleanly``), validate the config and check ``--out`` before any training (a
-    finished model is replaced only with ``--overwrite``), mark the folder as tadq's (so a resume finds a folder
-    tadq wrote, not only a checkpoint), and train with the exact command line recorded."""
+                train: str, *, verbose: bool, threads: int, mark: bool = True, overwrite: bool = False,
+                inputs: tuple[Path, ...] = (), layout: str | None = None) -> Any:
+    """What every ``tadq zoo train*`` command does around its trainer (``train``: ``"module:function"``, imported
+    once the config holds): logging (``setup``), then, with bad input a one-line error (``fail_cleanly``), validate
+    the config (``tadq.zoo.configs``: before torch is imported), set the threads and check ``--out`` before any
+    training (a finished model is replaced only with ``--overwrite``), mark the folder as tadq's (so a resume finds
+    a folder tadq wrote, not only a checkpoint), and train with the exact command line recorded."""
     from tadq.fsguard import check_output_dir, mark_output
 
     setup(verbose, threads)
     with fail_cleanly():
-        torch_setup(threads)
         config = build_config()
+        torch_setup(threads)
+        module, name = train.split(":")
+        trainer = getattr(importlib.import_module(module), name)
         check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
         hold_output(out)
         check_not_finished(out, overwrite, layout)
@@ -94,7 +98,7 @@ def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
         # its checkpoint) was refused as foreign on the rerun its help promises; the shipped folders keep their bytes
         if mark or out.resolve().parent != SHIPPED.resolve():
             mark_output(out, "training")
-        return train(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        return trainer(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
 
 
 @zoo_app.command("train")
@@ -111,11 +115,12 @@ def train_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the digits DDPM; resumes from the checkpoint in --out if interrupted."""
-    from tadq.zoo.train import TrainConfig, train_digits_ddpm
+    from tadq.zoo.configs import TrainConfig
 
     path = _train_into(out, force_foreign, lambda: TrainConfig(
         steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, resolution=resolution),
-        train_digits_ddpm, verbose=verbose, threads=threads, mark=False, overwrite=overwrite, layout="DDPMPipeline")
+        "tadq.zoo.train:train_digits_ddpm", verbose=verbose, threads=threads, mark=False, overwrite=overwrite,
+        layout="DDPMPipeline")
     console.print(f"saved {path}")
 
 
@@ -131,10 +136,11 @@ def train_classifier_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the digit classifier whose penultimate features define FD-digits."""
-    from tadq.metrics.classifier import ClassifierTrainConfig, train_digit_classifier
+    from tadq.zoo.configs import ClassifierTrainConfig
 
     info = _train_into(out, force_foreign, lambda: ClassifierTrainConfig(
-        epochs=epochs, seed=seed, resolution=resolution), train_digit_classifier, verbose=verbose, threads=threads,
+        epochs=epochs, seed=seed, resolution=resolution), "tadq.metrics.classifier:train_digit_classifier",
+        verbose=verbose, threads=threads,
         mark=False, overwrite=overwrite, layout="classifier")
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')}")
 
@@ -154,12 +160,12 @@ def train_photos_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the class-conditional photos DDPM; resumes from the checkpoint in --out if interrupted."""
-    from tadq.zoo.photos_model import PhotosTrainConfig, train_photos_ddpm
+    from tadq.zoo.configs import PhotosTrainConfig
 
     path = _train_into(out, force_foreign, lambda: PhotosTrainConfig(
         steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, label_dropout=label_dropout,
-        checkpoint_every=checkpoint_every), train_photos_ddpm, verbose=verbose, threads=threads, overwrite=overwrite,
-        layout="DDPMPipeline")
+        checkpoint_every=checkpoint_every), "tadq.zoo.photos_model:train_photos_ddpm", verbose=verbose,
+        threads=threads, overwrite=overwrite, layout="DDPMPipeline")
     console.print(f"saved {path}")
 
 
@@ -174,11 +180,11 @@ def train_photo_classifier_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the photo classifier whose penultimate features define FD-photos."""
-    from tadq.metrics.photo_classifier import PhotoClassifierTrainConfig, train_photo_classifier
+    from tadq.zoo.configs import PhotoClassifierTrainConfig
 
     info = _train_into(out, force_foreign, lambda: PhotoClassifierTrainConfig(epochs=epochs, seed=seed),
-                       train_photo_classifier, verbose=verbose, threads=threads, mark=False, overwrite=overwrite,
-                       layout="classifier")
+                       "tadq.metrics.photo_classifier:train_photo_classifier", verbose=verbose, threads=threads,
+                       mark=False, overwrite=overwrite, layout="classifier")
     console.print(f"saved {out}: held-out accuracy {info.get('heldout_accuracy')} "
                   f"(chance {info.get('chance_accuracy'):.3f})")
 
@@ -201,13 +207,13 @@ def train_t2i_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the text-to-image digits model (VAE, then UNet + text encoder); an interrupted run resumes."""
-    from tadq.zoo.t2i import T2ITrainConfig, train_t2i
+    from tadq.zoo.configs import T2ITrainConfig
 
     path = _train_into(out, force_foreign, lambda: T2ITrainConfig(
         steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed, vae_steps=vae_steps,
         prompt_dropout=prompt_dropout, train_text_encoder=not freeze_text_encoder,
-        checkpoint_every=checkpoint_every), train_t2i, verbose=verbose, threads=threads, overwrite=overwrite,
-        layout="StableDiffusionPipeline")
+        checkpoint_every=checkpoint_every), "tadq.zoo.t2i:train_t2i", verbose=verbose, threads=threads,
+        overwrite=overwrite, layout="StableDiffusionPipeline")
     console.print(f"saved {path}")
 
 
@@ -226,15 +232,18 @@ def train_dit_command(
     overwrite: Overwrite = False,
 ) -> None:
     """Train the class-conditional digits DiT in the shipped VAE's latent space; resumes if interrupted."""
-    from tadq.zoo.dit import DiTTrainConfig, check_shipped_vae, train_digits_dit
-    from tadq.zoo.t2i import shipped_t2i_path
+    from tadq.zoo.configs import DiTTrainConfig
+    from tadq.zoo.paths import shipped_t2i_path
 
     def config() -> DiTTrainConfig:
+        built = DiTTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+                               label_dropout=label_dropout, checkpoint_every=checkpoint_every)
+        from tadq.zoo.dit import check_shipped_vae  # torch: after the flags were checked
+
         check_shipped_vae()  # before --out is created
-        return DiTTrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
-                              label_dropout=label_dropout, checkpoint_every=checkpoint_every)
+        return built
 
     # it reads the text-to-image model's VAE: --out may not be, hold or lie inside that folder
-    path = _train_into(out, force_foreign, config, train_digits_dit, verbose=verbose, threads=threads,
+    path = _train_into(out, force_foreign, config, "tadq.zoo.dit:train_digits_dit", verbose=verbose, threads=threads,
                        overwrite=overwrite, inputs=(shipped_t2i_path(),), layout="DiTPipeline")
     console.print(f"saved {path}")

@@ -26,7 +26,7 @@ from tadq.device import place_model, resolve_device, resolve_dtype
 from tadq.evaluation import QualityMetrics, quality_metrics
 from tadq.experiments.rows import BaseModels, Variant, method_names, resolve_row, row_for
 from tadq.experiments.rows.peers import check_peer_row
-from tadq.experiments.run_checks import RUN_FIELDS, RUN_FLAGS, check_run_numbers
+from tadq.experiments.run_checks import RUN_FIELDS, RUN_FLAGS, check_method_names, check_run_numbers
 from tadq.experiments.workload import Workload, load_workload, resolve_model_path
 from tadq.fsguard import is_tadq_file, mark_output
 from tadq.metrics import per_step_mse
@@ -122,9 +122,7 @@ class RunConfig:
         # each name as the preset table spells it (ValueError naming the presets): rows, files and the measured best
         # rows are keyed by it, and " w4a8" passed the check, stored as given
         object.__setattr__(self, "presets", tuple(preset_key(name) for name in self.presets))
-        unknown = [m for m in self.methods if m not in method_names()]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
+        check_method_names(self.methods, method_names())
         fp_layer_roles(self.fp_layers)  # an unknown key fails here, named (the peer rows keep the same layers)
         job_rows(self)  # ``best`` at a preset without a measured best fails here, before any work
         check_run_numbers(num_samples=self.num_samples, batch_size=self.batch_size, eval_seed=self.eval_seed,

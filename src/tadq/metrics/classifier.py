@@ -10,8 +10,7 @@ Reproduce the shipped weights with ``tadq zoo train-classifier --out src/tadq/zo
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +19,8 @@ from torch import Tensor, nn
 
 from tadq.metrics._classifier_training import classifier_accuracy, fit_classifier, save_classifier_folder
 from tadq.utils import atomic_write_json, library_versions
-from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
+from tadq.zoo.configs import ClassifierTrainConfig
+from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.shipped import load_classifier_folder
 
 __all__ = [
@@ -111,49 +111,6 @@ class DigitClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Class logits (B, 10) of images (B, 1, H, W) in [-1, 1]."""
         return self.head(self.features(x))
-
-
-@dataclass(frozen=True)
-class ClassifierTrainConfig:
-    """Training of the digits classifier.
-
-    Args:
-        epochs: passes over the train split.
-        batch_size: images per optimiser step.
-        lr: AdamW peak learning rate, decayed to zero with a cosine schedule.
-        weight_decay: AdamW weight decay.
-        seed: seeds initialisation, batch order, augmentation and dropout.
-        resolution: image side length (one of ``tadq.zoo.data.SUPPORTED_RESOLUTIONS``).
-        max_shift: largest random shift in pixels (each axis) applied to training images, so the classifier does
-            not depend on digits being perfectly centred as generated samples may not be.
-        noise_std: std of Gaussian noise added to training images (in [-1, 1] units), so the residual noise of
-            generated or quantized samples does not throw the classifier off.
-    """
-
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    resolution: int = 16
-    max_shift: int = 1
-    noise_std: float = 0.1
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lr", "weight_decay", "noise_std"):  # lr=inf trained and saved a NaN classifier
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.weight_decay < 0:
-            raise ValueError(f"lr must be > 0 and weight_decay >= 0, got {self.lr} and {self.weight_decay}")
-        if self.resolution not in SUPPORTED_RESOLUTIONS:
-            raise ValueError(f"resolution must be one of {SUPPORTED_RESOLUTIONS}, got {self.resolution}")
-        if not 0 <= self.max_shift < self.resolution // 2:
-            raise ValueError(f"max_shift must be in [0, {self.resolution // 2 - 1}], got {self.max_shift}")
-        if self.noise_std < 0:
-            raise ValueError(f"noise_std must be >= 0, got {self.noise_std}")
 
 
 def _augment(images: Tensor, config: ClassifierTrainConfig, generator: torch.Generator) -> Tensor:

@@ -12,8 +12,7 @@ measured on the held-out region of every photograph (``tadq.zoo.photos``), never
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from torch import Tensor, nn
 
 from tadq.metrics._classifier_training import classifier_accuracy, fit_classifier, save_classifier_folder
 from tadq.utils import atomic_write_json, library_versions
+from tadq.zoo.configs import PhotoClassifierTrainConfig
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
 from tadq.zoo.shipped import load_classifier_folder
 
@@ -86,39 +86,6 @@ class PhotoClassifier(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Class logits (B, num_classes)."""
         return self.head(self.features(x))
-
-
-@dataclass(frozen=True)
-class PhotoClassifierTrainConfig:
-    """Training of the photo classifier.
-
-    Args:
-        epochs: passes over the training patches.
-        batch_size: patches per step.
-        lr: AdamW peak learning rate, cosine-decayed to zero.
-        weight_decay: AdamW weight decay.
-        seed: seeds initialisation, dropout, batch order and augmentation.
-        noise_std: Gaussian noise added to training patches ([-1, 1] units), so the residual noise of generated
-            or quantized samples does not throw the classifier off.
-        flip: random horizontal flips (a photograph's content does not depend on the side it is seen from).
-    """
-
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    seed: int = 0
-    noise_std: float = 0.1
-    flip: bool = True
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 2:
-            raise ValueError(f"epochs must be >= 1 and batch_size >= 2, got {self.epochs} and {self.batch_size}")
-        for name in ("lr", "weight_decay", "noise_std"):  # lr=inf trained and saved a NaN classifier
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)!r}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.noise_std < 0:
-            raise ValueError("lr must be > 0, weight_decay and noise_std >= 0")
 
 
 def _augment(images: Tensor, config: PhotoClassifierTrainConfig, generator: torch.Generator) -> Tensor:

@@ -24,7 +24,7 @@ from diffusers import (
 )
 from diffusers.configuration_utils import ConfigMixin
 
-from tadq.names import SAMPLER_KINDS
+from tadq.names import SAMPLER_KINDS, check_eta
 from tadq.safefiles import finite_float
 
 __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
@@ -176,18 +176,7 @@ class SamplerConfig:
             raise ValueError(f"SamplerConfig.kind={self.kind!r} is not supported; accepted values: {SAMPLER_KINDS}.")
         if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"SamplerConfig.num_steps must be a positive int, got {self.num_steps!r}.")
-        if not finite_float(self.eta):
-            raise ValueError(f"SamplerConfig.eta must be a finite float in [0, 1], got {self.eta!r}.")
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"SamplerConfig.eta must lie in [0, 1] (0 = deterministic DDIM), got {self.eta}.")
-        if self.kind == "ddpm" and self.eta != 0.0:
-            raise ValueError(
-                f"SamplerConfig.eta={self.eta} only applies to kind='ddim'; DDPM's noise is set by the scheduler's "
-                "variance_type. Use eta=0.0 with kind='ddpm', or kind='ddim' with eta=1.0 for DDPM-like noise."
-            )
-        if self.kind not in ("ddim", "ddpm") and self.eta != 0.0:
-            raise ValueError(f"SamplerConfig.eta={self.eta} only applies to kind='ddim'; {self.kind} fixes its own "
-                             "noise (use eta=0.0).")
+        check_eta(self.eta, self.kind)
         if self.clip_sample is not None and not isinstance(self.clip_sample, bool):
             raise ValueError(f"SamplerConfig.clip_sample must be True, False or None, got {self.clip_sample!r}.")
         if self.clip_sample and self.kind not in ("ddim", "ddpm"):

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tadq.zoo.configs import SUPPORTED_RESOLUTIONS
+
 __all__ = ["DigitsConfig", "DigitsSplit", "load_digits_split", "to_unit_range"]
 
-SUPPORTED_RESOLUTIONS = (8, 16, 32)
 
 
 @dataclass(frozen=True)

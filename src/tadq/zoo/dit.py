@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,10 +24,11 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DiTPipeline, 
 from torch import Tensor, nn
 
 from tadq.utils import atomic_write_text
+from tadq.zoo.configs import DiTTrainConfig
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.paths import shipped_dit_path
 from tadq.zoo.shipped import regenerate_hint
-from tadq.zoo.train import check_training_fields, train_ddpm
+from tadq.zoo.train import train_ddpm
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DiTTrainConfig", "NUM_CLASSES", "build_digits_dit", "check_shipped_vae",
            "digit_latents", "load_shipped_vae", "shipped_dit_path", "train_digits_dit"]
@@ -76,32 +76,6 @@ def build_digits_dit(latent_channels: int = 4, latent_size: int = 8, *, heads: i
         out_channels=latent_channels, num_layers=layers, sample_size=latent_size, patch_size=patch_size,
         num_embeds_ada_norm=NUM_CLASSES, norm_type="ada_norm_zero",
     )
-
-
-@dataclass(frozen=True)
-class DiTTrainConfig:
-    """DDPM training of the digits DiT (optimisation fields as ``tadq.zoo.train.TrainConfig``).
-
-    Args:
-        label_dropout: probability that a training label is replaced by the null class (unconditional branch).
-        heads, head_dim, layers, patch_size: the transformer (width = heads × head_dim).
-    """
-
-    steps: int = 6000
-    batch_size: int = 128
-    learning_rate: float = 5e-4
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 500
-    label_dropout: float = 0.1
-    heads: int = 4
-    head_dim: int = 32
-    layers: int = 4
-    patch_size: int = 2
-
-    def __post_init__(self) -> None:
-        check_training_fields(self, ("heads", "head_dim", "layers", "patch_size"), dropout="label_dropout")
 
 
 def digit_latents(vae: AutoencoderKL, images: Tensor, batch_size: int = 256) -> Tensor:

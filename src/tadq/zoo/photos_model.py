@@ -8,14 +8,14 @@ model's (``tadq.zoo.train.train_ddpm``); only the data, the architecture and the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
 
+from tadq.zoo.configs import PhotosTrainConfig
 from tadq.zoo.photos import PhotosConfig, load_photos_split, num_photo_classes
-from tadq.zoo.train import check_training_fields, train_ddpm
+from tadq.zoo.train import train_ddpm
 from tadq.zoo.unet import check_unet_channels
 
 __all__ = ["PhotosTrainConfig", "build_photos_unet", "null_label", "train_photos_ddpm"]
@@ -46,27 +46,6 @@ def build_photos_unet(num_classes: int | None = None, channels: tuple[int, ...] 
         attention_head_dim=16,
         num_class_embeds=k + 1,
     )
-
-
-@dataclass(frozen=True)
-class PhotosTrainConfig:
-    """DDPM training of the photos UNet (fields as ``tadq.zoo.train.TrainConfig``, plus the label dropout).
-
-    Args:
-        label_dropout: probability that a training label is replaced by the null label (unconditional branch).
-    """
-
-    steps: int = 2000
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    seed: int = 0
-    checkpoint_every: int = 250
-    label_dropout: float = 0.15
-
-    def __post_init__(self) -> None:
-        check_training_fields(self, dropout="label_dropout")
 
 
 def train_photos_ddpm(config: PhotosTrainConfig, out_dir: str | Path, command: str = "",

@@ -22,7 +22,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,8 @@ from torch import Tensor
 
 from tadq.progress import progress_bar
 from tadq.safefiles import diffusers_loading_options
-from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
+from tadq.zoo.configs import T2ITrainConfig
 from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.paths import shipped_t2i_path
 from tadq.zoo.shipped import error_line, regenerate_hint
@@ -48,7 +48,6 @@ from tadq.zoo.train import (
     RESUME_HINT,
     _learning_rate,
     check_finite_loss,
-    check_learning_rates,
     load_checkpoint,
     save_checkpoint,
 )
@@ -87,67 +86,6 @@ def _load_with_hint(folder: Path, what: str, load: Callable[[], Any], index: str
     except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         raise ValueError(f"could not load the {what} at {folder} ({error_line(error)}){regenerate_hint(model)}"
                          ) from error
-
-
-@dataclass(frozen=True)
-class T2ITrainConfig:
-    """Both training stages of the text-to-image digits model.
-
-    Args:
-        seed: seeds every initialisation, batch, timestep, noise draw and prompt choice.
-        vae_steps, vae_batch_size, vae_learning_rate: stage 1 (AdamW, constant rate).
-        kl_weight: weight of the KL term per latent element against the per-pixel MSE.
-        vae_channels: encoder/decoder widths; one downsampling per extra level (2 levels: 16×16 → 8×8).
-        steps, batch_size, learning_rate, warmup_steps, ema_decay, checkpoint_every: stage 2, as
-            ``tadq.zoo.train.TrainConfig`` (AdamW, warm-up then constant, clipping at 1, EMA weights saved).
-        prompt_dropout: probability a training prompt is replaced by "" (the unconditional branch of guidance).
-        train_text_encoder: train the text encoder with the UNet (else it stays at its random initialisation).
-        unet_channels: UNet widths (cross-attention at every level and in the middle).
-        text_hidden, text_layers, max_length: text encoder width, depth and the tokenizer's/position limit.
-    """
-
-    seed: int = 0
-    vae_steps: int = 400
-    vae_batch_size: int = 64
-    vae_learning_rate: float = 1e-3
-    kl_weight: float = 1e-4
-    vae_channels: tuple[int, ...] = (32, 64)
-    steps: int = 2000
-    batch_size: int = 64
-    learning_rate: float = 1e-3
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    checkpoint_every: int = 500
-    prompt_dropout: float = 0.1
-    train_text_encoder: bool = True
-    unet_channels: tuple[int, ...] = (32, 64)
-    text_hidden: int = 32
-    text_layers: int = 2
-    max_length: int = 16
-    resolution: int = field(default=16)
-
-    def __post_init__(self) -> None:
-        for name in ("vae_steps", "vae_batch_size", "steps", "batch_size", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.prompt_dropout < 1.0:
-            raise ValueError(f"prompt_dropout must be in (0, 1), got {self.prompt_dropout}")
-        if not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay}")
-        check_learning_rates(self, ("vae_learning_rate", "learning_rate"))
-        check_seed("seed", self.seed)  # seed + 2 seeds stage 2: a 64-bit one overflowed there, after stage 1
-        if self.text_hidden % 2 or self.text_hidden < 8:
-            raise ValueError(f"text_hidden must be even and >= 8, got {self.text_hidden}")
-        for name in ("vae_channels", "unet_channels"):  # the UNet's were refused by its group norm after stage 1
-            widths = getattr(self, name)
-            if not widths or any(not isinstance(w, int) or w < 8 or w % 8 for w in widths):
-                raise ValueError(f"{name} must be one or more positive multiples of 8 (group norm with 8 groups), "
-                                 f"got {widths}")
-
-    def vae_part(self) -> dict[str, Any]:
-        """The fields stage 1 depends on (a saved VAE is reused only when these match)."""
-        keys = ("seed", "vae_steps", "vae_batch_size", "vae_learning_rate", "kl_weight", "vae_channels", "resolution")
-        return json.loads(json.dumps({k: getattr(self, k) for k in keys}))
 
 
 def build_t2i_vae(channels: tuple[int, ...] = (32, 64), resolution: int = 16) -> AutoencoderKL:

@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,71 +23,17 @@ from torch import Tensor, nn
 
 from tadq.progress import progress_bar
 from tadq.safefiles import join_tensors, load_checked, save_checked, split_tensors
-from tadq.sampling import check_seed
 from tadq.utils import atomic_write_json, library_versions
-from tadq.zoo.data import SUPPORTED_RESOLUTIONS, DigitsConfig, load_digits_split
+from tadq.zoo.configs import TrainConfig, check_learning_rates, check_training_fields
+from tadq.zoo.data import DigitsConfig, load_digits_split
 from tadq.zoo.unet import build_digits_unet, build_training_scheduler
 
-__all__ = ["TrainConfig", "check_finite_loss", "check_training_fields", "load_checkpoint", "save_checkpoint",
+__all__ = ["TrainConfig", "check_finite_loss", "check_learning_rates", "check_training_fields", "load_checkpoint",
+           "save_checkpoint",
            "train_ddpm", "train_digits_ddpm"]
 
 logger = logging.getLogger(__name__)
 CHECKPOINT_NAME = "train_checkpoint.safetensors"
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """DDPM training of the digits UNet.
-
-    Args:
-        steps: optimiser steps.
-        batch_size: images per step.
-        learning_rate: AdamW peak learning rate (after a linear warm-up of ``warmup_steps``).
-        warmup_steps: linear warm-up length.
-        ema_decay: decay of the exponential moving average whose weights are saved (DDPM used 0.9999 for 800k
-            steps; a shorter run needs a shorter memory).
-        seed: seeds initialisation, batch order, timesteps and noise.
-        resolution: image side length (see ``DigitsConfig``).
-        checkpoint_every: steps between resumable checkpoints.
-    """
-
-    steps: int = 6000
-    batch_size: int = 128
-    learning_rate: float = 1e-3
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    seed: int = 0
-    resolution: int = 16
-    checkpoint_every: int = 500
-
-    def __post_init__(self) -> None:
-        check_training_fields(self)
-        if self.resolution not in SUPPORTED_RESOLUTIONS:  # refused here, not after --out was created
-            raise ValueError(f"resolution must be one of {SUPPORTED_RESOLUTIONS}, got {self.resolution}")
-
-
-def check_training_fields(config: Any, extra_counts: tuple[str, ...] = (), dropout: str | None = None) -> None:
-    """ValueError for a training config's bad field: counts (steps, batch size, checkpoint interval and
-    ``extra_counts``) below 1, an EMA decay outside (0, 1), or the ``dropout`` field (label/prompt dropout)
-    outside (0, 1) — the checks every shipped model's training config shares."""
-    for name in ("steps", "batch_size", "checkpoint_every", *extra_counts):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
-    check_seed("seed", config.seed)  # seed + 2 seeds the later stages: a 64-bit one overflowed after stage 1
-    if not 0.0 < config.ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in (0, 1), got {config.ema_decay}")
-    check_learning_rates(config)
-    if dropout is not None and not 0.0 < getattr(config, dropout) < 1.0:
-        raise ValueError(f"{dropout} must be in (0, 1), got {getattr(config, dropout)}")
-
-
-def check_learning_rates(config: Any, names: tuple[str, ...] = ("learning_rate",)) -> None:
-    """ValueError for a learning rate that is not a finite number > 0 (AdamW would refuse it only once training
-    starts, after data loading and any earlier stage)."""
-    for name in names:
-        value = getattr(config, name)
-        if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
 def check_finite_loss(loss: float, step: int, what: str, hint: str = "") -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig
 from tadq.experiments.rows import method_names
 from tadq.experiments.run import RunConfig
+from tadq.experiments.run_checks import BENCH_SAMPLES, check_method_names
 from tadq.quant.qscheme import preset_key
 from tadq.sampling import SamplerConfig
 
@@ -170,9 +171,7 @@ class BenchConfig:
         # each name as the preset table spells it (ValueError naming the presets): rows, files and the measured best
         # rows are keyed by it, and " w4a8" passed the check, stored as given
         object.__setattr__(self, "presets", tuple(preset_key(name) for name in self.presets))
-        unknown = [m for m in self.methods if m not in method_names()]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(method_names())}")
+        check_method_names(self.methods, method_names())
         keys = [s.key for s in self.samplers]
         if len(set(keys)) != len(keys):
             raise ValueError(f"samplers repeat: {keys}")
@@ -268,8 +267,10 @@ def matrix(name: str) -> dict[str, object]:
     if name == "default":
         return {"methods": default_methods(), "presets": ("W8A8", "W4A8", "W4A4", "W4A16"),
                 "samplers": (SamplerConfig(kind="ddim", num_steps=50, eta=0.0),
-                             SamplerConfig(kind="ddim", num_steps=50, eta=1.0)), "num_samples": 1000}
+                             SamplerConfig(kind="ddim", num_steps=50, eta=1.0)),
+                "num_samples": BENCH_SAMPLES["default"]}
     if name == "quick":
         return {"methods": quick_methods(), "presets": ("W8A8", "W4A8"),
-                "samplers": (SamplerConfig(kind="ddim", num_steps=50, eta=0.0),), "num_samples": 256, "quick": True}
+                "samplers": (SamplerConfig(kind="ddim", num_steps=50, eta=0.0),),
+                "num_samples": BENCH_SAMPLES["quick"], "quick": True}
     raise ValueError(f"unknown bench matrix {name!r}; choose 'default' or 'quick'")
