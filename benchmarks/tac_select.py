@@ -11,7 +11,8 @@ default until this ablation holds on more than one shipped model (docs/methods/t
 fitted on the base that ``tadq run`` saved (``--models``: its ``models/`` folder; the Q-Diffusion base of each
 preset) of the same ``--model`` (a shipped name or a folder, as ``tadq run --model``), with the run's calibration
 seed 0 and guidance, then sampled from the run's evaluation seed 1000 (and labels); PSNR vs the FP samples from the
-same noise, as the main table. ``select_ner`` scores NER on against NER off on held-out calibration noise (seed
+same noise, as the main table, and the pooled MSE of those samples (``mse``, the statistic the held-out score
+pools). ``select_ner`` scores NER on against NER off on held-out calibration noise (seed
 100000), never on the evaluation seed. Defaults: ``tadq run``'s (digits, DDIM 50, W8A8,W4A8,W4A4). Each row records
 the fit's seconds (``fit_s``, FP walks included: no trajectory cache is shared between variants) apart from the
 sampling's.
@@ -97,9 +98,11 @@ def main() -> None:
                 base, workload.model, workload.scheduler, sampler, VARIANTS[name],
                 conditions=workload.calibration_conditions, guidance_scale=workload.guidance_scale, progress=False)
             t1 = time.perf_counter()
-            psnr = float(psnr_per_sample(draw(model).clamp(-1, 1), fp.clamp(-1, 1)).mean())
-            row = {"preset": preset, "variant": name, "psnr": round(psnr, 2), "fit_s": round(t1 - t0, 1),
-                   "sample_s": round(time.perf_counter() - t1, 1)}
+            images = draw(model).clamp(-1, 1)
+            psnr = float(psnr_per_sample(images, fp.clamp(-1, 1)).mean())
+            mse = float((images - fp.clamp(-1, 1)).double().pow(2).mean())  # pooled, as the held-out score
+            row = {"preset": preset, "variant": name, "psnr": round(psnr, 2), "mse": float(f"{mse:.3e}"),
+                   "fit_s": round(t1 - t0, 1), "sample_s": round(time.perf_counter() - t1, 1)}
             member = model.corrections[-1] if len(model.corrections) else None
             if member is not None and getattr(member, "selection_records", None):
                 row["selection"] = member.selection_records
