@@ -159,8 +159,8 @@ def test_gpu_check_stops_at_once_without_cuda(tmp_path):
 
 
 LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to fail only after its FP samples
-    ("dit_tac_select", "load_workload", ("--models", "{tmp}/missing", "--out", "{tmp}/o.json"), "no Q-Diffusion base"),
-    ("dit_tac_select", "load_workload", ("--models", "{tmp}", "--out", "{tmp}/o.json", "--variants", "tac,nope"),
+    ("tac_select", "load_workload", ("--models", "{tmp}/missing", "--out", "{tmp}/o.json"), "no Q-Diffusion base"),
+    ("tac_select", "load_workload", ("--models", "{tmp}", "--out", "{tmp}/o.json", "--variants", "tac,nope"),
      "unknown variants"),
     ("svdquant_ablation", "shipped_setup", ("--rows", "naive per-token,nope"), "unknown rows"),
     ("photos_attention_diagnose", "load_workload", ("--rows", "naive,attn-nope"), "unknown row"),
@@ -261,7 +261,7 @@ def test_a_benchmark_fills_its_own_folder_again_and_writes_elsewhere_only_when_f
 REPORT_FILES = [  # (script, what it loads first, flags): the scripts that write one JSON report at --out
     ("dit_fp_quality", "load_workload", ()),
     ("t2i_fp_quality", "load_t2i_pipeline", ()),
-    ("dit_tac_select", "load_workload", ("--models", "{tmp}")),
+    ("tac_select", "load_workload", ("--models", "{tmp}")),
     ("guidance_ranges", "load_workload", ()),
     ("photos_fp_quality", "load_pipeline_parts", ()),
 ]
@@ -278,7 +278,7 @@ def test_a_report_file_tadq_did_not_write_is_refused_before_any_work(name, loade
     whole run; they now refuse it before loading the model, unless --force-foreign, and replace their own reports."""
     module = load(name)
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
-    if name == "dit_tac_select":
+    if name == "tac_select":
         monkeypatch.setattr(module, "base_folder", lambda models, preset: models)
 
     def loaded(*args, **kwargs):

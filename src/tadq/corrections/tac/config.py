@@ -39,7 +39,9 @@ class TACConfig(CorrectionConfig):
         select_ner: Fit TAC twice, with and without NER, and keep NER only if it lowers the final-x_0 error on
             held-out calibration noise (``held_out_seed``, ``selection_samples``): NER's least-squares rescale can
             shrink ε̂ where the quantization noise is large (regression dilution, docs/methods/tac.md#ner), and
-            this switch falls back to IBC alone instead of keeping a rescale that hurts.
+            this switch falls back to IBC alone instead of keeping a rescale that hurts. Off by default: on the
+            shipped digits UNet it dropped NER where NER helped on the evaluation noise (W8A8 −0.87 dB against
+            plain TAC; docs/methods/tac.md#the-held-out-ner-switch-ablated).
         selection_seed: Held-out seed of that choice; ``None``: ``seed + SELECTION_SEED_OFFSET`` (100000).
         selection_samples: Trajectories of the held-out score.
     """
