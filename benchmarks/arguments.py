@@ -130,15 +130,17 @@ def output_file(out, *, force_foreign: bool = False, what: str = "--out"):
 
 def write_report(document: dict, out) -> None:
     """``document`` with tadq's versions (what makes the file recognisable as tadq's, for a rerun to replace) as
-    indented JSON at ``out`` (checked by ``output_file``), through a temp file and a rename: an interrupted write
-    leaves the earlier report whole."""
+    indented strict JSON at ``out`` (checked by ``output_file``; a NaN, such as the held-out score of a correction
+    with nothing to choose, is written ``null`` as in tadq's own reports), through a temp file and a rename: an
+    interrupted write leaves the earlier report whole."""
     from pathlib import Path
 
-    from tadq.utils import atomic_write_json, library_versions
+    from tadq.report.tables import dumps_json
+    from tadq.utils import atomic_write_text, library_versions
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json({**document, "versions": document.get("versions", library_versions())}, out)
+    atomic_write_text(dumps_json({**document, "versions": document.get("versions", library_versions())}), out)
 
 
 def output_folder(out, *, force_foreign: bool = False, what: str = "--out"):

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import json
+import math
 import os
 import re
 import subprocess
@@ -316,9 +318,11 @@ def test_a_benchmark_report_is_replaced_whole_and_carries_tadqs_versions(load, t
     from tadq.fsguard import is_tadq_file
 
     out = tmp_path / "new" / "report.json"
-    write_report({"rows": [1]}, out)
+    write_report({"rows": [1], "selection": [{"final_mse": math.nan}]}, out)
     first = out.read_text()
     assert is_tadq_file(out) and '"tadq"' in first
+    # strict JSON: the held-out score of a correction with nothing to choose (NaN) was written as the bare NaN token
+    assert json.loads(first, parse_constant=pytest.fail)["selection"] == [{"final_mse": None}]
 
     def interrupted(text, path):
         raise KeyboardInterrupt
