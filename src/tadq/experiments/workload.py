@@ -27,25 +27,13 @@ from tadq.models import load_pipeline_parts, shipped_model_path
 from tadq.registry import adapter_for
 from tadq.safefiles import find_weight_files, read_json_file, require_stored_parameters
 from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels, SamplerConfig
-from tadq.zoo.paths import SHIPPED_MODELS, resolve_model_path, shipped_photos_path
+from tadq.zoo.paths import SHIPPED_MODELS, resolve_model_path, shipped_dit_path, shipped_photos_path, shipped_t2i_path
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
            "ClassLabelSetting", "class_label_setting", "decoder_component", "folder_vae_decoder", "vae_decoder",
            "LATENT_DECODERS", "LABEL_MODES"]
 
 logger = logging.getLogger(__name__)
-
-
-def _shipped_t2i_path() -> Path:
-    from tadq.zoo.t2i import shipped_t2i_path
-
-    return shipped_t2i_path()
-
-
-def _shipped_dit_path() -> Path:
-    from tadq.zoo.dit import shipped_dit_path
-
-    return shipped_dit_path()
 
 
 # how the main job labels the samples of a class-conditional model
@@ -305,7 +293,7 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
     if labels is not None and labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     shipped = path.resolve() == shipped_photos_path().resolve()
-    shipped_dit = path.resolve() == _shipped_dit_path().resolve()
+    shipped_dit = path.resolve() == shipped_dit_path().resolve()
     adapter = adapter_for(fp)
     architecture_null = adapter.null_class(fp) if hasattr(adapter, "null_class") else None
     num_embeddings = (int(architecture_null) + 1 if architecture_null is not None
@@ -361,7 +349,7 @@ def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler:
     """A class-conditional model: unconditional samples (its null class) or random labels, with guidance; the
     shipped models' classifiers read their classes back (nothing reads a user's classes)."""
     shipped = path.resolve() == shipped_photos_path().resolve()
-    shipped_dit = path.resolve() == _shipped_dit_path().resolve()
+    shipped_dit = path.resolve() == shipped_dit_path().resolve()
     setting = class_label_setting(path, fp, guidance_scale=guidance_scale, labels=labels, null_class=null_class)
     source = setting.source
     features: FeatureSpace | None = PhotosFeatureSpace() if shipped else None
@@ -380,7 +368,7 @@ def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler:
 
 def _shipped_dit_image_size() -> int:
     """Side of the images the shipped DiT's VAE decodes (its ``sample_size``)."""
-    config = read_json_file(_shipped_dit_path() / "vae" / "config.json", "VAE config")
+    config = read_json_file(shipped_dit_path() / "vae" / "config.json", "VAE config")
     return int(config["sample_size"])
 
 
@@ -406,7 +394,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
     from tadq.pipelines.prompts import prompt_encoder_for
     from tadq.pipelines.quantized import pipeline_sampler
 
-    shipped = path.resolve() == _shipped_t2i_path().resolve()
+    shipped = path.resolve() == shipped_t2i_path().resolve()
     expected_labels = None
     features: FeatureSpace | None = None
     if shipped:
