@@ -399,6 +399,35 @@ def test_weights_missing_a_parameter_are_refused_not_filled_at_random(tmp_path):
         load_pipeline_parts(folder)
 
 
+def test_weights_a_config_has_no_place_for_are_refused_not_dropped(tmp_path):
+    """A class-conditional UNet whose config lost ``num_class_embeds`` built an unconditional model; diffusers
+    dropped the label table with a warning and tadq quantized a model that ignored every label."""
+    folder = _ddpm_folder(tmp_path / "model", build_tiny_unet(num_class_embeds=3))
+    config = folder / "unet" / "config.json"
+    config.write_text(json.dumps({k: v for k, v in json.loads(config.read_text()).items() if k != "num_class_embeds"}))
+    with pytest.raises(DamagedFileError, match=r"unet: its weights hold 1 tensor the UNet2DModel built from its "
+                                               r"config\.json has no place for \(class_embedding\.weight\), which "
+                                               r"diffusers would drop"):
+        load_pipeline_parts(folder)
+
+
+def test_a_stored_buffer_the_class_no_longer_saves_still_loads(tmp_path):
+    """A tensor that names one of the model's buffers (a positional table an older diffusers saved and the current
+    one recomputes) is not a config mismatch: diffusers ignores it and so does the check."""
+    model = build_tiny_dit()
+    folder = tmp_path / "dit"
+    model.save_pretrained(folder / "transformer")
+    DDIMScheduler().save_pretrained(folder / "scheduler")
+    file = folder / "transformer" / WEIGHTS
+    tensors = load_file(file)
+    buffers = {name for name, _ in model.named_buffers()} - set(model.state_dict())
+    assert buffers, "the tiny DiT has a non-persistent buffer to store"
+    name = sorted(buffers)[0]
+    tensors[name] = dict(model.named_buffers())[name].contiguous()
+    save_file(tensors, file)
+    assert _same_state(load_pipeline_parts(folder / "transformer")[0], model)
+
+
 @pytest.mark.parametrize(("dtype", "name"), [(torch.int64, "I64"), (torch.int8, "I8"), (torch.uint8, "U8")])
 def test_a_float_weight_stored_as_integers_is_refused_not_cast(tmp_path, dtype, name):
     """``load_state_dict`` copies int64 values into a float32 weight without a word: integer codes (a quantized

@@ -421,7 +421,14 @@ def require_stored_parameters(model: torch.nn.Module, files: Sequence[Path], whe
     renamed first, as diffusers renames them while loading (google/ddpm-* checkpoints use them).
 
     A float parameter stored as integers or booleans is refused too: ``load_state_dict`` casts int64 values into a
-    float32 weight without a word (tadq's own codes, or another program's quantized file, read as weights)."""
+    float32 weight without a word (tadq's own codes, or another program's quantized file, read as weights).
+
+    So is a stored tensor the model has no place for: diffusers drops it with a warning, so a config that lost a
+    key the weights need (PixArt without ``caption_channels``, a class-conditional UNet without
+    ``num_class_embeds``) built another model, which ignored the caption projection or every label, and tadq
+    quantized that. A tensor naming one of the model's buffers (a positional table an older version saved and the
+    current one recomputes) and the class's own ``_keys_to_ignore_on_load_unexpected`` are not refused, as diffusers
+    does not warn about them."""
     stored: dict[str, str] = {}  # name → safetensors dtype ("F32", "I64"...), from the headers
     for file in files:
         with safe_open(str(file), framework="pt") as handle:
@@ -437,6 +444,17 @@ def require_stored_parameters(model: torch.nn.Module, files: Sequence[Path], whe
         raise DamagedFileError(f"{where}: its weights lack {len(missing)} of the {type(model).__name__}'s parameters "
                                f"(e.g. {', '.join(missing[:3])}), which diffusers would fill with random values; "
                                "the weight files are incomplete or belong to another config.json")
+    expected = set(model.state_dict()) | {name for name, _ in model.named_buffers(remove_duplicate=False)}
+    ignored = [re.compile(pattern) for pattern in getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()]
+    unexpected = sorted(name for name in stored
+                        if name not in expected and not any(pattern.search(name) for pattern in ignored))
+    if unexpected:
+        count = f"{len(unexpected)} tensor" + ("s" if len(unexpected) > 1 else "")
+        raise DamagedFileError(f"{where}: its weights hold {count} the {type(model).__name__} built from its "
+                               f"config.json has no place for ({', '.join(unexpected[:3])}"
+                               f"{', ...' if len(unexpected) > 3 else ''}), which diffusers would drop with a "
+                               "warning, running another model than the weights'; the config.json is edited or "
+                               "belongs to other weights: restore it")
     for name, parameter in model.named_parameters():
         kind = stored.get(name)
         if parameter.is_floating_point() and kind is not None and _integer_dtype(kind):

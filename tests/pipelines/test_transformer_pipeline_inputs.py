@@ -402,6 +402,19 @@ def test_a_transformer_config_that_does_not_fit_its_weights_is_a_clean_error(fol
                               tmp_path / "samples", "--threads", 1])
     assert result.exit_code == 2 and "transformer" in output, output
 
+def test_a_transformer_config_that_lost_a_key_its_weights_need_is_named_not_run(folders, tmp_path):
+    """PixArt's ``caption_channels`` deleted from ``transformer/config.json``: diffusers builds a PixArt without
+    its caption projection (the T5 width equals the cross-attention width here, so nothing fails), drops the four
+    stored projection tensors with a warning, and tadq quantized and sampled a model that never read the caption
+    projection the weights hold. A user expects the folder to be refused, naming the component and the tensors."""
+    folder = _copy(folders["pixart"], tmp_path / "copy")
+    _edit_json(folder / "transformer" / "config.json", drop=("caption_channels",))
+    with pytest.raises(PipelineFolderError, match=r"transformer: its weights hold 4 tensors the "
+                                                  r"PixArtTransformer2DModel .* no place for "
+                                                  r"\(caption_projection\.linear_1\.bias"):
+        load_fp_pipeline(folder)
+
+
 # --- artefacts ----------------------------------------------------------------------------------------------------
 
 
