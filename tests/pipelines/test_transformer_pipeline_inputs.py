@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import numpy as np
@@ -402,16 +403,20 @@ def test_a_transformer_config_that_does_not_fit_its_weights_is_a_clean_error(fol
                               tmp_path / "samples", "--threads", 1])
     assert result.exit_code == 2 and "transformer" in output, output
 
-def test_a_transformer_config_that_lost_a_key_its_weights_need_is_named_not_run(folders, tmp_path):
-    """PixArt's ``caption_channels`` deleted from ``transformer/config.json``: diffusers builds a PixArt without
-    its caption projection (the T5 width equals the cross-attention width here, so nothing fails), drops the four
-    stored projection tensors with a warning, and tadq quantized and sampled a model that never read the caption
-    projection the weights hold. A user expects the folder to be refused, naming the component and the tensors."""
-    folder = _copy(folders["pixart"], tmp_path / "copy")
-    _edit_json(folder / "transformer" / "config.json", drop=("caption_channels",))
-    with pytest.raises(PipelineFolderError, match=r"transformer: its weights hold 4 tensors the "
-                                                  r"PixArtTransformer2DModel .* no place for "
-                                                  r"\(caption_projection\.linear_1\.bias"):
+@pytest.mark.parametrize(("which", "key", "count", "model", "first"), [
+    ("pixart", "caption_channels", 4, "PixArtTransformer2DModel", "caption_projection.linear_1.bias"),
+    ("flux", "guidance_embeds", 4, "FluxTransformer2DModel", "time_text_embed.guidance_embedder.linear_1.bias")])
+def test_a_transformer_config_that_lost_a_key_its_weights_need_is_named_not_run(folders, tmp_path, which, key, count,
+                                                                               model, first):
+    """A key deleted from ``transformer/config.json`` that turns off a part the weights hold: PixArt without
+    ``caption_channels`` built no caption projection (the T5 width equals the cross-attention width here, so
+    nothing failed), Flux.1-dev without ``guidance_embeds`` built a schnell that ignores the distilled guidance.
+    diffusers dropped the stored tensors with a warning, and tadq quantized and sampled that other model. A user
+    expects the folder to be refused, naming the component and the tensors."""
+    folder = _copy(folders[which], tmp_path / "copy")
+    _edit_json(folder / "transformer" / "config.json", drop=(key,))
+    with pytest.raises(PipelineFolderError, match=rf"transformer: its weights hold {count} tensors the {model} "
+                                                  rf".* no place for \({re.escape(first)}"):
         load_fp_pipeline(folder)
 
 
