@@ -154,6 +154,20 @@ def test_a_component_the_class_needs_but_the_index_lacks(sd_folder, tmp_path):
         check_pipeline_folder(broken)
 
 
+@pytest.mark.parametrize(("component", "library", "class_name"), [("vae", "diffusers", "AutoencoderKL"),
+                                                                   ("text_encoder", "transformers", "CLIPTextModel")])
+def test_a_component_class_its_library_lacks_names_model_index(sd_folder, tmp_path, component, library, class_name):
+    """diffusers failed inside that component's loading, and the message blamed the component's own config."""
+    broken = _copy(sd_folder, tmp_path)
+    index = json.loads((broken / "model_index.json").read_text())
+    assert index[component] == [library, class_name]
+    index[component] = [library, f"{class_name}Renamed"]
+    (broken / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(PipelineFolderError, match=rf"model_index.json: its component '{component}' is a {library} "
+                                                  rf"{class_name}Renamed, a class {library} \S+ does not have"):
+        load_fp_pipeline(broken)
+
+
 def test_a_denoiser_folder_is_not_a_prompt_pipeline(tiny_model_dir):
     with pytest.raises(PipelineFolderError, match="DDPMPipeline"):
         check_pipeline_folder(tiny_model_dir)

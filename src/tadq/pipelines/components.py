@@ -8,6 +8,7 @@ first (a missing config, no safetensors weights, a weights file shorter than its
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import json
@@ -398,11 +399,29 @@ def _failed_component(error: BaseException) -> str | None:
     return component
 
 
+def _require_component_classes(layout: PipelineLayout, given: dict[str, Any]) -> None:
+    """Refuse a model_index.json entry naming a class its library lacks (a typo, or a folder written by a newer
+    diffusers or transformers): diffusers fails inside that component's loading, which read as a damaged component
+    config, where the file to mend is model_index.json."""
+    for name, (library, class_name) in sorted(layout.components.items()):
+        if name in given or name in UNUSED_COMPONENTS or library not in ("diffusers", "transformers"):
+            continue
+        module = importlib.import_module(library)
+        if not hasattr(module, class_name):
+            written = layout.index.get("_diffusers_version")
+            raise PipelineFolderError(
+                f"{layout.path / 'model_index.json'}: its component {name!r} is a {library} {class_name}, a class "
+                f"{library} {getattr(module, '__version__', '')} does not have (a typo, or a folder written by a "
+                f"newer version{f'; diffusers {written} wrote it' if written else ''}): correct the class name or "
+                f"upgrade {library}")
+
+
 def load_components(klass: type, layout: PipelineLayout, **options: Any) -> Any:
     """``klass.from_pretrained`` on the checked folder; a component whose config does not describe its weights
     (an edited config, config and weights from two downloads) raises ``PipelineFolderError`` naming it, not
     diffusers' traceback; so does a diffusers model (UNet, transformer, VAE) whose files lack one of its parameters,
     which diffusers would have filled with random values and only logged."""
+    _require_component_classes(layout, options)
     try:
         pipe = klass.from_pretrained(str(layout.path), **options)
     except Exception as error:  # re-raised below unless it came from loading one component
