@@ -46,6 +46,7 @@ def test_analyze_measures_the_network_of_the_chosen_backend(tmp_path, tiny_model
     assert isinstance(analysed[1], IntegerDenoiser) and analysed[1].backend == "int8"
     for backend, report in reports.items():
         assert report["settings"]["backend"] == backend
+        assert report["settings"]["reference"] == str(tiny_model_dir)  # the key tadq evaluate's report uses
         assert report["measured"][0] == 0.0 and math.isfinite(report["measured"][-1]) and report["measured"][-1] > 0
 
 

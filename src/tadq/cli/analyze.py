@@ -127,7 +127,7 @@ def analyze_command(
                           "applied here (tadq evaluate measures the deployed model with them)")
     out.mkdir(parents=True, exist_ok=True)
     mark_output(out, "analysis")
-    settings = {"model": str(model_dir), "fp_model": str(fp_model) if fp_model is not None else "shipped",
+    settings = {"model": str(model_dir), "reference": str(fp_model) if fp_model is not None else "shipped",
                 "corrections_not_applied": ignored, "measure_jacobian": jacobian, "batch_size": batch_size,
                 "backend": backend, "guidance_scale": scale,
                 "conditions": None if conditions is None else conditions.key}
