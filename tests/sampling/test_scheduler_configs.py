@@ -144,3 +144,21 @@ def test_grid_options_at_values_that_change_nothing_are_not_refused():
                       DPMSolverMultistepScheduler(use_karras_sigmas=False, use_lu_lambdas=False)):
         for kind in ("ddim", "ddpm", "euler-ancestral"):
             assert SamplingPlan.build(scheduler, SamplerConfig(kind, 4)).num_steps == 4
+
+
+@pytest.mark.parametrize("schedule", ["sigmoid", "laplace"])
+def test_a_beta_schedule_only_ddpm_computes_is_refused_for_the_other_kinds_naming_ddpm(schedule):
+    """DDPMScheduler alone computes 'sigmoid' and 'laplace' betas: a DDPM folder with one, sampled with the commands'
+    default ddim (or euler, dpmsolver++...), was refused by diffusers' own 'sigmoid is not implemented for
+    DDIMScheduler', naming a scheduler the user never chose. Now named by key and kind with the kind that works,
+    before any forward; ddpm samples it, and the same betas given as trained_betas drive every kind."""
+    unet, train = build_tiny_unet(), DDPMScheduler(beta_schedule=schedule)
+    for kind in ("ddim", "euler", "euler-ancestral", "dpmsolver++"):
+        named = rf"beta_schedule='{schedule}'.*\({re.escape(kind)}\).*sample it with ddpm\b"
+        with counting_forwards(unet) as calls, pytest.raises(NotImplementedError, match=named):
+            tadq.sample(unet, train, SamplerConfig(kind, 4), num_samples=1, seed=0, progress=False)
+        assert calls[0] == 0
+    images = tadq.sample(unet, train, SamplerConfig("ddpm", 4), num_samples=1, seed=0, progress=False).images
+    assert torch.isfinite(images).all()
+    given = DDPMScheduler(trained_betas=train.betas.numpy(), beta_schedule=schedule)
+    assert SamplingPlan.build(given, SamplerConfig("ddim", 4)).num_steps == 4

@@ -11,6 +11,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal
 
 import torch
@@ -416,9 +417,38 @@ def _check_grid_options(sampler: SamplerConfig, config: Mapping[str, Any]) -> No
             + f" than the config asks for, without a word; {use} set {key} to its default in the config.")
 
 
+@cache
+def _builds_schedule(kind: str, beta_schedule: str) -> bool:
+    """Whether the diffusers class of ``kind`` computes ``beta_schedule`` (DDPM alone has 'sigmoid' and 'laplace';
+    the others raise ``NotImplementedError`` from ``from_config``)."""
+    try:
+        _SCHEDULER_CLASSES[kind](beta_schedule=beta_schedule)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _check_beta_schedule(sampler: SamplerConfig, config: Mapping[str, Any]) -> None:
+    """Refuse a ``beta_schedule`` the sampler's diffusers class cannot compute, naming the kinds that can: the
+    class's own error named a scheduler the user never chose ('sigmoid is not implemented for DDIMScheduler' for
+    a DDPM folder sampled with the commands' default, ddim). ``trained_betas`` overrides the schedule."""
+    schedule = config.get("beta_schedule")
+    if not isinstance(schedule, str) or config.get("trained_betas") is not None or sampler.is_flow \
+            or _builds_schedule(sampler.kind, schedule):
+        return
+    honour = [kind for kind in SAMPLER_KINDS if kind not in FLOW_KINDS and _builds_schedule(kind, schedule)]
+    use = f"sample it with {', '.join(honour)}" if honour else "no tadq sampler kind computes it"
+    raise NotImplementedError(
+        f"the scheduler config has beta_schedule={schedule!r}, which {_SCHEDULER_CLASSES[sampler.kind].__name__} "
+        f"({sampler.kind}) does not implement: {use} (tadq's commands default to ddim; pass --sampler), or give "
+        "the schedule as trained_betas.")
+
+
 def _check_sampler_options(sampler: SamplerConfig, config: Mapping[str, Any]) -> None:
-    """Options of the training config that would change the update tadq's steps implement are refused, and grid
-    options the sampler's class would drop (``_check_grid_options``)."""
+    """Options of the training config that would change the update tadq's steps implement are refused, a beta
+    schedule the sampler's class cannot compute (``_check_beta_schedule``) and grid options that class would drop
+    (``_check_grid_options``)."""
+    _check_beta_schedule(sampler, config)
     _check_grid_options(sampler, config)
     if sampler.kind == "dpmsolver++":
         if config.get("thresholding"):
