@@ -149,7 +149,8 @@ def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder,
                            "--out", str(tmp_path / "s.png"), "--tensor-out", str(tmp_path / "s.safetensors"))
     assert result.exit_code == 0, result.output
     saved = load_file(tmp_path / "s.safetensors")
-    assert saved["images"].shape == (3, 4, 8, 8) and saved["class_labels"].tolist() == [7, 7, 7]  # latents kept
+    assert "images" not in saved  # the key a text-to-image pipeline's latents have: one name for one thing
+    assert saved["latents"].shape == (3, 4, 8, 8) and saved["class_labels"].tolist() == [7, 7, 7]  # latents kept
     report = tmp_path / "report"
     result, text = _invoke("evaluate", str(out), "--reference", str(dit_folder), "--num-samples", "4",
                            "--out", str(report))

@@ -524,7 +524,8 @@ def sample_command(
     labels: Labels = None,
     null_class: NullClass = None,
     tensor_out: Annotated[Path | None, typer.Option(
-        help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle).")
+        help="Also save the samples (N, C, H, W) as a .safetensors file (settings in its metadata; no pickle): "
+             "'images' of a pixel model, 'latents' (before decoding) of a latent one.")
     ] = None,
     force_foreign: ForceForeign = False,
     threads: Threads = 0,
@@ -615,8 +616,9 @@ def sample_command(
         console.print(f"class labels of the first samples: {shown}" + ("" if num_samples <= 16 else " ..."))
     console.print(f"wrote {written} ({num_samples} samples, {label})")
     if tensor_out is not None:
-        tensors = {"images": result.images, "indices": result.indices}
-        if conditions is not None:  # the samples before decoding, with the label each was drawn for
+        # a latent model's samples before decoding are latents: the key a text-to-image pipeline's file uses too
+        tensors = {"images" if decoder is None else "latents": result.images, "indices": result.indices}
+        if conditions is not None:  # with the label each was drawn for
             tensors["class_labels"] = conditions(seed, range(num_samples)).class_labels
         save_checked(tensors, {"seed": seed, "sampler": config_to_dict(sampler_config), "guidance_scale": scale,
                                "model": str(model_dir or "shipped"), "backend": backend}, tensor_out)
