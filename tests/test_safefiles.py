@@ -192,3 +192,32 @@ def test_metadata_with_integer_keys_and_tuples_reads_back_under_its_checksum(tmp
     path = tmp_path / "x.safetensors"
     save_checked({"a": torch.ones(2)}, {"per_step": {1: 0.5, 10: 0.25, 2: 1.0}, "shape": (1, 2)}, path)
     assert load_checked(path, "test")[1] == {"per_step": {"1": 0.5, "10": 0.25, "2": 1.0}, "shape": [1, 2]}
+
+
+@pytest.mark.parametrize(("extra", "noted"), [({}, False), ({"foo": 1}, True)])
+def test_a_registered_flux_sample_size_loads_without_diffusers_ignore_note(tmp_path, extra, noted):
+    """tadq reads a Flux config's ``sample_size`` (the latent side users register) while diffusers noted on every load
+    that it "will be ignored"; any other extra key is still noted."""
+    import logging
+
+    from diffusers import FluxTransformer2DModel
+
+    from tadq.safefiles import diffusers_loading_options
+
+    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    model.register_to_config(sample_size=8, **extra)
+    model.save_pretrained(tmp_path / "flux")
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logger = logging.getLogger("diffusers.configuration_utils")
+    logger.addHandler(handler)
+    try:
+        loaded = FluxTransformer2DModel.from_pretrained(tmp_path / "flux", **diffusers_loading_options())
+    finally:
+        logger.removeHandler(handler)
+    assert loaded.config.sample_size == 8  # what tadq's Flux adapter reads
+    ignored = [message for message in records if "will be ignored" in message]
+    assert bool(ignored) == noted, ignored

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import re
 from collections.abc import Sequence
@@ -404,12 +405,33 @@ def _accelerate_installed() -> bool:
     return importlib.util.find_spec("accelerate") is not None
 
 
+# diffusers' note that a config key its class's __init__ does not take "will be ignored"; tadq reads one such key
+# (a Flux transformer's registered latent side, adapters/mmdit.py), so for it the note only misleads
+_FLUX_SAMPLE_SIZE_NOTE = re.compile(r"^The config attributes \{'sample_size': [^,{}]+\} were passed to "
+                                    r"FluxTransformer2DModel, but are not expected and will be ignored")
+
+
+class _FluxSampleSizeNoteFilter(logging.Filter):
+    """Drops that note for a Flux config whose only extra key is ``sample_size``; any other key still warns."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _FLUX_SAMPLE_SIZE_NOTE.match(record.getMessage()) is None
+
+
+def _quiet_flux_sample_size_note() -> None:
+    target = logging.getLogger("diffusers.configuration_utils")
+    if not any(isinstance(existing, _FluxSampleSizeNoteFilter) for existing in target.filters):
+        target.addFilter(_FluxSampleSizeNoteFilter())
+
+
 def diffusers_loading_options() -> dict[str, Any]:
     """``low_cpu_mem_usage`` for every diffusers ``from_pretrained`` tadq makes (FP model folders, pipelines, VAEs),
     one rule: with accelerate, diffusers' default (the model built on the meta device and handed the file's tensors,
     no second copy of the weights); without it, the plain loading diffusers falls back to, asked for so that it does
     not print its five-line "pip install accelerate" advice on every load. Either way each parameter holds the
-    file's values, and a parameter the files lack is refused by ``require_stored_parameters``."""
+    file's values, and a parameter the files lack is refused by ``require_stored_parameters``. Also quiets diffusers'
+    "will be ignored" note for the ``sample_size`` tadq asks Flux users to register (and reads)."""
+    _quiet_flux_sample_size_note()
     return {} if _accelerate_installed() else {"low_cpu_mem_usage": False}
 
 
