@@ -62,17 +62,18 @@ def test_a_fourier_time_embedding_unet_is_refused_before_sampling(ddpm_scheduler
 
 
 def test_a_unet_whose_output_is_not_its_input_shape_is_refused_before_any_call(ddpm_scheduler):
-    """A learned-variance UNet (2·C outputs) used to fail at the first denoiser call, after the progress bar had
-    started; it is refused where the sample shape is asked, before any call."""
+    """A UNet whose output is neither C channels nor a 2·C learned variance (which the adapter splits,
+    tests/adapters/test_unet_learned_variance.py) used to fail at the first denoiser call, after the progress bar
+    had started; it is refused where the sample shape is asked, before any call."""
     from diffusers import UNet2DModel
 
     from tadq import api
     from tadq.sampling import SamplerConfig
 
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=2, layers_per_block=1, block_out_channels=(4, 8),
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=3, layers_per_block=1, block_out_channels=(4, 8),
                        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
                        up_block_types=("UpBlock2D", "UpBlock2D")).eval()
     unet.forward = lambda *args, **kwargs: pytest.fail("the denoiser was called")
-    with pytest.raises(ValueError, match="returns 2 channels for 1 input channels"):
+    with pytest.raises(ValueError, match="returns 3 channels for 1 input channels"):
         api.sample(unet, ddpm_scheduler, SamplerConfig(kind="ddim", num_steps=2), num_samples=1, seed=0,
                    progress=False)

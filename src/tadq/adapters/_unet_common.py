@@ -211,8 +211,9 @@ class TracedUNetAdapter:
     ``dummy_conditioning``)."""
 
     name = "unet"
-    # whether the adapter returns the ε half of a wider (learned-variance) output; the UNet adapters do not, so a
-    # model whose output channels differ from its input's is refused in ``sample_shape``
+    # whether the adapter's ``predict_eps`` returns the prediction half of a learned-variance output
+    # (``out_channels = 2·in_channels``, ``prediction_half``); a subclass that does not declare it has any output
+    # whose channels differ from its input's refused in ``sample_shape``
     splits_learned_variance = False
     # conditioning fields the model takes but does not require (``attention_mask``); any other field beyond
     # ``conditioning_inputs`` is refused, by ``tadq.quantize`` before any work and by ``predict_eps`` at each call
@@ -325,13 +326,46 @@ class TracedUNetAdapter:
             raise ValueError(f"this {type(model).__name__} has a Gaussian-Fourier time embedding: it takes a "
                              "continuous noise input (StableDiffusionLatentUpscalePipeline feeds it log σ / 4), not "
                              "the discrete timesteps tadq's samplers pass; such UNets are not supported")
-        channels_in, channels_out = model.config.in_channels, getattr(model.config, "out_channels", None)
-        if not self.splits_learned_variance and channels_out is not None and channels_out != channels_in:
-            raise ValueError(f"this {type(model).__name__} returns {channels_out} channels for {channels_in} input "
-                             "channels (a learned-variance output, or extra conditioning channels as in inpainting); "
-                             "tadq's UNet adapters sample models whose prediction has the input's shape")
+        channels_in = model.config.in_channels
+        self._check_output_channels(model, channels_in, self._out_channels(model))
         height, width = _sample_size(model)
         return (channels_in, height, width)
+
+    @staticmethod
+    def _out_channels(model: nn.Module) -> int:
+        """``config.out_channels``, or ``in_channels`` where the config leaves it unset."""
+        config = model.config
+        out = getattr(config, "out_channels", None)
+        return out if out is not None else config.in_channels
+
+    def _check_output_channels(self, model: nn.Module, channels: int, out: int) -> None:
+        """Refuse an output the samplers cannot read as a prediction of the input's shape: anything but C channels,
+        or 2·C (a learned variance, whose first C channels ``prediction_half`` returns) where the adapter splits it.
+
+        Raises:
+            ValueError: naming both channel counts; inpainting's 9 → 4 and any other count is refused here.
+        """
+        if out == channels or (self.splits_learned_variance and out == 2 * channels):
+            return
+        kind = type(model).__name__
+        if out == 2 * channels:
+            raise ValueError(f"this {kind} returns {out} channels for {channels} input channels (a learned-variance "
+                             f"output); {type(self).__name__} does not split off its prediction half")
+        accepted = f"{channels}" + (f" or {2 * channels} (a learned variance)" if self.splits_learned_variance else "")
+        raise ValueError(f"this {kind} returns {out} channels for {channels} input channels (extra conditioning "
+                         f"channels as in inpainting, or another output layout); tadq samples models that return "
+                         f"{accepted} channels, whose first {channels} are the prediction of the input's shape")
+
+    def prediction_half(self, model: nn.Module, output: Tensor) -> Tensor:
+        """The prediction channels of the network's ``output``: its first ``in_channels`` when the model also
+        predicts the variance interpolation (``out_channels = 2·in_channels``: improved DDPM, guided diffusion, DiT,
+        DeepFloyd IF), else all of it. Only samplers, corrections and the trajectory see this half; the layers
+        (``conv_out``, ``proj_out``) are quantized and reconstructed on everything they compute."""
+        channels, out = model.config.in_channels, self._out_channels(model)
+        if out == channels:
+            return output
+        self._check_output_channels(model, channels, out)
+        return output[:, :channels]
 
 
 def _positive_int(value: object) -> bool:

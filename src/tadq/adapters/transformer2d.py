@@ -109,7 +109,7 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
     ``[deep | skip]`` splits, the ε half of a learned-variance output. Block order, attention modules and the sample
     shape come from the traced UNet adapter (the same module-type and hook logic applies)."""
 
-    splits_learned_variance = True  # its outputs' own check refuses anything but C or 2·C channels
+    splits_learned_variance = True  # C or 2·C output channels; ``sample_shape`` refuses any other count
 
     def _claim_model(self, claims: RoleClaims, model: nn.Module) -> None:
         raise NotImplementedError
@@ -167,22 +167,6 @@ class _PatchTransformerAdapter(TracedUNetAdapter):
                              f"{height // patch * patch}×{width // patch * patch} prediction; tadq samples latents "
                              "whose sides are multiples of the patch size (fix config.sample_size)")
         return channels, height, width
-
-    @staticmethod
-    def _out_channels(model: nn.Module) -> int:
-        config = model.config
-        return config.out_channels if config.out_channels is not None else config.in_channels
-
-    def _eps_half(self, model: nn.Module, output: Tensor) -> Tensor:
-        """The prediction channels of ``output``: its first ``in_channels`` when the model also predicts the
-        variance (``out_channels = 2·in_channels``), else all of it."""
-        channels, out = model.config.in_channels, self._out_channels(model)
-        if out == channels:
-            return output
-        if out == 2 * channels:
-            return output[:, :channels]
-        raise NotImplementedError(f"{type(model).__name__} with out_channels={out} for in_channels={channels}: "
-                                  "neither a plain nor a learned-variance (2·in_channels) output")
 
     @staticmethod
     def _timesteps(x: Tensor, t: Tensor) -> Tensor:
@@ -274,7 +258,7 @@ class DiTAdapter(_PatchTransformerAdapter):
             raise ValueError(f"class_labels must be (N,) indices in [0, {table - 1}] (the null class is "
                              f"{self.null_class(model)}), got shape {list(labels.shape)}")
         output = model(x, timestep=self._timesteps(x, t), class_labels=labels).sample
-        return self._eps_half(model, output)
+        return self.prediction_half(model, output)
 
 
 @register_adapter(PixArtTransformer2DModel, subfolder="transformer", pipeline_class="PixArtAlphaPipeline")
@@ -341,7 +325,7 @@ class PixArtAdapter(_PatchTransformerAdapter):
             added = {key: cond.added_cond_kwargs[key] for key in added}
         output = model(x, encoder_hidden_states=cond.encoder_hidden_states, timestep=self._timesteps(x, t),
                        added_cond_kwargs=added, encoder_attention_mask=cond.attention_mask).sample
-        return self._eps_half(model, output)
+        return self.prediction_half(model, output)
 
     def _check_shapes(self, model: nn.Module, x: Tensor, cond: Conditioning) -> None:
         """Shape errors named in the conditioning's terms instead of a matmul error deep inside the model."""

@@ -77,6 +77,7 @@ class UNet2DAdapter(TracedUNetAdapter):
     """Roles and calls for ``UNet2DModel``."""
 
     name = "unet2d"
+    splits_learned_variance = True  # improved-DDPM / guided-diffusion 2·C outputs: ``predict_eps`` gives the ε half
 
     def _roles(self, model: nn.Module) -> dict[int, tuple[LayerRole, str]]:
         return _named_roles(model)
@@ -105,12 +106,13 @@ class UNet2DAdapter(TracedUNetAdapter):
 
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
         """The UNet's output (in its scheduler's prediction type) at (x, t), with ``cond.class_labels`` if it takes
-        labels; ``cond.unconditional`` is the walker's business, not the model's."""
+        labels, its first ``in_channels`` for a learned-variance output (``prediction_half``);
+        ``cond.unconditional`` is the walker's business, not the model's."""
         t = _timesteps_for(model, t)
         if not self.conditioning_inputs(model):
             if cond is not None:
                 raise ValueError(f"this UNet2DModel is unconditional but was given conditioning {cond.describe()}")
-            return model(x, t).sample
+            return self.prediction_half(model, model(x, t).sample)
         if cond is None or cond.class_labels is None:
             raise ValueError("this UNet2DModel is class-conditional: pass cond=Conditioning(class_labels=...) (e.g. "
                              "conditions=RandomClassLabels(num_classes, null_class) when sampling)")
@@ -118,7 +120,7 @@ class UNet2DAdapter(TracedUNetAdapter):
         if extra:
             raise ValueError(f"this UNet2DModel takes class_labels only, not {extra}")
         check_class_labels(model, cond.class_labels)
-        return model(x, t, class_labels=cond.class_labels).sample
+        return self.prediction_half(model, model(x, t, class_labels=cond.class_labels).sample)
 
     def temporal_embedding(self, model: nn.Module, t: Tensor, labels: Tensor | None = None) -> Tensor:
         """emb = h(t) [+ e(y)], (B, D): the temporal path's input to every residual block, exactly as

@@ -119,6 +119,7 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
 
     name = "unet2d_condition"
     optional_inputs = OPTIONAL_INPUTS
+    splits_learned_variance = True  # a 2·C (learned-variance) output: ``predict_eps`` gives the ε half
 
     def _roles(self, model: nn.Module) -> dict[int, tuple[LayerRole, str]]:
         return _named_roles(model)
@@ -158,8 +159,9 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
         return tuple(fields)
 
     def predict_eps(self, model: nn.Module, x: Tensor, t: Tensor, cond: Conditioning | None = None) -> Tensor:
-        """The UNet's output (its scheduler's prediction type) at (x, t, cond); ``cond.unconditional`` is the
-        walker's business (it batches both branches into ``cond`` itself).
+        """The UNet's output (its scheduler's prediction type) at (x, t, cond), its first ``in_channels`` for a
+        learned-variance output (``prediction_half``); ``cond.unconditional`` is the walker's business (it batches
+        both branches into ``cond`` itself).
 
         Raises:
             ValueError: ``cond`` lacks a required field, carries one this UNet does not take, or a shape that does
@@ -174,8 +176,9 @@ class UNet2DConditionAdapter(TracedUNetAdapter):
         added = None
         if "pooled_embeds" in required:
             added = {"text_embeds": cond.pooled_embeds, "time_ids": cond.added_cond_kwargs["time_ids"]}
-        return model(x, t, encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels,
-                     added_cond_kwargs=added, encoder_attention_mask=cond.attention_mask).sample
+        output = model(x, t, encoder_hidden_states=cond.encoder_hidden_states, class_labels=cond.class_labels,
+                       added_cond_kwargs=added, encoder_attention_mask=cond.attention_mask).sample
+        return self.prediction_half(model, output)
 
     @staticmethod
     def _check_shapes(model: nn.Module, x: Tensor, cond: Conditioning) -> None:
