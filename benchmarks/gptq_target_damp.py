@@ -46,10 +46,13 @@ def main() -> None:
     parser.add_argument("--rows", default="W8A8:gptq,W8A8:1e-4,W4A8:gptq,W4A8:1e-4")
     parser.add_argument("--num-samples", type=count, default=128)
     parser.add_argument("--threads", type=count, default=1)
+    parser.add_argument("--prior", choices=("zero", "weight"), default="zero",
+                        help="what W*'s ridge shrinks toward (gptq_target_prior): zero, the solve this table was "
+                             "measured with (tadq before 2026-12-07), or weight (today's default)")
     args = parser.parse_args()
     rows = [parse_row(row) for row in args.rows.split(",")]
     for _, damp in rows:  # refuse a bad value before any calibration
-        ReconstructionConfig(gptq_target_damp=damp)
+        ReconstructionConfig(gptq_target_damp=damp, gptq_target_prior=args.prior)
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
     sampler, calibration, data = probe_calibration(workload)
@@ -60,15 +63,16 @@ def main() -> None:
 
     fp = draw(workload.model)
     for name, damp in rows:
+        reconstruction = ReconstructionConfig(gptq_target_damp=damp, gptq_target_prior=args.prior)
         config = QuantConfig.from_preset(name, calibration=calibration, method="qdiffusion", fp_layers="first_last",
-                                         reconstruction=ReconstructionConfig(gptq_target_damp=damp))
+                                         reconstruction=reconstruction)
         start = time.process_time()
         qmodel = api.quantize(workload.model, workload.scheduler, config, calibration=data,
                               conditions=workload.calibration_conditions, progress=False)
         cpu_s = time.process_time() - start
         reports = qmodel.reconstruction_report
         print(json.dumps({
-            "model": args.model, "preset": name, "gptq_target_damp": damp, "units": len(reports),
+            "model": args.model, "preset": name, "gptq_target_damp": damp, "prior": args.prior, "units": len(reports),
             "kept_nearest": sum(r.guard_rejected for r in reports),
             "loss_vs_nearest": round(sum(r.loss_after for r in reports) / sum(r.loss_before for r in reports), 4),
             "psnr": round(float(psnr_per_sample(draw(qmodel), fp).mean()), 2), "quantize_cpu_s": round(cpu_s, 1)}),

@@ -92,15 +92,17 @@ def test_reconstruction_rounding_survives_json_and_a_version_1_payload_means_ada
     config = QuantConfig.from_preset("W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(
         rounding="gptq_adaround", gptq_damp=0.05, gptq_act_order=False, gptq_inputs=128))
     payload = json.loads(json.dumps(config_to_dict(config)))
-    assert payload["data"]["reconstruction"]["version"] == 3
+    assert payload["data"]["reconstruction"]["version"] == 4
     assert config_from_dict(payload) == config
     old = json.loads(json.dumps(config_to_dict(QuantConfig.from_preset("W4A8", method="qdiffusion"))))
     old["data"]["reconstruction"]["version"] = 1
-    for name in ("rounding", "gptq_damp", "gptq_target_damp", "gptq_act_order", "gptq_target", "gptq_inputs"):
+    for name in ("rounding", "gptq_damp", "gptq_target_damp", "gptq_target_prior", "gptq_act_order", "gptq_target",
+                 "gptq_inputs"):
         del old["data"]["reconstruction"]["data"][name]
     restored = config_from_dict(old)
     assert restored.reconstruction.rounding == "adaround" and restored == QuantConfig.from_preset(
-        "W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(rounding="adaround", gptq_target_damp=None))
+        "W4A8", method="qdiffusion", reconstruction=ReconstructionConfig(rounding="adaround", gptq_target_damp=None,
+                                                                         gptq_target_prior="zero"))
 
 
 def test_a_version_2_reconstruction_solves_the_fp_output_target_with_gptq_damp():
@@ -113,12 +115,27 @@ def test_a_version_2_reconstruction_solves_the_fp_output_target_with_gptq_damp()
     assert config_from_dict(payload).reconstruction.gptq_target_damp == 1e-4
     payload["data"]["reconstruction"]["version"] = 2
     del payload["data"]["reconstruction"]["data"]["gptq_target_damp"]
+    del payload["data"]["reconstruction"]["data"]["gptq_target_prior"]
     assert config_from_dict(payload).reconstruction.gptq_target_damp is None
+
+
+def test_a_version_3_reconstruction_shrinks_the_fp_output_target_toward_zero():
+    """Files written before gptq_target_prior existed solved W* with the plain ridge (toward zero): they load as
+    that, while a new config shrinks toward W."""
+    from tadq.config import ReconstructionConfig
+
+    assert ReconstructionConfig().gptq_target_prior == "weight"
+    payload = json.loads(json.dumps(config_to_dict(QuantConfig.from_preset("W8A8", method="qdiffusion"))))
+    assert config_from_dict(payload).reconstruction.gptq_target_prior == "weight"
+    payload["data"]["reconstruction"]["version"] = 3
+    del payload["data"]["reconstruction"]["data"]["gptq_target_prior"]
+    assert config_from_dict(payload).reconstruction.gptq_target_prior == "zero"
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [
     ("rounding", "brecq", "rounding must be"), ("gptq_damp", 0.0, "gptq_damp"), ("gptq_inputs", -1, "gptq_inputs"),
     ("gptq_target_damp", 0.0, "gptq_target_damp"), ("gptq_target_damp", True, "gptq_target_damp"),
+    ("gptq_target_prior", "mean", "gptq_target_prior"),
 ])
 def test_bad_reconstruction_rounding_fields_raise(field, value, message):
     from tadq.config import ReconstructionConfig

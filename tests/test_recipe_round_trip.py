@@ -22,7 +22,8 @@ from tadq.tfmq import TFMQConfig, TFMQMethod
 RECONSTRUCTION = ReconstructionConfig(
     weight_iters=7, activation_iters=3, batch_size=5, rounding_weight=0.02, beta_start=18.0, beta_end=3.0,
     warmup=0.1, weight_lr=0.02, activation_lr=0.0003, activation_p=2.0, loss_reduction="sum", seed=4,
-    rounding="gptq_adaround", gptq_damp=0.02, gptq_target_damp=None, gptq_act_order=False, gptq_target="own_inputs",
+    rounding="gptq_adaround", gptq_damp=0.02, gptq_target_damp=None, gptq_target_prior="zero",
+    gptq_act_order=False, gptq_target="own_inputs",
     gptq_inputs=17)
 WEIGHTS = QScheme(bits=4, symmetric=True, granularity="per_channel", range_method="percentile", percentile=99.5,
                   mse_p=2.0, mse_grid=40, group_size=32)

@@ -106,6 +106,13 @@ class ReconstructionConfig:
             1e-3..1e-6 on the digits and beat 1 % on both models at both presets (digits W8A8 +1.1 / W4A8 +4.4 dB,
             photos +1.0 / +3.8 dB); 1e-6 is ill-conditioned (digits W4A8 25 dB).
             ``benchmarks/gptq_target_damp.py``; docs/methods/qdiffusion.md#the-targets-ridge-damping.
+        gptq_target_prior: what the ridge of W* shrinks toward along the input directions the calibration inputs
+            barely cover: ``"weight"`` (default: W, i.e. W* = (W E[x x̂ᵀ] + λ·m·W)(E[x̂ x̂ᵀ] + λ·m·I)⁻¹, which is W
+            itself when there is no drift to undo) or ``"zero"`` (tadq before 2026-12-07: the plain ridge solve,
+            which deletes W's response to those directions). The unit-loss guard sees only the calibration
+            inputs, so it could not catch what ``"zero"`` did to other inputs: on the shipped DiT with 16
+            calibration trajectories the W8A8 base fell 7 dB under naive PTQ.
+            ``benchmarks/gptq_target_prior.py``; docs/methods/qdiffusion.md#what-the-targets-ridge-shrinks-toward.
         gptq_act_order: round the columns with the largest input energy first (GPTQ's act-order).
         gptq_target: what GPTQ's rounding reproduces: ``"fp_output"`` (default: the FP network's layer output W x;
             W is first replaced by the least-squares W* = W E[x x̂ᵀ] E[x̂ x̂ᵀ]⁻¹, which also absorbs the drift of
@@ -115,7 +122,8 @@ class ReconstructionConfig:
             Hessian; 0: all of them.
     """
 
-    config_version: ClassVar[int] = 3  # 2: rounding, gptq_damp, gptq_inputs (before: AdaRound); 3: gptq_target_damp
+    # 2: rounding, gptq_damp, gptq_inputs (before: AdaRound); 3: gptq_target_damp; 4: gptq_target_prior
+    config_version: ClassVar[int] = 4
 
     weight_iters: int = 1000
     activation_iters: int = 0
@@ -132,6 +140,7 @@ class ReconstructionConfig:
     rounding: Literal["adaround", "gptq", "gptq_adaround"] = "gptq"
     gptq_damp: float = 0.01
     gptq_target_damp: float | None = 1e-4
+    gptq_target_prior: Literal["zero", "weight"] = "weight"
     gptq_act_order: bool = True
     gptq_target: Literal["own_inputs", "fp_output"] = "fp_output"
     gptq_inputs: int = 256
@@ -158,6 +167,8 @@ class ReconstructionConfig:
         if self.gptq_target_damp is not None and (isinstance(self.gptq_target_damp, bool)
                                                   or not self.gptq_target_damp > 0):
             raise ValueError(f"gptq_target_damp must be > 0 or None (gptq_damp), got {self.gptq_target_damp!r}")
+        if self.gptq_target_prior not in ("zero", "weight"):
+            raise ValueError(f"gptq_target_prior must be 'zero' or 'weight', got {self.gptq_target_prior!r}")
         if self.gptq_target not in ("own_inputs", "fp_output"):
             raise ValueError(f"gptq_target must be 'own_inputs' or 'fp_output', got {self.gptq_target!r}")
         if self.gptq_inputs < 0:
@@ -402,6 +413,8 @@ register_migration("ReconstructionConfig", 1, lambda data: field_added("gptq_tar
     field_added("gptq_act_order", True)(field_added("gptq_damp", 0.01)(field_added("rounding", "adaround")(data))))))
 # version 3: gptq_target_damp (before it, W* was solved with gptq_damp)
 register_migration("ReconstructionConfig", 2, field_added("gptq_target_damp", None))
+# version 4: gptq_target_prior (before it, the ridge of W* shrank toward zero)
+register_migration("ReconstructionConfig", 3, field_added("gptq_target_prior", "zero"))
 
 
 def _fields_as_written(klass: type, data: dict[str, Any]) -> dict[str, Any]:

@@ -235,11 +235,50 @@ def test_gptq_target_damping_decides_whether_8bit_gptq_beats_nearest():
         with torch.no_grad():
             nearest = float((layer(x) - target).pow(2).mean())
         io = UnitIO(args=[x], output=target)
-        config = ReconstructionConfig(rounding="gptq", batch_size=64, gptq_inputs=0, gptq_target_damp=damp)
+        config = ReconstructionConfig(rounding="gptq", batch_size=64, gptq_inputs=0, gptq_target_damp=damp,
+                                      gptq_target_prior="zero")
         _gptq_weights(layer, io, config, seed=0, fp_unit=linear, fp_io=io)
         with torch.no_grad():
             errors[damp] = float((layer(x) - target).pow(2).mean()) / nearest
     assert errors[None] > 1.0 and errors[1e-6] < 0.1 * errors[None], errors
+
+
+def test_gptq_onto_fp_outputs_does_not_delete_what_calibration_left_out():
+    """W*'s ridge used to shrink W toward zero along the input directions the calibration set barely covers (the
+    shipped DiT with 16 calibration trajectories: its W8A8 base 7 dB under naive PTQ). On the calibration inputs the
+    result even beats nearest rounding, so the unit-loss guard keeps it, but an input with components in those
+    directions meets a layer that lost them. Shrunk toward W (``gptq_target_prior="weight"``, the default), W* is W
+    itself when there is no drift to undo, so GPTQ onto the FP outputs rounds exactly as plain GPTQ does."""
+    import copy
+
+    from tadq.calibration.capture import UnitIO
+    from tadq.calibration.reconstruction import _gptq_weights
+    from tadq.quant.modules import QuantLinear
+    from tadq.quant.qscheme import preset
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8)
+    basis = torch.randn(32, 32)
+    x = torch.randn(256, 4) @ basis[:4] + 1e-3 * torch.randn(256, 32) @ basis  # 4 strong directions, a faint rest
+    held_out = torch.randn(256, 32) @ basis  # every direction, as inputs calibration did not see
+    io = UnitIO(args=[x], output=linear(x).detach())
+    weights, errors = {}, {}
+    for name, config in {"zero": ReconstructionConfig(rounding="gptq", gptq_inputs=0, gptq_target_prior="zero"),
+                         "default": ReconstructionConfig(rounding="gptq", gptq_inputs=0),
+                         "own_inputs": ReconstructionConfig(rounding="gptq", gptq_inputs=0,
+                                                            gptq_target="own_inputs")}.items():
+        layer = QuantLinear.from_module(copy.deepcopy(linear), *preset("W8A16"))
+        with torch.no_grad():
+            nearest = [float((layer(v) - linear(v)).pow(2).mean()) for v in (x, held_out)]
+        fp = (linear, io) if config.gptq_target == "fp_output" else (None, None)
+        _gptq_weights(layer, io, config, seed=0, fp_unit=fp[0], fp_io=fp[1])
+        with torch.no_grad():
+            weights[name] = layer.weight.clone()
+            errors[name] = [float((layer(v) - linear(v)).pow(2).mean()) / n
+                            for v, n in zip((x, held_out), nearest, strict=True)]
+    # the guard's blind spot: below nearest on the calibration inputs, far above plain GPTQ on the held-out ones
+    assert errors["zero"][0] < 1.0 < 100 * errors["own_inputs"][1] < errors["zero"][1], errors
+    assert torch.equal(weights["default"], weights["own_inputs"])
 
 
 def test_gptq_onto_fp_outputs_keeps_the_weights_of_a_dead_input():

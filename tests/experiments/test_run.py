@@ -164,6 +164,8 @@ def test_results_note_names_the_gptq_targets_ridge_damping():
     assert "target ridge damping 0.0001" in _reconstruction_note(ReconstructionConfig(gptq_target_damp=1e-4))
     assert "target ridge damping 0.01" in _reconstruction_note(ReconstructionConfig(gptq_target_damp=None))
     assert "ridge" not in _reconstruction_note(ReconstructionConfig(gptq_target="own_inputs"))
+    assert "toward W" in _reconstruction_note(ReconstructionConfig())
+    assert "toward zero" in _reconstruction_note(ReconstructionConfig(gptq_target_prior="zero"))
 
 
 def test_evaluation_prompts_beyond_the_samples_are_refused():

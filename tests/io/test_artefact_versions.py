@@ -124,10 +124,13 @@ def test_verify_still_fails_a_damaged_artefact_with_exit_1(copy):
 
 
 # what tadq wrote as the (unused) reconstruction settings of a naive model: version 1 before GPTQ rounding existed,
-# version 2 before gptq_target_damp; the recipe (NaiveMethod) records none, so its network carries today's defaults
+# version 2 before gptq_target_damp, version 3 before gptq_target_prior; the recipe (NaiveMethod) records none, so
+# its network carries today's defaults
 OLDER_RECONSTRUCTION = {
-    1: ("rounding", "gptq_damp", "gptq_target_damp", "gptq_act_order", "gptq_target", "gptq_inputs"),
-    2: ("gptq_target_damp",),
+    1: ("rounding", "gptq_damp", "gptq_target_damp", "gptq_target_prior", "gptq_act_order", "gptq_target",
+        "gptq_inputs"),
+    2: ("gptq_target_damp", "gptq_target_prior"),
+    3: ("gptq_target_prior",),
 }
 
 

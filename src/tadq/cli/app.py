@@ -131,6 +131,10 @@ def run_command(
                                                  "W* (share of the Hessian's mean diagonal; -1: the "
                                                  "ReconstructionConfig default; 0.01 reproduces tables measured "
                                                  "before 2026-12-03)."),
+    recon_gptq_target_prior: str = typer.Option("weight", help="What the ridge of W* shrinks toward where the "
+                                                "calibration inputs say little: weight (W; the default) or zero "
+                                                "(tadq before 2026-12-07: lost 7 dB on the shipped DiT with 16 "
+                                                "calibration trajectories; docs/methods/qdiffusion.md)."),
     fp_layers: str = typer.Option(DEFAULT_FP_LAYERS, help="Layers every row (naive and the peers included) keeps in "
                                   "floating point: first_last (input and output convs, the default; naive W8A8 +9 "
                                   "to +12 dB on the shipped models, docs/methods/qdiffusion.md#what-limits-w8a8), "
@@ -207,7 +211,8 @@ def run_command(
                                         seed=calib_seed)
         if recon_gptq_target_damp != -1.0:
             changes["gptq_target_damp"] = recon_gptq_target_damp  # ReconstructionConfig refuses values <= 0
-        reconstruction = ReconstructionConfig(rounding=recon_rounding, **changes)
+        reconstruction = ReconstructionConfig(rounding=recon_rounding, gptq_target_prior=recon_gptq_target_prior,
+                                              **changes)
         config = RunConfig(model=model or None, presets=_parse_presets(presets),
                            methods=_parse_methods(methods),
                            reconstruction=reconstruction,

@@ -40,12 +40,14 @@ def _split(text: str | None) -> tuple[str, ...] | None:
 
 
 def _reconstruction(iters: int | None, activation_iters: int | None, batch_size: int | None,
-                    rounding: str | None = None, gptq_target_damp: float | None = None):
+                    rounding: str | None = None, gptq_target_damp: float | None = None,
+                    gptq_target_prior: str | None = None):
     from tadq.config import ReconstructionConfig
 
     changes = {name: value for name, value in (("weight_iters", iters), ("activation_iters", activation_iters),
                                                ("batch_size", batch_size), ("rounding", rounding),
-                                               ("gptq_target_damp", gptq_target_damp))
+                                               ("gptq_target_damp", gptq_target_damp),
+                                               ("gptq_target_prior", gptq_target_prior))
                if value is not None}
     return ReconstructionConfig(**changes)
 
@@ -80,6 +82,9 @@ def bench_command(
     recon_gptq_target_damp: Annotated[float | None, typer.Option(
         help="Ridge damping of GPTQ's least-squares FP-output target (default: the config's; 0.01 reproduces "
              "tables measured before 2026-12-03).")] = None,
+    recon_gptq_target_prior: Annotated[str | None, typer.Option(
+        help="What the ridge of GPTQ's FP-output target shrinks toward: weight (the default) or zero (tadq before "
+             "2026-12-07).")] = None,
     fp_layers: Annotated[str, typer.Option(
         help="Layers every row keeps in floating point: first_last (the default), none or first_last_time.")
     ] = DEFAULT_FP_LAYERS,
@@ -158,7 +163,7 @@ def bench_command(
                              reconstruction=_reconstruction(recon_iters, recon_activation_iters, recon_batch_size,
                                                             None if recon_rounding is None
                                                             else recon_rounding.strip().lower(),
-                                                            recon_gptq_target_damp),
+                                                            recon_gptq_target_damp, recon_gptq_target_prior),
                              fp_layers=fp_layers.strip().lower(),
                              batch_size=batch_size, out_dir=str(out),
                              models_dir=str(models_dir) if models_dir else None, cache_dir=str(cache_dir),

@@ -359,7 +359,8 @@ def _reconstruction_note(reconstruction) -> str:
     if reconstruction.rounding == "adaround":
         return (f"Block reconstruction (Q-Diffusion-based rows): AdaRound, {reconstruction.weight_iters} rounding / "
                 f"{reconstruction.activation_iters} activation-step iterations per unit.")
-    target = (f"the FP layer outputs, target ridge damping {reconstruction.fp_output_damp:g}"
+    target = (f"the FP layer outputs, target ridge damping {reconstruction.fp_output_damp:g} toward "
+              f"{'W' if reconstruction.gptq_target_prior == 'weight' else 'zero'}"
               if reconstruction.gptq_target == "fp_output" else "each layer's own outputs")
     return (f"Block reconstruction (Q-Diffusion-based rows): {reconstruction.rounding} rounding "
             f"(GPTQ onto {target}, {reconstruction.gptq_inputs or 'all'} Hessian inputs"

@@ -35,3 +35,16 @@ def test_a_gptq_target_damp_other_than_the_default_is_named_in_the_command():
     tuned = BenchConfig(methods=("qdiffusion",), presets=("W8A8",), samplers=(SAMPLER,),
                         reconstruction=ReconstructionConfig(gptq_target_damp=3e-5))
     assert "--recon-gptq-target-damp 3e-05" in tuned.command()
+
+
+def test_a_gptq_target_prior_other_than_the_default_is_named_in_the_command_and_parsed_back():
+    """A bench of the zero-prior W* (tadq before gptq_target_prior) regenerates with the prior spelled out, and the
+    flag it writes is one ``tadq bench`` reads back into the same reconstruction."""
+    from tadq.cli.bench import _reconstruction
+
+    zero = BenchConfig(methods=("qdiffusion",), presets=("W8A8",), samplers=(SAMPLER,),
+                       reconstruction=ReconstructionConfig(gptq_target_prior="zero"))
+    assert "--recon-gptq-target-prior zero" in zero.command()
+    assert "--recon-gptq-target-prior" not in BenchConfig(methods=("qdiffusion",), presets=("W8A8",),
+                                                          samplers=(SAMPLER,)).command()
+    assert _reconstruction(None, None, None, gptq_target_prior="zero") == zero.reconstruction

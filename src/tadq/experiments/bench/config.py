@@ -230,6 +230,8 @@ class BenchConfig:
             args += ["--recon-rounding", recon.rounding]
         if recon.gptq_target_damp != default.gptq_target_damp:  # None solved W* with gptq_damp: name that value
             args += ["--recon-gptq-target-damp", repr(recon.fp_output_damp)]
+        if recon.gptq_target_prior != default.gptq_target_prior:
+            args += ["--recon-gptq-target-prior", recon.gptq_target_prior]
         if self.fp_layers != DEFAULT_FP_LAYERS:
             args += ["--fp-layers", self.fp_layers]
         if self.batch_size != 250:
