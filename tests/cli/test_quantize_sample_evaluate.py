@@ -257,3 +257,20 @@ def test_quantize_a_block_wise_preset_then_sample_on_fake_and_refuse_int8(tmp_pa
                                  "--out", str(tmp_path / "i.png")])
     assert result.exit_code != 0 and "block of 16 weights" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "i.png").exists()
+
+
+def test_a_grid_beyond_the_training_timesteps_is_refused_in_one_line_before_any_forward(tmp_path):
+    """``--steps`` equal to the training timesteps on a 'leading' schedule with steps_offset=1 (Stable Diffusion's)
+    starts the grid at t = N_train: ``tadq quantize`` ended in an IndexError traceback from the step constants."""
+    from diffusers import DDPMPipeline, DDPMScheduler
+    from tests.conftest import build_tiny_unet
+
+    folder = tmp_path / "offset"
+    DDPMPipeline(unet=build_tiny_unet(), scheduler=DDPMScheduler(num_train_timesteps=10, steps_offset=1)) \
+        .save_pretrained(folder)
+    result = runner.invoke(app, ["quantize", str(folder), "--steps", "10", "--calib-trajectories", "2",
+                                 "--threads", "1", "--out", str(tmp_path / "q")])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output, (result.output, result.exception)
+    assert "visits timestep(s) 10, outside the model's 10 training timesteps (0 to 9); use 9 steps" in text
+    assert not (tmp_path / "q").exists()

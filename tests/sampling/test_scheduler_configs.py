@@ -162,3 +162,36 @@ def test_a_beta_schedule_only_ddpm_computes_is_refused_for_the_other_kinds_namin
     assert torch.isfinite(images).all()
     given = DDPMScheduler(trained_betas=train.betas.numpy(), beta_schedule=schedule)
     assert SamplingPlan.build(given, SamplerConfig("ddim", 4)).num_steps == 4
+
+
+_DISCRETE_KINDS = ["ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++"]
+
+
+@pytest.mark.parametrize("kind", _DISCRETE_KINDS)
+def test_a_trailing_step_count_diffusers_gives_one_timestep_too_many_is_refused_naming_counts_that_work(kind):
+    """diffusers' 'trailing' float arange yields 62 timesteps (the last t = -1) for 61 steps on 1000: refused as
+    "set to 61 steps but the sampler asks for 61; build it with make_scheduler", advice that could not help."""
+    scheduler = DDIMScheduler(timestep_spacing="trailing")
+    with pytest.raises(ValueError, match=r"62 timesteps for 61 steps .*last t=-1\); use 60 or 62 steps"):
+        SamplingPlan.build(scheduler, SamplerConfig(kind, num_steps=61))
+    for steps in (60, 62):  # the counts the refusal names do build, every timestep a training one
+        times = SamplingPlan.build(scheduler, SamplerConfig(kind, num_steps=steps)).timesteps()
+        assert len(times) == steps and 0 <= float(times.min()) and float(times.max()) <= 999
+
+
+@pytest.mark.parametrize(("kind", "steps"), [("ddim", 1000), ("ddpm", 1000), ("euler", 1000),
+                                             ("euler-ancestral", 1000), ("dpmsolver++", 999)])
+def test_a_leading_grid_that_steps_offset_lifts_past_the_training_timesteps_is_refused(kind, steps):
+    """Stable Diffusion's schedule ('leading', steps_offset=1) at as many steps as training timesteps (DPM-Solver:
+    one fewer) starts at t = 1000: ddim and ddpm raised IndexError, dpmsolver++ ZeroDivisionError, and euler ran
+    a zero-length first step (σ clamped to σ_999) on a timestep the network never saw."""
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              set_alpha_to_one=False, timestep_spacing="leading")
+    with pytest.raises(ValueError, match=rf"visits timestep\(s\) 1000, outside the model's 1000 training timesteps "
+                                         rf"\(0 to 999\); use {steps - 1} steps"):
+        SamplingPlan.build(scheduler, SamplerConfig(kind, num_steps=steps))
+    plan = SamplingPlan.build(scheduler, SamplerConfig(kind, num_steps=steps - 1))
+    assert float(plan.timesteps().max()) <= 999
+    coefficients = torch.tensor([[s.coef_x, s.coef_eps, s.alpha_prod_t] for s in plan.steps], dtype=torch.float64)
+    assert bool(torch.isfinite(coefficients).all())
+

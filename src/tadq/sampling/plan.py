@@ -10,14 +10,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin
 from torch import Tensor
 
-from tadq.sampling.config import SamplerConfig, make_scheduler
+from tadq.sampling.config import FLOW_KINDS, SamplerConfig, make_scheduler
 from tadq.sampling.context import StepContext, step_contexts
 from tadq.sampling.steps import check_supported, initial_state
 
@@ -42,6 +42,50 @@ def _check_distinct_timesteps(timesteps: Tensor, sampler: SamplerConfig) -> None
         raise ValueError(f"the {sampler.kind} grid of {sampler.num_steps} steps visits timestep(s) {shown} twice "
                          "(more steps than the training schedule has distinct times at this spacing): use fewer "
                          "steps")
+
+
+def _grid_fault(timesteps: Tensor, sampler: SamplerConfig, train: int, indices: bool = True) -> str | None:
+    """What is wrong with diffusers' grid of ``sampler`` on a schedule of ``train`` timesteps, or ``None``.
+
+    Two grids diffusers builds wrong at some step counts: 'trailing' spacing's float ``arange`` yields one
+    timestep too many (a last t = -1) at 62 of the counts 1-1000 (61, 103, ...); 'leading' spacing with
+    ``steps_offset`` lifts the top of the grid to t = N_train at as many steps as training timesteps (DPM-Solver:
+    one fewer). ᾱ_t there is out of range: ddim and ddpm raised IndexError, dpmsolver++ ZeroDivisionError, and
+    euler ran a zero-length first step on a timestep the network was never trained at. Only a grid of training
+    indices (``indices``) is checked for range: not a flow grid (t = σ·N_train reaches N_train) nor Euler's
+    ``timestep_type="continuous"`` (t = ¼ log σ)."""
+    if len(timesteps) != sampler.num_steps:
+        return (f"diffusers' grid has {len(timesteps)} timesteps for {sampler.num_steps} steps (a float rounding "
+                f"of its spacing; the last t={float(timesteps[-1]):g})")
+    if not indices:
+        return None
+    outside = sorted({float(t) for t in timesteps if not 0 <= float(t) <= train - 1})
+    if outside:
+        return (f"the grid visits timestep(s) {', '.join(f'{t:g}' for t in outside[:3])}, outside the model's "
+                f"{train} training timesteps (0 to {train - 1})")
+    return None
+
+
+def _check_grid(scheduler: ConfigMixin | Mapping[str, Any], built: Any, sampler: SamplerConfig) -> None:
+    """Refuse a grid ``_grid_fault`` finds wrong, naming the nearest step counts whose grids are right."""
+    train = int(built.config.num_train_timesteps)
+    indices = sampler.kind not in FLOW_KINDS and built.config.get("timestep_type") != "continuous"
+    fault = _grid_fault(built.timesteps, sampler, train, indices)
+    if fault is None:
+        return
+
+    def fits(count: int) -> bool:  # right, and no timestep twice (_check_distinct_timesteps)
+        other = replace(sampler, num_steps=count)
+        times = make_scheduler(scheduler, other).timesteps
+        return _grid_fault(times, other, train, indices) is None and len(set(times.tolist())) == count
+
+    below = next((n for n in range(sampler.num_steps - 1, max(sampler.num_steps - 9, 0), -1) if fits(n)), None)
+    above = next((n for n in range(sampler.num_steps + 1, min(sampler.num_steps + 9, train + 1)) if fits(n)), None)
+    counts = " or ".join(str(n) for n in (below, above) if n is not None) or "fewer"
+    config = built.config
+    raise ValueError(f"{sampler.kind} with {sampler.num_steps} steps on this schedule (timestep_spacing="
+                     f"{config.get('timestep_spacing')!r}, steps_offset={config.get('steps_offset')}): {fault}; "
+                     f"use {counts} steps")
 
 
 @dataclass(frozen=True)
@@ -79,6 +123,7 @@ class SamplingPlan:
         """
         scale = check_guidance_scale(guidance_scale)
         diffusers_scheduler = make_scheduler(scheduler, sampler)
+        _check_grid(scheduler, diffusers_scheduler, sampler)
         _check_distinct_timesteps(diffusers_scheduler.timesteps, sampler)
         steps = tuple(step_contexts(diffusers_scheduler, sampler, scale))
         check_supported(steps[0])
