@@ -32,11 +32,16 @@ def check_guidance_scale(guidance_scale: float) -> float:
     return float(guidance_scale)
 
 
+def _repeated_timesteps(timesteps: Tensor) -> list[float]:
+    """The timesteps a grid visits more than once, in order."""
+    return sorted(t for t, count in Counter(timesteps.tolist()).items() if count > 1)
+
+
 def _check_distinct_timesteps(timesteps: Tensor, sampler: SamplerConfig) -> None:
     """Refuse a grid that visits a timestep twice: at as many steps as training timesteps diffusers' spacing
     repeats one, and a step between equal times has zero length (DPM-Solver++ divides by it; diffusers' own loop
     turns the sample to NaN there)."""
-    repeated = sorted(t for t, count in Counter(timesteps.tolist()).items() if count > 1)
+    repeated = _repeated_timesteps(timesteps)
     if repeated:
         shown = ", ".join(f"{t:g}" for t in repeated[:5]) + (", ..." if len(repeated) > 5 else "")
         raise ValueError(f"the {sampler.kind} grid of {sampler.num_steps} steps visits timestep(s) {shown} twice "
@@ -77,7 +82,7 @@ def _check_grid(scheduler: ConfigMixin | Mapping[str, Any], built: Any, sampler:
     def fits(count: int) -> bool:  # right, and no timestep twice (_check_distinct_timesteps)
         other = replace(sampler, num_steps=count)
         times = make_scheduler(scheduler, other).timesteps
-        return _grid_fault(times, other, train, indices) is None and len(set(times.tolist())) == count
+        return _grid_fault(times, other, train, indices) is None and not _repeated_timesteps(times)
 
     below = next((n for n in range(sampler.num_steps - 1, max(sampler.num_steps - 9, 0), -1) if fits(n)), None)
     above = next((n for n in range(sampler.num_steps + 1, min(sampler.num_steps + 9, train + 1)) if fits(n)), None)
