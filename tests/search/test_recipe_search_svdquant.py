@@ -175,7 +175,18 @@ def test_the_cli_feeds_the_gptq_target_damping_to_every_qdiffusion_recipe(tmp_pa
         assert {r.method.reconstruction.gptq_target_damp for r in seen["plan"].recipes.values()} == {expected}
 
 
+def test_the_cli_feeds_the_gptq_target_prior_to_every_qdiffusion_recipe(tmp_path, tiny_model_dir, monkeypatch):
+    default = ReconstructionConfig().gptq_target_prior
+    other = "zero" if default == "weight" else "weight"
+    for flags, expected in (((), default), (("--recon-gptq-target-prior", other.upper()), other)):
+        seen = _captured(monkeypatch, tmp_path, tiny_model_dir, "--budget-bits", "W4A8", "--presets", "W4A8",
+                         "--bases", "qdiffusion", "--stacks", "none", *flags)
+        assert seen["space"].reconstruction.gptq_target_prior == expected
+        assert {r.method.reconstruction.gptq_target_prior for r in seen["plan"].recipes.values()} == {expected}
+
+
 @pytest.mark.parametrize(("flags", "message"), [
+    (["--recon-gptq-target-prior", "ones"], "gptq_target_prior must be 'zero' or 'weight'"),
     (["--bases", "naive,svd"], "searched bases: ['naive', 'qdiffusion', 'svdquant', 'smoothquant']"),
     (["--recon-rounding", "nearest"], "rounding must be 'adaround', 'gptq' or 'gptq_adaround'"),
     (["--recon-gptq-target-damp", "0"], "gptq_target_damp must be > 0"),

@@ -121,6 +121,9 @@ def recipe_command(
     recon_gptq_target_damp: Annotated[float, typer.Option(
         help="Ridge damping of GPTQ's least-squares FP-output target W* (share of the Hessian's mean diagonal; -1: "
              "the ReconstructionConfig default, 1e-4; 0.01: GPTQ's own damping, tadq before 2026-12-03).")] = -1.0,
+    recon_gptq_target_prior: Annotated[str | None, typer.Option(
+        help="What the ridge of W* shrinks toward where the calibration inputs say little: weight (W; the "
+             "ReconstructionConfig default) or zero (tadq before 2026-12-07; docs/methods/qdiffusion.md).")] = None,
     fit_trajectories: Annotated[int, typer.Option(help="Trajectories of each correction fit.")] = 256,
     selection_samples: Annotated[int, typer.Option(help="TCEC's own held-out selection trajectories.")] = 64,
     heldout: Annotated[int, typer.Option(help="Held-out trajectories each candidate is scored on.")] = 64,
@@ -174,6 +177,9 @@ def recipe_command(
             reconstruction = dataclasses.replace(reconstruction, activation_iters=iters)
         if recon_gptq_target_damp != -1.0:  # ReconstructionConfig refuses values <= 0
             reconstruction = dataclasses.replace(reconstruction, gptq_target_damp=recon_gptq_target_damp)
+        if recon_gptq_target_prior is not None:  # ReconstructionConfig refuses names other than zero / weight
+            reconstruction = dataclasses.replace(reconstruction,
+                                                 gptq_target_prior=recon_gptq_target_prior.strip().lower())
         calibration = CalibrationConfig(sampler=sampler, num_trajectories=calib_trajectories,
                                         num_steps_kept=min(25, steps),
                                         samples_per_step=min(64, calib_trajectories), seed=seed)
