@@ -90,6 +90,21 @@ def test_a_negative_seed_is_refused_before_any_denoiser_call(tiny_unet, ddpm_sch
     assert not calls
 
 
+def test_numpy_integer_seeds_and_counts_sample_as_the_python_ints(tiny_unet, ddpm_scheduler):
+    """A seed from ``np.random`` or a count read from an array was refused by tadq.sample's type check ("seed must be
+    a int") although the seed range check and the pipelines take numpy integers; floats and bools still are."""
+    import numpy as np
+
+    expected = api.sample(tiny_unet, ddpm_scheduler, SAMPLER, num_samples=3, seed=7, batch_size=2,
+                          progress=False).images
+    got = api.sample(tiny_unet, ddpm_scheduler, SAMPLER, num_samples=np.int64(3), seed=np.uint32(7),
+                     batch_size=np.int32(2), progress=False).images
+    assert torch.equal(got, expected)
+    for bad in (7.0, True, torch.tensor(7)):
+        with pytest.raises(TypeError, match="tadq.sample: seed must be a int"):
+            api.sample(tiny_unet, ddpm_scheduler, SAMPLER, num_samples=1, seed=bad, progress=False)
+
+
 def test_quantization_is_reproducible(tiny_unet, ddpm_scheduler):
     config = QuantConfig.from_preset("W4A4", calibration=CALIB)
     states = [api.quantize(tiny_unet, ddpm_scheduler, config, progress=False).state_dict() for _ in range(2)]

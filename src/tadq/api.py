@@ -41,7 +41,7 @@ from tadq.recipe import Recipe, method_handler
 from tadq.registry import adapter_for, correction_for
 from tadq.sampling import Conditioning, ConditionSource, SamplerConfig, SamplingPlan, SamplingResult, check_seed
 from tadq.sampling import sample as _sample_loop
-from tadq.typecheck import expect, expect_scheduler
+from tadq.typecheck import expect, expect_int, expect_scheduler
 from tadq.utils import eval_mode
 
 __all__ = ["quantize", "build_quantized_structure", "calibrate_activations", "sample", "load", "check_method_dtype"]
@@ -109,7 +109,7 @@ def _quantize(
     """``quantize`` with ``model`` in eval mode."""
     if fp_trajectories is not None:
         expect(fp_trajectories, FPTrajectoryCache, "fp_trajectories", "tadq.quantize")
-    expect(fit_batch_size, int, "fit_batch_size", "tadq.quantize")  # refused by the first fit, after calibration
+    fit_batch_size = expect_int(fit_batch_size, "fit_batch_size", "tadq.quantize")  # else refused after calibration
     if fit_batch_size < 1:
         raise ValueError(f"tadq.quantize: fit_batch_size must be >= 1, got {fit_batch_size}")
     expect_scheduler(scheduler, "tadq.quantize")
@@ -297,8 +297,8 @@ def sample(
     expect_scheduler(scheduler, "tadq.sample")
     check_weights_loaded(denoiser, "tadq.sample")
     expect(sampler, SamplerConfig, "sampler", "tadq.sample")
-    for name, value in (("num_samples", num_samples), ("seed", seed), ("batch_size", batch_size)):
-        expect(value, int, name, "tadq.sample")
+    num_samples, seed = expect_int(num_samples, "num_samples", "tadq.sample"), expect_int(seed, "seed", "tadq.sample")
+    batch_size = expect_int(batch_size, "batch_size", "tadq.sample")
     if num_samples < 1 or batch_size < 1:
         raise ValueError(f"tadq.sample: num_samples and batch_size must be >= 1, got {num_samples}, {batch_size}")
     check_seed("tadq.sample: seed", seed)  # refused here, not by the first noise draw after the progress bar started

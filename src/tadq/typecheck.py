@@ -6,9 +6,10 @@ Without them a swapped argument surfaced deep inside as ``AttributeError: 'str' 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
-__all__ = ["expect", "expect_scheduler"]
+__all__ = ["expect", "expect_int", "expect_scheduler"]
 
 
 def expect(value: Any, types: type | tuple[type, ...], name: str, where: str) -> None:
@@ -21,6 +22,14 @@ def expect(value: Any, types: type | tuple[type, ...], name: str, where: str) ->
     if not ok:
         wanted = " or ".join(k.__name__ for k in kinds)
         raise TypeError(f"{where}: {name} must be a {wanted}, got {type(value).__name__} ({value!r:.60})")
+
+
+def expect_int(value: Any, name: str, where: str) -> int:
+    """``value`` as a Python ``int``: any integral number (a numpy integer from ``np.random`` or an array index is a
+    common seed or count) but not a bool, a float or a tensor; ``TypeError`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be a int, got {type(value).__name__} ({value!r:.60})")
+    return int(value)
 
 
 def expect_scheduler(value: Any, where: str) -> None:
