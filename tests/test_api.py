@@ -105,6 +105,20 @@ def test_numpy_integer_seeds_and_counts_sample_as_the_python_ints(tiny_unet, ddp
             api.sample(tiny_unet, ddpm_scheduler, SAMPLER, num_samples=1, seed=bad, progress=False)
 
 
+def test_a_config_that_quantizes_no_layer_warns(tiny_unet, ddpm_scheduler, caplog):
+    """``--exclude '*'`` saved "0 of N layers quantized" with no more than an info line."""
+    import logging
+
+    calibration = dataclasses.replace(CALIB, num_trajectories=2, num_steps_kept=2, samples_per_step=2)
+    for exclude, warned in ((("*",), True), (("conv_in",), False)):
+        caplog.clear()
+        config = QuantConfig.from_preset("W8A8", calibration=calibration, exclude=exclude)
+        with caplog.at_level(logging.WARNING, logger="tadq"):
+            qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
+        assert any(not plan.quantized for plan in qmodel.plans)
+        assert ("no layer was quantized" in caplog.text) == warned, caplog.text
+
+
 def test_quantization_is_reproducible(tiny_unet, ddpm_scheduler):
     config = QuantConfig.from_preset("W4A4", calibration=CALIB)
     states = [api.quantize(tiny_unet, ddpm_scheduler, config, progress=False).state_dict() for _ in range(2)]

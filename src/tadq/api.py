@@ -191,7 +191,12 @@ def _quantize(
                                  fp_trajectories=shared, progress=progress)
     qmodel.recipe = recipe
     plans = qmodel.plans
-    logger.info("quantized %d of %d layers (%s)", sum(p.quantized for p in plans), len(plans), config.label)
+    quantized = sum(p.quantized for p in plans)
+    logger.info("quantized %d of %d layers (%s)", quantized, len(plans), config.label)
+    if plans and not quantized:  # e.g. --exclude '*': saved and sampled as a quantized model that is not one
+        logger.warning("no layer was quantized: exclude %s and keep_fp_roles %s keep all %d quantizable layers in "
+                       "floating point, so this %s model computes its convs and linears in float",
+                       list(config.exclude), list(config.keep_fp_roles), len(plans), config.label)
     return qmodel.eval()  # modules a method installed (TFMQ's per-step quantizers) were built in training mode
 
 
