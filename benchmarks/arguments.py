@@ -51,6 +51,17 @@ def preset_names(text: str) -> str:
     return text
 
 
+def model_name(text: str) -> str:
+    """A shipped model's name (digits, t2i, photos, dit) or a folder that exists, as ``tadq run --model`` takes it;
+    returned as given. A typo is refused while parsing, with the names to choose from."""
+    from tadq.zoo.paths import SHIPPED_MODELS, resolve_model_path
+
+    if not resolve_model_path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor a "
+                                         "model folder")
+    return text
+
+
 def _numbers(text: str, kind: type, what: str) -> list:
     values = []
     for part in (part.strip() for part in text.split(",")):

@@ -12,7 +12,7 @@ import time
 
 import torch
 from arguments import count
-from common import probe_calibration
+from common import deployed, evaluation_images, probe_calibration
 
 from tadq import api
 from tadq.config import QuantConfig
@@ -37,14 +37,13 @@ def main() -> None:
     sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
-        return api.sample(model, workload.scheduler, sampler, num_samples=num_samples, seed=eval_seed,
-                          conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
+        return evaluation_images(workload, model, sampler, num_samples, seed=eval_seed)
 
     fp = draw(workload.model)
     for name, changes in ROWS:
         t0 = time.time()
         config = QuantConfig.from_preset("W8A8", calibration=calibration, **changes)
-        qmodel = api.quantize(workload.model, workload.scheduler, config, calibration=data,
+        qmodel = api.quantize(workload.model, workload.scheduler, deployed(config, workload), calibration=data,
                               conditions=workload.calibration_conditions)
         psnr = float(psnr_per_sample(draw(qmodel), fp).mean())
         print(json.dumps({"row": name, "psnr": psnr, "s": time.time() - t0}), flush=True)

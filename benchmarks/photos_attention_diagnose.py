@@ -35,7 +35,7 @@ import time
 
 import torch
 from arguments import count, preset_name
-from common import probe_calibration
+from common import deployed, evaluation_images, probe_calibration
 from torch import Tensor, nn
 
 from tadq import api
@@ -183,14 +183,13 @@ def main() -> None:
     sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
-        return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=args.eval_seed,
-                          conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
+        return evaluation_images(workload, model, sampler, args.num_samples, seed=args.eval_seed)
 
     fp = draw(workload.model)
     for row, changes, kept in parsed:
         start = time.process_time()
         config = QuantConfig.from_preset(args.preset, calibration=calibration, **changes)
-        qmodel = api.quantize(workload.model, workload.scheduler, config, calibration=data,
+        qmodel = api.quantize(workload.model, workload.scheduler, deployed(config, workload), calibration=data,
                               conditions=workload.calibration_conditions)
         if kept is not None:
             keep_only(qmodel.model, kept)

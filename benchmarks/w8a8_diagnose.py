@@ -31,7 +31,7 @@ import time
 
 import torch
 from arguments import count, preset_name
-from common import probe_calibration
+from common import deployed, evaluation_images, probe_calibration
 from torch import nn
 
 from tadq import api
@@ -99,12 +99,11 @@ def main() -> None:
     sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
-        return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=args.eval_seed,
-                          conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
+        return evaluation_images(workload, model, sampler, args.num_samples, seed=args.eval_seed)
 
     def build(**changes):
         config = dataclasses.replace(QuantConfig.from_preset(args.preset, calibration=calibration), **changes)
-        return api.quantize(workload.model, workload.scheduler, config, calibration=data,
+        return api.quantize(workload.model, workload.scheduler, deployed(config, workload), calibration=data,
                             conditions=workload.calibration_conditions)
 
     def report(row: str, qmodel, start: float, **extra) -> None:
