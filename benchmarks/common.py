@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from arguments import add_force_foreign_flag, count, count_or_zero, output_folder
+from arguments import add_force_foreign_flag, count, count_or_zero, evaluation_seed, output_folder
 
 from tadq.calibration import CalibrationSet, collect_calibration_set
 from tadq.config import CalibrationConfig
@@ -21,7 +21,8 @@ from tadq.utils import atomic_write_text
 
 def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) -> None:
     parser.add_argument("--samples", type=count, default=samples, help="samples per point (same noise for all)")
-    parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
+    parser.add_argument("--seed", type=evaluation_seed, default=1000,
+                        help="evaluation noise seed (not the calibration seed, 0)")
     parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=out)
     add_force_foreign_flag(parser)

@@ -11,7 +11,7 @@ import json
 import time
 
 import torch
-from arguments import count
+from arguments import count, evaluation_seed
 from common import deployed, evaluation_images, probe_calibration
 
 from tadq import api
@@ -28,7 +28,7 @@ ROWS = [("naive", {}),
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=count, default=32)
-    parser.add_argument("--eval-seed", type=int, default=1000)
+    parser.add_argument("--eval-seed", type=evaluation_seed, default=1000)
     parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
     num_samples, eval_seed = args.num_samples, args.eval_seed

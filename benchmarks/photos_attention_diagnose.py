@@ -34,7 +34,7 @@ import json
 import time
 
 import torch
-from arguments import count, preset_name
+from arguments import count, evaluation_seed, preset_name
 from common import deployed, evaluation_images, probe_calibration
 from torch import Tensor, nn
 
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,attn:per_tensor,attn:per_row")
     parser.add_argument("--num-samples", type=count, default=32)
-    parser.add_argument("--eval-seed", type=int, default=1000)
+    parser.add_argument("--eval-seed", type=evaluation_seed, default=1000)
     parser.add_argument("--stats", action="store_true", help="record P's distribution in every row quantizing P")
     args = parser.parse_args()
     try:  # every row checked before the calibration data and the FP samples

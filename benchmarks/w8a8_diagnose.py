@@ -30,7 +30,7 @@ import json
 import time
 
 import torch
-from arguments import count, preset_name
+from arguments import count, evaluation_seed, preset_name
 from common import deployed, evaluation_images, probe_calibration
 from torch import nn
 
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,weights,acts")
     parser.add_argument("--num-samples", type=count, default=32)
-    parser.add_argument("--eval-seed", type=int, default=1000)
+    parser.add_argument("--eval-seed", type=evaluation_seed, default=1000)
     parser.add_argument("--leave-one-out", action="store_true")
     parser.add_argument("--top", default="1,3,10")
     parser.add_argument("--probe-inputs", type=count, default=64, help="held-out calibration inputs per probe")

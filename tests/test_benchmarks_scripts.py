@@ -402,3 +402,42 @@ def test_gptq_target_studies_calibrate_and_sample_with_guidance_and_compare_deco
     assert compared == [((2, 3, 8, 8), (2, 3, 8, 8))]  # the VAE's 3×8×8 images, not the 4×8×8 latents
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert math.isfinite(row["psnr"]) and row["units"] >= 1
+
+
+class _Quantizing(Exception):
+    """tadq.quantize was reached: everything before the first quantization ran."""
+
+
+def test_guidance_ranges_reads_the_prompted_labels_of_its_evaluation_seed(load, monkeypatch, capsys, tmp_path):
+    """``workload.expected_labels(num_samples)`` passed the count as the seed and no count: every run died with a
+    TypeError after its calibration and FP samples. The shipped text-to-image model at the smallest sizes."""
+    import tadq
+
+    module = load("guidance_ranges")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+
+    def quantize(*args, **kwargs):
+        raise _Quantizing
+
+    monkeypatch.setattr(tadq, "quantize", quantize)
+    with pytest.raises(_Quantizing):
+        _main(module, monkeypatch, "--presets", "W8A8", "--num-samples", "2", "--steps", "2", "--calib-trajectories",
+              "2", "--out", str(tmp_path / "o.json"))
+    assert re.search(r"FP: prompt accuracy \d\.\d{3}", capsys.readouterr().out)
+
+
+def test_evaluation_seeds_equal_to_the_calibration_seed_are_refused(load, monkeypatch, capsys, tmp_path):
+    """tadq run refuses --seed equal to --calib-seed; the benchmarks accepted it and scored the quantized model on
+    the noise (and labels) it was calibrated on. Refused while parsing, before any model is loaded."""
+    out = str(tmp_path / "o.json")
+    cases = (("guidance_ranges", ("--seed", "3", "--calib-seed", "3", "--out", out)),
+             ("w8a8_diagnose", ("--eval-seed", "0")), ("photos_attention_diagnose", ("--eval-seed", "0")),
+             ("photos_attention_check", ("--eval-seed", "0")), ("tac_select", ("--seed", "0", "--models", out)),
+             ("perf", ("--seed", "0")), ("recon_diagnose", ("--seed", "0")))
+    for name, flags in cases:
+        module = load(name)
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+        with pytest.raises(SystemExit) as exit_info:
+            _main(module, monkeypatch, *flags)
+        assert exit_info.value.code == 2, name
+        assert "calibration seed" in capsys.readouterr().err, name
