@@ -404,6 +404,18 @@ def test_gptq_target_studies_calibrate_and_sample_with_guidance_and_compare_deco
     assert math.isfinite(row["psnr"]) and row["units"] >= 1
 
 
+def test_w8_weight_bias_scores_bias_correction_on_inputs_it_was_not_fitted_on(load):
+    """The one-step probe (512 rows, seed 12345) and bias correction's fit (512 rows, seed 7) were two permutations
+    of the same 800 calibration inputs and shared about 330 rows; the fit now draws from the probe's complement."""
+    module = load("w8_weight_bias")
+    held_out, fit_rows = module.probe_and_fit_rows(800)
+    assert len(held_out) == 512 and len(set(held_out.tolist())) == 512
+    assert held_out.tolist() == torch.randperm(800, generator=torch.Generator().manual_seed(12345))[:512].tolist()
+    assert len(fit_rows) == 288 and not set(fit_rows.tolist()) & set(held_out.tolist())
+    held_out, fit_rows = module.probe_and_fit_rows(2000)
+    assert len(fit_rows) == 512 and not set(fit_rows.tolist()) & set(held_out.tolist())
+
+
 class _Quantizing(Exception):
     """tadq.quantize was reached: everything before the first quantization ran."""
 
