@@ -22,6 +22,25 @@ def count(text: str) -> int:
     return value
 
 
+CALIBRATION_SEED = 0
+"""The calibration noise seed of the benchmarks that calibrate (``CalibrationConfig``'s default, ``tadq run``'s
+``--calib-seed``); their evaluation seed must differ from it."""
+
+
+def evaluation_seed(text: str) -> int:
+    """An evaluation noise seed of a script that calibrates with seed ``CALIBRATION_SEED``: a whole number of at
+    least 0 that is not the calibration seed (refused as ``tadq run --seed`` refuses its ``--calib-seed``): samples
+    from it would start from the noise, and draw the labels, the model was calibrated on."""
+    value = _whole_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    if value == CALIBRATION_SEED:
+        raise argparse.ArgumentTypeError(f"{text!r} is the calibration seed: the evaluation samples would start from "
+                                         "the noise (and labels) the model was calibrated on; give another (tadq "
+                                         "run's is 1000)")
+    return value
+
+
 def count_or_zero(text: str) -> int:
     """A count where 0 is meaningful (``--threads 0``: torch's default; no iterations; no per-kernel listing)."""
     value = _whole_number(text)
@@ -48,6 +67,17 @@ def preset_names(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} names no preset")
     for name in names:
         preset_name(name)
+    return text
+
+
+def model_name(text: str) -> str:
+    """A shipped model's name (digits, t2i, photos, dit) or a folder that exists, as ``tadq run --model`` takes it;
+    returned as given. A typo is refused while parsing, with the names to choose from."""
+    from tadq.zoo.paths import SHIPPED_MODELS, resolve_model_path
+
+    if not resolve_model_path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a shipped model ({', '.join(SHIPPED_MODELS)}) nor a "
+                                         "model folder")
     return text
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from arguments import add_force_foreign_flag, count, count_or_zero, output_folder
+from arguments import add_force_foreign_flag, count, count_or_zero, evaluation_seed, output_folder
 
 from tadq.calibration import CalibrationSet, collect_calibration_set
 from tadq.config import CalibrationConfig
@@ -21,7 +21,8 @@ from tadq.utils import atomic_write_text
 
 def add_common_flags(parser: argparse.ArgumentParser, samples: int, out: str) -> None:
     parser.add_argument("--samples", type=count, default=samples, help="samples per point (same noise for all)")
-    parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
+    parser.add_argument("--seed", type=evaluation_seed, default=1000,
+                        help="evaluation noise seed (not the calibration seed, 0)")
     parser.add_argument("--threads", type=count_or_zero, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", default=out)
     add_force_foreign_flag(parser)
@@ -102,13 +103,50 @@ def main_run_setup(args: argparse.Namespace):
 
 def probe_calibration(workload) -> tuple[SamplerConfig, CalibrationConfig, CalibrationSet]:
     """The diagnosis benchmarks' smaller calibration of a ``load_workload`` workload: DDIM 50 η = 0, 64 FP
-    trajectories, 25 of the 50 steps × 32 inputs, seed 0 (cached in .cache/tadq); (sampler, config, set)."""
+    trajectories, 25 of the 50 steps × 32 inputs, seed 0, the workload's calibration conditions and guidance (cached
+    in .cache/tadq); (sampler, config, set). Quantize from it with ``deployed`` (a guided set is refused against a
+    bare ``QuantConfig``, which has no guidance scale)."""
     sampler = SamplerConfig(kind="ddim", num_steps=50)
     calibration = CalibrationConfig(sampler=sampler, num_trajectories=64, num_steps_kept=25, samples_per_step=32,
                                     seed=0)
     data = collect_calibration_set(workload.model, adapter_for(workload.model), workload.scheduler.config,
-                                   calibration, cache_dir=".cache/tadq", conditions=workload.calibration_conditions)
+                                   calibration, cache_dir=".cache/tadq", conditions=workload.calibration_conditions,
+                                   guidance_scale=workload.guidance_scale)
     return sampler, calibration, data
+
+
+def deployed(config, workload, sampler: SamplerConfig | None = None):
+    """``config`` (a ``QuantConfig``) as the ``Recipe`` that deploys it with ``sampler`` (default: its calibration
+    sampler) at the workload's guidance scale: what ``tadq run`` calibrates and fits a guided model with. For an
+    unguided workload it is the recipe ``tadq.quantize`` derives from the bare config itself."""
+    from tadq.recipe import Deployment, Recipe
+
+    sampler = config.calibration.sampler if sampler is None else sampler
+    return Recipe.from_quant_config(config, deployments=(Deployment(sampler, workload.guidance_scale),))
+
+
+def evaluation_images(workload, model, sampler: SamplerConfig, num_samples: int, seed: int = 1000,
+                      batch_size: int = 128) -> torch.Tensor:
+    """``model``'s evaluation samples as images in [-1, 1]: from ``seed`` with the workload's evaluation conditions
+    (labels, prompts; disjoint from the calibration ones) and guidance scale, decoded by its VAE for a latent model
+    (an image metric on latents measures the wrong space). The FP reference and every quantized model go through
+    this same call, so a PSNR between them compares like with like."""
+    from tadq import api
+
+    samples = api.sample(model, workload.scheduler, sampler, num_samples=num_samples, seed=seed,
+                         batch_size=batch_size, conditions=workload.evaluation_conditions,
+                         guidance_scale=workload.guidance_scale, progress=False).images
+    return workload.images(samples).clamp(-1, 1)
+
+
+def unit_summary(qmodel) -> dict:
+    """The GPTQ / reconstruction units' verdicts of ``qmodel``: how many kept nearest rounding (the guard rejected
+    their own rounding) and their summed unit loss against nearest; empty when nothing was reconstructed."""
+    reports = getattr(qmodel, "reconstruction_report", None) or []
+    if not reports:
+        return {}
+    return {"units": len(reports), "kept_nearest": sum(r.guard_rejected for r in reports),
+            "loss_vs_nearest": round(sum(r.loss_after for r in reports) / sum(r.loss_before for r in reports), 4)}
 
 
 def save_naive_ptq(workload, presets: list[str], folder: Path, cache_dir: str, announce=None,

@@ -23,11 +23,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 
 import torch
-from arguments import add_force_foreign_flag, count, count_list, output_file, preset_names, write_report
+from arguments import add_force_foreign_flag, count, count_list, model_name, output_file, preset_names, write_report
+from common import evaluation_images, unit_summary
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -51,9 +54,11 @@ def _value(current, text: str):
 
 
 def parse_rows(text: str) -> list[tuple[str, ReconstructionConfig | None]]:
-    """``"naive;zero:gptq_target_prior=zero"`` → (name, config) pairs; ``None`` for naive PTQ."""
+    """``"naive;zero:gptq_target_prior=zero"`` → (name, config) pairs; ``None`` for naive PTQ. An unknown field or
+    a value the field refuses is a usage error (it was a traceback)."""
     rows: list[tuple[str, ReconstructionConfig | None]] = []
     base = ReconstructionConfig()
+    fields = {field.name for field in dataclasses.fields(base)}
     for entry in filter(None, (e.strip() for e in text.split(";"))):
         name, _, assignments = entry.partition(":")
         if name == "naive":
@@ -62,40 +67,46 @@ def parse_rows(text: str) -> list[tuple[str, ReconstructionConfig | None]]:
         overrides: dict = {}
         for item in filter(None, (a.strip() for a in assignments.split(","))):
             field, _, value = item.partition("=")
-            overrides[field] = _value(getattr(base, field), value)
-        rows.append((name, dataclasses.replace(base, **overrides)))
+            if field not in fields:
+                raise argparse.ArgumentTypeError(f"row {entry!r}: {field!r} is not a ReconstructionConfig field")
+            try:
+                overrides[field] = _value(getattr(base, field), value)
+            except ValueError as error:
+                raise argparse.ArgumentTypeError(f"row {entry!r}: {field}={value!r}: {error}") from None
+        try:
+            rows.append((name, dataclasses.replace(base, **overrides)))
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(f"row {entry!r}: {error}") from None
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="digits")
+    parser.add_argument("--model", type=model_name, default="digits")
     parser.add_argument("--sampler", default="ddim")
     parser.add_argument("--steps", type=count, default=50)
     parser.add_argument("--trajectory-counts", type=count_list, default=[16, 64, 256])
     parser.add_argument("--presets", type=preset_names, default="W8A8,W4A8")
-    parser.add_argument("--rows", default="naive;zero:gptq_target_prior=zero;weight:")
+    parser.add_argument("--rows", type=parse_rows, default="naive;zero:gptq_target_prior=zero;weight:")
     parser.add_argument("--num-samples", type=count, default=64)
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--cache-dir", default=".cache/tadq")
     parser.add_argument("--out", type=Path, required=True)
     add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
-    rows = parse_rows(args.rows)  # a bad field or value is refused before any work
+    rows = args.rows  # a bad field or value was refused while parsing, before any work
     output_file(args.out, force_foreign=args.force_foreign)
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
     sampler = SamplerConfig(kind=args.sampler, num_steps=args.steps)
 
     def draw(model) -> torch.Tensor:
-        samples = api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=1000,
-                             batch_size=args.num_samples, conditions=workload.evaluation_conditions,
-                             guidance_scale=workload.guidance_scale, progress=False).images
-        return workload.images(samples).clamp(-1, 1)
+        return evaluation_images(workload, model, sampler, args.num_samples, batch_size=args.num_samples)
 
     fp = draw(workload.model)
-    results: dict = {"command": "python benchmarks/gptq_target_prior.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()), "rows": []}
+    # the command as given (the parsed flags printed lists and row tuples, which no shell could run again)
+    results: dict = {"command": shlex.join(["python", "benchmarks/gptq_target_prior.py", *sys.argv[1:]]),
+                     "rows": []}
     for trajectories in args.trajectory_counts:
         calibration = CalibrationConfig(sampler=sampler, num_trajectories=trajectories,  # as tadq run builds it
                                         num_steps_kept=min(25, args.steps),
@@ -116,12 +127,7 @@ def main() -> None:
                                       conditions=workload.calibration_conditions, progress=False)
                 row = {"model": args.model, "trajectories": trajectories, "calibration_inputs": len(data),
                        "preset": preset, "row": name, "quantize_cpu_s": round(time.process_time() - start, 1),
-                       "psnr": round(float(psnr_per_sample(draw(qmodel), fp).mean()), 2)}
-                reports = getattr(qmodel, "reconstruction_report", None) or []
-                if reports:
-                    row["kept_nearest"] = sum(r.guard_rejected for r in reports)
-                    row["loss_vs_nearest"] = round(sum(r.loss_after for r in reports)
-                                                   / sum(r.loss_before for r in reports), 4)
+                       "psnr": round(float(psnr_per_sample(draw(qmodel), fp).mean()), 2), **unit_summary(qmodel)}
                 results["rows"].append(row)
                 print(json.dumps(row), flush=True)
     write_report(results, args.out)

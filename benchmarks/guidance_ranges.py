@@ -35,13 +35,15 @@ def main() -> None:
     parser.add_argument("--num-samples", type=count, default=128)
     parser.add_argument("--steps", type=count, default=50)
     parser.add_argument("--guidance", type=float, default=None, help="default: the model's (2)")
-    parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
+    parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed (not --calib-seed)")
     parser.add_argument("--calib-seed", type=int, default=0)
     parser.add_argument("--calib-trajectories", type=count, default=128)
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/guidance_ranges.json"))
     add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
+    if args.seed == args.calib_seed:  # as tadq run refuses it: the model would be scored on its calibration noise
+        parser.error(f"--seed {args.seed} is the calibration seed (--calib-seed): evaluate on other noise")
     unknown = [method for method in args.methods.split(",") if method not in ("naive", "qdiffusion")]
     if unknown:  # any other name ran naive PTQ under that label
         parser.error(f"--methods: unknown {unknown}; choose naive and/or qdiffusion")
@@ -64,7 +66,7 @@ def main() -> None:
         return workload.images(result.images), result.trajectory.states
 
     fp_images, fp_states = run(model)
-    labels = workload.expected_labels(args.num_samples)
+    labels = workload.expected_labels(args.seed, args.num_samples)  # (seed, count): it took the count as the seed
     fp_accuracy = workload.features.prompted_accuracy(fp_images, labels)
     rows = [{"method": "FP", "preset": "W32A32", "ranges": "–", "prompt_accuracy": fp_accuracy}]
     print(f"FP: prompt accuracy {fp_accuracy:.3f}")

@@ -11,8 +11,8 @@ import json
 import time
 
 import torch
-from arguments import count
-from common import probe_calibration
+from arguments import count, evaluation_seed
+from common import deployed, evaluation_images, probe_calibration
 
 from tadq import api
 from tadq.config import QuantConfig
@@ -28,7 +28,7 @@ ROWS = [("naive", {}),
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=count, default=32)
-    parser.add_argument("--eval-seed", type=int, default=1000)
+    parser.add_argument("--eval-seed", type=evaluation_seed, default=1000)
     parser.add_argument("--threads", type=count, default=1)
     args = parser.parse_args()
     num_samples, eval_seed = args.num_samples, args.eval_seed
@@ -37,14 +37,13 @@ def main() -> None:
     sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
-        return api.sample(model, workload.scheduler, sampler, num_samples=num_samples, seed=eval_seed,
-                          conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
+        return evaluation_images(workload, model, sampler, num_samples, seed=eval_seed)
 
     fp = draw(workload.model)
     for name, changes in ROWS:
         t0 = time.time()
         config = QuantConfig.from_preset("W8A8", calibration=calibration, **changes)
-        qmodel = api.quantize(workload.model, workload.scheduler, config, calibration=data,
+        qmodel = api.quantize(workload.model, workload.scheduler, deployed(config, workload), calibration=data,
                               conditions=workload.calibration_conditions)
         psnr = float(psnr_per_sample(draw(qmodel), fp).mean())
         print(json.dumps({"row": name, "psnr": psnr, "s": time.time() - t0}), flush=True)

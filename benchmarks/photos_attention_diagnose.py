@@ -34,8 +34,8 @@ import json
 import time
 
 import torch
-from arguments import count, preset_name
-from common import probe_calibration
+from arguments import count, evaluation_seed, preset_name
+from common import deployed, evaluation_images, probe_calibration
 from torch import Tensor, nn
 
 from tadq import api
@@ -168,7 +168,7 @@ def main() -> None:
     parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,attn:per_tensor,attn:per_row")
     parser.add_argument("--num-samples", type=count, default=32)
-    parser.add_argument("--eval-seed", type=int, default=1000)
+    parser.add_argument("--eval-seed", type=evaluation_seed, default=1000)
     parser.add_argument("--stats", action="store_true", help="record P's distribution in every row quantizing P")
     args = parser.parse_args()
     try:  # every row checked before the calibration data and the FP samples
@@ -183,14 +183,13 @@ def main() -> None:
     sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
-        return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=args.eval_seed,
-                          conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
+        return evaluation_images(workload, model, sampler, args.num_samples, seed=args.eval_seed)
 
     fp = draw(workload.model)
     for row, changes, kept in parsed:
         start = time.process_time()
         config = QuantConfig.from_preset(args.preset, calibration=calibration, **changes)
-        qmodel = api.quantize(workload.model, workload.scheduler, config, calibration=data,
+        qmodel = api.quantize(workload.model, workload.scheduler, deployed(config, workload), calibration=data,
                               conditions=workload.calibration_conditions)
         if kept is not None:
             keep_only(qmodel.model, kept)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import add_force_foreign_flag, count, count_or_zero, output_folder, preset_name
+from arguments import add_force_foreign_flag, count, count_or_zero, evaluation_seed, output_folder, preset_name
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--preset", type=preset_name, default="W4A8")
     parser.add_argument("--steps", type=count, default=20, help="DDIM steps (deployment and calibration)")
     parser.add_argument("--samples", type=count, default=32)
-    parser.add_argument("--seed", type=int, default=1000, help="evaluation noise seed")
+    parser.add_argument("--seed", type=evaluation_seed, default=1000, help="evaluation noise seed")
     parser.add_argument("--trajectories", type=count, default=64)
     parser.add_argument("--kept", type=count, default=10, help="calibration steps kept")
     parser.add_argument("--per-step", type=count, default=32, help="calibration inputs per kept step")

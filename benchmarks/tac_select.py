@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import add_force_foreign_flag, count, output_file, preset_names, write_report
+from arguments import add_force_foreign_flag, count, evaluation_seed, output_file, preset_names, write_report
 
 from tadq.api import load, sample
 from tadq.corrections import TACConfig
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--presets", type=preset_names, default="W8A8,W4A8,W4A4")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--num-samples", type=count, default=256)
-    parser.add_argument("--seed", type=int, default=1000)
+    parser.add_argument("--seed", type=evaluation_seed, default=1000)
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--out", type=Path, required=True)
     add_force_foreign_flag(parser, "file")

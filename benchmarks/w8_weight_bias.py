@@ -4,11 +4,13 @@ Why: with the input/output convs in float, tadq's naive W8A16 is 3 dB below opti
 (docs/results/digits.md, peers section). This script holds everything else fixed (calibration: 64 FP trajectories ×
 25 of 50 DDIM steps × 32 inputs, seed 0; evaluation seed 1000) and varies only the weight grid:
 
-* one-step error of the noise prediction on held-out calibration inputs (seed 12345): mean squared error, the
+* one-step error of the noise prediction on 512 calibration inputs (seed 12345) held out from bias correction's
+  fit (the ranges are calibrated on the whole set, as in every row): mean squared error, the
   per-output-channel mean error (what adds up over the steps), and each input's mean (DC) error;
 * PSNR of the sampled images against FP from the same noise;
-* ``+bc``: empirical bias correction, each quantized layer's mean output error over 512 calibration inputs
-  (seed 7, on the inputs the quantized network gives it) subtracted from its bias, all layers at once;
+* ``+bc``: empirical bias correction, each quantized layer's mean output error over up to 512 calibration inputs
+  apart from the probe's (seed 7; the 288 others of the digits' 800; on the inputs the quantized network gives it)
+  subtracted from its bias, all layers at once;
 * ``--gptq``: how many of the default GPTQ base's units reject their own rounding (unit loss above nearest), for
   each (preset, weight grid) of the rows.
 
@@ -84,6 +86,21 @@ def bias_correct(model: nn.Module, predict, x: torch.Tensor, t: torch.Tensor, ba
         m.bias = nn.Parameter(bias - mean, requires_grad=False)
 
 
+def probe_and_fit_rows(count: int, probe: int = 512, fit: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices into the calibration set: ``probe`` rows the one-step error is scored on (seed 12345, as before) and
+    up to ``fit`` rows bias correction is fitted on, drawn (seed 7) from the rest only. Both used to be 512 rows of
+    their own permutation of the 800, sharing about 330: the ``+bc`` rows' error was scored on its own fit rows."""
+    held_out = torch.randperm(count, generator=torch.Generator().manual_seed(12345))[:probe]
+    rest = torch.ones(count, dtype=torch.bool)
+    rest[held_out] = False
+    others = rest.nonzero().flatten()
+    if len(others) == 0:
+        raise SystemExit(f"the calibration set has {count} inputs: none left to fit bias correction on beside the "
+                         f"{probe} probe inputs")
+    fit_rows = others[torch.randperm(len(others), generator=torch.Generator().manual_seed(7))[:fit]]
+    return held_out, fit_rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="digits")
@@ -104,8 +121,7 @@ def main() -> None:
         raise SystemExit("an unconditional model only (the probe calls the denoiser without conditioning)")
     adapter = adapter_for(workload.model)
     sampler, calibration, data = probe_calibration(workload)
-    held_out = torch.randperm(len(data), generator=torch.Generator().manual_seed(12345))[:512]
-    fit_rows = torch.randperm(len(data), generator=torch.Generator().manual_seed(7))[:512]
+    held_out, fit_rows = probe_and_fit_rows(len(data))
 
     def predict(model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return adapter.predict_eps(model, x, t, None)

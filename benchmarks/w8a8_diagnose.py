@@ -30,8 +30,8 @@ import json
 import time
 
 import torch
-from arguments import count, preset_name
-from common import probe_calibration
+from arguments import count, evaluation_seed, preset_name
+from common import deployed, evaluation_images, probe_calibration
 from torch import nn
 
 from tadq import api
@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument("--preset", type=preset_name, default="W8A8")
     parser.add_argument("--rows", default="naive,weights,acts")
     parser.add_argument("--num-samples", type=count, default=32)
-    parser.add_argument("--eval-seed", type=int, default=1000)
+    parser.add_argument("--eval-seed", type=evaluation_seed, default=1000)
     parser.add_argument("--leave-one-out", action="store_true")
     parser.add_argument("--top", default="1,3,10")
     parser.add_argument("--probe-inputs", type=count, default=64, help="held-out calibration inputs per probe")
@@ -99,12 +99,11 @@ def main() -> None:
     sampler, calibration, data = probe_calibration(workload)
 
     def draw(model):
-        return api.sample(model, workload.scheduler, sampler, num_samples=args.num_samples, seed=args.eval_seed,
-                          conditions=workload.evaluation_conditions, progress=False).images.clamp(-1, 1)
+        return evaluation_images(workload, model, sampler, args.num_samples, seed=args.eval_seed)
 
     def build(**changes):
         config = dataclasses.replace(QuantConfig.from_preset(args.preset, calibration=calibration), **changes)
-        return api.quantize(workload.model, workload.scheduler, config, calibration=data,
+        return api.quantize(workload.model, workload.scheduler, deployed(config, workload), calibration=data,
                             conditions=workload.calibration_conditions)
 
     def report(row: str, qmodel, start: float, **extra) -> None:

@@ -20,6 +20,8 @@ import pytest
 import torch
 
 import tadq.models
+from tadq.config import CalibrationConfig
+from tadq.sampling import SamplerConfig
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 HELPERS = {"common", "arguments", "speed_kernels"}  # modules the scripts import; no command line of their own
@@ -183,6 +185,18 @@ LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to 
     # the W4A8 job (no row: SmoothQuant is W8A8 only) was refused only after the whole W8A8 job had run
     ("peers", "run_main_job", ("--methods", "modelopt-smoothquant", "--presets", "W8A8,W4A8", "--out", "{tmp}/o"),
      "has a row at W4A8"),
+    # an unknown preset in a row was refused only after the calibration and the FP samples; the others were tracebacks
+    ("gptq_target_damp", "load_workload", ("--rows", "W8A8:1e-4,W9A9:1e-4"), "unknown preset"),
+    ("gptq_target_damp", "load_workload", ("--rows", "W8A8:abc"), "neither a number nor gptq"),
+    ("gptq_target_damp", "load_workload", ("--rows", "W8A8:-1"), "gptq_target_damp must be > 0"),
+    ("gptq_target_damp", "load_workload", ("--model", "{tmp}/missing"), "neither a shipped model"),
+    ("gptq_target_prior", "load_workload", ("--rows", "z:gptq_target_priorr=zero", "--out", "{tmp}/o.json"),
+     "not a ReconstructionConfig field"),
+    ("gptq_target_prior", "load_workload", ("--rows", "z:gptq_target_damp=x", "--out", "{tmp}/o.json"),
+     "gptq_target_damp='x'"),
+    ("gptq_target_prior", "load_workload", ("--rows", "z:gptq_target_prior=nowhere", "--out", "{tmp}/o.json"),
+     "gptq_target_prior"),
+    ("gptq_target_prior", "load_workload", ("--model", "dti", "--out", "{tmp}/o.json"), "neither a shipped model"),
 ]
 
 
@@ -331,3 +345,111 @@ def test_a_benchmark_report_is_replaced_whole_and_carries_tadqs_versions(load, t
     with pytest.raises(KeyboardInterrupt):
         write_report({"rows": [2]}, out)
     assert out.read_text() == first and [path.name for path in out.parent.iterdir()] == ["report.json"]
+
+
+@pytest.fixture(scope="module")
+def guided_dit_folder(tmp_path_factory):
+    """A tiny random ``DiTPipeline`` (class-conditional, latents decoded by its VAE), as tests/experiments builds."""
+    from diffusers import DiTPipeline
+    from tests.adapters.test_transformer2d import build_tiny_dit
+    from tests.pipelines.builders import _scheduler, _vae
+
+    path = tmp_path_factory.mktemp("dit") / "pipe"
+    torch.manual_seed(0)
+    DiTPipeline(transformer=build_tiny_dit(), vae=_vae().eval(), scheduler=_scheduler()).save_pretrained(path)
+    return path
+
+
+GPTQ_TARGET_SCRIPTS = [  # the two GPTQ-target studies, on a guided latent model, each as small as its flags allow
+    ("gptq_target_damp", ("--rows", "W8A8:1e-4", "--num-samples", "2")),
+    ("gptq_target_prior", ("--rows", "weight:", "--presets", "W8A8", "--trajectory-counts", "2", "--sampler", "ddim",
+                           "--steps", "3", "--num-samples", "2", "--out", "{tmp}/o.json")),
+]
+
+
+@pytest.mark.parametrize("name, flags", GPTQ_TARGET_SCRIPTS)
+def test_gptq_target_studies_calibrate_and_sample_with_guidance_and_compare_decoded_images(
+        name, flags, guided_dit_folder, load, monkeypatch, tmp_path, capsys):
+    """``gptq_target_damp.py --model dit`` calibrated without classifier-free guidance, sampled without it and took
+    the PSNR of undecoded latents, where its sibling ``gptq_target_prior.py`` (and the docs of both) guide and decode;
+    both now go through benchmarks/common.py's calibration, recipe and evaluation helpers."""
+    import common
+
+    import tadq.api
+    from tadq.experiments.workload import load_workload
+
+    module = load(name)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    monkeypatch.chdir(tmp_path)  # the calibration cache (.cache/tadq) is relative
+    monkeypatch.setattr(module, "load_workload", lambda model: load_workload(model, guidance_scale=2.0))
+    # the damp study's probe calibration (64 trajectories × DDIM 50) at the test's size, through the real helper
+    monkeypatch.setattr(common, "SamplerConfig", lambda kind, num_steps: SamplerConfig(kind=kind, num_steps=3))
+    monkeypatch.setattr(common, "CalibrationConfig", lambda **fields: CalibrationConfig(
+        **{**fields, "num_trajectories": 2, "num_steps_kept": 2, "samples_per_step": 2}))
+    calibrations, sampled, compared = [], [], []
+    real_collect, real_sample, real_psnr = common.collect_calibration_set, tadq.api.sample, module.psnr_per_sample
+    spy_collect = lambda *args, **kwargs: calibrations.append(kwargs) or real_collect(*args, **kwargs)  # noqa: E731
+    spy_sample = lambda *args, **kwargs: sampled.append(kwargs) or real_sample(*args, **kwargs)  # noqa: E731
+    spy_psnr = lambda a, b: compared.append((a.shape, b.shape)) or real_psnr(a, b)  # noqa: E731
+    monkeypatch.setattr(common, "collect_calibration_set", spy_collect)
+    monkeypatch.setattr(module, "collect_calibration_set", spy_collect, raising=False)
+    monkeypatch.setattr(tadq.api, "sample", spy_sample)
+    monkeypatch.setattr(module, "psnr_per_sample", spy_psnr)
+    _main(module, monkeypatch, "--model", str(guided_dit_folder), *(flag.format(tmp=tmp_path) for flag in flags))
+    assert calibrations and all(kwargs.get("guidance_scale") == 2.0 for kwargs in calibrations)
+    assert sampled and all(kwargs.get("guidance_scale") == 2.0 for kwargs in sampled)
+    assert all(kwargs["conditions"] is not None for kwargs in sampled)
+    assert compared == [((2, 3, 8, 8), (2, 3, 8, 8))]  # the VAE's 3×8×8 images, not the 4×8×8 latents
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert math.isfinite(row["psnr"]) and row["units"] >= 1
+
+
+def test_w8_weight_bias_scores_bias_correction_on_inputs_it_was_not_fitted_on(load):
+    """The one-step probe (512 rows, seed 12345) and bias correction's fit (512 rows, seed 7) were two permutations
+    of the same 800 calibration inputs and shared about 330 rows; the fit now draws from the probe's complement."""
+    module = load("w8_weight_bias")
+    held_out, fit_rows = module.probe_and_fit_rows(800)
+    assert len(held_out) == 512 and len(set(held_out.tolist())) == 512
+    assert held_out.tolist() == torch.randperm(800, generator=torch.Generator().manual_seed(12345))[:512].tolist()
+    assert len(fit_rows) == 288 and not set(fit_rows.tolist()) & set(held_out.tolist())
+    held_out, fit_rows = module.probe_and_fit_rows(2000)
+    assert len(fit_rows) == 512 and not set(fit_rows.tolist()) & set(held_out.tolist())
+
+
+class _Quantizing(Exception):
+    """tadq.quantize was reached: everything before the first quantization ran."""
+
+
+def test_guidance_ranges_reads_the_prompted_labels_of_its_evaluation_seed(load, monkeypatch, capsys, tmp_path):
+    """``workload.expected_labels(num_samples)`` passed the count as the seed and no count: every run died with a
+    TypeError after its calibration and FP samples. The shipped text-to-image model at the smallest sizes."""
+    import tadq
+
+    module = load("guidance_ranges")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+
+    def quantize(*args, **kwargs):
+        raise _Quantizing
+
+    monkeypatch.setattr(tadq, "quantize", quantize)
+    with pytest.raises(_Quantizing):
+        _main(module, monkeypatch, "--presets", "W8A8", "--num-samples", "2", "--steps", "2", "--calib-trajectories",
+              "2", "--out", str(tmp_path / "o.json"))
+    assert re.search(r"FP: prompt accuracy \d\.\d{3}", capsys.readouterr().out)
+
+
+def test_evaluation_seeds_equal_to_the_calibration_seed_are_refused(load, monkeypatch, capsys, tmp_path):
+    """tadq run refuses --seed equal to --calib-seed; the benchmarks accepted it and scored the quantized model on
+    the noise (and labels) it was calibrated on. Refused while parsing, before any model is loaded."""
+    out = str(tmp_path / "o.json")
+    cases = (("guidance_ranges", ("--seed", "3", "--calib-seed", "3", "--out", out)),
+             ("w8a8_diagnose", ("--eval-seed", "0")), ("photos_attention_diagnose", ("--eval-seed", "0")),
+             ("photos_attention_check", ("--eval-seed", "0")), ("tac_select", ("--seed", "0", "--models", out)),
+             ("perf", ("--seed", "0")), ("recon_diagnose", ("--seed", "0")))
+    for name, flags in cases:
+        module = load(name)
+        monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+        with pytest.raises(SystemExit) as exit_info:
+            _main(module, monkeypatch, *flags)
+        assert exit_info.value.code == 2, name
+        assert "calibration seed" in capsys.readouterr().err, name
