@@ -146,6 +146,30 @@ def test_a_component_config_value_of_the_wrong_type_names_the_component(sd_folde
         load_fp_pipeline(broken)
 
 
+def test_a_vae_of_another_latent_width_is_refused_before_any_work(sd_folder, tmp_path):
+    """A VAE with 8 latent channels beside a UNet of 4 (a VAE from another model, SD3's or Flux's 16-channel one)
+    loaded, calibrated and saved: ``tadq quantize`` wrote the artefact and ``tadq sample`` sampled every step, then
+    ended in a conv traceback (exit 1) in the VAE. The folder check compares the two configs first."""
+    from diffusers import AutoencoderKL
+    from typer.testing import CliRunner
+
+    from tadq.cli.app import app
+
+    broken = _copy(sd_folder, tmp_path)
+    shutil.rmtree(broken / "vae")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                  up_block_types=("UpDecoderBlock2D",), block_out_channels=(8,), layers_per_block=1, latent_channels=8,
+                  norm_num_groups=4, sample_size=8).save_pretrained(broken / "vae")
+    with pytest.raises(PipelineFolderError, match=r"vae/config.json has latent_channels 8, but the unet samples "
+                                                  r"latents of in_channels 4 \(unet/config.json\)"):
+        check_pipeline_folder(broken)
+    out = tmp_path / "art"
+    result = CliRunner().invoke(app, [str(a) for a in ["quantize", broken, "--out", out, "--preset", "W8A8",
+                                                       "--method", "naive", "--steps", 2, "--calib-trajectories", 2,
+                                                       "--calib-prompt", "a dog", "--threads", 1]])
+    assert result.exit_code == 2 and "latent_channels 8" in result.output and not out.exists(), result.output
+
+
 def test_a_component_the_class_needs_but_the_index_lacks(sd_folder, tmp_path):
     broken = _copy(sd_folder, tmp_path)
     index = (broken / "model_index.json").read_text().replace('"text_encoder"', '"text_encoder_x"')

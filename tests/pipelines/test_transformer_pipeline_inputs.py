@@ -391,6 +391,21 @@ def test_a_vae_shift_factor_that_is_not_a_number_is_refused_before_sampling(fold
         check_pipeline_folder(folder)
 
 
+@pytest.mark.parametrize(("name", "channels", "read"), [
+    ("pixart", 16, "in_channels 4 "), ("sd3", 16, "in_channels 4 "),
+    ("flux", 16, r"in_channels 16 \(2×2 patches of 4 channels\)")])
+def test_a_vae_whose_latent_channels_are_not_the_transformers_is_refused(folders, tmp_path, name, channels, read):
+    """The VAE decodes what the transformer samples: a 16-channel VAE (SD3's, Flux's) in a 4-channel pipeline was
+    loaded, calibrated and sampled, and failed only in the VAE's first conv. Flux's transformer takes the latents
+    packed in 2×2 patches (in_channels 4C), which the tiny folders' own VAE and transformer (4 and 16) agree with."""
+    check_pipeline_folder(folders[name])
+    folder = _copy(folders[name], tmp_path / "copy")
+    _edit_json(folder / "vae" / "config.json", latent_channels=channels)
+    with pytest.raises(PipelineFolderError, match=rf"latent_channels {channels}, but the transformer samples latents "
+                                                  rf"of {read}"):
+        check_pipeline_folder(folder)
+
+
 def test_a_transformer_config_that_does_not_fit_its_weights_is_a_clean_error(folders, tmp_path):
     """A ``transformer/config.json`` that no longer describes its safetensors (here ``num_layers`` 3 for 2 layers
     of weights: an edited config, or a config and weights from two downloads) makes diffusers raise

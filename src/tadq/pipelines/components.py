@@ -320,6 +320,7 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
     if shift is not None and not finite_float(shift):
         raise PipelineFolderError(f"{path}/vae/config.json: shift_factor must be a finite number (added to the "
                                   f"latents before decoding, SD3 and Flux), got {shift!r}")
+    _check_latent_channels(path, index["_class_name"], components)
     if "unet" not in components:  # a transformer pipeline: its encode_prompt pads and projects the text itself
         return
     encoders = [name for name in ("text_encoder", "text_encoder_2") if name in components]
@@ -342,6 +343,29 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
             f"projection_dim {projection} + 6 time ids x addition_time_embed_dim {time_dim} = "
             f"{projection + 6 * time_dim}; a refiner UNet (5 time ids with an aesthetic score) belongs to a "
             "StableDiffusionXLImg2ImgPipeline, which tadq does not drive")
+
+
+def _check_latent_channels(path: Path, class_name: str, components: dict[str, tuple[str, str]]) -> None:
+    """The VAE must decode the latents the denoiser samples: its ``latent_channels`` equal to the denoiser's
+    ``in_channels`` (Flux: ``in_channels`` / 4, its 2×2 patches packed). A VAE from another model (SD3's or
+    Flux's 16-channel one in a 4-channel pipeline) was not noticed: ``tadq quantize`` calibrated and saved the
+    artefact, and every ``tadq sample`` ended in a conv traceback after the whole sampling loop. Configs that do
+    not give both numbers pass (diffusers' defaults apply, and the adapters check the denoiser's)."""
+    if "vae" not in components:
+        return
+    denoiser = denoiser_component(class_name)
+    latent = _config_value(path, "vae", "latent_channels")
+    given = _config_value(path, denoiser, "in_channels")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (latent, given)):
+        return
+    packed = class_name == "FluxPipeline"  # FluxTransformer2DModel takes 2×2 latent patches as 4C channels
+    expected = 4 * latent if packed else latent
+    if given != expected:
+        read = f"{given} (2×2 patches of {given / 4:g} channels)" if packed else str(given)
+        raise PipelineFolderError(
+            f"{path}: vae/config.json has latent_channels {latent}, but the {denoiser} samples latents of "
+            f"in_channels {read} ({denoiser}/config.json); the VAE could not decode them: the components are not "
+            "from one model")
 
 
 def pipeline_class(class_name: str) -> type:
