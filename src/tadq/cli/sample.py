@@ -448,7 +448,8 @@ def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple
     check_reference_model(qmodel, fp_model, reference, flag,
                           shipped="the shipped text-to-image pipeline")
     fp_model = _matched_reference(fp_model, qmodel, device, dtype)
-    return qmodel, fp_model, pipe.scheduler, sampler, conditions, scale, vae_decoder(pipe.vae)
+    decoder = vae_decoder(pipe.vae, pipeline_class=type(pipe).tadq_base.__name__)  # as tadq sample decodes
+    return qmodel, fp_model, pipe.scheduler, sampler, conditions, scale, decoder
 
 
 def artefact_pair(model_dir: Path, reference: Path | None, num_samples: int, labels: str | None,

@@ -115,13 +115,24 @@ class Workload:
         return decoded_shape(adapter_for(self.model).sample_shape(self.model), self.decoder)
 
 
-def vae_decoder(vae: nn.Module, batch_size: int = 64) -> Callable[[Tensor], Tensor]:
+def vae_decoder(vae: nn.Module, batch_size: int = 64, pipeline_class: str | None = None
+                ) -> Callable[[Tensor], Tensor]:
     """Latents → images in [-1, 1], as diffusers' pipelines decode them (``latents / scaling_factor``, then the
-    VAE decoder), in batches, in the VAE's dtype and on its device; returned on the latents' device as float32."""
+    VAE decoder), in batches, in the VAE's dtype and on its device; returned on the latents' device as float32.
+    ``pipeline_class`` (a text-to-image pipeline's): decoded as that class decodes them, as ``tadq sample`` does
+    (``tadq.pipelines.quantized.decode_latents``: SDXL's latents mean/std, SD3's and Flux's shift factor, an fp16
+    VAE's float32 upcast); without one (DiT, LDM folders), ``latents / scaling_factor`` plus the VAE's
+    ``shift_factor`` if it has one."""
     scaling = float(vae.config.scaling_factor)
     shift = getattr(vae.config, "shift_factor", None)
 
     def decode(latents: Tensor) -> Tensor:
+        if pipeline_class is not None:
+            from tadq.pipelines.quantized import decode_latents
+
+            parts = [decode_latents(pipeline_class, vae, latents[start:start + batch_size], batch_size)
+                     for start in range(0, len(latents), batch_size)]
+            return torch.cat([part.float().clamp(-1, 1).to(latents.device) for part in parts])
         parameter = next(vae.parameters())
         parts = []
         with torch.no_grad():
@@ -430,7 +441,7 @@ def _text_to_image_workload(path: Path, name: str, guidance_scale: float | None,
     calibration = PromptConditions(encoder, list(calibration_prompts), negative_prompt=negative_prompt)
     evaluation = PromptConditions(encoder, list(evaluation_prompts), negative_prompt=negative_prompt)
     _check_prompts_apart(encoder, calibration_prompts, evaluation_prompts)
-    decoder = vae_decoder(pipeline.vae)
+    decoder = vae_decoder(pipeline.vae, pipeline_class=read_model_index(path)["_class_name"])
     denoiser = pipeline_denoiser(pipeline).eval().requires_grad_(False)  # the UNet, or PixArt/SD3/Flux's transformer
     scheduler = load_pipeline_parts(path)[1]
     workload = Workload(

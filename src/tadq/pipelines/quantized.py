@@ -41,7 +41,7 @@ from tadq.safefiles import read_json_file
 from tadq.sampling import MAX_SEED, SamplerConfig, check_drivable, check_guidance_scale
 
 __all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "check_pipeline_guidance",
-           "check_sampler_family",
+           "check_sampler_family", "decode_latents", "vae_input",
            "latent_shape", "pipeline_flow_shift", "pipeline_sampler", "resolve_deployment", "tadq_pipeline_class"]
 
 logger = logging.getLogger(__name__)
@@ -412,40 +412,17 @@ class TadqPipelineMixin:
 
     @torch.no_grad()
     def tadq_decode(self, latents: Tensor, output_type: str = "pil", batch_size: int = 8) -> Any:
-        """Latents → images as the pipeline decodes them (scaling factor, SDXL's latent mean/std and fp16 upcast,
-        SD3's and Flux's shift factor, its watermark when installed), ``batch_size`` latents per VAE call,
-        post-processed by its image processor. Flux's latents are unpacked here already (tadq samples (C, h, w))."""
-        vae = self.vae
-        upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
-        if upcast:
-            vae.to(torch.float32)
-        try:  # an fp16 VAE goes back to fp16 even when decoding fails (out of memory...)
-            image = self._tadq_vae_decode(latents, batch_size)
-        finally:
-            if upcast:
-                vae.to(torch.float16)
+        """Latents → images as the pipeline decodes them (``decode_latents``: the VAE input its class computes, an
+        fp16 VAE's float32 upcast), its watermark when installed, post-processed by its image processor. Flux's
+        latents are unpacked here already (tadq samples (C, h, w))."""
+        image = self._tadq_vae_decode(latents, batch_size)
         if getattr(self, "watermark", None) is not None:
             image = self.watermark.apply_watermark(image)
         return self.image_processor.postprocess(image, output_type=output_type)
 
     def _tadq_vae_decode(self, latents: Tensor, batch_size: int) -> Tensor:
-        """Latents → the VAE's images in [-1, 1], ``batch_size`` at a time (scaling, mean/std, shift applied)."""
-        vae = self.vae
-        parameter = next(vae.parameters())
-        latents = latents.to(parameter.device, parameter.dtype)
-        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-        if mean is not None and std is not None:
-            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
-            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std_t / vae.config.scaling_factor + mean_t
-        else:
-            latents = latents / vae.config.scaling_factor
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None and (mean is None or std is None):
-            latents = latents + shift
-        image = torch.cat([vae.decode(latents[start: start + batch_size], return_dict=False)[0]
-                           for start in range(0, latents.shape[0], max(1, batch_size))])
-        return image
+        """Latents → the VAE's images in [-1, 1], ``batch_size`` at a time, as this pipeline's class decodes them."""
+        return decode_latents(self.tadq_base.__name__, self.vae, latents, batch_size)
 
     def _tadq_output(self, images: Any, return_dict: bool) -> Any:
         if "safety_checker" in inspect.signature(self.tadq_base.__init__).parameters:  # SD's output type
@@ -465,6 +442,51 @@ class TadqPipelineMixin:
             self.tadq_denoiser.to(device=parameter.device, dtype=parameter.dtype)
             self.tadq_denoiser.recipe = recipe
         return result
+
+
+# the pipeline classes whose __call__ decodes latents * latents_std / scaling_factor + latents_mean when the VAE's
+# config holds both (else latents / scaling_factor), and those that decode latents / scaling_factor + shift_factor;
+# every other class decodes latents / scaling_factor and reads neither
+LATENT_MEAN_STD_PIPELINES = ("StableDiffusionXLPipeline",)
+SHIFT_FACTOR_PIPELINES = ("StableDiffusion3Pipeline", "FluxPipeline")
+
+
+def vae_input(class_name: str, config: Any, latents: Tensor) -> Tensor:
+    """What the diffusers pipeline ``class_name`` passes its VAE's ``decode`` for final ``latents``: SDXL applies
+    the VAE's ``latents_mean``/``latents_std`` when it has both, SD3 and Flux add its ``shift_factor``, and every
+    class divides by ``scaling_factor``. Each reads only its own keys: a key another class reads (a ``shift_factor``
+    in a Stable Diffusion folder's VAE, ``latents_mean`` in SD3's) was applied by every class, so those images were
+    not the ones the folder's own pipeline decodes."""
+    scaling = config.scaling_factor
+    if class_name in LATENT_MEAN_STD_PIPELINES:
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean_t = torch.tensor(mean).view(1, -1, 1, 1).to(latents)
+            std_t = torch.tensor(std).view(1, -1, 1, 1).to(latents)
+            return latents * std_t / scaling + mean_t
+    if class_name in SHIFT_FACTOR_PIPELINES:
+        shift = getattr(config, "shift_factor", None)
+        return latents / scaling + (0.0 if shift is None else shift)
+    return latents / scaling
+
+
+@torch.no_grad()
+def decode_latents(class_name: str, vae: nn.Module, latents: Tensor, batch_size: int = 8) -> Tensor:
+    """Final latents → the VAE's images in [-1, 1] (its dtype and device) as the pipeline ``class_name`` decodes
+    them (``vae_input``), ``batch_size`` latents per VAE call; an fp16 VAE whose config asks for it
+    (``force_upcast``) decodes in float32 and goes back to fp16, even when decoding fails (out of memory...).
+    ``tadq sample`` and the pipeline call, and ``tadq evaluate`` / ``tadq run`` on a pipeline, decode with it."""
+    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    if upcast:
+        vae.to(torch.float32)
+    try:
+        parameter = next(vae.parameters())
+        latents = vae_input(class_name, vae.config, latents.to(parameter.device, parameter.dtype))
+        return torch.cat([vae.decode(latents[start: start + batch_size], return_dict=False)[0]
+                          for start in range(0, latents.shape[0], max(1, batch_size))])
+    finally:
+        if upcast:
+            vae.to(torch.float16)
 
 
 def _output_class(class_name: str) -> type:
