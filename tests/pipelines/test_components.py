@@ -170,6 +170,23 @@ def test_a_vae_of_another_latent_width_is_refused_before_any_work(sd_folder, tmp
     assert result.exit_code == 2 and "latent_channels 8" in result.output and not out.exists(), result.output
 
 
+@pytest.mark.parametrize("tokenizer", ["tokenizer", "tokenizer_2"])
+def test_a_tokenizer_longer_than_its_encoders_positions_is_named_before_loading(sdxl_folder, tmp_path, tokenizer):
+    """A CLIP tokenizer pads to ``model_max_length``: one longer than its text encoder's position table loaded the
+    whole pipeline, then failed at the first prompt with "Sequence length must be less than
+    max_position_embeddings (got 24 and 16)", naming neither of SDXL's two encoders."""
+    broken = _copy(sdxl_folder, tmp_path)
+    config = broken / tokenizer / "tokenizer_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": MAX_TOKENS + 8}))
+    encoder = "text_encoder" + tokenizer.removeprefix("tokenizer")
+    with pytest.raises(PipelineFolderError, match=rf"{tokenizer}/tokenizer_config.json pads prompts to "
+                                                  rf"model_max_length {MAX_TOKENS + 8} tokens, but {encoder} holds "
+                                                  rf"{MAX_TOKENS} positions"):
+        check_pipeline_folder(broken)
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"model_max_length": MAX_TOKENS - 4}))
+    check_pipeline_folder(broken)  # shorter than the table: diffusers pads to it and runs
+
+
 def test_a_component_the_class_needs_but_the_index_lacks(sd_folder, tmp_path):
     broken = _copy(sd_folder, tmp_path)
     index = (broken / "model_index.json").read_text().replace('"text_encoder"', '"text_encoder_x"')

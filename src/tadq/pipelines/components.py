@@ -321,6 +321,7 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
         raise PipelineFolderError(f"{path}/vae/config.json: shift_factor must be a finite number (added to the "
                                   f"latents before decoding, SD3 and Flux), got {shift!r}")
     _check_latent_channels(path, index["_class_name"], components)
+    _check_token_positions(path, index["_class_name"], components)
     if "unet" not in components:  # a transformer pipeline: its encode_prompt pads and projects the text itself
         return
     encoders = [name for name in ("text_encoder", "text_encoder_2") if name in components]
@@ -343,6 +344,27 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
             f"projection_dim {projection} + 6 time ids x addition_time_embed_dim {time_dim} = "
             f"{projection + 6 * time_dim}; a refiner UNet (5 time ids with an aesthetic score) belongs to a "
             "StableDiffusionXLImg2ImgPipeline, which tadq does not drive")
+
+
+def _check_token_positions(path: Path, class_name: str, components: dict[str, tuple[str, str]]) -> None:
+    """A CLIP tokenizer pads every prompt to its ``model_max_length``, which its text encoder must hold positions
+    for (``max_position_embeddings``; CLIP's 77 and 77). A tokenizer from another model (or an edited config) with a
+    longer length loaded every component and then failed at the first prompt with transformers' "Sequence length
+    must be less than max_position_embeddings", naming neither folder (SDXL, SD3: which of two encoders?). T5
+    tokenizers are not held to it: T5 reads the call's ``max_sequence_length`` and has relative positions."""
+    t5 = T5_TOKENIZERS.get(class_name, ())
+    for tokenizer in sorted(name for name in components if name.startswith("tokenizer") and name not in t5):
+        encoder = "text_encoder" + tokenizer.removeprefix("tokenizer")
+        if encoder not in components:
+            continue
+        config = read_json_file(path / tokenizer / "tokenizer_config.json", f"{tokenizer} config")
+        length = config.get("model_max_length") if isinstance(config, dict) else None
+        positions = _config_value(path, encoder, "max_position_embeddings")
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in (length, positions)) and length > positions:
+            raise PipelineFolderError(
+                f"{path}: {tokenizer}/tokenizer_config.json pads prompts to model_max_length {length} tokens, but "
+                f"{encoder} holds {positions} positions (max_position_embeddings, {encoder}/config.json); the "
+                "tokenizer and the text encoder are not from one model")
 
 
 def _check_latent_channels(path: Path, class_name: str, components: dict[str, tuple[str, str]]) -> None:
