@@ -297,6 +297,27 @@ def test_cell_components_follow_the_vae_config(tiny_unet, ddpm_scheduler):
     assert components(0.5)["vae"] != components(0.25)["vae"]
 
 
+def test_cell_components_follow_the_pipeline_class_that_decodes(tiny_unet, ddpm_scheduler):
+    """A text-to-image folder's latents are decoded as its pipeline class decodes them (SDXL: latents mean/std,
+    SD3/Flux: shift_factor); cells written when every class applied both are not reused for the same VAE."""
+    from diffusers import AutoencoderKL
+
+    from tadq.experiments.workload import Workload, vae_decoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=1, out_channels=1, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), latent_channels=1,
+                        norm_num_groups=4, sample_size=8).eval()
+
+    def components(pipeline_class: str | None) -> dict[str, str]:
+        return Workload("vae", tiny_unet, ddpm_scheduler,
+                        decoder=vae_decoder(vae, pipeline_class=pipeline_class)).components()
+
+    assert "vae_decode" not in components(None)  # DiT / LDM folders: decoded as before, their cells kept
+    sd, sdxl = components("StableDiffusionPipeline"), components("StableDiffusionXLPipeline")
+    assert sd["vae"] == sdxl["vae"] and sd["vae_decode"] != sdxl["vae_decode"]
+
+
 class _TimeScaled(nn.Module):
     """ε = g·x·t/1000: a walk that depends on which timesteps the grid visits."""
 

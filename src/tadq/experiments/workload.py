@@ -101,6 +101,8 @@ class Workload:
         vae = getattr(self.decoder, "module", None)
         if isinstance(vae, nn.Module):
             parts["vae"] = model_fingerprint(vae)[:16]
+        if isinstance(scheme := getattr(self.decoder, "scheme", None), str):
+            parts["vae_decode"] = scheme
         key = getattr(self.evaluation_conditions, "key", None)
         if isinstance(key, str):
             parts["evaluation_conditions"] = key
@@ -144,6 +146,9 @@ def vae_decoder(vae: nn.Module, batch_size: int = 64, pipeline_class: str | None
         return torch.cat(parts)
 
     decode.module = vae  # what the decoded images depend on (``Workload.components``)
+    # and how they are decoded: a text-to-image folder's cells written before its pipeline class chose the VAE keys
+    # (2026-12-07: every class applied latents mean/std and shift_factor) are recomputed, not reused
+    decode.scheme = None if pipeline_class is None else f"decode_latents:{pipeline_class}"
 
     return decode
 
