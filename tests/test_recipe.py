@@ -90,6 +90,14 @@ def test_override_by_dotted_path():
         override_recipe(recipe, {"corrections.5.seed": 1})
 
 
+def test_override_errors_name_the_setting_as_the_caller_wrote_it():
+    """From Python the errors said ``--set PATH``, a flag the caller never used."""
+    with pytest.raises(ValueError, match=re.escape("changes['method.reconstruction.iters']: ReconstructionConfig")):
+        override_recipe(_recipe(), {"method.reconstruction.iters": 2})
+    with pytest.raises(ValueError, match=re.escape("--set calibration and --set calibration.seed overlap")):
+        override_recipe(_recipe(), {"calibration": {}, "calibration.seed": 3}, flag="--set")
+
+
 def test_every_shipped_recipe_parses_validates_and_matches_its_row():
     files = sorted(RECIPES.glob("*.json"))
     expected = shipped_recipes()

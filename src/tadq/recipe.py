@@ -359,7 +359,7 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     atomic_write_text(json.dumps(config_to_dict(recipe), indent=2) + "\n", path)
 
 
-def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:
+def override_recipe(recipe: Recipe, changes: Mapping[str, Any], *, flag: str | None = None) -> Recipe:
     """``recipe`` with dotted fields replaced, e.g. ``{"method.reconstruction.weight_iters": 2,
     "corrections.0.num_samples": 8}`` (``tadq quantize --set``); a wrong path raises naming it. ``sampler.<field>``
     sets the deployment sampler and the calibration sampler together (they must be one sampler).
@@ -368,7 +368,10 @@ def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:
     changed fields at the same time, so fields that constrain each other are checked together even across configs
     (``sampler.num_steps`` with ``calibration.num_steps_kept``). Two paths of which one lies inside the other
     (``calibration`` and ``calibration.seed``), or that set one field to two values (``sampler.num_steps`` and
-    ``calibration.sampler.num_steps``), would make the order decide and are refused naming both."""
+    ``calibration.sampler.num_steps``), would make the order decide and are refused naming both.
+
+    ``flag``: the command-line option the changes came from (``"--set"``), named in errors as ``--set PATH``;
+    without one an error names ``changes['PATH']``, as the caller wrote it."""
     tree: dict[str, Any] = {}
     for path, value in changes.items():
         parts = tuple(path.split("."))
@@ -377,16 +380,18 @@ def override_recipe(recipe: Recipe, changes: Mapping[str, Any]) -> Recipe:
         else:
             targets = [parts]
         for target in targets:
-            _insert(tree, target, _Setting(value, path))
+            _insert(tree, target, _Setting(value, path, f"{flag} {path}" if flag else f"changes[{path!r}]"))
     return _apply(recipe, tree)
 
 
 @dataclass(frozen=True)
 class _Setting:
-    """One ``--set`` value at the end of a path of ``override_recipe``'s tree, with the path the user wrote."""
+    """One ``--set`` value at the end of a path of ``override_recipe``'s tree, with the path the user wrote and how
+    errors name it (``--set PATH`` or ``changes['PATH']``)."""
 
     value: Any
     path: str
+    label: str
 
 
 def _insert(tree: dict[str, Any], parts: tuple[str, ...], setting: _Setting) -> None:
@@ -396,15 +401,15 @@ def _insert(tree: dict[str, Any], parts: tuple[str, ...], setting: _Setting) -> 
     for depth, head in enumerate(parts):
         below = node.get(head)
         if isinstance(below, _Setting) and depth < len(parts) - 1:
-            raise ValueError(f"--set {below.path} and --set {setting.path} overlap: the second lies inside the first, "
+            raise ValueError(f"{below.label} and {setting.label} overlap: the second lies inside the first, "
                              "so their order would decide the result; give one")
         if depth == len(parts) - 1:
             if isinstance(below, dict):
                 inner = next(iter(_settings(below)))
-                raise ValueError(f"--set {setting.path} and --set {inner.path} overlap: the second lies inside the "
+                raise ValueError(f"{setting.label} and {inner.label} overlap: the second lies inside the "
                                  "first, so their order would decide the result; give one")
             if isinstance(below, _Setting) and below.value != setting.value:
-                raise ValueError(f"--set {below.path}={below.value!r} and --set {setting.path}={setting.value!r} "
+                raise ValueError(f"{below.label}={below.value!r} and {setting.label}={setting.value!r} "
                                  "set the same field to different values; give one")
             if below is None:
                 node[head] = setting
@@ -421,8 +426,8 @@ def _settings(tree: dict[str, Any]) -> list[_Setting]:
 
 
 def _where(tree: dict[str, Any]) -> str:
-    """The ``--set`` paths a failure at ``tree`` comes from, as the user wrote them."""
-    return ", ".join(dict.fromkeys(setting.path for setting in _settings(tree)))
+    """The settings a failure at ``tree`` comes from, as the user wrote them (``--set a, --set b``)."""
+    return ", ".join(dict.fromkeys(setting.label for setting in _settings(tree)))
 
 
 def _apply(node: Any, tree: dict[str, Any]) -> Any:
@@ -434,23 +439,23 @@ def _apply(node: Any, tree: dict[str, Any]) -> Any:
         items = list(node)
         for head, below in tree.items():
             if not head.isdigit() or int(head) >= len(node):
-                raise ValueError(f"--set {_where({head: below})}: {head!r} is not an index of a {len(node)}-item "
+                raise ValueError(f"{_where({head: below})}: {head!r} is not an index of a {len(node)}-item "
                                  "list")
             items[int(head)] = new_value(items[int(head)], below)  # a config object replaces a config item
         return tuple(items)
     if not dataclasses.is_dataclass(node):
         head = next(iter(tree))
-        raise ValueError(f"--set {_where(tree)}: {type(node).__name__} has no field {head!r}")
+        raise ValueError(f"{_where(tree)}: {type(node).__name__} has no field {head!r}")
     names = [f.name for f in dataclasses.fields(node)]
     for head, below in tree.items():
         if head not in names:
-            raise ValueError(f"--set {_where({head: below})}: {type(node).__name__} has no field {head!r}; its "
+            raise ValueError(f"{_where({head: below})}: {type(node).__name__} has no field {head!r}; its "
                              f"fields are {names}")
     fields = {head: new_value(getattr(node, head), below) for head, below in tree.items()}
     try:
         return dataclasses.replace(node, **fields)
     except (TypeError, ValueError) as error:
-        raise ValueError(f"--set {_where(tree)}: {error}") from error
+        raise ValueError(f"{_where(tree)}: {error}") from error
 
 
 def _coerce(old: Any, value: Any) -> Any:

@@ -111,7 +111,7 @@ def test_flags_build_the_recipe(tmp_path):
     (["--method", "naive", "--recon-iters", "3"], "apply to --method qdiffusion or tfmq"),
     (["--method", "naive", "--recon-rounding", "gptq"], "apply to --method qdiffusion or tfmq"),
     (["--method", "qdiffusion", "--recon-rounding", "nearest"], "rounding must be"),
-    (["--set", "method.nope=1"], "NaiveMethod has no field 'nope'"),
+    (["--set", "method.nope=1"], "--set method.nope: NaiveMethod has no field 'nope'"),
     (["--set", "novalue"], "FIELD.PATH=VALUE"),
     (["--recipe", "r.json", "--config", "c.json"], "not both"),
     (["--device", "cuda:7"], "cuda"),

@@ -270,7 +270,7 @@ def resolve_recipe(recipe_file: Path | None, config_file: Path | None, flags: Qu
         changes["corrections"] = correction_configs(flags.correct, calibration.seed)
     recipe = dataclasses.replace(recipe, method=method, calibration=calibration, deployments=deployments,
                                  **changes)
-    return override_recipe(recipe, settings or {})
+    return override_recipe(recipe, settings or {}, flag="--set")
 
 
 def with_pipeline_sampler(recipe: Recipe, pipe: Any) -> Recipe:
