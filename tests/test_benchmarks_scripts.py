@@ -350,14 +350,9 @@ def test_a_benchmark_report_is_replaced_whole_and_carries_tadqs_versions(load, t
 @pytest.fixture(scope="module")
 def guided_dit_folder(tmp_path_factory):
     """A tiny random ``DiTPipeline`` (class-conditional, latents decoded by its VAE), as tests/experiments builds."""
-    from diffusers import DiTPipeline
-    from tests.adapters.test_transformer2d import build_tiny_dit
-    from tests.pipelines.builders import _scheduler, _vae
+    from tests.pipelines.builders import build_dit
 
-    path = tmp_path_factory.mktemp("dit") / "pipe"
-    torch.manual_seed(0)
-    DiTPipeline(transformer=build_tiny_dit(), vae=_vae().eval(), scheduler=_scheduler()).save_pretrained(path)
-    return path
+    return build_dit(tmp_path_factory.mktemp("dit") / "pipe")
 
 
 GPTQ_TARGET_SCRIPTS = [  # the two GPTQ-target studies, on a guided latent model, each as small as its flags allow

@@ -127,14 +127,9 @@ def test_labels_are_refused_for_an_unconditional_model(tiny_model_dir, tmp_path)
 @pytest.fixture(scope="module")
 def dit_folder(tmp_path_factory):
     """A tiny random ``DiTPipeline``: K = 10 classes, null class 10, a one-level VAE (4×8×8 latents, 3×8×8 images)."""
-    from diffusers import DiTPipeline
-    from tests.adapters.test_transformer2d import build_tiny_dit
-    from tests.pipelines.builders import _scheduler, _vae
+    from tests.pipelines.builders import build_dit
 
-    path = tmp_path_factory.mktemp("dit") / "pipe"
-    torch.manual_seed(0)
-    DiTPipeline(transformer=build_tiny_dit(), vae=_vae().eval(), scheduler=_scheduler()).save_pretrained(path)
-    return path
+    return build_dit(tmp_path_factory.mktemp("dit") / "pipe")
 
 
 def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder, tmp_path):

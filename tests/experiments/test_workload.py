@@ -134,14 +134,9 @@ def test_class_conditional_main_job_runs_with_guidance(class_model_dir, tmp_path
 def dit_folder(tmp_path_factory):
     """A tiny random ``DiTPipeline``: a learned-variance DiT (K = 10, null class 10) on the 4×8×8 latents of a
     one-level VAE (3×8×8 images)."""
-    from diffusers import DiTPipeline
-    from tests.adapters.test_transformer2d import build_tiny_dit
-    from tests.pipelines.builders import _scheduler, _vae
+    from tests.pipelines.builders import build_dit
 
-    path = tmp_path_factory.mktemp("dit") / "pipe"
-    torch.manual_seed(0)
-    DiTPipeline(transformer=build_tiny_dit(), vae=_vae().eval(), scheduler=_scheduler()).save_pretrained(path)
-    return path
+    return build_dit(tmp_path_factory.mktemp("dit") / "pipe")
 
 
 def test_dit_pipeline_workload_takes_the_architectures_null_class_and_decodes_with_its_vae(dit_folder):

@@ -79,6 +79,17 @@ def build_sd(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_dit(folder: Path, seed: int = 0) -> Path:
+    """A random ``DiTPipeline`` saved into ``folder``: a learned-variance DiT (K = 10 classes, null class 10) on the
+    4×8×8 latents of a one-level VAE (3×8×8 images), DDIM training scheduler; returns ``folder``."""
+    from diffusers import DiTPipeline
+    from tests.adapters.test_transformer2d import build_tiny_dit
+
+    torch.manual_seed(seed)
+    DiTPipeline(transformer=build_tiny_dit(seed), vae=_vae().eval(), scheduler=_scheduler()).save_pretrained(folder)
+    return folder
+
+
 def build_sdxl(folder: Path, seed: int = 0) -> Path:
     """A random ``StableDiffusionXLPipeline`` (two text encoders, pooled embeddings, time ids) saved into
     ``folder``; returns ``folder``."""
