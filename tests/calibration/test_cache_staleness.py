@@ -317,6 +317,12 @@ def test_cell_components_follow_the_pipeline_class_that_decodes(tiny_unet, ddpm_
     sd, sdxl = components("StableDiffusionPipeline"), components("StableDiffusionXLPipeline")
     assert sd["vae"] == sdxl["vae"] and sd["vae_decode"] != sdxl["vae_decode"]
 
+    # decoded without a graph though the VAE's parameters require grad; an SD folder as by the class-less decoder
+    latents = torch.randn(3, 1, 4, 4)
+    images = vae_decoder(vae, batch_size=2, pipeline_class="StableDiffusionPipeline")(latents)
+    assert not images.requires_grad and images.shape == (3, 1, 4, 4)
+    assert torch.equal(images, vae_decoder(vae, batch_size=2)(latents))  # SD reads no shift and no statistics
+
 
 class _TimeScaled(nn.Module):
     """ε = g·x·t/1000: a walk that depends on which timesteps the grid visits."""

@@ -132,9 +132,10 @@ def vae_decoder(vae: nn.Module, batch_size: int = 64, pipeline_class: str | None
         if pipeline_class is not None:
             from tadq.pipelines.quantized import decode_latents
 
-            parts = [decode_latents(pipeline_class, vae, latents[start:start + batch_size], batch_size)
-                     for start in range(0, len(latents), batch_size)]
-            return torch.cat([part.float().clamp(-1, 1).to(latents.device) for part in parts])
+            with torch.no_grad():  # each chunk leaves the VAE's device at once: one batch of images there at a time
+                parts = [decode_latents(pipeline_class, vae, latents[start:start + batch_size], batch_size)
+                         .float().clamp(-1, 1).to(latents.device) for start in range(0, len(latents), batch_size)]
+            return torch.cat(parts)
         parameter = next(vae.parameters())
         parts = []
         with torch.no_grad():
