@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The headline (runs/main): the shipped digits model at W8A8, W4A8 and W4A4, each preset's naive-PTQ baseline against
-# its best recipe as measured in docs/results/digits.md (`best`: Q-Diffusion + TAC at W8A8/W4A8, SVDQuant + TAC at W4A4), with
+# its best recipe as measured in docs/results/digits.md (`best`: TFMQ-DM model-wide FSC + TAC at W8A8, Q-Diffusion + TAC at W4A8, SVDQuant + TAC at W4A4), with
 # tadq run's defaults: the Q-Diffusion bases rounded by GPTQ (no iterations; docs/methods/qdiffusion.md#gptq-rounding)
 # without the activation phase, the input and output convs kept in float in every row
 # (docs/methods/qdiffusion.md#what-limits-w8a8); samples.png and per_step_error.png. 256 samples: PSNR/SSIM vs FP

@@ -22,7 +22,7 @@ from tadq.experiments.run import HEADLINE_METHODS, HEADLINE_SAMPLES, RunConfig, 
 ROOT = Path(__file__).resolve().parents[2]
 # the headline: each default preset's naive-PTQ baseline against the README's best row at that preset
 EXPECTED = [("naive", "W8A8"), ("naive", "W4A8"), ("naive", "W4A4"),
-            ("tac", "W8A8"), ("tac", "W4A8"), ("svdquant+tac", "W4A4")]
+            ("tfmq-model+tac", "W8A8"), ("tac", "W4A8"), ("svdquant+tac", "W4A4")]
 
 
 def _make_target(name: str) -> list[list[str]]:

@@ -234,16 +234,16 @@ def test_each_row_is_built_and_shown_once_however_often_it_is_named():
     from tadq.experiments.run import job_rows
 
     assert job_rows(RunConfig(presets=("W8A8", "w8a8"), methods=("naive", "naive"))) == [("naive", "W8A8")]
-    assert job_rows(RunConfig(presets=("W8A8", "W4A4"), methods=("tac", "best"))) == [
-        ("tac", "W8A8"), ("tac", "W4A4"), ("svdquant+tac", "W4A4")]
+    assert job_rows(RunConfig(presets=("W4A8", "W4A4"), methods=("tac", "best"))) == [
+        ("tac", "W4A8"), ("tac", "W4A4"), ("svdquant+tac", "W4A4")]
 
 
 def test_the_bench_measures_a_row_named_twice_through_best_once():
     from tadq.experiments.bench import BenchConfig
     from tadq.experiments.bench.runner import _variants
 
-    bench = BenchConfig(methods=("tac", "best"), presets=("W8A8", "W4A4"), samplers=(SAMPLER,))
+    bench = BenchConfig(methods=("tac", "best"), presets=("W4A8", "W4A4"), samplers=(SAMPLER,))
     entries = _variants(bench.run_config(SAMPLER), None)
     assert [(method, preset) for method, preset, _ in entries] == [
-        ("fp", "W32A32"), ("tac", "W8A8"), ("tac", "W4A4"), ("best", "W4A4")]
+        ("fp", "W32A32"), ("tac", "W4A8"), ("tac", "W4A4"), ("best", "W4A4")]
     assert entries[-1][2].name == "SVDQuant + TAC"

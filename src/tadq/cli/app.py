@@ -116,9 +116,9 @@ def run_command(
                                   "in blocks of n per row, simulated."),
     methods: str = typer.Option("naive,qdiffusion,ptqd",
                                 help="Comma-separated rows of tadq.experiments.rows (naive, qdiffusion, ptqd, …). "
-                                "'best' is each preset's best row as measured on the shipped digits model (W8A8, "
-                                "W4A8: tac; W4A4: svdquant+tac; other presets refused): make run's headline is "
-                                "--methods naive,best --num-samples 256 --batch-size 256."),
+                                "'best' is each preset's best row as measured on the shipped digits model (W8A8: "
+                                "tfmq-model+tac; W4A8: tac; W4A4: svdquant+tac; other presets refused): make run's "
+                                "headline is --methods naive,best --num-samples 256 --batch-size 256."),
     recon_iters: int = typer.Option(-1, help="AdaRound iterations per unit (-1: the ReconstructionConfig default)."),
     recon_activation_iters: int = typer.Option(-1, help="Activation-step iterations per unit (-1: the "
                                                "ReconstructionConfig default; 0 skips the phase)."),

@@ -5,8 +5,11 @@ docs/results/digits.md).
 of every preset. ``best`` is not a method of its own: it delegates to the measured row, so its cell, label and
 settings are that row's (a ``best`` cell is reused by a run of the named row in the same folder, and vice versa).
 
-    W8A8, W4A8   tac            Q-Diffusion + TAC (W8A8 43.7 dB vs Q-Diffusion's 41.4, the README's bench table;
-                                W4A8 37.5 vs 32.8 dB, the main table in docs/results/digits.md)
+    W8A8         tfmq-model+tac TFMQ-DM with model-wide finite-set calibration + TAC (on the default GPTQ base,
+                                paired against Q-Diffusion + TAC from the same noise: digits +2.12 ± 0.58 dB at 256
+                                samples, photos +1.82 ± 0.62 dB at 64; docs/results/digits.md "More on the headline")
+    W4A8         tac            Q-Diffusion + TAC (digits 45.10 vs Q-Diffusion's 42.93 dB; TFMQ-DM + TAC is level
+                                with it there, −0.18 ± 0.58 dB, and costs more)
     W4A4         svdquant+tac   SVDQuant + TAC (31.6 dB vs 21.0 for the best Q-Diffusion-based W4A4 row)
 
 Other presets have no measured best and are refused before any work (``RunConfig`` checks it).
@@ -26,7 +29,7 @@ __all__ = ["BEST", "BEST_ROWS", "best_row", "resolve_row"]
 BEST = "best"
 # preset → the row measured best there on the shipped digits model (docs/results/digits.md "Results on the shipped
 # model" and "W4A4 that holds", README "Benchmarks")
-BEST_ROWS: dict[str, str] = {"W8A8": "tac", "W4A8": "tac", "W4A4": "svdquant+tac",
+BEST_ROWS: dict[str, str] = {"W8A8": "tfmq-model+tac", "W4A8": "tac", "W4A4": "svdquant+tac",
                              "W8A8-WSYM": "tac"}  # W8A8's row on the symmetric-weight grid (docs/backends.md)
 
 
