@@ -15,7 +15,10 @@ model's guidance), sampled from seed 1000 (decoded for a latent model); PSNR vs 
 of a (calibration, preset) is sampled from the same noise, so it is also compared with that cell's ``--paired-with``
 row sample by sample: ``difference`` is the mean of its per-sample PSNR minus the reference's and ``interval`` its
 95 % interval (1.96 standard errors; ``tadq.experiments.tfmq_measure.paired_difference``), far tighter than the
-spread of either mean. One JSON line per row, all of them in ``--out`` (with the per-sample PSNRs). Run (one
+spread of either mean. That interval holds the evaluation noise only: a row's ``seed=`` (which calibration inputs
+form GPTQ's Hessians) draws another rounding, which moved the digits' W4A8 PSNR by up to 1.45 dB, so compare
+settings over several calibration and reconstruction seeds (docs/methods/qdiffusion.md, "The digits' W4A8 gap is a
+rounding draw"). One JSON line per row, all of them in ``--out`` (with the per-sample PSNRs). Run (one
 thread)::
 
     python benchmarks/gptq_target_prior.py --model dit --sampler dpmsolver++ --steps 20 \\
