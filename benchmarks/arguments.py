@@ -192,3 +192,20 @@ def output_folder(out, *, force_foreign: bool = False, what: str = "--out"):
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from error
     return out
+
+
+def seed_apart_from(evaluation: int, flag: str):
+    """An argparse type for a calibration seed of a script that evaluates from seed ``evaluation``: a whole number in
+    [0, 2**32 - 1] that is not ``evaluation`` (noise is drawn per (seed, index), so only an equal seed shares the
+    evaluation noise; refused as ``tadq run`` refuses ``--calib-seed`` equal to ``--seed``)."""
+
+    def parse(text: str) -> int:
+        value = _whole_number(text)
+        if not 0 <= value <= 2**32 - 1:
+            raise argparse.ArgumentTypeError(f"{text!r} must be in [0, 2**32 - 1]")
+        if value == evaluation:
+            raise argparse.ArgumentTypeError(f"{flag} {text} is the evaluation seed: the model would be calibrated on "
+                                             "the noise it is scored on; give another")
+        return value
+
+    return parse

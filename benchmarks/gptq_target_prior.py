@@ -11,7 +11,15 @@ Each ``--rows`` entry is ``name:field=value,...`` over ``ReconstructionConfig`` 
 ``naive`` is naive PTQ. Every row is ``tadq run``'s Q-Diffusion base (split shortcuts, quantized attention, first
 and last layers in float) without corrections, calibrated as ``tadq run --calib-trajectories N`` (seed 0, the
 model's guidance), sampled from seed 1000 (decoded for a latent model); PSNR vs FP from the same noise and labels.
-One JSON line per row, all of them in ``--out``. Run (one thread)::
+``--calibration-seed`` draws the calibration trajectories from another seed (never the evaluation's, 1000). Every row
+of a (calibration, preset) is sampled from the same noise, so it is also compared with that cell's ``--paired-with``
+row sample by sample: ``difference`` is the mean of its per-sample PSNR minus the reference's and ``interval`` its
+95 % interval (1.96 standard errors; ``tadq.experiments.tfmq_measure.paired_difference``), far tighter than the
+spread of either mean. That interval holds the evaluation noise only: a row's ``seed=`` (which calibration inputs
+form GPTQ's Hessians) draws another rounding, which moved the digits' W4A8 PSNR by up to 1.45 dB, so compare
+settings over several calibration and reconstruction seeds (docs/methods/qdiffusion.md, "The digits' W4A8 gap is a
+rounding draw"). One JSON line per row, all of them in ``--out`` (with the per-sample PSNRs). Run (one
+thread)::
 
     python benchmarks/gptq_target_prior.py --model dit --sampler dpmsolver++ --steps 20 \\
         --trajectory-counts 16,64,256 --presets W8A8,W4A8 --num-samples 64 \\
@@ -29,18 +37,29 @@ import time
 from pathlib import Path
 
 import torch
-from arguments import add_force_foreign_flag, count, count_list, model_name, output_file, preset_names, write_report
+from arguments import (
+    add_force_foreign_flag,
+    count,
+    count_list,
+    model_name,
+    output_file,
+    preset_names,
+    seed_apart_from,
+    write_report,
+)
 from common import evaluation_images, unit_summary
 
 from tadq import api
 from tadq.calibration import collect_calibration_set
 from tadq.config import CalibrationConfig, ReconstructionConfig, fp_layer_roles
+from tadq.experiments.tfmq_measure import paired_difference
 from tadq.experiments.workload import load_workload
 from tadq.metrics import psnr_per_sample
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
 
+EVALUATION_SEED = 1000
 
 def _value(current, text: str):
     """``text`` as the type of a field whose default is ``current`` (``None``: a number, or None)."""
@@ -89,19 +108,29 @@ def main() -> None:
     parser.add_argument("--presets", type=preset_names, default="W8A8,W4A8")
     parser.add_argument("--rows", type=parse_rows, default="naive;zero:gptq_target_prior=zero;weight:")
     parser.add_argument("--num-samples", type=count, default=64)
+    parser.add_argument("--calibration-seed", type=seed_apart_from(EVALUATION_SEED, "--calibration-seed"), default=0,
+                        help="noise seed of the calibration trajectories (tadq run's --calib-seed; default 0)")
+    parser.add_argument("--paired-with", metavar="ROW",
+                        help="the row each other row of its cell is compared with per sample (default: zero, where "
+                             "--rows has it)")
     parser.add_argument("--threads", type=count, default=1)
     parser.add_argument("--cache-dir", default=".cache/tadq")
     parser.add_argument("--out", type=Path, required=True)
     add_force_foreign_flag(parser, "file")
     args = parser.parse_args()
     rows = args.rows  # a bad field or value was refused while parsing, before any work
+    names = [name for name, _ in rows]
+    if args.paired_with is not None and args.paired_with not in names:
+        parser.error(f"--paired-with {args.paired_with!r} names no row of --rows ({', '.join(names)})")
+    reference = args.paired_with or ("zero" if "zero" in names else None)
     output_file(args.out, force_foreign=args.force_foreign)
     torch.set_num_threads(args.threads)
     workload = load_workload(args.model)
     sampler = SamplerConfig(kind=args.sampler, num_steps=args.steps)
 
     def draw(model) -> torch.Tensor:
-        return evaluation_images(workload, model, sampler, args.num_samples, batch_size=args.num_samples)
+        return evaluation_images(workload, model, sampler, args.num_samples, seed=EVALUATION_SEED,
+                                 batch_size=args.num_samples)
 
     fp = draw(workload.model)
     # the command as given (the parsed flags printed lists and row tuples, which no shell could run again)
@@ -109,13 +138,14 @@ def main() -> None:
                      "rows": []}
     for trajectories in args.trajectory_counts:
         calibration = CalibrationConfig(sampler=sampler, num_trajectories=trajectories,  # as tadq run builds it
-                                        num_steps_kept=min(25, args.steps),
+                                        num_steps_kept=min(25, args.steps), seed=args.calibration_seed,
                                         samples_per_step=min(64, trajectories))
         data = collect_calibration_set(workload.model, adapter_for(workload.model), workload.scheduler.config,
                                        calibration, cache_dir=args.cache_dir, progress=False,
                                        conditions=workload.calibration_conditions,
                                        guidance_scale=workload.guidance_scale)
         for preset in args.presets.split(","):
+            scores: dict[str, torch.Tensor] = {}  # this cell's per-sample PSNRs, by row
             for name, reconstruction in rows:
                 fields = {"calibration": calibration, "keep_fp_roles": fp_layer_roles("first_last"),
                           "deployments": (Deployment(sampler, workload.guidance_scale),)}
@@ -125,11 +155,17 @@ def main() -> None:
                 start = time.process_time()
                 qmodel = api.quantize(workload.model, workload.scheduler, recipe, calibration=data,
                                       conditions=workload.calibration_conditions, progress=False)
-                row = {"model": args.model, "trajectories": trajectories, "calibration_inputs": len(data),
-                       "preset": preset, "row": name, "quantize_cpu_s": round(time.process_time() - start, 1),
-                       "psnr": round(float(psnr_per_sample(draw(qmodel), fp).mean()), 2), **unit_summary(qmodel)}
-                results["rows"].append(row)
+                scores[name] = psnr_per_sample(draw(qmodel), fp).double()
+                row = {"model": args.model, "trajectories": trajectories, "calibration_seed": args.calibration_seed,
+                       "calibration_inputs": len(data), "preset": preset, "row": name,
+                       "quantize_cpu_s": round(time.process_time() - start, 1),
+                       "psnr": round(float(scores[name].mean()), 2), **unit_summary(qmodel)}
+                if name != reference and reference in scores:
+                    difference, interval = paired_difference(scores[name], scores[reference])
+                    row.update(paired_with=reference, difference=round(difference, 3),
+                               interval=round(interval, 3))
                 print(json.dumps(row), flush=True)
+                results["rows"].append({**row, "psnr_per_sample": [round(v, 3) for v in scores[name].tolist()]})
     write_report(results, args.out)
 
 

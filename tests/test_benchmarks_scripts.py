@@ -197,6 +197,10 @@ LATE_CHECKS = [  # (script, what loads the model, flags, message): each used to 
     ("gptq_target_prior", "load_workload", ("--rows", "z:gptq_target_prior=nowhere", "--out", "{tmp}/o.json"),
      "gptq_target_prior"),
     ("gptq_target_prior", "load_workload", ("--model", "dti", "--out", "{tmp}/o.json"), "neither a shipped model"),
+    ("gptq_target_prior", "load_workload", ("--calibration-seed", "1000", "--out", "{tmp}/o.json"),
+     "is the evaluation seed"),
+    ("gptq_target_prior", "load_workload", ("--calibration-seed", "-3", "--out", "{tmp}/o.json"), "must be in"),
+    ("gptq_target_prior", "load_workload", ("--paired-with", "zer", "--out", "{tmp}/o.json"), "names no row"),
 ]
 
 
@@ -431,6 +435,34 @@ def test_guidance_ranges_reads_the_prompted_labels_of_its_evaluation_seed(load, 
         _main(module, monkeypatch, "--presets", "W8A8", "--num-samples", "2", "--steps", "2", "--calib-trajectories",
               "2", "--out", str(tmp_path / "o.json"))
     assert re.search(r"FP: prompt accuracy \d\.\d{3}", capsys.readouterr().out)
+
+
+def test_gptq_target_prior_calibrates_from_its_seed_and_pairs_rows_on_the_same_noise(
+        guided_dit_folder, load, monkeypatch, tmp_path, capsys):
+    """``--calibration-seed`` reaches the calibration (the study had one calibration seed, so a difference between
+    two priors could not be told from the calibration draw), and each row's ``difference`` is the mean of its
+    per-sample PSNR minus the ``zero`` row's on the same evaluation noise, with 1.96 standard errors of it."""
+    module = load("gptq_target_prior")
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", PARSE_ARGS)
+    monkeypatch.chdir(tmp_path)
+    calibrations = []
+    real_collect = module.collect_calibration_set
+    monkeypatch.setattr(module, "collect_calibration_set",
+                        lambda *args, **kwargs: calibrations.append(args[3]) or real_collect(*args, **kwargs))
+    _main(module, monkeypatch, "--model", str(guided_dit_folder), "--rows", "zero:gptq_target_prior=zero;weight:",
+          "--presets", "W4A8", "--trajectory-counts", "2", "--sampler", "ddim", "--steps", "3", "--num-samples", "4",
+          "--calibration-seed", "5", "--out", "o.json")
+    assert [config.seed for config in calibrations] == [5]
+    zero, weight = json.loads((tmp_path / "o.json").read_text())["rows"]
+    assert zero["calibration_seed"] == weight["calibration_seed"] == 5
+    assert "difference" not in zero and weight["paired_with"] == "zero"
+    gap = torch.tensor(weight["psnr_per_sample"], dtype=torch.float64) - torch.tensor(zero["psnr_per_sample"],
+                                                                                     dtype=torch.float64)
+    assert len(gap) == 4 and gap.abs().max() > 0  # the two priors round differently on this model
+    # the per-sample scores are written to 3 decimals (each gap off by ≤ 1e-3, so their mean too, and their standard
+    # deviation by ≤ 1e-3·√4/√3) and the difference and interval to 3 decimals (5e-4 more)
+    assert weight["difference"] == pytest.approx(float(gap.mean()), abs=1e-3 + 5e-4)
+    assert weight["interval"] == pytest.approx(1.96 * float(gap.std()) / 2, abs=1.96 / 2 * 1e-3 * 2 / 3**0.5 + 5e-4)
 
 
 def test_evaluation_seeds_equal_to_the_calibration_seed_are_refused(load, monkeypatch, capsys, tmp_path):
