@@ -177,3 +177,11 @@ def test_docs_flags_build_the_same_recipe_as_the_shipped_file(monkeypatch, tmp_p
         recipes.append(_resolved_recipe(monkeypatch, words))
     file_recipe, flag_recipe = recipes
     assert dataclasses.replace(flag_recipe, name=file_recipe.name) == file_recipe
+
+
+def test_repeated_correct_flags_stack_in_the_order_given(monkeypatch, tmp_path, tiny_model_dir):
+    """``--correct tac --correct tcec,ptqd`` is the stack tac, tcec, ptqd: the flag held one string, so a repeated
+    ``--correct`` kept only the last one and the artefact was fitted with TCEC + PTQD alone, without a word."""
+    recipe = _resolved_recipe(monkeypatch, [str(tiny_model_dir), "--out", str(tmp_path / "q"), "--correct", "tac",
+                                            "--correct", "tcec,ptqd"])
+    assert [type(c).__name__ for c in recipe.corrections] == ["TACConfig", "TCECConfig", "PTQDConfig"]

@@ -330,8 +330,9 @@ def quantize_command(
         f"weight step per block of n weights of a row (fake backend only); default {DEFAULT_PRESET}.")] = None,
     method: Annotated[str | None, typer.Option(help="naive, qdiffusion or tfmq (default: the recipe's, else naive).")
                       ] = None,
-    correct: Annotated[str | None, typer.Option(
-        help="Corrections in application order, e.g. tac,tcec (ptqd, tac, ibc, ner, tcec); fitted for the sampler.")
+    correct: Annotated[list[str] | None, typer.Option(
+        help="Corrections in application order, e.g. tac,tcec (ptqd, tac, ibc, ner, tcec); fitted for the sampler. "
+             "Repeat or comma-separate: --correct tac --correct tcec is tac,tcec.")
     ] = None,
     recipe_file: Annotated[Path | None, typer.Option(
         "--recipe", help="Recipe JSON (docs/recipes.md; recipes/ has the README's rows); the flags override it.")
@@ -412,8 +413,10 @@ def quantize_command(
                            split_shortcut=split_shortcut, quantize_attention=quantize_attention,
                            recon_iters=recon_iters, recon_activation_iters=recon_activation_iters,
                            recon_rounding=None if recon_rounding is None else recon_rounding.strip().lower(),
-                           correct=None if correct is None else tuple(c.strip().lower() for c in correct.split(",")
-                                                                      if c.strip()))
+                           # every --correct, in order: a single-valued option kept only the last one given, so
+                           # --correct tac --correct tcec quantized with TCEC alone, without a word
+                           correct=None if correct is None else tuple(c.strip().lower() for given in correct
+                                                                      for c in given.split(",") if c.strip()))
         settings = parse_settings(set_fields)
         check_flags(recipe_file, config_file, flags)  # resolve_recipe checks them again, after reading the files
         torch_device, torch_dtype = torch_setup(threads, device, dtype)
