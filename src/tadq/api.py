@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,6 +145,8 @@ def _quantize(
     guidance_scale = recipe.guidance_scale if recipe is not None else 1.0
     if calibration is None or (recipe is not None and recipe.corrections) or conditions is not None:
         check_conditions(model, conditions, guidance_scale, "tadq.quantize")  # before it is copied or sampled
+    if recipe is not None:  # Flux: the tables are keyed to the distilled scale its conditions embed, as the CLI
+        recipe = _record_distilled_guidance(recipe, conditions)
     # the model's own placement, when device=/dtype= leave it, must be one (refused for a split model, before work)
     own = model_placement(model, "tadq.quantize", device=device is None, dtype=dtype is None)
     parameter = next(model.parameters(), None)
@@ -267,6 +270,49 @@ def check_conditions(model: nn.Module, conditions: ConditionSource | None, guida
             raise ValueError(f"{where}: {error}") from error
 
 
+def embedded_guidance(conditions: ConditionSource | None) -> float | None:
+    """The distilled guidance scale a guidance-distilled model (Flux) is given by ``conditions``
+    (``added_cond_kwargs["guidance"]`` of the first sample), ``None`` where they carry none."""
+    if conditions is None:
+        return None
+    value = conditions(0, [0]).added_cond_kwargs.get("guidance")
+    return None if value is None else float(value.reshape(-1)[0])
+
+
+def _record_distilled_guidance(recipe: Recipe, conditions: ConditionSource | None) -> Recipe:
+    """``recipe`` with its first deployment's ``distilled_guidance`` set to the scale ``conditions`` embed (Flux),
+    as ``tadq quantize`` records it; another scale already recorded there is refused before any work. The Python
+    API recorded none, so tables fitted at 3.5 were then sampled at 7 without a word."""
+    deployment = recipe.deployments[0]
+    embedded = embedded_guidance(conditions)
+    if embedded is None:
+        return recipe
+    if deployment.distilled_guidance is not None and deployment.distilled_guidance != embedded:
+        raise ValueError(f"tadq.quantize: recipe.deployments[0].distilled_guidance={deployment.distilled_guidance:g} "
+                         f"but the conditions embed guidance {embedded:g}: the tables are fitted at the scale the "
+                         "conditions give; make the two agree")
+    if deployment.distilled_guidance == embedded:
+        return recipe
+    recorded = dataclasses.replace(deployment, distilled_guidance=embedded)
+    return dataclasses.replace(recipe, deployments=(recorded, *recipe.deployments[1:]))
+
+
+def check_distilled_guidance_of(denoiser: nn.Module, conditions: ConditionSource | None, where: str) -> None:
+    """Refuse conditions embedding another distilled guidance scale (Flux) than the one ``denoiser``'s fitted
+    correction or per-step tables were fitted at (its recipe's ``deployments[0].distilled_guidance``)."""
+    recipe = getattr(denoiser, "recipe", None)
+    recorded = None if recipe is None else recipe.deployments[0].distilled_guidance
+    used = embedded_guidance(conditions) if recorded is not None else None
+    if used is None or used == recorded:
+        return
+    fitted = any(getattr(member, "table_key", None) is not None or getattr(member, "sampler_key", None) is not None
+                 for member in getattr(denoiser, "corrections", ()))
+    if fitted:
+        raise ValueError(f"{where}: this model's per-step tables were fitted at the distilled guidance {recorded:g} "
+                         f"(added_cond_kwargs['guidance']), and the conditions embed {used:g}: sample at the fitted "
+                         "scale, or quantize again for this one")
+
+
 def _reference(fp: nn.Module, network: nn.Module):
     """The FP reference as the fits call it: itself, or (another dtype than the float32 network) a callable that
     runs it in its dtype on the network's states and returns ε in theirs."""
@@ -329,6 +375,7 @@ def sample(
         denoiser = place_model(denoiser, target_device, target_dtype)
         placement = target_device, target_dtype
     if isinstance(denoiser, HookedDenoiser):
+        check_distilled_guidance_of(denoiser, conditions, "tadq.sample")
         call, shape = denoiser, denoiser.sample_shape
         hooks = (*denoiser.correction_hooks(), *hooks)
     else:

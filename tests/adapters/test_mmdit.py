@@ -365,3 +365,31 @@ def test_float16_joint_attention_scores_that_overflow_before_the_scale_stay_fini
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     bound = 16 * torch.finfo(torch.float16).eps * float(reference.abs().max())
     torch.testing.assert_close(out.float(), reference, rtol=0, atol=bound)
+
+
+def test_flux_tables_are_keyed_to_the_distilled_guidance_their_conditions_embed(tmp_path):
+    """tadq.quantize records the distilled guidance the conditions embed (as ``tadq quantize`` does), and
+    tadq.sample refuses conditions embedding another one for a model with fitted tables, before any step, also
+    after a save and load; the Python API recorded none, so tables fitted at 3.5 sampled at 7 without a word."""
+    from tadq.corrections import TACConfig
+    from tadq.recipe import Deployment, NaiveMethod, Recipe
+
+    torch.set_num_threads(1)
+    model, scheduler = build_tiny_flux(), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    recipe = Recipe.from_preset("W8A8", method=NaiveMethod(), calibration=CALIB, deployments=(Deployment(SAMPLER),),
+                                corrections=(TACConfig(num_samples=4, seed=1),))
+    qmodel = api.quantize(model, scheduler, recipe, progress=False,
+                          conditions=ConditioningList(prompts(4, seed=1, guidance=3.5)))
+    assert qmodel.recipe.deployments[0].distilled_guidance == 3.5
+    qmodel.save_pretrained(tmp_path / "q", scheduler)
+    loaded, loaded_scheduler = tadq.load(tmp_path / "q")
+    for denoiser, schedule in ((qmodel, scheduler), (loaded, loaded_scheduler)):
+        api.sample(denoiser, schedule, SAMPLER, num_samples=1, seed=7, progress=False,
+                   conditions=ConditioningList(prompts(2, seed=2, guidance=3.5)))
+        with pytest.raises(ValueError, match="fitted at the distilled guidance 3.5"):
+            api.sample(denoiser, schedule, SAMPLER, num_samples=1, seed=7, progress=False,
+                       conditions=ConditioningList(prompts(2, seed=2, guidance=7.0)))
+    other = dataclasses.replace(recipe, deployments=(Deployment(SAMPLER, distilled_guidance=7.0),))
+    with pytest.raises(ValueError, match="distilled_guidance=7 but the conditions embed guidance 3.5"):
+        api.quantize(model, scheduler, other, progress=False,
+                     conditions=ConditioningList(prompts(4, seed=1, guidance=3.5)))
