@@ -305,6 +305,11 @@ def _config_value(path: Path, component: str, key: str) -> Any:
     return config.get(key) if isinstance(config, dict) else None
 
 
+def _all_ints(*values: Any) -> bool:
+    """Every value a JSON integer (not a bool): the cross-component checks compare only configs that give them."""
+    return all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+
+
 def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, tuple[str, str]]) -> None:
     """What ``from_pretrained`` would only find deep in transformers or at the first UNet call, or never (a wrong
     flag type read as true, a zero VAE scale decoding to NaN), from the configs alone."""
@@ -336,8 +341,7 @@ def _check_consistency(path: Path, index: dict[str, Any], components: dict[str, 
     projection = _config_value(path, "text_encoder_2", "projection_dim") if "text_encoder_2" in components else None
     time_dim = _config_value(path, "unet", "addition_time_embed_dim")
     added = _config_value(path, "unet", "projection_class_embeddings_input_dim")
-    if _config_value(path, "unet", "addition_embed_type") == "text_time" and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in (projection, time_dim, added)) \
+    if _config_value(path, "unet", "addition_embed_type") == "text_time" and _all_ints(projection, time_dim, added) \
             and added != projection + 6 * time_dim:
         raise PipelineFolderError(
             f"{path}/unet/config.json: projection_class_embeddings_input_dim {added} is not text_encoder_2's "
@@ -360,7 +364,7 @@ def _check_token_positions(path: Path, class_name: str, components: dict[str, tu
         config = read_json_file(path / tokenizer / "tokenizer_config.json", f"{tokenizer} config")
         length = config.get("model_max_length") if isinstance(config, dict) else None
         positions = _config_value(path, encoder, "max_position_embeddings")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in (length, positions)) and length > positions:
+        if _all_ints(length, positions) and length > positions:
             raise PipelineFolderError(
                 f"{path}: {tokenizer}/tokenizer_config.json pads prompts to model_max_length {length} tokens, but "
                 f"{encoder} holds {positions} positions (max_position_embeddings, {encoder}/config.json); the "
@@ -378,7 +382,7 @@ def _check_latent_channels(path: Path, class_name: str, components: dict[str, tu
     denoiser = denoiser_component(class_name)
     latent = _config_value(path, "vae", "latent_channels")
     given = _config_value(path, denoiser, "in_channels")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (latent, given)):
+    if not _all_ints(latent, given):
         return
     packed = class_name == "FluxPipeline"  # FluxTransformer2DModel takes 2×2 latent patches as 4C channels
     expected = 4 * latent if packed else latent
