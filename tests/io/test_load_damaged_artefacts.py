@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tests.io.tiny_artefacts import save_tiny_artefact
 
-from tadq.io import WEIGHTS_FILE, load_quantized
+from tadq.io import WEIGHTS_FILE, load_quantized, save_quantized
 from tadq.io.manifest import MANIFEST_FILE, ArtefactDamaged, verify_manifest, write_manifest
 from tadq.models import load_pipeline_parts
 from tadq.safefiles import read_json_file
@@ -329,6 +329,71 @@ def test_damaged_correction_tables_are_refused_at_load_naming_the_file(corrected
     _edit_tables(copy, edit)
     with pytest.raises(ValueError, match=f"corrections.safetensors: .*{needle}"):
         load_quantized(copy)
+
+
+@pytest.fixture(scope="module")
+def tfmq_artefact(tmp_path_factory) -> Path:
+    """A tiny TFMQ artefact with both kinds of per-step tables: FSC ranges and a 2-bit quantized feature cache."""
+    from tests.conftest import build_tiny_unet
+    from tests.tfmq.common import SAMPLER, calibration, quant_config, scheduler, tfmq_config
+
+    from tadq.tfmq import quantize_tfmq
+
+    torch.set_num_threads(1)
+    model, sched = build_tiny_unet(), scheduler()
+    settings = tfmq_config(maintenance="cache_quantized", cache_bits=2)
+    qmodel = quantize_tfmq(model, sched, quant_config("W4A8"), settings, SAMPLER,
+                           calibration=calibration(model, sched), progress=False)
+    folder = tmp_path_factory.mktemp("probe-tfmq") / "q"
+    save_quantized(qmodel, folder, sched)
+    return folder
+
+
+def _set_layout(field: str, edit):
+    """Edit field ``field`` of the TFMQ correction's layout (its extra state in the tables' metadata)."""
+    def apply(_tensors, metadata):
+        extra = json.loads(metadata["tadq_extra_state"])
+        layout = extra["members.0._extra_state"]
+        layout[field] = edit(layout[field])
+        metadata["tadq_extra_state"] = json.dumps(extra)
+    return apply
+
+
+@pytest.mark.parametrize(("edit", "needle"), [
+    (_set("members.0.fsc_scale", 0.0), "time_embedding.linear_1.input_quantizer \\(int8-asym.*\\) has step size "
+                                       "Δ = 0.0 at step 0; Δ must be finite and > 0"),
+    (_set("members.0.fsc_scale", -1.0), "has step size Δ = -1.0 at step 0"),
+    (_set("members.0.fsc_zero_point", 300.0), "has zero point z = 300.0 at step 0; z must be an integer in "
+                                              "\\[0, 255\\]"),
+    (_set("members.0.fsc_zero_point", 2.5), "has zero point z = 2.5 at step 0"),
+    (_set("members.0.cache_scale", 0.0), "TFMQ table cache_scale holds a step size 0.0"),
+    (_set("members.0.cache_zero_point", 7.0), "cache_zero_point holds a zero point off the 2-bit cache grid"),
+    (_set("members.0.cache_codes", 200), "cache_codes holds code 200, beyond the 2-bit cache grid \\[0, 3\\]"),
+    (_set_layout("fsc_quantizers", lambda names: names[:-1]), "fsc_scale is \\[8, 10\\], but its 9 quantizers"),
+    (_set_layout("fsc_quantizers", lambda names: [names[0], *names[:-1]]), "fsc_quantizers must be distinct"),
+    (_set_layout("fsc_quantizers", lambda names: ["nope.input_quantizer", *names[1:]]),
+     "nope.input_quantizer is no module of this UNet2DModel"),
+    (_set_layout("cache_storage", lambda _: "int3"), "cache_storage is 'int3', not 'fp', 'quantized' or null"),
+    (_set_layout("cache_layers", lambda layers: [["nope", *layers[0][1:]], *layers[1:]]),
+     "cache holds 4 features of nope, which is no module"),
+    (_set_layout("cache_layers", lambda layers: [[layers[0][0], 5, layers[0][2]], *layers[1:]]),
+     "cache layout: .* at columns \\[5, 9\\) does not follow"),
+])
+def test_damaged_tfmq_tables_are_refused_at_load_naming_the_file(tfmq_artefact, tmp_path, edit, needle):
+    """TFMQ's per-step tables were loaded unchecked: a per-step Δ of 0 or −1, a zero point of 300 or 2.5, an edited
+    cache Δ, z or code, or a layout that drops or repeats a column loaded and sampled another model (int8 too, with
+    z = 300 handed to a uint8 kernel), and a name the network lacks was a raw AttributeError. The same Δ and z in
+    ``tadq_weights.safetensors`` are refused (test_a_step_size_that_is_not_finite_and_positive_is_refused)."""
+    copy = Path(shutil.copytree(tfmq_artefact, tmp_path / "q"))
+    _edit_tables(copy, edit)
+    with pytest.raises(ValueError, match=f"corrections.safetensors: .*{needle}"):
+        load_quantized(copy)
+
+
+def test_a_sound_tfmq_artefact_loads(tfmq_artefact):
+    """The checks above pass the tables ``quantize_tfmq`` writes."""
+    qmodel, _ = load_quantized(tfmq_artefact)
+    assert qmodel.corrections[0].active
 
 
 @pytest.mark.parametrize("name", ["model_index.json", "tadq_recipe.json"])

@@ -367,7 +367,10 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
         raise DamagedFileError(f"{path / 'corrections.safetensors'} cannot be read ({type(error).__name__}: "
                                f"{str(error).splitlines()[0][:120]}); save the artefact again") from error
     # structural corrections (TFMQ) put their loaded tables back into the network; the others' prepare is identity
-    qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
+    try:  # the tables are checked against the network here (TFMQ: each per-step range on its quantizer's grid)
+        qmodel.model = qmodel.corrections.prepare(qmodel.model, qmodel.adapter)
+    except ValueError as error:
+        raise ValueError(f"{path / CORRECTIONS_FILE}: {error}; save the artefact again") from error
     qmodel.recipe = read_recipe(path, config)
     if qmodel.recipe is not None:  # the same network; for an older naive artefact, today's unused reconstruction
         qmodel.config = qmodel.recipe.quant_config()  # defaults, so that saving it again matches its recipe

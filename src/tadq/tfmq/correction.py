@@ -155,7 +155,16 @@ class TFMQCorrection(Correction):
         if self.fsc_quantizers:
             install_step_quantizers(model, self.fsc_quantizers, self.fsc_scale, self.fsc_zero_point, state)
         for layer, values in self.cached_features().items():
-            self._handles.append(model.get_submodule(layer).register_forward_hook(CachedFeature(values, state)))
+            try:
+                module = model.get_submodule(layer)
+            except AttributeError:
+                module = None
+            if module is None or getattr(module, "out_features", values.shape[-1]) != values.shape[-1]:
+                self.release(model)
+                found = "no module" if module is None else f"a layer of {module.out_features} features"
+                raise ValueError(f"TFMQ's cache holds {values.shape[-1]} features of {layer}, which is {found} of "
+                                 f"this {type(model).__name__}: the tables belong to another network structure")
+            self._handles.append(module.register_forward_hook(CachedFeature(values, state)))
         if self.cache_layers and self.num_labels:
             self._handles.append(model.register_forward_pre_hook(LabelCapture(state), with_kwargs=True))
         self.state = state
@@ -245,6 +254,71 @@ class TFMQCorrection(Correction):
                 self._buffers[name] = torch.empty(incoming.shape, dtype=TABLES[name])
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if prefix + "_extra_state" in state_dict:  # tables and their layout both loaded (torch sets extra state last)
+            self.check_tables()
+
+    def check_tables(self) -> None:
+        """Refuse tables and a layout ``quantize_tfmq`` cannot have written, before they reach a network.
+
+        Loaded from ``corrections.safetensors``: an edited cache Δ (0, −1), zero point (7 or 1.5 on a 2-bit grid) or
+        code (200), a ``cache_storage`` that is neither ``"fp"`` nor ``"quantized"``, or a layout whose offsets miss
+        the table's columns loaded and sampled another model without a word. The FSC ranges are checked against each
+        quantizer's grid when ``prepare`` installs them (``install_step_quantizers``).
+
+        Raises:
+            ValueError: the first inconsistency, naming the table or field.
+        """
+        steps = self.num_steps
+        if self.sampler_key is not None and not isinstance(self.sampler_key, str):
+            raise ValueError(f"TFMQ sampler_key is {self.sampler_key!r}, not a sampler key")
+        names = self.fsc_quantizers
+        wrong = [name for position, name in enumerate(names) if not isinstance(name, str) or name in names[:position]]
+        if wrong:
+            raise ValueError(f"TFMQ fsc_quantizers must be distinct module names; {wrong[:3]} repeat an earlier one "
+                             "or are not names")
+        for table in ("fsc_scale", "fsc_zero_point"):
+            shape = list(getattr(self, table).shape)
+            if (names or shape != [0]) and shape != [steps, len(names)]:
+                raise ValueError(f"TFMQ table {table} is {shape}, but its {len(names)} quantizers on {steps} steps "
+                                 f"need [{steps}, {len(names)}]")
+        if self.cache_storage not in (None, "fp", "quantized"):
+            raise ValueError(f"TFMQ cache_storage is {self.cache_storage!r}, not 'fp', 'quantized' or null")
+        if bool(self.cache_layers) != (self.cache_storage is not None):
+            raise ValueError(f"TFMQ cache_storage is {self.cache_storage!r} for {len(self.cache_layers)} cached "
+                             "features")
+        width = 0
+        for layer, offset, channels in self.cache_layers:
+            if offset != width or channels < 1:
+                raise ValueError(f"TFMQ cache layout: {layer} at columns [{offset}, {offset + channels}) does not "
+                                 f"follow the previous feature's end ({width})")
+            width += channels
+        used = {"fp": ("cache_values",), "quantized": ("cache_codes",), None: ()}[self.cache_storage]
+        for table in ("cache_values", "cache_codes"):
+            shape = list(getattr(self, table).shape)
+            wanted = [steps, *([self.num_labels] if self.num_labels else []), width] if table in used else [0]
+            if shape != wanted:
+                raise ValueError(f"TFMQ table {table} is {shape}, but its cache layout ({self.cache_storage}, "
+                                 f"{len(self.cache_layers)} features of {width} channels, {self.num_labels} labels, "
+                                 f"{steps} steps) needs {wanted}")
+        quantized = self.cache_storage == "quantized"
+        for table in ("cache_scale", "cache_zero_point"):
+            shape = list(getattr(self, table).shape)
+            wanted = [steps, len(self.cache_layers)] if quantized else [0]
+            if shape != wanted:
+                raise ValueError(f"TFMQ table {table} is {shape}, but its cache layout needs {wanted}")
+        if quantized:
+            top = 2**self.config.cache_bits - 1
+            scale, zero_point, codes = self.cache_scale, self.cache_zero_point, self.cache_codes
+            valid = torch.isfinite(scale) & (scale > 0)
+            if not bool(valid.all()):
+                raise ValueError(f"TFMQ table cache_scale holds a step size {scale[~valid].reshape(-1)[0].item()}; "
+                                 "every Δ must be finite and > 0")
+            if not bool(((zero_point == zero_point.round()) & (zero_point >= 0) & (zero_point <= top)).all()):
+                raise ValueError("TFMQ table cache_zero_point holds a zero point off the "
+                                 f"{self.config.cache_bits}-bit cache grid (integers in [0, {top}])")
+            if codes.numel() and int(codes.max()) > top:
+                raise ValueError(f"TFMQ table cache_codes holds code {int(codes.max())}, beyond the "
+                                 f"{self.config.cache_bits}-bit cache grid [0, {top}]")
 
     def extra_repr(self) -> str:
         if not self.active:

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from tadq.calibration.observers import RangeObserver
 from tadq.quant.fake_quant import scale_and_zero_point
-from tadq.quant.quantizer import Quantizer
+from tadq.quant.qscheme import QScheme
+from tadq.quant.quantizer import Quantizer, off_grid_zero_point, zero_point_bounds
 
 __all__ = ["StepState", "StepQuantizer", "calibrate_per_step", "install_step_quantizers", "remove_step_quantizers"]
 
@@ -165,14 +166,56 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 def install_step_quantizers(model: nn.Module, names: list[str], scales: Tensor, zero_points: Tensor,
                             state: StepState) -> None:
-    """Replace quantizer ``names[j]`` with a ``StepQuantizer`` reading column j of the (S, Q) tables."""
+    """Replace quantizer ``names[j]`` with a ``StepQuantizer`` reading column j of the (S, Q) tables.
+
+    Everything is checked before the first quantizer is replaced, as a loaded artefact's tables come from a file: one
+    distinct activation quantizer of ``model`` per column, and every step's (Δ, z) a grid tadq can have calibrated
+    (Δ finite and > 0, z an integer in the quantizer's ``zero_point_bounds``), which ``tadq.io`` also requires of a
+    quantizer's single range. An edited table (Δ = 0 or −1, z = 300 or 2.5) loaded and sampled another model without
+    a word, and a list of names shorter than the tables' columns, or naming a quantizer twice, dropped columns.
+
+    Raises:
+        ValueError: the names or the tables do not fit ``model`` (the message names the quantizer and the step).
+    """
+    if scales.dim() != 2 or zero_points.shape != scales.shape or scales.shape[0] != state.num_steps:
+        raise ValueError(f"FSC tables are {list(scales.shape)} and {list(zero_points.shape)}, but must both be "
+                         f"(steps={state.num_steps}, quantizers)")
+    if not (isinstance(names, (list, tuple)) and all(isinstance(name, str) for name in names)):
+        raise ValueError(f"FSC quantizer names must be a list of module names, got {names!r}")
+    if len(names) != scales.shape[1] or len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"FSC tables have {scales.shape[1]} columns for {len(names)} quantizer names"
+                         f"{f' (named twice: {repeated})' if repeated else ''}: one distinct quantizer per column")
+    replacements = []
     for column, name in enumerate(names):
-        current = model.get_submodule(name)
+        try:
+            current = model.get_submodule(name)
+        except AttributeError:
+            current = None
         if not isinstance(current, Quantizer) or current.kind != "activation":
-            raise ValueError(f"{name} is a {type(current).__name__}, not an activation Quantizer: the FSC tables "
-                             "belong to another network structure")
+            raise ValueError(f"{name} is {'no module' if current is None else f'a {type(current).__name__}'} of "
+                             f"this {type(model).__name__}, not an activation Quantizer: the FSC tables belong to "
+                             "another network structure")
         base = current.plain() if isinstance(current, StepQuantizer) else current
-        _set_submodule(model, name, StepQuantizer(base, scales[:, column], zero_points[:, column], state))
+        _check_step_grid(name, base.scheme, scales[:, column], zero_points[:, column])
+        replacements.append((name, StepQuantizer(base, scales[:, column], zero_points[:, column], state)))
+    for name, quantizer in replacements:
+        _set_submodule(model, name, quantizer)
+
+
+def _check_step_grid(name: str, scheme: QScheme, scales: Tensor, zero_points: Tensor) -> None:
+    """Refuse a per-step (Δ, z) no calibration writes: Δ not finite and > 0, z off ``zero_point_bounds``."""
+    valid = torch.isfinite(scales) & (scales > 0)
+    if not bool(valid.all()):
+        step = int((~valid).nonzero()[0, 0])
+        raise ValueError(f"{name} ({scheme.describe()}) has step size Δ = {scales[step].item()} at step {step}; Δ "
+                         "must be finite and > 0")
+    if off_grid_zero_point(zero_points, scheme) is None:
+        return
+    step = next(step for step, row in enumerate(zero_points) if off_grid_zero_point(row, scheme) is not None)
+    low, high = zero_point_bounds(scheme)
+    raise ValueError(f"{name} ({scheme.describe()}) has zero point z = {zero_points[step].item()} at step {step}; z "
+                     f"must be an integer in [{low}, {high}]")
 
 
 def remove_step_quantizers(model: nn.Module) -> None:
