@@ -191,6 +191,16 @@ def test_invalid_quant_config_names_the_file(copy):
         load_quantized(copy)
 
 
+def test_a_config_that_does_not_fit_the_model_names_the_file(copy):
+    """A ``layer_bits`` entry naming a layer the rebuilt model does not quantize was refused by the plan without
+    the file's name (every other inconsistent field of ``tadq_config.json`` names it)."""
+    _edit_json(copy, "tadq_config.json",
+               lambda d: d["quant_config"]["data"].__setitem__("layer_bits", [["nope", 8, 8]]))
+    with pytest.raises(ValueError, match="tadq_config.json: quant_config does not fit the UNet2DModel .*layer_bits "
+                                         "names \\['nope'\\], which are not quantized layers"):
+        load_quantized(copy)
+
+
 def test_invalid_recipe_names_the_file(copy):
     _edit_json(copy, "tadq_recipe.json", lambda d: d["data"]["method"].__setitem__("type", "MagicMethod"))
     with pytest.raises(ValueError, match="tadq_recipe.json: Recipe.method: unknown config type 'MagicMethod'"):

@@ -334,7 +334,11 @@ def load_quantized(directory: str | Path, *, backend: str = "fake") -> tuple[Qua
     check_config(backend, config)
     model = _build_fp_model(path / meta.get("denoiser_folder", "unet"), meta.get("model_class"))
     apply_freeu(model, meta.get("freeu"), str(path / CONFIG_FILE))  # a runtime setting its config does not hold
-    qmodel = build_quantized_structure(model, config, init_weight_range=False, copy_model=False)  # built for it
+    try:  # the plan's own checks of the config against the model (a layer_bits entry naming no quantized layer)
+        qmodel = build_quantized_structure(model, config, init_weight_range=False, copy_model=False)  # built for it
+    except ValueError as error:
+        raise _same_kind(error, f"{path / CONFIG_FILE}: quant_config does not fit the {type(model).__name__} "
+                                f"its denoiser config builds: {error}; save the artefact again") from error
     for name in (QUANT_MAP_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} is missing: the artefact is incomplete, save it again")
