@@ -498,3 +498,28 @@ def test_the_pareto_figure_names_why_each_candidate_was_not_drawn(monkeypatch, t
     texts = [text.get_text() for text in kept[0].axes[0].texts]
     assert "1 diverged" in " ".join(texts) and "2 over budget" in " ".join(texts)
     assert "3 candidates over budget" not in " ".join(texts)
+
+
+def test_images_smaller_than_the_ssim_window_are_evaluated_without_ssim(tmp_path):
+    """A 4 x 4 pixel model: SSIM's 11 x 11 window does not fit, and ``ssim_per_sample`` raised after the whole search
+    and every evaluation sample (no report); ``tadq run`` reports it as not measured, and so does --evaluate now,
+    with PSNR and the final MSE still measured."""
+    from diffusers import UNet2DModel
+
+    from tadq.search.evaluate import evaluate_candidates
+    from tadq.search.report import markdown_report
+
+    torch.manual_seed(0)
+    model = UNet2DModel(sample_size=4, in_channels=1, out_channels=1, layers_per_block=1, block_out_channels=(4, 8),
+                        norm_num_groups=4, down_block_types=("DownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    scheduler = tiny_scheduler()
+    space = tiny_space(bases=("naive",), presets=("W8A8",), stacks=("none",))
+    result = run_search(model, scheduler, space, Budget("gbitops", 1e6), tmp_path, heldout_trajectories=4,
+                        progress=False)
+    evaluation = evaluate_candidates(result, model, scheduler, tmp_path, num_samples=4)
+    row = evaluation["rows"]["naive-W8A8"]
+    assert row["ssim"] is None
+    assert math.isfinite(row["mean_psnr"]) and row["final_mse"] > 0
+    assert "| **naive-W8A8** | yes |" in markdown_report(result, evaluation)
+    json.dumps(evaluation, allow_nan=False)

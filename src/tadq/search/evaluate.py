@@ -17,6 +17,7 @@ from torch import nn
 
 from tadq.api import load
 from tadq.config import DEFAULT_FP_LAYERS
+from tadq.evaluation import ssim_measurable
 from tadq.metrics.image import psnr_per_sample, ssim_per_sample
 from tadq.safefiles import nonfinite_count
 from tadq.search.score import final_samples
@@ -45,7 +46,8 @@ def _is_readme_row(record: dict[str, Any]) -> bool:
 def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_dir: str | Path, *,
                         num_samples: int, batch_size: int = 128,
                         conditioning: SearchConditions | None = None) -> dict[str, Any]:
-    """Sample the FP model and every in-budget candidate on the evaluation seed; mean and median PSNR, SSIM and
+    """Sample the FP model and every in-budget candidate on the evaluation seed; mean and median PSNR, SSIM (``None``
+    for images smaller than its window, as in ``tadq run``) and
     final MSE vs FP per candidate (on the decoded images of a latent model), and a summary saying whether the winner
     beats every README row. ``conditioning`` carries the *evaluation* conditions (labels from the evaluation seed,
     the evaluation prompts, disjoint from the search's) and the decoder; the guidance scale is the recipes'.
@@ -62,6 +64,9 @@ def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_d
     options = (conditioning or SearchConditions()).options(first.guidance_scale)
     reference = final_samples(model, scheduler, first.sampler, num_samples=num_samples, seed=seed,
                               batch_size=batch_size, **options)
+    # SSIM's window needs images of 6 x 6 or more: smaller ones (a tiny pixel model) get no SSIM (None, shown "–"),
+    # as in `tadq run`'s table; ssim_per_sample raised after the whole search and every evaluation sample
+    measure_ssim = ssim_measurable(reference.shape[1:])
     rows: dict[str, dict[str, Any]] = {}
     for record in scored:
         qmodel, _ = load(Path(out_dir) / record["artefact"])
@@ -78,7 +83,7 @@ def evaluate_candidates(result: SearchResult, model: nn.Module, scheduler, out_d
         psnr = psnr_per_sample(images, reference).double()
         rows[record["name"]] = {
             **row, "mean_psnr": float(psnr.mean()), "median_psnr": float(psnr.median()),
-            "ssim": float(ssim_per_sample(images, reference).mean()),
+            "ssim": float(ssim_per_sample(images, reference).mean()) if measure_ssim else None,
             "final_mse": float((images.clamp(-1, 1) - reference.clamp(-1, 1)).double().square().mean()),
         }
     winner = rows[result.winner]
