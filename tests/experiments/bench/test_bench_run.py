@@ -197,3 +197,33 @@ def test_a_damaged_cell_is_refused_not_reported_as_an_unsupported_method(tiny_di
     cell.write_bytes(cell.read_bytes()[: cell.stat().st_size // 2])
     with pytest.raises(ValueError, match=f"{cell.name}.*delete it"):
         run_bench(config)
+
+
+def test_an_interrupted_rerun_never_leaves_the_earlier_benchs_report_beside_its_own_tables(tiny_dir, tmp_path,
+                                                                                         monkeypatch):
+    """A rerun into the same folder with another seed, interrupted once its first sampler's table is rewritten: the
+    earlier bench's report.md/.json/.html stayed, its numbers beside (and, in report.md, linking) the new run's
+    figures and results, with nothing saying so. They are removed when the first table is rewritten, as
+    ``tadq run`` removes its results.json."""
+    import tadq.experiments.bench.runner as runner_module
+
+    config = bench_config(tiny_dir, tmp_path / "out", methods=("naive",), presets=("W8A8",), samplers=(ETA0, ETA1))
+    run_bench(config)
+    out = Path(config.out_dir)
+    assert all((out / name).is_file() for name in ("report.json", "report.md", "report.html"))
+    rerun = dataclasses.replace(config, eval_seed=2)
+    real_run_sampler = runner_module.run_sampler
+
+    def first_table_then_interrupt(bench, sampler):
+        if sampler == ETA1:
+            raise KeyboardInterrupt
+        return real_run_sampler(bench, sampler)
+
+    monkeypatch.setattr(runner_module, "run_sampler", first_table_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(rerun)
+    assert json.loads((out / ETA0.key / "results.json").read_text())["config"]["eval_seed"] == 2  # rewritten
+    for name in ("report.json", "report.md", "report.html"):
+        assert not (out / name).exists(), f"the earlier bench's {name} is left beside the new {ETA0.key} table"
+    monkeypatch.undo()
+    assert run_bench(rerun)["config"]["eval_seed"] == 2  # the rerun finishes the report

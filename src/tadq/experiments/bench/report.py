@@ -17,7 +17,9 @@ from tadq.report import dumps_json
 from tadq.sampling import SamplerConfig
 from tadq.utils import atomic_write_text, library_versions
 
-__all__ = ["write_bench_report"]
+__all__ = ["BENCH_REPORT_FILES", "write_bench_report"]
+
+BENCH_REPORT_FILES = ("report.json", "report.md", "report.html")  # written last, by write_bench_report
 
 NOTES = (
     "Fake quantization is a simulation on floating-point hardware: every time here (calibrate, sample, × base, "

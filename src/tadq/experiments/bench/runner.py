@@ -14,11 +14,12 @@ import logging
 import re
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from tadq.experiments.bench.config import BenchConfig
 from tadq.experiments.bench.measure import measured
-from tadq.experiments.bench.report import write_bench_report
+from tadq.experiments.bench.report import BENCH_REPORT_FILES, write_bench_report
 from tadq.experiments.rows import BaseModels, Variant, resolve_row, row_for
 from tadq.experiments.run import CELL_SUFFIX, RunConfig, cell_key, prepare_job, run_cell, write_report
 from tadq.experiments.workload import resolve_model_path
@@ -107,6 +108,11 @@ def run_sampler(bench: BenchConfig, sampler: SamplerConfig) -> dict[str, Any]:
             continue
         entries.append((method, preset, len(cells)))
         cells.append(cell)
+    # this table's figures and results replace the earlier bench's from here on: its report (written last, by
+    # write_bench_report) would describe numbers and link figures that are no longer there, an interrupt leaving
+    # the two runs mixed with nothing saying so
+    for name in BENCH_REPORT_FILES:
+        (Path(bench.out_dir) / name).unlink(missing_ok=True)
     results = write_report(config, cells, workload)
     return {"sampler": sampler, "config": config, "results": results, "entries": entries,
             "settings": [cell["settings"] for cell in cells], "wall_s": time.perf_counter() - t0}
