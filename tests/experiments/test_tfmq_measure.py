@@ -134,3 +134,26 @@ def test_the_command_line_refuses_a_bad_folder_in_one_line(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["paired", f"{first},{second}", "ref"])
     assert str(exit_info.value).startswith("error: ") and "FP samples differ" in str(exit_info.value)
+
+
+def test_a_diverged_row_is_reported_and_the_other_rows_are_still_paired():
+    """tadq run reports a diverged row (NaN samples) as NaN and measures the rest; pairing its folder raised on the
+    row's PSNR and gave nothing for any row, naming none. Now that row, and any row paired with it, has NaN numbers
+    (null in the printed JSON) and says why; every other row is paired as before."""
+    from tadq.report import dumps_json
+
+    generator = torch.Generator().manual_seed(3)
+    fp = torch.rand(8, 1, 4, 4, generator=generator) * 2 - 1
+    broken = fp.clone()
+    broken[2, 0, 1, 1] = float("nan")
+    cells = [_cell("FP", "W32A32", fp), _cell("ref", "W8A8", fp + 0.01), _cell("peer", "W8A8", fp + 0.02),
+             _cell("ref", "W4A4", broken), _cell("peer", "W4A4", fp + 0.3)]
+    results = paired_rows(cells, "ref")
+    healthy = paired_rows(cells[:3], "ref")
+    assert results["peer W8A8"] == healthy["peer"]  # the W8A8 pairing is untouched by the diverged W4A4 row
+    assert results["ref W4A4"]["diverged"] == "1 of 8 samples hold NaN or Inf"
+    assert all(math.isnan(results["ref W4A4"][key]) for key in ("psnr", "difference", "interval"))
+    peer = results["peer W4A4"]
+    assert peer["reference_diverged"] == "1 of 8 samples hold NaN or Inf" and "diverged" not in peer
+    assert math.isfinite(peer["psnr"]) and math.isnan(peer["difference"])
+    assert '"difference": null' in dumps_json(results)

@@ -14,6 +14,7 @@ Both use the shipped model, DDIM 50 (η = 0) and the main job's default configs,
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -90,7 +91,7 @@ def calibration_times(preset: str = "W4A8") -> dict[str, tuple[float, float]]:
     return times
 
 
-def paired_psnr(run_dir: str, reference: str = "Q-Diffusion") -> dict[str, dict[str, float]]:
+def paired_psnr(run_dir: str, reference: str = "Q-Diffusion") -> dict[str, dict[str, Any]]:
     """Per row of a ``tadq run`` folder: mean PSNR vs FP, and its mean per-sample difference from ``reference`` on
     the same noise with a 95 % interval (1.96 standard errors), from the saved cells. ``run_dir`` may name several
     folders, comma-separated, whose FP samples must be identical (runs of the same model, noise and sampler)."""
@@ -148,12 +149,15 @@ def merged_cells(folders: list[list[dict]]) -> list[dict]:
     return cells
 
 
-def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]]:
+def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, Any]]:
     """``paired_psnr`` over loaded cells. Each row is compared with the ``reference`` row of its own bit-width, or,
     for ``reference`` = "name@bits" (e.g. ``Q-Diffusion + TAC@W8A8``), with that one row whatever its own bit-width
     (a preset against another: W8A8-WSYM against W8A8). With several bit-widths in the folder the keys are
-    "name bits" (one name per row would let one preset's row overwrite another's)."""
+    "name bits" (one name per row would let one preset's row overwrite another's). A diverged row (NaN or Inf
+    samples), or one paired with a diverged row, has NaN numbers and says why under ``diverged`` /
+    ``reference_diverged``."""
     from tadq.metrics import psnr_per_sample
+    from tadq.safefiles import nonfinite_count
 
     fp = next((cell for cell in cells if cell["name"] == "FP"), None)
     if fp is None:  # was a bare StopIteration
@@ -161,8 +165,13 @@ def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]
         raise ValueError(f"no FP cell to measure PSNR against; rows: {rows}")
     rows = [cell for cell in cells if cell is not fp and cell["images"].shape == fp["images"].shape]
     several = len({cell["bits"] for cell in rows}) > 1
-    psnr = {(cell["name"], cell["bits"]): psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1))
-            for cell in rows}
+    # a row whose samples hold NaN or Inf (a diverged model; tadq run reports it as NaN) has no PSNR: its numbers
+    # and those of the rows paired with it are NaN (null in the JSON), the rest are paired as usual (PSNR of its
+    # images raised, and the whole folder got nothing but that error, naming no row)
+    diverged = {(cell["name"], cell["bits"]): f"{bad} of {len(cell['images'])} samples hold NaN or Inf"
+                for cell in rows if (bad := nonfinite_count(cell["images"]))}
+    psnr = {(cell["name"], cell["bits"]): None if (cell["name"], cell["bits"]) in diverged
+            else psnr_per_sample(cell["images"].clamp(-1, 1), fp["images"].clamp(-1, 1)) for cell in rows}
     fixed = tuple(reference.rsplit("@", 1)) if "@" in reference else None
     if fixed is not None and fixed not in psnr:
         raise ValueError(f"no row {fixed[0]!r} at {fixed[1]} to pair with; rows: {sorted(psnr)}")
@@ -171,9 +180,15 @@ def paired_rows(cells: list[dict], reference: str) -> dict[str, dict[str, float]
         key = fixed or (reference, bits)
         if key not in psnr:
             raise ValueError(f"no {reference!r} row at {bits} to pair {name!r} with; rows: {sorted(psnr)}")
-        difference, interval = paired_difference(values, psnr[key])
-        results[f"{name} {bits}" if several else name] = {
-            "psnr": float(values.mean()), "difference": difference, "interval": interval}
+        row: dict[str, Any] = {"psnr": math.nan, "difference": math.nan, "interval": math.nan}
+        if values is not None:
+            row["psnr"] = float(values.mean())
+        if values is not None and psnr[key] is not None:
+            row["difference"], row["interval"] = paired_difference(values, psnr[key])
+        for what, which in (("diverged", (name, bits)), ("reference_diverged", key)):
+            if which in diverged:
+                row[what] = diverged[which]
+        results[f"{name} {bits}" if several else name] = row
     return results
 
 
