@@ -66,6 +66,9 @@ def test_quantize_sample_evaluate_end_to_end(tmp_path, tiny_model_dir):
     rows = json.loads((report / "results.json").read_text())["rows"]
     assert rows[0]["final_mse"] == 0.0 and rows[1]["final_mse"] > 0.0 and rows[1]["psnr"] is not None
     assert rows[1]["fd_digits"] > 0
+    # 8 samples of the classifier's 128 features: the report says the FD rests on the ridge (it was a plain number)
+    assert "8 samples of 128 features" in (report / "results.md").read_text()
+    assert "rank at most 7 < 128" in " ".join(result.output.split())
     # a user's model without --features: PSNR/SSIM/trajectory error only, and it says so
     result = runner.invoke(app, ["evaluate", str(out), "--reference", str(tiny_model_dir), "--num-samples", "4",
                                  "--steps", "3", "--out", str(tmp_path / "plain")])

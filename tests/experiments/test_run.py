@@ -247,3 +247,13 @@ def test_the_bench_measures_a_row_named_twice_through_best_once():
     assert [(method, preset) for method, preset, _ in entries] == [
         ("fp", "W32A32"), ("tac", "W4A8"), ("tac", "W4A4"), ("best", "W4A4")]
     assert entries[-1][2].name == "SVDQuant + TAC"
+
+
+def test_the_fd_note_says_when_the_sample_count_leaves_the_covariance_rank_deficient():
+    """``tadq run --num-samples 2`` printed FD-digits as a plain number from a rank-1 covariance (128 features)."""
+    from tadq.experiments.run import _fd_note
+    from tadq.metrics.features import DigitsFeatureSpace
+
+    space = DigitsFeatureSpace(16)
+    assert "rank at most 1 < 128" in _fd_note(space, 2)
+    assert "rank" not in _fd_note(space, 256) and "256 samples" in _fd_note(space, 256)

@@ -30,6 +30,10 @@ def test_digits_space_gives_exactly_fd_digits(digits_space) -> None:
     assert digits_space.metric_key == "fd_digits" and digits_space.floor > 0
 
 
+def test_feature_width_is_what_the_extractor_returns(digits_space) -> None:
+    assert digits_space.feature_width() == digits_space.features(digits_space.real[:3], progress=False).shape[1]
+
+
 def test_digits_space_refuses_colour_images(digits_space) -> None:
     with pytest.raises(MetricMismatchError, match="reads grey digits"):
         digits_space.check_fits((3, 16, 16))

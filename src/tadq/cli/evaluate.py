@@ -189,7 +189,8 @@ def _write_report(out: Path, rows: list[dict[str, Any]], evaluation, settings: d
     results = {"rows": rows, "per_step_mse": evaluation.per_step_mse.tolist(),
                "fd_real_vs_real": evaluation.fd_floor, "settings": settings, "versions": library_versions()}
     atomic_write_text(dumps_json(results), out / "results.json")  # strict JSON: a NaN is written as null
-    atomic_write_text(markdown_table(rows, _columns(rows, fd_key)) + "\n", out / "results.md")
+    note = f"\n{settings['fd_note']}\n" if settings.get("fd_note") else ""
+    atomic_write_text(markdown_table(rows, _columns(rows, fd_key)) + "\n" + note, out / "results.md")
 
 
 def _inception_digits(image_shape: tuple[int, ...]):
@@ -282,6 +283,7 @@ def evaluate_command(
         from tadq.config import config_to_dict
         from tadq.evaluation import decoded_shape, evaluate_against_reference
         from tadq.fsguard import check_output_dir
+        from tadq.metrics.frechet import rank_deficiency_note
         from tadq.models import load_scheduler
 
         check_backend_here(backend, torch_device, torch_dtype)
@@ -330,11 +332,15 @@ def evaluate_command(
     _print_table(rows, f"tadq evaluate: {sampler_config.key}, {num_samples} samples, seed {seed}", fd_key)
     if evaluation.fd_floor is not None:
         console.print(f"FD-{space.name} real-vs-real floor: {evaluation.fd_floor:.2f} (a perfect generator's score)")
+    fd_note = rank_deficiency_note(space.name, num_samples, space.feature_width()) if space is not None else ""
+    if fd_note:
+        console.print(fd_note)
     if out is not None:
         settings = {"model": str(model_dir), "reference": str(reference) if reference else "shipped",
                     "sampler": config_to_dict(sampler_config), "sampler_key": sampler_config.key,
                     "num_samples": num_samples, "seed": seed, "guidance_scale": scale, "backend": backend,
-                    "labels": None if conditions is None or prompt_pipeline else conditions.key}
+                    "labels": None if conditions is None or prompt_pipeline else conditions.key,
+                    "fd_note": fd_note or None}
         if prompt_pipeline:
             settings.update(prompts=list(prompts), negative_prompt=negative_prompt, conditions=conditions.key,
                             distilled_guidance=getattr(conditions.encoder, "distilled_guidance", None))

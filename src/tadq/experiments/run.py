@@ -31,6 +31,7 @@ from tadq.experiments.workload import Workload, load_workload, resolve_model_pat
 from tadq.fsguard import is_tadq_file, mark_output
 from tadq.metrics import per_step_mse
 from tadq.metrics.features import DigitsFeatureSpace, FeatureSpace, PhotosFeatureSpace
+from tadq.metrics.frechet import rank_deficiency_note
 from tadq.quant.qscheme import preset_key
 from tadq.registry import adapter_for
 from tadq.report import dumps_json, markdown_table, save_comparison_grid, save_error_curves
@@ -397,15 +398,18 @@ def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
         return ("FD and class agreement are not computed: the shipped classifiers only read the shipped models' "
                 "samples (PSNR, SSIM and trajectory error are).")
     if isinstance(fd, PhotosFeatureSpace):
-        return (f"FD-{fd.name}: Fréchet distance on the shipped {fd.name} classifier's penultimate features, "
+        note = (f"FD-{fd.name}: Fréchet distance on the shipped {fd.name} classifier's penultimate features, "
                 f"{num_samples} samples vs {len(fd.real)} real held-out images. Real-vs-real floor "
                 f"({fd.floor_samples} real training images vs the same held-out ones): {fd.floor:.2f}.")
-    if not isinstance(fd, DigitsFeatureSpace):
+    elif not isinstance(fd, DigitsFeatureSpace):
         floor = f" Real-vs-real floor: {fd.floor:.2f}." if fd.floor is not None else ""
-        return f"FD-{fd.name}: {num_samples} samples vs {len(fd.real)} real images.{floor}"
-    return (f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, {num_samples} "
-            f"samples vs the {len(fd.real)} real training digits. Real-vs-real floor (all {fd.heldout_count} "
-            f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
+        note = f"FD-{fd.name}: {num_samples} samples vs {len(fd.real)} real images.{floor}"
+    else:
+        note = (f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, {num_samples} "
+                f"samples vs the {len(fd.real)} real training digits. Real-vs-real floor (all {fd.heldout_count} "
+                f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
+    rank = rank_deficiency_note(fd.name, num_samples, fd.feature_width())
+    return f"{note} {rank}" if rank else note
 
 
 def _remove_stale_figures(out: Path, keep: list[Path]) -> None:

@@ -70,6 +70,10 @@ class FeatureSpace(ABC):
         """
         raise MetricMismatchError(f"FD-{self.name} features read no labels, so prompt agreement cannot be measured")
 
+    def feature_width(self) -> int:
+        """D, the number of features per image (read from two real images: the extractor is the authority)."""
+        return int(self.features(self.real[:2], progress=False).shape[1])
+
     @property
     def metric_key(self) -> str:
         return f"fd_{self.name}"

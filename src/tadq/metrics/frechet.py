@@ -36,6 +36,7 @@ __all__ = [
     "fd_digits_reference",
     "frechet_distance",
     "gaussian_statistics",
+    "rank_deficiency_note",
 ]
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,18 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
                       disable=not progress or len(starts) < 20) as bar:
         chunks = [extractor(images[i : i + batch_size].to(device)).cpu().double() for i in bar]
     return torch.cat(chunks)
+
+
+def rank_deficiency_note(name: str, count: int, width: int) -> str:
+    """The sentence a report prints beside an FD of ``count`` samples in ``width`` features, or "" when N > D.
+
+    The warning ``gaussian_statistics`` logs reaches the console only; a results table read later showed such an FD
+    as a plain number (``tadq run --num-samples 2`` on the digits: rank 1 of 128)."""
+    if count > width:
+        return ""
+    return (f"FD-{name} at {count} samples of {width} features: the samples' covariance has rank at most "
+            f"{max(count - 1, 0)} < {width}, so the distance rests on the ridge and on the sample count; compare it "
+            f"only at equal counts, and use more than {width} samples for a distance that means something.")
 
 
 def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
