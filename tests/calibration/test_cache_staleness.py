@@ -238,6 +238,20 @@ def test_cell_key_names_the_device_type(tmp_path, tiny_model_dir, monkeypatch):
     assert cell_key("fingerprint", config, variant) != on_cpu
 
 
+def test_cell_key_follows_the_batch_the_samples_run_in(tmp_path, tiny_model_dir):
+    """The key held the --batch-size as given, so 250 and 256 at 64 samples (one batch of 64 either way) recomputed
+    every cell; a batch that splits the samples differently still gets cells of its own."""
+    variant = rows_base.Variant("naive PTQ", "W8A8", "W8A8", {"method": "naive"})
+
+    def key(batch_size: int, num_samples: int = 64) -> str:
+        config = dataclasses.replace(_run_config(tiny_model_dir, tmp_path), num_samples=num_samples,
+                                     batch_size=batch_size)
+        return cell_key("fingerprint", config, variant)
+
+    assert key(250) == key(256) == key(64)
+    assert key(32) != key(64) and key(250, num_samples=256) != key(256, num_samples=256)
+
+
 def test_a_damaged_kept_base_model_is_rebuilt_not_loaded(tmp_path, tiny_unet, ddpm_scheduler, caplog):
     from tadq.experiments.rows.recipes import recipes_for_row
 

@@ -154,8 +154,9 @@ def cell_key(fingerprint: str, config: RunConfig, variant: Variant, workload: Wo
         "model": fingerprint, "variant": variant.settings, "num_samples": config.num_samples,
         "sampler": config_to_dict(config.sampler), "eval_seed": config.eval_seed,
         "calibration": config_to_dict(config.calibration),
-        # the sampling batch moves quantized samples (float re-association flips fake-quant roundings; README)
-        "batch_size": config.batch_size,
+        # the sampling batch moves quantized samples (float re-association flips fake-quant roundings; README); a
+        # batch above the sample count runs as one batch of them all, so 250 and 256 at 64 samples share their cells
+        "batch_size": min(config.batch_size, config.num_samples),
         # so do the device's kernels: a CUDA run's cells are not a CPU run's (its FP row would not be a reference)
         "device": resolve_device(config.device).type,
     }
