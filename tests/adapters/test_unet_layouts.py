@@ -144,6 +144,27 @@ def test_a_learned_time_embedding_takes_integral_timesteps_and_refuses_fractiona
             adapter.predict_eps(model, x, torch.tensor([999.0, 799.2]))
 
 
+def test_a_learned_time_embedding_refuses_a_scheduler_of_more_timesteps_by_name():
+    """A UNet with a learned time embedding of 100 rows (its config's ``num_train_timesteps``) in a folder whose
+    scheduler trains on 1000 timesteps ended in torch's "IndexError: index out of range in self" at the first step
+    of ``tadq sample`` and ``tadq quantize``; the timestep past the table is now named with both counts."""
+    from diffusers import DDPMScheduler
+
+    import tadq
+    from tadq.sampling import SamplerConfig
+
+    model = _unet(time_embedding_type="learned", num_train_timesteps=100)
+    for t in (torch.tensor([100, 3]), torch.tensor([100.0, 3.0])):
+        with pytest.raises(ValueError, match=r"has 100 rows .* cannot take timestep 100\b"):
+            adapter_for(model).predict_eps(model, torch.randn(2, 1, 8, 8), t)
+    with pytest.raises(ValueError, match=r"has 100 rows .* timestep 666\b"):
+        tadq.sample(model, DDPMScheduler(num_train_timesteps=1000), SamplerConfig("ddim", num_steps=3),
+                    num_samples=1, seed=0, progress=False)
+    images = tadq.sample(model, DDPMScheduler(num_train_timesteps=100), SamplerConfig("ddim", num_steps=3),
+                         num_samples=1, seed=0, progress=False).images  # the schedule it was built for
+    assert torch.isfinite(images).all()
+
+
 def _k_diffusion_unet():
     """The K-diffusion blocks (the latent upscaler's layout) with a positional time embedding: residual blocks with
     ``AdaGroupNorm`` norms (``ResnetBlockCondNorm2D``) instead of ``time_emb_proj``, cross-attention blocks that

@@ -106,6 +106,20 @@ def build_sdxl(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def with_scheduler(source: Path, folder: Path, scheduler) -> Path:
+    """A copy of the pipeline folder ``source`` at ``folder`` whose ``scheduler/`` is ``scheduler`` (its class named in
+    ``model_index.json``); returns ``folder``."""
+    import shutil
+
+    shutil.copytree(source, folder)
+    shutil.rmtree(folder / "scheduler")
+    scheduler.save_pretrained(folder / "scheduler")
+    index = json.loads((folder / "model_index.json").read_text())
+    index["scheduler"] = ["diffusers", type(scheduler).__name__]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
 def _remove_tree(folder: Path) -> None:
     for item in sorted(folder.rglob("*"), reverse=True):
         item.rmdir() if item.is_dir() else item.unlink()

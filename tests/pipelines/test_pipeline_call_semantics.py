@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from tests.pipelines.builders import with_scheduler
 
 import tadq
 from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
@@ -128,6 +129,33 @@ def test_a_replaced_scheduler_chooses_the_sampler_as_in_diffusers(pipe, sd_art, 
     finally:
         pipe.scheduler = loaded
     assert torch.equal(pipe("a cat", seed=1, output_type="latent", **CALL).images, ddim)
+
+
+@pytest.mark.parametrize(("name", "options", "sampler"), [
+    ("EulerDiscreteScheduler", {}, SamplerConfig("euler", STEPS)),
+    ("EulerAncestralDiscreteScheduler", {}, SamplerConfig("euler-ancestral", STEPS)),
+    ("DPMSolverMultistepScheduler", {"solver_order": 1}, SamplerConfig("dpmsolver++", STEPS, order=1)),
+    ("PNDMScheduler", {}, SamplerConfig("ddim", STEPS, eta=0.0)),  # no tadq sampler of its own: DDIM
+])
+def test_an_fp_unet_folder_samples_with_its_schedulers_own_sampler(sd_folder, condition_adapter, tmp_path, name,
+                                                                   options, sampler):
+    """An FP Stable Diffusion folder (no recipe) was sampled with DDIM whatever its scheduler (an SDXL folder's
+    Euler, an Euler-ancestral or DPM-Solver++ folder), where diffusers' pipeline runs the scheduler it ships and
+    docs/pipelines.md promised "the sampler its scheduler names, else DDIM" (as the transformer pipelines did).
+    It now samples as ``default_sampler`` maps the class (DDIM where there is none, PNDM)."""
+    import diffusers
+
+    scheduler = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                         steps_offset=1, **options)
+    pipe = tadq.load_pipeline(with_scheduler(sd_folder, tmp_path / "sd", scheduler))
+    got = pipe("a cat", seed=1, output_type="latent", **CALL).images
+    expected = tadq.sample(pipe.unet, pipe.scheduler, sampler, num_samples=1, seed=1, progress=False,
+                           conditions=PromptConditions(pipe, ["a cat"]), guidance_scale=GUIDANCE).images
+    assert torch.equal(got, expected)
+    if sampler.kind != "ddim":
+        ddim = tadq.sample(pipe.unet, pipe.scheduler, SAMPLER, num_samples=1, seed=1, progress=False,
+                           conditions=PromptConditions(pipe, ["a cat"]), guidance_scale=GUIDANCE).images
+        assert not torch.equal(got, ddim)
 
 
 def test_numpy_integers_are_taken_and_floats_refused(pipe):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 from tests.backends.machine import needs_int8_w8
-from tests.pipelines.builders import build_sd, build_sdxl
+from tests.pipelines.builders import build_sd, build_sdxl, with_scheduler
 from typer.testing import CliRunner
 
 import tadq
@@ -171,6 +171,32 @@ def test_sample_checks_its_inputs_before_loading_the_pipeline(art, tmp_path, mon
     assert "LOADED-BEFORE-CHECKING" not in text and not isinstance(result.exception, AssertionError), (
         f"{flag} was checked only after loading the pipeline")
     assert not (tmp_path / "s").exists()
+
+
+def test_sample_runs_an_fp_folders_own_sampler_and_checks_eta_against_it_before_loading(folders, tmp_path,
+                                                                                         monkeypatch):
+    """``tadq sample`` on an FP SD folder shipping an Euler-ancestral scheduler sampled DDIM (η allowed, x̂₀
+    clipped by DDIM's default) where diffusers runs Euler ancestral and docs/pipelines.md says "the sampler its
+    scheduler names". It now runs euler-ancestral, records it, and refuses --eta for it before loading."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    import tadq.pipelines
+
+    folder = with_scheduler(folders["sd"], tmp_path / "sd", EulerAncestralDiscreteScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1))
+    result, text = _invoke(["sample", folder, "--prompt", "a cat", "--num-samples", 1, "--steps", STEPS,
+                            "--out", tmp_path / "s", "--threads", 1])
+    assert result.exit_code == 0, text
+    assert json.loads((tmp_path / "s" / "prompts.json").read_text())["sampler"]["data"]["kind"] == "euler-ancestral"
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("LOADED-BEFORE-CHECKING")
+
+    monkeypatch.setattr(tadq.pipelines, "load_pipeline", must_not_load)
+    result, text = _invoke(["sample", folder, "--prompt", "a cat", "--num-samples", 1, "--eta", 0.5,
+                            "--out", tmp_path / "s2", "--threads", 1])
+    assert result.exit_code == 2 and "euler-ancestral fixes its own noise" in text, text
+    assert not (tmp_path / "s2").exists()
 
 
 def test_quantize_refuses_a_sampler_of_the_other_family_before_loading(folders, tmp_path, monkeypatch):

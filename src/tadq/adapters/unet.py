@@ -60,15 +60,24 @@ def _claim_skip_conv(claims: RoleClaims, block: nn.Module) -> None:
 def _timesteps_for(model: UNet2DModel, t: Tensor) -> Tensor:
     """``t`` as the UNet's time embedding takes it: a learned embedding (``time_embedding_type="learned"``, one
     table row per training timestep) is indexed by integers, so a fractional timestep (euler or Karras grids) is
-    refused by name instead of failing inside ``nn.Embedding``."""
-    if model.config.time_embedding_type != "learned" or not t.is_floating_point():
+    refused by name instead of failing inside ``nn.Embedding``, and so is a timestep past its last row (a scheduler
+    of more training timesteps than the UNet config's ``num_train_timesteps``: an IndexError inside torch)."""
+    if model.config.time_embedding_type != "learned":
         return t
-    fractional = t[t != t.round()]
-    if fractional.numel():
-        raise ValueError(f"this UNet2DModel has a learned time embedding (one table row per training timestep) and "
-                         f"cannot take the fractional timestep {float(fractional[0]):g} of this sampler's grid: "
-                         "sample it on an integer grid (ddim, ddpm, or euler/dpmsolver++ with timestep_spacing "
-                         "'leading' or 'trailing')")
+    if t.is_floating_point():
+        fractional = t[t != t.round()]
+        if fractional.numel():
+            raise ValueError(f"this UNet2DModel has a learned time embedding (one table row per training timestep) "
+                             f"and cannot take the fractional timestep {float(fractional[0]):g} of this sampler's "
+                             "grid: sample it on an integer grid (ddim, ddpm, or euler/dpmsolver++ with "
+                             "timestep_spacing 'leading' or 'trailing')")
+    rows = model.time_proj.num_embeddings
+    outside = t[(t < 0) | (t >= rows)]
+    if outside.numel():
+        raise ValueError(f"this UNet2DModel's learned time embedding has {rows} rows (its config's "
+                         f"num_train_timesteps) and cannot take timestep {float(outside[0]):g}: its scheduler has "
+                         "more training timesteps than the UNet was built for; fix num_train_timesteps in the "
+                         "scheduler's or the UNet's config so that they agree")
     return t.long()
 
 

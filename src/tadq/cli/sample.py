@@ -39,7 +39,8 @@ __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipe
 
 SamplerKind = Annotated[str | None, typer.Option(
     "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
-                      "(flow-matching models) (default: the artefact's recipe, else ddim, or flow-euler for a "
+                      "(flow-matching models) (default: the artefact's recipe; an FP text-to-image pipeline "
+                      "folder: its scheduler's own, else ddim; another FP folder: ddim, or flow-euler for a "
                       "flow-matching model).", callback=sampler_kind_flag)]
 Steps = Annotated[int | None, typer.Option(help="Sampler steps (default: the artefact's recipe, else 50).")]
 Eta = Annotated[float | None, typer.Option(
@@ -292,6 +293,14 @@ def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | No
     sampler = deployment_sampler(path, kind, steps, eta)
     if kind is not None:  # without --sampler: the recipe's, else ddim or flow-euler by the folder's schedule
         check_sampler_family(path, sampler)
+    elif eta is not None:
+        from tadq.io import is_quantized_artefact
+        from tadq.models import load_scheduler
+        from tadq.names import check_eta
+        from tadq.sampling.config import DEFAULT_SAMPLER_KINDS
+
+        if not is_quantized_artefact(path):  # an FP folder samples its scheduler's own kind
+            check_eta(eta, DEFAULT_SAMPLER_KINDS.get(type(load_scheduler(path)).__name__))
 
 
 def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:

@@ -377,17 +377,21 @@ class TadqPipelineMixin:
                         kind: str | None = None, order: int | None = None) -> tuple[SamplerConfig, float]:
         """(sampler, guidance scale) of a call; refused when the model's tables were fitted for others. Defaults:
         the recipe's deployment, else the diffusers pipeline's default guidance scale (Flux: ``true_cfg_scale``'s)
-        and DDIM 50 η 0 for a UNet, the folder scheduler's own sampler at the pipeline's default step count for a
-        transformer (flow matching, DPM-Solver++; Flux on its uniform σ grid); a resolution-dependent flow shift
-        (Flux) is the pipeline's."""
+        and the folder scheduler's own sampler at the pipeline's default step count (flow matching, DPM-Solver++,
+        Euler...; Flux on its uniform σ grid), DDIM for a UNet whose scheduler class has none (PNDM, LMS); a
+        resolution-dependent flow shift (Flux) is the pipeline's. (A UNet folder was sampled with DDIM whatever
+        its scheduler: an SDXL folder's Euler was replaced without a word.)"""
+        from tadq.sampling import default_sampler
+        from tadq.sampling.config import DEFAULT_SAMPLER_KINDS
+
         parameters = inspect.signature(self.tadq_base.__call__).parameters
         default = parameters["true_cfg_scale" if self.tadq_distilled_guidance else "guidance_scale"].default
         fallback = None
+        steps = int(parameters["num_inference_steps"].default)
         if getattr(self, "unet", None) is None:
-            from tadq.sampling import default_sampler
-
-            fallback = pipeline_sampler(self, default_sampler(self.scheduler,
-                                                              int(parameters["num_inference_steps"].default)))
+            fallback = pipeline_sampler(self, default_sampler(self.scheduler, steps))
+        elif type(self.scheduler).__name__ in DEFAULT_SAMPLER_KINDS:  # else DDIM (resolve_deployment's)
+            fallback = default_sampler(self.scheduler, steps)
         sampler, scale = resolve_deployment(self.tadq_denoiser, self.tadq_recipe, num_inference_steps,
                                             guidance_scale, eta, float(default), kind, fallback, order)
         _warn_latent_clipping(self.scheduler, sampler)

@@ -192,7 +192,8 @@ def _check_scheduler(scheduler: Any, sampler: SamplerConfig) -> None:
     if sampler.kind == "ddpm" and scheduler.config.variance_type not in DDPM_VARIANCE_TYPES:
         raise NotImplementedError(
             f"DDPM variance_type={scheduler.config.variance_type!r} is not supported by tadq's sampler; "
-            f"accepted values: {DDPM_VARIANCE_TYPES}."
+            f"accepted values: {DDPM_VARIANCE_TYPES}. Sample it with another kind (ddim, euler, euler-ancestral, "
+            "dpmsolver++; tadq sample: --sampler), which steps on the prediction half of a learned-variance output."
         )
 
 
