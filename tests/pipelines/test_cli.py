@@ -239,3 +239,23 @@ def test_sample_on_a_full_disk_names_the_folder_and_leaves_nothing(sd_folder, co
                             "--threads", 1])
     assert result.exit_code == 2 and f"{out}: {os.strerror(errno.ENOSPC)}" in text, text
     assert [path.name for path in tmp_path.iterdir()] == []  # no staging folder, no half-written PNG
+
+
+def test_evaluate_refuses_a_reference_pipeline_whose_scheduler_predicts_another_quantity(cli_artefact, sd_folder,
+                                                                                          tmp_path):
+    """A text-to-image reference is sampled with the artefact's scheduler too: an SD folder whose scheduler says
+    v-prediction (the artefact's: ε) had its output read as ε and was scored without a word; refused before the
+    reference is sampled, naming both folders and the field."""
+    from diffusers import DDIMScheduler
+    from tests.pipelines.builders import with_scheduler
+
+    reference = with_scheduler(sd_folder, tmp_path / "sd-v", DDIMScheduler.from_pretrained(
+        sd_folder / "scheduler", prediction_type="v_prediction"))
+    prompts = tmp_path / "eval.txt"
+    prompts.write_text("a bird\n")
+    result, text = _invoke(["evaluate", cli_artefact, "--reference", reference, "--eval-prompts", prompts,
+                            "--num-samples", 1, "--threads", 1, "--out", tmp_path / "report"])
+    assert result.exit_code == 2, text
+    assert f"--reference {reference}" in text and f"({cli_artefact})" in text, text
+    assert "prediction_type: 'epsilon'" in text and "'v_prediction'" in text, text
+    assert not (tmp_path / "report" / "results.json").exists()

@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # imported by the commands that use them: --help and a refuse
 
 __all__ = ["sample_command", "load_denoiser", "sample_pipeline", "is_prompt_pipeline", "SamplerKind", "Steps", "Eta",
            "SampledModel", "SampleSeed", "Threads", "Device", "Dtype", "Verbose", "Backend", "check_backend_here",
-           "announce_compile", "deployment_sampler", "class_conditioning"]
+           "announce_compile", "deployment_sampler", "class_conditioning", "check_reference_schedule"]
 
 SamplerKind = Annotated[str | None, typer.Option(
     "--sampler", help="Sampler kind: ddim, ddpm, euler, euler-ancestral, dpmsolver++ (2M) or flow-euler "
@@ -453,9 +453,11 @@ def prompt_pipeline_pair(model_dir: Path, reference: Path | None, prompts: tuple
     warn_unused_negative_prompt(pipe, negative_prompt or None, guidance_scale, scale)  # was dropped without a word
     check_sampler(qmodel, sampler, str(model_dir))
     conditions = PromptConditions(pipe.tadq_prompt_encoder(), list(prompts), negative_prompt=negative_prompt)
-    fp_model, _ = load_pipeline_parts(reference if reference is not None else shipped_t2i_path())
+    fp_model, fp_scheduler = load_pipeline_parts(reference if reference is not None else shipped_t2i_path())
     check_reference_model(qmodel, fp_model, reference, flag,
                           shipped="the shipped text-to-image pipeline")
+    check_reference_schedule(pipe.scheduler, fp_scheduler, sampler, model_dir,
+                             reference if reference is not None else shipped_t2i_path(), flag)
     fp_model = _matched_reference(fp_model, qmodel, device, dtype)
     decoder = vae_decoder(pipe.vae, pipeline_class=type(pipe).tadq_base.__name__)  # as tadq sample decodes
     return qmodel, fp_model, pipe.scheduler, sampler, conditions, scale, decoder
@@ -486,9 +488,40 @@ def artefact_pair(model_dir: Path, reference: Path | None, num_samples: int, lab
     fp_model, fp_scheduler = load_pipeline_parts(reference)
     # the default reference is the shipped model: another model's artefact is measured against it only if alike
     check_reference_model(qmodel, fp_model, reference, flag)
+    if scheduler is not None:
+        from tadq.zoo.paths import shipped_model_path
+
+        check_reference_schedule(scheduler, fp_scheduler, sampler, model_dir,
+                                 reference if reference is not None else shipped_model_path(), flag)
     fp_model = _matched_reference(fp_model, qmodel, device, dtype)
     # the schedule the artefact was calibrated under (saved with it); the FP folder's only when it has none
     return qmodel, fp_model, scheduler or fp_scheduler, sampler, conditions, scale, decoder
+
+
+def check_reference_schedule(scheduler: SchedulerMixin, fp_scheduler: SchedulerMixin, sampler, model_dir: Path,
+                             reference: Path, flag: str) -> None:
+    """Refuse, before sampling, an FP reference whose training scheduler walks another grid or reads the network's
+    output otherwise than the artefact's under ``sampler`` (``walk_differences``: prediction type, betas, training
+    timesteps, spacing...). Both models are sampled with the artefact's scheduler from the same noise: a reference
+    whose own schedule differs would be sampled under a schedule it was not trained on (a v-prediction output read
+    as ε), and every paired number against it would be meaningless; sampling each with its own would compare two
+    walks, not the quantization."""
+    from tadq.sampling import walk_differences
+
+    try:
+        differing = walk_differences(scheduler, fp_scheduler, sampler)
+    except NotImplementedError as error:
+        raise ValueError(f"{flag} {reference}: its scheduler ({type(fp_scheduler).__name__}) cannot be walked as "
+                         f"{model_dir}'s is ({sampler.key}): {error}") from error
+    if not differing:
+        return
+    fields = "; ".join(f"{key}: {mine!r} in {model_dir}, {theirs!r} in {reference}"
+                       for key, (mine, theirs) in differing.items())
+    raise ValueError(f"the scheduler of {flag} {reference} differs from the quantized model's ({model_dir}) under "
+                     f"{sampler.key} at {fields}. Both are sampled from the same noise with one scheduler, so the "
+                     f"FP reference would be sampled under a schedule it does not have and every number against it "
+                     f"would be meaningless; pass the FP folder {model_dir} was quantized from (or make "
+                     f"{reference}/scheduler/scheduler_config.json agree)")
 
 
 def _matched_reference(fp_model: nn.Module, qmodel: nn.Module, device, dtype) -> nn.Module:

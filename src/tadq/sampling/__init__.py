@@ -25,6 +25,7 @@ from tadq.sampling.config import (
     default_sampler,
     make_scheduler,
     scheduler_config_key,
+    walk_differences,
 )
 from tadq.sampling.context import GuidanceBranches, StepContext, require_one_step, step_contexts
 from tadq.sampling.hooks import IdentityHooks, NoiseStd, SamplingHooks
@@ -89,6 +90,7 @@ __all__ = [
     "initial_noise",
     "make_scheduler",
     "scheduler_config_key",
+    "walk_differences",
     "DEFAULTED_KEYS",
     "predict_x0",
     "require_one_step",

@@ -8,6 +8,7 @@ that those tables are stored under.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from tadq.safefiles import finite_float
 __all__ = ["DEFAULT_SAMPLER_KINDS", "DISCRETE_SCHEDULERS", "FLOW_KINDS", "FLOW_PREDICTION", "FLOW_SCHEDULERS",
            "PREDICTION_TYPES", "SAMPLER_KINDS", "SUPPORTED_SCHEDULERS", "SamplerConfig", "check_drivable",
            "check_sampler_pairing",
-           "command_sampler_kind", "default_sampler", "make_scheduler", "scheduler_config_key",
+           "command_sampler_kind", "default_sampler", "make_scheduler", "scheduler_config_key", "walk_differences",
            "DEFAULTED_KEYS"]
 
 SamplerKind = Literal["ddim", "ddpm", "euler", "euler-ancestral", "dpmsolver++", "flow-euler"]
@@ -312,6 +313,27 @@ def make_scheduler(train_scheduler_or_config: ConfigMixin | Mapping[str, Any], s
     else:
         scheduler.set_timesteps(sampler.num_steps, **options)
     return scheduler
+
+
+def walk_differences(first: ConfigMixin | Mapping[str, Any], second: ConfigMixin | Mapping[str, Any],
+                     sampler: SamplerConfig) -> dict[str, tuple[Any, Any]]:
+    """The fields at which ``sampler`` built on the training schedule ``first`` differs from it built on ``second``
+    (``make_scheduler``): {field: (first's value, second's)}, empty when both walk the same grid and read the
+    network's output alike. The fields are the built scheduler's public config (prediction type, betas and their
+    schedule, training timesteps, timestep spacing and offset, clipping, a flow model's shift...), so a field the
+    sampler does not use (a PNDM-only key, one training class rather than another with the same schedule) is no
+    difference, and one the sampler's class fills with its default is compared at that default.
+
+    Raises ``NotImplementedError`` (``check_drivable``) when either schedule cannot be driven by ``sampler``."""
+    built = [make_scheduler(scheduler, sampler).config for scheduler in (first, second)]
+    mine, theirs = ({key: value for key, value in config.items() if not key.startswith("_")} for config in built)
+    return {key: (mine.get(key), theirs.get(key)) for key in sorted(set(mine) | set(theirs))
+            if _comparable(mine.get(key)) != _comparable(theirs.get(key))}
+
+
+def _comparable(value: Any) -> str:
+    """A config value as JSON text (a tuple and a list alike, an array of trained betas as its list)."""
+    return json.dumps(value, sort_keys=True, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
 
 
 def _family(class_name: str) -> str:
