@@ -322,6 +322,29 @@ def test_quantize_recipe_takes_an_artefact_folder(artefacts, folders, tmp_path):
     assert result.exit_code == 0 or "tadq_recipe.json" in output, output
 
 
+def test_sample_refuses_flux_guidance_without_a_negative_prompt_as_the_pipeline_call_does(folders, tmp_path):
+    """``tadq sample FLUX --guidance-scale 2`` without ``--negative-prompt`` guided against the empty prompt, while
+    ``tadq.load_pipeline(FLUX)(prompt, true_cfg_scale=2)`` refuses it (FluxPipeline would not guide at all without a
+    negative prompt). The command refuses it too, with the call's message in its flag names, before loading; with
+    ``--negative-prompt ''`` (the empty prompt, asked for) it samples."""
+    import tadq
+
+    out = tmp_path / "samples"
+    args = ["sample", folders["flux"], "--prompt", "a cat", "--num-samples", 1, "--steps", 1, "--threads", 1,
+            "--guidance-scale", 2, "--out", out]
+    result, output = _invoke(args)
+    assert result.exit_code == 2, output
+    assert "--guidance-scale 2 without a --negative-prompt: FluxPipeline then samples without guidance" in output
+    assert "--negative-prompt '' for the empty prompt" in output and "Loading" not in output and not out.exists()
+    with pytest.raises(ValueError, match="true_cfg_scale=2 without a negative_prompt: FluxPipeline then samples "
+                                         "without guidance"):
+        tadq.load_pipeline(folders["flux"])("a cat", true_cfg_scale=2, num_inference_steps=1)
+    result, output = _invoke([*args, "--negative-prompt", ""])
+    assert result.exit_code == 0, output
+    listing = json.loads((out / "prompts.json").read_text())
+    assert listing["guidance_scale"] == 2 and listing["negative_prompt"] == ""
+
+
 # --- pinned: right today, and worth keeping so ---------------------------------------------------------------------
 
 

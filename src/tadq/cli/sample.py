@@ -200,6 +200,7 @@ def sample_pipeline(path: Path, *, prompts: list[str], negative_prompt: str | No
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise ValueError(f"--eta must lie in [0, 1], got {eta}")
     _check_pipeline_sampling_flags(path, kind, steps, eta, guidance_scale)
+    _check_flux_negative_prompt(path, guidance_scale, negative_prompt)
     if num_samples < len(prompts):
         raise ValueError(f"--num-samples {num_samples} for {len(prompts)} prompts: sample i gets prompt i mod the "
                          f"count, so {prompts[num_samples]!r} and any after it would not be sampled; give "
@@ -301,6 +302,17 @@ def _check_pipeline_sampling_flags(path: Path, kind: str | None, steps: int | No
 
         if not is_quantized_artefact(path):  # an FP folder samples its scheduler's own kind
             check_eta(eta, DEFAULT_SAMPLER_KINDS.get(type(load_scheduler(path)).__name__))
+
+
+def _check_flux_negative_prompt(path: Path, guidance_scale: float | None, negative_prompt: str | None) -> None:
+    """Refuse, before loading, ``--guidance-scale`` > 1 without ``--negative-prompt`` on a Flux folder or artefact,
+    as the pipeline call refuses ``true_cfg_scale`` without ``negative_prompt`` (``check_true_cfg_negative``):
+    FluxPipeline would not guide at all, and the command guided against the empty prompt without a word."""
+    from tadq.pipelines.components import DISTILLED_GUIDANCE_PIPELINES, read_model_index
+    from tadq.pipelines.quantized import check_true_cfg_negative
+
+    if read_model_index(path)["_class_name"] in DISTILLED_GUIDANCE_PIPELINES:
+        check_true_cfg_negative(guidance_scale, negative_prompt, "--guidance-scale", "--negative-prompt")
 
 
 def _refuse_foreign_sample_files(out: Path, num_samples: int) -> None:
@@ -552,7 +564,8 @@ def sample_command(
     prompts_file: Annotated[Path | None, typer.Option(
         "--prompts", help="Text file, one prompt per line (UTF-8; blank lines skipped), after any --prompt.")] = None,
     negative_prompt: Annotated[str | None, typer.Option(
-        help="Negative prompt, the unconditional branch of guidance (default: the empty prompt, as diffusers).")
+        help="Negative prompt, the unconditional branch of guidance (default: the empty prompt, as diffusers; "
+             "Flux guides only against one given, as FluxPipeline: --guidance-scale above 1 needs it).")
     ] = None,
     guidance_scale: Annotated[float | None, typer.Option(
         help="Classifier-free guidance scale (default: the artefact recipe's, else the pipeline's default).")

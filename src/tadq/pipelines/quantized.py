@@ -41,6 +41,7 @@ from tadq.safefiles import read_json_file
 from tadq.sampling import MAX_SEED, SamplerConfig, check_drivable, check_guidance_scale
 
 __all__ = ["load_pipeline", "TadqPipelineMixin", "check_drivable_scheduler", "check_pipeline_guidance",
+           "check_true_cfg_negative",
            "check_sampler_family", "decode_latents", "vae_input",
            "latent_shape", "pipeline_flow_shift", "pipeline_sampler", "resolve_deployment", "tadq_pipeline_class"]
 
@@ -215,6 +216,20 @@ def check_pipeline_guidance(scale: float) -> float:
     return scale
 
 
+def check_true_cfg_negative(scale: float | None, negative_prompt: Any, scale_name: str = "true_cfg_scale",
+                            negative_name: str = "negative_prompt") -> None:
+    """Refuse Flux's classifier-free guidance ``scale`` > 1 without a negative prompt: ``FluxPipeline`` guides only
+    against a negative prompt it is given and samples without guidance otherwise, while tadq's loop would guide
+    against the empty prompt. The pipeline call (``true_cfg_scale``) and ``tadq sample`` (``--guidance-scale``)
+    refuse it alike, named by ``scale_name`` and ``negative_name``."""
+    if scale is not None and scale > 1 and negative_prompt is None:
+        flag = scale_name.startswith("--")  # a command's flags, else the call's keywords
+        given = f"{scale_name} {scale:g}" if flag else f"{scale_name}={scale:g}"
+        empty = f"{negative_name} ''" if flag else '""'
+        raise ValueError(f"{given} without a {negative_name}: FluxPipeline then samples without guidance; give the "
+                         f"negative prompt to guide against ({empty} for the empty prompt), or drop {scale_name}")
+
+
 class TadqPipelineMixin:
     """Put before the pipeline class: ``__call__`` runs tadq's loop (module docstring).
 
@@ -291,10 +306,7 @@ class TadqPipelineMixin:
                 raise ValueError(f"true_cfg_scale={true_cfg_scale:g}: give 1 (the default: no classifier-free "
                                  "guidance; FluxPipeline reads any scale <= 1 so) or a finite scale > 1; tadq's "
                                  "guidance below 1 would lean toward the negative prompt")
-            if true_cfg_scale is not None and true_cfg_scale > 1 and negative_prompt is None:
-                raise ValueError(f"true_cfg_scale={true_cfg_scale:g} without a negative_prompt: FluxPipeline then "
-                                 "samples without guidance; give the negative prompt to guide against (\"\" for the "
-                                 "empty prompt), or drop true_cfg_scale")
+            check_true_cfg_negative(true_cfg_scale, negative_prompt)
         elif true_cfg_scale is not None:
             raise TypeError(f"true_cfg_scale is Flux's classifier-free guidance; {type(self).__name__} takes "
                             "guidance_scale for it")
