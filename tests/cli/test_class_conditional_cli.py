@@ -157,6 +157,47 @@ def test_dit_pipeline_quantizes_samples_decoded_images_and_evaluates(dit_folder,
 
 
 @needs_int8_cpu
+def _guidance_of(tensor_file) -> float:
+    with safe_open(tensor_file, "pt") as file:
+        return json.loads(file.metadata()["tadq"])["meta"]["guidance_scale"]
+
+
+def test_a_dit_pipeline_folder_samples_at_its_pipeline_classes_default_guidance(dit_folder, unet_folder, tmp_path):
+    """An FP ``DiTPipeline`` folder sampled at guidance 1, while ``DiTPipeline.__call__`` guides at 4 (and `tadq
+    sample --help` promised "the pipeline's default"). It takes the class's default now and says so; not with
+    ``--labels null`` (no conditional branch), nor for an artefact (its recipe's scale, 1 here), a pipeline class
+    without guidance (``DDPMPipeline``) or the shipped DiT (its measured 1.5)."""
+    import inspect
+
+    from diffusers import DiTPipeline
+
+    from tadq.experiments.workload import class_label_setting
+    from tadq.zoo.dit import DEFAULT_GUIDANCE_SCALE
+    from tadq.zoo.paths import shipped_dit_path
+
+    default = inspect.signature(DiTPipeline.__call__).parameters["guidance_scale"].default
+    assert default != 1
+    common = ["--num-samples", "2", "--steps", "2", "--threads", "1", "--out", str(tmp_path / "s.png")]
+    cases = [(dit_folder, [], default), (dit_folder, ["--labels", "null"], 1.0),
+             (dit_folder, ["--guidance-scale", "1"], 1.0), (unet_folder, [], 1.0)]
+    for folder, extra, expected in cases:
+        tensors = tmp_path / "s.safetensors"
+        result, text = _invoke("sample", str(folder), *common, *extra, "--tensor-out", str(tensors))
+        assert result.exit_code == 0, result.output
+        assert _guidance_of(tensors) == expected, (folder, extra)
+        assert (f"guidance {default:g}: DiTPipeline's default" in text) is (expected == default), text
+    out = tmp_path / "dit-q"
+    result, text = _invoke("quantize", str(dit_folder), "--out", str(out), "--preset", "W8A8", "--method", "naive",
+                           "--guidance-scale", "1", *SMALL, "--cache-dir", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    result, text = _invoke("sample", str(out), *common, "--tensor-out", str(tmp_path / "q.safetensors"))
+    assert result.exit_code == 0 and _guidance_of(tmp_path / "q.safetensors") == 1.0, result.output
+    from diffusers import DiTTransformer2DModel
+
+    model = DiTTransformer2DModel.from_pretrained(dit_folder / "transformer")
+    assert class_label_setting(shipped_dit_path(), model).guidance_scale == DEFAULT_GUIDANCE_SCALE == 1.5
+
+
 def test_dit_samples_record_the_backend_that_ran_them(dit_folder, tmp_path):
     """``tadq sample DIT_ART --backend B --tensor-out T`` records B in T's settings and names it in the grid's
     title, as a pipeline artefact's samples do (``prompts.json``): the file alone tells the integer model's latents

@@ -506,7 +506,9 @@ def quantize_command(
                 recipe = dataclasses.replace(recipe, deployments=(deployment, *recipe.deployments[1:]))
                 note(f"class-conditional {type(model).__name__}: labels {setting.labels} of "
                                   f"{setting.num_classes}, null class {setting.null_class}, guidance "
-                                  f"{setting.guidance_scale:g} (recorded in the artefact's recipe)")
+                                  f"{setting.guidance_scale:g}"
+                     + (f", {setting.guidance_origin}" if setting.guidance_origin else "")
+                     + " (recorded in the artefact's recipe)")
             qmodel = quantize(model, scheduler, recipe, cache_dir=cache_dir, checkpoint=checkpoint,
                               device=torch_device, dtype=torch_dtype, conditions=conditions)
             # a class-conditional or latent pipeline (DiT + VAE, LDM + VQ-VAE) keeps its other components, so the

@@ -386,6 +386,8 @@ def class_conditioning(denoiser: nn.Module, source: Path, num_samples: int, *, c
                              f"negative prompt, a null class), which {source} does not have; drop the flag")
         return None, 1.0, folder_vae_decoder(source, device, dtype) if decode else None
     scale = setting.guidance_scale
+    if setting.guidance_origin is not None:  # a default the user did not give: said, with how to change it
+        note(f"guidance {scale:g}: {setting.guidance_origin} (--guidance-scale to choose another, 1 for none)")
     resolve_deployment(denoiser, recipe, None, scale, None, 1.0)  # tables fitted at another scale: refused
     conditions = setting.source
     if class_label:
@@ -568,7 +570,9 @@ def sample_command(
              "Flux guides only against one given, as FluxPipeline: --guidance-scale above 1 needs it).")
     ] = None,
     guidance_scale: Annotated[float | None, typer.Option(
-        help="Classifier-free guidance scale (default: the artefact recipe's, else the pipeline's default).")
+        help="Classifier-free guidance scale (default: the artefact recipe's, else the pipeline class's default: "
+             "e.g. 7.5 for Stable Diffusion, 4 for a DiTPipeline folder with a null class, 1.5 for the shipped DiT; "
+             "1 for a model without a pipeline class that guides).")
     ] = None,
     distilled_guidance: DistilledGuidance = None,
     text_encoder_bits: Annotated[int | None, typer.Option(

@@ -30,7 +30,8 @@ from tadq.sampling import Conditioning, ConditionSource, RandomClassLabels, Samp
 from tadq.zoo.paths import SHIPPED_MODELS, resolve_model_path, shipped_dit_path, shipped_photos_path, shipped_t2i_path
 
 __all__ = ["Workload", "SHIPPED_MODELS", "resolve_model_path", "load_workload", "is_text_to_image_folder",
-           "ClassLabelSetting", "class_label_setting", "decoder_component", "folder_vae_decoder", "vae_decoder",
+           "ClassLabelSetting", "class_label_setting", "pipeline_default_guidance", "decoder_component",
+           "folder_vae_decoder", "vae_decoder",
            "LATENT_DECODERS", "LABEL_MODES"]
 
 logger = logging.getLogger(__name__)
@@ -298,6 +299,29 @@ class ClassLabelSetting:
     labels: str
     null_class: int | None
     num_classes: int
+    guidance_origin: str | None = None  # where a default scale came from: "DiTPipeline's default" (None: given)
+
+
+def pipeline_default_guidance(path: Path) -> tuple[float, str] | None:
+    """(scale, class name) of the ``guidance_scale`` default of the diffusers pipeline class an FP folder's
+    ``model_index.json`` names (``DiTPipeline``: 4.0), ``None`` when the folder names none, names a class without
+    that parameter (``DDPMPipeline``) or is a tadq artefact (its recipe records its scale)."""
+    import inspect
+
+    import diffusers
+
+    from tadq.io import is_quantized_artefact
+
+    index_file = path / "model_index.json"
+    if not index_file.is_file() or is_quantized_artefact(path):
+        return None
+    index = read_json_file(index_file, "pipeline index")
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    klass = getattr(diffusers, name, None) if isinstance(name, str) else None
+    parameter = inspect.signature(klass.__call__).parameters.get("guidance_scale") if callable(klass) else None
+    if parameter is None or not isinstance(parameter.default, (int, float)) or isinstance(parameter.default, bool):
+        return None
+    return float(parameter.default), name
 
 
 def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | None = None, labels: str | None = None,
@@ -305,8 +329,10 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
     """The labels of a class-conditional model, checked before any sampling.
 
     The null class is the user's, else the shipped photos model's, else the one the architecture defines (a DiT's
-    label K); the shipped DiT defaults to its recorded guidance scale, every other model to 1. ``labels`` defaults to
-    ``"null"`` for the shipped photos model and ``"random"`` otherwise."""
+    label K); the shipped DiT defaults to its recorded guidance scale, an FP folder whose pipeline class has a
+    ``guidance_scale`` default (a user's ``DiTPipeline``: 4.0) to that one when it samples random labels and has a
+    null class (``pipeline_default_guidance``), every other model to 1 (``guidance_origin`` says where a default
+    came from). ``labels`` defaults to ``"null"`` for the shipped photos model and ``"random"`` otherwise."""
     if labels is not None and labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     shipped = path.resolve() == shipped_photos_path().resolve()
@@ -325,11 +351,17 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
 
         null_class = null_label()
     null_class = architecture_null if null_class is None else null_class
+    origin = None
     if shipped_dit and guidance_scale is None:
         from tadq.zoo.dit import DEFAULT_GUIDANCE_SCALE
 
-        guidance_scale = DEFAULT_GUIDANCE_SCALE
+        guidance_scale, origin = DEFAULT_GUIDANCE_SCALE, "the shipped DiT's default"
     labels = labels or ("null" if shipped else "random")
+    pipeline_default = pipeline_default_guidance(path) if guidance_scale is None else None
+    if pipeline_default is not None and labels == "random" and null_class is not None:
+        # a user's DiTPipeline folder samples at its pipeline's default, as DiTPipeline(...)(class_labels) does
+        # (it sampled at 1, without guidance); not with --labels null, nor without a null class to guide against
+        guidance_scale, origin = pipeline_default[0], f"{pipeline_default[1]}'s default"
     if null_class is not None and not 0 <= null_class < max(num_embeddings, 1):
         raise ValueError(f"null_class={null_class} is not a label of this model (it has {num_embeddings} class "
                          "embeddings)")
@@ -358,7 +390,7 @@ def class_label_setting(path: Path, fp: nn.Module, *, guidance_scale: float | No
             raise ValueError(f"{path}: no real class below the null class {null_class}")
         source = RandomClassLabels(num_classes, null_class if guidance_scale != 1.0 else None)
     return ClassLabelSetting(source=source, guidance_scale=guidance_scale, labels=labels, null_class=null_class,
-                             num_classes=num_classes)
+                             num_classes=num_classes, guidance_origin=origin)
 
 
 def _class_conditional_workload(path: Path, name: str, fp: nn.Module, scheduler: Any, guidance_scale: float | None,
