@@ -326,7 +326,10 @@ def walk_differences(first: ConfigMixin | Mapping[str, Any], second: ConfigMixin
 
     Raises ``NotImplementedError`` (``check_drivable``) when either schedule cannot be driven by ``sampler``."""
     built = [make_scheduler(scheduler, sampler).config for scheduler in (first, second)]
-    mine, theirs = ({key: value for key, value in config.items() if not key.startswith("_")} for config in built)
+    # the sampler class's own parameters: from_config also keeps the keys of compatible classes (DDPM's
+    # variance_type on a DDIM built from it), which this class never reads
+    used = set(inspect.signature(_SCHEDULER_CLASSES[sampler.kind].__init__).parameters) - {"self"}
+    mine, theirs = ({key: value for key, value in config.items() if key in used} for config in built)
     return {key: (mine.get(key), theirs.get(key)) for key in sorted(set(mine) | set(theirs))
             if _comparable(mine.get(key)) != _comparable(theirs.get(key))}
 
