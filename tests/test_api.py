@@ -12,6 +12,7 @@ from tadq.config import CalibrationConfig, QuantConfig
 from tadq.quant import QuantLayer
 from tadq.registry import adapter_for
 from tadq.sampling import SamplerConfig
+from tadq.svdquant import SVDQuantMethod, svdquant_schemes
 from tadq.tfmq import TFMQConfig
 
 SAMPLER = SamplerConfig(kind="ddim", num_steps=10)
@@ -392,3 +393,17 @@ def test_quantized_and_loaded_models_are_in_eval_mode(tiny_unet, ddpm_scheduler,
     assert _training_modules(loaded) == []
     loaded.train()  # a mode asked for still reaches every module
     assert not [name for name, module in loaded.named_modules() if not module.training]
+
+
+def test_a_plain_svdquant_quant_config_is_quantized_with_its_branch_and_smoothing(tiny_unet, ddpm_scheduler):
+    """``QuantConfig(method="svdquant")`` with the structure SVDQuant fits (a low-rank branch, smoothing) was turned
+    into a recipe with ``NaiveMethod``, which refused the config as 'svdquant fits these, not naive'; the docstring
+    promises SVDQuant at its default fitting settings, and the recipe the model carries must say SVDQuant."""
+    weights, activations = svdquant_schemes("W4A4")
+    config = QuantConfig(weights=weights, activations=activations, method="svdquant",
+                         calibration=dataclasses.replace(CALIB, num_trajectories=4, samples_per_step=4))
+    qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
+    assert qmodel.config == config
+    assert isinstance(qmodel.recipe.method, SVDQuantMethod)
+    fits = qmodel.svdquant_report["layers"]
+    assert any(fit["rank"] >= 1 for fit in fits) and any(fit["alpha"] is not None for fit in fits)

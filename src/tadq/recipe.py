@@ -291,9 +291,16 @@ class Recipe:
     @classmethod
     def from_quant_config(cls, config: QuantConfig, *, deployments: tuple[Deployment, ...] | None = None,
                           corrections: tuple[CorrectionConfig, ...] = (), name: str = "") -> Recipe:
-        """The recipe of a plain ``QuantConfig`` (deployed with its calibration sampler unless told otherwise)."""
-        method = (QDiffusionMethod(reconstruction=config.reconstruction) if config.method == "qdiffusion"
-                  else NaiveMethod())
+        """The recipe of a plain ``QuantConfig`` (deployed with its calibration sampler unless told otherwise); a
+        ``svdquant`` config gets ``SVDQuantMethod``'s default fitting settings."""
+        if config.method == "svdquant":  # was NaiveMethod, which refused the branch and smoothing svdquant fits
+            from tadq.svdquant.method import SVDQuantMethod
+
+            method = SVDQuantMethod()
+        elif config.method == "qdiffusion":
+            method = QDiffusionMethod(reconstruction=config.reconstruction)
+        else:
+            method = NaiveMethod()
         return cls(method=method, weights=config.weights, activations=config.activations,
                    keep_fp_roles=config.keep_fp_roles, exclude=config.exclude, split_shortcut=config.split_shortcut,
                    quantize_attention=config.quantize_attention, softmax_bits=config.softmax_bits,
