@@ -142,3 +142,16 @@ def test_bad_reconstruction_rounding_fields_raise(field, value, message):
 
     with pytest.raises(ValueError, match=message):
         ReconstructionConfig(**{field: value})
+
+
+@pytest.mark.parametrize("field", ["keep_fp_roles", "exclude", "layer_bits"])
+@pytest.mark.parametrize("make", ["QuantConfig", "Recipe"])
+def test_a_string_given_for_a_list_field_is_refused_as_a_string_not_by_its_letters(make, field):
+    """``keep_fp_roles="input_conv"`` was refused as 'unknown roles ['i', 'n', 'p', ...]' and ``layer_bits="conv_in"``
+    as 'entries are (layer name, ...), got 'c'': the class's own check, which wins over the field-type check, ran
+    on the string's letters. The message names the field and the string."""
+    from tadq.recipe import Recipe
+
+    klass = {"QuantConfig": QuantConfig, "Recipe": Recipe}[make]
+    with pytest.raises(ValueError, match=rf"{make}\.{field} .*the string 'input_conv'"):
+        klass(**{field: "input_conv"})

@@ -242,6 +242,7 @@ class QuantConfig:
     layer_bits: tuple[tuple[str, int, int | None], ...] = ()
 
     def __post_init__(self) -> None:
+        refuse_strings(self, ("keep_fp_roles", "exclude", "layer_bits"))
         entries = tuple(tuple(e) if isinstance(e, (tuple, list)) else e for e in self.layer_bits)  # JSON: lists
         object.__setattr__(self, "layer_bits", entries)
         self._check_layer_bits()
@@ -431,6 +432,16 @@ def _fields_as_written(klass: type, data: dict[str, Any]) -> dict[str, Any]:
     if not added or not first <= set(data):
         return data
     return {**{name: copy.deepcopy(value) for name, value in added.items() if name not in data}, **data}
+
+
+def refuse_strings(config: Any, names: tuple[str, ...]) -> None:
+    """Refuse a string given for a list field of ``config``, naming the field: the class's own checks, which win
+    over the field-type check, iterated it into letters ('unknown roles ['i', 'n', ...]')."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, str):
+            raise ValueError(f"{type(config).__name__}.{name} takes a list, got the string {value!r} (write "
+                             f"[{value!r}] for one entry)")
 
 
 def _valid_bits(bits: Any) -> bool:

@@ -26,6 +26,7 @@ from tadq.config import (
     config_from_dict,
     config_to_dict,
     field_added,
+    refuse_strings,
     register_config_type,
     register_migration,
 )
@@ -194,6 +195,7 @@ class Recipe:
     name: str = ""
 
     def __post_init__(self) -> None:
+        refuse_strings(self, ("keep_fp_roles", "exclude", "layer_bits", "deployments", "corrections"))
         object.__setattr__(self, "keep_fp_roles", tuple(self.keep_fp_roles))
         object.__setattr__(self, "exclude", tuple(self.exclude))
         object.__setattr__(self, "layer_bits", tuple(tuple(e) if isinstance(e, list) else e for e in self.layer_bits))
