@@ -20,6 +20,7 @@ from tadq.recipe import Deployment, Recipe
 from tadq.sampling import SamplerConfig
 from tadq.svdquant import SVDQuantMethod
 from tadq.svdquant.sensitivity import (
+    LayerSensitivity,
     MixedPrecisionPlan,
     apply_mixed_precision,
     choose_high_precision,
@@ -138,3 +139,29 @@ def test_split_shortcut_networks_are_refused_with_a_reason(tiny_unet, ddpm_sched
     qmodel = api.quantize(tiny_unet, ddpm_scheduler, config, progress=False)
     with pytest.raises(ValueError, match="split_shortcut"):
         apply_mixed_precision(qmodel, _plan(("conv_in",)))
+
+
+def test_a_class_conditional_network_is_measured_with_its_conditions_and_guidance(tiny_unet, ddpm_scheduler):
+    """``layer_sensitivities`` took ``guidance_scale`` but no conditions: a conditional network failed in its first
+    forward ('this UNet2DModel is class-conditional: pass cond=...'), and guidance could never be measured."""
+    from tadq.sampling.conditioning import RandomClassLabels
+
+    model = build_tiny_unet(num_class_embeds=4)
+    labels = RandomClassLabels(3, null_class=3)
+    qmodel = api.quantize(model, ddpm_scheduler, QuantConfig.from_preset("W4A8", calibration=CALIB),
+                          conditions=labels, progress=False)
+    layers = ["down_blocks.0.resnets.0.conv1", "conv_out"]
+    with pytest.raises(ValueError, match="conditions="):  # before the reference run, naming the argument
+        layer_sensitivities(qmodel, ddpm_scheduler, SAMPLER, num_samples=2, batch_size=2, layers=layers)
+    plain, guided = (
+        {s.name: s.error for s in layer_sensitivities(qmodel, ddpm_scheduler, SAMPLER, num_samples=2, batch_size=2,
+                                                      layers=layers, conditions=labels, guidance_scale=scale)}
+        for scale in (1.0, 3.0))
+    assert set(plain) == set(guided) == set(layers)
+    assert all(error > 0 for error in (*plain.values(), *guided.values()))
+    assert plain != guided  # the guided runs call the null class too: other trajectories, other errors
+    # the plan's costs count the conditional network's MACs (its forward needed labels there too)
+    sensitivities = [LayerSensitivity(name, 0, error) for name, error in guided.items()]
+    base = plan_bitops(network_macs(qmodel), layer_bits(qmodel))
+    plan = choose_high_precision(qmodel, sensitivities, 2 * base)
+    assert plan.base_bitops == base and base < plan.bitops <= 2 * base and plan.high_layers

@@ -36,14 +36,14 @@ import torch
 from torch import Tensor
 
 from tadq.config import QuantConfig
-from tadq.corrections.ptqd.bitops import FP_BITS, layer_macs
+from tadq.corrections.ptqd.bitops import FP_BITS, dummy_conditioning, layer_macs
 from tadq.denoiser import QuantizedDenoiser
 from tadq.quant.convert import LayerPlan
 from tadq.quant.modules import QuantLayer
 from tadq.quant.qscheme import MAX_BITS, MIN_BITS
 from tadq.quant.quantizer import Quantizer, bypassing, quantizers_bypassed
 from tadq.safefiles import finite_float
-from tadq.sampling import SamplerConfig, SamplingPlan
+from tadq.sampling import ConditionSource, SamplerConfig, SamplingPlan
 from tadq.sampling import sample as sample_loop
 
 __all__ = ["HIGH_BITS", "LayerSensitivity", "MixedPrecisionPlan", "apply_mixed_precision", "choose_high_precision",
@@ -100,8 +100,11 @@ def layer_bits(qmodel: QuantizedDenoiser) -> dict[str, tuple[int, int]]:
 
 
 def network_macs(qmodel: QuantizedDenoiser) -> dict[str, int]:
-    """MACs per sample of one forward of every Conv2d/Linear of the network (``tadq.corrections.ptqd.bitops``)."""
-    return layer_macs(qmodel.model, qmodel, qmodel.sample_shape)
+    """MACs per sample of one forward of every Conv2d/Linear of the network (``tadq.corrections.ptqd.bitops``); a
+    conditional network is called with a placeholder conditioning, as ``bit_operations`` does (without one its first
+    forward refused the call)."""
+    cond = dummy_conditioning(qmodel.adapter, qmodel.model)
+    return layer_macs(qmodel.model, lambda x, t: qmodel(x, t, cond), qmodel.sample_shape)
 
 
 def plan_bitops(macs: dict[str, int], bits: dict[str, tuple[int, int]], high: Sequence[str] = (),
@@ -128,14 +131,22 @@ def _only_quantized(qmodel: QuantizedDenoiser, layer: QuantLayer) -> Iterator[No
 @torch.no_grad()
 def layer_sensitivities(qmodel: QuantizedDenoiser, scheduler, sampler: SamplerConfig, *, num_samples: int = 16,
                         seed: int = 0, batch_size: int = 16, layers: Sequence[str] | None = None,
-                        guidance_scale: float = 1.0) -> list[LayerSensitivity]:
+                        guidance_scale: float = 1.0, conditions: ConditionSource | None = None,
+                        ) -> list[LayerSensitivity]:
     """Final-image MSE vs FP of each quantized layer alone (module docstring), most sensitive first.
 
     ``seed`` should be a calibration seed (not the evaluation seed the plan is later judged on); ``layers``
-    restricts the measurement (default: every quantized layer).
+    restricts the measurement (default: every quantized layer). ``conditions``: the per-sample conditioning of a
+    conditional model (class labels, prompts; calibration ones, with an unconditional branch when
+    ``guidance_scale`` ≠ 1), as ``tadq.quantize`` takes them.
     """
+    from tadq.api import check_conditions
+
     if len(qmodel.corrections):
         raise ValueError("measure sensitivities on the network without corrections (they are fitted on top after)")
+    # a conditional model without conditions (or guidance without an unconditional branch) was refused only by its
+    # first forward, and could not be measured at all: there was no way to pass them
+    check_conditions(qmodel.model, conditions, guidance_scale, "layer_sensitivities")
     plan = SamplingPlan.build(scheduler, sampler, guidance_scale)
     parameter = next(qmodel.model.parameters())
     # the layers are checked before the reference run: a misspelt name used to fail after a whole sampling run
@@ -152,7 +163,7 @@ def layer_sensitivities(qmodel: QuantizedDenoiser, scheduler, sampler: SamplerCo
 
     def run() -> Tensor:
         return sample_loop(qmodel, plan, num_samples=num_samples, seed=seed, sample_shape=qmodel.sample_shape,
-                           batch_size=batch_size, progress=False, device=parameter.device,
+                           batch_size=batch_size, conditions=conditions, progress=False, device=parameter.device,
                            dtype=parameter.dtype).images.float().clamp(-1, 1)
 
     with quantizers_bypassed(qmodel.model):
