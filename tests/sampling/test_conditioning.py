@@ -199,3 +199,22 @@ def test_a_condition_list_shorter_than_the_run_is_refused_before_the_first_call(
     assert len(rows) == 4
     assert sample(counting, plan, indices=[3, 1], seed=4, sample_shape=SHAPE, progress=False,
                   conditions=rows).images.shape == (2, *SHAPE)  # indices within the list run
+
+
+def test_fewer_class_labels_than_samples_are_refused_before_the_first_call() -> None:
+    """``ClassLabels`` had no ``check_indices``: 2 labels for 4 samples in batches of 2 ran the first batch, then
+    raised an IndexError (in calibration too, after its first walks)."""
+    labels = ClassLabels((1, 2))
+    calls = []
+
+    def counting(x, t, cond):
+        calls.append(1)
+        return label_denoiser(x, t, cond)
+
+    plan = SamplingPlan.build(DDPMScheduler(), SAMPLER, 1.0)
+    with pytest.raises(ValueError, match=r"up to index 3, but ClassLabels holds 2 labels.*at least 4"):
+        sample(counting, plan, num_samples=4, seed=4, sample_shape=SHAPE, progress=False, conditions=labels,
+               batch_size=2)
+    assert calls == [] and len(labels) == 2
+    assert sample(counting, plan, num_samples=2, seed=4, sample_shape=SHAPE, progress=False, conditions=labels,
+                  batch_size=2).images.shape[0] == 2

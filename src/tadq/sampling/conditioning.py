@@ -266,6 +266,15 @@ class ClassLabels:
     def __call__(self, seed: int, indices: Sequence[int]) -> Conditioning:
         return _labels_conditioning([self.labels[_checked(i, len(self.labels))] for i in indices], self.null_class)
 
+    def __len__(self) -> int:
+        """The number of labels: sample indices 0..len-1 have one, no other does."""
+        return len(self.labels)
+
+    def check_indices(self, indices: Sequence[int]) -> None:
+        """Refuse, before any sampling, indices beyond the labels: fewer labels than samples raised an IndexError
+        at the first batch past them, after the batches before it (or calibration's walks) had run."""
+        _check_list_indices(indices, len(self), "ClassLabels holds {count} labels")
+
     @property
     def key(self) -> str:
         return f"labels-{list(self.labels)}-null{self.null_class}"
@@ -294,9 +303,7 @@ class ConditioningList:
 
     def check_indices(self, indices: Sequence[int]) -> None:
         """Refuse, before any sampling, indices beyond the list (a run would fail at its first batch past them)."""
-        if indices and max(indices) >= len(self):
-            raise ValueError(f"{len(indices)} samples up to index {max(indices)}, but the condition list holds "
-                             f"{len(self)} rows (one per sample): give at least {max(indices) + 1}, or sample fewer")
+        _check_list_indices(indices, len(self), "the condition list holds {count} rows")
 
     @property
     def key(self) -> str:
@@ -307,6 +314,13 @@ class ConditioningList:
             # raw bytes through uint8 (numpy's bytes for every dtype it has): bfloat16, which numpy lacks, too
             digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return f"{self.name}-{self.rows.describe()}-{digest.hexdigest()[:16]}"
+
+
+def _check_list_indices(indices: Sequence[int], count: int, holds: str) -> None:
+    """Refuse indices past the end of a finite per-sample list (``holds`` names it, with ``{count}``)."""
+    if len(indices) and max(indices) >= count:
+        raise ValueError(f"{len(indices)} samples up to index {max(indices)}, but {holds.format(count=count)} (one "
+                         f"per sample): give at least {max(indices) + 1}, or sample fewer")
 
 
 def _checked(index: int, length: int) -> int:
