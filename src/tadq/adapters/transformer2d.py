@@ -255,8 +255,9 @@ class DiTAdapter(_PatchTransformerAdapter):
         # both ends in one read back to the host (each is a device sync per forward)
         low, high = torch.stack(torch.aminmax(labels)).tolist() if labels.ndim == 1 and labels.numel() else (0, 0)
         if labels.ndim != 1 or low < 0 or high >= table:
+            found = f"shape {list(labels.shape)}" if labels.ndim != 1 else f"label {low if low < 0 else high}"
             raise ValueError(f"class_labels must be (N,) indices in [0, {table - 1}] (the null class is "
-                             f"{self.null_class(model)}), got shape {list(labels.shape)}")
+                             f"{self.null_class(model)}), got {found}")
         output = model(x, timestep=self._timesteps(x, t), class_labels=labels).sample
         return self.prediction_half(model, output)
 
