@@ -155,3 +155,15 @@ def test_a_string_given_for_a_list_field_is_refused_as_a_string_not_by_its_lette
     klass = {"QuantConfig": QuantConfig, "Recipe": Recipe}[make]
     with pytest.raises(ValueError, match=rf"{make}\.{field} .*the string 'input_conv'"):
         klass(**{field: "input_conv"})
+
+
+def test_from_preset_takes_a_field_of_the_preset_as_recipe_from_preset_does():
+    """``QuantConfig.from_preset("W8A8", weights=...)`` raised "got multiple values for keyword argument 'weights'"
+    where ``Recipe.from_preset`` replaces the preset's field with the one given."""
+    from tadq.quant.qscheme import QScheme
+    from tadq.recipe import Recipe
+
+    weights = QScheme(bits=6, symmetric=True, granularity="per_channel")
+    config = QuantConfig.from_preset("W8A8", weights=weights)
+    assert config.weights == weights == Recipe.from_preset("W8A8", weights=weights).weights
+    assert config.activations == QuantConfig.from_preset("W8A8").activations

@@ -335,7 +335,9 @@ class QuantConfig:
             if isinstance(given, str):
                 raise TypeError(f"keep_fp_roles takes a tuple of role names, got the string {given!r}")
             overrides["keep_fp_roles"] = tuple(dict.fromkeys((*fp_layer_roles(fp_layers), *given)))
-        return cls(weights=weights, activations=activations, preset_name=preset_key(name), **overrides)
+        # a given field replaces the preset's, as Recipe.from_preset does (weights= raised Python's "got multiple
+        # values for keyword argument" TypeError here)
+        return cls(**{"weights": weights, "activations": activations, "preset_name": preset_key(name), **overrides})
 
     @property
     def label(self) -> str:
