@@ -182,9 +182,14 @@ def test_guidance_branches_of_other_shapes_are_refused_when_built(shape) -> None
                      unconditional=Conditioning(encoder_hidden_states=torch.zeros(shape)))
 
 
-def test_a_condition_list_shorter_than_the_run_is_refused_before_the_first_call() -> None:
-    """A list of 4 rows for 6 samples in batches of 2 used to fail at the third batch, after two batches of work."""
-    rows = ConditioningList(Conditioning(class_labels=torch.tensor([0, 1, 2, 0])))
+@pytest.mark.parametrize("source, refusal", [
+    # a list of 4 rows for 6 samples in batches of 2 used to fail at the third batch, after two batches of work
+    (ConditioningList(Conditioning(class_labels=torch.tensor([0, 1, 2, 0]))), "the condition list holds 4 rows"),
+    # ClassLabels had no check_indices: 4 labels for 6 samples ran two batches (or calibration's first walks), then
+    # raised an IndexError
+    (ClassLabels((1, 2, 0, 1)), "ClassLabels holds 4 labels"),
+])
+def test_a_finite_condition_source_shorter_than_the_run_is_refused_before_the_first_call(source, refusal) -> None:
     calls = []
 
     def counting(x, t, cond):
@@ -192,29 +197,10 @@ def test_a_condition_list_shorter_than_the_run_is_refused_before_the_first_call(
         return label_denoiser(x, t, cond)
 
     plan = SamplingPlan.build(DDPMScheduler(), SAMPLER, 1.0)
-    with pytest.raises(ValueError, match=r"up to index 5, but the condition list holds 4 rows.*at least 6"):
-        sample(counting, plan, num_samples=6, seed=4, sample_shape=SHAPE, progress=False, conditions=rows,
+    with pytest.raises(ValueError, match=rf"up to index 5, but {refusal}.*at least 6"):
+        sample(counting, plan, num_samples=6, seed=4, sample_shape=SHAPE, progress=False, conditions=source,
                batch_size=2)
     assert calls == []
-    assert len(rows) == 4
+    assert len(source) == 4
     assert sample(counting, plan, indices=[3, 1], seed=4, sample_shape=SHAPE, progress=False,
-                  conditions=rows).images.shape == (2, *SHAPE)  # indices within the list run
-
-
-def test_fewer_class_labels_than_samples_are_refused_before_the_first_call() -> None:
-    """``ClassLabels`` had no ``check_indices``: 2 labels for 4 samples in batches of 2 ran the first batch, then
-    raised an IndexError (in calibration too, after its first walks)."""
-    labels = ClassLabels((1, 2))
-    calls = []
-
-    def counting(x, t, cond):
-        calls.append(1)
-        return label_denoiser(x, t, cond)
-
-    plan = SamplingPlan.build(DDPMScheduler(), SAMPLER, 1.0)
-    with pytest.raises(ValueError, match=r"up to index 3, but ClassLabels holds 2 labels.*at least 4"):
-        sample(counting, plan, num_samples=4, seed=4, sample_shape=SHAPE, progress=False, conditions=labels,
-               batch_size=2)
-    assert calls == [] and len(labels) == 2
-    assert sample(counting, plan, num_samples=2, seed=4, sample_shape=SHAPE, progress=False, conditions=labels,
-                  batch_size=2).images.shape[0] == 2
+                  conditions=source).images.shape == (2, *SHAPE)  # indices within the list run
