@@ -58,3 +58,28 @@ def test_metrics_on_the_seed_an_artefact_was_calibrated_on_are_refused_before_an
     assert not (tmp_path / "measured" / "chunks").exists()
     result = runner.invoke(app, [*flags, "--out-dir", str(tmp_path / "sampled"), "--no-metrics"])  # samples only
     assert result.exit_code == 0, result.output
+
+
+def test_an_interrupted_rerun_with_more_samples_leaves_no_metrics_of_the_earlier_run(
+        tiny_setup: TinySetup, tmp_path: Path, monkeypatch) -> None:
+    """A rerun with another N rewrites the manifest (complete: false) and deletes the earlier samples.safetensors
+    before it samples; the earlier run's metrics.json was deleted only after sampling, so a rerun interrupted in
+    between left the N=4 metrics beside an unfinished N=6 run, numbers of samples that run is not made of."""
+    import tadq.distributed.sampling as sharded_sampling
+
+    out = tmp_path / "run"
+    flags = ["sample-sharded", str(tiny_setup.candidate_dir), "--steps", "3", "--batch-size", "2", "--seed", "7",
+             "--threads", "1", "--out-dir", str(out)]
+    run_cli([*flags, "--num-samples", "4"])
+    assert (out / "metrics.json").is_file()
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sharded_sampling, "save_chunk", interrupt)
+    result = runner.invoke(app, [*flags, "--num-samples", "6"])
+    assert result.exit_code != 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert (manifest["num_samples"], manifest["complete"]) == (6, False)
+    assert not (out / "metrics.json").exists(), "the N=4 run's metrics outlived it beside the unfinished N=6 run"
+    assert not (out / "samples.safetensors").exists()

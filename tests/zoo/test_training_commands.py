@@ -281,6 +281,53 @@ def test_classifier_cli_interrupted_while_saving_can_be_rerun_into_its_own_folde
     assert _weights(cut) == _weights(tmp_path / "straight")
 
 
+@pytest.mark.parametrize("shipped", [False, True], ids=["folder", "shipped-folder"])
+@pytest.mark.parametrize("command", ["train", "train-classifier"])
+def test_an_interrupted_overwrite_does_not_leave_the_new_weights_under_the_old_record(tmp_path, monkeypatch,
+                                                                                      command, shipped):
+    """`--overwrite --seed 3` into a finished seed-2 folder, interrupted once the new weights were saved but before
+    its training_info.json: the folder held the new weights under the old run's record, so it read as finished
+    (a rerun without --overwrite was refused) and said seed 2 for seed-3 weights. A shipped folder (kept free of
+    tadq's marker) must still be taken as tadq's on that rerun, and carry no marker once a run finishes."""
+    import tadq.cli.zoo as cli_zoo
+    import tadq.metrics.classifier as classifier
+    from tadq.fsguard import MARKER_FILE
+
+    if shipped:
+        monkeypatch.setattr(cli_zoo, "SHIPPED", tmp_path)
+
+    monkeypatch.setattr(classifier, "load_digits_split", _few_digits(64))
+    monkeypatch.setattr(zoo_train, "load_digits_split", _few_digits())
+    monkeypatch.setattr(zoo_configs, "TrainConfig",  # a run shorter than its checkpoint interval: no checkpoint
+                        lambda **kw: TrainConfig(**{"checkpoint_every": 100, "warmup_steps": 1, **kw}))
+    module = zoo_train if command == "train" else classifier
+    args = ["zoo", command, "--resolution", "8"] + (
+        ["--steps", "2", "--batch-size", "4"] if command == "train" else ["--epochs", "1"])
+    out, fresh = tmp_path / "out", tmp_path / "fresh"
+    for folder, seed in ((out, "2"), (fresh, "3")):
+        result, text = _invoke([*args, "--seed", seed, "--out", str(folder)])
+        assert result.exit_code == 0, text
+    assert _weights(out) != _weights(fresh)
+    real = module.atomic_write_json
+
+    def interrupt_before_the_info(document, path):
+        if Path(path).name == "training_info.json":
+            raise _Interrupt
+        return real(document, path)
+
+    monkeypatch.setattr(module, "atomic_write_json", interrupt_before_the_info)
+    _invoke([*args, "--seed", "3", "--out", str(out), "--overwrite"])
+    monkeypatch.setattr(module, "atomic_write_json", real)
+    record = out / "training_info.json"
+    assert _weights(out) == _weights(fresh)  # the interruption came after the new weights were written
+    assert not record.exists() or json.loads(record.read_text())["config"]["seed"] == 3, \
+        "the seed-3 weights sit under the seed-2 run's training_info.json, a folder that reads as finished"
+    result, text = _invoke([*args, "--seed", "3", "--out", str(out)])
+    assert result.exit_code == 0, f"rerunning the interrupted command without --overwrite was refused: {text}"
+    assert _weights(out) == _weights(fresh)
+    assert (out / MARKER_FILE).exists() != shipped
+
+
 # --------------------------------------------------------------------------------------------------------------
 # train-photos: tiny CLI run loads with diffusers and tadq; same bytes
 # --------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from tadq.cli.sample import (
 
 __all__ = ["sample_sharded_command"]
 
-METRICS_NAME = "metrics.json"
+METRICS_NAME = "metrics.json"  # tadq.distributed.store.METRICS_NAME, without importing torch
 
 
 def _print_metrics(metrics, title: str) -> None:
@@ -158,8 +158,7 @@ def sample_sharded_command(
                                 out_dir=out_dir, batch_size=batch_size, chunk_size=chunk_size or batch_size,
                                 record_trajectory=record_trajectory, world=world, label=label, assemble=assemble,
                                 conditions=conditions, guidance_scale=scale)
-        if world.is_main:  # this run's checks passed: an earlier run's metrics (another N) must not outlive it
-            (out_dir / METRICS_NAME).unlink(missing_ok=True)
+        if world.is_main:  # an earlier run's metrics.json was deleted by sample_sharded, once its checks passed
             console.print(f"{out_dir}: {num_samples} samples of {label} ({len(report.reused)} chunks reused, "
                           f"{world.world_size} process{'es' if world.world_size > 1 else ''})")
         if metrics:

@@ -83,7 +83,7 @@ def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
     the config (``tadq.zoo.configs``: before torch is imported), set the threads and check ``--out`` before any
     training (a finished model is replaced only with ``--overwrite``), mark the folder as tadq's (so a resume finds
     a folder tadq wrote, not only a checkpoint), and train with the exact command line recorded."""
-    from tadq.fsguard import check_output_dir, mark_output
+    from tadq.fsguard import MARKER_FILE, check_output_dir, mark_output
 
     setup(verbose, threads)
     with fail_cleanly():
@@ -94,11 +94,19 @@ def _train_into(out: Path, force_foreign: bool, build_config: Callable[[], Any],
         check_output_dir(out, kind="training", resume=True, force_foreign=force_foreign, inputs=inputs)
         hold_output(out)
         check_not_finished(out, overwrite, layout)
-        # a folder outside the package is always marked: a run interrupted before training_info.json (or with only
-        # its checkpoint) was refused as foreign on the rerun its help promises; the shipped folders keep their bytes
-        if mark or out.resolve().parent != SHIPPED.resolve():
-            mark_output(out, "training")
-        return trainer(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        # marked while training: a run interrupted before training_info.json (or with only its checkpoint) was
+        # refused as foreign on the rerun its help promises; a shipped folder kept free of the marker (mark=False)
+        # carries it only until the run finishes, so it keeps its bytes
+        unmark = not mark and out.resolve().parent == SHIPPED.resolve()
+        mark_output(out, "training")
+        # the record says "finished" (check_not_finished) and describes the weights beside it: once this run starts
+        # replacing them it describes nothing, and an interruption between the new weights and the new record
+        # (--overwrite) left a folder that read as finished, under the old run's seed and settings
+        (out / INFO_FILE).unlink(missing_ok=True)
+        result = trainer(config, out, command="tadq " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        if unmark:
+            (out / MARKER_FILE).unlink(missing_ok=True)
+        return result
 
 
 @zoo_app.command("train")

@@ -29,6 +29,7 @@ from tadq.distributed.key import (
 from tadq.distributed.shards import CHUNK_SUFFIX, ChunkRange, assign_chunks, chunk_ranges
 from tadq.distributed.store import (
     CHUNK_DIR,
+    METRICS_NAME,
     SAMPLES_NAME,
     ShardedRun,
     StaleRunError,
@@ -219,8 +220,10 @@ def sample_sharded(
     settings = {"model_label": label or type(denoiser).__name__, "sampler_key": sampler.key,
                 "world_size": world.world_size, "device": str(world.device), "threads": threads}
     if world.is_main:
-        # the assembled file of an earlier run (another N) would sit beside a manifest of this one until _finish
-        (out_dir / SAMPLES_NAME).unlink(missing_ok=True)
+        # the assembled file and the metrics of an earlier run (another N) would sit beside a manifest of this one
+        # until _finish (and the metrics after it); an interrupted run left them describing samples it is not made of
+        for name in (SAMPLES_NAME, METRICS_NAME):
+            (out_dir / name).unlink(missing_ok=True)
         write_manifest(out_dir, key, num_samples, complete=False, settings=settings)
     mine = assign_chunks(pending, world.rank, world.world_size)
     logger.info("%d of %d chunks to sample (%d on this rank of %d); %d reused from %s", len(pending), len(chunks),

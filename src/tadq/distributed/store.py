@@ -24,9 +24,9 @@ from tadq.safefiles import load_checked, read_json_file, save_checked
 from tadq.utils import atomic_write_json, remove_stale_temp_files
 
 __all__ = [
-    "CHUNK_DIR", "MANIFEST_FORMAT", "MANIFEST_NAME", "SAMPLES_NAME", "ShardedRun", "StaleRunError", "check_manifest",
-    "chunk_path", "load_chunk", "pending_chunks", "read_manifest", "remove_partial_files", "save_chunk",
-    "write_manifest",
+    "CHUNK_DIR", "MANIFEST_FORMAT", "MANIFEST_NAME", "METRICS_NAME", "SAMPLES_NAME", "ShardedRun", "StaleRunError",
+    "check_manifest", "chunk_path", "load_chunk", "pending_chunks", "read_manifest", "remove_partial_files",
+    "save_chunk", "write_manifest",
 ]
 
 logger = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "tadq-sharded-samples"
 CHUNK_DIR = "chunks"
 SAMPLES_NAME = "samples.safetensors"
+METRICS_NAME = "metrics.json"  # written by ``tadq sample-sharded`` once a run is measured
 
 
 class StaleRunError(ValueError):
