@@ -251,6 +251,24 @@ def test_a_byte_changed_in_the_manifest_is_named_as_the_manifests_damage(folders
     assert result.exit_code == 1 and "itself was changed" in result.output, result.output
 
 
+def test_a_file_replaced_with_its_manifest_entry_rewritten_to_match_is_refused(folders, tmp_path) -> None:
+    """Every file matched its (edited) entry, and the digest was read only once a file failed: verify said OK."""
+    import json
+
+    from tadq.io.manifest import file_sha256
+
+    copy = shutil.copytree(folders["artefact"], tmp_path / "q")
+    name = "tadq_config.json"
+    (copy / name).write_text((copy / name).read_text() + " ")  # still the same JSON, another file
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["files"][name] = {"sha256": file_sha256(copy / name), "bytes": (copy / name).stat().st_size}
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactDamaged, match=r"tadq_manifest\.json itself was changed after saving"):
+        verify_manifest(copy)
+    result = runner.invoke(app, ["verify", str(copy)])
+    assert result.exit_code == 1 and "itself was changed" in result.output, result.output
+
+
 def test_a_manifest_without_a_digest_still_names_the_damaged_file(folders, tmp_path) -> None:
     """Manifests written before the digest: a changed file is named as before."""
     copy = shutil.copytree(folders["artefact"], tmp_path / "q")

@@ -239,8 +239,13 @@ def test_a_scheduler_config_tadq_cannot_drive_is_refused_at_load_naming_the_file
 # -- the manifest ----------------------------------------------------------------------------------------------------
 
 def _edit_manifest(folder: Path, edit) -> None:
+    """Edit the manifest as a tool that rewrites it whole would, its digest recomputed (a stale digest is refused
+    first, as the manifest's own damage: tests/cli/test_measuring_commands.py)."""
+    from tadq.io.manifest import _digest
+
     manifest = json.loads((folder / MANIFEST_FILE).read_text())
     edit(manifest)
+    manifest["digest"] = _digest(manifest["files"])
     (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
 
 

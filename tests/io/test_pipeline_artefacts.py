@@ -26,6 +26,7 @@ from tadq.cli.app import app
 from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
 from tadq.fsguard import OutputRefused
 from tadq.io import save_quantized
+from tadq.io.manifest import _digest
 from tadq.pipelines import PromptConditions, load_fp_pipeline, save_pipeline
 from tadq.pipelines.components import pipeline_denoiser
 from tadq.recipe import Deployment, Recipe
@@ -337,6 +338,7 @@ def test_load_pipeline_refuses_text_encoder_weights_dropped_from_the_manifest(ar
     art = _copy(arts["sd"], tmp_path)
     manifest = json.loads((art / "tadq_manifest.json").read_text())
     del manifest["files"]["text_encoder/model.safetensors"]
+    manifest["digest"] = _digest(manifest["files"])  # rewritten whole: a stale digest is refused before this check
     (art / "tadq_manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     _flip_last_byte(art / "text_encoder" / "model.safetensors")
     code, text = _verify(art)

@@ -173,6 +173,13 @@ def verify_manifest(folder: str | Path, *, allow_extra: bool = True, required: I
             _check_file(folder / name, entry)
         except ArtefactDamaged as error:
             raise _self_check(folder, manifest, error) from None
+    recorded = manifest.get("digest")
+    if recorded is not None and recorded != _digest(manifest["files"]):
+        # every file matches its entry, but the list is not the one saved: a file replaced with its entry rewritten
+        # to match passed (the digest was read only once a file had failed)
+        raise ArtefactDamaged(f"{folder / MANIFEST_FILE} itself was changed after saving (its file list no longer "
+                              "matches its digest), so the files it vouches for cannot be trusted; save the "
+                              "artefact again")
     check_listed(folder, required)
     if not allow_extra:
         extra = _unlisted(folder, manifest)  # the manifest read above, not a second read
