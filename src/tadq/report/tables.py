@@ -40,6 +40,7 @@ def columns_for(rows: list[dict[str, Any]]) -> tuple[tuple[str, str], ...]:
 
 
 def format_cell(key: str, value: Any) -> str:
+    value = _python_scalar(value)
     if value is None or (key in NOT_RECORDED_AS_NAN and isinstance(value, float) and value != value):
         return "–"  # not measured (a timing: not recorded)
     if isinstance(value, float) and value != value:  # a metric that was measured and came out NaN: said
@@ -60,8 +61,22 @@ def markdown_table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], .
     columns = columns_for(rows) if columns is None else columns
     header = "| " + " | ".join(title for _, title in columns) + " |"
     rule = "|" + "|".join("---" for _ in columns) + "|"
-    body = ["| " + " | ".join(format_cell(k, row.get(k)) for k, _ in columns) + " |" for row in rows]
+    body = ["| " + " | ".join(_markdown_text(format_cell(k, row.get(k))) for k, _ in columns) + " |" for row in rows]
     return "\n".join([header, rule, *body])
+
+
+def _markdown_text(text: str) -> str:
+    """A cell's text that keeps the table whole: a ``|`` in a name opened a column, a line break ended the row."""
+    return " ".join(text.replace("|", "\\|").splitlines())
+
+
+def _python_scalar(value: Any) -> Any:
+    """A numpy scalar or a 0-dim tensor as the Python number it holds (a numpy float32 NaN was printed "nan" and
+    refused by ``dumps_json``, which knows Python floats only); anything else unchanged."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "ndim", None) == 0:
+        return item()
+    return value
 
 
 def json_ready(value: Any) -> Any:
@@ -71,6 +86,7 @@ def json_ready(value: Any) -> Any:
     most JSON readers other than Python's refuse the whole report. A value that could not be measured (an undefined
     ratio) becomes ``null``, which every reader takes.
     """
+    value = _python_scalar(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
