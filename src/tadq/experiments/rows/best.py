@@ -11,6 +11,9 @@ settings are that row's (a ``best`` cell is reused by a run of the named row in 
     W4A8         tac            Q-Diffusion + TAC (digits 45.10 vs Q-Diffusion's 42.93 dB; TFMQ-DM + TAC is level
                                 with it there, −0.18 ± 0.58 dB, and costs more)
     W4A4         svdquant+tac   SVDQuant + TAC (31.6 dB vs 21.0 for the best Q-Diffusion-based W4A4 row)
+    W8A8-WSYM    tfmq-model+tac W8A8's row on the symmetric-weight grid (paired against Q-Diffusion + TAC: digits
+                                +2.99 ± 0.57 dB, DiT +2.08 ± 0.38, 256 samples each; docs/backends.md "Symmetric 8-bit
+                                weights")
 
 Other presets have no measured best and are refused before any work (``RunConfig`` checks it).
 """
@@ -30,7 +33,7 @@ BEST = "best"
 # preset → the row measured best there on the shipped digits model (docs/results/digits.md "Results on the shipped
 # model" and "W4A4 that holds", README "Benchmarks")
 BEST_ROWS: dict[str, str] = {"W8A8": "tfmq-model+tac", "W4A8": "tac", "W4A4": "svdquant+tac",
-                             "W8A8-WSYM": "tac"}  # W8A8's row on the symmetric-weight grid (docs/backends.md)
+                             "W8A8-WSYM": "tfmq-model+tac"}  # W8A8's row on the symmetric grid (docs/backends.md)
 
 
 def best_row(preset_name: str) -> str:
