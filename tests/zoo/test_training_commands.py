@@ -253,6 +253,17 @@ def test_t2i_seed_that_overflows_stage_two_is_refused_before_stage_one_trains(tm
 # train-classifier: determinism and an interruption while saving
 # --------------------------------------------------------------------------------------------------------------
 
+def _interrupting_before_the_info(write_json):
+    """``write_json`` (a trainer's ``atomic_write_json``) that raises ``_Interrupt`` instead of writing the run's
+    training_info.json: a run cut after its weights were saved, before its record."""
+    def write(document, path):
+        if Path(path).name == "training_info.json":
+            raise _Interrupt
+        return write_json(document, path)
+
+    return write
+
+
 def test_classifier_cli_interrupted_while_saving_can_be_rerun_into_its_own_folder(tmp_path, monkeypatch):
     import tadq.metrics.classifier as classifier
 
@@ -265,13 +276,7 @@ def test_classifier_cli_interrupted_while_saving_can_be_rerun_into_its_own_folde
     assert _weights(tmp_path / "straight") == _weights(tmp_path / "again")  # same seed, same bytes
 
     real = classifier.atomic_write_json
-
-    def interrupt_before_the_info(document, path):
-        if Path(path).name == "training_info.json":
-            raise _Interrupt
-        return real(document, path)
-
-    monkeypatch.setattr(classifier, "atomic_write_json", interrupt_before_the_info)
+    monkeypatch.setattr(classifier, "atomic_write_json", _interrupting_before_the_info(real))
     cut = tmp_path / "cut"
     _invoke([*args, "--out", str(cut)])
     assert (cut / "model.safetensors").is_file() and not (cut / "training_info.json").exists()
@@ -309,13 +314,7 @@ def test_an_interrupted_overwrite_does_not_leave_the_new_weights_under_the_old_r
         assert result.exit_code == 0, text
     assert _weights(out) != _weights(fresh)
     real = module.atomic_write_json
-
-    def interrupt_before_the_info(document, path):
-        if Path(path).name == "training_info.json":
-            raise _Interrupt
-        return real(document, path)
-
-    monkeypatch.setattr(module, "atomic_write_json", interrupt_before_the_info)
+    monkeypatch.setattr(module, "atomic_write_json", _interrupting_before_the_info(real))
     _invoke([*args, "--seed", "3", "--out", str(out), "--overwrite"])
     monkeypatch.setattr(module, "atomic_write_json", real)
     record = out / "training_info.json"
