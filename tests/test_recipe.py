@@ -11,6 +11,7 @@ import pytest
 
 from tadq.config import CalibrationConfig, QuantConfig, ReconstructionConfig, config_from_dict, config_to_dict
 from tadq.corrections import PTQDConfig, TACConfig, TCECConfig
+from tadq.experiments.rows.best import best_recipes
 from tadq.experiments.rows.recipes import shipped_recipes
 from tadq.recipe import (
     Deployment,
@@ -100,13 +101,28 @@ def test_override_errors_name_the_setting_as_the_caller_wrote_it():
 
 def test_every_shipped_recipe_parses_validates_and_matches_its_row():
     files = sorted(RECIPES.glob("*.json"))
-    expected = shipped_recipes()
+    expected = {**shipped_recipes(), **best_recipes()}
     assert [f.name for f in files] == sorted(expected), "recipes/ and the README rows disagree"
     for file in files:
         recipe = load_recipe(file)
         assert recipe == expected[file.name], f"{file.name} differs from its row's recipe; regenerate recipes/"
         assert recipe.name == file.stem
         assert recipe.calibration == CalibrationConfig(sampler=recipe.sampler)
+
+
+def test_the_best_recipes_are_the_headline_rows_at_todays_defaults():
+    """recipes/best-<preset>.json: what ``tadq run --methods best`` builds at each preset, so ``tadq quantize
+    --recipe`` gives make run's best rows (the other files hold the former defaults' rows)."""
+    from tadq.experiments.rows import BEST_ROWS, recipes_for_row
+    from tadq.experiments.run import RunConfig
+
+    best = best_recipes()
+    assert sorted(best) == sorted(f"best-{preset}.json" for preset in BEST_ROWS)
+    config = RunConfig()
+    for preset_name, row in BEST_ROWS.items():
+        recipe = best[f"best-{preset_name}.json"]
+        assert recipe == dataclasses.replace(recipes_for_row(row, preset_name, config), name=recipe.name)
+        assert recipe.keep_fp_roles == ("input_conv", "output_conv") and recipe.corrections
 
 
 def test_load_recipe_errors_name_the_file(tmp_path):

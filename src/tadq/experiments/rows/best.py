@@ -20,20 +20,34 @@ Other presets have no measured best and are refused before any work (``RunConfig
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 from tadq.experiments.rows.base import BaseModels, Variant, register_method, row_for
+from tadq.experiments.rows.recipes import default_run_recipe
+from tadq.recipe import Recipe
 
 if TYPE_CHECKING:
     from tadq.experiments.run import RunConfig
 
-__all__ = ["BEST", "BEST_ROWS", "best_row", "resolve_row"]
+__all__ = ["BEST", "BEST_ROWS", "best_recipes", "best_row", "resolve_row"]
 
 BEST = "best"
 # preset → the row measured best there on the shipped digits model (docs/results/digits.md "Results on the shipped
 # model" and "W4A4 that holds", README "Benchmarks")
 BEST_ROWS: dict[str, str] = {"W8A8": "tfmq-model+tac", "W4A8": "tac", "W4A4": "svdquant+tac",
                              "W8A8-WSYM": "tfmq-model+tac"}  # W8A8's row on the symmetric grid (docs/backends.md)
+
+
+def best_recipes() -> dict[str, Recipe]:
+    """File name → recipe of the ``best`` row at each preset under ``tadq run``'s defaults today (GPTQ base, first
+    and last layers in float, DDIM 50): ``recipes/best-<preset>.json``, so ``tadq quantize MODEL --recipe`` builds
+    the headline's best rows (``make run``)."""
+    recipes = {}
+    for preset_name, row in BEST_ROWS.items():
+        recipe = dataclasses.replace(default_run_recipe(row, preset_name), name=f"best-{preset_name}")
+        recipes[f"{recipe.name}.json"] = recipe
+    return recipes
 
 
 def best_row(preset_name: str) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
-from tadq.config import CalibrationConfig, ReconstructionConfig, fp_layer_roles
+from tadq.config import DEFAULT_FP_LAYERS, CalibrationConfig, ReconstructionConfig, fp_layer_roles
 from tadq.recipe import Deployment, NaiveMethod, QDiffusionMethod, Recipe
 from tadq.recipe_presets import correction_configs
 from tadq.sampling import SamplerConfig
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = ["CORRECTION_ROWS", "TFMQ_ROWS", "SVDQUANT_ROWS", "SVDQUANT_VARIANT_ROWS", "SVDQUANT_TFMQ", "SVDQUANT_RANK",
            "SVDQUANT_GROUP", "RECIPE_ROWS", "README_TABLES_RECONSTRUCTION", "recipes_for_row", "base_recipe",
-           "shipped_recipes", "recipe_stem", "svdquant_schemes", "tfmq_config"]
+           "shipped_recipes", "default_run_recipe", "recipe_stem", "svdquant_schemes", "tfmq_config"]
 
 # row → correction names on the Q-Diffusion base, in application order
 CORRECTION_ROWS: dict[str, tuple[str, ...]] = {
@@ -152,6 +152,15 @@ README_TABLES: tuple[tuple[tuple[str, ...], tuple[str, ...], float], ...] = (
 # the reconstruction of those tables: AdaRound 1000 / 400 iterations, every layer quantized (the defaults when they
 # were measured; the defaults now are GPTQ rounding with the first and last layers in float)
 README_TABLES_RECONSTRUCTION = ReconstructionConfig(rounding="adaround", activation_iters=400)
+
+
+def default_run_recipe(row: str, preset_name: str) -> Recipe:
+    """``recipes_for_row`` under ``tadq run``'s defaults (DDIM 50, η 0, ``CalibrationConfig()``,
+    ``ReconstructionConfig()``, no guidance, ``DEFAULT_FP_LAYERS``), without a ``RunConfig`` (whose module imports
+    the rows); a test checks it equals the ``RunConfig()`` one."""
+    sampler = SamplerConfig(kind="ddim", num_steps=50, eta=0.0)
+    return _recipe(row, preset_name, CalibrationConfig(), ReconstructionConfig(), sampler, 1.0,
+                   fp_layer_roles(DEFAULT_FP_LAYERS))
 
 
 def shipped_recipes() -> dict[str, Recipe]:
