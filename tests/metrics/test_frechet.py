@@ -136,10 +136,10 @@ def test_a_rank_deficient_fd_comes_with_a_note_for_the_report():
     """The warning above reaches the console only: reports carry ``rank_deficiency_note`` beside such an FD."""
     from tadq.metrics.frechet import rank_deficiency_note
 
-    assert rank_deficiency_note("digits", 129, 128) == ""
-    note = rank_deficiency_note("digits", 128, 128)
+    assert rank_deficiency_note("FD-digits", 129, 128) == ""
+    note = rank_deficiency_note("FD-digits", 128, 128)
     assert "FD-digits at 128 samples of 128 features" in note and "rank at most 127 < 128" in note
-    assert "rank at most 0 < 128" in rank_deficiency_note("digits", 1, 128)
+    assert "rank at most 0 < 128" in rank_deficiency_note("FD-digits", 1, 128)
 
 
 def test_features_reach_float64_on_the_host_not_on_their_device():

@@ -332,7 +332,7 @@ def evaluate_command(
     _print_table(rows, f"tadq evaluate: {sampler_config.key}, {num_samples} samples, seed {seed}", fd_key)
     if evaluation.fd_floor is not None:
         console.print(f"FD-{space.name} real-vs-real floor: {evaluation.fd_floor:.2f} (a perfect generator's score)")
-    fd_note = rank_deficiency_note(space.name, num_samples, space.feature_width()) if space is not None else ""
+    fd_note = rank_deficiency_note(f"FD-{space.name}", num_samples, space.feature_width()) if space is not None else ""
     if fd_note:
         console.print(fd_note)
     if out is not None:

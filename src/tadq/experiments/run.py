@@ -409,7 +409,7 @@ def _fd_note(fd: FeatureSpace | None, num_samples: int) -> str:
         note = (f"FD-digits: Fréchet distance on the shipped digit classifier's penultimate features, {num_samples} "
                 f"samples vs the {len(fd.real)} real training digits. Real-vs-real floor (all {fd.heldout_count} "
                 f"held-out digits vs the same {len(fd.real)} training digits): {fd.floor:.2f}.")
-    rank = rank_deficiency_note(fd.name, num_samples, fd.feature_width())
+    rank = rank_deficiency_note(f"FD-{fd.name}", num_samples, fd.feature_width())
     return f"{note} {rank}" if rank else note
 
 

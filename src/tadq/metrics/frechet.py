@@ -99,14 +99,13 @@ def digit_features(images: Tensor, classifier: DigitClassifier, batch_size: int 
     return torch.cat(chunks)
 
 
-def rank_deficiency_note(name: str, count: int, width: int) -> str:
-    """The sentence a report prints beside an FD of ``count`` samples in ``width`` features, or "" when N > D.
-
-    The warning ``gaussian_statistics`` logs reaches the console only; a results table read later showed such an FD
-    as a plain number (``tadq run --num-samples 2`` on the digits: rank 1 of 128)."""
+def rank_deficiency_note(what: str, count: int, width: int) -> str:
+    """The sentence said of ``what`` (``"FD-digits"``) from ``count`` samples of ``width`` features, or "" when
+    N > D: logged by ``gaussian_statistics`` and printed by the reports beside such an FD (the log alone reached
+    the console only; a results table read later showed a plain number, e.g. ``tadq run --num-samples 2``)."""
     if count > width:
         return ""
-    return (f"FD-{name} at {count} samples of {width} features: the samples' covariance has rank at most "
+    return (f"{what} at {count} samples of {width} features: the samples' covariance has rank at most "
             f"{max(count - 1, 0)} < {width}, so the distance rests on the ridge and on the sample count; compare it "
             f"only at equal counts, and use more than {width} samples for a distance that means something.")
 
@@ -119,10 +118,8 @@ def gaussian_statistics(features: Tensor) -> tuple[np.ndarray, np.ndarray]:
     if features.ndim != 2:
         raise ValueError(f"features must be (N, D), got shape {tuple(features.shape)}")
     count, width = features.shape
-    if count <= width:
-        logger.warning("Fréchet statistics of %d samples of %d features: their covariance has rank at most %d < %d, "
-                       "so the distance depends on the ridge and on the sample count; use more than %d samples, and "
-                       "compare values only at equal counts", count, width, max(count - 1, 0), width, width)
+    if note := rank_deficiency_note("Fréchet statistics", count, width):
+        logger.warning(note)
     array = features.detach().cpu().double().numpy()  # float64 on the host: MPS has none
     # np.cov returns a 0-d array for one feature, which frechet_distance refused as a "shape mismatch"
     return array.mean(axis=0), np.atleast_2d(np.cov(array, rowvar=False))
